@@ -1,0 +1,434 @@
+//! The service catalog: what can be requested, and how a VM offering it is made and judged
+//! ready. Parsed from TOML (see `catalog/demo.toml`) and validated as a whole, so that a bad
+//! catalog is refused at start-up with an error naming the service and the field.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The built-in demo catalog.
+pub const DEMO_CATALOG: &str = include_str!("../../../catalog/demo.toml");
+
+/// Operating systems a service may name in `os`.
+pub const KNOWN_OS: &[&str] = &["busybox"];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Catalog {
+    services: BTreeMap<String, Service>,
+}
+
+/// One requestable service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct Service {
+    pub name: String,
+    pub description: String,
+    pub os: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub ports: Vec<Port>,
+    pub processes: Vec<Process>,
+    #[schema(value_type = BTreeMap<String, Object>)]
+    pub files: BTreeMap<String, FileSpec>,
+    pub ready: ReadySpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Port {
+    pub name: String,
+    /// TCP port inside the guest.
+    pub guest: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Process {
+    pub name: String,
+    pub argv: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    pub workdir: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSpec {
+    pub content: String,
+    #[serde(default = "default_file_mode")]
+    pub mode: u32,
+}
+
+fn default_file_mode() -> u32 {
+    0o644
+}
+
+/// When a VM counts as ready: every check passes, within `timeout`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReadySpec {
+    #[serde(with = "humantime_serde_compat", default = "default_ready_timeout")]
+    #[schema(value_type = String, example = "60s")]
+    pub timeout: Duration,
+    /// Pause between rounds of checks.
+    #[serde(with = "humantime_serde_compat", default = "default_ready_interval")]
+    #[schema(value_type = String, example = "50ms")]
+    pub interval: Duration,
+    pub checks: Vec<ReadyCheck>,
+}
+
+fn default_ready_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_ready_interval() -> Duration {
+    Duration::from_millis(50)
+}
+
+/// One ready check. Ports are named by the service's `port` entries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum ReadyCheck {
+    /// Something listens on the port inside the guest (asked of hangar-init, since a
+    /// user-mode port forward accepts connections even when nothing listens behind it).
+    Tcp { port: String },
+    /// An HTTP GET through the endpoint answers `status`, with `body_contains` in the body.
+    Http {
+        port: String,
+        #[serde(default = "default_http_path")]
+        path: String,
+        #[serde(default = "default_http_status")]
+        status: u16,
+        body_contains: Option<String>,
+    },
+    /// After sending `send` through the endpoint, the answer contains `expect`.
+    Bytes {
+        port: String,
+        send: String,
+        expect: String,
+    },
+}
+
+fn default_http_path() -> String {
+    "/".into()
+}
+
+fn default_http_status() -> u16 {
+    200
+}
+
+impl ReadyCheck {
+    pub fn port(&self) -> &str {
+        match self {
+            ReadyCheck::Tcp { port }
+            | ReadyCheck::Http { port, .. }
+            | ReadyCheck::Bytes { port, .. } => port,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("catalog is not valid TOML: {0}")]
+    Parse(#[from] toml::de::Error),
+    #[error("service {service:?}: {message}")]
+    Invalid { service: String, message: String },
+    #[error("catalog defines no services")]
+    Empty,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCatalog {
+    #[serde(default)]
+    service: BTreeMap<String, RawService>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    #[serde(default)]
+    description: String,
+    os: String,
+    #[serde(default = "default_vcpus")]
+    vcpus: u32,
+    #[serde(default = "default_memory")]
+    memory_mib: u32,
+    #[serde(default)]
+    port: Vec<Port>,
+    #[serde(default)]
+    process: Vec<Process>,
+    #[serde(default)]
+    files: BTreeMap<String, FileSpec>,
+    ready: ReadySpec,
+}
+
+fn default_vcpus() -> u32 {
+    1
+}
+
+fn default_memory() -> u32 {
+    128
+}
+
+impl Catalog {
+    /// The built-in demo catalog.
+    pub fn demo() -> Catalog {
+        Catalog::from_toml(DEMO_CATALOG).expect("the demo catalog is valid")
+    }
+
+    /// Parses and validates a whole catalog.
+    pub fn from_toml(text: &str) -> Result<Catalog, CatalogError> {
+        let raw: RawCatalog = toml::from_str(text)?;
+        if raw.service.is_empty() {
+            return Err(CatalogError::Empty);
+        }
+        let mut services = BTreeMap::new();
+        for (name, raw) in raw.service {
+            let service = validate(name.clone(), raw)?;
+            services.insert(name, service);
+        }
+        Ok(Catalog { services })
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Service> {
+        self.services.get(name)
+    }
+
+    pub fn services(&self) -> impl Iterator<Item = &Service> {
+        self.services.values()
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.services.keys().map(String::as_str)
+    }
+}
+
+impl Service {
+    pub fn port(&self, name: &str) -> Option<&Port> {
+        self.ports.iter().find(|port| port.name == name)
+    }
+}
+
+fn validate(name: String, raw: RawService) -> Result<Service, CatalogError> {
+    let fail = |message: String| CatalogError::Invalid {
+        service: name.clone(),
+        message,
+    };
+    if !is_name(&name) {
+        return Err(fail(
+            "names use lowercase letters, digits and '-', start with a letter, at most 40 characters".into(),
+        ));
+    }
+    if !KNOWN_OS.contains(&raw.os.as_str()) {
+        return Err(fail(format!(
+            "unknown os {:?} (known: {})",
+            raw.os,
+            KNOWN_OS.join(", ")
+        )));
+    }
+    if !(1..=64).contains(&raw.vcpus) {
+        return Err(fail(format!("vcpus must be 1 to 64, not {}", raw.vcpus)));
+    }
+    if !(64..=262_144).contains(&raw.memory_mib) {
+        return Err(fail(format!(
+            "memory_mib must be 64 to 262144, not {}",
+            raw.memory_mib
+        )));
+    }
+    if raw.port.is_empty() {
+        return Err(fail("needs at least one [[port]]".into()));
+    }
+    let mut port_names = BTreeSet::new();
+    let mut guest_ports = BTreeSet::new();
+    for port in &raw.port {
+        if !is_name(&port.name) {
+            return Err(fail(format!(
+                "port name {:?} is not a valid name",
+                port.name
+            )));
+        }
+        if port.guest == 0 {
+            return Err(fail(format!(
+                "port {:?}: guest port 0 is not a port",
+                port.name
+            )));
+        }
+        if !port_names.insert(port.name.as_str()) {
+            return Err(fail(format!("port {:?} is defined twice", port.name)));
+        }
+        if !guest_ports.insert(port.guest) {
+            return Err(fail(format!("guest port {} is used twice", port.guest)));
+        }
+    }
+    if raw.process.is_empty() {
+        return Err(fail("needs at least one [[process]]".into()));
+    }
+    let mut process_names = BTreeSet::new();
+    for process in &raw.process {
+        if process.argv.is_empty() || process.argv[0].is_empty() {
+            return Err(fail(format!(
+                "process {:?} has an empty argv",
+                process.name
+            )));
+        }
+        if !process_names.insert(process.name.as_str()) {
+            return Err(fail(format!("process {:?} is defined twice", process.name)));
+        }
+    }
+    for (path, file) in &raw.files {
+        if !path.starts_with('/') || path.split('/').any(|part| part == "..") || path.ends_with('/')
+        {
+            return Err(fail(format!(
+                "file path {path:?} must be absolute, name a file, and not contain '..'"
+            )));
+        }
+        if file.mode > 0o7777 {
+            return Err(fail(format!(
+                "file {path:?}: mode {:o} is not a file mode",
+                file.mode
+            )));
+        }
+    }
+    if raw.ready.checks.is_empty() {
+        return Err(fail("ready needs at least one check".into()));
+    }
+    if raw.ready.timeout.is_zero() {
+        return Err(fail("ready timeout must be longer than 0".into()));
+    }
+    for check in &raw.ready.checks {
+        if !port_names.contains(check.port()) {
+            return Err(fail(format!(
+                "ready check names port {:?}, which the service does not define",
+                check.port()
+            )));
+        }
+    }
+    Ok(Service {
+        name: name.clone(),
+        description: raw.description,
+        os: raw.os,
+        vcpus: raw.vcpus,
+        memory_mib: raw.memory_mib,
+        ports: raw.port,
+        processes: raw.process,
+        files: raw.files,
+        ready: raw.ready,
+    })
+}
+
+/// Lowercase letters, digits and '-', starting with a letter, at most 40 characters.
+pub fn is_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 40
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
+/// `Duration` as a human string (`"500ms"`, `"60s"`) in TOML and JSON.
+mod humantime_serde_compat {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&humantime::format_duration(*value).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        humantime::parse_duration(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [service.web]
+        os = "busybox"
+        [[service.web.port]]
+        name = "http"
+        guest = 80
+        [[service.web.process]]
+        name = "httpd"
+        argv = ["httpd", "-f"]
+        [service.web.ready]
+        checks = [{ tcp = { port = "http" } }]
+    "#;
+
+    #[test]
+    fn demo_catalog_has_the_demo_services() {
+        let catalog = Catalog::demo();
+        let names: Vec<_> = catalog.names().collect();
+        assert_eq!(names, ["http-counter", "http-static"]);
+        let counter = catalog.get("http-counter").unwrap();
+        assert_eq!(counter.memory_mib, 256);
+        assert_eq!(counter.files["/www/cgi-bin/index.cgi"].mode, 0o755);
+        assert!(
+            counter.files["/www/cgi-bin/index.cgi"]
+                .content
+                .contains("\\r\\n")
+        );
+        let web = catalog.get("http-static").unwrap();
+        assert_eq!(web.ready.timeout, Duration::from_secs(60));
+        assert_eq!(web.ready.checks.len(), 2);
+    }
+
+    #[test]
+    fn minimal_service_gets_defaults() {
+        let catalog = Catalog::from_toml(MINIMAL).unwrap();
+        let web = catalog.get("web").unwrap();
+        assert_eq!((web.vcpus, web.memory_mib), (1, 128));
+        assert_eq!(web.ready.interval, Duration::from_millis(50));
+        assert_eq!(web.port("http").unwrap().guest, 80);
+    }
+
+    fn invalid(text: &str) -> String {
+        Catalog::from_toml(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn malformed_catalogs_name_the_problem() {
+        assert!(invalid("[service.web").starts_with("catalog is not valid TOML"));
+        assert_eq!(invalid(""), "catalog defines no services");
+        let err = invalid(&MINIMAL.replace(r#"os = "busybox""#, r#"os = "plan9""#));
+        assert_eq!(err, r#"service "web": unknown os "plan9" (known: busybox)"#);
+        let err = invalid(&MINIMAL.replace(r#"{ port = "http" }"#, r#"{ port = "https" }"#));
+        assert!(err.contains(r#"names port "https""#), "{err}");
+        let err = invalid(
+            &MINIMAL
+                .replace("[service.web]", "[service.Web_1]")
+                .replace("service.web.", "service.Web_1."),
+        );
+        assert!(err.starts_with(r#"service "Web_1": names use"#), "{err}");
+        let err = invalid(&MINIMAL.replace(r#"argv = ["httpd", "-f"]"#, "argv = []"));
+        assert!(err.contains("empty argv"), "{err}");
+        let err = invalid(&MINIMAL.replace("guest = 80", "guest = 80\ncolour = 1"));
+        assert!(err.contains("unknown field `colour`"), "{err}");
+        let err = invalid(&MINIMAL.replace("checks =", "timeout = \"soon\"\nchecks ="));
+        assert!(err.starts_with("catalog is not valid TOML"), "{err}");
+        let with_file = format!("{MINIMAL}\n[service.web.files.\"www/x\"]\ncontent = \"\"\n");
+        assert!(invalid(&with_file).contains("must be absolute"));
+    }
+
+    #[test]
+    fn duplicate_ports_are_refused() {
+        let text = MINIMAL.replace(
+            "guest = 80",
+            "guest = 80\n[[service.web.port]]\nname = \"http\"\nguest = 81",
+        );
+        assert!(invalid(&text).contains(r#"port "http" is defined twice"#));
+    }
+
+    #[test]
+    fn names() {
+        assert!(is_name("http-static"));
+        assert!(!is_name("1abc"));
+        assert!(!is_name("a b"));
+        assert!(!is_name(&"a".repeat(41)));
+    }
+}

@@ -1,0 +1,18 @@
+//! hangar's domain model. Pure: no IO, no clocks, no processes.
+//!
+//! - [`ids`]: identifiers of VMs and tasks.
+//! - [`state`]: the VM state machine and its one `valid_transition`.
+//! - [`catalog`]: services, their ports, processes, files and ready criteria.
+//! - [`request`]: what a client asks for and what it gets back.
+//! - [`suggest`]: closest names, for errors that offer alternatives.
+
+pub mod catalog;
+pub mod ids;
+pub mod request;
+pub mod state;
+pub mod suggest;
+
+pub use catalog::{Catalog, CatalogError, ReadyCheck, ReadySpec, Service};
+pub use ids::{TaskId, VmId};
+pub use request::{Mode, ServiceRequest};
+pub use state::{VmState, valid_transition};
