@@ -1,0 +1,308 @@
+//! An in-process stand-in for QEMU, for fast tests of the logic above the seam (request
+//! path, reconciliation, pools). Each fake VM listens on its forwarded host ports and answers
+//! any HTTP request with `200 OK` and `fake <id>` (nothing while paused), and speaks the agent
+//! protocol like hangar-init would. It proves nothing about real guests.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hangar_proto::{GuestMessage, HostMessage, PROTOCOL_VERSION};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::agent::Agent;
+use crate::{Hypervisor, Launched, RunState, VmSpec, VmmError};
+
+struct FakeVm {
+    paused: watch::Sender<bool>,
+    agent: Arc<Agent>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for FakeVm {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Simulated hypervisor. Cloning shares the simulated host, so a "restarted server" given a
+/// clone can adopt the VMs the first one launched.
+#[derive(Clone, Default)]
+pub struct FakeBackend {
+    vms: Arc<Mutex<HashMap<String, FakeVm>>>,
+    launches: Arc<AtomicUsize>,
+    fail_next_launch: Arc<AtomicBool>,
+}
+
+impl FakeBackend {
+    pub fn new() -> FakeBackend {
+        FakeBackend::default()
+    }
+
+    /// How many VMs were launched so far.
+    pub fn launches(&self) -> usize {
+        self.launches.load(Ordering::SeqCst)
+    }
+
+    /// Makes the next launch fail, as a QEMU that cannot start would.
+    pub fn fail_next_launch(&self) {
+        self.fail_next_launch.store(true, Ordering::SeqCst);
+    }
+
+    /// Simulates the VM's process dying.
+    pub fn crash(&self, id: &str) {
+        self.vms.lock().expect("fake vms lock").remove(id);
+    }
+}
+
+#[async_trait::async_trait]
+impl Hypervisor for FakeBackend {
+    fn kind(&self) -> &'static str {
+        "fake"
+    }
+
+    async fn launch(&self, spec: &VmSpec) -> Result<Launched, VmmError> {
+        if self.fail_next_launch.swap(false, Ordering::SeqCst) {
+            return Err(VmmError::Launch("simulated launch failure".into()));
+        }
+        let (paused, paused_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+        for forward in &spec.forwards {
+            let listener = TcpListener::bind((forward.host, forward.host_port)).await?;
+            tasks.push(tokio::spawn(serve_http(
+                listener,
+                spec.id.clone(),
+                paused_rx.clone(),
+            )));
+        }
+        let (host_end, guest_end) = tokio::io::duplex(64 * 1024);
+        tasks.push(tokio::spawn(fake_guest(guest_end)));
+        let agent = Agent::spawn(host_end);
+        self.launches.fetch_add(1, Ordering::SeqCst);
+        self.vms.lock().expect("fake vms lock").insert(
+            spec.id.clone(),
+            FakeVm {
+                paused,
+                agent: agent.clone(),
+                tasks,
+            },
+        );
+        Ok(Launched { pid: None, agent })
+    }
+
+    async fn adopt(&self, spec: &VmSpec) -> Result<Option<Launched>, VmmError> {
+        Ok(self
+            .vms
+            .lock()
+            .expect("fake vms lock")
+            .get(&spec.id)
+            .map(|vm| Launched {
+                pid: None,
+                agent: vm.agent.clone(),
+            }))
+    }
+
+    async fn running(&self) -> Result<Vec<String>, VmmError> {
+        Ok(self
+            .vms
+            .lock()
+            .expect("fake vms lock")
+            .keys()
+            .cloned()
+            .collect())
+    }
+
+    async fn pause(&self, id: &str) -> Result<(), VmmError> {
+        self.set_paused(id, true)
+    }
+
+    async fn resume(&self, id: &str) -> Result<(), VmmError> {
+        self.set_paused(id, false)
+    }
+
+    async fn run_state(&self, id: &str) -> Result<RunState, VmmError> {
+        Ok(match self.vms.lock().expect("fake vms lock").get(id) {
+            None => RunState::Gone,
+            Some(vm) if *vm.paused.borrow() => RunState::Paused,
+            Some(_) => RunState::Running,
+        })
+    }
+
+    async fn destroy(&self, id: &str) -> Result<(), VmmError> {
+        self.vms.lock().expect("fake vms lock").remove(id);
+        Ok(())
+    }
+}
+
+impl FakeBackend {
+    fn set_paused(&self, id: &str, paused: bool) -> Result<(), VmmError> {
+        let vms = self.vms.lock().expect("fake vms lock");
+        let vm = vms
+            .get(id)
+            .ok_or_else(|| VmmError::NotRunning(id.to_owned()))?;
+        vm.paused.send_replace(paused);
+        Ok(())
+    }
+}
+
+async fn serve_http(listener: TcpListener, id: String, paused: watch::Receiver<bool>) {
+    while let Ok((mut stream, _)) = listener.accept().await {
+        let id = id.clone();
+        let mut paused = paused.clone();
+        tokio::spawn(async move {
+            // A paused VM accepts (the host's port forward does) but does not answer.
+            while *paused.borrow_and_update() {
+                if paused.changed().await.is_err() {
+                    return;
+                }
+            }
+            let mut buf = [0u8; 1024];
+            let _ = stream.read(&mut buf).await;
+            let body = format!("fake {id}\n");
+            let response = format!(
+                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(response.as_bytes()).await;
+        });
+    }
+}
+
+/// Speaks the guest side of the agent protocol.
+async fn fake_guest(stream: tokio::io::DuplexStream) {
+    let (read, mut write) = tokio::io::split(stream);
+    let mut lines = BufReader::new(read).lines();
+    let hello = hangar_proto::encode(&GuestMessage::Hello {
+        protocol: PROTOCOL_VERSION,
+        kernel: "fake".into(),
+        uptime_ms: 1,
+    });
+    if write.write_all(hello.as_bytes()).await.is_err() {
+        return;
+    }
+    let reply = |id, ok, stdout: String| GuestMessage::Reply {
+        id,
+        ok,
+        code: Some(0),
+        stdout,
+        stderr: String::new(),
+        error: None,
+    };
+    while let Ok(Some(line)) = lines.next_line().await {
+        let Ok(message) = hangar_proto::decode::<HostMessage>(&line) else {
+            continue;
+        };
+        let answers = match message {
+            HostMessage::Configure(config) => {
+                let mut answers: Vec<_> = config
+                    .services
+                    .iter()
+                    .zip(100u32..)
+                    .map(|(service, pid)| GuestMessage::ServiceStarted {
+                        name: service.name.clone(),
+                        pid,
+                    })
+                    .collect();
+                answers.push(GuestMessage::Configured { uptime_ms: 2 });
+                answers
+            }
+            HostMessage::Reidentify { id, .. }
+            | HostMessage::Ping { id }
+            | HostMessage::CheckListen { id, .. } => {
+                vec![reply(id, true, String::new())]
+            }
+            HostMessage::Exec { id, argv, .. } => vec![reply(id, true, argv.join(" "))],
+        };
+        for answer in answers {
+            if write
+                .write_all(hangar_proto::encode(&answer).as_bytes())
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+    tokio::time::sleep(Duration::ZERO).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::PortForward;
+
+    #[tokio::test]
+    async fn fake_vm_answers_until_destroyed_and_holds_while_paused() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let backend = FakeBackend::new();
+        let spec = VmSpec {
+            id: "vm-a".into(),
+            vcpus: 1,
+            memory_mib: 64,
+            kernel: "k".into(),
+            initramfs: "i".into(),
+            cmdline: String::new(),
+            base_image: None,
+            forwards: vec![PortForward {
+                host: "127.0.0.1".parse().unwrap(),
+                host_port: port,
+                guest_port: 80,
+            }],
+        };
+        let launched = backend.launch(&spec).await.unwrap();
+        assert_eq!(
+            launched
+                .agent
+                .configure(
+                    hangar_proto::GuestConfig {
+                        identity: hangar_proto::Identity {
+                            hostname: "a".into(),
+                            unix_time_ms: 0,
+                            entropy_hex: String::new()
+                        },
+                        network: None,
+                        root: None,
+                        files: vec![],
+                        services: vec![],
+                    },
+                    Duration::from_secs(2),
+                )
+                .await
+                .unwrap(),
+            2
+        );
+
+        let get = || async move {
+            let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap();
+            stream.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+            let mut body = String::new();
+            stream.read_to_string(&mut body).await.unwrap();
+            body
+        };
+        assert!(get().await.ends_with("fake vm-a\n"));
+
+        backend.pause("vm-a").await.unwrap();
+        assert_eq!(backend.run_state("vm-a").await.unwrap(), RunState::Paused);
+        let held = tokio::time::timeout(Duration::from_millis(100), get()).await;
+        assert!(held.is_err(), "a paused fake VM must not answer");
+        backend.resume("vm-a").await.unwrap();
+        assert!(get().await.ends_with("fake vm-a\n"));
+
+        assert_eq!(backend.running().await.unwrap(), ["vm-a"]);
+        backend.destroy("vm-a").await.unwrap();
+        assert_eq!(backend.run_state("vm-a").await.unwrap(), RunState::Gone);
+        assert!(backend.adopt(&spec).await.unwrap().is_none());
+    }
+}

@@ -1,0 +1,124 @@
+//! The hypervisor seam.
+//!
+//! [`Hypervisor`] is the host's view of its VMs: start one from a [`VmSpec`], re-attach to
+//! one started by an earlier server process, pause, resume, destroy. Two backends:
+//! [`qemu::QemuBackend`] runs real QEMU processes (microvm machine, QMP, virtio-serial agent
+//! channel, qcow2 overlays), and [`fake::FakeBackend`] simulates guests in-process for fast
+//! tests of the logic above it. Neither keeps state that the store does not also hold: a
+//! backend can be dropped and re-created and [`Hypervisor::adopt`] finds its VMs again.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+pub mod accel;
+pub mod agent;
+pub mod fake;
+pub mod procs;
+pub mod qemu;
+pub mod qmp;
+
+pub use accel::Accel;
+pub use agent::{Agent, AgentError};
+
+/// Everything needed to start (or re-attach to) one VM. Persisted by the server so that a
+/// restarted server can adopt the VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSpec {
+    pub id: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// Uncompressed kernel (PVH boot).
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    pub cmdline: String,
+    /// Read-only base of the root disk; the VM writes to its own qcow2 overlay over it.
+    pub base_image: Option<PathBuf>,
+    /// Host TCP ports forwarded to guest ports (user-mode networking).
+    pub forwards: Vec<PortForward>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortForward {
+    pub host: IpAddr,
+    pub host_port: u16,
+    pub guest_port: u16,
+}
+
+/// A running VM's handles.
+#[derive(Clone)]
+pub struct Launched {
+    /// Host process id, when the backend has processes.
+    pub pid: Option<u32>,
+    pub agent: Arc<Agent>,
+}
+
+/// Whether the VM's vCPUs run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    Running,
+    Paused,
+    /// No process (exited, killed, never started).
+    Gone,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("VM {0} is not running on this host")]
+    NotRunning(String),
+    #[error("QEMU failed to start: {0}")]
+    Launch(String),
+    #[error("cannot run {program}: {source}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{program} failed: {stderr}")]
+    Tool { program: String, stderr: String },
+    #[error("path too long for a unix socket ({0}); use a shorter --data-dir")]
+    SocketPath(String),
+    #[error(transparent)]
+    Qmp(#[from] qmp::QmpError),
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    #[error("VM files")]
+    Io(#[from] std::io::Error),
+}
+
+/// A host's hypervisor. Every method is safe to call concurrently for different VMs.
+#[async_trait::async_trait]
+pub trait Hypervisor: Send + Sync + 'static {
+    /// `qemu` or `fake`.
+    fn kind(&self) -> &'static str;
+
+    /// Starts a VM and connects its control channels. On error nothing is left behind:
+    /// no process, no files.
+    async fn launch(&self, spec: &VmSpec) -> Result<Launched, VmmError>;
+
+    /// Re-attaches to a VM started earlier (by this or an earlier server process).
+    /// `Ok(None)` when its process is gone.
+    async fn adopt(&self, spec: &VmSpec) -> Result<Option<Launched>, VmmError>;
+
+    /// Ids of this host's VMs whose processes run, adopted or not.
+    async fn running(&self) -> Result<Vec<String>, VmmError>;
+
+    async fn pause(&self, id: &str) -> Result<(), VmmError>;
+
+    async fn resume(&self, id: &str) -> Result<(), VmmError>;
+
+    async fn run_state(&self, id: &str) -> Result<RunState, VmmError>;
+
+    /// Stops the VM's process, if any, and deletes every file it had. Idempotent.
+    async fn destroy(&self, id: &str) -> Result<(), VmmError>;
+}
+
+/// Guest network addresses under user-mode networking (QEMU's slirp defaults).
+pub mod usernet {
+    pub const GUEST_ADDRESS: &str = "10.0.2.15/24";
+    pub const GATEWAY: &str = "10.0.2.2";
+    pub const DNS: &str = "10.0.2.3";
+}

@@ -1,0 +1,459 @@
+//! The QEMU backend: one `qemu-system-x86_64` process per VM on the `microvm` machine with
+//! PVH direct kernel boot, virtio-mmio devices, user-mode networking with host port
+//! forwards, a virtio-serial agent channel, and a QMP socket.
+//!
+//! Each VM owns one directory, `<vms_dir>/<id>/`:
+//!
+//! | file          | what                                             |
+//! |---------------|--------------------------------------------------|
+//! | `disk.qcow2`  | the VM's copy-on-write layer over the shared base |
+//! | `qmp.sock`    | QMP control socket                                |
+//! | `agent.sock`  | the agent channel to hangar-init                  |
+//! | `console.log` | the guest's serial console                        |
+//! | `qemu.pid`    | QEMU's pid (QEMU runs daemonized)                 |
+//!
+//! QEMU is started with `-daemonize`, so it outlives the server (a `kill -9` of the server
+//! leaves guests running) and is re-adopted through its sockets on the next start.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::UnixStream;
+
+use crate::agent::Agent;
+use crate::qmp::Qmp;
+use crate::{Accel, Hypervisor, Launched, RunState, VmSpec, VmmError, procs};
+
+/// Longest path a unix socket address holds (`sun_path` minus the NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+#[derive(Debug, Clone)]
+pub struct QemuConfig {
+    /// Directory holding one subdirectory per VM.
+    pub vms_dir: PathBuf,
+    pub qemu: PathBuf,
+    pub qemu_img: PathBuf,
+    /// A resolved accelerator (`kvm` or `tcg`).
+    pub accel: Accel,
+}
+
+impl QemuConfig {
+    pub fn new(vms_dir: PathBuf, accel: Accel) -> QemuConfig {
+        QemuConfig {
+            vms_dir,
+            qemu: "qemu-system-x86_64".into(),
+            qemu_img: "qemu-img".into(),
+            accel: accel.resolve(),
+        }
+    }
+}
+
+/// The files of one VM.
+#[derive(Debug, Clone)]
+pub struct VmPaths {
+    pub dir: PathBuf,
+    pub disk: PathBuf,
+    pub qmp: PathBuf,
+    pub agent: PathBuf,
+    pub console: PathBuf,
+    pub pidfile: PathBuf,
+}
+
+impl VmPaths {
+    fn new(vms_dir: &Path, id: &str) -> VmPaths {
+        let dir = vms_dir.join(id);
+        VmPaths {
+            disk: dir.join("disk.qcow2"),
+            qmp: dir.join("qmp.sock"),
+            agent: dir.join("agent.sock"),
+            console: dir.join("console.log"),
+            pidfile: dir.join("qemu.pid"),
+            dir,
+        }
+    }
+}
+
+struct Running {
+    pid: u32,
+    qmp: Qmp,
+    agent: Arc<Agent>,
+}
+
+pub struct QemuBackend {
+    config: QemuConfig,
+    vms: tokio::sync::Mutex<HashMap<String, Arc<Running>>>,
+}
+
+impl QemuBackend {
+    pub fn new(config: QemuConfig) -> QemuBackend {
+        QemuBackend {
+            config,
+            vms: tokio::sync::Mutex::default(),
+        }
+    }
+
+    pub fn config(&self) -> &QemuConfig {
+        &self.config
+    }
+
+    pub fn paths(&self, id: &str) -> VmPaths {
+        VmPaths::new(&self.config.vms_dir, id)
+    }
+
+    /// The VM's serial console output so far (last `max` bytes).
+    pub fn console_tail(&self, id: &str, max: usize) -> String {
+        let bytes = std::fs::read(self.paths(id).console).unwrap_or_default();
+        String::from_utf8_lossy(&bytes[bytes.len().saturating_sub(max)..]).into_owned()
+    }
+
+    async fn running(&self, id: &str) -> Result<Arc<Running>, VmmError> {
+        self.vms
+            .lock()
+            .await
+            .get(id)
+            .cloned()
+            .ok_or_else(|| VmmError::NotRunning(id.to_owned()))
+    }
+
+    async fn start(&self, spec: &VmSpec, paths: &VmPaths) -> Result<Running, VmmError> {
+        for socket in [&paths.qmp, &paths.agent] {
+            if socket.as_os_str().len() > MAX_SOCKET_PATH {
+                return Err(VmmError::SocketPath(socket.display().to_string()));
+            }
+        }
+        if let Some(base) = &spec.base_image {
+            let base = std::path::absolute(base)?;
+            run_tool(
+                &self.config.qemu_img,
+                &[
+                    "create".as_ref(),
+                    "-q".as_ref(),
+                    "-f".as_ref(),
+                    "qcow2".as_ref(),
+                    "-F".as_ref(),
+                    "qcow2".as_ref(),
+                    "-b".as_ref(),
+                    base.as_os_str(),
+                    paths.disk.as_os_str(),
+                ],
+            )
+            .await?;
+        }
+        let args = qemu_args(self.config.accel, spec, paths);
+        let output = tokio::process::Command::new(&self.config.qemu)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .output()
+            .await
+            .map_err(|source| VmmError::Spawn {
+                program: self.config.qemu.display().to_string(),
+                source,
+            })?;
+        if !output.status.success() {
+            let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
+            return Err(VmmError::Launch(if stderr.is_empty() {
+                format!("exit status {}", output.status)
+            } else {
+                stderr
+            }));
+        }
+        let pid = read_pid(&paths.pidfile)
+            .ok_or_else(|| VmmError::Launch("QEMU wrote no pid file".into()))?;
+        let (qmp, agent) = connect(paths).await?;
+        Ok(Running { pid, qmp, agent })
+    }
+
+    /// Kills the VM's process (if it is ours) and removes its directory.
+    async fn cleanup(&self, paths: &VmPaths, known_pid: Option<u32>) -> Result<(), VmmError> {
+        let pid = known_pid.or_else(|| read_pid(&paths.pidfile));
+        if let Some(pid) = pid {
+            if procs::is_qemu_with_pidfile(pid, &paths.pidfile)
+                && !procs::kill_and_wait(pid, Duration::from_secs(5)).await
+            {
+                tracing::warn!(pid, "qemu did not exit after SIGKILL");
+            }
+        }
+        match tokio::fs::remove_dir_all(&paths.dir).await {
+            Ok(()) => Ok(()),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(err) => Err(err.into()),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Hypervisor for QemuBackend {
+    fn kind(&self) -> &'static str {
+        "qemu"
+    }
+
+    async fn launch(&self, spec: &VmSpec) -> Result<Launched, VmmError> {
+        let paths = self.paths(&spec.id);
+        tokio::fs::create_dir_all(&self.config.vms_dir).await?;
+        tokio::fs::create_dir(&paths.dir).await?;
+        match self.start(spec, &paths).await {
+            Ok(running) => {
+                let launched = Launched {
+                    pid: Some(running.pid),
+                    agent: running.agent.clone(),
+                };
+                tracing::info!(vm = %spec.id, pid = running.pid, accel = %self.config.accel, "qemu started");
+                self.vms
+                    .lock()
+                    .await
+                    .insert(spec.id.clone(), Arc::new(running));
+                Ok(launched)
+            }
+            Err(err) => {
+                if let Err(cleanup) = self.cleanup(&paths, None).await {
+                    tracing::warn!(vm = %spec.id, error = %cleanup, "cleanup after failed launch");
+                }
+                Err(err)
+            }
+        }
+    }
+
+    async fn adopt(&self, spec: &VmSpec) -> Result<Option<Launched>, VmmError> {
+        if let Some(running) = self.vms.lock().await.get(&spec.id) {
+            return Ok(Some(Launched {
+                pid: Some(running.pid),
+                agent: running.agent.clone(),
+            }));
+        }
+        let paths = self.paths(&spec.id);
+        let Some(pid) = read_pid(&paths.pidfile) else {
+            return Ok(None);
+        };
+        if !procs::is_qemu_with_pidfile(pid, &paths.pidfile) {
+            return Ok(None);
+        }
+        let (qmp, agent) = connect(&paths).await?;
+        let launched = Launched {
+            pid: Some(pid),
+            agent: agent.clone(),
+        };
+        tracing::info!(vm = %spec.id, pid, "qemu adopted");
+        self.vms
+            .lock()
+            .await
+            .insert(spec.id.clone(), Arc::new(Running { pid, qmp, agent }));
+        Ok(Some(launched))
+    }
+
+    async fn running(&self) -> Result<Vec<String>, VmmError> {
+        Ok(procs::qemu_processes_under(&self.config.vms_dir)
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect())
+    }
+
+    async fn pause(&self, id: &str) -> Result<(), VmmError> {
+        Ok(self.running(id).await?.qmp.stop().await?)
+    }
+
+    async fn resume(&self, id: &str) -> Result<(), VmmError> {
+        Ok(self.running(id).await?.qmp.cont().await?)
+    }
+
+    async fn run_state(&self, id: &str) -> Result<RunState, VmmError> {
+        let Ok(running) = self.running(id).await else {
+            return Ok(RunState::Gone);
+        };
+        if !procs::alive(running.pid) {
+            return Ok(RunState::Gone);
+        }
+        match running.qmp.query_status().await {
+            Ok(status) if status.running => Ok(RunState::Running),
+            Ok(_) => Ok(RunState::Paused),
+            Err(_) if !procs::alive(running.pid) => Ok(RunState::Gone),
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    async fn destroy(&self, id: &str) -> Result<(), VmmError> {
+        let paths = self.paths(id);
+        let running = self.vms.lock().await.remove(id);
+        let mut pid = None;
+        if let Some(running) = running {
+            pid = Some(running.pid);
+            // A clean quit first: QEMU flushes and removes its sockets.
+            let quit = tokio::time::timeout(Duration::from_secs(2), running.qmp.quit()).await;
+            if matches!(quit, Ok(Ok(()))) {
+                procs::wait_gone(running.pid, Duration::from_secs(3)).await;
+            }
+        }
+        self.cleanup(&paths, pid).await?;
+        tracing::info!(vm = %id, "vm destroyed");
+        Ok(())
+    }
+}
+
+/// QEMU's command line for `spec`.
+pub fn qemu_args(accel: Accel, spec: &VmSpec, paths: &VmPaths) -> Vec<String> {
+    let path = |p: &Path| p.display().to_string();
+    let mut args: Vec<String> = vec![
+        "-name".into(),
+        format!("hangar-{}", spec.id),
+        "-M".into(),
+        "microvm,acpi=on,isa-serial=on,rtc=on".into(),
+    ];
+    args.extend(accel.qemu_args().iter().map(|a| a.to_string()));
+    args.extend([
+        "-m".into(),
+        spec.memory_mib.to_string(),
+        "-smp".into(),
+        spec.vcpus.to_string(),
+        "-nodefaults".into(),
+        "-no-user-config".into(),
+        "-display".into(),
+        "none".into(),
+        "-daemonize".into(),
+        "-pidfile".into(),
+        path(&paths.pidfile),
+        "-kernel".into(),
+        path(&spec.kernel),
+        "-initrd".into(),
+        path(&spec.initramfs),
+        "-append".into(),
+        spec.cmdline.clone(),
+        "-serial".into(),
+        format!("file:{}", path(&paths.console)),
+    ]);
+    if spec.base_image.is_some() {
+        args.extend([
+            "-drive".into(),
+            format!("id=root,file={},format=qcow2,if=none", path(&paths.disk)),
+            "-device".into(),
+            "virtio-blk-device,drive=root".into(),
+        ]);
+    }
+    let mut netdev = "user,id=n0".to_string();
+    for forward in &spec.forwards {
+        netdev.push_str(&format!(
+            ",hostfwd=tcp:{}:{}-:{}",
+            forward.host, forward.host_port, forward.guest_port
+        ));
+    }
+    args.extend([
+        "-netdev".into(),
+        netdev,
+        "-device".into(),
+        "virtio-net-device,netdev=n0".into(),
+        "-device".into(),
+        "virtio-serial-device".into(),
+        "-chardev".into(),
+        format!(
+            "socket,id=agent,path={},server=on,wait=off",
+            path(&paths.agent)
+        ),
+        "-device".into(),
+        format!(
+            "virtserialport,chardev=agent,name={}",
+            hangar_proto::AGENT_PORT_NAME
+        ),
+        "-device".into(),
+        "virtio-rng-device".into(),
+        "-device".into(),
+        "virtio-balloon-device".into(),
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", path(&paths.qmp)),
+    ]);
+    args
+}
+
+async fn connect(paths: &VmPaths) -> Result<(Qmp, Arc<Agent>), VmmError> {
+    let qmp = Qmp::connect(&paths.qmp).await?;
+    let stream = UnixStream::connect(&paths.agent).await.map_err(|err| {
+        VmmError::Launch(format!(
+            "cannot connect to agent socket {}: {err}",
+            paths.agent.display()
+        ))
+    })?;
+    Ok((qmp, Agent::spawn(stream)))
+}
+
+fn read_pid(pidfile: &Path) -> Option<u32> {
+    std::fs::read_to_string(pidfile).ok()?.trim().parse().ok()
+}
+
+async fn run_tool(program: &Path, args: &[&std::ffi::OsStr]) -> Result<(), VmmError> {
+    let output = tokio::process::Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|source| VmmError::Spawn {
+            program: program.display().to_string(),
+            source,
+        })?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(VmmError::Tool {
+            program: program.display().to_string(),
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::PortForward;
+
+    #[test]
+    fn command_line_has_devices_forwards_and_sockets() {
+        let spec = VmSpec {
+            id: "vm-1".into(),
+            vcpus: 2,
+            memory_mib: 256,
+            kernel: "/a/vmlinux".into(),
+            initramfs: "/a/initramfs.cpio".into(),
+            cmdline: "console=ttyS0 quiet".into(),
+            base_image: Some("/img/base.qcow2".into()),
+            forwards: vec![
+                PortForward {
+                    host: "127.0.0.1".parse().unwrap(),
+                    host_port: 40001,
+                    guest_port: 80,
+                },
+                PortForward {
+                    host: "127.0.0.1".parse().unwrap(),
+                    host_port: 40002,
+                    guest_port: 6379,
+                },
+            ],
+        };
+        let paths = VmPaths::new(Path::new("/data/vms"), "vm-1");
+        let args = qemu_args(Accel::Tcg, &spec, &paths).join(" ");
+        for expected in [
+            "-M microvm,acpi=on,isa-serial=on,rtc=on -accel tcg -m 256 -smp 2",
+            "-daemonize -pidfile /data/vms/vm-1/qemu.pid",
+            "-append console=ttyS0 quiet",
+            "-drive id=root,file=/data/vms/vm-1/disk.qcow2,format=qcow2,if=none",
+            "user,id=n0,hostfwd=tcp:127.0.0.1:40001-:80,hostfwd=tcp:127.0.0.1:40002-:6379",
+            "socket,id=agent,path=/data/vms/vm-1/agent.sock,server=on,wait=off",
+            "virtserialport,chardev=agent,name=org.hangar.agent",
+            "-qmp unix:/data/vms/vm-1/qmp.sock,server=on,wait=off",
+        ] {
+            assert!(args.contains(expected), "missing {expected:?} in {args}");
+        }
+        let kvm = qemu_args(
+            Accel::Kvm,
+            &VmSpec {
+                base_image: None,
+                ..spec
+            },
+            &paths,
+        )
+        .join(" ");
+        assert!(kvm.contains("-accel kvm -cpu host"));
+        assert!(!kvm.contains("-drive"));
+    }
+}
