@@ -1,0 +1,59 @@
+//! Schema migrations, numbered by SQLite's `user_version`.
+
+use rusqlite::Connection;
+
+use crate::StoreError;
+
+/// Each entry moves the schema from version `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &["CREATE TABLE vms (
+        id              TEXT PRIMARY KEY,
+        host            TEXT NOT NULL,
+        services        TEXT NOT NULL,
+        env             TEXT NOT NULL,
+        mode            TEXT NOT NULL,
+        owner           TEXT NOT NULL,
+        state           TEXT NOT NULL,
+        endpoints       TEXT NOT NULL,
+        spec            TEXT NOT NULL,
+        pid             INTEGER,
+        error           TEXT,
+        created_at_ms   INTEGER NOT NULL,
+        updated_at_ms   INTEGER NOT NULL,
+        last_used_at_ms INTEGER NOT NULL,
+        boot_ms         INTEGER,
+        memory_mib      INTEGER NOT NULL,
+        vcpus           INTEGER NOT NULL
+    );
+    CREATE INDEX vms_state ON vms (state);
+    CREATE TABLE tasks (
+        id            TEXT PRIMARY KEY,
+        kind          TEXT NOT NULL,
+        service       TEXT,
+        vm_id         TEXT,
+        state         TEXT NOT NULL,
+        stage         TEXT NOT NULL,
+        percent       INTEGER NOT NULL,
+        error         TEXT,
+        created_at_ms INTEGER NOT NULL,
+        updated_at_ms INTEGER NOT NULL
+    );
+    CREATE INDEX tasks_created ON tasks (created_at_ms);"];
+
+pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let supported = i64::try_from(MIGRATIONS.len()).expect("few migrations");
+    let found: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    if found > supported {
+        return Err(StoreError::SchemaTooNew { found, supported });
+    }
+    for (version, sql) in MIGRATIONS
+        .iter()
+        .enumerate()
+        .skip(usize::try_from(found).unwrap_or(0))
+    {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", version + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}

@@ -1,0 +1,147 @@
+use super::*;
+
+fn vm(id: &str, service: &str, mode: Mode, state: VmState) -> VmRecord {
+    VmRecord {
+        id: id.into(),
+        host: "local".into(),
+        services: vec![service.into()],
+        env: BTreeMap::new(),
+        mode,
+        owner: "anonymous".into(),
+        state,
+        endpoints: BTreeMap::from([("http".into(), "127.0.0.1:4000".into())]),
+        spec: serde_json::json!({"id": id}),
+        pid: None,
+        error: None,
+        created_at_ms: 1,
+        updated_at_ms: 1,
+        last_used_at_ms: 1,
+        boot_ms: None,
+        memory_mib: 128,
+        vcpus: 1,
+    }
+}
+
+#[test]
+fn vm_round_trip_and_listing() {
+    let store = Store::open_in_memory().unwrap();
+    let record = vm("vm-a", "web", Mode::Shared, VmState::Creating);
+    store.insert_vm(&record).unwrap();
+    assert_eq!(store.vm("vm-a").unwrap().unwrap(), record);
+    assert!(store.vm("vm-b").unwrap().is_none());
+    assert_eq!(store.vms(false).unwrap().len(), 1);
+    assert!(store.insert_vm(&record).is_err(), "ids are unique");
+}
+
+#[test]
+fn transitions_follow_the_state_machine() {
+    let store = Store::open_in_memory().unwrap();
+    store
+        .insert_vm(&vm("vm-a", "web", Mode::Shared, VmState::Creating))
+        .unwrap();
+    let err = store.transition("vm-a", VmState::Active, None).unwrap_err();
+    assert_eq!(err.to_string(), "a VM cannot go from creating to active");
+    assert_eq!(store.vm("vm-a").unwrap().unwrap().state, VmState::Creating);
+    store.transition("vm-a", VmState::Booting, None).unwrap();
+    let failed = store
+        .transition("vm-a", VmState::Failed, Some("boom"))
+        .unwrap();
+    assert_eq!(
+        (failed.state, failed.error.as_deref()),
+        (VmState::Failed, Some("boom"))
+    );
+    store.transition("vm-a", VmState::Deleted, None).unwrap();
+    assert!(store.vms(false).unwrap().is_empty());
+    assert_eq!(store.vms(true).unwrap().len(), 1);
+    assert!(matches!(
+        store.transition("vm-x", VmState::Deleted, None),
+        Err(StoreError::NoVm(_))
+    ));
+}
+
+#[test]
+fn shared_candidates_match_service_env_mode_and_state() {
+    let store = Store::open_in_memory().unwrap();
+    store
+        .insert_vm(&vm("vm-a", "web", Mode::Shared, VmState::Active))
+        .unwrap();
+    store
+        .insert_vm(&vm("vm-b", "web", Mode::Dedicated, VmState::Active))
+        .unwrap();
+    store
+        .insert_vm(&vm("vm-c", "web", Mode::Shared, VmState::Booting))
+        .unwrap();
+    store
+        .insert_vm(&vm("vm-d", "db", Mode::Shared, VmState::Active))
+        .unwrap();
+    let mut with_env = vm("vm-e", "web", Mode::Shared, VmState::Active);
+    with_env.env.insert("greeting".into(), "hi".into());
+    store.insert_vm(&with_env).unwrap();
+
+    let ids = |env: &BTreeMap<String, String>| {
+        store
+            .shared_candidates("web", env)
+            .unwrap()
+            .into_iter()
+            .map(|v| v.id)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(ids(&BTreeMap::new()), ["vm-a"]);
+    assert_eq!(ids(&with_env.env), ["vm-e"]);
+}
+
+#[test]
+fn tasks_progress_and_restart() {
+    let store = Store::open_in_memory().unwrap();
+    let task = TaskRecord {
+        id: "task-1".into(),
+        kind: "create_vm".into(),
+        service: Some("web".into()),
+        vm_id: None,
+        state: TaskState::Running,
+        stage: "queued".into(),
+        percent: 0,
+        error: None,
+        created_at_ms: 5,
+        updated_at_ms: 5,
+    };
+    store.insert_task(&task).unwrap();
+    store
+        .update_task("task-1", TaskState::Running, "boot", 60, None)
+        .unwrap();
+    store.set_task_vm("task-1", "vm-a").unwrap();
+    let read = store.task("task-1").unwrap().unwrap();
+    assert_eq!(
+        (read.stage.as_str(), read.percent, read.vm_id.as_deref()),
+        ("boot", 60, Some("vm-a"))
+    );
+    assert_eq!(store.fail_running_tasks("server restarted").unwrap(), 1);
+    let read = store.task("task-1").unwrap().unwrap();
+    assert_eq!(
+        (read.state, read.error.as_deref()),
+        (TaskState::Failed, Some("server restarted"))
+    );
+    assert!(matches!(
+        store.update_task("task-2", TaskState::Running, "x", 0, None),
+        Err(StoreError::NoTask(_))
+    ));
+}
+
+#[test]
+fn reopening_a_file_keeps_data_and_schema() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hangar.db");
+    {
+        let store = Store::open(&path).unwrap();
+        store
+            .insert_vm(&vm("vm-a", "web", Mode::Shared, VmState::Creating))
+            .unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    assert_eq!(store.vms(false).unwrap().len(), 1);
+    let conn = Connection::open(&path).unwrap();
+    conn.pragma_update(None, "user_version", 99).unwrap();
+    drop(store);
+    let err = Store::open(&path).err().expect("a newer schema is refused");
+    assert!(err.to_string().contains("newer than this hangar"), "{err}");
+}
