@@ -30,7 +30,7 @@ pub fn closest<'a>(
             let lower = candidate.to_lowercase();
             let distance = edit_distance(&wanted_lower, &lower);
             let related = lower.contains(&wanted_lower) || wanted_lower.contains(&lower);
-            let near = distance <= (wanted.chars().count().max(3) / 2);
+            let near = distance <= wanted.chars().count().max(3).div_ceil(2);
             (related || near).then_some((if related { 0 } else { distance }, candidate))
         })
         .collect();
@@ -58,6 +58,7 @@ mod tests {
     fn closest_names_first_and_far_ones_dropped() {
         let names = ["http-static", "http-counter", "redis", "postgresql"];
         assert_eq!(closest("http-statc", names, 3), vec!["http-static"]);
+        assert_eq!(closest("rdeis", names, 3), vec!["redis"]);
         assert_eq!(
             closest("http", names, 3),
             vec!["http-counter", "http-static"]

@@ -1,0 +1,343 @@
+//! The REST API under `/v1`. Handlers parse, validate and call the service manager; they
+//! hold no business logic. Every error answer is JSON (see [`crate::error`]).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use hangar_core::{Mode, ReadySpec, ServiceRequest, VmState};
+use hangar_store::{TaskRecord, TaskState, VmRecord};
+use serde::{Deserialize, Serialize};
+use utoipa::OpenApi;
+
+use crate::error::{ApiError, ErrorBody};
+use crate::manager::{Grant, Manager};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "hangar", description = "Virtual machines as services"),
+    paths(
+        healthz,
+        list_services,
+        create_request,
+        list_vms,
+        get_vm,
+        delete_vm,
+        list_tasks,
+        get_task
+    ),
+    components(schemas(
+        ServiceView,
+        PortView,
+        GrantView,
+        VmView,
+        TaskView,
+        ErrorBody,
+        ServiceRequest,
+        Mode,
+        VmState,
+        ReadySpec,
+        hangar_core::ReadyCheck
+    ))
+)]
+pub struct ApiDoc;
+
+pub fn router(manager: Arc<Manager>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/v1/openapi.json", get(openapi))
+        .route("/v1/services", get(list_services))
+        .route("/v1/requests", post(create_request))
+        .route("/v1/vms", get(list_vms))
+        .route("/v1/vms/{id}", get(get_vm).delete(delete_vm))
+        .route("/v1/tasks", get(list_tasks))
+        .route("/v1/tasks/{id}", get(get_task))
+        .fallback(|| async {
+            ApiError::NotFound {
+                message: "no such API path; see /v1/openapi.json".into(),
+                alternatives: Vec::new(),
+            }
+        })
+        .with_state(manager)
+}
+
+async fn openapi() -> impl IntoResponse {
+    Json(ApiDoc::openapi())
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Health {
+    status: &'static str,
+}
+
+#[utoipa::path(get, path = "/healthz", responses((status = 200, body = Health)))]
+async fn healthz() -> Json<Health> {
+    Json(Health { status: "ok" })
+}
+
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PortView {
+    pub name: String,
+    pub guest: u16,
+}
+
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ServiceView {
+    pub name: String,
+    pub description: String,
+    pub os: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub ports: Vec<PortView>,
+    /// Ready criterion: every check must pass.
+    #[schema(value_type = Object)]
+    pub ready: serde_json::Value,
+}
+
+#[utoipa::path(get, path = "/v1/services", responses((status = 200, body = [ServiceView])))]
+async fn list_services(State(manager): State<Arc<Manager>>) -> Json<Vec<ServiceView>> {
+    Json(
+        manager
+            .catalog()
+            .services()
+            .map(|service| ServiceView {
+                name: service.name.clone(),
+                description: service.description.clone(),
+                os: service.os.clone(),
+                vcpus: service.vcpus,
+                memory_mib: service.memory_mib,
+                ports: service
+                    .ports
+                    .iter()
+                    .map(|port| PortView {
+                        name: port.name.clone(),
+                        guest: port.guest,
+                    })
+                    .collect(),
+                ready: serde_json::to_value(&service.ready).unwrap_or_default(),
+            })
+            .collect(),
+    )
+}
+
+/// The answer to a service request.
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
+pub struct GrantView {
+    pub vm: String,
+    pub service: String,
+    /// `HOST:PORT` of the service's first port.
+    pub endpoint: String,
+    /// Port name → `HOST:PORT`.
+    pub endpoints: BTreeMap<String, String>,
+    pub state: VmState,
+    pub host: String,
+    pub mode: Mode,
+    /// An existing VM answered (shared mode) rather than a new one.
+    pub reused: bool,
+    /// The creation task, when a VM was made.
+    pub task: Option<String>,
+    /// Launch → ready, for a new VM.
+    pub boot_ms: Option<u64>,
+}
+
+impl From<Grant> for GrantView {
+    fn from(grant: Grant) -> GrantView {
+        GrantView {
+            vm: grant.vm.id,
+            service: grant.service,
+            endpoint: grant.endpoint,
+            endpoints: grant.vm.endpoints,
+            state: grant.vm.state,
+            host: grant.vm.host,
+            mode: grant.vm.mode,
+            reused: grant.reused,
+            task: grant.task,
+            boot_ms: grant.vm.boot_ms,
+        }
+    }
+}
+
+/// Request a service: answers once a VM offering it is ready.
+#[utoipa::path(
+    post,
+    path = "/v1/requests",
+    request_body = ServiceRequest,
+    responses(
+        (status = 200, body = GrantView, description = "a VM offering the service answers at the endpoint"),
+        (status = 400, body = ErrorBody, description = "malformed request"),
+        (status = 404, body = ErrorBody, description = "no such service; alternatives given"),
+        (status = 422, body = ErrorBody, description = "this combination will never be available"),
+        (status = 503, body = ErrorBody, description = "not ready within the deadline; try again shortly (Retry-After)"),
+    )
+)]
+async fn create_request(
+    State(manager): State<Arc<Manager>>,
+    body: axum::body::Bytes,
+) -> Result<Json<GrantView>, ApiError> {
+    let request: ServiceRequest = serde_json::from_slice(&body)
+        .map_err(|err| ApiError::BadRequest(format!("invalid request body: {err}")))?;
+    Ok(Json(manager.request(request).await?.into()))
+}
+
+/// One row of the state table.
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
+pub struct VmView {
+    pub id: String,
+    pub host: String,
+    pub services: Vec<String>,
+    pub endpoints: BTreeMap<String, String>,
+    pub state: VmState,
+    pub mode: Mode,
+    pub owner: String,
+    pub env: BTreeMap<String, String>,
+    pub memory_mib: u32,
+    pub vcpus: u32,
+    pub pid: Option<u32>,
+    pub error: Option<String>,
+    /// RFC 3339.
+    pub created_at: String,
+    pub last_used_at: String,
+    pub boot_ms: Option<u64>,
+}
+
+fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+        .to_string()
+}
+
+impl From<VmRecord> for VmView {
+    fn from(vm: VmRecord) -> VmView {
+        VmView {
+            id: vm.id,
+            host: vm.host,
+            services: vm.services,
+            endpoints: vm.endpoints,
+            state: vm.state,
+            mode: vm.mode,
+            owner: vm.owner,
+            env: vm.env,
+            memory_mib: vm.memory_mib,
+            vcpus: vm.vcpus,
+            pid: vm.pid.filter(|_| vm.state.has_process()),
+            error: vm.error,
+            created_at: rfc3339(vm.created_at_ms),
+            last_used_at: rfc3339(vm.last_used_at_ms),
+            boot_ms: vm.boot_ms,
+        }
+    }
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+pub struct VmQuery {
+    /// Include deleted VMs.
+    #[serde(default)]
+    all: bool,
+}
+
+#[utoipa::path(get, path = "/v1/vms", params(VmQuery), responses((status = 200, body = [VmView])))]
+async fn list_vms(
+    State(manager): State<Arc<Manager>>,
+    Query(query): Query<VmQuery>,
+) -> Result<Json<Vec<VmView>>, ApiError> {
+    Ok(Json(
+        manager
+            .store()
+            .vms(query.all)?
+            .into_iter()
+            .map(VmView::from)
+            .collect(),
+    ))
+}
+
+#[utoipa::path(get, path = "/v1/vms/{id}", responses((status = 200, body = VmView), (status = 404, body = ErrorBody)))]
+async fn get_vm(
+    State(manager): State<Arc<Manager>>,
+    Path(id): Path<String>,
+) -> Result<Json<VmView>, ApiError> {
+    let vm = manager.store().vm(&id)?.ok_or_else(|| ApiError::NotFound {
+        message: format!("no VM {id}"),
+        alternatives: Vec::new(),
+    })?;
+    Ok(Json(vm.into()))
+}
+
+/// Delete a VM: its process, disk layer, sockets and logs.
+#[utoipa::path(
+    delete,
+    path = "/v1/vms/{id}",
+    responses((status = 200, body = VmView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody))
+)]
+async fn delete_vm(
+    State(manager): State<Arc<Manager>>,
+    Path(id): Path<String>,
+) -> Result<Json<VmView>, ApiError> {
+    Ok(Json(manager.delete(&id).await?.into()))
+}
+
+/// A long operation and its progress.
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
+pub struct TaskView {
+    pub id: String,
+    pub kind: String,
+    pub service: Option<String>,
+    pub vm: Option<String>,
+    /// `running`, `succeeded` or `failed`.
+    pub state: String,
+    pub stage: String,
+    pub percent: u8,
+    pub error: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+impl From<TaskRecord> for TaskView {
+    fn from(task: TaskRecord) -> TaskView {
+        TaskView {
+            id: task.id,
+            kind: task.kind,
+            service: task.service,
+            vm: task.vm_id,
+            state: match task.state {
+                TaskState::Running => "running",
+                TaskState::Succeeded => "succeeded",
+                TaskState::Failed => "failed",
+            }
+            .into(),
+            stage: task.stage,
+            percent: task.percent,
+            error: task.error,
+            created_at: rfc3339(task.created_at_ms),
+            updated_at: rfc3339(task.updated_at_ms),
+        }
+    }
+}
+
+#[utoipa::path(get, path = "/v1/tasks", responses((status = 200, body = [TaskView])))]
+async fn list_tasks(State(manager): State<Arc<Manager>>) -> Result<Json<Vec<TaskView>>, ApiError> {
+    Ok(Json(
+        manager
+            .store()
+            .tasks(100)?
+            .into_iter()
+            .map(TaskView::from)
+            .collect(),
+    ))
+}
+
+#[utoipa::path(get, path = "/v1/tasks/{id}", responses((status = 200, body = TaskView), (status = 404, body = ErrorBody)))]
+async fn get_task(
+    State(manager): State<Arc<Manager>>,
+    Path(id): Path<String>,
+) -> Result<Json<TaskView>, ApiError> {
+    let task = manager
+        .store()
+        .task(&id)?
+        .ok_or_else(|| ApiError::NotFound {
+            message: format!("no task {id}"),
+            alternatives: Vec::new(),
+        })?;
+    Ok(Json(task.into()))
+}

@@ -1,0 +1,147 @@
+//! The one place where errors become HTTP answers.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+/// An error as the API reports it.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The thing asked for does not exist (and never will under this name).
+    #[error("{message}")]
+    NotFound {
+        message: String,
+        alternatives: Vec<String>,
+    },
+    /// The request is malformed.
+    #[error("{0}")]
+    BadRequest(String),
+    /// Well-formed, but can never be satisfied ("will never be available").
+    #[error("{message}")]
+    Never {
+        message: String,
+        alternatives: Vec<String>,
+    },
+    /// Not now: the state of the thing forbids it.
+    #[error("{0}")]
+    Conflict(String),
+    /// Try again shortly: the work goes on (task) and should be done within `retry_after_s`.
+    #[error("{message}")]
+    TryAgain {
+        message: String,
+        retry_after_s: u64,
+        task: Option<String>,
+    },
+    /// Something on our side broke.
+    #[error("{0}")]
+    Internal(String),
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// `not_found`, `bad_request`, `never`, `conflict`, `try_again`, `internal`.
+    pub code: &'static str,
+    pub message: String,
+    /// Closest viable alternatives, when the request named something that does not exist.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub alternatives: Vec<String>,
+    /// The task still working on the request (with `try_again`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after_s: Option<u64>,
+}
+
+impl ApiError {
+    pub fn internal(err: impl std::fmt::Display) -> ApiError {
+        ApiError::Internal(err.to_string())
+    }
+
+    fn status(&self) -> StatusCode {
+        match self {
+            ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Never { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::TryAgain { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            ApiError::NotFound { .. } => "not_found",
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::Never { .. } => "never",
+            ApiError::Conflict(_) => "conflict",
+            ApiError::TryAgain { .. } => "try_again",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+}
+
+impl From<hangar_store::StoreError> for ApiError {
+    fn from(err: hangar_store::StoreError) -> ApiError {
+        match err {
+            hangar_store::StoreError::Transition(err) => ApiError::Conflict(err.to_string()),
+            other => ApiError::Internal(format!("store: {}", error_chain(&other))),
+        }
+    }
+}
+
+/// `err` and its sources, joined with ": ".
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(err) = source {
+        let next = err.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = err.source();
+    }
+    text
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::warn!(error = %self, "request failed");
+        }
+        let (alternatives, task, retry_after_s) = match &self {
+            ApiError::NotFound { alternatives, .. } | ApiError::Never { alternatives, .. } => {
+                (alternatives.clone(), None, None)
+            }
+            ApiError::TryAgain {
+                retry_after_s,
+                task,
+                ..
+            } => (Vec::new(), task.clone(), Some(*retry_after_s)),
+            _ => (Vec::new(), None, None),
+        };
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code(),
+                message: self.to_string(),
+                alternatives,
+                task,
+                retry_after_s,
+            },
+        };
+        let mut response = (status, Json(body)).into_response();
+        if let Some(seconds) = retry_after_s {
+            if let Ok(value) = HeaderValue::from_str(&seconds.to_string()) {
+                response.headers_mut().insert(header::RETRY_AFTER, value);
+            }
+        }
+        response
+    }
+}

@@ -1,0 +1,111 @@
+//! Where VM images come from: the seam between the service manager and the image crate, so
+//! that logic tests run without building real guest assets.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use hangar_core::Service;
+use hangar_image::{AssetSources, GuestAssets, ImageFile};
+
+#[async_trait::async_trait]
+pub trait ImageSource: Send + Sync + 'static {
+    /// Kernel and initramfs shared by every guest.
+    async fn guest_assets(&self) -> Result<GuestAssets, String>;
+
+    /// The read-only base root disk of `service`, shared by all its VMs.
+    async fn base_image(&self, service: &Service) -> Result<Option<PathBuf>, String>;
+}
+
+/// Images built on this host with `hangar-image`, cached under the data dir.
+pub struct LocalImages {
+    cache_dir: PathBuf,
+    sources: AssetSources,
+    assets: tokio::sync::OnceCell<GuestAssets>,
+    /// Service name and content → image path; content is rechecked by hash inside
+    /// `hangar-image`, this only saves re-hashing on every request.
+    images: Mutex<HashMap<String, PathBuf>>,
+}
+
+impl LocalImages {
+    pub fn new(cache_dir: PathBuf, sources: AssetSources) -> LocalImages {
+        LocalImages {
+            cache_dir,
+            sources,
+            assets: tokio::sync::OnceCell::new(),
+            images: Mutex::default(),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl ImageSource for LocalImages {
+    async fn guest_assets(&self) -> Result<GuestAssets, String> {
+        self.assets
+            .get_or_try_init(|| async {
+                let cache_dir = self.cache_dir.clone();
+                let sources = self.sources.clone();
+                tokio::task::spawn_blocking(move || {
+                    hangar_image::ensure_guest_assets(&cache_dir, &sources)
+                })
+                .await
+                .map_err(|err| format!("guest assets: {err}"))?
+                .map_err(|err| crate::error::error_chain(&err))
+            })
+            .await
+            .cloned()
+    }
+
+    async fn base_image(&self, service: &Service) -> Result<Option<PathBuf>, String> {
+        if let Some(path) = self.images.lock().expect("images lock").get(&service.name) {
+            if path.exists() {
+                return Ok(Some(path.clone()));
+            }
+        }
+        let files: BTreeMap<String, ImageFile> = service
+            .files
+            .iter()
+            .map(|(path, file)| {
+                (
+                    path.clone(),
+                    ImageFile {
+                        contents: file.content.clone().into_bytes(),
+                        mode: file.mode,
+                    },
+                )
+            })
+            .collect();
+        let cache_dir = self.cache_dir.clone();
+        let sources = self.sources.clone();
+        let image = tokio::task::spawn_blocking(move || {
+            hangar_image::ensure_busybox_image(&cache_dir, &sources, &files)
+        })
+        .await
+        .map_err(|err| format!("base image: {err}"))?
+        .map_err(|err| crate::error::error_chain(&err))?;
+        self.images
+            .lock()
+            .expect("images lock")
+            .insert(service.name.clone(), image.path.clone());
+        Ok(Some(image.path))
+    }
+}
+
+/// Placeholder paths for backends that do not read images (the fake backend).
+pub struct NoImages;
+
+#[async_trait::async_trait]
+impl ImageSource for NoImages {
+    async fn guest_assets(&self) -> Result<GuestAssets, String> {
+        Ok(GuestAssets {
+            vmlinux: "/nonexistent/vmlinux".into(),
+            initramfs: "/nonexistent/initramfs.cpio".into(),
+            kernel_release: "none".into(),
+            hash: "none".into(),
+        })
+    }
+
+    async fn base_image(&self, _service: &Service) -> Result<Option<PathBuf>, String> {
+        Ok(None)
+    }
+}

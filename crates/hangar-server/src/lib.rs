@@ -1,0 +1,223 @@
+//! hangar's control plane: `hangar server`.
+//!
+//! - [`api`]: REST API under `/v1` (+ `/healthz`, `/v1/openapi.json`).
+//! - [`manager`]: the request path, deletion, reconciliation with running QEMU processes.
+//! - [`ready`]: ready criteria, checked from the host.
+//! - [`images`]: where kernels, initramfs and base disks come from.
+//! - [`error`]: the one mapping from errors to HTTP answers.
+//!
+//! In single-node mode the server embeds the local host: it runs QEMU itself.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hangar_core::Catalog;
+use hangar_image::AssetSources;
+use hangar_store::Store;
+use hangar_vmm::Accel;
+use hangar_vmm::qemu::{QemuBackend, QemuConfig};
+
+pub mod api;
+pub mod error;
+pub mod images;
+pub mod manager;
+pub mod ready;
+
+pub use manager::{Manager, ManagerConfig};
+
+/// How often running VMs are checked for crashed processes.
+const MONITOR_INTERVAL: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    /// A catalog file; `None` uses the built-in demo catalog.
+    pub catalog: Option<PathBuf>,
+    pub accel: Accel,
+    /// Address port forwards listen on, and endpoints name.
+    pub endpoint_host: IpAddr,
+    pub kernel: Option<PathBuf>,
+    pub busybox: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot use data dir {path}: {source}")]
+    DataDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("another hangar server is using data dir {0}")]
+    Locked(String),
+    #[error("cannot read catalog {path}: {source}")]
+    CatalogRead {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("catalog {path}: {source}")]
+    Catalog {
+        path: String,
+        #[source]
+        source: hangar_core::CatalogError,
+    },
+    #[error("cannot open the database: {0}")]
+    Store(String),
+    #[error("{0}")]
+    Qemu(String),
+    #[error("cannot prepare guest assets: {0}")]
+    Assets(String),
+    #[error("start-up reconciliation failed: {0}")]
+    Reconcile(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("server failed: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
+/// Loads the catalog named by the config, or the built-in demo catalog.
+pub fn load_catalog(path: Option<&Path>) -> Result<Catalog, ServerError> {
+    let Some(path) = path else {
+        return Ok(Catalog::demo());
+    };
+    let text = std::fs::read_to_string(path).map_err(|source| ServerError::CatalogRead {
+        path: path.display().to_string(),
+        source,
+    })?;
+    Catalog::from_toml(&text).map_err(|source| ServerError::Catalog {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Checks that QEMU is installed and says what to install when it is not.
+fn check_qemu(config: &QemuConfig) -> Result<String, ServerError> {
+    for (program, package) in [
+        (&config.qemu, "qemu-system-x86"),
+        (&config.qemu_img, "qemu-utils"),
+    ] {
+        let output = std::process::Command::new(program)
+            .arg("--version")
+            .output();
+        match output {
+            Ok(output) if output.status.success() => {}
+            _ => {
+                return Err(ServerError::Qemu(format!(
+                    "{} is not installed or does not run; install it with `apt-get install -y {package}`",
+                    program.display()
+                )));
+            }
+        }
+    }
+    let output = std::process::Command::new(&config.qemu)
+        .arg("--version")
+        .output()
+        .map_err(|err| ServerError::Qemu(err.to_string()))?;
+    Ok(String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned())
+}
+
+/// Runs the server until `shutdown` completes. VMs keep running when the server stops;
+/// the next start adopts them.
+pub async fn run(
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let data_dir = &config.data_dir;
+    let data_err = |source| ServerError::DataDir {
+        path: data_dir.display().to_string(),
+        source,
+    };
+    std::fs::create_dir_all(data_dir).map_err(data_err)?;
+    let lock = std::fs::File::create(data_dir.join("server.lock")).map_err(data_err)?;
+    lock.try_lock()
+        .map_err(|_| ServerError::Locked(data_dir.display().to_string()))?;
+
+    let catalog = Arc::new(load_catalog(config.catalog.as_deref())?);
+    let store = Arc::new(
+        Store::open(&data_dir.join("hangar.db"))
+            .map_err(|err| ServerError::Store(error::error_chain(&err)))?,
+    );
+
+    let vms_dir = data_dir.join("vms");
+    let qemu_config = QemuConfig::new(vms_dir.clone(), config.accel);
+    let qemu_version = check_qemu(&qemu_config)?;
+    tracing::info!(qemu = %qemu_version, accel = %qemu_config.accel, requested = %config.accel, "hypervisor");
+
+    let images = Arc::new(images::LocalImages::new(
+        data_dir.join("cache"),
+        AssetSources {
+            kernel: config.kernel.clone(),
+            busybox: config.busybox.clone(),
+        },
+    ));
+    tracing::info!(
+        "preparing guest assets (the first start fetches and unpacks the Debian cloud kernel)"
+    );
+    let assets = images::ImageSource::guest_assets(images.as_ref())
+        .await
+        .map_err(ServerError::Assets)?;
+    tracing::info!(kernel = %assets.kernel_release, hash = %&assets.hash[..12.min(assets.hash.len())], "guest assets ready");
+
+    let manager = Manager::new(
+        store,
+        Arc::new(QemuBackend::new(qemu_config)),
+        images,
+        catalog,
+        ManagerConfig {
+            endpoint_host: config.endpoint_host,
+            ..ManagerConfig::default()
+        },
+    );
+    let report = manager
+        .reconcile(Some(&vms_dir))
+        .await
+        .map_err(|err| ServerError::Reconcile(err.to_string()))?;
+    tracing::info!(
+        adopted = report.adopted.len(),
+        failed = report.failed.len(),
+        stopped_unknown = report.stopped_unknown.len(),
+        removed_dirs = report.removed_dirs.len(),
+        "reconciled state with running vms"
+    );
+
+    let monitor = {
+        let manager = manager.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(MONITOR_INTERVAL);
+            loop {
+                tick.tick().await;
+                manager.monitor_once().await;
+            }
+        })
+    };
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServerError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(ServerError::Serve)?;
+    tracing::info!(%addr, data_dir = %data_dir.display(), "hangar server listening");
+    let served = axum::serve(listener, api::router(manager))
+        .with_graceful_shutdown(shutdown)
+        .await;
+    monitor.abort();
+    drop(lock);
+    served.map_err(ServerError::Serve)
+}
+
+#[cfg(test)]
+mod tests;

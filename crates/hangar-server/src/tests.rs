@@ -1,0 +1,437 @@
+//! The request path, deletion and reconciliation on the fake backend (logic only; the
+//! real-QEMU tests are in `crates/hangar-cli/tests`).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hangar_core::{Catalog, Mode, ServiceRequest, VmState};
+use hangar_store::{Store, TaskState};
+use hangar_vmm::Hypervisor;
+use hangar_vmm::fake::FakeBackend;
+
+use crate::error::ApiError;
+use crate::images::NoImages;
+use crate::manager::{Manager, ManagerConfig};
+
+const CATALOG: &str = r#"
+[service.web]
+os = "busybox"
+[[service.web.port]]
+name = "http"
+guest = 80
+[[service.web.process]]
+name = "httpd"
+argv = ["httpd"]
+[service.web.ready]
+checks = [{ tcp = { port = "http" } }, { http = { port = "http", body_contains = "fake" } }]
+
+[service.never-ready]
+os = "busybox"
+[[service.never-ready.port]]
+name = "p"
+guest = 1
+[[service.never-ready.process]]
+name = "x"
+argv = ["x"]
+[service.never-ready.ready]
+timeout = "600ms"
+interval = "20ms"
+checks = [{ bytes = { port = "p", send = "hi", expect = "never said" } }]
+"#;
+
+fn manager_with(store: Arc<Store>, backend: FakeBackend) -> Arc<Manager> {
+    Manager::new(
+        store,
+        Arc::new(backend),
+        Arc::new(NoImages),
+        Arc::new(Catalog::from_toml(CATALOG).unwrap()),
+        ManagerConfig::default(),
+    )
+}
+
+fn setup() -> (Arc<Manager>, FakeBackend, Arc<Store>) {
+    let store = Arc::new(Store::open_in_memory().unwrap());
+    let backend = FakeBackend::new();
+    (manager_with(store.clone(), backend.clone()), backend, store)
+}
+
+fn request(service: &str, mode: Mode) -> ServiceRequest {
+    ServiceRequest {
+        service: service.into(),
+        env: BTreeMap::new(),
+        mode,
+        deadline_ms: None,
+    }
+}
+
+#[tokio::test]
+async fn shared_requests_reuse_the_active_vm_and_dedicated_ones_do_not() {
+    let (manager, backend, store) = setup();
+    let first = manager.request(request("web", Mode::Shared)).await.unwrap();
+    assert!(!first.reused);
+    assert_eq!(first.vm.state, VmState::Active);
+    assert!(
+        first.endpoint.starts_with("127.0.0.1:"),
+        "{}",
+        first.endpoint
+    );
+    let task = store.task(first.task.as_deref().unwrap()).unwrap().unwrap();
+    assert_eq!(
+        (task.state, task.percent, task.vm_id.as_deref()),
+        (TaskState::Succeeded, 100, Some(&*first.vm.id))
+    );
+
+    let second = manager.request(request("web", Mode::Shared)).await.unwrap();
+    assert!(second.reused);
+    assert_eq!(second.vm.id, first.vm.id);
+
+    let dedicated = manager
+        .request(request("web", Mode::Dedicated))
+        .await
+        .unwrap();
+    assert_ne!(dedicated.vm.id, first.vm.id);
+    assert_eq!(dedicated.vm.mode, Mode::Dedicated);
+    // A dedicated VM is never handed to a shared request.
+    let third = manager.request(request("web", Mode::Shared)).await.unwrap();
+    assert_eq!(third.vm.id, first.vm.id);
+    assert_eq!(backend.launches(), 2);
+
+    let mut other_env = request("web", Mode::Shared);
+    other_env.env.insert("greeting".into(), "hi".into());
+    let other = manager.request(other_env).await.unwrap();
+    assert_ne!(
+        other.vm.id, first.vm.id,
+        "different environments do not share a VM"
+    );
+}
+
+#[tokio::test]
+async fn concurrent_shared_requests_make_one_vm() {
+    let (manager, backend, _) = setup();
+    let requests = (0..5).map(|_| {
+        let manager = manager.clone();
+        tokio::spawn(async move { manager.request(request("web", Mode::Shared)).await.unwrap() })
+    });
+    let grants = futures_join(requests).await;
+    assert_eq!(backend.launches(), 1);
+    assert!(grants.iter().all(|grant| grant.vm.id == grants[0].vm.id));
+}
+
+async fn futures_join<T: Send + 'static>(
+    handles: impl Iterator<Item = tokio::task::JoinHandle<T>>,
+) -> Vec<T> {
+    let mut out = Vec::new();
+    for handle in handles {
+        out.push(handle.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test]
+async fn unknown_and_impossible_requests_are_refused_with_alternatives() {
+    let (manager, backend, _) = setup();
+    match manager.request(request("wbe", Mode::Shared)).await {
+        Err(ApiError::NotFound {
+            message,
+            alternatives,
+        }) => {
+            assert_eq!(message, r#"no service named "wbe""#);
+            assert_eq!(alternatives, ["web"]);
+        }
+        other => panic!("expected not found, got {:?}", other.map(|g| g.vm.id)),
+    }
+    let mut on_debian = request("web", Mode::Shared);
+    on_debian.env.insert("os".into(), "debian-12".into());
+    match manager.request(on_debian).await {
+        Err(ApiError::Never {
+            message,
+            alternatives,
+        }) => {
+            assert!(message.contains("never on os=debian-12"), "{message}");
+            assert_eq!(alternatives, ["web --env os=busybox"]);
+        }
+        other => panic!("expected never, got {:?}", other.map(|g| g.vm.id)),
+    }
+    let mut bad_env = request("web", Mode::Shared);
+    bad_env.env.insert("not valid".into(), "x".into());
+    assert!(matches!(
+        manager.request(bad_env).await,
+        Err(ApiError::BadRequest(_))
+    ));
+    assert_eq!(backend.launches(), 0);
+}
+
+#[tokio::test]
+async fn a_failed_launch_leaves_a_failed_record_and_nothing_running() {
+    let (manager, backend, store) = setup();
+    backend.fail_next_launch();
+    let err = manager
+        .request(request("web", Mode::Shared))
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string().contains("simulated launch failure"),
+        "{err}"
+    );
+    let vms = store.vms(false).unwrap();
+    assert_eq!(vms.len(), 1);
+    assert_eq!(vms[0].state, VmState::Failed);
+    assert!(
+        vms[0]
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("simulated launch failure")
+    );
+    assert!(backend.running().await.unwrap().is_empty());
+    // The next request works.
+    assert!(manager.request(request("web", Mode::Shared)).await.is_ok());
+}
+
+#[tokio::test]
+async fn past_the_deadline_the_answer_is_try_again_and_the_task_goes_on() {
+    let (manager, backend, store) = setup();
+    let mut hurried = request("never-ready", Mode::Dedicated);
+    hurried.deadline_ms = Some(100);
+    let task = match manager.request(hurried).await {
+        Err(ApiError::TryAgain {
+            retry_after_s,
+            task: Some(task),
+            ..
+        }) => {
+            assert!(retry_after_s >= 1);
+            task
+        }
+        other => panic!("expected try again, got {:?}", other.map(|g| g.vm.id)),
+    };
+    assert_eq!(
+        store.task(&task).unwrap().unwrap().state,
+        TaskState::Running
+    );
+    // The VM never meets its criterion: the task fails and cleans up after itself.
+    for _ in 0..100 {
+        if store.task(&task).unwrap().unwrap().state != TaskState::Running {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let task = store.task(&task).unwrap().unwrap();
+    assert_eq!(task.state, TaskState::Failed);
+    assert!(
+        task.error
+            .as_deref()
+            .unwrap()
+            .contains("not ready after 600ms"),
+        "{:?}",
+        task.error
+    );
+    assert!(backend.running().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn delete_frees_the_vm_and_is_idempotent() {
+    let (manager, backend, _) = setup();
+    let grant = manager.request(request("web", Mode::Shared)).await.unwrap();
+    let deleted = manager.delete(&grant.vm.id).await.unwrap();
+    assert_eq!(deleted.state, VmState::Deleted);
+    assert!(backend.running().await.unwrap().is_empty());
+    assert_eq!(
+        manager.delete(&grant.vm.id).await.unwrap().state,
+        VmState::Deleted
+    );
+    assert!(matches!(
+        manager.delete("vm-nope").await,
+        Err(ApiError::NotFound { .. })
+    ));
+    // A new shared request makes a new VM.
+    assert_ne!(
+        manager
+            .request(request("web", Mode::Shared))
+            .await
+            .unwrap()
+            .vm
+            .id,
+        grant.vm.id
+    );
+}
+
+#[tokio::test]
+async fn restart_adopts_running_vms_fails_vanished_ones_and_stops_strangers() {
+    let (manager, backend, store) = setup();
+    let kept = manager
+        .request(request("web", Mode::Dedicated))
+        .await
+        .unwrap();
+    let crashed = manager
+        .request(request("web", Mode::Dedicated))
+        .await
+        .unwrap();
+    drop(manager);
+
+    // While the server is down: one VM dies, and a stranger appears.
+    backend.crash(&crashed.vm.id);
+    let stranger = hangar_vmm::VmSpec {
+        id: "vm-stranger".into(),
+        vcpus: 1,
+        memory_mib: 64,
+        kernel: "k".into(),
+        initramfs: "i".into(),
+        cmdline: String::new(),
+        base_image: None,
+        forwards: vec![],
+    };
+    backend.launch(&stranger).await.unwrap();
+
+    let restarted = manager_with(store.clone(), backend.clone());
+    let report = restarted.reconcile(None).await.unwrap();
+    assert_eq!(report.adopted, [kept.vm.id.clone()]);
+    assert_eq!(report.failed, [crashed.vm.id.clone()]);
+    assert_eq!(report.stopped_unknown, ["vm-stranger"]);
+    assert_eq!(backend.running().await.unwrap(), [kept.vm.id.clone()]);
+    assert_eq!(
+        store.vm(&crashed.vm.id).unwrap().unwrap().state,
+        VmState::Failed
+    );
+    assert!(restarted.agent(&kept.vm.id).is_some());
+    // Reconciling again changes nothing.
+    let again = restarted.reconcile(None).await.unwrap();
+    assert_eq!(
+        (
+            again.adopted.len(),
+            again.failed.len(),
+            again.stopped_unknown.len()
+        ),
+        (1, 0, 0)
+    );
+}
+
+#[tokio::test]
+async fn monitor_marks_crashed_vms_failed() {
+    let (manager, backend, store) = setup();
+    let grant = manager.request(request("web", Mode::Shared)).await.unwrap();
+    backend.crash(&grant.vm.id);
+    manager.monitor_once().await;
+    let vm = store.vm(&grant.vm.id).unwrap().unwrap();
+    assert_eq!(vm.state, VmState::Failed);
+    assert!(vm.error.unwrap().contains("exited unexpectedly"));
+}
+
+mod http {
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    async fn call(
+        manager: Arc<Manager>,
+        method: &str,
+        uri: &str,
+        body: &str,
+    ) -> (StatusCode, serde_json::Value, Option<String>) {
+        let response = crate::api::router(manager)
+            .oneshot(
+                Request::builder()
+                    .method(method)
+                    .uri(uri)
+                    .header("content-type", "application/json")
+                    .body(Body::from(body.to_owned()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap().to_owned());
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+            retry_after,
+        )
+    }
+
+    #[tokio::test]
+    async fn errors_are_json_with_fitting_statuses() {
+        let (manager, _, _) = setup();
+        let (status, body, _) = call(manager.clone(), "POST", "/v1/requests", "{not json").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(body["error"]["code"], "bad_request");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("invalid request body")
+        );
+
+        let (status, body, _) = call(
+            manager.clone(),
+            "POST",
+            "/v1/requests",
+            r#"{"service":"wbe"}"#,
+        )
+        .await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(body["error"]["alternatives"][0], "web");
+
+        let (status, body, retry) = call(
+            manager.clone(),
+            "POST",
+            "/v1/requests",
+            r#"{"service":"never-ready","deadline_ms":50}"#,
+        )
+        .await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body["error"]["code"], "try_again");
+        assert!(body["error"]["task"].as_str().unwrap().starts_with("task-"));
+        assert_eq!(retry.as_deref(), Some("2"));
+
+        let (status, _, _) = call(manager.clone(), "GET", "/v1/nope", "").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        let (status, _, _) = call(manager, "GET", "/v1/vms/vm-unknown", "").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+    }
+
+    #[tokio::test]
+    async fn request_then_list_then_delete() {
+        let (manager, _, _) = setup();
+        let (status, grant, _) = call(
+            manager.clone(),
+            "POST",
+            "/v1/requests",
+            r#"{"service":"web"}"#,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{grant}");
+        assert_eq!(grant["state"], "active");
+        let id = grant["vm"].as_str().unwrap().to_owned();
+        let (_, vms, _) = call(manager.clone(), "GET", "/v1/vms", "").await;
+        assert_eq!(vms[0]["id"], id.as_str());
+        assert_eq!(vms[0]["services"][0], "web");
+        assert_eq!(vms[0]["endpoints"]["http"], grant["endpoint"]);
+        let (status, deleted, _) =
+            call(manager.clone(), "DELETE", &format!("/v1/vms/{id}"), "").await;
+        assert_eq!(
+            (status, deleted["state"].as_str()),
+            (StatusCode::OK, Some("deleted"))
+        );
+        let (_, vms, _) = call(manager.clone(), "GET", "/v1/vms", "").await;
+        assert_eq!(vms.as_array().unwrap().len(), 0);
+        let (_, task, _) = call(
+            manager.clone(),
+            "GET",
+            &format!("/v1/tasks/{}", grant["task"].as_str().unwrap()),
+            "",
+        )
+        .await;
+        assert_eq!(task["state"], "succeeded");
+        let (status, spec, _) = call(manager, "GET", "/v1/openapi.json", "").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(spec["paths"]["/v1/requests"]["post"].is_object());
+    }
+}
