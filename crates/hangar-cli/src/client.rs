@@ -1,0 +1,138 @@
+//! A small client of the REST API that turns answers into exit codes.
+
+use serde::de::DeserializeOwned;
+
+pub struct Client {
+    base: String,
+    http: reqwest::Client,
+}
+
+#[derive(Debug)]
+pub enum ClientError {
+    Unreachable {
+        url: String,
+        detail: String,
+    },
+    Api {
+        status: u16,
+        message: String,
+        alternatives: Vec<String>,
+    },
+    Reply(String),
+}
+
+impl std::fmt::Display for ClientError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientError::Unreachable { url, detail } => {
+                write!(
+                    f,
+                    "cannot reach the hangar server at {url} ({detail}); start it with `hangar server` or set HANGAR_URL"
+                )
+            }
+            ClientError::Api { message, .. } => f.write_str(message),
+            ClientError::Reply(message) => write!(f, "unexpected reply from the server: {message}"),
+        }
+    }
+}
+
+impl std::error::Error for ClientError {}
+
+impl ClientError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ClientError::Unreachable { .. } => 6,
+            ClientError::Reply(_) => 1,
+            ClientError::Api { status, .. } => match status {
+                400 => 2,
+                404 => 3,
+                422 => 4,
+                503 => 5,
+                _ => 1,
+            },
+        }
+    }
+
+    pub fn alternatives(&self) -> &[String] {
+        match self {
+            ClientError::Api { alternatives, .. } => alternatives,
+            _ => &[],
+        }
+    }
+}
+
+impl Client {
+    pub fn new(base: &str) -> Client {
+        Client {
+            base: base.trim_end_matches('/').to_owned(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.send(self.http.get(self.url(path))).await
+    }
+
+    pub async fn post<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<T, ClientError> {
+        self.send(self.http.post(self.url(path)).json(body)).await
+    }
+
+    pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.send(self.http.delete(self.url(path))).await
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn send<T: DeserializeOwned>(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<T, ClientError> {
+        let response = request
+            .send()
+            .await
+            .map_err(|err| ClientError::Unreachable {
+                url: self.base.clone(),
+                detail: root_cause(&err),
+            })?;
+        let status = response.status();
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|err| ClientError::Reply(err.to_string()))?;
+        if status.is_success() {
+            return serde_json::from_slice(&bytes)
+                .map_err(|err| ClientError::Reply(err.to_string()));
+        }
+        let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+        let error = &body["error"];
+        let message = error["message"]
+            .as_str()
+            .map(str::to_owned)
+            .unwrap_or_else(|| format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes)));
+        let alternatives = error["alternatives"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a.as_str().map(str::to_owned))
+            .collect();
+        Err(ClientError::Api {
+            status: status.as_u16(),
+            message,
+            alternatives,
+        })
+    }
+}
+
+fn root_cause(err: &dyn std::error::Error) -> String {
+    let mut cause = err;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
+}

@@ -1,0 +1,373 @@
+//! `hangar`: the server (`hangar server`) and every client command of its REST API.
+
+use std::io::IsTerminal;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use hangar_vmm::Accel;
+
+mod client;
+mod table;
+
+use client::{Client, ClientError};
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  failure (server error, bad reply)
+  2  usage error, or the server refused the request as malformed
+  3  not found (no such service, VM or task)
+  4  never: the request can never be satisfied (see the alternatives printed)
+  5  try again shortly: not ready within the deadline, the work goes on
+  6  cannot reach the server (is `hangar server` running? see HANGAR_URL)";
+
+#[derive(Parser)]
+#[command(
+    name = "hangar",
+    version,
+    about = "Virtual machines as services: ask for a service, get the address of a real QEMU VM offering it",
+    after_help = EXIT_CODES
+)]
+struct Cli {
+    /// The server's URL, for client commands.
+    #[arg(
+        long,
+        env = "HANGAR_URL",
+        default_value = "http://127.0.0.1:7070",
+        global = true
+    )]
+    url: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the control plane and the local host (QEMU runs here).
+    Server(ServerArgs),
+    /// List the services that can be requested.
+    Services {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Request a service; prints the address of a VM offering it.
+    #[command(after_help = "Example:\n  curl http://$(hangar request http-static)/")]
+    Request {
+        /// Service name (see `hangar services`).
+        service: String,
+        /// Environment setting KEY=VALUE (repeatable), e.g. --env os=busybox.
+        #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
+        env: Vec<(String, String)>,
+        /// A VM of your own, never shared with other requests.
+        #[arg(long)]
+        dedicated: bool,
+        /// How long to wait for a VM (e.g. 30s, 2m); past it the answer is "try again shortly".
+        #[arg(long, value_parser = humantime::parse_duration)]
+        deadline: Option<Duration>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The state table: every VM, its host, services, endpoints and state.
+    Vms {
+        #[arg(long)]
+        json: bool,
+        /// Include deleted VMs.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Delete VMs: their processes, disks, sockets and logs.
+    Rm {
+        #[arg(required = true)]
+        vms: Vec<String>,
+    },
+    /// Recent tasks (VM creation and other long operations).
+    Tasks {
+        #[arg(long)]
+        json: bool,
+    },
+    /// One task, with its stage, progress and error.
+    Task {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct ServerArgs {
+    /// Where state lives: database, VM disks, cached images [default: $XDG_DATA_HOME/hangar].
+    #[arg(long, env = "HANGAR_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Address of the REST API.
+    #[arg(long, default_value = "127.0.0.1:7070", env = "HANGAR_LISTEN")]
+    listen: SocketAddr,
+    /// Service catalog (TOML) [default: the built-in demo catalog].
+    #[arg(long, env = "HANGAR_CATALOG")]
+    catalog: Option<PathBuf>,
+    /// Accelerator: auto picks KVM only on bare metal (nested KVM is slower than TCG).
+    #[arg(long, default_value = "auto", env = "HANGAR_ACCEL")]
+    accel: Accel,
+    /// Host address that VM endpoints listen on.
+    #[arg(long, default_value = "127.0.0.1", env = "HANGAR_ENDPOINT_HOST")]
+    endpoint_host: IpAddr,
+    /// Guest kernel: a Debian linux-image .deb or an extracted one [default: fetched with apt-get download].
+    #[arg(long, env = "HANGAR_KERNEL")]
+    kernel: Option<PathBuf>,
+    /// A statically linked busybox [default: /bin/busybox].
+    #[arg(long, env = "HANGAR_BUSYBOX")]
+    busybox: Option<PathBuf>,
+}
+
+fn parse_env(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("expected KEY=VALUE, got {text:?}"))
+}
+
+fn default_data_dir() -> PathBuf {
+    std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join("hangar")
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Server(args) => return server(args).await,
+        command => client_command(Client::new(&cli.url), command).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("hangar: {err}");
+            for alternative in err.alternatives() {
+                eprintln!("  try: hangar request {alternative}");
+            }
+            ExitCode::from(err.exit_code())
+        }
+    }
+}
+
+async fn server(args: ServerArgs) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HANGAR_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = hangar_server::ServerConfig {
+        data_dir: args.data_dir.unwrap_or_else(default_data_dir),
+        listen: args.listen,
+        catalog: args.catalog,
+        accel: args.accel,
+        endpoint_host: args.endpoint_host,
+        kernel: args.kernel,
+        busybox: args.busybox,
+    };
+    match hangar_server::run(config, shutdown_signal()).await {
+        Ok(()) => {
+            tracing::info!("server stopped; VMs keep running and are adopted at the next start");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("hangar server: {}", hangar_server::error::error_chain(&err));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("install SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn client_command(client: Client, command: Command) -> Result<(), ClientError> {
+    match command {
+        Command::Server(_) => unreachable!("handled in main"),
+        Command::Services { json } => {
+            let services: serde_json::Value = client.get("/v1/services").await?;
+            if json {
+                return print_json(&services);
+            }
+            let rows = services.as_array().into_iter().flatten().map(|s| {
+                let ports = s["ports"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|p| format!("{}/{}", p["name"].as_str().unwrap_or(""), p["guest"]))
+                    .collect::<Vec<_>>()
+                    .join(",");
+                vec![
+                    text(&s["name"]),
+                    text(&s["os"]),
+                    s["vcpus"].to_string(),
+                    format!("{} MiB", s["memory_mib"]),
+                    ports,
+                    text(&s["description"]),
+                ]
+            });
+            table::print(
+                &["SERVICE", "OS", "VCPUS", "MEMORY", "PORTS", "DESCRIPTION"],
+                rows,
+            );
+            Ok(())
+        }
+        Command::Request {
+            service,
+            env,
+            dedicated,
+            deadline,
+            json,
+        } => {
+            let body = serde_json::json!({
+                "service": service,
+                "env": env.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+                "mode": if dedicated { "dedicated" } else { "shared" },
+                "deadline_ms": deadline.map(|d| d.as_millis() as u64),
+            });
+            if !json && std::io::stderr().is_terminal() {
+                eprintln!("waiting for a VM offering {service}...");
+            }
+            let grant: serde_json::Value = client.post("/v1/requests", &body).await?;
+            if json {
+                return print_json(&grant);
+            }
+            println!("{}", text(&grant["endpoint"]));
+            if std::io::stderr().is_terminal() {
+                let how = if grant["reused"].as_bool() == Some(true) {
+                    "shared, already running".to_owned()
+                } else {
+                    format!("new, ready in {} ms", grant["boot_ms"])
+                };
+                eprintln!("vm {} ({how})", text(&grant["vm"]));
+            }
+            Ok(())
+        }
+        Command::Vms { json, all } => {
+            let vms: serde_json::Value = client
+                .get(if all { "/v1/vms?all=true" } else { "/v1/vms" })
+                .await?;
+            if json {
+                return print_json(&vms);
+            }
+            let rows = vms.as_array().into_iter().flatten().map(|vm| {
+                let services = vm["services"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(text)
+                    .collect::<Vec<_>>()
+                    .join(",");
+                let endpoints = vm["endpoints"]
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .map(|(name, addr)| format!("{name}={}", text(addr)))
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                let mut state = text(&vm["state"]);
+                if let Some(error) = vm["error"].as_str() {
+                    state = format!("{state}: {error}");
+                }
+                vec![
+                    text(&vm["id"]),
+                    text(&vm["host"]),
+                    services,
+                    endpoints,
+                    text(&vm["mode"]),
+                    text(&vm["last_used_at"]),
+                    state,
+                ]
+            });
+            table::print(
+                &[
+                    "VM",
+                    "HOST",
+                    "SERVICES",
+                    "ENDPOINTS",
+                    "MODE",
+                    "LAST USED",
+                    "STATE",
+                ],
+                rows,
+            );
+            Ok(())
+        }
+        Command::Rm { vms } => {
+            for vm in vms {
+                let _: serde_json::Value = client.delete(&format!("/v1/vms/{vm}")).await?;
+                println!("{vm} deleted");
+            }
+            Ok(())
+        }
+        Command::Tasks { json } => {
+            let tasks: serde_json::Value = client.get("/v1/tasks").await?;
+            if json {
+                return print_json(&tasks);
+            }
+            let rows = tasks.as_array().into_iter().flatten().map(task_row);
+            table::print(
+                &[
+                    "TASK", "KIND", "SERVICE", "VM", "STATE", "STAGE", "%", "ERROR",
+                ],
+                rows,
+            );
+            Ok(())
+        }
+        Command::Task { id, json } => {
+            let task: serde_json::Value = client.get(&format!("/v1/tasks/{id}")).await?;
+            if json {
+                return print_json(&task);
+            }
+            table::print(
+                &[
+                    "TASK", "KIND", "SERVICE", "VM", "STATE", "STAGE", "%", "ERROR",
+                ],
+                [task_row(&task)],
+            );
+            Ok(())
+        }
+    }
+}
+
+fn task_row(task: &serde_json::Value) -> Vec<String> {
+    vec![
+        text(&task["id"]),
+        text(&task["kind"]),
+        text(&task["service"]),
+        text(&task["vm"]),
+        text(&task["state"]),
+        text(&task["stage"]),
+        task["percent"].to_string(),
+        text(&task["error"]),
+    ]
+}
+
+/// A JSON value as plain text (strings unquoted, null empty).
+fn text(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+fn print_json(value: &serde_json::Value) -> Result<(), ClientError> {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("JSON values serialize")
+    );
+    Ok(())
+}
