@@ -57,10 +57,10 @@ impl ImageSource for LocalImages {
     }
 
     async fn base_image(&self, service: &Service) -> Result<Option<PathBuf>, String> {
-        if let Some(path) = self.images.lock().expect("images lock").get(&service.name) {
-            if path.exists() {
-                return Ok(Some(path.clone()));
-            }
+        if let Some(path) = self.images.lock().expect("images lock").get(&service.name)
+            && path.exists()
+        {
+            return Ok(Some(path.clone()));
         }
         let files: BTreeMap<String, ImageFile> = service
             .files

@@ -177,6 +177,8 @@ pub async fn run(
         catalog,
         ManagerConfig {
             endpoint_host: config.endpoint_host,
+            // Under TCG on microvm the guest cannot calibrate its TSC; it is told the rate.
+            guest_cmdline: hangar_image::kernel_cmdline(hangar_image::host_tsc_khz()),
             ..ManagerConfig::default()
         },
     );

@@ -20,15 +20,14 @@ use crate::ready;
 /// The host name of the embedded local host in single-node mode.
 pub const LOCAL_HOST: &str = "local";
 
-/// Kernel command line of every guest.
-pub const GUEST_CMDLINE: &str = "console=ttyS0 quiet panic=-1 reboot=t";
-
 #[derive(Debug, Clone)]
 pub struct ManagerConfig {
     /// Address the host's port forwards listen on; endpoints are `endpoint_host:port`.
     pub endpoint_host: IpAddr,
     /// How long a request waits for a VM when it names no deadline.
     pub default_deadline: Duration,
+    /// Kernel command line of every guest (see `hangar_image::kernel_cmdline`).
+    pub guest_cmdline: String,
 }
 
 impl Default for ManagerConfig {
@@ -36,6 +35,7 @@ impl Default for ManagerConfig {
         ManagerConfig {
             endpoint_host: IpAddr::from([127, 0, 0, 1]),
             default_deadline: Duration::from_secs(120),
+            guest_cmdline: hangar_image::kernel_cmdline(None),
         }
     }
 }
@@ -179,16 +179,16 @@ impl Manager {
                 ),
             });
         };
-        if let Some(os) = request.env.get("os") {
-            if *os != service.os {
-                return Err(ApiError::Never {
-                    message: format!(
-                        "{} is offered on os={} only, never on os={os}",
-                        service.name, service.os
-                    ),
-                    alternatives: vec![format!("{} --env os={}", service.name, service.os)],
-                });
-            }
+        if let Some(os) = request.env.get("os")
+            && *os != service.os
+        {
+            return Err(ApiError::Never {
+                message: format!(
+                    "{} is offered on os={} only, never on os={os}",
+                    service.name, service.os
+                ),
+                alternatives: vec![format!("{} --env os={}", service.name, service.os)],
+            });
         }
         Ok(service.clone())
     }
@@ -323,7 +323,7 @@ impl Manager {
             memory_mib: service.memory_mib,
             kernel: assets.vmlinux.clone(),
             initramfs: assets.initramfs.clone(),
-            cmdline: GUEST_CMDLINE.into(),
+            cmdline: self.config.guest_cmdline.clone(),
             base_image,
             forwards,
         };
@@ -458,10 +458,10 @@ impl Manager {
         if let Err(err) = self.hv.destroy(vm_id).await {
             tracing::warn!(vm = %vm_id, error = %error_chain(&err), "cannot destroy failed vm");
         }
-        if let Ok(Some(_)) = self.store.vm(vm_id) {
-            if let Err(err) = self.store.transition(vm_id, VmState::Failed, Some(reason)) {
-                tracing::warn!(vm = %vm_id, error = %err, "cannot mark vm failed");
-            }
+        if let Ok(Some(_)) = self.store.vm(vm_id)
+            && let Err(err) = self.store.transition(vm_id, VmState::Failed, Some(reason))
+        {
+            tracing::warn!(vm = %vm_id, error = %err, "cannot mark vm failed");
         }
     }
 
@@ -627,10 +627,10 @@ impl Manager {
             ) && matches!(self.hv.run_state(&vm.id).await, Ok(RunState::Gone))
             {
                 // The state may have moved on while we looked (a delete in flight).
-                if let Ok(Some(now)) = self.store.vm(&vm.id) {
-                    if now.state == vm.state {
-                        self.mark_crashed(&vm.id).await;
-                    }
+                if let Ok(Some(now)) = self.store.vm(&vm.id)
+                    && now.state == vm.state
+                {
+                    self.mark_crashed(&vm.id).await;
                 }
             }
         }

@@ -286,10 +286,10 @@ async fn restart_adopts_running_vms_fails_vanished_ones_and_stops_strangers() {
 
     let restarted = manager_with(store.clone(), backend.clone());
     let report = restarted.reconcile(None).await.unwrap();
-    assert_eq!(report.adopted, [kept.vm.id.clone()]);
-    assert_eq!(report.failed, [crashed.vm.id.clone()]);
+    assert_eq!(report.adopted, [kept.vm.id.as_str()]);
+    assert_eq!(report.failed, [crashed.vm.id.as_str()]);
     assert_eq!(report.stopped_unknown, ["vm-stranger"]);
-    assert_eq!(backend.running().await.unwrap(), [kept.vm.id.clone()]);
+    assert_eq!(backend.running().await.unwrap(), [kept.vm.id.as_str()]);
     assert_eq!(
         store.vm(&crashed.vm.id).unwrap().unwrap().state,
         VmState::Failed

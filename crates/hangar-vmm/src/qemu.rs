@@ -172,12 +172,11 @@ impl QemuBackend {
     /// Kills the VM's process (if it is ours) and removes its directory.
     async fn cleanup(&self, paths: &VmPaths, known_pid: Option<u32>) -> Result<(), VmmError> {
         let pid = known_pid.or_else(|| read_pid(&paths.pidfile));
-        if let Some(pid) = pid {
-            if procs::is_qemu_with_pidfile(pid, &paths.pidfile)
-                && !procs::kill_and_wait(pid, Duration::from_secs(5)).await
-            {
-                tracing::warn!(pid, "qemu did not exit after SIGKILL");
-            }
+        if let Some(pid) = pid
+            && procs::is_qemu_with_pidfile(pid, &paths.pidfile)
+            && !procs::kill_and_wait(pid, Duration::from_secs(5)).await
+        {
+            tracing::warn!(pid, "qemu did not exit after SIGKILL");
         }
         match tokio::fs::remove_dir_all(&paths.dir).await {
             Ok(()) => Ok(()),

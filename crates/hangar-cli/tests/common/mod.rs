@@ -1,0 +1,248 @@
+//! Test support: a real `hangar server` in a temporary data dir, the real `hangar` CLI, and
+//! cleanup that stops every QEMU process the test started, even when the test fails.
+
+#![allow(dead_code)] // each test binary uses a different part
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const HANGAR: &str = env!("CARGO_BIN_EXE_hangar");
+
+/// Guest assets and images are cached across tests (and runs) here.
+fn shared_cache() -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("hangar-cache");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+pub struct TestServer {
+    pub data_dir: tempfile::TempDir,
+    pub url: String,
+    pub extra_args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl TestServer {
+    /// Starts a server on a free port and waits until it answers.
+    pub fn start() -> TestServer {
+        TestServer::start_with(&[])
+    }
+
+    pub fn start_with(extra_args: &[&str]) -> TestServer {
+        // Short paths: unix socket addresses hold at most 107 bytes.
+        let data_dir = tempfile::Builder::new()
+            .prefix("hg")
+            .tempdir_in("/tmp")
+            .unwrap();
+        std::os::unix::fs::symlink(shared_cache(), data_dir.path().join("cache")).unwrap();
+        let port = free_port();
+        let mut server = TestServer {
+            data_dir,
+            url: format!("http://127.0.0.1:{port}"),
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            child: None,
+        };
+        server.spawn();
+        server
+    }
+
+    fn listen(&self) -> String {
+        self.url.trim_start_matches("http://").to_owned()
+    }
+
+    /// Starts the server process (again) on the same data dir and port.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.data_dir.path().join("server.log"))
+            .unwrap();
+        let child = Command::new(HANGAR)
+            .args([
+                "server",
+                "--accel",
+                "tcg",
+                "--listen",
+                &self.listen(),
+                "--data-dir",
+            ])
+            .arg(self.data_dir.path())
+            .args(&self.extra_args)
+            .env("HANGAR_LOG", "info,hangar_server=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("hangar server exited with {status}:\n{}", self.log());
+            }
+            if http_get(&self.listen().parse().unwrap(), "/healthz")
+                .is_ok_and(|(status, _)| status == 200)
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server did not come up:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `kill -9` of the server process (its VMs keep running).
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data_dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    pub fn vms_dir(&self) -> PathBuf {
+        self.data_dir.path().join("vms")
+    }
+
+    /// Runs the CLI against this server.
+    pub fn hangar(&self, args: &[&str]) -> Output {
+        Command::new(HANGAR)
+            .args(args)
+            .env("HANGAR_URL", &self.url)
+            .output()
+            .unwrap()
+    }
+
+    /// Runs the CLI and expects success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let output = self.hangar(args);
+        assert!(
+            output.status.success(),
+            "hangar {args:?} failed ({}):\n{}\nserver log:\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr),
+            self.log()
+        );
+        String::from_utf8(output.stdout).unwrap()
+    }
+
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut args = args.to_vec();
+        args.push("--json");
+        serde_json::from_str(&self.ok(&args)).unwrap()
+    }
+
+    /// QEMU processes running VMs of this data dir, as (vm id, pid).
+    pub fn qemu_processes(&self) -> Vec<(String, u32)> {
+        qemu_processes_under(&self.vms_dir())
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.kill9();
+        for (_, pid) in self.qemu_processes() {
+            kill(pid);
+        }
+        if std::thread::panicking() {
+            eprintln!("--- server log ---\n{}", self.log());
+        }
+    }
+}
+
+/// Every QEMU whose `-pidfile` lies in a subdirectory of `vms_dir`.
+pub fn qemu_processes_under(vms_dir: &Path) -> Vec<(String, u32)> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = raw
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if !args.first().is_some_and(|a| a.contains("qemu-system")) {
+            continue;
+        }
+        if let Some(i) = args.iter().position(|a| a == "-pidfile") {
+            let pidfile = Path::new(&args[i + 1]);
+            if pidfile.parent().and_then(Path::parent) == Some(vms_dir) {
+                let id = pidfile
+                    .parent()
+                    .unwrap()
+                    .file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned();
+                found.push((id, pid));
+            }
+        }
+    }
+    found
+}
+
+pub fn kill(pid: u32) {
+    // SAFETY: kill(2) has no memory-safety preconditions; the pid was just read from /proc
+    // as a QEMU of this test's own data dir.
+    unsafe {
+        libc::kill(pid as libc::pid_t, libc::SIGKILL);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A plain HTTP/1.0 GET; returns the status and the body.
+pub fn http_get(addr: &SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(addr, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no HTTP status in {answer:?}")))?;
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// GET through a VM endpoint (`HOST:PORT`), expecting 200.
+pub fn fetch(endpoint: &str, path: &str) -> String {
+    let (status, body) = http_get(&endpoint.parse().unwrap(), path)
+        .unwrap_or_else(|err| panic!("GET {endpoint}{path}: {err}"));
+    assert_eq!(status, 200, "GET {endpoint}{path}: {body}");
+    body
+}

@@ -1,0 +1,291 @@
+//! Applying a [`GuestConfig`](hangar_proto::GuestConfig): identity, network, root and
+//! files. Services are in [`crate::services`].
+//!
+//! Errors are returned as strings: they go to the host verbatim in `Failed` / `Reply`.
+
+use std::fs::OpenOptions;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Component, Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use hangar_proto::{FileWrite, Identity, NetworkConfig, RootConfig};
+
+use crate::sys::check;
+
+/// Where a configured root filesystem is mounted.
+pub const SYSROOT: &str = "/sysroot";
+
+/// busybox, for `ip`.
+const BUSYBOX: &str = "/bin/busybox";
+
+/// `_IOW('R', 0x03, int[2])`: add entropy to the input pool, with credit.
+const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+/// `_IO('R', 0x07)`: reseed the CRNG from the input pool now.
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+
+/// How long to wait for a device (block device, network interface) to appear.
+const DEVICE_WAIT: Duration = Duration::from_secs(5);
+
+/// Hostname, wall clock, entropy. Also used by `Reidentify` after a resume or clone.
+pub fn apply_identity(identity: &Identity) -> Result<(), String> {
+    set_hostname(&identity.hostname)?;
+    if identity.unix_time_ms > 0 {
+        set_clock(identity.unix_time_ms)?;
+    }
+    let entropy = crate::hex::decode(&identity.entropy_hex).map_err(|e| format!("entropy: {e}"))?;
+    if !entropy.is_empty() {
+        add_entropy(&entropy)?;
+    }
+    Ok(())
+}
+
+fn set_hostname(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 64 {
+        return Err(format!("hostname {name:?} must be 1 to 64 bytes"));
+    }
+    // SAFETY: the pointer and length describe `name`'s bytes, valid for the call.
+    let ret = unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) };
+    check(ret).map_err(|e| format!("sethostname: {e}"))?;
+    Ok(())
+}
+
+fn set_clock(unix_time_ms: u64) -> Result<(), String> {
+    let ts = libc::timespec {
+        tv_sec: (unix_time_ms / 1000) as libc::time_t,
+        tv_nsec: ((unix_time_ms % 1000) * 1_000_000) as libc::c_long,
+    };
+    // SAFETY: `ts` is a valid timespec for the duration of the call.
+    let ret = unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) };
+    check(ret).map_err(|e| format!("clock_settime: {e}"))?;
+    Ok(())
+}
+
+/// Builds the `struct rand_pool_info` that RNDADDENTROPY takes: entropy bits, buffer
+/// size in bytes, then the bytes (native endian ints).
+pub fn rand_pool_info(bytes: &[u8]) -> Vec<u8> {
+    let mut info = Vec::with_capacity(8 + bytes.len());
+    info.extend_from_slice(&((bytes.len() * 8) as i32).to_ne_bytes());
+    info.extend_from_slice(&(bytes.len() as i32).to_ne_bytes());
+    info.extend_from_slice(bytes);
+    // The kernel declares the buffer as __u32[]; pad to a whole number of words.
+    while !info.len().is_multiple_of(4) {
+        info.push(0);
+    }
+    info
+}
+
+fn add_entropy(bytes: &[u8]) -> Result<(), String> {
+    let random = OpenOptions::new()
+        .write(true)
+        .open("/dev/urandom")
+        .map_err(|e| format!("open /dev/urandom: {e}"))?;
+    let info = rand_pool_info(bytes);
+    // SAFETY: `info` is a complete rand_pool_info (header + buf_size bytes) that lives
+    // for the call; the kernel only reads it.
+    let ret = unsafe { libc::ioctl(random.as_raw_fd(), RNDADDENTROPY, info.as_ptr()) };
+    check(ret).map_err(|e| format!("RNDADDENTROPY: {e}"))?;
+    // SAFETY: RNDRESEEDCRNG takes no argument.
+    let ret = unsafe { libc::ioctl(random.as_raw_fd(), RNDRESEEDCRNG) };
+    check(ret).map_err(|e| format!("RNDRESEEDCRNG: {e}"))?;
+    Ok(())
+}
+
+/// Runs `busybox ip ARGS`, returning its stderr as the error.
+fn ip(args: &[&str]) -> Result<(), String> {
+    let output = Command::new(BUSYBOX)
+        .arg("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("{BUSYBOX} ip {}: {e}", args.join(" ")))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {} ({})",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim(),
+            output.status
+        ))
+    }
+}
+
+/// Sets an interface up.
+pub fn link_up(interface: &str) -> Result<(), String> {
+    ip(&["link", "set", interface, "up"])
+}
+
+/// Address, link and default route. Waits for the interface to appear.
+pub fn configure_network(network: &NetworkConfig) -> Result<(), String> {
+    let sys = Path::new("/sys/class/net").join(&network.interface);
+    wait_for(&sys).map_err(|()| format!("no network interface {}", network.interface))?;
+    link_up(&network.interface)?;
+    ip(&["addr", "add", &network.address, "dev", &network.interface])?;
+    if let Some(gateway) = &network.gateway {
+        ip(&[
+            "route",
+            "replace",
+            "default",
+            "via",
+            gateway,
+            "dev",
+            &network.interface,
+        ])?;
+    }
+    Ok(())
+}
+
+/// The contents of `/etc/resolv.conf` for these name servers.
+pub fn resolv_conf(dns: &[String]) -> String {
+    dns.iter()
+        .map(|server| format!("nameserver {server}\n"))
+        .collect()
+}
+
+/// Writes `/etc/resolv.conf` into `root` when name servers are given.
+pub fn write_resolv_conf(root: &Path, dns: &[String]) -> Result<(), String> {
+    if dns.is_empty() {
+        return Ok(());
+    }
+    write_file(
+        root,
+        &FileWrite {
+            path: "/etc/resolv.conf".into(),
+            contents: resolv_conf(dns),
+            mode: 0o644,
+        },
+    )
+}
+
+/// Mounts the root device read-write at `at`, then the API filesystems inside it.
+pub fn mount_root(root: &RootConfig, at: &Path) -> Result<(), String> {
+    wait_for(Path::new(&root.device)).map_err(|()| {
+        format!(
+            "root device {} did not appear within {DEVICE_WAIT:?}",
+            root.device
+        )
+    })?;
+    std::fs::create_dir_all(at).map_err(|e| format!("mkdir {}: {e}", at.display()))?;
+    crate::mounts::mount(&root.device, at, Some(&root.fstype), 0, None).map_err(|e| {
+        format!(
+            "mount {} ({}) at {}: {e}",
+            root.device,
+            root.fstype,
+            at.display()
+        )
+    })?;
+    crate::mounts::mount_api_filesystems(at).map_err(|e| format!("api filesystems: {e}"))?;
+    Ok(())
+}
+
+/// Writes every file into `root`.
+pub fn write_files(root: &Path, files: &[FileWrite]) -> Result<(), String> {
+    files.iter().try_for_each(|file| write_file(root, file))
+}
+
+fn write_file(root: &Path, file: &FileWrite) -> Result<(), String> {
+    let path = path_in_root(root, &file.path)?;
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| format!("mkdir {}: {e}", parent.display()))?;
+    }
+    std::fs::write(&path, &file.contents).map_err(|e| format!("write {}: {e}", file.path))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(file.mode))
+        .map_err(|e| format!("chmod {:o} {}: {e}", file.mode, file.path))?;
+    Ok(())
+}
+
+/// Maps an absolute path inside the root to a path for init. Rejects relative paths and
+/// `..` components, which could escape the root.
+pub fn path_in_root(root: &Path, path: &str) -> Result<PathBuf, String> {
+    let inner = Path::new(path);
+    if !inner.is_absolute() {
+        return Err(format!("file path {path:?} is not absolute"));
+    }
+    let mut out = root.to_path_buf();
+    for component in inner.components() {
+        match component {
+            Component::RootDir | Component::CurDir => {}
+            Component::Normal(part) => out.push(part),
+            Component::ParentDir | Component::Prefix(_) => {
+                return Err(format!("file path {path:?} must not contain '..'"));
+            }
+        }
+    }
+    if out == root {
+        return Err(format!("file path {path:?} names the root itself"));
+    }
+    Ok(out)
+}
+
+/// Waits up to [`DEVICE_WAIT`] for a path to exist.
+fn wait_for(path: &Path) -> Result<(), ()> {
+    let started = Instant::now();
+    while !path.exists() {
+        if started.elapsed() > DEVICE_WAIT {
+            return Err(());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_stay_inside_the_root() {
+        let root = Path::new("/sysroot");
+        assert_eq!(
+            path_in_root(root, "/etc/motd").unwrap(),
+            PathBuf::from("/sysroot/etc/motd")
+        );
+        assert_eq!(
+            path_in_root(root, "/www/./index.html").unwrap(),
+            PathBuf::from("/sysroot/www/index.html")
+        );
+        assert!(path_in_root(root, "etc/motd").is_err());
+        assert!(path_in_root(root, "/etc/../../x").is_err());
+        assert!(path_in_root(root, "/").is_err());
+    }
+
+    #[test]
+    fn resolv_conf_lists_servers() {
+        assert_eq!(
+            resolv_conf(&["10.0.2.3".into(), "1.1.1.1".into()]),
+            "nameserver 10.0.2.3\nnameserver 1.1.1.1\n"
+        );
+        assert_eq!(resolv_conf(&[]), "");
+    }
+
+    #[test]
+    fn rand_pool_info_layout() {
+        let info = rand_pool_info(&[1, 2, 3, 4, 5]);
+        assert_eq!(&info[0..4], &40i32.to_ne_bytes());
+        assert_eq!(&info[4..8], &5i32.to_ne_bytes());
+        assert_eq!(&info[8..13], &[1, 2, 3, 4, 5]);
+        assert_eq!(info.len(), 16);
+    }
+
+    #[test]
+    fn writes_files_with_modes() {
+        let root = std::env::temp_dir().join(format!("hangar-init-files-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        write_files(
+            &root,
+            &[FileWrite {
+                path: "/srv/app/run.sh".into(),
+                contents: "#!/bin/sh\n".into(),
+                mode: 0o750,
+            }],
+        )
+        .unwrap();
+        let written = root.join("srv/app/run.sh");
+        assert_eq!(std::fs::read_to_string(&written).unwrap(), "#!/bin/sh\n");
+        let mode = std::fs::metadata(&written).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o750);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}

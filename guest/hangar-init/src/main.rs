@@ -1,0 +1,291 @@
+//! `hangar-init`: PID 1 in every hangar guest.
+//!
+//! Boot sequence (each step is reported to the host as a [`GuestMessage::Stage`] once the
+//! agent channel is open; steps that ran before it are reported right after it opens, with
+//! the uptime at which they finished):
+//!
+//! 1. `mounts`: proc, sysfs, devtmpfs, devpts, tmpfs on `/run` and `/tmp` ([`mounts`]).
+//! 2. `modules`: kernel modules from `/lib/modules/load.order` ([`modules`]).
+//! 3. `channel`: the virtio-serial port named [`hangar_proto::AGENT_PORT_NAME`], and `lo`
+//!    ([`channel`]).
+//! 4. Hello until the host sends its configuration, then apply it ([`config`]) and start
+//!    the services ([`services`]).
+//! 5. Serve host requests forever ([`exec`], [`listen`]) and report service exits.
+//!
+//! PID 1 must never exit: when it does the kernel panics. Every error is logged to the
+//! console and, where the host can use it, reported on the channel; panics are caught and
+//! the main loop restarted.
+
+use std::panic::{self, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use hangar_proto::{GuestConfig, GuestMessage, HELLO_INTERVAL_MS, HostMessage, PROTOCOL_VERSION};
+
+/// Writes one line to the console (PID 1's stderr is `/dev/console`). Never fails.
+macro_rules! console {
+    ($($arg:tt)*) => {
+        $crate::sys::console_line(format_args!($($arg)*))
+    };
+}
+
+mod channel;
+mod config;
+mod exec;
+mod hex;
+mod listen;
+mod modules;
+mod mounts;
+mod services;
+mod sys;
+
+use channel::Outbox;
+
+/// Where `load.order` lives in the initramfs.
+const LOAD_ORDER: &str = "/lib/modules/load.order";
+
+/// State of the running init once the channel is open.
+struct Init {
+    outbox: Outbox,
+    inbox: Receiver<HostMessage>,
+    /// Identity and root the guest was configured with (`None` until configured).
+    context: services::Context,
+    configured: bool,
+}
+
+fn main() {
+    panic::set_hook(Box::new(|info| {
+        console!("panic: {info}");
+    }));
+    let mut init = boot();
+    loop {
+        let result = panic::catch_unwind(AssertUnwindSafe(|| init.run()));
+        if result.is_err() {
+            console!("main loop panicked; restarting it");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// Steps 1–3: mounts, modules, channel. Never fails: errors are logged and boot goes on.
+fn boot() -> Init {
+    let mut stages: Vec<(&'static str, u64)> = Vec::new();
+
+    for error in mounts::early_mounts() {
+        console!("mount: {error}");
+    }
+    stages.push(("mounts", sys::uptime_ms()));
+
+    match std::fs::read_to_string(LOAD_ORDER) {
+        Ok(text) => {
+            let report = modules::load_all(&modules::parse_load_order(&text));
+            for (path, error) in &report.failed {
+                console!("module {}: {error}", path.display());
+            }
+        }
+        Err(error) => console!("cannot read {LOAD_ORDER}: {error}; no modules loaded"),
+    }
+    stages.push(("modules", sys::uptime_ms()));
+
+    let port = channel::open_agent_port();
+    if let Err(error) = config::link_up("lo") {
+        console!("lo: {error}");
+    }
+    stages.push(("channel", sys::uptime_ms()));
+
+    let (outbox, inbox) = channel::start(port);
+    for (stage, uptime_ms) in stages {
+        outbox.send(&GuestMessage::Stage {
+            stage: stage.to_string(),
+            uptime_ms,
+        });
+    }
+    Init {
+        outbox,
+        inbox,
+        context: services::Context::default(),
+        configured: false,
+    }
+}
+
+impl Init {
+    /// Hello until configured, then serve requests. Returns only by panicking.
+    fn run(&mut self) {
+        let hello_every = Duration::from_millis(HELLO_INTERVAL_MS);
+        let mut last_hello: Option<Instant> = None;
+        loop {
+            let timeout = if self.configured {
+                Duration::from_millis(100)
+            } else {
+                // Only queue a hello when the previous one has left: writes block while no
+                // host is connected, and a backlog of stale hellos helps nobody.
+                if last_hello.is_none_or(|t| t.elapsed() >= hello_every)
+                    && self.outbox.pending() == 0
+                {
+                    self.outbox.send(&GuestMessage::Hello {
+                        protocol: PROTOCOL_VERSION,
+                        kernel: sys::kernel_release(),
+                        uptime_ms: sys::uptime_ms(),
+                    });
+                    last_hello = Some(Instant::now());
+                }
+                hello_every.saturating_sub(last_hello.map_or(Duration::ZERO, |t| t.elapsed()))
+            };
+            match self
+                .inbox
+                .recv_timeout(timeout.max(Duration::from_millis(5)))
+            {
+                Ok(message) => self.handle(message),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    // The reader thread never ends; if it did, avoid spinning.
+                    console!("channel reader stopped");
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+            self.reap();
+        }
+    }
+
+    fn handle(&mut self, message: HostMessage) {
+        match message {
+            HostMessage::Configure(config) => {
+                if self.configured {
+                    console!("ignoring a second configure: already configured");
+                } else {
+                    self.configured = true;
+                    self.configure(config);
+                }
+            }
+            HostMessage::Reidentify { id, identity } => {
+                let result = config::apply_identity(&identity);
+                if result.is_ok() {
+                    self.context.hostname = identity.hostname.clone();
+                }
+                self.outbox.send(&reply(id, result));
+            }
+            HostMessage::Exec {
+                id,
+                argv,
+                timeout_ms,
+            } => exec::spawn(
+                id,
+                argv,
+                timeout_ms,
+                self.context.clone(),
+                self.outbox.clone(),
+            ),
+            HostMessage::CheckListen { id, port } => {
+                let listening = listen::is_listening(port);
+                self.outbox.send(&GuestMessage::Reply {
+                    id,
+                    ok: listening,
+                    code: None,
+                    stdout: String::new(),
+                    stderr: String::new(),
+                    error: None,
+                });
+            }
+            HostMessage::Ping { id } => self.outbox.send(&reply(id, Ok(()))),
+        }
+    }
+
+    /// Step 5: applies the configuration, reporting each stage, then `Configured` or
+    /// `Failed`.
+    fn configure(&mut self, config: GuestConfig) {
+        match self.apply(&config) {
+            Ok(()) => self.outbox.send(&GuestMessage::Configured {
+                uptime_ms: sys::uptime_ms(),
+            }),
+            Err((stage, error)) => {
+                console!("configure failed at {stage}: {error}");
+                self.outbox.send(&GuestMessage::Failed {
+                    stage: stage.to_string(),
+                    error,
+                });
+            }
+        }
+    }
+
+    fn apply(&mut self, config: &GuestConfig) -> Result<(), (&'static str, String)> {
+        self.stage("identity", config::apply_identity(&config.identity))?;
+        self.context.hostname = config.identity.hostname.clone();
+
+        if let Some(network) = &config.network {
+            self.stage("network", config::configure_network(network))?;
+        }
+
+        let root = match &config.root {
+            Some(root) => {
+                let path = PathBuf::from(config::SYSROOT);
+                self.stage("root", config::mount_root(root, &path))?;
+                self.context.root = Some(path.clone());
+                path
+            }
+            None => PathBuf::from("/"),
+        };
+
+        let dns = config
+            .network
+            .as_ref()
+            .map(|n| n.dns.as_slice())
+            .unwrap_or(&[]);
+        let files = config::write_resolv_conf(&root, dns)
+            .and_then(|()| config::write_files(&root, &config.files));
+        self.stage("files", files)?;
+
+        for service in &config.services {
+            match services::spawn_service(service, &self.context) {
+                Ok(pid) => self.outbox.send(&GuestMessage::ServiceStarted {
+                    name: service.name.clone(),
+                    pid,
+                }),
+                Err(error) => {
+                    return Err(("services", format!("service {}: {error}", service.name)));
+                }
+            }
+        }
+        self.stage("services", Ok(()))?;
+        Ok(())
+    }
+
+    /// Reports a finished stage, or turns its error into the stage's failure.
+    fn stage(
+        &self,
+        stage: &'static str,
+        result: Result<(), String>,
+    ) -> Result<(), (&'static str, String)> {
+        result.map_err(|error| (stage, error))?;
+        self.outbox.send(&GuestMessage::Stage {
+            stage: stage.to_string(),
+            uptime_ms: sys::uptime_ms(),
+        });
+        Ok(())
+    }
+
+    /// Reaps exited children and reports the services among them.
+    fn reap(&self) {
+        for exit in services::reap() {
+            console!("service {} exited: {:?}", exit.name, exit.status);
+            let (code, signal) = exit.status.code_and_signal();
+            self.outbox.send(&GuestMessage::ServiceExited {
+                name: exit.name,
+                code,
+                signal,
+            });
+        }
+    }
+}
+
+/// A reply without output.
+fn reply(id: u64, result: Result<(), String>) -> GuestMessage {
+    GuestMessage::Reply {
+        id,
+        ok: result.is_ok(),
+        code: None,
+        stdout: String::new(),
+        stderr: String::new(),
+        error: result.err(),
+    }
+}

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs what hangar needs on Debian 12: QEMU (system emulator and qemu-img of the same
+# version), busybox-static for guests, e2fsprogs for image building, and curl for the demo.
+# Idempotent: installs only what is missing.
+set -euo pipefail
+
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+need=()
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+# qemu-img must come from the same QEMU release as the emulator; a newer qemu-utils (from
+# backports) conflicts with Debian's qemu-system-x86, so both are pinned to one version.
+if ! qemu-img --version 2>/dev/null | grep -q "version 7\." ; then need+=(qemu-utils); fi
+[ -x /bin/busybox ] && /bin/busybox --list >/dev/null 2>&1 || need+=(busybox-static)
+command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
+command -v curl >/dev/null || need+=(curl)
+command -v dpkg-deb >/dev/null || need+=(dpkg)
+
+if [ ${#need[@]} -gt 0 ]; then
+    echo "installing: ${need[*]}" >&2
+    as_root apt-get update -qq
+    qemu_version=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
+    pkgs=()
+    for p in "${need[@]}"; do
+        case "$p" in
+            qemu-system-x86|qemu-utils) ;;
+            *) pkgs+=("$p") ;;
+        esac
+    done
+    if printf '%s\n' "${need[@]}" | grep -q '^qemu'; then
+        pkgs+=("qemu-system-x86=$qemu_version" "qemu-utils=$qemu_version" "qemu-block-extra=$qemu_version")
+    fi
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        --allow-downgrades "${pkgs[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null; then
+    echo "error: cargo not found: install Rust 1.90 or newer (https://rustup.rs), then run this again" >&2
+    exit 1
+fi
