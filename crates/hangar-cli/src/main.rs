@@ -162,6 +162,7 @@ async fn server(args: ServerArgs) -> ExitCode {
                 .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let config = hangar_server::ServerConfig {
         data_dir: args.data_dir.unwrap_or_else(default_data_dir),
