@@ -8,6 +8,8 @@
 
 pub mod catalog;
 pub mod ids;
+pub mod matching;
+pub mod pool;
 pub mod request;
 pub mod state;
 pub mod suggest;
