@@ -7,21 +7,67 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::pool::PoolSpec;
+
 /// The built-in demo catalog.
 pub const DEMO_CATALOG: &str = include_str!("../../../catalog/demo.toml");
 
-/// Operating systems a service may name in `os`.
+/// How OS images can be built (`[os.NAME] base = ...`).
 pub const KNOWN_OS: &[&str] = &["busybox"];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Catalog {
     services: BTreeMap<String, Service>,
+    os: BTreeMap<String, Os>,
+    pools: BTreeMap<String, PoolSpec>,
+}
+
+/// An operating system VMs run (`[os.NAME]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Os {
+    #[serde(skip_deserializing)]
+    pub name: String,
+    /// Dotted version, compared numerically when requests name a minimum.
+    pub version: String,
+    /// How the image is built (`busybox`).
+    #[serde(default = "default_base")]
+    pub base: String,
+    #[serde(default)]
+    pub description: String,
+}
+
+fn default_base() -> String {
+    "busybox".into()
+}
+
+/// Pool bounds of a service (`[service.NAME.pool]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PoolBounds {
+    #[serde(default)]
+    pub min: u32,
+    pub max: u32,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPool {
+    /// The service its VMs offer; none: hardware shells paused before any OS.
+    service: Option<String>,
+    vcpus: u32,
+    memory_mib: u32,
+    #[serde(default)]
+    min: u32,
+    max: u32,
 }
 
 /// One requestable service.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Service {
     pub name: String,
+    /// Pool bounds, when the service keeps a warm pool.
+    pub pool: Option<PoolBounds>,
     pub description: String,
     pub os: String,
     pub vcpus: u32,
@@ -135,6 +181,10 @@ pub enum CatalogError {
     Invalid { service: String, message: String },
     #[error("catalog defines no services")]
     Empty,
+    #[error("os {os:?}: {message}")]
+    InvalidOs { os: String, message: String },
+    #[error("pool {pool:?}: {message}")]
+    InvalidPool { pool: String, message: String },
 }
 
 #[derive(Deserialize)]
@@ -142,6 +192,10 @@ pub enum CatalogError {
 struct RawCatalog {
     #[serde(default)]
     service: BTreeMap<String, RawService>,
+    #[serde(default)]
+    os: BTreeMap<String, Os>,
+    #[serde(default)]
+    pool: BTreeMap<String, RawPool>,
 }
 
 #[derive(Deserialize)]
@@ -161,6 +215,7 @@ struct RawService {
     #[serde(default)]
     files: BTreeMap<String, FileSpec>,
     ready: ReadySpec,
+    pool: Option<PoolBounds>,
 }
 
 fn default_vcpus() -> u32 {
@@ -183,12 +238,121 @@ impl Catalog {
         if raw.service.is_empty() {
             return Err(CatalogError::Empty);
         }
+        let mut os = raw.os;
+        if os.is_empty() {
+            os.insert(
+                "busybox".into(),
+                Os {
+                    name: String::new(),
+                    version: "1.35".into(),
+                    base: default_base(),
+                    description: "busybox-static userland".into(),
+                },
+            );
+        }
+        for (name, entry) in &mut os {
+            entry.name = name.clone();
+            let fail = |message: String| CatalogError::InvalidOs {
+                os: name.clone(),
+                message,
+            };
+            if !is_name(name) {
+                return Err(fail("not a valid name".into()));
+            }
+            if crate::matching::parse_version(&entry.version).is_none() {
+                return Err(fail(format!(
+                    "version {:?} is not a dotted version",
+                    entry.version
+                )));
+            }
+            if !KNOWN_OS.contains(&entry.base.as_str()) {
+                return Err(fail(format!(
+                    "unknown base {:?} (known: {})",
+                    entry.base,
+                    KNOWN_OS.join(", ")
+                )));
+            }
+        }
         let mut services = BTreeMap::new();
         for (name, raw) in raw.service {
-            let service = validate(name.clone(), raw)?;
+            let service = validate(name.clone(), raw, &os)?;
             services.insert(name, service);
         }
-        Ok(Catalog { services })
+        let mut pools = BTreeMap::new();
+        for service in services.values() {
+            if let Some(bounds) = service.pool {
+                pools.insert(
+                    service.name.clone(),
+                    PoolSpec {
+                        name: service.name.clone(),
+                        service: Some(service.name.clone()),
+                        vcpus: service.vcpus,
+                        memory_mib: service.memory_mib,
+                        min: bounds.min,
+                        max: bounds.max,
+                    },
+                );
+            }
+        }
+        for (name, raw) in raw.pool {
+            let fail = |message: String| CatalogError::InvalidPool {
+                pool: name.clone(),
+                message,
+            };
+            if !is_name(&name) {
+                return Err(fail("not a valid name".into()));
+            }
+            if pools.contains_key(&name) || services.contains_key(&name) {
+                return Err(fail(
+                    "has the name of a service; pools of a service are set in [service.NAME.pool]"
+                        .into(),
+                ));
+            }
+            if let Some(service) = &raw.service {
+                let Some(offered) = services.get(service) else {
+                    return Err(fail(format!(
+                        "names service {service:?}, which the catalog does not define"
+                    )));
+                };
+                if raw.vcpus < offered.vcpus || raw.memory_mib < offered.memory_mib {
+                    return Err(fail(format!(
+                        "is smaller than service {service:?} needs ({} vCPUs, {} MiB)",
+                        offered.vcpus, offered.memory_mib
+                    )));
+                }
+            }
+            check_shape(raw.vcpus, raw.memory_mib).map_err(fail)?;
+            check_bounds(raw.min, raw.max).map_err(fail)?;
+            pools.insert(
+                name.clone(),
+                PoolSpec {
+                    name,
+                    service: raw.service,
+                    vcpus: raw.vcpus,
+                    memory_mib: raw.memory_mib,
+                    min: raw.min,
+                    max: raw.max,
+                },
+            );
+        }
+        Ok(Catalog {
+            services,
+            os,
+            pools,
+        })
+    }
+
+    pub fn os(&self, name: &str) -> Option<&Os> {
+        self.os.get(name)
+    }
+
+    pub fn operating_systems(&self) -> impl Iterator<Item = &Os> {
+        self.os.values()
+    }
+
+    /// Every pool: service pools (named after their service) and configuration pools.
+    pub fn pools(&self) -> impl Iterator<Item = &PoolSpec> {
+        self.pools.values()
     }
 
     pub fn get(&self, name: &str) -> Option<&Service> {
@@ -210,7 +374,31 @@ impl Service {
     }
 }
 
-fn validate(name: String, raw: RawService) -> Result<Service, CatalogError> {
+fn check_shape(vcpus: u32, memory_mib: u32) -> Result<(), String> {
+    if !(1..=64).contains(&vcpus) {
+        return Err(format!("vcpus must be 1 to 64, not {vcpus}"));
+    }
+    if !(64..=262_144).contains(&memory_mib) {
+        return Err(format!("memory_mib must be 64 to 262144, not {memory_mib}"));
+    }
+    Ok(())
+}
+
+fn check_bounds(min: u32, max: u32) -> Result<(), String> {
+    if min > max {
+        return Err(format!("pool min {min} is larger than max {max}"));
+    }
+    if max > 64 {
+        return Err(format!("pool max {max} is larger than 64"));
+    }
+    Ok(())
+}
+
+fn validate(
+    name: String,
+    raw: RawService,
+    os: &BTreeMap<String, Os>,
+) -> Result<Service, CatalogError> {
     let fail = |message: String| CatalogError::Invalid {
         service: name.clone(),
         message,
@@ -220,21 +408,16 @@ fn validate(name: String, raw: RawService) -> Result<Service, CatalogError> {
             "names use lowercase letters, digits and '-', start with a letter, at most 40 characters".into(),
         ));
     }
-    if !KNOWN_OS.contains(&raw.os.as_str()) {
+    if !os.contains_key(&raw.os) {
         return Err(fail(format!(
             "unknown os {:?} (known: {})",
             raw.os,
-            KNOWN_OS.join(", ")
+            os.keys().cloned().collect::<Vec<_>>().join(", ")
         )));
     }
-    if !(1..=64).contains(&raw.vcpus) {
-        return Err(fail(format!("vcpus must be 1 to 64, not {}", raw.vcpus)));
-    }
-    if !(64..=262_144).contains(&raw.memory_mib) {
-        return Err(fail(format!(
-            "memory_mib must be 64 to 262144, not {}",
-            raw.memory_mib
-        )));
+    check_shape(raw.vcpus, raw.memory_mib).map_err(&fail)?;
+    if let Some(bounds) = raw.pool {
+        check_bounds(bounds.min, bounds.max).map_err(|message| fail(message))?;
     }
     if raw.port.is_empty() {
         return Err(fail("needs at least one [[port]]".into()));
@@ -306,6 +489,7 @@ fn validate(name: String, raw: RawService) -> Result<Service, CatalogError> {
     }
     Ok(Service {
         name: name.clone(),
+        pool: raw.pool,
         description: raw.description,
         os: raw.os,
         vcpus: raw.vcpus,
@@ -413,6 +597,46 @@ mod tests {
         assert!(err.starts_with("catalog is not valid TOML"), "{err}");
         let with_file = format!("{MINIMAL}\n[service.web.files.\"www/x\"]\ncontent = \"\"\n");
         assert!(invalid(&with_file).contains("must be absolute"));
+    }
+
+    #[test]
+    fn pools_and_operating_systems() {
+        let catalog = Catalog::demo();
+        assert_eq!(catalog.os("busybox").unwrap().version, "1.35");
+        let pools: Vec<_> = catalog
+            .pools()
+            .map(|p| (p.name.as_str(), p.service.as_deref(), p.memory_mib))
+            .collect();
+        assert!(
+            pools.contains(&("http-static", Some("http-static"), 128)),
+            "{pools:?}"
+        );
+        assert!(pools.contains(&("shell-1x256", None, 256)), "{pools:?}");
+
+        let with_pool = |pool: &str| format!("{MINIMAL}\n{pool}\n");
+        let err = invalid(&with_pool(
+            "[pool.web]\nvcpus = 1\nmemory_mib = 128\nmax = 1",
+        ));
+        assert!(err.contains("has the name of a service"), "{err}");
+        let err = invalid(&with_pool(
+            "[pool.big]\nservice = \"db\"\nvcpus = 1\nmemory_mib = 128\nmax = 1",
+        ));
+        assert!(err.contains(r#"names service "db""#), "{err}");
+        let err = invalid(&with_pool(
+            "[pool.big]\nvcpus = 1\nmemory_mib = 128\nmin = 3\nmax = 1",
+        ));
+        assert_eq!(err, r#"pool "big": pool min 3 is larger than max 1"#);
+        let err = invalid(&with_pool(
+            "[pool.tiny]\nservice = \"web\"\nvcpus = 1\nmemory_mib = 64\nmax = 1",
+        ));
+        assert!(err.contains("smaller than service"), "{err}");
+        let err = invalid(&with_pool("[os.busybox]\nversion = \"one\""));
+        assert!(err.contains("is not a dotted version"), "{err}");
+        let ok = Catalog::from_toml(&with_pool(
+            "[pool.big]\nservice = \"web\"\nvcpus = 2\nmemory_mib = 512\nmax = 2",
+        ))
+        .unwrap();
+        assert_eq!(ok.pools().count(), 1);
     }
 
     #[test]
