@@ -75,6 +75,10 @@ pub struct VmRecord {
     pub boot_ms: Option<u64>,
     pub memory_mib: u32,
     pub vcpus: u32,
+    /// The warm pool holding this VM while it is paused and unclaimed.
+    pub pool: Option<String>,
+    /// OS name and version; `None` for a hardware shell with no OS attached yet.
+    pub os: Option<(String, String)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -157,8 +161,9 @@ impl Store {
         self.conn().execute(
             "INSERT INTO vms (id, host, services, env, mode, owner, state, endpoints, spec, pid,
                               error, created_at_ms, updated_at_ms, last_used_at_ms, boot_ms,
-                              memory_mib, vcpus)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+                              memory_mib, vcpus, pool, os_name, os_version)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
+                     ?18, ?19, ?20)",
             params![
                 vm.id,
                 vm.host,
@@ -177,6 +182,9 @@ impl Store {
                 vm.boot_ms,
                 vm.memory_mib,
                 vm.vcpus,
+                vm.pool,
+                vm.os.as_ref().map(|(name, _)| name),
+                vm.os.as_ref().map(|(_, version)| version),
             ],
         )?;
         Ok(())
@@ -262,6 +270,58 @@ impl Store {
             params![id, pid, spec.to_string(), now_ms()],
             id,
         )
+    }
+
+    /// Claims a paused pool VM for a request: `ready` → `active`, out of its pool, with the
+    /// given sharing mode and environment. Fails with a transition error when another
+    /// request claimed it first.
+    pub fn claim(&self, id: &str, mode: Mode, env: &BTreeMap<String, String>) -> Result<VmRecord, StoreError> {
+        {
+            let mut conn = self.conn();
+            let tx = conn.transaction()?;
+            let current: Option<String> = tx
+                .query_row("SELECT state FROM vms WHERE id = ?1", [id], |row| row.get(0))
+                .optional()?;
+            let current = current.ok_or_else(|| StoreError::NoVm(id.to_owned()))?;
+            let from: VmState = current.parse().map_err(|_| StoreError::Corrupt(current.clone()))?;
+            if from != VmState::Ready {
+                return Err(InvalidTransition { from, to: VmState::Active }.into());
+            }
+            let now = now_ms();
+            tx.execute(
+                "UPDATE vms SET state = 'active', pool = NULL, mode = ?2, env = ?3, updated_at_ms = ?4,
+                                last_used_at_ms = ?4 WHERE id = ?1",
+                params![id, mode.as_str(), serde_json::to_string(env)?, now],
+            )?;
+            tx.commit()?;
+        }
+        self.vm(id)?.ok_or_else(|| StoreError::NoVm(id.to_owned()))
+    }
+
+    /// Records what a VM offers after an OS image was attached to a shell.
+    pub fn set_offer(&self, id: &str, services: &[String], os: &(String, String), endpoints: &BTreeMap<String, String>) -> Result<(), StoreError> {
+        self.update(
+            "UPDATE vms SET services = ?2, os_name = ?3, os_version = ?4, endpoints = ?5 WHERE id = ?1",
+            params![id, serde_json::to_string(services)?, os.0, os.1, serde_json::to_string(endpoints)?],
+            id,
+        )
+    }
+
+    /// Run-time pool bounds (name → (min, max)), overriding the catalog's.
+    pub fn pool_bounds(&self) -> Result<BTreeMap<String, (u32, u32)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached("SELECT name, min, max FROM pool_bounds")?;
+        let rows = stmt.query_map([], |row| Ok((row.get::<_, String>(0)?, (row.get(1)?, row.get(2)?))))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn set_pool_bounds(&self, name: &str, min: u32, max: u32) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO pool_bounds (name, min, max) VALUES (?1, ?2, ?3)
+             ON CONFLICT (name) DO UPDATE SET min = excluded.min, max = excluded.max",
+            params![name, min, max],
+        )?;
+        Ok(())
     }
 
     pub fn set_boot_ms(&self, id: &str, boot_ms: u64) -> Result<(), StoreError> {
@@ -364,7 +424,7 @@ impl Store {
 }
 
 const VM_COLUMNS: &str = "id, host, services, env, mode, owner, state, endpoints, spec, pid, error, \
-     created_at_ms, updated_at_ms, last_used_at_ms, boot_ms, memory_mib, vcpus";
+     created_at_ms, updated_at_ms, last_used_at_ms, boot_ms, memory_mib, vcpus, pool, os_name, os_version";
 
 const TASK_COLUMNS: &str =
     "id, kind, service, vm_id, state, stage, percent, error, created_at_ms, updated_at_ms";
@@ -388,6 +448,9 @@ struct RawVm {
     boot_ms: Option<u64>,
     memory_mib: u32,
     vcpus: u32,
+    pool: Option<String>,
+    os_name: Option<String>,
+    os_version: Option<String>,
 }
 
 impl RawVm {
@@ -410,6 +473,9 @@ impl RawVm {
             boot_ms: row.get(14)?,
             memory_mib: row.get(15)?,
             vcpus: row.get(16)?,
+            pool: row.get(17)?,
+            os_name: row.get(18)?,
+            os_version: row.get(19)?,
         })
     }
 
@@ -440,6 +506,8 @@ impl RawVm {
             boot_ms: self.boot_ms,
             memory_mib: self.memory_mib,
             vcpus: self.vcpus,
+            pool: self.pool,
+            os: self.os_name.zip(self.os_version),
         })
     }
 }

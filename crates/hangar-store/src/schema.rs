@@ -37,7 +37,18 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE vms (
         created_at_ms INTEGER NOT NULL,
         updated_at_ms INTEGER NOT NULL
     );
-    CREATE INDEX tasks_created ON tasks (created_at_ms);"];
+    CREATE INDEX tasks_created ON tasks (created_at_ms);",
+    // Warm pools: which pool a paused VM belongs to, what OS it runs (none for a pre-OS
+    // shell), and run-time pool bounds that override the catalog's.
+    "ALTER TABLE vms ADD COLUMN pool TEXT;
+    ALTER TABLE vms ADD COLUMN os_name TEXT;
+    ALTER TABLE vms ADD COLUMN os_version TEXT;
+    CREATE TABLE pool_bounds (
+        name TEXT PRIMARY KEY,
+        min  INTEGER NOT NULL,
+        max  INTEGER NOT NULL
+    );",
+];
 
 pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     let supported = i64::try_from(MIGRATIONS.len()).expect("few migrations");

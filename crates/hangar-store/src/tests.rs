@@ -19,6 +19,8 @@ fn vm(id: &str, service: &str, mode: Mode, state: VmState) -> VmRecord {
         boot_ms: None,
         memory_mib: 128,
         vcpus: 1,
+        pool: None,
+        os: Some(("busybox".into(), "1.35".into())),
     }
 }
 
@@ -144,4 +146,28 @@ fn reopening_a_file_keeps_data_and_schema() {
     drop(store);
     let err = Store::open(&path).err().expect("a newer schema is refused");
     assert!(err.to_string().contains("newer than this hangar"), "{err}");
+}
+
+#[test]
+fn claiming_a_pool_vm_happens_once() {
+    let store = Store::open_in_memory().unwrap();
+    let mut pooled = vm("vm-a", "web", Mode::Dedicated, VmState::Ready);
+    pooled.pool = Some("web".into());
+    store.insert_vm(&pooled).unwrap();
+    assert_eq!(store.vm("vm-a").unwrap().unwrap(), pooled);
+    let env = BTreeMap::from([("k".to_string(), "v".to_string())]);
+    let claimed = store.claim("vm-a", Mode::Shared, &env).unwrap();
+    assert_eq!((claimed.state, claimed.pool.as_deref(), claimed.mode), (VmState::Active, None, Mode::Shared));
+    assert_eq!(claimed.env, env);
+    let again = store.claim("vm-a", Mode::Dedicated, &BTreeMap::new()).unwrap_err();
+    assert!(matches!(again, StoreError::Transition(_)), "{again}");
+}
+
+#[test]
+fn pool_bounds_override() {
+    let store = Store::open_in_memory().unwrap();
+    assert!(store.pool_bounds().unwrap().is_empty());
+    store.set_pool_bounds("web", 1, 3).unwrap();
+    store.set_pool_bounds("web", 2, 4).unwrap();
+    assert_eq!(store.pool_bounds().unwrap(), BTreeMap::from([("web".to_string(), (2, 4))]));
 }

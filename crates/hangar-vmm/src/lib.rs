@@ -114,6 +114,11 @@ pub trait Hypervisor: Send + Sync + 'static {
 
     /// Stops the VM's process, if any, and deletes every file it had. Idempotent.
     async fn destroy(&self, id: &str) -> Result<(), VmmError>;
+
+    /// The file holding the guest's serial console output, if the backend keeps one.
+    fn console_log(&self, _id: &str) -> Option<PathBuf> {
+        None
+    }
 }
 
 /// Guest network addresses under user-mode networking (QEMU's slirp defaults).

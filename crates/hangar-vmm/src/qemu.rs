@@ -275,6 +275,10 @@ impl Hypervisor for QemuBackend {
         }
     }
 
+    fn console_log(&self, id: &str) -> Option<PathBuf> {
+        Some(self.paths(id).console)
+    }
+
     async fn destroy(&self, id: &str) -> Result<(), VmmError> {
         let paths = self.paths(id);
         let running = self.vms.lock().await.remove(id);
