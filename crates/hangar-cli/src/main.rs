@@ -54,11 +54,30 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Request a service; prints the address of a VM offering it.
-    #[command(after_help = "Example:\n  curl http://$(hangar request http-static)/")]
+    /// Request a service, or a machine configuration; prints the address of a VM offering it.
+    #[command(
+        after_help = "Examples:\n  curl http://$(hangar request http-static)/\n  \
+        hangar request --vcpus 1 --memory 128 --os busybox --app http-static --exact-size"
+    )]
     Request {
-        /// Service name (see `hangar services`).
-        service: String,
+        /// Service name (see `hangar services`); or give a configuration with --vcpus etc.
+        #[arg(required_unless_present = "memory")]
+        service: Option<String>,
+        /// Configuration: at least this many vCPUs.
+        #[arg(long, requires = "memory", conflicts_with = "service")]
+        vcpus: Option<u32>,
+        /// Configuration: memory in MiB, `N` or a range `MIN-MAX`.
+        #[arg(long, value_parser = parse_memory, conflicts_with = "service")]
+        memory: Option<(u32, u32)>,
+        /// Configuration: OS as `NAME` or `NAME@MIN_VERSION`.
+        #[arg(long, requires = "memory", default_value = "busybox")]
+        os: String,
+        /// Configuration: an application the VM must offer (repeatable).
+        #[arg(long = "app", requires = "memory")]
+        apps: Vec<String>,
+        /// Slice a larger VM down to the requested memory and vCPUs.
+        #[arg(long)]
+        exact_size: bool,
         /// Environment setting KEY=VALUE (repeatable), e.g. --env os=busybox.
         #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
         env: Vec<(String, String)>,
@@ -79,6 +98,16 @@ enum Command {
         #[arg(long)]
         all: bool,
     },
+    /// Warm pools: paused VMs ready to hand out, per service or configuration.
+    Pools {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change a pool at run time.
+    Pool {
+        #[command(subcommand)]
+        command: PoolCommand,
+    },
     /// Delete VMs: their processes, disks, sockets and logs.
     Rm {
         #[arg(required = true)]
@@ -92,6 +121,21 @@ enum Command {
     /// One task, with its stage, progress and error.
     Task {
         id: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum PoolCommand {
+    /// Set how many paused VMs a pool keeps (kept across restarts).
+    Set {
+        /// Pool name (a service, or a configuration pool; see `hangar pools`).
+        name: String,
+        #[arg(long)]
+        min: u32,
+        #[arg(long)]
+        max: Option<u32>,
         #[arg(long)]
         json: bool,
     },
@@ -120,12 +164,30 @@ struct ServerArgs {
     /// A statically linked busybox [default: /bin/busybox].
     #[arg(long, env = "HANGAR_BUSYBOX")]
     busybox: Option<PathBuf>,
+    /// Most memory (MiB) all warm pools may hold together (ready and booting VMs).
+    #[arg(long, default_value_t = 1024, env = "HANGAR_POOL_MEMORY")]
+    pool_memory: u64,
+    /// DNS domain: answers carry the name `<vm>.<domain>`.
+    #[arg(long, env = "HANGAR_DNS_DOMAIN")]
+    dns_domain: Option<String>,
 }
 
 fn parse_env(text: &str) -> Result<(String, String), String> {
     text.split_once('=')
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .ok_or_else(|| format!("expected KEY=VALUE, got {text:?}"))
+}
+
+fn parse_memory(text: &str) -> Result<(u32, u32), String> {
+    let parse = |t: &str| {
+        t.trim()
+            .parse::<u32>()
+            .map_err(|_| format!("expected MiB as N or MIN-MAX, got {text:?}"))
+    };
+    match text.split_once('-') {
+        Some((min, max)) => Ok((parse(min)?, parse(max)?)),
+        None => parse(text).map(|n| (n, n)),
+    }
 }
 
 fn default_data_dir() -> PathBuf {
@@ -172,6 +234,8 @@ async fn server(args: ServerArgs) -> ExitCode {
         endpoint_host: args.endpoint_host,
         kernel: args.kernel,
         busybox: args.busybox,
+        pool_memory_mib: args.pool_memory,
+        dns_domain: args.dns_domain,
     };
     match hangar_server::run(config, shutdown_signal()).await {
         Ok(()) => {
@@ -227,30 +291,60 @@ async fn client_command(client: Client, command: Command) -> Result<(), ClientEr
         }
         Command::Request {
             service,
+            vcpus,
+            memory,
+            os,
+            apps,
+            exact_size,
             env,
             dedicated,
             deadline,
             json,
         } => {
+            let config = memory.map(|(min, max)| {
+                let (name, min_version) = match os.split_once('@') {
+                    Some((name, version)) => (name.to_owned(), Some(version.to_owned())),
+                    None => (os.clone(), None),
+                };
+                serde_json::json!({
+                    "vcpus": vcpus.unwrap_or(1),
+                    "memory_mib": { "min": min, "max": max },
+                    "os": { "name": name, "min_version": min_version },
+                    "apps": apps,
+                })
+            });
             let body = serde_json::json!({
                 "service": service,
+                "config": config,
+                "exact_size": exact_size,
                 "env": env.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
                 "mode": if dedicated { "dedicated" } else { "shared" },
                 "deadline_ms": deadline.map(|d| d.as_millis() as u64),
             });
             if !json && std::io::stderr().is_terminal() {
-                eprintln!("waiting for a VM offering {service}...");
+                eprintln!(
+                    "waiting for a VM offering {}...",
+                    service.as_deref().unwrap_or("that configuration")
+                );
             }
             let grant: serde_json::Value = client.post("/v1/requests", &body).await?;
             if json {
                 return print_json(&grant);
             }
-            println!("{}", text(&grant["endpoint"]));
-            if std::io::stderr().is_terminal() {
-                let how = if grant["reused"].as_bool() == Some(true) {
-                    "shared, already running".to_owned()
+            let endpoint = text(&grant["endpoint"]);
+            println!(
+                "{}",
+                if endpoint.is_empty() {
+                    text(&grant["vm"])
                 } else {
-                    format!("new, ready in {} ms", grant["boot_ms"])
+                    endpoint
+                }
+            );
+            if std::io::stderr().is_terminal() {
+                let how = match grant["match"].as_str().unwrap_or_default() {
+                    "shared" => "shared, already running".to_owned(),
+                    "created" => format!("new, booted in {} ms", grant["boot_ms"]),
+                    kind => format!("{kind} match from a warm pool"),
                 };
                 eprintln!("vm {} ({how})", text(&grant["vm"]));
             }
@@ -279,6 +373,9 @@ async fn client_command(client: Client, command: Command) -> Result<(), ClientEr
                     .collect::<Vec<_>>()
                     .join(" ");
                 let mut state = text(&vm["state"]);
+                if let Some(pool) = vm["pool"].as_str() {
+                    state = format!("{state} (pool {pool})");
+                }
                 if let Some(error) = vm["error"].as_str() {
                     state = format!("{state}: {error}");
                 }
@@ -287,6 +384,7 @@ async fn client_command(client: Client, command: Command) -> Result<(), ClientEr
                     text(&vm["host"]),
                     services,
                     endpoints,
+                    format!("{}/{}", vm["vcpus"], vm["memory_mib"]),
                     text(&vm["mode"]),
                     text(&vm["last_used_at"]),
                     state,
@@ -298,11 +396,67 @@ async fn client_command(client: Client, command: Command) -> Result<(), ClientEr
                     "HOST",
                     "SERVICES",
                     "ENDPOINTS",
+                    "CPU/MIB",
                     "MODE",
                     "LAST USED",
                     "STATE",
                 ],
                 rows,
+            );
+            Ok(())
+        }
+        Command::Pools { json } => {
+            let pools: serde_json::Value = client.get("/v1/pools").await?;
+            if json {
+                return print_json(&pools);
+            }
+            let rows = pools.as_array().into_iter().flatten().map(|p| {
+                vec![
+                    text(&p["name"]),
+                    if p["service"].is_null() {
+                        "(pre-OS shell)".into()
+                    } else {
+                        text(&p["service"])
+                    },
+                    format!("{}x{} MiB", p["vcpus"], p["vm_memory_mib"]),
+                    format!("{}-{}", p["min"], p["max"]),
+                    text(&p["target"]),
+                    text(&p["ready"]),
+                    text(&p["booting"]),
+                    format!("{} MiB", p["memory_mib"]),
+                    format!("{:.1}", p["rate_per_min"].as_f64().unwrap_or(0.0)),
+                ]
+            });
+            table::print(
+                &[
+                    "POOL", "SERVICE", "SHAPE", "MIN-MAX", "TARGET", "READY", "BOOTING", "MEMORY",
+                    "REQ/MIN",
+                ],
+                rows,
+            );
+            Ok(())
+        }
+        Command::Pool {
+            command:
+                PoolCommand::Set {
+                    name,
+                    min,
+                    max,
+                    json,
+                },
+        } => {
+            let pool: serde_json::Value = client
+                .put(
+                    &format!("/v1/pools/{name}"),
+                    &serde_json::json!({ "min": min, "max": max }),
+                )
+                .await?;
+            if json {
+                return print_json(&pool);
+            }
+            println!(
+                "pool {name}: min {} max {} target {}",
+                pool["min"], pool["max"], pool["target"]
             );
             Ok(())
         }

@@ -109,7 +109,9 @@ fn default_file_mode() -> u32 {
     0o644
 }
 
-/// When a VM counts as ready: every check passes, within `timeout`.
+/// When a VM counts as ready: every check passes in `consecutive` rounds in a row, within
+/// `timeout`. Checks of a round run in order; the first failure ends the round and resets
+/// the count.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReadySpec {
@@ -120,6 +122,9 @@ pub struct ReadySpec {
     #[serde(with = "humantime_serde_compat", default = "default_ready_interval")]
     #[schema(value_type = String, example = "50ms")]
     pub interval: Duration,
+    /// How many rounds in a row every check must pass (at least 1).
+    #[serde(default = "default_consecutive")]
+    pub consecutive: u32,
     pub checks: Vec<ReadyCheck>,
 }
 
@@ -129,6 +134,10 @@ fn default_ready_timeout() -> Duration {
 
 fn default_ready_interval() -> Duration {
     Duration::from_millis(50)
+}
+
+fn default_consecutive() -> u32 {
+    1
 }
 
 /// One ready check. Ports are named by the service's `port` entries.
@@ -153,6 +162,44 @@ pub enum ReadyCheck {
         send: String,
         expect: String,
     },
+    /// `argv`, run inside the guest by hangar-init (in the service's root), exits 0 within
+    /// `timeout`.
+    Exec {
+        argv: Vec<String>,
+        #[serde(with = "humantime_serde_compat", default = "default_exec_timeout")]
+        #[schema(value_type = String, example = "5s")]
+        timeout: Duration,
+    },
+    /// The guest's serial console log (where service output goes) contains `contains`.
+    Log { contains: String },
+    /// The VM's host process used less than `below_percent` of one host CPU over `window`.
+    CpuSettled {
+        #[schema(value_type = f64, example = 20.0)]
+        below_percent: Percent,
+        #[serde(with = "humantime_serde_compat", default = "default_cpu_window")]
+        #[schema(value_type = String, example = "500ms")]
+        window: Duration,
+    },
+}
+
+/// A percentage as written in the catalog. Compared by bits, so that it can be `Eq` (the
+/// catalog refuses NaN anyway).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Percent(pub f64);
+
+impl PartialEq for Percent {
+    fn eq(&self, other: &Percent) -> bool {
+        self.0.to_bits() == other.0.to_bits()
+    }
+}
+
+impl Eq for Percent {}
+
+impl std::fmt::Display for Percent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}%", self.0)
+    }
 }
 
 fn default_http_path() -> String {
@@ -163,12 +210,89 @@ fn default_http_status() -> u16 {
     200
 }
 
+fn default_exec_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_cpu_window() -> Duration {
+    Duration::from_millis(500)
+}
+
 impl ReadyCheck {
-    pub fn port(&self) -> &str {
+    /// The service port the check goes through; `None` for checks that use no port
+    /// (`exec`, `log`, `cpu_settled`).
+    pub fn port(&self) -> Option<&str> {
         match self {
             ReadyCheck::Tcp { port }
             | ReadyCheck::Http { port, .. }
-            | ReadyCheck::Bytes { port, .. } => port,
+            | ReadyCheck::Bytes { port, .. } => Some(port),
+            ReadyCheck::Exec { .. } | ReadyCheck::Log { .. } | ReadyCheck::CpuSettled { .. } => {
+                None
+            }
+        }
+    }
+
+    /// Why the check cannot work as written, if it cannot (port names aside, which need the
+    /// service).
+    fn problem(&self, ready_timeout: Duration) -> Option<String> {
+        match self {
+            ReadyCheck::Tcp { .. } | ReadyCheck::Http { .. } | ReadyCheck::Bytes { .. } => None,
+            ReadyCheck::Exec { argv, timeout } => {
+                if argv.first().is_none_or(String::is_empty) {
+                    Some("ready check exec has an empty argv".into())
+                } else if timeout.is_zero() {
+                    Some("ready check exec: timeout must be longer than 0".into())
+                } else {
+                    None
+                }
+            }
+            ReadyCheck::Log { contains } => contains
+                .is_empty()
+                .then(|| "ready check log: contains must not be empty".into()),
+            ReadyCheck::CpuSettled {
+                below_percent,
+                window,
+            } => {
+                let percent = below_percent.0;
+                if !(percent > 0.0 && percent <= 100.0) {
+                    Some(format!(
+                        "ready check cpu_settled: below_percent must be more than 0 and at most 100, not {percent}"
+                    ))
+                } else if window.is_zero() {
+                    Some("ready check cpu_settled: window must be longer than 0".into())
+                } else if *window >= ready_timeout {
+                    Some(format!(
+                        "ready check cpu_settled: window {} must be shorter than the ready timeout {}",
+                        humantime::format_duration(*window),
+                        humantime::format_duration(ready_timeout)
+                    ))
+                } else {
+                    None
+                }
+            }
+        }
+    }
+}
+
+/// How the check reads in messages: `tcp port "http"`, `log contains "started"`.
+impl std::fmt::Display for ReadyCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadyCheck::Tcp { port } => write!(f, "tcp port {port:?}"),
+            ReadyCheck::Http {
+                port, path, status, ..
+            } => write!(f, "http GET {path} on port {port:?} (status {status})"),
+            ReadyCheck::Bytes { port, send, .. } => write!(f, "bytes {send:?} on port {port:?}"),
+            ReadyCheck::Exec { argv, .. } => write!(f, "exec {argv:?}"),
+            ReadyCheck::Log { contains } => write!(f, "log contains {contains:?}"),
+            ReadyCheck::CpuSettled {
+                below_percent,
+                window,
+            } => write!(
+                f,
+                "cpu_settled below {below_percent} over {}",
+                humantime::format_duration(*window)
+            ),
         }
     }
 }
@@ -417,7 +541,7 @@ fn validate(
     }
     check_shape(raw.vcpus, raw.memory_mib).map_err(&fail)?;
     if let Some(bounds) = raw.pool {
-        check_bounds(bounds.min, bounds.max).map_err(|message| fail(message))?;
+        check_bounds(bounds.min, bounds.max).map_err(&fail)?;
     }
     if raw.port.is_empty() {
         return Err(fail("needs at least one [[port]]".into()));
@@ -479,12 +603,19 @@ fn validate(
     if raw.ready.timeout.is_zero() {
         return Err(fail("ready timeout must be longer than 0".into()));
     }
+    if raw.ready.consecutive == 0 {
+        return Err(fail("ready consecutive must be at least 1".into()));
+    }
     for check in &raw.ready.checks {
-        if !port_names.contains(check.port()) {
+        if let Some(port) = check.port()
+            && !port_names.contains(port)
+        {
             return Err(fail(format!(
-                "ready check names port {:?}, which the service does not define",
-                check.port()
+                "ready check names port {port:?}, which the service does not define"
             )));
+        }
+        if let Some(problem) = check.problem(raw.ready.timeout) {
+            return Err(fail(problem));
         }
     }
     Ok(Service {
@@ -646,6 +777,149 @@ mod tests {
             "guest = 80\n[[service.web.port]]\nname = \"http\"\nguest = 81",
         );
         assert!(invalid(&text).contains(r#"port "http" is defined twice"#));
+    }
+
+    fn with_checks(checks: &str) -> String {
+        MINIMAL.replace(
+            r#"checks = [{ tcp = { port = "http" } }]"#,
+            &format!("checks = [{checks}]"),
+        )
+    }
+
+    #[test]
+    fn exec_log_and_cpu_checks_parse_with_defaults() {
+        let text = with_checks(
+            r#"
+            { exec = { argv = ["sh", "-c", "test -f /run/ready"], timeout = "2s" } },
+            { exec = { argv = ["true"] } },
+            { log = { contains = "server started" } },
+            { cpu_settled = { below_percent = 20.0, window = "300ms" } },
+            { cpu_settled = { below_percent = 5 } },
+            { tcp = { port = "http" } },
+            "#,
+        )
+        .replace("checks =", "consecutive = 3\nchecks =");
+        let catalog = Catalog::from_toml(&text).unwrap();
+        let ready = &catalog.get("web").unwrap().ready;
+        assert_eq!(ready.consecutive, 3);
+        assert_eq!(
+            ready.checks,
+            [
+                ReadyCheck::Exec {
+                    argv: vec!["sh".into(), "-c".into(), "test -f /run/ready".into()],
+                    timeout: Duration::from_secs(2),
+                },
+                ReadyCheck::Exec {
+                    argv: vec!["true".into()],
+                    timeout: Duration::from_secs(5),
+                },
+                ReadyCheck::Log {
+                    contains: "server started".into(),
+                },
+                ReadyCheck::CpuSettled {
+                    below_percent: Percent(20.0),
+                    window: Duration::from_millis(300),
+                },
+                ReadyCheck::CpuSettled {
+                    below_percent: Percent(5.0),
+                    window: Duration::from_millis(500),
+                },
+                ReadyCheck::Tcp {
+                    port: "http".into()
+                },
+            ]
+        );
+        let ports: Vec<_> = ready.checks.iter().map(ReadyCheck::port).collect();
+        assert_eq!(ports, [None, None, None, None, None, Some("http")]);
+        assert_eq!(
+            ready.checks[3].to_string(),
+            "cpu_settled below 20% over 300ms"
+        );
+        assert_eq!(
+            ready.checks[2].to_string(),
+            r#"log contains "server started""#
+        );
+
+        // Defaults, and the JSON the API shows round-trips.
+        let minimal = Catalog::from_toml(MINIMAL).unwrap();
+        assert_eq!(minimal.get("web").unwrap().ready.consecutive, 1);
+        let json = serde_json::to_value(ready).unwrap();
+        assert_eq!(json["consecutive"], 3);
+        assert_eq!(json["checks"][0]["exec"]["timeout"], "2s");
+        assert_eq!(json["checks"][3]["cpu_settled"]["below_percent"], 20.0);
+        assert_eq!(json["checks"][3]["cpu_settled"]["window"], "300ms");
+        let back: ReadySpec = serde_json::from_value(json).unwrap();
+        assert_eq!(&back, ready);
+    }
+
+    #[test]
+    fn bad_ready_criteria_name_the_problem() {
+        let cases = [
+            (
+                with_checks(r#"{ tcp = { port = "http" } }"#)
+                    .replace("checks =", "consecutive = 0\nchecks ="),
+                r#"service "web": ready consecutive must be at least 1"#,
+            ),
+            (
+                with_checks(r#"{ exec = { argv = [] } }"#),
+                r#"service "web": ready check exec has an empty argv"#,
+            ),
+            (
+                with_checks(r#"{ exec = { argv = [""] } }"#),
+                r#"service "web": ready check exec has an empty argv"#,
+            ),
+            (
+                with_checks(r#"{ exec = { argv = ["true"], timeout = "0s" } }"#),
+                r#"service "web": ready check exec: timeout must be longer than 0"#,
+            ),
+            (
+                with_checks(r#"{ log = { contains = "" } }"#),
+                r#"service "web": ready check log: contains must not be empty"#,
+            ),
+            (
+                with_checks(r#"{ cpu_settled = { below_percent = 0.0 } }"#),
+                r#"service "web": ready check cpu_settled: below_percent must be more than 0 and at most 100, not 0"#,
+            ),
+            (
+                with_checks(r#"{ cpu_settled = { below_percent = 100.5 } }"#),
+                r#"service "web": ready check cpu_settled: below_percent must be more than 0 and at most 100, not 100.5"#,
+            ),
+            (
+                with_checks(r#"{ cpu_settled = { below_percent = nan } }"#),
+                r#"service "web": ready check cpu_settled: below_percent must be more than 0 and at most 100, not NaN"#,
+            ),
+            (
+                with_checks(r#"{ cpu_settled = { below_percent = 10.0, window = "0ms" } }"#),
+                r#"service "web": ready check cpu_settled: window must be longer than 0"#,
+            ),
+            (
+                with_checks(r#"{ cpu_settled = { below_percent = 10.0, window = "2m" } }"#),
+                r#"service "web": ready check cpu_settled: window 2m must be shorter than the ready timeout 1m"#,
+            ),
+            (
+                with_checks(r#"{ exec = { argv = ["true"] } }, { http = { port = "admin" } }"#),
+                r#"service "web": ready check names port "admin", which the service does not define"#,
+            ),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(invalid(&text), expected);
+        }
+        // A port on a check that has none, or a missing field, is a parse error.
+        let err = invalid(&with_checks(
+            r#"{ log = { contains = "x", port = "http" } }"#,
+        ));
+        assert!(err.contains("unexpected keys in table: port"), "{err}");
+        let err = invalid(&with_checks(r#"{ cpu_settled = { window = "1s" } }"#));
+        assert!(err.contains("missing field `below_percent`"), "{err}");
+        let err = invalid(&with_checks(
+            r#"{ exec = { argv = ["true"], timeout = "soon" } }"#,
+        ));
+        assert!(err.starts_with("catalog is not valid TOML"), "{err}");
+        // 100 is allowed; so is 100 written as an integer.
+        assert!(
+            Catalog::from_toml(&with_checks(r#"{ cpu_settled = { below_percent = 100 } }"#))
+                .is_ok()
+        );
     }
 
     #[test]

@@ -25,11 +25,20 @@ impl Mode {
     }
 }
 
-/// `POST /v1/requests`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+/// `POST /v1/requests`: a service by name, or a machine configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceRequest {
-    pub service: String,
+    /// A service from the catalog. Exactly one of `service` and `config`.
+    #[serde(default)]
+    pub service: Option<String>,
+    /// A machine configuration (always dedicated): served by the best paused VM, exact,
+    /// superset or pre-OS shell.
+    #[serde(default)]
+    pub config: Option<crate::matching::MachineRequest>,
+    /// Slice a superset VM down to the requested memory (balloon) and vCPUs.
+    #[serde(default)]
+    pub exact_size: bool,
     /// Environment settings (`os=busybox`, or settings passed to the service's processes as
     /// `HANGAR_<KEY>` variables). Shared VMs are only shared between equal environments.
     #[serde(default)]
@@ -49,6 +58,10 @@ pub enum RequestError {
     BadEnvValue(String),
     #[error("at most {max} env settings, not {count}")]
     TooManyEnv { count: usize, max: usize },
+    #[error("name either a service or a config, not both and not neither")]
+    ServiceOrConfig,
+    #[error("config: {0}")]
+    Config(String),
 }
 
 impl ServiceRequest {
@@ -56,6 +69,11 @@ impl ServiceRequest {
 
     /// Checks the shape of the request (not whether the service exists).
     pub fn validate(&self) -> Result<(), RequestError> {
+        match (&self.service, &self.config) {
+            (Some(_), None) => {}
+            (None, Some(config)) => config.validate().map_err(RequestError::Config)?,
+            _ => return Err(RequestError::ServiceOrConfig),
+        }
         if self.env.len() > Self::MAX_ENV {
             return Err(RequestError::TooManyEnv {
                 count: self.env.len(),
@@ -99,13 +117,12 @@ mod tests {
 
     fn request(env: &[(&str, &str)]) -> ServiceRequest {
         ServiceRequest {
-            service: "web".into(),
+            service: Some("web".into()),
             env: env
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-            mode: Mode::default(),
-            deadline_ms: None,
+            ..ServiceRequest::default()
         }
     }
 
@@ -127,6 +144,22 @@ mod tests {
         assert_eq!(
             request(&[("k", "x\ny")]).validate(),
             Err(RequestError::BadEnvValue("k".into()))
+        );
+    }
+
+    #[test]
+    fn service_or_config() {
+        let neither = ServiceRequest::default();
+        assert_eq!(neither.validate(), Err(RequestError::ServiceOrConfig));
+        let config: ServiceRequest = serde_json::from_str(
+            r#"{"config":{"vcpus":1,"memory_mib":{"min":256,"max":128},"os":{"name":"busybox"}}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            config.validate(),
+            Err(RequestError::Config(
+                "memory_mib range 256..128 is empty".into()
+            ))
         );
     }
 

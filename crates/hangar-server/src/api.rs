@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 use utoipa::OpenApi;
 
 use crate::error::{ApiError, ErrorBody};
-use crate::manager::{Grant, Manager};
+use crate::manager::{Grant, Manager, Served};
+use crate::pools::PoolView;
 
 #[derive(OpenApi)]
 #[openapi(
@@ -53,6 +54,8 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .route("/v1/requests", post(create_request))
         .route("/v1/vms", get(list_vms))
         .route("/v1/vms/{id}", get(get_vm).delete(delete_vm))
+        .route("/v1/pools", get(list_pools))
+        .route("/v1/pools/{name}", axum::routing::put(set_pool))
         .route("/v1/tasks", get(list_tasks))
         .route("/v1/tasks/{id}", get(get_task))
         .fallback(|| async {
@@ -123,7 +126,7 @@ async fn list_services(State(manager): State<Arc<Manager>>) -> Json<Vec<ServiceV
     )
 }
 
-/// The answer to a service request.
+/// The answer to a request: where the VM answers.
 #[derive(Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GrantView {
     pub vm: String,
@@ -132,15 +135,30 @@ pub struct GrantView {
     pub endpoint: String,
     /// Port name → `HOST:PORT`.
     pub endpoints: BTreeMap<String, String>,
+    /// `<vm>.<domain>`, when the server has a DNS domain.
+    pub dns_name: Option<String>,
     pub state: VmState,
     pub host: String,
     pub mode: Mode,
-    /// An existing VM answered (shared mode) rather than a new one.
+    /// How the request was served: `shared`, `exact`, `superset`, `partial` or `created`.
+    #[serde(rename = "match")]
+    pub served: Served,
+    /// An existing active VM answered (shared mode).
     pub reused: bool,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// The size a superset VM was sliced to (`exact_size`).
+    pub sliced_to: Option<SliceView>,
     /// The creation task, when a VM was made.
     pub task: Option<String>,
-    /// Launch → ready, for a new VM.
+    /// Launch → ready of the VM.
     pub boot_ms: Option<u64>,
+}
+
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SliceView {
+    pub vcpus: u32,
+    pub memory_mib: u32,
 }
 
 impl From<Grant> for GrantView {
@@ -150,14 +168,51 @@ impl From<Grant> for GrantView {
             service: grant.service,
             endpoint: grant.endpoint,
             endpoints: grant.vm.endpoints,
+            dns_name: grant.dns_name,
             state: grant.vm.state,
             host: grant.vm.host,
             mode: grant.vm.mode,
-            reused: grant.reused,
+            served: grant.served,
+            reused: grant.served == Served::Shared,
+            vcpus: grant.vm.vcpus,
+            memory_mib: grant.vm.memory_mib,
+            sliced_to: grant
+                .sliced_to
+                .map(|(vcpus, memory_mib)| SliceView { vcpus, memory_mib }),
             task: grant.task,
             boot_ms: grant.vm.boot_ms,
         }
     }
+}
+
+#[utoipa::path(get, path = "/v1/pools", responses((status = 200, body = [PoolView])))]
+async fn list_pools(State(manager): State<Arc<Manager>>) -> Result<Json<Vec<PoolView>>, ApiError> {
+    Ok(Json(manager.pool_views()?))
+}
+
+/// New bounds for a pool.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PoolBoundsBody {
+    pub min: u32,
+    /// Unchanged (or raised to `min`) when absent.
+    pub max: Option<u32>,
+}
+
+#[utoipa::path(
+    put,
+    path = "/v1/pools/{name}",
+    request_body = PoolBoundsBody,
+    responses((status = 200, body = PoolView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody))
+)]
+async fn set_pool(
+    State(manager): State<Arc<Manager>>,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<PoolView>, ApiError> {
+    let body: PoolBoundsBody = serde_json::from_slice(&body)
+        .map_err(|err| ApiError::BadRequest(format!("invalid request body: {err}")))?;
+    Ok(Json(manager.set_pool_bounds(&name, body.min, body.max)?))
 }
 
 /// Request a service: answers once a VM offering it is ready.
@@ -195,6 +250,10 @@ pub struct VmView {
     pub env: BTreeMap<String, String>,
     pub memory_mib: u32,
     pub vcpus: u32,
+    /// The warm pool holding it, while it is paused there.
+    pub pool: Option<String>,
+    /// `NAME VERSION`; none for a hardware shell with no OS yet.
+    pub os: Option<String>,
     pub pid: Option<u32>,
     pub error: Option<String>,
     /// RFC 3339.
@@ -221,6 +280,8 @@ impl From<VmRecord> for VmView {
             env: vm.env,
             memory_mib: vm.memory_mib,
             vcpus: vm.vcpus,
+            pool: vm.pool,
+            os: vm.os.map(|(name, version)| format!("{name} {version}")),
             pid: vm.pid.filter(|_| vm.state.has_process()),
             error: vm.error,
             created_at: rfc3339(vm.created_at_ms),

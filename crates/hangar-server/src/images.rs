@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 
 use hangar_core::Service;
+use hangar_core::catalog::FileSpec;
 use hangar_image::{AssetSources, GuestAssets, ImageFile};
 
 #[async_trait::async_trait]
@@ -15,6 +16,9 @@ pub trait ImageSource: Send + Sync + 'static {
 
     /// The read-only base root disk of `service`, shared by all its VMs.
     async fn base_image(&self, service: &Service) -> Result<Option<PathBuf>, String>;
+
+    /// The bare root disk of an operating system (no application).
+    async fn os_image(&self, os: &str) -> Result<Option<PathBuf>, String>;
 }
 
 /// Images built on this host with `hangar-image`, cached under the data dir.
@@ -57,13 +61,27 @@ impl ImageSource for LocalImages {
     }
 
     async fn base_image(&self, service: &Service) -> Result<Option<PathBuf>, String> {
-        if let Some(path) = self.images.lock().expect("images lock").get(&service.name)
+        self.image(&service.name, &service.files).await
+    }
+
+    async fn os_image(&self, os: &str) -> Result<Option<PathBuf>, String> {
+        self.image(&format!("os:{os}"), &BTreeMap::new()).await
+    }
+}
+
+impl LocalImages {
+    /// A busybox root disk holding `files`, cached under `key`.
+    async fn image(
+        &self,
+        key: &str,
+        files: &BTreeMap<String, FileSpec>,
+    ) -> Result<Option<PathBuf>, String> {
+        if let Some(path) = self.images.lock().expect("images lock").get(key)
             && path.exists()
         {
             return Ok(Some(path.clone()));
         }
-        let files: BTreeMap<String, ImageFile> = service
-            .files
+        let files: BTreeMap<String, ImageFile> = files
             .iter()
             .map(|(path, file)| {
                 (
@@ -86,7 +104,7 @@ impl ImageSource for LocalImages {
         self.images
             .lock()
             .expect("images lock")
-            .insert(service.name.clone(), image.path.clone());
+            .insert(key.to_owned(), image.path.clone());
         Ok(Some(image.path))
     }
 }
@@ -105,7 +123,11 @@ impl ImageSource for NoImages {
         })
     }
 
-    async fn base_image(&self, _service: &Service) -> Result<Option<PathBuf>, String> {
-        Ok(None)
+    async fn base_image(&self, service: &Service) -> Result<Option<PathBuf>, String> {
+        Ok(Some(format!("/nonexistent/{}.qcow2", service.name).into()))
+    }
+
+    async fn os_image(&self, os: &str) -> Result<Option<PathBuf>, String> {
+        Ok(Some(format!("/nonexistent/{os}.qcow2").into()))
     }
 }

@@ -23,6 +23,7 @@ pub mod api;
 pub mod error;
 pub mod images;
 pub mod manager;
+pub mod pools;
 pub mod ready;
 
 pub use manager::{Manager, ManagerConfig};
@@ -41,6 +42,10 @@ pub struct ServerConfig {
     pub endpoint_host: IpAddr,
     pub kernel: Option<PathBuf>,
     pub busybox: Option<PathBuf>,
+    /// Most memory all warm pools may hold together, in MiB.
+    pub pool_memory_mib: u64,
+    /// Answers carry `<vm>.<domain>` when set.
+    pub dns_domain: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -179,6 +184,8 @@ pub async fn run(
             endpoint_host: config.endpoint_host,
             // Under TCG on microvm the guest cannot calibrate its TSC; it is told the rate.
             guest_cmdline: hangar_image::kernel_cmdline(hangar_image::host_tsc_khz()),
+            pool_memory_mib: config.pool_memory_mib,
+            dns_domain: config.dns_domain.clone(),
             ..ManagerConfig::default()
         },
     );
@@ -205,6 +212,8 @@ pub async fn run(
         })
     };
 
+    let pool_loop = manager.spawn_pool_loop();
+
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| ServerError::Listen {
@@ -217,9 +226,13 @@ pub async fn run(
         .with_graceful_shutdown(shutdown)
         .await;
     monitor.abort();
+    pool_loop.abort();
     drop(lock);
     served.map_err(ServerError::Serve)
 }
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod tests_pools;

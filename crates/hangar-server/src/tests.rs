@@ -1,7 +1,6 @@
 //! The request path, deletion and reconciliation on the fake backend (logic only; the
 //! real-QEMU tests are in `crates/hangar-cli/tests`).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,7 +11,7 @@ use hangar_vmm::fake::FakeBackend;
 
 use crate::error::ApiError;
 use crate::images::NoImages;
-use crate::manager::{Manager, ManagerConfig};
+use crate::manager::{Manager, ManagerConfig, Served};
 
 const CATALOG: &str = r#"
 [service.web]
@@ -58,10 +57,9 @@ fn setup() -> (Arc<Manager>, FakeBackend, Arc<Store>) {
 
 fn request(service: &str, mode: Mode) -> ServiceRequest {
     ServiceRequest {
-        service: service.into(),
-        env: BTreeMap::new(),
+        service: Some(service.into()),
         mode,
-        deadline_ms: None,
+        ..ServiceRequest::default()
     }
 }
 
@@ -69,7 +67,7 @@ fn request(service: &str, mode: Mode) -> ServiceRequest {
 async fn shared_requests_reuse_the_active_vm_and_dedicated_ones_do_not() {
     let (manager, backend, store) = setup();
     let first = manager.request(request("web", Mode::Shared)).await.unwrap();
-    assert!(!first.reused);
+    assert_eq!(first.served, Served::Created);
     assert_eq!(first.vm.state, VmState::Active);
     assert!(
         first.endpoint.starts_with("127.0.0.1:"),
@@ -83,7 +81,7 @@ async fn shared_requests_reuse_the_active_vm_and_dedicated_ones_do_not() {
     );
 
     let second = manager.request(request("web", Mode::Shared)).await.unwrap();
-    assert!(second.reused);
+    assert_eq!(second.served, Served::Shared);
     assert_eq!(second.vm.id, first.vm.id);
 
     let dedicated = manager
@@ -281,6 +279,7 @@ async fn restart_adopts_running_vms_fails_vanished_ones_and_stops_strangers() {
         cmdline: String::new(),
         base_image: None,
         forwards: vec![],
+        pre_os: false,
     };
     backend.launch(&stranger).await.unwrap();
 

@@ -275,17 +275,30 @@ impl Store {
     /// Claims a paused pool VM for a request: `ready` → `active`, out of its pool, with the
     /// given sharing mode and environment. Fails with a transition error when another
     /// request claimed it first.
-    pub fn claim(&self, id: &str, mode: Mode, env: &BTreeMap<String, String>) -> Result<VmRecord, StoreError> {
+    pub fn claim(
+        &self,
+        id: &str,
+        mode: Mode,
+        env: &BTreeMap<String, String>,
+    ) -> Result<VmRecord, StoreError> {
         {
             let mut conn = self.conn();
             let tx = conn.transaction()?;
             let current: Option<String> = tx
-                .query_row("SELECT state FROM vms WHERE id = ?1", [id], |row| row.get(0))
+                .query_row("SELECT state FROM vms WHERE id = ?1", [id], |row| {
+                    row.get(0)
+                })
                 .optional()?;
             let current = current.ok_or_else(|| StoreError::NoVm(id.to_owned()))?;
-            let from: VmState = current.parse().map_err(|_| StoreError::Corrupt(current.clone()))?;
+            let from: VmState = current
+                .parse()
+                .map_err(|_| StoreError::Corrupt(current.clone()))?;
             if from != VmState::Ready {
-                return Err(InvalidTransition { from, to: VmState::Active }.into());
+                return Err(InvalidTransition {
+                    from,
+                    to: VmState::Active,
+                }
+                .into());
             }
             let now = now_ms();
             tx.execute(
@@ -299,7 +312,13 @@ impl Store {
     }
 
     /// Records what a VM offers after an OS image was attached to a shell.
-    pub fn set_offer(&self, id: &str, services: &[String], os: &(String, String), endpoints: &BTreeMap<String, String>) -> Result<(), StoreError> {
+    pub fn set_offer(
+        &self,
+        id: &str,
+        services: &[String],
+        os: &(String, String),
+        endpoints: &BTreeMap<String, String>,
+    ) -> Result<(), StoreError> {
         self.update(
             "UPDATE vms SET services = ?2, os_name = ?3, os_version = ?4, endpoints = ?5 WHERE id = ?1",
             params![id, serde_json::to_string(services)?, os.0, os.1, serde_json::to_string(endpoints)?],
@@ -311,7 +330,9 @@ impl Store {
     pub fn pool_bounds(&self) -> Result<BTreeMap<String, (u32, u32)>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached("SELECT name, min, max FROM pool_bounds")?;
-        let rows = stmt.query_map([], |row| Ok((row.get::<_, String>(0)?, (row.get(1)?, row.get(2)?))))?;
+        let rows = stmt.query_map([], |row| {
+            Ok((row.get::<_, String>(0)?, (row.get(1)?, row.get(2)?)))
+        })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 

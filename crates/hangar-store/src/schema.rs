@@ -5,7 +5,8 @@ use rusqlite::Connection;
 use crate::StoreError;
 
 /// Each entry moves the schema from version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &["CREATE TABLE vms (
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE vms (
         id              TEXT PRIMARY KEY,
         host            TEXT NOT NULL,
         services        TEXT NOT NULL,

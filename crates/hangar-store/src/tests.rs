@@ -157,9 +157,14 @@ fn claiming_a_pool_vm_happens_once() {
     assert_eq!(store.vm("vm-a").unwrap().unwrap(), pooled);
     let env = BTreeMap::from([("k".to_string(), "v".to_string())]);
     let claimed = store.claim("vm-a", Mode::Shared, &env).unwrap();
-    assert_eq!((claimed.state, claimed.pool.as_deref(), claimed.mode), (VmState::Active, None, Mode::Shared));
+    assert_eq!(
+        (claimed.state, claimed.pool.as_deref(), claimed.mode),
+        (VmState::Active, None, Mode::Shared)
+    );
     assert_eq!(claimed.env, env);
-    let again = store.claim("vm-a", Mode::Dedicated, &BTreeMap::new()).unwrap_err();
+    let again = store
+        .claim("vm-a", Mode::Dedicated, &BTreeMap::new())
+        .unwrap_err();
     assert!(matches!(again, StoreError::Transition(_)), "{again}");
 }
 
@@ -169,5 +174,8 @@ fn pool_bounds_override() {
     assert!(store.pool_bounds().unwrap().is_empty());
     store.set_pool_bounds("web", 1, 3).unwrap();
     store.set_pool_bounds("web", 2, 4).unwrap();
-    assert_eq!(store.pool_bounds().unwrap(), BTreeMap::from([("web".to_string(), (2, 4))]));
+    assert_eq!(
+        store.pool_bounds().unwrap(),
+        BTreeMap::from([("web".to_string(), (2, 4))])
+    );
 }

@@ -19,6 +19,8 @@ use crate::{Hypervisor, Launched, RunState, VmSpec, VmmError};
 
 struct FakeVm {
     paused: watch::Sender<bool>,
+    memory_mib: u32,
+    root: Option<std::path::PathBuf>,
     agent: Arc<Agent>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -55,6 +57,24 @@ impl FakeBackend {
         self.fail_next_launch.store(true, Ordering::SeqCst);
     }
 
+    /// The guest memory a VM was given or ballooned to.
+    pub fn memory_mib(&self, id: &str) -> Option<u32> {
+        self.vms
+            .lock()
+            .expect("fake vms lock")
+            .get(id)
+            .map(|vm| vm.memory_mib)
+    }
+
+    /// The root image attached to a VM.
+    pub fn root(&self, id: &str) -> Option<std::path::PathBuf> {
+        self.vms
+            .lock()
+            .expect("fake vms lock")
+            .get(id)
+            .and_then(|vm| vm.root.clone())
+    }
+
     /// Simulates the VM's process dying.
     pub fn crash(&self, id: &str) {
         self.vms.lock().expect("fake vms lock").remove(id);
@@ -71,7 +91,7 @@ impl Hypervisor for FakeBackend {
         if self.fail_next_launch.swap(false, Ordering::SeqCst) {
             return Err(VmmError::Launch("simulated launch failure".into()));
         }
-        let (paused, paused_rx) = watch::channel(false);
+        let (paused, paused_rx) = watch::channel(spec.pre_os);
         let mut tasks = Vec::new();
         for forward in &spec.forwards {
             let listener = TcpListener::bind((forward.host, forward.host_port)).await?;
@@ -89,6 +109,8 @@ impl Hypervisor for FakeBackend {
             spec.id.clone(),
             FakeVm {
                 paused,
+                memory_mib: spec.memory_mib,
+                root: spec.base_image.clone(),
                 agent: agent.clone(),
                 tasks,
             },
@@ -136,6 +158,47 @@ impl Hypervisor for FakeBackend {
 
     async fn destroy(&self, id: &str) -> Result<(), VmmError> {
         self.vms.lock().expect("fake vms lock").remove(id);
+        Ok(())
+    }
+
+    async fn attach_root(&self, id: &str, base_image: &std::path::Path) -> Result<(), VmmError> {
+        let mut vms = self.vms.lock().expect("fake vms lock");
+        let vm = vms
+            .get_mut(id)
+            .ok_or_else(|| VmmError::NotRunning(id.to_owned()))?;
+        vm.root = Some(base_image.to_owned());
+        Ok(())
+    }
+
+    async fn add_forwards(
+        &self,
+        id: &str,
+        forwards: &[crate::PortForward],
+    ) -> Result<(), VmmError> {
+        let mut listeners = Vec::new();
+        for forward in forwards {
+            listeners.push(TcpListener::bind((forward.host, forward.host_port)).await?);
+        }
+        let mut vms = self.vms.lock().expect("fake vms lock");
+        let vm = vms
+            .get_mut(id)
+            .ok_or_else(|| VmmError::NotRunning(id.to_owned()))?;
+        for listener in listeners {
+            vm.tasks.push(tokio::spawn(serve_http(
+                listener,
+                id.to_owned(),
+                vm.paused.subscribe(),
+            )));
+        }
+        Ok(())
+    }
+
+    async fn set_memory(&self, id: &str, memory_mib: u32) -> Result<(), VmmError> {
+        let mut vms = self.vms.lock().expect("fake vms lock");
+        let vm = vms
+            .get_mut(id)
+            .ok_or_else(|| VmmError::NotRunning(id.to_owned()))?;
+        vm.memory_mib = memory_mib;
         Ok(())
     }
 }
@@ -258,6 +321,7 @@ mod tests {
                 host_port: port,
                 guest_port: 80,
             }],
+            pre_os: false,
         };
         let launched = backend.launch(&spec).await.unwrap();
         assert_eq!(

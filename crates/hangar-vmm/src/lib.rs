@@ -8,7 +8,7 @@
 //! backend can be dropped and re-created and [`Hypervisor::adopt`] finds its VMs again.
 
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -38,6 +38,10 @@ pub struct VmSpec {
     pub base_image: Option<PathBuf>,
     /// Host TCP ports forwarded to guest ports (user-mode networking).
     pub forwards: Vec<PortForward>,
+    /// A hardware shell: QEMU starts paused before any guest code runs, with an empty root
+    /// disk slot; [`Hypervisor::attach_root`] gives it an OS image later.
+    #[serde(default)]
+    pub pre_os: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -114,6 +118,16 @@ pub trait Hypervisor: Send + Sync + 'static {
 
     /// Stops the VM's process, if any, and deletes every file it had. Idempotent.
     async fn destroy(&self, id: &str) -> Result<(), VmmError>;
+
+    /// Gives a pre-OS shell its root disk: a fresh copy-on-write layer over `base_image`.
+    /// The VM stays paused; resume it to boot.
+    async fn attach_root(&self, id: &str, base_image: &Path) -> Result<(), VmmError>;
+
+    /// Adds host port forwards to a running VM.
+    async fn add_forwards(&self, id: &str, forwards: &[PortForward]) -> Result<(), VmmError>;
+
+    /// Sets the guest's memory target through the balloon (the guest sees less memory).
+    async fn set_memory(&self, id: &str, memory_mib: u32) -> Result<(), VmmError>;
 
     /// The file holding the guest's serial console output, if the backend keeps one.
     fn console_log(&self, _id: &str) -> Option<PathBuf> {

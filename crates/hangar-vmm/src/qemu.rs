@@ -25,7 +25,7 @@ use tokio::net::UnixStream;
 
 use crate::agent::Agent;
 use crate::qmp::Qmp;
-use crate::{Accel, Hypervisor, Launched, RunState, VmSpec, VmmError, procs};
+use crate::{Accel, Hypervisor, Launched, PortForward, RunState, VmSpec, VmmError, procs};
 
 /// Longest path a unix socket address holds (`sun_path` minus the NUL).
 const MAX_SOCKET_PATH: usize = 107;
@@ -125,22 +125,7 @@ impl QemuBackend {
             }
         }
         if let Some(base) = &spec.base_image {
-            let base = std::path::absolute(base)?;
-            run_tool(
-                &self.config.qemu_img,
-                &[
-                    "create".as_ref(),
-                    "-q".as_ref(),
-                    "-f".as_ref(),
-                    "qcow2".as_ref(),
-                    "-F".as_ref(),
-                    "qcow2".as_ref(),
-                    "-b".as_ref(),
-                    base.as_os_str(),
-                    paths.disk.as_os_str(),
-                ],
-            )
-            .await?;
+            create_overlay(&self.config.qemu_img, base, &paths.disk).await?;
         }
         let args = qemu_args(self.config.accel, spec, paths);
         let output = tokio::process::Command::new(&self.config.qemu)
@@ -275,6 +260,69 @@ impl Hypervisor for QemuBackend {
         }
     }
 
+    async fn attach_root(&self, id: &str, base_image: &Path) -> Result<(), VmmError> {
+        let running = self.running(id).await?;
+        let paths = self.paths(id);
+        create_overlay(&self.config.qemu_img, base_image, &paths.disk).await?;
+        let qmp = &running.qmp;
+        qmp.execute(
+            "blockdev-add",
+            Some(serde_json::json!({
+                "driver": "qcow2",
+                "node-name": "disk",
+                "file": { "driver": "file", "filename": paths.disk.display().to_string() },
+            })),
+        )
+        .await?;
+        // The device was realized over a raw node on a placeholder; point the raw node at
+        // the new disk. The guest has not run yet, so it reads the real size at probe.
+        qmp.execute(
+            "blockdev-reopen",
+            Some(serde_json::json!({
+                "options": [{ "driver": "raw", "node-name": "root", "file": "disk" }],
+            })),
+        )
+        .await?;
+        qmp.execute(
+            "blockdev-del",
+            Some(serde_json::json!({ "node-name": "placeholder" })),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn add_forwards(&self, id: &str, forwards: &[PortForward]) -> Result<(), VmmError> {
+        let running = self.running(id).await?;
+        for forward in forwards {
+            let command = format!(
+                "hostfwd_add n0 tcp:{}:{}-:{}",
+                forward.host, forward.host_port, forward.guest_port
+            );
+            let output = running
+                .qmp
+                .execute(
+                    "human-monitor-command",
+                    Some(serde_json::json!({ "command-line": command })),
+                )
+                .await?;
+            let text = output.as_str().unwrap_or_default().trim();
+            if !text.is_empty() {
+                return Err(VmmError::Launch(format!("{command}: {text}")));
+            }
+        }
+        Ok(())
+    }
+
+    async fn set_memory(&self, id: &str, memory_mib: u32) -> Result<(), VmmError> {
+        let running = self.running(id).await?;
+        let bytes = u64::from(memory_mib) * 1024 * 1024;
+        running
+            .qmp
+            .execute("balloon", Some(serde_json::json!({ "value": bytes })))
+            .await?;
+        Ok(())
+    }
+
     fn console_log(&self, id: &str) -> Option<PathBuf> {
         Some(self.paths(id).console)
     }
@@ -328,7 +376,20 @@ pub fn qemu_args(accel: Accel, spec: &VmSpec, paths: &VmPaths) -> Vec<String> {
         "-serial".into(),
         format!("file:{}", path(&paths.console)),
     ]);
-    if spec.base_image.is_some() {
+    if spec.pre_os {
+        // Paused before the guest runs; the root slot holds a placeholder until
+        // `attach_root` points it at a real disk. The placeholder must be writable: the
+        // device fixes its read-only flag when it is created.
+        args.extend([
+            "-S".into(),
+            "-blockdev".into(),
+            "driver=null-co,node-name=placeholder,size=1073741824".into(),
+            "-blockdev".into(),
+            "driver=raw,file=placeholder,node-name=root".into(),
+            "-device".into(),
+            "virtio-blk-device,drive=root".into(),
+        ]);
+    } else if spec.base_image.is_some() {
         args.extend([
             "-drive".into(),
             format!("id=root,file={},format=qcow2,if=none", path(&paths.disk)),
@@ -379,6 +440,26 @@ async fn connect(paths: &VmPaths) -> Result<(Qmp, Arc<Agent>), VmmError> {
         ))
     })?;
     Ok((qmp, Agent::spawn(stream)))
+}
+
+/// A qcow2 copy-on-write layer at `disk` over the read-only `base`.
+async fn create_overlay(qemu_img: &Path, base: &Path, disk: &Path) -> Result<(), VmmError> {
+    let base = std::path::absolute(base)?;
+    run_tool(
+        qemu_img,
+        &[
+            "create".as_ref(),
+            "-q".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            "-F".as_ref(),
+            "qcow2".as_ref(),
+            "-b".as_ref(),
+            base.as_os_str(),
+            disk.as_os_str(),
+        ],
+    )
+    .await
 }
 
 fn read_pid(pidfile: &Path) -> Option<u32> {
@@ -432,6 +513,7 @@ mod tests {
                     guest_port: 6379,
                 },
             ],
+            pre_os: false,
         };
         let paths = VmPaths::new(Path::new("/data/vms"), "vm-1");
         let args = qemu_args(Accel::Tcg, &spec, &paths).join(" ");
@@ -451,12 +533,27 @@ mod tests {
             Accel::Kvm,
             &VmSpec {
                 base_image: None,
-                ..spec
+                ..spec.clone()
             },
             &paths,
         )
         .join(" ");
         assert!(kvm.contains("-accel kvm -cpu host"));
         assert!(!kvm.contains("-drive"));
+        let shell = qemu_args(
+            Accel::Tcg,
+            &VmSpec {
+                pre_os: true,
+                base_image: None,
+                ..spec
+            },
+            &paths,
+        )
+        .join(" ");
+        assert!(shell.contains(" -S "), "{shell}");
+        assert!(
+            shell.contains("driver=raw,file=placeholder,node-name=root"),
+            "{shell}"
+        );
     }
 }

@@ -58,6 +58,7 @@ fn main() {
     panic::set_hook(Box::new(|info| {
         console!("panic: {info}");
     }));
+    console!("hangar-init {}: starting", env!("CARGO_PKG_VERSION"));
     let mut init = boot();
     loop {
         let result = panic::catch_unwind(AssertUnwindSafe(|| init.run()));

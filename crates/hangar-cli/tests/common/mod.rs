@@ -26,9 +26,10 @@ pub struct TestServer {
 }
 
 impl TestServer {
-    /// Starts a server on a free port and waits until it answers.
+    /// Starts a server on a free port, with warm pools off (pool memory budget 0), and waits
+    /// until it answers.
     pub fn start() -> TestServer {
-        TestServer::start_with(&[])
+        TestServer::start_with(&["--pool-memory", "0"])
     }
 
     pub fn start_with(extra_args: &[&str]) -> TestServer {
@@ -237,6 +238,29 @@ pub fn http_get(addr: &SocketAddr, path: &str) -> std::io::Result<(u16, String)>
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
     Ok((status, body))
+}
+
+/// Polls `check` every 100 ms until it returns `Some`, or panics with `what` after `secs`.
+pub fn wait_for<T>(secs: u64, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `key value` lines of the http-static `/cgi-bin/whoami` answer.
+pub fn whoami(endpoint: &str) -> std::collections::BTreeMap<String, String> {
+    fetch(endpoint, "/cgi-bin/whoami")
+        .lines()
+        .filter_map(|line| {
+            line.split_once(' ')
+                .map(|(k, v)| (k.to_owned(), v.trim().to_owned()))
+        })
+        .collect()
 }
 
 /// GET through a VM endpoint (`HOST:PORT`), expecting 200.

@@ -1,0 +1,289 @@
+//! Warm pools: the loop that keeps each pool at its target, and pool status.
+//!
+//! Planning is pure (`hangar_core::pool`); this module gathers the inputs (catalog pools
+//! with run-time bounds, paused VMs in the store, fills in flight, request rates), applies
+//! the plan (fill tasks, removal of excess paused VMs), and wakes up whenever a VM leaves a
+//! pool or bounds change, or every second otherwise.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hangar_core::VmState;
+use hangar_core::pool::{PoolCount, PoolSpec, RequestRate, adaptive_target, plan};
+use hangar_store::now_ms;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use crate::error::ApiError;
+use crate::manager::{MakeVm, Manager};
+
+/// Expected time to refill a pool with one VM; scales adaptive targets.
+const REFILL_ESTIMATE_S: f64 = 4.0;
+
+#[derive(Default)]
+pub struct PoolRuntime {
+    rates: Mutex<HashMap<String, RequestRate>>,
+    /// Fill tasks running, per pool.
+    inflight: Mutex<HashMap<String, u32>>,
+    wake: Notify,
+}
+
+impl PoolRuntime {
+    /// Asks the pool loop to look again now.
+    pub fn refill(&self) {
+        self.wake.notify_one();
+    }
+}
+
+/// One pool as `GET /v1/pools` reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PoolView {
+    pub name: String,
+    /// The service its VMs offer; none for pre-OS hardware shells.
+    pub service: Option<String>,
+    pub vcpus: u32,
+    /// Memory of each VM.
+    pub vm_memory_mib: u32,
+    pub min: u32,
+    pub max: u32,
+    /// What the pool aims to hold now (between min and max, from the request rate).
+    pub target: u32,
+    /// Paused VMs ready to hand out.
+    pub ready: u32,
+    /// VMs being booted for the pool.
+    pub booting: u32,
+    /// Memory held by the pool's ready and booting VMs.
+    pub memory_mib: u64,
+    /// Requests per minute served or wanted from this pool (EWMA).
+    pub rate_per_min: f64,
+}
+
+impl Manager {
+    /// Catalog pools with run-time bounds applied.
+    pub fn pool_specs(&self) -> Result<Vec<PoolSpec>, ApiError> {
+        let bounds = self.store.pool_bounds()?;
+        Ok(self
+            .catalog
+            .pools()
+            .map(|spec| {
+                let mut spec = spec.clone();
+                if let Some((min, max)) = bounds.get(&spec.name) {
+                    (spec.min, spec.max) = (*min, *max);
+                }
+                spec
+            })
+            .collect())
+    }
+
+    /// Sets a pool's bounds at run time (kept across restarts).
+    pub fn set_pool_bounds(
+        &self,
+        name: &str,
+        min: u32,
+        max: Option<u32>,
+    ) -> Result<PoolView, ApiError> {
+        let spec = self
+            .pool_specs()?
+            .into_iter()
+            .find(|spec| spec.name == name)
+            .ok_or_else(|| ApiError::NotFound {
+                message: format!("no pool named {name:?}"),
+                alternatives: hangar_core::suggest::closest(
+                    name,
+                    self.catalog.pools().map(|p| p.name.as_str()),
+                    3,
+                ),
+            })?;
+        let max = max.unwrap_or(spec.max.max(min));
+        if min > max {
+            return Err(ApiError::BadRequest(format!(
+                "min {min} is larger than max {max}"
+            )));
+        }
+        if max > 64 {
+            return Err(ApiError::BadRequest(format!("max {max} is larger than 64")));
+        }
+        self.store.set_pool_bounds(name, min, max)?;
+        self.pools.refill();
+        self.pool_views()?
+            .into_iter()
+            .find(|view| view.name == name)
+            .ok_or_else(|| ApiError::Internal("pool vanished".into()))
+    }
+
+    /// Notes one request that a pool serves (or would have).
+    pub(crate) fn record_demand(&self, pool: &str) {
+        if self.catalog.pools().any(|p| p.name == pool) {
+            self.pools
+                .rates
+                .lock()
+                .expect("rates lock")
+                .entry(pool.to_owned())
+                .or_insert_with(|| RequestRate::new(now_ms()))
+                .record(now_ms());
+        }
+    }
+
+    fn counts(&self) -> Result<HashMap<String, PoolCount>, ApiError> {
+        let inflight = self.pools.inflight.lock().expect("inflight lock").clone();
+        let mut counts: HashMap<String, PoolCount> = HashMap::new();
+        for vm in self.store.vms(false)? {
+            if let (Some(pool), VmState::Ready) = (&vm.pool, vm.state) {
+                counts.entry(pool.clone()).or_default().ready += 1;
+            }
+        }
+        for (pool, n) in inflight {
+            counts.entry(pool).or_default().booting = n;
+        }
+        Ok(counts)
+    }
+
+    fn target(&self, spec: &PoolSpec) -> (u32, f64) {
+        let rate = self
+            .pools
+            .rates
+            .lock()
+            .expect("rates lock")
+            .get(&spec.name)
+            .map_or(0.0, |rate| rate.per_s(now_ms()));
+        (
+            adaptive_target(spec.min, spec.max, rate, REFILL_ESTIMATE_S),
+            rate,
+        )
+    }
+
+    pub fn pool_views(&self) -> Result<Vec<PoolView>, ApiError> {
+        let counts = self.counts()?;
+        Ok(self
+            .pool_specs()?
+            .into_iter()
+            .map(|spec| {
+                let count = counts.get(&spec.name).copied().unwrap_or_default();
+                let (target, rate) = self.target(&spec);
+                PoolView {
+                    memory_mib: u64::from(spec.memory_mib) * u64::from(count.total()),
+                    name: spec.name,
+                    service: spec.service,
+                    vcpus: spec.vcpus,
+                    vm_memory_mib: spec.memory_mib,
+                    min: spec.min,
+                    max: spec.max,
+                    target,
+                    ready: count.ready,
+                    booting: count.booting,
+                    rate_per_min: rate * 60.0,
+                }
+            })
+            .collect())
+    }
+
+    /// One round: plan against targets and the memory budget, start fills, remove excess.
+    pub async fn reconcile_pools(self: &Arc<Self>) -> Result<(), ApiError> {
+        let specs = self.pool_specs()?;
+        let counts = self.counts()?;
+        let inputs: Vec<(PoolSpec, PoolCount, u32)> = specs
+            .into_iter()
+            .map(|spec| {
+                let count = counts.get(&spec.name).copied().unwrap_or_default();
+                let (target, _) = self.target(&spec);
+                (spec, count, target)
+            })
+            .collect();
+        let held: u64 = inputs
+            .iter()
+            .map(|(spec, count, _)| u64::from(spec.memory_mib) * u64::from(count.total()))
+            .sum();
+        let planned = plan(&inputs, held, self.config.pool_memory_mib);
+
+        for (index, n) in planned.remove {
+            let pool = &inputs[index].0.name;
+            let mut paused: Vec<_> = self
+                .store
+                .vms(false)?
+                .into_iter()
+                .filter(|vm| vm.state == VmState::Ready && vm.pool.as_ref() == Some(pool))
+                .collect();
+            paused.sort_by_key(|vm| vm.created_at_ms);
+            for vm in paused.into_iter().take(n as usize) {
+                tracing::info!(vm = %vm.id, pool = %pool, "removing a paused VM above the pool's target");
+                if let Err(err) = self.delete(&vm.id).await {
+                    tracing::warn!(vm = %vm.id, error = %err, "cannot remove pool vm");
+                }
+            }
+        }
+        for (index, n) in planned.create {
+            let spec = &inputs[index].0;
+            for _ in 0..n {
+                self.start_fill(spec.clone())?;
+            }
+        }
+        Ok(())
+    }
+
+    fn start_fill(self: &Arc<Self>, spec: PoolSpec) -> Result<(), ApiError> {
+        let service = match &spec.service {
+            Some(name) => Some(self.catalog.get(name).cloned().ok_or_else(|| {
+                ApiError::Internal(format!("pool {} names unknown service {name}", spec.name))
+            })?),
+            None => None,
+        };
+        let make = MakeVm {
+            service,
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+            mode: hangar_core::Mode::Dedicated,
+            env: Default::default(),
+            pool: Some(spec.name.clone()),
+        };
+        *self
+            .pools
+            .inflight
+            .lock()
+            .expect("inflight lock")
+            .entry(spec.name.clone())
+            .or_default() += 1;
+        let task = match self.start_create(make, None) {
+            Ok(task) => task,
+            Err(err) => {
+                self.fill_done(&spec.name);
+                return Err(err);
+            }
+        };
+        let manager = self.clone();
+        tokio::spawn(async move {
+            let outcome = manager.task_outcome(&task).await;
+            manager.fill_done(&spec.name);
+            if let Some(Err(err)) = outcome {
+                tracing::warn!(pool = %spec.name, error = %err, "pool fill failed");
+                // Do not retry in a tight loop when VMs cannot be made.
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            manager.pools.refill();
+        });
+        Ok(())
+    }
+
+    fn fill_done(&self, pool: &str) {
+        let mut inflight = self.pools.inflight.lock().expect("inflight lock");
+        if let Some(n) = inflight.get_mut(pool) {
+            *n = n.saturating_sub(1);
+        }
+    }
+
+    /// Runs the pool loop until the process ends.
+    pub fn spawn_pool_loop(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let manager = self.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Err(err) = manager.reconcile_pools().await {
+                    tracing::warn!(error = %err, "pool reconciliation failed");
+                }
+                tokio::select! {
+                    _ = manager.pools.wake.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        })
+    }
+}

@@ -1,0 +1,317 @@
+//! Warm pools on the fake backend: fill, grant, refill, matching kinds, slicing, budget.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hangar_core::matching::{MachineRequest, MemoryRange, OsRequirement};
+use hangar_core::{Catalog, Mode, ServiceRequest, VmState};
+use hangar_store::Store;
+use hangar_vmm::Hypervisor;
+use hangar_vmm::fake::FakeBackend;
+
+use crate::images::NoImages;
+use crate::manager::{Manager, ManagerConfig, Served};
+
+const CATALOG: &str = r#"
+[service.web]
+os = "busybox"
+memory_mib = 128
+[[service.web.port]]
+name = "http"
+guest = 80
+[[service.web.process]]
+name = "httpd"
+argv = ["httpd"]
+[service.web.ready]
+checks = [{ http = { port = "http" } }]
+[service.web.pool]
+min = 2
+max = 3
+
+[service.db]
+os = "busybox"
+[[service.db.port]]
+name = "sql"
+guest = 5432
+[[service.db.process]]
+name = "db"
+argv = ["db"]
+[service.db.ready]
+checks = [{ tcp = { port = "sql" } }]
+
+[pool.big-web]
+service = "web"
+vcpus = 2
+memory_mib = 512
+max = 1
+
+[pool.shell]
+vcpus = 1
+memory_mib = 256
+max = 1
+"#;
+
+fn setup(pool_memory_mib: u64) -> (Arc<Manager>, FakeBackend, Arc<Store>) {
+    let store = Arc::new(Store::open_in_memory().unwrap());
+    let backend = FakeBackend::new();
+    let manager = Manager::new(
+        store.clone(),
+        Arc::new(backend.clone()),
+        Arc::new(NoImages),
+        Arc::new(Catalog::from_toml(CATALOG).unwrap()),
+        ManagerConfig {
+            pool_memory_mib,
+            dns_domain: Some("vms.test".into()),
+            ..ManagerConfig::default()
+        },
+    );
+    (manager, backend, store)
+}
+
+/// Runs pool rounds until every pool holds its target, or fails after a while.
+async fn settle(manager: &Arc<Manager>) {
+    for _ in 0..200 {
+        manager.reconcile_pools().await.unwrap();
+        let views = manager.pool_views().unwrap();
+        if views.iter().all(|p| p.booting == 0) {
+            manager.reconcile_pools().await.unwrap();
+            let views = manager.pool_views().unwrap();
+            if views.iter().all(|p| p.booting == 0) {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("pools did not settle: {:?}", manager.pool_views().unwrap());
+}
+
+fn ready(manager: &Manager, pool: &str) -> u32 {
+    manager
+        .pool_views()
+        .unwrap()
+        .into_iter()
+        .find(|p| p.name == pool)
+        .unwrap()
+        .ready
+}
+
+fn dedicated(service: &str) -> ServiceRequest {
+    ServiceRequest {
+        service: Some(service.into()),
+        mode: Mode::Dedicated,
+        ..ServiceRequest::default()
+    }
+}
+
+fn config(vcpus: u32, min: u32, max: u32, apps: &[&str], exact_size: bool) -> ServiceRequest {
+    ServiceRequest {
+        config: Some(MachineRequest {
+            vcpus,
+            memory_mib: MemoryRange { min, max },
+            os: OsRequirement {
+                name: "busybox".into(),
+                min_version: None,
+            },
+            apps: apps.iter().map(|a| a.to_string()).collect::<BTreeSet<_>>(),
+        }),
+        exact_size,
+        ..ServiceRequest::default()
+    }
+}
+
+#[tokio::test]
+async fn pools_fill_to_min_and_grants_take_paused_vms_then_refill() {
+    let (manager, backend, store) = setup(4096);
+    settle(&manager).await;
+    assert_eq!(ready(&manager, "web"), 2);
+    assert_eq!(ready(&manager, "big-web"), 0, "min 0 and no demand yet");
+    let paused: Vec<_> = store
+        .vms(false)
+        .unwrap()
+        .into_iter()
+        .filter(|vm| vm.state == VmState::Ready)
+        .collect();
+    assert_eq!(paused.len(), 2);
+    for vm in &paused {
+        assert_eq!(
+            backend.run_state(&vm.id).await.unwrap(),
+            hangar_vmm::RunState::Paused
+        );
+    }
+
+    let a = manager.request(dedicated("web")).await.unwrap();
+    let b = manager.request(dedicated("web")).await.unwrap();
+    assert_eq!((a.served, b.served), (Served::Exact, Served::Exact));
+    assert_ne!(a.vm.id, b.vm.id);
+    assert_eq!((a.vm.state, a.vm.pool.as_deref()), (VmState::Active, None));
+    assert_eq!(
+        a.dns_name.as_deref(),
+        Some(format!("{}.vms.test", a.vm.id).as_str())
+    );
+    assert_eq!(
+        backend.run_state(&a.vm.id).await.unwrap(),
+        hangar_vmm::RunState::Running
+    );
+    let launched = backend.launches();
+
+    settle(&manager).await;
+    assert!(ready(&manager, "web") >= 2, "refilled");
+    assert!(backend.launches() > launched);
+}
+
+#[tokio::test]
+async fn shared_requests_use_the_pool_when_nothing_runs() {
+    let (manager, _, _) = setup(4096);
+    settle(&manager).await;
+    let first = manager
+        .request(ServiceRequest {
+            service: Some("web".into()),
+            ..ServiceRequest::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(first.served, Served::Exact);
+    assert_eq!(first.vm.mode, Mode::Shared);
+    let second = manager
+        .request(ServiceRequest {
+            service: Some("web".into()),
+            ..ServiceRequest::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!((second.served, second.vm.id), (Served::Shared, first.vm.id));
+}
+
+#[tokio::test]
+async fn an_empty_pool_falls_back_to_creating() {
+    let (manager, _, _) = setup(4096);
+    let grant = manager.request(dedicated("db")).await.unwrap();
+    assert_eq!(grant.served, Served::Created);
+}
+
+#[tokio::test]
+async fn superset_matches_are_reported_and_sliced_on_request() {
+    let (manager, backend, _) = setup(4096);
+    manager.set_pool_bounds("web", 0, Some(0)).unwrap();
+    manager.set_pool_bounds("big-web", 1, Some(1)).unwrap();
+    settle(&manager).await;
+    assert_eq!(ready(&manager, "big-web"), 1);
+
+    let grant = manager
+        .request(config(1, 128, 128, &["web"], true))
+        .await
+        .unwrap();
+    assert_eq!(grant.served, Served::Superset);
+    assert_eq!((grant.vm.vcpus, grant.vm.memory_mib), (2, 512));
+    assert_eq!(grant.sliced_to, Some((1, 128)));
+    assert_eq!(
+        backend.memory_mib(&grant.vm.id),
+        Some(128),
+        "ballooned down"
+    );
+
+    settle(&manager).await;
+    let unsliced = manager
+        .request(config(1, 128, 128, &["web"], false))
+        .await
+        .unwrap();
+    assert_eq!(
+        (unsliced.served, unsliced.sliced_to),
+        (Served::Superset, None)
+    );
+    assert_eq!(backend.memory_mib(&unsliced.vm.id), Some(512));
+}
+
+#[tokio::test]
+async fn shells_take_the_requested_os_image_and_serve_it() {
+    let (manager, backend, store) = setup(4096);
+    manager.set_pool_bounds("web", 0, Some(0)).unwrap();
+    manager.set_pool_bounds("shell", 1, Some(1)).unwrap();
+    settle(&manager).await;
+    let shell = store
+        .vms(false)
+        .unwrap()
+        .into_iter()
+        .find(|vm| vm.pool.as_deref() == Some("shell"))
+        .unwrap();
+    assert_eq!(shell.os, None);
+    assert!(shell.services.is_empty());
+
+    let grant = manager
+        .request(config(1, 128, 256, &["web"], false))
+        .await
+        .unwrap();
+    assert_eq!(grant.served, Served::Partial);
+    assert_eq!(grant.vm.id, shell.id);
+    assert_eq!(grant.vm.services, ["web"]);
+    assert_eq!(
+        grant.vm.os.as_ref().map(|(name, _)| name.as_str()),
+        Some("busybox")
+    );
+    assert!(
+        grant.endpoint.starts_with("127.0.0.1:"),
+        "{}",
+        grant.endpoint
+    );
+    assert_eq!(
+        backend.root(&grant.vm.id).unwrap().to_string_lossy(),
+        "/nonexistent/web.qcow2"
+    );
+
+    // The refilled shell serves a different OS image: the bare OS.
+    settle(&manager).await;
+    let bare = manager
+        .request(config(1, 64, 256, &[], false))
+        .await
+        .unwrap();
+    assert_eq!(bare.served, Served::Partial);
+    assert_eq!(
+        backend.root(&bare.vm.id).unwrap().to_string_lossy(),
+        "/nonexistent/busybox.qcow2"
+    );
+}
+
+#[tokio::test]
+async fn pools_stay_within_the_memory_budget_and_shrink_when_asked() {
+    // 256 MiB: two 128 MiB web VMs; nothing else fits.
+    let (manager, _, store) = setup(256);
+    manager.set_pool_bounds("shell", 1, Some(1)).unwrap();
+    settle(&manager).await;
+    let views = manager.pool_views().unwrap();
+    let held: u64 = views.iter().map(|p| p.memory_mib).sum();
+    // Full, and never over: the emptiest pool went first, and nothing else fits.
+    assert_eq!(held, 256, "{views:?}");
+
+    manager.set_pool_bounds("web", 0, Some(0)).unwrap();
+    manager.set_pool_bounds("shell", 0, Some(0)).unwrap();
+    settle(&manager).await;
+    assert_eq!(ready(&manager, "web"), 0);
+    assert!(
+        store
+            .vms(false)
+            .unwrap()
+            .iter()
+            .all(|vm| vm.state != VmState::Ready)
+    );
+    let err = manager.set_pool_bounds("web", 3, Some(1)).unwrap_err();
+    assert!(err.to_string().contains("larger than max"), "{err}");
+    assert!(manager.set_pool_bounds("nope", 1, None).is_err());
+}
+
+#[tokio::test]
+async fn demand_raises_the_target_between_min_and_max() {
+    let (manager, _, _) = setup(4096);
+    settle(&manager).await;
+    for _ in 0..20 {
+        manager.record_demand("web");
+    }
+    let web = manager
+        .pool_views()
+        .unwrap()
+        .into_iter()
+        .find(|p| p.name == "web")
+        .unwrap();
+    assert_eq!(web.target, 3, "capped at max: {web:?}");
+    assert!(web.rate_per_min > 0.0);
+}
