@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use hangar_vmm::Accel;
 
+mod bench;
 mod client;
 mod table;
 
@@ -108,6 +109,11 @@ enum Command {
         #[command(subcommand)]
         command: PoolCommand,
     },
+    /// Benchmarks (start their own server in a temporary data dir).
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
     /// Delete VMs: their processes, disks, sockets and logs.
     Rm {
         #[arg(required = true)]
@@ -124,6 +130,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Request → endpoint answering: warm-pool hits against cold boots (p50, p99, ratio).
+    Pool(bench::PoolBench),
 }
 
 #[derive(Subcommand)]
@@ -190,7 +202,7 @@ fn parse_memory(text: &str) -> Result<(u32, u32), String> {
     }
 }
 
-fn default_data_dir() -> PathBuf {
+pub(crate) fn default_data_dir() -> PathBuf {
     std::env::var_os("XDG_DATA_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".local/share")))
@@ -460,6 +472,9 @@ async fn client_command(client: Client, command: Command) -> Result<(), ClientEr
             );
             Ok(())
         }
+        Command::Bench {
+            command: BenchCommand::Pool(args),
+        } => bench::run(args).await,
         Command::Rm { vms } => {
             for vm in vms {
                 let _: serde_json::Value = client.delete(&format!("/v1/vms/{vm}")).await?;

@@ -416,6 +416,9 @@ impl Manager {
     ) -> Result<(VmRecord, Option<(u32, u32)>), String> {
         let agent = self.agent(&vm.id).ok_or("no agent channel")?;
         let started = Instant::now();
+        if let Err(err) = self.hv.set_foreground(&vm.id).await {
+            tracing::debug!(vm = %vm.id, error = %error_chain(&err), "cannot raise vm priority");
+        }
         // The identity message is written first and waits in QEMU while the guest is
         // paused; resuming then delivers it at once instead of on QEMU's next poll.
         let identity = agent.reidentify(new_identity(&vm.id), Duration::from_secs(10));
@@ -541,6 +544,9 @@ impl Manager {
             .map_err(|err| error_chain(&err))?;
 
         let agent = self.agent(&vm.id).ok_or("no agent channel")?;
+        if let Err(err) = self.hv.set_foreground(&vm.id).await {
+            tracing::debug!(vm = %vm.id, error = %error_chain(&err), "cannot raise vm priority");
+        }
         self.hv
             .resume(&vm.id)
             .await
@@ -754,6 +760,7 @@ impl Manager {
             base_image,
             forwards,
             pre_os,
+            background: make.pool.is_some(),
         };
         let os = make.service.as_ref().map(|service| {
             let version = self

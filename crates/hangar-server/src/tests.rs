@@ -280,6 +280,7 @@ async fn restart_adopts_running_vms_fails_vanished_ones_and_stops_strangers() {
         base_image: None,
         forwards: vec![],
         pre_os: false,
+        background: false,
     };
     backend.launch(&stranger).await.unwrap();
 

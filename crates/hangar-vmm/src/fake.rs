@@ -322,6 +322,7 @@ mod tests {
                 guest_port: 80,
             }],
             pre_os: false,
+            background: false,
         };
         let launched = backend.launch(&spec).await.unwrap();
         assert_eq!(

@@ -42,6 +42,9 @@ pub struct VmSpec {
     /// disk slot; [`Hypervisor::attach_root`] gives it an OS image later.
     #[serde(default)]
     pub pre_os: bool,
+    /// Start at low CPU priority (a pool fill): VMs being handed out or in use come first.
+    #[serde(default)]
+    pub background: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,6 +131,12 @@ pub trait Hypervisor: Send + Sync + 'static {
 
     /// Sets the guest's memory target through the balloon (the guest sees less memory).
     async fn set_memory(&self, id: &str, memory_mib: u32) -> Result<(), VmmError>;
+
+    /// Returns a VM started in the background to normal CPU priority (it is being handed
+    /// out). Best effort: without the right to raise priority, it stays low.
+    async fn set_foreground(&self, _id: &str) -> Result<(), VmmError> {
+        Ok(())
+    }
 
     /// The file holding the guest's serial console output, if the backend keeps one.
     fn console_log(&self, _id: &str) -> Option<PathBuf> {

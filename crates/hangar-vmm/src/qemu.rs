@@ -27,6 +27,9 @@ use crate::agent::Agent;
 use crate::qmp::Qmp;
 use crate::{Accel, Hypervisor, Launched, PortForward, RunState, VmSpec, VmmError, procs};
 
+/// Nice value of VMs booted in the background (pool fills).
+const BACKGROUND_NICE: libc::c_int = 10;
+
 /// Longest path a unix socket address holds (`sun_path` minus the NUL).
 const MAX_SOCKET_PATH: usize = 107;
 
@@ -128,7 +131,18 @@ impl QemuBackend {
             create_overlay(&self.config.qemu_img, base, &paths.disk).await?;
         }
         let args = qemu_args(self.config.accel, spec, paths);
-        let output = tokio::process::Command::new(&self.config.qemu)
+        let mut command = tokio::process::Command::new(&self.config.qemu);
+        if spec.background {
+            // SAFETY: runs in the forked child before exec; setpriority(2) is
+            // async-signal-safe and touches no memory of the parent.
+            unsafe {
+                command.pre_exec(|| {
+                    libc::setpriority(libc::PRIO_PROCESS, 0, BACKGROUND_NICE);
+                    Ok(())
+                });
+            }
+        }
+        let output = command
             .args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -323,6 +337,25 @@ impl Hypervisor for QemuBackend {
         Ok(())
     }
 
+    async fn set_foreground(&self, id: &str) -> Result<(), VmmError> {
+        let running = self.running(id).await?;
+        // Nice values are per thread on Linux: every QEMU thread (vCPUs, I/O) is raised.
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", running.pid))?;
+        for tid in tasks
+            .flatten()
+            .filter_map(|t| t.file_name().to_str()?.parse::<libc::id_t>().ok())
+        {
+            // SAFETY: setpriority(2) has no memory-safety preconditions; the thread ids
+            // belong to this VM's QEMU process.
+            let ret = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, 0) };
+            if ret != 0 {
+                tracing::debug!(vm = %id, tid, error = %std::io::Error::last_os_error(), "cannot raise qemu thread priority");
+                break;
+            }
+        }
+        Ok(())
+    }
+
     fn console_log(&self, id: &str) -> Option<PathBuf> {
         Some(self.paths(id).console)
     }
@@ -514,6 +547,7 @@ mod tests {
                 },
             ],
             pre_os: false,
+            background: false,
         };
         let paths = VmPaths::new(Path::new("/data/vms"), "vm-1");
         let args = qemu_args(Accel::Tcg, &spec, &paths).join(" ");
