@@ -409,7 +409,10 @@ pub async fn run(args: PoolBench) -> Result<(), ClientError> {
                 "  of which: API answer -> endpoint answering",
                 &report.pool_hit_endpoint,
             ),
-            ("floor: one GET to an already running VM", &report.running_vm_get),
+            (
+                "floor: one GET to an already running VM",
+                &report.running_vm_get,
+            ),
         ] {
             println!(
                 "| {name} | {} | {:.1} | {:.1} | {:.1} | {:.1} |",

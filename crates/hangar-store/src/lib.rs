@@ -239,15 +239,7 @@ impl Store {
         {
             let mut conn = self.conn();
             let tx = conn.transaction()?;
-            let current: Option<String> = tx
-                .query_row("SELECT state FROM vms WHERE id = ?1", [id], |row| {
-                    row.get(0)
-                })
-                .optional()?;
-            let current = current.ok_or_else(|| StoreError::NoVm(id.to_owned()))?;
-            let from: VmState = current
-                .parse()
-                .map_err(|_| StoreError::Corrupt(current.clone()))?;
+            let from = state_of(&tx, id)?;
             check_transition(from, to)?;
             tx.execute(
                 "UPDATE vms SET state = ?2, error = ?3, updated_at_ms = ?4 WHERE id = ?1",
@@ -284,15 +276,7 @@ impl Store {
         {
             let mut conn = self.conn();
             let tx = conn.transaction()?;
-            let current: Option<String> = tx
-                .query_row("SELECT state FROM vms WHERE id = ?1", [id], |row| {
-                    row.get(0)
-                })
-                .optional()?;
-            let current = current.ok_or_else(|| StoreError::NoVm(id.to_owned()))?;
-            let from: VmState = current
-                .parse()
-                .map_err(|_| StoreError::Corrupt(current.clone()))?;
+            let from = state_of(&tx, id)?;
             if from != VmState::Ready {
                 return Err(InvalidTransition {
                     from,
@@ -442,6 +426,19 @@ impl Store {
             params![reason, now_ms()],
         )?)
     }
+}
+
+/// The state of VM `id`, read inside `tx`.
+fn state_of(tx: &rusqlite::Transaction<'_>, id: &str) -> Result<VmState, StoreError> {
+    let current: Option<String> = tx
+        .query_row("SELECT state FROM vms WHERE id = ?1", [id], |row| {
+            row.get(0)
+        })
+        .optional()?;
+    let current = current.ok_or_else(|| StoreError::NoVm(id.to_owned()))?;
+    current
+        .parse()
+        .map_err(|_| StoreError::Corrupt(current.clone()))
 }
 
 const VM_COLUMNS: &str = "id, host, services, env, mode, owner, state, endpoints, spec, pid, error, \
