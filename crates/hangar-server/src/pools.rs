@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hangar_core::VmState;
 use hangar_core::pool::{PoolCount, PoolSpec, RequestRate, adaptive_target, plan};
@@ -21,11 +21,16 @@ use crate::manager::{MakeVm, Manager};
 /// Expected time to refill a pool with one VM; scales adaptive targets.
 const REFILL_ESTIMATE_S: f64 = 4.0;
 
+/// Longest wait before trying again to fill a pool whose fills fail.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
 #[derive(Default)]
 pub struct PoolRuntime {
     rates: Mutex<HashMap<String, RequestRate>>,
     /// Fill tasks running, per pool.
     inflight: Mutex<HashMap<String, u32>>,
+    /// Pools whose fills keep failing: consecutive failures, and no new fill before when.
+    backoff: Mutex<HashMap<String, (u32, Instant)>>,
     wake: Notify,
 }
 
@@ -214,6 +219,16 @@ impl Manager {
         }
         for (index, n) in planned.create {
             let spec = &inputs[index].0;
+            let backing_off = self
+                .pools
+                .backoff
+                .lock()
+                .expect("backoff lock")
+                .get(&spec.name)
+                .is_some_and(|(_, until)| Instant::now() < *until);
+            if backing_off {
+                continue;
+            }
             for _ in 0..n {
                 self.start_fill(spec.clone())?;
             }
@@ -254,11 +269,21 @@ impl Manager {
         tokio::spawn(async move {
             let outcome = manager.task_outcome(&task).await;
             manager.fill_done(&spec.name);
-            if let Some(Err(err)) = outcome {
-                tracing::warn!(pool = %spec.name, error = %err, "pool fill failed");
-                // Do not retry in a tight loop when VMs cannot be made.
-                tokio::time::sleep(Duration::from_secs(2)).await;
+            let mut backoff = manager.pools.backoff.lock().expect("backoff lock");
+            match outcome {
+                Some(Ok(_)) => {
+                    backoff.remove(&spec.name);
+                }
+                Some(Err(err)) => {
+                    // Failing fills are retried after 2 s, 4 s, ... up to a minute.
+                    let failures = backoff.get(&spec.name).map_or(0, |(n, _)| *n) + 1;
+                    let wait = Duration::from_secs(1 << failures.min(6)).min(MAX_BACKOFF);
+                    tracing::warn!(pool = %spec.name, error = %err, failures, retry_in_s = wait.as_secs(), "pool fill failed");
+                    backoff.insert(spec.name.clone(), (failures, Instant::now() + wait));
+                }
+                None => {}
             }
+            drop(backoff);
             manager.pools.refill();
         });
         Ok(())

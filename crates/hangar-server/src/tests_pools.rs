@@ -315,3 +315,22 @@ async fn demand_raises_the_target_between_min_and_max() {
     assert_eq!(web.target, 3, "capped at max: {web:?}");
     assert!(web.rate_per_min > 0.0);
 }
+
+#[tokio::test]
+async fn failing_fills_back_off_instead_of_piling_up() {
+    let (manager, backend, store) = setup(4096);
+    manager.set_pool_bounds("web", 1, Some(1)).unwrap();
+    backend.fail_next_launch();
+    for _ in 0..50 {
+        manager.reconcile_pools().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let failed = store
+        .vms(false)
+        .unwrap()
+        .into_iter()
+        .filter(|vm| vm.state == VmState::Failed)
+        .count();
+    assert_eq!(failed, 1, "one failure, then a pause before the next try");
+    assert_eq!(ready(&manager, "web"), 0);
+}
