@@ -30,6 +30,13 @@ if ! curl -fsS "$url/healthz" >/dev/null 2>&1; then
 fi
 
 "$bin" services
+echo
+echo "waiting for the warm pool to hold a booted, paused http-static VM..." >&2
+for _ in $(seq 1 240); do
+    "$bin" pools --json | grep -A8 '"name": "http-static"' | grep -q '"ready": [1-9]' && break
+    sleep 0.5
+done
+"$bin" pools
 start=$(date +%s%N)
 endpoint=$("$bin" request http-static)
 ms=$(( ($(date +%s%N) - start) / 1000000 ))
