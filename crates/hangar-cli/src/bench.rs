@@ -35,6 +35,7 @@ pub struct PoolBench {
     /// Guest asset cache to reuse (kernel, images) [default: the default data dir's cache].
     #[arg(long)]
     cache: Option<PathBuf>,
+    /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
 }

@@ -52,6 +52,7 @@ enum Command {
     Server(ServerArgs),
     /// List the services that can be requested.
     Services {
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -88,11 +89,13 @@ enum Command {
         /// How long to wait for a VM (e.g. 30s, 2m); past it the answer is "try again shortly".
         #[arg(long, value_parser = humantime::parse_duration)]
         deadline: Option<Duration>,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// The state table: every VM, its host, services, endpoints and state.
     Vms {
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
         /// Include deleted VMs.
@@ -101,6 +104,7 @@ enum Command {
     },
     /// Warm pools: paused VMs ready to hand out, per service or configuration.
     Pools {
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -121,12 +125,14 @@ enum Command {
     },
     /// Recent tasks (VM creation and other long operations).
     Tasks {
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// One task, with its stage, progress and error.
     Task {
         id: String,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -148,6 +154,7 @@ enum PoolCommand {
         min: u32,
         #[arg(long)]
         max: Option<u32>,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
