@@ -19,6 +19,8 @@ pub enum ClientError {
         alternatives: Vec<String>,
     },
     Reply(String),
+    /// The command line asked for something malformed.
+    Usage(String),
 }
 
 impl std::fmt::Display for ClientError {
@@ -32,6 +34,7 @@ impl std::fmt::Display for ClientError {
             }
             ClientError::Api { message, .. } => f.write_str(message),
             ClientError::Reply(message) => write!(f, "unexpected reply from the server: {message}"),
+            ClientError::Usage(message) => f.write_str(message),
         }
     }
 }
@@ -43,6 +46,7 @@ impl ClientError {
         match self {
             ClientError::Unreachable { .. } => 6,
             ClientError::Reply(_) => 1,
+            ClientError::Usage(_) => 2,
             ClientError::Api { status, .. } => match status {
                 400 => 2,
                 404 => 3,

@@ -151,9 +151,16 @@ enum PoolCommand {
         /// Pool name (a service, or a configuration pool; see `hangar pools`).
         name: String,
         #[arg(long)]
-        min: u32,
+        min: Option<u32>,
         #[arg(long)]
         max: Option<u32>,
+        /// Ready criterion for the pool's new VMs, as JSON in the catalog's form, e.g.
+        /// '{"checks":[{"exec":{"argv":["test","-f","/run/ready"]}}]}'.
+        #[arg(long, value_name = "JSON", conflicts_with = "default_ready")]
+        ready: Option<String>,
+        /// Go back to the service's ready criterion from the catalog.
+        #[arg(long)]
+        default_ready: bool,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -461,15 +468,20 @@ async fn client_command(client: Client, command: Command) -> Result<(), ClientEr
                     name,
                     min,
                     max,
+                    ready,
+                    default_ready,
                     json,
                 },
         } => {
-            let pool: serde_json::Value = client
-                .put(
-                    &format!("/v1/pools/{name}"),
-                    &serde_json::json!({ "min": min, "max": max }),
-                )
-                .await?;
+            let mut body = serde_json::json!({ "min": min, "max": max });
+            if let Some(ready) = ready {
+                body["ready"] = serde_json::from_str(&ready).map_err(|err| {
+                    ClientError::Usage(format!("--ready is not valid JSON: {err}"))
+                })?;
+            } else if default_ready {
+                body["ready"] = serde_json::Value::Null;
+            }
+            let pool: serde_json::Value = client.put(&format!("/v1/pools/{name}"), &body).await?;
             if json {
                 return print_json(&pool);
             }

@@ -237,3 +237,71 @@ fn paused_pool_vms_survive_kill_9_and_are_granted_after_restart_without_reboot()
         "re-adopted and granted, not rebooted"
     );
 }
+
+#[test]
+fn a_ready_criterion_set_at_run_time_governs_real_pool_fills() {
+    let server = TestServer::start_with(&["--pool-memory", "512"]);
+    server.ok(&["pool", "set", "http-static", "--min", "0", "--max", "0"]);
+    // In-guest command, console line, and the service's own answer, twice in a row.
+    let criterion = r#"{"timeout": "60s", "consecutive": 2, "checks": [
+        {"exec": {"argv": ["test", "-x", "/www/cgi-bin/whoami"]}},
+        {"log": {"contains": "hangar-init"}},
+        {"http": {"port": "http", "path": "/cgi-bin/whoami", "body_contains": "hostname pool-http-static"}}]}"#;
+    let view = server.json(&[
+        "pool",
+        "set",
+        "http-static",
+        "--min",
+        "1",
+        "--max",
+        "1",
+        "--ready",
+        criterion,
+    ]);
+    assert_eq!(view["ready_criterion"]["consecutive"], 2);
+    wait_ready(&server, "http-static", 1);
+    let grant = server.json(&["request", "http-static", "--dedicated"]);
+    assert_eq!(grant["match"], "exact");
+    assert_eq!(
+        whoami(grant["endpoint"].as_str().unwrap())["hostname"],
+        grant["vm"].as_str().unwrap()
+    );
+
+    // A criterion that never holds: the fill fails with a reason, and nothing is paused.
+    let never = r#"{"timeout": "3s", "checks": [{"exec": {"argv": ["false"]}}]}"#;
+    wait_ready(&server, "http-static", 1);
+    server.ok(&[
+        "pool",
+        "set",
+        "http-static",
+        "--min",
+        "2",
+        "--max",
+        "2",
+        "--ready",
+        never,
+    ]);
+    let failed = wait_for(90, "a failed fill", || {
+        server
+            .json(&["vms"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|vm| vm["state"] == "failed")
+            .cloned()
+    });
+    assert!(
+        failed["error"]
+            .as_str()
+            .unwrap()
+            .contains("not ready after 3s"),
+        "{failed}"
+    );
+    assert_eq!(
+        pool(&server, "http-static")["ready"],
+        1,
+        "only the VM made under the first criterion"
+    );
+    let output = server.hangar(&["pool", "set", "http-static", "--ready", "{not json"]);
+    assert_eq!(output.status.code(), Some(2));
+}

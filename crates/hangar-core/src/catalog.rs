@@ -493,9 +493,40 @@ impl Catalog {
 }
 
 impl Service {
+    /// Checks a ready criterion for this service (e.g. one set at run time).
+    pub fn check_ready(&self, ready: &ReadySpec) -> Result<(), String> {
+        check_ready(ready, &self.ports.iter().map(|p| p.name.as_str()).collect())
+    }
+
     pub fn port(&self, name: &str) -> Option<&Port> {
         self.ports.iter().find(|port| port.name == name)
     }
+}
+
+/// Checks a ready criterion against the ports it may name.
+pub fn check_ready(ready: &ReadySpec, port_names: &BTreeSet<&str>) -> Result<(), String> {
+    if ready.checks.is_empty() {
+        return Err("ready needs at least one check".into());
+    }
+    if ready.timeout.is_zero() {
+        return Err("ready timeout must be longer than 0".into());
+    }
+    if ready.consecutive == 0 {
+        return Err("ready consecutive must be at least 1".into());
+    }
+    for check in &ready.checks {
+        if let Some(port) = check.port()
+            && !port_names.contains(port)
+        {
+            return Err(format!(
+                "ready check names port {port:?}, which the service does not define"
+            ));
+        }
+        if let Some(problem) = check.problem(ready.timeout) {
+            return Err(problem);
+        }
+    }
+    Ok(())
 }
 
 fn check_shape(vcpus: u32, memory_mib: u32) -> Result<(), String> {
@@ -597,27 +628,7 @@ fn validate(
             )));
         }
     }
-    if raw.ready.checks.is_empty() {
-        return Err(fail("ready needs at least one check".into()));
-    }
-    if raw.ready.timeout.is_zero() {
-        return Err(fail("ready timeout must be longer than 0".into()));
-    }
-    if raw.ready.consecutive == 0 {
-        return Err(fail("ready consecutive must be at least 1".into()));
-    }
-    for check in &raw.ready.checks {
-        if let Some(port) = check.port()
-            && !port_names.contains(port)
-        {
-            return Err(fail(format!(
-                "ready check names port {port:?}, which the service does not define"
-            )));
-        }
-        if let Some(problem) = check.problem(raw.ready.timeout) {
-            return Err(fail(problem));
-        }
-    }
+    check_ready(&raw.ready, &port_names).map_err(&fail)?;
     Ok(Service {
         name: name.clone(),
         pool: raw.pool,

@@ -190,13 +190,27 @@ async fn list_pools(State(manager): State<Arc<Manager>>) -> Result<Json<Vec<Pool
     Ok(Json(manager.pool_views()?))
 }
 
-/// New bounds for a pool.
+/// Changes to a pool; fields left out stay as they are.
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PoolBoundsBody {
-    pub min: u32,
-    /// Unchanged (or raised to `min`) when absent.
+    pub min: Option<u32>,
+    /// Raised to `min` when needed.
     pub max: Option<u32>,
+    /// The ready criterion the pool's VMs must meet before they are paused (same form as a
+    /// service's `ready` in the catalog); `null` goes back to the service's.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<Object>)]
+    pub ready: Option<Option<hangar_core::ReadySpec>>,
+}
+
+/// Tells a field given as `null` (`Some(None)`) from one left out (`None`).
+fn present<'de, D, T>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(deserializer).map(Some)
 }
 
 #[utoipa::path(
@@ -212,7 +226,9 @@ async fn set_pool(
 ) -> Result<Json<PoolView>, ApiError> {
     let body: PoolBoundsBody = serde_json::from_slice(&body)
         .map_err(|err| ApiError::BadRequest(format!("invalid request body: {err}")))?;
-    Ok(Json(manager.set_pool_bounds(&name, body.min, body.max)?))
+    Ok(Json(
+        manager.set_pool(&name, body.min, body.max, body.ready)?,
+    ))
 }
 
 /// Request a service: answers once a VM offering it is ready.

@@ -103,6 +103,8 @@ pub(crate) struct MakeVm {
     pub env: BTreeMap<String, String>,
     /// Made for this pool: paused at ready instead of handed out.
     pub pool: Option<String>,
+    /// A ready criterion other than the service's (set at run time for a pool).
+    pub ready: Option<hangar_core::ReadySpec>,
 }
 
 type Outcome = Option<Result<VmRecord, String>>;
@@ -215,6 +217,7 @@ impl Manager {
             mode: request.mode,
             env: request.env.clone(),
             pool: None,
+            ready: None,
         };
         self.create_and_wait(make, guard, until, deadline, &service.name)
             .await
@@ -303,6 +306,7 @@ impl Manager {
             mode: Mode::Dedicated,
             env: request.env.clone(),
             pool: None,
+            ready: None,
         };
         self.create_and_wait(make, None, until, deadline, &name)
             .await
@@ -558,7 +562,7 @@ impl Manager {
             .await
             .map_err(|err| self.diagnose(&vm.id, &agent, &error_chain(&err)))?;
         if let Some(service) = service {
-            self.wait_ready(&vm.id, vm.pid, service, &endpoints, &agent)
+            self.wait_ready(&vm.id, vm.pid, service, &service.ready, &endpoints, &agent)
                 .await?;
         }
         let vm = self
@@ -859,7 +863,8 @@ impl Manager {
                 .map_err(|err| self.diagnose(vm_id, &agent, &error_chain(&err)))?;
 
             self.progress(task, "ready", 70);
-            self.wait_ready(vm_id, launched.pid, service, endpoints, &agent)
+            let ready = make.ready.as_ref().unwrap_or(&service.ready);
+            self.wait_ready(vm_id, launched.pid, service, ready, endpoints, &agent)
                 .await?;
         }
 
@@ -892,6 +897,7 @@ impl Manager {
         vm_id: &str,
         pid: Option<u32>,
         service: &Service,
+        ready: &hangar_core::ReadySpec,
         endpoints: &BTreeMap<String, SocketAddr>,
         agent: &Agent,
     ) -> Result<(), String> {
@@ -902,7 +908,7 @@ impl Manager {
             console_log: console_log.as_deref(),
             qemu_pid: pid,
         };
-        ready::wait_ready(service, &service.ready, &target)
+        ready::wait_ready(service, ready, &target)
             .await
             .map(drop)
             .map_err(|not_ready| self.diagnose(vm_id, agent, &not_ready.0))

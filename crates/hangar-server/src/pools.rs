@@ -9,8 +9,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hangar_core::VmState;
 use hangar_core::pool::{PoolCount, PoolSpec, RequestRate, adaptive_target, plan};
+use hangar_core::{ReadySpec, VmState};
 use hangar_store::now_ms;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
@@ -62,6 +62,10 @@ pub struct PoolView {
     pub memory_mib: u64,
     /// Requests per minute served or wanted from this pool (EWMA).
     pub rate_per_min: f64,
+    /// The ready criterion set at run time for this pool's fills, if any (else the
+    /// service's from the catalog).
+    #[schema(value_type = Option<Object>)]
+    pub ready_criterion: Option<ReadySpec>,
 }
 
 impl Manager {
@@ -81,12 +85,15 @@ impl Manager {
             .collect())
     }
 
-    /// Sets a pool's bounds at run time (kept across restarts).
-    pub fn set_pool_bounds(
+    /// Sets a pool's bounds at run time (kept across restarts). Bounds left out stay as
+    /// they are (max is raised to min when needed). `ready`: `Some(Some(spec))` sets the
+    /// criterion its fills must meet, `Some(None)` goes back to the service's.
+    pub fn set_pool(
         &self,
         name: &str,
-        min: u32,
+        min: Option<u32>,
         max: Option<u32>,
+        ready: Option<Option<ReadySpec>>,
     ) -> Result<PoolView, ApiError> {
         let spec = self
             .pool_specs()?
@@ -100,6 +107,7 @@ impl Manager {
                     3,
                 ),
             })?;
+        let min = min.unwrap_or(spec.min);
         let max = max.unwrap_or(spec.max.max(min));
         if min > max {
             return Err(ApiError::BadRequest(format!(
@@ -109,12 +117,51 @@ impl Manager {
         if max > 64 {
             return Err(ApiError::BadRequest(format!("max {max} is larger than 64")));
         }
-        self.store.set_pool_bounds(name, min, max)?;
+        match ready {
+            None => self.store.set_pool_bounds(name, min, max)?,
+            Some(ready) => {
+                let json = match &ready {
+                    Some(ready) => {
+                        let service = spec
+                            .service
+                            .as_ref()
+                            .and_then(|s| self.catalog.get(s))
+                            .ok_or_else(|| {
+                                ApiError::BadRequest(format!(
+                                    "pool {name} holds pre-OS shells, which have no ready criterion"
+                                ))
+                            })?;
+                        service
+                            .check_ready(ready)
+                            .map_err(|err| ApiError::BadRequest(format!("ready: {err}")))?;
+                        Some(serde_json::to_string(ready).map_err(ApiError::internal)?)
+                    }
+                    None => None,
+                };
+                self.store.set_pool_ready(name, min, max, json.as_deref())?;
+            }
+        }
         self.pools.refill();
         self.pool_views()?
             .into_iter()
             .find(|view| view.name == name)
             .ok_or_else(|| ApiError::Internal("pool vanished".into()))
+    }
+
+    /// Sets a pool's bounds at run time (kept across restarts).
+    pub fn set_pool_bounds(
+        &self,
+        name: &str,
+        min: u32,
+        max: Option<u32>,
+    ) -> Result<PoolView, ApiError> {
+        self.set_pool(name, Some(min), max, None)
+    }
+
+    /// The ready criterion set at run time for a pool, if any.
+    pub(crate) fn pool_ready(&self, name: &str) -> Option<ReadySpec> {
+        let json = self.store.pool_ready().ok()?.remove(name)?;
+        serde_json::from_str(&json).ok()
     }
 
     /// Notes one request that a pool serves (or would have).
@@ -166,6 +213,7 @@ impl Manager {
             .map(|spec| {
                 let count = counts.get(&spec.name).copied().unwrap_or_default();
                 let (target, rate) = self.target(&spec);
+                let spec_name = spec.name.clone();
                 PoolView {
                     memory_mib: u64::from(spec.memory_mib) * u64::from(count.total()),
                     name: spec.name,
@@ -178,6 +226,7 @@ impl Manager {
                     ready: count.ready,
                     booting: count.booting,
                     rate_per_min: rate * 60.0,
+                    ready_criterion: self.pool_ready(&spec_name),
                 }
             })
             .collect())
@@ -250,6 +299,7 @@ impl Manager {
             mode: hangar_core::Mode::Dedicated,
             env: Default::default(),
             pool: Some(spec.name.clone()),
+            ready: self.pool_ready(&spec.name),
         };
         *self
             .pools

@@ -334,3 +334,49 @@ async fn failing_fills_back_off_instead_of_piling_up() {
     assert_eq!(failed, 1, "one failure, then a pause before the next try");
     assert_eq!(ready(&manager, "web"), 0);
 }
+
+#[tokio::test]
+async fn a_ready_criterion_set_at_run_time_governs_fills_and_is_validated() {
+    let (manager, _, store) = setup(4096);
+    let never: hangar_core::ReadySpec = serde_json::from_value(serde_json::json!({
+        "timeout": "300ms",
+        "interval": "20ms",
+        "checks": [{ "bytes": { "port": "http", "send": "x", "expect": "never said" } }],
+    }))
+    .unwrap();
+    let view = manager
+        .set_pool("web", Some(1), Some(1), Some(Some(never.clone())))
+        .unwrap();
+    assert_eq!(view.ready_criterion, Some(never));
+    for _ in 0..100 {
+        manager.reconcile_pools().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(ready(&manager, "web"), 0);
+    let failed = store
+        .vms(false)
+        .unwrap()
+        .into_iter()
+        .find(|vm| vm.state == VmState::Failed)
+        .unwrap();
+    assert!(failed.error.unwrap().contains("not ready after 300ms"));
+
+    let bad_port: hangar_core::ReadySpec =
+        serde_json::from_value(serde_json::json!({ "checks": [{ "tcp": { "port": "https" } }] }))
+            .unwrap();
+    let err = manager
+        .set_pool("web", None, None, Some(Some(bad_port.clone())))
+        .unwrap_err();
+    assert!(err.to_string().contains(r#"names port "https""#), "{err}");
+    let err = manager
+        .set_pool("shell", None, None, Some(Some(bad_port)))
+        .unwrap_err();
+    assert!(err.to_string().contains("pre-OS shells"), "{err}");
+
+    let view = manager.set_pool("web", None, None, Some(None)).unwrap();
+    assert_eq!(
+        (view.ready_criterion, view.min),
+        (None, 1),
+        "back to the catalog's, bounds kept"
+    );
+}

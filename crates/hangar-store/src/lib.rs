@@ -320,6 +320,33 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// Ready criteria set at run time (pool name → JSON).
+    pub fn pool_ready(&self) -> Result<BTreeMap<String, String>, StoreError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare_cached("SELECT name, ready FROM pool_bounds WHERE ready IS NOT NULL")?;
+        let rows = stmt.query_map([], |row| {
+            Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Sets (or with `None` clears) a pool's run-time ready criterion, with its bounds.
+    pub fn set_pool_ready(
+        &self,
+        name: &str,
+        min: u32,
+        max: u32,
+        ready: Option<&str>,
+    ) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO pool_bounds (name, min, max, ready) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (name) DO UPDATE SET min = excluded.min, max = excluded.max, ready = excluded.ready",
+            params![name, min, max, ready],
+        )?;
+        Ok(())
+    }
+
     pub fn set_pool_bounds(&self, name: &str, min: u32, max: u32) -> Result<(), StoreError> {
         self.conn().execute(
             "INSERT INTO pool_bounds (name, min, max) VALUES (?1, ?2, ?3)

@@ -49,6 +49,8 @@ const MIGRATIONS: &[&str] = &[
         min  INTEGER NOT NULL,
         max  INTEGER NOT NULL
     );",
+    // A ready criterion set at run time for a pool's fills (JSON), overriding the catalog's.
+    "ALTER TABLE pool_bounds ADD COLUMN ready TEXT;",
 ];
 
 pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
