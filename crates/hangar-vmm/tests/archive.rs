@@ -303,6 +303,14 @@ fn archive_and_restore_keep_memory_and_disk_in_both_tiers() {
                 info.size_bytes
             );
             assert_eq!(backend.archive_info(id), Some(info.clone()));
+            let record = hangar_vmm::archive::read_record(&backend.paths(id).dir).unwrap();
+            assert_eq!(record.info, info);
+            assert_eq!(record.disk.as_deref(), Some(Path::new("disk.qcow2")));
+            assert!(record.qemu_version.starts_with(|c: char| c.is_ascii_digit()));
+            assert_eq!(record.spec, spec);
+            if cycle == 0 {
+                eprintln!("qemu {}, disk layer {:?} bytes", record.qemu_version, record.disk_bytes);
+            }
             match tier {
                 ArchiveTier::Zstd => assert!(
                     info.size_bytes < memory_bytes / 4,
