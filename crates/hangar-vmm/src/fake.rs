@@ -1,7 +1,8 @@
 //! An in-process stand-in for QEMU, for fast tests of the logic above the seam (request
 //! path, reconciliation, pools). Each fake VM listens on its forwarded host ports and answers
 //! any HTTP request with `200 OK` and `fake <id>` (nothing while paused), and speaks the agent
-//! protocol like hangar-init would. It proves nothing about real guests.
+//! protocol like hangar-init would. Archives are records in memory: an archived fake VM
+//! has no listeners, and a restore launches it again. It proves nothing about real guests.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -15,9 +16,10 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::agent::Agent;
-use crate::{Hypervisor, Launched, RunState, VmSpec, VmmError};
+use crate::{ArchiveInfo, ArchiveTier, Hypervisor, Launched, RunState, VmSpec, VmmError};
 
 struct FakeVm {
+    spec: VmSpec,
     paused: watch::Sender<bool>,
     memory_mib: u32,
     root: Option<std::path::PathBuf>,
@@ -40,6 +42,8 @@ pub struct FakeBackend {
     vms: Arc<Mutex<HashMap<String, FakeVm>>>,
     launches: Arc<AtomicUsize>,
     fail_next_launch: Arc<AtomicBool>,
+    fail_next_archive: Arc<AtomicBool>,
+    archives: Arc<Mutex<HashMap<String, (VmSpec, ArchiveInfo)>>>,
 }
 
 impl FakeBackend {
@@ -55,6 +59,11 @@ impl FakeBackend {
     /// Makes the next launch fail, as a QEMU that cannot start would.
     pub fn fail_next_launch(&self) {
         self.fail_next_launch.store(true, Ordering::SeqCst);
+    }
+
+    /// Makes the next archive fail, as a full disk would; the VM stays as it was.
+    pub fn fail_next_archive(&self) {
+        self.fail_next_archive.store(true, Ordering::SeqCst);
     }
 
     /// The guest memory a VM was given or ballooned to.
@@ -108,6 +117,7 @@ impl Hypervisor for FakeBackend {
         self.vms.lock().expect("fake vms lock").insert(
             spec.id.clone(),
             FakeVm {
+                spec: spec.clone(),
                 paused,
                 memory_mib: spec.memory_mib,
                 root: spec.base_image.clone(),
@@ -158,7 +168,78 @@ impl Hypervisor for FakeBackend {
 
     async fn destroy(&self, id: &str) -> Result<(), VmmError> {
         self.vms.lock().expect("fake vms lock").remove(id);
+        self.archives.lock().expect("fake archives lock").remove(id);
         Ok(())
+    }
+
+    async fn archive(&self, id: &str, tier: ArchiveTier) -> Result<ArchiveInfo, VmmError> {
+        let mut vms = self.vms.lock().expect("fake vms lock");
+        let vm = vms
+            .get(id)
+            .ok_or_else(|| VmmError::NotRunning(id.to_owned()))?;
+        if self.fail_next_archive.swap(false, Ordering::SeqCst) {
+            return Err(VmmError::Archive {
+                id: id.to_owned(),
+                reason: "simulated archive failure: No space left on device".into(),
+            });
+        }
+        let bytes = u64::from(vm.memory_mib) << 20;
+        let info = ArchiveInfo {
+            tier,
+            path: format!("fake/{id}/memory.{tier}").into(),
+            size_bytes: match tier {
+                ArchiveTier::Raw => bytes,
+                ArchiveTier::Zstd => bytes / 10,
+            },
+            memory_mib: vm.memory_mib,
+            took_ms: 1,
+        };
+        let mut spec = vm.spec.clone();
+        spec.base_image = vm.root.clone();
+        vms.remove(id);
+        self.archives
+            .lock()
+            .expect("fake archives lock")
+            .insert(id.to_owned(), (spec, info.clone()));
+        Ok(info)
+    }
+
+    async fn restore(&self, spec: &VmSpec) -> Result<Launched, VmmError> {
+        let fail = |reason: &str| VmmError::Restore {
+            id: spec.id.clone(),
+            reason: reason.to_owned(),
+        };
+        let archived = self
+            .archives
+            .lock()
+            .expect("fake archives lock")
+            .get(&spec.id)
+            .map(|(archived, _)| archived.clone())
+            .ok_or_else(|| fail("no archive"))?;
+        if (archived.memory_mib, archived.vcpus) != (spec.memory_mib, spec.vcpus) {
+            return Err(fail("the spec differs from the archived configuration"));
+        }
+        let launched = self
+            .launch(&VmSpec {
+                pre_os: false,
+                base_image: spec.base_image.clone().or(archived.base_image),
+                ..spec.clone()
+            })
+            .await
+            .map_err(|err| fail(&err.to_string()))?;
+        self.archives
+            .lock()
+            .expect("fake archives lock")
+            .remove(&spec.id);
+        Ok(launched)
+    }
+
+    fn archive_info(&self, id: &str) -> Option<ArchiveInfo> {
+        self.archives
+            .lock()
+            .expect("fake archives lock")
+            .get(id)
+            .map(|(_, info)| info.clone())
     }
 
     async fn attach_root(&self, id: &str, base_image: &std::path::Path) -> Result<(), VmmError> {
@@ -366,6 +447,37 @@ mod tests {
         assert!(get().await.ends_with("fake vm-a\n"));
 
         assert_eq!(backend.running().await.unwrap(), ["vm-a"]);
+
+        backend.fail_next_archive();
+        assert!(matches!(
+            backend.archive("vm-a", ArchiveTier::Zstd).await,
+            Err(VmmError::Archive { .. })
+        ));
+        assert_eq!(backend.run_state("vm-a").await.unwrap(), RunState::Running);
+        let info = backend.archive("vm-a", ArchiveTier::Zstd).await.unwrap();
+        assert_eq!((info.tier, info.memory_mib), (ArchiveTier::Zstd, 64));
+        assert_eq!(backend.archive_info("vm-a"), Some(info));
+        assert_eq!(backend.run_state("vm-a").await.unwrap(), RunState::Gone);
+        // The listener tasks are aborted: their sockets close once the runtime drops them.
+        let closed = async {
+            while tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(2), closed)
+            .await
+            .expect("an archived fake VM has no listener");
+        backend.restore(&spec).await.unwrap();
+        assert_eq!(backend.archive_info("vm-a"), None);
+        assert!(get().await.ends_with("fake vm-a\n"));
+        assert!(matches!(
+            backend.restore(&spec).await,
+            Err(VmmError::Restore { .. })
+        ));
+
         backend.destroy("vm-a").await.unwrap();
         assert_eq!(backend.run_state("vm-a").await.unwrap(), RunState::Gone);
         assert!(backend.adopt(&spec).await.unwrap().is_none());

@@ -4,7 +4,8 @@
 //! one started by an earlier server process, pause, resume, destroy. Two backends:
 //! [`qemu::QemuBackend`] runs real QEMU processes (microvm machine, QMP, virtio-serial agent
 //! channel, qcow2 overlays), and [`fake::FakeBackend`] simulates guests in-process for fast
-//! tests of the logic above it. Neither keeps state that the store does not also hold: a
+//! tests of the logic above it. [`Hypervisor::archive`] and [`Hypervisor::restore`] move a
+//! VM between a process and a memory snapshot on disk (the `archived` state). Neither keeps state that the store does not also hold: a
 //! backend can be dropped and re-created and [`Hypervisor::adopt`] finds its VMs again.
 
 use std::net::IpAddr;
@@ -15,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod accel;
 pub mod agent;
+pub mod archive;
 pub mod fake;
 pub mod procs;
 pub mod qemu;
@@ -72,6 +74,48 @@ pub enum RunState {
     Gone,
 }
 
+/// How a VM's memory and device state is kept on disk while it has no process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ArchiveTier {
+    /// QEMU's migration stream as it is: the fastest restore, the most space.
+    Raw,
+    /// The migration stream compressed with zstd (level 1) in-process.
+    Zstd,
+    // TODO(issue 4): delta tier: only the pages that differ from the template's snapshot
+    // (content-specific archive, seed 000), restored over the template's memory.
+}
+
+impl ArchiveTier {
+    /// The name used in file names and JSON (`raw`, `zstd`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ArchiveTier::Raw => "raw",
+            ArchiveTier::Zstd => "zstd",
+        }
+    }
+}
+
+impl std::fmt::Display for ArchiveTier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An archived VM's memory snapshot (its disk layer stays where it was).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchiveInfo {
+    pub tier: ArchiveTier,
+    /// The memory/device-state file.
+    pub path: PathBuf,
+    /// Size of that file.
+    pub size_bytes: u64,
+    /// Guest memory it holds.
+    pub memory_mib: u32,
+    /// How long archiving took, pause to process exit.
+    pub took_ms: u64,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
     #[error("VM {0} is not running on this host")]
@@ -94,6 +138,10 @@ pub enum VmmError {
     Agent(#[from] AgentError),
     #[error("VM files")]
     Io(#[from] std::io::Error),
+    #[error("archiving VM {id} failed (the VM keeps running as it was): {reason}")]
+    Archive { id: String, reason: String },
+    #[error("restoring VM {id} failed (its archive is kept): {reason}")]
+    Restore { id: String, reason: String },
 }
 
 /// A host's hypervisor. Every method is safe to call concurrently for different VMs.
@@ -137,6 +185,21 @@ pub trait Hypervisor: Send + Sync + 'static {
     async fn set_foreground(&self, _id: &str) -> Result<(), VmmError> {
         Ok(())
     }
+
+    /// Snapshots a VM's memory and device state to disk and ends its process: the
+    /// `archived` state. A running VM is paused first (the snapshot is of a paused guest);
+    /// its disk layer stays as it is, frozen. On error the VM is left as it was (running
+    /// or paused) and no partial file remains.
+    async fn archive(&self, id: &str, tier: ArchiveTier) -> Result<ArchiveInfo, VmmError>;
+
+    /// Starts an archived VM again from its snapshot, with `spec`'s configuration (which
+    /// must match the archived one in memory and vCPUs), running, with its agent channel
+    /// connected. The archive is removed once the VM runs; on error nothing runs and the
+    /// archive is kept.
+    async fn restore(&self, spec: &VmSpec) -> Result<Launched, VmmError>;
+
+    /// The VM's archive, if it has one.
+    fn archive_info(&self, id: &str) -> Option<ArchiveInfo>;
 
     /// The file holding the guest's serial console output, if the backend keeps one.
     fn console_log(&self, _id: &str) -> Option<PathBuf> {

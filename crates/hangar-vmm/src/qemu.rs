@@ -11,27 +11,41 @@
 //! | `agent.sock`  | the agent channel to hangar-init                  |
 //! | `console.log` | the guest's serial console                        |
 //! | `qemu.pid`    | QEMU's pid (QEMU runs daemonized)                 |
+//! | `memory.*`, `archive.json` | an archived VM's snapshot (see [`crate::archive`]) |
 //!
 //! QEMU is started with `-daemonize`, so it outlives the server (a `kill -9` of the server
 //! leaves guests running) and is re-adopted through its sockets on the next start.
 
 use std::collections::HashMap;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::net::UnixStream;
 
 use crate::agent::Agent;
+use crate::archive::{self, ArchiveRecord};
 use crate::qmp::Qmp;
-use crate::{Accel, Hypervisor, Launched, PortForward, RunState, VmSpec, VmmError, procs};
+use crate::{
+    Accel, ArchiveInfo, ArchiveTier, Hypervisor, Launched, PortForward, RunState, VmSpec, VmmError,
+    procs,
+};
 
 /// Nice value of VMs booted in the background (pool fills).
 const BACKGROUND_NICE: libc::c_int = 10;
 
 /// Longest path a unix socket address holds (`sun_path` minus the NUL).
 const MAX_SOCKET_PATH: usize = 107;
+
+/// Names under which the migration pipe's end is given to QEMU (`getfd`).
+const ARCHIVE_FD: &str = "hangar-archive";
+const RESTORE_FD: &str = "hangar-restore";
+
+/// Migration bandwidth limit while archiving or restoring: effectively none (QEMU's default
+/// of 32 MiB/s is meant for live migration over a shared network).
+const MIGRATE_MAX_BANDWIDTH: u64 = 1 << 40;
 
 #[derive(Debug, Clone)]
 pub struct QemuConfig {
@@ -83,6 +97,20 @@ struct Running {
     pid: u32,
     qmp: Qmp,
     agent: Arc<Agent>,
+    /// The VM's configuration as it would be started now (kept current by `attach_root`),
+    /// recorded with an archive.
+    spec: Mutex<VmSpec>,
+}
+
+impl Running {
+    fn new(pid: u32, qmp: Qmp, agent: Arc<Agent>, spec: &VmSpec) -> Running {
+        Running {
+            pid,
+            qmp,
+            agent,
+            spec: Mutex::new(spec.clone()),
+        }
+    }
 }
 
 pub struct QemuBackend {
@@ -122,15 +150,24 @@ impl QemuBackend {
     }
 
     async fn start(&self, spec: &VmSpec, paths: &VmPaths) -> Result<Running, VmmError> {
-        for socket in [&paths.qmp, &paths.agent] {
-            if socket.as_os_str().len() > MAX_SOCKET_PATH {
-                return Err(VmmError::SocketPath(socket.display().to_string()));
-            }
-        }
+        check_socket_paths(paths)?;
         if let Some(base) = &spec.base_image {
             create_overlay(&self.config.qemu_img, base, &paths.disk).await?;
         }
-        let args = qemu_args(self.config.accel, spec, paths);
+        let pid = self
+            .spawn_qemu(spec, &qemu_args(self.config.accel, spec, paths), paths)
+            .await?;
+        let (qmp, agent) = connect(paths).await?;
+        Ok(Running::new(pid, qmp, agent, spec))
+    }
+
+    /// Runs QEMU with `args` (it daemonizes) and returns the daemon's pid.
+    async fn spawn_qemu(
+        &self,
+        spec: &VmSpec,
+        args: &[String],
+        paths: &VmPaths,
+    ) -> Result<u32, VmmError> {
         let mut command = tokio::process::Command::new(&self.config.qemu);
         if spec.background {
             // SAFETY: runs in the forked child before exec; setpriority(2) is
@@ -143,7 +180,7 @@ impl QemuBackend {
             }
         }
         let output = command
-            .args(&args)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -162,10 +199,7 @@ impl QemuBackend {
                 stderr
             }));
         }
-        let pid = read_pid(&paths.pidfile)
-            .ok_or_else(|| VmmError::Launch("QEMU wrote no pid file".into()))?;
-        let (qmp, agent) = connect(paths).await?;
-        Ok(Running { pid, qmp, agent })
+        read_pid(&paths.pidfile).ok_or_else(|| VmmError::Launch("QEMU wrote no pid file".into()))
     }
 
     /// Kills the VM's process (if it is ours) and removes its directory.
@@ -237,10 +271,10 @@ impl Hypervisor for QemuBackend {
             agent: agent.clone(),
         };
         tracing::info!(vm = %spec.id, pid, "qemu adopted");
-        self.vms
-            .lock()
-            .await
-            .insert(spec.id.clone(), Arc::new(Running { pid, qmp, agent }));
+        self.vms.lock().await.insert(
+            spec.id.clone(),
+            Arc::new(Running::new(pid, qmp, agent, spec)),
+        );
         Ok(Some(launched))
     }
 
@@ -302,6 +336,9 @@ impl Hypervisor for QemuBackend {
             Some(serde_json::json!({ "node-name": "placeholder" })),
         )
         .await?;
+        let mut spec = running.spec.lock().expect("vm spec lock");
+        spec.base_image = Some(base_image.to_owned());
+        spec.pre_os = false;
         Ok(())
     }
 
@@ -360,6 +397,141 @@ impl Hypervisor for QemuBackend {
         Some(self.paths(id).console)
     }
 
+    async fn archive(&self, id: &str, tier: ArchiveTier) -> Result<ArchiveInfo, VmmError> {
+        let started = Instant::now();
+        let running = self.running(id).await?;
+        let paths = self.paths(id);
+        let fail = |reason: String| VmmError::Archive {
+            id: id.to_owned(),
+            reason,
+        };
+        let was_running = running.qmp.query_status().await?.running;
+        if was_running {
+            running.qmp.stop().await?;
+        }
+        // Snapshot and commit; on any error the VM is put back as it was.
+        let committed = async {
+            let spec = running.spec.lock().expect("vm spec lock").clone();
+            let (path, size_bytes) = snapshot(&running.qmp, &paths, tier, spec.memory_mib).await?;
+            let info = ArchiveInfo {
+                tier,
+                path: path.clone(),
+                size_bytes,
+                memory_mib: spec.memory_mib,
+                took_ms: 0,
+            };
+            let record = ArchiveRecord {
+                info,
+                disk: paths.disk.exists().then(|| "disk.qcow2".into()),
+                disk_bytes: std::fs::metadata(&paths.disk).ok().map(|m| m.len()),
+                qemu_version: running.qmp.version().await.unwrap_or_default(),
+                created_unix_ms: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                spec,
+            };
+            if let Err(err) = archive::write_record(&paths.dir, &record) {
+                let _ = archive::remove_if_present(&path);
+                return Err(format!("cannot write {}: {err}", archive::RECORD_FILE));
+            }
+            Ok(record)
+        }
+        .await;
+        let mut record = match committed {
+            Ok(record) => record,
+            Err(reason) => {
+                if was_running && let Err(err) = running.qmp.cont().await {
+                    tracing::warn!(vm = %id, error = %err, "cannot resume after a failed archive");
+                }
+                return Err(fail(reason));
+            }
+        };
+
+        // The archive is complete: end the process.
+        self.vms.lock().await.remove(id);
+        let quit = tokio::time::timeout(Duration::from_secs(5), running.qmp.quit()).await;
+        if !(matches!(quit, Ok(Ok(())))
+            && procs::wait_gone(running.pid, Duration::from_secs(10)).await)
+            && procs::is_qemu_with_pidfile(running.pid, &paths.pidfile)
+            && !procs::kill_and_wait(running.pid, Duration::from_secs(5)).await
+        {
+            tracing::warn!(vm = %id, pid = running.pid, "qemu did not exit after SIGKILL");
+        }
+        let _ = archive::remove_if_present(&paths.pidfile);
+        record.info.took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        if let Err(err) = archive::write_record(&paths.dir, &record) {
+            tracing::warn!(vm = %id, error = %err, "cannot record the archive's duration");
+        }
+        tracing::info!(vm = %id, %tier, size_bytes = record.info.size_bytes, took_ms = record.info.took_ms, "vm archived");
+        Ok(record.info)
+    }
+
+    async fn restore(&self, spec: &VmSpec) -> Result<Launched, VmmError> {
+        let started = Instant::now();
+        let fail = |reason: String| VmmError::Restore {
+            id: spec.id.clone(),
+            reason,
+        };
+        if self.vms.lock().await.contains_key(&spec.id) {
+            return Err(fail("the VM is running".into()));
+        }
+        let paths = self.paths(&spec.id);
+        let record = archive::read_record(&paths.dir)
+            .ok_or_else(|| fail(format!("no archive in {}", paths.dir.display())))?;
+        if (spec.memory_mib, spec.vcpus) != (record.spec.memory_mib, record.spec.vcpus) {
+            return Err(fail(format!(
+                "the archive holds {} MiB and {} vCPUs, the spec asks for {} MiB and {} vCPUs",
+                record.spec.memory_mib, record.spec.vcpus, spec.memory_mib, spec.vcpus
+            )));
+        }
+        check_socket_paths(&paths)?;
+        // The devices must be those the snapshot was taken with: a shell that got its root
+        // disk runs with that disk now.
+        let mut spec = spec.clone();
+        if paths.disk.exists() {
+            spec.pre_os = false;
+            spec.base_image = spec
+                .base_image
+                .or_else(|| record.spec.base_image.clone())
+                .or_else(|| Some(paths.disk.clone()));
+        }
+        let args = restore_args(self.config.accel, &spec, &paths);
+        let pid = self
+            .spawn_qemu(&spec, &args, &paths)
+            .await
+            .map_err(|err| fail(err.to_string()))?;
+        let (qmp, agent) = match incoming(&paths, &record).await {
+            Ok(connected) => connected,
+            Err(reason) => {
+                if procs::is_qemu_with_pidfile(pid, &paths.pidfile)
+                    && !procs::kill_and_wait(pid, Duration::from_secs(5)).await
+                {
+                    tracing::warn!(vm = %spec.id, pid, "qemu did not exit after SIGKILL");
+                }
+                let _ = archive::remove_if_present(&paths.pidfile);
+                return Err(fail(reason));
+            }
+        };
+        let launched = Launched {
+            pid: Some(pid),
+            agent: agent.clone(),
+        };
+        self.vms.lock().await.insert(
+            spec.id.clone(),
+            Arc::new(Running::new(pid, qmp, agent, &spec)),
+        );
+        // The VM runs from here on; its memory lives in the process, not in the archive.
+        if let Err(err) = archive::remove(&paths.dir, &record) {
+            tracing::warn!(vm = %spec.id, error = %err, "cannot remove the archive after a restore");
+        }
+        tracing::info!(vm = %spec.id, pid, tier = %record.info.tier, took_ms = started.elapsed().as_millis(), "vm restored");
+        Ok(launched)
+    }
+
+    fn archive_info(&self, id: &str) -> Option<ArchiveInfo> {
+        archive::read_record(&self.paths(id).dir).map(|record| record.info)
+    }
+
     async fn destroy(&self, id: &str) -> Result<(), VmmError> {
         let paths = self.paths(id);
         let running = self.vms.lock().await.remove(id);
@@ -376,6 +548,173 @@ impl Hypervisor for QemuBackend {
         tracing::info!(vm = %id, "vm destroyed");
         Ok(())
     }
+}
+
+/// QEMU's command line to restore `spec` from an archive: the same machine and devices as
+/// [`qemu_args`], waiting for `migrate-incoming`.
+pub fn restore_args(accel: Accel, spec: &VmSpec, paths: &VmPaths) -> Vec<String> {
+    let mut args = qemu_args(accel, spec, paths);
+    args.extend(["-incoming".into(), "defer".into()]);
+    args
+}
+
+/// How long a migration to or from a file may take: generous, scaled by guest memory.
+fn migration_timeout(memory_mib: u32) -> Duration {
+    Duration::from_secs(120 + u64::from(memory_mib) / 16)
+}
+
+/// Streams the paused VM's state to `memory.<tier>` (see [`crate::archive`] for why a pipe
+/// and `fd:`). Returns the file and its size. On error no file remains and QEMU's migration
+/// has ended (failed or cancelled), so the VM can continue.
+async fn snapshot(
+    qmp: &Qmp,
+    paths: &VmPaths,
+    tier: ArchiveTier,
+    memory_mib: u32,
+) -> Result<(PathBuf, u64), String> {
+    let partial = archive::partial_path(&paths.dir, tier);
+    let path = archive::memory_path(&paths.dir, tier);
+    archive::remove_if_present(&partial).map_err(|err| format!("{}: {err}", partial.display()))?;
+    qmp.execute(
+        "migrate-set-parameters",
+        Some(serde_json::json!({ "max-bandwidth": MIGRATE_MAX_BANDWIDTH })),
+    )
+    .await
+    .map_err(|err| err.to_string())?;
+    let (reader, writer) = std::io::pipe().map_err(|err| format!("pipe: {err}"))?;
+    enlarge_pipe(&reader);
+    qmp.getfd(ARCHIVE_FD, writer.as_fd())
+        .await
+        .map_err(|err| err.to_string())?;
+    drop(writer); // QEMU holds the only write end: end of file when it closes it
+    let target = partial.clone();
+    let sink = tokio::task::spawn_blocking(move || archive::write_memory(reader, &target, tier));
+    let migrated = match qmp
+        .execute(
+            "migrate",
+            Some(serde_json::json!({ "uri": format!("fd:{ARCHIVE_FD}") })),
+        )
+        .await
+    {
+        Ok(_) => wait_migration(qmp, migration_timeout(memory_mib)).await,
+        Err(err) => {
+            // The fd was not consumed: close it, or the pump waits forever.
+            let _ = qmp.closefd(ARCHIVE_FD).await;
+            Err(err.to_string())
+        }
+    };
+    let written = match tokio::time::timeout(Duration::from_secs(60), sink).await {
+        Ok(Ok(written)) => written.map_err(|err| format!("writing {}: {err}", partial.display())),
+        Ok(Err(join)) => Err(format!("archive writer: {join}")),
+        Err(_) => Err("archive writer did not finish".into()),
+    };
+    let committed = match (migrated, written) {
+        (Ok(()), Ok(size)) => std::fs::rename(&partial, &path)
+            .and_then(|()| archive::sync_dir(&paths.dir))
+            .map(|()| size)
+            .map_err(|err| format!("{}: {err}", path.display())),
+        // The write error explains a migration that failed with a broken pipe.
+        (_, Err(write)) => Err(write),
+        (Err(migrate), Ok(_)) => Err(migrate),
+    };
+    match committed {
+        Ok(size) => Ok((path, size)),
+        Err(reason) => {
+            let _ = archive::remove_if_present(&partial);
+            let _ = archive::remove_if_present(&path);
+            Err(reason)
+        }
+    }
+}
+
+/// Connects to a QEMU started with `-incoming defer` and feeds it the archive. Returns the
+/// control channels of the VM, running.
+async fn incoming(paths: &VmPaths, record: &ArchiveRecord) -> Result<(Qmp, Arc<Agent>), String> {
+    let (qmp, agent) = connect(paths).await.map_err(|err| err.to_string())?;
+    let (reader, writer) = std::io::pipe().map_err(|err| format!("pipe: {err}"))?;
+    enlarge_pipe(&writer);
+    qmp.getfd(RESTORE_FD, reader.as_fd())
+        .await
+        .map_err(|err| err.to_string())?;
+    drop(reader); // QEMU holds the only read end: writes fail once it is gone
+    let source = record.info.path.clone();
+    let tier = record.info.tier;
+    let feed = tokio::task::spawn_blocking(move || archive::read_memory(&source, tier, writer));
+    let migrated = match qmp
+        .execute(
+            "migrate-incoming",
+            Some(serde_json::json!({ "uri": format!("fd:{RESTORE_FD}") })),
+        )
+        .await
+    {
+        Ok(_) => wait_migration(&qmp, migration_timeout(record.spec.memory_mib)).await,
+        Err(err) => Err(err.to_string()),
+    };
+    if let Err(reason) = migrated {
+        // The feed ends with EPIPE once the caller kills QEMU; its error explains more.
+        let feed = tokio::time::timeout(Duration::from_millis(200), feed).await;
+        return Err(match feed {
+            Ok(Ok(Err(err))) => format!("{reason} (reading {}: {err})", record.info.path.display()),
+            _ => reason,
+        });
+    }
+    match feed.await {
+        Ok(Ok(_)) => {}
+        Ok(Err(err)) => return Err(format!("reading {}: {err}", record.info.path.display())),
+        Err(join) => return Err(format!("archive reader: {join}")),
+    }
+    qmp.cont().await.map_err(|err| err.to_string())?;
+    Ok((qmp, agent))
+}
+
+/// Polls `query-migrate` until the migration completes. `failed` carries QEMU's
+/// `error-desc`; a QMP connection that closes means QEMU exited (an incoming migration
+/// that fails ends the process). Past `timeout` the migration is cancelled.
+async fn wait_migration(qmp: &Qmp, timeout: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let info = match qmp.query_migrate().await {
+            Ok(info) => info,
+            Err(crate::qmp::QmpError::Closed) => {
+                return Err("QEMU exited during the migration".into());
+            }
+            Err(err) => return Err(err.to_string()),
+        };
+        match info.status.as_deref() {
+            Some("completed") => return Ok(()),
+            Some("failed") => {
+                return Err(format!(
+                    "migration failed: {}",
+                    info.error_desc.as_deref().unwrap_or("no reason given")
+                ));
+            }
+            Some("cancelled") => return Err("migration cancelled".into()),
+            _ => {}
+        }
+        if Instant::now() >= deadline {
+            let _ = qmp.execute("migrate_cancel", None).await;
+            return Err(format!("migration did not complete within {timeout:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Best effort: a 1 MiB pipe buffer (64 KiB by default) means fewer context switches.
+fn enlarge_pipe(fd: &impl std::os::fd::AsRawFd) {
+    // SAFETY: fcntl(2) with F_SETPIPE_SZ takes an int argument and touches no memory; the
+    // fd is a live pipe end owned by the caller.
+    unsafe {
+        libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20);
+    }
+}
+
+fn check_socket_paths(paths: &VmPaths) -> Result<(), VmmError> {
+    for socket in [&paths.qmp, &paths.agent] {
+        if socket.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(VmmError::SocketPath(socket.display().to_string()));
+        }
+    }
+    Ok(())
 }
 
 /// QEMU's command line for `spec`.

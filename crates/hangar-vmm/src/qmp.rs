@@ -3,6 +3,7 @@
 //! `id` so answers are matched to callers while events interleave.
 
 use std::collections::HashMap;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -10,7 +11,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Interest};
 use tokio::net::UnixStream;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::{broadcast, oneshot};
@@ -56,6 +57,16 @@ pub struct QmpEvent {
 pub struct QmpStatus {
     pub running: bool,
     pub status: String,
+}
+
+/// What `query-migrate` reports: `status` is absent before any migration, then one of
+/// `setup`, `active`, `completed`, `failed`, `cancelled`, ...
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct MigrationInfo {
+    #[serde(default)]
+    pub status: Option<String>,
+    #[serde(default, rename = "error-desc")]
+    pub error_desc: Option<String>,
 }
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Value, QmpError>>>>>;
@@ -115,6 +126,26 @@ impl Qmp {
         command: &str,
         arguments: Option<Value>,
     ) -> Result<Value, QmpError> {
+        self.execute_inner(command, arguments, None).await
+    }
+
+    /// Runs one command whose message carries `fd` as `SCM_RIGHTS` ancillary data (QEMU
+    /// takes it with `getfd`/`add-fd`). The fd stays open here; QEMU gets its own copy.
+    pub async fn execute_with_fd(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+        fd: BorrowedFd<'_>,
+    ) -> Result<Value, QmpError> {
+        self.execute_inner(command, arguments, Some(fd)).await
+    }
+
+    async fn execute_inner(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+        fd: Option<BorrowedFd<'_>>,
+    ) -> Result<Value, QmpError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut message = json!({ "execute": command, "id": id });
         if let Some(arguments) = arguments {
@@ -129,7 +160,23 @@ impl Qmp {
         line.push('\n');
         let written = {
             let mut writer = self.writer.lock().await;
-            writer.write_all(line.as_bytes()).await
+            match fd {
+                None => writer.write_all(line.as_bytes()).await,
+                Some(fd) => {
+                    let stream: &UnixStream = (*writer).as_ref();
+                    let bytes = line.as_bytes();
+                    match stream
+                        .async_io(Interest::WRITABLE, || {
+                            sendmsg_with_fd(stream.as_raw_fd(), bytes, fd.as_raw_fd())
+                        })
+                        .await
+                    {
+                        // The fd went with the first bytes; the rest is plain data.
+                        Ok(sent) => writer.write_all(&bytes[sent..]).await,
+                        Err(err) => Err(err),
+                    }
+                }
+            }
         };
         if let Err(err) = written {
             self.pending.lock().expect("qmp pending lock").remove(&id);
@@ -174,6 +221,43 @@ impl Qmp {
         })
     }
 
+    /// Hands QEMU a file descriptor under `name` (QMP `getfd`), for URIs such as
+    /// `fd:NAME`. QEMU holds its own copy; the caller may close `fd` afterwards.
+    pub async fn getfd(&self, name: &str, fd: BorrowedFd<'_>) -> Result<(), QmpError> {
+        self.execute_with_fd("getfd", Some(json!({ "fdname": name })), fd)
+            .await
+            .map(drop)
+    }
+
+    /// Closes a descriptor given with [`Qmp::getfd`] that nothing consumed.
+    pub async fn closefd(&self, name: &str) -> Result<(), QmpError> {
+        self.execute("closefd", Some(json!({ "fdname": name })))
+            .await
+            .map(drop)
+    }
+
+    /// The state of the current (or last) migration, outgoing or incoming.
+    pub async fn query_migrate(&self) -> Result<MigrationInfo, QmpError> {
+        let value = self.execute("query-migrate", None).await?;
+        serde_json::from_value(value).map_err(|e| QmpError::Command {
+            command: "query-migrate".into(),
+            class: "Decode".into(),
+            desc: e.to_string(),
+        })
+    }
+
+    /// QEMU's version as `major.minor.micro`.
+    pub async fn version(&self) -> Result<String, QmpError> {
+        let value = self.execute("query-version", None).await?;
+        let part = |name: &str| value["qemu"][name].as_u64().unwrap_or(0);
+        Ok(format!(
+            "{}.{}.{}",
+            part("major"),
+            part("minor"),
+            part("micro")
+        ))
+    }
+
     /// Asks QEMU to exit. The connection closes as it does, which may end this call with
     /// [`QmpError::Closed`]; both mean QEMU is going away.
     pub async fn quit(&self) -> Result<(), QmpError> {
@@ -181,6 +265,45 @@ impl Qmp {
             Ok(_) | Err(QmpError::Closed) => Ok(()),
             Err(err) => Err(err),
         }
+    }
+}
+
+/// One `sendmsg(2)` of (a prefix of) `bytes` with `fd` attached as `SCM_RIGHTS`. Returns
+/// how many bytes went; `WouldBlock` when the socket is full.
+fn sendmsg_with_fd(socket: RawFd, bytes: &[u8], fd: RawFd) -> std::io::Result<usize> {
+    const FD_SIZE: u32 = std::mem::size_of::<RawFd>() as u32;
+    // Room for one cmsghdr carrying one int, aligned for cmsghdr (u64 covers it).
+    let mut control = [0u64; 4];
+    // SAFETY: CMSG_SPACE is pure arithmetic on its argument.
+    let space = unsafe { libc::CMSG_SPACE(FD_SIZE) } as usize;
+    debug_assert!(space <= std::mem::size_of_val(&control));
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr().cast_mut().cast(),
+        iov_len: bytes.len(),
+    };
+    // SAFETY: msghdr is a plain C struct for which all-zero bytes are a valid value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    // SAFETY: `msg` points at `control`, which is large enough and suitably aligned for
+    // one cmsghdr with an int payload (checked above), so CMSG_FIRSTHDR is non-null and
+    // CMSG_DATA points inside `control`; the payload write is unaligned-safe.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(FD_SIZE) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
+    }
+    // SAFETY: every pointer in `msg` refers to live locals (`iov`, `bytes`, `control`)
+    // that outlive the call; sendmsg(2) only reads them.
+    let sent = unsafe { libc::sendmsg(socket, &msg, libc::MSG_NOSIGNAL) };
+    if sent < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(sent as usize)
     }
 }
 

@@ -1,0 +1,458 @@
+//! Archive and restore of real QEMU guests: a busybox guest serving a request counter that
+//! lives only in guest memory (the `http-counter` service of `catalog/demo.toml`) and a file
+//! written to its disk survive archive → restore cycles in both tiers; a failed archive (a
+//! real ENOSPC) leaves the VM running and no partial file.
+//!
+//! Guest assets come from Debian's cloud kernel (`apt-get download` the first time) into
+//! `HANGAR_TEST_CACHE`, or a cache under cargo's test temp dir.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use hangar_image::{AssetSources, ImageFile, ensure_busybox_image, ensure_guest_assets};
+use hangar_proto::{GuestConfig, Identity, NetworkConfig, RootConfig, ServiceCommand};
+use hangar_vmm::qemu::{QemuBackend, QemuConfig};
+use hangar_vmm::{
+    Accel, ArchiveTier, Hypervisor, Launched, PortForward, RunState, VmSpec, VmmError, procs,
+    usernet,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const COUNTER_CGI: &str = r#"#!/bin/sh
+exec 9>>/run/counter.lock
+flock 9
+n=$(cat /run/counter 2>/dev/null || echo 0)
+n=$((n + 1))
+echo "$n" > /run/counter
+printf 'Content-Type: text/plain\r\n\r\n%s\n' "$n"
+"#;
+
+const MEMORY_MIB: u32 = 256;
+
+/// One real-QEMU test at a time: they share two cores with everything else.
+fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn cache_dir() -> PathBuf {
+    std::env::var_os("HANGAR_TEST_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_TARGET_TMPDIR")).join("hangar-cache"))
+}
+
+/// Kernel, initramfs and the http-counter base image.
+struct Guest {
+    vmlinux: PathBuf,
+    initramfs: PathBuf,
+    image: PathBuf,
+}
+
+fn guest() -> Guest {
+    let cache = cache_dir();
+    let sources = AssetSources::default();
+    let assets = ensure_guest_assets(&cache, &sources).expect("guest assets");
+    let mut files = BTreeMap::new();
+    files.insert(
+        "/www/cgi-bin/index.cgi".to_string(),
+        ImageFile {
+            contents: COUNTER_CGI.as_bytes().to_vec(),
+            mode: 0o755,
+        },
+    );
+    files.insert(
+        "/www/health.txt".to_string(),
+        ImageFile {
+            contents: b"ok\n".to_vec(),
+            mode: 0o644,
+        },
+    );
+    let image = ensure_busybox_image(&cache, &sources, &files).expect("busybox image");
+    Guest {
+        vmlinux: assets.vmlinux,
+        initramfs: assets.initramfs,
+        image: image.path,
+    }
+}
+
+/// Ends every QEMU process under `vms_dir` (only this test's VMs live there) when dropped,
+/// also when the test panics, and shows the guest console then; unmounts a tmpfs last.
+struct Cleanup {
+    vms_dir: PathBuf,
+    mounted: bool,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for (id, pid) in procs::qemu_processes_under(&self.vms_dir) {
+            let pidfile = self.vms_dir.join(&id).join("qemu.pid");
+            if procs::is_qemu_with_pidfile(pid, &pidfile) {
+                let _ = std::process::Command::new("kill")
+                    .args(["-9", &pid.to_string()])
+                    .status();
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while procs::alive(pid) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+        if std::thread::panicking()
+            && let Ok(entries) = std::fs::read_dir(&self.vms_dir)
+        {
+            for entry in entries.flatten() {
+                let log = std::fs::read(entry.path().join("console.log")).unwrap_or_default();
+                let tail =
+                    String::from_utf8_lossy(&log[log.len().saturating_sub(3000)..]).into_owned();
+                eprintln!(
+                    "--- console of {} (tail) ---\n{tail}\n---",
+                    entry.file_name().to_string_lossy()
+                );
+            }
+        }
+        if self.mounted {
+            let _ = std::process::Command::new("umount")
+                .arg(&self.vms_dir)
+                .status();
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn spec(id: &str, guest: &Guest, port: u16) -> VmSpec {
+    VmSpec {
+        id: id.into(),
+        vcpus: 1,
+        memory_mib: MEMORY_MIB,
+        kernel: guest.vmlinux.clone(),
+        initramfs: guest.initramfs.clone(),
+        cmdline: hangar_image::kernel_cmdline(hangar_image::host_tsc_khz()),
+        base_image: Some(guest.image.clone()),
+        forwards: vec![PortForward {
+            host: "127.0.0.1".parse().unwrap(),
+            host_port: port,
+            guest_port: 80,
+        }],
+        pre_os: false,
+        background: false,
+    }
+}
+
+/// What hangar-server's manager sends for the http-counter service.
+fn counter_config(hostname: &str) -> GuestConfig {
+    GuestConfig {
+        identity: Identity {
+            hostname: hostname.into(),
+            unix_time_ms: 0,
+            entropy_hex: "00".repeat(32),
+        },
+        network: Some(NetworkConfig {
+            interface: "eth0".into(),
+            address: usernet::GUEST_ADDRESS.into(),
+            gateway: Some(usernet::GATEWAY.into()),
+            dns: vec![usernet::DNS.into()],
+        }),
+        root: Some(RootConfig {
+            device: "/dev/vda".into(),
+            fstype: "ext4".into(),
+        }),
+        files: vec![],
+        services: vec![ServiceCommand {
+            name: "httpd".into(),
+            argv: ["httpd", "-f", "-p", "80", "-h", "/www"]
+                .map(String::from)
+                .into(),
+            env: BTreeMap::new(),
+            workdir: None,
+        }],
+    }
+}
+
+/// The body of `GET path`, retried until `timeout`.
+async fn http_get(port: u16, path: &str, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let attempt = async {
+            let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+            stream
+                .write_all(format!("GET {path} HTTP/1.0\r\nHost: guest\r\n\r\n").as_bytes())
+                .await?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response).await?;
+            Ok::<_, std::io::Error>(response)
+        };
+        let result = tokio::time::timeout(Duration::from_secs(5), attempt).await;
+        match result {
+            Ok(Ok(response)) if response.contains(" 200 ") => {
+                return response
+                    .split_once("\r\n\r\n")
+                    .map(|(_, body)| body.to_owned())
+                    .unwrap_or_default();
+            }
+            other if Instant::now() >= deadline => {
+                panic!("GET http://127.0.0.1:{port}{path} failed: {other:?}")
+            }
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+async fn counter(port: u16) -> u32 {
+    let body = http_get(port, "/", Duration::from_secs(20)).await;
+    body.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("counter body {body:?}"))
+}
+
+async fn exec(launched: &Launched, script: &str) -> String {
+    let reply = launched
+        .agent
+        .exec(
+            vec!["sh".into(), "-c".into(), script.into()],
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("agent exec");
+    assert!(reply.ok && reply.code == Some(0), "{script}: {reply:?}");
+    reply.stdout
+}
+
+/// Launches the counter guest, configures it, waits until it serves.
+async fn boot_counter(backend: &QemuBackend, spec: &VmSpec) -> Launched {
+    let started = Instant::now();
+    let launched = backend.launch(spec).await.expect("launch");
+    launched
+        .agent
+        .configure(counter_config(&spec.id), Duration::from_secs(120))
+        .await
+        .expect("configure");
+    let port = spec.forwards[0].host_port;
+    assert_eq!(
+        http_get(port, "/health.txt", Duration::from_secs(60)).await,
+        "ok\n"
+    );
+    eprintln!("booted {} in {:?}", spec.id, started.elapsed());
+    launched
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn archive_and_restore_keep_memory_and_disk_in_both_tiers() {
+    let _serial = serial();
+    let guest = guest();
+    // Short paths: unix socket addresses hold at most 107 bytes.
+    let tmp = tempfile::Builder::new()
+        .prefix("hga")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let vms_dir = tmp.path().join("vms");
+    let _cleanup = Cleanup {
+        vms_dir: vms_dir.clone(),
+        mounted: false,
+    };
+    let backend = Arc::new(QemuBackend::new(QemuConfig::new(vms_dir, Accel::Tcg)));
+    let port = free_port();
+    let spec = spec("ctr", &guest, port);
+    let id = spec.id.as_str();
+
+    runtime().block_on(async {
+        let launched = boot_counter(&backend, &spec).await;
+        for expected in 1..=3 {
+            assert_eq!(counter(port).await, expected);
+        }
+        exec(&launched, "echo hello > /root/f && sync").await;
+
+        let mut expected = 4;
+        let mut pid = launched.pid.expect("qemu pid");
+        let tiers = [ArchiveTier::Zstd]
+            .into_iter()
+            .chain([ArchiveTier::Raw; 3])
+            .chain([ArchiveTier::Zstd; 3]);
+        for (cycle, tier) in tiers.enumerate() {
+            let info = backend.archive(id, tier).await.expect("archive");
+            let memory_bytes = u64::from(MEMORY_MIB) << 20;
+            eprintln!(
+                "cycle {cycle}: archive {tier}: {} bytes ({:.1} MB, {:.1}% of guest memory) in {} ms",
+                info.size_bytes,
+                info.size_bytes as f64 / 1e6,
+                info.size_bytes as f64 * 100.0 / memory_bytes as f64,
+                info.took_ms
+            );
+            assert!(!procs::alive(pid), "QEMU {pid} still runs after archive");
+            assert_eq!(backend.run_state(id).await.unwrap(), RunState::Gone);
+            assert_eq!(info.tier, tier);
+            assert_eq!(info.memory_mib, MEMORY_MIB);
+            assert!(info.path.is_file(), "{}", info.path.display());
+            assert_eq!(
+                std::fs::metadata(&info.path).unwrap().len(),
+                info.size_bytes
+            );
+            assert_eq!(backend.archive_info(id), Some(info.clone()));
+            let record = hangar_vmm::archive::read_record(&backend.paths(id).dir).unwrap();
+            assert_eq!(record.info, info);
+            assert_eq!(record.disk.as_deref(), Some(Path::new("disk.qcow2")));
+            assert!(record.qemu_version.starts_with(|c: char| c.is_ascii_digit()));
+            assert_eq!(record.spec, spec);
+            if cycle == 0 {
+                eprintln!("qemu {}, disk layer {:?} bytes", record.qemu_version, record.disk_bytes);
+            }
+            match tier {
+                ArchiveTier::Zstd => assert!(
+                    info.size_bytes < memory_bytes / 4,
+                    "a zstd archive should be much smaller than guest memory: {}",
+                    info.size_bytes
+                ),
+                ArchiveTier::Raw => assert!(info.size_bytes < memory_bytes + (16 << 20)),
+            }
+            assert!(
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_err(),
+                "nothing listens while archived"
+            );
+
+            let started = Instant::now();
+            let restored = backend.restore(&spec).await.expect("restore");
+            let restore_took = started.elapsed();
+            let value = counter(port).await;
+            let first_answer = started.elapsed();
+            eprintln!(
+                "cycle {cycle}: restore {tier}: {restore_took:?} to running, {first_answer:?} to the first HTTP answer"
+            );
+            assert_eq!(value, expected, "the counter lives in guest memory");
+            expected += 1;
+            assert_eq!(exec(&restored, "cat /root/f").await, "hello\n");
+            assert!(!info.path.exists(), "the memory file is removed after restore");
+            assert_eq!(backend.archive_info(id), None);
+            assert_eq!(backend.run_state(id).await.unwrap(), RunState::Running);
+            pid = restored.pid.expect("qemu pid");
+        }
+
+        // Archiving a paused (sleeping) VM works too, and restore resumes it.
+        backend.pause(id).await.unwrap();
+        backend.archive(id, ArchiveTier::Zstd).await.expect("archive a paused VM");
+        backend.restore(&spec).await.expect("restore");
+        assert_eq!(counter(port).await, expected);
+
+        let mismatched = VmSpec {
+            memory_mib: 128,
+            ..spec.clone()
+        };
+        backend.archive(id, ArchiveTier::Raw).await.unwrap();
+        assert!(matches!(
+            backend.restore(&mismatched).await,
+            Err(VmmError::Restore { .. })
+        ));
+        assert!(backend.archive_info(id).is_some(), "a refused restore keeps the archive");
+        backend.destroy(id).await.unwrap();
+        assert!(!backend.paths(id).dir.exists());
+    });
+}
+
+/// Free bytes on the filesystem holding `dir`.
+fn available_bytes(dir: &Path) -> u64 {
+    let output = std::process::Command::new("df")
+        .args(["-B1", "--output=avail"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .nth(1)
+        .and_then(|line| line.trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn a_failed_archive_leaves_the_vm_running_and_no_partial_file() {
+    let _serial = serial();
+    let tmp = tempfile::Builder::new()
+        .prefix("hga")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let vms_dir = tmp.path().join("vms");
+    std::fs::create_dir(&vms_dir).unwrap();
+    let mount = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=48m", "tmpfs"])
+        .arg(&vms_dir)
+        .output();
+    match mount {
+        Ok(output) if output.status.success() => {}
+        other => {
+            eprintln!(
+                "SKIPPED: cannot mount a small tmpfs for a real ENOSPC (needs root): {other:?}"
+            );
+            return;
+        }
+    }
+    let _cleanup = Cleanup {
+        vms_dir: vms_dir.clone(),
+        mounted: true,
+    };
+    let guest = guest();
+    let backend = QemuBackend::new(QemuConfig::new(vms_dir.clone(), Accel::Tcg));
+    let port = free_port();
+    let spec = spec("full", &guest, port);
+    let id = spec.id.as_str();
+
+    runtime().block_on(async {
+        let launched = boot_counter(&backend, &spec).await;
+        assert_eq!(counter(port).await, 1);
+        // Leave 2 MiB: far less than the snapshot needs, enough for the guest's disk layer.
+        let filler = vms_dir.join("filler");
+        let fill = available_bytes(&vms_dir).saturating_sub(2 << 20);
+        std::fs::write(&filler, vec![0xa5u8; usize::try_from(fill).unwrap()]).unwrap();
+
+        for tier in [ArchiveTier::Zstd, ArchiveTier::Raw] {
+            let err = backend
+                .archive(id, tier)
+                .await
+                .expect_err("the archive cannot fit");
+            eprintln!("archive {tier} on a full disk: {err}");
+            assert!(matches!(err, VmmError::Archive { .. }), "{err:?}");
+            assert!(
+                err.to_string().contains("No space left on device"),
+                "the error says why: {err}"
+            );
+            assert_eq!(backend.run_state(id).await.unwrap(), RunState::Running);
+            assert!(procs::alive(launched.pid.unwrap()));
+            let leftovers: Vec<_> = std::fs::read_dir(vms_dir.join(id))
+                .unwrap()
+                .flatten()
+                .map(|entry| entry.file_name().to_string_lossy().into_owned())
+                .filter(|name| name.starts_with("memory") || name.starts_with("archive"))
+                .collect();
+            assert!(leftovers.is_empty(), "partial files remain: {leftovers:?}");
+            assert_eq!(backend.archive_info(id), None);
+        }
+        assert_eq!(
+            counter(port).await,
+            2,
+            "the VM still answers, memory intact"
+        );
+        assert_eq!(exec(&launched, "echo alive").await, "alive\n");
+
+        // With room again, the same VM archives and restores.
+        std::fs::remove_file(&filler).unwrap();
+        let info = backend.archive(id, ArchiveTier::Zstd).await.unwrap();
+        eprintln!("archive after freeing space: {} bytes", info.size_bytes);
+        backend.restore(&spec).await.unwrap();
+        assert_eq!(counter(port).await, 3);
+        backend.destroy(id).await.unwrap();
+    });
+}
