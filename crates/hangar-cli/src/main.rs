@@ -118,6 +118,17 @@ enum Command {
         #[command(subcommand)]
         command: BenchCommand,
     },
+    /// Pause an active VM in memory.
+    Sleep { vm: String },
+    /// Write a VM's memory to disk (compressed) and end its process.
+    Archive {
+        vm: String,
+        /// `zstd` (smaller) or `raw` (faster).
+        #[arg(long, default_value = "zstd")]
+        tier: String,
+    },
+    /// Bring a sleeping or archived VM back.
+    Wake { vm: String },
     /// Delete VMs: their processes, disks, sockets and logs.
     Rm {
         #[arg(required = true)]
@@ -402,6 +413,10 @@ async fn client_command(client: Client, command: Command) -> Result<(), ClientEr
                 if let Some(pool) = vm["pool"].as_str() {
                     state = format!("{state} (pool {pool})");
                 }
+                if let Some(tier) = vm["archive"]["tier"].as_str() {
+                    let mb = vm["archive"]["size_bytes"].as_f64().unwrap_or(0.0) / 1e6;
+                    state = format!("{state} ({tier}, {mb:.1} MB)");
+                }
                 if let Some(error) = vm["error"].as_str() {
                     state = format!("{state}: {error}");
                 }
@@ -494,6 +509,36 @@ async fn client_command(client: Client, command: Command) -> Result<(), ClientEr
         Command::Bench {
             command: BenchCommand::Pool(args),
         } => bench::run(args).await,
+        Command::Sleep { vm } => {
+            let vm: serde_json::Value = client
+                .post(&format!("/v1/vms/{vm}/sleep"), &serde_json::json!({}))
+                .await?;
+            println!("{} {}", text(&vm["id"]), text(&vm["state"]));
+            Ok(())
+        }
+        Command::Archive { vm, tier } => {
+            let vm: serde_json::Value = client
+                .post(
+                    &format!("/v1/vms/{vm}/archive"),
+                    &serde_json::json!({ "tier": tier }),
+                )
+                .await?;
+            println!(
+                "{} {} ({} archive, {:.1} MB)",
+                text(&vm["id"]),
+                text(&vm["state"]),
+                text(&vm["archive"]["tier"]),
+                vm["archive"]["size_bytes"].as_f64().unwrap_or(0.0) / 1e6
+            );
+            Ok(())
+        }
+        Command::Wake { vm } => {
+            let vm: serde_json::Value = client
+                .post(&format!("/v1/vms/{vm}/wake"), &serde_json::json!({}))
+                .await?;
+            println!("{} {}", text(&vm["id"]), text(&vm["state"]));
+            Ok(())
+        }
         Command::Rm { vms } => {
             for vm in vms {
                 let _: serde_json::Value = client.delete(&format!("/v1/vms/{vm}")).await?;

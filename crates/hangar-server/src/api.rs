@@ -54,6 +54,9 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .route("/v1/requests", post(create_request))
         .route("/v1/vms", get(list_vms))
         .route("/v1/vms/{id}", get(get_vm).delete(delete_vm))
+        .route("/v1/vms/{id}/sleep", post(sleep_vm))
+        .route("/v1/vms/{id}/archive", post(archive_vm))
+        .route("/v1/vms/{id}/wake", post(wake_vm))
         .route("/v1/pools", get(list_pools))
         .route("/v1/pools/{name}", axum::routing::put(set_pool))
         .route("/v1/tasks", get(list_tasks))
@@ -272,6 +275,8 @@ pub struct VmView {
     pub os: Option<String>,
     pub pid: Option<u32>,
     pub error: Option<String>,
+    /// The memory archive of an archived VM.
+    pub archive: Option<ArchiveView>,
     /// RFC 3339.
     pub created_at: String,
     pub last_used_at: String,
@@ -300,10 +305,40 @@ impl From<VmRecord> for VmView {
             os: vm.os.map(|(name, version)| format!("{name} {version}")),
             pid: vm.pid.filter(|_| vm.state.has_process()),
             error: vm.error,
+            archive: None,
             created_at: rfc3339(vm.created_at_ms),
             last_used_at: rfc3339(vm.last_used_at_ms),
             boot_ms: vm.boot_ms,
         }
+    }
+}
+
+/// A VM's memory archive.
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ArchiveView {
+    /// `raw` or `zstd`.
+    pub tier: String,
+    pub size_bytes: u64,
+    /// Guest memory it holds.
+    pub memory_mib: u32,
+    /// How long writing it took.
+    pub took_ms: u64,
+}
+
+/// A VM as listed, with its archive when it has one.
+fn view(manager: &Manager, vm: VmRecord) -> VmView {
+    let archive = (vm.state == VmState::Archived)
+        .then(|| manager.archive_info(&vm.id))
+        .flatten()
+        .map(|info| ArchiveView {
+            tier: info.tier.to_string(),
+            size_bytes: info.size_bytes,
+            memory_mib: info.memory_mib,
+            took_ms: info.took_ms,
+        });
+    VmView {
+        archive,
+        ..VmView::from(vm)
     }
 }
 
@@ -324,7 +359,7 @@ async fn list_vms(
             .store()
             .vms(query.all)?
             .into_iter()
-            .map(VmView::from)
+            .map(|vm| view(&manager, vm))
             .collect(),
     ))
 }
@@ -338,7 +373,7 @@ async fn get_vm(
         message: format!("no VM {id}"),
         alternatives: Vec::new(),
     })?;
-    Ok(Json(vm.into()))
+    Ok(Json(view(&manager, vm)))
 }
 
 /// Delete a VM: its process, disk layer, sockets and logs.
@@ -352,6 +387,59 @@ async fn delete_vm(
     Path(id): Path<String>,
 ) -> Result<Json<VmView>, ApiError> {
     Ok(Json(manager.delete(&id).await?.into()))
+}
+
+/// Pause an active VM in memory.
+#[utoipa::path(post, path = "/v1/vms/{id}/sleep", responses((status = 200, body = VmView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn sleep_vm(
+    State(manager): State<Arc<Manager>>,
+    Path(id): Path<String>,
+) -> Result<Json<VmView>, ApiError> {
+    let vm = manager.sleep(&id).await?;
+    Ok(Json(view(&manager, vm)))
+}
+
+/// How to archive.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ArchiveBody {
+    /// `raw` or `zstd` (default).
+    #[serde(default = "default_tier")]
+    #[schema(value_type = String)]
+    pub tier: hangar_vmm::ArchiveTier,
+}
+
+fn default_tier() -> hangar_vmm::ArchiveTier {
+    hangar_vmm::ArchiveTier::Zstd
+}
+
+/// Write an active or sleeping VM's memory to disk and end its process.
+#[utoipa::path(post, path = "/v1/vms/{id}/archive", request_body = ArchiveBody, responses((status = 200, body = VmView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 500, body = ErrorBody)))]
+async fn archive_vm(
+    State(manager): State<Arc<Manager>>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<VmView>, ApiError> {
+    let body: ArchiveBody = if body.is_empty() {
+        ArchiveBody {
+            tier: default_tier(),
+        }
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|err| ApiError::BadRequest(format!("invalid request body: {err}")))?
+    };
+    let (vm, _) = manager.archive(&id, body.tier).await?;
+    Ok(Json(view(&manager, vm)))
+}
+
+/// Bring a sleeping or archived VM back.
+#[utoipa::path(post, path = "/v1/vms/{id}/wake", responses((status = 200, body = VmView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn wake_vm(
+    State(manager): State<Arc<Manager>>,
+    Path(id): Path<String>,
+) -> Result<Json<VmView>, ApiError> {
+    let vm = manager.wake(&id).await?;
+    Ok(Json(view(&manager, vm)))
 }
 
 /// A long operation and its progress.

@@ -22,6 +22,7 @@ use hangar_vmm::qemu::{QemuBackend, QemuConfig};
 pub mod api;
 pub mod error;
 pub mod images;
+pub mod lifecycle;
 pub mod manager;
 pub mod pools;
 pub mod ready;

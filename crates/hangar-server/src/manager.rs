@@ -116,7 +116,9 @@ pub struct Manager {
     pub(crate) catalog: Arc<Catalog>,
     pub(crate) config: ManagerConfig,
     /// Control channels of running VMs.
-    agents: Mutex<HashMap<String, Arc<Agent>>>,
+    pub(crate) agents: Mutex<HashMap<String, Arc<Agent>>>,
+    /// One lifecycle operation (sleep, archive, wake) at a time per VM.
+    pub(crate) vm_ops: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Warm pool bookkeeping: request rates, fills in flight, the refill signal.
     pub(crate) pools: crate::pools::PoolRuntime,
     /// One lock per (service, environment): shared requests that find no VM wait for the
@@ -150,6 +152,7 @@ impl Manager {
             catalog,
             config,
             agents: Mutex::default(),
+            vm_ops: Mutex::default(),
             pools: crate::pools::PoolRuntime::default(),
             shared_locks: Mutex::default(),
             outcomes: Mutex::default(),
@@ -892,7 +895,7 @@ impl Manager {
     }
 
     /// Waits for the service's ready criterion on this VM; the error explains what failed.
-    async fn wait_ready(
+    pub(crate) async fn wait_ready(
         &self,
         vm_id: &str,
         pid: Option<u32>,
@@ -1044,6 +1047,15 @@ impl Manager {
                                 .lock()
                                 .expect("agents lock")
                                 .insert(vm.id.clone(), launched.agent);
+                            // An archive cut short leaves an active VM paused: resume it.
+                            if vm.state == VmState::Active
+                                && matches!(self.hv.run_state(&vm.id).await, Ok(RunState::Paused))
+                            {
+                                tracing::info!(vm = %vm.id, "resuming an active VM found paused");
+                                if let Err(err) = self.hv.resume(&vm.id).await {
+                                    tracing::warn!(vm = %vm.id, error = %error_chain(&err), "cannot resume");
+                                }
+                            }
                             live.insert(vm.id.clone());
                             report.adopted.push(vm.id);
                         }
@@ -1065,8 +1077,11 @@ impl Manager {
                         }
                     }
                 }
-                VmState::Archived | VmState::Failed => {
-                    // No process belongs to these; a leftover one is stopped below.
+                VmState::Archived => {
+                    self.reconcile_archived(&vm, &mut live, &mut report).await;
+                }
+                VmState::Failed => {
+                    // No process belongs to a failed VM; a leftover one is stopped below.
                 }
                 VmState::Deleted => {}
             }
@@ -1131,7 +1146,7 @@ impl Manager {
 }
 
 /// A fresh identity: hostname, the current time, and new entropy.
-fn new_identity(hostname: &str) -> Identity {
+pub(crate) fn new_identity(hostname: &str) -> Identity {
     let mut entropy = [0u8; 32];
     rand::rng().fill_bytes(&mut entropy);
     Identity {

@@ -435,3 +435,89 @@ mod http {
         assert!(spec["paths"]["/v1/requests"]["post"].is_object());
     }
 }
+
+mod lifecycle {
+    use hangar_vmm::ArchiveTier;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn sleep_archive_wake_follow_the_state_machine() {
+        let (manager, backend, store) = setup();
+        let grant = manager
+            .request(request("web", Mode::Dedicated))
+            .await
+            .unwrap();
+        let id = grant.vm.id.as_str();
+        assert_eq!(manager.sleep(id).await.unwrap().state, VmState::Sleeping);
+        assert_eq!(
+            backend.run_state(id).await.unwrap(),
+            hangar_vmm::RunState::Paused
+        );
+        assert_eq!(manager.wake(id).await.unwrap().state, VmState::Active);
+        let (vm, info) = manager.archive(id, ArchiveTier::Zstd).await.unwrap();
+        assert_eq!(
+            (vm.state, info.tier),
+            (VmState::Archived, ArchiveTier::Zstd)
+        );
+        assert_eq!(
+            backend.run_state(id).await.unwrap(),
+            hangar_vmm::RunState::Gone
+        );
+        let err = manager.sleep(id).await.unwrap_err();
+        assert!(
+            err.to_string().contains("only an active VM can sleep"),
+            "{err}"
+        );
+        assert_eq!(manager.wake(id).await.unwrap().state, VmState::Active);
+        assert!(
+            manager.archive_info(id).is_none(),
+            "the archive is used up by the restore"
+        );
+        assert_eq!(
+            backend.run_state(id).await.unwrap(),
+            hangar_vmm::RunState::Running
+        );
+        assert_eq!(store.vm(id).unwrap().unwrap().state, VmState::Active);
+    }
+
+    #[tokio::test]
+    async fn restart_keeps_archives_and_stops_restores_cut_short() {
+        let (manager, backend, store) = setup();
+        let kept = manager
+            .request(request("web", Mode::Dedicated))
+            .await
+            .unwrap()
+            .vm;
+        let cut = manager
+            .request(request("web", Mode::Dedicated))
+            .await
+            .unwrap()
+            .vm;
+        manager.archive(&kept.id, ArchiveTier::Raw).await.unwrap();
+        manager.archive(&cut.id, ArchiveTier::Raw).await.unwrap();
+        drop(manager);
+        // A restore of `cut` was under way when the server died: a process, and the archive.
+        let spec: hangar_vmm::VmSpec = serde_json::from_value(cut.spec.clone()).unwrap();
+        backend.launch(&spec).await.unwrap();
+
+        let restarted = manager_with(store.clone(), backend.clone());
+        let report = restarted.reconcile(None).await.unwrap();
+        assert!(report.stopped_unknown.is_empty(), "{report:?}");
+        for id in [&kept.id, &cut.id] {
+            assert_eq!(store.vm(id).unwrap().unwrap().state, VmState::Archived);
+            assert!(
+                restarted.archive_info(id).is_some(),
+                "archive kept for {id}"
+            );
+        }
+        assert!(
+            backend.running().await.unwrap().is_empty(),
+            "the half-restored process was stopped"
+        );
+        assert_eq!(
+            restarted.wake(&cut.id).await.unwrap().state,
+            VmState::Active
+        );
+    }
+}

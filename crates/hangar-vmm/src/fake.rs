@@ -103,7 +103,7 @@ impl Hypervisor for FakeBackend {
         let (paused, paused_rx) = watch::channel(spec.pre_os);
         let mut tasks = Vec::new();
         for forward in &spec.forwards {
-            let listener = TcpListener::bind((forward.host, forward.host_port)).await?;
+            let listener = bind(forward).await?;
             tasks.push(tokio::spawn(serve_http(
                 listener,
                 spec.id.clone(),
@@ -164,6 +164,11 @@ impl Hypervisor for FakeBackend {
             Some(vm) if *vm.paused.borrow() => RunState::Paused,
             Some(_) => RunState::Running,
         })
+    }
+
+    async fn stop(&self, id: &str) -> Result<(), VmmError> {
+        self.vms.lock().expect("fake vms lock").remove(id);
+        Ok(())
     }
 
     async fn destroy(&self, id: &str) -> Result<(), VmmError> {
@@ -258,7 +263,7 @@ impl Hypervisor for FakeBackend {
     ) -> Result<(), VmmError> {
         let mut listeners = Vec::new();
         for forward in forwards {
-            listeners.push(TcpListener::bind((forward.host, forward.host_port)).await?);
+            listeners.push(bind(forward).await?);
         }
         let mut vms = self.vms.lock().expect("fake vms lock");
         let vm = vms
@@ -292,6 +297,22 @@ impl FakeBackend {
             .ok_or_else(|| VmmError::NotRunning(id.to_owned()))?;
         vm.paused.send_replace(paused);
         Ok(())
+    }
+}
+
+/// Binds a forwarded port. A VM just stopped (archived, destroyed) frees its ports when its
+/// aborted tasks are dropped, a moment later: retry briefly, as the host would see a port
+/// come free when QEMU exits.
+async fn bind(forward: &crate::PortForward) -> std::io::Result<TcpListener> {
+    let mut tries = 0;
+    loop {
+        match TcpListener::bind((forward.host, forward.host_port)).await {
+            Err(err) if err.kind() == std::io::ErrorKind::AddrInUse && tries < 100 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            result => return result,
+        }
     }
 }
 

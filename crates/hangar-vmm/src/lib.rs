@@ -170,6 +170,10 @@ pub trait Hypervisor: Send + Sync + 'static {
     /// Stops the VM's process, if any, and deletes every file it had. Idempotent.
     async fn destroy(&self, id: &str) -> Result<(), VmmError>;
 
+    /// Ends the VM's process, if any, and keeps its files (disk layer, archive). Used when
+    /// a process must go but its VM's data must stay, e.g. a restore cut short.
+    async fn stop(&self, id: &str) -> Result<(), VmmError>;
+
     /// Gives a pre-OS shell its root disk: a fresh copy-on-write layer over `base_image`.
     /// The VM stays paused; resume it to boot.
     async fn attach_root(&self, id: &str, base_image: &Path) -> Result<(), VmmError>;

@@ -532,6 +532,21 @@ impl Hypervisor for QemuBackend {
         archive::read_record(&self.paths(id).dir).map(|record| record.info)
     }
 
+    async fn stop(&self, id: &str) -> Result<(), VmmError> {
+        let paths = self.paths(id);
+        let known = self.vms.lock().await.remove(id).map(|running| running.pid);
+        if let Some(pid) = known.or_else(|| read_pid(&paths.pidfile))
+            && procs::is_qemu_with_pidfile(pid, &paths.pidfile)
+            && !procs::kill_and_wait(pid, Duration::from_secs(5)).await
+        {
+            tracing::warn!(pid, "qemu did not exit after SIGKILL");
+        }
+        for socket in [&paths.qmp, &paths.agent, &paths.pidfile] {
+            let _ = tokio::fs::remove_file(socket).await;
+        }
+        Ok(())
+    }
+
     async fn destroy(&self, id: &str) -> Result<(), VmmError> {
         let paths = self.paths(id);
         let running = self.vms.lock().await.remove(id);
