@@ -98,17 +98,22 @@ impl ServiceRequest {
     /// The settings passed to service processes: every env entry but `os`, as
     /// `HANGAR_<KEY>` (upper-cased).
     pub fn process_env(&self) -> BTreeMap<String, String> {
-        self.env
-            .iter()
-            .filter(|(key, _)| key.as_str() != "os")
-            .map(|(key, value)| {
-                (
-                    format!("HANGAR_{}", key.to_ascii_uppercase()),
-                    value.clone(),
-                )
-            })
-            .collect()
+        process_env(&self.env)
     }
+}
+
+/// Request settings as service process environment: every entry but `os`, as
+/// `HANGAR_<KEY>` (upper-cased).
+pub fn process_env(env: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    env.iter()
+        .filter(|(key, _)| key.as_str() != "os")
+        .map(|(key, value)| {
+            (
+                format!("HANGAR_{}", key.to_ascii_uppercase()),
+                value.clone(),
+            )
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -1179,16 +1179,7 @@ fn guest_config(
     service: Option<&Service>,
     env: &BTreeMap<String, String>,
 ) -> GuestConfig {
-    let settings: BTreeMap<String, String> = env
-        .iter()
-        .filter(|(key, _)| key.as_str() != "os")
-        .map(|(key, value)| {
-            (
-                format!("HANGAR_{}", key.to_ascii_uppercase()),
-                value.clone(),
-            )
-        })
-        .collect();
+    let settings = hangar_core::request::process_env(env);
     GuestConfig {
         identity: new_identity(hostname),
         network: Some(NetworkConfig {
