@@ -20,12 +20,15 @@ use hangar_vmm::Accel;
 use hangar_vmm::qemu::{QemuBackend, QemuConfig};
 
 pub mod api;
+mod create;
 pub mod error;
+mod grants;
 pub mod images;
 pub mod lifecycle;
 pub mod manager;
 pub mod pools;
 pub mod ready;
+mod reconcile;
 
 pub use manager::{Manager, ManagerConfig};
 

@@ -11,8 +11,9 @@ use hangar_core::VmState;
 use hangar_store::VmRecord;
 use hangar_vmm::{ArchiveInfo, ArchiveTier, RunState, VmSpec};
 
+use crate::create::new_identity;
 use crate::error::{ApiError, error_chain};
-use crate::manager::{Manager, ReconcileReport, new_identity};
+use crate::manager::{Manager, ReconcileReport};
 
 impl Manager {
     fn vm_or_404(&self, id: &str) -> Result<VmRecord, ApiError> {

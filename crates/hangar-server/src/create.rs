@@ -1,0 +1,396 @@
+//! Making VMs: creation tasks, launch, configuration through hangar-init, the ready
+//! criterion, and discarding VMs that fail on the way.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hangar_core::{Service, TaskId, VmId, VmState};
+use hangar_proto::{GuestConfig, Identity, NetworkConfig, RootConfig, ServiceCommand};
+use hangar_store::{TaskRecord, TaskState, VmRecord, now_ms};
+use hangar_vmm::{Agent, PortForward, VmSpec, usernet};
+use rand::RngCore;
+use tokio::sync::{OwnedMutexGuard, watch};
+
+use crate::error::{ApiError, error_chain};
+use crate::ready;
+
+use crate::manager::*;
+
+impl Manager {
+    /// Records a creation task and starts it; returns its id.
+    pub(crate) fn start_create(
+        self: &Arc<Self>,
+        make: MakeVm,
+        guard: Option<OwnedMutexGuard<()>>,
+    ) -> Result<String, ApiError> {
+        let task_id = TaskId::generate().to_string();
+        let now = now_ms();
+        self.store.insert_task(&TaskRecord {
+            id: task_id.clone(),
+            kind: if make.pool.is_some() {
+                "fill_pool"
+            } else {
+                "create_vm"
+            }
+            .into(),
+            service: make
+                .service
+                .as_ref()
+                .map(|s| s.name.clone())
+                .or_else(|| make.pool.clone()),
+            vm_id: None,
+            state: TaskState::Running,
+            stage: "queued".into(),
+            percent: 0,
+            error: None,
+            created_at_ms: now,
+            updated_at_ms: now,
+        })?;
+        let (tx, rx) = watch::channel(None);
+        self.outcomes
+            .lock()
+            .expect("outcomes lock")
+            .insert(task_id.clone(), rx);
+        let manager = self.clone();
+        let id = task_id.clone();
+        tokio::spawn(async move {
+            let result = manager.create(&id, &make).await;
+            let (state, stage, error) = match &result {
+                Ok(_) => (TaskState::Succeeded, "done", None),
+                Err(message) => (TaskState::Failed, "failed", Some(message.as_str())),
+            };
+            if let Err(err) = manager.store.update_task(&id, state, stage, 100, error) {
+                tracing::warn!(task = %id, error = %err, "cannot record task outcome");
+            }
+            tx.send_replace(Some(result));
+            drop(guard);
+            // Late waiters read the outcome from the store; keep the map small.
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            manager.outcomes.lock().expect("outcomes lock").remove(&id);
+        });
+        Ok(task_id)
+    }
+
+    /// Waits for a task started by [`Manager::start_create`] to end.
+    pub(crate) async fn task_outcome(&self, task: &str) -> Option<Result<VmRecord, String>> {
+        let mut outcome = self
+            .outcomes
+            .lock()
+            .expect("outcomes lock")
+            .get(task)
+            .cloned()?;
+        outcome.wait_for(Option::is_some).await.ok()?.clone()
+    }
+
+    pub(crate) fn progress(&self, task: &str, stage: &str, percent: u8) {
+        if let Err(err) = self
+            .store
+            .update_task(task, TaskState::Running, stage, percent, None)
+        {
+            tracing::warn!(task, error = %err, "cannot record task progress");
+        }
+    }
+
+    /// Makes one VM and waits until it is ready: active for a request, paused in its pool
+    /// for a pool fill. On failure nothing of the VM is left but its `failed` record.
+    pub(crate) async fn create(&self, task: &str, make: &MakeVm) -> Result<VmRecord, String> {
+        let started = Instant::now();
+        self.progress(task, "image", 5);
+        let assets = self.images.guest_assets().await?;
+        let base_image = match &make.service {
+            Some(service) => self.images.base_image(service).await?,
+            None => None,
+        };
+        let pre_os = make.service.is_none();
+
+        let vm_id = VmId::generate().to_string();
+        let (forwards, endpoints) = match &make.service {
+            Some(service) => self
+                .allocate_ports(service)
+                .map_err(|err| format!("allocating host ports: {err}"))?,
+            None => (Vec::new(), BTreeMap::new()),
+        };
+        let now = now_ms();
+        let spec = VmSpec {
+            id: vm_id.clone(),
+            vcpus: make.vcpus,
+            memory_mib: make.memory_mib,
+            kernel: assets.vmlinux.clone(),
+            initramfs: assets.initramfs.clone(),
+            cmdline: self.config.guest_cmdline.clone(),
+            base_image,
+            forwards,
+            pre_os,
+            background: make.pool.is_some(),
+        };
+        let os = make.service.as_ref().map(|service| {
+            let version = self
+                .catalog
+                .os(&service.os)
+                .map(|os| os.version.clone())
+                .unwrap_or_default();
+            (service.os.clone(), version)
+        });
+        let spec_json = serde_json::to_value(&spec).map_err(|err| err.to_string())?;
+        self.store
+            .insert_vm(&VmRecord {
+                id: vm_id.clone(),
+                host: LOCAL_HOST.into(),
+                services: make.service.iter().map(|s| s.name.clone()).collect(),
+                env: make.env.clone(),
+                mode: make.mode,
+                owner: "local".into(),
+                state: VmState::Creating,
+                endpoints: endpoints
+                    .iter()
+                    .map(|(name, addr)| (name.clone(), addr.to_string()))
+                    .collect(),
+                spec: spec_json.clone(),
+                pid: None,
+                error: None,
+                created_at_ms: now,
+                updated_at_ms: now,
+                last_used_at_ms: now,
+                boot_ms: None,
+                memory_mib: make.memory_mib,
+                vcpus: make.vcpus,
+                pool: make.pool.clone(),
+                os,
+            })
+            .map_err(|err| error_chain(&err))?;
+        if let Err(err) = self.store.set_task_vm(task, &vm_id) {
+            tracing::warn!(task, error = %err, "cannot link task to vm");
+        }
+        tracing::info!(vm = %vm_id, service = ?make.service.as_ref().map(|s| &s.name), pool = ?make.pool, task, "creating vm");
+
+        match self
+            .boot(task, &vm_id, &spec, &spec_json, make, &endpoints, started)
+            .await
+        {
+            Ok(vm) => Ok(vm),
+            Err(reason) => {
+                let what = make.service.as_ref().map_or("shell", |s| s.name.as_str());
+                let reason = format!("{what} VM {vm_id}: {reason}");
+                self.discard(&vm_id, &reason).await;
+                Err(reason)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn boot(
+        &self,
+        task: &str,
+        vm_id: &str,
+        spec: &VmSpec,
+        spec_json: &serde_json::Value,
+        make: &MakeVm,
+        endpoints: &BTreeMap<String, SocketAddr>,
+        started: Instant,
+    ) -> Result<VmRecord, String> {
+        self.progress(task, "launch", 20);
+        self.store
+            .transition(vm_id, VmState::Booting, None)
+            .map_err(|err| error_chain(&err))?;
+        let launched = self
+            .hv
+            .launch(spec)
+            .await
+            .map_err(|err| error_chain(&err))?;
+        self.agents
+            .lock()
+            .expect("agents lock")
+            .insert(vm_id.to_owned(), launched.agent.clone());
+        self.store
+            .set_launch(vm_id, launched.pid, spec_json)
+            .map_err(|err| error_chain(&err))?;
+
+        if let Some(service) = &make.service {
+            self.progress(task, "boot", 40);
+            // Pool VMs carry a staging hostname; each gets its own identity when handed out.
+            let hostname = match &make.pool {
+                Some(pool) => format!("pool-{pool}"),
+                None => vm_id.to_owned(),
+            };
+            let config = guest_config(vm_id, &hostname, Some(service), &make.env);
+            let agent = launched.agent;
+            agent
+                .configure(config, service.ready.timeout)
+                .await
+                .map_err(|err| self.diagnose(vm_id, &agent, &error_chain(&err)))?;
+
+            self.progress(task, "ready", 70);
+            let ready = make.ready.as_ref().unwrap_or(&service.ready);
+            self.wait_ready(vm_id, launched.pid, service, ready, endpoints, &agent)
+                .await?;
+        }
+
+        let boot_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.store
+            .set_boot_ms(vm_id, boot_ms)
+            .map_err(|err| error_chain(&err))?;
+        let vm = if make.pool.is_some() {
+            if !spec.pre_os {
+                self.hv
+                    .pause(vm_id)
+                    .await
+                    .map_err(|err| error_chain(&err))?;
+            }
+            self.store
+                .transition(vm_id, VmState::Ready, None)
+                .map_err(|err| error_chain(&err))?
+        } else {
+            self.store
+                .transition(vm_id, VmState::Active, None)
+                .map_err(|err| error_chain(&err))?
+        };
+        tracing::info!(vm = %vm_id, state = %vm.state, boot_ms, "vm ready");
+        Ok(vm)
+    }
+
+    /// Waits for the service's ready criterion on this VM; the error explains what failed.
+    pub(crate) async fn wait_ready(
+        &self,
+        vm_id: &str,
+        pid: Option<u32>,
+        service: &Service,
+        ready: &hangar_core::ReadySpec,
+        endpoints: &BTreeMap<String, SocketAddr>,
+        agent: &Agent,
+    ) -> Result<(), String> {
+        let console_log = self.hv.console_log(vm_id);
+        let target = ready::ProbeTarget {
+            endpoints,
+            agent,
+            console_log: console_log.as_deref(),
+            qemu_pid: pid,
+        };
+        ready::wait_ready(service, ready, &target)
+            .await
+            .map(drop)
+            .map_err(|not_ready| self.diagnose(vm_id, agent, &not_ready.0))
+    }
+
+    /// `reason`, with what the guest reported that explains it (service exits, failures).
+    pub(crate) fn diagnose(&self, vm_id: &str, agent: &Agent, reason: &str) -> String {
+        let mut text = reason.to_owned();
+        for event in agent.recent_events() {
+            match event {
+                hangar_proto::GuestMessage::ServiceExited { name, code, signal } => {
+                    text.push_str(&format!(
+                        "; service process {name} exited ({})",
+                        match (code, signal) {
+                            (Some(code), _) => format!("code {code}"),
+                            (_, Some(signal)) => format!("signal {signal}"),
+                            _ => "unknown status".into(),
+                        }
+                    ));
+                }
+                hangar_proto::GuestMessage::Failed { stage, error } => {
+                    text.push_str(&format!("; guest failed at {stage}: {error}"));
+                }
+                _ => {}
+            }
+        }
+        tracing::debug!(vm = %vm_id, reason = %text, "vm not ready");
+        text
+    }
+
+    /// Frees everything of a VM that failed (or is not wanted) and records why.
+    pub(crate) async fn discard(&self, vm_id: &str, reason: &str) {
+        tracing::warn!(vm = %vm_id, reason, "vm creation failed");
+        self.agents.lock().expect("agents lock").remove(vm_id);
+        if let Err(err) = self.hv.destroy(vm_id).await {
+            tracing::warn!(vm = %vm_id, error = %error_chain(&err), "cannot destroy failed vm");
+        }
+        if let Ok(Some(_)) = self.store.vm(vm_id)
+            && let Err(err) = self.store.transition(vm_id, VmState::Failed, Some(reason))
+        {
+            tracing::warn!(vm = %vm_id, error = %err, "cannot mark vm failed");
+        }
+    }
+
+    /// One free host port per service port, on the endpoint address.
+    pub(crate) fn allocate_ports(
+        &self,
+        service: &Service,
+    ) -> std::io::Result<(Vec<PortForward>, BTreeMap<String, SocketAddr>)> {
+        // Hold every probe listener until all are chosen, so no port is picked twice.
+        let listeners = service
+            .ports
+            .iter()
+            .map(|_| std::net::TcpListener::bind((self.config.endpoint_host, 0)))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let mut forwards = Vec::new();
+        let mut endpoints = BTreeMap::new();
+        for (port, listener) in service.ports.iter().zip(&listeners) {
+            let addr = listener.local_addr()?;
+            forwards.push(PortForward {
+                host: addr.ip(),
+                host_port: addr.port(),
+                guest_port: port.guest,
+            });
+            endpoints.insert(port.name.clone(), addr);
+        }
+        Ok((forwards, endpoints))
+    }
+}
+
+/// A fresh identity: hostname, the current time, and new entropy.
+pub(crate) fn new_identity(hostname: &str) -> Identity {
+    let mut entropy = [0u8; 32];
+    rand::rng().fill_bytes(&mut entropy);
+    Identity {
+        hostname: hostname.to_owned(),
+        unix_time_ms: now_ms(),
+        entropy_hex: hex::encode(entropy),
+    }
+}
+
+/// What hangar-init needs to become this VM.
+pub(crate) fn guest_config(
+    vm_id: &str,
+    hostname: &str,
+    service: Option<&Service>,
+    env: &BTreeMap<String, String>,
+) -> GuestConfig {
+    let settings = hangar_core::request::process_env(env);
+    GuestConfig {
+        identity: new_identity(hostname),
+        network: Some(NetworkConfig {
+            interface: "eth0".into(),
+            address: usernet::GUEST_ADDRESS.into(),
+            gateway: Some(usernet::GATEWAY.into()),
+            dns: vec![usernet::DNS.into()],
+        }),
+        root: Some(RootConfig {
+            device: "/dev/vda".into(),
+            fstype: "ext4".into(),
+        }),
+        files: vec![hangar_proto::FileWrite {
+            path: "/etc/hangar-vm-id".into(),
+            contents: format!("{vm_id}\n"),
+            mode: 0o644,
+        }],
+        services: service
+            .map(|service| {
+                service
+                    .processes
+                    .iter()
+                    .map(|process| {
+                        let mut env = process.env.clone();
+                        env.extend(settings.clone());
+                        ServiceCommand {
+                            name: process.name.clone(),
+                            argv: process.argv.clone(),
+                            env,
+                            workdir: process.workdir.clone(),
+                        }
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+    }
+}

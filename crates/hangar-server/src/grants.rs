@@ -1,0 +1,243 @@
+//! Handing out paused pool VMs: the best match is claimed, then resumed with a fresh
+//! identity (exact, superset; sliced on request), or booted from a pre-OS shell with the
+//! requested OS image attached (partial).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use hangar_core::matching::{MachineRequest, MatchKind, Offer, best_match};
+use hangar_core::{Service, ServiceRequest, VmState};
+use hangar_store::VmRecord;
+use hangar_vmm::{Agent, VmSpec};
+
+use crate::error::{ApiError, error_chain};
+
+use crate::create::{guest_config, new_identity};
+use crate::manager::*;
+
+impl Manager {
+    /// Hands out the best paused pool VM for `machine`, if any: resumed and re-identified
+    /// (exact, superset; sliced with `exact_size`), or a pre-OS shell given its OS image and
+    /// booted (partial). A VM that fails on the way is discarded and the next one tried.
+    pub(crate) async fn grant_from_pool(
+        &self,
+        machine: &MachineRequest,
+        request: &ServiceRequest,
+        service: Option<&Service>,
+    ) -> Result<Option<Grant>, ApiError> {
+        for _ in 0..8 {
+            let paused: Vec<VmRecord> = self
+                .store
+                .vms(false)?
+                .into_iter()
+                .filter(|vm| vm.state == VmState::Ready && vm.pool.is_some())
+                .collect();
+            let offers: Vec<Offer> = paused
+                .iter()
+                .map(|vm| Offer {
+                    vcpus: vm.vcpus,
+                    memory_mib: vm.memory_mib,
+                    os: vm.os.clone(),
+                    apps: vm.services.iter().cloned().collect(),
+                })
+                .collect();
+            let Some((index, kind)) = best_match(machine, &offers) else {
+                return Ok(None);
+            };
+            let candidate = &paused[index];
+            let pool = candidate.pool.clone().unwrap_or_default();
+            let vm = match self.store.claim(&candidate.id, request.mode, &request.env) {
+                Ok(vm) => vm,
+                Err(hangar_store::StoreError::Transition(_)) => continue, // another request won it
+                Err(err) => return Err(err.into()),
+            };
+            if service.is_none_or(|service| service.name != pool) {
+                // Service requests count for their own pool already.
+                self.record_demand(&pool);
+            }
+            self.pools.refill();
+            let started = Instant::now();
+            let handed = match kind {
+                MatchKind::Exact | MatchKind::Superset => {
+                    self.wake_pooled(&vm, kind, machine, request.exact_size)
+                        .await
+                }
+                MatchKind::Partial => self.boot_shell(&vm, machine, service, request).await,
+            };
+            match handed {
+                Ok((vm, sliced_to)) => {
+                    tracing::info!(vm = %vm.id, pool = %pool, kind = kind.as_str(), us = started.elapsed().as_micros() as u64, "granted from pool");
+                    return Ok(Some(self.grant(vm, service, kind.into(), None, sliced_to)));
+                }
+                Err(reason) => {
+                    let reason = format!("pool VM {} could not be handed out: {reason}", vm.id);
+                    self.discard(&vm.id, &reason).await;
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Resumes a paused, booted VM and gives it its final identity.
+    pub(crate) async fn wake_pooled(
+        &self,
+        vm: &VmRecord,
+        kind: MatchKind,
+        machine: &MachineRequest,
+        exact_size: bool,
+    ) -> Result<(VmRecord, Option<(u32, u32)>), String> {
+        let agent = self.agent(&vm.id).ok_or("no agent channel")?;
+        let started = Instant::now();
+        if let Err(err) = self.hv.set_foreground(&vm.id).await {
+            tracing::debug!(vm = %vm.id, error = %error_chain(&err), "cannot raise vm priority");
+        }
+        // The identity message is written first and waits in QEMU while the guest is
+        // paused; resuming then delivers it at once instead of on QEMU's next poll.
+        let identity = agent.reidentify(new_identity(&vm.id), Duration::from_secs(10));
+        let resume = async {
+            tokio::task::yield_now().await;
+            let result = self.hv.resume(&vm.id).await;
+            (result, started.elapsed())
+        };
+        let (reply, (resumed, resume_took)) = tokio::join!(identity, resume);
+        resumed.map_err(|err| error_chain(&err))?;
+        let reply = reply.map_err(|err| error_chain(&err))?;
+        tracing::debug!(
+            vm = %vm.id,
+            resume_us = resume_took.as_micros() as u64,
+            total_us = started.elapsed().as_micros() as u64,
+            "pool vm resumed and re-identified"
+        );
+        if !reply.ok {
+            return Err(format!(
+                "re-identification failed: {}",
+                reply.error.unwrap_or_default()
+            ));
+        }
+        let mut sliced_to = None;
+        if exact_size && kind == MatchKind::Superset {
+            sliced_to = Some(self.slice(vm, machine, &agent).await?);
+        }
+        let vm = self
+            .store
+            .vm(&vm.id)
+            .map_err(|err| error_chain(&err))?
+            .ok_or("VM vanished")?;
+        Ok((vm, sliced_to))
+    }
+
+    /// Slices a superset VM down to the requested size: the balloon takes the memory above
+    /// the request's maximum, and vCPUs beyond the request go offline in the guest.
+    pub(crate) async fn slice(
+        &self,
+        vm: &VmRecord,
+        machine: &MachineRequest,
+        agent: &Agent,
+    ) -> Result<(u32, u32), String> {
+        let memory = vm.memory_mib.min(machine.memory_mib.max);
+        if memory < vm.memory_mib {
+            self.hv
+                .set_memory(&vm.id, memory)
+                .await
+                .map_err(|err| error_chain(&err))?;
+        }
+        if machine.vcpus < vm.vcpus {
+            let script = format!(
+                "for c in $(seq {} {}); do echo 0 > /sys/devices/system/cpu/cpu$c/online; done",
+                machine.vcpus,
+                vm.vcpus - 1
+            );
+            let reply = agent
+                .exec(
+                    vec!["sh".into(), "-c".into(), script],
+                    Duration::from_secs(10),
+                )
+                .await
+                .map_err(|err| error_chain(&err))?;
+            if !reply.ok {
+                return Err(format!(
+                    "taking vCPUs offline failed: {}",
+                    reply.stderr.trim()
+                ));
+            }
+        }
+        Ok((machine.vcpus.min(vm.vcpus), memory))
+    }
+
+    /// Gives a pre-OS shell its OS image, port forwards and identity, and boots it.
+    pub(crate) async fn boot_shell(
+        &self,
+        vm: &VmRecord,
+        machine: &MachineRequest,
+        service: Option<&Service>,
+        request: &ServiceRequest,
+    ) -> Result<(VmRecord, Option<(u32, u32)>), String> {
+        let image = match service {
+            Some(service) => self.images.base_image(service).await?,
+            None => self.images.os_image(&machine.os.name).await?,
+        }
+        .ok_or("no image to attach")?;
+        let mut spec: VmSpec =
+            serde_json::from_value(vm.spec.clone()).map_err(|err| err.to_string())?;
+        self.hv
+            .attach_root(&vm.id, &image)
+            .await
+            .map_err(|err| error_chain(&err))?;
+        let (forwards, endpoints) = match service {
+            Some(service) => self
+                .allocate_ports(service)
+                .map_err(|err| format!("allocating host ports: {err}"))?,
+            None => (Vec::new(), BTreeMap::new()),
+        };
+        self.hv
+            .add_forwards(&vm.id, &forwards)
+            .await
+            .map_err(|err| error_chain(&err))?;
+        spec.base_image = Some(image);
+        spec.forwards.extend(forwards);
+        let spec_json = serde_json::to_value(&spec).map_err(|err| err.to_string())?;
+        let os = (
+            machine.os.name.clone(),
+            self.catalog
+                .os(&machine.os.name)
+                .map(|os| os.version.clone())
+                .unwrap_or_default(),
+        );
+        let services: Vec<String> = service.map(|s| vec![s.name.clone()]).unwrap_or_default();
+        let endpoint_text = endpoints
+            .iter()
+            .map(|(name, addr)| (name.clone(), addr.to_string()))
+            .collect();
+        self.store
+            .set_offer(&vm.id, &services, &os, &endpoint_text)
+            .map_err(|err| error_chain(&err))?;
+        self.store
+            .set_launch(&vm.id, vm.pid, &spec_json)
+            .map_err(|err| error_chain(&err))?;
+
+        let agent = self.agent(&vm.id).ok_or("no agent channel")?;
+        if let Err(err) = self.hv.set_foreground(&vm.id).await {
+            tracing::debug!(vm = %vm.id, error = %error_chain(&err), "cannot raise vm priority");
+        }
+        self.hv
+            .resume(&vm.id)
+            .await
+            .map_err(|err| error_chain(&err))?;
+        let config = guest_config(&vm.id, &vm.id, service, &request.env);
+        let timeout = service.map_or(Duration::from_secs(60), |s| s.ready.timeout);
+        agent
+            .configure(config, timeout)
+            .await
+            .map_err(|err| self.diagnose(&vm.id, &agent, &error_chain(&err)))?;
+        if let Some(service) = service {
+            self.wait_ready(&vm.id, vm.pid, service, &service.ready, &endpoints, &agent)
+                .await?;
+        }
+        let vm = self
+            .store
+            .vm(&vm.id)
+            .map_err(|err| error_chain(&err))?
+            .ok_or("VM vanished")?;
+        Ok((vm, None))
+    }
+}

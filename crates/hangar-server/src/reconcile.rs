@@ -1,0 +1,143 @@
+//! Reconciliation: the store against the QEMU processes that run, at start-up and every few
+//! seconds (crashed VMs).
+
+use std::collections::HashSet;
+
+use hangar_core::VmState;
+use hangar_vmm::{RunState, VmSpec};
+
+use crate::error::{ApiError, error_chain};
+
+use crate::manager::*;
+
+impl Manager {
+    /// A VM whose process vanished: free its files, record the failure.
+    pub(crate) async fn mark_crashed(&self, id: &str) {
+        self.discard(id, "the VM's QEMU process exited unexpectedly")
+            .await;
+    }
+
+    /// Compares the store with the processes that run and mends the difference:
+    /// VMs whose QEMU still runs are adopted; VMs whose process is gone are marked failed;
+    /// VMs caught half-made are removed and marked failed; QEMU processes and VM
+    /// directories the store does not know are stopped and removed. Idempotent.
+    pub async fn reconcile(
+        &self,
+        vms_dir: Option<&std::path::Path>,
+    ) -> Result<ReconcileReport, ApiError> {
+        let mut report = ReconcileReport::default();
+        let interrupted = self
+            .store
+            .fail_running_tasks("the server stopped before the task finished")?;
+        if interrupted > 0 {
+            tracing::info!(tasks = interrupted, "marked interrupted tasks failed");
+        }
+        let mut live = HashSet::new();
+        for vm in self.store.vms(false)? {
+            match vm.state {
+                VmState::Creating | VmState::Booting => {
+                    self.discard(&vm.id, "the server stopped while the VM was being created")
+                        .await;
+                    report.failed.push(vm.id);
+                }
+                VmState::Ready | VmState::Active | VmState::Sleeping => {
+                    let spec: VmSpec =
+                        serde_json::from_value(vm.spec.clone()).map_err(ApiError::internal)?;
+                    match self.hv.adopt(&spec).await {
+                        Ok(Some(launched)) => {
+                            self.agents
+                                .lock()
+                                .expect("agents lock")
+                                .insert(vm.id.clone(), launched.agent);
+                            // An archive cut short leaves an active VM paused: resume it.
+                            if vm.state == VmState::Active
+                                && matches!(self.hv.run_state(&vm.id).await, Ok(RunState::Paused))
+                            {
+                                tracing::info!(vm = %vm.id, "resuming an active VM found paused");
+                                if let Err(err) = self.hv.resume(&vm.id).await {
+                                    tracing::warn!(vm = %vm.id, error = %error_chain(&err), "cannot resume");
+                                }
+                            }
+                            live.insert(vm.id.clone());
+                            report.adopted.push(vm.id);
+                        }
+                        Ok(None) => {
+                            self.discard(
+                                &vm.id,
+                                "the VM's QEMU process was gone when the server started",
+                            )
+                            .await;
+                            report.failed.push(vm.id);
+                        }
+                        Err(err) => {
+                            let reason = format!(
+                                "cannot re-attach to the VM's QEMU process: {}",
+                                error_chain(&err)
+                            );
+                            self.discard(&vm.id, &reason).await;
+                            report.failed.push(vm.id);
+                        }
+                    }
+                }
+                VmState::Archived => {
+                    self.reconcile_archived(&vm, &mut live, &mut report).await;
+                }
+                VmState::Failed => {
+                    // No process belongs to a failed VM; a leftover one is stopped below.
+                }
+                VmState::Deleted => {}
+            }
+        }
+        for id in self.hv.running().await.map_err(ApiError::internal)? {
+            if !live.contains(&id) {
+                tracing::warn!(vm = %id, "stopping a QEMU process the store does not know");
+                if let Err(err) = self.hv.destroy(&id).await {
+                    tracing::warn!(vm = %id, error = %error_chain(&err), "cannot stop unknown qemu");
+                }
+                report.stopped_unknown.push(id);
+            }
+        }
+        if let Some(vms_dir) = vms_dir {
+            let keep: HashSet<String> = self
+                .store
+                .vms(false)?
+                .into_iter()
+                .filter(|vm| vm.state != VmState::Failed)
+                .map(|vm| vm.id)
+                .collect();
+            if let Ok(entries) = std::fs::read_dir(vms_dir) {
+                for entry in entries.flatten() {
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    if !keep.contains(&name) {
+                        tracing::info!(dir = %entry.path().display(), "removing leftover vm directory");
+                        if std::fs::remove_dir_all(entry.path()).is_ok() {
+                            report.removed_dirs.push(name);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// One round of health monitoring: VMs whose process died are marked failed.
+    pub async fn monitor_once(&self) {
+        let Ok(vms) = self.store.vms(false) else {
+            return;
+        };
+        for vm in vms {
+            if matches!(
+                vm.state,
+                VmState::Ready | VmState::Active | VmState::Sleeping
+            ) && matches!(self.hv.run_state(&vm.id).await, Ok(RunState::Gone))
+            {
+                // The state may have moved on while we looked (a delete in flight).
+                if let Ok(Some(now)) = self.store.vm(&vm.id)
+                    && now.state == vm.state
+                {
+                    self.mark_crashed(&vm.id).await;
+                }
+            }
+        }
+    }
+}
