@@ -85,3 +85,82 @@ fn the_counter_survives_sleep_and_ten_archive_wake_cycles() {
         "the archive went with the VM"
     );
 }
+
+/// Runs `hangar ARGS` in the background and kills the server `after` it started.
+fn kill_server_during(server: &mut TestServer, args: &[&str], after: Duration) {
+    let mut command = std::process::Command::new(common::HANGAR);
+    command
+        .args(args)
+        .env("HANGAR_URL", &server.url)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut child = command.spawn().unwrap();
+    std::thread::sleep(after);
+    server.kill9();
+    let _ = child.wait();
+}
+
+#[test]
+fn kill_9_during_archive_or_wake_loses_nothing() {
+    let mut server = TestServer::start();
+    let grant = server.json(&["request", "http-counter", "--dedicated"]);
+    let id = grant["vm"].as_str().unwrap().to_owned();
+    let endpoint = grant["endpoint"].as_str().unwrap().to_owned();
+    let mut expected = 0;
+    // Kill at different points of the operation, from its start to past its end.
+    for (round, after_ms) in [50u64, 150, 300, 600].into_iter().enumerate() {
+        expected += 1;
+        assert_eq!(
+            fetch(&endpoint, "/").trim(),
+            expected.to_string(),
+            "round {round}"
+        );
+
+        kill_server_during(
+            &mut server,
+            &["archive", &id],
+            Duration::from_millis(after_ms),
+        );
+        server.spawn();
+        let vm = state(&server, &id);
+        let after_archive = vm["state"].as_str().unwrap().to_owned();
+        assert!(
+            ["active", "archived"].contains(&after_archive.as_str()),
+            "round {round}: {vm}"
+        );
+        if after_archive == "archived" {
+            assert!(vm["archive"]["size_bytes"].as_u64().unwrap() > 0, "{vm}");
+            kill_server_during(&mut server, &["wake", &id], Duration::from_millis(after_ms));
+            server.spawn();
+            let vm = state(&server, &id);
+            assert!(
+                ["active", "archived"].contains(&vm["state"].as_str().unwrap()),
+                "round {round}: {vm}"
+            );
+            if vm["state"] == "archived" {
+                server.ok(&["wake", &id]);
+            }
+        }
+        assert_eq!(state(&server, &id)["state"], "active");
+        eprintln!(
+            "round {round}: killed {after_ms} ms in; after restart the VM was {after_archive}"
+        );
+    }
+    expected += 1;
+    assert_eq!(
+        fetch(&endpoint, "/").trim(),
+        expected.to_string(),
+        "guest memory intact"
+    );
+    let vms_dir = server.vms_dir().join(&id);
+    let leftovers: Vec<_> = std::fs::read_dir(&vms_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("memory") || name.starts_with("archive"))
+        .collect();
+    assert!(
+        leftovers.iter().all(|name| name.ends_with(".tmp")),
+        "no complete archive left behind an active VM: {leftovers:?}"
+    );
+}

@@ -61,6 +61,21 @@ impl Manager {
                             live.insert(vm.id.clone());
                             report.adopted.push(vm.id);
                         }
+                        Ok(None)
+                            if vm.state != VmState::Ready
+                                && self.hv.archive_info(&vm.id).is_some() =>
+                        {
+                            // The server stopped after the archive was complete and QEMU had
+                            // quit, before it could record it: the VM is archived.
+                            tracing::info!(vm = %vm.id, "recording an archive completed before the server stopped");
+                            if self
+                                .store
+                                .transition(&vm.id, VmState::Archived, None)
+                                .is_ok()
+                            {
+                                live.insert(vm.id.clone());
+                            }
+                        }
                         Ok(None) => {
                             self.discard(
                                 &vm.id,

@@ -482,6 +482,26 @@ mod lifecycle {
     }
 
     #[tokio::test]
+    async fn an_archive_finished_but_unrecorded_is_found_at_restart() {
+        let (manager, backend, store) = setup();
+        let vm = manager
+            .request(request("web", Mode::Dedicated))
+            .await
+            .unwrap()
+            .vm;
+        // The backend finished the archive (QEMU gone) but the server died before recording it.
+        backend.archive(&vm.id, ArchiveTier::Zstd).await.unwrap();
+        assert_eq!(store.vm(&vm.id).unwrap().unwrap().state, VmState::Active);
+        drop(manager);
+        let restarted = manager_with(store.clone(), backend.clone());
+        let report = restarted.reconcile(None).await.unwrap();
+        assert!(report.failed.is_empty(), "{report:?}");
+        assert_eq!(store.vm(&vm.id).unwrap().unwrap().state, VmState::Archived);
+        assert!(restarted.archive_info(&vm.id).is_some(), "nothing lost");
+        assert_eq!(restarted.wake(&vm.id).await.unwrap().state, VmState::Active);
+    }
+
+    #[tokio::test]
     async fn restart_keeps_archives_and_stops_restores_cut_short() {
         let (manager, backend, store) = setup();
         let kept = manager
