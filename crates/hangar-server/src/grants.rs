@@ -106,6 +106,7 @@ impl Manager {
             vm = %vm.id,
             resume_us = resume_took.as_micros() as u64,
             total_us = started.elapsed().as_micros() as u64,
+            guest = %reply.stdout,
             "pool vm resumed and re-identified"
         );
         if !reply.ok {

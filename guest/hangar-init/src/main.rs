@@ -160,11 +160,17 @@ impl Init {
                 }
             }
             HostMessage::Reidentify { id, identity } => {
+                let started = Instant::now();
                 let result = config::apply_identity(&identity);
                 if result.is_ok() {
                     self.context.hostname = identity.hostname.clone();
                 }
-                self.outbox.send(&reply(id, result));
+                // How long the guest itself took, for the host's diagnostics.
+                let mut answer = reply(id, result);
+                if let GuestMessage::Reply { stdout, .. } = &mut answer {
+                    *stdout = format!("guest_us={}", started.elapsed().as_micros());
+                }
+                self.outbox.send(&answer);
             }
             HostMessage::Exec {
                 id,
