@@ -88,9 +88,7 @@ impl Manager {
     ) -> Result<(VmRecord, Option<(u32, u32)>), String> {
         let agent = self.agent(&vm.id).ok_or("no agent channel")?;
         let started = Instant::now();
-        if let Err(err) = self.hv.set_foreground(&vm.id).await {
-            tracing::debug!(vm = %vm.id, error = %error_chain(&err), "cannot raise vm priority");
-        }
+        self.to_foreground(&vm.id).await;
         // The identity message is written first and waits in QEMU while the guest is
         // paused; resuming then delivers it at once instead of on QEMU's next poll.
         let identity = agent.reidentify(new_identity(&vm.id), Duration::from_secs(10));
@@ -217,9 +215,7 @@ impl Manager {
             .map_err(|err| error_chain(&err))?;
 
         let agent = self.agent(&vm.id).ok_or("no agent channel")?;
-        if let Err(err) = self.hv.set_foreground(&vm.id).await {
-            tracing::debug!(vm = %vm.id, error = %error_chain(&err), "cannot raise vm priority");
-        }
+        self.to_foreground(&vm.id).await;
         self.hv
             .resume(&vm.id)
             .await
@@ -240,5 +236,12 @@ impl Manager {
             .map_err(|err| error_chain(&err))?
             .ok_or("VM vanished")?;
         Ok((vm, None))
+    }
+
+    /// A pool VM being handed out runs at normal CPU priority again (best effort).
+    async fn to_foreground(&self, id: &str) {
+        if let Err(err) = self.hv.set_foreground(id).await {
+            tracing::debug!(vm = %id, error = %error_chain(&err), "cannot raise vm priority");
+        }
     }
 }

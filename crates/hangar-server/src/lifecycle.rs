@@ -173,10 +173,11 @@ impl Manager {
     pub(crate) async fn reconcile_archived(
         &self,
         vm: &VmRecord,
+        running_at_start: &HashSet<String>,
         live: &mut HashSet<String>,
         report: &mut ReconcileReport,
     ) {
-        let running = self.hv.running().await.unwrap_or_default().contains(&vm.id);
+        let running = running_at_start.contains(&vm.id);
         let archive = self.hv.archive_info(&vm.id);
         match (running, archive) {
             (true, Some(_)) => {

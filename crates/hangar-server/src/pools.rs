@@ -160,8 +160,17 @@ impl Manager {
 
     /// The ready criterion set at run time for a pool, if any.
     pub(crate) fn pool_ready(&self, name: &str) -> Option<ReadySpec> {
-        let json = self.store.pool_ready().ok()?.remove(name)?;
-        serde_json::from_str(&json).ok()
+        self.pool_readies().remove(name)
+    }
+
+    /// Every ready criterion set at run time, by pool.
+    fn pool_readies(&self) -> HashMap<String, ReadySpec> {
+        self.store
+            .pool_ready()
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(name, json)| Some((name, serde_json::from_str(&json).ok()?)))
+            .collect()
     }
 
     /// Notes one request that a pool serves (or would have).
@@ -207,6 +216,7 @@ impl Manager {
 
     pub fn pool_views(&self) -> Result<Vec<PoolView>, ApiError> {
         let counts = self.counts()?;
+        let readies = self.pool_readies();
         Ok(self
             .pool_specs()?
             .into_iter()
@@ -226,7 +236,7 @@ impl Manager {
                     ready: count.ready,
                     booting: count.booting,
                     rate_per_min: rate * 60.0,
-                    ready_criterion: self.pool_ready(&spec_name),
+                    ready_criterion: readies.get(&spec_name).cloned(),
                 }
             })
             .collect())

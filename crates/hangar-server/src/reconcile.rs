@@ -33,6 +33,14 @@ impl Manager {
             tracing::info!(tasks = interrupted, "marked interrupted tasks failed");
         }
         let mut live = HashSet::new();
+        // Processes found at the start, for VMs the store says have none (archived).
+        let running_at_start: HashSet<String> = self
+            .hv
+            .running()
+            .await
+            .map_err(ApiError::internal)?
+            .into_iter()
+            .collect();
         for vm in self.store.vms(false)? {
             match vm.state {
                 VmState::Creating | VmState::Booting => {
@@ -95,7 +103,8 @@ impl Manager {
                     }
                 }
                 VmState::Archived => {
-                    self.reconcile_archived(&vm, &mut live, &mut report).await;
+                    self.reconcile_archived(&vm, &running_at_start, &mut live, &mut report)
+                        .await;
                 }
                 VmState::Failed => {
                     // No process belongs to a failed VM; a leftover one is stopped below.

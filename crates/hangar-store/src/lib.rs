@@ -215,7 +215,6 @@ impl Store {
         service: &str,
         env: &BTreeMap<String, String>,
     ) -> Result<Vec<VmRecord>, StoreError> {
-        let env = serde_json::to_string(env)?;
         Ok(self
             .vms(false)?
             .into_iter()
@@ -223,7 +222,7 @@ impl Store {
                 vm.state == VmState::Active
                     && vm.mode == Mode::Shared
                     && vm.services.iter().any(|s| s == service)
-                    && serde_json::to_string(&vm.env).is_ok_and(|e| e == env)
+                    && vm.env == *env
             })
             .collect())
     }
