@@ -112,9 +112,27 @@ impl Drop for Cleanup {
             }
         }
         if self.mounted {
-            let _ = std::process::Command::new("umount")
-                .arg(&self.vms_dir)
-                .status();
+            // A QEMU just killed may hold the mount for a moment while it exits.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                let unmounted = std::process::Command::new("umount")
+                    .arg(&self.vms_dir)
+                    .stderr(std::process::Stdio::null())
+                    .status()
+                    .is_ok_and(|status| status.success());
+                if unmounted {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    // Detach it now; the kernel frees it once nothing uses it.
+                    let _ = std::process::Command::new("umount")
+                        .arg("-l")
+                        .arg(&self.vms_dir)
+                        .status();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
         }
     }
 }
