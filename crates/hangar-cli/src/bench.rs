@@ -60,6 +60,9 @@ struct Report {
     pool_hit_api: Summary,
     /// Of a pool hit: API answer → endpoint answering.
     pool_hit_endpoint: Summary,
+    /// Of a pool hit's API answer: the server's own stages (its `Server-Timing` header), in
+    /// order, then `total` (the handler's time; the rest of the API answer is HTTP).
+    pool_hit_server: Vec<(String, Summary)>,
     /// The floor: one GET to a VM that is already running (the service's own cost).
     running_vm_get: Summary,
     cold_over_hit_p50: f64,
@@ -119,6 +122,10 @@ fn start_server(args: &PoolBench) -> Result<BenchServer, String> {
         .clone()
         .unwrap_or_else(|| crate::default_data_dir().join("cache"));
     std::fs::create_dir_all(&cache)
+        .map_err(|err| format!("cache dir {}: {err}", cache.display()))?;
+    // The data dir links to it, so it must not be relative.
+    let cache = cache
+        .canonicalize()
         .map_err(|err| format!("cache dir {}: {err}", cache.display()))?;
     std::os::unix::fs::symlink(&cache, data_dir.path().join("cache"))
         .map_err(|err| err.to_string())?;
@@ -199,6 +206,20 @@ struct Sample {
     api: Duration,
     vm: String,
     served: String,
+    /// The server's stages, from its `Server-Timing` header.
+    stages: Vec<(String, Duration)>,
+}
+
+/// `name;dur=MS, ...` → (name, duration) pairs.
+fn parse_server_timing(header: &str) -> Vec<(String, Duration)> {
+    header
+        .split(',')
+        .filter_map(|metric| {
+            let (name, dur) = metric.trim().split_once(";dur=")?;
+            let ms: f64 = dur.trim().parse().ok()?;
+            Some((name.to_owned(), Duration::from_secs_f64(ms / 1000.0)))
+        })
+        .collect()
 }
 
 /// Requests the service and waits until its endpoint answers 200.
@@ -209,7 +230,8 @@ async fn timed_request(
 ) -> Result<Sample, ClientError> {
     let body = serde_json::json!({ "service": service, "mode": if dedicated { "dedicated" } else { "shared" } });
     let started = Instant::now();
-    let grant: serde_json::Value = client.post("/v1/requests", &body).await?;
+    let (grant, timing): (serde_json::Value, String) =
+        client.post_timed("/v1/requests", &body).await?;
     let api = started.elapsed();
     let endpoint: SocketAddr = grant["endpoint"]
         .as_str()
@@ -229,6 +251,7 @@ async fn timed_request(
         api,
         vm: grant["vm"].as_str().unwrap_or_default().to_owned(),
         served: grant["match"].as_str().unwrap_or_default().to_owned(),
+        stages: parse_server_timing(&timing),
     })
 }
 
@@ -269,6 +292,13 @@ fn summary(samples: &mut [Duration]) -> Summary {
         min_ms: ms(samples[0]),
         max_ms: ms(samples[samples.len() - 1]),
     }
+}
+
+fn print_row(name: &str, s: &Summary) {
+    println!(
+        "| {name} | {} | {:.2} | {:.2} | {:.2} | {:.2} |",
+        s.n, s.p50_ms, s.p99_ms, s.min_ms, s.max_ms
+    );
 }
 
 fn machine() -> String {
@@ -328,6 +358,7 @@ pub async fn run(args: PoolBench) -> Result<(), ClientError> {
     let mut hits = Vec::new();
     let mut hit_api = Vec::new();
     let mut hit_endpoint = Vec::new();
+    let mut hit_stages: Vec<(String, Vec<Duration>)> = Vec::new();
     while hits.len() < args.hits {
         wait_pool_full(&client, &args.service, args.pool).await?;
         let mut made = Vec::new();
@@ -342,6 +373,12 @@ pub async fn run(args: PoolBench) -> Result<(), ClientError> {
             hits.push(sample.total);
             hit_api.push(sample.api);
             hit_endpoint.push(sample.total - sample.api);
+            for (name, took) in sample.stages {
+                match hit_stages.iter_mut().find(|(known, _)| *known == name) {
+                    Some((_, samples)) => samples.push(took),
+                    None => hit_stages.push((name, vec![took])),
+                }
+            }
             made.push(sample.vm);
         }
         eprintln!("pool hits {}/{}", hits.len(), args.hits);
@@ -382,6 +419,10 @@ pub async fn run(args: PoolBench) -> Result<(), ClientError> {
         pool_hit: hit,
         pool_hit_api: summary(&mut hit_api),
         pool_hit_endpoint: summary(&mut hit_endpoint),
+        pool_hit_server: hit_stages
+            .into_iter()
+            .map(|(name, mut samples)| (name, summary(&mut samples)))
+            .collect(),
         running_vm_get: summary(&mut floor),
     };
     if args.json {
@@ -415,10 +456,10 @@ pub async fn run(args: PoolBench) -> Result<(), ClientError> {
                 &report.running_vm_get,
             ),
         ] {
-            println!(
-                "| {name} | {} | {:.1} | {:.1} | {:.1} | {:.1} |",
-                s.n, s.p50_ms, s.p99_ms, s.min_ms, s.max_ms
-            );
+            print_row(name, s);
+        }
+        for (stage, s) in &report.pool_hit_server {
+            print_row(&format!("    server stage: {stage}"), s);
         }
         println!("\ncold / hit (p50): {:.0}x", report.cold_over_hit_p50);
     }

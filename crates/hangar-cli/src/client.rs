@@ -85,6 +85,24 @@ impl Client {
         self.send(self.http.post(self.url(path)).json(body)).await
     }
 
+    /// A POST whose answer also carries the server's `Server-Timing` header (empty if none).
+    pub async fn post_timed<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<(T, String), ClientError> {
+        self.send_with_headers(self.http.post(self.url(path)).json(body))
+            .await
+            .map(|(value, headers)| {
+                let timing = headers
+                    .get("server-timing")
+                    .and_then(|value| value.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned();
+                (value, timing)
+            })
+    }
+
     pub async fn put<T: DeserializeOwned>(
         &self,
         path: &str,
@@ -105,6 +123,15 @@ impl Client {
         &self,
         request: reqwest::RequestBuilder,
     ) -> Result<T, ClientError> {
+        self.send_with_headers(request)
+            .await
+            .map(|(value, _)| value)
+    }
+
+    async fn send_with_headers<T: DeserializeOwned>(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<(T, reqwest::header::HeaderMap), ClientError> {
         let response = request
             .send()
             .await
@@ -113,12 +140,14 @@ impl Client {
                 detail: root_cause(&err),
             })?;
         let status = response.status();
+        let headers = response.headers().clone();
         let bytes = response
             .bytes()
             .await
             .map_err(|err| ClientError::Reply(err.to_string()))?;
         if status.is_success() {
             return serde_json::from_slice(&bytes)
+                .map(|value| (value, headers))
                 .map_err(|err| ClientError::Reply(err.to_string()));
         }
         let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();

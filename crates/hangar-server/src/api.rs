@@ -250,10 +250,13 @@ async fn set_pool(
 async fn create_request(
     State(manager): State<Arc<Manager>>,
     body: axum::body::Bytes,
-) -> Result<Json<GrantView>, ApiError> {
+) -> Result<impl IntoResponse, ApiError> {
+    let started = std::time::Instant::now();
     let request: ServiceRequest = serde_json::from_slice(&body)
         .map_err(|err| ApiError::BadRequest(format!("invalid request body: {err}")))?;
-    Ok(Json(manager.request(request).await?.into()))
+    let grant = manager.request(request).await?;
+    let timing = grant.stages.header(started.elapsed());
+    Ok(([("server-timing", timing)], Json(GrantView::from(grant))))
 }
 
 /// One row of the state table.

@@ -26,6 +26,8 @@ impl Manager {
         service: Option<&Service>,
     ) -> Result<Option<Grant>, ApiError> {
         for _ in 0..8 {
+            let mut stages = Stages::default();
+            let started = Instant::now();
             let paused: Vec<VmRecord> = self
                 .store
                 .vms(false)?
@@ -46,6 +48,7 @@ impl Manager {
             };
             let candidate = &paused[index];
             let pool = candidate.pool.clone().unwrap_or_default();
+            let claiming = stages.mark("match", started);
             let vm = match self.store.claim(&candidate.id, request.mode, &request.env) {
                 Ok(vm) => vm,
                 Err(hangar_store::StoreError::Transition(_)) => continue, // another request won it
@@ -55,19 +58,24 @@ impl Manager {
                 // Service requests count for their own pool already.
                 self.record_demand(&pool);
             }
-            self.pools.refill();
-            let started = Instant::now();
+            let handing = stages.mark("claim", claiming);
             let handed = match kind {
                 MatchKind::Exact | MatchKind::Superset => {
-                    self.wake_pooled(&vm, kind, machine, request.exact_size)
+                    self.wake_pooled(&vm, kind, machine, request.exact_size, &mut stages)
                         .await
                 }
                 MatchKind::Partial => self.boot_shell(&vm, machine, service, request).await,
             };
+            self.pools.granted();
             match handed {
                 Ok((vm, sliced_to)) => {
+                    if kind == MatchKind::Partial {
+                        stages.mark("boot", handing);
+                    }
                     tracing::info!(vm = %vm.id, pool = %pool, kind = kind.as_str(), us = started.elapsed().as_micros() as u64, "granted from pool");
-                    return Ok(Some(self.grant(vm, service, kind.into(), None, sliced_to)));
+                    let mut grant = self.grant(vm, service, kind.into(), None, sliced_to);
+                    grant.stages = stages;
+                    return Ok(Some(grant));
                 }
                 Err(reason) => {
                     let reason = format!("pool VM {} could not be handed out: {reason}", vm.id);
@@ -85,24 +93,28 @@ impl Manager {
         kind: MatchKind,
         machine: &MachineRequest,
         exact_size: bool,
+        stages: &mut Stages,
     ) -> Result<(VmRecord, Option<(u32, u32)>), String> {
         let agent = self.agent(&vm.id).ok_or("no agent channel")?;
         let started = Instant::now();
         self.to_foreground(&vm.id).await;
-        // The identity message is written first and waits in QEMU while the guest is
-        // paused; resuming then delivers it at once instead of on QEMU's next poll.
-        let identity = agent.reidentify(new_identity(&vm.id), Duration::from_secs(10));
-        let resume = async {
-            tokio::task::yield_now().await;
-            let result = self.hv.resume(&vm.id).await;
-            (result, started.elapsed())
-        };
-        let (reply, (resumed, resume_took)) = tokio::join!(identity, resume);
-        resumed.map_err(|err| error_chain(&err))?;
-        let reply = reply.map_err(|err| error_chain(&err))?;
+        let resuming = stages.mark("priority", started);
+        // Resumed first, then the identity sent: a message written while the VM is paused
+        // waits in the socket until QEMU polls its chardev again, which takes longer than
+        // the QMP `cont` round trip (measured with `examples/resume_latency.rs` of
+        // hangar-vmm).
+        self.hv
+            .resume(&vm.id)
+            .await
+            .map_err(|err| error_chain(&err))?;
+        let identifying = stages.mark("resume", resuming);
+        let reply = agent
+            .reidentify(new_identity(&vm.id), Duration::from_secs(10))
+            .await
+            .map_err(|err| error_chain(&err))?;
+        stages.mark("identity", identifying);
         tracing::debug!(
             vm = %vm.id,
-            resume_us = resume_took.as_micros() as u64,
             total_us = started.elapsed().as_micros() as u64,
             guest = %reply.stdout,
             "pool vm resumed and re-identified"
@@ -115,7 +127,9 @@ impl Manager {
         }
         let mut sliced_to = None;
         if exact_size && kind == MatchKind::Superset {
+            let slicing = Instant::now();
             sliced_to = Some(self.slice(vm, machine, &agent).await?);
+            stages.mark("slice", slicing);
         }
         let vm = self
             .store

@@ -88,6 +88,31 @@ pub struct Grant {
     pub dns_name: Option<String>,
     /// The size the VM was sliced to (`exact_size` on a superset), as (vCPUs, MiB).
     pub sliced_to: Option<(u32, u32)>,
+    /// How long each stage of handing it out took (pool grants), in order.
+    pub stages: Stages,
+}
+
+/// Named stage durations of one request, as the API's `Server-Timing` header reports them.
+#[derive(Debug, Clone, Default)]
+pub struct Stages(pub Vec<(&'static str, Duration)>);
+
+impl Stages {
+    /// Records the time since `since` as stage `name` and returns now.
+    pub fn mark(&mut self, name: &'static str, since: std::time::Instant) -> std::time::Instant {
+        let now = std::time::Instant::now();
+        self.0.push((name, now - since));
+        now
+    }
+
+    /// `name;dur=MS, ...`, the `Server-Timing` header value (RFC: W3C Server Timing).
+    pub fn header(&self, total: Duration) -> String {
+        self.0
+            .iter()
+            .chain(std::iter::once(&("total", total)))
+            .map(|(name, took)| format!("{name};dur={:.3}", took.as_secs_f64() * 1000.0))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
 
 /// What to make: a service VM (for a request or a pool), or a pre-OS shell.
@@ -432,6 +457,7 @@ impl Manager {
             task,
             dns_name,
             sliced_to,
+            stages: Stages::default(),
         }
     }
 

@@ -21,6 +21,10 @@ use crate::manager::{MakeVm, Manager};
 /// Expected time to refill a pool with one VM; scales adaptive targets.
 const REFILL_ESTIMATE_S: f64 = 4.0;
 
+/// After a grant, fills wait this long: launching QEMU beside a VM just handed out would
+/// take CPU from its first requests.
+const QUIET_AFTER_GRANT: Duration = Duration::from_millis(200);
+
 /// Longest wait before trying again to fill a pool whose fills fail.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
@@ -31,6 +35,8 @@ pub struct PoolRuntime {
     inflight: Mutex<HashMap<String, u32>>,
     /// Pools whose fills keep failing: consecutive failures, and no new fill before when.
     backoff: Mutex<HashMap<String, (u32, Instant)>>,
+    /// When a pool VM was last handed out.
+    last_grant: Mutex<Option<Instant>>,
     wake: Notify,
 }
 
@@ -38,6 +44,22 @@ impl PoolRuntime {
     /// Asks the pool loop to look again now.
     pub fn refill(&self) {
         self.wake.notify_one();
+    }
+
+    /// A pool VM was handed out: refill, once the grant's VM has had a quiet moment.
+    pub fn granted(&self) {
+        *self.last_grant.lock().expect("last grant lock") = Some(Instant::now());
+        self.refill();
+    }
+
+    /// How long fills should still wait after the last grant.
+    fn quiet_left(&self) -> Duration {
+        self.last_grant
+            .lock()
+            .expect("last grant lock")
+            .map_or(Duration::ZERO, |at| {
+                QUIET_AFTER_GRANT.saturating_sub(at.elapsed())
+            })
     }
 }
 
@@ -361,6 +383,10 @@ impl Manager {
         let manager = self.clone();
         tokio::spawn(async move {
             loop {
+                let quiet = manager.pools.quiet_left();
+                if !quiet.is_zero() {
+                    tokio::time::sleep(quiet).await;
+                }
                 if let Err(err) = manager.reconcile_pools().await {
                     tracing::warn!(error = %err, "pool reconciliation failed");
                 }

@@ -6,16 +6,20 @@
 //! one connects), so nobody but the writer thread ever blocks on them. A read of 0 bytes
 //! means no host is connected (e.g. the server restarted): the reader sleeps briefly and
 //! tries again; the port stays open.
+//!
+//! Pings and re-identifications are answered by the reader thread itself, written straight
+//! to the port: they are what a pool grant waits for right after its VM resumes, and under
+//! software emulation each hand-off between threads costs the grant time.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hangar_proto::{AGENT_PORT_NAME, GuestMessage, HostMessage};
+use hangar_proto::{AGENT_PORT_NAME, GuestMessage, HostMessage, Identity};
 
 /// Where the kernel lists virtio-serial ports.
 const VIRTIO_PORTS: &str = "/sys/class/virtio-ports";
@@ -96,17 +100,20 @@ pub fn start(port: File) -> (Outbox, Receiver<HostMessage>) {
     let pending = Arc::new(AtomicUsize::new(0));
     let (in_tx, in_rx) = mpsc::channel();
 
+    // One line per write(2), one writer at a time: lines never interleave.
+    let write_lock = Arc::new(Mutex::new(()));
     let writer_port = Arc::clone(&port);
     let writer_pending = Arc::clone(&pending);
+    let writer_lock = Arc::clone(&write_lock);
     let spawned = std::thread::Builder::new()
         .name("channel-writer".into())
-        .spawn(move || write_loop(&writer_port, out_rx, &writer_pending));
+        .spawn(move || write_loop(&writer_port, out_rx, &writer_pending, &writer_lock));
     if let Err(e) = spawned {
         console!("cannot start the channel writer: {e}");
     }
     let spawned = std::thread::Builder::new()
         .name("channel-reader".into())
-        .spawn(move || read_loop(&port, in_tx));
+        .spawn(move || read_loop(&port, in_tx, &write_lock));
     if let Err(e) = spawned {
         console!("cannot start the channel reader: {e}");
     }
@@ -119,10 +126,9 @@ pub fn start(port: File) -> (Outbox, Receiver<HostMessage>) {
     )
 }
 
-fn write_loop(port: &File, queue: Receiver<String>, pending: &AtomicUsize) {
-    let mut port = port;
+fn write_loop(port: &File, queue: Receiver<String>, pending: &AtomicUsize, lock: &Mutex<()>) {
     for line in queue {
-        if let Err(e) = port.write_all(line.as_bytes()) {
+        if let Err(e) = write_line(port, &line, lock) {
             console!("channel write failed: {e}; message dropped");
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -130,7 +136,44 @@ fn write_loop(port: &File, queue: Receiver<String>, pending: &AtomicUsize) {
     }
 }
 
-fn read_loop(port: &File, messages: Sender<HostMessage>) {
+fn write_line(port: &File, line: &str, lock: &Mutex<()>) -> std::io::Result<()> {
+    let _one_writer = lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut port = port;
+    port.write_all(line.as_bytes())
+}
+
+/// The answer to `message` when the reader can give it at once (see the module docs).
+pub fn answer_at_once(message: &HostMessage) -> Option<GuestMessage> {
+    match message {
+        HostMessage::Ping { id } => Some(GuestMessage::Reply {
+            id: *id,
+            ok: true,
+            code: None,
+            stdout: String::new(),
+            stderr: String::new(),
+            error: None,
+        }),
+        HostMessage::Reidentify { id, identity } => Some(reidentify(*id, identity)),
+        _ => None,
+    }
+}
+
+/// Applies a new identity (hostname, clock, entropy); the reply carries how long the guest
+/// took (`guest_us=N`), for the host's diagnostics.
+pub fn reidentify(id: u64, identity: &Identity) -> GuestMessage {
+    let started = Instant::now();
+    let result = crate::config::apply_identity(identity);
+    GuestMessage::Reply {
+        id,
+        ok: result.is_ok(),
+        code: None,
+        stdout: format!("guest_us={}", started.elapsed().as_micros()),
+        stderr: String::new(),
+        error: result.err(),
+    }
+}
+
+fn read_loop(port: &File, messages: Sender<HostMessage>, write_lock: &Mutex<()>) {
     let mut port = port;
     let mut lines = LineBuffer::default();
     let mut buf = vec![0u8; 64 * 1024];
@@ -145,6 +188,13 @@ fn read_loop(port: &File, messages: Sender<HostMessage>) {
                 for line in lines.push(&buf[..n]) {
                     match hangar_proto::decode::<HostMessage>(&line) {
                         Ok(message) => {
+                            if let Some(answer) = answer_at_once(&message) {
+                                let line = hangar_proto::encode(&answer);
+                                if let Err(e) = write_line(port, &line, write_lock) {
+                                    console!("channel write failed: {e}; answer dropped");
+                                }
+                                continue;
+                            }
                             if messages.send(message).is_err() {
                                 return;
                             }

@@ -159,18 +159,11 @@ impl Init {
                     self.configure(config);
                 }
             }
-            HostMessage::Reidentify { id, identity } => {
-                let started = Instant::now();
-                let result = config::apply_identity(&identity);
-                if result.is_ok() {
-                    self.context.hostname = identity.hostname.clone();
+            // Normally answered by the channel reader itself (see its module docs).
+            message @ (HostMessage::Ping { .. } | HostMessage::Reidentify { .. }) => {
+                if let Some(answer) = channel::answer_at_once(&message) {
+                    self.outbox.send(&answer);
                 }
-                // How long the guest itself took, for the host's diagnostics.
-                let mut answer = reply(id, result);
-                if let GuestMessage::Reply { stdout, .. } = &mut answer {
-                    *stdout = format!("guest_us={}", started.elapsed().as_micros());
-                }
-                self.outbox.send(&answer);
             }
             HostMessage::Exec {
                 id,
@@ -194,7 +187,6 @@ impl Init {
                     error: None,
                 });
             }
-            HostMessage::Ping { id } => self.outbox.send(&reply(id, Ok(()))),
         }
     }
 
@@ -217,7 +209,6 @@ impl Init {
 
     fn apply(&mut self, config: &GuestConfig) -> Result<(), (&'static str, String)> {
         self.stage("identity", config::apply_identity(&config.identity))?;
-        self.context.hostname = config.identity.hostname.clone();
 
         if let Some(network) = &config.network {
             self.stage("network", config::configure_network(network))?;
@@ -282,17 +273,5 @@ impl Init {
                 signal,
             });
         }
-    }
-}
-
-/// A reply without output.
-fn reply(id: u64, result: Result<(), String>) -> GuestMessage {
-    GuestMessage::Reply {
-        id,
-        ok: result.is_ok(),
-        code: None,
-        stdout: String::new(),
-        stderr: String::new(),
-        error: result.err(),
     }
 }

@@ -27,7 +27,13 @@ pub const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:
 pub struct Context {
     /// The configured root (chrooted into), `None` for the initramfs.
     pub root: Option<PathBuf>,
-    pub hostname: String,
+}
+
+/// The kernel's hostname: the one identity (configure or re-identify) last set.
+pub fn current_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .unwrap_or_default()
 }
 
 /// How a child ended.
@@ -103,7 +109,7 @@ pub fn command(
     cmd.args(args)
         .env_clear()
         .env("PATH", PATH)
-        .env("HOSTNAME", &context.hostname)
+        .env("HOSTNAME", current_hostname())
         .envs(env)
         .stdin(Stdio::null());
     // SAFETY: the closure runs in the forked child before exec and only makes
