@@ -440,7 +440,7 @@ proptest! {
             let images: u64 = inputs.images.iter()
                 .filter(|i| !removed.contains(i.key.as_str())).map(|i| i.bytes).sum();
             let all_gone = inputs.vms.iter().all(|vm| vm.state != VmState::Archived
-                    || by_vm.get(vm.id.as_str()).is_some())
+                    || by_vm.contains_key(vm.id.as_str()))
                 && inputs.images.iter().all(|i| i.in_use || removed.contains(i.key.as_str()));
             prop_assert!(archives + images <= budget || all_gone,
                 "disk {} over budget {} with more to delete", archives + images, budget);
