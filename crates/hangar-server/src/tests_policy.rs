@@ -405,3 +405,73 @@ async fn shared_requests_wake_a_sleeping_or_archived_vm() {
     assert_eq!(state(&store, &first.vm.id), VmState::Active);
     assert_eq!(backend.launches(), 2, "one boot, one restore");
 }
+
+#[tokio::test]
+async fn the_policies_api_sets_shows_and_resets() {
+    use axum::http::StatusCode;
+
+    use crate::tests::http::call;
+
+    let (manager, _, _) = setup_with(ManagerConfig {
+        memory_budget_mib: Some(512),
+        ..ManagerConfig::default()
+    });
+    let (status, view, _) = call(
+        manager.clone(),
+        "PUT",
+        "/v1/policies/db",
+        r#"{"sleep_after":"3s","archive_after":"10m","keep_active_above":6,"archive_tier":"raw"}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+    assert_eq!(view["policy"]["sleep_after"], "3s");
+    assert_eq!(view["policy"]["archive_after"], "10m");
+    assert_eq!(view["policy"]["keep_active_above"], 6.0);
+    assert_eq!(view["source"], "run_time");
+    assert_eq!(view["archive_tier_used"], "raw");
+
+    let (status, view, _) = call(
+        manager.clone(),
+        "PUT",
+        "/v1/policies/db",
+        r#"{"sleep_after":null}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(view["policy"].get("sleep_after").is_none(), "{view}");
+    assert_eq!(
+        view["policy"]["archive_after"], "10m",
+        "left out: unchanged"
+    );
+
+    for (body, status) in [
+        (r#"{"sleep_after":"soon"}"#, StatusCode::BAD_REQUEST),
+        (r#"{"sleep_after":"0s"}"#, StatusCode::BAD_REQUEST),
+        (r#"{"keep_active_above":-1}"#, StatusCode::BAD_REQUEST),
+        (r#"{"archive_tier":"lz4"}"#, StatusCode::BAD_REQUEST),
+        (r#"{"colour":"red"}"#, StatusCode::BAD_REQUEST),
+    ] {
+        let (got, answer, _) = call(manager.clone(), "PUT", "/v1/policies/db", body).await;
+        assert_eq!(got, status, "{body}: {answer}");
+    }
+    let (status, _, _) = call(manager.clone(), "PUT", "/v1/policies/nope", "{}").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    let (status, all, _) = call(manager.clone(), "GET", "/v1/policies", "").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(all["memory"]["budget_mib"], 512);
+    assert!(all["disk"]["budget_mib"].is_null());
+    let names: Vec<_> = all["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["service"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["db", "web"]);
+
+    let (status, view, _) = call(manager.clone(), "DELETE", "/v1/policies/db", "").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(view["source"], "catalog");
+    let (_, spec, _) = call(manager, "GET", "/v1/openapi.json", "").await;
+    assert!(spec["paths"]["/v1/policies/{service}"]["put"].is_object());
+}
