@@ -129,3 +129,30 @@ fn an_idle_vm_sleeps_archives_and_is_deleted_on_a_short_policy() {
     let log = server.log();
     assert!(log.contains("lifecycle: deleted"), "{log}");
 }
+
+#[test]
+fn over_the_memory_budget_the_least_recently_used_vm_is_archived() {
+    // Two 256 MiB counters do not fit in 400 MiB: the one used least recently is archived.
+    let server = TestServer::start_with(&["--pool-memory", "0", "--memory-budget", "400"]);
+    let first = server.json(&["request", "http-counter", "--dedicated"]);
+    let first_id = first["vm"].as_str().unwrap().to_owned();
+    let first_endpoint = first["endpoint"].as_str().unwrap().to_owned();
+    assert_eq!(fetch(&first_endpoint, "/").trim(), "1");
+    let second = server.json(&["request", "http-counter", "--dedicated"]);
+    let second_id = second["vm"].as_str().unwrap().to_owned();
+
+    let archived = wait_state(&server, &first_id, "archived", &["active"], 60);
+    assert_eq!(archived["archive"]["tier"], "zstd");
+    assert_eq!(row(&server, &second_id)["state"], "active");
+    let policies = server.json(&["policies"]);
+    assert_eq!(policies["memory"]["budget_mib"], 400);
+    assert_eq!(policies["memory"]["used_mib"], 256.0);
+
+    // Woken, the first is the most recently used: the second goes in its place.
+    server.ok(&["wake", &first_id]);
+    assert_eq!(fetch(&first_endpoint, "/").trim(), "2");
+    wait_state(&server, &second_id, "archived", &["active"], 60);
+    assert_eq!(row(&server, &first_id)["state"], "active");
+    let log = server.log();
+    assert!(log.contains("reason=memory budget"), "{log}");
+}

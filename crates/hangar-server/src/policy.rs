@@ -137,9 +137,18 @@ impl PolicyChange {
 impl Manager {
     /// Marks a VM as used now: its idle timers start again and its services count one
     /// more use towards `keep_active_above`. Called when a VM is granted or woken, and by
-    /// endpoints on each connection. Cheap (one indexed update).
+    /// endpoints on each connection. Cheap (one indexed update). Errors: `NotFound` for an
+    /// unknown VM.
     pub fn note_use(&self, vm_id: &str) -> Result<(), ApiError> {
-        self.store.set_last_used(vm_id, now_ms())?;
+        self.store
+            .set_last_used(vm_id, now_ms())
+            .map_err(|err| match err {
+                hangar_store::StoreError::NoVm(_) => ApiError::NotFound {
+                    message: format!("no VM {vm_id}"),
+                    alternatives: Vec::new(),
+                },
+                other => other.into(),
+            })?;
         if let Some(vm) = self.store.vm(vm_id)? {
             for service in &vm.services {
                 self.record_service_demand(service);

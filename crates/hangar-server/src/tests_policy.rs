@@ -147,7 +147,10 @@ async fn use_restarts_the_idle_timer() {
     // Waking counts as use: the VM is active for a full sleep_after again.
     manager.wake(&vm.id).await.unwrap();
     assert!(manager.reconcile_lifecycle().await.unwrap().is_empty());
-    assert!(manager.note_use("vm-nonexistent").is_err());
+    assert!(matches!(
+        manager.note_use("vm-nonexistent"),
+        Err(ApiError::NotFound { .. })
+    ));
 }
 
 #[tokio::test]
