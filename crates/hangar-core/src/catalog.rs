@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::lifecycle::Policy;
 use crate::pool::PoolSpec;
 
 /// The built-in demo catalog.
@@ -68,6 +69,8 @@ pub struct Service {
     pub name: String,
     /// Pool bounds, when the service keeps a warm pool.
     pub pool: Option<PoolBounds>,
+    /// Lifecycle policy (`[service.NAME.policy]`); the default has no timers.
+    pub policy: Policy,
     pub description: String,
     pub os: String,
     pub vcpus: u32,
@@ -340,6 +343,8 @@ struct RawService {
     files: BTreeMap<String, FileSpec>,
     ready: ReadySpec,
     pool: Option<PoolBounds>,
+    #[serde(default)]
+    policy: Policy,
 }
 
 fn default_vcpus() -> u32 {
@@ -629,9 +634,11 @@ fn validate(
         }
     }
     check_ready(&raw.ready, &port_names).map_err(&fail)?;
+    raw.policy.check().map_err(&fail)?;
     Ok(Service {
         name: name.clone(),
         pool: raw.pool,
+        policy: raw.policy,
         description: raw.description,
         os: raw.os,
         vcpus: raw.vcpus,
@@ -931,6 +938,34 @@ mod tests {
             Catalog::from_toml(&with_checks(r#"{ cpu_settled = { below_percent = 100 } }"#))
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn policies_are_read_and_checked() {
+        let text = format!(
+            "{MINIMAL}\n[service.web.policy]\nsleep_after = \"3s\"\narchive_after = \"1m\"\narchive_tier = \"raw\"\n"
+        );
+        let catalog = Catalog::from_toml(&text).unwrap();
+        let policy = catalog.get("web").unwrap().policy;
+        assert_eq!(policy.sleep_after, Some(Duration::from_secs(3)));
+        assert_eq!(policy.archive_after, Some(Duration::from_secs(60)));
+        assert_eq!(policy.delete_after, None);
+        assert_eq!(policy.archive_tier, crate::TierChoice::Raw);
+        assert!(
+            !Catalog::from_toml(MINIMAL)
+                .unwrap()
+                .get("web")
+                .unwrap()
+                .policy
+                .has_timers()
+        );
+        let err = invalid(&text.replace("\"3s\"", "\"0s\""));
+        assert_eq!(
+            err,
+            r#"service "web": policy sleep_after must be longer than 0 (leave it out for never)"#
+        );
+        let err = invalid(&text.replace("raw", "lz4"));
+        assert!(err.contains("unknown variant `lz4`"), "{err}");
     }
 
     #[test]

@@ -3,11 +3,13 @@
 //! - [`ids`]: identifiers of VMs and tasks.
 //! - [`state`]: the VM state machine and its one `valid_transition`.
 //! - [`catalog`]: services, their ports, processes, files and ready criteria.
+//! - [`lifecycle`]: lifecycle policies (idle timers, keep-active, budgets) as pure decisions.
 //! - [`request`]: what a client asks for and what it gets back.
 //! - [`suggest`]: closest names, for errors that offer alternatives.
 
 pub mod catalog;
 pub mod ids;
+pub mod lifecycle;
 pub mod matching;
 pub mod pool;
 pub mod request;
@@ -16,5 +18,6 @@ pub mod suggest;
 
 pub use catalog::{Catalog, CatalogError, ReadyCheck, ReadySpec, Service};
 pub use ids::{TaskId, VmId};
+pub use lifecycle::{Policy, TierChoice};
 pub use request::{Mode, ServiceRequest};
 pub use state::{VmState, valid_transition};

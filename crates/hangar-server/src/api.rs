@@ -15,6 +15,7 @@ use utoipa::OpenApi;
 
 use crate::error::{ApiError, ErrorBody};
 use crate::manager::{Grant, Manager, Served};
+use crate::policy::{BudgetView, PoliciesView, PolicyChange, PolicySource, PolicyView};
 use crate::pools::PoolView;
 
 #[derive(OpenApi)]
@@ -28,7 +29,10 @@ use crate::pools::PoolView;
         get_vm,
         delete_vm,
         list_tasks,
-        get_task
+        get_task,
+        list_policies,
+        set_policy,
+        reset_policy
     ),
     components(schemas(
         ServiceView,
@@ -41,7 +45,14 @@ use crate::pools::PoolView;
         Mode,
         VmState,
         ReadySpec,
-        hangar_core::ReadyCheck
+        hangar_core::ReadyCheck,
+        hangar_core::Policy,
+        hangar_core::TierChoice,
+        PolicyBody,
+        PolicyView,
+        PoliciesView,
+        BudgetView,
+        PolicySource
     ))
 )]
 pub struct ApiDoc;
@@ -59,6 +70,11 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .route("/v1/vms/{id}/wake", post(wake_vm))
         .route("/v1/pools", get(list_pools))
         .route("/v1/pools/{name}", axum::routing::put(set_pool))
+        .route("/v1/policies", get(list_policies))
+        .route(
+            "/v1/policies/{service}",
+            axum::routing::put(set_policy).delete(reset_policy),
+        )
         .route("/v1/tasks", get(list_tasks))
         .route("/v1/tasks/{id}", get(get_task))
         .fallback(|| async {
@@ -282,7 +298,12 @@ pub struct VmView {
     pub archive: Option<ArchiveView>,
     /// RFC 3339.
     pub created_at: String,
+    /// Last time it was granted, woken, or used through its endpoint (RFC 3339).
     pub last_used_at: String,
+    /// Milliseconds since then.
+    pub idle_ms: u64,
+    /// When it entered its current state (RFC 3339).
+    pub state_since: String,
     pub boot_ms: Option<u64>,
 }
 
@@ -311,6 +332,8 @@ impl From<VmRecord> for VmView {
             archive: None,
             created_at: rfc3339(vm.created_at_ms),
             last_used_at: rfc3339(vm.last_used_at_ms),
+            idle_ms: hangar_store::now_ms().saturating_sub(vm.last_used_at_ms),
+            state_since: rfc3339(vm.state_since_ms),
             boot_ms: vm.boot_ms,
         }
     }
@@ -443,6 +466,93 @@ async fn wake_vm(
 ) -> Result<Json<VmView>, ApiError> {
     let vm = manager.wake(&id).await?;
     Ok(Json(view(&manager, vm)))
+}
+
+#[utoipa::path(get, path = "/v1/policies", responses((status = 200, body = PoliciesView)))]
+async fn list_policies(
+    State(manager): State<Arc<Manager>>,
+) -> Result<Json<PoliciesView>, ApiError> {
+    Ok(Json(manager.policy_views()?))
+}
+
+/// Changes to a service's lifecycle policy. Fields left out stay as they are; `null` unsets
+/// a timer (never) or `keep_active_above`.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyBody {
+    /// Idle time of an active VM before it sleeps, e.g. `"3s"`, `"10m"`.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>)]
+    pub sleep_after: Option<Option<String>>,
+    /// Time asleep before it is archived (without `sleep_after`: idle time before an active
+    /// VM is archived).
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>)]
+    pub archive_after: Option<Option<String>>,
+    /// Time archived before it is deleted.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>)]
+    pub delete_after: Option<Option<String>>,
+    /// Requests per minute above which active VMs stay active even when idle.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<f64>)]
+    pub keep_active_above: Option<Option<f64>>,
+    /// `raw`, `zstd` or `delta`.
+    pub archive_tier: Option<hangar_core::TierChoice>,
+}
+
+fn duration_field(
+    name: &str,
+    value: Option<Option<String>>,
+) -> Result<Option<Option<std::time::Duration>>, ApiError> {
+    value
+        .map(|value| {
+            value
+                .map(|text| {
+                    humantime::parse_duration(&text).map_err(|err| {
+                        ApiError::BadRequest(format!("{name}: {text:?} is not a duration: {err}"))
+                    })
+                })
+                .transpose()
+        })
+        .transpose()
+}
+
+/// Set a service's lifecycle policy at run time (kept across restarts).
+#[utoipa::path(
+    put,
+    path = "/v1/policies/{service}",
+    request_body = PolicyBody,
+    responses((status = 200, body = PolicyView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody))
+)]
+async fn set_policy(
+    State(manager): State<Arc<Manager>>,
+    Path(service): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<PolicyView>, ApiError> {
+    let body: PolicyBody = serde_json::from_slice(&body)
+        .map_err(|err| ApiError::BadRequest(format!("invalid request body: {err}")))?;
+    let change = PolicyChange {
+        sleep_after: duration_field("sleep_after", body.sleep_after)?,
+        archive_after: duration_field("archive_after", body.archive_after)?,
+        delete_after: duration_field("delete_after", body.delete_after)?,
+        keep_active_above: body.keep_active_above,
+        archive_tier: body.archive_tier,
+    };
+    Ok(Json(manager.set_policy(&service, &change)?))
+}
+
+/// Go back to the catalog's policy for a service.
+#[utoipa::path(
+    delete,
+    path = "/v1/policies/{service}",
+    responses((status = 200, body = PolicyView), (status = 404, body = ErrorBody))
+)]
+async fn reset_policy(
+    State(manager): State<Arc<Manager>>,
+    Path(service): Path<String>,
+) -> Result<Json<PolicyView>, ApiError> {
+    Ok(Json(manager.reset_policy(&service)?))
 }
 
 /// A long operation and its progress.

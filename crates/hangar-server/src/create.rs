@@ -153,6 +153,7 @@ impl Manager {
                 created_at_ms: now,
                 updated_at_ms: now,
                 last_used_at_ms: now,
+                state_since_ms: now,
                 boot_ms: None,
                 memory_mib: make.memory_mib,
                 vcpus: make.vcpus,

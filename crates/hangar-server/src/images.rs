@@ -19,6 +19,19 @@ pub trait ImageSource: Send + Sync + 'static {
 
     /// The bare root disk of an operating system (no application).
     async fn os_image(&self, os: &str) -> Result<Option<PathBuf>, String>;
+
+    /// Images on disk that the disk budget may delete, least recently used first, when
+    /// no VM needs them. None by default: images built here are small and always kept.
+    fn disk_images(&self) -> Vec<hangar_core::lifecycle::ImageFacts> {
+        Vec::new()
+    }
+
+    /// Deletes an image named by [`ImageSource::disk_images`].
+    async fn remove_image(&self, key: &str) -> Result<(), String> {
+        Err(format!(
+            "image {key} cannot be removed by this image source"
+        ))
+    }
 }
 
 /// Images built on this host with `hangar-image`, cached under the data dir.

@@ -2,6 +2,9 @@
 //!
 //! - [`api`]: REST API under `/v1` (+ `/healthz`, `/v1/openapi.json`).
 //! - [`manager`]: the request path, deletion, reconciliation with running QEMU processes.
+//! - [`lifecycle`]: sleep, archive and wake of one VM.
+//! - [`policy`]: lifecycle policies at run time, last use, and the loop applying idle
+//!   timers and memory/disk budgets.
 //! - [`ready`]: ready criteria, checked from the host.
 //! - [`images`]: where kernels, initramfs and base disks come from.
 //! - [`error`]: the one mapping from errors to HTTP answers.
@@ -26,6 +29,7 @@ mod grants;
 pub mod images;
 pub mod lifecycle;
 pub mod manager;
+pub mod policy;
 pub mod pools;
 pub mod ready;
 mod reconcile;
@@ -50,6 +54,10 @@ pub struct ServerConfig {
     pub pool_memory_mib: u64,
     /// Answers carry `<vm>.<domain>` when set.
     pub dns_domain: Option<String>,
+    /// Most guest memory (MiB) active and sleeping VMs may hold; none: unlimited.
+    pub memory_budget_mib: Option<u64>,
+    /// Most disk (MiB) archives and evictable images may take; none: unlimited.
+    pub disk_budget_mib: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -190,6 +198,8 @@ pub async fn run(
             guest_cmdline: hangar_image::kernel_cmdline(hangar_image::host_tsc_khz()),
             pool_memory_mib: config.pool_memory_mib,
             dns_domain: config.dns_domain.clone(),
+            memory_budget_mib: config.memory_budget_mib,
+            disk_budget_mib: config.disk_budget_mib,
             ..ManagerConfig::default()
         },
     );
@@ -217,6 +227,7 @@ pub async fn run(
     };
 
     let pool_loop = manager.spawn_pool_loop();
+    let lifecycle_loop = manager.spawn_lifecycle_loop();
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -231,6 +242,7 @@ pub async fn run(
         .await;
     monitor.abort();
     pool_loop.abort();
+    lifecycle_loop.abort();
     drop(lock);
     served.map_err(ServerError::Serve)
 }
@@ -240,3 +252,6 @@ mod tests;
 
 #[cfg(test)]
 mod tests_pools;
+
+#[cfg(test)]
+mod tests_policy;

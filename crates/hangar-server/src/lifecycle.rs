@@ -26,7 +26,7 @@ impl Manager {
             })
     }
 
-    fn vm_op_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+    pub(crate) fn vm_op_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
         self.vm_ops
             .lock()
             .expect("vm ops lock")
@@ -39,6 +39,11 @@ impl Manager {
     pub async fn sleep(&self, id: &str) -> Result<VmRecord, ApiError> {
         let lock = self.vm_op_lock(id);
         let _guard = lock.lock().await;
+        self.sleep_locked(id).await
+    }
+
+    /// [`Manager::sleep`], for a caller holding the VM's operation lock.
+    pub(crate) async fn sleep_locked(&self, id: &str) -> Result<VmRecord, ApiError> {
         let vm = self.vm_or_404(id)?;
         match vm.state {
             VmState::Sleeping => return Ok(vm),
@@ -66,6 +71,15 @@ impl Manager {
     ) -> Result<(VmRecord, ArchiveInfo), ApiError> {
         let lock = self.vm_op_lock(id);
         let _guard = lock.lock().await;
+        self.archive_locked(id, tier).await
+    }
+
+    /// [`Manager::archive`], for a caller holding the VM's operation lock.
+    pub(crate) async fn archive_locked(
+        &self,
+        id: &str,
+        tier: ArchiveTier,
+    ) -> Result<(VmRecord, ArchiveInfo), ApiError> {
         let vm = self.vm_or_404(id)?;
         match vm.state {
             VmState::Active | VmState::Sleeping => {}

@@ -32,6 +32,14 @@ pub struct ManagerConfig {
     pub pool_memory_mib: u64,
     /// When set, answers carry a DNS name `<vm>.<domain>`.
     pub dns_domain: Option<String>,
+    /// Most guest memory active and sleeping VMs may hold, in MiB (none: unlimited); over
+    /// it, the least recently used are archived.
+    pub memory_budget_mib: Option<u64>,
+    /// Most disk archives (and evictable images) may take, in MiB (none: unlimited); over
+    /// it, the least recently used are deleted.
+    pub disk_budget_mib: Option<u64>,
+    /// How often the lifecycle loop looks at idle timers and budgets.
+    pub lifecycle_interval: Duration,
 }
 
 impl Default for ManagerConfig {
@@ -42,6 +50,9 @@ impl Default for ManagerConfig {
             guest_cmdline: hangar_image::kernel_cmdline(None),
             pool_memory_mib: 1024,
             dns_domain: None,
+            memory_budget_mib: None,
+            disk_budget_mib: None,
+            lifecycle_interval: Duration::from_millis(500),
         }
     }
 }
@@ -62,6 +73,8 @@ pub enum Served {
     Partial,
     /// A new VM, booted for this request.
     Created,
+    /// A sleeping or archived VM already offering the service (shared mode), woken.
+    Woken,
 }
 
 impl From<MatchKind> for Served {
@@ -143,6 +156,8 @@ pub struct Manager {
     pub(crate) vm_ops: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Warm pool bookkeeping: request rates, fills in flight, the refill signal.
     pub(crate) pools: crate::pools::PoolRuntime,
+    /// Lifecycle bookkeeping: request rates per service, failed actions, the loop's signal.
+    pub(crate) lifecycle: crate::policy::LifecycleRuntime,
     /// One lock per (service, environment): shared requests that find no VM wait for the
     /// one being made instead of making their own.
     shared_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -176,6 +191,7 @@ impl Manager {
             agents: Mutex::default(),
             vm_ops: Mutex::default(),
             pools: crate::pools::PoolRuntime::default(),
+            lifecycle: crate::policy::LifecycleRuntime::default(),
             shared_locks: Mutex::default(),
             outcomes: Mutex::default(),
         })
@@ -205,6 +221,7 @@ impl Manager {
         }
         let service = self.viable_service(&request)?;
         self.record_demand(&service.name);
+        self.record_service_demand(&service.name);
 
         let guard = match request.mode {
             Mode::Dedicated => None,
@@ -221,8 +238,10 @@ impl Manager {
                         task: None,
                     })?;
                 if let Some(vm) = self.pick_shared(&service.name, &request.env).await? {
-                    self.store.touch(&vm.id)?;
                     return Ok(self.grant(vm, Some(&service), Served::Shared, None, None));
+                }
+                if let Some(vm) = self.wake_shared(&service.name, &request.env).await {
+                    return Ok(self.grant(vm, Some(&service), Served::Woken, None, None));
                 }
                 Some(guard)
             }
@@ -431,14 +450,47 @@ impl Manager {
         Ok(None)
     }
 
+    /// Wakes the most recently used sleeping or archived shared VM offering `service` with
+    /// exactly this environment, if there is one and it wakes.
+    async fn wake_shared(&self, service: &str, env: &BTreeMap<String, String>) -> Option<VmRecord> {
+        let mut dormant: Vec<VmRecord> = self
+            .store
+            .vms(false)
+            .ok()?
+            .into_iter()
+            .filter(|vm| {
+                matches!(vm.state, VmState::Sleeping | VmState::Archived)
+                    && vm.mode == Mode::Shared
+                    && vm.services.iter().any(|s| s == service)
+                    && vm.env == *env
+            })
+            .collect();
+        dormant.sort_by_key(|vm| std::cmp::Reverse(vm.last_used_at_ms));
+        for vm in dormant {
+            match self.wake(&vm.id).await {
+                Ok(vm) => return Some(vm),
+                Err(err) => {
+                    tracing::warn!(vm = %vm.id, error = %err, "cannot wake a shared vm; trying others");
+                }
+            }
+        }
+        None
+    }
+
+    /// The answer to a request; the VM counts as used now.
     pub(crate) fn grant(
         &self,
-        vm: VmRecord,
+        mut vm: VmRecord,
         service: Option<&Service>,
         served: Served,
         task: Option<String>,
         sliced_to: Option<(u32, u32)>,
     ) -> Grant {
+        let now = hangar_store::now_ms();
+        match self.store.set_last_used(&vm.id, now) {
+            Ok(()) => vm.last_used_at_ms = vm.last_used_at_ms.max(now),
+            Err(err) => tracing::warn!(vm = %vm.id, error = %err, "cannot record last use"),
+        }
         let endpoint = service
             .and_then(|service| service.ports.first())
             .and_then(|port| vm.endpoints.get(&port.name))

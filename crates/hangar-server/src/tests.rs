@@ -318,7 +318,7 @@ async fn monitor_marks_crashed_vms_failed() {
     assert!(vm.error.unwrap().contains("exited unexpectedly"));
 }
 
-mod http {
+pub(crate) mod http {
     use axum::body::Body;
     use axum::http::{Request, StatusCode};
     use http_body_util::BodyExt;
@@ -326,7 +326,7 @@ mod http {
 
     use super::*;
 
-    async fn call(
+    pub(crate) async fn call(
         manager: Arc<Manager>,
         method: &str,
         uri: &str,

@@ -70,7 +70,10 @@ pub struct VmRecord {
     pub error: Option<String>,
     pub created_at_ms: u64,
     pub updated_at_ms: u64,
+    /// Last time it was granted, woken, or used through its endpoint.
     pub last_used_at_ms: u64,
+    /// When it entered its current state (set by every state change).
+    pub state_since_ms: u64,
     /// Launch → ready, when it booted.
     pub boot_ms: Option<u64>,
     pub memory_mib: u32,
@@ -161,9 +164,9 @@ impl Store {
         self.conn().execute(
             "INSERT INTO vms (id, host, services, env, mode, owner, state, endpoints, spec, pid,
                               error, created_at_ms, updated_at_ms, last_used_at_ms, boot_ms,
-                              memory_mib, vcpus, pool, os_name, os_version)
+                              memory_mib, vcpus, pool, os_name, os_version, state_since_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-                     ?18, ?19, ?20)",
+                     ?18, ?19, ?20, ?21)",
             params![
                 vm.id,
                 vm.host,
@@ -185,6 +188,7 @@ impl Store {
                 vm.pool,
                 vm.os.as_ref().map(|(name, _)| name),
                 vm.os.as_ref().map(|(_, version)| version),
+                vm.state_since_ms,
             ],
         )?;
         Ok(())
@@ -241,7 +245,7 @@ impl Store {
             let from = state_of(&tx, id)?;
             check_transition(from, to)?;
             tx.execute(
-                "UPDATE vms SET state = ?2, error = ?3, updated_at_ms = ?4 WHERE id = ?1",
+                "UPDATE vms SET state = ?2, error = ?3, updated_at_ms = ?4, state_since_ms = ?4 WHERE id = ?1",
                 params![id, to.as_str(), error, now_ms()],
             )?;
             tx.commit()?;
@@ -286,7 +290,7 @@ impl Store {
             let now = now_ms();
             tx.execute(
                 "UPDATE vms SET state = 'active', pool = NULL, mode = ?2, env = ?3, updated_at_ms = ?4,
-                                last_used_at_ms = ?4 WHERE id = ?1",
+                                last_used_at_ms = ?4, state_since_ms = ?4 WHERE id = ?1",
                 params![id, mode.as_str(), serde_json::to_string(env)?, now],
             )?;
             tx.commit()?;
@@ -370,6 +374,39 @@ impl Store {
             params![id, now_ms()],
             id,
         )
+    }
+
+    /// Sets when a VM was last used (never earlier than it was).
+    pub fn set_last_used(&self, id: &str, at_ms: u64) -> Result<(), StoreError> {
+        self.update(
+            "UPDATE vms SET last_used_at_ms = max(last_used_at_ms, ?2) WHERE id = ?1",
+            params![id, at_ms],
+            id,
+        )
+    }
+
+    /// Lifecycle policies set at run time (service → JSON).
+    pub fn policies(&self) -> Result<BTreeMap<String, String>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached("SELECT service, policy FROM policies")?;
+        let rows = stmt.query_map([], |row| {
+            Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Sets a service's run-time policy (JSON), or with `None` goes back to the catalog's.
+    pub fn set_policy(&self, service: &str, policy: Option<&str>) -> Result<(), StoreError> {
+        let conn = self.conn();
+        match policy {
+            Some(policy) => conn.execute(
+                "INSERT INTO policies (service, policy) VALUES (?1, ?2)
+                 ON CONFLICT (service) DO UPDATE SET policy = excluded.policy",
+                params![service, policy],
+            )?,
+            None => conn.execute("DELETE FROM policies WHERE service = ?1", [service])?,
+        };
+        Ok(())
     }
 
     fn update(&self, sql: &str, params: impl rusqlite::Params, id: &str) -> Result<(), StoreError> {
@@ -468,7 +505,8 @@ fn state_of(tx: &rusqlite::Transaction<'_>, id: &str) -> Result<VmState, StoreEr
 }
 
 const VM_COLUMNS: &str = "id, host, services, env, mode, owner, state, endpoints, spec, pid, error, \
-     created_at_ms, updated_at_ms, last_used_at_ms, boot_ms, memory_mib, vcpus, pool, os_name, os_version";
+     created_at_ms, updated_at_ms, last_used_at_ms, boot_ms, memory_mib, vcpus, pool, os_name, os_version, \
+     state_since_ms";
 
 const TASK_COLUMNS: &str =
     "id, kind, service, vm_id, state, stage, percent, error, created_at_ms, updated_at_ms";
@@ -495,6 +533,7 @@ struct RawVm {
     pool: Option<String>,
     os_name: Option<String>,
     os_version: Option<String>,
+    state_since_ms: u64,
 }
 
 impl RawVm {
@@ -520,6 +559,7 @@ impl RawVm {
             pool: row.get(17)?,
             os_name: row.get(18)?,
             os_version: row.get(19)?,
+            state_since_ms: row.get(20)?,
         })
     }
 
@@ -547,6 +587,7 @@ impl RawVm {
             created_at_ms: self.created_at_ms,
             updated_at_ms: self.updated_at_ms,
             last_used_at_ms: self.last_used_at_ms,
+            state_since_ms: self.state_since_ms,
             boot_ms: self.boot_ms,
             memory_mib: self.memory_mib,
             vcpus: self.vcpus,

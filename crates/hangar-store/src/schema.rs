@@ -51,6 +51,14 @@ const MIGRATIONS: &[&str] = &[
     );",
     // A ready criterion set at run time for a pool's fills (JSON), overriding the catalog's.
     "ALTER TABLE pool_bounds ADD COLUMN ready TEXT;",
+    // Lifecycle: when a VM entered its state (idle timers count from it), and lifecycle
+    // policies set at run time (JSON), overriding the catalog's.
+    "ALTER TABLE vms ADD COLUMN state_since_ms INTEGER NOT NULL DEFAULT 0;
+    UPDATE vms SET state_since_ms = updated_at_ms;
+    CREATE TABLE policies (
+        service TEXT PRIMARY KEY,
+        policy  TEXT NOT NULL
+    );",
 ];
 
 pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {

@@ -16,6 +16,7 @@ fn vm(id: &str, service: &str, mode: Mode, state: VmState) -> VmRecord {
         created_at_ms: 1,
         updated_at_ms: 1,
         last_used_at_ms: 1,
+        state_since_ms: 1,
         boot_ms: None,
         memory_mib: 128,
         vcpus: 1,
@@ -178,4 +179,42 @@ fn pool_bounds_override() {
         store.pool_bounds().unwrap(),
         BTreeMap::from([("web".to_string(), (2, 4))])
     );
+}
+
+#[test]
+fn state_changes_stamp_their_time_and_last_use_only_moves_forward() {
+    let store = Store::open_in_memory().unwrap();
+    store
+        .insert_vm(&vm("vm-a", "web", Mode::Shared, VmState::Active))
+        .unwrap();
+    assert_eq!(store.vm("vm-a").unwrap().unwrap().state_since_ms, 1);
+    let before = now_ms();
+    let asleep = store.transition("vm-a", VmState::Sleeping, None).unwrap();
+    assert!(asleep.state_since_ms >= before);
+    assert_eq!(asleep.last_used_at_ms, 1, "a state change is not a use");
+    store.set_last_used("vm-a", 500).unwrap();
+    store.set_last_used("vm-a", 400).unwrap();
+    assert_eq!(store.vm("vm-a").unwrap().unwrap().last_used_at_ms, 500);
+    assert!(matches!(
+        store.set_last_used("vm-x", 1),
+        Err(StoreError::NoVm(_))
+    ));
+}
+
+#[test]
+fn run_time_policies_are_kept_and_cleared() {
+    let store = Store::open_in_memory().unwrap();
+    assert!(store.policies().unwrap().is_empty());
+    store
+        .set_policy("web", Some(r#"{"sleep_after":"3s"}"#))
+        .unwrap();
+    store
+        .set_policy("web", Some(r#"{"sleep_after":"5s"}"#))
+        .unwrap();
+    assert_eq!(
+        store.policies().unwrap(),
+        BTreeMap::from([("web".to_string(), r#"{"sleep_after":"5s"}"#.to_string())])
+    );
+    store.set_policy("web", None).unwrap();
+    assert!(store.policies().unwrap().is_empty());
 }

@@ -1,0 +1,431 @@
+//! Lifecycle policies at run time, last use, and the lifecycle loop.
+//!
+//! Deciding is pure (`hangar_core::lifecycle::decide`); this module gathers its inputs
+//! (VMs from the store, effective policies: run-time ones over the catalog's, request rates
+//! per service, archive sizes, the budgets) and applies the actions: idle active VMs sleep,
+//! sleeping ones are archived, archived ones are deleted with their archive; over the memory
+//! budget the least recently used are archived, over the disk budget archives (and unused
+//! images) are deleted. Each action is applied under the VM's operation lock and only if the
+//! VM is still as the decision saw it (same state, not used since).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hangar_core::lifecycle::{Action, Budgets, Inputs, PerMinute, VmFacts, decide, kept_active};
+use hangar_core::pool::RequestRate;
+use hangar_core::{Policy, TierChoice, VmState};
+use hangar_store::now_ms;
+use hangar_vmm::ArchiveTier;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use crate::error::ApiError;
+use crate::manager::Manager;
+
+/// How long a VM whose lifecycle action failed is left alone before the next try.
+const RETRY_AFTER: Duration = Duration::from_secs(30);
+
+#[derive(Default)]
+pub struct LifecycleRuntime {
+    /// Requests (and endpoint connections) per service.
+    rates: Mutex<HashMap<String, RequestRate>>,
+    /// VMs whose last action failed: not tried again before then.
+    backoff: Mutex<HashMap<String, Instant>>,
+    /// Said once per server that the delta tier falls back to zstd.
+    delta_noted: AtomicBool,
+    wake: Notify,
+}
+
+impl LifecycleRuntime {
+    /// Asks the lifecycle loop to look again now.
+    pub fn nudge(&self) {
+        self.wake.notify_one();
+    }
+}
+
+/// The archive format a policy's tier is written in on this host, and why it differs when
+/// it does.
+pub fn archive_tier(choice: TierChoice) -> (ArchiveTier, Option<&'static str>) {
+    match choice {
+        TierChoice::Raw => (ArchiveTier::Raw, None),
+        TierChoice::Zstd => (ArchiveTier::Zstd, None),
+        TierChoice::Delta => (
+            ArchiveTier::Zstd,
+            Some(
+                "the delta tier is not available on this host yet; archives are written with zstd",
+            ),
+        ),
+    }
+}
+
+/// Where a service's policy comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PolicySource {
+    Catalog,
+    /// Set with `hangar policy set` (kept across restarts).
+    RunTime,
+}
+
+/// One service's policy as `GET /v1/policies` reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PolicyView {
+    pub service: String,
+    pub policy: Policy,
+    pub source: PolicySource,
+    /// Requests per minute for the service (EWMA, 30 s half-life), compared with
+    /// `keep_active_above`.
+    pub rate_per_min: f64,
+    /// Whether the rate keeps the service's active VMs active now.
+    pub kept_active: bool,
+    /// The tier archives are written in (differs from the policy's when this host lacks it).
+    pub archive_tier_used: String,
+    pub note: Option<String>,
+}
+
+/// A budget and what is held against it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct BudgetView {
+    /// None: unlimited.
+    pub budget_mib: Option<u64>,
+    pub used_mib: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PoliciesView {
+    pub services: Vec<PolicyView>,
+    /// Guest memory of active and sleeping VMs (`--memory-budget`).
+    pub memory: BudgetView,
+    /// Archives and evictable images (`--disk-budget`).
+    pub disk: BudgetView,
+}
+
+/// Changes to a policy; `None` leaves a field as it is, `Some(None)` unsets it (never).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PolicyChange {
+    pub sleep_after: Option<Option<Duration>>,
+    pub archive_after: Option<Option<Duration>>,
+    pub delete_after: Option<Option<Duration>>,
+    /// Requests per minute.
+    pub keep_active_above: Option<Option<f64>>,
+    pub archive_tier: Option<TierChoice>,
+}
+
+impl PolicyChange {
+    fn apply(&self, mut policy: Policy) -> Policy {
+        if let Some(value) = self.sleep_after {
+            policy.sleep_after = value;
+        }
+        if let Some(value) = self.archive_after {
+            policy.archive_after = value;
+        }
+        if let Some(value) = self.delete_after {
+            policy.delete_after = value;
+        }
+        if let Some(value) = self.keep_active_above {
+            policy.keep_active_above = value.map(PerMinute);
+        }
+        if let Some(value) = self.archive_tier {
+            policy.archive_tier = value;
+        }
+        policy
+    }
+}
+
+impl Manager {
+    /// Marks a VM as used now: its idle timers start again and its services count one
+    /// more use towards `keep_active_above`. Called when a VM is granted or woken, and by
+    /// endpoints on each connection. Cheap (one indexed update). Errors: `NotFound` for an
+    /// unknown VM.
+    pub fn note_use(&self, vm_id: &str) -> Result<(), ApiError> {
+        self.store
+            .set_last_used(vm_id, now_ms())
+            .map_err(|err| match err {
+                hangar_store::StoreError::NoVm(_) => ApiError::NotFound {
+                    message: format!("no VM {vm_id}"),
+                    alternatives: Vec::new(),
+                },
+                other => other.into(),
+            })?;
+        if let Some(vm) = self.store.vm(vm_id)? {
+            for service in &vm.services {
+                self.record_service_demand(service);
+            }
+        }
+        Ok(())
+    }
+
+    /// Notes one request for a service (its rate feeds `keep_active_above`).
+    pub(crate) fn record_service_demand(&self, service: &str) {
+        let now = now_ms();
+        self.lifecycle
+            .rates
+            .lock()
+            .expect("rates lock")
+            .entry(service.to_owned())
+            .or_insert_with(|| RequestRate::new(now))
+            .record(now);
+    }
+
+    fn rates_per_min(&self) -> BTreeMap<String, f64> {
+        let now = now_ms();
+        self.lifecycle
+            .rates
+            .lock()
+            .expect("rates lock")
+            .iter()
+            .map(|(service, rate)| (service.clone(), rate.per_s(now) * 60.0))
+            .collect()
+    }
+
+    /// Every service's effective policy: set at run time, else the catalog's.
+    pub fn policies(&self) -> Result<BTreeMap<String, (Policy, PolicySource)>, ApiError> {
+        let stored = self.store.policies()?;
+        Ok(self
+            .catalog
+            .services()
+            .map(|service| {
+                let run_time = stored
+                    .get(&service.name)
+                    .and_then(|json| serde_json::from_str::<Policy>(json).ok());
+                let effective = match run_time {
+                    Some(policy) => (policy, PolicySource::RunTime),
+                    None => (service.policy, PolicySource::Catalog),
+                };
+                (service.name.clone(), effective)
+            })
+            .collect())
+    }
+
+    fn known_service(&self, service: &str) -> Result<(), ApiError> {
+        match self.catalog.get(service) {
+            Some(_) => Ok(()),
+            None => Err(ApiError::NotFound {
+                message: format!("no service named {service:?}"),
+                alternatives: hangar_core::suggest::closest(service, self.catalog.names(), 3),
+            }),
+        }
+    }
+
+    /// Changes a service's policy at run time (kept across restarts); fields left out stay
+    /// as they are.
+    pub fn set_policy(&self, service: &str, change: &PolicyChange) -> Result<PolicyView, ApiError> {
+        self.known_service(service)?;
+        let current = self
+            .policies()?
+            .remove(service)
+            .map(|(policy, _)| policy)
+            .unwrap_or_default();
+        let policy = change.apply(current);
+        policy.check().map_err(ApiError::BadRequest)?;
+        let json = serde_json::to_string(&policy).map_err(ApiError::internal)?;
+        self.store.set_policy(service, Some(&json))?;
+        tracing::info!(service, policy = %json, "policy set");
+        self.lifecycle.nudge();
+        self.policy_view(service)
+    }
+
+    /// Goes back to the catalog's policy for a service.
+    pub fn reset_policy(&self, service: &str) -> Result<PolicyView, ApiError> {
+        self.known_service(service)?;
+        self.store.set_policy(service, None)?;
+        self.lifecycle.nudge();
+        self.policy_view(service)
+    }
+
+    fn policy_view(&self, service: &str) -> Result<PolicyView, ApiError> {
+        self.policy_views()?
+            .services
+            .into_iter()
+            .find(|view| view.service == service)
+            .ok_or_else(|| ApiError::Internal("policy vanished".into()))
+    }
+
+    /// Every service's policy, and the budgets with what they hold now.
+    pub fn policy_views(&self) -> Result<PoliciesView, ApiError> {
+        let policies = self.policies()?;
+        let rates = self.rates_per_min();
+        let bare: BTreeMap<String, Policy> = policies
+            .iter()
+            .map(|(name, (policy, _))| (name.clone(), *policy))
+            .collect();
+        let services = policies
+            .into_iter()
+            .map(|(service, (policy, source))| {
+                let (used, note) = archive_tier(policy.archive_tier);
+                PolicyView {
+                    rate_per_min: rates.get(&service).copied().unwrap_or(0.0),
+                    kept_active: kept_active(std::slice::from_ref(&service), &bare, &rates),
+                    service,
+                    policy,
+                    source,
+                    archive_tier_used: used.to_string(),
+                    note: note.map(str::to_owned),
+                }
+            })
+            .collect();
+        let inputs = self.lifecycle_inputs()?;
+        let memory_mib: u64 = inputs
+            .vms
+            .iter()
+            .filter(|vm| matches!(vm.state, VmState::Active | VmState::Sleeping))
+            .map(|vm| u64::from(vm.memory_mib))
+            .sum();
+        let disk_bytes: u64 = inputs
+            .vms
+            .iter()
+            .filter_map(|vm| vm.archive_bytes)
+            .chain(inputs.images.iter().map(|image| image.bytes))
+            .sum();
+        Ok(PoliciesView {
+            services,
+            memory: BudgetView {
+                budget_mib: self.config.memory_budget_mib,
+                used_mib: memory_mib as f64,
+            },
+            disk: BudgetView {
+                budget_mib: self.config.disk_budget_mib,
+                used_mib: disk_bytes as f64 / f64::from(1u32 << 20),
+            },
+        })
+    }
+
+    fn lifecycle_inputs(&self) -> Result<Inputs, ApiError> {
+        let vms = self
+            .store
+            .vms(false)?
+            .into_iter()
+            .map(|vm| VmFacts {
+                archive_bytes: (vm.state == VmState::Archived)
+                    .then(|| self.hv.archive_info(&vm.id))
+                    .flatten()
+                    .map(|info| info.size_bytes),
+                id: vm.id,
+                services: vm.services,
+                state: vm.state,
+                last_used_ms: vm.last_used_at_ms,
+                state_since_ms: vm.state_since_ms,
+                memory_mib: vm.memory_mib,
+            })
+            .collect();
+        Ok(Inputs {
+            now_ms: now_ms(),
+            vms,
+            policies: self
+                .policies()?
+                .into_iter()
+                .map(|(name, (policy, _))| (name, policy))
+                .collect(),
+            rates_per_min: self.rates_per_min(),
+            budgets: Budgets {
+                memory_mib: self.config.memory_budget_mib,
+                disk_bytes: self.config.disk_budget_mib.map(|mib| mib << 20),
+            },
+            images: self.images.disk_images(),
+        })
+    }
+
+    /// One round: decide from the current state and apply. Returns the actions applied.
+    pub async fn reconcile_lifecycle(&self) -> Result<Vec<Action>, ApiError> {
+        let inputs = self.lifecycle_inputs()?;
+        let actions = decide(&inputs);
+        let mut applied = Vec::new();
+        for action in actions {
+            let seen = action
+                .vm()
+                .and_then(|id| inputs.vms.iter().find(|vm| vm.id == id));
+            if let Some(vm) = seen {
+                let backing_off = self
+                    .lifecycle
+                    .backoff
+                    .lock()
+                    .expect("backoff lock")
+                    .get(&vm.id)
+                    .is_some_and(|until| Instant::now() < *until);
+                if backing_off {
+                    continue;
+                }
+            }
+            match self.apply(&action, seen).await {
+                Ok(true) => applied.push(action),
+                Ok(false) => {}
+                Err(err) => {
+                    tracing::warn!(?action, error = %err, retry_in_s = RETRY_AFTER.as_secs(), "lifecycle action failed");
+                    if let Some(vm) = seen {
+                        self.lifecycle
+                            .backoff
+                            .lock()
+                            .expect("backoff lock")
+                            .insert(vm.id.clone(), Instant::now() + RETRY_AFTER);
+                    }
+                }
+            }
+        }
+        Ok(applied)
+    }
+
+    /// Applies one action if its VM is still as `seen` (same state, not used since).
+    /// `Ok(false)`: skipped, the next round decides again.
+    async fn apply(&self, action: &Action, seen: Option<&VmFacts>) -> Result<bool, ApiError> {
+        let reason = action.reason();
+        if let Action::RemoveImage { key, .. } = action {
+            self.images
+                .remove_image(key)
+                .await
+                .map_err(ApiError::Internal)?;
+            tracing::info!(image = %key, %reason, "image removed");
+            return Ok(true);
+        }
+        let Some(seen) = seen else { return Ok(false) };
+        let lock = self.vm_op_lock(&seen.id);
+        let _guard = lock.lock().await;
+        let Some(vm) = self.store.vm(&seen.id)? else {
+            return Ok(false);
+        };
+        if vm.state != seen.state || vm.last_used_at_ms != seen.last_used_ms {
+            return Ok(false);
+        }
+        let idle_s = now_ms().saturating_sub(vm.last_used_at_ms.max(vm.state_since_ms)) / 1000;
+        match action {
+            Action::Sleep { .. } => {
+                self.sleep_locked(&vm.id).await?;
+                tracing::info!(vm = %vm.id, %reason, idle_s, "lifecycle: sleeping");
+            }
+            Action::Archive { tier, .. } => {
+                let (used, note) = archive_tier(*tier);
+                if let Some(note) = note
+                    && !self.lifecycle.delta_noted.swap(true, Ordering::Relaxed)
+                {
+                    tracing::warn!(vm = %vm.id, "{note}");
+                }
+                self.archive_locked(&vm.id, used).await?;
+                tracing::info!(vm = %vm.id, %reason, tier = %used, idle_s, "lifecycle: archived");
+            }
+            Action::Delete { .. } => {
+                self.delete(&vm.id).await?;
+                tracing::info!(vm = %vm.id, %reason, idle_s, "lifecycle: deleted");
+            }
+            Action::RemoveImage { .. } => unreachable!("handled above"),
+        }
+        Ok(true)
+    }
+
+    /// Runs the lifecycle loop until the process ends: a round every
+    /// `lifecycle_interval`, and at once when a policy changes.
+    pub fn spawn_lifecycle_loop(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let manager = self.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Err(err) = manager.reconcile_lifecycle().await {
+                    tracing::warn!(error = %err, "lifecycle round failed");
+                }
+                tokio::select! {
+                    _ = manager.lifecycle.wake.notified() => {}
+                    _ = tokio::time::sleep(manager.config.lifecycle_interval) => {}
+                }
+            }
+        })
+    }
+}
