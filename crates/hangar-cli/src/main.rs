@@ -108,6 +108,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Service templates: VMs snapshotted at their ready state; new VMs are clones of them.
+    Templates {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Change a pool at run time.
     Pool {
         #[command(subcommand)]
@@ -290,6 +296,10 @@ struct ServerArgs {
     /// are deleted [default: unlimited].
     #[arg(long, value_name = "MIB", env = "HANGAR_DISK_BUDGET")]
     disk_budget: Option<u64>,
+    /// Boot every VM instead of cloning it from its service's template (a VM booted to
+    /// its ready state once and snapshotted).
+    #[arg(long, env = "HANGAR_NO_TEMPLATES")]
+    no_templates: bool,
 }
 
 fn parse_env(text: &str) -> Result<(String, String), String> {
@@ -358,6 +368,7 @@ async fn server(args: ServerArgs) -> ExitCode {
         dns_domain: args.dns_domain,
         memory_budget_mib: args.memory_budget,
         disk_budget_mib: args.disk_budget,
+        templates: !args.no_templates,
     };
     match hangar_server::run(config, shutdown_signal()).await {
         Ok(()) => {
@@ -527,6 +538,34 @@ async fn client_command(client: Client, command: Command) -> Result<(), ClientEr
                     "MODE",
                     "LAST USED",
                     "STATE",
+                ],
+                rows,
+            );
+            Ok(())
+        }
+        Command::Templates { json } => {
+            let templates: serde_json::Value = client.get("/v1/templates").await?;
+            if json {
+                return print_json(&templates);
+            }
+            let rows = templates.as_array().into_iter().flatten().map(|t| {
+                vec![
+                    text(&t["service"]),
+                    text(&t["key"]),
+                    format!("{}x{} MiB", t["vcpus"], t["memory_mib"]),
+                    format!("{:.1} MB", t["size_bytes"].as_f64().unwrap_or(0.0) / 1e6),
+                    format!("{} ms", t["took_ms"]),
+                    if t["current"].as_bool() == Some(true) {
+                        "yes".into()
+                    } else {
+                        "no (outdated)".into()
+                    },
+                    text(&t["created_at"]),
+                ]
+            });
+            table::print(
+                &[
+                    "SERVICE", "KEY", "SHAPE", "SIZE", "SNAPSHOT", "CURRENT", "CREATED",
                 ],
                 rows,
             );

@@ -17,6 +17,7 @@ use crate::error::{ApiError, ErrorBody};
 use crate::manager::{Grant, Manager, Served};
 use crate::policy::{BudgetView, PoliciesView, PolicyChange, PolicySource, PolicyView};
 use crate::pools::PoolView;
+use crate::templates::TemplateView;
 
 #[derive(OpenApi)]
 #[openapi(
@@ -32,9 +33,11 @@ use crate::pools::PoolView;
         get_task,
         list_policies,
         set_policy,
-        reset_policy
+        reset_policy,
+        list_templates
     ),
     components(schemas(
+        TemplateView,
         ServiceView,
         PortView,
         GrantView,
@@ -69,6 +72,7 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .route("/v1/vms/{id}/archive", post(archive_vm))
         .route("/v1/vms/{id}/wake", post(wake_vm))
         .route("/v1/pools", get(list_pools))
+        .route("/v1/templates", get(list_templates))
         .route("/v1/pools/{name}", axum::routing::put(set_pool))
         .route("/v1/policies", get(list_policies))
         .route(
@@ -202,6 +206,12 @@ impl From<Grant> for GrantView {
             boot_ms: grant.vm.boot_ms,
         }
     }
+}
+
+/// Service templates on disk: VMs snapshotted at their ready state, cloned for new VMs.
+#[utoipa::path(get, path = "/v1/templates", responses((status = 200, body = [TemplateView])))]
+async fn list_templates(State(manager): State<Arc<Manager>>) -> Json<Vec<TemplateView>> {
+    Json(manager.templates())
 }
 
 #[utoipa::path(get, path = "/v1/pools", responses((status = 200, body = [PoolView])))]

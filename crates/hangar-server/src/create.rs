@@ -29,7 +29,9 @@ impl Manager {
         let now = now_ms();
         self.store.insert_task(&TaskRecord {
             id: task_id.clone(),
-            kind: if make.pool.is_some() {
+            kind: if make.template {
+                "build_template"
+            } else if make.pool.is_some() {
                 "fill_pool"
             } else {
                 "create_vm"
@@ -123,7 +125,8 @@ impl Manager {
             base_image,
             forwards,
             pre_os,
-            background: make.pool.is_some(),
+            background: make.pool.is_some() || make.template,
+            template: None,
         };
         let os = make.service.as_ref().map(|service| {
             let version = self
@@ -191,41 +194,101 @@ impl Manager {
         endpoints: &BTreeMap<String, SocketAddr>,
         started: Instant,
     ) -> Result<VmRecord, String> {
-        self.progress(task, "launch", 20);
         self.store
             .transition(vm_id, VmState::Booting, None)
             .map_err(|err| error_chain(&err))?;
-        let launched = self
-            .hv
-            .launch(spec)
-            .await
-            .map_err(|err| error_chain(&err))?;
+        // A clone of the service's template when there is one: restored at its ready
+        // state instead of booted. Requests with settings (env) are configured at boot.
+        let template = make
+            .service
+            .as_ref()
+            .filter(|_| make.env.is_empty() && !make.template)
+            .and_then(|service| self.find_template(service, spec));
+        let launched = match &template {
+            Some(template) => {
+                self.progress(task, "clone", 20);
+                let cloned = Self::cloned_spec(spec, template);
+                let launched = self
+                    .hv
+                    .clone_template(&cloned, template)
+                    .await
+                    .map_err(|err| error_chain(&err))?;
+                let json = serde_json::to_value(&cloned).map_err(|err| err.to_string())?;
+                self.store
+                    .set_launch(vm_id, launched.pid, &json)
+                    .map_err(|err| error_chain(&err))?;
+                launched
+            }
+            None => {
+                self.progress(task, "launch", 20);
+                let launched = self
+                    .hv
+                    .launch(spec)
+                    .await
+                    .map_err(|err| error_chain(&err))?;
+                self.store
+                    .set_launch(vm_id, launched.pid, spec_json)
+                    .map_err(|err| error_chain(&err))?;
+                launched
+            }
+        };
         self.agents
             .lock()
             .expect("agents lock")
             .insert(vm_id.to_owned(), launched.agent.clone());
-        self.store
-            .set_launch(vm_id, launched.pid, spec_json)
-            .map_err(|err| error_chain(&err))?;
 
         if let Some(service) = &make.service {
-            self.progress(task, "boot", 40);
             // Pool VMs carry a staging hostname; each gets its own identity when handed out.
-            let hostname = match &make.pool {
-                Some(pool) => format!("pool-{pool}"),
-                None => vm_id.to_owned(),
+            let hostname = match (&make.pool, make.template) {
+                (Some(pool), _) => format!("pool-{pool}"),
+                (None, true) => format!("template-{}", service.name),
+                (None, false) => vm_id.to_owned(),
             };
-            let config = guest_config(vm_id, &hostname, Some(service), &make.env);
             let agent = launched.agent;
-            agent
-                .configure(config, service.ready.timeout)
-                .await
-                .map_err(|err| self.diagnose(vm_id, &agent, &error_chain(&err)))?;
+            if template.is_some() {
+                // The clone resumes where its template paused, at ready, with the
+                // template's identity: it gets its own before anything else.
+                self.progress(task, "identity", 50);
+                self.hv
+                    .resume(vm_id)
+                    .await
+                    .map_err(|err| error_chain(&err))?;
+                let reply = agent
+                    .reidentify(new_identity(&hostname), service.ready.timeout)
+                    .await
+                    .map_err(|err| self.diagnose(vm_id, &agent, &error_chain(&err)))?;
+                if !reply.ok {
+                    return Err(format!(
+                        "re-identification failed: {}",
+                        reply.error.unwrap_or_default()
+                    ));
+                }
+            } else {
+                self.progress(task, "boot", 40);
+                let config = guest_config(vm_id, &hostname, Some(service), &make.env);
+                agent
+                    .configure(config, service.ready.timeout)
+                    .await
+                    .map_err(|err| self.diagnose(vm_id, &agent, &error_chain(&err)))?;
+            }
 
+            // Checked on clones too: it proves the clone healthy, and under emulation it
+            // warms the guest's code paths before the VM is handed out.
             self.progress(task, "ready", 70);
             let ready = make.ready.as_ref().unwrap_or(&service.ready);
             self.wait_ready(vm_id, launched.pid, service, ready, endpoints, &agent)
                 .await?;
+            if make.template {
+                if let Some(pid) = launched.pid {
+                    settle(vm_id, pid).await;
+                }
+                self.hv
+                    .pause(vm_id)
+                    .await
+                    .map_err(|err| error_chain(&err))?;
+                self.progress(task, "snapshot", 90);
+                return self.finish_template(vm_id, service, spec).await;
+            }
         }
 
         let boot_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);

@@ -33,6 +33,7 @@ pub mod policy;
 pub mod pools;
 pub mod ready;
 mod reconcile;
+pub mod templates;
 
 pub use manager::{Manager, ManagerConfig};
 
@@ -58,6 +59,9 @@ pub struct ServerConfig {
     pub memory_budget_mib: Option<u64>,
     /// Most disk (MiB) archives and evictable images may take; none: unlimited.
     pub disk_budget_mib: Option<u64>,
+    /// Clone new VMs from service templates (snapshots at the ready state) instead of
+    /// booting them.
+    pub templates: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -200,9 +204,11 @@ pub async fn run(
             dns_domain: config.dns_domain.clone(),
             memory_budget_mib: config.memory_budget_mib,
             disk_budget_mib: config.disk_budget_mib,
+            templates_dir: config.templates.then(|| config.data_dir.join("templates")),
             ..ManagerConfig::default()
         },
     );
+    manager.clean_template_debris();
     let report = manager
         .reconcile(Some(&vms_dir))
         .await

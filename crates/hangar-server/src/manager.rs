@@ -40,6 +40,8 @@ pub struct ManagerConfig {
     pub disk_budget_mib: Option<u64>,
     /// How often the lifecycle loop looks at idle timers and budgets.
     pub lifecycle_interval: Duration,
+    /// Where service templates live; none: VMs are always booted, never cloned.
+    pub templates_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for ManagerConfig {
@@ -53,6 +55,7 @@ impl Default for ManagerConfig {
             memory_budget_mib: None,
             disk_budget_mib: None,
             lifecycle_interval: Duration::from_millis(500),
+            templates_dir: None,
         }
     }
 }
@@ -73,6 +76,9 @@ pub enum Served {
     Partial,
     /// A new VM, booted for this request.
     Created,
+    /// A new VM, cloned for this request from its service's template (restored at the
+    /// ready state instead of booted).
+    Cloned,
     /// A sleeping or archived VM already offering the service (shared mode), woken.
     Woken,
 }
@@ -140,6 +146,8 @@ pub(crate) struct MakeVm {
     pub pool: Option<String>,
     /// A ready criterion other than the service's (set at run time for a pool).
     pub ready: Option<hangar_core::ReadySpec>,
+    /// Made to become its service's template (snapshotted at ready, then gone).
+    pub template: bool,
 }
 
 pub(crate) type Outcome = Option<Result<VmRecord, String>>;
@@ -163,6 +171,8 @@ pub struct Manager {
     shared_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Outcomes of creation tasks, for the requests waiting on them.
     pub(crate) outcomes: Mutex<HashMap<String, watch::Receiver<Outcome>>>,
+    /// Services whose template is being built.
+    pub(crate) templates_building: Mutex<std::collections::HashSet<String>>,
 }
 
 /// What start-up reconciliation found and did.
@@ -193,6 +203,7 @@ impl Manager {
             pools: crate::pools::PoolRuntime::default(),
             lifecycle: crate::policy::LifecycleRuntime::default(),
             shared_locks: Mutex::default(),
+            templates_building: Mutex::default(),
             outcomes: Mutex::default(),
         })
     }
@@ -254,6 +265,10 @@ impl Manager {
         {
             return Ok(grant);
         }
+        if request.env.is_empty() {
+            // Later requests clone the service's template instead of booting.
+            self.ensure_template(&service).await;
+        }
         let make = MakeVm {
             vcpus: service.vcpus,
             memory_mib: service.memory_mib,
@@ -262,6 +277,7 @@ impl Manager {
             env: request.env.clone(),
             pool: None,
             ready: None,
+            template: false,
         };
         self.create_and_wait(make, guard, until, deadline, &service.name)
             .await
@@ -351,6 +367,7 @@ impl Manager {
             env: request.env.clone(),
             pool: None,
             ready: None,
+            template: false,
         };
         self.create_and_wait(make, None, until, deadline, &name)
             .await
@@ -386,7 +403,14 @@ impl Manager {
             }),
             Ok(Err(_)) => Err(ApiError::Internal("creation task vanished".into())),
             Ok(Ok(result)) => match result.clone().expect("waited for Some") {
-                Ok(vm) => Ok(self.grant(vm, service.as_ref(), Served::Created, Some(task), None)),
+                Ok(vm) => {
+                    let served = if self.is_clone(&vm) {
+                        Served::Cloned
+                    } else {
+                        Served::Created
+                    };
+                    Ok(self.grant(vm, service.as_ref(), served, Some(task), None))
+                }
                 Err(message) => Err(ApiError::Internal(message)),
             },
         }

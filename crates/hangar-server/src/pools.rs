@@ -310,6 +310,10 @@ impl Manager {
             if backing_off {
                 continue;
             }
+            // Later fills clone the service's template instead of booting.
+            if let Some(service) = spec.service.as_deref().and_then(|s| self.catalog.get(s)) {
+                self.ensure_template(service).await;
+            }
             for _ in 0..n {
                 self.start_fill(spec.clone())?;
             }
@@ -332,6 +336,7 @@ impl Manager {
             env: Default::default(),
             pool: Some(spec.name.clone()),
             ready: self.pool_ready(&spec.name),
+            template: false,
         };
         *self
             .pools

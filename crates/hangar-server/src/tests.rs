@@ -281,6 +281,7 @@ async fn restart_adopts_running_vms_fails_vanished_ones_and_stops_strangers() {
         forwards: vec![],
         pre_os: false,
         background: false,
+        template: None,
     };
     backend.launch(&stranger).await.unwrap();
 
@@ -540,4 +541,56 @@ mod lifecycle {
             VmState::Active
         );
     }
+}
+
+#[tokio::test]
+async fn later_vms_are_cloned_from_the_template_the_first_request_started() {
+    let store = Arc::new(Store::open_in_memory().unwrap());
+    let backend = FakeBackend::new();
+    let dir = tempfile::tempdir().unwrap();
+    let manager = Manager::new(
+        store.clone(),
+        Arc::new(backend.clone()),
+        Arc::new(NoImages),
+        Arc::new(Catalog::from_toml(CATALOG).unwrap()),
+        ManagerConfig {
+            templates_dir: Some(dir.path().join("templates")),
+            ..ManagerConfig::default()
+        },
+    );
+    let first = manager
+        .request(request("web", Mode::Dedicated))
+        .await
+        .unwrap();
+    assert_eq!(first.served, Served::Created);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while manager.templates().is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "no template built");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let templates = manager.templates();
+    assert_eq!(templates.len(), 1);
+    assert!(templates[0].current);
+    assert_eq!(templates[0].service, "web");
+    // The template's VM is gone; its record says so.
+    let tasks = store.tasks(100).unwrap();
+    let build = tasks.iter().find(|t| t.kind == "build_template").unwrap();
+    assert_eq!(build.state, TaskState::Succeeded);
+    let source = store.vm(build.vm_id.as_deref().unwrap()).unwrap().unwrap();
+    assert_eq!(source.state, VmState::Deleted);
+
+    let second = manager
+        .request(request("web", Mode::Dedicated))
+        .await
+        .unwrap();
+    assert_eq!(second.served, Served::Cloned);
+    assert_eq!(second.vm.state, VmState::Active);
+    assert_eq!(backend.clones(), 1);
+    assert_ne!(second.endpoint, first.endpoint);
+    // Requests with settings are configured at boot, never cloned.
+    let mut with_env = request("web", Mode::Dedicated);
+    with_env.env.insert("greeting".into(), "hi".into());
+    let third = manager.request(with_env).await.unwrap();
+    assert_eq!(third.served, Served::Created);
+    assert_eq!(backend.clones(), 1);
 }

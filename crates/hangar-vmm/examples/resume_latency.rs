@@ -81,6 +81,7 @@ async fn main() {
         }],
         pre_os: false,
         background: false,
+        template: None,
     };
     let launched = backend.launch(&spec).await.expect("launch");
     let agent = launched.agent.clone();

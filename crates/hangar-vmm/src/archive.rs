@@ -173,6 +173,7 @@ mod tests {
             forwards: vec![],
             pre_os: false,
             background: false,
+            template: None,
         }
     }
 

@@ -16,7 +16,10 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::agent::Agent;
-use crate::{ArchiveInfo, ArchiveTier, Hypervisor, Launched, RunState, VmSpec, VmmError};
+use crate::{
+    ArchiveInfo, ArchiveTier, Hypervisor, Launched, RunState, TemplateInfo, VmSpec, VmmError,
+    template,
+};
 
 struct FakeVm {
     spec: VmSpec,
@@ -43,6 +46,7 @@ pub struct FakeBackend {
     launches: Arc<AtomicUsize>,
     fail_next_launch: Arc<AtomicBool>,
     fail_next_archive: Arc<AtomicBool>,
+    clones: Arc<AtomicUsize>,
     archives: Arc<Mutex<HashMap<String, (VmSpec, ArchiveInfo)>>>,
 }
 
@@ -54,6 +58,11 @@ impl FakeBackend {
     /// How many VMs were launched so far.
     pub fn launches(&self) -> usize {
         self.launches.load(Ordering::SeqCst)
+    }
+
+    /// How many VMs were cloned from templates so far.
+    pub fn clones(&self) -> usize {
+        self.clones.load(Ordering::SeqCst)
     }
 
     /// Makes the next launch fail, as a QEMU that cannot start would.
@@ -247,6 +256,64 @@ impl Hypervisor for FakeBackend {
             .map(|(_, info)| info.clone())
     }
 
+    /// Writes a small but real template directory (so that code finding templates on disk
+    /// works against this backend too) and removes the VM.
+    async fn make_template(
+        &self,
+        id: &str,
+        dir: &std::path::Path,
+    ) -> Result<TemplateInfo, VmmError> {
+        let vm = self
+            .vms
+            .lock()
+            .expect("fake vms lock")
+            .remove(id)
+            .ok_or_else(|| VmmError::NotRunning(id.to_owned()))?;
+        if let Some(parent) = dir.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let mut memory = dir.as_os_str().to_owned();
+        memory.push(".snapshot");
+        let memory = std::path::PathBuf::from(memory);
+        std::fs::write(&memory, format!("fake snapshot of {id}"))?;
+        let info = TemplateInfo {
+            dir: dir.to_owned(),
+            memory: memory.clone(),
+            disk: None,
+            size_bytes: 0,
+            took_ms: 1,
+            qemu_version: "fake".into(),
+            created_unix_ms: 0,
+            spec: VmSpec {
+                base_image: vm.root.clone(),
+                ..vm.spec.clone()
+            },
+        };
+        Ok(template::assemble(&memory, None, dir, info)?)
+    }
+
+    async fn clone_template(
+        &self,
+        spec: &VmSpec,
+        template: &TemplateInfo,
+    ) -> Result<Launched, VmmError> {
+        if (spec.memory_mib, spec.vcpus) != (template.spec.memory_mib, template.spec.vcpus) {
+            return Err(VmmError::Launch(
+                "the spec differs from the template's configuration".into(),
+            ));
+        }
+        let launched = self
+            .launch(&VmSpec {
+                base_image: template.spec.base_image.clone(),
+                pre_os: false,
+                ..spec.clone()
+            })
+            .await?;
+        self.pause(&spec.id).await?;
+        self.clones.fetch_add(1, Ordering::SeqCst);
+        Ok(launched)
+    }
+
     async fn attach_root(&self, id: &str, base_image: &std::path::Path) -> Result<(), VmmError> {
         let mut vms = self.vms.lock().expect("fake vms lock");
         let vm = vms
@@ -425,6 +492,7 @@ mod tests {
             }],
             pre_os: false,
             background: false,
+            template: None,
         };
         let launched = backend.launch(&spec).await.unwrap();
         assert_eq!(

@@ -21,9 +21,11 @@ pub mod fake;
 pub mod procs;
 pub mod qemu;
 pub mod qmp;
+pub mod template;
 
 pub use accel::Accel;
 pub use agent::{Agent, AgentError};
+pub use template::TemplateInfo;
 
 /// Everything needed to start (or re-attach to) one VM. Persisted by the server so that a
 /// restarted server can adopt the VM.
@@ -47,6 +49,10 @@ pub struct VmSpec {
     /// Start at low CPU priority (a pool fill): VMs being handed out or in use come first.
     #[serde(default)]
     pub background: bool,
+    /// The template directory this VM was cloned from (its memory started as the
+    /// template's snapshot, its disk is a layer over the template's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -204,6 +210,23 @@ pub trait Hypervisor: Send + Sync + 'static {
 
     /// The VM's archive, if it has one.
     fn archive_info(&self, id: &str) -> Option<ArchiveInfo>;
+
+    /// Turns VM `id`, booted to its ready state, into a template in `dir` (which must not
+    /// exist): its memory and device state snapshotted (raw), its disk layer frozen beside
+    /// it. The VM is consumed: its process ends and its directory goes, also on error; on
+    /// error `dir` does not exist.
+    async fn make_template(&self, id: &str, dir: &Path) -> Result<TemplateInfo, VmmError>;
+
+    /// Starts VM `spec.id` as a clone of `template`: its own copy-on-write layer over the
+    /// template's disk, its memory restored from the template's snapshot, its own ports
+    /// and sockets. Kernel, initramfs, command line, memory and vCPUs are the template's
+    /// (`spec`'s must match in memory and vCPUs). The clone is left paused, as the
+    /// template was: resume it and give it a new identity. On error nothing is left.
+    async fn clone_template(
+        &self,
+        spec: &VmSpec,
+        template: &TemplateInfo,
+    ) -> Result<Launched, VmmError>;
 
     /// The file holding the guest's serial console output, if the backend keeps one.
     fn console_log(&self, _id: &str) -> Option<PathBuf> {

@@ -29,8 +29,8 @@ use crate::agent::Agent;
 use crate::archive::{self, ArchiveRecord};
 use crate::qmp::Qmp;
 use crate::{
-    Accel, ArchiveInfo, ArchiveTier, Hypervisor, Launched, PortForward, RunState, VmSpec, VmmError,
-    procs,
+    Accel, ArchiveInfo, ArchiveTier, Hypervisor, Launched, PortForward, RunState, TemplateInfo,
+    VmSpec, VmmError, procs, template,
 };
 
 /// Nice value of VMs booted in the background (pool fills).
@@ -500,7 +500,15 @@ impl Hypervisor for QemuBackend {
             .spawn_qemu(&spec, &args, &paths)
             .await
             .map_err(|err| fail(err.to_string()))?;
-        let (qmp, agent) = match incoming(&paths, &record).await {
+        let (qmp, agent) = match incoming(
+            &paths,
+            &record.info.path,
+            record.info.tier,
+            record.spec.memory_mib,
+            true,
+        )
+        .await
+        {
             Ok(connected) => connected,
             Err(reason) => {
                 if procs::is_qemu_with_pidfile(pid, &paths.pidfile)
@@ -530,6 +538,129 @@ impl Hypervisor for QemuBackend {
 
     fn archive_info(&self, id: &str) -> Option<ArchiveInfo> {
         archive::read_record(&self.paths(id).dir).map(|record| record.info)
+    }
+
+    async fn make_template(&self, id: &str, dir: &Path) -> Result<TemplateInfo, VmmError> {
+        let started = Instant::now();
+        let fail = |reason: String| VmmError::Archive {
+            id: id.to_owned(),
+            reason: format!("making a template: {reason}"),
+        };
+        let paths = self.paths(id);
+        let made = async {
+            if dir.exists() {
+                return Err(fail(format!("{} exists", dir.display())));
+            }
+            self.archive(id, ArchiveTier::Raw).await?;
+            let record = archive::read_record(&paths.dir)
+                .ok_or_else(|| fail("the snapshot has no record".into()))?;
+            let info = TemplateInfo {
+                dir: dir.to_owned(),
+                memory: record.info.path.clone(),
+                disk: None,
+                size_bytes: 0,
+                took_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                qemu_version: record.qemu_version.clone(),
+                created_unix_ms: record.created_unix_ms,
+                spec: record.spec.clone(),
+            };
+            let disk = record.disk.as_ref().map(|disk| paths.dir.join(disk));
+            let dir = dir.to_owned();
+            let memory = record.info.path.clone();
+            tokio::task::spawn_blocking(move || {
+                template::assemble(&memory, disk.as_deref(), &dir, info)
+            })
+            .await
+            .map_err(|join| fail(join.to_string()))?
+            .map_err(|err| fail(err.to_string()))
+        }
+        .await;
+        // The VM is consumed either way.
+        if let Err(err) = self.destroy(id).await {
+            tracing::warn!(vm = %id, error = %err, "cannot remove a template's source vm");
+        }
+        let info = made?;
+        tracing::info!(vm = %id, template = %dir.display(), size_bytes = info.size_bytes, took_ms = info.took_ms, "template made");
+        Ok(info)
+    }
+
+    async fn clone_template(
+        &self,
+        spec: &VmSpec,
+        template: &TemplateInfo,
+    ) -> Result<Launched, VmmError> {
+        let started = Instant::now();
+        let fail = |reason: String| {
+            VmmError::Launch(format!("cloning {}: {reason}", template.dir.display()))
+        };
+        if (spec.memory_mib, spec.vcpus) != (template.spec.memory_mib, template.spec.vcpus) {
+            return Err(fail(format!(
+                "the template holds {} MiB and {} vCPUs, the spec asks for {} MiB and {} vCPUs",
+                template.spec.memory_mib, template.spec.vcpus, spec.memory_mib, spec.vcpus
+            )));
+        }
+        // The guest-visible machine is the template's; ports, sockets and files are the
+        // clone's own.
+        let spec = VmSpec {
+            kernel: template.spec.kernel.clone(),
+            initramfs: template.spec.initramfs.clone(),
+            cmdline: template.spec.cmdline.clone(),
+            base_image: template.disk.clone(),
+            pre_os: false,
+            template: Some(template.dir.clone()),
+            ..spec.clone()
+        };
+        let paths = self.paths(&spec.id);
+        tokio::fs::create_dir_all(&self.config.vms_dir).await?;
+        tokio::fs::create_dir(&paths.dir).await?;
+        let cloned = async {
+            check_socket_paths(&paths)?;
+            if let Some(disk) = &template.disk {
+                create_overlay(&self.config.qemu_img, disk, &paths.disk).await?;
+            }
+            let args = restore_args(self.config.accel, &spec, &paths);
+            let pid = self.spawn_qemu(&spec, &args, &paths).await?;
+            match incoming(
+                &paths,
+                &template.memory,
+                ArchiveTier::Raw,
+                spec.memory_mib,
+                false,
+            )
+            .await
+            {
+                Ok((qmp, agent)) => Ok(Running::new(pid, qmp, agent, &spec)),
+                Err(reason) => {
+                    if procs::is_qemu_with_pidfile(pid, &paths.pidfile)
+                        && !procs::kill_and_wait(pid, Duration::from_secs(5)).await
+                    {
+                        tracing::warn!(vm = %spec.id, pid, "qemu did not exit after SIGKILL");
+                    }
+                    Err(fail(reason))
+                }
+            }
+        }
+        .await;
+        match cloned {
+            Ok(running) => {
+                let launched = Launched {
+                    pid: Some(running.pid),
+                    agent: running.agent.clone(),
+                };
+                tracing::info!(vm = %spec.id, pid = running.pid, took_ms = started.elapsed().as_millis() as u64, "vm cloned from template");
+                self.vms
+                    .lock()
+                    .await
+                    .insert(spec.id.clone(), Arc::new(running));
+                Ok(launched)
+            }
+            Err(err) => {
+                if let Err(cleanup) = self.cleanup(&paths, None).await {
+                    tracing::warn!(vm = %spec.id, error = %cleanup, "cleanup after failed clone");
+                }
+                Err(err)
+            }
+        }
     }
 
     async fn stop(&self, id: &str) -> Result<(), VmmError> {
@@ -644,7 +775,15 @@ async fn snapshot(
 
 /// Connects to a QEMU started with `-incoming defer` and feeds it the archive. Returns the
 /// control channels of the VM, running.
-async fn incoming(paths: &VmPaths, record: &ArchiveRecord) -> Result<(Qmp, Arc<Agent>), String> {
+/// Feeds the stream in `source` to a QEMU started with `-incoming defer`, waits for the
+/// migration to complete, and resumes the guest when `resume`.
+async fn incoming(
+    paths: &VmPaths,
+    source: &Path,
+    tier: ArchiveTier,
+    memory_mib: u32,
+    resume: bool,
+) -> Result<(Qmp, Arc<Agent>), String> {
     let (qmp, agent) = connect(paths).await.map_err(|err| err.to_string())?;
     let (reader, writer) = std::io::pipe().map_err(|err| format!("pipe: {err}"))?;
     enlarge_pipe(&writer);
@@ -652,9 +791,10 @@ async fn incoming(paths: &VmPaths, record: &ArchiveRecord) -> Result<(Qmp, Arc<A
         .await
         .map_err(|err| err.to_string())?;
     drop(reader); // QEMU holds the only read end: writes fail once it is gone
-    let source = record.info.path.clone();
-    let tier = record.info.tier;
-    let feed = tokio::task::spawn_blocking(move || archive::read_memory(&source, tier, writer));
+    let feed = {
+        let source = source.to_owned();
+        tokio::task::spawn_blocking(move || archive::read_memory(&source, tier, writer))
+    };
     let migrated = match qmp
         .execute(
             "migrate-incoming",
@@ -662,23 +802,25 @@ async fn incoming(paths: &VmPaths, record: &ArchiveRecord) -> Result<(Qmp, Arc<A
         )
         .await
     {
-        Ok(_) => wait_migration(&qmp, migration_timeout(record.spec.memory_mib)).await,
+        Ok(_) => wait_migration(&qmp, migration_timeout(memory_mib)).await,
         Err(err) => Err(err.to_string()),
     };
     if let Err(reason) = migrated {
         // The feed ends with EPIPE once the caller kills QEMU; its error explains more.
         let feed = tokio::time::timeout(Duration::from_millis(200), feed).await;
         return Err(match feed {
-            Ok(Ok(Err(err))) => format!("{reason} (reading {}: {err})", record.info.path.display()),
+            Ok(Ok(Err(err))) => format!("{reason} (reading {}: {err})", source.display()),
             _ => reason,
         });
     }
     match feed.await {
         Ok(Ok(_)) => {}
-        Ok(Err(err)) => return Err(format!("reading {}: {err}", record.info.path.display())),
+        Ok(Err(err)) => return Err(format!("reading {}: {err}", source.display())),
         Err(join) => return Err(format!("archive reader: {join}")),
     }
-    qmp.cont().await.map_err(|err| err.to_string())?;
+    if resume {
+        qmp.cont().await.map_err(|err| err.to_string())?;
+    }
     Ok((qmp, agent))
 }
 
@@ -902,6 +1044,7 @@ mod tests {
             ],
             pre_os: false,
             background: false,
+            template: None,
         };
         let paths = VmPaths::new(Path::new("/data/vms"), "vm-1");
         let args = qemu_args(Accel::Tcg, &spec, &paths).join(" ");

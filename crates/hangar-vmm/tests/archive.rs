@@ -161,6 +161,7 @@ fn spec(id: &str, guest: &Guest, port: u16) -> VmSpec {
         }],
         pre_os: false,
         background: false,
+        template: None,
     }
 }
 
@@ -472,5 +473,114 @@ fn a_failed_archive_leaves_the_vm_running_and_no_partial_file() {
         backend.restore(&spec).await.unwrap();
         assert_eq!(counter(port).await, 3);
         backend.destroy(id).await.unwrap();
+    });
+}
+
+/// What a clone of the template reports about itself: hostname, 16 fresh random bytes,
+/// and the file the template wrote to its disk.
+async fn whoami(launched: &Launched) -> (String, String, String) {
+    let out = exec(
+        launched,
+        "hostname; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; cat /root/f",
+    )
+    .await;
+    let mut lines = out.lines().map(str::to_owned);
+    let mut next = || lines.next().unwrap_or_default();
+    (next(), next(), next())
+}
+
+#[test]
+fn clones_of_a_template_resume_where_it_was_with_their_own_identity_ports_and_disk() {
+    let _serial = serial();
+    let guest = guest();
+    let tmp = tempfile::Builder::new()
+        .prefix("hgt")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let vms_dir = tmp.path().join("vms");
+    let _cleanup = Cleanup {
+        vms_dir: vms_dir.clone(),
+        mounted: false,
+    };
+    let backend = Arc::new(QemuBackend::new(QemuConfig::new(vms_dir, Accel::Tcg)));
+    let template_port = free_port();
+    let template_dir = tmp.path().join("templates").join("counter");
+
+    runtime().block_on(async {
+        let source = spec("tpl", &guest, template_port);
+        let launched = boot_counter(&backend, &source).await;
+        assert_eq!(counter(template_port).await, 1);
+        exec(&launched, "echo template > /root/f && sync").await;
+        backend.pause("tpl").await.expect("pause");
+        let template = backend
+            .make_template("tpl", &template_dir)
+            .await
+            .expect("make template");
+        eprintln!(
+            "template: {} bytes in {} ms",
+            template.size_bytes, template.took_ms
+        );
+        assert_eq!(
+            hangar_vmm::template::read(&template_dir),
+            Some(template.clone())
+        );
+        assert!(
+            !backend.paths("tpl").dir.exists(),
+            "the source VM is consumed"
+        );
+        assert_eq!(backend.run_state("tpl").await.unwrap(), RunState::Gone);
+
+        let mut clones = Vec::new();
+        for (i, name) in ["c1", "c2"].into_iter().enumerate() {
+            let port = free_port();
+            let started = Instant::now();
+            let launched = backend
+                .clone_template(&spec(name, &guest, port), &template)
+                .await
+                .expect("clone");
+            let cloned = started.elapsed();
+            assert_eq!(backend.run_state(name).await.unwrap(), RunState::Paused);
+            backend.resume(name).await.expect("resume");
+            let reply = launched
+                .agent
+                .reidentify(
+                    Identity {
+                        hostname: name.into(),
+                        unix_time_ms: 0,
+                        entropy_hex: format!("{i:02x}").repeat(32),
+                    },
+                    Duration::from_secs(10),
+                )
+                .await
+                .expect("reidentify");
+            assert!(reply.ok, "{reply:?}");
+            eprintln!(
+                "{name}: cloned in {cloned:?}, answering after {:?}",
+                started.elapsed()
+            );
+            // The counter lives in guest memory: each clone continues from the template's.
+            assert_eq!(counter(port).await, 2, "{name}");
+            clones.push((name, port, launched));
+        }
+        let (h1, r1, f1) = whoami(&clones[0].2).await;
+        let (h2, r2, f2) = whoami(&clones[1].2).await;
+        assert_eq!((h1.as_str(), h2.as_str()), ("c1", "c2"));
+        assert_ne!(r1, r2, "clones share random state");
+        assert_eq!((f1.as_str(), f2.as_str()), ("template", "template"));
+        // Disks are separate layers over the template's.
+        exec(&clones[0].2, "echo c1 > /root/f && sync").await;
+        assert_eq!(whoami(&clones[1].2).await.2, "template");
+        assert_eq!(counter(clones[0].1).await, 3);
+        assert_eq!(counter(clones[1].1).await, 3);
+        // The template's own port is not taken over by a clone.
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", template_port)).is_err(),
+            "a clone listens on the template's port"
+        );
+        for (name, _, _) in &clones {
+            backend.destroy(name).await.expect("destroy");
+        }
+        assert!(template.memory.is_file(), "clones leave the template alone");
+        hangar_vmm::template::remove(&template_dir).unwrap();
     });
 }

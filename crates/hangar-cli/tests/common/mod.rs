@@ -32,7 +32,16 @@ impl TestServer {
         TestServer::start_with(&["--pool-memory", "0"])
     }
 
+    /// A server with `extra_args`, booting every VM (templates off: the tests that are not
+    /// about templates then see no template builds beside their own VMs).
     pub fn start_with(extra_args: &[&str]) -> TestServer {
+        let mut args = extra_args.to_vec();
+        args.push("--no-templates");
+        TestServer::start_with_templates(&args)
+    }
+
+    /// A server with `extra_args`, templates on unless they say `--no-templates`.
+    pub fn start_with_templates(extra_args: &[&str]) -> TestServer {
         // Short paths: unix socket addresses hold at most 107 bytes.
         let data_dir = tempfile::Builder::new()
             .prefix("hg")
