@@ -146,6 +146,8 @@ fn start_server(args: &PoolBench) -> Result<BenchServer, String> {
             &args.accel,
             "--pool-memory",
             "4096",
+            // Cold boots are measured as boots, not as clones of a template.
+            "--no-templates",
         ])
         .arg("--data-dir")
         .arg(data_dir.path())
