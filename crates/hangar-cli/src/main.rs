@@ -50,6 +50,15 @@ struct Cli {
 enum Command {
     /// Run the control plane and the local host (QEMU runs here).
     Server(ServerArgs),
+    /// Hold a data dir's stable VM endpoints (started by `hangar server`, outlives it).
+    #[command(hide = true)]
+    Forwarder {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The server's URL, where wake requests go.
+        #[arg(long)]
+        server: String,
+    },
     /// List the services that can be requested.
     Services {
         /// Print JSON instead of a table.
@@ -240,6 +249,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Server(args) => return server(args).await,
+        Command::Forwarder { data_dir, server } => return forwarder(data_dir, server).await,
         command => client_command(Client::new(&cli.url), command).await,
     };
     match result {
@@ -254,7 +264,7 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn server(args: ServerArgs) -> ExitCode {
+fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("HANGAR_LOG")
@@ -263,6 +273,31 @@ async fn server(args: ServerArgs) -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+}
+
+async fn forwarder(data_dir: PathBuf, server_url: String) -> ExitCode {
+    init_logging();
+    match hangar_forward::run(&data_dir, &server_url).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!(
+                "hangar forwarder: {}",
+                hangar_server::error::error_chain(&err)
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn server(args: ServerArgs) -> ExitCode {
+    init_logging();
+    let forwarder_command = match std::env::current_exe() {
+        Ok(exe) => vec![exe.into_os_string(), "forwarder".into()],
+        Err(err) => {
+            eprintln!("hangar server: cannot find its own executable: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
     let config = hangar_server::ServerConfig {
         data_dir: args.data_dir.unwrap_or_else(default_data_dir),
         listen: args.listen,
@@ -273,6 +308,7 @@ async fn server(args: ServerArgs) -> ExitCode {
         busybox: args.busybox,
         pool_memory_mib: args.pool_memory,
         dns_domain: args.dns_domain,
+        forwarder_command: Some(forwarder_command),
     };
     match hangar_server::run(config, shutdown_signal()).await {
         Ok(()) => {
@@ -297,7 +333,7 @@ async fn shutdown_signal() {
 
 async fn client_command(client: Client, command: Command) -> Result<(), ClientError> {
     match command {
-        Command::Server(_) => unreachable!("handled in main"),
+        Command::Server(_) | Command::Forwarder { .. } => unreachable!("handled in main"),
         Command::Services { json } => {
             let services: serde_json::Value = client.get("/v1/services").await?;
             if json {

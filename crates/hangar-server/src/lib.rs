@@ -21,6 +21,7 @@ use hangar_vmm::qemu::{QemuBackend, QemuConfig};
 
 pub mod api;
 mod create;
+pub mod endpoints;
 pub mod error;
 mod grants;
 pub mod images;
@@ -50,6 +51,10 @@ pub struct ServerConfig {
     pub pool_memory_mib: u64,
     /// Answers carry `<vm>.<domain>` when set.
     pub dns_domain: Option<String>,
+    /// The command that runs the forwarder holding stable endpoints (`hangar forwarder`;
+    /// `--data-dir` and `--server` are added). `None` runs it inside the server, so that
+    /// endpoints close when the server stops.
+    pub forwarder_command: Option<Vec<std::ffi::OsString>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +93,8 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot start the forwarder of stable endpoints: {0}")]
+    Forwarder(String),
     #[error("server failed: {0}")]
     Serve(#[source] std::io::Error),
 }
@@ -193,6 +200,32 @@ pub async fn run(
             ..ManagerConfig::default()
         },
     );
+    // Listen before reconciling: the forwarder is told this address for wake requests,
+    // which wait in the backlog until the API serves.
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServerError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(ServerError::Serve)?;
+    let server_url = format!(
+        "http://{}",
+        if addr.ip().is_unspecified() {
+            SocketAddr::new(IpAddr::from([127, 0, 0, 1]), addr.port())
+        } else {
+            addr
+        }
+    );
+    let kind = match &config.forwarder_command {
+        Some(command) => endpoints::ForwarderKind::Process {
+            data_dir: data_dir.clone(),
+            command: command.clone(),
+        },
+        None => endpoints::ForwarderKind::InProcess(hangar_forward::Forwarder::new(&server_url)),
+    };
+    manager.use_stable_endpoints(endpoints::StableEndpoints::new(kind, &server_url));
+
     let report = manager
         .reconcile(Some(&vms_dir))
         .await
@@ -204,6 +237,10 @@ pub async fn run(
         removed_dirs = report.removed_dirs.len(),
         "reconciled state with running vms"
     );
+    manager
+        .sync_endpoints()
+        .await
+        .map_err(|err| ServerError::Forwarder(err.to_string()))?;
 
     let monitor = {
         let manager = manager.clone();
@@ -212,19 +249,13 @@ pub async fn run(
             loop {
                 tick.tick().await;
                 manager.monitor_once().await;
+                manager.poll_endpoint_activity().await;
             }
         })
     };
 
     let pool_loop = manager.spawn_pool_loop();
 
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| ServerError::Listen {
-            addr: config.listen,
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(ServerError::Serve)?;
     tracing::info!(%addr, data_dir = %data_dir.display(), "hangar server listening");
     let served = axum::serve(listener, api::router(manager))
         .with_graceful_shutdown(shutdown)

@@ -80,8 +80,10 @@ pub struct Grant {
     pub vm: VmRecord,
     /// The service asked for, or the first app of a configuration (empty for a bare OS).
     pub service: String,
-    /// The endpoint of the service's first port (empty when it offers none).
+    /// The stable endpoint of the service's first port (empty when it offers none).
     pub endpoint: String,
+    /// The VM's own port forward behind `endpoint` (answers only while the VM runs).
+    pub direct_endpoint: String,
     pub served: Served,
     pub task: Option<String>,
     /// `<vm>.<domain>` when a DNS domain is configured.
@@ -123,6 +125,9 @@ pub struct Manager {
     shared_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Outcomes of creation tasks, for the requests waiting on them.
     pub(crate) outcomes: Mutex<HashMap<String, watch::Receiver<Outcome>>>,
+    /// The forwarder holding stable endpoints; without one, endpoints are the VMs' direct
+    /// port forwards.
+    pub(crate) endpoints: std::sync::OnceLock<crate::endpoints::StableEndpoints>,
 }
 
 /// What start-up reconciliation found and did.
@@ -153,7 +158,15 @@ impl Manager {
             pools: crate::pools::PoolRuntime::default(),
             shared_locks: Mutex::default(),
             outcomes: Mutex::default(),
+            endpoints: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Gives VMs stable endpoints held by this forwarder (once, before the first request).
+    pub fn use_stable_endpoints(&self, endpoints: crate::endpoints::StableEndpoints) {
+        if self.endpoints.set(endpoints).is_err() {
+            tracing::warn!("stable endpoints were set already");
+        }
     }
 
     pub fn catalog(&self) -> &Catalog {
@@ -414,9 +427,13 @@ impl Manager {
         task: Option<String>,
         sliced_to: Option<(u32, u32)>,
     ) -> Grant {
-        let endpoint = service
-            .and_then(|service| service.ports.first())
+        let first_port = service.and_then(|service| service.ports.first());
+        let endpoint = first_port
             .and_then(|port| vm.endpoints.get(&port.name))
+            .cloned()
+            .unwrap_or_default();
+        let direct_endpoint = first_port
+            .and_then(|port| vm.direct_endpoints.get(&port.name))
             .cloned()
             .unwrap_or_default();
         let dns_name = self
@@ -428,6 +445,7 @@ impl Manager {
             service: service.map(|s| s.name.clone()).unwrap_or_default(),
             vm,
             endpoint,
+            direct_endpoint,
             served,
             task,
             dns_name,
@@ -458,6 +476,7 @@ impl Manager {
         self.hv.destroy(id).await.map_err(|err| {
             ApiError::Internal(format!("cannot destroy VM {id}: {}", error_chain(&err)))
         })?;
+        self.close_endpoints(id).await;
         let vm = self.store.transition(id, VmState::Deleted, None)?;
         tracing::info!(vm = %id, "vm deleted");
         Ok(vm)

@@ -62,8 +62,12 @@ pub struct VmRecord {
     pub mode: Mode,
     pub owner: String,
     pub state: VmState,
-    /// Port name → `HOST:PORT`.
+    /// Port name → `HOST:PORT` clients are given: stable while the VM sleeps, is archived
+    /// and wakes (hangar's forwarder holds them).
     pub endpoints: BTreeMap<String, String>,
+    /// Port name → `HOST:PORT` of the VM's own port forwards behind `endpoints` (equal to
+    /// them when no forwarder is used); these answer only while the VM's process runs.
+    pub direct_endpoints: BTreeMap<String, String>,
     /// Backend launch spec (opaque to the store), kept so a restarted server can adopt.
     pub spec: serde_json::Value,
     pub pid: Option<u32>,
@@ -161,9 +165,9 @@ impl Store {
         self.conn().execute(
             "INSERT INTO vms (id, host, services, env, mode, owner, state, endpoints, spec, pid,
                               error, created_at_ms, updated_at_ms, last_used_at_ms, boot_ms,
-                              memory_mib, vcpus, pool, os_name, os_version)
+                              memory_mib, vcpus, pool, os_name, os_version, direct_endpoints)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-                     ?18, ?19, ?20)",
+                     ?18, ?19, ?20, ?21)",
             params![
                 vm.id,
                 vm.host,
@@ -185,6 +189,7 @@ impl Store {
                 vm.pool,
                 vm.os.as_ref().map(|(name, _)| name),
                 vm.os.as_ref().map(|(_, version)| version),
+                serde_json::to_string(&vm.direct_endpoints)?,
             ],
         )?;
         Ok(())
@@ -294,17 +299,27 @@ impl Store {
         self.vm(id)?.ok_or_else(|| StoreError::NoVm(id.to_owned()))
     }
 
-    /// Records what a VM offers after an OS image was attached to a shell.
+    /// Records what a VM offers after an OS image was attached to a shell: services, OS,
+    /// endpoints and the direct endpoints behind them.
     pub fn set_offer(
         &self,
         id: &str,
         services: &[String],
         os: &(String, String),
         endpoints: &BTreeMap<String, String>,
+        direct_endpoints: &BTreeMap<String, String>,
     ) -> Result<(), StoreError> {
         self.update(
-            "UPDATE vms SET services = ?2, os_name = ?3, os_version = ?4, endpoints = ?5 WHERE id = ?1",
-            params![id, serde_json::to_string(services)?, os.0, os.1, serde_json::to_string(endpoints)?],
+            "UPDATE vms SET services = ?2, os_name = ?3, os_version = ?4, endpoints = ?5,
+                            direct_endpoints = ?6 WHERE id = ?1",
+            params![
+                id,
+                serde_json::to_string(services)?,
+                os.0,
+                os.1,
+                serde_json::to_string(endpoints)?,
+                serde_json::to_string(direct_endpoints)?
+            ],
             id,
         )
     }
@@ -368,6 +383,15 @@ impl Store {
         self.update(
             "UPDATE vms SET last_used_at_ms = ?2 WHERE id = ?1",
             params![id, now_ms()],
+            id,
+        )
+    }
+
+    /// Marks a VM as used at `at_ms`, unless it was used later already.
+    pub fn touch_at(&self, id: &str, at_ms: u64) -> Result<(), StoreError> {
+        self.update(
+            "UPDATE vms SET last_used_at_ms = MAX(last_used_at_ms, ?2) WHERE id = ?1",
+            params![id, at_ms],
             id,
         )
     }
@@ -468,7 +492,8 @@ fn state_of(tx: &rusqlite::Transaction<'_>, id: &str) -> Result<VmState, StoreEr
 }
 
 const VM_COLUMNS: &str = "id, host, services, env, mode, owner, state, endpoints, spec, pid, error, \
-     created_at_ms, updated_at_ms, last_used_at_ms, boot_ms, memory_mib, vcpus, pool, os_name, os_version";
+     created_at_ms, updated_at_ms, last_used_at_ms, boot_ms, memory_mib, vcpus, pool, os_name, os_version, \
+     direct_endpoints";
 
 const TASK_COLUMNS: &str =
     "id, kind, service, vm_id, state, stage, percent, error, created_at_ms, updated_at_ms";
@@ -495,6 +520,7 @@ struct RawVm {
     pool: Option<String>,
     os_name: Option<String>,
     os_version: Option<String>,
+    direct_endpoints: String,
 }
 
 impl RawVm {
@@ -520,6 +546,7 @@ impl RawVm {
             pool: row.get(17)?,
             os_name: row.get(18)?,
             os_version: row.get(19)?,
+            direct_endpoints: row.get(20)?,
         })
     }
 
@@ -537,6 +564,7 @@ impl RawVm {
             services: serde_json::from_str(&self.services)?,
             env: serde_json::from_str(&self.env)?,
             endpoints: serde_json::from_str(&self.endpoints)?,
+            direct_endpoints: serde_json::from_str(&self.direct_endpoints)?,
             spec: serde_json::from_str(&self.spec)?,
             mode,
             id: self.id,

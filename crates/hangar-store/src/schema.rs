@@ -5,7 +5,7 @@ use rusqlite::Connection;
 use crate::StoreError;
 
 /// Each entry moves the schema from version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[
+pub(crate) const MIGRATIONS: &[&str] = &[
     "CREATE TABLE vms (
         id              TEXT PRIMARY KEY,
         host            TEXT NOT NULL,
@@ -51,6 +51,11 @@ const MIGRATIONS: &[&str] = &[
     );",
     // A ready criterion set at run time for a pool's fills (JSON), overriding the catalog's.
     "ALTER TABLE pool_bounds ADD COLUMN ready TEXT;",
+    // Stable endpoints: `endpoints` are the addresses clients are given (held by hangar's
+    // forwarder); `direct_endpoints` the VM's own port forwards behind them. VMs made
+    // before keep their direct endpoints as their endpoints.
+    "ALTER TABLE vms ADD COLUMN direct_endpoints TEXT NOT NULL DEFAULT '{}';
+    UPDATE vms SET direct_endpoints = endpoints;",
 ];
 
 pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
