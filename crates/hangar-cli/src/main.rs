@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use hangar_vmm::Accel;
 
 mod bench;
+mod bench_endpoints;
 mod client;
 mod table;
 
@@ -162,6 +163,8 @@ enum Command {
 enum BenchCommand {
     /// Request → endpoint answering: warm-pool hits against cold boots (p50, p99, ratio).
     Pool(bench::PoolBench),
+    /// Stable endpoints against direct connections: latency, throughput, wake on connection.
+    Endpoints(bench_endpoints::EndpointsBench),
 }
 
 #[derive(Subcommand)]
@@ -545,6 +548,9 @@ async fn client_command(client: Client, command: Command) -> Result<(), ClientEr
         Command::Bench {
             command: BenchCommand::Pool(args),
         } => bench::run(args).await,
+        Command::Bench {
+            command: BenchCommand::Endpoints(args),
+        } => bench_endpoints::run(args).await,
         Command::Sleep { vm } => {
             let vm: serde_json::Value = client
                 .post(&format!("/v1/vms/{vm}/sleep"), &serde_json::json!({}))
