@@ -134,6 +134,9 @@ pub(crate) fn start_server(args: &ServerOptions<'_>) -> Result<BenchServer, Stri
         .unwrap_or_else(|| crate::default_data_dir().join("cache"));
     std::fs::create_dir_all(&cache)
         .map_err(|err| format!("cache dir {}: {err}", cache.display()))?;
+    // The data dir links to it: a relative path would point elsewhere from there.
+    let cache = std::fs::canonicalize(&cache)
+        .map_err(|err| format!("cache dir {}: {err}", cache.display()))?;
     std::os::unix::fs::symlink(&cache, data_dir.path().join("cache"))
         .map_err(|err| err.to_string())?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")

@@ -112,6 +112,18 @@ struct Report {
     wake_from_sleeping: Summary,
     /// The same for a VM archived with zstd.
     wake_from_archived_zstd: Summary,
+    /// Without the endpoint: `POST /v1/vms/{id}/wake`, then a GET to the direct port
+    /// forward → first byte; from sleeping and from a zstd archive.
+    api_wake_from_sleeping: Summary,
+    api_wake_from_archived_zstd: Summary,
+}
+
+/// Wake latencies, each through the endpoint and through the API + direct port forward.
+struct Wakes {
+    sleeping: Summary,
+    archived: Summary,
+    api_sleeping: Summary,
+    api_archived: Summary,
 }
 
 /// Connect, `GET path`, read the whole answer: (time to the last byte, bytes).
@@ -301,7 +313,7 @@ async fn loopback(args: &EndpointsBench) -> Result<(PathPair, Summary), ClientEr
 }
 
 /// The guest: a real VM, its stable endpoint against its direct port forward; then wakes.
-async fn guest(args: &EndpointsBench) -> Result<(PathPair, Summary, Summary), ClientError> {
+async fn guest(args: &EndpointsBench) -> Result<(PathPair, Wakes), ClientError> {
     let dir = tempfile::tempdir().map_err(|e| ClientError::Reply(e.to_string()))?;
     let catalog = dir.path().join("bench.toml");
     std::fs::write(&catalog, CATALOG).map_err(|e| ClientError::Reply(e.to_string()))?;
@@ -347,40 +359,56 @@ async fn guest(args: &EndpointsBench) -> Result<(PathPair, Summary, Summary), Cl
         args.vm_mib,
     )?;
 
-    let mut from_sleeping = Vec::new();
-    let mut from_archived = Vec::new();
+    // [endpoint from sleeping, endpoint from archive, API from sleeping, API from archive]
+    let mut samples: [Vec<Duration>; 4] = Default::default();
     for round in 0..args.wakes {
-        let _: serde_json::Value = client
-            .post(&format!("/v1/vms/{vm}/sleep"), &serde_json::json!({}))
-            .await?;
-        from_sleeping.push(
-            first_byte(endpoint, "/small.txt")
-                .map_err(|e| ClientError::Reply(format!("wake from sleeping: {e}")))?,
-        );
-        let _: serde_json::Value = client
-            .post(
-                &format!("/v1/vms/{vm}/archive"),
-                &serde_json::json!({ "tier": "zstd" }),
-            )
-            .await?;
-        from_archived.push(
-            first_byte(endpoint, "/small.txt")
-                .map_err(|e| ClientError::Reply(format!("wake from archive: {e}")))?,
-        );
+        for (i, archived) in [(0, false), (1, true), (2, false), (3, true)] {
+            if archived {
+                let _: serde_json::Value = client
+                    .post(
+                        &format!("/v1/vms/{vm}/archive"),
+                        &serde_json::json!({ "tier": "zstd" }),
+                    )
+                    .await?;
+            } else {
+                let _: serde_json::Value = client
+                    .post(&format!("/v1/vms/{vm}/sleep"), &serde_json::json!({}))
+                    .await?;
+            }
+            let took = if i < 2 {
+                first_byte(endpoint, "/small.txt")
+            } else {
+                let started = Instant::now();
+                let _: serde_json::Value = client
+                    .post(&format!("/v1/vms/{vm}/wake"), &serde_json::json!({}))
+                    .await?;
+                first_byte(direct, "/small.txt").map(|_| started.elapsed())
+            }
+            .map_err(|e| ClientError::Reply(format!("wake: {e}")))?;
+            samples[i].push(took);
+        }
+        let ms = |i: usize| samples[i][round].as_secs_f64() * 1000.0;
         eprintln!(
-            "wake {}/{}: sleeping {:.1} ms, archived {:.1} ms",
+            "wake {}/{}: endpoint: sleeping {:.1} ms, archived {:.1} ms; API: sleeping {:.1} ms, archived {:.1} ms",
             round + 1,
             args.wakes,
-            from_sleeping[round].as_secs_f64() * 1000.0,
-            from_archived[round].as_secs_f64() * 1000.0
+            ms(0),
+            ms(1),
+            ms(2),
+            ms(3)
         );
     }
     let _: serde_json::Value = client.delete(&format!("/v1/vms/{vm}")).await?;
     drop(server);
+    let [mut a, mut b, mut c, mut d] = samples;
     Ok((
         pair,
-        summary(&mut from_sleeping),
-        summary(&mut from_archived),
+        Wakes {
+            sleeping: summary(&mut a),
+            archived: summary(&mut b),
+            api_sleeping: summary(&mut c),
+            api_archived: summary(&mut d),
+        },
     ))
 }
 
@@ -392,15 +420,17 @@ pub async fn run(args: EndpointsBench) -> Result<(), ClientError> {
     }
     eprintln!("loopback: a forwarder process in front of a local HTTP server...");
     let (loopback, control_round_trip) = loopback(&args).await?;
-    let (guest, wake_from_sleeping, wake_from_archived_zstd) = guest(&args).await?;
+    let (guest, wakes) = guest(&args).await?;
     let report = Report {
         machine: machine(),
         accel: args.accel.clone(),
         loopback,
         guest,
         control_round_trip,
-        wake_from_sleeping,
-        wake_from_archived_zstd,
+        wake_from_sleeping: wakes.sleeping,
+        wake_from_archived_zstd: wakes.archived,
+        api_wake_from_sleeping: wakes.api_sleeping,
+        api_wake_from_archived_zstd: wakes.api_archived,
     };
     if args.json {
         println!(
@@ -437,6 +467,14 @@ pub async fn run(args: EndpointsBench) -> Result<(), ClientError> {
         (
             "wake from zstd archive: connect -> first byte",
             &report.wake_from_archived_zstd,
+        ),
+        (
+            "without endpoint: API wake from sleeping + direct GET -> first byte",
+            &report.api_wake_from_sleeping,
+        ),
+        (
+            "without endpoint: API wake from zstd archive + direct GET -> first byte",
+            &report.api_wake_from_archived_zstd,
         ),
     ] {
         println!(

@@ -1,6 +1,7 @@
 //! Stable endpoints with a real `http-counter` guest, through the real binary: the endpoint
 //! a client got wakes the VM from sleep and from its archive, answers while the server is
-//! down (kill -9) and after it restarts, and is gone after `hangar rm`.
+//! down (kill -9) and after it restarts, comes back when the forwarder is killed, and is
+//! gone after `hangar rm`.
 
 mod common;
 
@@ -117,6 +118,15 @@ fn the_endpoint_wakes_its_vm_and_outlives_server_restarts() {
     common::wait_for(10, "endpoint activity to reach last use", || {
         (vm(&server, &id)["last_used_at"].as_str().unwrap() > before.as_str()).then_some(())
     });
+
+    // The forwarder dies: the server notices at its next activity poll (every 2 s), starts
+    // a new one and gives it every endpoint, on the same ports.
+    common::kill(server.forwarder_pid().unwrap());
+    let answer = common::wait_for(20, "the endpoint to answer again", || {
+        common::http_get(&endpoint.parse().unwrap(), "/").ok()
+    });
+    assert_eq!(answer, (200, "9\n".to_owned()));
+    assert_ne!(server.forwarder_pid(), Some(forwarder));
 
     server.ok(&["rm", &id]);
     assert!(
