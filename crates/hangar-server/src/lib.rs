@@ -4,6 +4,8 @@
 //! - [`manager`]: the request path, deletion, reconciliation with running QEMU processes.
 //! - [`ready`]: ready criteria, checked from the host.
 //! - [`images`]: where kernels, initramfs and base disks come from.
+//! - [`endpoints`]: stable endpoints, held by the forwarder process the server starts or
+//!   re-adopts (see `hangar_forward`).
 //! - [`error`]: the one mapping from errors to HTTP answers.
 //!
 //! In single-node mode the server embeds the local host: it runs QEMU itself.
