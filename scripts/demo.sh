@@ -50,5 +50,6 @@ cat <<MSG
 
 Try:   export PATH=$PWD/target/release:\$PATH
        hangar request http-counter && hangar vms && hangar rm VM
-Stop:  kill \$(cat $data_dir/server.pid)   (VMs keep running; the next start adopts them)
+Stop:  kill \$(cat $data_dir/server.pid)   (VMs and their endpoints keep running; the next start adopts them)
+       kill \$(cat $data_dir/forwarder.pid)  (then the endpoints close too)
 MSG

@@ -41,12 +41,12 @@ pub struct PoolBench {
 }
 
 #[derive(Serialize)]
-struct Summary {
-    n: usize,
-    p50_ms: f64,
-    p99_ms: f64,
-    min_ms: f64,
-    max_ms: f64,
+pub(crate) struct Summary {
+    pub n: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub min_ms: f64,
+    pub max_ms: f64,
 }
 
 #[derive(Serialize)]
@@ -68,27 +68,41 @@ struct Report {
     cold_over_hit_p50: f64,
 }
 
-/// The server this benchmark runs; stopped, with every VM it made, when dropped.
-struct BenchServer {
+/// The server a benchmark runs; stopped, with every VM and the forwarder it started, when
+/// dropped.
+pub(crate) struct BenchServer {
     child: Child,
-    data_dir: tempfile::TempDir,
-    url: String,
+    pub(crate) data_dir: tempfile::TempDir,
+    pub(crate) url: String,
 }
 
 impl Drop for BenchServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        // The server leaves VMs running by design; this benchmark's are stopped here.
+        // The server leaves VMs and its forwarder running by design; this benchmark's are
+        // stopped here.
         let vms = self.data_dir.path().join("vms");
-        for pid in qemu_pids_under(&vms) {
+        let forwarder = hangar_forward::ForwarderPaths::new(self.data_dir.path()).running_pid();
+        for pid in qemu_pids_under(&vms).into_iter().chain(forwarder) {
             // SAFETY: kill(2) has no memory-safety preconditions; the pid belongs to a QEMU
-            // whose pid file lies in this benchmark's own data dir.
+            // whose pid file lies in this benchmark's own data dir, or to its forwarder
+            // (checked by its command line).
             unsafe {
                 libc::kill(pid as libc::pid_t, libc::SIGKILL);
             }
         }
     }
+}
+
+/// How a benchmark's server is started.
+pub(crate) struct ServerOptions<'a> {
+    pub accel: &'a str,
+    pub catalog: Option<&'a Path>,
+    pub cache: Option<&'a Path>,
+    pub pool_memory_mib: u64,
+    /// Clone VMs from service templates; off, every new VM is booted.
+    pub templates: bool,
 }
 
 fn qemu_pids_under(vms: &Path) -> Vec<u32> {
@@ -112,20 +126,21 @@ fn qemu_pids_under(vms: &Path) -> Vec<u32> {
         .collect()
 }
 
-fn start_server(args: &PoolBench) -> Result<BenchServer, String> {
+/// Starts `hangar server` in a temporary data dir (reusing a kernel and image cache) and
+/// waits until it answers.
+pub(crate) fn start_server(args: &ServerOptions<'_>) -> Result<BenchServer, String> {
     let data_dir = tempfile::Builder::new()
         .prefix("hgbench")
         .tempdir_in("/tmp")
         .map_err(|err| format!("temporary data dir: {err}"))?;
     let cache = args
         .cache
-        .clone()
+        .map(Path::to_owned)
         .unwrap_or_else(|| crate::default_data_dir().join("cache"));
     std::fs::create_dir_all(&cache)
         .map_err(|err| format!("cache dir {}: {err}", cache.display()))?;
-    // The data dir links to it, so it must not be relative.
-    let cache = cache
-        .canonicalize()
+    // The data dir links to it: a relative path would point elsewhere from there.
+    let cache = std::fs::canonicalize(&cache)
         .map_err(|err| format!("cache dir {}: {err}", cache.display()))?;
     std::os::unix::fs::symlink(&cache, data_dir.path().join("cache"))
         .map_err(|err| err.to_string())?;
@@ -143,18 +158,19 @@ fn start_server(args: &PoolBench) -> Result<BenchServer, String> {
             "--listen",
             &format!("127.0.0.1:{port}"),
             "--accel",
-            &args.accel,
+            args.accel,
             "--pool-memory",
-            "4096",
-            // Cold boots are measured as boots, not as clones of a template.
-            "--no-templates",
+            &args.pool_memory_mib.to_string(),
         ])
         .arg("--data-dir")
         .arg(data_dir.path())
         .stdin(Stdio::null())
         .stdout(log.try_clone().map_err(|err| err.to_string())?)
         .stderr(log);
-    if let Some(catalog) = &args.catalog {
+    if !args.templates {
+        command.arg("--no-templates");
+    }
+    if let Some(catalog) = args.catalog {
         command.arg("--catalog").arg(catalog);
     }
     let child = command
@@ -187,7 +203,7 @@ fn start_server(args: &PoolBench) -> Result<BenchServer, String> {
 }
 
 /// One plain HTTP/1.0 GET; the status code.
-fn http_status(addr: &SocketAddr, path: &str) -> std::io::Result<u16> {
+pub(crate) fn http_status(addr: &SocketAddr, path: &str) -> std::io::Result<u16> {
     let mut stream = TcpStream::connect_timeout(addr, Duration::from_secs(2))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     stream.set_nodelay(true)?;
@@ -280,7 +296,7 @@ async fn wait_pool_full(client: &Client, pool: &str, size: u32) -> Result<(), Cl
     }
 }
 
-fn summary(samples: &mut [Duration]) -> Summary {
+pub(crate) fn summary(samples: &mut [Duration]) -> Summary {
     samples.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let at = |q: f64| {
@@ -303,7 +319,7 @@ fn print_row(name: &str, s: &Summary) {
     );
 }
 
-fn machine() -> String {
+pub(crate) fn machine() -> String {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
@@ -326,7 +342,15 @@ pub async fn run(args: PoolBench) -> Result<(), ClientError> {
         "starting a server for the benchmark (accel {})...",
         args.accel
     );
-    let server = start_server(&args).map_err(ClientError::Reply)?;
+    let server = start_server(&ServerOptions {
+        accel: &args.accel,
+        catalog: args.catalog.as_deref(),
+        cache: args.cache.as_deref(),
+        pool_memory_mib: 4096,
+        // Cold boots are measured as boots, not as clones of a template.
+        templates: false,
+    })
+    .map_err(ClientError::Reply)?;
     let client = Client::new(&server.url);
     let set_pool = |min: u32| serde_json::json!({ "min": min, "max": min });
 

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use hangar_vmm::Accel;
 
 mod bench;
+mod bench_endpoints;
 mod client;
 mod table;
 
@@ -50,6 +51,15 @@ struct Cli {
 enum Command {
     /// Run the control plane and the local host (QEMU runs here).
     Server(ServerArgs),
+    /// Hold a data dir's stable VM endpoints (started by `hangar server`, outlives it).
+    #[command(hide = true)]
+    Forwarder {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The server's URL, where wake requests go.
+        #[arg(long)]
+        server: String,
+    },
     /// List the services that can be requested.
     Services {
         /// Print JSON instead of a table.
@@ -171,6 +181,8 @@ enum Command {
 enum BenchCommand {
     /// Request → endpoint answering: warm-pool hits against cold boots (p50, p99, ratio).
     Pool(bench::PoolBench),
+    /// Stable endpoints against direct connections: latency, throughput, wake on connection.
+    Endpoints(bench_endpoints::EndpointsBench),
 }
 
 #[derive(Subcommand)]
@@ -333,6 +345,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Server(args) => return server(args).await,
+        Command::Forwarder { data_dir, server } => return forwarder(data_dir, server).await,
         command => client_command(Client::new(&cli.url), command).await,
     };
     match result {
@@ -347,7 +360,7 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn server(args: ServerArgs) -> ExitCode {
+fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("HANGAR_LOG")
@@ -356,6 +369,31 @@ async fn server(args: ServerArgs) -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+}
+
+async fn forwarder(data_dir: PathBuf, server_url: String) -> ExitCode {
+    init_logging();
+    match hangar_forward::run(&data_dir, &server_url).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!(
+                "hangar forwarder: {}",
+                hangar_server::error::error_chain(&err)
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn server(args: ServerArgs) -> ExitCode {
+    init_logging();
+    let forwarder_command = match std::env::current_exe() {
+        Ok(exe) => vec![exe.into_os_string(), "forwarder".into()],
+        Err(err) => {
+            eprintln!("hangar server: cannot find its own executable: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
     let config = hangar_server::ServerConfig {
         data_dir: args.data_dir.unwrap_or_else(default_data_dir),
         listen: args.listen,
@@ -369,6 +407,7 @@ async fn server(args: ServerArgs) -> ExitCode {
         memory_budget_mib: args.memory_budget,
         disk_budget_mib: args.disk_budget,
         templates: !args.no_templates,
+        forwarder_command: Some(forwarder_command),
     };
     match hangar_server::run(config, shutdown_signal()).await {
         Ok(()) => {
@@ -393,7 +432,7 @@ async fn shutdown_signal() {
 
 async fn client_command(client: Client, command: Command) -> Result<(), ClientError> {
     match command {
-        Command::Server(_) => unreachable!("handled in main"),
+        Command::Server(_) | Command::Forwarder { .. } => unreachable!("handled in main"),
         Command::Services { json } => {
             let services: serde_json::Value = client.get("/v1/services").await?;
             if json {
@@ -754,6 +793,9 @@ async fn client_command(client: Client, command: Command) -> Result<(), ClientEr
         Command::Bench {
             command: BenchCommand::Pool(args),
         } => bench::run(args).await,
+        Command::Bench {
+            command: BenchCommand::Endpoints(args),
+        } => bench_endpoints::run(args).await,
         Command::Sleep { vm } => {
             let vm: serde_json::Value = client
                 .post(&format!("/v1/vms/{vm}/sleep"), &serde_json::json!({}))

@@ -40,12 +40,15 @@ fn the_counter_survives_sleep_and_ten_archive_wake_cycles() {
     let grant = server.json(&["request", "http-counter", "--dedicated"]);
     let id = grant["vm"].as_str().unwrap().to_owned();
     let endpoint = grant["endpoint"].as_str().unwrap().to_owned();
+    // The VM's own port forward: unlike the stable endpoint, it does not wake the VM.
+    let direct = grant["direct_endpoint"].as_str().unwrap().to_owned();
+    assert_ne!(endpoint, direct);
     assert_eq!(fetch(&endpoint, "/").trim(), "1");
 
     server.ok(&["sleep", &id]);
     assert_eq!(state(&server, &id)["state"], "sleeping");
     assert!(
-        !answers_within(&endpoint, Duration::from_millis(500)),
+        !answers_within(&direct, Duration::from_millis(500)),
         "a sleeping VM does not run"
     );
     server.ok(&["wake", &id]);
@@ -66,7 +69,7 @@ fn the_counter_survives_sleep_and_ten_archive_wake_cycles() {
             !server.qemu_processes().iter().any(|(vm, _)| *vm == id),
             "no process while archived"
         );
-        assert!(!answers_within(&endpoint, Duration::from_millis(300)));
+        assert!(!answers_within(&direct, Duration::from_millis(300)));
 
         server.ok(&["wake", &id]);
         expected += 1;

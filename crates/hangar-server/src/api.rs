@@ -154,10 +154,16 @@ async fn list_services(State(manager): State<Arc<Manager>>) -> Json<Vec<ServiceV
 pub struct GrantView {
     pub vm: String,
     pub service: String,
-    /// `HOST:PORT` of the service's first port.
+    /// `HOST:PORT` of the service's first port: stable while the VM sleeps, is archived
+    /// and wakes; a connection to a VM that does not run wakes it.
     pub endpoint: String,
-    /// Port name → `HOST:PORT`.
+    /// Port name → stable `HOST:PORT`.
     pub endpoints: BTreeMap<String, String>,
+    /// The VM's own port forward behind `endpoint`, answering only while the VM runs (for
+    /// measurement and debugging).
+    pub direct_endpoint: String,
+    /// Port name → direct `HOST:PORT`.
+    pub direct_endpoints: BTreeMap<String, String>,
     /// `<vm>.<domain>`, when the server has a DNS domain.
     pub dns_name: Option<String>,
     pub state: VmState,
@@ -191,6 +197,8 @@ impl From<Grant> for GrantView {
             service: grant.service,
             endpoint: grant.endpoint,
             endpoints: grant.vm.endpoints,
+            direct_endpoint: grant.direct_endpoint,
+            direct_endpoints: grant.vm.direct_endpoints,
             dns_name: grant.dns_name,
             state: grant.vm.state,
             host: grant.vm.host,
@@ -291,7 +299,10 @@ pub struct VmView {
     pub id: String,
     pub host: String,
     pub services: Vec<String>,
+    /// Port name → stable `HOST:PORT` (wakes the VM on connection).
     pub endpoints: BTreeMap<String, String>,
+    /// Port name → the VM's own port forward (answers only while it runs).
+    pub direct_endpoints: BTreeMap<String, String>,
     pub state: VmState,
     pub mode: Mode,
     pub owner: String,
@@ -329,6 +340,7 @@ impl From<VmRecord> for VmView {
             host: vm.host,
             services: vm.services,
             endpoints: vm.endpoints,
+            direct_endpoints: vm.direct_endpoints,
             state: vm.state,
             mode: vm.mode,
             owner: vm.owner,

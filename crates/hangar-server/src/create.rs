@@ -114,6 +114,8 @@ impl Manager {
                 .map_err(|err| format!("allocating host ports: {err}"))?,
             None => (Vec::new(), BTreeMap::new()),
         };
+        // Clients get stable endpoints in front of the VM's own (direct) port forwards.
+        let stable = self.open_endpoints(&vm_id, &endpoints).await?;
         let now = now_ms();
         let spec = VmSpec {
             id: vm_id.clone(),
@@ -137,7 +139,8 @@ impl Manager {
             (service.os.clone(), version)
         });
         let spec_json = serde_json::to_value(&spec).map_err(|err| err.to_string())?;
-        self.store
+        let inserted = self
+            .store
             .insert_vm(&VmRecord {
                 id: vm_id.clone(),
                 host: LOCAL_HOST.into(),
@@ -146,7 +149,11 @@ impl Manager {
                 mode: make.mode,
                 owner: "local".into(),
                 state: VmState::Creating,
-                endpoints: endpoints
+                endpoints: stable
+                    .iter()
+                    .map(|(name, addr)| (name.clone(), addr.to_string()))
+                    .collect(),
+                direct_endpoints: endpoints
                     .iter()
                     .map(|(name, addr)| (name.clone(), addr.to_string()))
                     .collect(),
@@ -163,7 +170,11 @@ impl Manager {
                 pool: make.pool.clone(),
                 os,
             })
-            .map_err(|err| error_chain(&err))?;
+            .map_err(|err| error_chain(&err));
+        if let Err(err) = inserted {
+            self.close_endpoints(&vm_id).await;
+            return Err(err);
+        }
         if let Err(err) = self.store.set_task_vm(task, &vm_id) {
             tracing::warn!(task, error = %err, "cannot link task to vm");
         }
@@ -372,6 +383,7 @@ impl Manager {
         if let Err(err) = self.hv.destroy(vm_id).await {
             tracing::warn!(vm = %vm_id, error = %error_chain(&err), "cannot destroy failed vm");
         }
+        self.close_endpoints(vm_id).await;
         if let Ok(Some(_)) = self.store.vm(vm_id)
             && let Err(err) = self.store.transition(vm_id, VmState::Failed, Some(reason))
         {
@@ -379,7 +391,8 @@ impl Manager {
         }
     }
 
-    /// One free host port per service port, on the endpoint address.
+    /// One free host port per service port, on the endpoint address: the VM's own port
+    /// forwards (its direct endpoints).
     pub(crate) fn allocate_ports(
         &self,
         service: &Service,

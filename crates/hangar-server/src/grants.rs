@@ -202,6 +202,7 @@ impl Manager {
                 .map_err(|err| format!("allocating host ports: {err}"))?,
             None => (Vec::new(), BTreeMap::new()),
         };
+        let stable = self.open_endpoints(&vm.id, &endpoints).await?;
         self.hv
             .add_forwards(&vm.id, &forwards)
             .await
@@ -217,12 +218,13 @@ impl Manager {
                 .unwrap_or_default(),
         );
         let services: Vec<String> = service.map(|s| vec![s.name.clone()]).unwrap_or_default();
-        let endpoint_text = endpoints
-            .iter()
-            .map(|(name, addr)| (name.clone(), addr.to_string()))
-            .collect();
+        let text = |map: &BTreeMap<String, std::net::SocketAddr>| {
+            map.iter()
+                .map(|(name, addr)| (name.clone(), addr.to_string()))
+                .collect()
+        };
         self.store
-            .set_offer(&vm.id, &services, &os, &endpoint_text)
+            .set_offer(&vm.id, &services, &os, &text(&stable), &text(&endpoints))
             .map_err(|err| error_chain(&err))?;
         self.store
             .set_launch(&vm.id, vm.pid, &spec_json)

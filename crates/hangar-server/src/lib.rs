@@ -7,6 +7,8 @@
 //!   timers and memory/disk budgets.
 //! - [`ready`]: ready criteria, checked from the host.
 //! - [`images`]: where kernels, initramfs and base disks come from.
+//! - [`endpoints`]: stable endpoints, held by the forwarder process the server starts or
+//!   re-adopts (see `hangar_forward`).
 //! - [`error`]: the one mapping from errors to HTTP answers.
 //!
 //! In single-node mode the server embeds the local host: it runs QEMU itself.
@@ -24,6 +26,7 @@ use hangar_vmm::qemu::{QemuBackend, QemuConfig};
 
 pub mod api;
 mod create;
+pub mod endpoints;
 pub mod error;
 mod grants;
 pub mod images;
@@ -62,6 +65,10 @@ pub struct ServerConfig {
     /// Clone new VMs from service templates (snapshots at the ready state) instead of
     /// booting them.
     pub templates: bool,
+    /// The command that runs the forwarder holding stable endpoints (`hangar forwarder`;
+    /// `--data-dir` and `--server` are added). `None` runs it inside the server, so that
+    /// endpoints close when the server stops.
+    pub forwarder_command: Option<Vec<std::ffi::OsString>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +107,8 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot start the forwarder of stable endpoints: {0}")]
+    Forwarder(String),
     #[error("server failed: {0}")]
     Serve(#[source] std::io::Error),
 }
@@ -208,6 +217,32 @@ pub async fn run(
             ..ManagerConfig::default()
         },
     );
+    // Listen before reconciling: the forwarder is told this address for wake requests,
+    // which wait in the backlog until the API serves.
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServerError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(ServerError::Serve)?;
+    let server_url = format!(
+        "http://{}",
+        if addr.ip().is_unspecified() {
+            SocketAddr::new(IpAddr::from([127, 0, 0, 1]), addr.port())
+        } else {
+            addr
+        }
+    );
+    let kind = match &config.forwarder_command {
+        Some(command) => endpoints::ForwarderKind::Process {
+            data_dir: data_dir.clone(),
+            command: command.clone(),
+        },
+        None => endpoints::ForwarderKind::InProcess(hangar_forward::Forwarder::new(&server_url)),
+    };
+    manager.use_stable_endpoints(endpoints::StableEndpoints::new(kind, &server_url));
+
     manager.clean_template_debris();
     let report = manager
         .reconcile(Some(&vms_dir))
@@ -220,6 +255,10 @@ pub async fn run(
         removed_dirs = report.removed_dirs.len(),
         "reconciled state with running vms"
     );
+    manager
+        .sync_endpoints()
+        .await
+        .map_err(|err| ServerError::Forwarder(err.to_string()))?;
 
     let monitor = {
         let manager = manager.clone();
@@ -228,6 +267,7 @@ pub async fn run(
             loop {
                 tick.tick().await;
                 manager.monitor_once().await;
+                manager.poll_endpoint_activity().await;
             }
         })
     };
@@ -235,13 +275,6 @@ pub async fn run(
     let pool_loop = manager.spawn_pool_loop();
     let lifecycle_loop = manager.spawn_lifecycle_loop();
 
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| ServerError::Listen {
-            addr: config.listen,
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(ServerError::Serve)?;
     tracing::info!(%addr, data_dir = %data_dir.display(), "hangar server listening");
     let served = axum::serve(listener, api::router(manager))
         .with_graceful_shutdown(shutdown)

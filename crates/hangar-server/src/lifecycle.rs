@@ -54,9 +54,15 @@ impl Manager {
                 )));
             }
         }
-        self.hv.pause(id).await.map_err(|err| {
-            ApiError::Internal(format!("cannot pause VM {id}: {}", error_chain(&err)))
-        })?;
+        // From here a connection to its endpoint wakes it (once this sleep is done).
+        self.set_endpoints_active(id, false).await;
+        if let Err(err) = self.hv.pause(id).await {
+            self.set_endpoints_active(id, true).await;
+            return Err(ApiError::Internal(format!(
+                "cannot pause VM {id}: {}",
+                error_chain(&err)
+            )));
+        }
         let vm = self.store.transition(id, VmState::Sleeping, None)?;
         tracing::info!(vm = %id, "vm sleeping");
         Ok(vm)
@@ -89,11 +95,19 @@ impl Manager {
                 )));
             }
         }
-        let info = self
-            .hv
-            .archive(id, tier)
-            .await
-            .map_err(|err| ApiError::Internal(error_chain(&err)))?;
+        let was_active = vm.state == VmState::Active;
+        if was_active {
+            self.set_endpoints_active(id, false).await;
+        }
+        let info = match self.hv.archive(id, tier).await {
+            Ok(info) => info,
+            Err(err) => {
+                if was_active {
+                    self.set_endpoints_active(id, true).await;
+                }
+                return Err(ApiError::Internal(error_chain(&err)));
+            }
+        };
         self.agents.lock().expect("agents lock").remove(id);
         let vm = self.store.transition(id, VmState::Archived, None)?;
         tracing::info!(vm = %id, tier = %tier, size = info.size_bytes, took_ms = info.took_ms, "vm archived");
@@ -143,6 +157,7 @@ impl Manager {
         }
         let vm = self.store.transition(id, VmState::Active, None)?;
         self.store.touch(id)?;
+        self.set_endpoints_active(id, true).await;
         tracing::info!(vm = %id, from = %vm.state, ms = started.elapsed().as_millis() as u64, "vm woke");
         Ok(vm)
     }
@@ -160,8 +175,10 @@ impl Manager {
                 reply.error.unwrap_or_default()
             ));
         }
+        // Checked through the VM's own port forwards: the stable endpoints would wait for
+        // this very wake.
         let endpoints: BTreeMap<String, SocketAddr> = vm
-            .endpoints
+            .direct_endpoints
             .iter()
             .filter_map(|(name, addr)| Some((name.clone(), addr.parse().ok()?)))
             .collect();

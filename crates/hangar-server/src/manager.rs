@@ -99,8 +99,10 @@ pub struct Grant {
     pub vm: VmRecord,
     /// The service asked for, or the first app of a configuration (empty for a bare OS).
     pub service: String,
-    /// The endpoint of the service's first port (empty when it offers none).
+    /// The stable endpoint of the service's first port (empty when it offers none).
     pub endpoint: String,
+    /// The VM's own port forward behind `endpoint` (answers only while the VM runs).
+    pub direct_endpoint: String,
     pub served: Served,
     pub task: Option<String>,
     /// `<vm>.<domain>` when a DNS domain is configured.
@@ -173,6 +175,9 @@ pub struct Manager {
     pub(crate) outcomes: Mutex<HashMap<String, watch::Receiver<Outcome>>>,
     /// Services whose template is being built.
     pub(crate) templates_building: Mutex<std::collections::HashSet<String>>,
+    /// The forwarder holding stable endpoints; without one, endpoints are the VMs' direct
+    /// port forwards.
+    pub(crate) endpoints: std::sync::OnceLock<crate::endpoints::StableEndpoints>,
 }
 
 /// What start-up reconciliation found and did.
@@ -205,7 +210,15 @@ impl Manager {
             shared_locks: Mutex::default(),
             templates_building: Mutex::default(),
             outcomes: Mutex::default(),
+            endpoints: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Gives VMs stable endpoints held by this forwarder (once, before the first request).
+    pub fn use_stable_endpoints(&self, endpoints: crate::endpoints::StableEndpoints) {
+        if self.endpoints.set(endpoints).is_err() {
+            tracing::warn!("stable endpoints were set already");
+        }
     }
 
     pub fn catalog(&self) -> &Catalog {
@@ -515,9 +528,13 @@ impl Manager {
             Ok(()) => vm.last_used_at_ms = vm.last_used_at_ms.max(now),
             Err(err) => tracing::warn!(vm = %vm.id, error = %err, "cannot record last use"),
         }
-        let endpoint = service
-            .and_then(|service| service.ports.first())
+        let first_port = service.and_then(|service| service.ports.first());
+        let endpoint = first_port
             .and_then(|port| vm.endpoints.get(&port.name))
+            .cloned()
+            .unwrap_or_default();
+        let direct_endpoint = first_port
+            .and_then(|port| vm.direct_endpoints.get(&port.name))
             .cloned()
             .unwrap_or_default();
         let dns_name = self
@@ -529,6 +546,7 @@ impl Manager {
             service: service.map(|s| s.name.clone()).unwrap_or_default(),
             vm,
             endpoint,
+            direct_endpoint,
             served,
             task,
             dns_name,
@@ -560,6 +578,7 @@ impl Manager {
         self.hv.destroy(id).await.map_err(|err| {
             ApiError::Internal(format!("cannot destroy VM {id}: {}", error_chain(&err)))
         })?;
+        self.close_endpoints(id).await;
         let vm = self.store.transition(id, VmState::Deleted, None)?;
         tracing::info!(vm = %id, "vm deleted");
         Ok(vm)

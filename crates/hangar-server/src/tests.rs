@@ -594,3 +594,182 @@ async fn later_vms_are_cloned_from_the_template_the_first_request_started() {
     assert_eq!(third.served, Served::Created);
     assert_eq!(backend.clones(), 1);
 }
+
+/// Stable endpoints with an in-process forwarder and the API served on loopback, so that
+/// the forwarder's wake requests reach the manager as they would in `hangar server`.
+mod stable_endpoints {
+    use std::collections::BTreeMap;
+
+    use hangar_forward::Forwarder;
+    use hangar_store::VmRecord;
+    use hangar_vmm::ArchiveTier;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::endpoints::{ForwarderKind, StableEndpoints, desired_endpoints};
+
+    /// Serves the API on loopback with an in-process forwarder; returns both, to stop them.
+    async fn serve_with_endpoints(
+        manager: &Arc<Manager>,
+    ) -> (Forwarder, tokio::task::JoinHandle<std::io::Result<()>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let forwarder = Forwarder::new(&url);
+        manager.use_stable_endpoints(StableEndpoints::new(
+            ForwarderKind::InProcess(forwarder.clone()),
+            &url,
+        ));
+        let api = axum::serve(listener, crate::api::router(manager.clone())).into_future();
+        (forwarder, tokio::spawn(api))
+    }
+
+    async fn get(endpoint: &str) -> std::io::Result<String> {
+        let mut stream = tokio::net::TcpStream::connect(endpoint).await?;
+        stream.write_all(b"GET / HTTP/1.0\r\n\r\n").await?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await?;
+        Ok(answer)
+    }
+
+    #[tokio::test]
+    async fn endpoints_stay_put_and_a_connection_wakes_a_sleeping_or_archived_vm() {
+        let (manager, backend, store) = setup();
+        serve_with_endpoints(&manager).await;
+        let grant = manager
+            .request(request("web", Mode::Dedicated))
+            .await
+            .unwrap();
+        let id = grant.vm.id.clone();
+        assert_ne!(grant.endpoint, grant.direct_endpoint);
+        assert!(get(&grant.endpoint).await.unwrap().contains("fake"));
+
+        for archived in [false, true] {
+            if archived {
+                manager.archive(&id, ArchiveTier::Zstd).await.unwrap();
+            } else {
+                manager.sleep(&id).await.unwrap();
+            }
+            // The client's request is written at once; it is answered once the VM woke.
+            let answer = tokio::time::timeout(Duration::from_secs(10), get(&grant.endpoint))
+                .await
+                .expect("answered within 10 s")
+                .unwrap();
+            assert!(answer.contains(&format!("fake {id}")), "{answer}");
+            assert_eq!(store.vm(&id).unwrap().unwrap().state, VmState::Active);
+            assert_eq!(
+                backend.run_state(&id).await.unwrap(),
+                hangar_vmm::RunState::Running
+            );
+        }
+        let vm = store.vm(&id).unwrap().unwrap();
+        assert_eq!(
+            vm.endpoints["http"], grant.endpoint,
+            "the same endpoint throughout"
+        );
+
+        // Activity reaches the VM's last use.
+        store.set_last_used(&id, 1).unwrap();
+        let before = store.vm(&id).unwrap().unwrap().last_used_at_ms;
+        get(&grant.endpoint).await.unwrap();
+        manager.poll_endpoint_activity().await;
+        assert!(store.vm(&id).unwrap().unwrap().last_used_at_ms > before);
+
+        manager.delete(&id).await.unwrap();
+        assert!(
+            tokio::net::TcpStream::connect(&grant.endpoint)
+                .await
+                .is_err(),
+            "no listener after delete"
+        );
+    }
+
+    #[tokio::test]
+    async fn restart_gives_the_forwarder_every_endpoint_and_closes_the_rest() {
+        let (manager, backend, store) = setup();
+        let (forwarder, api) = serve_with_endpoints(&manager).await;
+        let kept = manager
+            .request(request("web", Mode::Dedicated))
+            .await
+            .unwrap();
+        let archived = manager
+            .request(request("web", Mode::Dedicated))
+            .await
+            .unwrap();
+        manager
+            .archive(&archived.vm.id, ArchiveTier::Raw)
+            .await
+            .unwrap();
+        // Server and forwarder stop (as after a crash of both).
+        forwarder.handle(hangar_forward::Request::Shutdown).await;
+        api.abort();
+        let _ = api.await;
+        drop(manager);
+        assert!(get(&kept.endpoint).await.is_err());
+
+        // A new server, with a new, empty forwarder, gives it every endpoint from the store.
+        let restarted = manager_with(store.clone(), backend.clone());
+        serve_with_endpoints(&restarted).await;
+        restarted.reconcile(None).await.unwrap();
+        restarted.sync_endpoints().await.unwrap();
+        assert!(get(&kept.endpoint).await.unwrap().contains("fake"));
+        let answer = get(&archived.endpoint).await.unwrap();
+        assert!(answer.contains(&archived.vm.id), "{answer}");
+        assert_eq!(
+            store.vm(&archived.vm.id).unwrap().unwrap().state,
+            VmState::Active
+        );
+    }
+
+    fn record(id: &str, state: VmState, stable: &str, direct: &str) -> VmRecord {
+        VmRecord {
+            id: id.into(),
+            host: "local".into(),
+            services: vec!["web".into()],
+            env: BTreeMap::new(),
+            mode: Mode::Shared,
+            owner: "local".into(),
+            state,
+            endpoints: BTreeMap::from([("http".into(), stable.into())]),
+            direct_endpoints: BTreeMap::from([("http".into(), direct.into())]),
+            spec: serde_json::json!({}),
+            pid: None,
+            error: None,
+            created_at_ms: 1,
+            updated_at_ms: 1,
+            last_used_at_ms: 1,
+            state_since_ms: 0,
+            boot_ms: None,
+            memory_mib: 128,
+            vcpus: 1,
+            pool: None,
+            os: None,
+        }
+    }
+
+    #[test]
+    fn desired_endpoints_follow_vm_states() {
+        let vms = [
+            record("a", VmState::Active, "127.0.0.1:1000", "127.0.0.1:2000"),
+            record("s", VmState::Sleeping, "127.0.0.1:1001", "127.0.0.1:2001"),
+            record("z", VmState::Archived, "127.0.0.1:1002", "127.0.0.1:2002"),
+            record("r", VmState::Ready, "127.0.0.1:1003", "127.0.0.1:2003"),
+            record("f", VmState::Failed, "127.0.0.1:1004", "127.0.0.1:2004"),
+            record("d", VmState::Deleted, "127.0.0.1:1005", "127.0.0.1:2005"),
+            // Made before stable endpoints: its endpoint is its own port forward.
+            record("o", VmState::Active, "127.0.0.1:1006", "127.0.0.1:1006"),
+        ];
+        let specs: Vec<(String, u16, u16, bool)> = desired_endpoints(&vms)
+            .into_iter()
+            .map(|s| (s.vm, s.listen.port(), s.target.port(), s.active))
+            .collect();
+        assert_eq!(
+            specs,
+            vec![
+                ("a".into(), 1000, 2000, true),
+                ("s".into(), 1001, 2001, false),
+                ("z".into(), 1002, 2002, false),
+                ("r".into(), 1003, 2003, true),
+            ]
+        );
+    }
+}

@@ -62,8 +62,12 @@ pub struct VmRecord {
     pub mode: Mode,
     pub owner: String,
     pub state: VmState,
-    /// Port name → `HOST:PORT`.
+    /// Port name → `HOST:PORT` clients are given: stable while the VM sleeps, is archived
+    /// and wakes (hangar's forwarder holds them).
     pub endpoints: BTreeMap<String, String>,
+    /// Port name → `HOST:PORT` of the VM's own port forwards behind `endpoints` (equal to
+    /// them when no forwarder is used); these answer only while the VM's process runs.
+    pub direct_endpoints: BTreeMap<String, String>,
     /// Backend launch spec (opaque to the store), kept so a restarted server can adopt.
     pub spec: serde_json::Value,
     pub pid: Option<u32>,
@@ -164,9 +168,10 @@ impl Store {
         self.conn().execute(
             "INSERT INTO vms (id, host, services, env, mode, owner, state, endpoints, spec, pid,
                               error, created_at_ms, updated_at_ms, last_used_at_ms, boot_ms,
-                              memory_mib, vcpus, pool, os_name, os_version, state_since_ms)
+                              memory_mib, vcpus, pool, os_name, os_version, state_since_ms,
+                              direct_endpoints)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-                     ?18, ?19, ?20, ?21)",
+                     ?18, ?19, ?20, ?21, ?22)",
             params![
                 vm.id,
                 vm.host,
@@ -189,6 +194,7 @@ impl Store {
                 vm.os.as_ref().map(|(name, _)| name),
                 vm.os.as_ref().map(|(_, version)| version),
                 vm.state_since_ms,
+                serde_json::to_string(&vm.direct_endpoints)?,
             ],
         )?;
         Ok(())
@@ -298,17 +304,27 @@ impl Store {
         self.vm(id)?.ok_or_else(|| StoreError::NoVm(id.to_owned()))
     }
 
-    /// Records what a VM offers after an OS image was attached to a shell.
+    /// Records what a VM offers after an OS image was attached to a shell: services, OS,
+    /// endpoints and the direct endpoints behind them.
     pub fn set_offer(
         &self,
         id: &str,
         services: &[String],
         os: &(String, String),
         endpoints: &BTreeMap<String, String>,
+        direct_endpoints: &BTreeMap<String, String>,
     ) -> Result<(), StoreError> {
         self.update(
-            "UPDATE vms SET services = ?2, os_name = ?3, os_version = ?4, endpoints = ?5 WHERE id = ?1",
-            params![id, serde_json::to_string(services)?, os.0, os.1, serde_json::to_string(endpoints)?],
+            "UPDATE vms SET services = ?2, os_name = ?3, os_version = ?4, endpoints = ?5,
+                            direct_endpoints = ?6 WHERE id = ?1",
+            params![
+                id,
+                serde_json::to_string(services)?,
+                os.0,
+                os.1,
+                serde_json::to_string(endpoints)?,
+                serde_json::to_string(direct_endpoints)?
+            ],
             id,
         )
     }
@@ -506,7 +522,7 @@ fn state_of(tx: &rusqlite::Transaction<'_>, id: &str) -> Result<VmState, StoreEr
 
 const VM_COLUMNS: &str = "id, host, services, env, mode, owner, state, endpoints, spec, pid, error, \
      created_at_ms, updated_at_ms, last_used_at_ms, boot_ms, memory_mib, vcpus, pool, os_name, os_version, \
-     state_since_ms";
+     state_since_ms, direct_endpoints";
 
 const TASK_COLUMNS: &str =
     "id, kind, service, vm_id, state, stage, percent, error, created_at_ms, updated_at_ms";
@@ -534,6 +550,7 @@ struct RawVm {
     os_name: Option<String>,
     os_version: Option<String>,
     state_since_ms: u64,
+    direct_endpoints: String,
 }
 
 impl RawVm {
@@ -560,6 +577,7 @@ impl RawVm {
             os_name: row.get(18)?,
             os_version: row.get(19)?,
             state_since_ms: row.get(20)?,
+            direct_endpoints: row.get(21)?,
         })
     }
 
@@ -577,6 +595,7 @@ impl RawVm {
             services: serde_json::from_str(&self.services)?,
             env: serde_json::from_str(&self.env)?,
             endpoints: serde_json::from_str(&self.endpoints)?,
+            direct_endpoints: serde_json::from_str(&self.direct_endpoints)?,
             spec: serde_json::from_str(&self.spec)?,
             mode,
             id: self.id,

@@ -5,7 +5,7 @@ use rusqlite::Connection;
 use crate::StoreError;
 
 /// Each entry moves the schema from version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[
+pub(crate) const MIGRATIONS: &[&str] = &[
     "CREATE TABLE vms (
         id              TEXT PRIMARY KEY,
         host            TEXT NOT NULL,
@@ -59,6 +59,11 @@ const MIGRATIONS: &[&str] = &[
         service TEXT PRIMARY KEY,
         policy  TEXT NOT NULL
     );",
+    // Stable endpoints: `endpoints` are the addresses clients are given (held by hangar's
+    // forwarder); `direct_endpoints` the VM's own port forwards behind them. VMs made
+    // before keep their direct endpoints as their endpoints.
+    "ALTER TABLE vms ADD COLUMN direct_endpoints TEXT NOT NULL DEFAULT '{}';
+    UPDATE vms SET direct_endpoints = endpoints;",
 ];
 
 pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {

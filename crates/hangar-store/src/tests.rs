@@ -10,6 +10,7 @@ fn vm(id: &str, service: &str, mode: Mode, state: VmState) -> VmRecord {
         owner: "anonymous".into(),
         state,
         endpoints: BTreeMap::from([("http".into(), "127.0.0.1:4000".into())]),
+        direct_endpoints: BTreeMap::from([("http".into(), "127.0.0.1:4001".into())]),
         spec: serde_json::json!({"id": id}),
         pid: None,
         error: None,
@@ -147,6 +148,46 @@ fn reopening_a_file_keeps_data_and_schema() {
     drop(store);
     let err = Store::open(&path).err().expect("a newer schema is refused");
     assert!(err.to_string().contains("newer than this hangar"), "{err}");
+}
+
+#[test]
+fn vms_made_before_stable_endpoints_keep_their_direct_endpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hangar.db");
+    {
+        // The schema as it was before stable endpoints (migrations 1-3), with one VM.
+        let conn = Connection::open(&path).unwrap();
+        for sql in &schema::MIGRATIONS[..3] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 3).unwrap();
+        conn.execute(
+            "INSERT INTO vms (id, host, services, env, mode, owner, state, endpoints, spec,
+                              created_at_ms, updated_at_ms, last_used_at_ms, memory_mib, vcpus)
+             VALUES ('vm-old', 'local', '[\"web\"]', '{}', 'shared', 'local', 'active',
+                     '{\"http\":\"127.0.0.1:4000\"}', '{}', 1, 1, 1, 128, 1)",
+            [],
+        )
+        .unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    let old = store.vm("vm-old").unwrap().unwrap();
+    assert_eq!(old.endpoints["http"], "127.0.0.1:4000");
+    assert_eq!(old.direct_endpoints, old.endpoints);
+
+    let direct = BTreeMap::from([("http".to_owned(), "127.0.0.1:5001".to_owned())]);
+    let stable = BTreeMap::from([("http".to_owned(), "127.0.0.1:5000".to_owned())]);
+    store
+        .set_offer(
+            "vm-old",
+            &["web".into()],
+            &("busybox".into(), "1.35".into()),
+            &stable,
+            &direct,
+        )
+        .unwrap();
+    let vm = store.vm("vm-old").unwrap().unwrap();
+    assert_eq!((vm.endpoints, vm.direct_endpoints), (stable, direct));
 }
 
 #[test]

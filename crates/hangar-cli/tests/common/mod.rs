@@ -1,5 +1,6 @@
 //! Test support: a real `hangar server` in a temporary data dir, the real `hangar` CLI, and
-//! cleanup that stops every QEMU process the test started, even when the test fails.
+//! cleanup that stops every QEMU process and the forwarder the test started, even when the
+//! test fails.
 
 #![allow(dead_code)] // each test binary uses a different part
 
@@ -151,6 +152,11 @@ impl TestServer {
         serde_json::from_str(&self.ok(&args)).unwrap()
     }
 
+    /// The forwarder holding this data dir's stable endpoints, if one runs.
+    pub fn forwarder_pid(&self) -> Option<u32> {
+        forwarder_pid_of(self.data_dir.path())
+    }
+
     /// QEMU processes running VMs of this data dir, as (vm id, pid).
     pub fn qemu_processes(&self) -> Vec<(String, u32)> {
         qemu_processes_under(&self.vms_dir())
@@ -163,10 +169,42 @@ impl Drop for TestServer {
         for (_, pid) in self.qemu_processes() {
             kill(pid);
         }
+        if let Some(pid) = self.forwarder_pid() {
+            kill(pid);
+        }
         if std::thread::panicking() {
             eprintln!("--- server log ---\n{}", self.log());
         }
     }
+}
+
+/// The `hangar forwarder` of `data_dir` (its command line names the data dir), if it runs.
+pub fn forwarder_pid_of(data_dir: &Path) -> Option<u32> {
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = raw
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let zombie = stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+        if !zombie
+            && args.iter().any(|a| a == "forwarder")
+            && args
+                .windows(2)
+                .any(|w| w[0] == "--data-dir" && Path::new(&w[1]) == data_dir)
+        {
+            return Some(pid);
+        }
+    }
+    None
 }
 
 /// Every QEMU whose `-pidfile` lies in a subdirectory of `vms_dir`.

@@ -1,0 +1,483 @@
+//! The forwarder's core: stable listeners per VM, connections spliced to the VM's current
+//! address, and connections to a VM that does not run held (their bytes wait unread in the
+//! socket) while the server is asked to wake it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::protocol::{EndpointSpec, Reply, Request, VmActivity};
+use crate::wake;
+
+/// How long a connection to a VM that does not run waits for it to wake.
+pub const WAKE_WAIT: Duration = Duration::from_secs(300);
+
+/// Attempts to reach an active VM's address before the connection is given up (its port
+/// forward may be a moment behind, e.g. right after a restore).
+const CONNECT_ATTEMPTS: u32 = 20;
+const CONNECT_RETRY: Duration = Duration::from_millis(50);
+
+/// Splice buffer per direction.
+const SPLICE_BUFFER: usize = 64 * 1024;
+
+/// Whether a VM's connections are forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Status {
+    Active,
+    /// Connections wait; the first one asks the server to wake the VM.
+    Asleep,
+    /// The VM's endpoints were closed: its connections end.
+    Closed,
+}
+
+/// Counters shared by a VM's connections.
+#[derive(Default)]
+struct Activity {
+    last_active_ms: AtomicU64,
+    open: AtomicU64,
+    connections: AtomicU64,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+}
+
+impl Activity {
+    fn touch(&self) {
+        self.last_active_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    fn view(&self) -> VmActivity {
+        VmActivity {
+            last_active_ms: self.last_active_ms.load(Ordering::Relaxed),
+            open: self.open.load(Ordering::Relaxed),
+            connections: self.connections.load(Ordering::Relaxed),
+            bytes_in: self.bytes_in.load(Ordering::Relaxed),
+            bytes_out: self.bytes_out.load(Ordering::Relaxed),
+        }
+    }
+}
+
+struct Port {
+    port: u16,
+    target: SocketAddr,
+    accept: JoinHandle<()>,
+}
+
+/// One VM's endpoints.
+struct Vm {
+    id: String,
+    status: watch::Sender<Status>,
+    activity: Activity,
+    ports: Mutex<BTreeMap<String, Port>>,
+    /// One wake request at a time; later connections wait for its outcome.
+    wake: tokio::sync::Mutex<()>,
+}
+
+impl Vm {
+    fn target(&self, name: &str) -> Option<SocketAddr> {
+        self.ports
+            .lock()
+            .expect("ports lock")
+            .get(name)
+            .map(|port| port.target)
+    }
+}
+
+/// All stable endpoints of one data dir. Cheap to clone; every clone is the same state.
+#[derive(Clone)]
+pub struct Forwarder {
+    vms: Arc<Mutex<HashMap<String, Arc<Vm>>>>,
+    server_url: Arc<Mutex<String>>,
+}
+
+impl Forwarder {
+    /// A forwarder with no endpoints, asking the server at `server_url` to wake VMs.
+    pub fn new(server_url: &str) -> Forwarder {
+        Forwarder {
+            vms: Arc::default(),
+            server_url: Arc::new(Mutex::new(server_url.to_owned())),
+        }
+    }
+
+    /// Answers one control request. [`Request::Shutdown`] closes everything; the caller
+    /// exits.
+    pub async fn handle(&self, request: Request) -> Reply {
+        match request {
+            Request::Ping => Reply::Pong {
+                pid: std::process::id(),
+                vms: self.vms.lock().expect("vms lock").len(),
+            },
+            Request::Open(spec) => match self.open(&spec).await {
+                Ok(port) => Reply::Port { port },
+                Err(err) => Reply::Error {
+                    message: format!("cannot listen on {}: {err}", spec.listen),
+                },
+            },
+            Request::SetActive { vm, active } => Reply::Done {
+                known: self.set_active(&vm, active),
+            },
+            Request::Close { vm } => Reply::Done {
+                known: self.close(&vm).await,
+            },
+            Request::Sync {
+                server_url,
+                endpoints,
+            } => {
+                *self.server_url.lock().expect("url lock") = server_url;
+                Reply::Synced {
+                    ports: self.sync(&endpoints).await,
+                }
+            }
+            Request::Activity => Reply::Activity {
+                vms: self.activity(),
+            },
+            Request::Shutdown => {
+                let ids: Vec<String> = self.vms.lock().expect("vms lock").keys().cloned().collect();
+                for id in ids {
+                    self.close(&id).await;
+                }
+                Reply::Done { known: true }
+            }
+        }
+    }
+
+    fn vm(&self, id: &str) -> Option<Arc<Vm>> {
+        self.vms.lock().expect("vms lock").get(id).cloned()
+    }
+
+    /// Listens for `spec` (or updates the endpoint already there) and returns its port.
+    pub async fn open(&self, spec: &EndpointSpec) -> std::io::Result<u16> {
+        let status = if spec.active {
+            Status::Active
+        } else {
+            Status::Asleep
+        };
+        let vm = {
+            let mut vms = self.vms.lock().expect("vms lock");
+            vms.entry(spec.vm.clone())
+                .or_insert_with(|| {
+                    Arc::new(Vm {
+                        id: spec.vm.clone(),
+                        status: watch::Sender::new(status),
+                        activity: Activity::default(),
+                        ports: Mutex::default(),
+                        wake: tokio::sync::Mutex::new(()),
+                    })
+                })
+                .clone()
+        };
+        vm.status.send_if_modified(|current| {
+            let changed = *current != status;
+            *current = status;
+            changed
+        });
+        let existing = {
+            let mut ports = vm.ports.lock().expect("ports lock");
+            match ports.get_mut(&spec.name) {
+                Some(port) if spec.listen.port() == 0 || spec.listen.port() == port.port => {
+                    port.target = spec.target;
+                    return Ok(port.port);
+                }
+                Some(_) => ports.remove(&spec.name),
+                None => None,
+            }
+        };
+        if let Some(old) = existing {
+            old.accept.abort();
+            let _ = old.accept.await;
+        }
+        let listener = TcpListener::bind(spec.listen).await?;
+        let port = listener.local_addr()?.port();
+        let accept = tokio::spawn(accept_loop(
+            listener,
+            vm.clone(),
+            spec.name.clone(),
+            self.server_url.clone(),
+        ));
+        vm.ports.lock().expect("ports lock").insert(
+            spec.name.clone(),
+            Port {
+                port,
+                target: spec.target,
+                accept,
+            },
+        );
+        tracing::info!(vm = %spec.vm, name = %spec.name, port, target = %spec.target, active = spec.active, "endpoint open");
+        Ok(port)
+    }
+
+    /// Marks a VM active or asleep; whether it has endpoints here.
+    pub fn set_active(&self, id: &str, active: bool) -> bool {
+        let Some(vm) = self.vm(id) else {
+            return false;
+        };
+        let status = if active {
+            Status::Active
+        } else {
+            Status::Asleep
+        };
+        vm.status.send_replace(status);
+        tracing::debug!(vm = %id, active, "endpoint state");
+        true
+    }
+
+    /// Closes a VM's listeners (they are closed when this returns) and ends its
+    /// connections; whether it had endpoints here.
+    pub async fn close(&self, id: &str) -> bool {
+        let Some(vm) = self.vms.lock().expect("vms lock").remove(id) else {
+            return false;
+        };
+        vm.status.send_replace(Status::Closed);
+        let ports = std::mem::take(&mut *vm.ports.lock().expect("ports lock"));
+        for (_, port) in ports {
+            port.accept.abort();
+            // The listener is dropped with the task: once the abort is seen, it is closed.
+            let _ = port.accept.await;
+        }
+        tracing::info!(vm = %id, "endpoints closed");
+        true
+    }
+
+    /// Makes the endpoints exactly `endpoints`; returns each one's port or error.
+    pub async fn sync(&self, endpoints: &[EndpointSpec]) -> Vec<Result<u16, String>> {
+        let wanted: HashMap<&str, Vec<&str>> =
+            endpoints.iter().fold(HashMap::new(), |mut map, spec| {
+                map.entry(spec.vm.as_str())
+                    .or_default()
+                    .push(spec.name.as_str());
+                map
+            });
+        let known: Vec<Arc<Vm>> = self
+            .vms
+            .lock()
+            .expect("vms lock")
+            .values()
+            .cloned()
+            .collect();
+        for vm in known {
+            match wanted.get(vm.id.as_str()) {
+                None => {
+                    self.close(&vm.id).await;
+                }
+                Some(names) => {
+                    let unwanted: Vec<Port> = {
+                        let mut ports = vm.ports.lock().expect("ports lock");
+                        let gone: Vec<String> = ports
+                            .keys()
+                            .filter(|name| !names.contains(&name.as_str()))
+                            .cloned()
+                            .collect();
+                        gone.iter().filter_map(|name| ports.remove(name)).collect()
+                    };
+                    for port in unwanted {
+                        port.accept.abort();
+                        let _ = port.accept.await;
+                    }
+                }
+            }
+        }
+        let mut results = Vec::with_capacity(endpoints.len());
+        for spec in endpoints {
+            results.push(self.open(spec).await.map_err(|err| err.to_string()));
+        }
+        results
+    }
+
+    pub fn activity(&self) -> BTreeMap<String, VmActivity> {
+        self.vms
+            .lock()
+            .expect("vms lock")
+            .values()
+            .map(|vm| (vm.id.clone(), vm.activity.view()))
+            .collect()
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    vm: Arc<Vm>,
+    name: String,
+    server_url: Arc<Mutex<String>>,
+) {
+    loop {
+        match listener.accept().await {
+            Ok((client, _)) => {
+                tokio::spawn(serve(client, vm.clone(), name.clone(), server_url.clone()));
+            }
+            Err(err) => {
+                // Out of descriptors and the like: wait rather than spin.
+                tracing::warn!(vm = %vm.id, error = %err, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Counts a connection as open while it lives.
+struct OpenConnection<'a>(&'a Activity);
+
+impl<'a> OpenConnection<'a> {
+    fn new(activity: &'a Activity) -> Self {
+        activity.open.fetch_add(1, Ordering::Relaxed);
+        activity.connections.fetch_add(1, Ordering::Relaxed);
+        activity.touch();
+        OpenConnection(activity)
+    }
+}
+
+impl Drop for OpenConnection<'_> {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+        self.0.touch();
+    }
+}
+
+/// One client connection: wait until the VM runs (waking it), then splice.
+async fn serve(client: TcpStream, vm: Arc<Vm>, name: String, server_url: Arc<Mutex<String>>) {
+    let _open = OpenConnection::new(&vm.activity);
+    let _ = client.set_nodelay(true);
+    let mut status = vm.status.subscribe();
+    let Some(upstream) = reach(&vm, &name, &mut status, &server_url).await else {
+        return;
+    };
+    let _ = upstream.set_nodelay(true);
+    let mut client = Counted {
+        stream: client,
+        activity: &vm.activity,
+    };
+    let mut upstream = upstream;
+    tokio::select! {
+        result = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, SPLICE_BUFFER, SPLICE_BUFFER) => {
+            if let Err(err) = result {
+                tracing::debug!(vm = %vm.id, error = %err, "connection ended");
+            }
+        }
+        _ = status.wait_for(|s| *s == Status::Closed) => {}
+    }
+}
+
+/// A connection to the VM's current address, once it runs; `None` when the VM is closed,
+/// cannot be woken, or does not answer.
+async fn reach(
+    vm: &Vm,
+    name: &str,
+    status: &mut watch::Receiver<Status>,
+    server_url: &Mutex<String>,
+) -> Option<TcpStream> {
+    let deadline = tokio::time::Instant::now() + WAKE_WAIT;
+    let mut attempts = 0;
+    loop {
+        let current = *status.borrow_and_update();
+        match current {
+            Status::Closed => return None,
+            Status::Asleep => {
+                let woken = {
+                    let _one_at_a_time = vm.wake.lock().await;
+                    if *vm.status.borrow() != Status::Asleep {
+                        continue; // another connection woke it meanwhile
+                    }
+                    let url = server_url.lock().expect("url lock").clone();
+                    wake::wake(&url, &vm.id, deadline).await
+                };
+                match woken {
+                    Ok(()) => {
+                        vm.status.send_if_modified(|s| {
+                            let asleep = *s == Status::Asleep;
+                            if asleep {
+                                *s = Status::Active;
+                            }
+                            asleep
+                        });
+                    }
+                    Err(err) => {
+                        tracing::warn!(vm = %vm.id, error = %err, "cannot wake vm for a connection");
+                        return None;
+                    }
+                }
+            }
+            Status::Active => {
+                let target = vm.target(name)?;
+                match TcpStream::connect(target).await {
+                    Ok(stream) => return Some(stream),
+                    Err(err) => {
+                        attempts += 1;
+                        if attempts >= CONNECT_ATTEMPTS {
+                            tracing::warn!(vm = %vm.id, %target, error = %err, "cannot reach vm");
+                            return None;
+                        }
+                        // Wait a moment, or less if the VM's state changes.
+                        let _ = tokio::time::timeout(CONNECT_RETRY, status.changed()).await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The client side of a connection, counting bytes and activity.
+struct Counted<'a> {
+    stream: TcpStream,
+    activity: &'a Activity,
+}
+
+impl AsyncRead for Counted<'_> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
+        let read = buf.filled().len() - before;
+        if read > 0 {
+            self.activity
+                .bytes_in
+                .fetch_add(read as u64, Ordering::Relaxed);
+            self.activity.touch();
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Counted<'_> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.stream).poll_write(cx, buf);
+        if let Poll::Ready(Ok(written)) = polled
+            && written > 0
+        {
+            self.activity
+                .bytes_out
+                .fetch_add(written as u64, Ordering::Relaxed);
+            self.activity.touch();
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}

@@ -1,0 +1,91 @@
+//! The control protocol between the server and the forwarder: one JSON object per line
+//! over the unix socket `forwarder.sock`, each request answered by one reply line, in
+//! order.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// One stable endpoint: a port the forwarder listens on for a VM, and where it forwards.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointSpec {
+    pub vm: String,
+    /// The service port's name (`http`, ...); a VM has one endpoint per name.
+    pub name: String,
+    /// Where to listen; port 0 lets the forwarder choose (the reply names it).
+    pub listen: SocketAddr,
+    /// The VM's current (internal) address for this port.
+    pub target: SocketAddr,
+    /// Whether the VM runs: connections are forwarded at once. When not, a connection
+    /// wakes it through the server first.
+    pub active: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Liveness and identity.
+    Ping,
+    /// Listens on `listen` (unless this VM's endpoint of that name already does: then only
+    /// its target and state change) and forwards to `target`. Answers [`Reply::Port`].
+    Open(EndpointSpec),
+    /// Marks a VM active (forward at once) or not (wake through the server first).
+    /// Answers [`Reply::Done`] with whether the VM was known.
+    SetActive { vm: String, active: bool },
+    /// Closes a VM's listeners and its open connections. Answers [`Reply::Done`].
+    Close { vm: String },
+    /// The complete desired state: every endpoint not listed is closed, every listed one
+    /// opened (on its given port). Also sets the server URL wake requests go to. Answers
+    /// [`Reply::Synced`].
+    Sync {
+        server_url: String,
+        endpoints: Vec<EndpointSpec>,
+    },
+    /// Connection activity per VM. Answers [`Reply::Activity`].
+    Activity,
+    /// Closes everything and exits. Answers [`Reply::Done`] first.
+    Shutdown,
+}
+
+/// Connection activity of one VM's endpoints since the forwarder started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmActivity {
+    /// When a connection last opened, closed or moved bytes (ms since the Unix epoch; 0:
+    /// never).
+    pub last_active_ms: u64,
+    /// Connections open now.
+    pub open: u64,
+    /// Connections accepted in all.
+    pub connections: u64,
+    /// Bytes from clients to the VM.
+    pub bytes_in: u64,
+    /// Bytes from the VM to clients.
+    pub bytes_out: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum Reply {
+    Pong {
+        pid: u32,
+        /// VMs with endpoints.
+        vms: usize,
+    },
+    Port {
+        port: u16,
+    },
+    Done {
+        known: bool,
+    },
+    /// Per endpoint of a [`Request::Sync`], in order: the port, or why it could not listen.
+    Synced {
+        ports: Vec<Result<u16, String>>,
+    },
+    Activity {
+        vms: BTreeMap<String, VmActivity>,
+    },
+    Error {
+        message: String,
+    },
+}

@@ -1,0 +1,300 @@
+//! Stable endpoints, the server's side: every VM endpoint a client is given is a listener of
+//! hangar's forwarder (see `hangar_forward`), which forwards to the VM's own port forward
+//! (its direct endpoint) while the VM runs, and wakes it through the REST API when a
+//! connection comes while it sleeps or is archived.
+//!
+//! The server tells the forwarder what changes: endpoints opened when a VM is made,
+//! marked asleep before a VM pauses or is archived and active once it woke, closed when it
+//! is deleted or fails. At start-up (and whenever the forwarder had to be started again)
+//! the whole desired set, computed from the store by [`desired_endpoints`], replaces what
+//! the forwarder holds. Each change is one round trip on a unix socket.
+//!
+//! Activity: the monitor loop polls the forwarder's per-VM connection activity and hands
+//! each VM's latest activity to [`Manager::note_endpoint_use`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use hangar_core::VmState;
+use hangar_forward::{Control, EndpointSpec, ForwardError, Forwarder, Reply, Request};
+use hangar_store::VmRecord;
+
+use crate::error::{ApiError, error_chain};
+use crate::manager::Manager;
+
+/// Where the forwarder runs.
+pub enum ForwarderKind {
+    /// A process of its own (`command` + `--data-dir` + `--server`), started when none
+    /// answers on the data dir's socket: endpoints keep answering while the server is down.
+    Process {
+        data_dir: PathBuf,
+        command: Vec<OsString>,
+    },
+    /// Inside the server (tests, embedding): endpoints close with the server.
+    InProcess(Forwarder),
+}
+
+/// The server's handle on the forwarder.
+pub struct StableEndpoints {
+    kind: ForwarderKind,
+    /// The REST API's URL, where the forwarder asks for wakes.
+    server_url: String,
+    control: tokio::sync::Mutex<Option<std::sync::Arc<Control>>>,
+    /// Per VM, the latest activity already handed on.
+    seen: Mutex<HashMap<String, u64>>,
+}
+
+impl StableEndpoints {
+    pub fn new(kind: ForwarderKind, server_url: &str) -> StableEndpoints {
+        StableEndpoints {
+            kind,
+            server_url: server_url.to_owned(),
+            control: tokio::sync::Mutex::default(),
+            seen: Mutex::default(),
+        }
+    }
+
+    /// The control connection, starting the forwarder when none answers; `true` when it
+    /// was started now (it holds no endpoints yet).
+    async fn control(&self) -> Result<(std::sync::Arc<Control>, bool), ForwardError> {
+        let mut guard = self.control.lock().await;
+        if let Some(control) = guard.as_ref() {
+            return Ok((control.clone(), false));
+        }
+        let ForwarderKind::Process { data_dir, command } = &self.kind else {
+            unreachable!("in-process forwarders need no connection");
+        };
+        let (control, started) =
+            hangar_forward::connect_or_start(data_dir, command, &self.server_url).await?;
+        let control = std::sync::Arc::new(control);
+        *guard = Some(control.clone());
+        Ok((control, started))
+    }
+
+    /// One request. A forwarder that cannot be reached is started again and given the
+    /// whole desired state (`desired`) before the request is retried.
+    async fn call(
+        &self,
+        request: &Request,
+        desired: impl Fn() -> Vec<EndpointSpec>,
+    ) -> Result<Reply, ForwardError> {
+        if let ForwarderKind::InProcess(forwarder) = &self.kind {
+            return match forwarder.handle(request.clone()).await {
+                Reply::Error { message } => Err(ForwardError::Refused(message)),
+                reply => Ok(reply),
+            };
+        }
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let (control, started) = self.control().await?;
+            if started {
+                tracing::warn!("forwarder started again; giving it every endpoint");
+                control.call(&self.sync_request(desired())).await?;
+            }
+            match control.call(request).await {
+                Err(ForwardError::Io(err)) if attempt < 2 => {
+                    tracing::warn!(error = %err, "forwarder unreachable");
+                    *self.control.lock().await = None;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn sync_request(&self, endpoints: Vec<EndpointSpec>) -> Request {
+        Request::Sync {
+            server_url: self.server_url.clone(),
+            endpoints,
+        }
+    }
+}
+
+/// The endpoints the forwarder should hold for these VMs: every endpoint of a VM that is
+/// not deleted or failed, forwarding to its direct endpoint, active unless the VM sleeps
+/// or is archived. VMs whose endpoints are their direct endpoints (made before stable
+/// endpoints, or without a forwarder) have none.
+pub fn desired_endpoints(vms: &[VmRecord]) -> Vec<EndpointSpec> {
+    let mut specs = Vec::new();
+    for vm in vms {
+        let active = match vm.state {
+            VmState::Deleted | VmState::Failed => continue,
+            VmState::Sleeping | VmState::Archived => false,
+            VmState::Creating | VmState::Booting | VmState::Ready | VmState::Active => true,
+        };
+        for (name, stable) in &vm.endpoints {
+            let Some(direct) = vm.direct_endpoints.get(name) else {
+                continue;
+            };
+            if stable == direct {
+                continue;
+            }
+            let (Ok(listen), Ok(target)) = (stable.parse(), direct.parse()) else {
+                tracing::warn!(vm = %vm.id, name, "unparsable endpoint in the store");
+                continue;
+            };
+            specs.push(EndpointSpec {
+                vm: vm.id.clone(),
+                name: name.clone(),
+                listen,
+                target,
+                active,
+            });
+        }
+    }
+    specs
+}
+
+impl Manager {
+    fn desired_from_store(&self) -> Vec<EndpointSpec> {
+        match self.store.vms(false) {
+            Ok(vms) => desired_endpoints(&vms),
+            Err(err) => {
+                tracing::warn!(error = %error_chain(&err), "cannot read vms for the forwarder");
+                Vec::new()
+            }
+        }
+    }
+
+    async fn endpoints_call(
+        &self,
+        endpoints: &StableEndpoints,
+        request: &Request,
+    ) -> Result<Reply, ForwardError> {
+        endpoints.call(request, || self.desired_from_store()).await
+    }
+
+    /// Stable endpoints for a VM's direct endpoints (one listener each, chosen by the
+    /// forwarder, forwarding to the direct endpoint). Without a forwarder, the direct
+    /// endpoints themselves.
+    pub(crate) async fn open_endpoints(
+        &self,
+        vm_id: &str,
+        direct: &BTreeMap<String, SocketAddr>,
+    ) -> Result<BTreeMap<String, SocketAddr>, String> {
+        let Some(endpoints) = self.endpoints.get() else {
+            return Ok(direct.clone());
+        };
+        let mut stable = BTreeMap::new();
+        for (name, target) in direct {
+            let request = Request::Open(EndpointSpec {
+                vm: vm_id.to_owned(),
+                name: name.clone(),
+                listen: SocketAddr::new(self.config.endpoint_host, 0),
+                target: *target,
+                active: true,
+            });
+            match self.endpoints_call(endpoints, &request).await {
+                Ok(Reply::Port { port }) => {
+                    stable.insert(
+                        name.clone(),
+                        SocketAddr::new(self.config.endpoint_host, port),
+                    );
+                }
+                Ok(other) => {
+                    self.close_endpoints(vm_id).await;
+                    return Err(format!("unexpected forwarder reply {other:?}"));
+                }
+                Err(err) => {
+                    self.close_endpoints(vm_id).await;
+                    return Err(format!("stable endpoint: {}", error_chain(&err)));
+                }
+            }
+        }
+        Ok(stable)
+    }
+
+    /// Tells the forwarder whether a VM runs (connections go straight through) or not
+    /// (a connection wakes it first). Best effort: a forwarder that missed it learns the
+    /// state at its next sync, and a wake of an active VM is harmless.
+    pub(crate) async fn set_endpoints_active(&self, vm_id: &str, active: bool) {
+        let Some(endpoints) = self.endpoints.get() else {
+            return;
+        };
+        let request = Request::SetActive {
+            vm: vm_id.to_owned(),
+            active,
+        };
+        if let Err(err) = self.endpoints_call(endpoints, &request).await {
+            tracing::warn!(vm = %vm_id, active, error = %error_chain(&err), "cannot update stable endpoints");
+        }
+    }
+
+    /// Closes a VM's stable endpoints: no listener is left when this returns (best effort).
+    pub(crate) async fn close_endpoints(&self, vm_id: &str) {
+        let Some(endpoints) = self.endpoints.get() else {
+            return;
+        };
+        let request = Request::Close {
+            vm: vm_id.to_owned(),
+        };
+        if let Err(err) = self.endpoints_call(endpoints, &request).await {
+            tracing::warn!(vm = %vm_id, error = %error_chain(&err), "cannot close stable endpoints");
+        }
+        endpoints.seen.lock().expect("seen lock").remove(vm_id);
+    }
+
+    /// Gives the forwarder the whole desired set from the store (starting it if needed):
+    /// endpoints of VMs that are gone are closed, every other one is listening.
+    pub async fn sync_endpoints(&self) -> Result<(), ApiError> {
+        let Some(endpoints) = self.endpoints.get() else {
+            return Ok(());
+        };
+        let desired = self.desired_from_store();
+        let request = endpoints.sync_request(desired.clone());
+        let reply = self
+            .endpoints_call(endpoints, &request)
+            .await
+            .map_err(|err| ApiError::Internal(format!("forwarder: {}", error_chain(&err))))?;
+        if let Reply::Synced { ports } = reply {
+            for (spec, result) in desired.iter().zip(ports) {
+                if let Err(err) = result {
+                    tracing::warn!(vm = %spec.vm, endpoint = %spec.listen, error = %err, "cannot listen on a stable endpoint");
+                }
+            }
+        }
+        tracing::info!(endpoints = desired.len(), "stable endpoints synced");
+        Ok(())
+    }
+
+    /// Hands on connection activity the forwarder saw since the last poll: each VM's
+    /// latest activity goes to [`Manager::note_endpoint_use`].
+    pub async fn poll_endpoint_activity(&self) {
+        let Some(endpoints) = self.endpoints.get() else {
+            return;
+        };
+        let vms = match self.endpoints_call(endpoints, &Request::Activity).await {
+            Ok(Reply::Activity { vms }) => vms,
+            Ok(_) => return,
+            Err(err) => {
+                tracing::debug!(error = %error_chain(&err), "cannot poll endpoint activity");
+                return;
+            }
+        };
+        let mut fresh = Vec::new();
+        {
+            let mut seen = endpoints.seen.lock().expect("seen lock");
+            for (id, activity) in vms {
+                let last = seen.entry(id.clone()).or_default();
+                if activity.last_active_ms > *last {
+                    *last = activity.last_active_ms;
+                    fresh.push((id, activity.last_active_ms));
+                }
+            }
+        }
+        for (id, at_ms) in fresh {
+            self.note_endpoint_use(&id, at_ms);
+        }
+    }
+
+    /// A client used VM `vm_id` through its endpoint at `at_ms` (a connection opened,
+    /// closed or moved bytes): the one place endpoint activity enters the VM's record.
+    pub fn note_endpoint_use(&self, vm_id: &str, at_ms: u64) {
+        if let Err(err) = self.store.set_last_used(vm_id, at_ms) {
+            tracing::debug!(vm = %vm_id, error = %error_chain(&err), "cannot record endpoint use");
+        }
+    }
+}
