@@ -60,8 +60,18 @@
 //!
 //! [`TemplateIndex::build`] reads the whole template once (block, page address → record and
 //! data offsets; page content hash → data offset; the file's fingerprint). It holds about
-//! 32 bytes per template page and is rebuilt when needed: building it costs one sequential
-//! read and hash of the template, much less than the archive it serves.
+//! 32 bytes per template page and is not stored: building it costs one sequential read and
+//! hash of the template, less than the encode it serves. Only [`encode`] needs it.
+//!
+//! # Measured (`tests/delta.rs`, http-counter guest with 256 MiB, optimised build, TCG host)
+//!
+//! | what                                | size     | time   |
+//! |-------------------------------------|----------|--------|
+//! | template raw stream                 | 70.4 MB  |        |
+//! | clone raw / zstd -1                 | 70.4 MB / 17.8 MB | zstd: 0.73 s |
+//! | clone delta (16720 pages copied, 316 literal, 48519 zero) | 0.14 MB (0.8% of zstd) | 0.12 s |
+//! | template index                      |          | 0.11 s |
+//! | decode (verify: into nothing)       |          | 0.05 s |
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -275,7 +285,17 @@ impl TemplateIndex {
 /// a delta against `template` (indexed by `index`), synced. On error `out` may hold a partial
 /// file without a valid header: the caller removes it.
 pub fn encode(
-    stream: impl Read,
+    mut stream: impl Read,
+    template: &Path,
+    index: &TemplateIndex,
+    out: &Path,
+) -> io::Result<DeltaStats> {
+    encode_from(&mut stream, template, index, out)
+}
+
+/// [`encode`], compiled once (here, optimised with this crate) rather than for each reader.
+fn encode_from(
+    stream: &mut dyn Read,
     template: &Path,
     index: &TemplateIndex,
     out: &Path,
@@ -392,6 +412,11 @@ pub fn read_header(delta: &Path) -> io::Result<DeltaHeader> {
 /// when the delta is truncated or corrupted or the template is not the one it was made
 /// against.
 pub fn decode(delta: &Path, template: &Path, mut sink: impl Write) -> io::Result<u64> {
+    decode_into(delta, template, &mut sink)
+}
+
+/// [`decode`], compiled once rather than for each sink.
+fn decode_into(delta: &Path, template: &Path, sink: &mut dyn Write) -> io::Result<u64> {
     let mut file = File::open(delta)?;
     let mut header = [0u8; HEADER_LEN];
     file.read_exact(&mut header).map_err(truncated)?;
@@ -428,7 +453,7 @@ pub fn decode(delta: &Path, template: &Path, mut sink: impl Write) -> io::Result
                 while left > 0 {
                     let n = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
                     ops.read_exact(&mut buf[..n]).map_err(truncated)?;
-                    emit(&buf[..n], &mut sink, &mut written)?;
+                    emit(&buf[..n], sink, &mut written)?;
                     left -= n as u64;
                 }
             }
@@ -449,7 +474,7 @@ pub fn decode(delta: &Path, template: &Path, mut sink: impl Write) -> io::Result
                         .unwrap_or(usize::MAX)
                         .min(buf.len());
                     template_file.read_exact_at(&mut buf[..n], offset)?;
-                    emit(&buf[..n], &mut sink, &mut written)?;
+                    emit(&buf[..n], sink, &mut written)?;
                     offset += n as u64;
                 }
             }
