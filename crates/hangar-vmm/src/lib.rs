@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 pub mod accel;
 pub mod agent;
 pub mod archive;
+pub mod delta;
 pub mod fake;
 pub mod procs;
 pub mod qemu;
