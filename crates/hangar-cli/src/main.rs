@@ -151,8 +151,9 @@ enum Command {
     /// Write a VM's memory to disk (compressed) and end its process.
     Archive {
         vm: String,
-        /// `zstd` (smaller) or `raw` (faster).
-        #[arg(long, default_value = "zstd")]
+        /// `zstd` (smaller), `raw` (faster), or `delta` (only the pages that differ from the
+        /// template the VM was cloned from: smallest; other VMs get `zstd`).
+        #[arg(long, default_value = "zstd", value_parser = ["raw", "zstd", "delta"])]
         tier: String,
     },
     /// Bring a sleeping or archived VM back.
@@ -233,7 +234,7 @@ enum PolicyCommand {
         #[arg(long, value_name = "PER_MIN|off", value_parser = parse_rate)]
         keep_active_above: Option<Rate>,
         /// How archives are written: raw (fastest wake), zstd (smaller), delta (pages that
-        /// differ from the service template; zstd where the host lacks it).
+        /// differ from the service template; zstd for VMs not cloned from one).
         #[arg(long, value_parser = ["raw", "zstd", "delta"])]
         archive_tier: Option<String>,
         /// Print JSON instead of a line.

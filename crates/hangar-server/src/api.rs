@@ -451,7 +451,8 @@ async fn sleep_vm(
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ArchiveBody {
-    /// `raw` or `zstd` (default).
+    /// `raw`, `zstd` (default), or `delta` (only what differs from the template the VM was
+    /// cloned from; a VM not cloned from one is archived with `zstd`).
     #[serde(default = "default_tier")]
     #[schema(value_type = String)]
     pub tier: hangar_vmm::ArchiveTier,

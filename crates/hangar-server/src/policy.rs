@@ -52,10 +52,8 @@ pub fn archive_tier(choice: TierChoice) -> (ArchiveTier, Option<&'static str>) {
         TierChoice::Raw => (ArchiveTier::Raw, None),
         TierChoice::Zstd => (ArchiveTier::Zstd, None),
         TierChoice::Delta => (
-            ArchiveTier::Zstd,
-            Some(
-                "the delta tier is not available on this host yet; archives are written with zstd",
-            ),
+            ArchiveTier::Delta,
+            Some("VMs not cloned from a template are archived with zstd"),
         ),
     }
 }

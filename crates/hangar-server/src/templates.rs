@@ -193,9 +193,19 @@ impl Manager {
             .map_err(|err| error_chain(&err))?;
         let template = made.map_err(|err| error_chain(&err))?;
         tracing::info!(service = %service.name, dir = %dir.display(), size_bytes = template.size_bytes, took_ms = template.took_ms, "template made");
+        // Outdated templates go once no VM needs them: clones' disks are layers over the
+        // template's, and their delta archives refer to its snapshot.
+        let in_use: std::collections::HashSet<String> = self
+            .store
+            .vms(false)
+            .map_err(|err| error_chain(&err))?
+            .iter()
+            .filter_map(|vm| vm.spec["template"].as_str().map(str::to_owned))
+            .collect();
         for view in self.templates() {
             if view.service == service.name
                 && view.dir != dir.display().to_string()
+                && !in_use.contains(&view.dir)
                 && let Err(err) = hangar_vmm::template::remove(std::path::Path::new(&view.dir))
             {
                 tracing::warn!(dir = %view.dir, error = %err, "cannot remove an outdated template");

@@ -295,8 +295,8 @@ async fn run_time_policies_are_checked_kept_and_reset() {
         .unwrap();
     assert_eq!(view.source, PolicySource::RunTime);
     assert_eq!(view.policy.sleep_after, Some(Duration::from_secs(3)));
-    assert_eq!(view.archive_tier_used, "zstd", "no delta tier on this host");
-    assert!(view.note.as_deref().unwrap().contains("delta"));
+    assert_eq!(view.archive_tier_used, "delta");
+    assert!(view.note.as_deref().unwrap().contains("template"));
 
     // Fields left out stay; the catalog's policy is the starting point.
     let web = manager
@@ -343,7 +343,7 @@ async fn run_time_policies_are_checked_kept_and_reset() {
 }
 
 #[tokio::test]
-async fn the_delta_tier_archives_with_zstd_here() {
+async fn under_the_delta_tier_a_vm_not_cloned_from_a_template_gets_zstd() {
     let (manager, backend, store) = setup();
     manager
         .set_policy(

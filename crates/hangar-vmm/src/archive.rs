@@ -72,12 +72,27 @@ pub fn partial_path(dir: &Path, tier: ArchiveTier) -> PathBuf {
 }
 
 /// Writes the stream read from `source` (until end of file) to `path`, compressed for
-/// [`ArchiveTier::Zstd`], and syncs it. Returns the file's size.
-pub fn write_memory(mut source: impl Read, path: &Path, tier: ArchiveTier) -> std::io::Result<u64> {
+/// [`ArchiveTier::Zstd`], as a delta against `template`'s snapshot for
+/// [`ArchiveTier::Delta`] (verified by decoding it once written), and syncs it. Returns the
+/// file's size.
+pub fn write_memory(
+    mut source: impl Read,
+    path: &Path,
+    tier: ArchiveTier,
+    template: Option<&Path>,
+) -> std::io::Result<u64> {
+    if tier == ArchiveTier::Delta {
+        let template = template.ok_or_else(|| no_template(path))?;
+        let index = crate::delta::TemplateIndex::build(template)?;
+        let stats = crate::delta::encode(source, template, &index, path)?;
+        crate::delta::verify(path, template)?;
+        tracing::debug!(?stats, "delta archive written");
+        return Ok(std::fs::metadata(path)?.len());
+    }
     let file = File::create(path)?;
     let mut out = BufWriter::with_capacity(BUFFER, file);
     match tier {
-        ArchiveTier::Raw => {
+        ArchiveTier::Raw | ArchiveTier::Delta => {
             std::io::copy(&mut source, &mut out)?;
         }
         ArchiveTier::Zstd => {
@@ -91,11 +106,24 @@ pub fn write_memory(mut source: impl Read, path: &Path, tier: ArchiveTier) -> st
     Ok(file.metadata()?.len())
 }
 
-/// Writes the stream stored at `path` (decompressed for [`ArchiveTier::Zstd`]) into `sink`.
-/// Returns the stream's length.
-pub fn read_memory(path: &Path, tier: ArchiveTier, mut sink: impl Write) -> std::io::Result<u64> {
+/// Writes the stream stored at `path` (decompressed for [`ArchiveTier::Zstd`], rebuilt
+/// over `template`'s snapshot for [`ArchiveTier::Delta`]) into `sink`. Returns the stream's
+/// length.
+pub fn read_memory(
+    path: &Path,
+    tier: ArchiveTier,
+    template: Option<&Path>,
+    mut sink: impl Write,
+) -> std::io::Result<u64> {
+    if tier == ArchiveTier::Delta {
+        let template = template.ok_or_else(|| no_template(path))?;
+        let copied = crate::delta::decode(path, template, &mut sink)?;
+        sink.flush()?;
+        return Ok(copied);
+    }
     let file = File::open(path)?;
     let copied = match tier {
+        ArchiveTier::Delta => unreachable!("handled above"),
         ArchiveTier::Raw => std::io::copy(
             &mut std::io::BufReader::with_capacity(BUFFER, file),
             &mut sink,
@@ -107,6 +135,20 @@ pub fn read_memory(path: &Path, tier: ArchiveTier, mut sink: impl Write) -> std:
     };
     sink.flush()?;
     Ok(copied)
+}
+
+fn no_template(path: &Path) -> std::io::Error {
+    std::io::Error::other(format!(
+        "{}: a delta archive needs the snapshot of the template the VM was cloned from",
+        path.display()
+    ))
+}
+
+/// The snapshot a delta archive of a VM made as `spec` refers to.
+pub fn template_memory(spec: &VmSpec) -> Option<PathBuf> {
+    spec.template
+        .as_ref()
+        .map(|dir| dir.join(crate::template::MEMORY_FILE))
 }
 
 /// Writes `archive.json` atomically (temporary file, fsync, rename, fsync of the directory).
@@ -186,19 +228,30 @@ mod tests {
         }
         for tier in [ArchiveTier::Raw, ArchiveTier::Zstd] {
             let path = memory_path(dir.path(), tier);
-            let size = write_memory(&stream[..], &path, tier).unwrap();
+            let size = write_memory(&stream[..], &path, tier, None).unwrap();
             assert_eq!(size, std::fs::metadata(&path).unwrap().len());
             match tier {
                 ArchiveTier::Raw => assert_eq!(size, stream.len() as u64),
                 ArchiveTier::Zstd => assert!(size < stream.len() as u64 / 50, "{size}"),
+                ArchiveTier::Delta => unreachable!(),
             }
             let mut back = Vec::new();
             assert_eq!(
-                read_memory(&path, tier, &mut back).unwrap(),
+                read_memory(&path, tier, None, &mut back).unwrap(),
                 stream.len() as u64
             );
             assert!(back == stream, "{tier} round trip differs");
         }
+    }
+
+    #[test]
+    fn a_delta_without_a_template_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = memory_path(dir.path(), ArchiveTier::Delta);
+        let err = write_memory(&b"stream"[..], &path, ArchiveTier::Delta, None).unwrap_err();
+        assert!(err.to_string().contains("template"), "{err}");
+        let err = read_memory(&path, ArchiveTier::Delta, None, std::io::sink()).unwrap_err();
+        assert!(err.to_string().contains("template"), "{err}");
     }
 
     #[test]

@@ -198,12 +198,18 @@ impl Hypervisor for FakeBackend {
             });
         }
         let bytes = u64::from(vm.memory_mib) << 20;
+        // As the QEMU backend: a delta needs a template, else zstd.
+        let tier = match tier {
+            ArchiveTier::Delta if vm.spec.template.is_none() => ArchiveTier::Zstd,
+            tier => tier,
+        };
         let info = ArchiveInfo {
             tier,
             path: format!("fake/{id}/memory.{tier}").into(),
             size_bytes: match tier {
                 ArchiveTier::Raw => bytes,
                 ArchiveTier::Zstd => bytes / 10,
+                ArchiveTier::Delta => bytes / 500,
             },
             memory_mib: vm.memory_mib,
             took_ms: 1,

@@ -89,8 +89,10 @@ pub enum ArchiveTier {
     Raw,
     /// The migration stream compressed with zstd (level 1) in-process.
     Zstd,
-    // TODO(issue 4): delta tier: only the pages that differ from the template's snapshot
-    // (content-specific archive, seed 000), restored over the template's memory.
+    /// Only what differs from the snapshot of the template the VM was cloned from
+    /// (content-specific, seed 000; see [`delta`]), zstd-compressed. A VM not cloned from a
+    /// template is archived with [`ArchiveTier::Zstd`] instead.
+    Delta,
 }
 
 impl ArchiveTier {
@@ -99,6 +101,7 @@ impl ArchiveTier {
         match self {
             ArchiveTier::Raw => "raw",
             ArchiveTier::Zstd => "zstd",
+            ArchiveTier::Delta => "delta",
         }
     }
 }

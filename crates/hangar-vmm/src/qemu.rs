@@ -412,7 +412,14 @@ impl Hypervisor for QemuBackend {
         // Snapshot and commit; on any error the VM is put back as it was.
         let committed = async {
             let spec = running.spec.lock().expect("vm spec lock").clone();
-            let (path, size_bytes) = snapshot(&running.qmp, &paths, tier, spec.memory_mib).await?;
+            // A delta refers to the template the VM was cloned from; without one, zstd.
+            let template = archive::template_memory(&spec).filter(|path| path.is_file());
+            let tier = match (tier, &template) {
+                (ArchiveTier::Delta, None) => ArchiveTier::Zstd,
+                (tier, _) => tier,
+            };
+            let (path, size_bytes) =
+                snapshot(&running.qmp, &paths, tier, template, spec.memory_mib).await?;
             let info = ArchiveInfo {
                 tier,
                 path: path.clone(),
@@ -504,6 +511,7 @@ impl Hypervisor for QemuBackend {
             &paths,
             &record.info.path,
             record.info.tier,
+            archive::template_memory(&record.spec),
             record.spec.memory_mib,
             true,
         )
@@ -624,6 +632,7 @@ impl Hypervisor for QemuBackend {
                 &paths,
                 &template.memory,
                 ArchiveTier::Raw,
+                None,
                 spec.memory_mib,
                 false,
             )
@@ -716,6 +725,7 @@ async fn snapshot(
     qmp: &Qmp,
     paths: &VmPaths,
     tier: ArchiveTier,
+    template: Option<PathBuf>,
     memory_mib: u32,
 ) -> Result<(PathBuf, u64), String> {
     let partial = archive::partial_path(&paths.dir, tier);
@@ -734,7 +744,9 @@ async fn snapshot(
         .map_err(|err| err.to_string())?;
     drop(writer); // QEMU holds the only write end: end of file when it closes it
     let target = partial.clone();
-    let sink = tokio::task::spawn_blocking(move || archive::write_memory(reader, &target, tier));
+    let sink = tokio::task::spawn_blocking(move || {
+        archive::write_memory(reader, &target, tier, template.as_deref())
+    });
     let migrated = match qmp
         .execute(
             "migrate",
@@ -781,6 +793,7 @@ async fn incoming(
     paths: &VmPaths,
     source: &Path,
     tier: ArchiveTier,
+    template: Option<PathBuf>,
     memory_mib: u32,
     resume: bool,
 ) -> Result<(Qmp, Arc<Agent>), String> {
@@ -793,7 +806,9 @@ async fn incoming(
     drop(reader); // QEMU holds the only read end: writes fail once it is gone
     let feed = {
         let source = source.to_owned();
-        tokio::task::spawn_blocking(move || archive::read_memory(&source, tier, writer))
+        tokio::task::spawn_blocking(move || {
+            archive::read_memory(&source, tier, template.as_deref(), writer)
+        })
     };
     let migrated = match qmp
         .execute(

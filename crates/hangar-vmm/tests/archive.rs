@@ -337,6 +337,7 @@ fn archive_and_restore_keep_memory_and_disk_in_both_tiers() {
                     info.size_bytes
                 ),
                 ArchiveTier::Raw => assert!(info.size_bytes < memory_bytes + (16 << 20)),
+                ArchiveTier::Delta => unreachable!("not archived in this test"),
             }
             assert!(
                 tokio::net::TcpStream::connect(("127.0.0.1", port))
@@ -577,6 +578,39 @@ fn clones_of_a_template_resume_where_it_was_with_their_own_identity_ports_and_di
             std::net::TcpStream::connect(("127.0.0.1", template_port)).is_err(),
             "a clone listens on the template's port"
         );
+        // Archive tiers of a clone: the delta holds what differs from the template.
+        let zstd = backend
+            .archive("c1", ArchiveTier::Zstd)
+            .await
+            .expect("zstd");
+        let delta = backend
+            .archive("c2", ArchiveTier::Delta)
+            .await
+            .expect("delta");
+        eprintln!(
+            "clone archives: zstd {} bytes, delta {} bytes ({:.1}%)",
+            zstd.size_bytes,
+            delta.size_bytes,
+            delta.size_bytes as f64 * 100.0 / zstd.size_bytes as f64
+        );
+        assert_eq!(delta.tier, ArchiveTier::Delta);
+        assert!(
+            delta.size_bytes * 4 <= zstd.size_bytes,
+            "a clone's delta should be at most 25% of its zstd archive"
+        );
+        for (name, port, _) in &clones {
+            let mut restored = spec(name, &guest, *port);
+            restored.base_image = template.disk.clone();
+            restored.template = Some(template.dir.clone());
+            let started = Instant::now();
+            backend.restore(&restored).await.expect("restore");
+            eprintln!("{name}: restored in {:?}", started.elapsed());
+            assert_eq!(
+                counter(*port).await,
+                4,
+                "{name} continues after its archive"
+            );
+        }
         for (name, _, _) in &clones {
             backend.destroy(name).await.expect("destroy");
         }

@@ -162,6 +162,7 @@ fn spec(id: &str, guest: &Guest, port: u16) -> VmSpec {
         }],
         pre_os: false,
         background: false,
+        template: None,
     }
 }
 
@@ -379,6 +380,7 @@ fn a_clone_is_stored_as_a_small_delta_of_its_template() {
             File::open(&clone).unwrap(),
             &zstd_path,
             ArchiveTier::Zstd,
+            None,
         )
         .unwrap();
         eprintln!("zstd -1 of the clone's stream: {:?}", started.elapsed());
@@ -386,6 +388,7 @@ fn a_clone_is_stored_as_a_small_delta_of_its_template() {
             File::open(&template).unwrap(),
             &tmp.path().join("template.zstd"),
             ArchiveTier::Zstd,
+            None,
         )
         .unwrap();
         eprintln!(
