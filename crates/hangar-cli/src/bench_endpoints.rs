@@ -146,7 +146,7 @@ fn timed_get(addr: SocketAddr, path: &str) -> std::io::Result<(Duration, u64)> {
 }
 
 /// Connect, `GET path`: the time to the first byte of the answer.
-fn first_byte(addr: SocketAddr, path: &str) -> std::io::Result<Duration> {
+pub(crate) fn first_byte(addr: SocketAddr, path: &str) -> std::io::Result<Duration> {
     let started = Instant::now();
     let mut stream = TcpStream::connect(addr)?;
     stream.set_nodelay(true)?;

@@ -11,6 +11,7 @@ use hangar_vmm::Accel;
 
 mod bench;
 mod bench_endpoints;
+mod bench_lifecycle;
 mod client;
 mod table;
 
@@ -184,6 +185,8 @@ enum BenchCommand {
     Pool(bench::PoolBench),
     /// Stable endpoints against direct connections: latency, throughput, wake on connection.
     Endpoints(bench_endpoints::EndpointsBench),
+    /// Wake from sleeping and from each archive tier, restore from template, cold boot.
+    Lifecycle(bench_lifecycle::LifecycleBench),
 }
 
 #[derive(Subcommand)]
@@ -797,6 +800,9 @@ async fn client_command(client: Client, command: Command) -> Result<(), ClientEr
         Command::Bench {
             command: BenchCommand::Endpoints(args),
         } => bench_endpoints::run(args).await,
+        Command::Bench {
+            command: BenchCommand::Lifecycle(args),
+        } => bench_lifecycle::run(args).await,
         Command::Sleep { vm } => {
             let vm: serde_json::Value = client
                 .post(&format!("/v1/vms/{vm}/sleep"), &serde_json::json!({}))

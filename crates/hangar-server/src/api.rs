@@ -364,7 +364,7 @@ impl From<VmRecord> for VmView {
 /// A VM's memory archive.
 #[derive(Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ArchiveView {
-    /// `raw` or `zstd`.
+    /// `raw`, `zstd` or `delta`.
     pub tier: String,
     pub size_bytes: u64,
     /// Guest memory it holds.

@@ -1,0 +1,287 @@
+//! `hangar bench lifecycle`: for one service (`http-counter`, 256 MiB), how fast a VM comes
+//! back from each resting state — sleeping, and archived raw, zstd and delta — measured as a
+//! client sees it (connect to the stable endpoint, `GET /`, first byte of the answer; the
+//! connection itself wakes the VM), against a cold boot and a restore from the service's
+//! template; with each archive's size. Medians and ratios to the cold boot, from one run.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::bench::{ServerOptions, Summary, machine, start_server, summary};
+use crate::bench_endpoints::first_byte;
+use crate::client::{Client, ClientError};
+
+#[derive(clap::Args)]
+pub struct LifecycleBench {
+    /// Service to measure (its VMs must answer `GET /`).
+    #[arg(long, default_value = "http-counter")]
+    service: String,
+    /// Samples of each measurement (cold boots: at most 3).
+    #[arg(long, default_value_t = 5)]
+    samples: usize,
+    /// Accelerator for the benchmark's servers.
+    #[arg(long, default_value = "auto")]
+    accel: String,
+    /// Guest asset cache to reuse [default: the default data dir's cache].
+    #[arg(long)]
+    cache: Option<PathBuf>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize)]
+struct Row {
+    metric: &'static str,
+    #[serde(flatten)]
+    latency: Summary,
+    /// Cold boot p50 over this p50.
+    faster_than_cold: f64,
+    /// The archive's size, for archive tiers.
+    archive_bytes: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct Report {
+    service: String,
+    memory_mib: u64,
+    accel: String,
+    machine: String,
+    rows: Vec<Row>,
+    /// Delta archive size over zstd archive size.
+    delta_over_zstd: Option<f64>,
+}
+
+fn reply(err: impl std::fmt::Display) -> ClientError {
+    ClientError::Reply(err.to_string())
+}
+
+/// Request → the endpoint's first byte; the grant.
+async fn timed_grant(
+    client: &Client,
+    service: &str,
+) -> Result<(Duration, serde_json::Value), ClientError> {
+    let started = Instant::now();
+    let grant: serde_json::Value = client
+        .post(
+            "/v1/requests",
+            &serde_json::json!({ "service": service, "mode": "dedicated" }),
+        )
+        .await?;
+    let endpoint = endpoint_of(&grant)?;
+    first_byte(endpoint, "/").map_err(reply)?;
+    Ok((started.elapsed(), grant))
+}
+
+fn endpoint_of(grant: &serde_json::Value) -> Result<SocketAddr, ClientError> {
+    grant["endpoint"]
+        .as_str()
+        .and_then(|e| e.parse().ok())
+        .ok_or_else(|| reply(format!("no endpoint in {grant}")))
+}
+
+pub async fn run(args: LifecycleBench) -> Result<(), ClientError> {
+    if args.samples == 0 {
+        return Err(ClientError::Usage("--samples must be at least 1".into()));
+    }
+    let options = |templates| ServerOptions {
+        accel: &args.accel,
+        catalog: None,
+        cache: args.cache.as_deref(),
+        pool_memory_mib: 0,
+        templates,
+    };
+
+    // Cold boots, on a server that boots every VM.
+    eprintln!("cold boots (templates off)...");
+    let server = start_server(&options(false)).map_err(ClientError::Reply)?;
+    let client = Client::new(&server.url);
+    let mut cold = Vec::new();
+    let mut memory_mib = 0;
+    for i in 0..args.samples.min(3) {
+        let (took, grant) = timed_grant(&client, &args.service).await?;
+        if grant["match"] != "created" {
+            return Err(reply(format!("expected a boot, got {}", grant["match"])));
+        }
+        memory_mib = grant["memory_mib"].as_u64().unwrap_or(0);
+        eprintln!("  cold boot {}: {:.0} ms", i + 1, took.as_secs_f64() * 1e3);
+        cold.push(took);
+        let _: serde_json::Value = client
+            .delete(&format!(
+                "/v1/vms/{}",
+                grant["vm"].as_str().unwrap_or_default()
+            ))
+            .await?;
+    }
+    drop(server);
+
+    // Everything else on a server with templates.
+    eprintln!("restores from the template (templates on)...");
+    let server = start_server(&options(true)).map_err(ClientError::Reply)?;
+    let client = Client::new(&server.url);
+    let (_, first) = timed_grant(&client, &args.service).await?;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let templates: serde_json::Value = client.get("/v1/templates").await?;
+        let ready =
+            templates.as_array().into_iter().flatten().any(|t| {
+                t["service"] == args.service.as_str() && t["current"].as_bool() == Some(true)
+            });
+        if ready {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(reply(
+                "the service's template was not built within 5 minutes",
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _: serde_json::Value = client
+        .delete(&format!(
+            "/v1/vms/{}",
+            first["vm"].as_str().unwrap_or_default()
+        ))
+        .await?;
+    let mut cloned = Vec::new();
+    let mut vm = String::new();
+    let mut endpoint = None;
+    for i in 0..args.samples {
+        let (took, grant) = timed_grant(&client, &args.service).await?;
+        if grant["match"] != "cloned" {
+            return Err(reply(format!("expected a clone, got {}", grant["match"])));
+        }
+        eprintln!("  clone {}: {:.0} ms", i + 1, took.as_secs_f64() * 1e3);
+        cloned.push(took);
+        if i + 1 < args.samples {
+            let _: serde_json::Value = client
+                .delete(&format!(
+                    "/v1/vms/{}",
+                    grant["vm"].as_str().unwrap_or_default()
+                ))
+                .await?;
+        } else {
+            vm = grant["vm"].as_str().unwrap_or_default().to_owned();
+            endpoint = Some(endpoint_of(&grant)?);
+        }
+    }
+    let endpoint = endpoint.expect("at least one sample");
+
+    // One clone goes to rest and is woken by a connection, again and again.
+    let mut rests: Vec<(&'static str, Vec<Duration>, Option<u64>)> = Vec::new();
+    for (name, tier) in [
+        ("wake from sleeping", None),
+        ("wake from raw archive", Some("raw")),
+        ("wake from zstd archive", Some("zstd")),
+        ("wake from delta archive", Some("delta")),
+    ] {
+        eprintln!("{name}...");
+        let mut samples = Vec::new();
+        let mut size = None;
+        for _ in 0..args.samples {
+            let view: serde_json::Value = match tier {
+                None => {
+                    client
+                        .post(&format!("/v1/vms/{vm}/sleep"), &serde_json::json!({}))
+                        .await?
+                }
+                Some(tier) => {
+                    client
+                        .post(
+                            &format!("/v1/vms/{vm}/archive"),
+                            &serde_json::json!({ "tier": tier }),
+                        )
+                        .await?
+                }
+            };
+            if let Some(tier) = tier {
+                if view["archive"]["tier"] != tier {
+                    return Err(reply(format!(
+                        "archived as {}, not {tier}",
+                        view["archive"]["tier"]
+                    )));
+                }
+                size = view["archive"]["size_bytes"].as_u64();
+            }
+            // Let the server finish with the VM before the connection asks for it.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            samples.push(first_byte(endpoint, "/").map_err(reply)?);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        rests.push((name, samples, size));
+    }
+    let _: serde_json::Value = client.delete(&format!("/v1/vms/{vm}")).await?;
+    drop(server);
+
+    let cold = summary(&mut cold);
+    let row = |metric, mut samples: Vec<Duration>, archive_bytes| {
+        let latency = summary(&mut samples);
+        Row {
+            metric,
+            faster_than_cold: cold.p50_ms / latency.p50_ms,
+            latency,
+            archive_bytes,
+        }
+    };
+    let mut rows = vec![row("restore from template (new VM)", cloned, None)];
+    for (name, samples, size) in rests {
+        rows.push(row(name, samples, size));
+    }
+    let size_of = |metric: &str| rows.iter().find(|r| r.metric == metric)?.archive_bytes;
+    let delta_over_zstd = size_of("wake from delta archive")
+        .zip(size_of("wake from zstd archive"))
+        .map(|(delta, zstd)| delta as f64 / zstd as f64);
+    rows.insert(
+        0,
+        Row {
+            metric: "cold boot (new VM)",
+            faster_than_cold: 1.0,
+            latency: cold,
+            archive_bytes: None,
+        },
+    );
+    let report = Report {
+        service: args.service.clone(),
+        memory_mib,
+        accel: args.accel.clone(),
+        machine: machine(),
+        rows,
+        delta_over_zstd,
+    };
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("serializable")
+        );
+        return Ok(());
+    }
+    println!(
+        "hangar bench lifecycle: {} ({} MiB) on {} (accel {})",
+        report.service, report.memory_mib, report.machine, report.accel
+    );
+    println!("connect to the endpoint → first byte of the answer to GET /\n");
+    println!("| metric | n | p50 ms | p99 ms | min ms | max ms | cold / this | archive |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for r in &report.rows {
+        let s = &r.latency;
+        println!(
+            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1}x | {} |",
+            r.metric,
+            s.n,
+            s.p50_ms,
+            s.p99_ms,
+            s.min_ms,
+            s.max_ms,
+            r.faster_than_cold,
+            r.archive_bytes
+                .map_or(String::new(), |b| format!("{:.2} MB", b as f64 / 1e6))
+        );
+    }
+    if let Some(ratio) = report.delta_over_zstd {
+        println!("\ndelta archive / zstd archive: {:.1}%", ratio * 100.0);
+    }
+    Ok(())
+}
