@@ -334,6 +334,7 @@ fn boots_a_busybox_guest_and_serves_http() {
         root: Some(RootConfig {
             device: "/dev/vda".into(),
             fstype: "ext4".into(),
+            layers: Vec::new(),
         }),
         files: vec![],
         services: vec![ServiceCommand {

@@ -87,11 +87,29 @@ pub struct NetworkConfig {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RootConfig {
-    /// Block device holding the root, e.g. `/dev/vda`.
+    /// Block device holding the root, e.g. `/dev/vda`, or `serial:NAME` for the virtio
+    /// disk with that serial number. With `layers`, the writable upper layer.
     pub device: String,
     /// Filesystem type, e.g. `ext4`.
     pub fstype: String,
+    /// Read-only layers under the root, top first: the root is an overlayfs of these with
+    /// `device` as its upper layer (`data/` and `work/` on it). Empty: `device` is the root.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<LayerMount>,
 }
+
+/// A read-only root filesystem layer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerMount {
+    /// `/dev/vdX` or `serial:NAME`.
+    pub device: String,
+    /// e.g. `squashfs`.
+    pub fstype: String,
+}
+
+/// Where hangar-init looks for a configuration of its own (an exported image boots
+/// without a host on the agent channel): a [`GuestConfig`] as JSON, in the initramfs.
+pub const STANDALONE_CONFIG: &str = "/hangar/standalone.json";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileWrite {
@@ -198,6 +216,10 @@ mod tests {
             root: Some(RootConfig {
                 device: "/dev/vda".into(),
                 fstype: "ext4".into(),
+                layers: vec![LayerMount {
+                    device: "serial:hangar-layer-0".into(),
+                    fstype: "squashfs".into(),
+                }],
             }),
             files: vec![FileWrite {
                 path: "/etc/motd".into(),

@@ -278,6 +278,7 @@ async fn restart_adopts_running_vms_fails_vanished_ones_and_stops_strangers() {
         initramfs: "i".into(),
         cmdline: String::new(),
         base_image: None,
+        layers: Vec::new(),
         forwards: vec![],
         pre_os: false,
         background: false,
