@@ -934,7 +934,8 @@ fn validate(
                 )));
             }
         }
-        if component.name != name
+        // The inline app's criterion is the service's own (`raw.ready`).
+        if !(inline && component.name == name)
             && let Some(ready) = &app.ready
         {
             readies.push(ready.clone());
@@ -1103,7 +1104,17 @@ mod tests {
     fn demo_catalog_has_the_demo_services() {
         let catalog = Catalog::demo();
         let names: Vec<_> = catalog.names().collect();
-        assert_eq!(names, ["http-counter", "http-static"]);
+        assert_eq!(
+            names,
+            [
+                "http-counter",
+                "http-static",
+                "nginx",
+                "postgresql",
+                "redis",
+                "web-cache"
+            ]
+        );
         let counter = catalog.get("http-counter").unwrap();
         assert_eq!(counter.memory_mib, 256);
         assert_eq!(counter.files["/www/cgi-bin/index.cgi"].mode, 0o755);
@@ -1115,6 +1126,129 @@ mod tests {
         let web = catalog.get("http-static").unwrap();
         assert_eq!(web.ready.timeout, Duration::from_secs(60));
         assert_eq!(web.ready.checks.len(), 2);
+    }
+
+    #[test]
+    fn the_directory_knows_where_each_service_can_run() {
+        let catalog = Catalog::demo();
+        let redis = catalog.get("redis").unwrap();
+        assert_eq!(redis.environments, ["debian-12"]);
+        assert_eq!(redis.os, "debian-12");
+        assert_eq!(redis.components, ["redis-server", "redis"]);
+        assert_eq!(catalog.get("http-static").unwrap().environments, ["busybox"]);
+        assert!(catalog.viable("redis", "debian-12").is_ok());
+        let Err(Never::Combination { reason }) = catalog.viable("redis", "busybox") else {
+            panic!("redis on busybox is never viable");
+        };
+        assert_eq!(
+            reason,
+            "software redis-server runs on debian-12, not on busybox"
+        );
+        let Err(Never::Combination { reason }) = catalog.viable("http-static", "debian-12")
+        else {
+            panic!("http-static is busybox only");
+        };
+        assert!(reason.contains("runs on busybox"), "{reason}");
+        assert_eq!(catalog.viable("nope", "busybox"), Err(Never::NoService));
+        let Err(Never::Combination { reason }) = catalog.viable("redis", "plan9") else {
+            panic!("no such os");
+        };
+        assert_eq!(reason, r#"there is no os "plan9""#);
+        // Closest viable alternatives: the same service elsewhere first, then services
+        // with close names on the OS asked for.
+        let alternatives = catalog.alternatives("redis", Some("busybox"), 4);
+        assert_eq!(alternatives[0], "redis --env os=debian-12");
+        assert!(
+            alternatives[1..].iter().all(|a| a.ends_with("--env os=busybox")),
+            "{alternatives:?}"
+        );
+
+        // Two apps on one VM: both ports, both processes, every ready check, the patch.
+        let both = catalog.get("web-cache").unwrap();
+        let ports: Vec<_> = both.ports.iter().map(|p| (p.name.as_str(), p.guest)).collect();
+        assert_eq!(ports, [("http", 80), ("redis", 6379)]);
+        assert_eq!(both.processes.len(), 2);
+        assert_eq!(both.ready.checks.len(), 4);
+        assert_eq!(
+            both.components,
+            ["nginx-light", "web-page", "redis-server", "redis", "ps-tools", "web-cache"]
+        );
+        assert!(both.templates.contains_key("/var/www/html/hello.txt"));
+        assert!(both.files.contains_key("/var/www/html/index.html"));
+        let postgres = catalog.get("postgresql").unwrap();
+        assert_eq!(postgres.settings["password"].default, None);
+        assert!(postgres.settings["password"].secret);
+    }
+
+    const COMPONENTS: &str = r#"
+        [os.debian-12]
+        version = "12"
+        base = "debootstrap"
+        suite = "bookworm"
+        [software.web]
+        packages = ["nginx-light"]
+        [app.page]
+        requires = ["web"]
+        [[app.page.port]]
+        name = "http"
+        guest = 80
+        [[app.page.process]]
+        name = "nginx"
+        argv = ["nginx"]
+        [app.page.ready]
+        checks = [{ tcp = { port = "http" } }]
+        [service.site]
+        apps = ["page"]
+    "#;
+
+    #[test]
+    fn bad_components_name_the_component() {
+        assert!(Catalog::from_toml(COMPONENTS).is_ok());
+        let cycle = COMPONENTS.replace(
+            r#"packages = ["nginx-light"]"#,
+            "packages = [\"nginx-light\"]\nrequires = [\"page\"]",
+        );
+        assert_eq!(
+            invalid(&cycle),
+            "components require each other in a cycle: page -> web -> page"
+        );
+        let unknown = COMPONENTS.replace(r#"requires = ["web"]"#, r#"requires = ["wbe"]"#);
+        assert_eq!(
+            invalid(&unknown),
+            r#"component "page" requires unknown component "wbe""#
+        );
+        let bad_package = COMPONENTS.replace(r#"["nginx-light"]"#, r#"["nginx; reboot"]"#);
+        let err = invalid(&bad_package);
+        assert!(
+            err.starts_with(r#"component "web": "nginx; reboot" is not a Debian package name"#),
+            "{err}"
+        );
+        let conflicting = format!(
+            "{COMPONENTS}\n[software.other]\npackages = [\"apache2\"]\nconflicts = [\"web\"]\n"
+        )
+        .replace(r#"requires = ["web"]"#, r#"requires = ["web", "other"]"#);
+        assert_eq!(
+            invalid(&conflicting),
+            r#"service "site": can never be built: software web and software other conflict"#
+        );
+        let nowhere = COMPONENTS
+            .replace(
+                r#"packages = ["nginx-light"]"#,
+                "packages = [\"nginx-light\"]\nruns_on = [\"busybox\"]",
+            )
+            .replace(
+                "[os.debian-12]",
+                "[os.busybox]\nversion = \"1.35\"\n[os.debian-12]",
+            );
+        let err = invalid(&nowhere);
+        assert!(err.starts_with(r#"service "site": can run on no os"#), "{err}");
+        let template =
+            format!("{COMPONENTS}\n[app.page.templates.\"/etc/x\"]\ncontent = \"{{{{nope}}}}\"\n");
+        let err = invalid(&template);
+        assert!(err.contains(r#"template "/etc/x" uses {{nope}}"#), "{err}");
+        let no_suite = COMPONENTS.replace("suite = \"bookworm\"\n", "");
+        let err = invalid(&no_suite);
+        assert!(err.contains("needs a suite"), "{err}");
     }
 
     #[test]

@@ -97,10 +97,10 @@ mod tests {
             layer("pg", Some("os"), 40, 20),
         ];
         assert!(choose_evictions(&layers, 200).is_empty());
-        // 115 bytes, budget 100: the oldest leaf (redis) goes first, which is enough.
+        // 115 bytes, budget 106: the oldest leaf (redis) goes first, which is enough.
         assert_eq!(choose_evictions(&layers, 106), ["redis"]);
-        // Budget 60: redis, then pg (older than nginx).
-        assert_eq!(choose_evictions(&layers, 60), ["redis", "pg"]);
+        // Budget 65: redis, then pg (older than nginx).
+        assert_eq!(choose_evictions(&layers, 65), ["redis", "pg"]);
         // Budget 0: every leaf, then the OS layer once it has no children.
         assert_eq!(choose_evictions(&layers, 0), ["redis", "pg", "nginx", "os"]);
     }

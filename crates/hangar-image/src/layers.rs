@@ -254,6 +254,7 @@ pub fn ensure_layers(
         let stage = format!("{} layer {}", input.kind(), input.name());
         if let Some(layer) = cached_layer(&build.cache_dir, hash) {
             tracing::debug!(hash = %hash, layer = %stage, "layer cached");
+            touch_layer(&build.cache_dir, hash);
             layers.push(layer);
             continue;
         }
@@ -270,6 +271,7 @@ pub fn ensure_layers(
         let parent = layers.last().map(|l| l.info.hash.clone());
         let lowers: Vec<&Layer> = layers.iter().rev().collect();
         let layer = build_layer(build, input, hash, parent, &lowers, &report)?;
+        touch_layer(&build.cache_dir, hash);
         tracing::info!(
             hash = %hash,
             layer = %stage,

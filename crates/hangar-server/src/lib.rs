@@ -22,7 +22,9 @@ use hangar_vmm::qemu::{QemuBackend, QemuConfig};
 pub mod api;
 mod create;
 pub mod error;
+mod export;
 mod grants;
+pub mod image_policy;
 pub mod images;
 pub mod lifecycle;
 pub mod manager;
@@ -50,6 +52,10 @@ pub struct ServerConfig {
     pub pool_memory_mib: u64,
     /// Answers carry `<vm>.<domain>` when set.
     pub dns_domain: Option<String>,
+    /// Debian mirror for OS layers and packages.
+    pub debian_mirror: String,
+    /// Most disk cached image layers may take, in MiB.
+    pub image_budget_mib: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -170,6 +176,8 @@ pub async fn run(
             kernel: config.kernel.clone(),
             busybox: config.busybox.clone(),
         },
+        catalog.clone(),
+        config.debian_mirror.clone(),
     ));
     tracing::info!(
         "preparing guest assets (the first start fetches and unpacks the Debian cloud kernel)"
@@ -189,6 +197,8 @@ pub async fn run(
             // Under TCG on microvm the guest cannot calibrate its TSC; it is told the rate.
             guest_cmdline: hangar_image::kernel_cmdline(hangar_image::host_tsc_khz()),
             pool_memory_mib: config.pool_memory_mib,
+            image_budget_mib: config.image_budget_mib,
+            export_dir: data_dir.join("exports"),
             dns_domain: config.dns_domain.clone(),
             ..ManagerConfig::default()
         },
@@ -217,6 +227,7 @@ pub async fn run(
     };
 
     let pool_loop = manager.spawn_pool_loop();
+    let image_loop = manager.spawn_image_loop();
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -231,6 +242,7 @@ pub async fn run(
         .await;
     monitor.abort();
     pool_loop.abort();
+    image_loop.abort();
     drop(lock);
     served.map_err(ServerError::Serve)
 }
