@@ -651,7 +651,7 @@ fn install_packages(
     mounts.mount(&["--bind"], &lists, &root.join("var/lib/apt/lists"))?;
     mounts.mount(&["--bind"], &archives, &root.join("var/cache/apt/archives"))?;
     mounts.mount(&["-t", "proc"], Path::new("proc"), &root.join("proc"))?;
-    mounts.mount(&["--rbind"], Path::new("/dev"), &root.join("dev"))?;
+    mounts.mount(&["--bind"], Path::new("/dev"), &root.join("dev"))?;
     mounts.mount(&["-t", "sysfs"], Path::new("sysfs"), &root.join("sys"))?;
     std::fs::copy("/etc/resolv.conf", root.join("etc/resolv.conf"))
         .map_err(|e| AssetError::io("copy /etc/resolv.conf into the build", e))?;

@@ -181,7 +181,7 @@ impl Manager {
     /// Starts building the image of the request's service and environment (`hangar
     /// build`); returns the task. A build already running for it is returned instead.
     pub fn build_image(self: &Arc<Self>, request: &ServiceRequest) -> Result<String, ApiError> {
-        let service = self.viable_service(request)?;
+        let service = self.directory_lookup(request)?;
         let os = request.env.get("os").cloned().unwrap_or(service.os.clone());
         let name = key(&service.name, &os);
         let mut building = self.image_runtime.building.lock().expect("building lock");

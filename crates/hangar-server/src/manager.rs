@@ -376,6 +376,14 @@ impl Manager {
     /// the directory: else 404 (no such service) or 422 "never", with the closest viable
     /// alternatives. A setting the service needs and the request lacks is a 400.
     pub(crate) fn viable_service(&self, request: &ServiceRequest) -> Result<Service, ApiError> {
+        let service = self.directory_lookup(request)?;
+        crate::create::settings(&service, &request.env).map_err(ApiError::BadRequest)?;
+        Ok(service)
+    }
+
+    /// The service the request names, if the combination is in the directory (settings
+    /// aside: an image does not depend on them).
+    pub(crate) fn directory_lookup(&self, request: &ServiceRequest) -> Result<Service, ApiError> {
         let name = request.service.as_deref().unwrap_or_default();
         let Some(service) = self.catalog.get(name) else {
             return Err(ApiError::NotFound {
@@ -402,7 +410,6 @@ impl Manager {
                 });
             }
         };
-        crate::create::settings(service, &request.env).map_err(ApiError::BadRequest)?;
         Ok(service.clone())
     }
 
