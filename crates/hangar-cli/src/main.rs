@@ -444,6 +444,12 @@ async fn client_command(client: Client, command: Command) -> Result<(), ClientEr
                     endpoint
                 }
             );
+            let endpoints = grant["endpoints"].as_object().cloned().unwrap_or_default();
+            if endpoints.len() > 1 {
+                for (name, addr) in &endpoints {
+                    eprintln!("endpoint {name}: {}", text(addr));
+                }
+            }
             if std::io::stderr().is_terminal() {
                 let how = match grant["match"].as_str().unwrap_or_default() {
                     "shared" => "shared, already running".to_owned(),

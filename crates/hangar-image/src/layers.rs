@@ -49,7 +49,8 @@ const LAYER_FORMAT: u32 = 1;
 /// Virtual size of every VM's writable layer (sparse: only what is written takes space).
 pub const UPPER_SIZE_BYTES: u64 = 4 << 30;
 
-/// One layer at a time per process: builds share apt's lists and download cache.
+/// One layer at a time per process (and, with a lock file, per cache): builds share apt's
+/// lists and download cache.
 static BUILD_LOCK: Mutex<()> = Mutex::new(());
 
 /// What a layer is built from.
@@ -259,6 +260,8 @@ pub fn ensure_layers(
             continue;
         }
         let _guard = BUILD_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let _file_lock = lock_builds(&build.cache_dir)?;
+        recover_crashed_builds(&build.cache_dir);
         // Another build may have made it while we waited.
         if let Some(layer) = cached_layer(&build.cache_dir, hash) {
             layers.push(layer);
@@ -282,6 +285,71 @@ pub fn ensure_layers(
         layers.push(layer);
     }
     Ok(layers)
+}
+
+/// Holds `<cache>/layers/.build.lock` exclusively: one build at a time also across
+/// processes sharing the cache (two servers, or tests). Released when dropped.
+fn lock_builds(cache_dir: &Path) -> Result<std::fs::File, AssetError> {
+    let path = layers_dir(cache_dir).join(".build.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| AssetError::io(format!("open {}", path.display()), e))?;
+    file.lock()
+        .map_err(|e| AssetError::io(format!("lock {}", path.display()), e))?;
+    Ok(file)
+}
+
+/// Undoes what builds of a crashed process left: mounts under temporary build
+/// directories (unmounted first, deepest first, so that removing the directories can
+/// never reach through a bind mount into the host), then the directories. Call it holding
+/// the build lock: then no temporary build directory belongs to a live build.
+fn recover_crashed_builds(cache_dir: &Path) {
+    let roots = [layers_dir(cache_dir), cache_dir.join("export")];
+    let prefixes: Vec<String> = roots
+        .iter()
+        .map(|root| {
+            let root = std::fs::canonicalize(root).unwrap_or_else(|_| root.clone());
+            format!("{}/.tmp-", root.display())
+        })
+        .collect();
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let mut stale: Vec<String> = mounts
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(1))
+        .map(unescape_mount_path)
+        .filter(|point| prefixes.iter().any(|prefix| point.starts_with(prefix)))
+        .collect();
+    stale.sort_by_key(|point| std::cmp::Reverse(point.len()));
+    for point in &stale {
+        tracing::warn!(mount = %point, "unmounting what a crashed build left");
+        let _ = tools::run(Command::new("umount").arg("-l").arg(point));
+    }
+    if !stale.is_empty() {
+        // The mounts are gone from this namespace; nothing below reaches outside.
+        for root in &roots {
+            let Ok(entries) = std::fs::read_dir(root) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with(".tmp-") && !name.starts_with(".tmp-evict-") {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+    }
+}
+
+/// `/proc/self/mounts` escapes space, tab, newline and backslash as octal.
+fn unescape_mount_path(field: &str) -> String {
+    field
+        .replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
 }
 
 /// Builds one layer into a temporary directory and publishes it.
@@ -785,6 +853,9 @@ pub fn ensure_upper_template(cache_dir: &Path) -> Result<PathBuf, AssetError> {
 /// `dest`: what the guest sees as its root, without the overlay.
 pub fn flatten(cache_dir: &Path, layers: &[Layer], dest: &Path) -> Result<u64, AssetError> {
     require_root()?;
+    let _guard = BUILD_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _file_lock = lock_builds(cache_dir)?;
+    recover_crashed_builds(cache_dir);
     let mkfs = tools::find("mkfs.ext4", "e2fsprogs")?;
     let qemu_img = tools::find("qemu-img", "qemu-utils")?;
     let tmp = cache::temp_dir_in(&cache_dir.join("export"))?;
@@ -896,6 +967,12 @@ mod tests {
         };
         assert_ne!(files("a").hash(Some("p")), files("b").hash(Some("p")));
         assert_ne!(files("a").hash(Some("p")), files("a").hash(Some("q")));
+    }
+
+    #[test]
+    fn mount_paths_are_unescaped() {
+        assert_eq!(unescape_mount_path(r"/a\040b/c\134d"), r"/a b/c\d");
+        assert_eq!(unescape_mount_path("/plain"), "/plain");
     }
 
     #[test]

@@ -129,7 +129,7 @@ pub fn console_only() -> (Outbox, Receiver<HostMessage>) {
         .name("console-writer".into())
         .spawn(move || {
             for line in out_rx {
-                console!("hangar-init: {}", line.trim_end());
+                console!("{}", line.trim_end());
                 writer_pending.fetch_sub(1, Ordering::SeqCst);
             }
         });
