@@ -135,14 +135,17 @@ impl Client {
                 .await
                 .map_err(|err| ClientError::Reply(err.to_string()))?
             {
-                file.write_all(&chunk)
-                    .map_err(|err| ClientError::Usage(format!("cannot write {}: {err}", partial.display())))?;
+                file.write_all(&chunk).map_err(|err| {
+                    ClientError::Usage(format!("cannot write {}: {err}", partial.display()))
+                })?;
                 written += chunk.len() as u64;
             }
-            file.sync_all()
-                .map_err(|err| ClientError::Usage(format!("cannot write {}: {err}", partial.display())))?;
-            std::fs::rename(&partial, dest)
-                .map_err(|err| ClientError::Usage(format!("cannot write {}: {err}", dest.display())))
+            file.sync_all().map_err(|err| {
+                ClientError::Usage(format!("cannot write {}: {err}", partial.display()))
+            })?;
+            std::fs::rename(&partial, dest).map_err(|err| {
+                ClientError::Usage(format!("cannot write {}: {err}", dest.display()))
+            })
         }
         .await;
         if result.is_err() {

@@ -160,7 +160,9 @@ enum Command {
     },
     /// Write a self-contained image of a service (tar: kernel, initramfs, flattened disk,
     /// hangar-export.json, run.sh) that boots with plain qemu-system-x86_64.
-    #[command(after_help = "Example:\n  hangar export nginx nginx.tar && tar -xf nginx.tar && ./run.sh")]
+    #[command(
+        after_help = "Example:\n  hangar export nginx nginx.tar && tar -xf nginx.tar && ./run.sh"
+    )]
     Export {
         service: String,
         file: PathBuf,
@@ -390,7 +392,9 @@ async fn client_command(client: Client, command: Command) -> Result<(), ClientEr
                 ],
                 rows,
             );
-            eprintln!("(first environment is the default; SETTINGS ending in ! are required: --env KEY=VALUE)");
+            eprintln!(
+                "(first environment is the default; SETTINGS ending in ! are required: --env KEY=VALUE)"
+            );
             Ok(())
         }
         Command::Request {
@@ -733,7 +737,14 @@ async fn client_command(client: Client, command: Command) -> Result<(), ClientEr
             });
             table::print(
                 &[
-                    "SERVICE", "OS", "STATE", "LAYERS", "SIZE", "USERS", "LAST USED", "PROMOTED",
+                    "SERVICE",
+                    "OS",
+                    "STATE",
+                    "LAYERS",
+                    "SIZE",
+                    "USERS",
+                    "LAST USED",
+                    "PROMOTED",
                 ],
                 rows,
             );
@@ -759,7 +770,14 @@ async fn client_command(client: Client, command: Command) -> Result<(), ClientEr
             });
             table::print(
                 &[
-                    "LAYER", "KIND", "NAME", "PARENT", "SIZE", "BUILD", "USERS", "LAST USED",
+                    "LAYER",
+                    "KIND",
+                    "NAME",
+                    "PARENT",
+                    "SIZE",
+                    "BUILD",
+                    "USERS",
+                    "LAST USED",
                     "IMAGES",
                 ],
                 rows,

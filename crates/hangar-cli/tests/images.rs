@@ -42,7 +42,9 @@ fn resp(stream: &mut TcpStream, args: &[&str]) -> String {
         reply.extend_from_slice(&buf[..n]);
         let text = String::from_utf8_lossy(&reply).into_owned();
         let complete = text.ends_with("\r\n")
-            && (!text.starts_with('$') || text.starts_with("$-1") || text.matches("\r\n").count() >= 2);
+            && (!text.starts_with('$')
+                || text.starts_with("$-1")
+                || text.matches("\r\n").count() >= 2);
         if complete || Instant::now() > deadline {
             return text;
         }
@@ -115,7 +117,10 @@ fn debian_services_share_layers_and_answer_their_protocols() {
     );
     // Cached: building again does nothing.
     let again = build(&server, "redis");
-    assert!(again < Duration::from_secs(5), "a cached build took {again:?}");
+    assert!(
+        again < Duration::from_secs(5),
+        "a cached build took {again:?}"
+    );
 
     // Disk: one OS layer shared by both images, plus small deltas.
     let inventory = images(&server);
@@ -178,7 +183,12 @@ fn debian_services_share_layers_and_answer_their_protocols() {
     // No layer carries identity or host leftovers.
     for hash in &unique {
         let files = layer_files(&layer_path(&server, hash));
-        for identity in ["etc/hostname", "etc/machine-id", "etc/resolv.conf", "usr/sbin/policy-rc.d"] {
+        for identity in [
+            "etc/hostname",
+            "etc/machine-id",
+            "etc/resolv.conf",
+            "usr/sbin/policy-rc.d",
+        ] {
             assert!(
                 !files.iter().any(|f| f == identity),
                 "layer {hash} carries {identity}"
@@ -195,7 +205,10 @@ fn debian_services_share_layers_and_answer_their_protocols() {
     let endpoint = grant["endpoint"].as_str().unwrap().to_owned();
     let mut conn = redis_connect(&endpoint);
     assert_eq!(resp(&mut conn, &["PING"]), "+PONG\r\n");
-    assert_eq!(resp(&mut conn, &["SET", "greeting", "hello hangar"]), "+OK\r\n");
+    assert_eq!(
+        resp(&mut conn, &["SET", "greeting", "hello hangar"]),
+        "+OK\r\n"
+    );
     assert_eq!(
         resp(&mut conn, &["GET", "greeting"]),
         "$12\r\nhello hangar\r\n"
@@ -280,7 +293,9 @@ fn postgresql_logs_in_with_the_requested_password() {
     let (host, port) = endpoint.rsplit_once(':').unwrap();
     let psql = |password: &str| {
         Command::new("psql")
-            .args(["-h", host, "-p", port, "-U", "alice", "-d", "hangar", "-tAc"])
+            .args([
+                "-h", host, "-p", port, "-U", "alice", "-d", "hangar", "-tAc",
+            ])
             .arg("select current_user || ' ' || current_database()")
             .env("PGPASSWORD", password)
             .env("PGCONNECT_TIMEOUT", "10")
@@ -396,17 +411,23 @@ fn bad_catalogs_and_failed_builds_name_the_component() {
     let cases = [
         (
             "cycle",
-            format!("{demo}\n[software.a]\npackages = [\"hello\"]\nrequires = [\"b\"]\n[software.b]\npackages = [\"hello\"]\nrequires = [\"a\"]\n"),
+            format!(
+                "{demo}\n[software.a]\npackages = [\"hello\"]\nrequires = [\"b\"]\n[software.b]\npackages = [\"hello\"]\nrequires = [\"a\"]\n"
+            ),
             "components require each other in a cycle: a -> b -> a",
         ),
         (
             "conflict",
-            format!("{demo}\n[service.both-nginx]\napps = [\"web-page\"]\nrequires = [\"nginx-full\"]\n"),
+            format!(
+                "{demo}\n[service.both-nginx]\napps = [\"web-page\"]\nrequires = [\"nginx-full\"]\n"
+            ),
             "service \"both-nginx\": can never be built: software nginx-light and software nginx-full conflict",
         ),
         (
             "unknown",
-            format!("{demo}\n[service.ghost]\napps = [\"redis\"]\nrequires = [\"no-such-thing\"]\n"),
+            format!(
+                "{demo}\n[service.ghost]\napps = [\"redis\"]\nrequires = [\"no-such-thing\"]\n"
+            ),
             "component \"ghost\" requires unknown component \"no-such-thing\"",
         ),
     ];
@@ -438,7 +459,8 @@ fn bad_catalogs_and_failed_builds_name_the_component() {
         ),
     )
     .unwrap();
-    let server = TestServer::start_with(&["--pool-memory", "0", "--catalog", catalog.to_str().unwrap()]);
+    let server =
+        TestServer::start_with(&["--pool-memory", "0", "--catalog", catalog.to_str().unwrap()]);
     build(&server, "redis");
     let layers_dir = server.data_dir.path().join("cache/layers");
     let cached_layers = || {

@@ -893,10 +893,7 @@ fn validate(
                 }
             }
             if viable.is_empty() {
-                return Err(fail(format!(
-                    "can run on no os ({})",
-                    reasons.join("; ")
-                )));
+                return Err(fail(format!("can run on no os ({})", reasons.join("; "))));
             }
             viable
         }
@@ -1135,7 +1132,10 @@ mod tests {
         assert_eq!(redis.environments, ["debian-12"]);
         assert_eq!(redis.os, "debian-12");
         assert_eq!(redis.components, ["redis-server", "redis"]);
-        assert_eq!(catalog.get("http-static").unwrap().environments, ["busybox"]);
+        assert_eq!(
+            catalog.get("http-static").unwrap().environments,
+            ["busybox"]
+        );
         assert!(catalog.viable("redis", "debian-12").is_ok());
         let Err(Never::Combination { reason }) = catalog.viable("redis", "busybox") else {
             panic!("redis on busybox is never viable");
@@ -1144,8 +1144,7 @@ mod tests {
             reason,
             "software redis-server runs on debian-12, not on busybox"
         );
-        let Err(Never::Combination { reason }) = catalog.viable("http-static", "debian-12")
-        else {
+        let Err(Never::Combination { reason }) = catalog.viable("http-static", "debian-12") else {
             panic!("http-static is busybox only");
         };
         assert!(reason.contains("runs on busybox"), "{reason}");
@@ -1159,19 +1158,32 @@ mod tests {
         let alternatives = catalog.alternatives("redis", Some("busybox"), 4);
         assert_eq!(alternatives[0], "redis --env os=debian-12");
         assert!(
-            alternatives[1..].iter().all(|a| a.ends_with("--env os=busybox")),
+            alternatives[1..]
+                .iter()
+                .all(|a| a.ends_with("--env os=busybox")),
             "{alternatives:?}"
         );
 
         // Two apps on one VM: both ports, both processes, every ready check, the patch.
         let both = catalog.get("web-cache").unwrap();
-        let ports: Vec<_> = both.ports.iter().map(|p| (p.name.as_str(), p.guest)).collect();
+        let ports: Vec<_> = both
+            .ports
+            .iter()
+            .map(|p| (p.name.as_str(), p.guest))
+            .collect();
         assert_eq!(ports, [("http", 80), ("redis", 6379)]);
         assert_eq!(both.processes.len(), 2);
         assert_eq!(both.ready.checks.len(), 4);
         assert_eq!(
             both.components,
-            ["nginx-light", "web-page", "redis-server", "redis", "ps-tools", "web-cache"]
+            [
+                "nginx-light",
+                "web-page",
+                "redis-server",
+                "redis",
+                "ps-tools",
+                "web-cache"
+            ]
         );
         assert!(both.templates.contains_key("/var/www/html/hello.txt"));
         assert!(both.files.contains_key("/var/www/html/index.html"));
@@ -1241,7 +1253,10 @@ mod tests {
                 "[os.busybox]\nversion = \"1.35\"\n[os.debian-12]",
             );
         let err = invalid(&nowhere);
-        assert!(err.starts_with(r#"service "site": can run on no os"#), "{err}");
+        assert!(
+            err.starts_with(r#"service "site": can run on no os"#),
+            "{err}"
+        );
         let template =
             format!("{COMPONENTS}\n[app.page.templates.\"/etc/x\"]\ncontent = \"{{{{nope}}}}\"\n");
         let err = invalid(&template);

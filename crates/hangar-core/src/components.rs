@@ -232,8 +232,7 @@ impl Components {
                 ("requires", &component.requires),
                 ("conflicts with", &component.conflicts),
             ] {
-                if let Some(unknown) = names.iter().find(|n| !components.by_name.contains_key(*n))
-                {
+                if let Some(unknown) = names.iter().find(|n| !components.by_name.contains_key(*n)) {
                     return Err(ComponentError::Unknown {
                         component: component.name.clone(),
                         relation,
@@ -468,7 +467,10 @@ mod tests {
 
     fn oses() -> BTreeMap<String, Os> {
         [
-            ("debian-12".to_string(), os("debian-12", OsBase::Debootstrap)),
+            (
+                "debian-12".to_string(),
+                os("debian-12", OsBase::Debootstrap),
+            ),
             ("busybox".to_string(), os("busybox", OsBase::Busybox)),
         ]
         .into()
@@ -576,8 +578,7 @@ mod tests {
         ]
         .into();
         assert_eq!(
-            render_template("pass {{password}} on {{ hostname }} {{not a key}}", &values)
-                .unwrap(),
+            render_template("pass {{password}} on {{ hostname }} {{not a key}}", &values).unwrap(),
             "pass s3cret on vm-1 {{not a key}}"
         );
         assert!(render_template("{{missing}}", &values).is_err());

@@ -177,7 +177,8 @@ fn layers_dir(cache_dir: &Path) -> PathBuf {
 /// The cached layer with this hash, if complete.
 pub fn cached_layer(cache_dir: &Path, hash: &str) -> Option<Layer> {
     let dir = layers_dir(cache_dir).join(hash);
-    let info: LayerInfo = serde_json::from_slice(&std::fs::read(dir.join("layer.json")).ok()?).ok()?;
+    let info: LayerInfo =
+        serde_json::from_slice(&std::fs::read(dir.join("layer.json")).ok()?).ok()?;
     let path = dir.join("layer.sqfs");
     path.is_file().then_some(Layer { info, path })
 }
@@ -268,7 +269,8 @@ pub fn ensure_layers(
             continue;
         }
         progress(&stage, percent(0));
-        let report = |what: &str, within: u8| progress(&format!("{stage}: {what}"), percent(within));
+        let report =
+            |what: &str, within: u8| progress(&format!("{stage}: {what}"), percent(within));
         let started = Instant::now();
         tracing::info!(hash = %hash, layer = %stage, "building layer");
         let parent = layers.last().map(|l| l.info.hash.clone());
@@ -394,9 +396,7 @@ fn build_layer(
                 if lowers.is_empty() {
                     return Err(missing_os(component));
                 }
-                build_over(dir, lowers, report, |root| {
-                    write_files(root, files)
-                })?;
+                build_over(dir, lowers, report, |root| write_files(root, files))?;
             }
         }
         report("compressing", 90);
@@ -530,7 +530,9 @@ fn build_os(
     for doc_dir in ["usr/share/doc", "usr/share/man", "usr/share/info"] {
         remove_children(&root.join(doc_dir), |_| true)?;
     }
-    remove_children(&root.join("usr/share/locale"), |name| name != "locale.alias")?;
+    remove_children(&root.join("usr/share/locale"), |name| {
+        name != "locale.alias"
+    })?;
     strip_identity(&root)?;
     for (path, contents) in [
         ("etc/dpkg/dpkg.cfg.d/hangar-minimal", DPKG_EXCLUDES),
@@ -944,7 +946,10 @@ mod tests {
         assert_eq!(redis[0], nginx[0], "one OS layer");
         assert_ne!(redis[1], nginx[1]);
         // The same packages over another OS layer are another layer.
-        let elsewhere = chain_hashes(&[os("http://other"), packages("redis-server", &["redis-server"])]);
+        let elsewhere = chain_hashes(&[
+            os("http://other"),
+            packages("redis-server", &["redis-server"]),
+        ]);
         assert_ne!(redis[0], elsewhere[0]);
         assert_ne!(redis[1], elsewhere[1]);
         // The component's name is not an input: only what is installed.

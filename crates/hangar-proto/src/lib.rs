@@ -30,7 +30,7 @@ pub const PROTOCOL_VERSION: u32 = 1;
 pub enum HostMessage {
     /// Identity and workload of the guest. Sent once, in answer to the first hello;
     /// the guest answers [`GuestMessage::Configured`] when its services are started.
-    Configure(GuestConfig),
+    Configure(Box<GuestConfig>),
     /// New identity after a resume or a clone: hostname, clock, entropy.
     /// Answered with a [`GuestMessage::Reply`].
     Reidentify { id: u64, identity: Identity },
@@ -201,7 +201,7 @@ mod tests {
 
     #[test]
     fn configure_round_trips_as_one_line() {
-        let msg = HostMessage::Configure(GuestConfig {
+        let msg = HostMessage::Configure(Box::new(GuestConfig {
             identity: Identity {
                 hostname: "vm-1".into(),
                 unix_time_ms: 1_700_000_000_000,
@@ -232,7 +232,7 @@ mod tests {
                 env: BTreeMap::new(),
                 workdir: None,
             }],
-        });
+        }));
         let line = encode(&msg);
         assert_eq!(
             line.matches('\n').count(),

@@ -651,24 +651,21 @@ async fn export_image(
         .map_err(ApiError::internal)?;
     let size = export.size_bytes;
     // The export's directory lives until the last chunk is sent.
-    let stream = futures::stream::unfold(
-        (file, Some(export)),
-        |(mut file, export)| async move {
-            use tokio::io::AsyncReadExt;
-            let mut buf = vec![0u8; 1 << 20];
-            match file.read(&mut buf).await {
-                Ok(0) => {
-                    drop(export);
-                    None
-                }
-                Ok(n) => {
-                    buf.truncate(n);
-                    Some((Ok::<_, std::io::Error>(bytes_of(buf)), (file, export)))
-                }
-                Err(err) => Some((Err(err), (file, None))),
+    let stream = futures::stream::unfold((file, Some(export)), |(mut file, export)| async move {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0u8; 1 << 20];
+        match file.read(&mut buf).await {
+            Ok(0) => {
+                drop(export);
+                None
             }
-        },
-    );
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok::<_, std::io::Error>(bytes_of(buf)), (file, export)))
+            }
+            Err(err) => Some((Err(err), (file, None))),
+        }
+    });
     let mut response = axum::response::Response::new(axum::body::Body::from_stream(stream));
     let headers = response.headers_mut();
     headers.insert(

@@ -135,7 +135,10 @@ pub(crate) fn write_export(job: ExportJob<'_>) -> Result<ExportInfo, String> {
         "-drive",
         "id=root,file=disk.qcow2,format=qcow2,if=none",
         "-device",
-        &format!("virtio-blk-device,drive=root,serial={}", hangar_vmm::ROOT_SERIAL),
+        &format!(
+            "virtio-blk-device,drive=root,serial={}",
+            hangar_vmm::ROOT_SERIAL
+        ),
         "-netdev",
         &format!("user,id=n0{hostfwd}"),
         "-device",

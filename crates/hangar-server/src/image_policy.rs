@@ -126,7 +126,10 @@ impl Manager {
                 let chain = self.images.chain(service, os);
                 let name = key(&service.name, os);
                 for hash in &chain {
-                    image_names.entry(hash.clone()).or_default().push(name.clone());
+                    image_names
+                        .entry(hash.clone())
+                        .or_default()
+                        .push(name.clone());
                 }
                 let built = chain.iter().all(|h| by_hash.contains_key(h.as_str()));
                 let mut vm_users: Vec<String> = chain
@@ -145,9 +148,7 @@ impl Manager {
                         .filter_map(|h| by_hash.get(h.as_str()))
                         .map(|l| l.info.size_bytes)
                         .sum(),
-                    last_used_ms: chain
-                        .last()
-                        .and_then(|h| self.images.last_used_ms(h)),
+                    last_used_ms: chain.last().and_then(|h| self.images.last_used_ms(h)),
                     layers: chain,
                     users: vm_users,
                     promoted: promoted.contains(&name),
@@ -166,7 +167,10 @@ impl Manager {
                 built_at_ms: layer.info.built_at_ms,
                 build_ms: layer.info.build_ms,
                 last_used_ms: self.images.last_used_ms(&layer.info.hash),
-                images: image_names.get(&layer.info.hash).cloned().unwrap_or_default(),
+                images: image_names
+                    .get(&layer.info.hash)
+                    .cloned()
+                    .unwrap_or_default(),
                 users: users.get(&layer.info.hash).cloned().unwrap_or_default(),
             })
             .collect();
@@ -316,8 +320,12 @@ impl Manager {
                 ..ServiceRequest::default()
             };
             match self.build_image(&request) {
-                Ok(task) => tracing::info!(image = %name, task = %task, "building a promoted image ahead of requests"),
-                Err(err) => tracing::warn!(image = %name, error = %err, "cannot build a promoted image"),
+                Ok(task) => {
+                    tracing::info!(image = %name, task = %task, "building a promoted image ahead of requests")
+                }
+                Err(err) => {
+                    tracing::warn!(image = %name, error = %err, "cannot build a promoted image")
+                }
             }
         }
     }
@@ -347,7 +355,11 @@ impl Manager {
     /// Writes a self-contained export of the request's service and environment (kernel,
     /// initramfs with the VM's configuration, flattened disk, `hangar-export.json`) as a
     /// tar file, building the image first if needed.
-    pub async fn export(&self, request: &ServiceRequest, work: &std::path::Path) -> Result<ExportFile, ApiError> {
+    pub async fn export(
+        &self,
+        request: &ServiceRequest,
+        work: &std::path::Path,
+    ) -> Result<ExportFile, ApiError> {
         let service = self.viable_service(request)?;
         let os = request.env.get("os").cloned().unwrap_or(service.os.clone());
         std::fs::create_dir_all(work).map_err(ApiError::internal)?;
@@ -355,14 +367,9 @@ impl Manager {
             .prefix("export-")
             .tempdir_in(work)
             .map_err(ApiError::internal)?;
-        let mut config = crate::create::guest_config(
-            "export",
-            &service.name,
-            Some(&service),
-            &request.env,
-            0,
-        )
-        .map_err(ApiError::BadRequest)?;
+        let mut config =
+            crate::create::guest_config("export", &service.name, Some(&service), &request.env, 0)
+                .map_err(ApiError::BadRequest)?;
         // The image boots anywhere, any number of times: no clock or entropy of ours, no
         // machine-id (the guest's kernel seeds itself from virtio-rng).
         config.identity.unix_time_ms = 0;

@@ -181,7 +181,11 @@ impl LocalImages {
     }
 
     /// The layer inputs of `service` on `os`, bottom first; `None` for busybox roots.
-    pub fn layer_inputs(&self, service: &Service, os: &str) -> Result<Option<Vec<LayerInput>>, String> {
+    pub fn layer_inputs(
+        &self,
+        service: &Service,
+        os: &str,
+    ) -> Result<Option<Vec<LayerInput>>, String> {
         layer_inputs(&self.catalog, &self.mirror, service, os)
     }
 

@@ -190,11 +190,7 @@ impl Manager {
         }
         let service = self.viable_service(&request)?;
         self.record_demand(&service.name);
-        let os = request
-            .env
-            .get("os")
-            .cloned()
-            .unwrap_or(service.os.clone());
+        let os = request.env.get("os").cloned().unwrap_or(service.os.clone());
         self.record_image_demand(&service.name, &os);
 
         let guard = match request.mode {

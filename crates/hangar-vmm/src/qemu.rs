@@ -902,7 +902,10 @@ mod tests {
             initramfs: "/a/initramfs.cpio".into(),
             cmdline: "console=ttyS0 quiet".into(),
             base_image: Some("/img/base.qcow2".into()),
-            layers: vec!["/cache/layers/b/layer.sqfs".into(), "/cache/layers/a/layer.sqfs".into()],
+            layers: vec![
+                "/cache/layers/b/layer.sqfs".into(),
+                "/cache/layers/a/layer.sqfs".into(),
+            ],
             forwards: vec![
                 PortForward {
                     host: "127.0.0.1".parse().unwrap(),

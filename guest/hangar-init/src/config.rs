@@ -168,15 +168,13 @@ pub fn mount_root(root: &RootConfig, at: &Path) -> Result<(), String> {
     let device = wait_for_device(&root.device)?;
     std::fs::create_dir_all(at).map_err(|e| format!("mkdir {}: {e}", at.display()))?;
     if root.layers.is_empty() {
-        crate::mounts::mount(&device, at, Some(&root.fstype), 0, None).map_err(|e| {
-            format!("mount {device} ({}) at {}: {e}", root.fstype, at.display())
-        })?;
+        crate::mounts::mount(&device, at, Some(&root.fstype), 0, None)
+            .map_err(|e| format!("mount {device} ({}) at {}: {e}", root.fstype, at.display()))?;
     } else {
         let upper = Path::new(LAYERS_DIR).join("upper");
         std::fs::create_dir_all(&upper).map_err(|e| format!("mkdir {}: {e}", upper.display()))?;
-        crate::mounts::mount(&device, &upper, Some(&root.fstype), 0, None).map_err(|e| {
-            format!("mount upper layer {device} ({}): {e}", root.fstype)
-        })?;
+        crate::mounts::mount(&device, &upper, Some(&root.fstype), 0, None)
+            .map_err(|e| format!("mount upper layer {device} ({}): {e}", root.fstype))?;
         for dir in ["data", "work"] {
             std::fs::create_dir_all(upper.join(dir))
                 .map_err(|e| format!("mkdir upper {dir}: {e}"))?;
@@ -187,14 +185,8 @@ pub fn mount_root(root: &RootConfig, at: &Path) -> Result<(), String> {
             let point = Path::new(LAYERS_DIR).join(i.to_string());
             std::fs::create_dir_all(&point)
                 .map_err(|e| format!("mkdir {}: {e}", point.display()))?;
-            crate::mounts::mount(
-                &device,
-                &point,
-                Some(&layer.fstype),
-                libc::MS_RDONLY,
-                None,
-            )
-            .map_err(|e| format!("mount layer {i} {device} ({}): {e}", layer.fstype))?;
+            crate::mounts::mount(&device, &point, Some(&layer.fstype), libc::MS_RDONLY, None)
+                .map_err(|e| format!("mount layer {i} {device} ({}): {e}", layer.fstype))?;
             lowers.push(point.display().to_string());
         }
         let options = overlay_options(&lowers, &upper);
@@ -241,11 +233,14 @@ fn wait_for_device(device: &str) -> Result<String, String> {
 /// The block device (e.g. `vdb`) under a `/sys/block`-like directory whose `serial` is
 /// `serial`.
 pub fn disk_by_serial(sys_block: &Path, serial: &str) -> Option<String> {
-    std::fs::read_dir(sys_block).ok()?.flatten().find_map(|entry| {
-        let text = std::fs::read_to_string(entry.path().join("serial")).ok()?;
-        (text.trim_end_matches(['\n', '\0']).trim() == serial)
-            .then(|| entry.file_name().to_string_lossy().into_owned())
-    })
+    std::fs::read_dir(sys_block)
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let text = std::fs::read_to_string(entry.path().join("serial")).ok()?;
+            (text.trim_end_matches(['\n', '\0']).trim() == serial)
+                .then(|| entry.file_name().to_string_lossy().into_owned())
+        })
 }
 
 /// Writes every file into `root`.
@@ -329,11 +324,17 @@ mod tests {
         }
         std::fs::create_dir_all(sys.join("loop0")).unwrap();
         assert_eq!(disk_by_serial(&sys, "hangar-root").as_deref(), Some("vda"));
-        assert_eq!(disk_by_serial(&sys, "hangar-layer-0").as_deref(), Some("vdb"));
+        assert_eq!(
+            disk_by_serial(&sys, "hangar-layer-0").as_deref(),
+            Some("vdb")
+        );
         assert_eq!(disk_by_serial(&sys, "nope"), None);
         std::fs::remove_dir_all(&sys).unwrap();
         assert_eq!(
-            overlay_options(&["/layers/0".into(), "/layers/1".into()], Path::new("/layers/upper")),
+            overlay_options(
+                &["/layers/0".into(), "/layers/1".into()],
+                Path::new("/layers/upper")
+            ),
             "lowerdir=/layers/0:/layers/1,upperdir=/layers/upper/data,workdir=/layers/upper/work"
         );
     }

@@ -95,7 +95,10 @@ fn boot() -> Init {
         .and_then(|text| match serde_json::from_str::<GuestConfig>(&text) {
             Ok(config) => Some(config),
             Err(error) => {
-                console!("{}: {error}; waiting for a host", hangar_proto::STANDALONE_CONFIG);
+                console!(
+                    "{}: {error}; waiting for a host",
+                    hangar_proto::STANDALONE_CONFIG
+                );
                 None
             }
         });
@@ -121,7 +124,10 @@ fn boot() -> Init {
         configured: false,
     };
     if let Some(config) = standalone {
-        console!("hangar-init: configuring from {}", hangar_proto::STANDALONE_CONFIG);
+        console!(
+            "hangar-init: configuring from {}",
+            hangar_proto::STANDALONE_CONFIG
+        );
         init.configured = true;
         init.configure(config);
     }
@@ -174,7 +180,7 @@ impl Init {
                     console!("ignoring a second configure: already configured");
                 } else {
                     self.configured = true;
-                    self.configure(config);
+                    self.configure(*config);
                 }
             }
             HostMessage::Reidentify { id, identity } => {
