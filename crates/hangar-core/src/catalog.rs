@@ -1011,6 +1011,13 @@ fn validate(
             )));
         }
     }
+    if raw.pool.is_some()
+        && let Some((key, _)) = settings.iter().find(|(_, s)| s.default.is_none())
+    {
+        return Err(fail(format!(
+            "keeps a warm pool, so its setting {key:?} needs a default (pool VMs are made before any request)"
+        )));
+    }
     for (path, template) in &templates {
         for key in template_keys(&template.content) {
             if !settings.contains_key(&key) && !BUILTIN_TEMPLATE_KEYS.contains(&key.as_str()) {

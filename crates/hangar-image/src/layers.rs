@@ -885,14 +885,13 @@ pub fn flatten(cache_dir: &Path, layers: &[Layer], dest: &Path) -> Result<u64, A
         Path::new("overlay"),
         &merged,
     )?;
-    let content: u64 = layers
-        .iter()
-        .map(|l| l.info.size_bytes)
-        .sum::<u64>()
-        .saturating_mul(4);
-    let size = rootfs::filesystem_size(content.max(256 << 20)) + (256 << 20);
     let raw = tmp.path().join("root.raw");
+    let mut size = 0;
     let made = (|| {
+        // What the merged tree holds, plus a quarter for ext4's own blocks, plus room to
+        // write.
+        let content = rootfs::tree_size(&merged)?;
+        size = rootfs::filesystem_size(content + content / 4) + (256 << 20);
         std::fs::File::create(&raw)
             .and_then(|f| f.set_len(size))
             .map_err(|e| AssetError::io(format!("create {}", raw.display()), e))?;
