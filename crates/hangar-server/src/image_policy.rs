@@ -220,15 +220,15 @@ impl Manager {
             };
             tracing::info!(image = %name, task = %id, ok = result.is_ok(), elapsed_ms = started.elapsed().as_millis() as u64, "image build ended");
             let stage = if result.is_ok() { "done" } else { "failed" };
-            if let Err(err) = manager.store.update_task(&id, state, stage, 100, error) {
-                tracing::warn!(task = %id, error = %err, "cannot record build outcome");
-            }
             manager
                 .image_runtime
                 .building
                 .lock()
                 .expect("building lock")
                 .remove(&name);
+            if let Err(err) = manager.store.update_task(&id, state, stage, 100, error) {
+                tracing::warn!(task = %id, error = %err, "cannot record build outcome");
+            }
             manager.evict_images().await;
         });
         Ok(task)

@@ -252,3 +252,6 @@ mod tests;
 
 #[cfg(test)]
 mod tests_pools;
+
+#[cfg(test)]
+mod tests_images;
