@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what hangar needs on Debian 12: QEMU (system emulator and qemu-img of the same
-# version), busybox-static for guests, e2fsprogs for image building, and curl for the demo.
+# version), busybox-static for guests, e2fsprogs for image building, debootstrap and
+# squashfs-tools for Debian image layers, curl for the demo, and psql for the tests.
 # Idempotent: installs only what is missing.
 set -euo pipefail
 
@@ -14,6 +15,9 @@ if ! qemu-img --version 2>/dev/null | grep -q "version 7\." ; then need+=(qemu-u
 [ -x /bin/busybox ] && /bin/busybox --list >/dev/null 2>&1 || need+=(busybox-static)
 command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
 command -v curl >/dev/null || need+=(curl)
+command -v debootstrap >/dev/null || [ -x /usr/sbin/debootstrap ] || need+=(debootstrap)
+command -v mksquashfs >/dev/null || need+=(squashfs-tools)
+command -v psql >/dev/null || need+=(postgresql-client)
 command -v dpkg-deb >/dev/null || need+=(dpkg)
 
 if [ ${#need[@]} -gt 0 ]; then

@@ -115,6 +115,63 @@ impl Client {
         self.send(self.http.delete(self.url(path))).await
     }
 
+    /// POSTs `body` and writes the answer's bytes to `dest` as they arrive; returns how
+    /// many were written.
+    pub async fn download(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+        dest: &std::path::Path,
+    ) -> Result<u64, ClientError> {
+        use std::io::Write;
+        let mut response = self
+            .http
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .map_err(|err| ClientError::Unreachable {
+                url: self.base.clone(),
+                detail: root_cause(&err),
+            })?;
+        let status = response.status();
+        if !status.is_success() {
+            let bytes = response
+                .bytes()
+                .await
+                .map_err(|err| ClientError::Reply(err.to_string()))?;
+            return Err(api_error(status, &bytes));
+        }
+        let partial = dest.with_extension("partial");
+        let mut file = std::fs::File::create(&partial).map_err(|err| {
+            ClientError::Usage(format!("cannot write {}: {err}", partial.display()))
+        })?;
+        let mut written = 0u64;
+        let result = async {
+            while let Some(chunk) = response
+                .chunk()
+                .await
+                .map_err(|err| ClientError::Reply(err.to_string()))?
+            {
+                file.write_all(&chunk).map_err(|err| {
+                    ClientError::Usage(format!("cannot write {}: {err}", partial.display()))
+                })?;
+                written += chunk.len() as u64;
+            }
+            file.sync_all().map_err(|err| {
+                ClientError::Usage(format!("cannot write {}: {err}", partial.display()))
+            })?;
+            std::fs::rename(&partial, dest).map_err(|err| {
+                ClientError::Usage(format!("cannot write {}: {err}", dest.display()))
+            })
+        }
+        .await;
+        if result.is_err() {
+            let _ = std::fs::remove_file(&partial);
+        }
+        result.map(|()| written)
+    }
+
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
@@ -150,23 +207,30 @@ impl Client {
                 .map(|value| (value, headers))
                 .map_err(|err| ClientError::Reply(err.to_string()));
         }
-        let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+        Err(api_error(status, &bytes))
+    }
+}
+
+/// An error answer of the API as a client error.
+fn api_error(status: reqwest::StatusCode, bytes: &[u8]) -> ClientError {
+    {
+        let body: serde_json::Value = serde_json::from_slice(bytes).unwrap_or_default();
         let error = &body["error"];
         let message = error["message"]
             .as_str()
             .map(str::to_owned)
-            .unwrap_or_else(|| format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes)));
+            .unwrap_or_else(|| format!("HTTP {status}: {}", String::from_utf8_lossy(bytes)));
         let alternatives = error["alternatives"]
             .as_array()
             .into_iter()
             .flatten()
             .filter_map(|a| a.as_str().map(str::to_owned))
             .collect();
-        Err(ClientError::Api {
+        ClientError::Api {
             status: status.as_u16(),
             message,
             alternatives,
-        })
+        }
     }
 }
 

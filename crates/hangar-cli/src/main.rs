@@ -170,6 +170,36 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Build the image of a service (its layers), showing progress.
+    #[command(after_help = "Example:\n  hangar build redis --env os=debian-12")]
+    Build {
+        service: String,
+        /// Environment: os=NAME.
+        #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
+        env: Vec<(String, String)>,
+        /// Start the build and print its task id without waiting.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Images of every viable service and environment, and the layers they share: sizes,
+    /// users, last use.
+    Images {
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a self-contained image of a service (tar: kernel, initramfs, flattened disk,
+    /// hangar-export.json, run.sh) that boots with plain qemu-system-x86_64.
+    #[command(
+        after_help = "Example:\n  hangar export nginx nginx.tar && tar -xf nginx.tar && ./run.sh"
+    )]
+    Export {
+        service: String,
+        file: PathBuf,
+        /// Environment (os=NAME) and the service's settings, baked into the export.
+        #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
+        env: Vec<(String, String)>,
+    },
     /// One task, with its stage, progress and error.
     Task {
         id: String,
@@ -316,6 +346,13 @@ struct ServerArgs {
     /// its ready state once and snapshotted).
     #[arg(long, env = "HANGAR_NO_TEMPLATES")]
     no_templates: bool,
+    /// Debian mirror that OS layers (debootstrap) and packages come from.
+    #[arg(long, default_value = hangar_server::images::DEFAULT_MIRROR, env = "HANGAR_DEBIAN_MIRROR")]
+    debian_mirror: String,
+    /// Most disk (MiB) cached image layers may take; beyond it the least recently used
+    /// layers no VM uses are evicted.
+    #[arg(long, default_value_t = 20480, env = "HANGAR_IMAGE_BUDGET")]
+    image_budget: u64,
 }
 
 fn parse_env(text: &str) -> Result<(String, String), String> {
@@ -412,6 +449,8 @@ async fn server(args: ServerArgs) -> ExitCode {
         disk_budget_mib: args.disk_budget,
         templates: !args.no_templates,
         forwarder_command: Some(forwarder_command),
+        debian_mirror: args.debian_mirror,
+        image_budget_mib: args.image_budget,
     };
     match hangar_server::run(config, shutdown_signal()).await {
         Ok(()) => {
@@ -450,18 +489,50 @@ async fn client_command(client: Client, command: Command) -> Result<(), ClientEr
                     .map(|p| format!("{}/{}", p["name"].as_str().unwrap_or(""), p["guest"]))
                     .collect::<Vec<_>>()
                     .join(",");
+                let environments = s["environments"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(text)
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                let settings = s["settings"]
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .map(|(key, setting)| {
+                        if setting["required"].as_bool().unwrap_or(false) {
+                            format!("{key}!")
+                        } else {
+                            key.clone()
+                        }
+                    })
+                    .collect::<Vec<_>>()
+                    .join(",");
                 vec![
                     text(&s["name"]),
-                    text(&s["os"]),
+                    environments,
                     s["vcpus"].to_string(),
                     format!("{} MiB", s["memory_mib"]),
                     ports,
+                    settings,
                     text(&s["description"]),
                 ]
             });
             table::print(
-                &["SERVICE", "OS", "VCPUS", "MEMORY", "PORTS", "DESCRIPTION"],
+                &[
+                    "SERVICE",
+                    "ENVIRONMENTS",
+                    "VCPUS",
+                    "MEMORY",
+                    "PORTS",
+                    "SETTINGS",
+                    "DESCRIPTION",
+                ],
                 rows,
+            );
+            eprintln!(
+                "(first environment is the default; SETTINGS ending in ! are required: --env KEY=VALUE)"
             );
             Ok(())
         }
@@ -516,6 +587,12 @@ async fn client_command(client: Client, command: Command) -> Result<(), ClientEr
                     endpoint
                 }
             );
+            let endpoints = grant["endpoints"].as_object().cloned().unwrap_or_default();
+            if endpoints.len() > 1 {
+                for (name, addr) in &endpoints {
+                    eprintln!("endpoint {name}: {}", text(addr));
+                }
+            }
             if std::io::stderr().is_terminal() {
                 let how = match grant["match"].as_str().unwrap_or_default() {
                     "shared" => "shared, already running".to_owned(),
@@ -854,6 +931,174 @@ async fn client_command(client: Client, command: Command) -> Result<(), ClientEr
             );
             Ok(())
         }
+        Command::Build {
+            service,
+            env,
+            no_wait,
+        } => {
+            let body = serde_json::json!({
+                "service": service,
+                "env": env.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+            });
+            let answer: serde_json::Value = client.post("/v1/images", &body).await?;
+            let task = text(&answer["task"]);
+            if no_wait {
+                println!("{task}");
+                return Ok(());
+            }
+            let started = std::time::Instant::now();
+            let tty = std::io::stderr().is_terminal();
+            let mut last = String::new();
+            loop {
+                let task: serde_json::Value = client.get(&format!("/v1/tasks/{task}")).await?;
+                let percent = task["percent"].as_u64().unwrap_or(0);
+                let stage = text(&task["stage"]);
+                let line = progress_line(percent, &stage, started.elapsed());
+                if tty {
+                    eprint!("\r\x1b[2K{line}");
+                } else if stage != last {
+                    eprintln!("{line}");
+                }
+                last = stage;
+                match task["state"].as_str() {
+                    Some("succeeded") => {
+                        if tty {
+                            eprintln!();
+                        }
+                        println!(
+                            "built {service} in {:.1} s",
+                            started.elapsed().as_secs_f64()
+                        );
+                        return Ok(());
+                    }
+                    Some("failed") => {
+                        if tty {
+                            eprintln!();
+                        }
+                        return Err(ClientError::Reply(format!(
+                            "build of {service} failed: {}",
+                            text(&task["error"])
+                        )));
+                    }
+                    _ => tokio::time::sleep(Duration::from_millis(300)).await,
+                }
+            }
+        }
+        Command::Images { json } => {
+            let images: serde_json::Value = client.get("/v1/images").await?;
+            if json {
+                return print_json(&images);
+            }
+            let mb = |v: &serde_json::Value| format!("{:.1} MB", v.as_f64().unwrap_or(0.0) / 1e6);
+            let when = |v: &serde_json::Value| {
+                v.as_u64()
+                    .map(|ms| {
+                        humantime::format_rfc3339_seconds(
+                            std::time::UNIX_EPOCH + Duration::from_millis(ms),
+                        )
+                        .to_string()
+                    })
+                    .unwrap_or_else(|| "never".into())
+            };
+            let short = |v: &serde_json::Value| text(v).chars().take(12).collect::<String>();
+            let rows = images["images"].as_array().into_iter().flatten().map(|i| {
+                vec![
+                    text(&i["service"]),
+                    text(&i["os"]),
+                    if i["format"] == "disk" {
+                        "disk".into()
+                    } else if i["built"].as_bool().unwrap_or(false) {
+                        "built".into()
+                    } else {
+                        "not built".into()
+                    },
+                    i["layers"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(short)
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                    mb(&i["size_bytes"]),
+                    i["users"].as_array().map_or(0, Vec::len).to_string(),
+                    when(&i["last_used_ms"]),
+                    if i["promoted"].as_bool().unwrap_or(false) {
+                        "yes".into()
+                    } else {
+                        String::new()
+                    },
+                ]
+            });
+            table::print(
+                &[
+                    "SERVICE",
+                    "OS",
+                    "STATE",
+                    "LAYERS",
+                    "SIZE",
+                    "USERS",
+                    "LAST USED",
+                    "PROMOTED",
+                ],
+                rows,
+            );
+            println!();
+            let rows = images["layers"].as_array().into_iter().flatten().map(|l| {
+                vec![
+                    short(&l["hash"]),
+                    text(&l["kind"]),
+                    text(&l["name"]),
+                    short(&l["parent"]),
+                    mb(&l["size_bytes"]),
+                    format!("{:.1} s", l["build_ms"].as_f64().unwrap_or(0.0) / 1e3),
+                    l["users"].as_array().map_or(0, Vec::len).to_string(),
+                    when(&l["last_used_ms"]),
+                    l["images"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(text)
+                        .collect::<Vec<_>>()
+                        .join(","),
+                ]
+            });
+            table::print(
+                &[
+                    "LAYER",
+                    "KIND",
+                    "NAME",
+                    "PARENT",
+                    "SIZE",
+                    "BUILD",
+                    "USERS",
+                    "LAST USED",
+                    "IMAGES",
+                ],
+                rows,
+            );
+            println!(
+                "layers on disk: {} of a {} budget",
+                mb(&images["total_bytes"]),
+                mb(&images["budget_bytes"])
+            );
+            Ok(())
+        }
+        Command::Export { service, file, env } => {
+            let body = serde_json::json!({
+                "service": service,
+                "env": env.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+            });
+            if std::io::stderr().is_terminal() {
+                eprintln!("exporting {service} (builds the image first if needed)...");
+            }
+            let written = client.download("/v1/export", &body, &file).await?;
+            println!(
+                "{}: {:.1} MB (tar: vmlinux, initramfs.cpio, disk.qcow2, hangar-export.json, run.sh)",
+                file.display(),
+                written as f64 / 1e6
+            );
+            Ok(())
+        }
         Command::Task { id, json } => {
             let task: serde_json::Value = client.get(&format!("/v1/tasks/{id}")).await?;
             if json {
@@ -904,6 +1149,17 @@ fn ago(ms: Option<u64>) -> String {
         3600..86400 => format!("{}h ago", s / 3600),
         _ => format!("{}d ago", s / 86400),
     }
+}
+
+/// `[#####     ]  42%  stage  (12.3 s)`
+fn progress_line(percent: u64, stage: &str, elapsed: Duration) -> String {
+    let filled = (percent.min(100) / 5) as usize;
+    format!(
+        "[{}{}] {percent:>3}%  {stage}  ({:.1} s)",
+        "#".repeat(filled),
+        " ".repeat(20 - filled),
+        elapsed.as_secs_f64()
+    )
 }
 
 fn task_row(task: &serde_json::Value) -> Vec<String> {

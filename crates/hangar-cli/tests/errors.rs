@@ -62,7 +62,15 @@ fn bad_requests_get_clear_errors_and_distinct_exit_codes() {
 
     let output = server.hangar(&["request", "http-static", "--env", "os=debian-12"]);
     assert_eq!(output.status.code(), Some(4), "{}", stderr(&output));
-    assert!(stderr(&output).contains("never on os=debian-12"));
+    let err = stderr(&output);
+    assert!(
+        err.contains("http-static on os=debian-12 can never be offered"),
+        "{err}"
+    );
+    assert!(
+        err.contains("try: hangar request http-static --env os=busybox"),
+        "{err}"
+    );
 
     let output = server.hangar(&["request", "http-static", "--env", "bad key=1"]);
     assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));

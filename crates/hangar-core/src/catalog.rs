@@ -7,20 +7,22 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::components::{
+    BUILTIN_TEMPLATE_KEYS, Component, ComponentError, ComponentKind, Components, RawPackaged,
+    Setting, template_keys,
+};
 use crate::lifecycle::Policy;
 use crate::pool::PoolSpec;
 
 /// The built-in demo catalog.
 pub const DEMO_CATALOG: &str = include_str!("../../../catalog/demo.toml");
 
-/// How OS images can be built (`[os.NAME] base = ...`).
-pub const KNOWN_OS: &[&str] = &["busybox"];
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Catalog {
     services: BTreeMap<String, Service>,
     os: BTreeMap<String, Os>,
     pools: BTreeMap<String, PoolSpec>,
+    components: Components,
 }
 
 /// An operating system VMs run (`[os.NAME]`).
@@ -31,15 +33,31 @@ pub struct Os {
     pub name: String,
     /// Dotted version, compared numerically when requests name a minimum.
     pub version: String,
-    /// How the image is built (`busybox`).
-    #[serde(default = "default_base")]
-    pub base: String,
+    /// How the image is built.
+    #[serde(default)]
+    pub base: OsBase,
     #[serde(default)]
     pub description: String,
+    /// Debian suite for `debootstrap` (e.g. `bookworm`).
+    #[serde(default)]
+    pub suite: Option<String>,
+    /// Extra Debian packages in the OS layer (`debootstrap --include`).
+    #[serde(default)]
+    pub packages: Vec<String>,
 }
 
-fn default_base() -> String {
-    "busybox".into()
+/// How an OS layer is made.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum OsBase {
+    /// A static busybox and the service's files in one ext4 disk; no packages.
+    #[default]
+    Busybox,
+    /// `debootstrap --variant=minbase SUITE` against the configured Debian mirror; packages
+    /// install over it as layers.
+    Debootstrap,
 }
 
 /// Pool bounds of a service (`[service.NAME.pool]`).
@@ -63,7 +81,8 @@ struct RawPool {
     max: u32,
 }
 
-/// One requestable service.
+/// One requestable service: its applications (its own, inline, and `apps = [...]`) merged
+/// into one VM's ports, processes, files and ready criterion.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Service {
     pub name: String,
@@ -72,14 +91,25 @@ pub struct Service {
     /// Lifecycle policy (`[service.NAME.policy]`); the default has no timers.
     pub policy: Policy,
     pub description: String,
+    /// The OS its VMs run when a request names none (the first viable one).
     pub os: String,
+    /// Every OS the service can be offered on (the directory's environments).
+    pub environments: Vec<String>,
     pub vcpus: u32,
     pub memory_mib: u32,
     pub ports: Vec<Port>,
     pub processes: Vec<Process>,
+    /// Static files, in the shared application layer.
     #[schema(value_type = BTreeMap<String, Object>)]
     pub files: BTreeMap<String, FileSpec>,
+    /// Files rendered per VM at deploy time (`{{setting}}`, `{{hostname}}`, `{{vm}}`).
+    #[schema(value_type = BTreeMap<String, Object>)]
+    pub templates: BTreeMap<String, FileSpec>,
+    /// Per-request settings, with defaults.
+    pub settings: BTreeMap<String, Setting>,
     pub ready: ReadySpec,
+    /// Every component it is made of, dependencies first (software, patches, apps).
+    pub components: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -312,6 +342,8 @@ pub enum CatalogError {
     InvalidOs { os: String, message: String },
     #[error("pool {pool:?}: {message}")]
     InvalidPool { pool: String, message: String },
+    #[error(transparent)]
+    Component(#[from] ComponentError),
 }
 
 #[derive(Deserialize)]
@@ -323,6 +355,37 @@ struct RawCatalog {
     os: BTreeMap<String, Os>,
     #[serde(default)]
     pool: BTreeMap<String, RawPool>,
+    #[serde(default)]
+    software: BTreeMap<String, RawPackaged>,
+    #[serde(default)]
+    patch: BTreeMap<String, RawPackaged>,
+    #[serde(default)]
+    app: BTreeMap<String, RawApp>,
+}
+
+/// An application (`[app.NAME]`), or the application a service defines inline.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawApp {
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    runs_on: Vec<String>,
+    #[serde(default)]
+    requires: Vec<String>,
+    #[serde(default)]
+    conflicts: Vec<String>,
+    #[serde(default)]
+    port: Vec<Port>,
+    #[serde(default)]
+    process: Vec<Process>,
+    #[serde(default)]
+    files: BTreeMap<String, FileSpec>,
+    #[serde(default)]
+    templates: BTreeMap<String, FileSpec>,
+    #[serde(default)]
+    settings: BTreeMap<String, Setting>,
+    ready: Option<ReadySpec>,
 }
 
 #[derive(Deserialize)]
@@ -330,21 +393,53 @@ struct RawCatalog {
 struct RawService {
     #[serde(default)]
     description: String,
-    os: String,
+    /// The one OS it runs on; none: every OS where its components are viable.
+    os: Option<String>,
+    /// Applications (`[app.NAME]`) this service's VMs run together.
+    #[serde(default)]
+    apps: Vec<String>,
     #[serde(default = "default_vcpus")]
     vcpus: u32,
     #[serde(default = "default_memory")]
     memory_mib: u32,
+    pool: Option<PoolBounds>,
+    // The service's own application, inline (as in [`RawApp`]).
+    #[serde(default)]
+    requires: Vec<String>,
+    #[serde(default)]
+    conflicts: Vec<String>,
     #[serde(default)]
     port: Vec<Port>,
     #[serde(default)]
     process: Vec<Process>,
     #[serde(default)]
     files: BTreeMap<String, FileSpec>,
-    ready: ReadySpec,
-    pool: Option<PoolBounds>,
+    #[serde(default)]
+    templates: BTreeMap<String, FileSpec>,
+    #[serde(default)]
+    settings: BTreeMap<String, Setting>,
+    ready: Option<ReadySpec>,
     #[serde(default)]
     policy: Policy,
+}
+
+impl RawService {
+    /// Splits off the inline application.
+    fn split(self) -> (RawService, RawApp) {
+        let app = RawApp {
+            description: self.description.clone(),
+            runs_on: self.os.iter().cloned().collect(),
+            requires: self.requires.clone(),
+            conflicts: self.conflicts.clone(),
+            port: self.port.clone(),
+            process: self.process.clone(),
+            files: self.files.clone(),
+            templates: self.templates.clone(),
+            settings: self.settings.clone(),
+            ready: self.ready.clone(),
+        };
+        (self, app)
+    }
 }
 
 fn default_vcpus() -> u32 {
@@ -374,8 +469,10 @@ impl Catalog {
                 Os {
                     name: String::new(),
                     version: "1.35".into(),
-                    base: default_base(),
+                    base: OsBase::Busybox,
                     description: "busybox-static userland".into(),
+                    suite: None,
+                    packages: Vec::new(),
                 },
             );
         }
@@ -394,17 +491,103 @@ impl Catalog {
                     entry.version
                 )));
             }
-            if !KNOWN_OS.contains(&entry.base.as_str()) {
-                return Err(fail(format!(
-                    "unknown base {:?} (known: {})",
-                    entry.base,
-                    KNOWN_OS.join(", ")
-                )));
+            match entry.base {
+                OsBase::Busybox => {
+                    if entry.suite.is_some() || !entry.packages.is_empty() {
+                        return Err(fail(
+                            "suite and packages need base = \"debootstrap\"".into(),
+                        ));
+                    }
+                }
+                OsBase::Debootstrap => {
+                    let suite_ok = entry.suite.as_deref().is_some_and(|suite| {
+                        !suite.is_empty()
+                            && suite.chars().all(|c| c.is_ascii_lowercase() || c == '-')
+                    });
+                    if !suite_ok {
+                        return Err(fail(
+                            "base = \"debootstrap\" needs a suite, e.g. suite = \"bookworm\""
+                                .into(),
+                        ));
+                    }
+                    for package in &entry.packages {
+                        crate::components::Package::parse(package).map_err(&fail)?;
+                    }
+                }
             }
         }
-        let mut services = BTreeMap::new();
+
+        // Components: software, patches, applications, and the services' inline apps.
+        let mut components = Vec::new();
+        for (name, raw) in raw.software {
+            components.push(raw.into_component(&name, ComponentKind::Software).map_err(
+                |message| ComponentError::Invalid {
+                    component: name.clone(),
+                    message,
+                },
+            )?);
+        }
+        for (name, raw) in raw.patch {
+            components.push(raw.into_component(&name, ComponentKind::Patch).map_err(
+                |message| ComponentError::Invalid {
+                    component: name.clone(),
+                    message,
+                },
+            )?);
+        }
+        let mut apps: BTreeMap<String, RawApp> = raw.app;
+        let mut services_raw = BTreeMap::new();
         for (name, raw) in raw.service {
-            let service = validate(name.clone(), raw, &os)?;
+            if !is_name(&name) {
+                return Err(CatalogError::Invalid {
+                    service: name.clone(),
+                    message: "names use lowercase letters, digits and '-', start with a letter, at most 40 characters".into(),
+                });
+            }
+            if let Some(wanted) = &raw.os
+                && !os.contains_key(wanted)
+            {
+                return Err(CatalogError::Invalid {
+                    service: name.clone(),
+                    message: format!(
+                        "unknown os {:?} (known: {})",
+                        wanted,
+                        os.keys().cloned().collect::<Vec<_>>().join(", ")
+                    ),
+                });
+            }
+            let (raw, inline) = raw.split();
+            if inline.has_content() {
+                if apps.contains_key(&name) {
+                    return Err(CatalogError::Invalid {
+                        service: name.clone(),
+                        message: format!(
+                            "defines its own ports, processes or files, and an [app.{name}] exists too; move them into the app"
+                        ),
+                    });
+                }
+                apps.insert(name.clone(), inline);
+                services_raw.insert(name, (raw, true));
+            } else {
+                services_raw.insert(name, (raw, false));
+            }
+        }
+        for (name, app) in &apps {
+            components.push(Component {
+                name: name.clone(),
+                kind: ComponentKind::App,
+                description: app.description.clone(),
+                packages: Vec::new(),
+                runs_on: app.runs_on.clone(),
+                requires: app.requires.clone(),
+                conflicts: app.conflicts.clone(),
+            });
+        }
+        let components = Components::new(components, &os)?;
+
+        let mut services = BTreeMap::new();
+        for (name, (raw, inline)) in services_raw {
+            let service = validate(name.clone(), raw, inline, &apps, &components, &os)?;
             services.insert(name, service);
         }
         let mut pools = BTreeMap::new();
@@ -468,6 +651,7 @@ impl Catalog {
             services,
             os,
             pools,
+            components,
         })
     }
 
@@ -495,6 +679,80 @@ impl Catalog {
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.services.keys().map(String::as_str)
     }
+
+    /// Software, patches and applications.
+    pub fn components(&self) -> &Components {
+        &self.components
+    }
+
+    /// The directory: can `service` be offered on `os`? `Ok` with the service, or the
+    /// reason it never can (no such OS, or a component that does not run there).
+    pub fn viable(&self, service: &str, os: &str) -> Result<&Service, Never> {
+        let Some(entry) = self.services.get(service) else {
+            return Err(Never::NoService);
+        };
+        if entry.environments.iter().any(|env| env == os) {
+            return Ok(entry);
+        }
+        let reason = match self.os.get(os) {
+            None => format!("there is no os {os:?}"),
+            Some(target) => {
+                let closure = self
+                    .components
+                    .closure(entry.components.iter().map(String::as_str));
+                match Components::viable_on(&closure, target) {
+                    Err(why) => why,
+                    // Viable by components, but the service names one OS only.
+                    Ok(()) => format!("{service} is offered on {} only", entry.os),
+                }
+            }
+        };
+        Err(Never::Combination { reason })
+    }
+
+    /// Viable combinations closest to `service` on `os`, best first, as request arguments
+    /// (`redis --env os=debian-12`): the same service elsewhere, then services with close
+    /// names on the same OS.
+    pub fn alternatives(&self, service: &str, os: Option<&str>, limit: usize) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(entry) = self.services.get(service) {
+            out.extend(
+                entry
+                    .environments
+                    .iter()
+                    .filter(|env| Some(env.as_str()) != os)
+                    .map(|env| format!("{service} --env os={env}")),
+            );
+        }
+        let on_os: Vec<&str> = self
+            .services
+            .values()
+            .filter(|s| s.name != service)
+            .filter(|s| os.is_none_or(|os| s.environments.iter().any(|e| e == os)))
+            .map(|s| s.name.as_str())
+            .collect();
+        let mut near = crate::suggest::closest(service, on_os.iter().copied(), limit);
+        if near.is_empty() {
+            near = on_os.iter().map(|s| s.to_string()).collect();
+        }
+        for name in near {
+            out.push(match os {
+                Some(os) => format!("{name} --env os={os}"),
+                None => name,
+            });
+        }
+        out.truncate(limit);
+        out
+    }
+}
+
+/// Why a combination is not in the directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Never {
+    /// No service of that name (a 404: see the closest names).
+    NoService,
+    /// The service exists but never on that environment.
+    Combination { reason: String },
 }
 
 impl Service {
@@ -554,9 +812,25 @@ fn check_bounds(min: u32, max: u32) -> Result<(), String> {
     Ok(())
 }
 
+impl RawApp {
+    /// Whether an inline app has anything of its own (a service with only `apps` has not).
+    fn has_content(&self) -> bool {
+        !(self.port.is_empty()
+            && self.process.is_empty()
+            && self.files.is_empty()
+            && self.templates.is_empty()
+            && self.settings.is_empty()
+            && self.requires.is_empty()
+            && self.conflicts.is_empty())
+    }
+}
+
 fn validate(
     name: String,
     raw: RawService,
+    inline: bool,
+    apps: &BTreeMap<String, RawApp>,
+    components: &Components,
     os: &BTreeMap<String, Os>,
 ) -> Result<Service, CatalogError> {
     let fail = |message: String| CatalogError::Invalid {
@@ -568,10 +842,12 @@ fn validate(
             "names use lowercase letters, digits and '-', start with a letter, at most 40 characters".into(),
         ));
     }
-    if !os.contains_key(&raw.os) {
+    if let Some(wanted) = &raw.os
+        && !os.contains_key(wanted)
+    {
         return Err(fail(format!(
             "unknown os {:?} (known: {})",
-            raw.os,
+            wanted,
             os.keys().cloned().collect::<Vec<_>>().join(", ")
         )));
     }
@@ -579,12 +855,107 @@ fn validate(
     if let Some(bounds) = raw.pool {
         check_bounds(bounds.min, bounds.max).map_err(&fail)?;
     }
-    if raw.port.is_empty() {
+
+    // The applications this service runs, and everything they need.
+    let mut roots: Vec<&str> = Vec::new();
+    for app in &raw.apps {
+        match components.get(app) {
+            Some(component) if component.kind == ComponentKind::App => roots.push(app),
+            Some(component) => {
+                return Err(fail(format!(
+                    "apps names {app:?}, which is {}, not an app",
+                    component.kind.as_str()
+                )));
+            }
+            None => return Err(fail(format!("apps names unknown app {app:?}"))),
+        }
+    }
+    if inline {
+        roots.push(&name);
+    }
+    if roots.is_empty() {
+        return Err(fail(
+            "needs at least one [[port]] and [[process]], or apps = [...]".into(),
+        ));
+    }
+    let closure = components.closure(roots.iter().copied());
+    if let Some(conflict) = Components::conflict_in(&closure) {
+        return Err(fail(format!("can never be built: {conflict}")));
+    }
+    let environments: Vec<String> = match &raw.os {
+        Some(wanted) => {
+            Components::viable_on(&closure, &os[wanted])
+                .map_err(|why| fail(format!("cannot run on os {wanted}: {why}")))?;
+            vec![wanted.clone()]
+        }
+        None => {
+            let mut viable = Vec::new();
+            let mut reasons = Vec::new();
+            for candidate in os.values() {
+                match Components::viable_on(&closure, candidate) {
+                    Ok(()) => viable.push(candidate.name.clone()),
+                    Err(why) => reasons.push(format!("{}: {why}", candidate.name)),
+                }
+            }
+            if viable.is_empty() {
+                return Err(fail(format!("can run on no os ({})", reasons.join("; "))));
+            }
+            viable
+        }
+    };
+
+    // Merge the apps (dependencies first) into one VM's ports, processes and files.
+    let mut ports: Vec<Port> = Vec::new();
+    let mut processes: Vec<Process> = Vec::new();
+    let mut files = BTreeMap::new();
+    let mut templates = BTreeMap::new();
+    let mut settings: BTreeMap<String, Setting> = BTreeMap::new();
+    let mut readies = Vec::new();
+    for component in closure.iter().filter(|c| c.kind == ComponentKind::App) {
+        let app = &apps[&component.name];
+        ports.extend(app.port.iter().cloned());
+        processes.extend(app.process.iter().cloned());
+        for (path, file) in app.files.iter().chain(&app.templates) {
+            if files.contains_key(path) || templates.contains_key(path) {
+                return Err(fail(format!(
+                    "file {path:?} comes from two apps (the second is {})",
+                    component.name
+                )));
+            }
+            if app.files.contains_key(path) {
+                files.insert(path.clone(), file.clone());
+            } else {
+                templates.insert(path.clone(), file.clone());
+            }
+        }
+        for (key, setting) in &app.settings {
+            if settings.insert(key.clone(), setting.clone()).is_some() {
+                return Err(fail(format!(
+                    "setting {key:?} is declared by two apps (the second is {})",
+                    component.name
+                )));
+            }
+        }
+        // The inline app's criterion is the service's own (`raw.ready`).
+        if !(inline && component.name == name)
+            && let Some(ready) = &app.ready
+        {
+            readies.push(ready.clone());
+        }
+    }
+    let ready = match raw.ready {
+        Some(ready) => ready,
+        None => merge_ready(readies).ok_or_else(|| {
+            fail("needs a [ready] criterion (its own, or one of its apps')".into())
+        })?,
+    };
+
+    if ports.is_empty() {
         return Err(fail("needs at least one [[port]]".into()));
     }
     let mut port_names = BTreeSet::new();
     let mut guest_ports = BTreeSet::new();
-    for port in &raw.port {
+    for port in &ports {
         if !is_name(&port.name) {
             return Err(fail(format!(
                 "port name {:?} is not a valid name",
@@ -604,11 +975,11 @@ fn validate(
             return Err(fail(format!("guest port {} is used twice", port.guest)));
         }
     }
-    if raw.process.is_empty() {
+    if processes.is_empty() {
         return Err(fail("needs at least one [[process]]".into()));
     }
     let mut process_names = BTreeSet::new();
-    for process in &raw.process {
+    for process in &processes {
         if process.argv.is_empty() || process.argv[0].is_empty() {
             return Err(fail(format!(
                 "process {:?} has an empty argv",
@@ -619,7 +990,7 @@ fn validate(
             return Err(fail(format!("process {:?} is defined twice", process.name)));
         }
     }
-    for (path, file) in &raw.files {
+    for (path, file) in files.iter().chain(&templates) {
         if !path.starts_with('/') || path.split('/').any(|part| part == "..") || path.ends_with('/')
         {
             return Err(fail(format!(
@@ -633,21 +1004,68 @@ fn validate(
             )));
         }
     }
-    check_ready(&raw.ready, &port_names).map_err(&fail)?;
+    for key in settings.keys() {
+        let valid = !key.is_empty()
+            && key.len() <= 64
+            && key != "os"
+            && key.starts_with(|c: char| c.is_ascii_alphabetic())
+            && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            return Err(fail(format!(
+                "setting {key:?}: names use letters, digits and '_', start with a letter, and are not \"os\""
+            )));
+        }
+    }
+    if raw.pool.is_some()
+        && let Some((key, _)) = settings.iter().find(|(_, s)| s.default.is_none())
+    {
+        return Err(fail(format!(
+            "keeps a warm pool, so its setting {key:?} needs a default (pool VMs are made before any request)"
+        )));
+    }
+    for (path, template) in &templates {
+        for key in template_keys(&template.content) {
+            if !settings.contains_key(&key) && !BUILTIN_TEMPLATE_KEYS.contains(&key.as_str()) {
+                return Err(fail(format!(
+                    "template {path:?} uses {{{{{key}}}}}, which is neither a setting nor one of {}",
+                    BUILTIN_TEMPLATE_KEYS.join(", ")
+                )));
+            }
+        }
+    }
+    check_ready(&ready, &port_names).map_err(&fail)?;
     raw.policy.check().map_err(&fail)?;
     Ok(Service {
         name: name.clone(),
         pool: raw.pool,
         policy: raw.policy,
         description: raw.description,
-        os: raw.os,
+        os: environments[0].clone(),
+        environments,
         vcpus: raw.vcpus,
         memory_mib: raw.memory_mib,
-        ports: raw.port,
-        processes: raw.process,
-        files: raw.files,
-        ready: raw.ready,
+        ports,
+        processes,
+        files,
+        templates,
+        settings,
+        ready,
+        components: closure.iter().map(|c| c.name.clone()).collect(),
     })
+}
+
+/// The ready criteria of several apps as one: every check of each, within the longest
+/// timeout, the shortest interval, and the most consecutive rounds.
+fn merge_ready(readies: Vec<ReadySpec>) -> Option<ReadySpec> {
+    let mut iter = readies.into_iter();
+    let mut merged = iter.next()?;
+    for ready in iter {
+        merged.timeout = merged.timeout.max(ready.timeout);
+        merged.interval = merged.interval.min(ready.interval);
+        merged.consecutive = merged.consecutive.max(ready.consecutive);
+        merged.checks.extend(ready.checks);
+    }
+    Some(merged)
 }
 
 /// Lowercase letters, digits and '-', starting with a letter, at most 40 characters.
@@ -697,7 +1115,17 @@ mod tests {
     fn demo_catalog_has_the_demo_services() {
         let catalog = Catalog::demo();
         let names: Vec<_> = catalog.names().collect();
-        assert_eq!(names, ["http-counter", "http-static"]);
+        assert_eq!(
+            names,
+            [
+                "http-counter",
+                "http-static",
+                "nginx",
+                "postgresql",
+                "redis",
+                "web-cache"
+            ]
+        );
         let counter = catalog.get("http-counter").unwrap();
         assert_eq!(counter.memory_mib, 256);
         assert_eq!(counter.files["/www/cgi-bin/index.cgi"].mode, 0o755);
@@ -709,6 +1137,147 @@ mod tests {
         let web = catalog.get("http-static").unwrap();
         assert_eq!(web.ready.timeout, Duration::from_secs(60));
         assert_eq!(web.ready.checks.len(), 2);
+    }
+
+    #[test]
+    fn the_directory_knows_where_each_service_can_run() {
+        let catalog = Catalog::demo();
+        let redis = catalog.get("redis").unwrap();
+        assert_eq!(redis.environments, ["debian-12"]);
+        assert_eq!(redis.os, "debian-12");
+        assert_eq!(redis.components, ["redis-server", "redis"]);
+        assert_eq!(
+            catalog.get("http-static").unwrap().environments,
+            ["busybox"]
+        );
+        assert!(catalog.viable("redis", "debian-12").is_ok());
+        let Err(Never::Combination { reason }) = catalog.viable("redis", "busybox") else {
+            panic!("redis on busybox is never viable");
+        };
+        assert_eq!(
+            reason,
+            "software redis-server runs on debian-12, not on busybox"
+        );
+        let Err(Never::Combination { reason }) = catalog.viable("http-static", "debian-12") else {
+            panic!("http-static is busybox only");
+        };
+        assert!(reason.contains("runs on busybox"), "{reason}");
+        assert_eq!(catalog.viable("nope", "busybox"), Err(Never::NoService));
+        let Err(Never::Combination { reason }) = catalog.viable("redis", "plan9") else {
+            panic!("no such os");
+        };
+        assert_eq!(reason, r#"there is no os "plan9""#);
+        // Closest viable alternatives: the same service elsewhere first, then services
+        // with close names on the OS asked for.
+        let alternatives = catalog.alternatives("redis", Some("busybox"), 4);
+        assert_eq!(alternatives[0], "redis --env os=debian-12");
+        assert!(
+            alternatives[1..]
+                .iter()
+                .all(|a| a.ends_with("--env os=busybox")),
+            "{alternatives:?}"
+        );
+
+        // Two apps on one VM: both ports, both processes, every ready check, the patch.
+        let both = catalog.get("web-cache").unwrap();
+        let ports: Vec<_> = both
+            .ports
+            .iter()
+            .map(|p| (p.name.as_str(), p.guest))
+            .collect();
+        assert_eq!(ports, [("http", 80), ("redis", 6379)]);
+        assert_eq!(both.processes.len(), 2);
+        assert_eq!(both.ready.checks.len(), 4);
+        assert_eq!(
+            both.components,
+            [
+                "nginx-light",
+                "web-page",
+                "redis-server",
+                "redis",
+                "ps-tools",
+                "web-cache"
+            ]
+        );
+        assert!(both.templates.contains_key("/var/www/html/hello.txt"));
+        assert!(both.files.contains_key("/var/www/html/index.html"));
+        let postgres = catalog.get("postgresql").unwrap();
+        assert_eq!(postgres.settings["password"].default, None);
+        assert!(postgres.settings["password"].secret);
+    }
+
+    const COMPONENTS: &str = r#"
+        [os.debian-12]
+        version = "12"
+        base = "debootstrap"
+        suite = "bookworm"
+        [software.web]
+        packages = ["nginx-light"]
+        [app.page]
+        requires = ["web"]
+        [[app.page.port]]
+        name = "http"
+        guest = 80
+        [[app.page.process]]
+        name = "nginx"
+        argv = ["nginx"]
+        [app.page.ready]
+        checks = [{ tcp = { port = "http" } }]
+        [service.site]
+        apps = ["page"]
+    "#;
+
+    #[test]
+    fn bad_components_name_the_component() {
+        assert!(Catalog::from_toml(COMPONENTS).is_ok());
+        let cycle = COMPONENTS.replace(
+            r#"packages = ["nginx-light"]"#,
+            "packages = [\"nginx-light\"]\nrequires = [\"page\"]",
+        );
+        assert_eq!(
+            invalid(&cycle),
+            "components require each other in a cycle: page -> web -> page"
+        );
+        let unknown = COMPONENTS.replace(r#"requires = ["web"]"#, r#"requires = ["wbe"]"#);
+        assert_eq!(
+            invalid(&unknown),
+            r#"component "page" requires unknown component "wbe""#
+        );
+        let bad_package = COMPONENTS.replace(r#"["nginx-light"]"#, r#"["nginx; reboot"]"#);
+        let err = invalid(&bad_package);
+        assert!(
+            err.starts_with(r#"component "web": "nginx; reboot" is not a Debian package name"#),
+            "{err}"
+        );
+        let conflicting = format!(
+            "{COMPONENTS}\n[software.other]\npackages = [\"apache2\"]\nconflicts = [\"web\"]\n"
+        )
+        .replace(r#"requires = ["web"]"#, r#"requires = ["web", "other"]"#);
+        assert_eq!(
+            invalid(&conflicting),
+            r#"service "site": can never be built: software web and software other conflict"#
+        );
+        let nowhere = COMPONENTS
+            .replace(
+                r#"packages = ["nginx-light"]"#,
+                "packages = [\"nginx-light\"]\nruns_on = [\"busybox\"]",
+            )
+            .replace(
+                "[os.debian-12]",
+                "[os.busybox]\nversion = \"1.35\"\n[os.debian-12]",
+            );
+        let err = invalid(&nowhere);
+        assert!(
+            err.starts_with(r#"service "site": can run on no os"#),
+            "{err}"
+        );
+        let template =
+            format!("{COMPONENTS}\n[app.page.templates.\"/etc/x\"]\ncontent = \"{{{{nope}}}}\"\n");
+        let err = invalid(&template);
+        assert!(err.contains(r#"template "/etc/x" uses {{nope}}"#), "{err}");
+        let no_suite = COMPONENTS.replace("suite = \"bookworm\"\n", "");
+        let err = invalid(&no_suite);
+        assert!(err.contains("needs a suite"), "{err}");
     }
 
     #[test]

@@ -8,6 +8,8 @@
 //! - [`suggest`]: closest names, for errors that offer alternatives.
 
 pub mod catalog;
+pub mod components;
+pub mod eviction;
 pub mod ids;
 pub mod lifecycle;
 pub mod matching;

@@ -26,6 +26,7 @@ mod boot;
 mod cache;
 mod initramfs;
 mod kernel;
+pub mod layers;
 mod modules;
 mod rootfs;
 mod tools;
@@ -148,6 +149,13 @@ pub enum AssetError {
          not the root itself"
     )]
     InvalidImageFile { path: String, reason: String },
+    #[error("building layer {layer}: {reason}")]
+    LayerBuild { layer: String, reason: String },
+    #[error(
+        "component {component}: Debian package {package:?} is not in the mirror's archive \
+         (check the name with `apt-cache search`)"
+    )]
+    UnknownPackage { component: String, package: String },
 }
 
 impl AssetError {

@@ -233,7 +233,7 @@ fn set_mode(path: &Path, mode: u32) -> Result<(), AssetError> {
 }
 
 /// Bytes of content under `dir` (files at their length, everything else a block).
-fn tree_size(dir: &Path) -> Result<u64, AssetError> {
+pub(crate) fn tree_size(dir: &Path) -> Result<u64, AssetError> {
     let mut total = 0;
     let mut pending = vec![dir.to_path_buf()];
     while let Some(current) = pending.pop() {

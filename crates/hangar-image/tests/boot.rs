@@ -323,7 +323,7 @@ fn boots_a_busybox_guest_and_serves_http() {
         _ => unreachable!(),
     }
 
-    agent.send(&HostMessage::Configure(GuestConfig {
+    agent.send(&HostMessage::Configure(Box::new(GuestConfig {
         identity: identity("web-1"),
         network: Some(NetworkConfig {
             interface: "eth0".into(),
@@ -334,6 +334,7 @@ fn boots_a_busybox_guest_and_serves_http() {
         root: Some(RootConfig {
             device: "/dev/vda".into(),
             fstype: "ext4".into(),
+            layers: Vec::new(),
         }),
         files: vec![],
         services: vec![ServiceCommand {
@@ -345,7 +346,7 @@ fn boots_a_busybox_guest_and_serves_http() {
             env: BTreeMap::new(),
             workdir: None,
         }],
-    }));
+    })));
     let mut started_services = Vec::new();
     agent.wait_for("configured", Duration::from_secs(60), |m| {
         if let GuestMessage::ServiceStarted { name, .. } = m {

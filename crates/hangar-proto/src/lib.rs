@@ -30,7 +30,7 @@ pub const PROTOCOL_VERSION: u32 = 1;
 pub enum HostMessage {
     /// Identity and workload of the guest. Sent once, in answer to the first hello;
     /// the guest answers [`GuestMessage::Configured`] when its services are started.
-    Configure(GuestConfig),
+    Configure(Box<GuestConfig>),
     /// New identity after a resume or a clone: hostname, clock, entropy.
     /// Answered with a [`GuestMessage::Reply`].
     Reidentify { id: u64, identity: Identity },
@@ -87,11 +87,29 @@ pub struct NetworkConfig {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RootConfig {
-    /// Block device holding the root, e.g. `/dev/vda`.
+    /// Block device holding the root, e.g. `/dev/vda`, or `serial:NAME` for the virtio
+    /// disk with that serial number. With `layers`, the writable upper layer.
     pub device: String,
     /// Filesystem type, e.g. `ext4`.
     pub fstype: String,
+    /// Read-only layers under the root, top first: the root is an overlayfs of these with
+    /// `device` as its upper layer (`data/` and `work/` on it). Empty: `device` is the root.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<LayerMount>,
 }
+
+/// A read-only root filesystem layer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerMount {
+    /// `/dev/vdX` or `serial:NAME`.
+    pub device: String,
+    /// e.g. `squashfs`.
+    pub fstype: String,
+}
+
+/// Where hangar-init looks for a configuration of its own (an exported image boots
+/// without a host on the agent channel): a [`GuestConfig`] as JSON, in the initramfs.
+pub const STANDALONE_CONFIG: &str = "/hangar/standalone.json";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileWrite {
@@ -183,7 +201,7 @@ mod tests {
 
     #[test]
     fn configure_round_trips_as_one_line() {
-        let msg = HostMessage::Configure(GuestConfig {
+        let msg = HostMessage::Configure(Box::new(GuestConfig {
             identity: Identity {
                 hostname: "vm-1".into(),
                 unix_time_ms: 1_700_000_000_000,
@@ -198,6 +216,10 @@ mod tests {
             root: Some(RootConfig {
                 device: "/dev/vda".into(),
                 fstype: "ext4".into(),
+                layers: vec![LayerMount {
+                    device: "serial:hangar-layer-0".into(),
+                    fstype: "squashfs".into(),
+                }],
             }),
             files: vec![FileWrite {
                 path: "/etc/motd".into(),
@@ -210,7 +232,7 @@ mod tests {
                 env: BTreeMap::new(),
                 workdir: None,
             }],
-        });
+        }));
         let line = encode(&msg);
         assert_eq!(
             line.matches('\n').count(),

@@ -34,7 +34,10 @@ use crate::templates::TemplateView;
         list_policies,
         set_policy,
         reset_policy,
-        list_templates
+        list_templates,
+        list_images,
+        build_image,
+        export_image
     ),
     components(schemas(
         TemplateView,
@@ -44,6 +47,12 @@ use crate::templates::TemplateView;
         VmView,
         TaskView,
         ErrorBody,
+        ImageBody,
+        BuildView,
+        crate::image_policy::ImagesView,
+        crate::images::ImageView,
+        crate::images::LayerView,
+        SettingView,
         ServiceRequest,
         Mode,
         VmState,
@@ -81,6 +90,8 @@ pub fn router(manager: Arc<Manager>) -> Router {
         )
         .route("/v1/tasks", get(list_tasks))
         .route("/v1/tasks/{id}", get(get_task))
+        .route("/v1/images", get(list_images).post(build_image))
+        .route("/v1/export", post(export_image))
         .fallback(|| async {
             ApiError::NotFound {
                 message: "no such API path; see /v1/openapi.json".into(),
@@ -110,11 +121,27 @@ pub struct PortView {
     pub guest: u16,
 }
 
+/// A per-request setting of a service.
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SettingView {
+    pub description: String,
+    pub default: Option<String>,
+    pub required: bool,
+    pub secret: bool,
+}
+
 #[derive(Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ServiceView {
     pub name: String,
     pub description: String,
+    /// The OS a request without `os` gets.
     pub os: String,
+    /// The directory: every environment the service can be offered in (`os=NAME`).
+    pub environments: Vec<String>,
+    /// What it is made of, dependencies first (`kind:name`).
+    pub components: Vec<String>,
+    /// Per-request settings (`--env KEY=VALUE`).
+    pub settings: BTreeMap<String, SettingView>,
     pub vcpus: u32,
     pub memory_mib: u32,
     pub ports: Vec<PortView>,
@@ -133,6 +160,38 @@ async fn list_services(State(manager): State<Arc<Manager>>) -> Json<Vec<ServiceV
                 name: service.name.clone(),
                 description: service.description.clone(),
                 os: service.os.clone(),
+                environments: service
+                    .environments
+                    .iter()
+                    .map(|os| format!("os={os}"))
+                    .collect(),
+                components: service
+                    .components
+                    .iter()
+                    .map(|name| match manager.catalog().components().get(name) {
+                        Some(c) => format!("{}:{name}", c.kind.as_str()),
+                        None => name.clone(),
+                    })
+                    .collect(),
+                settings: service
+                    .settings
+                    .iter()
+                    .map(|(key, setting)| {
+                        (
+                            key.clone(),
+                            SettingView {
+                                description: setting.description.clone(),
+                                default: if setting.secret {
+                                    setting.default.as_ref().map(|_| "(secret)".into())
+                                } else {
+                                    setting.default.clone()
+                                },
+                                required: setting.default.is_none(),
+                                secret: setting.secret,
+                            },
+                        )
+                    })
+                    .collect(),
                 vcpus: service.vcpus,
                 memory_mib: service.memory_mib,
                 ports: service
@@ -641,4 +700,120 @@ async fn get_task(
             alternatives: Vec::new(),
         })?;
     Ok(Json(task.into()))
+}
+
+/// A service and environment whose image to build or export.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ImageBody {
+    pub service: String,
+    /// `os=NAME` and the service's settings (an export bakes them in).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+impl ImageBody {
+    fn request(self) -> Result<ServiceRequest, ApiError> {
+        let request = ServiceRequest {
+            service: Some(self.service),
+            env: self.env,
+            ..ServiceRequest::default()
+        };
+        request
+            .validate()
+            .map_err(|err| ApiError::BadRequest(err.to_string()))?;
+        Ok(request)
+    }
+}
+
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
+pub struct BuildView {
+    /// The build task (see `/v1/tasks/{id}` for its stage and percent).
+    pub task: String,
+}
+
+/// Images of every viable service × environment, and the cached layers they share.
+#[utoipa::path(get, path = "/v1/images", responses((status = 200, body = crate::image_policy::ImagesView)))]
+async fn list_images(
+    State(manager): State<Arc<Manager>>,
+) -> Result<Json<crate::image_policy::ImagesView>, ApiError> {
+    Ok(Json(manager.images()?))
+}
+
+/// Builds the image of a service in an environment, as a task.
+#[utoipa::path(
+    post,
+    path = "/v1/images",
+    request_body = ImageBody,
+    responses(
+        (status = 202, body = BuildView, description = "the build runs as this task"),
+        (status = 404, body = ErrorBody),
+        (status = 422, body = ErrorBody, description = "this combination will never be available"),
+    )
+)]
+async fn build_image(
+    State(manager): State<Arc<Manager>>,
+    body: axum::body::Bytes,
+) -> Result<(axum::http::StatusCode, Json<BuildView>), ApiError> {
+    let body: ImageBody = serde_json::from_slice(&body)
+        .map_err(|err| ApiError::BadRequest(format!("invalid request body: {err}")))?;
+    let task = manager.build_image(&body.request()?)?;
+    Ok((axum::http::StatusCode::ACCEPTED, Json(BuildView { task })))
+}
+
+/// A self-contained export of a service's image (tar: kernel, initramfs, flattened disk,
+/// `hangar-export.json`, `run.sh`) that boots with plain QEMU.
+#[utoipa::path(
+    post,
+    path = "/v1/export",
+    request_body = ImageBody,
+    responses(
+        (status = 200, content_type = "application/x-tar", description = "the export"),
+        (status = 404, body = ErrorBody),
+        (status = 422, body = ErrorBody),
+    )
+)]
+async fn export_image(
+    State(manager): State<Arc<Manager>>,
+    body: axum::body::Bytes,
+) -> Result<axum::response::Response, ApiError> {
+    let body: ImageBody = serde_json::from_slice(&body)
+        .map_err(|err| ApiError::BadRequest(format!("invalid request body: {err}")))?;
+    let request = body.request()?;
+    let dir = manager.config.export_dir.clone();
+    let export = manager.export(&request, &dir).await?;
+    let file = tokio::fs::File::open(&export.path)
+        .await
+        .map_err(ApiError::internal)?;
+    let size = export.size_bytes;
+    // The export's directory lives until the last chunk is sent.
+    let stream = futures::stream::unfold((file, Some(export)), |(mut file, export)| async move {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0u8; 1 << 20];
+        match file.read(&mut buf).await {
+            Ok(0) => {
+                drop(export);
+                None
+            }
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok::<_, std::io::Error>(bytes_of(buf)), (file, export)))
+            }
+            Err(err) => Some((Err(err), (file, None))),
+        }
+    });
+    let mut response = axum::response::Response::new(axum::body::Body::from_stream(stream));
+    let headers = response.headers_mut();
+    headers.insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/x-tar"),
+    );
+    if let Ok(value) = axum::http::HeaderValue::from_str(&size.to_string()) {
+        headers.insert(axum::http::header::CONTENT_LENGTH, value);
+    }
+    Ok(response)
+}
+
+fn bytes_of(buf: Vec<u8>) -> axum::body::Bytes {
+    axum::body::Bytes::from(buf)
 }

@@ -14,6 +14,7 @@ use rand::RngCore;
 use tokio::sync::{OwnedMutexGuard, watch};
 
 use crate::error::{ApiError, error_chain};
+use crate::images::ProgressFn;
 use crate::ready;
 
 use crate::manager::*;
@@ -86,6 +87,26 @@ impl Manager {
         outcome.wait_for(Option::is_some).await.ok()?.clone()
     }
 
+    /// A progress callback for an image build inside a task: the build's stages, its
+    /// percent mapped into `from..to` of the task.
+    pub(crate) fn build_progress(&self, task: &str, from: u8, to: u8) -> ProgressFn {
+        let store = self.store.clone();
+        let task = task.to_owned();
+        Arc::new(move |stage: &str, percent: u8| {
+            let scaled =
+                from as u32 + (to.saturating_sub(from) as u32 * percent.min(100) as u32) / 100;
+            if let Err(err) = store.update_task(
+                &task,
+                TaskState::Running,
+                &format!("image: {stage}"),
+                scaled as u8,
+                None,
+            ) {
+                tracing::warn!(task = %task, error = %err, "cannot record build progress");
+            }
+        })
+    }
+
     pub(crate) fn progress(&self, task: &str, stage: &str, percent: u8) {
         if let Err(err) = self
             .store
@@ -99,12 +120,24 @@ impl Manager {
     /// for a pool fill. On failure nothing of the VM is left but its `failed` record.
     pub(crate) async fn create(&self, task: &str, make: &MakeVm) -> Result<VmRecord, String> {
         let started = Instant::now();
-        self.progress(task, "image", 5);
+        self.progress(task, "image", 2);
         let assets = self.images.guest_assets().await?;
-        let base_image = match &make.service {
-            Some(service) => self.images.base_image(service).await?,
-            None => None,
+        let os_name = make
+            .service
+            .as_ref()
+            .map(|service| make.env.get("os").cloned().unwrap_or(service.os.clone()));
+        let root = match (&make.service, &os_name) {
+            (Some(service), Some(os)) => {
+                if !self.images.is_built(service, os) {
+                    tracing::info!(service = %service.name, os = %os, task, "building the service's image");
+                }
+                self.images
+                    .root_image(service, os, self.build_progress(task, 2, 19))
+                    .await?
+            }
+            _ => crate::images::RootImage::default(),
         };
+        self.images.touch(&root.layer_hashes);
         let pre_os = make.service.is_none();
 
         let vm_id = VmId::generate().to_string();
@@ -124,19 +157,20 @@ impl Manager {
             kernel: assets.vmlinux.clone(),
             initramfs: assets.initramfs.clone(),
             cmdline: self.config.guest_cmdline.clone(),
-            base_image,
+            base_image: root.base.clone(),
+            layers: root.layers.clone(),
             forwards,
             pre_os,
             background: make.pool.is_some() || make.template,
             template: None,
         };
-        let os = make.service.as_ref().map(|service| {
+        let os = os_name.as_ref().map(|os| {
             let version = self
                 .catalog
-                .os(&service.os)
+                .os(os)
                 .map(|os| os.version.clone())
                 .unwrap_or_default();
-            (service.os.clone(), version)
+            (os.clone(), version)
         });
         let spec_json = serde_json::to_value(&spec).map_err(|err| err.to_string())?;
         let inserted = self
@@ -213,7 +247,7 @@ impl Manager {
         let template = make
             .service
             .as_ref()
-            .filter(|_| make.env.is_empty() && !make.template)
+            .filter(|_| make.env.is_empty() && !make.template && spec.layers.is_empty())
             .and_then(|service| self.find_template(service, spec));
         let launched = match &template {
             Some(template) => {
@@ -276,7 +310,13 @@ impl Manager {
                 }
             } else {
                 self.progress(task, "boot", 40);
-                let config = guest_config(vm_id, &hostname, Some(service), &make.env);
+                let config = guest_config(
+                    vm_id,
+                    &hostname,
+                    Some(service),
+                    &make.env,
+                    spec.layers.len(),
+                )?;
                 agent
                     .configure(config, service.ready.timeout)
                     .await
@@ -429,15 +469,60 @@ pub(crate) fn new_identity(hostname: &str) -> Identity {
     }
 }
 
-/// What hangar-init needs to become this VM.
+/// What hangar-init needs to become this VM: its identity (hostname, machine-id, clock,
+/// entropy), network, root (with `layers` read-only layers under a writable one), the
+/// service's templates rendered with the request's settings, and its processes.
 pub(crate) fn guest_config(
     vm_id: &str,
     hostname: &str,
     service: Option<&Service>,
     env: &BTreeMap<String, String>,
-) -> GuestConfig {
-    let settings = hangar_core::request::process_env(env);
-    GuestConfig {
+    layers: usize,
+) -> Result<GuestConfig, String> {
+    let settings = match service {
+        Some(service) => settings(service, env)?,
+        None => BTreeMap::new(),
+    };
+    let mut process_env = hangar_core::request::process_env(env);
+    process_env.extend(settings.iter().map(|(key, value)| {
+        (
+            format!("HANGAR_{}", key.to_ascii_uppercase()),
+            value.clone(),
+        )
+    }));
+    let mut files = identity_files(vm_id, hostname);
+    if let Some(service) = service {
+        let mut values = settings.clone();
+        values.insert("hostname".into(), hostname.to_owned());
+        values.insert("vm".into(), vm_id.to_owned());
+        for (path, template) in &service.templates {
+            files.push(hangar_proto::FileWrite {
+                path: path.clone(),
+                contents: hangar_core::components::render_template(&template.content, &values)
+                    .map_err(|err| format!("template {path}: {err}"))?,
+                mode: template.mode,
+            });
+        }
+    }
+    let root = if layers == 0 {
+        RootConfig {
+            device: "/dev/vda".into(),
+            fstype: "ext4".into(),
+            layers: Vec::new(),
+        }
+    } else {
+        RootConfig {
+            device: format!("serial:{}", hangar_vmm::ROOT_SERIAL),
+            fstype: "ext4".into(),
+            layers: (0..layers)
+                .map(|i| hangar_proto::LayerMount {
+                    device: format!("serial:{}", hangar_vmm::layer_serial(i)),
+                    fstype: "squashfs".into(),
+                })
+                .collect(),
+        }
+    };
+    Ok(GuestConfig {
         identity: new_identity(hostname),
         network: Some(NetworkConfig {
             interface: "eth0".into(),
@@ -445,15 +530,8 @@ pub(crate) fn guest_config(
             gateway: Some(usernet::GATEWAY.into()),
             dns: vec![usernet::DNS.into()],
         }),
-        root: Some(RootConfig {
-            device: "/dev/vda".into(),
-            fstype: "ext4".into(),
-        }),
-        files: vec![hangar_proto::FileWrite {
-            path: "/etc/hangar-vm-id".into(),
-            contents: format!("{vm_id}\n"),
-            mode: 0o644,
-        }],
+        root: Some(root),
+        files,
         services: service
             .map(|service| {
                 service
@@ -461,7 +539,7 @@ pub(crate) fn guest_config(
                     .iter()
                     .map(|process| {
                         let mut env = process.env.clone();
-                        env.extend(settings.clone());
+                        env.extend(process_env.clone());
                         ServiceCommand {
                             name: process.name.clone(),
                             argv: process.argv.clone(),
@@ -472,7 +550,55 @@ pub(crate) fn guest_config(
                     .collect()
             })
             .unwrap_or_default(),
+    })
+}
+
+/// The service's settings for this request: the request's values, else the defaults.
+/// A setting without a default that the request does not give is an error.
+pub(crate) fn settings(
+    service: &Service,
+    env: &BTreeMap<String, String>,
+) -> Result<BTreeMap<String, String>, String> {
+    let mut values = BTreeMap::new();
+    for (key, setting) in &service.settings {
+        match env.get(key).or(setting.default.as_ref()) {
+            Some(value) => {
+                values.insert(key.clone(), value.clone());
+            }
+            None => {
+                return Err(format!(
+                    "{} needs the setting {key} (--env {key}=VALUE){}",
+                    service.name,
+                    if setting.description.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", setting.description)
+                    }
+                ));
+            }
+        }
     }
+    Ok(values)
+}
+
+/// Files that make a VM itself (seed 003's staging: the shared layers carry none of them).
+fn identity_files(vm_id: &str, hostname: &str) -> Vec<hangar_proto::FileWrite> {
+    let mut machine_id = [0u8; 16];
+    rand::rng().fill_bytes(&mut machine_id);
+    let file = |path: &str, contents: String| hangar_proto::FileWrite {
+        path: path.into(),
+        contents,
+        mode: 0o644,
+    };
+    vec![
+        file("/etc/hangar-vm-id", format!("{vm_id}\n")),
+        file("/etc/hostname", format!("{hostname}\n")),
+        file("/etc/machine-id", format!("{}\n", hex::encode(machine_id))),
+        file(
+            "/etc/hosts",
+            format!("127.0.0.1 localhost\n127.0.1.1 {hostname}\n::1 localhost ip6-localhost\n"),
+        ),
+    ]
 }
 
 /// Before a pool VM is paused, lets the guest finish the work its boot left behind

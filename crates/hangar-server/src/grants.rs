@@ -28,11 +28,17 @@ impl Manager {
         for _ in 0..8 {
             let mut stages = Stages::default();
             let started = Instant::now();
+            // A layered OS (several disks) cannot be attached to a pre-OS shell.
+            let layered = self
+                .catalog
+                .os(&machine.os.name)
+                .is_some_and(|os| os.base != hangar_core::catalog::OsBase::Busybox);
             let paused: Vec<VmRecord> = self
                 .store
                 .vms(false)?
                 .into_iter()
                 .filter(|vm| vm.state == VmState::Ready && vm.pool.is_some())
+                .filter(|vm| !(layered && vm.os.is_none()))
                 .collect();
             let offers: Vec<Offer> = paused
                 .iter()
@@ -186,7 +192,23 @@ impl Manager {
         request: &ServiceRequest,
     ) -> Result<(VmRecord, Option<(u32, u32)>), String> {
         let image = match service {
-            Some(service) => self.images.base_image(service).await?,
+            Some(service) => {
+                let root = self
+                    .images
+                    .root_image(
+                        service,
+                        &machine.os.name,
+                        std::sync::Arc::new(|_: &str, _: u8| {}),
+                    )
+                    .await?;
+                if !root.layers.is_empty() {
+                    return Err(format!(
+                        "{} on {} is a layered image; a pre-OS shell takes one disk",
+                        service.name, machine.os.name
+                    ));
+                }
+                root.base
+            }
             None => self.images.os_image(&machine.os.name).await?,
         }
         .ok_or("no image to attach")?;
@@ -236,7 +258,7 @@ impl Manager {
             .resume(&vm.id)
             .await
             .map_err(|err| error_chain(&err))?;
-        let config = guest_config(&vm.id, &vm.id, service, &request.env);
+        let config = guest_config(&vm.id, &vm.id, service, &request.env, 0)?;
         let timeout = service.map_or(Duration::from_secs(60), |s| s.ready.timeout);
         agent
             .configure(config, timeout)

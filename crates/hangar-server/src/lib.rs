@@ -28,7 +28,9 @@ pub mod api;
 mod create;
 pub mod endpoints;
 pub mod error;
+mod export;
 mod grants;
+pub mod image_policy;
 pub mod images;
 pub mod lifecycle;
 pub mod manager;
@@ -69,6 +71,10 @@ pub struct ServerConfig {
     /// `--data-dir` and `--server` are added). `None` runs it inside the server, so that
     /// endpoints close when the server stops.
     pub forwarder_command: Option<Vec<std::ffi::OsString>>,
+    /// Debian mirror for OS layers and packages.
+    pub debian_mirror: String,
+    /// Most disk cached image layers may take, in MiB.
+    pub image_budget_mib: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -191,6 +197,8 @@ pub async fn run(
             kernel: config.kernel.clone(),
             busybox: config.busybox.clone(),
         },
+        catalog.clone(),
+        config.debian_mirror.clone(),
     ));
     tracing::info!(
         "preparing guest assets (the first start fetches and unpacks the Debian cloud kernel)"
@@ -210,6 +218,8 @@ pub async fn run(
             // Under TCG on microvm the guest cannot calibrate its TSC; it is told the rate.
             guest_cmdline: hangar_image::kernel_cmdline(hangar_image::host_tsc_khz()),
             pool_memory_mib: config.pool_memory_mib,
+            image_budget_mib: config.image_budget_mib,
+            export_dir: data_dir.join("exports"),
             dns_domain: config.dns_domain.clone(),
             memory_budget_mib: config.memory_budget_mib,
             disk_budget_mib: config.disk_budget_mib,
@@ -274,6 +284,7 @@ pub async fn run(
 
     let pool_loop = manager.spawn_pool_loop();
     let lifecycle_loop = manager.spawn_lifecycle_loop();
+    let image_loop = manager.spawn_image_loop();
 
     tracing::info!(%addr, data_dir = %data_dir.display(), "hangar server listening");
     let served = axum::serve(listener, api::router(manager))
@@ -282,6 +293,7 @@ pub async fn run(
     monitor.abort();
     pool_loop.abort();
     lifecycle_loop.abort();
+    image_loop.abort();
     drop(lock);
     served.map_err(ServerError::Serve)
 }
@@ -291,6 +303,9 @@ mod tests;
 
 #[cfg(test)]
 mod tests_pools;
+
+#[cfg(test)]
+mod tests_images;
 
 #[cfg(test)]
 mod tests_policy;

@@ -30,6 +30,11 @@ pub struct ManagerConfig {
     pub guest_cmdline: String,
     /// Most memory all warm pools together may hold (ready and booting VMs), in MiB.
     pub pool_memory_mib: u64,
+    /// Most disk the cached image layers may take before the least recently used unused
+    /// ones are evicted, in MiB.
+    pub image_budget_mib: u64,
+    /// Where exports are assembled before they are sent.
+    pub export_dir: std::path::PathBuf,
     /// When set, answers carry a DNS name `<vm>.<domain>`.
     pub dns_domain: Option<String>,
     /// Most guest memory active and sleeping VMs may hold, in MiB (none: unlimited); over
@@ -51,6 +56,8 @@ impl Default for ManagerConfig {
             default_deadline: Duration::from_secs(120),
             guest_cmdline: hangar_image::kernel_cmdline(None),
             pool_memory_mib: 1024,
+            image_budget_mib: 20 * 1024,
+            export_dir: std::env::temp_dir(),
             dns_domain: None,
             memory_budget_mib: None,
             disk_budget_mib: None,
@@ -178,6 +185,8 @@ pub struct Manager {
     /// The forwarder holding stable endpoints; without one, endpoints are the VMs' direct
     /// port forwards.
     pub(crate) endpoints: std::sync::OnceLock<crate::endpoints::StableEndpoints>,
+    /// Image builds, promotion and eviction.
+    pub(crate) image_runtime: crate::image_policy::ImageRuntime,
 }
 
 /// What start-up reconciliation found and did.
@@ -211,6 +220,7 @@ impl Manager {
             templates_building: Mutex::default(),
             outcomes: Mutex::default(),
             endpoints: std::sync::OnceLock::new(),
+            image_runtime: crate::image_policy::ImageRuntime::default(),
         })
     }
 
@@ -246,6 +256,8 @@ impl Manager {
         let service = self.viable_service(&request)?;
         self.record_demand(&service.name);
         self.record_service_demand(&service.name);
+        let os = request.env.get("os").cloned().unwrap_or(service.os.clone());
+        self.record_image_demand(&service.name, &os);
 
         let guard = match request.mode {
             Mode::Dedicated => None,
@@ -271,10 +283,18 @@ impl Manager {
             }
         };
 
+        // Pool VMs run the default OS with default settings: a request naming another OS
+        // or its own settings gets a VM of its own.
+        let from_pool = os == service.os
+            && !service
+                .settings
+                .keys()
+                .any(|key| request.env.contains_key(key));
         let machine = service_machine(&service, &self.catalog);
-        if let Some(grant) = self
-            .grant_from_pool(&machine, &request, Some(&service))
-            .await?
+        if from_pool
+            && let Some(grant) = self
+                .grant_from_pool(&machine, &request, Some(&service))
+                .await?
         {
             return Ok(grant);
         }
@@ -429,8 +449,18 @@ impl Manager {
         }
     }
 
-    /// The service the request names, if the combination can ever be offered.
-    fn viable_service(&self, request: &ServiceRequest) -> Result<Service, ApiError> {
+    /// The service the request names, if the combination (service × environment) is in
+    /// the directory: else 404 (no such service) or 422 "never", with the closest viable
+    /// alternatives. A setting the service needs and the request lacks is a 400.
+    pub(crate) fn viable_service(&self, request: &ServiceRequest) -> Result<Service, ApiError> {
+        let service = self.directory_lookup(request)?;
+        crate::create::settings(&service, &request.env).map_err(ApiError::BadRequest)?;
+        Ok(service)
+    }
+
+    /// The service the request names, if the combination is in the directory (settings
+    /// aside: an image does not depend on them).
+    pub(crate) fn directory_lookup(&self, request: &ServiceRequest) -> Result<Service, ApiError> {
         let name = request.service.as_deref().unwrap_or_default();
         let Some(service) = self.catalog.get(name) else {
             return Err(ApiError::NotFound {
@@ -438,17 +468,25 @@ impl Manager {
                 alternatives: hangar_core::suggest::closest(name, self.catalog.names(), 3),
             });
         };
-        if let Some(os) = request.env.get("os")
-            && *os != service.os
-        {
-            return Err(ApiError::Never {
-                message: format!(
-                    "{} is offered on os={} only, never on os={os}",
-                    service.name, service.os
-                ),
-                alternatives: vec![format!("{} --env os={}", service.name, service.os)],
-            });
-        }
+        let os = request.env.get("os").unwrap_or(&service.os);
+        let service = match self.catalog.viable(name, os) {
+            Ok(service) => service,
+            Err(hangar_core::catalog::Never::NoService) => unreachable!("looked up above"),
+            Err(hangar_core::catalog::Never::Combination { reason }) => {
+                return Err(ApiError::Never {
+                    message: format!(
+                        "{name} on os={os} can never be offered: {reason} (offered on: {})",
+                        service
+                            .environments
+                            .iter()
+                            .map(|env| format!("os={env}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                    alternatives: self.catalog.alternatives(name, Some(os), 4),
+                });
+            }
+        };
         Ok(service.clone())
     }
 

@@ -104,7 +104,8 @@ impl Manager {
     /// Starts building `service`'s template in the background unless templates are off,
     /// it exists, or one is being built. Requests with settings (`env`) never use one.
     pub(crate) async fn ensure_template(self: &Arc<Self>, service: &Service) {
-        if self.templates_dir().is_none() {
+        // Layered roots (Debian services) are booted: their templates are not built yet.
+        if self.templates_dir().is_none() || !self.images.chain(service, &service.os).is_empty() {
             return;
         }
         let Ok(spec) = self.template_probe_spec(service).await else {
@@ -163,7 +164,12 @@ impl Manager {
             kernel: assets.vmlinux,
             initramfs: assets.initramfs,
             cmdline: self.config.guest_cmdline.clone(),
-            base_image: self.images.base_image(service).await?,
+            base_image: self
+                .images
+                .root_image(service, &service.os, std::sync::Arc::new(|_, _| {}))
+                .await?
+                .base,
+            layers: Vec::new(),
             forwards: Vec::new(),
             pre_os: false,
             background: false,

@@ -146,8 +146,11 @@ async fn unknown_and_impossible_requests_are_refused_with_alternatives() {
             message,
             alternatives,
         }) => {
-            assert!(message.contains("never on os=debian-12"), "{message}");
-            assert_eq!(alternatives, ["web --env os=busybox"]);
+            assert!(
+                message.contains("web on os=debian-12 can never be offered"),
+                "{message}"
+            );
+            assert_eq!(alternatives[0], "web --env os=busybox");
         }
         other => panic!("expected never, got {:?}", other.map(|g| g.vm.id)),
     }
@@ -278,6 +281,7 @@ async fn restart_adopts_running_vms_fails_vanished_ones_and_stops_strangers() {
         initramfs: "i".into(),
         cmdline: String::new(),
         base_image: None,
+        layers: Vec::new(),
         forwards: vec![],
         pre_os: false,
         background: false,

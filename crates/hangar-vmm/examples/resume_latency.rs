@@ -74,6 +74,7 @@ async fn main() {
         initramfs: assets.initramfs,
         cmdline: hangar_image::kernel_cmdline(hangar_image::host_tsc_khz()),
         base_image: Some(image.path),
+        layers: Vec::new(),
         forwards: vec![PortForward {
             host: "127.0.0.1".parse().expect("ip"),
             host_port: port,
@@ -100,6 +101,7 @@ async fn main() {
         root: Some(RootConfig {
             device: "/dev/vda".into(),
             fstype: "ext4".into(),
+            layers: Vec::new(),
         }),
         files: vec![],
         services: vec![ServiceCommand {

@@ -155,7 +155,7 @@ impl Agent {
         let deadline = tokio::time::Instant::now() + timeout;
         self.wait_hello(timeout).await?;
         let mut events = self.subscribe();
-        self.send(&HostMessage::Configure(config)).await?;
+        self.send(&HostMessage::Configure(Box::new(config))).await?;
         let wait = async {
             loop {
                 match events.recv().await {

@@ -212,6 +212,7 @@ mod tests {
             initramfs: "i".into(),
             cmdline: String::new(),
             base_image: None,
+            layers: Vec::new(),
             forwards: vec![],
             pre_os: false,
             background: false,

@@ -243,6 +243,7 @@ impl Hypervisor for FakeBackend {
             .launch(&VmSpec {
                 pre_os: false,
                 base_image: spec.base_image.clone().or(archived.base_image),
+                layers: Vec::new(),
                 ..spec.clone()
             })
             .await
@@ -491,6 +492,7 @@ mod tests {
             initramfs: "i".into(),
             cmdline: String::new(),
             base_image: None,
+            layers: Vec::new(),
             forwards: vec![PortForward {
                 host: "127.0.0.1".parse().unwrap(),
                 host_port: port,

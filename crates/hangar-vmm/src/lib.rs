@@ -40,7 +40,13 @@ pub struct VmSpec {
     pub initramfs: PathBuf,
     pub cmdline: String,
     /// Read-only base of the root disk; the VM writes to its own qcow2 overlay over it.
+    /// The root disk has the virtio serial [`ROOT_SERIAL`].
     pub base_image: Option<PathBuf>,
+    /// Read-only root filesystem layers (squashfs files), top first, attached as virtio
+    /// disks with the serials [`layer_serial`]`(0..)`; the root disk is then their
+    /// writable upper layer (the guest stacks them with overlayfs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<PathBuf>,
     /// Host TCP ports forwarded to guest ports (user-mode networking).
     pub forwards: Vec<PortForward>,
     /// A hardware shell: QEMU starts paused before any guest code runs, with an empty root
@@ -54,6 +60,14 @@ pub struct VmSpec {
     /// template's snapshot, its disk is a layer over the template's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template: Option<PathBuf>,
+}
+
+/// Serial number of a VM's root (or upper layer) disk.
+pub const ROOT_SERIAL: &str = "hangar-root";
+
+/// Serial number of the `i`th read-only layer disk (top first).
+pub fn layer_serial(i: usize) -> String {
+    format!("hangar-layer-{i}")
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

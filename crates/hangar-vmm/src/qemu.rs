@@ -938,7 +938,21 @@ pub fn qemu_args(accel: Accel, spec: &VmSpec, paths: &VmPaths) -> Vec<String> {
             "-drive".into(),
             format!("id=root,file={},format=qcow2,if=none", path(&paths.disk)),
             "-device".into(),
-            "virtio-blk-device,drive=root".into(),
+            format!("virtio-blk-device,drive=root,serial={}", crate::ROOT_SERIAL),
+        ]);
+    }
+    for (i, layer) in spec.layers.iter().enumerate() {
+        args.extend([
+            "-drive".into(),
+            format!(
+                "id=layer{i},file={},format=raw,if=none,readonly=on",
+                path(layer)
+            ),
+            "-device".into(),
+            format!(
+                "virtio-blk-device,drive=layer{i},serial={}",
+                crate::layer_serial(i)
+            ),
         ]);
     }
     let mut netdev = "user,id=n0".to_string();
@@ -1045,6 +1059,10 @@ mod tests {
             initramfs: "/a/initramfs.cpio".into(),
             cmdline: "console=ttyS0 quiet".into(),
             base_image: Some("/img/base.qcow2".into()),
+            layers: vec![
+                "/cache/layers/b/layer.sqfs".into(),
+                "/cache/layers/a/layer.sqfs".into(),
+            ],
             forwards: vec![
                 PortForward {
                     host: "127.0.0.1".parse().unwrap(),
@@ -1068,6 +1086,10 @@ mod tests {
             "-daemonize -pidfile /data/vms/vm-1/qemu.pid",
             "-append console=ttyS0 quiet",
             "-drive id=root,file=/data/vms/vm-1/disk.qcow2,format=qcow2,if=none",
+            "virtio-blk-device,drive=root,serial=hangar-root",
+            "-drive id=layer0,file=/cache/layers/b/layer.sqfs,format=raw,if=none,readonly=on \
+             -device virtio-blk-device,drive=layer0,serial=hangar-layer-0",
+            "-drive id=layer1,file=/cache/layers/a/layer.sqfs,format=raw,if=none,readonly=on",
             "user,id=n0,hostfwd=tcp:127.0.0.1:40001-:80,hostfwd=tcp:127.0.0.1:40002-:6379",
             "socket,id=agent,path=/data/vms/vm-1/agent.sock,server=on,wait=off",
             "virtserialport,chardev=agent,name=org.hangar.agent",
@@ -1079,6 +1101,7 @@ mod tests {
             Accel::Kvm,
             &VmSpec {
                 base_image: None,
+                layers: Vec::new(),
                 ..spec.clone()
             },
             &paths,
@@ -1091,6 +1114,7 @@ mod tests {
             &VmSpec {
                 pre_os: true,
                 base_image: None,
+                layers: Vec::new(),
                 ..spec
             },
             &paths,

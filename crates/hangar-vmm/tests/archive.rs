@@ -154,6 +154,7 @@ fn spec(id: &str, guest: &Guest, port: u16) -> VmSpec {
         initramfs: guest.initramfs.clone(),
         cmdline: hangar_image::kernel_cmdline(hangar_image::host_tsc_khz()),
         base_image: Some(guest.image.clone()),
+        layers: Vec::new(),
         forwards: vec![PortForward {
             host: "127.0.0.1".parse().unwrap(),
             host_port: port,
@@ -182,6 +183,7 @@ fn counter_config(hostname: &str) -> GuestConfig {
         root: Some(RootConfig {
             device: "/dev/vda".into(),
             fstype: "ext4".into(),
+            layers: Vec::new(),
         }),
         files: vec![],
         services: vec![ServiceCommand {

@@ -126,6 +126,35 @@ pub fn start(port: File) -> (Outbox, Receiver<HostMessage>) {
     )
 }
 
+/// For a guest without a host (an exported image): messages go to the console, and
+/// nothing ever arrives.
+pub fn console_only() -> (Outbox, Receiver<HostMessage>) {
+    let (out_tx, out_rx) = mpsc::channel::<String>();
+    let pending = Arc::new(AtomicUsize::new(0));
+    let writer_pending = Arc::clone(&pending);
+    let spawned = std::thread::Builder::new()
+        .name("console-writer".into())
+        .spawn(move || {
+            for line in out_rx {
+                console!("{}", line.trim_end());
+                writer_pending.fetch_sub(1, Ordering::SeqCst);
+            }
+        });
+    if let Err(e) = spawned {
+        console!("cannot start the console writer: {e}");
+    }
+    let (in_tx, in_rx) = mpsc::channel();
+    // Nobody sends: keep the sender so that the inbox never reads as disconnected.
+    std::mem::forget(in_tx);
+    (
+        Outbox {
+            tx: out_tx,
+            pending,
+        },
+        in_rx,
+    )
+}
+
 fn write_loop(port: &File, queue: Receiver<String>, pending: &AtomicUsize, lock: &Mutex<()>) {
     for line in queue {
         if let Err(e) = write_line(port, &line, lock) {

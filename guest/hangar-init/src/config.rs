@@ -158,25 +158,89 @@ pub fn write_resolv_conf(root: &Path, dns: &[String]) -> Result<(), String> {
     )
 }
 
-/// Mounts the root device read-write at `at`, then the API filesystems inside it.
+/// Where the layers of a layered root are mounted.
+const LAYERS_DIR: &str = "/layers";
+
+/// Mounts the root at `at`, then the API filesystems inside it. A plain root is its
+/// device, read-write. A layered root is an overlayfs of the read-only layers (top first)
+/// with the device, read-write, as its upper layer (`data/`, `work/`).
 pub fn mount_root(root: &RootConfig, at: &Path) -> Result<(), String> {
-    wait_for(Path::new(&root.device)).map_err(|()| {
-        format!(
-            "root device {} did not appear within {DEVICE_WAIT:?}",
-            root.device
-        )
-    })?;
+    let device = wait_for_device(&root.device)?;
     std::fs::create_dir_all(at).map_err(|e| format!("mkdir {}: {e}", at.display()))?;
-    crate::mounts::mount(&root.device, at, Some(&root.fstype), 0, None).map_err(|e| {
-        format!(
-            "mount {} ({}) at {}: {e}",
-            root.device,
-            root.fstype,
-            at.display()
-        )
-    })?;
+    if root.layers.is_empty() {
+        crate::mounts::mount(&device, at, Some(&root.fstype), 0, None)
+            .map_err(|e| format!("mount {device} ({}) at {}: {e}", root.fstype, at.display()))?;
+    } else {
+        let upper = Path::new(LAYERS_DIR).join("upper");
+        std::fs::create_dir_all(&upper).map_err(|e| format!("mkdir {}: {e}", upper.display()))?;
+        crate::mounts::mount(&device, &upper, Some(&root.fstype), 0, None)
+            .map_err(|e| format!("mount upper layer {device} ({}): {e}", root.fstype))?;
+        for dir in ["data", "work"] {
+            std::fs::create_dir_all(upper.join(dir))
+                .map_err(|e| format!("mkdir upper {dir}: {e}"))?;
+        }
+        let mut lowers = Vec::new();
+        for (i, layer) in root.layers.iter().enumerate() {
+            let device = wait_for_device(&layer.device)?;
+            let point = Path::new(LAYERS_DIR).join(i.to_string());
+            std::fs::create_dir_all(&point)
+                .map_err(|e| format!("mkdir {}: {e}", point.display()))?;
+            crate::mounts::mount(&device, &point, Some(&layer.fstype), libc::MS_RDONLY, None)
+                .map_err(|e| format!("mount layer {i} {device} ({}): {e}", layer.fstype))?;
+            lowers.push(point.display().to_string());
+        }
+        let options = overlay_options(&lowers, &upper);
+        crate::mounts::mount("overlay", at, Some("overlay"), 0, Some(&options))
+            .map_err(|e| format!("mount overlay root ({options}): {e}"))?;
+    }
     crate::mounts::mount_api_filesystems(at).map_err(|e| format!("api filesystems: {e}"))?;
     Ok(())
+}
+
+/// overlayfs mount options: `lowers` top first, `upper` holding `data/` and `work/`.
+pub fn overlay_options(lowers: &[String], upper: &Path) -> String {
+    format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lowers.join(":"),
+        upper.join("data").display(),
+        upper.join("work").display()
+    )
+}
+
+/// Waits for a device (`/dev/vdX`, or `serial:NAME`: the virtio disk with that serial) and
+/// returns its path.
+fn wait_for_device(device: &str) -> Result<String, String> {
+    let started = Instant::now();
+    loop {
+        let found = match device.strip_prefix("serial:") {
+            Some(serial) => disk_by_serial(Path::new("/sys/block"), serial)
+                .map(|name| format!("/dev/{name}"))
+                .filter(|path| Path::new(path).exists()),
+            None => Path::new(device).exists().then(|| device.to_owned()),
+        };
+        if let Some(path) = found {
+            return Ok(path);
+        }
+        if started.elapsed() > DEVICE_WAIT {
+            return Err(format!(
+                "device {device} did not appear within {DEVICE_WAIT:?}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The block device (e.g. `vdb`) under a `/sys/block`-like directory whose `serial` is
+/// `serial`.
+pub fn disk_by_serial(sys_block: &Path, serial: &str) -> Option<String> {
+    std::fs::read_dir(sys_block)
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let text = std::fs::read_to_string(entry.path().join("serial")).ok()?;
+            (text.trim_end_matches(['\n', '\0']).trim() == serial)
+                .then(|| entry.file_name().to_string_lossy().into_owned())
+        })
 }
 
 /// Writes every file into `root`.
@@ -248,6 +312,31 @@ mod tests {
         assert!(path_in_root(root, "etc/motd").is_err());
         assert!(path_in_root(root, "/etc/../../x").is_err());
         assert!(path_in_root(root, "/").is_err());
+    }
+
+    #[test]
+    fn finds_disks_by_serial_and_builds_overlay_options() {
+        let sys = std::env::temp_dir().join(format!("hangar-init-sys-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&sys);
+        for (disk, serial) in [("vda", "hangar-root\n"), ("vdb", "hangar-layer-0")] {
+            std::fs::create_dir_all(sys.join(disk)).unwrap();
+            std::fs::write(sys.join(disk).join("serial"), serial).unwrap();
+        }
+        std::fs::create_dir_all(sys.join("loop0")).unwrap();
+        assert_eq!(disk_by_serial(&sys, "hangar-root").as_deref(), Some("vda"));
+        assert_eq!(
+            disk_by_serial(&sys, "hangar-layer-0").as_deref(),
+            Some("vdb")
+        );
+        assert_eq!(disk_by_serial(&sys, "nope"), None);
+        std::fs::remove_dir_all(&sys).unwrap();
+        assert_eq!(
+            overlay_options(
+                &["/layers/0".into(), "/layers/1".into()],
+                Path::new("/layers/upper")
+            ),
+            "lowerdir=/layers/0:/layers/1,upperdir=/layers/upper/data,workdir=/layers/upper/work"
+        );
     }
 
     #[test]

@@ -89,25 +89,49 @@ fn boot() -> Init {
     }
     stages.push(("modules", sys::uptime_ms()));
 
-    let port = channel::open_agent_port();
+    // An exported image carries its own configuration and has no host to talk to.
+    let standalone = std::fs::read_to_string(hangar_proto::STANDALONE_CONFIG)
+        .ok()
+        .and_then(|text| match serde_json::from_str::<GuestConfig>(&text) {
+            Ok(config) => Some(config),
+            Err(error) => {
+                console!(
+                    "{}: {error}; waiting for a host",
+                    hangar_proto::STANDALONE_CONFIG
+                );
+                None
+            }
+        });
+    let (outbox, inbox) = match &standalone {
+        Some(_) => channel::console_only(),
+        None => channel::start(channel::open_agent_port()),
+    };
     if let Err(error) = config::link_up("lo") {
         console!("lo: {error}");
     }
     stages.push(("channel", sys::uptime_ms()));
 
-    let (outbox, inbox) = channel::start(port);
     for (stage, uptime_ms) in stages {
         outbox.send(&GuestMessage::Stage {
             stage: stage.to_string(),
             uptime_ms,
         });
     }
-    Init {
+    let mut init = Init {
         outbox,
         inbox,
         context: services::Context::default(),
         configured: false,
+    };
+    if let Some(config) = standalone {
+        console!(
+            "hangar-init: configuring from {}",
+            hangar_proto::STANDALONE_CONFIG
+        );
+        init.configured = true;
+        init.configure(config);
     }
+    init
 }
 
 impl Init {
@@ -156,7 +180,7 @@ impl Init {
                     console!("ignoring a second configure: already configured");
                 } else {
                     self.configured = true;
-                    self.configure(config);
+                    self.configure(*config);
                 }
             }
             // Normally answered by the channel reader itself (see its module docs).

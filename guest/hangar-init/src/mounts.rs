@@ -46,6 +46,13 @@ const EARLY: &[Mount] = &[
     },
     Mount {
         source: "tmpfs",
+        target: "/dev/shm",
+        fstype: "tmpfs",
+        flags: libc::MS_NOSUID | libc::MS_NODEV,
+        data: Some("mode=1777"),
+    },
+    Mount {
+        source: "tmpfs",
         target: "/run",
         fstype: "tmpfs",
         flags: libc::MS_NOSUID | libc::MS_NODEV,
@@ -76,7 +83,7 @@ pub fn early_mounts() -> Vec<String> {
 /// Mounts fresh proc, sysfs, tmpfs `/run` and `/tmp`, and a recursive bind of `/dev`
 /// inside `root`, creating the mount points when the image lacks them.
 pub fn mount_api_filesystems(root: &Path) -> io::Result<()> {
-    for m in EARLY.iter().filter(|m| m.target != "/dev/pts") {
+    for m in EARLY.iter().filter(|m| !m.target.starts_with("/dev/")) {
         let target = root.join(m.target.trim_start_matches('/'));
         std::fs::create_dir_all(&target)?;
         if m.target == "/dev" {
