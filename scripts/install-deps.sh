@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what hangar needs on Debian 12: QEMU (system emulator and qemu-img of the same
-# version), busybox-static for guests, e2fsprogs for image building, and curl for the demo.
-# Idempotent: installs only what is missing.
+# version), busybox-static for guests, e2fsprogs for image building, curl for the demo, and
+# for `hangar bench`: libvirt (the comparison; its daemons are started only by the benchmark)
+# and a font for its chart. Idempotent: installs only what is missing.
 set -euo pipefail
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -15,6 +16,9 @@ if ! qemu-img --version 2>/dev/null | grep -q "version 7\." ; then need+=(qemu-u
 command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
 command -v curl >/dev/null || need+=(curl)
 command -v dpkg-deb >/dev/null || need+=(dpkg)
+[ -x /usr/sbin/libvirtd ] || need+=(libvirt-daemon-system)
+command -v virsh >/dev/null || need+=(libvirt-clients)
+[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need+=(fonts-dejavu-core)
 
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing: ${need[*]}" >&2

@@ -353,8 +353,9 @@ pub(crate) fn new_identity(hostname: &str) -> Identity {
     }
 }
 
-/// What hangar-init needs to become this VM.
-pub(crate) fn guest_config(
+/// What hangar-init needs to become this VM: identity (fresh entropy, the current time),
+/// user-mode network, root disk, and the service's processes with `env` applied.
+pub fn guest_config(
     vm_id: &str,
     hostname: &str,
     service: Option<&Service>,

@@ -34,6 +34,7 @@ pub mod pools;
 pub mod ready;
 mod reconcile;
 
+pub use create::guest_config;
 pub use manager::{Manager, ManagerConfig};
 
 /// How often running VMs are checked for crashed processes.
