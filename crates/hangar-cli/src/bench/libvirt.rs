@@ -389,6 +389,14 @@ impl Libvirt {
         ))
     }
 
+    /// `virsh domstate`: what one virsh call costs by itself (a process, a connection to
+    /// libvirtd, one call), which every libvirt figure includes.
+    pub async fn domstate(&self, domain: &Domain) -> Result<Duration, String> {
+        let started = Instant::now();
+        virsh(&["domstate", &domain.name]).await?;
+        Ok(started.elapsed())
+    }
+
     /// `virsh suspend`.
     pub async fn suspend(&self, domain: &Domain) -> Result<(), String> {
         virsh(&["suspend", &domain.name]).await

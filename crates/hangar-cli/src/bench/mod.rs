@@ -364,7 +364,14 @@ async fn measure_all(
     eprintln!("sleep/wake, archive/wake...");
     let vm = server.timed_request(service, true).await?;
     let (mut wakes, mut lv_resumes) = (Vec::new(), Vec::new());
+    let (mut calls, mut lv_calls) = (Vec::new(), Vec::new());
     for _ in 0..plan.wakes {
+        let call = Instant::now();
+        let _: serde_json::Value = server.client.get(&format!("/v1/vms/{}", vm.vm)).await?;
+        calls.push(call.elapsed());
+        if let (Some(lv), Some(domain)) = (lv.as_ref(), domain.as_ref()) {
+            lv_calls.push(lv.domstate(domain).await.map_err(failed)?);
+        }
         server
             .timed_action(&vm.vm, "sleep", &serde_json::json!({}), None)
             .await?;
@@ -426,6 +433,14 @@ async fn measure_all(
         None,
     );
     archived.report(report, daemons.is_some());
+    report.latency(
+        "one control call (GET /v1/vms/ID)",
+        &calls,
+        daemons
+            .as_ref()
+            .map(|_| ("virsh domstate", lv_calls.as_slice())),
+        Some("the floor of each side's control path, part of every figure above".into()),
+    );
 
     // Memory per paused VM: a full pool's VMs against booted, suspended domains.
     server.wait_pool_full(service, plan.pool).await?;
