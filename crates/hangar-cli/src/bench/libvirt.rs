@@ -255,10 +255,72 @@ impl Domain {
     }
 }
 
+/// One interactive `virsh` kept open: commands over one connection to libvirtd, as a
+/// program using the libvirt API would send them, without a process per call.
+struct Session {
+    stdin: tokio::process::ChildStdin,
+    stdout: tokio::process::ChildStdout,
+    calls: u64,
+    _child: tokio::process::Child,
+}
+
+impl Session {
+    async fn open() -> Result<Session, String> {
+        let mut child = tokio::process::Command::new("virsh")
+            .args(["-q", "-c", CONNECT])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|err| format!("virsh: {err}"))?;
+        let stdin = child.stdin.take().ok_or("virsh has no stdin")?;
+        let stdout = child.stdout.take().ok_or("virsh has no stdout")?;
+        let mut session = Session {
+            stdin,
+            stdout,
+            calls: 0,
+            _child: child,
+        };
+        session.call("version").await?;
+        Ok(session)
+    }
+
+    /// Runs `command` and waits until virsh has finished it (virsh runs commands in order;
+    /// a marker echoed after it comes back once it is done). Failures show as their
+    /// effects (the endpoint never answers), since virsh reports them on stderr.
+    async fn call(&mut self, command: &str) -> Result<(), String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        self.calls += 1;
+        // virsh echoes the command lines: the quotes keep the marker out of the echo.
+        let marker = format!("hgbench mark-{}", self.calls);
+        let lines = format!("{command}\necho \"hgbench\" \"mark-{}\"\n", self.calls);
+        let exchange = async {
+            self.stdin.write_all(lines.as_bytes()).await?;
+            self.stdin.flush().await?;
+            let mut seen = Vec::new();
+            let mut chunk = [0u8; 4096];
+            while !String::from_utf8_lossy(&seen).contains(&marker) {
+                let n = self.stdout.read(&mut chunk).await?;
+                if n == 0 {
+                    return Err(std::io::Error::other("virsh exited"));
+                }
+                seen.extend_from_slice(&chunk[..n]);
+            }
+            Ok(())
+        };
+        tokio::time::timeout(Duration::from_secs(120), exchange)
+            .await
+            .map_err(|_| format!("virsh {command}: no answer within 120 s"))?
+            .map_err(|err| format!("virsh {command}: {err}"))
+    }
+}
+
 /// Domains under libvirt; every one still defined is destroyed, and its files removed,
 /// when this is dropped.
 pub struct Libvirt {
     guest: Guest,
+    session: tokio::sync::Mutex<Session>,
     work: tempfile::TempDir,
     prefix: String,
     made: usize,
@@ -310,6 +372,7 @@ impl Libvirt {
             .map_err(|err| err.to_string())?;
         Ok(Libvirt {
             guest,
+            session: tokio::sync::Mutex::new(Session::open().await?),
             prefix: format!("hgbench-{}", std::process::id()),
             work,
             made: 0,
@@ -397,6 +460,17 @@ impl Libvirt {
         Ok(started.elapsed())
     }
 
+    /// `domstate` over the open connection.
+    pub async fn domstate_connected(&self, domain: &Domain) -> Result<Duration, String> {
+        let started = Instant::now();
+        self.session
+            .lock()
+            .await
+            .call(&format!("domstate {}", domain.name))
+            .await?;
+        Ok(started.elapsed())
+    }
+
     /// `virsh suspend`.
     pub async fn suspend(&self, domain: &Domain) -> Result<(), String> {
         virsh(&["suspend", &domain.name]).await
@@ -406,6 +480,18 @@ impl Libvirt {
     pub async fn resume(&self, domain: &Domain) -> Result<Duration, String> {
         let started = Instant::now();
         virsh(&["resume", &domain.name]).await?;
+        wait_answering(domain.endpoint, started, Duration::from_secs(60)).await?;
+        Ok(started.elapsed())
+    }
+
+    /// `resume` over the open connection → endpoint answering.
+    pub async fn resume_connected(&self, domain: &Domain) -> Result<Duration, String> {
+        let started = Instant::now();
+        self.session
+            .lock()
+            .await
+            .call(&format!("resume {}", domain.name))
+            .await?;
         wait_answering(domain.endpoint, started, Duration::from_secs(60)).await?;
         Ok(started.elapsed())
     }

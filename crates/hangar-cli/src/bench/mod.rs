@@ -363,14 +363,15 @@ async fn measure_all(
     // Sleep and wake against suspend and resume; then archives against save and restore.
     eprintln!("sleep/wake, archive/wake...");
     let vm = server.timed_request(service, true).await?;
-    let (mut wakes, mut lv_resumes) = (Vec::new(), Vec::new());
-    let (mut calls, mut lv_calls) = (Vec::new(), Vec::new());
+    let (mut wakes, mut lv_resumes, mut lv_resumes_cli) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut calls, mut lv_calls, mut lv_calls_cli) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..plan.wakes {
         let call = Instant::now();
         let _: serde_json::Value = server.client.get(&format!("/v1/vms/{}", vm.vm)).await?;
         calls.push(call.elapsed());
         if let (Some(lv), Some(domain)) = (lv.as_ref(), domain.as_ref()) {
-            lv_calls.push(lv.domstate(domain).await.map_err(failed)?);
+            lv_calls.push(lv.domstate_connected(domain).await.map_err(failed)?);
+            lv_calls_cli.push(lv.domstate(domain).await.map_err(failed)?);
         }
         server
             .timed_action(&vm.vm, "sleep", &serde_json::json!({}), None)
@@ -383,7 +384,10 @@ async fn measure_all(
         if let (Some(lv), Some(domain)) = (lv.as_ref(), domain.as_ref()) {
             lv.suspend(domain).await.map_err(failed)?;
             tokio::time::sleep(Duration::from_millis(100)).await;
-            lv_resumes.push(lv.resume(domain).await.map_err(failed)?);
+            lv_resumes.push(lv.resume_connected(domain).await.map_err(failed)?);
+            lv.suspend(domain).await.map_err(failed)?;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            lv_resumes_cli.push(lv.resume(domain).await.map_err(failed)?);
         }
     }
     let archived = archives(
@@ -405,9 +409,12 @@ async fn measure_all(
     eprintln!("warm-pool grants...");
     let grants = measure::pool_grants(&server, service, plan.pool, plan.grants).await?;
     let grant_times: Vec<Duration> = grants.iter().map(|g| g.total).collect();
-    let libvirt_resume = daemons
-        .as_ref()
-        .map(|_| ("virsh resume → answering", lv_resumes.as_slice()));
+    let libvirt_resume = daemons.as_ref().map(|_| {
+        (
+            "resume over an open connection → answering",
+            lv_resumes.as_slice(),
+        )
+    });
     report.latency(
         "warm-pool grant → answering",
         &grant_times,
@@ -433,14 +440,30 @@ async fn measure_all(
         None,
     );
     archived.report(report, daemons.is_some());
+    if daemons.is_some() {
+        report.latency(
+            "libvirt alone: `virsh resume` (a virsh process per call) → answering",
+            &[],
+            Some(("virsh resume → answering", lv_resumes_cli.as_slice())),
+            None,
+        );
+    }
     report.latency(
         "one control call (GET /v1/vms/ID)",
         &calls,
         daemons
             .as_ref()
-            .map(|_| ("virsh domstate", lv_calls.as_slice())),
-        Some("the floor of each side's control path, part of every figure above".into()),
+            .map(|_| ("domstate over an open connection", lv_calls.as_slice())),
+        Some("the floor of each side's control path".into()),
     );
+    if daemons.is_some() {
+        report.latency(
+            "libvirt alone: `virsh domstate` (a virsh process per call)",
+            &[],
+            Some(("virsh domstate", lv_calls_cli.as_slice())),
+            None,
+        );
+    }
 
     // Memory per paused VM: a full pool's VMs against booted, suspended domains.
     server.wait_pool_full(service, plan.pool).await?;

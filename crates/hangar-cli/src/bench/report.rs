@@ -81,6 +81,9 @@ impl Report {
         if let Some(known) = self.series.iter().find(|s| s.name == name) {
             return known.summary.clone();
         }
+        if samples.is_empty() {
+            return None;
+        }
         let mut sorted = samples.to_vec();
         let summary = summary(&mut sorted);
         self.series.push(Series {
@@ -116,7 +119,10 @@ impl Report {
             let libvirt = l.as_ref().and_then(|(_, s)| s.as_ref().map(pick));
             let n = |s: &Option<Summary>| s.as_ref().map_or(0, |s| s.n);
             self.rows.push(Row {
-                metric: format!("{metric}, {quantile} (n={})", n(&h)),
+                metric: match &h {
+                    Some(s) => format!("{metric}, {quantile} (n={})", s.n),
+                    None => format!("{metric}, {quantile}"),
+                },
                 unit: "ms",
                 hangar,
                 libvirt,
