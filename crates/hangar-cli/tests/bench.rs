@@ -98,6 +98,10 @@ fn bench_smoke_reports_every_figure_and_leaves_nothing_behind() {
 
     let png = std::fs::read(out.path().join("latency.png")).unwrap();
     assert!(png.starts_with(b"\x89PNG"), "latency.png is a PNG");
+    assert!(
+        out.path().join("server.log").exists(),
+        "the server's log is kept"
+    );
     let md = std::fs::read_to_string(out.path().join("bench.md")).unwrap();
     assert!(
         md.contains("| metric | hangar | libvirt | libvirt ÷ hangar |"),

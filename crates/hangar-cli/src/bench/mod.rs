@@ -39,7 +39,7 @@ pub struct FullBench {
     /// Print the report as JSON instead of a table.
     #[arg(long)]
     json: bool,
-    /// Directory for bench.md, bench.json and latency.png.
+    /// Directory for bench.md, bench.json, latency.png and the server's log.
     #[arg(long, default_value = "hangar-bench")]
     out: PathBuf,
     /// Service to measure (must be in the demo catalog or `--catalog`).
@@ -159,7 +159,7 @@ pub async fn run(args: FullBench) -> Result<(), ClientError> {
     } else {
         println!("{}", report.markdown());
         println!(
-            "written to {}: bench.md, bench.json, latency.png",
+            "written to {}: bench.md, bench.json, latency.png, server.log",
             args.out.display()
         );
     }
@@ -338,8 +338,12 @@ async fn measure_all(
             .map(|_| ("virsh create → answering", lv_create.as_slice())),
         None,
     );
-    let mut served: Vec<String> = other_matches.iter().map(|(m, _)| m.clone()).collect();
-    served.dedup();
+    let mut served: Vec<String> = Vec::new();
+    for (kind, _) in &other_matches {
+        if !served.contains(kind) {
+            served.push(kind.clone());
+        }
+    }
     for kind in &served {
         let samples: Vec<Duration> = other_matches
             .iter()
@@ -543,6 +547,20 @@ async fn measure_all(
         "shared".into(),
         serde_json::to_value(&shared).expect("serializable"),
     );
+    // The server's log, to explain outliers (its data dir goes with it).
+    std::fs::create_dir_all(&args.out)
+        .and_then(|()| {
+            std::fs::copy(
+                server.data_dir().join("server.log"),
+                args.out.join("server.log"),
+            )
+        })
+        .map_err(|err| {
+            failed(format!(
+                "keeping the server log in {}: {err}",
+                args.out.display()
+            ))
+        })?;
     drop(server);
 
     // Placement, pure CPU.
