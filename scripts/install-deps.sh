@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what hangar needs on Debian 12: QEMU (system emulator and qemu-img of the same
 # version), busybox-static for guests, e2fsprogs for image building, debootstrap and
-# squashfs-tools for Debian image layers, curl for the demo, and psql for the tests.
-# Idempotent: installs only what is missing.
+# squashfs-tools for Debian image layers, curl for the demo, psql for the tests, and for
+# `hangar bench`: libvirt (the comparison; its daemons are started only by the benchmark)
+# and a font for its chart. Idempotent: installs only what is missing.
 set -euo pipefail
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -19,6 +20,9 @@ command -v debootstrap >/dev/null || [ -x /usr/sbin/debootstrap ] || need+=(debo
 command -v mksquashfs >/dev/null || need+=(squashfs-tools)
 command -v psql >/dev/null || need+=(postgresql-client)
 command -v dpkg-deb >/dev/null || need+=(dpkg)
+[ -x /usr/sbin/libvirtd ] || need+=(libvirt-daemon-system)
+command -v virsh >/dev/null || need+=(libvirt-clients)
+[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need+=(fonts-dejavu-core)
 
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing: ${need[*]}" >&2

@@ -322,9 +322,9 @@ async fn guest(args: &EndpointsBench) -> Result<(PathPair, Wakes), ClientError> 
         args.accel
     );
     let server = start_server(&ServerOptions {
-        accel: &args.accel,
-        catalog: Some(&catalog),
-        cache: args.cache.as_deref(),
+        accel: args.accel.clone(),
+        catalog: Some(catalog.clone()),
+        cache: args.cache.clone(),
         pool_memory_mib: 0,
         templates: false,
     })

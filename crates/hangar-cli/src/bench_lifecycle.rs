@@ -88,9 +88,9 @@ pub async fn run(args: LifecycleBench) -> Result<(), ClientError> {
         return Err(ClientError::Usage("--samples must be at least 1".into()));
     }
     let options = |templates| ServerOptions {
-        accel: &args.accel,
+        accel: args.accel.clone(),
         catalog: None,
-        cache: args.cache.as_deref(),
+        cache: args.cache.clone(),
         pool_memory_mib: 0,
         templates,
     };

@@ -21,6 +21,8 @@ pub enum ClientError {
     Reply(String),
     /// The command line asked for something malformed.
     Usage(String),
+    /// A local step failed (benchmarks: set-up, measuring, writing the report).
+    Failed(String),
 }
 
 impl std::fmt::Display for ClientError {
@@ -34,7 +36,7 @@ impl std::fmt::Display for ClientError {
             }
             ClientError::Api { message, .. } => f.write_str(message),
             ClientError::Reply(message) => write!(f, "unexpected reply from the server: {message}"),
-            ClientError::Usage(message) => f.write_str(message),
+            ClientError::Usage(message) | ClientError::Failed(message) => f.write_str(message),
         }
     }
 }
@@ -45,7 +47,7 @@ impl ClientError {
     pub fn exit_code(&self) -> u8 {
         match self {
             ClientError::Unreachable { .. } => 6,
-            ClientError::Reply(_) => 1,
+            ClientError::Reply(_) | ClientError::Failed(_) => 1,
             ClientError::Usage(_) => 2,
             ClientError::Api { status, .. } => match status {
                 400 => 2,

@@ -142,10 +142,14 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
-    /// Benchmarks (start their own server in a temporary data dir).
+    /// Benchmarks: hangar's performance table side by side with libvirt (`hangar bench
+    /// --quick`), or `hangar bench pool`. They start their own server in a temporary data dir.
+    #[command(args_conflicts_with_subcommands = true)]
     Bench {
         #[command(subcommand)]
-        command: BenchCommand,
+        command: Option<BenchCommand>,
+        #[command(flatten)]
+        args: bench::FullBench,
     },
     /// Pause an active VM in memory.
     Sleep { vm: String },
@@ -872,13 +876,20 @@ async fn client_command(client: Client, command: Command) -> Result<(), ClientEr
             Ok(())
         }
         Command::Bench {
-            command: BenchCommand::Pool(args),
+            command: Some(BenchCommand::Pool(args)),
+            ..
+        } => bench::run_pool(args).await,
+        Command::Bench {
+            command: None,
+            args,
         } => bench::run(args).await,
         Command::Bench {
-            command: BenchCommand::Endpoints(args),
+            command: Some(BenchCommand::Endpoints(args)),
+            ..
         } => bench_endpoints::run(args).await,
         Command::Bench {
-            command: BenchCommand::Lifecycle(args),
+            command: Some(BenchCommand::Lifecycle(args)),
+            ..
         } => bench_lifecycle::run(args).await,
         Command::Sleep { vm } => {
             let vm: serde_json::Value = client
@@ -1190,4 +1201,27 @@ fn print_json(value: &serde_json::Value) -> Result<(), ClientError> {
         serde_json::to_string_pretty(value).expect("JSON values serialize")
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent_and_bench_takes_a_subcommand_or_flags() {
+        Cli::command().debug_assert();
+        let cli = Cli::parse_from(["hangar", "bench", "--quick", "--json", "--out", "/tmp/x"]);
+        assert!(matches!(cli.command, Command::Bench { command: None, .. }));
+        let cli = Cli::parse_from(["hangar", "bench", "pool", "--hits", "3"]);
+        assert!(matches!(
+            cli.command,
+            Command::Bench {
+                command: Some(BenchCommand::Pool(_)),
+                ..
+            }
+        ));
+        assert!(Cli::try_parse_from(["hangar", "bench", "--quick", "pool"]).is_err());
+    }
 }

@@ -4,6 +4,7 @@
 //! - [`state`]: the VM state machine and its one `valid_transition`.
 //! - [`catalog`]: services, their ports, processes, files and ready criteria.
 //! - [`lifecycle`]: lifecycle policies (idle timers, keep-active, budgets) as pure decisions.
+//! - [`placement`]: which host runs a new VM (capacity, isolation, priority, load, cost).
 //! - [`request`]: what a client asks for and what it gets back.
 //! - [`suggest`]: closest names, for errors that offer alternatives.
 
@@ -13,6 +14,7 @@ pub mod eviction;
 pub mod ids;
 pub mod lifecycle;
 pub mod matching;
+pub mod placement;
 pub mod pool;
 pub mod request;
 pub mod state;

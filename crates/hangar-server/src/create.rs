@@ -472,7 +472,7 @@ pub(crate) fn new_identity(hostname: &str) -> Identity {
 /// What hangar-init needs to become this VM: its identity (hostname, machine-id, clock,
 /// entropy), network, root (with `layers` read-only layers under a writable one), the
 /// service's templates rendered with the request's settings, and its processes.
-pub(crate) fn guest_config(
+pub fn guest_config(
     vm_id: &str,
     hostname: &str,
     service: Option<&Service>,

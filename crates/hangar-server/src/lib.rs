@@ -40,6 +40,7 @@ pub mod ready;
 mod reconcile;
 pub mod templates;
 
+pub use create::guest_config;
 pub use manager::{Manager, ManagerConfig};
 
 /// How often running VMs are checked for crashed processes.

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 pub const HANGAR: &str = env!("CARGO_BIN_EXE_hangar");
 
 /// Guest assets and images are cached across tests (and runs) here.
-fn shared_cache() -> PathBuf {
+pub fn shared_cache() -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("hangar-cache");
     std::fs::create_dir_all(&dir).unwrap();
     dir
@@ -316,4 +316,9 @@ pub fn fetch(endpoint: &str, path: &str) -> String {
         .unwrap_or_else(|err| panic!("GET {endpoint}{path}: {err}"));
     assert_eq!(status, 200, "GET {endpoint}{path}: {body}");
     body
+}
+
+/// Does something listen on the unix socket at `path`?
+pub fn socket_answers(path: &str) -> bool {
+    std::os::unix::net::UnixStream::connect(path).is_ok()
 }

@@ -1,0 +1,716 @@
+//! `hangar bench`: hangar's performance table, side by side with libvirt, in one run.
+//!
+//! It starts its own `hangar server` in a temporary data dir (sharing a guest asset cache)
+//! and measures through the public REST API; it runs the same guest (kernel, initramfs,
+//! root image, memory, vCPUs, machine type, accelerator) under libvirt with `virsh`, and
+//! takes the samples of each pair alternately, so that both see the same machine load.
+//! Everything it made (VMs, QEMU processes, libvirt domains, files, daemons it started) is
+//! removed when it ends, also when it fails or is interrupted.
+//!
+//! `hangar bench pool` ([`pool`]) is the older, narrower cold-boot/pool-hit benchmark.
+
+mod chart;
+mod libvirt;
+mod measure;
+mod placement;
+mod pool;
+mod report;
+mod server;
+mod stats;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use hangar_server::images::ImageSource;
+use hangar_vmm::Accel;
+
+pub use pool::{PoolBench, run as run_pool};
+use report::Report;
+pub(crate) use server::{BenchServer, ServerOptions, machine};
+pub(crate) use stats::Summary;
+
+use crate::client::ClientError;
+
+#[derive(clap::Args)]
+pub struct FullBench {
+    /// A shorter run (under 5 minutes here): fewer samples, 20 s of sustained grants.
+    #[arg(long)]
+    quick: bool,
+    /// Print the report as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Directory for bench.md, bench.json, latency.png and the server's log.
+    #[arg(long, default_value = "hangar-bench")]
+    out: PathBuf,
+    /// Service to measure (must be in the demo catalog or `--catalog`).
+    #[arg(long, default_value = "http-static")]
+    service: String,
+    /// Accelerator for hangar's VMs and libvirt's domains.
+    #[arg(long, default_value = "auto")]
+    accel: String,
+    /// Catalog for the benchmark's server [default: built-in demo].
+    #[arg(long)]
+    catalog: Option<PathBuf>,
+    /// Guest asset cache to reuse (kernel, images) [default: the default data dir's cache].
+    #[arg(long)]
+    cache: Option<PathBuf>,
+    /// Measure hangar alone (no libvirt set-up).
+    #[arg(long)]
+    no_libvirt: bool,
+    /// One or two samples of everything and seconds instead of minutes: proves that the
+    /// benchmark works (tests), its figures mean nothing.
+    #[arg(long, hide = true, env = "HANGAR_BENCH_SMOKE", value_parser = clap::builder::FalseyValueParser::new())]
+    smoke: bool,
+}
+
+/// How many samples and how long, per mode.
+#[derive(Debug, Clone)]
+struct Plan {
+    mode: &'static str,
+    cold: usize,
+    pool: u32,
+    grants: usize,
+    wakes: usize,
+    archives: usize,
+    sustained: Duration,
+    shared_clients: usize,
+    shared: Duration,
+    placement: Duration,
+}
+
+impl Plan {
+    fn of(args: &FullBench) -> Plan {
+        if args.smoke {
+            Plan {
+                mode: "smoke",
+                cold: 1,
+                pool: 1,
+                grants: 2,
+                wakes: 2,
+                archives: 1,
+                sustained: Duration::from_secs(3),
+                shared_clients: 2,
+                shared: Duration::from_secs(1),
+                placement: Duration::from_millis(200),
+            }
+        } else if args.quick {
+            Plan {
+                mode: "quick",
+                cold: 3,
+                pool: 3,
+                grants: 9,
+                wakes: 6,
+                archives: 3,
+                sustained: Duration::from_secs(20),
+                shared_clients: 4,
+                shared: Duration::from_secs(5),
+                placement: Duration::from_secs(1),
+            }
+        } else {
+            Plan {
+                mode: "full",
+                cold: 10,
+                pool: 3,
+                grants: 30,
+                wakes: 20,
+                archives: 10,
+                sustained: Duration::from_secs(60),
+                shared_clients: 4,
+                shared: Duration::from_secs(20),
+                placement: Duration::from_secs(3),
+            }
+        }
+    }
+}
+
+fn failed(err: impl std::fmt::Display) -> ClientError {
+    ClientError::Failed(err.to_string())
+}
+
+pub async fn run(args: FullBench) -> Result<(), ClientError> {
+    let plan = Plan::of(&args);
+    let accel = args
+        .accel
+        .parse::<Accel>()
+        .map_err(ClientError::Usage)?
+        .resolve();
+    let started = Instant::now();
+    let mut report = Report::new(&accel.to_string(), plan.mode, &args.service);
+    eprintln!(
+        "hangar bench ({}): {} on {}, accel {accel}",
+        plan.mode, args.service, report.machine
+    );
+    // Interrupted, the run's future is dropped: its server, VMs, domains and daemons with it.
+    tokio::select! {
+        measured = measure_all(&args, &plan, accel, &mut report) => measured?,
+        _ = tokio::signal::ctrl_c() => {
+            return Err(failed("interrupted; what this run made was removed"));
+        }
+    }
+    report.date = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    report.load_average[1] = server::load_average();
+    report.seconds = started.elapsed().as_secs_f64();
+    report.write(&args.out).map_err(failed)?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("serializable")
+        );
+    } else {
+        println!("{}", report.markdown());
+        println!(
+            "written to {}: bench.md, bench.json, latency.png, server.log",
+            args.out.display()
+        );
+    }
+    Ok(())
+}
+
+/// Sets libvirt up (installed, daemons started) unless told not to; `None`, with a note in
+/// the report, when it cannot be.
+async fn libvirt_setup(
+    args: &FullBench,
+    report: &mut Report,
+) -> Option<(libvirt::Daemons, tempfile::TempDir)> {
+    if args.no_libvirt {
+        report
+            .notes
+            .push("libvirt: not measured (--no-libvirt)".into());
+        return None;
+    }
+    let setup = tokio::task::spawn_blocking(|| {
+        let installed = libvirt::install_if_missing()?;
+        let dir = tempfile::Builder::new()
+            .prefix("hglvd")
+            .tempdir_in("/tmp")
+            .map_err(|err| err.to_string())?;
+        let daemons = libvirt::Daemons::ensure(dir.path())?;
+        Ok::<_, String>((installed, daemons, dir))
+    })
+    .await
+    .map_err(|err| err.to_string())
+    .and_then(|done| done);
+    match setup {
+        Ok((installed, daemons, dir)) => {
+            if let Some(installed) = installed {
+                report.notes.push(format!("libvirt: {installed}"));
+            }
+            if daemons.changed_kvm() {
+                report.notes.push(
+                    "libvirt: /dev/kvm was given to group kvm, read-write, for the run (Debian's udev rule; without it libvirt probes QEMU again at every domain start), and put back after it".into(),
+                );
+            }
+            let started = daemons.started();
+            report.notes.push(if started.is_empty() {
+                "libvirt: libvirtd and virtlogd were already running".into()
+            } else {
+                format!(
+                    "libvirt: started {} for this run, stopped after it",
+                    started.join(" and ")
+                )
+            });
+            Some((daemons, dir))
+        }
+        Err(err) => {
+            eprintln!("libvirt is not available: {err}");
+            report
+                .notes
+                .push(format!("libvirt: not measured, set-up failed: {err}"));
+            None
+        }
+    }
+}
+
+/// The guest hangar boots for the service, for libvirt to boot too.
+async fn libvirt_guest(
+    args: &FullBench,
+    options: &ServerOptions,
+    accel: Accel,
+) -> Result<libvirt::Guest, String> {
+    let catalog =
+        hangar_server::load_catalog(args.catalog.as_deref()).map_err(|e| e.to_string())?;
+    let service = catalog
+        .get(&args.service)
+        .cloned()
+        .ok_or_else(|| format!("no service {} in the catalog", args.service))?;
+    let images = hangar_server::images::LocalImages::new(
+        options.cache_dir()?,
+        hangar_image::AssetSources::default(),
+        std::sync::Arc::new(catalog.clone()),
+        hangar_server::images::DEFAULT_MIRROR.to_owned(),
+    );
+    let assets = images.guest_assets().await?;
+    let root = images
+        .root_image(&service, &service.os, std::sync::Arc::new(|_, _| {}))
+        .await?;
+    if !root.layers.is_empty() {
+        return Err(format!(
+            "{} has a layered root; the libvirt comparison boots single-disk guests",
+            service.name
+        ));
+    }
+    let base_image = root.base.ok_or("the service has no root image")?;
+    Ok(libvirt::Guest {
+        service,
+        kernel: assets.vmlinux,
+        initramfs: assets.initramfs,
+        // As the server does: the guest is told the host's TSC rate.
+        cmdline: hangar_image::kernel_cmdline(hangar_image::host_tsc_khz()),
+        base_image,
+        accel,
+    })
+}
+
+fn median(values: &mut [u64]) -> Option<f64> {
+    values.sort_unstable();
+    values.get(values.len() / 2).map(|v| *v as f64)
+}
+
+fn mib(kib: Option<f64>) -> Option<f64> {
+    kib.map(|k| k / 1024.0)
+}
+
+async fn measure_all(
+    args: &FullBench,
+    plan: &Plan,
+    accel: Accel,
+    report: &mut Report,
+) -> Result<(), ClientError> {
+    let service = args.service.as_str();
+    // Dropped last: libvirt's daemons outlive the domains.
+    let daemons = libvirt_setup(args, report).await;
+    let options = ServerOptions {
+        accel: accel.to_string(),
+        catalog: args.catalog.clone(),
+        cache: args.cache.clone(),
+        pool_memory_mib: 4096,
+        // Cold boots are boots; restores from templates are `hangar bench lifecycle`'s.
+        templates: false,
+    };
+    eprintln!("starting a hangar server for the benchmark...");
+    let server = BenchServer::start(&options).map_err(failed)?;
+    let mut lv = match &daemons {
+        Some(_) => Some(
+            libvirt::Libvirt::new(libvirt_guest(args, &options, accel).await.map_err(failed)?)
+                .await
+                .map_err(failed)?,
+        ),
+        None => None,
+    };
+    // Where this run's files live (all removed when it ends), for checks that nothing is left.
+    report.details.insert(
+        "server_data_dir".into(),
+        server.data_dir().display().to_string().into(),
+    );
+    if let Some(lv) = &lv {
+        report
+            .details
+            .insert("libvirt_dir".into(), lv.dir().display().to_string().into());
+        report
+            .details
+            .insert("libvirt_domain_prefix".into(), lv.prefix().into());
+    }
+
+    // Cold boots (no pool) against `virsh create`, alternately.
+    eprintln!("cold boots...");
+    server.set_pool(service, 0).await?;
+    let mut cold = Vec::new();
+    let mut other_matches: Vec<(String, Duration)> = Vec::new();
+    let mut lv_create = Vec::new();
+    let mut lv_memory: Vec<(u64, u64)> = Vec::new();
+    let mut domain = None;
+    for i in 0..plan.cold {
+        let sample = server.timed_request(service, true).await?;
+        if sample.served == "created" {
+            cold.push(sample.total);
+        } else {
+            other_matches.push((sample.served.clone(), sample.total));
+        }
+        server.delete_vm(&sample.vm).await?;
+        if let Some(lv) = lv.as_mut() {
+            let (made, took) = lv.create().await.map_err(failed)?;
+            lv_create.push(took);
+            // Memory held by a booted, suspended domain: what a pool VM is to hangar.
+            lv.suspend(&made).await.map_err(failed)?;
+            lv_memory.extend(lv.memory(&made));
+            if i + 1 == plan.cold {
+                lv.resume(&made).await.map_err(failed)?;
+                domain = Some(made);
+            } else {
+                lv.destroy(made).await.map_err(failed)?;
+            }
+        }
+        eprintln!("  {}/{}", i + 1, plan.cold);
+    }
+    report.latency(
+        "cold boot → answering",
+        &cold,
+        lv.as_ref()
+            .map(|_| ("virsh create → answering", lv_create.as_slice())),
+        None,
+    );
+    let mut served: Vec<String> = Vec::new();
+    for (kind, _) in &other_matches {
+        if !served.contains(kind) {
+            served.push(kind.clone());
+        }
+    }
+    for kind in &served {
+        let samples: Vec<Duration> = other_matches
+            .iter()
+            .filter(|(m, _)| m == kind)
+            .map(|(_, d)| *d)
+            .collect();
+        report.latency(
+            &format!("request with an empty pool, served as `{kind}` → answering"),
+            &samples,
+            None,
+            None,
+        );
+    }
+    if !served.iter().any(|kind| kind == "cloned") {
+        report.unavailable(
+            "restore from template → answering",
+            "this run boots every VM (templates off); see `hangar bench lifecycle`",
+        );
+    }
+
+    // Sleep and wake against suspend and resume; then archives against save and restore.
+    eprintln!("sleep/wake, archive/wake...");
+    let vm = server.timed_request(service, true).await?;
+    let (mut wakes, mut lv_resumes, mut lv_resumes_cli) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut calls, mut lv_calls, mut lv_calls_cli) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..plan.wakes {
+        let call = Instant::now();
+        let _: serde_json::Value = server.client.get(&format!("/v1/vms/{}", vm.vm)).await?;
+        calls.push(call.elapsed());
+        if let (Some(lv), Some(domain)) = (lv.as_ref(), domain.as_ref()) {
+            lv_calls.push(lv.domstate_connected(domain).await.map_err(failed)?);
+            lv_calls_cli.push(lv.domstate(domain).await.map_err(failed)?);
+        }
+        server
+            .timed_action(&vm.vm, "sleep", &serde_json::json!({}), None)
+            .await?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (woken, _) = server
+            .timed_action(&vm.vm, "wake", &serde_json::json!({}), Some(vm.endpoint))
+            .await?;
+        wakes.push(woken);
+        if let (Some(lv), Some(domain)) = (lv.as_ref(), domain.as_ref()) {
+            lv.suspend(domain).await.map_err(failed)?;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            lv_resumes.push(lv.resume_connected(domain).await.map_err(failed)?);
+            lv.suspend(domain).await.map_err(failed)?;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            lv_resumes_cli.push(lv.resume(domain).await.map_err(failed)?);
+        }
+    }
+    let archived = archives(
+        &server,
+        &vm.vm,
+        vm.endpoint,
+        plan,
+        lv.as_ref(),
+        domain.as_mut(),
+    )
+    .await?;
+    server.delete_vm(&vm.vm).await?;
+    if let (Some(lv), Some(domain)) = (lv.as_mut(), domain.take()) {
+        lv.destroy(domain).await.map_err(failed)?;
+    }
+    drop(lv);
+
+    // Warm-pool grants.
+    eprintln!("warm-pool grants...");
+    let grants = measure::pool_grants(&server, service, plan.pool, plan.grants).await?;
+    let grant_times: Vec<Duration> = grants.iter().map(|g| g.total).collect();
+    let libvirt_resume = daemons.as_ref().map(|_| {
+        (
+            "resume over an open connection → answering",
+            lv_resumes.as_slice(),
+        )
+    });
+    report.latency(
+        "warm-pool grant → answering",
+        &grant_times,
+        libvirt_resume,
+        Some("libvirt has no pool: its nearest is resuming a booted, suspended domain".into()),
+    );
+    let mut stages = serde_json::Map::new();
+    for (name, took) in grants.iter().flat_map(|g| g.stages.iter()) {
+        let entry = stages
+            .entry(name.clone())
+            .or_insert_with(|| serde_json::json!([]));
+        if let Some(list) = entry.as_array_mut() {
+            list.push(serde_json::json!(stats::ms(*took)));
+        }
+    }
+    report
+        .details
+        .insert("pool_grant_server_stages_ms".into(), stages.into());
+    report.latency(
+        "wake from sleeping → answering",
+        &wakes,
+        libvirt_resume,
+        None,
+    );
+    archived.report(report, daemons.is_some());
+    if daemons.is_some() {
+        report.latency(
+            "libvirt alone: `virsh resume` (a virsh process per call) → answering",
+            &[],
+            Some(("virsh resume → answering", lv_resumes_cli.as_slice())),
+            None,
+        );
+    }
+    report.latency(
+        "one control call (GET /v1/vms/ID)",
+        &calls,
+        daemons
+            .as_ref()
+            .map(|_| ("domstate over an open connection", lv_calls.as_slice())),
+        Some("the floor of each side's control path".into()),
+    );
+    if daemons.is_some() {
+        report.latency(
+            "libvirt alone: `virsh domstate` (a virsh process per call)",
+            &[],
+            Some(("virsh domstate", lv_calls_cli.as_slice())),
+            None,
+        );
+    }
+
+    // Memory per paused VM: a full pool's VMs against booted, suspended domains.
+    server.wait_pool_full(service, plan.pool).await?;
+    let memory = measure::paused_pool_memory(&server, service).await?;
+    let mut rss: Vec<u64> = memory.iter().map(|(r, _)| *r).collect();
+    let mut pss: Vec<u64> = memory.iter().map(|(_, p)| *p).collect();
+    let mut lv_rss: Vec<u64> = lv_memory.iter().map(|(r, _)| *r).collect();
+    let mut lv_pss: Vec<u64> = lv_memory.iter().map(|(_, p)| *p).collect();
+    let op = |what: &str| format!("{what} of a booted, suspended domain (n={})", lv_rss.len());
+    let (rss_op, pss_op) = (op("RSS"), op("PSS"));
+    let libvirt_memory =
+        |op: &str, kib: Option<f64>| daemons.as_ref().map(|_| (op.to_owned(), mib(kib)));
+    let lv_rss_mib = libvirt_memory(&rss_op, median(&mut lv_rss));
+    let lv_pss_mib = libvirt_memory(&pss_op, median(&mut lv_pss));
+    report.figure(
+        &format!(
+            "host memory per paused pool VM, RSS, median (n={})",
+            rss.len()
+        ),
+        "MiB",
+        mib(median(&mut rss)),
+        lv_rss_mib.as_ref().map(|(op, v)| (op.as_str(), *v)),
+        None,
+    );
+    report.figure(
+        &format!(
+            "host memory per paused pool VM, PSS, median (n={})",
+            pss.len()
+        ),
+        "MiB",
+        mib(median(&mut pss)),
+        lv_pss_mib.as_ref().map(|(op, v)| (op.as_str(), *v)),
+        None,
+    );
+
+    // Sustained grants with the pool refilling.
+    eprintln!("sustained grants for {:?}...", plan.sustained);
+    let sustained = measure::sustained_grants(&server, service, plan.pool, plan.sustained).await?;
+    report.figure(
+        &format!(
+            "sustained dedicated grants per second, pool of {} refilling, {:.0} s",
+            sustained.pool, sustained.seconds
+        ),
+        "/s",
+        Some(sustained.per_s),
+        None,
+        Some(format!(
+            "{} grants, {} from the pool, {} booted for the request; p50 {:.0} ms",
+            sustained.grants,
+            sustained.from_pool,
+            sustained.grants - sustained.from_pool,
+            stats::summary(&mut sustained.latencies.clone()).map_or(f64::NAN, |s| s.p50_ms)
+        )),
+    );
+    report.details.insert(
+        "sustained".into(),
+        serde_json::to_value(&sustained).expect("serializable"),
+    );
+
+    // Control plane: shared-mode requests for an active service (no pool refills meanwhile).
+    eprintln!("shared-mode requests for {:?}...", plan.shared);
+    server.set_pool(service, 0).await?;
+    let shared =
+        measure::shared_throughput(&server, service, plan.shared_clients, plan.shared).await?;
+    let shared_latency = stats::summary(&mut shared.latencies.clone());
+    report.figure(
+        &format!(
+            "shared-mode requests per second for an active service, {} clients",
+            shared.clients
+        ),
+        "/s",
+        Some(shared.per_s),
+        None,
+        shared_latency.map(|s| format!("p50 {:.2} ms, p99 {:.2} ms", s.p50_ms, s.p99_ms)),
+    );
+    report.details.insert(
+        "shared".into(),
+        serde_json::to_value(&shared).expect("serializable"),
+    );
+    // The server's log, to explain outliers (its data dir goes with it).
+    std::fs::create_dir_all(&args.out)
+        .and_then(|()| {
+            std::fs::copy(
+                server.data_dir().join("server.log"),
+                args.out.join("server.log"),
+            )
+        })
+        .map_err(|err| {
+            failed(format!(
+                "keeping the server log in {}: {err}",
+                args.out.display()
+            ))
+        })?;
+    drop(server);
+
+    // Placement, pure CPU.
+    eprintln!("placement decisions...");
+    let duration = plan.placement;
+    let placed = tokio::task::spawn_blocking(move || placement::run(1000, duration))
+        .await
+        .map_err(failed)?;
+    report.figure(
+        "placement decisions per second, 1,000 simulated hosts",
+        "/s",
+        Some(placed.per_s),
+        None,
+        Some(format!("mean {:.2} µs per decision", placed.mean_us)),
+    );
+    report.details.insert(
+        "placement".into(),
+        serde_json::to_value(&placed).expect("serializable"),
+    );
+    drop(daemons);
+    Ok(())
+}
+
+/// Archive and wake samples of one tier.
+#[derive(Default)]
+struct TierSamples {
+    archives: Vec<Duration>,
+    wakes: Vec<Duration>,
+    /// Archive sizes, bytes.
+    sizes: Vec<u64>,
+}
+
+/// Archive and wake samples of each tier, with libvirt's save and restore.
+#[derive(Default)]
+struct Archived {
+    /// Per tier; `None`: the server does not offer it.
+    tiers: Vec<(&'static str, Option<TierSamples>)>,
+    saves: Vec<Duration>,
+    restores: Vec<Duration>,
+    save_bytes: Vec<u64>,
+}
+
+async fn archives(
+    server: &BenchServer,
+    vm: &str,
+    endpoint: SocketAddr,
+    plan: &Plan,
+    lv: Option<&libvirt::Libvirt>,
+    mut domain: Option<&mut libvirt::Domain>,
+) -> Result<Archived, ClientError> {
+    let mut archived = Archived::default();
+    for tier in ["raw", "zstd", "delta"] {
+        let mut samples = Some(TierSamples::default());
+        for _ in 0..plan.archives {
+            let Some((archive, wake, size)) =
+                measure::archive_and_wake(server, vm, tier, endpoint).await?
+            else {
+                samples = None;
+                break;
+            };
+            if let Some(samples) = samples.as_mut() {
+                samples.archives.push(archive);
+                samples.wakes.push(wake);
+                samples.sizes.extend(size);
+            }
+            if tier == "raw"
+                && let (Some(lv), Some(domain)) = (lv, domain.as_deref_mut())
+            {
+                archived.saves.push(lv.save(domain).await.map_err(failed)?);
+                archived.save_bytes.extend(lv.saved_bytes(domain));
+                archived
+                    .restores
+                    .push(lv.restore(domain).await.map_err(failed)?);
+            }
+        }
+        archived.tiers.push((tier, samples));
+    }
+    Ok(archived)
+}
+
+impl Archived {
+    fn report(&self, report: &mut Report, with_libvirt: bool) {
+        let size_mib = |sizes: &[u64]| {
+            let mut sizes = sizes.to_vec();
+            median(&mut sizes).map(|b| b / (1024.0 * 1024.0))
+        };
+        let save_mib = size_mib(&self.save_bytes);
+        for (tier, samples) in &self.tiers {
+            let Some(TierSamples {
+                archives,
+                wakes,
+                sizes,
+            }) = samples
+            else {
+                report.unavailable(
+                    &format!("archive and wake, {tier} tier"),
+                    &format!(
+                        "not written as {tier} here (a delta needs a VM cloned from a template: see `hangar bench lifecycle`)"
+                    ),
+                );
+                continue;
+            };
+            let raw = *tier == "raw" && with_libvirt;
+            report.latency(
+                &format!("archive an active VM, {tier} tier (API answer)"),
+                archives,
+                raw.then_some(("virsh save", self.saves.as_slice())),
+                None,
+            );
+            report.latency(
+                &format!("wake from archive, {tier} tier → answering"),
+                wakes,
+                raw.then_some(("virsh restore → answering", self.restores.as_slice())),
+                None,
+            );
+            report.figure(
+                &format!("archive size, {tier} tier, median"),
+                "MiB",
+                size_mib(sizes),
+                raw.then_some(("virsh save file", save_mib)),
+                None,
+            );
+        }
+    }
+}
+
+/// Percentiles of `samples` (all zero when there are none), for the narrower benchmarks.
+pub(crate) fn summary(samples: &mut [Duration]) -> Summary {
+    stats::summary(samples).unwrap_or(Summary {
+        n: 0,
+        p50_ms: 0.0,
+        p99_ms: 0.0,
+        min_ms: 0.0,
+        max_ms: 0.0,
+    })
+}
+
+/// Starts a benchmark's server (see [`BenchServer::start`]).
+pub(crate) fn start_server(options: &ServerOptions) -> Result<BenchServer, String> {
+    BenchServer::start(options)
+}
