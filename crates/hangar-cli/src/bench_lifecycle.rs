@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::bench::{ServerOptions, Summary, machine, start_server, summary};
+use crate::bench::{ServerOptions, Summary, machine, parse_server_timing, start_server, summary};
 use crate::bench_endpoints::first_byte;
 use crate::client::{Client, ClientError};
 
@@ -44,6 +44,19 @@ struct Row {
     archive_bytes: Option<u64>,
 }
 
+/// Where one kind of wake spends its time: `POST /v1/vms/ID/wake` (the server's stages,
+/// from its `Server-Timing` header), then the first `GET /` to the woken VM.
+#[derive(Serialize)]
+struct Breakdown {
+    metric: &'static str,
+    n: usize,
+    /// Stage → median ms: `resume` or `restore`, `identity`, `ready` (restores only),
+    /// `total` (the whole wake, server side).
+    server_ms: std::collections::BTreeMap<String, f64>,
+    /// The first `GET /` once the wake answered, median ms.
+    first_get_ms: f64,
+}
+
 #[derive(Serialize)]
 struct Report {
     service: String,
@@ -51,8 +64,48 @@ struct Report {
     accel: String,
     machine: String,
     rows: Vec<Row>,
+    /// Where each wake's time goes.
+    breakdown: Vec<Breakdown>,
     /// Delta archive size over zstd archive size.
     delta_over_zstd: Option<f64>,
+}
+
+fn median_ms(samples: &mut [Duration]) -> f64 {
+    samples.sort();
+    samples
+        .get(samples.len() / 2)
+        .map_or(0.0, |d| d.as_secs_f64() * 1e3)
+}
+
+/// Puts the VM to rest: asleep (`tier` None) or archived in `tier`. Returns the archive's
+/// size.
+async fn rest(client: &Client, vm: &str, tier: Option<&str>) -> Result<Option<u64>, ClientError> {
+    let view: serde_json::Value = match tier {
+        None => {
+            client
+                .post(&format!("/v1/vms/{vm}/sleep"), &serde_json::json!({}))
+                .await?
+        }
+        Some(tier) => {
+            client
+                .post(
+                    &format!("/v1/vms/{vm}/archive"),
+                    &serde_json::json!({ "tier": tier }),
+                )
+                .await?
+        }
+    };
+    if let Some(tier) = tier
+        && view["archive"]["tier"] != tier
+    {
+        return Err(reply(format!(
+            "archived as {}, not {tier}",
+            view["archive"]["tier"]
+        )));
+    }
+    // Let the server finish with the VM before anything asks for it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    Ok(view["archive"]["size_bytes"].as_u64())
 }
 
 fn reply(err: impl std::fmt::Display) -> ClientError {
@@ -170,8 +223,17 @@ pub async fn run(args: LifecycleBench) -> Result<(), ClientError> {
     }
     let endpoint = endpoint.expect("at least one sample");
 
-    // One clone goes to rest and is woken by a connection, again and again.
+    // The floor of every wake below: the same GET to the VM while it is active.
+    let mut active = Vec::new();
+    for _ in 0..args.samples {
+        active.push(first_byte(endpoint, "/").map_err(reply)?);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // One clone goes to rest and is woken by a connection, again and again; then a few
+    // times through the API, for where a wake's time goes.
     let mut rests: Vec<(&'static str, Vec<Duration>, Option<u64>)> = Vec::new();
+    let mut breakdown = Vec::new();
     for (name, tier) in [
         ("wake from sleeping", None),
         ("wake from raw archive", Some("raw")),
@@ -182,36 +244,34 @@ pub async fn run(args: LifecycleBench) -> Result<(), ClientError> {
         let mut samples = Vec::new();
         let mut size = None;
         for _ in 0..args.samples {
-            let view: serde_json::Value = match tier {
-                None => {
-                    client
-                        .post(&format!("/v1/vms/{vm}/sleep"), &serde_json::json!({}))
-                        .await?
-                }
-                Some(tier) => {
-                    client
-                        .post(
-                            &format!("/v1/vms/{vm}/archive"),
-                            &serde_json::json!({ "tier": tier }),
-                        )
-                        .await?
-                }
-            };
-            if let Some(tier) = tier {
-                if view["archive"]["tier"] != tier {
-                    return Err(reply(format!(
-                        "archived as {}, not {tier}",
-                        view["archive"]["tier"]
-                    )));
-                }
-                size = view["archive"]["size_bytes"].as_u64();
-            }
-            // Let the server finish with the VM before the connection asks for it.
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            size = rest(&client, &vm, tier).await?;
             samples.push(first_byte(endpoint, "/").map_err(reply)?);
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
         rests.push((name, samples, size));
+        let mut stages: std::collections::BTreeMap<String, Vec<Duration>> = Default::default();
+        let mut first_gets = Vec::new();
+        let rounds = args.samples.min(3);
+        for _ in 0..rounds {
+            rest(&client, &vm, tier).await?;
+            let (_, timing): (serde_json::Value, String) = client
+                .post_timed(&format!("/v1/vms/{vm}/wake"), &serde_json::json!({}))
+                .await?;
+            first_gets.push(first_byte(endpoint, "/").map_err(reply)?);
+            for (stage, took) in parse_server_timing(&timing) {
+                stages.entry(stage).or_default().push(took);
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        breakdown.push(Breakdown {
+            metric: name,
+            n: rounds,
+            server_ms: stages
+                .into_iter()
+                .map(|(stage, mut took)| (stage, median_ms(&mut took)))
+                .collect(),
+            first_get_ms: median_ms(&mut first_gets),
+        });
     }
     let _: serde_json::Value = client.delete(&format!("/v1/vms/{vm}")).await?;
     drop(server);
@@ -226,7 +286,10 @@ pub async fn run(args: LifecycleBench) -> Result<(), ClientError> {
             archive_bytes,
         }
     };
-    let mut rows = vec![row("restore from template (new VM)", cloned, None)];
+    let mut rows = vec![
+        row("restore from template (new VM)", cloned, None),
+        row("GET / to the active VM (no wake)", active, None),
+    ];
     for (name, samples, size) in rests {
         rows.push(row(name, samples, size));
     }
@@ -249,6 +312,7 @@ pub async fn run(args: LifecycleBench) -> Result<(), ClientError> {
         accel: args.accel.clone(),
         machine: machine(),
         rows,
+        breakdown,
         delta_over_zstd,
     };
     if args.json {
@@ -278,6 +342,30 @@ pub async fn run(args: LifecycleBench) -> Result<(), ClientError> {
             r.faster_than_cold,
             r.archive_bytes
                 .map_or(String::new(), |b| format!("{:.2} MB", b as f64 / 1e6))
+        );
+    }
+    println!(
+        "\nwhere a wake goes (POST /v1/vms/ID/wake: the server's stages; then the first GET /), \
+         p50 ms\n"
+    );
+    println!("| wake | n | resume or restore | identity | ready | server total | first GET / |");
+    println!("|---|---|---|---|---|---|---|");
+    for b in &report.breakdown {
+        let stage = |name: &str| {
+            b.server_ms
+                .get(name)
+                .map_or("-".to_owned(), |ms| format!("{ms:.1}"))
+        };
+        let resumed = b.server_ms.get("resume").or(b.server_ms.get("restore"));
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {:.1} |",
+            b.metric,
+            b.n,
+            resumed.map_or("-".to_owned(), |ms| format!("{ms:.1}")),
+            stage("identity"),
+            stage("ready"),
+            stage("total"),
+            b.first_get_ms
         );
     }
     if let Some(ratio) = report.delta_over_zstd {

@@ -545,9 +545,11 @@ async fn archive_vm(
 async fn wake_vm(
     State(manager): State<Arc<Manager>>,
     Path(id): Path<String>,
-) -> Result<Json<VmView>, ApiError> {
-    let vm = manager.wake(&id).await?;
-    Ok(Json(view(&manager, vm)))
+) -> Result<impl IntoResponse, ApiError> {
+    let started = std::time::Instant::now();
+    let (vm, stages) = manager.wake_timed(&id).await?;
+    let timing = stages.header(started.elapsed());
+    Ok(([("server-timing", timing)], Json(view(&manager, vm))))
 }
 
 #[utoipa::path(get, path = "/v1/policies", responses((status = 200, body = PoliciesView)))]

@@ -1,6 +1,7 @@
 //! Sleep, archive and wake (seed 000's lifecycle): an active VM sleeps (paused in memory),
 //! is archived (memory snapshot on disk, no process), and wakes on request with a fresh
-//! identity and its ready criterion checked. One operation at a time per VM.
+//! identity (and, restored from an archive, its ready criterion checked). One operation at
+//! a time per VM.
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
@@ -13,7 +14,7 @@ use hangar_vmm::{ArchiveInfo, ArchiveTier, RunState, VmSpec};
 
 use crate::create::new_identity;
 use crate::error::{ApiError, error_chain};
-use crate::manager::{Manager, ReconcileReport};
+use crate::manager::{Manager, ReconcileReport, Stages};
 
 impl Manager {
     fn vm_or_404(&self, id: &str) -> Result<VmRecord, ApiError> {
@@ -114,20 +115,29 @@ impl Manager {
         Ok((vm, info))
     }
 
-    /// Brings a sleeping or archived VM back: resumed (or restored into a new process),
-    /// given a fresh identity (clock, entropy), its ready criterion checked. Waking an active
-    /// VM does nothing.
+    /// Brings a sleeping or archived VM back: resumed (or restored into a new process) and
+    /// given a fresh identity (clock, entropy). A restored VM also passes its ready criterion
+    /// again before it counts as active; a sleeping one resumes exactly as it was paused,
+    /// serving. Waking an active VM does nothing.
     pub async fn wake(&self, id: &str) -> Result<VmRecord, ApiError> {
+        self.wake_timed(id).await.map(|(vm, _)| vm)
+    }
+
+    /// [`Manager::wake`], with where its time went (`resume` or `restore`, `identity`,
+    /// `ready`).
+    pub async fn wake_timed(&self, id: &str) -> Result<(VmRecord, Stages), ApiError> {
         let lock = self.vm_op_lock(id);
         let _guard = lock.lock().await;
         let vm = self.vm_or_404(id)?;
         let started = Instant::now();
+        let mut stages = Stages::default();
         match vm.state {
-            VmState::Active => return Ok(vm),
+            VmState::Active => return Ok((vm, stages)),
             VmState::Sleeping => {
                 self.hv.resume(id).await.map_err(|err| {
                     ApiError::Internal(format!("cannot resume VM {id}: {}", error_chain(&err)))
                 })?;
+                stages.mark("resume", started);
             }
             VmState::Archived => {
                 let spec: VmSpec =
@@ -142,6 +152,7 @@ impl Manager {
                     .expect("agents lock")
                     .insert(id.to_owned(), launched.agent);
                 self.store.set_launch(id, launched.pid, &vm.spec)?;
+                stages.mark("restore", started);
             }
             other => {
                 return Err(ApiError::Conflict(format!(
@@ -149,7 +160,7 @@ impl Manager {
                 )));
             }
         }
-        if let Err(reason) = self.finish_wake(&vm).await {
+        if let Err(reason) = self.finish_wake(&vm, &mut stages).await {
             // The VM runs but does not serve: leave it running for inspection, marked failed.
             let reason = format!("VM {id} woke but is not ready: {reason}");
             let _ = self.store.transition(id, VmState::Failed, Some(&reason));
@@ -158,12 +169,14 @@ impl Manager {
         let vm = self.store.transition(id, VmState::Active, None)?;
         self.store.touch(id)?;
         self.set_endpoints_active(id, true).await;
-        tracing::info!(vm = %id, from = %vm.state, ms = started.elapsed().as_millis() as u64, "vm woke");
-        Ok(vm)
+        tracing::info!(vm = %id, timing = %stages.header(started.elapsed()), "vm woke");
+        Ok((vm, stages))
     }
 
-    /// Fresh identity, then the service's ready criterion.
-    async fn finish_wake(&self, vm: &VmRecord) -> Result<(), String> {
+    /// Fresh identity; then, for a VM restored from an archive, the service's ready
+    /// criterion.
+    async fn finish_wake(&self, vm: &VmRecord, stages: &mut Stages) -> Result<(), String> {
+        let started = Instant::now();
         let agent = self.agent(&vm.id).ok_or("no agent channel")?;
         let reply = agent
             .reidentify(new_identity(&vm.id), Duration::from_secs(10))
@@ -174,6 +187,10 @@ impl Manager {
                 "re-identification failed: {}",
                 reply.error.unwrap_or_default()
             ));
+        }
+        let started = stages.mark("identity", started);
+        if vm.state == VmState::Sleeping {
+            return Ok(());
         }
         // Checked through the VM's own port forwards: the stable endpoints would wait for
         // this very wake.
@@ -189,6 +206,7 @@ impl Manager {
                     .await?;
             }
         }
+        stages.mark("ready", started);
         Ok(())
     }
 

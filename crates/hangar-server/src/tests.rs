@@ -459,7 +459,13 @@ mod lifecycle {
             backend.run_state(id).await.unwrap(),
             hangar_vmm::RunState::Paused
         );
-        assert_eq!(manager.wake(id).await.unwrap().state, VmState::Active);
+        // A sleeping VM resumes as it was paused, serving: no ready check.
+        let (vm, stages) = manager.wake_timed(id).await.unwrap();
+        assert_eq!(vm.state, VmState::Active);
+        let names = |stages: &crate::manager::Stages| -> Vec<&str> {
+            stages.0.iter().map(|(name, _)| *name).collect()
+        };
+        assert_eq!(names(&stages), ["resume", "identity"]);
         let (vm, info) = manager.archive(id, ArchiveTier::Zstd).await.unwrap();
         assert_eq!(
             (vm.state, info.tier),
@@ -474,7 +480,10 @@ mod lifecycle {
             err.to_string().contains("only an active VM can sleep"),
             "{err}"
         );
-        assert_eq!(manager.wake(id).await.unwrap().state, VmState::Active);
+        // A restored one passes its ready criterion again.
+        let (vm, stages) = manager.wake_timed(id).await.unwrap();
+        assert_eq!(vm.state, VmState::Active);
+        assert_eq!(names(&stages), ["restore", "identity", "ready"]);
         assert!(
             manager.archive_info(id).is_none(),
             "the archive is used up by the restore"

@@ -137,6 +137,114 @@ pub fn read_memory(
     Ok(copied)
 }
 
+/// A stream being read ahead: [`read_memory`] runs in its own thread into a bounded
+/// queue from the moment it starts, so that decompressing (or rebuilding) an archive
+/// overlaps QEMU's start-up, which takes about as long. [`Prefetch::drain_into`] later
+/// moves what was read, and the rest as it comes, into the real sink.
+pub struct Prefetch {
+    chunks: std::sync::mpsc::Receiver<Vec<u8>>,
+    reader: std::thread::JoinHandle<std::io::Result<u64>>,
+    path: PathBuf,
+}
+
+/// Size of one queued piece of a prefetched stream.
+const PREFETCH_CHUNK: usize = 1 << 20;
+
+impl Prefetch {
+    /// Starts reading the stream of `path` (see [`read_memory`]), at most `ahead` bytes
+    /// ahead of the sink.
+    pub fn start(
+        path: &Path,
+        tier: ArchiveTier,
+        template: Option<PathBuf>,
+        ahead: usize,
+    ) -> std::io::Result<Prefetch> {
+        let (sender, chunks) = std::sync::mpsc::sync_channel(ahead.div_ceil(PREFETCH_CHUNK));
+        let reader = {
+            let path = path.to_owned();
+            std::thread::Builder::new()
+                .name("hangar-prefetch".into())
+                .spawn(move || {
+                    let queue = QueueWriter {
+                        sender,
+                        chunk: Vec::with_capacity(PREFETCH_CHUNK),
+                    };
+                    read_memory(&path, tier, template.as_deref(), queue)
+                })?
+        };
+        Ok(Prefetch {
+            chunks,
+            reader,
+            path: path.to_owned(),
+        })
+    }
+
+    /// Writes the whole stream into `sink`. Returns its length; an error of either side
+    /// (reading the archive, or writing to `sink`) ends it, and the reader with it.
+    pub fn drain_into(self, mut sink: impl Write) -> std::io::Result<u64> {
+        let mut written = Ok(0u64);
+        for chunk in &self.chunks {
+            if let Err(err) = sink.write_all(&chunk) {
+                written = Err(err);
+                break;
+            }
+            written = written.map(|n| n + chunk.len() as u64);
+        }
+        // Dropping the queue makes the reader's next write fail: it stops, whatever the
+        // reason the sink did.
+        drop(self.chunks);
+        let read = self.reader.join().map_err(|_| {
+            std::io::Error::other(format!("reading {} panicked", self.path.display()))
+        })?;
+        let written = written.and_then(|n| sink.flush().map(|()| n))?;
+        let read = read?;
+        if read != written {
+            return Err(std::io::Error::other(format!(
+                "{}: read {read} bytes of stream, wrote {written}",
+                self.path.display()
+            )));
+        }
+        Ok(written)
+    }
+}
+
+/// The write side of a [`Prefetch`] queue: whole chunks go to the queue, the last one on
+/// flush.
+struct QueueWriter {
+    sender: std::sync::mpsc::SyncSender<Vec<u8>>,
+    chunk: Vec<u8>,
+}
+
+impl QueueWriter {
+    fn send(&mut self) -> std::io::Result<()> {
+        if self.chunk.is_empty() {
+            return Ok(());
+        }
+        let full = std::mem::replace(&mut self.chunk, Vec::with_capacity(PREFETCH_CHUNK));
+        self.sender.send(full).map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "the stream's consumer stopped",
+            )
+        })
+    }
+}
+
+impl Write for QueueWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(PREFETCH_CHUNK - self.chunk.len());
+        self.chunk.extend_from_slice(&buf[..n]);
+        if self.chunk.len() == PREFETCH_CHUNK {
+            self.send()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.send()
+    }
+}
+
 fn no_template(path: &Path) -> std::io::Error {
     std::io::Error::other(format!(
         "{}: a delta archive needs the snapshot of the template the VM was cloned from",
@@ -243,6 +351,71 @@ mod tests {
             );
             assert!(back == stream, "{tier} round trip differs");
         }
+    }
+
+    #[test]
+    fn a_prefetched_stream_arrives_whole_and_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        // Not a multiple of the chunk size, and longer than what may be read ahead.
+        let stream: Vec<u8> = (0..(3 * PREFETCH_CHUNK + 12345))
+            .map(|i| (i % 251) as u8)
+            .collect();
+        for tier in [ArchiveTier::Raw, ArchiveTier::Zstd] {
+            let path = memory_path(dir.path(), tier);
+            write_memory(&stream[..], &path, tier, None).unwrap();
+            let prefetch = Prefetch::start(&path, tier, None, PREFETCH_CHUNK).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            let mut back = Vec::new();
+            assert_eq!(prefetch.drain_into(&mut back).unwrap(), stream.len() as u64);
+            assert!(back == stream, "{tier}: the prefetched stream differs");
+        }
+    }
+
+    /// Accepts `room` bytes, then fails like a pipe whose reader is gone.
+    struct ClosingSink {
+        room: usize,
+    }
+
+    impl Write for ClosingSink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if self.room == 0 {
+                return Err(std::io::ErrorKind::BrokenPipe.into());
+            }
+            let n = buf.len().min(self.room);
+            self.room -= n;
+            Ok(n)
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_prefetch_ends_with_its_sink_or_its_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = memory_path(dir.path(), ArchiveTier::Raw);
+        write_memory(
+            &vec![7u8; 8 * PREFETCH_CHUNK][..],
+            &path,
+            ArchiveTier::Raw,
+            None,
+        )
+        .unwrap();
+        // The sink closes early: the error is the sink's, and the reader has stopped
+        // (drain_into joined it) although most of the file was never queued.
+        let prefetch = Prefetch::start(&path, ArchiveTier::Raw, None, PREFETCH_CHUNK).unwrap();
+        let err = prefetch
+            .drain_into(ClosingSink {
+                room: PREFETCH_CHUNK + 1,
+            })
+            .unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::BrokenPipe, "{err}");
+        // No archive: the reader's error comes through.
+        let missing = dir.path().join("memory.zstd");
+        let prefetch = Prefetch::start(&missing, ArchiveTier::Zstd, None, PREFETCH_CHUNK).unwrap();
+        let err = prefetch.drain_into(std::io::sink()).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::NotFound, "{err}");
     }
 
     #[test]

@@ -503,15 +503,21 @@ impl Hypervisor for QemuBackend {
                 .or_else(|| Some(paths.disk.clone()));
         }
         let args = restore_args(self.config.accel, &spec, &paths);
+        let stream = archive::Prefetch::start(
+            &record.info.path,
+            record.info.tier,
+            archive::template_memory(&record.spec),
+            PREFETCH_AHEAD,
+        )
+        .map_err(|err| fail(format!("reading {}: {err}", record.info.path.display())))?;
         let pid = self
             .spawn_qemu(&spec, &args, &paths)
             .await
             .map_err(|err| fail(err.to_string()))?;
         let (qmp, agent) = match incoming(
             &paths,
+            stream,
             &record.info.path,
-            record.info.tier,
-            archive::template_memory(&record.spec),
             record.spec.memory_mib,
             true,
         )
@@ -627,17 +633,11 @@ impl Hypervisor for QemuBackend {
                 create_overlay(&self.config.qemu_img, disk, &paths.disk).await?;
             }
             let args = restore_args(self.config.accel, &spec, &paths);
+            let stream =
+                archive::Prefetch::start(&template.memory, ArchiveTier::Raw, None, PREFETCH_AHEAD)
+                    .map_err(|err| fail(format!("reading {}: {err}", template.memory.display())))?;
             let pid = self.spawn_qemu(&spec, &args, &paths).await?;
-            match incoming(
-                &paths,
-                &template.memory,
-                ArchiveTier::Raw,
-                None,
-                spec.memory_mib,
-                false,
-            )
-            .await
-            {
+            match incoming(&paths, stream, &template.memory, spec.memory_mib, false).await {
                 Ok((qmp, agent)) => Ok(Running::new(pid, qmp, agent, &spec)),
                 Err(reason) => {
                     if procs::is_qemu_with_pidfile(pid, &paths.pidfile)
@@ -707,8 +707,14 @@ impl Hypervisor for QemuBackend {
 
 /// QEMU's command line to restore `spec` from an archive: the same machine and devices as
 /// [`qemu_args`], waiting for `migrate-incoming`.
+///
+/// It names no kernel or initramfs: the guest's memory, kernel included, comes with the
+/// stream, and leaving them out spares QEMU loading a kernel image into memory that the
+/// stream overwrites (tens of milliseconds of every wake). A restored guest that reboots
+/// therefore has nothing to boot, and `-no-reboot` makes QEMU exit instead: the VM is seen
+/// as crashed, as a rebooted guest (its state gone) should be.
 pub fn restore_args(accel: Accel, spec: &VmSpec, paths: &VmPaths) -> Vec<String> {
-    let mut args = qemu_args(accel, spec, paths);
+    let mut args = command_line(accel, spec, paths, false);
     args.extend(["-incoming".into(), "defer".into()]);
     args
 }
@@ -785,15 +791,16 @@ async fn snapshot(
     }
 }
 
-/// Connects to a QEMU started with `-incoming defer` and feeds it the archive. Returns the
-/// control channels of the VM, running.
-/// Feeds the stream in `source` to a QEMU started with `-incoming defer`, waits for the
-/// migration to complete, and resumes the guest when `resume`.
+/// How far a restore reads its stream ahead while QEMU starts.
+const PREFETCH_AHEAD: usize = 64 << 20;
+
+/// Feeds `stream` (read from `source`) to a QEMU started with `-incoming defer`, waits for
+/// the migration to complete, and resumes the guest when `resume`. Returns the control
+/// channels of the VM.
 async fn incoming(
     paths: &VmPaths,
+    stream: archive::Prefetch,
     source: &Path,
-    tier: ArchiveTier,
-    template: Option<PathBuf>,
     memory_mib: u32,
     resume: bool,
 ) -> Result<(Qmp, Arc<Agent>), String> {
@@ -804,12 +811,7 @@ async fn incoming(
         .await
         .map_err(|err| err.to_string())?;
     drop(reader); // QEMU holds the only read end: writes fail once it is gone
-    let feed = {
-        let source = source.to_owned();
-        tokio::task::spawn_blocking(move || {
-            archive::read_memory(&source, tier, template.as_deref(), writer)
-        })
-    };
+    let feed = tokio::task::spawn_blocking(move || stream.drain_into(writer));
     let migrated = match qmp
         .execute(
             "migrate-incoming",
@@ -889,8 +891,14 @@ fn check_socket_paths(paths: &VmPaths) -> Result<(), VmmError> {
     Ok(())
 }
 
-/// QEMU's command line for `spec`.
+/// QEMU's command line to boot `spec`.
 pub fn qemu_args(accel: Accel, spec: &VmSpec, paths: &VmPaths) -> Vec<String> {
+    command_line(accel, spec, paths, true)
+}
+
+/// The machine and devices of `spec`; with its kernel, initramfs and command line when
+/// `boot`.
+fn command_line(accel: Accel, spec: &VmSpec, paths: &VmPaths, boot: bool) -> Vec<String> {
     let path = |p: &Path| p.display().to_string();
     let mut args: Vec<String> = vec![
         "-name".into(),
@@ -911,15 +919,20 @@ pub fn qemu_args(accel: Accel, spec: &VmSpec, paths: &VmPaths) -> Vec<String> {
         "-daemonize".into(),
         "-pidfile".into(),
         path(&paths.pidfile),
-        "-kernel".into(),
-        path(&spec.kernel),
-        "-initrd".into(),
-        path(&spec.initramfs),
-        "-append".into(),
-        spec.cmdline.clone(),
+        "-no-reboot".into(),
         "-serial".into(),
         format!("file:{}", path(&paths.console)),
     ]);
+    if boot {
+        args.extend([
+            "-kernel".into(),
+            path(&spec.kernel),
+            "-initrd".into(),
+            path(&spec.initramfs),
+            "-append".into(),
+            spec.cmdline.clone(),
+        ]);
+    }
     if spec.pre_os {
         // Paused before the guest runs; the root slot holds a placeholder until
         // `attach_root` points it at a real disk. The placeholder must be writable: the
@@ -1108,6 +1121,12 @@ mod tests {
         )
         .join(" ");
         assert!(kvm.contains("-accel kvm -cpu host"));
+        let restore = restore_args(Accel::Tcg, &spec, &paths).join(" ");
+        assert!(restore.ends_with("-incoming defer"), "{restore}");
+        assert!(restore.contains("-no-reboot"), "{restore}");
+        assert!(restore.contains("serial=hangar-root"), "{restore}");
+        assert!(!restore.contains("-kernel"), "{restore}");
+        assert!(!restore.contains("-append"), "{restore}");
         assert!(!kvm.contains("-drive"));
         let shell = qemu_args(
             Accel::Tcg,

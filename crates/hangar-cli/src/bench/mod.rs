@@ -27,7 +27,7 @@ use hangar_vmm::Accel;
 
 pub use pool::{PoolBench, run as run_pool};
 use report::Report;
-pub(crate) use server::{BenchServer, ServerOptions, machine};
+pub(crate) use server::{BenchServer, ServerOptions, machine, parse_server_timing};
 pub(crate) use stats::Summary;
 
 use crate::client::ClientError;
