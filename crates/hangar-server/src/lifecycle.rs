@@ -188,6 +188,7 @@ impl Manager {
                 reply.error.unwrap_or_default()
             ));
         }
+        tracing::debug!(vm = %vm.id, guest = %reply.stdout, "identity applied");
         let started = stages.mark("identity", started);
         if vm.state == VmState::Sleeping {
             return Ok(());
