@@ -227,7 +227,8 @@ enum BenchCommand {
 enum PoolCommand {
     /// Set how many paused VMs a pool keeps (kept across restarts).
     Set {
-        /// Pool name (a service, or a configuration pool; see `hangar pools`).
+        /// Pool name: a service (any service; one without a pool in the catalog gets one), or a
+        /// configuration pool (see `hangar pools`).
         name: String,
         #[arg(long)]
         min: Option<u32>,

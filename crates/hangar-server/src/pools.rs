@@ -94,22 +94,40 @@ impl Manager {
     /// Catalog pools with run-time bounds applied.
     pub fn pool_specs(&self) -> Result<Vec<PoolSpec>, ApiError> {
         let bounds = self.store.pool_bounds()?;
-        Ok(self
-            .catalog
-            .pools()
-            .map(|spec| {
-                let mut spec = spec.clone();
-                if let Some((min, max)) = bounds.get(&spec.name) {
-                    (spec.min, spec.max) = (*min, *max);
-                }
-                spec
-            })
-            .collect())
+        let mut specs: Vec<PoolSpec> = self.catalog.pools().cloned().collect();
+        // Pools made at run time for services the catalog gives none.
+        specs.extend(
+            bounds
+                .keys()
+                .filter(|name| !specs.iter().any(|spec| &spec.name == *name))
+                .filter_map(|name| self.service_pool(name))
+                .collect::<Vec<_>>(),
+        );
+        for spec in &mut specs {
+            if let Some((min, max)) = bounds.get(&spec.name) {
+                (spec.min, spec.max) = (*min, *max);
+            }
+        }
+        Ok(specs)
+    }
+
+    /// An empty pool of the service `name` (none if there is no such service).
+    fn service_pool(&self, name: &str) -> Option<PoolSpec> {
+        let service = self.catalog.get(name)?;
+        Some(PoolSpec {
+            name: service.name.clone(),
+            service: Some(service.name.clone()),
+            vcpus: service.vcpus,
+            memory_mib: service.memory_mib,
+            min: 0,
+            max: 0,
+        })
     }
 
     /// Sets a pool's bounds at run time (kept across restarts). Bounds left out stay as
     /// they are (max is raised to min when needed). `ready`: `Some(Some(spec))` sets the
-    /// criterion its fills must meet, `Some(None)` goes back to the service's.
+    /// criterion its fills must meet, `Some(None)` goes back to the service's. A service
+    /// the catalog gives no pool gets one, named after it.
     pub fn set_pool(
         &self,
         name: &str,
@@ -121,11 +139,15 @@ impl Manager {
             .pool_specs()?
             .into_iter()
             .find(|spec| spec.name == name)
+            .or_else(|| self.service_pool(name))
             .ok_or_else(|| ApiError::NotFound {
-                message: format!("no pool named {name:?}"),
+                message: format!("no pool or service named {name:?}"),
                 alternatives: hangar_core::suggest::closest(
                     name,
-                    self.catalog.pools().map(|p| p.name.as_str()),
+                    self.catalog
+                        .pools()
+                        .map(|p| p.name.as_str())
+                        .chain(self.catalog.services().map(|s| s.name.as_str())),
                     3,
                 ),
             })?;
@@ -195,17 +217,17 @@ impl Manager {
             .collect()
     }
 
-    /// Notes one request that a pool serves (or would have).
+    /// Notes one request that a pool serves (or would have). Every service's rate is kept
+    /// (one entry per catalog service or pool at most): a pool made at run time starts
+    /// with what its service was asked for.
     pub(crate) fn record_demand(&self, pool: &str) {
-        if self.catalog.pools().any(|p| p.name == pool) {
-            self.pools
-                .rates
-                .lock()
-                .expect("rates lock")
-                .entry(pool.to_owned())
-                .or_insert_with(|| RequestRate::new(now_ms()))
-                .record(now_ms());
-        }
+        self.pools
+            .rates
+            .lock()
+            .expect("rates lock")
+            .entry(pool.to_owned())
+            .or_insert_with(|| RequestRate::new(now_ms()))
+            .record(now_ms());
     }
 
     fn counts(&self) -> Result<HashMap<String, PoolCount>, ApiError> {

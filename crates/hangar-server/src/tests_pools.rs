@@ -380,3 +380,33 @@ async fn a_ready_criterion_set_at_run_time_governs_fills_and_is_validated() {
         "back to the catalog's, bounds kept"
     );
 }
+
+#[tokio::test]
+async fn a_service_without_a_catalog_pool_gets_one_at_run_time() {
+    let (manager, _backend, store) = setup(4096);
+    assert!(manager.pool_views().unwrap().iter().all(|p| p.name != "db"));
+    let view = manager.set_pool_bounds("db", 1, Some(2)).unwrap();
+    assert_eq!((view.min, view.max), (1, 2));
+    settle(&manager).await;
+    assert_eq!(ready(&manager, "db"), 1);
+    // It serves requests as a catalog pool does, and is kept across restarts.
+    let grant = manager.request(dedicated("db")).await.unwrap();
+    assert_eq!(grant.served, Served::Exact);
+    let restarted = Manager::new(
+        store.clone(),
+        Arc::new(FakeBackend::new()),
+        Arc::new(NoImages),
+        Arc::new(Catalog::from_toml(CATALOG).unwrap()),
+        ManagerConfig::default(),
+    );
+    assert!(
+        restarted
+            .pool_views()
+            .unwrap()
+            .iter()
+            .any(|p| p.name == "db")
+    );
+    // Neither a pool nor a service: not found, with suggestions.
+    let err = manager.set_pool_bounds("dbx", 1, None).unwrap_err();
+    assert!(err.to_string().contains("no pool or service"), "{err}");
+}
