@@ -4,14 +4,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use hangar_core::{Catalog, Mode, ServiceRequest, VmState};
+use hangar_core::{Mode, VmState};
 use hangar_store::{Store, TaskState};
 use hangar_vmm::Hypervisor;
 use hangar_vmm::fake::FakeBackend;
 
 use crate::error::ApiError;
-use crate::images::NoImages;
 use crate::manager::{Manager, ManagerConfig, Served};
+use crate::test_support::*;
 
 const CATALOG: &str = r#"
 [service.web]
@@ -40,27 +40,11 @@ checks = [{ bytes = { port = "p", send = "hi", expect = "never said" } }]
 "#;
 
 fn manager_with(store: Arc<Store>, backend: FakeBackend) -> Arc<Manager> {
-    Manager::new(
-        store,
-        Arc::new(backend),
-        Arc::new(NoImages),
-        Arc::new(Catalog::from_toml(CATALOG).unwrap()),
-        ManagerConfig::default(),
-    )
+    manager_on(store, backend, CATALOG, ManagerConfig::default())
 }
 
 fn setup() -> (Arc<Manager>, FakeBackend, Arc<Store>) {
-    let store = Arc::new(Store::open_in_memory().unwrap());
-    let backend = FakeBackend::new();
-    (manager_with(store.clone(), backend.clone()), backend, store)
-}
-
-fn request(service: &str, mode: Mode) -> ServiceRequest {
-    ServiceRequest {
-        service: Some(service.into()),
-        mode,
-        ..ServiceRequest::default()
-    }
+    fake_manager(CATALOG, ManagerConfig::default())
 }
 
 #[tokio::test]
@@ -558,14 +542,9 @@ mod lifecycle {
 
 #[tokio::test]
 async fn later_vms_are_cloned_from_the_template_the_first_request_started() {
-    let store = Arc::new(Store::open_in_memory().unwrap());
-    let backend = FakeBackend::new();
     let dir = tempfile::tempdir().unwrap();
-    let manager = Manager::new(
-        store.clone(),
-        Arc::new(backend.clone()),
-        Arc::new(NoImages),
-        Arc::new(Catalog::from_toml(CATALOG).unwrap()),
+    let (manager, backend, store) = fake_manager(
+        CATALOG,
         ManagerConfig {
             templates_dir: Some(dir.path().join("templates")),
             ..ManagerConfig::default()

@@ -5,15 +5,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hangar_core::lifecycle::{Action, Reason};
-use hangar_core::{Catalog, Mode, ServiceRequest, TierChoice, VmState};
+use hangar_core::{Mode, TierChoice, VmState};
 use hangar_store::Store;
 use hangar_vmm::fake::FakeBackend;
 use hangar_vmm::{ArchiveTier, Hypervisor};
 
 use crate::error::ApiError;
-use crate::images::NoImages;
 use crate::manager::{Manager, ManagerConfig, Served};
 use crate::policy::{PolicyChange, PolicySource};
+use crate::test_support::*;
 
 const CATALOG: &str = r#"
 [service.web]
@@ -46,28 +46,11 @@ checks = [{ tcp = { port = "sql" } }]
 "#;
 
 fn setup_with(config: ManagerConfig) -> (Arc<Manager>, FakeBackend, Arc<Store>) {
-    let store = Arc::new(Store::open_in_memory().unwrap());
-    let backend = FakeBackend::new();
-    let manager = Manager::new(
-        store.clone(),
-        Arc::new(backend.clone()),
-        Arc::new(NoImages),
-        Arc::new(Catalog::from_toml(CATALOG).unwrap()),
-        config,
-    );
-    (manager, backend, store)
+    fake_manager(CATALOG, config)
 }
 
 fn setup() -> (Arc<Manager>, FakeBackend, Arc<Store>) {
     setup_with(ManagerConfig::default())
-}
-
-fn request(service: &str, mode: Mode) -> ServiceRequest {
-    ServiceRequest {
-        service: Some(service.into()),
-        mode,
-        ..ServiceRequest::default()
-    }
 }
 
 fn state(store: &Store, id: &str) -> VmState {
@@ -325,11 +308,10 @@ async fn run_time_policies_are_checked_kept_and_reset() {
     ));
 
     // Kept in the store: a new manager over it sees them.
-    let again = Manager::new(
+    let again = manager_on(
         store.clone(),
-        Arc::new(FakeBackend::new()),
-        Arc::new(NoImages),
-        Arc::new(Catalog::from_toml(CATALOG).unwrap()),
+        FakeBackend::new(),
+        CATALOG,
         ManagerConfig::default(),
     );
     let (db, source) = again.policies().unwrap()["db"];

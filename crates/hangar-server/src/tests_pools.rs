@@ -5,13 +5,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hangar_core::matching::{MachineRequest, MemoryRange, OsRequirement};
-use hangar_core::{Catalog, Mode, ServiceRequest, VmState};
+use hangar_core::{Mode, ServiceRequest, VmState};
 use hangar_store::Store;
 use hangar_vmm::Hypervisor;
 use hangar_vmm::fake::FakeBackend;
 
-use crate::images::NoImages;
 use crate::manager::{Manager, ManagerConfig, Served};
+use crate::test_support::*;
 
 const CATALOG: &str = r#"
 [service.web]
@@ -53,20 +53,14 @@ max = 1
 "#;
 
 fn setup(pool_memory_mib: u64) -> (Arc<Manager>, FakeBackend, Arc<Store>) {
-    let store = Arc::new(Store::open_in_memory().unwrap());
-    let backend = FakeBackend::new();
-    let manager = Manager::new(
-        store.clone(),
-        Arc::new(backend.clone()),
-        Arc::new(NoImages),
-        Arc::new(Catalog::from_toml(CATALOG).unwrap()),
+    fake_manager(
+        CATALOG,
         ManagerConfig {
             pool_memory_mib,
             dns_domain: Some("vms.test".into()),
             ..ManagerConfig::default()
         },
-    );
-    (manager, backend, store)
+    )
 }
 
 /// Runs pool rounds until every pool holds its target, or fails after a while.
@@ -392,11 +386,10 @@ async fn a_service_without_a_catalog_pool_gets_one_at_run_time() {
     // It serves requests as a catalog pool does, and is kept across restarts.
     let grant = manager.request(dedicated("db")).await.unwrap();
     assert_eq!(grant.served, Served::Exact);
-    let restarted = Manager::new(
+    let restarted = manager_on(
         store.clone(),
-        Arc::new(FakeBackend::new()),
-        Arc::new(NoImages),
-        Arc::new(Catalog::from_toml(CATALOG).unwrap()),
+        FakeBackend::new(),
+        CATALOG,
         ManagerConfig::default(),
     );
     assert!(
