@@ -11,10 +11,26 @@ use crate::error::{ApiError, error_chain};
 use crate::manager::*;
 
 impl Manager {
-    /// A VM whose process vanished: free its files, record the failure.
+    /// A VM whose process vanished: free its files, record the failure. Not while an
+    /// operation on the VM is in flight: an archive ends its process and a wake starts a
+    /// new one on purpose (the store says active until the archive is complete), so the VM
+    /// is judged again, under its operation lock, once nothing is in flight.
     pub(crate) async fn mark_crashed(&self, id: &str) {
-        self.discard(id, "the VM's QEMU process exited unexpectedly")
-            .await;
+        let lock = self.vm_op_lock(id);
+        let Ok(_guard) = lock.try_lock() else {
+            tracing::debug!(vm = %id, "process gone during an operation; judged later");
+            return;
+        };
+        let still_live = self.store.vm(id).ok().flatten().is_some_and(|vm| {
+            matches!(
+                vm.state,
+                VmState::Ready | VmState::Active | VmState::Sleeping
+            )
+        });
+        if still_live && matches!(self.hv.run_state(id).await, Ok(RunState::Gone)) {
+            self.discard(id, "the VM's QEMU process exited unexpectedly")
+                .await;
+        }
     }
 
     /// Compares the store with the processes that run and mends the difference:

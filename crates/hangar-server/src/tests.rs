@@ -307,6 +307,27 @@ async fn monitor_marks_crashed_vms_failed() {
     assert!(vm.error.unwrap().contains("exited unexpectedly"));
 }
 
+/// An archive ends the VM's process before the store says archived: the monitor must not
+/// take that for a crash (it once did, and destroyed the VM under the archive).
+#[tokio::test]
+async fn monitor_leaves_a_vm_alone_while_an_operation_holds_it() {
+    let (manager, backend, store) = setup();
+    let grant = manager.request(request("web", Mode::Shared)).await.unwrap();
+    let id = grant.vm.id.as_str();
+    let lock = manager.vm_op_lock(id);
+    let in_flight = lock.lock().await;
+    backend.crash(id);
+    manager.monitor_once().await;
+    assert_eq!(store.vm(id).unwrap().unwrap().state, VmState::Active);
+    // A shared request looking for a running VM does not judge it either.
+    let other = manager.request(request("web", Mode::Shared)).await.unwrap();
+    assert_ne!(other.vm.id, id);
+    assert_eq!(store.vm(id).unwrap().unwrap().state, VmState::Active);
+    drop(in_flight);
+    manager.monitor_once().await;
+    assert_eq!(store.vm(id).unwrap().unwrap().state, VmState::Failed);
+}
+
 pub(crate) mod http {
     use axum::body::Body;
     use axum::http::{Request, StatusCode};
