@@ -612,14 +612,20 @@ impl Manager {
             | VmState::Archived
             | VmState::Failed => {}
         }
+        self.tear_down(id).await?;
+        let vm = self.store.transition(id, VmState::Deleted, None)?;
+        tracing::info!(vm = %id, "vm deleted");
+        Ok(vm)
+    }
+
+    /// Ends a VM's process and frees its files and endpoints (its record is the caller's).
+    pub(crate) async fn tear_down(&self, id: &str) -> Result<(), ApiError> {
         self.agents.lock().expect("agents lock").remove(id);
         self.hv.destroy(id).await.map_err(|err| {
             ApiError::Internal(format!("cannot destroy VM {id}: {}", error_chain(&err)))
         })?;
         self.close_endpoints(id).await;
-        let vm = self.store.transition(id, VmState::Deleted, None)?;
-        tracing::info!(vm = %id, "vm deleted");
-        Ok(vm)
+        Ok(())
     }
 
     /// The control channel of a running VM.

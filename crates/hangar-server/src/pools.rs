@@ -314,8 +314,18 @@ impl Manager {
                 .collect();
             paused.sort_by_key(|vm| vm.created_at_ms);
             for vm in paused.into_iter().take(n as usize) {
+                // A request may have claimed it since the listing: only a VM still paused
+                // in its pool is taken out, in one step, and then torn down.
+                match self.store.retire_ready(&vm.id) {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    Err(err) => {
+                        tracing::warn!(vm = %vm.id, error = %err, "cannot retire pool vm");
+                        continue;
+                    }
+                }
                 tracing::info!(vm = %vm.id, pool = %pool, "removing a paused VM above the pool's target");
-                if let Err(err) = self.delete(&vm.id).await {
+                if let Err(err) = self.tear_down(&vm.id).await {
                     tracing::warn!(vm = %vm.id, error = %err, "cannot remove pool vm");
                 }
             }

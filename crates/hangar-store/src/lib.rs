@@ -273,6 +273,18 @@ impl Store {
         )
     }
 
+    /// Takes a paused pool VM out of its pool for removal: `ready` → `deleted` in one step,
+    /// only if it is still ready (a request may have claimed it since it was listed).
+    /// Returns whether it was.
+    pub fn retire_ready(&self, id: &str) -> Result<bool, StoreError> {
+        let changed = self.conn().execute(
+            "UPDATE vms SET state = 'deleted', updated_at_ms = ?2, state_since_ms = ?2
+             WHERE id = ?1 AND state = 'ready'",
+            params![id, now_ms()],
+        )?;
+        Ok(changed == 1)
+    }
+
     /// Claims a paused pool VM for a request: `ready` → `active`, out of its pool, with the
     /// given sharing mode and environment. Fails with a transition error when another
     /// request claimed it first.

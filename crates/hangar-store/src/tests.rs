@@ -210,6 +210,27 @@ fn claiming_a_pool_vm_happens_once() {
     assert!(matches!(again, StoreError::Transition(_)), "{again}");
 }
 
+/// The pool loop removes a paused VM above target while a request may claim it: whichever
+/// comes first wins, and the other sees it is too late.
+#[test]
+fn a_pool_vm_is_either_claimed_or_retired() {
+    let store = Store::open_in_memory().unwrap();
+    for id in ["vm-a", "vm-b"] {
+        let mut pooled = vm(id, "web", Mode::Dedicated, VmState::Ready);
+        pooled.pool = Some("web".into());
+        store.insert_vm(&pooled).unwrap();
+    }
+    // Claimed first: not retired, still active.
+    store.claim("vm-a", Mode::Shared, &BTreeMap::new()).unwrap();
+    assert!(!store.retire_ready("vm-a").unwrap());
+    assert_eq!(store.vm("vm-a").unwrap().unwrap().state, VmState::Active);
+    // Retired first: deleted, and a claim fails.
+    assert!(store.retire_ready("vm-b").unwrap());
+    assert_eq!(store.vm("vm-b").unwrap().unwrap().state, VmState::Deleted);
+    assert!(store.claim("vm-b", Mode::Shared, &BTreeMap::new()).is_err());
+    assert!(!store.retire_ready("vm-b").unwrap());
+}
+
 #[test]
 fn pool_bounds_override() {
     let store = Store::open_in_memory().unwrap();

@@ -289,7 +289,8 @@ async fn measure_all(
         templates: false,
     };
     eprintln!("starting a hangar server for the benchmark...");
-    let server = BenchServer::start(&options).map_err(failed)?;
+    let mut server = BenchServer::start(&options).map_err(failed)?;
+    server.keep_log_in(&args.out);
     let mut lv = match &daemons {
         Some(_) => Some(
             libvirt::Libvirt::new(libvirt_guest(args, &options, accel).await.map_err(failed)?)
@@ -559,21 +560,7 @@ async fn measure_all(
         "shared".into(),
         serde_json::to_value(&shared).expect("serializable"),
     );
-    // The server's log, to explain outliers (its data dir goes with it).
-    std::fs::create_dir_all(&args.out)
-        .and_then(|()| {
-            std::fs::copy(
-                server.data_dir().join("server.log"),
-                args.out.join("server.log"),
-            )
-        })
-        .map_err(|err| {
-            failed(format!(
-                "keeping the server log in {}: {err}",
-                args.out.display()
-            ))
-        })?;
-    drop(server);
+    drop(server); // its log goes to args.out
 
     // Placement, pure CPU.
     eprintln!("placement decisions...");

@@ -44,6 +44,8 @@ impl ServerOptions {
 pub struct BenchServer {
     child: Child,
     data_dir: tempfile::TempDir,
+    /// Where the server's log is copied when it stops (see [`BenchServer::keep_log_in`]).
+    keep_log: Option<PathBuf>,
     pub url: String,
     pub client: Client,
 }
@@ -52,6 +54,14 @@ impl Drop for BenchServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(dir) = &self.keep_log {
+            let kept = std::fs::create_dir_all(dir).and_then(|()| {
+                std::fs::copy(self.data_dir().join("server.log"), dir.join("server.log"))
+            });
+            if let Err(err) = kept {
+                eprintln!("cannot keep the server log in {}: {err}", dir.display());
+            }
+        }
         // The server leaves VMs and its forwarder running by design; this benchmark's are
         // stopped here.
         let forwarder = hangar_forward::ForwarderPaths::new(self.data_dir.path()).running_pid();
@@ -71,6 +81,12 @@ impl Drop for BenchServer {
 }
 
 impl BenchServer {
+    /// Keeps the server's log in `dir` when the server stops, whether the benchmark
+    /// finished or failed: it explains outliers and failures, and the data dir goes.
+    pub fn keep_log_in(&mut self, dir: &Path) {
+        self.keep_log = Some(dir.to_owned());
+    }
+
     /// Starts `hangar server` (this executable) on a free port in a temporary data dir
     /// whose `cache` links to the shared cache, and waits until it answers.
     pub fn start(options: &ServerOptions) -> Result<BenchServer, String> {
@@ -117,6 +133,7 @@ impl BenchServer {
         let mut server = BenchServer {
             child,
             data_dir,
+            keep_log: None,
             client: Client::new(&url),
             url,
         };
