@@ -171,12 +171,8 @@ impl Manager {
                 VmState::Ready | VmState::Active | VmState::Sleeping
             ) && matches!(self.hv.run_state(&vm.id).await, Ok(RunState::Gone))
             {
-                // The state may have moved on while we looked (a delete in flight).
-                if let Ok(Some(now)) = self.store.vm(&vm.id)
-                    && now.state == vm.state
-                {
-                    self.mark_crashed(&vm.id).await;
-                }
+                // Judged again under the VM's lock: the state may have moved on meanwhile.
+                self.mark_crashed(&vm.id).await;
             }
         }
     }

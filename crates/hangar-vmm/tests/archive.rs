@@ -6,7 +6,6 @@
 mod common;
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hangar_proto::Identity;
@@ -19,17 +18,8 @@ use common::*;
 fn archive_and_restore_keep_memory_and_disk_in_both_tiers() {
     let _serial = serial();
     let guest = guest();
-    // Short paths: unix socket addresses hold at most 107 bytes.
-    let tmp = tempfile::Builder::new()
-        .prefix("hga")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let vms_dir = tmp.path().join("vms");
-    let _cleanup = Cleanup {
-        vms_dir: vms_dir.clone(),
-        mounted: false,
-    };
-    let backend = Arc::new(QemuBackend::new(QemuConfig::new(vms_dir, Accel::Tcg)));
+    let rig = rig("hga");
+    let backend = rig.backend.clone();
     let port = free_port();
     let spec = spec("ctr", &guest, port);
     let id = spec.id.as_str();
@@ -239,16 +229,8 @@ async fn whoami(launched: &Launched) -> (String, String, String) {
 fn clones_of_a_template_resume_where_it_was_with_their_own_identity_ports_and_disk() {
     let _serial = serial();
     let guest = guest();
-    let tmp = tempfile::Builder::new()
-        .prefix("hgt")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let vms_dir = tmp.path().join("vms");
-    let _cleanup = Cleanup {
-        vms_dir: vms_dir.clone(),
-        mounted: false,
-    };
-    let backend = Arc::new(QemuBackend::new(QemuConfig::new(vms_dir, Accel::Tcg)));
+    let rig = rig("hgt");
+    let (tmp, backend) = (&rig.tmp, rig.backend.clone());
     let template_port = free_port();
     let template_dir = tmp.path().join("templates").join("counter");
 

@@ -9,12 +9,11 @@ mod common;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Instant;
 
 use hangar_vmm::delta::{self, TemplateIndex};
-use hangar_vmm::qemu::{QemuBackend, QemuConfig};
-use hangar_vmm::{Accel, ArchiveTier, Hypervisor};
+use hangar_vmm::qemu::QemuBackend;
+use hangar_vmm::{ArchiveTier, Hypervisor};
 
 use common::*;
 
@@ -67,17 +66,8 @@ fn mb(bytes: u64) -> String {
 fn a_clone_is_stored_as_a_small_delta_of_its_template() {
     let _serial = serial();
     let guest = guest();
-    // Short paths: unix socket addresses hold at most 107 bytes.
-    let tmp = tempfile::Builder::new()
-        .prefix("hgd")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let vms_dir = tmp.path().join("vms");
-    let _cleanup = Cleanup {
-        vms_dir: vms_dir.clone(),
-        mounted: false,
-    };
-    let backend = Arc::new(QemuBackend::new(QemuConfig::new(vms_dir, Accel::Tcg)));
+    let rig = rig("hgd");
+    let (tmp, backend) = (&rig.tmp, rig.backend.clone());
     let port = free_port();
     let spec = spec("ctr", &guest, port);
     let id = spec.id.as_str();

@@ -9,13 +9,13 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use hangar_image::{AssetSources, ImageFile, ensure_busybox_image, ensure_guest_assets};
 use hangar_proto::{GuestConfig, Identity, NetworkConfig, RootConfig, ServiceCommand};
-use hangar_vmm::qemu::QemuBackend;
-use hangar_vmm::{Hypervisor, Launched, PortForward, VmSpec, procs, usernet};
+use hangar_vmm::qemu::{QemuBackend, QemuConfig};
+use hangar_vmm::{Accel, Hypervisor, Launched, PortForward, VmSpec, procs, usernet};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub const COUNTER_CGI: &str = r#"#!/bin/sh
@@ -268,4 +268,29 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .unwrap()
+}
+
+/// A QEMU backend whose VMs live in a short temporary dir (unix socket addresses hold at
+/// most 107 bytes), with the guard that ends them. Fields drop in order: the VMs end
+/// before their dir goes.
+pub struct Rig {
+    _cleanup: Cleanup,
+    pub backend: Arc<QemuBackend>,
+    pub tmp: tempfile::TempDir,
+}
+
+pub fn rig(prefix: &str) -> Rig {
+    let tmp = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in("/tmp")
+        .unwrap();
+    let vms_dir = tmp.path().join("vms");
+    Rig {
+        _cleanup: Cleanup {
+            vms_dir: vms_dir.clone(),
+            mounted: false,
+        },
+        backend: Arc::new(QemuBackend::new(QemuConfig::new(vms_dir, Accel::Tcg))),
+        tmp,
+    }
 }
