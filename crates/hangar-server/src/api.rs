@@ -278,7 +278,7 @@ impl From<Grant> for GrantView {
 /// Service templates on disk: VMs snapshotted at their ready state, cloned for new VMs.
 #[utoipa::path(get, path = "/v1/templates", responses((status = 200, body = [TemplateView])))]
 async fn list_templates(State(manager): State<Arc<Manager>>) -> Json<Vec<TemplateView>> {
-    Json(manager.templates())
+    Json(manager.templates().await)
 }
 
 #[utoipa::path(get, path = "/v1/pools", responses((status = 200, body = [PoolView])))]
@@ -514,11 +514,11 @@ pub struct ArchiveBody {
     /// cloned from; a VM not cloned from one is archived with `zstd`).
     #[serde(default = "default_tier")]
     #[schema(value_type = String)]
-    pub tier: hangar_vmm::ArchiveTier,
+    pub tier: hangar_host::ArchiveTier,
 }
 
-fn default_tier() -> hangar_vmm::ArchiveTier {
-    hangar_vmm::ArchiveTier::Zstd
+fn default_tier() -> hangar_host::ArchiveTier {
+    hangar_host::ArchiveTier::Zstd
 }
 
 /// Write an active or sleeping VM's memory to disk and end its process.
