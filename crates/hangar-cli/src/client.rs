@@ -21,7 +21,7 @@ pub enum ClientError {
     Reply(String),
     /// The command line asked for something malformed.
     Usage(String),
-    /// A local step failed (benchmarks: set-up, measuring, writing the report).
+    /// A local step failed (e.g. `hangar bench` could not run `hangar-bench`).
     Failed(String),
 }
 
@@ -85,24 +85,6 @@ impl Client {
         body: &serde_json::Value,
     ) -> Result<T, ClientError> {
         self.send(self.http.post(self.url(path)).json(body)).await
-    }
-
-    /// A POST whose answer also carries the server's `Server-Timing` header (empty if none).
-    pub async fn post_timed<T: DeserializeOwned>(
-        &self,
-        path: &str,
-        body: &serde_json::Value,
-    ) -> Result<(T, String), ClientError> {
-        self.send_with_headers(self.http.post(self.url(path)).json(body))
-            .await
-            .map(|(value, headers)| {
-                let timing = headers
-                    .get("server-timing")
-                    .and_then(|value| value.to_str().ok())
-                    .unwrap_or_default()
-                    .to_owned();
-                (value, timing)
-            })
     }
 
     pub async fn put<T: DeserializeOwned>(
