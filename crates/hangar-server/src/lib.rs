@@ -316,6 +316,9 @@ mod test_support;
 mod tests;
 
 #[cfg(test)]
+mod tests_api;
+
+#[cfg(test)]
 mod tests_pools;
 
 #[cfg(test)]
