@@ -1,5 +1,6 @@
 //! The REST API under `/v1`. Handlers parse, validate and call the service manager; they
-//! hold no business logic. Every error answer is JSON (see [`crate::error`]).
+//! hold no business logic. Every error answer is JSON (see [`error`], the one mapping
+//! from errors to HTTP statuses).
 
 use std::sync::Arc;
 
@@ -15,10 +16,13 @@ use hangar_core::{Mode, ReadySpec, ServiceRequest, VmState};
 use hangar_store::{TaskRecord, TaskState, VmRecord};
 use utoipa::OpenApi;
 
-use crate::error::{ApiError, ErrorBody};
-use crate::manager::{Grant, Manager, Served};
-use crate::policy::{BudgetView, PoliciesView, PolicyChange, PolicySource, PolicyView};
+pub mod error;
+
+use crate::api::error::{ApiError, ErrorBody};
+use crate::lifecycle::policy::{BudgetView, PoliciesView, PolicyChange, PolicySource, PolicyView};
+use crate::manager::Manager;
 use crate::pools::PoolView;
+use crate::requests::{Grant, Served};
 use crate::templates::TemplateView;
 
 #[derive(OpenApi)]
@@ -51,7 +55,7 @@ use crate::templates::TemplateView;
         ErrorBody,
         ImageBody,
         BuildView,
-        crate::image_policy::ImagesView,
+        crate::images::policy::ImagesView,
         crate::images::ImageView,
         crate::images::LayerView,
         SettingView,
@@ -365,7 +369,7 @@ async fn archive_vm(
             .map_err(|err| ApiError::BadRequest(format!("invalid request body: {err}")))?
     };
     let (vm, _) = manager
-        .archive(&id, crate::policy::archive_tier(body.tier).0)
+        .archive(&id, crate::lifecycle::policy::archive_tier(body.tier).0)
         .await?;
     Ok(Json(view(&manager, vm)))
 }
@@ -505,10 +509,10 @@ fn image_request(body: ImageBody) -> Result<ServiceRequest, ApiError> {
 }
 
 /// Images of every viable service × environment, and the cached layers they share.
-#[utoipa::path(get, path = "/v1/images", responses((status = 200, body = crate::image_policy::ImagesView)))]
+#[utoipa::path(get, path = "/v1/images", responses((status = 200, body = crate::images::policy::ImagesView)))]
 async fn list_images(
     State(manager): State<Arc<Manager>>,
-) -> Result<Json<crate::image_policy::ImagesView>, ApiError> {
+) -> Result<Json<crate::images::policy::ImagesView>, ApiError> {
     Ok(Json(manager.images()?))
 }
 
