@@ -319,6 +319,9 @@ mod tests;
 mod tests_api;
 
 #[cfg(test)]
+mod tests_client;
+
+#[cfg(test)]
 mod tests_pools;
 
 #[cfg(test)]
