@@ -11,8 +11,9 @@ use hangar_core::VmState;
 use hangar_host::{ArchiveFacts, ArchiveTier, HostError, LaunchRecord, WakeFrom};
 use hangar_store::VmRecord;
 
-use crate::error::{ApiError, error_chain};
-use crate::manager::{Manager, ReconcileReport, Stages};
+use crate::api::error::{ApiError, error_chain};
+use crate::manager::{Manager, ReconcileReport};
+use crate::requests::Stages;
 
 impl Manager {
     fn vm_or_404(&self, id: &str) -> Result<VmRecord, ApiError> {
@@ -228,5 +229,39 @@ impl Manager {
                 report.failed.push(vm.id.clone());
             }
         }
+    }
+
+    /// Deletes a VM: its process and files, then its state. Idempotent for deleted VMs.
+    pub async fn delete(&self, id: &str) -> Result<VmRecord, ApiError> {
+        let vm = self.store.vm(id)?.ok_or_else(|| ApiError::NotFound {
+            message: format!("no VM {id}"),
+            alternatives: Vec::new(),
+        })?;
+        match vm.state {
+            VmState::Deleted => return Ok(vm),
+            VmState::Creating | VmState::Booting => {
+                return Err(ApiError::Conflict(format!(
+                    "VM {id} is still being created; delete it once its task ends"
+                )));
+            }
+            VmState::Ready
+            | VmState::Active
+            | VmState::Sleeping
+            | VmState::Archived
+            | VmState::Failed => {}
+        }
+        self.tear_down(id).await?;
+        let vm = self.store.transition(id, VmState::Deleted, None)?;
+        tracing::info!(vm = %id, "vm deleted");
+        Ok(vm)
+    }
+
+    /// Ends a VM's process and frees its files and endpoints (its record is the caller's).
+    pub(crate) async fn tear_down(&self, id: &str) -> Result<(), ApiError> {
+        self.host.destroy(id).await.map_err(|err| {
+            ApiError::Internal(format!("cannot destroy VM {id}: {}", error_chain(&err)))
+        })?;
+        self.close_endpoints(id).await;
+        Ok(())
     }
 }

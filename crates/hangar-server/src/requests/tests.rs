@@ -9,8 +9,9 @@ use hangar_store::{Store, TaskState};
 use hangar_vmm::Hypervisor;
 use hangar_vmm::fake::FakeBackend;
 
-use crate::error::ApiError;
-use crate::manager::{Manager, ManagerConfig, Served};
+use crate::api::error::ApiError;
+use crate::manager::{Manager, ManagerConfig};
+use crate::requests::Served;
 use crate::test_support::*;
 
 const CATALOG: &str = r#"
@@ -469,7 +470,7 @@ mod lifecycle {
         // A sleeping VM resumes as it was paused, serving: no ready check.
         let (vm, stages) = manager.wake_timed(id).await.unwrap();
         assert_eq!(vm.state, VmState::Active);
-        let names = |stages: &crate::manager::Stages| -> Vec<&str> {
+        let names = |stages: &crate::requests::Stages| -> Vec<&str> {
             stages.0.iter().map(|(name, _)| *name).collect()
         };
         assert_eq!(names(&stages), ["resume", "identity"]);
