@@ -64,6 +64,8 @@ pub struct Manager {
     pub(crate) store: Arc<Store>,
     /// The host VMs run on (single-node mode: the local host).
     pub(crate) host: Arc<dyn Host>,
+    /// The hosts new VMs are placed on.
+    pub(crate) scheduler: crate::scheduler::Scheduler,
     pub(crate) images: Arc<dyn ImageSource>,
     pub(crate) catalog: Arc<Catalog>,
     pub(crate) config: ManagerConfig,
@@ -106,6 +108,7 @@ impl Manager {
     ) -> Arc<Manager> {
         Arc::new(Manager {
             store,
+            scheduler: crate::scheduler::Scheduler::new(vec![host.clone()]),
             host,
             images,
             catalog,

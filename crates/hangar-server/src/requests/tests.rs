@@ -229,7 +229,7 @@ async fn delete_frees_the_vm_and_is_idempotent() {
     );
     assert!(matches!(
         manager.delete("vm-nope").await,
-        Err(ApiError::NotFound { .. })
+        Err(crate::lifecycle::ops::LifecycleError::NoVm(_))
     ));
     // A new shared request makes a new VM.
     assert_ne!(
