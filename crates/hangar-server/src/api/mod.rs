@@ -701,3 +701,6 @@ fn bytes_of(buf: Vec<u8>) -> axum::body::Bytes {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod client_tests;
