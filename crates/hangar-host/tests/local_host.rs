@@ -180,7 +180,10 @@ async fn a_template_is_made_then_cloned_and_a_restarted_host_adopts() {
     let held = host.templates(&[web()]).await.unwrap();
     assert_eq!(held.len(), 1);
     assert!(held[0].current);
-    assert_eq!(host.facts().await.unwrap().templates, [template.id.clone()]);
+    assert_eq!(
+        host.facts().await.unwrap().templates,
+        vec![template.id.clone()]
+    );
 
     let plan_c = plan("vm-c", Purpose::Request);
     let prepared = host.prepare_vm(&plan_c, progress.clone()).await.unwrap();
