@@ -464,7 +464,8 @@ async fn list_vms(
     Ok(Json(
         manager
             .store()
-            .vms(query.all)?
+            .vms(query.all)
+            .await?
             .into_iter()
             .map(|vm| view(&manager, vm))
             .collect(),
@@ -476,10 +477,14 @@ async fn get_vm(
     State(manager): State<Arc<Manager>>,
     Path(id): Path<String>,
 ) -> Result<Json<VmView>, ApiError> {
-    let vm = manager.store().vm(&id)?.ok_or_else(|| ApiError::NotFound {
-        message: format!("no VM {id}"),
-        alternatives: Vec::new(),
-    })?;
+    let vm = manager
+        .store()
+        .vm(&id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound {
+            message: format!("no VM {id}"),
+            alternatives: Vec::new(),
+        })?;
     Ok(Json(view(&manager, vm)))
 }
 
@@ -682,7 +687,8 @@ async fn list_tasks(State(manager): State<Arc<Manager>>) -> Result<Json<Vec<Task
     Ok(Json(
         manager
             .store()
-            .tasks(100)?
+            .tasks(100)
+            .await?
             .into_iter()
             .map(TaskView::from)
             .collect(),
@@ -696,7 +702,8 @@ async fn get_task(
 ) -> Result<Json<TaskView>, ApiError> {
     let task = manager
         .store()
-        .task(&id)?
+        .task(&id)
+        .await?
         .ok_or_else(|| ApiError::NotFound {
             message: format!("no task {id}"),
             alternatives: Vec::new(),

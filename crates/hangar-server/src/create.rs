@@ -1,6 +1,7 @@
 //! Making VMs: creation tasks, launch, configuration through hangar-init, the ready
 //! criterion, and discarding VMs that fail on the way.
 
+use crate::store_wait::Wait;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -28,29 +29,31 @@ impl Manager {
     ) -> Result<String, ApiError> {
         let task_id = TaskId::generate().to_string();
         let now = now_ms();
-        self.store.insert_task(&TaskRecord {
-            id: task_id.clone(),
-            kind: if make.template {
-                "build_template"
-            } else if make.pool.is_some() {
-                "fill_pool"
-            } else {
-                "create_vm"
-            }
-            .into(),
-            service: make
-                .service
-                .as_ref()
-                .map(|s| s.name.clone())
-                .or_else(|| make.pool.clone()),
-            vm_id: None,
-            state: TaskState::Running,
-            stage: "queued".into(),
-            percent: 0,
-            error: None,
-            created_at_ms: now,
-            updated_at_ms: now,
-        })?;
+        self.store
+            .insert_task(&TaskRecord {
+                id: task_id.clone(),
+                kind: if make.template {
+                    "build_template"
+                } else if make.pool.is_some() {
+                    "fill_pool"
+                } else {
+                    "create_vm"
+                }
+                .into(),
+                service: make
+                    .service
+                    .as_ref()
+                    .map(|s| s.name.clone())
+                    .or_else(|| make.pool.clone()),
+                vm_id: None,
+                state: TaskState::Running,
+                stage: "queued".into(),
+                percent: 0,
+                error: None,
+                created_at_ms: now,
+                updated_at_ms: now,
+            })
+            .wait()?;
         let (tx, rx) = watch::channel(None);
         self.outcomes
             .lock()
@@ -64,7 +67,11 @@ impl Manager {
                 Ok(_) => (TaskState::Succeeded, "done", None),
                 Err(message) => (TaskState::Failed, "failed", Some(message.as_str())),
             };
-            if let Err(err) = manager.store.update_task(&id, state, stage, 100, error) {
+            if let Err(err) = manager
+                .store
+                .update_task(&id, state, stage, 100, error)
+                .await
+            {
                 tracing::warn!(task = %id, error = %err, "cannot record task outcome");
             }
             tx.send_replace(Some(result));
@@ -95,13 +102,16 @@ impl Manager {
         Arc::new(move |stage: &str, percent: u8| {
             let scaled =
                 from as u32 + (to.saturating_sub(from) as u32 * percent.min(100) as u32) / 100;
-            if let Err(err) = store.update_task(
-                &task,
-                TaskState::Running,
-                &format!("image: {stage}"),
-                scaled as u8,
-                None,
-            ) {
+            if let Err(err) = store
+                .update_task(
+                    &task,
+                    TaskState::Running,
+                    &format!("image: {stage}"),
+                    scaled as u8,
+                    None,
+                )
+                .wait()
+            {
                 tracing::warn!(task = %task, error = %err, "cannot record build progress");
             }
         })
@@ -111,6 +121,7 @@ impl Manager {
         if let Err(err) = self
             .store
             .update_task(task, TaskState::Running, stage, percent, None)
+            .wait()
         {
             tracing::warn!(task, error = %err, "cannot record task progress");
         }
@@ -204,12 +215,13 @@ impl Manager {
                 pool: make.pool.clone(),
                 os,
             })
+            .await
             .map_err(|err| error_chain(&err));
         if let Err(err) = inserted {
             self.close_endpoints(&vm_id).await;
             return Err(err);
         }
-        if let Err(err) = self.store.set_task_vm(task, &vm_id) {
+        if let Err(err) = self.store.set_task_vm(task, &vm_id).await {
             tracing::warn!(task, error = %err, "cannot link task to vm");
         }
         tracing::info!(vm = %vm_id, service = ?make.service.as_ref().map(|s| &s.name), pool = ?make.pool, task, "creating vm");
@@ -241,6 +253,7 @@ impl Manager {
     ) -> Result<VmRecord, String> {
         self.store
             .transition(vm_id, VmState::Booting, None)
+            .await
             .map_err(|err| error_chain(&err))?;
         // A clone of the service's template when there is one: restored at its ready
         // state instead of booted. Requests with settings (env) are configured at boot.
@@ -261,6 +274,7 @@ impl Manager {
                 let json = serde_json::to_value(&cloned).map_err(|err| err.to_string())?;
                 self.store
                     .set_launch(vm_id, launched.pid, &json)
+                    .await
                     .map_err(|err| error_chain(&err))?;
                 launched
             }
@@ -273,6 +287,7 @@ impl Manager {
                     .map_err(|err| error_chain(&err))?;
                 self.store
                     .set_launch(vm_id, launched.pid, spec_json)
+                    .await
                     .map_err(|err| error_chain(&err))?;
                 launched
             }
@@ -345,6 +360,7 @@ impl Manager {
         let boot_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.store
             .set_boot_ms(vm_id, boot_ms)
+            .await
             .map_err(|err| error_chain(&err))?;
         let vm = if make.pool.is_some() {
             if !spec.pre_os {
@@ -358,10 +374,12 @@ impl Manager {
             }
             self.store
                 .transition(vm_id, VmState::Ready, None)
+                .await
                 .map_err(|err| error_chain(&err))?
         } else {
             self.store
                 .transition(vm_id, VmState::Active, None)
+                .await
                 .map_err(|err| error_chain(&err))?
         };
         tracing::info!(vm = %vm_id, state = %vm.state, boot_ms, "vm ready");
@@ -424,8 +442,11 @@ impl Manager {
             tracing::warn!(vm = %vm_id, error = %error_chain(&err), "cannot destroy failed vm");
         }
         self.close_endpoints(vm_id).await;
-        if let Ok(Some(_)) = self.store.vm(vm_id)
-            && let Err(err) = self.store.transition(vm_id, VmState::Failed, Some(reason))
+        if let Ok(Some(_)) = self.store.vm(vm_id).await
+            && let Err(err) = self
+                .store
+                .transition(vm_id, VmState::Failed, Some(reason))
+                .await
         {
             tracing::warn!(vm = %vm_id, error = %err, "cannot mark vm failed");
         }

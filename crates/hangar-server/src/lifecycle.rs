@@ -3,6 +3,7 @@
 //! identity (and, restored from an archive, its ready criterion checked). One operation at
 //! a time per VM.
 
+use crate::store_wait::Wait;
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,7 +20,8 @@ use crate::manager::{Manager, ReconcileReport, Stages};
 impl Manager {
     fn vm_or_404(&self, id: &str) -> Result<VmRecord, ApiError> {
         self.store
-            .vm(id)?
+            .vm(id)
+            .wait()?
             .filter(|vm| vm.state != VmState::Deleted)
             .ok_or_else(|| ApiError::NotFound {
                 message: format!("no VM {id}"),
@@ -64,7 +66,7 @@ impl Manager {
                 error_chain(&err)
             )));
         }
-        let vm = self.store.transition(id, VmState::Sleeping, None)?;
+        let vm = self.store.transition(id, VmState::Sleeping, None).await?;
         tracing::info!(vm = %id, "vm sleeping");
         Ok(vm)
     }
@@ -110,7 +112,7 @@ impl Manager {
             }
         };
         self.agents.lock().expect("agents lock").remove(id);
-        let vm = self.store.transition(id, VmState::Archived, None)?;
+        let vm = self.store.transition(id, VmState::Archived, None).await?;
         tracing::info!(vm = %id, tier = %tier, size = info.size_bytes, took_ms = info.took_ms, "vm archived");
         Ok((vm, info))
     }
@@ -151,7 +153,7 @@ impl Manager {
                     .lock()
                     .expect("agents lock")
                     .insert(id.to_owned(), launched.agent);
-                self.store.set_launch(id, launched.pid, &vm.spec)?;
+                self.store.set_launch(id, launched.pid, &vm.spec).await?;
                 stages.mark("restore", started);
             }
             other => {
@@ -163,11 +165,14 @@ impl Manager {
         if let Err(reason) = self.finish_wake(&vm, &mut stages).await {
             // The VM runs but does not serve: leave it running for inspection, marked failed.
             let reason = format!("VM {id} woke but is not ready: {reason}");
-            let _ = self.store.transition(id, VmState::Failed, Some(&reason));
+            let _ = self
+                .store
+                .transition(id, VmState::Failed, Some(&reason))
+                .await;
             return Err(ApiError::Internal(reason));
         }
-        let vm = self.store.transition(id, VmState::Active, None)?;
-        self.store.touch(id)?;
+        let vm = self.store.transition(id, VmState::Active, None).await?;
+        self.store.touch(id).await?;
         self.set_endpoints_active(id, true).await;
         tracing::info!(vm = %id, timing = %stages.header(started.elapsed()), "vm woke");
         Ok((vm, stages))
@@ -202,7 +207,13 @@ impl Manager {
             .collect();
         for name in &vm.services {
             if let Some(service) = self.catalog.get(name) {
-                let pid = self.store.vm(&vm.id).ok().flatten().and_then(|v| v.pid);
+                let pid = self
+                    .store
+                    .vm(&vm.id)
+                    .await
+                    .ok()
+                    .flatten()
+                    .and_then(|v| v.pid);
                 self.wait_ready(&vm.id, pid, service, &service.ready, &endpoints, &agent)
                     .await?;
             }
@@ -252,7 +263,12 @@ impl Manager {
                         if matches!(self.hv.run_state(&vm.id).await, Ok(RunState::Paused)) {
                             let _ = self.hv.resume(&vm.id).await;
                         }
-                        if self.store.transition(&vm.id, VmState::Active, None).is_ok() {
+                        if self
+                            .store
+                            .transition(&vm.id, VmState::Active, None)
+                            .await
+                            .is_ok()
+                        {
                             live.insert(vm.id.clone());
                             report.adopted.push(vm.id.clone());
                         }

@@ -1,6 +1,7 @@
 //! The service manager: the request path of DESIGN.md (shared VM, else create), VM
 //! deletion, and reconciliation of the store with the running QEMU processes.
 
+use crate::store_wait::Wait;
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -162,7 +163,7 @@ pub(crate) struct MakeVm {
 pub(crate) type Outcome = Option<Result<VmRecord, String>>;
 
 pub struct Manager {
-    pub(crate) store: Arc<Store>,
+    pub(crate) store: Arc<dyn Store>,
     pub(crate) hv: Arc<dyn Hypervisor>,
     pub(crate) images: Arc<dyn ImageSource>,
     pub(crate) catalog: Arc<Catalog>,
@@ -200,7 +201,7 @@ pub struct ReconcileReport {
 
 impl Manager {
     pub fn new(
-        store: Arc<Store>,
+        store: Arc<dyn Store>,
         hv: Arc<dyn Hypervisor>,
         images: Arc<dyn ImageSource>,
         catalog: Arc<Catalog>,
@@ -235,8 +236,8 @@ impl Manager {
         &self.catalog
     }
 
-    pub fn store(&self) -> &Store {
-        &self.store
+    pub fn store(&self) -> &dyn Store {
+        self.store.as_ref()
     }
 
     /// The request path: validate; then a shared VM if one runs (shared mode), else the best
@@ -513,7 +514,7 @@ impl Manager {
         service: &str,
         env: &BTreeMap<String, String>,
     ) -> Result<Option<VmRecord>, ApiError> {
-        let mut candidates = self.store.shared_candidates(service, env)?;
+        let mut candidates = self.store.shared_candidates(service, env).await?;
         candidates.sort_by_key(|vm| vm.last_used_at_ms);
         for vm in candidates {
             match self.hv.run_state(&vm.id).await {
@@ -531,6 +532,7 @@ impl Manager {
         let mut dormant: Vec<VmRecord> = self
             .store
             .vms(false)
+            .await
             .ok()?
             .into_iter()
             .filter(|vm| {
@@ -562,7 +564,7 @@ impl Manager {
         sliced_to: Option<(u32, u32)>,
     ) -> Grant {
         let now = hangar_store::now_ms();
-        match self.store.set_last_used(&vm.id, now) {
+        match self.store.set_last_used(&vm.id, now).wait() {
             Ok(()) => vm.last_used_at_ms = vm.last_used_at_ms.max(now),
             Err(err) => tracing::warn!(vm = %vm.id, error = %err, "cannot record last use"),
         }
@@ -595,7 +597,7 @@ impl Manager {
 
     /// Deletes a VM: its process and files, then its state. Idempotent for deleted VMs.
     pub async fn delete(&self, id: &str) -> Result<VmRecord, ApiError> {
-        let vm = self.store.vm(id)?.ok_or_else(|| ApiError::NotFound {
+        let vm = self.store.vm(id).await?.ok_or_else(|| ApiError::NotFound {
             message: format!("no VM {id}"),
             alternatives: Vec::new(),
         })?;
@@ -613,7 +615,7 @@ impl Manager {
             | VmState::Failed => {}
         }
         self.tear_down(id).await?;
-        let vm = self.store.transition(id, VmState::Deleted, None)?;
+        let vm = self.store.transition(id, VmState::Deleted, None).await?;
         tracing::info!(vm = %id, "vm deleted");
         Ok(vm)
     }

@@ -196,6 +196,7 @@ impl Manager {
         let vm = self
             .store
             .transition(vm_id, VmState::Deleted, None)
+            .await
             .map_err(|err| error_chain(&err))?;
         let template = made.map_err(|err| error_chain(&err))?;
         tracing::info!(service = %service.name, dir = %dir.display(), size_bytes = template.size_bytes, took_ms = template.took_ms, "template made");
@@ -204,6 +205,7 @@ impl Manager {
         let in_use: std::collections::HashSet<String> = self
             .store
             .vms(false)
+            .await
             .map_err(|err| error_chain(&err))?
             .iter()
             .filter_map(|vm| vm.spec["template"].as_str().map(str::to_owned))

@@ -12,7 +12,7 @@ use crate::manager::{Manager, ManagerConfig};
 
 /// A manager on `store` and `backend` for `catalog` (TOML), with no image layers.
 pub(crate) fn manager_on(
-    store: Arc<Store>,
+    store: Arc<dyn Store>,
     backend: FakeBackend,
     catalog: &str,
     config: ManagerConfig,
@@ -30,8 +30,8 @@ pub(crate) fn manager_on(
 pub(crate) fn fake_manager(
     catalog: &str,
     config: ManagerConfig,
-) -> (Arc<Manager>, FakeBackend, Arc<Store>) {
-    let store = Arc::new(Store::open_in_memory().expect("in-memory store"));
+) -> (Arc<Manager>, FakeBackend, Arc<dyn Store>) {
+    let store = Arc::new(hangar_store::SqliteStore::open_in_memory().expect("in-memory store"));
     let backend = FakeBackend::new();
     let manager = manager_on(store.clone(), backend.clone(), catalog, config);
     (manager, backend, store)
