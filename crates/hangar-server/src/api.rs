@@ -1,16 +1,18 @@
 //! The REST API under `/v1`. Handlers parse, validate and call the service manager; they
 //! hold no business logic. Every error answer is JSON (see [`crate::error`]).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use hangar_api::{
+    ArchiveBody, ArchiveView, BuildView, GrantView, Health, ImageBody, PolicyBody, PoolBoundsBody,
+    PortView, ServiceView, SettingView, SliceView, TaskView, VmQuery, VmView,
+};
 use hangar_core::{Mode, ReadySpec, ServiceRequest, VmState};
 use hangar_store::{TaskRecord, TaskState, VmRecord};
-use serde::{Deserialize, Serialize};
 use utoipa::OpenApi;
 
 use crate::error::{ApiError, ErrorBody};
@@ -105,49 +107,11 @@ async fn openapi() -> impl IntoResponse {
     Json(ApiDoc::openapi())
 }
 
-#[derive(Serialize, utoipa::ToSchema)]
-pub struct Health {
-    status: &'static str,
-}
-
 #[utoipa::path(get, path = "/healthz", responses((status = 200, body = Health)))]
 async fn healthz() -> Json<Health> {
-    Json(Health { status: "ok" })
-}
-
-#[derive(Serialize, Deserialize, utoipa::ToSchema)]
-pub struct PortView {
-    pub name: String,
-    pub guest: u16,
-}
-
-/// A per-request setting of a service.
-#[derive(Serialize, Deserialize, utoipa::ToSchema)]
-pub struct SettingView {
-    pub description: String,
-    pub default: Option<String>,
-    pub required: bool,
-    pub secret: bool,
-}
-
-#[derive(Serialize, Deserialize, utoipa::ToSchema)]
-pub struct ServiceView {
-    pub name: String,
-    pub description: String,
-    /// The OS a request without `os` gets.
-    pub os: String,
-    /// The directory: every environment the service can be offered in (`os=NAME`).
-    pub environments: Vec<String>,
-    /// What it is made of, dependencies first (`kind:name`).
-    pub components: Vec<String>,
-    /// Per-request settings (`--env KEY=VALUE`).
-    pub settings: BTreeMap<String, SettingView>,
-    pub vcpus: u32,
-    pub memory_mib: u32,
-    pub ports: Vec<PortView>,
-    /// Ready criterion: every check must pass.
-    #[schema(value_type = Object)]
-    pub ready: serde_json::Value,
+    Json(Health {
+        status: "ok".into(),
+    })
 }
 
 #[utoipa::path(get, path = "/v1/services", responses((status = 200, body = [ServiceView])))]
@@ -208,47 +172,6 @@ async fn list_services(State(manager): State<Arc<Manager>>) -> Json<Vec<ServiceV
     )
 }
 
-/// The answer to a request: where the VM answers.
-#[derive(Serialize, Deserialize, utoipa::ToSchema)]
-pub struct GrantView {
-    pub vm: String,
-    pub service: String,
-    /// `HOST:PORT` of the service's first port: stable while the VM sleeps, is archived
-    /// and wakes; a connection to a VM that does not run wakes it.
-    pub endpoint: String,
-    /// Port name → stable `HOST:PORT`.
-    pub endpoints: BTreeMap<String, String>,
-    /// The VM's own port forward behind `endpoint`, answering only while the VM runs (for
-    /// measurement and debugging).
-    pub direct_endpoint: String,
-    /// Port name → direct `HOST:PORT`.
-    pub direct_endpoints: BTreeMap<String, String>,
-    /// `<vm>.<domain>`, when the server has a DNS domain.
-    pub dns_name: Option<String>,
-    pub state: VmState,
-    pub host: String,
-    pub mode: Mode,
-    /// How the request was served: `shared`, `exact`, `superset`, `partial` or `created`.
-    #[serde(rename = "match")]
-    pub served: Served,
-    /// An existing active VM answered (shared mode).
-    pub reused: bool,
-    pub vcpus: u32,
-    pub memory_mib: u32,
-    /// The size a superset VM was sliced to (`exact_size`).
-    pub sliced_to: Option<SliceView>,
-    /// The creation task, when a VM was made.
-    pub task: Option<String>,
-    /// Launch → ready of the VM.
-    pub boot_ms: Option<u64>,
-}
-
-#[derive(Serialize, Deserialize, utoipa::ToSchema)]
-pub struct SliceView {
-    pub vcpus: u32,
-    pub memory_mib: u32,
-}
-
 impl From<Grant> for GrantView {
     fn from(grant: Grant) -> GrantView {
         GrantView {
@@ -284,29 +207,6 @@ async fn list_templates(State(manager): State<Arc<Manager>>) -> Json<Vec<Templat
 #[utoipa::path(get, path = "/v1/pools", responses((status = 200, body = [PoolView])))]
 async fn list_pools(State(manager): State<Arc<Manager>>) -> Result<Json<Vec<PoolView>>, ApiError> {
     Ok(Json(manager.pool_views()?))
-}
-
-/// Changes to a pool; fields left out stay as they are.
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct PoolBoundsBody {
-    pub min: Option<u32>,
-    /// Raised to `min` when needed.
-    pub max: Option<u32>,
-    /// The ready criterion the pool's VMs must meet before they are paused (same form as a
-    /// service's `ready` in the catalog); `null` goes back to the service's.
-    #[serde(default, deserialize_with = "present")]
-    #[schema(value_type = Option<Object>)]
-    pub ready: Option<Option<hangar_core::ReadySpec>>,
-}
-
-/// Tells a field given as `null` (`Some(None)`) from one left out (`None`).
-fn present<'de, D, T>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    T: Deserialize<'de>,
-{
-    Option::<T>::deserialize(deserializer).map(Some)
 }
 
 #[utoipa::path(
@@ -352,84 +252,36 @@ async fn create_request(
     Ok(([("server-timing", timing)], Json(GrantView::from(grant))))
 }
 
-/// One row of the state table.
-#[derive(Serialize, Deserialize, utoipa::ToSchema)]
-pub struct VmView {
-    pub id: String,
-    pub host: String,
-    pub services: Vec<String>,
-    /// Port name → stable `HOST:PORT` (wakes the VM on connection).
-    pub endpoints: BTreeMap<String, String>,
-    /// Port name → the VM's own port forward (answers only while it runs).
-    pub direct_endpoints: BTreeMap<String, String>,
-    pub state: VmState,
-    pub mode: Mode,
-    pub owner: String,
-    pub env: BTreeMap<String, String>,
-    pub memory_mib: u32,
-    pub vcpus: u32,
-    /// The warm pool holding it, while it is paused there.
-    pub pool: Option<String>,
-    /// `NAME VERSION`; none for a hardware shell with no OS yet.
-    pub os: Option<String>,
-    pub pid: Option<u32>,
-    pub error: Option<String>,
-    /// The memory archive of an archived VM.
-    pub archive: Option<ArchiveView>,
-    /// RFC 3339.
-    pub created_at: String,
-    /// Last time it was granted, woken, or used through its endpoint (RFC 3339).
-    pub last_used_at: String,
-    /// Milliseconds since then.
-    pub idle_ms: u64,
-    /// When it entered its current state (RFC 3339).
-    pub state_since: String,
-    pub boot_ms: Option<u64>,
-}
-
 fn rfc3339(ms: u64) -> String {
     humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
         .to_string()
 }
 
-impl From<VmRecord> for VmView {
-    fn from(vm: VmRecord) -> VmView {
-        VmView {
-            id: vm.id,
-            host: vm.host,
-            services: vm.services,
-            endpoints: vm.endpoints,
-            direct_endpoints: vm.direct_endpoints,
-            state: vm.state,
-            mode: vm.mode,
-            owner: vm.owner,
-            env: vm.env,
-            memory_mib: vm.memory_mib,
-            vcpus: vm.vcpus,
-            pool: vm.pool,
-            os: vm.os.map(|(name, version)| format!("{name} {version}")),
-            pid: vm.pid.filter(|_| vm.state.has_process()),
-            error: vm.error,
-            archive: None,
-            created_at: rfc3339(vm.created_at_ms),
-            last_used_at: rfc3339(vm.last_used_at_ms),
-            idle_ms: hangar_store::now_ms().saturating_sub(vm.last_used_at_ms),
-            state_since: rfc3339(vm.state_since_ms),
-            boot_ms: vm.boot_ms,
-        }
+/// `vm` as the API shows it (without its archive; see [`view`]).
+fn vm_view(vm: VmRecord) -> VmView {
+    VmView {
+        id: vm.id,
+        host: vm.host,
+        services: vm.services,
+        endpoints: vm.endpoints,
+        direct_endpoints: vm.direct_endpoints,
+        state: vm.state,
+        mode: vm.mode,
+        owner: vm.owner,
+        env: vm.env,
+        memory_mib: vm.memory_mib,
+        vcpus: vm.vcpus,
+        pool: vm.pool,
+        os: vm.os.map(|(name, version)| format!("{name} {version}")),
+        pid: vm.pid.filter(|_| vm.state.has_process()),
+        error: vm.error,
+        archive: None,
+        created_at: rfc3339(vm.created_at_ms),
+        last_used_at: rfc3339(vm.last_used_at_ms),
+        idle_ms: hangar_store::now_ms().saturating_sub(vm.last_used_at_ms),
+        state_since: rfc3339(vm.state_since_ms),
+        boot_ms: vm.boot_ms,
     }
-}
-
-/// A VM's memory archive.
-#[derive(Serialize, Deserialize, utoipa::ToSchema)]
-pub struct ArchiveView {
-    /// `raw`, `zstd` or `delta`.
-    pub tier: String,
-    pub size_bytes: u64,
-    /// Guest memory it holds.
-    pub memory_mib: u32,
-    /// How long writing it took.
-    pub took_ms: u64,
 }
 
 /// A VM as listed, with its archive when it has one.
@@ -445,15 +297,8 @@ fn view(manager: &Manager, vm: VmRecord) -> VmView {
         });
     VmView {
         archive,
-        ..VmView::from(vm)
+        ..vm_view(vm)
     }
-}
-
-#[derive(Deserialize, utoipa::IntoParams)]
-pub struct VmQuery {
-    /// Include deleted VMs.
-    #[serde(default)]
-    all: bool,
 }
 
 #[utoipa::path(get, path = "/v1/vms", params(VmQuery), responses((status = 200, body = [VmView])))]
@@ -498,7 +343,7 @@ async fn delete_vm(
     State(manager): State<Arc<Manager>>,
     Path(id): Path<String>,
 ) -> Result<Json<VmView>, ApiError> {
-    Ok(Json(manager.delete(&id).await?.into()))
+    Ok(Json(vm_view(manager.delete(&id).await?)))
 }
 
 /// Pause an active VM in memory.
@@ -511,21 +356,6 @@ async fn sleep_vm(
     Ok(Json(view(&manager, vm)))
 }
 
-/// How to archive.
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ArchiveBody {
-    /// `raw`, `zstd` (default), or `delta` (only what differs from the template the VM was
-    /// cloned from; a VM not cloned from one is archived with `zstd`).
-    #[serde(default = "default_tier")]
-    #[schema(value_type = String)]
-    pub tier: hangar_vmm::ArchiveTier,
-}
-
-fn default_tier() -> hangar_vmm::ArchiveTier {
-    hangar_vmm::ArchiveTier::Zstd
-}
-
 /// Write an active or sleeping VM's memory to disk and end its process.
 #[utoipa::path(post, path = "/v1/vms/{id}/archive", request_body = ArchiveBody, responses((status = 200, body = VmView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 500, body = ErrorBody)))]
 async fn archive_vm(
@@ -534,14 +364,14 @@ async fn archive_vm(
     body: axum::body::Bytes,
 ) -> Result<Json<VmView>, ApiError> {
     let body: ArchiveBody = if body.is_empty() {
-        ArchiveBody {
-            tier: default_tier(),
-        }
+        ArchiveBody::default()
     } else {
         serde_json::from_slice(&body)
             .map_err(|err| ApiError::BadRequest(format!("invalid request body: {err}")))?
     };
-    let (vm, _) = manager.archive(&id, body.tier).await?;
+    let (vm, _) = manager
+        .archive(&id, crate::policy::archive_tier(body.tier).0)
+        .await?;
     Ok(Json(view(&manager, vm)))
 }
 
@@ -562,32 +392,6 @@ async fn list_policies(
     State(manager): State<Arc<Manager>>,
 ) -> Result<Json<PoliciesView>, ApiError> {
     Ok(Json(manager.policy_views()?))
-}
-
-/// Changes to a service's lifecycle policy. Fields left out stay as they are; `null` unsets
-/// a timer (never) or `keep_active_above`.
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct PolicyBody {
-    /// Idle time of an active VM before it sleeps, e.g. `"3s"`, `"10m"`.
-    #[serde(default, deserialize_with = "present")]
-    #[schema(value_type = Option<String>)]
-    pub sleep_after: Option<Option<String>>,
-    /// Time asleep before it is archived (without `sleep_after`: idle time before an active
-    /// VM is archived).
-    #[serde(default, deserialize_with = "present")]
-    #[schema(value_type = Option<String>)]
-    pub archive_after: Option<Option<String>>,
-    /// Time archived before it is deleted.
-    #[serde(default, deserialize_with = "present")]
-    #[schema(value_type = Option<String>)]
-    pub delete_after: Option<Option<String>>,
-    /// Requests per minute above which active VMs stay active even when idle.
-    #[serde(default, deserialize_with = "present")]
-    #[schema(value_type = Option<f64>)]
-    pub keep_active_above: Option<Option<f64>>,
-    /// `raw`, `zstd` or `delta`.
-    pub archive_tier: Option<hangar_core::TierChoice>,
 }
 
 fn duration_field(
@@ -644,41 +448,24 @@ async fn reset_policy(
     Ok(Json(manager.reset_policy(&service)?))
 }
 
-/// A long operation and its progress.
-#[derive(Serialize, Deserialize, utoipa::ToSchema)]
-pub struct TaskView {
-    pub id: String,
-    pub kind: String,
-    pub service: Option<String>,
-    pub vm: Option<String>,
-    /// `running`, `succeeded` or `failed`.
-    pub state: String,
-    pub stage: String,
-    pub percent: u8,
-    pub error: Option<String>,
-    pub created_at: String,
-    pub updated_at: String,
-}
-
-impl From<TaskRecord> for TaskView {
-    fn from(task: TaskRecord) -> TaskView {
-        TaskView {
-            id: task.id,
-            kind: task.kind,
-            service: task.service,
-            vm: task.vm_id,
-            state: match task.state {
-                TaskState::Running => "running",
-                TaskState::Succeeded => "succeeded",
-                TaskState::Failed => "failed",
-            }
-            .into(),
-            stage: task.stage,
-            percent: task.percent,
-            error: task.error,
-            created_at: rfc3339(task.created_at_ms),
-            updated_at: rfc3339(task.updated_at_ms),
+/// `task` as the API shows it.
+fn task_view(task: TaskRecord) -> TaskView {
+    TaskView {
+        id: task.id,
+        kind: task.kind,
+        service: task.service,
+        vm: task.vm_id,
+        state: match task.state {
+            TaskState::Running => "running",
+            TaskState::Succeeded => "succeeded",
+            TaskState::Failed => "failed",
         }
+        .into(),
+        stage: task.stage,
+        percent: task.percent,
+        error: task.error,
+        created_at: rfc3339(task.created_at_ms),
+        updated_at: rfc3339(task.updated_at_ms),
     }
 }
 
@@ -690,7 +477,7 @@ async fn list_tasks(State(manager): State<Arc<Manager>>) -> Result<Json<Vec<Task
             .tasks(100)
             .await?
             .into_iter()
-            .map(TaskView::from)
+            .map(task_view)
             .collect(),
     ))
 }
@@ -708,37 +495,20 @@ async fn get_task(
             message: format!("no task {id}"),
             alternatives: Vec::new(),
         })?;
-    Ok(Json(task.into()))
+    Ok(Json(task_view(task)))
 }
 
-/// A service and environment whose image to build or export.
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ImageBody {
-    pub service: String,
-    /// `os=NAME` and the service's settings (an export bakes them in).
-    #[serde(default)]
-    pub env: BTreeMap<String, String>,
-}
-
-impl ImageBody {
-    fn request(self) -> Result<ServiceRequest, ApiError> {
-        let request = ServiceRequest {
-            service: Some(self.service),
-            env: self.env,
-            ..ServiceRequest::default()
-        };
-        request
-            .validate()
-            .map_err(|err| ApiError::BadRequest(err.to_string()))?;
-        Ok(request)
-    }
-}
-
-#[derive(Serialize, Deserialize, utoipa::ToSchema)]
-pub struct BuildView {
-    /// The build task (see `/v1/tasks/{id}` for its stage and percent).
-    pub task: String,
+/// The request an image body stands for, validated.
+fn image_request(body: ImageBody) -> Result<ServiceRequest, ApiError> {
+    let request = ServiceRequest {
+        service: Some(body.service),
+        env: body.env,
+        ..ServiceRequest::default()
+    };
+    request
+        .validate()
+        .map_err(|err| ApiError::BadRequest(err.to_string()))?;
+    Ok(request)
 }
 
 /// Images of every viable service × environment, and the cached layers they share.
@@ -766,7 +536,7 @@ async fn build_image(
 ) -> Result<(axum::http::StatusCode, Json<BuildView>), ApiError> {
     let body: ImageBody = serde_json::from_slice(&body)
         .map_err(|err| ApiError::BadRequest(format!("invalid request body: {err}")))?;
-    let task = manager.build_image(&body.request()?)?;
+    let task = manager.build_image(&image_request(body)?)?;
     Ok((axum::http::StatusCode::ACCEPTED, Json(BuildView { task })))
 }
 
@@ -788,7 +558,7 @@ async fn export_image(
 ) -> Result<axum::response::Response, ApiError> {
     let body: ImageBody = serde_json::from_slice(&body)
         .map_err(|err| ApiError::BadRequest(format!("invalid request body: {err}")))?;
-    let request = body.request()?;
+    let request = image_request(body)?;
     let dir = manager.config.export_dir.clone();
     let export = manager.export(&request, &dir).await?;
     let file = tokio::fs::File::open(&export.path)

@@ -3,7 +3,6 @@
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde::Serialize;
 
 /// An error as the API reports it.
 #[derive(Debug, thiserror::Error)]
@@ -38,25 +37,7 @@ pub enum ApiError {
     Internal(String),
 }
 
-#[derive(Serialize, utoipa::ToSchema)]
-pub struct ErrorBody {
-    pub error: ErrorDetail,
-}
-
-#[derive(Serialize, utoipa::ToSchema)]
-pub struct ErrorDetail {
-    /// `not_found`, `bad_request`, `never`, `conflict`, `try_again`, `internal`.
-    pub code: &'static str,
-    pub message: String,
-    /// Closest viable alternatives, when the request named something that does not exist.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub alternatives: Vec<String>,
-    /// The task still working on the request (with `try_again`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub task: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub retry_after_s: Option<u64>,
-}
+pub use hangar_api::{ErrorBody, ErrorDetail};
 
 impl ApiError {
     pub fn internal(err: impl std::fmt::Display) -> ApiError {
@@ -129,7 +110,7 @@ impl IntoResponse for ApiError {
         };
         let body = ErrorBody {
             error: ErrorDetail {
-                code: self.code(),
+                code: self.code().into(),
                 message: self.to_string(),
                 alternatives,
                 task,

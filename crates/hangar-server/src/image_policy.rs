@@ -12,7 +12,6 @@ use hangar_core::eviction::{Cached, choose_evictions};
 use hangar_core::pool::RequestRate;
 use hangar_core::{ServiceRequest, TaskId, VmState};
 use hangar_store::{TaskRecord, TaskState, now_ms};
-use serde::Serialize;
 
 use crate::error::ApiError;
 use crate::images::{ImageView, LayerView};
@@ -38,15 +37,7 @@ pub struct ImageRuntime {
     evicting: tokio::sync::Mutex<()>,
 }
 
-/// `GET /v1/images`.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct ImagesView {
-    pub images: Vec<ImageView>,
-    pub layers: Vec<LayerView>,
-    /// Every cached layer, each counted once.
-    pub total_bytes: u64,
-    pub budget_bytes: u64,
-}
+pub use hangar_api::ImagesView;
 
 fn key(service: &str, os: &str) -> String {
     format!("{service}@{os}")

@@ -31,45 +31,7 @@ pub struct RootImage {
     pub layer_hashes: Vec<String>,
 }
 
-/// A cached layer with what uses it, for listings and eviction.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
-pub struct LayerView {
-    pub hash: String,
-    /// `os`, `software`, `patch` or `app`.
-    pub kind: String,
-    pub name: String,
-    pub parent: Option<String>,
-    pub packages: Vec<String>,
-    pub size_bytes: u64,
-    pub built_at_ms: u64,
-    pub build_ms: u64,
-    /// When a VM last started with it.
-    pub last_used_ms: Option<u64>,
-    /// `service@os` images it is part of.
-    pub images: Vec<String>,
-    /// VMs that have it as a disk.
-    pub users: Vec<String>,
-}
-
-/// One service image: the layer chain of a viable service × OS combination.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
-pub struct ImageView {
-    pub service: String,
-    pub os: String,
-    /// `layered` (Debian layers) or `disk` (one busybox disk).
-    pub format: String,
-    /// Every layer is built.
-    pub built: bool,
-    /// Layer hashes, bottom (OS) first.
-    pub layers: Vec<String>,
-    /// Sum of its built layers' sizes (shared layers counted in full).
-    pub size_bytes: u64,
-    /// VMs running it.
-    pub users: Vec<String>,
-    pub last_used_ms: Option<u64>,
-    /// Kept from eviction and rebuilt when missing: often requested.
-    pub promoted: bool,
-}
+pub use hangar_api::{ImageView, LayerView};
 
 #[async_trait::async_trait]
 pub trait ImageSource: Send + Sync + 'static {

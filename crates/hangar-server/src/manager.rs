@@ -7,9 +7,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hangar_core::matching::{
-    MachineRequest, MatchKind, MemoryRange, OsRequirement, compare_versions,
-};
+use hangar_core::matching::{MachineRequest, MemoryRange, OsRequirement, compare_versions};
 use hangar_core::{Catalog, Mode, Service, ServiceRequest, VmState};
 use hangar_store::{Store, VmRecord};
 use hangar_vmm::{Agent, Hypervisor, RunState};
@@ -68,38 +66,7 @@ impl Default for ManagerConfig {
     }
 }
 
-/// How a request was served.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
-)]
-#[serde(rename_all = "snake_case")]
-pub enum Served {
-    /// An active VM already offering the service (shared mode).
-    Shared,
-    /// A paused pool VM of exactly the requested configuration.
-    Exact,
-    /// A paused pool VM with more than requested (sliced down with `exact_size`).
-    Superset,
-    /// A pre-OS hardware shell, given the requested OS image and booted.
-    Partial,
-    /// A new VM, booted for this request.
-    Created,
-    /// A new VM, cloned for this request from its service's template (restored at the
-    /// ready state instead of booted).
-    Cloned,
-    /// A sleeping or archived VM already offering the service (shared mode), woken.
-    Woken,
-}
-
-impl From<MatchKind> for Served {
-    fn from(kind: MatchKind) -> Served {
-        match kind {
-            MatchKind::Exact => Served::Exact,
-            MatchKind::Superset => Served::Superset,
-            MatchKind::Partial => Served::Partial,
-        }
-    }
-}
+pub use hangar_api::Served;
 
 /// What a successful request gets.
 #[derive(Debug, Clone)]

@@ -19,7 +19,6 @@ use hangar_core::pool::RequestRate;
 use hangar_core::{Policy, TierChoice, VmState};
 use hangar_store::now_ms;
 use hangar_vmm::ArchiveTier;
-use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use crate::error::ApiError;
@@ -59,47 +58,7 @@ pub fn archive_tier(choice: TierChoice) -> (ArchiveTier, Option<&'static str>) {
     }
 }
 
-/// Where a service's policy comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum PolicySource {
-    Catalog,
-    /// Set with `hangar policy set` (kept across restarts).
-    RunTime,
-}
-
-/// One service's policy as `GET /v1/policies` reports it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct PolicyView {
-    pub service: String,
-    pub policy: Policy,
-    pub source: PolicySource,
-    /// Requests per minute for the service (EWMA, 30 s half-life), compared with
-    /// `keep_active_above`.
-    pub rate_per_min: f64,
-    /// Whether the rate keeps the service's active VMs active now.
-    pub kept_active: bool,
-    /// The tier archives are written in (differs from the policy's when this host lacks it).
-    pub archive_tier_used: String,
-    pub note: Option<String>,
-}
-
-/// A budget and what is held against it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct BudgetView {
-    /// None: unlimited.
-    pub budget_mib: Option<u64>,
-    pub used_mib: f64,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct PoliciesView {
-    pub services: Vec<PolicyView>,
-    /// Guest memory of active and sleeping VMs (`--memory-budget`).
-    pub memory: BudgetView,
-    /// Archives and evictable images (`--disk-budget`).
-    pub disk: BudgetView,
-}
+pub use hangar_api::{BudgetView, PoliciesView, PolicySource, PolicyView};
 
 /// Changes to a policy; `None` leaves a field as it is, `Some(None)` unsets it (never).
 #[derive(Debug, Clone, Default, PartialEq)]

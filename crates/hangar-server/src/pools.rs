@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use hangar_core::pool::{PoolCount, PoolSpec, RequestRate, adaptive_target, plan};
 use hangar_core::{ReadySpec, VmState};
 use hangar_store::now_ms;
-use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use crate::error::ApiError;
@@ -64,32 +63,7 @@ impl PoolRuntime {
     }
 }
 
-/// One pool as `GET /v1/pools` reports it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct PoolView {
-    pub name: String,
-    /// The service its VMs offer; none for pre-OS hardware shells.
-    pub service: Option<String>,
-    pub vcpus: u32,
-    /// Memory of each VM.
-    pub vm_memory_mib: u32,
-    pub min: u32,
-    pub max: u32,
-    /// What the pool aims to hold now (between min and max, from the request rate).
-    pub target: u32,
-    /// Paused VMs ready to hand out.
-    pub ready: u32,
-    /// VMs being booted for the pool.
-    pub booting: u32,
-    /// Memory held by the pool's ready and booting VMs.
-    pub memory_mib: u64,
-    /// Requests per minute served or wanted from this pool (EWMA).
-    pub rate_per_min: f64,
-    /// The ready criterion set at run time for this pool's fills, if any (else the
-    /// service's from the catalog).
-    #[schema(value_type = Option<Object>)]
-    pub ready_criterion: Option<ReadySpec>,
-}
+pub use hangar_api::PoolView;
 
 impl Manager {
     /// Catalog pools with run-time bounds applied.

@@ -14,29 +14,12 @@ use std::sync::Arc;
 
 use hangar_core::{Mode, Service, VmState};
 use hangar_vmm::{TemplateInfo, VmSpec};
-use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::error::error_chain;
 use crate::manager::*;
 
-/// One template as `GET /v1/templates` lists it.
-#[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
-pub struct TemplateView {
-    pub service: String,
-    pub key: String,
-    pub dir: String,
-    pub memory_mib: u32,
-    pub vcpus: u32,
-    /// Memory snapshot plus frozen disk layer.
-    pub size_bytes: u64,
-    /// How long snapshotting took.
-    pub took_ms: u64,
-    /// RFC 3339.
-    pub created_at: String,
-    /// Whether new VMs of the service are cloned from it (its key is current).
-    pub current: bool,
-}
+pub use hangar_api::TemplateView;
 
 impl Manager {
     fn templates_dir(&self) -> Option<&PathBuf> {

@@ -31,7 +31,7 @@ impl ServerOptions {
         let cache = self
             .cache
             .clone()
-            .unwrap_or_else(|| crate::default_data_dir().join("cache"));
+            .unwrap_or_else(|| crate::commands::server::default_data_dir().join("cache"));
         std::fs::create_dir_all(&cache)
             .map_err(|err| format!("cache dir {}: {err}", cache.display()))?;
         cache

@@ -1,0 +1,92 @@
+//! hangar's REST API under `/v1` as a contract shared by the server, the CLI, the forwarder
+//! and the tests: every request body, answer, list item, query string and the JSON error body.
+//!
+//! The server serializes these types and the client deserializes them, so both sides agree
+//! on the JSON by construction. Every type derives `utoipa::ToSchema` (or `IntoParams`) so the
+//! OpenAPI document served at `/v1/openapi.json` is generated from the same definitions.
+
+pub mod error;
+pub mod images;
+pub mod policies;
+pub mod pools;
+pub mod requests;
+pub mod services;
+pub mod tasks;
+pub mod vms;
+
+pub use error::{ErrorBody, ErrorDetail};
+pub use images::{BuildView, ImageBody, ImageView, ImagesView, LayerView, TemplateView};
+pub use policies::{BudgetView, PoliciesView, PolicyBody, PolicySource, PolicyView};
+pub use pools::{PoolBoundsBody, PoolView};
+pub use requests::{GrantView, Served, SliceView};
+pub use services::{Health, PortView, ServiceView, SettingView};
+pub use tasks::TaskView;
+pub use vms::{ArchiveBody, ArchiveView, VmQuery, VmView};
+
+/// Tells a field given as `null` (`Some(None)`) from one left out (`None`).
+///
+/// Use with `#[serde(default, deserialize_with = "crate::present")]`.
+fn present<'de, D, T>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    serde::Deserialize::deserialize(deserializer).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_field_given_as_null_is_told_from_one_left_out() {
+        let body: PolicyBody =
+            serde_json::from_value(json!({"sleep_after": null, "archive_after": "5m"})).unwrap();
+        assert_eq!(body.sleep_after, Some(None));
+        assert_eq!(body.archive_after, Some(Some("5m".into())));
+        assert_eq!(body.delete_after, None);
+        // And back: left out stays left out, null stays null.
+        assert_eq!(
+            serde_json::to_value(&body).unwrap(),
+            json!({"sleep_after": null, "archive_after": "5m"})
+        );
+        let pool: PoolBoundsBody = serde_json::from_value(json!({"ready": null})).unwrap();
+        assert_eq!(pool.ready, Some(None));
+        assert_eq!(serde_json::to_value(&pool).unwrap(), json!({"ready": null}));
+    }
+
+    #[test]
+    fn unknown_fields_in_request_bodies_are_refused() {
+        assert!(serde_json::from_value::<PolicyBody>(json!({"sleep": "1s"})).is_err());
+        assert!(serde_json::from_value::<PoolBoundsBody>(json!({"minimum": 1})).is_err());
+        assert!(serde_json::from_value::<ArchiveBody>(json!({"tier": "gzip"})).is_err());
+        assert!(serde_json::from_value::<ImageBody>(json!({"service": "x", "os": "y"})).is_err());
+    }
+
+    #[test]
+    fn an_error_body_leaves_out_what_it_lacks_and_reads_back() {
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: "not_found".into(),
+                message: "no VM x".into(),
+                alternatives: Vec::new(),
+                task: None,
+                retry_after_s: None,
+            },
+        };
+        let value = serde_json::to_value(&body).unwrap();
+        assert_eq!(
+            value,
+            json!({"error": {"code": "not_found", "message": "no VM x"}})
+        );
+        assert_eq!(serde_json::from_value::<ErrorBody>(value).unwrap(), body);
+    }
+
+    #[test]
+    fn an_archive_body_defaults_to_zstd() {
+        let body: ArchiveBody = serde_json::from_value(json!({})).unwrap();
+        assert_eq!(body.tier, hangar_core::TierChoice::Zstd);
+        assert_eq!(ArchiveBody::default(), body);
+    }
+}

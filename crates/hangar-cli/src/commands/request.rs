@@ -1,0 +1,138 @@
+//! `hangar request`: a service or a machine configuration; prints the address of a VM
+//! offering it.
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use super::parse_env;
+use crate::client::{Client, ClientError};
+use crate::output::{print_json, text};
+
+#[derive(clap::Args)]
+pub struct RequestArgs {
+    /// Service name (see `hangar services`); or give a configuration with --vcpus etc.
+    #[arg(required_unless_present = "memory")]
+    service: Option<String>,
+    /// Configuration: at least this many vCPUs.
+    #[arg(long, requires = "memory", conflicts_with = "service")]
+    vcpus: Option<u32>,
+    /// Configuration: memory in MiB, `N` or a range `MIN-MAX`.
+    #[arg(long, value_parser = parse_memory, conflicts_with = "service")]
+    memory: Option<(u32, u32)>,
+    /// Configuration: OS as `NAME` or `NAME@MIN_VERSION`.
+    #[arg(long, requires = "memory", default_value = "busybox")]
+    os: String,
+    /// Configuration: an application the VM must offer (repeatable).
+    #[arg(long = "app", requires = "memory")]
+    apps: Vec<String>,
+    /// Slice a larger VM down to the requested memory and vCPUs.
+    #[arg(long)]
+    exact_size: bool,
+    /// Environment setting KEY=VALUE (repeatable), e.g. --env os=busybox.
+    #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
+    env: Vec<(String, String)>,
+    /// A VM of your own, never shared with other requests.
+    #[arg(long)]
+    dedicated: bool,
+    /// How long to wait for a VM (e.g. 30s, 2m); past it the answer is "try again shortly".
+    #[arg(long, value_parser = humantime::parse_duration)]
+    deadline: Option<Duration>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `N` or `MIN-MAX` MiB, as `(min, max)`.
+fn parse_memory(text: &str) -> Result<(u32, u32), String> {
+    let parse = |t: &str| {
+        t.trim()
+            .parse::<u32>()
+            .map_err(|_| format!("expected MiB as N or MIN-MAX, got {text:?}"))
+    };
+    match text.split_once('-') {
+        Some((min, max)) => Ok((parse(min)?, parse(max)?)),
+        None => parse(text).map(|n| (n, n)),
+    }
+}
+
+pub async fn run(client: &Client, args: RequestArgs) -> Result<(), ClientError> {
+    let RequestArgs {
+        service,
+        vcpus,
+        memory,
+        os,
+        apps,
+        exact_size,
+        env,
+        dedicated,
+        deadline,
+        json,
+    } = args;
+    let config = memory.map(|(min, max)| {
+        let (name, min_version) = match os.split_once('@') {
+            Some((name, version)) => (name.to_owned(), Some(version.to_owned())),
+            None => (os.clone(), None),
+        };
+        serde_json::json!({
+            "vcpus": vcpus.unwrap_or(1),
+            "memory_mib": { "min": min, "max": max },
+            "os": { "name": name, "min_version": min_version },
+            "apps": apps,
+        })
+    });
+    let body = serde_json::json!({
+        "service": service,
+        "config": config,
+        "exact_size": exact_size,
+        "env": env.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+        "mode": if dedicated { "dedicated" } else { "shared" },
+        "deadline_ms": deadline.map(|d| d.as_millis() as u64),
+    });
+    if !json && std::io::stderr().is_terminal() {
+        eprintln!(
+            "waiting for a VM offering {}...",
+            service.as_deref().unwrap_or("that configuration")
+        );
+    }
+    let grant: serde_json::Value = client.post("/v1/requests", &body).await?;
+    if json {
+        return print_json(&grant);
+    }
+    let endpoint = text(&grant["endpoint"]);
+    println!(
+        "{}",
+        if endpoint.is_empty() {
+            text(&grant["vm"])
+        } else {
+            endpoint
+        }
+    );
+    let endpoints = grant["endpoints"].as_object().cloned().unwrap_or_default();
+    if endpoints.len() > 1 {
+        for (name, addr) in &endpoints {
+            eprintln!("endpoint {name}: {}", text(addr));
+        }
+    }
+    if std::io::stderr().is_terminal() {
+        let how = match grant["match"].as_str().unwrap_or_default() {
+            "shared" => "shared, already running".to_owned(),
+            "created" => format!("new, booted in {} ms", grant["boot_ms"]),
+            "woken" => "shared, woken from sleep or archive".to_owned(),
+            kind => format!("{kind} match from a warm pool"),
+        };
+        eprintln!("vm {} ({how})", text(&grant["vm"]));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_is_one_size_or_a_range() {
+        assert_eq!(parse_memory("128"), Ok((128, 128)));
+        assert_eq!(parse_memory("128-512"), Ok((128, 512)));
+        assert!(parse_memory("lots").is_err());
+    }
+}

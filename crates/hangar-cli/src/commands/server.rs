@@ -1,0 +1,157 @@
+//! `hangar server` (the control plane and the local host) and the hidden
+//! `hangar forwarder` it starts to hold the stable VM endpoints.
+
+use std::io::IsTerminal;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use hangar_vmm::Accel;
+
+#[derive(clap::Args)]
+pub struct ServerArgs {
+    /// Where state lives: database, VM disks, cached images [default: $XDG_DATA_HOME/hangar].
+    #[arg(long, env = "HANGAR_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Address of the REST API.
+    #[arg(long, default_value = "127.0.0.1:7070", env = "HANGAR_LISTEN")]
+    listen: SocketAddr,
+    /// Service catalog (TOML) [default: the built-in demo catalog].
+    #[arg(long, env = "HANGAR_CATALOG")]
+    catalog: Option<PathBuf>,
+    /// Accelerator: auto picks KVM only on bare metal (nested KVM is slower than TCG).
+    #[arg(long, default_value = "auto", env = "HANGAR_ACCEL")]
+    accel: Accel,
+    /// Host address that VM endpoints listen on.
+    #[arg(long, default_value = "127.0.0.1", env = "HANGAR_ENDPOINT_HOST")]
+    endpoint_host: IpAddr,
+    /// Guest kernel: a Debian linux-image .deb or an extracted one [default: fetched with apt-get download].
+    #[arg(long, env = "HANGAR_KERNEL")]
+    kernel: Option<PathBuf>,
+    /// A statically linked busybox [default: /bin/busybox].
+    #[arg(long, env = "HANGAR_BUSYBOX")]
+    busybox: Option<PathBuf>,
+    /// Most memory (MiB) all warm pools may hold together (ready and booting VMs).
+    #[arg(long, default_value_t = 1024, env = "HANGAR_POOL_MEMORY")]
+    pool_memory: u64,
+    /// DNS domain: answers carry the name `<vm>.<domain>`.
+    #[arg(long, env = "HANGAR_DNS_DOMAIN")]
+    dns_domain: Option<String>,
+    /// Most guest memory (MiB) active and sleeping VMs may hold; over it, the least
+    /// recently used are archived [default: unlimited].
+    #[arg(long, value_name = "MIB", env = "HANGAR_MEMORY_BUDGET")]
+    memory_budget: Option<u64>,
+    /// Most disk (MiB) VM archives may take; over it, the least recently used archived VMs
+    /// are deleted [default: unlimited].
+    #[arg(long, value_name = "MIB", env = "HANGAR_DISK_BUDGET")]
+    disk_budget: Option<u64>,
+    /// Boot every VM instead of cloning it from its service's template (a VM booted to
+    /// its ready state once and snapshotted).
+    #[arg(long, env = "HANGAR_NO_TEMPLATES")]
+    no_templates: bool,
+    /// Debian mirror that OS layers (debootstrap) and packages come from.
+    #[arg(long, default_value = hangar_server::images::DEFAULT_MIRROR, env = "HANGAR_DEBIAN_MIRROR")]
+    debian_mirror: String,
+    /// Most disk (MiB) cached image layers may take; beyond it the least recently used
+    /// layers no VM uses are evicted.
+    #[arg(long, default_value_t = 20480, env = "HANGAR_IMAGE_BUDGET")]
+    image_budget: u64,
+    /// Where the server keeps its state: a PostgreSQL URL (`postgres://user@host/db`) or
+    /// a SQLite file [default: hangar.db in the data directory].
+    #[arg(long, value_name = "URL|PATH", env = "HANGAR_STORE")]
+    store: Option<String>,
+}
+
+#[derive(clap::Args)]
+pub struct ForwarderArgs {
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// The server's URL, where wake requests go.
+    #[arg(long)]
+    server: String,
+}
+
+/// The data dir when none is given: `$XDG_DATA_HOME/hangar`, else
+/// `$HOME/.local/share/hangar`, else `./hangar`.
+pub fn default_data_dir() -> PathBuf {
+    std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join("hangar")
+}
+
+/// Runs the server until SIGINT or SIGTERM; fails when it cannot start.
+pub async fn run(args: ServerArgs) -> ExitCode {
+    init_logging();
+    let forwarder_command = match std::env::current_exe() {
+        Ok(exe) => vec![exe.into_os_string(), "forwarder".into()],
+        Err(err) => {
+            eprintln!("hangar server: cannot find its own executable: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let config = hangar_server::ServerConfig {
+        data_dir: args.data_dir.unwrap_or_else(default_data_dir),
+        listen: args.listen,
+        catalog: args.catalog,
+        accel: args.accel,
+        endpoint_host: args.endpoint_host,
+        kernel: args.kernel,
+        busybox: args.busybox,
+        pool_memory_mib: args.pool_memory,
+        dns_domain: args.dns_domain,
+        memory_budget_mib: args.memory_budget,
+        disk_budget_mib: args.disk_budget,
+        templates: !args.no_templates,
+        forwarder_command: Some(forwarder_command),
+        debian_mirror: args.debian_mirror,
+        image_budget_mib: args.image_budget,
+        store: args.store,
+    };
+    match hangar_server::run(config, shutdown_signal()).await {
+        Ok(()) => {
+            tracing::info!("server stopped; VMs keep running and are adopted at the next start");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("hangar server: {}", hangar_server::error::error_chain(&err));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs a data dir's forwarder until it is told to stop.
+pub async fn forwarder(args: ForwarderArgs) -> ExitCode {
+    init_logging();
+    match hangar_forward::run(&args.data_dir, &args.server).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!(
+                "hangar forwarder: {}",
+                hangar_server::error::error_chain(&err)
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HANGAR_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("install SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
