@@ -1,5 +1,6 @@
 //! A small client of the REST API that turns answers into exit codes.
 
+use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 pub struct Client {
@@ -21,7 +22,7 @@ pub enum ClientError {
     Reply(String),
     /// The command line asked for something malformed.
     Usage(String),
-    /// A local step failed (benchmarks: set-up, measuring, writing the report).
+    /// A local step failed (e.g. `hangar bench` could not run `hangar-bench`).
     Failed(String),
 }
 
@@ -82,33 +83,15 @@ impl Client {
     pub async fn post<T: DeserializeOwned>(
         &self,
         path: &str,
-        body: &serde_json::Value,
+        body: &impl Serialize,
     ) -> Result<T, ClientError> {
         self.send(self.http.post(self.url(path)).json(body)).await
-    }
-
-    /// A POST whose answer also carries the server's `Server-Timing` header (empty if none).
-    pub async fn post_timed<T: DeserializeOwned>(
-        &self,
-        path: &str,
-        body: &serde_json::Value,
-    ) -> Result<(T, String), ClientError> {
-        self.send_with_headers(self.http.post(self.url(path)).json(body))
-            .await
-            .map(|(value, headers)| {
-                let timing = headers
-                    .get("server-timing")
-                    .and_then(|value| value.to_str().ok())
-                    .unwrap_or_default()
-                    .to_owned();
-                (value, timing)
-            })
     }
 
     pub async fn put<T: DeserializeOwned>(
         &self,
         path: &str,
-        body: &serde_json::Value,
+        body: &impl Serialize,
     ) -> Result<T, ClientError> {
         self.send(self.http.put(self.url(path)).json(body)).await
     }
@@ -122,7 +105,7 @@ impl Client {
     pub async fn download(
         &self,
         path: &str,
-        body: &serde_json::Value,
+        body: &impl Serialize,
         dest: &std::path::Path,
     ) -> Result<u64, ClientError> {
         use std::io::Write;
@@ -213,26 +196,20 @@ impl Client {
     }
 }
 
-/// An error answer of the API as a client error.
+/// An error answer of the API (its JSON error body) as a client error; a body that is not
+/// one is quoted.
 fn api_error(status: reqwest::StatusCode, bytes: &[u8]) -> ClientError {
-    {
-        let body: serde_json::Value = serde_json::from_slice(bytes).unwrap_or_default();
-        let error = &body["error"];
-        let message = error["message"]
-            .as_str()
-            .map(str::to_owned)
-            .unwrap_or_else(|| format!("HTTP {status}: {}", String::from_utf8_lossy(bytes)));
-        let alternatives = error["alternatives"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|a| a.as_str().map(str::to_owned))
-            .collect();
-        ClientError::Api {
-            status: status.as_u16(),
-            message,
-            alternatives,
-        }
+    let (message, alternatives) = match serde_json::from_slice::<hangar_api::ErrorBody>(bytes) {
+        Ok(body) => (body.error.message, body.error.alternatives),
+        Err(_) => (
+            format!("HTTP {status}: {}", String::from_utf8_lossy(bytes)),
+            Vec::new(),
+        ),
+    };
+    ClientError::Api {
+        status: status.as_u16(),
+        message,
+        alternatives,
     }
 }
 

@@ -4,6 +4,8 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
+use hangar_api::ImageBody;
+
 use super::parse_env;
 use crate::client::{Client, ClientError};
 
@@ -19,10 +21,10 @@ pub struct ExportArgs {
 /// Writes the export to `file` (through `file.partial`, removed on failure).
 pub async fn run(client: &Client, args: ExportArgs) -> Result<(), ClientError> {
     let ExportArgs { service, file, env } = args;
-    let body = serde_json::json!({
-        "service": service,
-        "env": env.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
-    });
+    let body = ImageBody {
+        service: service.clone(),
+        env: env.into_iter().collect(),
+    };
     if std::io::stderr().is_terminal() {
         eprintln!("exporting {service} (builds the image first if needed)...");
     }

@@ -3,10 +3,12 @@
 
 use std::time::Duration;
 
+use hangar_api::{BuildView, ImageBody, ImagesView, TaskView};
+
 use super::parse_env;
 use crate::client::{Client, ClientError};
 use crate::output::progress::Progress;
-use crate::output::{print_json, table, text};
+use crate::output::{print_json, table, typed};
 
 #[derive(clap::Args)]
 pub struct BuildArgs {
@@ -34,22 +36,21 @@ pub async fn build(client: &Client, args: BuildArgs) -> Result<(), ClientError> 
         env,
         no_wait,
     } = args;
-    let body = serde_json::json!({
-        "service": service,
-        "env": env.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
-    });
-    let answer: serde_json::Value = client.post("/v1/images", &body).await?;
-    let task = text(&answer["task"]);
+    let body = ImageBody {
+        service: service.clone(),
+        env: env.into_iter().collect(),
+    };
+    let BuildView { task } = client.post("/v1/images", &body).await?;
     if no_wait {
         println!("{task}");
         return Ok(());
     }
     let mut progress = Progress::start();
     loop {
-        let task: serde_json::Value = client.get(&format!("/v1/tasks/{task}")).await?;
-        progress.update(task["percent"].as_u64().unwrap_or(0), &text(&task["stage"]));
-        match task["state"].as_str() {
-            Some("succeeded") => {
+        let task: TaskView = client.get(&format!("/v1/tasks/{task}")).await?;
+        progress.update(u64::from(task.percent), &task.stage);
+        match task.state.as_str() {
+            "succeeded" => {
                 progress.finish();
                 println!(
                     "built {service} in {:.1} s",
@@ -57,11 +58,11 @@ pub async fn build(client: &Client, args: BuildArgs) -> Result<(), ClientError> 
                 );
                 return Ok(());
             }
-            Some("failed") => {
+            "failed" => {
                 progress.finish();
                 return Err(ClientError::Reply(format!(
                     "build of {service} failed: {}",
-                    text(&task["error"])
+                    task.error.unwrap_or_default()
                 )));
             }
             _ => tokio::time::sleep(Duration::from_millis(300)).await,
@@ -71,42 +72,40 @@ pub async fn build(client: &Client, args: BuildArgs) -> Result<(), ClientError> 
 
 /// `hangar images`: a table of images, one of layers, and the layers' disk use.
 pub async fn list(client: &Client, args: ImagesArgs) -> Result<(), ClientError> {
-    let images: serde_json::Value = client.get("/v1/images").await?;
+    let answer: serde_json::Value = client.get("/v1/images").await?;
     if args.json {
-        return print_json(&images);
+        return print_json(&answer);
     }
-    let mb = |v: &serde_json::Value| format!("{:.1} MB", v.as_f64().unwrap_or(0.0) / 1e6);
-    let when = |v: &serde_json::Value| {
-        v.as_u64()
-            .map(|ms| {
-                humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms))
-                    .to_string()
-            })
-            .unwrap_or_else(|| "never".into())
+    let images: ImagesView = typed(answer)?;
+    let mb = |bytes: u64| format!("{:.1} MB", bytes as f64 / 1e6);
+    let when = |ms: Option<u64>| {
+        ms.map(|ms| {
+            humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms))
+                .to_string()
+        })
+        .unwrap_or_else(|| "never".into())
     };
-    let short = |v: &serde_json::Value| text(v).chars().take(12).collect::<String>();
-    let rows = images["images"].as_array().into_iter().flatten().map(|i| {
+    let short = |hash: &str| hash.chars().take(12).collect::<String>();
+    let rows = images.images.iter().map(|i| {
         vec![
-            text(&i["service"]),
-            text(&i["os"]),
-            if i["format"] == "disk" {
+            i.service.clone(),
+            i.os.clone(),
+            if i.format == "disk" {
                 "disk".into()
-            } else if i["built"].as_bool().unwrap_or(false) {
+            } else if i.built {
                 "built".into()
             } else {
                 "not built".into()
             },
-            i["layers"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(short)
+            i.layers
+                .iter()
+                .map(|hash| short(hash))
                 .collect::<Vec<_>>()
                 .join(" "),
-            mb(&i["size_bytes"]),
-            i["users"].as_array().map_or(0, Vec::len).to_string(),
-            when(&i["last_used_ms"]),
-            if i["promoted"].as_bool().unwrap_or(false) {
+            mb(i.size_bytes),
+            i.users.len().to_string(),
+            when(i.last_used_ms),
+            if i.promoted {
                 "yes".into()
             } else {
                 String::new()
@@ -127,23 +126,17 @@ pub async fn list(client: &Client, args: ImagesArgs) -> Result<(), ClientError> 
         rows,
     );
     println!();
-    let rows = images["layers"].as_array().into_iter().flatten().map(|l| {
+    let rows = images.layers.iter().map(|l| {
         vec![
-            short(&l["hash"]),
-            text(&l["kind"]),
-            text(&l["name"]),
-            short(&l["parent"]),
-            mb(&l["size_bytes"]),
-            format!("{:.1} s", l["build_ms"].as_f64().unwrap_or(0.0) / 1e3),
-            l["users"].as_array().map_or(0, Vec::len).to_string(),
-            when(&l["last_used_ms"]),
-            l["images"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(text)
-                .collect::<Vec<_>>()
-                .join(","),
+            short(&l.hash),
+            l.kind.clone(),
+            l.name.clone(),
+            short(l.parent.as_deref().unwrap_or_default()),
+            mb(l.size_bytes),
+            format!("{:.1} s", l.build_ms as f64 / 1e3),
+            l.users.len().to_string(),
+            when(l.last_used_ms),
+            l.images.join(","),
         ]
     });
     table::print(
@@ -162,8 +155,8 @@ pub async fn list(client: &Client, args: ImagesArgs) -> Result<(), ClientError> 
     );
     println!(
         "layers on disk: {} of a {} budget",
-        mb(&images["total_bytes"]),
-        mb(&images["budget_bytes"])
+        mb(images.total_bytes),
+        mb(images.budget_bytes)
     );
     Ok(())
 }

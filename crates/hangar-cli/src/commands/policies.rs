@@ -1,8 +1,12 @@
 //! Lifecycle policies: `hangar policies` lists them with the memory and disk budgets,
 //! `hangar policy set|reset` changes a service's at run time.
 
+use std::time::Duration;
+
+use hangar_api::{PoliciesView, PolicyBody, PolicyView};
+
 use crate::client::{Client, ClientError};
-use crate::output::{print_json, table, text};
+use crate::output::{print_json, table, typed, wire_name};
 
 #[derive(clap::Args)]
 pub struct PoliciesArgs {
@@ -76,47 +80,44 @@ fn parse_rate(text: &str) -> Result<Rate, String> {
 
 /// `hangar policies`: every service's policy, its demand, and the budgets.
 pub async fn list(client: &Client, args: PoliciesArgs) -> Result<(), ClientError> {
-    let policies: serde_json::Value = client.get("/v1/policies").await?;
+    let answer: serde_json::Value = client.get("/v1/policies").await?;
     if args.json {
-        return print_json(&policies);
+        return print_json(&answer);
     }
-    let timer = |p: &serde_json::Value, name: &str| match p[name].as_str() {
-        Some(value) => value.to_owned(),
+    let policies: PoliciesView = typed(answer)?;
+    let timer = |d: Option<Duration>| match d {
+        Some(d) => humantime::format_duration(d).to_string(),
         None => "-".into(),
     };
-    let rows = policies["services"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|view| {
-            let p = &view["policy"];
-            let keep = match p["keep_active_above"].as_f64() {
-                Some(rate) => format!(">{rate}/min"),
-                None => "-".into(),
-            };
-            let mut tier = text(&p["archive_tier"]);
-            if view["archive_tier_used"] != p["archive_tier"] {
-                tier = format!("{tier} (as {})", text(&view["archive_tier_used"]));
-            }
-            vec![
-                text(&view["service"]),
-                timer(p, "sleep_after"),
-                timer(p, "archive_after"),
-                timer(p, "delete_after"),
-                keep,
-                format!(
-                    "{:.1}{}",
-                    view["rate_per_min"].as_f64().unwrap_or(0.0),
-                    if view["kept_active"] == true {
-                        " (kept active)"
-                    } else {
-                        ""
-                    }
-                ),
-                tier,
-                text(&view["source"]).replace('_', "-"),
-            ]
-        });
+    let rows = policies.services.iter().map(|view| {
+        let p = &view.policy;
+        let keep = match p.keep_active_above {
+            Some(rate) => format!(">{}/min", rate.0),
+            None => "-".into(),
+        };
+        let mut tier = p.archive_tier.to_string();
+        if view.archive_tier_used != tier {
+            tier = format!("{tier} (as {})", view.archive_tier_used);
+        }
+        vec![
+            view.service.clone(),
+            timer(p.sleep_after),
+            timer(p.archive_after),
+            timer(p.delete_after),
+            keep,
+            format!(
+                "{:.1}{}",
+                view.rate_per_min,
+                if view.kept_active {
+                    " (kept active)"
+                } else {
+                    ""
+                }
+            ),
+            tier,
+            wire_name(&view.source).replace('_', "-"),
+        ]
+    });
     table::print(
         &[
             "SERVICE",
@@ -130,20 +131,16 @@ pub async fn list(client: &Client, args: PoliciesArgs) -> Result<(), ClientError
         ],
         rows,
     );
-    for (what, key) in [("memory", "memory"), ("disk", "disk")] {
-        let budget = &policies[key];
-        let limit = match budget["budget_mib"].as_u64() {
+    for (what, budget) in [("memory", &policies.memory), ("disk", &policies.disk)] {
+        let limit = match budget.budget_mib {
             Some(mib) => format!("{mib} MiB"),
             None => "unlimited".into(),
         };
-        println!(
-            "{what}: {:.1} MiB used of {limit}",
-            budget["used_mib"].as_f64().unwrap_or(0.0)
-        );
+        println!("{what}: {:.1} MiB used of {limit}", budget.used_mib);
     }
-    for view in policies["services"].as_array().into_iter().flatten() {
-        if let Some(note) = view["note"].as_str() {
-            println!("{}: {note}", text(&view["service"]));
+    for view in &policies.services {
+        if let Some(note) = &view.note {
+            println!("{}: {note}", view.service);
         }
     }
     Ok(())
@@ -161,36 +158,27 @@ pub async fn run(client: &Client, command: PolicyCommand) -> Result<(), ClientEr
             archive_tier,
             json,
         } => {
-            let mut body = serde_json::Map::new();
-            for (name, timer) in [
-                ("sleep_after", sleep_after),
-                ("archive_after", archive_after),
-                ("delete_after", delete_after),
-            ] {
-                if let Some(Timer(value)) = timer {
-                    body.insert(name.into(), serde_json::json!(value));
-                }
-            }
-            if let Some(Rate(value)) = keep_active_above {
-                body.insert("keep_active_above".into(), serde_json::json!(value));
-            }
-            if let Some(tier) = archive_tier {
-                body.insert("archive_tier".into(), serde_json::json!(tier));
-            }
-            let view: serde_json::Value = client
-                .put(
-                    &format!("/v1/policies/{service}"),
-                    &serde_json::Value::Object(body),
-                )
+            let body = PolicyBody {
+                sleep_after: sleep_after.map(|Timer(value)| value),
+                archive_after: archive_after.map(|Timer(value)| value),
+                delete_after: delete_after.map(|Timer(value)| value),
+                keep_active_above: keep_active_above.map(|Rate(value)| value),
+                archive_tier: archive_tier
+                    .map(|tier| tier.parse())
+                    .transpose()
+                    .map_err(ClientError::Usage)?,
+            };
+            let answer: serde_json::Value = client
+                .put(&format!("/v1/policies/{service}"), &body)
                 .await?;
             if json {
-                return print_json(&view);
+                return print_json(&answer);
             }
-            print_policy(&view);
+            print_policy(&typed(answer)?);
             Ok(())
         }
         PolicyCommand::Reset { service } => {
-            let view: serde_json::Value = client.delete(&format!("/v1/policies/{service}")).await?;
+            let view: PolicyView = client.delete(&format!("/v1/policies/{service}")).await?;
             print_policy(&view);
             Ok(())
         }
@@ -198,23 +186,27 @@ pub async fn run(client: &Client, command: PolicyCommand) -> Result<(), ClientEr
 }
 
 /// `policy SERVICE: sleep after 3s, archive after 5s, ...` for a policy view.
-fn print_policy(view: &serde_json::Value) {
-    let p = &view["policy"];
-    let mut parts: Vec<String> = ["sleep_after", "archive_after", "delete_after"]
-        .into_iter()
-        .filter_map(|name| Some(format!("{} {}", name.replace('_', " "), p[name].as_str()?)))
-        .collect();
-    if let Some(rate) = p["keep_active_above"].as_f64() {
-        parts.push(format!("kept active above {rate} requests/min"));
+fn print_policy(view: &PolicyView) {
+    let p = &view.policy;
+    let mut parts: Vec<String> = [
+        ("sleep after", p.sleep_after),
+        ("archive after", p.archive_after),
+        ("delete after", p.delete_after),
+    ]
+    .into_iter()
+    .filter_map(|(name, d)| Some(format!("{name} {}", humantime::format_duration(d?))))
+    .collect();
+    if let Some(rate) = p.keep_active_above {
+        parts.push(format!("kept active above {} requests/min", rate.0));
     }
-    parts.push(format!("archive tier {}", text(&p["archive_tier"])));
+    parts.push(format!("archive tier {}", p.archive_tier));
     println!(
         "policy {} ({}): {}",
-        text(&view["service"]),
-        text(&view["source"]).replace('_', "-"),
+        view.service,
+        wire_name(&view.source).replace('_', "-"),
         parts.join(", ")
     );
-    if let Some(note) = view["note"].as_str() {
+    if let Some(note) = &view.note {
         println!("note: {note}");
     }
 }

@@ -1,7 +1,9 @@
 //! The warm pools: `hangar pools` lists them, `hangar pool set` changes one at run time.
 
+use hangar_api::PoolView;
+
 use crate::client::{Client, ClientError};
-use crate::output::{print_json, table, text};
+use crate::output::{print_json, table, typed};
 
 #[derive(clap::Args)]
 pub struct PoolsArgs {
@@ -36,25 +38,22 @@ pub enum PoolCommand {
 
 /// `hangar pools`: each pool's shape, bounds, target, ready and booting VMs and demand.
 pub async fn list(client: &Client, args: PoolsArgs) -> Result<(), ClientError> {
-    let pools: serde_json::Value = client.get("/v1/pools").await?;
+    let answer: serde_json::Value = client.get("/v1/pools").await?;
     if args.json {
-        return print_json(&pools);
+        return print_json(&answer);
     }
-    let rows = pools.as_array().into_iter().flatten().map(|p| {
+    let pools: Vec<PoolView> = typed(answer)?;
+    let rows = pools.iter().map(|p| {
         vec![
-            text(&p["name"]),
-            if p["service"].is_null() {
-                "(pre-OS shell)".into()
-            } else {
-                text(&p["service"])
-            },
-            format!("{}x{} MiB", p["vcpus"], p["vm_memory_mib"]),
-            format!("{}-{}", p["min"], p["max"]),
-            text(&p["target"]),
-            text(&p["ready"]),
-            text(&p["booting"]),
-            format!("{} MiB", p["memory_mib"]),
-            format!("{:.1}", p["rate_per_min"].as_f64().unwrap_or(0.0)),
+            p.name.clone(),
+            p.service.clone().unwrap_or_else(|| "(pre-OS shell)".into()),
+            format!("{}x{} MiB", p.vcpus, p.vm_memory_mib),
+            format!("{}-{}", p.min, p.max),
+            p.target.to_string(),
+            p.ready.to_string(),
+            p.booting.to_string(),
+            format!("{} MiB", p.memory_mib),
+            format!("{:.1}", p.rate_per_min),
         ]
     });
     table::print(
@@ -84,13 +83,14 @@ pub async fn run(client: &Client, command: PoolCommand) -> Result<(), ClientErro
     } else if default_ready {
         body["ready"] = serde_json::Value::Null;
     }
-    let pool: serde_json::Value = client.put(&format!("/v1/pools/{name}"), &body).await?;
+    let answer: serde_json::Value = client.put(&format!("/v1/pools/{name}"), &body).await?;
     if json {
-        return print_json(&pool);
+        return print_json(&answer);
     }
+    let pool: PoolView = typed(answer)?;
     println!(
         "pool {name}: min {} max {} target {}",
-        pool["min"], pool["max"], pool["target"]
+        pool.min, pool.max, pool.target
     );
     Ok(())
 }

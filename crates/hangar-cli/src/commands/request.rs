@@ -4,9 +4,11 @@
 use std::io::IsTerminal;
 use std::time::Duration;
 
+use hangar_api::{GrantView, Served};
+
 use super::parse_env;
 use crate::client::{Client, ClientError};
-use crate::output::{print_json, text};
+use crate::output::{print_json, typed, wire_name};
 
 #[derive(clap::Args)]
 pub struct RequestArgs {
@@ -94,33 +96,35 @@ pub async fn run(client: &Client, args: RequestArgs) -> Result<(), ClientError> 
             service.as_deref().unwrap_or("that configuration")
         );
     }
-    let grant: serde_json::Value = client.post("/v1/requests", &body).await?;
+    let answer: serde_json::Value = client.post("/v1/requests", &body).await?;
     if json {
-        return print_json(&grant);
+        return print_json(&answer);
     }
-    let endpoint = text(&grant["endpoint"]);
+    let grant: GrantView = typed(answer)?;
     println!(
         "{}",
-        if endpoint.is_empty() {
-            text(&grant["vm"])
+        if grant.endpoint.is_empty() {
+            &grant.vm
         } else {
-            endpoint
+            &grant.endpoint
         }
     );
-    let endpoints = grant["endpoints"].as_object().cloned().unwrap_or_default();
-    if endpoints.len() > 1 {
-        for (name, addr) in &endpoints {
-            eprintln!("endpoint {name}: {}", text(addr));
+    if grant.endpoints.len() > 1 {
+        for (name, addr) in &grant.endpoints {
+            eprintln!("endpoint {name}: {addr}");
         }
     }
     if std::io::stderr().is_terminal() {
-        let how = match grant["match"].as_str().unwrap_or_default() {
-            "shared" => "shared, already running".to_owned(),
-            "created" => format!("new, booted in {} ms", grant["boot_ms"]),
-            "woken" => "shared, woken from sleep or archive".to_owned(),
-            kind => format!("{kind} match from a warm pool"),
+        let how = match grant.served {
+            Served::Shared => "shared, already running".to_owned(),
+            Served::Created => format!(
+                "new, booted in {} ms",
+                grant.boot_ms.map_or("null".to_owned(), |ms| ms.to_string())
+            ),
+            Served::Woken => "shared, woken from sleep or archive".to_owned(),
+            kind => format!("{} match from a warm pool", wire_name(&kind)),
         };
-        eprintln!("vm {} ({how})", text(&grant["vm"]));
+        eprintln!("vm {} ({how})", grant.vm);
     }
     Ok(())
 }

@@ -1,7 +1,9 @@
 //! `hangar services`: the services that can be requested.
 
+use hangar_api::ServiceView;
+
 use crate::client::{Client, ClientError};
-use crate::output::{print_json, table, text};
+use crate::output::{print_json, table, typed};
 
 #[derive(clap::Args)]
 pub struct ServicesArgs {
@@ -11,31 +13,23 @@ pub struct ServicesArgs {
 }
 
 pub async fn run(client: &Client, args: ServicesArgs) -> Result<(), ClientError> {
-    let services: serde_json::Value = client.get("/v1/services").await?;
+    let answer: serde_json::Value = client.get("/v1/services").await?;
     if args.json {
-        return print_json(&services);
+        return print_json(&answer);
     }
-    let rows = services.as_array().into_iter().flatten().map(|s| {
-        let ports = s["ports"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|p| format!("{}/{}", p["name"].as_str().unwrap_or(""), p["guest"]))
+    let services: Vec<ServiceView> = typed(answer)?;
+    let rows = services.iter().map(|s| {
+        let ports = s
+            .ports
+            .iter()
+            .map(|p| format!("{}/{}", p.name, p.guest))
             .collect::<Vec<_>>()
             .join(",");
-        let environments = s["environments"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(text)
-            .collect::<Vec<_>>()
-            .join(" ");
-        let settings = s["settings"]
-            .as_object()
-            .into_iter()
-            .flatten()
+        let settings = s
+            .settings
+            .iter()
             .map(|(key, setting)| {
-                if setting["required"].as_bool().unwrap_or(false) {
+                if setting.required {
                     format!("{key}!")
                 } else {
                     key.clone()
@@ -44,13 +38,13 @@ pub async fn run(client: &Client, args: ServicesArgs) -> Result<(), ClientError>
             .collect::<Vec<_>>()
             .join(",");
         vec![
-            text(&s["name"]),
-            environments,
-            s["vcpus"].to_string(),
-            format!("{} MiB", s["memory_mib"]),
+            s.name.clone(),
+            s.environments.join(" "),
+            s.vcpus.to_string(),
+            format!("{} MiB", s.memory_mib),
             ports,
             settings,
-            text(&s["description"]),
+            s.description.clone(),
         ]
     });
     table::print(

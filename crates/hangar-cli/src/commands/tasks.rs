@@ -1,8 +1,10 @@
 //! Tasks (VM creation, image builds and other long operations): `hangar tasks` and
 //! `hangar task ID`.
 
+use hangar_api::TaskView;
+
 use crate::client::{Client, ClientError};
-use crate::output::{print_json, table, text};
+use crate::output::{print_json, table, typed};
 
 #[derive(clap::Args)]
 pub struct TasksArgs {
@@ -25,34 +27,36 @@ const HEADER: [&str; 8] = [
 
 /// `hangar tasks`: recent tasks.
 pub async fn list(client: &Client, args: TasksArgs) -> Result<(), ClientError> {
-    let tasks: serde_json::Value = client.get("/v1/tasks").await?;
+    let answer: serde_json::Value = client.get("/v1/tasks").await?;
     if args.json {
-        return print_json(&tasks);
+        return print_json(&answer);
     }
-    let rows = tasks.as_array().into_iter().flatten().map(task_row);
+    let tasks: Vec<TaskView> = typed(answer)?;
+    let rows = tasks.iter().map(task_row);
     table::print(&HEADER, rows);
     Ok(())
 }
 
 /// `hangar task ID`: one task, with its stage, progress and error.
 pub async fn show(client: &Client, args: TaskArgs) -> Result<(), ClientError> {
-    let task: serde_json::Value = client.get(&format!("/v1/tasks/{}", args.id)).await?;
+    let answer: serde_json::Value = client.get(&format!("/v1/tasks/{}", args.id)).await?;
     if args.json {
-        return print_json(&task);
+        return print_json(&answer);
     }
+    let task: TaskView = typed(answer)?;
     table::print(&HEADER, [task_row(&task)]);
     Ok(())
 }
 
-fn task_row(task: &serde_json::Value) -> Vec<String> {
+fn task_row(task: &TaskView) -> Vec<String> {
     vec![
-        text(&task["id"]),
-        text(&task["kind"]),
-        text(&task["service"]),
-        text(&task["vm"]),
-        text(&task["state"]),
-        text(&task["stage"]),
-        task["percent"].to_string(),
-        text(&task["error"]),
+        task.id.clone(),
+        task.kind.clone(),
+        task.service.clone().unwrap_or_default(),
+        task.vm.clone().unwrap_or_default(),
+        task.state.clone(),
+        task.stage.clone(),
+        task.percent.to_string(),
+        task.error.clone().unwrap_or_default(),
     ]
 }

@@ -1,7 +1,9 @@
 //! `hangar templates`: service templates, the snapshots new VMs are cloned from.
 
+use hangar_api::TemplateView;
+
 use crate::client::{Client, ClientError};
-use crate::output::{print_json, table, text};
+use crate::output::{print_json, table, typed};
 
 #[derive(clap::Args)]
 pub struct TemplatesArgs {
@@ -11,23 +13,24 @@ pub struct TemplatesArgs {
 }
 
 pub async fn run(client: &Client, args: TemplatesArgs) -> Result<(), ClientError> {
-    let templates: serde_json::Value = client.get("/v1/templates").await?;
+    let answer: serde_json::Value = client.get("/v1/templates").await?;
     if args.json {
-        return print_json(&templates);
+        return print_json(&answer);
     }
-    let rows = templates.as_array().into_iter().flatten().map(|t| {
+    let templates: Vec<TemplateView> = typed(answer)?;
+    let rows = templates.iter().map(|t| {
         vec![
-            text(&t["service"]),
-            text(&t["key"]),
-            format!("{}x{} MiB", t["vcpus"], t["memory_mib"]),
-            format!("{:.1} MB", t["size_bytes"].as_f64().unwrap_or(0.0) / 1e6),
-            format!("{} ms", t["took_ms"]),
-            if t["current"].as_bool() == Some(true) {
+            t.service.clone(),
+            t.key.clone(),
+            format!("{}x{} MiB", t.vcpus, t.memory_mib),
+            format!("{:.1} MB", t.size_bytes as f64 / 1e6),
+            format!("{} ms", t.took_ms),
+            if t.current {
                 "yes".into()
             } else {
                 "no (outdated)".into()
             },
-            text(&t["created_at"]),
+            t.created_at.clone(),
         ]
     });
     table::print(

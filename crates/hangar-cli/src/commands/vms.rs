@@ -1,7 +1,9 @@
 //! The VM commands: `hangar vms` (the state table), `sleep`, `archive`, `wake` and `rm`.
 
+use hangar_api::{ArchiveBody, VmView};
+
 use crate::client::{Client, ClientError};
-use crate::output::{ago, print_json, table, text};
+use crate::output::{ago, print_json, table, typed};
 
 #[derive(clap::Args)]
 pub struct VmsArgs {
@@ -35,7 +37,7 @@ pub struct RmArgs {
 
 /// `hangar vms`: every VM with its host, services, endpoints and state.
 pub async fn list(client: &Client, args: VmsArgs) -> Result<(), ClientError> {
-    let vms: serde_json::Value = client
+    let answer: serde_json::Value = client
         .get(if args.all {
             "/v1/vms?all=true"
         } else {
@@ -43,42 +45,35 @@ pub async fn list(client: &Client, args: VmsArgs) -> Result<(), ClientError> {
         })
         .await?;
     if args.json {
-        return print_json(&vms);
+        return print_json(&answer);
     }
-    let rows = vms.as_array().into_iter().flatten().map(|vm| {
-        let services = vm["services"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(text)
-            .collect::<Vec<_>>()
-            .join(",");
-        let endpoints = vm["endpoints"]
-            .as_object()
-            .into_iter()
-            .flatten()
-            .map(|(name, addr)| format!("{name}={}", text(addr)))
+    let vms: Vec<VmView> = typed(answer)?;
+    let rows = vms.iter().map(|vm| {
+        let endpoints = vm
+            .endpoints
+            .iter()
+            .map(|(name, addr)| format!("{name}={addr}"))
             .collect::<Vec<_>>()
             .join(" ");
-        let mut state = text(&vm["state"]);
-        if let Some(pool) = vm["pool"].as_str() {
+        let mut state = vm.state.to_string();
+        if let Some(pool) = &vm.pool {
             state = format!("{state} (pool {pool})");
         }
-        if let Some(tier) = vm["archive"]["tier"].as_str() {
-            let mb = vm["archive"]["size_bytes"].as_f64().unwrap_or(0.0) / 1e6;
-            state = format!("{state} ({tier}, {mb:.1} MB)");
+        if let Some(archive) = &vm.archive {
+            let mb = archive.size_bytes as f64 / 1e6;
+            state = format!("{state} ({}, {mb:.1} MB)", archive.tier);
         }
-        if let Some(error) = vm["error"].as_str() {
+        if let Some(error) = &vm.error {
             state = format!("{state}: {error}");
         }
         vec![
-            text(&vm["id"]),
-            text(&vm["host"]),
-            services,
+            vm.id.clone(),
+            vm.host.clone(),
+            vm.services.join(","),
             endpoints,
-            format!("{}/{}", vm["vcpus"], vm["memory_mib"]),
-            text(&vm["mode"]),
-            ago(vm["idle_ms"].as_u64()),
+            format!("{}/{}", vm.vcpus, vm.memory_mib),
+            vm.mode.as_str().to_owned(),
+            ago(Some(vm.idle_ms)),
             state,
         ]
     });
@@ -100,47 +95,52 @@ pub async fn list(client: &Client, args: VmsArgs) -> Result<(), ClientError> {
 
 /// `hangar sleep VM`: pauses an active VM in memory.
 pub async fn sleep(client: &Client, args: VmArg) -> Result<(), ClientError> {
-    let vm: serde_json::Value = client
+    let vm: VmView = client
         .post(
             &format!("/v1/vms/{}/sleep", args.vm),
             &serde_json::json!({}),
         )
         .await?;
-    println!("{} {}", text(&vm["id"]), text(&vm["state"]));
+    println!("{} {}", vm.id, vm.state);
     Ok(())
 }
 
 /// `hangar archive VM`: writes a VM's memory to disk and ends its process.
 pub async fn archive(client: &Client, args: ArchiveArgs) -> Result<(), ClientError> {
-    let vm: serde_json::Value = client
+    let vm: VmView = client
         .post(
             &format!("/v1/vms/{}/archive", args.vm),
-            &serde_json::json!({ "tier": args.tier }),
+            &ArchiveBody {
+                tier: args.tier.parse().map_err(ClientError::Usage)?,
+            },
         )
         .await?;
+    let (tier, size_bytes) = vm
+        .archive
+        .as_ref()
+        .map_or(("", 0), |a| (a.tier.as_str(), a.size_bytes));
     println!(
-        "{} {} ({} archive, {:.1} MB)",
-        text(&vm["id"]),
-        text(&vm["state"]),
-        text(&vm["archive"]["tier"]),
-        vm["archive"]["size_bytes"].as_f64().unwrap_or(0.0) / 1e6
+        "{} {} ({tier} archive, {:.1} MB)",
+        vm.id,
+        vm.state,
+        size_bytes as f64 / 1e6
     );
     Ok(())
 }
 
 /// `hangar wake VM`: brings a sleeping or archived VM back.
 pub async fn wake(client: &Client, args: VmArg) -> Result<(), ClientError> {
-    let vm: serde_json::Value = client
+    let vm: VmView = client
         .post(&format!("/v1/vms/{}/wake", args.vm), &serde_json::json!({}))
         .await?;
-    println!("{} {}", text(&vm["id"]), text(&vm["state"]));
+    println!("{} {}", vm.id, vm.state);
     Ok(())
 }
 
 /// `hangar rm VM...`: deletes VMs in order; stops at the first that fails.
 pub async fn rm(client: &Client, args: RmArgs) -> Result<(), ClientError> {
     for vm in args.vms {
-        let _: serde_json::Value = client.delete(&format!("/v1/vms/{vm}")).await?;
+        let _: serde::de::IgnoredAny = client.delete(&format!("/v1/vms/{vm}")).await?;
         println!("{vm} deleted");
     }
     Ok(())

@@ -17,7 +17,19 @@ pub fn text(value: &serde_json::Value) -> String {
     }
 }
 
-/// Prints `value` as pretty JSON on stdout: what `--json` prints.
+/// An answer read as `T` (one of the API's wire types) for a table; a mismatch is a bad
+/// reply.
+pub fn typed<T: serde::de::DeserializeOwned>(answer: serde_json::Value) -> Result<T, ClientError> {
+    serde_json::from_value(answer).map_err(|err| ClientError::Reply(err.to_string()))
+}
+
+/// How a wire enum (a VM state, a mode, a match kind) is spelled in JSON.
+pub fn wire_name(value: &impl serde::Serialize) -> String {
+    text(&serde_json::to_value(value).expect("wire types serialize"))
+}
+
+/// Prints `value` as pretty JSON on stdout: what `--json` prints (the server's answer as
+/// it came, with keys sorted).
 pub fn print_json(value: &serde_json::Value) -> Result<(), ClientError> {
     println!(
         "{}",

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::client::{Client, ClientError};
+use crate::client::{BenchError, Client};
 
 /// How the benchmark's server is started.
 #[derive(Debug, Clone)]
@@ -31,7 +31,7 @@ impl ServerOptions {
         let cache = self
             .cache
             .clone()
-            .unwrap_or_else(|| crate::commands::server::default_data_dir().join("cache"));
+            .unwrap_or_else(|| crate::hangar::default_data_dir().join("cache"));
         std::fs::create_dir_all(&cache)
             .map_err(|err| format!("cache dir {}: {err}", cache.display()))?;
         cache
@@ -87,7 +87,7 @@ impl BenchServer {
         self.keep_log = Some(dir.to_owned());
     }
 
-    /// Starts `hangar server` (this executable) on a free port in a temporary data dir
+    /// Starts `hangar server` (see [`crate::hangar::hangar_exe`]) on a free port in a temporary data dir
     /// whose `cache` links to the shared cache, and waits until it answers.
     pub fn start(options: &ServerOptions) -> Result<BenchServer, String> {
         // Short paths: unix socket addresses hold at most 107 bytes.
@@ -103,7 +103,7 @@ impl BenchServer {
             .port();
         let log = std::fs::File::create(data_dir.path().join("server.log"))
             .map_err(|err| err.to_string())?;
-        let exe = std::env::current_exe().map_err(|err| err.to_string())?;
+        let exe = crate::hangar::hangar_exe()?;
         let mut command = Command::new(exe);
         command
             .args([
@@ -171,7 +171,7 @@ impl BenchServer {
     }
 
     /// Sets the service's pool to exactly `size` VMs.
-    pub async fn set_pool(&self, pool: &str, size: u32) -> Result<(), ClientError> {
+    pub async fn set_pool(&self, pool: &str, size: u32) -> Result<(), BenchError> {
         let _: serde_json::Value = self
             .client
             .put(
@@ -184,7 +184,7 @@ impl BenchServer {
 
     /// Waits until `pool` holds `size` ready VMs and none booting, then a moment more for
     /// the last boot's tail (page cache, QEMU threads) to quiet down.
-    pub async fn wait_pool_full(&self, pool: &str, size: u32) -> Result<(), ClientError> {
+    pub async fn wait_pool_full(&self, pool: &str, size: u32) -> Result<(), BenchError> {
         let deadline = Instant::now() + Duration::from_secs(300);
         loop {
             let pools: serde_json::Value = self.client.get("/v1/pools").await?;
@@ -198,7 +198,7 @@ impl BenchServer {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                return Err(ClientError::Reply(format!(
+                return Err(BenchError::Reply(format!(
                     "pool {pool} did not fill to {size} within 5 minutes"
                 )));
             }
@@ -206,7 +206,7 @@ impl BenchServer {
         }
     }
 
-    pub async fn delete_vm(&self, vm: &str) -> Result<(), ClientError> {
+    pub async fn delete_vm(&self, vm: &str) -> Result<(), BenchError> {
         let _: serde_json::Value = self.client.delete(&format!("/v1/vms/{vm}")).await?;
         Ok(())
     }
@@ -216,7 +216,7 @@ impl BenchServer {
         &self,
         service: &str,
         dedicated: bool,
-    ) -> Result<Sample, ClientError> {
+    ) -> Result<Sample, BenchError> {
         let body = serde_json::json!({
             "service": service,
             "mode": if dedicated { "dedicated" } else { "shared" },
@@ -228,7 +228,7 @@ impl BenchServer {
         let endpoint = endpoint_of(&grant)?;
         wait_answering(endpoint, started, Duration::from_secs(120))
             .await
-            .map_err(ClientError::Failed)?;
+            .map_err(BenchError::Failed)?;
         Ok(Sample {
             total: started.elapsed(),
             api,
@@ -248,7 +248,7 @@ impl BenchServer {
         action: &str,
         body: &serde_json::Value,
         endpoint: Option<SocketAddr>,
-    ) -> Result<(Duration, serde_json::Value), ClientError> {
+    ) -> Result<(Duration, serde_json::Value), BenchError> {
         let started = Instant::now();
         let answer: serde_json::Value = self
             .client
@@ -257,7 +257,7 @@ impl BenchServer {
         if let Some(endpoint) = endpoint {
             wait_answering(endpoint, started, Duration::from_secs(120))
                 .await
-                .map_err(ClientError::Failed)?;
+                .map_err(BenchError::Failed)?;
         }
         Ok((started.elapsed(), answer))
     }
@@ -277,11 +277,11 @@ pub struct Sample {
     pub stages: Vec<(String, Duration)>,
 }
 
-fn endpoint_of(grant: &serde_json::Value) -> Result<SocketAddr, ClientError> {
+fn endpoint_of(grant: &serde_json::Value) -> Result<SocketAddr, BenchError> {
     grant["endpoint"]
         .as_str()
         .and_then(|e| e.parse().ok())
-        .ok_or_else(|| ClientError::Reply(format!("no endpoint in {grant}")))
+        .ok_or_else(|| BenchError::Reply(format!("no endpoint in {grant}")))
 }
 
 /// `name;dur=MS, ...` → (name, duration) pairs.

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::stats::{Summary, ms, summary};
+use crate::stats::{Summary, ms, summary};
 
 /// One line of the table.
 #[derive(Debug, Clone, Serialize)]
@@ -57,8 +57,8 @@ impl Report {
     pub fn new(accel: &str, mode: &str, service: &str) -> Report {
         Report {
             date: String::new(),
-            machine: super::server::machine(),
-            load_average: [super::server::load_average(), f64::NAN],
+            machine: crate::server::machine(),
+            load_average: [crate::server::load_average(), f64::NAN],
             accel: accel.to_owned(),
             mode: mode.to_owned(),
             service: service.to_owned(),
@@ -210,7 +210,7 @@ impl Report {
     /// (no font) is noted in the report instead.
     pub fn write(&mut self, dir: &Path) -> Result<(), String> {
         std::fs::create_dir_all(dir).map_err(|err| format!("{}: {err}", dir.display()))?;
-        if let Err(err) = super::chart::draw(&dir.join("latency.png"), self) {
+        if let Err(err) = crate::chart::draw(&dir.join("latency.png"), self) {
             self.notes.push(format!("no chart: {err}"));
         }
         let write = |name: &str, text: String| {

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::server::{BenchServer, Sample, rss_pss_kib};
-use crate::client::{Client, ClientError};
+use crate::client::{BenchError, Client};
+use crate::server::{BenchServer, Sample, rss_pss_kib};
 
 /// Warm-pool grants: the pool is set to `pool` VMs; from a full, idle pool, bursts of
 /// `pool` dedicated requests back to back (refills run meanwhile), each timed until its
@@ -17,7 +17,7 @@ pub async fn pool_grants(
     service: &str,
     pool: u32,
     count: usize,
-) -> Result<Vec<Sample>, ClientError> {
+) -> Result<Vec<Sample>, BenchError> {
     server.set_pool(service, pool).await?;
     let mut grants = Vec::new();
     while grants.len() < count {
@@ -27,7 +27,7 @@ pub async fn pool_grants(
             let sample = server.timed_request(service, true).await?;
             made.push(sample.vm.clone());
             if sample.served != "exact" {
-                return Err(ClientError::Reply(format!(
+                return Err(BenchError::Reply(format!(
                     "expected a pool hit, got a {} match",
                     sample.served
                 )));
@@ -63,7 +63,7 @@ pub async fn sustained_grants(
     service: &str,
     pool: u32,
     duration: Duration,
-) -> Result<Sustained, ClientError> {
+) -> Result<Sustained, BenchError> {
     server.set_pool(service, pool).await?;
     server.wait_pool_full(service, pool).await?;
     let started = Instant::now();
@@ -103,7 +103,7 @@ pub async fn sustained_grants(
 pub async fn paused_pool_memory(
     server: &BenchServer,
     pool: &str,
-) -> Result<Vec<(u64, u64)>, ClientError> {
+) -> Result<Vec<(u64, u64)>, BenchError> {
     let vms: serde_json::Value = server.client.get("/v1/vms").await?;
     Ok(vms
         .as_array()
@@ -133,7 +133,7 @@ pub async fn shared_throughput(
     service: &str,
     clients: usize,
     duration: Duration,
-) -> Result<Throughput, ClientError> {
+) -> Result<Throughput, BenchError> {
     let first = server.timed_request(service, false).await?;
     let body = Arc::new(serde_json::json!({ "service": service, "mode": "shared" }));
     let started = Instant::now();
@@ -149,17 +149,17 @@ pub async fn shared_throughput(
                 let answer: serde_json::Value = client.post("/v1/requests", &body).await?;
                 latencies.push(sent.elapsed());
                 if answer["match"] != "shared" || answer["vm"] != vm.as_str() {
-                    return Err(ClientError::Reply(format!(
+                    return Err(BenchError::Reply(format!(
                         "expected the shared VM {vm}, got {answer}"
                     )));
                 }
             }
-            Ok::<_, ClientError>(latencies)
+            Ok::<_, BenchError>(latencies)
         });
     }
     let mut latencies = Vec::new();
     while let Some(done) = workers.join_next().await {
-        latencies.extend(done.map_err(|err| ClientError::Failed(err.to_string()))??);
+        latencies.extend(done.map_err(|err| BenchError::Failed(err.to_string()))??);
     }
     let seconds = started.elapsed().as_secs_f64();
     server.delete_vm(&first.vm).await?;
@@ -181,13 +181,13 @@ pub async fn archive_and_wake(
     vm: &str,
     tier: &str,
     endpoint: SocketAddr,
-) -> Result<Option<(Duration, Duration, Option<u64>)>, ClientError> {
+) -> Result<Option<(Duration, Duration, Option<u64>)>, BenchError> {
     let archived = server
         .timed_action(vm, "archive", &serde_json::json!({ "tier": tier }), None)
         .await;
     let (archived, answer) = match archived {
         Ok(done) => done,
-        Err(ClientError::Api { status, .. }) if status == 400 || status == 422 => {
+        Err(BenchError::Api { status, .. }) if status == 400 || status == 422 => {
             return Ok(None);
         }
         Err(err) => return Err(err),

@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::bench::{ServerOptions, Summary, machine, parse_server_timing, start_server, summary};
-use crate::bench_endpoints::first_byte;
-use crate::client::{Client, ClientError};
+use crate::client::{BenchError, Client};
+use crate::endpoints::first_byte;
+use crate::server::{BenchServer, ServerOptions, machine, parse_server_timing};
+use crate::stats::{Summary, summary_or_zero as summary};
 
 #[derive(clap::Args)]
 pub struct LifecycleBench {
@@ -79,7 +80,7 @@ fn median_ms(samples: &mut [Duration]) -> f64 {
 
 /// Puts the VM to rest: asleep (`tier` None) or archived in `tier`. Returns the archive's
 /// size.
-async fn rest(client: &Client, vm: &str, tier: Option<&str>) -> Result<Option<u64>, ClientError> {
+async fn rest(client: &Client, vm: &str, tier: Option<&str>) -> Result<Option<u64>, BenchError> {
     let view: serde_json::Value = match tier {
         None => {
             client
@@ -108,15 +109,15 @@ async fn rest(client: &Client, vm: &str, tier: Option<&str>) -> Result<Option<u6
     Ok(view["archive"]["size_bytes"].as_u64())
 }
 
-fn reply(err: impl std::fmt::Display) -> ClientError {
-    ClientError::Reply(err.to_string())
+fn reply(err: impl std::fmt::Display) -> BenchError {
+    BenchError::Reply(err.to_string())
 }
 
 /// Request → the endpoint's first byte; the grant.
 async fn timed_grant(
     client: &Client,
     service: &str,
-) -> Result<(Duration, serde_json::Value), ClientError> {
+) -> Result<(Duration, serde_json::Value), BenchError> {
     let started = Instant::now();
     let grant: serde_json::Value = client
         .post(
@@ -129,16 +130,16 @@ async fn timed_grant(
     Ok((started.elapsed(), grant))
 }
 
-fn endpoint_of(grant: &serde_json::Value) -> Result<SocketAddr, ClientError> {
+fn endpoint_of(grant: &serde_json::Value) -> Result<SocketAddr, BenchError> {
     grant["endpoint"]
         .as_str()
         .and_then(|e| e.parse().ok())
         .ok_or_else(|| reply(format!("no endpoint in {grant}")))
 }
 
-pub async fn run(args: LifecycleBench) -> Result<(), ClientError> {
+pub async fn run(args: LifecycleBench) -> Result<(), BenchError> {
     if args.samples == 0 {
-        return Err(ClientError::Usage("--samples must be at least 1".into()));
+        return Err(BenchError::Usage("--samples must be at least 1".into()));
     }
     let options = |templates| ServerOptions {
         accel: args.accel.clone(),
@@ -150,7 +151,7 @@ pub async fn run(args: LifecycleBench) -> Result<(), ClientError> {
 
     // Cold boots, on a server that boots every VM.
     eprintln!("cold boots (templates off)...");
-    let server = start_server(&options(false)).map_err(ClientError::Reply)?;
+    let server = BenchServer::start(&options(false)).map_err(BenchError::Reply)?;
     let client = Client::new(&server.url);
     let mut cold = Vec::new();
     let mut memory_mib = 0;
@@ -173,7 +174,7 @@ pub async fn run(args: LifecycleBench) -> Result<(), ClientError> {
 
     // Everything else on a server with templates.
     eprintln!("restores from the template (templates on)...");
-    let server = start_server(&options(true)).map_err(ClientError::Reply)?;
+    let server = BenchServer::start(&options(true)).map_err(BenchError::Reply)?;
     let client = Client::new(&server.url);
     let (_, first) = timed_grant(&client, &args.service).await?;
     let deadline = Instant::now() + Duration::from_secs(300);

@@ -7,30 +7,22 @@
 //! Everything it made (VMs, QEMU processes, libvirt domains, files, daemons it started) is
 //! removed when it ends, also when it fails or is interrupted.
 //!
-//! `hangar bench pool` ([`pool`]) is the older, narrower cold-boot/pool-hit benchmark.
+//! `hangar bench pool` ([`crate::pool`]) is the older, narrower cold-boot/pool-hit benchmark.
 
-mod chart;
-mod libvirt;
-mod measure;
-mod placement;
-mod pool;
-mod report;
-mod server;
-mod stats;
+mod archive;
+mod setup;
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use hangar_server::images::ImageSource;
 use hangar_vmm::Accel;
 
-pub use pool::{PoolBench, run as run_pool};
-use report::Report;
-pub(crate) use server::{BenchServer, ServerOptions, machine, parse_server_timing};
-pub(crate) use stats::Summary;
-
-use crate::client::ClientError;
+use crate::client::BenchError;
+use crate::report::Report;
+use crate::server::{self, BenchServer, ServerOptions};
+use crate::{libvirt, measure, placement, stats};
+use archive::archives;
+use setup::{libvirt_guest, libvirt_setup};
 
 #[derive(clap::Args)]
 pub struct FullBench {
@@ -124,16 +116,16 @@ impl Plan {
     }
 }
 
-fn failed(err: impl std::fmt::Display) -> ClientError {
-    ClientError::Failed(err.to_string())
+fn failed(err: impl std::fmt::Display) -> BenchError {
+    BenchError::Failed(err.to_string())
 }
 
-pub async fn run(args: FullBench) -> Result<(), ClientError> {
+pub async fn run(args: FullBench) -> Result<(), BenchError> {
     let plan = Plan::of(&args);
     let accel = args
         .accel
         .parse::<Accel>()
-        .map_err(ClientError::Usage)?
+        .map_err(BenchError::Usage)?
         .resolve();
     let started = Instant::now();
     let mut report = Report::new(&accel.to_string(), plan.mode, &args.service);
@@ -167,101 +159,6 @@ pub async fn run(args: FullBench) -> Result<(), ClientError> {
     Ok(())
 }
 
-/// Sets libvirt up (installed, daemons started) unless told not to; `None`, with a note in
-/// the report, when it cannot be.
-async fn libvirt_setup(
-    args: &FullBench,
-    report: &mut Report,
-) -> Option<(libvirt::Daemons, tempfile::TempDir)> {
-    if args.no_libvirt {
-        report
-            .notes
-            .push("libvirt: not measured (--no-libvirt)".into());
-        return None;
-    }
-    let setup = tokio::task::spawn_blocking(|| {
-        let installed = libvirt::install_if_missing()?;
-        let dir = tempfile::Builder::new()
-            .prefix("hglvd")
-            .tempdir_in("/tmp")
-            .map_err(|err| err.to_string())?;
-        let daemons = libvirt::Daemons::ensure(dir.path())?;
-        Ok::<_, String>((installed, daemons, dir))
-    })
-    .await
-    .map_err(|err| err.to_string())
-    .and_then(|done| done);
-    match setup {
-        Ok((installed, daemons, dir)) => {
-            if let Some(installed) = installed {
-                report.notes.push(format!("libvirt: {installed}"));
-            }
-            if daemons.changed_kvm() {
-                report.notes.push(
-                    "libvirt: /dev/kvm was given to group kvm, read-write, for the run (Debian's udev rule; without it libvirt probes QEMU again at every domain start), and put back after it".into(),
-                );
-            }
-            let started = daemons.started();
-            report.notes.push(if started.is_empty() {
-                "libvirt: libvirtd and virtlogd were already running".into()
-            } else {
-                format!(
-                    "libvirt: started {} for this run, stopped after it",
-                    started.join(" and ")
-                )
-            });
-            Some((daemons, dir))
-        }
-        Err(err) => {
-            eprintln!("libvirt is not available: {err}");
-            report
-                .notes
-                .push(format!("libvirt: not measured, set-up failed: {err}"));
-            None
-        }
-    }
-}
-
-/// The guest hangar boots for the service, for libvirt to boot too.
-async fn libvirt_guest(
-    args: &FullBench,
-    options: &ServerOptions,
-    accel: Accel,
-) -> Result<libvirt::Guest, String> {
-    let catalog =
-        hangar_server::load_catalog(args.catalog.as_deref()).map_err(|e| e.to_string())?;
-    let service = catalog
-        .get(&args.service)
-        .cloned()
-        .ok_or_else(|| format!("no service {} in the catalog", args.service))?;
-    let images = hangar_server::images::LocalImages::new(
-        options.cache_dir()?,
-        hangar_image::AssetSources::default(),
-        std::sync::Arc::new(catalog.clone()),
-        hangar_server::images::DEFAULT_MIRROR.to_owned(),
-    );
-    let assets = images.guest_assets().await?;
-    let root = images
-        .root_image(&service, &service.os, std::sync::Arc::new(|_, _| {}))
-        .await?;
-    if !root.layers.is_empty() {
-        return Err(format!(
-            "{} has a layered root; the libvirt comparison boots single-disk guests",
-            service.name
-        ));
-    }
-    let base_image = root.base.ok_or("the service has no root image")?;
-    Ok(libvirt::Guest {
-        service,
-        kernel: assets.vmlinux,
-        initramfs: assets.initramfs,
-        // As the server does: the guest is told the host's TSC rate.
-        cmdline: hangar_image::kernel_cmdline(hangar_image::host_tsc_khz()),
-        base_image,
-        accel,
-    })
-}
-
 fn median(values: &mut [u64]) -> Option<f64> {
     values.sort_unstable();
     values.get(values.len() / 2).map(|v| *v as f64)
@@ -276,7 +173,7 @@ async fn measure_all(
     plan: &Plan,
     accel: Accel,
     report: &mut Report,
-) -> Result<(), ClientError> {
+) -> Result<(), BenchError> {
     let service = args.service.as_str();
     // Dropped last: libvirt's daemons outlive the domains.
     let daemons = libvirt_setup(args, report).await;
@@ -581,123 +478,4 @@ async fn measure_all(
     );
     drop(daemons);
     Ok(())
-}
-
-/// Archive and wake samples of one tier.
-#[derive(Default)]
-struct TierSamples {
-    archives: Vec<Duration>,
-    wakes: Vec<Duration>,
-    /// Archive sizes, bytes.
-    sizes: Vec<u64>,
-}
-
-/// Archive and wake samples of each tier, with libvirt's save and restore.
-#[derive(Default)]
-struct Archived {
-    /// Per tier; `None`: the server does not offer it.
-    tiers: Vec<(&'static str, Option<TierSamples>)>,
-    saves: Vec<Duration>,
-    restores: Vec<Duration>,
-    save_bytes: Vec<u64>,
-}
-
-async fn archives(
-    server: &BenchServer,
-    vm: &str,
-    endpoint: SocketAddr,
-    plan: &Plan,
-    lv: Option<&libvirt::Libvirt>,
-    mut domain: Option<&mut libvirt::Domain>,
-) -> Result<Archived, ClientError> {
-    let mut archived = Archived::default();
-    for tier in ["raw", "zstd", "delta"] {
-        let mut samples = Some(TierSamples::default());
-        for _ in 0..plan.archives {
-            let Some((archive, wake, size)) =
-                measure::archive_and_wake(server, vm, tier, endpoint).await?
-            else {
-                samples = None;
-                break;
-            };
-            if let Some(samples) = samples.as_mut() {
-                samples.archives.push(archive);
-                samples.wakes.push(wake);
-                samples.sizes.extend(size);
-            }
-            if tier == "raw"
-                && let (Some(lv), Some(domain)) = (lv, domain.as_deref_mut())
-            {
-                archived.saves.push(lv.save(domain).await.map_err(failed)?);
-                archived.save_bytes.extend(lv.saved_bytes(domain));
-                archived
-                    .restores
-                    .push(lv.restore(domain).await.map_err(failed)?);
-            }
-        }
-        archived.tiers.push((tier, samples));
-    }
-    Ok(archived)
-}
-
-impl Archived {
-    fn report(&self, report: &mut Report, with_libvirt: bool) {
-        let size_mib = |sizes: &[u64]| {
-            let mut sizes = sizes.to_vec();
-            median(&mut sizes).map(|b| b / (1024.0 * 1024.0))
-        };
-        let save_mib = size_mib(&self.save_bytes);
-        for (tier, samples) in &self.tiers {
-            let Some(TierSamples {
-                archives,
-                wakes,
-                sizes,
-            }) = samples
-            else {
-                report.unavailable(
-                    &format!("archive and wake, {tier} tier"),
-                    &format!(
-                        "not written as {tier} here (a delta needs a VM cloned from a template: see `hangar bench lifecycle`)"
-                    ),
-                );
-                continue;
-            };
-            let raw = *tier == "raw" && with_libvirt;
-            report.latency(
-                &format!("archive an active VM, {tier} tier (API answer)"),
-                archives,
-                raw.then_some(("virsh save", self.saves.as_slice())),
-                None,
-            );
-            report.latency(
-                &format!("wake from archive, {tier} tier → answering"),
-                wakes,
-                raw.then_some(("virsh restore → answering", self.restores.as_slice())),
-                None,
-            );
-            report.figure(
-                &format!("archive size, {tier} tier, median"),
-                "MiB",
-                size_mib(sizes),
-                raw.then_some(("virsh save file", save_mib)),
-                None,
-            );
-        }
-    }
-}
-
-/// Percentiles of `samples` (all zero when there are none), for the narrower benchmarks.
-pub(crate) fn summary(samples: &mut [Duration]) -> Summary {
-    stats::summary(samples).unwrap_or(Summary {
-        n: 0,
-        p50_ms: 0.0,
-        p99_ms: 0.0,
-        min_ms: 0.0,
-        max_ms: 0.0,
-    })
-}
-
-/// Starts a benchmark's server (see [`BenchServer::start`]).
-pub(crate) fn start_server(options: &ServerOptions) -> Result<BenchServer, String> {
-    BenchServer::start(options)
 }

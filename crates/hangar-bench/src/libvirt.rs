@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use hangar_core::Service;
 use hangar_vmm::{Accel, Agent};
 
-use super::server::{rss_pss_kib, socket_answers, wait_answering};
+use crate::server::{rss_pss_kib, socket_answers, wait_answering};
 
 const LIBVIRTD_SOCKET: &str = "/run/libvirt/libvirt-sock";
 const VIRTLOGD_SOCKET: &str = "/run/libvirt/virtlogd-sock";

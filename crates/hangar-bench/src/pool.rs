@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::measure;
-use super::server::{BenchServer, ServerOptions, http_status, machine};
-use super::stats::{self, Summary};
-use crate::client::ClientError;
+use crate::client::BenchError;
+use crate::measure;
+use crate::server::{BenchServer, ServerOptions, http_status, machine};
+use crate::stats::{self, Summary};
 
 #[derive(clap::Args)]
 pub struct PoolBench {
@@ -72,9 +72,9 @@ fn summary(samples: &mut [Duration]) -> Summary {
     stats::summary(samples).expect("at least one sample")
 }
 
-pub async fn run(args: PoolBench) -> Result<(), ClientError> {
+pub async fn run(args: PoolBench) -> Result<(), BenchError> {
     if args.cold == 0 || args.hits == 0 || args.pool == 0 {
-        return Err(ClientError::Reply(
+        return Err(BenchError::Reply(
             "--cold, --hits and --pool must be at least 1".into(),
         ));
     }
@@ -89,7 +89,7 @@ pub async fn run(args: PoolBench) -> Result<(), ClientError> {
         pool_memory_mib: 4096,
         templates: false,
     })
-    .map_err(ClientError::Reply)?;
+    .map_err(BenchError::Reply)?;
 
     // Cold boots: no pool.
     server.set_pool(&args.service, 0).await?;
@@ -97,7 +97,7 @@ pub async fn run(args: PoolBench) -> Result<(), ClientError> {
     for i in 0..args.cold {
         let sample = server.timed_request(&args.service, true).await?;
         if sample.served != "created" {
-            return Err(ClientError::Reply(format!(
+            return Err(BenchError::Reply(format!(
                 "expected a cold boot, got a {} match",
                 sample.served
             )));
@@ -133,7 +133,7 @@ pub async fn run(args: PoolBench) -> Result<(), ClientError> {
     for _ in 0..args.hits {
         let started = Instant::now();
         if http_status(endpoint, "/").await.ok() != Some(200) {
-            return Err(ClientError::Failed(format!("{endpoint} did not answer")));
+            return Err(BenchError::Failed(format!("{endpoint} did not answer")));
         }
         floor.push(started.elapsed());
         tokio::time::sleep(Duration::from_millis(50)).await;

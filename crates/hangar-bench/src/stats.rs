@@ -37,6 +37,18 @@ pub fn summary(samples: &mut [Duration]) -> Option<Summary> {
     })
 }
 
+/// Like [`summary`], but all zero when there are no samples (the narrower benchmarks
+/// report every figure).
+pub fn summary_or_zero(samples: &mut [Duration]) -> Summary {
+    summary(samples).unwrap_or(Summary {
+        n: 0,
+        p50_ms: 0.0,
+        p99_ms: 0.0,
+        min_ms: 0.0,
+        max_ms: 0.0,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,8 +18,9 @@ use std::time::{Duration, Instant};
 use hangar_forward::{EndpointSpec, Reply, Request};
 use serde::Serialize;
 
-use crate::bench::{ServerOptions, Summary, machine, start_server, summary};
-use crate::client::{Client, ClientError};
+use crate::client::{BenchError, Client};
+use crate::server::{BenchServer, ServerOptions, machine};
+use crate::stats::{Summary, summary_or_zero as summary};
 
 #[derive(clap::Args)]
 pub struct EndpointsBench {
@@ -208,8 +209,8 @@ fn compare(
     requests: usize,
     transfers: usize,
     transfer_mib: u64,
-) -> Result<PathPair, ClientError> {
-    let fail = |what: &str, err: std::io::Error| ClientError::Reply(format!("{what}: {err}"));
+) -> Result<PathPair, BenchError> {
+    let fail = |what: &str, err: std::io::Error| BenchError::Reply(format!("{what}: {err}"));
     let (mut d, mut f) = (Vec::new(), Vec::new());
     for _ in 0..requests {
         d.push(
@@ -231,7 +232,7 @@ fn compare(
         ] {
             let (took, bytes) = timed_get(addr, big).map_err(|e| fail(what, e))?;
             if bytes < transfer_mib << 20 {
-                return Err(ClientError::Reply(format!(
+                return Err(BenchError::Reply(format!(
                     "{what}: {bytes} bytes, expected {transfer_mib} MiB"
                 )));
             }
@@ -255,13 +256,13 @@ fn compare(
 }
 
 /// The forwarder's own cost: a forwarder process in front of a loopback server.
-async fn loopback(args: &EndpointsBench) -> Result<(PathPair, Summary), ClientError> {
-    let err = |e: String| ClientError::Reply(e);
+async fn loopback(args: &EndpointsBench) -> Result<(PathPair, Summary), BenchError> {
+    let err = |e: String| BenchError::Reply(e);
     let dir = tempfile::Builder::new()
         .prefix("hgfwd")
         .tempdir_in("/tmp")
         .map_err(|e| err(e.to_string()))?;
-    let exe = std::env::current_exe().map_err(|e| err(e.to_string()))?;
+    let exe = crate::hangar::hangar_exe().map_err(err)?;
     let (control, _) = hangar_forward::connect_or_start(
         dir.path(),
         &[exe.into_os_string(), "forwarder".into()],
@@ -313,22 +314,22 @@ async fn loopback(args: &EndpointsBench) -> Result<(PathPair, Summary), ClientEr
 }
 
 /// The guest: a real VM, its stable endpoint against its direct port forward; then wakes.
-async fn guest(args: &EndpointsBench) -> Result<(PathPair, Wakes), ClientError> {
-    let dir = tempfile::tempdir().map_err(|e| ClientError::Reply(e.to_string()))?;
+async fn guest(args: &EndpointsBench) -> Result<(PathPair, Wakes), BenchError> {
+    let dir = tempfile::tempdir().map_err(|e| BenchError::Reply(e.to_string()))?;
     let catalog = dir.path().join("bench.toml");
-    std::fs::write(&catalog, CATALOG).map_err(|e| ClientError::Reply(e.to_string()))?;
+    std::fs::write(&catalog, CATALOG).map_err(|e| BenchError::Reply(e.to_string()))?;
     eprintln!(
         "starting a server for the guest part (accel {})...",
         args.accel
     );
-    let server = start_server(&ServerOptions {
+    let server = BenchServer::start(&ServerOptions {
         accel: args.accel.clone(),
         catalog: Some(catalog.clone()),
         cache: args.cache.clone(),
         pool_memory_mib: 0,
         templates: false,
     })
-    .map_err(ClientError::Reply)?;
+    .map_err(BenchError::Reply)?;
     let client = Client::new(&server.url);
     let grant: serde_json::Value = client
         .post(
@@ -336,11 +337,11 @@ async fn guest(args: &EndpointsBench) -> Result<(PathPair, Wakes), ClientError> 
             &serde_json::json!({ "service": "bench-http", "mode": "dedicated" }),
         )
         .await?;
-    let addr = |key: &str| -> Result<SocketAddr, ClientError> {
+    let addr = |key: &str| -> Result<SocketAddr, BenchError> {
         grant[key]
             .as_str()
             .and_then(|a| a.parse().ok())
-            .ok_or_else(|| ClientError::Reply(format!("no {key} in {grant}")))
+            .ok_or_else(|| BenchError::Reply(format!("no {key} in {grant}")))
     };
     let (endpoint, direct) = (addr("endpoint")?, addr("direct_endpoint")?);
     let vm = grant["vm"].as_str().unwrap_or_default().to_owned();
@@ -385,7 +386,7 @@ async fn guest(args: &EndpointsBench) -> Result<(PathPair, Wakes), ClientError> 
                     .await?;
                 first_byte(direct, "/small.txt").map(|_| started.elapsed())
             }
-            .map_err(|e| ClientError::Reply(format!("wake: {e}")))?;
+            .map_err(|e| BenchError::Reply(format!("wake: {e}")))?;
             samples[i].push(took);
         }
         let ms = |i: usize| samples[i][round].as_secs_f64() * 1000.0;
@@ -413,9 +414,9 @@ async fn guest(args: &EndpointsBench) -> Result<(PathPair, Wakes), ClientError> 
     ))
 }
 
-pub async fn run(args: EndpointsBench) -> Result<(), ClientError> {
+pub async fn run(args: EndpointsBench) -> Result<(), BenchError> {
     if args.requests == 0 || args.vm_requests == 0 || args.transfers == 0 || args.wakes == 0 {
-        return Err(ClientError::Usage(
+        return Err(BenchError::Usage(
             "--requests, --vm-requests, --transfers and --wakes must be at least 1".into(),
         ));
     }

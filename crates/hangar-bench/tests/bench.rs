@@ -1,0 +1,142 @@
+//! `hangar bench` in smoke mode (one or two samples of everything): every figure of the
+//! table is there, libvirt's included when libvirt is installed (scripts/install-deps.sh
+//! installs it), the report files are written, and nothing the run made is left behind.
+//! The figures themselves mean nothing here.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+fn libvirt_installed() -> bool {
+    Path::new("/usr/sbin/libvirtd").exists()
+        && Command::new("virsh")
+            .arg("--version")
+            .output()
+            .is_ok_and(|out| out.status.success())
+}
+
+fn processes_mentioning(text: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline"))
+            && String::from_utf8_lossy(&raw).contains(text)
+        {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+#[test]
+fn bench_smoke_reports_every_figure_and_leaves_nothing_behind() {
+    let out = tempfile::tempdir().unwrap();
+    let with_libvirt = libvirt_installed();
+    // As documented: `hangar bench` runs the hangar-bench built beside it.
+    let mut command = Command::new(common::hangar());
+    command
+        .args(["bench", "--quick", "--json", "--accel", "tcg", "--out"])
+        .arg(out.path())
+        .arg("--cache")
+        .arg(common::shared_cache())
+        .env("HANGAR_BENCH_SMOKE", "1");
+    if !with_libvirt {
+        eprintln!("libvirt is not installed: measuring hangar alone");
+        command.arg("--no-libvirt");
+    }
+    let output = command.output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "hangar bench failed:\n{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|err| panic!("{err}: {}", String::from_utf8_lossy(&output.stdout)));
+    assert_eq!(report["mode"], "smoke");
+
+    let rows = report["rows"].as_array().unwrap();
+    let row = |start: &str| {
+        rows.iter()
+            .find(|r| r["metric"].as_str().unwrap().starts_with(start))
+            .unwrap_or_else(|| panic!("no row {start:?} in {rows:#?}"))
+    };
+    let positive = |v: &serde_json::Value| v.as_f64().is_some_and(|v| v > 0.0);
+    for metric in [
+        "cold boot → answering, p50",
+        "warm-pool grant → answering, p99",
+        "wake from sleeping → answering, p50",
+        "archive an active VM, raw tier",
+        "wake from archive, raw tier → answering, p50",
+        "wake from archive, zstd tier → answering, p50",
+        "archive size, zstd tier",
+        "host memory per paused pool VM, RSS",
+        "host memory per paused pool VM, PSS",
+        "sustained dedicated grants per second",
+        "shared-mode requests per second",
+        "placement decisions per second, 1,000 simulated hosts",
+    ] {
+        assert!(
+            positive(&row(metric)["hangar"]),
+            "{metric}: {:#}",
+            row(metric)
+        );
+    }
+    if with_libvirt {
+        for metric in [
+            "cold boot → answering, p50",
+            "wake from sleeping → answering, p50",
+            "archive an active VM, raw tier",
+            "wake from archive, raw tier → answering, p50",
+            "host memory per paused pool VM, RSS",
+        ] {
+            let row = row(metric);
+            assert!(
+                positive(&row["libvirt"]) && positive(&row["ratio"]),
+                "{metric}: {row:#}"
+            );
+        }
+    }
+
+    let png = std::fs::read(out.path().join("latency.png")).unwrap();
+    assert!(png.starts_with(b"\x89PNG"), "latency.png is a PNG");
+    assert!(
+        out.path().join("server.log").exists(),
+        "the server's log is kept"
+    );
+    let md = std::fs::read_to_string(out.path().join("bench.md")).unwrap();
+    assert!(
+        md.contains("| metric | hangar | libvirt | libvirt ÷ hangar |"),
+        "{md}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("bench.json")).unwrap())
+            .unwrap();
+    assert_eq!(json["rows"], report["rows"]);
+
+    // Nothing left: the server's data dir and VMs, libvirt's domains, files and daemons.
+    let details = &report["details"];
+    let data_dir = details["server_data_dir"].as_str().unwrap();
+    assert!(!Path::new(data_dir).exists(), "{data_dir} was removed");
+    assert_eq!(processes_mentioning(data_dir), Vec::<u32>::new());
+    if with_libvirt {
+        let dir = details["libvirt_dir"].as_str().unwrap();
+        assert!(!Path::new(dir).exists(), "{dir} was removed");
+        assert_eq!(processes_mentioning(dir), Vec::<u32>::new());
+        let prefix = details["libvirt_domain_prefix"].as_str().unwrap();
+        let notes = report["notes"].to_string();
+        if notes.contains("for this run") {
+            // The daemons were started for the run and are stopped again.
+            assert!(
+                !common::socket_answers("/run/libvirt/libvirt-sock"),
+                "libvirtd was stopped: {notes}"
+            );
+        } else {
+            let listed = Command::new("virsh")
+                .args(["-c", "qemu:///system", "list", "--all", "--name"])
+                .output()
+                .unwrap();
+            let names = String::from_utf8_lossy(&listed.stdout);
+            assert!(!names.contains(prefix), "domains left: {names}");
+        }
+    }
+}

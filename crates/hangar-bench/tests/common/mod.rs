@@ -1,0 +1,30 @@
+//! Test support: the `hangar` and `hangar-bench` binaries of this build, and the guest
+//! asset cache the workspace's tests share.
+
+use std::path::{Path, PathBuf};
+
+/// The `hangar` executable built beside `hangar-bench` (`cargo test` of the workspace
+/// builds both); a test that runs `hangar bench` needs both.
+pub fn hangar() -> PathBuf {
+    let hangar = Path::new(env!("CARGO_BIN_EXE_hangar-bench")).with_file_name("hangar");
+    assert!(
+        hangar.is_file(),
+        "{} is missing: build it first (`cargo build -p hangar-cli`, or test the whole \
+         workspace)",
+        hangar.display()
+    );
+    hangar
+}
+
+/// Guest assets and images are cached across tests (and runs) here, shared with the
+/// CLI's tests.
+pub fn shared_cache() -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("hangar-cache");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Does something listen on the unix socket at `path`?
+pub fn socket_answers(path: &str) -> bool {
+    std::os::unix::net::UnixStream::connect(path).is_ok()
+}
