@@ -201,7 +201,7 @@ impl From<Grant> for GrantView {
 /// Service templates on disk: VMs snapshotted at their ready state, cloned for new VMs.
 #[utoipa::path(get, path = "/v1/templates", responses((status = 200, body = [TemplateView])))]
 async fn list_templates(State(manager): State<Arc<Manager>>) -> Json<Vec<TemplateView>> {
-    Json(manager.templates())
+    Json(manager.templates().await)
 }
 
 #[utoipa::path(get, path = "/v1/pools", responses((status = 200, body = [PoolView])))]

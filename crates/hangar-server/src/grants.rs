@@ -3,16 +3,15 @@
 //! requested OS image attached (partial).
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use hangar_core::matching::{MachineRequest, MatchKind, Offer, best_match};
 use hangar_core::{Service, ServiceRequest, VmState};
+use hangar_host::{HandOut, LaunchRecord, ShellPlan};
 use hangar_store::VmRecord;
-use hangar_vmm::{Agent, VmSpec};
 
 use crate::error::{ApiError, error_chain};
 
-use crate::create::{guest_config, new_identity};
 use crate::manager::*;
 
 impl Manager {
@@ -97,7 +96,7 @@ impl Manager {
         Ok(None)
     }
 
-    /// Resumes a paused, booted VM and gives it its final identity.
+    /// Resumes a paused, booted VM and gives it its final identity (sliced on request).
     pub(crate) async fn wake_pooled(
         &self,
         vm: &VmRecord,
@@ -106,87 +105,24 @@ impl Manager {
         exact_size: bool,
         stages: &mut Stages,
     ) -> Result<(VmRecord, Option<(u32, u32)>), String> {
-        let agent = self.agent(&vm.id).ok_or("no agent channel")?;
-        let started = Instant::now();
-        self.to_foreground(&vm.id).await;
-        let resuming = stages.mark("priority", started);
-        // Resumed first, then the identity sent: a message written while the VM is paused
-        // waits in the socket until QEMU polls its chardev again, which takes longer than
-        // the QMP `cont` round trip (measured with `examples/resume_latency.rs` of
-        // hangar-vmm).
-        self.hv
-            .resume(&vm.id)
+        let how = HandOut {
+            slice_to: (exact_size && kind == MatchKind::Superset)
+                .then_some((machine.vcpus, machine.memory_mib.max)),
+            size: (vm.vcpus, vm.memory_mib),
+        };
+        let handed = self
+            .host
+            .hand_out(&vm.id, &how)
             .await
             .map_err(|err| error_chain(&err))?;
-        let identifying = stages.mark("resume", resuming);
-        let reply = agent
-            .reidentify(new_identity(&vm.id), Duration::from_secs(10))
-            .await
-            .map_err(|err| error_chain(&err))?;
-        stages.mark("identity", identifying);
-        tracing::debug!(
-            vm = %vm.id,
-            total_us = started.elapsed().as_micros() as u64,
-            guest = %reply.stdout,
-            "pool vm resumed and re-identified"
-        );
-        if !reply.ok {
-            return Err(format!(
-                "re-identification failed: {}",
-                reply.error.unwrap_or_default()
-            ));
-        }
-        let mut sliced_to = None;
-        if exact_size && kind == MatchKind::Superset {
-            let slicing = Instant::now();
-            sliced_to = Some(self.slice(vm, machine, &agent).await?);
-            stages.mark("slice", slicing);
-        }
+        stages.0.extend(handed.stages.0);
         let vm = self
             .store
             .vm(&vm.id)
             .await
             .map_err(|err| error_chain(&err))?
             .ok_or("VM vanished")?;
-        Ok((vm, sliced_to))
-    }
-
-    /// Slices a superset VM down to the requested size: the balloon takes the memory above
-    /// the request's maximum, and vCPUs beyond the request go offline in the guest.
-    pub(crate) async fn slice(
-        &self,
-        vm: &VmRecord,
-        machine: &MachineRequest,
-        agent: &Agent,
-    ) -> Result<(u32, u32), String> {
-        let memory = vm.memory_mib.min(machine.memory_mib.max);
-        if memory < vm.memory_mib {
-            self.hv
-                .set_memory(&vm.id, memory)
-                .await
-                .map_err(|err| error_chain(&err))?;
-        }
-        if machine.vcpus < vm.vcpus {
-            let script = format!(
-                "for c in $(seq {} {}); do echo 0 > /sys/devices/system/cpu/cpu$c/online; done",
-                machine.vcpus,
-                vm.vcpus - 1
-            );
-            let reply = agent
-                .exec(
-                    vec!["sh".into(), "-c".into(), script],
-                    Duration::from_secs(10),
-                )
-                .await
-                .map_err(|err| error_chain(&err))?;
-            if !reply.ok {
-                return Err(format!(
-                    "taking vCPUs offline failed: {}",
-                    reply.stderr.trim()
-                ));
-            }
-        }
-        Ok((machine.vcpus.min(vm.vcpus), memory))
+        Ok((vm, handed.sliced_to))
     }
 
     /// Gives a pre-OS shell its OS image, port forwards and identity, and boots it.
@@ -197,47 +133,22 @@ impl Manager {
         service: Option<&Service>,
         request: &ServiceRequest,
     ) -> Result<(VmRecord, Option<(u32, u32)>), String> {
-        let image = match service {
-            Some(service) => {
-                let root = self
-                    .images
-                    .root_image(
-                        service,
-                        &machine.os.name,
-                        std::sync::Arc::new(|_: &str, _: u8| {}),
-                    )
-                    .await?;
-                if !root.layers.is_empty() {
-                    return Err(format!(
-                        "{} on {} is a layered image; a pre-OS shell takes one disk",
-                        service.name, machine.os.name
-                    ));
-                }
-                root.base
-            }
-            None => self.images.os_image(&machine.os.name).await?,
-        }
-        .ok_or("no image to attach")?;
-        let mut spec: VmSpec =
-            serde_json::from_value(vm.spec.clone()).map_err(|err| err.to_string())?;
-        self.hv
-            .attach_root(&vm.id, &image)
-            .await
-            .map_err(|err| error_chain(&err))?;
-        let (forwards, endpoints) = match service {
-            Some(service) => self
-                .allocate_ports(service)
-                .map_err(|err| format!("allocating host ports: {err}"))?,
-            None => (Vec::new(), BTreeMap::new()),
+        let plan = ShellPlan {
+            service: service.cloned(),
+            os: machine.os.name.clone(),
+            env: request.env.clone(),
         };
-        let stable = self.open_endpoints(&vm.id, &endpoints).await?;
-        self.hv
-            .add_forwards(&vm.id, &forwards)
+        let booted = self
+            .host
+            .boot_shell(&vm.id, &LaunchRecord(vm.spec.clone()), &plan)
             .await
             .map_err(|err| error_chain(&err))?;
-        spec.base_image = Some(image);
-        spec.forwards.extend(forwards);
-        let spec_json = serde_json::to_value(&spec).map_err(|err| err.to_string())?;
+        let endpoints: BTreeMap<String, std::net::SocketAddr> = booted
+            .direct_endpoints
+            .iter()
+            .filter_map(|(name, addr)| Some((name.clone(), addr.parse().ok()?)))
+            .collect();
+        let stable = self.open_endpoints(&vm.id, &endpoints).await?;
         let os = (
             machine.os.name.clone(),
             self.catalog
@@ -246,36 +157,18 @@ impl Manager {
                 .unwrap_or_default(),
         );
         let services: Vec<String> = service.map(|s| vec![s.name.clone()]).unwrap_or_default();
-        let text = |map: &BTreeMap<String, std::net::SocketAddr>| {
-            map.iter()
-                .map(|(name, addr)| (name.clone(), addr.to_string()))
-                .collect()
-        };
+        let stable: BTreeMap<String, String> = stable
+            .iter()
+            .map(|(name, addr)| (name.clone(), addr.to_string()))
+            .collect();
         self.store
-            .set_offer(&vm.id, &services, &os, &text(&stable), &text(&endpoints))
+            .set_offer(&vm.id, &services, &os, &stable, &booted.direct_endpoints)
             .await
             .map_err(|err| error_chain(&err))?;
         self.store
-            .set_launch(&vm.id, vm.pid, &spec_json)
+            .set_launch(&vm.id, vm.pid, &booted.launch.0)
             .await
             .map_err(|err| error_chain(&err))?;
-
-        let agent = self.agent(&vm.id).ok_or("no agent channel")?;
-        self.to_foreground(&vm.id).await;
-        self.hv
-            .resume(&vm.id)
-            .await
-            .map_err(|err| error_chain(&err))?;
-        let config = guest_config(&vm.id, &vm.id, service, &request.env, 0)?;
-        let timeout = service.map_or(Duration::from_secs(60), |s| s.ready.timeout);
-        agent
-            .configure(config, timeout)
-            .await
-            .map_err(|err| self.diagnose(&vm.id, &agent, &error_chain(&err)))?;
-        if let Some(service) = service {
-            self.wait_ready(&vm.id, vm.pid, service, &service.ready, &endpoints, &agent)
-                .await?;
-        }
         let vm = self
             .store
             .vm(&vm.id)
@@ -283,12 +176,5 @@ impl Manager {
             .map_err(|err| error_chain(&err))?
             .ok_or("VM vanished")?;
         Ok((vm, None))
-    }
-
-    /// A pool VM being handed out runs at normal CPU priority again (best effort).
-    async fn to_foreground(&self, id: &str) {
-        if let Err(err) = self.hv.set_foreground(id).await {
-            tracing::debug!(vm = %id, error = %error_chain(&err), "cannot raise vm priority");
-        }
     }
 }

@@ -365,9 +365,14 @@ impl Manager {
             .prefix("export-")
             .tempdir_in(work)
             .map_err(ApiError::internal)?;
-        let mut config =
-            crate::create::guest_config("export", &service.name, Some(&service), &request.env, 0)
-                .map_err(ApiError::BadRequest)?;
+        let mut config = hangar_host::guest::guest_config(
+            "export",
+            &service.name,
+            Some(&service),
+            &request.env,
+            0,
+        )
+        .map_err(ApiError::BadRequest)?;
         // The image boots anywhere, any number of times: no clock or entropy of ours, no
         // machine-id (the guest's kernel seeds itself from virtio-rng).
         config.identity.unix_time_ms = 0;

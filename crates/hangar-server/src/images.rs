@@ -16,110 +16,9 @@ use hangar_core::{Catalog, Service};
 use hangar_image::layers::{self, LayerBuild, LayerInput};
 use hangar_image::{AssetSources, GuestAssets, ImageFile};
 
-/// Build progress: a stage and a percent of the whole build.
-pub type ProgressFn = Arc<dyn Fn(&str, u8) + Send + Sync>;
-
-/// The root disks of a VM.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct RootImage {
-    /// The qcow2 the VM's copy-on-write disk is made over: the whole root (busybox), or an
-    /// empty filesystem that becomes the writable upper layer (layered roots).
-    pub base: Option<PathBuf>,
-    /// Read-only layers, top first (empty for a single-disk root).
-    pub layers: Vec<PathBuf>,
-    /// Their hashes, bottom first.
-    pub layer_hashes: Vec<String>,
-}
+pub use hangar_host::images::{ExportInfo, ImageSource, NoImages, ProgressFn, RootImage};
 
 pub use hangar_api::{ImageView, LayerView};
-
-#[async_trait::async_trait]
-pub trait ImageSource: Send + Sync + 'static {
-    /// Kernel and initramfs shared by every guest.
-    async fn guest_assets(&self) -> Result<GuestAssets, String>;
-
-    /// The root of `service` on `os`, built first when it is not cached (reporting to
-    /// `progress`).
-    async fn root_image(
-        &self,
-        service: &Service,
-        os: &str,
-        progress: ProgressFn,
-    ) -> Result<RootImage, String>;
-
-    /// The bare root disk of an operating system (no application), for pre-OS shells.
-    /// `None` when the OS has no single-disk image (layered OSes).
-    async fn os_image(&self, os: &str) -> Result<Option<PathBuf>, String>;
-
-    /// Images on disk that the disk budget may delete, least recently used first, when
-    /// no VM needs them. None by default: images built here are small and always kept.
-    fn disk_images(&self) -> Vec<hangar_core::lifecycle::ImageFacts> {
-        Vec::new()
-    }
-
-    /// Deletes an image named by [`ImageSource::disk_images`].
-    async fn remove_image(&self, key: &str) -> Result<(), String> {
-        Err(format!(
-            "image {key} cannot be removed by this image source"
-        ))
-    }
-    /// Whether every layer of `service` on `os` is cached (a request will not build).
-    fn is_built(&self, _service: &Service, _os: &str) -> bool {
-        true
-    }
-
-    /// Layer hashes of `service` on `os`, bottom first (empty for single-disk roots).
-    fn chain(&self, _service: &Service, _os: &str) -> Vec<String> {
-        Vec::new()
-    }
-
-    /// Every cached layer.
-    fn layers(&self) -> Vec<hangar_image::layers::Layer> {
-        Vec::new()
-    }
-
-    /// Records that a VM starts with these layers now.
-    fn touch(&self, _hashes: &[String]) {}
-
-    /// When a VM last started with the layer.
-    fn last_used_ms(&self, _hash: &str) -> Option<u64> {
-        None
-    }
-
-    /// Removes a layer from the cache.
-    fn evict(&self, _hash: &str) -> Result<(), String> {
-        Ok(())
-    }
-
-    /// Writes a self-contained, bootable export of `service` on `os` into `dir`.
-    async fn export(
-        &self,
-        _service: &Service,
-        _os: &str,
-        _standalone: hangar_proto::GuestConfig,
-        _dir: PathBuf,
-    ) -> Result<ExportInfo, String> {
-        Err("this host cannot export images".into())
-    }
-}
-
-/// What `hangar export` wrote: how to boot it (`hangar-export.json`).
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct ExportInfo {
-    pub service: String,
-    pub os: String,
-    pub kernel: String,
-    pub initramfs: String,
-    pub disk: String,
-    pub cmdline: String,
-    pub vcpus: u32,
-    pub memory_mib: u32,
-    /// Guest ports, by name.
-    pub ports: BTreeMap<String, u16>,
-    /// A complete QEMU command line, run from the export's directory, with each port
-    /// forwarded to `127.0.0.1:<guest port + 10000>`.
-    pub qemu: Vec<String>,
-}
 
 /// Images built on this host with `hangar-image`, cached under the data dir.
 pub struct LocalImages {
@@ -385,36 +284,5 @@ impl ImageSource for LocalImages {
         })
         .await
         .map_err(|err| format!("export: {err}"))?
-    }
-}
-
-/// Placeholder paths for backends that do not read images (the fake backend).
-pub struct NoImages;
-
-#[async_trait::async_trait]
-impl ImageSource for NoImages {
-    async fn guest_assets(&self) -> Result<GuestAssets, String> {
-        Ok(GuestAssets {
-            vmlinux: "/nonexistent/vmlinux".into(),
-            initramfs: "/nonexistent/initramfs.cpio".into(),
-            kernel_release: "none".into(),
-            hash: "none".into(),
-        })
-    }
-
-    async fn root_image(
-        &self,
-        service: &Service,
-        _os: &str,
-        _progress: ProgressFn,
-    ) -> Result<RootImage, String> {
-        Ok(RootImage {
-            base: Some(format!("/nonexistent/{}.qcow2", service.name).into()),
-            ..RootImage::default()
-        })
-    }
-
-    async fn os_image(&self, os: &str) -> Result<Option<PathBuf>, String> {
-        Ok(Some(format!("/nonexistent/{os}.qcow2").into()))
     }
 }

@@ -5,13 +5,14 @@
 //! - [`lifecycle`]: sleep, archive and wake of one VM.
 //! - [`policy`]: lifecycle policies at run time, last use, and the loop applying idle
 //!   timers and memory/disk budgets.
-//! - [`ready`]: ready criteria, checked from the host.
+//! - [`scheduler`]: placement: which host makes each VM.
 //! - [`images`]: where kernels, initramfs and base disks come from.
 //! - [`endpoints`]: stable endpoints, held by the forwarder process the server starts or
 //!   re-adopts (see `hangar_forward`).
 //! - [`error`]: the one mapping from errors to HTTP answers.
 //!
-//! In single-node mode the server embeds the local host: it runs QEMU itself.
+//! The server speaks to the machine that runs VMs through [`hangar_host::Host`]; in
+//! single-node mode that is one [`hangar_host::LocalHost`], which runs QEMU itself.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -36,12 +37,12 @@ pub mod lifecycle;
 pub mod manager;
 pub mod policy;
 pub mod pools;
-pub mod ready;
 mod reconcile;
+pub mod scheduler;
 mod store_wait;
 pub mod templates;
 
-pub use create::guest_config;
+pub use hangar_host::guest::guest_config;
 pub use manager::{Manager, ManagerConfig};
 
 /// How often running VMs are checked for crashed processes.
@@ -237,22 +238,32 @@ pub async fn run(
         .map_err(ServerError::Assets)?;
     tracing::info!(kernel = %assets.kernel_release, hash = %&assets.hash[..12.min(assets.hash.len())], "guest assets ready");
 
+    let host = hangar_host::LocalHost::new(
+        Arc::new(QemuBackend::new(qemu_config)),
+        images.clone(),
+        hangar_host::LocalHostConfig {
+            name: manager::LOCAL_HOST.into(),
+            endpoint_host: config.endpoint_host,
+            // Under TCG on microvm the guest cannot calibrate its TSC; it is told the rate.
+            guest_cmdline: hangar_image::kernel_cmdline(hangar_image::host_tsc_khz()),
+            templates_dir: config.templates.then(|| config.data_dir.join("templates")),
+            vms_dir: Some(vms_dir.clone()),
+        },
+    );
+    host.clean_template_debris();
     let manager = Manager::new(
         store,
-        Arc::new(QemuBackend::new(qemu_config)),
+        Arc::new(host),
         images,
         catalog,
         ManagerConfig {
             endpoint_host: config.endpoint_host,
-            // Under TCG on microvm the guest cannot calibrate its TSC; it is told the rate.
-            guest_cmdline: hangar_image::kernel_cmdline(hangar_image::host_tsc_khz()),
             pool_memory_mib: config.pool_memory_mib,
             image_budget_mib: config.image_budget_mib,
             export_dir: data_dir.join("exports"),
             dns_domain: config.dns_domain.clone(),
             memory_budget_mib: config.memory_budget_mib,
             disk_budget_mib: config.disk_budget_mib,
-            templates_dir: config.templates.then(|| config.data_dir.join("templates")),
             ..ManagerConfig::default()
         },
     );
@@ -282,9 +293,8 @@ pub async fn run(
     };
     manager.use_stable_endpoints(endpoints::StableEndpoints::new(kind, &server_url));
 
-    manager.clean_template_debris();
     let report = manager
-        .reconcile(Some(&vms_dir))
+        .reconcile()
         .await
         .map_err(|err| ServerError::Reconcile(err.to_string()))?;
     tracing::info!(

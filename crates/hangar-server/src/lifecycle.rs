@@ -4,16 +4,14 @@
 //! a time per VM.
 
 use crate::store_wait::Wait;
-use std::collections::{BTreeMap, HashSet};
-use std::net::SocketAddr;
+use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use hangar_core::VmState;
+use hangar_host::{ArchiveFacts, ArchiveTier, HostError, LaunchRecord, WakeFrom};
 use hangar_store::VmRecord;
-use hangar_vmm::{ArchiveInfo, ArchiveTier, RunState, VmSpec};
 
-use crate::create::new_identity;
 use crate::error::{ApiError, error_chain};
 use crate::manager::{Manager, ReconcileReport, Stages};
 
@@ -59,7 +57,7 @@ impl Manager {
         }
         // From here a connection to its endpoint wakes it (once this sleep is done).
         self.set_endpoints_active(id, false).await;
-        if let Err(err) = self.hv.pause(id).await {
+        if let Err(err) = self.host.sleep(id).await {
             self.set_endpoints_active(id, true).await;
             return Err(ApiError::Internal(format!(
                 "cannot pause VM {id}: {}",
@@ -77,7 +75,7 @@ impl Manager {
         &self,
         id: &str,
         tier: ArchiveTier,
-    ) -> Result<(VmRecord, ArchiveInfo), ApiError> {
+    ) -> Result<(VmRecord, ArchiveFacts), ApiError> {
         let lock = self.vm_op_lock(id);
         let _guard = lock.lock().await;
         self.archive_locked(id, tier).await
@@ -88,7 +86,7 @@ impl Manager {
         &self,
         id: &str,
         tier: ArchiveTier,
-    ) -> Result<(VmRecord, ArchiveInfo), ApiError> {
+    ) -> Result<(VmRecord, ArchiveFacts), ApiError> {
         let vm = self.vm_or_404(id)?;
         match vm.state {
             VmState::Active | VmState::Sleeping => {}
@@ -102,7 +100,7 @@ impl Manager {
         if was_active {
             self.set_endpoints_active(id, false).await;
         }
-        let info = match self.hv.archive(id, tier).await {
+        let info = match self.host.archive(id, tier).await {
             Ok(info) => info,
             Err(err) => {
                 if was_active {
@@ -111,7 +109,6 @@ impl Manager {
                 return Err(ApiError::Internal(error_chain(&err)));
             }
         };
-        self.agents.lock().expect("agents lock").remove(id);
         let vm = self.store.transition(id, VmState::Archived, None).await?;
         tracing::info!(vm = %id, tier = %tier, size = info.size_bytes, took_ms = info.took_ms, "vm archived");
         Ok((vm, info))
@@ -132,99 +129,57 @@ impl Manager {
         let _guard = lock.lock().await;
         let vm = self.vm_or_404(id)?;
         let started = Instant::now();
-        let mut stages = Stages::default();
-        match vm.state {
-            VmState::Active => return Ok((vm, stages)),
-            VmState::Sleeping => {
-                self.hv.resume(id).await.map_err(|err| {
-                    ApiError::Internal(format!("cannot resume VM {id}: {}", error_chain(&err)))
-                })?;
-                stages.mark("resume", started);
-            }
-            VmState::Archived => {
-                let spec: VmSpec =
-                    serde_json::from_value(vm.spec.clone()).map_err(ApiError::internal)?;
-                let launched = self
-                    .hv
-                    .restore(&spec)
-                    .await
-                    .map_err(|err| ApiError::Internal(error_chain(&err)))?;
-                self.agents
-                    .lock()
-                    .expect("agents lock")
-                    .insert(id.to_owned(), launched.agent);
-                self.store.set_launch(id, launched.pid, &vm.spec).await?;
-                stages.mark("restore", started);
-            }
+        let from = match vm.state {
+            VmState::Active => return Ok((vm, Stages::default())),
+            VmState::Sleeping => WakeFrom::Sleeping,
+            VmState::Archived => WakeFrom::Archived {
+                launch: LaunchRecord(vm.spec.clone()),
+                services: vm
+                    .services
+                    .iter()
+                    .filter_map(|name| self.catalog.get(name).cloned())
+                    .collect(),
+                direct_endpoints: vm.direct_endpoints.clone(),
+            },
             other => {
                 return Err(ApiError::Conflict(format!(
                     "VM {id} is {other}; only a sleeping or archived VM wakes"
                 )));
             }
-        }
-        if let Err(reason) = self.finish_wake(&vm, &mut stages).await {
-            // The VM runs but does not serve: leave it running for inspection, marked failed.
-            let reason = format!("VM {id} woke but is not ready: {reason}");
-            let _ = self
-                .store
-                .transition(id, VmState::Failed, Some(&reason))
-                .await;
-            return Err(ApiError::Internal(reason));
+        };
+        let woken = match self.host.wake(id, &from).await {
+            Ok(woken) => woken,
+            Err(HostError::NotReady(reason)) => {
+                // The VM runs but does not serve: leave it running for inspection, marked
+                // failed.
+                let reason = format!("VM {id} woke but is not ready: {reason}");
+                let _ = self
+                    .store
+                    .transition(id, VmState::Failed, Some(&reason))
+                    .await;
+                return Err(ApiError::Internal(reason));
+            }
+            Err(err) if vm.state == VmState::Sleeping => {
+                return Err(ApiError::Internal(format!(
+                    "cannot resume VM {id}: {}",
+                    error_chain(&err)
+                )));
+            }
+            Err(err) => return Err(ApiError::Internal(error_chain(&err))),
+        };
+        if vm.state == VmState::Archived {
+            self.store.set_launch(id, woken.process, &vm.spec).await?;
         }
         let vm = self.store.transition(id, VmState::Active, None).await?;
         self.store.touch(id).await?;
         self.set_endpoints_active(id, true).await;
-        tracing::info!(vm = %id, timing = %stages.header(started.elapsed()), "vm woke");
-        Ok((vm, stages))
-    }
-
-    /// Fresh identity; then, for a VM restored from an archive, the service's ready
-    /// criterion.
-    async fn finish_wake(&self, vm: &VmRecord, stages: &mut Stages) -> Result<(), String> {
-        let started = Instant::now();
-        let agent = self.agent(&vm.id).ok_or("no agent channel")?;
-        let reply = agent
-            .reidentify(new_identity(&vm.id), Duration::from_secs(10))
-            .await
-            .map_err(|err| error_chain(&err))?;
-        if !reply.ok {
-            return Err(format!(
-                "re-identification failed: {}",
-                reply.error.unwrap_or_default()
-            ));
-        }
-        tracing::debug!(vm = %vm.id, guest = %reply.stdout, "identity applied");
-        let started = stages.mark("identity", started);
-        if vm.state == VmState::Sleeping {
-            return Ok(());
-        }
-        // Checked through the VM's own port forwards: the stable endpoints would wait for
-        // this very wake.
-        let endpoints: BTreeMap<String, SocketAddr> = vm
-            .direct_endpoints
-            .iter()
-            .filter_map(|(name, addr)| Some((name.clone(), addr.parse().ok()?)))
-            .collect();
-        for name in &vm.services {
-            if let Some(service) = self.catalog.get(name) {
-                let pid = self
-                    .store
-                    .vm(&vm.id)
-                    .await
-                    .ok()
-                    .flatten()
-                    .and_then(|v| v.pid);
-                self.wait_ready(&vm.id, pid, service, &service.ready, &endpoints, &agent)
-                    .await?;
-            }
-        }
-        stages.mark("ready", started);
-        Ok(())
+        tracing::info!(vm = %id, timing = %woken.stages.header(started.elapsed()), "vm woke");
+        Ok((vm, woken.stages))
     }
 
     /// The archive of an archived VM.
-    pub fn archive_info(&self, id: &str) -> Option<ArchiveInfo> {
-        self.hv.archive_info(id)
+    pub fn archive_info(&self, id: &str) -> Option<ArchiveFacts> {
+        self.host.archive_facts(id)
     }
 
     /// Start-up rule for an archived VM. A QEMU process found for it is a restore cut short
@@ -239,30 +194,24 @@ impl Manager {
         report: &mut ReconcileReport,
     ) {
         let running = running_at_start.contains(&vm.id);
-        let archive = self.hv.archive_info(&vm.id);
+        let archive = self.host.archive_facts(&vm.id);
         match (running, archive) {
             (true, Some(_)) => {
                 tracing::info!(vm = %vm.id, "stopping a restore cut short; the archive is kept");
-                if let Err(err) = self.hv.stop(&vm.id).await {
+                if let Err(err) = self.host.stop(&vm.id).await {
                     tracing::warn!(vm = %vm.id, error = %error_chain(&err), "cannot stop qemu");
                 }
                 live.insert(vm.id.clone());
             }
             (true, None) => {
-                let spec: Option<VmSpec> = serde_json::from_value(vm.spec.clone()).ok();
-                let adopted = match &spec {
-                    Some(spec) => self.hv.adopt(spec).await.ok().flatten(),
-                    None => None,
-                };
+                let adopted = self
+                    .host
+                    .adopt(&vm.id, &LaunchRecord(vm.spec.clone()), true)
+                    .await
+                    .ok()
+                    .flatten();
                 match adopted {
-                    Some(launched) => {
-                        self.agents
-                            .lock()
-                            .expect("agents lock")
-                            .insert(vm.id.clone(), launched.agent);
-                        if matches!(self.hv.run_state(&vm.id).await, Ok(RunState::Paused)) {
-                            let _ = self.hv.resume(&vm.id).await;
-                        }
+                    Some(_) => {
                         if self
                             .store
                             .transition(&vm.id, VmState::Active, None)

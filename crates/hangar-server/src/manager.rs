@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use hangar_core::matching::{MachineRequest, MemoryRange, OsRequirement, compare_versions};
 use hangar_core::{Catalog, Mode, Service, ServiceRequest, VmState};
+use hangar_host::{Host, RunState};
 use hangar_store::{Store, VmRecord};
-use hangar_vmm::{Agent, Hypervisor, RunState};
 use tokio::sync::{OwnedMutexGuard, watch};
 
 use crate::error::{ApiError, error_chain};
@@ -25,8 +25,6 @@ pub struct ManagerConfig {
     pub endpoint_host: IpAddr,
     /// How long a request waits for a VM when it names no deadline.
     pub default_deadline: Duration,
-    /// Kernel command line of every guest (see `hangar_image::kernel_cmdline`).
-    pub guest_cmdline: String,
     /// Most memory all warm pools together may hold (ready and booting VMs), in MiB.
     pub pool_memory_mib: u64,
     /// Most disk the cached image layers may take before the least recently used unused
@@ -44,8 +42,6 @@ pub struct ManagerConfig {
     pub disk_budget_mib: Option<u64>,
     /// How often the lifecycle loop looks at idle timers and budgets.
     pub lifecycle_interval: Duration,
-    /// Where service templates live; none: VMs are always booted, never cloned.
-    pub templates_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for ManagerConfig {
@@ -53,7 +49,6 @@ impl Default for ManagerConfig {
         ManagerConfig {
             endpoint_host: IpAddr::from([127, 0, 0, 1]),
             default_deadline: Duration::from_secs(120),
-            guest_cmdline: hangar_image::kernel_cmdline(None),
             pool_memory_mib: 1024,
             image_budget_mib: 20 * 1024,
             export_dir: std::env::temp_dir(),
@@ -61,7 +56,6 @@ impl Default for ManagerConfig {
             memory_budget_mib: None,
             disk_budget_mib: None,
             lifecycle_interval: Duration::from_millis(500),
-            templates_dir: None,
         }
     }
 }
@@ -88,28 +82,7 @@ pub struct Grant {
     pub stages: Stages,
 }
 
-/// Named stage durations of one request, as the API's `Server-Timing` header reports them.
-#[derive(Debug, Clone, Default)]
-pub struct Stages(pub Vec<(&'static str, Duration)>);
-
-impl Stages {
-    /// Records the time since `since` as stage `name` and returns now.
-    pub fn mark(&mut self, name: &'static str, since: std::time::Instant) -> std::time::Instant {
-        let now = std::time::Instant::now();
-        self.0.push((name, now - since));
-        now
-    }
-
-    /// `name;dur=MS, ...`, the `Server-Timing` header value (RFC: W3C Server Timing).
-    pub fn header(&self, total: Duration) -> String {
-        self.0
-            .iter()
-            .chain(std::iter::once(&("total", total)))
-            .map(|(name, took)| format!("{name};dur={:.3}", took.as_secs_f64() * 1000.0))
-            .collect::<Vec<_>>()
-            .join(", ")
-    }
-}
+pub use hangar_host::Stages;
 
 /// What to make: a service VM (for a request or a pool), or a pre-OS shell.
 #[derive(Debug, Clone)]
@@ -131,12 +104,11 @@ pub(crate) type Outcome = Option<Result<VmRecord, String>>;
 
 pub struct Manager {
     pub(crate) store: Arc<dyn Store>,
-    pub(crate) hv: Arc<dyn Hypervisor>,
+    /// The host VMs run on (single-node mode: the local host).
+    pub(crate) host: Arc<dyn Host>,
     pub(crate) images: Arc<dyn ImageSource>,
     pub(crate) catalog: Arc<Catalog>,
     pub(crate) config: ManagerConfig,
-    /// Control channels of running VMs.
-    pub(crate) agents: Mutex<HashMap<String, Arc<Agent>>>,
     /// One lifecycle operation (sleep, archive, wake) at a time per VM.
     pub(crate) vm_ops: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Warm pool bookkeeping: request rates, fills in flight, the refill signal.
@@ -169,18 +141,17 @@ pub struct ReconcileReport {
 impl Manager {
     pub fn new(
         store: Arc<dyn Store>,
-        hv: Arc<dyn Hypervisor>,
+        host: Arc<dyn Host>,
         images: Arc<dyn ImageSource>,
         catalog: Arc<Catalog>,
         config: ManagerConfig,
     ) -> Arc<Manager> {
         Arc::new(Manager {
             store,
-            hv,
+            host,
             images,
             catalog,
             config,
-            agents: Mutex::default(),
             vm_ops: Mutex::default(),
             pools: crate::pools::PoolRuntime::default(),
             lifecycle: crate::policy::LifecycleRuntime::default(),
@@ -422,7 +393,7 @@ impl Manager {
     /// alternatives. A setting the service needs and the request lacks is a 400.
     pub(crate) fn viable_service(&self, request: &ServiceRequest) -> Result<Service, ApiError> {
         let service = self.directory_lookup(request)?;
-        crate::create::settings(&service, &request.env).map_err(ApiError::BadRequest)?;
+        hangar_host::guest::settings(&service, &request.env).map_err(ApiError::BadRequest)?;
         Ok(service)
     }
 
@@ -484,7 +455,7 @@ impl Manager {
         let mut candidates = self.store.shared_candidates(service, env).await?;
         candidates.sort_by_key(|vm| vm.last_used_at_ms);
         for vm in candidates {
-            match self.hv.run_state(&vm.id).await {
+            match self.host.run_state(&vm.id).await {
                 Ok(RunState::Running) => return Ok(Some(vm)),
                 Ok(RunState::Gone) => self.mark_crashed(&vm.id).await,
                 Ok(RunState::Paused) | Err(_) => {}
@@ -589,17 +560,11 @@ impl Manager {
 
     /// Ends a VM's process and frees its files and endpoints (its record is the caller's).
     pub(crate) async fn tear_down(&self, id: &str) -> Result<(), ApiError> {
-        self.agents.lock().expect("agents lock").remove(id);
-        self.hv.destroy(id).await.map_err(|err| {
+        self.host.destroy(id).await.map_err(|err| {
             ApiError::Internal(format!("cannot destroy VM {id}: {}", error_chain(&err)))
         })?;
         self.close_endpoints(id).await;
         Ok(())
-    }
-
-    /// The control channel of a running VM.
-    pub fn agent(&self, id: &str) -> Option<Arc<Agent>> {
-        self.agents.lock().expect("agents lock").get(id).cloned()
     }
 }
 

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use hangar_core::lifecycle::{Action, Budgets, Inputs, PerMinute, VmFacts, decide, kept_active};
 use hangar_core::pool::RequestRate;
 use hangar_core::{Policy, TierChoice, VmState};
+use hangar_host::ArchiveTier;
 use hangar_store::now_ms;
-use hangar_vmm::ArchiveTier;
 use tokio::sync::Notify;
 
 use crate::error::ApiError;
@@ -259,7 +259,7 @@ impl Manager {
             .into_iter()
             .map(|vm| VmFacts {
                 archive_bytes: (vm.state == VmState::Archived)
-                    .then(|| self.hv.archive_info(&vm.id))
+                    .then(|| self.host.archive_facts(&vm.id))
                     .flatten()
                     .map(|info| info.size_bytes),
                 id: vm.id,

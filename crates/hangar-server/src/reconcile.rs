@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 
 use hangar_core::VmState;
-use hangar_vmm::{RunState, VmSpec};
+use hangar_host::{LaunchRecord, RunState};
 
 use crate::error::{ApiError, error_chain};
 
@@ -27,7 +27,7 @@ impl Manager {
                 VmState::Ready | VmState::Active | VmState::Sleeping
             )
         });
-        if still_live && matches!(self.hv.run_state(id).await, Ok(RunState::Gone)) {
+        if still_live && matches!(self.host.run_state(id).await, Ok(RunState::Gone)) {
             self.discard(id, "the VM's QEMU process exited unexpectedly")
                 .await;
         }
@@ -37,10 +37,7 @@ impl Manager {
     /// VMs whose QEMU still runs are adopted; VMs whose process is gone are marked failed;
     /// VMs caught half-made are removed and marked failed; QEMU processes and VM
     /// directories the store does not know are stopped and removed. Idempotent.
-    pub async fn reconcile(
-        &self,
-        vms_dir: Option<&std::path::Path>,
-    ) -> Result<ReconcileReport, ApiError> {
+    pub async fn reconcile(&self) -> Result<ReconcileReport, ApiError> {
         let mut report = ReconcileReport::default();
         let interrupted = self
             .store
@@ -52,11 +49,12 @@ impl Manager {
         let mut live = HashSet::new();
         // Processes found at the start, for VMs the store says have none (archived).
         let running_at_start: HashSet<String> = self
-            .hv
-            .running()
+            .host
+            .inventory()
             .await
             .map_err(ApiError::internal)?
             .into_iter()
+            .map(|vm| vm.id)
             .collect();
         for vm in self.store.vms(false).await? {
             match vm.state {
@@ -66,29 +64,23 @@ impl Manager {
                     report.failed.push(vm.id);
                 }
                 VmState::Ready | VmState::Active | VmState::Sleeping => {
-                    let spec: VmSpec =
-                        serde_json::from_value(vm.spec.clone()).map_err(ApiError::internal)?;
-                    match self.hv.adopt(&spec).await {
-                        Ok(Some(launched)) => {
-                            self.agents
-                                .lock()
-                                .expect("agents lock")
-                                .insert(vm.id.clone(), launched.agent);
-                            // An archive cut short leaves an active VM paused: resume it.
-                            if vm.state == VmState::Active
-                                && matches!(self.hv.run_state(&vm.id).await, Ok(RunState::Paused))
-                            {
-                                tracing::info!(vm = %vm.id, "resuming an active VM found paused");
-                                if let Err(err) = self.hv.resume(&vm.id).await {
-                                    tracing::warn!(vm = %vm.id, error = %error_chain(&err), "cannot resume");
-                                }
-                            }
+                    // An archive cut short leaves an active VM paused: it is resumed.
+                    let adopted = self
+                        .host
+                        .adopt(
+                            &vm.id,
+                            &LaunchRecord(vm.spec.clone()),
+                            vm.state == VmState::Active,
+                        )
+                        .await;
+                    match adopted {
+                        Ok(Some(_)) => {
                             live.insert(vm.id.clone());
                             report.adopted.push(vm.id);
                         }
                         Ok(None)
                             if vm.state != VmState::Ready
-                                && self.hv.archive_info(&vm.id).is_some() =>
+                                && self.host.archive_facts(&vm.id).is_some() =>
                         {
                             // The server stopped after the archive was complete and QEMU had
                             // quit, before it could record it: the VM is archived.
@@ -130,36 +122,29 @@ impl Manager {
                 VmState::Deleted => {}
             }
         }
-        for id in self.hv.running().await.map_err(ApiError::internal)? {
+        for run in self.host.inventory().await.map_err(ApiError::internal)? {
+            let id = run.id;
             if !live.contains(&id) {
                 tracing::warn!(vm = %id, "stopping a QEMU process the store does not know");
-                if let Err(err) = self.hv.destroy(&id).await {
+                if let Err(err) = self.host.destroy(&id).await {
                     tracing::warn!(vm = %id, error = %error_chain(&err), "cannot stop unknown qemu");
                 }
                 report.stopped_unknown.push(id);
             }
         }
-        if let Some(vms_dir) = vms_dir {
-            let keep: HashSet<String> = self
-                .store
-                .vms(false)
-                .await?
-                .into_iter()
-                .filter(|vm| vm.state != VmState::Failed)
-                .map(|vm| vm.id)
-                .collect();
-            if let Ok(entries) = std::fs::read_dir(vms_dir) {
-                for entry in entries.flatten() {
-                    let name = entry.file_name().to_string_lossy().into_owned();
-                    if !keep.contains(&name) {
-                        tracing::info!(dir = %entry.path().display(), "removing leftover vm directory");
-                        if std::fs::remove_dir_all(entry.path()).is_ok() {
-                            report.removed_dirs.push(name);
-                        }
-                    }
-                }
-            }
-        }
+        let keep: HashSet<String> = self
+            .store
+            .vms(false)
+            .await?
+            .into_iter()
+            .filter(|vm| vm.state != VmState::Failed)
+            .map(|vm| vm.id)
+            .collect();
+        report.removed_dirs = self
+            .host
+            .remove_leftovers(&keep)
+            .await
+            .map_err(ApiError::internal)?;
         Ok(report)
     }
 
@@ -172,7 +157,7 @@ impl Manager {
             if matches!(
                 vm.state,
                 VmState::Ready | VmState::Active | VmState::Sleeping
-            ) && matches!(self.hv.run_state(&vm.id).await, Ok(RunState::Gone))
+            ) && matches!(self.host.run_state(&vm.id).await, Ok(RunState::Gone))
             {
                 // Judged again under the VM's lock: the state may have moved on meanwhile.
                 self.mark_crashed(&vm.id).await;

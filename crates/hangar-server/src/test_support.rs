@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use hangar_core::{Catalog, Mode, ServiceRequest};
+use hangar_host::{LocalHost, LocalHostConfig};
 use hangar_store::Store;
 use hangar_vmm::fake::FakeBackend;
 
@@ -17,10 +18,34 @@ pub(crate) fn manager_on(
     catalog: &str,
     config: ManagerConfig,
 ) -> Arc<Manager> {
+    manager_on_host(store, backend, catalog, config, LocalHostConfig::default())
+}
+
+/// [`manager_on`], with the local host configured as `host`.
+pub(crate) fn manager_on_host(
+    store: Arc<dyn Store>,
+    backend: FakeBackend,
+    catalog: &str,
+    config: ManagerConfig,
+    host: LocalHostConfig,
+) -> Arc<Manager> {
+    manager_with_images(store, backend, Arc::new(NoImages), catalog, config, host)
+}
+
+/// A manager whose local host runs `backend` with `images`.
+pub(crate) fn manager_with_images(
+    store: Arc<dyn Store>,
+    backend: FakeBackend,
+    images: Arc<dyn crate::images::ImageSource>,
+    catalog: &str,
+    config: ManagerConfig,
+    host: LocalHostConfig,
+) -> Arc<Manager> {
+    let host = LocalHost::new(Arc::new(backend), images.clone(), host);
     Manager::new(
         store,
-        Arc::new(backend),
-        Arc::new(NoImages),
+        Arc::new(host),
+        images,
         Arc::new(Catalog::from_toml(catalog).expect("test catalog")),
         config,
     )

@@ -278,7 +278,7 @@ async fn restart_adopts_running_vms_fails_vanished_ones_and_stops_strangers() {
     backend.launch(&stranger).await.unwrap();
 
     let restarted = manager_with(store.clone(), backend.clone());
-    let report = restarted.reconcile(None).await.unwrap();
+    let report = restarted.reconcile().await.unwrap();
     assert_eq!(report.adopted, [kept.vm.id.as_str()]);
     assert_eq!(report.failed, [crashed.vm.id.as_str()]);
     assert_eq!(report.stopped_unknown, ["vm-stranger"]);
@@ -287,9 +287,11 @@ async fn restart_adopts_running_vms_fails_vanished_ones_and_stops_strangers() {
         store.vm(&crashed.vm.id).await.unwrap().unwrap().state,
         VmState::Failed
     );
-    assert!(restarted.agent(&kept.vm.id).is_some());
+    // The adopted VM's control channel works: waking re-identifies it through the agent.
+    restarted.sleep(&kept.vm.id).await.unwrap();
+    restarted.wake(&kept.vm.id).await.unwrap();
     // Reconciling again changes nothing.
-    let again = restarted.reconcile(None).await.unwrap();
+    let again = restarted.reconcile().await.unwrap();
     assert_eq!(
         (
             again.adopted.len(),
@@ -520,7 +522,7 @@ mod lifecycle {
         );
         drop(manager);
         let restarted = manager_with(store.clone(), backend.clone());
-        let report = restarted.reconcile(None).await.unwrap();
+        let report = restarted.reconcile().await.unwrap();
         assert!(report.failed.is_empty(), "{report:?}");
         assert_eq!(
             store.vm(&vm.id).await.unwrap().unwrap().state,
@@ -551,7 +553,7 @@ mod lifecycle {
         backend.launch(&spec).await.unwrap();
 
         let restarted = manager_with(store.clone(), backend.clone());
-        let report = restarted.reconcile(None).await.unwrap();
+        let report = restarted.reconcile().await.unwrap();
         assert!(report.stopped_unknown.is_empty(), "{report:?}");
         for id in [&kept.id, &cut.id] {
             assert_eq!(
@@ -577,11 +579,16 @@ mod lifecycle {
 #[tokio::test]
 async fn later_vms_are_cloned_from_the_template_the_first_request_started() {
     let dir = tempfile::tempdir().unwrap();
-    let (manager, backend, store) = fake_manager(
+    let store = Arc::new(hangar_store::SqliteStore::open_in_memory().unwrap());
+    let backend = FakeBackend::new();
+    let manager = crate::test_support::manager_on_host(
+        store.clone(),
+        backend.clone(),
         CATALOG,
-        ManagerConfig {
+        ManagerConfig::default(),
+        hangar_host::LocalHostConfig {
             templates_dir: Some(dir.path().join("templates")),
-            ..ManagerConfig::default()
+            ..hangar_host::LocalHostConfig::default()
         },
     );
     let first = manager
@@ -590,11 +597,11 @@ async fn later_vms_are_cloned_from_the_template_the_first_request_started() {
         .unwrap();
     assert_eq!(first.served, Served::Created);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while manager.templates().is_empty() {
+    while manager.templates().await.is_empty() {
         assert!(tokio::time::Instant::now() < deadline, "no template built");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let templates = manager.templates();
+    let templates = manager.templates().await;
     assert_eq!(templates.len(), 1);
     assert!(templates[0].current);
     assert_eq!(templates[0].service, "web");
@@ -739,7 +746,7 @@ mod stable_endpoints {
         // A new server, with a new, empty forwarder, gives it every endpoint from the store.
         let restarted = manager_with(store.clone(), backend.clone());
         serve_with_endpoints(&restarted).await;
-        restarted.reconcile(None).await.unwrap();
+        restarted.reconcile().await.unwrap();
         restarted.sync_endpoints().await.unwrap();
         assert!(get(&kept.endpoint).await.unwrap().contains("fake"));
         let answer = get(&archived.endpoint).await.unwrap();

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hangar_core::{Catalog, Mode, Service, ServiceRequest};
+use hangar_core::{Mode, Service, ServiceRequest};
 use hangar_image::GuestAssets;
 use hangar_image::layers::{Layer, LayerInfo};
 use hangar_store::{TaskState, now_ms};
@@ -170,15 +170,16 @@ fn setup(budget_mib: u64) -> (Arc<Manager>, Arc<FakeLayers>) {
         layers: Mutex::default(),
         builds: AtomicU32::new(0),
     });
-    let manager = Manager::new(
+    let manager = crate::test_support::manager_with_images(
         Arc::new(hangar_store::SqliteStore::open_in_memory().unwrap()),
-        Arc::new(FakeBackend::new()),
+        FakeBackend::new(),
         layers.clone(),
-        Arc::new(Catalog::from_toml(CATALOG).unwrap()),
+        CATALOG,
         ManagerConfig {
             image_budget_mib: budget_mib,
             ..ManagerConfig::default()
         },
+        hangar_host::LocalHostConfig::default(),
     );
     (manager, layers)
 }
@@ -239,7 +240,7 @@ async fn eviction_takes_least_recently_used_layers_no_vm_uses() {
         // A budget of nothing, on the same store and layers.
         Manager::new(
             manager.store.clone(),
-            manager.hv.clone(),
+            manager.host.clone(),
             layers.clone(),
             manager.catalog.clone(),
             ManagerConfig {

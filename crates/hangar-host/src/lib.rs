@@ -1,0 +1,373 @@
+//! The host layer: what one machine that runs VMs can do, as whole operations.
+//!
+//! [`Host`] is the seam between the control plane and a machine: make a VM from a
+//! [`VmPlan`] up to ready, hand out a paused pool VM, sleep, archive, wake, destroy, make and
+//! clone templates, and report what runs there ([`Host::inventory`]) and what the machine
+//! has ([`Host::facts`]). Everything that crosses it is data a network call could carry:
+//! ids, plans, endpoints as `host:port` text, stages, facts, an opaque [`LaunchRecord`] and
+//! typed errors ([`HostError`]); no paths the caller must open, no process handles, no
+//! in-process channels.
+//!
+//! - [`local`]: [`LocalHost`], the machine the server runs on: QEMU through
+//!   [`hangar_vmm::Hypervisor`], guest configuration and identity, ready checks, host
+//!   ports, template directories, console logs, `/proc`.
+//! - [`ready`]: ready criteria, checked from the host.
+//! - [`guest`]: what a guest is told to become (hangar-init's configuration).
+//! - [`images`]: where a host's images come from ([`images::ImageSource`]).
+//! - [`facts`]: what the machine has (CPUs, memory, disk, load), read from the OS.
+//!
+//! In single-node mode the server holds one [`LocalHost`]; a farm adds remote hosts
+//! behind the same trait.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use hangar_core::{ReadySpec, Service};
+use serde::{Deserialize, Serialize};
+
+pub mod facts;
+pub mod guest;
+pub mod images;
+pub mod local;
+pub mod ready;
+
+pub use hangar_vmm::{ArchiveTier, RunState};
+pub use images::ProgressFn;
+pub use local::{LocalHost, LocalHostConfig};
+
+/// What a VM is made for; decides its hostname, CPU priority and where it ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Purpose {
+    /// Handed to a request: left running once ready.
+    Request,
+    /// Filled into a warm pool: paused once ready, at low CPU priority while it boots.
+    Pool,
+    /// Becomes its service's template: snapshotted once ready, then gone as a VM.
+    Template,
+}
+
+/// What to make: a service VM, or (no service) a pre-OS hardware shell.
+#[derive(Debug, Clone, Serialize)]
+pub struct VmPlan {
+    /// The VM's id, chosen by the control plane.
+    pub id: String,
+    pub service: Option<Service>,
+    /// The OS its root runs (the service's own unless the request names another).
+    pub os: Option<String>,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// The request's settings.
+    pub env: BTreeMap<String, String>,
+    /// The guest's hostname until it is handed out.
+    pub hostname: String,
+    pub purpose: Purpose,
+    /// A ready criterion other than the service's (a pool's, set at run time).
+    pub ready: Option<ReadySpec>,
+}
+
+/// What a host keeps of a VM it started, to adopt, restore or change it later. Opaque to
+/// the control plane: it is stored with the VM and handed back to the host that wrote it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct LaunchRecord(pub serde_json::Value);
+
+/// A VM prepared by [`Host::prepare_vm`]: images resolved, host ports chosen, no process
+/// yet.
+#[derive(Debug, Clone)]
+pub struct PreparedVm {
+    /// The VM's own endpoints (`host:port`) by service port name.
+    pub direct_endpoints: BTreeMap<String, String>,
+    pub launch: LaunchRecord,
+}
+
+/// A VM made by [`Host::make_vm`].
+#[derive(Debug, Clone)]
+pub struct MadeVm {
+    /// The record to store with the VM from now on.
+    pub launch: LaunchRecord,
+    /// The host's process id of the VM, for operators only (shown in listings); the
+    /// control plane never acts on it.
+    pub process: Option<u32>,
+    /// Cloned from its service's template rather than booted.
+    pub cloned: bool,
+    /// For [`Purpose::Template`]: the template it became (the VM is gone).
+    pub template: Option<TemplateFacts>,
+}
+
+/// How to hand out a paused pool VM.
+#[derive(Debug, Clone, Default)]
+pub struct HandOut {
+    /// Slice it down to (vCPUs, MiB): balloon and offline vCPUs.
+    pub slice_to: Option<(u32, u32)>,
+    /// Its current size (vCPUs, MiB).
+    pub size: (u32, u32),
+}
+
+/// A pool VM handed out.
+#[derive(Debug, Clone, Default)]
+pub struct HandedOut {
+    pub stages: Stages,
+    /// The size it was sliced to, as (vCPUs, MiB).
+    pub sliced_to: Option<(u32, u32)>,
+}
+
+/// What a pre-OS shell becomes when it is handed out (the partial match).
+#[derive(Debug, Clone)]
+pub struct ShellPlan {
+    pub service: Option<Service>,
+    pub os: String,
+    pub env: BTreeMap<String, String>,
+}
+
+/// A pre-OS shell booted with its OS.
+#[derive(Debug, Clone)]
+pub struct BootedShell {
+    pub launch: LaunchRecord,
+    pub direct_endpoints: BTreeMap<String, String>,
+}
+
+/// How a VM sleeps now, for [`Host::wake`].
+#[derive(Debug, Clone)]
+pub enum WakeFrom {
+    /// Paused in memory: resumed exactly as it was.
+    Sleeping,
+    /// An archive on disk: restored into a new process, then its services' ready criteria
+    /// checked through its own endpoints.
+    Archived {
+        launch: LaunchRecord,
+        services: Vec<Service>,
+        direct_endpoints: BTreeMap<String, String>,
+    },
+}
+
+/// A woken VM.
+#[derive(Debug, Clone, Default)]
+pub struct Woken {
+    pub stages: Stages,
+    /// The new process id after a restore, for operators only.
+    pub process: Option<u32>,
+}
+
+/// A VM re-attached by [`Host::adopt`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Adopted {
+    /// Its process id, for operators only.
+    pub process: Option<u32>,
+}
+
+/// An archived VM's memory snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchiveFacts {
+    pub tier: ArchiveTier,
+    pub size_bytes: u64,
+    /// Guest memory it holds.
+    pub memory_mib: u32,
+    /// How long archiving took, pause to process exit.
+    pub took_ms: u64,
+}
+
+/// One VM that has a process on a host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRun {
+    pub id: String,
+    pub state: RunState,
+}
+
+/// One template a host holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateFacts {
+    /// `<service>-<key>`: unique on its host.
+    pub id: String,
+    pub service: String,
+    /// Hash of everything its snapshot depends on.
+    pub key: String,
+    /// Where the host keeps it, for operators.
+    pub location: String,
+    pub memory_mib: u32,
+    pub vcpus: u32,
+    /// Memory snapshot plus frozen disk layer.
+    pub size_bytes: u64,
+    pub took_ms: u64,
+    pub created_unix_ms: u64,
+    /// Made from the service's current definition (new VMs may be cloned from it).
+    pub current: bool,
+}
+
+/// What a host has, for placement and listings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostFacts {
+    pub name: String,
+    /// `qemu` or `fake`.
+    pub hypervisor: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub free_memory_mib: u64,
+    pub free_disk_mib: u64,
+    /// One-minute load average.
+    pub load: f64,
+    /// Templates held, by id.
+    pub templates: Vec<String>,
+}
+
+/// Named stage durations of one operation, as the API's `Server-Timing` header reports
+/// them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stages(pub Vec<(&'static str, Duration)>);
+
+impl Stages {
+    /// Records the time since `since` as stage `name` and returns now.
+    pub fn mark(&mut self, name: &'static str, since: std::time::Instant) -> std::time::Instant {
+        let now = std::time::Instant::now();
+        self.0.push((name, now - since));
+        now
+    }
+
+    /// `name;dur=MS, ...`, the `Server-Timing` header value (RFC: W3C Server Timing).
+    pub fn header(&self, total: Duration) -> String {
+        self.0
+            .iter()
+            .chain(std::iter::once(&("total", total)))
+            .map(|(name, took)| format!("{name};dur={:.3}", took.as_secs_f64() * 1000.0))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// Why a host operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error(transparent)]
+    Vmm(#[from] hangar_vmm::VmmError),
+    #[error(transparent)]
+    Agent(#[from] hangar_vmm::AgentError),
+    /// An image could not be resolved or built.
+    #[error("{0}")]
+    Image(String),
+    #[error("allocating host ports: {0}")]
+    Ports(#[source] std::io::Error),
+    #[error("no agent channel")]
+    NoAgent,
+    /// The guest refused or failed a configuration step.
+    #[error("{0}")]
+    Guest(String),
+    /// The VM runs but its ready criterion did not pass; the message says what the guest
+    /// reported.
+    #[error("{0}")]
+    NotReady(String),
+    #[error("launch record")]
+    Record(#[source] serde_json::Error),
+    #[error("templates are off (--no-templates)")]
+    TemplatesOff,
+    #[error("{path}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// One machine that runs VMs. Every method is safe to call concurrently for different VMs;
+/// the caller runs one operation at a time per VM. The trait is object-safe: the control
+/// plane holds hosts as `Arc<dyn Host>`.
+#[async_trait::async_trait]
+pub trait Host: Send + Sync + 'static {
+    /// The host's name, unique in a farm (`local` in single-node mode).
+    fn name(&self) -> &str;
+
+    /// What the machine has now.
+    async fn facts(&self) -> Result<HostFacts, HostError>;
+
+    /// The VMs that have a process here, adopted or not, with their run state.
+    async fn inventory(&self) -> Result<Vec<VmRun>, HostError>;
+
+    /// One VM's run state.
+    async fn run_state(&self, id: &str) -> Result<RunState, HostError>;
+
+    /// Resolves (building when needed, reported to `progress`) the VM's images and
+    /// chooses its host ports. Starts nothing; [`Host::destroy`] frees what it chose.
+    async fn prepare_vm(
+        &self,
+        plan: &VmPlan,
+        progress: ProgressFn,
+    ) -> Result<PreparedVm, HostError>;
+
+    /// Starts a prepared VM and takes it to ready (reported to `progress`): booted and
+    /// configured, or cloned from its service's template and re-identified; left running
+    /// ([`Purpose::Request`]), paused ([`Purpose::Pool`]) or turned into a template
+    /// ([`Purpose::Template`]). On error the VM may still run: [`Host::destroy`] it.
+    async fn make_vm(
+        &self,
+        plan: &VmPlan,
+        prepared: &PreparedVm,
+        progress: ProgressFn,
+    ) -> Result<MadeVm, HostError>;
+
+    /// Hands out a paused, booted pool VM: normal priority, resumed, fresh identity,
+    /// sliced when asked.
+    async fn hand_out(&self, id: &str, how: &HandOut) -> Result<HandedOut, HostError>;
+
+    /// Gives a paused pre-OS shell its OS image, port forwards and identity, and boots it
+    /// to ready.
+    async fn boot_shell(
+        &self,
+        id: &str,
+        launch: &LaunchRecord,
+        plan: &ShellPlan,
+    ) -> Result<BootedShell, HostError>;
+
+    /// Pauses a running VM in memory.
+    async fn sleep(&self, id: &str) -> Result<(), HostError>;
+
+    /// Snapshots a VM's memory to disk in `tier` and ends its process. On error the VM
+    /// runs (or sleeps) as it was.
+    async fn archive(&self, id: &str, tier: ArchiveTier) -> Result<ArchiveFacts, HostError>;
+
+    /// The archive of a VM, if it has one.
+    fn archive_facts(&self, id: &str) -> Option<ArchiveFacts>;
+
+    /// Brings a sleeping or archived VM back, with a fresh identity; a restored VM also
+    /// passes its ready criteria ([`HostError::NotReady`] when not: it then runs, for
+    /// inspection). Returns where the time went (`resume` or `restore`, `identity`,
+    /// `ready`).
+    async fn wake(&self, id: &str, from: &WakeFrom) -> Result<Woken, HostError>;
+
+    /// Re-attaches to a VM started earlier. `Ok(None)` when its process is gone. With
+    /// `running`, a VM found paused is resumed.
+    async fn adopt(
+        &self,
+        id: &str,
+        launch: &LaunchRecord,
+        running: bool,
+    ) -> Result<Option<Adopted>, HostError>;
+
+    /// Ends a VM's process and keeps its files (disk layer, archive).
+    async fn stop(&self, id: &str) -> Result<(), HostError>;
+
+    /// Ends a VM's process, if any, and deletes everything it had here. Idempotent.
+    async fn destroy(&self, id: &str) -> Result<(), HostError>;
+
+    /// Removes what the host keeps of VMs not in `keep` and without a process (leftover
+    /// directories); returns their ids.
+    async fn remove_leftovers(
+        &self,
+        keep: &std::collections::HashSet<String>,
+    ) -> Result<Vec<String>, HostError>;
+
+    /// Whether new VMs of `service` can be cloned from a template here (templates are on
+    /// and its root is a single disk).
+    fn templates_apply(&self, service: &Service) -> bool;
+
+    /// Whether `service`'s current template is built here.
+    async fn has_template(&self, service: &Service) -> Result<bool, HostError>;
+
+    /// The id of the template a VM was cloned from, read from its launch record.
+    fn template_of(&self, launch: &LaunchRecord) -> Option<String>;
+
+    /// Every template held here; [`TemplateFacts::current`] tells whether it was made
+    /// from its service's definition in `services`.
+    async fn templates(&self, services: &[Service]) -> Result<Vec<TemplateFacts>, HostError>;
+
+    /// Removes a template (nothing uses it any more).
+    async fn remove_template(&self, id: &str) -> Result<(), HostError>;
+}

@@ -1,0 +1,895 @@
+//! The machine the server runs on: [`LocalHost`], a [`Host`] over a
+//! [`hangar_vmm::Hypervisor`] (QEMU, or the fake backend in tests).
+//!
+//! It holds the host mechanics: the VMs' control channels (hangar-init agents), guest
+//! configuration and identity, ready checks (console logs, `/proc`), host ports, template
+//! directories (`<templates dir>/<service>-<key>/`, see [`hangar_vmm::template`]) and the
+//! VM directories. A VM's [`LaunchRecord`] is its [`VmSpec`] as JSON.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hangar_core::{ReadySpec, Service};
+use hangar_vmm::{Agent, Hypervisor, Launched, PortForward, TemplateInfo, VmSpec};
+use sha2::{Digest, Sha256};
+
+use crate::guest::{guest_config, new_identity};
+use crate::images::{ImageSource, ProgressFn, RootImage};
+use crate::{
+    Adopted, ArchiveFacts, ArchiveTier, BootedShell, HandOut, HandedOut, Host, HostError,
+    HostFacts, LaunchRecord, MadeVm, PreparedVm, Purpose, RunState, ShellPlan, Stages,
+    TemplateFacts, VmPlan, VmRun, WakeFrom, Woken, ready,
+};
+
+#[derive(Debug, Clone)]
+pub struct LocalHostConfig {
+    /// The host's name (`local` in single-node mode).
+    pub name: String,
+    /// Address the VMs' port forwards listen on.
+    pub endpoint_host: IpAddr,
+    /// Kernel command line of every guest (see `hangar_image::kernel_cmdline`).
+    pub guest_cmdline: String,
+    /// Where service templates live; none: VMs are always booted, never cloned.
+    pub templates_dir: Option<PathBuf>,
+    /// Where the hypervisor keeps VM directories (leftovers are removed from it).
+    pub vms_dir: Option<PathBuf>,
+}
+
+impl Default for LocalHostConfig {
+    fn default() -> Self {
+        LocalHostConfig {
+            name: "local".into(),
+            endpoint_host: IpAddr::from([127, 0, 0, 1]),
+            guest_cmdline: hangar_image::kernel_cmdline(None),
+            templates_dir: None,
+            vms_dir: None,
+        }
+    }
+}
+
+pub struct LocalHost {
+    hv: Arc<dyn Hypervisor>,
+    images: Arc<dyn ImageSource>,
+    config: LocalHostConfig,
+    /// Control channels (and processes) of running VMs.
+    agents: Mutex<HashMap<String, Launched>>,
+}
+
+fn record(spec: &VmSpec) -> Result<LaunchRecord, HostError> {
+    serde_json::to_value(spec)
+        .map(LaunchRecord)
+        .map_err(HostError::Record)
+}
+
+fn spec_of(launch: &LaunchRecord) -> Result<VmSpec, HostError> {
+    serde_json::from_value(launch.0.clone()).map_err(HostError::Record)
+}
+
+/// `addr` as an endpoint (`host:port`).
+fn endpoint_text(endpoints: &BTreeMap<String, SocketAddr>) -> BTreeMap<String, String> {
+    endpoints
+        .iter()
+        .map(|(name, addr)| (name.clone(), addr.to_string()))
+        .collect()
+}
+
+fn parse_endpoints(endpoints: &BTreeMap<String, String>) -> BTreeMap<String, SocketAddr> {
+    endpoints
+        .iter()
+        .filter_map(|(name, addr)| Some((name.clone(), addr.parse().ok()?)))
+        .collect()
+}
+
+/// A progress callback for an image build inside an operation: the build's stages, its
+/// percent mapped into `from..to`.
+fn scaled(progress: &ProgressFn, from: u8, to: u8) -> ProgressFn {
+    let progress = progress.clone();
+    Arc::new(move |stage: &str, percent: u8| {
+        let scaled = from as u32 + (to.saturating_sub(from) as u32 * percent.min(100) as u32) / 100;
+        progress(&format!("image: {stage}"), scaled as u8);
+    })
+}
+
+impl LocalHost {
+    pub fn new(
+        hv: Arc<dyn Hypervisor>,
+        images: Arc<dyn ImageSource>,
+        config: LocalHostConfig,
+    ) -> LocalHost {
+        LocalHost {
+            hv,
+            images,
+            config,
+            agents: Mutex::default(),
+        }
+    }
+
+    fn agent(&self, id: &str) -> Result<Arc<Agent>, HostError> {
+        self.agents
+            .lock()
+            .expect("agents lock")
+            .get(id)
+            .map(|launched| launched.agent.clone())
+            .ok_or(HostError::NoAgent)
+    }
+
+    /// The host process of a running VM, when the backend has processes.
+    fn pid(&self, id: &str) -> Option<u32> {
+        self.agents
+            .lock()
+            .expect("agents lock")
+            .get(id)
+            .and_then(|launched| launched.pid)
+    }
+
+    fn keep_agent(&self, id: &str, launched: Launched) {
+        self.agents
+            .lock()
+            .expect("agents lock")
+            .insert(id.to_owned(), launched);
+    }
+
+    fn drop_agent(&self, id: &str) {
+        self.agents.lock().expect("agents lock").remove(id);
+    }
+
+    /// Removes what an interrupted template build left (staging directories).
+    pub fn clean_template_debris(&self) {
+        let Some(root) = &self.config.templates_dir else {
+            return;
+        };
+        for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|ext| ext == "tmp") {
+                tracing::info!(dir = %path.display(), "removing an unfinished template");
+                let _ = std::fs::remove_dir_all(&path);
+            }
+        }
+    }
+
+    /// One free host port per service port, on the endpoint address: the VM's own port
+    /// forwards (its direct endpoints).
+    fn allocate_ports(
+        &self,
+        service: &Service,
+    ) -> Result<(Vec<PortForward>, BTreeMap<String, SocketAddr>), HostError> {
+        // Hold every probe listener until all are chosen, so no port is picked twice.
+        let listeners = service
+            .ports
+            .iter()
+            .map(|_| std::net::TcpListener::bind((self.config.endpoint_host, 0)))
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(HostError::Ports)?;
+        let mut forwards = Vec::new();
+        let mut endpoints = BTreeMap::new();
+        for (port, listener) in service.ports.iter().zip(&listeners) {
+            let addr = listener.local_addr().map_err(HostError::Ports)?;
+            forwards.push(PortForward {
+                host: addr.ip(),
+                host_port: addr.port(),
+                guest_port: port.guest,
+            });
+            endpoints.insert(port.name.clone(), addr);
+        }
+        Ok((forwards, endpoints))
+    }
+
+    /// Waits for the service's ready criterion on this VM; the error explains what failed.
+    async fn wait_ready(
+        &self,
+        vm_id: &str,
+        pid: Option<u32>,
+        service: &Service,
+        ready: &ReadySpec,
+        endpoints: &BTreeMap<String, SocketAddr>,
+        agent: &Agent,
+    ) -> Result<(), HostError> {
+        let console_log = self.hv.console_log(vm_id);
+        let target = ready::ProbeTarget {
+            endpoints,
+            agent,
+            console_log: console_log.as_deref(),
+            qemu_pid: pid,
+        };
+        ready::wait_ready(service, ready, &target)
+            .await
+            .map(drop)
+            .map_err(|not_ready| HostError::NotReady(diagnose(vm_id, agent, &not_ready.0)))
+    }
+
+    /// The key of `service`'s template for VMs launched as `spec` describes.
+    fn template_key(service: &Service, spec: &VmSpec) -> String {
+        let inputs = serde_json::json!({
+            "service": service,
+            "kernel": spec.kernel,
+            "initramfs": spec.initramfs,
+            "cmdline": spec.cmdline,
+            "base_image": spec.base_image,
+            "memory_mib": spec.memory_mib,
+            "vcpus": spec.vcpus,
+        });
+        let digest = Sha256::digest(inputs.to_string().as_bytes());
+        hex::encode(&digest[..8])
+    }
+
+    fn template_dir(&self, service: &Service, spec: &VmSpec) -> Option<PathBuf> {
+        self.config.templates_dir.as_ref().map(|dir| {
+            dir.join(format!(
+                "{}-{}",
+                service.name,
+                Self::template_key(service, spec)
+            ))
+        })
+    }
+
+    /// The current template for VMs of `service` launched as `spec`, if one is built.
+    fn find_template(&self, service: &Service, spec: &VmSpec) -> Option<TemplateInfo> {
+        hangar_vmm::template::read(&self.template_dir(service, spec)?)
+    }
+
+    /// The spec a VM launched as `spec` runs with once cloned from `template`.
+    fn cloned_spec(spec: &VmSpec, template: &TemplateInfo) -> VmSpec {
+        VmSpec {
+            kernel: template.spec.kernel.clone(),
+            initramfs: template.spec.initramfs.clone(),
+            cmdline: template.spec.cmdline.clone(),
+            base_image: template.disk.clone(),
+            pre_os: false,
+            template: Some(template.dir.clone()),
+            ..spec.clone()
+        }
+    }
+
+    /// A spec with what a template's key depends on, for looking one up.
+    async fn template_probe_spec(&self, service: &Service) -> Result<VmSpec, HostError> {
+        let assets = self.images.guest_assets().await.map_err(HostError::Image)?;
+        Ok(VmSpec {
+            id: String::new(),
+            vcpus: service.vcpus,
+            memory_mib: service.memory_mib,
+            kernel: assets.vmlinux,
+            initramfs: assets.initramfs,
+            cmdline: self.config.guest_cmdline.clone(),
+            base_image: self
+                .images
+                .root_image(service, &service.os, Arc::new(|_, _| {}))
+                .await
+                .map_err(HostError::Image)?
+                .base,
+            layers: Vec::new(),
+            forwards: Vec::new(),
+            pre_os: false,
+            background: false,
+            template: None,
+        })
+    }
+
+    fn template_facts(info: &TemplateInfo, services: &[Service]) -> Option<TemplateFacts> {
+        let id = info.dir.file_name()?.to_string_lossy().into_owned();
+        let (service, key) = id.rsplit_once('-')?;
+        let current = services
+            .iter()
+            .find(|s| s.name == service)
+            .is_some_and(|s| Self::template_key(s, &info.spec) == key);
+        Some(TemplateFacts {
+            service: service.to_owned(),
+            key: key.to_owned(),
+            id: id.clone(),
+            location: info.dir.display().to_string(),
+            memory_mib: info.spec.memory_mib,
+            vcpus: info.spec.vcpus,
+            size_bytes: info.size_bytes,
+            took_ms: info.took_ms,
+            created_unix_ms: info.created_unix_ms,
+            current,
+        })
+    }
+
+    fn template_infos(&self) -> Vec<TemplateInfo> {
+        let Some(root) = &self.config.templates_dir else {
+            return Vec::new();
+        };
+        let Ok(entries) = std::fs::read_dir(root) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|entry| hangar_vmm::template::read(&entry.path()))
+            .collect()
+    }
+
+    /// Ends the making of a template: VM `vm_id`, ready and paused, becomes the template
+    /// (its process and directory go, also on error).
+    async fn finish_template(
+        &self,
+        vm_id: &str,
+        service: &Service,
+        spec: &VmSpec,
+    ) -> Result<TemplateFacts, HostError> {
+        let dir = self
+            .template_dir(service, spec)
+            .ok_or(HostError::TemplatesOff)?;
+        if let Some(parent) = dir.parent() {
+            std::fs::create_dir_all(parent).map_err(|source| HostError::Io {
+                path: parent.display().to_string(),
+                source,
+            })?;
+        }
+        let made = self.hv.make_template(vm_id, &dir).await;
+        self.drop_agent(vm_id);
+        let template = made?;
+        tracing::info!(service = %service.name, dir = %dir.display(), size_bytes = template.size_bytes, took_ms = template.took_ms, "template made");
+        Self::template_facts(&template, std::slice::from_ref(service))
+            .ok_or_else(|| HostError::Guest(format!("template {} has no name", dir.display())))
+    }
+
+    /// Resumes a VM that was paused and sends it a fresh identity.
+    async fn reidentify(
+        &self,
+        id: &str,
+        agent: &Agent,
+        hostname: &str,
+        timeout: Duration,
+    ) -> Result<(), HostError> {
+        let reply = agent.reidentify(new_identity(hostname), timeout).await?;
+        tracing::debug!(vm = %id, guest = %reply.stdout, "identity applied");
+        if !reply.ok {
+            return Err(HostError::Guest(format!(
+                "re-identification failed: {}",
+                reply.error.unwrap_or_default()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Slices a superset VM down: the balloon takes the memory above `memory`, and vCPUs
+    /// beyond `vcpus` go offline in the guest.
+    async fn slice(
+        &self,
+        id: &str,
+        agent: &Agent,
+        size: (u32, u32),
+        to: (u32, u32),
+    ) -> Result<(u32, u32), HostError> {
+        let memory = size.1.min(to.1);
+        if memory < size.1 {
+            self.hv.set_memory(id, memory).await?;
+        }
+        if to.0 < size.0 {
+            let script = format!(
+                "for c in $(seq {} {}); do echo 0 > /sys/devices/system/cpu/cpu$c/online; done",
+                to.0,
+                size.0 - 1
+            );
+            let reply = agent
+                .exec(
+                    vec!["sh".into(), "-c".into(), script],
+                    Duration::from_secs(10),
+                )
+                .await?;
+            if !reply.ok {
+                return Err(HostError::Guest(format!(
+                    "taking vCPUs offline failed: {}",
+                    reply.stderr.trim()
+                )));
+            }
+        }
+        Ok((to.0.min(size.0), memory))
+    }
+
+    /// A pool VM being handed out runs at normal CPU priority again (best effort).
+    async fn to_foreground(&self, id: &str) {
+        if let Err(err) = self.hv.set_foreground(id).await {
+            tracing::debug!(vm = %id, error = %err, "cannot raise vm priority");
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Host for LocalHost {
+    fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    async fn facts(&self) -> Result<HostFacts, HostError> {
+        let (memory_mib, free_memory_mib) = crate::facts::memory_mib();
+        let disk_path = self
+            .config
+            .vms_dir
+            .clone()
+            .unwrap_or_else(std::env::temp_dir);
+        Ok(HostFacts {
+            name: self.config.name.clone(),
+            hypervisor: self.hv.kind().to_owned(),
+            vcpus: crate::facts::vcpus(),
+            memory_mib,
+            free_memory_mib,
+            free_disk_mib: crate::facts::free_disk_mib(
+                disk_path
+                    .ancestors()
+                    .find(|dir| dir.exists())
+                    .unwrap_or(std::path::Path::new("/")),
+            ),
+            load: crate::facts::load(),
+            templates: self
+                .template_infos()
+                .iter()
+                .filter_map(|info| Some(info.dir.file_name()?.to_string_lossy().into_owned()))
+                .collect(),
+        })
+    }
+
+    async fn inventory(&self) -> Result<Vec<VmRun>, HostError> {
+        let mut vms = Vec::new();
+        for id in self.hv.running().await? {
+            let state = self.hv.run_state(&id).await?;
+            vms.push(VmRun { id, state });
+        }
+        Ok(vms)
+    }
+
+    async fn run_state(&self, id: &str) -> Result<RunState, HostError> {
+        Ok(self.hv.run_state(id).await?)
+    }
+
+    async fn prepare_vm(
+        &self,
+        plan: &VmPlan,
+        progress: ProgressFn,
+    ) -> Result<PreparedVm, HostError> {
+        progress("image", 2);
+        let assets = self.images.guest_assets().await.map_err(HostError::Image)?;
+        let root = match (&plan.service, &plan.os) {
+            (Some(service), Some(os)) => {
+                if !self.images.is_built(service, os) {
+                    tracing::info!(service = %service.name, os = %os, vm = %plan.id, "building the service's image");
+                }
+                self.images
+                    .root_image(service, os, scaled(&progress, 2, 19))
+                    .await
+                    .map_err(HostError::Image)?
+            }
+            _ => RootImage::default(),
+        };
+        self.images.touch(&root.layer_hashes);
+        let (forwards, endpoints) = match &plan.service {
+            Some(service) => self.allocate_ports(service)?,
+            None => (Vec::new(), BTreeMap::new()),
+        };
+        let spec = VmSpec {
+            id: plan.id.clone(),
+            vcpus: plan.vcpus,
+            memory_mib: plan.memory_mib,
+            kernel: assets.vmlinux.clone(),
+            initramfs: assets.initramfs.clone(),
+            cmdline: self.config.guest_cmdline.clone(),
+            base_image: root.base.clone(),
+            layers: root.layers.clone(),
+            forwards,
+            pre_os: plan.service.is_none(),
+            background: plan.purpose != Purpose::Request,
+            template: None,
+        };
+        Ok(PreparedVm {
+            direct_endpoints: endpoint_text(&endpoints),
+            launch: record(&spec)?,
+        })
+    }
+
+    async fn make_vm(
+        &self,
+        plan: &VmPlan,
+        prepared: &PreparedVm,
+        progress: ProgressFn,
+    ) -> Result<MadeVm, HostError> {
+        let vm_id = plan.id.as_str();
+        let spec = spec_of(&prepared.launch)?;
+        let endpoints = parse_endpoints(&prepared.direct_endpoints);
+        // A clone of the service's template when there is one: restored at its ready
+        // state instead of booted. Requests with settings (env) are configured at boot.
+        let template = plan
+            .service
+            .as_ref()
+            .filter(|_| {
+                plan.env.is_empty() && plan.purpose != Purpose::Template && spec.layers.is_empty()
+            })
+            .and_then(|service| self.find_template(service, &spec));
+        let (launched, spec) = match &template {
+            Some(template) => {
+                progress("clone", 20);
+                let cloned = Self::cloned_spec(&spec, template);
+                (self.hv.clone_template(&cloned, template).await?, cloned)
+            }
+            None => {
+                progress("launch", 20);
+                (self.hv.launch(&spec).await?, spec)
+            }
+        };
+        self.keep_agent(vm_id, launched.clone());
+
+        if let Some(service) = &plan.service {
+            let agent = launched.agent;
+            if template.is_some() {
+                // The clone resumes where its template paused, at ready, with the
+                // template's identity: it gets its own before anything else.
+                progress("identity", 50);
+                self.hv.resume(vm_id).await?;
+                let reply = agent
+                    .reidentify(new_identity(&plan.hostname), service.ready.timeout)
+                    .await
+                    .map_err(|err| HostError::Guest(diagnose(vm_id, &agent, &error_chain(&err))))?;
+                if !reply.ok {
+                    return Err(HostError::Guest(format!(
+                        "re-identification failed: {}",
+                        reply.error.unwrap_or_default()
+                    )));
+                }
+            } else {
+                progress("boot", 40);
+                let config = guest_config(
+                    vm_id,
+                    &plan.hostname,
+                    Some(service),
+                    &plan.env,
+                    spec.layers.len(),
+                )
+                .map_err(HostError::Guest)?;
+                agent
+                    .configure(config, service.ready.timeout)
+                    .await
+                    .map_err(|err| HostError::Guest(diagnose(vm_id, &agent, &error_chain(&err))))?;
+            }
+
+            // Checked on clones too: it proves the clone healthy, and under emulation it
+            // warms the guest's code paths before the VM is handed out.
+            progress("ready", 70);
+            let ready = plan.ready.as_ref().unwrap_or(&service.ready);
+            self.wait_ready(vm_id, launched.pid, service, ready, &endpoints, &agent)
+                .await?;
+            if plan.purpose == Purpose::Template {
+                if let Some(pid) = launched.pid {
+                    settle(vm_id, pid).await;
+                }
+                self.hv.pause(vm_id).await?;
+                progress("snapshot", 90);
+                let template = self.finish_template(vm_id, service, &spec).await?;
+                return Ok(MadeVm {
+                    launch: record(&spec)?,
+                    process: None,
+                    cloned: false,
+                    template: Some(template),
+                });
+            }
+        }
+        if plan.purpose == Purpose::Pool && !spec.pre_os {
+            if let Some(pid) = launched.pid {
+                settle(vm_id, pid).await;
+            }
+            self.hv.pause(vm_id).await?;
+        }
+        Ok(MadeVm {
+            launch: record(&spec)?,
+            process: launched.pid,
+            cloned: template.is_some(),
+            template: None,
+        })
+    }
+
+    async fn hand_out(&self, id: &str, how: &HandOut) -> Result<HandedOut, HostError> {
+        let mut stages = Stages::default();
+        let agent = self.agent(id)?;
+        let started = Instant::now();
+        self.to_foreground(id).await;
+        let resuming = stages.mark("priority", started);
+        // Resumed first, then the identity sent: a message written while the VM is paused
+        // waits in the socket until QEMU polls its chardev again, which takes longer than
+        // the QMP `cont` round trip (measured with `examples/resume_latency.rs` of
+        // hangar-vmm).
+        self.hv.resume(id).await?;
+        let identifying = stages.mark("resume", resuming);
+        self.reidentify(id, &agent, id, Duration::from_secs(10))
+            .await?;
+        stages.mark("identity", identifying);
+        tracing::debug!(vm = %id, total_us = started.elapsed().as_micros() as u64, "pool vm resumed and re-identified");
+        let mut sliced_to = None;
+        if let Some(to) = how.slice_to {
+            let slicing = Instant::now();
+            sliced_to = Some(self.slice(id, &agent, how.size, to).await?);
+            stages.mark("slice", slicing);
+        }
+        Ok(HandedOut { stages, sliced_to })
+    }
+
+    async fn boot_shell(
+        &self,
+        id: &str,
+        launch: &LaunchRecord,
+        plan: &ShellPlan,
+    ) -> Result<BootedShell, HostError> {
+        let image = match &plan.service {
+            Some(service) => {
+                let root = self
+                    .images
+                    .root_image(service, &plan.os, Arc::new(|_: &str, _: u8| {}))
+                    .await
+                    .map_err(HostError::Image)?;
+                if !root.layers.is_empty() {
+                    return Err(HostError::Image(format!(
+                        "{} on {} is a layered image; a pre-OS shell takes one disk",
+                        service.name, plan.os
+                    )));
+                }
+                root.base
+            }
+            None => self
+                .images
+                .os_image(&plan.os)
+                .await
+                .map_err(HostError::Image)?,
+        }
+        .ok_or_else(|| HostError::Image("no image to attach".into()))?;
+        let mut spec = spec_of(launch)?;
+        self.hv.attach_root(id, &image).await?;
+        let (forwards, endpoints) = match &plan.service {
+            Some(service) => self.allocate_ports(service)?,
+            None => (Vec::new(), BTreeMap::new()),
+        };
+        self.hv.add_forwards(id, &forwards).await?;
+        spec.base_image = Some(image);
+        spec.forwards.extend(forwards);
+
+        let agent = self.agent(id)?;
+        self.to_foreground(id).await;
+        self.hv.resume(id).await?;
+        let config =
+            guest_config(id, id, plan.service.as_ref(), &plan.env, 0).map_err(HostError::Guest)?;
+        let timeout = plan
+            .service
+            .as_ref()
+            .map_or(Duration::from_secs(60), |s| s.ready.timeout);
+        agent
+            .configure(config, timeout)
+            .await
+            .map_err(|err| HostError::Guest(diagnose(id, &agent, &error_chain(&err))))?;
+        if let Some(service) = &plan.service {
+            let pid = self.pid(id);
+            self.wait_ready(id, pid, service, &service.ready, &endpoints, &agent)
+                .await?;
+        }
+        Ok(BootedShell {
+            launch: record(&spec)?,
+            direct_endpoints: endpoint_text(&endpoints),
+        })
+    }
+
+    async fn sleep(&self, id: &str) -> Result<(), HostError> {
+        Ok(self.hv.pause(id).await?)
+    }
+
+    async fn archive(&self, id: &str, tier: ArchiveTier) -> Result<ArchiveFacts, HostError> {
+        let info = self.hv.archive(id, tier).await?;
+        self.drop_agent(id);
+        Ok(archive_facts(&info))
+    }
+
+    fn archive_facts(&self, id: &str) -> Option<ArchiveFacts> {
+        self.hv.archive_info(id).as_ref().map(archive_facts)
+    }
+
+    async fn wake(&self, id: &str, from: &WakeFrom) -> Result<Woken, HostError> {
+        let started = Instant::now();
+        let mut woken = Woken::default();
+        match from {
+            WakeFrom::Sleeping => {
+                self.hv.resume(id).await?;
+                woken.stages.mark("resume", started);
+            }
+            WakeFrom::Archived { launch, .. } => {
+                let spec = spec_of(launch)?;
+                let launched = self.hv.restore(&spec).await?;
+                self.keep_agent(id, launched.clone());
+                woken.process = launched.pid;
+                woken.stages.mark("restore", started);
+            }
+        }
+        // Fresh identity; then, for a VM restored from an archive, its services' ready
+        // criteria. Failures here leave the VM running: the caller decides.
+        let checking = Instant::now();
+        let agent = self
+            .agent(id)
+            .map_err(|err| HostError::NotReady(err.to_string()))?;
+        self.reidentify(id, &agent, id, Duration::from_secs(10))
+            .await
+            .map_err(|err| HostError::NotReady(error_chain(&err)))?;
+        let checking = woken.stages.mark("identity", checking);
+        if let WakeFrom::Archived {
+            services,
+            direct_endpoints,
+            ..
+        } = from
+        {
+            // Checked through the VM's own port forwards: stable endpoints would wait for
+            // this very wake.
+            let endpoints = parse_endpoints(direct_endpoints);
+            for service in services {
+                self.wait_ready(
+                    id,
+                    woken.process,
+                    service,
+                    &service.ready,
+                    &endpoints,
+                    &agent,
+                )
+                .await?;
+            }
+            woken.stages.mark("ready", checking);
+        }
+        Ok(woken)
+    }
+
+    async fn adopt(
+        &self,
+        id: &str,
+        launch: &LaunchRecord,
+        running: bool,
+    ) -> Result<Option<Adopted>, HostError> {
+        let spec = spec_of(launch)?;
+        let Some(launched) = self.hv.adopt(&spec).await? else {
+            return Ok(None);
+        };
+        self.keep_agent(id, launched.clone());
+        if running && matches!(self.hv.run_state(id).await, Ok(RunState::Paused)) {
+            tracing::info!(vm = %id, "resuming a running VM found paused");
+            if let Err(err) = self.hv.resume(id).await {
+                tracing::warn!(vm = %id, error = %error_chain(&err), "cannot resume");
+            }
+        }
+        Ok(Some(Adopted {
+            process: launched.pid,
+        }))
+    }
+
+    async fn stop(&self, id: &str) -> Result<(), HostError> {
+        self.drop_agent(id);
+        Ok(self.hv.stop(id).await?)
+    }
+
+    async fn destroy(&self, id: &str) -> Result<(), HostError> {
+        self.drop_agent(id);
+        Ok(self.hv.destroy(id).await?)
+    }
+
+    async fn remove_leftovers(&self, keep: &HashSet<String>) -> Result<Vec<String>, HostError> {
+        let mut removed = Vec::new();
+        let Some(vms_dir) = &self.config.vms_dir else {
+            return Ok(removed);
+        };
+        if let Ok(entries) = std::fs::read_dir(vms_dir) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if !keep.contains(&name) {
+                    tracing::info!(dir = %entry.path().display(), "removing leftover vm directory");
+                    if std::fs::remove_dir_all(entry.path()).is_ok() {
+                        removed.push(name);
+                    }
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    fn templates_apply(&self, service: &Service) -> bool {
+        // Layered roots (Debian services) are booted: their templates are not built yet.
+        self.config.templates_dir.is_some() && self.images.chain(service, &service.os).is_empty()
+    }
+
+    async fn has_template(&self, service: &Service) -> Result<bool, HostError> {
+        let spec = self.template_probe_spec(service).await?;
+        Ok(self.find_template(service, &spec).is_some())
+    }
+
+    fn template_of(&self, launch: &LaunchRecord) -> Option<String> {
+        let dir = launch.0["template"].as_str()?;
+        Some(
+            std::path::Path::new(dir)
+                .file_name()?
+                .to_string_lossy()
+                .into_owned(),
+        )
+    }
+
+    async fn templates(&self, services: &[Service]) -> Result<Vec<TemplateFacts>, HostError> {
+        let mut templates: Vec<TemplateFacts> = self
+            .template_infos()
+            .iter()
+            .filter_map(|info| Self::template_facts(info, services))
+            .collect();
+        templates.sort_by(|a, b| a.service.cmp(&b.service).then(a.key.cmp(&b.key)));
+        Ok(templates)
+    }
+
+    async fn remove_template(&self, id: &str) -> Result<(), HostError> {
+        let Some(root) = &self.config.templates_dir else {
+            return Ok(());
+        };
+        let dir = root.join(id);
+        hangar_vmm::template::remove(&dir).map_err(|source| HostError::Io {
+            path: dir.display().to_string(),
+            source,
+        })
+    }
+}
+
+fn archive_facts(info: &hangar_vmm::ArchiveInfo) -> ArchiveFacts {
+    ArchiveFacts {
+        tier: info.tier,
+        size_bytes: info.size_bytes,
+        memory_mib: info.memory_mib,
+        took_ms: info.took_ms,
+    }
+}
+
+/// `err` with its sources, `: `-separated.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(err) = source {
+        let more = err.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = err.source();
+    }
+    text
+}
+
+/// `reason`, with what the guest reported that explains it (service exits, failures).
+fn diagnose(vm_id: &str, agent: &Agent, reason: &str) -> String {
+    let mut text = reason.to_owned();
+    for event in agent.recent_events() {
+        match event {
+            hangar_proto::GuestMessage::ServiceExited { name, code, signal } => {
+                text.push_str(&format!(
+                    "; service process {name} exited ({})",
+                    match (code, signal) {
+                        (Some(code), _) => format!("code {code}"),
+                        (_, Some(signal)) => format!("signal {signal}"),
+                        _ => "unknown status".into(),
+                    }
+                ));
+            }
+            hangar_proto::GuestMessage::Failed { stage, error } => {
+                text.push_str(&format!("; guest failed at {stage}: {error}"));
+            }
+            _ => {}
+        }
+    }
+    tracing::debug!(vm = %vm_id, reason = %text, "vm not ready");
+    text
+}
+/// Before a pool VM is paused, lets the guest finish the work its boot left behind
+/// (deferred kernel work, journal commits, service start-up tails): otherwise that work runs
+/// right after the resume that hands it out, in the grant's critical path. Waits until the
+/// VM's process uses under [`SETTLED_PERCENT`] of a host CPU over a short window, for at
+/// most [`SETTLE_AT_MOST`]; a guest that never settles is paused anyway.
+async fn settle(vm_id: &str, pid: u32) {
+    let started = std::time::Instant::now();
+    while started.elapsed() < SETTLE_AT_MOST {
+        match ready::cpu_percent(pid, Duration::from_millis(250)).await {
+            Ok(used) if used < SETTLED_PERCENT => {
+                tracing::debug!(vm = %vm_id, ms = started.elapsed().as_millis() as u64, used, "pool vm settled");
+                return;
+            }
+            Ok(_) => {}
+            Err(_) => return, // the process is gone; the pause reports it
+        }
+    }
+    tracing::debug!(vm = %vm_id, "pool vm did not settle; pausing it anyway");
+}
+
+const SETTLED_PERCENT: f64 = 10.0;
+const SETTLE_AT_MOST: Duration = Duration::from_secs(3);

@@ -1,0 +1,91 @@
+//! Placement in the request path: every VM made (a request's, a pool fill's, a template's)
+//! goes to the host that [`hangar_core::placement::choose_host`] picks from the facts of
+//! the hosts the server knows: one [`hangar_host::LocalHost`] in single-node mode. The
+//! chosen host's name is recorded on the VM.
+
+use std::sync::Arc;
+
+use hangar_core::VmState;
+use hangar_core::placement::{self, NoHost, VmNeeds, VmPriority};
+use hangar_host::{Host, HostError, Purpose, VmPlan};
+
+use crate::manager::Manager;
+
+/// Why no host was chosen.
+#[derive(Debug, thiserror::Error)]
+pub enum PlacementError {
+    #[error("cannot read the facts of host {host}")]
+    Facts {
+        host: String,
+        #[source]
+        source: HostError,
+    },
+    #[error("cannot count the VMs on the hosts")]
+    Store(#[source] hangar_store::StoreError),
+    #[error(transparent)]
+    NoHost(#[from] NoHost),
+}
+
+impl Manager {
+    /// The hosts VMs can be placed on.
+    pub(crate) fn hosts(&self) -> Vec<Arc<dyn Host>> {
+        vec![self.host.clone()]
+    }
+
+    /// The host that makes the VM `plan` describes.
+    pub(crate) async fn place(&self, plan: &VmPlan) -> Result<Arc<dyn Host>, PlacementError> {
+        let hosts = self.hosts();
+        let vms = self.store.vms(false).await.map_err(PlacementError::Store)?;
+        let mut facts = Vec::with_capacity(hosts.len());
+        for host in &hosts {
+            let known = host.facts().await.map_err(|source| PlacementError::Facts {
+                host: host.name().to_owned(),
+                source,
+            })?;
+            let mut entry = placement::HostFacts::new(
+                host.name(),
+                // The local host takes every VM it is given, as before placement: its
+                // capacity is not limited here; a farm's hosts state theirs.
+                u32::MAX,
+                u64::MAX,
+            );
+            for vm in vms.iter().filter(|vm| {
+                vm.host == host.name()
+                    && matches!(
+                        vm.state,
+                        VmState::Creating
+                            | VmState::Booting
+                            | VmState::Ready
+                            | VmState::Active
+                            | VmState::Sleeping
+                    )
+            }) {
+                entry.place(&VmNeeds {
+                    vcpus: vm.vcpus,
+                    memory_mib: u64::from(vm.memory_mib),
+                    priority: VmPriority::Normal,
+                    isolation: None,
+                });
+            }
+            entry.has_image = plan.service.as_ref().is_some_and(|service| {
+                known.templates.iter().any(|id| {
+                    id.rsplit_once('-')
+                        .is_some_and(|(name, _)| name == service.name)
+                })
+            });
+            facts.push(entry);
+        }
+        let needs = VmNeeds {
+            vcpus: plan.vcpus,
+            memory_mib: u64::from(plan.memory_mib),
+            priority: match plan.purpose {
+                Purpose::Request => VmPriority::High,
+                Purpose::Pool | Purpose::Template => VmPriority::Low,
+            },
+            isolation: None,
+        };
+        let chosen = placement::choose_host(&facts, &needs)?;
+        tracing::debug!(vm = %plan.id, host = %facts[chosen].name, "placed");
+        Ok(hosts[chosen].clone())
+    }
+}
