@@ -7,6 +7,7 @@
 
 pub mod error;
 pub mod images;
+pub mod openapi;
 pub mod policies;
 pub mod pools;
 pub mod requests;
@@ -16,6 +17,7 @@ pub mod vms;
 
 pub use error::{ErrorBody, ErrorDetail};
 pub use images::{BuildView, ImageBody, ImageView, ImagesView, LayerView, TemplateView};
+pub use openapi::ApiDoc;
 pub use policies::{BudgetView, PoliciesView, PolicyBody, PolicySource, PolicyView};
 pub use pools::{PoolBoundsBody, PoolView};
 pub use requests::{GrantView, Served, SliceView};

@@ -1,99 +1,62 @@
 //! The REST API under `/v1`. Handlers parse, validate and call the service manager; they
 //! hold no business logic. Every error answer is JSON (see [`crate::error`]).
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use axum::extract::{Path, Query, State};
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
 use axum::{Json, Router};
 use hangar_api::{
     ArchiveBody, ArchiveView, BuildView, GrantView, Health, ImageBody, PolicyBody, PoolBoundsBody,
     PortView, ServiceView, SettingView, SliceView, TaskView, VmQuery, VmView,
 };
-use hangar_core::{Mode, ReadySpec, ServiceRequest, VmState};
+use hangar_core::{ServiceRequest, VmState};
 use hangar_store::{TaskRecord, TaskState, VmRecord};
 use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::error::{ApiError, ErrorBody};
 use crate::manager::{Grant, Manager, Served};
-use crate::policy::{BudgetView, PoliciesView, PolicyChange, PolicySource, PolicyView};
+use crate::policy::{PoliciesView, PolicyChange, PolicyView};
 use crate::pools::PoolView;
 use crate::templates::TemplateView;
 
-#[derive(OpenApi)]
-#[openapi(
-    info(title = "hangar", description = "Virtual machines as services"),
-    paths(
-        healthz,
-        list_services,
-        create_request,
-        list_vms,
-        get_vm,
-        delete_vm,
-        list_tasks,
-        get_task,
-        list_policies,
-        set_policy,
-        reset_policy,
-        list_templates,
-        list_images,
-        build_image,
-        export_image
-    ),
-    components(schemas(
-        TemplateView,
-        ServiceView,
-        PortView,
-        GrantView,
-        VmView,
-        TaskView,
-        ErrorBody,
-        ImageBody,
-        BuildView,
-        crate::image_policy::ImagesView,
-        crate::images::ImageView,
-        crate::images::LayerView,
-        SettingView,
-        ServiceRequest,
-        Mode,
-        VmState,
-        ReadySpec,
-        hangar_core::ReadyCheck,
-        hangar_core::Policy,
-        hangar_core::TierChoice,
-        PolicyBody,
-        PolicyView,
-        PoliciesView,
-        BudgetView,
-        PolicySource
-    ))
-)]
-pub struct ApiDoc;
+/// Every route of the API, each from its handler's `#[utoipa::path]` annotation: the router
+/// and `/v1/openapi.json` are both made from this one list, so no route exists undocumented.
+/// Add routes only with `.routes(routes!(...))`.
+fn routes() -> OpenApiRouter<Arc<Manager>> {
+    OpenApiRouter::with_openapi(hangar_api::ApiDoc::openapi())
+        .routes(routes!(healthz))
+        .routes(routes!(openapi))
+        .routes(routes!(list_services))
+        .routes(routes!(create_request))
+        .routes(routes!(list_vms))
+        .routes(routes!(get_vm, delete_vm))
+        .routes(routes!(sleep_vm))
+        .routes(routes!(archive_vm))
+        .routes(routes!(wake_vm))
+        .routes(routes!(list_pools))
+        .routes(routes!(set_pool))
+        .routes(routes!(list_templates))
+        .routes(routes!(list_policies))
+        .routes(routes!(set_policy, reset_policy))
+        .routes(routes!(list_tasks))
+        .routes(routes!(get_task))
+        .routes(routes!(list_images, build_image))
+        .routes(routes!(export_image))
+}
 
+/// The OpenAPI document of every route the router serves.
+pub fn openapi_document() -> &'static utoipa::openapi::OpenApi {
+    static DOCUMENT: LazyLock<utoipa::openapi::OpenApi> = LazyLock::new(|| routes().into_openapi());
+    &DOCUMENT
+}
+
+/// The API's router: the routes of [`routes`] and a JSON 404 for any other path.
 pub fn router(manager: Arc<Manager>) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/v1/openapi.json", get(openapi))
-        .route("/v1/services", get(list_services))
-        .route("/v1/requests", post(create_request))
-        .route("/v1/vms", get(list_vms))
-        .route("/v1/vms/{id}", get(get_vm).delete(delete_vm))
-        .route("/v1/vms/{id}/sleep", post(sleep_vm))
-        .route("/v1/vms/{id}/archive", post(archive_vm))
-        .route("/v1/vms/{id}/wake", post(wake_vm))
-        .route("/v1/pools", get(list_pools))
-        .route("/v1/templates", get(list_templates))
-        .route("/v1/pools/{name}", axum::routing::put(set_pool))
-        .route("/v1/policies", get(list_policies))
-        .route(
-            "/v1/policies/{service}",
-            axum::routing::put(set_policy).delete(reset_policy),
-        )
-        .route("/v1/tasks", get(list_tasks))
-        .route("/v1/tasks/{id}", get(get_task))
-        .route("/v1/images", get(list_images).post(build_image))
-        .route("/v1/export", post(export_image))
+    let (router, _) = routes().split_for_parts();
+    router
         .fallback(|| async {
             ApiError::NotFound {
                 message: "no such API path; see /v1/openapi.json".into(),
@@ -103,8 +66,14 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .with_state(manager)
 }
 
-async fn openapi() -> impl IntoResponse {
-    Json(ApiDoc::openapi())
+/// This document.
+#[utoipa::path(
+    get,
+    path = "/v1/openapi.json",
+    responses((status = 200, body = Object, description = "the OpenAPI 3.1 document of every route"))
+)]
+async fn openapi() -> Json<&'static utoipa::openapi::OpenApi> {
+    Json(openapi_document())
 }
 
 #[utoipa::path(get, path = "/healthz", responses((status = 200, body = Health)))]
@@ -204,7 +173,11 @@ async fn list_templates(State(manager): State<Arc<Manager>>) -> Json<Vec<Templat
     Json(manager.templates().await)
 }
 
-#[utoipa::path(get, path = "/v1/pools", responses((status = 200, body = [PoolView])))]
+#[utoipa::path(
+    get,
+    path = "/v1/pools",
+    responses((status = 200, body = [PoolView]), (status = 500, body = ErrorBody, description = "something broke on the server's side"))
+)]
 async fn list_pools(State(manager): State<Arc<Manager>>) -> Result<Json<Vec<PoolView>>, ApiError> {
     Ok(Json(manager.pool_views()?))
 }
@@ -213,7 +186,13 @@ async fn list_pools(State(manager): State<Arc<Manager>>) -> Result<Json<Vec<Pool
     put,
     path = "/v1/pools/{name}",
     request_body = PoolBoundsBody,
-    responses((status = 200, body = PoolView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody))
+    params(("name" = String, Path, description = "the pool (a service's name for a pool made at run time)")),
+    responses(
+        (status = 200, body = PoolView),
+        (status = 400, body = ErrorBody, description = "malformed body"),
+        (status = 404, body = ErrorBody, description = "no such pool or service"),
+        (status = 500, body = ErrorBody, description = "something broke on the server's side"),
+    )
 )]
 async fn set_pool(
     State(manager): State<Arc<Manager>>,
@@ -238,6 +217,7 @@ async fn set_pool(
         (status = 404, body = ErrorBody, description = "no such service; alternatives given"),
         (status = 422, body = ErrorBody, description = "this combination will never be available"),
         (status = 503, body = ErrorBody, description = "not ready within the deadline; try again shortly (Retry-After)"),
+        (status = 500, body = ErrorBody, description = "something broke on the server's side"),
     )
 )]
 async fn create_request(
@@ -301,7 +281,16 @@ fn view(manager: &Manager, vm: VmRecord) -> VmView {
     }
 }
 
-#[utoipa::path(get, path = "/v1/vms", params(VmQuery), responses((status = 200, body = [VmView])))]
+#[utoipa::path(
+    get,
+    path = "/v1/vms",
+    params(VmQuery),
+    responses(
+        (status = 200, body = [VmView]),
+        (status = 400, body = ErrorBody, description = "malformed query string"),
+        (status = 500, body = ErrorBody, description = "something broke on the server's side"),
+    )
+)]
 async fn list_vms(
     State(manager): State<Arc<Manager>>,
     Query(query): Query<VmQuery>,
@@ -317,7 +306,12 @@ async fn list_vms(
     ))
 }
 
-#[utoipa::path(get, path = "/v1/vms/{id}", responses((status = 200, body = VmView), (status = 404, body = ErrorBody)))]
+#[utoipa::path(
+    get,
+    path = "/v1/vms/{id}",
+    params(("id" = String, Path, description = "the VM")),
+    responses((status = 200, body = VmView), (status = 404, body = ErrorBody), (status = 500, body = ErrorBody, description = "something broke on the server's side"))
+)]
 async fn get_vm(
     State(manager): State<Arc<Manager>>,
     Path(id): Path<String>,
@@ -337,7 +331,13 @@ async fn get_vm(
 #[utoipa::path(
     delete,
     path = "/v1/vms/{id}",
-    responses((status = 200, body = VmView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody))
+    params(("id" = String, Path, description = "the VM")),
+    responses(
+        (status = 200, body = VmView, description = "the VM as deleted"),
+        (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "an operation on the VM is under way"),
+        (status = 500, body = ErrorBody, description = "something broke on the server's side"),
+    )
 )]
 async fn delete_vm(
     State(manager): State<Arc<Manager>>,
@@ -347,7 +347,17 @@ async fn delete_vm(
 }
 
 /// Pause an active VM in memory.
-#[utoipa::path(post, path = "/v1/vms/{id}/sleep", responses((status = 200, body = VmView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{id}/sleep",
+    params(("id" = String, Path, description = "the VM")),
+    responses(
+        (status = 200, body = VmView),
+        (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "not in a state that allows it"),
+        (status = 500, body = ErrorBody, description = "something broke on the server's side"),
+    )
+)]
 async fn sleep_vm(
     State(manager): State<Arc<Manager>>,
     Path(id): Path<String>,
@@ -357,7 +367,19 @@ async fn sleep_vm(
 }
 
 /// Write an active or sleeping VM's memory to disk and end its process.
-#[utoipa::path(post, path = "/v1/vms/{id}/archive", request_body = ArchiveBody, responses((status = 200, body = VmView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 500, body = ErrorBody)))]
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{id}/archive",
+    request_body(content = Option<ArchiveBody>, description = "optional: an empty body archives with zstd"),
+    params(("id" = String, Path, description = "the VM")),
+    responses(
+        (status = 200, body = VmView),
+        (status = 400, body = ErrorBody, description = "malformed body"),
+        (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "not in a state that allows it"),
+        (status = 500, body = ErrorBody, description = "something broke on the server's side"),
+    )
+)]
 async fn archive_vm(
     State(manager): State<Arc<Manager>>,
     Path(id): Path<String>,
@@ -376,7 +398,17 @@ async fn archive_vm(
 }
 
 /// Bring a sleeping or archived VM back.
-#[utoipa::path(post, path = "/v1/vms/{id}/wake", responses((status = 200, body = VmView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{id}/wake",
+    params(("id" = String, Path, description = "the VM")),
+    responses(
+        (status = 200, body = VmView),
+        (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "not in a state that allows it"),
+        (status = 500, body = ErrorBody, description = "something broke on the server's side"),
+    )
+)]
 async fn wake_vm(
     State(manager): State<Arc<Manager>>,
     Path(id): Path<String>,
@@ -387,7 +419,11 @@ async fn wake_vm(
     Ok(([("server-timing", timing)], Json(view(&manager, vm))))
 }
 
-#[utoipa::path(get, path = "/v1/policies", responses((status = 200, body = PoliciesView)))]
+#[utoipa::path(
+    get,
+    path = "/v1/policies",
+    responses((status = 200, body = PoliciesView), (status = 500, body = ErrorBody, description = "something broke on the server's side"))
+)]
 async fn list_policies(
     State(manager): State<Arc<Manager>>,
 ) -> Result<Json<PoliciesView>, ApiError> {
@@ -416,7 +452,13 @@ fn duration_field(
     put,
     path = "/v1/policies/{service}",
     request_body = PolicyBody,
-    responses((status = 200, body = PolicyView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody))
+    params(("service" = String, Path, description = "the service")),
+    responses(
+        (status = 200, body = PolicyView),
+        (status = 400, body = ErrorBody, description = "malformed body or duration"),
+        (status = 404, body = ErrorBody, description = "no such service"),
+        (status = 500, body = ErrorBody, description = "something broke on the server's side"),
+    )
 )]
 async fn set_policy(
     State(manager): State<Arc<Manager>>,
@@ -439,7 +481,12 @@ async fn set_policy(
 #[utoipa::path(
     delete,
     path = "/v1/policies/{service}",
-    responses((status = 200, body = PolicyView), (status = 404, body = ErrorBody))
+    params(("service" = String, Path, description = "the service")),
+    responses(
+        (status = 200, body = PolicyView),
+        (status = 404, body = ErrorBody, description = "no such service"),
+        (status = 500, body = ErrorBody, description = "something broke on the server's side"),
+    )
 )]
 async fn reset_policy(
     State(manager): State<Arc<Manager>>,
@@ -469,7 +516,11 @@ fn task_view(task: TaskRecord) -> TaskView {
     }
 }
 
-#[utoipa::path(get, path = "/v1/tasks", responses((status = 200, body = [TaskView])))]
+#[utoipa::path(
+    get,
+    path = "/v1/tasks",
+    responses((status = 200, body = [TaskView], description = "the latest 100 tasks"), (status = 500, body = ErrorBody, description = "something broke on the server's side"))
+)]
 async fn list_tasks(State(manager): State<Arc<Manager>>) -> Result<Json<Vec<TaskView>>, ApiError> {
     Ok(Json(
         manager
@@ -482,7 +533,12 @@ async fn list_tasks(State(manager): State<Arc<Manager>>) -> Result<Json<Vec<Task
     ))
 }
 
-#[utoipa::path(get, path = "/v1/tasks/{id}", responses((status = 200, body = TaskView), (status = 404, body = ErrorBody)))]
+#[utoipa::path(
+    get,
+    path = "/v1/tasks/{id}",
+    params(("id" = String, Path, description = "the task")),
+    responses((status = 200, body = TaskView), (status = 404, body = ErrorBody), (status = 500, body = ErrorBody, description = "something broke on the server's side"))
+)]
 async fn get_task(
     State(manager): State<Arc<Manager>>,
     Path(id): Path<String>,
@@ -512,7 +568,11 @@ fn image_request(body: ImageBody) -> Result<ServiceRequest, ApiError> {
 }
 
 /// Images of every viable service × environment, and the cached layers they share.
-#[utoipa::path(get, path = "/v1/images", responses((status = 200, body = crate::image_policy::ImagesView)))]
+#[utoipa::path(
+    get,
+    path = "/v1/images",
+    responses((status = 200, body = crate::image_policy::ImagesView), (status = 500, body = ErrorBody, description = "something broke on the server's side"))
+)]
 async fn list_images(
     State(manager): State<Arc<Manager>>,
 ) -> Result<Json<crate::image_policy::ImagesView>, ApiError> {
@@ -526,8 +586,10 @@ async fn list_images(
     request_body = ImageBody,
     responses(
         (status = 202, body = BuildView, description = "the build runs as this task"),
-        (status = 404, body = ErrorBody),
+        (status = 400, body = ErrorBody, description = "malformed body"),
+        (status = 404, body = ErrorBody, description = "no such service"),
         (status = 422, body = ErrorBody, description = "this combination will never be available"),
+        (status = 500, body = ErrorBody, description = "something broke on the server's side"),
     )
 )]
 async fn build_image(
@@ -548,8 +610,10 @@ async fn build_image(
     request_body = ImageBody,
     responses(
         (status = 200, content_type = "application/x-tar", description = "the export"),
-        (status = 404, body = ErrorBody),
-        (status = 422, body = ErrorBody),
+        (status = 400, body = ErrorBody, description = "malformed body"),
+        (status = 404, body = ErrorBody, description = "no such service"),
+        (status = 422, body = ErrorBody, description = "this combination will never be available"),
+        (status = 500, body = ErrorBody, description = "something broke on the server's side"),
     )
 )]
 async fn export_image(

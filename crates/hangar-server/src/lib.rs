@@ -344,6 +344,9 @@ mod test_support;
 mod tests;
 
 #[cfg(test)]
+mod tests_api;
+
+#[cfg(test)]
 mod tests_pools;
 
 #[cfg(test)]

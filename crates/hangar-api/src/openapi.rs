@@ -1,0 +1,47 @@
+//! The base of the OpenAPI document served at `/v1/openapi.json`: its title, description and
+//! every schema of this crate. The server adds one path per route from the route's own
+//! `#[utoipa::path]` annotation, so that the document lists exactly what the router serves.
+
+use crate::*;
+
+/// The document without paths; see the module documentation.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "hangar", description = "Virtual machines as services"),
+    components(schemas(
+        ArchiveBody,
+        ArchiveView,
+        BudgetView,
+        BuildView,
+        ErrorBody,
+        ErrorDetail,
+        GrantView,
+        Health,
+        ImageBody,
+        ImageView,
+        ImagesView,
+        LayerView,
+        PoliciesView,
+        PolicyBody,
+        PolicySource,
+        PolicyView,
+        PoolBoundsBody,
+        PoolView,
+        PortView,
+        Served,
+        ServiceView,
+        SettingView,
+        SliceView,
+        TaskView,
+        TemplateView,
+        VmView,
+        hangar_core::Mode,
+        hangar_core::Policy,
+        hangar_core::ReadyCheck,
+        hangar_core::ReadySpec,
+        hangar_core::ServiceRequest,
+        hangar_core::TierChoice,
+        hangar_core::VmState,
+    ))
+)]
+pub struct ApiDoc;

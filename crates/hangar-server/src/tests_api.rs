@@ -1,0 +1,470 @@
+//! The API as a contract, on the fake backend: every route the router serves is in
+//! `/v1/openapi.json`, and every answer, errors included, matches its schema there.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::http::{HeaderMap, Method, Request, StatusCode, header};
+use http_body_util::BodyExt;
+use serde_json::Value;
+use tower::ServiceExt;
+
+use crate::manager::ManagerConfig;
+use crate::test_support::fake_manager;
+
+const CATALOG: &str = r#"
+[service.web]
+os = "busybox"
+[[service.web.port]]
+name = "http"
+guest = 80
+[[service.web.process]]
+name = "httpd"
+argv = ["httpd"]
+[service.web.ready]
+checks = [{ tcp = { port = "http" } }, { http = { port = "http", body_contains = "fake" } }]
+
+[service.never-ready]
+os = "busybox"
+[[service.never-ready.port]]
+name = "p"
+guest = 1
+[[service.never-ready.process]]
+name = "x"
+argv = ["x"]
+[service.never-ready.ready]
+timeout = "600ms"
+interval = "20ms"
+checks = [{ bytes = { port = "p", send = "hi", expect = "never said" } }]
+"#;
+
+/// The API's router over a fake manager.
+fn api() -> Router {
+    let (manager, _, _) = fake_manager(CATALOG, ManagerConfig::default());
+    crate::api::router(manager)
+}
+
+/// One answer of the router.
+pub(crate) struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    /// The body as JSON; panics (with the body) when it is not.
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|err| {
+            panic!(
+                "HTTP {} answered a body that is not JSON ({err}): {:?}",
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    pub fn content_type(&self) -> &str {
+        self.headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+    }
+}
+
+/// Sends `method uri` with `body` (as JSON when `content_type` is `None`).
+pub(crate) async fn send(
+    router: &Router,
+    method: &str,
+    uri: &str,
+    content_type: Option<&str>,
+    body: impl Into<Body>,
+) -> Answer {
+    let response = router
+        .clone()
+        .oneshot(
+            Request::builder()
+                .method(Method::from_bytes(method.as_bytes()).unwrap())
+                .uri(uri)
+                .header(
+                    header::CONTENT_TYPE,
+                    content_type.unwrap_or("application/json"),
+                )
+                .body(body.into())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// The path templates the router matches, read from its `Debug` form (axum lists its
+/// routes' paths there; it offers no other way to enumerate them).
+fn served_paths(router: &Router) -> BTreeSet<String> {
+    let debug = format!("{router:?}");
+    let start = debug
+        .find("paths: {")
+        .expect("axum's Router debug output lists `paths: {...}`");
+    // `RouteId(1): "/healthz", RouteId(2): "/v1/vms/{id}", ...}`
+    let mut rest = &debug[start + "paths: {".len()..];
+    let mut paths = BTreeSet::new();
+    while let Some(entry) = rest
+        .trim_start_matches([',', ' ', '\n'])
+        .strip_prefix("RouteId(")
+    {
+        let (_, quoted) = entry.split_once(": \"").expect("RouteId(N): \"PATH\"");
+        let (path, after) = quoted.split_once('"').expect("closing quote");
+        paths.insert(path.to_owned());
+        rest = after;
+    }
+    assert!(
+        paths.contains("/healthz") && paths.len() > 10,
+        "the router's paths could not be read from its debug output: {paths:?}"
+    );
+    paths
+}
+
+/// `template` with each `{param}` filled in.
+fn concrete(template: &str) -> String {
+    template
+        .split('/')
+        .map(|segment| {
+            if segment.starts_with('{') {
+                "x"
+            } else {
+                segment
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// The methods the router serves at `template`, from the `Allow` header of its 405 answer to
+/// a method no route uses (HEAD left out: axum answers it wherever GET is served).
+async fn served_methods(router: &Router, template: &str) -> BTreeSet<String> {
+    let answer = send(router, "PROBE", &concrete(template), None, "").await;
+    assert_eq!(
+        answer.status,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "{template} answered an unknown method with something else than 405"
+    );
+    let allow = answer
+        .headers
+        .get(header::ALLOW)
+        .unwrap_or_else(|| panic!("{template}: 405 without Allow"))
+        .to_str()
+        .unwrap();
+    allow
+        .split(',')
+        .map(|m| m.trim().to_ascii_uppercase())
+        .filter(|m| !m.is_empty() && m != "HEAD")
+        .collect()
+}
+
+/// Path template → methods, as the document lists them.
+fn documented(document: &Value) -> BTreeMap<String, BTreeSet<String>> {
+    document["paths"]
+        .as_object()
+        .expect("paths")
+        .iter()
+        .map(|(path, item)| {
+            let methods = item
+                .as_object()
+                .unwrap()
+                .keys()
+                .filter(|key| {
+                    [
+                        "get", "put", "post", "delete", "patch", "options", "head", "trace",
+                    ]
+                    .contains(&key.as_str())
+                })
+                .map(|m| m.to_ascii_uppercase())
+                .collect();
+            (path.clone(), methods)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn every_route_the_router_serves_is_in_the_openapi_document() {
+    let router = api();
+    let answer = send(&router, "GET", "/v1/openapi.json", None, "").await;
+    assert_eq!(answer.status, StatusCode::OK);
+    let documented = documented(&answer.json());
+
+    let mut served = BTreeMap::new();
+    for path in served_paths(&router) {
+        let methods = served_methods(&router, &path).await;
+        served.insert(path, methods);
+    }
+    assert_eq!(
+        served, documented,
+        "the routes the router serves (left) and those /v1/openapi.json lists (right) differ"
+    );
+}
+
+/// Checks `answer` to `method template` against the document: its status is documented
+/// for the operation, and a JSON answer matches the schema given for that status.
+fn check_answer(document: &Value, method: &str, template: &str, answer: &Answer) {
+    let operation = &document["paths"][template][method.to_ascii_lowercase()];
+    assert!(
+        operation.is_object(),
+        "{method} {template} is not in the document"
+    );
+    let documented = &operation["responses"][answer.status.as_str()];
+    assert!(
+        documented.is_object(),
+        "{method} {template} answered {} which the document does not list: {}",
+        answer.status,
+        String::from_utf8_lossy(&answer.body)
+    );
+    let content = documented["content"]
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    if !answer.content_type().starts_with("application/json") {
+        assert!(
+            content.contains_key(answer.content_type()),
+            "{method} {template} answered {} as {:?}; the document says {:?}",
+            answer.status,
+            answer.content_type(),
+            content.keys().collect::<Vec<_>>()
+        );
+        return;
+    }
+    let schema = &content
+        .get("application/json")
+        .unwrap_or_else(|| panic!("{method} {template} {}: no JSON schema", answer.status))["schema"];
+    // The schema's `#/components/schemas/...` references resolve against this root.
+    let mut root = schema.clone();
+    root["components"] = document["components"].clone();
+    let validator = jsonschema::draft202012::new(&root)
+        .unwrap_or_else(|err| panic!("{method} {template}: the document's schema: {err}"));
+    let instance = answer.json();
+    let errors: Vec<String> = validator
+        .iter_errors(&instance)
+        .map(|err| format!("{} at {}", err, err.instance_path()))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "{method} {template} answered {} not matching its schema: {errors:#?}\n{instance:#}",
+        answer.status
+    );
+}
+
+#[tokio::test]
+async fn the_schema_check_refuses_an_answer_that_does_not_match() {
+    let router = api();
+    let document = send(&router, "GET", "/v1/openapi.json", None, "")
+        .await
+        .json();
+    let answer = |status: StatusCode, body: &str| Answer {
+        status,
+        headers: HeaderMap::from_iter([(
+            header::CONTENT_TYPE,
+            "application/json".parse().unwrap(),
+        )]),
+        body: Bytes::from(body.to_owned()),
+    };
+    let refused = |status, body: &'static str| {
+        let document = document.clone();
+        std::panic::catch_unwind(move || {
+            check_answer(&document, "GET", "/v1/tasks/{id}", &answer(status, body))
+        })
+        .is_err()
+    };
+    // A task without most of its fields, an error body of the wrong shape, an undocumented
+    // status: each is refused; a well-formed error body passes.
+    assert!(refused(StatusCode::OK, r#"{"id": "task-1"}"#));
+    assert!(refused(StatusCode::NOT_FOUND, r#"{"error": "no task"}"#));
+    assert!(refused(
+        StatusCode::CONFLICT,
+        r#"{"error": {"code": "conflict", "message": "x"}}"#
+    ));
+    assert!(!refused(
+        StatusCode::NOT_FOUND,
+        r#"{"error": {"code": "not_found", "message": "x"}}"#
+    ));
+}
+
+/// Sends requests to every operation of the document, checks each answer with
+/// [`check_answer`], and remembers which operations were exercised.
+struct Exerciser {
+    router: Router,
+    document: Value,
+    exercised: BTreeSet<(String, String)>,
+}
+
+impl Exerciser {
+    async fn call(&mut self, method: &str, template: &str, uri: &str, body: &str) -> Answer {
+        let answer = send(&self.router, method, uri, None, body.to_owned()).await;
+        check_answer(&self.document, method, template, &answer);
+        self.exercised
+            .insert((template.to_owned(), method.to_ascii_uppercase()));
+        answer
+    }
+}
+
+#[tokio::test]
+async fn every_answer_matches_its_schema_in_the_openapi_document() {
+    let router = api();
+    let document = send(&router, "GET", "/v1/openapi.json", None, "")
+        .await
+        .json();
+    let mut api = Exerciser {
+        router,
+        document,
+        exercised: BTreeSet::new(),
+    };
+
+    api.call("GET", "/healthz", "/healthz", "").await;
+    api.call("GET", "/v1/openapi.json", "/v1/openapi.json", "")
+        .await;
+    api.call("GET", "/v1/services", "/v1/services", "").await;
+
+    // Requests: granted, malformed, unknown, never possible, not ready in time.
+    let grant = api
+        .call(
+            "POST",
+            "/v1/requests",
+            "/v1/requests",
+            r#"{"service":"web"}"#,
+        )
+        .await
+        .json();
+    let id = grant["vm"].as_str().unwrap().to_owned();
+    let task = grant["task"].as_str().unwrap().to_owned();
+    for (body, status) in [
+        ("{not json", StatusCode::BAD_REQUEST),
+        (r#"{"service":"wbe"}"#, StatusCode::NOT_FOUND),
+        (
+            r#"{"service":"web","env":{"os":"debian-12"}}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            r#"{"service":"never-ready","deadline_ms":50}"#,
+            StatusCode::SERVICE_UNAVAILABLE,
+        ),
+    ] {
+        let answer = api.call("POST", "/v1/requests", "/v1/requests", body).await;
+        assert_eq!(answer.status, status, "{body}");
+    }
+
+    // VMs and their lifecycle, with the conflicts of the state machine.
+    let vm = "/v1/vms/{id}";
+    api.call("GET", "/v1/vms", "/v1/vms", "").await;
+    api.call("GET", "/v1/vms", "/v1/vms?all=true", "").await;
+    api.call("GET", vm, &format!("/v1/vms/{id}"), "").await;
+    let missing = api.call("GET", vm, "/v1/vms/vm-unknown", "").await;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND);
+    let sleep = "/v1/vms/{id}/sleep";
+    let wake = "/v1/vms/{id}/wake";
+    let archive = "/v1/vms/{id}/archive";
+    let asleep = api
+        .call("POST", sleep, &format!("/v1/vms/{id}/sleep"), "")
+        .await;
+    assert_eq!(asleep.status, StatusCode::OK);
+    api.call("POST", wake, &format!("/v1/vms/{id}/wake"), "")
+        .await;
+    let archived = api
+        .call(
+            "POST",
+            archive,
+            &format!("/v1/vms/{id}/archive"),
+            r#"{"tier":"raw"}"#,
+        )
+        .await;
+    assert_eq!(archived.status, StatusCode::OK);
+    assert_eq!(archived.json()["archive"]["tier"], "raw");
+    let conflict = api
+        .call("POST", sleep, &format!("/v1/vms/{id}/sleep"), "")
+        .await;
+    assert_eq!(conflict.status, StatusCode::CONFLICT);
+    let awake = api
+        .call("POST", wake, &format!("/v1/vms/{id}/wake"), "")
+        .await;
+    assert_eq!(awake.status, StatusCode::OK);
+    let bad_tier = api
+        .call(
+            "POST",
+            archive,
+            &format!("/v1/vms/{id}/archive"),
+            r#"{"tier":"gzip"}"#,
+        )
+        .await;
+    assert_eq!(bad_tier.status, StatusCode::BAD_REQUEST);
+    api.call("POST", wake, "/v1/vms/vm-unknown/wake", "").await;
+
+    // Pools, templates, policies.
+    api.call("GET", "/v1/pools", "/v1/pools", "").await;
+    let pool = "/v1/pools/{name}";
+    let set = api
+        .call("PUT", pool, "/v1/pools/web", r#"{"min":0,"max":2}"#)
+        .await;
+    assert_eq!(set.status, StatusCode::OK);
+    let bad = api
+        .call("PUT", pool, "/v1/pools/web", r#"{"minimum":1}"#)
+        .await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    api.call("PUT", pool, "/v1/pools/nope", r#"{"min":1}"#)
+        .await;
+    api.call("GET", "/v1/templates", "/v1/templates", "").await;
+    api.call("GET", "/v1/policies", "/v1/policies", "").await;
+    let policy = "/v1/policies/{service}";
+    let set = api
+        .call(
+            "PUT",
+            policy,
+            "/v1/policies/web",
+            r#"{"sleep_after":"10m"}"#,
+        )
+        .await;
+    assert_eq!(set.status, StatusCode::OK);
+    let bad = api
+        .call(
+            "PUT",
+            policy,
+            "/v1/policies/web",
+            r#"{"sleep_after":"soon"}"#,
+        )
+        .await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    api.call("PUT", policy, "/v1/policies/nope", "{}").await;
+    api.call("DELETE", policy, "/v1/policies/web", "").await;
+    api.call("DELETE", policy, "/v1/policies/nope", "").await;
+
+    // Tasks and images.
+    api.call("GET", "/v1/tasks", "/v1/tasks", "").await;
+    let found = api
+        .call("GET", "/v1/tasks/{id}", &format!("/v1/tasks/{task}"), "")
+        .await;
+    assert_eq!(found.status, StatusCode::OK);
+    api.call("GET", "/v1/tasks/{id}", "/v1/tasks/task-unknown", "")
+        .await;
+    api.call("GET", "/v1/images", "/v1/images", "").await;
+    api.call("POST", "/v1/images", "/v1/images", r#"{"service":"web"}"#)
+        .await;
+    api.call("POST", "/v1/images", "/v1/images", r#"{"service":"nope"}"#)
+        .await;
+    api.call("POST", "/v1/export", "/v1/export", r#"{"service":"nope"}"#)
+        .await;
+
+    // Deletion, then the conflict of deleting again.
+    let deleted = api.call("DELETE", vm, &format!("/v1/vms/{id}"), "").await;
+    assert_eq!(deleted.json()["state"], "deleted");
+    api.call("DELETE", vm, "/v1/vms/vm-unknown", "").await;
+
+    let operations: BTreeSet<(String, String)> = documented(&api.document)
+        .into_iter()
+        .flat_map(|(path, methods)| methods.into_iter().map(move |m| (path.clone(), m)))
+        .collect();
+    let missed: Vec<_> = operations.difference(&api.exercised).collect();
+    assert!(missed.is_empty(), "operations not exercised: {missed:?}");
+}
