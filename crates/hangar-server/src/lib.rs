@@ -1,15 +1,21 @@
-//! hangar's control plane: `hangar server`.
+//! hangar's control plane: `hangar server`. One folder per concern; [`manager::Manager`]
+//! composes them.
 //!
-//! - [`api`]: REST API under `/v1` (+ `/healthz`, `/v1/openapi.json`).
-//! - [`manager`]: the request path, deletion, reconciliation with running QEMU processes.
-//! - [`lifecycle`]: sleep, archive and wake of one VM.
-//! - [`policy`]: lifecycle policies at run time, last use, and the loop applying idle
-//!   timers and memory/disk budgets.
+//! - [`api`]: the REST API under `/v1` (+ `/healthz`, `/v1/openapi.json`) and the one
+//!   mapping from errors to HTTP answers ([`api::error`]).
+//! - [`requests`]: the request path, top-down (shared VM, woken VM, pool grant, new VM),
+//!   pool grants and the making of one VM.
+//! - [`tasks`]: long operations recorded with stage and percent, and their outcomes.
+//! - [`pools`]: warm pools kept at their targets.
+//! - [`lifecycle`]: sleep, archive, wake and delete of one VM ([`lifecycle::ops`]) and the
+//!   policy loop that applies idle timers and budgets ([`lifecycle::policy`]).
+//! - [`images`]: where kernels, initramfs and disks come from, image builds, promotion,
+//!   eviction and export.
+//! - [`templates`]: when a service's template is built and removed.
 //! - [`scheduler`]: placement: which host makes each VM.
-//! - [`images`]: where kernels, initramfs and base disks come from.
+//! - [`reconcile`]: the store against what runs on the host, at start-up and while running.
 //! - [`endpoints`]: stable endpoints, held by the forwarder process the server starts or
 //!   re-adopts (see `hangar_forward`).
-//! - [`error`]: the one mapping from errors to HTTP answers.
 //!
 //! The server speaks to the machine that runs VMs through [`hangar_host::Host`]; in
 //! single-node mode that is one [`hangar_host::LocalHost`], which runs QEMU itself.
@@ -21,27 +27,23 @@ use std::time::Duration;
 
 use hangar_core::Catalog;
 use hangar_image::AssetSources;
-
 use hangar_vmm::Accel;
 use hangar_vmm::qemu::{QemuBackend, QemuConfig};
 
 pub mod api;
-mod create;
 pub mod endpoints;
-pub mod error;
-mod export;
-mod grants;
-pub mod image_policy;
 pub mod images;
 pub mod lifecycle;
 pub mod manager;
-pub mod policy;
 pub mod pools;
-mod reconcile;
+pub mod reconcile;
+pub mod requests;
 pub mod scheduler;
 mod store_wait;
+pub mod tasks;
 pub mod templates;
 
+pub use api::error;
 pub use hangar_host::guest::guest_config;
 pub use manager::{Manager, ManagerConfig};
 
@@ -339,18 +341,3 @@ pub async fn run(
 
 #[cfg(test)]
 mod test_support;
-
-#[cfg(test)]
-mod tests;
-
-#[cfg(test)]
-mod tests_api;
-
-#[cfg(test)]
-mod tests_pools;
-
-#[cfg(test)]
-mod tests_images;
-
-#[cfg(test)]
-mod tests_policy;

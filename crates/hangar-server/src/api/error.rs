@@ -76,6 +76,27 @@ impl From<hangar_store::StoreError> for ApiError {
     }
 }
 
+impl From<crate::lifecycle::ops::LifecycleError> for ApiError {
+    fn from(err: crate::lifecycle::ops::LifecycleError) -> ApiError {
+        use crate::lifecycle::ops::LifecycleError;
+        match err {
+            LifecycleError::NoVm(_) => ApiError::NotFound {
+                message: err.to_string(),
+                alternatives: Vec::new(),
+            },
+            LifecycleError::WrongState { .. } | LifecycleError::StillCreating(_) => {
+                ApiError::Conflict(err.to_string())
+            }
+            LifecycleError::Store(err) => err.into(),
+            LifecycleError::Pause { .. }
+            | LifecycleError::Resume { .. }
+            | LifecycleError::Destroy { .. }
+            | LifecycleError::Host(_)
+            | LifecycleError::NotReady { .. } => ApiError::Internal(error_chain(&err)),
+        }
+    }
+}
+
 /// `err` and its sources, joined with ": ".
 pub fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
@@ -124,5 +145,49 @@ impl IntoResponse for ApiError {
             response.headers_mut().insert(header::RETRY_AFTER, value);
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod lifecycle_status_tests {
+    use super::*;
+    use crate::lifecycle::ops::LifecycleError;
+    use hangar_core::VmState;
+
+    #[test]
+    fn lifecycle_errors_map_to_their_statuses_with_their_messages() {
+        let cases = [
+            (
+                LifecycleError::NoVm("vm-1".into()),
+                StatusCode::NOT_FOUND,
+                "no VM vm-1",
+            ),
+            (
+                LifecycleError::WrongState {
+                    id: "vm-1".into(),
+                    state: VmState::Ready,
+                    rule: "only an active VM can sleep",
+                },
+                StatusCode::CONFLICT,
+                "VM vm-1 is ready; only an active VM can sleep",
+            ),
+            (
+                LifecycleError::StillCreating("vm-1".into()),
+                StatusCode::CONFLICT,
+                "VM vm-1 is still being created; delete it once its task ends",
+            ),
+            (
+                LifecycleError::Pause {
+                    id: "vm-1".into(),
+                    source: hangar_host::HostError::NoAgent,
+                },
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "cannot pause VM vm-1: no agent channel",
+            ),
+        ];
+        for (err, status, message) in cases {
+            let api = ApiError::from(err);
+            assert_eq!((api.status(), api.to_string().as_str()), (status, message));
+        }
     }
 }

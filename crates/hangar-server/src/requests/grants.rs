@@ -10,9 +10,10 @@ use hangar_core::{Service, ServiceRequest, VmState};
 use hangar_host::{HandOut, LaunchRecord, ShellPlan};
 use hangar_store::VmRecord;
 
-use crate::error::{ApiError, error_chain};
+use crate::api::error::{ApiError, error_chain};
 
 use crate::manager::*;
+use crate::requests::*;
 
 impl Manager {
     /// Hands out the best paused pool VM for `machine`, if any: resumed and re-identified

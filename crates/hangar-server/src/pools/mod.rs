@@ -15,8 +15,9 @@ use hangar_core::{ReadySpec, VmState};
 use hangar_store::now_ms;
 use tokio::sync::Notify;
 
-use crate::error::ApiError;
-use crate::manager::{MakeVm, Manager};
+use crate::api::error::ApiError;
+use crate::manager::Manager;
+use crate::requests::MakeVm;
 
 /// Expected time to refill a pool with one VM; scales adaptive targets.
 const REFILL_ESTIMATE_S: f64 = 4.0;
@@ -414,3 +415,6 @@ impl Manager {
         })
     }
 }
+
+#[cfg(test)]
+mod tests;

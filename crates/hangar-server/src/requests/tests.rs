@@ -9,8 +9,9 @@ use hangar_store::{Store, TaskState};
 use hangar_vmm::Hypervisor;
 use hangar_vmm::fake::FakeBackend;
 
-use crate::error::ApiError;
-use crate::manager::{Manager, ManagerConfig, Served};
+use crate::api::error::ApiError;
+use crate::manager::{Manager, ManagerConfig};
+use crate::requests::Served;
 use crate::test_support::*;
 
 const CATALOG: &str = r#"
@@ -232,7 +233,7 @@ async fn delete_frees_the_vm_and_is_idempotent() {
     );
     assert!(matches!(
         manager.delete("vm-nope").await,
-        Err(ApiError::NotFound { .. })
+        Err(crate::lifecycle::ops::LifecycleError::NoVm(_))
     ));
     // A new shared request makes a new VM.
     assert_ne!(
@@ -473,7 +474,7 @@ mod lifecycle {
         // A sleeping VM resumes as it was paused, serving: no ready check.
         let (vm, stages) = manager.wake_timed(id).await.unwrap();
         assert_eq!(vm.state, VmState::Active);
-        let names = |stages: &crate::manager::Stages| -> Vec<&str> {
+        let names = |stages: &crate::requests::Stages| -> Vec<&str> {
             stages.0.iter().map(|(name, _)| *name).collect()
         };
         assert_eq!(names(&stages), ["resume", "identity"]);

@@ -23,7 +23,7 @@ use hangar_core::VmState;
 use hangar_forward::{Control, EndpointSpec, ForwardError, Forwarder, Reply, Request};
 use hangar_store::VmRecord;
 
-use crate::error::{ApiError, error_chain};
+use crate::api::error::{ApiError, error_chain};
 use crate::manager::Manager;
 
 /// Where the forwarder runs.

@@ -14,8 +14,9 @@ use std::sync::Arc;
 use hangar_core::{Mode, Service, VmState};
 use hangar_host::{LaunchRecord, TemplateFacts};
 
-use crate::error::error_chain;
+use crate::api::error::error_chain;
 use crate::manager::*;
+use crate::requests::*;
 
 pub use hangar_api::TemplateView;
 

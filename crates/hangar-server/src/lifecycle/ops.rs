@@ -12,19 +12,60 @@ use hangar_core::VmState;
 use hangar_host::{ArchiveFacts, ArchiveTier, HostError, LaunchRecord, WakeFrom};
 use hangar_store::VmRecord;
 
-use crate::error::{ApiError, error_chain};
-use crate::manager::{Manager, ReconcileReport, Stages};
+use crate::api::error::error_chain;
+use crate::manager::{Manager, ReconcileReport};
+use crate::requests::Stages;
+
+/// Why an operation on one VM failed. The API maps it to a status in one place
+/// (`crate::api::error`).
+#[derive(Debug, thiserror::Error)]
+pub enum LifecycleError {
+    #[error("no VM {0}")]
+    NoVm(String),
+    /// The VM's state forbids the operation; `rule` says which states allow it.
+    #[error("VM {id} is {state}; {rule}")]
+    WrongState {
+        id: String,
+        state: VmState,
+        rule: &'static str,
+    },
+    #[error("VM {0} is still being created; delete it once its task ends")]
+    StillCreating(String),
+    #[error("cannot pause VM {id}")]
+    Pause {
+        id: String,
+        #[source]
+        source: HostError,
+    },
+    #[error("cannot resume VM {id}")]
+    Resume {
+        id: String,
+        #[source]
+        source: HostError,
+    },
+    #[error("cannot destroy VM {id}")]
+    Destroy {
+        id: String,
+        #[source]
+        source: HostError,
+    },
+    /// Archiving or restoring failed on the host (the VM is left as it was).
+    #[error(transparent)]
+    Host(HostError),
+    /// The VM woke but does not serve; it runs, marked failed.
+    #[error("VM {id} woke but is not ready: {reason}")]
+    NotReady { id: String, reason: String },
+    #[error(transparent)]
+    Store(#[from] hangar_store::StoreError),
+}
 
 impl Manager {
-    fn vm_or_404(&self, id: &str) -> Result<VmRecord, ApiError> {
+    fn vm_or_404(&self, id: &str) -> Result<VmRecord, LifecycleError> {
         self.store
             .vm(id)
             .wait()?
             .filter(|vm| vm.state != VmState::Deleted)
-            .ok_or_else(|| ApiError::NotFound {
-                message: format!("no VM {id}"),
-                alternatives: Vec::new(),
-            })
+            .ok_or_else(|| LifecycleError::NoVm(id.to_owned()))
     }
 
     pub(crate) fn vm_op_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -37,32 +78,34 @@ impl Manager {
     }
 
     /// Pauses an active VM in memory.
-    pub async fn sleep(&self, id: &str) -> Result<VmRecord, ApiError> {
+    pub async fn sleep(&self, id: &str) -> Result<VmRecord, LifecycleError> {
         let lock = self.vm_op_lock(id);
         let _guard = lock.lock().await;
         self.sleep_locked(id).await
     }
 
     /// [`Manager::sleep`], for a caller holding the VM's operation lock.
-    pub(crate) async fn sleep_locked(&self, id: &str) -> Result<VmRecord, ApiError> {
+    pub(crate) async fn sleep_locked(&self, id: &str) -> Result<VmRecord, LifecycleError> {
         let vm = self.vm_or_404(id)?;
         match vm.state {
             VmState::Sleeping => return Ok(vm),
             VmState::Active => {}
             other => {
-                return Err(ApiError::Conflict(format!(
-                    "VM {id} is {other}; only an active VM can sleep"
-                )));
+                return Err(LifecycleError::WrongState {
+                    id: id.to_owned(),
+                    state: other,
+                    rule: "only an active VM can sleep",
+                });
             }
         }
         // From here a connection to its endpoint wakes it (once this sleep is done).
         self.set_endpoints_active(id, false).await;
         if let Err(err) = self.host.sleep(id).await {
             self.set_endpoints_active(id, true).await;
-            return Err(ApiError::Internal(format!(
-                "cannot pause VM {id}: {}",
-                error_chain(&err)
-            )));
+            return Err(LifecycleError::Pause {
+                id: id.to_owned(),
+                source: err,
+            });
         }
         let vm = self.store.transition(id, VmState::Sleeping, None).await?;
         tracing::info!(vm = %id, "vm sleeping");
@@ -75,7 +118,7 @@ impl Manager {
         &self,
         id: &str,
         tier: ArchiveTier,
-    ) -> Result<(VmRecord, ArchiveFacts), ApiError> {
+    ) -> Result<(VmRecord, ArchiveFacts), LifecycleError> {
         let lock = self.vm_op_lock(id);
         let _guard = lock.lock().await;
         self.archive_locked(id, tier).await
@@ -86,14 +129,16 @@ impl Manager {
         &self,
         id: &str,
         tier: ArchiveTier,
-    ) -> Result<(VmRecord, ArchiveFacts), ApiError> {
+    ) -> Result<(VmRecord, ArchiveFacts), LifecycleError> {
         let vm = self.vm_or_404(id)?;
         match vm.state {
             VmState::Active | VmState::Sleeping => {}
             other => {
-                return Err(ApiError::Conflict(format!(
-                    "VM {id} is {other}; only an active or sleeping VM can be archived"
-                )));
+                return Err(LifecycleError::WrongState {
+                    id: id.to_owned(),
+                    state: other,
+                    rule: "only an active or sleeping VM can be archived",
+                });
             }
         }
         let was_active = vm.state == VmState::Active;
@@ -106,7 +151,7 @@ impl Manager {
                 if was_active {
                     self.set_endpoints_active(id, true).await;
                 }
-                return Err(ApiError::Internal(error_chain(&err)));
+                return Err(LifecycleError::Host(err));
             }
         };
         let vm = self.store.transition(id, VmState::Archived, None).await?;
@@ -118,13 +163,13 @@ impl Manager {
     /// given a fresh identity (clock, entropy). A restored VM also passes its ready criterion
     /// again before it counts as active; a sleeping one resumes exactly as it was paused,
     /// serving. Waking an active VM does nothing.
-    pub async fn wake(&self, id: &str) -> Result<VmRecord, ApiError> {
+    pub async fn wake(&self, id: &str) -> Result<VmRecord, LifecycleError> {
         self.wake_timed(id).await.map(|(vm, _)| vm)
     }
 
     /// [`Manager::wake`], with where its time went (`resume` or `restore`, `identity`,
     /// `ready`).
-    pub async fn wake_timed(&self, id: &str) -> Result<(VmRecord, Stages), ApiError> {
+    pub async fn wake_timed(&self, id: &str) -> Result<(VmRecord, Stages), LifecycleError> {
         let lock = self.vm_op_lock(id);
         let _guard = lock.lock().await;
         let vm = self.vm_or_404(id)?;
@@ -142,9 +187,11 @@ impl Manager {
                 direct_endpoints: vm.direct_endpoints.clone(),
             },
             other => {
-                return Err(ApiError::Conflict(format!(
-                    "VM {id} is {other}; only a sleeping or archived VM wakes"
-                )));
+                return Err(LifecycleError::WrongState {
+                    id: id.to_owned(),
+                    state: other,
+                    rule: "only a sleeping or archived VM wakes",
+                });
             }
         };
         let woken = match self.host.wake(id, &from).await {
@@ -152,20 +199,23 @@ impl Manager {
             Err(HostError::NotReady(reason)) => {
                 // The VM runs but does not serve: leave it running for inspection, marked
                 // failed.
-                let reason = format!("VM {id} woke but is not ready: {reason}");
+                let err = LifecycleError::NotReady {
+                    id: id.to_owned(),
+                    reason,
+                };
                 let _ = self
                     .store
-                    .transition(id, VmState::Failed, Some(&reason))
+                    .transition(id, VmState::Failed, Some(&err.to_string()))
                     .await;
-                return Err(ApiError::Internal(reason));
+                return Err(err);
             }
             Err(err) if vm.state == VmState::Sleeping => {
-                return Err(ApiError::Internal(format!(
-                    "cannot resume VM {id}: {}",
-                    error_chain(&err)
-                )));
+                return Err(LifecycleError::Resume {
+                    id: id.to_owned(),
+                    source: err,
+                });
             }
-            Err(err) => return Err(ApiError::Internal(error_chain(&err))),
+            Err(err) => return Err(LifecycleError::Host(err)),
         };
         if vm.state == VmState::Archived {
             self.store.set_launch(id, woken.process, &vm.spec).await?;
@@ -238,5 +288,42 @@ impl Manager {
                 report.failed.push(vm.id.clone());
             }
         }
+    }
+
+    /// Deletes a VM: its process and files, then its state. Idempotent for deleted VMs.
+    pub async fn delete(&self, id: &str) -> Result<VmRecord, LifecycleError> {
+        let vm = self
+            .store
+            .vm(id)
+            .await?
+            .ok_or_else(|| LifecycleError::NoVm(id.to_owned()))?;
+        match vm.state {
+            VmState::Deleted => return Ok(vm),
+            VmState::Creating | VmState::Booting => {
+                return Err(LifecycleError::StillCreating(id.to_owned()));
+            }
+            VmState::Ready
+            | VmState::Active
+            | VmState::Sleeping
+            | VmState::Archived
+            | VmState::Failed => {}
+        }
+        self.tear_down(id).await?;
+        let vm = self.store.transition(id, VmState::Deleted, None).await?;
+        tracing::info!(vm = %id, "vm deleted");
+        Ok(vm)
+    }
+
+    /// Ends a VM's process and frees its files and endpoints (its record is the caller's).
+    pub(crate) async fn tear_down(&self, id: &str) -> Result<(), LifecycleError> {
+        self.host
+            .destroy(id)
+            .await
+            .map_err(|source| LifecycleError::Destroy {
+                id: id.to_owned(),
+                source,
+            })?;
+        self.close_endpoints(id).await;
+        Ok(())
     }
 }

@@ -11,9 +11,10 @@ use hangar_store::Store;
 use hangar_vmm::fake::FakeBackend;
 use hangar_vmm::{ArchiveTier, Hypervisor};
 
-use crate::error::ApiError;
-use crate::manager::{Manager, ManagerConfig, Served};
-use crate::policy::{PolicyChange, PolicySource};
+use crate::api::error::ApiError;
+use crate::lifecycle::policy::{PolicyChange, PolicySource};
+use crate::manager::{Manager, ManagerConfig};
+use crate::requests::Served;
 use crate::test_support::*;
 
 const CATALOG: &str = r#"
@@ -396,7 +397,7 @@ async fn shared_requests_wake_a_sleeping_or_archived_vm() {
 async fn the_policies_api_sets_shows_and_resets() {
     use axum::http::StatusCode;
 
-    use crate::tests::http::call;
+    use crate::requests::tests::http::call;
 
     let (manager, _, _) = setup_with(ManagerConfig {
         memory_budget_mib: Some(512),

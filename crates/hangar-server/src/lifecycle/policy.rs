@@ -21,7 +21,7 @@ use hangar_host::ArchiveTier;
 use hangar_store::now_ms;
 use tokio::sync::Notify;
 
-use crate::error::ApiError;
+use crate::api::error::ApiError;
 use crate::manager::Manager;
 
 /// How long a VM whose lifecycle action failed is left alone before the next try.

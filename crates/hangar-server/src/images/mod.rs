@@ -1,5 +1,7 @@
-//! Where VM images come from: the seam between the service manager and the image crate, so
-//! that logic tests run without building real guest assets.
+//! Images: where VM images come from ([`LocalImages`], the local cache built with
+//! `hangar-image`, behind `hangar_host::images::ImageSource` so that logic tests run
+//! without building real guest assets), build tasks, promotion and eviction ([`policy`]),
+//! and export ([`export`]).
 //!
 //! A service on a busybox OS gets one ext4 disk (busybox and its files). A service on a
 //! Debian OS gets a chain of read-only squashfs layers (OS, one per software or patch
@@ -15,6 +17,9 @@ use hangar_core::components::ComponentKind;
 use hangar_core::{Catalog, Service};
 use hangar_image::layers::{self, LayerBuild, LayerInput};
 use hangar_image::{AssetSources, GuestAssets, ImageFile};
+
+pub mod export;
+pub mod policy;
 
 pub use hangar_host::images::{ExportInfo, ImageSource, NoImages, ProgressFn, RootImage};
 
@@ -81,7 +86,7 @@ impl LocalImages {
         })
         .await
         .map_err(|err| format!("base image: {err}"))?
-        .map_err(|err| crate::error::error_chain(&err))?;
+        .map_err(|err| crate::api::error::error_chain(&err))?;
         self.images
             .lock()
             .expect("images lock")
@@ -162,7 +167,7 @@ impl ImageSource for LocalImages {
                 })
                 .await
                 .map_err(|err| format!("guest assets: {err}"))?
-                .map_err(|err| crate::error::error_chain(&err))
+                .map_err(|err| crate::api::error::error_chain(&err))
             })
             .await
             .cloned()
@@ -193,7 +198,7 @@ impl ImageSource for LocalImages {
         })
         .await
         .map_err(|err| format!("image build: {err}"))?
-        .map_err(|err| crate::error::error_chain(&err))?;
+        .map_err(|err| crate::api::error::error_chain(&err))?;
         Ok(RootImage {
             base: Some(upper),
             layers: built.iter().rev().map(|l| l.path.clone()).collect(),
@@ -242,7 +247,8 @@ impl ImageSource for LocalImages {
     }
 
     fn evict(&self, hash: &str) -> Result<(), String> {
-        layers::remove_layer(&self.cache_dir, hash).map_err(|err| crate::error::error_chain(&err))
+        layers::remove_layer(&self.cache_dir, hash)
+            .map_err(|err| crate::api::error::error_chain(&err))
     }
 
     async fn export(
@@ -268,7 +274,7 @@ impl ImageSource for LocalImages {
             .collect();
         let base = root.base.clone();
         tokio::task::spawn_blocking(move || {
-            crate::export::write_export(crate::export::ExportJob {
+            crate::images::export::write_export(crate::images::export::ExportJob {
                 cache_dir: &cache_dir,
                 assets: &assets,
                 layer_hashes: &hashes,
@@ -286,3 +292,6 @@ impl ImageSource for LocalImages {
         .map_err(|err| format!("export: {err}"))?
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,5 +1,6 @@
 //! The REST API under `/v1`. Handlers parse, validate and call the service manager; they
-//! hold no business logic. Every error answer is JSON (see [`crate::error`]).
+//! hold no business logic. Every error answer is JSON (see [`error`], the one mapping
+//! from errors to HTTP statuses).
 
 use std::sync::{Arc, LazyLock};
 
@@ -16,10 +17,13 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::error::{ApiError, ErrorBody};
-use crate::manager::{Grant, Manager, Served};
-use crate::policy::{PoliciesView, PolicyChange, PolicyView};
+pub mod error;
+
+use crate::api::error::{ApiError, ErrorBody};
+use crate::lifecycle::policy::{PoliciesView, PolicyChange, PolicyView};
+use crate::manager::Manager;
 use crate::pools::PoolView;
+use crate::requests::{Grant, Served};
 use crate::templates::TemplateView;
 
 /// Every route of the API, each from its handler's `#[utoipa::path]` annotation: the router
@@ -392,7 +396,7 @@ async fn archive_vm(
             .map_err(|err| ApiError::BadRequest(format!("invalid request body: {err}")))?
     };
     let (vm, _) = manager
-        .archive(&id, crate::policy::archive_tier(body.tier).0)
+        .archive(&id, crate::lifecycle::policy::archive_tier(body.tier).0)
         .await?;
     Ok(Json(view(&manager, vm)))
 }
@@ -571,11 +575,11 @@ fn image_request(body: ImageBody) -> Result<ServiceRequest, ApiError> {
 #[utoipa::path(
     get,
     path = "/v1/images",
-    responses((status = 200, body = crate::image_policy::ImagesView), (status = 500, body = ErrorBody, description = "something broke on the server's side"))
+    responses((status = 200, body = crate::images::policy::ImagesView), (status = 500, body = ErrorBody, description = "something broke on the server's side"))
 )]
 async fn list_images(
     State(manager): State<Arc<Manager>>,
-) -> Result<Json<crate::image_policy::ImagesView>, ApiError> {
+) -> Result<Json<crate::images::policy::ImagesView>, ApiError> {
     Ok(Json(manager.images()?))
 }
 
@@ -660,3 +664,6 @@ async fn export_image(
 fn bytes_of(buf: Vec<u8>) -> axum::body::Bytes {
     axum::body::Bytes::from(buf)
 }
+
+#[cfg(test)]
+mod tests;

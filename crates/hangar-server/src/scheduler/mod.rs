@@ -8,6 +8,7 @@ use std::sync::Arc;
 use hangar_core::VmState;
 use hangar_core::placement::{self, NoHost, VmNeeds, VmPriority};
 use hangar_host::{Host, HostError, Purpose, VmPlan};
+use hangar_store::VmRecord;
 
 use crate::manager::Manager;
 
@@ -26,18 +27,32 @@ pub enum PlacementError {
     NoHost(#[from] NoHost),
 }
 
-impl Manager {
-    /// The hosts VMs can be placed on.
-    pub(crate) fn hosts(&self) -> Vec<Arc<dyn Host>> {
-        vec![self.host.clone()]
+/// The hosts the server knows, and the choice of one for each VM made.
+pub struct Scheduler {
+    hosts: Vec<Arc<dyn Host>>,
+}
+
+impl Scheduler {
+    /// A scheduler over `hosts` (names unique).
+    pub fn new(hosts: Vec<Arc<dyn Host>>) -> Scheduler {
+        Scheduler { hosts }
     }
 
-    /// The host that makes the VM `plan` describes.
-    pub(crate) async fn place(&self, plan: &VmPlan) -> Result<Arc<dyn Host>, PlacementError> {
-        let hosts = self.hosts();
-        let vms = self.store.vms(false).await.map_err(PlacementError::Store)?;
+    /// The host named `name`, if known.
+    pub fn host(&self, name: &str) -> Option<Arc<dyn Host>> {
+        self.hosts.iter().find(|host| host.name() == name).cloned()
+    }
+
+    /// The host that makes the VM `plan` describes, given the VMs the store knows (their
+    /// use of each host counts).
+    pub async fn place(
+        &self,
+        vms: &[VmRecord],
+        plan: &VmPlan,
+    ) -> Result<Arc<dyn Host>, PlacementError> {
+        let hosts = &self.hosts;
         let mut facts = Vec::with_capacity(hosts.len());
-        for host in &hosts {
+        for host in hosts {
             let known = host.facts().await.map_err(|source| PlacementError::Facts {
                 host: host.name().to_owned(),
                 source,
@@ -87,5 +102,65 @@ impl Manager {
         let chosen = placement::choose_host(&facts, &needs)?;
         tracing::debug!(vm = %plan.id, host = %facts[chosen].name, "placed");
         Ok(hosts[chosen].clone())
+    }
+}
+
+impl Manager {
+    /// The host that makes the VM `plan` describes.
+    pub(crate) async fn place(&self, plan: &VmPlan) -> Result<Arc<dyn Host>, PlacementError> {
+        let vms = self.store.vms(false).await.map_err(PlacementError::Store)?;
+        self.scheduler.place(&vms, plan).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hangar_host::{LocalHost, LocalHostConfig};
+    use hangar_vmm::fake::FakeBackend;
+
+    fn host(name: &str) -> Arc<dyn Host> {
+        Arc::new(LocalHost::new(
+            Arc::new(FakeBackend::new()),
+            Arc::new(crate::images::NoImages),
+            LocalHostConfig {
+                name: name.into(),
+                ..LocalHostConfig::default()
+            },
+        ))
+    }
+
+    fn plan(purpose: Purpose) -> VmPlan {
+        VmPlan {
+            id: "vm-new".into(),
+            service: None,
+            os: None,
+            vcpus: 1,
+            memory_mib: 256,
+            env: Default::default(),
+            hostname: "vm-new".into(),
+            purpose,
+            ready: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_one_host_is_chosen_and_found_by_name() {
+        let scheduler = Scheduler::new(vec![host("local")]);
+        let chosen = scheduler.place(&[], &plan(Purpose::Request)).await.unwrap();
+        assert_eq!(chosen.name(), "local");
+        assert!(scheduler.host("local").is_some());
+        assert!(scheduler.host("elsewhere").is_none());
+    }
+
+    #[tokio::test]
+    async fn without_hosts_placement_says_why() {
+        let scheduler = Scheduler::new(Vec::new());
+        let err = scheduler
+            .place(&[], &plan(Purpose::Pool))
+            .await
+            .err()
+            .expect("no host");
+        assert!(matches!(err, PlacementError::NoHost(_)), "{err}");
     }
 }

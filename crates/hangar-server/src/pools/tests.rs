@@ -10,7 +10,8 @@ use hangar_store::Store;
 use hangar_vmm::Hypervisor;
 use hangar_vmm::fake::FakeBackend;
 
-use crate::manager::{Manager, ManagerConfig, Served};
+use crate::manager::{Manager, ManagerConfig};
+use crate::requests::Served;
 use crate::test_support::*;
 
 const CATALOG: &str = r#"

@@ -13,7 +13,7 @@ use hangar_core::pool::RequestRate;
 use hangar_core::{ServiceRequest, TaskId, VmState};
 use hangar_store::{TaskRecord, TaskState, now_ms};
 
-use crate::error::ApiError;
+use crate::api::error::ApiError;
 use crate::images::{ImageView, LayerView};
 use crate::manager::Manager;
 

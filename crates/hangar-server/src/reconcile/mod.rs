@@ -1,12 +1,13 @@
-//! Reconciliation: the store against the QEMU processes that run, at start-up and every few
-//! seconds (crashed VMs).
+//! Reconciliation: the store against the VMs that run on the host (its inventory), at
+//! start-up (adopt, fail, stop strangers, remove leftovers) and every few seconds (crashed
+//! VMs).
 
 use std::collections::HashSet;
 
 use hangar_core::VmState;
 use hangar_host::{LaunchRecord, RunState};
 
-use crate::error::{ApiError, error_chain};
+use crate::api::error::{ApiError, error_chain};
 
 use crate::manager::*;
 

@@ -1,0 +1,442 @@
+//! The request path of DESIGN.md, top-down: validate against the directory; in shared
+//! mode an active VM already offering the service, else a sleeping or archived one woken;
+//! else the best paused pool VM ([`grants`]); else a new VM made by a creation task
+//! ([`create`]) on the host the scheduler chooses, waited for until the request's deadline.
+//!
+//! - [`grants`]: handing out paused pool VMs (exact, superset, partial).
+//! - [`create`]: making one VM on a host, recorded step by step.
+
+use crate::store_wait::Wait;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hangar_core::matching::{MachineRequest, MemoryRange, OsRequirement, compare_versions};
+use hangar_core::{Catalog, Mode, Service, ServiceRequest, VmState};
+use hangar_host::RunState;
+use hangar_store::VmRecord;
+use tokio::sync::OwnedMutexGuard;
+
+use crate::api::error::ApiError;
+use crate::manager::Manager;
+
+pub mod create;
+pub mod grants;
+
+#[cfg(test)]
+pub(crate) mod tests;
+
+pub use hangar_api::Served;
+
+/// What a successful request gets.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    pub vm: VmRecord,
+    /// The service asked for, or the first app of a configuration (empty for a bare OS).
+    pub service: String,
+    /// The stable endpoint of the service's first port (empty when it offers none).
+    pub endpoint: String,
+    /// The VM's own port forward behind `endpoint` (answers only while the VM runs).
+    pub direct_endpoint: String,
+    pub served: Served,
+    pub task: Option<String>,
+    /// `<vm>.<domain>` when a DNS domain is configured.
+    pub dns_name: Option<String>,
+    /// The size the VM was sliced to (`exact_size` on a superset), as (vCPUs, MiB).
+    pub sliced_to: Option<(u32, u32)>,
+    /// How long each stage of handing it out took (pool grants), in order.
+    pub stages: Stages,
+}
+
+pub use hangar_host::Stages;
+
+/// What to make: a service VM (for a request or a pool), or a pre-OS shell.
+#[derive(Debug, Clone)]
+pub(crate) struct MakeVm {
+    pub service: Option<Service>,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub mode: Mode,
+    pub env: BTreeMap<String, String>,
+    /// Made for this pool: paused at ready instead of handed out.
+    pub pool: Option<String>,
+    /// A ready criterion other than the service's (set at run time for a pool).
+    pub ready: Option<hangar_core::ReadySpec>,
+    /// Made to become its service's template (snapshotted at ready, then gone).
+    pub template: bool,
+}
+
+pub(crate) type Outcome = Option<Result<VmRecord, String>>;
+
+impl Manager {
+    /// The request path: validate; then a shared VM if one runs (shared mode), else the best
+    /// paused pool VM, else a new VM.
+    pub async fn request(self: &Arc<Self>, request: ServiceRequest) -> Result<Grant, ApiError> {
+        request
+            .validate()
+            .map_err(|err| ApiError::BadRequest(err.to_string()))?;
+        let deadline = request
+            .deadline_ms
+            .map(Duration::from_millis)
+            .unwrap_or(self.config.default_deadline);
+        let until = tokio::time::Instant::now() + deadline;
+        if let Some(config) = request.config.clone() {
+            return self.request_config(request, config, until, deadline).await;
+        }
+        let service = self.viable_service(&request)?;
+        self.record_demand(&service.name);
+        self.record_service_demand(&service.name);
+        let os = request.env.get("os").cloned().unwrap_or(service.os.clone());
+        self.record_image_demand(&service.name, &os);
+
+        let guard = match request.mode {
+            Mode::Dedicated => None,
+            Mode::Shared => {
+                let lock = self.shared_lock(&service.name, &request.env);
+                let guard = tokio::time::timeout_at(until, lock.lock_owned())
+                    .await
+                    .map_err(|_| ApiError::TryAgain {
+                        message: format!(
+                            "a VM offering {} is being made; try again shortly",
+                            service.name
+                        ),
+                        retry_after_s: 2,
+                        task: None,
+                    })?;
+                if let Some(vm) = self.pick_shared(&service.name, &request.env).await? {
+                    return Ok(self.grant(vm, Some(&service), Served::Shared, None, None));
+                }
+                if let Some(vm) = self.wake_shared(&service.name, &request.env).await {
+                    return Ok(self.grant(vm, Some(&service), Served::Woken, None, None));
+                }
+                Some(guard)
+            }
+        };
+
+        // Pool VMs run the default OS with default settings: a request naming another OS
+        // or its own settings gets a VM of its own.
+        let from_pool = os == service.os
+            && !service
+                .settings
+                .keys()
+                .any(|key| request.env.contains_key(key));
+        let machine = service_machine(&service, &self.catalog);
+        if from_pool
+            && let Some(grant) = self
+                .grant_from_pool(&machine, &request, Some(&service))
+                .await?
+        {
+            return Ok(grant);
+        }
+        if request.env.is_empty() {
+            // Later requests clone the service's template instead of booting.
+            self.ensure_template(&service).await;
+        }
+        let make = MakeVm {
+            vcpus: service.vcpus,
+            memory_mib: service.memory_mib,
+            service: Some(service.clone()),
+            mode: request.mode,
+            env: request.env.clone(),
+            pool: None,
+            ready: None,
+            template: false,
+        };
+        self.create_and_wait(make, guard, until, deadline, &service.name)
+            .await
+    }
+
+    /// A configuration request: the best paused VM, else a new VM of that configuration.
+    async fn request_config(
+        self: &Arc<Self>,
+        request: ServiceRequest,
+        config: MachineRequest,
+        until: tokio::time::Instant,
+        deadline: Duration,
+    ) -> Result<Grant, ApiError> {
+        let Some(os) = self.catalog.os(&config.os.name) else {
+            return Err(ApiError::Never {
+                message: format!("no os named {:?}", config.os.name),
+                alternatives: self
+                    .catalog
+                    .operating_systems()
+                    .map(|os| format!("os {}", os.name))
+                    .collect(),
+            });
+        };
+        if let Some(min) = &config.os.min_version
+            && compare_versions(&os.version, min) == Some(std::cmp::Ordering::Less)
+        {
+            return Err(ApiError::Never {
+                message: format!(
+                    "os {} is at version {}, never {min} or newer",
+                    os.name, os.version
+                ),
+                alternatives: vec![format!("os {} version {}", os.name, os.version)],
+            });
+        }
+        let service = match config.apps.len() {
+            0 => None,
+            1 => {
+                let app = config.apps.first().expect("one app");
+                let service = self.catalog.get(app).ok_or_else(|| ApiError::NotFound {
+                    message: format!("no application named {app:?}"),
+                    alternatives: hangar_core::suggest::closest(app, self.catalog.names(), 3),
+                })?;
+                if service.os != os.name {
+                    return Err(ApiError::Never {
+                        message: format!("{app} runs on os {}, never on {}", service.os, os.name),
+                        alternatives: vec![format!("os {}", service.os)],
+                    });
+                }
+                if config.vcpus.max(service.vcpus) > config.vcpus
+                    || service.memory_mib > config.memory_mib.max
+                {
+                    return Err(ApiError::Never {
+                        message: format!(
+                            "{app} needs {} vCPUs and {} MiB, more than the configuration allows",
+                            service.vcpus, service.memory_mib
+                        ),
+                        alternatives: Vec::new(),
+                    });
+                }
+                Some(service.clone())
+            }
+            _ => {
+                return Err(ApiError::Never {
+                    message:
+                        "no image offers several applications together yet; request them one by one"
+                            .into(),
+                    alternatives: config.apps.iter().cloned().collect(),
+                });
+            }
+        };
+        let mut request = request;
+        request.mode = Mode::Dedicated;
+        if let Some(grant) = self
+            .grant_from_pool(&config, &request, service.as_ref())
+            .await?
+        {
+            return Ok(grant);
+        }
+        let name = service
+            .as_ref()
+            .map_or_else(|| os.name.clone(), |s| s.name.clone());
+        let make = MakeVm {
+            service,
+            vcpus: config.vcpus,
+            memory_mib: config.memory_mib.min,
+            mode: Mode::Dedicated,
+            env: request.env.clone(),
+            pool: None,
+            ready: None,
+            template: false,
+        };
+        self.create_and_wait(make, None, until, deadline, &name)
+            .await
+    }
+
+    /// Starts a creation task and waits for it until the request's deadline.
+    async fn create_and_wait(
+        self: &Arc<Self>,
+        make: MakeVm,
+        guard: Option<OwnedMutexGuard<()>>,
+        until: tokio::time::Instant,
+        deadline: Duration,
+        name: &str,
+    ) -> Result<Grant, ApiError> {
+        let service = make.service.clone();
+        let task = self.start_create(make, guard)?;
+        let mut outcome = self
+            .outcomes
+            .lock()
+            .expect("outcomes lock")
+            .get(&task)
+            .cloned()
+            .ok_or_else(|| ApiError::Internal("task outcome missing".into()))?;
+        let waited = tokio::time::timeout_at(until, outcome.wait_for(Option::is_some)).await;
+        match waited {
+            Err(_) => Err(ApiError::TryAgain {
+                message: format!(
+                    "the VM for {name} is not ready within the request's deadline of {}; it is still being made (task {task}), try again shortly",
+                    humantime::format_duration(deadline)
+                ),
+                retry_after_s: 2,
+                task: Some(task),
+            }),
+            Ok(Err(_)) => Err(ApiError::Internal("creation task vanished".into())),
+            Ok(Ok(result)) => match result.clone().expect("waited for Some") {
+                Ok(vm) => {
+                    let served = if self.is_clone(&vm) {
+                        Served::Cloned
+                    } else {
+                        Served::Created
+                    };
+                    Ok(self.grant(vm, service.as_ref(), served, Some(task), None))
+                }
+                Err(message) => Err(ApiError::Internal(message)),
+            },
+        }
+    }
+
+    /// The service the request names, if the combination (service × environment) is in
+    /// the directory: else 404 (no such service) or 422 "never", with the closest viable
+    /// alternatives. A setting the service needs and the request lacks is a 400.
+    pub(crate) fn viable_service(&self, request: &ServiceRequest) -> Result<Service, ApiError> {
+        let service = self.directory_lookup(request)?;
+        hangar_host::guest::settings(&service, &request.env).map_err(ApiError::BadRequest)?;
+        Ok(service)
+    }
+
+    /// The service the request names, if the combination is in the directory (settings
+    /// aside: an image does not depend on them).
+    pub(crate) fn directory_lookup(&self, request: &ServiceRequest) -> Result<Service, ApiError> {
+        let name = request.service.as_deref().unwrap_or_default();
+        let Some(service) = self.catalog.get(name) else {
+            return Err(ApiError::NotFound {
+                message: format!("no service named {name:?}"),
+                alternatives: hangar_core::suggest::closest(name, self.catalog.names(), 3),
+            });
+        };
+        let os = request.env.get("os").unwrap_or(&service.os);
+        let service = match self.catalog.viable(name, os) {
+            Ok(service) => service,
+            Err(hangar_core::catalog::Never::NoService) => unreachable!("looked up above"),
+            Err(hangar_core::catalog::Never::Combination { reason }) => {
+                return Err(ApiError::Never {
+                    message: format!(
+                        "{name} on os={os} can never be offered: {reason} (offered on: {})",
+                        service
+                            .environments
+                            .iter()
+                            .map(|env| format!("os={env}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                    alternatives: self.catalog.alternatives(name, Some(os), 4),
+                });
+            }
+        };
+        Ok(service.clone())
+    }
+
+    fn shared_lock(
+        &self,
+        service: &str,
+        env: &BTreeMap<String, String>,
+    ) -> Arc<tokio::sync::Mutex<()>> {
+        let key = format!(
+            "{service}\0{}",
+            serde_json::to_string(env).unwrap_or_default()
+        );
+        self.shared_locks
+            .lock()
+            .expect("shared locks lock")
+            .entry(key)
+            .or_default()
+            .clone()
+    }
+
+    /// The least recently used active shared VM offering `service` whose process runs.
+    async fn pick_shared(
+        &self,
+        service: &str,
+        env: &BTreeMap<String, String>,
+    ) -> Result<Option<VmRecord>, ApiError> {
+        let mut candidates = self.store.shared_candidates(service, env).await?;
+        candidates.sort_by_key(|vm| vm.last_used_at_ms);
+        for vm in candidates {
+            match self.host.run_state(&vm.id).await {
+                Ok(RunState::Running) => return Ok(Some(vm)),
+                Ok(RunState::Gone) => self.mark_crashed(&vm.id).await,
+                Ok(RunState::Paused) | Err(_) => {}
+            }
+        }
+        Ok(None)
+    }
+
+    /// Wakes the most recently used sleeping or archived shared VM offering `service` with
+    /// exactly this environment, if there is one and it wakes.
+    async fn wake_shared(&self, service: &str, env: &BTreeMap<String, String>) -> Option<VmRecord> {
+        let mut dormant: Vec<VmRecord> = self
+            .store
+            .vms(false)
+            .await
+            .ok()?
+            .into_iter()
+            .filter(|vm| {
+                matches!(vm.state, VmState::Sleeping | VmState::Archived)
+                    && vm.mode == Mode::Shared
+                    && vm.services.iter().any(|s| s == service)
+                    && vm.env == *env
+            })
+            .collect();
+        dormant.sort_by_key(|vm| std::cmp::Reverse(vm.last_used_at_ms));
+        for vm in dormant {
+            match self.wake(&vm.id).await {
+                Ok(vm) => return Some(vm),
+                Err(err) => {
+                    tracing::warn!(vm = %vm.id, error = %err, "cannot wake a shared vm; trying others");
+                }
+            }
+        }
+        None
+    }
+
+    /// The answer to a request; the VM counts as used now.
+    pub(crate) fn grant(
+        &self,
+        mut vm: VmRecord,
+        service: Option<&Service>,
+        served: Served,
+        task: Option<String>,
+        sliced_to: Option<(u32, u32)>,
+    ) -> Grant {
+        let now = hangar_store::now_ms();
+        match self.store.set_last_used(&vm.id, now).wait() {
+            Ok(()) => vm.last_used_at_ms = vm.last_used_at_ms.max(now),
+            Err(err) => tracing::warn!(vm = %vm.id, error = %err, "cannot record last use"),
+        }
+        let first_port = service.and_then(|service| service.ports.first());
+        let endpoint = first_port
+            .and_then(|port| vm.endpoints.get(&port.name))
+            .cloned()
+            .unwrap_or_default();
+        let direct_endpoint = first_port
+            .and_then(|port| vm.direct_endpoints.get(&port.name))
+            .cloned()
+            .unwrap_or_default();
+        let dns_name = self
+            .config
+            .dns_domain
+            .as_ref()
+            .map(|domain| format!("{}.{domain}", vm.id));
+        Grant {
+            service: service.map(|s| s.name.clone()).unwrap_or_default(),
+            vm,
+            endpoint,
+            direct_endpoint,
+            served,
+            task,
+            dns_name,
+            sliced_to,
+            stages: Stages::default(),
+        }
+    }
+}
+
+/// The exact machine a service needs, as a configuration request.
+pub(crate) fn service_machine(service: &Service, catalog: &Catalog) -> MachineRequest {
+    MachineRequest {
+        vcpus: service.vcpus,
+        memory_mib: MemoryRange {
+            min: service.memory_mib,
+            max: service.memory_mib,
+        },
+        os: OsRequirement {
+            name: service.os.clone(),
+            min_version: catalog.os(&service.os).map(|os| os.version.clone()),
+        },
+        apps: [service.name.clone()].into(),
+    }
+}
