@@ -1,10 +1,11 @@
 //! hangar's REST API under `/v1` as a contract shared by the server, the CLI, the forwarder
 //! and the tests: every request body, answer, list item, query string and the JSON error body.
 //!
-//! The server serializes these types and the client deserializes them, so both sides agree
-//! on the JSON by construction. Every type derives `utoipa::ToSchema` (or `IntoParams`) so the
+//! The server serializes these types and [`Client`], the typed async client, deserializes
+//! them, so both sides agree on the JSON by construction. Every type derives `utoipa::ToSchema` (or `IntoParams`) so the
 //! OpenAPI document served at `/v1/openapi.json` is generated from the same definitions.
 
+pub mod client;
 pub mod error;
 pub mod images;
 pub mod openapi;
@@ -15,6 +16,7 @@ pub mod services;
 pub mod tasks;
 pub mod vms;
 
+pub use client::{BadUrl, Client, ClientError, Download, Timed};
 pub use error::{ErrorBody, ErrorDetail};
 pub use images::{BuildView, ImageBody, ImageView, ImagesView, LayerView, TemplateView};
 pub use openapi::ApiDoc;

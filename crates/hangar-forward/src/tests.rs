@@ -148,10 +148,19 @@ async fn wake_api(
                 }
             });
         }
-        stream
-            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
-            .await
-            .unwrap();
+        let vm = serde_json::json!({
+            "id": "vm-sleepy", "host": "local", "services": ["web"], "endpoints": {},
+            "direct_endpoints": {}, "state": "active", "mode": "dedicated", "owner": "local",
+            "env": {}, "memory_mib": 64, "vcpus": 1, "created_at": "", "last_used_at": "",
+            "idle_ms": 0, "state_since": "",
+        })
+        .to_string();
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+             Connection: close\r\n\r\n{vm}",
+            vm.len()
+        );
+        stream.write_all(answer.as_bytes()).await.unwrap();
     }
 }
 

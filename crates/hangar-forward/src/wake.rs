@@ -1,81 +1,104 @@
-//! Asking the server to wake a VM: `POST /v1/vms/{id}/wake` over plain HTTP/1.1, retried
+//! Asking the server to wake a VM: `POST /v1/vms/{id}/wake` through the API's client, retried
 //! while the server cannot be reached (it may be restarting).
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use hangar_api::{BadUrl, Client, ClientError};
 use tokio::time::Instant;
 
 /// Pause between attempts while the server cannot be reached.
 const RETRY: Duration = Duration::from_millis(200);
 
+/// One connection pool for every wake, whatever the server's URL.
+static HTTP: LazyLock<reqwest::Client> = LazyLock::new(reqwest::Client::new);
+
 #[derive(Debug, thiserror::Error)]
 pub enum WakeError {
-    #[error("server URL {0:?} is not http://HOST:PORT")]
-    Url(String),
-    #[error("the server refused to wake the VM: HTTP {status}: {body}")]
-    Refused { status: u16, body: String },
-    #[error("the server could not be reached before the deadline: {0}")]
-    Unreachable(#[source] std::io::Error),
+    #[error(transparent)]
+    Url(#[from] BadUrl),
+    /// The server answered, but not that the VM runs: an error answer (status and body in
+    /// the source) or one that did not decode.
+    #[error("the server refused to wake the VM")]
+    Refused(#[source] ClientError),
+    /// Every attempt until the deadline failed to reach the server; the last one's error.
+    #[error("the server could not be reached before the deadline")]
+    Unreachable(#[source] ClientError),
+    /// The server was reached but did not answer before the deadline.
+    #[error("the wake did not finish before the deadline")]
+    TimedOut,
 }
 
 /// Asks the server at `server_url` to wake VM `id` and waits for the answer: `Ok` once the
 /// VM runs. Retries while the server cannot be reached, until `deadline`; an answer other
 /// than success is final.
 pub async fn wake(server_url: &str, id: &str, deadline: Instant) -> Result<(), WakeError> {
-    let authority = server_url
-        .strip_prefix("http://")
-        .map(|rest| rest.split('/').next().unwrap_or_default())
-        .filter(|authority| !authority.is_empty())
-        .ok_or_else(|| WakeError::Url(server_url.to_owned()))?;
+    let client = Client::with_http(server_url, HTTP.clone())?;
     loop {
-        let attempt = tokio::time::timeout_at(deadline, post(authority, id)).await;
-        match attempt {
-            Ok(Ok((status, _))) if (200..300).contains(&status) => return Ok(()),
-            Ok(Ok((status, body))) => return Err(WakeError::Refused { status, body }),
-            Ok(Err(err)) => {
+        match tokio::time::timeout_at(deadline, client.wake(id)).await {
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(err @ ClientError::Unreachable { .. })) => {
                 tracing::debug!(vm = %id, error = %err, "server not reachable; retrying wake");
                 if Instant::now() + RETRY >= deadline {
                     return Err(WakeError::Unreachable(err));
                 }
                 tokio::time::sleep(RETRY).await;
             }
-            Err(_) => {
-                return Err(WakeError::Unreachable(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "wake did not finish in time",
-                )));
-            }
+            Ok(Err(err)) => return Err(WakeError::Refused(err)),
+            Err(_) => return Err(WakeError::TimedOut),
         }
     }
 }
 
-/// One POST; the status and the body.
-async fn post(authority: &str, id: &str) -> std::io::Result<(u16, String)> {
-    let mut stream = TcpStream::connect(authority).await?;
-    stream.set_nodelay(true)?;
-    let request = format!(
-        "POST /v1/vms/{id}/wake HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\n\
-         Content-Length: 2\r\nConnection: close\r\n\r\n{{}}"
-    );
-    stream.write_all(request.as_bytes()).await?;
-    let mut answer = Vec::new();
-    stream.read_to_end(&mut answer).await?;
-    let text = String::from_utf8_lossy(&answer);
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .ok_or_else(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("no HTTP status in the answer: {text:?}"),
-            )
-        })?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.trim().to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn an_error_answer_is_final_and_an_absent_server_is_retried_until_the_deadline() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut request = vec![0u8; 4096];
+            let _ = stream.read(&mut request).await.unwrap();
+            let body = r#"{"error":{"code":"conflict","message":"vm-x is being deleted"}}"#;
+            let answer = format!(
+                "HTTP/1.1 409 Conflict\r\nContent-Type: application/json\r\n\
+                 Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            stream.write_all(answer.as_bytes()).await.unwrap();
+        });
+        let started = Instant::now();
+        let err = wake(&url, "vm-x", started + Duration::from_secs(10))
+            .await
+            .unwrap_err();
+        let WakeError::Refused(ClientError::Api { status, body, .. }) = err else {
+            panic!("expected a refusal, got {err:?}");
+        };
+        assert_eq!(status, 409);
+        assert_eq!(body.error.message, "vm-x is being deleted");
+        assert!(started.elapsed() < Duration::from_secs(5), "not retried");
+
+        // Nothing listens: retried until the deadline, then the last attempt's error.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", closed.local_addr().unwrap());
+        drop(closed);
+        let started = Instant::now();
+        let err = wake(&url, "vm-x", started + Duration::from_millis(700))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, WakeError::Unreachable(ClientError::Unreachable { .. })),
+            "{err:?}"
+        );
+        assert!(started.elapsed() >= Duration::from_millis(400));
+        assert!(matches!(
+            wake("localhost:1", "vm-x", started).await,
+            Err(WakeError::Url(_))
+        ));
+    }
 }

@@ -11,10 +11,8 @@ use std::time::Duration;
 use hangar_core::Catalog;
 use hangar_host::Host;
 use hangar_store::Store;
-use tokio::sync::watch;
 
 use crate::images::ImageSource;
-use crate::requests::Outcome;
 
 /// The host name of the embedded local host in single-node mode.
 pub const LOCAL_HOST: &str = "local";
@@ -78,8 +76,8 @@ pub struct Manager {
     /// One lock per (service, environment): shared requests that find no VM wait for the
     /// one being made instead of making their own.
     pub(crate) shared_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    /// Outcomes of creation tasks, for the requests waiting on them.
-    pub(crate) outcomes: Mutex<HashMap<String, watch::Receiver<Outcome>>>,
+    /// Task records and the outcomes of creation tasks, for the requests waiting on them.
+    pub(crate) tasks: crate::tasks::Tasks,
     /// Services whose template is being built.
     pub(crate) templates_building: Mutex<std::collections::HashSet<String>>,
     /// The forwarder holding stable endpoints; without one, endpoints are the VMs' direct
@@ -107,6 +105,7 @@ impl Manager {
         config: ManagerConfig,
     ) -> Arc<Manager> {
         Arc::new(Manager {
+            tasks: crate::tasks::Tasks::new(store.clone()),
             store,
             scheduler: crate::scheduler::Scheduler::new(vec![host.clone()]),
             host,
@@ -118,7 +117,6 @@ impl Manager {
             lifecycle: crate::lifecycle::policy::LifecycleRuntime::default(),
             shared_locks: Mutex::default(),
             templates_building: Mutex::default(),
-            outcomes: Mutex::default(),
             endpoints: std::sync::OnceLock::new(),
             image_runtime: crate::images::policy::ImageRuntime::default(),
         })

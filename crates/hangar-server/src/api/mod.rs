@@ -1,5 +1,6 @@
-//! The REST API under `/v1`. Handlers parse, validate and call the service manager; they
-//! hold no business logic. Every error answer is JSON (see [`error`], the one mapping
+//! The REST API under `/v1`. Handlers parse and validate, build one [`commands::Command`],
+//! have it executed ([`commands::RequestHandler`]) and shape the reply; they hold no
+//! business logic. Every error answer is JSON (see [`error`], the one mapping
 //! from errors to HTTP statuses).
 
 use std::sync::{Arc, LazyLock};
@@ -17,7 +18,10 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+pub mod commands;
 pub mod error;
+
+use commands::{Command, Reply, RequestHandler};
 
 use crate::api::error::{ApiError, ErrorBody};
 use crate::lifecycle::policy::{PoliciesView, PolicyChange, PolicyView};
@@ -173,8 +177,13 @@ impl From<Grant> for GrantView {
 
 /// Service templates on disk: VMs snapshotted at their ready state, cloned for new VMs.
 #[utoipa::path(get, path = "/v1/templates", responses((status = 200, body = [TemplateView])))]
-async fn list_templates(State(manager): State<Arc<Manager>>) -> Json<Vec<TemplateView>> {
-    Json(manager.templates().await)
+async fn list_templates(
+    State(manager): State<Arc<Manager>>,
+) -> Result<Json<Vec<TemplateView>>, ApiError> {
+    match manager.handle(Command::ListTemplates).await? {
+        Reply::Templates(templates) => Ok(Json(templates)),
+        other => Err(other.unexpected()),
+    }
 }
 
 #[utoipa::path(
@@ -183,7 +192,10 @@ async fn list_templates(State(manager): State<Arc<Manager>>) -> Json<Vec<Templat
     responses((status = 200, body = [PoolView]), (status = 500, body = ErrorBody, description = "something broke on the server's side"))
 )]
 async fn list_pools(State(manager): State<Arc<Manager>>) -> Result<Json<Vec<PoolView>>, ApiError> {
-    Ok(Json(manager.pool_views()?))
+    match manager.handle(Command::ListPools).await? {
+        Reply::Pools(pools) => Ok(Json(pools)),
+        other => Err(other.unexpected()),
+    }
 }
 
 #[utoipa::path(
@@ -205,9 +217,16 @@ async fn set_pool(
 ) -> Result<Json<PoolView>, ApiError> {
     let body: PoolBoundsBody = serde_json::from_slice(&body)
         .map_err(|err| ApiError::BadRequest(format!("invalid request body: {err}")))?;
-    Ok(Json(
-        manager.set_pool(&name, body.min, body.max, body.ready)?,
-    ))
+    let command = Command::SetPool {
+        name,
+        min: body.min,
+        max: body.max,
+        ready: body.ready,
+    };
+    match manager.handle(command).await? {
+        Reply::Pool(pool) => Ok(Json(pool)),
+        other => Err(other.unexpected()),
+    }
 }
 
 /// Request a service: answers once a VM offering it is ready.
@@ -231,7 +250,10 @@ async fn create_request(
     let started = std::time::Instant::now();
     let request: ServiceRequest = serde_json::from_slice(&body)
         .map_err(|err| ApiError::BadRequest(format!("invalid request body: {err}")))?;
-    let grant = manager.request(request).await?;
+    let grant = match manager.handle(Command::Request(request)).await? {
+        Reply::Grant(grant) => *grant,
+        other => return Err(other.unexpected()),
+    };
     let timing = grant.stages.header(started.elapsed());
     Ok(([("server-timing", timing)], Json(GrantView::from(grant))))
 }
@@ -299,15 +321,10 @@ async fn list_vms(
     State(manager): State<Arc<Manager>>,
     Query(query): Query<VmQuery>,
 ) -> Result<Json<Vec<VmView>>, ApiError> {
-    Ok(Json(
-        manager
-            .store()
-            .vms(query.all)
-            .await?
-            .into_iter()
-            .map(|vm| view(&manager, vm))
-            .collect(),
-    ))
+    match manager.handle(Command::ListVms { all: query.all }).await? {
+        Reply::Vms(vms) => Ok(Json(vms.into_iter().map(|vm| view(&manager, vm)).collect())),
+        other => Err(other.unexpected()),
+    }
 }
 
 #[utoipa::path(
@@ -320,15 +337,10 @@ async fn get_vm(
     State(manager): State<Arc<Manager>>,
     Path(id): Path<String>,
 ) -> Result<Json<VmView>, ApiError> {
-    let vm = manager
-        .store()
-        .vm(&id)
-        .await?
-        .ok_or_else(|| ApiError::NotFound {
-            message: format!("no VM {id}"),
-            alternatives: Vec::new(),
-        })?;
-    Ok(Json(view(&manager, vm)))
+    match manager.handle(Command::GetVm(id)).await? {
+        Reply::Vm(vm) => Ok(Json(view(&manager, vm))),
+        other => Err(other.unexpected()),
+    }
 }
 
 /// Delete a VM: its process, disk layer, sockets and logs.
@@ -347,7 +359,10 @@ async fn delete_vm(
     State(manager): State<Arc<Manager>>,
     Path(id): Path<String>,
 ) -> Result<Json<VmView>, ApiError> {
-    Ok(Json(vm_view(manager.delete(&id).await?)))
+    match manager.handle(Command::DeleteVm(id)).await? {
+        Reply::Vm(vm) => Ok(Json(vm_view(vm))),
+        other => Err(other.unexpected()),
+    }
 }
 
 /// Pause an active VM in memory.
@@ -366,8 +381,10 @@ async fn sleep_vm(
     State(manager): State<Arc<Manager>>,
     Path(id): Path<String>,
 ) -> Result<Json<VmView>, ApiError> {
-    let vm = manager.sleep(&id).await?;
-    Ok(Json(view(&manager, vm)))
+    match manager.handle(Command::SleepVm(id)).await? {
+        Reply::Vm(vm) => Ok(Json(view(&manager, vm))),
+        other => Err(other.unexpected()),
+    }
 }
 
 /// Write an active or sleeping VM's memory to disk and end its process.
@@ -395,10 +412,11 @@ async fn archive_vm(
         serde_json::from_slice(&body)
             .map_err(|err| ApiError::BadRequest(format!("invalid request body: {err}")))?
     };
-    let (vm, _) = manager
-        .archive(&id, crate::lifecycle::policy::archive_tier(body.tier).0)
-        .await?;
-    Ok(Json(view(&manager, vm)))
+    let tier = crate::lifecycle::policy::archive_tier(body.tier).0;
+    match manager.handle(Command::ArchiveVm { id, tier }).await? {
+        Reply::Vm(vm) => Ok(Json(view(&manager, vm))),
+        other => Err(other.unexpected()),
+    }
 }
 
 /// Bring a sleeping or archived VM back.
@@ -418,7 +436,10 @@ async fn wake_vm(
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     let started = std::time::Instant::now();
-    let (vm, stages) = manager.wake_timed(&id).await?;
+    let (vm, stages) = match manager.handle(Command::WakeVm(id)).await? {
+        Reply::Woken(vm, stages) => (vm, stages),
+        other => return Err(other.unexpected()),
+    };
     let timing = stages.header(started.elapsed());
     Ok(([("server-timing", timing)], Json(view(&manager, vm))))
 }
@@ -431,7 +452,10 @@ async fn wake_vm(
 async fn list_policies(
     State(manager): State<Arc<Manager>>,
 ) -> Result<Json<PoliciesView>, ApiError> {
-    Ok(Json(manager.policy_views()?))
+    match manager.handle(Command::ListPolicies).await? {
+        Reply::Policies(policies) => Ok(Json(policies)),
+        other => Err(other.unexpected()),
+    }
 }
 
 fn duration_field(
@@ -478,7 +502,13 @@ async fn set_policy(
         keep_active_above: body.keep_active_above,
         archive_tier: body.archive_tier,
     };
-    Ok(Json(manager.set_policy(&service, &change)?))
+    match manager
+        .handle(Command::SetPolicy { service, change })
+        .await?
+    {
+        Reply::Policy(policy) => Ok(Json(policy)),
+        other => Err(other.unexpected()),
+    }
 }
 
 /// Go back to the catalog's policy for a service.
@@ -496,7 +526,10 @@ async fn reset_policy(
     State(manager): State<Arc<Manager>>,
     Path(service): Path<String>,
 ) -> Result<Json<PolicyView>, ApiError> {
-    Ok(Json(manager.reset_policy(&service)?))
+    match manager.handle(Command::ResetPolicy(service)).await? {
+        Reply::Policy(policy) => Ok(Json(policy)),
+        other => Err(other.unexpected()),
+    }
 }
 
 /// `task` as the API shows it.
@@ -526,15 +559,10 @@ fn task_view(task: TaskRecord) -> TaskView {
     responses((status = 200, body = [TaskView], description = "the latest 100 tasks"), (status = 500, body = ErrorBody, description = "something broke on the server's side"))
 )]
 async fn list_tasks(State(manager): State<Arc<Manager>>) -> Result<Json<Vec<TaskView>>, ApiError> {
-    Ok(Json(
-        manager
-            .store()
-            .tasks(100)
-            .await?
-            .into_iter()
-            .map(task_view)
-            .collect(),
-    ))
+    match manager.handle(Command::ListTasks { limit: 100 }).await? {
+        Reply::Tasks(tasks) => Ok(Json(tasks.into_iter().map(task_view).collect())),
+        other => Err(other.unexpected()),
+    }
 }
 
 #[utoipa::path(
@@ -547,15 +575,10 @@ async fn get_task(
     State(manager): State<Arc<Manager>>,
     Path(id): Path<String>,
 ) -> Result<Json<TaskView>, ApiError> {
-    let task = manager
-        .store()
-        .task(&id)
-        .await?
-        .ok_or_else(|| ApiError::NotFound {
-            message: format!("no task {id}"),
-            alternatives: Vec::new(),
-        })?;
-    Ok(Json(task_view(task)))
+    match manager.handle(Command::GetTask(id)).await? {
+        Reply::Task(task) => Ok(Json(task_view(task))),
+        other => Err(other.unexpected()),
+    }
 }
 
 /// The request an image body stands for, validated.
@@ -580,7 +603,10 @@ fn image_request(body: ImageBody) -> Result<ServiceRequest, ApiError> {
 async fn list_images(
     State(manager): State<Arc<Manager>>,
 ) -> Result<Json<crate::images::policy::ImagesView>, ApiError> {
-    Ok(Json(manager.images()?))
+    match manager.handle(Command::ListImages).await? {
+        Reply::Images(images) => Ok(Json(images)),
+        other => Err(other.unexpected()),
+    }
 }
 
 /// Builds the image of a service in an environment, as a task.
@@ -602,7 +628,13 @@ async fn build_image(
 ) -> Result<(axum::http::StatusCode, Json<BuildView>), ApiError> {
     let body: ImageBody = serde_json::from_slice(&body)
         .map_err(|err| ApiError::BadRequest(format!("invalid request body: {err}")))?;
-    let task = manager.build_image(&image_request(body)?)?;
+    let task = match manager
+        .handle(Command::BuildImage(image_request(body)?))
+        .await?
+    {
+        Reply::Building(task) => task,
+        other => return Err(other.unexpected()),
+    };
     Ok((axum::http::StatusCode::ACCEPTED, Json(BuildView { task })))
 }
 
@@ -627,8 +659,10 @@ async fn export_image(
     let body: ImageBody = serde_json::from_slice(&body)
         .map_err(|err| ApiError::BadRequest(format!("invalid request body: {err}")))?;
     let request = image_request(body)?;
-    let dir = manager.config.export_dir.clone();
-    let export = manager.export(&request, &dir).await?;
+    let export = match manager.handle(Command::ExportImage(request)).await? {
+        Reply::Export(export) => export,
+        other => return Err(other.unexpected()),
+    };
     let file = tokio::fs::File::open(&export.path)
         .await
         .map_err(ApiError::internal)?;
@@ -667,3 +701,6 @@ fn bytes_of(buf: Vec<u8>) -> axum::body::Bytes {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod client_tests;

@@ -206,7 +206,7 @@ impl Manager {
         let id = task.clone();
         tokio::spawn(async move {
             let started = std::time::Instant::now();
-            let progress = manager.build_progress(&id, 0, 99);
+            let progress = manager.tasks.build_progress(&id, 0, 99);
             let result = manager.images.root_image(&service, &os, progress).await;
             let (state, error) = match &result {
                 Ok(_) => (TaskState::Succeeded, None),

@@ -50,7 +50,7 @@ impl Manager {
         };
         let host = self.place(&plan).await.map_err(|err| error_chain(&err))?;
         let prepared = host
-            .prepare_vm(&plan, self.task_progress(task))
+            .prepare_vm(&plan, self.tasks.progress(task))
             .await
             .map_err(|err| error_chain(&err))?;
         let endpoints: BTreeMap<String, SocketAddr> = prepared
@@ -141,7 +141,7 @@ impl Manager {
             .await
             .map_err(|err| error_chain(&err))?;
         let made = host
-            .make_vm(plan, prepared, self.task_progress(task))
+            .make_vm(plan, prepared, self.tasks.progress(task))
             .await
             .map_err(|err| error_chain(&err))?;
         if let Some(template) = &made.template {

@@ -248,11 +248,8 @@ impl Manager {
         let service = make.service.clone();
         let task = self.start_create(make, guard)?;
         let mut outcome = self
-            .outcomes
-            .lock()
-            .expect("outcomes lock")
-            .get(&task)
-            .cloned()
+            .tasks
+            .watch(&task)
             .ok_or_else(|| ApiError::Internal("task outcome missing".into()))?;
         let waited = tokio::time::timeout_at(until, outcome.wait_for(Option::is_some)).await;
         match waited {

@@ -1,44 +1,59 @@
 //! Tasks: long operations (making a VM, building an image or a template) recorded in the
 //! store with their stage and percent, and the outcome the requests waiting on them read.
+//!
+//! [`Tasks`] keeps the records and the outcomes; [`Manager::start_create`] runs a creation
+//! as a task.
 
 use crate::store_wait::Wait;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hangar_core::TaskId;
-use hangar_store::{TaskRecord, TaskState, VmRecord, now_ms};
+use hangar_store::{Store, StoreError, TaskRecord, TaskState, VmRecord, now_ms};
 use tokio::sync::{OwnedMutexGuard, watch};
 
 use crate::api::error::ApiError;
 use crate::images::ProgressFn;
 use crate::manager::Manager;
-use crate::requests::MakeVm;
+use crate::requests::{MakeVm, Outcome};
 
-impl Manager {
-    /// Records a creation task and starts it; returns its id.
-    pub(crate) fn start_create(
-        self: &Arc<Self>,
-        make: MakeVm,
-        guard: Option<OwnedMutexGuard<()>>,
-    ) -> Result<String, ApiError> {
-        let task_id = TaskId::generate().to_string();
+/// How long a finished task's outcome stays for waiters in memory; later ones read the
+/// store.
+const OUTCOME_KEPT: Duration = Duration::from_secs(60);
+
+/// The tasks of this server: their records in the store and the outcomes of those that
+/// run or ended lately.
+pub struct Tasks {
+    store: Arc<dyn Store>,
+    outcomes: Mutex<HashMap<String, watch::Receiver<Outcome>>>,
+}
+
+/// Where a running task publishes its outcome (see [`Tasks::finish`]).
+pub struct OutcomeSender(watch::Sender<Outcome>);
+
+impl Tasks {
+    pub fn new(store: Arc<dyn Store>) -> Tasks {
+        Tasks {
+            store,
+            outcomes: Mutex::default(),
+        }
+    }
+
+    /// Records a new running task of `kind` (for `service`); returns its id and where its
+    /// outcome goes.
+    pub fn begin(
+        &self,
+        kind: &str,
+        service: Option<String>,
+    ) -> Result<(String, OutcomeSender), StoreError> {
+        let id = TaskId::generate().to_string();
         let now = now_ms();
         self.store
             .insert_task(&TaskRecord {
-                id: task_id.clone(),
-                kind: if make.template {
-                    "build_template"
-                } else if make.pool.is_some() {
-                    "fill_pool"
-                } else {
-                    "create_vm"
-                }
-                .into(),
-                service: make
-                    .service
-                    .as_ref()
-                    .map(|s| s.name.clone())
-                    .or_else(|| make.pool.clone()),
+                id: id.clone(),
+                kind: kind.into(),
+                service,
                 vm_id: None,
                 state: TaskState::Running,
                 stage: "queued".into(),
@@ -52,47 +67,47 @@ impl Manager {
         self.outcomes
             .lock()
             .expect("outcomes lock")
-            .insert(task_id.clone(), rx);
-        let manager = self.clone();
-        let id = task_id.clone();
-        tokio::spawn(async move {
-            let result = manager.create(&id, &make).await;
-            let (state, stage, error) = match &result {
-                Ok(_) => (TaskState::Succeeded, "done", None),
-                Err(message) => (TaskState::Failed, "failed", Some(message.as_str())),
-            };
-            if let Err(err) = manager
-                .store
-                .update_task(&id, state, stage, 100, error)
-                .await
-            {
-                tracing::warn!(task = %id, error = %err, "cannot record task outcome");
-            }
-            tx.send_replace(Some(result));
-            drop(guard);
-            // Late waiters read the outcome from the store; keep the map small.
-            tokio::time::sleep(Duration::from_secs(60)).await;
-            manager.outcomes.lock().expect("outcomes lock").remove(&id);
-        });
-        Ok(task_id)
+            .insert(id.clone(), rx);
+        Ok((id, OutcomeSender(tx)))
     }
 
-    /// Waits for a task started by [`Manager::start_create`] to end.
-    pub(crate) async fn task_outcome(&self, task: &str) -> Option<Result<VmRecord, String>> {
-        let mut outcome = self
-            .outcomes
+    /// Records how task `id` ended and tells its waiters.
+    pub fn finish(&self, id: &str, sender: OutcomeSender, result: Result<VmRecord, String>) {
+        let (state, stage, error) = match &result {
+            Ok(_) => (TaskState::Succeeded, "done", None),
+            Err(message) => (TaskState::Failed, "failed", Some(message.as_str())),
+        };
+        if let Err(err) = self.store.update_task(id, state, stage, 100, error).wait() {
+            tracing::warn!(task = %id, error = %err, "cannot record task outcome");
+        }
+        sender.0.send_replace(Some(result));
+    }
+
+    /// Drops task `id`'s outcome from memory.
+    pub fn forget(&self, id: &str) {
+        self.outcomes.lock().expect("outcomes lock").remove(id);
+    }
+
+    /// The outcome of task `id` as it comes, while it is kept in memory.
+    pub fn watch(&self, id: &str) -> Option<watch::Receiver<Outcome>> {
+        self.outcomes
             .lock()
             .expect("outcomes lock")
-            .get(task)
-            .cloned()?;
+            .get(id)
+            .cloned()
+    }
+
+    /// Waits for task `id` to end; `None` when its outcome is no longer kept.
+    pub async fn outcome(&self, id: &str) -> Option<Result<VmRecord, String>> {
+        let mut outcome = self.watch(id)?;
         outcome.wait_for(Option::is_some).await.ok()?.clone()
     }
 
-    /// A progress callback for a host operation inside a task: its stages and percents
+    /// A progress callback for an operation inside task `id`: its stages and percents
     /// recorded on the task.
-    pub(crate) fn task_progress(&self, task: &str) -> ProgressFn {
+    pub fn progress(&self, id: &str) -> ProgressFn {
         let store = self.store.clone();
-        let task = task.to_owned();
+        let task = id.to_owned();
         Arc::new(move |stage: &str, percent: u8| {
             if let Err(err) = store
                 .update_task(&task, TaskState::Running, stage, percent, None)
@@ -103,14 +118,53 @@ impl Manager {
         })
     }
 
-    /// A progress callback for an image build inside a task: the build's stages, its
+    /// A progress callback for an image build inside task `id`: the build's stages, its
     /// percent mapped into `from..to` of the task.
-    pub(crate) fn build_progress(&self, task: &str, from: u8, to: u8) -> ProgressFn {
-        let progress = self.task_progress(task);
+    pub fn build_progress(&self, id: &str, from: u8, to: u8) -> ProgressFn {
+        let progress = self.progress(id);
         Arc::new(move |stage: &str, percent: u8| {
             let scaled =
                 from as u32 + (to.saturating_sub(from) as u32 * percent.min(100) as u32) / 100;
             progress(&format!("image: {stage}"), scaled as u8);
         })
+    }
+}
+
+impl Manager {
+    /// Records a creation task and starts it; returns its id. `guard` is held until the
+    /// VM is made (shared requests wait on it instead of making their own).
+    pub(crate) fn start_create(
+        self: &Arc<Self>,
+        make: MakeVm,
+        guard: Option<OwnedMutexGuard<()>>,
+    ) -> Result<String, ApiError> {
+        let kind = if make.template {
+            "build_template"
+        } else if make.pool.is_some() {
+            "fill_pool"
+        } else {
+            "create_vm"
+        };
+        let service = make
+            .service
+            .as_ref()
+            .map(|s| s.name.clone())
+            .or_else(|| make.pool.clone());
+        let (task_id, sender) = self.tasks.begin(kind, service)?;
+        let manager = self.clone();
+        let id = task_id.clone();
+        tokio::spawn(async move {
+            let result = manager.create(&id, &make).await;
+            manager.tasks.finish(&id, sender, result);
+            drop(guard);
+            tokio::time::sleep(OUTCOME_KEPT).await;
+            manager.tasks.forget(&id);
+        });
+        Ok(task_id)
+    }
+
+    /// Waits for a task started by [`Manager::start_create`] to end.
+    pub(crate) async fn task_outcome(&self, task: &str) -> Option<Result<VmRecord, String>> {
+        self.tasks.outcome(task).await
     }
 }

@@ -1,0 +1,466 @@
+//! A typed async client of the REST API: one method per route, answers as this crate's types.
+//!
+//! Every method sends one request and does not retry. Its errors tell three cases apart (see
+//! [`ClientError`]): no answer, an error answer (status and [`ErrorBody`]), and an answer
+//! that did not decode.
+
+use std::time::Duration;
+
+use hangar_core::ServiceRequest;
+use reqwest::header::{HeaderMap, RETRY_AFTER};
+use reqwest::{Method, StatusCode, Url};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::*;
+
+/// A client of one hangar server. Cheap to clone (connections are pooled and shared).
+#[derive(Debug, Clone)]
+pub struct Client {
+    base: Url,
+    http: reqwest::Client,
+}
+
+/// The server URL given to [`Client::new`] is not `http://HOST[:PORT][/PREFIX]`.
+#[derive(Debug, thiserror::Error)]
+#[error("server URL {0:?} is not http://HOST:PORT")]
+pub struct BadUrl(pub String);
+
+/// Why a call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No answer came: the connection was refused, reset or timed out before the server
+    /// answered. The server may be down or restarting; trying again may help.
+    #[error("cannot reach the hangar server at {url}")]
+    Unreachable {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The server answered with an error status and its JSON error body.
+    #[error("{} (HTTP {status})", body.error.message)]
+    Api {
+        status: StatusCode,
+        body: ErrorBody,
+        /// The `Retry-After` header (503 answers): when trying again should succeed.
+        retry_after: Option<Duration>,
+    },
+    /// An answer came but could not be read as the expected type: a body of another shape,
+    /// not JSON, or cut short.
+    #[error("the answer to {method} {path} (HTTP {status}) did not decode")]
+    Decode {
+        method: Method,
+        path: String,
+        status: StatusCode,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl ClientError {
+    /// The HTTP status of an error answer; `None` when no answer came or it did not decode.
+    pub fn status(&self) -> Option<StatusCode> {
+        match self {
+            ClientError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// The JSON error body of an error answer.
+    pub fn body(&self) -> Option<&ErrorBody> {
+        match self {
+            ClientError::Api { body, .. } => Some(body),
+            _ => None,
+        }
+    }
+}
+
+/// An answer with the server's `Server-Timing` header, for routes that report their stages.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Timed<T> {
+    pub value: T,
+    /// `Server-Timing` as sent, e.g. `claim;dur=0.4, resume;dur=2.1, total;dur=2.6` (empty
+    /// when the server sent none).
+    pub server_timing: String,
+}
+
+impl<T> Timed<T> {
+    /// The stages of `Server-Timing` as (name, milliseconds), in order.
+    pub fn stages(&self) -> Vec<(String, f64)> {
+        parse_server_timing(&self.server_timing)
+    }
+}
+
+/// Parses a `Server-Timing` header into (name, milliseconds) pairs; entries without a
+/// `dur` are left out.
+pub fn parse_server_timing(header: &str) -> Vec<(String, f64)> {
+    header
+        .split(',')
+        .filter_map(|entry| {
+            let mut parts = entry.split(';').map(str::trim);
+            let name = parts.next().filter(|name| !name.is_empty())?;
+            let ms = parts
+                .find_map(|p| p.strip_prefix("dur="))
+                .and_then(|v| v.parse().ok())?;
+            Some((name.to_owned(), ms))
+        })
+        .collect()
+}
+
+/// An export being received (`POST /v1/export`): read it chunk by chunk.
+#[derive(Debug)]
+pub struct Download {
+    response: reqwest::Response,
+    path: String,
+}
+
+impl Download {
+    /// The export's size in bytes, when the server sent it.
+    pub fn content_length(&self) -> Option<u64> {
+        self.response.content_length()
+    }
+
+    /// The next chunk of the export; `None` at its end. An answer cut short is
+    /// [`ClientError::Decode`].
+    pub async fn chunk(&mut self) -> Result<Option<Vec<u8>>, ClientError> {
+        let status = self.response.status();
+        self.response
+            .chunk()
+            .await
+            .map(|chunk| chunk.map(|bytes| bytes.to_vec()))
+            .map_err(|err| ClientError::Decode {
+                method: Method::POST,
+                path: self.path.clone(),
+                status,
+                source: Box::new(err),
+            })
+    }
+}
+
+impl Client {
+    /// A client of the server at `base` (`http://HOST:PORT`, optionally with a path prefix).
+    pub fn new(base: &str) -> Result<Client, BadUrl> {
+        Client::with_http(base, reqwest::Client::new())
+    }
+
+    /// Like [`Client::new`], over a configured `reqwest` client (timeouts, pool size).
+    pub fn with_http(base: &str, http: reqwest::Client) -> Result<Client, BadUrl> {
+        let url = Url::parse(base).map_err(|_| BadUrl(base.to_owned()))?;
+        if !matches!(url.scheme(), "http" | "https")
+            || url.host().is_none()
+            || url.cannot_be_a_base()
+        {
+            return Err(BadUrl(base.to_owned()));
+        }
+        Ok(Client { base: url, http })
+    }
+
+    /// The server's URL as given.
+    pub fn base(&self) -> &str {
+        self.base.as_str()
+    }
+
+    /// `GET /healthz`: whether the server answers.
+    pub async fn health(&self) -> Result<Health, ClientError> {
+        self.call(Method::GET, &["healthz"], None::<&()>).await
+    }
+
+    /// `GET /v1/openapi.json`: the OpenAPI document of every route.
+    pub async fn openapi(&self) -> Result<serde_json::Value, ClientError> {
+        self.call(Method::GET, &["v1", "openapi.json"], None::<&()>)
+            .await
+    }
+
+    /// `GET /v1/services`: the catalog's services.
+    pub async fn services(&self) -> Result<Vec<ServiceView>, ClientError> {
+        self.call(Method::GET, &["v1", "services"], None::<&()>)
+            .await
+    }
+
+    /// `POST /v1/requests`: a VM offering the service, once it is ready. Errors: 400
+    /// malformed, 404 no such service (with alternatives), 422 never available, 503 not
+    /// ready within the request's deadline (`retry_after` says when to ask again).
+    pub async fn request(&self, request: &ServiceRequest) -> Result<Timed<GrantView>, ClientError> {
+        self.call_timed(Method::POST, &["v1", "requests"], Some(request))
+            .await
+    }
+
+    /// `GET /v1/vms`: the state table; with `all`, deleted VMs too.
+    pub async fn vms(&self, all: bool) -> Result<Vec<VmView>, ClientError> {
+        let mut url = self.url(&["v1", "vms"]);
+        if all {
+            url.query_pairs_mut().append_pair("all", "true");
+        }
+        let response = self.send(Method::GET, url.clone(), None::<&()>).await?;
+        decode(Method::GET, &url, response).await.map(|(v, _)| v)
+    }
+
+    /// `GET /v1/vms/{id}`: one VM. 404 when there is none of that id.
+    pub async fn vm(&self, id: &str) -> Result<VmView, ClientError> {
+        self.call(Method::GET, &["v1", "vms", id], None::<&()>)
+            .await
+    }
+
+    /// `DELETE /v1/vms/{id}`: ends the VM and removes its disk, sockets and logs; answers the
+    /// VM as deleted. 409 while another operation on it is under way.
+    pub async fn delete_vm(&self, id: &str) -> Result<VmView, ClientError> {
+        self.call(Method::DELETE, &["v1", "vms", id], None::<&()>)
+            .await
+    }
+
+    /// `POST /v1/vms/{id}/sleep`: pauses an active VM in memory. 409 in a state that does
+    /// not allow it.
+    pub async fn sleep(&self, id: &str) -> Result<VmView, ClientError> {
+        self.call(Method::POST, &["v1", "vms", id, "sleep"], None::<&()>)
+            .await
+    }
+
+    /// `POST /v1/vms/{id}/archive`: writes an active or sleeping VM's memory to disk in
+    /// `body.tier` and ends its process. 409 in a state that does not allow it.
+    pub async fn archive(&self, id: &str, body: &ArchiveBody) -> Result<VmView, ClientError> {
+        self.call(Method::POST, &["v1", "vms", id, "archive"], Some(body))
+            .await
+    }
+
+    /// `POST /v1/vms/{id}/wake`: brings a sleeping or archived VM back; answers once it
+    /// runs, with the stages of the wake in `Server-Timing`.
+    pub async fn wake(&self, id: &str) -> Result<Timed<VmView>, ClientError> {
+        self.call_timed(Method::POST, &["v1", "vms", id, "wake"], None::<&()>)
+            .await
+    }
+
+    /// `GET /v1/pools`: the warm pools and what they hold.
+    pub async fn pools(&self) -> Result<Vec<PoolView>, ClientError> {
+        self.call(Method::GET, &["v1", "pools"], None::<&()>).await
+    }
+
+    /// `PUT /v1/pools/{name}`: changes a pool's bounds or ready criterion (kept across
+    /// restarts); fields left out stay as they are. 404 for no such pool or service.
+    pub async fn set_pool(
+        &self,
+        name: &str,
+        body: &PoolBoundsBody,
+    ) -> Result<PoolView, ClientError> {
+        self.call(Method::PUT, &["v1", "pools", name], Some(body))
+            .await
+    }
+
+    /// `GET /v1/templates`: service templates on disk.
+    pub async fn templates(&self) -> Result<Vec<TemplateView>, ClientError> {
+        self.call(Method::GET, &["v1", "templates"], None::<&()>)
+            .await
+    }
+
+    /// `GET /v1/policies`: every service's lifecycle policy and the budgets.
+    pub async fn policies(&self) -> Result<PoliciesView, ClientError> {
+        self.call(Method::GET, &["v1", "policies"], None::<&()>)
+            .await
+    }
+
+    /// `PUT /v1/policies/{service}`: changes a service's policy (kept across restarts).
+    /// 400 for a malformed duration, 404 for no such service.
+    pub async fn set_policy(
+        &self,
+        service: &str,
+        body: &PolicyBody,
+    ) -> Result<PolicyView, ClientError> {
+        self.call(Method::PUT, &["v1", "policies", service], Some(body))
+            .await
+    }
+
+    /// `DELETE /v1/policies/{service}`: back to the catalog's policy.
+    pub async fn reset_policy(&self, service: &str) -> Result<PolicyView, ClientError> {
+        self.call(Method::DELETE, &["v1", "policies", service], None::<&()>)
+            .await
+    }
+
+    /// `GET /v1/tasks`: the latest tasks, newest first.
+    pub async fn tasks(&self) -> Result<Vec<TaskView>, ClientError> {
+        self.call(Method::GET, &["v1", "tasks"], None::<&()>).await
+    }
+
+    /// `GET /v1/tasks/{id}`: one task and its progress. 404 when there is none of that id.
+    pub async fn task(&self, id: &str) -> Result<TaskView, ClientError> {
+        self.call(Method::GET, &["v1", "tasks", id], None::<&()>)
+            .await
+    }
+
+    /// `GET /v1/images`: images of every viable service and environment, and their layers.
+    pub async fn images(&self) -> Result<ImagesView, ClientError> {
+        self.call(Method::GET, &["v1", "images"], None::<&()>).await
+    }
+
+    /// `POST /v1/images`: starts building an image; answers its task (follow it with
+    /// [`Client::task`]). 404 for no such service, 422 for a combination never available.
+    pub async fn build_image(&self, body: &ImageBody) -> Result<BuildView, ClientError> {
+        self.call(Method::POST, &["v1", "images"], Some(body)).await
+    }
+
+    /// `POST /v1/export`: a self-contained tar of a service's image, received with
+    /// [`Download::chunk`]. Errors as for [`Client::build_image`].
+    pub async fn export(&self, body: &ImageBody) -> Result<Download, ClientError> {
+        let url = self.url(&["v1", "export"]);
+        let response = self.send(Method::POST, url.clone(), Some(body)).await?;
+        let response = error_of(&Method::POST, &url, response).await?;
+        Ok(Download {
+            response,
+            path: url.path().to_owned(),
+        })
+    }
+
+    /// `base` with `segments` appended, each percent-encoded.
+    fn url(&self, segments: &[&str]) -> Url {
+        let mut url = self.base.clone();
+        url.path_segments_mut()
+            .expect("checked in Client::new")
+            .pop_if_empty()
+            .extend(segments);
+        url
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        segments: &[&str],
+        body: Option<&impl Serialize>,
+    ) -> Result<T, ClientError> {
+        self.call_timed(method, segments, body)
+            .await
+            .map(|timed| timed.value)
+    }
+
+    async fn call_timed<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        segments: &[&str],
+        body: Option<&impl Serialize>,
+    ) -> Result<Timed<T>, ClientError> {
+        let url = self.url(segments);
+        let response = self.send(method.clone(), url.clone(), body).await?;
+        let (value, headers) = decode(method, &url, response).await?;
+        let server_timing = headers
+            .get("server-timing")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        Ok(Timed {
+            value,
+            server_timing,
+        })
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        url: Url,
+        body: Option<&impl Serialize>,
+    ) -> Result<reqwest::Response, ClientError> {
+        let mut request = self.http.request(method, url);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        request
+            .send()
+            .await
+            .map_err(|source| ClientError::Unreachable {
+                url: self.base.as_str().trim_end_matches('/').to_owned(),
+                source,
+            })
+    }
+}
+
+/// The response itself when it is a success; its error otherwise.
+async fn error_of(
+    method: &Method,
+    url: &Url,
+    response: reqwest::Response,
+) -> Result<reqwest::Response, ClientError> {
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    let retry_after = response
+        .headers()
+        .get(RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+        .map(Duration::from_secs);
+    let decode_error = |source: Box<dyn std::error::Error + Send + Sync>| ClientError::Decode {
+        method: method.clone(),
+        path: url.path().to_owned(),
+        status,
+        source,
+    };
+    let bytes = response
+        .bytes()
+        .await
+        .map_err(|err| decode_error(Box::new(err)))?;
+    let body: ErrorBody =
+        serde_json::from_slice(&bytes).map_err(|err| decode_error(Box::new(err)))?;
+    Err(ClientError::Api {
+        status,
+        body,
+        retry_after,
+    })
+}
+
+/// A success's body as `T` with its headers; an error answer as [`ClientError::Api`].
+async fn decode<T: DeserializeOwned>(
+    method: Method,
+    url: &Url,
+    response: reqwest::Response,
+) -> Result<(T, HeaderMap), ClientError> {
+    let response = error_of(&method, url, response).await?;
+    let status = response.status();
+    let headers = response.headers().clone();
+    let decode_error = |source: Box<dyn std::error::Error + Send + Sync>| ClientError::Decode {
+        method: method.clone(),
+        path: url.path().to_owned(),
+        status,
+        source,
+    };
+    let bytes = response
+        .bytes()
+        .await
+        .map_err(|err| decode_error(Box::new(err)))?;
+    let value = serde_json::from_slice(&bytes).map_err(|err| decode_error(Box::new(err)))?;
+    Ok((value, headers))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_keep_a_prefix_and_encode_segments() {
+        let client = Client::new("http://127.0.0.1:7070").unwrap();
+        assert_eq!(
+            client.url(&["v1", "vms", "a/b c"]).as_str(),
+            "http://127.0.0.1:7070/v1/vms/a%2Fb%20c"
+        );
+        let prefixed = Client::new("http://h:1/hangar/").unwrap();
+        assert_eq!(
+            prefixed.url(&["v1", "tasks"]).as_str(),
+            "http://h:1/hangar/v1/tasks"
+        );
+        for bad in ["127.0.0.1:7070", "ftp://h/", "nonsense", "unix:/run/x"] {
+            assert!(Client::new(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn server_timing_reads_as_named_stages() {
+        let timed = Timed {
+            value: (),
+            server_timing: "claim;dur=0.4, resume;desc=\"x\";dur=2.1, broken, total;dur=2.6".into(),
+        };
+        assert_eq!(
+            timed.stages(),
+            [
+                ("claim".to_owned(), 0.4),
+                ("resume".to_owned(), 2.1),
+                ("total".to_owned(), 2.6)
+            ]
+        );
+    }
+}
