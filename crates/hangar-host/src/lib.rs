@@ -13,7 +13,8 @@
 //!   ports, template directories, console logs, `/proc`.
 //! - [`ready`]: ready criteria, checked from the host.
 //! - [`guest`]: what a guest is told to become (hangar-init's configuration).
-//! - [`images`]: where a host's images come from ([`images::ImageSource`]).
+//! - [`images`]: where a host's images come from ([`images::ImageSource`]): the local
+//!   image cache ([`images::LocalImages`]) and exports.
 //! - [`facts`]: what the machine has (CPUs, memory, disk, load), read from the OS.
 //!
 //! In single-node mode the server holds one [`LocalHost`]; a farm adds remote hosts

@@ -96,7 +96,7 @@ pub(crate) fn write_export(job: ExportJob<'_>) -> Result<ExportInfo, String> {
             })
             .collect::<Result<_, _>>()?;
         layers::flatten(job.cache_dir, &chain, &disk)
-            .map_err(|err| crate::api::error::error_chain(&err))?;
+            .map_err(|err| crate::local::error_chain(&err))?;
     }
 
     let cmdline = hangar_image::kernel_cmdline(hangar_image::host_tsc_khz());

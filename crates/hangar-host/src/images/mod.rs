@@ -1,6 +1,9 @@
-//! Where a host's VM images come from: the seam between the host and its image cache, so
-//! that logic tests run without building real guest assets. [`NoImages`] serves the fake
-//! backend; the server's `LocalImages` builds and caches real ones.
+//! Where a host's VM images come from: [`ImageSource`], the seam between the host and its
+//! image cache, so that logic tests run without building real guest assets.
+//!
+//! - [`cache`]: [`LocalImages`], images built with `hangar-image` and cached on this host.
+//! - [`export`]: a self-contained, bootable export of an image.
+//! - [`NoImages`] serves the fake backend.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -8,6 +11,11 @@ use std::sync::Arc;
 
 use hangar_core::Service;
 use hangar_image::GuestAssets;
+
+pub mod cache;
+pub mod export;
+
+pub use cache::{DEFAULT_MIRROR, LocalImages};
 
 /// Build progress: a stage and a percent of the whole build.
 pub type ProgressFn = Arc<dyn Fn(&str, u8) + Send + Sync>;
