@@ -60,7 +60,8 @@ impl Default for ManagerConfig {
 
 pub struct Manager {
     pub(crate) store: Arc<Store>,
-    /// The host VMs run on (single-node mode: the local host).
+    /// The default host (single-node mode: the local host, the only one). Operations on a
+    /// VM go to the host it was placed on ([`Manager::host_of`]).
     pub(crate) host: Arc<dyn Host>,
     /// The hosts new VMs are placed on.
     pub(crate) scheduler: crate::scheduler::Scheduler,

@@ -321,7 +321,7 @@ impl Manager {
         }
     }
 
-    /// Promotion and eviction, every [`IMAGE_LOOP_INTERVAL`].
+    /// Promotion and eviction, every `IMAGE_LOOP_INTERVAL`.
     pub fn spawn_image_loop(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let manager = self.clone();
         tokio::spawn(async move {

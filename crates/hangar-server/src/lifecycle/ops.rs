@@ -98,7 +98,7 @@ impl Manager {
         }
         // From here a connection to its endpoint wakes it (once this sleep is done).
         self.set_endpoints_active(id, false).await;
-        if let Err(err) = self.host.sleep(id).await {
+        if let Err(err) = self.host_of(&vm).sleep(id).await {
             self.set_endpoints_active(id, true).await;
             return Err(LifecycleError::Pause {
                 id: id.to_owned(),
@@ -143,7 +143,7 @@ impl Manager {
         if was_active {
             self.set_endpoints_active(id, false).await;
         }
-        let info = match self.host.archive(id, tier).await {
+        let info = match self.host_of(&vm).archive(id, tier).await {
             Ok(info) => info,
             Err(err) => {
                 if was_active {
@@ -192,7 +192,7 @@ impl Manager {
                 });
             }
         };
-        let woken = match self.host.wake(id, &from).await {
+        let woken = match self.host_of(&vm).wake(id, &from).await {
             Ok(woken) => woken,
             Err(HostError::NotReady(reason)) => {
                 // The VM runs but does not serve: leave it running for inspection, marked

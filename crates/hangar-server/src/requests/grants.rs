@@ -107,7 +107,7 @@ impl Manager {
             size: (vm.vcpus, vm.memory_mib),
         };
         let handed = self
-            .host
+            .host_of(vm)
             .hand_out(&vm.id, &how)
             .await
             .map_err(|err| error_chain(&err))?;
@@ -134,7 +134,7 @@ impl Manager {
             env: request.env.clone(),
         };
         let booted = self
-            .host
+            .host_of(vm)
             .boot_shell(&vm.id, &LaunchRecord(vm.spec.clone()), &plan)
             .await
             .map_err(|err| error_chain(&err))?;

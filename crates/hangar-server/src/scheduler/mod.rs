@@ -106,6 +106,15 @@ impl Scheduler {
 }
 
 impl Manager {
+    /// The host `vm` runs on (the one recorded when it was placed); the default host for a
+    /// VM recorded on a host this server does not know.
+    pub(crate) fn host_of(&self, vm: &VmRecord) -> Arc<dyn Host> {
+        self.scheduler.host(&vm.host).unwrap_or_else(|| {
+            tracing::warn!(vm = %vm.id, host = %vm.host, "vm on an unknown host; using the default");
+            self.host.clone()
+        })
+    }
+
     /// The host that makes the VM `plan` describes.
     pub(crate) async fn place(&self, plan: &VmPlan) -> Result<Arc<dyn Host>, PlacementError> {
         let vms = self.store.vms(false).map_err(PlacementError::Store)?;

@@ -1,7 +1,7 @@
 //! Tasks: long operations (making a VM, building an image or a template) recorded in the
 //! store with their stage and percent, and the outcome the requests waiting on them read.
 //!
-//! [`Tasks`] keeps the records and the outcomes; [`Manager::start_create`] runs a creation
+//! [`Tasks`] keeps the records and the outcomes; `Manager::start_create` runs a creation
 //! as a task.
 
 use std::collections::HashMap;
