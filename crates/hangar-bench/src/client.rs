@@ -149,19 +149,24 @@ impl Client {
     }
 }
 
-/// An error answer of the API as a client error.
+/// An error answer of the API (its JSON error body) as an error; a body that is not one is
+/// quoted.
 fn api_error(status: reqwest::StatusCode, bytes: &[u8]) -> BenchError {
-    {
-        let body: serde_json::Value = serde_json::from_slice(bytes).unwrap_or_default();
-        let error = &body["error"];
-        let message = error["message"]
-            .as_str()
-            .map(str::to_owned)
-            .unwrap_or_else(|| format!("HTTP {status}: {}", String::from_utf8_lossy(bytes)));
-        BenchError::Api {
-            status: status.as_u16(),
-            message,
-        }
+    let message = match serde_json::from_slice::<hangar_api::ErrorBody>(bytes) {
+        Ok(body) => body.error.message,
+        Err(_) => format!("HTTP {status}: {}", String::from_utf8_lossy(bytes)),
+    };
+    BenchError::Api {
+        status: status.as_u16(),
+        message,
+    }
+}
+
+/// How a wire enum (a match kind, a state) is spelled in JSON.
+pub fn wire_name(value: &impl serde::Serialize) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(name)) => name,
+        other => format!("{other:?}"),
     }
 }
 

@@ -15,6 +15,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use hangar_api::GrantView;
 use hangar_forward::{EndpointSpec, Reply, Request};
 use serde::Serialize;
 
@@ -331,20 +332,21 @@ async fn guest(args: &EndpointsBench) -> Result<(PathPair, Wakes), BenchError> {
     })
     .map_err(BenchError::Reply)?;
     let client = Client::new(&server.url);
-    let grant: serde_json::Value = client
+    let grant: GrantView = client
         .post(
             "/v1/requests",
             &serde_json::json!({ "service": "bench-http", "mode": "dedicated" }),
         )
         .await?;
-    let addr = |key: &str| -> Result<SocketAddr, BenchError> {
-        grant[key]
-            .as_str()
-            .and_then(|a| a.parse().ok())
-            .ok_or_else(|| BenchError::Reply(format!("no {key} in {grant}")))
+    let addr = |key: &str, addr: &str| -> Result<SocketAddr, BenchError> {
+        addr.parse()
+            .map_err(|_| BenchError::Reply(format!("no {key} in {grant:?}")))
     };
-    let (endpoint, direct) = (addr("endpoint")?, addr("direct_endpoint")?);
-    let vm = grant["vm"].as_str().unwrap_or_default().to_owned();
+    let (endpoint, direct) = (
+        addr("endpoint", &grant.endpoint)?,
+        addr("direct_endpoint", &grant.direct_endpoint)?,
+    );
+    let vm = grant.vm.clone();
     tokio::time::sleep(Duration::from_secs(1)).await;
     eprintln!(
         "guest {vm}: {} small requests per path...",

@@ -8,7 +8,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use hangar_api::{GrantView, Served, TemplateView, VmView};
 use serde::Serialize;
+use serde::de::IgnoredAny;
 
 use crate::client::{BenchError, Client};
 use crate::endpoints::first_byte;
@@ -81,7 +83,7 @@ fn median_ms(samples: &mut [Duration]) -> f64 {
 /// Puts the VM to rest: asleep (`tier` None) or archived in `tier`. Returns the archive's
 /// size.
 async fn rest(client: &Client, vm: &str, tier: Option<&str>) -> Result<Option<u64>, BenchError> {
-    let view: serde_json::Value = match tier {
+    let view: VmView = match tier {
         None => {
             client
                 .post(&format!("/v1/vms/{vm}/sleep"), &serde_json::json!({}))
@@ -96,17 +98,15 @@ async fn rest(client: &Client, vm: &str, tier: Option<&str>) -> Result<Option<u6
                 .await?
         }
     };
+    let archived_as = view.archive.as_ref().map(|a| a.tier.as_str());
     if let Some(tier) = tier
-        && view["archive"]["tier"] != tier
+        && archived_as != Some(tier)
     {
-        return Err(reply(format!(
-            "archived as {}, not {tier}",
-            view["archive"]["tier"]
-        )));
+        return Err(reply(format!("archived as {archived_as:?}, not {tier}")));
     }
     // Let the server finish with the VM before anything asks for it.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    Ok(view["archive"]["size_bytes"].as_u64())
+    Ok(view.archive.map(|a| a.size_bytes))
 }
 
 fn reply(err: impl std::fmt::Display) -> BenchError {
@@ -114,12 +114,9 @@ fn reply(err: impl std::fmt::Display) -> BenchError {
 }
 
 /// Request → the endpoint's first byte; the grant.
-async fn timed_grant(
-    client: &Client,
-    service: &str,
-) -> Result<(Duration, serde_json::Value), BenchError> {
+async fn timed_grant(client: &Client, service: &str) -> Result<(Duration, GrantView), BenchError> {
     let started = Instant::now();
-    let grant: serde_json::Value = client
+    let grant: GrantView = client
         .post(
             "/v1/requests",
             &serde_json::json!({ "service": service, "mode": "dedicated" }),
@@ -130,11 +127,11 @@ async fn timed_grant(
     Ok((started.elapsed(), grant))
 }
 
-fn endpoint_of(grant: &serde_json::Value) -> Result<SocketAddr, BenchError> {
-    grant["endpoint"]
-        .as_str()
-        .and_then(|e| e.parse().ok())
-        .ok_or_else(|| reply(format!("no endpoint in {grant}")))
+fn endpoint_of(grant: &GrantView) -> Result<SocketAddr, BenchError> {
+    grant
+        .endpoint
+        .parse()
+        .map_err(|_| reply(format!("no endpoint in {grant:?}")))
 }
 
 pub async fn run(args: LifecycleBench) -> Result<(), BenchError> {
@@ -157,18 +154,13 @@ pub async fn run(args: LifecycleBench) -> Result<(), BenchError> {
     let mut memory_mib = 0;
     for i in 0..args.samples.min(3) {
         let (took, grant) = timed_grant(&client, &args.service).await?;
-        if grant["match"] != "created" {
-            return Err(reply(format!("expected a boot, got {}", grant["match"])));
+        if grant.served != Served::Created {
+            return Err(reply(format!("expected a boot, got {:?}", grant.served)));
         }
-        memory_mib = grant["memory_mib"].as_u64().unwrap_or(0);
+        memory_mib = u64::from(grant.memory_mib);
         eprintln!("  cold boot {}: {:.0} ms", i + 1, took.as_secs_f64() * 1e3);
         cold.push(took);
-        let _: serde_json::Value = client
-            .delete(&format!(
-                "/v1/vms/{}",
-                grant["vm"].as_str().unwrap_or_default()
-            ))
-            .await?;
+        let _: IgnoredAny = client.delete(&format!("/v1/vms/{}", grant.vm)).await?;
     }
     drop(server);
 
@@ -179,11 +171,10 @@ pub async fn run(args: LifecycleBench) -> Result<(), BenchError> {
     let (_, first) = timed_grant(&client, &args.service).await?;
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
-        let templates: serde_json::Value = client.get("/v1/templates").await?;
-        let ready =
-            templates.as_array().into_iter().flatten().any(|t| {
-                t["service"] == args.service.as_str() && t["current"].as_bool() == Some(true)
-            });
+        let templates: Vec<TemplateView> = client.get("/v1/templates").await?;
+        let ready = templates
+            .iter()
+            .any(|t| t.service == args.service && t.current);
         if ready {
             break;
         }
@@ -194,32 +185,22 @@ pub async fn run(args: LifecycleBench) -> Result<(), BenchError> {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let _: serde_json::Value = client
-        .delete(&format!(
-            "/v1/vms/{}",
-            first["vm"].as_str().unwrap_or_default()
-        ))
-        .await?;
+    let _: IgnoredAny = client.delete(&format!("/v1/vms/{}", first.vm)).await?;
     let mut cloned = Vec::new();
     let mut vm = String::new();
     let mut endpoint = None;
     for i in 0..args.samples {
         let (took, grant) = timed_grant(&client, &args.service).await?;
-        if grant["match"] != "cloned" {
-            return Err(reply(format!("expected a clone, got {}", grant["match"])));
+        if grant.served != Served::Cloned {
+            return Err(reply(format!("expected a clone, got {:?}", grant.served)));
         }
         eprintln!("  clone {}: {:.0} ms", i + 1, took.as_secs_f64() * 1e3);
         cloned.push(took);
         if i + 1 < args.samples {
-            let _: serde_json::Value = client
-                .delete(&format!(
-                    "/v1/vms/{}",
-                    grant["vm"].as_str().unwrap_or_default()
-                ))
-                .await?;
+            let _: IgnoredAny = client.delete(&format!("/v1/vms/{}", grant.vm)).await?;
         } else {
-            vm = grant["vm"].as_str().unwrap_or_default().to_owned();
             endpoint = Some(endpoint_of(&grant)?);
+            vm = grant.vm;
         }
     }
     let endpoint = endpoint.expect("at least one sample");

@@ -4,6 +4,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use hangar_api::{GrantView, Served, VmView};
+use hangar_core::VmState;
 use serde::Serialize;
 
 use crate::client::{BenchError, Client};
@@ -104,13 +106,11 @@ pub async fn paused_pool_memory(
     server: &BenchServer,
     pool: &str,
 ) -> Result<Vec<(u64, u64)>, BenchError> {
-    let vms: serde_json::Value = server.client.get("/v1/vms").await?;
+    let vms: Vec<VmView> = server.client.get("/v1/vms").await?;
     Ok(vms
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|vm| vm["state"] == "ready" && vm["pool"] == pool)
-        .filter_map(|vm| rss_pss_kib(u32::try_from(vm["pid"].as_u64()?).ok()?))
+        .iter()
+        .filter(|vm| vm.state == VmState::Ready && vm.pool.as_deref() == Some(pool))
+        .filter_map(|vm| rss_pss_kib(vm.pid?))
         .collect())
 }
 
@@ -146,11 +146,11 @@ pub async fn shared_throughput(
             let mut latencies = Vec::new();
             while started.elapsed() < duration {
                 let sent = Instant::now();
-                let answer: serde_json::Value = client.post("/v1/requests", &body).await?;
+                let answer: GrantView = client.post("/v1/requests", &body).await?;
                 latencies.push(sent.elapsed());
-                if answer["match"] != "shared" || answer["vm"] != vm.as_str() {
+                if answer.served != Served::Shared || answer.vm != vm {
                     return Err(BenchError::Reply(format!(
-                        "expected the shared VM {vm}, got {answer}"
+                        "expected the shared VM {vm}, got {answer:?}"
                     )));
                 }
             }
@@ -192,8 +192,8 @@ pub async fn archive_and_wake(
         }
         Err(err) => return Err(err),
     };
-    let size = answer["archive"]["size_bytes"].as_u64();
-    if answer["archive"]["tier"] != tier {
+    let size = answer.archive.as_ref().map(|a| a.size_bytes);
+    if answer.archive.as_ref().map(|a| a.tier.as_str()) != Some(tier) {
         // Written in another tier (a delta needs a VM cloned from a template): not this
         // tier's figure. Woken again, for what comes next.
         server

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::client::{BenchError, Client};
+use hangar_api::{GrantView, PoolView, VmView};
+
+use crate::client::{BenchError, Client, wire_name};
 
 /// How the benchmark's server is started.
 #[derive(Debug, Clone)]
@@ -187,12 +189,10 @@ impl BenchServer {
     pub async fn wait_pool_full(&self, pool: &str, size: u32) -> Result<(), BenchError> {
         let deadline = Instant::now() + Duration::from_secs(300);
         loop {
-            let pools: serde_json::Value = self.client.get("/v1/pools").await?;
-            let full = pools.as_array().into_iter().flatten().any(|p| {
-                p["name"] == pool
-                    && p["ready"].as_u64() >= Some(u64::from(size))
-                    && p["booting"].as_u64() == Some(0)
-            });
+            let pools: Vec<PoolView> = self.client.get("/v1/pools").await?;
+            let full = pools
+                .iter()
+                .any(|p| p.name == pool && p.ready >= size && p.booting == 0);
             if full {
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 return Ok(());
@@ -207,7 +207,7 @@ impl BenchServer {
     }
 
     pub async fn delete_vm(&self, vm: &str) -> Result<(), BenchError> {
-        let _: serde_json::Value = self.client.delete(&format!("/v1/vms/{vm}")).await?;
+        let _: serde::de::IgnoredAny = self.client.delete(&format!("/v1/vms/{vm}")).await?;
         Ok(())
     }
 
@@ -222,7 +222,7 @@ impl BenchServer {
             "mode": if dedicated { "dedicated" } else { "shared" },
         });
         let started = Instant::now();
-        let (grant, timing): (serde_json::Value, String) =
+        let (grant, timing): (GrantView, String) =
             self.client.post_timed("/v1/requests", &body).await?;
         let api = started.elapsed();
         let endpoint = endpoint_of(&grant)?;
@@ -232,8 +232,8 @@ impl BenchServer {
         Ok(Sample {
             total: started.elapsed(),
             api,
-            vm: grant["vm"].as_str().unwrap_or_default().to_owned(),
-            served: grant["match"].as_str().unwrap_or_default().to_owned(),
+            served: wire_name(&grant.served),
+            vm: grant.vm,
             endpoint,
             stages: parse_server_timing(&timing),
         })
@@ -248,9 +248,9 @@ impl BenchServer {
         action: &str,
         body: &serde_json::Value,
         endpoint: Option<SocketAddr>,
-    ) -> Result<(Duration, serde_json::Value), BenchError> {
+    ) -> Result<(Duration, VmView), BenchError> {
         let started = Instant::now();
-        let answer: serde_json::Value = self
+        let answer: VmView = self
             .client
             .post(&format!("/v1/vms/{vm}/{action}"), body)
             .await?;
@@ -277,11 +277,11 @@ pub struct Sample {
     pub stages: Vec<(String, Duration)>,
 }
 
-fn endpoint_of(grant: &serde_json::Value) -> Result<SocketAddr, BenchError> {
-    grant["endpoint"]
-        .as_str()
-        .and_then(|e| e.parse().ok())
-        .ok_or_else(|| BenchError::Reply(format!("no endpoint in {grant}")))
+fn endpoint_of(grant: &GrantView) -> Result<SocketAddr, BenchError> {
+    grant
+        .endpoint
+        .parse()
+        .map_err(|_| BenchError::Reply(format!("no endpoint in {grant:?}")))
 }
 
 /// `name;dur=MS, ...` → (name, duration) pairs.
