@@ -27,7 +27,6 @@ use std::time::Duration;
 
 use hangar_core::Catalog;
 use hangar_image::AssetSources;
-use hangar_store::Store;
 use hangar_vmm::Accel;
 use hangar_vmm::qemu::{QemuBackend, QemuConfig};
 
@@ -40,6 +39,7 @@ pub mod pools;
 pub mod reconcile;
 pub mod requests;
 pub mod scheduler;
+mod store_wait;
 pub mod tasks;
 pub mod templates;
 
@@ -80,6 +80,9 @@ pub struct ServerConfig {
     pub debian_mirror: String,
     /// Most disk cached image layers may take, in MiB.
     pub image_budget_mib: u64,
+    /// Where the state lives: a `postgres://` URL or a SQLite file; `None`: `hangar.db`
+    /// in the data directory.
+    pub store: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -186,15 +189,39 @@ pub async fn run(
         .map_err(|_| ServerError::Locked(data_dir.display().to_string()))?;
 
     let catalog = Arc::new(load_catalog(config.catalog.as_deref())?);
-    let store = Arc::new(
-        Store::open(&data_dir.join("hangar.db"))
-            .map_err(|err| ServerError::Store(error::error_chain(&err)))?,
-    );
+    let store_location = match &config.store {
+        Some(location) => location.clone(),
+        None => data_dir.join("hangar.db").display().to_string(),
+    };
+    let store = hangar_store::open(&store_location)
+        .await
+        .map_err(|err| ServerError::Store(error::error_chain(&err)))?;
 
     let vms_dir = data_dir.join("vms");
     let qemu_config = QemuConfig::new(vms_dir.clone(), config.accel);
     let qemu_version = check_qemu(&qemu_config)?;
     tracing::info!(qemu = %qemu_version, accel = %qemu_config.accel, requested = %config.accel, "hypervisor");
+    tracing::info!(
+        backend = if hangar_store::is_postgres_url(&store_location) {
+            "postgresql"
+        } else {
+            "sqlite"
+        },
+        "store"
+    );
+    store
+        .upsert_host(&hangar_store::HostRecord {
+            name: manager::LOCAL_HOST.to_owned(),
+            address: config.listen.to_string(),
+            state: hangar_store::HostState::Up,
+            facts: serde_json::json!({
+                "qemu": qemu_version.to_string(),
+                "accel": qemu_config.accel.to_string(),
+            }),
+            last_heartbeat_ms: hangar_store::now_ms(),
+        })
+        .await
+        .map_err(|err| ServerError::Store(error::error_chain(&err)))?;
 
     let images = Arc::new(images::LocalImages::new(
         data_dir.join("cache"),

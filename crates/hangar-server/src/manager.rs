@@ -59,7 +59,7 @@ impl Default for ManagerConfig {
 }
 
 pub struct Manager {
-    pub(crate) store: Arc<Store>,
+    pub(crate) store: Arc<dyn Store>,
     /// The default host (single-node mode: the local host, the only one). Operations on a
     /// VM go to the host it was placed on ([`Manager::host_of`]).
     pub(crate) host: Arc<dyn Host>,
@@ -99,7 +99,7 @@ pub struct ReconcileReport {
 
 impl Manager {
     pub fn new(
-        store: Arc<Store>,
+        store: Arc<dyn Store>,
         host: Arc<dyn Host>,
         images: Arc<dyn ImageSource>,
         catalog: Arc<Catalog>,
@@ -134,7 +134,7 @@ impl Manager {
         &self.catalog
     }
 
-    pub fn store(&self) -> &Store {
-        &self.store
+    pub fn store(&self) -> &dyn Store {
+        self.store.as_ref()
     }
 }

@@ -13,7 +13,7 @@ use crate::manager::{Manager, ManagerConfig};
 
 /// A manager on `store` and `backend` for `catalog` (TOML), with no image layers.
 pub(crate) fn manager_on(
-    store: Arc<Store>,
+    store: Arc<dyn Store>,
     backend: FakeBackend,
     catalog: &str,
     config: ManagerConfig,
@@ -23,7 +23,7 @@ pub(crate) fn manager_on(
 
 /// [`manager_on`], with the local host configured as `host`.
 pub(crate) fn manager_on_host(
-    store: Arc<Store>,
+    store: Arc<dyn Store>,
     backend: FakeBackend,
     catalog: &str,
     config: ManagerConfig,
@@ -34,7 +34,7 @@ pub(crate) fn manager_on_host(
 
 /// A manager whose local host runs `backend` with `images`.
 pub(crate) fn manager_with_images(
-    store: Arc<Store>,
+    store: Arc<dyn Store>,
     backend: FakeBackend,
     images: Arc<dyn crate::images::ImageSource>,
     catalog: &str,
@@ -55,8 +55,8 @@ pub(crate) fn manager_with_images(
 pub(crate) fn fake_manager(
     catalog: &str,
     config: ManagerConfig,
-) -> (Arc<Manager>, FakeBackend, Arc<Store>) {
-    let store = Arc::new(Store::open_in_memory().expect("in-memory store"));
+) -> (Arc<Manager>, FakeBackend, Arc<dyn Store>) {
+    let store = Arc::new(hangar_store::SqliteStore::open_in_memory().expect("in-memory store"));
     let backend = FakeBackend::new();
     let manager = manager_on(store.clone(), backend.clone(), catalog, config);
     (manager, backend, store)

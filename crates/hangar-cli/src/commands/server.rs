@@ -56,6 +56,10 @@ pub struct ServerArgs {
     /// layers no VM uses are evicted.
     #[arg(long, default_value_t = 20480, env = "HANGAR_IMAGE_BUDGET")]
     image_budget: u64,
+    /// Where the server keeps its state: a PostgreSQL URL (`postgres://user@host/db`) or
+    /// a SQLite file [default: hangar.db in the data directory].
+    #[arg(long, value_name = "URL|PATH", env = "HANGAR_STORE")]
+    store: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -103,6 +107,7 @@ pub async fn run(args: ServerArgs) -> ExitCode {
         forwarder_command: Some(forwarder_command),
         debian_mirror: args.debian_mirror,
         image_budget_mib: args.image_budget,
+        store: args.store,
     };
     match hangar_server::run(config, shutdown_signal()).await {
         Ok(()) => {

@@ -112,12 +112,18 @@ impl RequestHandler for Arc<Manager> {
         let manager = self;
         Ok(match command {
             Command::Request(request) => Reply::Grant(Box::new(manager.request(request).await?)),
-            Command::ListVms { all } => Reply::Vms(manager.store().vms(all)?),
+            Command::ListVms { all } => Reply::Vms(manager.store().vms(all).await?),
             Command::GetVm(id) => {
-                Reply::Vm(manager.store().vm(&id)?.ok_or_else(|| ApiError::NotFound {
-                    message: format!("no VM {id}"),
-                    alternatives: Vec::new(),
-                })?)
+                Reply::Vm(
+                    manager
+                        .store()
+                        .vm(&id)
+                        .await?
+                        .ok_or_else(|| ApiError::NotFound {
+                            message: format!("no VM {id}"),
+                            alternatives: Vec::new(),
+                        })?,
+                )
             }
             Command::DeleteVm(id) => Reply::Vm(manager.delete(&id).await?),
             Command::SleepVm(id) => Reply::Vm(manager.sleep(&id).await?),
@@ -139,18 +145,13 @@ impl RequestHandler for Arc<Manager> {
                 Reply::Policy(manager.set_policy(&service, &change)?)
             }
             Command::ResetPolicy(service) => Reply::Policy(manager.reset_policy(&service)?),
-            Command::ListTasks { limit } => Reply::Tasks(manager.store().tasks(limit)?),
-            Command::GetTask(id) => {
-                Reply::Task(
-                    manager
-                        .store()
-                        .task(&id)?
-                        .ok_or_else(|| ApiError::NotFound {
-                            message: format!("no task {id}"),
-                            alternatives: Vec::new(),
-                        })?,
-                )
-            }
+            Command::ListTasks { limit } => Reply::Tasks(manager.store().tasks(limit).await?),
+            Command::GetTask(id) => Reply::Task(manager.store().task(&id).await?.ok_or_else(
+                || ApiError::NotFound {
+                    message: format!("no task {id}"),
+                    alternatives: Vec::new(),
+                },
+            )?),
             Command::ListImages => Reply::Images(manager.images()?),
             Command::BuildImage(request) => Reply::Building(manager.build_image(&request)?),
             Command::ExportImage(request) => {

@@ -70,7 +70,7 @@ impl ApiError {
 impl From<hangar_store::StoreError> for ApiError {
     fn from(err: hangar_store::StoreError) -> ApiError {
         match err {
-            hangar_store::StoreError::Transition(err) => ApiError::Conflict(err.to_string()),
+            hangar_store::StoreError::Conflict(err) => ApiError::Conflict(err.to_string()),
             other => ApiError::Internal(format!("store: {}", error_chain(&other))),
         }
     }

@@ -12,6 +12,7 @@
 //! Activity: the monitor loop polls the forwarder's per-VM connection activity and hands
 //! each VM's latest activity to [`Manager::note_endpoint_use`].
 
+use crate::store_wait::Wait;
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsString;
 use std::net::SocketAddr;
@@ -150,7 +151,7 @@ pub fn desired_endpoints(vms: &[VmRecord]) -> Vec<EndpointSpec> {
 
 impl Manager {
     fn desired_from_store(&self) -> Vec<EndpointSpec> {
-        match self.store.vms(false) {
+        match self.store.vms(false).wait() {
             Ok(vms) => desired_endpoints(&vms),
             Err(err) => {
                 tracing::warn!(error = %error_chain(&err), "cannot read vms for the forwarder");
@@ -293,7 +294,7 @@ impl Manager {
     /// A client used VM `vm_id` through its endpoint at `at_ms` (a connection opened,
     /// closed or moved bytes): the one place endpoint activity enters the VM's record.
     pub fn note_endpoint_use(&self, vm_id: &str, at_ms: u64) {
-        if let Err(err) = self.store.set_last_used(vm_id, at_ms) {
+        if let Err(err) = self.store.set_last_used(vm_id, at_ms).wait() {
             tracing::debug!(vm = %vm_id, error = %error_chain(&err), "cannot record endpoint use");
         }
     }

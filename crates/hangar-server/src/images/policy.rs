@@ -3,6 +3,7 @@
 //! and kept) and eviction of the least recently used layers under a disk budget, never
 //! while a VM uses them (seed 000).
 
+use crate::store_wait::Wait;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -80,7 +81,7 @@ impl Manager {
     /// Layer hash → the VMs (not deleted, not failed) that have it as a disk.
     fn layer_users(&self) -> Result<BTreeMap<String, Vec<String>>, ApiError> {
         let mut users: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for vm in self.store.vms(false)? {
+        for vm in self.store.vms(false).wait()? {
             if matches!(vm.state, VmState::Deleted | VmState::Failed) {
                 continue;
             }
@@ -185,18 +186,20 @@ impl Manager {
         }
         let task = TaskId::generate().to_string();
         let now = now_ms();
-        self.store.insert_task(&TaskRecord {
-            id: task.clone(),
-            kind: "build_image".into(),
-            service: Some(service.name.clone()),
-            vm_id: None,
-            state: TaskState::Running,
-            stage: "queued".into(),
-            percent: 0,
-            error: None,
-            created_at_ms: now,
-            updated_at_ms: now,
-        })?;
+        self.store
+            .insert_task(&TaskRecord {
+                id: task.clone(),
+                kind: "build_image".into(),
+                service: Some(service.name.clone()),
+                vm_id: None,
+                state: TaskState::Running,
+                stage: "queued".into(),
+                percent: 0,
+                error: None,
+                created_at_ms: now,
+                updated_at_ms: now,
+            })
+            .wait()?;
         building.insert(name.clone(), task.clone());
         drop(building);
         let manager = self.clone();
@@ -217,7 +220,11 @@ impl Manager {
                 .lock()
                 .expect("building lock")
                 .remove(&name);
-            if let Err(err) = manager.store.update_task(&id, state, stage, 100, error) {
+            if let Err(err) = manager
+                .store
+                .update_task(&id, state, stage, 100, error)
+                .await
+            {
                 tracing::warn!(task = %id, error = %err, "cannot record build outcome");
             }
             manager.evict_images().await;

@@ -10,7 +10,7 @@ use std::time::Duration;
 use hangar_core::{Mode, Service, ServiceRequest};
 use hangar_image::GuestAssets;
 use hangar_image::layers::{Layer, LayerInfo};
-use hangar_store::{Store, TaskState, now_ms};
+use hangar_store::{TaskState, now_ms};
 use hangar_vmm::fake::FakeBackend;
 
 use crate::images::{ImageSource, NoImages, ProgressFn, RootImage};
@@ -171,7 +171,7 @@ fn setup(budget_mib: u64) -> (Arc<Manager>, Arc<FakeLayers>) {
         builds: AtomicU32::new(0),
     });
     let manager = crate::test_support::manager_with_images(
-        Arc::new(Store::open_in_memory().unwrap()),
+        Arc::new(hangar_store::SqliteStore::open_in_memory().unwrap()),
         FakeBackend::new(),
         layers.clone(),
         CATALOG,
@@ -195,7 +195,7 @@ fn request(service: &str) -> ServiceRequest {
 async fn build(manager: &Arc<Manager>, service: &str) {
     let task = manager.build_image(&request(service)).unwrap();
     for _ in 0..200 {
-        let record = manager.store().task(&task).unwrap().unwrap();
+        let record = manager.store().task(&task).await.unwrap().unwrap();
         if record.state != TaskState::Running {
             assert_eq!(record.state, TaskState::Succeeded, "{record:?}");
             return;

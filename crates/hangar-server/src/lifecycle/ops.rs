@@ -3,6 +3,7 @@
 //! identity (and, restored from an archive, its ready criterion checked). One operation at
 //! a time per VM.
 
+use crate::store_wait::Wait;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
@@ -61,7 +62,8 @@ pub enum LifecycleError {
 impl Manager {
     fn vm_or_404(&self, id: &str) -> Result<VmRecord, LifecycleError> {
         self.store
-            .vm(id)?
+            .vm(id)
+            .wait()?
             .filter(|vm| vm.state != VmState::Deleted)
             .ok_or_else(|| LifecycleError::NoVm(id.to_owned()))
     }
@@ -105,7 +107,7 @@ impl Manager {
                 source: err,
             });
         }
-        let vm = self.store.transition(id, VmState::Sleeping, None)?;
+        let vm = self.store.transition(id, VmState::Sleeping, None).await?;
         tracing::info!(vm = %id, "vm sleeping");
         Ok(vm)
     }
@@ -152,7 +154,7 @@ impl Manager {
                 return Err(LifecycleError::Host(err));
             }
         };
-        let vm = self.store.transition(id, VmState::Archived, None)?;
+        let vm = self.store.transition(id, VmState::Archived, None).await?;
         tracing::info!(vm = %id, tier = %tier, size = info.size_bytes, took_ms = info.took_ms, "vm archived");
         Ok((vm, info))
     }
@@ -203,7 +205,8 @@ impl Manager {
                 };
                 let _ = self
                     .store
-                    .transition(id, VmState::Failed, Some(&err.to_string()));
+                    .transition(id, VmState::Failed, Some(&err.to_string()))
+                    .await;
                 return Err(err);
             }
             Err(err) if vm.state == VmState::Sleeping => {
@@ -215,10 +218,10 @@ impl Manager {
             Err(err) => return Err(LifecycleError::Host(err)),
         };
         if vm.state == VmState::Archived {
-            self.store.set_launch(id, woken.process, &vm.spec)?;
+            self.store.set_launch(id, woken.process, &vm.spec).await?;
         }
-        let vm = self.store.transition(id, VmState::Active, None)?;
-        self.store.touch(id)?;
+        let vm = self.store.transition(id, VmState::Active, None).await?;
+        self.store.touch(id).await?;
         self.set_endpoints_active(id, true).await;
         tracing::info!(vm = %id, timing = %woken.stages.header(started.elapsed()), "vm woke");
         Ok((vm, woken.stages))
@@ -259,7 +262,12 @@ impl Manager {
                     .flatten();
                 match adopted {
                     Some(_) => {
-                        if self.store.transition(&vm.id, VmState::Active, None).is_ok() {
+                        if self
+                            .store
+                            .transition(&vm.id, VmState::Active, None)
+                            .await
+                            .is_ok()
+                        {
                             live.insert(vm.id.clone());
                             report.adopted.push(vm.id.clone());
                         }
@@ -286,7 +294,8 @@ impl Manager {
     pub async fn delete(&self, id: &str) -> Result<VmRecord, LifecycleError> {
         let vm = self
             .store
-            .vm(id)?
+            .vm(id)
+            .await?
             .ok_or_else(|| LifecycleError::NoVm(id.to_owned()))?;
         match vm.state {
             VmState::Deleted => return Ok(vm),
@@ -300,7 +309,7 @@ impl Manager {
             | VmState::Failed => {}
         }
         self.tear_down(id).await?;
-        let vm = self.store.transition(id, VmState::Deleted, None)?;
+        let vm = self.store.transition(id, VmState::Deleted, None).await?;
         tracing::info!(vm = %id, "vm deleted");
         Ok(vm)
     }

@@ -8,6 +8,7 @@
 //! images) are deleted. Each action is applied under the VM's operation lock and only if the
 //! VM is still as the decision saw it (same state, not used since).
 
+use crate::store_wait::Wait;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -99,14 +100,15 @@ impl Manager {
     pub fn note_use(&self, vm_id: &str) -> Result<(), ApiError> {
         self.store
             .set_last_used(vm_id, now_ms())
+            .wait()
             .map_err(|err| match err {
-                hangar_store::StoreError::NoVm(_) => ApiError::NotFound {
+                hangar_store::StoreError::NotFound { .. } => ApiError::NotFound {
                     message: format!("no VM {vm_id}"),
                     alternatives: Vec::new(),
                 },
                 other => other.into(),
             })?;
-        if let Some(vm) = self.store.vm(vm_id)? {
+        if let Some(vm) = self.store.vm(vm_id).wait()? {
             for service in &vm.services {
                 self.record_service_demand(service);
             }
@@ -139,7 +141,7 @@ impl Manager {
 
     /// Every service's effective policy: set at run time, else the catalog's.
     pub fn policies(&self) -> Result<BTreeMap<String, (Policy, PolicySource)>, ApiError> {
-        let stored = self.store.policies()?;
+        let stored = self.store.policies().wait()?;
         Ok(self
             .catalog
             .services()
@@ -178,7 +180,7 @@ impl Manager {
         let policy = change.apply(current);
         policy.check().map_err(ApiError::BadRequest)?;
         let json = serde_json::to_string(&policy).map_err(ApiError::internal)?;
-        self.store.set_policy(service, Some(&json))?;
+        self.store.set_policy(service, Some(&json)).wait()?;
         tracing::info!(service, policy = %json, "policy set");
         self.lifecycle.nudge();
         self.policy_view(service)
@@ -187,7 +189,7 @@ impl Manager {
     /// Goes back to the catalog's policy for a service.
     pub fn reset_policy(&self, service: &str) -> Result<PolicyView, ApiError> {
         self.known_service(service)?;
-        self.store.set_policy(service, None)?;
+        self.store.set_policy(service, None).wait()?;
         self.lifecycle.nudge();
         self.policy_view(service)
     }
@@ -252,7 +254,8 @@ impl Manager {
     fn lifecycle_inputs(&self) -> Result<Inputs, ApiError> {
         let vms = self
             .store
-            .vms(false)?
+            .vms(false)
+            .wait()?
             .into_iter()
             .map(|vm| VmFacts {
                 archive_bytes: (vm.state == VmState::Archived)
@@ -338,7 +341,7 @@ impl Manager {
         let Some(seen) = seen else { return Ok(false) };
         let lock = self.vm_op_lock(&seen.id);
         let _guard = lock.lock().await;
-        let Some(vm) = self.store.vm(&seen.id)? else {
+        let Some(vm) = self.store.vm(&seen.id).await? else {
             return Ok(false);
         };
         if vm.state != seen.state || vm.last_used_at_ms != seen.last_used_ms {

@@ -1,6 +1,7 @@
 //! Lifecycle policies and budgets on the fake backend: the loop's rounds, last use,
 //! keep-active, LRU eviction, run-time policies, shared requests waking dormant VMs.
 
+use crate::store_wait::Wait;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,20 +47,20 @@ argv = ["db"]
 checks = [{ tcp = { port = "sql" } }]
 "#;
 
-fn setup_with(config: ManagerConfig) -> (Arc<Manager>, FakeBackend, Arc<Store>) {
+fn setup_with(config: ManagerConfig) -> (Arc<Manager>, FakeBackend, Arc<dyn Store>) {
     fake_manager(CATALOG, config)
 }
 
-fn setup() -> (Arc<Manager>, FakeBackend, Arc<Store>) {
+fn setup() -> (Arc<Manager>, FakeBackend, Arc<dyn Store>) {
     setup_with(ManagerConfig::default())
 }
 
-fn state(store: &Store, id: &str) -> VmState {
-    store.vm(id).unwrap().unwrap().state
+fn state(store: &Arc<dyn Store>, id: &str) -> VmState {
+    store.vm(id).wait().unwrap().unwrap().state
 }
 
 /// Runs lifecycle rounds every 20 ms until `id` is in `want` (at most 2 s).
-async fn rounds_until(manager: &Manager, store: &Store, id: &str, want: VmState) {
+async fn rounds_until(manager: &Manager, store: &Arc<dyn Store>, id: &str, want: VmState) {
     for _ in 0..100 {
         manager.reconcile_lifecycle().await.unwrap();
         if state(store, id) == want {
@@ -124,7 +125,7 @@ async fn use_restarts_the_idle_timer() {
         manager.reconcile_lifecycle().await.unwrap();
         assert_eq!(state(&store, &vm.id), VmState::Active, "used every 60 ms");
     }
-    let used = store.vm(&vm.id).unwrap().unwrap().last_used_at_ms;
+    let used = store.vm(&vm.id).await.unwrap().unwrap().last_used_at_ms;
     assert!(used > vm.last_used_at_ms);
     rounds_until(&manager, &store, &vm.id, VmState::Sleeping).await;
 

@@ -5,6 +5,7 @@
 //! the plan (fill tasks, removal of excess paused VMs), and wakes up whenever a VM leaves a
 //! pool or bounds change, or every second otherwise.
 
+use crate::store_wait::Wait;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -68,7 +69,7 @@ pub use hangar_api::PoolView;
 impl Manager {
     /// Catalog pools with run-time bounds applied.
     pub fn pool_specs(&self) -> Result<Vec<PoolSpec>, ApiError> {
-        let bounds = self.store.pool_bounds()?;
+        let bounds = self.store.pool_bounds().wait()?;
         let mut specs: Vec<PoolSpec> = self.catalog.pools().cloned().collect();
         // Pools made at run time for services the catalog gives none.
         specs.extend(
@@ -137,7 +138,7 @@ impl Manager {
             return Err(ApiError::BadRequest(format!("max {max} is larger than 64")));
         }
         match ready {
-            None => self.store.set_pool_bounds(name, min, max)?,
+            None => self.store.set_pool_bounds(name, min, max).wait()?,
             Some(ready) => {
                 let json = match &ready {
                     Some(ready) => {
@@ -157,7 +158,9 @@ impl Manager {
                     }
                     None => None,
                 };
-                self.store.set_pool_ready(name, min, max, json.as_deref())?;
+                self.store
+                    .set_pool_ready(name, min, max, json.as_deref())
+                    .wait()?;
             }
         }
         self.pools.refill();
@@ -186,6 +189,7 @@ impl Manager {
     fn pool_readies(&self) -> HashMap<String, ReadySpec> {
         self.store
             .pool_ready()
+            .wait()
             .unwrap_or_default()
             .into_iter()
             .filter_map(|(name, json)| Some((name, serde_json::from_str(&json).ok()?)))
@@ -208,7 +212,7 @@ impl Manager {
     fn counts(&self) -> Result<HashMap<String, PoolCount>, ApiError> {
         let inflight = self.pools.inflight.lock().expect("inflight lock").clone();
         let mut counts: HashMap<String, PoolCount> = HashMap::new();
-        for vm in self.store.vms(false)? {
+        for vm in self.store.vms(false).wait()? {
             if let (Some(pool), VmState::Ready) = (&vm.pool, vm.state) {
                 counts.entry(pool.clone()).or_default().ready += 1;
             }
@@ -283,7 +287,8 @@ impl Manager {
             let pool = &inputs[index].0.name;
             let mut paused: Vec<_> = self
                 .store
-                .vms(false)?
+                .vms(false)
+                .await?
                 .into_iter()
                 .filter(|vm| vm.state == VmState::Ready && vm.pool.as_ref() == Some(pool))
                 .collect();
@@ -291,7 +296,7 @@ impl Manager {
             for vm in paused.into_iter().take(n as usize) {
                 // A request may have claimed it since the listing: only a VM still paused
                 // in its pool is taken out, in one step, and then torn down.
-                match self.store.retire_ready(&vm.id) {
+                match self.store.retire_ready(&vm.id).await {
                     Ok(true) => {}
                     Ok(false) => continue,
                     Err(err) => {

@@ -53,7 +53,7 @@ memory_mib = 256
 max = 1
 "#;
 
-fn setup(pool_memory_mib: u64) -> (Arc<Manager>, FakeBackend, Arc<Store>) {
+fn setup(pool_memory_mib: u64) -> (Arc<Manager>, FakeBackend, Arc<dyn Store>) {
     fake_manager(
         CATALOG,
         ManagerConfig {
@@ -123,6 +123,7 @@ async fn pools_fill_to_min_and_grants_take_paused_vms_then_refill() {
     assert_eq!(ready(&manager, "big-web"), 0, "min 0 and no demand yet");
     let paused: Vec<_> = store
         .vms(false)
+        .await
         .unwrap()
         .into_iter()
         .filter(|vm| vm.state == VmState::Ready)
@@ -226,6 +227,7 @@ async fn shells_take_the_requested_os_image_and_serve_it() {
     settle(&manager).await;
     let shell = store
         .vms(false)
+        .await
         .unwrap()
         .into_iter()
         .find(|vm| vm.pool.as_deref() == Some("shell"))
@@ -285,6 +287,7 @@ async fn pools_stay_within_the_memory_budget_and_shrink_when_asked() {
     assert!(
         store
             .vms(false)
+            .await
             .unwrap()
             .iter()
             .all(|vm| vm.state != VmState::Ready)
@@ -322,6 +325,7 @@ async fn failing_fills_back_off_instead_of_piling_up() {
     }
     let failed = store
         .vms(false)
+        .await
         .unwrap()
         .into_iter()
         .filter(|vm| vm.state == VmState::Failed)
@@ -350,6 +354,7 @@ async fn a_ready_criterion_set_at_run_time_governs_fills_and_is_validated() {
     assert_eq!(ready(&manager, "web"), 0);
     let failed = store
         .vms(false)
+        .await
         .unwrap()
         .into_iter()
         .find(|vm| vm.state == VmState::Failed)

@@ -22,7 +22,7 @@ impl Manager {
             tracing::debug!(vm = %id, "process gone during an operation; judged later");
             return;
         };
-        let still_live = self.store.vm(id).ok().flatten().is_some_and(|vm| {
+        let still_live = self.store.vm(id).await.ok().flatten().is_some_and(|vm| {
             matches!(
                 vm.state,
                 VmState::Ready | VmState::Active | VmState::Sleeping
@@ -42,7 +42,8 @@ impl Manager {
         let mut report = ReconcileReport::default();
         let interrupted = self
             .store
-            .fail_running_tasks("the server stopped before the task finished")?;
+            .fail_running_tasks("the server stopped before the task finished")
+            .await?;
         if interrupted > 0 {
             tracing::info!(tasks = interrupted, "marked interrupted tasks failed");
         }
@@ -56,7 +57,7 @@ impl Manager {
             .into_iter()
             .map(|vm| vm.id)
             .collect();
-        for vm in self.store.vms(false)? {
+        for vm in self.store.vms(false).await? {
             match vm.state {
                 VmState::Creating | VmState::Booting => {
                     self.discard(&vm.id, "the server stopped while the VM was being created")
@@ -88,6 +89,7 @@ impl Manager {
                             if self
                                 .store
                                 .transition(&vm.id, VmState::Archived, None)
+                                .await
                                 .is_ok()
                             {
                                 live.insert(vm.id.clone());
@@ -133,7 +135,8 @@ impl Manager {
         }
         let keep: HashSet<String> = self
             .store
-            .vms(false)?
+            .vms(false)
+            .await?
             .into_iter()
             .filter(|vm| vm.state != VmState::Failed)
             .map(|vm| vm.id)
@@ -148,7 +151,7 @@ impl Manager {
 
     /// One round of health monitoring: VMs whose process died are marked failed.
     pub async fn monitor_once(&self) {
-        let Ok(vms) = self.store.vms(false) else {
+        let Ok(vms) = self.store.vms(false).await else {
             return;
         };
         for vm in vms {

@@ -103,13 +103,14 @@ impl Manager {
                 pool: make.pool.clone(),
                 os,
             })
+            .await
             .map_err(|err| error_chain(&err));
         if let Err(err) = inserted {
             let _ = host.destroy(&vm_id).await;
             self.close_endpoints(&vm_id).await;
             return Err(err);
         }
-        if let Err(err) = self.store.set_task_vm(task, &vm_id) {
+        if let Err(err) = self.store.set_task_vm(task, &vm_id).await {
             tracing::warn!(task, error = %err, "cannot link task to vm");
         }
         tracing::info!(vm = %vm_id, host = %host.name(), service = ?make.service.as_ref().map(|s| &s.name), pool = ?make.pool, task, "creating vm");
@@ -137,6 +138,7 @@ impl Manager {
         let vm_id = plan.id.as_str();
         self.store
             .transition(vm_id, VmState::Booting, None)
+            .await
             .map_err(|err| error_chain(&err))?;
         let made = host
             .make_vm(plan, prepared, self.tasks.progress(task))
@@ -147,10 +149,12 @@ impl Manager {
         }
         self.store
             .set_launch(vm_id, made.process, &made.launch.0)
+            .await
             .map_err(|err| error_chain(&err))?;
         let boot_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.store
             .set_boot_ms(vm_id, boot_ms)
+            .await
             .map_err(|err| error_chain(&err))?;
         let state = if plan.purpose == Purpose::Pool {
             VmState::Ready
@@ -160,6 +164,7 @@ impl Manager {
         let vm = self
             .store
             .transition(vm_id, state, None)
+            .await
             .map_err(|err| error_chain(&err))?;
         tracing::info!(vm = %vm_id, state = %vm.state, boot_ms, cloned = made.cloned, "vm ready");
         Ok(vm)
@@ -172,8 +177,11 @@ impl Manager {
             tracing::warn!(vm = %vm_id, error = %error_chain(&err), "cannot destroy failed vm");
         }
         self.close_endpoints(vm_id).await;
-        if let Ok(Some(_)) = self.store.vm(vm_id)
-            && let Err(err) = self.store.transition(vm_id, VmState::Failed, Some(reason))
+        if let Ok(Some(_)) = self.store.vm(vm_id).await
+            && let Err(err) = self
+                .store
+                .transition(vm_id, VmState::Failed, Some(reason))
+                .await
         {
             tracing::warn!(vm = %vm_id, error = %err, "cannot mark vm failed");
         }

@@ -35,7 +35,8 @@ impl Manager {
                 .is_some_and(|os| os.base != hangar_core::catalog::OsBase::Busybox);
             let paused: Vec<VmRecord> = self
                 .store
-                .vms(false)?
+                .vms(false)
+                .await?
                 .into_iter()
                 .filter(|vm| vm.state == VmState::Ready && vm.pool.is_some())
                 .filter(|vm| !(layered && vm.os.is_none()))
@@ -55,9 +56,13 @@ impl Manager {
             let candidate = &paused[index];
             let pool = candidate.pool.clone().unwrap_or_default();
             let claiming = stages.mark("match", started);
-            let vm = match self.store.claim(&candidate.id, request.mode, &request.env) {
+            let vm = match self
+                .store
+                .claim(&candidate.id, request.mode, &request.env)
+                .await
+            {
                 Ok(vm) => vm,
-                Err(hangar_store::StoreError::Transition(_)) => continue, // another request won it
+                Err(err) if err.is_transition_conflict() => continue, // another request won it
                 Err(err) => return Err(err.into()),
             };
             if service.is_none_or(|service| service.name != pool) {
@@ -115,6 +120,7 @@ impl Manager {
         let vm = self
             .store
             .vm(&vm.id)
+            .await
             .map_err(|err| error_chain(&err))?
             .ok_or("VM vanished")?;
         Ok((vm, handed.sliced_to))
@@ -158,13 +164,16 @@ impl Manager {
             .collect();
         self.store
             .set_offer(&vm.id, &services, &os, &stable, &booted.direct_endpoints)
+            .await
             .map_err(|err| error_chain(&err))?;
         self.store
             .set_launch(&vm.id, vm.pid, &booted.launch.0)
+            .await
             .map_err(|err| error_chain(&err))?;
         let vm = self
             .store
             .vm(&vm.id)
+            .await
             .map_err(|err| error_chain(&err))?
             .ok_or("VM vanished")?;
         Ok((vm, None))

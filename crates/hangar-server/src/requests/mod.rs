@@ -6,6 +6,7 @@
 //! - [`grants`]: handing out paused pool VMs (exact, superset, partial).
 //! - [`create`]: making one VM on a host, recorded step by step.
 
+use crate::store_wait::Wait;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -339,7 +340,7 @@ impl Manager {
         service: &str,
         env: &BTreeMap<String, String>,
     ) -> Result<Option<VmRecord>, ApiError> {
-        let mut candidates = self.store.shared_candidates(service, env)?;
+        let mut candidates = self.store.shared_candidates(service, env).await?;
         candidates.sort_by_key(|vm| vm.last_used_at_ms);
         for vm in candidates {
             match self.host.run_state(&vm.id).await {
@@ -357,6 +358,7 @@ impl Manager {
         let mut dormant: Vec<VmRecord> = self
             .store
             .vms(false)
+            .await
             .ok()?
             .into_iter()
             .filter(|vm| {
@@ -388,7 +390,7 @@ impl Manager {
         sliced_to: Option<(u32, u32)>,
     ) -> Grant {
         let now = hangar_store::now_ms();
-        match self.store.set_last_used(&vm.id, now) {
+        match self.store.set_last_used(&vm.id, now).wait() {
             Ok(()) => vm.last_used_at_ms = vm.last_used_at_ms.max(now),
             Err(err) => tracing::warn!(vm = %vm.id, error = %err, "cannot record last use"),
         }

@@ -40,11 +40,11 @@ interval = "20ms"
 checks = [{ bytes = { port = "p", send = "hi", expect = "never said" } }]
 "#;
 
-fn manager_with(store: Arc<Store>, backend: FakeBackend) -> Arc<Manager> {
+fn manager_with(store: Arc<dyn Store>, backend: FakeBackend) -> Arc<Manager> {
     manager_on(store, backend, CATALOG, ManagerConfig::default())
 }
 
-fn setup() -> (Arc<Manager>, FakeBackend, Arc<Store>) {
+fn setup() -> (Arc<Manager>, FakeBackend, Arc<dyn Store>) {
     fake_manager(CATALOG, ManagerConfig::default())
 }
 
@@ -59,7 +59,11 @@ async fn shared_requests_reuse_the_active_vm_and_dedicated_ones_do_not() {
         "{}",
         first.endpoint
     );
-    let task = store.task(first.task.as_deref().unwrap()).unwrap().unwrap();
+    let task = store
+        .task(first.task.as_deref().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(
         (task.state, task.percent, task.vm_id.as_deref()),
         (TaskState::Succeeded, 100, Some(&*first.vm.id))
@@ -161,7 +165,7 @@ async fn a_failed_launch_leaves_a_failed_record_and_nothing_running() {
         err.to_string().contains("simulated launch failure"),
         "{err}"
     );
-    let vms = store.vms(false).unwrap();
+    let vms = store.vms(false).await.unwrap();
     assert_eq!(vms.len(), 1);
     assert_eq!(vms[0].state, VmState::Failed);
     assert!(
@@ -193,17 +197,17 @@ async fn past_the_deadline_the_answer_is_try_again_and_the_task_goes_on() {
         other => panic!("expected try again, got {:?}", other.map(|g| g.vm.id)),
     };
     assert_eq!(
-        store.task(&task).unwrap().unwrap().state,
+        store.task(&task).await.unwrap().unwrap().state,
         TaskState::Running
     );
     // The VM never meets its criterion: the task fails and cleans up after itself.
     for _ in 0..100 {
-        if store.task(&task).unwrap().unwrap().state != TaskState::Running {
+        if store.task(&task).await.unwrap().unwrap().state != TaskState::Running {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let task = store.task(&task).unwrap().unwrap();
+    let task = store.task(&task).await.unwrap().unwrap();
     assert_eq!(task.state, TaskState::Failed);
     assert!(
         task.error
@@ -281,7 +285,7 @@ async fn restart_adopts_running_vms_fails_vanished_ones_and_stops_strangers() {
     assert_eq!(report.stopped_unknown, ["vm-stranger"]);
     assert_eq!(backend.running().await.unwrap(), [kept.vm.id.as_str()]);
     assert_eq!(
-        store.vm(&crashed.vm.id).unwrap().unwrap().state,
+        store.vm(&crashed.vm.id).await.unwrap().unwrap().state,
         VmState::Failed
     );
     // The adopted VM's control channel works: waking re-identifies it through the agent.
@@ -305,7 +309,7 @@ async fn monitor_marks_crashed_vms_failed() {
     let grant = manager.request(request("web", Mode::Shared)).await.unwrap();
     backend.crash(&grant.vm.id);
     manager.monitor_once().await;
-    let vm = store.vm(&grant.vm.id).unwrap().unwrap();
+    let vm = store.vm(&grant.vm.id).await.unwrap().unwrap();
     assert_eq!(vm.state, VmState::Failed);
     assert!(vm.error.unwrap().contains("exited unexpectedly"));
 }
@@ -321,14 +325,14 @@ async fn monitor_leaves_a_vm_alone_while_an_operation_holds_it() {
     let in_flight = lock.lock().await;
     backend.crash(id);
     manager.monitor_once().await;
-    assert_eq!(store.vm(id).unwrap().unwrap().state, VmState::Active);
+    assert_eq!(store.vm(id).await.unwrap().unwrap().state, VmState::Active);
     // A shared request looking for a running VM does not judge it either.
     let other = manager.request(request("web", Mode::Shared)).await.unwrap();
     assert_ne!(other.vm.id, id);
-    assert_eq!(store.vm(id).unwrap().unwrap().state, VmState::Active);
+    assert_eq!(store.vm(id).await.unwrap().unwrap().state, VmState::Active);
     drop(in_flight);
     manager.monitor_once().await;
-    assert_eq!(store.vm(id).unwrap().unwrap().state, VmState::Failed);
+    assert_eq!(store.vm(id).await.unwrap().unwrap().state, VmState::Failed);
 }
 
 pub(crate) mod http {
@@ -500,7 +504,7 @@ mod lifecycle {
             backend.run_state(id).await.unwrap(),
             hangar_vmm::RunState::Running
         );
-        assert_eq!(store.vm(id).unwrap().unwrap().state, VmState::Active);
+        assert_eq!(store.vm(id).await.unwrap().unwrap().state, VmState::Active);
     }
 
     #[tokio::test]
@@ -513,12 +517,18 @@ mod lifecycle {
             .vm;
         // The backend finished the archive (QEMU gone) but the server died before recording it.
         backend.archive(&vm.id, ArchiveTier::Zstd).await.unwrap();
-        assert_eq!(store.vm(&vm.id).unwrap().unwrap().state, VmState::Active);
+        assert_eq!(
+            store.vm(&vm.id).await.unwrap().unwrap().state,
+            VmState::Active
+        );
         drop(manager);
         let restarted = manager_with(store.clone(), backend.clone());
         let report = restarted.reconcile().await.unwrap();
         assert!(report.failed.is_empty(), "{report:?}");
-        assert_eq!(store.vm(&vm.id).unwrap().unwrap().state, VmState::Archived);
+        assert_eq!(
+            store.vm(&vm.id).await.unwrap().unwrap().state,
+            VmState::Archived
+        );
         assert!(restarted.archive_info(&vm.id).is_some(), "nothing lost");
         assert_eq!(restarted.wake(&vm.id).await.unwrap().state, VmState::Active);
     }
@@ -547,7 +557,10 @@ mod lifecycle {
         let report = restarted.reconcile().await.unwrap();
         assert!(report.stopped_unknown.is_empty(), "{report:?}");
         for id in [&kept.id, &cut.id] {
-            assert_eq!(store.vm(id).unwrap().unwrap().state, VmState::Archived);
+            assert_eq!(
+                store.vm(id).await.unwrap().unwrap().state,
+                VmState::Archived
+            );
             assert!(
                 restarted.archive_info(id).is_some(),
                 "archive kept for {id}"
@@ -567,7 +580,7 @@ mod lifecycle {
 #[tokio::test]
 async fn later_vms_are_cloned_from_the_template_the_first_request_started() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(Store::open_in_memory().unwrap());
+    let store = Arc::new(hangar_store::SqliteStore::open_in_memory().unwrap());
     let backend = FakeBackend::new();
     let manager = crate::test_support::manager_on_host(
         store.clone(),
@@ -594,10 +607,14 @@ async fn later_vms_are_cloned_from_the_template_the_first_request_started() {
     assert!(templates[0].current);
     assert_eq!(templates[0].service, "web");
     // The template's VM is gone; its record says so.
-    let tasks = store.tasks(100).unwrap();
+    let tasks = store.tasks(100).await.unwrap();
     let build = tasks.iter().find(|t| t.kind == "build_template").unwrap();
     assert_eq!(build.state, TaskState::Succeeded);
-    let source = store.vm(build.vm_id.as_deref().unwrap()).unwrap().unwrap();
+    let source = store
+        .vm(build.vm_id.as_deref().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(source.state, VmState::Deleted);
 
     let second = manager
@@ -676,24 +693,24 @@ mod stable_endpoints {
                 .expect("answered within 10 s")
                 .unwrap();
             assert!(answer.contains(&format!("fake {id}")), "{answer}");
-            assert_eq!(store.vm(&id).unwrap().unwrap().state, VmState::Active);
+            assert_eq!(store.vm(&id).await.unwrap().unwrap().state, VmState::Active);
             assert_eq!(
                 backend.run_state(&id).await.unwrap(),
                 hangar_vmm::RunState::Running
             );
         }
-        let vm = store.vm(&id).unwrap().unwrap();
+        let vm = store.vm(&id).await.unwrap().unwrap();
         assert_eq!(
             vm.endpoints["http"], grant.endpoint,
             "the same endpoint throughout"
         );
 
         // Activity reaches the VM's last use.
-        store.set_last_used(&id, 1).unwrap();
-        let before = store.vm(&id).unwrap().unwrap().last_used_at_ms;
+        store.set_last_used(&id, 1).await.unwrap();
+        let before = store.vm(&id).await.unwrap().unwrap().last_used_at_ms;
         get(&grant.endpoint).await.unwrap();
         manager.poll_endpoint_activity().await;
-        assert!(store.vm(&id).unwrap().unwrap().last_used_at_ms > before);
+        assert!(store.vm(&id).await.unwrap().unwrap().last_used_at_ms > before);
 
         manager.delete(&id).await.unwrap();
         assert!(
@@ -736,7 +753,7 @@ mod stable_endpoints {
         let answer = get(&archived.endpoint).await.unwrap();
         assert!(answer.contains(&archived.vm.id), "{answer}");
         assert_eq!(
-            store.vm(&archived.vm.id).unwrap().unwrap().state,
+            store.vm(&archived.vm.id).await.unwrap().unwrap().state,
             VmState::Active
         );
     }

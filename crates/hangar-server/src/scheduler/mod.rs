@@ -117,7 +117,7 @@ impl Manager {
 
     /// The host that makes the VM `plan` describes.
     pub(crate) async fn place(&self, plan: &VmPlan) -> Result<Arc<dyn Host>, PlacementError> {
-        let vms = self.store.vms(false).map_err(PlacementError::Store)?;
+        let vms = self.store.vms(false).await.map_err(PlacementError::Store)?;
         self.scheduler.place(&vms, plan).await
     }
 }

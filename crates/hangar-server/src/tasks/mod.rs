@@ -4,6 +4,7 @@
 //! [`Tasks`] keeps the records and the outcomes; `Manager::start_create` runs a creation
 //! as a task.
 
+use crate::store_wait::Wait;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -24,7 +25,7 @@ const OUTCOME_KEPT: Duration = Duration::from_secs(60);
 /// The tasks of this server: their records in the store and the outcomes of those that
 /// run or ended lately.
 pub struct Tasks {
-    store: Arc<Store>,
+    store: Arc<dyn Store>,
     outcomes: Mutex<HashMap<String, watch::Receiver<Outcome>>>,
 }
 
@@ -32,7 +33,7 @@ pub struct Tasks {
 pub struct OutcomeSender(watch::Sender<Outcome>);
 
 impl Tasks {
-    pub fn new(store: Arc<Store>) -> Tasks {
+    pub fn new(store: Arc<dyn Store>) -> Tasks {
         Tasks {
             store,
             outcomes: Mutex::default(),
@@ -48,18 +49,20 @@ impl Tasks {
     ) -> Result<(String, OutcomeSender), StoreError> {
         let id = TaskId::generate().to_string();
         let now = now_ms();
-        self.store.insert_task(&TaskRecord {
-            id: id.clone(),
-            kind: kind.into(),
-            service,
-            vm_id: None,
-            state: TaskState::Running,
-            stage: "queued".into(),
-            percent: 0,
-            error: None,
-            created_at_ms: now,
-            updated_at_ms: now,
-        })?;
+        self.store
+            .insert_task(&TaskRecord {
+                id: id.clone(),
+                kind: kind.into(),
+                service,
+                vm_id: None,
+                state: TaskState::Running,
+                stage: "queued".into(),
+                percent: 0,
+                error: None,
+                created_at_ms: now,
+                updated_at_ms: now,
+            })
+            .wait()?;
         let (tx, rx) = watch::channel(None);
         self.outcomes
             .lock()
@@ -74,7 +77,7 @@ impl Tasks {
             Ok(_) => (TaskState::Succeeded, "done", None),
             Err(message) => (TaskState::Failed, "failed", Some(message.as_str())),
         };
-        if let Err(err) = self.store.update_task(id, state, stage, 100, error) {
+        if let Err(err) = self.store.update_task(id, state, stage, 100, error).wait() {
             tracing::warn!(task = %id, error = %err, "cannot record task outcome");
         }
         sender.0.send_replace(Some(result));
@@ -106,7 +109,10 @@ impl Tasks {
         let store = self.store.clone();
         let task = id.to_owned();
         Arc::new(move |stage: &str, percent: u8| {
-            if let Err(err) = store.update_task(&task, TaskState::Running, stage, percent, None) {
+            if let Err(err) = store
+                .update_task(&task, TaskState::Running, stage, percent, None)
+                .wait()
+            {
                 tracing::warn!(task = %task, error = %err, "cannot record task progress");
             }
         })

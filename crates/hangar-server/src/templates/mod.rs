@@ -89,12 +89,14 @@ impl Manager {
         let vm = self
             .store
             .transition(vm_id, VmState::Deleted, None)
+            .await
             .map_err(|err| error_chain(&err))?;
         // Outdated templates go once no VM needs them: clones' disks are layers over the
         // template's, and their delta archives refer to its snapshot.
         let in_use: std::collections::HashSet<String> = self
             .store
             .vms(false)
+            .await
             .map_err(|err| error_chain(&err))?
             .iter()
             .filter_map(|vm| self.host.template_of(&LaunchRecord(vm.spec.clone())))

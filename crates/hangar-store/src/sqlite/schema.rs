@@ -1,7 +1,8 @@
-//! Schema migrations, numbered by SQLite's `user_version`.
+//! SQLite schema migrations, numbered by SQLite's `user_version`.
 
 use rusqlite::Connection;
 
+use super::db;
 use crate::StoreError;
 
 /// Each entry moves the schema from version `i` to `i + 1`.
@@ -64,11 +65,52 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     // before keep their direct endpoints as their endpoints.
     "ALTER TABLE vms ADD COLUMN direct_endpoints TEXT NOT NULL DEFAULT '{}';
     UPDATE vms SET direct_endpoints = endpoints;",
+    // Facts that lived outside the store: hosts, templates, archives, task steps; VMs
+    // listed by owner.
+    "CREATE INDEX vms_owner ON vms (owner);
+    CREATE TABLE hosts (
+        name              TEXT PRIMARY KEY,
+        address           TEXT NOT NULL,
+        state             TEXT NOT NULL,
+        facts             TEXT NOT NULL,
+        last_heartbeat_ms INTEGER NOT NULL
+    );
+    CREATE TABLE templates (
+        key             TEXT PRIMARY KEY,
+        service         TEXT NOT NULL,
+        host            TEXT NOT NULL,
+        hash            TEXT NOT NULL,
+        size_bytes      INTEGER NOT NULL,
+        created_at_ms   INTEGER NOT NULL,
+        last_used_at_ms INTEGER NOT NULL
+    );
+    CREATE TABLE archives (
+        vm_id         TEXT PRIMARY KEY,
+        tier          TEXT NOT NULL,
+        size_bytes    INTEGER NOT NULL,
+        host          TEXT NOT NULL,
+        created_at_ms INTEGER NOT NULL
+    );
+    CREATE TABLE task_steps (
+        task_id       TEXT NOT NULL,
+        step          INTEGER NOT NULL,
+        stage         TEXT NOT NULL,
+        percent       INTEGER NOT NULL,
+        started_at_ms INTEGER NOT NULL,
+        ended_at_ms   INTEGER,
+        outcome       TEXT,
+        error         TEXT,
+        PRIMARY KEY (task_id, step)
+    );",
 ];
 
+/// Brings the schema up to the newest version, one transaction per migration.
+/// [`StoreError::SchemaTooNew`] when a newer hangar migrated it further.
 pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     let supported = i64::try_from(MIGRATIONS.len()).expect("few migrations");
-    let found: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    let found: i64 = conn
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .map_err(db)?;
     if found > supported {
         return Err(StoreError::SchemaTooNew { found, supported });
     }
@@ -77,10 +119,11 @@ pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         .enumerate()
         .skip(usize::try_from(found).unwrap_or(0))
     {
-        let tx = conn.transaction()?;
-        tx.execute_batch(sql)?;
-        tx.pragma_update(None, "user_version", version + 1)?;
-        tx.commit()?;
+        let tx = conn.transaction().map_err(db)?;
+        tx.execute_batch(sql).map_err(db)?;
+        tx.pragma_update(None, "user_version", version + 1)
+            .map_err(db)?;
+        tx.commit().map_err(db)?;
     }
     Ok(())
 }

@@ -1,0 +1,690 @@
+//! One test suite for every backend: each test is an async function taking `&dyn Store`,
+//! instantiated by [`conformance!`] once on SQLite (in memory) and once on a real
+//! PostgreSQL (a fresh database each, see `hangar-test-postgres`), so the backends cannot
+//! drift.
+
+use std::collections::BTreeMap;
+
+use futures::future::join_all;
+use hangar_core::{Mode, VmState};
+
+use crate::*;
+
+pub(crate) fn vm(id: &str, service: &str, mode: Mode, state: VmState) -> VmRecord {
+    VmRecord {
+        id: id.into(),
+        host: "local".into(),
+        services: vec![service.into()],
+        env: BTreeMap::new(),
+        mode,
+        owner: "anonymous".into(),
+        state,
+        endpoints: BTreeMap::from([("http".into(), "127.0.0.1:4000".into())]),
+        direct_endpoints: BTreeMap::from([("http".into(), "127.0.0.1:4001".into())]),
+        spec: serde_json::json!({"id": id}),
+        pid: None,
+        error: None,
+        created_at_ms: 1,
+        updated_at_ms: 1,
+        last_used_at_ms: 1,
+        state_since_ms: 1,
+        boot_ms: None,
+        memory_mib: 128,
+        vcpus: 1,
+        pool: None,
+        os: Some(("busybox".into(), "1.35".into())),
+    }
+}
+
+fn pooled(id: &str) -> VmRecord {
+    VmRecord {
+        pool: Some("web".into()),
+        ..vm(id, "web", Mode::Dedicated, VmState::Ready)
+    }
+}
+
+fn task(id: &str, created_at_ms: u64) -> TaskRecord {
+    TaskRecord {
+        id: id.into(),
+        kind: "create_vm".into(),
+        service: Some("web".into()),
+        vm_id: None,
+        state: TaskState::Running,
+        stage: "queued".into(),
+        percent: 0,
+        error: None,
+        created_at_ms,
+        updated_at_ms: created_at_ms,
+    }
+}
+
+fn is_not_found(result: Result<impl std::fmt::Debug, StoreError>) -> bool {
+    matches!(result, Err(StoreError::NotFound { .. }))
+}
+
+async fn vm_round_trip_and_listing(store: &dyn Store) {
+    let record = vm("vm-a", "web", Mode::Shared, VmState::Creating);
+    store.insert_vm(&record).await.unwrap();
+    assert_eq!(store.vm("vm-a").await.unwrap().unwrap(), record);
+    assert!(store.vm("vm-b").await.unwrap().is_none());
+    let mut later = vm("vm-b", "db", Mode::Dedicated, VmState::Active);
+    later.created_at_ms = 2;
+    later.os = None;
+    later.pid = Some(4242);
+    later.boot_ms = Some(u64::from(u32::MAX) + 5);
+    later.env.insert("k".into(), "v".into());
+    store.insert_vm(&later).await.unwrap();
+    assert_eq!(store.vms(false).await.unwrap(), [record.clone(), later]);
+    let err = store.insert_vm(&record).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::Conflict(Conflict::Exists {
+                kind: Entity::Vm,
+                ..
+            })
+        ),
+        "ids are unique: {err}"
+    );
+}
+
+async fn transitions_follow_the_state_machine(store: &dyn Store) {
+    store
+        .insert_vm(&vm("vm-a", "web", Mode::Shared, VmState::Creating))
+        .await
+        .unwrap();
+    let err = store
+        .transition("vm-a", VmState::Active, None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.to_string(), "a VM cannot go from creating to active");
+    assert!(err.is_transition_conflict());
+    assert_eq!(
+        store.vm("vm-a").await.unwrap().unwrap().state,
+        VmState::Creating
+    );
+    store
+        .transition("vm-a", VmState::Booting, None)
+        .await
+        .unwrap();
+    let failed = store
+        .transition("vm-a", VmState::Failed, Some("boom"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (failed.state, failed.error.as_deref()),
+        (VmState::Failed, Some("boom"))
+    );
+    store
+        .transition("vm-a", VmState::Deleted, None)
+        .await
+        .unwrap();
+    assert!(store.vms(false).await.unwrap().is_empty());
+    assert_eq!(store.vms(true).await.unwrap().len(), 1);
+    assert!(is_not_found(
+        store.transition("vm-x", VmState::Deleted, None).await
+    ));
+}
+
+/// Many writers move one VM at once: the state machine holds for each, so exactly one
+/// `active → sleeping` and then exactly one `→ deleted` succeed.
+async fn transitions_under_concurrency(store: &dyn Store) {
+    store
+        .insert_vm(&vm("vm-a", "web", Mode::Shared, VmState::Active))
+        .await
+        .unwrap();
+    for to in [VmState::Sleeping, VmState::Deleted] {
+        let results = join_all((0..12).map(|_| store.transition("vm-a", to, None))).await;
+        let won = results.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(won, 1, "exactly one writer moves the VM to {to}");
+        for result in results.into_iter().filter_map(Result::err) {
+            assert!(result.is_transition_conflict(), "{result}");
+        }
+        assert_eq!(store.vm("vm-a").await.unwrap().unwrap().state, to);
+    }
+}
+
+async fn shared_candidates_match_service_env_mode_and_state(store: &dyn Store) {
+    for record in [
+        vm("vm-a", "web", Mode::Shared, VmState::Active),
+        vm("vm-b", "web", Mode::Dedicated, VmState::Active),
+        vm("vm-c", "web", Mode::Shared, VmState::Booting),
+        vm("vm-d", "db", Mode::Shared, VmState::Active),
+    ] {
+        store.insert_vm(&record).await.unwrap();
+    }
+    let mut with_env = vm("vm-e", "web", Mode::Shared, VmState::Active);
+    with_env.env.insert("greeting".into(), "hi".into());
+    store.insert_vm(&with_env).await.unwrap();
+    let ids = |vms: Vec<VmRecord>| vms.into_iter().map(|v| v.id).collect::<Vec<_>>();
+    let plain = store.shared_candidates("web", &BTreeMap::new()).await;
+    assert_eq!(ids(plain.unwrap()), ["vm-a"]);
+    let greeted = store.shared_candidates("web", &with_env.env).await;
+    assert_eq!(ids(greeted.unwrap()), ["vm-e"]);
+}
+
+async fn claiming_a_pool_vm_happens_once(store: &dyn Store) {
+    store.insert_vm(&pooled("vm-a")).await.unwrap();
+    assert_eq!(store.vm("vm-a").await.unwrap().unwrap(), pooled("vm-a"));
+    let env = BTreeMap::from([("k".to_string(), "v".to_string())]);
+    let before = now_ms();
+    let claimed = store.claim("vm-a", Mode::Shared, &env).await.unwrap();
+    assert_eq!(
+        (claimed.state, claimed.pool.as_deref(), claimed.mode),
+        (VmState::Active, None, Mode::Shared)
+    );
+    assert_eq!(claimed.env, env);
+    assert!(claimed.last_used_at_ms >= before && claimed.state_since_ms >= before);
+    assert_eq!(store.vm("vm-a").await.unwrap().unwrap(), claimed);
+    let again = store
+        .claim("vm-a", Mode::Dedicated, &BTreeMap::new())
+        .await
+        .unwrap_err();
+    assert!(again.is_transition_conflict(), "{again}");
+    assert!(is_not_found(
+        store.claim("vm-x", Mode::Shared, &BTreeMap::new()).await
+    ));
+}
+
+/// Many requests race for a few pool VMs, each trying every VM in its own order: each VM
+/// goes to exactly one of them, and the losers see a conflict.
+async fn the_claim_race_has_one_winner_per_vm(store: &dyn Store) {
+    let ids: Vec<String> = (0..4).map(|i| format!("vm-{i}")).collect();
+    for id in &ids {
+        store.insert_vm(&pooled(id)).await.unwrap();
+    }
+    let claimer = |n: usize| {
+        let ids = ids.clone();
+        async move {
+            let mut won = Vec::new();
+            for k in 0..ids.len() {
+                let id = &ids[(n + k) % ids.len()];
+                let env = BTreeMap::from([("claimer".to_string(), n.to_string())]);
+                match store.claim(id, Mode::Dedicated, &env).await {
+                    Ok(vm) => won.push((vm.id, n)),
+                    Err(err) => assert!(err.is_transition_conflict(), "{err}"),
+                }
+            }
+            won
+        }
+    };
+    let results = join_all((0..16).map(claimer)).await;
+    let mut winners: Vec<(String, usize)> = results.into_iter().flatten().collect();
+    winners.sort();
+    assert_eq!(
+        winners.iter().map(|(id, _)| id.clone()).collect::<Vec<_>>(),
+        ids,
+        "every VM claimed exactly once"
+    );
+    for (id, n) in winners {
+        let vm = store.vm(&id).await.unwrap().unwrap();
+        assert_eq!(vm.state, VmState::Active);
+        assert_eq!(
+            vm.env["claimer"],
+            n.to_string(),
+            "the winner's claim is what is stored"
+        );
+    }
+}
+
+/// The pool loop removes a paused VM above target while a request may claim it: whichever
+/// comes first wins, and the other sees it is too late.
+async fn a_pool_vm_is_either_claimed_or_retired(store: &dyn Store) {
+    for id in ["vm-a", "vm-b"] {
+        store.insert_vm(&pooled(id)).await.unwrap();
+    }
+    store
+        .claim("vm-a", Mode::Shared, &BTreeMap::new())
+        .await
+        .unwrap();
+    assert!(!store.retire_ready("vm-a").await.unwrap());
+    assert_eq!(
+        store.vm("vm-a").await.unwrap().unwrap().state,
+        VmState::Active
+    );
+    assert!(store.retire_ready("vm-b").await.unwrap());
+    assert_eq!(
+        store.vm("vm-b").await.unwrap().unwrap().state,
+        VmState::Deleted
+    );
+    assert!(
+        store
+            .claim("vm-b", Mode::Shared, &BTreeMap::new())
+            .await
+            .is_err()
+    );
+    assert!(!store.retire_ready("vm-b").await.unwrap());
+    assert!(!store.retire_ready("vm-x").await.unwrap());
+    // At once: claims and a retire race for one VM; exactly one of them takes it.
+    store.insert_vm(&pooled("vm-c")).await.unwrap();
+    let none = BTreeMap::new();
+    let claims = join_all((0..6).map(|_| store.claim("vm-c", Mode::Shared, &none)));
+    let (claims, retired) = futures::join!(claims, store.retire_ready("vm-c"));
+    let claimed = claims.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(claimed + usize::from(retired.unwrap()), 1);
+}
+
+async fn launch_offer_boot_and_owner_are_recorded(store: &dyn Store) {
+    let mut shell = vm("vm-a", "web", Mode::Dedicated, VmState::Booting);
+    shell.os = None;
+    store.insert_vm(&shell).await.unwrap();
+    let spec = serde_json::json!({"kernel": "/k", "args": [1, 2]});
+    store.set_launch("vm-a", Some(77), &spec).await.unwrap();
+    let direct = BTreeMap::from([("http".to_owned(), "127.0.0.1:5001".to_owned())]);
+    let stable = BTreeMap::from([("http".to_owned(), "127.0.0.1:5000".to_owned())]);
+    let os = ("debian".to_owned(), "12".to_owned());
+    let services = ["redis".to_owned()];
+    store
+        .set_offer("vm-a", &services, &os, &stable, &direct)
+        .await
+        .unwrap();
+    store.set_boot_ms("vm-a", 1234).await.unwrap();
+    store.set_owner("vm-a", "alice").await.unwrap();
+    let read = store.vm("vm-a").await.unwrap().unwrap();
+    assert_eq!((read.pid, &read.spec), (Some(77), &spec));
+    assert_eq!((read.endpoints, read.direct_endpoints), (stable, direct));
+    assert_eq!((read.services, read.os), (services.to_vec(), Some(os)));
+    assert_eq!((read.boot_ms, read.owner.as_str()), (Some(1234), "alice"));
+    store
+        .insert_vm(&vm("vm-b", "web", Mode::Shared, VmState::Active))
+        .await
+        .unwrap();
+    let owned = store.vms_owned_by("alice").await.unwrap();
+    assert_eq!(
+        owned.iter().map(|v| v.id.as_str()).collect::<Vec<_>>(),
+        ["vm-a"]
+    );
+    assert_eq!(store.vms_owned_by("anonymous").await.unwrap().len(), 1);
+    store
+        .transition("vm-a", VmState::Deleted, None)
+        .await
+        .unwrap();
+    assert!(store.vms_owned_by("alice").await.unwrap().is_empty());
+    assert!(is_not_found(store.set_launch("vm-x", None, &spec).await));
+    assert!(is_not_found(
+        store
+            .set_offer(
+                "vm-x",
+                &[],
+                &("a".into(), "b".into()),
+                &BTreeMap::new(),
+                &BTreeMap::new()
+            )
+            .await
+    ));
+    assert!(is_not_found(store.set_boot_ms("vm-x", 1).await));
+    assert!(is_not_found(store.set_owner("vm-x", "bob").await));
+}
+
+async fn state_changes_stamp_their_time_and_last_use_only_moves_forward(store: &dyn Store) {
+    store
+        .insert_vm(&vm("vm-a", "web", Mode::Shared, VmState::Active))
+        .await
+        .unwrap();
+    assert_eq!(store.vm("vm-a").await.unwrap().unwrap().state_since_ms, 1);
+    let before = now_ms();
+    let asleep = store
+        .transition("vm-a", VmState::Sleeping, None)
+        .await
+        .unwrap();
+    assert!(asleep.state_since_ms >= before);
+    assert_eq!(asleep.last_used_at_ms, 1, "a state change is not a use");
+    store.set_last_used("vm-a", 500).await.unwrap();
+    store.set_last_used("vm-a", 400).await.unwrap();
+    assert_eq!(
+        store.vm("vm-a").await.unwrap().unwrap().last_used_at_ms,
+        500
+    );
+    store.touch("vm-a").await.unwrap();
+    assert!(store.vm("vm-a").await.unwrap().unwrap().last_used_at_ms >= before);
+    assert!(is_not_found(store.set_last_used("vm-x", 1).await));
+    assert!(is_not_found(store.touch("vm-x").await));
+}
+
+async fn pool_bounds_and_ready_criteria_override(store: &dyn Store) {
+    assert!(store.pool_bounds().await.unwrap().is_empty());
+    store.set_pool_bounds("web", 1, 3).await.unwrap();
+    store.set_pool_bounds("web", 2, u32::MAX).await.unwrap();
+    assert_eq!(
+        store.pool_bounds().await.unwrap(),
+        BTreeMap::from([("web".to_string(), (2, u32::MAX))])
+    );
+    assert!(store.pool_ready().await.unwrap().is_empty());
+    store
+        .set_pool_ready("db", 0, 1, Some(r#"{"tcp":5432}"#))
+        .await
+        .unwrap();
+    store.set_pool_ready("web", 1, 2, None).await.unwrap();
+    assert_eq!(
+        store.pool_ready().await.unwrap(),
+        BTreeMap::from([("db".to_string(), r#"{"tcp":5432}"#.to_string())])
+    );
+    assert_eq!(store.pool_bounds().await.unwrap()["web"], (1, 2));
+    store.set_pool_ready("db", 0, 1, None).await.unwrap();
+    assert!(store.pool_ready().await.unwrap().is_empty());
+}
+
+async fn run_time_policies_are_kept_and_cleared(store: &dyn Store) {
+    assert!(store.policies().await.unwrap().is_empty());
+    store
+        .set_policy("web", Some(r#"{"sleep_after":"3s"}"#))
+        .await
+        .unwrap();
+    store
+        .set_policy("web", Some(r#"{"sleep_after":"5s"}"#))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.policies().await.unwrap(),
+        BTreeMap::from([("web".to_string(), r#"{"sleep_after":"5s"}"#.to_string())])
+    );
+    store.set_policy("web", None).await.unwrap();
+    assert!(store.policies().await.unwrap().is_empty());
+}
+
+async fn tasks_progress_and_restart(store: &dyn Store) {
+    store.insert_task(&task("task-1", 5)).await.unwrap();
+    store
+        .update_task("task-1", TaskState::Running, "boot", 160, None)
+        .await
+        .unwrap();
+    store.set_task_vm("task-1", "vm-a").await.unwrap();
+    let read = store.task("task-1").await.unwrap().unwrap();
+    assert_eq!(
+        (read.stage.as_str(), read.percent, read.vm_id.as_deref()),
+        ("boot", 100, Some("vm-a"))
+    );
+    store.insert_task(&task("task-2", 6)).await.unwrap();
+    store
+        .update_task("task-2", TaskState::Succeeded, "ready", 100, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.fail_running_tasks("server restarted").await.unwrap(),
+        1
+    );
+    let read = store.task("task-1").await.unwrap().unwrap();
+    assert_eq!(
+        (read.state, read.error.as_deref()),
+        (TaskState::Failed, Some("server restarted"))
+    );
+    let done = store.task("task-2").await.unwrap().unwrap();
+    assert_eq!(done.state, TaskState::Succeeded);
+    assert!(store.task("task-9").await.unwrap().is_none());
+    assert!(is_not_found(
+        store
+            .update_task("task-9", TaskState::Running, "x", 0, None)
+            .await
+    ));
+    assert!(is_not_found(store.set_task_vm("task-9", "vm-a").await));
+    let dup = store.insert_task(&task("task-1", 7)).await.unwrap_err();
+    assert!(
+        matches!(dup, StoreError::Conflict(Conflict::Exists { .. })),
+        "{dup}"
+    );
+}
+
+async fn tasks_list_newest_first(store: &dyn Store) {
+    for (id, at) in [("t-a", 10), ("t-b", 30), ("t-c", 20)] {
+        store.insert_task(&task(id, at)).await.unwrap();
+    }
+    let ids = |tasks: Vec<TaskRecord>| tasks.into_iter().map(|t| t.id).collect::<Vec<_>>();
+    assert_eq!(ids(store.tasks(10).await.unwrap()), ["t-b", "t-c", "t-a"]);
+    assert_eq!(ids(store.tasks(2).await.unwrap()), ["t-b", "t-c"]);
+    assert_eq!(store.tasks(3).await.unwrap()[0], task("t-b", 30));
+}
+
+async fn task_steps_record_outcomes(store: &dyn Store) {
+    store.insert_task(&task("task-1", 5)).await.unwrap();
+    let first = store
+        .start_task_step("task-1", "image", 10, 100)
+        .await
+        .unwrap();
+    store
+        .end_task_step("task-1", first, StepOutcome::Succeeded, None, 150)
+        .await
+        .unwrap();
+    let second = store
+        .start_task_step("task-1", "boot", 40, 150)
+        .await
+        .unwrap();
+    assert_eq!((first, second), (1, 2));
+    store
+        .end_task_step(
+            "task-1",
+            second,
+            StepOutcome::Failed,
+            Some("no network"),
+            190,
+        )
+        .await
+        .unwrap();
+    store
+        .end_task_step("task-1", first, StepOutcome::RolledBack, None, 200)
+        .await
+        .unwrap();
+    let third = store
+        .start_task_step("task-1", "cleanup", 90, 210)
+        .await
+        .unwrap();
+    let steps = store.task_steps("task-1").await.unwrap();
+    assert_eq!(
+        steps[1],
+        TaskStep {
+            task_id: "task-1".into(),
+            step: 2,
+            stage: "boot".into(),
+            percent: 40,
+            started_at_ms: 150,
+            ended_at_ms: Some(190),
+            outcome: Some(StepOutcome::Failed),
+            error: Some("no network".into()),
+        }
+    );
+    assert_eq!(steps[0].outcome, Some(StepOutcome::RolledBack));
+    assert_eq!((steps[2].step, steps[2].outcome), (third, None));
+    // A restart fails the task and ends its open step.
+    store.fail_running_tasks("server restarted").await.unwrap();
+    let open = &store.task_steps("task-1").await.unwrap()[2];
+    assert_eq!(open.outcome, Some(StepOutcome::Failed));
+    assert_eq!(open.error.as_deref(), Some("server restarted"));
+    assert!(open.ended_at_ms.is_some());
+    assert!(store.task_steps("task-9").await.unwrap().is_empty());
+    assert!(is_not_found(
+        store.start_task_step("task-9", "x", 0, 1).await
+    ));
+    assert!(is_not_found(
+        store
+            .end_task_step("task-1", 9, StepOutcome::Succeeded, None, 1)
+            .await
+    ));
+}
+
+async fn concurrent_task_steps_get_distinct_numbers(store: &dyn Store) {
+    store.insert_task(&task("task-1", 5)).await.unwrap();
+    let steps = join_all((0..10).map(|i| store.start_task_step("task-1", "s", i, 1))).await;
+    let mut numbers: Vec<u32> = steps.into_iter().map(Result::unwrap).collect();
+    numbers.sort_unstable();
+    assert_eq!(numbers, (1..=10).collect::<Vec<_>>());
+}
+
+async fn hosts_register_and_heartbeat(store: &dyn Store) {
+    assert!(store.hosts().await.unwrap().is_empty());
+    let mut local = HostRecord {
+        name: "local".into(),
+        address: String::new(),
+        state: HostState::Up,
+        facts: serde_json::json!({"vcpus": 2, "memory_mib": 4096}),
+        last_heartbeat_ms: 10,
+    };
+    store.upsert_host(&local).await.unwrap();
+    assert_eq!(store.host("local").await.unwrap().unwrap(), local);
+    local.address = "10.0.0.2:7000".into();
+    store.upsert_host(&local).await.unwrap();
+    let other = HostRecord {
+        name: "b-host".into(),
+        ..local.clone()
+    };
+    store.upsert_host(&other).await.unwrap();
+    let facts = serde_json::json!({"free_memory_mib": 1024});
+    store
+        .heartbeat("local", HostState::Draining, &facts, 20)
+        .await
+        .unwrap();
+    let read = store.host("local").await.unwrap().unwrap();
+    assert_eq!(
+        (
+            read.state,
+            &read.facts,
+            read.last_heartbeat_ms,
+            read.address.as_str()
+        ),
+        (HostState::Draining, &facts, 20, "10.0.0.2:7000")
+    );
+    let names: Vec<String> = store
+        .hosts()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|h| h.name)
+        .collect();
+    assert_eq!(names, ["b-host", "local"]);
+    assert!(store.host("nowhere").await.unwrap().is_none());
+    assert!(is_not_found(
+        store.heartbeat("nowhere", HostState::Down, &facts, 1).await
+    ));
+}
+
+async fn templates_are_kept_used_and_removed(store: &dyn Store) {
+    let template = TemplateRecord {
+        key: "redis-abc".into(),
+        service: "redis".into(),
+        host: "local".into(),
+        hash: "abc".into(),
+        size_bytes: 5 << 30,
+        created_at_ms: 100,
+        last_used_at_ms: 100,
+    };
+    store.put_template(&template).await.unwrap();
+    assert_eq!(
+        store.template("redis-abc").await.unwrap().unwrap(),
+        template
+    );
+    store.template_used("redis-abc", 300).await.unwrap();
+    store.template_used("redis-abc", 200).await.unwrap();
+    assert_eq!(
+        store
+            .template("redis-abc")
+            .await
+            .unwrap()
+            .unwrap()
+            .last_used_at_ms,
+        300
+    );
+    let remade = TemplateRecord {
+        hash: "def".into(),
+        ..template.clone()
+    };
+    store.put_template(&remade).await.unwrap();
+    store
+        .put_template(&TemplateRecord {
+            key: "pg-1".into(),
+            ..template
+        })
+        .await
+        .unwrap();
+    let keys: Vec<String> = store
+        .templates()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.key)
+        .collect();
+    assert_eq!(keys, ["pg-1", "redis-abc"]);
+    assert_eq!(
+        store.template("redis-abc").await.unwrap().unwrap().hash,
+        "def"
+    );
+    assert!(store.remove_template("redis-abc").await.unwrap());
+    assert!(!store.remove_template("redis-abc").await.unwrap());
+    assert!(store.template("redis-abc").await.unwrap().is_none());
+    assert!(is_not_found(store.template_used("redis-abc", 1).await));
+}
+
+async fn archives_are_kept_and_removed(store: &dyn Store) {
+    let archive = ArchiveRecord {
+        vm_id: "vm-a".into(),
+        tier: "local-disk".into(),
+        size_bytes: 123_456_789,
+        host: "local".into(),
+        created_at_ms: 42,
+    };
+    store.put_archive(&archive).await.unwrap();
+    assert_eq!(store.archive("vm-a").await.unwrap().unwrap(), archive);
+    let again = ArchiveRecord {
+        size_bytes: 99,
+        created_at_ms: 43,
+        ..archive.clone()
+    };
+    store.put_archive(&again).await.unwrap();
+    store
+        .put_archive(&ArchiveRecord {
+            vm_id: "vm-0".into(),
+            ..archive
+        })
+        .await
+        .unwrap();
+    let all = store.archives().await.unwrap();
+    assert_eq!(all.len(), 2);
+    assert_eq!((all[0].vm_id.as_str(), &all[1]), ("vm-0", &again));
+    assert!(store.remove_archive("vm-a").await.unwrap());
+    assert!(!store.remove_archive("vm-a").await.unwrap());
+    assert!(store.archive("vm-a").await.unwrap().is_none());
+}
+
+/// Instantiates each suite function once per backend.
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod on_sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let store = crate::SqliteStore::open_in_memory().unwrap();
+                    super::$name(&store).await;
+                }
+            )*
+        }
+
+        mod on_postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let db = hangar_test_postgres::TestDatabase::create();
+                    let store = crate::PgStore::connect(db.url()).await.unwrap();
+                    super::$name(&store).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    vm_round_trip_and_listing,
+    transitions_follow_the_state_machine,
+    transitions_under_concurrency,
+    shared_candidates_match_service_env_mode_and_state,
+    claiming_a_pool_vm_happens_once,
+    the_claim_race_has_one_winner_per_vm,
+    a_pool_vm_is_either_claimed_or_retired,
+    launch_offer_boot_and_owner_are_recorded,
+    state_changes_stamp_their_time_and_last_use_only_moves_forward,
+    pool_bounds_and_ready_criteria_override,
+    run_time_policies_are_kept_and_cleared,
+    tasks_progress_and_restart,
+    tasks_list_newest_first,
+    task_steps_record_outcomes,
+    concurrent_task_steps_get_distinct_numbers,
+    hosts_register_and_heartbeat,
+    templates_are_kept_used_and_removed,
+    archives_are_kept_and_removed,
+);

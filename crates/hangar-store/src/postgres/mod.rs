@@ -1,0 +1,730 @@
+//! [`PgStore`]: the store on a PostgreSQL server, through a pool of connections.
+//!
+//! Race-freedom does not rest on the pool: [`Store::transition`] reads the VM's state with
+//! `SELECT … FOR UPDATE` and writes it in the same transaction, and [`Store::claim`] and
+//! [`Store::retire_ready`] are single conditional `UPDATE … WHERE state = 'ready'`
+//! statements, so of concurrent claimers exactly one changes the row.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use deadpool_postgres::{
+    Config, ManagerConfig, Object, Pool, PoolConfig, RecyclingMethod, Runtime, Timeouts,
+};
+use hangar_core::state::{InvalidTransition, check_transition};
+use hangar_core::{Mode, VmState};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{NoTls, Row};
+
+use crate::{
+    ArchiveRecord, Entity, HostRecord, HostState, StepOutcome, Store, StoreError, TaskRecord,
+    TaskState, TaskStep, TemplateRecord, VmRecord, now_ms,
+};
+
+pub(crate) mod rows;
+mod schema;
+
+use rows::{ARCHIVE_COLUMNS, HOST_COLUMNS, STEP_COLUMNS, TASK_COLUMNS, TEMPLATE_COLUMNS};
+use rows::{VM_COLUMNS, archive_row, host_row, signed, step_row, task_row, template_row, vm_row};
+
+/// Connections the pool keeps at most.
+const POOL_SIZE: usize = 16;
+
+/// The store in a PostgreSQL database.
+pub struct PgStore {
+    pool: Pool,
+}
+
+type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
+
+/// A PostgreSQL error as a backend error.
+pub(crate) fn pg(err: tokio_postgres::Error) -> StoreError {
+    StoreError::backend("postgresql error", err)
+}
+
+/// An insert's error: a unique-key violation is a conflict on `kind` `id`.
+fn insert_error(err: tokio_postgres::Error, kind: Entity, id: &str) -> StoreError {
+    match err.code() {
+        Some(code) if *code == SqlState::UNIQUE_VIOLATION => StoreError::exists(kind, id),
+        _ => pg(err),
+    }
+}
+
+impl PgStore {
+    /// Connects to the database `url` names (`postgres://user:password@host:port/db`),
+    /// checks that it answers, and migrates it.
+    pub async fn connect(url: &str) -> Result<PgStore, StoreError> {
+        let mut config = Config::new();
+        config.url = Some(url.to_owned());
+        config.manager = Some(ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        });
+        config.pool = Some(PoolConfig {
+            max_size: POOL_SIZE,
+            timeouts: Timeouts {
+                wait: Some(Duration::from_secs(30)),
+                create: Some(Duration::from_secs(10)),
+                recycle: Some(Duration::from_secs(10)),
+            },
+            ..PoolConfig::default()
+        });
+        let pool = config
+            .create_pool(Some(Runtime::Tokio1), NoTls)
+            .map_err(|err| StoreError::backend("postgresql URL is not valid", err))?;
+        let store = PgStore { pool };
+        let mut client = store.client().await?;
+        schema::migrate(&mut client).await?;
+        Ok(store)
+    }
+
+    async fn client(&self) -> Result<Object, StoreError> {
+        self.pool
+            .get()
+            .await
+            .map_err(|err| StoreError::backend("cannot reach postgresql", err))
+    }
+
+    async fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64, StoreError> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(sql).await.map_err(pg)?;
+        client.execute(&stmt, params).await.map_err(pg)
+    }
+
+    /// Runs an UPDATE of `kind` `id`; [`StoreError::NotFound`] when no row matched.
+    async fn update(
+        &self,
+        sql: &str,
+        params: Params<'_>,
+        kind: Entity,
+        id: &str,
+    ) -> Result<(), StoreError> {
+        match self.execute(sql, params).await? {
+            0 => Err(StoreError::not_found(kind, id)),
+            _ => Ok(()),
+        }
+    }
+
+    async fn query<T>(
+        &self,
+        sql: &str,
+        params: Params<'_>,
+        decode: fn(&Row) -> Result<T, StoreError>,
+    ) -> Result<Vec<T>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(sql).await.map_err(pg)?;
+        let rows = client.query(&stmt, params).await.map_err(pg)?;
+        rows.iter().map(decode).collect()
+    }
+
+    async fn query_opt<T>(
+        &self,
+        sql: &str,
+        params: Params<'_>,
+        decode: fn(&Row) -> Result<T, StoreError>,
+    ) -> Result<Option<T>, StoreError> {
+        Ok(self.query(sql, params, decode).await?.into_iter().next())
+    }
+
+    async fn text_map(&self, sql: &str) -> Result<BTreeMap<String, String>, StoreError> {
+        fn pair(row: &Row) -> Result<(String, String), StoreError> {
+            Ok((row.try_get(0).map_err(pg)?, row.try_get(1).map_err(pg)?))
+        }
+        Ok(self.query(sql, &[], pair).await?.into_iter().collect())
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for PgStore {
+    async fn insert_vm(&self, vm: &VmRecord) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&format!(
+                "INSERT INTO vms ({VM_COLUMNS})
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
+                         $17, $18, $19, $20, $21, $22)"
+            ))
+            .await
+            .map_err(pg)?;
+        let (os_name, os_version) = vm.os.clone().unzip();
+        client
+            .execute(
+                &stmt,
+                &[
+                    &vm.id,
+                    &vm.host,
+                    &serde_json::to_string(&vm.services)?,
+                    &serde_json::to_string(&vm.env)?,
+                    &vm.mode.as_str(),
+                    &vm.owner,
+                    &vm.state.as_str(),
+                    &serde_json::to_string(&vm.endpoints)?,
+                    &vm.spec.to_string(),
+                    &vm.pid.map(i64::from),
+                    &vm.error,
+                    &signed(vm.created_at_ms),
+                    &signed(vm.updated_at_ms),
+                    &signed(vm.last_used_at_ms),
+                    &vm.boot_ms.map(signed),
+                    &i64::from(vm.memory_mib),
+                    &i64::from(vm.vcpus),
+                    &vm.pool,
+                    &os_name,
+                    &os_version,
+                    &signed(vm.state_since_ms),
+                    &serde_json::to_string(&vm.direct_endpoints)?,
+                ],
+            )
+            .await
+            .map_err(|err| insert_error(err, Entity::Vm, &vm.id))?;
+        Ok(())
+    }
+
+    async fn vm(&self, id: &str) -> Result<Option<VmRecord>, StoreError> {
+        let sql = format!("SELECT {VM_COLUMNS} FROM vms WHERE id = $1");
+        self.query_opt(&sql, &[&id], vm_row).await
+    }
+
+    async fn vms(&self, include_deleted: bool) -> Result<Vec<VmRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {VM_COLUMNS} FROM vms WHERE $1 OR state != 'deleted' ORDER BY created_at_ms, id"
+        );
+        self.query(&sql, &[&include_deleted], vm_row).await
+    }
+
+    async fn vms_owned_by(&self, owner: &str) -> Result<Vec<VmRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {VM_COLUMNS} FROM vms WHERE owner = $1 AND state != 'deleted'
+             ORDER BY created_at_ms, id"
+        );
+        self.query(&sql, &[&owner], vm_row).await
+    }
+
+    async fn transition(
+        &self,
+        id: &str,
+        to: VmState,
+        error: Option<&str>,
+    ) -> Result<VmRecord, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg)?;
+        let row = tx
+            .query_opt("SELECT state FROM vms WHERE id = $1 FOR UPDATE", &[&id])
+            .await
+            .map_err(pg)?
+            .ok_or_else(|| StoreError::not_found(Entity::Vm, id))?;
+        let from: String = row.try_get(0).map_err(pg)?;
+        let from: VmState = from.parse().map_err(|_| StoreError::corrupt(&from))?;
+        check_transition(from, to)?;
+        let row = tx
+            .query_one(
+                &format!(
+                    "UPDATE vms SET state = $2, error = $3, updated_at_ms = $4, state_since_ms = $4
+                     WHERE id = $1 RETURNING {VM_COLUMNS}"
+                ),
+                &[&id, &to.as_str(), &error, &signed(now_ms())],
+            )
+            .await
+            .map_err(pg)?;
+        let vm = vm_row(&row)?;
+        tx.commit().await.map_err(pg)?;
+        Ok(vm)
+    }
+
+    async fn claim(
+        &self,
+        id: &str,
+        mode: Mode,
+        env: &BTreeMap<String, String>,
+    ) -> Result<VmRecord, StoreError> {
+        let sql = format!(
+            "UPDATE vms SET state = 'active', pool = NULL, mode = $2, env = $3,
+                            updated_at_ms = $4, last_used_at_ms = $4, state_since_ms = $4
+             WHERE id = $1 AND state = 'ready' RETURNING {VM_COLUMNS}"
+        );
+        let env = serde_json::to_string(env)?;
+        let claimed = self
+            .query_opt(
+                &sql,
+                &[&id, &mode.as_str(), &env, &signed(now_ms())],
+                vm_row,
+            )
+            .await?;
+        match claimed {
+            Some(vm) => Ok(vm),
+            None => {
+                let from = self
+                    .vm(id)
+                    .await?
+                    .ok_or_else(|| StoreError::not_found(Entity::Vm, id))?
+                    .state;
+                Err(InvalidTransition {
+                    from,
+                    to: VmState::Active,
+                }
+                .into())
+            }
+        }
+    }
+
+    async fn retire_ready(&self, id: &str) -> Result<bool, StoreError> {
+        let changed = self
+            .execute(
+                "UPDATE vms SET state = 'deleted', updated_at_ms = $2, state_since_ms = $2
+                 WHERE id = $1 AND state = 'ready'",
+                &[&id, &signed(now_ms())],
+            )
+            .await?;
+        Ok(changed == 1)
+    }
+
+    async fn set_launch(
+        &self,
+        id: &str,
+        pid: Option<u32>,
+        spec: &serde_json::Value,
+    ) -> Result<(), StoreError> {
+        self.update(
+            "UPDATE vms SET pid = $2, spec = $3, updated_at_ms = $4 WHERE id = $1",
+            &[
+                &id,
+                &pid.map(i64::from),
+                &spec.to_string(),
+                &signed(now_ms()),
+            ],
+            Entity::Vm,
+            id,
+        )
+        .await
+    }
+
+    async fn set_offer(
+        &self,
+        id: &str,
+        services: &[String],
+        os: &(String, String),
+        endpoints: &BTreeMap<String, String>,
+        direct_endpoints: &BTreeMap<String, String>,
+    ) -> Result<(), StoreError> {
+        self.update(
+            "UPDATE vms SET services = $2, os_name = $3, os_version = $4, endpoints = $5,
+                            direct_endpoints = $6 WHERE id = $1",
+            &[
+                &id,
+                &serde_json::to_string(services)?,
+                &os.0,
+                &os.1,
+                &serde_json::to_string(endpoints)?,
+                &serde_json::to_string(direct_endpoints)?,
+            ],
+            Entity::Vm,
+            id,
+        )
+        .await
+    }
+
+    async fn set_boot_ms(&self, id: &str, boot_ms: u64) -> Result<(), StoreError> {
+        self.update(
+            "UPDATE vms SET boot_ms = $2 WHERE id = $1",
+            &[&id, &signed(boot_ms)],
+            Entity::Vm,
+            id,
+        )
+        .await
+    }
+
+    async fn set_owner(&self, id: &str, owner: &str) -> Result<(), StoreError> {
+        self.update(
+            "UPDATE vms SET owner = $2, updated_at_ms = $3 WHERE id = $1",
+            &[&id, &owner, &signed(now_ms())],
+            Entity::Vm,
+            id,
+        )
+        .await
+    }
+
+    async fn touch(&self, id: &str) -> Result<(), StoreError> {
+        self.update(
+            "UPDATE vms SET last_used_at_ms = $2 WHERE id = $1",
+            &[&id, &signed(now_ms())],
+            Entity::Vm,
+            id,
+        )
+        .await
+    }
+
+    async fn set_last_used(&self, id: &str, at_ms: u64) -> Result<(), StoreError> {
+        self.update(
+            "UPDATE vms SET last_used_at_ms = GREATEST(last_used_at_ms, $2) WHERE id = $1",
+            &[&id, &signed(at_ms)],
+            Entity::Vm,
+            id,
+        )
+        .await
+    }
+
+    async fn pool_bounds(&self) -> Result<BTreeMap<String, (u32, u32)>, StoreError> {
+        fn bounds(row: &Row) -> Result<(String, (u32, u32)), StoreError> {
+            let bound = |idx| {
+                let value: i64 = row.try_get(idx).map_err(pg)?;
+                u32::try_from(value).map_err(|_| StoreError::corrupt(&value.to_string()))
+            };
+            Ok((row.try_get(0).map_err(pg)?, (bound(1)?, bound(2)?)))
+        }
+        let rows = self
+            .query("SELECT name, min, max FROM pool_bounds", &[], bounds)
+            .await?;
+        Ok(rows.into_iter().collect())
+    }
+
+    async fn set_pool_bounds(&self, name: &str, min: u32, max: u32) -> Result<(), StoreError> {
+        self.execute(
+            "INSERT INTO pool_bounds (name, min, max) VALUES ($1, $2, $3)
+             ON CONFLICT (name) DO UPDATE SET min = excluded.min, max = excluded.max",
+            &[&name, &i64::from(min), &i64::from(max)],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn pool_ready(&self) -> Result<BTreeMap<String, String>, StoreError> {
+        self.text_map("SELECT name, ready FROM pool_bounds WHERE ready IS NOT NULL")
+            .await
+    }
+
+    async fn set_pool_ready(
+        &self,
+        name: &str,
+        min: u32,
+        max: u32,
+        ready: Option<&str>,
+    ) -> Result<(), StoreError> {
+        self.execute(
+            "INSERT INTO pool_bounds (name, min, max, ready) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (name) DO UPDATE SET min = excluded.min, max = excluded.max,
+                                              ready = excluded.ready",
+            &[&name, &i64::from(min), &i64::from(max), &ready],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn policies(&self) -> Result<BTreeMap<String, String>, StoreError> {
+        self.text_map("SELECT service, policy FROM policies").await
+    }
+
+    async fn set_policy(&self, service: &str, policy: Option<&str>) -> Result<(), StoreError> {
+        match policy {
+            Some(policy) => {
+                self.execute(
+                    "INSERT INTO policies (service, policy) VALUES ($1, $2)
+                     ON CONFLICT (service) DO UPDATE SET policy = excluded.policy",
+                    &[&service, &policy],
+                )
+                .await?
+            }
+            None => {
+                self.execute("DELETE FROM policies WHERE service = $1", &[&service])
+                    .await?
+            }
+        };
+        Ok(())
+    }
+
+    async fn insert_task(&self, task: &TaskRecord) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&format!(
+                "INSERT INTO tasks ({TASK_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+            ))
+            .await
+            .map_err(pg)?;
+        client
+            .execute(
+                &stmt,
+                &[
+                    &task.id,
+                    &task.kind,
+                    &task.service,
+                    &task.vm_id,
+                    &task.state.as_str(),
+                    &task.stage,
+                    &i32::from(task.percent),
+                    &task.error,
+                    &signed(task.created_at_ms),
+                    &signed(task.updated_at_ms),
+                ],
+            )
+            .await
+            .map_err(|err| insert_error(err, Entity::Task, &task.id))?;
+        Ok(())
+    }
+
+    async fn update_task(
+        &self,
+        id: &str,
+        state: TaskState,
+        stage: &str,
+        percent: u8,
+        error: Option<&str>,
+    ) -> Result<(), StoreError> {
+        self.update(
+            "UPDATE tasks SET state = $2, stage = $3, percent = $4, error = $5, updated_at_ms = $6
+             WHERE id = $1",
+            &[
+                &id,
+                &state.as_str(),
+                &stage,
+                &i32::from(percent.min(100)),
+                &error,
+                &signed(now_ms()),
+            ],
+            Entity::Task,
+            id,
+        )
+        .await
+    }
+
+    async fn set_task_vm(&self, id: &str, vm_id: &str) -> Result<(), StoreError> {
+        self.update(
+            "UPDATE tasks SET vm_id = $2 WHERE id = $1",
+            &[&id, &vm_id],
+            Entity::Task,
+            id,
+        )
+        .await
+    }
+
+    async fn task(&self, id: &str) -> Result<Option<TaskRecord>, StoreError> {
+        let sql = format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1");
+        self.query_opt(&sql, &[&id], task_row).await
+    }
+
+    async fn tasks(&self, limit: u32) -> Result<Vec<TaskRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {TASK_COLUMNS} FROM tasks ORDER BY created_at_ms DESC, id DESC LIMIT $1"
+        );
+        self.query(&sql, &[&i64::from(limit)], task_row).await
+    }
+
+    async fn fail_running_tasks(&self, reason: &str) -> Result<usize, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg)?;
+        let now = signed(now_ms());
+        tx.execute(
+            "UPDATE task_steps SET ended_at_ms = $2, outcome = 'failed', error = $1
+             WHERE ended_at_ms IS NULL
+               AND task_id IN (SELECT id FROM tasks WHERE state = 'running')",
+            &[&reason, &now],
+        )
+        .await
+        .map_err(pg)?;
+        let failed = tx
+            .execute(
+                "UPDATE tasks SET state = 'failed', error = $1, updated_at_ms = $2
+                 WHERE state = 'running'",
+                &[&reason, &now],
+            )
+            .await
+            .map_err(pg)?;
+        tx.commit().await.map_err(pg)?;
+        Ok(usize::try_from(failed).unwrap_or(usize::MAX))
+    }
+
+    async fn start_task_step(
+        &self,
+        task_id: &str,
+        stage: &str,
+        percent: u8,
+        at_ms: u64,
+    ) -> Result<u32, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg)?;
+        // The task's row lock orders concurrent steps of one task.
+        tx.query_opt("SELECT 1 FROM tasks WHERE id = $1 FOR UPDATE", &[&task_id])
+            .await
+            .map_err(pg)?
+            .ok_or_else(|| StoreError::not_found(Entity::Task, task_id))?;
+        let step: i64 = tx
+            .query_one(
+                "INSERT INTO task_steps (task_id, step, stage, percent, started_at_ms)
+                 SELECT $1, COALESCE(MAX(step), 0) + 1, $2, $3, $4
+                 FROM task_steps WHERE task_id = $1
+                 RETURNING step",
+                &[
+                    &task_id,
+                    &stage,
+                    &i32::from(percent.min(100)),
+                    &signed(at_ms),
+                ],
+            )
+            .await
+            .map_err(pg)?
+            .try_get(0)
+            .map_err(pg)?;
+        tx.commit().await.map_err(pg)?;
+        u32::try_from(step).map_err(|_| StoreError::corrupt(&step.to_string()))
+    }
+
+    async fn end_task_step(
+        &self,
+        task_id: &str,
+        step: u32,
+        outcome: StepOutcome,
+        error: Option<&str>,
+        at_ms: u64,
+    ) -> Result<(), StoreError> {
+        self.update(
+            "UPDATE task_steps SET ended_at_ms = $3, outcome = $4, error = $5
+             WHERE task_id = $1 AND step = $2",
+            &[
+                &task_id,
+                &i64::from(step),
+                &signed(at_ms),
+                &outcome.as_str(),
+                &error,
+            ],
+            Entity::TaskStep,
+            &format!("{task_id}#{step}"),
+        )
+        .await
+    }
+
+    async fn task_steps(&self, task_id: &str) -> Result<Vec<TaskStep>, StoreError> {
+        let sql = format!("SELECT {STEP_COLUMNS} FROM task_steps WHERE task_id = $1 ORDER BY step");
+        self.query(&sql, &[&task_id], step_row).await
+    }
+
+    async fn upsert_host(&self, host: &HostRecord) -> Result<(), StoreError> {
+        self.execute(
+            &format!(
+                "INSERT INTO hosts ({HOST_COLUMNS}) VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (name) DO UPDATE SET address = excluded.address,
+                     state = excluded.state, facts = excluded.facts,
+                     last_heartbeat_ms = excluded.last_heartbeat_ms"
+            ),
+            &[
+                &host.name,
+                &host.address,
+                &host.state.as_str(),
+                &host.facts.to_string(),
+                &signed(host.last_heartbeat_ms),
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn host(&self, name: &str) -> Result<Option<HostRecord>, StoreError> {
+        let sql = format!("SELECT {HOST_COLUMNS} FROM hosts WHERE name = $1");
+        self.query_opt(&sql, &[&name], host_row).await
+    }
+
+    async fn hosts(&self) -> Result<Vec<HostRecord>, StoreError> {
+        let sql = format!("SELECT {HOST_COLUMNS} FROM hosts ORDER BY name");
+        self.query(&sql, &[], host_row).await
+    }
+
+    async fn heartbeat(
+        &self,
+        name: &str,
+        state: HostState,
+        facts: &serde_json::Value,
+        at_ms: u64,
+    ) -> Result<(), StoreError> {
+        self.update(
+            "UPDATE hosts SET state = $2, facts = $3, last_heartbeat_ms = $4 WHERE name = $1",
+            &[&name, &state.as_str(), &facts.to_string(), &signed(at_ms)],
+            Entity::Host,
+            name,
+        )
+        .await
+    }
+
+    async fn put_template(&self, t: &TemplateRecord) -> Result<(), StoreError> {
+        self.execute(
+            &format!(
+                "INSERT INTO templates ({TEMPLATE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)
+                 ON CONFLICT (key) DO UPDATE SET service = excluded.service,
+                     host = excluded.host, hash = excluded.hash,
+                     size_bytes = excluded.size_bytes, created_at_ms = excluded.created_at_ms,
+                     last_used_at_ms = excluded.last_used_at_ms"
+            ),
+            &[
+                &t.key,
+                &t.service,
+                &t.host,
+                &t.hash,
+                &signed(t.size_bytes),
+                &signed(t.created_at_ms),
+                &signed(t.last_used_at_ms),
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn template(&self, key: &str) -> Result<Option<TemplateRecord>, StoreError> {
+        let sql = format!("SELECT {TEMPLATE_COLUMNS} FROM templates WHERE key = $1");
+        self.query_opt(&sql, &[&key], template_row).await
+    }
+
+    async fn templates(&self) -> Result<Vec<TemplateRecord>, StoreError> {
+        let sql = format!("SELECT {TEMPLATE_COLUMNS} FROM templates ORDER BY key");
+        self.query(&sql, &[], template_row).await
+    }
+
+    async fn template_used(&self, key: &str, at_ms: u64) -> Result<(), StoreError> {
+        self.update(
+            "UPDATE templates SET last_used_at_ms = GREATEST(last_used_at_ms, $2) WHERE key = $1",
+            &[&key, &signed(at_ms)],
+            Entity::Template,
+            key,
+        )
+        .await
+    }
+
+    async fn remove_template(&self, key: &str) -> Result<bool, StoreError> {
+        let removed = self
+            .execute("DELETE FROM templates WHERE key = $1", &[&key])
+            .await?;
+        Ok(removed == 1)
+    }
+
+    async fn put_archive(&self, a: &ArchiveRecord) -> Result<(), StoreError> {
+        self.execute(
+            &format!(
+                "INSERT INTO archives ({ARCHIVE_COLUMNS}) VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (vm_id) DO UPDATE SET tier = excluded.tier,
+                     size_bytes = excluded.size_bytes, host = excluded.host,
+                     created_at_ms = excluded.created_at_ms"
+            ),
+            &[
+                &a.vm_id,
+                &a.tier,
+                &signed(a.size_bytes),
+                &a.host,
+                &signed(a.created_at_ms),
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn archive(&self, vm_id: &str) -> Result<Option<ArchiveRecord>, StoreError> {
+        let sql = format!("SELECT {ARCHIVE_COLUMNS} FROM archives WHERE vm_id = $1");
+        self.query_opt(&sql, &[&vm_id], archive_row).await
+    }
+
+    async fn archives(&self) -> Result<Vec<ArchiveRecord>, StoreError> {
+        let sql = format!("SELECT {ARCHIVE_COLUMNS} FROM archives ORDER BY vm_id");
+        self.query(&sql, &[], archive_row).await
+    }
+
+    async fn remove_archive(&self, vm_id: &str) -> Result<bool, StoreError> {
+        let removed = self
+            .execute("DELETE FROM archives WHERE vm_id = $1", &[&vm_id])
+            .await?;
+        Ok(removed == 1)
+    }
+}

@@ -1,0 +1,141 @@
+//! PostgreSQL schema migrations, recorded in `schema_migrations` (one row per version
+//! applied). All of them run in one transaction under an advisory lock, so servers
+//! starting at once against one database migrate it once, in order.
+
+use deadpool_postgres::Object;
+
+use super::pg;
+use crate::{StoreError, now_ms};
+
+/// Key of the advisory lock held while migrating (any constant unique to hangar).
+const MIGRATION_LOCK: i64 = 0x6861_6e67_6172_0001;
+
+/// Each entry moves the schema from version `i` to `i + 1`. Version 1 is the SQLite
+/// schema at its version 6.
+pub(crate) const MIGRATIONS: &[&str] = &["
+    CREATE TABLE vms (
+        id               TEXT PRIMARY KEY,
+        host             TEXT NOT NULL,
+        services         TEXT NOT NULL,
+        env              TEXT NOT NULL,
+        mode             TEXT NOT NULL,
+        owner            TEXT NOT NULL,
+        state            TEXT NOT NULL,
+        endpoints        TEXT NOT NULL,
+        spec             TEXT NOT NULL,
+        pid              BIGINT,
+        error            TEXT,
+        created_at_ms    BIGINT NOT NULL,
+        updated_at_ms    BIGINT NOT NULL,
+        last_used_at_ms  BIGINT NOT NULL,
+        boot_ms          BIGINT,
+        memory_mib       BIGINT NOT NULL,
+        vcpus            BIGINT NOT NULL,
+        pool             TEXT,
+        os_name          TEXT,
+        os_version       TEXT,
+        state_since_ms   BIGINT NOT NULL,
+        direct_endpoints TEXT NOT NULL
+    );
+    CREATE INDEX vms_state ON vms (state);
+    CREATE INDEX vms_owner ON vms (owner);
+    CREATE TABLE tasks (
+        id            TEXT PRIMARY KEY,
+        kind          TEXT NOT NULL,
+        service       TEXT,
+        vm_id         TEXT,
+        state         TEXT NOT NULL,
+        stage         TEXT NOT NULL,
+        percent       INTEGER NOT NULL,
+        error         TEXT,
+        created_at_ms BIGINT NOT NULL,
+        updated_at_ms BIGINT NOT NULL
+    );
+    CREATE INDEX tasks_created ON tasks (created_at_ms);
+    CREATE TABLE task_steps (
+        task_id       TEXT NOT NULL,
+        step          BIGINT NOT NULL,
+        stage         TEXT NOT NULL,
+        percent       INTEGER NOT NULL,
+        started_at_ms BIGINT NOT NULL,
+        ended_at_ms   BIGINT,
+        outcome       TEXT,
+        error         TEXT,
+        PRIMARY KEY (task_id, step)
+    );
+    CREATE TABLE pool_bounds (
+        name  TEXT PRIMARY KEY,
+        min   BIGINT NOT NULL,
+        max   BIGINT NOT NULL,
+        ready TEXT
+    );
+    CREATE TABLE policies (
+        service TEXT PRIMARY KEY,
+        policy  TEXT NOT NULL
+    );
+    CREATE TABLE hosts (
+        name              TEXT PRIMARY KEY,
+        address           TEXT NOT NULL,
+        state             TEXT NOT NULL,
+        facts             TEXT NOT NULL,
+        last_heartbeat_ms BIGINT NOT NULL
+    );
+    CREATE TABLE templates (
+        key             TEXT PRIMARY KEY,
+        service         TEXT NOT NULL,
+        host            TEXT NOT NULL,
+        hash            TEXT NOT NULL,
+        size_bytes      BIGINT NOT NULL,
+        created_at_ms   BIGINT NOT NULL,
+        last_used_at_ms BIGINT NOT NULL
+    );
+    CREATE TABLE archives (
+        vm_id         TEXT PRIMARY KEY,
+        tier          TEXT NOT NULL,
+        size_bytes    BIGINT NOT NULL,
+        host          TEXT NOT NULL,
+        created_at_ms BIGINT NOT NULL
+    );"];
+
+/// Brings the schema up to the newest version. [`StoreError::SchemaTooNew`] when a newer
+/// hangar migrated it further.
+pub(crate) async fn migrate(client: &mut Object) -> Result<(), StoreError> {
+    let supported = i64::try_from(MIGRATIONS.len()).expect("few migrations");
+    let tx = client.transaction().await.map_err(pg)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(pg)?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+            version       BIGINT PRIMARY KEY,
+            applied_at_ms BIGINT NOT NULL
+        )",
+    )
+    .await
+    .map_err(pg)?;
+    let found: i64 = tx
+        .query_one(
+            "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+            &[],
+        )
+        .await
+        .map_err(pg)?
+        .get(0);
+    if found > supported {
+        return Err(StoreError::SchemaTooNew { found, supported });
+    }
+    let now = i64::try_from(now_ms()).unwrap_or(i64::MAX);
+    for (version, sql) in (1_i64..)
+        .zip(MIGRATIONS)
+        .skip(usize::try_from(found).unwrap_or(0))
+    {
+        tx.batch_execute(sql).await.map_err(pg)?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, applied_at_ms) VALUES ($1, $2)",
+            &[&version, &now],
+        )
+        .await
+        .map_err(pg)?;
+    }
+    tx.commit().await.map_err(pg)
+}

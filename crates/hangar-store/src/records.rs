@@ -1,0 +1,205 @@
+//! The records the store keeps. Plain data: no backend types.
+
+use std::collections::BTreeMap;
+
+use hangar_core::{Mode, VmState};
+use serde::{Deserialize, Serialize};
+
+use crate::StoreError;
+
+/// One row of the state table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmRecord {
+    pub id: String,
+    /// Host the VM runs on (`local` in single-node mode).
+    pub host: String,
+    /// Services the VM offers.
+    pub services: Vec<String>,
+    /// Environment the VM was made for (shared requests only match equal environments).
+    pub env: BTreeMap<String, String>,
+    pub mode: Mode,
+    /// Who the VM was made for, as the caller that created it said.
+    pub owner: String,
+    pub state: VmState,
+    /// Port name → `HOST:PORT` clients are given: stable while the VM sleeps, is archived
+    /// and wakes (hangar's forwarder holds them).
+    pub endpoints: BTreeMap<String, String>,
+    /// Port name → `HOST:PORT` of the VM's own port forwards behind `endpoints` (equal to
+    /// them when no forwarder is used); these answer only while the VM's process runs.
+    pub direct_endpoints: BTreeMap<String, String>,
+    /// Backend launch spec (opaque to the store), kept so a restarted server can adopt.
+    pub spec: serde_json::Value,
+    pub pid: Option<u32>,
+    pub error: Option<String>,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+    /// Last time it was granted, woken, or used through its endpoint.
+    pub last_used_at_ms: u64,
+    /// When it entered its current state (set by every state change).
+    pub state_since_ms: u64,
+    /// Launch → ready, when it booted.
+    pub boot_ms: Option<u64>,
+    pub memory_mib: u32,
+    pub vcpus: u32,
+    /// The warm pool holding this VM while it is paused and unclaimed.
+    pub pool: Option<String>,
+    /// OS name and version; `None` for a hardware shell with no OS attached yet.
+    pub os: Option<(String, String)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    Running,
+    Succeeded,
+    Failed,
+}
+
+impl TaskState {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Running => "running",
+            TaskState::Succeeded => "succeeded",
+            TaskState::Failed => "failed",
+        }
+    }
+
+    pub(crate) fn parse(s: &str) -> Result<TaskState, StoreError> {
+        match s {
+            "running" => Ok(TaskState::Running),
+            "succeeded" => Ok(TaskState::Succeeded),
+            "failed" => Ok(TaskState::Failed),
+            other => Err(StoreError::corrupt(other)),
+        }
+    }
+}
+
+/// A long operation (VM creation, ...), with progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    pub id: String,
+    /// What the task does, e.g. `create_vm`.
+    pub kind: String,
+    pub service: Option<String>,
+    pub vm_id: Option<String>,
+    pub state: TaskState,
+    /// Current step, e.g. `assets`, `image`, `launch`, `boot`, `ready`.
+    pub stage: String,
+    pub percent: u8,
+    pub error: Option<String>,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+}
+
+/// How one step of a task ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepOutcome {
+    Succeeded,
+    Failed,
+    /// Undone after a later step failed.
+    RolledBack,
+}
+
+impl StepOutcome {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            StepOutcome::Succeeded => "succeeded",
+            StepOutcome::Failed => "failed",
+            StepOutcome::RolledBack => "rolled_back",
+        }
+    }
+
+    pub(crate) fn parse(s: &str) -> Result<StepOutcome, StoreError> {
+        match s {
+            "succeeded" => Ok(StepOutcome::Succeeded),
+            "failed" => Ok(StepOutcome::Failed),
+            "rolled_back" => Ok(StepOutcome::RolledBack),
+            other => Err(StoreError::corrupt(other)),
+        }
+    }
+}
+
+/// One step of a task: when it started and ended and how it went.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskStep {
+    pub task_id: String,
+    /// 1, 2, ... in the order the task started its steps.
+    pub step: u32,
+    pub stage: String,
+    /// The task's progress when the step started.
+    pub percent: u8,
+    pub started_at_ms: u64,
+    /// `None` while the step runs.
+    pub ended_at_ms: Option<u64>,
+    pub outcome: Option<StepOutcome>,
+    pub error: Option<String>,
+}
+
+/// Whether a host takes new work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HostState {
+    Up,
+    /// Keeps what runs there, takes nothing new.
+    Draining,
+    /// Not answering.
+    Down,
+}
+
+impl HostState {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            HostState::Up => "up",
+            HostState::Draining => "draining",
+            HostState::Down => "down",
+        }
+    }
+
+    pub(crate) fn parse(s: &str) -> Result<HostState, StoreError> {
+        match s {
+            "up" => Ok(HostState::Up),
+            "draining" => Ok(HostState::Draining),
+            "down" => Ok(HostState::Down),
+            other => Err(StoreError::corrupt(other)),
+        }
+    }
+}
+
+/// A machine VMs run on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostRecord {
+    /// Unique name (`local` in single-node mode).
+    pub name: String,
+    /// Where the control plane reaches it (empty for the in-process local host).
+    pub address: String,
+    pub state: HostState,
+    /// Capacity and facts as the host last reported them (opaque to the store).
+    pub facts: serde_json::Value,
+    pub last_heartbeat_ms: u64,
+}
+
+/// A template (a booted, paused VM image clones are made from) held on a host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateRecord {
+    /// Unique key (identifies the service and the inputs it was made from).
+    pub key: String,
+    pub service: String,
+    pub host: String,
+    /// Digest of what the template was made from.
+    pub hash: String,
+    pub size_bytes: u64,
+    pub created_at_ms: u64,
+    pub last_used_at_ms: u64,
+}
+
+/// An archived VM's saved state: where it lies and how big it is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchiveRecord {
+    pub vm_id: String,
+    /// Storage tier, e.g. `local-disk`.
+    pub tier: String,
+    pub size_bytes: u64,
+    pub host: String,
+    pub created_at_ms: u64,
+}
