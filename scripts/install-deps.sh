@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what hangar needs on Debian 12: QEMU (system emulator and qemu-img of the same
 # version), busybox-static for guests, e2fsprogs for image building, debootstrap and
-# squashfs-tools for Debian image layers, curl for the demo, psql for the tests, and for
+# squashfs-tools for Debian image layers, curl for the demo, PostgreSQL 15 (server and psql:
+# the store's tests run on a throwaway cluster of it; `hangar server --store postgres://…`), and for
 # `hangar bench`: libvirt (the comparison; its daemons are started only by the benchmark)
 # and a font for its chart. Idempotent: installs only what is missing.
 set -euo pipefail
@@ -19,6 +20,7 @@ command -v curl >/dev/null || need+=(curl)
 command -v debootstrap >/dev/null || [ -x /usr/sbin/debootstrap ] || need+=(debootstrap)
 command -v mksquashfs >/dev/null || need+=(squashfs-tools)
 command -v psql >/dev/null || need+=(postgresql-client)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql-15)
 command -v dpkg-deb >/dev/null || need+=(dpkg)
 [ -x /usr/sbin/libvirtd ] || need+=(libvirt-daemon-system)
 command -v virsh >/dev/null || need+=(libvirt-clients)

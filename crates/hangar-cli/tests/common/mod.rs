@@ -1,6 +1,10 @@
 //! Test support: a real `hangar server` in a temporary data dir, the real `hangar` CLI, and
 //! cleanup that stops every QEMU process and the forwarder the test started, even when the
 //! test fails.
+//!
+//! With `HANGAR_TEST_STORE=postgres` each server keeps its state in a fresh database on a
+//! real PostgreSQL (`--store postgres://…`, see `hangar-test-postgres`) instead of SQLite
+//! in its data dir; a restarted server finds the same database.
 
 #![allow(dead_code)] // each test binary uses a different part
 
@@ -24,6 +28,19 @@ pub struct TestServer {
     pub url: String,
     pub extra_args: Vec<String>,
     child: Option<Child>,
+    /// The server's PostgreSQL database, when `HANGAR_TEST_STORE=postgres` (dropped after
+    /// the server is stopped).
+    database: Option<hangar_test_postgres::TestDatabase>,
+}
+
+/// Whether servers keep their state in PostgreSQL (`HANGAR_TEST_STORE=postgres`) rather
+/// than SQLite. Any other value than `postgres` or `sqlite` (or unset) is refused.
+pub fn store_is_postgres() -> bool {
+    match std::env::var("HANGAR_TEST_STORE").as_deref() {
+        Ok("postgres") => true,
+        Ok("sqlite") | Ok("") | Err(_) => false,
+        Ok(other) => panic!("HANGAR_TEST_STORE={other}: expected postgres or sqlite"),
+    }
 }
 
 impl TestServer {
@@ -55,6 +72,7 @@ impl TestServer {
             url: format!("http://127.0.0.1:{port}"),
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             child: None,
+            database: store_is_postgres().then(hangar_test_postgres::TestDatabase::create),
         };
         server.spawn();
         server
@@ -81,6 +99,7 @@ impl TestServer {
                 "--data-dir",
             ])
             .arg(self.data_dir.path())
+            .args(self.database.iter().flat_map(|db| ["--store", db.url()]))
             .args(&self.extra_args)
             .env("HANGAR_LOG", "info,hangar_server=debug")
             .stdin(Stdio::null())
@@ -97,6 +116,13 @@ impl TestServer {
             if http_get(&self.listen().parse().unwrap(), "/healthz")
                 .is_ok_and(|(status, _)| status == 200)
             {
+                if self.database.is_some() {
+                    assert!(
+                        self.log().contains("backend=\"postgresql\""),
+                        "the server does not say it keeps its state in PostgreSQL:\n{}",
+                        self.log()
+                    );
+                }
                 return;
             }
             assert!(

@@ -5,6 +5,10 @@
 //! configuration and identity, ready checks (console logs, `/proc`), host ports, template
 //! directories (`<templates dir>/<service>-<key>/`, see [`hangar_vmm::template`]) and the
 //! VM directories. A VM's [`LaunchRecord`] is its [`VmSpec`] as JSON.
+//!
+//! - this module: [`LocalHost`] and its [`Host`] operations;
+//! - `guest`: talking to one guest (ports, ready checks, identity, slicing);
+//! - `templates`: template keys and directories.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -12,16 +16,20 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hangar_core::{ReadySpec, Service};
-use hangar_vmm::{Agent, Hypervisor, Launched, PortForward, TemplateInfo, VmSpec};
-use sha2::{Digest, Sha256};
+use hangar_core::Service;
+use hangar_vmm::{Agent, Hypervisor, Launched, VmSpec};
+
+mod guest;
+mod templates;
+
+use guest::{diagnose, settle};
 
 use crate::guest::{guest_config, new_identity};
 use crate::images::{ImageSource, ProgressFn, RootImage};
 use crate::{
     Adopted, ArchiveFacts, ArchiveTier, BootedShell, HandOut, HandedOut, Host, HostError,
     HostFacts, LaunchRecord, MadeVm, PreparedVm, Purpose, RunState, ShellPlan, Stages,
-    TemplateFacts, VmPlan, VmRun, WakeFrom, Woken, ready,
+    TemplateFacts, VmPlan, VmRun, WakeFrom, Woken,
 };
 
 #[derive(Debug, Clone)]
@@ -134,257 +142,6 @@ impl LocalHost {
 
     fn drop_agent(&self, id: &str) {
         self.agents.lock().expect("agents lock").remove(id);
-    }
-
-    /// Removes what an interrupted template build left (staging directories).
-    pub fn clean_template_debris(&self) {
-        let Some(root) = &self.config.templates_dir else {
-            return;
-        };
-        for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {
-            let path = entry.path();
-            if path.extension().is_some_and(|ext| ext == "tmp") {
-                tracing::info!(dir = %path.display(), "removing an unfinished template");
-                let _ = std::fs::remove_dir_all(&path);
-            }
-        }
-    }
-
-    /// One free host port per service port, on the endpoint address: the VM's own port
-    /// forwards (its direct endpoints).
-    fn allocate_ports(
-        &self,
-        service: &Service,
-    ) -> Result<(Vec<PortForward>, BTreeMap<String, SocketAddr>), HostError> {
-        // Hold every probe listener until all are chosen, so no port is picked twice.
-        let listeners = service
-            .ports
-            .iter()
-            .map(|_| std::net::TcpListener::bind((self.config.endpoint_host, 0)))
-            .collect::<std::io::Result<Vec<_>>>()
-            .map_err(HostError::Ports)?;
-        let mut forwards = Vec::new();
-        let mut endpoints = BTreeMap::new();
-        for (port, listener) in service.ports.iter().zip(&listeners) {
-            let addr = listener.local_addr().map_err(HostError::Ports)?;
-            forwards.push(PortForward {
-                host: addr.ip(),
-                host_port: addr.port(),
-                guest_port: port.guest,
-            });
-            endpoints.insert(port.name.clone(), addr);
-        }
-        Ok((forwards, endpoints))
-    }
-
-    /// Waits for the service's ready criterion on this VM; the error explains what failed.
-    async fn wait_ready(
-        &self,
-        vm_id: &str,
-        pid: Option<u32>,
-        service: &Service,
-        ready: &ReadySpec,
-        endpoints: &BTreeMap<String, SocketAddr>,
-        agent: &Agent,
-    ) -> Result<(), HostError> {
-        let console_log = self.hv.console_log(vm_id);
-        let target = ready::ProbeTarget {
-            endpoints,
-            agent,
-            console_log: console_log.as_deref(),
-            qemu_pid: pid,
-        };
-        ready::wait_ready(service, ready, &target)
-            .await
-            .map(drop)
-            .map_err(|not_ready| HostError::NotReady(diagnose(vm_id, agent, &not_ready.0)))
-    }
-
-    /// The key of `service`'s template for VMs launched as `spec` describes.
-    fn template_key(service: &Service, spec: &VmSpec) -> String {
-        let inputs = serde_json::json!({
-            "service": service,
-            "kernel": spec.kernel,
-            "initramfs": spec.initramfs,
-            "cmdline": spec.cmdline,
-            "base_image": spec.base_image,
-            "memory_mib": spec.memory_mib,
-            "vcpus": spec.vcpus,
-        });
-        let digest = Sha256::digest(inputs.to_string().as_bytes());
-        hex::encode(&digest[..8])
-    }
-
-    fn template_dir(&self, service: &Service, spec: &VmSpec) -> Option<PathBuf> {
-        self.config.templates_dir.as_ref().map(|dir| {
-            dir.join(format!(
-                "{}-{}",
-                service.name,
-                Self::template_key(service, spec)
-            ))
-        })
-    }
-
-    /// The current template for VMs of `service` launched as `spec`, if one is built.
-    fn find_template(&self, service: &Service, spec: &VmSpec) -> Option<TemplateInfo> {
-        hangar_vmm::template::read(&self.template_dir(service, spec)?)
-    }
-
-    /// The spec a VM launched as `spec` runs with once cloned from `template`.
-    fn cloned_spec(spec: &VmSpec, template: &TemplateInfo) -> VmSpec {
-        VmSpec {
-            kernel: template.spec.kernel.clone(),
-            initramfs: template.spec.initramfs.clone(),
-            cmdline: template.spec.cmdline.clone(),
-            base_image: template.disk.clone(),
-            pre_os: false,
-            template: Some(template.dir.clone()),
-            ..spec.clone()
-        }
-    }
-
-    /// A spec with what a template's key depends on, for looking one up.
-    async fn template_probe_spec(&self, service: &Service) -> Result<VmSpec, HostError> {
-        let assets = self.images.guest_assets().await.map_err(HostError::Image)?;
-        Ok(VmSpec {
-            id: String::new(),
-            vcpus: service.vcpus,
-            memory_mib: service.memory_mib,
-            kernel: assets.vmlinux,
-            initramfs: assets.initramfs,
-            cmdline: self.config.guest_cmdline.clone(),
-            base_image: self
-                .images
-                .root_image(service, &service.os, Arc::new(|_, _| {}))
-                .await
-                .map_err(HostError::Image)?
-                .base,
-            layers: Vec::new(),
-            forwards: Vec::new(),
-            pre_os: false,
-            background: false,
-            template: None,
-        })
-    }
-
-    fn template_facts(info: &TemplateInfo, services: &[Service]) -> Option<TemplateFacts> {
-        let id = info.dir.file_name()?.to_string_lossy().into_owned();
-        let (service, key) = id.rsplit_once('-')?;
-        let current = services
-            .iter()
-            .find(|s| s.name == service)
-            .is_some_and(|s| Self::template_key(s, &info.spec) == key);
-        Some(TemplateFacts {
-            service: service.to_owned(),
-            key: key.to_owned(),
-            id: id.clone(),
-            location: info.dir.display().to_string(),
-            memory_mib: info.spec.memory_mib,
-            vcpus: info.spec.vcpus,
-            size_bytes: info.size_bytes,
-            took_ms: info.took_ms,
-            created_unix_ms: info.created_unix_ms,
-            current,
-        })
-    }
-
-    fn template_infos(&self) -> Vec<TemplateInfo> {
-        let Some(root) = &self.config.templates_dir else {
-            return Vec::new();
-        };
-        let Ok(entries) = std::fs::read_dir(root) else {
-            return Vec::new();
-        };
-        entries
-            .flatten()
-            .filter_map(|entry| hangar_vmm::template::read(&entry.path()))
-            .collect()
-    }
-
-    /// Ends the making of a template: VM `vm_id`, ready and paused, becomes the template
-    /// (its process and directory go, also on error).
-    async fn finish_template(
-        &self,
-        vm_id: &str,
-        service: &Service,
-        spec: &VmSpec,
-    ) -> Result<TemplateFacts, HostError> {
-        let dir = self
-            .template_dir(service, spec)
-            .ok_or(HostError::TemplatesOff)?;
-        if let Some(parent) = dir.parent() {
-            std::fs::create_dir_all(parent).map_err(|source| HostError::Io {
-                path: parent.display().to_string(),
-                source,
-            })?;
-        }
-        let made = self.hv.make_template(vm_id, &dir).await;
-        self.drop_agent(vm_id);
-        let template = made?;
-        tracing::info!(service = %service.name, dir = %dir.display(), size_bytes = template.size_bytes, took_ms = template.took_ms, "template made");
-        Self::template_facts(&template, std::slice::from_ref(service))
-            .ok_or_else(|| HostError::Guest(format!("template {} has no name", dir.display())))
-    }
-
-    /// Resumes a VM that was paused and sends it a fresh identity.
-    async fn reidentify(
-        &self,
-        id: &str,
-        agent: &Agent,
-        hostname: &str,
-        timeout: Duration,
-    ) -> Result<(), HostError> {
-        let reply = agent.reidentify(new_identity(hostname), timeout).await?;
-        tracing::debug!(vm = %id, guest = %reply.stdout, "identity applied");
-        if !reply.ok {
-            return Err(HostError::Guest(format!(
-                "re-identification failed: {}",
-                reply.error.unwrap_or_default()
-            )));
-        }
-        Ok(())
-    }
-
-    /// Slices a superset VM down: the balloon takes the memory above `memory`, and vCPUs
-    /// beyond `vcpus` go offline in the guest.
-    async fn slice(
-        &self,
-        id: &str,
-        agent: &Agent,
-        size: (u32, u32),
-        to: (u32, u32),
-    ) -> Result<(u32, u32), HostError> {
-        let memory = size.1.min(to.1);
-        if memory < size.1 {
-            self.hv.set_memory(id, memory).await?;
-        }
-        if to.0 < size.0 {
-            let script = format!(
-                "for c in $(seq {} {}); do echo 0 > /sys/devices/system/cpu/cpu$c/online; done",
-                to.0,
-                size.0 - 1
-            );
-            let reply = agent
-                .exec(
-                    vec!["sh".into(), "-c".into(), script],
-                    Duration::from_secs(10),
-                )
-                .await?;
-            if !reply.ok {
-                return Err(HostError::Guest(format!(
-                    "taking vCPUs offline failed: {}",
-                    reply.stderr.trim()
-                )));
-            }
-        }
-        Ok((to.0.min(size.0), memory))
-    }
-
-    /// A pool VM being handed out runs at normal CPU priority again (best effort).
-    async fn to_foreground(&self, id: &str) {
-        if let Err(err) = self.hv.set_foreground(id).await {
-            tracing::debug!(vm = %id, error = %err, "cannot raise vm priority");
-        }
     }
 }
 
@@ -846,50 +603,3 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
     }
     text
 }
-
-/// `reason`, with what the guest reported that explains it (service exits, failures).
-fn diagnose(vm_id: &str, agent: &Agent, reason: &str) -> String {
-    let mut text = reason.to_owned();
-    for event in agent.recent_events() {
-        match event {
-            hangar_proto::GuestMessage::ServiceExited { name, code, signal } => {
-                text.push_str(&format!(
-                    "; service process {name} exited ({})",
-                    match (code, signal) {
-                        (Some(code), _) => format!("code {code}"),
-                        (_, Some(signal)) => format!("signal {signal}"),
-                        _ => "unknown status".into(),
-                    }
-                ));
-            }
-            hangar_proto::GuestMessage::Failed { stage, error } => {
-                text.push_str(&format!("; guest failed at {stage}: {error}"));
-            }
-            _ => {}
-        }
-    }
-    tracing::debug!(vm = %vm_id, reason = %text, "vm not ready");
-    text
-}
-/// Before a pool VM is paused, lets the guest finish the work its boot left behind
-/// (deferred kernel work, journal commits, service start-up tails): otherwise that work runs
-/// right after the resume that hands it out, in the grant's critical path. Waits until the
-/// VM's process uses under [`SETTLED_PERCENT`] of a host CPU over a short window, for at
-/// most [`SETTLE_AT_MOST`]; a guest that never settles is paused anyway.
-async fn settle(vm_id: &str, pid: u32) {
-    let started = std::time::Instant::now();
-    while started.elapsed() < SETTLE_AT_MOST {
-        match ready::cpu_percent(pid, Duration::from_millis(250)).await {
-            Ok(used) if used < SETTLED_PERCENT => {
-                tracing::debug!(vm = %vm_id, ms = started.elapsed().as_millis() as u64, used, "pool vm settled");
-                return;
-            }
-            Ok(_) => {}
-            Err(_) => return, // the process is gone; the pause reports it
-        }
-    }
-    tracing::debug!(vm = %vm_id, "pool vm did not settle; pausing it anyway");
-}
-
-const SETTLED_PERCENT: f64 = 10.0;
-const SETTLE_AT_MOST: Duration = Duration::from_secs(3);

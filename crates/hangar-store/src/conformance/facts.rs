@@ -1,0 +1,266 @@
+//! The conformance suite, continued: tasks and their steps, hosts, templates, archives.
+
+use futures::future::join_all;
+
+use super::{is_not_found, task};
+use crate::*;
+
+pub(super) async fn tasks_progress_and_restart(store: &dyn Store) {
+    store.insert_task(&task("task-1", 5)).await.unwrap();
+    store
+        .update_task("task-1", TaskState::Running, "boot", 160, None)
+        .await
+        .unwrap();
+    store.set_task_vm("task-1", "vm-a").await.unwrap();
+    let read = store.task("task-1").await.unwrap().unwrap();
+    assert_eq!(
+        (read.stage.as_str(), read.percent, read.vm_id.as_deref()),
+        ("boot", 100, Some("vm-a"))
+    );
+    store.insert_task(&task("task-2", 6)).await.unwrap();
+    store
+        .update_task("task-2", TaskState::Succeeded, "ready", 100, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.fail_running_tasks("server restarted").await.unwrap(),
+        1
+    );
+    let read = store.task("task-1").await.unwrap().unwrap();
+    assert_eq!(
+        (read.state, read.error.as_deref()),
+        (TaskState::Failed, Some("server restarted"))
+    );
+    let done = store.task("task-2").await.unwrap().unwrap();
+    assert_eq!(done.state, TaskState::Succeeded);
+    assert!(store.task("task-9").await.unwrap().is_none());
+    assert!(is_not_found(
+        store
+            .update_task("task-9", TaskState::Running, "x", 0, None)
+            .await
+    ));
+    assert!(is_not_found(store.set_task_vm("task-9", "vm-a").await));
+    let dup = store.insert_task(&task("task-1", 7)).await.unwrap_err();
+    assert!(
+        matches!(dup, StoreError::Conflict(Conflict::Exists { .. })),
+        "{dup}"
+    );
+}
+
+pub(super) async fn tasks_list_newest_first(store: &dyn Store) {
+    for (id, at) in [("t-a", 10), ("t-b", 30), ("t-c", 20)] {
+        store.insert_task(&task(id, at)).await.unwrap();
+    }
+    let ids = |tasks: Vec<TaskRecord>| tasks.into_iter().map(|t| t.id).collect::<Vec<_>>();
+    assert_eq!(ids(store.tasks(10).await.unwrap()), ["t-b", "t-c", "t-a"]);
+    assert_eq!(ids(store.tasks(2).await.unwrap()), ["t-b", "t-c"]);
+    assert_eq!(store.tasks(3).await.unwrap()[0], task("t-b", 30));
+}
+
+pub(super) async fn task_steps_record_outcomes(store: &dyn Store) {
+    store.insert_task(&task("task-1", 5)).await.unwrap();
+    let first = store
+        .start_task_step("task-1", "image", 10, 100)
+        .await
+        .unwrap();
+    store
+        .end_task_step("task-1", first, StepOutcome::Succeeded, None, 150)
+        .await
+        .unwrap();
+    let second = store
+        .start_task_step("task-1", "boot", 40, 150)
+        .await
+        .unwrap();
+    assert_eq!((first, second), (1, 2));
+    store
+        .end_task_step(
+            "task-1",
+            second,
+            StepOutcome::Failed,
+            Some("no network"),
+            190,
+        )
+        .await
+        .unwrap();
+    store
+        .end_task_step("task-1", first, StepOutcome::RolledBack, None, 200)
+        .await
+        .unwrap();
+    let third = store
+        .start_task_step("task-1", "cleanup", 90, 210)
+        .await
+        .unwrap();
+    let steps = store.task_steps("task-1").await.unwrap();
+    assert_eq!(
+        steps[1],
+        TaskStep {
+            task_id: "task-1".into(),
+            step: 2,
+            stage: "boot".into(),
+            percent: 40,
+            started_at_ms: 150,
+            ended_at_ms: Some(190),
+            outcome: Some(StepOutcome::Failed),
+            error: Some("no network".into()),
+        }
+    );
+    assert_eq!(steps[0].outcome, Some(StepOutcome::RolledBack));
+    assert_eq!((steps[2].step, steps[2].outcome), (third, None));
+    // A restart fails the task and ends its open step.
+    store.fail_running_tasks("server restarted").await.unwrap();
+    let open = &store.task_steps("task-1").await.unwrap()[2];
+    assert_eq!(open.outcome, Some(StepOutcome::Failed));
+    assert_eq!(open.error.as_deref(), Some("server restarted"));
+    assert!(open.ended_at_ms.is_some());
+    assert!(store.task_steps("task-9").await.unwrap().is_empty());
+    assert!(is_not_found(
+        store.start_task_step("task-9", "x", 0, 1).await
+    ));
+    assert!(is_not_found(
+        store
+            .end_task_step("task-1", 9, StepOutcome::Succeeded, None, 1)
+            .await
+    ));
+}
+
+pub(super) async fn concurrent_task_steps_get_distinct_numbers(store: &dyn Store) {
+    store.insert_task(&task("task-1", 5)).await.unwrap();
+    let steps = join_all((0..10).map(|i| store.start_task_step("task-1", "s", i, 1))).await;
+    let mut numbers: Vec<u32> = steps.into_iter().map(Result::unwrap).collect();
+    numbers.sort_unstable();
+    assert_eq!(numbers, (1..=10).collect::<Vec<_>>());
+}
+
+pub(super) async fn hosts_register_and_heartbeat(store: &dyn Store) {
+    assert!(store.hosts().await.unwrap().is_empty());
+    let mut local = HostRecord {
+        name: "local".into(),
+        address: String::new(),
+        state: HostState::Up,
+        facts: serde_json::json!({"vcpus": 2, "memory_mib": 4096}),
+        last_heartbeat_ms: 10,
+    };
+    store.upsert_host(&local).await.unwrap();
+    assert_eq!(store.host("local").await.unwrap().unwrap(), local);
+    local.address = "10.0.0.2:7000".into();
+    store.upsert_host(&local).await.unwrap();
+    let other = HostRecord {
+        name: "b-host".into(),
+        ..local.clone()
+    };
+    store.upsert_host(&other).await.unwrap();
+    let facts = serde_json::json!({"free_memory_mib": 1024});
+    store
+        .heartbeat("local", HostState::Draining, &facts, 20)
+        .await
+        .unwrap();
+    let read = store.host("local").await.unwrap().unwrap();
+    assert_eq!(
+        (
+            read.state,
+            &read.facts,
+            read.last_heartbeat_ms,
+            read.address.as_str()
+        ),
+        (HostState::Draining, &facts, 20, "10.0.0.2:7000")
+    );
+    let names: Vec<String> = store
+        .hosts()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|h| h.name)
+        .collect();
+    assert_eq!(names, ["b-host", "local"]);
+    assert!(store.host("nowhere").await.unwrap().is_none());
+    assert!(is_not_found(
+        store.heartbeat("nowhere", HostState::Down, &facts, 1).await
+    ));
+}
+
+pub(super) async fn templates_are_kept_used_and_removed(store: &dyn Store) {
+    let template = TemplateRecord {
+        key: "redis-abc".into(),
+        service: "redis".into(),
+        host: "local".into(),
+        hash: "abc".into(),
+        size_bytes: 5 << 30,
+        created_at_ms: 100,
+        last_used_at_ms: 100,
+    };
+    store.put_template(&template).await.unwrap();
+    assert_eq!(
+        store.template("redis-abc").await.unwrap().unwrap(),
+        template
+    );
+    store.template_used("redis-abc", 300).await.unwrap();
+    store.template_used("redis-abc", 200).await.unwrap();
+    assert_eq!(
+        store
+            .template("redis-abc")
+            .await
+            .unwrap()
+            .unwrap()
+            .last_used_at_ms,
+        300
+    );
+    let remade = TemplateRecord {
+        hash: "def".into(),
+        ..template.clone()
+    };
+    store.put_template(&remade).await.unwrap();
+    store
+        .put_template(&TemplateRecord {
+            key: "pg-1".into(),
+            ..template
+        })
+        .await
+        .unwrap();
+    let keys: Vec<String> = store
+        .templates()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.key)
+        .collect();
+    assert_eq!(keys, ["pg-1", "redis-abc"]);
+    assert_eq!(
+        store.template("redis-abc").await.unwrap().unwrap().hash,
+        "def"
+    );
+    assert!(store.remove_template("redis-abc").await.unwrap());
+    assert!(!store.remove_template("redis-abc").await.unwrap());
+    assert!(store.template("redis-abc").await.unwrap().is_none());
+    assert!(is_not_found(store.template_used("redis-abc", 1).await));
+}
+
+pub(super) async fn archives_are_kept_and_removed(store: &dyn Store) {
+    let archive = ArchiveRecord {
+        vm_id: "vm-a".into(),
+        tier: "local-disk".into(),
+        size_bytes: 123_456_789,
+        host: "local".into(),
+        created_at_ms: 42,
+    };
+    store.put_archive(&archive).await.unwrap();
+    assert_eq!(store.archive("vm-a").await.unwrap().unwrap(), archive);
+    let again = ArchiveRecord {
+        size_bytes: 99,
+        created_at_ms: 43,
+        ..archive.clone()
+    };
+    store.put_archive(&again).await.unwrap();
+    store
+        .put_archive(&ArchiveRecord {
+            vm_id: "vm-0".into(),
+            ..archive
+        })
+        .await
+        .unwrap();
+    let all = store.archives().await.unwrap();
+    assert_eq!(all.len(), 2);
+    assert_eq!((all[0].vm_id.as_str(), &all[1]), ("vm-0", &again));
+    assert!(store.remove_archive("vm-a").await.unwrap());
+    assert!(!store.remove_archive("vm-a").await.unwrap());
+    assert!(store.archive("vm-a").await.unwrap().is_none());
+}
