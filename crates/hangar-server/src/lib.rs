@@ -309,7 +309,7 @@ pub async fn run(
     manager
         .sync_endpoints()
         .await
-        .map_err(|err| ServerError::Forwarder(err.to_string()))?;
+        .map_err(|err| ServerError::Forwarder(crate::api::error::error_chain(&err)))?;
 
     let monitor = {
         let manager = manager.clone();

@@ -97,6 +97,117 @@ impl From<crate::lifecycle::ops::LifecycleError> for ApiError {
     }
 }
 
+impl From<crate::requests::RequestError> for ApiError {
+    fn from(err: crate::requests::RequestError) -> ApiError {
+        use crate::requests::RequestError;
+        match err {
+            RequestError::Invalid(message) => ApiError::BadRequest(message),
+            RequestError::NotFound {
+                message,
+                alternatives,
+            } => ApiError::NotFound {
+                message,
+                alternatives,
+            },
+            RequestError::Never {
+                message,
+                alternatives,
+            } => ApiError::Never {
+                message,
+                alternatives,
+            },
+            RequestError::TryAgain {
+                message,
+                retry_after_s,
+                task,
+            } => ApiError::TryAgain {
+                message,
+                retry_after_s,
+                task,
+            },
+            RequestError::Store(err) => err.into(),
+            RequestError::CreationFailed(_) | RequestError::TaskLost(_) => {
+                ApiError::Internal(error_chain(&err))
+            }
+        }
+    }
+}
+
+impl From<crate::pools::PoolError> for ApiError {
+    fn from(err: crate::pools::PoolError) -> ApiError {
+        use crate::pools::PoolError;
+        match err {
+            PoolError::NotFound {
+                ref alternatives, ..
+            } => ApiError::NotFound {
+                alternatives: alternatives.clone(),
+                message: err.to_string(),
+            },
+            PoolError::Invalid(message) => ApiError::BadRequest(message),
+            PoolError::Store(err) => err.into(),
+            PoolError::UnknownService { .. } | PoolError::Vanished(_) | PoolError::Encode(_) => {
+                ApiError::Internal(error_chain(&err))
+            }
+        }
+    }
+}
+
+impl From<crate::lifecycle::policy::PolicyError> for ApiError {
+    fn from(err: crate::lifecycle::policy::PolicyError) -> ApiError {
+        use crate::lifecycle::policy::PolicyError;
+        match err {
+            PolicyError::NoVm(_) => ApiError::NotFound {
+                message: err.to_string(),
+                alternatives: Vec::new(),
+            },
+            PolicyError::NoService {
+                ref alternatives, ..
+            } => ApiError::NotFound {
+                alternatives: alternatives.clone(),
+                message: err.to_string(),
+            },
+            PolicyError::Invalid(message) => ApiError::BadRequest(message),
+            PolicyError::Lifecycle(err) => err.into(),
+            PolicyError::Store(err) => err.into(),
+            PolicyError::Encode(_) | PolicyError::Vanished(_) | PolicyError::RemoveImage { .. } => {
+                ApiError::Internal(error_chain(&err))
+            }
+        }
+    }
+}
+
+impl From<crate::images::policy::ImageError> for ApiError {
+    fn from(err: crate::images::policy::ImageError) -> ApiError {
+        use crate::images::policy::ImageError;
+        match err {
+            ImageError::Request(err) => err.into(),
+            ImageError::Invalid(message) => ApiError::BadRequest(message),
+            ImageError::Store(err) => err.into(),
+            ImageError::Export(_) | ImageError::Tar(_) | ImageError::Io { .. } => {
+                ApiError::Internal(error_chain(&err))
+            }
+        }
+    }
+}
+
+impl From<crate::reconcile::ReconcileError> for ApiError {
+    fn from(err: crate::reconcile::ReconcileError) -> ApiError {
+        use crate::reconcile::ReconcileError;
+        match err {
+            ReconcileError::Store(err) => err.into(),
+            ReconcileError::Inventory(_) | ReconcileError::Leftovers(_) => {
+                ApiError::Internal(error_chain(&err))
+            }
+        }
+    }
+}
+
+impl From<crate::endpoints::EndpointError> for ApiError {
+    fn from(err: crate::endpoints::EndpointError) -> ApiError {
+        ApiError::Internal(error_chain(&err))
+    }
+}
+
 /// `err` and its sources, joined with ": ".
 pub fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
@@ -189,5 +300,102 @@ mod lifecycle_status_tests {
             let api = ApiError::from(err);
             assert_eq!((api.status(), api.to_string().as_str()), (status, message));
         }
+    }
+}
+
+#[cfg(test)]
+mod concern_status_tests {
+    use super::*;
+    use crate::images::policy::ImageError;
+    use crate::lifecycle::policy::PolicyError;
+    use crate::pools::PoolError;
+    use crate::reconcile::ReconcileError;
+    use crate::requests::RequestError;
+
+    #[test]
+    fn concern_errors_map_to_their_statuses_with_their_messages() {
+        let cases: Vec<(ApiError, StatusCode, &str)> = vec![
+            (
+                RequestError::Invalid("bad".into()).into(),
+                StatusCode::BAD_REQUEST,
+                "bad",
+            ),
+            (
+                RequestError::TryAgain {
+                    message: "later".into(),
+                    retry_after_s: 2,
+                    task: Some("t-1".into()),
+                }
+                .into(),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "later",
+            ),
+            (
+                RequestError::CreationFailed("qemu died".into()).into(),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "qemu died",
+            ),
+            (
+                PoolError::NotFound {
+                    name: "web".into(),
+                    alternatives: vec!["redis".into()],
+                }
+                .into(),
+                StatusCode::NOT_FOUND,
+                "no pool or service named \"web\"",
+            ),
+            (
+                PoolError::Invalid("min 3 is larger than max 2".into()).into(),
+                StatusCode::BAD_REQUEST,
+                "min 3 is larger than max 2",
+            ),
+            (
+                PolicyError::NoVm("vm-1".into()).into(),
+                StatusCode::NOT_FOUND,
+                "no VM vm-1",
+            ),
+            (
+                PolicyError::NoService {
+                    name: "dbb".into(),
+                    alternatives: Vec::new(),
+                }
+                .into(),
+                StatusCode::NOT_FOUND,
+                "no service named \"dbb\"",
+            ),
+            (
+                ImageError::Request(RequestError::Never {
+                    message: "never".into(),
+                    alternatives: Vec::new(),
+                })
+                .into(),
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "never",
+            ),
+            (
+                ImageError::Io {
+                    what: "run tar",
+                    source: std::io::Error::other("no tar"),
+                }
+                .into(),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "cannot run tar: no tar",
+            ),
+            (
+                ReconcileError::Inventory(hangar_host::HostError::NoAgent).into(),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "cannot list the VMs that run on the host: no agent channel",
+            ),
+        ];
+        for (api, status, message) in cases {
+            assert_eq!((api.status(), api.to_string().as_str()), (status, message));
+        }
+        let api = ApiError::from(PoolError::NotFound {
+            name: "web".into(),
+            alternatives: vec!["redis".into()],
+        });
+        assert!(
+            matches!(api, ApiError::NotFound { alternatives, .. } if alternatives == ["redis"])
+        );
     }
 }

@@ -23,7 +23,20 @@ use hangar_core::VmState;
 use hangar_forward::{Control, EndpointSpec, ForwardError, Forwarder, Reply, Request};
 use hangar_store::VmRecord;
 
-use crate::api::error::{ApiError, error_chain};
+use crate::api::error::error_chain;
+
+/// Why the forwarder did not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    /// The forwarder could not be reached or refused.
+    #[error("forwarder")]
+    Forwarder(#[source] ForwardError),
+    /// A stable endpoint could not be opened.
+    #[error("stable endpoint")]
+    Open(#[source] ForwardError),
+    #[error("unexpected forwarder reply {0}")]
+    UnexpectedReply(String),
+}
 use crate::manager::Manager;
 
 /// Where the forwarder runs.
@@ -175,7 +188,7 @@ impl Manager {
         &self,
         vm_id: &str,
         direct: &BTreeMap<String, SocketAddr>,
-    ) -> Result<BTreeMap<String, SocketAddr>, String> {
+    ) -> Result<BTreeMap<String, SocketAddr>, EndpointError> {
         let Some(endpoints) = self.endpoints.get() else {
             return Ok(direct.clone());
         };
@@ -197,11 +210,11 @@ impl Manager {
                 }
                 Ok(other) => {
                     self.close_endpoints(vm_id).await;
-                    return Err(format!("unexpected forwarder reply {other:?}"));
+                    return Err(EndpointError::UnexpectedReply(format!("{other:?}")));
                 }
                 Err(err) => {
                     self.close_endpoints(vm_id).await;
-                    return Err(format!("stable endpoint: {}", error_chain(&err)));
+                    return Err(EndpointError::Open(err));
                 }
             }
         }
@@ -240,7 +253,7 @@ impl Manager {
 
     /// Gives the forwarder the whole desired set from the store (starting it if needed):
     /// endpoints of VMs that are gone are closed, every other one is listening.
-    pub async fn sync_endpoints(&self) -> Result<(), ApiError> {
+    pub async fn sync_endpoints(&self) -> Result<(), EndpointError> {
         let Some(endpoints) = self.endpoints.get() else {
             return Ok(());
         };
@@ -249,7 +262,7 @@ impl Manager {
         let reply = self
             .endpoints_call(endpoints, &request)
             .await
-            .map_err(|err| ApiError::Internal(format!("forwarder: {}", error_chain(&err))))?;
+            .map_err(EndpointError::Forwarder)?;
         if let Reply::Synced { ports } = reply {
             for (spec, result) in desired.iter().zip(ports) {
                 if let Err(err) = result {

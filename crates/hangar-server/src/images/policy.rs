@@ -13,9 +13,9 @@ use hangar_core::pool::RequestRate;
 use hangar_core::{ServiceRequest, TaskId, VmState};
 use hangar_store::{TaskRecord, TaskState, now_ms};
 
-use crate::api::error::ApiError;
 use crate::images::{ImageView, LayerView};
 use crate::manager::Manager;
+use crate::requests::RequestError;
 
 /// A service requested at least this often (per minute, decayed with a 30 s half-life)
 /// is promoted: its image is built ahead and kept from eviction.
@@ -38,6 +38,35 @@ pub struct ImageRuntime {
 }
 
 pub use hangar_api::ImagesView;
+
+/// Why an image cannot be listed, built or exported.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// The request names no viable service, or is malformed.
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    /// The request's settings do not make a VM configuration.
+    #[error("{0}")]
+    Invalid(String),
+    /// The image could not be built or written out.
+    #[error("{0}")]
+    Export(String),
+    /// `tar` failed to pack the export.
+    #[error("tar: {0}")]
+    Tar(String),
+    #[error("cannot {what}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] hangar_store::StoreError),
+}
+
+fn io_error(what: &'static str) -> impl FnOnce(std::io::Error) -> ImageError {
+    move |source| ImageError::Io { what, source }
+}
 
 fn key(service: &str, os: &str) -> String {
     format!("{service}@{os}")
@@ -79,7 +108,7 @@ impl Manager {
     }
 
     /// Layer hash → the VMs (not deleted, not failed) that have it as a disk.
-    fn layer_users(&self) -> Result<BTreeMap<String, Vec<String>>, ApiError> {
+    fn layer_users(&self) -> Result<BTreeMap<String, Vec<String>>, ImageError> {
         let mut users: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for vm in self.store.vms(false).wait()? {
             if matches!(vm.state, VmState::Deleted | VmState::Failed) {
@@ -105,7 +134,7 @@ impl Manager {
 
     /// The inventory: every viable service × OS image with its layers, and every cached
     /// layer with its size, users and last use.
-    pub fn images(&self) -> Result<ImagesView, ApiError> {
+    pub fn images(&self) -> Result<ImagesView, ImageError> {
         let users = self.layer_users()?;
         let promoted = self.promoted();
         let cached = self.images.layers();
@@ -176,7 +205,7 @@ impl Manager {
 
     /// Starts building the image of the request's service and environment (`hangar
     /// build`); returns the task. A build already running for it is returned instead.
-    pub fn build_image(self: &Arc<Self>, request: &ServiceRequest) -> Result<String, ApiError> {
+    pub fn build_image(self: &Arc<Self>, request: &ServiceRequest) -> Result<String, ImageError> {
         let service = self.directory_lookup(request)?;
         let os = request.env.get("os").cloned().unwrap_or(service.os.clone());
         let name = key(&service.name, &os);
@@ -357,14 +386,14 @@ impl Manager {
         &self,
         request: &ServiceRequest,
         work: &std::path::Path,
-    ) -> Result<ExportFile, ApiError> {
+    ) -> Result<ExportFile, ImageError> {
         let service = self.viable_service(request)?;
         let os = request.env.get("os").cloned().unwrap_or(service.os.clone());
-        std::fs::create_dir_all(work).map_err(ApiError::internal)?;
+        std::fs::create_dir_all(work).map_err(io_error("make the export work directory"))?;
         let dir = tempfile::Builder::new()
             .prefix("export-")
             .tempdir_in(work)
-            .map_err(ApiError::internal)?;
+            .map_err(io_error("make a temporary export directory"))?;
         let mut config = hangar_host::guest::guest_config(
             "export",
             &service.name,
@@ -372,7 +401,7 @@ impl Manager {
             &request.env,
             0,
         )
-        .map_err(ApiError::BadRequest)?;
+        .map_err(ImageError::Invalid)?;
         // The image boots anywhere, any number of times: no clock or entropy of ours, no
         // machine-id (the guest's kernel seeds itself from virtio-rng).
         config.identity.unix_time_ms = 0;
@@ -386,7 +415,7 @@ impl Manager {
             .images
             .export(&service, &os, config, tree.clone())
             .await
-            .map_err(ApiError::Internal)?;
+            .map_err(ImageError::Export)?;
         let tar = dir.path().join("image.tar");
         let output = tokio::process::Command::new("tar")
             .arg("-C")
@@ -396,15 +425,16 @@ impl Manager {
             .arg(".")
             .output()
             .await
-            .map_err(ApiError::internal)?;
+            .map_err(io_error("run tar"))?;
         if !output.status.success() {
-            return Err(ApiError::Internal(format!(
-                "tar: {}",
-                String::from_utf8_lossy(&output.stderr).trim()
-            )));
+            return Err(ImageError::Tar(
+                String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+            ));
         }
         let _ = std::fs::remove_dir_all(&tree);
-        let size_bytes = std::fs::metadata(&tar).map_err(ApiError::internal)?.len();
+        let size_bytes = std::fs::metadata(&tar)
+            .map_err(io_error("read the export's size"))?
+            .len();
         tracing::info!(service = %info.service, os = %info.os, size_bytes, "image exported");
         Ok(ExportFile {
             path: tar,

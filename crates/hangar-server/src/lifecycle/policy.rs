@@ -21,8 +21,36 @@ use hangar_host::ArchiveTier;
 use hangar_store::now_ms;
 use tokio::sync::Notify;
 
-use crate::api::error::ApiError;
+use crate::lifecycle::ops::LifecycleError;
 use crate::manager::Manager;
+
+/// Why a policy cannot be read or changed, or a lifecycle action failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("no VM {0}")]
+    NoVm(String),
+    /// No service of that name; `alternatives` are the closest names.
+    #[error("no service named {name:?}")]
+    NoService {
+        name: String,
+        alternatives: Vec<String>,
+    },
+    /// The policy asked for is not valid.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("cannot encode the policy")]
+    Encode(#[source] serde_json::Error),
+    /// The policy was changed but is no longer listed.
+    #[error("policy of {0} vanished")]
+    Vanished(String),
+    /// An unused image could not be removed.
+    #[error("cannot remove image {key}: {reason}")]
+    RemoveImage { key: String, reason: String },
+    #[error(transparent)]
+    Lifecycle(#[from] LifecycleError),
+    #[error(transparent)]
+    Store(#[from] hangar_store::StoreError),
+}
 
 /// How long a VM whose lifecycle action failed is left alone before the next try.
 const RETRY_AFTER: Duration = Duration::from_secs(30);
@@ -97,15 +125,12 @@ impl Manager {
     /// more use towards `keep_active_above`. Called when a VM is granted or woken, and by
     /// endpoints on each connection. Cheap (one indexed update). Errors: `NotFound` for an
     /// unknown VM.
-    pub fn note_use(&self, vm_id: &str) -> Result<(), ApiError> {
+    pub fn note_use(&self, vm_id: &str) -> Result<(), PolicyError> {
         self.store
             .set_last_used(vm_id, now_ms())
             .wait()
             .map_err(|err| match err {
-                hangar_store::StoreError::NotFound { .. } => ApiError::NotFound {
-                    message: format!("no VM {vm_id}"),
-                    alternatives: Vec::new(),
-                },
+                hangar_store::StoreError::NotFound { .. } => PolicyError::NoVm(vm_id.to_owned()),
                 other => other.into(),
             })?;
         if let Some(vm) = self.store.vm(vm_id).wait()? {
@@ -140,7 +165,7 @@ impl Manager {
     }
 
     /// Every service's effective policy: set at run time, else the catalog's.
-    pub fn policies(&self) -> Result<BTreeMap<String, (Policy, PolicySource)>, ApiError> {
+    pub fn policies(&self) -> Result<BTreeMap<String, (Policy, PolicySource)>, PolicyError> {
         let stored = self.store.policies().wait()?;
         Ok(self
             .catalog
@@ -158,11 +183,11 @@ impl Manager {
             .collect())
     }
 
-    fn known_service(&self, service: &str) -> Result<(), ApiError> {
+    fn known_service(&self, service: &str) -> Result<(), PolicyError> {
         match self.catalog.get(service) {
             Some(_) => Ok(()),
-            None => Err(ApiError::NotFound {
-                message: format!("no service named {service:?}"),
+            None => Err(PolicyError::NoService {
+                name: service.to_owned(),
                 alternatives: hangar_core::suggest::closest(service, self.catalog.names(), 3),
             }),
         }
@@ -170,7 +195,11 @@ impl Manager {
 
     /// Changes a service's policy at run time (kept across restarts); fields left out stay
     /// as they are.
-    pub fn set_policy(&self, service: &str, change: &PolicyChange) -> Result<PolicyView, ApiError> {
+    pub fn set_policy(
+        &self,
+        service: &str,
+        change: &PolicyChange,
+    ) -> Result<PolicyView, PolicyError> {
         self.known_service(service)?;
         let current = self
             .policies()?
@@ -178,8 +207,8 @@ impl Manager {
             .map(|(policy, _)| policy)
             .unwrap_or_default();
         let policy = change.apply(current);
-        policy.check().map_err(ApiError::BadRequest)?;
-        let json = serde_json::to_string(&policy).map_err(ApiError::internal)?;
+        policy.check().map_err(PolicyError::Invalid)?;
+        let json = serde_json::to_string(&policy).map_err(PolicyError::Encode)?;
         self.store.set_policy(service, Some(&json)).wait()?;
         tracing::info!(service, policy = %json, "policy set");
         self.lifecycle.nudge();
@@ -187,23 +216,23 @@ impl Manager {
     }
 
     /// Goes back to the catalog's policy for a service.
-    pub fn reset_policy(&self, service: &str) -> Result<PolicyView, ApiError> {
+    pub fn reset_policy(&self, service: &str) -> Result<PolicyView, PolicyError> {
         self.known_service(service)?;
         self.store.set_policy(service, None).wait()?;
         self.lifecycle.nudge();
         self.policy_view(service)
     }
 
-    fn policy_view(&self, service: &str) -> Result<PolicyView, ApiError> {
+    fn policy_view(&self, service: &str) -> Result<PolicyView, PolicyError> {
         self.policy_views()?
             .services
             .into_iter()
             .find(|view| view.service == service)
-            .ok_or_else(|| ApiError::Internal("policy vanished".into()))
+            .ok_or_else(|| PolicyError::Vanished(service.to_owned()))
     }
 
     /// Every service's policy, and the budgets with what they hold now.
-    pub fn policy_views(&self) -> Result<PoliciesView, ApiError> {
+    pub fn policy_views(&self) -> Result<PoliciesView, PolicyError> {
         let policies = self.policies()?;
         let rates = self.rates_per_min();
         let bare: BTreeMap<String, Policy> = policies
@@ -251,7 +280,7 @@ impl Manager {
         })
     }
 
-    fn lifecycle_inputs(&self) -> Result<Inputs, ApiError> {
+    fn lifecycle_inputs(&self) -> Result<Inputs, PolicyError> {
         let vms = self
             .store
             .vms(false)
@@ -288,7 +317,7 @@ impl Manager {
     }
 
     /// One round: decide from the current state and apply. Returns the actions applied.
-    pub async fn reconcile_lifecycle(&self) -> Result<Vec<Action>, ApiError> {
+    pub async fn reconcile_lifecycle(&self) -> Result<Vec<Action>, PolicyError> {
         let inputs = self.lifecycle_inputs()?;
         let actions = decide(&inputs);
         let mut applied = Vec::new();
@@ -328,13 +357,16 @@ impl Manager {
 
     /// Applies one action if its VM is still as `seen` (same state, not used since).
     /// `Ok(false)`: skipped, the next round decides again.
-    async fn apply(&self, action: &Action, seen: Option<&VmFacts>) -> Result<bool, ApiError> {
+    async fn apply(&self, action: &Action, seen: Option<&VmFacts>) -> Result<bool, PolicyError> {
         let reason = action.reason();
         if let Action::RemoveImage { key, .. } = action {
             self.images
                 .remove_image(key)
                 .await
-                .map_err(ApiError::Internal)?;
+                .map_err(|reason| PolicyError::RemoveImage {
+                    key: key.clone(),
+                    reason,
+                })?;
             tracing::info!(image = %key, %reason, "image removed");
             return Ok(true);
         }

@@ -11,7 +11,7 @@ use hangar_store::Store;
 use hangar_vmm::fake::FakeBackend;
 use hangar_vmm::{ArchiveTier, Hypervisor};
 
-use crate::api::error::ApiError;
+use crate::lifecycle::policy::PolicyError;
 use crate::lifecycle::policy::{PolicyChange, PolicySource};
 use crate::manager::{Manager, ManagerConfig};
 use crate::requests::Served;
@@ -134,7 +134,7 @@ async fn use_restarts_the_idle_timer() {
     assert!(manager.reconcile_lifecycle().await.unwrap().is_empty());
     assert!(matches!(
         manager.note_use("vm-nonexistent"),
-        Err(ApiError::NotFound { .. })
+        Err(PolicyError::NoVm(_))
     ));
 }
 
@@ -302,11 +302,11 @@ async fn run_time_policies_are_checked_kept_and_reset() {
     };
     assert!(matches!(
         manager.set_policy("db", &zero),
-        Err(ApiError::BadRequest(_))
+        Err(PolicyError::Invalid(_))
     ));
     assert!(matches!(
         manager.set_policy("dbb", &PolicyChange::default()),
-        Err(ApiError::NotFound { .. })
+        Err(PolicyError::NoService { .. })
     ));
 
     // Kept in the store: a new manager over it sees them.

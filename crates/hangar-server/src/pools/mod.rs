@@ -15,7 +15,6 @@ use hangar_core::{ReadySpec, VmState};
 use hangar_store::now_ms;
 use tokio::sync::Notify;
 
-use crate::api::error::ApiError;
 use crate::manager::Manager;
 use crate::requests::MakeVm;
 
@@ -66,9 +65,33 @@ impl PoolRuntime {
 
 pub use hangar_api::PoolView;
 
+/// Why a pool cannot be read or changed.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// No pool or service of that name; `alternatives` are the closest names.
+    #[error("no pool or service named {name:?}")]
+    NotFound {
+        name: String,
+        alternatives: Vec<String>,
+    },
+    /// The bounds or the ready criterion asked for are not valid.
+    #[error("{0}")]
+    Invalid(String),
+    /// A pool names a service the catalog does not have.
+    #[error("pool {pool} names unknown service {service}")]
+    UnknownService { pool: String, service: String },
+    /// The pool was changed but is no longer listed.
+    #[error("pool {0} vanished")]
+    Vanished(String),
+    #[error("cannot encode the ready criterion")]
+    Encode(#[source] serde_json::Error),
+    #[error(transparent)]
+    Store(#[from] hangar_store::StoreError),
+}
+
 impl Manager {
     /// Catalog pools with run-time bounds applied.
-    pub fn pool_specs(&self) -> Result<Vec<PoolSpec>, ApiError> {
+    pub fn pool_specs(&self) -> Result<Vec<PoolSpec>, PoolError> {
         let bounds = self.store.pool_bounds().wait()?;
         let mut specs: Vec<PoolSpec> = self.catalog.pools().cloned().collect();
         // Pools made at run time for services the catalog gives none.
@@ -110,14 +133,14 @@ impl Manager {
         min: Option<u32>,
         max: Option<u32>,
         ready: Option<Option<ReadySpec>>,
-    ) -> Result<PoolView, ApiError> {
+    ) -> Result<PoolView, PoolError> {
         let spec = self
             .pool_specs()?
             .into_iter()
             .find(|spec| spec.name == name)
             .or_else(|| self.service_pool(name))
-            .ok_or_else(|| ApiError::NotFound {
-                message: format!("no pool or service named {name:?}"),
+            .ok_or_else(|| PoolError::NotFound {
+                name: name.to_owned(),
                 alternatives: hangar_core::suggest::closest(
                     name,
                     self.catalog
@@ -130,12 +153,12 @@ impl Manager {
         let min = min.unwrap_or(spec.min);
         let max = max.unwrap_or(spec.max.max(min));
         if min > max {
-            return Err(ApiError::BadRequest(format!(
+            return Err(PoolError::Invalid(format!(
                 "min {min} is larger than max {max}"
             )));
         }
         if max > 64 {
-            return Err(ApiError::BadRequest(format!("max {max} is larger than 64")));
+            return Err(PoolError::Invalid(format!("max {max} is larger than 64")));
         }
         match ready {
             None => self.store.set_pool_bounds(name, min, max).wait()?,
@@ -147,14 +170,14 @@ impl Manager {
                             .as_ref()
                             .and_then(|s| self.catalog.get(s))
                             .ok_or_else(|| {
-                                ApiError::BadRequest(format!(
+                                PoolError::Invalid(format!(
                                     "pool {name} holds pre-OS shells, which have no ready criterion"
                                 ))
                             })?;
                         service
                             .check_ready(ready)
-                            .map_err(|err| ApiError::BadRequest(format!("ready: {err}")))?;
-                        Some(serde_json::to_string(ready).map_err(ApiError::internal)?)
+                            .map_err(|err| PoolError::Invalid(format!("ready: {err}")))?;
+                        Some(serde_json::to_string(ready).map_err(PoolError::Encode)?)
                     }
                     None => None,
                 };
@@ -167,7 +190,7 @@ impl Manager {
         self.pool_views()?
             .into_iter()
             .find(|view| view.name == name)
-            .ok_or_else(|| ApiError::Internal("pool vanished".into()))
+            .ok_or_else(|| PoolError::Vanished(name.to_owned()))
     }
 
     /// Sets a pool's bounds at run time (kept across restarts).
@@ -176,7 +199,7 @@ impl Manager {
         name: &str,
         min: u32,
         max: Option<u32>,
-    ) -> Result<PoolView, ApiError> {
+    ) -> Result<PoolView, PoolError> {
         self.set_pool(name, Some(min), max, None)
     }
 
@@ -209,7 +232,7 @@ impl Manager {
             .record(now_ms());
     }
 
-    fn counts(&self) -> Result<HashMap<String, PoolCount>, ApiError> {
+    fn counts(&self) -> Result<HashMap<String, PoolCount>, PoolError> {
         let inflight = self.pools.inflight.lock().expect("inflight lock").clone();
         let mut counts: HashMap<String, PoolCount> = HashMap::new();
         for vm in self.store.vms(false).wait()? {
@@ -237,7 +260,7 @@ impl Manager {
         )
     }
 
-    pub fn pool_views(&self) -> Result<Vec<PoolView>, ApiError> {
+    pub fn pool_views(&self) -> Result<Vec<PoolView>, PoolError> {
         let counts = self.counts()?;
         let readies = self.pool_readies();
         Ok(self
@@ -266,7 +289,7 @@ impl Manager {
     }
 
     /// One round: plan against targets and the memory budget, start fills, remove excess.
-    pub async fn reconcile_pools(self: &Arc<Self>) -> Result<(), ApiError> {
+    pub async fn reconcile_pools(self: &Arc<Self>) -> Result<(), PoolError> {
         let specs = self.pool_specs()?;
         let counts = self.counts()?;
         let inputs: Vec<(PoolSpec, PoolCount, u32)> = specs
@@ -333,13 +356,17 @@ impl Manager {
         Ok(())
     }
 
-    fn start_fill(self: &Arc<Self>, spec: PoolSpec) -> Result<(), ApiError> {
-        let service = match &spec.service {
-            Some(name) => Some(self.catalog.get(name).cloned().ok_or_else(|| {
-                ApiError::Internal(format!("pool {} names unknown service {name}", spec.name))
-            })?),
-            None => None,
-        };
+    fn start_fill(self: &Arc<Self>, spec: PoolSpec) -> Result<(), PoolError> {
+        let service =
+            match &spec.service {
+                Some(name) => Some(self.catalog.get(name).cloned().ok_or_else(|| {
+                    PoolError::UnknownService {
+                        pool: spec.name.clone(),
+                        service: name.clone(),
+                    }
+                })?),
+                None => None,
+            };
         let make = MakeVm {
             service,
             vcpus: spec.vcpus,
@@ -361,7 +388,7 @@ impl Manager {
             Ok(task) => task,
             Err(err) => {
                 self.fill_done(&spec.name);
-                return Err(err);
+                return Err(err.into());
             }
         };
         let manager = self.clone();

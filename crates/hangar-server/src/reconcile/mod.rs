@@ -7,9 +7,20 @@ use std::collections::HashSet;
 use hangar_core::VmState;
 use hangar_host::{LaunchRecord, RunState};
 
-use crate::api::error::{ApiError, error_chain};
+use crate::api::error::error_chain;
 
 use crate::manager::*;
+
+/// Why a reconciliation round stopped short.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("cannot list the VMs that run on the host")]
+    Inventory(#[source] hangar_host::HostError),
+    #[error("cannot remove leftover VM directories")]
+    Leftovers(#[source] hangar_host::HostError),
+    #[error(transparent)]
+    Store(#[from] hangar_store::StoreError),
+}
 
 impl Manager {
     /// A VM whose process vanished: free its files, record the failure. Not while an
@@ -38,7 +49,7 @@ impl Manager {
     /// VMs whose QEMU still runs are adopted; VMs whose process is gone are marked failed;
     /// VMs caught half-made are removed and marked failed; QEMU processes and VM
     /// directories the store does not know are stopped and removed. Idempotent.
-    pub async fn reconcile(&self) -> Result<ReconcileReport, ApiError> {
+    pub async fn reconcile(&self) -> Result<ReconcileReport, ReconcileError> {
         let mut report = ReconcileReport::default();
         let interrupted = self
             .store
@@ -53,7 +64,7 @@ impl Manager {
             .host
             .inventory()
             .await
-            .map_err(ApiError::internal)?
+            .map_err(ReconcileError::Inventory)?
             .into_iter()
             .map(|vm| vm.id)
             .collect();
@@ -123,7 +134,12 @@ impl Manager {
                 VmState::Deleted => {}
             }
         }
-        for run in self.host.inventory().await.map_err(ApiError::internal)? {
+        for run in self
+            .host
+            .inventory()
+            .await
+            .map_err(ReconcileError::Inventory)?
+        {
             let id = run.id;
             if !live.contains(&id) {
                 tracing::warn!(vm = %id, "stopping a QEMU process the store does not know");
@@ -145,7 +161,7 @@ impl Manager {
             .host
             .remove_leftovers(&keep)
             .await
-            .map_err(ApiError::internal)?;
+            .map_err(ReconcileError::Leftovers)?;
         Ok(report)
     }
 

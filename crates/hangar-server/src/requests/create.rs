@@ -63,7 +63,7 @@ impl Manager {
             Ok(stable) => stable,
             Err(err) => {
                 let _ = host.destroy(&vm_id).await;
-                return Err(err);
+                return Err(crate::api::error::error_chain(&err));
             }
         };
         let now = now_ms();

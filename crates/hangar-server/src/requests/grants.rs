@@ -10,7 +10,7 @@ use hangar_core::{Service, ServiceRequest, VmState};
 use hangar_host::{HandOut, LaunchRecord, ShellPlan};
 use hangar_store::VmRecord;
 
-use crate::api::error::{ApiError, error_chain};
+use crate::api::error::error_chain;
 
 use crate::manager::*;
 use crate::requests::*;
@@ -24,7 +24,7 @@ impl Manager {
         machine: &MachineRequest,
         request: &ServiceRequest,
         service: Option<&Service>,
-    ) -> Result<Option<Grant>, ApiError> {
+    ) -> Result<Option<Grant>, RequestError> {
         for _ in 0..8 {
             let mut stages = Stages::default();
             let started = Instant::now();
@@ -149,7 +149,10 @@ impl Manager {
             .iter()
             .filter_map(|(name, addr)| Some((name.clone(), addr.parse().ok()?)))
             .collect();
-        let stable = self.open_endpoints(&vm.id, &endpoints).await?;
+        let stable = self
+            .open_endpoints(&vm.id, &endpoints)
+            .await
+            .map_err(|err| error_chain(&err))?;
         let os = (
             machine.os.name.clone(),
             self.catalog

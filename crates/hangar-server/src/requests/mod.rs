@@ -17,7 +17,6 @@ use hangar_host::RunState;
 use hangar_store::VmRecord;
 use tokio::sync::OwnedMutexGuard;
 
-use crate::api::error::ApiError;
 use crate::manager::Manager;
 
 pub mod create;
@@ -68,13 +67,48 @@ pub(crate) struct MakeVm {
 
 pub(crate) type Outcome = Option<Result<VmRecord, String>>;
 
+/// Why a request is not granted.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// The request is malformed, or lacks a setting its service needs.
+    #[error("{0}")]
+    Invalid(String),
+    /// No service or application of that name; `alternatives` are the closest names.
+    #[error("{message}")]
+    NotFound {
+        message: String,
+        alternatives: Vec<String>,
+    },
+    /// The directory rules the request out for good; `alternatives` are viable neighbours.
+    #[error("{message}")]
+    Never {
+        message: String,
+        alternatives: Vec<String>,
+    },
+    /// Not granted before the deadline; the VM is still being made (by `task`, if known).
+    #[error("{message}")]
+    TryAgain {
+        message: String,
+        retry_after_s: u64,
+        task: Option<String>,
+    },
+    /// The creation task ended without a VM.
+    #[error("{0}")]
+    CreationFailed(String),
+    /// The creation task's outcome could not be followed.
+    #[error("{0}")]
+    TaskLost(&'static str),
+    #[error(transparent)]
+    Store(#[from] hangar_store::StoreError),
+}
+
 impl Manager {
     /// The request path: validate; then a shared VM if one runs (shared mode), else the best
     /// paused pool VM, else a new VM.
-    pub async fn request(self: &Arc<Self>, request: ServiceRequest) -> Result<Grant, ApiError> {
+    pub async fn request(self: &Arc<Self>, request: ServiceRequest) -> Result<Grant, RequestError> {
         request
             .validate()
-            .map_err(|err| ApiError::BadRequest(err.to_string()))?;
+            .map_err(|err| RequestError::Invalid(err.to_string()))?;
         let deadline = request
             .deadline_ms
             .map(Duration::from_millis)
@@ -95,7 +129,7 @@ impl Manager {
                 let lock = self.shared_lock(&service.name, &request.env);
                 let guard = tokio::time::timeout_at(until, lock.lock_owned())
                     .await
-                    .map_err(|_| ApiError::TryAgain {
+                    .map_err(|_| RequestError::TryAgain {
                         message: format!(
                             "a VM offering {} is being made; try again shortly",
                             service.name
@@ -153,9 +187,9 @@ impl Manager {
         config: MachineRequest,
         until: tokio::time::Instant,
         deadline: Duration,
-    ) -> Result<Grant, ApiError> {
+    ) -> Result<Grant, RequestError> {
         let Some(os) = self.catalog.os(&config.os.name) else {
-            return Err(ApiError::Never {
+            return Err(RequestError::Never {
                 message: format!("no os named {:?}", config.os.name),
                 alternatives: self
                     .catalog
@@ -167,7 +201,7 @@ impl Manager {
         if let Some(min) = &config.os.min_version
             && compare_versions(&os.version, min) == Some(std::cmp::Ordering::Less)
         {
-            return Err(ApiError::Never {
+            return Err(RequestError::Never {
                 message: format!(
                     "os {} is at version {}, never {min} or newer",
                     os.name, os.version
@@ -179,12 +213,15 @@ impl Manager {
             0 => None,
             1 => {
                 let app = config.apps.first().expect("one app");
-                let service = self.catalog.get(app).ok_or_else(|| ApiError::NotFound {
-                    message: format!("no application named {app:?}"),
-                    alternatives: hangar_core::suggest::closest(app, self.catalog.names(), 3),
-                })?;
+                let service = self
+                    .catalog
+                    .get(app)
+                    .ok_or_else(|| RequestError::NotFound {
+                        message: format!("no application named {app:?}"),
+                        alternatives: hangar_core::suggest::closest(app, self.catalog.names(), 3),
+                    })?;
                 if service.os != os.name {
-                    return Err(ApiError::Never {
+                    return Err(RequestError::Never {
                         message: format!("{app} runs on os {}, never on {}", service.os, os.name),
                         alternatives: vec![format!("os {}", service.os)],
                     });
@@ -192,7 +229,7 @@ impl Manager {
                 if config.vcpus.max(service.vcpus) > config.vcpus
                     || service.memory_mib > config.memory_mib.max
                 {
-                    return Err(ApiError::Never {
+                    return Err(RequestError::Never {
                         message: format!(
                             "{app} needs {} vCPUs and {} MiB, more than the configuration allows",
                             service.vcpus, service.memory_mib
@@ -203,7 +240,7 @@ impl Manager {
                 Some(service.clone())
             }
             _ => {
-                return Err(ApiError::Never {
+                return Err(RequestError::Never {
                     message:
                         "no image offers several applications together yet; request them one by one"
                             .into(),
@@ -244,16 +281,16 @@ impl Manager {
         until: tokio::time::Instant,
         deadline: Duration,
         name: &str,
-    ) -> Result<Grant, ApiError> {
+    ) -> Result<Grant, RequestError> {
         let service = make.service.clone();
         let task = self.start_create(make, guard)?;
         let mut outcome = self
             .tasks
             .watch(&task)
-            .ok_or_else(|| ApiError::Internal("task outcome missing".into()))?;
+            .ok_or_else(|| RequestError::TaskLost("task outcome missing"))?;
         let waited = tokio::time::timeout_at(until, outcome.wait_for(Option::is_some)).await;
         match waited {
-            Err(_) => Err(ApiError::TryAgain {
+            Err(_) => Err(RequestError::TryAgain {
                 message: format!(
                     "the VM for {name} is not ready within the request's deadline of {}; it is still being made (task {task}), try again shortly",
                     humantime::format_duration(deadline)
@@ -261,7 +298,7 @@ impl Manager {
                 retry_after_s: 2,
                 task: Some(task),
             }),
-            Ok(Err(_)) => Err(ApiError::Internal("creation task vanished".into())),
+            Ok(Err(_)) => Err(RequestError::TaskLost("creation task vanished")),
             Ok(Ok(result)) => match result.clone().expect("waited for Some") {
                 Ok(vm) => {
                     let served = if self.is_clone(&vm) {
@@ -271,7 +308,7 @@ impl Manager {
                     };
                     Ok(self.grant(vm, service.as_ref(), served, Some(task), None))
                 }
-                Err(message) => Err(ApiError::Internal(message)),
+                Err(message) => Err(RequestError::CreationFailed(message)),
             },
         }
     }
@@ -279,18 +316,21 @@ impl Manager {
     /// The service the request names, if the combination (service × environment) is in
     /// the directory: else 404 (no such service) or 422 "never", with the closest viable
     /// alternatives. A setting the service needs and the request lacks is a 400.
-    pub(crate) fn viable_service(&self, request: &ServiceRequest) -> Result<Service, ApiError> {
+    pub(crate) fn viable_service(&self, request: &ServiceRequest) -> Result<Service, RequestError> {
         let service = self.directory_lookup(request)?;
-        hangar_host::guest::settings(&service, &request.env).map_err(ApiError::BadRequest)?;
+        hangar_host::guest::settings(&service, &request.env).map_err(RequestError::Invalid)?;
         Ok(service)
     }
 
     /// The service the request names, if the combination is in the directory (settings
     /// aside: an image does not depend on them).
-    pub(crate) fn directory_lookup(&self, request: &ServiceRequest) -> Result<Service, ApiError> {
+    pub(crate) fn directory_lookup(
+        &self,
+        request: &ServiceRequest,
+    ) -> Result<Service, RequestError> {
         let name = request.service.as_deref().unwrap_or_default();
         let Some(service) = self.catalog.get(name) else {
-            return Err(ApiError::NotFound {
+            return Err(RequestError::NotFound {
                 message: format!("no service named {name:?}"),
                 alternatives: hangar_core::suggest::closest(name, self.catalog.names(), 3),
             });
@@ -300,7 +340,7 @@ impl Manager {
             Ok(service) => service,
             Err(hangar_core::catalog::Never::NoService) => unreachable!("looked up above"),
             Err(hangar_core::catalog::Never::Combination { reason }) => {
-                return Err(ApiError::Never {
+                return Err(RequestError::Never {
                     message: format!(
                         "{name} on os={os} can never be offered: {reason} (offered on: {})",
                         service
@@ -339,7 +379,7 @@ impl Manager {
         &self,
         service: &str,
         env: &BTreeMap<String, String>,
-    ) -> Result<Option<VmRecord>, ApiError> {
+    ) -> Result<Option<VmRecord>, RequestError> {
         let mut candidates = self.store.shared_candidates(service, env).await?;
         candidates.sort_by_key(|vm| vm.last_used_at_ms);
         for vm in candidates {

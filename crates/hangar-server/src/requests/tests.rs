@@ -9,8 +9,8 @@ use hangar_store::{Store, TaskState};
 use hangar_vmm::Hypervisor;
 use hangar_vmm::fake::FakeBackend;
 
-use crate::api::error::ApiError;
 use crate::manager::{Manager, ManagerConfig};
+use crate::requests::RequestError;
 use crate::requests::Served;
 use crate::test_support::*;
 
@@ -119,7 +119,7 @@ async fn futures_join<T: Send + 'static>(
 async fn unknown_and_impossible_requests_are_refused_with_alternatives() {
     let (manager, backend, _) = setup();
     match manager.request(request("wbe", Mode::Shared)).await {
-        Err(ApiError::NotFound {
+        Err(RequestError::NotFound {
             message,
             alternatives,
         }) => {
@@ -131,7 +131,7 @@ async fn unknown_and_impossible_requests_are_refused_with_alternatives() {
     let mut on_debian = request("web", Mode::Shared);
     on_debian.env.insert("os".into(), "debian-12".into());
     match manager.request(on_debian).await {
-        Err(ApiError::Never {
+        Err(RequestError::Never {
             message,
             alternatives,
         }) => {
@@ -147,7 +147,7 @@ async fn unknown_and_impossible_requests_are_refused_with_alternatives() {
     bad_env.env.insert("not valid".into(), "x".into());
     assert!(matches!(
         manager.request(bad_env).await,
-        Err(ApiError::BadRequest(_))
+        Err(RequestError::Invalid(_))
     ));
     assert_eq!(backend.launches(), 0);
 }
@@ -186,7 +186,7 @@ async fn past_the_deadline_the_answer_is_try_again_and_the_task_goes_on() {
     let mut hurried = request("never-ready", Mode::Dedicated);
     hurried.deadline_ms = Some(100);
     let task = match manager.request(hurried).await {
-        Err(ApiError::TryAgain {
+        Err(RequestError::TryAgain {
             retry_after_s,
             task: Some(task),
             ..

@@ -13,7 +13,6 @@ use hangar_core::TaskId;
 use hangar_store::{Store, StoreError, TaskRecord, TaskState, VmRecord, now_ms};
 use tokio::sync::{OwnedMutexGuard, watch};
 
-use crate::api::error::ApiError;
 use crate::images::ProgressFn;
 use crate::manager::Manager;
 use crate::requests::{MakeVm, Outcome};
@@ -137,7 +136,7 @@ impl Manager {
         self: &Arc<Self>,
         make: MakeVm,
         guard: Option<OwnedMutexGuard<()>>,
-    ) -> Result<String, ApiError> {
+    ) -> Result<String, StoreError> {
         let kind = if make.template {
             "build_template"
         } else if make.pool.is_some() {
