@@ -11,7 +11,10 @@ pub struct ErrorBody {
 /// What went wrong, for people (`message`) and programs (`code`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorDetail {
-    /// `not_found`, `bad_request`, `never`, `conflict`, `try_again`, `internal`.
+    /// `not_found`, `bad_request`, `never`, `conflict`, `try_again`, `internal`; and for what
+    /// the HTTP layer refuses before a handler runs: `method_not_allowed` (405), `too_large`
+    /// (413), `unsupported_media_type` (415), `bad_request` (a query string or path parameter
+    /// that does not parse).
     pub code: String,
     pub message: String,
     /// Closest viable alternatives, when the request named something that does not exist.

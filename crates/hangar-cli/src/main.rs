@@ -2,21 +2,23 @@
 //!
 //! This file parses the command line and dispatches. Each command lives in its module under
 //! [`commands`]; what they print (tables, `--json`, progress, errors as exit codes) in
-//! [`output`]; the REST client in [`client`].
+//! [`output`]; failures and their exit codes in [`error`]. The REST client is
+//! `hangar_api::client`.
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-mod client;
 mod commands;
+mod error;
 mod output;
 
-use client::Client;
 use commands::{
     bench as bench_cmd, export, images, policies, pools, request, server, services, tasks,
     templates, vms,
 };
+use error::CliError;
+use hangar_api::client::Client;
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -115,11 +117,23 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let client = &Client::new(&cli.url);
-    let result = match cli.command {
+    let Cli { url, command } = Cli::parse();
+    let result = match command {
         Command::Server(args) => return server::run(args).await,
         Command::Forwarder(args) => return server::forwarder(args).await,
+        Command::Bench(args) => bench_cmd::run(args),
+        command => client_command(&url, command).await,
+    };
+    output::exit_status(result)
+}
+
+/// Runs a command of the REST API against the server at `url`.
+async fn client_command(url: &str, command: Command) -> Result<(), CliError> {
+    let client = &Client::new(url)?;
+    match command {
+        Command::Server(_) | Command::Forwarder(_) | Command::Bench(_) => {
+            unreachable!("run without a client, in main")
+        }
         Command::Services(args) => services::run(client, args).await,
         Command::Request(args) => request::run(client, args).await,
         Command::Vms(args) => vms::list(client, args).await,
@@ -128,7 +142,6 @@ async fn main() -> ExitCode {
         Command::Pool { command } => pools::run(client, command).await,
         Command::Policies(args) => policies::list(client, args).await,
         Command::Policy { command } => policies::run(client, command).await,
-        Command::Bench(args) => bench_cmd::run(args),
         Command::Sleep(args) => vms::sleep(client, args).await,
         Command::Archive(args) => vms::archive(client, args).await,
         Command::Wake(args) => vms::wake(client, args).await,
@@ -138,8 +151,7 @@ async fn main() -> ExitCode {
         Command::Images(args) => images::list(client, args).await,
         Command::Export(args) => export::run(client, args).await,
         Command::Task(args) => tasks::show(client, args).await,
-    };
-    output::exit_status(result)
+    }
 }
 
 #[cfg(test)]

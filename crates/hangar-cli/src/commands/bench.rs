@@ -5,7 +5,7 @@ use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 
-use crate::client::ClientError;
+use crate::error::CliError;
 
 /// Everything after `bench`, `--help` included, goes to `hangar-bench` as given.
 #[derive(clap::Args)]
@@ -24,11 +24,11 @@ pub struct BenchArgs {
 /// are the benchmark's), found next to this executable, else on `PATH`; it is told this
 /// executable in `HANGAR_BIN` to start its servers with. Returns only on failure: when
 /// there is no `hangar-bench` (saying how to build it) or it cannot be started.
-pub fn run(args: BenchArgs) -> Result<(), ClientError> {
+pub fn run(args: BenchArgs) -> Result<(), CliError> {
     let this = std::env::current_exe()
-        .map_err(|err| ClientError::Failed(format!("cannot find its own executable: {err}")))?;
+        .map_err(|err| CliError::Failed(format!("cannot find its own executable: {err}")))?;
     let Some(bench) = find_bench(&this, std::env::var_os("PATH")) else {
-        return Err(ClientError::Failed(format!(
+        return Err(CliError::Failed(format!(
             "`hangar bench` runs the hangar-bench binary, found neither next to {} nor on \
              PATH; build it with `cargo build --release -p hangar-bench` (`cargo build \
              --release` at the workspace root builds both)",
@@ -39,7 +39,7 @@ pub fn run(args: BenchArgs) -> Result<(), ClientError> {
         .args(args.args)
         .env("HANGAR_BIN", &this)
         .exec();
-    Err(ClientError::Failed(format!(
+    Err(CliError::Failed(format!(
         "cannot run {}: {err}",
         bench.display()
     )))

@@ -3,12 +3,13 @@
 
 use std::time::Duration;
 
-use hangar_api::{BuildView, ImageBody, ImagesView, TaskView};
+use hangar_api::{BuildView, ImageBody};
 
 use super::parse_env;
-use crate::client::{Client, ClientError};
+use crate::error::CliError;
 use crate::output::progress::Progress;
-use crate::output::{print_json, table, typed};
+use crate::output::{print_json, table};
+use hangar_api::client::Client;
 
 #[derive(clap::Args)]
 pub struct BuildArgs {
@@ -30,7 +31,7 @@ pub struct ImagesArgs {
 
 /// `hangar build`: starts the build, then (unless `--no-wait`) follows its task until it
 /// succeeds or fails.
-pub async fn build(client: &Client, args: BuildArgs) -> Result<(), ClientError> {
+pub async fn build(client: &Client, args: BuildArgs) -> Result<(), CliError> {
     let BuildArgs {
         service,
         env,
@@ -40,14 +41,14 @@ pub async fn build(client: &Client, args: BuildArgs) -> Result<(), ClientError> 
         service: service.clone(),
         env: env.into_iter().collect(),
     };
-    let BuildView { task } = client.post("/v1/images", &body).await?;
+    let BuildView { task } = client.build_image(&body).await?;
     if no_wait {
         println!("{task}");
         return Ok(());
     }
     let mut progress = Progress::start();
     loop {
-        let task: TaskView = client.get(&format!("/v1/tasks/{task}")).await?;
+        let task = client.task(&task).await?;
         progress.update(u64::from(task.percent), &task.stage);
         match task.state.as_str() {
             "succeeded" => {
@@ -60,7 +61,7 @@ pub async fn build(client: &Client, args: BuildArgs) -> Result<(), ClientError> 
             }
             "failed" => {
                 progress.finish();
-                return Err(ClientError::Reply(format!(
+                return Err(CliError::Reply(format!(
                     "build of {service} failed: {}",
                     task.error.unwrap_or_default()
                 )));
@@ -71,12 +72,11 @@ pub async fn build(client: &Client, args: BuildArgs) -> Result<(), ClientError> 
 }
 
 /// `hangar images`: a table of images, one of layers, and the layers' disk use.
-pub async fn list(client: &Client, args: ImagesArgs) -> Result<(), ClientError> {
-    let answer: serde_json::Value = client.get("/v1/images").await?;
+pub async fn list(client: &Client, args: ImagesArgs) -> Result<(), CliError> {
+    let images = client.images().await?;
     if args.json {
-        return print_json(&answer);
+        return print_json(&images);
     }
-    let images: ImagesView = typed(answer)?;
     let mb = |bytes: u64| format!("{:.1} MB", bytes as f64 / 1e6);
     let when = |ms: Option<u64>| {
         ms.map(|ms| {

@@ -3,10 +3,11 @@
 
 use std::time::Duration;
 
-use hangar_api::{PoliciesView, PolicyBody, PolicyView};
+use hangar_api::{PolicyBody, PolicyView};
 
-use crate::client::{Client, ClientError};
-use crate::output::{print_json, table, typed, wire_name};
+use crate::error::CliError;
+use crate::output::{print_json, table, wire_name};
+use hangar_api::client::Client;
 
 #[derive(clap::Args)]
 pub struct PoliciesArgs {
@@ -79,12 +80,11 @@ fn parse_rate(text: &str) -> Result<Rate, String> {
 }
 
 /// `hangar policies`: every service's policy, its demand, and the budgets.
-pub async fn list(client: &Client, args: PoliciesArgs) -> Result<(), ClientError> {
-    let answer: serde_json::Value = client.get("/v1/policies").await?;
+pub async fn list(client: &Client, args: PoliciesArgs) -> Result<(), CliError> {
+    let policies = client.policies().await?;
     if args.json {
-        return print_json(&answer);
+        return print_json(&policies);
     }
-    let policies: PoliciesView = typed(answer)?;
     let timer = |d: Option<Duration>| match d {
         Some(d) => humantime::format_duration(d).to_string(),
         None => "-".into(),
@@ -147,7 +147,7 @@ pub async fn list(client: &Client, args: PoliciesArgs) -> Result<(), ClientError
 }
 
 /// `hangar policy set|reset`.
-pub async fn run(client: &Client, command: PolicyCommand) -> Result<(), ClientError> {
+pub async fn run(client: &Client, command: PolicyCommand) -> Result<(), CliError> {
     match command {
         PolicyCommand::Set {
             service,
@@ -166,19 +166,17 @@ pub async fn run(client: &Client, command: PolicyCommand) -> Result<(), ClientEr
                 archive_tier: archive_tier
                     .map(|tier| tier.parse())
                     .transpose()
-                    .map_err(ClientError::Usage)?,
+                    .map_err(CliError::Usage)?,
             };
-            let answer: serde_json::Value = client
-                .put(&format!("/v1/policies/{service}"), &body)
-                .await?;
+            let view = client.set_policy(&service, &body).await?;
             if json {
-                return print_json(&answer);
+                return print_json(&view);
             }
-            print_policy(&typed(answer)?);
+            print_policy(&view);
             Ok(())
         }
         PolicyCommand::Reset { service } => {
-            let view: PolicyView = client.delete(&format!("/v1/policies/{service}")).await?;
+            let view = client.reset_policy(&service).await?;
             print_policy(&view);
             Ok(())
         }

@@ -1,9 +1,10 @@
 //! The warm pools: `hangar pools` lists them, `hangar pool set` changes one at run time.
 
-use hangar_api::PoolView;
+use hangar_api::PoolBoundsBody;
 
-use crate::client::{Client, ClientError};
-use crate::output::{print_json, table, typed};
+use crate::error::CliError;
+use crate::output::{print_json, table};
+use hangar_api::client::Client;
 
 #[derive(clap::Args)]
 pub struct PoolsArgs {
@@ -37,12 +38,11 @@ pub enum PoolCommand {
 }
 
 /// `hangar pools`: each pool's shape, bounds, target, ready and booting VMs and demand.
-pub async fn list(client: &Client, args: PoolsArgs) -> Result<(), ClientError> {
-    let answer: serde_json::Value = client.get("/v1/pools").await?;
+pub async fn list(client: &Client, args: PoolsArgs) -> Result<(), CliError> {
+    let pools = client.pools().await?;
     if args.json {
-        return print_json(&answer);
+        return print_json(&pools);
     }
-    let pools: Vec<PoolView> = typed(answer)?;
     let rows = pools.iter().map(|p| {
         vec![
             p.name.clone(),
@@ -67,7 +67,7 @@ pub async fn list(client: &Client, args: PoolsArgs) -> Result<(), ClientError> {
 }
 
 /// `hangar pool ...`.
-pub async fn run(client: &Client, command: PoolCommand) -> Result<(), ClientError> {
+pub async fn run(client: &Client, command: PoolCommand) -> Result<(), CliError> {
     let PoolCommand::Set {
         name,
         min,
@@ -76,18 +76,23 @@ pub async fn run(client: &Client, command: PoolCommand) -> Result<(), ClientErro
         default_ready,
         json,
     } = command;
-    let mut body = serde_json::json!({ "min": min, "max": max });
-    if let Some(ready) = ready {
-        body["ready"] = serde_json::from_str(&ready)
-            .map_err(|err| ClientError::Usage(format!("--ready is not valid JSON: {err}")))?;
-    } else if default_ready {
-        body["ready"] = serde_json::Value::Null;
-    }
-    let answer: serde_json::Value = client.put(&format!("/v1/pools/{name}"), &body).await?;
+    let ready = match ready {
+        Some(ready) => {
+            let ready: serde_json::Value = serde_json::from_str(&ready)
+                .map_err(|err| CliError::Usage(format!("--ready is not valid JSON: {err}")))?;
+            let ready = serde_json::from_value(ready).map_err(|err| {
+                CliError::Usage(format!("--ready is not a ready criterion: {err}"))
+            })?;
+            Some(Some(ready))
+        }
+        None if default_ready => Some(None),
+        None => None,
+    };
+    let body = PoolBoundsBody { min, max, ready };
+    let pool = client.set_pool(&name, &body).await?;
     if json {
-        return print_json(&answer);
+        return print_json(&pool);
     }
-    let pool: PoolView = typed(answer)?;
     println!(
         "pool {name}: min {} max {} target {}",
         pool.min, pool.max, pool.target

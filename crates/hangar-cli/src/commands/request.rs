@@ -4,11 +4,12 @@
 use std::io::IsTerminal;
 use std::time::Duration;
 
-use hangar_api::{GrantView, Served};
+use hangar_api::Served;
 
 use super::parse_env;
-use crate::client::{Client, ClientError};
-use crate::output::{print_json, typed, wire_name};
+use crate::error::CliError;
+use crate::output::{print_json, wire_name};
+use hangar_api::client::Client;
 
 #[derive(clap::Args)]
 pub struct RequestArgs {
@@ -57,7 +58,7 @@ fn parse_memory(text: &str) -> Result<(u32, u32), String> {
     }
 }
 
-pub async fn run(client: &Client, args: RequestArgs) -> Result<(), ClientError> {
+pub async fn run(client: &Client, args: RequestArgs) -> Result<(), CliError> {
     let RequestArgs {
         service,
         vcpus,
@@ -96,11 +97,12 @@ pub async fn run(client: &Client, args: RequestArgs) -> Result<(), ClientError> 
             service.as_deref().unwrap_or("that configuration")
         );
     }
-    let answer: serde_json::Value = client.post("/v1/requests", &body).await?;
+    let request = serde_json::from_value(body)
+        .map_err(|err| CliError::Usage(format!("not a valid request: {err}")))?;
+    let grant = client.request(&request).await?.value;
     if json {
-        return print_json(&answer);
+        return print_json(&grant);
     }
-    let grant: GrantView = typed(answer)?;
     println!(
         "{}",
         if grant.endpoint.is_empty() {

@@ -1,9 +1,8 @@
 //! `hangar services`: the services that can be requested.
 
-use hangar_api::ServiceView;
-
-use crate::client::{Client, ClientError};
-use crate::output::{print_json, table, typed};
+use crate::error::CliError;
+use crate::output::{print_json, table};
+use hangar_api::client::Client;
 
 #[derive(clap::Args)]
 pub struct ServicesArgs {
@@ -12,12 +11,11 @@ pub struct ServicesArgs {
     json: bool,
 }
 
-pub async fn run(client: &Client, args: ServicesArgs) -> Result<(), ClientError> {
-    let answer: serde_json::Value = client.get("/v1/services").await?;
+pub async fn run(client: &Client, args: ServicesArgs) -> Result<(), CliError> {
+    let services = client.services().await?;
     if args.json {
-        return print_json(&answer);
+        return print_json(&services);
     }
-    let services: Vec<ServiceView> = typed(answer)?;
     let rows = services.iter().map(|s| {
         let ports = s
             .ports

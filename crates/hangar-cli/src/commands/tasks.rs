@@ -3,8 +3,9 @@
 
 use hangar_api::TaskView;
 
-use crate::client::{Client, ClientError};
-use crate::output::{print_json, table, typed};
+use crate::error::CliError;
+use crate::output::{print_json, table};
+use hangar_api::client::Client;
 
 #[derive(clap::Args)]
 pub struct TasksArgs {
@@ -26,24 +27,22 @@ const HEADER: [&str; 8] = [
 ];
 
 /// `hangar tasks`: recent tasks.
-pub async fn list(client: &Client, args: TasksArgs) -> Result<(), ClientError> {
-    let answer: serde_json::Value = client.get("/v1/tasks").await?;
+pub async fn list(client: &Client, args: TasksArgs) -> Result<(), CliError> {
+    let tasks = client.tasks().await?;
     if args.json {
-        return print_json(&answer);
+        return print_json(&tasks);
     }
-    let tasks: Vec<TaskView> = typed(answer)?;
     let rows = tasks.iter().map(task_row);
     table::print(&HEADER, rows);
     Ok(())
 }
 
 /// `hangar task ID`: one task, with its stage, progress and error.
-pub async fn show(client: &Client, args: TaskArgs) -> Result<(), ClientError> {
-    let answer: serde_json::Value = client.get(&format!("/v1/tasks/{}", args.id)).await?;
+pub async fn show(client: &Client, args: TaskArgs) -> Result<(), CliError> {
+    let task = client.task(&args.id).await?;
     if args.json {
-        return print_json(&answer);
+        return print_json(&task);
     }
-    let task: TaskView = typed(answer)?;
     table::print(&HEADER, [task_row(&task)]);
     Ok(())
 }

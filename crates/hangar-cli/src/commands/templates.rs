@@ -1,9 +1,8 @@
 //! `hangar templates`: service templates, the snapshots new VMs are cloned from.
 
-use hangar_api::TemplateView;
-
-use crate::client::{Client, ClientError};
-use crate::output::{print_json, table, typed};
+use crate::error::CliError;
+use crate::output::{print_json, table};
+use hangar_api::client::Client;
 
 #[derive(clap::Args)]
 pub struct TemplatesArgs {
@@ -12,12 +11,11 @@ pub struct TemplatesArgs {
     json: bool,
 }
 
-pub async fn run(client: &Client, args: TemplatesArgs) -> Result<(), ClientError> {
-    let answer: serde_json::Value = client.get("/v1/templates").await?;
+pub async fn run(client: &Client, args: TemplatesArgs) -> Result<(), CliError> {
+    let templates = client.templates().await?;
     if args.json {
-        return print_json(&answer);
+        return print_json(&templates);
     }
-    let templates: Vec<TemplateView> = typed(answer)?;
     let rows = templates.iter().map(|t| {
         vec![
             t.service.clone(),

@@ -1,9 +1,10 @@
 //! The VM commands: `hangar vms` (the state table), `sleep`, `archive`, `wake` and `rm`.
 
-use hangar_api::{ArchiveBody, VmView};
+use hangar_api::ArchiveBody;
 
-use crate::client::{Client, ClientError};
-use crate::output::{ago, print_json, table, typed};
+use crate::error::CliError;
+use crate::output::{ago, print_json, table};
+use hangar_api::client::Client;
 
 #[derive(clap::Args)]
 pub struct VmsArgs {
@@ -36,18 +37,11 @@ pub struct RmArgs {
 }
 
 /// `hangar vms`: every VM with its host, services, endpoints and state.
-pub async fn list(client: &Client, args: VmsArgs) -> Result<(), ClientError> {
-    let answer: serde_json::Value = client
-        .get(if args.all {
-            "/v1/vms?all=true"
-        } else {
-            "/v1/vms"
-        })
-        .await?;
+pub async fn list(client: &Client, args: VmsArgs) -> Result<(), CliError> {
+    let vms = client.vms(args.all).await?;
     if args.json {
-        return print_json(&answer);
+        return print_json(&vms);
     }
-    let vms: Vec<VmView> = typed(answer)?;
     let rows = vms.iter().map(|vm| {
         let endpoints = vm
             .endpoints
@@ -94,27 +88,18 @@ pub async fn list(client: &Client, args: VmsArgs) -> Result<(), ClientError> {
 }
 
 /// `hangar sleep VM`: pauses an active VM in memory.
-pub async fn sleep(client: &Client, args: VmArg) -> Result<(), ClientError> {
-    let vm: VmView = client
-        .post(
-            &format!("/v1/vms/{}/sleep", args.vm),
-            &serde_json::json!({}),
-        )
-        .await?;
+pub async fn sleep(client: &Client, args: VmArg) -> Result<(), CliError> {
+    let vm = client.sleep(&args.vm).await?;
     println!("{} {}", vm.id, vm.state);
     Ok(())
 }
 
 /// `hangar archive VM`: writes a VM's memory to disk and ends its process.
-pub async fn archive(client: &Client, args: ArchiveArgs) -> Result<(), ClientError> {
-    let vm: VmView = client
-        .post(
-            &format!("/v1/vms/{}/archive", args.vm),
-            &ArchiveBody {
-                tier: args.tier.parse().map_err(ClientError::Usage)?,
-            },
-        )
-        .await?;
+pub async fn archive(client: &Client, args: ArchiveArgs) -> Result<(), CliError> {
+    let body = ArchiveBody {
+        tier: args.tier.parse().map_err(CliError::Usage)?,
+    };
+    let vm = client.archive(&args.vm, &body).await?;
     let (tier, size_bytes) = vm
         .archive
         .as_ref()
@@ -129,18 +114,16 @@ pub async fn archive(client: &Client, args: ArchiveArgs) -> Result<(), ClientErr
 }
 
 /// `hangar wake VM`: brings a sleeping or archived VM back.
-pub async fn wake(client: &Client, args: VmArg) -> Result<(), ClientError> {
-    let vm: VmView = client
-        .post(&format!("/v1/vms/{}/wake", args.vm), &serde_json::json!({}))
-        .await?;
+pub async fn wake(client: &Client, args: VmArg) -> Result<(), CliError> {
+    let vm = client.wake(&args.vm).await?.value;
     println!("{} {}", vm.id, vm.state);
     Ok(())
 }
 
 /// `hangar rm VM...`: deletes VMs in order; stops at the first that fails.
-pub async fn rm(client: &Client, args: RmArgs) -> Result<(), ClientError> {
+pub async fn rm(client: &Client, args: RmArgs) -> Result<(), CliError> {
     for vm in args.vms {
-        let _: serde::de::IgnoredAny = client.delete(&format!("/v1/vms/{vm}")).await?;
+        client.delete_vm(&vm).await?;
         println!("{vm} deleted");
     }
     Ok(())

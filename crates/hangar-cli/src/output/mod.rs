@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use crate::client::ClientError;
+use crate::error::CliError;
 
 pub mod progress;
 pub mod table;
@@ -17,23 +17,18 @@ pub fn text(value: &serde_json::Value) -> String {
     }
 }
 
-/// An answer read as `T` (one of the API's wire types) for a table; a mismatch is a bad
-/// reply.
-pub fn typed<T: serde::de::DeserializeOwned>(answer: serde_json::Value) -> Result<T, ClientError> {
-    serde_json::from_value(answer).map_err(|err| ClientError::Reply(err.to_string()))
-}
-
 /// How a wire enum (a VM state, a mode, a match kind) is spelled in JSON.
 pub fn wire_name(value: &impl serde::Serialize) -> String {
     text(&serde_json::to_value(value).expect("wire types serialize"))
 }
 
-/// Prints `value` as pretty JSON on stdout: what `--json` prints (the server's answer as
-/// it came, with keys sorted).
-pub fn print_json(value: &serde_json::Value) -> Result<(), ClientError> {
+/// Prints an answer as pretty JSON on stdout, keys sorted: what `--json` prints (the JSON
+/// the server sent, which it made from the same wire types).
+pub fn print_json(answer: &impl serde::Serialize) -> Result<(), CliError> {
+    let value = serde_json::to_value(answer).expect("wire types serialize");
     println!(
         "{}",
-        serde_json::to_string_pretty(value).expect("JSON values serialize")
+        serde_json::to_string_pretty(&value).expect("JSON values serialize")
     );
     Ok(())
 }
@@ -55,7 +50,7 @@ pub fn ago(ms: Option<u64>) -> String {
 /// A command's outcome as the process's exit status: on failure, prints the error (and
 /// the alternatives the server offered) on stderr and maps it to the exit codes listed in
 /// `hangar --help`.
-pub fn exit_status(result: Result<(), ClientError>) -> ExitCode {
+pub fn exit_status(result: Result<(), CliError>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

@@ -20,6 +20,7 @@ use utoipa_axum::routes;
 
 pub mod commands;
 pub mod error;
+pub mod json_errors;
 
 use commands::{Command, Reply, RequestHandler};
 
@@ -61,7 +62,8 @@ pub fn openapi_document() -> &'static utoipa::openapi::OpenApi {
     &DOCUMENT
 }
 
-/// The API's router: the routes of [`routes`] and a JSON 404 for any other path.
+/// The API's router: the routes of [`routes`], a JSON 404 for any other path, and every
+/// other error answer made JSON by [`json_errors`].
 pub fn router(manager: Arc<Manager>) -> Router {
     let (router, _) = routes().split_for_parts();
     router
@@ -71,6 +73,7 @@ pub fn router(manager: Arc<Manager>) -> Router {
                 alternatives: Vec::new(),
             }
         })
+        .layer(axum::middleware::from_fn(json_errors::json_errors))
         .with_state(manager)
 }
 
@@ -704,3 +707,6 @@ mod tests;
 
 #[cfg(test)]
 mod client_tests;
+
+#[cfg(test)]
+mod json_errors_tests;

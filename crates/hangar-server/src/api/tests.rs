@@ -361,6 +361,8 @@ async fn every_answer_matches_its_schema_in_the_openapi_document() {
     let vm = "/v1/vms/{id}";
     api.call("GET", "/v1/vms", "/v1/vms", "").await;
     api.call("GET", "/v1/vms", "/v1/vms?all=true", "").await;
+    let bad_query = api.call("GET", "/v1/vms", "/v1/vms?all=maybe", "").await;
+    assert_eq!(bad_query.status, StatusCode::BAD_REQUEST);
     api.call("GET", vm, &format!("/v1/vms/{id}"), "").await;
     let missing = api.call("GET", vm, "/v1/vms/vm-unknown", "").await;
     assert_eq!(missing.status, StatusCode::NOT_FOUND);
