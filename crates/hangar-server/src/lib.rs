@@ -39,7 +39,6 @@ pub mod pools;
 pub mod reconcile;
 pub mod requests;
 pub mod scheduler;
-mod store_wait;
 pub mod tasks;
 pub mod templates;
 

@@ -132,19 +132,19 @@ impl RequestHandler for Arc<Manager> {
                 let (vm, stages) = manager.wake_timed(&id).await?;
                 Reply::Woken(vm, stages)
             }
-            Command::ListPools => Reply::Pools(manager.pool_views()?),
+            Command::ListPools => Reply::Pools(manager.pool_views().await?),
             Command::SetPool {
                 name,
                 min,
                 max,
                 ready,
-            } => Reply::Pool(manager.set_pool(&name, min, max, ready)?),
+            } => Reply::Pool(manager.set_pool(&name, min, max, ready).await?),
             Command::ListTemplates => Reply::Templates(manager.templates().await),
-            Command::ListPolicies => Reply::Policies(manager.policy_views()?),
+            Command::ListPolicies => Reply::Policies(manager.policy_views().await?),
             Command::SetPolicy { service, change } => {
-                Reply::Policy(manager.set_policy(&service, &change)?)
+                Reply::Policy(manager.set_policy(&service, &change).await?)
             }
-            Command::ResetPolicy(service) => Reply::Policy(manager.reset_policy(&service)?),
+            Command::ResetPolicy(service) => Reply::Policy(manager.reset_policy(&service).await?),
             Command::ListTasks { limit } => Reply::Tasks(manager.store().tasks(limit).await?),
             Command::GetTask(id) => Reply::Task(manager.store().task(&id).await?.ok_or_else(
                 || ApiError::NotFound {
@@ -152,8 +152,8 @@ impl RequestHandler for Arc<Manager> {
                     alternatives: Vec::new(),
                 },
             )?),
-            Command::ListImages => Reply::Images(manager.images()?),
-            Command::BuildImage(request) => Reply::Building(manager.build_image(&request)?),
+            Command::ListImages => Reply::Images(manager.images().await?),
+            Command::BuildImage(request) => Reply::Building(manager.build_image(&request).await?),
             Command::ExportImage(request) => {
                 let dir: PathBuf = manager.config.export_dir.clone();
                 Reply::Export(manager.export(&request, &dir).await?)

@@ -12,7 +12,6 @@
 //! Activity: the monitor loop polls the forwarder's per-VM connection activity and hands
 //! each VM's latest activity to [`Manager::note_endpoint_use`].
 
-use crate::store_wait::Wait;
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsString;
 use std::net::SocketAddr;
@@ -90,10 +89,10 @@ impl StableEndpoints {
 
     /// One request. A forwarder that cannot be reached is started again and given the
     /// whole desired state (`desired`) before the request is retried.
-    async fn call(
+    async fn call<F: Future<Output = Vec<EndpointSpec>>>(
         &self,
         request: &Request,
-        desired: impl Fn() -> Vec<EndpointSpec>,
+        desired: impl Fn() -> F,
     ) -> Result<Reply, ForwardError> {
         if let ForwarderKind::InProcess(forwarder) = &self.kind {
             return match forwarder.handle(request.clone()).await {
@@ -107,7 +106,7 @@ impl StableEndpoints {
             let (control, started) = self.control().await?;
             if started {
                 tracing::warn!("forwarder started again; giving it every endpoint");
-                control.call(&self.sync_request(desired())).await?;
+                control.call(&self.sync_request(desired().await)).await?;
             }
             match control.call(request).await {
                 Err(ForwardError::Io(err)) if attempt < 2 => {
@@ -163,8 +162,8 @@ pub fn desired_endpoints(vms: &[VmRecord]) -> Vec<EndpointSpec> {
 }
 
 impl Manager {
-    fn desired_from_store(&self) -> Vec<EndpointSpec> {
-        match self.store.vms(false).wait() {
+    async fn desired_from_store(&self) -> Vec<EndpointSpec> {
+        match self.store.vms(false).await {
             Ok(vms) => desired_endpoints(&vms),
             Err(err) => {
                 tracing::warn!(error = %error_chain(&err), "cannot read vms for the forwarder");
@@ -257,7 +256,7 @@ impl Manager {
         let Some(endpoints) = self.endpoints.get() else {
             return Ok(());
         };
-        let desired = self.desired_from_store();
+        let desired = self.desired_from_store().await;
         let request = endpoints.sync_request(desired.clone());
         let reply = self
             .endpoints_call(endpoints, &request)
@@ -300,14 +299,14 @@ impl Manager {
             }
         }
         for (id, at_ms) in fresh {
-            self.note_endpoint_use(&id, at_ms);
+            self.note_endpoint_use(&id, at_ms).await;
         }
     }
 
     /// A client used VM `vm_id` through its endpoint at `at_ms` (a connection opened,
     /// closed or moved bytes): the one place endpoint activity enters the VM's record.
-    pub fn note_endpoint_use(&self, vm_id: &str, at_ms: u64) {
-        if let Err(err) = self.store.set_last_used(vm_id, at_ms).wait() {
+    pub async fn note_endpoint_use(&self, vm_id: &str, at_ms: u64) {
+        if let Err(err) = self.store.set_last_used(vm_id, at_ms).await {
             tracing::debug!(vm = %vm_id, error = %error_chain(&err), "cannot record endpoint use");
         }
     }

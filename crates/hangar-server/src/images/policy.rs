@@ -3,7 +3,6 @@
 //! and kept) and eviction of the least recently used layers under a disk budget, never
 //! while a VM uses them (seed 000).
 
-use crate::store_wait::Wait;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -86,7 +85,7 @@ impl Manager {
 
     /// `service@os` combinations whose images are promoted: often requested, or kept in a
     /// warm pool.
-    pub fn promoted(&self) -> BTreeSet<String> {
+    pub async fn promoted(&self) -> BTreeSet<String> {
         let now = now_ms();
         let mut promoted: BTreeSet<String> = self
             .image_runtime
@@ -97,7 +96,7 @@ impl Manager {
             .filter(|(_, rate)| rate.per_s(now) * 60.0 >= PROMOTE_PER_MIN)
             .map(|(k, _)| k.clone())
             .collect();
-        if let Ok(specs) = self.pool_specs() {
+        if let Ok(specs) = self.pool_specs().await {
             for spec in specs.iter().filter(|s| s.min > 0) {
                 if let Some(service) = spec.service.as_deref().and_then(|s| self.catalog.get(s)) {
                     promoted.insert(key(&service.name, &service.os));
@@ -108,9 +107,9 @@ impl Manager {
     }
 
     /// Layer hash → the VMs (not deleted, not failed) that have it as a disk.
-    fn layer_users(&self) -> Result<BTreeMap<String, Vec<String>>, ImageError> {
+    async fn layer_users(&self) -> Result<BTreeMap<String, Vec<String>>, ImageError> {
         let mut users: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for vm in self.store.vms(false).wait()? {
+        for vm in self.store.vms(false).await? {
             if matches!(vm.state, VmState::Deleted | VmState::Failed) {
                 continue;
             }
@@ -134,9 +133,9 @@ impl Manager {
 
     /// The inventory: every viable service × OS image with its layers, and every cached
     /// layer with its size, users and last use.
-    pub fn images(&self) -> Result<ImagesView, ImageError> {
-        let users = self.layer_users()?;
-        let promoted = self.promoted();
+    pub async fn images(&self) -> Result<ImagesView, ImageError> {
+        let users = self.layer_users().await?;
+        let promoted = self.promoted().await;
         let cached = self.images.layers();
         let by_hash: BTreeMap<&str, &hangar_image::layers::Layer> =
             cached.iter().map(|l| (l.info.hash.as_str(), l)).collect();
@@ -205,17 +204,26 @@ impl Manager {
 
     /// Starts building the image of the request's service and environment (`hangar
     /// build`); returns the task. A build already running for it is returned instead.
-    pub fn build_image(self: &Arc<Self>, request: &ServiceRequest) -> Result<String, ImageError> {
+    pub async fn build_image(
+        self: &Arc<Self>,
+        request: &ServiceRequest,
+    ) -> Result<String, ImageError> {
         let service = self.directory_lookup(request)?;
         let os = request.env.get("os").cloned().unwrap_or(service.os.clone());
         let name = key(&service.name, &os);
-        let mut building = self.image_runtime.building.lock().expect("building lock");
-        if let Some(task) = building.get(&name) {
-            return Ok(task.clone());
-        }
-        let task = TaskId::generate().to_string();
+        let task = {
+            let mut building = self.image_runtime.building.lock().expect("building lock");
+            if let Some(task) = building.get(&name) {
+                return Ok(task.clone());
+            }
+            let task = TaskId::generate().to_string();
+            // Reserved before the record is written, so a concurrent request joins it.
+            building.insert(name.clone(), task.clone());
+            task
+        };
         let now = now_ms();
-        self.store
+        let inserted = self
+            .store
             .insert_task(&TaskRecord {
                 id: task.clone(),
                 kind: "build_image".into(),
@@ -228,9 +236,15 @@ impl Manager {
                 created_at_ms: now,
                 updated_at_ms: now,
             })
-            .wait()?;
-        building.insert(name.clone(), task.clone());
-        drop(building);
+            .await;
+        if let Err(err) = inserted {
+            self.image_runtime
+                .building
+                .lock()
+                .expect("building lock")
+                .remove(&name);
+            return Err(err.into());
+        }
         let manager = self.clone();
         let id = task.clone();
         tokio::spawn(async move {
@@ -249,11 +263,7 @@ impl Manager {
                 .lock()
                 .expect("building lock")
                 .remove(&name);
-            if let Err(err) = manager
-                .store
-                .update_task(&id, state, stage, 100, error)
-                .await
-            {
+            if let Err(err) = manager.tasks.end(&id, state, stage, error).await {
                 tracing::warn!(task = %id, error = %err, "cannot record build outcome");
             }
             manager.evict_images().await;
@@ -275,11 +285,11 @@ impl Manager {
             // A build in flight may be about to use any layer.
             return Vec::new();
         }
-        let Ok(users) = self.layer_users() else {
+        let Ok(users) = self.layer_users().await else {
             return Vec::new();
         };
         let mut pinned: HashSet<String> = HashSet::new();
-        for name in self.promoted() {
+        for name in self.promoted().await {
             if let Some((service, os)) = name.split_once('@')
                 && let Some(service) = self.catalog.get(service)
             {
@@ -331,7 +341,7 @@ impl Manager {
     /// Builds the images of promoted services that are missing (after an eviction, or
     /// for a service that became popular while its image was being built elsewhere).
     pub async fn promote_images(self: &Arc<Self>) {
-        for name in self.promoted() {
+        for name in self.promoted().await {
             let Some((service, os)) = name.split_once('@') else {
                 continue;
             };
@@ -346,7 +356,7 @@ impl Manager {
                 env: [("os".to_string(), os.to_string())].into(),
                 ..ServiceRequest::default()
             };
-            match self.build_image(&request) {
+            match self.build_image(&request).await {
                 Ok(task) => {
                     tracing::info!(image = %name, task = %task, "building a promoted image ahead of requests")
                 }

@@ -193,7 +193,7 @@ fn request(service: &str) -> ServiceRequest {
 }
 
 async fn build(manager: &Arc<Manager>, service: &str) {
-    let task = manager.build_image(&request(service)).unwrap();
+    let task = manager.build_image(&request(service)).await.unwrap();
     for _ in 0..200 {
         let record = manager.store().task(&task).await.unwrap().unwrap();
         if record.state != TaskState::Running {
@@ -226,7 +226,7 @@ async fn eviction_takes_least_recently_used_layers_no_vm_uses() {
     let evicted = manager.evict_images().await;
     assert_eq!(evicted, ["sw-c", "sw-b"]);
     assert_eq!(layers.hashes(), ["os", "sw-a"]);
-    let view = manager.images().unwrap();
+    let view = manager.images().await.unwrap();
     let a = view.images.iter().find(|i| i.service == "a").unwrap();
     assert!(a.built);
     assert_eq!(a.users, std::slice::from_ref(&grant.vm.id));
@@ -266,11 +266,11 @@ async fn often_requested_services_are_promoted_kept_and_rebuilt() {
     for _ in 0..5 {
         manager.record_image_demand("b", "busybox");
     }
-    assert!(manager.promoted().contains("b@busybox"));
-    assert!(!manager.promoted().contains("a@busybox"));
+    assert!(manager.promoted().await.contains("b@busybox"));
+    assert!(!manager.promoted().await.contains("a@busybox"));
     assert_eq!(manager.evict_images().await, ["sw-a"]);
     assert_eq!(layers.hashes(), ["os", "sw-b"]);
-    let view = manager.images().unwrap();
+    let view = manager.images().await.unwrap();
     assert!(
         view.images
             .iter()

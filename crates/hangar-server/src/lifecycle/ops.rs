@@ -3,7 +3,6 @@
 //! identity (and, restored from an archive, its ready criterion checked). One operation at
 //! a time per VM.
 
-use crate::store_wait::Wait;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
@@ -60,10 +59,10 @@ pub enum LifecycleError {
 }
 
 impl Manager {
-    fn vm_or_404(&self, id: &str) -> Result<VmRecord, LifecycleError> {
+    async fn vm_or_404(&self, id: &str) -> Result<VmRecord, LifecycleError> {
         self.store
             .vm(id)
-            .wait()?
+            .await?
             .filter(|vm| vm.state != VmState::Deleted)
             .ok_or_else(|| LifecycleError::NoVm(id.to_owned()))
     }
@@ -86,7 +85,7 @@ impl Manager {
 
     /// [`Manager::sleep`], for a caller holding the VM's operation lock.
     pub(crate) async fn sleep_locked(&self, id: &str) -> Result<VmRecord, LifecycleError> {
-        let vm = self.vm_or_404(id)?;
+        let vm = self.vm_or_404(id).await?;
         match vm.state {
             VmState::Sleeping => return Ok(vm),
             VmState::Active => {}
@@ -130,7 +129,7 @@ impl Manager {
         id: &str,
         tier: ArchiveTier,
     ) -> Result<(VmRecord, ArchiveFacts), LifecycleError> {
-        let vm = self.vm_or_404(id)?;
+        let vm = self.vm_or_404(id).await?;
         match vm.state {
             VmState::Active | VmState::Sleeping => {}
             other => {
@@ -172,7 +171,7 @@ impl Manager {
     pub async fn wake_timed(&self, id: &str) -> Result<(VmRecord, Stages), LifecycleError> {
         let lock = self.vm_op_lock(id);
         let _guard = lock.lock().await;
-        let vm = self.vm_or_404(id)?;
+        let vm = self.vm_or_404(id).await?;
         let started = Instant::now();
         let from = match vm.state {
             VmState::Active => return Ok((vm, Stages::default())),

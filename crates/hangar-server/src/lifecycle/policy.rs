@@ -8,7 +8,6 @@
 //! images) are deleted. Each action is applied under the VM's operation lock and only if the
 //! VM is still as the decision saw it (same state, not used since).
 
-use crate::store_wait::Wait;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -125,15 +124,15 @@ impl Manager {
     /// more use towards `keep_active_above`. Called when a VM is granted or woken, and by
     /// endpoints on each connection. Cheap (one indexed update). Errors: `NotFound` for an
     /// unknown VM.
-    pub fn note_use(&self, vm_id: &str) -> Result<(), PolicyError> {
+    pub async fn note_use(&self, vm_id: &str) -> Result<(), PolicyError> {
         self.store
             .set_last_used(vm_id, now_ms())
-            .wait()
+            .await
             .map_err(|err| match err {
                 hangar_store::StoreError::NotFound { .. } => PolicyError::NoVm(vm_id.to_owned()),
                 other => other.into(),
             })?;
-        if let Some(vm) = self.store.vm(vm_id).wait()? {
+        if let Some(vm) = self.store.vm(vm_id).await? {
             for service in &vm.services {
                 self.record_service_demand(service);
             }
@@ -165,8 +164,8 @@ impl Manager {
     }
 
     /// Every service's effective policy: set at run time, else the catalog's.
-    pub fn policies(&self) -> Result<BTreeMap<String, (Policy, PolicySource)>, PolicyError> {
-        let stored = self.store.policies().wait()?;
+    pub async fn policies(&self) -> Result<BTreeMap<String, (Policy, PolicySource)>, PolicyError> {
+        let stored = self.store.policies().await?;
         Ok(self
             .catalog
             .services()
@@ -195,36 +194,38 @@ impl Manager {
 
     /// Changes a service's policy at run time (kept across restarts); fields left out stay
     /// as they are.
-    pub fn set_policy(
+    pub async fn set_policy(
         &self,
         service: &str,
         change: &PolicyChange,
     ) -> Result<PolicyView, PolicyError> {
         self.known_service(service)?;
         let current = self
-            .policies()?
+            .policies()
+            .await?
             .remove(service)
             .map(|(policy, _)| policy)
             .unwrap_or_default();
         let policy = change.apply(current);
         policy.check().map_err(PolicyError::Invalid)?;
         let json = serde_json::to_string(&policy).map_err(PolicyError::Encode)?;
-        self.store.set_policy(service, Some(&json)).wait()?;
+        self.store.set_policy(service, Some(&json)).await?;
         tracing::info!(service, policy = %json, "policy set");
         self.lifecycle.nudge();
-        self.policy_view(service)
+        self.policy_view(service).await
     }
 
     /// Goes back to the catalog's policy for a service.
-    pub fn reset_policy(&self, service: &str) -> Result<PolicyView, PolicyError> {
+    pub async fn reset_policy(&self, service: &str) -> Result<PolicyView, PolicyError> {
         self.known_service(service)?;
-        self.store.set_policy(service, None).wait()?;
+        self.store.set_policy(service, None).await?;
         self.lifecycle.nudge();
-        self.policy_view(service)
+        self.policy_view(service).await
     }
 
-    fn policy_view(&self, service: &str) -> Result<PolicyView, PolicyError> {
-        self.policy_views()?
+    async fn policy_view(&self, service: &str) -> Result<PolicyView, PolicyError> {
+        self.policy_views()
+            .await?
             .services
             .into_iter()
             .find(|view| view.service == service)
@@ -232,8 +233,8 @@ impl Manager {
     }
 
     /// Every service's policy, and the budgets with what they hold now.
-    pub fn policy_views(&self) -> Result<PoliciesView, PolicyError> {
-        let policies = self.policies()?;
+    pub async fn policy_views(&self) -> Result<PoliciesView, PolicyError> {
+        let policies = self.policies().await?;
         let rates = self.rates_per_min();
         let bare: BTreeMap<String, Policy> = policies
             .iter()
@@ -254,7 +255,7 @@ impl Manager {
                 }
             })
             .collect();
-        let inputs = self.lifecycle_inputs()?;
+        let inputs = self.lifecycle_inputs().await?;
         let memory_mib: u64 = inputs
             .vms
             .iter()
@@ -280,11 +281,11 @@ impl Manager {
         })
     }
 
-    fn lifecycle_inputs(&self) -> Result<Inputs, PolicyError> {
+    async fn lifecycle_inputs(&self) -> Result<Inputs, PolicyError> {
         let vms = self
             .store
             .vms(false)
-            .wait()?
+            .await?
             .into_iter()
             .map(|vm| VmFacts {
                 archive_bytes: (vm.state == VmState::Archived)
@@ -303,7 +304,8 @@ impl Manager {
             now_ms: now_ms(),
             vms,
             policies: self
-                .policies()?
+                .policies()
+                .await?
                 .into_iter()
                 .map(|(name, (policy, _))| (name, policy))
                 .collect(),
@@ -318,7 +320,7 @@ impl Manager {
 
     /// One round: decide from the current state and apply. Returns the actions applied.
     pub async fn reconcile_lifecycle(&self) -> Result<Vec<Action>, PolicyError> {
-        let inputs = self.lifecycle_inputs()?;
+        let inputs = self.lifecycle_inputs().await?;
         let actions = decide(&inputs);
         let mut applied = Vec::new();
         for action in actions {

@@ -1,7 +1,6 @@
 //! Lifecycle policies and budgets on the fake backend: the loop's rounds, last use,
 //! keep-active, LRU eviction, run-time policies, shared requests waking dormant VMs.
 
-use crate::store_wait::Wait;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,20 +54,23 @@ fn setup() -> (Arc<Manager>, FakeBackend, Arc<dyn Store>) {
     setup_with(ManagerConfig::default())
 }
 
-fn state(store: &Arc<dyn Store>, id: &str) -> VmState {
-    store.vm(id).wait().unwrap().unwrap().state
+async fn state(store: &Arc<dyn Store>, id: &str) -> VmState {
+    store.vm(id).await.unwrap().unwrap().state
 }
 
 /// Runs lifecycle rounds every 20 ms until `id` is in `want` (at most 2 s).
 async fn rounds_until(manager: &Manager, store: &Arc<dyn Store>, id: &str, want: VmState) {
     for _ in 0..100 {
         manager.reconcile_lifecycle().await.unwrap();
-        if state(store, id) == want {
+        if state(store, id).await == want {
             return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    panic!("VM {id} is {} after 2 s, not {want}", state(store, id));
+    panic!(
+        "VM {id} is {} after 2 s, not {want}",
+        state(store, id).await
+    );
 }
 
 #[tokio::test]
@@ -108,7 +110,7 @@ async fn an_idle_vm_sleeps_is_archived_and_deleted_on_its_own() {
         .vm;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(manager.reconcile_lifecycle().await.unwrap().is_empty());
-    assert_eq!(state(&store, &db.id), VmState::Active);
+    assert_eq!(state(&store, &db.id).await, VmState::Active);
 }
 
 #[tokio::test]
@@ -121,9 +123,13 @@ async fn use_restarts_the_idle_timer() {
         .vm;
     for _ in 0..5 {
         tokio::time::sleep(Duration::from_millis(60)).await;
-        manager.note_use(&vm.id).unwrap();
+        manager.note_use(&vm.id).await.unwrap();
         manager.reconcile_lifecycle().await.unwrap();
-        assert_eq!(state(&store, &vm.id), VmState::Active, "used every 60 ms");
+        assert_eq!(
+            state(&store, &vm.id).await,
+            VmState::Active,
+            "used every 60 ms"
+        );
     }
     let used = store.vm(&vm.id).await.unwrap().unwrap().last_used_at_ms;
     assert!(used > vm.last_used_at_ms);
@@ -133,7 +139,7 @@ async fn use_restarts_the_idle_timer() {
     manager.wake(&vm.id).await.unwrap();
     assert!(manager.reconcile_lifecycle().await.unwrap().is_empty());
     assert!(matches!(
-        manager.note_use("vm-nonexistent"),
+        manager.note_use("vm-nonexistent").await,
         Err(PolicyError::NoVm(_))
     ));
 }
@@ -149,6 +155,7 @@ async fn frequently_requested_services_stay_active_when_idle() {
                 ..PolicyChange::default()
             },
         )
+        .await
         .unwrap();
     let vm = manager
         .request(request("web", Mode::Dedicated))
@@ -159,13 +166,13 @@ async fn frequently_requested_services_stay_active_when_idle() {
     for _ in 0..40 {
         manager.record_service_demand("web");
     }
-    let views = manager.policy_views().unwrap();
+    let views = manager.policy_views().await.unwrap();
     let web = views.services.iter().find(|v| v.service == "web").unwrap();
     assert!(web.kept_active, "{web:?}");
     assert!(web.rate_per_min > 30.0, "{web:?}");
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(manager.reconcile_lifecycle().await.unwrap().is_empty());
-    assert_eq!(state(&store, &vm.id), VmState::Active);
+    assert_eq!(state(&store, &vm.id).await, VmState::Active);
 
     manager
         .set_policy(
@@ -175,6 +182,7 @@ async fn frequently_requested_services_stay_active_when_idle() {
                 ..PolicyChange::default()
             },
         )
+        .await
         .unwrap();
     let applied = manager.reconcile_lifecycle().await.unwrap();
     assert_eq!(
@@ -213,18 +221,21 @@ async fn over_the_memory_budget_the_least_recently_used_are_archived() {
             reason: Reason::Memory
         }]
     );
-    assert_eq!(state(&store, &ids[0]), VmState::Archived);
+    assert_eq!(state(&store, &ids[0]).await, VmState::Archived);
 
     // Sleeping does not free memory; the oldest comes back, so the next oldest goes.
     manager.sleep(&ids[2]).await.unwrap();
     manager.wake(&ids[0]).await.unwrap();
     manager.reconcile_lifecycle().await.unwrap();
-    let states: Vec<_> = ids.iter().map(|id| state(&store, id)).collect();
+    let mut states = Vec::new();
+    for id in &ids {
+        states.push(state(&store, id).await);
+    }
     assert_eq!(
         states,
         [VmState::Active, VmState::Archived, VmState::Sleeping]
     );
-    let view = manager.policy_views().unwrap();
+    let view = manager.policy_views().await.unwrap();
     assert_eq!(view.memory.budget_mib, Some(300));
     assert_eq!(view.memory.used_mib, 256.0);
 }
@@ -258,10 +269,10 @@ async fn over_the_disk_budget_the_least_recently_used_archives_are_deleted() {
             reason: Reason::Disk
         }]
     );
-    assert_eq!(state(&store, &ids[0]), VmState::Deleted);
+    assert_eq!(state(&store, &ids[0]).await, VmState::Deleted);
     assert!(backend.archive_info(&ids[0]).is_none());
-    assert_eq!(state(&store, &ids[1]), VmState::Archived);
-    let disk = manager.policy_views().unwrap().disk;
+    assert_eq!(state(&store, &ids[1]).await, VmState::Archived);
+    let disk = manager.policy_views().await.unwrap().disk;
     assert!((disk.used_mib - 12.8).abs() < 0.01, "{disk:?}");
 }
 
@@ -277,6 +288,7 @@ async fn run_time_policies_are_checked_kept_and_reset() {
                 ..PolicyChange::default()
             },
         )
+        .await
         .unwrap();
     assert_eq!(view.source, PolicySource::RunTime);
     assert_eq!(view.policy.sleep_after, Some(Duration::from_secs(3)));
@@ -292,6 +304,7 @@ async fn run_time_policies_are_checked_kept_and_reset() {
                 ..PolicyChange::default()
             },
         )
+        .await
         .unwrap();
     assert_eq!(web.policy.sleep_after, Some(Duration::from_millis(150)));
     assert_eq!(web.policy.delete_after, None);
@@ -301,11 +314,11 @@ async fn run_time_policies_are_checked_kept_and_reset() {
         ..PolicyChange::default()
     };
     assert!(matches!(
-        manager.set_policy("db", &zero),
+        manager.set_policy("db", &zero).await,
         Err(PolicyError::Invalid(_))
     ));
     assert!(matches!(
-        manager.set_policy("dbb", &PolicyChange::default()),
+        manager.set_policy("dbb", &PolicyChange::default()).await,
         Err(PolicyError::NoService { .. })
     ));
 
@@ -316,12 +329,12 @@ async fn run_time_policies_are_checked_kept_and_reset() {
         CATALOG,
         ManagerConfig::default(),
     );
-    let (db, source) = again.policies().unwrap()["db"];
+    let (db, source) = again.policies().await.unwrap()["db"];
     assert_eq!(
         (db.sleep_after, source),
         (Some(Duration::from_secs(3)), PolicySource::RunTime)
     );
-    let reset = again.reset_policy("web").unwrap();
+    let reset = again.reset_policy("web").await.unwrap();
     assert_eq!(reset.source, PolicySource::Catalog);
     assert_eq!(reset.policy.delete_after, Some(Duration::from_millis(150)));
 }
@@ -338,6 +351,7 @@ async fn under_the_delta_tier_a_vm_not_cloned_from_a_template_gets_zstd() {
                 ..PolicyChange::default()
             },
         )
+        .await
         .unwrap();
     let vm = manager
         .request(request("web", Mode::Dedicated))
@@ -363,7 +377,7 @@ async fn a_failed_lifecycle_archive_leaves_the_vm_and_is_not_retried_at_once() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     backend.fail_next_archive();
     assert!(manager.reconcile_lifecycle().await.unwrap().is_empty());
-    assert_eq!(state(&store, &vm.id), VmState::Sleeping);
+    assert_eq!(state(&store, &vm.id).await, VmState::Sleeping);
     assert!(
         manager.reconcile_lifecycle().await.unwrap().is_empty(),
         "backing off"
@@ -389,7 +403,7 @@ async fn shared_requests_wake_a_sleeping_or_archived_vm() {
         (third.served, third.vm.id.as_str()),
         (Served::Woken, first.vm.id.as_str())
     );
-    assert_eq!(state(&store, &first.vm.id), VmState::Active);
+    assert_eq!(state(&store, &first.vm.id).await, VmState::Active);
     assert_eq!(backend.launches(), 2, "one boot, one restore");
 }
 

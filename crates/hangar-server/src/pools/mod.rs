@@ -5,7 +5,6 @@
 //! the plan (fill tasks, removal of excess paused VMs), and wakes up whenever a VM leaves a
 //! pool or bounds change, or every second otherwise.
 
-use crate::store_wait::Wait;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -91,8 +90,8 @@ pub enum PoolError {
 
 impl Manager {
     /// Catalog pools with run-time bounds applied.
-    pub fn pool_specs(&self) -> Result<Vec<PoolSpec>, PoolError> {
-        let bounds = self.store.pool_bounds().wait()?;
+    pub async fn pool_specs(&self) -> Result<Vec<PoolSpec>, PoolError> {
+        let bounds = self.store.pool_bounds().await?;
         let mut specs: Vec<PoolSpec> = self.catalog.pools().cloned().collect();
         // Pools made at run time for services the catalog gives none.
         specs.extend(
@@ -127,7 +126,7 @@ impl Manager {
     /// they are (max is raised to min when needed). `ready`: `Some(Some(spec))` sets the
     /// criterion its fills must meet, `Some(None)` goes back to the service's. A service
     /// the catalog gives no pool gets one, named after it.
-    pub fn set_pool(
+    pub async fn set_pool(
         &self,
         name: &str,
         min: Option<u32>,
@@ -135,7 +134,8 @@ impl Manager {
         ready: Option<Option<ReadySpec>>,
     ) -> Result<PoolView, PoolError> {
         let spec = self
-            .pool_specs()?
+            .pool_specs()
+            .await?
             .into_iter()
             .find(|spec| spec.name == name)
             .or_else(|| self.service_pool(name))
@@ -161,7 +161,7 @@ impl Manager {
             return Err(PoolError::Invalid(format!("max {max} is larger than 64")));
         }
         match ready {
-            None => self.store.set_pool_bounds(name, min, max).wait()?,
+            None => self.store.set_pool_bounds(name, min, max).await?,
             Some(ready) => {
                 let json = match &ready {
                     Some(ready) => {
@@ -183,36 +183,37 @@ impl Manager {
                 };
                 self.store
                     .set_pool_ready(name, min, max, json.as_deref())
-                    .wait()?;
+                    .await?;
             }
         }
         self.pools.refill();
-        self.pool_views()?
+        self.pool_views()
+            .await?
             .into_iter()
             .find(|view| view.name == name)
             .ok_or_else(|| PoolError::Vanished(name.to_owned()))
     }
 
     /// Sets a pool's bounds at run time (kept across restarts).
-    pub fn set_pool_bounds(
+    pub async fn set_pool_bounds(
         &self,
         name: &str,
         min: u32,
         max: Option<u32>,
     ) -> Result<PoolView, PoolError> {
-        self.set_pool(name, Some(min), max, None)
+        self.set_pool(name, Some(min), max, None).await
     }
 
     /// The ready criterion set at run time for a pool, if any.
-    pub(crate) fn pool_ready(&self, name: &str) -> Option<ReadySpec> {
-        self.pool_readies().remove(name)
+    pub(crate) async fn pool_ready(&self, name: &str) -> Option<ReadySpec> {
+        self.pool_readies().await.remove(name)
     }
 
     /// Every ready criterion set at run time, by pool.
-    fn pool_readies(&self) -> HashMap<String, ReadySpec> {
+    async fn pool_readies(&self) -> HashMap<String, ReadySpec> {
         self.store
             .pool_ready()
-            .wait()
+            .await
             .unwrap_or_default()
             .into_iter()
             .filter_map(|(name, json)| Some((name, serde_json::from_str(&json).ok()?)))
@@ -232,10 +233,10 @@ impl Manager {
             .record(now_ms());
     }
 
-    fn counts(&self) -> Result<HashMap<String, PoolCount>, PoolError> {
+    async fn counts(&self) -> Result<HashMap<String, PoolCount>, PoolError> {
         let inflight = self.pools.inflight.lock().expect("inflight lock").clone();
         let mut counts: HashMap<String, PoolCount> = HashMap::new();
-        for vm in self.store.vms(false).wait()? {
+        for vm in self.store.vms(false).await? {
             if let (Some(pool), VmState::Ready) = (&vm.pool, vm.state) {
                 counts.entry(pool.clone()).or_default().ready += 1;
             }
@@ -260,11 +261,12 @@ impl Manager {
         )
     }
 
-    pub fn pool_views(&self) -> Result<Vec<PoolView>, PoolError> {
-        let counts = self.counts()?;
-        let readies = self.pool_readies();
+    pub async fn pool_views(&self) -> Result<Vec<PoolView>, PoolError> {
+        let counts = self.counts().await?;
+        let readies = self.pool_readies().await;
         Ok(self
-            .pool_specs()?
+            .pool_specs()
+            .await?
             .into_iter()
             .map(|spec| {
                 let count = counts.get(&spec.name).copied().unwrap_or_default();
@@ -290,8 +292,8 @@ impl Manager {
 
     /// One round: plan against targets and the memory budget, start fills, remove excess.
     pub async fn reconcile_pools(self: &Arc<Self>) -> Result<(), PoolError> {
-        let specs = self.pool_specs()?;
-        let counts = self.counts()?;
+        let specs = self.pool_specs().await?;
+        let counts = self.counts().await?;
         let inputs: Vec<(PoolSpec, PoolCount, u32)> = specs
             .into_iter()
             .map(|spec| {
@@ -350,13 +352,13 @@ impl Manager {
                 self.ensure_template(service).await;
             }
             for _ in 0..n {
-                self.start_fill(spec.clone())?;
+                self.start_fill(spec.clone()).await?;
             }
         }
         Ok(())
     }
 
-    fn start_fill(self: &Arc<Self>, spec: PoolSpec) -> Result<(), PoolError> {
+    async fn start_fill(self: &Arc<Self>, spec: PoolSpec) -> Result<(), PoolError> {
         let service =
             match &spec.service {
                 Some(name) => Some(self.catalog.get(name).cloned().ok_or_else(|| {
@@ -374,7 +376,7 @@ impl Manager {
             mode: hangar_core::Mode::Dedicated,
             env: Default::default(),
             pool: Some(spec.name.clone()),
-            ready: self.pool_ready(&spec.name),
+            ready: self.pool_ready(&spec.name).await,
             template: false,
         };
         *self
@@ -384,7 +386,7 @@ impl Manager {
             .expect("inflight lock")
             .entry(spec.name.clone())
             .or_default() += 1;
-        let task = match self.start_create(make, None) {
+        let task = match self.start_create(make, None).await {
             Ok(task) => task,
             Err(err) => {
                 self.fill_done(&spec.name);

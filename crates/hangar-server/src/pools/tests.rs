@@ -68,22 +68,26 @@ fn setup(pool_memory_mib: u64) -> (Arc<Manager>, FakeBackend, Arc<dyn Store>) {
 async fn settle(manager: &Arc<Manager>) {
     for _ in 0..200 {
         manager.reconcile_pools().await.unwrap();
-        let views = manager.pool_views().unwrap();
+        let views = manager.pool_views().await.unwrap();
         if views.iter().all(|p| p.booting == 0) {
             manager.reconcile_pools().await.unwrap();
-            let views = manager.pool_views().unwrap();
+            let views = manager.pool_views().await.unwrap();
             if views.iter().all(|p| p.booting == 0) {
                 return;
             }
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    panic!("pools did not settle: {:?}", manager.pool_views().unwrap());
+    panic!(
+        "pools did not settle: {:?}",
+        manager.pool_views().await.unwrap()
+    );
 }
 
-fn ready(manager: &Manager, pool: &str) -> u32 {
+async fn ready(manager: &Manager, pool: &str) -> u32 {
     manager
         .pool_views()
+        .await
         .unwrap()
         .into_iter()
         .find(|p| p.name == pool)
@@ -119,8 +123,12 @@ fn config(vcpus: u32, min: u32, max: u32, apps: &[&str], exact_size: bool) -> Se
 async fn pools_fill_to_min_and_grants_take_paused_vms_then_refill() {
     let (manager, backend, store) = setup(4096);
     settle(&manager).await;
-    assert_eq!(ready(&manager, "web"), 2);
-    assert_eq!(ready(&manager, "big-web"), 0, "min 0 and no demand yet");
+    assert_eq!(ready(&manager, "web").await, 2);
+    assert_eq!(
+        ready(&manager, "big-web").await,
+        0,
+        "min 0 and no demand yet"
+    );
     let paused: Vec<_> = store
         .vms(false)
         .await
@@ -152,7 +160,7 @@ async fn pools_fill_to_min_and_grants_take_paused_vms_then_refill() {
     let launched = backend.launches();
 
     settle(&manager).await;
-    assert!(ready(&manager, "web") >= 2, "refilled");
+    assert!(ready(&manager, "web").await >= 2, "refilled");
     assert!(backend.launches() > launched);
 }
 
@@ -189,10 +197,13 @@ async fn an_empty_pool_falls_back_to_creating() {
 #[tokio::test]
 async fn superset_matches_are_reported_and_sliced_on_request() {
     let (manager, backend, _) = setup(4096);
-    manager.set_pool_bounds("web", 0, Some(0)).unwrap();
-    manager.set_pool_bounds("big-web", 1, Some(1)).unwrap();
+    manager.set_pool_bounds("web", 0, Some(0)).await.unwrap();
+    manager
+        .set_pool_bounds("big-web", 1, Some(1))
+        .await
+        .unwrap();
     settle(&manager).await;
-    assert_eq!(ready(&manager, "big-web"), 1);
+    assert_eq!(ready(&manager, "big-web").await, 1);
 
     let grant = manager
         .request(config(1, 128, 128, &["web"], true))
@@ -222,8 +233,8 @@ async fn superset_matches_are_reported_and_sliced_on_request() {
 #[tokio::test]
 async fn shells_take_the_requested_os_image_and_serve_it() {
     let (manager, backend, store) = setup(4096);
-    manager.set_pool_bounds("web", 0, Some(0)).unwrap();
-    manager.set_pool_bounds("shell", 1, Some(1)).unwrap();
+    manager.set_pool_bounds("web", 0, Some(0)).await.unwrap();
+    manager.set_pool_bounds("shell", 1, Some(1)).await.unwrap();
     settle(&manager).await;
     let shell = store
         .vms(false)
@@ -273,17 +284,17 @@ async fn shells_take_the_requested_os_image_and_serve_it() {
 async fn pools_stay_within_the_memory_budget_and_shrink_when_asked() {
     // 256 MiB: two 128 MiB web VMs; nothing else fits.
     let (manager, _, store) = setup(256);
-    manager.set_pool_bounds("shell", 1, Some(1)).unwrap();
+    manager.set_pool_bounds("shell", 1, Some(1)).await.unwrap();
     settle(&manager).await;
-    let views = manager.pool_views().unwrap();
+    let views = manager.pool_views().await.unwrap();
     let held: u64 = views.iter().map(|p| p.memory_mib).sum();
     // Full, and never over: the emptiest pool went first, and nothing else fits.
     assert_eq!(held, 256, "{views:?}");
 
-    manager.set_pool_bounds("web", 0, Some(0)).unwrap();
-    manager.set_pool_bounds("shell", 0, Some(0)).unwrap();
+    manager.set_pool_bounds("web", 0, Some(0)).await.unwrap();
+    manager.set_pool_bounds("shell", 0, Some(0)).await.unwrap();
     settle(&manager).await;
-    assert_eq!(ready(&manager, "web"), 0);
+    assert_eq!(ready(&manager, "web").await, 0);
     assert!(
         store
             .vms(false)
@@ -292,9 +303,12 @@ async fn pools_stay_within_the_memory_budget_and_shrink_when_asked() {
             .iter()
             .all(|vm| vm.state != VmState::Ready)
     );
-    let err = manager.set_pool_bounds("web", 3, Some(1)).unwrap_err();
+    let err = manager
+        .set_pool_bounds("web", 3, Some(1))
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("larger than max"), "{err}");
-    assert!(manager.set_pool_bounds("nope", 1, None).is_err());
+    assert!(manager.set_pool_bounds("nope", 1, None).await.is_err());
 }
 
 #[tokio::test]
@@ -306,6 +320,7 @@ async fn demand_raises_the_target_between_min_and_max() {
     }
     let web = manager
         .pool_views()
+        .await
         .unwrap()
         .into_iter()
         .find(|p| p.name == "web")
@@ -317,7 +332,7 @@ async fn demand_raises_the_target_between_min_and_max() {
 #[tokio::test]
 async fn failing_fills_back_off_instead_of_piling_up() {
     let (manager, backend, store) = setup(4096);
-    manager.set_pool_bounds("web", 1, Some(1)).unwrap();
+    manager.set_pool_bounds("web", 1, Some(1)).await.unwrap();
     backend.fail_next_launch();
     for _ in 0..50 {
         manager.reconcile_pools().await.unwrap();
@@ -331,7 +346,7 @@ async fn failing_fills_back_off_instead_of_piling_up() {
         .filter(|vm| vm.state == VmState::Failed)
         .count();
     assert_eq!(failed, 1, "one failure, then a pause before the next try");
-    assert_eq!(ready(&manager, "web"), 0);
+    assert_eq!(ready(&manager, "web").await, 0);
 }
 
 #[tokio::test]
@@ -345,13 +360,14 @@ async fn a_ready_criterion_set_at_run_time_governs_fills_and_is_validated() {
     .unwrap();
     let view = manager
         .set_pool("web", Some(1), Some(1), Some(Some(never.clone())))
+        .await
         .unwrap();
     assert_eq!(view.ready_criterion, Some(never));
     for _ in 0..100 {
         manager.reconcile_pools().await.unwrap();
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(ready(&manager, "web"), 0);
+    assert_eq!(ready(&manager, "web").await, 0);
     let failed = store
         .vms(false)
         .await
@@ -366,14 +382,19 @@ async fn a_ready_criterion_set_at_run_time_governs_fills_and_is_validated() {
             .unwrap();
     let err = manager
         .set_pool("web", None, None, Some(Some(bad_port.clone())))
+        .await
         .unwrap_err();
     assert!(err.to_string().contains(r#"names port "https""#), "{err}");
     let err = manager
         .set_pool("shell", None, None, Some(Some(bad_port)))
+        .await
         .unwrap_err();
     assert!(err.to_string().contains("pre-OS shells"), "{err}");
 
-    let view = manager.set_pool("web", None, None, Some(None)).unwrap();
+    let view = manager
+        .set_pool("web", None, None, Some(None))
+        .await
+        .unwrap();
     assert_eq!(
         (view.ready_criterion, view.min),
         (None, 1),
@@ -384,11 +405,18 @@ async fn a_ready_criterion_set_at_run_time_governs_fills_and_is_validated() {
 #[tokio::test]
 async fn a_service_without_a_catalog_pool_gets_one_at_run_time() {
     let (manager, _backend, store) = setup(4096);
-    assert!(manager.pool_views().unwrap().iter().all(|p| p.name != "db"));
-    let view = manager.set_pool_bounds("db", 1, Some(2)).unwrap();
+    assert!(
+        manager
+            .pool_views()
+            .await
+            .unwrap()
+            .iter()
+            .all(|p| p.name != "db")
+    );
+    let view = manager.set_pool_bounds("db", 1, Some(2)).await.unwrap();
     assert_eq!((view.min, view.max), (1, 2));
     settle(&manager).await;
-    assert_eq!(ready(&manager, "db"), 1);
+    assert_eq!(ready(&manager, "db").await, 1);
     // It serves requests as a catalog pool does, and is kept across restarts.
     let grant = manager.request(dedicated("db")).await.unwrap();
     assert_eq!(grant.served, Served::Exact);
@@ -401,11 +429,12 @@ async fn a_service_without_a_catalog_pool_gets_one_at_run_time() {
     assert!(
         restarted
             .pool_views()
+            .await
             .unwrap()
             .iter()
             .any(|p| p.name == "db")
     );
     // Neither a pool nor a service: not found, with suggestions.
-    let err = manager.set_pool_bounds("dbx", 1, None).unwrap_err();
+    let err = manager.set_pool_bounds("dbx", 1, None).await.unwrap_err();
     assert!(err.to_string().contains("no pool or service"), "{err}");
 }

@@ -84,7 +84,7 @@ impl Manager {
                         stages.mark("boot", handing);
                     }
                     tracing::info!(vm = %vm.id, pool = %pool, kind = kind.as_str(), us = started.elapsed().as_micros() as u64, "granted from pool");
-                    let mut grant = self.grant(vm, service, kind.into(), None, sliced_to);
+                    let mut grant = self.grant(vm, service, kind.into(), None, sliced_to).await;
                     grant.stages = stages;
                     return Ok(Some(grant));
                 }

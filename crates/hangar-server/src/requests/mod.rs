@@ -6,7 +6,6 @@
 //! - [`grants`]: handing out paused pool VMs (exact, superset, partial).
 //! - [`create`]: making one VM on a host, recorded step by step.
 
-use crate::store_wait::Wait;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -138,10 +137,14 @@ impl Manager {
                         task: None,
                     })?;
                 if let Some(vm) = self.pick_shared(&service.name, &request.env).await? {
-                    return Ok(self.grant(vm, Some(&service), Served::Shared, None, None));
+                    return Ok(self
+                        .grant(vm, Some(&service), Served::Shared, None, None)
+                        .await);
                 }
                 if let Some(vm) = self.wake_shared(&service.name, &request.env).await {
-                    return Ok(self.grant(vm, Some(&service), Served::Woken, None, None));
+                    return Ok(self
+                        .grant(vm, Some(&service), Served::Woken, None, None)
+                        .await);
                 }
                 Some(guard)
             }
@@ -283,12 +286,13 @@ impl Manager {
         name: &str,
     ) -> Result<Grant, RequestError> {
         let service = make.service.clone();
-        let task = self.start_create(make, guard)?;
+        let task = self.start_create(make, guard).await?;
         let mut outcome = self
             .tasks
             .watch(&task)
             .ok_or_else(|| RequestError::TaskLost("task outcome missing"))?;
         let waited = tokio::time::timeout_at(until, outcome.wait_for(Option::is_some)).await;
+        let waited = waited.map(|r| r.map(|result| result.clone().expect("waited for Some")));
         match waited {
             Err(_) => Err(RequestError::TryAgain {
                 message: format!(
@@ -299,14 +303,16 @@ impl Manager {
                 task: Some(task),
             }),
             Ok(Err(_)) => Err(RequestError::TaskLost("creation task vanished")),
-            Ok(Ok(result)) => match result.clone().expect("waited for Some") {
+            Ok(Ok(outcome)) => match outcome {
                 Ok(vm) => {
                     let served = if self.is_clone(&vm) {
                         Served::Cloned
                     } else {
                         Served::Created
                     };
-                    Ok(self.grant(vm, service.as_ref(), served, Some(task), None))
+                    Ok(self
+                        .grant(vm, service.as_ref(), served, Some(task), None)
+                        .await)
                 }
                 Err(message) => Err(RequestError::CreationFailed(message)),
             },
@@ -421,7 +427,7 @@ impl Manager {
     }
 
     /// The answer to a request; the VM counts as used now.
-    pub(crate) fn grant(
+    pub(crate) async fn grant(
         &self,
         mut vm: VmRecord,
         service: Option<&Service>,
@@ -430,7 +436,7 @@ impl Manager {
         sliced_to: Option<(u32, u32)>,
     ) -> Grant {
         let now = hangar_store::now_ms();
-        match self.store.set_last_used(&vm.id, now).wait() {
+        match self.store.set_last_used(&vm.id, now).await {
             Ok(()) => vm.last_used_at_ms = vm.last_used_at_ms.max(now),
             Err(err) => tracing::warn!(vm = %vm.id, error = %err, "cannot record last use"),
         }

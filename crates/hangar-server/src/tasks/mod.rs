@@ -4,14 +4,13 @@
 //! [`Tasks`] keeps the records and the outcomes; `Manager::start_create` runs a creation
 //! as a task.
 
-use crate::store_wait::Wait;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hangar_core::TaskId;
 use hangar_store::{Store, StoreError, TaskRecord, TaskState, VmRecord, now_ms};
-use tokio::sync::{OwnedMutexGuard, watch};
+use tokio::sync::{OwnedMutexGuard, mpsc, oneshot, watch};
 
 use crate::images::ProgressFn;
 use crate::manager::Manager;
@@ -26,6 +25,53 @@ const OUTCOME_KEPT: Duration = Duration::from_secs(60);
 pub struct Tasks {
     store: Arc<dyn Store>,
     outcomes: Mutex<HashMap<String, watch::Receiver<Outcome>>>,
+    /// Per running task, the queue of its record's writer (see [`Tasks::progress`]).
+    writers: Mutex<HashMap<String, mpsc::UnboundedSender<Write>>>,
+}
+
+/// One write to a task's record, in the order it was asked for.
+enum Write {
+    Progress(String, u8),
+    /// The task's end; the writer records it, answers on `done` and stops, so no progress
+    /// queued before it lands after it.
+    End {
+        state: TaskState,
+        stage: &'static str,
+        error: Option<String>,
+        done: oneshot::Sender<Result<(), StoreError>>,
+    },
+}
+
+/// Writes task `task`'s record from `writes`, one at a time, until its end.
+async fn write_task(
+    store: Arc<dyn Store>,
+    task: String,
+    mut writes: mpsc::UnboundedReceiver<Write>,
+) {
+    while let Some(write) = writes.recv().await {
+        match write {
+            Write::Progress(stage, percent) => {
+                if let Err(err) = store
+                    .update_task(&task, TaskState::Running, &stage, percent, None)
+                    .await
+                {
+                    tracing::warn!(task = %task, error = %err, "cannot record task progress");
+                }
+            }
+            Write::End {
+                state,
+                stage,
+                error,
+                done,
+            } => {
+                let result = store
+                    .update_task(&task, state, stage, 100, error.as_deref())
+                    .await;
+                let _ = done.send(result);
+                return;
+            }
+        }
+    }
 }
 
 /// Where a running task publishes its outcome (see [`Tasks::finish`]).
@@ -36,12 +82,13 @@ impl Tasks {
         Tasks {
             store,
             outcomes: Mutex::default(),
+            writers: Mutex::default(),
         }
     }
 
     /// Records a new running task of `kind` (for `service`); returns its id and where its
     /// outcome goes.
-    pub fn begin(
+    pub async fn begin(
         &self,
         kind: &str,
         service: Option<String>,
@@ -61,7 +108,7 @@ impl Tasks {
                 created_at_ms: now,
                 updated_at_ms: now,
             })
-            .wait()?;
+            .await?;
         let (tx, rx) = watch::channel(None);
         self.outcomes
             .lock()
@@ -71,12 +118,12 @@ impl Tasks {
     }
 
     /// Records how task `id` ended and tells its waiters.
-    pub fn finish(&self, id: &str, sender: OutcomeSender, result: Result<VmRecord, String>) {
+    pub async fn finish(&self, id: &str, sender: OutcomeSender, result: Result<VmRecord, String>) {
         let (state, stage, error) = match &result {
             Ok(_) => (TaskState::Succeeded, "done", None),
             Err(message) => (TaskState::Failed, "failed", Some(message.as_str())),
         };
-        if let Err(err) = self.store.update_task(id, state, stage, 100, error).wait() {
+        if let Err(err) = self.end(id, state, stage, error).await {
             tracing::warn!(task = %id, error = %err, "cannot record task outcome");
         }
         sender.0.send_replace(Some(result));
@@ -102,18 +149,50 @@ impl Tasks {
         outcome.wait_for(Option::is_some).await.ok()?.clone()
     }
 
-    /// A progress callback for an operation inside task `id`: its stages and percents
-    /// recorded on the task.
-    pub fn progress(&self, id: &str) -> ProgressFn {
-        let store = self.store.clone();
-        let task = id.to_owned();
-        Arc::new(move |stage: &str, percent: u8| {
-            if let Err(err) = store
-                .update_task(&task, TaskState::Running, stage, percent, None)
-                .wait()
+    /// Records how task `id` ended (`percent` 100), after every progress update asked for
+    /// before it; progress asked for later is not recorded.
+    pub async fn end(
+        &self,
+        id: &str,
+        state: TaskState,
+        stage: &'static str,
+        error: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let writer = self.writers.lock().expect("writers lock").remove(id);
+        if let Some(writer) = writer {
+            let (done, ended) = oneshot::channel();
+            let end = Write::End {
+                state,
+                stage,
+                error: error.map(str::to_owned),
+                done,
+            };
+            if writer.send(end).is_ok()
+                && let Ok(result) = ended.await
             {
-                tracing::warn!(task = %task, error = %err, "cannot record task progress");
+                return result;
             }
+        }
+        self.store.update_task(id, state, stage, 100, error).await
+    }
+
+    /// A progress callback for an operation inside task `id`: its stages and percents
+    /// recorded on the task, in order, by the task's writer (the callback never waits on
+    /// the store). The task must be ended with [`Tasks::end`] (or [`Tasks::finish`]).
+    pub fn progress(&self, id: &str) -> ProgressFn {
+        let writer = self
+            .writers
+            .lock()
+            .expect("writers lock")
+            .entry(id.to_owned())
+            .or_insert_with(|| {
+                let (writer, writes) = mpsc::unbounded_channel();
+                tokio::spawn(write_task(self.store.clone(), id.to_owned(), writes));
+                writer
+            })
+            .clone();
+        Arc::new(move |stage: &str, percent: u8| {
+            let _ = writer.send(Write::Progress(stage.to_owned(), percent));
         })
     }
 
@@ -132,7 +211,7 @@ impl Tasks {
 impl Manager {
     /// Records a creation task and starts it; returns its id. `guard` is held until the
     /// VM is made (shared requests wait on it instead of making their own).
-    pub(crate) fn start_create(
+    pub(crate) async fn start_create(
         self: &Arc<Self>,
         make: MakeVm,
         guard: Option<OwnedMutexGuard<()>>,
@@ -149,12 +228,12 @@ impl Manager {
             .as_ref()
             .map(|s| s.name.clone())
             .or_else(|| make.pool.clone());
-        let (task_id, sender) = self.tasks.begin(kind, service)?;
+        let (task_id, sender) = self.tasks.begin(kind, service).await?;
         let manager = self.clone();
         let id = task_id.clone();
         tokio::spawn(async move {
             let result = manager.create(&id, &make).await;
-            manager.tasks.finish(&id, sender, result);
+            manager.tasks.finish(&id, sender, result).await;
             drop(guard);
             tokio::time::sleep(OUTCOME_KEPT).await;
             manager.tasks.forget(&id);

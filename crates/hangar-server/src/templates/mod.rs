@@ -59,7 +59,7 @@ impl Manager {
         let manager = self.clone();
         let name = service.name.clone();
         tokio::spawn(async move {
-            let outcome = match manager.start_create(make, None) {
+            let outcome = match manager.start_create(make, None).await {
                 Ok(task) => manager.task_outcome(&task).await,
                 Err(err) => Some(Err(err.to_string())),
             };
