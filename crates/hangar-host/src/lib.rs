@@ -243,8 +243,8 @@ pub enum HostError {
     #[error(transparent)]
     Agent(#[from] hangar_vmm::AgentError),
     /// An image could not be resolved or built.
-    #[error("{0}")]
-    Image(String),
+    #[error(transparent)]
+    Image(#[from] crate::images::ImageSourceError),
     #[error("allocating host ports: {0}")]
     Ports(#[source] std::io::Error),
     #[error("no agent channel")]

@@ -110,8 +110,8 @@ pub enum ServerError {
     Store(String),
     #[error("{0}")]
     Qemu(String),
-    #[error("cannot prepare guest assets: {0}")]
-    Assets(String),
+    #[error("cannot prepare guest assets")]
+    Assets(#[source] images::ImageSourceError),
     #[error("start-up reconciliation failed: {0}")]
     Reconcile(String),
     #[error("cannot listen on {addr}: {source}")]

@@ -82,10 +82,13 @@ pub(super) async fn libvirt_guest(
         std::sync::Arc::new(catalog.clone()),
         hangar_server::images::DEFAULT_MIRROR.to_owned(),
     );
-    let assets = images.guest_assets().await?;
+    let chain =
+        |err: hangar_server::images::ImageSourceError| hangar_server::error::error_chain(&err);
+    let assets = images.guest_assets().await.map_err(chain)?;
     let root = images
         .root_image(&service, &service.os, std::sync::Arc::new(|_, _| {}))
-        .await?;
+        .await
+        .map_err(chain)?;
     if !root.layers.is_empty() {
         return Err(format!(
             "{} has a layered root; the libvirt comparison boots single-disk guests",

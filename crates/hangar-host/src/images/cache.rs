@@ -16,7 +16,7 @@ use hangar_core::{Catalog, Service};
 use hangar_image::layers::{self, LayerBuild, LayerInput};
 use hangar_image::{AssetSources, GuestAssets, ImageFile};
 
-use super::{ExportInfo, ImageSource, ProgressFn, RootImage};
+use super::{ExportInfo, ImageSource, ImageSourceError, ProgressFn, RootImage};
 
 /// Images built on this host with `hangar-image`, cached under the data dir.
 pub struct LocalImages {
@@ -56,7 +56,7 @@ impl LocalImages {
         &self,
         service: &Service,
         os: &str,
-    ) -> Result<Option<Vec<LayerInput>>, String> {
+    ) -> Result<Option<Vec<LayerInput>>, ImageSourceError> {
         layer_inputs(&self.catalog, &self.mirror, service, os)
     }
 
@@ -65,7 +65,7 @@ impl LocalImages {
         &self,
         key: &str,
         files: &BTreeMap<String, FileSpec>,
-    ) -> Result<PathBuf, String> {
+    ) -> Result<PathBuf, ImageSourceError> {
         if let Some(path) = self.images.lock().expect("images lock").get(key)
             && path.exists()
         {
@@ -78,8 +78,14 @@ impl LocalImages {
             hangar_image::ensure_busybox_image(&cache_dir, &sources, &files)
         })
         .await
-        .map_err(|err| format!("base image: {err}"))?
-        .map_err(|err| crate::local::error_chain(&err))?;
+        .map_err(|source| ImageSourceError::Interrupted {
+            what: "base image",
+            source,
+        })?
+        .map_err(|source| ImageSourceError::Asset {
+            what: "base image",
+            source,
+        })?;
         self.images
             .lock()
             .expect("images lock")
@@ -111,8 +117,10 @@ pub fn layer_inputs(
     mirror: &str,
     service: &Service,
     os: &str,
-) -> Result<Option<Vec<LayerInput>>, String> {
-    let os_def = catalog.os(os).ok_or_else(|| format!("no os {os:?}"))?;
+) -> Result<Option<Vec<LayerInput>>, ImageSourceError> {
+    let os_def = catalog
+        .os(os)
+        .ok_or_else(|| ImageSourceError::NoOs(os.to_owned()))?;
     if os_def.base == OsBase::Busybox {
         return Ok(None);
     }
@@ -150,7 +158,7 @@ pub fn layer_inputs(
 
 #[async_trait::async_trait]
 impl ImageSource for LocalImages {
-    async fn guest_assets(&self) -> Result<GuestAssets, String> {
+    async fn guest_assets(&self) -> Result<GuestAssets, ImageSourceError> {
         self.assets
             .get_or_try_init(|| async {
                 let cache_dir = self.cache_dir.clone();
@@ -159,8 +167,14 @@ impl ImageSource for LocalImages {
                     hangar_image::ensure_guest_assets(&cache_dir, &sources)
                 })
                 .await
-                .map_err(|err| format!("guest assets: {err}"))?
-                .map_err(|err| crate::local::error_chain(&err))
+                .map_err(|source| ImageSourceError::Interrupted {
+                    what: "guest assets",
+                    source,
+                })?
+                .map_err(|source| ImageSourceError::Asset {
+                    what: "guest assets",
+                    source,
+                })
             })
             .await
             .cloned()
@@ -171,7 +185,7 @@ impl ImageSource for LocalImages {
         service: &Service,
         os: &str,
         progress: ProgressFn,
-    ) -> Result<RootImage, String> {
+    ) -> Result<RootImage, ImageSourceError> {
         let Some(inputs) = self.layer_inputs(service, os)? else {
             let base = self.busybox_image(&service.name, &service.files).await?;
             return Ok(RootImage {
@@ -190,8 +204,14 @@ impl ImageSource for LocalImages {
             Ok::<_, hangar_image::AssetError>((upper, built))
         })
         .await
-        .map_err(|err| format!("image build: {err}"))?
-        .map_err(|err| crate::local::error_chain(&err))?;
+        .map_err(|source| ImageSourceError::Interrupted {
+            what: "image build",
+            source,
+        })?
+        .map_err(|source| ImageSourceError::Asset {
+            what: "image build",
+            source,
+        })?;
         Ok(RootImage {
             base: Some(upper),
             layers: built.iter().rev().map(|l| l.path.clone()).collect(),
@@ -199,7 +219,7 @@ impl ImageSource for LocalImages {
         })
     }
 
-    async fn os_image(&self, os: &str) -> Result<Option<PathBuf>, String> {
+    async fn os_image(&self, os: &str) -> Result<Option<PathBuf>, ImageSourceError> {
         match self.catalog.os(os).map(|o| o.base) {
             Some(OsBase::Busybox) => self
                 .busybox_image(&format!("os:{os}"), &BTreeMap::new())
@@ -239,8 +259,11 @@ impl ImageSource for LocalImages {
         layers::last_used_ms(&self.cache_dir, hash)
     }
 
-    fn evict(&self, hash: &str) -> Result<(), String> {
-        layers::remove_layer(&self.cache_dir, hash).map_err(|err| crate::local::error_chain(&err))
+    fn evict(&self, hash: &str) -> Result<(), ImageSourceError> {
+        layers::remove_layer(&self.cache_dir, hash).map_err(|source| ImageSourceError::Asset {
+            what: "layer removal",
+            source,
+        })
     }
 
     async fn export(
@@ -249,7 +272,7 @@ impl ImageSource for LocalImages {
         os: &str,
         standalone: hangar_proto::GuestConfig,
         dir: PathBuf,
-    ) -> Result<ExportInfo, String> {
+    ) -> Result<ExportInfo, ImageSourceError> {
         let assets = self.guest_assets().await?;
         let root = self
             .root_image(service, os, Arc::new(|_: &str, _: u8| {}))
@@ -281,6 +304,10 @@ impl ImageSource for LocalImages {
             })
         })
         .await
-        .map_err(|err| format!("export: {err}"))?
+        .map_err(|source| ImageSourceError::Interrupted {
+            what: "export",
+            source,
+        })?
+        .map_err(ImageSourceError::Export)
     }
 }

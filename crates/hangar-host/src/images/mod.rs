@@ -17,6 +17,43 @@ pub mod export;
 
 pub use cache::{DEFAULT_MIRROR, LocalImages};
 
+/// Why an image could not be resolved, built, removed or exported.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageSourceError {
+    /// The catalog has no such operating system.
+    #[error("no os {0:?}")]
+    NoOs(String),
+    /// Guest assets, a root disk or a layer could not be built or removed.
+    #[error("{what}")]
+    Asset {
+        what: &'static str,
+        #[source]
+        source: hangar_image::AssetError,
+    },
+    /// The blocking build ended abnormally (panicked or cancelled).
+    #[error("{what}")]
+    Interrupted {
+        what: &'static str,
+        #[source]
+        source: tokio::task::JoinError,
+    },
+    /// A pre-OS shell takes one disk; this service's image is layered.
+    #[error("{service} on {os} is a layered image; a pre-OS shell takes one disk")]
+    LayeredShell { service: String, os: String },
+    /// Neither the service nor the OS gives a disk to attach.
+    #[error("no image to attach")]
+    NothingToAttach,
+    /// This image source keeps its images.
+    #[error("image {0} cannot be removed by this image source")]
+    CannotRemove(String),
+    /// This image source cannot write exports.
+    #[error("this host cannot export images")]
+    CannotExport,
+    /// Writing the export's files failed.
+    #[error("export: {0}")]
+    Export(String),
+}
+
 /// Build progress: a stage and a percent of the whole build.
 pub type ProgressFn = Arc<dyn Fn(&str, u8) + Send + Sync>;
 
@@ -35,7 +72,7 @@ pub struct RootImage {
 #[async_trait::async_trait]
 pub trait ImageSource: Send + Sync + 'static {
     /// Kernel and initramfs shared by every guest.
-    async fn guest_assets(&self) -> Result<GuestAssets, String>;
+    async fn guest_assets(&self) -> Result<GuestAssets, ImageSourceError>;
 
     /// The root of `service` on `os`, built first when it is not cached (reporting to
     /// `progress`).
@@ -44,11 +81,11 @@ pub trait ImageSource: Send + Sync + 'static {
         service: &Service,
         os: &str,
         progress: ProgressFn,
-    ) -> Result<RootImage, String>;
+    ) -> Result<RootImage, ImageSourceError>;
 
     /// The bare root disk of an operating system (no application), for pre-OS shells.
     /// `None` when the OS has no single-disk image (layered OSes).
-    async fn os_image(&self, os: &str) -> Result<Option<PathBuf>, String>;
+    async fn os_image(&self, os: &str) -> Result<Option<PathBuf>, ImageSourceError>;
 
     /// Images on disk that the disk budget may delete, least recently used first, when
     /// no VM needs them. None by default: images built here are small and always kept.
@@ -57,10 +94,8 @@ pub trait ImageSource: Send + Sync + 'static {
     }
 
     /// Deletes an image named by [`ImageSource::disk_images`].
-    async fn remove_image(&self, key: &str) -> Result<(), String> {
-        Err(format!(
-            "image {key} cannot be removed by this image source"
-        ))
+    async fn remove_image(&self, key: &str) -> Result<(), ImageSourceError> {
+        Err(ImageSourceError::CannotRemove(key.to_owned()))
     }
     /// Whether every layer of `service` on `os` is cached (a request will not build).
     fn is_built(&self, _service: &Service, _os: &str) -> bool {
@@ -86,7 +121,7 @@ pub trait ImageSource: Send + Sync + 'static {
     }
 
     /// Removes a layer from the cache.
-    fn evict(&self, _hash: &str) -> Result<(), String> {
+    fn evict(&self, _hash: &str) -> Result<(), ImageSourceError> {
         Ok(())
     }
 
@@ -97,8 +132,8 @@ pub trait ImageSource: Send + Sync + 'static {
         _os: &str,
         _standalone: hangar_proto::GuestConfig,
         _dir: PathBuf,
-    ) -> Result<ExportInfo, String> {
-        Err("this host cannot export images".into())
+    ) -> Result<ExportInfo, ImageSourceError> {
+        Err(ImageSourceError::CannotExport)
     }
 }
 
@@ -125,7 +160,7 @@ pub struct NoImages;
 
 #[async_trait::async_trait]
 impl ImageSource for NoImages {
-    async fn guest_assets(&self) -> Result<GuestAssets, String> {
+    async fn guest_assets(&self) -> Result<GuestAssets, ImageSourceError> {
         Ok(GuestAssets {
             vmlinux: "/nonexistent/vmlinux".into(),
             initramfs: "/nonexistent/initramfs.cpio".into(),
@@ -139,14 +174,14 @@ impl ImageSource for NoImages {
         service: &Service,
         _os: &str,
         _progress: ProgressFn,
-    ) -> Result<RootImage, String> {
+    ) -> Result<RootImage, ImageSourceError> {
         Ok(RootImage {
             base: Some(format!("/nonexistent/{}.qcow2", service.name).into()),
             ..RootImage::default()
         })
     }
 
-    async fn os_image(&self, os: &str) -> Result<Option<PathBuf>, String> {
+    async fn os_image(&self, os: &str) -> Result<Option<PathBuf>, ImageSourceError> {
         Ok(Some(format!("/nonexistent/{os}.qcow2").into()))
     }
 }

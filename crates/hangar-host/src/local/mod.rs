@@ -25,7 +25,7 @@ mod templates;
 use guest::{diagnose, settle};
 
 use crate::guest::{guest_config, new_identity};
-use crate::images::{ImageSource, ProgressFn, RootImage};
+use crate::images::{ImageSource, ImageSourceError, ProgressFn, RootImage};
 use crate::{
     Adopted, ArchiveFacts, ArchiveTier, BootedShell, HandOut, HandedOut, Host, HostError,
     HostFacts, LaunchRecord, MadeVm, PreparedVm, Purpose, RunState, ShellPlan, Stages,
@@ -374,10 +374,10 @@ impl Host for LocalHost {
                     .await
                     .map_err(HostError::Image)?;
                 if !root.layers.is_empty() {
-                    return Err(HostError::Image(format!(
-                        "{} on {} is a layered image; a pre-OS shell takes one disk",
-                        service.name, plan.os
-                    )));
+                    return Err(HostError::Image(ImageSourceError::LayeredShell {
+                        service: service.name.clone(),
+                        os: plan.os.clone(),
+                    }));
                 }
                 root.base
             }
@@ -387,7 +387,7 @@ impl Host for LocalHost {
                 .await
                 .map_err(HostError::Image)?,
         }
-        .ok_or_else(|| HostError::Image("no image to attach".into()))?;
+        .ok_or(HostError::Image(ImageSourceError::NothingToAttach))?;
         let mut spec = spec_of(launch)?;
         self.hv.attach_root(id, &image).await?;
         let (forwards, endpoints) = match &plan.service {

@@ -6,7 +6,8 @@
 pub mod policy;
 
 pub use hangar_host::images::{
-    DEFAULT_MIRROR, ExportInfo, ImageSource, LocalImages, NoImages, ProgressFn, RootImage,
+    DEFAULT_MIRROR, ExportInfo, ImageSource, ImageSourceError, LocalImages, NoImages, ProgressFn,
+    RootImage,
 };
 
 pub use hangar_api::{ImageView, LayerView};

@@ -12,6 +12,7 @@ use hangar_core::pool::RequestRate;
 use hangar_core::{ServiceRequest, TaskId, VmState};
 use hangar_store::{TaskRecord, TaskState, now_ms};
 
+use crate::api::error::error_chain;
 use crate::images::{ImageView, LayerView};
 use crate::manager::Manager;
 use crate::requests::RequestError;
@@ -48,8 +49,8 @@ pub enum ImageError {
     #[error("{0}")]
     Invalid(String),
     /// The image could not be built or written out.
-    #[error("{0}")]
-    Export(String),
+    #[error("cannot export the image")]
+    Export(#[source] hangar_host::images::ImageSourceError),
     /// `tar` failed to pack the export.
     #[error("tar: {0}")]
     Tar(String),
@@ -253,7 +254,7 @@ impl Manager {
             let result = manager.images.root_image(&service, &os, progress).await;
             let (state, error) = match &result {
                 Ok(_) => (TaskState::Succeeded, None),
-                Err(err) => (TaskState::Failed, Some(err.as_str())),
+                Err(err) => (TaskState::Failed, Some(error_chain(err))),
             };
             tracing::info!(image = %name, task = %id, ok = result.is_ok(), elapsed_ms = started.elapsed().as_millis() as u64, "image build ended");
             let stage = if result.is_ok() { "done" } else { "failed" };
@@ -263,7 +264,7 @@ impl Manager {
                 .lock()
                 .expect("building lock")
                 .remove(&name);
-            if let Err(err) = manager.tasks.end(&id, state, stage, error).await {
+            if let Err(err) = manager.tasks.end(&id, state, stage, error.as_deref()).await {
                 tracing::warn!(task = %id, error = %err, "cannot record build outcome");
             }
             manager.evict_images().await;

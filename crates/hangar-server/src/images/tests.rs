@@ -13,7 +13,7 @@ use hangar_image::layers::{Layer, LayerInfo};
 use hangar_store::{TaskState, now_ms};
 use hangar_vmm::fake::FakeBackend;
 
-use crate::images::{ImageSource, NoImages, ProgressFn, RootImage};
+use crate::images::{ImageSource, ImageSourceError, NoImages, ProgressFn, RootImage};
 use crate::manager::{Manager, ManagerConfig};
 
 const MIB: u64 = 1 << 20;
@@ -78,7 +78,7 @@ impl FakeLayers {
 
 #[async_trait::async_trait]
 impl ImageSource for FakeLayers {
-    async fn guest_assets(&self) -> Result<GuestAssets, String> {
+    async fn guest_assets(&self) -> Result<GuestAssets, ImageSourceError> {
         NoImages.guest_assets().await
     }
 
@@ -87,7 +87,7 @@ impl ImageSource for FakeLayers {
         service: &Service,
         _os: &str,
         _progress: ProgressFn,
-    ) -> Result<RootImage, String> {
+    ) -> Result<RootImage, ImageSourceError> {
         let chain = Self::chain_of(&service.name);
         let mut layers = self.layers.lock().unwrap();
         let mut parent: Option<String> = None;
@@ -125,7 +125,7 @@ impl ImageSource for FakeLayers {
         })
     }
 
-    async fn os_image(&self, _os: &str) -> Result<Option<PathBuf>, String> {
+    async fn os_image(&self, _os: &str) -> Result<Option<PathBuf>, ImageSourceError> {
         Ok(None)
     }
 
@@ -159,7 +159,7 @@ impl ImageSource for FakeLayers {
         self.layers.lock().unwrap().get(hash).map(|(_, ms)| *ms)
     }
 
-    fn evict(&self, hash: &str) -> Result<(), String> {
+    fn evict(&self, hash: &str) -> Result<(), ImageSourceError> {
         self.layers.lock().unwrap().remove(hash);
         Ok(())
     }

@@ -43,8 +43,12 @@ pub enum PolicyError {
     #[error("policy of {0} vanished")]
     Vanished(String),
     /// An unused image could not be removed.
-    #[error("cannot remove image {key}: {reason}")]
-    RemoveImage { key: String, reason: String },
+    #[error("cannot remove image {key}")]
+    RemoveImage {
+        key: String,
+        #[source]
+        source: hangar_host::images::ImageSourceError,
+    },
     #[error(transparent)]
     Lifecycle(#[from] LifecycleError),
     #[error(transparent)]
@@ -365,9 +369,9 @@ impl Manager {
             self.images
                 .remove_image(key)
                 .await
-                .map_err(|reason| PolicyError::RemoveImage {
+                .map_err(|source| PolicyError::RemoveImage {
                     key: key.clone(),
-                    reason,
+                    source,
                 })?;
             tracing::info!(image = %key, %reason, "image removed");
             return Ok(true);
