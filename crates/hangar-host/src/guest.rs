@@ -27,6 +27,29 @@ pub fn new_identity(hostname: &str) -> Identity {
     }
 }
 
+/// Why a VM's guest configuration cannot be made from a request.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestConfigError {
+    /// The service needs a setting that the request does not give and that has no default.
+    #[error("{service} needs the setting {key} (--env {key}=VALUE){}", described(.description))]
+    MissingSetting {
+        service: String,
+        key: String,
+        description: String,
+    },
+    /// One of the service's file templates does not render with these settings.
+    #[error("template {path}: {reason}")]
+    Template { path: String, reason: String },
+}
+
+fn described(description: &str) -> String {
+    if description.is_empty() {
+        String::new()
+    } else {
+        format!(": {description}")
+    }
+}
+
 /// What hangar-init needs to become this VM: its identity (hostname, machine-id, clock,
 /// entropy), network, root (with `layers` read-only layers under a writable one), the
 /// service's templates rendered with the request's settings, and its processes.
@@ -36,7 +59,7 @@ pub fn guest_config(
     service: Option<&Service>,
     env: &BTreeMap<String, String>,
     layers: usize,
-) -> Result<GuestConfig, String> {
+) -> Result<GuestConfig, GuestConfigError> {
     let settings = match service {
         Some(service) => settings(service, env)?,
         None => BTreeMap::new(),
@@ -57,7 +80,10 @@ pub fn guest_config(
             files.push(hangar_proto::FileWrite {
                 path: path.clone(),
                 contents: hangar_core::components::render_template(&template.content, &values)
-                    .map_err(|err| format!("template {path}: {err}"))?,
+                    .map_err(|reason| GuestConfigError::Template {
+                        path: path.clone(),
+                        reason,
+                    })?,
                 mode: template.mode,
             });
         }
@@ -116,7 +142,7 @@ pub fn guest_config(
 pub fn settings(
     service: &Service,
     env: &BTreeMap<String, String>,
-) -> Result<BTreeMap<String, String>, String> {
+) -> Result<BTreeMap<String, String>, GuestConfigError> {
     let mut values = BTreeMap::new();
     for (key, setting) in &service.settings {
         match env.get(key).or(setting.default.as_ref()) {
@@ -124,15 +150,11 @@ pub fn settings(
                 values.insert(key.clone(), value.clone());
             }
             None => {
-                return Err(format!(
-                    "{} needs the setting {key} (--env {key}=VALUE){}",
-                    service.name,
-                    if setting.description.is_empty() {
-                        String::new()
-                    } else {
-                        format!(": {}", setting.description)
-                    }
-                ));
+                return Err(GuestConfigError::MissingSetting {
+                    service: service.name.clone(),
+                    key: key.clone(),
+                    description: setting.description.clone(),
+                });
             }
         }
     }

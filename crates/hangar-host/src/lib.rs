@@ -252,6 +252,9 @@ pub enum HostError {
     /// The guest refused or failed a configuration step.
     #[error("{0}")]
     Guest(String),
+    /// The plan's settings do not make a guest configuration.
+    #[error(transparent)]
+    Config(#[from] crate::guest::GuestConfigError),
     /// The VM runs but its ready criterion did not pass; the message says what the guest
     /// reported.
     #[error("{0}")]

@@ -235,7 +235,8 @@ impl Libvirt {
             Some(&self.guest.service),
             &Default::default(),
             0,
-        )?;
+        )
+        .map_err(|err| err.to_string())?;
         agent
             .configure(config, Duration::from_secs(120))
             .await

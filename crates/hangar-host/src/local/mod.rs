@@ -292,8 +292,7 @@ impl Host for LocalHost {
                     Some(service),
                     &plan.env,
                     spec.layers.len(),
-                )
-                .map_err(HostError::Guest)?;
+                )?;
                 agent
                     .configure(config, service.ready.timeout)
                     .await
@@ -401,8 +400,7 @@ impl Host for LocalHost {
         let agent = self.agent(id)?;
         self.to_foreground(id).await;
         self.hv.resume(id).await?;
-        let config =
-            guest_config(id, id, plan.service.as_ref(), &plan.env, 0).map_err(HostError::Guest)?;
+        let config = guest_config(id, id, plan.service.as_ref(), &plan.env, 0)?;
         let timeout = plan
             .service
             .as_ref()

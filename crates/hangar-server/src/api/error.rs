@@ -102,6 +102,7 @@ impl From<crate::requests::RequestError> for ApiError {
         use crate::requests::RequestError;
         match err {
             RequestError::Invalid(message) => ApiError::BadRequest(message),
+            RequestError::Settings(_) => ApiError::BadRequest(error_chain(&err)),
             RequestError::NotFound {
                 message,
                 alternatives,
@@ -181,7 +182,7 @@ impl From<crate::images::policy::ImageError> for ApiError {
         use crate::images::policy::ImageError;
         match err {
             ImageError::Request(err) => err.into(),
-            ImageError::Invalid(message) => ApiError::BadRequest(message),
+            ImageError::Guest(_) => ApiError::BadRequest(error_chain(&err)),
             ImageError::Store(err) => err.into(),
             ImageError::Export(_) | ImageError::Tar(_) | ImageError::Io { .. } => {
                 ApiError::Internal(error_chain(&err))
@@ -334,6 +335,25 @@ mod concern_status_tests {
                 RequestError::CreationFailed("qemu died".into()).into(),
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "qemu died",
+            ),
+            (
+                RequestError::Settings(hangar_host::guest::GuestConfigError::MissingSetting {
+                    service: "db".into(),
+                    key: "password".into(),
+                    description: "the admin password".into(),
+                })
+                .into(),
+                StatusCode::BAD_REQUEST,
+                "db needs the setting password (--env password=VALUE): the admin password",
+            ),
+            (
+                ImageError::Guest(hangar_host::guest::GuestConfigError::Template {
+                    path: "/etc/x".into(),
+                    reason: "no value for y".into(),
+                })
+                .into(),
+                StatusCode::BAD_REQUEST,
+                "template /etc/x: no value for y",
             ),
             (
                 PoolError::NotFound {

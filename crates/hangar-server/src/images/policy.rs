@@ -46,8 +46,8 @@ pub enum ImageError {
     #[error(transparent)]
     Request(#[from] RequestError),
     /// The request's settings do not make a VM configuration.
-    #[error("{0}")]
-    Invalid(String),
+    #[error(transparent)]
+    Guest(#[from] hangar_host::guest::GuestConfigError),
     /// The image could not be built or written out.
     #[error("cannot export the image")]
     Export(#[source] hangar_host::images::ImageSourceError),
@@ -411,8 +411,7 @@ impl Manager {
             Some(&service),
             &request.env,
             0,
-        )
-        .map_err(ImageError::Invalid)?;
+        )?;
         // The image boots anywhere, any number of times: no clock or entropy of ours, no
         // machine-id (the guest's kernel seeds itself from virtio-rng).
         config.identity.unix_time_ms = 0;

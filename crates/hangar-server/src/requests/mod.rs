@@ -84,6 +84,9 @@ pub enum RequestError {
         message: String,
         alternatives: Vec<String>,
     },
+    /// The service needs a setting the request lacks.
+    #[error(transparent)]
+    Settings(#[from] hangar_host::guest::GuestConfigError),
     /// Not granted before the deadline; the VM is still being made (by `task`, if known).
     #[error("{message}")]
     TryAgain {
@@ -324,7 +327,7 @@ impl Manager {
     /// alternatives. A setting the service needs and the request lacks is a 400.
     pub(crate) fn viable_service(&self, request: &ServiceRequest) -> Result<Service, RequestError> {
         let service = self.directory_lookup(request)?;
-        hangar_host::guest::settings(&service, &request.env).map_err(RequestError::Invalid)?;
+        hangar_host::guest::settings(&service, &request.env)?;
         Ok(service)
     }
 
