@@ -11,6 +11,48 @@ use hangar_vmm::fake::FakeBackend;
 use crate::images::NoImages;
 use crate::manager::{Manager, ManagerConfig};
 
+/// A catalog of one busybox service, `web` (port `http`, ready when its port answers).
+pub(crate) const WEB: &str = r#"
+[service.web]
+os = "busybox"
+[[service.web.port]]
+name = "http"
+guest = 80
+[[service.web.process]]
+name = "httpd"
+argv = ["httpd"]
+[service.web.ready]
+checks = [{ tcp = { port = "http" } }]
+"#;
+
+/// `web` (ready when its port answers and serves the fake backend's page) and
+/// `never-ready`, whose ready check never passes (it times out after 600 ms).
+pub(crate) const WEB_AND_NEVER_READY: &str = r#"
+[service.web]
+os = "busybox"
+[[service.web.port]]
+name = "http"
+guest = 80
+[[service.web.process]]
+name = "httpd"
+argv = ["httpd"]
+[service.web.ready]
+checks = [{ tcp = { port = "http" } }, { http = { port = "http", body_contains = "fake" } }]
+
+[service.never-ready]
+os = "busybox"
+[[service.never-ready.port]]
+name = "p"
+guest = 1
+[[service.never-ready.process]]
+name = "x"
+argv = ["x"]
+[service.never-ready.ready]
+timeout = "600ms"
+interval = "20ms"
+checks = [{ bytes = { port = "p", send = "hi", expect = "never said" } }]
+"#;
+
 /// A manager on `store` and `backend` for `catalog` (TOML), with no image layers.
 pub(crate) fn manager_on(
     store: Arc<dyn Store>,

@@ -10,31 +10,7 @@ use hangar_core::{Mode, TierChoice, VmState};
 use crate::manager::{Manager, ManagerConfig};
 use crate::test_support::{fake_manager, request};
 
-const CATALOG: &str = r#"
-[service.web]
-os = "busybox"
-[[service.web.port]]
-name = "http"
-guest = 80
-[[service.web.process]]
-name = "httpd"
-argv = ["httpd"]
-[service.web.ready]
-checks = [{ tcp = { port = "http" } }, { http = { port = "http", body_contains = "fake" } }]
-
-[service.never-ready]
-os = "busybox"
-[[service.never-ready.port]]
-name = "p"
-guest = 1
-[[service.never-ready.process]]
-name = "x"
-argv = ["x"]
-[service.never-ready.ready]
-timeout = "600ms"
-interval = "20ms"
-checks = [{ bytes = { port = "p", send = "hi", expect = "never said" } }]
-"#;
+const CATALOG: &str = crate::test_support::WEB_AND_NEVER_READY;
 
 /// Serves the API for `manager` on a loopback port; a client of it.
 async fn serve(manager: Arc<Manager>) -> Client {

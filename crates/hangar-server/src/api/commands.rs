@@ -169,18 +169,7 @@ mod tests {
     use crate::test_support::{fake_manager, request};
     use hangar_core::{Mode, VmState};
 
-    const CATALOG: &str = r#"
-[service.web]
-os = "busybox"
-[[service.web.port]]
-name = "http"
-guest = 80
-[[service.web.process]]
-name = "httpd"
-argv = ["httpd"]
-[service.web.ready]
-checks = [{ tcp = { port = "http" } }]
-"#;
+    const CATALOG: &str = crate::test_support::WEB;
 
     fn vm(reply: Reply) -> VmRecord {
         match reply {

@@ -9,18 +9,7 @@ use super::tests::{Answer, send};
 use crate::manager::ManagerConfig;
 use crate::test_support::fake_manager;
 
-const CATALOG: &str = r#"
-[service.web]
-os = "busybox"
-[[service.web.port]]
-name = "http"
-guest = 80
-[[service.web.process]]
-name = "httpd"
-argv = ["httpd"]
-[service.web.ready]
-checks = [{ tcp = { port = "http" } }]
-"#;
+const CATALOG: &str = crate::test_support::WEB;
 
 fn api() -> Router {
     let (manager, _, _) = fake_manager(CATALOG, ManagerConfig::default());

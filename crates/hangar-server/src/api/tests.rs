@@ -13,31 +13,7 @@ use tower::ServiceExt;
 use crate::manager::ManagerConfig;
 use crate::test_support::fake_manager;
 
-const CATALOG: &str = r#"
-[service.web]
-os = "busybox"
-[[service.web.port]]
-name = "http"
-guest = 80
-[[service.web.process]]
-name = "httpd"
-argv = ["httpd"]
-[service.web.ready]
-checks = [{ tcp = { port = "http" } }, { http = { port = "http", body_contains = "fake" } }]
-
-[service.never-ready]
-os = "busybox"
-[[service.never-ready.port]]
-name = "p"
-guest = 1
-[[service.never-ready.process]]
-name = "x"
-argv = ["x"]
-[service.never-ready.ready]
-timeout = "600ms"
-interval = "20ms"
-checks = [{ bytes = { port = "p", send = "hi", expect = "never said" } }]
-"#;
+const CATALOG: &str = crate::test_support::WEB_AND_NEVER_READY;
 
 /// The API's router over a fake manager.
 fn api() -> Router {
