@@ -218,8 +218,7 @@ async fn set_pool(
     Path(name): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Json<PoolView>, ApiError> {
-    let body: PoolBoundsBody = serde_json::from_slice(&body)
-        .map_err(|err| ApiError::BadRequest(format!("invalid request body: {err}")))?;
+    let body: PoolBoundsBody = json_body(&body)?;
     let command = Command::SetPool {
         name,
         min: body.min,
@@ -251,8 +250,7 @@ async fn create_request(
     body: axum::body::Bytes,
 ) -> Result<impl IntoResponse, ApiError> {
     let started = std::time::Instant::now();
-    let request: ServiceRequest = serde_json::from_slice(&body)
-        .map_err(|err| ApiError::BadRequest(format!("invalid request body: {err}")))?;
+    let request: ServiceRequest = json_body(&body)?;
     let grant = match manager.handle(Command::Request(request)).await? {
         Reply::Grant(grant) => *grant,
         other => return Err(other.unexpected()),
@@ -412,8 +410,7 @@ async fn archive_vm(
     let body: ArchiveBody = if body.is_empty() {
         ArchiveBody::default()
     } else {
-        serde_json::from_slice(&body)
-            .map_err(|err| ApiError::BadRequest(format!("invalid request body: {err}")))?
+        json_body(&body)?
     };
     let tier = crate::lifecycle::policy::archive_tier(body.tier).0;
     match manager.handle(Command::ArchiveVm { id, tier }).await? {
@@ -496,8 +493,7 @@ async fn set_policy(
     Path(service): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Json<PolicyView>, ApiError> {
-    let body: PolicyBody = serde_json::from_slice(&body)
-        .map_err(|err| ApiError::BadRequest(format!("invalid request body: {err}")))?;
+    let body: PolicyBody = json_body(&body)?;
     let change = PolicyChange {
         sleep_after: duration_field("sleep_after", body.sleep_after)?,
         archive_after: duration_field("archive_after", body.archive_after)?,
@@ -629,8 +625,7 @@ async fn build_image(
     State(manager): State<Arc<Manager>>,
     body: axum::body::Bytes,
 ) -> Result<(axum::http::StatusCode, Json<BuildView>), ApiError> {
-    let body: ImageBody = serde_json::from_slice(&body)
-        .map_err(|err| ApiError::BadRequest(format!("invalid request body: {err}")))?;
+    let body: ImageBody = json_body(&body)?;
     let task = match manager
         .handle(Command::BuildImage(image_request(body)?))
         .await?
@@ -659,8 +654,7 @@ async fn export_image(
     State(manager): State<Arc<Manager>>,
     body: axum::body::Bytes,
 ) -> Result<axum::response::Response, ApiError> {
-    let body: ImageBody = serde_json::from_slice(&body)
-        .map_err(|err| ApiError::BadRequest(format!("invalid request body: {err}")))?;
+    let body: ImageBody = json_body(&body)?;
     let request = image_request(body)?;
     let export = match manager.handle(Command::ExportImage(request)).await? {
         Reply::Export(export) => export,
@@ -696,6 +690,12 @@ async fn export_image(
         headers.insert(axum::http::header::CONTENT_LENGTH, value);
     }
     Ok(response)
+}
+
+/// A request body read as JSON whatever its content type; a body that is not `T` is a 400.
+fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|err| ApiError::BadRequest(format!("invalid request body: {err}")))
 }
 
 fn bytes_of(buf: Vec<u8>) -> axum::body::Bytes {
