@@ -15,10 +15,22 @@ use serde::de::DeserializeOwned;
 use crate::*;
 
 /// A client of one hangar server. Cheap to clone (connections are pooled and shared).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Client {
     base: Url,
     http: reqwest::Client,
+    /// Sent as a bearer token with every request.
+    token: Option<String>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the token.
+        f.debug_struct("Client")
+            .field("base", &self.base.as_str())
+            .field("token", &self.token.as_ref().map(|_| "<set>"))
+            .finish()
+    }
 }
 
 /// The server URL given to [`Client::new`] is not `http://HOST[:PORT][/PREFIX]`.
@@ -152,7 +164,17 @@ impl Client {
         {
             return Err(BadUrl(base.to_owned()));
         }
-        Ok(Client { base: url, http })
+        Ok(Client {
+            base: url,
+            http,
+            token: None,
+        })
+    }
+
+    /// This client, sending `Authorization: Bearer <token>` with every request.
+    pub fn with_token(mut self, token: &str) -> Client {
+        self.token = Some(token.to_owned());
+        self
     }
 
     /// The server's URL as given.
@@ -308,6 +330,36 @@ impl Client {
         })
     }
 
+    /// `POST /v1/hosts`: registers a farm host (agents only; farm token). 401 without the
+    /// token, 409 when another live agent holds the name.
+    pub async fn register_host(
+        &self,
+        registration: &HostRegistration,
+    ) -> Result<HeartbeatReply, ClientError> {
+        self.call(Method::POST, &["v1", "hosts"], Some(registration))
+            .await
+    }
+
+    /// `POST /v1/hosts/{name}/heartbeat`: a farm host's facts now (agents only; farm
+    /// token). 404 when the server does not know the host (register again).
+    pub async fn heartbeat(
+        &self,
+        name: &str,
+        heartbeat: &Heartbeat,
+    ) -> Result<HeartbeatReply, ClientError> {
+        self.call(
+            Method::POST,
+            &["v1", "hosts", name, "heartbeat"],
+            Some(heartbeat),
+        )
+        .await
+    }
+
+    /// `GET /v1/hosts`: the hosts of the farm (the server's own in single-node mode).
+    pub async fn hosts(&self) -> Result<Vec<HostView>, ClientError> {
+        self.call(Method::GET, &["v1", "hosts"], None::<&()>).await
+    }
+
     /// `base` with `segments` appended, each percent-encoded.
     fn url(&self, segments: &[&str]) -> Url {
         let mut url = self.base.clone();
@@ -356,6 +408,9 @@ impl Client {
         body: Option<&impl Serialize>,
     ) -> Result<reqwest::Response, ClientError> {
         let mut request = self.http.request(method, url);
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
         if let Some(body) = body {
             request = request.json(body);
         }

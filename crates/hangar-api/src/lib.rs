@@ -7,6 +7,7 @@
 
 pub mod client;
 pub mod error;
+pub mod farm;
 pub mod images;
 pub mod openapi;
 pub mod policies;
@@ -18,6 +19,7 @@ pub mod vms;
 
 pub use client::{BadUrl, Client, ClientError, Download, Timed};
 pub use error::{ErrorBody, ErrorDetail};
+pub use farm::{Heartbeat, HeartbeatReply, HostFactsView, HostRegistration, HostView, HostVmView};
 pub use images::{BuildView, ImageBody, ImageView, ImagesView, LayerView, TemplateView};
 pub use openapi::ApiDoc;
 pub use policies::{BudgetView, PoliciesView, PolicyBody, PolicySource, PolicyView};
