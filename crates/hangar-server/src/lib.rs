@@ -32,6 +32,7 @@ use hangar_vmm::qemu::{QemuBackend, QemuConfig};
 
 pub mod api;
 pub mod endpoints;
+pub mod farm;
 pub mod images;
 pub mod lifecycle;
 pub mod manager;
@@ -82,6 +83,9 @@ pub struct ServerConfig {
     /// Where the state lives: a `postgres://` URL or a SQLite file; `None`: `hangar.db`
     /// in the data directory.
     pub store: Option<String>,
+    /// The farm token file (made on first start, mode 0600); `None`: `farm.token` in the
+    /// data directory. Agents given its token may join the farm.
+    pub farm_token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +110,8 @@ pub enum ServerError {
         #[source]
         source: hangar_core::CatalogError,
     },
+    #[error(transparent)]
+    FarmToken(#[from] farm::token::TokenError),
     #[error("cannot open the database: {0}")]
     Store(String),
     #[error("{0}")]
@@ -187,6 +193,12 @@ pub async fn run(
     lock.try_lock()
         .map_err(|_| ServerError::Locked(data_dir.display().to_string()))?;
 
+    let farm_token = farm::token::load_or_create(
+        &config
+            .farm_token_file
+            .clone()
+            .unwrap_or_else(|| data_dir.join("farm.token")),
+    )?;
     let catalog = Arc::new(load_catalog(config.catalog.as_deref())?);
     let store_location = match &config.store {
         Some(location) => location.clone(),
@@ -265,6 +277,7 @@ pub async fn run(
             dns_domain: config.dns_domain.clone(),
             memory_budget_mib: config.memory_budget_mib,
             disk_budget_mib: config.disk_budget_mib,
+            farm_token,
             ..ManagerConfig::default()
         },
     );

@@ -40,6 +40,9 @@ pub struct ManagerConfig {
     pub disk_budget_mib: Option<u64>,
     /// How often the lifecycle loop looks at idle timers and budgets.
     pub lifecycle_interval: Duration,
+    /// The secret farm hosts prove themselves with (bearer token), both ways: agents to
+    /// the server, the server to agents. Empty: no host is accepted.
+    pub farm_token: String,
 }
 
 impl Default for ManagerConfig {
@@ -54,6 +57,7 @@ impl Default for ManagerConfig {
             memory_budget_mib: None,
             disk_budget_mib: None,
             lifecycle_interval: Duration::from_millis(500),
+            farm_token: String::new(),
         }
     }
 }

@@ -60,6 +60,11 @@ pub struct ServerArgs {
     /// a SQLite file [default: hangar.db in the data directory].
     #[arg(long, value_name = "URL|PATH", env = "HANGAR_STORE")]
     store: Option<String>,
+    /// The secret farm hosts prove themselves with; made on first start (mode 0600) when
+    /// missing. Give it to `hangar agent --token-file` [default: farm.token in the data
+    /// directory].
+    #[arg(long, value_name = "PATH", env = "HANGAR_FARM_TOKEN_FILE")]
+    farm_token_file: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -108,6 +113,7 @@ pub async fn run(args: ServerArgs) -> ExitCode {
         debian_mirror: args.debian_mirror,
         image_budget_mib: args.image_budget,
         store: args.store,
+        farm_token_file: args.farm_token_file,
     };
     match hangar_server::run(config, shutdown_signal()).await {
         Ok(()) => {

@@ -20,6 +20,7 @@ use utoipa_axum::routes;
 
 pub mod commands;
 pub mod error;
+pub mod farm_auth;
 pub mod json_errors;
 
 use commands::{Command, Reply, RequestHandler};
