@@ -18,15 +18,17 @@ use hangar_core::Mode;
 use hangar_core::VmState;
 
 mod error;
+mod lease;
 mod postgres;
 mod records;
 mod sqlite;
 
 pub use error::{BackendSource, Conflict, Entity, StoreError};
+pub use lease::LeaseRecord;
 pub use postgres::PgStore;
 pub use records::{
-    ArchiveRecord, HostRecord, HostState, LeaseRecord, StepOutcome, TaskRecord, TaskState,
-    TaskStep, TemplateRecord, VmRecord,
+    ArchiveRecord, HostRecord, HostState, StepOutcome, TaskRecord, TaskState, TaskStep,
+    TemplateRecord, VmRecord,
 };
 pub use sqlite::SqliteStore;
 

@@ -145,9 +145,6 @@ pub enum HostState {
     Draining,
     /// Not answering.
     Down,
-    /// Missed heartbeats for so long that the VMs it ran were declared lost; it takes
-    /// nothing new until it registers again.
-    Lost,
 }
 
 impl HostState {
@@ -156,7 +153,6 @@ impl HostState {
             HostState::Up => "up",
             HostState::Draining => "draining",
             HostState::Down => "down",
-            HostState::Lost => "lost",
         }
     }
 
@@ -165,7 +161,6 @@ impl HostState {
             "up" => Ok(HostState::Up),
             "draining" => Ok(HostState::Draining),
             "down" => Ok(HostState::Down),
-            "lost" => Ok(HostState::Lost),
             other => Err(StoreError::corrupt(other)),
         }
     }
@@ -207,26 +202,4 @@ pub struct ArchiveRecord {
     pub size_bytes: u64,
     pub host: String,
     pub created_at_ms: u64,
-}
-
-/// A named lease: who holds it and until when. The control-plane replicas sharing one store
-/// take the `leader` lease to choose which of them runs the background loops.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LeaseRecord {
-    pub name: String,
-    /// Who holds it (a replica's unique id).
-    pub holder: String,
-    /// When it runs out (milliseconds since the Unix epoch): at and after this instant
-    /// anyone may take it.
-    pub expires_ms: u64,
-}
-
-/// When a lease taken at `now_ms` for `ttl_ms` runs out, as stored.
-pub(crate) fn lease_end(now_ms: u64, ttl_ms: u64) -> i64 {
-    signed_ms(now_ms.saturating_add(ttl_ms))
-}
-
-/// A time for a signed 64-bit column (clamped: milliseconds since 1970 never get there).
-pub(crate) fn signed_ms(ms: u64) -> i64 {
-    i64::try_from(ms).unwrap_or(i64::MAX)
 }

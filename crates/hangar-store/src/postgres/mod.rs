@@ -17,7 +17,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
-use crate::records::lease_end;
+use crate::lease::lease_end;
 use crate::{
     ArchiveRecord, Entity, HostRecord, HostState, LeaseRecord, StepOutcome, Store, StoreError,
     TaskRecord, TaskState, TaskStep, TemplateRecord, VmRecord, now_ms,

@@ -11,7 +11,7 @@ use hangar_core::state::{InvalidTransition, check_transition};
 use hangar_core::{Mode, VmState};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
-use crate::records::{lease_end, signed_ms};
+use crate::lease::{lease_end, signed_ms};
 use crate::{
     ArchiveRecord, Entity, HostRecord, HostState, LeaseRecord, StepOutcome, Store, StoreError,
     TaskRecord, TaskState, TaskStep, TemplateRecord, VmRecord, now_ms,
