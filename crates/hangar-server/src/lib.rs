@@ -86,6 +86,15 @@ pub struct ServerConfig {
     /// The farm token file (made on first start, mode 0600); `None`: `farm.token` in the
     /// data directory. Agents given its token may join the farm.
     pub farm_token_file: Option<PathBuf>,
+    /// Run VMs on this machine too (the server's own host). Off: a control plane whose
+    /// VMs all run on farm hosts (agents).
+    pub local_host: bool,
+    /// When farm hosts without heartbeats are declared down, then lost.
+    pub host_loss: farm::LossTimes,
+    /// Give VMs stable endpoints (held by a forwarder on this machine) that survive sleep
+    /// and archive and wake VMs on connection. Off: endpoints are the VMs' own port
+    /// forwards on their hosts (for replicated control planes).
+    pub stable_endpoints: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -210,8 +219,14 @@ pub async fn run(
 
     let vms_dir = data_dir.join("vms");
     let qemu_config = QemuConfig::new(vms_dir.clone(), config.accel);
-    let qemu_version = check_qemu(&qemu_config)?;
-    tracing::info!(qemu = %qemu_version, accel = %qemu_config.accel, requested = %config.accel, "hypervisor");
+    let qemu_version = if config.local_host {
+        let version = check_qemu(&qemu_config)?;
+        tracing::info!(qemu = %version, accel = %qemu_config.accel, requested = %config.accel, "hypervisor");
+        version
+    } else {
+        tracing::info!("no local host: VMs run on farm hosts only");
+        String::new()
+    };
     tracing::info!(
         backend = if hangar_store::is_postgres_url(&store_location) {
             "postgresql"
@@ -220,19 +235,21 @@ pub async fn run(
         },
         "store"
     );
-    store
-        .upsert_host(&hangar_store::HostRecord {
-            name: manager::LOCAL_HOST.to_owned(),
-            address: config.listen.to_string(),
-            state: hangar_store::HostState::Up,
-            facts: serde_json::json!({
-                "qemu": qemu_version.to_string(),
-                "accel": qemu_config.accel.to_string(),
-            }),
-            last_heartbeat_ms: hangar_store::now_ms(),
-        })
-        .await
-        .map_err(|err| ServerError::Store(error::error_chain(&err)))?;
+    if config.local_host {
+        store
+            .upsert_host(&hangar_store::HostRecord {
+                name: manager::LOCAL_HOST.to_owned(),
+                address: config.listen.to_string(),
+                state: hangar_store::HostState::Up,
+                facts: serde_json::json!({
+                    "qemu": qemu_version.to_string(),
+                    "accel": qemu_config.accel.to_string(),
+                }),
+                last_heartbeat_ms: hangar_store::now_ms(),
+            })
+            .await
+            .map_err(|err| ServerError::Store(error::error_chain(&err)))?;
+    }
 
     let images = Arc::new(images::LocalImages::new(
         data_dir.join("cache"),
@@ -263,24 +280,6 @@ pub async fn run(
             vms_dir: Some(vms_dir.clone()),
         },
     );
-    host.clean_template_debris();
-    let manager = Manager::new(
-        store,
-        Arc::new(host),
-        images,
-        catalog,
-        ManagerConfig {
-            endpoint_host: config.endpoint_host,
-            pool_memory_mib: config.pool_memory_mib,
-            image_budget_mib: config.image_budget_mib,
-            export_dir: data_dir.join("exports"),
-            dns_domain: config.dns_domain.clone(),
-            memory_budget_mib: config.memory_budget_mib,
-            disk_budget_mib: config.disk_budget_mib,
-            farm_token,
-            ..ManagerConfig::default()
-        },
-    );
     // Listen before reconciling: the forwarder is told this address for wake requests,
     // which wait in the backlog until the API serves.
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -298,14 +297,43 @@ pub async fn run(
             addr
         }
     );
-    let kind = match &config.forwarder_command {
-        Some(command) => endpoints::ForwarderKind::Process {
-            data_dir: data_dir.clone(),
-            command: command.clone(),
-        },
-        None => endpoints::ForwarderKind::InProcess(hangar_forward::Forwarder::new(&server_url)),
+    let local: Option<Arc<dyn hangar_host::Host>> = if config.local_host {
+        host.clean_template_debris();
+        Some(Arc::new(host))
+    } else {
+        None
     };
-    manager.use_stable_endpoints(endpoints::StableEndpoints::new(kind, &server_url));
+    let manager = Manager::with_hosts(
+        store,
+        scheduler::Scheduler::new(local, None),
+        images,
+        catalog,
+        ManagerConfig {
+            endpoint_host: config.endpoint_host,
+            pool_memory_mib: config.pool_memory_mib,
+            image_budget_mib: config.image_budget_mib,
+            export_dir: data_dir.join("exports"),
+            dns_domain: config.dns_domain.clone(),
+            memory_budget_mib: config.memory_budget_mib,
+            disk_budget_mib: config.disk_budget_mib,
+            farm_token,
+            host_loss: config.host_loss,
+            server_urls: vec![server_url.clone()],
+            ..ManagerConfig::default()
+        },
+    );
+    if config.stable_endpoints {
+        let kind = match &config.forwarder_command {
+            Some(command) => endpoints::ForwarderKind::Process {
+                data_dir: data_dir.clone(),
+                command: command.clone(),
+            },
+            None => {
+                endpoints::ForwarderKind::InProcess(hangar_forward::Forwarder::new(&server_url))
+            }
+        };
+        manager.use_stable_endpoints(endpoints::StableEndpoints::new(kind, &server_url));
+    }
 
     let report = manager
         .reconcile()
@@ -335,6 +363,7 @@ pub async fn run(
         })
     };
 
+    let farm_loop = manager.spawn_farm_loop();
     let pool_loop = manager.spawn_pool_loop();
     let lifecycle_loop = manager.spawn_lifecycle_loop();
     let image_loop = manager.spawn_image_loop();
@@ -344,6 +373,7 @@ pub async fn run(
         .with_graceful_shutdown(shutdown)
         .await;
     monitor.abort();
+    farm_loop.abort();
     pool_loop.abort();
     lifecycle_loop.abort();
     image_loop.abort();

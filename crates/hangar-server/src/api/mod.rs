@@ -20,6 +20,7 @@ use utoipa_axum::routes;
 
 pub mod commands;
 pub mod error;
+pub mod farm;
 pub mod farm_auth;
 pub mod json_errors;
 
@@ -55,6 +56,8 @@ fn routes() -> OpenApiRouter<Arc<Manager>> {
         .routes(routes!(get_task))
         .routes(routes!(list_images, build_image))
         .routes(routes!(export_image))
+        .routes(routes!(farm::list_hosts, farm::register_host))
+        .routes(routes!(farm::host_heartbeat))
 }
 
 /// The OpenAPI document of every route the router serves.
@@ -293,16 +296,18 @@ fn vm_view(vm: VmRecord) -> VmView {
 }
 
 /// A VM as listed, with its archive when it has one.
-fn view(manager: &Manager, vm: VmRecord) -> VmView {
-    let archive = (vm.state == VmState::Archived)
-        .then(|| manager.archive_info(&vm.id))
-        .flatten()
-        .map(|info| ArchiveView {
-            tier: info.tier.to_string(),
-            size_bytes: info.size_bytes,
-            memory_mib: info.memory_mib,
-            took_ms: info.took_ms,
-        });
+async fn view(manager: &Manager, vm: VmRecord) -> VmView {
+    let archive = if vm.state == VmState::Archived {
+        manager.archive_info(&vm.id).await
+    } else {
+        None
+    };
+    let archive = archive.map(|info| ArchiveView {
+        tier: info.tier.to_string(),
+        size_bytes: info.size_bytes,
+        memory_mib: info.memory_mib,
+        took_ms: info.took_ms,
+    });
     VmView {
         archive,
         ..vm_view(vm)
@@ -324,7 +329,13 @@ async fn list_vms(
     Query(query): Query<VmQuery>,
 ) -> Result<Json<Vec<VmView>>, ApiError> {
     match manager.handle(Command::ListVms { all: query.all }).await? {
-        Reply::Vms(vms) => Ok(Json(vms.into_iter().map(|vm| view(&manager, vm)).collect())),
+        Reply::Vms(vms) => {
+            let mut views = Vec::with_capacity(vms.len());
+            for vm in vms {
+                views.push(view(&manager, vm).await);
+            }
+            Ok(Json(views))
+        }
         other => Err(other.unexpected()),
     }
 }
@@ -340,7 +351,7 @@ async fn get_vm(
     Path(id): Path<String>,
 ) -> Result<Json<VmView>, ApiError> {
     match manager.handle(Command::GetVm(id)).await? {
-        Reply::Vm(vm) => Ok(Json(view(&manager, vm))),
+        Reply::Vm(vm) => Ok(Json(view(&manager, vm).await)),
         other => Err(other.unexpected()),
     }
 }
@@ -384,7 +395,7 @@ async fn sleep_vm(
     Path(id): Path<String>,
 ) -> Result<Json<VmView>, ApiError> {
     match manager.handle(Command::SleepVm(id)).await? {
-        Reply::Vm(vm) => Ok(Json(view(&manager, vm))),
+        Reply::Vm(vm) => Ok(Json(view(&manager, vm).await)),
         other => Err(other.unexpected()),
     }
 }
@@ -415,7 +426,7 @@ async fn archive_vm(
     };
     let tier = crate::lifecycle::policy::archive_tier(body.tier).0;
     match manager.handle(Command::ArchiveVm { id, tier }).await? {
-        Reply::Vm(vm) => Ok(Json(view(&manager, vm))),
+        Reply::Vm(vm) => Ok(Json(view(&manager, vm).await)),
         other => Err(other.unexpected()),
     }
 }
@@ -442,7 +453,7 @@ async fn wake_vm(
         other => return Err(other.unexpected()),
     };
     let timing = stages.header(started.elapsed());
-    Ok(([("server-timing", timing)], Json(view(&manager, vm))))
+    Ok(([("server-timing", timing)], Json(view(&manager, vm).await)))
 }
 
 #[utoipa::path(

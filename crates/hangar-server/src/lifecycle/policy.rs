@@ -293,7 +293,7 @@ impl Manager {
             .into_iter()
             .map(|vm| VmFacts {
                 archive_bytes: (vm.state == VmState::Archived)
-                    .then(|| self.host.archive_facts(&vm.id))
+                    .then(|| self.host_of(&vm).archive_facts(&vm.id))
                     .flatten()
                     .map(|info| info.size_bytes),
                 id: vm.id,
