@@ -360,6 +360,14 @@ impl Client {
         self.call(Method::GET, &["v1", "hosts"], None::<&()>).await
     }
 
+    /// `POST /v1/placements`: the host a VM of that service or size would go to now, and
+    /// why; nothing is made. Errors: 400 malformed, 404 no such service, 422 never
+    /// available, 503 no host has room now.
+    pub async fn placement(&self, body: &PlacementBody) -> Result<PlacementView, ClientError> {
+        self.call(Method::POST, &["v1", "placements"], Some(body))
+            .await
+    }
+
     /// `base` with `segments` appended, each percent-encoded.
     fn url(&self, segments: &[&str]) -> Url {
         let mut url = self.base.clone();

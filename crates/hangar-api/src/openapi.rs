@@ -27,6 +27,8 @@ use crate::*;
         ImageView,
         ImagesView,
         LayerView,
+        PlacementBody,
+        PlacementView,
         PoliciesView,
         PolicyBody,
         PolicySource,

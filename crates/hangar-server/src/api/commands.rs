@@ -77,6 +77,8 @@ pub enum Command {
         heartbeat: hangar_api::Heartbeat,
     },
     ListHosts,
+    /// Where a VM would be placed now (a dry run: nothing is made).
+    PreviewPlacement(hangar_api::PlacementBody),
 }
 
 /// What a command answers.
@@ -100,6 +102,7 @@ pub enum Reply {
     /// What a registering or reporting agent is told.
     HostReply(hangar_api::HeartbeatReply),
     Hosts(Vec<hangar_api::HostView>),
+    Placement(hangar_api::PlacementView),
 }
 
 impl Reply {
@@ -133,6 +136,9 @@ impl RequestHandler for Arc<Manager> {
                 Reply::HostReply(manager.host_heartbeat(&name, heartbeat).await?)
             }
             Command::ListHosts => Reply::Hosts(manager.host_views().await?),
+            Command::PreviewPlacement(body) => {
+                Reply::Placement(manager.preview_placement(&body).await?)
+            }
             Command::ListVms { all } => Reply::Vms(manager.store().vms(all).await?),
             Command::GetVm(id) => {
                 Reply::Vm(

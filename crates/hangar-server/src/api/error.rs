@@ -96,6 +96,23 @@ impl From<crate::farm::FarmError> for ApiError {
     }
 }
 
+impl From<crate::scheduler::preview::PreviewError> for ApiError {
+    fn from(err: crate::scheduler::preview::PreviewError) -> ApiError {
+        use crate::scheduler::PlacementError;
+        use crate::scheduler::preview::PreviewError;
+        match err {
+            PreviewError::Invalid(message) => ApiError::BadRequest(message),
+            PreviewError::Request(err) => err.into(),
+            PreviewError::Placement(PlacementError::NoHost(no_host)) => ApiError::TryAgain {
+                message: no_host.to_string(),
+                retry_after_s: 2,
+                task: None,
+            },
+            PreviewError::Placement(other) => ApiError::Internal(error_chain(&other)),
+        }
+    }
+}
+
 impl From<crate::lifecycle::ops::LifecycleError> for ApiError {
     fn from(err: crate::lifecycle::ops::LifecycleError) -> ApiError {
         use crate::lifecycle::ops::LifecycleError;

@@ -23,6 +23,7 @@ pub mod error;
 pub mod farm;
 pub mod farm_auth;
 pub mod json_errors;
+pub mod placements;
 
 use commands::{Command, Reply, RequestHandler};
 
@@ -58,6 +59,7 @@ fn routes() -> OpenApiRouter<Arc<Manager>> {
         .routes(routes!(export_image))
         .routes(routes!(farm::list_hosts, farm::register_host))
         .routes(routes!(farm::host_heartbeat))
+        .routes(routes!(placements::preview_placement))
 }
 
 /// The OpenAPI document of every route the router serves.

@@ -515,6 +515,71 @@ async fn every_answer_matches_its_schema_in_the_openapi_document() {
         .collect();
     assert_eq!(names, ["local", "h1"]);
 
+    // Placement as a dry run: where a VM would go now, and why; nothing is made.
+    let ids = |vms: Value| -> Vec<String> {
+        vms.as_array()
+            .unwrap()
+            .iter()
+            .map(|vm| vm["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let vms_before = ids(api
+        .call("GET", "/v1/vms", "/v1/vms?all=true", "")
+        .await
+        .json());
+    let placed = api
+        .call(
+            "POST",
+            "/v1/placements",
+            "/v1/placements",
+            r#"{"service":"web"}"#,
+        )
+        .await;
+    assert_eq!(placed.status, StatusCode::OK);
+    let placed = placed.json();
+    assert_eq!(placed["host"], "local", "{placed}");
+    assert!(!placed["why"].as_str().unwrap().is_empty(), "{placed}");
+    let sized = api
+        .call(
+            "POST",
+            "/v1/placements",
+            "/v1/placements",
+            r#"{"vcpus":2,"memory_mib":512,"pool":true}"#,
+        )
+        .await
+        .json();
+    assert_eq!(
+        (sized["vcpus"].as_u64(), sized["memory_mib"].as_u64()),
+        (Some(2), Some(512))
+    );
+    for (body, status) in [
+        ("{}", StatusCode::BAD_REQUEST),
+        (r#"{"vcpus":0,"memory_mib":512}"#, StatusCode::BAD_REQUEST),
+        (
+            r#"{"env":{"os":"busybox"},"vcpus":1,"memory_mib":64}"#,
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            r#"{"service":"web","colour":"red"}"#,
+            StatusCode::BAD_REQUEST,
+        ),
+        (r#"{"service":"wbe"}"#, StatusCode::NOT_FOUND),
+        (
+            r#"{"service":"web","env":{"os":"debian-12"}}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+    ] {
+        let answer = api
+            .call("POST", "/v1/placements", "/v1/placements", body)
+            .await;
+        assert_eq!(answer.status, status, "{body}");
+    }
+    let vms_after = ids(api
+        .call("GET", "/v1/vms", "/v1/vms?all=true", "")
+        .await
+        .json());
+    assert_eq!(vms_before, vms_after, "a dry run makes nothing");
+
     // Deletion, then the conflict of deleting again.
     let deleted = api.call("DELETE", vm, &format!("/v1/vms/{id}"), "").await;
     assert_eq!(deleted.json()["state"], "deleted");

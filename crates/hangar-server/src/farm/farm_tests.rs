@@ -296,3 +296,95 @@ async fn a_lost_host_s_shared_service_is_made_elsewhere_and_fenced_when_it_retur
         "gone from its host: deleted"
     );
 }
+
+#[tokio::test]
+async fn a_dry_run_placement_names_the_host_a_request_then_takes_and_makes_nothing() {
+    let farm = Farm::new();
+    for name in ["a", "bb"] {
+        farm.manager
+            .register_host(Farm::registration(name, "one"))
+            .await
+            .unwrap();
+    }
+    let body = hangar_api::PlacementBody {
+        service: Some("web".into()),
+        ..Default::default()
+    };
+    // A request's VM goes to the least loaded host: the two are equal, so the first by
+    // name; once it holds a VM, the other.
+    let first = farm.manager.preview_placement(&body).await.unwrap();
+    assert_eq!(first.host, "a");
+    assert!(
+        first.why.contains('2'),
+        "the explanation counts the hosts: {}",
+        first.why
+    );
+    assert_eq!(
+        farm.manager.preview_placement(&body).await.unwrap(),
+        first,
+        "nothing reserved"
+    );
+    assert!(
+        farm.store.vms(true).await.unwrap().is_empty(),
+        "nothing made"
+    );
+    let grant = farm
+        .manager
+        .request(request("web", Mode::Dedicated))
+        .await
+        .unwrap();
+    assert_eq!(grant.vm.host, first.host);
+    let second = farm.manager.preview_placement(&body).await.unwrap();
+    assert_eq!(second.host, "bb");
+    assert_eq!(
+        farm.manager
+            .request(request("web", Mode::Dedicated))
+            .await
+            .unwrap()
+            .vm
+            .host,
+        "bb"
+    );
+
+    // A bare size; too big for any host, or every host down: no host, saying why.
+    let sized = |vcpus, memory_mib| hangar_api::PlacementBody {
+        vcpus: Some(vcpus),
+        memory_mib: Some(memory_mib),
+        ..Default::default()
+    };
+    let placed = farm.manager.preview_placement(&sized(1, 64)).await.unwrap();
+    assert_eq!((placed.vcpus, placed.memory_mib), (1, 64));
+    let err = farm
+        .manager
+        .preview_placement(&sized(1, 1 << 20))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            crate::scheduler::preview::PreviewError::Placement(
+                crate::scheduler::PlacementError::NoHost(_)
+            )
+        ),
+        "{err}"
+    );
+    for name in ["a", "bb"] {
+        let record = farm.store.host(name).await.unwrap().unwrap();
+        farm.store
+            .heartbeat(
+                name,
+                HostState::Down,
+                &record.facts,
+                record.last_heartbeat_ms,
+            )
+            .await
+            .unwrap();
+    }
+    farm.manager.refresh_farm().await;
+    let err = farm
+        .manager
+        .preview_placement(&sized(1, 64))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("2 down"), "{err}");
+}

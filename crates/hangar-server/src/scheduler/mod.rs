@@ -15,6 +15,8 @@ use hangar_core::placement::{self, NoHost, VmNeeds, VmPriority};
 use hangar_host::{Host, HostError, Purpose, VmPlan};
 use hangar_store::{HostRecord, HostState, VmRecord};
 
+pub mod preview;
+
 use crate::farm::HostInfo;
 use crate::manager::Manager;
 

@@ -1,0 +1,100 @@
+//! A placement as a dry run (`POST /v1/placements`): the host a VM would go to now and
+//! why, decided exactly as a creation decides it ([`Manager::place`]), without making
+//! anything or recording anything.
+
+use hangar_api::{PlacementBody, PlacementView};
+use hangar_core::ServiceRequest;
+use hangar_host::{Purpose, VmPlan};
+
+use crate::manager::Manager;
+use crate::requests::RequestError;
+use crate::scheduler::PlacementError;
+
+/// Why a dry-run placement has no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum PreviewError {
+    /// The body is malformed: no service and no size, a zero size, settings without a
+    /// service.
+    #[error("{0}")]
+    Invalid(String),
+    /// The service is unknown, never viable in that environment, or lacks a setting.
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    /// No host can take the VM now, or the hosts' use could not be read.
+    #[error(transparent)]
+    Placement(#[from] PlacementError),
+}
+
+/// The id the plan of a dry run carries (no VM of that id is ever made).
+const PREVIEW_ID: &str = "vm-placement-preview";
+
+impl Manager {
+    /// Where a VM of `body`'s service or size would be placed now, and why: the same
+    /// decision, over the same live facts, as a creation makes ([`Manager::place`]), with
+    /// the priority of a request's VM (or of a pool fill with `pool`). Nothing is made,
+    /// reserved or recorded; two previews in a row give the same answer while nothing
+    /// changes.
+    pub async fn preview_placement(
+        &self,
+        body: &PlacementBody,
+    ) -> Result<PlacementView, PreviewError> {
+        let service = match &body.service {
+            Some(name) => {
+                let request = ServiceRequest {
+                    service: Some(name.clone()),
+                    env: body.env.clone(),
+                    ..ServiceRequest::default()
+                };
+                request
+                    .validate()
+                    .map_err(|err| PreviewError::Invalid(err.to_string()))?;
+                Some(self.viable_service(&request)?)
+            }
+            None if !body.env.is_empty() => {
+                return Err(PreviewError::Invalid(
+                    "env settings need a service; give `service`".into(),
+                ));
+            }
+            None => None,
+        };
+        let size =
+            |given: Option<u32>, of_service: Option<u32>, what: &str| match given.or(of_service) {
+                Some(0) => Err(PreviewError::Invalid(format!("{what} must be at least 1"))),
+                Some(n) => Ok(n),
+                None => Err(PreviewError::Invalid(format!(
+                    "give a service, or vcpus and memory_mib ({what} is missing)"
+                ))),
+            };
+        let vcpus = size(body.vcpus, service.as_ref().map(|s| s.vcpus), "vcpus")?;
+        let memory_mib = size(
+            body.memory_mib,
+            service.as_ref().map(|s| s.memory_mib),
+            "memory_mib",
+        )?;
+        let os = service
+            .as_ref()
+            .map(|service| body.env.get("os").cloned().unwrap_or(service.os.clone()));
+        let plan = VmPlan {
+            id: PREVIEW_ID.into(),
+            service,
+            os,
+            vcpus,
+            memory_mib,
+            env: body.env.clone(),
+            hostname: PREVIEW_ID.into(),
+            purpose: if body.pool {
+                Purpose::Pool
+            } else {
+                Purpose::Request
+            },
+            ready: None,
+        };
+        let (host, why) = self.place(&plan).await?;
+        Ok(PlacementView {
+            host: host.name().to_owned(),
+            why,
+            vcpus,
+            memory_mib,
+        })
+    }
+}
