@@ -76,6 +76,10 @@ pub trait Store: Send + Sync {
     /// The VMs (deleted ones left out) made for `owner`, in creation order.
     async fn vms_owned_by(&self, owner: &str) -> Result<Vec<VmRecord>, StoreError>;
 
+    /// The VMs (deleted ones left out) recorded on host `host`, in creation order: what a
+    /// host's heartbeat is checked against, without reading the whole farm's VMs.
+    async fn vms_on_host(&self, host: &str) -> Result<Vec<VmRecord>, StoreError>;
+
     /// Active VMs offering `service` to shared requests with exactly this environment,
     /// in creation order.
     async fn shared_candidates(

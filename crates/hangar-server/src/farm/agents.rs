@@ -157,8 +157,11 @@ impl Manager {
                 now,
             )
             .await?;
-        let destroy = self.fence(name, &info.vms).await?;
-        self.judge_missing(name, &info.vms).await?;
+        // One read of this host's VMs serves both checks: a heartbeat costs the same
+        // however many hosts and VMs the farm has.
+        let on_host = self.store.vms_on_host(name).await?;
+        let destroy = fenced(name, &info.vms, &on_host);
+        self.judge_missing(name, &info.vms, on_host).await?;
         Ok(self.reply(state, destroy))
     }
 
@@ -167,39 +170,22 @@ impl Manager {
         if reported.is_empty() {
             return Ok(Vec::new());
         }
-        let vms: HashMap<String, VmRecord> = self
-            .store
-            .vms(false)
-            .await?
-            .into_iter()
-            .map(|vm| (vm.id.clone(), vm))
-            .collect();
-        let destroy: Vec<String> = reported
-            .iter()
-            .filter(|run| {
-                !vms.get(&run.id).is_some_and(|vm| {
-                    vm.host == host
-                        && !matches!(vm.state, VmState::Deleted | VmState::Failed | VmState::Lost)
-                })
-            })
-            .map(|run| run.id.clone())
-            .collect();
-        for id in &destroy {
-            tracing::warn!(vm = %id, host, "fencing: the host runs a VM it must not; it destroys it");
-        }
-        Ok(destroy)
+        let on_host = self.store.vms_on_host(host).await?;
+        Ok(fenced(host, reported, &on_host))
     }
 
-    /// VMs the store has live on `host` that it did not report: lost ones are deleted
-    /// (their host destroyed them); running ones are judged crashed.
+    /// VMs the store has live on `host` (`on_host`: its VMs in the store) that it did not
+    /// report: lost ones are deleted (their host destroyed them); running ones are judged
+    /// crashed.
     async fn judge_missing(
         self: &Arc<Self>,
         host: &str,
         reported: &[HostVmView],
+        on_host: Vec<VmRecord>,
     ) -> Result<(), FarmError> {
         let reported: std::collections::HashSet<&str> =
             reported.iter().map(|run| run.id.as_str()).collect();
-        for vm in self.store.vms(false).await? {
+        for vm in on_host {
             if vm.host != host || reported.contains(vm.id.as_str()) {
                 continue;
             }
@@ -296,6 +282,29 @@ impl Manager {
         }
         Ok(views)
     }
+}
+
+/// The VMs among `reported` that must not run on `host`, given `on_host`, the VMs the
+/// store records on it: those not live there.
+fn fenced(host: &str, reported: &[HostVmView], on_host: &[VmRecord]) -> Vec<String> {
+    if reported.is_empty() {
+        return Vec::new();
+    }
+    let vms: HashMap<&str, &VmRecord> = on_host.iter().map(|vm| (vm.id.as_str(), vm)).collect();
+    let destroy: Vec<String> = reported
+        .iter()
+        .filter(|run| {
+            !vms.get(run.id.as_str()).is_some_and(|vm| {
+                vm.host == host
+                    && !matches!(vm.state, VmState::Deleted | VmState::Failed | VmState::Lost)
+            })
+        })
+        .map(|run| run.id.clone())
+        .collect();
+    for id in &destroy {
+        tracing::warn!(vm = %id, host, "fencing: the host runs a VM it must not; it destroys it");
+    }
+    destroy
 }
 
 fn host_view(

@@ -306,6 +306,33 @@ async fn launch_offer_boot_and_owner_are_recorded(store: &dyn Store) {
         .await
         .unwrap();
     assert!(store.vms_owned_by("alice").await.unwrap().is_empty());
+    store
+        .insert_vm(&VmRecord {
+            host: "farm-1".into(),
+            ..vm("vm-far", "web", Mode::Shared, VmState::Active)
+        })
+        .await
+        .unwrap();
+    let on = |host: &'static str| async move {
+        store
+            .vms_on_host(host)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|vm| vm.id)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(on("farm-1").await, ["vm-far"]);
+    assert!(on("farm-2").await.is_empty());
+    assert!(
+        !on("local").await.contains(&"vm-a".to_owned()),
+        "deleted VMs are left out"
+    );
+    store
+        .transition("vm-far", VmState::Deleted, None)
+        .await
+        .unwrap();
+    assert!(on("farm-1").await.is_empty());
     assert!(is_not_found(store.set_launch("vm-x", None, &spec).await));
     assert!(is_not_found(
         store

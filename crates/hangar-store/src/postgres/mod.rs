@@ -202,6 +202,14 @@ impl Store for PgStore {
         self.query(&sql, &[&owner], vm_row).await
     }
 
+    async fn vms_on_host(&self, host: &str) -> Result<Vec<VmRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {VM_COLUMNS} FROM vms WHERE host = $1 AND state != 'deleted'
+             ORDER BY created_at_ms, id"
+        );
+        self.query(&sql, &[&host], vm_row).await
+    }
+
     async fn transition(
         &self,
         id: &str,

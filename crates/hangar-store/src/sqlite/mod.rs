@@ -205,6 +205,17 @@ impl Store for SqliteStore {
         )
     }
 
+    async fn vms_on_host(&self, host: &str) -> Result<Vec<VmRecord>, StoreError> {
+        self.list(
+            &format!(
+                "SELECT {VM_COLUMNS} FROM vms WHERE host = ?1 AND state != 'deleted'
+                 ORDER BY created_at_ms, id"
+            ),
+            [host],
+            vm_row,
+        )
+    }
+
     async fn transition(
         &self,
         id: &str,
