@@ -543,10 +543,8 @@ impl fmt::Display for Placement {
 /// Why no host was chosen: every host was ruled out (or none is known).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub struct NoHost {
-    pub vcpus: u32,
-    pub memory_mib: u64,
-    pub isolation: Option<String>,
-    pub on: BTreeMap<String, String>,
+    /// The VM that found no host (boxed: errors stay small).
+    pub vm: Box<VmNeeds>,
     /// Hosts considered (all ruled out).
     pub hosts: usize,
     pub ruled_out: RuledOut,
@@ -557,13 +555,13 @@ impl fmt::Display for NoHost {
         write!(
             f,
             "no host can run a VM of {} and {} MiB",
-            Vcpus(self.vcpus),
-            self.memory_mib
+            Vcpus(self.vm.vcpus),
+            self.vm.memory_mib
         )?;
-        if let Some(group) = &self.isolation {
+        if let Some(group) = &self.vm.isolation {
             write!(f, " in isolation group {group}")?;
         }
-        for (n, (key, value)) in self.on.iter().enumerate() {
+        for (n, (key, value)) in self.vm.on.iter().enumerate() {
             let sep = if n == 0 { " on " } else { "," };
             write!(f, "{sep}{key}={value}")?;
         }
@@ -652,10 +650,7 @@ pub fn choose_host(hosts: &[HostFacts], vm: &VmNeeds) -> Result<Placement, NoHos
     let ruled_out = tally.ruled_out(hosts, vm);
     let Some((index, winner)) = best else {
         return Err(NoHost {
-            vcpus: vm.vcpus,
-            memory_mib: vm.memory_mib,
-            isolation: vm.isolation.clone(),
-            on: vm.on.clone(),
+            vm: Box::new(vm.clone()),
             hosts: hosts.len(),
             ruled_out,
         });

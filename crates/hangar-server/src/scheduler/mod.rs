@@ -80,6 +80,7 @@ impl Scheduler {
                     memory_mib: u64::from(vm.memory_mib),
                     priority: VmPriority::Normal,
                     isolation: None,
+                    on: Default::default(),
                 });
             }
             entry.has_image = plan.service.as_ref().is_some_and(|service| {
@@ -98,8 +99,9 @@ impl Scheduler {
                 Purpose::Pool | Purpose::Template => VmPriority::Low,
             },
             isolation: None,
+            on: Default::default(),
         };
-        let chosen = placement::choose_host(&facts, &needs)?;
+        let chosen = placement::choose_host(&facts, &needs)?.index;
         tracing::debug!(vm = %plan.id, host = %facts[chosen].name, "placed");
         Ok(hosts[chosen].clone())
     }
