@@ -21,6 +21,7 @@ use utoipa_axum::routes;
 pub mod commands;
 pub mod error;
 pub mod farm_auth;
+pub mod farm_images;
 pub mod json_errors;
 
 use commands::{Command, Reply, RequestHandler};
@@ -55,6 +56,10 @@ fn routes() -> OpenApiRouter<Arc<Manager>> {
         .routes(routes!(get_task))
         .routes(routes!(list_images, build_image))
         .routes(routes!(export_image))
+        .routes(routes!(farm_images::farm_assets))
+        .routes(routes!(farm_images::farm_root))
+        .routes(routes!(farm_images::farm_os))
+        .routes(routes!(farm_images::farm_blob))
 }
 
 /// The OpenAPI document of every route the router serves.

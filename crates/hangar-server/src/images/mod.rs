@@ -3,6 +3,7 @@
 //! (`hangar_host::images`: the local cache [`LocalImages`], exports); their wire views
 //! from `hangar_api`.
 
+pub mod blobs;
 pub mod policy;
 
 pub use hangar_host::images::{
