@@ -15,3 +15,6 @@ pub use hangar_api::{ImageView, LayerView};
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod farm_tests;
