@@ -434,6 +434,23 @@ async fn every_answer_matches_its_schema_in_the_openapi_document() {
     api.call("POST", "/v1/export", "/v1/export", r#"{"service":"nope"}"#)
         .await;
 
+    // Images for farm hosts: only with the farm token (this server has none: 401).
+    let blob = format!("/v1/farm/blobs/{}", "a".repeat(64));
+    for (method, template, uri, body) in [
+        ("GET", "/v1/farm/assets", "/v1/farm/assets", ""),
+        (
+            "POST",
+            "/v1/farm/roots",
+            "/v1/farm/roots",
+            r#"{"service":"web","os":"busybox"}"#,
+        ),
+        ("GET", "/v1/farm/os/{os}", "/v1/farm/os/busybox", ""),
+        ("GET", "/v1/farm/blobs/{sha256}", blob.as_str(), ""),
+    ] {
+        let answer = api.call(method, template, uri, body).await;
+        assert_eq!(answer.status, StatusCode::UNAUTHORIZED, "{uri}");
+    }
+
     // Deletion, then the conflict of deleting again.
     let deleted = api.call("DELETE", vm, &format!("/v1/vms/{id}"), "").await;
     assert_eq!(deleted.json()["state"], "deleted");
