@@ -20,8 +20,8 @@ pub mod vms;
 
 pub use client::{BadUrl, BlobDownload, Client, ClientError, Download, Timed};
 pub use error::{ErrorBody, ErrorDetail};
-pub use farm_images::{AssetsManifest, Blob, RootBody, RootManifest};
 pub use farm::{Heartbeat, HeartbeatReply, HostFactsView, HostRegistration, HostView, HostVmView};
+pub use farm_images::{AssetsManifest, Blob, RootBody, RootManifest};
 pub use images::{BuildView, ImageBody, ImageView, ImagesView, LayerView, TemplateView};
 pub use openapi::ApiDoc;
 pub use policies::{BudgetView, PoliciesView, PolicyBody, PolicySource, PolicyView};

@@ -57,7 +57,7 @@ pub enum ImageSourceError {
     Export(String),
     /// Pulling an image from the control plane failed (farm hosts).
     #[error("pulling an image")]
-    Pull(#[source] pulled::PullError),
+    Pull(#[source] Box<pulled::PullError>),
 }
 
 /// Build progress: a stage and a percent of the whole build.

@@ -47,7 +47,7 @@ pub enum PullError {
         what: String,
         tried: usize,
         #[source]
-        source: ClientError,
+        source: Box<ClientError>,
     },
     /// A manifest named a blob by something that is not a sha256.
     #[error("the server named a blob {0:?}, which is not a sha256")]
@@ -84,9 +84,16 @@ pub enum PullError {
     },
 }
 
+impl PullError {
+    /// Whether no server could be reached at all (rather than one answering an error).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, PullError::Servers { source, .. } if matches!(**source, ClientError::Unreachable { .. }))
+    }
+}
+
 impl From<PullError> for ImageSourceError {
     fn from(source: PullError) -> ImageSourceError {
-        ImageSourceError::Pull(source)
+        ImageSourceError::Pull(Box::new(source))
     }
 }
 
@@ -192,7 +199,7 @@ impl PulledImages {
                     return Err(PullError::Servers {
                         what: what.to_owned(),
                         tried: i + 1,
-                        source: err,
+                        source: Box::new(err),
                     });
                 }
             }
@@ -200,7 +207,7 @@ impl PulledImages {
         Err(PullError::Servers {
             what: what.to_owned(),
             tried: self.servers.len(),
-            source: last.expect("at least one server"),
+            source: Box::new(last.expect("at least one server")),
         })
     }
 
@@ -220,16 +227,15 @@ impl PulledImages {
                 }
                 Ok(manifest)
             }
-            Err(err @ PullError::Servers {
-                source: ClientError::Unreachable { .. },
-                ..
-            }) => match self.kept_manifest(key) {
-                Some(manifest) => {
-                    tracing::warn!(error = %err, "using the manifest kept last time");
-                    Ok(manifest)
+            Err(err @ PullError::Servers { .. }) if err.is_unreachable() => {
+                match self.kept_manifest(key) {
+                    Some(manifest) => {
+                        tracing::warn!(error = %err, "using the manifest kept last time");
+                        Ok(manifest)
+                    }
+                    None => Err(err),
                 }
-                None => Err(err),
-            },
+            }
             Err(err) => Err(err),
         }
     }
@@ -297,7 +303,7 @@ impl PulledImages {
                     last = Some(PullError::Servers {
                         what: what.clone(),
                         tried: i + 1,
-                        source: err,
+                        source: Box::new(err),
                     });
                 }
                 Err(DownloadError::Short(err)) => {
@@ -387,9 +393,8 @@ impl PulledImages {
         if offset > 0 {
             tracing::info!(blob = %blob.sha256, from = offset, "resuming a download");
         }
-        let percent = |have: u64| -> u8 {
-            (have.saturating_mul(100) / blob.size.max(1)).min(100) as u8
-        };
+        let percent =
+            |have: u64| -> u8 { (have.saturating_mul(100) / blob.size.max(1)).min(100) as u8 };
         let mut reported = percent(have);
         progress(&format!("pulling {what}"), reported);
         let received = loop {
@@ -488,9 +493,11 @@ fn no_progress() -> ProgressFn {
 impl ImageSource for PulledImages {
     async fn guest_assets(&self) -> Result<GuestAssets, ImageSourceError> {
         let manifest: AssetsManifest = self
-            .manifest("assets", "the guest assets' manifest", |client| async move {
-                client.farm_assets().await
-            })
+            .manifest(
+                "assets",
+                "the guest assets' manifest",
+                |client| async move { client.farm_assets().await },
+            )
             .await?;
         let progress = no_progress();
         let vmlinux = self.pull(&manifest.vmlinux, "kernel", &progress).await?;
@@ -593,15 +600,23 @@ mod tests {
             PulledImages::new(dir.path().into(), vec!["not a url".into()], "t".into()),
             Err(PullError::BadServer(_))
         ));
-        let images =
-            PulledImages::new(dir.path().into(), vec!["http://127.0.0.1:9".into()], "t".into())
-                .unwrap();
+        let images = PulledImages::new(
+            dir.path().into(),
+            vec!["http://127.0.0.1:9".into()],
+            "t".into(),
+        )
+        .unwrap();
         let a = "a".repeat(64);
         let b = "b".repeat(64);
         std::fs::write(images.blob_path(&b), b"x").unwrap();
         std::fs::write(images.blob_path(&a), b"x").unwrap();
-        std::fs::write(dir.path().join("blobs").join(format!("{}.part", "c".repeat(64))), b"x")
-            .unwrap();
+        std::fs::write(
+            dir.path()
+                .join("blobs")
+                .join(format!("{}.part", "c".repeat(64))),
+            b"x",
+        )
+        .unwrap();
         assert_eq!(images.held(), vec![a, b]);
     }
 }

@@ -215,31 +215,28 @@ pub(super) async fn farm_blob(
             .await
             .map_err(ApiError::internal)?;
     }
-    let stream = futures::stream::unfold(
-        (file, end - first),
-        |(mut file, left)| async move {
-            use tokio::io::AsyncReadExt;
-            if left == 0 {
-                return None;
-            }
-            let want = usize::try_from(left).unwrap_or(CHUNK).min(CHUNK);
-            let mut buf = vec![0u8; want];
-            match file.read(&mut buf).await {
-                Ok(0) => Some((
-                    Err(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        "the blob's file ended early",
-                    )),
-                    (file, 0),
+    let stream = futures::stream::unfold((file, end - first), |(mut file, left)| async move {
+        use tokio::io::AsyncReadExt;
+        if left == 0 {
+            return None;
+        }
+        let want = usize::try_from(left).unwrap_or(CHUNK).min(CHUNK);
+        let mut buf = vec![0u8; want];
+        match file.read(&mut buf).await {
+            Ok(0) => Some((
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the blob's file ended early",
                 )),
-                Ok(n) => {
-                    buf.truncate(n);
-                    Some((Ok(axum::body::Bytes::from(buf)), (file, left - n as u64)))
-                }
-                Err(err) => Some((Err(err), (file, 0))),
+                (file, 0),
+            )),
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok(axum::body::Bytes::from(buf)), (file, left - n as u64)))
             }
-        },
-    );
+            Err(err) => Some((Err(err), (file, 0))),
+        }
+    });
     let mut response = Response::new(axum::body::Body::from_stream(stream));
     *response.status_mut() = status;
     let headers = response.headers_mut();

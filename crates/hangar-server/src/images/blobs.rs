@@ -90,10 +90,9 @@ impl BlobIndex {
                         path: path.clone(),
                         source,
                     })??;
-                self.lock().hashed.insert(
-                    path.clone(),
-                    (stamp.size, stamp.modified, sha256.clone()),
-                );
+                self.lock()
+                    .hashed
+                    .insert(path.clone(), (stamp.size, stamp.modified, sha256.clone()));
                 sha256
             }
         };
@@ -159,7 +158,9 @@ impl BlobIndex {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|poison| poison.into_inner())
+        self.inner
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
     }
 }
 

@@ -141,8 +141,11 @@ fn quiet() -> ProgressFn {
     Arc::new(|_: &str, _: u8| {})
 }
 
+/// Progress reports (stage, percent) as they came.
+type Reports = Arc<Mutex<Vec<(String, u8)>>>;
+
 /// Progress reports, collected.
-fn recorder() -> (ProgressFn, Arc<Mutex<Vec<(String, u8)>>>) {
+fn recorder() -> (ProgressFn, Reports) {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let sink = seen.clone();
     let progress: ProgressFn = Arc::new(move |stage: &str, percent: u8| {
@@ -193,7 +196,10 @@ async fn manifests_list_blobs_that_download_whole_or_from_an_offset_and_nothing_
     );
 
     // Whole (200), then resumed (206 from the offset asked for).
-    assert_eq!(receive(&client, &assets.vmlinux.sha256, 0).await, (0, vmlinux.clone()));
+    assert_eq!(
+        receive(&client, &assets.vmlinux.sha256, 0).await,
+        (0, vmlinux.clone())
+    );
     let (offset, rest) = receive(&client, &assets.vmlinux.sha256, 123_457).await;
     assert_eq!(offset, 123_457);
     assert_eq!(rest, vmlinux[123_457..]);
@@ -287,16 +293,28 @@ async fn a_host_pulls_assets_and_a_root_once_and_then_downloads_nothing() {
     let top = sha256(&std::fs::read(images.path("top.sqfs")).unwrap());
     let stage = format!("pulling layer {}", &top[..12]);
     assert!(seen.iter().any(|(s, p)| *s == stage && *p == 0), "{seen:?}");
-    assert!(seen.iter().any(|(s, p)| *s == stage && *p > 0 && *p < 100), "{seen:?}");
+    assert!(
+        seen.iter().any(|(s, p)| *s == stage && *p > 0 && *p < 100),
+        "{seen:?}"
+    );
     assert!(pulled.is_built(&service, "busybox"));
-    assert_eq!(pulled.chain(&service, "busybox"), vec!["bottom-layer", "top-layer"]);
+    assert_eq!(
+        pulled.chain(&service, "busybox"),
+        vec!["bottom-layer", "top-layer"]
+    );
 
     let mut held = pulled.held();
     held.sort();
-    let mut expected: Vec<String> = ["vmlinux", "initramfs.cpio", "upper.qcow2", "top.sqfs", "bottom.sqfs"]
-        .iter()
-        .map(|name| sha256(&std::fs::read(images.path(name)).unwrap()))
-        .collect();
+    let mut expected: Vec<String> = [
+        "vmlinux",
+        "initramfs.cpio",
+        "upper.qcow2",
+        "top.sqfs",
+        "bottom.sqfs",
+    ]
+    .iter()
+    .map(|name| sha256(&std::fs::read(images.path(name)).unwrap()))
+    .collect();
     expected.sort();
     assert_eq!(held, expected);
     for hash in &held {
@@ -315,9 +333,12 @@ async fn a_host_pulls_assets_and_a_root_once_and_then_downloads_nothing() {
     }
 
     // With no server answering, a host still has what it pulled.
-    let offline =
-        PulledImages::new(cache.path().into(), vec!["http://127.0.0.1:1".into()], TOKEN.into())
-            .unwrap();
+    let offline = PulledImages::new(
+        cache.path().into(),
+        vec!["http://127.0.0.1:1".into()],
+        TOKEN.into(),
+    )
+    .unwrap();
     assert_eq!(
         offline
             .root_image(&service, "busybox", Arc::new(|_: &str, _: u8| {}))
@@ -358,7 +379,10 @@ async fn a_cut_download_resumes_from_its_part_and_a_corrupt_one_is_refused() {
     assert_eq!(std::fs::read(&path).unwrap(), bytes);
     assert!(!part.exists());
     let first = seen.lock().unwrap()[0].clone();
-    assert_eq!(first, (format!("pulling kernel {}", &blob.sha256[..12]), 50));
+    assert_eq!(
+        first,
+        (format!("pulling kernel {}", &blob.sha256[..12]), 50)
+    );
     assert_eq!(manager.image_runtime.blobs.sent(&blob.sha256), 1);
 
     // A part whose bytes are wrong: the whole is refused, deleted, and pulled again next time.
@@ -372,13 +396,13 @@ async fn a_cut_download_resumes_from_its_part_and_a_corrupt_one_is_refused() {
         .pull(&other, "initramfs", &quiet())
         .await
         .unwrap_err();
-    assert!(matches!(err, PullError::Corrupt { ref want, .. } if *want == other.sha256), "{err}");
+    assert!(
+        matches!(err, PullError::Corrupt { ref want, .. } if *want == other.sha256),
+        "{err}"
+    );
     assert!(!part.exists());
     assert!(!pulled.blob_path(&other.sha256).exists());
-    let path = pulled
-        .pull(&other, "initramfs", &quiet())
-        .await
-        .unwrap();
+    let path = pulled.pull(&other, "initramfs", &quiet()).await.unwrap();
     assert_eq!(
         std::fs::read(path).unwrap(),
         std::fs::read(images.path("initramfs.cpio")).unwrap()
