@@ -357,6 +357,9 @@ pub async fn run(
             let mut tick = tokio::time::interval(MONITOR_INTERVAL);
             loop {
                 tick.tick().await;
+                if !manager.farm.leading() {
+                    continue;
+                }
                 manager.monitor_once().await;
                 manager.poll_endpoint_activity().await;
             }

@@ -92,9 +92,15 @@ async fn openapi() -> Json<&'static utoipa::openapi::OpenApi> {
 }
 
 #[utoipa::path(get, path = "/healthz", responses((status = 200, body = Health)))]
-async fn healthz() -> Json<Health> {
+async fn healthz(State(manager): State<Arc<Manager>>) -> Json<Health> {
     Json(Health {
         status: "ok".into(),
+        role: if manager.farm.leading() {
+            "leader"
+        } else {
+            "standby"
+        }
+        .into(),
     })
 }
 

@@ -191,9 +191,11 @@ impl Scheduler {
         let needs = VmNeeds {
             vcpus: plan.vcpus,
             memory_mib: u64::from(plan.memory_mib),
+            // Requests and pool fills go to the least loaded host: a pool is spread over
+            // the farm, so that losing a host loses a part of it. Templates pack.
             priority: match plan.purpose {
-                Purpose::Request => VmPriority::High,
-                Purpose::Pool | Purpose::Template => VmPriority::Low,
+                Purpose::Request | Purpose::Pool => VmPriority::High,
+                Purpose::Template => VmPriority::Low,
             },
             isolation: None,
         };
