@@ -37,15 +37,17 @@ impl Manager {
         {
             Ok(held) => held,
             Err(err) => {
-                let safe = last_held
-                    .is_some_and(|at| at.elapsed() + RENEW_EVERY < LEASE_TTL);
+                let safe = last_held.is_some_and(|at| at.elapsed() + RENEW_EVERY < LEASE_TTL);
                 tracing::warn!(error = %error_chain(&err), still_leading = safe, "cannot renew the leader lease");
                 safe
             }
         };
         if self.farm.set_leading(leading) {
             if leading {
-                tracing::info!(replica, "this server leads: it runs pools, lifecycle, images and host watch");
+                tracing::info!(
+                    replica,
+                    "this server leads: it runs pools, lifecycle, images and host watch"
+                );
             } else {
                 tracing::warn!(replica, "this server no longer leads; another replica does");
             }
@@ -89,9 +91,46 @@ impl Manager {
         {
             Ok(0) => {}
             Ok(n) => tracing::info!(tasks = n, "marked the old leader's tasks failed"),
-            Err(err) => tracing::warn!(error = %error_chain(&err), "cannot fail the old leader's tasks"),
+            Err(err) => {
+                tracing::warn!(error = %error_chain(&err), "cannot fail the old leader's tasks")
+            }
         }
         self.refresh_farm().await;
         self.pools.refill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::{WEB, manager_on};
+    use hangar_vmm::fake::FakeBackend;
+
+    #[tokio::test]
+    async fn one_of_two_servers_on_a_store_leads_and_the_other_takes_over_when_it_is_free() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shared.db");
+        let open = || async {
+            hangar_store::open(path.to_str().unwrap())
+                .await
+                .expect("store")
+        };
+        let first = manager_on(open().await, FakeBackend::new(), WEB, Default::default());
+        let second = manager_on(open().await, FakeBackend::new(), WEB, Default::default());
+        assert!(first.try_lead("one", None).await);
+        assert!(!second.try_lead("two", None).await);
+        assert!(first.farm.leading() && !second.farm.leading());
+        assert!(first.try_lead("one", Some(Instant::now())).await, "renewed");
+        first
+            .store
+            .release_lease(LEADER_LEASE, "one")
+            .await
+            .unwrap();
+        assert!(second.try_lead("two", None).await, "free: taken");
+        assert!(
+            !first.try_lead("one", None).await,
+            "and refused to the other"
+        );
+        assert!(!first.farm.leading());
     }
 }
