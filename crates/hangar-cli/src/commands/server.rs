@@ -65,6 +65,21 @@ pub struct ServerArgs {
     /// directory].
     #[arg(long, value_name = "PATH", env = "HANGAR_FARM_TOKEN_FILE")]
     farm_token_file: Option<PathBuf>,
+    /// Run no VMs on this machine: a control plane for farm hosts (`hangar agent`) only.
+    #[arg(long, env = "HANGAR_NO_LOCAL_HOST")]
+    no_local_host: bool,
+    /// Farm hosts without a heartbeat for this long are `down` (nothing new goes there).
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration, env = "HANGAR_HOST_DOWN_AFTER")]
+    host_down_after: std::time::Duration,
+    /// Farm hosts without a heartbeat for this long are `lost`: their VMs are marked lost,
+    /// shared services in use are made again elsewhere, and the host destroys the replaced
+    /// VMs when it comes back.
+    #[arg(long, default_value = "6s", value_parser = humantime::parse_duration, env = "HANGAR_HOST_LOST_AFTER")]
+    host_lost_after: std::time::Duration,
+    /// Answer with the VMs' own port forwards on their hosts instead of stable endpoints
+    /// held on this machine (needed when several servers share one store).
+    #[arg(long, env = "HANGAR_DIRECT_ENDPOINTS")]
+    direct_endpoints: bool,
 }
 
 #[derive(clap::Args)]
@@ -114,6 +129,12 @@ pub async fn run(args: ServerArgs) -> ExitCode {
         image_budget_mib: args.image_budget,
         store: args.store,
         farm_token_file: args.farm_token_file,
+        local_host: !args.no_local_host,
+        host_loss: hangar_server::farm::LossTimes {
+            down_after: args.host_down_after,
+            lost_after: args.host_lost_after.max(args.host_down_after),
+        },
+        stable_endpoints: !args.direct_endpoints,
     };
     match hangar_server::run(config, shutdown_signal()).await {
         Ok(()) => {

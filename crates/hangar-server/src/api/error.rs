@@ -81,6 +81,21 @@ impl From<hangar_store::StoreError> for ApiError {
     }
 }
 
+impl From<crate::farm::FarmError> for ApiError {
+    fn from(err: crate::farm::FarmError) -> ApiError {
+        use crate::farm::FarmError;
+        match err {
+            FarmError::Invalid(message) => ApiError::BadRequest(message),
+            FarmError::NameTaken(_) => ApiError::Conflict(err.to_string()),
+            FarmError::NotRegistered(_) => ApiError::NotFound {
+                message: err.to_string(),
+                alternatives: Vec::new(),
+            },
+            FarmError::Store(err) => err.into(),
+        }
+    }
+}
+
 impl From<crate::lifecycle::ops::LifecycleError> for ApiError {
     fn from(err: crate::lifecycle::ops::LifecycleError) -> ApiError {
         use crate::lifecycle::ops::LifecycleError;

@@ -87,7 +87,10 @@ mod tests {
         std::fs::write(&path, "0123456789abcdef0123\n").unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         let err = load_or_create(&path).unwrap_err();
-        assert!(matches!(err, TokenError::Exposed { mode: 0o644, .. }), "{err}");
+        assert!(
+            matches!(err, TokenError::Exposed { mode: 0o644, .. }),
+            "{err}"
+        );
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert_eq!(load_or_create(&path).unwrap(), "0123456789abcdef0123");
     }
