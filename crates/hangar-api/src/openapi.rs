@@ -11,12 +11,20 @@ use crate::*;
     components(schemas(
         ArchiveBody,
         ArchiveView,
+        AssetsManifest,
+        Blob,
         BudgetView,
         BuildView,
         ErrorBody,
         ErrorDetail,
         GrantView,
         Health,
+        Heartbeat,
+        HeartbeatReply,
+        HostFactsView,
+        HostRegistration,
+        HostView,
+        HostVmView,
         ImageBody,
         ImageView,
         ImagesView,
@@ -28,6 +36,8 @@ use crate::*;
         PoolBoundsBody,
         PoolView,
         PortView,
+        RootBody,
+        RootManifest,
         Served,
         ServiceView,
         SettingView,
@@ -42,6 +52,21 @@ use crate::*;
         hangar_core::ServiceRequest,
         hangar_core::TierChoice,
         hangar_core::VmState,
-    ))
+    )),
+    modifiers(&FarmToken)
 )]
 pub struct ApiDoc;
+
+/// Declares `farm_token`, the bearer token farm hosts send (routes name it in `security`).
+struct FarmToken;
+
+impl utoipa::Modify for FarmToken {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "farm_token",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+    }
+}

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod export;
+pub mod hosts;
 pub mod images;
 pub mod policies;
 pub mod pools;

@@ -20,6 +20,9 @@ use utoipa_axum::routes;
 
 pub mod commands;
 pub mod error;
+pub mod farm;
+pub mod farm_auth;
+pub mod farm_images;
 pub mod json_errors;
 
 use commands::{Command, Reply, RequestHandler};
@@ -54,6 +57,12 @@ fn routes() -> OpenApiRouter<Arc<Manager>> {
         .routes(routes!(get_task))
         .routes(routes!(list_images, build_image))
         .routes(routes!(export_image))
+        .routes(routes!(farm::list_hosts, farm::register_host))
+        .routes(routes!(farm::host_heartbeat))
+        .routes(routes!(farm_images::farm_assets))
+        .routes(routes!(farm_images::farm_root))
+        .routes(routes!(farm_images::farm_os))
+        .routes(routes!(farm_images::farm_blob))
 }
 
 /// The OpenAPI document of every route the router serves.
@@ -88,9 +97,15 @@ async fn openapi() -> Json<&'static utoipa::openapi::OpenApi> {
 }
 
 #[utoipa::path(get, path = "/healthz", responses((status = 200, body = Health)))]
-async fn healthz() -> Json<Health> {
+async fn healthz(State(manager): State<Arc<Manager>>) -> Json<Health> {
     Json(Health {
         status: "ok".into(),
+        role: if manager.farm.leading() {
+            "leader"
+        } else {
+            "standby"
+        }
+        .into(),
     })
 }
 
@@ -293,16 +308,18 @@ fn vm_view(vm: VmRecord) -> VmView {
 }
 
 /// A VM as listed, with its archive when it has one.
-fn view(manager: &Manager, vm: VmRecord) -> VmView {
-    let archive = (vm.state == VmState::Archived)
-        .then(|| manager.archive_info(&vm.id))
-        .flatten()
-        .map(|info| ArchiveView {
-            tier: info.tier.to_string(),
-            size_bytes: info.size_bytes,
-            memory_mib: info.memory_mib,
-            took_ms: info.took_ms,
-        });
+async fn view(manager: &Manager, vm: VmRecord) -> VmView {
+    let archive = if vm.state == VmState::Archived {
+        manager.archive_info(&vm.id).await
+    } else {
+        None
+    };
+    let archive = archive.map(|info| ArchiveView {
+        tier: info.tier.to_string(),
+        size_bytes: info.size_bytes,
+        memory_mib: info.memory_mib,
+        took_ms: info.took_ms,
+    });
     VmView {
         archive,
         ..vm_view(vm)
@@ -324,7 +341,13 @@ async fn list_vms(
     Query(query): Query<VmQuery>,
 ) -> Result<Json<Vec<VmView>>, ApiError> {
     match manager.handle(Command::ListVms { all: query.all }).await? {
-        Reply::Vms(vms) => Ok(Json(vms.into_iter().map(|vm| view(&manager, vm)).collect())),
+        Reply::Vms(vms) => {
+            let mut views = Vec::with_capacity(vms.len());
+            for vm in vms {
+                views.push(view(&manager, vm).await);
+            }
+            Ok(Json(views))
+        }
         other => Err(other.unexpected()),
     }
 }
@@ -340,7 +363,7 @@ async fn get_vm(
     Path(id): Path<String>,
 ) -> Result<Json<VmView>, ApiError> {
     match manager.handle(Command::GetVm(id)).await? {
-        Reply::Vm(vm) => Ok(Json(view(&manager, vm))),
+        Reply::Vm(vm) => Ok(Json(view(&manager, vm).await)),
         other => Err(other.unexpected()),
     }
 }
@@ -384,7 +407,7 @@ async fn sleep_vm(
     Path(id): Path<String>,
 ) -> Result<Json<VmView>, ApiError> {
     match manager.handle(Command::SleepVm(id)).await? {
-        Reply::Vm(vm) => Ok(Json(view(&manager, vm))),
+        Reply::Vm(vm) => Ok(Json(view(&manager, vm).await)),
         other => Err(other.unexpected()),
     }
 }
@@ -415,7 +438,7 @@ async fn archive_vm(
     };
     let tier = crate::lifecycle::policy::archive_tier(body.tier).0;
     match manager.handle(Command::ArchiveVm { id, tier }).await? {
-        Reply::Vm(vm) => Ok(Json(view(&manager, vm))),
+        Reply::Vm(vm) => Ok(Json(view(&manager, vm).await)),
         other => Err(other.unexpected()),
     }
 }
@@ -442,7 +465,7 @@ async fn wake_vm(
         other => return Err(other.unexpected()),
     };
     let timing = stages.header(started.elapsed());
-    Ok(([("server-timing", timing)], Json(view(&manager, vm))))
+    Ok(([("server-timing", timing)], Json(view(&manager, vm).await)))
 }
 
 #[utoipa::path(

@@ -293,7 +293,7 @@ impl Manager {
             .into_iter()
             .map(|vm| VmFacts {
                 archive_bytes: (vm.state == VmState::Archived)
-                    .then(|| self.host.archive_facts(&vm.id))
+                    .then(|| self.host_of(&vm).archive_facts(&vm.id))
                     .flatten()
                     .map(|info| info.size_bytes),
                 id: vm.id,
@@ -416,7 +416,9 @@ impl Manager {
         let manager = self.clone();
         tokio::spawn(async move {
             loop {
-                if let Err(err) = manager.reconcile_lifecycle().await {
+                if manager.farm.leading()
+                    && let Err(err) = manager.reconcile_lifecycle().await
+                {
                     tracing::warn!(error = %err, "lifecycle round failed");
                 }
                 tokio::select! {
