@@ -32,12 +32,18 @@ use tokio::io::AsyncWriteExt;
 
 use super::{ImageSource, ImageSourceError, ProgressFn, RootImage};
 
+/// How long a server may take to accept a connection before the next one is tried.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Why an image could not be pulled.
 #[derive(Debug, thiserror::Error)]
 pub enum PullError {
     /// [`PulledImages::new`] was given no server.
     #[error("no image server is configured")]
     NoServers,
+    /// The HTTP client could not be made (TLS backend, resolver).
+    #[error("cannot make the HTTP client")]
+    Http(#[source] reqwest::Error),
     /// A server URL is not `http://HOST:PORT`.
     #[error(transparent)]
     BadServer(#[from] hangar_api::BadUrl),
@@ -137,9 +143,17 @@ impl PulledImages {
         if servers.is_empty() {
             return Err(PullError::NoServers);
         }
+        // A server that does not accept the connection soon is skipped for the next; no
+        // read timeout: a root's manifest waits for its build, which can take minutes.
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .build()
+            .map_err(PullError::Http)?;
         let servers = servers
             .iter()
-            .map(|base| Client::new(base).map(|client| client.with_token(&token)))
+            .map(|base| {
+                Client::with_http(base, http.clone()).map(|client| client.with_token(&token))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let blobs_dir = cache_dir.join("blobs");
         let manifests_dir = cache_dir.join("manifests");
