@@ -11,6 +11,8 @@ use crate::*;
     components(schemas(
         ArchiveBody,
         ArchiveView,
+        AssetsManifest,
+        Blob,
         BudgetView,
         BuildView,
         ErrorBody,
@@ -36,6 +38,8 @@ use crate::*;
         PoolBoundsBody,
         PoolView,
         PortView,
+        RootBody,
+        RootManifest,
         Served,
         ServiceView,
         SettingView,

@@ -335,17 +335,26 @@ pub async fn run(
         manager.use_stable_endpoints(endpoints::StableEndpoints::new(kind, &server_url));
     }
 
-    let report = manager
-        .reconcile()
-        .await
-        .map_err(|err| ServerError::Reconcile(err.to_string()))?;
-    tracing::info!(
-        adopted = report.adopted.len(),
-        failed = report.failed.len(),
-        stopped_unknown = report.stopped_unknown.len(),
-        removed_dirs = report.removed_dirs.len(),
-        "reconciled state with running vms"
-    );
+    // One replica of the control plane leads (runs the loops); a single server always
+    // does. A replica that starts while another leads reconciles nothing: the leader's
+    // tasks and VMs are in flight.
+    let replica = ulid::Ulid::new().to_string();
+    if manager.try_lead(&replica, None).await {
+        let report = manager
+            .reconcile()
+            .await
+            .map_err(|err| ServerError::Reconcile(err.to_string()))?;
+        tracing::info!(
+            adopted = report.adopted.len(),
+            failed = report.failed.len(),
+            stopped_unknown = report.stopped_unknown.len(),
+            removed_dirs = report.removed_dirs.len(),
+            "reconciled state with running vms"
+        );
+    } else {
+        tracing::info!(%replica, "another server leads on this store: this one serves the API as a standby");
+    }
+    let leader_loop = manager.spawn_leader_loop(replica.clone());
     manager
         .sync_endpoints()
         .await
@@ -357,6 +366,9 @@ pub async fn run(
             let mut tick = tokio::time::interval(MONITOR_INTERVAL);
             loop {
                 tick.tick().await;
+                if !manager.farm.leading() {
+                    continue;
+                }
                 manager.monitor_once().await;
                 manager.poll_endpoint_activity().await;
             }
@@ -369,10 +381,20 @@ pub async fn run(
     let image_loop = manager.spawn_image_loop();
 
     tracing::info!(%addr, data_dir = %data_dir.display(), "hangar server listening");
+    let manager_for_shutdown = manager.clone();
     let served = axum::serve(listener, api::router(manager))
         .with_graceful_shutdown(shutdown)
         .await;
     monitor.abort();
+    leader_loop.abort();
+    if manager_for_shutdown.farm.leading()
+        && let Err(err) = manager_for_shutdown
+            .store()
+            .release_lease(farm::leader::LEADER_LEASE, &replica)
+            .await
+    {
+        tracing::warn!(error = %error::error_chain(&err), "cannot hand the lead back");
+    }
     farm_loop.abort();
     pool_loop.abort();
     lifecycle_loop.abort();

@@ -22,6 +22,7 @@ pub mod commands;
 pub mod error;
 pub mod farm;
 pub mod farm_auth;
+pub mod farm_images;
 pub mod json_errors;
 pub mod placements;
 
@@ -60,6 +61,10 @@ fn routes() -> OpenApiRouter<Arc<Manager>> {
         .routes(routes!(farm::list_hosts, farm::register_host))
         .routes(routes!(farm::host_heartbeat))
         .routes(routes!(placements::preview_placement))
+        .routes(routes!(farm_images::farm_assets))
+        .routes(routes!(farm_images::farm_root))
+        .routes(routes!(farm_images::farm_os))
+        .routes(routes!(farm_images::farm_blob))
 }
 
 /// The OpenAPI document of every route the router serves.
@@ -94,9 +99,15 @@ async fn openapi() -> Json<&'static utoipa::openapi::OpenApi> {
 }
 
 #[utoipa::path(get, path = "/healthz", responses((status = 200, body = Health)))]
-async fn healthz() -> Json<Health> {
+async fn healthz(State(manager): State<Arc<Manager>>) -> Json<Health> {
     Json(Health {
         status: "ok".into(),
+        role: if manager.farm.leading() {
+            "leader"
+        } else {
+            "standby"
+        }
+        .into(),
     })
 }
 
@@ -180,6 +191,7 @@ impl From<Grant> for GrantView {
                 .map(|(vcpus, memory_mib)| SliceView { vcpus, memory_mib }),
             task: grant.task,
             boot_ms: grant.vm.boot_ms,
+            placement: None,
         }
     }
 }

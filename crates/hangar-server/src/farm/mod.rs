@@ -21,6 +21,7 @@ use hangar_api::{HostFactsView, HostVmView};
 use serde::{Deserialize, Serialize};
 
 pub mod agents;
+pub mod leader;
 pub mod loss;
 pub mod token;
 pub mod unknown;

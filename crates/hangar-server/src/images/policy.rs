@@ -35,6 +35,8 @@ pub struct ImageRuntime {
     building: Mutex<HashMap<String, String>>,
     /// Serialises eviction with itself.
     evicting: tokio::sync::Mutex<()>,
+    /// Files listed to farm hosts, by sha256.
+    pub(crate) blobs: super::blobs::BlobIndex,
 }
 
 pub use hangar_api::ImagesView;
@@ -375,6 +377,9 @@ impl Manager {
             let mut tick = tokio::time::interval(IMAGE_LOOP_INTERVAL);
             loop {
                 tick.tick().await;
+                if !manager.farm.leading() {
+                    continue;
+                }
                 manager.promote_images().await;
                 manager.evict_images().await;
             }

@@ -416,7 +416,9 @@ impl Manager {
         let manager = self.clone();
         tokio::spawn(async move {
             loop {
-                if let Err(err) = manager.reconcile_lifecycle().await {
+                if manager.farm.leading()
+                    && let Err(err) = manager.reconcile_lifecycle().await
+                {
                     tracing::warn!(error = %err, "lifecycle round failed");
                 }
                 tokio::select! {

@@ -1,4 +1,5 @@
-//! The conformance suite, continued: leases (which of several replicas leads).
+//! The conformance suite, continued: leases (which of several replicas leads) and host
+//! states.
 
 use futures::future::join_all;
 
@@ -143,4 +144,49 @@ pub(super) async fn concurrent_acquires_have_one_winner(store: &dyn Store) {
             lease("leader", winners[0], now + 5000)
         );
     }
+}
+
+pub(super) async fn every_host_state_round_trips(store: &dyn Store) {
+    for (i, state) in [
+        HostState::Up,
+        HostState::Draining,
+        HostState::Down,
+        HostState::Lost,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let host = HostRecord {
+            name: format!("host-{i}"),
+            address: "10.0.0.2:7000".into(),
+            state,
+            facts: serde_json::json!({}),
+            last_heartbeat_ms: 5,
+        };
+        store.upsert_host(&host).await.unwrap();
+        assert_eq!(store.host(&host.name).await.unwrap().unwrap(), host);
+    }
+    let facts = serde_json::json!({"vcpus": 2});
+    store
+        .heartbeat("host-0", HostState::Lost, &facts, 9)
+        .await
+        .unwrap();
+    let lost = store.host("host-0").await.unwrap().unwrap();
+    assert_eq!((lost.state, lost.last_heartbeat_ms), (HostState::Lost, 9));
+    let states: Vec<HostState> = store
+        .hosts()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|h| h.state)
+        .collect();
+    assert_eq!(
+        states,
+        [
+            HostState::Lost,
+            HostState::Draining,
+            HostState::Down,
+            HostState::Lost
+        ]
+    );
 }

@@ -463,4 +463,5 @@ conformance!(
     a_lease_is_taken_renewed_refused_and_taken_over,
     a_lease_is_released_only_by_its_holder,
     concurrent_acquires_have_one_winner,
+    every_host_state_round_trips,
 );
