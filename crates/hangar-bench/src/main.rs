@@ -4,7 +4,8 @@
 //! Each benchmark starts its own `hangar server` (found by [`hangar::hangar_exe`]) in a
 //! temporary data dir and measures through its public API: [`full`] is the performance
 //! table side by side with libvirt, [`pool`], [`endpoints`] and [`lifecycle`] the narrower
-//! ones. [`placement`] needs no server: it times the pure placement decision.
+//! ones; [`farm`] measures the farm's control plane on PostgreSQL. [`placement`] needs no
+//! server: it times the pure placement decision.
 
 use std::process::ExitCode;
 
@@ -13,6 +14,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 mod chart;
 mod client;
 mod endpoints;
+mod farm;
 mod full;
 mod hangar;
 mod libvirt;
@@ -47,6 +49,9 @@ enum BenchCommand {
     Lifecycle(lifecycle::LifecycleBench),
     /// Placement decisions per second over simulated hosts (pure, no server).
     Placement(placement::PlacementBench),
+    /// The farm's control plane on PostgreSQL: placements/s through the API, heartbeat
+    /// CPU cost, pure placement over 1,000 hosts.
+    Farm(farm::FarmBench),
 }
 
 /// Parses the command line; run by `hangar bench` (which sets `HANGAR_BIN`), usage and
@@ -69,6 +74,7 @@ async fn main() -> ExitCode {
         Some(BenchCommand::Endpoints(args)) => endpoints::run(args).await,
         Some(BenchCommand::Lifecycle(args)) => lifecycle::run(args).await,
         Some(BenchCommand::Placement(args)) => placement::bench(args).await,
+        Some(BenchCommand::Farm(args)) => farm::run(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -92,6 +98,8 @@ mod tests {
         assert!(matches!(cli.command, Some(BenchCommand::Pool(_))));
         let cli = Cli::parse_from(["hangar-bench", "placement", "--hosts", "50", "--json"]);
         assert!(matches!(cli.command, Some(BenchCommand::Placement(_))));
+        let cli = Cli::parse_from(["hangar-bench", "farm", "--clients", "4", "--json"]);
+        assert!(matches!(cli.command, Some(BenchCommand::Farm(_))));
         assert!(Cli::try_parse_from(["hangar-bench", "--quick", "pool"]).is_err());
     }
 }

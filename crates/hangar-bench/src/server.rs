@@ -92,6 +92,12 @@ impl BenchServer {
     /// Starts `hangar server` (see [`crate::hangar::hangar_exe`]) on a free port in a temporary data dir
     /// whose `cache` links to the shared cache, and waits until it answers.
     pub fn start(options: &ServerOptions) -> Result<BenchServer, String> {
+        BenchServer::start_with(options, &[])
+    }
+
+    /// [`BenchServer::start`] with more arguments for `hangar server` (e.g. `--store URL`,
+    /// `--no-local-host`).
+    pub fn start_with(options: &ServerOptions, extra: &[&str]) -> Result<BenchServer, String> {
         // Short paths: unix socket addresses hold at most 107 bytes.
         let data_dir = tempfile::Builder::new()
             .prefix("hgbench")
@@ -128,6 +134,7 @@ impl BenchServer {
         if !options.templates {
             command.arg("--no-templates");
         }
+        command.args(extra);
         let child = command
             .spawn()
             .map_err(|err| format!("cannot start the server: {err}"))?;
@@ -154,6 +161,11 @@ impl BenchServer {
             std::thread::sleep(Duration::from_millis(100));
         }
         Ok(server)
+    }
+
+    /// The server process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn data_dir(&self) -> &Path {
