@@ -27,7 +27,7 @@ pub use error::{BackendSource, Conflict, Entity, StoreError};
 pub use lease::LeaseRecord;
 pub use postgres::PgStore;
 pub use records::{
-    ArchiveRecord, HostRecord, HostState, StepOutcome, TaskRecord, TaskState, TaskStep,
+    ArchiveRecord, HostRecord, HostState, HostUse, StepOutcome, TaskRecord, TaskState, TaskStep,
     TemplateRecord, VmRecord,
 };
 pub use sqlite::SqliteStore;
@@ -51,6 +51,19 @@ pub async fn open(location: &str) -> Result<std::sync::Arc<dyn Store>, StoreErro
             std::path::Path::new(location),
         )?))
     }
+}
+
+/// `states` as an SQL list of literals (`'a', 'b'`), or `NULL` (matching nothing) when
+/// empty. The names are the store's own constants, never input.
+pub(crate) fn state_list(states: &[hangar_core::VmState]) -> String {
+    if states.is_empty() {
+        return "NULL".into();
+    }
+    states
+        .iter()
+        .map(|state| format!("'{}'", state.as_str()))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Whether `location` is a PostgreSQL URL (rather than a SQLite path).
@@ -79,6 +92,11 @@ pub trait Store: Send + Sync {
     /// The VMs (deleted ones left out) recorded on host `host`, in creation order: what a
     /// host's heartbeat is checked against, without reading the whole farm's VMs.
     async fn vms_on_host(&self, host: &str) -> Result<Vec<VmRecord>, StoreError>;
+
+    /// Per host, the count, vCPUs and memory of its VMs in one of `states`, summed by the
+    /// store (no VM is read out): what placement weighs, at a cost that does not grow with
+    /// the VMs' records. Hosts without such VMs are left out; ordered by host.
+    async fn vm_use_by_host(&self, states: &[VmState]) -> Result<Vec<HostUse>, StoreError>;
 
     /// Active VMs offering `service` to shared requests with exactly this environment,
     /// in creation order.

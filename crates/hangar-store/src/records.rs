@@ -170,6 +170,33 @@ impl HostState {
     }
 }
 
+/// What the VMs recorded on one host take of it, summed ([`crate::Store::vm_use_by_host`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostUse {
+    pub host: String,
+    pub vms: u32,
+    pub vcpus: u64,
+    pub memory_mib: u64,
+}
+
+impl HostUse {
+    /// From the store's sums (count, vCPUs, memory), which are never negative.
+    pub(crate) fn from_sums(
+        host: String,
+        [vms, vcpus, memory_mib]: [i64; 3],
+    ) -> Result<HostUse, crate::StoreError> {
+        let number = |value: i64| {
+            u64::try_from(value).map_err(|_| crate::StoreError::corrupt(&value.to_string()))
+        };
+        Ok(HostUse {
+            host,
+            vms: u32::try_from(number(vms)?).unwrap_or(u32::MAX),
+            vcpus: number(vcpus)?,
+            memory_mib: number(memory_mib)?,
+        })
+    }
+}
+
 /// A machine VMs run on.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HostRecord {

@@ -13,7 +13,7 @@ use std::sync::{Arc, RwLock};
 use hangar_core::VmState;
 use hangar_core::placement::{self, NoHost, VmNeeds, VmPriority};
 use hangar_host::{Host, HostError, Purpose, VmPlan};
-use hangar_store::{HostRecord, HostState, VmRecord};
+use hangar_store::{HostRecord, HostState, HostUse, VmRecord};
 
 pub mod preview;
 
@@ -149,6 +149,28 @@ impl Scheduler {
         vms: &[VmRecord],
         plan: &VmPlan,
     ) -> Result<(Arc<dyn Host>, String), PlacementError> {
+        let mut used: BTreeMap<&str, HostUse> = BTreeMap::new();
+        for vm in vms.iter().filter(|vm| uses_its_host(vm.state)) {
+            let entry = used.entry(vm.host.as_str()).or_insert_with(|| HostUse {
+                host: vm.host.clone(),
+                ..HostUse::default()
+            });
+            entry.vms = entry.vms.saturating_add(1);
+            entry.vcpus = entry.vcpus.saturating_add(u64::from(vm.vcpus));
+            entry.memory_mib = entry.memory_mib.saturating_add(u64::from(vm.memory_mib));
+        }
+        let used: Vec<HostUse> = used.into_values().collect();
+        self.place_with_use(&used, plan).await
+    }
+
+    /// [`Scheduler::place`] given what the VMs that take room ([`USES_ITS_HOST`]) take of
+    /// each host, summed ([`hangar_store::Store::vm_use_by_host`]): no VM record is read,
+    /// so a placement costs the same however many VMs the farm runs.
+    pub async fn place_with_use(
+        &self,
+        used: &[HostUse],
+        plan: &VmPlan,
+    ) -> Result<(Arc<dyn Host>, String), PlacementError> {
         let mut hosts: Vec<Arc<dyn Host>> = Vec::new();
         let mut facts = Vec::new();
         if let Some(local) = &self.local {
@@ -185,16 +207,24 @@ impl Scheduler {
             hosts.push(farm_host.host.clone());
             facts.push(entry);
         }
-        for vm in vms.iter().filter(|vm| uses_its_host(vm.state)) {
-            if let Some(entry) = facts.iter_mut().find(|entry| entry.name == vm.host) {
-                entry.place(&VmNeeds {
-                    vcpus: vm.vcpus,
-                    memory_mib: u64::from(vm.memory_mib),
-                    priority: VmPriority::Normal,
-                    isolation: None,
-                    on: Default::default(),
-                });
+        let by_name: std::collections::HashMap<&str, usize> = facts
+            .iter()
+            .enumerate()
+            .map(|(i, entry)| (entry.name.as_str(), i))
+            .collect();
+        let mut adds: Vec<(usize, &HostUse)> = Vec::with_capacity(used.len());
+        for host_use in used {
+            if let Some(&i) = by_name.get(host_use.host.as_str()) {
+                adds.push((i, host_use));
             }
+        }
+        drop(by_name);
+        for (i, host_use) in adds {
+            let entry = &mut facts[i];
+            entry.used_vcpus = entry
+                .used_vcpus
+                .saturating_add(u32::try_from(host_use.vcpus).unwrap_or(u32::MAX));
+            entry.used_memory_mib = entry.used_memory_mib.saturating_add(host_use.memory_mib);
         }
         let needs = VmNeeds {
             vcpus: plan.vcpus,
@@ -216,12 +246,18 @@ impl Scheduler {
     }
 }
 
+/// The states in which a VM takes room on its host.
+pub const USES_ITS_HOST: [VmState; 5] = [
+    VmState::Creating,
+    VmState::Booting,
+    VmState::Ready,
+    VmState::Active,
+    VmState::Sleeping,
+];
+
 /// Whether a VM in this state takes room on its host.
 fn uses_its_host(state: VmState) -> bool {
-    matches!(
-        state,
-        VmState::Creating | VmState::Booting | VmState::Ready | VmState::Active | VmState::Sleeping
-    )
+    USES_ITS_HOST.contains(&state)
 }
 
 /// Whether `templates` (ids `<service>-<key>`) hold one of the plan's service.
@@ -267,8 +303,12 @@ impl Manager {
         &self,
         plan: &VmPlan,
     ) -> Result<(Arc<dyn Host>, String), PlacementError> {
-        let vms = self.store.vms(false).await.map_err(PlacementError::Store)?;
-        self.scheduler.place(&vms, plan).await
+        let used = self
+            .store
+            .vm_use_by_host(&USES_ITS_HOST)
+            .await
+            .map_err(PlacementError::Store)?;
+        self.scheduler.place_with_use(&used, plan).await
     }
 }
 

@@ -349,6 +349,51 @@ async fn launch_offer_boot_and_owner_are_recorded(store: &dyn Store) {
     assert!(is_not_found(store.set_owner("vm-x", "bob").await));
 }
 
+async fn vm_use_is_summed_per_host_over_the_states_asked(store: &dyn Store) {
+    let live = [VmState::Booting, VmState::Active, VmState::Sleeping];
+    assert!(store.vm_use_by_host(&live).await.unwrap().is_empty());
+    for (id, host, state, vcpus, memory_mib) in [
+        ("vm-1", "a", VmState::Active, 1, 128),
+        ("vm-2", "a", VmState::Sleeping, 2, 512),
+        ("vm-3", "b", VmState::Active, 4, 1024),
+        ("vm-4", "b", VmState::Failed, 8, 4096),
+        ("vm-5", "c", VmState::Archived, 1, 128),
+    ] {
+        store
+            .insert_vm(&VmRecord {
+                host: host.into(),
+                vcpus,
+                memory_mib,
+                ..vm(id, "web", Mode::Shared, state)
+            })
+            .await
+            .unwrap();
+    }
+    let use_of = |host: &str, vms, vcpus, memory_mib| HostUse {
+        host: host.into(),
+        vms,
+        vcpus,
+        memory_mib,
+    };
+    assert_eq!(
+        store.vm_use_by_host(&live).await.unwrap(),
+        [use_of("a", 2, 3, 640), use_of("b", 1, 4, 1024)]
+    );
+    assert_eq!(
+        store.vm_use_by_host(&[VmState::Failed]).await.unwrap(),
+        [use_of("b", 1, 8, 4096)]
+    );
+    assert!(store.vm_use_by_host(&[]).await.unwrap().is_empty());
+    store
+        .transition("vm-1", VmState::Deleted, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.vm_use_by_host(&live).await.unwrap(),
+        [use_of("a", 1, 2, 512), use_of("b", 1, 4, 1024)]
+    );
+}
+
 async fn state_changes_stamp_their_time_and_last_use_only_moves_forward(store: &dyn Store) {
     store
         .insert_vm(&vm("vm-a", "web", Mode::Shared, VmState::Active))
@@ -451,6 +496,7 @@ conformance!(
     a_pool_vm_is_either_claimed_or_retired,
     launch_offer_boot_and_owner_are_recorded,
     state_changes_stamp_their_time_and_last_use_only_moves_forward,
+    vm_use_is_summed_per_host_over_the_states_asked,
     pool_bounds_and_ready_criteria_override,
     run_time_policies_are_kept_and_cleared,
     tasks_progress_and_restart,

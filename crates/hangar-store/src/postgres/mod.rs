@@ -19,8 +19,8 @@ use tokio_postgres::{NoTls, Row};
 
 use crate::lease::lease_end;
 use crate::{
-    ArchiveRecord, Entity, HostRecord, HostState, LeaseRecord, StepOutcome, Store, StoreError,
-    TaskRecord, TaskState, TaskStep, TemplateRecord, VmRecord, now_ms,
+    ArchiveRecord, Entity, HostRecord, HostState, HostUse, LeaseRecord, StepOutcome, Store,
+    StoreError, TaskRecord, TaskState, TaskStep, TemplateRecord, VmRecord, now_ms,
 };
 
 pub(crate) mod rows;
@@ -208,6 +208,24 @@ impl Store for PgStore {
              ORDER BY created_at_ms, id"
         );
         self.query(&sql, &[&host], vm_row).await
+    }
+
+    async fn vm_use_by_host(&self, states: &[VmState]) -> Result<Vec<HostUse>, StoreError> {
+        fn host_use(row: &Row) -> Result<HostUse, StoreError> {
+            let host: String = row.try_get(0).map_err(pg)?;
+            let mut sums = [0i64; 3];
+            for (i, sum) in sums.iter_mut().enumerate() {
+                *sum = row.try_get(i + 1).map_err(pg)?;
+            }
+            HostUse::from_sums(host, sums)
+        }
+        let sql = format!(
+            "SELECT host, COUNT(*)::BIGINT, COALESCE(SUM(vcpus), 0)::BIGINT,
+                    COALESCE(SUM(memory_mib), 0)::BIGINT
+             FROM vms WHERE state IN ({}) GROUP BY host ORDER BY host",
+            crate::state_list(states)
+        );
+        self.query(&sql, &[], host_use).await
     }
 
     async fn transition(

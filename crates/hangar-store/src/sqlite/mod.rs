@@ -13,8 +13,8 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use crate::lease::{lease_end, signed_ms};
 use crate::{
-    ArchiveRecord, Entity, HostRecord, HostState, LeaseRecord, StepOutcome, Store, StoreError,
-    TaskRecord, TaskState, TaskStep, TemplateRecord, VmRecord, now_ms,
+    ArchiveRecord, Entity, HostRecord, HostState, HostUse, LeaseRecord, StepOutcome, Store,
+    StoreError, TaskRecord, TaskState, TaskStep, TemplateRecord, VmRecord, now_ms,
 };
 
 pub(crate) mod rows;
@@ -213,6 +213,23 @@ impl Store for SqliteStore {
             ),
             [host],
             vm_row,
+        )
+    }
+
+    async fn vm_use_by_host(&self, states: &[VmState]) -> Result<Vec<HostUse>, StoreError> {
+        fn host_use(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<HostUse, StoreError>> {
+            let host: String = row.get(0)?;
+            let sums: [i64; 3] = [row.get(1)?, row.get(2)?, row.get(3)?];
+            Ok(HostUse::from_sums(host, sums))
+        }
+        self.list(
+            &format!(
+                "SELECT host, COUNT(*), COALESCE(SUM(vcpus), 0), COALESCE(SUM(memory_mib), 0)
+                 FROM vms WHERE state IN ({}) GROUP BY host ORDER BY host",
+                crate::state_list(states)
+            ),
+            [],
+            host_use,
         )
     }
 
