@@ -10,11 +10,13 @@
 //!   hosts; the server's CPU time (utime + stime from `/proc/PID/stat`) over them, less
 //!   what it spends idle in the same time, per heartbeat; PostgreSQL's CPU likewise; and
 //!   what 1,000 hosts at one heartbeat a second cost;
-//! - **pure placement** over 1,000 simulated hosts, in process ([`crate::placement`]).
+//! - **pure placement** over 1,000 simulated hosts, in process ([`crate::placement`]);
+//! - **remote against local warm-pool grants** ([`remote`]): real guests, on the server's
+//!   own host and on a `hangar agent`'s, in the same run.
 //!
 //! Every process started here (server, PostgreSQL) ends with the benchmark, on error and
 //! on panic too: the server by pid when its [`BenchServer`] is dropped, PostgreSQL when
-//! this process ends (see [`hangar_test_postgres`]).
+//! this process ends (see [`hangar_test_postgres`]), the agent and its guests by pid.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -23,6 +25,8 @@ use std::time::{Duration, Instant};
 
 use hangar_api::{Heartbeat, HostFactsView, HostRegistration, HostVmView, PlacementBody};
 use serde::Serialize;
+
+mod remote;
 
 use crate::client::BenchError;
 use crate::placement;
@@ -56,10 +60,23 @@ pub struct FarmBench {
     /// Catalog for the benchmark's server [default: built-in demo].
     #[arg(long)]
     catalog: Option<std::path::PathBuf>,
+    /// Warm-pool grants timed on each side (server's own host, agent's host); 0 skips
+    /// the remote-against-local comparison.
+    #[arg(long, default_value_t = 6)]
+    grants: usize,
+    /// Pool size for the grants (they are taken in bursts of this many).
+    #[arg(long, default_value_t = 2)]
+    pool: u32,
+    /// Accelerator for the guests of the grant comparison.
+    #[arg(long, default_value = "auto")]
+    accel: String,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
 }
+
+/// The server's own host's name.
+pub const LOCAL_HOST: &str = hangar_server::manager::LOCAL_HOST;
 
 /// The 3 simulated hosts placements choose from.
 const PLACEMENT_HOSTS: [&str; 3] = ["sim-1", "sim-2", "sim-3"];
@@ -114,6 +131,10 @@ struct Report {
     placements: Placements,
     heartbeats: Heartbeats,
     pure_placement: placement::PlacementRun,
+    /// Remote against local warm-pool grants, when measured.
+    remote_grants: Option<remote::RemoteGrants>,
+    /// Why they were not, when not.
+    remote_grants_skipped: Option<String>,
     rows: Vec<Row>,
     seconds: f64,
 }
@@ -215,7 +236,48 @@ pub async fn run(args: FarmBench) -> Result<(), BenchError> {
         .await
         .map_err(|err| BenchError::Failed(err.to_string()))?;
 
-    let rows = rows(&placements, &heartbeats, &pure);
+    drop(server);
+    drop(database);
+
+    let (remote_grants, remote_grants_skipped) = if args.grants == 0 {
+        (None, Some("--grants 0".to_owned()))
+    } else if !remote::agent_available() {
+        (
+            None,
+            Some("this `hangar` has no `agent` command".to_owned()),
+        )
+    } else {
+        eprintln!(
+            "warm-pool grants, server's own host against an agent's ({} each)...",
+            args.grants
+        );
+        (
+            Some(remote::run(&args.service, args.pool, args.grants, &args.accel).await?),
+            None,
+        )
+    };
+
+    let mut rows = rows(&placements, &heartbeats, &pure);
+    match (&remote_grants, &remote_grants_skipped) {
+        (Some(grants), _) => rows.push(Row {
+            measure: format!(
+                "warm-pool grant p50, agent's host − server's own ({}, {} each)",
+                grants.service, grants.local.n
+            ),
+            figure: format!(
+                "{:+.2} ms ({:.2} → {:.2} ms)",
+                grants.added_p50_ms, grants.local.p50_ms, grants.remote.p50_ms
+            ),
+            target: "≤ 2 ms".into(),
+            met: Some(grants.added_p50_ms <= 2.0),
+        }),
+        (None, why) => rows.push(Row {
+            measure: "warm-pool grant p50, agent's host − server's own".into(),
+            figure: format!("not measured: {}", why.as_deref().unwrap_or("")),
+            target: "≤ 2 ms".into(),
+            met: None,
+        }),
+    }
     let report = Report {
         date: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
         machine: machine(),
@@ -224,11 +286,11 @@ pub async fn run(args: FarmBench) -> Result<(), BenchError> {
         placements,
         heartbeats,
         pure_placement: pure,
+        remote_grants,
+        remote_grants_skipped,
         rows,
         seconds: started.elapsed().as_secs_f64(),
     };
-    drop(server);
-    drop(database);
     if args.json {
         println!(
             "{}",
