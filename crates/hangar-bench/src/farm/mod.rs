@@ -135,6 +135,10 @@ struct Report {
     remote_grants: Option<remote::RemoteGrants>,
     /// Why they were not, when not.
     remote_grants_skipped: Option<String>,
+    /// The processes the measures ran against (all ended by now): the server and
+    /// PostgreSQL's postmaster, when found.
+    server_pid: u32,
+    postgres_pid: Option<u32>,
     rows: Vec<Row>,
     seconds: f64,
 }
@@ -236,6 +240,8 @@ pub async fn run(args: FarmBench) -> Result<(), BenchError> {
         .await
         .map_err(|err| BenchError::Failed(err.to_string()))?;
 
+    let server_pid = server.pid();
+    let postgres_pid = postgres.as_ref().map(|pg| pg.postmaster);
     drop(server);
     drop(database);
 
@@ -288,6 +294,8 @@ pub async fn run(args: FarmBench) -> Result<(), BenchError> {
         pure_placement: pure,
         remote_grants,
         remote_grants_skipped,
+        server_pid,
+        postgres_pid,
         rows,
         seconds: started.elapsed().as_secs_f64(),
     };
@@ -809,10 +817,10 @@ impl PostgresCpu {
             return total;
         };
         for entry in entries.flatten() {
-            if !entry
+            if entry
                 .file_name()
                 .to_str()
-                .is_some_and(|n| n.parse::<u32>().is_ok())
+                .is_none_or(|n| n.parse::<u32>().is_err())
             {
                 continue;
             }

@@ -1,0 +1,84 @@
+//! `hangar bench farm` in a short run: a real PostgreSQL and a real control plane with
+//! simulated hosts; every figure is reported, the placements are all answered, and the
+//! server it started is gone afterwards. The figures themselves mean nothing here.
+
+// Not every helper of the shared test support is used here.
+#[allow(dead_code)]
+mod common;
+
+use std::process::Command;
+
+#[test]
+fn bench_farm_reports_every_figure_and_leaves_no_server_behind() {
+    let output = Command::new(common::hangar())
+        .args(["bench", "farm", "--duration", "1s", "--clients", "2"])
+        .args([
+            "--vms",
+            "30",
+            "--heartbeats",
+            "200",
+            "--heartbeat-hosts",
+            "10",
+        ])
+        .args(["--pure-hosts", "100", "--grants", "0", "--json"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "hangar bench farm failed:\n{stderr}"
+    );
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|err| panic!("{err}: {}", String::from_utf8_lossy(&output.stdout)));
+
+    let placements = &report["placements"];
+    assert_eq!(placements["errors"], 0, "{report:#}");
+    assert_eq!(placements["vms"], 30);
+    assert!(placements["per_s"].as_f64().unwrap() > 0.0, "{report:#}");
+    let chosen: u64 = placements["chosen"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(host, n)| {
+            assert!(host.starts_with("sim-"), "placed on {host}");
+            n.as_u64().unwrap()
+        })
+        .sum();
+    assert_eq!(Some(chosen), placements["decisions"].as_u64());
+
+    let heartbeats = &report["heartbeats"];
+    assert_eq!(heartbeats["heartbeats"], 200);
+    let per = heartbeats["server_cpu_ms_per_heartbeat"].as_f64().unwrap();
+    assert!(per >= 0.0, "{report:#}");
+    assert_eq!(
+        heartbeats["thousand_hosts_server_core_share"].as_f64(),
+        Some(per),
+        "1,000 heartbeats a second of `per` ms each is `per` seconds per second"
+    );
+    assert_eq!(report["pure_placement"]["hosts"], 100);
+    assert!(report["remote_grants"].is_null());
+    assert_eq!(report["remote_grants_skipped"], "--grants 0");
+    let measures: Vec<&str> = report["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| row["measure"].as_str().unwrap())
+        .collect();
+    for start in [
+        "placements/s",
+        "heartbeat: server CPU",
+        "1,000 hosts",
+        "pure placement",
+    ] {
+        assert!(
+            measures.iter().any(|m| m.starts_with(start)),
+            "no row {start:?}: {measures:?}"
+        );
+    }
+
+    let server = report["server_pid"].as_u64().unwrap();
+    assert!(
+        !std::path::Path::new(&format!("/proc/{server}")).exists(),
+        "the benchmark's server {server} still runs"
+    );
+}
