@@ -422,14 +422,18 @@ struct Farm {
     vms: Arc<BTreeMap<String, Vec<HostVmView>>>,
 }
 
-/// The facts every simulated host reports: a 32-CPU, 128 GiB machine (room for 128
-/// 1-vCPU VMs at the server's overcommit of guest vCPUs).
-fn facts() -> HostFactsView {
+/// The facts a simulated host reports: a machine of at least 32 CPUs and 128 GiB, larger
+/// when it holds more recorded VMs (`vms`), so that each keeps room for 64 more 1-vCPU,
+/// 256 MiB VMs at the server's overcommit of guest vCPUs.
+fn facts(vms: usize) -> HostFactsView {
+    let overcommit = hangar_server::scheduler::VCPU_OVERCOMMIT as usize;
+    let vcpus = (vms + 64).div_ceil(overcommit).max(32);
+    let memory_mib = ((vms as u64 + 64) * 256).max(131_072);
     HostFactsView {
         hypervisor: "qemu".into(),
-        vcpus: 32,
-        memory_mib: 131_072,
-        free_memory_mib: 100_000,
+        vcpus: u32::try_from(vcpus).unwrap_or(u32::MAX),
+        memory_mib,
+        free_memory_mib: memory_mib / 2,
         free_disk_mib: 500_000,
         load: 0.5,
         ..HostFactsView::default()
@@ -467,7 +471,7 @@ impl Farm {
             labels: BTreeMap::new(),
             cost: 1,
             priority: 0,
-            facts: facts(),
+            facts: facts(self.running(name).len()),
             vms: self.running(name),
         };
         self.farm
@@ -538,7 +542,7 @@ impl Farm {
     async fn heartbeat(&self, name: &str) -> Result<(), BenchError> {
         let heartbeat = Heartbeat {
             incarnation: incarnation(),
-            facts: facts(),
+            facts: facts(self.running(name).len()),
             vms: self.running(name),
         };
         self.farm

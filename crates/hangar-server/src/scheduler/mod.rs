@@ -59,6 +59,9 @@ pub struct Scheduler {
     local: Option<Arc<dyn Host>>,
     /// Farm hosts by name, as the store last had them.
     farm: RwLock<BTreeMap<String, FarmHost>>,
+    /// What the VMs take of each host, as last read from the store (see
+    /// [`Scheduler::host_use`]).
+    used: tokio::sync::Mutex<UseCache>,
     connect: Option<Connector>,
 }
 
@@ -69,6 +72,7 @@ impl Scheduler {
         Scheduler {
             local,
             farm: RwLock::new(BTreeMap::new()),
+            used: tokio::sync::Mutex::new(UseCache::default()),
             connect,
         }
     }
@@ -246,6 +250,57 @@ impl Scheduler {
     }
 }
 
+/// How long the hosts' use, read from the store, serves placements before it is read
+/// again: VMs recorded by another replica of the control plane count within this time;
+/// VMs this replica places count at once ([`Scheduler::placed`]).
+pub const USE_REFRESH: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// The hosts' use as last read, and when.
+#[derive(Default)]
+struct UseCache {
+    read_at: Option<std::time::Instant>,
+    used: Arc<Vec<HostUse>>,
+}
+
+impl Scheduler {
+    /// What the VMs that take room ([`USES_ITS_HOST`]) take of each host: summed by the
+    /// store at most [`USE_REFRESH`] ago, plus the VMs this scheduler placed since. One
+    /// caller reads the store at a time; the others wait for its answer.
+    pub async fn host_use(
+        &self,
+        store: &dyn hangar_store::Store,
+    ) -> Result<Arc<Vec<HostUse>>, hangar_store::StoreError> {
+        let mut cache = self.used.lock().await;
+        if cache.read_at.is_none_or(|at| at.elapsed() >= USE_REFRESH) {
+            cache.used = Arc::new(store.vm_use_by_host(&USES_ITS_HOST).await?);
+            cache.read_at = Some(std::time::Instant::now());
+        }
+        Ok(cache.used.clone())
+    }
+
+    /// Counts a VM of `vcpus` and `memory_mib` just placed on `host` in the hosts' use
+    /// until the store is read again (by then its record is there, or it is being
+    /// prepared, as before this view).
+    pub async fn placed(&self, host: &str, vcpus: u32, memory_mib: u32) {
+        let mut cache = self.used.lock().await;
+        let used = Arc::make_mut(&mut cache.used);
+        let index = match used.iter().position(|entry| entry.host == host) {
+            Some(index) => index,
+            None => {
+                used.push(HostUse {
+                    host: host.to_owned(),
+                    ..HostUse::default()
+                });
+                used.len() - 1
+            }
+        };
+        let entry = &mut used[index];
+        entry.vms = entry.vms.saturating_add(1);
+        entry.vcpus = entry.vcpus.saturating_add(u64::from(vcpus));
+        entry.memory_mib = entry.memory_mib.saturating_add(u64::from(memory_mib));
+    }
+}
+
 /// The states in which a VM takes room on its host.
 pub const USES_ITS_HOST: [VmState; 5] = [
     VmState::Creating,
@@ -303,9 +358,22 @@ impl Manager {
         &self,
         plan: &VmPlan,
     ) -> Result<(Arc<dyn Host>, String), PlacementError> {
+        let placed = self.choose_host(plan).await?;
+        self.scheduler
+            .placed(placed.0.name(), plan.vcpus, plan.memory_mib)
+            .await;
+        Ok(placed)
+    }
+
+    /// The host [`Manager::place`] would choose for `plan` now, and why, without counting
+    /// the VM on it.
+    pub(crate) async fn choose_host(
+        &self,
+        plan: &VmPlan,
+    ) -> Result<(Arc<dyn Host>, String), PlacementError> {
         let used = self
-            .store
-            .vm_use_by_host(&USES_ITS_HOST)
+            .scheduler
+            .host_use(self.store.as_ref())
             .await
             .map_err(PlacementError::Store)?;
         self.scheduler.place_with_use(&used, plan).await
@@ -350,6 +418,60 @@ mod tests {
         assert_eq!(chosen.name(), "local");
         assert!(scheduler.host("local").is_some());
         assert!(scheduler.host("elsewhere").is_none());
+    }
+
+    #[tokio::test]
+    async fn host_use_is_read_at_most_every_refresh_and_counts_placements_at_once() {
+        let store = hangar_store::SqliteStore::open_in_memory().unwrap();
+        let scheduler = Scheduler::new(None, None);
+        assert!(scheduler.host_use(&store).await.unwrap().is_empty());
+        scheduler.placed("a", 2, 512).await;
+        let expected = HostUse {
+            host: "a".into(),
+            vms: 1,
+            vcpus: 2,
+            memory_mib: 512,
+        };
+        assert_eq!(scheduler.host_use(&store).await.unwrap()[..], [expected]);
+
+        // A VM recorded by someone else counts once the store is read again.
+        let now = hangar_store::now_ms();
+        hangar_store::Store::insert_vm(
+            &store,
+            &VmRecord {
+                id: "vm-b".into(),
+                host: "b".into(),
+                services: Vec::new(),
+                env: Default::default(),
+                mode: hangar_core::Mode::Dedicated,
+                owner: "test".into(),
+                state: VmState::Active,
+                endpoints: Default::default(),
+                direct_endpoints: Default::default(),
+                spec: serde_json::Value::Null,
+                pid: None,
+                error: None,
+                created_at_ms: now,
+                updated_at_ms: now,
+                last_used_at_ms: now,
+                state_since_ms: now,
+                boot_ms: None,
+                memory_mib: 256,
+                vcpus: 1,
+                pool: None,
+                os: None,
+            },
+        )
+        .await
+        .unwrap();
+        let hosts = |used: &[HostUse]| used.iter().map(|u| u.host.clone()).collect::<Vec<_>>();
+        assert_eq!(hosts(&scheduler.host_use(&store).await.unwrap()), ["a"]);
+        tokio::time::sleep(USE_REFRESH).await;
+        assert_eq!(
+            hosts(&scheduler.host_use(&store).await.unwrap()),
+            ["b"],
+            "read again: the store's records, and nothing placed since"
+        );
     }
 
     #[tokio::test]

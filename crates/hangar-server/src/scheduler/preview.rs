@@ -1,6 +1,6 @@
 //! A placement as a dry run (`POST /v1/placements`): the host a VM would go to now and
 //! why, decided exactly as a creation decides it ([`Manager::place`]), without making
-//! anything or recording anything.
+//! anything or counting anything.
 
 use hangar_api::{PlacementBody, PlacementView};
 use hangar_core::ServiceRequest;
@@ -89,7 +89,7 @@ impl Manager {
             },
             ready: None,
         };
-        let (host, why) = self.place(&plan).await?;
+        let (host, why) = self.choose_host(&plan).await?;
         Ok(PlacementView {
             host: host.name().to_owned(),
             why,
