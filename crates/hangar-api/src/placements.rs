@@ -27,6 +27,13 @@ pub struct PlacementBody {
     /// (high priority: the least loaded host).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pool: bool,
+    /// An isolation group, as a request gives it: only hosts without another VM of the
+    /// group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub isolate: Option<String>,
+    /// Label constraints, as a request gives them: only hosts carrying every pair.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub on: BTreeMap<String, String>,
 }
 
 /// Where a VM would go now.

@@ -45,6 +45,8 @@ pub struct VmRecord {
     pub pool: Option<String>,
     /// OS name and version; `None` for a hardware shell with no OS attached yet.
     pub os: Option<(String, String)>,
+    /// The isolation group it was placed in: no other VM of the group shares its host.
+    pub isolation: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -177,13 +179,17 @@ pub struct HostUse {
     pub vms: u32,
     pub vcpus: u64,
     pub memory_mib: u64,
+    /// The isolation groups of those VMs, each once, in order.
+    pub groups: Vec<String>,
 }
 
 impl HostUse {
-    /// From the store's sums (count, vCPUs, memory), which are never negative.
+    /// From the store's sums (count, vCPUs, memory), which are never negative, and the
+    /// distinct isolation groups joined by commas (group names hold none), if any.
     pub(crate) fn from_sums(
         host: String,
         [vms, vcpus, memory_mib]: [i64; 3],
+        groups: Option<String>,
     ) -> Result<HostUse, crate::StoreError> {
         let number = |value: i64| {
             u64::try_from(value).map_err(|_| crate::StoreError::corrupt(&value.to_string()))
@@ -193,6 +199,17 @@ impl HostUse {
             vms: u32::try_from(number(vms)?).unwrap_or(u32::MAX),
             vcpus: number(vcpus)?,
             memory_mib: number(memory_mib)?,
+            groups: {
+                let mut groups: Vec<String> = groups
+                    .iter()
+                    .flat_map(|joined| joined.split(','))
+                    .filter(|group| !group.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+                groups.sort();
+                groups.dedup();
+                groups
+            },
         })
     }
 }

@@ -525,6 +525,7 @@ impl Farm {
                 vcpus: 1,
                 pool: None,
                 os: None,
+                isolation: None,
             };
             store
                 .insert_vm(&record)

@@ -152,6 +152,7 @@ impl Scheduler {
         &self,
         vms: &[VmRecord],
         plan: &VmPlan,
+        constraints: &Constraints,
     ) -> Result<(Arc<dyn Host>, String), PlacementError> {
         let mut used: BTreeMap<&str, HostUse> = BTreeMap::new();
         for vm in vms.iter().filter(|vm| uses_its_host(vm.state)) {
@@ -162,9 +163,14 @@ impl Scheduler {
             entry.vms = entry.vms.saturating_add(1);
             entry.vcpus = entry.vcpus.saturating_add(u64::from(vm.vcpus));
             entry.memory_mib = entry.memory_mib.saturating_add(u64::from(vm.memory_mib));
+            if let Some(group) = &vm.isolation
+                && !entry.groups.contains(group)
+            {
+                entry.groups.push(group.clone());
+            }
         }
         let used: Vec<HostUse> = used.into_values().collect();
-        self.place_with_use(&used, plan).await
+        self.place_with_use(&used, plan, constraints).await
     }
 
     /// [`Scheduler::place`] given what the VMs that take room ([`USES_ITS_HOST`]) take of
@@ -174,6 +180,7 @@ impl Scheduler {
         &self,
         used: &[HostUse],
         plan: &VmPlan,
+        constraints: &Constraints,
     ) -> Result<(Arc<dyn Host>, String), PlacementError> {
         let mut hosts: Vec<Arc<dyn Host>> = Vec::new();
         let mut facts = Vec::new();
@@ -188,11 +195,16 @@ impl Scheduler {
             // The server's own host takes every VM it is given, as before placement: its
             // capacity is not limited here; a farm's hosts state theirs.
             let mut entry = placement::HostFacts::new(local.name(), u32::MAX, u64::MAX);
-            entry.has_image = holds_template(&known.templates, plan);
+            entry.cpus = known.vcpus;
+            entry.load = known.load;
+            entry.has_template = holds_template(&known.templates, plan);
             hosts.push(local.clone());
             facts.push(entry);
         }
-        for farm_host in self.farm_hosts() {
+        // Read under the lock: a clone of every host's last report (its VMs included) per
+        // placement costs more than the decision.
+        let farm = self.farm.read().expect("farm lock");
+        for farm_host in farm.values() {
             let info = &farm_host.info;
             let mut entry = placement::HostFacts::new(
                 farm_host.record.name.clone(),
@@ -207,10 +219,14 @@ impl Scheduler {
             };
             entry.cost = info.cost;
             entry.priority = info.priority;
-            entry.has_image = holds_template(&info.facts.templates, plan);
+            entry.cpus = info.facts.vcpus;
+            entry.load = info.facts.load;
+            entry.labels = info.labels.clone();
+            entry.has_template = holds_template(&info.facts.templates, plan);
             hosts.push(farm_host.host.clone());
             facts.push(entry);
         }
+        drop(farm);
         let by_name: std::collections::HashMap<&str, usize> = facts
             .iter()
             .enumerate()
@@ -229,6 +245,7 @@ impl Scheduler {
                 .used_vcpus
                 .saturating_add(u32::try_from(host_use.vcpus).unwrap_or(u32::MAX));
             entry.used_memory_mib = entry.used_memory_mib.saturating_add(host_use.memory_mib);
+            entry.groups.extend(host_use.groups.iter().cloned());
         }
         let needs = VmNeeds {
             vcpus: plan.vcpus,
@@ -239,8 +256,8 @@ impl Scheduler {
                 Purpose::Request | Purpose::Pool => VmPriority::High,
                 Purpose::Template => VmPriority::Low,
             },
-            isolation: None,
-            on: Default::default(),
+            isolation: constraints.isolation.clone(),
+            on: constraints.on.clone(),
         };
         let placement = placement::choose_host(&facts, &needs)?;
         let chosen = placement.index;
@@ -248,6 +265,15 @@ impl Scheduler {
         tracing::debug!(vm = %plan.id, host = %facts[chosen].name, "placed");
         Ok((hosts[chosen].clone(), why))
     }
+}
+
+/// What a request asks of the host beyond room.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Constraints {
+    /// No other VM of this isolation group on the host.
+    pub isolation: Option<String>,
+    /// Labels the host must carry.
+    pub on: BTreeMap<String, String>,
 }
 
 /// How long the hosts' use, read from the store, serves placements before it is read
@@ -278,10 +304,10 @@ impl Scheduler {
         Ok(cache.used.clone())
     }
 
-    /// Counts a VM of `vcpus` and `memory_mib` just placed on `host` in the hosts' use
-    /// until the store is read again (by then its record is there, or it is being
-    /// prepared, as before this view).
-    pub async fn placed(&self, host: &str, vcpus: u32, memory_mib: u32) {
+    /// Counts the VM of `plan` (in `constraints`' isolation group) just placed on `host` in
+    /// the hosts' use until the store is read again (by then its record is there, or it is
+    /// being prepared, as before this view).
+    pub async fn placed(&self, host: &str, plan: &VmPlan, constraints: &Constraints) {
         let mut cache = self.used.lock().await;
         let used = Arc::make_mut(&mut cache.used);
         let index = match used.iter().position(|entry| entry.host == host) {
@@ -296,8 +322,13 @@ impl Scheduler {
         };
         let entry = &mut used[index];
         entry.vms = entry.vms.saturating_add(1);
-        entry.vcpus = entry.vcpus.saturating_add(u64::from(vcpus));
-        entry.memory_mib = entry.memory_mib.saturating_add(u64::from(memory_mib));
+        entry.vcpus = entry.vcpus.saturating_add(u64::from(plan.vcpus));
+        entry.memory_mib = entry.memory_mib.saturating_add(u64::from(plan.memory_mib));
+        if let Some(group) = &constraints.isolation
+            && !entry.groups.contains(group)
+        {
+            entry.groups.push(group.clone());
+        }
     }
 }
 
@@ -357,10 +388,11 @@ impl Manager {
     pub(crate) async fn place(
         &self,
         plan: &VmPlan,
+        constraints: &Constraints,
     ) -> Result<(Arc<dyn Host>, String), PlacementError> {
-        let placed = self.choose_host(plan).await?;
+        let placed = self.choose_host(plan, constraints).await?;
         self.scheduler
-            .placed(placed.0.name(), plan.vcpus, plan.memory_mib)
+            .placed(placed.0.name(), plan, constraints)
             .await;
         Ok(placed)
     }
@@ -370,13 +402,16 @@ impl Manager {
     pub(crate) async fn choose_host(
         &self,
         plan: &VmPlan,
+        constraints: &Constraints,
     ) -> Result<(Arc<dyn Host>, String), PlacementError> {
         let used = self
             .scheduler
             .host_use(self.store.as_ref())
             .await
             .map_err(PlacementError::Store)?;
-        self.scheduler.place_with_use(&used, plan).await
+        self.scheduler
+            .place_with_use(&used, plan, constraints)
+            .await
     }
 }
 
@@ -414,7 +449,10 @@ mod tests {
     #[tokio::test]
     async fn the_one_host_is_chosen_and_found_by_name() {
         let scheduler = Scheduler::new(Some(host("local")), None);
-        let (chosen, _) = scheduler.place(&[], &plan(Purpose::Request)).await.unwrap();
+        let (chosen, _) = scheduler
+            .place(&[], &plan(Purpose::Request), &Constraints::default())
+            .await
+            .unwrap();
         assert_eq!(chosen.name(), "local");
         assert!(scheduler.host("local").is_some());
         assert!(scheduler.host("elsewhere").is_none());
@@ -425,12 +463,19 @@ mod tests {
         let store = hangar_store::SqliteStore::open_in_memory().unwrap();
         let scheduler = Scheduler::new(None, None);
         assert!(scheduler.host_use(&store).await.unwrap().is_empty());
-        scheduler.placed("a", 2, 512).await;
+        let mut placed = plan(Purpose::Request);
+        (placed.vcpus, placed.memory_mib) = (2, 512);
+        let isolated = Constraints {
+            isolation: Some("db".into()),
+            ..Constraints::default()
+        };
+        scheduler.placed("a", &placed, &isolated).await;
         let expected = HostUse {
             host: "a".into(),
             vms: 1,
             vcpus: 2,
             memory_mib: 512,
+            groups: vec!["db".into()],
         };
         assert_eq!(scheduler.host_use(&store).await.unwrap()[..], [expected]);
 
@@ -460,6 +505,7 @@ mod tests {
                 vcpus: 1,
                 pool: None,
                 os: None,
+                isolation: None,
             },
         )
         .await
@@ -478,7 +524,7 @@ mod tests {
     async fn without_hosts_placement_says_why() {
         let scheduler = Scheduler::new(None, None);
         let err = scheduler
-            .place(&[], &plan(Purpose::Pool))
+            .place(&[], &plan(Purpose::Pool), &Constraints::default())
             .await
             .err()
             .expect("no host");

@@ -8,7 +8,7 @@ use hangar_host::{Purpose, VmPlan};
 
 use crate::manager::Manager;
 use crate::requests::RequestError;
-use crate::scheduler::PlacementError;
+use crate::scheduler::{Constraints, PlacementError};
 
 /// Why a dry-run placement has no answer.
 #[derive(Debug, thiserror::Error)]
@@ -38,23 +38,25 @@ impl Manager {
         &self,
         body: &PlacementBody,
     ) -> Result<PlacementView, PreviewError> {
+        if body.service.is_none() && !body.env.is_empty() {
+            return Err(PreviewError::Invalid(
+                "env settings need a service; give `service`".into(),
+            ));
+        }
+        // Checked as a request's are (a bare size stands in a placeholder service name,
+        // which only the catalog lookup below would judge).
+        let request = ServiceRequest {
+            service: Some(body.service.clone().unwrap_or_default()),
+            env: body.env.clone(),
+            isolate: body.isolate.clone(),
+            on: body.on.clone(),
+            ..ServiceRequest::default()
+        };
+        request
+            .validate()
+            .map_err(|err| PreviewError::Invalid(err.to_string()))?;
         let service = match &body.service {
-            Some(name) => {
-                let request = ServiceRequest {
-                    service: Some(name.clone()),
-                    env: body.env.clone(),
-                    ..ServiceRequest::default()
-                };
-                request
-                    .validate()
-                    .map_err(|err| PreviewError::Invalid(err.to_string()))?;
-                Some(self.viable_service(&request)?)
-            }
-            None if !body.env.is_empty() => {
-                return Err(PreviewError::Invalid(
-                    "env settings need a service; give `service`".into(),
-                ));
-            }
+            Some(_) => Some(self.viable_service(&request)?),
             None => None,
         };
         let size =
@@ -89,7 +91,11 @@ impl Manager {
             },
             ready: None,
         };
-        let (host, why) = self.choose_host(&plan).await?;
+        let constraints = Constraints {
+            isolation: body.isolate.clone(),
+            on: body.on.clone(),
+        };
+        let (host, why) = self.choose_host(&plan, &constraints).await?;
         Ok(PlacementView {
             host: host.name().to_owned(),
             why,

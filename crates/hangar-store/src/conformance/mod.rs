@@ -39,6 +39,7 @@ pub(crate) fn vm(id: &str, service: &str, mode: Mode, state: VmState) -> VmRecor
         vcpus: 1,
         pool: None,
         os: Some(("busybox".into(), "1.35".into())),
+        isolation: Some("tenant-a".into()),
     }
 }
 
@@ -352,36 +353,43 @@ async fn launch_offer_boot_and_owner_are_recorded(store: &dyn Store) {
 async fn vm_use_is_summed_per_host_over_the_states_asked(store: &dyn Store) {
     let live = [VmState::Booting, VmState::Active, VmState::Sleeping];
     assert!(store.vm_use_by_host(&live).await.unwrap().is_empty());
-    for (id, host, state, vcpus, memory_mib) in [
-        ("vm-1", "a", VmState::Active, 1, 128),
-        ("vm-2", "a", VmState::Sleeping, 2, 512),
-        ("vm-3", "b", VmState::Active, 4, 1024),
-        ("vm-4", "b", VmState::Failed, 8, 4096),
-        ("vm-5", "c", VmState::Archived, 1, 128),
+    for (id, host, state, vcpus, memory_mib, group) in [
+        ("vm-1", "a", VmState::Active, 1, 128, Some("db")),
+        ("vm-2", "a", VmState::Sleeping, 2, 512, None),
+        ("vm-3", "b", VmState::Active, 4, 1024, Some("web")),
+        ("vm-6", "b", VmState::Active, 0, 0, Some("db")),
+        ("vm-7", "b", VmState::Active, 0, 0, Some("web")),
+        ("vm-4", "b", VmState::Failed, 8, 4096, Some("x")),
+        ("vm-5", "c", VmState::Archived, 1, 128, None),
     ] {
         store
             .insert_vm(&VmRecord {
                 host: host.into(),
                 vcpus,
                 memory_mib,
+                isolation: group.map(str::to_owned),
                 ..vm(id, "web", Mode::Shared, state)
             })
             .await
             .unwrap();
     }
-    let use_of = |host: &str, vms, vcpus, memory_mib| HostUse {
+    let use_of = |host: &str, vms, vcpus, memory_mib, groups: &[&str]| HostUse {
         host: host.into(),
         vms,
         vcpus,
         memory_mib,
+        groups: groups.iter().map(|g| g.to_string()).collect(),
     };
     assert_eq!(
         store.vm_use_by_host(&live).await.unwrap(),
-        [use_of("a", 2, 3, 640), use_of("b", 1, 4, 1024)]
+        [
+            use_of("a", 2, 3, 640, &["db"]),
+            use_of("b", 3, 4, 1024, &["db", "web"])
+        ]
     );
     assert_eq!(
         store.vm_use_by_host(&[VmState::Failed]).await.unwrap(),
-        [use_of("b", 1, 8, 4096)]
+        [use_of("b", 1, 8, 4096, &["x"])]
     );
     assert!(store.vm_use_by_host(&[]).await.unwrap().is_empty());
     store
@@ -390,7 +398,10 @@ async fn vm_use_is_summed_per_host_over_the_states_asked(store: &dyn Store) {
         .unwrap();
     assert_eq!(
         store.vm_use_by_host(&live).await.unwrap(),
-        [use_of("a", 1, 2, 512), use_of("b", 1, 4, 1024)]
+        [
+            use_of("a", 1, 2, 512, &[]),
+            use_of("b", 3, 4, 1024, &["db", "web"])
+        ]
     );
 }
 

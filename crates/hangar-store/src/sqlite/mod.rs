@@ -144,7 +144,7 @@ impl Store for SqliteStore {
                 &format!(
                     "INSERT INTO vms ({VM_COLUMNS})
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15,
-                             ?16, ?17, ?18, ?19, ?20, ?21, ?22)"
+                             ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23)"
                 ),
                 params![
                     vm.id,
@@ -169,6 +169,7 @@ impl Store for SqliteStore {
                     vm.os.as_ref().map(|(_, version)| version),
                     vm.state_since_ms,
                     serde_json::to_string(&vm.direct_endpoints)?,
+                    vm.isolation,
                 ],
             )
             .map_err(|err| insert_error(err, Entity::Vm, &vm.id))?;
@@ -220,11 +221,12 @@ impl Store for SqliteStore {
         fn host_use(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<HostUse, StoreError>> {
             let host: String = row.get(0)?;
             let sums: [i64; 3] = [row.get(1)?, row.get(2)?, row.get(3)?];
-            Ok(HostUse::from_sums(host, sums))
+            Ok(HostUse::from_sums(host, sums, row.get(4)?))
         }
         self.list(
             &format!(
-                "SELECT host, COUNT(*), COALESCE(SUM(vcpus), 0), COALESCE(SUM(memory_mib), 0)
+                "SELECT host, COUNT(*), COALESCE(SUM(vcpus), 0), COALESCE(SUM(memory_mib), 0),
+                        GROUP_CONCAT(DISTINCT isolation)
                  FROM vms WHERE state IN ({}) GROUP BY host ORDER BY host",
                 crate::state_list(states)
             ),
