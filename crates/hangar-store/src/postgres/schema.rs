@@ -106,6 +106,8 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     );",
     // A VM's isolation group (placement: no two VMs of a group on one host).
     "ALTER TABLE vms ADD COLUMN isolation TEXT;",
+    // A host's VMs by host (each heartbeat reads its host's), not by a scan of them all.
+    "CREATE INDEX vms_host ON vms (host);",
 ];
 
 /// Brings the schema up to the newest version. [`StoreError::SchemaTooNew`] when a newer
