@@ -292,11 +292,12 @@ fn vm_view(vm: VmRecord) -> VmView {
 }
 
 /// A VM as listed, with its archive when it has one.
-fn view(manager: &Manager, vm: VmRecord) -> VmView {
-    let archive = (vm.state == VmState::Archived)
-        .then(|| manager.archive_info(&vm.id))
-        .flatten()
-        .map(|info| ArchiveView {
+async fn view(manager: &Manager, vm: VmRecord) -> VmView {
+    let archive = match vm.state {
+        VmState::Archived => manager.archive_info(&vm.id).await,
+        _ => None,
+    }
+    .map(|info| ArchiveView {
             tier: info.tier.to_string(),
             size_bytes: info.size_bytes,
             memory_mib: info.memory_mib,
@@ -323,7 +324,13 @@ async fn list_vms(
     Query(query): Query<VmQuery>,
 ) -> Result<Json<Vec<VmView>>, ApiError> {
     match manager.handle(Command::ListVms { all: query.all }).await? {
-        Reply::Vms(vms) => Ok(Json(vms.into_iter().map(|vm| view(&manager, vm)).collect())),
+        Reply::Vms(vms) => {
+            let mut views = Vec::with_capacity(vms.len());
+            for vm in vms {
+                views.push(view(&manager, vm).await);
+            }
+            Ok(Json(views))
+        }
         other => Err(other.unexpected()),
     }
 }
@@ -339,7 +346,7 @@ async fn get_vm(
     Path(id): Path<String>,
 ) -> Result<Json<VmView>, ApiError> {
     match manager.handle(Command::GetVm(id)).await? {
-        Reply::Vm(vm) => Ok(Json(view(&manager, vm))),
+        Reply::Vm(vm) => Ok(Json(view(&manager, vm).await)),
         other => Err(other.unexpected()),
     }
 }
@@ -383,7 +390,7 @@ async fn sleep_vm(
     Path(id): Path<String>,
 ) -> Result<Json<VmView>, ApiError> {
     match manager.handle(Command::SleepVm(id)).await? {
-        Reply::Vm(vm) => Ok(Json(view(&manager, vm))),
+        Reply::Vm(vm) => Ok(Json(view(&manager, vm).await)),
         other => Err(other.unexpected()),
     }
 }
@@ -414,7 +421,7 @@ async fn archive_vm(
     };
     let tier = crate::lifecycle::policy::archive_tier(body.tier).0;
     match manager.handle(Command::ArchiveVm { id, tier }).await? {
-        Reply::Vm(vm) => Ok(Json(view(&manager, vm))),
+        Reply::Vm(vm) => Ok(Json(view(&manager, vm).await)),
         other => Err(other.unexpected()),
     }
 }
@@ -441,7 +448,7 @@ async fn wake_vm(
         other => return Err(other.unexpected()),
     };
     let timing = stages.header(started.elapsed());
-    Ok(([("server-timing", timing)], Json(view(&manager, vm))))
+    Ok(([("server-timing", timing)], Json(view(&manager, vm).await)))
 }
 
 #[utoipa::path(

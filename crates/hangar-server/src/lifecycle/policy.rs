@@ -286,24 +286,23 @@ impl Manager {
     }
 
     async fn lifecycle_inputs(&self) -> Result<Inputs, PolicyError> {
-        let vms = self
-            .store
-            .vms(false)
-            .await?
-            .into_iter()
-            .map(|vm| VmFacts {
-                archive_bytes: (vm.state == VmState::Archived)
-                    .then(|| self.host.archive_facts(&vm.id))
-                    .flatten()
-                    .map(|info| info.size_bytes),
+        let mut vms = Vec::new();
+        for vm in self.store.vms(false).await? {
+            let archive_bytes = match vm.state {
+                VmState::Archived => self.archive_info(&vm.id).await,
+                _ => None,
+            }
+            .map(|info| info.size_bytes);
+            vms.push(VmFacts {
+                archive_bytes,
                 id: vm.id,
                 services: vm.services,
                 state: vm.state,
                 last_used_ms: vm.last_used_at_ms,
                 state_since_ms: vm.state_since_ms,
                 memory_mib: vm.memory_mib,
-            })
-            .collect();
+            });
+        }
         Ok(Inputs {
             now_ms: now_ms(),
             vms,

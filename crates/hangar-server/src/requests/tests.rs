@@ -473,7 +473,7 @@ mod lifecycle {
         assert_eq!(vm.state, VmState::Active);
         assert_eq!(names(&stages), ["restore", "identity", "ready"]);
         assert!(
-            manager.archive_info(id).is_none(),
+            manager.archive_info(id).await.is_none(),
             "the archive is used up by the restore"
         );
         assert_eq!(
@@ -505,7 +505,7 @@ mod lifecycle {
             store.vm(&vm.id).await.unwrap().unwrap().state,
             VmState::Archived
         );
-        assert!(restarted.archive_info(&vm.id).is_some(), "nothing lost");
+        assert!(restarted.archive_info(&vm.id).await.is_some(), "nothing lost");
         assert_eq!(restarted.wake(&vm.id).await.unwrap().state, VmState::Active);
     }
 
@@ -538,7 +538,7 @@ mod lifecycle {
                 VmState::Archived
             );
             assert!(
-                restarted.archive_info(id).is_some(),
+                restarted.archive_info(id).await.is_some(),
                 "archive kept for {id}"
             );
         }
