@@ -260,7 +260,11 @@ impl<'de> Deserialize<'de> for Stages {
                         .find(|known| **known == stage.stage)
                         .copied()
                         .unwrap_or("other");
-                    let ms = if stage.ms.is_finite() { stage.ms.max(0.0) } else { 0.0 };
+                    let ms = if stage.ms.is_finite() {
+                        stage.ms.max(0.0)
+                    } else {
+                        0.0
+                    };
                     (name, Duration::from_secs_f64(ms / 1000.0))
                 })
                 .collect(),

@@ -16,13 +16,13 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::agent::wire::{
-    AdoptBody, ArchiveBody, BootShellBody, ErrorKind, LeftoversBody, Line, MakeBody,
-    TemplatesBody, WireError,
+    AdoptBody, ArchiveBody, BootShellBody, ErrorKind, LeftoversBody, Line, MakeBody, TemplatesBody,
+    WireError,
 };
 use crate::{
     Adopted, ArchiveFacts, ArchiveTier, BootedShell, HandOut, HandedOut, Host, HostError,
-    HostFacts, LaunchRecord, MadeVm, PreparedVm, ProgressFn, RunState, ShellPlan,
-    TemplateFacts, VmPlan, VmRun, WakeFrom, Woken,
+    HostFacts, LaunchRecord, MadeVm, PreparedVm, ProgressFn, RunState, ShellPlan, TemplateFacts,
+    VmPlan, VmRun, WakeFrom, Woken,
 };
 
 /// How long connecting to an agent may take.
@@ -260,8 +260,13 @@ impl Host for RemoteHost {
     }
 
     async fn hand_out(&self, id: &str, how: &HandOut) -> Result<HandedOut, HostError> {
-        self.call(Method::POST, &["vms", id, "hand-out"], Some(how), LONG_TIMEOUT)
-            .await
+        self.call(
+            Method::POST,
+            &["vms", id, "hand-out"],
+            Some(how),
+            LONG_TIMEOUT,
+        )
+        .await
     }
 
     async fn boot_shell(

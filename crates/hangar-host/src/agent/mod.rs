@@ -8,8 +8,8 @@
 //! - [`run`]: the agent process: a QEMU [`crate::LocalHost`] served, registered with the
 //!   control plane and reported every second ([`run::run_agent`]).
 
-mod serve;
 pub mod run;
+mod serve;
 pub mod wire;
 
 pub use run::{AgentConfig, AgentError, Membership, run_agent};

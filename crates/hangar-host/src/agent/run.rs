@@ -253,6 +253,8 @@ async fn report(
     let mut current = 0;
     let mut registered = false;
     let mut reachable = true;
+    // Unreachable addresses in a row, to try each once before waiting a beat.
+    let mut failures = 0;
     let mut ticker = tokio::time::interval(membership.heartbeat_every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -301,6 +303,10 @@ async fn report(
                 })
                 .await
         };
+        failures = match &reply {
+            Err(ClientError::Unreachable { .. }) => failures,
+            _ => 0,
+        };
         match reply {
             Ok(reply) => {
                 if !registered {
@@ -327,14 +333,23 @@ async fn report(
                 ticker.reset_immediately();
             }
             Err(err @ ClientError::Unreachable { .. }) => {
-                if reachable || servers.len() > 1 {
+                // Each address once, at once; then the next round a beat later.
+                failures += 1;
+                if reachable {
                     tracing::warn!(server = %url, error = %error_chain(&err), "control plane unreachable; trying the next address");
+                } else {
+                    tracing::debug!(server = %url, error = %error_chain(&err), "control plane unreachable");
                 }
-                reachable = false;
-                current = (current + 1) % servers.len();
-                if servers.len() > 1 {
+                if failures >= servers.len() {
+                    if reachable {
+                        tracing::warn!(servers = ?servers, "no control plane address answers; trying again every beat");
+                    }
+                    reachable = false;
+                    failures = 0;
+                } else {
                     ticker.reset_immediately();
                 }
+                current = (current + 1) % servers.len();
             }
             Err(err) => {
                 tracing::warn!(server = %url, error = %error_chain(&err), "the control plane refused the report");
@@ -361,7 +376,10 @@ fn check_qemu(config: &QemuConfig) -> Result<String, AgentError> {
         (&config.qemu, "qemu-system-x86"),
         (&config.qemu_img, "qemu-utils"),
     ] {
-        match std::process::Command::new(program).arg("--version").output() {
+        match std::process::Command::new(program)
+            .arg("--version")
+            .output()
+        {
             Ok(output) if output.status.success() => {}
             _ => {
                 return Err(AgentError::Qemu(format!(

@@ -254,7 +254,9 @@ async fn boot_shell(
     body: Bytes,
 ) -> Reply<crate::BootedShell> {
     let BootShellBody { launch, plan } = parse(&body)?;
-    Ok(axum::Json(state.host.boot_shell(&id, &launch, &plan).await?))
+    Ok(axum::Json(
+        state.host.boot_shell(&id, &launch, &plan).await?,
+    ))
 }
 
 async fn sleep(State(state): State<AgentState>, Path(id): Path<String>) -> Reply<()> {

@@ -130,8 +130,11 @@ fn plan(id: &str, purpose: Purpose) -> VmPlan {
     }
 }
 
+/// What a progress callback was told: (stage, percent).
+type Seen = Arc<Mutex<Vec<(String, u8)>>>;
+
 /// A progress callback and what it was told.
-fn recorder() -> (ProgressFn, Arc<Mutex<Vec<(String, u8)>>>) {
+fn recorder() -> (ProgressFn, Seen) {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let sink = seen.clone();
     let progress: ProgressFn = Arc::new(move |stage: &str, percent: u8| {
@@ -199,7 +202,13 @@ async fn a_vm_lives_its_whole_life_through_the_agent() {
         .await
         .unwrap();
     assert_eq!(names(&woken.stages), ["restore", "identity", "ready"]);
-    assert!(woken.stages.0.iter().all(|(_, took)| *took < Duration::from_secs(60)));
+    assert!(
+        woken
+            .stages
+            .0
+            .iter()
+            .all(|(_, took)| *took < Duration::from_secs(60))
+    );
     assert_eq!(host.run_state("vm-1").await.unwrap(), RunState::Running);
     assert_eq!(host.archive_facts("vm-1").await.unwrap(), None);
 
@@ -264,13 +273,21 @@ async fn templates_are_made_listed_cloned_and_removed_through_the_agent() {
         .await
         .unwrap();
     let template = made.template.expect("a template");
-    assert!(seen.lock().unwrap().iter().any(|(stage, _)| stage == "snapshot"));
+    assert!(
+        seen.lock()
+            .unwrap()
+            .iter()
+            .any(|(stage, _)| stage == "snapshot")
+    );
     assert!(host.has_template(&service).await.unwrap());
-    let held = host.templates(std::slice::from_ref(&service)).await.unwrap();
+    let held = host
+        .templates(std::slice::from_ref(&service))
+        .await
+        .unwrap();
     assert_eq!(held.len(), 1);
     assert_eq!(held[0].id, template.id);
     assert!(held[0].current);
-    assert_eq!(host.facts().await.unwrap().templates, [template.id.clone()]);
+    assert_eq!(host.facts().await.unwrap().templates, [template.id.as_str()]);
 
     // A new VM is cloned from it, and says so in its launch record.
     let request = plan("vm-3", Purpose::Request);
@@ -285,10 +302,7 @@ async fn templates_are_made_listed_cloned_and_removed_through_the_agent() {
     host.remove_template(&template.id).await.unwrap();
     assert!(host.templates(&[]).await.unwrap().is_empty());
 
-    let removed = host
-        .remove_leftovers(&HashSet::new())
-        .await
-        .unwrap();
+    let removed = host.remove_leftovers(&HashSet::new()).await.unwrap();
     assert!(removed.is_empty(), "no vms_dir configured: {removed:?}");
 }
 
@@ -348,7 +362,11 @@ async fn a_host_whose_agent_is_gone_is_unreachable_quickly() {
             other => panic!("want Unreachable, got {other:?}"),
         }
     }
-    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test]
@@ -363,7 +381,10 @@ async fn a_host_that_does_not_answer_times_out_as_unreachable() {
         other => panic!("want Unreachable, got {other:?}"),
     }
     let took = started.elapsed();
-    assert!(took >= crate::remote::FAST_TIMEOUT / 2 && took < Duration::from_secs(5), "{took:?}");
+    assert!(
+        took >= crate::remote::FAST_TIMEOUT / 2 && took < Duration::from_secs(5),
+        "{took:?}"
+    );
     drop(listener);
 }
 
@@ -379,9 +400,14 @@ fn errors_a_caller_acts_on_survive_the_wire() {
         HostError::NotReady(message) => assert_eq!(message, "port http: connection refused"),
         other => panic!("want NotReady, got {other:?}"),
     }
-    assert!(matches!(across(HostError::TemplatesOff), HostError::TemplatesOff));
+    assert!(matches!(
+        across(HostError::TemplatesOff),
+        HostError::TemplatesOff
+    ));
     assert!(matches!(across(HostError::NoAgent), HostError::NoAgent));
-    match across(HostError::Vmm(hangar_vmm::VmmError::NotRunning("vm-9".into()))) {
+    match across(HostError::Vmm(hangar_vmm::VmmError::NotRunning(
+        "vm-9".into(),
+    ))) {
         HostError::Vmm(hangar_vmm::VmmError::NotRunning(id)) => assert_eq!(id, "vm-9"),
         other => panic!("want NotRunning, got {other:?}"),
     }
@@ -530,7 +556,11 @@ async fn the_agent_registers_heartbeats_reregisters_and_fences() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let registrations = plane.registrations.lock().unwrap().clone();
-    assert_eq!(registrations.len(), 2, "registered, then again after the 404");
+    assert_eq!(
+        registrations.len(),
+        2,
+        "registered, then again after the 404"
+    );
     let first = &registrations[0];
     assert_eq!(first.name, "h1");
     assert_eq!(first.address, address);

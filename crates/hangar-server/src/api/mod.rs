@@ -298,11 +298,11 @@ async fn view(manager: &Manager, vm: VmRecord) -> VmView {
         _ => None,
     }
     .map(|info| ArchiveView {
-            tier: info.tier.to_string(),
-            size_bytes: info.size_bytes,
-            memory_mib: info.memory_mib,
-            took_ms: info.took_ms,
-        });
+        tier: info.tier.to_string(),
+        size_bytes: info.size_bytes,
+        memory_mib: info.memory_mib,
+        took_ms: info.took_ms,
+    });
     VmView {
         archive,
         ..vm_view(vm)

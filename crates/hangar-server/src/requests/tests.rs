@@ -505,7 +505,10 @@ mod lifecycle {
             store.vm(&vm.id).await.unwrap().unwrap().state,
             VmState::Archived
         );
-        assert!(restarted.archive_info(&vm.id).await.is_some(), "nothing lost");
+        assert!(
+            restarted.archive_info(&vm.id).await.is_some(),
+            "nothing lost"
+        );
         assert_eq!(restarted.wake(&vm.id).await.unwrap().state, VmState::Active);
     }
 
