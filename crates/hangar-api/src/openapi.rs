@@ -17,6 +17,12 @@ use crate::*;
         ErrorDetail,
         GrantView,
         Health,
+        Heartbeat,
+        HeartbeatReply,
+        HostFactsView,
+        HostRegistration,
+        HostView,
+        HostVmView,
         ImageBody,
         ImageView,
         ImagesView,
@@ -42,6 +48,21 @@ use crate::*;
         hangar_core::ServiceRequest,
         hangar_core::TierChoice,
         hangar_core::VmState,
-    ))
+    )),
+    modifiers(&FarmToken)
 )]
 pub struct ApiDoc;
+
+/// Declares `farm_token`, the bearer token farm hosts send (routes name it in `security`).
+struct FarmToken;
+
+impl utoipa::Modify for FarmToken {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "farm_token",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+    }
+}

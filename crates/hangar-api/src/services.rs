@@ -9,6 +9,10 @@ use serde::{Deserialize, Serialize};
 pub struct Health {
     /// Always `ok`.
     pub status: String,
+    /// `leader` when this server runs the control plane's loops (a single server always
+    /// does), `standby` when another replica sharing its store does.
+    #[serde(default)]
+    pub role: String,
 }
 
 /// A named port a service offers in its guest.

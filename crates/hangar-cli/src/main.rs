@@ -14,8 +14,8 @@ mod error;
 mod output;
 
 use commands::{
-    agent, bench as bench_cmd, export, images, policies, pools, request, server, services, tasks,
-    templates, vms,
+    agent, bench as bench_cmd, export, hosts, images, policies, pools, request, server, services,
+    tasks, templates, vms,
 };
 use error::CliError;
 use hangar_api::client::Client;
@@ -74,6 +74,9 @@ enum Command {
     Request(request::RequestArgs),
     /// The state table: every VM, its host, services, endpoints and state.
     Vms(vms::VmsArgs),
+    /// Hosts VMs run on (this server's own and the farm's agents): state, capacity and
+    /// use, VMs, load, cost, labels, last heartbeat.
+    Hosts(hosts::HostsArgs),
     /// Warm pools: paused VMs ready to hand out, per service or configuration.
     Pools(pools::PoolsArgs),
     /// Service templates: VMs snapshotted at their ready state; new VMs are clones of them.
@@ -145,6 +148,7 @@ async fn client_command(url: &str, command: Command) -> Result<(), CliError> {
         Command::Request(args) => request::run(client, args).await,
         Command::Vms(args) => vms::list(client, args).await,
         Command::Pools(args) => pools::list(client, args).await,
+        Command::Hosts(args) => hosts::list(client, args).await,
         Command::Templates(args) => templates::run(client, args).await,
         Command::Pool { command } => pools::run(client, command).await,
         Command::Policies(args) => policies::list(client, args).await,

@@ -346,7 +346,9 @@ pub fn decide(inputs: &Inputs) -> Vec<Action> {
             | VmState::Booting
             | VmState::Ready
             | VmState::Deleted
-            | VmState::Failed => None,
+            | VmState::Failed
+            // A lost VM's host is out of reach: no timer acts on it.
+            | VmState::Lost => None,
         };
         if let Some(action) = action {
             planned.insert(&vm.id, action);

@@ -31,10 +31,14 @@ pub enum VmState {
     Deleted,
     /// Something broke; kept for inspection until deleted.
     Failed,
+    /// Its host stopped answering long enough to be declared lost. The VM may still run
+    /// there: the control plane keeps its record (never deletes data on a host it cannot
+    /// reach) and, when the host returns, has the host destroy it (fencing). Then deleted.
+    Lost,
 }
 
 impl VmState {
-    pub const ALL: [VmState; 8] = [
+    pub const ALL: [VmState; 9] = [
         VmState::Creating,
         VmState::Booting,
         VmState::Ready,
@@ -43,6 +47,7 @@ impl VmState {
         VmState::Archived,
         VmState::Deleted,
         VmState::Failed,
+        VmState::Lost,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -55,6 +60,7 @@ impl VmState {
             VmState::Archived => "archived",
             VmState::Deleted => "deleted",
             VmState::Failed => "failed",
+            VmState::Lost => "lost",
         }
     }
 
@@ -62,7 +68,11 @@ impl VmState {
     pub fn has_process(self) -> bool {
         match self {
             VmState::Booting | VmState::Ready | VmState::Active | VmState::Sleeping => true,
-            VmState::Creating | VmState::Archived | VmState::Deleted | VmState::Failed => false,
+            VmState::Creating
+            | VmState::Archived
+            | VmState::Deleted
+            | VmState::Failed
+            | VmState::Lost => false,
         }
     }
 }
@@ -100,6 +110,10 @@ pub fn valid_transition(from: VmState, to: VmState) -> bool {
         // Anything not yet gone may fail or be deleted; a failed VM may only be deleted.
         (Creating | Booting | Ready | Active | Sleeping | Archived, Failed | Deleted) => true,
         (Failed, Deleted) => true,
+        // Its host was lost: only deletion (once the host destroyed it, or an operator
+        // gave it up) follows.
+        (Creating | Booting | Ready | Active | Sleeping | Archived, Lost) => true,
+        (Lost, Deleted) => true,
         (Creating, Creating | Ready | Active | Sleeping | Archived) => false,
         (Booting, Creating | Booting | Sleeping | Archived) => false,
         (Ready, Creating | Booting | Ready | Sleeping | Archived) => false,
@@ -107,7 +121,10 @@ pub fn valid_transition(from: VmState, to: VmState) -> bool {
         (Sleeping, Creating | Booting | Ready | Sleeping) => false,
         (Archived, Creating | Booting | Ready | Sleeping | Archived) => false,
         (Deleted, _) => false,
-        (Failed, Creating | Booting | Ready | Active | Sleeping | Archived | Failed) => false,
+        (Failed, Creating | Booting | Ready | Active | Sleeping | Archived | Failed | Lost) => {
+            false
+        }
+        (Lost, Creating | Booting | Ready | Active | Sleeping | Archived | Failed | Lost) => false,
     }
 }
 
@@ -157,6 +174,13 @@ mod tests {
         (Archived, Failed),
         (Archived, Deleted),
         (Failed, Deleted),
+        (Creating, Lost),
+        (Booting, Lost),
+        (Ready, Lost),
+        (Active, Lost),
+        (Sleeping, Lost),
+        (Archived, Lost),
+        (Lost, Deleted),
     ];
 
     #[test]

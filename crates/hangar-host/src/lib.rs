@@ -319,6 +319,9 @@ pub enum HostError {
     Record(#[source] serde_json::Error),
     #[error("templates are off (--no-templates)")]
     TemplatesOff,
+    /// The control plane knows no host of this name (or, empty, has no host of its own).
+    #[error("no host {0:?} is known to this server")]
+    Unknown(String),
     #[error("{path}")]
     Io {
         path: String,

@@ -32,6 +32,7 @@ use hangar_vmm::qemu::{QemuBackend, QemuConfig};
 
 pub mod api;
 pub mod endpoints;
+pub mod farm;
 pub mod images;
 pub mod lifecycle;
 pub mod manager;
@@ -82,6 +83,18 @@ pub struct ServerConfig {
     /// Where the state lives: a `postgres://` URL or a SQLite file; `None`: `hangar.db`
     /// in the data directory.
     pub store: Option<String>,
+    /// The farm token file (made on first start, mode 0600); `None`: `farm.token` in the
+    /// data directory. Agents given its token may join the farm.
+    pub farm_token_file: Option<PathBuf>,
+    /// Run VMs on this machine too (the server's own host). Off: a control plane whose
+    /// VMs all run on farm hosts (agents).
+    pub local_host: bool,
+    /// When farm hosts without heartbeats are declared down, then lost.
+    pub host_loss: farm::LossTimes,
+    /// Give VMs stable endpoints (held by a forwarder on this machine) that survive sleep
+    /// and archive and wake VMs on connection. Off: endpoints are the VMs' own port
+    /// forwards on their hosts (for replicated control planes).
+    pub stable_endpoints: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +119,8 @@ pub enum ServerError {
         #[source]
         source: hangar_core::CatalogError,
     },
+    #[error(transparent)]
+    FarmToken(#[from] farm::token::TokenError),
     #[error("cannot open the database: {0}")]
     Store(String),
     #[error("{0}")]
@@ -187,6 +202,12 @@ pub async fn run(
     lock.try_lock()
         .map_err(|_| ServerError::Locked(data_dir.display().to_string()))?;
 
+    let farm_token = farm::token::load_or_create(
+        &config
+            .farm_token_file
+            .clone()
+            .unwrap_or_else(|| data_dir.join("farm.token")),
+    )?;
     let catalog = Arc::new(load_catalog(config.catalog.as_deref())?);
     let store_location = match &config.store {
         Some(location) => location.clone(),
@@ -198,8 +219,14 @@ pub async fn run(
 
     let vms_dir = data_dir.join("vms");
     let qemu_config = QemuConfig::new(vms_dir.clone(), config.accel);
-    let qemu_version = check_qemu(&qemu_config)?;
-    tracing::info!(qemu = %qemu_version, accel = %qemu_config.accel, requested = %config.accel, "hypervisor");
+    let qemu_version = if config.local_host {
+        let version = check_qemu(&qemu_config)?;
+        tracing::info!(qemu = %version, accel = %qemu_config.accel, requested = %config.accel, "hypervisor");
+        version
+    } else {
+        tracing::info!("no local host: VMs run on farm hosts only");
+        String::new()
+    };
     tracing::info!(
         backend = if hangar_store::is_postgres_url(&store_location) {
             "postgresql"
@@ -208,19 +235,21 @@ pub async fn run(
         },
         "store"
     );
-    store
-        .upsert_host(&hangar_store::HostRecord {
-            name: manager::LOCAL_HOST.to_owned(),
-            address: config.listen.to_string(),
-            state: hangar_store::HostState::Up,
-            facts: serde_json::json!({
-                "qemu": qemu_version.to_string(),
-                "accel": qemu_config.accel.to_string(),
-            }),
-            last_heartbeat_ms: hangar_store::now_ms(),
-        })
-        .await
-        .map_err(|err| ServerError::Store(error::error_chain(&err)))?;
+    if config.local_host {
+        store
+            .upsert_host(&hangar_store::HostRecord {
+                name: manager::LOCAL_HOST.to_owned(),
+                address: config.listen.to_string(),
+                state: hangar_store::HostState::Up,
+                facts: serde_json::json!({
+                    "qemu": qemu_version.to_string(),
+                    "accel": qemu_config.accel.to_string(),
+                }),
+                last_heartbeat_ms: hangar_store::now_ms(),
+            })
+            .await
+            .map_err(|err| ServerError::Store(error::error_chain(&err)))?;
+    }
 
     let images = Arc::new(images::LocalImages::new(
         data_dir.join("cache"),
@@ -251,23 +280,6 @@ pub async fn run(
             vms_dir: Some(vms_dir.clone()),
         },
     );
-    host.clean_template_debris();
-    let manager = Manager::new(
-        store,
-        Arc::new(host),
-        images,
-        catalog,
-        ManagerConfig {
-            endpoint_host: config.endpoint_host,
-            pool_memory_mib: config.pool_memory_mib,
-            image_budget_mib: config.image_budget_mib,
-            export_dir: data_dir.join("exports"),
-            dns_domain: config.dns_domain.clone(),
-            memory_budget_mib: config.memory_budget_mib,
-            disk_budget_mib: config.disk_budget_mib,
-            ..ManagerConfig::default()
-        },
-    );
     // Listen before reconciling: the forwarder is told this address for wake requests,
     // which wait in the backlog until the API serves.
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -285,26 +297,64 @@ pub async fn run(
             addr
         }
     );
-    let kind = match &config.forwarder_command {
-        Some(command) => endpoints::ForwarderKind::Process {
-            data_dir: data_dir.clone(),
-            command: command.clone(),
-        },
-        None => endpoints::ForwarderKind::InProcess(hangar_forward::Forwarder::new(&server_url)),
+    let local: Option<Arc<dyn hangar_host::Host>> = if config.local_host {
+        host.clean_template_debris();
+        Some(Arc::new(host))
+    } else {
+        None
     };
-    manager.use_stable_endpoints(endpoints::StableEndpoints::new(kind, &server_url));
-
-    let report = manager
-        .reconcile()
-        .await
-        .map_err(|err| ServerError::Reconcile(err.to_string()))?;
-    tracing::info!(
-        adopted = report.adopted.len(),
-        failed = report.failed.len(),
-        stopped_unknown = report.stopped_unknown.len(),
-        removed_dirs = report.removed_dirs.len(),
-        "reconciled state with running vms"
+    let manager = Manager::with_hosts(
+        store,
+        scheduler::Scheduler::new(local, None),
+        images,
+        catalog,
+        ManagerConfig {
+            endpoint_host: config.endpoint_host,
+            pool_memory_mib: config.pool_memory_mib,
+            image_budget_mib: config.image_budget_mib,
+            export_dir: data_dir.join("exports"),
+            dns_domain: config.dns_domain.clone(),
+            memory_budget_mib: config.memory_budget_mib,
+            disk_budget_mib: config.disk_budget_mib,
+            farm_token,
+            host_loss: config.host_loss,
+            server_urls: vec![server_url.clone()],
+            ..ManagerConfig::default()
+        },
     );
+    if config.stable_endpoints {
+        let kind = match &config.forwarder_command {
+            Some(command) => endpoints::ForwarderKind::Process {
+                data_dir: data_dir.clone(),
+                command: command.clone(),
+            },
+            None => {
+                endpoints::ForwarderKind::InProcess(hangar_forward::Forwarder::new(&server_url))
+            }
+        };
+        manager.use_stable_endpoints(endpoints::StableEndpoints::new(kind, &server_url));
+    }
+
+    // One replica of the control plane leads (runs the loops); a single server always
+    // does. A replica that starts while another leads reconciles nothing: the leader's
+    // tasks and VMs are in flight.
+    let replica = ulid::Ulid::new().to_string();
+    if manager.try_lead(&replica, None).await {
+        let report = manager
+            .reconcile()
+            .await
+            .map_err(|err| ServerError::Reconcile(err.to_string()))?;
+        tracing::info!(
+            adopted = report.adopted.len(),
+            failed = report.failed.len(),
+            stopped_unknown = report.stopped_unknown.len(),
+            removed_dirs = report.removed_dirs.len(),
+            "reconciled state with running vms"
+        );
+    } else {
+        tracing::info!(%replica, "another server leads on this store: this one serves the API as a standby");
+    }
+    let leader_loop = manager.spawn_leader_loop(replica.clone());
     manager
         .sync_endpoints()
         .await
@@ -316,21 +366,36 @@ pub async fn run(
             let mut tick = tokio::time::interval(MONITOR_INTERVAL);
             loop {
                 tick.tick().await;
+                if !manager.farm.leading() {
+                    continue;
+                }
                 manager.monitor_once().await;
                 manager.poll_endpoint_activity().await;
             }
         })
     };
 
+    let farm_loop = manager.spawn_farm_loop();
     let pool_loop = manager.spawn_pool_loop();
     let lifecycle_loop = manager.spawn_lifecycle_loop();
     let image_loop = manager.spawn_image_loop();
 
     tracing::info!(%addr, data_dir = %data_dir.display(), "hangar server listening");
+    let manager_for_shutdown = manager.clone();
     let served = axum::serve(listener, api::router(manager))
         .with_graceful_shutdown(shutdown)
         .await;
     monitor.abort();
+    leader_loop.abort();
+    if manager_for_shutdown.farm.leading()
+        && let Err(err) = manager_for_shutdown
+            .store()
+            .release_lease(farm::leader::LEADER_LEASE, &replica)
+            .await
+    {
+        tracing::warn!(error = %error::error_chain(&err), "cannot hand the lead back");
+    }
+    farm_loop.abort();
     pool_loop.abort();
     lifecycle_loop.abort();
     image_loop.abort();

@@ -40,6 +40,13 @@ pub struct ManagerConfig {
     pub disk_budget_mib: Option<u64>,
     /// How often the lifecycle loop looks at idle timers and budgets.
     pub lifecycle_interval: Duration,
+    /// The secret farm hosts prove themselves with (bearer token), both ways: agents to
+    /// the server, the server to agents. Empty: no host is accepted.
+    pub farm_token: String,
+    /// When farm hosts without heartbeats are declared down, then lost.
+    pub host_loss: crate::farm::LossTimes,
+    /// The control plane's API addresses agents are told (this server's first).
+    pub server_urls: Vec<String>,
 }
 
 impl Default for ManagerConfig {
@@ -54,17 +61,20 @@ impl Default for ManagerConfig {
             memory_budget_mib: None,
             disk_budget_mib: None,
             lifecycle_interval: Duration::from_millis(500),
+            farm_token: String::new(),
+            host_loss: crate::farm::LossTimes::default(),
+            server_urls: Vec::new(),
         }
     }
 }
 
 pub struct Manager {
     pub(crate) store: Arc<dyn Store>,
-    /// The default host (single-node mode: the local host, the only one). Operations on a
-    /// VM go to the host it was placed on ([`Manager::host_of`]).
-    pub(crate) host: Arc<dyn Host>,
-    /// The hosts new VMs are placed on.
+    /// The hosts: the server's own (single-node mode) and the farm's. New VMs are placed
+    /// on one; operations on a VM go to the host it was placed on ([`Manager::host_of`]).
     pub(crate) scheduler: crate::scheduler::Scheduler,
+    /// Farm state of this server: whether it leads, what it knows of hosts' losses.
+    pub(crate) farm: crate::farm::FarmRuntime,
     pub(crate) images: Arc<dyn ImageSource>,
     pub(crate) catalog: Arc<Catalog>,
     pub(crate) config: ManagerConfig,
@@ -98,6 +108,7 @@ pub struct ReconcileReport {
 }
 
 impl Manager {
+    /// A manager of one host, the server's own (single-node mode).
     pub fn new(
         store: Arc<dyn Store>,
         host: Arc<dyn Host>,
@@ -105,11 +116,28 @@ impl Manager {
         catalog: Arc<Catalog>,
         config: ManagerConfig,
     ) -> Arc<Manager> {
+        Manager::with_hosts(
+            store,
+            crate::scheduler::Scheduler::new(Some(host), None),
+            images,
+            catalog,
+            config,
+        )
+    }
+
+    /// A manager of the hosts `scheduler` knows (the server's own, if any, and a farm's).
+    pub fn with_hosts(
+        store: Arc<dyn Store>,
+        scheduler: crate::scheduler::Scheduler,
+        images: Arc<dyn ImageSource>,
+        catalog: Arc<Catalog>,
+        config: ManagerConfig,
+    ) -> Arc<Manager> {
         Arc::new(Manager {
             tasks: crate::tasks::Tasks::new(store.clone()),
             store,
-            scheduler: crate::scheduler::Scheduler::new(vec![host.clone()]),
-            host,
+            scheduler,
+            farm: crate::farm::FarmRuntime::default(),
             images,
             catalog,
             config,

@@ -18,11 +18,13 @@ use hangar_core::Mode;
 use hangar_core::VmState;
 
 mod error;
+mod lease;
 mod postgres;
 mod records;
 mod sqlite;
 
 pub use error::{BackendSource, Conflict, Entity, StoreError};
+pub use lease::LeaseRecord;
 pub use postgres::PgStore;
 pub use records::{
     ArchiveRecord, HostRecord, HostState, StepOutcome, TaskRecord, TaskState, TaskStep,
@@ -272,6 +274,30 @@ pub trait Store: Send + Sync {
 
     /// Forgets a VM's archive; returns whether there was one.
     async fn remove_archive(&self, vm_id: &str) -> Result<bool, StoreError>;
+
+    // ---- leases ----
+
+    /// Takes or renews lease `name` for `holder` until `now_ms + ttl_ms`: succeeds when
+    /// the lease is free, expired (`expires_ms <= now_ms`) or already held by `holder`,
+    /// and returns whether it did. One conditional write: of concurrent callers (in any
+    /// process sharing the store) with different holders, at most one takes a lease.
+    /// Times are the callers' clocks, so replicas sharing a lease need clocks that agree
+    /// to well within `ttl_ms`.
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl_ms: u64,
+        now_ms: u64,
+    ) -> Result<bool, StoreError>;
+
+    /// Gives lease `name` up, if `holder` holds it (expired or not); returns whether it
+    /// did. Anyone may take it at once afterwards.
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<bool, StoreError>;
+
+    /// Lease `name` as stored (possibly expired), or `None` when nobody has taken it or
+    /// it was released.
+    async fn lease(&self, name: &str) -> Result<Option<LeaseRecord>, StoreError>;
 }
 
 #[cfg(test)]

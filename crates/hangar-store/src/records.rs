@@ -145,6 +145,8 @@ pub enum HostState {
     Draining,
     /// Not answering.
     Down,
+    /// Missed heartbeats long enough that its VMs were declared lost.
+    Lost,
 }
 
 impl HostState {
@@ -153,6 +155,7 @@ impl HostState {
             HostState::Up => "up",
             HostState::Draining => "draining",
             HostState::Down => "down",
+            HostState::Lost => "lost",
         }
     }
 
@@ -161,6 +164,7 @@ impl HostState {
             "up" => Ok(HostState::Up),
             "draining" => Ok(HostState::Draining),
             "down" => Ok(HostState::Down),
+            "lost" => Ok(HostState::Lost),
             other => Err(StoreError::corrupt(other)),
         }
     }

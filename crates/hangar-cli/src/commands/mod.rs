@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod bench;
 pub mod export;
+pub mod hosts;
 pub mod images;
 pub mod policies;
 pub mod pools;

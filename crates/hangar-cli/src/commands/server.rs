@@ -60,6 +60,26 @@ pub struct ServerArgs {
     /// a SQLite file [default: hangar.db in the data directory].
     #[arg(long, value_name = "URL|PATH", env = "HANGAR_STORE")]
     store: Option<String>,
+    /// The secret farm hosts prove themselves with; made on first start (mode 0600) when
+    /// missing. Give it to `hangar agent --token-file` [default: farm.token in the data
+    /// directory].
+    #[arg(long, value_name = "PATH", env = "HANGAR_FARM_TOKEN_FILE")]
+    farm_token_file: Option<PathBuf>,
+    /// Run no VMs on this machine: a control plane for farm hosts (`hangar agent`) only.
+    #[arg(long, env = "HANGAR_NO_LOCAL_HOST")]
+    no_local_host: bool,
+    /// Farm hosts without a heartbeat for this long are `down` (nothing new goes there).
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration, env = "HANGAR_HOST_DOWN_AFTER")]
+    host_down_after: std::time::Duration,
+    /// Farm hosts without a heartbeat for this long are `lost`: their VMs are marked lost,
+    /// shared services in use are made again elsewhere, and the host destroys the replaced
+    /// VMs when it comes back.
+    #[arg(long, default_value = "6s", value_parser = humantime::parse_duration, env = "HANGAR_HOST_LOST_AFTER")]
+    host_lost_after: std::time::Duration,
+    /// Answer with the VMs' own port forwards on their hosts instead of stable endpoints
+    /// held on this machine (needed when several servers share one store).
+    #[arg(long, env = "HANGAR_DIRECT_ENDPOINTS")]
+    direct_endpoints: bool,
 }
 
 #[derive(clap::Args)]
@@ -108,6 +128,13 @@ pub async fn run(args: ServerArgs) -> ExitCode {
         debian_mirror: args.debian_mirror,
         image_budget_mib: args.image_budget,
         store: args.store,
+        farm_token_file: args.farm_token_file,
+        local_host: !args.no_local_host,
+        host_loss: hangar_server::farm::LossTimes {
+            down_after: args.host_down_after,
+            lost_after: args.host_lost_after.max(args.host_down_after),
+        },
+        stable_endpoints: !args.direct_endpoints,
     };
     match hangar_server::run(config, shutdown_signal()).await {
         Ok(()) => {

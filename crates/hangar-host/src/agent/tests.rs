@@ -287,7 +287,10 @@ async fn templates_are_made_listed_cloned_and_removed_through_the_agent() {
     assert_eq!(held.len(), 1);
     assert_eq!(held[0].id, template.id);
     assert!(held[0].current);
-    assert_eq!(host.facts().await.unwrap().templates, [template.id.as_str()]);
+    assert_eq!(
+        host.facts().await.unwrap().templates,
+        [template.id.as_str()]
+    );
 
     // A new VM is cloned from it, and says so in its launch record.
     let request = plan("vm-3", Purpose::Request);

@@ -7,6 +7,9 @@
 //! When each command is legal:
 //! - `Request`, `List*`, `Get*`, `BuildImage`, `ExportImage`: always; the domain answers
 //!   404/422 for unknown or never-viable services.
+//! - `RegisterHost`, `HostHeartbeat`: only from callers with the farm token (checked by
+//!   the handler); a heartbeat of a host not registered (or registered again since)
+//!   answers 404, and the agent registers again.
 //! - `SleepVm`: an active VM (sleeping: no-op); `ArchiveVm`: active or sleeping; `WakeVm`:
 //!   sleeping or archived (active: no-op); `DeleteVm`: any state but creating or booting.
 //!   Other states answer 409 (`crate::lifecycle::ops::LifecycleError::WrongState`).
@@ -66,6 +69,14 @@ pub enum Command {
     ListImages,
     BuildImage(ServiceRequest),
     ExportImage(ServiceRequest),
+    /// A farm host's agent registers (farm token checked by the handler).
+    RegisterHost(hangar_api::HostRegistration),
+    /// A farm host's heartbeat (farm token checked by the handler).
+    HostHeartbeat {
+        name: String,
+        heartbeat: hangar_api::Heartbeat,
+    },
+    ListHosts,
 }
 
 /// What a command answers.
@@ -86,6 +97,9 @@ pub enum Reply {
     /// The id of the task that builds the image.
     Building(String),
     Export(ExportFile),
+    /// What a registering or reporting agent is told.
+    HostReply(hangar_api::HeartbeatReply),
+    Hosts(Vec<hangar_api::HostView>),
 }
 
 impl Reply {
@@ -112,6 +126,13 @@ impl RequestHandler for Arc<Manager> {
         let manager = self;
         Ok(match command {
             Command::Request(request) => Reply::Grant(Box::new(manager.request(request).await?)),
+            Command::RegisterHost(registration) => {
+                Reply::HostReply(manager.register_host(registration).await?)
+            }
+            Command::HostHeartbeat { name, heartbeat } => {
+                Reply::HostReply(manager.host_heartbeat(&name, heartbeat).await?)
+            }
+            Command::ListHosts => Reply::Hosts(manager.host_views().await?),
             Command::ListVms { all } => Reply::Vms(manager.store().vms(all).await?),
             Command::GetVm(id) => {
                 Reply::Vm(

@@ -32,6 +32,9 @@ pub enum ApiError {
         retry_after_s: u64,
         task: Option<String>,
     },
+    /// The caller did not prove who it is (no or a wrong bearer token).
+    #[error("{0}")]
+    Unauthorized(String),
     /// Something on our side broke.
     #[error("{0}")]
     Internal(String),
@@ -51,6 +54,7 @@ impl ApiError {
             ApiError::Never { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TryAgain { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -62,6 +66,7 @@ impl ApiError {
             ApiError::Never { .. } => "never",
             ApiError::Conflict(_) => "conflict",
             ApiError::TryAgain { .. } => "try_again",
+            ApiError::Unauthorized(_) => "unauthorized",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -72,6 +77,21 @@ impl From<hangar_store::StoreError> for ApiError {
         match err {
             hangar_store::StoreError::Conflict(err) => ApiError::Conflict(err.to_string()),
             other => ApiError::Internal(format!("store: {}", error_chain(&other))),
+        }
+    }
+}
+
+impl From<crate::farm::FarmError> for ApiError {
+    fn from(err: crate::farm::FarmError) -> ApiError {
+        use crate::farm::FarmError;
+        match err {
+            FarmError::Invalid(message) => ApiError::BadRequest(message),
+            FarmError::NameTaken(_) => ApiError::Conflict(err.to_string()),
+            FarmError::NotRegistered(_) => ApiError::NotFound {
+                message: err.to_string(),
+                alternatives: Vec::new(),
+            },
+            FarmError::Store(err) => err.into(),
         }
     }
 }
@@ -255,6 +275,12 @@ impl IntoResponse for ApiError {
             && let Ok(value) = HeaderValue::from_str(&seconds.to_string())
         {
             response.headers_mut().insert(header::RETRY_AFTER, value);
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"hangar\""),
+            );
         }
         response
     }

@@ -20,6 +20,8 @@ use utoipa_axum::routes;
 
 pub mod commands;
 pub mod error;
+pub mod farm;
+pub mod farm_auth;
 pub mod json_errors;
 
 use commands::{Command, Reply, RequestHandler};
@@ -54,6 +56,8 @@ fn routes() -> OpenApiRouter<Arc<Manager>> {
         .routes(routes!(get_task))
         .routes(routes!(list_images, build_image))
         .routes(routes!(export_image))
+        .routes(routes!(farm::list_hosts, farm::register_host))
+        .routes(routes!(farm::host_heartbeat))
 }
 
 /// The OpenAPI document of every route the router serves.
@@ -88,9 +92,15 @@ async fn openapi() -> Json<&'static utoipa::openapi::OpenApi> {
 }
 
 #[utoipa::path(get, path = "/healthz", responses((status = 200, body = Health)))]
-async fn healthz() -> Json<Health> {
+async fn healthz(State(manager): State<Arc<Manager>>) -> Json<Health> {
     Json(Health {
         status: "ok".into(),
+        role: if manager.farm.leading() {
+            "leader"
+        } else {
+            "standby"
+        }
+        .into(),
     })
 }
 
@@ -293,11 +303,12 @@ fn vm_view(vm: VmRecord) -> VmView {
 
 /// A VM as listed, with its archive when it has one.
 async fn view(manager: &Manager, vm: VmRecord) -> VmView {
-    let archive = match vm.state {
-        VmState::Archived => manager.archive_info(&vm.id).await,
-        _ => None,
-    }
-    .map(|info| ArchiveView {
+    let archive = if vm.state == VmState::Archived {
+        manager.archive_info(&vm.id).await
+    } else {
+        None
+    };
+    let archive = archive.map(|info| ArchiveView {
         tier: info.tier.to_string(),
         size_bytes: info.size_bytes,
         memory_mib: info.memory_mib,

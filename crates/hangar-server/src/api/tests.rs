@@ -16,8 +16,17 @@ use crate::test_support::fake_manager;
 const CATALOG: &str = crate::test_support::WEB_AND_NEVER_READY;
 
 /// The API's router over a fake manager.
+/// The farm token of [`api`]'s server.
+const FARM_TOKEN: &str = "farm-token-for-the-api-tests";
+
 fn api() -> Router {
-    let (manager, _, _) = fake_manager(CATALOG, ManagerConfig::default());
+    let (manager, _, _) = fake_manager(
+        CATALOG,
+        ManagerConfig {
+            farm_token: FARM_TOKEN.into(),
+            ..ManagerConfig::default()
+        },
+    );
     crate::api::router(manager)
 }
 
@@ -56,19 +65,31 @@ pub(crate) async fn send(
     content_type: Option<&str>,
     body: impl Into<Body>,
 ) -> Answer {
+    send_as(router, None, method, uri, content_type, body).await
+}
+
+/// [`send`], with `token` as the bearer token when given.
+pub(crate) async fn send_as(
+    router: &Router,
+    token: Option<&str>,
+    method: &str,
+    uri: &str,
+    content_type: Option<&str>,
+    body: impl Into<Body>,
+) -> Answer {
+    let mut request = Request::builder()
+        .method(Method::from_bytes(method.as_bytes()).unwrap())
+        .uri(uri)
+        .header(
+            header::CONTENT_TYPE,
+            content_type.unwrap_or("application/json"),
+        );
+    if let Some(token) = token {
+        request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+    }
     let response = router
         .clone()
-        .oneshot(
-            Request::builder()
-                .method(Method::from_bytes(method.as_bytes()).unwrap())
-                .uri(uri)
-                .header(
-                    header::CONTENT_TYPE,
-                    content_type.unwrap_or("application/json"),
-                )
-                .body(body.into())
-                .unwrap(),
-        )
+        .oneshot(request.body(body.into()).unwrap())
         .await
         .unwrap();
     let status = response.status();
@@ -280,7 +301,18 @@ struct Exerciser {
 
 impl Exerciser {
     async fn call(&mut self, method: &str, template: &str, uri: &str, body: &str) -> Answer {
-        let answer = send(&self.router, method, uri, None, body.to_owned()).await;
+        self.call_as(None, method, template, uri, body).await
+    }
+
+    async fn call_as(
+        &mut self,
+        token: Option<&str>,
+        method: &str,
+        template: &str,
+        uri: &str,
+        body: &str,
+    ) -> Answer {
+        let answer = send_as(&self.router, token, method, uri, None, body.to_owned()).await;
         check_answer(&self.document, method, template, &answer);
         self.exercised
             .insert((template.to_owned(), method.to_ascii_uppercase()));
@@ -433,6 +465,55 @@ async fn every_answer_matches_its_schema_in_the_openapi_document() {
         .await;
     api.call("POST", "/v1/export", "/v1/export", r#"{"service":"nope"}"#)
         .await;
+
+    // The farm: agents register and report with the farm token; anyone may list hosts.
+    let registration = r#"{"name":"h1","address":"http://10.0.0.2:7800","incarnation":"i1",
+        "facts":{"hypervisor":"fake","vcpus":2,"memory_mib":1024,"free_memory_mib":900,
+        "free_disk_mib":100,"load":0.5}}"#;
+    let heartbeat = r#"{"incarnation":"i1","facts":{"hypervisor":"fake","vcpus":2,
+        "memory_mib":1024,"free_memory_mib":900,"free_disk_mib":100,"load":0.5},"vms":[]}"#;
+    let beat = "/v1/hosts/{name}/heartbeat";
+    let refused = api
+        .call("POST", "/v1/hosts", "/v1/hosts", registration)
+        .await;
+    assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
+    assert!(refused.headers.contains_key(header::WWW_AUTHENTICATE));
+    let wrong = api
+        .call_as(
+            Some("guess"),
+            "POST",
+            "/v1/hosts",
+            "/v1/hosts",
+            registration,
+        )
+        .await;
+    assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
+    let token = Some(FARM_TOKEN);
+    let unknown = api
+        .call_as(token, "POST", beat, "/v1/hosts/h1/heartbeat", heartbeat)
+        .await;
+    assert_eq!(unknown.status, StatusCode::NOT_FOUND, "register first");
+    let registered = api
+        .call_as(token, "POST", "/v1/hosts", "/v1/hosts", registration)
+        .await;
+    assert_eq!(registered.status, StatusCode::OK);
+    assert_eq!(registered.json()["state"], "up");
+    let bad = api
+        .call_as(token, "POST", "/v1/hosts", "/v1/hosts", r#"{"name":"h2"}"#)
+        .await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    let reported = api
+        .call_as(token, "POST", beat, "/v1/hosts/h1/heartbeat", heartbeat)
+        .await;
+    assert_eq!(reported.status, StatusCode::OK);
+    let hosts = api.call("GET", "/v1/hosts", "/v1/hosts", "").await.json();
+    let names: Vec<&str> = hosts
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["local", "h1"]);
 
     // Deletion, then the conflict of deleting again.
     let deleted = api.call("DELETE", vm, &format!("/v1/vms/{id}"), "").await;

@@ -134,7 +134,7 @@ pub fn desired_endpoints(vms: &[VmRecord]) -> Vec<EndpointSpec> {
     let mut specs = Vec::new();
     for vm in vms {
         let active = match vm.state {
-            VmState::Deleted | VmState::Failed => continue,
+            VmState::Deleted | VmState::Failed | VmState::Lost => continue,
             VmState::Sleeping | VmState::Archived => false,
             VmState::Creating | VmState::Booting | VmState::Ready | VmState::Active => true,
         };

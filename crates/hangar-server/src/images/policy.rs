@@ -375,6 +375,9 @@ impl Manager {
             let mut tick = tokio::time::interval(IMAGE_LOOP_INTERVAL);
             loop {
                 tick.tick().await;
+                if !manager.farm.leading() {
+                    continue;
+                }
                 manager.promote_images().await;
                 manager.evict_images().await;
             }

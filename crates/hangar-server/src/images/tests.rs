@@ -240,7 +240,7 @@ async fn eviction_takes_least_recently_used_layers_no_vm_uses() {
         // A budget of nothing, on the same store and layers.
         Manager::new(
             manager.store.clone(),
-            manager.host.clone(),
+            manager.default_host(),
             layers.clone(),
             manager.catalog.clone(),
             ManagerConfig {

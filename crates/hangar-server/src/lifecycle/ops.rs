@@ -229,7 +229,7 @@ impl Manager {
     /// The archive of an archived VM; none when it has none or its host cannot tell
     /// (logged).
     pub async fn archive_info(&self, id: &str) -> Option<ArchiveFacts> {
-        match self.host.archive_facts(id).await {
+        match self.host_of_id(id).await.archive_facts(id).await {
             Ok(archive) => archive,
             Err(err) => {
                 tracing::warn!(vm = %id, error = %error_chain(&err), "cannot read the VM's archive");
@@ -249,8 +249,9 @@ impl Manager {
         live: &mut HashSet<String>,
         report: &mut ReconcileReport,
     ) {
+        let host = self.host_of(vm);
         let running = running_at_start.contains(&vm.id);
-        let archive = match self.host.archive_facts(&vm.id).await {
+        let archive = match host.archive_facts(&vm.id).await {
             Ok(archive) => archive,
             Err(err) => {
                 // Decided at the next start, when the host answers.
@@ -262,14 +263,13 @@ impl Manager {
         match (running, archive) {
             (true, Some(_)) => {
                 tracing::info!(vm = %vm.id, "stopping a restore cut short; the archive is kept");
-                if let Err(err) = self.host.stop(&vm.id).await {
+                if let Err(err) = host.stop(&vm.id).await {
                     tracing::warn!(vm = %vm.id, error = %error_chain(&err), "cannot stop qemu");
                 }
                 live.insert(vm.id.clone());
             }
             (true, None) => {
-                let adopted = self
-                    .host
+                let adopted = host
                     .adopt(&vm.id, &LaunchRecord(vm.spec.clone()), true)
                     .await
                     .ok()
@@ -316,6 +316,14 @@ impl Manager {
             VmState::Creating | VmState::Booting => {
                 return Err(LifecycleError::StillCreating(id.to_owned()));
             }
+            // Its host is out of reach: nothing is deleted there now; when the host returns
+            // it is told to destroy the VM (it is no longer live in the store).
+            VmState::Lost => {
+                self.close_endpoints(id).await;
+                let vm = self.store.transition(id, VmState::Deleted, None).await?;
+                tracing::info!(vm = %id, host = %vm.host, "lost vm given up");
+                return Ok(vm);
+            }
             VmState::Ready
             | VmState::Active
             | VmState::Sleeping
@@ -330,7 +338,8 @@ impl Manager {
 
     /// Ends a VM's process and frees its files and endpoints (its record is the caller's).
     pub(crate) async fn tear_down(&self, id: &str) -> Result<(), LifecycleError> {
-        self.host
+        self.host_of_id(id)
+            .await
             .destroy(id)
             .await
             .map_err(|source| LifecycleError::Destroy {

@@ -20,6 +20,7 @@ use hangar_host::ArchiveTier;
 use hangar_store::now_ms;
 use tokio::sync::Notify;
 
+use crate::api::error::error_chain;
 use crate::lifecycle::ops::LifecycleError;
 use crate::manager::Manager;
 
@@ -288,11 +289,17 @@ impl Manager {
     async fn lifecycle_inputs(&self) -> Result<Inputs, PolicyError> {
         let mut vms = Vec::new();
         for vm in self.store.vms(false).await? {
-            let archive_bytes = match vm.state {
-                VmState::Archived => self.archive_info(&vm.id).await,
-                _ => None,
-            }
-            .map(|info| info.size_bytes);
+            let archive = match vm.state {
+                VmState::Archived => self.host_of(&vm).archive_facts(&vm.id).await,
+                _ => Ok(None),
+            };
+            let archive_bytes = match archive {
+                Ok(archive) => archive.map(|info| info.size_bytes),
+                Err(err) => {
+                    tracing::warn!(vm = %vm.id, error = %error_chain(&err), "cannot read the VM's archive");
+                    None
+                }
+            };
             vms.push(VmFacts {
                 archive_bytes,
                 id: vm.id,
@@ -415,7 +422,9 @@ impl Manager {
         let manager = self.clone();
         tokio::spawn(async move {
             loop {
-                if let Err(err) = manager.reconcile_lifecycle().await {
+                if manager.farm.leading()
+                    && let Err(err) = manager.reconcile_lifecycle().await
+                {
                     tracing::warn!(error = %err, "lifecycle round failed");
                 }
                 tokio::select! {

@@ -433,7 +433,9 @@ impl Manager {
                 if !quiet.is_zero() {
                     tokio::time::sleep(quiet).await;
                 }
-                if let Err(err) = manager.reconcile_pools().await {
+                if manager.farm.leading()
+                    && let Err(err) = manager.reconcile_pools().await
+                {
                     tracing::warn!(error = %err, "pool reconciliation failed");
                 }
                 tokio::select! {

@@ -39,7 +39,12 @@ impl Manager {
                 VmState::Ready | VmState::Active | VmState::Sleeping
             )
         });
-        if still_live && matches!(self.host.run_state(id).await, Ok(RunState::Gone)) {
+        if still_live
+            && matches!(
+                self.host_of_id(id).await.run_state(id).await,
+                Ok(RunState::Gone)
+            )
+        {
             self.discard(id, "the VM's QEMU process exited unexpectedly")
                 .await;
         }
@@ -50,7 +55,6 @@ impl Manager {
     /// VMs caught half-made are removed and marked failed; QEMU processes and VM
     /// directories the store does not know are stopped and removed. Idempotent.
     pub async fn reconcile(&self) -> Result<ReconcileReport, ReconcileError> {
-        let mut report = ReconcileReport::default();
         let interrupted = self
             .store
             .fail_running_tasks("the server stopped before the task finished")
@@ -58,17 +62,30 @@ impl Manager {
         if interrupted > 0 {
             tracing::info!(tasks = interrupted, "marked interrupted tasks failed");
         }
+        match self.scheduler.local() {
+            Some(local) => self.reconcile_host(local.clone()).await,
+            None => Ok(ReconcileReport::default()),
+        }
+    }
+
+    /// [`Manager::reconcile`] for the VMs placed on one host (the server's own at start-up,
+    /// a farm host when its agent starts again).
+    pub async fn reconcile_host(
+        &self,
+        host: std::sync::Arc<dyn hangar_host::Host>,
+    ) -> Result<ReconcileReport, ReconcileError> {
+        let mut report = ReconcileReport::default();
         let mut live = HashSet::new();
         // Processes found at the start, for VMs the store says have none (archived).
-        let running_at_start: HashSet<String> = self
-            .host
+        let running_at_start: HashSet<String> = host
             .inventory()
             .await
             .map_err(ReconcileError::Inventory)?
             .into_iter()
             .map(|vm| vm.id)
             .collect();
-        for vm in self.store.vms(false).await? {
+        let placed_here = |vm: &hangar_store::VmRecord| vm.host == host.name();
+        for vm in self.store.vms(false).await?.into_iter().filter(placed_here) {
             match vm.state {
                 VmState::Creating | VmState::Booting => {
                     self.discard(&vm.id, "the server stopped while the VM was being created")
@@ -77,8 +94,7 @@ impl Manager {
                 }
                 VmState::Ready | VmState::Active | VmState::Sleeping => {
                     // An archive cut short leaves an active VM paused: it is resumed.
-                    let adopted = self
-                        .host
+                    let adopted = host
                         .adopt(
                             &vm.id,
                             &LaunchRecord(vm.spec.clone()),
@@ -87,7 +103,7 @@ impl Manager {
                         .await;
                     let archived = matches!(adopted, Ok(None))
                         && vm.state != VmState::Ready
-                        && matches!(self.host.archive_facts(&vm.id).await, Ok(Some(_)));
+                        && matches!(host.archive_facts(&vm.id).await, Ok(Some(_)));
                     match adopted {
                         Ok(Some(_)) => {
                             live.insert(vm.id.clone());
@@ -128,22 +144,18 @@ impl Manager {
                     self.reconcile_archived(&vm, &running_at_start, &mut live, &mut report)
                         .await;
                 }
-                VmState::Failed => {
+                VmState::Failed | VmState::Lost => {
                     // No process belongs to a failed VM; a leftover one is stopped below.
+                    // A lost VM's host was out of reach (a farm host); fenced by its agent.
                 }
                 VmState::Deleted => {}
             }
         }
-        for run in self
-            .host
-            .inventory()
-            .await
-            .map_err(ReconcileError::Inventory)?
-        {
+        for run in host.inventory().await.map_err(ReconcileError::Inventory)? {
             let id = run.id;
             if !live.contains(&id) {
                 tracing::warn!(vm = %id, "stopping a QEMU process the store does not know");
-                if let Err(err) = self.host.destroy(&id).await {
+                if let Err(err) = host.destroy(&id).await {
                     tracing::warn!(vm = %id, error = %error_chain(&err), "cannot stop unknown qemu");
                 }
                 report.stopped_unknown.push(id);
@@ -157,24 +169,27 @@ impl Manager {
             .filter(|vm| vm.state != VmState::Failed)
             .map(|vm| vm.id)
             .collect();
-        report.removed_dirs = self
-            .host
+        report.removed_dirs = host
             .remove_leftovers(&keep)
             .await
             .map_err(ReconcileError::Leftovers)?;
         Ok(report)
     }
 
-    /// One round of health monitoring: VMs whose process died are marked failed.
+    /// One round of health monitoring of the server's own host: VMs whose process died are
+    /// marked failed. (Farm hosts report their VMs in heartbeats; see [`crate::farm`].)
     pub async fn monitor_once(&self) {
+        let Some(local) = self.scheduler.local().cloned() else {
+            return;
+        };
         let Ok(vms) = self.store.vms(false).await else {
             return;
         };
-        for vm in vms {
+        for vm in vms.into_iter().filter(|vm| vm.host == local.name()) {
             if matches!(
                 vm.state,
                 VmState::Ready | VmState::Active | VmState::Sleeping
-            ) && matches!(self.host.run_state(&vm.id).await, Ok(RunState::Gone))
+            ) && matches!(local.run_state(&vm.id).await, Ok(RunState::Gone))
             {
                 // Judged again under the VM's lock: the state may have moved on meanwhile.
                 self.mark_crashed(&vm.id).await;

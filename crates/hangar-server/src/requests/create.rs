@@ -48,7 +48,8 @@ impl Manager {
             },
             ready: make.ready.clone(),
         };
-        let host = self.place(&plan).await.map_err(|err| error_chain(&err))?;
+        let (host, why) = self.place(&plan).await.map_err(|err| error_chain(&err))?;
+        self.farm.placed(&vm_id, &why);
         let prepared = host
             .prepare_vm(&plan, self.tasks.progress(task))
             .await
@@ -173,7 +174,7 @@ impl Manager {
     /// Frees everything of a VM that failed (or is not wanted) and records why.
     pub(crate) async fn discard(&self, vm_id: &str, reason: &str) {
         tracing::warn!(vm = %vm_id, reason, "vm creation failed");
-        if let Err(err) = self.host.destroy(vm_id).await {
+        if let Err(err) = self.host_of_id(vm_id).await.destroy(vm_id).await {
             tracing::warn!(vm = %vm_id, error = %error_chain(&err), "cannot destroy failed vm");
         }
         self.close_endpoints(vm_id).await;

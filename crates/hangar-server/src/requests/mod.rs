@@ -392,7 +392,7 @@ impl Manager {
         let mut candidates = self.store.shared_candidates(service, env).await?;
         candidates.sort_by_key(|vm| vm.last_used_at_ms);
         for vm in candidates {
-            match self.host.run_state(&vm.id).await {
+            match self.host_of(&vm).run_state(&vm.id).await {
                 Ok(RunState::Running) => return Ok(Some(vm)),
                 Ok(RunState::Gone) => self.mark_crashed(&vm.id).await,
                 Ok(RunState::Paused) | Err(_) => {}

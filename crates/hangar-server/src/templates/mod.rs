@@ -23,7 +23,7 @@ pub use hangar_api::TemplateView;
 impl Manager {
     /// Whether `vm` was cloned from a template (its disk is layered over a template's).
     pub(crate) fn is_clone(&self, vm: &hangar_store::VmRecord) -> bool {
-        self.host
+        self.default_host()
             .template_of(&LaunchRecord(vm.spec.clone()))
             .is_some()
     }
@@ -32,10 +32,10 @@ impl Manager {
     /// apply to it, it exists, or one is being built. Requests with settings (`env`) never
     /// use one.
     pub(crate) async fn ensure_template(self: &Arc<Self>, service: &Service) {
-        if !self.host.templates_apply(service).await {
+        if !self.default_host().templates_apply(service).await {
             return;
         }
-        if !matches!(self.host.has_template(service).await, Ok(false)) {
+        if !matches!(self.default_host().has_template(service).await, Ok(false)) {
             return;
         }
         if !self
@@ -99,14 +99,17 @@ impl Manager {
             .await
             .map_err(|err| error_chain(&err))?
             .iter()
-            .filter_map(|vm| self.host.template_of(&LaunchRecord(vm.spec.clone())))
+            .filter_map(|vm| {
+                self.default_host()
+                    .template_of(&LaunchRecord(vm.spec.clone()))
+            })
             .collect();
-        let held = self.host.templates(&[]).await.unwrap_or_default();
+        let held = self.default_host().templates(&[]).await.unwrap_or_default();
         for old in held {
             if old.service == template.service
                 && old.id != template.id
                 && !in_use.contains(&old.id)
-                && let Err(err) = self.host.remove_template(&old.id).await
+                && let Err(err) = self.default_host().remove_template(&old.id).await
             {
                 tracing::warn!(template = %old.id, error = %error_chain(&err), "cannot remove an outdated template");
             }
@@ -121,7 +124,7 @@ impl Manager {
             .names()
             .filter_map(|name| self.catalog.get(name).cloned())
             .collect();
-        let held = match self.host.templates(&services).await {
+        let held = match self.default_host().templates(&services).await {
             Ok(held) => held,
             Err(err) => {
                 tracing::warn!(error = %error_chain(&err), "cannot list templates");

@@ -11,8 +11,10 @@ use hangar_core::{Mode, VmState};
 use crate::*;
 
 mod facts;
+mod leases;
 
 use facts::*;
+use leases::*;
 
 pub(crate) fn vm(id: &str, service: &str, mode: Mode, state: VmState) -> VmRecord {
     VmRecord {
@@ -431,4 +433,8 @@ conformance!(
     hosts_register_and_heartbeat,
     templates_are_kept_used_and_removed,
     archives_are_kept_and_removed,
+    a_lease_is_taken_renewed_refused_and_taken_over,
+    a_lease_is_released_only_by_its_holder,
+    concurrent_acquires_have_one_winner,
+    every_host_state_round_trips,
 );

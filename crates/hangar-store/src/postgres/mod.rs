@@ -17,16 +17,18 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
+use crate::lease::lease_end;
 use crate::{
-    ArchiveRecord, Entity, HostRecord, HostState, StepOutcome, Store, StoreError, TaskRecord,
-    TaskState, TaskStep, TemplateRecord, VmRecord, now_ms,
+    ArchiveRecord, Entity, HostRecord, HostState, LeaseRecord, StepOutcome, Store, StoreError,
+    TaskRecord, TaskState, TaskStep, TemplateRecord, VmRecord, now_ms,
 };
 
 pub(crate) mod rows;
 mod schema;
 
-use rows::{ARCHIVE_COLUMNS, HOST_COLUMNS, STEP_COLUMNS, TASK_COLUMNS, TEMPLATE_COLUMNS};
-use rows::{VM_COLUMNS, archive_row, host_row, signed, step_row, task_row, template_row, vm_row};
+use rows::{ARCHIVE_COLUMNS, HOST_COLUMNS, LEASE_COLUMNS, STEP_COLUMNS, TASK_COLUMNS};
+use rows::{TEMPLATE_COLUMNS, VM_COLUMNS, archive_row, host_row, lease_row, signed, step_row};
+use rows::{task_row, template_row, vm_row};
 
 /// Connections the pool keeps at most.
 const POOL_SIZE: usize = 16;
@@ -726,5 +728,42 @@ impl Store for PgStore {
             .execute("DELETE FROM archives WHERE vm_id = $1", &[&vm_id])
             .await?;
         Ok(removed == 1)
+    }
+
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl_ms: u64,
+        now_ms: u64,
+    ) -> Result<bool, StoreError> {
+        // INSERT … ON CONFLICT DO UPDATE is atomic under concurrency: a caller that finds
+        // the row being inserted or updated by another waits for it, then tests the WHERE
+        // against the row as that one left it; a refused update changes no row.
+        let changed = self
+            .execute(
+                "INSERT INTO leases (name, holder, expires_ms) VALUES ($1, $2, $3)
+                 ON CONFLICT (name) DO UPDATE SET holder = excluded.holder,
+                     expires_ms = excluded.expires_ms
+                 WHERE leases.holder = excluded.holder OR leases.expires_ms <= $4",
+                &[&name, &holder, &lease_end(now_ms, ttl_ms), &signed(now_ms)],
+            )
+            .await?;
+        Ok(changed == 1)
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<bool, StoreError> {
+        let deleted = self
+            .execute(
+                "DELETE FROM leases WHERE name = $1 AND holder = $2",
+                &[&name, &holder],
+            )
+            .await?;
+        Ok(deleted == 1)
+    }
+
+    async fn lease(&self, name: &str) -> Result<Option<LeaseRecord>, StoreError> {
+        let sql = format!("SELECT {LEASE_COLUMNS} FROM leases WHERE name = $1");
+        self.query_opt(&sql, &[&name], lease_row).await
     }
 }

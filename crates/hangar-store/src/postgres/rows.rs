@@ -6,12 +6,13 @@ use tokio_postgres::Row;
 use super::pg;
 use crate::sqlite::rows::parse_mode;
 use crate::{
-    ArchiveRecord, HostRecord, HostState, StepOutcome, StoreError, TaskRecord, TaskState, TaskStep,
-    TemplateRecord, VmRecord,
+    ArchiveRecord, HostRecord, HostState, LeaseRecord, StepOutcome, StoreError, TaskRecord,
+    TaskState, TaskStep, TemplateRecord, VmRecord,
 };
 
 pub(crate) use crate::sqlite::rows::{
-    ARCHIVE_COLUMNS, HOST_COLUMNS, STEP_COLUMNS, TASK_COLUMNS, TEMPLATE_COLUMNS, VM_COLUMNS,
+    ARCHIVE_COLUMNS, HOST_COLUMNS, LEASE_COLUMNS, STEP_COLUMNS, TASK_COLUMNS, TEMPLATE_COLUMNS,
+    VM_COLUMNS,
 };
 
 /// An unsigned value for a signed column (values past `i64::MAX` are clamped: times in
@@ -134,5 +135,13 @@ pub(crate) fn archive_row(row: &Row) -> Result<ArchiveRecord, StoreError> {
         size_bytes: get_u(row, 2)?,
         host: get(row, 3)?,
         created_at_ms: get_u(row, 4)?,
+    })
+}
+
+pub(crate) fn lease_row(row: &Row) -> Result<LeaseRecord, StoreError> {
+    Ok(LeaseRecord {
+        name: get(row, 0)?,
+        holder: get(row, 1)?,
+        expires_ms: get_u(row, 2)?,
     })
 }

@@ -11,8 +11,9 @@ use crate::{StoreError, now_ms};
 const MIGRATION_LOCK: i64 = 0x6861_6e67_6172_0001;
 
 /// Each entry moves the schema from version `i` to `i + 1`. Version 1 is the SQLite
-/// schema at its version 6.
-pub(crate) const MIGRATIONS: &[&str] = &["
+/// schema at its version 6; version `v` after it is SQLite's version `v + 5`.
+pub(crate) const MIGRATIONS: &[&str] = &[
+    "
     CREATE TABLE vms (
         id               TEXT PRIMARY KEY,
         host             TEXT NOT NULL,
@@ -95,7 +96,15 @@ pub(crate) const MIGRATIONS: &[&str] = &["
         size_bytes    BIGINT NOT NULL,
         host          TEXT NOT NULL,
         created_at_ms BIGINT NOT NULL
-    );"];
+    );",
+    // Leases (the leader of several control-plane replicas sharing a store).
+    "
+    CREATE TABLE leases (
+        name       TEXT PRIMARY KEY,
+        holder     TEXT NOT NULL,
+        expires_ms BIGINT NOT NULL
+    );",
+];
 
 /// Brings the schema up to the newest version. [`StoreError::SchemaTooNew`] when a newer
 /// hangar migrated it further.

@@ -11,16 +11,18 @@ use hangar_core::state::{InvalidTransition, check_transition};
 use hangar_core::{Mode, VmState};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
+use crate::lease::{lease_end, signed_ms};
 use crate::{
-    ArchiveRecord, Entity, HostRecord, HostState, StepOutcome, Store, StoreError, TaskRecord,
-    TaskState, TaskStep, TemplateRecord, VmRecord, now_ms,
+    ArchiveRecord, Entity, HostRecord, HostState, LeaseRecord, StepOutcome, Store, StoreError,
+    TaskRecord, TaskState, TaskStep, TemplateRecord, VmRecord, now_ms,
 };
 
 pub(crate) mod rows;
 pub(crate) mod schema;
 
-use rows::{ARCHIVE_COLUMNS, HOST_COLUMNS, STEP_COLUMNS, TASK_COLUMNS, TEMPLATE_COLUMNS};
-use rows::{VM_COLUMNS, archive_row, host_row, step_row, task_row, template_row, vm_row};
+use rows::{ARCHIVE_COLUMNS, HOST_COLUMNS, LEASE_COLUMNS, STEP_COLUMNS, TASK_COLUMNS};
+use rows::{TEMPLATE_COLUMNS, VM_COLUMNS, archive_row, host_row, lease_row, step_row, task_row};
+use rows::{template_row, vm_row};
 
 /// The store in a SQLite database.
 pub struct SqliteStore {
@@ -682,6 +684,40 @@ impl Store for SqliteStore {
 
     async fn remove_archive(&self, vm_id: &str) -> Result<bool, StoreError> {
         Ok(self.execute("DELETE FROM archives WHERE vm_id = ?1", [vm_id])? == 1)
+    }
+
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl_ms: u64,
+        now_ms: u64,
+    ) -> Result<bool, StoreError> {
+        // An update its WHERE refuses changes no row: the lease is someone else's.
+        let changed = self.execute(
+            "INSERT INTO leases (name, holder, expires_ms) VALUES (?1, ?2, ?3)
+             ON CONFLICT (name) DO UPDATE SET holder = excluded.holder,
+                 expires_ms = excluded.expires_ms
+             WHERE leases.holder = excluded.holder OR leases.expires_ms <= ?4",
+            params![name, holder, lease_end(now_ms, ttl_ms), signed_ms(now_ms)],
+        )?;
+        Ok(changed == 1)
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<bool, StoreError> {
+        let deleted = self.execute(
+            "DELETE FROM leases WHERE name = ?1 AND holder = ?2",
+            [name, holder],
+        )?;
+        Ok(deleted == 1)
+    }
+
+    async fn lease(&self, name: &str) -> Result<Option<LeaseRecord>, StoreError> {
+        self.one(
+            &format!("SELECT {LEASE_COLUMNS} FROM leases WHERE name = ?1"),
+            [name],
+            lease_row,
+        )
     }
 }
 

@@ -6,8 +6,8 @@ use hangar_core::Mode;
 use rusqlite::Row;
 
 use crate::{
-    ArchiveRecord, HostRecord, HostState, StepOutcome, StoreError, TaskRecord, TaskState, TaskStep,
-    TemplateRecord, VmRecord,
+    ArchiveRecord, HostRecord, HostState, LeaseRecord, StepOutcome, StoreError, TaskRecord,
+    TaskState, TaskStep, TemplateRecord, VmRecord,
 };
 
 pub(crate) const VM_COLUMNS: &str = "id, host, services, env, mode, owner, state, endpoints, \
@@ -26,6 +26,8 @@ pub(crate) const TEMPLATE_COLUMNS: &str =
     "key, service, host, hash, size_bytes, created_at_ms, last_used_at_ms";
 
 pub(crate) const ARCHIVE_COLUMNS: &str = "vm_id, tier, size_bytes, host, created_at_ms";
+
+pub(crate) const LEASE_COLUMNS: &str = "name, holder, expires_ms";
 
 type Decoded<T> = rusqlite::Result<Result<T, StoreError>>;
 
@@ -155,5 +157,13 @@ pub(crate) fn archive_row(row: &Row<'_>) -> Decoded<ArchiveRecord> {
         size_bytes: row.get(2)?,
         host: row.get(3)?,
         created_at_ms: row.get(4)?,
+    }))
+}
+
+pub(crate) fn lease_row(row: &Row<'_>) -> Decoded<LeaseRecord> {
+    Ok(Ok(LeaseRecord {
+        name: row.get(0)?,
+        holder: row.get(1)?,
+        expires_ms: row.get(2)?,
     }))
 }

@@ -102,6 +102,12 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         error         TEXT,
         PRIMARY KEY (task_id, step)
     );",
+    // Leases (the leader of several control-plane replicas sharing a store).
+    "CREATE TABLE leases (
+        name       TEXT PRIMARY KEY,
+        holder     TEXT NOT NULL,
+        expires_ms INTEGER NOT NULL
+    );",
 ];
 
 /// Brings the schema up to the newest version, one transaction per migration.

@@ -1,0 +1,298 @@
+//! The farm on the fake backend: hosts registering and reporting, placement over them,
+//! a host declared down then lost, its shared service made again elsewhere, and fencing
+//! when it returns.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use hangar_api::{Heartbeat, HostFactsView, HostRegistration, HostVmView};
+use hangar_core::{Catalog, Mode, VmState};
+use hangar_host::{Host, LocalHost, LocalHostConfig};
+use hangar_store::{HostState, Store, now_ms};
+use hangar_vmm::fake::FakeBackend;
+
+use crate::farm::FarmError;
+use crate::images::NoImages;
+use crate::manager::{Manager, ManagerConfig};
+use crate::scheduler::{Connector, Scheduler};
+use crate::test_support::{WEB, request};
+
+/// A control plane without a host of its own whose farm hosts are fake-backend
+/// [`LocalHost`]s, one per name, made when first connected.
+struct Farm {
+    manager: Arc<Manager>,
+    store: Arc<dyn Store>,
+    hosts: Arc<Mutex<HashMap<String, Arc<dyn Host>>>>,
+}
+
+impl Farm {
+    fn new() -> Farm {
+        let store: Arc<dyn Store> =
+            Arc::new(hangar_store::SqliteStore::open_in_memory().expect("in-memory store"));
+        let hosts: Arc<Mutex<HashMap<String, Arc<dyn Host>>>> = Arc::default();
+        let made = hosts.clone();
+        let connect: Connector = Arc::new(move |name: &str, _address: &str| {
+            let mut made = made.lock().unwrap();
+            let host = made
+                .entry(name.to_owned())
+                .or_insert_with(|| {
+                    Arc::new(LocalHost::new(
+                        Arc::new(FakeBackend::new()),
+                        Arc::new(NoImages),
+                        LocalHostConfig {
+                            name: name.to_owned(),
+                            ..LocalHostConfig::default()
+                        },
+                    ))
+                })
+                .clone();
+            Ok(host)
+        });
+        let manager = Manager::with_hosts(
+            store.clone(),
+            Scheduler::new(None, Some(connect)),
+            Arc::new(NoImages),
+            Arc::new(Catalog::from_toml(WEB).unwrap()),
+            ManagerConfig {
+                farm_token: "t".repeat(32),
+                ..ManagerConfig::default()
+            },
+        );
+        Farm {
+            manager,
+            store,
+            hosts,
+        }
+    }
+
+    fn registration(name: &str, incarnation: &str) -> HostRegistration {
+        HostRegistration {
+            name: name.into(),
+            address: format!("http://10.0.0.{}:7800", name.len()),
+            incarnation: incarnation.into(),
+            labels: Default::default(),
+            cost: 1,
+            priority: 0,
+            facts: facts(),
+            vms: Vec::new(),
+        }
+    }
+
+    /// What the host `name` runs now, as its agent would report it.
+    async fn running(&self, name: &str) -> Vec<HostVmView> {
+        let host = self.hosts.lock().unwrap().get(name).cloned().unwrap();
+        host.inventory()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|run| HostVmView {
+                id: run.id,
+                state: format!("{:?}", run.state).to_lowercase(),
+            })
+            .collect()
+    }
+
+    async fn heartbeat(&self, name: &str, incarnation: &str) -> hangar_api::HeartbeatReply {
+        let vms = self.running(name).await;
+        self.manager
+            .host_heartbeat(
+                name,
+                Heartbeat {
+                    incarnation: incarnation.into(),
+                    facts: facts(),
+                    vms,
+                },
+            )
+            .await
+            .unwrap()
+    }
+
+    /// Makes the host's last heartbeat `ago_ms` old.
+    async fn silence(&self, name: &str, ago_ms: u64) {
+        let record = self.store.host(name).await.unwrap().unwrap();
+        self.store
+            .heartbeat(name, record.state, &record.facts, now_ms() - ago_ms)
+            .await
+            .unwrap();
+    }
+}
+
+fn facts() -> HostFactsView {
+    HostFactsView {
+        hypervisor: "fake".into(),
+        vcpus: 4,
+        memory_mib: 8192,
+        free_memory_mib: 8000,
+        free_disk_mib: 10_000,
+        load: 0.1,
+        ..HostFactsView::default()
+    }
+}
+
+#[tokio::test]
+async fn registered_hosts_are_listed_and_take_the_vms() {
+    let farm = Farm::new();
+    for name in ["a", "bb"] {
+        let reply = farm
+            .manager
+            .register_host(Farm::registration(name, "one"))
+            .await
+            .unwrap();
+        assert_eq!(reply.state, "up");
+        assert!(reply.destroy.is_empty());
+    }
+    let grant = farm
+        .manager
+        .request(request("web", Mode::Dedicated))
+        .await
+        .unwrap();
+    assert!(
+        ["a", "bb"].contains(&grant.vm.host.as_str()),
+        "{}",
+        grant.vm.host
+    );
+    assert!(
+        farm.manager.farm.placement(&grant.vm.id).is_some(),
+        "the placement is explained"
+    );
+    let views = farm.manager.host_views().await.unwrap();
+    let names: Vec<&str> = views.iter().map(|h| h.name.as_str()).collect();
+    assert_eq!(names, ["a", "bb"], "no host of the server's own");
+    let on = views.iter().find(|h| h.name == grant.vm.host).unwrap();
+    assert_eq!(on.vms.get("active"), Some(&1));
+    assert_eq!(on.state, "up");
+    assert_eq!(on.vcpus, 4);
+}
+
+#[tokio::test]
+async fn bad_names_unknown_hosts_and_stale_incarnations_are_refused() {
+    let farm = Farm::new();
+    for bad in ["", "a/b", "local", ".x"] {
+        let err = farm
+            .manager
+            .register_host(Farm::registration(bad, "one"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, FarmError::Invalid(_)), "{bad:?}: {err}");
+    }
+    let mut bad_address = Farm::registration("a", "one");
+    bad_address.address = "not a url".into();
+    assert!(matches!(
+        farm.manager.register_host(bad_address).await,
+        Err(FarmError::Invalid(_))
+    ));
+    let beat = |incarnation: &str| Heartbeat {
+        incarnation: incarnation.into(),
+        facts: facts(),
+        vms: Vec::new(),
+    };
+    assert!(matches!(
+        farm.manager.host_heartbeat("a", beat("one")).await,
+        Err(FarmError::NotRegistered(_))
+    ));
+    farm.manager
+        .register_host(Farm::registration("a", "one"))
+        .await
+        .unwrap();
+    farm.manager.host_heartbeat("a", beat("one")).await.unwrap();
+    assert!(
+        matches!(
+            farm.manager.host_heartbeat("a", beat("two")).await,
+            Err(FarmError::NotRegistered(_))
+        ),
+        "another agent process registers first"
+    );
+    // Another agent at another address cannot take the name while this one is up.
+    let mut impostor = Farm::registration("a", "three");
+    impostor.address = "http://10.9.9.9:7800".into();
+    assert!(matches!(
+        farm.manager.register_host(impostor).await,
+        Err(FarmError::NameTaken(_))
+    ));
+}
+
+#[tokio::test]
+async fn a_lost_host_s_shared_service_is_made_elsewhere_and_fenced_when_it_returns() {
+    let farm = Farm::new();
+    for name in ["a", "bb"] {
+        farm.manager
+            .register_host(Farm::registration(name, "one"))
+            .await
+            .unwrap();
+    }
+    let first = farm
+        .manager
+        .request(request("web", Mode::Shared))
+        .await
+        .unwrap();
+    let lost_host = first.vm.host.clone();
+    let other = if lost_host == "a" { "bb" } else { "a" };
+    farm.heartbeat(other, "one").await;
+
+    // Silent past down_after: down, nothing else changes.
+    farm.silence(&lost_host, 3_500).await;
+    assert!(farm.manager.watch_hosts_once().await.is_empty());
+    let record = farm.store.host(&lost_host).await.unwrap().unwrap();
+    assert_eq!(record.state, HostState::Down);
+    assert_eq!(
+        farm.store.vm(&first.vm.id).await.unwrap().unwrap().state,
+        VmState::Active
+    );
+
+    // Silent past lost_after: lost; its VM is lost (kept), the service is made again.
+    farm.silence(&lost_host, 7_000).await;
+    assert_eq!(
+        farm.manager.watch_hosts_once().await,
+        vec![lost_host.clone()]
+    );
+    let vm = farm.store.vm(&first.vm.id).await.unwrap().unwrap();
+    assert_eq!(vm.state, VmState::Lost);
+    assert!(
+        vm.error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("stopped answering"),
+        "{:?}",
+        vm.error
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let replacement = loop {
+        let again = farm
+            .store
+            .shared_candidates("web", &Default::default())
+            .await
+            .unwrap();
+        if let Some(vm) = again.into_iter().find(|vm| vm.state == VmState::Active) {
+            break vm;
+        }
+        assert!(std::time::Instant::now() < deadline, "no replacement made");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(replacement.host, other, "made on the host that answers");
+    let again = farm
+        .manager
+        .request(request("web", Mode::Shared))
+        .await
+        .unwrap();
+    assert_eq!(again.vm.id, replacement.id, "requests get the replacement");
+
+    // The lost host comes back still running the old VM: it is told to destroy it.
+    assert!(
+        farm.running(&lost_host)
+            .await
+            .iter()
+            .any(|run| run.id == first.vm.id),
+        "the old VM still runs there"
+    );
+    let reply = farm.heartbeat(&lost_host, "one").await;
+    assert_eq!(reply.state, "up");
+    assert_eq!(reply.destroy, vec![first.vm.id.clone()]);
+    let host = farm.hosts.lock().unwrap().get(&lost_host).cloned().unwrap();
+    host.destroy(&first.vm.id).await.unwrap();
+    farm.heartbeat(&lost_host, "one").await;
+    assert_eq!(
+        farm.store.vm(&first.vm.id).await.unwrap().unwrap().state,
+        VmState::Deleted,
+        "gone from its host: deleted"
+    );
+}

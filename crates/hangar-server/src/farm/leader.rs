@@ -1,0 +1,136 @@
+//! Which replica of the control plane leads. Several `hangar server`s may share one
+//! PostgreSQL store; all serve the API, one runs the loops (pools, lifecycle, images,
+//! monitoring, host loss). The leader holds a lease row in the store
+//! ([`hangar_store::Store::acquire_lease`]) and renews it every [`RENEW_EVERY`]; when it
+//! dies its lease expires after [`LEASE_TTL`] and another replica takes it at its next
+//! try, so a new leader leads within `LEASE_TTL + RENEW_EVERY` (4 s).
+//!
+//! A leader that cannot renew (its store is unreachable) steps down before its lease can
+//! expire, so that two replicas never both believe they lead for longer than one renewal
+//! period. A single server (SQLite) takes the lease at its first try and keeps it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hangar_store::now_ms;
+
+use crate::api::error::error_chain;
+use crate::farm::agents::millis;
+use crate::manager::Manager;
+
+/// The lease's name in the store.
+pub const LEADER_LEASE: &str = "leader";
+/// How long a lease lasts unless renewed.
+pub const LEASE_TTL: Duration = Duration::from_secs(3);
+/// How often the lease is taken or renewed.
+pub const RENEW_EVERY: Duration = Duration::from_secs(1);
+
+impl Manager {
+    /// Tries once to take or renew the leader lease for `replica`; records and returns
+    /// whether this replica leads. On a store error, keeps leading only while the lease
+    /// taken at `last_held` cannot have expired yet.
+    pub async fn try_lead(&self, replica: &str, last_held: Option<Instant>) -> bool {
+        let leading = match self
+            .store
+            .acquire_lease(LEADER_LEASE, replica, millis(LEASE_TTL), now_ms())
+            .await
+        {
+            Ok(held) => held,
+            Err(err) => {
+                let safe = last_held.is_some_and(|at| at.elapsed() + RENEW_EVERY < LEASE_TTL);
+                tracing::warn!(error = %error_chain(&err), still_leading = safe, "cannot renew the leader lease");
+                safe
+            }
+        };
+        if self.farm.set_leading(leading) {
+            if leading {
+                tracing::info!(
+                    replica,
+                    "this server leads: it runs pools, lifecycle, images and host watch"
+                );
+            } else {
+                tracing::warn!(replica, "this server no longer leads; another replica does");
+            }
+        }
+        leading
+    }
+
+    /// Keeps trying to lead (every [`RENEW_EVERY`]) for the life of the process. When this
+    /// replica takes the lead from another, the tasks the old leader left running are
+    /// failed and the pools are refilled.
+    pub fn spawn_leader_loop(self: &Arc<Self>, replica: String) -> tokio::task::JoinHandle<()> {
+        let manager = self.clone();
+        tokio::spawn(async move {
+            let mut last_held = manager.farm.leading().then(Instant::now);
+            let mut tick = tokio::time::interval(RENEW_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let was = manager.farm.leading();
+                let tried = Instant::now();
+                if manager.try_lead(&replica, last_held).await {
+                    last_held = Some(tried);
+                    if !was {
+                        manager.take_over().await;
+                    }
+                } else {
+                    last_held = None;
+                }
+            }
+        })
+    }
+
+    /// What a replica does when it starts to lead after another: the old leader's
+    /// running tasks cannot finish; pools are filled.
+    async fn take_over(&self) {
+        match self
+            .store
+            .fail_running_tasks("the server that ran the task stopped leading")
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(tasks = n, "marked the old leader's tasks failed"),
+            Err(err) => {
+                tracing::warn!(error = %error_chain(&err), "cannot fail the old leader's tasks")
+            }
+        }
+        self.refresh_farm().await;
+        self.pools.refill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::{WEB, manager_on};
+    use hangar_vmm::fake::FakeBackend;
+
+    #[tokio::test]
+    async fn one_of_two_servers_on_a_store_leads_and_the_other_takes_over_when_it_is_free() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shared.db");
+        let open = || async {
+            hangar_store::open(path.to_str().unwrap())
+                .await
+                .expect("store")
+        };
+        let first = manager_on(open().await, FakeBackend::new(), WEB, Default::default());
+        let second = manager_on(open().await, FakeBackend::new(), WEB, Default::default());
+        assert!(first.try_lead("one", None).await);
+        assert!(!second.try_lead("two", None).await);
+        assert!(first.farm.leading() && !second.farm.leading());
+        assert!(first.try_lead("one", Some(Instant::now())).await, "renewed");
+        first
+            .store
+            .release_lease(LEADER_LEASE, "one")
+            .await
+            .unwrap();
+        assert!(second.try_lead("two", None).await, "free: taken");
+        assert!(
+            !first.try_lead("one", None).await,
+            "and refused to the other"
+        );
+        assert!(!first.farm.leading());
+    }
+}
