@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use hangar_core::ServiceRequest;
-use reqwest::header::{HeaderMap, RETRY_AFTER};
+use reqwest::header::{CONTENT_RANGE, HeaderMap, RANGE, RETRY_AFTER};
 use reqwest::{Method, StatusCode, Url};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -147,6 +147,49 @@ impl Download {
                 source: Box::new(err),
             })
     }
+}
+
+/// A blob being received (`GET /v1/farm/blobs/{sha256}`): read it chunk by chunk.
+#[derive(Debug)]
+pub struct BlobDownload {
+    response: reqwest::Response,
+    path: String,
+    offset: u64,
+}
+
+impl BlobDownload {
+    /// Where in the file the bytes sent start: the offset asked for when the server
+    /// resumed (206), 0 when it sends the whole file (200).
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// How many bytes the answer carries, when the server said.
+    pub fn content_length(&self) -> Option<u64> {
+        self.response.content_length()
+    }
+
+    /// The next chunk; `None` at the end. An answer cut short is [`ClientError::Decode`].
+    pub async fn chunk(&mut self) -> Result<Option<Vec<u8>>, ClientError> {
+        let status = self.response.status();
+        self.response
+            .chunk()
+            .await
+            .map(|chunk| chunk.map(|bytes| bytes.to_vec()))
+            .map_err(|err| ClientError::Decode {
+                method: Method::GET,
+                path: self.path.clone(),
+                status,
+                source: Box::new(err),
+            })
+    }
+}
+
+/// The first byte of a `Content-Range: bytes FIRST-LAST/SIZE` header.
+fn content_range_start(header: &str) -> Option<u64> {
+    let range = header.trim().strip_prefix("bytes ")?;
+    let (first, _) = range.split_once('-')?;
+    first.trim().parse().ok()
 }
 
 impl Client {
@@ -360,6 +403,76 @@ impl Client {
         self.call(Method::GET, &["v1", "hosts"], None::<&()>).await
     }
 
+    /// `GET /v1/farm/assets`: the guest assets' manifest (farm token).
+    pub async fn farm_assets(&self) -> Result<AssetsManifest, ClientError> {
+        self.call(Method::GET, &["v1", "farm", "assets"], None::<&()>)
+            .await
+    }
+
+    /// `POST /v1/farm/roots`: the root of a service on an OS as blobs, built on the server
+    /// first when it is not cached (this can take minutes; farm token). 404 for an unknown
+    /// service or OS.
+    pub async fn farm_root(&self, body: &RootBody) -> Result<RootManifest, ClientError> {
+        self.call(Method::POST, &["v1", "farm", "roots"], Some(body))
+            .await
+    }
+
+    /// `GET /v1/farm/os/{os}`: the bare root disk of an OS as a blob; `None` for a layered
+    /// OS (farm token).
+    pub async fn farm_os(&self, os: &str) -> Result<Option<Blob>, ClientError> {
+        self.call(Method::GET, &["v1", "farm", "os", os], None::<&()>)
+            .await
+    }
+
+    /// `GET /v1/farm/blobs/{sha256}`: a blob's bytes from byte `from` on (a `Range`
+    /// request when `from > 0`), received with [`BlobDownload::chunk`]. The server may send
+    /// the whole file instead: see [`BlobDownload::offset`]. 404 for a hash the server did
+    /// not list in a manifest, 416 when `from` is past the end.
+    pub async fn farm_blob(&self, sha256: &str, from: u64) -> Result<BlobDownload, ClientError> {
+        let url = self.url(&["v1", "farm", "blobs", sha256]);
+        let mut request = self.http.get(url.clone());
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        if from > 0 {
+            request = request.header(RANGE, format!("bytes={from}-"));
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|source| ClientError::Unreachable {
+                url: self.base.as_str().trim_end_matches('/').to_owned(),
+                source,
+            })?;
+        let response = error_of(&Method::GET, &url, response).await?;
+        let status = response.status();
+        let offset = if status == StatusCode::PARTIAL_CONTENT {
+            let range = response
+                .headers()
+                .get(CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(content_range_start);
+            match range {
+                Some(start) => start,
+                None => {
+                    return Err(ClientError::Decode {
+                        method: Method::GET,
+                        path: url.path().to_owned(),
+                        status,
+                        source: "a 206 answer without a valid Content-Range".into(),
+                    });
+                }
+            }
+        } else {
+            0
+        };
+        Ok(BlobDownload {
+            response,
+            path: url.path().to_owned(),
+            offset,
+        })
+    }
+
     /// `base` with `segments` appended, each percent-encoded.
     fn url(&self, segments: &[&str]) -> Url {
         let mut url = self.base.clone();
@@ -501,6 +614,14 @@ mod tests {
         for bad in ["127.0.0.1:7070", "ftp://h/", "nonsense", "unix:/run/x"] {
             assert!(Client::new(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_content_range_gives_its_first_byte() {
+        assert_eq!(content_range_start("bytes 100-199/200"), Some(100));
+        assert_eq!(content_range_start("bytes 0-0/1"), Some(0));
+        assert_eq!(content_range_start("bytes */200"), None);
+        assert_eq!(content_range_start("items 1-2/3"), None);
     }
 
     #[test]

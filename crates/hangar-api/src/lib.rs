@@ -8,6 +8,7 @@
 pub mod client;
 pub mod error;
 pub mod farm;
+pub mod farm_images;
 pub mod images;
 pub mod openapi;
 pub mod policies;
@@ -17,9 +18,10 @@ pub mod services;
 pub mod tasks;
 pub mod vms;
 
-pub use client::{BadUrl, Client, ClientError, Download, Timed};
+pub use client::{BadUrl, BlobDownload, Client, ClientError, Download, Timed};
 pub use error::{ErrorBody, ErrorDetail};
 pub use farm::{Heartbeat, HeartbeatReply, HostFactsView, HostRegistration, HostView, HostVmView};
+pub use farm_images::{AssetsManifest, Blob, RootBody, RootManifest};
 pub use images::{BuildView, ImageBody, ImageView, ImagesView, LayerView, TemplateView};
 pub use openapi::ApiDoc;
 pub use policies::{BudgetView, PoliciesView, PolicyBody, PolicySource, PolicyView};

@@ -11,6 +11,8 @@ use crate::*;
     components(schemas(
         ArchiveBody,
         ArchiveView,
+        AssetsManifest,
+        Blob,
         BudgetView,
         BuildView,
         ErrorBody,
@@ -34,6 +36,8 @@ use crate::*;
         PoolBoundsBody,
         PoolView,
         PortView,
+        RootBody,
+        RootManifest,
         Served,
         ServiceView,
         SettingView,

@@ -3,6 +3,7 @@
 //!
 //! - [`cache`]: [`LocalImages`], images built with `hangar-image` and cached on this host.
 //! - [`export`]: a self-contained, bootable export of an image.
+//! - [`pulled`]: [`PulledImages`], images a farm host pulls from the control plane.
 //! - [`NoImages`] serves the fake backend.
 
 use std::collections::BTreeMap;
@@ -14,8 +15,10 @@ use hangar_image::GuestAssets;
 
 pub mod cache;
 pub mod export;
+pub mod pulled;
 
 pub use cache::{DEFAULT_MIRROR, LocalImages};
+pub use pulled::{PullError, PulledImages};
 
 /// Why an image could not be resolved, built, removed or exported.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +55,9 @@ pub enum ImageSourceError {
     /// Writing the export's files failed.
     #[error("export: {0}")]
     Export(String),
+    /// Pulling an image from the control plane failed (farm hosts).
+    #[error("pulling an image")]
+    Pull(#[source] Box<pulled::PullError>),
 }
 
 /// Build progress: a stage and a percent of the whole build.

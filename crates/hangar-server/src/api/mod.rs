@@ -22,6 +22,7 @@ pub mod commands;
 pub mod error;
 pub mod farm;
 pub mod farm_auth;
+pub mod farm_images;
 pub mod json_errors;
 
 use commands::{Command, Reply, RequestHandler};
@@ -58,6 +59,10 @@ fn routes() -> OpenApiRouter<Arc<Manager>> {
         .routes(routes!(export_image))
         .routes(routes!(farm::list_hosts, farm::register_host))
         .routes(routes!(farm::host_heartbeat))
+        .routes(routes!(farm_images::farm_assets))
+        .routes(routes!(farm_images::farm_root))
+        .routes(routes!(farm_images::farm_os))
+        .routes(routes!(farm_images::farm_blob))
 }
 
 /// The OpenAPI document of every route the router serves.

@@ -515,6 +515,27 @@ async fn every_answer_matches_its_schema_in_the_openapi_document() {
         .collect();
     assert_eq!(names, ["local", "h1"]);
 
+    // Images for farm hosts: only with the farm token (401 without it).
+    let blob = format!("/v1/farm/blobs/{}", "a".repeat(64));
+    for (method, template, uri, body) in [
+        ("GET", "/v1/farm/assets", "/v1/farm/assets", ""),
+        (
+            "POST",
+            "/v1/farm/roots",
+            "/v1/farm/roots",
+            r#"{"service":"web","os":"busybox"}"#,
+        ),
+        ("GET", "/v1/farm/os/{os}", "/v1/farm/os/busybox", ""),
+        ("GET", "/v1/farm/blobs/{sha256}", blob.as_str(), ""),
+    ] {
+        let answer = api.call(method, template, uri, body).await;
+        assert_eq!(answer.status, StatusCode::UNAUTHORIZED, "{uri}");
+    }
+    let unknown = api
+        .call_as(token, "GET", "/v1/farm/blobs/{sha256}", &blob, "")
+        .await;
+    assert_eq!(unknown.status, StatusCode::NOT_FOUND, "never listed");
+
     // Deletion, then the conflict of deleting again.
     let deleted = api.call("DELETE", vm, &format!("/v1/vms/{id}"), "").await;
     assert_eq!(deleted.json()["state"], "deleted");

@@ -3,6 +3,7 @@
 //! (`hangar_host::images`: the local cache [`LocalImages`], exports); their wire views
 //! from `hangar_api`.
 
+pub mod blobs;
 pub mod policy;
 
 pub use hangar_host::images::{
@@ -14,3 +15,6 @@ pub use hangar_api::{ImageView, LayerView};
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod farm_tests;

@@ -35,6 +35,8 @@ pub struct ImageRuntime {
     building: Mutex<HashMap<String, String>>,
     /// Serialises eviction with itself.
     evicting: tokio::sync::Mutex<()>,
+    /// Files listed to farm hosts, by sha256.
+    pub(crate) blobs: super::blobs::BlobIndex,
 }
 
 pub use hangar_api::ImagesView;
