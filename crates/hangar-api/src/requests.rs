@@ -70,6 +70,11 @@ pub struct GrantView {
     pub task: Option<String>,
     /// Launch → ready of the VM.
     pub boot_ms: Option<u64>,
+    /// Why `host` was chosen, in one line (e.g. `least loaded among 3 eligible hosts (load
+    /// 12%, cost 1); holds the template; 1 ruled out: b (no room: 256 MiB free)`), when a
+    /// VM was placed for this request; `None` when an existing VM answered.
+    #[serde(default)]
+    pub placement: Option<String>,
 }
 
 /// A VM's size after slicing.

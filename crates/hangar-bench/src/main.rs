@@ -4,7 +4,7 @@
 //! Each benchmark starts its own `hangar server` (found by [`hangar::hangar_exe`]) in a
 //! temporary data dir and measures through its public API: [`full`] is the performance
 //! table side by side with libvirt, [`pool`], [`endpoints`] and [`lifecycle`] the narrower
-//! ones.
+//! ones. [`placement`] needs no server: it times the pure placement decision.
 
 use std::process::ExitCode;
 
@@ -45,6 +45,8 @@ enum BenchCommand {
     Endpoints(endpoints::EndpointsBench),
     /// Wake from sleeping and from each archive tier, restore from template, cold boot.
     Lifecycle(lifecycle::LifecycleBench),
+    /// Placement decisions per second over simulated hosts (pure, no server).
+    Placement(placement::PlacementBench),
 }
 
 /// Parses the command line; run by `hangar bench` (which sets `HANGAR_BIN`), usage and
@@ -66,6 +68,7 @@ async fn main() -> ExitCode {
         Some(BenchCommand::Pool(args)) => pool::run(args).await,
         Some(BenchCommand::Endpoints(args)) => endpoints::run(args).await,
         Some(BenchCommand::Lifecycle(args)) => lifecycle::run(args).await,
+        Some(BenchCommand::Placement(args)) => placement::bench(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -87,6 +90,8 @@ mod tests {
         assert!(cli.command.is_none());
         let cli = Cli::parse_from(["hangar-bench", "pool", "--hits", "3"]);
         assert!(matches!(cli.command, Some(BenchCommand::Pool(_))));
+        let cli = Cli::parse_from(["hangar-bench", "placement", "--hosts", "50", "--json"]);
+        assert!(matches!(cli.command, Some(BenchCommand::Placement(_))));
         assert!(Cli::try_parse_from(["hangar-bench", "--quick", "pool"]).is_err());
     }
 }

@@ -140,3 +140,50 @@ fn bench_smoke_reports_every_figure_and_leaves_nothing_behind() {
         }
     }
 }
+
+/// `hangar bench placement` reaches the pure placement benchmark (no server, no guests):
+/// its JSON has the median decisions per second of its rounds, its table the same figure.
+#[test]
+fn bench_placement_reports_decisions_per_second() {
+    let args = ["bench", "placement", "--hosts", "200", "--rounds", "3"];
+    let output = Command::new(common::hangar())
+        .args(args)
+        .args(["--round", "50ms", "--json"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "hangar bench placement failed:\n{stderr}"
+    );
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|err| panic!("{err}: {}", String::from_utf8_lossy(&output.stdout)));
+    assert_eq!(
+        (report["hosts"].as_u64(), report["rounds"].as_u64()),
+        (Some(200), Some(3))
+    );
+    let rounds: Vec<f64> = report["round_per_s"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_f64().unwrap())
+        .collect();
+    let per_s = report["per_s"].as_f64().unwrap();
+    assert!(per_s > 0.0 && rounds.contains(&per_s), "{report:#}");
+
+    let output = Command::new(common::hangar())
+        .args(args)
+        .args(["--round", "20ms"])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        table.contains("decisions/s (median of 3)") && table.contains("| 200 |"),
+        "{table}"
+    );
+}

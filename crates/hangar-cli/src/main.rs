@@ -177,6 +177,7 @@ mod tests {
         for args in [
             &["hangar", "bench", "--quick", "--json", "--out", "/tmp/x"][..],
             &["hangar", "bench", "pool", "--hits", "3"],
+            &["hangar", "bench", "placement", "--rounds", "3", "--json"],
             &["hangar", "bench", "--help"],
             &["hangar", "bench"],
         ] {

@@ -48,6 +48,16 @@ pub struct ServiceRequest {
     /// How long the client will wait for a VM, in milliseconds. When a VM cannot be ready
     /// in time the answer is 503 with Retry-After, and the VM is still made.
     pub deadline_ms: Option<u64>,
+    /// An isolation group (anti-affinity, `--isolate GROUP`): a VM made for this request
+    /// never shares a host with another VM of the group. 1 to 63 characters of `a-z`,
+    /// `0-9`, `-`, `_` and `.`.
+    #[serde(default)]
+    pub isolate: Option<String>,
+    /// Label constraints (`--on k=v`): a VM made for this request goes only to a host whose
+    /// labels hold every pair. At most [`ServiceRequest::MAX_ON`]; keys and values 1 to 63
+    /// characters of letters, digits, `-`, `_` and `.` (keys also `/`).
+    #[serde(default)]
+    pub on: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -62,10 +72,20 @@ pub enum RequestError {
     ServiceOrConfig,
     #[error("config: {0}")]
     Config(String),
+    #[error("isolation group {0:?} must be 1 to 63 characters of a-z, 0-9, '-', '_' and '.'")]
+    BadIsolate(String),
+    #[error("label key {0:?} must be 1 to 63 characters of letters, digits, '-', '_', '.' and '/'")]
+    BadLabelKey(String),
+    #[error("label value of {0:?} must be 1 to 63 characters of letters, digits, '-', '_' and '.'")]
+    BadLabelValue(String),
+    #[error("at most {max} label constraints, not {count}")]
+    TooManyLabels { count: usize, max: usize },
 }
 
 impl ServiceRequest {
     pub const MAX_ENV: usize = 32;
+    /// Most label constraints (`on`) one request may give.
+    pub const MAX_ON: usize = 16;
 
     /// Checks the shape of the request (not whether the service exists).
     pub fn validate(&self) -> Result<(), RequestError> {
@@ -92,6 +112,25 @@ impl ServiceRequest {
                 return Err(RequestError::BadEnvValue(key.clone()));
             }
         }
+        if let Some(group) = &self.isolate
+            && !valid_group(group)
+        {
+            return Err(RequestError::BadIsolate(group.clone()));
+        }
+        if self.on.len() > Self::MAX_ON {
+            return Err(RequestError::TooManyLabels {
+                count: self.on.len(),
+                max: Self::MAX_ON,
+            });
+        }
+        for (key, value) in &self.on {
+            if !valid_label(key, true) {
+                return Err(RequestError::BadLabelKey(key.clone()));
+            }
+            if !valid_label(value, false) {
+                return Err(RequestError::BadLabelValue(key.clone()));
+            }
+        }
         Ok(())
     }
 
@@ -100,6 +139,23 @@ impl ServiceRequest {
     pub fn process_env(&self) -> BTreeMap<String, String> {
         process_env(&self.env)
     }
+}
+
+/// An isolation group name: 1 to 63 characters of `a-z`, `0-9`, `-`, `_`, `.`.
+pub fn valid_group(group: &str) -> bool {
+    (1..=63).contains(&group.len())
+        && group
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
+}
+
+/// A label key (`slash` allowed) or value: 1 to 63 characters of letters, digits, `-`,
+/// `_`, `.`.
+fn valid_label(text: &str, slash: bool) -> bool {
+    (1..=63).contains(&text.len())
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b) || (slash && b == b'/'))
 }
 
 /// Request settings as service process environment: every entry but `os`, as
@@ -166,6 +222,60 @@ mod tests {
                 "memory_mib range 256..128 is empty".into()
             ))
         );
+    }
+
+    #[test]
+    fn isolation_groups_and_label_constraints_are_checked() {
+        let with = |isolate: Option<&str>, on: &[(&str, &str)]| ServiceRequest {
+            isolate: isolate.map(str::to_owned),
+            on: on
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..request(&[])
+        };
+        assert!(
+            with(
+                Some("db-1_a.b"),
+                &[("zone", "eu-1"), ("hangar.io/disk", "SSD")]
+            )
+            .validate()
+            .is_ok()
+        );
+        for bad in ["", "DB", "db group", "db/1", &"x".repeat(64)] {
+            assert_eq!(
+                with(Some(bad), &[]).validate(),
+                Err(RequestError::BadIsolate(bad.into()))
+            );
+        }
+        assert!(with(Some(&"x".repeat(63)), &[]).validate().is_ok());
+        for bad in ["", "a=b", "a b", "ü"] {
+            assert_eq!(
+                with(None, &[(bad, "v")]).validate(),
+                Err(RequestError::BadLabelKey(bad.into()))
+            );
+            assert_eq!(
+                with(None, &[("k", bad)]).validate(),
+                Err(RequestError::BadLabelValue("k".into()))
+            );
+        }
+        assert_eq!(
+            with(None, &[("k", "a/b")]).validate(),
+            Err(RequestError::BadLabelValue("k".into()))
+        );
+        let many: Vec<(String, String)> = (0..17).map(|i| (format!("k{i}"), "v".into())).collect();
+        let many: Vec<(&str, &str)> = many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(
+            with(None, &many).validate(),
+            Err(RequestError::TooManyLabels { count: 17, max: 16 })
+        );
+        assert!(with(None, &many[..16]).validate().is_ok());
+        let parsed: ServiceRequest =
+            serde_json::from_str(r#"{"service":"web","isolate":"db","on":{"zone":"eu"}}"#).unwrap();
+        assert_eq!(parsed.isolate.as_deref(), Some("db"));
+        assert_eq!(parsed.on.get("zone").map(String::as_str), Some("eu"));
+        let plain: ServiceRequest = serde_json::from_str(r#"{"service":"web"}"#).unwrap();
+        assert_eq!((plain.isolate, plain.on.len()), (None, 0));
     }
 
     #[test]

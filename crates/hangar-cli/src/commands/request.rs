@@ -40,6 +40,13 @@ pub struct RequestArgs {
     /// How long to wait for a VM (e.g. 30s, 2m); past it the answer is "try again shortly".
     #[arg(long, value_parser = humantime::parse_duration)]
     deadline: Option<Duration>,
+    /// Isolation group: a VM made for this request never shares a host with another VM of
+    /// GROUP (a-z, 0-9, '-', '_', '.').
+    #[arg(long, value_name = "GROUP")]
+    isolate: Option<String>,
+    /// Only on hosts labelled KEY=VALUE (repeatable; every one must match).
+    #[arg(long = "on", value_name = "KEY=VALUE", value_parser = parse_env)]
+    on: Vec<(String, String)>,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -69,6 +76,8 @@ pub async fn run(client: &Client, args: RequestArgs) -> Result<(), CliError> {
         env,
         dedicated,
         deadline,
+        isolate,
+        on,
         json,
     } = args;
     let config = memory.map(|(min, max)| {
@@ -90,6 +99,8 @@ pub async fn run(client: &Client, args: RequestArgs) -> Result<(), CliError> {
         "env": env.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
         "mode": if dedicated { "dedicated" } else { "shared" },
         "deadline_ms": deadline.map(|d| d.as_millis() as u64),
+        "isolate": isolate,
+        "on": on.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
     });
     if !json && std::io::stderr().is_terminal() {
         eprintln!(
@@ -116,6 +127,9 @@ pub async fn run(client: &Client, args: RequestArgs) -> Result<(), CliError> {
             eprintln!("endpoint {name}: {addr}");
         }
     }
+    if let Some(why) = &grant.placement {
+        eprintln!("{}", placement_line(&grant.host, why));
+    }
     if std::io::stderr().is_terminal() {
         let how = match grant.served {
             Served::Shared => "shared, already running".to_owned(),
@@ -131,9 +145,46 @@ pub async fn run(client: &Client, args: RequestArgs) -> Result<(), CliError> {
     Ok(())
 }
 
+/// The human line saying where a new VM was placed and why.
+fn placement_line(host: &str, why: &str) -> String {
+    format!("placed on host {host}: {why}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: RequestArgs,
+    }
+
+    #[test]
+    fn isolation_and_label_constraints_reach_the_request() {
+        let cli = Cli::try_parse_from([
+            "request",
+            "web",
+            "--isolate",
+            "db",
+            "--on",
+            "zone=eu",
+            "--on",
+            "disk=ssd",
+        ])
+        .unwrap();
+        assert_eq!(cli.args.isolate.as_deref(), Some("db"));
+        assert_eq!(
+            cli.args.on,
+            [("zone".into(), "eu".into()), ("disk".into(), "ssd".into())]
+        );
+        assert!(Cli::try_parse_from(["request", "web", "--on", "zone"]).is_err());
+        assert_eq!(
+            placement_line("b", "cheapest among 2 eligible hosts (load 10%, cost 1)"),
+            "placed on host b: cheapest among 2 eligible hosts (load 10%, cost 1)"
+        );
+    }
 
     #[test]
     fn memory_is_one_size_or_a_range() {

@@ -171,7 +171,12 @@ impl Scheduler {
                 info.facts.vcpus.saturating_mul(VCPU_OVERCOMMIT),
                 info.facts.memory_mib,
             );
-            entry.up = farm_host.record.state == HostState::Up;
+            entry.state = match farm_host.record.state {
+                HostState::Up => placement::HostState::Up,
+                HostState::Draining => placement::HostState::Draining,
+                HostState::Down => placement::HostState::Down,
+                HostState::Lost => placement::HostState::Lost,
+            };
             entry.cost = info.cost;
             entry.priority = info.priority;
             entry.has_image = holds_template(&info.facts.templates, plan);
@@ -185,6 +190,7 @@ impl Scheduler {
                     memory_mib: u64::from(vm.memory_mib),
                     priority: VmPriority::Normal,
                     isolation: None,
+                    on: Default::default(),
                 });
             }
         }
@@ -198,9 +204,11 @@ impl Scheduler {
                 Purpose::Template => VmPriority::Low,
             },
             isolation: None,
+            on: Default::default(),
         };
-        let chosen = placement::choose_host(&facts, &needs)?;
-        let why = format!("chosen of {} hosts", facts.len());
+        let placement = placement::choose_host(&facts, &needs)?;
+        let chosen = placement.index;
+        let why = placement.to_string();
         tracing::debug!(vm = %plan.id, host = %facts[chosen].name, "placed");
         Ok((hosts[chosen].clone(), why))
     }
