@@ -45,6 +45,8 @@ pub struct VmRecord {
     pub pool: Option<String>,
     /// OS name and version; `None` for a hardware shell with no OS attached yet.
     pub os: Option<(String, String)>,
+    /// The isolation group it was placed in: no other VM of the group shares its host.
+    pub isolation: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

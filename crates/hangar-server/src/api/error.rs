@@ -147,6 +147,11 @@ impl From<crate::requests::RequestError> for ApiError {
                 task,
             },
             RequestError::Store(err) => err.into(),
+            RequestError::NoHost(message) => ApiError::TryAgain {
+                message,
+                retry_after_s: 5,
+                task: None,
+            },
             RequestError::CreationFailed(_) | RequestError::TaskLost(_) => {
                 ApiError::Internal(error_chain(&err))
             }

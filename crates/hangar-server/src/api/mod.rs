@@ -189,7 +189,7 @@ impl From<Grant> for GrantView {
                 .map(|(vcpus, memory_mib)| SliceView { vcpus, memory_mib }),
             task: grant.task,
             boot_ms: grant.vm.boot_ms,
-            placement: None,
+            placement: grant.placement,
         }
     }
 }

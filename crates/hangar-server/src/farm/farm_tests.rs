@@ -296,3 +296,63 @@ async fn a_lost_host_s_shared_service_is_made_elsewhere_and_fenced_when_it_retur
         "gone from its host: deleted"
     );
 }
+
+#[tokio::test]
+async fn isolation_groups_never_share_a_host_and_labels_choose_one() {
+    let farm = Farm::new();
+    for (name, zone) in [("a", "east"), ("bb", "west")] {
+        let mut registration = Farm::registration(name, "one");
+        registration.labels.insert("zone".into(), zone.into());
+        farm.manager.register_host(registration).await.unwrap();
+    }
+    let isolated = |group: &str| hangar_core::ServiceRequest {
+        isolate: Some(group.into()),
+        ..request("web", Mode::Shared)
+    };
+    let first = farm.manager.request(isolated("db")).await.unwrap();
+    let second = farm.manager.request(isolated("db")).await.unwrap();
+    assert_ne!(
+        first.vm.host, second.vm.host,
+        "one VM of the group per host"
+    );
+    assert_eq!(
+        first.vm.mode,
+        Mode::Dedicated,
+        "constrained requests get their own VM"
+    );
+    assert_eq!(first.vm.isolation.as_deref(), Some("db"));
+    let err = farm.manager.request(isolated("db")).await.unwrap_err();
+    assert!(
+        matches!(err, crate::requests::RequestError::NoHost(ref why) if why.contains("isolation")),
+        "{err}"
+    );
+    // Another group still fits beside them.
+    farm.manager.request(isolated("cache")).await.unwrap();
+
+    let west = farm
+        .manager
+        .request(hangar_core::ServiceRequest {
+            on: [("zone".to_owned(), "west".to_owned())].into(),
+            ..request("web", Mode::Dedicated)
+        })
+        .await
+        .unwrap();
+    assert_eq!(west.vm.host, "bb");
+    assert!(
+        west.placement.as_deref().is_some_and(|why| !why.is_empty()),
+        "{:?}",
+        west.placement
+    );
+    let nowhere = farm
+        .manager
+        .request(hangar_core::ServiceRequest {
+            on: [("zone".to_owned(), "north".to_owned())].into(),
+            ..request("web", Mode::Dedicated)
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(nowhere, crate::requests::RequestError::NoHost(_)),
+        "{nowhere}"
+    );
+}

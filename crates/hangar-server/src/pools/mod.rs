@@ -378,6 +378,8 @@ impl Manager {
             pool: Some(spec.name.clone()),
             ready: self.pool_ready(&spec.name).await,
             template: false,
+            isolation: None,
+            on: Default::default(),
         };
         *self
             .pools

@@ -22,33 +22,12 @@ impl Manager {
     pub(crate) async fn create(&self, task: &str, make: &MakeVm) -> Result<VmRecord, String> {
         let started = Instant::now();
         let vm_id = VmId::generate().to_string();
-        let os_name = make
-            .service
-            .as_ref()
-            .map(|service| make.env.get("os").cloned().unwrap_or(service.os.clone()));
-        let plan = VmPlan {
-            id: vm_id.clone(),
-            service: make.service.clone(),
-            os: os_name.clone(),
-            vcpus: make.vcpus,
-            memory_mib: make.memory_mib,
-            env: make.env.clone(),
-            // Pool VMs carry a staging hostname; each gets its own identity when handed out.
-            hostname: match (&make.service, &make.pool, make.template) {
-                (_, Some(pool), _) => format!("pool-{pool}"),
-                (Some(service), None, true) => format!("template-{}", service.name),
-                _ => vm_id.clone(),
-            },
-            purpose: if make.template {
-                Purpose::Template
-            } else if make.pool.is_some() {
-                Purpose::Pool
-            } else {
-                Purpose::Request
-            },
-            ready: make.ready.clone(),
-        };
-        let (host, why) = self.place(&plan).await.map_err(|err| error_chain(&err))?;
+        let plan = plan_for(make, &vm_id);
+        let os_name = plan.os.clone();
+        let (host, why) = self
+            .place(&plan, &make.constraints())
+            .await
+            .map_err(|err| error_chain(&err))?;
         self.farm.placed(&vm_id, &why);
         let prepared = host
             .prepare_vm(&plan, self.tasks.progress(task))
@@ -103,6 +82,7 @@ impl Manager {
                 vcpus: make.vcpus,
                 pool: make.pool.clone(),
                 os,
+                isolation: make.isolation.clone(),
             })
             .await
             .map_err(|err| error_chain(&err));
@@ -186,5 +166,35 @@ impl Manager {
         {
             tracing::warn!(vm = %vm_id, error = %err, "cannot mark vm failed");
         }
+    }
+}
+
+/// What the host is asked to make for `make`, as VM `vm_id`.
+pub(crate) fn plan_for(make: &MakeVm, vm_id: &str) -> VmPlan {
+    let os_name = make
+        .service
+        .as_ref()
+        .map(|service| make.env.get("os").cloned().unwrap_or(service.os.clone()));
+    VmPlan {
+        id: vm_id.to_owned(),
+        service: make.service.clone(),
+        os: os_name,
+        vcpus: make.vcpus,
+        memory_mib: make.memory_mib,
+        env: make.env.clone(),
+        // Pool VMs carry a staging hostname; each gets its own identity when handed out.
+        hostname: match (&make.service, &make.pool, make.template) {
+            (_, Some(pool), _) => format!("pool-{pool}"),
+            (Some(service), None, true) => format!("template-{}", service.name),
+            _ => vm_id.to_owned(),
+        },
+        purpose: if make.template {
+            Purpose::Template
+        } else if make.pool.is_some() {
+            Purpose::Pool
+        } else {
+            Purpose::Request
+        },
+        ready: make.ready.clone(),
     }
 }

@@ -44,6 +44,9 @@ pub struct Grant {
     pub sliced_to: Option<(u32, u32)>,
     /// How long each stage of handing it out took (pool grants), in order.
     pub stages: Stages,
+    /// Why the VM is on its host, when it was made for this request or handed out of a
+    /// pool (not for a VM that already served others).
+    pub placement: Option<String>,
 }
 
 pub use hangar_host::Stages;
@@ -62,6 +65,20 @@ pub(crate) struct MakeVm {
     pub ready: Option<hangar_core::ReadySpec>,
     /// Made to become its service's template (snapshotted at ready, then gone).
     pub template: bool,
+    /// Placed away from every host holding a VM of this isolation group.
+    pub isolation: Option<String>,
+    /// Placed only on hosts with these labels.
+    pub on: BTreeMap<String, String>,
+}
+
+impl MakeVm {
+    /// What its placement must respect beyond room.
+    pub(crate) fn constraints(&self) -> crate::scheduler::Constraints {
+        crate::scheduler::Constraints {
+            isolation: self.isolation.clone(),
+            on: self.on.clone(),
+        }
+    }
 }
 
 pub(crate) type Outcome = Option<Result<VmRecord, String>>;
@@ -97,6 +114,9 @@ pub enum RequestError {
     /// The creation task ended without a VM.
     #[error("{0}")]
     CreationFailed(String),
+    /// No host can take the VM now (room, isolation group, labels, hosts down).
+    #[error("{0}")]
+    NoHost(String),
     /// The creation task's outcome could not be followed.
     #[error("{0}")]
     TaskLost(&'static str),
@@ -125,6 +145,13 @@ impl Manager {
         let os = request.env.get("os").cloned().unwrap_or(service.os.clone());
         self.record_image_demand(&service.name, &os);
 
+        // A request with placement constraints gets a VM of its own, placed for it: neither
+        // a shared VM nor a pool VM was placed with its constraints.
+        let constrained = request.isolate.is_some() || !request.on.is_empty();
+        let mut request = request;
+        if constrained {
+            request.mode = Mode::Dedicated;
+        }
         let guard = match request.mode {
             Mode::Dedicated => None,
             Mode::Shared => {
@@ -155,7 +182,8 @@ impl Manager {
 
         // Pool VMs run the default OS with default settings: a request naming another OS
         // or its own settings gets a VM of its own.
-        let from_pool = os == service.os
+        let from_pool = !constrained
+            && os == service.os
             && !service
                 .settings
                 .keys()
@@ -181,6 +209,8 @@ impl Manager {
             pool: None,
             ready: None,
             template: false,
+            isolation: request.isolate.clone(),
+            on: request.on.clone(),
         };
         self.create_and_wait(make, guard, until, deadline, &service.name)
             .await
@@ -256,9 +286,11 @@ impl Manager {
         };
         let mut request = request;
         request.mode = Mode::Dedicated;
-        if let Some(grant) = self
-            .grant_from_pool(&config, &request, service.as_ref())
-            .await?
+        let constrained = request.isolate.is_some() || !request.on.is_empty();
+        if !constrained
+            && let Some(grant) = self
+                .grant_from_pool(&config, &request, service.as_ref())
+                .await?
         {
             return Ok(grant);
         }
@@ -274,6 +306,8 @@ impl Manager {
             pool: None,
             ready: None,
             template: false,
+            isolation: request.isolate.clone(),
+            on: request.on.clone(),
         };
         self.create_and_wait(make, None, until, deadline, &name)
             .await
@@ -289,6 +323,21 @@ impl Manager {
         name: &str,
     ) -> Result<Grant, RequestError> {
         let service = make.service.clone();
+        if make.isolation.is_some() || !make.on.is_empty() {
+            // Say at once when no host can take it, rather than from a failed task.
+            let plan = create::plan_for(&make, "placement-check");
+            match self.place(&plan, &make.constraints()).await {
+                Ok(_) => {}
+                Err(crate::scheduler::PlacementError::NoHost(no_host)) => {
+                    return Err(RequestError::NoHost(no_host.to_string()));
+                }
+                Err(other) => {
+                    return Err(RequestError::CreationFailed(
+                        crate::api::error::error_chain(&other),
+                    ));
+                }
+            }
+        }
         let task = self.start_create(make, guard).await?;
         let mut outcome = self
             .tasks
@@ -457,7 +506,12 @@ impl Manager {
             .dns_domain
             .as_ref()
             .map(|domain| format!("{}.{domain}", vm.id));
+        let placement = match served {
+            Served::Shared | Served::Woken => None,
+            _ => self.farm.placement(&vm.id),
+        };
         Grant {
+            placement,
             service: service.map(|s| s.name.clone()).unwrap_or_default(),
             vm,
             endpoint,

@@ -760,6 +760,7 @@ mod stable_endpoints {
             vcpus: 1,
             pool: None,
             os: None,
+            isolation: None,
         }
     }
 

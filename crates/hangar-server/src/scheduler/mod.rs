@@ -146,6 +146,7 @@ impl Scheduler {
         &self,
         vms: &[VmRecord],
         plan: &VmPlan,
+        constraints: &Constraints,
     ) -> Result<(Arc<dyn Host>, String), PlacementError> {
         let mut hosts: Vec<Arc<dyn Host>> = Vec::new();
         let mut facts = Vec::new();
@@ -160,7 +161,9 @@ impl Scheduler {
             // The server's own host takes every VM it is given, as before placement: its
             // capacity is not limited here; a farm's hosts state theirs.
             let mut entry = placement::HostFacts::new(local.name(), u32::MAX, u64::MAX);
-            entry.has_image = holds_template(&known.templates, plan);
+            entry.cpus = known.vcpus;
+            entry.load = known.load;
+            entry.has_template = holds_template(&known.templates, plan);
             hosts.push(local.clone());
             facts.push(entry);
         }
@@ -179,7 +182,10 @@ impl Scheduler {
             };
             entry.cost = info.cost;
             entry.priority = info.priority;
-            entry.has_image = holds_template(&info.facts.templates, plan);
+            entry.cpus = info.facts.vcpus;
+            entry.load = info.facts.load;
+            entry.labels = info.labels.clone();
+            entry.has_template = holds_template(&info.facts.templates, plan);
             hosts.push(farm_host.host.clone());
             facts.push(entry);
         }
@@ -189,7 +195,7 @@ impl Scheduler {
                     vcpus: vm.vcpus,
                     memory_mib: u64::from(vm.memory_mib),
                     priority: VmPriority::Normal,
-                    isolation: None,
+                    isolation: vm.isolation.clone(),
                     on: Default::default(),
                 });
             }
@@ -203,8 +209,8 @@ impl Scheduler {
                 Purpose::Request | Purpose::Pool => VmPriority::High,
                 Purpose::Template => VmPriority::Low,
             },
-            isolation: None,
-            on: Default::default(),
+            isolation: constraints.isolation.clone(),
+            on: constraints.on.clone(),
         };
         let placement = placement::choose_host(&facts, &needs)?;
         let chosen = placement.index;
@@ -212,6 +218,15 @@ impl Scheduler {
         tracing::debug!(vm = %plan.id, host = %facts[chosen].name, "placed");
         Ok((hosts[chosen].clone(), why))
     }
+}
+
+/// What a request asks of the host beyond room.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Constraints {
+    /// No other VM of this isolation group on the host.
+    pub isolation: Option<String>,
+    /// Labels the host must carry.
+    pub on: BTreeMap<String, String>,
 }
 
 /// Whether a VM in this state takes room on its host.
@@ -264,9 +279,10 @@ impl Manager {
     pub(crate) async fn place(
         &self,
         plan: &VmPlan,
+        constraints: &Constraints,
     ) -> Result<(Arc<dyn Host>, String), PlacementError> {
         let vms = self.store.vms(false).await.map_err(PlacementError::Store)?;
-        self.scheduler.place(&vms, plan).await
+        self.scheduler.place(&vms, plan, constraints).await
     }
 }
 
@@ -304,7 +320,10 @@ mod tests {
     #[tokio::test]
     async fn the_one_host_is_chosen_and_found_by_name() {
         let scheduler = Scheduler::new(Some(host("local")), None);
-        let (chosen, _) = scheduler.place(&[], &plan(Purpose::Request)).await.unwrap();
+        let (chosen, _) = scheduler
+            .place(&[], &plan(Purpose::Request), &Constraints::default())
+            .await
+            .unwrap();
         assert_eq!(chosen.name(), "local");
         assert!(scheduler.host("local").is_some());
         assert!(scheduler.host("elsewhere").is_none());
@@ -314,7 +333,7 @@ mod tests {
     async fn without_hosts_placement_says_why() {
         let scheduler = Scheduler::new(None, None);
         let err = scheduler
-            .place(&[], &plan(Purpose::Pool))
+            .place(&[], &plan(Purpose::Pool), &Constraints::default())
             .await
             .err()
             .expect("no host");

@@ -55,6 +55,8 @@ impl Manager {
             pool: None,
             ready: None,
             template: true,
+            isolation: None,
+            on: Default::default(),
         };
         let manager = self.clone();
         let name = service.name.clone();

@@ -39,6 +39,7 @@ pub(crate) fn vm(id: &str, service: &str, mode: Mode, state: VmState) -> VmRecor
         vcpus: 1,
         pool: None,
         os: Some(("busybox".into(), "1.35".into())),
+        isolation: Some("tenant-a".into()),
     }
 }
 

@@ -144,7 +144,7 @@ impl Store for PgStore {
             .prepare_cached(&format!(
                 "INSERT INTO vms ({VM_COLUMNS})
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
-                         $17, $18, $19, $20, $21, $22)"
+                         $17, $18, $19, $20, $21, $22, $23)"
             ))
             .await
             .map_err(pg)?;
@@ -175,6 +175,7 @@ impl Store for PgStore {
                     &os_version,
                     &signed(vm.state_since_ms),
                     &serde_json::to_string(&vm.direct_endpoints)?,
+                    &vm.isolation,
                 ],
             )
             .await

@@ -74,6 +74,7 @@ pub(crate) fn vm_row(row: &Row) -> Result<VmRecord, StoreError> {
         os: os_name.zip(os_version),
         state_since_ms: get_u(row, 20)?,
         direct_endpoints: serde_json::from_str(get(row, 21)?)?,
+        isolation: get(row, 22)?,
     })
 }
 

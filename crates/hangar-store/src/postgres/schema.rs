@@ -104,6 +104,8 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         holder     TEXT NOT NULL,
         expires_ms BIGINT NOT NULL
     );",
+    // A VM's isolation group (placement: no two VMs of a group on one host).
+    "ALTER TABLE vms ADD COLUMN isolation TEXT;",
 ];
 
 /// Brings the schema up to the newest version. [`StoreError::SchemaTooNew`] when a newer

@@ -144,7 +144,7 @@ impl Store for SqliteStore {
                 &format!(
                     "INSERT INTO vms ({VM_COLUMNS})
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15,
-                             ?16, ?17, ?18, ?19, ?20, ?21, ?22)"
+                             ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23)"
                 ),
                 params![
                     vm.id,
@@ -169,6 +169,7 @@ impl Store for SqliteStore {
                     vm.os.as_ref().map(|(_, version)| version),
                     vm.state_since_ms,
                     serde_json::to_string(&vm.direct_endpoints)?,
+                    vm.isolation,
                 ],
             )
             .map_err(|err| insert_error(err, Entity::Vm, &vm.id))?;

@@ -12,7 +12,7 @@ use crate::{
 
 pub(crate) const VM_COLUMNS: &str = "id, host, services, env, mode, owner, state, endpoints, \
      spec, pid, error, created_at_ms, updated_at_ms, last_used_at_ms, boot_ms, memory_mib, \
-     vcpus, pool, os_name, os_version, state_since_ms, direct_endpoints";
+     vcpus, pool, os_name, os_version, state_since_ms, direct_endpoints, isolation";
 
 pub(crate) const TASK_COLUMNS: &str =
     "id, kind, service, vm_id, state, stage, percent, error, created_at_ms, updated_at_ms";
@@ -63,6 +63,7 @@ pub(crate) fn vm_row(row: &Row<'_>) -> Decoded<VmRecord> {
         pool: row.get(17)?,
         os: os_name.zip(os_version),
         state_since_ms: row.get(20)?,
+        isolation: row.get(22)?,
     };
     Ok((|| {
         Ok(VmRecord {

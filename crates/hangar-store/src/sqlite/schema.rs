@@ -108,6 +108,8 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         holder     TEXT NOT NULL,
         expires_ms INTEGER NOT NULL
     );",
+    // A VM's isolation group (placement: no two VMs of a group on one host).
+    "ALTER TABLE vms ADD COLUMN isolation TEXT;",
 ];
 
 /// Brings the schema up to the newest version, one transaction per migration.
