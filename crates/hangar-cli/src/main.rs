@@ -14,8 +14,8 @@ mod error;
 mod output;
 
 use commands::{
-    bench as bench_cmd, export, hosts, images, policies, pools, request, server, services, tasks,
-    templates, vms,
+    agent, bench as bench_cmd, export, hosts, images, policies, pools, request, server, services,
+    tasks, templates, vms,
 };
 use error::CliError;
 use hangar_api::client::Client;
@@ -55,6 +55,12 @@ struct Cli {
 enum Command {
     /// Run the control plane and the local host (QEMU runs here).
     Server(server::ServerArgs),
+    /// Run one host of a farm: QEMU VMs here, for the control plane at --server (registers,
+    /// reports every second, serves the agent API the server calls).
+    #[command(
+        after_help = "Example:\n  hangar agent --server http://10.0.0.1:7070 --token-file /etc/hangar/farm-token \\\n    --listen 0.0.0.0:7071 --endpoint-host 10.0.0.2 --labels zone=a"
+    )]
+    Agent(agent::AgentArgs),
     /// Hold a data dir's stable VM endpoints (started by `hangar server`, outlives it).
     #[command(hide = true)]
     Forwarder(server::ForwarderArgs),
@@ -123,6 +129,7 @@ async fn main() -> ExitCode {
     let Cli { url, command } = Cli::parse();
     let result = match command {
         Command::Server(args) => return server::run(args).await,
+        Command::Agent(args) => return agent::run(args).await,
         Command::Forwarder(args) => return server::forwarder(args).await,
         Command::Bench(args) => bench_cmd::run(args),
         command => client_command(&url, command).await,
@@ -134,7 +141,7 @@ async fn main() -> ExitCode {
 async fn client_command(url: &str, command: Command) -> Result<(), CliError> {
     let client = &Client::new(url)?;
     match command {
-        Command::Server(_) | Command::Forwarder(_) | Command::Bench(_) => {
+        Command::Server(_) | Command::Agent(_) | Command::Forwarder(_) | Command::Bench(_) => {
             unreachable!("run without a client, in main")
         }
         Command::Services(args) => services::run(client, args).await,

@@ -83,7 +83,7 @@ struct RawPool {
 
 /// One requestable service: its applications (its own, inline, and `apps = [...]`) merged
 /// into one VM's ports, processes, files and ready criterion.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Service {
     pub name: String,
     /// Pool bounds, when the service keeps a warm pool.

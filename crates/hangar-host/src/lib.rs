@@ -15,10 +15,13 @@
 //! - [`guest`]: what a guest is told to become (hangar-init's configuration).
 //! - [`images`]: where a host's images come from ([`images::ImageSource`]): the local
 //!   image cache ([`images::LocalImages`]) and exports.
+//! - [`agent`]: the host agent: any [`Host`] served over HTTP (`/agent/v1/...`), and
+//!   the agent process's loop (registration and heartbeats to the control plane).
+//! - [`remote`]: [`RemoteHost`], a [`Host`] on another machine, reached through its agent.
 //! - [`facts`]: what the machine has (CPUs, memory, disk, load), read from the OS.
 //!
 //! In single-node mode the server holds one [`LocalHost`]; a farm adds remote hosts
-//! behind the same trait.
+//! ([`RemoteHost`]) behind the same trait.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -26,15 +29,18 @@ use std::time::Duration;
 use hangar_core::{ReadySpec, Service};
 use serde::{Deserialize, Serialize};
 
+pub mod agent;
 pub mod facts;
 pub mod guest;
 pub mod images;
 pub mod local;
 pub mod ready;
+pub mod remote;
 
 pub use hangar_vmm::{ArchiveTier, RunState};
 pub use images::ProgressFn;
 pub use local::{LocalHost, LocalHostConfig};
+pub use remote::RemoteHost;
 
 /// What a VM is made for; decides its hostname, CPU priority and where it ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,7 +55,7 @@ pub enum Purpose {
 }
 
 /// What to make: a service VM, or (no service) a pre-OS hardware shell.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VmPlan {
     /// The VM's id, chosen by the control plane.
     pub id: String,
@@ -75,7 +81,7 @@ pub struct LaunchRecord(pub serde_json::Value);
 
 /// A VM prepared by [`Host::prepare_vm`]: images resolved, host ports chosen, no process
 /// yet.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PreparedVm {
     /// The VM's own endpoints (`host:port`) by service port name.
     pub direct_endpoints: BTreeMap<String, String>,
@@ -83,7 +89,7 @@ pub struct PreparedVm {
 }
 
 /// A VM made by [`Host::make_vm`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MadeVm {
     /// The record to store with the VM from now on.
     pub launch: LaunchRecord,
@@ -97,7 +103,7 @@ pub struct MadeVm {
 }
 
 /// How to hand out a paused pool VM.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct HandOut {
     /// Slice it down to (vCPUs, MiB): balloon and offline vCPUs.
     pub slice_to: Option<(u32, u32)>,
@@ -106,7 +112,7 @@ pub struct HandOut {
 }
 
 /// A pool VM handed out.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct HandedOut {
     pub stages: Stages,
     /// The size it was sliced to, as (vCPUs, MiB).
@@ -114,7 +120,7 @@ pub struct HandedOut {
 }
 
 /// What a pre-OS shell becomes when it is handed out (the partial match).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ShellPlan {
     pub service: Option<Service>,
     pub os: String,
@@ -122,14 +128,15 @@ pub struct ShellPlan {
 }
 
 /// A pre-OS shell booted with its OS.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BootedShell {
     pub launch: LaunchRecord,
     pub direct_endpoints: BTreeMap<String, String>,
 }
 
 /// How a VM sleeps now, for [`Host::wake`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum WakeFrom {
     /// Paused in memory: resumed exactly as it was.
     Sleeping,
@@ -143,7 +150,7 @@ pub enum WakeFrom {
 }
 
 /// A woken VM.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Woken {
     pub stages: Stages,
     /// The new process id after a restore, for operators only.
@@ -151,7 +158,7 @@ pub struct Woken {
 }
 
 /// A VM re-attached by [`Host::adopt`].
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 pub struct Adopted {
     /// Its process id, for operators only.
     pub process: Option<u32>,
@@ -213,8 +220,57 @@ pub struct HostFacts {
 
 /// Named stage durations of one operation, as the API's `Server-Timing` header reports
 /// them.
+///
+/// On the wire (a remote host's reply) it is a list of `{"stage": NAME, "ms": F64}`; names
+/// are read back as the known stage names ([`STAGE_NAMES`]), any other as `other`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stages(pub Vec<(&'static str, Duration)>);
+
+/// Every stage name an operation reports; a name read from the wire that is not among them
+/// becomes `other`.
+pub const STAGE_NAMES: &[&str] = &[
+    "priority", "resume", "identity", "slice", "restore", "ready", "boot", "claim", "match",
+    "clone", "launch", "snapshot", "image",
+];
+
+/// One stage on the wire.
+#[derive(Serialize, Deserialize)]
+struct WireStage {
+    stage: String,
+    ms: f64,
+}
+
+impl Serialize for Stages {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.iter().map(|(name, took)| WireStage {
+            stage: (*name).to_owned(),
+            ms: took.as_secs_f64() * 1000.0,
+        }))
+    }
+}
+
+impl<'de> Deserialize<'de> for Stages {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let wire = Vec::<WireStage>::deserialize(deserializer)?;
+        Ok(Stages(
+            wire.into_iter()
+                .map(|stage| {
+                    let name = STAGE_NAMES
+                        .iter()
+                        .find(|known| **known == stage.stage)
+                        .copied()
+                        .unwrap_or("other");
+                    let ms = if stage.ms.is_finite() {
+                        stage.ms.max(0.0)
+                    } else {
+                        0.0
+                    };
+                    (name, Duration::from_secs_f64(ms / 1000.0))
+                })
+                .collect(),
+        ))
+    }
+}
 
 impl Stages {
     /// Records the time since `since` as stage `name` and returns now.
@@ -272,6 +328,36 @@ pub enum HostError {
         #[source]
         source: std::io::Error,
     },
+    /// A remote host's agent did not answer (refused, reset, timed out): the host may be
+    /// down or cut off.
+    #[error("cannot reach host {host}")]
+    Unreachable {
+        host: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A remote host's agent answered with an error that has no variant of its own here
+    /// (`kind` is the agent's [`agent::ErrorKind`]); `message` is the agent's error chain.
+    #[error("host {host}: {message}")]
+    Remote {
+        host: String,
+        kind: agent::ErrorKind,
+        message: String,
+    },
+}
+
+/// The id of the template a VM was cloned from: the last component of its launch record's
+/// `template` directory (`<service>-<key>`). Launch records are written by
+/// [`LocalHost`] (its `VmSpec`), on this machine or behind an agent, so every host reads
+/// them the same way.
+pub fn template_of_record(launch: &LaunchRecord) -> Option<String> {
+    let dir = launch.0.get("template")?.as_str()?;
+    Some(
+        std::path::Path::new(dir)
+            .file_name()?
+            .to_string_lossy()
+            .into_owned(),
+    )
 }
 
 /// One machine that runs VMs. Every method is safe to call concurrently for different VMs;
@@ -331,7 +417,7 @@ pub trait Host: Send + Sync + 'static {
     async fn archive(&self, id: &str, tier: ArchiveTier) -> Result<ArchiveFacts, HostError>;
 
     /// The archive of a VM, if it has one.
-    fn archive_facts(&self, id: &str) -> Option<ArchiveFacts>;
+    async fn archive_facts(&self, id: &str) -> Result<Option<ArchiveFacts>, HostError>;
 
     /// Brings a sleeping or archived VM back, with a fresh identity; a restored VM also
     /// passes its ready criteria ([`HostError::NotReady`] when not: it then runs, for
@@ -362,14 +448,17 @@ pub trait Host: Send + Sync + 'static {
     ) -> Result<Vec<String>, HostError>;
 
     /// Whether new VMs of `service` can be cloned from a template here (templates are on
-    /// and its root is a single disk).
-    fn templates_apply(&self, service: &Service) -> bool;
+    /// and its root is a single disk). A host that cannot tell (unreachable) says no.
+    async fn templates_apply(&self, service: &Service) -> bool;
 
     /// Whether `service`'s current template is built here.
     async fn has_template(&self, service: &Service) -> Result<bool, HostError>;
 
-    /// The id of the template a VM was cloned from, read from its launch record.
-    fn template_of(&self, launch: &LaunchRecord) -> Option<String>;
+    /// The id of the template a VM was cloned from, read from its launch record (data
+    /// only: no host is asked, see [`template_of_record`]).
+    fn template_of(&self, launch: &LaunchRecord) -> Option<String> {
+        template_of_record(launch)
+    }
 
     /// Every template held here; [`TemplateFacts::current`] tells whether it was made
     /// from its service's definition in `services`.

@@ -108,7 +108,7 @@ async fn a_vm_is_made_to_ready_and_goes_through_its_life() {
 
     let archive = host.archive("vm-a", ArchiveTier::Zstd).await.unwrap();
     assert_eq!(archive.tier, ArchiveTier::Zstd);
-    assert_eq!(host.archive_facts("vm-a"), Some(archive));
+    assert_eq!(host.archive_facts("vm-a").await.unwrap(), Some(archive));
     assert_eq!(host.run_state("vm-a").await.unwrap(), RunState::Gone);
     let from = WakeFrom::Archived {
         launch: made.launch.clone(),
@@ -118,7 +118,10 @@ async fn a_vm_is_made_to_ready_and_goes_through_its_life() {
     let woken = host.wake("vm-a", &from).await.unwrap();
     let names: Vec<&str> = woken.stages.0.iter().map(|(name, _)| *name).collect();
     assert_eq!(names, ["restore", "identity", "ready"]);
-    assert!(host.archive_facts("vm-a").is_none(), "the archive is gone");
+    assert!(
+        host.archive_facts("vm-a").await.unwrap().is_none(),
+        "the archive is gone"
+    );
     assert!(get(&endpoint).await.contains("fake vm-a"));
 
     host.destroy("vm-a").await.unwrap();
@@ -164,7 +167,7 @@ async fn a_template_is_made_then_cloned_and_a_restarted_host_adopts() {
     };
     let backend = FakeBackend::new();
     let host = host(&backend, config.clone());
-    assert!(host.templates_apply(&web()));
+    assert!(host.templates_apply(&web()).await);
     assert!(!host.has_template(&web()).await.unwrap());
 
     let plan_t = plan("vm-t", Purpose::Template);

@@ -163,7 +163,7 @@ pub async fn forwarder(args: ForwarderArgs) -> ExitCode {
     }
 }
 
-fn init_logging() {
+pub(crate) fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("HANGAR_LOG")
@@ -174,7 +174,7 @@ fn init_logging() {
         .init();
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("install SIGTERM handler");
     tokio::select! {

@@ -430,8 +430,8 @@ impl Host for LocalHost {
         Ok(archive_facts(&info))
     }
 
-    fn archive_facts(&self, id: &str) -> Option<ArchiveFacts> {
-        self.hv.archive_info(id).as_ref().map(archive_facts)
+    async fn archive_facts(&self, id: &str) -> Result<Option<ArchiveFacts>, HostError> {
+        Ok(self.hv.archive_info(id).as_ref().map(archive_facts))
     }
 
     async fn wake(&self, id: &str, from: &WakeFrom) -> Result<Woken, HostError> {
@@ -536,7 +536,7 @@ impl Host for LocalHost {
         Ok(removed)
     }
 
-    fn templates_apply(&self, service: &Service) -> bool {
+    async fn templates_apply(&self, service: &Service) -> bool {
         // Layered roots (Debian services) are booted: their templates are not built yet.
         self.config.templates_dir.is_some() && self.images.chain(service, &service.os).is_empty()
     }
@@ -544,16 +544,6 @@ impl Host for LocalHost {
     async fn has_template(&self, service: &Service) -> Result<bool, HostError> {
         let spec = self.template_probe_spec(service).await?;
         Ok(self.find_template(service, &spec).is_some())
-    }
-
-    fn template_of(&self, launch: &LaunchRecord) -> Option<String> {
-        let dir = launch.0["template"].as_str()?;
-        Some(
-            std::path::Path::new(dir)
-                .file_name()?
-                .to_string_lossy()
-                .into_owned(),
-        )
     }
 
     async fn templates(&self, services: &[Service]) -> Result<Vec<TemplateFacts>, HostError> {

@@ -80,8 +80,8 @@ impl Host for UnknownHost {
         Err(self.error())
     }
 
-    fn archive_facts(&self, _: &str) -> Option<ArchiveFacts> {
-        None
+    async fn archive_facts(&self, _: &str) -> Result<Option<ArchiveFacts>, HostError> {
+        Ok(None)
     }
 
     async fn wake(&self, _: &str, _: &WakeFrom) -> Result<Woken, HostError> {
@@ -109,7 +109,7 @@ impl Host for UnknownHost {
         Err(self.error())
     }
 
-    fn templates_apply(&self, _: &Service) -> bool {
+    async fn templates_apply(&self, _: &Service) -> bool {
         false
     }
 

@@ -226,9 +226,16 @@ impl Manager {
         Ok((vm, woken.stages))
     }
 
-    /// The archive of an archived VM.
+    /// The archive of an archived VM; none when it has none or its host cannot tell
+    /// (logged).
     pub async fn archive_info(&self, id: &str) -> Option<ArchiveFacts> {
-        self.host_of_id(id).await.archive_facts(id)
+        match self.host_of_id(id).await.archive_facts(id).await {
+            Ok(archive) => archive,
+            Err(err) => {
+                tracing::warn!(vm = %id, error = %error_chain(&err), "cannot read the VM's archive");
+                None
+            }
+        }
     }
 
     /// Start-up rule for an archived VM. A QEMU process found for it is a restore cut short
@@ -244,7 +251,15 @@ impl Manager {
     ) {
         let host = self.host_of(vm);
         let running = running_at_start.contains(&vm.id);
-        let archive = host.archive_facts(&vm.id);
+        let archive = match host.archive_facts(&vm.id).await {
+            Ok(archive) => archive,
+            Err(err) => {
+                // Decided at the next start, when the host answers.
+                tracing::warn!(vm = %vm.id, error = %error_chain(&err), "cannot read the VM's archive");
+                live.insert(vm.id.clone());
+                return;
+            }
+        };
         match (running, archive) {
             (true, Some(_)) => {
                 tracing::info!(vm = %vm.id, "stopping a restore cut short; the archive is kept");

@@ -20,6 +20,7 @@ use hangar_host::ArchiveTier;
 use hangar_store::now_ms;
 use tokio::sync::Notify;
 
+use crate::api::error::error_chain;
 use crate::lifecycle::ops::LifecycleError;
 use crate::manager::Manager;
 
@@ -286,24 +287,29 @@ impl Manager {
     }
 
     async fn lifecycle_inputs(&self) -> Result<Inputs, PolicyError> {
-        let vms = self
-            .store
-            .vms(false)
-            .await?
-            .into_iter()
-            .map(|vm| VmFacts {
-                archive_bytes: (vm.state == VmState::Archived)
-                    .then(|| self.host_of(&vm).archive_facts(&vm.id))
-                    .flatten()
-                    .map(|info| info.size_bytes),
+        let mut vms = Vec::new();
+        for vm in self.store.vms(false).await? {
+            let archive = match vm.state {
+                VmState::Archived => self.host_of(&vm).archive_facts(&vm.id).await,
+                _ => Ok(None),
+            };
+            let archive_bytes = match archive {
+                Ok(archive) => archive.map(|info| info.size_bytes),
+                Err(err) => {
+                    tracing::warn!(vm = %vm.id, error = %error_chain(&err), "cannot read the VM's archive");
+                    None
+                }
+            };
+            vms.push(VmFacts {
+                archive_bytes,
                 id: vm.id,
                 services: vm.services,
                 state: vm.state,
                 last_used_ms: vm.last_used_at_ms,
                 state_since_ms: vm.state_since_ms,
                 memory_mib: vm.memory_mib,
-            })
-            .collect();
+            });
+        }
         Ok(Inputs {
             now_ms: now_ms(),
             vms,

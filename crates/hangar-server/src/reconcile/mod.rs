@@ -101,15 +101,15 @@ impl Manager {
                             vm.state == VmState::Active,
                         )
                         .await;
+                    let archived = matches!(adopted, Ok(None))
+                        && vm.state != VmState::Ready
+                        && matches!(host.archive_facts(&vm.id).await, Ok(Some(_)));
                     match adopted {
                         Ok(Some(_)) => {
                             live.insert(vm.id.clone());
                             report.adopted.push(vm.id);
                         }
-                        Ok(None)
-                            if vm.state != VmState::Ready
-                                && host.archive_facts(&vm.id).is_some() =>
-                        {
+                        Ok(None) if archived => {
                             // The server stopped after the archive was complete and QEMU had
                             // quit, before it could record it: the VM is archived.
                             tracing::info!(vm = %vm.id, "recording an archive completed before the server stopped");

@@ -32,7 +32,7 @@ impl Manager {
     /// apply to it, it exists, or one is being built. Requests with settings (`env`) never
     /// use one.
     pub(crate) async fn ensure_template(self: &Arc<Self>, service: &Service) {
-        if !self.default_host().templates_apply(service) {
+        if !self.default_host().templates_apply(service).await {
             return;
         }
         if !matches!(self.default_host().has_template(service).await, Ok(false)) {
