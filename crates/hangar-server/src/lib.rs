@@ -303,9 +303,16 @@ pub async fn run(
     } else {
         None
     };
+    // Farm hosts are reached through their agents' API, with the farm token.
+    let agent_token = farm_token.clone();
+    let connect: scheduler::Connector = Arc::new(move |name: &str, address: &str| {
+        hangar_host::remote::RemoteHost::new(name, address, &agent_token)
+            .map(|host| Arc::new(host) as Arc<dyn hangar_host::Host>)
+            .map_err(|err| err.to_string())
+    });
     let manager = Manager::with_hosts(
         store,
-        scheduler::Scheduler::new(local, None),
+        scheduler::Scheduler::new(local, Some(connect)),
         images,
         catalog,
         ManagerConfig {
