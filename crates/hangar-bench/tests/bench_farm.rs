@@ -1,12 +1,29 @@
 //! `hangar bench farm` in a short run: a real PostgreSQL and a real control plane with
-//! simulated hosts; every figure is reported, the placements are all answered, and the
-//! server it started is gone afterwards. The figures themselves mean nothing here.
+//! simulated hosts, then one warm-pool grant from the server's own host and one from a
+//! real agent's (real guests); every figure is reported, the placements are all answered,
+//! and nothing it started is left. The figures themselves mean nothing here.
 
 // Not every helper of the shared test support is used here.
 #[allow(dead_code)]
 mod common;
 
 use std::process::Command;
+
+/// Processes whose command line mentions `text`.
+fn processes_mentioning(text: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline"))
+            && String::from_utf8_lossy(&raw).contains(text)
+        {
+            found.push(pid);
+        }
+    }
+    found
+}
 
 #[test]
 fn bench_farm_reports_every_figure_and_leaves_no_server_behind() {
@@ -20,7 +37,9 @@ fn bench_farm_reports_every_figure_and_leaves_no_server_behind() {
             "--heartbeat-hosts",
             "10",
         ])
-        .args(["--pure-hosts", "100", "--grants", "0", "--json"])
+        .args(["--pure-hosts", "100", "--grants", "1", "--pool", "1"])
+        .args(["--accel", "tcg", "--json", "--cache"])
+        .arg(common::shared_cache())
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -56,8 +75,10 @@ fn bench_farm_reports_every_figure_and_leaves_no_server_behind() {
         "1,000 heartbeats a second of `per` ms each is `per` seconds per second"
     );
     assert_eq!(report["pure_placement"]["hosts"], 100);
-    assert!(report["remote_grants"].is_null());
-    assert_eq!(report["remote_grants_skipped"], "--grants 0");
+    let grants = &report["remote_grants"];
+    assert_eq!(grants["local"]["n"], 1, "{report:#}");
+    assert_eq!(grants["remote"]["n"], 1, "{report:#}");
+    assert!(report["remote_grants_skipped"].is_null());
     let measures: Vec<&str> = report["rows"]
         .as_array()
         .unwrap()
@@ -81,4 +102,9 @@ fn bench_farm_reports_every_figure_and_leaves_no_server_behind() {
         !std::path::Path::new(&format!("/proc/{server}")).exists(),
         "the benchmark's server {server} still runs"
     );
+    // The grant comparison's server, agent and guests ran in data dirs named so.
+    for dir in ["/tmp/hgbench", "/tmp/hgagent"] {
+        let left = processes_mentioning(dir);
+        assert!(left.is_empty(), "processes left in {dir}*: {left:?}");
+    }
 }

@@ -70,6 +70,10 @@ pub struct FarmBench {
     /// Accelerator for the guests of the grant comparison.
     #[arg(long, default_value = "auto")]
     accel: String,
+    /// Guest asset cache to reuse (kernel, images) for the grant comparison [default: the
+    /// default data dir's cache].
+    #[arg(long)]
+    cache: Option<std::path::PathBuf>,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -258,7 +262,16 @@ pub async fn run(args: FarmBench) -> Result<(), BenchError> {
             args.grants
         );
         (
-            Some(remote::run(&args.service, args.pool, args.grants, &args.accel).await?),
+            Some(
+                remote::run(
+                    &args.service,
+                    args.pool,
+                    args.grants,
+                    &args.accel,
+                    args.cache.clone(),
+                )
+                .await?,
+            ),
             None,
         )
     };

@@ -111,11 +111,12 @@ pub async fn run(
     pool: u32,
     count: usize,
     accel: &str,
+    cache: Option<PathBuf>,
 ) -> Result<RemoteGrants, BenchError> {
     let options = ServerOptions {
         accel: accel.to_owned(),
         catalog: None,
-        cache: None,
+        cache,
         pool_memory_mib: 4096,
         templates: false,
     };
