@@ -26,7 +26,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hangar_core::Catalog;
-use hangar_image::AssetSources;
 use hangar_vmm::Accel;
 use hangar_vmm::qemu::{QemuBackend, QemuConfig};
 
@@ -44,7 +43,10 @@ pub mod tasks;
 pub mod templates;
 
 pub use api::error;
+/// The host agent (`hangar agent`) and the image sources it may use, for the CLI.
+pub use hangar_host::agent;
 pub use hangar_host::guest::guest_config;
+pub use hangar_image::AssetSources;
 pub use manager::{Manager, ManagerConfig};
 
 /// How often running VMs are checked for crashed processes.

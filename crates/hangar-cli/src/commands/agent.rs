@@ -1,13 +1,13 @@
 //! `hangar agent`: one machine of a farm. Runs VMs under QEMU here for the control plane
 //! (`hangar server`) elsewhere: serves the agent API, registers and sends heartbeats. The
-//! loop itself is `hangar_host::agent::run_agent`.
+//! loop itself is `hangar_server::agent::run_agent`.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use hangar_host::images::ImageSource;
+use hangar_server::images::ImageSource;
 use hangar_vmm::Accel;
 
 use super::server::{default_data_dir, init_logging, shutdown_signal};
@@ -75,7 +75,7 @@ pub struct AgentArgs {
     #[arg(long, env = "HANGAR_BUSYBOX")]
     busybox: Option<PathBuf>,
     /// Debian mirror that OS layers (debootstrap) and packages come from.
-    #[arg(long, default_value = hangar_host::images::DEFAULT_MIRROR, env = "HANGAR_DEBIAN_MIRROR")]
+    #[arg(long, default_value = hangar_server::images::DEFAULT_MIRROR, env = "HANGAR_DEBIAN_MIRROR")]
     debian_mirror: String,
 }
 
@@ -105,7 +105,7 @@ async fn start(args: AgentArgs) -> Result<(), String> {
         .clone()
         .unwrap_or_else(|| default_data_dir().join("agent"));
     let images = image_source(&args, &data_dir)?;
-    let config = hangar_host::agent::AgentConfig {
+    let config = hangar_server::agent::AgentConfig {
         name,
         servers: args.servers,
         token,
@@ -120,7 +120,7 @@ async fn start(args: AgentArgs) -> Result<(), String> {
         templates: !args.no_templates,
         images,
     };
-    hangar_host::agent::run_agent(config, shutdown_signal())
+    hangar_server::agent::run_agent(config, shutdown_signal())
         .await
         .map_err(|err| hangar_server::error::error_chain(&err))
 }
@@ -133,9 +133,9 @@ fn image_source(
 ) -> Result<Arc<dyn ImageSource>, String> {
     let catalog = hangar_server::load_catalog(args.catalog.as_deref())
         .map_err(|err| hangar_server::error::error_chain(&err))?;
-    Ok(Arc::new(hangar_host::images::LocalImages::new(
+    Ok(Arc::new(hangar_server::images::LocalImages::new(
         data_dir.join("cache"),
-        hangar_image::AssetSources {
+        hangar_server::AssetSources {
             kernel: args.kernel.clone(),
             busybox: args.busybox.clone(),
         },
