@@ -216,6 +216,9 @@ pub struct HostFacts {
     pub load: f64,
     /// Templates held, by id.
     pub templates: Vec<String>,
+    /// Image blobs held, by sha256 (hosts that pull their images from the control plane).
+    #[serde(default)]
+    pub blobs: Vec<String>,
 }
 
 /// Named stage durations of one operation, as the API's `Server-Timing` header reports

@@ -26,7 +26,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hangar_core::Catalog;
-use hangar_image::AssetSources;
 use hangar_vmm::Accel;
 use hangar_vmm::qemu::{QemuBackend, QemuConfig};
 
@@ -44,6 +43,7 @@ pub mod tasks;
 pub mod templates;
 
 pub use api::error;
+/// The host agent (`hangar agent`) and the image sources it may use, for the CLI.
 pub use hangar_host::guest::guest_config;
 pub use manager::{Manager, ManagerConfig};
 
@@ -239,7 +239,8 @@ pub async fn run(
         store
             .upsert_host(&hangar_store::HostRecord {
                 name: manager::LOCAL_HOST.to_owned(),
-                address: config.listen.to_string(),
+                // In-process: the control plane does not call it over the network.
+                address: String::new(),
                 state: hangar_store::HostState::Up,
                 facts: serde_json::json!({
                     "qemu": qemu_version.to_string(),
@@ -253,7 +254,7 @@ pub async fn run(
 
     let images = Arc::new(images::LocalImages::new(
         data_dir.join("cache"),
-        AssetSources {
+        hangar_image::AssetSources {
             kernel: config.kernel.clone(),
             busybox: config.busybox.clone(),
         },
@@ -303,16 +304,9 @@ pub async fn run(
     } else {
         None
     };
-    // Farm hosts are reached through their agents' API, with the farm token.
-    let agent_token = farm_token.clone();
-    let connect: scheduler::Connector = Arc::new(move |name: &str, address: &str| {
-        hangar_host::remote::RemoteHost::new(name, address, &agent_token)
-            .map(|host| Arc::new(host) as Arc<dyn hangar_host::Host>)
-            .map_err(|err| err.to_string())
-    });
     let manager = Manager::with_hosts(
         store,
-        scheduler::Scheduler::new(local, Some(connect)),
+        scheduler::Scheduler::new(local, Some(farm_connector(farm_token.clone()))),
         images,
         catalog,
         ManagerConfig {
@@ -408,6 +402,15 @@ pub async fn run(
     image_loop.abort();
     drop(lock);
     served.map_err(ServerError::Serve)
+}
+
+/// Connects to farm hosts' agents with the farm token.
+fn farm_connector(token: String) -> scheduler::Connector {
+    Arc::new(move |name: &str, address: &str| {
+        hangar_host::remote::RemoteHost::new(name, address, &token)
+            .map(|host| Arc::new(host) as Arc<dyn hangar_host::Host>)
+            .map_err(|err| error::error_chain(&err))
+    })
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use hangar_host::images::ImageSource;
+use hangar_host::images::pulled::PulledImages;
 use hangar_vmm::Accel;
 
 use super::server::{default_data_dir, init_logging, shutdown_signal};
@@ -63,20 +64,6 @@ pub struct AgentArgs {
     /// Boot every VM instead of cloning it from its service's template.
     #[arg(long)]
     no_templates: bool,
-    /// Service catalog (TOML) that images are built from here [default: the built-in
-    /// demo catalog]. Must match the server's.
-    #[arg(long, env = "HANGAR_CATALOG")]
-    catalog: Option<PathBuf>,
-    /// Guest kernel: a Debian linux-image .deb or an extracted one [default: fetched with
-    /// apt-get download].
-    #[arg(long, env = "HANGAR_KERNEL")]
-    kernel: Option<PathBuf>,
-    /// A statically linked busybox [default: /bin/busybox].
-    #[arg(long, env = "HANGAR_BUSYBOX")]
-    busybox: Option<PathBuf>,
-    /// Debian mirror that OS layers (debootstrap) and packages come from.
-    #[arg(long, default_value = hangar_host::images::DEFAULT_MIRROR, env = "HANGAR_DEBIAN_MIRROR")]
-    debian_mirror: String,
 }
 
 /// Runs the agent until SIGINT or SIGTERM; VMs keep running after it.
@@ -104,7 +91,7 @@ async fn start(args: AgentArgs) -> Result<(), String> {
         .data_dir
         .clone()
         .unwrap_or_else(|| default_data_dir().join("agent"));
-    let images = image_source(&args, &data_dir)?;
+    let images = image_source(&args.servers, &token, &data_dir)?;
     let config = hangar_host::agent::AgentConfig {
         name,
         servers: args.servers,
@@ -125,23 +112,16 @@ async fn start(args: AgentArgs) -> Result<(), String> {
         .map_err(|err| hangar_server::error::error_chain(&err))
 }
 
-/// Where the agent's images come from: the one place to change it. For now they are built
-/// here from the catalog, as `hangar server` builds its own.
+/// Where the agent's images come from: pulled from the control plane by content hash
+/// (sha256, verified, resumable) into `<data-dir>/images`, never built here.
 fn image_source(
-    args: &AgentArgs,
+    servers: &[String],
+    token: &str,
     data_dir: &std::path::Path,
 ) -> Result<Arc<dyn ImageSource>, String> {
-    let catalog = hangar_server::load_catalog(args.catalog.as_deref())
-        .map_err(|err| hangar_server::error::error_chain(&err))?;
-    Ok(Arc::new(hangar_host::images::LocalImages::new(
-        data_dir.join("cache"),
-        hangar_image::AssetSources {
-            kernel: args.kernel.clone(),
-            busybox: args.busybox.clone(),
-        },
-        Arc::new(catalog),
-        args.debian_mirror.clone(),
-    )))
+    PulledImages::new(data_dir.join("images"), servers.to_vec(), token.to_owned())
+        .map(|images| Arc::new(images) as Arc<dyn ImageSource>)
+        .map_err(|err| hangar_server::error::error_chain(&err))
 }
 
 /// The farm token: `--token-file`'s first line, else `--token` / `HANGAR_FARM_TOKEN`.

@@ -210,7 +210,7 @@ pub fn facts_view(facts: &HostFacts) -> HostFactsView {
         free_disk_mib: facts.free_disk_mib,
         load: facts.load,
         templates: facts.templates.clone(),
-        blobs: Vec::new(),
+        blobs: facts.blobs.clone(),
     }
 }
 

@@ -118,6 +118,12 @@ pub trait ImageSource: Send + Sync + 'static {
         Vec::new()
     }
 
+    /// The content hashes (sha256) of the image blobs this source holds, for hosts that
+    /// pull them by hash; none for sources that build their own.
+    fn held_blobs(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// Records that a VM starts with these layers now.
     fn touch(&self, _hashes: &[String]) {}
 

@@ -505,6 +505,10 @@ fn no_progress() -> ProgressFn {
 
 #[async_trait::async_trait]
 impl ImageSource for PulledImages {
+    fn held_blobs(&self) -> Vec<String> {
+        self.held()
+    }
+
     async fn guest_assets(&self) -> Result<GuestAssets, ImageSourceError> {
         let manifest: AssetsManifest = self
             .manifest(

@@ -176,6 +176,7 @@ impl Host for LocalHost {
                 .iter()
                 .filter_map(|info| Some(info.dir.file_name()?.to_string_lossy().into_owned()))
                 .collect(),
+            blobs: self.images.held_blobs(),
         })
     }
 

@@ -257,7 +257,7 @@ impl Manager {
                             free_disk_mib: f.free_disk_mib,
                             load: f.load,
                             templates: f.templates,
-                            blobs: Vec::new(),
+                            blobs: f.blobs,
                         })
                         .unwrap_or_default(),
                     ..HostInfo::default()
@@ -265,8 +265,9 @@ impl Manager {
                 &vms,
             ));
         }
+        let own = self.scheduler.local().map(|local| local.name().to_owned());
         for record in self.store.hosts().await? {
-            if record.address.is_empty() {
+            if record.address.is_empty() || Some(&record.name) == own.as_ref() {
                 continue;
             }
             let info: HostInfo = serde_json::from_value(record.facts.clone()).unwrap_or_default();

@@ -33,7 +33,11 @@ impl Manager {
         let down_after = millis(self.config.host_loss.down_after);
         let lost_after = millis(self.config.host_loss.lost_after);
         let mut lost = Vec::new();
-        for record in records.iter().filter(|r| !r.address.is_empty()) {
+        let own = self.scheduler.local().map(|local| local.name().to_owned());
+        for record in records
+            .iter()
+            .filter(|r| !r.address.is_empty() && Some(&r.name) != own.as_ref())
+        {
             let silent = now.saturating_sub(record.last_heartbeat_ms);
             let next = match record.state {
                 HostState::Up | HostState::Draining if silent >= lost_after => HostState::Lost,
