@@ -281,6 +281,11 @@ impl Manager {
         plan: &VmPlan,
         constraints: &Constraints,
     ) -> Result<(Arc<dyn Host>, String), PlacementError> {
+        if self.scheduler.local().is_none() && self.scheduler.farm_hosts().is_empty() {
+            // A control plane that knows no host yet (just started, or a standby whose
+            // cache lags a registration made through another replica) reads them now.
+            self.refresh_farm().await;
+        }
         let vms = self.store.vms(false).await.map_err(PlacementError::Store)?;
         self.scheduler.place(&vms, plan, constraints).await
     }
