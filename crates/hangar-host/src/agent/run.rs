@@ -229,9 +229,24 @@ pub fn vms_view(vms: &[VmRun]) -> Vec<HostVmView> {
         .collect()
 }
 
+/// The control plane's addresses to try: those a server named (leader first), then those
+/// the agent was started with that it did not name (a replica that cannot know its peers
+/// still leaves them on the list).
+fn known_servers(told: &[String], configured: &[String]) -> Vec<String> {
+    let same = |a: &str, b: &str| a.trim_end_matches('/') == b.trim_end_matches('/');
+    let mut known: Vec<String> = Vec::new();
+    for server in told.iter().chain(configured) {
+        if !known.iter().any(|k| same(k, server)) {
+            known.push(server.clone());
+        }
+    }
+    known
+}
+
 /// Registers, then heartbeats every `heartbeat_every` until `stopped` turns true: a 404
 /// registers again; an unreachable server passes to the next in the list; a reply's
-/// `servers` replaces the list and its `destroy` ids are destroyed here.
+/// `servers` go first in the list (the agent's own stay after them) and its `destroy` ids
+/// are destroyed here.
 async fn report(
     host: Arc<dyn Host>,
     membership: Membership,
@@ -316,14 +331,11 @@ async fn report(
                 }
                 registered = true;
                 reachable = true;
-                if !reply.servers.is_empty() && reply.servers != servers {
-                    tracing::info!(servers = ?reply.servers, "control plane addresses");
-                    current = reply
-                        .servers
-                        .iter()
-                        .position(|server| *server == url)
-                        .unwrap_or(0);
-                    servers = reply.servers.clone();
+                let known = known_servers(&reply.servers, &membership.servers);
+                if known != servers {
+                    tracing::info!(servers = ?known, "control plane addresses");
+                    current = known.iter().position(|server| *server == url).unwrap_or(0);
+                    servers = known;
                 }
                 fence(host.as_ref(), &reply).await;
             }
@@ -398,4 +410,23 @@ fn check_qemu(config: &QemuConfig) -> Result<String, AgentError> {
         .next()
         .unwrap_or_default()
         .to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn servers_a_reply_names_come_first_and_the_configured_ones_stay() {
+        let configured = vec!["http://a:1".to_owned(), "http://b:2".to_owned()];
+        assert_eq!(
+            known_servers(&["http://b:2/".to_owned()], &configured),
+            ["http://b:2/", "http://a:1"]
+        );
+        assert_eq!(known_servers(&[], &configured), configured);
+        assert_eq!(
+            known_servers(&["http://c:3".to_owned()], &configured),
+            ["http://c:3", "http://a:1", "http://b:2"]
+        );
+    }
 }

@@ -106,6 +106,11 @@ impl Scheduler {
             .collect()
     }
 
+    /// Whether any farm host is known (without copying them).
+    pub fn knows_farm_hosts(&self) -> bool {
+        !self.farm.read().expect("farm lock").is_empty()
+    }
+
     /// One farm host.
     pub fn farm_host(&self, name: &str) -> Option<FarmHost> {
         self.farm.read().expect("farm lock").get(name).cloned()
@@ -404,6 +409,11 @@ impl Manager {
         plan: &VmPlan,
         constraints: &Constraints,
     ) -> Result<(Arc<dyn Host>, String), PlacementError> {
+        if self.scheduler.local().is_none() && !self.scheduler.knows_farm_hosts() {
+            // A control plane that knows no host yet (just started, or a standby whose
+            // cache lags a registration made through another replica) reads them now.
+            self.refresh_farm().await;
+        }
         let used = self
             .scheduler
             .host_use(self.store.as_ref())
