@@ -338,8 +338,9 @@ pub async fn run(
 
     // One replica of the control plane leads (runs the loops); a single server always
     // does. A replica that starts while another leads reconciles nothing: the leader's
-    // tasks and VMs are in flight.
-    let replica = ulid::Ulid::new().to_string();
+    // tasks and VMs are in flight. The replica's name is its data dir's (one server per
+    // data dir), so a server started again after kill -9 leads at once, as it did.
+    let replica = farm::leader::replica_name(data_dir).map_err(data_err)?;
     if manager.try_lead(&replica, None).await {
         let report = manager
             .reconcile()

@@ -25,6 +25,25 @@ pub const LEASE_TTL: Duration = Duration::from_secs(3);
 /// How often the lease is taken or renewed.
 pub const RENEW_EVERY: Duration = Duration::from_secs(1);
 
+/// The name this data dir's server holds the leader lease under: made once (a ulid in
+/// `replica.id`) and kept, so that a server started again on its data dir holds the lease
+/// it held before instead of waiting for it to expire.
+pub fn replica_name(data_dir: &std::path::Path) -> std::io::Result<String> {
+    let path = data_dir.join("replica.id");
+    match std::fs::read_to_string(&path) {
+        Ok(text) if !text.trim().is_empty() => Ok(text.trim().to_owned()),
+        Ok(_) => write_replica_name(&path),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => write_replica_name(&path),
+        Err(err) => Err(err),
+    }
+}
+
+fn write_replica_name(path: &std::path::Path) -> std::io::Result<String> {
+    let name = ulid::Ulid::new().to_string();
+    std::fs::write(path, format!("{name}\n"))?;
+    Ok(name)
+}
+
 impl Manager {
     /// Tries once to take or renew the leader lease for `replica`; records and returns
     /// whether this replica leads. On a store error, keeps leading only while the lease
@@ -82,7 +101,8 @@ impl Manager {
     }
 
     /// What a replica does when it starts to lead after another: the old leader's
-    /// running tasks cannot finish; pools are filled.
+    /// running tasks cannot finish; its own host (if it runs VMs) is reconciled; pools
+    /// are filled.
     async fn take_over(&self) {
         match self
             .store
@@ -95,6 +115,18 @@ impl Manager {
                 tracing::warn!(error = %error_chain(&err), "cannot fail the old leader's tasks")
             }
         }
+        if let Some(local) = self.scheduler.local().cloned() {
+            match self.reconcile_host(local).await {
+                Ok(report) => tracing::info!(
+                    adopted = report.adopted.len(),
+                    failed = report.failed.len(),
+                    "reconciled this server's own host on taking the lead"
+                ),
+                Err(err) => {
+                    tracing::warn!(error = %error_chain(&err), "cannot reconcile this server's own host")
+                }
+            }
+        }
         self.refresh_farm().await;
         self.pools.refill();
     }
@@ -105,6 +137,20 @@ mod tests {
     use super::*;
     use crate::test_support::{WEB, manager_on};
     use hangar_vmm::fake::FakeBackend;
+
+    #[test]
+    fn a_data_dir_keeps_its_replica_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = replica_name(dir.path()).unwrap();
+        assert_eq!(first.len(), 26, "a ulid: {first}");
+        assert_eq!(
+            replica_name(dir.path()).unwrap(),
+            first,
+            "the same after a restart"
+        );
+        let other = tempfile::tempdir().unwrap();
+        assert_ne!(replica_name(other.path()).unwrap(), first);
+    }
 
     #[tokio::test]
     async fn one_of_two_servers_on_a_store_leads_and_the_other_takes_over_when_it_is_free() {
