@@ -685,8 +685,9 @@ mod stable_endpoints {
         );
 
         // Activity reaches the VM's last use.
-        store.set_last_used(&id, 1).await.unwrap();
+        // (Last use never moves back: `before` is the wake's; the connection comes later.)
         let before = store.vm(&id).await.unwrap().unwrap().last_used_at_ms;
+        tokio::time::sleep(Duration::from_millis(20)).await;
         get(&grant.endpoint).await.unwrap();
         manager.poll_endpoint_activity().await;
         assert!(store.vm(&id).await.unwrap().unwrap().last_used_at_ms > before);
