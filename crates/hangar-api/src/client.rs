@@ -119,52 +119,17 @@ pub fn parse_server_timing(header: &str) -> Vec<(String, f64)> {
         .collect()
 }
 
-/// An export being received (`POST /v1/export`): read it chunk by chunk.
+/// An answer body being received chunk by chunk: an export (`POST /v1/export`) or, inside
+/// a [`BlobDownload`], a blob.
 #[derive(Debug)]
 pub struct Download {
     response: reqwest::Response,
+    method: Method,
     path: String,
 }
 
 impl Download {
-    /// The export's size in bytes, when the server sent it.
-    pub fn content_length(&self) -> Option<u64> {
-        self.response.content_length()
-    }
-
-    /// The next chunk of the export; `None` at its end. An answer cut short is
-    /// [`ClientError::Decode`].
-    pub async fn chunk(&mut self) -> Result<Option<Vec<u8>>, ClientError> {
-        let status = self.response.status();
-        self.response
-            .chunk()
-            .await
-            .map(|chunk| chunk.map(|bytes| bytes.to_vec()))
-            .map_err(|err| ClientError::Decode {
-                method: Method::POST,
-                path: self.path.clone(),
-                status,
-                source: Box::new(err),
-            })
-    }
-}
-
-/// A blob being received (`GET /v1/farm/blobs/{sha256}`): read it chunk by chunk.
-#[derive(Debug)]
-pub struct BlobDownload {
-    response: reqwest::Response,
-    path: String,
-    offset: u64,
-}
-
-impl BlobDownload {
-    /// Where in the file the bytes sent start: the offset asked for when the server
-    /// resumed (206), 0 when it sends the whole file (200).
-    pub fn offset(&self) -> u64 {
-        self.offset
-    }
-
-    /// How many bytes the answer carries, when the server said.
+    /// The body's size in bytes, when the server sent it.
     pub fn content_length(&self) -> Option<u64> {
         self.response.content_length()
     }
@@ -177,11 +142,36 @@ impl BlobDownload {
             .await
             .map(|chunk| chunk.map(|bytes| bytes.to_vec()))
             .map_err(|err| ClientError::Decode {
-                method: Method::GET,
+                method: self.method.clone(),
                 path: self.path.clone(),
                 status,
                 source: Box::new(err),
             })
+    }
+}
+
+/// A blob being received (`GET /v1/farm/blobs/{sha256}`): read it chunk by chunk.
+#[derive(Debug)]
+pub struct BlobDownload {
+    body: Download,
+    offset: u64,
+}
+
+impl BlobDownload {
+    /// Where in the file the bytes sent start: the offset asked for when the server
+    /// resumed (206), 0 when it sends the whole file (200).
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// How many bytes the answer carries, when the server said.
+    pub fn content_length(&self) -> Option<u64> {
+        self.body.content_length()
+    }
+
+    /// The next chunk; `None` at the end. An answer cut short is [`ClientError::Decode`].
+    pub async fn chunk(&mut self) -> Result<Option<Vec<u8>>, ClientError> {
+        self.body.chunk().await
     }
 }
 
@@ -369,6 +359,7 @@ impl Client {
         let response = error_of(&Method::POST, &url, response).await?;
         Ok(Download {
             response,
+            method: Method::POST,
             path: url.path().to_owned(),
         })
     }
@@ -475,8 +466,11 @@ impl Client {
             0
         };
         Ok(BlobDownload {
-            response,
-            path: url.path().to_owned(),
+            body: Download {
+                response,
+                method: Method::GET,
+                path: url.path().to_owned(),
+            },
             offset,
         })
     }

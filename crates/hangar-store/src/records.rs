@@ -152,7 +152,8 @@ pub enum HostState {
 }
 
 impl HostState {
-    pub(crate) fn as_str(self) -> &'static str {
+    /// Its text: `up`, `draining`, `down`, `lost`.
+    pub fn as_str(self) -> &'static str {
         match self {
             HostState::Up => "up",
             HostState::Draining => "draining",

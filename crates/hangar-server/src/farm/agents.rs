@@ -35,14 +35,6 @@ pub enum FarmError {
     Store(#[from] hangar_store::StoreError),
 }
 
-/// The store's text for a host state (`up`, `draining`, `down`, `lost`).
-pub fn state_text(state: HostState) -> String {
-    serde_json::to_value(state)
-        .ok()
-        .and_then(|value| value.as_str().map(str::to_owned))
-        .unwrap_or_else(|| format!("{state:?}").to_lowercase())
-}
-
 impl Manager {
     /// An agent says it is there: the host is recorded `up` with what it reported. When
     /// it was known before under another agent process (the agent started again), its
@@ -217,7 +209,7 @@ impl Manager {
 
     fn reply(&self, state: HostState, destroy: Vec<String>) -> HeartbeatReply {
         HeartbeatReply {
-            state: state_text(state),
+            state: state.as_str().to_owned(),
             destroy,
             servers: self.config.server_urls.clone(),
         }
@@ -332,7 +324,7 @@ fn host_view(
     HostView {
         name: name.to_owned(),
         address: address.to_owned(),
-        state: state_text(state),
+        state: state.as_str().to_owned(),
         labels: info.labels.clone(),
         cost: info.cost,
         priority: info.priority,
