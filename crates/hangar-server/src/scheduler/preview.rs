@@ -4,11 +4,11 @@
 
 use hangar_api::{PlacementBody, PlacementView};
 use hangar_core::ServiceRequest;
-use hangar_host::{Purpose, VmPlan};
 
 use crate::manager::Manager;
-use crate::requests::RequestError;
-use crate::scheduler::{Constraints, PlacementError};
+use crate::requests::create::plan_for;
+use crate::requests::{MakeVm, RequestError};
+use crate::scheduler::PlacementError;
 
 /// Why a dry-run placement has no answer.
 #[derive(Debug, thiserror::Error)]
@@ -73,28 +73,21 @@ impl Manager {
             service.as_ref().map(|s| s.memory_mib),
             "memory_mib",
         )?;
-        let os = service
-            .as_ref()
-            .map(|service| body.env.get("os").cloned().unwrap_or(service.os.clone()));
-        let plan = VmPlan {
-            id: PREVIEW_ID.into(),
+        // The plan a creation would make (`create::plan_for`), for a VM never made.
+        let make = MakeVm {
             service,
-            os,
             vcpus,
             memory_mib,
+            mode: hangar_core::Mode::Dedicated,
             env: body.env.clone(),
-            hostname: PREVIEW_ID.into(),
-            purpose: if body.pool {
-                Purpose::Pool
-            } else {
-                Purpose::Request
-            },
+            pool: body.pool.then(|| PREVIEW_ID.to_owned()),
             ready: None,
-        };
-        let constraints = Constraints {
+            template: false,
             isolation: body.isolate.clone(),
             on: body.on.clone(),
         };
+        let plan = plan_for(&make, PREVIEW_ID);
+        let constraints = make.constraints();
         let (host, why) = self.choose_host(&plan, &constraints).await?;
         Ok(PlacementView {
             host: host.name().to_owned(),
