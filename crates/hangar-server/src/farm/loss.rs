@@ -19,8 +19,9 @@ use crate::farm::agents::millis;
 use crate::manager::Manager;
 
 impl Manager {
-    /// One round: hosts without heartbeats become `down`, then `lost`. Returns the hosts
-    /// declared lost in this round.
+    /// One round: hosts without heartbeats become `down`, then `lost`; the scheduler's
+    /// cache of the farm is updated from the same read. Returns the hosts declared lost in
+    /// this round.
     pub async fn watch_hosts_once(self: &Arc<Self>) -> Vec<String> {
         let now = now_ms();
         let records = match self.store.hosts().await {
@@ -33,6 +34,7 @@ impl Manager {
         let down_after = millis(self.config.host_loss.down_after);
         let lost_after = millis(self.config.host_loss.lost_after);
         let mut lost = Vec::new();
+        let mut changed = false;
         let own = self.scheduler.local().map(|local| local.name().to_owned());
         for record in records
             .iter()
@@ -49,16 +51,18 @@ impl Manager {
                 tracing::warn!(host = %record.name, error = %error_chain(&err), "cannot record host state");
                 continue;
             }
+            changed = true;
             tracing::warn!(host = %record.name, silent_ms = silent, state = ?next, "farm host not answering");
             if next == HostState::Lost {
                 self.declare_lost(&record.name).await;
                 lost.push(record.name.clone());
             }
         }
-        self.scheduler.update_farm(match self.store.hosts().await {
-            Ok(records) => records,
-            Err(_) => records,
-        });
+        if changed && let Ok(after) = self.store.hosts().await {
+            self.scheduler.update_farm(after);
+        } else {
+            self.scheduler.update_farm(records);
+        }
         lost
     }
 
@@ -140,7 +144,8 @@ const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Manager {
     /// Every second: the farm's host records are read into the scheduler (every replica),
-    /// and (the leading replica) hosts without heartbeats are declared down, then lost.
+    /// and (the leading replica, from the same read) hosts without heartbeats are declared
+    /// down, then lost.
     pub fn spawn_farm_loop(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let manager = self.clone();
         tokio::spawn(async move {
@@ -148,9 +153,10 @@ impl Manager {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                manager.refresh_farm().await;
                 if manager.farm.leading() {
                     manager.watch_hosts_once().await;
+                } else {
+                    manager.refresh_farm().await;
                 }
             }
         })
