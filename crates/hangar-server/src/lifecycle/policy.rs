@@ -408,7 +408,7 @@ impl Manager {
                 tracing::info!(vm = %vm.id, %reason, tier = %used, idle_s, "lifecycle: archived");
             }
             Action::Delete { .. } => {
-                self.delete(&vm.id).await?;
+                self.delete_locked(&vm.id).await?;
                 tracing::info!(vm = %vm.id, %reason, idle_s, "lifecycle: deleted");
             }
             Action::RemoveImage { .. } => unreachable!("handled above"),
