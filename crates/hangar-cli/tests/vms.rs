@@ -234,8 +234,8 @@ fn twenty_concurrent_deletes_of_one_vm_all_succeed() {
     let server = TestServer::start();
     let grant = request(&server, "http-static", &["--dedicated"]);
     let id = grant["vm"].as_str().unwrap().to_owned();
+    let barrier = std::sync::Barrier::new(20);
     let outputs: Vec<std::process::Output> = std::thread::scope(|scope| {
-        let barrier = std::sync::Barrier::new(20);
         let handles: Vec<_> = (0..20)
             .map(|_| {
                 scope.spawn(|| {
