@@ -22,7 +22,7 @@ pub mod request;
 pub mod state;
 pub mod suggest;
 
-pub use catalog::{Catalog, CatalogError, ReadyCheck, ReadySpec, Service};
+pub use catalog::{Catalog, CatalogError, ReadyCheck, ReadySpec, Service, WakeOn};
 pub use ids::{TaskId, VmId};
 pub use lifecycle::{Policy, TierChoice};
 pub use request::{Mode, ServiceRequest};
