@@ -557,6 +557,26 @@ impl Host for LocalHost {
         Ok(templates)
     }
 
+    async fn template_bundle(
+        &self,
+        service: &Service,
+    ) -> Result<Option<crate::TemplateBundle>, HostError> {
+        self.bundle_of(service).await
+    }
+
+    async fn pull_template(
+        &self,
+        service: &Service,
+        bundle: &crate::TemplateBundle,
+        from: &crate::PeerSource,
+    ) -> Result<TemplateFacts, HostError> {
+        self.install_bundle(service, bundle, from).await
+    }
+
+    async fn template_blob(&self, sha256: &str) -> Option<PathBuf> {
+        self.bundle_file(sha256)
+    }
+
     async fn remove_template(&self, id: &str) -> Result<(), HostError> {
         let Some(root) = &self.config.templates_dir else {
             return Ok(());

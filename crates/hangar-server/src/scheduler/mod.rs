@@ -353,12 +353,17 @@ fn uses_its_host(state: VmState) -> bool {
 
 /// Whether `templates` (ids `<service>-<key>`) hold one of the plan's service.
 fn holds_template(templates: &[String], plan: &VmPlan) -> bool {
-    plan.service.as_ref().is_some_and(|service| {
-        templates.iter().any(|id| {
-            id.rsplit_once('-')
-                .is_some_and(|(name, _)| name == service.name)
-        })
-    })
+    plan.service
+        .as_ref()
+        .is_some_and(|service| holds_service_template(templates, &service.name))
+}
+
+/// Whether `templates` (ids `<service>-<key>`, as a host reports them) hold one of
+/// `service`.
+pub(crate) fn holds_service_template(templates: &[String], service: &str) -> bool {
+    templates
+        .iter()
+        .any(|id| id.rsplit_once('-').is_some_and(|(name, _)| name == service))
 }
 
 impl Manager {
