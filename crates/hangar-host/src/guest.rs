@@ -37,9 +37,24 @@ pub enum GuestConfigError {
         key: String,
         description: String,
     },
+    /// A value the request gives for a setting is outside the setting's format.
+    #[error("{service}: setting {key}{} {reason}", given(.value))]
+    BadSetting {
+        service: String,
+        key: String,
+        /// The value as given (none for a secret setting: never repeated back).
+        value: Option<String>,
+        reason: String,
+    },
     /// One of the service's file templates does not render with these settings.
     #[error("template {path}: {reason}")]
     Template { path: String, reason: String },
+}
+
+fn given(value: &Option<String>) -> String {
+    value
+        .as_ref()
+        .map_or_else(String::new, |value| format!("={value:?}"))
 }
 
 fn described(description: &str) -> String {
@@ -145,6 +160,16 @@ pub fn settings(
 ) -> Result<BTreeMap<String, String>, GuestConfigError> {
     let mut values = BTreeMap::new();
     for (key, setting) in &service.settings {
+        if let Some(value) = env.get(key)
+            && let Err(reason) = setting.check(value)
+        {
+            return Err(GuestConfigError::BadSetting {
+                service: service.name.clone(),
+                key: key.clone(),
+                value: (!setting.secret).then(|| value.clone()),
+                reason,
+            });
+        }
         match env.get(key).or(setting.default.as_ref()) {
             Some(value) => {
                 values.insert(key.clone(), value.clone());
