@@ -38,23 +38,13 @@ pub enum GuestConfigError {
         description: String,
     },
     /// A value the request gives for a setting is outside the setting's format.
-    #[error("{service}: setting {key}{} {reason}", given(.value))]
-    BadSetting {
-        service: String,
-        key: String,
-        /// The value as given (none for a secret setting: never repeated back).
-        value: Option<String>,
-        reason: String,
-    },
+    /// `message` names the service, the setting, the value (unless the setting is secret:
+    /// never repeated back) and what is wrong with it.
+    #[error("{message}")]
+    BadSetting { key: String, message: String },
     /// One of the service's file templates does not render with these settings.
     #[error("template {path}: {reason}")]
     Template { path: String, reason: String },
-}
-
-fn given(value: &Option<String>) -> String {
-    value
-        .as_ref()
-        .map_or_else(String::new, |value| format!("={value:?}"))
 }
 
 fn described(description: &str) -> String {
@@ -163,11 +153,14 @@ pub fn settings(
         if let Some(value) = env.get(key)
             && let Err(reason) = setting.check(value)
         {
+            let shown = if setting.secret {
+                String::new()
+            } else {
+                format!("={value:?}")
+            };
             return Err(GuestConfigError::BadSetting {
-                service: service.name.clone(),
                 key: key.clone(),
-                value: (!setting.secret).then(|| value.clone()),
-                reason,
+                message: format!("{}: setting {key}{shown} {reason}", service.name),
             });
         }
         match env.get(key).or(setting.default.as_ref()) {

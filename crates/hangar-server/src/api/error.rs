@@ -214,8 +214,8 @@ impl From<crate::lifecycle::policy::PolicyError> for ApiError {
                 message: err.to_string(),
             },
             PolicyError::Invalid(message) => ApiError::BadRequest(message),
-            PolicyError::BelowFloor(below) => ApiError::Never {
-                message: below.to_string(),
+            PolicyError::BelowFloor(message) => ApiError::Never {
+                message,
                 alternatives: Vec::new(),
             },
             PolicyError::Lifecycle(err) => err.into(),

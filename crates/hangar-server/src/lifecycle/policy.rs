@@ -38,9 +38,10 @@ pub enum PolicyError {
     /// The policy asked for is not valid.
     #[error("{0}")]
     Invalid(String),
-    /// A timer the change sets is shorter than the server's floor for it (422).
-    #[error(transparent)]
-    BelowFloor(#[from] hangar_core::lifecycle::BelowFloor),
+    /// A timer the change sets is shorter than the server's floor for it (422); the
+    /// message names the floor.
+    #[error("{0}")]
+    BelowFloor(String),
     #[error("cannot encode the policy")]
     Encode(#[source] serde_json::Error),
     /// The policy was changed but is no longer listed.
@@ -228,7 +229,10 @@ impl Manager {
             .unwrap_or_default();
         let policy = change.apply(current);
         policy.check().map_err(PolicyError::Invalid)?;
-        self.config.policy_floors.check(change.timers_set())?;
+        self.config
+            .policy_floors
+            .check(change.timers_set())
+            .map_err(|below| PolicyError::BelowFloor(below.to_string()))?;
         let json = serde_json::to_string(&policy).map_err(PolicyError::Encode)?;
         self.store.set_policy(service, Some(&json)).await?;
         tracing::info!(service, policy = %json, "policy set");

@@ -156,7 +156,7 @@ async fn a_setting_value_outside_its_format_is_refused_before_anything_starts() 
     bad.env
         .insert("maxmemory".into(), "64mb requirepass".into());
     let started = std::time::Instant::now();
-    let err = manager.request(bad).await.err().expect("refused");
+    let err = manager.request(bad).await.expect_err("refused");
     assert!(matches!(err, RequestError::Settings(_)), "{err}");
     assert_eq!(
         err.to_string(),
@@ -165,7 +165,7 @@ async fn a_setting_value_outside_its_format_is_refused_before_anything_starts() 
     assert!(started.elapsed() < Duration::from_secs(1));
     let mut secret = request("kv", Mode::Dedicated);
     secret.env.insert("secret".into(), "pass word".into());
-    let err = manager.request(secret).await.err().expect("refused");
+    let err = manager.request(secret).await.expect_err("refused");
     assert!(
         !err.to_string().contains("pass word"),
         "a secret value is never repeated: {err}"
