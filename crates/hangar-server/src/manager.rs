@@ -49,6 +49,9 @@ pub struct ManagerConfig {
     pub server_urls: Vec<String>,
     /// The shortest idle timers `PUT /v1/policies/{service}` may set.
     pub policy_floors: hangar_core::lifecycle::PolicyFloors,
+    /// The key secret settings are sealed with in the store ([`crate::secrets`]); replicas
+    /// sharing a store share it. The default is a fresh random key (tests).
+    pub secrets_key: [u8; 32],
 }
 
 impl Default for ManagerConfig {
@@ -67,6 +70,12 @@ impl Default for ManagerConfig {
             host_loss: crate::farm::LossTimes::default(),
             server_urls: Vec::new(),
             policy_floors: hangar_core::lifecycle::PolicyFloors::default(),
+            secrets_key: {
+                use rand::RngCore;
+                let mut key = [0u8; 32];
+                rand::rng().fill_bytes(&mut key);
+                key
+            },
         }
     }
 }
@@ -99,6 +108,8 @@ pub struct Manager {
     pub(crate) endpoints: std::sync::OnceLock<crate::endpoints::StableEndpoints>,
     /// Image builds, promotion and eviction.
     pub(crate) image_runtime: crate::images::policy::ImageRuntime,
+    /// Seals and opens secret settings kept in the store.
+    pub(crate) secrets: crate::secrets::Secrets,
 }
 
 /// What start-up reconciliation found and did.
@@ -137,6 +148,7 @@ impl Manager {
         config: ManagerConfig,
     ) -> Arc<Manager> {
         Arc::new(Manager {
+            secrets: crate::secrets::Secrets::new(&config.secrets_key, &catalog),
             tasks: crate::tasks::Tasks::new(store.clone()),
             store,
             scheduler,

@@ -88,7 +88,7 @@ pub fn assemble(
         for file in [MEMORY_FILE, DISK_FILE] {
             let path = staging.join(file);
             if path.exists() {
-                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o444))?;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400))?;
             }
         }
         let record = staging.join(RECORD_FILE);

@@ -65,6 +65,11 @@ pub struct ServerArgs {
     /// directory].
     #[arg(long, value_name = "PATH", env = "HANGAR_FARM_TOKEN_FILE")]
     farm_token_file: Option<PathBuf>,
+    /// The key secret settings (such as passwords) are sealed with in the store; made on
+    /// first start (mode 0600) when missing. Replicas sharing a store need the same one
+    /// [default: secrets.key in the data directory].
+    #[arg(long, value_name = "PATH", env = "HANGAR_SECRETS_KEY_FILE")]
+    secrets_key_file: Option<PathBuf>,
     /// Run no VMs on this machine: a control plane for farm hosts (`hangar agent`) only.
     #[arg(long, env = "HANGAR_NO_LOCAL_HOST")]
     no_local_host: bool,
@@ -113,6 +118,8 @@ pub fn default_data_dir() -> PathBuf {
 
 /// Runs the server until SIGINT or SIGTERM; fails when it cannot start.
 pub async fn run(args: ServerArgs) -> ExitCode {
+    // Every file the server and its children (QEMU, the forwarder) write is private.
+    hangar_image::hostfs::restrict_umask();
     init_logging();
     let forwarder_command = match std::env::current_exe() {
         Ok(exe) => vec![exe.into_os_string(), "forwarder".into()],
@@ -139,6 +146,7 @@ pub async fn run(args: ServerArgs) -> ExitCode {
         image_budget_mib: args.image_budget,
         store: args.store,
         farm_token_file: args.farm_token_file,
+        secrets_key_file: args.secrets_key_file,
         local_host: !args.no_local_host,
         host_loss: hangar_server::farm::LossTimes {
             down_after: args.host_down_after,

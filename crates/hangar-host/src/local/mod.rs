@@ -528,7 +528,7 @@ impl Host for LocalHost {
                 let name = entry.file_name().to_string_lossy().into_owned();
                 if !keep.contains(&name) {
                     tracing::info!(dir = %entry.path().display(), "removing leftover vm directory");
-                    if std::fs::remove_dir_all(entry.path()).is_ok() {
+                    if hangar_image::hostfs::remove_tree(&entry.path()).is_ok() {
                         removed.push(name);
                     }
                 }

@@ -22,7 +22,9 @@ impl LocalHost {
             let path = entry.path();
             if path.extension().is_some_and(|ext| ext == "tmp") {
                 tracing::info!(dir = %path.display(), "removing an unfinished template");
-                let _ = std::fs::remove_dir_all(&path);
+                if let Err(err) = hangar_image::hostfs::remove_tree(&path) {
+                    tracing::warn!(error = %err, "cannot remove an unfinished template");
+                }
             }
         }
     }

@@ -294,7 +294,8 @@ fn vm_view(vm: VmRecord) -> VmView {
         state: vm.state,
         mode: vm.mode,
         owner: vm.owner,
-        env: vm.env,
+        // Secret settings are sealed in the store and never shown.
+        env: crate::secrets::shown(vm.env),
         memory_mib: vm.memory_mib,
         vcpus: vm.vcpus,
         pool: vm.pool,

@@ -61,7 +61,8 @@ impl Manager {
                 id: vm_id.clone(),
                 host: host.name().to_owned(),
                 services: make.service.iter().map(|s| s.name.clone()).collect(),
-                env: make.env.clone(),
+                // Secret settings only sealed: the plan (to the host) has them in plaintext.
+                env: self.secrets.seal_env(&make.env),
                 mode: make.mode,
                 owner: "local".into(),
                 state: VmState::Creating,

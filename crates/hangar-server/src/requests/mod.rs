@@ -449,6 +449,8 @@ impl Manager {
         service: &str,
         env: &BTreeMap<String, String>,
     ) -> Result<Option<VmRecord>, RequestError> {
+        // The store keeps secret settings sealed, deterministically: compare sealed.
+        let env = &self.secrets.seal_env(env);
         let mut candidates = self.store.shared_candidates(service, env).await?;
         candidates.sort_by_key(|vm| vm.last_used_at_ms);
         for vm in candidates {
@@ -464,6 +466,7 @@ impl Manager {
     /// Wakes the most recently used sleeping or archived shared VM offering `service` with
     /// exactly this environment, if there is one and it wakes.
     async fn wake_shared(&self, service: &str, env: &BTreeMap<String, String>) -> Option<VmRecord> {
+        let env = &self.secrets.seal_env(env);
         let mut dormant: Vec<VmRecord> = self
             .store
             .vms(false)
