@@ -15,6 +15,7 @@ use hangar_core::placement::{self, NoHost, VmNeeds, VmPriority};
 use hangar_host::{Host, HostError, Purpose, VmPlan};
 use hangar_store::{HostRecord, HostState, HostUse, VmRecord};
 
+pub mod capacity;
 pub mod preview;
 
 use crate::farm::HostInfo;
@@ -63,6 +64,8 @@ pub struct Scheduler {
     /// [`Scheduler::host_use`]).
     used: tokio::sync::Mutex<UseCache>,
     connect: Option<Connector>,
+    /// The server's own host's CPUs and memory, read once ([`capacity`]).
+    pub(crate) local_size: std::sync::OnceLock<capacity::HostSize>,
 }
 
 impl Scheduler {
@@ -74,6 +77,7 @@ impl Scheduler {
             farm: RwLock::new(BTreeMap::new()),
             used: tokio::sync::Mutex::new(UseCache::default()),
             connect,
+            local_size: std::sync::OnceLock::new(),
         }
     }
 
