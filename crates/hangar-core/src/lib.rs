@@ -18,9 +18,11 @@ pub mod lifecycle;
 pub mod matching;
 pub mod placement;
 pub mod pool;
+pub mod quota;
 pub mod request;
 pub mod state;
 pub mod suggest;
+pub mod usage;
 
 pub use catalog::{Catalog, CatalogError, ReadyCheck, ReadySpec, Service, WakeOn};
 pub use ids::{TaskId, VmId};

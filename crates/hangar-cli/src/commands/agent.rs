@@ -75,6 +75,8 @@ pub struct AgentArgs {
 
 /// Runs the agent until SIGINT or SIGTERM; VMs keep running after it.
 pub async fn run(args: AgentArgs) -> ExitCode {
+    // Every file the agent and QEMU write is private.
+    hangar_image::hostfs::restrict_umask();
     init_logging();
     match start(args).await {
         Ok(()) => {

@@ -86,6 +86,9 @@ pub enum AgentError {
     },
     #[error("data directory {0} is in use by another agent or server")]
     Locked(String),
+    /// The data dir could not be made private.
+    #[error("data directory: {0}")]
+    HostFs(#[from] hangar_image::hostfs::HostFsError),
     #[error("{0}")]
     Qemu(String),
     #[error("no server URL given")]
@@ -125,7 +128,7 @@ pub async fn run_agent(
         path: data_dir.display().to_string(),
         source,
     };
-    std::fs::create_dir_all(data_dir).map_err(data_err)?;
+    hangar_image::hostfs::secure_dir(data_dir)?;
     let lock = std::fs::File::create(data_dir.join("agent.lock")).map_err(data_err)?;
     lock.try_lock()
         .map_err(|_| AgentError::Locked(data_dir.display().to_string()))?;

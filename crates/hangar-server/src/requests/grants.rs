@@ -58,7 +58,11 @@ impl Manager {
             let claiming = stages.mark("match", started);
             let vm = match self
                 .store
-                .claim(&candidate.id, request.mode, &request.env)
+                .claim(
+                    &candidate.id,
+                    request.mode,
+                    &self.secrets.seal_env(&request.env),
+                )
                 .await
             {
                 Ok(vm) => vm,
