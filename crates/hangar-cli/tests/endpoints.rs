@@ -150,7 +150,9 @@ fn wait_state(server: &TestServer, id: &str, want: &str, secs: u64) {
 #[test]
 fn a_request_in_flight_across_the_sleep_time_gets_its_whole_answer() {
     use std::io::{Read, Write};
-    let server = TestServer::start();
+    // Floors low enough for the finding's policy.
+    let server =
+        TestServer::start_with(&["--pool-memory", "0", "--policy-min-archive-after", "1s"]);
     let grant = server.json(&["request", "http-counter", "--dedicated"]);
     let id = grant["vm"].as_str().unwrap().to_owned();
     let endpoint = grant["endpoint"].as_str().unwrap().to_owned();

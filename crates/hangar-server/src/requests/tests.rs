@@ -854,7 +854,13 @@ mod stable_endpoints {
     /// gets its whole answer; once the connection closes the VM idles down as before.
     #[tokio::test]
     async fn an_open_connection_keeps_its_vm_awake_through_the_lifecycle_loop() {
-        let (manager, _backend, store) = setup();
+        let (manager, _backend, store) = fake_manager(
+            CATALOG,
+            ManagerConfig {
+                policy_floors: hangar_core::lifecycle::PolicyFloors::NONE,
+                ..ManagerConfig::default()
+            },
+        );
         serve_with_endpoints(&manager).await;
         manager
             .set_policy(
