@@ -361,6 +361,14 @@ fn three_hosts_spread_isolate_pull_and_survive_a_lost_host() {
         })
         .collect();
     assert!(!blobs[0].is_empty(), "hosts report the blobs they hold");
+    for host in &listed {
+        assert!(
+            host["facts"]["images"]
+                .as_array()
+                .is_some_and(|roots| roots.iter().any(|r| r == "http-static@busybox")),
+            "hosts report the roots they hold whole, which placement prefers: {host}"
+        );
+    }
     assert!(
         blobs.iter().all(|held| held == &blobs[0]),
         "the same content on every host: {blobs:?}"

@@ -247,6 +247,9 @@ pub struct HostFacts {
     /// Image blobs held, by sha256 (hosts that pull their images from the control plane).
     #[serde(default)]
     pub blobs: Vec<String>,
+    /// Service roots held whole, as `service@os` (a VM of one starts without pulling).
+    #[serde(default)]
+    pub images: Vec<String>,
 }
 
 /// Named stage durations of one operation, as the API's `Server-Timing` header reports

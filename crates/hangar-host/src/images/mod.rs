@@ -146,6 +146,12 @@ pub trait ImageSource: Send + Sync + 'static {
         Err(ImageSourceError::NoPeerPulls(from.host.clone()))
     }
 
+    /// The service roots this source holds whole, as `service@os`, for placement's
+    /// preference for hosts that hold a VM's image; none for sources that build their own.
+    fn held_roots(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// Records that a VM starts with these layers now.
     fn touch(&self, _hashes: &[String]) {}
 

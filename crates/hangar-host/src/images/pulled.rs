@@ -544,6 +544,31 @@ impl ImageSource for PulledImages {
         self.held()
     }
 
+    /// Roots whose manifest was pulled and whose every blob is held.
+    fn held_roots(&self) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(&self.manifests_dir) else {
+            return Vec::new();
+        };
+        let mut roots: Vec<String> = entries
+            .flatten()
+            .filter_map(|entry| {
+                let name = entry.file_name();
+                let key = hex::decode(name.to_str()?.strip_suffix(".json")?).ok()?;
+                let root = String::from_utf8(key)
+                    .ok()?
+                    .strip_prefix("root/")?
+                    .to_owned();
+                let manifest: RootManifest = self.kept_manifest(&format!("root/{root}"))?;
+                manifest
+                    .blobs()
+                    .all(|blob| self.holds(blob))
+                    .then_some(root)
+            })
+            .collect();
+        roots.sort();
+        roots
+    }
+
     /// A pulled file is named by its hash: the hash of a path in the blob store is its
     /// name (no file is read).
     fn content_hash(&self, path: &Path) -> Option<String> {

@@ -177,6 +177,7 @@ impl Host for LocalHost {
                 .filter_map(|info| Some(info.dir.file_name()?.to_string_lossy().into_owned()))
                 .collect(),
             blobs: self.images.held_blobs(),
+            images: self.images.held_roots(),
         })
     }
 

@@ -9,7 +9,7 @@ use hangar_core::Service;
 use hangar_vmm::{TemplateInfo, VmSpec};
 use sha2::{Digest, Sha256};
 
-use super::LocalHost;
+use super::{LocalHost, error_chain};
 use crate::{Host, HostError, PeerSource, TemplateBundle, TemplateFacts};
 
 impl LocalHost {
@@ -154,6 +154,13 @@ impl LocalHost {
         self.drop_agent(vm_id);
         let template = made?;
         tracing::info!(service = %service.name, dir = %dir.display(), size_bytes = template.size_bytes, took_ms = template.took_ms, "template made");
+        // Hosts whose images are content-addressed (farm hosts) hash the template's files
+        // now, so that the first peer to pull it does not wait for that.
+        if self.content_key(service, spec).is_some()
+            && let Err(err) = self.bundle_of(service).await
+        {
+            tracing::warn!(service = %service.name, error = %error_chain(&err), "cannot describe the template for peers");
+        }
         Self::template_facts(&template, std::slice::from_ref(service))
             .ok_or_else(|| HostError::Guest(format!("template {} has no name", dir.display())))
     }
