@@ -16,9 +16,11 @@ pub mod lifecycle;
 pub mod matching;
 pub mod placement;
 pub mod pool;
+pub mod quota;
 pub mod request;
 pub mod state;
 pub mod suggest;
+pub mod usage;
 
 pub use catalog::{Catalog, CatalogError, ReadyCheck, ReadySpec, Service};
 pub use ids::{TaskId, VmId};

@@ -44,6 +44,7 @@ pub mod tasks;
 pub mod templates;
 
 pub use api::error;
+pub use hangar_core::lifecycle::PolicyFloors;
 /// The host agent (`hangar agent`) and the image sources it may use, for the CLI.
 pub use hangar_host::guest::guest_config;
 pub use manager::{Manager, ManagerConfig};
@@ -100,6 +101,8 @@ pub struct ServerConfig {
     /// and archive and wake VMs on connection. Off: endpoints are the VMs' own port
     /// forwards on their hosts (for replicated control planes).
     pub stable_endpoints: bool,
+    /// The shortest idle timers a policy set at run time may have.
+    pub policy_floors: hangar_core::lifecycle::PolicyFloors,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -382,6 +385,7 @@ pub async fn run(
             farm_token,
             host_loss: config.host_loss,
             server_urls: vec![server_url.clone()],
+            policy_floors: config.policy_floors,
             secrets_key,
             ..ManagerConfig::default()
         },

@@ -85,6 +85,16 @@ pub struct ServerArgs {
     /// held on this machine (needed when several servers share one store).
     #[arg(long, env = "HANGAR_DIRECT_ENDPOINTS")]
     direct_endpoints: bool,
+    /// Shortest `sleep_after` a policy set at run time may have.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration, env = "HANGAR_POLICY_MIN_SLEEP_AFTER")]
+    policy_min_sleep_after: std::time::Duration,
+    /// Shortest `archive_after` a policy set at run time may have.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration, env = "HANGAR_POLICY_MIN_ARCHIVE_AFTER")]
+    policy_min_archive_after: std::time::Duration,
+    /// Shortest `delete_after` a policy set at run time may have: no policy change deletes
+    /// a service's VMs and their data sooner.
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime::parse_duration, env = "HANGAR_POLICY_MIN_DELETE_AFTER")]
+    policy_min_delete_after: std::time::Duration,
 }
 
 #[derive(clap::Args)]
@@ -147,6 +157,11 @@ pub async fn run(args: ServerArgs) -> ExitCode {
             lost_after: args.host_lost_after.max(args.host_down_after),
         },
         stable_endpoints: !args.direct_endpoints,
+        policy_floors: hangar_server::PolicyFloors {
+            sleep_after: args.policy_min_sleep_after,
+            archive_after: args.policy_min_archive_after,
+            delete_after: args.policy_min_delete_after,
+        },
     };
     match hangar_server::run(config, shutdown_signal()).await {
         Ok(()) => {

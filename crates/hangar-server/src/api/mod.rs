@@ -149,6 +149,7 @@ async fn list_services(State(manager): State<Arc<Manager>>) -> Json<Vec<ServiceV
                                 },
                                 required: setting.default.is_none(),
                                 secret: setting.secret,
+                                format: setting.format.as_str().into(),
                             },
                         )
                     })

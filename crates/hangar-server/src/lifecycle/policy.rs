@@ -38,6 +38,10 @@ pub enum PolicyError {
     /// The policy asked for is not valid.
     #[error("{0}")]
     Invalid(String),
+    /// A timer the change sets is shorter than the server's floor for it (422); the
+    /// message names the floor.
+    #[error("{0}")]
+    BelowFloor(String),
     #[error("cannot encode the policy")]
     Encode(#[source] serde_json::Error),
     /// The policy was changed but is no longer listed.
@@ -104,6 +108,18 @@ pub struct PolicyChange {
 }
 
 impl PolicyChange {
+    /// The idle timers the change sets to a value, by field name.
+    pub fn timers_set(&self) -> Vec<(&'static str, Duration)> {
+        [
+            ("sleep_after", self.sleep_after),
+            ("archive_after", self.archive_after),
+            ("delete_after", self.delete_after),
+        ]
+        .into_iter()
+        .filter_map(|(field, value)| Some((field, value.flatten()?)))
+        .collect()
+    }
+
     fn apply(&self, mut policy: Policy) -> Policy {
         if let Some(value) = self.sleep_after {
             policy.sleep_after = value;
@@ -213,6 +229,10 @@ impl Manager {
             .unwrap_or_default();
         let policy = change.apply(current);
         policy.check().map_err(PolicyError::Invalid)?;
+        self.config
+            .policy_floors
+            .check(change.timers_set())
+            .map_err(|below| PolicyError::BelowFloor(below.to_string()))?;
         let json = serde_json::to_string(&policy).map_err(PolicyError::Encode)?;
         self.store.set_policy(service, Some(&json)).await?;
         tracing::info!(service, policy = %json, "policy set");

@@ -458,6 +458,40 @@ async fn the_policies_api_sets_shows_and_resets() {
     let (status, _, _) = call(manager.clone(), "PUT", "/v1/policies/nope", "{}").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 
+    // Issue 13, finding 2: timers that would delete a service's data within seconds are
+    // refused, naming the floor; nothing changes.
+    let (status, before, _) = call(manager.clone(), "GET", "/v1/policies", "").await;
+    assert_eq!(status, StatusCode::OK);
+    for (body, floor) in [
+        (
+            r#"{"sleep_after":"1ms","archive_after":"1ms","delete_after":"1ms"}"#,
+            "floor of 1s (the server's --policy-min-sleep-after)",
+        ),
+        (
+            r#"{"archive_after":"9s"}"#,
+            "floor of 10s (the server's --policy-min-archive-after)",
+        ),
+        (
+            r#"{"delete_after":"59m"}"#,
+            "floor of 1h (the server's --policy-min-delete-after)",
+        ),
+    ] {
+        let (got, answer, _) = call(manager.clone(), "PUT", "/v1/policies/db", body).await;
+        assert_eq!(got, StatusCode::UNPROCESSABLE_ENTITY, "{body}: {answer}");
+        let message = answer["error"]["message"].as_str().unwrap();
+        assert!(message.contains(floor), "{body}: {message}");
+    }
+    let (_, after, _) = call(manager.clone(), "GET", "/v1/policies", "").await;
+    assert_eq!(before["services"], after["services"], "nothing changed");
+    let (status, view, _) = call(
+        manager.clone(),
+        "PUT",
+        "/v1/policies/db",
+        r#"{"sleep_after":"1s","archive_after":"10s","delete_after":"1h"}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "at the floors: {view}");
+
     let (status, all, _) = call(manager.clone(), "GET", "/v1/policies", "").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(all["memory"]["budget_mib"], 512);

@@ -117,6 +117,9 @@ pub enum RequestError {
     /// No host can take the VM now (room, isolation group, labels, hosts down).
     #[error("{0}")]
     NoHost(String),
+    /// The VM asked for is larger than any host: it can never run (422).
+    #[error(transparent)]
+    TooLarge(#[from] crate::scheduler::capacity::TooLarge),
     /// The creation task's outcome could not be followed.
     #[error("{0}")]
     TaskLost(&'static str),
@@ -140,6 +143,8 @@ impl Manager {
             return self.request_config(request, config, until, deadline).await;
         }
         let service = self.viable_service(&request)?;
+        self.check_vm_size(service.vcpus, service.memory_mib)
+            .await?;
         self.record_demand(&service.name);
         self.record_service_demand(&service.name);
         let os = request.env.get("os").cloned().unwrap_or(service.os.clone());
@@ -284,6 +289,11 @@ impl Manager {
                 });
             }
         };
+        if let Some(service) = &service {
+            hangar_host::guest::settings(service, &request.env)?;
+        }
+        self.check_vm_size(config.vcpus, config.memory_mib.min)
+            .await?;
         let mut request = request;
         request.mode = Mode::Dedicated;
         let constrained = request.isolate.is_some() || !request.on.is_empty();

@@ -10,9 +10,11 @@ use hangar_core::{Mode, VmState};
 
 use crate::*;
 
+mod accounting;
 mod facts;
 mod leases;
 
+use accounting::*;
 use facts::*;
 use leases::*;
 
@@ -43,7 +45,7 @@ pub(crate) fn vm(id: &str, service: &str, mode: Mode, state: VmState) -> VmRecor
     }
 }
 
-fn pooled(id: &str) -> VmRecord {
+pub(super) fn pooled(id: &str) -> VmRecord {
     VmRecord {
         pool: Some("web".into()),
         ..vm(id, "web", Mode::Dedicated, VmState::Ready)
@@ -521,4 +523,7 @@ conformance!(
     a_lease_is_released_only_by_its_holder,
     concurrent_acquires_have_one_winner,
     every_host_state_round_trips,
+    quotas_are_set_replaced_and_removed,
+    use_by_owner_counts_what_quotas_count,
+    every_state_change_is_recorded_for_usage,
 );
