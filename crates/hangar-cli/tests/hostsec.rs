@@ -319,10 +319,11 @@ fn files_open_for_writing(pid: u32) -> Vec<PathBuf> {
 
 /// QEMU confined: an unprivileged user when the server is root, a seccomp filter always
 /// (`Seccomp: 2`), and files written only in its VM directory; through sleep, archive
-/// (zstd, raw, delta) and wake, and a clone of a template.
+/// (zstd, raw, delta) and wake, and a clone of a template. The cache is private as a
+/// server makes it, so the unprivileged QEMU reads only what it was given.
 #[test]
 fn qemu_runs_unprivileged_under_seccomp_writing_only_its_own_directory() {
-    let server = TestServer::start_with_templates(&["--pool-memory", "0"]);
+    let server = TestServer::start_with_private_cache(&["--pool-memory", "0"]);
     let check = |id: &str| {
         let (_, pid) = server
             .qemu_processes()
@@ -381,6 +382,8 @@ fn qemu_runs_unprivileged_under_seccomp_writing_only_its_own_directory() {
     let clone_endpoint = clone["endpoint"].as_str().unwrap().to_owned();
     assert_eq!(fetch(&clone_endpoint, "/").trim(), "1");
     check(&clone_id);
+    let open = open_to_others(server.data_dir.path());
+    assert!(open.is_empty(), "open to group or others: {open:#?}");
     let out = server.ok(&["archive", &clone_id, "--tier", "delta"]);
     assert!(out.contains("archived (delta"), "{out}");
     server.ok(&["wake", &clone_id]);

@@ -18,6 +18,7 @@
 //! server holds.
 
 use std::ffi::CString;
+use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -172,6 +173,30 @@ impl VmUser {
         self.open_to_group(&file, 0o040)
     }
 
+    /// Makes the qcow2 image `image` and every image behind it (its backing chain, which
+    /// QEMU opens by the names the headers hold) readable to this user, as
+    /// [`VmUser::grant_read`]; `image` itself only when `include_first`.
+    pub fn grant_backing_chain(
+        &self,
+        image: &Path,
+        include_first: bool,
+    ) -> Result<(), ConfineError> {
+        if include_first {
+            self.grant_read(image)?;
+        }
+        let mut current = image.to_owned();
+        for _ in 0..MAX_BACKING_DEPTH {
+            match qcow2_backing(&current).map_err(io("read", &current))? {
+                Some(backing) => {
+                    self.grant_read(&backing)?;
+                    current = backing;
+                }
+                None => return Ok(()),
+            }
+        }
+        Ok(())
+    }
+
     /// Makes the directories above `path` enterable to this user (`g+x`), from the root
     /// it is below; `path` itself is left as it is. For a VM's directory, whose sockets
     /// QEMU creates by name.
@@ -258,6 +283,34 @@ impl Credentials {
     }
 }
 
+/// How deep a backing chain is followed (hangar's are at most three: a VM's layer, a
+/// template's, a base image).
+const MAX_BACKING_DEPTH: usize = 8;
+
+/// The backing file a qcow2 image names in its header (relative names resolved against the
+/// image's directory); `None` for an image without one, or a file that is not qcow2.
+pub fn qcow2_backing(image: &Path) -> std::io::Result<Option<PathBuf>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(image)?;
+    let mut header = [0u8; 20];
+    if file.read_exact(&mut header).is_err() || header[..4] != *b"QFI\xfb" {
+        return Ok(None);
+    }
+    let offset = u64::from_be_bytes(header[8..16].try_into().expect("8 bytes"));
+    let size = u32::from_be_bytes(header[16..20].try_into().expect("4 bytes"));
+    if offset == 0 || size == 0 || size > 4096 {
+        return Ok(None);
+    }
+    let mut name = vec![0u8; size as usize];
+    file.seek(SeekFrom::Start(offset))?;
+    file.read_exact(&mut name)?;
+    let name = PathBuf::from(<std::ffi::OsString as OsStringExt>::from_vec(name));
+    Ok(Some(match image.parent() {
+        Some(dir) if name.is_relative() => dir.join(name),
+        _ => name,
+    }))
+}
+
 /// The uid and primary gid of the user `name`, if it exists.
 pub fn lookup_user(name: &str) -> Option<(u32, u32)> {
     let c_name = CString::new(name).ok()?;
@@ -297,6 +350,62 @@ mod tests {
     fn users_are_looked_up() {
         assert_eq!(lookup_user("root"), Some((0, 0)));
         assert_eq!(lookup_user("no-such-user-here"), None);
+    }
+
+    #[test]
+    fn a_backing_chain_is_read_from_qcow2_headers_and_opened_whole() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = std::fs::canonicalize(tmp.path()).unwrap();
+        let img = |args: &[&str]| {
+            let status = std::process::Command::new("qemu-img")
+                .args(args)
+                .current_dir(&dir)
+                .status()
+                .unwrap();
+            assert!(status.success(), "qemu-img {args:?}");
+        };
+        img(&["create", "-q", "-f", "qcow2", "base.qcow2", "16M"]);
+        img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "mid.qcow2",
+        ]);
+        let mid = dir.join("mid.qcow2");
+        img(&["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"]
+            .into_iter()
+            .chain([mid.to_str().unwrap(), "top.qcow2"])
+            .collect::<Vec<_>>());
+        assert_eq!(
+            qcow2_backing(&dir.join("top.qcow2")).unwrap(),
+            Some(mid.clone())
+        );
+        assert_eq!(qcow2_backing(&mid).unwrap(), Some(dir.join("base.qcow2")));
+        assert_eq!(qcow2_backing(&dir.join("base.qcow2")).unwrap(), None);
+        std::fs::write(dir.join("raw"), b"not qcow2 at all, just bytes").unwrap();
+        assert_eq!(qcow2_backing(&dir.join("raw")).unwrap(), None);
+
+        // SAFETY: geteuid cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIPPED (rest): changing a file's group needs root");
+            return;
+        }
+        for file in ["base.qcow2", "mid.qcow2", "top.qcow2"] {
+            std::fs::set_permissions(dir.join(file), std::fs::Permissions::from_mode(0o600))
+                .unwrap();
+        }
+        let user = nobody(vec![dir.clone()]);
+        user.grant_backing_chain(&dir.join("top.qcow2"), false)
+            .unwrap();
+        let mode = |f: &str| std::fs::metadata(dir.join(f)).unwrap().mode() & 0o777;
+        assert_eq!(mode("top.qcow2"), 0o600, "the first is the VM's own");
+        assert_eq!(mode("mid.qcow2"), 0o640);
+        assert_eq!(mode("base.qcow2"), 0o640);
     }
 
     #[test]

@@ -183,6 +183,14 @@ impl QemuBackend {
         paths: &VmPaths,
     ) -> Result<u32, VmmError> {
         self.give_files(spec, paths)?;
+        // What an earlier process of this VM left (it ran until archived): readiness is
+        // these files appearing anew.
+        for stale in [&paths.qmp, &paths.agent, &paths.pidfile] {
+            match std::fs::remove_file(stale) {
+                Err(err) if err.kind() != std::io::ErrorKind::NotFound => return Err(err.into()),
+                _ => {}
+            }
+        }
         let log_path = paths.dir.join("qemu.log");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -267,12 +275,15 @@ impl QemuBackend {
         user.own(&paths.dir)?;
         if paths.disk.exists() {
             user.own(&paths.disk)?;
+            user.grant_backing_chain(&paths.disk, false)?;
         }
-        let reads = [&spec.kernel, &spec.initramfs]
+        if let Some(base) = spec.base_image.as_ref().filter(|base| base.exists()) {
+            user.grant_backing_chain(base, true)?;
+        }
+        for file in [&spec.kernel, &spec.initramfs]
             .into_iter()
-            .chain(spec.base_image.as_ref())
-            .chain(&spec.layers);
-        for file in reads {
+            .chain(&spec.layers)
+        {
             if file.exists() {
                 user.grant_read(file)?;
             }
@@ -393,7 +404,7 @@ impl Hypervisor for QemuBackend {
         // QEMU opens the disk and its base now, as its own user.
         if let Some(user) = &self.config.user {
             user.own(&paths.disk)?;
-            user.grant_read(base_image)?;
+            user.grant_backing_chain(&paths.disk, false)?;
         }
         let qmp = &running.qmp;
         qmp.execute(

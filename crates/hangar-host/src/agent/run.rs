@@ -123,7 +123,8 @@ pub async fn run_agent(
 
     let vms_dir = data_dir.join("vms");
     let mut qemu_config = QemuConfig::new(vms_dir.clone(), config.accel);
-    qemu_config.user = hangar_vmm::confine::VmUser::for_this_process(std::slice::from_ref(data_dir))?;
+    qemu_config.user =
+        hangar_vmm::confine::VmUser::for_this_process(std::slice::from_ref(data_dir))?;
     match &qemu_config.user {
         Some(user) => tracing::info!(user = %user.name, uid = user.uid, "qemu runs confined"),
         None => tracing::info!("qemu runs as this user, sandboxed"),
