@@ -64,7 +64,7 @@ impl Manager {
                 // Secret settings only sealed: the plan (to the host) has them in plaintext.
                 env: self.secrets.seal_env(&make.env),
                 mode: make.mode,
-                owner: "local".into(),
+                owner: make.owner.clone(),
                 state: VmState::Creating,
                 endpoints: stable
                     .iter()
@@ -87,6 +87,8 @@ impl Manager {
             })
             .await
             .map_err(|err| error_chain(&err));
+        // Counted in the store from now on: the quota reservation ends.
+        make.quota.release();
         if let Err(err) = inserted {
             let _ = host.destroy(&vm_id).await;
             self.close_endpoints(&vm_id).await;
