@@ -109,6 +109,9 @@ pub struct Manager {
     pub(crate) tasks: crate::tasks::Tasks,
     /// Services whose template is being built.
     pub(crate) templates_building: Mutex<std::collections::HashSet<String>>,
+    /// One lock per `service@host`: that farm host pulling the service's template from a
+    /// peer.
+    pub(crate) template_pulls: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The forwarder holding stable endpoints; without one, endpoints are the VMs' direct
     /// port forwards.
     pub(crate) endpoints: std::sync::OnceLock<crate::endpoints::StableEndpoints>,
@@ -169,6 +172,7 @@ impl Manager {
             lifecycle: crate::lifecycle::policy::LifecycleRuntime::default(),
             shared_locks: Mutex::default(),
             templates_building: Mutex::default(),
+            template_pulls: Mutex::default(),
             endpoints: std::sync::OnceLock::new(),
             image_runtime: crate::images::policy::ImageRuntime::default(),
             quotas: crate::quotas::QuotaRuntime::default(),

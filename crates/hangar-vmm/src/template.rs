@@ -107,6 +107,28 @@ pub fn assemble(
     result
 }
 
+/// Points the qcow2 layer `disk` at `base` as its backing file, without touching its data
+/// (`qemu-img rebase -u`): for a template layer copied from another host, whose header names
+/// that host's path of the same base disk.
+pub async fn rebase_disk(disk: &Path, base: &Path) -> std::io::Result<()> {
+    let base = std::path::absolute(base)?;
+    let output = tokio::process::Command::new("qemu-img")
+        .args(["rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(&base)
+        .arg(disk)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "qemu-img rebase: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        )))
+    }
+}
+
 /// Removes a template directory (and any staging debris beside it).
 pub fn remove(dir: &Path) -> std::io::Result<()> {
     let _ = std::fs::remove_dir_all(staging_dir(dir));

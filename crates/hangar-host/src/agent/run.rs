@@ -214,6 +214,7 @@ pub fn facts_view(facts: &HostFacts) -> HostFactsView {
         load: facts.load,
         templates: facts.templates.clone(),
         blobs: facts.blobs.clone(),
+        images: facts.images.clone(),
     }
 }
 

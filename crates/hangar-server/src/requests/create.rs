@@ -29,6 +29,7 @@ impl Manager {
             .await
             .map_err(|err| error_chain(&err))?;
         self.farm.placed(&vm_id, &why);
+        self.bring_template(&plan, &host).await;
         let prepared = host
             .prepare_vm(&plan, self.tasks.progress(task))
             .await
