@@ -59,11 +59,16 @@ const MONITOR_INTERVAL: Duration = Duration::from_secs(2);
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub data_dir: PathBuf,
+    /// Where the REST API listens: a loopback address, unless `insecure_listen`.
     pub listen: SocketAddr,
+    /// Allow `listen` to be reachable from other machines (plain HTTP; warned loudly at
+    /// start). Off: a non-loopback `listen` is refused ([`hangar_core::exposure`]).
+    pub insecure_listen: bool,
     /// A catalog file; `None` uses the built-in demo catalog.
     pub catalog: Option<PathBuf>,
     pub accel: Accel,
-    /// Address port forwards listen on, and endpoints name.
+    /// Address port forwards listen on, and endpoints name: a concrete address clients
+    /// connect to, never a wildcard ([`hangar_core::exposure::check_endpoint_host`]).
     pub endpoint_host: IpAddr,
     pub kernel: Option<PathBuf>,
     pub busybox: Option<PathBuf>,
@@ -156,6 +161,9 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
+    /// The listen address or endpoint host is refused (see [`hangar_core::exposure`]).
+    #[error(transparent)]
+    Exposure(#[from] hangar_core::exposure::ExposureError),
     #[error("cannot start the forwarder of stable endpoints: {0}")]
     Forwarder(String),
     #[error("server failed: {0}")]
@@ -228,6 +236,13 @@ pub async fn run(
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    hangar_core::exposure::check_endpoint_host(config.endpoint_host)?;
+    if hangar_core::exposure::check_listen("API", config.listen, config.insecure_listen)? {
+        tracing::warn!(
+            "{}",
+            hangar_core::exposure::insecure_warning("API", config.listen)
+        );
+    }
     let data_dir = &config.data_dir;
     let data_err = |source| ServerError::DataDir {
         path: data_dir.display().to_string(),

@@ -13,16 +13,21 @@ pub struct ServerArgs {
     /// Where state lives: database, VM disks, cached images [default: $XDG_DATA_HOME/hangar].
     #[arg(long, env = "HANGAR_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// Address of the REST API.
+    /// Address of the REST API: a loopback address, unless --insecure-listen.
     #[arg(long, default_value = "127.0.0.1:7070", env = "HANGAR_LISTEN")]
     listen: SocketAddr,
+    /// Allow a --listen address other machines can reach. hangar speaks plain HTTP: tokens
+    /// cross the network in clear (use a private network or a TLS proxy in front).
+    #[arg(long, env = "HANGAR_INSECURE_LISTEN")]
+    insecure_listen: bool,
     /// Service catalog (TOML) [default: the built-in demo catalog].
     #[arg(long, env = "HANGAR_CATALOG")]
     catalog: Option<PathBuf>,
     /// Accelerator: auto picks KVM only on bare metal (nested KVM is slower than TCG).
     #[arg(long, default_value = "auto", env = "HANGAR_ACCEL")]
     accel: Accel,
-    /// Host address that VM endpoints listen on.
+    /// Host address that VM endpoints listen on and are advertised at: an address clients
+    /// connect to, not a wildcard (0.0.0.0, ::).
     #[arg(long, default_value = "127.0.0.1", env = "HANGAR_ENDPOINT_HOST")]
     endpoint_host: IpAddr,
     /// Guest kernel: a Debian linux-image .deb or an extracted one [default: fetched with apt-get download].
@@ -179,6 +184,7 @@ pub async fn run(args: ServerArgs) -> ExitCode {
     let config = hangar_server::ServerConfig {
         data_dir: args.data_dir.unwrap_or_else(default_data_dir),
         listen: args.listen,
+        insecure_listen: args.insecure_listen,
         catalog: args.catalog,
         accel: args.accel,
         endpoint_host: args.endpoint_host,

@@ -40,7 +40,10 @@ impl Manager {
             .filter_map(|(name, addr)| Some((name.clone(), addr.parse().ok()?)))
             .collect();
         // Clients get stable endpoints in front of the VM's own (direct) port forwards.
-        let stable = match self.open_endpoints(&vm_id, &endpoints).await {
+        let stable = match self
+            .open_endpoints(&vm_id, make.service.as_ref(), &endpoints)
+            .await
+        {
             Ok(stable) => stable,
             Err(err) => {
                 let _ = host.destroy(&vm_id).await;

@@ -165,7 +165,7 @@ impl Manager {
             .filter_map(|(name, addr)| Some((name.clone(), addr.parse().ok()?)))
             .collect();
         let stable = self
-            .open_endpoints(&vm.id, &endpoints)
+            .open_endpoints(&vm.id, service, &endpoints)
             .await
             .map_err(|err| error_chain(&err))?;
         let os = (
