@@ -50,6 +50,7 @@ impl FarmServer {
             "4s",
             "--store",
             db.url(),
+            "--insecure-listen",
             "--listen",
         ]
         .iter()
@@ -192,6 +193,7 @@ impl Agent {
             .arg(servers[0].token_file())
             .arg("--listen")
             .arg(format!("{}:7800", net.ip(self.index)))
+            .arg("--insecure-listen")
             .arg("--endpoint-host")
             .arg(net.ip(self.index).to_string())
             .arg("--data-dir")

@@ -118,6 +118,24 @@ pub struct Port {
     pub name: String,
     /// TCP port inside the guest.
     pub guest: u16,
+    /// When a connection to this port's stable endpoint wakes a sleeping or archived VM
+    /// (`wake = "on-data"`, the default, or `"on-connect"`).
+    #[serde(default)]
+    pub wake: WakeOn,
+}
+
+/// When a connection to a sleeping or archived VM's endpoint wakes it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum WakeOn {
+    /// Once the client sends its first bytes: a bare connect (a port scan, a health probe
+    /// that only connects) wakes nothing, and a client that sends nothing for a while is
+    /// disconnected. For protocols where the client speaks first (HTTP, Redis, PostgreSQL).
+    #[default]
+    OnData,
+    /// As soon as a client connects. For protocols where the server speaks first (SSH,
+    /// SMTP, FTP), whose clients wait for a greeting before they send anything.
+    OnConnect,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]

@@ -36,15 +36,19 @@ pub mod images;
 pub mod lifecycle;
 pub mod manager;
 pub mod pools;
+pub mod quotas;
 pub mod reconcile;
 pub mod requests;
 pub mod scheduler;
 pub mod secrets;
 pub mod tasks;
 pub mod templates;
+pub mod usage;
 
 pub use api::error;
 pub use hangar_core::lifecycle::PolicyFloors;
+pub use hangar_core::quota::Limits;
+pub use hangar_core::usage::Prices;
 /// The host agent (`hangar agent`) and the image sources it may use, for the CLI.
 pub use hangar_host::guest::guest_config;
 pub use manager::{Manager, ManagerConfig};
@@ -55,11 +59,16 @@ const MONITOR_INTERVAL: Duration = Duration::from_secs(2);
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub data_dir: PathBuf,
+    /// Where the REST API listens: a loopback address, unless `insecure_listen`.
     pub listen: SocketAddr,
+    /// Allow `listen` to be reachable from other machines (plain HTTP; warned loudly at
+    /// start). Off: a non-loopback `listen` is refused ([`hangar_core::exposure`]).
+    pub insecure_listen: bool,
     /// A catalog file; `None` uses the built-in demo catalog.
     pub catalog: Option<PathBuf>,
     pub accel: Accel,
-    /// Address port forwards listen on, and endpoints name.
+    /// Address port forwards listen on, and endpoints name: a concrete address clients
+    /// connect to, never a wildcard ([`hangar_core::exposure::check_endpoint_host`]).
     pub endpoint_host: IpAddr,
     pub kernel: Option<PathBuf>,
     pub busybox: Option<PathBuf>,
@@ -103,6 +112,10 @@ pub struct ServerConfig {
     pub stable_endpoints: bool,
     /// The shortest idle timers a policy set at run time may have.
     pub policy_floors: hangar_core::lifecycle::PolicyFloors,
+    /// The quota of every user without one of their own.
+    pub default_quota: hangar_core::quota::Limits,
+    /// Prices of what usage metering counts.
+    pub prices: hangar_core::usage::Prices,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -151,6 +164,9 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
+    /// The listen address or endpoint host is refused (see [`hangar_core::exposure`]).
+    #[error(transparent)]
+    Exposure(#[from] hangar_core::exposure::ExposureError),
     #[error("cannot start the forwarder of stable endpoints: {0}")]
     Forwarder(String),
     #[error("server failed: {0}")]
@@ -243,6 +259,13 @@ pub async fn run(
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    hangar_core::exposure::check_endpoint_host(config.endpoint_host)?;
+    if hangar_core::exposure::check_listen("API", config.listen, config.insecure_listen)? {
+        tracing::warn!(
+            "{}",
+            hangar_core::exposure::insecure_warning("API", config.listen)
+        );
+    }
     let data_dir = &config.data_dir;
     let data_err = |source| ServerError::DataDir {
         path: data_dir.display().to_string(),
@@ -387,6 +410,8 @@ pub async fn run(
             server_urls: vec![server_url.clone()],
             policy_floors: config.policy_floors,
             secrets_key,
+            default_quota: config.default_quota,
+            prices: config.prices,
             ..ManagerConfig::default()
         },
     );

@@ -13,16 +13,21 @@ pub struct ServerArgs {
     /// Where state lives: database, VM disks, cached images [default: $XDG_DATA_HOME/hangar].
     #[arg(long, env = "HANGAR_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// Address of the REST API.
+    /// Address of the REST API: a loopback address, unless --insecure-listen.
     #[arg(long, default_value = "127.0.0.1:7070", env = "HANGAR_LISTEN")]
     listen: SocketAddr,
+    /// Allow a --listen address other machines can reach. hangar speaks plain HTTP: tokens
+    /// cross the network in clear (use a private network or a TLS proxy in front).
+    #[arg(long, env = "HANGAR_INSECURE_LISTEN")]
+    insecure_listen: bool,
     /// Service catalog (TOML) [default: the built-in demo catalog].
     #[arg(long, env = "HANGAR_CATALOG")]
     catalog: Option<PathBuf>,
     /// Accelerator: auto picks KVM only on bare metal (nested KVM is slower than TCG).
     #[arg(long, default_value = "auto", env = "HANGAR_ACCEL")]
     accel: Accel,
-    /// Host address that VM endpoints listen on.
+    /// Host address that VM endpoints listen on and are advertised at: an address clients
+    /// connect to, not a wildcard (0.0.0.0, ::).
     #[arg(long, default_value = "127.0.0.1", env = "HANGAR_ENDPOINT_HOST")]
     endpoint_host: IpAddr,
     /// Guest kernel: a Debian linux-image .deb or an extracted one [default: fetched with apt-get download].
@@ -95,6 +100,46 @@ pub struct ServerArgs {
     /// a service's VMs and their data sooner.
     #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime::parse_duration, env = "HANGAR_POLICY_MIN_DELETE_AFTER")]
     policy_min_delete_after: std::time::Duration,
+    /// The quota of every user without one of their own: `vms=N,vcpus=N,memory=MIB,
+    /// archive=MIB` (keys left out: no limit), or `none` (no limits, the default).
+    #[arg(long, value_name = "LIMITS", default_value = "none", value_parser = hangar_server::Limits::parse, env = "HANGAR_DEFAULT_QUOTA")]
+    default_quota: hangar_server::Limits,
+    /// Price of a vCPU-hour of an active VM (usage's cost column; any currency).
+    #[arg(
+        long,
+        value_name = "PRICE",
+        default_value_t = 0.0,
+        value_parser = parse_price,
+        env = "HANGAR_PRICE_ACTIVE_VCPU_HOUR"
+    )]
+    price_active_vcpu_hour: f64,
+    /// Price of a GiB-hour of an active VM's memory.
+    #[arg(
+        long,
+        value_name = "PRICE",
+        default_value_t = 0.0,
+        value_parser = parse_price,
+        env = "HANGAR_PRICE_ACTIVE_GIB_HOUR"
+    )]
+    price_active_gib_hour: f64,
+    /// Price of a GiB-hour of a sleeping VM's memory (held on its host).
+    #[arg(
+        long,
+        value_name = "PRICE",
+        default_value_t = 0.0,
+        value_parser = parse_price,
+        env = "HANGAR_PRICE_SLEEPING_GIB_HOUR"
+    )]
+    price_sleeping_gib_hour: f64,
+    /// Price of a GB-hour of archive.
+    #[arg(
+        long,
+        value_name = "PRICE",
+        default_value_t = 0.0,
+        value_parser = parse_price,
+        env = "HANGAR_PRICE_ARCHIVE_GB_HOUR"
+    )]
+    price_archive_gb_hour: f64,
 }
 
 #[derive(clap::Args)]
@@ -104,6 +149,14 @@ pub struct ForwarderArgs {
     /// The server's URL, where wake requests go.
     #[arg(long)]
     server: String,
+}
+
+/// A price: a finite number, 0 or more.
+fn parse_price(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(price) if price.is_finite() && price >= 0.0 => Ok(price),
+        _ => Err(format!("{text:?} is not a price (a number, 0 or more)")),
+    }
 }
 
 /// The data dir when none is given: `$XDG_DATA_HOME/hangar`, else for root
@@ -135,6 +188,7 @@ pub async fn run(args: ServerArgs) -> ExitCode {
     let config = hangar_server::ServerConfig {
         data_dir: args.data_dir.unwrap_or_else(default_data_dir),
         listen: args.listen,
+        insecure_listen: args.insecure_listen,
         catalog: args.catalog,
         accel: args.accel,
         endpoint_host: args.endpoint_host,
@@ -161,6 +215,13 @@ pub async fn run(args: ServerArgs) -> ExitCode {
             sleep_after: args.policy_min_sleep_after,
             archive_after: args.policy_min_archive_after,
             delete_after: args.policy_min_delete_after,
+        },
+        default_quota: args.default_quota,
+        prices: hangar_server::Prices {
+            active_vcpu_hour: args.price_active_vcpu_hour,
+            active_gib_hour: args.price_active_gib_hour,
+            sleeping_gib_hour: args.price_sleeping_gib_hour,
+            archive_gb_hour: args.price_archive_gb_hour,
         },
     };
     match hangar_server::run(config, shutdown_signal()).await {

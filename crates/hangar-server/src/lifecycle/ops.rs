@@ -153,6 +153,22 @@ impl Manager {
                 return Err(LifecycleError::Host(err));
             }
         };
+        // Recorded before the VM is marked archived, so that the usage record of that
+        // change carries the archive's size (archive GB-hours) and the owner's quota
+        // counts it.
+        if let Err(err) = self
+            .store
+            .put_archive(&hangar_store::ArchiveRecord {
+                vm_id: id.to_owned(),
+                tier: info.tier.to_string(),
+                size_bytes: info.size_bytes,
+                host: vm.host.clone(),
+                created_at_ms: hangar_store::now_ms(),
+            })
+            .await
+        {
+            tracing::warn!(vm = %id, error = %err, "cannot record the vm's archive");
+        }
         let vm = self.store.transition(id, VmState::Archived, None).await?;
         tracing::info!(vm = %id, tier = %tier, size = info.size_bytes, took_ms = info.took_ms, "vm archived");
         Ok((vm, info))
@@ -304,8 +320,19 @@ impl Manager {
         }
     }
 
-    /// Deletes a VM: its process and files, then its state. Idempotent for deleted VMs.
+    /// Deletes a VM: its process and files, then its state. Idempotent: deleting a deleted
+    /// VM answers its record, and concurrent deletes of one VM all answer the deleted record
+    /// (they take the VM's operation lock in turn; a delete that loses a race with another
+    /// replica's sees the VM deleted and answers that). [`LifecycleError::NoVm`] for an
+    /// unknown id; [`LifecycleError::StillCreating`] while it is being made.
     pub async fn delete(&self, id: &str) -> Result<VmRecord, LifecycleError> {
+        let lock = self.vm_op_lock(id);
+        let _guard = lock.lock().await;
+        self.delete_locked(id).await
+    }
+
+    /// [`Manager::delete`], for a caller holding the VM's operation lock.
+    pub(crate) async fn delete_locked(&self, id: &str) -> Result<VmRecord, LifecycleError> {
         let vm = self
             .store
             .vm(id)
@@ -331,7 +358,22 @@ impl Manager {
             | VmState::Failed => {}
         }
         self.tear_down(id).await?;
-        let vm = self.store.transition(id, VmState::Deleted, None).await?;
+        let vm = match self.store.transition(id, VmState::Deleted, None).await {
+            Ok(vm) => vm,
+            // Deleted meanwhile by another replica (whose lock is not this one's): the
+            // outcome the caller asked for.
+            Err(err) if err.is_transition_conflict() => match self.store.vm(id).await? {
+                Some(vm) if vm.state == VmState::Deleted => return Ok(vm),
+                _ => {
+                    return Err(LifecycleError::WrongState {
+                        id: id.to_owned(),
+                        state: vm.state,
+                        rule: "the VM changed state while it was being deleted",
+                    });
+                }
+            },
+            Err(err) => return Err(err.into()),
+        };
         tracing::info!(vm = %id, "vm deleted");
         Ok(vm)
     }

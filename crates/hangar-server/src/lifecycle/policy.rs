@@ -6,7 +6,8 @@
 //! sleeping ones are archived, archived ones are deleted with their archive; over the memory
 //! budget the least recently used are archived, over the disk budget archives (and unused
 //! images) are deleted. Each action is applied under the VM's operation lock and only if the
-//! VM is still as the decision saw it (same state, not used since).
+//! VM is still as the decision saw it (same state, not used since) and no connection to it
+//! is open through its stable endpoint (`crate::endpoints`: the VM is in use).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,6 +22,7 @@ use hangar_store::now_ms;
 use tokio::sync::Notify;
 
 use crate::api::error::error_chain;
+use crate::endpoints::EndpointUse;
 use crate::lifecycle::ops::LifecycleError;
 use crate::manager::Manager;
 
@@ -411,6 +413,13 @@ impl Manager {
         if vm.state != seen.state || vm.last_used_at_ms != seen.last_used_ms {
             return Ok(false);
         }
+        // A VM with a connection open through its endpoint is in use: left as it is, its
+        // idle timers started again. When none is open, its endpoints now wait for a wake.
+        if let EndpointUse::Busy { open } = self.quiesce_endpoints(&vm.id).await {
+            self.store.set_last_used(&vm.id, now_ms()).await?;
+            tracing::info!(vm = %vm.id, open, ?action, "lifecycle: connections open; vm in use");
+            return Ok(false);
+        }
         let idle_s = now_ms().saturating_sub(vm.last_used_at_ms.max(vm.state_since_ms)) / 1000;
         match action {
             Action::Sleep { .. } => {
@@ -428,7 +437,7 @@ impl Manager {
                 tracing::info!(vm = %vm.id, %reason, tier = %used, idle_s, "lifecycle: archived");
             }
             Action::Delete { .. } => {
-                self.delete(&vm.id).await?;
+                self.delete_locked(&vm.id).await?;
                 tracing::info!(vm = %vm.id, %reason, idle_s, "lifecycle: deleted");
             }
             Action::RemoveImage { .. } => unreachable!("handled above"),

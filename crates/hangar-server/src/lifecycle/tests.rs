@@ -510,3 +510,42 @@ async fn the_policies_api_sets_shows_and_resets() {
     let (_, spec, _) = call(manager, "GET", "/v1/openapi.json", "").await;
     assert!(spec["paths"]["/v1/policies/{service}"]["put"].is_object());
 }
+
+/// Issue 13, finding 8: concurrent deletes of one VM all answer the deleted VM (none a
+/// spurious conflict), and the VM is torn down once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_deletes_of_one_vm_all_succeed() {
+    let (manager, backend, store) = setup();
+    for round in 0..5 {
+        let vm = manager
+            .request(request("db", Mode::Dedicated))
+            .await
+            .unwrap()
+            .vm;
+        let barrier = Arc::new(tokio::sync::Barrier::new(20));
+        let deletes: Vec<_> = (0..20)
+            .map(|_| {
+                let manager = manager.clone();
+                let barrier = barrier.clone();
+                let id = vm.id.clone();
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    manager.delete(&id).await
+                })
+            })
+            .collect();
+        for delete in deletes {
+            let deleted = delete
+                .await
+                .unwrap()
+                .unwrap_or_else(|err| panic!("round {round}: a delete failed: {err}"));
+            assert_eq!(deleted.state, VmState::Deleted);
+        }
+        assert_eq!(state(&store, &vm.id).await, VmState::Deleted);
+        assert_eq!(
+            backend.run_state(&vm.id).await.unwrap(),
+            hangar_vmm::RunState::Gone,
+            "no process left"
+        );
+    }
+}

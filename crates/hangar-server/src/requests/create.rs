@@ -40,7 +40,10 @@ impl Manager {
             .filter_map(|(name, addr)| Some((name.clone(), addr.parse().ok()?)))
             .collect();
         // Clients get stable endpoints in front of the VM's own (direct) port forwards.
-        let stable = match self.open_endpoints(&vm_id, &endpoints).await {
+        let stable = match self
+            .open_endpoints(&vm_id, make.service.as_ref(), &endpoints)
+            .await
+        {
             Ok(stable) => stable,
             Err(err) => {
                 let _ = host.destroy(&vm_id).await;
@@ -65,7 +68,7 @@ impl Manager {
                 // Secret settings only sealed: the plan (to the host) has them in plaintext.
                 env: self.secrets.seal_env(&make.env),
                 mode: make.mode,
-                owner: "local".into(),
+                owner: make.owner.clone(),
                 state: VmState::Creating,
                 endpoints: stable
                     .iter()
@@ -88,6 +91,8 @@ impl Manager {
             })
             .await
             .map_err(|err| error_chain(&err));
+        // Counted in the store from now on: the quota reservation ends.
+        make.quota.release();
         if let Err(err) = inserted {
             let _ = host.destroy(&vm_id).await;
             self.close_endpoints(&vm_id).await;

@@ -849,6 +849,72 @@ mod stable_endpoints {
         );
     }
 
+    /// Issue 13, finding 6: a connection open through the endpoint keeps its VM in use:
+    /// the lifecycle loop does not put it to sleep (or archive it) under the client, which
+    /// gets its whole answer; once the connection closes the VM idles down as before.
+    #[tokio::test]
+    async fn an_open_connection_keeps_its_vm_awake_through_the_lifecycle_loop() {
+        let (manager, _backend, store) = fake_manager(
+            CATALOG,
+            ManagerConfig {
+                policy_floors: hangar_core::lifecycle::PolicyFloors::NONE,
+                ..ManagerConfig::default()
+            },
+        );
+        serve_with_endpoints(&manager).await;
+        manager
+            .set_policy(
+                "web",
+                &crate::lifecycle::policy::PolicyChange {
+                    sleep_after: Some(Some(Duration::from_millis(100))),
+                    archive_after: Some(Some(Duration::from_millis(100))),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        let grant = manager
+            .request(request("web", Mode::Dedicated))
+            .await
+            .unwrap();
+        let id = grant.vm.id.clone();
+
+        // A slow client: connected and forwarded, its request not yet sent.
+        let mut slow = tokio::net::TcpStream::connect(&grant.endpoint)
+            .await
+            .unwrap();
+        for _ in 0..20 {
+            manager.poll_endpoint_activity().await;
+            manager.reconcile_lifecycle().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        assert_eq!(
+            store.vm(&id).await.unwrap().unwrap().state,
+            VmState::Active,
+            "in use while a connection is open"
+        );
+        slow.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+        let mut answer = String::new();
+        tokio::time::timeout(Duration::from_secs(10), slow.read_to_string(&mut answer))
+            .await
+            .expect("answered")
+            .unwrap();
+        assert!(answer.contains(&format!("fake {id}")), "{answer:?}");
+        drop(slow);
+
+        // Closed: idle, it sleeps on its policy.
+        let mut state = VmState::Active;
+        for _ in 0..100 {
+            manager.reconcile_lifecycle().await.unwrap();
+            state = store.vm(&id).await.unwrap().unwrap().state;
+            if state != VmState::Active {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(state, VmState::Sleeping);
+    }
+
     fn record(id: &str, state: VmState, stable: &str, direct: &str) -> VmRecord {
         VmRecord {
             id: id.into(),
@@ -888,10 +954,11 @@ mod stable_endpoints {
             // Made before stable endpoints: its endpoint is its own port forward.
             record("o", VmState::Active, "127.0.0.1:1006", "127.0.0.1:1006"),
         ];
-        let specs: Vec<(String, u16, u16, bool)> = desired_endpoints(&vms)
-            .into_iter()
-            .map(|s| (s.vm, s.listen.port(), s.target.port(), s.active))
-            .collect();
+        let specs: Vec<(String, u16, u16, bool)> =
+            desired_endpoints(&vms, &hangar_core::Catalog::demo())
+                .into_iter()
+                .map(|s| (s.vm, s.listen.port(), s.target.port(), s.active))
+                .collect();
         assert_eq!(
             specs,
             vec![
