@@ -37,6 +37,9 @@ use crate::{
     VmSpec, VmmError, procs, template,
 };
 
+/// How long a refused connection to a starting QEMU's socket is retried.
+const CONNECT_RETRY: Duration = Duration::from_secs(5);
+
 /// How long QEMU may take to create its control sockets.
 const QEMU_START_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -1097,14 +1100,35 @@ fn command_line(accel: Accel, spec: &VmSpec, paths: &VmPaths, boot: bool) -> Vec
     args
 }
 
+/// Connects QMP and the agent channel. A socket QEMU has bound but not yet listens on
+/// refuses connections for a moment after it appears (QEMU is not daemonized, so its
+/// sockets are seen while it starts): refused connections are retried for a few seconds.
 async fn connect(paths: &VmPaths) -> Result<(Qmp, Arc<Agent>), VmmError> {
-    let qmp = Qmp::connect(&paths.qmp).await?;
-    let stream = UnixStream::connect(&paths.agent).await.map_err(|err| {
-        VmmError::Launch(format!(
-            "cannot connect to agent socket {}: {err}",
-            paths.agent.display()
-        ))
-    })?;
+    let deadline = Instant::now() + CONNECT_RETRY;
+    let refused = |err: &std::io::Error| {
+        err.kind() == std::io::ErrorKind::ConnectionRefused && Instant::now() < deadline
+    };
+    let qmp = loop {
+        match Qmp::connect(&paths.qmp).await {
+            Err(crate::qmp::QmpError::Connect { source, .. }) if refused(&source) => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            other => break other?,
+        }
+    };
+    let stream = loop {
+        match UnixStream::connect(&paths.agent).await {
+            Err(err) if refused(&err) => tokio::time::sleep(Duration::from_millis(5)).await,
+            other => {
+                break other.map_err(|err| {
+                    VmmError::Launch(format!(
+                        "cannot connect to agent socket {}: {err}",
+                        paths.agent.display()
+                    ))
+                })?;
+            }
+        }
+    };
     Ok((qmp, Agent::spawn(stream)))
 }
 
