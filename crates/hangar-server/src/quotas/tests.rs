@@ -232,3 +232,37 @@ max = 2
         .collect();
     assert_eq!(users, [("ann", 1)], "the pool's VM left is nobody's");
 }
+
+#[tokio::test]
+async fn archives_count_against_the_archive_limit() {
+    let (manager, _, _) = fake_manager(WEB, ManagerConfig::default());
+    let vm = manager
+        .request(request("web", Mode::Dedicated))
+        .await
+        .unwrap()
+        .vm;
+    let (_, archive) = manager
+        .archive(&vm.id, hangar_host::ArchiveTier::Zstd)
+        .await
+        .unwrap();
+    assert!(archive.size_bytes > 0);
+    let views = manager.quota_views().await.unwrap();
+    assert_eq!(views.users[0].used.archive_bytes, archive.size_bytes);
+    assert_eq!(views.users[0].used.vcpus, 0, "archived: no room on a host");
+    let tight = Limits {
+        archive_bytes: Some(archive.size_bytes - 1),
+        ..Limits::UNLIMITED
+    };
+    manager.set_quota("local", &tight).await.unwrap();
+    match manager.request(request("web", Mode::Dedicated)).await {
+        Err(RequestError::Quota(exceeded)) => assert_eq!(exceeded.what, "archive_bytes"),
+        other => panic!("expected over quota, got {:?}", other.map(|g| g.vm.id)),
+    }
+    manager.delete(&vm.id).await.unwrap();
+    assert!(
+        manager
+            .request(request("web", Mode::Dedicated))
+            .await
+            .is_ok()
+    );
+}
