@@ -250,7 +250,7 @@ impl QemuBackend {
                     QEMU_START_TIMEOUT.as_secs()
                 )));
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
         };
         if let Some(status) = exited {
             let output = std::fs::read_to_string(&log_path).unwrap_or_default();
@@ -1111,14 +1111,14 @@ async fn connect(paths: &VmPaths) -> Result<(Qmp, Arc<Agent>), VmmError> {
     let qmp = loop {
         match Qmp::connect(&paths.qmp).await {
             Err(crate::qmp::QmpError::Connect { source, .. }) if refused(&source) => {
-                tokio::time::sleep(Duration::from_millis(5)).await;
+                tokio::time::sleep(Duration::from_millis(1)).await;
             }
             other => break other?,
         }
     };
     let stream = loop {
         match UnixStream::connect(&paths.agent).await {
-            Err(err) if refused(&err) => tokio::time::sleep(Duration::from_millis(5)).await,
+            Err(err) if refused(&err) => tokio::time::sleep(Duration::from_millis(1)).await,
             other => {
                 break other.map_err(|err| {
                     VmmError::Launch(format!(
