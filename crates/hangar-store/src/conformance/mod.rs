@@ -10,9 +10,11 @@ use hangar_core::{Mode, VmState};
 
 use crate::*;
 
+mod access;
 mod facts;
 mod leases;
 
+use access::*;
 use facts::*;
 use leases::*;
 
@@ -521,4 +523,9 @@ conformance!(
     a_lease_is_released_only_by_its_holder,
     concurrent_acquires_have_one_winner,
     every_host_state_round_trips,
+    users_are_unique_and_listed_by_name,
+    tokens_are_kept_revoked_and_marked_used,
+    the_audit_log_keeps_order_and_reads_by_time,
+    an_idempotency_key_is_claimed_once_answered_and_released,
+    concurrent_claims_of_a_key_have_one_holder,
 );
