@@ -17,6 +17,7 @@ pub mod pools;
 pub mod requests;
 pub mod services;
 pub mod tasks;
+pub mod users;
 pub mod vms;
 
 pub use client::{BadUrl, BlobDownload, Client, ClientError, Download, Timed};
@@ -31,6 +32,9 @@ pub use pools::{PoolBoundsBody, PoolView};
 pub use requests::{GrantView, Served, SliceView};
 pub use services::{Health, PortView, ServiceView, SettingView};
 pub use tasks::TaskView;
+pub use users::{
+    AuditQuery, AuditView, CreatedTokenView, TokenBody, TokenView, UserBody, UserView, WhoamiView,
+};
 pub use vms::{ArchiveBody, ArchiveView, VmQuery, VmView};
 
 /// Tells a field given as `null` (`Some(None)`) from one left out (`None`).

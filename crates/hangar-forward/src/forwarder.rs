@@ -95,7 +95,14 @@ impl Vm {
 #[derive(Clone)]
 pub struct Forwarder {
     vms: Arc<Mutex<HashMap<String, Arc<Vm>>>>,
-    server_url: Arc<Mutex<String>>,
+    server_url: Arc<Mutex<ServerAddr>>,
+}
+
+/// The server the forwarder asks to wake VMs: its URL and the API token it sends.
+#[derive(Debug, Clone, Default)]
+struct ServerAddr {
+    url: String,
+    token: Option<String>,
 }
 
 impl Forwarder {
@@ -103,8 +110,16 @@ impl Forwarder {
     pub fn new(server_url: &str) -> Forwarder {
         Forwarder {
             vms: Arc::default(),
-            server_url: Arc::new(Mutex::new(server_url.to_owned())),
+            server_url: Arc::new(Mutex::new(ServerAddr {
+                url: server_url.to_owned(),
+                token: None,
+            })),
         }
+    }
+
+    /// Sends `token` (an API token allowed to wake VMs) with every wake request.
+    pub fn set_token(&self, token: &str) {
+        self.server_url.lock().expect("url lock").token = Some(token.to_owned());
     }
 
     /// Answers one control request. [`Request::Shutdown`] closes everything; the caller
@@ -131,7 +146,7 @@ impl Forwarder {
                 server_url,
                 endpoints,
             } => {
-                *self.server_url.lock().expect("url lock") = server_url;
+                self.server_url.lock().expect("url lock").url = server_url;
                 Reply::Synced {
                     ports: self.sync(&endpoints).await,
                 }
@@ -305,7 +320,7 @@ async fn accept_loop(
     listener: TcpListener,
     vm: Arc<Vm>,
     name: String,
-    server_url: Arc<Mutex<String>>,
+    server_url: Arc<Mutex<ServerAddr>>,
 ) {
     loop {
         match listener.accept().await {
@@ -341,7 +356,7 @@ impl Drop for OpenConnection<'_> {
 }
 
 /// One client connection: wait until the VM runs (waking it), then splice.
-async fn serve(client: TcpStream, vm: Arc<Vm>, name: String, server_url: Arc<Mutex<String>>) {
+async fn serve(client: TcpStream, vm: Arc<Vm>, name: String, server_url: Arc<Mutex<ServerAddr>>) {
     let _open = OpenConnection::new(&vm.activity);
     let _ = client.set_nodelay(true);
     let mut status = vm.status.subscribe();
@@ -370,7 +385,7 @@ async fn reach(
     vm: &Vm,
     name: &str,
     status: &mut watch::Receiver<Status>,
-    server_url: &Mutex<String>,
+    server_url: &Mutex<ServerAddr>,
 ) -> Option<TcpStream> {
     let deadline = tokio::time::Instant::now() + WAKE_WAIT;
     let mut attempts = 0;
@@ -384,8 +399,8 @@ async fn reach(
                     if *vm.status.borrow() != Status::Asleep {
                         continue; // another connection woke it meanwhile
                     }
-                    let url = server_url.lock().expect("url lock").clone();
-                    wake::wake(&url, &vm.id, deadline).await
+                    let server = server_url.lock().expect("url lock").clone();
+                    wake::wake(&server.url, server.token.as_deref(), &vm.id, deadline).await
                 };
                 match woken {
                     Ok(()) => {

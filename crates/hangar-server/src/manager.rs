@@ -96,6 +96,8 @@ pub struct Manager {
     pub(crate) endpoints: std::sync::OnceLock<crate::endpoints::StableEndpoints>,
     /// Image builds, promotion and eviction.
     pub(crate) image_runtime: crate::images::policy::ImageRuntime,
+    /// API tokens recently checked, and idempotency keys being answered.
+    pub(crate) auth: crate::api::auth::AuthRuntime,
 }
 
 /// What start-up reconciliation found and did.
@@ -148,6 +150,7 @@ impl Manager {
             templates_building: Mutex::default(),
             endpoints: std::sync::OnceLock::new(),
             image_runtime: crate::images::policy::ImageRuntime::default(),
+            auth: crate::api::auth::AuthRuntime::default(),
         })
     }
 

@@ -35,6 +35,13 @@ pub enum ApiError {
     /// The caller did not prove who it is (no or a wrong bearer token).
     #[error("{0}")]
     Unauthorized(String),
+    /// The caller is known but may not do this (its role, or someone else's VM), or the
+    /// request came from a page of another origin or under another host name.
+    #[error("{0}")]
+    Forbidden(String),
+    /// The request body is not `application/json`.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
     /// Something on our side broke.
     #[error("{0}")]
     Internal(String),
@@ -55,6 +62,8 @@ impl ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TryAgain { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -67,6 +76,8 @@ impl ApiError {
             ApiError::Conflict(_) => "conflict",
             ApiError::TryAgain { .. } => "try_again",
             ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::Forbidden(_) => "forbidden",
+            ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::Internal(_) => "internal",
         }
     }

@@ -380,6 +380,7 @@ impl Manager {
             template: false,
             isolation: None,
             on: Default::default(),
+            owner: crate::requests::SYSTEM_OWNER.to_owned(),
         };
         *self
             .pools

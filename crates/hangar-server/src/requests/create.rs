@@ -63,7 +63,7 @@ impl Manager {
                 services: make.service.iter().map(|s| s.name.clone()).collect(),
                 env: make.env.clone(),
                 mode: make.mode,
-                owner: "local".into(),
+                owner: make.owner.clone(),
                 state: VmState::Creating,
                 endpoints: stable
                     .iter()

@@ -16,14 +16,16 @@ use crate::manager::*;
 use crate::requests::*;
 
 impl Manager {
-    /// Hands out the best paused pool VM for `machine`, if any: resumed and re-identified
-    /// (exact, superset; sliced with `exact_size`), or a pre-OS shell given its OS image and
-    /// booted (partial). A VM that fails on the way is discarded and the next one tried.
+    /// Hands out the best paused pool VM for `machine`, if any, to `owner`: resumed and
+    /// re-identified (exact, superset; sliced with `exact_size`), or a pre-OS shell given
+    /// its OS image and booted (partial). A VM that fails on the way is discarded and the
+    /// next one tried.
     pub(crate) async fn grant_from_pool(
         &self,
         machine: &MachineRequest,
         request: &ServiceRequest,
         service: Option<&Service>,
+        owner: &str,
     ) -> Result<Option<Grant>, RequestError> {
         for _ in 0..8 {
             let mut stages = Stages::default();
@@ -65,6 +67,9 @@ impl Manager {
                 Err(err) if err.is_transition_conflict() => continue, // another request won it
                 Err(err) => return Err(err.into()),
             };
+            if vm.owner != owner {
+                self.store.set_owner(&vm.id, owner).await?;
+            }
             if service.is_none_or(|service| service.name != pool) {
                 // Service requests count for their own pool already.
                 self.record_demand(&pool);

@@ -69,7 +69,14 @@ pub(crate) struct MakeVm {
     pub isolation: Option<String>,
     /// Placed only on hosts with these labels.
     pub on: BTreeMap<String, String>,
+    /// Who it is made for: the requesting user, or [`SYSTEM_OWNER`] for pools and
+    /// templates (a pool VM is given to its requester when claimed).
+    pub owner: String,
 }
+
+/// The owner of VMs hangar makes for itself (warm pools, templates) and of requests made
+/// without a caller (in-process callers and tests).
+pub const SYSTEM_OWNER: &str = "local";
 
 impl MakeVm {
     /// What its placement must respect beyond room.
@@ -125,9 +132,19 @@ pub enum RequestError {
 }
 
 impl Manager {
-    /// The request path: validate; then a shared VM if one runs (shared mode), else the best
-    /// paused pool VM, else a new VM.
+    /// [`Manager::request_as`] for [`SYSTEM_OWNER`].
     pub async fn request(self: &Arc<Self>, request: ServiceRequest) -> Result<Grant, RequestError> {
+        self.request_as(request, SYSTEM_OWNER).await
+    }
+
+    /// The request path: validate; then a shared VM if one runs (shared mode), else the best
+    /// paused pool VM, else a new VM. A VM made or claimed for the request belongs to
+    /// `owner`; a shared VM already running keeps its owner.
+    pub async fn request_as(
+        self: &Arc<Self>,
+        request: ServiceRequest,
+        owner: &str,
+    ) -> Result<Grant, RequestError> {
         request
             .validate()
             .map_err(|err| RequestError::Invalid(err.to_string()))?;
@@ -137,7 +154,9 @@ impl Manager {
             .unwrap_or(self.config.default_deadline);
         let until = tokio::time::Instant::now() + deadline;
         if let Some(config) = request.config.clone() {
-            return self.request_config(request, config, until, deadline).await;
+            return self
+                .request_config(request, config, until, deadline, owner)
+                .await;
         }
         let service = self.viable_service(&request)?;
         self.record_demand(&service.name);
@@ -191,7 +210,7 @@ impl Manager {
         let machine = service_machine(&service, &self.catalog);
         if from_pool
             && let Some(grant) = self
-                .grant_from_pool(&machine, &request, Some(&service))
+                .grant_from_pool(&machine, &request, Some(&service), owner)
                 .await?
         {
             return Ok(grant);
@@ -211,6 +230,7 @@ impl Manager {
             template: false,
             isolation: request.isolate.clone(),
             on: request.on.clone(),
+            owner: owner.to_owned(),
         };
         self.create_and_wait(make, guard, until, deadline, &service.name)
             .await
@@ -223,6 +243,7 @@ impl Manager {
         config: MachineRequest,
         until: tokio::time::Instant,
         deadline: Duration,
+        owner: &str,
     ) -> Result<Grant, RequestError> {
         let Some(os) = self.catalog.os(&config.os.name) else {
             return Err(RequestError::Never {
@@ -289,7 +310,7 @@ impl Manager {
         let constrained = request.isolate.is_some() || !request.on.is_empty();
         if !constrained
             && let Some(grant) = self
-                .grant_from_pool(&config, &request, service.as_ref())
+                .grant_from_pool(&config, &request, service.as_ref(), owner)
                 .await?
         {
             return Ok(grant);
@@ -308,6 +329,7 @@ impl Manager {
             template: false,
             isolation: request.isolate.clone(),
             on: request.on.clone(),
+            owner: owner.to_owned(),
         };
         self.create_and_wait(make, None, until, deadline, &name)
             .await

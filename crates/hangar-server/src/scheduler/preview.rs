@@ -85,6 +85,7 @@ impl Manager {
             template: false,
             isolation: body.isolate.clone(),
             on: body.on.clone(),
+            owner: crate::requests::SYSTEM_OWNER.to_owned(),
         };
         let plan = plan_for(&make, PREVIEW_ID);
         let constraints = make.constraints();

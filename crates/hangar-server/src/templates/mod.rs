@@ -57,6 +57,7 @@ impl Manager {
             template: true,
             isolation: None,
             on: Default::default(),
+            owner: crate::requests::SYSTEM_OWNER.to_owned(),
         };
         let manager = self.clone();
         let name = service.name.clone();
