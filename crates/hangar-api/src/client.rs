@@ -240,6 +240,42 @@ impl Client {
             .await
     }
 
+    /// [`Client::request`] under an `Idempotency-Key`: a retry with the same key (by the
+    /// same user) answers the first call's grant, the same VM. 422 when the key was used
+    /// with another request.
+    pub async fn request_idempotent(
+        &self,
+        request: &ServiceRequest,
+        key: &str,
+    ) -> Result<Timed<GrantView>, ClientError> {
+        let url = self.url(&["v1", "requests"]);
+        let mut builder = self
+            .http
+            .post(url.clone())
+            .header("idempotency-key", key)
+            .json(request);
+        if let Some(token) = &self.token {
+            builder = builder.bearer_auth(token);
+        }
+        let response = builder
+            .send()
+            .await
+            .map_err(|source| ClientError::Unreachable {
+                url: self.base.as_str().trim_end_matches('/').to_owned(),
+                source,
+            })?;
+        let (value, headers) = decode(Method::POST, &url, response).await?;
+        let server_timing = headers
+            .get("server-timing")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        Ok(Timed {
+            value,
+            server_timing,
+        })
+    }
+
     /// `GET /v1/whoami`: the user and role the client's token speaks for (401 for a token
     /// the server does not accept).
     pub async fn whoami(&self) -> Result<crate::WhoamiView, ClientError> {

@@ -24,6 +24,7 @@ pub use client::{BadUrl, BlobDownload, Client, ClientError, Download, Timed};
 pub use error::{ErrorBody, ErrorDetail};
 pub use farm::{Heartbeat, HeartbeatReply, HostFactsView, HostRegistration, HostView, HostVmView};
 pub use farm_images::{AssetsManifest, Blob, RootBody, RootManifest};
+pub use hangar_core::Role;
 pub use images::{BuildView, ImageBody, ImageView, ImagesView, LayerView, TemplateView};
 pub use openapi::ApiDoc;
 pub use placements::{PlacementBody, PlacementView};

@@ -1,6 +1,7 @@
 //! One module per command or group of commands; each holds its arguments and what it does.
 
 pub mod agent;
+pub mod auth;
 pub mod bench;
 pub mod export;
 pub mod hosts;

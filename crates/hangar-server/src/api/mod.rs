@@ -268,16 +268,19 @@ async fn set_pool(
     }
 }
 
-/// Request a service: answers once a VM offering it is ready.
+/// Request a service: answers once a VM offering it is ready. With an `Idempotency-Key`
+/// header, a retry under the same key by the same user answers the first call's grant
+/// (the same VM) instead of making another (see [`auth::idempotency`]).
 #[utoipa::path(
     post,
     path = "/v1/requests",
     request_body = ServiceRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "1-255 visible ASCII characters: retries under it get the first answer")),
     responses(
         (status = 200, body = GrantView, description = "a VM offering the service answers at the endpoint"),
         (status = 400, body = ErrorBody, description = "malformed request"),
         (status = 404, body = ErrorBody, description = "no such service; alternatives given"),
-        (status = 422, body = ErrorBody, description = "this combination will never be available"),
+        (status = 422, body = ErrorBody, description = "this combination will never be available, or the idempotency key was used with another request"),
         (status = 503, body = ErrorBody, description = "not ready within the deadline; try again shortly (Retry-After)"),
         (status = 500, body = ErrorBody, description = "something broke on the server's side"),
     )
@@ -285,13 +288,31 @@ async fn set_pool(
 async fn create_request(
     State(manager): State<Arc<Manager>>,
     Extension(caller): Extension<Caller>,
+    headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
-) -> Result<impl IntoResponse, ApiError> {
-    let started = std::time::Instant::now();
+) -> Result<axum::response::Response, ApiError> {
     let request: ServiceRequest = json_body(&body)?;
+    match auth::idempotency::key_of(&headers)? {
+        Some(key) => {
+            auth::idempotency::answer_once(&manager, &caller.user, &key, &body, || {
+                grant_request(&manager, request, &caller.user)
+            })
+            .await
+        }
+        None => grant_request(&manager, request, &caller.user).await,
+    }
+}
+
+/// The request path for `owner`, answered as JSON with its `Server-Timing`.
+async fn grant_request(
+    manager: &Arc<Manager>,
+    request: ServiceRequest,
+    owner: &str,
+) -> Result<axum::response::Response, ApiError> {
+    let started = std::time::Instant::now();
     let command = Command::Request {
         request,
-        owner: caller.user,
+        owner: owner.to_owned(),
     };
     let grant = match manager.handle(command).await? {
         Reply::Grant(grant) => *grant,
@@ -303,7 +324,8 @@ async fn create_request(
         [("server-timing", timing)],
         Extension(target),
         Json(GrantView::from(grant)),
-    ))
+    )
+        .into_response())
 }
 
 pub(crate) fn rfc3339(ms: u64) -> String {

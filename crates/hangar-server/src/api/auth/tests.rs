@@ -562,3 +562,48 @@ async fn a_body_that_is_not_json_is_refused_with_415() {
     .await;
     assert_eq!(status, StatusCode::OK);
 }
+
+/// What the checks cost a shared-mode request (the benchmark's shared-requests row, in
+/// process): the same request through the router with and without `guard` and
+/// `authenticate` (token from the cache, role table, audit write), p50 of each, alternated
+/// so that drift falls on both. Run with
+/// `cargo test --release -p hangar-server --lib auth_cost -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement; prints its figures"]
+async fn auth_cost_per_shared_request() {
+    use std::time::Instant;
+
+    let (with_auth, manager) = api();
+    let caller = super::Caller {
+        user: "admin".into(),
+        role: Role::Admin,
+        token_id: "00000000000000ad".into(),
+    };
+    let (bare, _) = crate::api::routes().split_for_parts();
+    let bare: Router = bare
+        .layer(axum::Extension(caller))
+        .with_state(manager.clone());
+    let body = r#"{"service":"web","mode":"shared"}"#;
+    let first = call(&with_auth, Some(ADMIN_TOKEN), "POST", "/v1/requests", body).await;
+    assert_eq!(first.status, StatusCode::OK);
+    let once = |router: Router, token: Option<&'static str>| async move {
+        let started = Instant::now();
+        let answer = call(&router, token, "POST", "/v1/requests", body).await;
+        assert_eq!(answer.status, StatusCode::OK);
+        started.elapsed()
+    };
+    let (mut plain, mut checked) = (Vec::new(), Vec::new());
+    for _ in 0..3000 {
+        plain.push(once(bare.clone(), None).await);
+        checked.push(once(with_auth.clone(), Some(ADMIN_TOKEN)).await);
+    }
+    let p50 = |mut v: Vec<std::time::Duration>| {
+        v.sort();
+        v[v.len() / 2].as_secs_f64() * 1000.0
+    };
+    let (plain, checked) = (p50(plain), p50(checked));
+    eprintln!(
+        "shared request p50: {plain:.3} ms without the checks, {checked:.3} ms with them: +{:.3} ms",
+        checked - plain
+    );
+}
