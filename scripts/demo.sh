@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 cargo build --release --locked
 bin=$PWD/target/release/hangar
+# The server makes its files private (umask 077); so is the log this script opens for it.
+umask 077
 data_dir=${HANGAR_DATA_DIR:-${XDG_DATA_HOME:-$HOME/.local/share}/hangar}
 mkdir -p "$data_dir"
 url=${HANGAR_URL:-http://127.0.0.1:7070}

@@ -27,6 +27,9 @@ pub struct HostFactsView {
     /// Image layers and guest assets held, by content hash (sha256).
     #[serde(default)]
     pub blobs: Vec<String>,
+    /// Service roots held whole, as `service@os`: placement prefers these hosts.
+    #[serde(default)]
+    pub images: Vec<String>,
 }
 
 /// One VM with a process (or an archive) on a host, as its agent reports it.

@@ -76,6 +76,9 @@ pub struct ImageView {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TemplateView {
     pub service: String,
+    /// The host that holds it (each farm host holds its own copy, pulled from a peer).
+    #[serde(default)]
+    pub host: String,
     pub key: String,
     pub dir: String,
     pub memory_mib: u32,

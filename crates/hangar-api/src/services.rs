@@ -30,6 +30,14 @@ pub struct SettingView {
     pub default: Option<String>,
     pub required: bool,
     pub secret: bool,
+    /// What a value may look like: `text` (no control characters), `word`, `int` or
+    /// `size`; a request outside it is refused with 400.
+    #[serde(default = "text_format")]
+    pub format: String,
+}
+
+fn text_format() -> String {
+    "text".into()
 }
 
 /// One service of the catalog, as `GET /v1/services` lists it.

@@ -279,6 +279,7 @@ async fn loopback(args: &EndpointsBench) -> Result<(PathPair, Summary), BenchErr
             listen: "127.0.0.1:0".parse().expect("addr"),
             target,
             active: true,
+            wake: hangar_core::WakeOn::OnData,
         };
         let Ok(Reply::Port { port }) = control.call(&Request::Open(spec)).await else {
             return Err(err("the forwarder did not open the endpoint".into()));

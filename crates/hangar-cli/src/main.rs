@@ -63,7 +63,7 @@ enum Command {
     /// Run one host of a farm: QEMU VMs here, for the control plane at --server (registers,
     /// reports every second, serves the agent API the server calls).
     #[command(
-        after_help = "Example:\n  hangar agent --server http://10.0.0.1:7070 --token-file /etc/hangar/farm-token \\\n    --listen 0.0.0.0:7071 --endpoint-host 10.0.0.2 --labels zone=a"
+        after_help = "Example:\n  hangar agent --server http://10.0.0.1:7070 --token-file /etc/hangar/farm-token \\\n    --listen 0.0.0.0:7071 --insecure-listen --endpoint-host 10.0.0.2 --labels zone=a"
     )]
     Agent(agent::AgentArgs),
     /// Hold a data dir's stable VM endpoints (started by `hangar server`, outlives it).

@@ -135,3 +135,102 @@ fn the_endpoint_wakes_its_vm_and_outlives_server_restarts() {
     );
     assert!(server.qemu_processes().is_empty());
 }
+
+/// Polls the VM's state until it is `want` (at most `secs`).
+fn wait_state(server: &TestServer, id: &str, want: &str, secs: u64) {
+    common::wait_for(secs, &format!("{id} to be {want}"), || {
+        (vm(server, id)["state"] == want).then_some(())
+    });
+}
+
+/// Issue 13, finding 6: with `sleep_after 1s, archive_after 3s`, a request in flight
+/// across the sleep time (a slow client, its request sent in two parts 6 s apart) gets
+/// its whole answer: a VM with an open connection through its endpoint is in use. Once
+/// the connection closes, the VM sleeps and is archived on its policy as before.
+#[test]
+fn a_request_in_flight_across_the_sleep_time_gets_its_whole_answer() {
+    use std::io::{Read, Write};
+    // Floors low enough for the finding's policy.
+    let server =
+        TestServer::start_with(&["--pool-memory", "0", "--policy-min-archive-after", "1s"]);
+    let grant = server.json(&["request", "http-counter", "--dedicated"]);
+    let id = grant["vm"].as_str().unwrap().to_owned();
+    let endpoint = grant["endpoint"].as_str().unwrap().to_owned();
+    assert_eq!(fetch(&endpoint, "/").trim(), "1");
+    server.ok(&[
+        "policy",
+        "set",
+        "http-counter",
+        "--sleep-after",
+        "1s",
+        "--archive-after",
+        "3s",
+        "--keep-active-above",
+        "never",
+    ]);
+
+    let mut slow = std::net::TcpStream::connect(&endpoint).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    slow.write_all(b"GET / HTTP/1.0\r\n").unwrap();
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(
+        vm(&server, &id)["state"],
+        "active",
+        "in use while a connection is open"
+    );
+    slow.write_all(b"Host: counter\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    slow.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    assert_eq!(answer.split("\r\n\r\n").nth(1).map(str::trim), Some("2"));
+    drop(slow);
+
+    // Idle now: down its policy, and woken by the next request with its memory.
+    wait_state(&server, &id, "sleeping", 30);
+    wait_state(&server, &id, "archived", 30);
+    assert_eq!(fetch(&endpoint, "/").trim(), "3");
+    let log = server.log();
+    assert!(log.contains("connections open; vm in use"), "{log}");
+}
+
+/// Issue 13, finding 7: bare connects to an archived VM's endpoint (a port scan: connect
+/// and close, or connect and say nothing) leave it archived; a client that sends a request
+/// wakes it and is answered.
+#[test]
+fn a_bare_connect_leaves_an_archived_vm_archived() {
+    use std::io::Read;
+    let server = TestServer::start();
+    let grant = server.json(&["request", "http-counter", "--dedicated"]);
+    let id = grant["vm"].as_str().unwrap().to_owned();
+    let endpoint = grant["endpoint"].as_str().unwrap().to_owned();
+    assert_eq!(fetch(&endpoint, "/").trim(), "1");
+    server.ok(&["archive", &id]);
+
+    for _ in 0..10 {
+        drop(std::net::TcpStream::connect(&endpoint).unwrap());
+    }
+    let mut silent = std::net::TcpStream::connect(&endpoint).unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let mut nothing = [0u8; 16];
+    let read = silent.read(&mut nothing);
+    assert!(
+        read.as_ref()
+            .is_err_and(|err| err.kind() == std::io::ErrorKind::WouldBlock),
+        "nothing answers a silent client: {read:?}"
+    );
+    drop(silent);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(vm(&server, &id)["state"], "archived", "no wake");
+    assert!(!server.qemu_processes().iter().any(|(vm, _)| *vm == id));
+
+    let started = Instant::now();
+    assert_eq!(fetch(&endpoint, "/").trim(), "2");
+    eprintln!(
+        "archived -> first request answered in {} ms",
+        started.elapsed().as_millis()
+    );
+    assert_eq!(vm(&server, &id)["state"], "active");
+}

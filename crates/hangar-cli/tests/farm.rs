@@ -50,6 +50,7 @@ impl FarmServer {
             "4s",
             "--store",
             db.url(),
+            "--insecure-listen",
             "--listen",
         ]
         .iter()
@@ -194,6 +195,7 @@ impl Agent {
             .arg(servers[0].token_file())
             .arg("--listen")
             .arg(format!("{}:7800", net.ip(self.index)))
+            .arg("--insecure-listen")
             .arg("--endpoint-host")
             .arg(net.ip(self.index).to_string())
             .arg("--data-dir")
@@ -361,6 +363,14 @@ fn three_hosts_spread_isolate_pull_and_survive_a_lost_host() {
         })
         .collect();
     assert!(!blobs[0].is_empty(), "hosts report the blobs they hold");
+    for host in &listed {
+        assert!(
+            host["facts"]["images"]
+                .as_array()
+                .is_some_and(|roots| roots.iter().any(|r| r == "http-static@busybox")),
+            "hosts report the roots they hold whole, which placement prefers: {host}"
+        );
+    }
     assert!(
         blobs.iter().all(|held| held == &blobs[0]),
         "the same content on every host: {blobs:?}"
@@ -449,6 +459,95 @@ fn three_hosts_spread_isolate_pull_and_survive_a_lost_host() {
     assert!(
         page(&replacement).is_some(),
         "the replacement still answers"
+    );
+    drop(agents);
+    drop(server);
+    net.close().unwrap();
+}
+
+#[test]
+fn a_template_is_built_once_and_pulled_by_the_other_hosts() {
+    if skip_without_namespaces() {
+        return;
+    }
+    let net = FarmNet::create(2).unwrap();
+    let db = TestDatabase::create();
+    let server = FarmServer::start(&net, &db, &[]);
+    let agents: Vec<Agent> = (0..2)
+        .map(|i| {
+            let zone = format!("zone={}", ["a", "b"][i]);
+            Agent::start(&net, i, &[&server], &["--labels", &zone])
+        })
+        .collect();
+    wait_for(Duration::from_secs(60), "two hosts are up", || {
+        let listed = hosts(&server);
+        listed.len() == 2 && listed.iter().all(|h| h["state"] == "up")
+    });
+    let holds_template = |host: &Value| {
+        host["facts"]["templates"].as_array().is_some_and(|held| {
+            held.iter()
+                .any(|id| id.as_str().is_some_and(|id| id.starts_with("http-static-")))
+        })
+    };
+
+    // The first VM boots, and the service's template is built once, on one host.
+    let first = server.json(&["request", "http-static", "--dedicated"]);
+    assert!(page(&first).is_some());
+    wait_for(
+        Duration::from_secs(120),
+        "a host holds the template",
+        || hosts(&server).iter().any(holds_template),
+    );
+    let listed = hosts(&server);
+    let holder = listed.iter().find(|h| holds_template(h)).unwrap()["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // The scheduler's view of the hosts follows their heartbeats within about 2 s.
+    std::thread::sleep(Duration::from_secs(3));
+    let (other, zone) = if holder == "host0" {
+        ("host1", "zone=b")
+    } else {
+        ("host0", "zone=a")
+    };
+
+    // A VM placed on the other host is cloned there, from the template pulled from the
+    // holder, not booted and not built again.
+    let grant = server.json(&["request", "http-static", "--dedicated", "--on", zone]);
+    assert_eq!(grant["host"], other);
+    assert_eq!(
+        grant["match"], "cloned",
+        "cloned from the pulled template: {grant}"
+    );
+    assert!(page(&grant).is_some(), "the clone answers");
+    let templates = server.json(&["templates"]);
+    let mut held_on: Vec<&str> = templates
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["service"] == "http-static")
+        .map(|t| t["host"].as_str().unwrap())
+        .collect();
+    held_on.sort();
+    assert_eq!(
+        held_on,
+        ["host0", "host1"],
+        "each host holds a copy: {templates}"
+    );
+    let made: usize = agents
+        .iter()
+        .map(|agent| {
+            agent
+                .log()
+                .matches("hangar_host::local::templates: template made")
+                .count()
+        })
+        .sum();
+    assert_eq!(made, 1, "the template was built once in the farm");
+    let index = agents.iter().position(|a| a.name == other).unwrap();
+    assert!(
+        agents[index].log().contains("template pulled from a peer"),
+        "host {other} pulled it"
     );
     drop(agents);
     drop(server);

@@ -50,7 +50,15 @@ fn wait_state(
 
 #[test]
 fn an_idle_vm_sleeps_archives_and_is_deleted_on_a_short_policy() {
-    let server = TestServer::start();
+    // Timers this short need the floors lowered (the defaults refuse them).
+    let server = TestServer::start_with(&[
+        "--pool-memory",
+        "0",
+        "--policy-min-archive-after",
+        "1s",
+        "--policy-min-delete-after",
+        "1s",
+    ]);
     let grant = server.json(&["request", "http-counter", "--dedicated"]);
     let id = grant["vm"].as_str().unwrap().to_owned();
     let endpoint = grant["endpoint"].as_str().unwrap().to_owned();

@@ -226,3 +226,36 @@ fn a_vm_that_crashes_while_the_server_runs_is_marked_failed() {
     assert_ne!(fresh["vm"].as_str(), Some(id));
     assert!(fetch(fresh["endpoint"].as_str().unwrap(), "/").contains("hangar VM"));
 }
+
+/// Issue 13, finding 8: 20 concurrent deletes of one real VM all succeed (deleting is
+/// idempotent: never a spurious 409), and its QEMU is gone.
+#[test]
+fn twenty_concurrent_deletes_of_one_vm_all_succeed() {
+    let server = TestServer::start();
+    let grant = request(&server, "http-static", &["--dedicated"]);
+    let id = grant["vm"].as_str().unwrap().to_owned();
+    let barrier = std::sync::Barrier::new(20);
+    let outputs: Vec<std::process::Output> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..20)
+            .map(|_| {
+                scope.spawn(|| {
+                    barrier.wait();
+                    server.hangar(&["rm", &id])
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for output in &outputs {
+        assert!(
+            output.status.success(),
+            "a delete failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    assert_eq!(vm_by_id(&server, &id)["state"], "deleted");
+    assert!(!server.qemu_processes().iter().any(|(vm, _)| *vm == id));
+    // And once more after it is gone: still the deleted VM, not an error.
+    server.ok(&["rm", &id]);
+}

@@ -118,6 +118,24 @@ pub struct Port {
     pub name: String,
     /// TCP port inside the guest.
     pub guest: u16,
+    /// When a connection to this port's stable endpoint wakes a sleeping or archived VM
+    /// (`wake = "on-data"`, the default, or `"on-connect"`).
+    #[serde(default)]
+    pub wake: WakeOn,
+}
+
+/// When a connection to a sleeping or archived VM's endpoint wakes it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum WakeOn {
+    /// Once the client sends its first bytes: a bare connect (a port scan, a health probe
+    /// that only connects) wakes nothing, and a client that sends nothing for a while is
+    /// disconnected. For protocols where the client speaks first (HTTP, Redis, PostgreSQL).
+    #[default]
+    OnData,
+    /// As soon as a client connects. For protocols where the server speaks first (SSH,
+    /// SMTP, FTP), whose clients wait for a greeting before they send anything.
+    OnConnect,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -793,11 +811,14 @@ pub fn check_ready(ready: &ReadySpec, port_names: &BTreeSet<&str>) -> Result<(),
 }
 
 fn check_shape(vcpus: u32, memory_mib: u32) -> Result<(), String> {
-    if !(1..=64).contains(&vcpus) {
-        return Err(format!("vcpus must be 1 to 64, not {vcpus}"));
+    use crate::matching::{MAX_MEMORY_MIB, MAX_VCPUS};
+    if !(1..=MAX_VCPUS).contains(&vcpus) {
+        return Err(format!("vcpus must be 1 to {MAX_VCPUS}, not {vcpus}"));
     }
-    if !(64..=262_144).contains(&memory_mib) {
-        return Err(format!("memory_mib must be 64 to 262144, not {memory_mib}"));
+    if !(64..=MAX_MEMORY_MIB).contains(&memory_mib) {
+        return Err(format!(
+            "memory_mib must be 64 to {MAX_MEMORY_MIB}, not {memory_mib}"
+        ));
     }
     Ok(())
 }
@@ -1001,6 +1022,16 @@ fn validate(
             return Err(fail(format!(
                 "file {path:?}: mode {:o} is not a file mode",
                 file.mode
+            )));
+        }
+    }
+    for (key, setting) in &settings {
+        if let Some(default) = &setting.default
+            && let Err(why) = setting.check(default)
+        {
+            return Err(fail(format!(
+                "setting {key:?}: its default {why} (format {})",
+                setting.format.as_str()
             )));
         }
     }
@@ -1278,6 +1309,43 @@ mod tests {
         let no_suite = COMPONENTS.replace("suite = \"bookworm\"\n", "");
         let err = invalid(&no_suite);
         assert!(err.contains("needs a suite"), "{err}");
+    }
+
+    #[test]
+    fn setting_formats_are_read_and_defaults_must_fit_them() {
+        let catalog = Catalog::demo();
+        let redis = catalog.get("redis").unwrap();
+        assert_eq!(
+            redis.settings["maxmemory"].format,
+            crate::components::SettingFormat::Size
+        );
+        assert!(
+            redis.settings["maxmemory"]
+                .check("64mb requirepass")
+                .is_err()
+        );
+        let postgres = catalog.get("postgresql").unwrap();
+        assert_eq!(
+            postgres.settings["password"].format,
+            crate::components::SettingFormat::Text
+        );
+        let with_setting = |format: &str, default: &str| {
+            format!(
+                "{MINIMAL}\n[service.web.settings.limit]\nformat = \"{format}\"\ndefault = \"{default}\"\n"
+            )
+        };
+        assert!(Catalog::from_toml(&with_setting("size", "1gb")).is_ok());
+        let err = Catalog::from_toml(&with_setting("size", "1 gb"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(r#"setting "limit": its default must be a size"#),
+            "{err}"
+        );
+        let err = Catalog::from_toml(&with_setting("colour", "x"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("colour"), "{err}");
     }
 
     #[test]

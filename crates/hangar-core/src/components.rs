@@ -98,6 +98,100 @@ pub struct Setting {
     /// Hidden in listings (passwords).
     #[serde(default)]
     pub secret: bool,
+    /// What a value may look like (`format = "size"`); checked when a request gives one,
+    /// before anything starts. Default: [`SettingFormat::Text`].
+    #[serde(default, skip_serializing_if = "SettingFormat::is_text")]
+    pub format: SettingFormat,
+}
+
+impl Setting {
+    /// Checks a value given for this setting against its format: `Err` says what is
+    /// wrong, in words a client can act on.
+    pub fn check(&self, value: &str) -> Result<(), String> {
+        self.format.check(value)
+    }
+}
+
+/// What a setting's value may look like. Every format refuses control characters
+/// (newlines included) and values over [`SettingFormat::MAX_LEN`] bytes; settings are
+/// rendered into configuration files and passed to processes, so a format is what keeps a
+/// value from becoming a second directive or argument there.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum SettingFormat {
+    /// Any printable text, spaces included (passwords, greetings).
+    #[default]
+    Text,
+    /// One word: 1 to 63 letters, digits, `_`, `-` and `.` (names of users, databases).
+    Word,
+    /// A whole number, possibly negative (at most 18 digits).
+    Int,
+    /// An amount of memory or disk: digits, then an optional unit of `k`, `kb`, `m`, `mb`,
+    /// `g`, `gb`, `t` or `tb` in any case (`64mb`, `1G`, `4096`).
+    Size,
+}
+
+impl SettingFormat {
+    /// The longest value any setting takes, in bytes.
+    pub const MAX_LEN: usize = 4096;
+
+    fn is_text(&self) -> bool {
+        *self == SettingFormat::Text
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SettingFormat::Text => "text",
+            SettingFormat::Word => "word",
+            SettingFormat::Int => "int",
+            SettingFormat::Size => "size",
+        }
+    }
+
+    /// Checks `value` against the format.
+    pub fn check(self, value: &str) -> Result<(), String> {
+        if value.len() > Self::MAX_LEN {
+            return Err(format!(
+                "is {} bytes long, more than {}",
+                value.len(),
+                Self::MAX_LEN
+            ));
+        }
+        if value.chars().any(char::is_control) {
+            return Err("must not contain control characters (newlines, tabs, NUL)".into());
+        }
+        let refused = match self {
+            SettingFormat::Text => None,
+            SettingFormat::Word => (!((1..=63).contains(&value.len())
+                && value
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))))
+            .then_some("must be one word of 1 to 63 letters, digits, '_', '-' and '.'"),
+            SettingFormat::Int => {
+                let digits = value.strip_prefix('-').unwrap_or(value);
+                (!((1..=18).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit())))
+                    .then_some("must be a whole number")
+            }
+            SettingFormat::Size => {
+                let unit_at = value
+                    .find(|c: char| !c.is_ascii_digit())
+                    .unwrap_or(value.len());
+                let (digits, unit) = value.split_at(unit_at);
+                (!((1..=18).contains(&digits.len())
+                    && ["", "k", "kb", "m", "mb", "g", "gb", "t", "tb"]
+                        .contains(&unit.to_ascii_lowercase().as_str())))
+                .then_some(
+                    "must be a size: digits and an optional unit (k, kb, m, mb, g, gb, t, tb), such as 64mb",
+                )
+            }
+        };
+        match refused {
+            Some(why) => Err(why.to_owned()),
+            None => Ok(()),
+        }
+    }
 }
 
 /// One component with its constraints and what it brings.
@@ -441,6 +535,50 @@ pub type Files = BTreeMap<String, FileSpec>;
 mod tests {
     use super::*;
     use crate::catalog::OsBase;
+
+    #[test]
+    fn setting_formats_accept_their_values_and_refuse_the_rest() {
+        use SettingFormat::*;
+        let cases: &[(SettingFormat, &str, bool)] = &[
+            (Size, "64mb", true),
+            (Size, "1G", true),
+            (Size, "4096", true),
+            (Size, "64mb requirepass", false),
+            (Size, "64mb\nrequirepass x", false),
+            (Size, "mb", false),
+            (Size, "64pb", false),
+            (Size, "", false),
+            (Word, "hangar_db-1.x", true),
+            (Word, "a b", false),
+            (Word, "a;rm", false),
+            (Word, "", false),
+            (Int, "-12", true),
+            (Int, "12", true),
+            (Int, "1e3", false),
+            (Int, "-", false),
+            (Text, "s3cr3t pass'word\"", true),
+            (Text, "", true),
+            (Text, "line\nbreak", false),
+            (Text, "tab\there", false),
+            (Text, "nul\0", false),
+        ];
+        for (format, value, ok) in cases {
+            assert_eq!(
+                format.check(value).is_ok(),
+                *ok,
+                "{} {value:?}: {:?}",
+                format.as_str(),
+                format.check(value)
+            );
+        }
+        assert!(Text.check(&"x".repeat(SettingFormat::MAX_LEN)).is_ok());
+        let err = Text
+            .check(&"x".repeat(SettingFormat::MAX_LEN + 1))
+            .unwrap_err();
+        assert!(err.contains("more than 4096"), "{err}");
+        let err = Size.check("64mb requirepass").unwrap_err();
+        assert!(err.contains("must be a size"), "{err}");
+    }
 
     fn os(name: &str, base: OsBase) -> Os {
         Os {

@@ -1,6 +1,7 @@
 //! hangar's domain model. Pure: no IO, no clocks, no processes.
 //!
 //! - [`ids`]: identifiers of VMs and tasks.
+//! - [`exposure`]: which addresses APIs may listen on and endpoints be advertised at.
 //! - [`state`]: the VM state machine and its one `valid_transition`.
 //! - [`catalog`]: services, their ports, processes, files and ready criteria.
 //! - [`lifecycle`]: lifecycle policies (idle timers, keep-active, budgets) as pure decisions.
@@ -12,17 +13,20 @@
 pub mod catalog;
 pub mod components;
 pub mod eviction;
+pub mod exposure;
 pub mod ids;
 pub mod lifecycle;
 pub mod matching;
 pub mod placement;
 pub mod pool;
+pub mod quota;
 pub mod request;
 pub mod role;
 pub mod state;
 pub mod suggest;
+pub mod usage;
 
-pub use catalog::{Catalog, CatalogError, ReadyCheck, ReadySpec, Service};
+pub use catalog::{Catalog, CatalogError, ReadyCheck, ReadySpec, Service, WakeOn};
 pub use ids::{TaskId, VmId};
 pub use lifecycle::{Policy, TierChoice};
 pub use request::{Mode, ServiceRequest};

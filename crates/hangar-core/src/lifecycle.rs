@@ -88,6 +88,81 @@ impl PartialEq for PerMinute {
 
 impl Eq for PerMinute {}
 
+/// The shortest idle timers a policy set at run time may have (issue 13, finding 2: a
+/// policy of `1ms` deleted a service's VMs and their data within seconds). A timer shorter
+/// than its floor is refused; an unset timer (never) always passes. The catalog's own
+/// policies are the operator's and are not held to them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PolicyFloors {
+    pub sleep_after: Duration,
+    pub archive_after: Duration,
+    pub delete_after: Duration,
+}
+
+impl PolicyFloors {
+    /// No floors (any timer longer than zero).
+    pub const NONE: PolicyFloors = PolicyFloors {
+        sleep_after: Duration::ZERO,
+        archive_after: Duration::ZERO,
+        delete_after: Duration::ZERO,
+    };
+
+    /// The floor of one timer, by its policy field name.
+    pub fn of(&self, field: &str) -> Option<Duration> {
+        match field {
+            "sleep_after" => Some(self.sleep_after),
+            "archive_after" => Some(self.archive_after),
+            "delete_after" => Some(self.delete_after),
+            _ => None,
+        }
+    }
+
+    /// Checks the timers a change sets (`field`, value): the first one under its floor is
+    /// the error.
+    pub fn check<'a>(
+        &self,
+        set: impl IntoIterator<Item = (&'a str, Duration)>,
+    ) -> Result<(), BelowFloor> {
+        for (field, value) in set {
+            if let Some(floor) = self.of(field)
+                && value < floor
+            {
+                return Err(BelowFloor {
+                    field: field.to_owned(),
+                    value,
+                    floor,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Default for PolicyFloors {
+    /// Sleep after at least 1 s, archive after at least 10 s, delete after at least 1 h.
+    fn default() -> Self {
+        PolicyFloors {
+            sleep_after: Duration::from_secs(1),
+            archive_after: Duration::from_secs(10),
+            delete_after: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// A policy timer under its floor.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "policy {field} of {} is shorter than the floor of {} (the server's --policy-min-{})",
+    humantime::format_duration(*.value),
+    humantime::format_duration(*.floor),
+    .field.replace('_', "-")
+)]
+pub struct BelowFloor {
+    pub field: String,
+    pub value: Duration,
+    pub floor: Duration,
+}
+
 /// A service's lifecycle policy (`[service.NAME.policy]`, or set at run time).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -45,6 +45,13 @@ pub struct OsRequirement {
     pub min_version: Option<String>,
 }
 
+/// Most vCPUs any VM may have (a request or a catalog entry asking more is malformed,
+/// whatever the hosts).
+pub const MAX_VCPUS: u32 = 64;
+
+/// Most memory any VM may have, in MiB (256 GiB).
+pub const MAX_MEMORY_MIB: u32 = 262_144;
+
 /// A paused VM that could serve a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Offer {
@@ -91,10 +98,22 @@ impl MachineRequest {
         if self.vcpus == 0 {
             return Err("vcpus must be at least 1".into());
         }
+        if self.vcpus > MAX_VCPUS {
+            return Err(format!(
+                "vcpus must be at most {MAX_VCPUS}, not {}",
+                self.vcpus
+            ));
+        }
         if self.memory_mib.min == 0 || self.memory_mib.min > self.memory_mib.max {
             return Err(format!(
                 "memory_mib range {}..{} is empty",
                 self.memory_mib.min, self.memory_mib.max
+            ));
+        }
+        if self.memory_mib.min > MAX_MEMORY_MIB {
+            return Err(format!(
+                "memory_mib must be at most {MAX_MEMORY_MIB}, not {}",
+                self.memory_mib.min
             ));
         }
         if let Some(version) = &self.os.min_version {
@@ -207,6 +226,23 @@ mod tests {
             os: version.map(|v| ("busybox".to_string(), v.to_string())),
             apps: apps.iter().map(|a| a.to_string()).collect(),
         }
+    }
+
+    #[test]
+    fn absurd_sizes_are_malformed() {
+        assert!(request(64, 128, 256, None, &[]).validate().is_ok());
+        let err = request(1_000_000_000, 128, 256, None, &[])
+            .validate()
+            .unwrap_err();
+        assert_eq!(err, "vcpus must be at most 64, not 1000000000");
+        let err = request(1, 4_000_000_000, 4_000_000_000, None, &[])
+            .validate()
+            .unwrap_err();
+        assert_eq!(err, "memory_mib must be at most 262144, not 4000000000");
+        assert!(
+            request(1, 128, u32::MAX, None, &[]).validate().is_ok(),
+            "a large maximum is fine: the minimum is what a VM gets"
+        );
     }
 
     #[test]

@@ -64,8 +64,10 @@ pub struct ServiceRequest {
 pub enum RequestError {
     #[error("env key {0:?} must be letters, digits and '_', not starting with a digit")]
     BadEnvKey(String),
-    #[error("env value of {0:?} must not contain NUL or newline characters")]
+    #[error("env value of {0:?} must not contain control characters (NUL, newlines, tabs)")]
     BadEnvValue(String),
+    #[error("env value of {key:?} is {len} bytes long, more than {max}")]
+    LongEnvValue { key: String, len: usize, max: usize },
     #[error("at most {max} env settings, not {count}")]
     TooManyEnv { count: usize, max: usize },
     #[error("name either a service or a config, not both and not neither")]
@@ -108,8 +110,15 @@ impl ServiceRequest {
             if !valid_key {
                 return Err(RequestError::BadEnvKey(key.clone()));
             }
-            if value.contains(['\0', '\n', '\r']) {
+            if value.chars().any(char::is_control) {
                 return Err(RequestError::BadEnvValue(key.clone()));
+            }
+            if value.len() > crate::components::SettingFormat::MAX_LEN {
+                return Err(RequestError::LongEnvValue {
+                    key: key.clone(),
+                    len: value.len(),
+                    max: crate::components::SettingFormat::MAX_LEN,
+                });
             }
         }
         if let Some(group) = &self.isolate
@@ -202,9 +211,20 @@ mod tests {
             request(&[("a-b", "x")]).validate(),
             Err(RequestError::BadEnvKey("a-b".into()))
         );
+        for bad in ["x\ny", "x\ry", "x\0y", "x\ty", "x\u{1b}[2J"] {
+            assert_eq!(
+                request(&[("k", bad)]).validate(),
+                Err(RequestError::BadEnvValue("k".into()))
+            );
+        }
+        let long = "x".repeat(4097);
         assert_eq!(
-            request(&[("k", "x\ny")]).validate(),
-            Err(RequestError::BadEnvValue("k".into()))
+            request(&[("k", &long)]).validate(),
+            Err(RequestError::LongEnvValue {
+                key: "k".into(),
+                len: 4097,
+                max: 4096
+            })
         );
     }
 

@@ -1,6 +1,19 @@
 //! The forwarder's core: stable listeners per VM, connections spliced to the VM's current
 //! address, and connections to a VM that does not run held (their bytes wait unread in the
 //! socket) while the server is asked to wake it.
+//!
+//! Two rules keep VMs from being woken or put to sleep at the wrong time:
+//!
+//! - **In use while connected.** A connection counts as open from the moment it is
+//!   forwarded or waits for a wake until it closes. [`Forwarder::quiesce`] (asked by the
+//!   lifecycle before it puts a VM to sleep, archives or deletes it) marks the VM asleep
+//!   only when none is open, under the VM's admission gate, which a connection also takes
+//!   to count itself open: either the lifecycle sees the connection and leaves the VM
+//!   alone, or the connection sees the VM asleep and waits for a wake.
+//! - **Woken by data, not by a bare connect** (per port, [`WakeOn`]). A connection to a
+//!   VM that does not run, on an `on-data` port, waits for the client's first bytes before
+//!   it asks for a wake (and before it counts as open); one that closes or sends nothing
+//!   within [`FIRST_BYTES_WAIT`] is closed without waking anything.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -10,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use hangar_core::WakeOn;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -20,6 +34,10 @@ use crate::wake;
 
 /// How long a connection to a VM that does not run waits for it to wake.
 pub const WAKE_WAIT: Duration = Duration::from_secs(300);
+
+/// How long a connection to a VM that does not run may send nothing (on an `on-data`
+/// port) before it is closed without waking the VM.
+pub const FIRST_BYTES_WAIT: Duration = Duration::from_secs(10);
 
 /// Attempts to reach an active VM's address before the connection is given up (its port
 /// forward may be a moment behind, e.g. right after a restore).
@@ -43,6 +61,8 @@ enum Status {
 #[derive(Default)]
 struct Activity {
     last_active_ms: AtomicU64,
+    last_byte_ms: AtomicU64,
+    /// Changed under the VM's admission gate when it grows (see [`Vm::gate`]).
     open: AtomicU64,
     connections: AtomicU64,
     bytes_in: AtomicU64,
@@ -54,10 +74,17 @@ impl Activity {
         self.last_active_ms.store(now_ms(), Ordering::Relaxed);
     }
 
+    fn touch_bytes(&self) {
+        let now = now_ms();
+        self.last_active_ms.store(now, Ordering::Relaxed);
+        self.last_byte_ms.store(now, Ordering::Relaxed);
+    }
+
     fn view(&self) -> VmActivity {
         VmActivity {
             last_active_ms: self.last_active_ms.load(Ordering::Relaxed),
-            open: self.open.load(Ordering::Relaxed),
+            last_byte_ms: self.last_byte_ms.load(Ordering::Relaxed),
+            open: self.open.load(Ordering::SeqCst),
             connections: self.connections.load(Ordering::Relaxed),
             bytes_in: self.bytes_in.load(Ordering::Relaxed),
             bytes_out: self.bytes_out.load(Ordering::Relaxed),
@@ -68,6 +95,7 @@ impl Activity {
 struct Port {
     port: u16,
     target: SocketAddr,
+    wake: WakeOn,
     accept: JoinHandle<()>,
 }
 
@@ -79,6 +107,10 @@ struct Vm {
     ports: Mutex<BTreeMap<String, Port>>,
     /// One wake request at a time; later connections wait for its outcome.
     wake: tokio::sync::Mutex<()>,
+    /// Admission gate: a connection counts itself open, and [`Forwarder::quiesce`] checks
+    /// that none is and marks the VM asleep, each under it, so that one always sees the
+    /// other.
+    gate: Mutex<()>,
 }
 
 impl Vm {
@@ -89,6 +121,15 @@ impl Vm {
             .get(name)
             .map(|port| port.target)
     }
+
+    fn wake_on(&self, name: &str) -> WakeOn {
+        self.ports
+            .lock()
+            .expect("ports lock")
+            .get(name)
+            .map(|port| port.wake)
+            .unwrap_or_default()
+    }
 }
 
 /// All stable endpoints of one data dir. Cheap to clone; every clone is the same state.
@@ -96,6 +137,7 @@ impl Vm {
 pub struct Forwarder {
     vms: Arc<Mutex<HashMap<String, Arc<Vm>>>>,
     server_url: Arc<Mutex<ServerAddr>>,
+    first_bytes_wait: Duration,
 }
 
 /// The server the forwarder asks to wake VMs: its URL and the API token it sends.
@@ -114,12 +156,20 @@ impl Forwarder {
                 url: server_url.to_owned(),
                 token: None,
             })),
+            first_bytes_wait: FIRST_BYTES_WAIT,
         }
     }
 
     /// Sends `token` (an API token allowed to wake VMs) with every wake request.
     pub fn set_token(&self, token: &str) {
         self.server_url.lock().expect("url lock").token = Some(token.to_owned());
+    }
+
+    /// The same forwarder with another wait for a silent client's first bytes than
+    /// [`FIRST_BYTES_WAIT`] (for listeners opened from now on).
+    pub fn with_first_bytes_wait(mut self, wait: Duration) -> Forwarder {
+        self.first_bytes_wait = wait;
+        self
     }
 
     /// Answers one control request. [`Request::Shutdown`] closes everything; the caller
@@ -154,6 +204,10 @@ impl Forwarder {
             Request::Activity => Reply::Activity {
                 vms: self.activity(),
             },
+            Request::Quiesce { vm } => {
+                let (asleep, open) = self.quiesce(&vm);
+                Reply::Quiesced { asleep, open }
+            }
             Request::Shutdown => {
                 let ids: Vec<String> = self.vms.lock().expect("vms lock").keys().cloned().collect();
                 for id in ids {
@@ -185,6 +239,7 @@ impl Forwarder {
                         activity: Activity::default(),
                         ports: Mutex::default(),
                         wake: tokio::sync::Mutex::new(()),
+                        gate: Mutex::new(()),
                     })
                 })
                 .clone()
@@ -199,6 +254,7 @@ impl Forwarder {
             match ports.get_mut(&spec.name) {
                 Some(port) if spec.listen.port() == 0 || spec.listen.port() == port.port => {
                     port.target = spec.target;
+                    port.wake = spec.wake;
                     return Ok(port.port);
                 }
                 Some(_) => ports.remove(&spec.name),
@@ -216,12 +272,14 @@ impl Forwarder {
             vm.clone(),
             spec.name.clone(),
             self.server_url.clone(),
+            self.first_bytes_wait,
         ));
         vm.ports.lock().expect("ports lock").insert(
             spec.name.clone(),
             Port {
                 port,
                 target: spec.target,
+                wake: spec.wake,
                 accept,
             },
         );
@@ -242,6 +300,30 @@ impl Forwarder {
         vm.status.send_replace(status);
         tracing::debug!(vm = %id, active, "endpoint state");
         true
+    }
+
+    /// Marks VM `id` asleep unless a connection to it is open (forwarded, or waiting for a
+    /// wake): `(true, 0)` when it is now asleep (or has no endpoints here), `(false, open)`
+    /// when `open` connections keep it in use and nothing changed. A connection accepted
+    /// after a `true` waits for a wake; see the module's rules.
+    pub fn quiesce(&self, id: &str) -> (bool, u64) {
+        let Some(vm) = self.vm(id) else {
+            return (true, 0);
+        };
+        let _gate = vm.gate.lock().expect("gate lock");
+        let open = vm.activity.open.load(Ordering::SeqCst);
+        if open > 0 {
+            return (false, open);
+        }
+        vm.status.send_if_modified(|status| {
+            let active = *status == Status::Active;
+            if active {
+                *status = Status::Asleep;
+            }
+            active
+        });
+        tracing::debug!(vm = %id, "endpoint quiesced");
+        (true, 0)
     }
 
     /// Closes a VM's listeners (they are closed when this returns) and ends its
@@ -321,11 +403,18 @@ async fn accept_loop(
     vm: Arc<Vm>,
     name: String,
     server_url: Arc<Mutex<ServerAddr>>,
+    first_bytes_wait: Duration,
 ) {
     loop {
         match listener.accept().await {
             Ok((client, _)) => {
-                tokio::spawn(serve(client, vm.clone(), name.clone(), server_url.clone()));
+                tokio::spawn(serve(
+                    client,
+                    vm.clone(),
+                    name.clone(),
+                    server_url.clone(),
+                    first_bytes_wait,
+                ));
             }
             Err(err) => {
                 // Out of descriptors and the like: wait rather than spin.
@@ -336,13 +425,12 @@ async fn accept_loop(
     }
 }
 
-/// Counts a connection as open while it lives.
+/// Counts a connection as open while it lives. Made under the VM's admission gate.
 struct OpenConnection<'a>(&'a Activity);
 
 impl<'a> OpenConnection<'a> {
     fn new(activity: &'a Activity) -> Self {
-        activity.open.fetch_add(1, Ordering::Relaxed);
-        activity.connections.fetch_add(1, Ordering::Relaxed);
+        activity.open.fetch_add(1, Ordering::SeqCst);
         activity.touch();
         OpenConnection(activity)
     }
@@ -350,16 +438,94 @@ impl<'a> OpenConnection<'a> {
 
 impl Drop for OpenConnection<'_> {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::Relaxed);
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
         self.0.touch();
     }
 }
 
+/// What became of a silent client of a VM that does not run.
+enum FirstBytes {
+    /// It sent bytes (they wait unread in the socket).
+    Arrived,
+    /// The VM's state changed (woken by another connection, or closed): look again.
+    StateChanged,
+    /// It closed, failed, or sent nothing in time.
+    Gone,
+}
+
+/// Waits until `client` sends its first bytes (without reading them), the VM's state
+/// changes, or `deadline` passes.
+async fn first_bytes(
+    client: &TcpStream,
+    status: &mut watch::Receiver<Status>,
+    deadline: tokio::time::Instant,
+) -> FirstBytes {
+    let mut byte = [0u8; 1];
+    tokio::select! {
+        peeked = client.peek(&mut byte) => match peeked {
+            Ok(n) if n > 0 => FirstBytes::Arrived,
+            _ => FirstBytes::Gone,
+        },
+        changed = status.changed() => match changed {
+            Ok(()) => FirstBytes::StateChanged,
+            Err(_) => FirstBytes::Gone,
+        },
+        _ = tokio::time::sleep_until(deadline) => FirstBytes::Gone,
+    }
+}
+
+/// Counts `client`'s connection as open, once it may ask for a wake: at once on an
+/// `on-connect` port or while the VM runs; on an `on-data` port of a VM that does not run,
+/// once the client sent bytes. `None`: the client went away (or sent nothing in time, or
+/// the VM's endpoints closed) and the VM was not woken.
+async fn admit<'a>(
+    client: &TcpStream,
+    vm: &'a Vm,
+    name: &str,
+    status: &mut watch::Receiver<Status>,
+    first_bytes_wait: Duration,
+) -> Option<OpenConnection<'a>> {
+    let mut data_seen = vm.wake_on(name) == WakeOn::OnConnect;
+    let deadline = tokio::time::Instant::now() + first_bytes_wait;
+    loop {
+        let current = *status.borrow_and_update();
+        match current {
+            Status::Closed => return None,
+            Status::Asleep if !data_seen => match first_bytes(client, status, deadline).await {
+                FirstBytes::Arrived => data_seen = true,
+                FirstBytes::StateChanged => continue,
+                FirstBytes::Gone => {
+                    tracing::debug!(vm = %vm.id, name, "closed without data: vm not woken");
+                    return None;
+                }
+            },
+            Status::Asleep | Status::Active => {}
+        }
+        let _gate = vm.gate.lock().expect("gate lock");
+        // Put to sleep meanwhile: a silent client waits for its bytes again.
+        if !data_seen && *vm.status.borrow() == Status::Asleep {
+            continue;
+        }
+        return Some(OpenConnection::new(&vm.activity));
+    }
+}
+
 /// One client connection: wait until the VM runs (waking it), then splice.
-async fn serve(client: TcpStream, vm: Arc<Vm>, name: String, server_url: Arc<Mutex<ServerAddr>>) {
-    let _open = OpenConnection::new(&vm.activity);
+async fn serve(
+    client: TcpStream,
+    vm: Arc<Vm>,
+    name: String,
+    server_url: Arc<Mutex<ServerAddr>>,
+    first_bytes_wait: Duration,
+) {
+    // Counted, but not as a use of the VM until it is admitted: a bare connect to a VM
+    // that does not run restarts none of its timers.
+    vm.activity.connections.fetch_add(1, Ordering::Relaxed);
     let _ = client.set_nodelay(true);
     let mut status = vm.status.subscribe();
+    let Some(_open) = admit(&client, &vm, &name, &mut status, first_bytes_wait).await else {
+        return;
+    };
     let Some(upstream) = reach(&vm, &name, &mut status, &server_url).await else {
         return;
     };
@@ -456,7 +622,7 @@ impl AsyncRead for Counted<'_> {
             self.activity
                 .bytes_in
                 .fetch_add(read as u64, Ordering::Relaxed);
-            self.activity.touch();
+            self.activity.touch_bytes();
         }
         polled
     }
@@ -475,7 +641,7 @@ impl AsyncWrite for Counted<'_> {
             self.activity
                 .bytes_out
                 .fetch_add(written as u64, Ordering::Relaxed);
-            self.activity.touch();
+            self.activity.touch_bytes();
         }
         polled
     }

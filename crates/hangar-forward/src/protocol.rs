@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
+use hangar_core::WakeOn;
 use serde::{Deserialize, Serialize};
 
 /// One stable endpoint: a port the forwarder listens on for a VM, and where it forwards.
@@ -20,6 +21,10 @@ pub struct EndpointSpec {
     /// Whether the VM runs: connections are forwarded at once. When not, a connection
     /// wakes it through the server first.
     pub active: bool,
+    /// When a connection to this endpoint wakes the VM: once the client sends bytes (the
+    /// default), or as soon as it connects.
+    #[serde(default)]
+    pub wake: WakeOn,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,6 +49,11 @@ pub enum Request {
     },
     /// Connection activity per VM. Answers [`Reply::Activity`].
     Activity,
+    /// The lifecycle is about to put a VM to sleep (or archive or delete it): marks it
+    /// asleep (a connection from then on waits for a wake) unless a connection to it is
+    /// open, atomically with respect to connections being accepted. Answers
+    /// [`Reply::Quiesced`]; a VM without endpoints here counts as idle.
+    Quiesce { vm: String },
     /// Closes everything and exits. Answers [`Reply::Done`] first.
     Shutdown,
 }
@@ -54,8 +64,11 @@ pub struct VmActivity {
     /// When a connection last opened, closed or moved bytes (ms since the Unix epoch; 0:
     /// never).
     pub last_active_ms: u64,
-    /// Connections open now.
+    /// Connections open now (forwarded, or waiting for the VM to wake).
     pub open: u64,
+    /// When bytes last moved either way (ms since the Unix epoch; 0: never).
+    #[serde(default)]
+    pub last_byte_ms: u64,
     /// Connections accepted in all.
     pub connections: u64,
     /// Bytes from clients to the VM.
@@ -84,6 +97,12 @@ pub enum Reply {
     },
     Activity {
         vms: BTreeMap<String, VmActivity>,
+    },
+    /// Answer to [`Request::Quiesce`]: `asleep` when the VM is now marked asleep (no
+    /// connection was open), else `open` connections keep it in use.
+    Quiesced {
+        asleep: bool,
+        open: u64,
     },
     Error {
         message: String,

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use hangar_core::WakeOn;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -38,6 +39,7 @@ fn spec(vm: &str, target: SocketAddr, active: bool) -> EndpointSpec {
         listen: LOOPBACK,
         target,
         active,
+        wake: WakeOn::OnData,
     }
 }
 
@@ -325,4 +327,119 @@ async fn the_process_holds_its_data_dir_alone_and_answers_its_socket() {
     running.await.unwrap().unwrap();
     assert!(TcpStream::connect(("127.0.0.1", port)).await.is_err());
     assert!(!paths.pidfile().exists() && !paths.socket().exists());
+}
+
+/// Issue 13, finding 6: `quiesce` marks a VM asleep only when no connection to it is
+/// open; a connection in flight is left alone and gets its whole answer.
+#[tokio::test]
+async fn quiesce_leaves_a_vm_with_an_open_connection_awake() {
+    let target = echo_server().await;
+    let forwarder = Forwarder::new("http://127.0.0.1:1");
+    let port = forwarder.open(&spec("vm-a", target, true)).await.unwrap();
+    assert_eq!(forwarder.quiesce("vm-unknown"), (true, 0));
+
+    let mut open = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    open.write_all(b"x").await.unwrap();
+    let mut one = [0u8; 1];
+    open.read_exact(&mut one).await.unwrap();
+    assert_eq!(forwarder.quiesce("vm-a"), (false, 1), "in use");
+    // Still active: bytes keep flowing, and a second connection goes straight through.
+    open.write_all(b"y").await.unwrap();
+    open.read_exact(&mut one).await.unwrap();
+    assert_eq!(&one, b"y");
+    assert_eq!(round_trip(port, b"second").await, b"second");
+    assert_eq!(forwarder.activity()["vm-a"].open, 1);
+    assert!(forwarder.activity()["vm-a"].last_byte_ms > 0);
+    drop(open);
+
+    // Closed: quiesced, and a new connection now waits for a wake (the server at
+    // 127.0.0.1:1 never answers it, so the client gets nothing back).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while forwarder.activity()["vm-a"].open > 0 {
+        assert!(Instant::now() < deadline, "the connection stays counted");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(forwarder.quiesce("vm-a"), (true, 0));
+    let mut waiting = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    waiting.write_all(b"z").await.unwrap();
+    let read = tokio::time::timeout(Duration::from_millis(300), waiting.read(&mut one)).await;
+    assert!(read.is_err(), "not forwarded while asleep: {read:?}");
+    assert_eq!(
+        forwarder.quiesce("vm-a"),
+        (false, 1),
+        "a connection waiting for a wake is in use too"
+    );
+}
+
+/// Issue 13, finding 7: on an `on-data` port a bare connect to a sleeping VM wakes
+/// nothing (closed at once, or silent until the first-bytes wait ends); a client that
+/// sends bytes wakes it. On an `on-connect` port, connecting is enough.
+#[tokio::test]
+async fn a_sleeping_vm_wakes_on_data_not_on_a_bare_connect_unless_its_port_says_so() {
+    let reserved = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let target = reserved.local_addr().unwrap();
+    drop(reserved);
+    let api = TcpListener::bind(LOOPBACK).await.unwrap();
+    let api_addr = api.local_addr().unwrap();
+    let wakes = Arc::new(AtomicUsize::new(0));
+    let target_listener = Arc::new(std::sync::Mutex::new(Some(
+        TcpListener::bind(target).await.unwrap(),
+    )));
+    tokio::spawn(wake_api(api, target_listener, wakes.clone()));
+    let forwarder = Forwarder::new(&format!("http://{api_addr}"))
+        .with_first_bytes_wait(Duration::from_millis(300));
+    let port = forwarder
+        .open(&spec("vm-sleepy", target, false))
+        .await
+        .unwrap();
+
+    // Connect and close at once: a port scan.
+    for _ in 0..5 {
+        drop(TcpStream::connect(("127.0.0.1", port)).await.unwrap());
+    }
+    // Connect and say nothing: closed after the wait, without a wake.
+    let mut silent = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut rest = Vec::new();
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), silent.read_to_end(&mut rest))
+        .await
+        .expect("closed by the forwarder")
+        .unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    assert!(rest.is_empty());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(wakes.load(Ordering::SeqCst), 0, "nothing woke the VM");
+    let activity = forwarder.activity()["vm-sleepy"];
+    assert_eq!((activity.open, activity.last_active_ms), (0, 0), "no use");
+
+    // A client that speaks: woken, answered.
+    assert_eq!(round_trip(port, b"hello").await, b"hello");
+    assert_eq!(wakes.load(Ordering::SeqCst), 1);
+
+    // On-connect: a bare connect to the sleeping VM is enough.
+    let reserved = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let other = reserved.local_addr().unwrap();
+    drop(reserved);
+    let api = TcpListener::bind(LOOPBACK).await.unwrap();
+    let api_addr = api.local_addr().unwrap();
+    let wakes = Arc::new(AtomicUsize::new(0));
+    let target_listener = Arc::new(std::sync::Mutex::new(Some(
+        TcpListener::bind(other).await.unwrap(),
+    )));
+    tokio::spawn(wake_api(api, target_listener, wakes.clone()));
+    let greeting = Forwarder::new(&format!("http://{api_addr}"));
+    let port = greeting
+        .open(&EndpointSpec {
+            wake: WakeOn::OnConnect,
+            ..spec("vm-sleepy", other, false)
+        })
+        .await
+        .unwrap();
+    let connected = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while wakes.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "no wake on connect");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(connected);
 }

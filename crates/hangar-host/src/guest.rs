@@ -37,6 +37,11 @@ pub enum GuestConfigError {
         key: String,
         description: String,
     },
+    /// A value the request gives for a setting is outside the setting's format.
+    /// `message` names the service, the setting, the value (unless the setting is secret:
+    /// never repeated back) and what is wrong with it.
+    #[error("{message}")]
+    BadSetting { key: String, message: String },
     /// One of the service's file templates does not render with these settings.
     #[error("template {path}: {reason}")]
     Template { path: String, reason: String },
@@ -145,6 +150,19 @@ pub fn settings(
 ) -> Result<BTreeMap<String, String>, GuestConfigError> {
     let mut values = BTreeMap::new();
     for (key, setting) in &service.settings {
+        if let Some(value) = env.get(key)
+            && let Err(reason) = setting.check(value)
+        {
+            let shown = if setting.secret {
+                String::new()
+            } else {
+                format!("={value:?}")
+            };
+            return Err(GuestConfigError::BadSetting {
+                key: key.clone(),
+                message: format!("{}: setting {key}{shown} {reason}", service.name),
+            });
+        }
         match env.get(key).or(setting.default.as_ref()) {
             Some(value) => {
                 values.insert(key.clone(), value.clone());

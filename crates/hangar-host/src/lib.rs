@@ -202,6 +202,34 @@ pub struct TemplateFacts {
     pub current: bool,
 }
 
+/// A template as peers pull it: its files by content hash, and the content identity of
+/// what its snapshot was taken from. Two hosts whose images came from the same blobs (farm
+/// hosts pull them by hash) compute the same [`TemplateBundle::content_key`] for a service,
+/// so a template made on one can be cloned from on the other instead of being built again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateBundle {
+    pub service: String,
+    /// Hash of the service's definition, the kernel's, initramfs's and base disk's content
+    /// hashes, the kernel command line and the machine size.
+    pub content_key: String,
+    /// The raw migration stream.
+    pub memory: hangar_api::Blob,
+    /// The frozen disk layer (a qcow2 over the base disk), if the VM has one.
+    pub disk: Option<hangar_api::Blob>,
+    /// The QEMU that wrote the stream: a clone needs the same.
+    pub qemu_version: String,
+}
+
+/// Where a host pulls a peer's template files from: the peer agent's base URL and the
+/// farm token it accepts. Blobs come from `GET {url}/v1/farm/blobs/{sha256}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerSource {
+    /// The peer host's name, for messages.
+    pub host: String,
+    pub url: String,
+    pub token: String,
+}
+
 /// What a host has, for placement and listings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HostFacts {
@@ -219,6 +247,9 @@ pub struct HostFacts {
     /// Image blobs held, by sha256 (hosts that pull their images from the control plane).
     #[serde(default)]
     pub blobs: Vec<String>,
+    /// Service roots held whole, as `service@os` (a VM of one starts without pulling).
+    #[serde(default)]
+    pub images: Vec<String>,
 }
 
 /// Named stage durations of one operation, as the API's `Server-Timing` header reports
@@ -322,6 +353,9 @@ pub enum HostError {
     Record(#[source] serde_json::Error),
     #[error("templates are off (--no-templates)")]
     TemplatesOff,
+    /// A peer's template cannot be used here; the text says why.
+    #[error("template: {0}")]
+    Template(String),
     /// The control plane knows no host of this name (or, empty, has no host of its own).
     #[error("no host {0:?} is known to this server")]
     Unknown(String),
@@ -469,4 +503,26 @@ pub trait Host: Send + Sync + 'static {
 
     /// Removes a template (nothing uses it any more).
     async fn remove_template(&self, id: &str) -> Result<(), HostError>;
+
+    /// `service`'s current template here as a bundle a peer can pull; `None` when there
+    /// is none, or it cannot be shared (its images are not content-addressed here).
+    async fn template_bundle(&self, service: &Service)
+    -> Result<Option<TemplateBundle>, HostError>;
+
+    /// Installs `service`'s template from `bundle`, pulling its files from the peer
+    /// `from` by hash (verified, resumable), instead of building it: afterwards new VMs of
+    /// the service are cloned here. Refused when this host's images for the service differ
+    /// from the bundle's ([`TemplateBundle::content_key`]) or its QEMU is another.
+    async fn pull_template(
+        &self,
+        service: &Service,
+        bundle: &TemplateBundle,
+        from: &PeerSource,
+    ) -> Result<TemplateFacts, HostError>;
+
+    /// The local file of a template bundle's blob held here, which peers may pull; none
+    /// for a hash this host does not offer.
+    async fn template_blob(&self, _sha256: &str) -> Option<std::path::PathBuf> {
+        None
+    }
 }

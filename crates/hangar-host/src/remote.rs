@@ -394,6 +394,40 @@ impl Host for RemoteHost {
         .await
     }
 
+    async fn template_bundle(
+        &self,
+        service: &Service,
+    ) -> Result<Option<crate::TemplateBundle>, HostError> {
+        // The first ask hashes the template's files (a second or so per 100 MiB).
+        self.call(
+            Method::POST,
+            &["templates", "bundle"],
+            Some(service),
+            LONG_TIMEOUT,
+        )
+        .await
+    }
+
+    async fn pull_template(
+        &self,
+        service: &Service,
+        bundle: &crate::TemplateBundle,
+        from: &crate::PeerSource,
+    ) -> Result<TemplateFacts, HostError> {
+        let body = crate::agent::wire::PullTemplateBody {
+            service: service.clone(),
+            bundle: bundle.clone(),
+            from: from.clone(),
+        };
+        self.call(
+            Method::POST,
+            &["templates", "pull"],
+            Some(&body),
+            LONG_TIMEOUT,
+        )
+        .await
+    }
+
     async fn remove_template(&self, id: &str) -> Result<(), HostError> {
         self.call(
             Method::POST,

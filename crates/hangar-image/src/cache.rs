@@ -146,7 +146,7 @@ pub fn publish_dir(
     match std::fs::rename(&tmp_path, &dest) {
         Ok(()) => Ok(dest),
         Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp_path);
+            let _ = crate::hostfs::remove_tree(&tmp_path);
             if dest.is_dir() {
                 tracing::debug!(entry = %dest.display(), "entry published concurrently; keeping it");
                 Ok(dest)
@@ -181,7 +181,9 @@ fn clean_stale(parent: &Path) {
         if old {
             let path = entry.path();
             tracing::info!(path = %path.display(), "removing a stale temporary cache entry");
-            let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
+            if let Err(err) = crate::hostfs::remove_tree(&path) {
+                tracing::warn!(error = %err, "cannot remove a stale temporary cache entry");
+            }
         }
     }
 }

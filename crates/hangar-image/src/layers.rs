@@ -41,7 +41,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{AssetError, ImageFile, cache, rootfs, tools};
+use crate::{AssetError, ImageFile, cache, hostfs, rootfs, tools};
 
 /// Version of the layer format; bump it when the build of a layer changes.
 const LAYER_FORMAT: u32 = 1;
@@ -225,8 +225,7 @@ pub fn remove_layer(cache_dir: &Path, hash: &str) -> Result<(), AssetError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(AssetError::io(format!("evict {}", dir.display()), e)),
     }
-    std::fs::remove_dir_all(&doomed)
-        .map_err(|e| AssetError::io(format!("remove {}", doomed.display()), e))
+    Ok(hostfs::remove_tree(&doomed)?)
 }
 
 /// The hashes the chain `inputs` (bottom first) would have.
@@ -305,53 +304,30 @@ fn lock_builds(cache_dir: &Path) -> Result<std::fs::File, AssetError> {
 }
 
 /// Undoes what builds of a crashed process left: mounts under temporary build
-/// directories (unmounted first, deepest first, so that removing the directories can
-/// never reach through a bind mount into the host), then the directories. Call it holding
-/// the build lock: then no temporary build directory belongs to a live build.
+/// directories (unmounted first, deepest first), then the directories, with a delete that
+/// never crosses a mount point (so it can never reach through a bind mount into the host).
+/// Call it holding the build lock: then no temporary build directory belongs to a live
+/// build.
 fn recover_crashed_builds(cache_dir: &Path) {
-    let roots = [layers_dir(cache_dir), cache_dir.join("export")];
-    let prefixes: Vec<String> = roots
-        .iter()
-        .map(|root| {
-            let root = std::fs::canonicalize(root).unwrap_or_else(|_| root.clone());
-            format!("{}/.tmp-", root.display())
-        })
-        .collect();
-    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    let mut stale: Vec<String> = mounts
-        .lines()
-        .filter_map(|line| line.split_whitespace().nth(1))
-        .map(unescape_mount_path)
-        .filter(|point| prefixes.iter().any(|prefix| point.starts_with(prefix)))
-        .collect();
-    stale.sort_by_key(|point| std::cmp::Reverse(point.len()));
-    for point in &stale {
-        tracing::warn!(mount = %point, "unmounting what a crashed build left");
-        let _ = tools::run(Command::new("umount").arg("-l").arg(point));
-    }
-    if !stale.is_empty() {
-        // The mounts are gone from this namespace; nothing below reaches outside.
-        for root in &roots {
-            let Ok(entries) = std::fs::read_dir(root) else {
+    for root in [layers_dir(cache_dir), cache_dir.join("export")] {
+        let Ok(entries) = std::fs::read_dir(&root) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !name.starts_with(".tmp-") || name.starts_with(".tmp-evict-") {
                 continue;
-            };
-            for entry in entries.flatten() {
-                let name = entry.file_name().to_string_lossy().into_owned();
-                if name.starts_with(".tmp-") && !name.starts_with(".tmp-evict-") {
-                    let _ = std::fs::remove_dir_all(entry.path());
-                }
+            }
+            let path = entry.path();
+            if let Err(err) = hostfs::unmount_all_under(&path) {
+                tracing::warn!(error = %err, "a crashed build's mounts remain");
+                continue;
+            }
+            if let Err(err) = hostfs::remove_tree(&path) {
+                tracing::warn!(error = %err, "cannot remove a crashed build's directory");
             }
         }
     }
-}
-
-/// `/proc/self/mounts` escapes space, tab, newline and backslash as octal.
-fn unescape_mount_path(field: &str) -> String {
-    field
-        .replace("\\040", " ")
-        .replace("\\011", "\t")
-        .replace("\\012", "\n")
-        .replace("\\134", "\\")
 }
 
 /// Builds one layer into a temporary directory and publishes it.
@@ -520,7 +496,7 @@ fn build_os(
         }
         Ok(())
     })?;
-    let _ = std::fs::remove_dir_all(&lists);
+    hostfs::remove_tree(&lists)?;
     cache::create_dir(&lists.join("partial"))?;
     for pattern_dir in ["var/cache/apt/archives", "var/cache/apt"] {
         remove_files_in(&root.join(pattern_dir), |name| {
@@ -541,8 +517,7 @@ fn build_os(
         cache::write(&root.join(path), contents.as_bytes())?;
     }
     squash(&root, &dir.join("layer.sqfs"))?;
-    std::fs::remove_dir_all(&root)
-        .map_err(|e| AssetError::io(format!("remove {}", root.display()), e))?;
+    hostfs::remove_tree(&root)?;
     Ok(())
 }
 
@@ -570,12 +545,7 @@ fn remove_children(dir: &Path, doomed: impl Fn(&str) -> bool) -> Result<(), Asse
             continue;
         }
         let path = entry.path();
-        let removed = if path.is_dir() && !path.is_symlink() {
-            std::fs::remove_dir_all(&path)
-        } else {
-            std::fs::remove_file(&path)
-        };
-        removed.map_err(|e| AssetError::io(format!("remove {}", path.display()), e))?;
+        hostfs::remove_tree(&path)?;
     }
     Ok(())
 }
@@ -690,8 +660,7 @@ fn build_over(
     report("compressing", 85);
     squash(&upper, &dir.join("layer.sqfs"))?;
     for tree in [&upper, &work, &merged] {
-        std::fs::remove_dir_all(tree)
-            .map_err(|e| AssetError::io(format!("remove {}", tree.display()), e))?;
+        hostfs::remove_tree(tree)?;
     }
     for i in 0..lowers.len() {
         let _ = std::fs::remove_dir(dir.join(format!("lower-{i}")));
@@ -971,12 +940,6 @@ mod tests {
         };
         assert_ne!(files("a").hash(Some("p")), files("b").hash(Some("p")));
         assert_ne!(files("a").hash(Some("p")), files("a").hash(Some("q")));
-    }
-
-    #[test]
-    fn mount_paths_are_unescaped() {
-        assert_eq!(unescape_mount_path(r"/a\040b/c\134d"), r"/a b/c\d");
-        assert_eq!(unescape_mount_path("/plain"), "/plain");
     }
 
     #[test]

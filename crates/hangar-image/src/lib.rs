@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 
 mod boot;
 mod cache;
+pub mod hostfs;
 mod initramfs;
 mod kernel;
 pub mod layers;
@@ -88,6 +89,9 @@ pub struct BaseImage {
 /// Why assets or images could not be made. Messages say what to do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum AssetError {
+    /// A directory could not be removed or unmounted safely (see [`hostfs`]).
+    #[error(transparent)]
+    HostFs(#[from] hostfs::HostFsError),
     #[error("{context}: {source}")]
     Io {
         context: String,

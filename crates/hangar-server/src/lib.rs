@@ -39,10 +39,12 @@ pub mod pools;
 pub mod reconcile;
 pub mod requests;
 pub mod scheduler;
+pub mod secrets;
 pub mod tasks;
 pub mod templates;
 
 pub use api::error;
+pub use hangar_core::lifecycle::PolicyFloors;
 /// The host agent (`hangar agent`) and the image sources it may use, for the CLI.
 pub use hangar_host::guest::guest_config;
 pub use manager::{Manager, ManagerConfig};
@@ -53,11 +55,16 @@ const MONITOR_INTERVAL: Duration = Duration::from_secs(2);
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub data_dir: PathBuf,
+    /// Where the REST API listens: a loopback address, unless `insecure_listen`.
     pub listen: SocketAddr,
+    /// Allow `listen` to be reachable from other machines (plain HTTP; warned loudly at
+    /// start). Off: a non-loopback `listen` is refused ([`hangar_core::exposure`]).
+    pub insecure_listen: bool,
     /// A catalog file; `None` uses the built-in demo catalog.
     pub catalog: Option<PathBuf>,
     pub accel: Accel,
-    /// Address port forwards listen on, and endpoints name.
+    /// Address port forwards listen on, and endpoints name: a concrete address clients
+    /// connect to, never a wildcard ([`hangar_core::exposure::check_endpoint_host`]).
     pub endpoint_host: IpAddr,
     pub kernel: Option<PathBuf>,
     pub busybox: Option<PathBuf>,
@@ -86,6 +93,10 @@ pub struct ServerConfig {
     /// The farm token file (made on first start, mode 0600); `None`: `farm.token` in the
     /// data directory. Agents given its token may join the farm.
     pub farm_token_file: Option<PathBuf>,
+    /// The key secret settings are sealed with in the store (made on first start, mode
+    /// 0600); `None`: `secrets.key` in the data directory. Replicas sharing a store need
+    /// the same key.
+    pub secrets_key_file: Option<PathBuf>,
     /// Run VMs on this machine too (the server's own host). Off: a control plane whose
     /// VMs all run on farm hosts (agents).
     pub local_host: bool,
@@ -95,6 +106,8 @@ pub struct ServerConfig {
     /// and archive and wake VMs on connection. Off: endpoints are the VMs' own port
     /// forwards on their hosts (for replicated control planes).
     pub stable_endpoints: bool,
+    /// The shortest idle timers a policy set at run time may have.
+    pub policy_floors: hangar_core::lifecycle::PolicyFloors,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +120,9 @@ pub enum ServerError {
     },
     #[error("another hangar server is using data dir {0}")]
     Locked(String),
+    /// The data dir could not be made private, or a build's mounts under it not undone.
+    #[error("data dir: {0}")]
+    HostFs(#[from] hangar_image::hostfs::HostFsError),
     #[error("cannot read catalog {path}: {source}")]
     CatalogRead {
         path: String,
@@ -122,6 +138,7 @@ pub enum ServerError {
     #[error(transparent)]
     FarmToken(#[from] farm::token::TokenError),
     #[error(transparent)]
+    Secrets(#[from] secrets::SecretsError),
     AdminToken(#[from] api::auth::tokens::AdminTokenError),
     #[error("cannot open the database: {0}")]
     Store(String),
@@ -137,6 +154,9 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
+    /// The listen address or endpoint host is refused (see [`hangar_core::exposure`]).
+    #[error(transparent)]
+    Exposure(#[from] hangar_core::exposure::ExposureError),
     #[error("cannot start the forwarder of stable endpoints: {0}")]
     Forwarder(String),
     #[error("server failed: {0}")]
@@ -188,27 +208,58 @@ fn check_qemu(config: &QemuConfig) -> Result<String, ServerError> {
         .to_owned())
 }
 
+/// Unmounts everything mounted below `data_dir` (deepest first, detached when busy): what
+/// an image build of a server that was killed left (`proc`, `sysfs`, a bind of the host's
+/// `/dev`, overlays, loop-mounted layers). Fails when a mount remains. Call it holding the
+/// data dir's lock, before anything else uses the data dir.
+pub fn undo_stale_mounts(data_dir: &std::path::Path) -> Result<(), ServerError> {
+    let undone = hangar_image::hostfs::unmount_all_under(data_dir)?;
+    if !undone.is_empty() {
+        tracing::warn!(
+            count = undone.len(),
+            "unmounted what an interrupted image build left under the data dir"
+        );
+    }
+    Ok(())
+}
+
 /// Runs the server until `shutdown` completes. VMs keep running when the server stops;
 /// the next start adopts them.
 pub async fn run(
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    hangar_core::exposure::check_endpoint_host(config.endpoint_host)?;
+    if hangar_core::exposure::check_listen("API", config.listen, config.insecure_listen)? {
+        tracing::warn!(
+            "{}",
+            hangar_core::exposure::insecure_warning("API", config.listen)
+        );
+    }
     let data_dir = &config.data_dir;
     let data_err = |source| ServerError::DataDir {
         path: data_dir.display().to_string(),
         source,
     };
-    std::fs::create_dir_all(data_dir).map_err(data_err)?;
+    hangar_image::hostfs::secure_dir(data_dir)?;
     let lock = std::fs::File::create(data_dir.join("server.lock")).map_err(data_err)?;
     lock.try_lock()
         .map_err(|_| ServerError::Locked(data_dir.display().to_string()))?;
+    // Holding the lock, no build of a live server has mounts here: whatever is mounted
+    // below the data dir was left by a server killed during an image build.
+    undo_stale_mounts(data_dir)?;
 
     let farm_token = farm::token::load_or_create(
         &config
             .farm_token_file
             .clone()
             .unwrap_or_else(|| data_dir.join("farm.token")),
+    )?;
+    let secrets_key = secrets::Secrets::load_or_create_key(
+        &config
+            .secrets_key_file
+            .clone()
+            .unwrap_or_else(|| data_dir.join("secrets.key")),
     )?;
     let catalog = Arc::new(load_catalog(config.catalog.as_deref())?);
     let store_location = match &config.store {
@@ -328,6 +379,8 @@ pub async fn run(
             farm_token,
             host_loss: config.host_loss,
             server_urls: vec![server_url.clone()],
+            policy_floors: config.policy_floors,
+            secrets_key,
             ..ManagerConfig::default()
         },
     );

@@ -47,6 +47,11 @@ pub struct ManagerConfig {
     pub host_loss: crate::farm::LossTimes,
     /// The control plane's API addresses agents are told (this server's first).
     pub server_urls: Vec<String>,
+    /// The shortest idle timers `PUT /v1/policies/{service}` may set.
+    pub policy_floors: hangar_core::lifecycle::PolicyFloors,
+    /// The key secret settings are sealed with in the store ([`crate::secrets`]); replicas
+    /// sharing a store share it. The default is a fresh random key (tests).
+    pub secrets_key: [u8; 32],
 }
 
 impl Default for ManagerConfig {
@@ -64,6 +69,13 @@ impl Default for ManagerConfig {
             farm_token: String::new(),
             host_loss: crate::farm::LossTimes::default(),
             server_urls: Vec::new(),
+            policy_floors: hangar_core::lifecycle::PolicyFloors::default(),
+            secrets_key: {
+                use rand::RngCore;
+                let mut key = [0u8; 32];
+                rand::rng().fill_bytes(&mut key);
+                key
+            },
         }
     }
 }
@@ -91,11 +103,16 @@ pub struct Manager {
     pub(crate) tasks: crate::tasks::Tasks,
     /// Services whose template is being built.
     pub(crate) templates_building: Mutex<std::collections::HashSet<String>>,
+    /// One lock per `service@host`: that farm host pulling the service's template from a
+    /// peer.
+    pub(crate) template_pulls: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The forwarder holding stable endpoints; without one, endpoints are the VMs' direct
     /// port forwards.
     pub(crate) endpoints: std::sync::OnceLock<crate::endpoints::StableEndpoints>,
     /// Image builds, promotion and eviction.
     pub(crate) image_runtime: crate::images::policy::ImageRuntime,
+    /// Seals and opens secret settings kept in the store.
+    pub(crate) secrets: crate::secrets::Secrets,
     /// API tokens recently checked, and idempotency keys being answered.
     pub(crate) auth: crate::api::auth::AuthRuntime,
 }
@@ -136,6 +153,7 @@ impl Manager {
         config: ManagerConfig,
     ) -> Arc<Manager> {
         Arc::new(Manager {
+            secrets: crate::secrets::Secrets::new(&config.secrets_key, &catalog),
             tasks: crate::tasks::Tasks::new(store.clone()),
             store,
             scheduler,
@@ -148,6 +166,7 @@ impl Manager {
             lifecycle: crate::lifecycle::policy::LifecycleRuntime::default(),
             shared_locks: Mutex::default(),
             templates_building: Mutex::default(),
+            template_pulls: Mutex::default(),
             endpoints: std::sync::OnceLock::new(),
             image_runtime: crate::images::policy::ImageRuntime::default(),
             auth: crate::api::auth::AuthRuntime::default(),

@@ -16,6 +16,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use hangar_core::Mode;
 use hangar_core::VmState;
+pub use hangar_core::quota::{Limits, Usage};
+pub use hangar_core::usage::UsageEvent;
 
 mod access;
 mod error;
@@ -323,6 +325,27 @@ pub trait Store: Send + Sync {
     /// it was released.
     async fn lease(&self, name: &str) -> Result<Option<LeaseRecord>, StoreError>;
 
+    // ---- quotas and usage ----
+
+    /// Quotas set per user (a VM's owner), by user.
+    async fn quotas(&self) -> Result<Vec<(String, Limits)>, StoreError>;
+
+    /// Sets a user's quota, replacing theirs; `None` removes it (the default applies).
+    async fn set_quota(&self, owner: &str, limits: Option<&Limits>) -> Result<(), StoreError>;
+
+    /// What the VMs of each owner take, summed by the store ([`hangar_core::quota`]): VMs
+    /// not in a pool and neither deleted nor failed; of those, the vCPUs and memory of the
+    /// ones taking room on a host (creating, booting, ready, active, sleeping) and the
+    /// archive size (its [`ArchiveRecord`]) of the archived ones. By owner; only `owner`'s
+    /// when given (an owner without such VMs is left out).
+    async fn use_by_owner(&self, owner: Option<&str>) -> Result<Vec<(String, Usage)>, StoreError>;
+
+    /// The recorded state changes ([`UsageEvent`]) of every VM alive at `since_ms` or later
+    /// (not deleted or failed before it), in order of VM and of record. Every change of a
+    /// VM's state, owner, host, services or size is recorded in the statement that makes
+    /// it, so none is missed however the change is made.
+    async fn usage_events(&self, since_ms: u64) -> Result<Vec<UsageEvent>, StoreError>;
+
     // ---- users and API tokens ----
 
     /// Adds a user. [`Conflict::Exists`] when the name is taken.
@@ -383,6 +406,16 @@ pub trait Store: Send + Sync {
 
     /// Forgets a claimed key that has no answer (its call failed; a retry runs again).
     async fn release_idempotency_key(&self, user: &str, key: &str) -> Result<(), StoreError>;
+}
+
+/// The states in which a VM counts with its vCPUs and memory against its owner's quota.
+pub const QUOTA_ROOM_STATES: &str = "'creating', 'booting', 'ready', 'active', 'sleeping'";
+
+/// A recorded services column (a JSON list) as usage metering names it: joined with `+`.
+pub(crate) fn joined_services(json: &str) -> String {
+    serde_json::from_str::<Vec<String>>(json)
+        .map(|services| services.join("+"))
+        .unwrap_or_else(|_| json.to_owned())
 }
 
 #[cfg(test)]

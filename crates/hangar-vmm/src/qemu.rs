@@ -199,6 +199,11 @@ impl QemuBackend {
                 stderr
             }));
         }
+        // QEMU's -daemonize sets its umask to 027: its console log and sockets would be
+        // open to the group.
+        if let Err(err) = make_private(&paths.dir) {
+            tracing::warn!(error = %err, "cannot make a vm's files private");
+        }
         read_pid(&paths.pidfile).ok_or_else(|| VmmError::Launch("QEMU wrote no pid file".into()))
     }
 
@@ -1031,6 +1036,26 @@ async fn create_overlay(qemu_img: &Path, base: &Path, disk: &Path) -> Result<(),
         ],
     )
     .await
+}
+
+/// Takes group and other access away from `dir` and the files in it (not following
+/// links).
+fn make_private(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let mut paths = vec![dir.to_owned()];
+    for entry in std::fs::read_dir(dir)? {
+        paths.push(entry?.path());
+    }
+    for path in paths {
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue; // gone meanwhile
+        };
+        let mode = meta.mode() & 0o7777;
+        if !meta.file_type().is_symlink() && mode & 0o077 != 0 {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode & !0o077))?;
+        }
+    }
+    Ok(())
 }
 
 fn read_pid(pidfile: &Path) -> Option<u32> {

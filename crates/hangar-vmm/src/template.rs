@@ -88,7 +88,7 @@ pub fn assemble(
         for file in [MEMORY_FILE, DISK_FILE] {
             let path = staging.join(file);
             if path.exists() {
-                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o444))?;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400))?;
             }
         }
         let record = staging.join(RECORD_FILE);
@@ -105,6 +105,28 @@ pub fn assemble(
         let _ = std::fs::remove_dir_all(&staging);
     }
     result
+}
+
+/// Points the qcow2 layer `disk` at `base` as its backing file, without touching its data
+/// (`qemu-img rebase -u`): for a template layer copied from another host, whose header names
+/// that host's path of the same base disk.
+pub async fn rebase_disk(disk: &Path, base: &Path) -> std::io::Result<()> {
+    let base = std::path::absolute(base)?;
+    let output = tokio::process::Command::new("qemu-img")
+        .args(["rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(&base)
+        .arg(disk)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "qemu-img rebase: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        )))
+    }
 }
 
 /// Removes a template directory (and any staging debris beside it).

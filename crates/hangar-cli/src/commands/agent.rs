@@ -31,9 +31,15 @@ pub struct AgentArgs {
     /// A file holding the farm token (its first line); wins over --token.
     #[arg(long, value_name = "PATH")]
     token_file: Option<PathBuf>,
-    /// Address of the agent's API, which the control plane calls.
+    /// Address of the agent's API, which the control plane calls: a loopback address,
+    /// unless --insecure-listen.
     #[arg(long, default_value = "127.0.0.1:7071", env = "HANGAR_AGENT_LISTEN")]
     listen: SocketAddr,
+    /// Allow a --listen address other machines can reach (as a farm host on other
+    /// machines needs). Plain HTTP: the farm token crosses the network in clear (use a
+    /// private network or a TLS proxy in front).
+    #[arg(long, env = "HANGAR_INSECURE_LISTEN")]
+    insecure_listen: bool,
     /// The agent's API as the control plane reaches it [default: http://<--listen>, or
     /// http://<--endpoint-host>:<port> when --listen is 0.0.0.0].
     #[arg(long, value_name = "URL")]
@@ -58,7 +64,8 @@ pub struct AgentArgs {
     /// Accelerator: auto picks KVM only on bare metal (nested KVM is slower than TCG).
     #[arg(long, default_value = "auto", env = "HANGAR_ACCEL")]
     accel: Accel,
-    /// This machine's address as clients reach it: VM endpoints listen there.
+    /// This machine's address as clients reach it: VM endpoints listen there (not a
+    /// wildcard such as 0.0.0.0).
     #[arg(long, default_value = "127.0.0.1", env = "HANGAR_ENDPOINT_HOST")]
     endpoint_host: IpAddr,
     /// Boot every VM instead of cloning it from its service's template.
@@ -68,6 +75,8 @@ pub struct AgentArgs {
 
 /// Runs the agent until SIGINT or SIGTERM; VMs keep running after it.
 pub async fn run(args: AgentArgs) -> ExitCode {
+    // Every file the agent and QEMU write is private.
+    hangar_image::hostfs::restrict_umask();
     init_logging();
     match start(args).await {
         Ok(()) => {
@@ -97,6 +106,7 @@ async fn start(args: AgentArgs) -> Result<(), String> {
         servers: args.servers,
         token,
         listen: args.listen,
+        insecure_listen: args.insecure_listen,
         advertise: args.advertise,
         data_dir,
         accel: args.accel,

@@ -13,16 +13,21 @@ pub struct ServerArgs {
     /// Where state lives: database, VM disks, cached images [default: $XDG_DATA_HOME/hangar].
     #[arg(long, env = "HANGAR_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// Address of the REST API.
+    /// Address of the REST API: a loopback address, unless --insecure-listen.
     #[arg(long, default_value = "127.0.0.1:7070", env = "HANGAR_LISTEN")]
     listen: SocketAddr,
+    /// Allow a --listen address other machines can reach. hangar speaks plain HTTP: tokens
+    /// cross the network in clear (use a private network or a TLS proxy in front).
+    #[arg(long, env = "HANGAR_INSECURE_LISTEN")]
+    insecure_listen: bool,
     /// Service catalog (TOML) [default: the built-in demo catalog].
     #[arg(long, env = "HANGAR_CATALOG")]
     catalog: Option<PathBuf>,
     /// Accelerator: auto picks KVM only on bare metal (nested KVM is slower than TCG).
     #[arg(long, default_value = "auto", env = "HANGAR_ACCEL")]
     accel: Accel,
-    /// Host address that VM endpoints listen on.
+    /// Host address that VM endpoints listen on and are advertised at: an address clients
+    /// connect to, not a wildcard (0.0.0.0, ::).
     #[arg(long, default_value = "127.0.0.1", env = "HANGAR_ENDPOINT_HOST")]
     endpoint_host: IpAddr,
     /// Guest kernel: a Debian linux-image .deb or an extracted one [default: fetched with apt-get download].
@@ -65,6 +70,11 @@ pub struct ServerArgs {
     /// directory].
     #[arg(long, value_name = "PATH", env = "HANGAR_FARM_TOKEN_FILE")]
     farm_token_file: Option<PathBuf>,
+    /// The key secret settings (such as passwords) are sealed with in the store; made on
+    /// first start (mode 0600) when missing. Replicas sharing a store need the same one
+    /// [default: secrets.key in the data directory].
+    #[arg(long, value_name = "PATH", env = "HANGAR_SECRETS_KEY_FILE")]
+    secrets_key_file: Option<PathBuf>,
     /// Run no VMs on this machine: a control plane for farm hosts (`hangar agent`) only.
     #[arg(long, env = "HANGAR_NO_LOCAL_HOST")]
     no_local_host: bool,
@@ -80,6 +90,16 @@ pub struct ServerArgs {
     /// held on this machine (needed when several servers share one store).
     #[arg(long, env = "HANGAR_DIRECT_ENDPOINTS")]
     direct_endpoints: bool,
+    /// Shortest `sleep_after` a policy set at run time may have.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration, env = "HANGAR_POLICY_MIN_SLEEP_AFTER")]
+    policy_min_sleep_after: std::time::Duration,
+    /// Shortest `archive_after` a policy set at run time may have.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration, env = "HANGAR_POLICY_MIN_ARCHIVE_AFTER")]
+    policy_min_archive_after: std::time::Duration,
+    /// Shortest `delete_after` a policy set at run time may have: no policy change deletes
+    /// a service's VMs and their data sooner.
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime::parse_duration, env = "HANGAR_POLICY_MIN_DELETE_AFTER")]
+    policy_min_delete_after: std::time::Duration,
 }
 
 #[derive(clap::Args)]
@@ -103,6 +123,8 @@ pub fn default_data_dir() -> PathBuf {
 
 /// Runs the server until SIGINT or SIGTERM; fails when it cannot start.
 pub async fn run(args: ServerArgs) -> ExitCode {
+    // Every file the server and its children (QEMU, the forwarder) write is private.
+    hangar_image::hostfs::restrict_umask();
     init_logging();
     let forwarder_command = match std::env::current_exe() {
         Ok(exe) => vec![exe.into_os_string(), "forwarder".into()],
@@ -114,6 +136,7 @@ pub async fn run(args: ServerArgs) -> ExitCode {
     let config = hangar_server::ServerConfig {
         data_dir: args.data_dir.unwrap_or_else(default_data_dir),
         listen: args.listen,
+        insecure_listen: args.insecure_listen,
         catalog: args.catalog,
         accel: args.accel,
         endpoint_host: args.endpoint_host,
@@ -129,12 +152,18 @@ pub async fn run(args: ServerArgs) -> ExitCode {
         image_budget_mib: args.image_budget,
         store: args.store,
         farm_token_file: args.farm_token_file,
+        secrets_key_file: args.secrets_key_file,
         local_host: !args.no_local_host,
         host_loss: hangar_server::farm::LossTimes {
             down_after: args.host_down_after,
             lost_after: args.host_lost_after.max(args.host_down_after),
         },
         stable_endpoints: !args.direct_endpoints,
+        policy_floors: hangar_server::PolicyFloors {
+            sleep_after: args.policy_min_sleep_after,
+            archive_after: args.policy_min_archive_after,
+            delete_after: args.policy_min_delete_after,
+        },
     };
     match hangar_server::run(config, shutdown_signal()).await {
         Ok(()) => {

@@ -19,6 +19,7 @@ pub async fn run(client: &Client, args: TemplatesArgs) -> Result<(), CliError> {
     let rows = templates.iter().map(|t| {
         vec![
             t.service.clone(),
+            t.host.clone(),
             t.key.clone(),
             format!("{}x{} MiB", t.vcpus, t.memory_mib),
             format!("{:.1} MB", t.size_bytes as f64 / 1e6),
@@ -33,7 +34,7 @@ pub async fn run(client: &Client, args: TemplatesArgs) -> Result<(), CliError> {
     });
     table::print(
         &[
-            "SERVICE", "KEY", "SHAPE", "SIZE", "SNAPSHOT", "CURRENT", "CREATED",
+            "SERVICE", "HOST", "KEY", "SHAPE", "SIZE", "SNAPSHOT", "CURRENT", "CREATED",
         ],
         rows,
     );

@@ -84,9 +84,12 @@ impl TestServer {
 
     /// Starts the server process (again) on the same data dir and port.
     pub fn spawn(&mut self) {
+        use std::os::unix::fs::OpenOptionsExt;
+        // Private like every file the server writes in its data dir.
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(self.data_dir.path().join("server.log"))
             .unwrap();
         let child = Command::new(HANGAR)

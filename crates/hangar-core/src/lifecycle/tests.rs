@@ -454,3 +454,37 @@ proptest! {
         prop_assert!(decide(&inputs).is_empty());
     }
 }
+
+#[test]
+fn policy_floors_refuse_timers_shorter_than_theirs() {
+    let floors = PolicyFloors::default();
+    let ms = Duration::from_millis;
+    assert_eq!(
+        floors
+            .check([("sleep_after", ms(1)), ("delete_after", ms(1))])
+            .unwrap_err()
+            .to_string(),
+        "policy sleep_after of 1ms is shorter than the floor of 1s (the server's --policy-min-sleep-after)"
+    );
+    let err = floors
+        .check([("delete_after", Duration::from_secs(3599))])
+        .unwrap_err();
+    assert_eq!(
+        (err.field.as_str(), err.floor),
+        ("delete_after", Duration::from_secs(3600))
+    );
+    assert!(
+        err.to_string().contains("--policy-min-delete-after"),
+        "{err}"
+    );
+    assert!(
+        floors
+            .check([
+                ("sleep_after", Duration::from_secs(1)),
+                ("archive_after", Duration::from_secs(10)),
+                ("delete_after", Duration::from_secs(3600)),
+            ])
+            .is_ok()
+    );
+    assert!(PolicyFloors::NONE.check([("delete_after", ms(1))]).is_ok());
+}

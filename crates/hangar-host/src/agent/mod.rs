@@ -5,9 +5,12 @@
 //!   farm token.
 //! - [`wire`]: what crosses: request bodies, [`wire::WireError`] (the error kinds a caller
 //!   acts on survive the trip) and the NDJSON lines of streamed operations.
+//! - [`files`]: files sent with single-range resumes (template files to peers, and the
+//!   server's image blobs).
 //! - [`run`]: the agent process: a QEMU [`crate::LocalHost`] served, registered with the
 //!   control plane and reported every second ([`run::run_agent`]).
 
+pub mod files;
 pub mod run;
 mod serve;
 pub mod wire;

@@ -37,15 +37,20 @@ pub struct AgentConfig {
     pub servers: Vec<String>,
     /// The farm token: presented to the control plane, and asked of it.
     pub token: String,
-    /// Where the agent's API listens.
+    /// Where the agent's API listens: a loopback address, unless `insecure_listen`.
     pub listen: SocketAddr,
+    /// Allow `listen` to be reachable from other machines (plain HTTP, the farm token in
+    /// clear; warned loudly at start). Off: a non-loopback `listen` is refused
+    /// ([`hangar_core::exposure`]).
+    pub insecure_listen: bool,
     /// The agent's API as the control plane reaches it; none: `http://<listen>`, or
     /// `http://<endpoint_host>:<port>` when `listen` is a wildcard address.
     pub advertise: Option<String>,
     /// VM directories, templates and the lock file.
     pub data_dir: PathBuf,
     pub accel: Accel,
-    /// Where VMs' port forwards listen: the machine's own address as clients reach it.
+    /// Where VMs' port forwards listen: the machine's own address as clients reach it,
+    /// never a wildcard.
     pub endpoint_host: IpAddr,
     pub labels: BTreeMap<String, String>,
     pub cost: u32,
@@ -81,6 +86,9 @@ pub enum AgentError {
     },
     #[error("data directory {0} is in use by another agent or server")]
     Locked(String),
+    /// The data dir could not be made private.
+    #[error("data directory: {0}")]
+    HostFs(#[from] hangar_image::hostfs::HostFsError),
     #[error("{0}")]
     Qemu(String),
     #[error("no server URL given")]
@@ -91,6 +99,9 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+    /// The listen address or endpoint host is refused (see [`hangar_core::exposure`]).
+    #[error(transparent)]
+    Exposure(#[from] hangar_core::exposure::ExposureError),
     #[error("serving the agent API")]
     Serve(#[source] std::io::Error),
 }
@@ -105,12 +116,19 @@ pub async fn run_agent(
     if config.servers.is_empty() {
         return Err(AgentError::NoServers);
     }
+    hangar_core::exposure::check_endpoint_host(config.endpoint_host)?;
+    if hangar_core::exposure::check_listen("agent API", config.listen, config.insecure_listen)? {
+        tracing::warn!(
+            "{}",
+            hangar_core::exposure::insecure_warning("agent API", config.listen)
+        );
+    }
     let data_dir = &config.data_dir;
     let data_err = |source| AgentError::DataDir {
         path: data_dir.display().to_string(),
         source,
     };
-    std::fs::create_dir_all(data_dir).map_err(data_err)?;
+    hangar_image::hostfs::secure_dir(data_dir)?;
     let lock = std::fs::File::create(data_dir.join("agent.lock")).map_err(data_err)?;
     lock.try_lock()
         .map_err(|_| AgentError::Locked(data_dir.display().to_string()))?;
@@ -211,6 +229,7 @@ pub fn facts_view(facts: &HostFacts) -> HostFactsView {
         load: facts.load,
         templates: facts.templates.clone(),
         blobs: facts.blobs.clone(),
+        images: facts.images.clone(),
     }
 }
 

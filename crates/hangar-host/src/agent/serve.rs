@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 
 use super::wire::{
     AdoptBody, ArchiveBody, BootShellBody, ErrorKind, Health, LeftoversBody, Line, MakeBody,
-    TemplatesBody, WireError,
+    PullTemplateBody, TemplatesBody, WireError,
 };
 use crate::{HandOut, Host, HostError, ProgressFn, VmPlan, WakeFrom};
 
@@ -103,6 +103,12 @@ async fn require_token(State(state): State<AgentState>, request: Request, next: 
 /// - `POST /agent/v1/templates/applies` and `POST /agent/v1/templates/built` (a
 ///   [`hangar_core::Service`]), `POST /agent/v1/templates/list` ([`TemplatesBody`]),
 ///   `POST /agent/v1/templates/{id}/remove`
+/// - `POST /agent/v1/templates/bundle` (a [`hangar_core::Service`]): its template as a
+///   [`crate::TemplateBundle`] peers can pull, or `null`; `POST /agent/v1/templates/pull`
+///   ([`PullTemplateBody`]): install a peer's template
+/// - `GET /v1/farm/blobs/{sha256}`: a file of a template bundle held here, for peers
+///   (the path a server serves image blobs on, so one client pulls from both; resumable
+///   with `Range`; 404 for any hash not in a bundle)
 pub fn router(host: Arc<dyn Host>, token: &str) -> Router {
     let state = AgentState {
         host,
@@ -128,6 +134,9 @@ pub fn router(host: Arc<dyn Host>, token: &str) -> Router {
         .route("/agent/v1/templates/built", post(has_template))
         .route("/agent/v1/templates/list", post(templates))
         .route("/agent/v1/templates/{id}/remove", post(remove_template))
+        .route("/agent/v1/templates/bundle", post(template_bundle))
+        .route("/agent/v1/templates/pull", post(pull_template))
+        .route("/v1/farm/blobs/{sha256}", get(template_blob))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/agent/v1/healthz", get(healthz))
@@ -330,4 +339,73 @@ async fn templates(
 
 async fn remove_template(State(state): State<AgentState>, Path(id): Path<String>) -> Reply<()> {
     Ok(axum::Json(state.host.remove_template(&id).await?))
+}
+
+async fn template_bundle(
+    State(state): State<AgentState>,
+    body: Bytes,
+) -> Reply<Option<crate::TemplateBundle>> {
+    let service: hangar_core::Service = parse(&body)?;
+    Ok(axum::Json(state.host.template_bundle(&service).await?))
+}
+
+async fn pull_template(
+    State(state): State<AgentState>,
+    body: Bytes,
+) -> Reply<crate::TemplateFacts> {
+    let PullTemplateBody {
+        service,
+        bundle,
+        from,
+    } = parse(&body)?;
+    Ok(axum::Json(
+        state.host.pull_template(&service, &bundle, &from).await?,
+    ))
+}
+
+/// A template file by hash, for a peer pulling the template (see [`router`]).
+async fn template_blob(
+    State(state): State<AgentState>,
+    Path(sha256): Path<String>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, Failure> {
+    let not_found = || {
+        Failure(
+            StatusCode::NOT_FOUND,
+            WireError::new(
+                ErrorKind::Other,
+                format!("no template file {sha256} is offered here"),
+            ),
+        )
+    };
+    if !hangar_api::Blob::is_hash(&sha256) {
+        return Err(not_found());
+    }
+    let path = state
+        .host
+        .template_blob(&sha256)
+        .await
+        .ok_or_else(not_found)?;
+    let file = tokio::fs::File::open(&path)
+        .await
+        .map_err(|_| not_found())?;
+    let size = file
+        .metadata()
+        .await
+        .map_err(|err| {
+            Failure::from(HostError::Io {
+                path: path.display().to_string(),
+                source: err,
+            })
+        })?
+        .len();
+    super::files::send_file(file, size, &headers)
+        .await
+        .map_err(|err| {
+            let status = match err {
+                super::files::SendError::PastEnd(_) => StatusCode::RANGE_NOT_SATISFIABLE,
+                super::files::SendError::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            Failure(status, WireError::new(ErrorKind::Other, err.to_string()))
+        })
 }

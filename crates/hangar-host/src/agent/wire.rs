@@ -149,3 +149,11 @@ pub struct TemplatesBody {
 pub struct Health {
     pub name: String,
 }
+
+/// `POST /agent/v1/templates/pull`: install `service`'s template from a peer's bundle.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PullTemplateBody {
+    pub service: Service,
+    pub bundle: crate::TemplateBundle,
+    pub from: crate::PeerSource,
+}

@@ -7,7 +7,7 @@
 //! - [`NoImages`] serves the fake backend.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use hangar_core::Service;
@@ -55,6 +55,9 @@ pub enum ImageSourceError {
     /// Writing the export's files failed.
     #[error("export: {0}")]
     Export(String),
+    /// This source keeps no files by hash, so it cannot take a peer's.
+    #[error("this host's images are not content-addressed: it cannot pull from host {0}")]
+    NoPeerPulls(String),
     /// Pulling an image from the control plane failed (farm hosts).
     #[error("pulling an image")]
     Pull(#[source] Box<pulled::PullError>),
@@ -121,6 +124,31 @@ pub trait ImageSource: Send + Sync + 'static {
     /// The content hashes (sha256) of the image blobs this source holds, for hosts that
     /// pull them by hash; none for sources that build their own.
     fn held_blobs(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// The content hash (sha256) of a file this source gave out, when it keeps its files
+    /// by hash (a farm host's pulled images); `None` for sources that build their own. A
+    /// template is shared between hosts only when all its inputs have one.
+    fn content_hash(&self, _path: &Path) -> Option<String> {
+        None
+    }
+
+    /// Pulls `blob` from the peer host `from` (a template's file), verified and
+    /// resumable, and gives its local path. Only sources that keep files by hash can.
+    async fn pull_peer_blob(
+        &self,
+        _blob: &hangar_api::Blob,
+        from: &crate::PeerSource,
+        _what: &str,
+        _progress: &ProgressFn,
+    ) -> Result<PathBuf, ImageSourceError> {
+        Err(ImageSourceError::NoPeerPulls(from.host.clone()))
+    }
+
+    /// The service roots this source holds whole, as `service@os`, for placement's
+    /// preference for hosts that hold a VM's image; none for sources that build their own.
+    fn held_roots(&self) -> Vec<String> {
         Vec::new()
     }
 

@@ -116,6 +116,8 @@ pub struct PulledImages {
     blobs_dir: PathBuf,
     manifests_dir: PathBuf,
     servers: Vec<Client>,
+    /// The HTTP client every server's and peer's [`Client`] shares.
+    http: reqwest::Client,
     /// The server that answered last: tried first.
     preferred: AtomicUsize,
     /// One lock per blob being pulled.
@@ -164,6 +166,7 @@ impl PulledImages {
             blobs_dir,
             manifests_dir,
             servers,
+            http,
             preferred: AtomicUsize::new(0),
             downloads: Mutex::default(),
         })
@@ -283,6 +286,39 @@ impl PulledImages {
         what: &str,
         progress: &ProgressFn,
     ) -> Result<PathBuf, PullError> {
+        let start = self.preferred.load(Ordering::Relaxed);
+        self.pull_via(&self.servers, start, blob, what, progress)
+            .await
+    }
+
+    /// [`PulledImages::pull`] from a peer host (a template's files) instead of the
+    /// servers: `url` is the peer agent's, `token` the farm token it accepts.
+    pub async fn pull_from_peer(
+        &self,
+        url: &str,
+        token: &str,
+        blob: &Blob,
+        what: &str,
+        progress: &ProgressFn,
+    ) -> Result<PathBuf, PullError> {
+        let peer = Client::with_http(url, self.http.clone())?.with_token(token);
+        self.pull_via(std::slice::from_ref(&peer), 0, blob, what, progress)
+            .await
+    }
+
+    /// Pulls `blob` from the first of `sources` (tried in turn from `start`) that gives it
+    /// whole, verified; one download per blob at a time.
+    async fn pull_via(
+        &self,
+        sources: &[Client],
+        start: usize,
+        blob: &Blob,
+        what: &str,
+        progress: &ProgressFn,
+    ) -> Result<PathBuf, PullError> {
+        if sources.is_empty() {
+            return Err(PullError::NoServers);
+        }
         if !Blob::is_hash(&blob.sha256) {
             return Err(PullError::BadHash(blob.sha256.clone()));
         }
@@ -300,11 +336,10 @@ impl PulledImages {
             return Ok(path);
         }
         let part = self.blobs_dir.join(format!("{}.part", blob.sha256));
-        let start = self.preferred.load(Ordering::Relaxed);
         let mut last = None;
-        for i in 0..self.servers.len() {
-            let index = (start + i) % self.servers.len();
-            let client = &self.servers[index];
+        for i in 0..sources.len() {
+            let index = (start + i) % sources.len();
+            let client = &sources[index];
             match self.download(client, blob, &part, &what, progress).await {
                 Ok(()) => {
                     last = None;
@@ -507,6 +542,51 @@ fn no_progress() -> ProgressFn {
 impl ImageSource for PulledImages {
     fn held_blobs(&self) -> Vec<String> {
         self.held()
+    }
+
+    /// Roots whose manifest was pulled and whose every blob is held.
+    fn held_roots(&self) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(&self.manifests_dir) else {
+            return Vec::new();
+        };
+        let mut roots: Vec<String> = entries
+            .flatten()
+            .filter_map(|entry| {
+                let name = entry.file_name();
+                let key = hex::decode(name.to_str()?.strip_suffix(".json")?).ok()?;
+                let root = String::from_utf8(key)
+                    .ok()?
+                    .strip_prefix("root/")?
+                    .to_owned();
+                let manifest: RootManifest = self.kept_manifest(&format!("root/{root}"))?;
+                manifest
+                    .blobs()
+                    .all(|blob| self.holds(blob))
+                    .then_some(root)
+            })
+            .collect();
+        roots.sort();
+        roots
+    }
+
+    /// A pulled file is named by its hash: the hash of a path in the blob store is its
+    /// name (no file is read).
+    fn content_hash(&self, path: &Path) -> Option<String> {
+        let name = path.file_name()?.to_str()?;
+        (path.parent() == Some(self.blobs_dir.as_path()) && Blob::is_hash(name))
+            .then(|| name.to_owned())
+    }
+
+    async fn pull_peer_blob(
+        &self,
+        blob: &Blob,
+        from: &crate::PeerSource,
+        what: &str,
+        progress: &ProgressFn,
+    ) -> Result<PathBuf, ImageSourceError> {
+        Ok(self
+            .pull_from_peer(&from.url, &from.token, blob, what, progress)
+            .await?)
     }
 
     async fn guest_assets(&self) -> Result<GuestAssets, ImageSourceError> {

@@ -177,6 +177,7 @@ impl Host for LocalHost {
                 .filter_map(|info| Some(info.dir.file_name()?.to_string_lossy().into_owned()))
                 .collect(),
             blobs: self.images.held_blobs(),
+            images: self.images.held_roots(),
         })
     }
 
@@ -528,7 +529,7 @@ impl Host for LocalHost {
                 let name = entry.file_name().to_string_lossy().into_owned();
                 if !keep.contains(&name) {
                     tracing::info!(dir = %entry.path().display(), "removing leftover vm directory");
-                    if std::fs::remove_dir_all(entry.path()).is_ok() {
+                    if hangar_image::hostfs::remove_tree(&entry.path()).is_ok() {
                         removed.push(name);
                     }
                 }
@@ -555,6 +556,26 @@ impl Host for LocalHost {
             .collect();
         templates.sort_by(|a, b| a.service.cmp(&b.service).then(a.key.cmp(&b.key)));
         Ok(templates)
+    }
+
+    async fn template_bundle(
+        &self,
+        service: &Service,
+    ) -> Result<Option<crate::TemplateBundle>, HostError> {
+        self.bundle_of(service).await
+    }
+
+    async fn pull_template(
+        &self,
+        service: &Service,
+        bundle: &crate::TemplateBundle,
+        from: &crate::PeerSource,
+    ) -> Result<TemplateFacts, HostError> {
+        self.install_bundle(service, bundle, from).await
+    }
+
+    async fn template_blob(&self, sha256: &str) -> Option<PathBuf> {
+        self.bundle_file(sha256)
     }
 
     async fn remove_template(&self, id: &str) -> Result<(), HostError> {

@@ -9,8 +9,8 @@ use hangar_core::Service;
 use hangar_vmm::{TemplateInfo, VmSpec};
 use sha2::{Digest, Sha256};
 
-use super::LocalHost;
-use crate::{HostError, TemplateFacts};
+use super::{LocalHost, error_chain};
+use crate::{Host, HostError, PeerSource, TemplateBundle, TemplateFacts};
 
 impl LocalHost {
     /// Removes what an interrupted template build left (staging directories).
@@ -22,7 +22,9 @@ impl LocalHost {
             let path = entry.path();
             if path.extension().is_some_and(|ext| ext == "tmp") {
                 tracing::info!(dir = %path.display(), "removing an unfinished template");
-                let _ = std::fs::remove_dir_all(&path);
+                if let Err(err) = hangar_image::hostfs::remove_tree(&path) {
+                    tracing::warn!(error = %err, "cannot remove an unfinished template");
+                }
             }
         }
     }
@@ -33,7 +35,7 @@ impl LocalHost {
             "service": service,
             "kernel": spec.kernel,
             "initramfs": spec.initramfs,
-            "cmdline": spec.cmdline,
+            "cmdline": key_cmdline(&spec.cmdline),
             "base_image": spec.base_image,
             "memory_mib": spec.memory_mib,
             "vcpus": spec.vcpus,
@@ -152,7 +154,268 @@ impl LocalHost {
         self.drop_agent(vm_id);
         let template = made?;
         tracing::info!(service = %service.name, dir = %dir.display(), size_bytes = template.size_bytes, took_ms = template.took_ms, "template made");
+        // Hosts whose images are content-addressed (farm hosts) hash the template's files
+        // now, so that the first peer to pull it does not wait for that.
+        if self.content_key(service, spec).is_some()
+            && let Err(err) = self.bundle_of(service).await
+        {
+            tracing::warn!(service = %service.name, error = %error_chain(&err), "cannot describe the template for peers");
+        }
         Self::template_facts(&template, std::slice::from_ref(service))
             .ok_or_else(|| HostError::Guest(format!("template {} has no name", dir.display())))
+    }
+}
+
+/// `bundle.json` in a template directory: the [`TemplateBundle`] peers pull it as, written
+/// the first time one asks (hashing the files once).
+const BUNDLE_FILE: &str = "bundle.json";
+
+impl LocalHost {
+    /// The content identity of `service`'s template for VMs launched as `spec`: like
+    /// [`LocalHost::template_key`], with the content hashes of the kernel, initramfs and
+    /// base disk instead of their paths, so hosts holding the same blobs agree on it.
+    /// `None` when the image source cannot name a file's content (it builds its own).
+    pub(super) fn content_key(&self, service: &Service, spec: &VmSpec) -> Option<String> {
+        let hash = |path: &std::path::Path| self.images.content_hash(path);
+        let base = match &spec.base_image {
+            Some(path) => Some(hash(path)?),
+            None => None,
+        };
+        let inputs = serde_json::json!({
+            "service": service,
+            "kernel": hash(&spec.kernel)?,
+            "initramfs": hash(&spec.initramfs)?,
+            "cmdline": key_cmdline(&spec.cmdline),
+            "base_image": base,
+            "memory_mib": spec.memory_mib,
+            "vcpus": spec.vcpus,
+        });
+        Some(hex::encode(Sha256::digest(inputs.to_string().as_bytes())))
+    }
+
+    /// `service`'s current template as a [`TemplateBundle`] (see [`Host::template_bundle`]).
+    pub(super) async fn bundle_of(
+        &self,
+        service: &Service,
+    ) -> Result<Option<TemplateBundle>, HostError> {
+        if !self.templates_apply(service).await {
+            return Ok(None);
+        }
+        let spec = self.template_probe_spec(service).await?;
+        let Some(template) = self.find_template(service, &spec) else {
+            return Ok(None);
+        };
+        let Some(content_key) = self.content_key(service, &spec) else {
+            return Ok(None);
+        };
+        let path = template.dir.join(BUNDLE_FILE);
+        if let Some(bundle) = std::fs::read(&path)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<TemplateBundle>(&bytes).ok())
+            .filter(|bundle| bundle.content_key == content_key)
+        {
+            return Ok(Some(bundle));
+        }
+        let files = template.clone();
+        let (memory, disk) = tokio::task::spawn_blocking(move || {
+            let memory = blob_of(&files.memory)?;
+            let disk = files.disk.as_deref().map(blob_of).transpose()?;
+            Ok::<_, HostError>((memory, disk))
+        })
+        .await
+        .map_err(|err| HostError::Template(format!("hashing the template's files: {err}")))??;
+        let bundle = TemplateBundle {
+            service: service.name.clone(),
+            content_key,
+            memory,
+            disk,
+            qemu_version: template.qemu_version.clone(),
+        };
+        let json = serde_json::to_vec_pretty(&bundle).map_err(HostError::Record)?;
+        write_file(&path, &json)?;
+        Ok(Some(bundle))
+    }
+
+    /// Installs `service`'s template from a peer's bundle (see [`Host::pull_template`]).
+    pub(super) async fn install_bundle(
+        &self,
+        service: &Service,
+        bundle: &TemplateBundle,
+        from: &PeerSource,
+    ) -> Result<TemplateFacts, HostError> {
+        let started = std::time::Instant::now();
+        if !self.templates_apply(service).await {
+            return Err(HostError::TemplatesOff);
+        }
+        let spec = self.template_probe_spec(service).await?;
+        let mine = self.content_key(service, &spec).ok_or_else(|| {
+            HostError::Template(format!(
+                "this host's images of {} are not content-addressed",
+                service.name
+            ))
+        })?;
+        if mine != bundle.content_key || bundle.service != service.name {
+            return Err(HostError::Template(format!(
+                "host {}'s template of {} was made from other images or another definition \
+                 (content key {}, this host's {mine})",
+                from.host, bundle.service, bundle.content_key
+            )));
+        }
+        if bundle.disk.is_some() != spec.base_image.is_some() {
+            return Err(HostError::Template(format!(
+                "host {}'s template of {} does not have the disk this host's VMs have",
+                from.host, service.name
+            )));
+        }
+        let dir = self
+            .template_dir(service, &spec)
+            .ok_or(HostError::TemplatesOff)?;
+        if let Some(template) = hangar_vmm::template::read(&dir) {
+            return Self::template_facts(&template, std::slice::from_ref(service))
+                .ok_or_else(|| HostError::Template(format!("{} has no name", dir.display())));
+        }
+        let progress: crate::ProgressFn = Arc::new(|_: &str, _: u8| {});
+        let memory = self
+            .images
+            .pull_peer_blob(&bundle.memory, from, "template memory", &progress)
+            .await?;
+        let disk = match (&bundle.disk, &spec.base_image) {
+            (Some(blob), Some(base)) => {
+                let disk = self
+                    .images
+                    .pull_peer_blob(blob, from, "template disk", &progress)
+                    .await?;
+                // The layer names its backing file by the peer's path: point it at this
+                // host's copy of the same base (same content: the keys matched).
+                hangar_vmm::template::rebase_disk(&disk, base)
+                    .await
+                    .map_err(|source| HostError::Io {
+                        path: disk.display().to_string(),
+                        source,
+                    })?;
+                Some(disk)
+            }
+            _ => None,
+        };
+        if let Some(parent) = dir.parent() {
+            std::fs::create_dir_all(parent).map_err(|source| HostError::Io {
+                path: parent.display().to_string(),
+                source,
+            })?;
+        }
+        let info = hangar_vmm::TemplateInfo {
+            dir: dir.clone(),
+            memory: memory.clone(),
+            disk: disk.clone(),
+            size_bytes: 0,
+            took_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            qemu_version: bundle.qemu_version.clone(),
+            created_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |since| {
+                    u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+                }),
+            spec: spec.clone(),
+        };
+        let template = hangar_vmm::template::assemble(&memory, disk.as_deref(), &dir, info)
+            .map_err(|source| HostError::Io {
+                path: dir.display().to_string(),
+                source,
+            })?;
+        // The bundle stays true (same bytes but the disk's backing name, which
+        // the next host rewrites again): this host can be a source in turn.
+        let mut kept = bundle.clone();
+        if let (Some(blob), Some(disk)) = (&mut kept.disk, &template.disk) {
+            *blob = tokio::task::spawn_blocking({
+                let disk = disk.clone();
+                move || blob_of(&disk)
+            })
+            .await
+            .map_err(|err| HostError::Template(format!("hashing the template's disk: {err}")))??;
+        }
+        let json = serde_json::to_vec_pretty(&kept).map_err(HostError::Record)?;
+        write_file(&template.dir.join(BUNDLE_FILE), &json)?;
+        tracing::info!(service = %service.name, from = %from.host, dir = %dir.display(), took_ms = template.took_ms, "template pulled from a peer");
+        Self::template_facts(&template, std::slice::from_ref(service))
+            .ok_or_else(|| HostError::Template(format!("{} has no name", dir.display())))
+    }
+
+    /// The file of a template's bundle with this hash, if this host offers one.
+    pub(super) fn bundle_file(&self, sha256: &str) -> Option<PathBuf> {
+        self.template_infos().into_iter().find_map(|template| {
+            let bytes = std::fs::read(template.dir.join(BUNDLE_FILE)).ok()?;
+            let bundle: TemplateBundle = serde_json::from_slice(&bytes).ok()?;
+            if bundle.memory.sha256 == sha256 {
+                Some(template.memory.clone())
+            } else if bundle
+                .disk
+                .as_ref()
+                .is_some_and(|disk| disk.sha256 == sha256)
+            {
+                template.disk.clone()
+            } else {
+                None
+            }
+        })
+    }
+}
+
+/// The kernel command line as a template's key sees it: `tsc_early_khz` (the host's TSC
+/// frequency, measured at each start with a jitter of some kHz) rounded to 10 MHz, so that
+/// a restart or another host of the same CPU keeps the key, while hosts whose TSC runs at
+/// another rate (a clone keeps its template's calibration) get their own template.
+fn key_cmdline(cmdline: &str) -> String {
+    cmdline
+        .split_whitespace()
+        .map(|word| match word.strip_prefix("tsc_early_khz=") {
+            Some(khz) => match khz.parse::<u64>() {
+                Ok(khz) => format!("tsc_early_khz~{}", (khz + 5_000) / 10_000 * 10_000),
+                Err(_) => word.to_owned(),
+            },
+            None => word.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The blob of a file: its sha256 and size.
+fn blob_of(path: &std::path::Path) -> Result<hangar_api::Blob, HostError> {
+    let io = |source| HostError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let mut hasher = Sha256::new();
+    let size = std::io::copy(&mut file, &mut hasher).map_err(io)?;
+    Ok(hangar_api::Blob {
+        sha256: hex::encode(hasher.finalize()),
+        size,
+    })
+}
+
+/// Writes `bytes` to `path` through a temporary file renamed into place.
+fn write_file(path: &std::path::Path, bytes: &[u8]) -> Result<(), HostError> {
+    let tmp = path.with_extension("json.part");
+    std::fs::write(&tmp, bytes)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|source| HostError::Io {
+            path: path.display().to_string(),
+            source,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::key_cmdline;
+
+    #[test]
+    fn the_key_absorbs_tsc_jitter_but_not_another_rate() {
+        let a = key_cmdline("console=ttyS0 tsc_early_khz=2595955 tsc=reliable");
+        let b = key_cmdline("console=ttyS0 tsc_early_khz=2595941 tsc=reliable");
+        let c = key_cmdline("console=ttyS0 tsc_early_khz=2999990 tsc=reliable");
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert_eq!(a, "console=ttyS0 tsc_early_khz~2600000 tsc=reliable");
+        assert_eq!(key_cmdline("quiet panic=-1"), "quiet panic=-1");
     }
 }

@@ -180,6 +180,10 @@ impl From<crate::requests::RequestError> for ApiError {
                 retry_after_s: 5,
                 task: None,
             },
+            RequestError::TooLarge(too_large) => ApiError::Never {
+                message: too_large.to_string(),
+                alternatives: Vec::new(),
+            },
             RequestError::CreationFailed(_) | RequestError::TaskLost(_) => {
                 ApiError::Internal(error_chain(&err))
             }
@@ -221,6 +225,10 @@ impl From<crate::lifecycle::policy::PolicyError> for ApiError {
                 message: err.to_string(),
             },
             PolicyError::Invalid(message) => ApiError::BadRequest(message),
+            PolicyError::BelowFloor(message) => ApiError::Never {
+                message,
+                alternatives: Vec::new(),
+            },
             PolicyError::Lifecycle(err) => err.into(),
             PolicyError::Store(err) => err.into(),
             PolicyError::Encode(_) | PolicyError::Vanished(_) | PolicyError::RemoveImage { .. } => {

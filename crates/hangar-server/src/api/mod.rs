@@ -168,6 +168,7 @@ async fn list_services(State(manager): State<Arc<Manager>>) -> Json<Vec<ServiceV
                                 },
                                 required: setting.default.is_none(),
                                 secret: setting.secret,
+                                format: setting.format.as_str().into(),
                             },
                         )
                     })
@@ -344,7 +345,8 @@ fn vm_view(vm: VmRecord) -> VmView {
         state: vm.state,
         mode: vm.mode,
         owner: vm.owner,
-        env: vm.env,
+        // Secret settings are sealed in the store and never shown.
+        env: crate::secrets::shown(vm.env),
         memory_mib: vm.memory_mib,
         vcpus: vm.vcpus,
         pool: vm.pool,

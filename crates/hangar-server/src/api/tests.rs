@@ -376,6 +376,14 @@ async fn every_answer_matches_its_schema_in_the_openapi_document() {
             r#"{"service":"never-ready","deadline_ms":50}"#,
             StatusCode::SERVICE_UNAVAILABLE,
         ),
+        (
+            r#"{"config":{"vcpus":1000000000,"memory_mib":{"min":128,"max":128},"os":{"name":"busybox"}}}"#,
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            r#"{"config":{"vcpus":1,"memory_mib":{"min":262144,"max":262144},"os":{"name":"busybox"}}}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
     ] {
         let answer = api.call("POST", "/v1/requests", "/v1/requests", body).await;
         assert_eq!(answer.status, status, "{body}");

@@ -11,6 +11,12 @@
 //!
 //! Activity: the monitor loop polls the forwarder's per-VM connection activity and hands
 //! each VM's latest activity to [`Manager::note_endpoint_use`].
+//!
+//! In use while connected: before the lifecycle loop puts a VM to sleep, archives or
+//! deletes it, [`Manager::quiesce_endpoints`] has the forwarder mark the VM asleep only if
+//! no connection to it is open (atomically with connections being admitted); a VM with
+//! open connections is left as it is (issue 13, finding 6). Each port wakes its VM on the
+//! client's first bytes or on connect, as the catalog says (`wake`, finding 7).
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsString;
@@ -18,7 +24,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use hangar_core::VmState;
+use hangar_core::catalog::Port;
+use hangar_core::{Catalog, Service, VmState, WakeOn};
 use hangar_forward::{Control, EndpointSpec, ForwardError, Forwarder, Reply, Request};
 use hangar_store::VmRecord;
 
@@ -126,11 +133,31 @@ impl StableEndpoints {
     }
 }
 
+/// Whether the lifecycle may go on with a VM's endpoints ([`Manager::quiesce_endpoints`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndpointUse {
+    /// No connection is open; the endpoints now wait for a wake.
+    Idle,
+    /// This many connections are open: the VM is in use.
+    Busy { open: u64 },
+}
+
+/// When a connection to port `name` wakes its VM: as the first of `ports` with that name
+/// says, else on data.
+pub fn wake_on<'a>(ports: impl IntoIterator<Item = &'a Port>, name: &str) -> WakeOn {
+    ports
+        .into_iter()
+        .find(|port| port.name == name)
+        .map(|port| port.wake)
+        .unwrap_or_default()
+}
+
 /// The endpoints the forwarder should hold for these VMs: every endpoint of a VM that is
 /// not deleted or failed, forwarding to its direct endpoint, active unless the VM sleeps
-/// or is archived. VMs whose endpoints are their direct endpoints (made before stable
-/// endpoints, or without a forwarder) have none.
-pub fn desired_endpoints(vms: &[VmRecord]) -> Vec<EndpointSpec> {
+/// or is archived, waking it as its service's port says in `catalog`. VMs whose endpoints
+/// are their direct endpoints (made before stable endpoints, or without a forwarder) have
+/// none.
+pub fn desired_endpoints(vms: &[VmRecord], catalog: &Catalog) -> Vec<EndpointSpec> {
     let mut specs = Vec::new();
     for vm in vms {
         let active = match vm.state {
@@ -149,12 +176,18 @@ pub fn desired_endpoints(vms: &[VmRecord]) -> Vec<EndpointSpec> {
                 tracing::warn!(vm = %vm.id, name, "unparsable endpoint in the store");
                 continue;
             };
+            let ports = vm
+                .services
+                .iter()
+                .filter_map(|service| catalog.get(service))
+                .flat_map(|service| &service.ports);
             specs.push(EndpointSpec {
                 vm: vm.id.clone(),
                 name: name.clone(),
                 listen,
                 target,
                 active,
+                wake: wake_on(ports, name),
             });
         }
     }
@@ -164,7 +197,7 @@ pub fn desired_endpoints(vms: &[VmRecord]) -> Vec<EndpointSpec> {
 impl Manager {
     async fn desired_from_store(&self) -> Vec<EndpointSpec> {
         match self.store.vms(false).await {
-            Ok(vms) => desired_endpoints(&vms),
+            Ok(vms) => desired_endpoints(&vms, &self.catalog),
             Err(err) => {
                 tracing::warn!(error = %error_chain(&err), "cannot read vms for the forwarder");
                 Vec::new()
@@ -181,11 +214,12 @@ impl Manager {
     }
 
     /// Stable endpoints for a VM's direct endpoints (one listener each, chosen by the
-    /// forwarder, forwarding to the direct endpoint). Without a forwarder, the direct
-    /// endpoints themselves.
+    /// forwarder, forwarding to the direct endpoint, waking the VM as `service`'s port
+    /// says). Without a forwarder, the direct endpoints themselves.
     pub(crate) async fn open_endpoints(
         &self,
         vm_id: &str,
+        service: Option<&Service>,
         direct: &BTreeMap<String, SocketAddr>,
     ) -> Result<BTreeMap<String, SocketAddr>, EndpointError> {
         let Some(endpoints) = self.endpoints.get() else {
@@ -199,6 +233,7 @@ impl Manager {
                 listen: SocketAddr::new(self.config.endpoint_host, 0),
                 target: *target,
                 active: true,
+                wake: wake_on(service.iter().flat_map(|s| &s.ports), name),
             });
             match self.endpoints_call(endpoints, &request).await {
                 Ok(Reply::Port { port }) => {
@@ -233,6 +268,36 @@ impl Manager {
         };
         if let Err(err) = self.endpoints_call(endpoints, &request).await {
             tracing::warn!(vm = %vm_id, active, error = %error_chain(&err), "cannot update stable endpoints");
+        }
+    }
+
+    /// Before the lifecycle puts VM `vm_id` to sleep, archives or deletes it: marks its
+    /// endpoints asleep unless a connection to it is open (then [`EndpointUse::Busy`] and
+    /// nothing changed). A connection made after [`EndpointUse::Idle`] waits for a wake,
+    /// which waits for the caller's operation (it holds the VM's operation lock). Without
+    /// a forwarder, or when it cannot be reached (then no connection flows through it),
+    /// `Idle`.
+    pub(crate) async fn quiesce_endpoints(&self, vm_id: &str) -> EndpointUse {
+        let Some(endpoints) = self.endpoints.get() else {
+            return EndpointUse::Idle;
+        };
+        let request = Request::Quiesce {
+            vm: vm_id.to_owned(),
+        };
+        match self.endpoints_call(endpoints, &request).await {
+            Ok(Reply::Quiesced {
+                asleep: false,
+                open,
+            }) => EndpointUse::Busy { open },
+            Ok(Reply::Quiesced { asleep: true, .. }) => EndpointUse::Idle,
+            Ok(other) => {
+                tracing::warn!(vm = %vm_id, reply = ?other, "unexpected forwarder reply to quiesce");
+                EndpointUse::Idle
+            }
+            Err(err) => {
+                tracing::warn!(vm = %vm_id, error = %error_chain(&err), "cannot ask the forwarder whether the vm is in use");
+                EndpointUse::Idle
+            }
         }
     }
 

@@ -250,6 +250,7 @@ impl Manager {
                             load: f.load,
                             templates: f.templates,
                             blobs: f.blobs,
+                            images: f.images,
                         })
                         .unwrap_or_default(),
                     ..HostInfo::default()

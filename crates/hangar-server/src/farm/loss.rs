@@ -110,7 +110,12 @@ impl Manager {
                 && matches!(vm.state, VmState::Active | VmState::Sleeping)
                 && let Some(service) = vm.services.first()
             {
-                again.push((service.clone(), vm.env.clone()));
+                match self.secrets.open_env(&vm.env) {
+                    Ok(env) => again.push((service.clone(), env)),
+                    Err(err) => {
+                        tracing::warn!(vm = %vm.id, error = %err, "cannot provision a lost shared service again")
+                    }
+                }
             }
         }
         again.sort();

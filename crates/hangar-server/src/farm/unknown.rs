@@ -128,4 +128,20 @@ impl Host for UnknownHost {
     async fn remove_template(&self, _: &str) -> Result<(), HostError> {
         Err(self.error())
     }
+
+    async fn template_bundle(
+        &self,
+        _: &Service,
+    ) -> Result<Option<hangar_host::TemplateBundle>, HostError> {
+        Ok(None)
+    }
+
+    async fn pull_template(
+        &self,
+        _: &Service,
+        _: &hangar_host::TemplateBundle,
+        _: &hangar_host::PeerSource,
+    ) -> Result<TemplateFacts, HostError> {
+        Err(self.error())
+    }
 }

@@ -446,7 +446,9 @@ impl Manager {
                 String::from_utf8_lossy(&output.stderr).trim().to_owned(),
             ));
         }
-        let _ = std::fs::remove_dir_all(&tree);
+        if let Err(err) = hangar_image::hostfs::remove_tree(&tree) {
+            tracing::warn!(error = %err, "cannot remove the export's tree");
+        }
         let size_bytes = std::fs::metadata(&tar)
             .map_err(io_error("read the export's size"))?
             .len();

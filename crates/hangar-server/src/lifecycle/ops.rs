@@ -304,8 +304,19 @@ impl Manager {
         }
     }
 
-    /// Deletes a VM: its process and files, then its state. Idempotent for deleted VMs.
+    /// Deletes a VM: its process and files, then its state. Idempotent: deleting a deleted
+    /// VM answers its record, and concurrent deletes of one VM all answer the deleted record
+    /// (they take the VM's operation lock in turn; a delete that loses a race with another
+    /// replica's sees the VM deleted and answers that). [`LifecycleError::NoVm`] for an
+    /// unknown id; [`LifecycleError::StillCreating`] while it is being made.
     pub async fn delete(&self, id: &str) -> Result<VmRecord, LifecycleError> {
+        let lock = self.vm_op_lock(id);
+        let _guard = lock.lock().await;
+        self.delete_locked(id).await
+    }
+
+    /// [`Manager::delete`], for a caller holding the VM's operation lock.
+    pub(crate) async fn delete_locked(&self, id: &str) -> Result<VmRecord, LifecycleError> {
         let vm = self
             .store
             .vm(id)
@@ -331,7 +342,22 @@ impl Manager {
             | VmState::Failed => {}
         }
         self.tear_down(id).await?;
-        let vm = self.store.transition(id, VmState::Deleted, None).await?;
+        let vm = match self.store.transition(id, VmState::Deleted, None).await {
+            Ok(vm) => vm,
+            // Deleted meanwhile by another replica (whose lock is not this one's): the
+            // outcome the caller asked for.
+            Err(err) if err.is_transition_conflict() => match self.store.vm(id).await? {
+                Some(vm) if vm.state == VmState::Deleted => return Ok(vm),
+                _ => {
+                    return Err(LifecycleError::WrongState {
+                        id: id.to_owned(),
+                        state: vm.state,
+                        rule: "the VM changed state while it was being deleted",
+                    });
+                }
+            },
+            Err(err) => return Err(err.into()),
+        };
         tracing::info!(vm = %id, "vm deleted");
         Ok(vm)
     }

@@ -6,7 +6,8 @@
 //! sleeping ones are archived, archived ones are deleted with their archive; over the memory
 //! budget the least recently used are archived, over the disk budget archives (and unused
 //! images) are deleted. Each action is applied under the VM's operation lock and only if the
-//! VM is still as the decision saw it (same state, not used since).
+//! VM is still as the decision saw it (same state, not used since) and no connection to it
+//! is open through its stable endpoint (`crate::endpoints`: the VM is in use).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,6 +22,7 @@ use hangar_store::now_ms;
 use tokio::sync::Notify;
 
 use crate::api::error::error_chain;
+use crate::endpoints::EndpointUse;
 use crate::lifecycle::ops::LifecycleError;
 use crate::manager::Manager;
 
@@ -38,6 +40,10 @@ pub enum PolicyError {
     /// The policy asked for is not valid.
     #[error("{0}")]
     Invalid(String),
+    /// A timer the change sets is shorter than the server's floor for it (422); the
+    /// message names the floor.
+    #[error("{0}")]
+    BelowFloor(String),
     #[error("cannot encode the policy")]
     Encode(#[source] serde_json::Error),
     /// The policy was changed but is no longer listed.
@@ -104,6 +110,18 @@ pub struct PolicyChange {
 }
 
 impl PolicyChange {
+    /// The idle timers the change sets to a value, by field name.
+    pub fn timers_set(&self) -> Vec<(&'static str, Duration)> {
+        [
+            ("sleep_after", self.sleep_after),
+            ("archive_after", self.archive_after),
+            ("delete_after", self.delete_after),
+        ]
+        .into_iter()
+        .filter_map(|(field, value)| Some((field, value.flatten()?)))
+        .collect()
+    }
+
     fn apply(&self, mut policy: Policy) -> Policy {
         if let Some(value) = self.sleep_after {
             policy.sleep_after = value;
@@ -213,6 +231,10 @@ impl Manager {
             .unwrap_or_default();
         let policy = change.apply(current);
         policy.check().map_err(PolicyError::Invalid)?;
+        self.config
+            .policy_floors
+            .check(change.timers_set())
+            .map_err(|below| PolicyError::BelowFloor(below.to_string()))?;
         let json = serde_json::to_string(&policy).map_err(PolicyError::Encode)?;
         self.store.set_policy(service, Some(&json)).await?;
         tracing::info!(service, policy = %json, "policy set");
@@ -391,6 +413,13 @@ impl Manager {
         if vm.state != seen.state || vm.last_used_at_ms != seen.last_used_ms {
             return Ok(false);
         }
+        // A VM with a connection open through its endpoint is in use: left as it is, its
+        // idle timers started again. When none is open, its endpoints now wait for a wake.
+        if let EndpointUse::Busy { open } = self.quiesce_endpoints(&vm.id).await {
+            self.store.set_last_used(&vm.id, now_ms()).await?;
+            tracing::info!(vm = %vm.id, open, ?action, "lifecycle: connections open; vm in use");
+            return Ok(false);
+        }
         let idle_s = now_ms().saturating_sub(vm.last_used_at_ms.max(vm.state_since_ms)) / 1000;
         match action {
             Action::Sleep { .. } => {
@@ -408,7 +437,7 @@ impl Manager {
                 tracing::info!(vm = %vm.id, %reason, tier = %used, idle_s, "lifecycle: archived");
             }
             Action::Delete { .. } => {
-                self.delete(&vm.id).await?;
+                self.delete_locked(&vm.id).await?;
                 tracing::info!(vm = %vm.id, %reason, idle_s, "lifecycle: deleted");
             }
             Action::RemoveImage { .. } => unreachable!("handled above"),

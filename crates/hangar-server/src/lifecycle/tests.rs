@@ -458,6 +458,40 @@ async fn the_policies_api_sets_shows_and_resets() {
     let (status, _, _) = call(manager.clone(), "PUT", "/v1/policies/nope", "{}").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 
+    // Issue 13, finding 2: timers that would delete a service's data within seconds are
+    // refused, naming the floor; nothing changes.
+    let (status, before, _) = call(manager.clone(), "GET", "/v1/policies", "").await;
+    assert_eq!(status, StatusCode::OK);
+    for (body, floor) in [
+        (
+            r#"{"sleep_after":"1ms","archive_after":"1ms","delete_after":"1ms"}"#,
+            "floor of 1s (the server's --policy-min-sleep-after)",
+        ),
+        (
+            r#"{"archive_after":"9s"}"#,
+            "floor of 10s (the server's --policy-min-archive-after)",
+        ),
+        (
+            r#"{"delete_after":"59m"}"#,
+            "floor of 1h (the server's --policy-min-delete-after)",
+        ),
+    ] {
+        let (got, answer, _) = call(manager.clone(), "PUT", "/v1/policies/db", body).await;
+        assert_eq!(got, StatusCode::UNPROCESSABLE_ENTITY, "{body}: {answer}");
+        let message = answer["error"]["message"].as_str().unwrap();
+        assert!(message.contains(floor), "{body}: {message}");
+    }
+    let (_, after, _) = call(manager.clone(), "GET", "/v1/policies", "").await;
+    assert_eq!(before["services"], after["services"], "nothing changed");
+    let (status, view, _) = call(
+        manager.clone(),
+        "PUT",
+        "/v1/policies/db",
+        r#"{"sleep_after":"1s","archive_after":"10s","delete_after":"1h"}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "at the floors: {view}");
+
     let (status, all, _) = call(manager.clone(), "GET", "/v1/policies", "").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(all["memory"]["budget_mib"], 512);
@@ -475,4 +509,43 @@ async fn the_policies_api_sets_shows_and_resets() {
     assert_eq!(view["source"], "catalog");
     let (_, spec, _) = call(manager, "GET", "/v1/openapi.json", "").await;
     assert!(spec["paths"]["/v1/policies/{service}"]["put"].is_object());
+}
+
+/// Issue 13, finding 8: concurrent deletes of one VM all answer the deleted VM (none a
+/// spurious conflict), and the VM is torn down once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_deletes_of_one_vm_all_succeed() {
+    let (manager, backend, store) = setup();
+    for round in 0..5 {
+        let vm = manager
+            .request(request("db", Mode::Dedicated))
+            .await
+            .unwrap()
+            .vm;
+        let barrier = Arc::new(tokio::sync::Barrier::new(20));
+        let deletes: Vec<_> = (0..20)
+            .map(|_| {
+                let manager = manager.clone();
+                let barrier = barrier.clone();
+                let id = vm.id.clone();
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    manager.delete(&id).await
+                })
+            })
+            .collect();
+        for delete in deletes {
+            let deleted = delete
+                .await
+                .unwrap()
+                .unwrap_or_else(|err| panic!("round {round}: a delete failed: {err}"));
+            assert_eq!(deleted.state, VmState::Deleted);
+        }
+        assert_eq!(state(&store, &vm.id).await, VmState::Deleted);
+        assert_eq!(
+            backend.run_state(&vm.id).await.unwrap(),
+            hangar_vmm::RunState::Gone,
+            "no process left"
+        );
+    }
 }

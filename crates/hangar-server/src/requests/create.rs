@@ -29,6 +29,7 @@ impl Manager {
             .await
             .map_err(|err| error_chain(&err))?;
         self.farm.placed(&vm_id, &why);
+        self.bring_template(&plan, &host).await;
         let prepared = host
             .prepare_vm(&plan, self.tasks.progress(task))
             .await
@@ -39,7 +40,10 @@ impl Manager {
             .filter_map(|(name, addr)| Some((name.clone(), addr.parse().ok()?)))
             .collect();
         // Clients get stable endpoints in front of the VM's own (direct) port forwards.
-        let stable = match self.open_endpoints(&vm_id, &endpoints).await {
+        let stable = match self
+            .open_endpoints(&vm_id, make.service.as_ref(), &endpoints)
+            .await
+        {
             Ok(stable) => stable,
             Err(err) => {
                 let _ = host.destroy(&vm_id).await;
@@ -61,7 +65,8 @@ impl Manager {
                 id: vm_id.clone(),
                 host: host.name().to_owned(),
                 services: make.service.iter().map(|s| s.name.clone()).collect(),
-                env: make.env.clone(),
+                // Secret settings only sealed: the plan (to the host) has them in plaintext.
+                env: self.secrets.seal_env(&make.env),
                 mode: make.mode,
                 owner: make.owner.clone(),
                 state: VmState::Creating,

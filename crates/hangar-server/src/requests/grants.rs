@@ -60,7 +60,11 @@ impl Manager {
             let claiming = stages.mark("match", started);
             let vm = match self
                 .store
-                .claim(&candidate.id, request.mode, &request.env)
+                .claim(
+                    &candidate.id,
+                    request.mode,
+                    &self.secrets.seal_env(&request.env),
+                )
                 .await
             {
                 Ok(vm) => vm,
@@ -155,7 +159,7 @@ impl Manager {
             .filter_map(|(name, addr)| Some((name.clone(), addr.parse().ok()?)))
             .collect();
         let stable = self
-            .open_endpoints(&vm.id, &endpoints)
+            .open_endpoints(&vm.id, service, &endpoints)
             .await
             .map_err(|err| error_chain(&err))?;
         let os = (

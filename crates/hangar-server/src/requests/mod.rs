@@ -124,6 +124,9 @@ pub enum RequestError {
     /// No host can take the VM now (room, isolation group, labels, hosts down).
     #[error("{0}")]
     NoHost(String),
+    /// The VM asked for is larger than any host: it can never run (422).
+    #[error(transparent)]
+    TooLarge(#[from] crate::scheduler::capacity::TooLarge),
     /// The creation task's outcome could not be followed.
     #[error("{0}")]
     TaskLost(&'static str),
@@ -159,6 +162,8 @@ impl Manager {
                 .await;
         }
         let service = self.viable_service(&request)?;
+        self.check_vm_size(service.vcpus, service.memory_mib)
+            .await?;
         self.record_demand(&service.name);
         self.record_service_demand(&service.name);
         let os = request.env.get("os").cloned().unwrap_or(service.os.clone());
@@ -305,6 +310,11 @@ impl Manager {
                 });
             }
         };
+        if let Some(service) = &service {
+            hangar_host::guest::settings(service, &request.env)?;
+        }
+        self.check_vm_size(config.vcpus, config.memory_mib.min)
+            .await?;
         let mut request = request;
         request.mode = Mode::Dedicated;
         let constrained = request.isolate.is_some() || !request.on.is_empty();
@@ -461,6 +471,8 @@ impl Manager {
         service: &str,
         env: &BTreeMap<String, String>,
     ) -> Result<Option<VmRecord>, RequestError> {
+        // The store keeps secret settings sealed, deterministically: compare sealed.
+        let env = &self.secrets.seal_env(env);
         let mut candidates = self.store.shared_candidates(service, env).await?;
         candidates.sort_by_key(|vm| vm.last_used_at_ms);
         for vm in candidates {
@@ -476,6 +488,7 @@ impl Manager {
     /// Wakes the most recently used sleeping or archived shared VM offering `service` with
     /// exactly this environment, if there is one and it wakes.
     async fn wake_shared(&self, service: &str, env: &BTreeMap<String, String>) -> Option<VmRecord> {
+        let env = &self.secrets.seal_env(env);
         let mut dormant: Vec<VmRecord> = self
             .store
             .vms(false)

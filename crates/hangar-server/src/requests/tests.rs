@@ -128,6 +128,117 @@ async fn unknown_and_impossible_requests_are_refused_with_alternatives() {
     assert_eq!(backend.launches(), 0);
 }
 
+/// `kv`: a busybox service with a size setting, as redis's `maxmemory` is.
+const KV: &str = r#"
+[service.kv]
+os = "busybox"
+[[service.kv.port]]
+name = "kv"
+guest = 6379
+[[service.kv.process]]
+name = "kv"
+argv = ["kv"]
+[service.kv.settings.maxmemory]
+default = "64mb"
+format = "size"
+[service.kv.settings.secret]
+default = "x"
+secret = true
+format = "word"
+[service.kv.ready]
+checks = [{ tcp = { port = "kv" } }]
+"#;
+
+#[tokio::test]
+async fn a_setting_value_outside_its_format_is_refused_before_anything_starts() {
+    let (manager, backend, store) = fake_manager(KV, ManagerConfig::default());
+    let mut bad = request("kv", Mode::Dedicated);
+    bad.env
+        .insert("maxmemory".into(), "64mb requirepass".into());
+    let started = std::time::Instant::now();
+    let err = manager.request(bad).await.expect_err("refused");
+    assert!(matches!(err, RequestError::Settings(_)), "{err}");
+    assert_eq!(
+        err.to_string(),
+        r#"kv: setting maxmemory="64mb requirepass" must be a size: digits and an optional unit (k, kb, m, mb, g, gb, t, tb), such as 64mb"#
+    );
+    assert!(started.elapsed() < Duration::from_secs(1));
+    let mut secret = request("kv", Mode::Dedicated);
+    secret.env.insert("secret".into(), "pass word".into());
+    let err = manager.request(secret).await.expect_err("refused");
+    assert!(
+        !err.to_string().contains("pass word"),
+        "a secret value is never repeated: {err}"
+    );
+    let mut newline = request("kv", Mode::Dedicated);
+    newline.env.insert("maxmemory".into(), "64mb\nsave".into());
+    assert!(matches!(
+        manager.request(newline).await,
+        Err(RequestError::Invalid(_))
+    ));
+    assert_eq!(backend.launches(), 0);
+    assert!(store.vms(true).await.unwrap().is_empty(), "no VM row");
+
+    let mut good = request("kv", Mode::Dedicated);
+    good.env.insert("maxmemory".into(), "128MB".into());
+    assert!(manager.request(good).await.is_ok());
+}
+
+fn config_request(vcpus: u32, memory_mib: u32) -> hangar_core::ServiceRequest {
+    hangar_core::ServiceRequest {
+        config: Some(hangar_core::matching::MachineRequest {
+            vcpus,
+            memory_mib: hangar_core::matching::MemoryRange {
+                min: memory_mib,
+                max: memory_mib,
+            },
+            os: hangar_core::matching::OsRequirement {
+                name: "busybox".into(),
+                min_version: None,
+            },
+            apps: Default::default(),
+        }),
+        ..hangar_core::ServiceRequest::default()
+    }
+}
+
+#[tokio::test]
+async fn sizes_beyond_every_host_or_absurd_are_refused_and_leave_no_vm() {
+    let (manager, backend, store) = setup();
+    for (vcpus, memory) in [(1_000_000_000, 128), (1, 4_000_000_000), (0, 128)] {
+        match manager.request(config_request(vcpus, memory)).await {
+            Err(RequestError::Invalid(message)) => {
+                assert!(message.starts_with("config: "), "{message}")
+            }
+            other => panic!("expected invalid, got {:?}", other.map(|g| g.vm.id)),
+        }
+    }
+    let cpus = hangar_host::facts::vcpus();
+    if cpus < hangar_core::matching::MAX_VCPUS {
+        match manager.request(config_request(cpus + 1, 128)).await {
+            Err(RequestError::TooLarge(too_large)) => assert_eq!(
+                too_large.to_string(),
+                format!("{} vCPUs asked; the largest host has {cpus}", cpus + 1)
+            ),
+            other => panic!("expected too large, got {:?}", other.map(|g| g.vm.id)),
+        }
+    }
+    let memory = hangar_host::facts::memory_mib().0;
+    if memory < u64::from(hangar_core::matching::MAX_MEMORY_MIB) {
+        let asked = u32::try_from(memory + 1).unwrap();
+        match manager.request(config_request(1, asked)).await {
+            Err(RequestError::TooLarge(too_large)) => assert_eq!(
+                too_large.to_string(),
+                format!("{asked} MiB of memory asked; the largest host has {memory} MiB")
+            ),
+            other => panic!("expected too large, got {:?}", other.map(|g| g.vm.id)),
+        }
+    }
+    assert_eq!(backend.launches(), 0);
+    assert!(store.vms(true).await.unwrap().is_empty(), "no VM row");
+    assert!(manager.request(config_request(1, 128)).await.is_ok());
+}
+
 #[tokio::test]
 async fn a_failed_launch_leaves_a_failed_record_and_nothing_running() {
     let (manager, backend, store) = setup();
@@ -742,6 +853,72 @@ mod stable_endpoints {
         );
     }
 
+    /// Issue 13, finding 6: a connection open through the endpoint keeps its VM in use:
+    /// the lifecycle loop does not put it to sleep (or archive it) under the client, which
+    /// gets its whole answer; once the connection closes the VM idles down as before.
+    #[tokio::test]
+    async fn an_open_connection_keeps_its_vm_awake_through_the_lifecycle_loop() {
+        let (manager, _backend, store) = fake_manager(
+            CATALOG,
+            ManagerConfig {
+                policy_floors: hangar_core::lifecycle::PolicyFloors::NONE,
+                ..ManagerConfig::default()
+            },
+        );
+        serve_with_endpoints(&manager).await;
+        manager
+            .set_policy(
+                "web",
+                &crate::lifecycle::policy::PolicyChange {
+                    sleep_after: Some(Some(Duration::from_millis(100))),
+                    archive_after: Some(Some(Duration::from_millis(100))),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        let grant = manager
+            .request(request("web", Mode::Dedicated))
+            .await
+            .unwrap();
+        let id = grant.vm.id.clone();
+
+        // A slow client: connected and forwarded, its request not yet sent.
+        let mut slow = tokio::net::TcpStream::connect(&grant.endpoint)
+            .await
+            .unwrap();
+        for _ in 0..20 {
+            manager.poll_endpoint_activity().await;
+            manager.reconcile_lifecycle().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        assert_eq!(
+            store.vm(&id).await.unwrap().unwrap().state,
+            VmState::Active,
+            "in use while a connection is open"
+        );
+        slow.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+        let mut answer = String::new();
+        tokio::time::timeout(Duration::from_secs(10), slow.read_to_string(&mut answer))
+            .await
+            .expect("answered")
+            .unwrap();
+        assert!(answer.contains(&format!("fake {id}")), "{answer:?}");
+        drop(slow);
+
+        // Closed: idle, it sleeps on its policy.
+        let mut state = VmState::Active;
+        for _ in 0..100 {
+            manager.reconcile_lifecycle().await.unwrap();
+            state = store.vm(&id).await.unwrap().unwrap().state;
+            if state != VmState::Active {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(state, VmState::Sleeping);
+    }
+
     fn record(id: &str, state: VmState, stable: &str, direct: &str) -> VmRecord {
         VmRecord {
             id: id.into(),
@@ -781,10 +958,11 @@ mod stable_endpoints {
             // Made before stable endpoints: its endpoint is its own port forward.
             record("o", VmState::Active, "127.0.0.1:1006", "127.0.0.1:1006"),
         ];
-        let specs: Vec<(String, u16, u16, bool)> = desired_endpoints(&vms)
-            .into_iter()
-            .map(|s| (s.vm, s.listen.port(), s.target.port(), s.active))
-            .collect();
+        let specs: Vec<(String, u16, u16, bool)> =
+            desired_endpoints(&vms, &hangar_core::Catalog::demo())
+                .into_iter()
+                .map(|s| (s.vm, s.listen.port(), s.target.port(), s.active))
+                .collect();
         assert_eq!(
             specs,
             vec![

@@ -15,6 +15,7 @@ use hangar_core::placement::{self, NoHost, VmNeeds, VmPriority};
 use hangar_host::{Host, HostError, Purpose, VmPlan};
 use hangar_store::{HostRecord, HostState, HostUse, VmRecord};
 
+pub mod capacity;
 pub mod preview;
 
 use crate::farm::HostInfo;
@@ -63,6 +64,8 @@ pub struct Scheduler {
     /// [`Scheduler::host_use`]).
     used: tokio::sync::Mutex<UseCache>,
     connect: Option<Connector>,
+    /// The server's own host's CPUs and memory, read once ([`capacity`]).
+    pub(crate) local_size: std::sync::OnceLock<capacity::HostSize>,
 }
 
 impl Scheduler {
@@ -74,6 +77,7 @@ impl Scheduler {
             farm: RwLock::new(BTreeMap::new()),
             used: tokio::sync::Mutex::new(UseCache::default()),
             connect,
+            local_size: std::sync::OnceLock::new(),
         }
     }
 
@@ -228,6 +232,7 @@ impl Scheduler {
             entry.load = info.facts.load;
             entry.labels = info.labels.clone();
             entry.has_template = holds_template(&info.facts.templates, plan);
+            entry.has_image = holds_image(&info.facts.images, plan);
             hosts.push(farm_host.host.clone());
             facts.push(entry);
         }
@@ -353,12 +358,28 @@ fn uses_its_host(state: VmState) -> bool {
 
 /// Whether `templates` (ids `<service>-<key>`) hold one of the plan's service.
 fn holds_template(templates: &[String], plan: &VmPlan) -> bool {
-    plan.service.as_ref().is_some_and(|service| {
-        templates.iter().any(|id| {
-            id.rsplit_once('-')
-                .is_some_and(|(name, _)| name == service.name)
-        })
-    })
+    plan.service
+        .as_ref()
+        .is_some_and(|service| holds_service_template(templates, &service.name))
+}
+
+/// Whether `images` (roots held whole, `service@os`, as a host reports them) hold the
+/// plan's root.
+fn holds_image(images: &[String], plan: &VmPlan) -> bool {
+    let (Some(service), Some(os)) = (&plan.service, &plan.os) else {
+        return false;
+    };
+    images
+        .iter()
+        .any(|held| held.split_once('@') == Some((service.name.as_str(), os.as_str())))
+}
+
+/// Whether `templates` (ids `<service>-<key>`, as a host reports them) hold one of
+/// `service`.
+pub(crate) fn holds_service_template(templates: &[String], service: &str) -> bool {
+    templates
+        .iter()
+        .any(|id| id.rsplit_once('-').is_some_and(|(name, _)| name == service))
 }
 
 impl Manager {

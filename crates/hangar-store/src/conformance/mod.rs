@@ -11,10 +11,12 @@ use hangar_core::{Mode, VmState};
 use crate::*;
 
 mod access;
+mod accounting;
 mod facts;
 mod leases;
 
 use access::*;
+use accounting::*;
 use facts::*;
 use leases::*;
 
@@ -45,7 +47,7 @@ pub(crate) fn vm(id: &str, service: &str, mode: Mode, state: VmState) -> VmRecor
     }
 }
 
-fn pooled(id: &str) -> VmRecord {
+pub(super) fn pooled(id: &str) -> VmRecord {
     VmRecord {
         pool: Some("web".into()),
         ..vm(id, "web", Mode::Dedicated, VmState::Ready)
@@ -523,6 +525,9 @@ conformance!(
     a_lease_is_released_only_by_its_holder,
     concurrent_acquires_have_one_winner,
     every_host_state_round_trips,
+    quotas_are_set_replaced_and_removed,
+    use_by_owner_counts_what_quotas_count,
+    every_state_change_is_recorded_for_usage,
     users_are_unique_and_listed_by_name,
     tokens_are_kept_revoked_and_marked_used,
     the_audit_log_keeps_order_and_reads_by_time,

@@ -24,6 +24,7 @@ use crate::{
     TokenRecord, UserRecord, VmRecord, now_ms,
 };
 
+mod accounting;
 pub(crate) mod rows;
 mod schema;
 
@@ -794,6 +795,29 @@ impl Store for PgStore {
     async fn lease(&self, name: &str) -> Result<Option<LeaseRecord>, StoreError> {
         let sql = format!("SELECT {LEASE_COLUMNS} FROM leases WHERE name = $1");
         self.query_opt(&sql, &[&name], lease_row).await
+    }
+
+    async fn quotas(&self) -> Result<Vec<(String, crate::Limits)>, StoreError> {
+        self.quotas_now().await
+    }
+
+    async fn set_quota(
+        &self,
+        owner: &str,
+        limits: Option<&crate::Limits>,
+    ) -> Result<(), StoreError> {
+        self.set_quota_now(owner, limits).await
+    }
+
+    async fn use_by_owner(
+        &self,
+        owner: Option<&str>,
+    ) -> Result<Vec<(String, crate::Usage)>, StoreError> {
+        self.use_by_owner_now(owner).await
+    }
+
+    async fn usage_events(&self, since_ms: u64) -> Result<Vec<crate::UsageEvent>, StoreError> {
+        self.usage_events_now(since_ms).await
     }
 
     async fn insert_user(&self, user: &UserRecord) -> Result<(), StoreError> {

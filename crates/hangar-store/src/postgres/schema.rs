@@ -108,6 +108,60 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     "ALTER TABLE vms ADD COLUMN isolation TEXT;",
     // A host's VMs by host (each heartbeat reads its host's), not by a scan of them all.
     "CREATE INDEX vms_host ON vms (host);",
+    // Quotas per user (the VMs' owner); a NULL limit is no limit.
+    "CREATE TABLE quotas (
+        owner         TEXT PRIMARY KEY,
+        vms           BIGINT,
+        vcpus         BIGINT,
+        memory_mib    BIGINT,
+        archive_bytes BIGINT
+    );",
+    // Usage metering (as SQLite's): every change of a VM's state, owner, host, services or
+    // size is recorded by a trigger in the statement that makes it.
+    "CREATE TABLE vm_usage_events (
+        seq           BIGSERIAL PRIMARY KEY,
+        vm_id         TEXT NOT NULL,
+        state         TEXT NOT NULL,
+        at_ms         BIGINT NOT NULL,
+        owner         TEXT NOT NULL,
+        services      TEXT NOT NULL,
+        host          TEXT NOT NULL,
+        vcpus         BIGINT NOT NULL,
+        memory_mib    BIGINT NOT NULL,
+        archive_bytes BIGINT NOT NULL
+    );
+    CREATE INDEX vm_usage_events_vm ON vm_usage_events (vm_id, seq);
+    INSERT INTO vm_usage_events
+        (vm_id, state, at_ms, owner, services, host, vcpus, memory_mib, archive_bytes)
+        SELECT id, state, state_since_ms, owner, services, host, vcpus, memory_mib, 0 FROM vms;
+    CREATE FUNCTION hangar_vm_usage_event() RETURNS trigger LANGUAGE plpgsql AS $$
+    DECLARE
+        at BIGINT := NEW.state_since_ms;
+    BEGIN
+        IF TG_OP = 'UPDATE' THEN
+            IF NEW.state IS NOT DISTINCT FROM OLD.state
+               AND NEW.owner IS NOT DISTINCT FROM OLD.owner
+               AND NEW.host IS NOT DISTINCT FROM OLD.host
+               AND NEW.services IS NOT DISTINCT FROM OLD.services
+               AND NEW.vcpus IS NOT DISTINCT FROM OLD.vcpus
+               AND NEW.memory_mib IS NOT DISTINCT FROM OLD.memory_mib THEN
+                RETURN NULL;
+            END IF;
+            IF NEW.state IS NOT DISTINCT FROM OLD.state THEN
+                at := (EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT;
+            END IF;
+        END IF;
+        INSERT INTO vm_usage_events
+            (vm_id, state, at_ms, owner, services, host, vcpus, memory_mib, archive_bytes)
+        VALUES (NEW.id, NEW.state, at, NEW.owner, NEW.services, NEW.host, NEW.vcpus,
+                NEW.memory_mib,
+                CASE WHEN NEW.state = 'archived'
+                     THEN COALESCE((SELECT size_bytes FROM archives WHERE vm_id = NEW.id), 0)
+                     ELSE 0 END);
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER vms_usage AFTER INSERT OR UPDATE ON vms
+        FOR EACH ROW EXECUTE FUNCTION hangar_vm_usage_event();",
     // Users, their API tokens (hashes only), the audit log of mutating calls, and the
     // answers kept for idempotency keys.
     "CREATE TABLE users (

@@ -18,6 +18,7 @@ use crate::{
     TokenRecord, UserRecord, VmRecord, now_ms,
 };
 
+mod accounting;
 pub(crate) mod rows;
 pub(crate) mod schema;
 
@@ -750,6 +751,29 @@ impl Store for SqliteStore {
             [name],
             lease_row,
         )
+    }
+
+    async fn quotas(&self) -> Result<Vec<(String, crate::Limits)>, StoreError> {
+        self.quotas_now()
+    }
+
+    async fn set_quota(
+        &self,
+        owner: &str,
+        limits: Option<&crate::Limits>,
+    ) -> Result<(), StoreError> {
+        self.set_quota_now(owner, limits)
+    }
+
+    async fn use_by_owner(
+        &self,
+        owner: Option<&str>,
+    ) -> Result<Vec<(String, crate::Usage)>, StoreError> {
+        self.use_by_owner_now(owner)
+    }
+
+    async fn usage_events(&self, since_ms: u64) -> Result<Vec<crate::UsageEvent>, StoreError> {
+        self.usage_events_now(since_ms)
     }
 
     async fn insert_user(&self, user: &UserRecord) -> Result<(), StoreError> {

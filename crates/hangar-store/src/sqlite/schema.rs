@@ -112,6 +112,56 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     "ALTER TABLE vms ADD COLUMN isolation TEXT;",
     // A host's VMs by host (each heartbeat reads its host's), not by a scan of them all.
     "CREATE INDEX vms_host ON vms (host);",
+    // Quotas per user (the VMs' owner); a NULL limit is no limit.
+    "CREATE TABLE quotas (
+        owner         TEXT PRIMARY KEY,
+        vms           INTEGER,
+        vcpus         INTEGER,
+        memory_mib    INTEGER,
+        archive_bytes INTEGER
+    );",
+    // Usage metering: every change of a VM's state (or of its owner, host, services or
+    // size) is recorded by a trigger in the statement that makes it, with what the VM was
+    // then; each record starts an interval that lasts until the VM's next one. VMs that
+    // exist already start with their present state.
+    "CREATE TABLE vm_usage_events (
+        seq           INTEGER PRIMARY KEY AUTOINCREMENT,
+        vm_id         TEXT NOT NULL,
+        state         TEXT NOT NULL,
+        at_ms         INTEGER NOT NULL,
+        owner         TEXT NOT NULL,
+        services      TEXT NOT NULL,
+        host          TEXT NOT NULL,
+        vcpus         INTEGER NOT NULL,
+        memory_mib    INTEGER NOT NULL,
+        archive_bytes INTEGER NOT NULL
+    );
+    CREATE INDEX vm_usage_events_vm ON vm_usage_events (vm_id, seq);
+    INSERT INTO vm_usage_events
+        (vm_id, state, at_ms, owner, services, host, vcpus, memory_mib, archive_bytes)
+        SELECT id, state, state_since_ms, owner, services, host, vcpus, memory_mib, 0 FROM vms;
+    CREATE TRIGGER vms_usage_insert AFTER INSERT ON vms BEGIN
+        INSERT INTO vm_usage_events
+            (vm_id, state, at_ms, owner, services, host, vcpus, memory_mib, archive_bytes)
+        VALUES (NEW.id, NEW.state, NEW.state_since_ms, NEW.owner, NEW.services, NEW.host,
+                NEW.vcpus, NEW.memory_mib, 0);
+    END;
+    CREATE TRIGGER vms_usage_update
+        AFTER UPDATE OF state, owner, host, services, vcpus, memory_mib ON vms
+        WHEN NEW.state IS NOT OLD.state OR NEW.owner IS NOT OLD.owner
+          OR NEW.host IS NOT OLD.host OR NEW.services IS NOT OLD.services
+          OR NEW.vcpus IS NOT OLD.vcpus OR NEW.memory_mib IS NOT OLD.memory_mib
+    BEGIN
+        INSERT INTO vm_usage_events
+            (vm_id, state, at_ms, owner, services, host, vcpus, memory_mib, archive_bytes)
+        VALUES (NEW.id, NEW.state,
+                CASE WHEN NEW.state IS NOT OLD.state THEN NEW.state_since_ms
+                     ELSE CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER) END,
+                NEW.owner, NEW.services, NEW.host, NEW.vcpus, NEW.memory_mib,
+                CASE WHEN NEW.state = 'archived'
+                     THEN COALESCE((SELECT size_bytes FROM archives WHERE vm_id = NEW.id), 0)
+                     ELSE 0 END);
+    END;",
     // Users, their API tokens (hashes only), the audit log of mutating calls, and the
     // answers kept for idempotency keys.
     "CREATE TABLE users (

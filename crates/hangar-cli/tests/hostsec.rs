@@ -1,0 +1,254 @@
+//! The host's side of hardening (issue 13): a private data dir, no build mounts left behind
+//! a killed server, secrets kept out of answers, logs and plaintext files, and QEMU
+//! confined. Real QEMU guests, through the real binary.
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use common::{TestServer, fetch};
+
+/// Every file and directory below `dir` (not following links) that group or others may
+/// read, write or enter, with its mode.
+fn open_to_others(dir: &Path) -> Vec<(PathBuf, u32)> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(dir) = stack.pop() {
+        let meta = std::fs::symlink_metadata(&dir).unwrap();
+        if meta.mode() & 0o077 != 0 {
+            found.push((dir.clone(), meta.mode() & 0o7777));
+        }
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(meta) = std::fs::symlink_metadata(&path) else {
+                continue; // removed meanwhile
+            };
+            if meta.file_type().is_symlink() {
+                continue; // a link's own mode is always 0777; its target is checked where it is
+            }
+            if meta.is_dir() {
+                stack.push(path);
+            } else if meta.mode() & 0o077 != 0 {
+                found.push((path, meta.mode() & 0o7777));
+            }
+        }
+    }
+    found
+}
+
+fn state(server: &TestServer, id: &str) -> serde_json::Value {
+    server
+        .json(&["vms", "--all"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|vm| vm["id"] == id)
+        .cloned()
+        .unwrap()
+}
+
+/// Finding 3: the data dir was 0755 and the database, disks and archived guest memory 0644.
+#[test]
+fn the_data_dir_and_every_file_in_it_are_private_through_sleep_archive_and_wake() {
+    let mut server = TestServer::start_with_templates(&["--pool-memory", "0"]);
+    let grant = server.json(&["request", "http-counter", "--dedicated"]);
+    let id = grant["vm"].as_str().unwrap().to_owned();
+    let endpoint = grant["endpoint"].as_str().unwrap().to_owned();
+    assert_eq!(fetch(&endpoint, "/").trim(), "1");
+    server.ok(&["sleep", &id]);
+    server.ok(&["wake", &id]);
+    server.ok(&["archive", &id, "--tier", "zstd"]);
+    assert_eq!(state(&server, &id)["state"], "archived");
+    let open = open_to_others(server.data_dir.path());
+    assert!(open.is_empty(), "open to group or others: {open:#?}");
+    server.ok(&["wake", &id]);
+    assert_eq!(fetch(&endpoint, "/").trim(), "2");
+
+    // A data dir found open is made private again at start-up.
+    server.kill9();
+    let data = server.data_dir.path().to_owned();
+    std::fs::set_permissions(&data, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    server.spawn();
+    assert_eq!(std::fs::metadata(&data).unwrap().mode() & 0o777, 0o700);
+    assert!(server.log().contains("making it 0700"), "{}", server.log());
+    let open = open_to_others(&data);
+    assert!(open.is_empty(), "open to group or others: {open:#?}");
+}
+
+/// Mounts a test made, undone even when it fails (before the data dir is removed).
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = hangar_image::hostfs::unmount_all_under(&self.0);
+    }
+}
+
+fn mount(args: &[&str], source: &Path, target: &Path) {
+    std::fs::create_dir_all(target).unwrap();
+    let status = std::process::Command::new("mount")
+        .args(args)
+        .arg(source)
+        .arg(target)
+        .status()
+        .unwrap();
+    assert!(status.success(), "mount {args:?} {}", target.display());
+}
+
+/// Finding 5: a server killed during an image build left `proc`, `sysfs`, bind and
+/// overlay mounts under the data dir after its restart.
+#[test]
+fn a_restarted_server_undoes_the_mounts_a_killed_build_left() {
+    if !hangar_image::hostfs::is_root() {
+        eprintln!("SKIPPED: making a build's mounts needs root");
+        return;
+    }
+    let mut server = TestServer::start();
+    server.kill9();
+    let data = server.data_dir.path().to_owned();
+    let _unmount = Unmount(data.clone());
+    let source = tempfile::tempdir().unwrap();
+    std::fs::write(source.path().join("precious"), b"kept").unwrap();
+    // What a debootstrap/chroot package layer build has mounted while it runs.
+    let build = data.join("layers/.tmp-crashed");
+    for dir in ["lower", "upper", "work"] {
+        std::fs::create_dir_all(build.join(dir)).unwrap();
+    }
+    let merged = build.join("merged");
+    let options = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        build.join("lower").display(),
+        build.join("upper").display(),
+        build.join("work").display()
+    );
+    mount(
+        &["-t", "overlay", "-o", &options],
+        Path::new("overlay"),
+        &merged,
+    );
+    mount(&["-t", "proc"], Path::new("proc"), &merged.join("proc"));
+    mount(&["-t", "sysfs"], Path::new("sysfs"), &merged.join("sys"));
+    mount(
+        &["--bind"],
+        source.path(),
+        &merged.join("var/lib/apt/lists"),
+    );
+    assert_eq!(hangar_image::hostfs::mounts_under(&data).unwrap().len(), 4);
+
+    server.spawn();
+    let left = hangar_image::hostfs::mounts_under(&data).unwrap();
+    assert!(left.is_empty(), "still mounted: {left:?}");
+    assert!(
+        server
+            .log()
+            .contains("unmounted what an interrupted image build left")
+    );
+    assert_eq!(
+        std::fs::read(source.path().join("precious")).unwrap(),
+        b"kept"
+    );
+    server.ok(&["services"]);
+}
+
+/// Every file below `dir` (not following links) whose bytes contain `needle`.
+fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(meta) = std::fs::symlink_metadata(&path) else {
+                continue;
+            };
+            if meta.is_dir() {
+                stack.push(path);
+            } else if meta.is_file()
+                && let Ok(bytes) = std::fs::read(&path)
+                && bytes.windows(needle.len()).any(|w| w == needle)
+            {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
+/// Finding 3: `GET /v1/vms` answered the postgresql password the catalog marks secret,
+/// and the SQLite store (and its WAL) held it in plaintext.
+#[test]
+fn a_secret_setting_reaches_the_guest_but_no_answer_log_or_file_of_the_server() {
+    let server = TestServer::start();
+    let out = server.ok(&["build", "postgresql"]);
+    assert!(out.contains("built postgresql"), "{out}");
+    let password = "Hx7-unguessable-pw-Qz";
+    let grant = server.json(&[
+        "request",
+        "postgresql",
+        "--env",
+        &format!("password={password}"),
+        "--env",
+        "user=alice",
+        "--deadline",
+        "5m",
+    ]);
+    let id = grant["vm"].as_str().unwrap().to_owned();
+    let endpoint = grant["endpoint"].as_str().unwrap().to_owned();
+    let (host, port) = endpoint.rsplit_once(':').unwrap();
+    let psql = |password: &str| {
+        std::process::Command::new("psql")
+            .args([
+                "-h", host, "-p", port, "-U", "alice", "-d", "hangar", "-tAc",
+            ])
+            .arg("select current_user")
+            .env("PGPASSWORD", password)
+            .env("PGCONNECT_TIMEOUT", "10")
+            .output()
+            .expect("psql (postgresql-client)")
+    };
+    let ok = psql(password);
+    assert!(
+        ok.status.success(),
+        "the guest has the password: {}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(!psql("wrong").status.success());
+
+    // The answers (GET /v1/vms) show it as "(secret)".
+    let vms = server.json(&["vms", "--all"]);
+    assert!(!vms.to_string().contains(password), "GET /v1/vms: {vms}");
+    let vm = vms
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|vm| vm["id"] == id.as_str())
+        .cloned()
+        .unwrap();
+    assert_eq!(vm["env"]["password"], "(secret)");
+    assert_eq!(vm["env"]["user"], "alice");
+
+    // A second shared request with the same password is the same VM (matched sealed).
+    let again = server.json(&[
+        "request",
+        "postgresql",
+        "--env",
+        &format!("password={password}"),
+        "--env",
+        "user=alice",
+    ]);
+    assert_eq!(again["vm"], id.as_str());
+
+    // Not in the log, and in no file of the data dir: the database, its WAL, the VM's
+    // files (read while the server runs: the WAL as it is).
+    assert!(!server.log().contains(password), "the server log has it");
+    let found = files_containing(server.data_dir.path(), password.as_bytes());
+    assert!(found.is_empty(), "plaintext password in {found:?}");
+    let key = std::fs::metadata(server.data_dir.path().join("secrets.key")).unwrap();
+    assert_eq!(key.mode() & 0o777, 0o600);
+}
