@@ -417,6 +417,39 @@ impl Client {
             .await
     }
 
+    /// `GET /v1/quotas`: the default quota and every user's, with what their VMs take.
+    pub async fn quotas(&self) -> Result<crate::QuotasView, ClientError> {
+        self.call(Method::GET, &["v1", "quotas"], None::<&()>).await
+    }
+
+    /// `PUT /v1/quotas/{user}`: sets a user's limits (left out: no limit).
+    pub async fn set_quota(
+        &self,
+        user: &str,
+        limits: &crate::Limits,
+    ) -> Result<crate::QuotaView, ClientError> {
+        self.call(Method::PUT, &["v1", "quotas", user], Some(limits))
+            .await
+    }
+
+    /// `GET /v1/usage`: usage since `since` (a duration before now, or epoch ms), summed
+    /// `by` user, service, host or VM.
+    pub async fn usage(
+        &self,
+        since: Option<&str>,
+        by: Option<crate::UsageBy>,
+    ) -> Result<crate::UsageView, ClientError> {
+        let mut url = self.url(&["v1", "usage"]);
+        if let Some(since) = since {
+            url.query_pairs_mut().append_pair("since", since);
+        }
+        if let Some(by) = by {
+            url.query_pairs_mut().append_pair("by", by.as_str());
+        }
+        let response = self.send(Method::GET, url.clone(), None::<&()>).await?;
+        decode(Method::GET, &url, response).await.map(|(v, _)| v)
+    }
+
     /// `GET /v1/tasks`: the latest tasks, newest first.
     pub async fn tasks(&self) -> Result<Vec<TaskView>, ClientError> {
         self.call(Method::GET, &["v1", "tasks"], None::<&()>).await

@@ -5,6 +5,7 @@
 //! them, so both sides agree on the JSON by construction. Every type derives `utoipa::ToSchema` (or `IntoParams`) so the
 //! OpenAPI document served at `/v1/openapi.json` is generated from the same definitions.
 
+pub mod accounting;
 pub mod client;
 pub mod error;
 pub mod farm;
@@ -20,6 +21,10 @@ pub mod tasks;
 pub mod users;
 pub mod vms;
 
+pub use accounting::{
+    Limits, Prices, QuotaBody, QuotaSource, QuotaView, QuotasView, Usage, UsageBy, UsageQuery,
+    UsageRow, UsageView,
+};
 pub use client::{BadUrl, BlobDownload, Client, ClientError, Download, Timed};
 pub use error::{ErrorBody, ErrorDetail};
 pub use farm::{Heartbeat, HeartbeatReply, HostFactsView, HostRegistration, HostView, HostVmView};

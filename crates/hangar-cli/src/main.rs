@@ -14,8 +14,8 @@ mod error;
 mod output;
 
 use commands::{
-    agent, auth, bench as bench_cmd, export, hosts, images, policies, pools, request, server,
-    services, tasks, templates, vms,
+    accounting, agent, auth, bench as bench_cmd, export, hosts, images, policies, pools, request,
+    server, services, tasks, templates, vms,
 };
 use error::CliError;
 use hangar_api::client::Client;
@@ -28,7 +28,8 @@ Exit codes:
   3  not found (no such service, VM or task)
   4  never: the request can never be satisfied (see the alternatives printed)
   5  try again shortly: not ready within the deadline, the work goes on
-  6  cannot reach the server (is `hangar server` running? see HANGAR_URL)";
+  6  cannot reach the server (is `hangar server` running? see HANGAR_URL)
+  7  over quota: the VM would take its owner past a limit (see `hangar quotas`)";
 
 #[derive(Parser)]
 #[command(
@@ -59,7 +60,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the control plane and the local host (QEMU runs here).
-    Server(server::ServerArgs),
+    Server(Box<server::ServerArgs>),
     /// Run one host of a farm: QEMU VMs here, for the control plane at --server (registers,
     /// reports every second, serves the agent API the server calls).
     #[command(
@@ -99,6 +100,17 @@ enum Command {
         #[command(subcommand)]
         command: policies::PolicyCommand,
     },
+    /// Quotas per user: limits and what each user's VMs take.
+    Quotas(accounting::QuotasArgs),
+    /// Change a user's quota.
+    Quota {
+        #[command(subcommand)]
+        command: accounting::QuotaCommand,
+    },
+    /// Usage for billing: VM-seconds by state, vCPU- and GiB-hours, archive GB-hours and
+    /// their cost, per user, service, host or VM.
+    #[command(after_help = "Example: hangar usage --since 1h --by service --csv")]
+    Usage(accounting::UsageArgs),
     /// Benchmarks: hangar's performance table side by side with libvirt (`hangar bench
     /// --quick`), or `hangar bench pool`. They start their own server in a temporary data dir.
     #[command(disable_help_flag = true)]
@@ -161,7 +173,7 @@ async fn main() -> ExitCode {
         command,
     } = Cli::parse();
     let result = match command {
-        Command::Server(args) => return server::run(args).await,
+        Command::Server(args) => return server::run(*args).await,
         Command::Agent(args) => return agent::run(args).await,
         Command::Forwarder(args) => return server::forwarder(args).await,
         Command::Bench(args) => bench_cmd::run(args),
@@ -194,6 +206,9 @@ async fn client_command(
         Command::Pool { command } => pools::run(client, command).await,
         Command::Policies(args) => policies::list(client, args).await,
         Command::Policy { command } => policies::run(client, command).await,
+        Command::Quotas(args) => accounting::list(client, args).await,
+        Command::Quota { command } => accounting::run(client, command).await,
+        Command::Usage(args) => accounting::usage(client, args).await,
         Command::Sleep(args) => vms::sleep(client, args).await,
         Command::Archive(args) => vms::archive(client, args).await,
         Command::Wake(args) => vms::wake(client, args).await,

@@ -36,15 +36,19 @@ pub mod images;
 pub mod lifecycle;
 pub mod manager;
 pub mod pools;
+pub mod quotas;
 pub mod reconcile;
 pub mod requests;
 pub mod scheduler;
 pub mod secrets;
 pub mod tasks;
 pub mod templates;
+pub mod usage;
 
 pub use api::error;
 pub use hangar_core::lifecycle::PolicyFloors;
+pub use hangar_core::quota::Limits;
+pub use hangar_core::usage::Prices;
 /// The host agent (`hangar agent`) and the image sources it may use, for the CLI.
 pub use hangar_host::guest::guest_config;
 pub use manager::{Manager, ManagerConfig};
@@ -108,6 +112,10 @@ pub struct ServerConfig {
     pub stable_endpoints: bool,
     /// The shortest idle timers a policy set at run time may have.
     pub policy_floors: hangar_core::lifecycle::PolicyFloors,
+    /// The quota of every user without one of their own.
+    pub default_quota: hangar_core::quota::Limits,
+    /// Prices of what usage metering counts.
+    pub prices: hangar_core::usage::Prices,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -139,6 +147,7 @@ pub enum ServerError {
     FarmToken(#[from] farm::token::TokenError),
     #[error(transparent)]
     Secrets(#[from] secrets::SecretsError),
+    #[error(transparent)]
     AdminToken(#[from] api::auth::tokens::AdminTokenError),
     #[error("cannot open the database: {0}")]
     Store(String),
@@ -381,6 +390,8 @@ pub async fn run(
             server_urls: vec![server_url.clone()],
             policy_floors: config.policy_floors,
             secrets_key,
+            default_quota: config.default_quota,
+            prices: config.prices,
             ..ManagerConfig::default()
         },
     );

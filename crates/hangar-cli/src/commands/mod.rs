@@ -1,5 +1,6 @@
 //! One module per command or group of commands; each holds its arguments and what it does.
 
+pub mod accounting;
 pub mod agent;
 pub mod auth;
 pub mod bench;

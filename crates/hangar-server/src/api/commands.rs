@@ -83,6 +83,18 @@ pub enum Command {
     ListHosts,
     /// Where a VM would be placed now (a dry run: nothing is made).
     PreviewPlacement(hangar_api::PlacementBody),
+    /// The default quota and every user's, with what their VMs take.
+    ListQuotas,
+    /// Sets a user's quota.
+    SetQuota {
+        user: String,
+        limits: hangar_api::Limits,
+    },
+    /// Usage since `since` (a duration ago, or epoch ms; none: all), summed `by`.
+    Usage {
+        since: Option<String>,
+        by: hangar_api::UsageBy,
+    },
 }
 
 /// What a command answers.
@@ -107,6 +119,9 @@ pub enum Reply {
     HostReply(hangar_api::HeartbeatReply),
     Hosts(Vec<hangar_api::HostView>),
     Placement(hangar_api::PlacementView),
+    Quotas(hangar_api::QuotasView),
+    Quota(hangar_api::QuotaView),
+    Usage(hangar_api::UsageView),
 }
 
 impl Reply {
@@ -133,7 +148,7 @@ impl RequestHandler for Arc<Manager> {
         let manager = self;
         Ok(match command {
             Command::Request { request, owner } => {
-                Reply::Grant(Box::new(manager.request_as(request, &owner).await?))
+                Reply::Grant(Box::new(manager.request_as(&owner, request).await?))
             }
             Command::RegisterHost(registration) => {
                 Reply::HostReply(manager.register_host(registration).await?)
@@ -142,6 +157,13 @@ impl RequestHandler for Arc<Manager> {
                 Reply::HostReply(manager.host_heartbeat(&name, heartbeat).await?)
             }
             Command::ListHosts => Reply::Hosts(manager.host_views().await?),
+            Command::ListQuotas => Reply::Quotas(manager.quota_views().await?),
+            Command::SetQuota { user, limits } => {
+                Reply::Quota(manager.set_quota(&user, &limits).await?)
+            }
+            Command::Usage { since, by } => {
+                Reply::Usage(manager.usage(since.as_deref(), by).await?)
+            }
             Command::PreviewPlacement(body) => {
                 Reply::Placement(manager.preview_placement(&body).await?)
             }

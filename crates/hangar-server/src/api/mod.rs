@@ -18,6 +18,7 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+pub mod accounting;
 pub mod auth;
 pub mod commands;
 pub mod error;
@@ -63,6 +64,9 @@ fn routes() -> OpenApiRouter<Arc<Manager>> {
         .routes(routes!(farm::list_hosts, farm::register_host))
         .routes(routes!(farm::host_heartbeat))
         .routes(routes!(placements::preview_placement))
+        .routes(routes!(accounting::list_quotas))
+        .routes(routes!(accounting::set_quota))
+        .routes(routes!(accounting::get_usage))
         .routes(routes!(farm_images::farm_assets))
         .routes(routes!(farm_images::farm_root))
         .routes(routes!(farm_images::farm_os))
@@ -281,7 +285,8 @@ async fn set_pool(
         (status = 200, body = GrantView, description = "a VM offering the service answers at the endpoint"),
         (status = 400, body = ErrorBody, description = "malformed request"),
         (status = 404, body = ErrorBody, description = "no such service; alternatives given"),
-        (status = 422, body = ErrorBody, description = "this combination will never be available, or the idempotency key was used with another request"),
+        (status = 422, body = ErrorBody, description = "this combination will never be available, the VM is larger than every host (the limit named), or the idempotency key was used with another request"),
+        (status = 429, body = ErrorBody, description = "the VM would take its owner past their quota (the limit named)"),
         (status = 503, body = ErrorBody, description = "not ready within the deadline; try again shortly (Retry-After)"),
         (status = 500, body = ErrorBody, description = "something broke on the server's side"),
     )
@@ -578,6 +583,7 @@ fn duration_field(
         (status = 200, body = PolicyView),
         (status = 400, body = ErrorBody, description = "malformed body or duration"),
         (status = 404, body = ErrorBody, description = "no such service"),
+        (status = 422, body = ErrorBody, description = "a timer shorter than the server's floor for it (named)"),
         (status = 500, body = ErrorBody, description = "something broke on the server's side"),
     )
 )]

@@ -625,6 +625,36 @@ async fn every_answer_matches_its_schema_in_the_openapi_document() {
         .await;
     assert_eq!(unknown.status, StatusCode::NOT_FOUND, "never listed");
 
+    // Quotas and usage: set, listed, malformed; 429 over a quota.
+    let quota = "/v1/quotas/{user}";
+    let set = api
+        .call("PUT", quota, "/v1/quotas/admin", r#"{"vms":1}"#)
+        .await;
+    assert_eq!(set.status, StatusCode::OK);
+    let bad = api
+        .call("PUT", quota, "/v1/quotas/admin", r#"{"vms":"many"}"#)
+        .await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    let over = api
+        .call(
+            "POST",
+            "/v1/requests",
+            "/v1/requests",
+            r#"{"service":"web","mode":"dedicated"}"#,
+        )
+        .await;
+    assert_eq!(over.status, StatusCode::TOO_MANY_REQUESTS);
+    api.call("PUT", quota, "/v1/quotas/admin", "{}").await;
+    api.call("GET", "/v1/quotas", "/v1/quotas", "").await;
+    for (uri, status) in [
+        ("/v1/usage", StatusCode::OK),
+        ("/v1/usage?since=1h&by=service", StatusCode::OK),
+        ("/v1/usage?by=colour", StatusCode::BAD_REQUEST),
+        ("/v1/usage?since=yesterday", StatusCode::BAD_REQUEST),
+    ] {
+        let answer = api.call("GET", "/v1/usage", uri, "").await;
+        assert_eq!(answer.status, status, "{uri}");
+    }
     // Users, tokens, who am I, and the audit log.
     let whoami = api.call("GET", "/v1/whoami", "/v1/whoami", "").await.json();
     assert_eq!(

@@ -380,7 +380,8 @@ impl Manager {
             template: false,
             isolation: None,
             on: Default::default(),
-            owner: crate::requests::SYSTEM_OWNER.to_owned(),
+            owner: crate::requests::LOCAL_OWNER.into(),
+            quota: crate::quotas::Reservation::none(),
         };
         *self
             .pools

@@ -91,6 +91,8 @@ impl Manager {
             })
             .await
             .map_err(|err| error_chain(&err));
+        // Counted in the store from now on: the quota reservation ends.
+        make.quota.release();
         if let Err(err) = inserted {
             let _ = host.destroy(&vm_id).await;
             self.close_endpoints(&vm_id).await;

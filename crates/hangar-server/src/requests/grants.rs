@@ -16,16 +16,15 @@ use crate::manager::*;
 use crate::requests::*;
 
 impl Manager {
-    /// Hands out the best paused pool VM for `machine`, if any, to `owner`: resumed and
-    /// re-identified (exact, superset; sliced with `exact_size`), or a pre-OS shell given
-    /// its OS image and booted (partial). A VM that fails on the way is discarded and the
-    /// next one tried.
+    /// Hands out the best paused pool VM for `machine`, if any: resumed and re-identified
+    /// (exact, superset; sliced with `exact_size`), or a pre-OS shell given its OS image and
+    /// booted (partial). A VM that fails on the way is discarded and the next one tried.
     pub(crate) async fn grant_from_pool(
         &self,
+        owner: &str,
         machine: &MachineRequest,
         request: &ServiceRequest,
         service: Option<&Service>,
-        owner: &str,
     ) -> Result<Option<Grant>, RequestError> {
         for _ in 0..8 {
             let mut stages = Stages::default();
@@ -71,9 +70,16 @@ impl Manager {
                 Err(err) if err.is_transition_conflict() => continue, // another request won it
                 Err(err) => return Err(err.into()),
             };
-            if vm.owner != owner {
+            // The claimed VM is the requester's (and counts against their quota).
+            let vm = if vm.owner == owner {
+                vm
+            } else {
                 self.store.set_owner(&vm.id, owner).await?;
-            }
+                VmRecord {
+                    owner: owner.to_owned(),
+                    ..vm
+                }
+            };
             if service.is_none_or(|service| service.name != pool) {
                 // Service requests count for their own pool already.
                 self.record_demand(&pool);

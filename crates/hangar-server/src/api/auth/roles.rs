@@ -71,6 +71,10 @@ pub const RULES: &[(&str, &str, Need)] = &[
     ("POST", "/v1/tokens", ACCESS),
     ("DELETE", "/v1/tokens/{id}", ACCESS),
     ("GET", "/v1/audit", ADMIN),
+    // Quotas and usage (for billing): admins.
+    ("GET", "/v1/quotas", ADMIN),
+    ("PUT", "/v1/quotas/{user}", ADMIN),
+    ("GET", "/v1/usage", ADMIN),
     // The farm: agents with the farm token.
     ("GET", "/v1/hosts", Farm),
     ("POST", "/v1/hosts", Farm),

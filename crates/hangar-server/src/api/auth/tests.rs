@@ -62,6 +62,7 @@ fn body_for(method: &str, path: &str) -> &'static str {
         ("POST", "/v1/placements") => r#"{"service":"nope"}"#,
         ("POST", "/v1/users") => r#"{"name":"walker","role":"access"}"#,
         ("POST", "/v1/tokens") => "{}",
+        ("PUT", "/v1/quotas/{user}") => r#"{"vms":5}"#,
         ("POST", "/v1/farm/roots") => r#"{"service":"nope","os":"busybox"}"#,
         ("POST", "/v1/hosts") => "{}",
         ("POST", "/v1/hosts/{name}/heartbeat") => "{}",
