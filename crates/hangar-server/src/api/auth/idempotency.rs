@@ -18,13 +18,16 @@ use sha2::{Digest, Sha256};
 use crate::api::error::ApiError;
 use crate::manager::Manager;
 
+/// The lock of one (user, key).
+type KeyLock = Arc<tokio::sync::Mutex<()>>;
+
 /// One lock per (user, key) being answered in this process.
 #[derive(Default)]
-pub struct KeyLocks(Mutex<HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>>);
+pub struct KeyLocks(Mutex<HashMap<(String, String), KeyLock>>);
 
 impl KeyLocks {
     /// The lock of `user`'s `key`, made on first use.
-    pub(crate) fn lock_of(&self, user: &str, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+    pub(crate) fn lock_of(&self, user: &str, key: &str) -> KeyLock {
         let mut locks = self.0.lock().expect("idempotency locks");
         // Forget locks nobody holds or waits for, so the map stays small.
         locks.retain(|_, lock| Arc::strong_count(lock) > 1);
