@@ -128,6 +128,9 @@ pub enum ServerError {
     },
     #[error("another hangar server is using data dir {0}")]
     Locked(String),
+    /// QEMU cannot run as its unprivileged user.
+    #[error("confining QEMU: {0}")]
+    Confine(#[from] hangar_vmm::confine::ConfineError),
     /// The data dir could not be made private, or a build's mounts under it not undone.
     #[error("data dir: {0}")]
     HostFs(#[from] hangar_image::hostfs::HostFsError),
@@ -232,6 +235,26 @@ pub fn undo_stale_mounts(data_dir: &std::path::Path) -> Result<(), ServerError> 
     Ok(())
 }
 
+/// The user QEMU runs as when this process is root (`hangar-vm`, else `nobody`), opened
+/// to `roots` as far as QEMU needs; `None` otherwise (QEMU runs as this user, sandboxed).
+pub fn confined_user(
+    roots: &[std::path::PathBuf],
+) -> Result<Option<hangar_vmm::confine::VmUser>, hangar_vmm::confine::ConfineError> {
+    let user = hangar_vmm::confine::VmUser::for_this_process(roots)?;
+    match &user {
+        Some(user) => {
+            tracing::info!(user = %user.name, uid = user.uid, sandbox = hangar_vmm::confine::SANDBOX, "qemu runs confined")
+        }
+        None => {
+            tracing::info!(
+                sandbox = hangar_vmm::confine::SANDBOX,
+                "qemu runs as this user, sandboxed"
+            )
+        }
+    }
+    Ok(user)
+}
+
 /// Runs the server until `shutdown` completes. VMs keep running when the server stops;
 /// the next start adopts them.
 pub async fn run(
@@ -286,7 +309,12 @@ pub async fn run(
     .await?;
 
     let vms_dir = data_dir.join("vms");
-    let qemu_config = QemuConfig::new(vms_dir.clone(), config.accel);
+    let mut qemu_config = QemuConfig::new(vms_dir.clone(), config.accel);
+    if config.local_host {
+        let cache = data_dir.join("cache");
+        std::fs::create_dir_all(&cache).map_err(data_err)?;
+        qemu_config.user = confined_user(&[data_dir.clone(), cache])?;
+    }
     let qemu_version = if config.local_host {
         let version = check_qemu(&qemu_config)?;
         tracing::info!(qemu = %version, accel = %qemu_config.accel, requested = %config.accel, "hypervisor");

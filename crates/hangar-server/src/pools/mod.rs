@@ -380,7 +380,7 @@ impl Manager {
             template: false,
             isolation: None,
             on: Default::default(),
-            owner: crate::requests::LOCAL_OWNER.into(),
+            owner: crate::requests::SYSTEM_OWNER.into(),
             quota: crate::quotas::Reservation::none(),
         };
         *self

@@ -65,7 +65,7 @@ impl QuotaRuntime {
             .unwrap_or_default()
     }
 
-    fn reserve(&self, owner: &str, usage: Usage) -> Reservation {
+    fn reserve(&self, owner: &str, usage: Usage, lock: Arc<tokio::sync::Mutex<()>>) -> Reservation {
         let mut pending = self.pending.lock().expect("quota reservations");
         let entry = pending.entry(owner.to_owned()).or_default();
         *entry = entry.plus(usage);
@@ -74,6 +74,7 @@ impl QuotaRuntime {
             owner: owner.to_owned(),
             usage,
             released: std::sync::atomic::AtomicBool::new(false),
+            lock,
         })))
     }
 }
@@ -89,6 +90,8 @@ struct Held {
     owner: String,
     usage: Usage,
     released: std::sync::atomic::AtomicBool,
+    /// The owner's quota lock, under which checks are made.
+    lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Held {
@@ -126,6 +129,22 @@ impl Reservation {
     pub fn release(&self) {
         if let Some(held) = &self.0 {
             held.release();
+        }
+    }
+
+    /// Runs `write` (the statement that records the VM) under its owner's quota lock and
+    /// ends the reservation after it, whatever its outcome: a check made meanwhile sees
+    /// the VM either reserved or recorded, never both (which would refuse a request the
+    /// quota allows) and never neither.
+    pub async fn settle<T>(&self, write: impl std::future::Future<Output = T>) -> T {
+        match &self.0 {
+            None => write.await,
+            Some(held) => {
+                let _checks_wait = held.lock.lock().await;
+                let written = write.await;
+                held.release();
+                written
+            }
         }
     }
 }
@@ -173,9 +192,9 @@ impl Manager {
         let asked = Usage::vm(vcpus, memory_mib);
         let lock = self.quotas.lock(owner);
         let _one_at_a_time = lock.lock().await;
-        // Reservations first, then the store: a VM whose row appears between the two reads
-        // was reserved when the first was made (its reservation ends only after its row is
-        // written), so it is counted at least once, never missed.
+        // Under the lock no VM of this owner is recorded ([`Reservation::settle`]), so the
+        // reservations and the store agree. (A pool VM's reservation ends only when its
+        // grant returns, after its claim: it may count twice meanwhile, never not at all.)
         let pending = self.quotas.pending(owner);
         let held = self
             .store
@@ -186,7 +205,7 @@ impl Manager {
             .map(|(_, usage)| usage)
             .unwrap_or_default();
         limits.check(owner, held.plus(pending), asked)?;
-        Ok(self.quotas.reserve(owner, asked))
+        Ok(self.quotas.reserve(owner, asked, lock.clone()))
     }
 
     /// `GET /v1/quotas`: the default, and every user with a quota or with VMs.

@@ -170,3 +170,100 @@ async fn the_quotas_api_sets_lists_and_answers_429() {
     assert_eq!(all["users"][0]["used"]["vms"], 1);
     assert_eq!(all["users"][0]["used"]["vcpus"], 1);
 }
+
+#[tokio::test]
+async fn a_pool_vm_becomes_the_requesters_and_counts_against_their_quota() {
+    const POOLED: &str = r#"
+[service.web]
+os = "busybox"
+memory_mib = 128
+[[service.web.port]]
+name = "http"
+guest = 80
+[[service.web.process]]
+name = "httpd"
+argv = ["httpd"]
+[service.web.ready]
+checks = [{ tcp = { port = "http" } }]
+[service.web.pool]
+min = 2
+max = 2
+"#;
+    let (manager, _, store) = fake_manager(POOLED, ManagerConfig::default());
+    for _ in 0..200 {
+        manager.reconcile_pools().await.unwrap();
+        let ready = store
+            .vms(false)
+            .await
+            .unwrap()
+            .iter()
+            .filter(|vm| vm.state == VmState::Ready)
+            .count();
+        if ready == 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let pooled = store.vms(false).await.unwrap();
+    assert!(
+        pooled
+            .iter()
+            .all(|vm| vm.owner == crate::requests::SYSTEM_OWNER),
+        "pool VMs are hangar's own until claimed"
+    );
+    manager.set_quota("ann", &vms(1)).await.unwrap();
+    let grant = manager
+        .request_as("ann", request("web", Mode::Dedicated))
+        .await
+        .unwrap();
+    assert_eq!(grant.served, crate::requests::Served::Exact);
+    assert_eq!(grant.vm.owner, "ann");
+    assert_eq!(store.vm(&grant.vm.id).await.unwrap().unwrap().owner, "ann");
+    assert!(matches!(
+        manager
+            .request_as("ann", request("web", Mode::Dedicated))
+            .await,
+        Err(RequestError::Quota(_))
+    ));
+    let views = manager.quota_views().await.unwrap();
+    let users: Vec<(&str, u64)> = views
+        .users
+        .iter()
+        .map(|view| (view.user.as_str(), view.used.vms))
+        .collect();
+    assert_eq!(users, [("ann", 1)], "the pool's VM left is nobody's");
+}
+
+#[tokio::test]
+async fn archives_count_against_the_archive_limit() {
+    let (manager, _, _) = fake_manager(WEB, ManagerConfig::default());
+    let vm = manager
+        .request(request("web", Mode::Dedicated))
+        .await
+        .unwrap()
+        .vm;
+    let (_, archive) = manager
+        .archive(&vm.id, hangar_host::ArchiveTier::Zstd)
+        .await
+        .unwrap();
+    assert!(archive.size_bytes > 0);
+    let views = manager.quota_views().await.unwrap();
+    assert_eq!(views.users[0].used.archive_bytes, archive.size_bytes);
+    assert_eq!(views.users[0].used.vcpus, 0, "archived: no room on a host");
+    let tight = Limits {
+        archive_bytes: Some(archive.size_bytes - 1),
+        ..Limits::UNLIMITED
+    };
+    manager.set_quota("local", &tight).await.unwrap();
+    match manager.request(request("web", Mode::Dedicated)).await {
+        Err(RequestError::Quota(exceeded)) => assert_eq!(exceeded.what, "archive_bytes"),
+        other => panic!("expected over quota, got {:?}", other.map(|g| g.vm.id)),
+    }
+    manager.delete(&vm.id).await.unwrap();
+    assert!(
+        manager
+            .request(request("web", Mode::Dedicated))
+            .await
+            .is_ok()
+    );
+}

@@ -18,8 +18,13 @@ use tokio::sync::OwnedMutexGuard;
 
 use crate::manager::Manager;
 
-/// The owner of VMs made before users exist, and of pool and template VMs.
+/// The owner of VMs requested before users exist.
 pub const LOCAL_OWNER: &str = "local";
+
+/// The owner of the VMs hangar makes for itself: warm pool VMs until a request claims one
+/// (it is then the requester's), and template VMs. Nobody's quota counts them; usage
+/// metering bills their time to this owner.
+pub const SYSTEM_OWNER: &str = "hangar";
 
 pub mod create;
 pub mod grants;

@@ -86,7 +86,7 @@ impl Manager {
             template: true,
             isolation: None,
             on: Default::default(),
-            owner: crate::requests::LOCAL_OWNER.into(),
+            owner: crate::requests::SYSTEM_OWNER.into(),
             quota: crate::quotas::Reservation::none(),
         };
         let manager = self.clone();
