@@ -240,6 +240,94 @@ impl Client {
             .await
     }
 
+    /// [`Client::request`] under an `Idempotency-Key`: a retry with the same key (by the
+    /// same user) answers the first call's grant, the same VM. 422 when the key was used
+    /// with another request.
+    pub async fn request_idempotent(
+        &self,
+        request: &ServiceRequest,
+        key: &str,
+    ) -> Result<Timed<GrantView>, ClientError> {
+        let url = self.url(&["v1", "requests"]);
+        let mut builder = self
+            .http
+            .post(url.clone())
+            .header("idempotency-key", key)
+            .json(request);
+        if let Some(token) = &self.token {
+            builder = builder.bearer_auth(token);
+        }
+        let response = builder
+            .send()
+            .await
+            .map_err(|source| ClientError::Unreachable {
+                url: self.base.as_str().trim_end_matches('/').to_owned(),
+                source,
+            })?;
+        let (value, headers) = decode(Method::POST, &url, response).await?;
+        let server_timing = headers
+            .get("server-timing")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        Ok(Timed {
+            value,
+            server_timing,
+        })
+    }
+
+    /// `GET /v1/whoami`: the user and role the client's token speaks for (401 for a token
+    /// the server does not accept).
+    pub async fn whoami(&self) -> Result<crate::WhoamiView, ClientError> {
+        self.call(Method::GET, &["v1", "whoami"], None::<&()>).await
+    }
+
+    /// `GET /v1/users` (admin).
+    pub async fn users(&self) -> Result<Vec<crate::UserView>, ClientError> {
+        self.call(Method::GET, &["v1", "users"], None::<&()>).await
+    }
+
+    /// `POST /v1/users` (admin): adds a user. 409 when the name is taken.
+    pub async fn add_user(&self, body: &crate::UserBody) -> Result<crate::UserView, ClientError> {
+        self.call(Method::POST, &["v1", "users"], Some(body)).await
+    }
+
+    /// `GET /v1/tokens`: the caller's tokens (an admin's: everyone's), never their secrets.
+    pub async fn tokens(&self) -> Result<Vec<crate::TokenView>, ClientError> {
+        self.call(Method::GET, &["v1", "tokens"], None::<&()>).await
+    }
+
+    /// `POST /v1/tokens`: a new token, its secret shown this once.
+    pub async fn create_token(
+        &self,
+        body: &crate::TokenBody,
+    ) -> Result<crate::CreatedTokenView, ClientError> {
+        self.call(Method::POST, &["v1", "tokens"], Some(body)).await
+    }
+
+    /// `DELETE /v1/tokens/{id}`: revokes a token (the caller's own; an admin: any).
+    pub async fn revoke_token(&self, id: &str) -> Result<crate::TokenView, ClientError> {
+        self.call(Method::DELETE, &["v1", "tokens", id], None::<&()>)
+            .await
+    }
+
+    /// `GET /v1/audit` (admin): the latest mutating calls, oldest first.
+    pub async fn audit(
+        &self,
+        query: &crate::AuditQuery,
+    ) -> Result<Vec<crate::AuditView>, ClientError> {
+        let mut url = self.url(&["v1", "audit"]);
+        if let Some(since) = &query.since {
+            url.query_pairs_mut().append_pair("since", since);
+        }
+        if let Some(limit) = query.limit {
+            url.query_pairs_mut()
+                .append_pair("limit", &limit.to_string());
+        }
+        let response = self.send(Method::GET, url.clone(), None::<&()>).await?;
+        decode(Method::GET, &url, response).await.map(|(v, _)| v)
+    }
+
     /// `GET /v1/vms`: the state table; with `all`, deleted VMs too.
     pub async fn vms(&self, all: bool) -> Result<Vec<VmView>, ClientError> {
         let mut url = self.url(&["v1", "vms"]);

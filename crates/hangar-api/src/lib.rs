@@ -18,6 +18,7 @@ pub mod pools;
 pub mod requests;
 pub mod services;
 pub mod tasks;
+pub mod users;
 pub mod vms;
 
 pub use accounting::{
@@ -28,6 +29,7 @@ pub use client::{BadUrl, BlobDownload, Client, ClientError, Download, Timed};
 pub use error::{ErrorBody, ErrorDetail};
 pub use farm::{Heartbeat, HeartbeatReply, HostFactsView, HostRegistration, HostView, HostVmView};
 pub use farm_images::{AssetsManifest, Blob, RootBody, RootManifest};
+pub use hangar_core::Role;
 pub use images::{BuildView, ImageBody, ImageView, ImagesView, LayerView, TemplateView};
 pub use openapi::ApiDoc;
 pub use placements::{PlacementBody, PlacementView};
@@ -36,6 +38,9 @@ pub use pools::{PoolBoundsBody, PoolView};
 pub use requests::{GrantView, Served, SliceView};
 pub use services::{Health, PortView, ServiceView, SettingView};
 pub use tasks::TaskView;
+pub use users::{
+    AuditQuery, AuditView, CreatedTokenView, TokenBody, TokenView, UserBody, UserView, WhoamiView,
+};
 pub use vms::{ArchiveBody, ArchiveView, VmQuery, VmView};
 
 /// Tells a field given as `null` (`Some(None)`) from one left out (`None`).

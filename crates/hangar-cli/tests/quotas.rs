@@ -29,9 +29,10 @@ fn epoch_ms(value: &serde_json::Value) -> u128 {
 
 #[test]
 fn of_thirty_concurrent_requests_against_a_quota_of_three_at_most_three_get_vms() {
+    // The harness's CLI is the server's admin: the VMs it requests are admin's.
     let server = TestServer::start();
-    let out = server.ok(&["quota", "set", "local", "--vms", "3"]);
-    assert!(out.contains("local: vms=3, vcpus=unlimited"), "{out}");
+    let out = server.ok(&["quota", "set", "admin", "--vms", "3"]);
+    assert!(out.contains("admin: vms=3, vcpus=unlimited"), "{out}");
 
     let started = Instant::now();
     let outcomes: Vec<std::process::Output> = std::thread::scope(|scope| {
@@ -70,7 +71,7 @@ fn of_thirty_concurrent_requests_against_a_quota_of_three_at_most_three_get_vms(
     assert_eq!(refused.len(), 27);
     for message in &refused {
         assert!(
-            message.contains("quota of local exceeded: vms would be")
+            message.contains("quota of admin exceeded: vms would be")
                 && message.contains("the quota is 3"),
             "{message}"
         );
@@ -86,7 +87,7 @@ fn of_thirty_concurrent_requests_against_a_quota_of_three_at_most_three_get_vms(
     );
     let quotas = server.json(&["quotas"]);
     let local = &quotas["users"][0];
-    assert_eq!(local["user"], "local");
+    assert_eq!(local["user"], "admin");
     assert_eq!(local["used"]["vms"], 3);
     assert_eq!(local["limits"]["vms"], 3);
 
@@ -158,7 +159,7 @@ fn a_vms_usage_adds_up_to_its_life_across_active_sleeping_archived_and_a_restart
 
     // By user and service, the same VM.
     let by_user = server.json(&["usage", "--by", "user", "--since", "1h"]);
-    assert_eq!(by_user["rows"][0]["key"], "local");
+    assert_eq!(by_user["rows"][0]["key"], "admin");
     let by_service = server.json(&["usage", "--by", "service"]);
     assert_eq!(by_service["rows"][0]["key"], "http-static");
     let csv = server.ok(&["usage", "--by", "host", "--csv"]);

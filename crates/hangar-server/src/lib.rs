@@ -150,6 +150,8 @@ pub enum ServerError {
     FarmToken(#[from] farm::token::TokenError),
     #[error(transparent)]
     Secrets(#[from] secrets::SecretsError),
+    #[error(transparent)]
+    AdminToken(#[from] api::auth::tokens::AdminTokenError),
     #[error("cannot open the database: {0}")]
     Store(String),
     #[error("{0}")]
@@ -299,6 +301,12 @@ pub async fn run(
     let store = hangar_store::open(&store_location)
         .await
         .map_err(|err| ServerError::Store(error::error_chain(&err)))?;
+    // The first admin's token (made on first start): the CLI and the forwarder use it.
+    let admin_token = api::auth::tokens::ensure_admin_token(
+        store.as_ref(),
+        &data_dir.join(api::auth::tokens::ADMIN_TOKEN_FILE),
+    )
+    .await?;
 
     let vms_dir = data_dir.join("vms");
     let mut qemu_config = QemuConfig::new(vms_dir.clone(), config.accel);
@@ -422,7 +430,9 @@ pub async fn run(
                 command: command.clone(),
             },
             None => {
-                endpoints::ForwarderKind::InProcess(hangar_forward::Forwarder::new(&server_url))
+                let forwarder = hangar_forward::Forwarder::new(&server_url);
+                forwarder.set_token(&admin_token);
+                endpoints::ForwarderKind::InProcess(forwarder)
             }
         };
         manager.use_stable_endpoints(endpoints::StableEndpoints::new(kind, &server_url));

@@ -121,6 +121,8 @@ pub struct Manager {
     pub(crate) secrets: crate::secrets::Secrets,
     /// VMs reserved against their owners' quotas and not yet recorded.
     pub(crate) quotas: crate::quotas::QuotaRuntime,
+    /// API tokens recently checked, and idempotency keys being answered.
+    pub(crate) auth: crate::api::auth::AuthRuntime,
 }
 
 /// What start-up reconciliation found and did.
@@ -176,6 +178,7 @@ impl Manager {
             endpoints: std::sync::OnceLock::new(),
             image_runtime: crate::images::policy::ImageRuntime::default(),
             quotas: crate::quotas::QuotaRuntime::default(),
+            auth: crate::api::auth::AuthRuntime::default(),
         })
     }
 

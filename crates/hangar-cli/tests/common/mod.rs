@@ -187,11 +187,16 @@ impl TestServer {
         self.data_dir.path().join("vms")
     }
 
-    /// Runs the CLI against this server.
+    /// Runs the CLI against this server, as its admin: the CLI finds the token the server
+    /// wrote in its data dir (`HANGAR_DATA_DIR`), as on a machine that runs a server. No
+    /// token of the person running the tests leaks in.
     pub fn hangar(&self, args: &[&str]) -> Output {
         Command::new(HANGAR)
             .args(args)
             .env("HANGAR_URL", &self.url)
+            .env("HANGAR_DATA_DIR", self.data_dir.path())
+            .env_remove("HANGAR_TOKEN")
+            .env("XDG_CONFIG_HOME", self.data_dir.path().join("no-config"))
             .output()
             .unwrap()
     }

@@ -32,8 +32,12 @@ use crate::templates::TemplateView;
 /// One operation the API asks of the domain.
 #[derive(Debug)]
 pub enum Command {
-    /// The request path: a VM offering a service (or a configuration).
-    Request(ServiceRequest),
+    /// The request path: a VM offering a service (or a configuration), made or claimed
+    /// for `owner`.
+    Request {
+        request: ServiceRequest,
+        owner: String,
+    },
     /// VMs (with deleted ones when `all`).
     ListVms {
         all: bool,
@@ -143,7 +147,9 @@ impl RequestHandler for Arc<Manager> {
     async fn handle(&self, command: Command) -> Result<Reply, ApiError> {
         let manager = self;
         Ok(match command {
-            Command::Request(request) => Reply::Grant(Box::new(manager.request(request).await?)),
+            Command::Request { request, owner } => {
+                Reply::Grant(Box::new(manager.request_as(&owner, request).await?))
+            }
             Command::RegisterHost(registration) => {
                 Reply::HostReply(manager.register_host(registration).await?)
             }
@@ -231,7 +237,10 @@ mod tests {
     async fn commands_run_a_vm_through_its_life_and_wrong_phases_are_refused() {
         let (manager, _backend, _store) = fake_manager(CATALOG, ManagerConfig::default());
         let grant = match manager
-            .handle(Command::Request(request("web", Mode::Dedicated)))
+            .handle(Command::Request {
+                request: request("web", Mode::Dedicated),
+                owner: "ana".into(),
+            })
             .await
             .unwrap()
         {
@@ -239,6 +248,7 @@ mod tests {
             other => panic!("not a grant: {:?}", std::mem::discriminant(&other)),
         };
         let id = grant.vm.id.clone();
+        assert_eq!(grant.vm.owner, "ana");
 
         // Waking an active VM does nothing; sleeping twice is a no-op the second time.
         assert!(matches!(

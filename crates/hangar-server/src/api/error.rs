@@ -38,6 +38,13 @@ pub enum ApiError {
     /// The caller did not prove who it is (no or a wrong bearer token).
     #[error("{0}")]
     Unauthorized(String),
+    /// The caller is known but may not do this (its role, or someone else's VM), or the
+    /// request came from a page of another origin or under another host name.
+    #[error("{0}")]
+    Forbidden(String),
+    /// The request body is not `application/json`.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
     /// Something on our side broke.
     #[error("{0}")]
     Internal(String),
@@ -59,6 +66,8 @@ impl ApiError {
             ApiError::TryAgain { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::QuotaExceeded(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -72,6 +81,8 @@ impl ApiError {
             ApiError::TryAgain { .. } => "try_again",
             ApiError::QuotaExceeded(_) => "quota_exceeded",
             ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::Forbidden(_) => "forbidden",
+            ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::Internal(_) => "internal",
         }
     }

@@ -128,12 +128,13 @@ async fn the_default_quota_applies_to_users_without_one() {
 
 #[tokio::test]
 async fn the_quotas_api_sets_lists_and_answers_429() {
+    // Through the API the caller is the fake store's admin: the VMs requested are theirs.
     let (manager, _, store) = fake_manager(WEB, ManagerConfig::default());
     let manager: Arc<crate::manager::Manager> = manager;
     let (status, view, _) = call(
         manager.clone(),
         "PUT",
-        "/v1/quotas/local",
+        "/v1/quotas/admin",
         r#"{"vms":1,"vcpus":4,"memory_mib":null}"#,
     )
     .await;
@@ -142,8 +143,8 @@ async fn the_quotas_api_sets_lists_and_answers_429() {
     assert!(view["limits"]["memory_mib"].is_null());
     assert_eq!(view["source"], "user");
     for (uri, body) in [
-        ("/v1/quotas/local", r#"{"vms":-1}"#),
-        ("/v1/quotas/local", r#"{"disks":1}"#),
+        ("/v1/quotas/admin", r#"{"vms":-1}"#),
+        ("/v1/quotas/admin", r#"{"disks":1}"#),
         ("/v1/quotas/no%20one", r#"{"vms":1}"#),
     ] {
         let (status, answer, _) = call(manager.clone(), "PUT", uri, body).await;
@@ -165,7 +166,7 @@ async fn the_quotas_api_sets_lists_and_answers_429() {
     let (status, all, _) = call(manager.clone(), "GET", "/v1/quotas", "").await;
     assert_eq!(status, StatusCode::OK);
     assert!(all["default"]["vms"].is_null(), "no default limits: {all}");
-    assert_eq!(all["users"][0]["user"], "local");
+    assert_eq!(all["users"][0]["user"], "admin");
     assert_eq!(all["users"][0]["used"]["vms"], 1);
     assert_eq!(all["users"][0]["used"]["vcpus"], 1);
 }
