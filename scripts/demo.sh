@@ -10,7 +10,10 @@ cargo build --release --locked
 bin=$PWD/target/release/hangar
 # The server makes its files private (umask 077); so is the log this script opens for it.
 umask 077
-data_dir=${HANGAR_DATA_DIR:-${XDG_DATA_HOME:-$HOME/.local/share}/hangar}
+# As root, QEMU runs as the unprivileged user hangar-vm, which must reach the data dir
+# (it cannot enter /root): the default is then /var/lib/hangar, as `hangar` has it.
+if [ "$(id -u)" -eq 0 ]; then default_data_home=/var/lib; else default_data_home=$HOME/.local/share; fi
+data_dir=${HANGAR_DATA_DIR:-${XDG_DATA_HOME:-$default_data_home}/hangar}
 mkdir -p "$data_dir"
 url=${HANGAR_URL:-http://127.0.0.1:7070}
 export HANGAR_URL=$url

@@ -44,6 +44,12 @@ if [ ${#need[@]} -gt 0 ]; then
         --allow-downgrades "${pkgs[@]}" >/dev/null
 fi
 
+# The unprivileged user QEMU runs as when hangar runs as root (without it, `nobody`).
+if ! id hangar-vm >/dev/null 2>&1; then
+    as_root useradd --system --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin hangar-vm
+fi
+
 if ! command -v cargo >/dev/null; then
     echo "error: cargo not found: install Rust 1.90 or newer (https://rustup.rs), then run this again" >&2
     exit 1

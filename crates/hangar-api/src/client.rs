@@ -240,6 +240,94 @@ impl Client {
             .await
     }
 
+    /// [`Client::request`] under an `Idempotency-Key`: a retry with the same key (by the
+    /// same user) answers the first call's grant, the same VM. 422 when the key was used
+    /// with another request.
+    pub async fn request_idempotent(
+        &self,
+        request: &ServiceRequest,
+        key: &str,
+    ) -> Result<Timed<GrantView>, ClientError> {
+        let url = self.url(&["v1", "requests"]);
+        let mut builder = self
+            .http
+            .post(url.clone())
+            .header("idempotency-key", key)
+            .json(request);
+        if let Some(token) = &self.token {
+            builder = builder.bearer_auth(token);
+        }
+        let response = builder
+            .send()
+            .await
+            .map_err(|source| ClientError::Unreachable {
+                url: self.base.as_str().trim_end_matches('/').to_owned(),
+                source,
+            })?;
+        let (value, headers) = decode(Method::POST, &url, response).await?;
+        let server_timing = headers
+            .get("server-timing")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        Ok(Timed {
+            value,
+            server_timing,
+        })
+    }
+
+    /// `GET /v1/whoami`: the user and role the client's token speaks for (401 for a token
+    /// the server does not accept).
+    pub async fn whoami(&self) -> Result<crate::WhoamiView, ClientError> {
+        self.call(Method::GET, &["v1", "whoami"], None::<&()>).await
+    }
+
+    /// `GET /v1/users` (admin).
+    pub async fn users(&self) -> Result<Vec<crate::UserView>, ClientError> {
+        self.call(Method::GET, &["v1", "users"], None::<&()>).await
+    }
+
+    /// `POST /v1/users` (admin): adds a user. 409 when the name is taken.
+    pub async fn add_user(&self, body: &crate::UserBody) -> Result<crate::UserView, ClientError> {
+        self.call(Method::POST, &["v1", "users"], Some(body)).await
+    }
+
+    /// `GET /v1/tokens`: the caller's tokens (an admin's: everyone's), never their secrets.
+    pub async fn tokens(&self) -> Result<Vec<crate::TokenView>, ClientError> {
+        self.call(Method::GET, &["v1", "tokens"], None::<&()>).await
+    }
+
+    /// `POST /v1/tokens`: a new token, its secret shown this once.
+    pub async fn create_token(
+        &self,
+        body: &crate::TokenBody,
+    ) -> Result<crate::CreatedTokenView, ClientError> {
+        self.call(Method::POST, &["v1", "tokens"], Some(body)).await
+    }
+
+    /// `DELETE /v1/tokens/{id}`: revokes a token (the caller's own; an admin: any).
+    pub async fn revoke_token(&self, id: &str) -> Result<crate::TokenView, ClientError> {
+        self.call(Method::DELETE, &["v1", "tokens", id], None::<&()>)
+            .await
+    }
+
+    /// `GET /v1/audit` (admin): the latest mutating calls, oldest first.
+    pub async fn audit(
+        &self,
+        query: &crate::AuditQuery,
+    ) -> Result<Vec<crate::AuditView>, ClientError> {
+        let mut url = self.url(&["v1", "audit"]);
+        if let Some(since) = &query.since {
+            url.query_pairs_mut().append_pair("since", since);
+        }
+        if let Some(limit) = query.limit {
+            url.query_pairs_mut()
+                .append_pair("limit", &limit.to_string());
+        }
+        let response = self.send(Method::GET, url.clone(), None::<&()>).await?;
+        decode(Method::GET, &url, response).await.map(|(v, _)| v)
+    }
+
     /// `GET /v1/vms`: the state table; with `all`, deleted VMs too.
     pub async fn vms(&self, all: bool) -> Result<Vec<VmView>, ClientError> {
         let mut url = self.url(&["v1", "vms"]);
@@ -327,6 +415,39 @@ impl Client {
     pub async fn reset_policy(&self, service: &str) -> Result<PolicyView, ClientError> {
         self.call(Method::DELETE, &["v1", "policies", service], None::<&()>)
             .await
+    }
+
+    /// `GET /v1/quotas`: the default quota and every user's, with what their VMs take.
+    pub async fn quotas(&self) -> Result<crate::QuotasView, ClientError> {
+        self.call(Method::GET, &["v1", "quotas"], None::<&()>).await
+    }
+
+    /// `PUT /v1/quotas/{user}`: sets a user's limits (left out: no limit).
+    pub async fn set_quota(
+        &self,
+        user: &str,
+        limits: &crate::Limits,
+    ) -> Result<crate::QuotaView, ClientError> {
+        self.call(Method::PUT, &["v1", "quotas", user], Some(limits))
+            .await
+    }
+
+    /// `GET /v1/usage`: usage since `since` (a duration before now, or epoch ms), summed
+    /// `by` user, service, host or VM.
+    pub async fn usage(
+        &self,
+        since: Option<&str>,
+        by: Option<crate::UsageBy>,
+    ) -> Result<crate::UsageView, ClientError> {
+        let mut url = self.url(&["v1", "usage"]);
+        if let Some(since) = since {
+            url.query_pairs_mut().append_pair("since", since);
+        }
+        if let Some(by) = by {
+            url.query_pairs_mut().append_pair("by", by.as_str());
+        }
+        let response = self.send(Method::GET, url.clone(), None::<&()>).await?;
+        decode(Method::GET, &url, response).await.map(|(v, _)| v)
     }
 
     /// `GET /v1/tasks`: the latest tasks, newest first.

@@ -5,6 +5,7 @@
 //! them, so both sides agree on the JSON by construction. Every type derives `utoipa::ToSchema` (or `IntoParams`) so the
 //! OpenAPI document served at `/v1/openapi.json` is generated from the same definitions.
 
+pub mod accounting;
 pub mod client;
 pub mod error;
 pub mod farm;
@@ -17,12 +18,18 @@ pub mod pools;
 pub mod requests;
 pub mod services;
 pub mod tasks;
+pub mod users;
 pub mod vms;
 
+pub use accounting::{
+    Limits, Prices, QuotaBody, QuotaSource, QuotaView, QuotasView, Usage, UsageBy, UsageQuery,
+    UsageRow, UsageView,
+};
 pub use client::{BadUrl, BlobDownload, Client, ClientError, Download, Timed};
 pub use error::{ErrorBody, ErrorDetail};
 pub use farm::{Heartbeat, HeartbeatReply, HostFactsView, HostRegistration, HostView, HostVmView};
 pub use farm_images::{AssetsManifest, Blob, RootBody, RootManifest};
+pub use hangar_core::Role;
 pub use images::{BuildView, ImageBody, ImageView, ImagesView, LayerView, TemplateView};
 pub use openapi::ApiDoc;
 pub use placements::{PlacementBody, PlacementView};
@@ -31,6 +38,9 @@ pub use pools::{PoolBoundsBody, PoolView};
 pub use requests::{GrantView, Served, SliceView};
 pub use services::{Health, PortView, ServiceView, SettingView};
 pub use tasks::TaskView;
+pub use users::{
+    AuditQuery, AuditView, CreatedTokenView, TokenBody, TokenView, UserBody, UserView, WhoamiView,
+};
 pub use vms::{ArchiveBody, ArchiveView, VmQuery, VmView};
 
 /// Tells a field given as `null` (`Some(None)`) from one left out (`None`).

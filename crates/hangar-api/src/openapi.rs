@@ -11,6 +11,14 @@ use crate::*;
     components(schemas(
         ArchiveBody,
         ArchiveView,
+        AuditView,
+        CreatedTokenView,
+        TokenBody,
+        TokenView,
+        UserBody,
+        UserView,
+        WhoamiView,
+        hangar_core::Role,
         AssetsManifest,
         Blob,
         BudgetView,
@@ -55,17 +63,23 @@ use crate::*;
         hangar_core::TierChoice,
         hangar_core::VmState,
     )),
-    modifiers(&FarmToken)
+    modifiers(&FarmToken),
+    security(("api_token" = []))
 )]
 pub struct ApiDoc;
 
-/// Declares `farm_token`, the bearer token farm hosts send (routes name it in `security`).
+/// Declares `api_token`, the bearer token of a user (every route but `/healthz` wants one),
+/// and `farm_token`, the bearer token farm hosts send (routes name it in `security`).
 struct FarmToken;
 
 impl utoipa::Modify for FarmToken {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
         let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "api_token",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
         components.add_security_scheme(
             "farm_token",
             SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),

@@ -3,9 +3,12 @@
 
 use serde::de::DeserializeOwned;
 
+#[derive(Clone)]
 pub struct Client {
     base: String,
     http: reqwest::Client,
+    /// Sent as the bearer token with every request.
+    token: Option<String>,
 }
 
 #[derive(Debug)]
@@ -65,7 +68,14 @@ impl Client {
         Client {
             base: base.trim_end_matches('/').to_owned(),
             http: reqwest::Client::new(),
+            token: None,
         }
+    }
+
+    /// This client, sending `Authorization: Bearer <token>` with every request.
+    pub fn with_token(mut self, token: &str) -> Client {
+        self.token = Some(token.to_owned());
+        self
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, BenchError> {
@@ -127,6 +137,10 @@ impl Client {
         &self,
         request: reqwest::RequestBuilder,
     ) -> Result<(T, reqwest::header::HeaderMap), BenchError> {
+        let request = match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        };
         let response = request
             .send()
             .await

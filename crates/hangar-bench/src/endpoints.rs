@@ -19,7 +19,7 @@ use hangar_api::GrantView;
 use hangar_forward::{EndpointSpec, Reply, Request};
 use serde::Serialize;
 
-use crate::client::{BenchError, Client};
+use crate::client::BenchError;
 use crate::server::{BenchServer, ServerOptions, machine};
 use crate::stats::{Summary, summary_or_zero as summary};
 
@@ -332,7 +332,7 @@ async fn guest(args: &EndpointsBench) -> Result<(PathPair, Wakes), BenchError> {
         templates: false,
     })
     .map_err(BenchError::Reply)?;
-    let client = Client::new(&server.url);
+    let client = server.api_client();
     let grant: GrantView = client
         .post(
             "/v1/requests",

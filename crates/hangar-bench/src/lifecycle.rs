@@ -149,7 +149,7 @@ pub async fn run(args: LifecycleBench) -> Result<(), BenchError> {
     // Cold boots, on a server that boots every VM.
     eprintln!("cold boots (templates off)...");
     let server = BenchServer::start(&options(false)).map_err(BenchError::Reply)?;
-    let client = Client::new(&server.url);
+    let client = server.api_client();
     let mut cold = Vec::new();
     let mut memory_mib = 0;
     for i in 0..args.samples.min(3) {
@@ -167,7 +167,7 @@ pub async fn run(args: LifecycleBench) -> Result<(), BenchError> {
     // Everything else on a server with templates.
     eprintln!("restores from the template (templates on)...");
     let server = BenchServer::start(&options(true)).map_err(BenchError::Reply)?;
-    let client = Client::new(&server.url);
+    let client = server.api_client();
     let (_, first) = timed_grant(&client, &args.service).await?;
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {

@@ -8,7 +8,7 @@ use hangar_api::{GrantView, Served, VmView};
 use hangar_core::VmState;
 use serde::Serialize;
 
-use crate::client::{BenchError, Client};
+use crate::client::BenchError;
 use crate::server::{BenchServer, Sample, rss_pss_kib};
 
 /// Warm-pool grants: the pool is set to `pool` VMs; from a full, idle pool, bursts of
@@ -78,7 +78,7 @@ pub async fn sustained_grants(
         if sample.served != "created" {
             from_pool += 1;
         }
-        let client = Client::new(&server.url);
+        let client = server.api_client();
         deletions.spawn(async move {
             client
                 .delete::<serde_json::Value>(&format!("/v1/vms/{}", sample.vm))
@@ -139,7 +139,7 @@ pub async fn shared_throughput(
     let started = Instant::now();
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..clients {
-        let client = Client::new(&server.url);
+        let client = server.api_client();
         let body = body.clone();
         let vm = first.vm.clone();
         workers.spawn(async move {

@@ -160,7 +160,22 @@ impl BenchServer {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+        // The first start wrote the admin's token in the data dir: the benchmark is its admin.
+        let token = server.token()?;
+        server.client = Client::new(&server.url).with_token(&token);
         Ok(server)
+    }
+
+    /// The admin token the server wrote in its data dir.
+    pub fn token(&self) -> Result<String, String> {
+        std::fs::read_to_string(self.data_dir.path().join("admin.token"))
+            .map(|token| token.trim().to_owned())
+            .map_err(|err| format!("the server's admin.token: {err}"))
+    }
+
+    /// A new client of the server, with its admin token.
+    pub fn api_client(&self) -> Client {
+        self.client.clone()
     }
 
     /// The server process's id.

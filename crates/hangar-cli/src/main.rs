@@ -14,8 +14,8 @@ mod error;
 mod output;
 
 use commands::{
-    agent, bench as bench_cmd, export, hosts, images, policies, pools, request, server, services,
-    tasks, templates, vms,
+    accounting, agent, auth, bench as bench_cmd, export, hosts, images, policies, pools, request,
+    server, services, tasks, templates, vms,
 };
 use error::CliError;
 use hangar_api::client::Client;
@@ -28,7 +28,8 @@ Exit codes:
   3  not found (no such service, VM or task)
   4  never: the request can never be satisfied (see the alternatives printed)
   5  try again shortly: not ready within the deadline, the work goes on
-  6  cannot reach the server (is `hangar server` running? see HANGAR_URL)";
+  6  cannot reach the server (is `hangar server` running? see HANGAR_URL)
+  7  over quota: the VM would take its owner past a limit (see `hangar quotas`)";
 
 #[derive(Parser)]
 #[command(
@@ -47,6 +48,11 @@ struct Cli {
     )]
     url: String,
 
+    /// The API token client commands send. Without it: the file `hangar login` wrote, then
+    /// the server's admin.token in $HANGAR_DATA_DIR (or the default data dir) if readable.
+    #[arg(long, env = "HANGAR_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -54,7 +60,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the control plane and the local host (QEMU runs here).
-    Server(server::ServerArgs),
+    Server(Box<server::ServerArgs>),
     /// Run one host of a farm: QEMU VMs here, for the control plane at --server (registers,
     /// reports every second, serves the agent API the server calls).
     #[command(
@@ -94,6 +100,17 @@ enum Command {
         #[command(subcommand)]
         command: policies::PolicyCommand,
     },
+    /// Quotas per user: limits and what each user's VMs take.
+    Quotas(accounting::QuotasArgs),
+    /// Change a user's quota.
+    Quota {
+        #[command(subcommand)]
+        command: accounting::QuotaCommand,
+    },
+    /// Usage for billing: VM-seconds by state, vCPU- and GiB-hours, archive GB-hours and
+    /// their cost, per user, service, host or VM.
+    #[command(after_help = "Example: hangar usage --since 1h --by service --csv")]
+    Usage(accounting::UsageArgs),
     /// Benchmarks: hangar's performance table side by side with libvirt (`hangar bench
     /// --quick`), or `hangar bench pool`. They start their own server in a temporary data dir.
     #[command(disable_help_flag = true)]
@@ -122,24 +139,60 @@ enum Command {
     Export(export::ExportArgs),
     /// One task, with its stage, progress and error.
     Task(tasks::TaskArgs),
+    /// Check an API token with the server and keep it (mode 0600) for later commands;
+    /// reads it from standard input.
+    #[command(
+        after_help = "Example:\n  hangar token create --user ana | ssh ana@host hangar login"
+    )]
+    Login(auth::LoginArgs),
+    /// The user and role your token speaks for.
+    Whoami(auth::JsonArgs),
+    /// Users and their roles (admin).
+    Users(auth::JsonArgs),
+    /// Add a user (admin).
+    User {
+        #[command(subcommand)]
+        command: auth::UserCommand,
+    },
+    /// Your API tokens (an admin's: everyone's), never their secrets.
+    Tokens(auth::JsonArgs),
+    /// Make or revoke an API token.
+    Token {
+        #[command(subcommand)]
+        command: auth::TokenCommand,
+    },
+    /// The audit log: every mutating call, who made it, on what, and its outcome (admin).
+    Audit(auth::AuditArgs),
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let Cli { url, command } = Cli::parse();
+    let Cli {
+        url,
+        token,
+        command,
+    } = Cli::parse();
     let result = match command {
-        Command::Server(args) => return server::run(args).await,
+        Command::Server(args) => return server::run(*args).await,
         Command::Agent(args) => return agent::run(args).await,
         Command::Forwarder(args) => return server::forwarder(args).await,
         Command::Bench(args) => bench_cmd::run(args),
-        command => client_command(&url, command).await,
+        command => client_command(&url, auth::resolve_token(token), command).await,
     };
     output::exit_status(result)
 }
 
-/// Runs a command of the REST API against the server at `url`.
-async fn client_command(url: &str, command: Command) -> Result<(), CliError> {
-    let client = &Client::new(url)?;
+/// Runs a command of the REST API against the server at `url`, sending `token`.
+async fn client_command(
+    url: &str,
+    token: Option<String>,
+    command: Command,
+) -> Result<(), CliError> {
+    let mut client = Client::new(url)?;
+    if let Some(token) = &token {
+        client = client.with_token(token);
+    }
+    let client = &client;
     match command {
         Command::Server(_) | Command::Agent(_) | Command::Forwarder(_) | Command::Bench(_) => {
             unreachable!("run without a client, in main")
@@ -153,6 +206,9 @@ async fn client_command(url: &str, command: Command) -> Result<(), CliError> {
         Command::Pool { command } => pools::run(client, command).await,
         Command::Policies(args) => policies::list(client, args).await,
         Command::Policy { command } => policies::run(client, command).await,
+        Command::Quotas(args) => accounting::list(client, args).await,
+        Command::Quota { command } => accounting::run(client, command).await,
+        Command::Usage(args) => accounting::usage(client, args).await,
         Command::Sleep(args) => vms::sleep(client, args).await,
         Command::Archive(args) => vms::archive(client, args).await,
         Command::Wake(args) => vms::wake(client, args).await,
@@ -162,6 +218,13 @@ async fn client_command(url: &str, command: Command) -> Result<(), CliError> {
         Command::Images(args) => images::list(client, args).await,
         Command::Export(args) => export::run(client, args).await,
         Command::Task(args) => tasks::show(client, args).await,
+        Command::Login(args) => auth::login(&Client::new(url)?, args).await,
+        Command::Whoami(args) => auth::whoami(client, args).await,
+        Command::Users(args) => auth::users(client, args).await,
+        Command::User { command } => auth::user(client, command).await,
+        Command::Tokens(args) => auth::tokens(client, args).await,
+        Command::Token { command } => auth::token(client, command).await,
+        Command::Audit(args) => auth::audit(client, args).await,
     }
 }
 

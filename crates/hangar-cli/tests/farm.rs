@@ -120,6 +120,8 @@ impl FarmServer {
         let output = Command::new(HANGAR)
             .args(args)
             .env("HANGAR_URL", &self.url)
+            .env("HANGAR_DATA_DIR", self.data_dir.path())
+            .env_remove("HANGAR_TOKEN")
             .output()
             .unwrap();
         (

@@ -9,14 +9,38 @@ use std::path::{Path, PathBuf};
 
 use common::{TestServer, fetch};
 
+/// The group a confined QEMU runs with, when the server runs as root (it is then given
+/// search on the directories above its files and read on the images it opens).
+fn vm_group() -> Option<u32> {
+    if !hangar_image::hostfs::is_root() {
+        return None;
+    }
+    hangar_vmm::confine::VM_USERS
+        .iter()
+        .find_map(|name| hangar_vmm::confine::lookup_user(name))
+        .map(|(_, gid)| gid)
+}
+
+/// Whether a file or directory is open to anyone but its owner beyond what a confined
+/// QEMU's group needs: search on a directory, read on a file, nothing for others.
+fn too_open(meta: &std::fs::Metadata) -> bool {
+    let mode = meta.mode();
+    if mode & 0o007 != 0 {
+        return true;
+    }
+    let group = mode & 0o070;
+    let allowed = if meta.is_dir() { 0o010 } else { 0o040 };
+    group != 0 && (Some(meta.gid()) != vm_group() || group & !allowed != 0)
+}
+
 /// Every file and directory below `dir` (not following links) that group or others may
-/// read, write or enter, with its mode.
+/// read, write or enter (beyond what [`too_open`] allows), with its mode.
 fn open_to_others(dir: &Path) -> Vec<(PathBuf, u32)> {
     let mut found = Vec::new();
     let mut stack = vec![dir.to_owned()];
     while let Some(dir) = stack.pop() {
         let meta = std::fs::symlink_metadata(&dir).unwrap();
-        if meta.mode() & 0o077 != 0 {
+        if too_open(&meta) {
             found.push((dir.clone(), meta.mode() & 0o7777));
         }
         let Ok(entries) = std::fs::read_dir(&dir) else {
@@ -32,7 +56,7 @@ fn open_to_others(dir: &Path) -> Vec<(PathBuf, u32)> {
             }
             if meta.is_dir() {
                 stack.push(path);
-            } else if meta.mode() & 0o077 != 0 {
+            } else if too_open(&meta) {
                 found.push((path, meta.mode() & 0o7777));
             }
         }
@@ -73,7 +97,8 @@ fn the_data_dir_and_every_file_in_it_are_private_through_sleep_archive_and_wake(
     let data = server.data_dir.path().to_owned();
     std::fs::set_permissions(&data, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     server.spawn();
-    assert_eq!(std::fs::metadata(&data).unwrap().mode() & 0o777, 0o700);
+    let mode = std::fs::metadata(&data).unwrap().mode() & 0o777;
+    assert!(mode == 0o700 || mode == 0o710, "{mode:o}");
     assert!(server.log().contains("making it 0700"), "{}", server.log());
     let open = open_to_others(&data);
     assert!(open.is_empty(), "open to group or others: {open:#?}");
@@ -251,4 +276,118 @@ fn a_secret_setting_reaches_the_guest_but_no_answer_log_or_file_of_the_server() 
     assert!(found.is_empty(), "plaintext password in {found:?}");
     let key = std::fs::metadata(server.data_dir.path().join("secrets.key")).unwrap();
     assert_eq!(key.mode() & 0o777, 0o600);
+}
+
+/// A field of `/proc/PID/status`, such as `Uid` or `Seccomp`.
+fn status_field(pid: u32, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+        .trim()
+        .to_owned()
+}
+
+/// The regular files `pid` holds open for writing.
+fn files_open_for_writing(pid: u32) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+    {
+        let Ok(target) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
+        let info = std::fs::read_to_string(format!(
+            "/proc/{pid}/fdinfo/{}",
+            entry.file_name().to_string_lossy()
+        ))
+        .unwrap_or_default();
+        let flags = info
+            .lines()
+            .find_map(|line| line.strip_prefix("flags:"))
+            .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+            .unwrap_or(0);
+        let writes = flags & (libc::O_WRONLY | libc::O_RDWR) as u32 != 0;
+        if writes && target.is_absolute() && !target.starts_with("/dev") && target.is_file() {
+            found.push(target);
+        }
+    }
+    found
+}
+
+/// QEMU confined: an unprivileged user when the server is root, a seccomp filter always
+/// (`Seccomp: 2`), and files written only in its VM directory; through sleep, archive
+/// (zstd, raw, delta) and wake, and a clone of a template. The cache is private as a
+/// server makes it, so the unprivileged QEMU reads only what it was given.
+#[test]
+fn qemu_runs_unprivileged_under_seccomp_writing_only_its_own_directory() {
+    let server = TestServer::start_with_private_cache(&["--pool-memory", "0"]);
+    let check = |id: &str| {
+        let (_, pid) = server
+            .qemu_processes()
+            .into_iter()
+            .find(|(vm, _)| vm == id)
+            .unwrap_or_else(|| panic!("no QEMU for {id}"));
+        assert_eq!(status_field(pid, "Seccomp"), "2", "seccomp filter mode");
+        let uid: u32 = status_field(pid, "Uid")
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        if hangar_image::hostfs::is_root() {
+            assert_ne!(uid, 0, "QEMU runs as root");
+            let dir = server.vms_dir().join(id);
+            let meta = std::fs::metadata(&dir).unwrap();
+            assert_eq!((meta.uid(), meta.mode() & 0o777), (uid, 0o700));
+        }
+        let dir = std::fs::canonicalize(server.vms_dir().join(id)).unwrap();
+        for file in files_open_for_writing(pid) {
+            assert!(file.starts_with(&dir), "QEMU writes {}", file.display());
+        }
+    };
+    let grant = server.json(&["request", "http-counter", "--dedicated"]);
+    let id = grant["vm"].as_str().unwrap().to_owned();
+    let endpoint = grant["endpoint"].as_str().unwrap().to_owned();
+    assert_eq!(fetch(&endpoint, "/").trim(), "1");
+    check(&id);
+    server.ok(&["sleep", &id]);
+    server.ok(&["wake", &id]);
+    assert_eq!(fetch(&endpoint, "/").trim(), "2");
+    let mut expected = 2;
+    for tier in ["zstd", "raw"] {
+        let out = server.ok(&["archive", &id, "--tier", tier]);
+        assert!(out.contains("archived"), "{out}");
+        server.ok(&["wake", &id]);
+        expected += 1;
+        assert_eq!(fetch(&endpoint, "/").trim(), expected.to_string(), "{tier}");
+        check(&id);
+    }
+    // Once the service's template exists, a new VM is its clone, confined the same, and
+    // archived as a delta against the template.
+    common::wait_for(240, "the http-counter template", || {
+        server
+            .json(&["templates"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["service"] == "http-counter" && t["current"] == true)
+            .cloned()
+    });
+    let clone = server.json(&["request", "http-counter", "--dedicated"]);
+    assert_eq!(clone["match"], "cloned", "{clone}");
+    let clone_id = clone["vm"].as_str().unwrap().to_owned();
+    let clone_endpoint = clone["endpoint"].as_str().unwrap().to_owned();
+    assert_eq!(fetch(&clone_endpoint, "/").trim(), "1");
+    check(&clone_id);
+    let open = open_to_others(server.data_dir.path());
+    assert!(open.is_empty(), "open to group or others: {open:#?}");
+    let out = server.ok(&["archive", &clone_id, "--tier", "delta"]);
+    assert!(out.contains("archived (delta"), "{out}");
+    server.ok(&["wake", &clone_id]);
+    assert_eq!(fetch(&clone_endpoint, "/").trim(), "2");
+    check(&clone_id);
+    server.ok(&["rm", &id, &clone_id]);
 }

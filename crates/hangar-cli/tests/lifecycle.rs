@@ -95,6 +95,7 @@ fn kill_server_during(server: &mut TestServer, args: &[&str], after: Duration) {
     command
         .args(args)
         .env("HANGAR_URL", &server.url)
+        .env("HANGAR_DATA_DIR", server.data_dir.path())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
     let mut child = command.spawn().unwrap();

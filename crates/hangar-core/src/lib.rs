@@ -7,6 +7,7 @@
 //! - [`lifecycle`]: lifecycle policies (idle timers, keep-active, budgets) as pure decisions.
 //! - [`placement`]: which host runs a new VM (capacity, isolation, priority, load, cost).
 //! - [`request`]: what a client asks for and what it gets back.
+//! - [`role`]: the roles of users and API tokens.
 //! - [`suggest`]: closest names, for errors that offer alternatives.
 
 pub mod catalog;
@@ -20,6 +21,7 @@ pub mod placement;
 pub mod pool;
 pub mod quota;
 pub mod request;
+pub mod role;
 pub mod state;
 pub mod suggest;
 pub mod usage;
@@ -28,4 +30,5 @@ pub use catalog::{Catalog, CatalogError, ReadyCheck, ReadySpec, Service, WakeOn}
 pub use ids::{TaskId, VmId};
 pub use lifecycle::{Policy, TierChoice};
 pub use request::{Mode, ServiceRequest};
+pub use role::Role;
 pub use state::{VmState, valid_transition};

@@ -92,7 +92,9 @@ impl Limits {
 
     /// Whether `held` (what the user's VMs take, those being made included) plus `asked`
     /// stays within every limit; the first limit passed is the error. A limit already
-    /// passed (lowered below what is held) refuses anything that adds to it.
+    /// passed (lowered below what is held) refuses anything that adds to it; a user whose
+    /// archives take more than their archive limit gets no new VM (a new VM adds no
+    /// archive, but would be archived in its turn) until they delete some.
     pub fn check(&self, user: &str, held: Usage, asked: Usage) -> Result<(), QuotaExceeded> {
         let after = held.plus(asked);
         for (what, limit, held, asked, would_be) in [
@@ -113,8 +115,9 @@ impl Limits {
                 after.archive_bytes,
             ),
         ] {
+            let over_archives = what == "archive_bytes" && asked == 0 && held > 0;
             if let Some(limit) = limit
-                && asked > 0
+                && (asked > 0 || over_archives)
                 && would_be > limit
             {
                 return Err(QuotaExceeded {
@@ -215,12 +218,18 @@ mod tests {
             Limits::UNLIMITED.check("ann", held, Usage::vm(64, 1 << 18)),
             Ok(())
         );
-        // Over an archive limit already, a VM that adds no archive still passes.
+        // Over the archive limit already: no new VM until archives are deleted.
         let tight = Limits {
-            archive_bytes: Some(1),
+            archive_bytes: Some(1 << 30),
             ..Limits::UNLIMITED
         };
-        assert_eq!(tight.check("ann", held, Usage::vm(1, 128)), Ok(()));
+        let err = tight.check("ann", held, Usage::vm(1, 128)).unwrap_err();
+        assert_eq!((err.what, err.would_be), ("archive_bytes", 1 << 40));
+        let roomy = Limits {
+            archive_bytes: Some(1 << 41),
+            ..Limits::UNLIMITED
+        };
+        assert_eq!(roomy.check("ann", held, Usage::vm(1, 128)), Ok(()));
     }
 
     #[test]

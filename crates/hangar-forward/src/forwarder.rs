@@ -136,8 +136,15 @@ impl Vm {
 #[derive(Clone)]
 pub struct Forwarder {
     vms: Arc<Mutex<HashMap<String, Arc<Vm>>>>,
-    server_url: Arc<Mutex<String>>,
+    server_url: Arc<Mutex<ServerAddr>>,
     first_bytes_wait: Duration,
+}
+
+/// The server the forwarder asks to wake VMs: its URL and the API token it sends.
+#[derive(Debug, Clone, Default)]
+struct ServerAddr {
+    url: String,
+    token: Option<String>,
 }
 
 impl Forwarder {
@@ -145,9 +152,17 @@ impl Forwarder {
     pub fn new(server_url: &str) -> Forwarder {
         Forwarder {
             vms: Arc::default(),
-            server_url: Arc::new(Mutex::new(server_url.to_owned())),
+            server_url: Arc::new(Mutex::new(ServerAddr {
+                url: server_url.to_owned(),
+                token: None,
+            })),
             first_bytes_wait: FIRST_BYTES_WAIT,
         }
+    }
+
+    /// Sends `token` (an API token allowed to wake VMs) with every wake request.
+    pub fn set_token(&self, token: &str) {
+        self.server_url.lock().expect("url lock").token = Some(token.to_owned());
     }
 
     /// The same forwarder with another wait for a silent client's first bytes than
@@ -181,7 +196,7 @@ impl Forwarder {
                 server_url,
                 endpoints,
             } => {
-                *self.server_url.lock().expect("url lock") = server_url;
+                self.server_url.lock().expect("url lock").url = server_url;
                 Reply::Synced {
                     ports: self.sync(&endpoints).await,
                 }
@@ -387,7 +402,7 @@ async fn accept_loop(
     listener: TcpListener,
     vm: Arc<Vm>,
     name: String,
-    server_url: Arc<Mutex<String>>,
+    server_url: Arc<Mutex<ServerAddr>>,
     first_bytes_wait: Duration,
 ) {
     loop {
@@ -500,7 +515,7 @@ async fn serve(
     client: TcpStream,
     vm: Arc<Vm>,
     name: String,
-    server_url: Arc<Mutex<String>>,
+    server_url: Arc<Mutex<ServerAddr>>,
     first_bytes_wait: Duration,
 ) {
     // Counted, but not as a use of the VM until it is admitted: a bare connect to a VM
@@ -536,7 +551,7 @@ async fn reach(
     vm: &Vm,
     name: &str,
     status: &mut watch::Receiver<Status>,
-    server_url: &Mutex<String>,
+    server_url: &Mutex<ServerAddr>,
 ) -> Option<TcpStream> {
     let deadline = tokio::time::Instant::now() + WAKE_WAIT;
     let mut attempts = 0;
@@ -550,8 +565,8 @@ async fn reach(
                     if *vm.status.borrow() != Status::Asleep {
                         continue; // another connection woke it meanwhile
                     }
-                    let url = server_url.lock().expect("url lock").clone();
-                    wake::wake(&url, &vm.id, deadline).await
+                    let server = server_url.lock().expect("url lock").clone();
+                    wake::wake(&server.url, server.token.as_deref(), &vm.id, deadline).await
                 };
                 match woken {
                     Ok(()) => {

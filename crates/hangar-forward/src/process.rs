@@ -96,6 +96,13 @@ pub async fn run(data_dir: &Path, server_url: &str) -> Result<(), ForwardError> 
     tracing::info!(pid, socket = %paths.socket().display(), server = server_url, "forwarder listening");
 
     let forwarder = Forwarder::new(server_url);
+    // The server's API wants a token for wakes: the data dir's admin token.
+    match std::fs::read_to_string(data_dir.join("admin.token")) {
+        Ok(token) => forwarder.set_token(token.trim()),
+        Err(err) => {
+            tracing::warn!(error = %err, "no admin.token in the data dir: wakes go without a token")
+        }
+    }
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let mut watchdog = tokio::time::interval(WATCHDOG);
     loop {

@@ -29,11 +29,19 @@ pub enum WakeError {
     TimedOut,
 }
 
-/// Asks the server at `server_url` to wake VM `id` and waits for the answer: `Ok` once the
-/// VM runs. Retries while the server cannot be reached, until `deadline`; an answer other
-/// than success is final.
-pub async fn wake(server_url: &str, id: &str, deadline: Instant) -> Result<(), WakeError> {
-    let client = Client::with_http(server_url, HTTP.clone())?;
+/// Asks the server at `server_url` to wake VM `id` (with `token` as the bearer token, when
+/// given) and waits for the answer: `Ok` once the VM runs. Retries while the server cannot
+/// be reached, until `deadline`; an answer other than success is final.
+pub async fn wake(
+    server_url: &str,
+    token: Option<&str>,
+    id: &str,
+    deadline: Instant,
+) -> Result<(), WakeError> {
+    let mut client = Client::with_http(server_url, HTTP.clone())?;
+    if let Some(token) = token {
+        client = client.with_token(token);
+    }
     loop {
         match tokio::time::timeout_at(deadline, client.wake(id)).await {
             Ok(Ok(_)) => return Ok(()),
@@ -73,7 +81,7 @@ mod tests {
             stream.write_all(answer.as_bytes()).await.unwrap();
         });
         let started = Instant::now();
-        let err = wake(&url, "vm-x", started + Duration::from_secs(10))
+        let err = wake(&url, None, "vm-x", started + Duration::from_secs(10))
             .await
             .unwrap_err();
         let WakeError::Refused(ClientError::Api { status, body, .. }) = err else {
@@ -88,7 +96,7 @@ mod tests {
         let url = format!("http://{}", closed.local_addr().unwrap());
         drop(closed);
         let started = Instant::now();
-        let err = wake(&url, "vm-x", started + Duration::from_millis(700))
+        let err = wake(&url, None, "vm-x", started + Duration::from_millis(700))
             .await
             .unwrap_err();
         assert!(
@@ -97,7 +105,7 @@ mod tests {
         );
         assert!(started.elapsed() >= Duration::from_millis(400));
         assert!(matches!(
-            wake("localhost:1", "vm-x", started).await,
+            wake("localhost:1", None, "vm-x", started).await,
             Err(WakeError::Url(_))
         ));
     }

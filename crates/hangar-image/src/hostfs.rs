@@ -60,8 +60,10 @@ pub fn restrict_umask() -> u32 {
 }
 
 /// Creates `dir` (and its parents) as `0700`, and tightens it to `0700` when it already
-/// exists with access for group or others, logging a warning. Returns whether it had to be
-/// tightened. Parents that existed are left as they are.
+/// exists with access for others or group read or write, logging a warning. Returns whether
+/// it had to be tightened. Group search alone (`0710`) is kept: it lets a confined QEMU's
+/// group enter known paths (its VM directory, its images), never list or change anything.
+/// Parents that existed are left as they are.
 pub fn secure_dir(dir: &Path) -> Result<bool, HostFsError> {
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -69,7 +71,7 @@ pub fn secure_dir(dir: &Path) -> Result<bool, HostFsError> {
         .create(dir)
         .map_err(io("create", dir))?;
     let mode = std::fs::metadata(dir).map_err(io("stat", dir))?.mode() & 0o7777;
-    if mode & 0o077 == 0 {
+    if mode & 0o067 == 0 {
         return Ok(false);
     }
     tracing::warn!(
@@ -276,6 +278,9 @@ mod tests {
         std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(0o755)).unwrap();
         assert!(secure_dir(&fresh).unwrap(), "reported as tightened");
         assert_eq!(std::fs::metadata(&fresh).unwrap().mode() & 0o777, 0o700);
+        std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(0o710)).unwrap();
+        assert!(!secure_dir(&fresh).unwrap(), "group search alone is kept");
+        assert_eq!(std::fs::metadata(&fresh).unwrap().mode() & 0o777, 0o710);
     }
 
     #[test]

@@ -36,15 +36,19 @@ pub mod images;
 pub mod lifecycle;
 pub mod manager;
 pub mod pools;
+pub mod quotas;
 pub mod reconcile;
 pub mod requests;
 pub mod scheduler;
 pub mod secrets;
 pub mod tasks;
 pub mod templates;
+pub mod usage;
 
 pub use api::error;
 pub use hangar_core::lifecycle::PolicyFloors;
+pub use hangar_core::quota::Limits;
+pub use hangar_core::usage::Prices;
 /// The host agent (`hangar agent`) and the image sources it may use, for the CLI.
 pub use hangar_host::guest::guest_config;
 pub use manager::{Manager, ManagerConfig};
@@ -108,6 +112,10 @@ pub struct ServerConfig {
     pub stable_endpoints: bool,
     /// The shortest idle timers a policy set at run time may have.
     pub policy_floors: hangar_core::lifecycle::PolicyFloors,
+    /// The quota of every user without one of their own.
+    pub default_quota: hangar_core::quota::Limits,
+    /// Prices of what usage metering counts.
+    pub prices: hangar_core::usage::Prices,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +128,9 @@ pub enum ServerError {
     },
     #[error("another hangar server is using data dir {0}")]
     Locked(String),
+    /// QEMU cannot run as its unprivileged user.
+    #[error("confining QEMU: {0}")]
+    Confine(#[from] hangar_vmm::confine::ConfineError),
     /// The data dir could not be made private, or a build's mounts under it not undone.
     #[error("data dir: {0}")]
     HostFs(#[from] hangar_image::hostfs::HostFsError),
@@ -139,6 +150,8 @@ pub enum ServerError {
     FarmToken(#[from] farm::token::TokenError),
     #[error(transparent)]
     Secrets(#[from] secrets::SecretsError),
+    #[error(transparent)]
+    AdminToken(#[from] api::auth::tokens::AdminTokenError),
     #[error("cannot open the database: {0}")]
     Store(String),
     #[error("{0}")]
@@ -222,6 +235,26 @@ pub fn undo_stale_mounts(data_dir: &std::path::Path) -> Result<(), ServerError> 
     Ok(())
 }
 
+/// The user QEMU runs as when this process is root (`hangar-vm`, else `nobody`), opened
+/// to `roots` as far as QEMU needs; `None` otherwise (QEMU runs as this user, sandboxed).
+pub fn confined_user(
+    roots: &[std::path::PathBuf],
+) -> Result<Option<hangar_vmm::confine::VmUser>, hangar_vmm::confine::ConfineError> {
+    let user = hangar_vmm::confine::VmUser::for_this_process(roots)?;
+    match &user {
+        Some(user) => {
+            tracing::info!(user = %user.name, uid = user.uid, sandbox = hangar_vmm::confine::SANDBOX, "qemu runs confined")
+        }
+        None => {
+            tracing::info!(
+                sandbox = hangar_vmm::confine::SANDBOX,
+                "qemu runs as this user, sandboxed"
+            )
+        }
+    }
+    Ok(user)
+}
+
 /// Runs the server until `shutdown` completes. VMs keep running when the server stops;
 /// the next start adopts them.
 pub async fn run(
@@ -268,9 +301,20 @@ pub async fn run(
     let store = hangar_store::open(&store_location)
         .await
         .map_err(|err| ServerError::Store(error::error_chain(&err)))?;
+    // The first admin's token (made on first start): the CLI and the forwarder use it.
+    let admin_token = api::auth::tokens::ensure_admin_token(
+        store.as_ref(),
+        &data_dir.join(api::auth::tokens::ADMIN_TOKEN_FILE),
+    )
+    .await?;
 
     let vms_dir = data_dir.join("vms");
-    let qemu_config = QemuConfig::new(vms_dir.clone(), config.accel);
+    let mut qemu_config = QemuConfig::new(vms_dir.clone(), config.accel);
+    if config.local_host {
+        let cache = data_dir.join("cache");
+        std::fs::create_dir_all(&cache).map_err(data_err)?;
+        qemu_config.user = confined_user(&[data_dir.clone(), cache])?;
+    }
     let qemu_version = if config.local_host {
         let version = check_qemu(&qemu_config)?;
         tracing::info!(qemu = %version, accel = %qemu_config.accel, requested = %config.accel, "hypervisor");
@@ -374,6 +418,8 @@ pub async fn run(
             server_urls: vec![server_url.clone()],
             policy_floors: config.policy_floors,
             secrets_key,
+            default_quota: config.default_quota,
+            prices: config.prices,
             ..ManagerConfig::default()
         },
     );
@@ -384,7 +430,9 @@ pub async fn run(
                 command: command.clone(),
             },
             None => {
-                endpoints::ForwarderKind::InProcess(hangar_forward::Forwarder::new(&server_url))
+                let forwarder = hangar_forward::Forwarder::new(&server_url);
+                forwarder.set_token(&admin_token);
+                endpoints::ForwarderKind::InProcess(forwarder)
             }
         };
         manager.use_stable_endpoints(endpoints::StableEndpoints::new(kind, &server_url));

@@ -52,6 +52,10 @@ pub struct ManagerConfig {
     /// The key secret settings are sealed with in the store ([`crate::secrets`]); replicas
     /// sharing a store share it. The default is a fresh random key (tests).
     pub secrets_key: [u8; 32],
+    /// The quota of every user without one of their own (default: no limits).
+    pub default_quota: hangar_core::quota::Limits,
+    /// Prices of what usage metering counts (default: free).
+    pub prices: hangar_core::usage::Prices,
 }
 
 impl Default for ManagerConfig {
@@ -76,6 +80,8 @@ impl Default for ManagerConfig {
                 rand::rng().fill_bytes(&mut key);
                 key
             },
+            default_quota: hangar_core::quota::Limits::UNLIMITED,
+            prices: hangar_core::usage::Prices::default(),
         }
     }
 }
@@ -113,6 +119,10 @@ pub struct Manager {
     pub(crate) image_runtime: crate::images::policy::ImageRuntime,
     /// Seals and opens secret settings kept in the store.
     pub(crate) secrets: crate::secrets::Secrets,
+    /// VMs reserved against their owners' quotas and not yet recorded.
+    pub(crate) quotas: crate::quotas::QuotaRuntime,
+    /// API tokens recently checked, and idempotency keys being answered.
+    pub(crate) auth: crate::api::auth::AuthRuntime,
 }
 
 /// What start-up reconciliation found and did.
@@ -167,6 +177,8 @@ impl Manager {
             template_pulls: Mutex::default(),
             endpoints: std::sync::OnceLock::new(),
             image_runtime: crate::images::policy::ImageRuntime::default(),
+            quotas: crate::quotas::QuotaRuntime::default(),
+            auth: crate::api::auth::AuthRuntime::default(),
         })
     }
 

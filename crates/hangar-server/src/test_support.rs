@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use hangar_core::{Catalog, Mode, ServiceRequest};
+use hangar_core::{Catalog, Mode, Role, ServiceRequest};
 use hangar_host::{LocalHost, LocalHostConfig};
 use hangar_store::Store;
 use hangar_vmm::fake::FakeBackend;
@@ -99,9 +99,67 @@ pub(crate) fn fake_manager(
     config: ManagerConfig,
 ) -> (Arc<Manager>, FakeBackend, Arc<dyn Store>) {
     let store = Arc::new(hangar_store::SqliteStore::open_in_memory().expect("in-memory store"));
+    // The in-memory store answers in place: no runtime is needed to wait for it.
+    futures::executor::block_on(install_token(
+        store.as_ref(),
+        "admin",
+        Role::Admin,
+        ADMIN_TOKEN,
+    ));
     let backend = FakeBackend::new();
     let manager = manager_on(store.clone(), backend.clone(), catalog, config);
     (manager, backend, store)
+}
+
+/// The admin token of every [`fake_manager`]'s store.
+pub(crate) const ADMIN_TOKEN: &str =
+    "hgr_00000000000000ad_00000000000000000000000000000000000000000000000000000000000000ad";
+
+/// Records user `user` (if new) with `role` and the token `text` (in hangar's format) for
+/// it, scoped to `role`.
+pub(crate) async fn install_token(store: &dyn Store, user: &str, role: Role, text: &str) {
+    if store.user(user).await.expect("store").is_none() {
+        store
+            .insert_user(&hangar_store::UserRecord {
+                name: user.into(),
+                role,
+                created_at_ms: 1,
+            })
+            .await
+            .expect("user");
+    }
+    let id = crate::api::auth::tokens::token_id(text).expect("a token in hangar's format");
+    store
+        .insert_token(&hangar_store::TokenRecord {
+            id: id.into(),
+            user: user.into(),
+            role,
+            hash: crate::api::auth::tokens::hash(text),
+            created_at_ms: 1,
+            expires_at_ms: None,
+            revoked_at_ms: None,
+            last_used_at_ms: None,
+        })
+        .await
+        .expect("token");
+}
+
+/// Gives `manager`'s store the admin token [`ADMIN_TOKEN`] when it lacks it (managers made
+/// by [`manager_on`] over a store of their own).
+pub(crate) async fn ensure_admin(manager: &Manager) {
+    let id = crate::api::auth::tokens::token_id(ADMIN_TOKEN).expect("hangar's format");
+    if manager.store().token(id).await.expect("store").is_none() {
+        install_token(manager.store(), "admin", Role::Admin, ADMIN_TOKEN).await;
+    }
+}
+
+/// A token in hangar's format whose id and secret are made of `n`.
+pub(crate) fn test_token(n: u8) -> String {
+    format!(
+        "hgr_{}_{}",
+        format!("{n:02x}").repeat(8),
+        format!("{n:02x}").repeat(32)
+    )
 }
 
 /// A request for `service` in `mode`.

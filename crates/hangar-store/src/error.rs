@@ -52,6 +52,9 @@ pub enum Entity {
     Host,
     Template,
     Archive,
+    User,
+    Token,
+    IdempotencyKey,
 }
 
 impl std::fmt::Display for Entity {
@@ -63,6 +66,9 @@ impl std::fmt::Display for Entity {
             Entity::Host => "host",
             Entity::Template => "template",
             Entity::Archive => "archive",
+            Entity::User => "user",
+            Entity::Token => "token",
+            Entity::IdempotencyKey => "idempotency key",
         })
     }
 }

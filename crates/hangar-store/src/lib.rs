@@ -19,12 +19,14 @@ use hangar_core::VmState;
 pub use hangar_core::quota::{Limits, Usage};
 pub use hangar_core::usage::UsageEvent;
 
+mod access;
 mod error;
 mod lease;
 mod postgres;
 mod records;
 mod sqlite;
 
+pub use access::{AuditRecord, IdempotencyRecord, TokenRecord, UserRecord};
 pub use error::{BackendSource, Conflict, Entity, StoreError};
 pub use lease::LeaseRecord;
 pub use postgres::PgStore;
@@ -343,6 +345,67 @@ pub trait Store: Send + Sync {
     /// VM's state, owner, host, services or size is recorded in the statement that makes
     /// it, so none is missed however the change is made.
     async fn usage_events(&self, since_ms: u64) -> Result<Vec<UsageEvent>, StoreError>;
+
+    // ---- users and API tokens ----
+
+    /// Adds a user. [`Conflict::Exists`] when the name is taken.
+    async fn insert_user(&self, user: &UserRecord) -> Result<(), StoreError>;
+
+    async fn user(&self, name: &str) -> Result<Option<UserRecord>, StoreError>;
+
+    /// Users by name.
+    async fn users(&self) -> Result<Vec<UserRecord>, StoreError>;
+
+    /// Adds a token. [`Conflict::Exists`] when its id is taken; [`StoreError::NotFound`]
+    /// when its user does not exist.
+    async fn insert_token(&self, token: &TokenRecord) -> Result<(), StoreError>;
+
+    async fn token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError>;
+
+    /// Tokens (revoked and expired ones too) in creation order: `user`'s, or everyone's.
+    async fn tokens(&self, user: Option<&str>) -> Result<Vec<TokenRecord>, StoreError>;
+
+    /// Revokes a token at `at_ms`; revoking it again keeps the first time. Returns the
+    /// token as it is now.
+    async fn revoke_token(&self, id: &str, at_ms: u64) -> Result<TokenRecord, StoreError>;
+
+    /// Records that a token was used at `at_ms` (never earlier than it was).
+    async fn token_used(&self, id: &str, at_ms: u64) -> Result<(), StoreError>;
+
+    // ---- audit log ----
+
+    /// Appends an entry (its `seq` is assigned here); returns the `seq` given.
+    async fn insert_audit(&self, entry: &AuditRecord) -> Result<u64, StoreError>;
+
+    /// The latest `limit` entries made at or after `since_ms`, oldest first.
+    async fn audit(&self, since_ms: u64, limit: u32) -> Result<Vec<AuditRecord>, StoreError>;
+
+    // ---- idempotency keys ----
+
+    /// Claims `key` for `user`'s call: one conditional write. Returns `None` when the
+    /// caller now holds it (the key was new, or its earlier holder left it unanswered
+    /// since before `stale_before_ms`), otherwise the record as stored (answered, or
+    /// still running under another call). Of concurrent claimers exactly one gets `None`.
+    async fn claim_idempotency_key(
+        &self,
+        user: &str,
+        key: &str,
+        fingerprint: &str,
+        now_ms: u64,
+        stale_before_ms: u64,
+    ) -> Result<Option<IdempotencyRecord>, StoreError>;
+
+    /// Stores the answer of the call holding `key`.
+    async fn answer_idempotency_key(
+        &self,
+        user: &str,
+        key: &str,
+        status: u16,
+        body: &str,
+    ) -> Result<(), StoreError>;
+
+    /// Forgets a claimed key that has no answer (its call failed; a retry runs again).
+    async fn release_idempotency_key(&self, user: &str, key: &str) -> Result<(), StoreError>;
 }
 
 /// The states in which a VM counts with its vCPUs and memory against its owner's quota.

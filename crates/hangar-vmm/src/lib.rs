@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 pub mod accel;
 pub mod agent;
 pub mod archive;
+pub mod confine;
 pub mod delta;
 pub mod fake;
 pub mod procs;
@@ -166,6 +167,9 @@ pub enum VmmError {
     Archive { id: String, reason: String },
     #[error("restoring VM {id} failed (its archive is kept): {reason}")]
     Restore { id: String, reason: String },
+    /// QEMU cannot run confined as configured (its user cannot reach a file).
+    #[error(transparent)]
+    Confine(#[from] confine::ConfineError),
 }
 
 /// A host's hypervisor. Every method is safe to call concurrently for different VMs.

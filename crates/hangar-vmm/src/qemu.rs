@@ -10,11 +10,14 @@
 //! | `qmp.sock`    | QMP control socket                                |
 //! | `agent.sock`  | the agent channel to hangar-init                  |
 //! | `console.log` | the guest's serial console                        |
-//! | `qemu.pid`    | QEMU's pid (QEMU runs daemonized)                 |
+//! | `qemu.pid`    | QEMU's pid (QEMU runs in its own session)        |
+//! | `qemu.log`    | QEMU's own output                                 |
 //! | `memory.*`, `archive.json` | an archived VM's snapshot (see [`crate::archive`]) |
 //!
-//! QEMU is started with `-daemonize`, so it outlives the server (a `kill -9` of the server
-//! leaves guests running) and is re-adopted through its sockets on the next start.
+//! QEMU is started in its own session, so it outlives the server (a `kill -9` of the server
+//! leaves guests running) and is re-adopted through its sockets on the next start. It is not
+//! daemonized by `-daemonize`: that forks under the seccomp sandbox, which forbids it
+//! ([`crate::confine`]). It runs as [`QemuConfig::user`] when one is set.
 
 use std::collections::HashMap;
 use std::os::fd::AsFd;
@@ -27,11 +30,18 @@ use tokio::net::UnixStream;
 
 use crate::agent::Agent;
 use crate::archive::{self, ArchiveRecord};
+use crate::confine::VmUser;
 use crate::qmp::Qmp;
 use crate::{
     Accel, ArchiveInfo, ArchiveTier, Hypervisor, Launched, PortForward, RunState, TemplateInfo,
     VmSpec, VmmError, procs, template,
 };
+
+/// How long a refused connection to a starting QEMU's socket is retried.
+const CONNECT_RETRY: Duration = Duration::from_secs(5);
+
+/// How long QEMU may take to create its control sockets.
+const QEMU_START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Nice value of VMs booted in the background (pool fills).
 const BACKGROUND_NICE: libc::c_int = 10;
@@ -55,6 +65,9 @@ pub struct QemuConfig {
     pub qemu_img: PathBuf,
     /// A resolved accelerator (`kvm` or `tcg`).
     pub accel: Accel,
+    /// The unprivileged user QEMU runs as (the server runs as root); `None`: this
+    /// process's own user. QEMU always runs under [`crate::confine::SANDBOX`].
+    pub user: Option<VmUser>,
 }
 
 impl QemuConfig {
@@ -64,6 +77,7 @@ impl QemuConfig {
             qemu: "qemu-system-x86_64".into(),
             qemu_img: "qemu-img".into(),
             accel: accel.resolve(),
+            user: None,
         }
     }
 }
@@ -161,50 +175,123 @@ impl QemuBackend {
         Ok(Running::new(pid, qmp, agent, spec))
     }
 
-    /// Runs QEMU with `args` (it daemonizes) and returns the daemon's pid.
+    /// Runs QEMU with `args` in its own session (it outlives this process), as
+    /// [`QemuConfig::user`] when one is set, and returns its pid once its control sockets
+    /// listen. QEMU's output goes to `qemu.log` in the VM's directory; a QEMU that exits
+    /// first is an error with that output.
     async fn spawn_qemu(
         &self,
         spec: &VmSpec,
         args: &[String],
         paths: &VmPaths,
     ) -> Result<u32, VmmError> {
-        let mut command = tokio::process::Command::new(&self.config.qemu);
-        if spec.background {
-            // SAFETY: runs in the forked child before exec; setpriority(2) is
-            // async-signal-safe and touches no memory of the parent.
-            unsafe {
-                command.pre_exec(|| {
-                    libc::setpriority(libc::PRIO_PROCESS, 0, BACKGROUND_NICE);
-                    Ok(())
-                });
+        self.give_files(spec, paths)?;
+        // What an earlier process of this VM left (it ran until archived): readiness is
+        // these files appearing anew.
+        for stale in [&paths.qmp, &paths.agent, &paths.pidfile] {
+            match std::fs::remove_file(stale) {
+                Err(err) if err.kind() != std::io::ErrorKind::NotFound => return Err(err.into()),
+                _ => {}
             }
         }
-        let output = command
+        let log_path = paths.dir.join("qemu.log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(&log_path)?;
+        let mut command = tokio::process::Command::new(&self.config.qemu);
+        let nice = spec.background.then_some(BACKGROUND_NICE);
+        let credentials = self.config.user.as_ref().map(VmUser::credentials);
+        // SAFETY: runs in the forked child before exec; setsid(2), setpriority(2) and the
+        // credential calls are async-signal-safe and touch only memory prepared before the
+        // fork.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if let Some(nice) = nice {
+                    libc::setpriority(libc::PRIO_PROCESS, 0, nice);
+                }
+                if let Some(credentials) = &credentials {
+                    credentials.apply()?;
+                }
+                Ok(())
+            });
+        }
+        let mut child = command
             .args(args)
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .output()
-            .await
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(false)
+            .spawn()
             .map_err(|source| VmmError::Spawn {
                 program: self.config.qemu.display().to_string(),
                 source,
             })?;
-        if !output.status.success() {
-            let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
-            return Err(VmmError::Launch(if stderr.is_empty() {
-                format!("exit status {}", output.status)
+        let pid = child
+            .id()
+            .ok_or_else(|| VmmError::Launch("QEMU exited at once".into()))?;
+        let deadline = Instant::now() + QEMU_START_TIMEOUT;
+        let exited = loop {
+            if let Some(status) = child.try_wait()? {
+                break Some(status);
+            }
+            if paths.qmp.exists() && paths.agent.exists() && read_pid(&paths.pidfile) == Some(pid) {
+                break None;
+            }
+            if Instant::now() > deadline {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                return Err(VmmError::Launch(format!(
+                    "its sockets did not appear within {} s",
+                    QEMU_START_TIMEOUT.as_secs()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        };
+        if let Some(status) = exited {
+            let output = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let output = output.trim();
+            return Err(VmmError::Launch(if output.is_empty() {
+                format!("exit status {status}")
             } else {
-                stderr
+                output.to_owned()
             }));
         }
-        // QEMU's -daemonize sets its umask to 027: its console log and sockets would be
-        // open to the group.
-        if let Err(err) = make_private(&paths.dir) {
-            tracing::warn!(error = %err, "cannot make a vm's files private");
+        // Reaped here while this process lives; after it, by init.
+        tokio::spawn(async move {
+            let _ = child.wait().await;
+        });
+        Ok(pid)
+    }
+
+    /// As [`QemuConfig::user`]: the VM's directory and disk become its own, and the files
+    /// QEMU opens by name (kernel, initramfs, base image, layers) readable to it.
+    fn give_files(&self, spec: &VmSpec, paths: &VmPaths) -> Result<(), VmmError> {
+        let Some(user) = &self.config.user else {
+            return Ok(());
+        };
+        user.grant_enter_above(&paths.dir)?;
+        user.own(&paths.dir)?;
+        if paths.disk.exists() {
+            user.own(&paths.disk)?;
+            user.grant_backing_chain(&paths.disk, false)?;
         }
-        read_pid(&paths.pidfile).ok_or_else(|| VmmError::Launch("QEMU wrote no pid file".into()))
+        if let Some(base) = spec.base_image.as_ref().filter(|base| base.exists()) {
+            user.grant_backing_chain(base, true)?;
+        }
+        for file in [&spec.kernel, &spec.initramfs]
+            .into_iter()
+            .chain(&spec.layers)
+        {
+            if file.exists() {
+                user.grant_read(file)?;
+            }
+        }
+        Ok(())
     }
 
     /// Kills the VM's process (if it is ours) and removes its directory.
@@ -317,6 +404,11 @@ impl Hypervisor for QemuBackend {
         let running = self.running(id).await?;
         let paths = self.paths(id);
         create_overlay(&self.config.qemu_img, base_image, &paths.disk).await?;
+        // QEMU opens the disk and its base now, as its own user.
+        if let Some(user) = &self.config.user {
+            user.own(&paths.disk)?;
+            user.grant_backing_chain(&paths.disk, false)?;
+        }
         let qmp = &running.qmp;
         qmp.execute(
             "blockdev-add",
@@ -921,7 +1013,8 @@ fn command_line(accel: Accel, spec: &VmSpec, paths: &VmPaths, boot: bool) -> Vec
         "-no-user-config".into(),
         "-display".into(),
         "none".into(),
-        "-daemonize".into(),
+        "-sandbox".into(),
+        crate::confine::SANDBOX.into(),
         "-pidfile".into(),
         path(&paths.pidfile),
         "-no-reboot".into(),
@@ -1007,14 +1100,35 @@ fn command_line(accel: Accel, spec: &VmSpec, paths: &VmPaths, boot: bool) -> Vec
     args
 }
 
+/// Connects QMP and the agent channel. A socket QEMU has bound but not yet listens on
+/// refuses connections for a moment after it appears (QEMU is not daemonized, so its
+/// sockets are seen while it starts): refused connections are retried for a few seconds.
 async fn connect(paths: &VmPaths) -> Result<(Qmp, Arc<Agent>), VmmError> {
-    let qmp = Qmp::connect(&paths.qmp).await?;
-    let stream = UnixStream::connect(&paths.agent).await.map_err(|err| {
-        VmmError::Launch(format!(
-            "cannot connect to agent socket {}: {err}",
-            paths.agent.display()
-        ))
-    })?;
+    let deadline = Instant::now() + CONNECT_RETRY;
+    let refused = |err: &std::io::Error| {
+        err.kind() == std::io::ErrorKind::ConnectionRefused && Instant::now() < deadline
+    };
+    let qmp = loop {
+        match Qmp::connect(&paths.qmp).await {
+            Err(crate::qmp::QmpError::Connect { source, .. }) if refused(&source) => {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            other => break other?,
+        }
+    };
+    let stream = loop {
+        match UnixStream::connect(&paths.agent).await {
+            Err(err) if refused(&err) => tokio::time::sleep(Duration::from_millis(1)).await,
+            other => {
+                break other.map_err(|err| {
+                    VmmError::Launch(format!(
+                        "cannot connect to agent socket {}: {err}",
+                        paths.agent.display()
+                    ))
+                })?;
+            }
+        }
+    };
     Ok((qmp, Agent::spawn(stream)))
 }
 
@@ -1036,26 +1150,6 @@ async fn create_overlay(qemu_img: &Path, base: &Path, disk: &Path) -> Result<(),
         ],
     )
     .await
-}
-
-/// Takes group and other access away from `dir` and the files in it (not following
-/// links).
-fn make_private(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    let mut paths = vec![dir.to_owned()];
-    for entry in std::fs::read_dir(dir)? {
-        paths.push(entry?.path());
-    }
-    for path in paths {
-        let Ok(meta) = std::fs::symlink_metadata(&path) else {
-            continue; // gone meanwhile
-        };
-        let mode = meta.mode() & 0o7777;
-        if !meta.file_type().is_symlink() && mode & 0o077 != 0 {
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode & !0o077))?;
-        }
-    }
-    Ok(())
 }
 
 fn read_pid(pidfile: &Path) -> Option<u32> {
@@ -1121,7 +1215,8 @@ mod tests {
         let args = qemu_args(Accel::Tcg, &spec, &paths).join(" ");
         for expected in [
             "-M microvm,acpi=on,isa-serial=on,rtc=on -accel tcg -m 256 -smp 2",
-            "-daemonize -pidfile /data/vms/vm-1/qemu.pid",
+            "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny \
+             -pidfile /data/vms/vm-1/qemu.pid",
             "-append console=ttyS0 quiet",
             "-drive id=root,file=/data/vms/vm-1/disk.qcow2,format=qcow2,if=none",
             "virtio-blk-device,drive=root,serial=hangar-root",

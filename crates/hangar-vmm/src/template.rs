@@ -88,6 +88,11 @@ pub fn assemble(
         for file in [MEMORY_FILE, DISK_FILE] {
             let path = staging.join(file);
             if path.exists() {
+                // The server's, not the user QEMU ran as: clones' QEMUs read it, none
+                // may write it (see PLATFORM.md: QEMU opens it writable).
+                // SAFETY: geteuid(2) and getegid(2) cannot fail.
+                let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+                std::os::unix::fs::chown(&path, Some(uid), Some(gid))?;
                 std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400))?;
             }
         }

@@ -190,7 +190,8 @@ pub async fn run(args: FarmBench) -> Result<(), BenchError> {
         .map_err(|err| BenchError::Failed(format!("the server's farm token: {err}")))?
         .trim()
         .to_owned();
-    let mut farm = Farm::new(&server.url, &token, args.clients)?;
+    let admin = server.token().map_err(BenchError::Failed)?;
+    let mut farm = Farm::new(&server.url, &token, &admin, args.clients)?;
     eprintln!(
         "recording {} VMs on the {} hosts...",
         args.vms,
@@ -459,7 +460,7 @@ fn incarnation() -> String {
 }
 
 impl Farm {
-    fn new(url: &str, token: &str, clients: usize) -> Result<Farm, BenchError> {
+    fn new(url: &str, token: &str, admin: &str, clients: usize) -> Result<Farm, BenchError> {
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(clients.max(8))
             .timeout(Duration::from_secs(30))
@@ -469,7 +470,7 @@ impl Farm {
             .map_err(|err| BenchError::Failed(err.to_string()))?;
         Ok(Farm {
             farm: api.clone().with_token(token),
-            api,
+            api: api.with_token(admin),
             vms: Arc::default(),
         })
     }

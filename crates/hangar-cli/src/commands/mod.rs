@@ -1,6 +1,8 @@
 //! One module per command or group of commands; each holds its arguments and what it does.
 
+pub mod accounting;
 pub mod agent;
+pub mod auth;
 pub mod bench;
 pub mod export;
 pub mod hosts;

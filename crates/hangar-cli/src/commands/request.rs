@@ -47,6 +47,10 @@ pub struct RequestArgs {
     /// Only on hosts labelled KEY=VALUE (repeatable; every one must match).
     #[arg(long = "on", value_name = "KEY=VALUE", value_parser = parse_env)]
     on: Vec<(String, String)>,
+    /// Retries with the same key (by the same user) get the first answer, the same VM,
+    /// instead of another VM.
+    #[arg(long, value_name = "KEY")]
+    idempotency_key: Option<String>,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -78,6 +82,7 @@ pub async fn run(client: &Client, args: RequestArgs) -> Result<(), CliError> {
         deadline,
         isolate,
         on,
+        idempotency_key,
         json,
     } = args;
     let config = memory.map(|(min, max)| {
@@ -110,7 +115,10 @@ pub async fn run(client: &Client, args: RequestArgs) -> Result<(), CliError> {
     }
     let request = serde_json::from_value(body)
         .map_err(|err| CliError::Usage(format!("not a valid request: {err}")))?;
-    let grant = client.request(&request).await?.value;
+    let grant = match &idempotency_key {
+        Some(key) => client.request_idempotent(&request, key).await?.value,
+        None => client.request(&request).await?.value,
+    };
     if json {
         return print_json(&grant);
     }

@@ -100,6 +100,46 @@ pub struct ServerArgs {
     /// a service's VMs and their data sooner.
     #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime::parse_duration, env = "HANGAR_POLICY_MIN_DELETE_AFTER")]
     policy_min_delete_after: std::time::Duration,
+    /// The quota of every user without one of their own: `vms=N,vcpus=N,memory=MIB,
+    /// archive=MIB` (keys left out: no limit), or `none` (no limits, the default).
+    #[arg(long, value_name = "LIMITS", default_value = "none", value_parser = hangar_server::Limits::parse, env = "HANGAR_DEFAULT_QUOTA")]
+    default_quota: hangar_server::Limits,
+    /// Price of a vCPU-hour of an active VM (usage's cost column; any currency).
+    #[arg(
+        long,
+        value_name = "PRICE",
+        default_value_t = 0.0,
+        value_parser = parse_price,
+        env = "HANGAR_PRICE_ACTIVE_VCPU_HOUR"
+    )]
+    price_active_vcpu_hour: f64,
+    /// Price of a GiB-hour of an active VM's memory.
+    #[arg(
+        long,
+        value_name = "PRICE",
+        default_value_t = 0.0,
+        value_parser = parse_price,
+        env = "HANGAR_PRICE_ACTIVE_GIB_HOUR"
+    )]
+    price_active_gib_hour: f64,
+    /// Price of a GiB-hour of a sleeping VM's memory (held on its host).
+    #[arg(
+        long,
+        value_name = "PRICE",
+        default_value_t = 0.0,
+        value_parser = parse_price,
+        env = "HANGAR_PRICE_SLEEPING_GIB_HOUR"
+    )]
+    price_sleeping_gib_hour: f64,
+    /// Price of a GB-hour of archive.
+    #[arg(
+        long,
+        value_name = "PRICE",
+        default_value_t = 0.0,
+        value_parser = parse_price,
+        env = "HANGAR_PRICE_ARCHIVE_GB_HOUR"
+    )]
+    price_archive_gb_hour: f64,
 }
 
 #[derive(clap::Args)]
@@ -111,11 +151,23 @@ pub struct ForwarderArgs {
     server: String,
 }
 
-/// The data dir when none is given: `$XDG_DATA_HOME/hangar`, else
-/// `$HOME/.local/share/hangar`, else `./hangar`.
+/// A price: a finite number, 0 or more.
+fn parse_price(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(price) if price.is_finite() && price >= 0.0 => Ok(price),
+        _ => Err(format!("{text:?} is not a price (a number, 0 or more)")),
+    }
+}
+
+/// The data dir when none is given: `$XDG_DATA_HOME/hangar`, else for root
+/// `/var/lib/hangar` (QEMU runs as an unprivileged user that must reach it, and cannot
+/// enter `/root`), else `$HOME/.local/share/hangar`, else `./hangar`.
 pub fn default_data_dir() -> PathBuf {
+    // SAFETY: geteuid(2) cannot fail and touches no memory.
+    let root = unsafe { libc::geteuid() } == 0;
     std::env::var_os("XDG_DATA_HOME")
         .map(PathBuf::from)
+        .or_else(|| root.then(|| PathBuf::from("/var/lib")))
         .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".local/share")))
         .unwrap_or_else(|| PathBuf::from("."))
         .join("hangar")
@@ -163,6 +215,13 @@ pub async fn run(args: ServerArgs) -> ExitCode {
             sleep_after: args.policy_min_sleep_after,
             archive_after: args.policy_min_archive_after,
             delete_after: args.policy_min_delete_after,
+        },
+        default_quota: args.default_quota,
+        prices: hangar_server::Prices {
+            active_vcpu_hour: args.price_active_vcpu_hour,
+            active_gib_hour: args.price_active_gib_hour,
+            sleeping_gib_hour: args.price_sleeping_gib_hour,
+            archive_gb_hour: args.price_archive_gb_hour,
         },
     };
     match hangar_server::run(config, shutdown_signal()).await {

@@ -60,12 +60,46 @@ impl TestServer {
 
     /// A server with `extra_args`, templates on unless they say `--no-templates`.
     pub fn start_with_templates(extra_args: &[&str]) -> TestServer {
+        TestServer::start_in(extra_args, |cache| {
+            std::os::unix::fs::symlink(shared_cache(), cache).unwrap()
+        })
+    }
+
+    /// A server with `extra_args` whose cache is its own, a private copy (`0700`/`0600`,
+    /// as a server makes it) of the shared cache's guest assets and busybox images: for
+    /// what depends on the cache's owner and modes.
+    pub fn start_with_private_cache(extra_args: &[&str]) -> TestServer {
+        TestServer::start_in(extra_args, |cache| {
+            std::fs::create_dir(cache).unwrap();
+            for part in ["assets", "downloads", "kernels", "images", "digests"] {
+                let from = shared_cache().join(part);
+                if from.exists() {
+                    let status = Command::new("cp")
+                        .arg("-a")
+                        .arg(&from)
+                        .arg(cache)
+                        .status()
+                        .unwrap();
+                    assert!(status.success(), "copy {}", from.display());
+                }
+            }
+            let status = Command::new("chmod")
+                .args(["-R", "go-rwx"])
+                .arg(cache)
+                .status()
+                .unwrap();
+            assert!(status.success());
+        })
+    }
+
+    /// A server with `extra_args` whose `cache` in the data dir is made by `make_cache`.
+    fn start_in(extra_args: &[&str], make_cache: impl FnOnce(&Path)) -> TestServer {
         // Short paths: unix socket addresses hold at most 107 bytes.
         let data_dir = tempfile::Builder::new()
             .prefix("hg")
             .tempdir_in("/tmp")
             .unwrap();
-        std::os::unix::fs::symlink(shared_cache(), data_dir.path().join("cache")).unwrap();
+        make_cache(&data_dir.path().join("cache"));
         let port = free_port();
         let mut server = TestServer {
             data_dir,
@@ -153,11 +187,16 @@ impl TestServer {
         self.data_dir.path().join("vms")
     }
 
-    /// Runs the CLI against this server.
+    /// Runs the CLI against this server, as its admin: the CLI finds the token the server
+    /// wrote in its data dir (`HANGAR_DATA_DIR`), as on a machine that runs a server. No
+    /// token of the person running the tests leaks in.
     pub fn hangar(&self, args: &[&str]) -> Output {
         Command::new(HANGAR)
             .args(args)
             .env("HANGAR_URL", &self.url)
+            .env("HANGAR_DATA_DIR", self.data_dir.path())
+            .env_remove("HANGAR_TOKEN")
+            .env("XDG_CONFIG_HOME", self.data_dir.path().join("no-config"))
             .output()
             .unwrap()
     }

@@ -86,6 +86,9 @@ pub enum AgentError {
     },
     #[error("data directory {0} is in use by another agent or server")]
     Locked(String),
+    /// QEMU cannot run as its unprivileged user.
+    #[error("confining QEMU: {0}")]
+    Confine(#[from] hangar_vmm::confine::ConfineError),
     /// The data dir could not be made private.
     #[error("data directory: {0}")]
     HostFs(#[from] hangar_image::hostfs::HostFsError),
@@ -134,7 +137,13 @@ pub async fn run_agent(
         .map_err(|_| AgentError::Locked(data_dir.display().to_string()))?;
 
     let vms_dir = data_dir.join("vms");
-    let qemu_config = QemuConfig::new(vms_dir.clone(), config.accel);
+    let mut qemu_config = QemuConfig::new(vms_dir.clone(), config.accel);
+    qemu_config.user =
+        hangar_vmm::confine::VmUser::for_this_process(std::slice::from_ref(data_dir))?;
+    match &qemu_config.user {
+        Some(user) => tracing::info!(user = %user.name, uid = user.uid, "qemu runs confined"),
+        None => tracing::info!("qemu runs as this user, sandboxed"),
+    }
     let qemu_version = check_qemu(&qemu_config)?;
     tracing::info!(qemu = %qemu_version, accel = %qemu_config.accel, requested = %config.accel, "hypervisor");
 

@@ -17,7 +17,9 @@ async fn serve(manager: Arc<Manager>) -> Client {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(axum::serve(listener, crate::api::router(manager)).into_future());
-    Client::new(&url).unwrap()
+    Client::new(&url)
+        .unwrap()
+        .with_token(crate::test_support::ADMIN_TOKEN)
 }
 
 fn status(err: &ClientError) -> u16 {

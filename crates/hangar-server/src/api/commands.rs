@@ -32,8 +32,12 @@ use crate::templates::TemplateView;
 /// One operation the API asks of the domain.
 #[derive(Debug)]
 pub enum Command {
-    /// The request path: a VM offering a service (or a configuration).
-    Request(ServiceRequest),
+    /// The request path: a VM offering a service (or a configuration), made or claimed
+    /// for `owner`.
+    Request {
+        request: ServiceRequest,
+        owner: String,
+    },
     /// VMs (with deleted ones when `all`).
     ListVms {
         all: bool,
@@ -79,6 +83,18 @@ pub enum Command {
     ListHosts,
     /// Where a VM would be placed now (a dry run: nothing is made).
     PreviewPlacement(hangar_api::PlacementBody),
+    /// The default quota and every user's, with what their VMs take.
+    ListQuotas,
+    /// Sets a user's quota.
+    SetQuota {
+        user: String,
+        limits: hangar_api::Limits,
+    },
+    /// Usage since `since` (a duration ago, or epoch ms; none: all), summed `by`.
+    Usage {
+        since: Option<String>,
+        by: hangar_api::UsageBy,
+    },
 }
 
 /// What a command answers.
@@ -103,6 +119,9 @@ pub enum Reply {
     HostReply(hangar_api::HeartbeatReply),
     Hosts(Vec<hangar_api::HostView>),
     Placement(hangar_api::PlacementView),
+    Quotas(hangar_api::QuotasView),
+    Quota(hangar_api::QuotaView),
+    Usage(hangar_api::UsageView),
 }
 
 impl Reply {
@@ -128,7 +147,9 @@ impl RequestHandler for Arc<Manager> {
     async fn handle(&self, command: Command) -> Result<Reply, ApiError> {
         let manager = self;
         Ok(match command {
-            Command::Request(request) => Reply::Grant(Box::new(manager.request(request).await?)),
+            Command::Request { request, owner } => {
+                Reply::Grant(Box::new(manager.request_as(&owner, request).await?))
+            }
             Command::RegisterHost(registration) => {
                 Reply::HostReply(manager.register_host(registration).await?)
             }
@@ -136,6 +157,13 @@ impl RequestHandler for Arc<Manager> {
                 Reply::HostReply(manager.host_heartbeat(&name, heartbeat).await?)
             }
             Command::ListHosts => Reply::Hosts(manager.host_views().await?),
+            Command::ListQuotas => Reply::Quotas(manager.quota_views().await?),
+            Command::SetQuota { user, limits } => {
+                Reply::Quota(manager.set_quota(&user, &limits).await?)
+            }
+            Command::Usage { since, by } => {
+                Reply::Usage(manager.usage(since.as_deref(), by).await?)
+            }
             Command::PreviewPlacement(body) => {
                 Reply::Placement(manager.preview_placement(&body).await?)
             }
@@ -209,7 +237,10 @@ mod tests {
     async fn commands_run_a_vm_through_its_life_and_wrong_phases_are_refused() {
         let (manager, _backend, _store) = fake_manager(CATALOG, ManagerConfig::default());
         let grant = match manager
-            .handle(Command::Request(request("web", Mode::Dedicated)))
+            .handle(Command::Request {
+                request: request("web", Mode::Dedicated),
+                owner: "ana".into(),
+            })
             .await
             .unwrap()
         {
@@ -217,6 +248,7 @@ mod tests {
             other => panic!("not a grant: {:?}", std::mem::discriminant(&other)),
         };
         let id = grant.vm.id.clone();
+        assert_eq!(grant.vm.owner, "ana");
 
         // Waking an active VM does nothing; sleeping twice is a no-op the second time.
         assert!(matches!(

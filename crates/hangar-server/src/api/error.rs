@@ -32,9 +32,19 @@ pub enum ApiError {
         retry_after_s: u64,
         task: Option<String>,
     },
+    /// Over a quota: nothing is made until the caller holds less (or the quota grows).
+    #[error("{0}")]
+    QuotaExceeded(String),
     /// The caller did not prove who it is (no or a wrong bearer token).
     #[error("{0}")]
     Unauthorized(String),
+    /// The caller is known but may not do this (its role, or someone else's VM), or the
+    /// request came from a page of another origin or under another host name.
+    #[error("{0}")]
+    Forbidden(String),
+    /// The request body is not `application/json`.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
     /// Something on our side broke.
     #[error("{0}")]
     Internal(String),
@@ -54,7 +64,10 @@ impl ApiError {
             ApiError::Never { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TryAgain { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::QuotaExceeded(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -66,7 +79,10 @@ impl ApiError {
             ApiError::Never { .. } => "never",
             ApiError::Conflict(_) => "conflict",
             ApiError::TryAgain { .. } => "try_again",
+            ApiError::QuotaExceeded(_) => "quota_exceeded",
             ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::Forbidden(_) => "forbidden",
+            ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -169,6 +185,7 @@ impl From<crate::requests::RequestError> for ApiError {
                 retry_after_s: 5,
                 task: None,
             },
+            RequestError::Quota(exceeded) => ApiError::QuotaExceeded(exceeded.to_string()),
             RequestError::TooLarge(too_large) => ApiError::Never {
                 message: too_large.to_string(),
                 alternatives: Vec::new(),
@@ -237,6 +254,27 @@ impl From<crate::images::policy::ImageError> for ApiError {
             ImageError::Export(_) | ImageError::Tar(_) | ImageError::Io { .. } => {
                 ApiError::Internal(error_chain(&err))
             }
+        }
+    }
+}
+
+impl From<crate::quotas::QuotaError> for ApiError {
+    fn from(err: crate::quotas::QuotaError) -> ApiError {
+        use crate::quotas::QuotaError;
+        match err {
+            QuotaError::Exceeded(exceeded) => ApiError::QuotaExceeded(exceeded.to_string()),
+            QuotaError::Invalid(message) => ApiError::BadRequest(message),
+            QuotaError::Store(err) => err.into(),
+        }
+    }
+}
+
+impl From<crate::usage::UsageError> for ApiError {
+    fn from(err: crate::usage::UsageError) -> ApiError {
+        use crate::usage::UsageError;
+        match err {
+            UsageError::Invalid(message) => ApiError::BadRequest(message),
+            UsageError::Store(err) => err.into(),
         }
     }
 }

@@ -7,7 +7,7 @@ use std::sync::{Arc, LazyLock};
 
 use axum::extract::{Path, Query, State};
 use axum::response::IntoResponse;
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use hangar_api::{
     ArchiveBody, ArchiveView, BuildView, GrantView, Health, ImageBody, PolicyBody, PoolBoundsBody,
     PortView, ServiceView, SettingView, SliceView, TaskView, VmQuery, VmView,
@@ -18,6 +18,8 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+pub mod accounting;
+pub mod auth;
 pub mod commands;
 pub mod error;
 pub mod farm;
@@ -28,6 +30,7 @@ pub mod placements;
 
 use commands::{Command, Reply, RequestHandler};
 
+use crate::api::auth::{AuditTarget, Caller};
 use crate::api::error::{ApiError, ErrorBody};
 use crate::lifecycle::policy::{PoliciesView, PolicyChange, PolicyView};
 use crate::manager::Manager;
@@ -61,10 +64,21 @@ fn routes() -> OpenApiRouter<Arc<Manager>> {
         .routes(routes!(farm::list_hosts, farm::register_host))
         .routes(routes!(farm::host_heartbeat))
         .routes(routes!(placements::preview_placement))
+        .routes(routes!(accounting::list_quotas))
+        .routes(routes!(accounting::set_quota))
+        .routes(routes!(accounting::get_usage))
         .routes(routes!(farm_images::farm_assets))
         .routes(routes!(farm_images::farm_root))
         .routes(routes!(farm_images::farm_os))
         .routes(routes!(farm_images::farm_blob))
+        .routes(routes!(auth::routes::whoami))
+        .routes(routes!(auth::routes::list_users, auth::routes::add_user))
+        .routes(routes!(
+            auth::routes::list_tokens,
+            auth::routes::create_token
+        ))
+        .routes(routes!(auth::routes::revoke_token))
+        .routes(routes!(auth::routes::audit))
 }
 
 /// The OpenAPI document of every route the router serves.
@@ -73,17 +87,26 @@ pub fn openapi_document() -> &'static utoipa::openapi::OpenApi {
     &DOCUMENT
 }
 
-/// The API's router: the routes of [`routes`], a JSON 404 for any other path, and every
-/// other error answer made JSON by [`json_errors`].
+/// The API's router: the routes of [`routes`], each behind [`auth::authenticate`] (tokens,
+/// roles, audit log), every request behind [`auth::guard`] (Host, Origin, JSON bodies), a
+/// JSON 404 for any other path, and every other error answer made JSON by [`json_errors`].
 pub fn router(manager: Arc<Manager>) -> Router {
     let (router, _) = routes().split_for_parts();
     router
+        .route_layer(axum::middleware::from_fn_with_state(
+            manager.clone(),
+            auth::authenticate,
+        ))
         .fallback(|| async {
             ApiError::NotFound {
                 message: "no such API path; see /v1/openapi.json".into(),
                 alternatives: Vec::new(),
             }
         })
+        .layer(axum::middleware::from_fn_with_state(
+            manager.clone(),
+            auth::guard,
+        ))
         .layer(axum::middleware::from_fn(json_errors::json_errors))
         .with_state(manager)
 }
@@ -250,35 +273,68 @@ async fn set_pool(
     }
 }
 
-/// Request a service: answers once a VM offering it is ready.
+/// Request a service: answers once a VM offering it is ready. With an `Idempotency-Key`
+/// header, a retry under the same key by the same user answers the first call's grant
+/// (the same VM) instead of making another (see [`auth::idempotency`]).
 #[utoipa::path(
     post,
     path = "/v1/requests",
     request_body = ServiceRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "1-255 visible ASCII characters: retries under it get the first answer")),
     responses(
         (status = 200, body = GrantView, description = "a VM offering the service answers at the endpoint"),
         (status = 400, body = ErrorBody, description = "malformed request"),
         (status = 404, body = ErrorBody, description = "no such service; alternatives given"),
-        (status = 422, body = ErrorBody, description = "this combination will never be available"),
+        (status = 422, body = ErrorBody, description = "this combination will never be available, the VM is larger than every host (the limit named), or the idempotency key was used with another request"),
+        (status = 429, body = ErrorBody, description = "the VM would take its owner past their quota (the limit named)"),
         (status = 503, body = ErrorBody, description = "not ready within the deadline; try again shortly (Retry-After)"),
         (status = 500, body = ErrorBody, description = "something broke on the server's side"),
     )
 )]
 async fn create_request(
     State(manager): State<Arc<Manager>>,
+    Extension(caller): Extension<Caller>,
+    headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
-) -> Result<impl IntoResponse, ApiError> {
-    let started = std::time::Instant::now();
+) -> Result<axum::response::Response, ApiError> {
     let request: ServiceRequest = json_body(&body)?;
-    let grant = match manager.handle(Command::Request(request)).await? {
+    match auth::idempotency::key_of(&headers)? {
+        Some(key) => {
+            auth::idempotency::answer_once(&manager, &caller.user, &key, &body, || {
+                grant_request(&manager, request, &caller.user)
+            })
+            .await
+        }
+        None => grant_request(&manager, request, &caller.user).await,
+    }
+}
+
+/// The request path for `owner`, answered as JSON with its `Server-Timing`.
+async fn grant_request(
+    manager: &Arc<Manager>,
+    request: ServiceRequest,
+    owner: &str,
+) -> Result<axum::response::Response, ApiError> {
+    let started = std::time::Instant::now();
+    let command = Command::Request {
+        request,
+        owner: owner.to_owned(),
+    };
+    let grant = match manager.handle(command).await? {
         Reply::Grant(grant) => *grant,
         other => return Err(other.unexpected()),
     };
     let timing = grant.stages.header(started.elapsed());
-    Ok(([("server-timing", timing)], Json(GrantView::from(grant))))
+    let target = AuditTarget(grant.vm.id.clone());
+    Ok((
+        [("server-timing", timing)],
+        Extension(target),
+        Json(GrantView::from(grant)),
+    )
+        .into_response())
 }
 
-fn rfc3339(ms: u64) -> String {
+pub(crate) fn rfc3339(ms: u64) -> String {
     humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
         .to_string()
 }
@@ -342,12 +398,16 @@ async fn view(manager: &Manager, vm: VmRecord) -> VmView {
 )]
 async fn list_vms(
     State(manager): State<Arc<Manager>>,
+    Extension(caller): Extension<Caller>,
     Query(query): Query<VmQuery>,
 ) -> Result<Json<Vec<VmView>>, ApiError> {
     match manager.handle(Command::ListVms { all: query.all }).await? {
         Reply::Vms(vms) => {
             let mut views = Vec::with_capacity(vms.len());
             for vm in vms {
+                if !auth::roles::visible(&caller.user, caller.role, &vm) {
+                    continue;
+                }
                 views.push(view(&manager, vm).await);
             }
             Ok(Json(views))
@@ -364,8 +424,10 @@ async fn list_vms(
 )]
 async fn get_vm(
     State(manager): State<Arc<Manager>>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<VmView>, ApiError> {
+    manager.check_vm_access(&caller, &id, false).await?;
     match manager.handle(Command::GetVm(id)).await? {
         Reply::Vm(vm) => Ok(Json(view(&manager, vm).await)),
         other => Err(other.unexpected()),
@@ -386,8 +448,10 @@ async fn get_vm(
 )]
 async fn delete_vm(
     State(manager): State<Arc<Manager>>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<VmView>, ApiError> {
+    manager.check_vm_access(&caller, &id, true).await?;
     match manager.handle(Command::DeleteVm(id)).await? {
         Reply::Vm(vm) => Ok(Json(vm_view(vm))),
         other => Err(other.unexpected()),
@@ -408,8 +472,10 @@ async fn delete_vm(
 )]
 async fn sleep_vm(
     State(manager): State<Arc<Manager>>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<VmView>, ApiError> {
+    manager.check_vm_access(&caller, &id, true).await?;
     match manager.handle(Command::SleepVm(id)).await? {
         Reply::Vm(vm) => Ok(Json(view(&manager, vm).await)),
         other => Err(other.unexpected()),
@@ -432,9 +498,11 @@ async fn sleep_vm(
 )]
 async fn archive_vm(
     State(manager): State<Arc<Manager>>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Json<VmView>, ApiError> {
+    manager.check_vm_access(&caller, &id, true).await?;
     let body: ArchiveBody = if body.is_empty() {
         ArchiveBody::default()
     } else {
@@ -461,8 +529,10 @@ async fn archive_vm(
 )]
 async fn wake_vm(
     State(manager): State<Arc<Manager>>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
+    manager.check_vm_access(&caller, &id, true).await?;
     let started = std::time::Instant::now();
     let (vm, stages) = match manager.handle(Command::WakeVm(id)).await? {
         Reply::Woken(vm, stages) => (vm, stages),
@@ -513,6 +583,7 @@ fn duration_field(
         (status = 200, body = PolicyView),
         (status = 400, body = ErrorBody, description = "malformed body or duration"),
         (status = 404, body = ErrorBody, description = "no such service"),
+        (status = 422, body = ErrorBody, description = "a timer shorter than the server's floor for it (named)"),
         (status = 500, body = ErrorBody, description = "something broke on the server's side"),
     )
 )]
@@ -721,7 +792,7 @@ async fn export_image(
 }
 
 /// A request body read as JSON whatever its content type; a body that is not `T` is a 400.
-fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+pub(crate) fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body)
         .map_err(|err| ApiError::BadRequest(format!("invalid request body: {err}")))
 }

@@ -57,7 +57,8 @@ impl Answer {
     }
 }
 
-/// Sends `method uri` with `body` (as JSON when `content_type` is `None`).
+/// Sends `method uri` with `body` (as JSON when `content_type` is `None`) as the admin of
+/// the fake manager's store.
 pub(crate) async fn send(
     router: &Router,
     method: &str,
@@ -65,7 +66,15 @@ pub(crate) async fn send(
     content_type: Option<&str>,
     body: impl Into<Body>,
 ) -> Answer {
-    send_as(router, None, method, uri, content_type, body).await
+    send_as(
+        router,
+        Some(crate::test_support::ADMIN_TOKEN),
+        method,
+        uri,
+        content_type,
+        body,
+    )
+    .await
 }
 
 /// [`send`], with `token` as the bearer token when given.
@@ -301,7 +310,14 @@ struct Exerciser {
 
 impl Exerciser {
     async fn call(&mut self, method: &str, template: &str, uri: &str, body: &str) -> Answer {
-        self.call_as(None, method, template, uri, body).await
+        self.call_as(
+            Some(crate::test_support::ADMIN_TOKEN),
+            method,
+            template,
+            uri,
+            body,
+        )
+        .await
     }
 
     async fn call_as(
@@ -482,7 +498,7 @@ async fn every_answer_matches_its_schema_in_the_openapi_document() {
         "memory_mib":1024,"free_memory_mib":900,"free_disk_mib":100,"load":0.5},"vms":[]}"#;
     let beat = "/v1/hosts/{name}/heartbeat";
     let refused = api
-        .call("POST", "/v1/hosts", "/v1/hosts", registration)
+        .call_as(None, "POST", "/v1/hosts", "/v1/hosts", registration)
         .await;
     assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
     assert!(refused.headers.contains_key(header::WWW_AUTHENTICATE));
@@ -601,13 +617,109 @@ async fn every_answer_matches_its_schema_in_the_openapi_document() {
         ("GET", "/v1/farm/os/{os}", "/v1/farm/os/busybox", ""),
         ("GET", "/v1/farm/blobs/{sha256}", blob.as_str(), ""),
     ] {
-        let answer = api.call(method, template, uri, body).await;
+        let answer = api.call_as(None, method, template, uri, body).await;
         assert_eq!(answer.status, StatusCode::UNAUTHORIZED, "{uri}");
     }
     let unknown = api
         .call_as(token, "GET", "/v1/farm/blobs/{sha256}", &blob, "")
         .await;
     assert_eq!(unknown.status, StatusCode::NOT_FOUND, "never listed");
+
+    // Quotas and usage: set, listed, malformed; 429 over a quota.
+    let quota = "/v1/quotas/{user}";
+    let set = api
+        .call("PUT", quota, "/v1/quotas/admin", r#"{"vms":1}"#)
+        .await;
+    assert_eq!(set.status, StatusCode::OK);
+    let bad = api
+        .call("PUT", quota, "/v1/quotas/admin", r#"{"vms":"many"}"#)
+        .await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    let over = api
+        .call(
+            "POST",
+            "/v1/requests",
+            "/v1/requests",
+            r#"{"service":"web","mode":"dedicated"}"#,
+        )
+        .await;
+    assert_eq!(over.status, StatusCode::TOO_MANY_REQUESTS);
+    api.call("PUT", quota, "/v1/quotas/admin", "{}").await;
+    api.call("GET", "/v1/quotas", "/v1/quotas", "").await;
+    for (uri, status) in [
+        ("/v1/usage", StatusCode::OK),
+        ("/v1/usage?since=1h&by=service", StatusCode::OK),
+        ("/v1/usage?by=colour", StatusCode::BAD_REQUEST),
+        ("/v1/usage?since=yesterday", StatusCode::BAD_REQUEST),
+    ] {
+        let answer = api.call("GET", "/v1/usage", uri, "").await;
+        assert_eq!(answer.status, status, "{uri}");
+    }
+    // Users, tokens, who am I, and the audit log.
+    let whoami = api.call("GET", "/v1/whoami", "/v1/whoami", "").await.json();
+    assert_eq!(
+        (&whoami["user"], &whoami["role"]),
+        (&"admin".into(), &"admin".into())
+    );
+    let added = api
+        .call(
+            "POST",
+            "/v1/users",
+            "/v1/users",
+            r#"{"name":"ana","role":"provisioner"}"#,
+        )
+        .await;
+    assert_eq!(added.status, StatusCode::CREATED);
+    let taken = api
+        .call(
+            "POST",
+            "/v1/users",
+            "/v1/users",
+            r#"{"name":"ana","role":"access"}"#,
+        )
+        .await;
+    assert_eq!(taken.status, StatusCode::CONFLICT);
+    api.call(
+        "POST",
+        "/v1/users",
+        "/v1/users",
+        r#"{"name":"a b","role":"access"}"#,
+    )
+    .await;
+    api.call("GET", "/v1/users", "/v1/users", "").await;
+    let made = api
+        .call(
+            "POST",
+            "/v1/tokens",
+            "/v1/tokens",
+            r#"{"user":"ana","expires_in":"30d"}"#,
+        )
+        .await;
+    assert_eq!(made.status, StatusCode::CREATED);
+    let made = made.json();
+    assert_eq!(made["info"]["role"], "provisioner");
+    api.call("POST", "/v1/tokens", "/v1/tokens", r#"{"user":"nobody"}"#)
+        .await;
+    api.call("GET", "/v1/tokens", "/v1/tokens", "").await;
+    let token_id = made["info"]["id"].as_str().unwrap().to_owned();
+    let revoked = api
+        .call(
+            "DELETE",
+            "/v1/tokens/{id}",
+            &format!("/v1/tokens/{token_id}"),
+            "",
+        )
+        .await;
+    assert!(revoked.json()["revoked_at"].is_string());
+    api.call("DELETE", "/v1/tokens/{id}", "/v1/tokens/0000", "")
+        .await;
+    let audit = api
+        .call("GET", "/v1/audit", "/v1/audit?since=1h", "")
+        .await
+        .json();
+    assert!(!audit.as_array().unwrap().is_empty());
+    api.call("GET", "/v1/audit", "/v1/audit?since=yesterday", "")
+        .await;
 
     // Deletion, then the conflict of deleting again.
     let deleted = api.call("DELETE", vm, &format!("/v1/vms/{id}"), "").await;

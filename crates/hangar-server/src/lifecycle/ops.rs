@@ -153,6 +153,22 @@ impl Manager {
                 return Err(LifecycleError::Host(err));
             }
         };
+        // Recorded before the VM is marked archived, so that the usage record of that
+        // change carries the archive's size (archive GB-hours) and the owner's quota
+        // counts it.
+        if let Err(err) = self
+            .store
+            .put_archive(&hangar_store::ArchiveRecord {
+                vm_id: id.to_owned(),
+                tier: info.tier.to_string(),
+                size_bytes: info.size_bytes,
+                host: vm.host.clone(),
+                created_at_ms: hangar_store::now_ms(),
+            })
+            .await
+        {
+            tracing::warn!(vm = %id, error = %err, "cannot record the vm's archive");
+        }
         let vm = self.store.transition(id, VmState::Archived, None).await?;
         tracing::info!(vm = %id, tier = %tier, size = info.size_bytes, took_ms = info.took_ms, "vm archived");
         Ok((vm, info))

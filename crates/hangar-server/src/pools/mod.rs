@@ -380,6 +380,8 @@ impl Manager {
             template: false,
             isolation: None,
             on: Default::default(),
+            owner: crate::requests::SYSTEM_OWNER.into(),
+            quota: crate::quotas::Reservation::none(),
         };
         *self
             .pools

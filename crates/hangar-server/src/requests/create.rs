@@ -59,36 +59,39 @@ impl Manager {
                 .unwrap_or_default();
             (os.clone(), version)
         });
-        let inserted = self
-            .store
-            .insert_vm(&VmRecord {
-                id: vm_id.clone(),
-                host: host.name().to_owned(),
-                services: make.service.iter().map(|s| s.name.clone()).collect(),
-                // Secret settings only sealed: the plan (to the host) has them in plaintext.
-                env: self.secrets.seal_env(&make.env),
-                mode: make.mode,
-                owner: "local".into(),
-                state: VmState::Creating,
-                endpoints: stable
-                    .iter()
-                    .map(|(name, addr)| (name.clone(), addr.to_string()))
-                    .collect(),
-                direct_endpoints: prepared.direct_endpoints.clone(),
-                spec: prepared.launch.0.clone(),
-                pid: None,
-                error: None,
-                created_at_ms: now,
-                updated_at_ms: now,
-                last_used_at_ms: now,
-                state_since_ms: now,
-                boot_ms: None,
-                memory_mib: make.memory_mib,
-                vcpus: make.vcpus,
-                pool: make.pool.clone(),
-                os,
-                isolation: make.isolation.clone(),
-            })
+        // Recorded under the owner's quota lock, which ends the quota reservation: the
+        // VM counts in the store from now on.
+        let record = VmRecord {
+            id: vm_id.clone(),
+            host: host.name().to_owned(),
+            services: make.service.iter().map(|s| s.name.clone()).collect(),
+            // Secret settings only sealed: the plan (to the host) has them in plaintext.
+            env: self.secrets.seal_env(&make.env),
+            mode: make.mode,
+            owner: make.owner.clone(),
+            state: VmState::Creating,
+            endpoints: stable
+                .iter()
+                .map(|(name, addr)| (name.clone(), addr.to_string()))
+                .collect(),
+            direct_endpoints: prepared.direct_endpoints.clone(),
+            spec: prepared.launch.0.clone(),
+            pid: None,
+            error: None,
+            created_at_ms: now,
+            updated_at_ms: now,
+            last_used_at_ms: now,
+            state_since_ms: now,
+            boot_ms: None,
+            memory_mib: make.memory_mib,
+            vcpus: make.vcpus,
+            pool: make.pool.clone(),
+            os,
+            isolation: make.isolation.clone(),
+        };
+        let inserted = make
+            .quota
+            .settle(self.store.insert_vm(&record))
             .await
             .map_err(|err| error_chain(&err));
         if let Err(err) = inserted {

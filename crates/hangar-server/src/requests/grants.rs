@@ -21,6 +21,7 @@ impl Manager {
     /// booted (partial). A VM that fails on the way is discarded and the next one tried.
     pub(crate) async fn grant_from_pool(
         &self,
+        owner: &str,
         machine: &MachineRequest,
         request: &ServiceRequest,
         service: Option<&Service>,
@@ -68,6 +69,16 @@ impl Manager {
                 Ok(vm) => vm,
                 Err(err) if err.is_transition_conflict() => continue, // another request won it
                 Err(err) => return Err(err.into()),
+            };
+            // The claimed VM is the requester's (and counts against their quota).
+            let vm = if vm.owner == owner {
+                vm
+            } else {
+                self.store.set_owner(&vm.id, owner).await?;
+                VmRecord {
+                    owner: owner.to_owned(),
+                    ..vm
+                }
             };
             if service.is_none_or(|service| service.name != pool) {
                 // Service requests count for their own pool already.

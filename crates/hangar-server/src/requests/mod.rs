@@ -18,6 +18,14 @@ use tokio::sync::OwnedMutexGuard;
 
 use crate::manager::Manager;
 
+/// The owner of VMs requested before users exist.
+pub const LOCAL_OWNER: &str = "local";
+
+/// The owner of the VMs hangar makes for itself: warm pool VMs until a request claims one
+/// (it is then the requester's), and template VMs. Nobody's quota counts them; usage
+/// metering bills their time to this owner.
+pub const SYSTEM_OWNER: &str = "hangar";
+
 pub mod create;
 pub mod grants;
 
@@ -69,6 +77,10 @@ pub(crate) struct MakeVm {
     pub isolation: Option<String>,
     /// Placed only on hosts with these labels.
     pub on: BTreeMap<String, String>,
+    /// Who the VM is made for (its owner).
+    pub owner: String,
+    /// The VM reserved against its owner's quota, released once its row is written.
+    pub quota: crate::quotas::Reservation,
 }
 
 impl MakeVm {
@@ -117,6 +129,9 @@ pub enum RequestError {
     /// No host can take the VM now (room, isolation group, labels, hosts down).
     #[error("{0}")]
     NoHost(String),
+    /// The VM would take its owner past their quota (429).
+    #[error(transparent)]
+    Quota(#[from] hangar_core::quota::QuotaExceeded),
     /// The VM asked for is larger than any host: it can never run (422).
     #[error(transparent)]
     TooLarge(#[from] crate::scheduler::capacity::TooLarge),
@@ -131,6 +146,17 @@ impl Manager {
     /// The request path: validate; then a shared VM if one runs (shared mode), else the best
     /// paused pool VM, else a new VM.
     pub async fn request(self: &Arc<Self>, request: ServiceRequest) -> Result<Grant, RequestError> {
+        self.request_as(LOCAL_OWNER, request).await
+    }
+
+    /// [`Manager::request`] for `owner`: a VM made or handed out for the request is theirs
+    /// and counts against their quota (checked before it is claimed or made; 429 when it
+    /// would pass a limit). A shared VM that already runs is granted without a check.
+    pub async fn request_as(
+        self: &Arc<Self>,
+        owner: &str,
+        request: ServiceRequest,
+    ) -> Result<Grant, RequestError> {
         request
             .validate()
             .map_err(|err| RequestError::Invalid(err.to_string()))?;
@@ -140,7 +166,9 @@ impl Manager {
             .unwrap_or(self.config.default_deadline);
         let until = tokio::time::Instant::now() + deadline;
         if let Some(config) = request.config.clone() {
-            return self.request_config(request, config, until, deadline).await;
+            return self
+                .request_config(owner, request, config, until, deadline)
+                .await;
         }
         let service = self.viable_service(&request)?;
         self.check_vm_size(service.vcpus, service.memory_mib)
@@ -185,6 +213,11 @@ impl Manager {
             }
         };
 
+        // From here on the request gets a VM of its own: it counts against its owner's
+        // quota, reserved now, until its row is in the store.
+        let quota = self
+            .reserve_quota_for_request(owner, service.vcpus, service.memory_mib)
+            .await?;
         // Pool VMs run the default OS with default settings: a request naming another OS
         // or its own settings gets a VM of its own.
         let from_pool = !constrained
@@ -196,7 +229,7 @@ impl Manager {
         let machine = service_machine(&service, &self.catalog);
         if from_pool
             && let Some(grant) = self
-                .grant_from_pool(&machine, &request, Some(&service))
+                .grant_from_pool(owner, &machine, &request, Some(&service))
                 .await?
         {
             return Ok(grant);
@@ -216,6 +249,8 @@ impl Manager {
             template: false,
             isolation: request.isolate.clone(),
             on: request.on.clone(),
+            owner: owner.to_owned(),
+            quota,
         };
         self.create_and_wait(make, guard, until, deadline, &service.name)
             .await
@@ -224,6 +259,7 @@ impl Manager {
     /// A configuration request: the best paused VM, else a new VM of that configuration.
     async fn request_config(
         self: &Arc<Self>,
+        owner: &str,
         request: ServiceRequest,
         config: MachineRequest,
         until: tokio::time::Instant,
@@ -297,9 +333,12 @@ impl Manager {
         let mut request = request;
         request.mode = Mode::Dedicated;
         let constrained = request.isolate.is_some() || !request.on.is_empty();
+        let quota = self
+            .reserve_quota_for_request(owner, config.vcpus, config.memory_mib.min)
+            .await?;
         if !constrained
             && let Some(grant) = self
-                .grant_from_pool(&config, &request, service.as_ref())
+                .grant_from_pool(owner, &config, &request, service.as_ref())
                 .await?
         {
             return Ok(grant);
@@ -318,6 +357,8 @@ impl Manager {
             template: false,
             isolation: request.isolate.clone(),
             on: request.on.clone(),
+            owner: owner.to_owned(),
+            quota,
         };
         self.create_and_wait(make, None, until, deadline, &name)
             .await
@@ -379,6 +420,22 @@ impl Manager {
                 }
                 Err(message) => Err(RequestError::CreationFailed(message)),
             },
+        }
+    }
+
+    /// [`Manager::reserve_quota`] for the request path's error.
+    async fn reserve_quota_for_request(
+        &self,
+        owner: &str,
+        vcpus: u32,
+        memory_mib: u32,
+    ) -> Result<crate::quotas::Reservation, RequestError> {
+        use crate::quotas::QuotaError;
+        match self.reserve_quota(owner, vcpus, memory_mib).await {
+            Ok(reservation) => Ok(reservation),
+            Err(QuotaError::Exceeded(exceeded)) => Err(RequestError::Quota(exceeded)),
+            Err(QuotaError::Store(err)) => Err(RequestError::Store(err)),
+            Err(QuotaError::Invalid(message)) => Err(RequestError::Invalid(message)),
         }
     }
 

@@ -436,12 +436,14 @@ pub(crate) mod http {
         uri: &str,
         body: &str,
     ) -> (StatusCode, serde_json::Value, Option<String>) {
+        ensure_admin(&manager).await;
         let response = crate::api::router(manager)
             .oneshot(
                 Request::builder()
                     .method(method)
                     .uri(uri)
                     .header("content-type", "application/json")
+                    .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
                     .body(Body::from(body.to_owned()))
                     .unwrap(),
             )
@@ -743,6 +745,8 @@ mod stable_endpoints {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let forwarder = Forwarder::new(&url);
+        ensure_admin(manager).await;
+        forwarder.set_token(ADMIN_TOKEN);
         manager.use_stable_endpoints(StableEndpoints::new(
             ForwarderKind::InProcess(forwarder.clone()),
             &url,

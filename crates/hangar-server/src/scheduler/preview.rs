@@ -85,6 +85,8 @@ impl Manager {
             template: false,
             isolation: body.isolate.clone(),
             on: body.on.clone(),
+            owner: crate::requests::LOCAL_OWNER.into(),
+            quota: crate::quotas::Reservation::none(),
         };
         let plan = plan_for(&make, PREVIEW_ID);
         let constraints = make.constraints();

@@ -86,6 +86,8 @@ impl Manager {
             template: true,
             isolation: None,
             on: Default::default(),
+            owner: crate::requests::SYSTEM_OWNER.into(),
+            quota: crate::quotas::Reservation::none(),
         };
         let manager = self.clone();
         let name = service.name.clone();

@@ -10,10 +10,12 @@ use hangar_core::{Mode, VmState};
 
 use crate::*;
 
+mod access;
 mod accounting;
 mod facts;
 mod leases;
 
+use access::*;
 use accounting::*;
 use facts::*;
 use leases::*;
@@ -526,4 +528,9 @@ conformance!(
     quotas_are_set_replaced_and_removed,
     use_by_owner_counts_what_quotas_count,
     every_state_change_is_recorded_for_usage,
+    users_are_unique_and_listed_by_name,
+    tokens_are_kept_revoked_and_marked_used,
+    the_audit_log_keeps_order_and_reads_by_time,
+    an_idempotency_key_is_claimed_once_answered_and_released,
+    concurrent_claims_of_a_key_have_one_holder,
 );

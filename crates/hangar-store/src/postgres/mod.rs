@@ -19,8 +19,9 @@ use tokio_postgres::{NoTls, Row};
 
 use crate::lease::lease_end;
 use crate::{
-    ArchiveRecord, Entity, HostRecord, HostState, HostUse, LeaseRecord, StepOutcome, Store,
-    StoreError, TaskRecord, TaskState, TaskStep, TemplateRecord, VmRecord, now_ms,
+    ArchiveRecord, AuditRecord, Entity, HostRecord, HostState, HostUse, IdempotencyRecord,
+    LeaseRecord, StepOutcome, Store, StoreError, TaskRecord, TaskState, TaskStep, TemplateRecord,
+    TokenRecord, UserRecord, VmRecord, now_ms,
 };
 
 mod accounting;
@@ -28,8 +29,9 @@ pub(crate) mod rows;
 mod schema;
 
 use rows::{ARCHIVE_COLUMNS, HOST_COLUMNS, LEASE_COLUMNS, STEP_COLUMNS, TASK_COLUMNS};
+use rows::{AUDIT_COLUMNS, IDEMPOTENCY_COLUMNS, TOKEN_COLUMNS, USER_COLUMNS};
 use rows::{TEMPLATE_COLUMNS, VM_COLUMNS, archive_row, host_row, lease_row, signed, step_row};
-use rows::{task_row, template_row, vm_row};
+use rows::{audit_row, idempotency_row, task_row, template_row, token_row, user_row, vm_row};
 
 /// Connections the pool keeps at most.
 const POOL_SIZE: usize = 16;
@@ -816,5 +818,184 @@ impl Store for PgStore {
 
     async fn usage_events(&self, since_ms: u64) -> Result<Vec<crate::UsageEvent>, StoreError> {
         self.usage_events_now(since_ms).await
+    }
+
+    async fn insert_user(&self, user: &UserRecord) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                &format!("INSERT INTO users ({USER_COLUMNS}) VALUES ($1, $2, $3)"),
+                &[&user.name, &user.role.as_str(), &signed(user.created_at_ms)],
+            )
+            .await
+            .map_err(|err| insert_error(err, Entity::User, &user.name))?;
+        Ok(())
+    }
+
+    async fn user(&self, name: &str) -> Result<Option<UserRecord>, StoreError> {
+        let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE name = $1");
+        self.query_opt(&sql, &[&name], user_row).await
+    }
+
+    async fn users(&self) -> Result<Vec<UserRecord>, StoreError> {
+        let sql = format!("SELECT {USER_COLUMNS} FROM users ORDER BY name");
+        self.query(&sql, &[], user_row).await
+    }
+
+    async fn insert_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let result = client
+            .execute(
+                &format!(
+                    "INSERT INTO tokens ({TOKEN_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+                ),
+                &[
+                    &t.id,
+                    &t.user,
+                    &t.role.as_str(),
+                    &t.hash,
+                    &signed(t.created_at_ms),
+                    &t.expires_at_ms.map(signed),
+                    &t.revoked_at_ms.map(signed),
+                    &t.last_used_at_ms.map(signed),
+                ],
+            )
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(err) if err.code() == Some(&SqlState::FOREIGN_KEY_VIOLATION) => {
+                Err(StoreError::not_found(Entity::User, &t.user))
+            }
+            Err(err) => Err(insert_error(err, Entity::Token, &t.id)),
+        }
+    }
+
+    async fn token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
+        let sql = format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE id = $1");
+        self.query_opt(&sql, &[&id], token_row).await
+    }
+
+    async fn tokens(&self, user: Option<&str>) -> Result<Vec<TokenRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {TOKEN_COLUMNS} FROM tokens WHERE $1::TEXT IS NULL OR user_name = $1
+             ORDER BY created_at_ms, id"
+        );
+        self.query(&sql, &[&user], token_row).await
+    }
+
+    async fn revoke_token(&self, id: &str, at_ms: u64) -> Result<TokenRecord, StoreError> {
+        let sql = format!(
+            "UPDATE tokens SET revoked_at_ms = COALESCE(revoked_at_ms, $2) WHERE id = $1
+             RETURNING {TOKEN_COLUMNS}"
+        );
+        self.query_opt(&sql, &[&id, &signed(at_ms)], token_row)
+            .await?
+            .ok_or_else(|| StoreError::not_found(Entity::Token, id))
+    }
+
+    async fn token_used(&self, id: &str, at_ms: u64) -> Result<(), StoreError> {
+        self.update(
+            "UPDATE tokens SET last_used_at_ms = GREATEST(COALESCE(last_used_at_ms, 0), $2)
+             WHERE id = $1",
+            &[&id, &signed(at_ms)],
+            Entity::Token,
+            id,
+        )
+        .await
+    }
+
+    async fn insert_audit(&self, e: &AuditRecord) -> Result<u64, StoreError> {
+        fn seq(row: &Row) -> Result<i64, StoreError> {
+            row.try_get(0).map_err(pg)
+        }
+        let seqs = self
+            .query(
+                "INSERT INTO audit (at_ms, user_name, method, route, target, status)
+                 VALUES ($1, $2, $3, $4, $5, $6) RETURNING seq",
+                &[
+                    &signed(e.at_ms),
+                    &e.user,
+                    &e.method,
+                    &e.route,
+                    &e.target,
+                    &i32::from(e.status),
+                ],
+                seq,
+            )
+            .await?;
+        let seq = seqs.first().copied().unwrap_or_default();
+        u64::try_from(seq).map_err(|_| StoreError::corrupt(&seq.to_string()))
+    }
+
+    async fn audit(&self, since_ms: u64, limit: u32) -> Result<Vec<AuditRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {AUDIT_COLUMNS} FROM audit WHERE at_ms >= $1 ORDER BY seq DESC LIMIT $2"
+        );
+        let mut entries = self
+            .query(&sql, &[&signed(since_ms), &i64::from(limit)], audit_row)
+            .await?;
+        entries.reverse();
+        Ok(entries)
+    }
+
+    async fn claim_idempotency_key(
+        &self,
+        user: &str,
+        key: &str,
+        fingerprint: &str,
+        now_ms: u64,
+        stale_before_ms: u64,
+    ) -> Result<Option<IdempotencyRecord>, StoreError> {
+        // One conditional write decides who holds the key (see `acquire_lease`); a
+        // caller that did not take it reads the row as the winner left it.
+        let changed = self
+            .execute(
+                "INSERT INTO idempotency_keys (user_name, key, fingerprint, created_at_ms)
+                 VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (user_name, key) DO UPDATE SET
+                     fingerprint = excluded.fingerprint, created_at_ms = excluded.created_at_ms
+                 WHERE idempotency_keys.status IS NULL
+                   AND idempotency_keys.created_at_ms < $5",
+                &[
+                    &user,
+                    &key,
+                    &fingerprint,
+                    &signed(now_ms),
+                    &signed(stale_before_ms),
+                ],
+            )
+            .await?;
+        if changed == 1 {
+            return Ok(None);
+        }
+        let sql = format!(
+            "SELECT {IDEMPOTENCY_COLUMNS} FROM idempotency_keys WHERE user_name = $1 AND key = $2"
+        );
+        self.query_opt(&sql, &[&user, &key], idempotency_row).await
+    }
+
+    async fn answer_idempotency_key(
+        &self,
+        user: &str,
+        key: &str,
+        status: u16,
+        body: &str,
+    ) -> Result<(), StoreError> {
+        self.update(
+            "UPDATE idempotency_keys SET status = $3, body = $4 WHERE user_name = $1 AND key = $2",
+            &[&user, &key, &i32::from(status), &body],
+            Entity::IdempotencyKey,
+            key,
+        )
+        .await
+    }
+
+    async fn release_idempotency_key(&self, user: &str, key: &str) -> Result<(), StoreError> {
+        self.execute(
+            "DELETE FROM idempotency_keys WHERE user_name = $1 AND key = $2 AND status IS NULL",
+            &[&user, &key],
+        )
+        .await?;
+        Ok(())
     }
 }

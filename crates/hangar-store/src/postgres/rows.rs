@@ -146,3 +146,56 @@ pub(crate) fn lease_row(row: &Row) -> Result<LeaseRecord, StoreError> {
         expires_ms: get_u(row, 2)?,
     })
 }
+
+pub(crate) use crate::sqlite::rows::{
+    AUDIT_COLUMNS, IDEMPOTENCY_COLUMNS, TOKEN_COLUMNS, USER_COLUMNS,
+};
+
+pub(crate) fn user_row(row: &Row) -> Result<crate::UserRecord, StoreError> {
+    Ok(crate::UserRecord {
+        name: get(row, 0)?,
+        role: crate::access::parse_role(get(row, 1)?)?,
+        created_at_ms: get_u(row, 2)?,
+    })
+}
+
+pub(crate) fn token_row(row: &Row) -> Result<crate::TokenRecord, StoreError> {
+    Ok(crate::TokenRecord {
+        id: get(row, 0)?,
+        user: get(row, 1)?,
+        role: crate::access::parse_role(get(row, 2)?)?,
+        hash: get(row, 3)?,
+        created_at_ms: get_u(row, 4)?,
+        expires_at_ms: get_opt_u(row, 5)?,
+        revoked_at_ms: get_opt_u(row, 6)?,
+        last_used_at_ms: get_opt_u(row, 7)?,
+    })
+}
+
+fn status(value: i32) -> Result<u16, StoreError> {
+    u16::try_from(value).map_err(|_| StoreError::corrupt(&value.to_string()))
+}
+
+pub(crate) fn audit_row(row: &Row) -> Result<crate::AuditRecord, StoreError> {
+    Ok(crate::AuditRecord {
+        seq: get_u(row, 0)?,
+        at_ms: get_u(row, 1)?,
+        user: get(row, 2)?,
+        method: get(row, 3)?,
+        route: get(row, 4)?,
+        target: get(row, 5)?,
+        status: status(get(row, 6)?)?,
+    })
+}
+
+pub(crate) fn idempotency_row(row: &Row) -> Result<crate::IdempotencyRecord, StoreError> {
+    let code: Option<i32> = get(row, 4)?;
+    let body: Option<String> = get(row, 5)?;
+    Ok(crate::IdempotencyRecord {
+        user: get(row, 0)?,
+        key: get(row, 1)?,
+        fingerprint: get(row, 2)?,
+        created_at_ms: get_u(row, 3)?,
+        answer: code.map(status).transpose()?.zip(body),
+    })
+}

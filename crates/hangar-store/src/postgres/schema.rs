@@ -162,6 +162,43 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     END $$;
     CREATE TRIGGER vms_usage AFTER INSERT OR UPDATE ON vms
         FOR EACH ROW EXECUTE FUNCTION hangar_vm_usage_event();",
+    // Users, their API tokens (hashes only), the audit log of mutating calls, and the
+    // answers kept for idempotency keys.
+    "CREATE TABLE users (
+        name          TEXT PRIMARY KEY,
+        role          TEXT NOT NULL,
+        created_at_ms BIGINT NOT NULL
+    );
+    CREATE TABLE tokens (
+        id              TEXT PRIMARY KEY,
+        user_name       TEXT NOT NULL REFERENCES users (name),
+        role            TEXT NOT NULL,
+        hash            TEXT NOT NULL,
+        created_at_ms   BIGINT NOT NULL,
+        expires_at_ms   BIGINT,
+        revoked_at_ms   BIGINT,
+        last_used_at_ms BIGINT
+    );
+    CREATE INDEX tokens_user ON tokens (user_name);
+    CREATE TABLE audit (
+        seq       BIGSERIAL PRIMARY KEY,
+        at_ms     BIGINT NOT NULL,
+        user_name TEXT NOT NULL,
+        method    TEXT NOT NULL,
+        route     TEXT NOT NULL,
+        target    TEXT,
+        status    INTEGER NOT NULL
+    );
+    CREATE INDEX audit_at ON audit (at_ms);
+    CREATE TABLE idempotency_keys (
+        user_name     TEXT NOT NULL,
+        key           TEXT NOT NULL,
+        fingerprint   TEXT NOT NULL,
+        created_at_ms BIGINT NOT NULL,
+        status        INTEGER,
+        body          TEXT,
+        PRIMARY KEY (user_name, key)
+    );",
 ];
 
 /// Brings the schema up to the newest version. [`StoreError::SchemaTooNew`] when a newer

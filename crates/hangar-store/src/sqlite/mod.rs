@@ -13,8 +13,9 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use crate::lease::{lease_end, signed_ms};
 use crate::{
-    ArchiveRecord, Entity, HostRecord, HostState, HostUse, LeaseRecord, StepOutcome, Store,
-    StoreError, TaskRecord, TaskState, TaskStep, TemplateRecord, VmRecord, now_ms,
+    ArchiveRecord, AuditRecord, Entity, HostRecord, HostState, HostUse, IdempotencyRecord,
+    LeaseRecord, StepOutcome, Store, StoreError, TaskRecord, TaskState, TaskStep, TemplateRecord,
+    TokenRecord, UserRecord, VmRecord, now_ms,
 };
 
 mod accounting;
@@ -22,8 +23,9 @@ pub(crate) mod rows;
 pub(crate) mod schema;
 
 use rows::{ARCHIVE_COLUMNS, HOST_COLUMNS, LEASE_COLUMNS, STEP_COLUMNS, TASK_COLUMNS};
+use rows::{AUDIT_COLUMNS, IDEMPOTENCY_COLUMNS, TOKEN_COLUMNS, USER_COLUMNS};
 use rows::{TEMPLATE_COLUMNS, VM_COLUMNS, archive_row, host_row, lease_row, step_row, task_row};
-use rows::{template_row, vm_row};
+use rows::{audit_row, idempotency_row, template_row, token_row, user_row, vm_row};
 
 /// The store in a SQLite database.
 pub struct SqliteStore {
@@ -772,6 +774,203 @@ impl Store for SqliteStore {
 
     async fn usage_events(&self, since_ms: u64) -> Result<Vec<crate::UsageEvent>, StoreError> {
         self.usage_events_now(since_ms)
+    }
+
+    async fn insert_user(&self, user: &UserRecord) -> Result<(), StoreError> {
+        self.conn()
+            .execute(
+                &format!("INSERT INTO users ({USER_COLUMNS}) VALUES (?1, ?2, ?3)"),
+                params![user.name, user.role.as_str(), user.created_at_ms],
+            )
+            .map_err(|err| insert_error(err, Entity::User, &user.name))?;
+        Ok(())
+    }
+
+    async fn user(&self, name: &str) -> Result<Option<UserRecord>, StoreError> {
+        self.one(
+            &format!("SELECT {USER_COLUMNS} FROM users WHERE name = ?1"),
+            [name],
+            user_row,
+        )
+    }
+
+    async fn users(&self) -> Result<Vec<UserRecord>, StoreError> {
+        self.list(
+            &format!("SELECT {USER_COLUMNS} FROM users ORDER BY name"),
+            [],
+            user_row,
+        )
+    }
+
+    async fn insert_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db)?;
+        let user: Option<i64> = tx
+            .query_row("SELECT 1 FROM users WHERE name = ?1", [&t.user], |row| {
+                row.get(0)
+            })
+            .optional()
+            .map_err(db)?;
+        if user.is_none() {
+            return Err(StoreError::not_found(Entity::User, &t.user));
+        }
+        tx.execute(
+            &format!(
+                "INSERT INTO tokens ({TOKEN_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+            ),
+            params![
+                t.id,
+                t.user,
+                t.role.as_str(),
+                t.hash,
+                t.created_at_ms,
+                t.expires_at_ms,
+                t.revoked_at_ms,
+                t.last_used_at_ms
+            ],
+        )
+        .map_err(|err| insert_error(err, Entity::Token, &t.id))?;
+        tx.commit().map_err(db)
+    }
+
+    async fn token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
+        self.one(
+            &format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE id = ?1"),
+            [id],
+            token_row,
+        )
+    }
+
+    async fn tokens(&self, user: Option<&str>) -> Result<Vec<TokenRecord>, StoreError> {
+        self.list(
+            &format!(
+                "SELECT {TOKEN_COLUMNS} FROM tokens WHERE ?1 IS NULL OR user_name = ?1
+                 ORDER BY created_at_ms, id"
+            ),
+            [user],
+            token_row,
+        )
+    }
+
+    async fn revoke_token(&self, id: &str, at_ms: u64) -> Result<TokenRecord, StoreError> {
+        self.execute(
+            "UPDATE tokens SET revoked_at_ms = COALESCE(revoked_at_ms, ?2) WHERE id = ?1",
+            params![id, at_ms],
+        )?;
+        self.one(
+            &format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE id = ?1"),
+            [id],
+            token_row,
+        )?
+        .ok_or_else(|| StoreError::not_found(Entity::Token, id))
+    }
+
+    async fn token_used(&self, id: &str, at_ms: u64) -> Result<(), StoreError> {
+        match self.execute(
+            "UPDATE tokens SET last_used_at_ms = MAX(COALESCE(last_used_at_ms, 0), ?2)
+             WHERE id = ?1",
+            params![id, at_ms],
+        )? {
+            0 => Err(StoreError::not_found(Entity::Token, id)),
+            _ => Ok(()),
+        }
+    }
+
+    async fn insert_audit(&self, e: &AuditRecord) -> Result<u64, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(
+                "INSERT INTO audit (at_ms, user_name, method, route, target, status)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) RETURNING seq",
+            )
+            .map_err(db)?;
+        stmt.query_row(
+            params![e.at_ms, e.user, e.method, e.route, e.target, e.status],
+            |row| row.get(0),
+        )
+        .map_err(db)
+    }
+
+    async fn audit(&self, since_ms: u64, limit: u32) -> Result<Vec<AuditRecord>, StoreError> {
+        let mut entries = self.list(
+            &format!(
+                "SELECT {AUDIT_COLUMNS} FROM audit WHERE at_ms >= ?1 ORDER BY seq DESC LIMIT ?2"
+            ),
+            params![since_ms, limit],
+            audit_row,
+        )?;
+        entries.reverse();
+        Ok(entries)
+    }
+
+    async fn claim_idempotency_key(
+        &self,
+        user: &str,
+        key: &str,
+        fingerprint: &str,
+        now_ms: u64,
+        stale_before_ms: u64,
+    ) -> Result<Option<IdempotencyRecord>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db)?;
+        // Taken when new, or when its holder left it unanswered for too long.
+        let changed = tx
+            .execute(
+                "INSERT INTO idempotency_keys (user_name, key, fingerprint, created_at_ms)
+                 VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (user_name, key) DO UPDATE SET
+                     fingerprint = excluded.fingerprint, created_at_ms = excluded.created_at_ms
+                 WHERE idempotency_keys.status IS NULL
+                   AND idempotency_keys.created_at_ms < ?5",
+                params![user, key, fingerprint, now_ms, stale_before_ms],
+            )
+            .map_err(db)?;
+        let existing = if changed == 1 {
+            None
+        } else {
+            let mut stmt = tx
+                .prepare_cached(&format!(
+                    "SELECT {IDEMPOTENCY_COLUMNS} FROM idempotency_keys
+                     WHERE user_name = ?1 AND key = ?2"
+                ))
+                .map_err(db)?;
+            let row = stmt
+                .query_row([user, key], idempotency_row)
+                .optional()
+                .map_err(db)?;
+            drop(stmt);
+            row.transpose()?
+        };
+        tx.commit().map_err(db)?;
+        Ok(existing)
+    }
+
+    async fn answer_idempotency_key(
+        &self,
+        user: &str,
+        key: &str,
+        status: u16,
+        body: &str,
+    ) -> Result<(), StoreError> {
+        match self.execute(
+            "UPDATE idempotency_keys SET status = ?3, body = ?4 WHERE user_name = ?1 AND key = ?2",
+            params![user, key, status, body],
+        )? {
+            0 => Err(StoreError::not_found(Entity::IdempotencyKey, key)),
+            _ => Ok(()),
+        }
+    }
+
+    async fn release_idempotency_key(&self, user: &str, key: &str) -> Result<(), StoreError> {
+        self.execute(
+            "DELETE FROM idempotency_keys WHERE user_name = ?1 AND key = ?2 AND status IS NULL",
+            params![user, key],
+        )?;
+        Ok(())
     }
 }
 

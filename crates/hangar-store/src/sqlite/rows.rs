@@ -168,3 +168,73 @@ pub(crate) fn lease_row(row: &Row<'_>) -> Decoded<LeaseRecord> {
         expires_ms: row.get(2)?,
     }))
 }
+
+pub(crate) const USER_COLUMNS: &str = "name, role, created_at_ms";
+
+pub(crate) const TOKEN_COLUMNS: &str = "id, user_name, role, hash, created_at_ms, expires_at_ms, \
+     revoked_at_ms, last_used_at_ms";
+
+pub(crate) const AUDIT_COLUMNS: &str = "seq, at_ms, user_name, method, route, target, status";
+
+pub(crate) const IDEMPOTENCY_COLUMNS: &str =
+    "user_name, key, fingerprint, created_at_ms, status, body";
+
+pub(crate) fn user_row(row: &Row<'_>) -> Decoded<crate::UserRecord> {
+    let role: String = row.get(1)?;
+    let name: String = row.get(0)?;
+    let created_at_ms: u64 = row.get(2)?;
+    Ok(
+        crate::access::parse_role(&role).map(|role| crate::UserRecord {
+            name,
+            role,
+            created_at_ms,
+        }),
+    )
+}
+
+pub(crate) fn token_row(row: &Row<'_>) -> Decoded<crate::TokenRecord> {
+    let role: String = row.get(2)?;
+    let id: String = row.get(0)?;
+    let user: String = row.get(1)?;
+    let hash: String = row.get(3)?;
+    let created_at_ms: u64 = row.get(4)?;
+    let expires_at_ms: Option<u64> = row.get(5)?;
+    let revoked_at_ms: Option<u64> = row.get(6)?;
+    let last_used_at_ms: Option<u64> = row.get(7)?;
+    Ok(
+        crate::access::parse_role(&role).map(|role| crate::TokenRecord {
+            id,
+            user,
+            role,
+            hash,
+            created_at_ms,
+            expires_at_ms,
+            revoked_at_ms,
+            last_used_at_ms,
+        }),
+    )
+}
+
+pub(crate) fn audit_row(row: &Row<'_>) -> Decoded<crate::AuditRecord> {
+    Ok(Ok(crate::AuditRecord {
+        seq: row.get(0)?,
+        at_ms: row.get(1)?,
+        user: row.get(2)?,
+        method: row.get(3)?,
+        route: row.get(4)?,
+        target: row.get(5)?,
+        status: row.get(6)?,
+    }))
+}
+
+pub(crate) fn idempotency_row(row: &Row<'_>) -> Decoded<crate::IdempotencyRecord> {
+    let status: Option<u16> = row.get(4)?;
+    let body: Option<String> = row.get(5)?;
+    Ok(Ok(crate::IdempotencyRecord {
+        user: row.get(0)?,
+        key: row.get(1)?,
+        fingerprint: row.get(2)?,
+        created_at_ms: row.get(3)?,
+        answer: status.zip(body),
+    }))
+}
