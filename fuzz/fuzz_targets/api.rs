@@ -5,8 +5,10 @@
 //! nothing accumulates between inputs). Every answer is a well-formed HTTP answer; every
 //! error answer (4xx, 5xx) carries the API's one JSON error shape; nothing panics.
 //!
-//! Input: byte 0 chooses the method; then the path and query up to the first newline; then
-//! the content type up to the next newline; the rest is the body.
+//! Input: byte 0 chooses the method (its low bits) and whether the request carries the
+//! admin's bearer token (its top bit clear) or none; then the path and query up to the
+//! first newline; then the content type up to the next newline; the rest is the body. With `HANGAR_FUZZ_TRACE`
+//! set, each request and its status are printed (to see what a corpus reaches).
 #![no_main]
 
 use std::path::PathBuf;
@@ -48,6 +50,8 @@ impl ImageSource for NoImagesAtAll {
 struct Api {
     runtime: tokio::runtime::Runtime,
     router: Router,
+    /// `Bearer` and the admin token of the store.
+    authorization: String,
 }
 
 fn api() -> &'static Api {
@@ -57,18 +61,24 @@ fn api() -> &'static Api {
             .enable_all()
             .build()
             .expect("runtime");
-        let router = runtime.block_on(async {
+        let (router, token) = runtime.block_on(async {
             let store = Arc::new(hangar_store::SqliteStore::open_in_memory().expect("store"));
+            let dir = std::env::temp_dir().join(format!("hangar-fuzz-api-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).expect("fuzz temp dir");
+            let token = hangar_server::api::auth::tokens::ensure_admin_token(
+                store.as_ref(),
+                &dir.join("admin.token"),
+            )
+            .await
+            .expect("admin token");
             let images: Arc<dyn ImageSource> = Arc::new(NoImagesAtAll);
             let host = LocalHost::new(
                 Arc::new(FakeBackend::new()),
                 images.clone(),
                 LocalHostConfig::default(),
             );
-            let export =
-                std::env::temp_dir().join(format!("hangar-fuzz-api-{}", std::process::id()));
             let config = ManagerConfig {
-                export_dir: export,
+                export_dir: dir,
                 default_deadline: std::time::Duration::from_millis(200),
                 ..ManagerConfig::default()
             };
@@ -79,9 +89,13 @@ fn api() -> &'static Api {
                 Arc::new(Catalog::demo()),
                 config,
             );
-            hangar_server::api::router(manager)
+            (hangar_server::api::router(manager), token)
         });
-        Api { runtime, router }
+        Api {
+            runtime,
+            router,
+            authorization: format!("Bearer {token}"),
+        }
     })
 }
 
@@ -96,10 +110,11 @@ const METHODS: [Method; 7] = [
 ];
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&method, rest)) = data.split_first() else {
+    let Some((&first, rest)) = data.split_first() else {
         return;
     };
-    let method = METHODS[usize::from(method) % METHODS.len()].clone();
+    let method = METHODS[usize::from(first & 0x7f) % METHODS.len()].clone();
+    let authorized = first & 0x80 == 0;
     let mut parts = rest.splitn(3, |b| *b == b'\n');
     let path = parts.next().unwrap_or_default();
     let content_type = parts.next().unwrap_or_default();
@@ -110,14 +125,17 @@ fuzz_target!(|data: &[u8]| {
     if !path.starts_with('/') {
         return;
     }
+    let api = api();
     let mut request = Request::builder().method(method.clone()).uri(path);
     if !content_type.is_empty() {
         request = request.header("content-type", content_type);
     }
+    if authorized {
+        request = request.header("authorization", &api.authorization);
+    }
     let Ok(request) = request.body(Body::from(body)) else {
         return; // not a request the HTTP layer would hand to the router
     };
-    let api = api();
     let (status, body) = api.runtime.block_on(async {
         let answer = api
             .router
@@ -131,6 +149,10 @@ fuzz_target!(|data: &[u8]| {
             .expect("the answer's body is readable");
         (status, body)
     });
+    if std::env::var_os("HANGAR_FUZZ_TRACE").is_some() {
+        let text = String::from_utf8_lossy(&body);
+        eprintln!("{method} {path} -> {status} {}", &text[..text.floor_char_boundary(160)]);
+    }
     if (status.is_client_error() || status.is_server_error()) && method != Method::HEAD {
         let error: Result<hangar_api::ErrorBody, _> = serde_json::from_slice(&body);
         assert!(
