@@ -108,7 +108,8 @@ const MAX_PAGES: u64 = 1 << 26;
 const ZSTD_LEVEL: i32 = 1;
 
 const MAGIC: &[u8; 8] = b"HGDELTA1";
-const HEADER_LEN: usize = 64;
+/// Length of the fixed header at the start of a delta file.
+pub const HEADER_LEN: usize = 64;
 
 const OP_END: u8 = 0x00;
 const OP_LITERAL: u8 = 0x01;
@@ -148,7 +149,8 @@ pub struct DeltaHeader {
 }
 
 impl DeltaHeader {
-    fn to_bytes(self) -> [u8; HEADER_LEN] {
+    /// The header as it is written at the start of a delta file (magic, fields, checksum).
+    pub fn to_bytes(self) -> [u8; HEADER_LEN] {
         let mut bytes = [0u8; HEADER_LEN];
         bytes[..8].copy_from_slice(MAGIC);
         bytes[8..16].copy_from_slice(&self.stream_len.to_le_bytes());

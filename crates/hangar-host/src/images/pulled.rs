@@ -116,6 +116,9 @@ pub struct PulledImages {
     blobs_dir: PathBuf,
     manifests_dir: PathBuf,
     servers: Vec<Client>,
+    /// Where files pulled from peers (templates' files) land, apart from the image blobs
+    /// (which heartbeats list): the caller moves them away at once.
+    peer_dir: PathBuf,
     /// The HTTP client every server's and peer's [`Client`] shares.
     http: reqwest::Client,
     /// The server that answered last: tried first.
@@ -159,12 +162,14 @@ impl PulledImages {
             .collect::<Result<Vec<_>, _>>()?;
         let blobs_dir = cache_dir.join("blobs");
         let manifests_dir = cache_dir.join("manifests");
-        for dir in [&blobs_dir, &manifests_dir] {
+        let peer_dir = cache_dir.join("peer");
+        for dir in [&blobs_dir, &manifests_dir, &peer_dir] {
             std::fs::create_dir_all(dir).map_err(io("cannot create", dir))?;
         }
         Ok(PulledImages {
             blobs_dir,
             manifests_dir,
+            peer_dir,
             servers,
             http,
             preferred: AtomicUsize::new(0),
@@ -287,12 +292,13 @@ impl PulledImages {
         progress: &ProgressFn,
     ) -> Result<PathBuf, PullError> {
         let start = self.preferred.load(Ordering::Relaxed);
-        self.pull_via(&self.servers, start, blob, what, progress)
+        self.pull_via(&self.servers, start, &self.blobs_dir, blob, what, progress)
             .await
     }
 
     /// [`PulledImages::pull`] from a peer host (a template's files) instead of the
-    /// servers: `url` is the peer agent's, `token` the farm token it accepts.
+    /// servers: `url` is the peer agent's, `token` the farm token it accepts. The file lands
+    /// in `CACHE/peer/<sha256>`, not among the image blobs; the caller moves it away.
     pub async fn pull_from_peer(
         &self,
         url: &str,
@@ -302,16 +308,24 @@ impl PulledImages {
         progress: &ProgressFn,
     ) -> Result<PathBuf, PullError> {
         let peer = Client::with_http(url, self.http.clone())?.with_token(token);
-        self.pull_via(std::slice::from_ref(&peer), 0, blob, what, progress)
-            .await
+        self.pull_via(
+            std::slice::from_ref(&peer),
+            0,
+            &self.peer_dir,
+            blob,
+            what,
+            progress,
+        )
+        .await
     }
 
-    /// Pulls `blob` from the first of `sources` (tried in turn from `start`) that gives it
-    /// whole, verified; one download per blob at a time.
+    /// Pulls `blob` into `dir` (as `dir/<sha256>`) from the first of `sources` (tried in
+    /// turn from `start`) that gives it whole, verified; one download per blob at a time.
     async fn pull_via(
         &self,
         sources: &[Client],
         start: usize,
+        dir: &Path,
         blob: &Blob,
         what: &str,
         progress: &ProgressFn,
@@ -322,7 +336,7 @@ impl PulledImages {
         if !Blob::is_hash(&blob.sha256) {
             return Err(PullError::BadHash(blob.sha256.clone()));
         }
-        let path = self.blob_path(&blob.sha256);
+        let path = dir.join(&blob.sha256);
         let what = format!("{what} {}", &blob.sha256[..12]);
         let lock = {
             let mut downloads = self
@@ -332,10 +346,10 @@ impl PulledImages {
             downloads.entry(blob.sha256.clone()).or_default().clone()
         };
         let _one_at_a_time = lock.lock().await;
-        if self.holds(blob) {
+        if std::fs::metadata(&path).is_ok_and(|meta| meta.is_file() && meta.len() == blob.size) {
             return Ok(path);
         }
-        let part = self.blobs_dir.join(format!("{}.part", blob.sha256));
+        let part = dir.join(format!("{}.part", blob.sha256));
         let mut last = None;
         for i in 0..sources.len() {
             let index = (start + i) % sources.len();
