@@ -15,6 +15,11 @@ set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 
 sanitizer=${FUZZ_SANITIZER:-none}
+# The targets keep their scratch files (a template, a delta, an admin token) in TMPDIR: one
+# of this run's own, removed at the end.
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+export TMPDIR=$scratch
 seconds=${1:-60}
 shift || true
 targets=("$@")
@@ -29,7 +34,7 @@ failed=0
 summary=()
 for target in "${targets[@]}"; do
     mkdir -p "corpus/$target" "artifacts/$target"
-    log=$(mktemp)
+    log=$(mktemp -p "$scratch")
     status=ok
     # -rss_limit_mb: a leak or an unbounded allocation is a finding too.
     if ! cargo +nightly fuzz run -s "$sanitizer" "$target" "corpus/$target" -- \
@@ -42,7 +47,6 @@ for target in "${targets[@]}"; do
     runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' || echo "?")
     corpus=$(find "corpus/$target" -type f | wc -l)
     summary+=("$(printf '%-8s %12s executions  %6s corpus files  %s' "$target" "$runs" "$corpus" "$status")")
-    rm -f "$log"
 done
 printf '%s\n' "${summary[@]}"
 exit "$failed"
