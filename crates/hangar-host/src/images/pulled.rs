@@ -534,7 +534,7 @@ async fn write_json(path: &Path, value: &impl Serialize) -> Result<(), PullError
 }
 
 /// The lowercase hex sha256 of the file at `path`.
-fn sha256_of(path: &Path) -> Result<String, PullError> {
+pub(crate) fn sha256_of(path: &Path) -> Result<String, PullError> {
     let mut file = std::fs::File::open(path).map_err(io("cannot read", path))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];

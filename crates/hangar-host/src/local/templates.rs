@@ -378,19 +378,17 @@ fn key_cmdline(cmdline: &str) -> String {
         .join(" ")
 }
 
-/// The blob of a file: its sha256 and size.
+/// The blob of a file: its sha256 (hashed as pulled blobs are) and size.
 fn blob_of(path: &std::path::Path) -> Result<hangar_api::Blob, HostError> {
-    let io = |source| HostError::Io {
-        path: path.display().to_string(),
-        source,
-    };
-    let mut file = std::fs::File::open(path).map_err(io)?;
-    let mut hasher = Sha256::new();
-    let size = std::io::copy(&mut file, &mut hasher).map_err(io)?;
-    Ok(hangar_api::Blob {
-        sha256: hex::encode(hasher.finalize()),
-        size,
-    })
+    let sha256 =
+        crate::images::pulled::sha256_of(path).map_err(|err| HostError::Image(err.into()))?;
+    let size = std::fs::metadata(path)
+        .map_err(|source| HostError::Io {
+            path: path.display().to_string(),
+            source,
+        })?
+        .len();
+    Ok(hangar_api::Blob { sha256, size })
 }
 
 /// Writes `bytes` to `path` through a temporary file renamed into place.
