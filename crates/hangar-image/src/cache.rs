@@ -106,6 +106,20 @@ pub fn create_dir(path: &Path) -> Result<(), AssetError> {
         .map_err(|e| AssetError::io(format!("mkdir {}", path.display()), e))
 }
 
+/// Creates `path` and its missing parents as directories of a guest's tree: mode 0755
+/// whatever the process's umask (the server's 0077 is for its own files; a guest's `/usr`
+/// or `/etc` must be searchable by the guest's service users).
+pub fn create_tree_dir(path: &Path) -> Result<(), AssetError> {
+    use std::os::unix::fs::PermissionsExt;
+    let missing: Vec<&Path> = path.ancestors().take_while(|dir| !dir.exists()).collect();
+    create_dir(path)?;
+    for dir in missing {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| AssetError::io(format!("chmod {}", dir.display()), e))?;
+    }
+    Ok(())
+}
+
 /// Writes a file and flushes it to disk (it is about to be published by a rename).
 pub fn write(path: &Path, bytes: &[u8]) -> Result<(), AssetError> {
     let context = || format!("write {}", path.display());

@@ -44,7 +44,7 @@ use serde::{Deserialize, Serialize};
 use crate::{AssetError, ImageFile, cache, hostfs, rootfs, tools};
 
 /// Version of the layer format; bump it when the build of a layer changes.
-const LAYER_FORMAT: u32 = 1;
+const LAYER_FORMAT: u32 = 2;
 
 /// Virtual size of every VM's writable layer (sparse: only what is written takes space).
 pub const UPPER_SIZE_BYTES: u64 = 4 << 30;
@@ -468,6 +468,7 @@ fn build_os(
     let root = dir.join("root");
     report("debootstrap", 5);
     let mut command = Command::new(debootstrap);
+    tools::guest_tree_umask(&mut command);
     command.arg("--variant=minbase");
     if !include.is_empty() {
         command.arg(format!("--include={}", include.join(",")));
@@ -515,6 +516,7 @@ fn build_os(
         ("etc/apt/apt.conf.d/90hangar", APT_CONF),
     ] {
         cache::write(&root.join(path), contents.as_bytes())?;
+        set_mode(&root.join(path), 0o644)?;
     }
     squash(&root, &dir.join("layer.sqfs"))?;
     hostfs::remove_tree(&root)?;
@@ -632,7 +634,8 @@ fn build_over(
     let upper = dir.join("upper");
     let work = dir.join("work");
     let merged = dir.join("merged");
-    cache::create_dir(&upper)?;
+    // The upper directory's mode becomes the mode of `/` in the layer.
+    cache::create_tree_dir(&upper)?;
     cache::create_dir(&work)?;
     let mut mounts = Mounts::new();
     report("mounting the layers below", 2);
@@ -699,6 +702,7 @@ fn install_packages(
 
     let chroot = |args: &[&str]| {
         let mut command = Command::new("chroot");
+        tools::guest_tree_umask(&mut command);
         command
             .arg(root)
             .args(args)
@@ -773,7 +777,7 @@ fn write_files(root: &Path, files: &BTreeMap<String, ImageFile>) -> Result<(), A
     for (path, file) in files {
         let dest = root.join(rootfs::relative_path(path)?);
         if let Some(parent) = dest.parent() {
-            cache::create_dir(parent)?;
+            cache::create_tree_dir(parent)?;
         }
         if dest.symlink_metadata().is_ok_and(|m| !m.is_file()) {
             let _ = std::fs::remove_file(&dest);

@@ -32,6 +32,20 @@ fn is_executable(path: &Path) -> bool {
 }
 
 /// Runs a command to completion; a non-zero exit is an error carrying its stderr.
+/// Makes `cmd` create files with the conventional umask 0022: for the tools that build a
+/// guest's tree (debootstrap, apt and dpkg in a chroot), whose files are the guest's, not the
+/// server's, and must keep the modes a Debian system has whatever the server's own umask.
+pub fn guest_tree_umask(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: umask(2) is async-signal-safe and cannot fail.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::umask(0o022);
+            Ok(())
+        })
+    }
+}
+
 pub fn run(cmd: &mut Command) -> Result<Output, AssetError> {
     let rendered = render(cmd);
     tracing::debug!(command = %rendered, "running");
