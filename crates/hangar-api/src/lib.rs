@@ -35,7 +35,7 @@ pub use openapi::ApiDoc;
 pub use placements::{PlacementBody, PlacementView};
 pub use policies::{BudgetView, PoliciesView, PolicyBody, PolicySource, PolicyView};
 pub use pools::{PoolBoundsBody, PoolView};
-pub use requests::{GrantView, Served, SliceView};
+pub use requests::{ChosenView, GrantView, Served, SliceView};
 pub use services::{Health, PortView, ServiceView, SettingView};
 pub use tasks::TaskView;
 pub use users::{
@@ -93,6 +93,7 @@ mod tests {
                 alternatives: Vec::new(),
                 task: None,
                 retry_after_s: None,
+                problems: Vec::new(),
             },
         };
         let value = serde_json::to_value(&body).unwrap();
