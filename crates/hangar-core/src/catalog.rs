@@ -1012,7 +1012,10 @@ fn validate(
         }
     }
     for env in &environments {
-        let floor = os[env].min_memory_mib.unwrap_or(0).max(min_memory_mib.unwrap_or(0));
+        let floor = os[env]
+            .min_memory_mib
+            .unwrap_or(0)
+            .max(min_memory_mib.unwrap_or(0));
         if raw.memory_mib < floor {
             return Err(fail(format!(
                 "memory_mib = {} is below the {floor} MiB it needs on os {env} (min_memory_mib of its apps and OS)",

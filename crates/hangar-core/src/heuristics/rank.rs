@@ -171,9 +171,7 @@ fn shell(input: &Input<'_>, os: &Os, vm: &PoolVm) -> Vec<Candidate> {
             memory_mib: vm.memory_mib,
             slice_to,
             install: apps.iter().cloned().collect(),
-            cost: cost(
-                boot_ms + ATTACH_LAYER_MS * apps.len() as u64 + build_ms + slice_ms,
-            ),
+            cost: cost(boot_ms + ATTACH_LAYER_MS * apps.len() as u64 + build_ms + slice_ms),
             waste: waste(ask, vm, slice_to),
             blocked: install_blocked,
         });
@@ -198,7 +196,8 @@ fn build(input: &Input<'_>, os: &Os) -> Candidate {
     };
     let only = (apps.len() == 1).then(|| apps.iter().next()).flatten();
     let service = only.and_then(|name| input.catalog.get(name));
-    let has_settings = service.is_some_and(|s| s.settings.keys().any(|k| ask.settings.contains_key(k)));
+    let has_settings =
+        service.is_some_and(|s| s.settings.keys().any(|k| ask.settings.contains_key(k)));
     let clonable = service.is_some_and(|s| {
         input.supply.templates.contains(&s.name)
             && !has_settings
@@ -239,7 +238,9 @@ fn build(input: &Input<'_>, os: &Os) -> Candidate {
 pub(super) fn reason(candidates: &[Candidate], i: usize, ask: &Ask) -> String {
     let c = &candidates[i];
     let what = match c.kind {
-        CandidateKind::Exact => format!("paused pool VM {} has exactly this configuration", c.source),
+        CandidateKind::Exact => {
+            format!("paused pool VM {} has exactly this configuration", c.source)
+        }
         CandidateKind::Superset => format!(
             "paused pool VM {} ({} vCPUs, {} MiB) is the best larger match",
             c.source, c.vcpus, c.memory_mib

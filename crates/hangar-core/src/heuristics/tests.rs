@@ -64,12 +64,19 @@ fn codes(verdict: &Verdict) -> Vec<ProblemCode> {
 
 #[test]
 fn a_sound_request_is_ok_and_chooses_a_build_without_pool() {
-    let v = verdict(&ask(1, 128, 128, "busybox@1.35", &["http-static"]), &Supply::default());
+    let v = verdict(
+        &ask(1, 128, 128, "busybox@1.35", &["http-static"]),
+        &Supply::default(),
+    );
     assert!(v.ok, "{:?}", v.problems);
     let chosen = v.chosen.unwrap();
     assert_eq!(chosen.kind, CandidateKind::Build);
     assert_eq!(chosen.source, "new image http-static");
-    assert!(chosen.reason.starts_with("build a new VM"), "{}", chosen.reason);
+    assert!(
+        chosen.reason.starts_with("build a new VM"),
+        "{}",
+        chosen.reason
+    );
 }
 
 #[test]
@@ -77,18 +84,33 @@ fn postgres_below_its_minimum_names_the_floor_and_the_pool_vm() {
     let mut a = ask(1, 256, 256, "debian-12", &["postgresql"]);
     a.settings.insert("password".into(), "secret".into());
     let supply = Supply {
-        pool: vec![pool_vm("vm-big", 1, 512, Some("debian-12 12"), &["postgresql"])],
+        pool: vec![pool_vm(
+            "vm-big",
+            1,
+            512,
+            Some("debian-12 12"),
+            &["postgresql"],
+        )],
         ..Supply::default()
     };
     let v = verdict(&a, &supply);
     assert!(!v.ok);
-    let problem = v.errors().find(|p| p.code == ProblemCode::MemoryBelowAppMin).unwrap();
-    assert_eq!(problem.message, "postgresql needs at least 384 MiB, 256 asked");
+    let problem = v
+        .errors()
+        .find(|p| p.code == ProblemCode::MemoryBelowAppMin)
+        .unwrap();
+    assert_eq!(
+        problem.message,
+        "postgresql needs at least 384 MiB, 256 asked"
+    );
     assert_eq!(
         problem.suggestion,
         "ask for --memory 384, or take the 512 MiB pool VM (vm-big: --memory 512)"
     );
-    assert_eq!(v.chosen, None, "nothing is chosen for a request with hard problems");
+    assert_eq!(
+        v.chosen, None,
+        "nothing is chosen for a request with hard problems"
+    );
 }
 
 #[test]
@@ -106,9 +128,18 @@ fn every_problem_is_reported_not_just_the_first() {
     ] {
         assert!(found.contains(&code), "{code:?} missing from {found:?}");
     }
-    let unknown_os = v.errors().find(|p| p.code == ProblemCode::UnknownOs).unwrap();
-    assert_eq!(unknown_os.suggestion, "ask for --os busybox or --os debian-12");
-    let unknown_app = v.errors().find(|p| p.code == ProblemCode::UnknownApp).unwrap();
+    let unknown_os = v
+        .errors()
+        .find(|p| p.code == ProblemCode::UnknownOs)
+        .unwrap();
+    assert_eq!(
+        unknown_os.suggestion,
+        "ask for --os busybox or --os debian-12"
+    );
+    let unknown_app = v
+        .errors()
+        .find(|p| p.code == ProblemCode::UnknownApp)
+        .unwrap();
     assert_eq!(unknown_app.suggestion, "ask for --app postgresql");
 }
 
@@ -116,8 +147,14 @@ fn every_problem_is_reported_not_just_the_first() {
 fn each_kind_of_problem() {
     let none = Supply::default();
     let case = |a: Ask| codes(&verdict(&a, &none));
-    assert_eq!(case(ask(65, 128, 128, "busybox", &[])), [ProblemCode::VcpusOverMax]);
-    assert_eq!(case(ask(4, 128, 128, "busybox", &[])), [ProblemCode::VcpusOverHost]);
+    assert_eq!(
+        case(ask(65, 128, 128, "busybox", &[])),
+        [ProblemCode::VcpusOverMax]
+    );
+    assert_eq!(
+        case(ask(4, 128, 128, "busybox", &[])),
+        [ProblemCode::VcpusOverHost]
+    );
     assert_eq!(
         case(ask(1, 100_000, 100_000, "busybox", &[])),
         [ProblemCode::MemoryOverHost]
@@ -126,7 +163,10 @@ fn each_kind_of_problem() {
         case(ask(1, 300_000, 300_000, "busybox", &[])),
         [ProblemCode::MemoryOverMax]
     );
-    assert_eq!(case(ask(1, 256, 128, "busybox", &[])), [ProblemCode::MemoryRangeEmpty]);
+    assert_eq!(
+        case(ask(1, 256, 128, "busybox", &[])),
+        [ProblemCode::MemoryRangeEmpty]
+    );
     assert_eq!(
         case(ask(1, 96, 96, "debian-12", &[])),
         [ProblemCode::MemoryBelowOsMin]
@@ -135,7 +175,10 @@ fn each_kind_of_problem() {
         case(ask(1, 128, 128, "busybox@1.36", &[])),
         [ProblemCode::OsTooOld]
     );
-    assert_eq!(case(ask(1, 128, 128, "busybox@1.x", &[])), [ProblemCode::BadVersion]);
+    assert_eq!(
+        case(ask(1, 128, 128, "busybox@1.x", &[])),
+        [ProblemCode::BadVersion]
+    );
     assert_eq!(
         case(ask(1, 256, 256, "busybox", &["redis"])),
         [ProblemCode::AppNotOnOs]
@@ -166,9 +209,22 @@ fn conflicting_apps_are_named() {
         hosts: &hosts(),
         supply: &Supply::default(),
     });
-    let conflict = v.errors().find(|p| p.code == ProblemCode::Conflict).unwrap();
-    assert!(conflict.message.contains("nginx-light and software nginx-full conflict"), "{}", conflict.message);
-    assert!(conflict.suggestion.starts_with("request them on separate VMs"));
+    let conflict = v
+        .errors()
+        .find(|p| p.code == ProblemCode::Conflict)
+        .unwrap();
+    assert!(
+        conflict
+            .message
+            .contains("nginx-light and software nginx-full conflict"),
+        "{}",
+        conflict.message
+    );
+    assert!(
+        conflict
+            .suggestion
+            .starts_with("request them on separate VMs")
+    );
 }
 
 #[test]
@@ -186,11 +242,29 @@ fn exact_size_slices_a_shell_and_blocks_what_cannot_be_sliced() {
     let v = verdict(&a, &supply);
     assert!(v.ok, "{:?}", v.problems);
     let chosen = v.chosen_candidate().unwrap();
-    assert_eq!((chosen.kind, chosen.source.as_str()), (CandidateKind::Partial, "vm-shell"));
+    assert_eq!(
+        (chosen.kind, chosen.source.as_str()),
+        (CandidateKind::Partial, "vm-shell")
+    );
     assert_eq!(chosen.slice_to, Some((1, 128)));
-    let clone = v.candidates.iter().find(|c| c.source == "vm-clone").unwrap();
-    assert!(clone.blocked.as_deref().unwrap().starts_with("cannot be sliced"));
-    assert!(v.chosen.unwrap().reason.contains("sliced to 1 vCPUs and 128 MiB"));
+    let clone = v
+        .candidates
+        .iter()
+        .find(|c| c.source == "vm-clone")
+        .unwrap();
+    assert!(
+        clone
+            .blocked
+            .as_deref()
+            .unwrap()
+            .starts_with("cannot be sliced")
+    );
+    assert!(
+        v.chosen
+            .unwrap()
+            .reason
+            .contains("sliced to 1 vCPUs and 128 MiB")
+    );
 
     // Without exact size the clone, resumed at once, wins.
     a.exact_size = false;
@@ -219,7 +293,10 @@ fn install_at_deploy_is_ranked_when_the_server_has_it() {
 
     supply.install_at_deploy = true;
     let v = verdict(&a, &supply);
-    assert_eq!(v.chosen.as_ref().unwrap().kind, CandidateKind::PartialInstall);
+    assert_eq!(
+        v.chosen.as_ref().unwrap().kind,
+        CandidateKind::PartialInstall
+    );
 }
 
 #[test]
@@ -235,25 +312,39 @@ fn arb_ask() -> impl Strategy<Value = Ask> {
         0u32..4,
         prop::sample::select(vec![32u32, 64, 128, 256, 384, 512]),
         0u32..3,
-        prop::sample::select(vec!["busybox", "busybox@1.35", "busybox@1.36", "debian-12", "plan9"]),
+        prop::sample::select(vec![
+            "busybox",
+            "busybox@1.35",
+            "busybox@1.36",
+            "debian-12",
+            "plan9",
+        ]),
         prop::collection::btree_set(
-            prop::sample::select(vec!["http-static", "http-counter", "redis", "postgresql", "nope"]),
+            prop::sample::select(vec![
+                "http-static",
+                "http-counter",
+                "redis",
+                "postgresql",
+                "nope",
+            ]),
             0..3,
         ),
         any::<bool>(),
         prop::option::of(prop::sample::select(vec![0u32, 100, 1024])),
         prop::option::of(prop::sample::select(vec!["pw", "two words"])),
     )
-        .prop_map(|(vcpus, min, extra, os, apps, exact_size, disk, password)| {
-            let apps: Vec<&str> = apps.into_iter().collect();
-            let mut a = ask(vcpus, min, min * (1 + extra), os, &apps);
-            a.exact_size = exact_size;
-            a.machine.disk_mib = disk;
-            if let Some(password) = password {
-                a.settings.insert("password".into(), password.into());
-            }
-            a
-        })
+        .prop_map(
+            |(vcpus, min, extra, os, apps, exact_size, disk, password)| {
+                let apps: Vec<&str> = apps.into_iter().collect();
+                let mut a = ask(vcpus, min, min * (1 + extra), os, &apps);
+                a.exact_size = exact_size;
+                a.machine.disk_mib = disk;
+                if let Some(password) = password {
+                    a.settings.insert("password".into(), password.into());
+                }
+                a
+            },
+        )
 }
 
 fn arb_supply() -> impl Strategy<Value = Supply> {
@@ -281,7 +372,11 @@ fn arb_supply() -> impl Strategy<Value = Supply> {
                 .into_iter()
                 .enumerate()
                 .map(|(i, (vcpus, memory, os, apps, sliceable))| {
-                    let apps: Vec<&str> = if os.is_some() { apps.into_iter().collect() } else { Vec::new() };
+                    let apps: Vec<&str> = if os.is_some() {
+                        apps.into_iter().collect()
+                    } else {
+                        Vec::new()
+                    };
                     PoolVm {
                         sliceable,
                         ..pool_vm(&format!("vm-{i}"), vcpus, memory, os, &apps)

@@ -85,7 +85,10 @@ pub fn validate(input: &Input<'_>) -> Vec<Problem> {
                 ProblemCode::UnknownOs,
                 "os",
                 format!("no os named {:?}", machine.os.name),
-                format!("ask for {}", or_list(near.iter().map(|n| format!("--os {n}")))),
+                format!(
+                    "ask for {}",
+                    or_list(near.iter().map(|n| format!("--os {n}")))
+                ),
             );
         }
         Some(os) => {
@@ -127,7 +130,10 @@ pub fn validate(input: &Input<'_>) -> Vec<Problem> {
                 if near.is_empty() {
                     "see `hangar services` for the applications there are".into()
                 } else {
-                    format!("ask for {}", or_list(near.iter().map(|n| format!("--app {n}"))))
+                    format!(
+                        "ask for {}",
+                        or_list(near.iter().map(|n| format!("--app {n}")))
+                    )
                 },
             );
             continue;
@@ -230,10 +236,7 @@ pub fn validate(input: &Input<'_>) -> Vec<Problem> {
             out.error(
                 ProblemCode::Conflict,
                 "apps",
-                format!(
-                    "{} cannot share a VM: {conflict}",
-                    names.join(" and ")
-                ),
+                format!("{} cannot share a VM: {conflict}", names.join(" and ")),
                 format!(
                     "request them on separate VMs: {}",
                     names

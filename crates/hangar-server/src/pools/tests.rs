@@ -315,8 +315,16 @@ async fn exact_size_holds_on_a_shell_too_and_the_grant_says_why() {
         .unwrap();
     assert_eq!(grant.served, Served::Partial);
     assert_eq!(grant.vm.id, shell.id);
-    assert_eq!(grant.sliced_to, Some((1, 128)), "a 256 MiB shell sliced to 128");
-    assert_eq!(backend.memory_mib(&grant.vm.id), Some(128), "ballooned down");
+    assert_eq!(
+        grant.sliced_to,
+        Some((1, 128)),
+        "a 256 MiB shell sliced to 128"
+    );
+    assert_eq!(
+        backend.memory_mib(&grant.vm.id),
+        Some(128),
+        "ballooned down"
+    );
     let chosen = grant.chosen.expect("the grant says what was chosen");
     assert_eq!(chosen.kind, CandidateKind::Partial);
     assert!(

@@ -304,12 +304,13 @@ impl Manager {
         use hangar_core::heuristics::CandidateKind;
         // The engine checked the OS, the apps, their settings and the size.
         let os_name = config.os.name.clone();
-        let service = match config.apps.first() {
-            Some(app) => Some(self.catalog.get(app).cloned().ok_or_else(|| {
-                RequestError::Invalid(format!("no application named {app:?}"))
-            })?),
-            None => None,
-        };
+        let service =
+            match config.apps.first() {
+                Some(app) => Some(self.catalog.get(app).cloned().ok_or_else(|| {
+                    RequestError::Invalid(format!("no application named {app:?}"))
+                })?),
+                None => None,
+            };
         let ask = hangar_core::heuristics::Ask {
             machine: config.clone(),
             settings: request.env.clone(),

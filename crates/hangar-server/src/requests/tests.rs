@@ -10,8 +10,8 @@ use hangar_vmm::Hypervisor;
 use hangar_vmm::fake::FakeBackend;
 
 use crate::manager::{Manager, ManagerConfig};
-use crate::requests::{Grant, RequestError};
 use crate::requests::Served;
+use crate::requests::{Grant, RequestError};
 use crate::test_support::*;
 
 const CATALOG: &str = crate::test_support::WEB_AND_NEVER_READY;
@@ -228,7 +228,10 @@ async fn sizes_beyond_every_host_or_absurd_are_refused_and_leave_no_vm() {
             problem.message,
             format!("{} vCPUs asked; the largest host has {cpus}", cpus + 1)
         );
-        assert_eq!(problem.suggestion, format!("ask for --vcpus {cpus} or fewer"));
+        assert_eq!(
+            problem.suggestion,
+            format!("ask for --vcpus {cpus} or fewer")
+        );
     }
     let memory = hangar_host::facts::memory_mib().0;
     if memory < u64::from(hangar_core::matching::MAX_MEMORY_MIB) {
