@@ -40,7 +40,7 @@ mod validate;
 mod tests;
 
 pub use rank::rank;
-pub use validate::validate;
+pub use validate::{memory_floor, validate};
 
 /// Least memory any VM may have, in MiB (the catalog's floor for a VM's size).
 pub const VM_MIN_MEMORY_MIB: u32 = 64;

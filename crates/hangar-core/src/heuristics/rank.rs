@@ -13,6 +13,17 @@ use super::{Ask, Candidate, CandidateKind, Cost, Input, PoolVm, TimeClass, Waste
 /// applications) are not candidates. Pure; the order does not depend on the order of
 /// `input.supply.pool`.
 pub fn rank(input: &Input<'_>) -> Vec<Candidate> {
+    // A range reaching above the floor is served at the floor or above.
+    let floor = super::validate::memory_floor(input);
+    let mut raised = input.ask.clone();
+    let range = &mut raised.machine.memory_mib;
+    if range.min <= range.max && range.min < floor {
+        range.min = floor.min(range.max);
+    }
+    let input = &Input {
+        ask: &raised,
+        ..*input
+    };
     let ask = input.ask;
     let os = input.catalog.os(&ask.machine.os.name);
     let mut out: Vec<Candidate> = Vec::new();
@@ -186,7 +197,8 @@ fn build_cost(os: &Os) -> u64 {
     }
 }
 
-/// A new VM of exactly the request's vCPUs and minimum memory.
+/// A new VM of exactly the request's vCPUs and minimum memory (raised to what its OS and
+/// apps need, within the range).
 fn build(input: &Input<'_>, os: &Os) -> Candidate {
     let ask = input.ask;
     let apps = &ask.machine.apps;

@@ -169,32 +169,32 @@ pub fn validate(input: &Input<'_>) -> Vec<Problem> {
         }
     }
 
-    // Memory minimums (when the range itself is sound).
+    // Memory minimums (when the range itself is sound): a range that reaches a floor is
+    // served at the floor or above (see `memory_floor`); one wholly below it never runs.
     if memory.min >= VM_MIN_MEMORY_MIB && memory.min <= memory.max {
+        let asked = if memory.min == memory.max {
+            memory.max.to_string()
+        } else {
+            format!("at most {}", memory.max)
+        };
         if let Some(os) = os
             && let Some(floor) = os.min_memory_mib
-            && memory.min < floor
+            && memory.max < floor
         {
             out.error(
                 ProblemCode::MemoryBelowOsMin,
                 "memory_mib",
-                format!(
-                    "os {} needs at least {floor} MiB, {} asked",
-                    os.name, memory.min
-                ),
+                format!("os {} needs at least {floor} MiB, {asked} asked", os.name),
                 ask_memory(input, floor),
             );
         }
         for service in &services {
             let floor = app_memory_floor(service);
-            if memory.min < floor {
+            if memory.max < floor {
                 out.error(
                     ProblemCode::MemoryBelowAppMin,
                     "memory_mib",
-                    format!(
-                        "{} needs at least {floor} MiB, {} asked",
-                        service.name, memory.min
-                    ),
+                    format!("{} needs at least {floor} MiB, {asked} asked", service.name),
                     ask_memory(input, floor),
                 );
             }
@@ -317,6 +317,23 @@ pub fn validate(input: &Input<'_>) -> Vec<Problem> {
 /// The memory `service` needs: its declared minimum, else its own size.
 pub(super) fn app_memory_floor(service: &Service) -> u32 {
     service.min_memory_mib.unwrap_or(service.memory_mib)
+}
+
+/// The least memory a VM serving `input.ask` needs: the largest of the VM floor, the OS's
+/// minimum and each known application's (unknown names count for nothing).
+pub fn memory_floor(input: &Input<'_>) -> u32 {
+    let machine = &input.ask.machine;
+    let os = input
+        .catalog
+        .os(&machine.os.name)
+        .and_then(|os| os.min_memory_mib)
+        .unwrap_or(0);
+    machine
+        .apps
+        .iter()
+        .filter_map(|app| input.catalog.get(app))
+        .map(app_memory_floor)
+        .fold(VM_MIN_MEMORY_MIB.max(os), u32::max)
 }
 
 /// Every problem the size of hosts shows.

@@ -316,11 +316,17 @@ impl Manager {
             settings: request.env.clone(),
             exact_size: request.exact_size,
         };
+        // A new VM gets the least memory of the range that its OS and apps run in.
+        let memory_mib = verdict
+            .candidates
+            .iter()
+            .find(|c| c.kind == CandidateKind::Build)
+            .map_or(config.memory_mib.min, |c| c.memory_mib);
         let mut request = request;
         request.mode = Mode::Dedicated;
         let constrained = request.isolate.is_some() || !request.on.is_empty();
         let quota = self
-            .reserve_quota_for_request(owner, config.vcpus, config.memory_mib.min)
+            .reserve_quota_for_request(owner, config.vcpus, memory_mib)
             .await?;
         let pooled = verdict.chosen.as_ref().is_some_and(|chosen| {
             matches!(
@@ -377,7 +383,7 @@ impl Manager {
         let make = MakeVm {
             service,
             vcpus: config.vcpus,
-            memory_mib: config.memory_mib.min,
+            memory_mib,
             mode: Mode::Dedicated,
             env: request.env.clone(),
             pool: None,
