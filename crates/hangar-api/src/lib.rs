@@ -11,6 +11,7 @@ pub mod error;
 pub mod farm;
 pub mod farm_images;
 pub mod images;
+pub mod imports;
 pub mod openapi;
 pub mod placements;
 pub mod policies;
@@ -31,6 +32,7 @@ pub use farm::{Heartbeat, HeartbeatReply, HostFactsView, HostRegistration, HostV
 pub use farm_images::{AssetsManifest, Blob, RootBody, RootManifest};
 pub use hangar_core::Role;
 pub use images::{BuildView, ImageBody, ImageView, ImagesView, LayerView, TemplateView};
+pub use imports::{ImportQuery, ImportView};
 pub use openapi::ApiDoc;
 pub use placements::{PlacementBody, PlacementView};
 pub use policies::{BudgetView, PoliciesView, PolicyBody, PolicySource, PolicyView};

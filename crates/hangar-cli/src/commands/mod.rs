@@ -7,6 +7,7 @@ pub mod bench;
 pub mod export;
 pub mod hosts;
 pub mod images;
+pub mod imports;
 pub mod policies;
 pub mod pools;
 pub mod request;
