@@ -472,6 +472,63 @@ impl Client {
             .await
     }
 
+    /// `POST /v1/imports`: uploads the disk image `image` (a `tokio::fs::File`, streamed) as
+    /// a new imported machine, answered once it is checked, staged and stored. 422 for an image that is
+    /// refused (a backing file, encryption, sizes over the limits, no OS found), 409 for a
+    /// name taken.
+    pub async fn import_machine(
+        &self,
+        query: &ImportQuery,
+        image: impl Into<reqwest::Body>,
+    ) -> Result<ImportView, ClientError> {
+        let mut url = self.url(&["v1", "imports"]);
+        {
+            let mut pairs = url.query_pairs_mut();
+            pairs.append_pair("name", &query.name);
+            pairs.append_pair("format", &query.format);
+            if let Some(ports) = &query.ports {
+                pairs.append_pair("ports", ports);
+            }
+            if let Some(vcpus) = query.vcpus {
+                pairs.append_pair("vcpus", &vcpus.to_string());
+            }
+            if let Some(memory) = query.memory_mib {
+                pairs.append_pair("memory_mib", &memory.to_string());
+            }
+        }
+        let mut request = self
+            .http
+            .request(Method::POST, url.clone())
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(image);
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|source| ClientError::Unreachable {
+                url: self.base.as_str().trim_end_matches('/').to_owned(),
+                source,
+            })?;
+        decode(Method::POST, &url, response)
+            .await
+            .map(|(value, _)| value)
+    }
+
+    /// `GET /v1/imports`: the imported machines.
+    pub async fn imports(&self) -> Result<Vec<ImportView>, ClientError> {
+        self.call(Method::GET, &["v1", "imports"], None::<&()>)
+            .await
+    }
+
+    /// `DELETE /v1/imports/{name}`: removes an imported machine's model. 409 while VMs of
+    /// it live.
+    pub async fn delete_import(&self, name: &str) -> Result<ImportView, ClientError> {
+        self.call(Method::DELETE, &["v1", "imports", name], None::<&()>)
+            .await
+    }
+
     /// `GET /v1/images`: images of every viable service and environment, and their layers.
     pub async fn images(&self) -> Result<ImagesView, ClientError> {
         self.call(Method::GET, &["v1", "images"], None::<&()>).await

@@ -9,6 +9,7 @@ use crate::*;
 #[openapi(
     info(title = "hangar", description = "Virtual machines as services"),
     components(schemas(
+        ImportView,
         ArchiveBody,
         ArchiveView,
         AuditView,

@@ -14,8 +14,8 @@ mod error;
 mod output;
 
 use commands::{
-    accounting, agent, auth, bench as bench_cmd, check, export, hosts, images, policies, pools,
-    request, server, services, tasks, templates, vms,
+    accounting, agent, auth, bench as bench_cmd, check, export, hosts, images, imports, policies,
+    pools, request, server, services, tasks, templates, vms,
 };
 use error::CliError;
 use hangar_api::client::Client;
@@ -145,6 +145,16 @@ enum Command {
         after_help = "Example:\n  hangar export nginx nginx.tar && tar -xf nginx.tar && ./run.sh"
     )]
     Export(export::ExportArgs),
+    /// Import an existing machine from its disk image (qcow2, raw or vmdk): checked,
+    /// its identity stripped, stored as a model that is then requested like a service.
+    #[command(
+        after_help = "Example:\n  hangar import web.qcow2 --name legacy-web --port http=80 --memory 512\n  curl http://$(hangar request legacy-web)/"
+    )]
+    Import(imports::ImportArgs),
+    /// Imported machines.
+    Imports(imports::ImportsArgs),
+    /// Remove an imported machine (its model disk and record).
+    Unimport(imports::UnimportArgs),
     /// One task, with its stage, progress and error.
     Task(tasks::TaskArgs),
     /// Check an API token with the server and keep it (mode 0600) for later commands;
@@ -227,6 +237,9 @@ async fn client_command(
         Command::Images(args) => images::list(client, args).await,
         Command::Export(args) => export::run(client, args).await,
         Command::Task(args) => tasks::show(client, args).await,
+        Command::Import(args) => imports::import(client, args).await,
+        Command::Imports(args) => imports::list(client, args).await,
+        Command::Unimport(args) => imports::remove(client, args).await,
         Command::Login(args) => auth::login(&Client::new(url)?, args).await,
         Command::Whoami(args) => auth::whoami(client, args).await,
         Command::Users(args) => auth::users(client, args).await,

@@ -8,6 +8,7 @@ pub mod check;
 pub mod export;
 pub mod hosts;
 pub mod images;
+pub mod imports;
 pub mod policies;
 pub mod pools;
 pub mod request;

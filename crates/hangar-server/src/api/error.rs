@@ -159,6 +159,28 @@ impl From<crate::lifecycle::ops::LifecycleError> for ApiError {
     }
 }
 
+impl From<crate::imports::ImportsError> for ApiError {
+    fn from(err: crate::imports::ImportsError) -> ApiError {
+        use crate::imports::ImportsError;
+        match err {
+            ImportsError::BadRequest(message) => ApiError::BadRequest(message),
+            ImportsError::Refused(_) => ApiError::Never {
+                message: err.to_string(),
+                alternatives: Vec::new(),
+            },
+            ImportsError::NameTaken(_) | ImportsError::InUse { .. } => {
+                ApiError::Conflict(err.to_string())
+            }
+            ImportsError::NotFound(_) => ApiError::NotFound {
+                message: err.to_string(),
+                alternatives: Vec::new(),
+            },
+            ImportsError::Store(err) => err.into(),
+            ImportsError::Disabled | ImportsError::Failed(_) => ApiError::Internal(err.to_string()),
+        }
+    }
+}
+
 impl From<crate::requests::RequestError> for ApiError {
     fn from(err: crate::requests::RequestError) -> ApiError {
         use crate::requests::RequestError;

@@ -25,6 +25,7 @@ pub mod error;
 pub mod farm;
 pub mod farm_auth;
 pub mod farm_images;
+pub mod imports;
 pub mod json_errors;
 pub mod placements;
 
@@ -62,6 +63,8 @@ fn routes() -> OpenApiRouter<Arc<Manager>> {
         .routes(routes!(get_task))
         .routes(routes!(list_images, build_image))
         .routes(routes!(export_image))
+        .routes(routes!(imports::import_machine, imports::list_imports))
+        .routes(routes!(imports::delete_import))
         .routes(routes!(farm::list_hosts, farm::register_host))
         .routes(routes!(farm::host_heartbeat))
         .routes(routes!(placements::preview_placement))

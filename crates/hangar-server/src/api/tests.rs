@@ -732,6 +732,20 @@ async fn every_answer_matches_its_schema_in_the_openapi_document() {
     )
     .await;
     api.call("GET", "/v1/users", "/v1/users", "").await;
+    // Imports: a malformed name (400), a format never read (422), the list, no such one.
+    let import = "/v1/imports";
+    api.call(
+        "POST",
+        import,
+        "/v1/imports?name=Bad%20Name&format=qcow2",
+        "{}",
+    )
+    .await;
+    api.call("POST", import, "/v1/imports?name=disk&format=iso", "{}")
+        .await;
+    api.call("GET", import, "/v1/imports", "").await;
+    api.call("DELETE", "/v1/imports/{name}", "/v1/imports/nope", "")
+        .await;
     let made = api
         .call(
             "POST",

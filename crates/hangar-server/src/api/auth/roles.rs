@@ -62,6 +62,10 @@ pub const RULES: &[(&str, &str, Need)] = &[
     ("GET", "/v1/tasks", PROVISIONER),
     ("GET", "/v1/tasks/{id}", PROVISIONER),
     ("GET", "/v1/images", PROVISIONER),
+    // Imported machines: provisioners import and list them, admins remove them.
+    ("POST", "/v1/imports", PROVISIONER),
+    ("GET", "/v1/imports", PROVISIONER),
+    ("DELETE", "/v1/imports/{name}", ADMIN),
     ("POST", "/v1/images", ADMIN),
     ("POST", "/v1/export", ADMIN),
     ("POST", "/v1/placements", ADMIN),
