@@ -116,3 +116,63 @@ fn row(i: usize, c: &Candidate) -> Vec<String> {
         c.blocked.clone().unwrap_or_default(),
     ]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hangar_api::heuristics::{CandidateKind, Chosen, Cost, Problem, ProblemCode, Waste};
+
+    fn candidate(kind: CandidateKind, source: &str, blocked: Option<&str>) -> Candidate {
+        Candidate {
+            kind,
+            source: source.into(),
+            vcpus: 1,
+            memory_mib: 256,
+            slice_to: Some((1, 128)),
+            install: Vec::new(),
+            cost: Cost {
+                class: TimeClass::Boot,
+                ms: 1700,
+            },
+            waste: Waste::default(),
+            blocked: blocked.map(String::from),
+        }
+    }
+
+    #[test]
+    fn a_verdict_reads_as_outcome_problems_and_ranked_candidates() {
+        let verdict = Verdict {
+            ok: true,
+            problems: vec![Problem {
+                code: ProblemCode::UnknownSetting,
+                severity: Severity::Warning,
+                field: "env.colour".into(),
+                message: "no requested application has a setting \"colour\"".into(),
+                suggestion: "leave out --env colour".into(),
+            }],
+            candidates: vec![
+                candidate(CandidateKind::Partial, "vm-1", None),
+                candidate(CandidateKind::Superset, "vm-2", Some("cannot be sliced")),
+            ],
+            chosen: Some(Chosen {
+                kind: CandidateKind::Partial,
+                source: "vm-1".into(),
+                reason: "partial pre-OS shell vm-1".into(),
+            }),
+        };
+        let text = render(&verdict);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "ok: partial pre-OS shell vm-1");
+        assert_eq!(
+            lines[3],
+            "  warning [unknown_setting] env.colour: no requested application has a setting \"colour\""
+        );
+        assert_eq!(lines[4], "      try: leave out --env colour");
+        assert!(lines[7].starts_with("#  KIND"), "{text}");
+        assert!(
+            lines[8].starts_with("1  partial   vm-1    1x256  1x128   boot ~1700ms  -"),
+            "{text}"
+        );
+        assert!(lines[9].ends_with("cannot be sliced"), "{text}");
+    }
+}
