@@ -92,6 +92,10 @@ pub struct Supply {
     /// Whether this server attaches apps' layers to a pre-OS shell at deploy (partial +
     /// install); without it such candidates are listed but blocked.
     pub install_at_deploy: bool,
+    /// Whether this server composes several applications into one VM's service (then a
+    /// new VM of several applications can be built); without it a build of several is
+    /// blocked.
+    pub compose: bool,
 }
 
 /// Everything [`check`] looks at.

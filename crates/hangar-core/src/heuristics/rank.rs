@@ -239,10 +239,8 @@ fn build(input: &Input<'_>, os: &Os) -> Candidate {
         install: Vec::new(),
         cost: cost(ms),
         waste: Waste::default(),
-        blocked: (apps.len() > 1).then(|| {
-            "no image offers several applications together; they go together only by install at deploy"
-                .to_owned()
-        }),
+        blocked: (apps.len() > 1 && !input.supply.compose)
+            .then(|| "this server builds no image of several applications together".to_owned()),
     }
 }
 

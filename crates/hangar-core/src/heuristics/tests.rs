@@ -305,6 +305,12 @@ fn several_apps_without_install_have_no_candidate() {
     let v = verdict(&a, &Supply::default());
     assert_eq!(codes(&v), [ProblemCode::NoCandidate]);
     assert!(v.problems[0].message.contains("several applications"));
+    let composing = Supply {
+        compose: true,
+        ..Supply::default()
+    };
+    let v = verdict(&a, &composing);
+    assert_eq!(v.chosen.unwrap().source, "new image nginx+redis");
 }
 
 fn arb_ask() -> impl Strategy<Value = Ask> {
@@ -366,27 +372,31 @@ fn arb_supply() -> impl Strategy<Value = Supply> {
             0..3,
         ),
         any::<bool>(),
+        any::<bool>(),
     )
-        .prop_map(|(vms, templates, images, install_at_deploy)| Supply {
-            pool: vms
-                .into_iter()
-                .enumerate()
-                .map(|(i, (vcpus, memory, os, apps, sliceable))| {
-                    let apps: Vec<&str> = if os.is_some() {
-                        apps.into_iter().collect()
-                    } else {
-                        Vec::new()
-                    };
-                    PoolVm {
-                        sliceable,
-                        ..pool_vm(&format!("vm-{i}"), vcpus, memory, os, &apps)
-                    }
-                })
-                .collect(),
-            templates: templates.into_iter().map(String::from).collect(),
-            images: images.into_iter().map(String::from).collect(),
-            install_at_deploy,
-        })
+        .prop_map(
+            |(vms, templates, images, install_at_deploy, compose)| Supply {
+                pool: vms
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, (vcpus, memory, os, apps, sliceable))| {
+                        let apps: Vec<&str> = if os.is_some() {
+                            apps.into_iter().collect()
+                        } else {
+                            Vec::new()
+                        };
+                        PoolVm {
+                            sliceable,
+                            ..pool_vm(&format!("vm-{i}"), vcpus, memory, os, &apps)
+                        }
+                    })
+                    .collect(),
+                templates: templates.into_iter().map(String::from).collect(),
+                images: images.into_iter().map(String::from).collect(),
+                install_at_deploy,
+                compose,
+            },
+        )
 }
 
 proptest! {
