@@ -32,7 +32,7 @@ pub use lease::LeaseRecord;
 pub use postgres::PgStore;
 pub use records::{
     ArchiveRecord, HostRecord, HostState, HostUse, ImportRecord, StepOutcome, TaskRecord,
-    TaskState, TaskStep, TemplateRecord, VmRecord,
+    TaskState, TaskStep, TaskUndo, TemplateRecord, VmRecord,
 };
 pub use sqlite::SqliteStore;
 
@@ -209,7 +209,7 @@ pub trait Store: Send + Sync {
     async fn insert_task(&self, task: &TaskRecord) -> Result<(), StoreError>;
 
     /// Updates a task's progress; `error` with a `Failed` state says why. `percent` is
-    /// capped at 100.
+    /// capped at 100. An ended state ([`TaskState::ended`]) also sets `ended_at_ms`.
     async fn update_task(
         &self,
         id: &str,
@@ -230,6 +230,21 @@ pub trait Store: Send + Sync {
     /// as failed (used at start-up: a task cannot survive the process that ran it).
     /// Returns how many tasks.
     async fn fail_running_tasks(&self, reason: &str) -> Result<usize, StoreError>;
+
+    /// The tasks not ended (`running` or `rolling_back`), oldest first: at start-up, those
+    /// a stopped server left to finish or undo.
+    async fn unfinished_tasks(&self) -> Result<Vec<TaskRecord>, StoreError>;
+
+    /// Appends an entry to task `task_id`'s undo journal; returns its number (1, 2, ...).
+    /// [`StoreError::NotFound`] for an unknown task.
+    async fn push_task_undo(&self, task_id: &str, action: &str) -> Result<u32, StoreError>;
+
+    /// Task `task_id`'s undo journal, in the order it was recorded.
+    async fn task_undos(&self, task_id: &str) -> Result<Vec<TaskUndo>, StoreError>;
+
+    /// Marks journal entry `seq` of task `task_id` undone. [`StoreError::NotFound`] for
+    /// an unknown entry.
+    async fn mark_task_undone(&self, task_id: &str, seq: u32) -> Result<(), StoreError>;
 
     /// Starts the next step of a task at `at_ms`; returns its number (1, 2, ...).
     async fn start_task_step(

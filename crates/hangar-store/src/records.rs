@@ -53,24 +53,40 @@ pub struct VmRecord {
 #[serde(rename_all = "snake_case")]
 pub enum TaskState {
     Running,
+    /// Cancelled or failed, its done steps being undone (see [`TaskUndo`]).
+    RollingBack,
     Succeeded,
     Failed,
+    /// Stopped on request, its done steps undone.
+    Cancelled,
 }
 
 impl TaskState {
-    pub(crate) fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             TaskState::Running => "running",
+            TaskState::RollingBack => "rolling_back",
             TaskState::Succeeded => "succeeded",
             TaskState::Failed => "failed",
+            TaskState::Cancelled => "cancelled",
         }
+    }
+
+    /// Whether the task is over (succeeded, failed or cancelled): nothing of it runs.
+    pub fn ended(self) -> bool {
+        matches!(
+            self,
+            TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled
+        )
     }
 
     pub(crate) fn parse(s: &str) -> Result<TaskState, StoreError> {
         match s {
             "running" => Ok(TaskState::Running),
+            "rolling_back" => Ok(TaskState::RollingBack),
             "succeeded" => Ok(TaskState::Succeeded),
             "failed" => Ok(TaskState::Failed),
+            "cancelled" => Ok(TaskState::Cancelled),
             other => Err(StoreError::corrupt(other)),
         }
     }
@@ -82,6 +98,9 @@ pub struct TaskRecord {
     pub id: String,
     /// What the task does, e.g. `create_vm`.
     pub kind: String,
+    /// Who started it: the caller's user name, `hangar` for the server's own work (pool
+    /// fills, templates, the lifecycle loop).
+    pub owner: String,
     pub service: Option<String>,
     pub vm_id: Option<String>,
     pub state: TaskState,
@@ -91,6 +110,21 @@ pub struct TaskRecord {
     pub error: Option<String>,
     pub created_at_ms: u64,
     pub updated_at_ms: u64,
+    /// When it ended (set by the update that gives it an ended state).
+    pub ended_at_ms: Option<u64>,
+}
+
+/// One entry of a task's undo journal: how to undo a step the task did, recorded when the
+/// step was done, undone in reverse order when the task is cancelled or fails.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskUndo {
+    pub task_id: String,
+    /// 1, 2, ... in the order the entries were recorded.
+    pub seq: u32,
+    /// The undo action and its arguments, as its owner encoded it (JSON in the server).
+    pub action: String,
+    /// Whether it was undone already.
+    pub done: bool,
 }
 
 /// How one step of a task ended.

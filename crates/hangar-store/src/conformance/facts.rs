@@ -297,3 +297,84 @@ pub(super) async fn imports_are_unique_kept_and_removed(store: &dyn Store) {
     assert!(!store.remove_import("web-a").await.unwrap());
     assert_eq!(store.import("web-a").await.unwrap(), None);
 }
+
+pub(super) async fn tasks_keep_owner_end_and_every_state(store: &dyn Store) {
+    let mut record = task("task-o", 5);
+    record.owner = "bob".into();
+    store.insert_task(&record).await.unwrap();
+    let read = store.task("task-o").await.unwrap().unwrap();
+    assert_eq!((read.owner.as_str(), read.ended_at_ms), ("bob", None));
+    for state in [TaskState::RollingBack, TaskState::Running] {
+        store
+            .update_task("task-o", state, "undo", 50, None)
+            .await
+            .unwrap();
+        let read = store.task("task-o").await.unwrap().unwrap();
+        assert_eq!((read.state, read.ended_at_ms), (state, None));
+    }
+    store
+        .update_task("task-o", TaskState::Cancelled, "cancelled", 100, Some("asked"))
+        .await
+        .unwrap();
+    let read = store.task("task-o").await.unwrap().unwrap();
+    assert_eq!(read.state, TaskState::Cancelled);
+    assert_eq!(read.error.as_deref(), Some("asked"));
+    let ended = read.ended_at_ms.expect("an ended task has its end");
+    assert!(ended >= read.created_at_ms);
+    assert!(TaskState::Cancelled.ended() && !TaskState::RollingBack.ended());
+}
+
+pub(super) async fn unfinished_tasks_are_running_or_rolling_back(store: &dyn Store) {
+    for (id, at, state) in [
+        ("t-run", 3, TaskState::Running),
+        ("t-back", 2, TaskState::RollingBack),
+        ("t-done", 1, TaskState::Succeeded),
+        ("t-failed", 4, TaskState::Failed),
+        ("t-cancel", 5, TaskState::Cancelled),
+    ] {
+        store.insert_task(&task(id, at)).await.unwrap();
+        store.update_task(id, state, "x", 0, None).await.unwrap();
+    }
+    let ids: Vec<String> = store
+        .unfinished_tasks()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|task| task.id)
+        .collect();
+    assert_eq!(ids, ["t-back", "t-run"]);
+    assert_eq!(store.fail_running_tasks("stopped").await.unwrap(), 2);
+    assert!(store.unfinished_tasks().await.unwrap().is_empty());
+}
+
+pub(super) async fn the_undo_journal_keeps_order_and_marks(store: &dyn Store) {
+    store.insert_task(&task("task-u", 5)).await.unwrap();
+    assert!(is_not_found(store.push_task_undo("task-9", "{}").await));
+    for (n, action) in ["destroy", "close", "row"].iter().enumerate() {
+        let seq = store.push_task_undo("task-u", action).await.unwrap();
+        assert_eq!(seq as usize, n + 1);
+    }
+    store.mark_task_undone("task-u", 3).await.unwrap();
+    assert!(is_not_found(store.mark_task_undone("task-u", 9).await));
+    let journal = store.task_undos("task-u").await.unwrap();
+    let seen: Vec<(u32, &str, bool)> = journal
+        .iter()
+        .map(|undo| (undo.seq, undo.action.as_str(), undo.done))
+        .collect();
+    assert_eq!(
+        seen,
+        [(1, "destroy", false), (2, "close", false), (3, "row", true)]
+    );
+    assert!(store.task_undos("task-9").await.unwrap().is_empty());
+}
+
+pub(super) async fn concurrent_undo_entries_get_distinct_numbers(store: &dyn Store) {
+    store.insert_task(&task("task-c", 5)).await.unwrap();
+    let pushes = (0..8).map(|n| {
+        let action = format!("a{n}");
+        async move { store.push_task_undo("task-c", &action).await.unwrap() }
+    });
+    let mut seqs = join_all(pushes).await;
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=8).collect::<Vec<u32>>());
+}

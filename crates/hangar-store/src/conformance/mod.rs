@@ -58,6 +58,7 @@ pub(super) fn task(id: &str, created_at_ms: u64) -> TaskRecord {
     TaskRecord {
         id: id.into(),
         kind: "create_vm".into(),
+        owner: "alice".into(),
         service: Some("web".into()),
         vm_id: None,
         state: TaskState::Running,
@@ -66,6 +67,7 @@ pub(super) fn task(id: &str, created_at_ms: u64) -> TaskRecord {
         error: None,
         created_at_ms,
         updated_at_ms: created_at_ms,
+        ended_at_ms: None,
     }
 }
 
@@ -518,6 +520,10 @@ conformance!(
     tasks_list_newest_first,
     task_steps_record_outcomes,
     concurrent_task_steps_get_distinct_numbers,
+    tasks_keep_owner_end_and_every_state,
+    unfinished_tasks_are_running_or_rolling_back,
+    the_undo_journal_keeps_order_and_marks,
+    concurrent_undo_entries_get_distinct_numbers,
     hosts_register_and_heartbeat,
     templates_are_kept_used_and_removed,
     imports_are_unique_kept_and_removed,

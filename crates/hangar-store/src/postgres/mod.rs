@@ -21,7 +21,7 @@ use crate::lease::lease_end;
 use crate::{
     ArchiveRecord, AuditRecord, Entity, HostRecord, HostState, HostUse, IdempotencyRecord,
     ImportRecord, LeaseRecord, StepOutcome, Store, StoreError, TaskRecord, TaskState, TaskStep,
-    TemplateRecord, TokenRecord, UserRecord, VmRecord, now_ms,
+    TaskUndo, TemplateRecord, TokenRecord, UserRecord, VmRecord, now_ms,
 };
 
 mod accounting;
@@ -30,7 +30,7 @@ mod schema;
 
 use rows::{ARCHIVE_COLUMNS, HOST_COLUMNS, LEASE_COLUMNS, STEP_COLUMNS, TASK_COLUMNS};
 use rows::{AUDIT_COLUMNS, IDEMPOTENCY_COLUMNS, TOKEN_COLUMNS, USER_COLUMNS};
-use rows::{IMPORT_COLUMNS, import_row};
+use rows::{IMPORT_COLUMNS, UNDO_COLUMNS, import_row, undo_row};
 use rows::{TEMPLATE_COLUMNS, VM_COLUMNS, archive_row, host_row, lease_row, signed, step_row};
 use rows::{audit_row, idempotency_row, task_row, template_row, token_row, user_row, vm_row};
 
@@ -468,7 +468,8 @@ impl Store for PgStore {
         let client = self.client().await?;
         let stmt = client
             .prepare_cached(&format!(
-                "INSERT INTO tasks ({TASK_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+                "INSERT INTO tasks ({TASK_COLUMNS})
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
             ))
             .await
             .map_err(pg)?;
@@ -486,6 +487,8 @@ impl Store for PgStore {
                     &task.error,
                     &signed(task.created_at_ms),
                     &signed(task.updated_at_ms),
+                    &task.owner,
+                    &task.ended_at_ms.map(signed),
                 ],
             )
             .await
@@ -501,8 +504,11 @@ impl Store for PgStore {
         percent: u8,
         error: Option<&str>,
     ) -> Result<(), StoreError> {
+        let now = signed(now_ms());
+        let ended = state.ended().then_some(now);
         self.update(
-            "UPDATE tasks SET state = $2, stage = $3, percent = $4, error = $5, updated_at_ms = $6
+            "UPDATE tasks SET state = $2, stage = $3, percent = $4, error = $5, updated_at_ms = $6,
+                 ended_at_ms = COALESCE($7, ended_at_ms)
              WHERE id = $1",
             &[
                 &id,
@@ -510,7 +516,8 @@ impl Store for PgStore {
                 &stage,
                 &i32::from(percent.min(100)),
                 &error,
-                &signed(now_ms()),
+                &now,
+                &ended,
             ],
             Entity::Task,
             id,
@@ -547,21 +554,69 @@ impl Store for PgStore {
         tx.execute(
             "UPDATE task_steps SET ended_at_ms = $2, outcome = 'failed', error = $1
              WHERE ended_at_ms IS NULL
-               AND task_id IN (SELECT id FROM tasks WHERE state = 'running')",
+               AND task_id IN (SELECT id FROM tasks WHERE state IN ('running', 'rolling_back'))",
             &[&reason, &now],
         )
         .await
         .map_err(pg)?;
         let failed = tx
             .execute(
-                "UPDATE tasks SET state = 'failed', error = $1, updated_at_ms = $2
-                 WHERE state = 'running'",
+                "UPDATE tasks SET state = 'failed', error = $1, updated_at_ms = $2,
+                     ended_at_ms = $2
+                 WHERE state IN ('running', 'rolling_back')",
                 &[&reason, &now],
             )
             .await
             .map_err(pg)?;
         tx.commit().await.map_err(pg)?;
         Ok(usize::try_from(failed).unwrap_or(usize::MAX))
+    }
+
+    async fn unfinished_tasks(&self) -> Result<Vec<TaskRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {TASK_COLUMNS} FROM tasks WHERE state IN ('running', 'rolling_back')
+             ORDER BY created_at_ms, id"
+        );
+        self.query(&sql, &[], task_row).await
+    }
+
+    async fn push_task_undo(&self, task_id: &str, action: &str) -> Result<u32, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg)?;
+        // The task's row lock orders concurrent entries of one task.
+        tx.query_opt("SELECT 1 FROM tasks WHERE id = $1 FOR UPDATE", &[&task_id])
+            .await
+            .map_err(pg)?
+            .ok_or_else(|| StoreError::not_found(Entity::Task, task_id))?;
+        let seq: i64 = tx
+            .query_one(
+                "INSERT INTO task_undo (task_id, seq, action)
+                 SELECT $1, COALESCE(MAX(seq), 0) + 1, $2
+                 FROM task_undo WHERE task_id = $1
+                 RETURNING seq",
+                &[&task_id, &action],
+            )
+            .await
+            .map_err(pg)?
+            .try_get(0)
+            .map_err(pg)?;
+        tx.commit().await.map_err(pg)?;
+        u32::try_from(seq).map_err(|_| StoreError::corrupt(&seq.to_string()))
+    }
+
+    async fn task_undos(&self, task_id: &str) -> Result<Vec<TaskUndo>, StoreError> {
+        let sql = format!("SELECT {UNDO_COLUMNS} FROM task_undo WHERE task_id = $1 ORDER BY seq");
+        self.query(&sql, &[&task_id], undo_row).await
+    }
+
+    async fn mark_task_undone(&self, task_id: &str, seq: u32) -> Result<(), StoreError> {
+        self.update(
+            "UPDATE task_undo SET done = TRUE WHERE task_id = $1 AND seq = $2",
+            &[&task_id, &i64::from(seq)],
+            Entity::TaskUndo,
+            &format!("{task_id}#{seq}"),
+        )
+        .await
     }
 
     async fn start_task_step(

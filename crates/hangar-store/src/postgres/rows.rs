@@ -7,12 +7,12 @@ use super::pg;
 use crate::sqlite::rows::parse_mode;
 use crate::{
     ArchiveRecord, HostRecord, HostState, ImportRecord, LeaseRecord, StepOutcome, StoreError,
-    TaskRecord, TaskState, TaskStep, TemplateRecord, VmRecord,
+    TaskRecord, TaskState, TaskStep, TaskUndo, TemplateRecord, VmRecord,
 };
 
 pub(crate) use crate::sqlite::rows::{
     ARCHIVE_COLUMNS, HOST_COLUMNS, LEASE_COLUMNS, STEP_COLUMNS, TASK_COLUMNS, TEMPLATE_COLUMNS,
-    VM_COLUMNS,
+    UNDO_COLUMNS, VM_COLUMNS,
 };
 
 /// An unsigned value for a signed column (values past `i64::MAX` are clamped: times in
@@ -90,6 +90,17 @@ pub(crate) fn task_row(row: &Row) -> Result<TaskRecord, StoreError> {
         error: get(row, 7)?,
         created_at_ms: get_u(row, 8)?,
         updated_at_ms: get_u(row, 9)?,
+        owner: get(row, 10)?,
+        ended_at_ms: get_opt_u(row, 11)?,
+    })
+}
+
+pub(crate) fn undo_row(row: &Row) -> Result<TaskUndo, StoreError> {
+    Ok(TaskUndo {
+        task_id: get(row, 0)?,
+        seq: get_u(row, 1)?,
+        action: get(row, 2)?,
+        done: get(row, 3)?,
     })
 }
 

@@ -15,7 +15,7 @@ use crate::lease::{lease_end, signed_ms};
 use crate::{
     ArchiveRecord, AuditRecord, Entity, HostRecord, HostState, HostUse, IdempotencyRecord,
     ImportRecord, LeaseRecord, StepOutcome, Store, StoreError, TaskRecord, TaskState, TaskStep,
-    TemplateRecord, TokenRecord, UserRecord, VmRecord, now_ms,
+    TaskUndo, TemplateRecord, TokenRecord, UserRecord, VmRecord, now_ms,
 };
 
 mod accounting;
@@ -24,7 +24,7 @@ pub(crate) mod schema;
 
 use rows::{ARCHIVE_COLUMNS, HOST_COLUMNS, LEASE_COLUMNS, STEP_COLUMNS, TASK_COLUMNS};
 use rows::{AUDIT_COLUMNS, IDEMPOTENCY_COLUMNS, TOKEN_COLUMNS, USER_COLUMNS};
-use rows::{IMPORT_COLUMNS, import_row};
+use rows::{IMPORT_COLUMNS, UNDO_COLUMNS, import_row, undo_row};
 use rows::{TEMPLATE_COLUMNS, VM_COLUMNS, archive_row, host_row, lease_row, step_row, task_row};
 use rows::{audit_row, idempotency_row, template_row, token_row, user_row, vm_row};
 
@@ -434,7 +434,7 @@ impl Store for SqliteStore {
             .execute(
                 &format!(
                     "INSERT INTO tasks ({TASK_COLUMNS})
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
                 ),
                 params![
                     task.id,
@@ -447,6 +447,8 @@ impl Store for SqliteStore {
                     task.error,
                     task.created_at_ms,
                     task.updated_at_ms,
+                    task.owner,
+                    task.ended_at_ms,
                 ],
             )
             .map_err(|err| insert_error(err, Entity::Task, &task.id))?;
@@ -461,10 +463,13 @@ impl Store for SqliteStore {
         percent: u8,
         error: Option<&str>,
     ) -> Result<(), StoreError> {
+        let now = now_ms();
+        let ended = state.ended().then_some(now);
         let changed = self.execute(
-            "UPDATE tasks SET state = ?2, stage = ?3, percent = ?4, error = ?5, updated_at_ms = ?6
+            "UPDATE tasks SET state = ?2, stage = ?3, percent = ?4, error = ?5, updated_at_ms = ?6,
+                 ended_at_ms = COALESCE(?7, ended_at_ms)
              WHERE id = ?1",
-            params![id, state.as_str(), stage, percent.min(100), error, now_ms()],
+            params![id, state.as_str(), stage, percent.min(100), error, now, ended],
         )?;
         match changed {
             0 => Err(StoreError::not_found(Entity::Task, id)),
@@ -509,19 +514,82 @@ impl Store for SqliteStore {
         tx.execute(
             "UPDATE task_steps SET ended_at_ms = ?2, outcome = 'failed', error = ?1
              WHERE ended_at_ms IS NULL
-               AND task_id IN (SELECT id FROM tasks WHERE state = 'running')",
+               AND task_id IN (SELECT id FROM tasks WHERE state IN ('running', 'rolling_back'))",
             params![reason, now],
         )
         .map_err(db)?;
         let failed = tx
             .execute(
-                "UPDATE tasks SET state = 'failed', error = ?1, updated_at_ms = ?2
-                 WHERE state = 'running'",
+                "UPDATE tasks SET state = 'failed', error = ?1, updated_at_ms = ?2,
+                     ended_at_ms = ?2
+                 WHERE state IN ('running', 'rolling_back')",
                 params![reason, now],
             )
             .map_err(db)?;
         tx.commit().map_err(db)?;
         Ok(failed)
+    }
+
+    async fn unfinished_tasks(&self) -> Result<Vec<TaskRecord>, StoreError> {
+        self.list(
+            &format!(
+                "SELECT {TASK_COLUMNS} FROM tasks WHERE state IN ('running', 'rolling_back')
+                 ORDER BY created_at_ms, id"
+            ),
+            [],
+            task_row,
+        )
+    }
+
+    async fn push_task_undo(&self, task_id: &str, action: &str) -> Result<u32, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db)?;
+        let known: Option<i64> = tx
+            .query_row("SELECT 1 FROM tasks WHERE id = ?1", [task_id], |row| {
+                row.get(0)
+            })
+            .optional()
+            .map_err(db)?;
+        if known.is_none() {
+            return Err(StoreError::not_found(Entity::Task, task_id));
+        }
+        let seq: u32 = tx
+            .query_row(
+                "SELECT COALESCE(MAX(seq), 0) + 1 FROM task_undo WHERE task_id = ?1",
+                [task_id],
+                |row| row.get(0),
+            )
+            .map_err(db)?;
+        tx.execute(
+            "INSERT INTO task_undo (task_id, seq, action) VALUES (?1, ?2, ?3)",
+            params![task_id, seq, action],
+        )
+        .map_err(db)?;
+        tx.commit().map_err(db)?;
+        Ok(seq)
+    }
+
+    async fn task_undos(&self, task_id: &str) -> Result<Vec<TaskUndo>, StoreError> {
+        self.list(
+            &format!("SELECT {UNDO_COLUMNS} FROM task_undo WHERE task_id = ?1 ORDER BY seq"),
+            [task_id],
+            undo_row,
+        )
+    }
+
+    async fn mark_task_undone(&self, task_id: &str, seq: u32) -> Result<(), StoreError> {
+        match self.execute(
+            "UPDATE task_undo SET done = 1 WHERE task_id = ?1 AND seq = ?2",
+            params![task_id, seq],
+        )? {
+            0 => Err(StoreError::not_found(
+                Entity::TaskUndo,
+                format!("{task_id}#{seq}"),
+            )),
+            _ => Ok(()),
+        }
     }
 
     async fn start_task_step(

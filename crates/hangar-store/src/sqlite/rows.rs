@@ -7,7 +7,7 @@ use rusqlite::Row;
 
 use crate::{
     ArchiveRecord, HostRecord, HostState, ImportRecord, LeaseRecord, StepOutcome, StoreError,
-    TaskRecord, TaskState, TaskStep, TemplateRecord, VmRecord,
+    TaskRecord, TaskState, TaskStep, TaskUndo, TemplateRecord, VmRecord,
 };
 
 pub(crate) const VM_COLUMNS: &str = "id, host, services, env, mode, owner, state, endpoints, \
@@ -15,7 +15,10 @@ pub(crate) const VM_COLUMNS: &str = "id, host, services, env, mode, owner, state
      vcpus, pool, os_name, os_version, state_since_ms, direct_endpoints, isolation";
 
 pub(crate) const TASK_COLUMNS: &str =
-    "id, kind, service, vm_id, state, stage, percent, error, created_at_ms, updated_at_ms";
+    "id, kind, service, vm_id, state, stage, percent, error, created_at_ms, updated_at_ms, \
+     owner, ended_at_ms";
+
+pub(crate) const UNDO_COLUMNS: &str = "task_id, seq, action, done";
 
 pub(crate) const STEP_COLUMNS: &str =
     "task_id, step, stage, percent, started_at_ms, ended_at_ms, outcome, error";
@@ -100,8 +103,19 @@ pub(crate) fn task_row(row: &Row<'_>) -> Decoded<TaskRecord> {
         error: row.get(7)?,
         created_at_ms: row.get(8)?,
         updated_at_ms: row.get(9)?,
+        owner: row.get(10)?,
+        ended_at_ms: row.get(11)?,
     };
     Ok(TaskState::parse(&state).map(|state| TaskRecord { state, ..record }))
+}
+
+pub(crate) fn undo_row(row: &Row<'_>) -> Decoded<TaskUndo> {
+    Ok(Ok(TaskUndo {
+        task_id: row.get(0)?,
+        seq: row.get(1)?,
+        action: row.get(2)?,
+        done: row.get(3)?,
+    }))
 }
 
 pub(crate) fn step_row(row: &Row<'_>) -> Decoded<TaskStep> {

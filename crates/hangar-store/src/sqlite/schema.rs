@@ -208,6 +208,17 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         disk_bytes    INTEGER NOT NULL,
         created_at_ms INTEGER NOT NULL
     );",
+    // Tasks: who started them, when they ended, and the undo journal of their steps.
+    "ALTER TABLE tasks ADD COLUMN owner TEXT NOT NULL DEFAULT 'hangar';
+    ALTER TABLE tasks ADD COLUMN ended_at_ms INTEGER;
+    CREATE INDEX tasks_state ON tasks (state);
+    CREATE TABLE task_undo (
+        task_id       TEXT NOT NULL,
+        seq           INTEGER NOT NULL,
+        action        TEXT NOT NULL,
+        done          INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (task_id, seq)
+    );",
 ];
 
 /// Brings the schema up to the newest version, one transaction per migration.
