@@ -466,9 +466,18 @@ impl Client {
         self.call(Method::GET, &["v1", "tasks"], None::<&()>).await
     }
 
-    /// `GET /v1/tasks/{id}`: one task and its progress. 404 when there is none of that id.
+    /// `GET /v1/tasks/{id}`: one task, its progress and its steps. 404 when there is none
+    /// of that id (or it is someone else's, for a non-admin).
     pub async fn task(&self, id: &str) -> Result<TaskView, ClientError> {
         self.call(Method::GET, &["v1", "tasks", id], None::<&()>)
+            .await
+    }
+
+    /// `POST /v1/tasks/{id}/cancel`: cancels a running task (its steps are then undone and
+    /// it ends `cancelled`); answers the task as it was asked. 409 when it already ended,
+    /// 403 when it is someone else's (for a non-admin), 404 when there is none.
+    pub async fn cancel_task(&self, id: &str) -> Result<TaskView, ClientError> {
+        self.call(Method::POST, &["v1", "tasks", id, "cancel"], None::<&()>)
             .await
     }
 

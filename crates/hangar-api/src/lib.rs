@@ -40,7 +40,7 @@ pub use policies::{BudgetView, PoliciesView, PolicyBody, PolicySource, PolicyVie
 pub use pools::{PoolBoundsBody, PoolView};
 pub use requests::{ChosenView, GrantView, Served, SliceView};
 pub use services::{Health, PortView, ServiceView, SettingView};
-pub use tasks::TaskView;
+pub use tasks::{TaskStepView, TaskView};
 pub use users::{
     AuditQuery, AuditView, CreatedTokenView, TokenBody, TokenView, UserBody, UserView, WhoamiView,
 };

@@ -64,6 +64,7 @@ use crate::*;
         ServiceView,
         SettingView,
         SliceView,
+        TaskStepView,
         TaskView,
         TemplateView,
         VmView,

@@ -155,8 +155,14 @@ enum Command {
     Imports(imports::ImportsArgs),
     /// Remove an imported machine (its model disk and record).
     Unimport(imports::UnimportArgs),
-    /// One task, with its stage, progress and error.
-    Task(tasks::TaskArgs),
+    /// One task: show it (with its steps), wait for its end, or cancel it.
+    #[command(
+        after_help = "Examples:\n  hangar task show 0193...\n  hangar task wait 0193... && echo done\n  hangar task cancel 0193..."
+    )]
+    Task {
+        #[command(subcommand)]
+        command: tasks::TaskCommand,
+    },
     /// Check an API token with the server and keep it (mode 0600) for later commands;
     /// reads it from standard input.
     #[command(
@@ -236,7 +242,7 @@ async fn client_command(
         Command::Build(args) => images::build(client, args).await,
         Command::Images(args) => images::list(client, args).await,
         Command::Export(args) => export::run(client, args).await,
-        Command::Task(args) => tasks::show(client, args).await,
+        Command::Task { command } => tasks::run(client, command).await,
         Command::Import(args) => imports::import(client, args).await,
         Command::Imports(args) => imports::list(client, args).await,
         Command::Unimport(args) => imports::remove(client, args).await,

@@ -104,7 +104,7 @@ fn shared_requests_get_the_same_counter_vm_and_state_lives_in_guest_memory() {
         "its own guest memory"
     );
 
-    let task = server.json(&["task", first["task"].as_str().unwrap()]);
+    let task = server.json(&["task", "show", first["task"].as_str().unwrap()]);
     assert_eq!(
         (task["state"].as_str(), task["percent"].as_u64()),
         (Some("succeeded"), Some(100))

@@ -138,7 +138,7 @@ pub enum StepOutcome {
 }
 
 impl StepOutcome {
-    pub(crate) fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             StepOutcome::Succeeded => "succeeded",
             StepOutcome::Failed => "failed",

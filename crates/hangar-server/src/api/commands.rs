@@ -67,11 +67,22 @@ pub enum Command {
         change: PolicyChange,
     },
     ResetPolicy(String),
-    /// The latest `limit` tasks.
+    /// The latest `limit` tasks (of `owner` only, when given).
     ListTasks {
         limit: u32,
+        owner: Option<String>,
     },
-    GetTask(String),
+    /// A task and its steps (404 unless it is `owner`'s, when given).
+    GetTask {
+        id: String,
+        owner: Option<String>,
+    },
+    /// Cancels a task for `user` (`admin`: anyone's).
+    CancelTask {
+        id: String,
+        user: String,
+        admin: bool,
+    },
     ListImages,
     BuildImage(ServiceRequest),
     ExportImage(ServiceRequest),
@@ -112,7 +123,7 @@ pub enum Reply {
     Templates(Vec<TemplateView>),
     Policy(PolicyView),
     Policies(PoliciesView),
-    Task(TaskRecord),
+    Task(TaskRecord, Vec<hangar_store::TaskStep>),
     Tasks(Vec<TaskRecord>),
     Images(ImagesView),
     /// The id of the task that builds the image.
@@ -206,13 +217,36 @@ impl RequestHandler for Arc<Manager> {
                 Reply::Policy(manager.set_policy(&service, &change).await?)
             }
             Command::ResetPolicy(service) => Reply::Policy(manager.reset_policy(&service).await?),
-            Command::ListTasks { limit } => Reply::Tasks(manager.store().tasks(limit).await?),
-            Command::GetTask(id) => Reply::Task(manager.store().task(&id).await?.ok_or_else(
-                || ApiError::NotFound {
-                    message: format!("no task {id}"),
-                    alternatives: Vec::new(),
-                },
-            )?),
+            Command::ListTasks { limit, owner } => Reply::Tasks(match owner {
+                None => manager.store().tasks(limit).await?,
+                // Read past the limit, so that others' tasks do not crowd one's own out.
+                Some(owner) => manager
+                    .store()
+                    .tasks(limit.saturating_mul(10))
+                    .await?
+                    .into_iter()
+                    .filter(|task| task.owner == owner)
+                    .take(limit as usize)
+                    .collect(),
+            }),
+            Command::GetTask { id, owner } => {
+                let task = manager
+                    .store()
+                    .task(&id)
+                    .await?
+                    .filter(|task| owner.as_ref().is_none_or(|owner| &task.owner == owner))
+                    .ok_or_else(|| ApiError::NotFound {
+                        message: format!("no task {id}"),
+                        alternatives: Vec::new(),
+                    })?;
+                let steps = manager.store().task_steps(&id).await?;
+                Reply::Task(task, steps)
+            }
+            Command::CancelTask { id, user, admin } => {
+                let task = manager.tasks.cancel(&id, &user, admin).await?;
+                let steps = manager.store().task_steps(&id).await?;
+                Reply::Task(task, steps)
+            }
             Command::ListImages => Reply::Images(manager.images().await?),
             Command::BuildImage(request) => Reply::Building(manager.build_image(&request).await?),
             Command::ExportImage(request) => {

@@ -138,6 +138,23 @@ impl From<crate::scheduler::preview::PreviewError> for ApiError {
     }
 }
 
+impl From<crate::tasks::CancelError> for ApiError {
+    fn from(err: crate::tasks::CancelError) -> ApiError {
+        use crate::tasks::CancelError;
+        match err {
+            CancelError::NotFound(_) => ApiError::NotFound {
+                message: err.to_string(),
+                alternatives: Vec::new(),
+            },
+            CancelError::NotOwner { .. } => ApiError::Forbidden(err.to_string()),
+            CancelError::Ended { .. }
+            | CancelError::RollingBack { .. }
+            | CancelError::NotHere(_) => ApiError::Conflict(err.to_string()),
+            CancelError::Store(err) => err.into(),
+        }
+    }
+}
+
 impl From<crate::lifecycle::ops::LifecycleError> for ApiError {
     fn from(err: crate::lifecycle::ops::LifecycleError) -> ApiError {
         use crate::lifecycle::ops::LifecycleError;

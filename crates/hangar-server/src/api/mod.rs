@@ -13,7 +13,7 @@ use hangar_api::{
     PortView, ServiceView, SettingView, SliceView, TaskView, VmQuery, VmView,
 };
 use hangar_core::{ServiceRequest, VmState};
-use hangar_store::{TaskRecord, TaskState, VmRecord};
+use hangar_store::{TaskRecord, TaskStep, VmRecord};
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -60,7 +60,8 @@ fn routes() -> OpenApiRouter<Arc<Manager>> {
         .routes(routes!(list_policies))
         .routes(routes!(set_policy, reset_policy))
         .routes(routes!(list_tasks))
-        .routes(routes!(get_task))
+        .routes(routes!(get_task, cancel_task_by_delete))
+        .routes(routes!(cancel_task))
         .routes(routes!(list_images, build_image))
         .routes(routes!(export_image))
         .routes(routes!(imports::import_machine, imports::list_imports))
@@ -662,53 +663,129 @@ async fn reset_policy(
     }
 }
 
-/// `task` as the API shows it.
-fn task_view(task: TaskRecord) -> TaskView {
+/// `task` as the API shows it, with `steps`.
+fn task_view(task: TaskRecord, steps: Vec<TaskStep>) -> TaskView {
     TaskView {
         id: task.id,
         kind: task.kind,
+        owner: task.owner,
         service: task.service,
         vm: task.vm_id,
-        state: match task.state {
-            TaskState::Running => "running",
-            TaskState::Succeeded => "succeeded",
-            TaskState::Failed => "failed",
-        }
-        .into(),
+        state: task.state.as_str().into(),
         stage: task.stage,
         percent: task.percent,
         error: task.error,
         created_at: rfc3339(task.created_at_ms),
         updated_at: rfc3339(task.updated_at_ms),
+        ended_at: task.ended_at_ms.map(rfc3339),
+        steps: steps
+            .into_iter()
+            .map(|step| hangar_api::TaskStepView {
+                step: step.step,
+                stage: step.stage,
+                percent: step.percent,
+                started_at: rfc3339(step.started_at_ms),
+                ended_at: step.ended_at_ms.map(rfc3339),
+                outcome: step.outcome.map(|outcome| outcome.as_str().into()),
+                error: step.error,
+            })
+            .collect(),
     }
 }
 
+/// Whose tasks `caller` sees: everyone's for an admin, their own otherwise.
+fn task_owner_filter(caller: &Caller) -> Option<String> {
+    (caller.role != hangar_core::Role::Admin).then(|| caller.user.clone())
+}
+
+/// The latest tasks: an admin sees everyone's, anyone else their own.
 #[utoipa::path(
     get,
     path = "/v1/tasks",
-    responses((status = 200, body = [TaskView], description = "the latest 100 tasks"), (status = 500, body = ErrorBody, description = "something broke on the server's side"))
+    responses((status = 200, body = [TaskView], description = "the latest 100 tasks the caller may see (an admin: all; others: their own), without steps"), (status = 500, body = ErrorBody, description = "something broke on the server's side"))
 )]
-async fn list_tasks(State(manager): State<Arc<Manager>>) -> Result<Json<Vec<TaskView>>, ApiError> {
-    match manager.handle(Command::ListTasks { limit: 100 }).await? {
-        Reply::Tasks(tasks) => Ok(Json(tasks.into_iter().map(task_view).collect())),
+async fn list_tasks(
+    State(manager): State<Arc<Manager>>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Vec<TaskView>>, ApiError> {
+    let command = Command::ListTasks {
+        limit: 100,
+        owner: task_owner_filter(&caller),
+    };
+    match manager.handle(command).await? {
+        Reply::Tasks(tasks) => Ok(Json(
+            tasks
+                .into_iter()
+                .map(|task| task_view(task, Vec::new()))
+                .collect(),
+        )),
         other => Err(other.unexpected()),
     }
 }
 
+/// One task with its steps (an admin: any; others: their own).
 #[utoipa::path(
     get,
     path = "/v1/tasks/{id}",
     params(("id" = String, Path, description = "the task")),
-    responses((status = 200, body = TaskView), (status = 404, body = ErrorBody), (status = 500, body = ErrorBody, description = "something broke on the server's side"))
+    responses((status = 200, body = TaskView, description = "the task and its steps"), (status = 404, body = ErrorBody, description = "no such task (or someone else's)"), (status = 500, body = ErrorBody, description = "something broke on the server's side"))
 )]
 async fn get_task(
     State(manager): State<Arc<Manager>>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<TaskView>, ApiError> {
-    match manager.handle(Command::GetTask(id)).await? {
-        Reply::Task(task) => Ok(Json(task_view(task))),
+    let command = Command::GetTask {
+        id,
+        owner: task_owner_filter(&caller),
+    };
+    match manager.handle(command).await? {
+        Reply::Task(task, steps) => Ok(Json(task_view(task, steps))),
         other => Err(other.unexpected()),
     }
+}
+
+/// Cancels a running task: its work is interrupted, the steps it did are undone in
+/// reverse, and it ends `cancelled`. Answers at once with the task as it was asked; wait
+/// for its end with `GET /v1/tasks/{id}`.
+#[utoipa::path(
+    post,
+    path = "/v1/tasks/{id}/cancel",
+    params(("id" = String, Path, description = "the task")),
+    responses((status = 202, body = TaskView, description = "cancelled: its steps are being undone"), (status = 403, body = ErrorBody, description = "someone else's task (only its owner or an admin cancels it)"), (status = 404, body = ErrorBody, description = "no such task"), (status = 409, body = ErrorBody, description = "the task already ended, is already rolling back, or cannot be cancelled"), (status = 500, body = ErrorBody, description = "something broke on the server's side"))
+)]
+async fn cancel_task(
+    State(manager): State<Arc<Manager>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<(axum::http::StatusCode, Json<TaskView>), ApiError> {
+    let command = Command::CancelTask {
+        id,
+        user: caller.user.clone(),
+        admin: caller.role == hangar_core::Role::Admin,
+    };
+    match manager.handle(command).await? {
+        Reply::Task(task, steps) => Ok((
+            axum::http::StatusCode::ACCEPTED,
+            Json(task_view(task, steps)),
+        )),
+        other => Err(other.unexpected()),
+    }
+}
+
+/// Cancels a running task, as `POST /v1/tasks/{id}/cancel`.
+#[utoipa::path(
+    delete,
+    path = "/v1/tasks/{id}",
+    params(("id" = String, Path, description = "the task")),
+    responses((status = 202, body = TaskView, description = "cancelled: its steps are being undone"), (status = 403, body = ErrorBody, description = "someone else's task (only its owner or an admin cancels it)"), (status = 404, body = ErrorBody, description = "no such task"), (status = 409, body = ErrorBody, description = "the task already ended, is already rolling back, or cannot be cancelled"), (status = 500, body = ErrorBody, description = "something broke on the server's side"))
+)]
+async fn cancel_task_by_delete(
+    state: State<Arc<Manager>>,
+    caller: Extension<Caller>,
+    id: Path<String>,
+) -> Result<(axum::http::StatusCode, Json<TaskView>), ApiError> {
+    cancel_task(state, caller, id).await
 }
 
 /// The request an image body stands for, validated.

@@ -527,6 +527,22 @@ async fn every_answer_matches_its_schema_in_the_openapi_document() {
     assert_eq!(found.status, StatusCode::OK);
     api.call("GET", "/v1/tasks/{id}", "/v1/tasks/task-unknown", "")
         .await;
+    // The task ended: a cancel is a conflict; an unknown one is not found.
+    let ended = api
+        .call(
+            "POST",
+            "/v1/tasks/{id}/cancel",
+            &format!("/v1/tasks/{task}/cancel"),
+            "",
+        )
+        .await;
+    assert_eq!(ended.status, StatusCode::CONFLICT);
+    api.call("DELETE", "/v1/tasks/{id}", &format!("/v1/tasks/{task}"), "")
+        .await;
+    let unknown = api
+        .call("DELETE", "/v1/tasks/{id}", "/v1/tasks/task-unknown", "")
+        .await;
+    assert_eq!(unknown.status, StatusCode::NOT_FOUND);
     api.call("GET", "/v1/images", "/v1/images", "").await;
     api.call("POST", "/v1/images", "/v1/images", r#"{"service":"web"}"#)
         .await;

@@ -230,6 +230,8 @@ impl Manager {
             .insert_task(&TaskRecord {
                 id: task.clone(),
                 kind: "build_image".into(),
+                // Shared by every request that needs the image, and not cancellable yet.
+                owner: crate::tasks::SERVER_OWNER.into(),
                 service: Some(service.name.clone()),
                 vm_id: None,
                 state: TaskState::Running,
@@ -238,6 +240,7 @@ impl Manager {
                 error: None,
                 created_at_ms: now,
                 updated_at_ms: now,
+                ended_at_ms: None,
             })
             .await;
         if let Err(err) = inserted {

@@ -50,17 +50,18 @@ impl Manager {
         }
     }
 
-    /// Compares the store with the processes that run and mends the difference:
+    /// Ends the tasks a stopped server left (`Manager::resume_tasks`: finished, or undone
+    /// from their journal), then compares the store with the processes that run and
+    /// mends the difference:
     /// VMs whose QEMU still runs are adopted; VMs whose process is gone are marked failed;
     /// VMs caught half-made are removed and marked failed; QEMU processes and VM
     /// directories the store does not know are stopped and removed. Idempotent.
     pub async fn reconcile(&self) -> Result<ReconcileReport, ReconcileError> {
-        let interrupted = self
-            .store
-            .fail_running_tasks("the server stopped before the task finished")
-            .await?;
+        // Tasks first: their undo destroys the VMs they were making, which the pass over
+        // the host then finds gone.
+        let interrupted = self.resume_tasks().await?;
         if interrupted > 0 {
-            tracing::info!(tasks = interrupted, "marked interrupted tasks failed");
+            tracing::info!(tasks = interrupted, "finished or undid interrupted tasks");
         }
         match self.scheduler.local() {
             Some(local) => self.reconcile_host(local.clone()).await,

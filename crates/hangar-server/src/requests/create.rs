@@ -12,44 +12,56 @@ use hangar_host::{Host, PreparedVm, Purpose, VmPlan};
 use hangar_store::{VmRecord, now_ms};
 
 use crate::api::error::error_chain;
+use crate::tasks::Undo;
 
 use crate::manager::*;
 use crate::requests::*;
 
 impl Manager {
     /// Makes one VM and waits until it is ready: active for a request, paused in its pool
-    /// for a pool fill. On failure nothing of the VM is left but its `failed` record.
+    /// for a pool fill. Runs as task `task` (under `Manager::run_task`): each step records
+    /// its undo in the task's journal before it changes anything, so a cancel or a failure
+    /// at any step leaves nothing of the VM but its `deleted` or `failed` record. Steps:
+    /// `place`, `prepare`, `endpoints`, `record`, `boot`.
     pub(crate) async fn create(&self, task: &str, make: &MakeVm) -> Result<VmRecord, String> {
         let started = Instant::now();
         let vm_id = VmId::generate().to_string();
         let plan = plan_for(make, &vm_id);
         let os_name = plan.os.clone();
+        self.tasks.step(task, "place", 0).await;
         let (host, why) = self
             .place(&plan, &make.constraints())
             .await
             .map_err(|err| error_chain(&err))?;
         self.farm.placed(&vm_id, &why);
+        self.tasks.step(task, "prepare", 5).await;
+        self.journal(
+            task,
+            Undo::DestroyVm {
+                vm: vm_id.clone(),
+                host: host.name().to_owned(),
+            },
+        )
+        .await?;
         self.bring_template(&plan, &host).await;
         let prepared = host
             .prepare_vm(&plan, self.tasks.progress(task))
             .await
             .map_err(|err| error_chain(&err))?;
+        self.tasks.step(task, "endpoints", 40).await;
         let endpoints: BTreeMap<String, SocketAddr> = prepared
             .direct_endpoints
             .iter()
             .filter_map(|(name, addr)| Some((name.clone(), addr.parse().ok()?)))
             .collect();
         // Clients get stable endpoints in front of the VM's own (direct) port forwards.
-        let stable = match self
+        self.journal(task, Undo::CloseEndpoints { vm: vm_id.clone() })
+            .await?;
+        let stable = self
             .open_endpoints(&vm_id, make.service.as_ref(), &endpoints)
             .await
-        {
-            Ok(stable) => stable,
-            Err(err) => {
-                let _ = host.destroy(&vm_id).await;
-                return Err(crate::api::error::error_chain(&err));
-            }
-        };
+            .map_err(|err| error_chain(&err))?;
+        self.tasks.step(task, "record", 45).await;
         let now = now_ms();
         let os = os_name.as_ref().map(|os| {
             let version = self
@@ -89,30 +101,33 @@ impl Manager {
             os,
             isolation: make.isolation.clone(),
         };
-        let inserted = make
-            .quota
+        self.journal(task, Undo::RetireVm { vm: vm_id.clone() })
+            .await?;
+        make.quota
             .settle(self.store.insert_vm(&record))
             .await
-            .map_err(|err| error_chain(&err));
-        if let Err(err) = inserted {
-            let _ = host.destroy(&vm_id).await;
-            self.close_endpoints(&vm_id).await;
-            return Err(err);
-        }
+            .map_err(|err| error_chain(&err))?;
         if let Err(err) = self.store.set_task_vm(task, &vm_id).await {
             tracing::warn!(task, error = %err, "cannot link task to vm");
         }
         tracing::info!(vm = %vm_id, host = %host.name(), service = ?make.service.as_ref().map(|s| &s.name), pool = ?make.pool, task, "creating vm");
-
-        match self.boot(task, &host, &plan, &prepared, started).await {
-            Ok(vm) => Ok(vm),
-            Err(reason) => {
+        self.tasks.step(task, "boot", 50).await;
+        self.boot(task, &host, &plan, &prepared, started)
+            .await
+            .map_err(|reason| {
                 let what = make.service.as_ref().map_or("shell", |s| s.name.as_str());
-                let reason = format!("{what} VM {vm_id}: {reason}");
-                self.discard(&vm_id, &reason).await;
-                Err(reason)
-            }
-        }
+                tracing::warn!(vm = %vm_id, reason, "vm creation failed");
+                format!("{what} VM {vm_id}: {reason}")
+            })
+    }
+
+    /// Records `undo` in task `task`'s journal; a creation does not go on without it.
+    async fn journal(&self, task: &str, undo: Undo) -> Result<(), String> {
+        self.tasks
+            .record_undo(task, &undo)
+            .await
+            .map(drop)
+            .map_err(|err| format!("cannot record the task's undo journal: {err}"))
     }
 
     /// Has the host make a prepared VM and records how it went.

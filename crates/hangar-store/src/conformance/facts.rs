@@ -313,7 +313,13 @@ pub(super) async fn tasks_keep_owner_end_and_every_state(store: &dyn Store) {
         assert_eq!((read.state, read.ended_at_ms), (state, None));
     }
     store
-        .update_task("task-o", TaskState::Cancelled, "cancelled", 100, Some("asked"))
+        .update_task(
+            "task-o",
+            TaskState::Cancelled,
+            "cancelled",
+            100,
+            Some("asked"),
+        )
         .await
         .unwrap();
     let read = store.task("task-o").await.unwrap().unwrap();

@@ -469,7 +469,15 @@ impl Store for SqliteStore {
             "UPDATE tasks SET state = ?2, stage = ?3, percent = ?4, error = ?5, updated_at_ms = ?6,
                  ended_at_ms = COALESCE(?7, ended_at_ms)
              WHERE id = ?1",
-            params![id, state.as_str(), stage, percent.min(100), error, now, ended],
+            params![
+                id,
+                state.as_str(),
+                stage,
+                percent.min(100),
+                error,
+                now,
+                ended
+            ],
         )?;
         match changed {
             0 => Err(StoreError::not_found(Entity::Task, id)),

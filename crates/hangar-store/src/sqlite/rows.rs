@@ -14,8 +14,7 @@ pub(crate) const VM_COLUMNS: &str = "id, host, services, env, mode, owner, state
      spec, pid, error, created_at_ms, updated_at_ms, last_used_at_ms, boot_ms, memory_mib, \
      vcpus, pool, os_name, os_version, state_since_ms, direct_endpoints, isolation";
 
-pub(crate) const TASK_COLUMNS: &str =
-    "id, kind, service, vm_id, state, stage, percent, error, created_at_ms, updated_at_ms, \
+pub(crate) const TASK_COLUMNS: &str = "id, kind, service, vm_id, state, stage, percent, error, created_at_ms, updated_at_ms, \
      owner, ended_at_ms";
 
 pub(crate) const UNDO_COLUMNS: &str = "task_id, seq, action, done";

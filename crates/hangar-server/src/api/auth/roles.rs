@@ -61,6 +61,9 @@ pub const RULES: &[(&str, &str, Need)] = &[
     ("DELETE", "/v1/policies/{service}", ADMIN),
     ("GET", "/v1/tasks", PROVISIONER),
     ("GET", "/v1/tasks/{id}", PROVISIONER),
+    // A task's owner cancels it; an admin cancels any (checked by the handler).
+    ("POST", "/v1/tasks/{id}/cancel", PROVISIONER),
+    ("DELETE", "/v1/tasks/{id}", PROVISIONER),
     ("GET", "/v1/images", PROVISIONER),
     // Imported machines: provisioners import and list them, admins remove them.
     ("POST", "/v1/imports", PROVISIONER),
