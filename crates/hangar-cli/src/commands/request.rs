@@ -138,6 +138,12 @@ pub async fn run(client: &Client, args: RequestArgs) -> Result<(), CliError> {
     if let Some(why) = &grant.placement {
         eprintln!("{}", placement_line(&grant.host, why));
     }
+    if !grant.installed_at_deploy.is_empty() {
+        eprintln!(
+            "installed at deploy: {}",
+            grant.installed_at_deploy.join(", ")
+        );
+    }
     if std::io::stderr().is_terminal() {
         let how = match grant.served {
             Served::Shared => "shared, already running".to_owned(),

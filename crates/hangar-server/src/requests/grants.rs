@@ -90,7 +90,7 @@ impl Manager {
                     self.wake_pooled(&vm, kind, machine, request.exact_size, &mut stages)
                         .await
                 }
-                MatchKind::Partial => self.boot_shell(&vm, machine, service, request).await,
+                MatchKind::Partial => self.boot_shell(&vm, machine, service, &[], request).await,
             };
             self.pools.granted();
             match handed {
@@ -141,18 +141,21 @@ impl Manager {
         Ok((vm, handed.sliced_to))
     }
 
-    /// Gives a pre-OS shell its OS image, port forwards and identity, and boots it.
+    /// Gives a pre-OS shell its OS image (with `service`'s layers, or those of `parts`
+    /// when `service` is composed of them), port forwards and identity, and boots it.
     pub(crate) async fn boot_shell(
         &self,
         vm: &VmRecord,
         machine: &MachineRequest,
         service: Option<&Service>,
+        parts: &[Service],
         request: &ServiceRequest,
     ) -> Result<(VmRecord, Option<(u32, u32)>), String> {
         let plan = ShellPlan {
             service: service.cloned(),
             os: machine.os.name.clone(),
             env: request.env.clone(),
+            parts: parts.to_vec(),
         };
         let booted = self
             .host_of(vm)
@@ -175,7 +178,12 @@ impl Manager {
                 .map(|os| os.version.clone())
                 .unwrap_or_default(),
         );
-        let services: Vec<String> = service.map(|s| vec![s.name.clone()]).unwrap_or_default();
+        // A composed VM offers each of its applications.
+        let services: Vec<String> = if parts.is_empty() {
+            service.map(|s| vec![s.name.clone()]).unwrap_or_default()
+        } else {
+            parts.iter().map(|s| s.name.clone()).collect()
+        };
         let stable: BTreeMap<String, String> = stable
             .iter()
             .map(|(name, addr)| (name.clone(), addr.to_string()))

@@ -5,6 +5,8 @@
 //!
 //! - [`grants`]: handing out paused pool VMs (exact, superset, partial).
 //! - [`create`]: making one VM on a host, recorded step by step.
+//! - [`install`]: applications installed at deploy onto a pre-OS shell (partial +
+//!   install), for configurations of several applications.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -28,6 +30,7 @@ pub const SYSTEM_OWNER: &str = "hangar";
 
 pub mod create;
 pub mod grants;
+pub mod install;
 
 #[cfg(test)]
 pub(crate) mod tests;
@@ -55,6 +58,9 @@ pub struct Grant {
     /// Why the VM is on its host, when it was made for this request or handed out of a
     /// pool (not for a VM that already served others).
     pub placement: Option<String>,
+    /// The applications installed at deploy onto a pre-OS shell (their layers attached),
+    /// in the order they were stacked; empty for every other path.
+    pub installed_at_deploy: Vec<String>,
 }
 
 pub use hangar_host::Stages;
@@ -286,45 +292,59 @@ impl Manager {
                 alternatives: vec![format!("os {} version {}", os.name, os.version)],
             });
         }
-        let service = match config.apps.len() {
-            0 => None,
-            1 => {
-                let app = config.apps.first().expect("one app");
-                let service = self
-                    .catalog
-                    .get(app)
-                    .ok_or_else(|| RequestError::NotFound {
-                        message: format!("no application named {app:?}"),
-                        alternatives: hangar_core::suggest::closest(app, self.catalog.names(), 3),
-                    })?;
-                if service.os != os.name {
-                    return Err(RequestError::Never {
-                        message: format!("{app} runs on os {}, never on {}", service.os, os.name),
-                        alternatives: vec![format!("os {}", service.os)],
-                    });
-                }
-                if config.vcpus.max(service.vcpus) > config.vcpus
-                    || service.memory_mib > config.memory_mib.max
-                {
-                    return Err(RequestError::Never {
-                        message: format!(
-                            "{app} needs {} vCPUs and {} MiB, more than the configuration allows",
-                            service.vcpus, service.memory_mib
-                        ),
-                        alternatives: Vec::new(),
-                    });
-                }
-                Some(service.clone())
-            }
-            _ => {
+        // The applications, looked up and checked against the OS one by one.
+        let mut parts = Vec::with_capacity(config.apps.len());
+        for app in &config.apps {
+            let service = self
+                .catalog
+                .get(app)
+                .ok_or_else(|| RequestError::NotFound {
+                    message: format!("no application named {app:?}"),
+                    alternatives: hangar_core::suggest::closest(app, self.catalog.names(), 3),
+                })?;
+            if service.os != os.name {
                 return Err(RequestError::Never {
-                    message:
-                        "no image offers several applications together yet; request them one by one"
-                            .into(),
-                    alternatives: config.apps.iter().cloned().collect(),
+                    message: format!("{app} runs on os {}, never on {}", service.os, os.name),
+                    alternatives: vec![format!("os {}", service.os)],
                 });
             }
+            parts.push(service.clone());
+        }
+        // Several applications are one composed service: the union of theirs, clashes
+        // (a guest port, a file, a setting) refused.
+        let service = match parts.as_slice() {
+            [] => None,
+            [one] => Some(one.clone()),
+            several => {
+                let several: Vec<&Service> = several.iter().collect();
+                let composed = hangar_core::compose::compose_services(
+                    self.catalog.components(),
+                    &several,
+                    &os.name,
+                )
+                .map_err(|err| RequestError::Never {
+                    message: format!("these applications cannot run on one VM: {err}"),
+                    alternatives: config
+                        .apps
+                        .iter()
+                        .map(|app| format!("--os {} --app {app}", os.name))
+                        .collect(),
+                })?;
+                Some(composed)
+            }
         };
+        if let Some(service) = &service
+            && (config.vcpus.max(service.vcpus) > config.vcpus
+                || service.memory_mib > config.memory_mib.max)
+        {
+            return Err(RequestError::Never {
+                message: format!(
+                    "{} needs {} vCPUs and {} MiB, more than the configuration allows",
+                    service.name, service.vcpus, service.memory_mib
+                ),
+                alternatives: Vec::new(),
+            });
+        }
         if let Some(service) = &service {
             hangar_host::guest::settings(service, &request.env)?;
         }
@@ -336,9 +356,22 @@ impl Manager {
         let quota = self
             .reserve_quota_for_request(owner, config.vcpus, config.memory_mib.min)
             .await?;
+        let composed = parts.len() > 1;
         if !constrained
+            && !composed
             && let Some(grant) = self
                 .grant_from_pool(owner, &config, &request, service.as_ref())
+                .await?
+        {
+            return Ok(grant);
+        }
+        // Several applications: installed at deploy onto a pre-OS shell, from the layers
+        // each one's own image has (else a VM is built for them below).
+        if !constrained
+            && composed
+            && let Some(service) = &service
+            && let Some(grant) = self
+                .grant_with_install(owner, &config, &request, service, &parts, until, deadline)
                 .await?
         {
             return Ok(grant);
@@ -592,6 +625,7 @@ impl Manager {
             dns_name,
             sliced_to,
             stages: Stages::default(),
+            installed_at_deploy: Vec::new(),
         }
     }
 }
