@@ -199,3 +199,175 @@ impl Manager {
         Ok(vm)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::time::Duration;
+
+    use hangar_core::ServiceRequest;
+    use hangar_core::matching::{MachineRequest, MemoryRange, OsRequirement};
+    use hangar_store::TaskState;
+
+    use crate::manager::ManagerConfig;
+    use crate::requests::{RequestError, Served};
+    use crate::test_support::fake_manager;
+
+    const CATALOG: &str = r#"
+[service.web]
+os = "busybox"
+memory_mib = 128
+[[service.web.port]]
+name = "http"
+guest = 80
+[[service.web.process]]
+name = "httpd"
+argv = ["httpd"]
+[service.web.settings.greeting]
+default = "Hello"
+[service.web.templates."/www/hello.txt"]
+content = "{{greeting}}"
+[service.web.ready]
+checks = [{ http = { port = "http" } }]
+
+[service.db]
+os = "busybox"
+memory_mib = 192
+[[service.db.port]]
+name = "sql"
+guest = 5432
+[[service.db.process]]
+name = "db"
+argv = ["db"]
+[service.db.ready]
+checks = [{ tcp = { port = "sql" } }]
+
+[service.other-web]
+os = "busybox"
+[[service.other-web.port]]
+name = "www"
+guest = 80
+[[service.other-web.process]]
+name = "other"
+argv = ["other"]
+[service.other-web.ready]
+checks = [{ tcp = { port = "www" } }]
+
+[pool.shell]
+vcpus = 1
+memory_mib = 256
+max = 1
+"#;
+
+    fn config(apps: &[&str], env: &[(&str, &str)]) -> ServiceRequest {
+        ServiceRequest {
+            config: Some(MachineRequest {
+                vcpus: 1,
+                memory_mib: MemoryRange { min: 128, max: 256 },
+                os: OsRequirement {
+                    name: "busybox".into(),
+                    min_version: None,
+                },
+                apps: apps.iter().map(|a| a.to_string()).collect::<BTreeSet<_>>(),
+            }),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..ServiceRequest::default()
+        }
+    }
+
+    async fn fill_shell(manager: &std::sync::Arc<crate::manager::Manager>) {
+        manager.set_pool_bounds("shell", 1, Some(1)).await.unwrap();
+        for _ in 0..200 {
+            manager.reconcile_pools().await.unwrap();
+            let views = manager.pool_views().await.unwrap();
+            if views.iter().all(|p| p.booting == 0 && p.ready >= p.target) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the shell pool did not fill");
+    }
+
+    #[tokio::test]
+    async fn several_apps_are_installed_onto_a_shell_at_deploy() {
+        let (manager, backend, store) = fake_manager(CATALOG, ManagerConfig::default());
+        fill_shell(&manager).await;
+        let shell = store
+            .vms(false)
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|vm| vm.pool.as_deref() == Some("shell"))
+            .expect("a shell");
+
+        let grant = manager
+            .request(config(&["web", "db"], &[("greeting", "Bonjour")]))
+            .await
+            .unwrap();
+        assert_eq!(grant.served, Served::Partial);
+        assert_eq!(grant.vm.id, shell.id);
+        assert_eq!(grant.service, "db+web");
+        assert_eq!(grant.installed_at_deploy, ["db", "web"]);
+        assert_eq!(grant.vm.services, ["db", "web"]);
+        // One endpoint per port of every application.
+        let ports: Vec<&str> = grant.vm.endpoints.keys().map(String::as_str).collect();
+        assert_eq!(ports, ["http", "sql"]);
+        // The OS layer, then each application's own layers, the last on top.
+        let layers: Vec<String> = backend
+            .layers(&grant.vm.id)
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        assert_eq!(
+            layers,
+            [
+                "/nonexistent/web.sqfs",
+                "/nonexistent/db.sqfs",
+                "/nonexistent/busybox.sqfs"
+            ]
+        );
+        // The request's settings are the VM's.
+        assert!(grant.vm.env.contains_key("greeting"), "{:?}", grant.vm.env);
+        // The install is a task of its own, done.
+        let task = store
+            .task(grant.task.as_deref().expect("an install task"))
+            .await
+            .unwrap()
+            .expect("task record");
+        assert_eq!(task.kind, "install");
+        assert_eq!(task.state, TaskState::Succeeded);
+        assert_eq!(task.vm_id.as_deref(), Some(shell.id.as_str()));
+    }
+
+    #[tokio::test]
+    async fn without_a_shell_several_apps_get_a_vm_built_for_them() {
+        let (manager, _backend, _store) = fake_manager(CATALOG, ManagerConfig::default());
+        let grant = manager.request(config(&["web", "db"], &[])).await.unwrap();
+        assert_eq!(grant.served, Served::Created);
+        assert!(grant.installed_at_deploy.is_empty());
+        assert_eq!(grant.vm.services, ["db+web"]);
+        let ports: Vec<&str> = grant.vm.endpoints.keys().map(String::as_str).collect();
+        assert_eq!(ports, ["http", "sql"]);
+    }
+
+    #[tokio::test]
+    async fn clashing_apps_are_refused_before_anything_starts() {
+        let (manager, backend, _store) = fake_manager(CATALOG, ManagerConfig::default());
+        fill_shell(&manager).await;
+        let launches = backend.launches();
+        let err = manager
+            .request(config(&["web", "other-web"], &[]))
+            .await
+            .expect_err("both listen on guest port 80");
+        match &err {
+            RequestError::Never { message, .. } => {
+                assert!(message.contains("guest port 80"), "{message}");
+            }
+            other => panic!("expected never, got {other:?}"),
+        }
+        assert_eq!(backend.launches(), launches, "nothing started");
+    }
+}
