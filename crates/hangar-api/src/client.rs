@@ -240,6 +240,17 @@ impl Client {
             .await
     }
 
+    /// The heuristics engine's verdict on a request (`POST /v1/requests/check`): every
+    /// problem with a suggestion, the ranked candidates and the chosen one. Nothing is
+    /// provisioned; an invalid request is a 200 with its problems.
+    pub async fn check(
+        &self,
+        request: &ServiceRequest,
+    ) -> Result<hangar_core::heuristics::Verdict, ClientError> {
+        self.call(Method::POST, &["v1", "requests", "check"], Some(request))
+            .await
+    }
+
     /// [`Client::request`] under an `Idempotency-Key`: a retry with the same key (by the
     /// same user) answers the first call's grant, the same VM. 422 when the key was used
     /// with another request.
@@ -458,6 +469,63 @@ impl Client {
     /// `GET /v1/tasks/{id}`: one task and its progress. 404 when there is none of that id.
     pub async fn task(&self, id: &str) -> Result<TaskView, ClientError> {
         self.call(Method::GET, &["v1", "tasks", id], None::<&()>)
+            .await
+    }
+
+    /// `POST /v1/imports`: uploads the disk image `image` (a `tokio::fs::File`, streamed) as
+    /// a new imported machine, answered once it is checked, staged and stored. 422 for an image that is
+    /// refused (a backing file, encryption, sizes over the limits, no OS found), 409 for a
+    /// name taken.
+    pub async fn import_machine(
+        &self,
+        query: &ImportQuery,
+        image: impl Into<reqwest::Body>,
+    ) -> Result<ImportView, ClientError> {
+        let mut url = self.url(&["v1", "imports"]);
+        {
+            let mut pairs = url.query_pairs_mut();
+            pairs.append_pair("name", &query.name);
+            pairs.append_pair("format", &query.format);
+            if let Some(ports) = &query.ports {
+                pairs.append_pair("ports", ports);
+            }
+            if let Some(vcpus) = query.vcpus {
+                pairs.append_pair("vcpus", &vcpus.to_string());
+            }
+            if let Some(memory) = query.memory_mib {
+                pairs.append_pair("memory_mib", &memory.to_string());
+            }
+        }
+        let mut request = self
+            .http
+            .request(Method::POST, url.clone())
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(image);
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|source| ClientError::Unreachable {
+                url: self.base.as_str().trim_end_matches('/').to_owned(),
+                source,
+            })?;
+        decode(Method::POST, &url, response)
+            .await
+            .map(|(value, _)| value)
+    }
+
+    /// `GET /v1/imports`: the imported machines.
+    pub async fn imports(&self) -> Result<Vec<ImportView>, ClientError> {
+        self.call(Method::GET, &["v1", "imports"], None::<&()>)
+            .await
+    }
+
+    /// `DELETE /v1/imports/{name}`: removes an imported machine's model. 409 while VMs of
+    /// it live.
+    pub async fn delete_import(&self, name: &str) -> Result<ImportView, ClientError> {
+        self.call(Method::DELETE, &["v1", "imports", name], None::<&()>)
             .await
     }
 

@@ -80,6 +80,19 @@ pub struct GrantView {
     /// partial`), instead of a new image built for them. Empty otherwise.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub installed_at_deploy: Vec<String>,
+    /// For a configuration request: which kind of candidate served it and why, in one
+    /// line (the heuristics engine's choice; see `POST /v1/requests/check`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chosen: Option<ChosenView>,
+}
+
+/// The candidate a configuration request was served by.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ChosenView {
+    pub kind: hangar_core::heuristics::CandidateKind,
+    /// What it was: a pool VM's id, `template SERVICE`, `image SERVICE`, ...
+    pub source: String,
+    pub reason: String,
 }
 
 /// A VM's size after slicing.

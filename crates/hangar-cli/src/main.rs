@@ -14,8 +14,8 @@ mod error;
 mod output;
 
 use commands::{
-    accounting, agent, auth, bench as bench_cmd, export, hosts, images, policies, pools, request,
-    server, services, tasks, templates, vms,
+    accounting, agent, auth, bench as bench_cmd, check, export, hosts, images, imports, policies,
+    pools, request, server, services, tasks, templates, vms,
 };
 use error::CliError;
 use hangar_api::client::Client;
@@ -78,6 +78,14 @@ enum Command {
         hangar request --vcpus 1 --memory 128 --os busybox --app http-static --exact-size"
     )]
     Request(request::RequestArgs),
+    /// Check a request without provisioning: every problem with a suggestion, the
+    /// candidates (exact, superset, partial, partial + install, build) ranked by cost to
+    /// deliver and waste, and the one a request would get. Exits 4 when it would be refused.
+    #[command(
+        after_help = "Examples:\n  hangar check --vcpus 1 --memory 128 --os busybox@1.35 --app http-static --exact-size\n  \
+        hangar check --memory 256 --os debian-12 --app postgresql --json"
+    )]
+    Check(request::RequestArgs),
     /// The state table: every VM, its host, services, endpoints and state.
     Vms(vms::VmsArgs),
     /// Hosts VMs run on (this server's own and the farm's agents): state, capacity and
@@ -137,6 +145,16 @@ enum Command {
         after_help = "Example:\n  hangar export nginx nginx.tar && tar -xf nginx.tar && ./run.sh"
     )]
     Export(export::ExportArgs),
+    /// Import an existing machine from its disk image (qcow2, raw or vmdk): checked,
+    /// its identity stripped, stored as a model that is then requested like a service.
+    #[command(
+        after_help = "Example:\n  hangar import web.qcow2 --name legacy-web --port http=80 --memory 512\n  curl http://$(hangar request legacy-web)/"
+    )]
+    Import(imports::ImportArgs),
+    /// Imported machines.
+    Imports(imports::ImportsArgs),
+    /// Remove an imported machine (its model disk and record).
+    Unimport(imports::UnimportArgs),
     /// One task, with its stage, progress and error.
     Task(tasks::TaskArgs),
     /// Check an API token with the server and keep it (mode 0600) for later commands;
@@ -199,6 +217,7 @@ async fn client_command(
         }
         Command::Services(args) => services::run(client, args).await,
         Command::Request(args) => request::run(client, args).await,
+        Command::Check(args) => check::run(client, args).await,
         Command::Vms(args) => vms::list(client, args).await,
         Command::Pools(args) => pools::list(client, args).await,
         Command::Hosts(args) => hosts::list(client, args).await,
@@ -218,6 +237,9 @@ async fn client_command(
         Command::Images(args) => images::list(client, args).await,
         Command::Export(args) => export::run(client, args).await,
         Command::Task(args) => tasks::show(client, args).await,
+        Command::Import(args) => imports::import(client, args).await,
+        Command::Imports(args) => imports::list(client, args).await,
+        Command::Unimport(args) => imports::remove(client, args).await,
         Command::Login(args) => auth::login(&Client::new(url)?, args).await,
         Command::Whoami(args) => auth::whoami(client, args).await,
         Command::Users(args) => auth::users(client, args).await,

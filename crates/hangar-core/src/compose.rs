@@ -60,8 +60,9 @@ pub enum ComposeError {
 
 /// One service offering every application of `apps` (at least two, in this order) on
 /// `os`: the union of their ports, processes, files, templates, settings, ready checks and
-/// components; as many vCPUs and as much memory as the largest of them asks; the ready
-/// timeout of the slowest. Named [`composed_name`]; no pool, the default policy.
+/// components; as many vCPUs and as much memory as the largest of them asks (its memory
+/// floor the largest, its disk floor the sum of theirs); the ready timeout of the
+/// slowest. Named [`composed_name`]; no pool, the default policy.
 pub fn compose(catalog: &Catalog, apps: &[&str], os: &str) -> Result<Service, ComposeError> {
     if apps.len() < 2 {
         return Err(ComposeError::TooFew(apps.len()));
@@ -124,6 +125,12 @@ pub fn compose_services(
             checks: Vec::new(),
         },
         components: Vec::new(),
+        // The largest memory floor, and the disk every application adds.
+        min_memory_mib: parts.iter().filter_map(|s| s.min_memory_mib).max(),
+        min_disk_mib: parts
+            .iter()
+            .filter_map(|s| s.min_disk_mib)
+            .reduce(|a, b| a.saturating_add(b)),
     };
     for part in parts {
         let name = part.name.as_str();

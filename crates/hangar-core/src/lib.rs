@@ -5,6 +5,7 @@
 //! - [`state`]: the VM state machine and its one `valid_transition`.
 //! - [`catalog`]: services, their ports, processes, files and ready criteria.
 //! - [`compose`]: several applications on one VM, their union checked for clashes.
+//! - [`heuristics`]: validating a configuration request and ranking what can serve it.
 //! - [`lifecycle`]: lifecycle policies (idle timers, keep-active, budgets) as pure decisions.
 //! - [`placement`]: which host runs a new VM (capacity, isolation, priority, load, cost).
 //! - [`request`]: what a client asks for and what it gets back.
@@ -16,6 +17,7 @@ pub mod components;
 pub mod compose;
 pub mod eviction;
 pub mod exposure;
+pub mod heuristics;
 pub mod ids;
 pub mod lifecycle;
 pub mod matching;

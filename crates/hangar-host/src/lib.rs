@@ -130,6 +130,10 @@ pub struct ShellPlan {
     /// (see `ImageSource::composed_root`). Empty: `service`'s own image.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub parts: Vec<Service>,
+    /// Slice the booted VM down to (vCPUs, MiB) before its service is checked ready
+    /// (exact size on a shell larger than the request).
+    #[serde(default)]
+    pub slice_to: Option<(u32, u32)>,
 }
 
 /// A pre-OS shell booted with its OS.
@@ -137,6 +141,9 @@ pub struct ShellPlan {
 pub struct BootedShell {
     pub launch: LaunchRecord,
     pub direct_endpoints: BTreeMap<String, String>,
+    /// The size it was sliced to, when the plan asked.
+    #[serde(default)]
+    pub sliced_to: Option<(u32, u32)>,
 }
 
 /// How a VM sleeps now, for [`Host::wake`].

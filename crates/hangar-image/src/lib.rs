@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 mod boot;
 mod cache;
 pub mod hostfs;
+pub mod import;
 mod initramfs;
 mod kernel;
 pub mod layers;

@@ -33,6 +33,7 @@ pub mod api;
 pub mod endpoints;
 pub mod farm;
 pub mod images;
+pub mod imports;
 pub mod lifecycle;
 pub mod manager;
 pub mod pools;
@@ -410,6 +411,7 @@ pub async fn run(
             pool_memory_mib: config.pool_memory_mib,
             image_budget_mib: config.image_budget_mib,
             export_dir: data_dir.join("exports"),
+            models_dir: Some(data_dir.join("models")),
             dns_domain: config.dns_domain.clone(),
             memory_budget_mib: config.memory_budget_mib,
             disk_budget_mib: config.disk_budget_mib,

@@ -56,6 +56,11 @@ pub struct ManagerConfig {
     pub default_quota: hangar_core::quota::Limits,
     /// Prices of what usage metering counts (default: free).
     pub prices: hangar_core::usage::Prices,
+    /// Where imported machines' model disks are kept (`DATA_DIR/models`); none: imports
+    /// are refused.
+    pub models_dir: Option<std::path::PathBuf>,
+    /// The most an imported image may be, uploaded and virtually.
+    pub import_limits: hangar_image::import::ImportLimits,
 }
 
 impl Default for ManagerConfig {
@@ -82,6 +87,8 @@ impl Default for ManagerConfig {
             },
             default_quota: hangar_core::quota::Limits::UNLIMITED,
             prices: hangar_core::usage::Prices::default(),
+            models_dir: None,
+            import_limits: hangar_image::import::ImportLimits::default(),
         }
     }
 }

@@ -55,6 +55,7 @@ pub enum Entity {
     User,
     Token,
     IdempotencyKey,
+    Import,
 }
 
 impl std::fmt::Display for Entity {
@@ -69,6 +70,7 @@ impl std::fmt::Display for Entity {
             Entity::User => "user",
             Entity::Token => "token",
             Entity::IdempotencyKey => "idempotency key",
+            Entity::Import => "imported machine",
         })
     }
 }

@@ -31,8 +31,8 @@ pub use error::{BackendSource, Conflict, Entity, StoreError};
 pub use lease::LeaseRecord;
 pub use postgres::PgStore;
 pub use records::{
-    ArchiveRecord, HostRecord, HostState, HostUse, StepOutcome, TaskRecord, TaskState, TaskStep,
-    TemplateRecord, VmRecord,
+    ArchiveRecord, HostRecord, HostState, HostUse, ImportRecord, StepOutcome, TaskRecord,
+    TaskState, TaskStep, TemplateRecord, VmRecord,
 };
 pub use sqlite::SqliteStore;
 
@@ -287,6 +287,19 @@ pub trait Store: Send + Sync {
 
     /// Forgets a template; returns whether it was known.
     async fn remove_template(&self, key: &str) -> Result<bool, StoreError>;
+
+    // ---- imported machines ----
+
+    /// Records an imported machine; [`StoreError::Conflict`] when its name is taken.
+    async fn insert_import(&self, import: &ImportRecord) -> Result<(), StoreError>;
+
+    async fn import(&self, name: &str) -> Result<Option<ImportRecord>, StoreError>;
+
+    /// Imported machines by name.
+    async fn imports(&self) -> Result<Vec<ImportRecord>, StoreError>;
+
+    /// Forgets an imported machine; returns whether it was known.
+    async fn remove_import(&self, name: &str) -> Result<bool, StoreError>;
 
     // ---- archives ----
 

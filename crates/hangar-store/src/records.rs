@@ -252,3 +252,20 @@ pub struct ArchiveRecord {
     pub host: String,
     pub created_at_ms: u64,
 }
+
+/// A machine imported from a disk image: its model disk in the server's model store and
+/// how it boots and what it serves (the server's own JSON, read back as it wrote it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImportRecord {
+    /// The model's (and its service's) name; unique.
+    pub name: String,
+    /// The user who imported it.
+    pub owner: String,
+    /// The format it was uploaded in (`qcow2`, `raw`, `vmdk`).
+    pub format: String,
+    /// Layout, ports, size and the rest of what the server needs to boot it.
+    pub spec: serde_json::Value,
+    /// Bytes the stored model disk takes.
+    pub disk_bytes: u64,
+    pub created_at_ms: u64,
+}

@@ -24,28 +24,49 @@ use crate::requests::{Grant, RequestError, Served, Stages};
 /// How long an install task's outcome stays in memory for late waiters.
 const OUTCOME_KEPT: Duration = Duration::from_secs(60);
 
+/// What to install at deploy, and onto which shell.
+#[derive(Debug, Clone, Copy)]
+pub struct Install<'a> {
+    /// The configuration asked for.
+    pub machine: &'a MachineRequest,
+    pub request: &'a ServiceRequest,
+    /// The service the VM offers: the one application, or the composition of `parts`.
+    pub service: &'a Service,
+    /// The applications whose layers are attached (one or several).
+    pub parts: &'a [Service],
+    /// The shell to take first (the heuristics engine's choice), if it is still free.
+    pub prefer: Option<&'a str>,
+    /// Slice the booted VM down to (vCPUs, MiB) before it is checked ready (exact size on
+    /// a larger shell).
+    pub slice_to: Option<(u32, u32)>,
+}
+
 impl Manager {
-    /// Serves `request` (a configuration of `machine`) with `composed`, the service made
-    /// of `parts` (one or several catalog applications on the request's OS), installed at
-    /// deploy onto the smallest paused pre-OS shell with enough vCPUs and memory. `None`
-    /// when no shell can take it (the caller builds a VM instead). The grant says `match:
-    /// partial`, the install task, and the applications installed at deploy. Past
-    /// `until` the answer is a 503 naming the task, which goes on; a failure after the
-    /// shell is claimed discards it and fails the request (the task records why).
-    #[allow(clippy::too_many_arguments)]
+    /// Serves a configuration request with `install.service`, its applications
+    /// (`install.parts`) installed at deploy onto a paused pre-OS shell with enough vCPUs
+    /// and memory (the preferred one if free, else the smallest). `None` when no shell can
+    /// take it (the caller builds a VM instead). The grant says `match: partial`, the
+    /// install task, and the applications installed at deploy. Past `until` the answer is
+    /// a 503 naming the task, which goes on; a failure after the shell is claimed
+    /// discards it and fails the request (the task records why).
     pub async fn grant_with_install(
         self: &Arc<Self>,
         owner: &str,
-        machine: &MachineRequest,
-        request: &ServiceRequest,
-        composed: &Service,
-        parts: &[Service],
+        install: Install<'_>,
         until: tokio::time::Instant,
         deadline: Duration,
     ) -> Result<Option<Grant>, RequestError> {
+        let Install {
+            machine,
+            request,
+            service: composed,
+            parts,
+            prefer,
+            slice_to,
+        } = install;
         let started = Instant::now();
         let mut stages = Stages::default();
-        let Some(shell) = self.claim_shell(owner, machine, request).await? else {
+        let Some(shell) = self.claim_shell(owner, machine, request, prefer).await? else {
             return Ok(None);
         };
         let claimed = stages.mark("claim", started);
@@ -74,6 +95,7 @@ impl Manager {
                     &request,
                     &composed_for_task,
                     &parts_for_task,
+                    slice_to,
                 )
                 .await;
             if let Err(reason) = &result {
@@ -121,13 +143,14 @@ impl Manager {
         }
     }
 
-    /// Claims the smallest paused pre-OS shell with at least `machine`'s vCPUs and
-    /// memory for `owner`; `None` when there is none (or every one went to others).
+    /// Claims a paused pre-OS shell with at least `machine`'s vCPUs and memory for
+    /// `owner`, `prefer` first, then the smallest; `None` when there is none (or every one went to others).
     async fn claim_shell(
         &self,
         owner: &str,
         machine: &MachineRequest,
         request: &ServiceRequest,
+        prefer: Option<&str>,
     ) -> Result<Option<VmRecord>, RequestError> {
         let mut shells: Vec<VmRecord> = self
             .store
@@ -142,7 +165,7 @@ impl Manager {
                     && vm.memory_mib >= machine.memory_mib.min
             })
             .collect();
-        shells.sort_by_key(|vm| (vm.memory_mib, vm.vcpus));
+        shells.sort_by_key(|vm| (Some(vm.id.as_str()) != prefer, vm.memory_mib, vm.vcpus));
         for shell in shells {
             let vm = match self
                 .store
@@ -170,8 +193,9 @@ impl Manager {
     }
 
     /// The install task's body: the parts' missing layers built (stage `layers`), the
-    /// composed root attached to the claimed shell and booted to ready (`attach`,
-    /// `ready`).
+    /// composed root attached to the claimed shell and booted (sliced to `slice_to`) to
+    /// ready (`attach`, `ready`).
+    #[allow(clippy::too_many_arguments)]
     async fn install(
         &self,
         task: &str,
@@ -180,6 +204,7 @@ impl Manager {
         request: &ServiceRequest,
         composed: &Service,
         parts: &[Service],
+        slice_to: Option<(u32, u32)>,
     ) -> Result<VmRecord, String> {
         let progress = self.tasks.progress(task);
         let os = machine.os.name.as_str();
@@ -193,7 +218,7 @@ impl Manager {
         }
         progress("attach", 80);
         let (vm, _) = self
-            .boot_shell(shell, machine, Some(composed), parts, request)
+            .boot_shell(shell, machine, Some(composed), parts, request, slice_to)
             .await?;
         progress("ready", 99);
         Ok(vm)
@@ -269,6 +294,7 @@ max = 1
                     min_version: None,
                 },
                 apps: apps.iter().map(|a| a.to_string()).collect::<BTreeSet<_>>(),
+                disk_mib: None,
             }),
             env: env
                 .iter()

@@ -1,8 +1,10 @@
-//! The request path of DESIGN.md, top-down: validate against the directory; in shared
+//! The request path of DESIGN.md, top-down: validate (a configuration through the
+//! heuristics engine, [`check`]; a service against the directory); in shared
 //! mode an active VM already offering the service, else a sleeping or archived one woken;
 //! else the best paused pool VM ([`grants`]); else a new VM made by a creation task
 //! ([`create`]) on the host the scheduler chooses, waited for until the request's deadline.
 //!
+//! - [`check`]: the heuristics engine's verdict with what this server has on hand.
 //! - [`grants`]: handing out paused pool VMs (exact, superset, partial).
 //! - [`create`]: making one VM on a host, recorded step by step.
 //! - [`install`]: applications installed at deploy onto a pre-OS shell (partial +
@@ -12,7 +14,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hangar_core::matching::{MachineRequest, MemoryRange, OsRequirement, compare_versions};
+use hangar_core::matching::{MachineRequest, MemoryRange, OsRequirement};
 use hangar_core::{Catalog, Mode, Service, ServiceRequest, VmState};
 use hangar_host::RunState;
 use hangar_store::VmRecord;
@@ -28,6 +30,7 @@ pub const LOCAL_OWNER: &str = "local";
 /// metering bills their time to this owner.
 pub const SYSTEM_OWNER: &str = "hangar";
 
+pub mod check;
 pub mod create;
 pub mod grants;
 pub mod install;
@@ -61,6 +64,8 @@ pub struct Grant {
     /// The applications installed at deploy onto a pre-OS shell (their layers attached),
     /// in the order they were stacked; empty for every other path.
     pub installed_at_deploy: Vec<String>,
+    /// For a configuration request: the heuristics engine's choice and why.
+    pub chosen: Option<hangar_api::ChosenView>,
 }
 
 pub use hangar_host::Stages;
@@ -107,6 +112,10 @@ pub enum RequestError {
     /// The request is malformed, or lacks a setting its service needs.
     #[error("{0}")]
     Invalid(String),
+    /// The heuristics engine found hard problems in a configuration (422): every one,
+    /// each with a suggestion.
+    #[error("this configuration cannot be served: {}", .0.summary())]
+    Unservable(Box<hangar_core::heuristics::Verdict>),
     /// No service or application of that name; `alternatives` are the closest names.
     #[error("{message}")]
     NotFound {
@@ -163,6 +172,24 @@ impl Manager {
         owner: &str,
         request: ServiceRequest,
     ) -> Result<Grant, RequestError> {
+        // A configuration goes through the heuristics engine first: every problem with a
+        // suggestion (422), before anything is claimed, reserved or started.
+        let verdict = match &request.config {
+            Some(config) if request.service.is_none() => {
+                let ask = hangar_core::heuristics::Ask {
+                    machine: config.clone(),
+                    settings: request.env.clone(),
+                    exact_size: request.exact_size,
+                };
+                let pool = self.pool_supply().await?;
+                let verdict = self.verdict(&ask, pool).await?;
+                if !verdict.ok {
+                    return Err(RequestError::Unservable(Box::new(verdict)));
+                }
+                Some(verdict)
+            }
+            _ => None,
+        };
         request
             .validate()
             .map_err(|err| RequestError::Invalid(err.to_string()))?;
@@ -171,9 +198,9 @@ impl Manager {
             .map(Duration::from_millis)
             .unwrap_or(self.config.default_deadline);
         let until = tokio::time::Instant::now() + deadline;
-        if let Some(config) = request.config.clone() {
+        if let (Some(config), Some(verdict)) = (request.config.clone(), verdict) {
             return self
-                .request_config(owner, request, config, until, deadline)
+                .request_config(owner, request, config, verdict, until, deadline)
                 .await;
         }
         let service = self.viable_service(&request)?;
@@ -235,7 +262,13 @@ impl Manager {
         let machine = service_machine(&service, &self.catalog);
         if from_pool
             && let Some(grant) = self
-                .grant_from_pool(owner, &machine, &request, Some(&service))
+                .grant_from_pool(
+                    owner,
+                    &machine,
+                    &request,
+                    Some(&service),
+                    grants::Picker::Best,
+                )
                 .await?
         {
             return Ok(grant);
@@ -262,127 +295,160 @@ impl Manager {
             .await
     }
 
-    /// A configuration request: the best paused VM, else a new VM of that configuration.
+    /// A configuration request the engine found sound (`verdict`): the paused pool VM it
+    /// chooses (exact, superset, partial; sliced to the exact size when asked), else a new
+    /// VM of exactly that configuration. The grant says which and why.
     async fn request_config(
         self: &Arc<Self>,
         owner: &str,
         request: ServiceRequest,
         config: MachineRequest,
+        verdict: hangar_core::heuristics::Verdict,
         until: tokio::time::Instant,
         deadline: Duration,
     ) -> Result<Grant, RequestError> {
-        let Some(os) = self.catalog.os(&config.os.name) else {
-            return Err(RequestError::Never {
-                message: format!("no os named {:?}", config.os.name),
-                alternatives: self
-                    .catalog
-                    .operating_systems()
-                    .map(|os| format!("os {}", os.name))
-                    .collect(),
-            });
+        use hangar_core::heuristics::CandidateKind;
+        // The engine checked the OS, the apps, their settings and the size.
+        let os_name = config.os.name.clone();
+        let ask = hangar_core::heuristics::Ask {
+            machine: config.clone(),
+            settings: request.env.clone(),
+            exact_size: request.exact_size,
         };
-        if let Some(min) = &config.os.min_version
-            && compare_versions(&os.version, min) == Some(std::cmp::Ordering::Less)
-        {
-            return Err(RequestError::Never {
-                message: format!(
-                    "os {} is at version {}, never {min} or newer",
-                    os.name, os.version
-                ),
-                alternatives: vec![format!("os {} version {}", os.name, os.version)],
-            });
-        }
-        // The applications, looked up and checked against the OS one by one.
-        let mut parts = Vec::with_capacity(config.apps.len());
-        for app in &config.apps {
-            let service = self
-                .catalog
-                .get(app)
-                .ok_or_else(|| RequestError::NotFound {
-                    message: format!("no application named {app:?}"),
-                    alternatives: hangar_core::suggest::closest(app, self.catalog.names(), 3),
-                })?;
-            if service.os != os.name {
-                return Err(RequestError::Never {
-                    message: format!("{app} runs on os {}, never on {}", service.os, os.name),
-                    alternatives: vec![format!("os {}", service.os)],
-                });
-            }
-            parts.push(service.clone());
-        }
         // Several applications are one composed service: the union of theirs, clashes
         // (a guest port, a file, a setting) refused.
-        let service = match parts.as_slice() {
-            [] => None,
-            [one] => Some(one.clone()),
-            several => {
-                let several: Vec<&Service> = several.iter().collect();
-                let composed = hangar_core::compose::compose_services(
+        let mut parts = Vec::with_capacity(config.apps.len());
+        for app in &config.apps {
+            parts.push(self.catalog.get(app).cloned().ok_or_else(|| {
+                RequestError::Invalid(format!("no application named {app:?}"))
+            })?);
+        }
+        let service = if parts.len() <= 1 {
+            parts.first().cloned()
+        } else {
+            let several: Vec<&Service> = parts.iter().collect();
+            Some(
+                hangar_core::compose::compose_services(
                     self.catalog.components(),
                     &several,
-                    &os.name,
+                    &os_name,
                 )
                 .map_err(|err| RequestError::Never {
                     message: format!("these applications cannot run on one VM: {err}"),
                     alternatives: config
                         .apps
                         .iter()
-                        .map(|app| format!("--os {} --app {app}", os.name))
+                        .map(|app| format!("--os {os_name} --app {app}"))
                         .collect(),
-                })?;
-                Some(composed)
-            }
+                })?,
+            )
         };
-        if let Some(service) = &service
-            && (config.vcpus.max(service.vcpus) > config.vcpus
-                || service.memory_mib > config.memory_mib.max)
-        {
-            return Err(RequestError::Never {
-                message: format!(
-                    "{} needs {} vCPUs and {} MiB, more than the configuration allows",
-                    service.name, service.vcpus, service.memory_mib
-                ),
-                alternatives: Vec::new(),
-            });
-        }
         if let Some(service) = &service {
             hangar_host::guest::settings(service, &request.env)?;
         }
-        self.check_vm_size(config.vcpus, config.memory_mib.min)
-            .await?;
+        // A new VM gets the least memory of the range that its OS and apps run in.
+        let memory_mib = verdict
+            .candidates
+            .iter()
+            .find(|c| c.kind == CandidateKind::Build)
+            .map_or(config.memory_mib.min, |c| c.memory_mib);
         let mut request = request;
         request.mode = Mode::Dedicated;
         let constrained = request.isolate.is_some() || !request.on.is_empty();
         let quota = self
-            .reserve_quota_for_request(owner, config.vcpus, config.memory_mib.min)
+            .reserve_quota_for_request(owner, config.vcpus, memory_mib)
             .await?;
-        let composed = parts.len() > 1;
+        let pooled = verdict.chosen.as_ref().is_some_and(|chosen| {
+            matches!(
+                chosen.kind,
+                CandidateKind::Exact | CandidateKind::Superset | CandidateKind::Partial
+            )
+        });
         if !constrained
-            && !composed
+            && pooled
             && let Some(grant) = self
-                .grant_from_pool(owner, &config, &request, service.as_ref())
+                .grant_from_pool(
+                    owner,
+                    &config,
+                    &request,
+                    service.as_ref(),
+                    grants::Picker::Engine(&ask),
+                )
                 .await?
         {
             return Ok(grant);
         }
-        // Several applications: installed at deploy onto a pre-OS shell, from the layers
-        // each one's own image has (else a VM is built for them below).
+        // Partial + install: the applications' layers attached to a pre-OS shell at
+        // deploy (a VM is built below when no shell can be had after all).
         if !constrained
-            && composed
+            && let Some(chosen) = verdict
+                .chosen
+                .as_ref()
+                .filter(|chosen| chosen.kind == CandidateKind::PartialInstall)
             && let Some(service) = &service
-            && let Some(grant) = self
-                .grant_with_install(owner, &config, &request, service, &parts, until, deadline)
+            && let Some(mut grant) = self
+                .grant_with_install(
+                    owner,
+                    install::Install {
+                        machine: &config,
+                        request: &request,
+                        service,
+                        parts: &parts,
+                        prefer: Some(&chosen.source),
+                        slice_to: verdict
+                            .candidates
+                            .iter()
+                            .find(|c| c.kind == chosen.kind && c.source == chosen.source)
+                            .and_then(|c| c.slice_to),
+                    },
+                    until,
+                    deadline,
+                )
                 .await?
         {
+            grant.chosen = Some(hangar_api::ChosenView {
+                kind: chosen.kind,
+                source: chosen.source.clone(),
+                reason: chosen.reason.clone(),
+            });
             return Ok(grant);
+        }
+        // A new VM: the engine's build candidate (asked again when the pool was chosen but
+        // none could be handed out).
+        let chosen = match verdict.chosen {
+            Some(chosen) if chosen.kind == CandidateKind::Build && !constrained => chosen,
+            _ => {
+                let again = self.verdict(&ask, Vec::new()).await?;
+                match again.chosen {
+                    Some(chosen) => hangar_core::heuristics::Chosen {
+                        reason: if constrained {
+                            format!("{} (placement constraints: a VM of its own)", chosen.reason)
+                        } else {
+                            format!("{} (no pool VM could be handed out)", chosen.reason)
+                        },
+                        ..chosen
+                    },
+                    None => return Err(RequestError::Unservable(Box::new(again))),
+                }
+            }
+        };
+        if chosen.kind != CandidateKind::Build {
+            // Install at deploy is another path's; until it is here, nothing else remains.
+            return Err(RequestError::Never {
+                message: format!(
+                    "the chosen {} candidate cannot be delivered by this server",
+                    chosen.kind.as_str()
+                ),
+                alternatives: Vec::new(),
+            });
         }
         let name = service
             .as_ref()
-            .map_or_else(|| os.name.clone(), |s| s.name.clone());
+            .map_or_else(|| os_name.clone(), |s| s.name.clone());
         let make = MakeVm {
             service,
             vcpus: config.vcpus,
-            memory_mib: config.memory_mib.min,
+            memory_mib,
             mode: Mode::Dedicated,
             env: request.env.clone(),
             pool: None,
@@ -393,8 +459,15 @@ impl Manager {
             owner: owner.to_owned(),
             quota,
         };
-        self.create_and_wait(make, None, until, deadline, &name)
-            .await
+        let mut grant = self
+            .create_and_wait(make, None, until, deadline, &name)
+            .await?;
+        grant.chosen = Some(hangar_api::ChosenView {
+            kind: chosen.kind,
+            source: chosen.source,
+            reason: chosen.reason,
+        });
+        Ok(grant)
     }
 
     /// Starts a creation task and waits for it until the request's deadline.
@@ -626,6 +699,7 @@ impl Manager {
             sliced_to,
             stages: Stages::default(),
             installed_at_deploy: Vec::new(),
+            chosen: None,
         }
     }
 }
@@ -643,5 +717,6 @@ pub(crate) fn service_machine(service: &Service, catalog: &Catalog) -> MachineRe
             min_version: catalog.os(&service.os).map(|os| os.version.clone()),
         },
         apps: [service.name.clone()].into(),
+        disk_mib: None,
     }
 }

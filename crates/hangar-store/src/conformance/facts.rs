@@ -264,3 +264,36 @@ pub(super) async fn archives_are_kept_and_removed(store: &dyn Store) {
     assert!(!store.remove_archive("vm-a").await.unwrap());
     assert!(store.archive("vm-a").await.unwrap().is_none());
 }
+
+pub(super) async fn imports_are_unique_kept_and_removed(store: &dyn Store) {
+    let record = |name: &str, at: u64| ImportRecord {
+        name: name.into(),
+        owner: "alice".into(),
+        format: "qcow2".into(),
+        spec: serde_json::json!({"layout": {"full_disk": {"root_partition": 1}}, "ports": [["http", 80]]}),
+        disk_bytes: 1 << 30,
+        created_at_ms: at,
+    };
+    assert!(store.imports().await.unwrap().is_empty());
+    store.insert_import(&record("web-b", 2)).await.unwrap();
+    store.insert_import(&record("web-a", 1)).await.unwrap();
+    let err = store.insert_import(&record("web-a", 3)).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err}");
+    assert_eq!(
+        store.import("web-a").await.unwrap(),
+        Some(record("web-a", 1))
+    );
+    assert_eq!(
+        store
+            .imports()
+            .await
+            .unwrap()
+            .iter()
+            .map(|i| i.name.as_str())
+            .collect::<Vec<_>>(),
+        ["web-a", "web-b"]
+    );
+    assert!(store.remove_import("web-a").await.unwrap());
+    assert!(!store.remove_import("web-a").await.unwrap());
+    assert_eq!(store.import("web-a").await.unwrap(), None);
+}

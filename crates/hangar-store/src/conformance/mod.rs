@@ -520,6 +520,7 @@ conformance!(
     concurrent_task_steps_get_distinct_numbers,
     hosts_register_and_heartbeat,
     templates_are_kept_used_and_removed,
+    imports_are_unique_kept_and_removed,
     archives_are_kept_and_removed,
     a_lease_is_taken_renewed_refused_and_taken_over,
     a_lease_is_released_only_by_its_holder,

@@ -20,8 +20,8 @@ use tokio_postgres::{NoTls, Row};
 use crate::lease::lease_end;
 use crate::{
     ArchiveRecord, AuditRecord, Entity, HostRecord, HostState, HostUse, IdempotencyRecord,
-    LeaseRecord, StepOutcome, Store, StoreError, TaskRecord, TaskState, TaskStep, TemplateRecord,
-    TokenRecord, UserRecord, VmRecord, now_ms,
+    ImportRecord, LeaseRecord, StepOutcome, Store, StoreError, TaskRecord, TaskState, TaskStep,
+    TemplateRecord, TokenRecord, UserRecord, VmRecord, now_ms,
 };
 
 mod accounting;
@@ -30,6 +30,7 @@ mod schema;
 
 use rows::{ARCHIVE_COLUMNS, HOST_COLUMNS, LEASE_COLUMNS, STEP_COLUMNS, TASK_COLUMNS};
 use rows::{AUDIT_COLUMNS, IDEMPOTENCY_COLUMNS, TOKEN_COLUMNS, USER_COLUMNS};
+use rows::{IMPORT_COLUMNS, import_row};
 use rows::{TEMPLATE_COLUMNS, VM_COLUMNS, archive_row, host_row, lease_row, signed, step_row};
 use rows::{audit_row, idempotency_row, task_row, template_row, token_row, user_row, vm_row};
 
@@ -719,6 +720,42 @@ impl Store for PgStore {
     async fn remove_template(&self, key: &str) -> Result<bool, StoreError> {
         let removed = self
             .execute("DELETE FROM templates WHERE key = $1", &[&key])
+            .await?;
+        Ok(removed == 1)
+    }
+
+    async fn insert_import(&self, import: &ImportRecord) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                &format!("INSERT INTO imports ({IMPORT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)"),
+                &[
+                    &import.name,
+                    &import.owner,
+                    &import.format,
+                    &import.spec.to_string(),
+                    &signed(import.disk_bytes),
+                    &signed(import.created_at_ms),
+                ],
+            )
+            .await
+            .map_err(|err| insert_error(err, Entity::Import, &import.name))?;
+        Ok(())
+    }
+
+    async fn import(&self, name: &str) -> Result<Option<ImportRecord>, StoreError> {
+        let sql = format!("SELECT {IMPORT_COLUMNS} FROM imports WHERE name = $1");
+        self.query_opt(&sql, &[&name], import_row).await
+    }
+
+    async fn imports(&self) -> Result<Vec<ImportRecord>, StoreError> {
+        let sql = format!("SELECT {IMPORT_COLUMNS} FROM imports ORDER BY name");
+        self.query(&sql, &[], import_row).await
+    }
+
+    async fn remove_import(&self, name: &str) -> Result<bool, StoreError> {
+        let removed = self
+            .execute("DELETE FROM imports WHERE name = $1", &[&name])
             .await?;
         Ok(removed == 1)
     }

@@ -6,8 +6,8 @@ use tokio_postgres::Row;
 use super::pg;
 use crate::sqlite::rows::parse_mode;
 use crate::{
-    ArchiveRecord, HostRecord, HostState, LeaseRecord, StepOutcome, StoreError, TaskRecord,
-    TaskState, TaskStep, TemplateRecord, VmRecord,
+    ArchiveRecord, HostRecord, HostState, ImportRecord, LeaseRecord, StepOutcome, StoreError,
+    TaskRecord, TaskState, TaskStep, TemplateRecord, VmRecord,
 };
 
 pub(crate) use crate::sqlite::rows::{
@@ -197,5 +197,18 @@ pub(crate) fn idempotency_row(row: &Row) -> Result<crate::IdempotencyRecord, Sto
         fingerprint: get(row, 2)?,
         created_at_ms: get_u(row, 3)?,
         answer: code.map(status).transpose()?.zip(body),
+    })
+}
+
+pub(crate) const IMPORT_COLUMNS: &str = "name, owner, format, spec, disk_bytes, created_at_ms";
+
+pub(crate) fn import_row(row: &Row) -> Result<ImportRecord, StoreError> {
+    Ok(ImportRecord {
+        name: get(row, 0)?,
+        owner: get(row, 1)?,
+        format: get(row, 2)?,
+        spec: serde_json::from_str(get(row, 3)?)?,
+        disk_bytes: get_u(row, 4)?,
+        created_at_ms: get_u(row, 5)?,
     })
 }

@@ -199,6 +199,15 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         body          TEXT,
         PRIMARY KEY (user_name, key)
     );",
+    // Machines imported from disk images (seed 003, claim 8).
+    "CREATE TABLE imports (
+        name          TEXT PRIMARY KEY,
+        owner         TEXT NOT NULL,
+        format        TEXT NOT NULL,
+        spec          TEXT NOT NULL,
+        disk_bytes    BIGINT NOT NULL,
+        created_at_ms BIGINT NOT NULL
+    );",
 ];
 
 /// Brings the schema up to the newest version. [`StoreError::SchemaTooNew`] when a newer

@@ -14,8 +14,8 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use crate::lease::{lease_end, signed_ms};
 use crate::{
     ArchiveRecord, AuditRecord, Entity, HostRecord, HostState, HostUse, IdempotencyRecord,
-    LeaseRecord, StepOutcome, Store, StoreError, TaskRecord, TaskState, TaskStep, TemplateRecord,
-    TokenRecord, UserRecord, VmRecord, now_ms,
+    ImportRecord, LeaseRecord, StepOutcome, Store, StoreError, TaskRecord, TaskState, TaskStep,
+    TemplateRecord, TokenRecord, UserRecord, VmRecord, now_ms,
 };
 
 mod accounting;
@@ -24,6 +24,7 @@ pub(crate) mod schema;
 
 use rows::{ARCHIVE_COLUMNS, HOST_COLUMNS, LEASE_COLUMNS, STEP_COLUMNS, TASK_COLUMNS};
 use rows::{AUDIT_COLUMNS, IDEMPOTENCY_COLUMNS, TOKEN_COLUMNS, USER_COLUMNS};
+use rows::{IMPORT_COLUMNS, import_row};
 use rows::{TEMPLATE_COLUMNS, VM_COLUMNS, archive_row, host_row, lease_row, step_row, task_row};
 use rows::{audit_row, idempotency_row, template_row, token_row, user_row, vm_row};
 
@@ -687,6 +688,43 @@ impl Store for SqliteStore {
 
     async fn remove_template(&self, key: &str) -> Result<bool, StoreError> {
         Ok(self.execute("DELETE FROM templates WHERE key = ?1", [key])? == 1)
+    }
+
+    async fn insert_import(&self, import: &ImportRecord) -> Result<(), StoreError> {
+        self.conn()
+            .execute(
+                &format!("INSERT INTO imports ({IMPORT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"),
+                params![
+                    import.name,
+                    import.owner,
+                    import.format,
+                    import.spec.to_string(),
+                    import.disk_bytes,
+                    import.created_at_ms
+                ],
+            )
+            .map_err(|err| insert_error(err, Entity::Import, &import.name))?;
+        Ok(())
+    }
+
+    async fn import(&self, name: &str) -> Result<Option<ImportRecord>, StoreError> {
+        self.one(
+            &format!("SELECT {IMPORT_COLUMNS} FROM imports WHERE name = ?1"),
+            [name],
+            import_row,
+        )
+    }
+
+    async fn imports(&self) -> Result<Vec<ImportRecord>, StoreError> {
+        self.list(
+            &format!("SELECT {IMPORT_COLUMNS} FROM imports ORDER BY name"),
+            [],
+            import_row,
+        )
+    }
+
+    async fn remove_import(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(self.execute("DELETE FROM imports WHERE name = ?1", [name])? == 1)
     }
 
     async fn put_archive(&self, a: &ArchiveRecord) -> Result<(), StoreError> {

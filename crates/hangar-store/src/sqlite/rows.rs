@@ -6,8 +6,8 @@ use hangar_core::Mode;
 use rusqlite::Row;
 
 use crate::{
-    ArchiveRecord, HostRecord, HostState, LeaseRecord, StepOutcome, StoreError, TaskRecord,
-    TaskState, TaskStep, TemplateRecord, VmRecord,
+    ArchiveRecord, HostRecord, HostState, ImportRecord, LeaseRecord, StepOutcome, StoreError,
+    TaskRecord, TaskState, TaskStep, TemplateRecord, VmRecord,
 };
 
 pub(crate) const VM_COLUMNS: &str = "id, host, services, env, mode, owner, state, endpoints, \
@@ -237,4 +237,25 @@ pub(crate) fn idempotency_row(row: &Row<'_>) -> Decoded<crate::IdempotencyRecord
         created_at_ms: row.get(3)?,
         answer: status.zip(body),
     }))
+}
+
+pub(crate) const IMPORT_COLUMNS: &str = "name, owner, format, spec, disk_bytes, created_at_ms";
+
+pub(crate) fn import_row(row: &Row<'_>) -> Decoded<ImportRecord> {
+    let spec: String = row.get(3)?;
+    let name: String = row.get(0)?;
+    let owner: String = row.get(1)?;
+    let format: String = row.get(2)?;
+    let disk_bytes: u64 = row.get(4)?;
+    let created_at_ms: u64 = row.get(5)?;
+    Ok(serde_json::from_str(&spec)
+        .map_err(StoreError::from)
+        .map(|spec| ImportRecord {
+            name,
+            owner,
+            format,
+            spec,
+            disk_bytes,
+            created_at_ms,
+        }))
 }

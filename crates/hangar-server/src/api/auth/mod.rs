@@ -319,7 +319,27 @@ pub async fn guard(State(manager): State<Arc<Manager>>, request: Request, next: 
     use axum::body::HttpBody;
     // A body of unknown length (chunked, HTTP/2) counts as a body.
     let has_body = request.body().size_hint().exact() != Some(0);
-    match check_request(request.headers(), has_body, &manager.config.server_urls) {
+    // An imported disk image travels as itself (`application/octet-stream`), which a
+    // cross-site page cannot send without a preflight: its route alone takes it.
+    let upload = request.method() == axum::http::Method::POST
+        && request.uri().path() == "/v1/imports"
+        && request
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok())
+            .is_some_and(|media| {
+                media
+                    .split(';')
+                    .next()
+                    .unwrap_or_default()
+                    .trim()
+                    .eq_ignore_ascii_case("application/octet-stream")
+            });
+    match check_request(
+        request.headers(),
+        has_body && !upload,
+        &manager.config.server_urls,
+    ) {
         Ok(()) => next.run(request).await,
         Err(err) => err.into_response(),
     }

@@ -45,6 +45,7 @@ pub const RULES: &[(&str, &str, Need)] = &[
     // Services and VMs (VMs filtered and guarded by ownership).
     ("GET", "/v1/services", ACCESS),
     ("POST", "/v1/requests", PROVISIONER),
+    ("POST", "/v1/requests/check", PROVISIONER),
     ("GET", "/v1/vms", ACCESS),
     ("GET", "/v1/vms/{id}", ACCESS),
     ("DELETE", "/v1/vms/{id}", PROVISIONER),
@@ -61,6 +62,10 @@ pub const RULES: &[(&str, &str, Need)] = &[
     ("GET", "/v1/tasks", PROVISIONER),
     ("GET", "/v1/tasks/{id}", PROVISIONER),
     ("GET", "/v1/images", PROVISIONER),
+    // Imported machines: provisioners import and list them, admins remove them.
+    ("POST", "/v1/imports", PROVISIONER),
+    ("GET", "/v1/imports", PROVISIONER),
+    ("DELETE", "/v1/imports/{name}", ADMIN),
     ("POST", "/v1/images", ADMIN),
     ("POST", "/v1/export", ADMIN),
     ("POST", "/v1/placements", ADMIN),

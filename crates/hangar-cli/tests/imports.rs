@@ -1,0 +1,188 @@
+//! Imported machines through the real binary and server: a crafted image is refused with
+//! nothing left behind; a real disk is checked, staged, stored, listed, kept across a
+//! restart and removed.
+
+mod common;
+
+use std::io::Write;
+use std::path::Path;
+use std::process::Command;
+
+use common::TestServer;
+
+fn qemu_img(args: &[&str]) {
+    let out = Command::new("qemu-img").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Files left in the server's model store (its work directories included).
+fn models(server: &TestServer) -> Vec<String> {
+    match std::fs::read_dir(server.data_dir.path().join("models")) {
+        Ok(entries) => entries
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+#[test]
+fn a_qcow2_backed_by_a_host_file_is_refused_and_leaves_nothing() {
+    let server = TestServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let evil = dir.path().join("evil.qcow2");
+    let evil_s = evil.to_str().unwrap();
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        "-b",
+        "/etc/shadow",
+        "-u",
+        evil_s,
+        "64M",
+    ]);
+    let out = server.hangar(&["import", evil_s, "--name", "evil", "--format", "qcow2"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("backing file") && stderr.contains("/etc/shadow"),
+        "{stderr}"
+    );
+    assert_eq!(out.status.code(), Some(4), "422 is exit status 4: {stderr}");
+    assert_eq!(models(&server), Vec::<String>::new());
+    assert_eq!(server.json(&["imports"]), serde_json::json!([]));
+    let tasks = server.json(&["tasks"]);
+    let task = tasks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["kind"] == "import")
+        .unwrap();
+    assert_eq!(task["state"], "failed", "{task}");
+}
+
+/// A 40 MiB disk: an MBR with one Linux partition holding an ext4 root with an OS and
+/// identity in it.
+fn small_disk(dir: &Path) -> std::path::PathBuf {
+    let tree = dir.join("tree");
+    for sub in ["etc/ssh", "usr/lib", "var/lib/dhcp"] {
+        std::fs::create_dir_all(tree.join(sub)).unwrap();
+    }
+    std::fs::write(tree.join("usr/lib/os-release"), "ID=debian\n").unwrap();
+    std::os::unix::fs::symlink("../usr/lib/os-release", tree.join("etc/os-release")).unwrap();
+    std::fs::write(
+        tree.join("etc/machine-id"),
+        "0123456789abcdef0123456789abcdef\n",
+    )
+    .unwrap();
+    std::fs::write(tree.join("etc/hostname"), "old-host\n").unwrap();
+    std::fs::write(tree.join("etc/ssh/ssh_host_ed25519_key"), "secret").unwrap();
+    std::fs::write(tree.join("var/lib/dhcp/dhclient.leases"), "lease {}").unwrap();
+    let fs = dir.join("root.ext4");
+    let out = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&tree)
+        .arg(&fs)
+        .arg("32M")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let disk = dir.join("disk.img");
+    let total: u64 = 40 << 20;
+    let mut file = std::fs::File::create(&disk).unwrap();
+    file.set_len(total).unwrap();
+    let mut mbr = [0u8; 512];
+    mbr[446] = 0x80;
+    mbr[450] = 0x83;
+    mbr[454..458].copy_from_slice(&2048u32.to_le_bytes());
+    mbr[458..462].copy_from_slice(&((total / 512 - 2048) as u32).to_le_bytes());
+    mbr[510] = 0x55;
+    mbr[511] = 0xaa;
+    file.write_all(&mbr).unwrap();
+    drop(file);
+    let out = Command::new("dd")
+        .arg(format!("if={}", fs.display()))
+        .arg(format!("of={}", disk.display()))
+        .args(["bs=1M", "seek=1", "conv=notrunc", "status=none"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    disk
+}
+
+#[test]
+fn an_imported_disk_is_stored_listed_kept_across_a_restart_and_removed() {
+    // SAFETY: geteuid(2) cannot fail and touches no memory.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: importing needs root (loop devices, mounts)");
+        return;
+    }
+    let mut server = TestServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let disk = small_disk(dir.path());
+    let view = server.json(&[
+        "import",
+        disk.to_str().unwrap(),
+        "--name",
+        "legacy",
+        "--format",
+        "raw",
+        "--port",
+        "http=80",
+        "--memory",
+        "256",
+    ]);
+    assert_eq!(view["layout"], "full-disk", "{view}");
+    assert_eq!(view["root_partition"], 1);
+    assert_eq!(view["ports"]["http"], 80);
+    let stripped: Vec<&str> = view["stripped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    for path in [
+        "/etc/machine-id",
+        "/etc/ssh/ssh_host_ed25519_key",
+        "/var/lib/dhcp/dhclient.leases",
+        "/etc/hostname",
+    ] {
+        assert!(stripped.contains(&path), "{path} in {stripped:?}");
+    }
+    for step in ["upload", "check", "convert", "stage", "store"] {
+        assert!(view["timings_ms"][step].is_u64(), "{step}: {view}");
+    }
+    eprintln!("import timings: {}", view["timings_ms"]);
+    assert_eq!(models(&server), vec!["legacy.qcow2".to_string()]);
+    // A second import of the name is a conflict.
+    let again = server.hangar(&[
+        "import",
+        disk.to_str().unwrap(),
+        "--name",
+        "legacy",
+        "--format",
+        "raw",
+    ]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("exists"));
+
+    server.kill9();
+    server.spawn();
+    let listed = server.json(&["imports"]);
+    assert_eq!(listed[0]["name"], "legacy", "{listed}");
+    assert!(server.ok(&["imports"]).contains("full-disk (root 1)"));
+
+    server.ok(&["unimport", "legacy"]);
+    assert_eq!(server.json(&["imports"]), serde_json::json!([]));
+    assert_eq!(models(&server), Vec::<String>::new());
+}
