@@ -121,7 +121,11 @@ async fn timed(server: &BenchServer, body: &serde_json::Value) -> Result<Measure
 }
 
 /// Waits until `addr` answers `PING` with `+PONG`, at most `timeout` after `started`.
-async fn redis_pong(addr: SocketAddr, started: Instant, timeout: Duration) -> Result<(), BenchError> {
+async fn redis_pong(
+    addr: SocketAddr,
+    started: Instant,
+    timeout: Duration,
+) -> Result<(), BenchError> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     loop {
         let answered = async {
@@ -168,7 +172,9 @@ async fn build(server: &BenchServer, service: &str) -> Result<(), BenchError> {
             }
         }
         if Instant::now() > deadline {
-            return Err(BenchError::Failed(format!("building {service} took over an hour")));
+            return Err(BenchError::Failed(format!(
+                "building {service} took over an hour"
+            )));
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -220,7 +226,10 @@ pub async fn run(args: InstallBench) -> Result<(), BenchError> {
         templates: false,
     };
     let shared = options.cache_dir().map_err(BenchError::Reply)?;
-    eprintln!("starting a server for the benchmark (accel {})...", args.accel);
+    eprintln!(
+        "starting a server for the benchmark (accel {})...",
+        args.accel
+    );
     let server = BenchServer::start(&options).map_err(BenchError::Reply)?;
     for pool in ["http-static", SHELL_POOL, READY_SERVICE] {
         server.set_pool(pool, 0).await?;
@@ -309,7 +318,12 @@ pub async fn run(args: InstallBench) -> Result<(), BenchError> {
                 sample.served
             )));
         }
-        eprintln!("full build {}/{}: {:.0} ms", i + 1, args.builds, stats::ms(sample.total));
+        eprintln!(
+            "full build {}/{}: {:.0} ms",
+            i + 1,
+            args.builds,
+            stats::ms(sample.total)
+        );
         builds.push(sample.total);
         server.delete_vm(&sample.vm).await?;
         drop(server);
@@ -344,9 +358,15 @@ pub async fn run(args: InstallBench) -> Result<(), BenchError> {
     println!("| path | n | p50 ms | p99 ms | min ms | max ms |");
     println!("|---|---|---|---|---|---|");
     for (name, s) in [
-        ("install at deploy (shell + cached layers)", &report.install_at_deploy),
+        (
+            "install at deploy (shell + cached layers)",
+            &report.install_at_deploy,
+        ),
         ("full build from an empty image cache", &report.full_build),
-        ("ready image (exact pool VM of web-cache)", &report.ready_image),
+        (
+            "ready image (exact pool VM of web-cache)",
+            &report.ready_image,
+        ),
     ] {
         println!(
             "| {name} | {} | {:.0} | {:.0} | {:.0} | {:.0} |",

@@ -109,8 +109,8 @@ fn redis_and_nginx_are_installed_at_deploy_onto_a_shell_and_both_answer() {
         .cloned()
         .unwrap();
     assert_eq!(listed["services"], serde_json::json!(["nginx", "redis"]));
-    let console = std::fs::read_to_string(server.vms_dir().join(&vm).join("console.log"))
-        .unwrap_or_default();
+    let console =
+        std::fs::read_to_string(server.vms_dir().join(&vm).join("console.log")).unwrap_or_default();
     assert!(
         console.contains("merged"),
         "hangar-init merged the layers' databases: {console}"

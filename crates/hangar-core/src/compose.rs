@@ -161,7 +161,10 @@ pub fn compose_services(
         composed.ready.timeout = composed.ready.timeout.max(part.ready.timeout);
         composed.ready.interval = composed.ready.interval.min(part.ready.interval);
         composed.ready.consecutive = composed.ready.consecutive.max(part.ready.consecutive);
-        composed.ready.checks.extend(part.ready.checks.iter().cloned());
+        composed
+            .ready
+            .checks
+            .extend(part.ready.checks.iter().cloned());
         for component in &part.components {
             if !composed.components.contains(component) {
                 composed.components.push(component.clone());
@@ -171,12 +174,7 @@ pub fn compose_services(
     // A file of one application must not be a template of another.
     for path in composed.files.keys() {
         if let Some(owner) = templates.owner.get(path) {
-            return Err(clash(
-                "file and template",
-                path,
-                &files.owner[path],
-                owner,
-            ));
+            return Err(clash("file and template", path, &files.owner[path], owner));
         }
     }
     let closure = components.closure(composed.components.iter().map(String::as_str));

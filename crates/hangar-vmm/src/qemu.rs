@@ -1364,7 +1364,10 @@ mod tests {
             ..shell_spec
         };
         let restore = restore_args(Accel::Tcg, &composed, &paths).join(" ");
-        assert_eq!(restore.matches("virtio-blk-device").count(), 1 + crate::SHELL_LAYER_SLOTS);
+        assert_eq!(
+            restore.matches("virtio-blk-device").count(),
+            1 + crate::SHELL_LAYER_SLOTS
+        );
         assert!(restore.contains("-drive id=layer1,file=/cache/layers/a/layer.sqfs"));
         assert!(restore.contains("node-name=slot2"), "{restore}");
         assert!(!restore.contains("node-name=slot1,"), "{restore}");

@@ -199,7 +199,11 @@ pub fn mount_root(root: &RootConfig, at: &Path) -> Result<(), String> {
             let written = crate::merge::merge_databases(&points, &upper.join("data"), at)
                 .map_err(|e| format!("merging the layers' databases: {e}"))?;
             if !written.is_empty() {
-                console!("hangar-init: merged {} from {} layers", written.join(", "), lowers.len());
+                console!(
+                    "hangar-init: merged {} from {} layers",
+                    written.join(", "),
+                    lowers.len()
+                );
             }
         }
     }

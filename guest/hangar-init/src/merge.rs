@@ -158,7 +158,8 @@ pub fn merge_databases(
 mod tests {
     use super::*;
 
-    const BASE_PASSWD: &str = "root:x:0:0:root:/root:/bin/bash\nwww-data:x:33:33:www-data:/var/www:/usr/sbin/nologin\n";
+    const BASE_PASSWD: &str =
+        "root:x:0:0:root:/root:/bin/bash\nwww-data:x:33:33:www-data:/var/www:/usr/sbin/nologin\n";
 
     #[test]
     fn users_of_every_layer_exist_and_the_topmost_line_wins() {
@@ -200,7 +201,11 @@ mod tests {
             .filter_map(|line| line.strip_prefix("Package: "))
             .collect();
         assert_eq!(packages, ["bash", "libc6", "nginx-light", "redis-server"]);
-        assert!(merged.contains("Description: Persistent key-value database\n with network interface\n\n"));
+        assert!(
+            merged.contains(
+                "Description: Persistent key-value database\n with network interface\n\n"
+            )
+        );
         assert!(merged.ends_with("\n\n"));
         // A package upgraded in a higher layer: the higher stanza wins.
         let upgraded = base.replace("Version: 5.2", "Version: 5.3");
@@ -233,24 +238,31 @@ mod tests {
             "Package: bash\nArchitecture: amd64\n\nPackage: nginx-light\nArchitecture: amd64\n",
         );
         // The root as the overlay shows it: the topmost layer's files.
-        let root = layer("root", BASE_PASSWD, "Package: bash\nArchitecture: amd64\n\nPackage: nginx-light\nArchitecture: amd64\n");
+        let root = layer(
+            "root",
+            BASE_PASSWD,
+            "Package: bash\nArchitecture: amd64\n\nPackage: nginx-light\nArchitecture: amd64\n",
+        );
         let upper = dir.join("upper");
         std::fs::create_dir_all(&upper).expect("mkdir");
-        let written =
-            merge_databases(&[&nginx, &redis, &os], &upper, &root).expect("merges");
+        let written = merge_databases(&[&nginx, &redis, &os], &upper, &root).expect("merges");
         assert_eq!(written, ["etc/passwd", "var/lib/dpkg/status"]);
         let passwd = std::fs::read_to_string(root.join("etc/passwd")).expect("read");
         assert!(passwd.contains("redis:x:100"), "{passwd}");
         let status = std::fs::read_to_string(root.join("var/lib/dpkg/status")).expect("read");
-        assert!(status.contains("Package: redis-server") && status.contains("Package: nginx-light"));
+        assert!(
+            status.contains("Package: redis-server") && status.contains("Package: nginx-light")
+        );
         // A database the VM already changed in its own layer is left alone.
         std::fs::create_dir_all(upper.join("etc")).expect("mkdir");
         std::fs::write(upper.join("etc/passwd"), "mine\n").expect("write");
         std::fs::write(root.join("etc/passwd"), "mine\n").expect("write");
-        let written =
-            merge_databases(&[&nginx, &redis, &os], &upper, &root).expect("merges");
+        let written = merge_databases(&[&nginx, &redis, &os], &upper, &root).expect("merges");
         assert_eq!(written, ["var/lib/dpkg/status"]);
-        assert_eq!(std::fs::read_to_string(root.join("etc/passwd")).expect("read"), "mine\n");
+        assert_eq!(
+            std::fs::read_to_string(root.join("etc/passwd")).expect("read"),
+            "mine\n"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -235,7 +235,8 @@ pub fn stack_roots(
         .ok_or(ImageSourceError::NothingToAttach)?;
     let mut bottom_first: Vec<(String, PathBuf)> = Vec::new();
     for (i, (part, root)) in parts.iter().zip(roots).enumerate() {
-        if root.layer_hashes.first() != Some(os_layer) || root.layers.len() != root.layer_hashes.len()
+        if root.layer_hashes.first() != Some(os_layer)
+            || root.layers.len() != root.layer_hashes.len()
         {
             return Err(ImageSourceError::NotComposable {
                 first: parts[0].name.clone(),
@@ -255,7 +256,11 @@ pub fn stack_roots(
     }
     Ok(RootImage {
         base: first.base.clone(),
-        layers: bottom_first.iter().rev().map(|(_, path)| path.clone()).collect(),
+        layers: bottom_first
+            .iter()
+            .rev()
+            .map(|(_, path)| path.clone())
+            .collect(),
         layer_hashes: bottom_first.into_iter().map(|(hash, _)| hash).collect(),
     })
 }
@@ -338,7 +343,11 @@ mod tests {
     fn root(hashes: &[&str]) -> RootImage {
         RootImage {
             base: Some("/cache/upper.qcow2".into()),
-            layers: hashes.iter().rev().map(|h| format!("/cache/{h}").into()).collect(),
+            layers: hashes
+                .iter()
+                .rev()
+                .map(|h| format!("/cache/{h}").into())
+                .collect(),
             layer_hashes: hashes.iter().map(|h| h.to_string()).collect(),
         }
     }
@@ -352,7 +361,10 @@ mod tests {
         ];
         let stacked = stack_roots(
             &parts,
-            &[root(&["os", "redis-sw", "redis-files"]), root(&["os", "nginx-sw", "nginx-files"])],
+            &[
+                root(&["os", "redis-sw", "redis-files"]),
+                root(&["os", "nginx-sw", "nginx-files"]),
+            ],
             "debian-12",
         )
         .expect("stacks");
@@ -382,6 +394,9 @@ mod tests {
             "debian-12",
         )
         .expect_err("different OS layers");
-        assert!(matches!(err, ImageSourceError::NotComposable { .. }), "{err}");
+        assert!(
+            matches!(err, ImageSourceError::NotComposable { .. }),
+            "{err}"
+        );
     }
 }

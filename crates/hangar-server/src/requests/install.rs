@@ -74,7 +74,10 @@ impl Manager {
             self.record_demand(pool);
         }
         self.pools.granted();
-        let (task, sender) = self.tasks.begin("install", Some(composed.name.clone())).await?;
+        let (task, sender) = self
+            .tasks
+            .begin("install", Some(composed.name.clone()))
+            .await?;
         if let Err(err) = self.store.set_task_vm(&task, &shell.id).await {
             tracing::warn!(task = %task, error = %err, "cannot record the install task's vm");
         }

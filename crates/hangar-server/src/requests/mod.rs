@@ -319,9 +319,11 @@ impl Manager {
         // (a guest port, a file, a setting) refused.
         let mut parts = Vec::with_capacity(config.apps.len());
         for app in &config.apps {
-            parts.push(self.catalog.get(app).cloned().ok_or_else(|| {
-                RequestError::Invalid(format!("no application named {app:?}"))
-            })?);
+            parts.push(
+                self.catalog.get(app).cloned().ok_or_else(|| {
+                    RequestError::Invalid(format!("no application named {app:?}"))
+                })?,
+            );
         }
         let service = if parts.len() <= 1 {
             parts.first().cloned()
