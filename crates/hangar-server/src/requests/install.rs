@@ -505,11 +505,18 @@ max = 1
             .request(config(&["web", "other-web"], &[]))
             .await
             .expect_err("both listen on guest port 80");
+        // Found by the heuristics engine, in front of the request path: a 422 whose
+        // problem names both sides and suggests separate VMs.
         match &err {
-            RequestError::Never { message, .. } => {
-                assert!(message.contains("guest port 80"), "{message}");
+            RequestError::Unservable(verdict) => {
+                let clash = verdict
+                    .errors()
+                    .find(|p| p.code == hangar_core::heuristics::ProblemCode::Clash)
+                    .expect("a clash");
+                assert!(clash.message.contains("guest port 80"), "{}", clash.message);
+                assert!(clash.suggestion.starts_with("request them on separate VMs"));
             }
-            other => panic!("expected never, got {other:?}"),
+            other => panic!("expected unservable, got {other:?}"),
         }
         assert_eq!(backend.launches(), launches, "nothing started");
     }
