@@ -98,7 +98,7 @@ impl Manager {
         self.pools.granted();
         let (task, sender) = self
             .tasks
-            .begin("install", Some(composed.name.clone()))
+            .begin_as("install", owner, Some(composed.name.clone()))
             .await?;
         if let Err(err) = self.store.set_task_vm(&task, &shell.id).await {
             tracing::warn!(task = %task, error = %err, "cannot record the install task's vm");
@@ -112,18 +112,18 @@ impl Manager {
             parts.to_vec(),
         );
         tokio::spawn(async move {
-            let result = manager
-                .install(
-                    &id,
-                    &shell,
-                    &machine,
-                    &request,
-                    &composed_for_task,
-                    &parts_for_task,
-                    slice_to,
-                )
-                .await;
-            if let Err(reason) = &result {
+            // Cancellable: a cancel drops the install and discards the shell like a failure.
+            let install = manager.install(
+                &id,
+                &shell,
+                &machine,
+                &request,
+                &composed_for_task,
+                &parts_for_task,
+                slice_to,
+            );
+            let result = manager.run_task(&id, install).await;
+            if let Err((_, reason)) = &result {
                 let reason = format!("installing onto shell {}: {reason}", shell.id);
                 manager.discard(&shell.id, &reason).await;
             }

@@ -159,6 +159,7 @@ async fn at_restart_a_half_task_is_undone_from_its_journal() {
         cmdline: String::new(),
         base_image: None,
         layers: Vec::new(),
+        layer_slots: 0,
         forwards: vec![],
         pre_os: false,
         background: false,
