@@ -154,6 +154,7 @@ impl<'a> Probe<'a> {
                     Err(err) => Err(NotReady(format!("guest agent: {err}"))),
                 }
             }
+            ReadyCheck::Connect { port } => connect_check(endpoint(port)?).await,
             ReadyCheck::Http {
                 port,
                 path,
@@ -391,6 +392,30 @@ pub async fn http_check(
 }
 
 /// Sends `send` and reads until the answer contains `expect`.
+/// How long a connection must stay open, unanswered, to count as accepted in the guest.
+const CONNECT_HOLD: Duration = Duration::from_millis(300);
+
+/// Connects to `addr` (a VM's port forward) and passes when the connection stays open for
+/// [`CONNECT_HOLD`] or the guest sends something; fails when it is closed first. A
+/// user-mode forward accepts every connection on the host and closes it as soon as the
+/// guest refuses it, so a bare connect proves nothing; this is the check for guests with
+/// no agent to ask what listens.
+pub async fn connect_check(addr: SocketAddr) -> Result<(), NotReady> {
+    let mut stream = tokio::time::timeout(PROBE_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| NotReady(format!("connect to {addr} timed out")))?
+        .map_err(|err| NotReady(format!("connect to {addr}: {err}")))?;
+    let mut buf = [0u8; 64];
+    match tokio::time::timeout(CONNECT_HOLD, stream.read(&mut buf)).await {
+        Err(_) => Ok(()),
+        Ok(Ok(n)) if n > 0 => Ok(()),
+        Ok(Ok(_)) => Err(NotReady(format!(
+            "{addr} closed the connection at once (nothing listens in the guest)"
+        ))),
+        Ok(Err(err)) => Err(NotReady(format!("{addr}: {err}"))),
+    }
+}
+
 pub async fn bytes_check(addr: SocketAddr, send: &[u8], expect: &[u8]) -> Result<(), NotReady> {
     let answer = exchange(addr, send, Some(expect)).await?;
     if contains(&answer, expect) {
@@ -825,5 +850,31 @@ mod tests {
             .unwrap();
         let err = http_check(closed, "/", 200, None).await.unwrap_err();
         assert!(err.0.starts_with("connect to"), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn connect_check_passes_an_open_or_answering_connection_and_fails_a_closed_one() {
+        // Holds connections open without a word (an HTTP server waiting for a request).
+        let holding = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let hold_addr = holding.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut kept = Vec::new();
+            while let Ok((stream, _)) = holding.accept().await {
+                kept.push(stream);
+            }
+        });
+        connect_check(hold_addr).await.unwrap();
+        // Answers at once (a server that speaks first).
+        connect_check(server(b"SSH-2.0-x\r\n").await).await.unwrap();
+        // Closes at once, as a user-mode forward does when nothing listens in the guest.
+        let closing = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let close_addr = closing.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = closing.accept().await {
+                drop(stream);
+            }
+        });
+        let err = connect_check(close_addr).await.unwrap_err();
+        assert!(err.0.contains("closed the connection at once"), "{}", err.0);
     }
 }

@@ -83,6 +83,7 @@ async fn main() {
         pre_os: false,
         background: false,
         template: None,
+        firmware: false,
     };
     let launched = backend.launch(&spec).await.expect("launch");
     let agent = launched.agent.clone();

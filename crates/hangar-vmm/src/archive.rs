@@ -325,6 +325,7 @@ mod tests {
             pre_os: false,
             background: false,
             template: None,
+            firmware: false,
         }
     }
 

@@ -501,6 +501,7 @@ mod tests {
             pre_os: false,
             background: false,
             template: None,
+            firmware: false,
         };
         let launched = backend.launch(&spec).await.unwrap();
         assert_eq!(

@@ -161,6 +161,7 @@ mod tests {
             pre_os: false,
             background: false,
             template: None,
+            firmware: false,
         }
     }
 

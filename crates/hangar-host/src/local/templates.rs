@@ -93,6 +93,7 @@ impl LocalHost {
             pre_os: false,
             background: false,
             template: None,
+            firmware: false,
         })
     }
 

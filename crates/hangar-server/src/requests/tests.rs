@@ -362,6 +362,7 @@ async fn restart_adopts_running_vms_fails_vanished_ones_and_stops_strangers() {
         pre_os: false,
         background: false,
         template: None,
+        firmware: false,
     };
     backend.launch(&stranger).await.unwrap();
 

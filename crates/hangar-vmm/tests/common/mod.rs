@@ -161,6 +161,7 @@ pub fn spec(id: &str, guest: &Guest, port: u16) -> VmSpec {
         pre_os: false,
         background: false,
         template: None,
+        firmware: false,
     }
 }
 
