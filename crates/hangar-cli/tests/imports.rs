@@ -174,7 +174,8 @@ fn an_imported_disk_is_stored_listed_kept_across_a_restart_and_removed() {
         "raw",
     ]);
     assert!(!again.status.success());
-    assert!(String::from_utf8_lossy(&again.stderr).contains("exists"));
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(stderr.contains("exists"), "{stderr}");
 
     server.kill9();
     server.spawn();

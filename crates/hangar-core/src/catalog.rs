@@ -232,9 +232,10 @@ fn default_consecutive() -> u32 {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum ReadyCheck {
-    /// A connection through the port's endpoint stays open or is answered, rather than
-    /// being closed at once (what a user-mode port forward does when nothing listens in
-    /// the guest). For guests without hangar-init, such as imported machines.
+    /// The guest sends something through the port's endpoint: a greeting of its own, or an
+    /// answer to `HEAD / HTTP/1.0` (a user-mode port forward accepts and holds connections
+    /// whether or not the guest is up, so only the guest's bytes prove it serves). For
+    /// guests without hangar-init, such as imported machines.
     Connect { port: String },
     /// Something listens on the port inside the guest (asked of hangar-init, since a
     /// user-mode port forward accepts connections even when nothing listens behind it).
@@ -873,8 +874,8 @@ pub enum Never {
 
 impl Service {
     /// The service of an imported machine `name`: its `ports` (name → guest port), ready
-    /// when every port's connection stays open or is answered (no hangar-init runs in it
-    /// to ask), within `ready_timeout` (a firmware boot under emulation takes tens of
+    /// when the guest answers on every port ([`ReadyCheck::Connect`]; no hangar-init runs
+    /// in it to ask), within `ready_timeout` (a firmware boot under emulation takes tens of
     /// seconds). Its one environment is [`IMPORTED_OS`].
     pub fn imported_machine(
         name: &str,
