@@ -240,6 +240,17 @@ impl Client {
             .await
     }
 
+    /// The heuristics engine's verdict on a request (`POST /v1/requests/check`): every
+    /// problem with a suggestion, the ranked candidates and the chosen one. Nothing is
+    /// provisioned; an invalid request is a 200 with its problems.
+    pub async fn check(
+        &self,
+        request: &ServiceRequest,
+    ) -> Result<hangar_core::heuristics::Verdict, ClientError> {
+        self.call(Method::POST, &["v1", "requests", "check"], Some(request))
+            .await
+    }
+
     /// [`Client::request`] under an `Idempotency-Key`: a retry with the same key (by the
     /// same user) answers the first call's grant, the same VM. 422 when the key was used
     /// with another request.

@@ -11,7 +11,8 @@ pub struct ErrorBody {
 /// What went wrong, for people (`message`) and programs (`code`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorDetail {
-    /// `not_found`, `bad_request`, `never`, `conflict`, `try_again`, `internal`; and for what
+    /// `not_found`, `bad_request`, `never`, `invalid_configuration` (422, with `problems`),
+    /// `conflict`, `try_again`, `internal`; and for what
     /// the HTTP layer refuses before a handler runs: `method_not_allowed` (405), `too_large`
     /// (413), `unsupported_media_type` (415), `bad_request` (a query string or path parameter
     /// that does not parse).
@@ -25,4 +26,8 @@ pub struct ErrorDetail {
     pub task: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_after_s: Option<u64>,
+    /// Every problem with a configuration request, each with its field and a suggestion
+    /// (`invalid_configuration`, 422; see `POST /v1/requests/check`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<hangar_core::heuristics::Problem>,
 }

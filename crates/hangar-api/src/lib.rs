@@ -30,14 +30,15 @@ pub use client::{BadUrl, BlobDownload, Client, ClientError, Download, Timed};
 pub use error::{ErrorBody, ErrorDetail};
 pub use farm::{Heartbeat, HeartbeatReply, HostFactsView, HostRegistration, HostView, HostVmView};
 pub use farm_images::{AssetsManifest, Blob, RootBody, RootManifest};
-pub use hangar_core::Role;
+pub use hangar_core::heuristics;
+pub use hangar_core::{Role, ServiceRequest};
 pub use images::{BuildView, ImageBody, ImageView, ImagesView, LayerView, TemplateView};
 pub use imports::{ImportQuery, ImportView};
 pub use openapi::ApiDoc;
 pub use placements::{PlacementBody, PlacementView};
 pub use policies::{BudgetView, PoliciesView, PolicyBody, PolicySource, PolicyView};
 pub use pools::{PoolBoundsBody, PoolView};
-pub use requests::{GrantView, Served, SliceView};
+pub use requests::{ChosenView, GrantView, Served, SliceView};
 pub use services::{Health, PortView, ServiceView, SettingView};
 pub use tasks::TaskView;
 pub use users::{
@@ -95,6 +96,7 @@ mod tests {
                 alternatives: Vec::new(),
                 task: None,
                 retry_after_s: None,
+                problems: Vec::new(),
             },
         };
         let value = serde_json::to_value(&body).unwrap();

@@ -75,6 +75,19 @@ pub struct GrantView {
     /// VM was placed for this request; `None` when an existing VM answered.
     #[serde(default)]
     pub placement: Option<String>,
+    /// For a configuration request: which kind of candidate served it and why, in one
+    /// line (the heuristics engine's choice; see `POST /v1/requests/check`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chosen: Option<ChosenView>,
+}
+
+/// The candidate a configuration request was served by.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ChosenView {
+    pub kind: hangar_core::heuristics::CandidateKind,
+    /// What it was: a pool VM's id, `template SERVICE`, `image SERVICE`, ...
+    pub source: String,
+    pub reason: String,
 }
 
 /// A VM's size after slicing.

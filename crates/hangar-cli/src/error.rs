@@ -11,6 +11,8 @@ pub enum CliError {
         status: u16,
         message: String,
         alternatives: Vec<String>,
+        /// Every problem of a refused configuration, with its suggestion.
+        problems: Vec<hangar_api::heuristics::Problem>,
     },
     /// An answer that is not what the API promises.
     Reply(String),
@@ -63,6 +65,14 @@ impl CliError {
             _ => &[],
         }
     }
+
+    /// The problems of a refused configuration, each with a suggestion.
+    pub fn problems(&self) -> &[hangar_api::heuristics::Problem] {
+        match self {
+            CliError::Api { problems, .. } => problems,
+            _ => &[],
+        }
+    }
 }
 
 impl From<ClientError> for CliError {
@@ -76,12 +86,14 @@ impl From<ClientError> for CliError {
                 status: status.as_u16(),
                 message: body.error.message,
                 alternatives: body.error.alternatives,
+                problems: body.error.problems,
             },
             // An error status without the JSON error body: still the status's exit code.
             ClientError::Decode { status, source, .. } if !status.is_success() => CliError::Api {
                 status: status.as_u16(),
                 message: format!("HTTP {status}: {source}"),
                 alternatives: Vec::new(),
+                problems: Vec::new(),
             },
             ClientError::Decode { source, .. } => CliError::Reply(source.to_string()),
         }

@@ -14,8 +14,8 @@ mod error;
 mod output;
 
 use commands::{
-    accounting, agent, auth, bench as bench_cmd, export, hosts, images, imports, policies, pools,
-    request, server, services, tasks, templates, vms,
+    accounting, agent, auth, bench as bench_cmd, check, export, hosts, images, imports, policies,
+    pools, request, server, services, tasks, templates, vms,
 };
 use error::CliError;
 use hangar_api::client::Client;
@@ -78,6 +78,14 @@ enum Command {
         hangar request --vcpus 1 --memory 128 --os busybox --app http-static --exact-size"
     )]
     Request(request::RequestArgs),
+    /// Check a request without provisioning: every problem with a suggestion, the
+    /// candidates (exact, superset, partial, partial + install, build) ranked by cost to
+    /// deliver and waste, and the one a request would get. Exits 4 when it would be refused.
+    #[command(
+        after_help = "Examples:\n  hangar check --vcpus 1 --memory 128 --os busybox@1.35 --app http-static --exact-size\n  \
+        hangar check --memory 256 --os debian-12 --app postgresql --json"
+    )]
+    Check(request::RequestArgs),
     /// The state table: every VM, its host, services, endpoints and state.
     Vms(vms::VmsArgs),
     /// Hosts VMs run on (this server's own and the farm's agents): state, capacity and
@@ -209,6 +217,7 @@ async fn client_command(
         }
         Command::Services(args) => services::run(client, args).await,
         Command::Request(args) => request::run(client, args).await,
+        Command::Check(args) => check::run(client, args).await,
         Command::Vms(args) => vms::list(client, args).await,
         Command::Pools(args) => pools::list(client, args).await,
         Command::Hosts(args) => hosts::list(client, args).await,

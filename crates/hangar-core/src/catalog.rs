@@ -76,6 +76,13 @@ pub struct Os {
     /// Extra Debian packages in the OS layer (`debootstrap --include`).
     #[serde(default)]
     pub packages: Vec<String>,
+    /// Least memory a VM of this OS boots with, in MiB (checked before a request is
+    /// served; none declared: no floor of its own).
+    #[serde(default)]
+    pub min_memory_mib: Option<u32>,
+    /// Least root disk this OS needs, in MiB.
+    #[serde(default)]
+    pub min_disk_mib: Option<u32>,
 }
 
 /// How an OS layer is made.
@@ -142,6 +149,14 @@ pub struct Service {
     pub ready: ReadySpec,
     /// Every component it is made of, dependencies first (software, patches, apps).
     pub components: Vec<String>,
+    /// Least memory its applications need, in MiB: the largest `min_memory_mib` its apps
+    /// (and the service itself) declare; none declared: `None`.
+    #[serde(default)]
+    pub min_memory_mib: Option<u32>,
+    /// Least disk its applications add to the OS's, in MiB: the sum of the `min_disk_mib`
+    /// its apps (and the service itself) declare; none declared: `None`.
+    #[serde(default)]
+    pub min_disk_mib: Option<u32>,
     /// An imported machine's service (`hangar import`): its VMs boot the model disk of
     /// the same name with the disk's own bootloader, not an image built from components,
     /// and run no hangar-init (no settings, files, processes or guest agent).
@@ -451,6 +466,12 @@ struct RawApp {
     #[serde(default)]
     settings: BTreeMap<String, Setting>,
     ready: Option<ReadySpec>,
+    /// Least memory the app needs to run, in MiB.
+    #[serde(default)]
+    min_memory_mib: Option<u32>,
+    /// Least disk the app adds, in MiB.
+    #[serde(default)]
+    min_disk_mib: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -486,6 +507,11 @@ struct RawService {
     ready: Option<ReadySpec>,
     #[serde(default)]
     policy: Policy,
+    /// The service's own minimums (of its inline app, or over its apps').
+    #[serde(default)]
+    min_memory_mib: Option<u32>,
+    #[serde(default)]
+    min_disk_mib: Option<u32>,
 }
 
 impl RawService {
@@ -502,6 +528,8 @@ impl RawService {
             templates: self.templates.clone(),
             settings: self.settings.clone(),
             ready: self.ready.clone(),
+            min_memory_mib: None,
+            min_disk_mib: None,
         };
         (self, app)
     }
@@ -538,6 +566,8 @@ impl Catalog {
                     description: "busybox-static userland".into(),
                     suite: None,
                     packages: Vec::new(),
+                    min_memory_mib: None,
+                    min_disk_mib: None,
                 },
             );
         }
@@ -915,6 +945,8 @@ impl Service {
                     .collect(),
             },
             components: Vec::new(),
+            min_memory_mib: None,
+            min_disk_mib: None,
             imported: true,
         }
     }
@@ -1109,6 +1141,35 @@ fn validate(
             readies.push(ready.clone());
         }
     }
+    // Minimums: the most memory any of its apps needs (they share the VM's memory, each
+    // figure counting the OS it was measured on), the disk they all add.
+    let declared = closure
+        .iter()
+        .filter(|c| c.kind == ComponentKind::App)
+        .map(|c| &apps[&c.name])
+        .map(|app| (app.min_memory_mib, app.min_disk_mib))
+        .chain([(raw.min_memory_mib, raw.min_disk_mib)]);
+    let (mut min_memory_mib, mut min_disk_mib) = (None::<u32>, None::<u32>);
+    for (memory, disk) in declared {
+        if let Some(memory) = memory {
+            min_memory_mib = Some(min_memory_mib.unwrap_or(0).max(memory));
+        }
+        if let Some(disk) = disk {
+            min_disk_mib = Some(min_disk_mib.unwrap_or(0).saturating_add(disk));
+        }
+    }
+    for env in &environments {
+        let floor = os[env]
+            .min_memory_mib
+            .unwrap_or(0)
+            .max(min_memory_mib.unwrap_or(0));
+        if raw.memory_mib < floor {
+            return Err(fail(format!(
+                "memory_mib = {} is below the {floor} MiB it needs on os {env} (min_memory_mib of its apps and OS)",
+                raw.memory_mib
+            )));
+        }
+    }
     let ready = match raw.ready {
         Some(ready) => ready,
         None => merge_ready(readies).ok_or_else(|| {
@@ -1227,6 +1288,8 @@ fn validate(
         settings,
         ready,
         components: closure.iter().map(|c| c.name.clone()).collect(),
+        min_memory_mib,
+        min_disk_mib,
         imported: false,
     })
 }

@@ -588,6 +588,8 @@ mod tests {
             description: String::new(),
             suite: None,
             packages: Vec::new(),
+            min_memory_mib: None,
+            min_disk_mib: None,
         }
     }
 

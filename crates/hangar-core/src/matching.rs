@@ -28,6 +28,10 @@ pub struct MachineRequest {
     /// Applications (catalog services) the VM must offer.
     #[serde(default)]
     pub apps: BTreeSet<String>,
+    /// Least root disk the VM needs, in MiB: checked against the OS's and the
+    /// applications' declared minimums (a VM's disk is its image's, grown as it writes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_mib: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -216,6 +220,7 @@ mod tests {
                 min_version: version.map(String::from),
             },
             apps: apps.iter().map(|a| a.to_string()).collect(),
+            disk_mib: None,
         }
     }
 
@@ -358,6 +363,7 @@ mod tests {
                     min_version: version.map(String::from),
                 },
                 apps: apps.into_iter().map(String::from).collect(),
+                disk_mib: None,
             })
     }
 

@@ -125,6 +125,10 @@ pub struct ShellPlan {
     pub service: Option<Service>,
     pub os: String,
     pub env: BTreeMap<String, String>,
+    /// Slice the booted VM down to (vCPUs, MiB) before its service is checked ready
+    /// (exact size on a shell larger than the request).
+    #[serde(default)]
+    pub slice_to: Option<(u32, u32)>,
 }
 
 /// A pre-OS shell booted with its OS.
@@ -132,6 +136,9 @@ pub struct ShellPlan {
 pub struct BootedShell {
     pub launch: LaunchRecord,
     pub direct_endpoints: BTreeMap<String, String>,
+    /// The size it was sliced to, when the plan asked.
+    #[serde(default)]
+    pub sliced_to: Option<(u32, u32)>,
 }
 
 /// How a VM sleeps now, for [`Host::wake`].

@@ -4,6 +4,7 @@ pub mod accounting;
 pub mod agent;
 pub mod auth;
 pub mod bench;
+pub mod check;
 pub mod export;
 pub mod hosts;
 pub mod images;

@@ -28,6 +28,10 @@ pub struct RequestArgs {
     /// Configuration: an application the VM must offer (repeatable).
     #[arg(long = "app", requires = "memory")]
     apps: Vec<String>,
+    /// Configuration: least root disk in MiB (checked against the OS's and the
+    /// applications' minimums).
+    #[arg(long, value_name = "MIB", requires = "memory")]
+    disk: Option<u32>,
     /// Slice a larger VM down to the requested memory and vCPUs.
     #[arg(long)]
     exact_size: bool,
@@ -69,52 +73,57 @@ fn parse_memory(text: &str) -> Result<(u32, u32), String> {
     }
 }
 
+impl RequestArgs {
+    /// The request these arguments describe (`POST /v1/requests`, and the same body for
+    /// `POST /v1/requests/check`).
+    pub fn service_request(&self) -> Result<hangar_api::ServiceRequest, CliError> {
+        let config = self.memory.map(|(min, max)| {
+            let (name, min_version) = match self.os.split_once('@') {
+                Some((name, version)) => (name.to_owned(), Some(version.to_owned())),
+                None => (self.os.clone(), None),
+            };
+            serde_json::json!({
+                "vcpus": self.vcpus.unwrap_or(1),
+                "memory_mib": { "min": min, "max": max },
+                "os": { "name": name, "min_version": min_version },
+                "apps": self.apps,
+                "disk_mib": self.disk,
+            })
+        });
+        let body = serde_json::json!({
+            "service": self.service,
+            "config": config,
+            "exact_size": self.exact_size,
+            "env": self.env.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+            "mode": if self.dedicated { "dedicated" } else { "shared" },
+            "deadline_ms": self.deadline.map(|d| d.as_millis() as u64),
+            "isolate": self.isolate,
+            "on": self.on.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+        });
+        serde_json::from_value(body)
+            .map_err(|err| CliError::Usage(format!("not a valid request: {err}")))
+    }
+
+    /// Whether `--json` was given.
+    pub fn json(&self) -> bool {
+        self.json
+    }
+}
+
 pub async fn run(client: &Client, args: RequestArgs) -> Result<(), CliError> {
+    let request = args.service_request()?;
     let RequestArgs {
         service,
-        vcpus,
-        memory,
-        os,
-        apps,
-        exact_size,
-        env,
-        dedicated,
-        deadline,
-        isolate,
-        on,
         idempotency_key,
         json,
+        ..
     } = args;
-    let config = memory.map(|(min, max)| {
-        let (name, min_version) = match os.split_once('@') {
-            Some((name, version)) => (name.to_owned(), Some(version.to_owned())),
-            None => (os.clone(), None),
-        };
-        serde_json::json!({
-            "vcpus": vcpus.unwrap_or(1),
-            "memory_mib": { "min": min, "max": max },
-            "os": { "name": name, "min_version": min_version },
-            "apps": apps,
-        })
-    });
-    let body = serde_json::json!({
-        "service": service,
-        "config": config,
-        "exact_size": exact_size,
-        "env": env.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
-        "mode": if dedicated { "dedicated" } else { "shared" },
-        "deadline_ms": deadline.map(|d| d.as_millis() as u64),
-        "isolate": isolate,
-        "on": on.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
-    });
     if !json && std::io::stderr().is_terminal() {
         eprintln!(
             "waiting for a VM offering {}...",
             service.as_deref().unwrap_or("that configuration")
         );
     }
-    let request = serde_json::from_value(body)
-        .map_err(|err| CliError::Usage(format!("not a valid request: {err}")))?;
     let grant = match &idempotency_key {
         Some(key) => client.request_idempotent(&request, key).await?.value,
         None => client.request(&request).await?.value,
@@ -137,6 +146,9 @@ pub async fn run(client: &Client, args: RequestArgs) -> Result<(), CliError> {
     }
     if let Some(why) = &grant.placement {
         eprintln!("{}", placement_line(&grant.host, why));
+    }
+    if let Some(chosen) = &grant.chosen {
+        eprintln!("chosen: {}", chosen.reason);
     }
     if std::io::stderr().is_terminal() {
         let how = match grant.served {

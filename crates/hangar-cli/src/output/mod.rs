@@ -58,6 +58,15 @@ pub fn exit_status(result: Result<(), CliError>) -> ExitCode {
             for alternative in err.alternatives() {
                 eprintln!("  try: hangar request {alternative}");
             }
+            for problem in err.problems() {
+                eprintln!(
+                    "  [{}] {}: {}\n      try: {}",
+                    wire_name(&problem.code),
+                    problem.field,
+                    problem.message,
+                    problem.suggestion
+                );
+            }
             ExitCode::from(err.exit_code())
         }
     }

@@ -6,7 +6,8 @@ pub fn print(header: &[&str], rows: impl IntoIterator<Item = Vec<String>>) {
     print!("{}", render(header, &rows));
 }
 
-fn render(header: &[&str], rows: &[Vec<String>]) -> String {
+/// The table [`print`] prints, as text.
+pub fn render(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for row in rows {
         for (width, cell) in widths.iter_mut().zip(row) {

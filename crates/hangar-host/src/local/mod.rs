@@ -472,6 +472,15 @@ impl Host for LocalHost {
             .configure(config, timeout)
             .await
             .map_err(|err| HostError::Guest(diagnose(id, &agent, &error_chain(&err))))?;
+        // Sliced once the guest runs its agent (the balloon driver is loaded by then),
+        // before the service is checked: it is checked at the size it is handed out at.
+        let sliced_to = match plan.slice_to {
+            Some(to) => Some(
+                self.slice(id, &agent, (spec.vcpus, spec.memory_mib), to)
+                    .await?,
+            ),
+            None => None,
+        };
         if let Some(service) = &plan.service {
             let pid = self.pid(id);
             self.wait_ready(id, pid, service, &service.ready, &endpoints, &agent)
@@ -480,6 +489,7 @@ impl Host for LocalHost {
         Ok(BootedShell {
             launch: record(&spec)?,
             direct_endpoints: endpoint_text(&endpoints),
+            sliced_to,
         })
     }
 

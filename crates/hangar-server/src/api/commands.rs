@@ -5,7 +5,7 @@
 //! become statuses in one place (`super::error`).
 //!
 //! When each command is legal:
-//! - `Request`, `List*`, `Get*`, `BuildImage`, `ExportImage`: always; the domain answers
+//! - `Request`, `Check`, `List*`, `Get*`, `BuildImage`, `ExportImage`: always; the domain answers
 //!   404/422 for unknown or never-viable services.
 //! - `RegisterHost`, `HostHeartbeat`: only from callers with the farm token (checked by
 //!   the handler); a heartbeat of a host not registered (or registered again since)
@@ -38,6 +38,8 @@ pub enum Command {
         request: ServiceRequest,
         owner: String,
     },
+    /// The heuristics engine's verdict on a request; provisions nothing.
+    Check(ServiceRequest),
     /// VMs (with deleted ones when `all`).
     ListVms {
         all: bool,
@@ -100,6 +102,7 @@ pub enum Command {
 /// What a command answers.
 pub enum Reply {
     Grant(Box<Grant>),
+    Verdict(Box<hangar_core::heuristics::Verdict>),
     Vm(VmRecord),
     /// A woken VM, with where the time went.
     Woken(VmRecord, Stages),
@@ -149,6 +152,9 @@ impl RequestHandler for Arc<Manager> {
         Ok(match command {
             Command::Request { request, owner } => {
                 Reply::Grant(Box::new(manager.request_as(&owner, request).await?))
+            }
+            Command::Check(request) => {
+                Reply::Verdict(Box::new(manager.check_request(&request).await?))
             }
             Command::RegisterHost(registration) => {
                 Reply::HostReply(manager.register_host(registration).await?)

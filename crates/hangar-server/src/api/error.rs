@@ -22,6 +22,12 @@ pub enum ApiError {
         message: String,
         alternatives: Vec<String>,
     },
+    /// A configuration with hard problems (422): each with its field and a suggestion.
+    #[error("{message}")]
+    Unservable {
+        message: String,
+        problems: Vec<hangar_core::heuristics::Problem>,
+    },
     /// Not now: the state of the thing forbids it.
     #[error("{0}")]
     Conflict(String),
@@ -61,7 +67,9 @@ impl ApiError {
         match self {
             ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::Never { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Never { .. } | ApiError::Unservable { .. } => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TryAgain { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::QuotaExceeded(_) => StatusCode::TOO_MANY_REQUESTS,
@@ -77,6 +85,7 @@ impl ApiError {
             ApiError::NotFound { .. } => "not_found",
             ApiError::BadRequest(_) => "bad_request",
             ApiError::Never { .. } => "never",
+            ApiError::Unservable { .. } => "invalid_configuration",
             ApiError::Conflict(_) => "conflict",
             ApiError::TryAgain { .. } => "try_again",
             ApiError::QuotaExceeded(_) => "quota_exceeded",
@@ -177,6 +186,10 @@ impl From<crate::requests::RequestError> for ApiError {
         use crate::requests::RequestError;
         match err {
             RequestError::Invalid(message) => ApiError::BadRequest(message),
+            RequestError::Unservable(ref verdict) => ApiError::Unservable {
+                message: err.to_string(),
+                problems: verdict.problems.clone(),
+            },
             RequestError::Settings(_) => ApiError::BadRequest(error_chain(&err)),
             RequestError::NotFound {
                 message,
@@ -358,6 +371,10 @@ impl IntoResponse for ApiError {
                 alternatives,
                 task,
                 retry_after_s,
+                problems: match &self {
+                    ApiError::Unservable { problems, .. } => problems.clone(),
+                    _ => Vec::new(),
+                },
             },
         };
         let mut response = (status, Json(body)).into_response();

@@ -187,6 +187,7 @@ pub(super) async fn farm_blob(
                     alternatives: Vec::new(),
                     task: None,
                     retry_after_s: None,
+                    problems: Vec::new(),
                 },
             };
             let content_range = format!("bytes */{size}");

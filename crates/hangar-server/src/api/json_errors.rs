@@ -50,6 +50,7 @@ pub async fn json_errors(request: Request, next: Next) -> Response {
             alternatives: Vec::new(),
             task: None,
             retry_after_s: None,
+            problems: Vec::new(),
         },
     };
     let bytes = serde_json::to_vec(&body).expect("an error body serializes");

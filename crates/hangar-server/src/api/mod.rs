@@ -48,6 +48,7 @@ fn routes() -> OpenApiRouter<Arc<Manager>> {
         .routes(routes!(openapi))
         .routes(routes!(list_services))
         .routes(routes!(create_request))
+        .routes(routes!(check_request))
         .routes(routes!(list_vms))
         .routes(routes!(get_vm, delete_vm))
         .routes(routes!(sleep_vm))
@@ -220,6 +221,7 @@ impl From<Grant> for GrantView {
             task: grant.task,
             boot_ms: grant.vm.boot_ms,
             placement: grant.placement,
+            chosen: grant.chosen,
         }
     }
 }
@@ -310,6 +312,33 @@ async fn create_request(
             .await
         }
         None => grant_request(&manager, request, &caller.user).await,
+    }
+}
+
+/// The heuristics engine's verdict on a request, without provisioning anything: every
+/// problem with its field and a suggestion, the candidates (exact, superset, partial,
+/// partial + install, build) ranked by cost to deliver and waste, and the one a request
+/// would get now and why. 200 whether the request is valid or not (`ok`).
+#[utoipa::path(
+    post,
+    path = "/v1/requests/check",
+    request_body = ServiceRequest,
+    responses(
+        (status = 200, body = hangar_core::heuristics::Verdict, description = "the verdict, valid or not"),
+        (status = 400, body = ErrorBody, description = "malformed body, or neither a service nor a configuration"),
+        (status = 404, body = ErrorBody, description = "no such service; alternatives given"),
+        (status = 422, body = ErrorBody, description = "the service never runs on the OS asked"),
+        (status = 500, body = ErrorBody, description = "something broke on the server's side"),
+    )
+)]
+async fn check_request(
+    State(manager): State<Arc<Manager>>,
+    body: axum::body::Bytes,
+) -> Result<Json<hangar_core::heuristics::Verdict>, ApiError> {
+    let request: ServiceRequest = json_body(&body)?;
+    match manager.handle(Command::Check(request)).await? {
+        Reply::Verdict(verdict) => Ok(Json(*verdict)),
+        other => Err(other.unexpected()),
     }
 }
 

@@ -378,7 +378,7 @@ async fn every_answer_matches_its_schema_in_the_openapi_document() {
         ),
         (
             r#"{"config":{"vcpus":1000000000,"memory_mib":{"min":128,"max":128},"os":{"name":"busybox"}}}"#,
-            StatusCode::BAD_REQUEST,
+            StatusCode::UNPROCESSABLE_ENTITY,
         ),
         (
             r#"{"config":{"vcpus":1,"memory_mib":{"min":262144,"max":262144},"os":{"name":"busybox"}}}"#,
@@ -386,6 +386,51 @@ async fn every_answer_matches_its_schema_in_the_openapi_document() {
         ),
     ] {
         let answer = api.call("POST", "/v1/requests", "/v1/requests", body).await;
+        assert_eq!(answer.status, status, "{body}");
+    }
+
+    // The heuristics engine's verdict: 200 whether the request is valid or not.
+    let check = "/v1/requests/check";
+    let sound = api
+        .call(
+            "POST",
+            check,
+            check,
+            r#"{"config":{"vcpus":1,"memory_mib":{"min":128,"max":128},"os":{"name":"busybox"}}}"#,
+        )
+        .await;
+    assert_eq!(sound.status, StatusCode::OK);
+    assert_eq!(sound.json()["ok"], true, "{}", sound.json());
+    let unsound = api
+        .call(
+            "POST",
+            check,
+            check,
+            r#"{"config":{"vcpus":0,"memory_mib":{"min":128,"max":128},"os":{"name":"plan9"}}}"#,
+        )
+        .await;
+    assert_eq!(unsound.status, StatusCode::OK);
+    let verdict = unsound.json();
+    assert_eq!(verdict["ok"], false);
+    let codes: Vec<&str> = verdict["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["code"].as_str().unwrap())
+        .collect();
+    assert_eq!(codes, ["vcpus_zero", "unknown_os"], "{verdict}");
+    let service = api.call("POST", check, check, r#"{"service":"web"}"#).await;
+    assert_eq!(service.status, StatusCode::OK);
+    for (body, status) in [
+        ("{not json", StatusCode::BAD_REQUEST),
+        ("{}", StatusCode::BAD_REQUEST),
+        (r#"{"service":"wbe"}"#, StatusCode::NOT_FOUND),
+        (
+            r#"{"service":"web","env":{"os":"debian-12"}}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+    ] {
+        let answer = api.call("POST", check, check, body).await;
         assert_eq!(answer.status, status, "{body}");
     }
 

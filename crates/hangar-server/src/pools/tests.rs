@@ -113,6 +113,7 @@ fn config(vcpus: u32, min: u32, max: u32, apps: &[&str], exact_size: bool) -> Se
                 min_version: None,
             },
             apps: apps.iter().map(|a| a.to_string()).collect::<BTreeSet<_>>(),
+            disk_mib: None,
         }),
         exact_size,
         ..ServiceRequest::default()
@@ -278,6 +279,70 @@ async fn shells_take_the_requested_os_image_and_serve_it() {
         backend.root(&bare.vm.id).unwrap().to_string_lossy(),
         "/nonexistent/busybox.qcow2"
     );
+}
+
+#[tokio::test]
+async fn exact_size_holds_on_a_shell_too_and_the_grant_says_why() {
+    use hangar_core::heuristics::CandidateKind;
+    let (manager, backend, store) = setup(4096);
+    manager.set_pool_bounds("web", 0, Some(0)).await.unwrap();
+    manager.set_pool_bounds("shell", 1, Some(1)).await.unwrap();
+    settle(&manager).await;
+    let shell = store
+        .vms(false)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|vm| vm.pool.as_deref() == Some("shell"))
+        .unwrap();
+
+    // What the engine would do, without doing it.
+    let verdict = manager
+        .check_request(&config(1, 128, 128, &["web"], true))
+        .await
+        .unwrap();
+    assert!(verdict.ok, "{:?}", verdict.problems);
+    let chosen = verdict.chosen_candidate().unwrap();
+    assert_eq!(
+        (chosen.kind, chosen.source.as_str(), chosen.slice_to),
+        (CandidateKind::Partial, shell.id.as_str(), Some((1, 128)))
+    );
+    assert_eq!(backend.launches(), 1, "the check started nothing");
+
+    let grant = manager
+        .request(config(1, 128, 128, &["web"], true))
+        .await
+        .unwrap();
+    assert_eq!(grant.served, Served::Partial);
+    assert_eq!(grant.vm.id, shell.id);
+    assert_eq!(
+        grant.sliced_to,
+        Some((1, 128)),
+        "a 256 MiB shell sliced to 128"
+    );
+    assert_eq!(
+        backend.memory_mib(&grant.vm.id),
+        Some(128),
+        "ballooned down"
+    );
+    let chosen = grant.chosen.expect("the grant says what was chosen");
+    assert_eq!(chosen.kind, CandidateKind::Partial);
+    assert!(
+        chosen.reason.contains("sliced to 1 vCPUs and 128 MiB"),
+        "{}",
+        chosen.reason
+    );
+
+    // Without a pool VM, a new VM of exactly that size is built, and the grant says so.
+    manager.set_pool_bounds("shell", 0, Some(0)).await.unwrap();
+    settle(&manager).await;
+    let built = manager
+        .request(config(1, 128, 128, &["web"], true))
+        .await
+        .unwrap();
+    assert_eq!(built.served, Served::Created);
+    assert_eq!((built.vm.vcpus, built.vm.memory_mib), (1, 128));
+    assert_eq!(built.chosen.unwrap().kind, CandidateKind::Build);
 }
 
 #[tokio::test]

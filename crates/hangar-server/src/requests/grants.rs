@@ -1,12 +1,15 @@
 //! Handing out paused pool VMs: the best match is claimed, then resumed with a fresh
 //! identity (exact, superset; sliced on request), or booted from a pre-OS shell with the
-//! requested OS image attached (partial).
+//! requested OS image attached (partial; sliced on request too). A configuration request
+//! takes the pool VM the heuristics engine chooses ([`Picker::Engine`]); a service request
+//! the best match ([`best_match`]).
 
 use std::collections::BTreeMap;
 use std::time::Instant;
 
+use hangar_core::heuristics::{Ask, CandidateKind};
 use hangar_core::matching::{MachineRequest, MatchKind, Offer, best_match};
-use hangar_core::{Service, ServiceRequest, VmState};
+use hangar_core::{Service, ServiceRequest};
 use hangar_host::{HandOut, LaunchRecord, ShellPlan};
 use hangar_store::VmRecord;
 
@@ -15,46 +18,53 @@ use crate::api::error::error_chain;
 use crate::manager::*;
 use crate::requests::*;
 
+/// How [`Manager::grant_from_pool`] picks the pool VM.
+pub(crate) enum Picker<'a> {
+    /// The best match ([`best_match`]): exact, then the smallest superset, then the
+    /// smallest shell; with `exact_size` a larger one is sliced to the request.
+    Best,
+    /// The heuristics engine's choice for a configuration request, when it is a pool VM.
+    Engine(&'a Ask),
+}
+
+/// The pool VM picked: which, how it matches, what it is sliced to, and why.
+struct Pick {
+    vm: VmRecord,
+    kind: MatchKind,
+    slice_to: Option<(u32, u32)>,
+    chosen: Option<hangar_api::ChosenView>,
+}
+
 impl Manager {
-    /// Hands out the best paused pool VM for `machine`, if any: resumed and re-identified
-    /// (exact, superset; sliced with `exact_size`), or a pre-OS shell given its OS image and
-    /// booted (partial). A VM that fails on the way is discarded and the next one tried.
+    /// Hands out the paused pool VM `picker` picks for `machine`, if any: resumed and
+    /// re-identified (exact, superset), or a pre-OS shell given its OS image and booted
+    /// (partial); sliced down to the request with `exact_size` when larger. A VM that
+    /// fails on the way is discarded and the next one tried.
     pub(crate) async fn grant_from_pool(
         &self,
         owner: &str,
         machine: &MachineRequest,
         request: &ServiceRequest,
         service: Option<&Service>,
+        picker: Picker<'_>,
     ) -> Result<Option<Grant>, RequestError> {
         for _ in 0..8 {
             let mut stages = Stages::default();
             let started = Instant::now();
-            // A layered OS (several disks) cannot be attached to a pre-OS shell.
-            let layered = self
-                .catalog
-                .os(&machine.os.name)
-                .is_some_and(|os| os.base != hangar_core::catalog::OsBase::Busybox);
-            let paused: Vec<VmRecord> = self
-                .store
-                .vms(false)
-                .await?
-                .into_iter()
-                .filter(|vm| vm.state == VmState::Ready && vm.pool.is_some())
-                .filter(|vm| !(layered && vm.os.is_none()))
-                .collect();
-            let offers: Vec<Offer> = paused
-                .iter()
-                .map(|vm| Offer {
-                    vcpus: vm.vcpus,
-                    memory_mib: vm.memory_mib,
-                    os: vm.os.clone(),
-                    apps: vm.services.iter().cloned().collect(),
-                })
-                .collect();
-            let Some((index, kind)) = best_match(machine, &offers) else {
+            let picked = match picker {
+                Picker::Best => self.best_pool_vm(machine, request.exact_size).await?,
+                Picker::Engine(ask) => self.engine_pool_vm(ask).await?,
+            };
+            let Some(Pick {
+                vm: candidate,
+                kind,
+                slice_to,
+                chosen,
+            }) = picked
+            else {
                 return Ok(None);
             };
-            let candidate = &paused[index];
+            let candidate = &candidate;
             let pool = candidate.pool.clone().unwrap_or_default();
             let claiming = stages.mark("match", started);
             let vm = match self
@@ -87,10 +97,12 @@ impl Manager {
             let handing = stages.mark("claim", claiming);
             let handed = match kind {
                 MatchKind::Exact | MatchKind::Superset => {
-                    self.wake_pooled(&vm, kind, machine, request.exact_size, &mut stages)
+                    self.wake_pooled(&vm, slice_to, &mut stages).await
+                }
+                MatchKind::Partial => {
+                    self.boot_shell(&vm, machine, service, request, slice_to)
                         .await
                 }
-                MatchKind::Partial => self.boot_shell(&vm, machine, service, request).await,
             };
             self.pools.granted();
             match handed {
@@ -101,6 +113,7 @@ impl Manager {
                     tracing::info!(vm = %vm.id, pool = %pool, kind = kind.as_str(), us = started.elapsed().as_micros() as u64, "granted from pool");
                     let mut grant = self.grant(vm, service, kind.into(), None, sliced_to).await;
                     grant.stages = stages;
+                    grant.chosen = chosen;
                     return Ok(Some(grant));
                 }
                 Err(reason) => {
@@ -112,18 +125,96 @@ impl Manager {
         Ok(None)
     }
 
-    /// Resumes a paused, booted VM and gives it its final identity (sliced on request).
+    /// The best match among the paused pool VMs, sliced to the request with
+    /// `exact_size` when larger (a VM cloned from a template is never sliced: it is passed
+    /// over when exact size is asked).
+    async fn best_pool_vm(
+        &self,
+        machine: &MachineRequest,
+        exact_size: bool,
+    ) -> Result<Option<Pick>, RequestError> {
+        // A layered OS (several disks) cannot be attached to a pre-OS shell.
+        let layered = self
+            .catalog
+            .os(&machine.os.name)
+            .is_some_and(|os| os.base != hangar_core::catalog::OsBase::Busybox);
+        let want = (machine.vcpus, machine.memory_mib.max);
+        let paused: Vec<VmRecord> = self
+            .pool_supply()
+            .await?
+            .into_iter()
+            .filter(|(vm, _)| !(layered && vm.os.is_none()))
+            .filter(|(vm, seen)| {
+                let larger = vm.vcpus > want.0 || vm.memory_mib > want.1;
+                !(exact_size && larger && !seen.sliceable)
+            })
+            .map(|(vm, _)| vm)
+            .collect();
+        let offers: Vec<Offer> = paused
+            .iter()
+            .map(|vm| Offer {
+                vcpus: vm.vcpus,
+                memory_mib: vm.memory_mib,
+                os: vm.os.clone(),
+                apps: vm.services.iter().cloned().collect(),
+            })
+            .collect();
+        let Some((index, kind)) = best_match(machine, &offers) else {
+            return Ok(None);
+        };
+        let vm = paused[index].clone();
+        let larger = vm.vcpus > want.0 || vm.memory_mib > want.1;
+        Ok(Some(Pick {
+            slice_to: (exact_size && larger).then_some(want),
+            vm,
+            kind,
+            chosen: None,
+        }))
+    }
+
+    /// The engine's choice for `ask`, when it is a paused pool VM (exact, superset or
+    /// partial); `None` when it chooses anything else (or the request has a hard problem:
+    /// checked before, so only when the pool changed meanwhile).
+    async fn engine_pool_vm(&self, ask: &Ask) -> Result<Option<Pick>, RequestError> {
+        let pool = self.pool_supply().await?;
+        let records: BTreeMap<String, VmRecord> = pool
+            .iter()
+            .map(|(vm, _)| (vm.id.clone(), vm.clone()))
+            .collect();
+        let verdict = self.verdict(ask, pool).await?;
+        let (Some(candidate), Some(chosen)) = (verdict.chosen_candidate(), &verdict.chosen) else {
+            return Ok(None);
+        };
+        let kind = match candidate.kind {
+            CandidateKind::Exact => MatchKind::Exact,
+            CandidateKind::Superset => MatchKind::Superset,
+            CandidateKind::Partial => MatchKind::Partial,
+            CandidateKind::PartialInstall | CandidateKind::Build => return Ok(None),
+        };
+        let Some(vm) = records.get(&candidate.source).cloned() else {
+            return Ok(None);
+        };
+        Ok(Some(Pick {
+            vm,
+            kind,
+            slice_to: candidate.slice_to,
+            chosen: Some(hangar_api::ChosenView {
+                kind: chosen.kind,
+                source: chosen.source.clone(),
+                reason: chosen.reason.clone(),
+            }),
+        }))
+    }
+
+    /// Resumes a paused, booted VM and gives it its final identity (sliced to `slice_to`).
     pub(crate) async fn wake_pooled(
         &self,
         vm: &VmRecord,
-        kind: MatchKind,
-        machine: &MachineRequest,
-        exact_size: bool,
+        slice_to: Option<(u32, u32)>,
         stages: &mut Stages,
     ) -> Result<(VmRecord, Option<(u32, u32)>), String> {
         let how = HandOut {
-            slice_to: (exact_size && kind == MatchKind::Superset)
-                .then_some((machine.vcpus, machine.memory_mib.max)),
+            slice_to,
             size: (vm.vcpus, vm.memory_mib),
         };
         let handed = self
@@ -141,18 +232,21 @@ impl Manager {
         Ok((vm, handed.sliced_to))
     }
 
-    /// Gives a pre-OS shell its OS image, port forwards and identity, and boots it.
+    /// Gives a pre-OS shell its OS image, port forwards and identity, and boots it
+    /// (sliced to `slice_to` once its guest runs).
     pub(crate) async fn boot_shell(
         &self,
         vm: &VmRecord,
         machine: &MachineRequest,
         service: Option<&Service>,
         request: &ServiceRequest,
+        slice_to: Option<(u32, u32)>,
     ) -> Result<(VmRecord, Option<(u32, u32)>), String> {
         let plan = ShellPlan {
             service: service.cloned(),
             os: machine.os.name.clone(),
             env: request.env.clone(),
+            slice_to,
         };
         let booted = self
             .host_of(vm)
@@ -194,6 +288,6 @@ impl Manager {
             .await
             .map_err(|err| error_chain(&err))?
             .ok_or("VM vanished")?;
-        Ok((vm, None))
+        Ok((vm, booted.sliced_to))
     }
 }

@@ -1,8 +1,10 @@
-//! The request path of DESIGN.md, top-down: validate against the directory; in shared
+//! The request path of DESIGN.md, top-down: validate (a configuration through the
+//! heuristics engine, [`check`]; a service against the directory); in shared
 //! mode an active VM already offering the service, else a sleeping or archived one woken;
 //! else the best paused pool VM ([`grants`]); else a new VM made by a creation task
 //! ([`create`]) on the host the scheduler chooses, waited for until the request's deadline.
 //!
+//! - [`check`]: the heuristics engine's verdict with what this server has on hand.
 //! - [`grants`]: handing out paused pool VMs (exact, superset, partial).
 //! - [`create`]: making one VM on a host, recorded step by step.
 
@@ -10,7 +12,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hangar_core::matching::{MachineRequest, MemoryRange, OsRequirement, compare_versions};
+use hangar_core::matching::{MachineRequest, MemoryRange, OsRequirement};
 use hangar_core::{Catalog, Mode, Service, ServiceRequest, VmState};
 use hangar_host::RunState;
 use hangar_store::VmRecord;
@@ -26,6 +28,7 @@ pub const LOCAL_OWNER: &str = "local";
 /// metering bills their time to this owner.
 pub const SYSTEM_OWNER: &str = "hangar";
 
+pub mod check;
 pub mod create;
 pub mod grants;
 
@@ -55,6 +58,8 @@ pub struct Grant {
     /// Why the VM is on its host, when it was made for this request or handed out of a
     /// pool (not for a VM that already served others).
     pub placement: Option<String>,
+    /// For a configuration request: the heuristics engine's choice and why.
+    pub chosen: Option<hangar_api::ChosenView>,
 }
 
 pub use hangar_host::Stages;
@@ -101,6 +106,10 @@ pub enum RequestError {
     /// The request is malformed, or lacks a setting its service needs.
     #[error("{0}")]
     Invalid(String),
+    /// The heuristics engine found hard problems in a configuration (422): every one,
+    /// each with a suggestion.
+    #[error("this configuration cannot be served: {}", .0.summary())]
+    Unservable(Box<hangar_core::heuristics::Verdict>),
     /// No service or application of that name; `alternatives` are the closest names.
     #[error("{message}")]
     NotFound {
@@ -157,6 +166,24 @@ impl Manager {
         owner: &str,
         request: ServiceRequest,
     ) -> Result<Grant, RequestError> {
+        // A configuration goes through the heuristics engine first: every problem with a
+        // suggestion (422), before anything is claimed, reserved or started.
+        let verdict = match &request.config {
+            Some(config) if request.service.is_none() => {
+                let ask = hangar_core::heuristics::Ask {
+                    machine: config.clone(),
+                    settings: request.env.clone(),
+                    exact_size: request.exact_size,
+                };
+                let pool = self.pool_supply().await?;
+                let verdict = self.verdict(&ask, pool).await?;
+                if !verdict.ok {
+                    return Err(RequestError::Unservable(Box::new(verdict)));
+                }
+                Some(verdict)
+            }
+            _ => None,
+        };
         request
             .validate()
             .map_err(|err| RequestError::Invalid(err.to_string()))?;
@@ -165,9 +192,9 @@ impl Manager {
             .map(Duration::from_millis)
             .unwrap_or(self.config.default_deadline);
         let until = tokio::time::Instant::now() + deadline;
-        if let Some(config) = request.config.clone() {
+        if let (Some(config), Some(verdict)) = (request.config.clone(), verdict) {
             return self
-                .request_config(owner, request, config, until, deadline)
+                .request_config(owner, request, config, verdict, until, deadline)
                 .await;
         }
         let service = self.viable_service(&request)?;
@@ -229,7 +256,13 @@ impl Manager {
         let machine = service_machine(&service, &self.catalog);
         if from_pool
             && let Some(grant) = self
-                .grant_from_pool(owner, &machine, &request, Some(&service))
+                .grant_from_pool(
+                    owner,
+                    &machine,
+                    &request,
+                    Some(&service),
+                    grants::Picker::Best,
+                )
                 .await?
         {
             return Ok(grant);
@@ -256,100 +289,101 @@ impl Manager {
             .await
     }
 
-    /// A configuration request: the best paused VM, else a new VM of that configuration.
+    /// A configuration request the engine found sound (`verdict`): the paused pool VM it
+    /// chooses (exact, superset, partial; sliced to the exact size when asked), else a new
+    /// VM of exactly that configuration. The grant says which and why.
     async fn request_config(
         self: &Arc<Self>,
         owner: &str,
         request: ServiceRequest,
         config: MachineRequest,
+        verdict: hangar_core::heuristics::Verdict,
         until: tokio::time::Instant,
         deadline: Duration,
     ) -> Result<Grant, RequestError> {
-        let Some(os) = self.catalog.os(&config.os.name) else {
-            return Err(RequestError::Never {
-                message: format!("no os named {:?}", config.os.name),
-                alternatives: self
-                    .catalog
-                    .operating_systems()
-                    .map(|os| format!("os {}", os.name))
-                    .collect(),
-            });
+        use hangar_core::heuristics::CandidateKind;
+        // The engine checked the OS, the apps, their settings and the size.
+        let os_name = config.os.name.clone();
+        let service =
+            match config.apps.first() {
+                Some(app) => Some(self.catalog.get(app).cloned().ok_or_else(|| {
+                    RequestError::Invalid(format!("no application named {app:?}"))
+                })?),
+                None => None,
+            };
+        let ask = hangar_core::heuristics::Ask {
+            machine: config.clone(),
+            settings: request.env.clone(),
+            exact_size: request.exact_size,
         };
-        if let Some(min) = &config.os.min_version
-            && compare_versions(&os.version, min) == Some(std::cmp::Ordering::Less)
-        {
-            return Err(RequestError::Never {
-                message: format!(
-                    "os {} is at version {}, never {min} or newer",
-                    os.name, os.version
-                ),
-                alternatives: vec![format!("os {} version {}", os.name, os.version)],
-            });
-        }
-        let service = match config.apps.len() {
-            0 => None,
-            1 => {
-                let app = config.apps.first().expect("one app");
-                let service = self
-                    .catalog
-                    .get(app)
-                    .ok_or_else(|| RequestError::NotFound {
-                        message: format!("no application named {app:?}"),
-                        alternatives: hangar_core::suggest::closest(app, self.catalog.names(), 3),
-                    })?;
-                if service.os != os.name {
-                    return Err(RequestError::Never {
-                        message: format!("{app} runs on os {}, never on {}", service.os, os.name),
-                        alternatives: vec![format!("os {}", service.os)],
-                    });
-                }
-                if config.vcpus.max(service.vcpus) > config.vcpus
-                    || service.memory_mib > config.memory_mib.max
-                {
-                    return Err(RequestError::Never {
-                        message: format!(
-                            "{app} needs {} vCPUs and {} MiB, more than the configuration allows",
-                            service.vcpus, service.memory_mib
-                        ),
-                        alternatives: Vec::new(),
-                    });
-                }
-                Some(service.clone())
-            }
-            _ => {
-                return Err(RequestError::Never {
-                    message:
-                        "no image offers several applications together yet; request them one by one"
-                            .into(),
-                    alternatives: config.apps.iter().cloned().collect(),
-                });
-            }
-        };
-        if let Some(service) = &service {
-            hangar_host::guest::settings(service, &request.env)?;
-        }
-        self.check_vm_size(config.vcpus, config.memory_mib.min)
-            .await?;
+        // A new VM gets the least memory of the range that its OS and apps run in.
+        let memory_mib = verdict
+            .candidates
+            .iter()
+            .find(|c| c.kind == CandidateKind::Build)
+            .map_or(config.memory_mib.min, |c| c.memory_mib);
         let mut request = request;
         request.mode = Mode::Dedicated;
         let constrained = request.isolate.is_some() || !request.on.is_empty();
         let quota = self
-            .reserve_quota_for_request(owner, config.vcpus, config.memory_mib.min)
+            .reserve_quota_for_request(owner, config.vcpus, memory_mib)
             .await?;
+        let pooled = verdict.chosen.as_ref().is_some_and(|chosen| {
+            matches!(
+                chosen.kind,
+                CandidateKind::Exact | CandidateKind::Superset | CandidateKind::Partial
+            )
+        });
         if !constrained
+            && pooled
             && let Some(grant) = self
-                .grant_from_pool(owner, &config, &request, service.as_ref())
+                .grant_from_pool(
+                    owner,
+                    &config,
+                    &request,
+                    service.as_ref(),
+                    grants::Picker::Engine(&ask),
+                )
                 .await?
         {
             return Ok(grant);
         }
+        // A new VM: the engine's build candidate (asked again when the pool was chosen but
+        // none could be handed out).
+        let chosen = match verdict.chosen {
+            Some(chosen) if chosen.kind == CandidateKind::Build && !constrained => chosen,
+            _ => {
+                let again = self.verdict(&ask, Vec::new()).await?;
+                match again.chosen {
+                    Some(chosen) => hangar_core::heuristics::Chosen {
+                        reason: if constrained {
+                            format!("{} (placement constraints: a VM of its own)", chosen.reason)
+                        } else {
+                            format!("{} (no pool VM could be handed out)", chosen.reason)
+                        },
+                        ..chosen
+                    },
+                    None => return Err(RequestError::Unservable(Box::new(again))),
+                }
+            }
+        };
+        if chosen.kind != CandidateKind::Build {
+            // Install at deploy is another path's; until it is here, nothing else remains.
+            return Err(RequestError::Never {
+                message: format!(
+                    "the chosen {} candidate cannot be delivered by this server",
+                    chosen.kind.as_str()
+                ),
+                alternatives: Vec::new(),
+            });
+        }
         let name = service
             .as_ref()
-            .map_or_else(|| os.name.clone(), |s| s.name.clone());
+            .map_or_else(|| os_name.clone(), |s| s.name.clone());
         let make = MakeVm {
             service,
             vcpus: config.vcpus,
-            memory_mib: config.memory_mib.min,
+            memory_mib,
             mode: Mode::Dedicated,
             env: request.env.clone(),
             pool: None,
@@ -360,8 +394,15 @@ impl Manager {
             owner: owner.to_owned(),
             quota,
         };
-        self.create_and_wait(make, None, until, deadline, &name)
-            .await
+        let mut grant = self
+            .create_and_wait(make, None, until, deadline, &name)
+            .await?;
+        grant.chosen = Some(hangar_api::ChosenView {
+            kind: chosen.kind,
+            source: chosen.source,
+            reason: chosen.reason,
+        });
+        Ok(grant)
     }
 
     /// Starts a creation task and waits for it until the request's deadline.
@@ -592,6 +633,7 @@ impl Manager {
             dns_name,
             sliced_to,
             stages: Stages::default(),
+            chosen: None,
         }
     }
 }
@@ -609,5 +651,6 @@ pub(crate) fn service_machine(service: &Service, catalog: &Catalog) -> MachineRe
             min_version: catalog.os(&service.os).map(|os| os.version.clone()),
         },
         apps: [service.name.clone()].into(),
+        disk_mib: None,
     }
 }

@@ -10,8 +10,8 @@ use hangar_vmm::Hypervisor;
 use hangar_vmm::fake::FakeBackend;
 
 use crate::manager::{Manager, ManagerConfig};
-use crate::requests::RequestError;
 use crate::requests::Served;
+use crate::requests::{Grant, RequestError};
 use crate::test_support::*;
 
 const CATALOG: &str = crate::test_support::WEB_AND_NEVER_READY;
@@ -197,6 +197,7 @@ fn config_request(vcpus: u32, memory_mib: u32) -> hangar_core::ServiceRequest {
                 min_version: None,
             },
             apps: Default::default(),
+            disk_mib: None,
         }),
         ..hangar_core::ServiceRequest::default()
     }
@@ -204,35 +205,44 @@ fn config_request(vcpus: u32, memory_mib: u32) -> hangar_core::ServiceRequest {
 
 #[tokio::test]
 async fn sizes_beyond_every_host_or_absurd_are_refused_and_leave_no_vm() {
+    use hangar_core::heuristics::ProblemCode;
     let (manager, backend, store) = setup();
-    for (vcpus, memory) in [(1_000_000_000, 128), (1, 4_000_000_000), (0, 128)] {
-        match manager.request(config_request(vcpus, memory)).await {
-            Err(RequestError::Invalid(message)) => {
-                assert!(message.starts_with("config: "), "{message}")
-            }
-            other => panic!("expected invalid, got {:?}", other.map(|g| g.vm.id)),
-        }
+    let refused = |result: Result<Grant, RequestError>| match result {
+        Err(RequestError::Unservable(verdict)) => verdict,
+        other => panic!("expected unservable, got {:?}", other.map(|g| g.vm.id)),
+    };
+    for (vcpus, memory, code) in [
+        (1_000_000_000, 128, ProblemCode::VcpusOverMax),
+        (1, 4_000_000_000, ProblemCode::MemoryOverMax),
+        (0, 128, ProblemCode::VcpusZero),
+    ] {
+        let verdict = refused(manager.request(config_request(vcpus, memory)).await);
+        assert_eq!(verdict.errors().map(|p| p.code).collect::<Vec<_>>(), [code]);
     }
     let cpus = hangar_host::facts::vcpus();
     if cpus < hangar_core::matching::MAX_VCPUS {
-        match manager.request(config_request(cpus + 1, 128)).await {
-            Err(RequestError::TooLarge(too_large)) => assert_eq!(
-                too_large.to_string(),
-                format!("{} vCPUs asked; the largest host has {cpus}", cpus + 1)
-            ),
-            other => panic!("expected too large, got {:?}", other.map(|g| g.vm.id)),
-        }
+        let verdict = refused(manager.request(config_request(cpus + 1, 128)).await);
+        let problem = verdict.errors().next().unwrap();
+        assert_eq!(problem.code, ProblemCode::VcpusOverHost);
+        assert_eq!(
+            problem.message,
+            format!("{} vCPUs asked; the largest host has {cpus}", cpus + 1)
+        );
+        assert_eq!(
+            problem.suggestion,
+            format!("ask for --vcpus {cpus} or fewer")
+        );
     }
     let memory = hangar_host::facts::memory_mib().0;
     if memory < u64::from(hangar_core::matching::MAX_MEMORY_MIB) {
         let asked = u32::try_from(memory + 1).unwrap();
-        match manager.request(config_request(1, asked)).await {
-            Err(RequestError::TooLarge(too_large)) => assert_eq!(
-                too_large.to_string(),
-                format!("{asked} MiB of memory asked; the largest host has {memory} MiB")
-            ),
-            other => panic!("expected too large, got {:?}", other.map(|g| g.vm.id)),
-        }
+        let verdict = refused(manager.request(config_request(1, asked)).await);
+        let problem = verdict.errors().next().unwrap();
+        assert_eq!(problem.code, ProblemCode::MemoryOverHost);
+        assert_eq!(
+            problem.message,
+            format!("{asked} MiB of memory asked; the largest host has {memory} MiB")
+        );
     }
     assert_eq!(backend.launches(), 0);
     assert!(store.vms(true).await.unwrap().is_empty(), "no VM row");

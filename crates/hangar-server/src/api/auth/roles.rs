@@ -45,6 +45,7 @@ pub const RULES: &[(&str, &str, Need)] = &[
     // Services and VMs (VMs filtered and guarded by ownership).
     ("GET", "/v1/services", ACCESS),
     ("POST", "/v1/requests", PROVISIONER),
+    ("POST", "/v1/requests/check", PROVISIONER),
     ("GET", "/v1/vms", ACCESS),
     ("GET", "/v1/vms/{id}", ACCESS),
     ("DELETE", "/v1/vms/{id}", PROVISIONER),

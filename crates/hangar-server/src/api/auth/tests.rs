@@ -55,7 +55,7 @@ fn concrete(template: &str) -> String {
 /// A body each route accepts as well-formed (so that an allowed call gets past parsing).
 fn body_for(method: &str, path: &str) -> &'static str {
     match (method, path) {
-        ("POST", "/v1/requests") => r#"{"service":"nope"}"#,
+        ("POST", "/v1/requests") | ("POST", "/v1/requests/check") => r#"{"service":"nope"}"#,
         ("PUT", "/v1/pools/{name}") => r#"{"min":0}"#,
         ("PUT", "/v1/policies/{service}") => r#"{"sleep_after":"1h"}"#,
         ("POST", "/v1/images") | ("POST", "/v1/export") => r#"{"service":"nope"}"#,
