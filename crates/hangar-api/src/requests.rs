@@ -75,6 +75,11 @@ pub struct GrantView {
     /// VM was placed for this request; `None` when an existing VM answered.
     #[serde(default)]
     pub placement: Option<String>,
+    /// The applications installed at deploy (seed 003 claim 1): given to a pre-OS shell
+    /// as their read-only layers over the OS layer when it was handed out (`match:
+    /// partial`), instead of a new image built for them. Empty otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub installed_at_deploy: Vec<String>,
     /// For a configuration request: which kind of candidate served it and why, in one
     /// line (the heuristics engine's choice; see `POST /v1/requests/check`).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -17,6 +17,7 @@ mod endpoints;
 mod farm;
 mod full;
 mod hangar;
+mod install;
 mod libvirt;
 mod lifecycle;
 mod measure;
@@ -47,6 +48,9 @@ enum BenchCommand {
     Endpoints(endpoints::EndpointsBench),
     /// Wake from sleeping and from each archive tier, restore from template, cold boot.
     Lifecycle(lifecycle::LifecycleBench),
+    /// Applications installed at deploy onto a pre-OS shell against a full build and a
+    /// ready image (request -> both endpoints answering).
+    Install(install::InstallBench),
     /// Placement decisions per second over simulated hosts (pure, no server).
     Placement(placement::PlacementBench),
     /// The farm's control plane on PostgreSQL: placements/s through the API, heartbeat
@@ -73,6 +77,7 @@ async fn main() -> ExitCode {
         Some(BenchCommand::Pool(args)) => pool::run(args).await,
         Some(BenchCommand::Endpoints(args)) => endpoints::run(args).await,
         Some(BenchCommand::Lifecycle(args)) => lifecycle::run(args).await,
+        Some(BenchCommand::Install(args)) => install::run(args).await,
         Some(BenchCommand::Placement(args)) => placement::bench(args).await,
         Some(BenchCommand::Farm(args)) => farm::run(args).await,
     };

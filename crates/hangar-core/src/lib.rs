@@ -4,6 +4,7 @@
 //! - [`exposure`]: which addresses APIs may listen on and endpoints be advertised at.
 //! - [`state`]: the VM state machine and its one `valid_transition`.
 //! - [`catalog`]: services, their ports, processes, files and ready criteria.
+//! - [`compose`]: several applications on one VM, their union checked for clashes.
 //! - [`heuristics`]: validating a configuration request and ranking what can serve it.
 //! - [`lifecycle`]: lifecycle policies (idle timers, keep-active, budgets) as pure decisions.
 //! - [`placement`]: which host runs a new VM (capacity, isolation, priority, load, cost).
@@ -13,6 +14,7 @@
 
 pub mod catalog;
 pub mod components;
+pub mod compose;
 pub mod eviction;
 pub mod exposure;
 pub mod heuristics;

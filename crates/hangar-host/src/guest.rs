@@ -94,8 +94,9 @@ pub fn guest_config(
         }
     }
     let root = if layers == 0 {
+        // By serial, not by order: a pre-OS shell also has (empty) layer disks.
         RootConfig {
-            device: "/dev/vda".into(),
+            device: format!("serial:{}", hangar_vmm::ROOT_SERIAL),
             fstype: "ext4".into(),
             layers: Vec::new(),
         }

@@ -125,6 +125,11 @@ pub struct ShellPlan {
     pub service: Option<Service>,
     pub os: String,
     pub env: BTreeMap<String, String>,
+    /// The applications `service` is composed of, when it offers several
+    /// (`hangar_core::compose`): the shell is given their layers stacked over the OS layer
+    /// (see `ImageSource::composed_root`). Empty: `service`'s own image.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parts: Vec<Service>,
     /// Slice the booted VM down to (vCPUs, MiB) before its service is checked ready
     /// (exact size on a shell larger than the request).
     #[serde(default)]

@@ -81,6 +81,7 @@ async fn main() {
             guest_port: 80,
         }],
         pre_os: false,
+        layer_slots: 0,
         background: false,
         template: None,
         firmware: false,

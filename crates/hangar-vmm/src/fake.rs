@@ -93,6 +93,16 @@ impl FakeBackend {
             .and_then(|vm| vm.root.clone())
     }
 
+    /// The read-only layers attached to a VM, top first.
+    pub fn layers(&self, id: &str) -> Vec<std::path::PathBuf> {
+        self.vms
+            .lock()
+            .expect("fake vms lock")
+            .get(id)
+            .map(|vm| vm.spec.layers.clone())
+            .unwrap_or_default()
+    }
+
     /// Simulates the VM's process dying.
     pub fn crash(&self, id: &str) {
         self.vms.lock().expect("fake vms lock").remove(id);
@@ -321,12 +331,27 @@ impl Hypervisor for FakeBackend {
         Ok(launched)
     }
 
-    async fn attach_root(&self, id: &str, base_image: &std::path::Path) -> Result<(), VmmError> {
+    async fn attach_root(
+        &self,
+        id: &str,
+        base_image: &std::path::Path,
+        layers: &[std::path::PathBuf],
+    ) -> Result<(), VmmError> {
         let mut vms = self.vms.lock().expect("fake vms lock");
         let vm = vms
             .get_mut(id)
             .ok_or_else(|| VmmError::NotRunning(id.to_owned()))?;
+        if layers.len() > vm.spec.layer_slots {
+            return Err(VmmError::Launch(format!(
+                "{} layers do not fit the shell's {} layer slots",
+                layers.len(),
+                vm.spec.layer_slots
+            )));
+        }
         vm.root = Some(base_image.to_owned());
+        vm.spec.base_image = Some(base_image.to_owned());
+        vm.spec.layers = layers.to_vec();
+        vm.spec.pre_os = false;
         Ok(())
     }
 
@@ -499,6 +524,7 @@ mod tests {
                 guest_port: 80,
             }],
             pre_os: false,
+            layer_slots: 0,
             background: false,
             template: None,
             firmware: false,

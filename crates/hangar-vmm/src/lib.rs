@@ -54,6 +54,12 @@ pub struct VmSpec {
     /// disk slot; [`Hypervisor::attach_root`] gives it an OS image later.
     #[serde(default)]
     pub pre_os: bool,
+    /// Read-only layer disks the VM has devices for: a pre-OS shell starts with
+    /// [`SHELL_LAYER_SLOTS`] empty ones that [`Hypervisor::attach_root`] fills; the ones left
+    /// over stay empty (a restored VM needs the same devices as the one archived). Never
+    /// fewer than `layers`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub layer_slots: usize,
     /// Start at low CPU priority (a pool fill): VMs being handed out or in use come first.
     #[serde(default)]
     pub background: bool,
@@ -68,6 +74,14 @@ pub struct VmSpec {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub firmware: bool,
 }
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+/// How many read-only layers a pre-OS shell can be given at deploy (an OS layer and the
+/// layers of the applications composed over it).
+pub const SHELL_LAYER_SLOTS: usize = 8;
 
 /// Serial number of a VM's root (or upper layer) disk.
 pub const ROOT_SERIAL: &str = "hangar-root";
@@ -208,9 +222,17 @@ pub trait Hypervisor: Send + Sync + 'static {
     /// a process must go but its VM's data must stay, e.g. a restore cut short.
     async fn stop(&self, id: &str) -> Result<(), VmmError>;
 
-    /// Gives a pre-OS shell its root disk: a fresh copy-on-write layer over `base_image`.
-    /// The VM stays paused; resume it to boot.
-    async fn attach_root(&self, id: &str, base_image: &Path) -> Result<(), VmmError>;
+    /// Gives a pre-OS shell its root disk: a fresh copy-on-write layer over `base_image`,
+    /// and `layers` (read-only squashfs files, top first, at most the shell's
+    /// [`VmSpec::layer_slots`]) in its empty layer slots, in order (serials
+    /// [`layer_serial`]`(0..)`); the root disk is then their writable upper layer. The VM
+    /// stays paused; resume it to boot. On error the shell keeps no new file.
+    async fn attach_root(
+        &self,
+        id: &str,
+        base_image: &Path,
+        layers: &[PathBuf],
+    ) -> Result<(), VmmError>;
 
     /// Adds host port forwards to a running VM.
     async fn add_forwards(&self, id: &str, forwards: &[PortForward]) -> Result<(), VmmError>;

@@ -400,41 +400,30 @@ impl Hypervisor for QemuBackend {
         }
     }
 
-    async fn attach_root(&self, id: &str, base_image: &Path) -> Result<(), VmmError> {
+    async fn attach_root(
+        &self,
+        id: &str,
+        base_image: &Path,
+        layers: &[PathBuf],
+    ) -> Result<(), VmmError> {
         let running = self.running(id).await?;
+        let slots = running.spec.lock().expect("vm spec lock").layer_slots;
+        if layers.len() > slots {
+            return Err(VmmError::Launch(format!(
+                "{} layers do not fit the shell's {slots} layer slots",
+                layers.len()
+            )));
+        }
         let paths = self.paths(id);
         create_overlay(&self.config.qemu_img, base_image, &paths.disk).await?;
-        // QEMU opens the disk and its base now, as its own user.
-        if let Some(user) = &self.config.user {
-            user.own(&paths.disk)?;
-            user.grant_backing_chain(&paths.disk, false)?;
+        let attached = self.attach_disks(&running, &paths, layers).await;
+        if let Err(err) = attached {
+            let _ = tokio::fs::remove_file(&paths.disk).await;
+            return Err(err);
         }
-        let qmp = &running.qmp;
-        qmp.execute(
-            "blockdev-add",
-            Some(serde_json::json!({
-                "driver": "qcow2",
-                "node-name": "disk",
-                "file": { "driver": "file", "filename": paths.disk.display().to_string() },
-            })),
-        )
-        .await?;
-        // The device was realized over a raw node on a placeholder; point the raw node at
-        // the new disk. The guest has not run yet, so it reads the real size at probe.
-        qmp.execute(
-            "blockdev-reopen",
-            Some(serde_json::json!({
-                "options": [{ "driver": "raw", "node-name": "root", "file": "disk" }],
-            })),
-        )
-        .await?;
-        qmp.execute(
-            "blockdev-del",
-            Some(serde_json::json!({ "node-name": "placeholder" })),
-        )
-        .await?;
         let mut spec = running.spec.lock().expect("vm spec lock");
         spec.base_image = Some(base_image.to_owned());
+        spec.layers = layers.to_vec();
         spec.pre_os = false;
         Ok(())
     }
@@ -970,6 +959,81 @@ async fn wait_migration(qmp: &Qmp, timeout: Duration) -> Result<(), String> {
     }
 }
 
+impl QemuBackend {
+    /// Points a shell's placeholder root at its new disk and its first layer slots at
+    /// `layers` (QEMU opens them as its own user); the slots left over keep their empty
+    /// placeholders.
+    async fn attach_disks(
+        &self,
+        running: &Running,
+        paths: &VmPaths,
+        layers: &[PathBuf],
+    ) -> Result<(), VmmError> {
+        if let Some(user) = &self.config.user {
+            user.own(&paths.disk)?;
+            user.grant_backing_chain(&paths.disk, false)?;
+            for layer in layers {
+                user.grant_read(layer)?;
+            }
+        }
+        let qmp = &running.qmp;
+        qmp.execute(
+            "blockdev-add",
+            Some(serde_json::json!({
+                "driver": "qcow2",
+                "node-name": "disk",
+                "file": { "driver": "file", "filename": paths.disk.display().to_string() },
+            })),
+        )
+        .await?;
+        // The device was realized over a raw node on a placeholder; point the raw node at
+        // the new disk. The guest has not run yet, so it reads the real size at probe.
+        qmp.execute(
+            "blockdev-reopen",
+            Some(serde_json::json!({
+                "options": [{ "driver": "raw", "node-name": "root", "file": "disk" }],
+            })),
+        )
+        .await?;
+        qmp.execute(
+            "blockdev-del",
+            Some(serde_json::json!({ "node-name": "placeholder" })),
+        )
+        .await?;
+        for (i, layer) in layers.iter().enumerate() {
+            let file = format!("layer{i}-file");
+            qmp.execute(
+                "blockdev-add",
+                Some(serde_json::json!({
+                    "driver": "file",
+                    "node-name": file,
+                    "filename": layer.display().to_string(),
+                    "read-only": true,
+                })),
+            )
+            .await?;
+            qmp.execute(
+                "blockdev-reopen",
+                Some(serde_json::json!({
+                    "options": [{
+                        "driver": "raw",
+                        "node-name": format!("layer{i}"),
+                        "file": file,
+                        "read-only": true,
+                    }],
+                })),
+            )
+            .await?;
+            qmp.execute(
+                "blockdev-del",
+                Some(serde_json::json!({ "node-name": format!("slot{i}") })),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+}
+
 /// Best effort: a 1 MiB pipe buffer (64 KiB by default) means fewer context switches.
 fn enlarge_pipe(fd: &impl std::os::fd::AsRawFd) {
     // SAFETY: fcntl(2) with F_SETPIPE_SZ takes an int argument and touches no memory; the
@@ -1050,7 +1114,7 @@ fn command_line(accel: Accel, spec: &VmSpec, paths: &VmPaths, boot: bool) -> Vec
             "-blockdev".into(),
             "driver=raw,file=placeholder,node-name=root".into(),
             "-device".into(),
-            "virtio-blk-device,drive=root".into(),
+            format!("virtio-blk-device,drive=root,serial={}", crate::ROOT_SERIAL),
         ]);
     } else if spec.base_image.is_some() {
         args.extend([
@@ -1067,6 +1131,21 @@ fn command_line(accel: Accel, spec: &VmSpec, paths: &VmPaths, boot: bool) -> Vec
                 "id=layer{i},file={},format=raw,if=none,readonly=on",
                 path(layer)
             ),
+            "-device".into(),
+            format!(
+                "virtio-blk-device,drive=layer{i},serial={}",
+                crate::layer_serial(i)
+            ),
+        ]);
+    }
+    // Empty layer slots (a pre-OS shell's, or what a composed root left of them): a
+    // read-only placeholder each, its raw node named as a filled slot's drive.
+    for i in spec.layers.len()..spec.layer_slots {
+        args.extend([
+            "-blockdev".into(),
+            format!("driver=null-co,node-name=slot{i},size=1048576,read-only=on"),
+            "-blockdev".into(),
+            format!("driver=raw,file=slot{i},node-name=layer{i},read-only=on"),
             "-device".into(),
             format!(
                 "virtio-blk-device,drive=layer{i},serial={}",
@@ -1216,6 +1295,7 @@ mod tests {
                 },
             ],
             pre_os: false,
+            layer_slots: 0,
             background: false,
             template: None,
             firmware: false,
@@ -1257,22 +1337,49 @@ mod tests {
         assert!(!restore.contains("-kernel"), "{restore}");
         assert!(!restore.contains("-append"), "{restore}");
         assert!(!kvm.contains("-drive"));
-        let shell = qemu_args(
-            Accel::Tcg,
-            &VmSpec {
-                pre_os: true,
-                base_image: None,
-                layers: Vec::new(),
-                ..spec
-            },
-            &paths,
-        )
-        .join(" ");
+        let shell_spec = VmSpec {
+            pre_os: true,
+            base_image: None,
+            layers: Vec::new(),
+            layer_slots: crate::SHELL_LAYER_SLOTS,
+            ..spec.clone()
+        };
+        let shell = qemu_args(Accel::Tcg, &shell_spec, &paths).join(" ");
         assert!(shell.contains(" -S "), "{shell}");
         assert!(
             shell.contains("driver=raw,file=placeholder,node-name=root"),
             "{shell}"
         );
+        assert!(
+            shell.contains("virtio-blk-device,drive=root,serial=hangar-root"),
+            "{shell}"
+        );
+        // Every layer slot is an empty read-only placeholder with its layer serial.
+        for i in 0..crate::SHELL_LAYER_SLOTS {
+            assert!(
+                shell.contains(&format!(
+                    "-blockdev driver=raw,file=slot{i},node-name=layer{i},read-only=on \
+                     -device virtio-blk-device,drive=layer{i},serial=hangar-layer-{i}"
+                )),
+                "slot {i}: {shell}"
+            );
+        }
+        // Once given a composed root, a restored shell has the same devices: the filled
+        // slots as drives, the rest still placeholders.
+        let composed = VmSpec {
+            pre_os: false,
+            base_image: Some("/cache/upper.qcow2".into()),
+            layers: spec.layers.clone(),
+            ..shell_spec
+        };
+        let restore = restore_args(Accel::Tcg, &composed, &paths).join(" ");
+        assert_eq!(
+            restore.matches("virtio-blk-device").count(),
+            1 + crate::SHELL_LAYER_SLOTS
+        );
+        assert!(restore.contains("-drive id=layer1,file=/cache/layers/a/layer.sqfs"));
+        assert!(restore.contains("node-name=slot2"), "{restore}");
+        assert!(!restore.contains("node-name=slot1,"), "{restore}");
     }
 
     #[test]

@@ -159,6 +159,7 @@ mod tests {
             layers: Vec::new(),
             forwards: vec![],
             pre_os: false,
+            layer_slots: 0,
             background: false,
             template: None,
             firmware: false,

@@ -192,6 +192,20 @@ pub fn mount_root(root: &RootConfig, at: &Path) -> Result<(), String> {
         let options = overlay_options(&lowers, &upper);
         crate::mounts::mount("overlay", at, Some("overlay"), 0, Some(&options))
             .map_err(|e| format!("mount overlay root ({options}): {e}"))?;
+        if lowers.len() > 1 {
+            // Layers built side by side (a composed root) each carry their own user
+            // databases and dpkg status: the root gets their union.
+            let points: Vec<&Path> = lowers.iter().map(Path::new).collect();
+            let written = crate::merge::merge_databases(&points, &upper.join("data"), at)
+                .map_err(|e| format!("merging the layers' databases: {e}"))?;
+            if !written.is_empty() {
+                console!(
+                    "hangar-init: merged {} from {} layers",
+                    written.join(", "),
+                    lowers.len()
+                );
+            }
+        }
     }
     crate::mounts::mount_api_filesystems(at).map_err(|e| format!("api filesystems: {e}"))?;
     Ok(())

@@ -35,6 +35,7 @@ mod config;
 mod exec;
 mod hex;
 mod listen;
+mod merge;
 mod modules;
 mod mounts;
 mod services;

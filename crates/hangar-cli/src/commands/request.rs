@@ -147,6 +147,12 @@ pub async fn run(client: &Client, args: RequestArgs) -> Result<(), CliError> {
     if let Some(why) = &grant.placement {
         eprintln!("{}", placement_line(&grant.host, why));
     }
+    if !grant.installed_at_deploy.is_empty() {
+        eprintln!(
+            "installed at deploy: {}",
+            grant.installed_at_deploy.join(", ")
+        );
+    }
     if let Some(chosen) = &grant.chosen {
         eprintln!("chosen: {}", chosen.reason);
     }

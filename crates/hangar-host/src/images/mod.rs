@@ -40,9 +40,14 @@ pub enum ImageSourceError {
         #[source]
         source: tokio::task::JoinError,
     },
-    /// A pre-OS shell takes one disk; this service's image is layered.
-    #[error("{service} on {os} is a layered image; a pre-OS shell takes one disk")]
-    LayeredShell { service: String, os: String },
+    /// The applications' layer chains do not start from the same OS layer, so they
+    /// cannot be stacked on one root.
+    #[error("{first} and {second} on {os} are not built over the same OS layer")]
+    NotComposable {
+        first: String,
+        second: String,
+        os: String,
+    },
     /// Neither the service nor the OS gives a disk to attach.
     #[error("no image to attach")]
     NothingToAttach,
@@ -95,6 +100,44 @@ pub trait ImageSource: Send + Sync + 'static {
         os: &str,
         progress: ProgressFn,
     ) -> Result<RootImage, ImageSourceError>;
+
+    /// The root of several applications composed on one VM (`composed`, made of
+    /// `parts`: see `hangar_core::compose`) on `os`, each part's missing layers built
+    /// first (reporting to `progress`, each part a share of the percent). On a layered
+    /// OS it is the OS layer once, then each part's own layers above it (those its chain
+    /// has over the OS layer, built and cached for the part alone), later parts on top;
+    /// nothing is built for the combination itself. On a single-disk OS it is one disk
+    /// with `composed`'s files.
+    async fn composed_root(
+        &self,
+        composed: &Service,
+        parts: &[Service],
+        os: &str,
+        progress: ProgressFn,
+    ) -> Result<RootImage, ImageSourceError> {
+        let mut roots = Vec::with_capacity(parts.len());
+        let share = 100 / parts.len().max(1) as u32;
+        for (i, part) in parts.iter().enumerate() {
+            let progress = progress.clone();
+            let from = i as u32 * share;
+            let name = part.name.clone();
+            let scaled: ProgressFn = Arc::new(move |stage: &str, percent: u8| {
+                let percent = from + share * u32::from(percent.min(100)) / 100;
+                progress(&format!("{name}: {stage}"), percent as u8);
+            });
+            roots.push(self.root_image(part, os, scaled).await?);
+        }
+        if roots.iter().all(|root| root.layers.is_empty()) {
+            return self.root_image(composed, os, progress).await;
+        }
+        stack_roots(parts, &roots, os)
+    }
+
+    /// Whether every layer of every part of a composed root is cached (composing will not
+    /// build).
+    fn is_composed_built(&self, parts: &[Service], os: &str) -> bool {
+        parts.iter().all(|part| self.is_built(part, os))
+    }
 
     /// The bare root disk of an operating system (no application), for pre-OS shells.
     /// `None` when the OS has no single-disk image (layered OSes).
@@ -181,6 +224,51 @@ pub trait ImageSource: Send + Sync + 'static {
     }
 }
 
+/// One root stacking the layered roots of `parts` (bottom-first hashes, top-first
+/// paths) over their shared OS layer: the OS layer at the bottom, then each part's layers
+/// above it in order, the last part's on top; the writable base is the first part's.
+pub fn stack_roots(
+    parts: &[Service],
+    roots: &[RootImage],
+    os: &str,
+) -> Result<RootImage, ImageSourceError> {
+    let first = roots.first().ok_or(ImageSourceError::NothingToAttach)?;
+    let os_layer = first
+        .layer_hashes
+        .first()
+        .ok_or(ImageSourceError::NothingToAttach)?;
+    let mut bottom_first: Vec<(String, PathBuf)> = Vec::new();
+    for (i, (part, root)) in parts.iter().zip(roots).enumerate() {
+        if root.layer_hashes.first() != Some(os_layer)
+            || root.layers.len() != root.layer_hashes.len()
+        {
+            return Err(ImageSourceError::NotComposable {
+                first: parts[0].name.clone(),
+                second: part.name.clone(),
+                os: os.to_owned(),
+            });
+        }
+        // `layers` is top first: the OS layer is its last.
+        let chain: Vec<(String, PathBuf)> = root
+            .layer_hashes
+            .iter()
+            .cloned()
+            .zip(root.layers.iter().rev().cloned())
+            .collect();
+        let skip = if i == 0 { 0 } else { 1 };
+        bottom_first.extend(chain.into_iter().skip(skip));
+    }
+    Ok(RootImage {
+        base: first.base.clone(),
+        layers: bottom_first
+            .iter()
+            .rev()
+            .map(|(_, path)| path.clone())
+            .collect(),
+        layer_hashes: bottom_first.into_iter().map(|(hash, _)| hash).collect(),
+    })
+}
+
 /// What `hangar export` wrote: how to boot it (`hangar-export.json`).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ExportInfo {
@@ -227,5 +315,92 @@ impl ImageSource for NoImages {
 
     async fn os_image(&self, os: &str) -> Result<Option<PathBuf>, ImageSourceError> {
         Ok(Some(format!("/nonexistent/{os}.qcow2").into()))
+    }
+
+    /// Placeholder layers: the OS's, then one per part.
+    async fn composed_root(
+        &self,
+        _composed: &Service,
+        parts: &[Service],
+        os: &str,
+        _progress: ProgressFn,
+    ) -> Result<RootImage, ImageSourceError> {
+        let names: Vec<String> = std::iter::once(os.to_owned())
+            .chain(parts.iter().map(|part| part.name.clone()))
+            .collect();
+        Ok(RootImage {
+            base: Some("/nonexistent/upper.qcow2".into()),
+            layers: names
+                .iter()
+                .rev()
+                .map(|name| format!("/nonexistent/{name}.sqfs").into())
+                .collect(),
+            layer_hashes: names,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn root(hashes: &[&str]) -> RootImage {
+        RootImage {
+            base: Some("/cache/upper.qcow2".into()),
+            layers: hashes
+                .iter()
+                .rev()
+                .map(|h| format!("/cache/{h}").into())
+                .collect(),
+            layer_hashes: hashes.iter().map(|h| h.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn stacked_roots_share_the_os_layer_once_later_parts_on_top() {
+        let catalog = hangar_core::Catalog::demo();
+        let parts = [
+            catalog.get("redis").expect("redis").clone(),
+            catalog.get("nginx").expect("nginx").clone(),
+        ];
+        let stacked = stack_roots(
+            &parts,
+            &[
+                root(&["os", "redis-sw", "redis-files"]),
+                root(&["os", "nginx-sw", "nginx-files"]),
+            ],
+            "debian-12",
+        )
+        .expect("stacks");
+        assert_eq!(
+            stacked.layer_hashes,
+            ["os", "redis-sw", "redis-files", "nginx-sw", "nginx-files"]
+        );
+        let top_first: Vec<String> = stacked
+            .layers
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        assert_eq!(
+            top_first,
+            [
+                "/cache/nginx-files",
+                "/cache/nginx-sw",
+                "/cache/redis-files",
+                "/cache/redis-sw",
+                "/cache/os"
+            ]
+        );
+        assert_eq!(stacked.base, Some("/cache/upper.qcow2".into()));
+        let err = stack_roots(
+            &parts,
+            &[root(&["os", "redis-sw"]), root(&["other-os", "nginx-sw"])],
+            "debian-12",
+        )
+        .expect_err("different OS layers");
+        assert!(
+            matches!(err, ImageSourceError::NotComposable { .. }),
+            "{err}"
+        );
     }
 }

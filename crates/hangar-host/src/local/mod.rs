@@ -267,6 +267,12 @@ impl Host for LocalHost {
             layers: root.layers.clone(),
             forwards,
             pre_os: plan.service.is_none(),
+            // A shell can be given a layered root (an OS and applications) at deploy.
+            layer_slots: if plan.service.is_none() {
+                hangar_vmm::SHELL_LAYER_SLOTS
+            } else {
+                root.layers.len()
+            },
             background: plan.purpose != Purpose::Request,
             template: None,
             firmware: plan.service.as_ref().is_some_and(|s| s.imported),
@@ -428,42 +434,48 @@ impl Host for LocalHost {
         launch: &LaunchRecord,
         plan: &ShellPlan,
     ) -> Result<BootedShell, HostError> {
-        let image = match &plan.service {
-            Some(service) => {
-                let root = self
-                    .images
-                    .root_image(service, &plan.os, Arc::new(|_: &str, _: u8| {}))
-                    .await
-                    .map_err(HostError::Image)?;
-                if !root.layers.is_empty() {
-                    return Err(HostError::Image(ImageSourceError::LayeredShell {
-                        service: service.name.clone(),
-                        os: plan.os.clone(),
-                    }));
-                }
-                root.base
-            }
-            None => self
+        let silent: ProgressFn = Arc::new(|_: &str, _: u8| {});
+        let root = match &plan.service {
+            Some(service) if !plan.parts.is_empty() => self
                 .images
-                .os_image(&plan.os)
+                .composed_root(service, &plan.parts, &plan.os, silent)
                 .await
                 .map_err(HostError::Image)?,
-        }
-        .ok_or(HostError::Image(ImageSourceError::NothingToAttach))?;
+            Some(service) => self
+                .images
+                .root_image(service, &plan.os, silent)
+                .await
+                .map_err(HostError::Image)?,
+            None => RootImage {
+                base: self
+                    .images
+                    .os_image(&plan.os)
+                    .await
+                    .map_err(HostError::Image)?,
+                ..RootImage::default()
+            },
+        };
+        let image = root
+            .base
+            .clone()
+            .ok_or(HostError::Image(ImageSourceError::NothingToAttach))?;
         let mut spec = spec_of(launch)?;
-        self.hv.attach_root(id, &image).await?;
+        self.hv.attach_root(id, &image, &root.layers).await?;
+        self.images.touch(&root.layer_hashes);
         let (forwards, endpoints) = match &plan.service {
             Some(service) => self.allocate_ports(service)?,
             None => (Vec::new(), BTreeMap::new()),
         };
         self.hv.add_forwards(id, &forwards).await?;
         spec.base_image = Some(image);
+        spec.layers = root.layers.clone();
+        spec.pre_os = false;
         spec.forwards.extend(forwards);
 
         let agent = self.agent(id)?;
         self.to_foreground(id).await;
         self.hv.resume(id).await?;
-        let config = guest_config(id, id, plan.service.as_ref(), &plan.env, 0)?;
+        let config = guest_config(id, id, plan.service.as_ref(), &plan.env, root.layers.len())?;
         let timeout = plan
             .service
             .as_ref()

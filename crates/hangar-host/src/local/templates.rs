@@ -91,6 +91,7 @@ impl LocalHost {
             layers: Vec::new(),
             forwards: Vec::new(),
             pre_os: false,
+            layer_slots: 0,
             background: false,
             template: None,
             firmware: false,

@@ -221,6 +221,7 @@ impl From<Grant> for GrantView {
             task: grant.task,
             boot_ms: grant.vm.boot_ms,
             placement: grant.placement,
+            installed_at_deploy: grant.installed_at_deploy,
             chosen: grant.chosen,
         }
     }

@@ -103,13 +103,14 @@ impl Manager {
     /// What is on hand for `machine`: the pool, the templates on the server's own host and
     /// the images built for its OS.
     async fn supply(&self, machine: &MachineRequest, pool: Vec<(VmRecord, PoolVm)>) -> Supply {
-        // Installing at deploy and composing several applications are another path's;
-        // when it is here, it says so by setting both (and `request_config` dispatches
-        // `PartialInstall` to it).
+        // This server installs applications at deploy onto pre-OS shells
+        // (`Manager::grant_with_install`, which `request_config` dispatches
+        // `PartialInstall` to) and composes several applications into one VM's service
+        // (`hangar_core::compose`).
         let mut supply = Supply {
             pool: pool.into_iter().map(|(_, vm)| vm).collect(),
-            install_at_deploy: false,
-            compose: false,
+            install_at_deploy: true,
+            compose: true,
             ..Supply::default()
         };
         let os = &machine.os.name;

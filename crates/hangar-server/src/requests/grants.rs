@@ -100,7 +100,7 @@ impl Manager {
                     self.wake_pooled(&vm, slice_to, &mut stages).await
                 }
                 MatchKind::Partial => {
-                    self.boot_shell(&vm, machine, service, request, slice_to)
+                    self.boot_shell(&vm, machine, service, &[], request, slice_to)
                         .await
                 }
             };
@@ -232,13 +232,15 @@ impl Manager {
         Ok((vm, handed.sliced_to))
     }
 
-    /// Gives a pre-OS shell its OS image, port forwards and identity, and boots it
+    /// Gives a pre-OS shell its OS image (with `service`'s layers, or those of `parts`
+    /// when `service` is composed of them), port forwards and identity, and boots it
     /// (sliced to `slice_to` once its guest runs).
     pub(crate) async fn boot_shell(
         &self,
         vm: &VmRecord,
         machine: &MachineRequest,
         service: Option<&Service>,
+        parts: &[Service],
         request: &ServiceRequest,
         slice_to: Option<(u32, u32)>,
     ) -> Result<(VmRecord, Option<(u32, u32)>), String> {
@@ -246,6 +248,7 @@ impl Manager {
             service: service.cloned(),
             os: machine.os.name.clone(),
             env: request.env.clone(),
+            parts: parts.to_vec(),
             slice_to,
         };
         let booted = self
@@ -269,7 +272,12 @@ impl Manager {
                 .map(|os| os.version.clone())
                 .unwrap_or_default(),
         );
-        let services: Vec<String> = service.map(|s| vec![s.name.clone()]).unwrap_or_default();
+        // A composed VM offers each of its applications.
+        let services: Vec<String> = if parts.is_empty() {
+            service.map(|s| vec![s.name.clone()]).unwrap_or_default()
+        } else {
+            parts.iter().map(|s| s.name.clone()).collect()
+        };
         let stable: BTreeMap<String, String> = stable
             .iter()
             .map(|(name, addr)| (name.clone(), addr.to_string()))

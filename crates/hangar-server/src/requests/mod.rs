@@ -7,6 +7,8 @@
 //! - [`check`]: the heuristics engine's verdict with what this server has on hand.
 //! - [`grants`]: handing out paused pool VMs (exact, superset, partial).
 //! - [`create`]: making one VM on a host, recorded step by step.
+//! - [`install`]: applications installed at deploy onto a pre-OS shell (partial +
+//!   install), for configurations of several applications.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -31,6 +33,7 @@ pub const SYSTEM_OWNER: &str = "hangar";
 pub mod check;
 pub mod create;
 pub mod grants;
+pub mod install;
 
 #[cfg(test)]
 pub(crate) mod tests;
@@ -58,6 +61,9 @@ pub struct Grant {
     /// Why the VM is on its host, when it was made for this request or handed out of a
     /// pool (not for a VM that already served others).
     pub placement: Option<String>,
+    /// The applications installed at deploy onto a pre-OS shell (their layers attached),
+    /// in the order they were stacked; empty for every other path.
+    pub installed_at_deploy: Vec<String>,
     /// For a configuration request: the heuristics engine's choice and why.
     pub chosen: Option<hangar_api::ChosenView>,
 }
@@ -304,18 +310,44 @@ impl Manager {
         use hangar_core::heuristics::CandidateKind;
         // The engine checked the OS, the apps, their settings and the size.
         let os_name = config.os.name.clone();
-        let service =
-            match config.apps.first() {
-                Some(app) => Some(self.catalog.get(app).cloned().ok_or_else(|| {
-                    RequestError::Invalid(format!("no application named {app:?}"))
-                })?),
-                None => None,
-            };
         let ask = hangar_core::heuristics::Ask {
             machine: config.clone(),
             settings: request.env.clone(),
             exact_size: request.exact_size,
         };
+        // Several applications are one composed service: the union of theirs, clashes
+        // (a guest port, a file, a setting) refused.
+        let mut parts = Vec::with_capacity(config.apps.len());
+        for app in &config.apps {
+            parts.push(
+                self.catalog.get(app).cloned().ok_or_else(|| {
+                    RequestError::Invalid(format!("no application named {app:?}"))
+                })?,
+            );
+        }
+        let service = if parts.len() <= 1 {
+            parts.first().cloned()
+        } else {
+            let several: Vec<&Service> = parts.iter().collect();
+            Some(
+                hangar_core::compose::compose_services(
+                    self.catalog.components(),
+                    &several,
+                    &os_name,
+                )
+                .map_err(|err| RequestError::Never {
+                    message: format!("these applications cannot run on one VM: {err}"),
+                    alternatives: config
+                        .apps
+                        .iter()
+                        .map(|app| format!("--os {os_name} --app {app}"))
+                        .collect(),
+                })?,
+            )
+        };
+        if let Some(service) = &service {
+            hangar_host::guest::settings(service, &request.env)?;
+        }
         // A new VM gets the least memory of the range that its OS and apps run in.
         let memory_mib = verdict
             .candidates
@@ -346,6 +378,41 @@ impl Manager {
                 )
                 .await?
         {
+            return Ok(grant);
+        }
+        // Partial + install: the applications' layers attached to a pre-OS shell at
+        // deploy (a VM is built below when no shell can be had after all).
+        if !constrained
+            && let Some(chosen) = verdict
+                .chosen
+                .as_ref()
+                .filter(|chosen| chosen.kind == CandidateKind::PartialInstall)
+            && let Some(service) = &service
+            && let Some(mut grant) = self
+                .grant_with_install(
+                    owner,
+                    install::Install {
+                        machine: &config,
+                        request: &request,
+                        service,
+                        parts: &parts,
+                        prefer: Some(&chosen.source),
+                        slice_to: verdict
+                            .candidates
+                            .iter()
+                            .find(|c| c.kind == chosen.kind && c.source == chosen.source)
+                            .and_then(|c| c.slice_to),
+                    },
+                    until,
+                    deadline,
+                )
+                .await?
+        {
+            grant.chosen = Some(hangar_api::ChosenView {
+                kind: chosen.kind,
+                source: chosen.source.clone(),
+                reason: chosen.reason.clone(),
+            });
             return Ok(grant);
         }
         // A new VM: the engine's build candidate (asked again when the pool was chosen but
@@ -633,6 +700,7 @@ impl Manager {
             dns_name,
             sliced_to,
             stages: Stages::default(),
+            installed_at_deploy: Vec::new(),
             chosen: None,
         }
     }

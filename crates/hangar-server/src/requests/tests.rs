@@ -370,6 +370,7 @@ async fn restart_adopts_running_vms_fails_vanished_ones_and_stops_strangers() {
         layers: Vec::new(),
         forwards: vec![],
         pre_os: false,
+        layer_slots: 0,
         background: false,
         template: None,
         firmware: false,

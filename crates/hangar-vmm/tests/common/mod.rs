@@ -159,6 +159,7 @@ pub fn spec(id: &str, guest: &Guest, port: u16) -> VmSpec {
             guest_port: 80,
         }],
         pre_os: false,
+        layer_slots: 0,
         background: false,
         template: None,
         firmware: false,
