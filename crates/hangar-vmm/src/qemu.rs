@@ -1402,6 +1402,7 @@ mod tests {
             background: false,
             template: None,
             firmware: true,
+            layer_slots: 0,
         };
         let paths = VmPaths::new(Path::new("/data/vms"), "vm-2");
         let args = qemu_args(Accel::Tcg, &spec, &paths).join(" ");
