@@ -79,6 +79,17 @@ fn every_invalid_request_is_refused_with_422_and_a_suggestion_and_starts_no_qemu
         (
             &[
                 "--memory",
+                "256",
+                "--app",
+                "http-static",
+                "--app",
+                "http-counter",
+            ],
+            "clash",
+        ),
+        (
+            &[
+                "--memory",
                 "384",
                 "--os",
                 "debian-12",

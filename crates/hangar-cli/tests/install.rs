@@ -2,7 +2,8 @@
 //! and real QEMU guests: a configuration of debian-12 with redis and nginx, which no image
 //! offers together, is served from a pre-OS shell given the OS layer and both
 //! applications' own layers (the ones their single-application images built), and both
-//! answer through their endpoints; deleting the VM leaves nothing of it.
+//! answer through their endpoints, also once archived and woken; deleting the VM leaves
+//! nothing of it.
 //!
 //! The redis and nginx layers are built once into the cache shared by every test and run
 //! (debootstrap and apt the first time, minutes).
@@ -99,6 +100,22 @@ fn redis_and_nginx_are_installed_at_deploy_onto_a_shell_and_both_answer() {
     assert_eq!(task["kind"], "install", "{task:#}");
     assert_eq!(task["state"], "succeeded", "{task:#}");
 
+    // Both applications' users and packages exist: hangar-init merged the layers'
+    // databases (the console is read before an archive's restore starts a new one).
+    let console =
+        std::fs::read_to_string(server.vms_dir().join(&vm).join("console.log")).unwrap_or_default();
+    assert!(
+        console.contains("merged"),
+        "hangar-init merged the layers' databases: {console}"
+    );
+
+    // Archived and woken, it comes back with the same disks (the shell's empty layer
+    // slots included) and both applications answer again.
+    server.ok(&["archive", &vm, "--tier", "zstd"]);
+    server.ok(&["wake", &vm]);
+    assert_eq!(redis_ping(redis), "+PONG\r\n");
+    assert_eq!(fetch(http, "/hello.txt").trim(), format!("Howdy from {vm}"));
+
     // The VM lists both applications; deleting it leaves no process and no files.
     let listed = server
         .json(&["vms"])
@@ -109,12 +126,6 @@ fn redis_and_nginx_are_installed_at_deploy_onto_a_shell_and_both_answer() {
         .cloned()
         .unwrap();
     assert_eq!(listed["services"], serde_json::json!(["nginx", "redis"]));
-    let console =
-        std::fs::read_to_string(server.vms_dir().join(&vm).join("console.log")).unwrap_or_default();
-    assert!(
-        console.contains("merged"),
-        "hangar-init merged the layers' databases: {console}"
-    );
     server.ok(&["rm", &vm]);
     wait_for(30, "the VM's process and files to go", || {
         let gone = !server.vms_dir().join(&vm).exists()

@@ -162,6 +162,9 @@ pub enum ProblemCode {
     AppNotOnOs,
     /// Two applications (or what they need) conflict.
     Conflict,
+    /// Two applications cannot share one VM: the same guest port, or a port, process,
+    /// file or setting of the same name meaning different things.
+    Clash,
     /// A setting without a default was not given.
     MissingSetting,
     /// A setting's value is not in its format.

@@ -228,6 +228,18 @@ fn conflicting_apps_are_named() {
 }
 
 #[test]
+fn apps_on_the_same_guest_port_clash() {
+    let a = ask(1, 256, 256, "busybox", &["http-static", "http-counter"]);
+    let v = verdict(&a, &Supply::default());
+    let clash = v.errors().find(|p| p.code == ProblemCode::Clash).unwrap();
+    assert_eq!(
+        clash.message,
+        "http-counter and http-static cannot share a VM: http-counter and http-static both listen on guest port 80"
+    );
+    assert!(clash.suggestion.starts_with("request them on separate VMs"));
+}
+
+#[test]
 fn exact_size_slices_a_shell_and_blocks_what_cannot_be_sliced() {
     let mut a = ask(1, 128, 128, "busybox@1.35", &["http-static"]);
     a.exact_size = true;

@@ -231,7 +231,32 @@ pub fn validate(input: &Input<'_>) -> Vec<Problem> {
                 .iter()
                 .flat_map(|s| s.components.iter().map(String::as_str)),
         );
-        if let Some(conflict) = Components::conflict_in(&closure) {
+        let conflict = Components::conflict_in(&closure);
+        let on_os = os.filter(|os| {
+            services.len() == machine.apps.len()
+                && services.iter().all(|s| s.environments.contains(&os.name))
+        });
+        if conflict.is_none()
+            && let Some(os) = on_os
+            && let Err(clash) =
+                crate::compose::compose_services(input.catalog.components(), &services, &os.name)
+        {
+            let names: Vec<&str> = services.iter().map(|s| s.name.as_str()).collect();
+            out.error(
+                ProblemCode::Clash,
+                "apps",
+                format!("{} cannot share a VM: {clash}", names.join(" and ")),
+                format!(
+                    "request them on separate VMs: {}",
+                    names
+                        .iter()
+                        .map(|n| format!("--app {n}"))
+                        .collect::<Vec<_>>()
+                        .join(", then ")
+                ),
+            );
+        }
+        if let Some(conflict) = conflict {
             let names: Vec<&str> = services.iter().map(|s| s.name.as_str()).collect();
             out.error(
                 ProblemCode::Conflict,

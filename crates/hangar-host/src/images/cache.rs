@@ -94,6 +94,22 @@ impl LocalImages {
     }
 }
 
+/// A file of a squashfs layer (`unsquashfs -cat`), `None` when the layer lacks it or it
+/// cannot be read.
+fn layer_file(layer: &std::path::Path, path: &str) -> Option<String> {
+    let output = std::process::Command::new("unsquashfs")
+        .arg("-cat")
+        .arg(layer)
+        .arg(path)
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    output
+        .status
+        .success()
+        .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
 fn image_files(files: &BTreeMap<String, FileSpec>) -> BTreeMap<String, ImageFile> {
     files
         .iter()
@@ -227,6 +243,30 @@ impl ImageSource for LocalImages {
                 .map(Some),
             _ => Ok(None),
         }
+    }
+
+    async fn id_clashes(&self, root: &RootImage) -> Result<Vec<String>, ImageSourceError> {
+        let layers = root.layers.clone();
+        let accounts = tokio::task::spawn_blocking(move || {
+            layers
+                .iter()
+                .map(|layer| super::LayerAccounts {
+                    layer: layer
+                        .parent()
+                        .and_then(|dir| dir.file_name())
+                        .map(|name| name.to_string_lossy().chars().take(12).collect())
+                        .unwrap_or_else(|| layer.display().to_string()),
+                    passwd: layer_file(layer, "etc/passwd"),
+                    group: layer_file(layer, "etc/group"),
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|source| ImageSourceError::Interrupted {
+            what: "reading layers' accounts",
+            source,
+        })?;
+        Ok(super::id_clashes(&accounts))
     }
 
     fn is_built(&self, service: &Service, os: &str) -> bool {

@@ -133,6 +133,14 @@ pub trait ImageSource: Send + Sync + 'static {
         stack_roots(parts, &roots, os)
     }
 
+    /// The accounts `root`'s layers number differently (see [`id_clashes`]): layers of
+    /// applications built side by side over one OS layer may give one uid or gid to two
+    /// different users or groups, and their files are owned by number, so such layers
+    /// cannot share a root. Empty when they can (or this source cannot tell).
+    async fn id_clashes(&self, _root: &RootImage) -> Result<Vec<String>, ImageSourceError> {
+        Ok(Vec::new())
+    }
+
     /// Whether every layer of every part of a composed root is cached (composing will not
     /// build).
     fn is_composed_built(&self, parts: &[Service], os: &str) -> bool {
@@ -269,6 +277,67 @@ pub fn stack_roots(
     })
 }
 
+/// One layer's account databases, for [`id_clashes`].
+#[derive(Debug, Clone, Default)]
+pub struct LayerAccounts {
+    /// The layer, as named in messages.
+    pub layer: String,
+    /// Its `/etc/passwd`, if it has one.
+    pub passwd: Option<String>,
+    /// Its `/etc/group`, if it has one.
+    pub group: Option<String>,
+}
+
+/// Accounts numbered differently by layers built side by side: a uid (gid) that two layers
+/// give to different users (groups), or a user (group) that two layers give different
+/// ids. Each clash is one line naming both layers. Entries every layer agrees on (the OS
+/// layer's) never clash.
+pub fn id_clashes(layers: &[LayerAccounts]) -> Vec<String> {
+    let mut clashes = Vec::new();
+    for (what, id_name, table) in [
+        (
+            "user",
+            "uid",
+            (|l: &LayerAccounts| l.passwd.clone()) as fn(&LayerAccounts) -> Option<String>,
+        ),
+        ("group", "gid", |l: &LayerAccounts| l.group.clone()),
+    ] {
+        let mut by_id: BTreeMap<String, (String, String)> = BTreeMap::new();
+        let mut by_name: BTreeMap<String, (String, String)> = BTreeMap::new();
+        for layer in layers {
+            let Some(text) = table(layer) else { continue };
+            for line in text.lines() {
+                let fields: Vec<&str> = line.split(':').collect();
+                let (Some(name), Some(id)) = (fields.first(), fields.get(2)) else {
+                    continue;
+                };
+                let (name, id) = (name.to_string(), id.to_string());
+                match by_id.get(&id) {
+                    Some((other, at)) if *other != name => clashes.push(format!(
+                        "{id_name} {id} is {what} {other} in layer {at} and {what} {name} in layer {}",
+                        layer.layer
+                    )),
+                    Some(_) => {}
+                    None => {
+                        by_id.insert(id.clone(), (name.clone(), layer.layer.clone()));
+                    }
+                }
+                match by_name.get(&name) {
+                    Some((other, at)) if *other != id => clashes.push(format!(
+                        "{what} {name} is {id_name} {other} in layer {at} and {id} in layer {}",
+                        layer.layer
+                    )),
+                    Some(_) => {}
+                    None => {
+                        by_name.insert(name, (id, layer.layer.clone()));
+                    }
+                }
+            }
+        }
+    }
+    clashes
+}
+
 /// What `hangar export` wrote: how to boot it (`hangar-export.json`).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ExportInfo {
@@ -354,6 +423,38 @@ mod tests {
                 .collect(),
             layer_hashes: hashes.iter().map(|h| h.to_string()).collect(),
         }
+    }
+
+    #[test]
+    fn layers_numbering_accounts_differently_clash() {
+        let os = "root:x:0:0::/root:/bin/sh\n_apt:x:42:65534::/:/bin/false\n";
+        let layer = |name: &str, extra: &str, group: &str| LayerAccounts {
+            layer: name.into(),
+            passwd: Some(format!("{os}{extra}")),
+            group: Some(format!("root:x:0:\nusers:x:100:\n{group}")),
+        };
+        // redis and postgresql, each built over the OS layer alone: both uid 100.
+        let redis = layer("redis", "redis:x:100:101::/:/bin/false\n", "redis:x:101:\n");
+        let postgres = layer(
+            "postgres",
+            "postgres:x:100:102::/:/bin/bash\n",
+            "ssl-cert:x:101:postgres\npostgres:x:102:\n",
+        );
+        let clashes = id_clashes(&[redis.clone(), postgres]);
+        assert_eq!(
+            clashes,
+            [
+                "uid 100 is user redis in layer redis and user postgres in layer postgres",
+                "gid 101 is group redis in layer redis and group ssl-cert in layer postgres",
+            ]
+        );
+        // nginx adds no account: nothing clashes; a layer without the files neither.
+        let nginx = layer("nginx", "", "");
+        let files = LayerAccounts {
+            layer: "files".into(),
+            ..LayerAccounts::default()
+        };
+        assert!(id_clashes(&[redis, nginx, files]).is_empty());
     }
 
     #[test]

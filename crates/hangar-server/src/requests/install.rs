@@ -46,8 +46,10 @@ impl Manager {
     /// (`install.parts`) installed at deploy onto a paused pre-OS shell with enough vCPUs
     /// and memory (the preferred one if free, else the smallest). `None` when no shell can
     /// take it (the caller builds a VM instead). The grant says `match: partial`, the
-    /// install task, and the applications installed at deploy. Past `until` the answer is
-    /// a 503 naming the task, which goes on; a failure after the shell is claimed
+    /// install task, and the applications installed at deploy. `None` too when the
+    /// applications' cached layers number accounts alike (a uid or gid given to two
+    /// users or groups: files are owned by number), so that a VM is built for them. Past
+    /// `until` the answer is a 503 naming the task, which goes on; a failure after the shell is claimed
     /// discards it and fails the request (the task records why).
     pub async fn grant_with_install(
         self: &Arc<Self>,
@@ -66,6 +68,26 @@ impl Manager {
         } = install;
         let started = Instant::now();
         let mut stages = Stages::default();
+        let os = machine.os.name.as_str();
+        if parts.len() > 1 && self.images.is_composed_built(parts, os) {
+            // Layers built side by side may number accounts alike: then they cannot share
+            // a root, and a VM is built for the composition instead.
+            let silent: crate::images::ProgressFn = Arc::new(|_: &str, _: u8| {});
+            let root = self
+                .images
+                .composed_root(composed, parts, os, silent)
+                .await
+                .map_err(|err| RequestError::CreationFailed(error_chain(&err)))?;
+            let clashes = self
+                .images
+                .id_clashes(&root)
+                .await
+                .map_err(|err| RequestError::CreationFailed(error_chain(&err)))?;
+            if !clashes.is_empty() {
+                tracing::info!(service = %composed.name, clashes = %clashes.join("; "), "the applications' layers cannot share a root; building instead");
+                return Ok(None);
+            }
+        }
         let Some(shell) = self.claim_shell(owner, machine, request, prefer).await? else {
             return Ok(None);
         };
@@ -214,10 +236,22 @@ impl Manager {
         if !self.images.is_composed_built(parts, os) {
             progress("layers", 5);
             tracing::info!(task, service = %composed.name, os, "building the applications' missing layers");
-            self.images
+            let root = self
+                .images
                 .composed_root(composed, parts, os, self.tasks.build_progress(task, 5, 80))
                 .await
                 .map_err(|err| error_chain(&err))?;
+            let clashes = self
+                .images
+                .id_clashes(&root)
+                .await
+                .map_err(|err| error_chain(&err))?;
+            if !clashes.is_empty() {
+                return Err(format!(
+                    "the applications' layers number accounts alike and cannot share a root ({}); ask again to have a VM built for them",
+                    clashes.join("; ")
+                ));
+            }
         }
         progress("attach", 80);
         let (vm, _) = self
@@ -382,6 +416,86 @@ max = 1
         assert_eq!(ports, ["http", "sql"]);
     }
 
+    /// The fake backend's images, whose layers number accounts alike.
+    struct ClashingImages;
+
+    #[async_trait::async_trait]
+    impl crate::images::ImageSource for ClashingImages {
+        async fn guest_assets(
+            &self,
+        ) -> Result<hangar_image::GuestAssets, crate::images::ImageSourceError> {
+            crate::images::NoImages.guest_assets().await
+        }
+
+        async fn root_image(
+            &self,
+            service: &hangar_core::Service,
+            os: &str,
+            progress: crate::images::ProgressFn,
+        ) -> Result<crate::images::RootImage, crate::images::ImageSourceError> {
+            crate::images::NoImages
+                .root_image(service, os, progress)
+                .await
+        }
+
+        async fn os_image(
+            &self,
+            os: &str,
+        ) -> Result<Option<std::path::PathBuf>, crate::images::ImageSourceError> {
+            crate::images::NoImages.os_image(os).await
+        }
+
+        async fn composed_root(
+            &self,
+            composed: &hangar_core::Service,
+            parts: &[hangar_core::Service],
+            os: &str,
+            progress: crate::images::ProgressFn,
+        ) -> Result<crate::images::RootImage, crate::images::ImageSourceError> {
+            crate::images::NoImages
+                .composed_root(composed, parts, os, progress)
+                .await
+        }
+
+        async fn id_clashes(
+            &self,
+            _root: &crate::images::RootImage,
+        ) -> Result<Vec<String>, crate::images::ImageSourceError> {
+            Ok(vec![
+                "uid 100 is user a in layer x and user b in layer y".into(),
+            ])
+        }
+    }
+
+    #[tokio::test]
+    async fn apps_whose_layers_number_accounts_alike_get_a_vm_built_instead() {
+        let store: std::sync::Arc<dyn hangar_store::Store> = std::sync::Arc::new(
+            hangar_store::SqliteStore::open_in_memory().expect("in-memory store"),
+        );
+        let backend = hangar_vmm::fake::FakeBackend::new();
+        let manager = crate::test_support::manager_with_images(
+            store.clone(),
+            backend.clone(),
+            std::sync::Arc::new(ClashingImages),
+            CATALOG,
+            ManagerConfig::default(),
+            hangar_host::LocalHostConfig::default(),
+        );
+        fill_shell(&manager).await;
+        let grant = manager.request(config(&["web", "db"], &[])).await.unwrap();
+        assert_eq!(grant.served, Served::Created);
+        assert!(grant.installed_at_deploy.is_empty());
+        // The shell is still there for others.
+        assert!(
+            store
+                .vms(false)
+                .await
+                .unwrap()
+                .iter()
+                .any(|vm| vm.pool.as_deref() == Some("shell") && vm.os.is_none())
+        );
+    }
+
     #[tokio::test]
     async fn clashing_apps_are_refused_before_anything_starts() {
         let (manager, backend, _store) = fake_manager(CATALOG, ManagerConfig::default());
@@ -391,11 +505,18 @@ max = 1
             .request(config(&["web", "other-web"], &[]))
             .await
             .expect_err("both listen on guest port 80");
+        // Found by the heuristics engine, in front of the request path: a 422 whose
+        // problem names both sides and suggests separate VMs.
         match &err {
-            RequestError::Never { message, .. } => {
-                assert!(message.contains("guest port 80"), "{message}");
+            RequestError::Unservable(verdict) => {
+                let clash = verdict
+                    .errors()
+                    .find(|p| p.code == hangar_core::heuristics::ProblemCode::Clash)
+                    .expect("a clash");
+                assert!(clash.message.contains("guest port 80"), "{}", clash.message);
+                assert!(clash.suggestion.starts_with("request them on separate VMs"));
             }
-            other => panic!("expected never, got {other:?}"),
+            other => panic!("expected unservable, got {other:?}"),
         }
         assert_eq!(backend.launches(), launches, "nothing started");
     }
