@@ -174,7 +174,8 @@ fn an_imported_disk_is_stored_listed_kept_across_a_restart_and_removed() {
         "raw",
     ]);
     assert!(!again.status.success());
-    assert!(String::from_utf8_lossy(&again.stderr).contains("exists"));
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(stderr.contains("exists"), "{stderr}");
 
     server.kill9();
     server.spawn();
@@ -185,4 +186,103 @@ fn an_imported_disk_is_stored_listed_kept_across_a_restart_and_removed() {
     server.ok(&["unimport", "legacy"]);
     assert_eq!(server.json(&["imports"]), serde_json::json!([]));
     assert_eq!(models(&server), Vec::<String>::new());
+}
+
+/// The bootable Debian disk of `tests/data/bootable-debian.sh`, built once per recipe
+/// (the script's hash) into `/work/hangar-cache/imports` when that exists, else the
+/// harness's shared cache.
+fn bootable_debian() -> std::path::PathBuf {
+    use sha2::{Digest, Sha256};
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/bootable-debian.sh");
+    let recipe = std::fs::read(&script).unwrap();
+    let hash = hex::encode(&Sha256::digest(&recipe)[..8]);
+    let base = if Path::new("/work/hangar-cache").is_dir() {
+        std::path::PathBuf::from("/work/hangar-cache")
+    } else {
+        common::shared_cache()
+    };
+    let dir = base.join("imports");
+    std::fs::create_dir_all(&dir).unwrap();
+    let image = dir.join(format!("bootable-debian-{hash}.qcow2"));
+    if image.exists() {
+        return image;
+    }
+    let mirror = std::env::var("HANGAR_DEBIAN_MIRROR")
+        .unwrap_or_else(|_| "http://deb.debian.org/debian".into());
+    let started = std::time::Instant::now();
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg(&image)
+        .arg(&mirror)
+        .arg(dir.join("debs"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "building the bootable Debian disk failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("built {} in {:?}", image.display(), started.elapsed());
+    image
+}
+
+#[test]
+fn an_imported_debian_disk_boots_with_its_own_bootloader_and_serves_http() {
+    // SAFETY: geteuid(2) cannot fail and touches no memory.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: building and importing a disk needs root");
+        return;
+    }
+    let image = bootable_debian();
+    let server = TestServer::start();
+    let started = std::time::Instant::now();
+    let view = server.json(&[
+        "import",
+        image.to_str().unwrap(),
+        "--name",
+        "legacy-web",
+        "--format",
+        "qcow2",
+        "--port",
+        "http=80",
+        "--memory",
+        "512",
+    ]);
+    eprintln!(
+        "import took {:?}: {}",
+        started.elapsed(),
+        view["timings_ms"]
+    );
+    assert_eq!(view["layout"], "full-disk", "{view}");
+    assert!(
+        view["stripped"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p == "/var/lib/dhcp/dhclient.eth0.leases"),
+        "{view}"
+    );
+    let services = server.ok(&["services"]);
+    assert!(services.contains("legacy-web"), "{services}");
+
+    // Booted by SeaBIOS and its own GRUB under TCG: tens of seconds.
+    let started = std::time::Instant::now();
+    let grant = server.json(&["request", "legacy-web", "--deadline", "290s"]);
+    let booted = started.elapsed();
+    let endpoint: std::net::SocketAddr = grant["endpoint"].as_str().unwrap().parse().unwrap();
+    let (status, body) = common::http_get(&endpoint, "/index.html").unwrap();
+    eprintln!("first boot to answering: {booted:?}");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("hello from an imported machine"), "{body}");
+    let vms = server.json(&["vms"]);
+    assert!(
+        vms.as_array()
+            .unwrap()
+            .iter()
+            .any(|vm| vm["services"][0] == "legacy-web" && vm["state"] == "active"),
+        "{vms}"
+    );
+    // A model with a live VM stays.
+    let refused = server.hangar(&["unimport", "legacy-web"]);
+    assert!(!refused.status.success());
 }

@@ -14,16 +14,48 @@ use crate::components::{
 use crate::lifecycle::Policy;
 use crate::pool::PoolSpec;
 
+/// The environment of every imported machine: it runs whatever OS its disk holds.
+pub const IMPORTED_OS: &str = "imported";
+
 /// The built-in demo catalog.
 pub const DEMO_CATALOG: &str = include_str!("../../../catalog/demo.toml");
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Catalog {
     services: BTreeMap<String, Service>,
     os: BTreeMap<String, Os>,
     pools: BTreeMap<String, PoolSpec>,
     components: Components,
+    /// Services of imported machines, added and removed while the server runs
+    /// ([`Catalog::add_imported`]). Each definition is leaked once when added, so lookups
+    /// hand out plain references like the catalog's own; a removed one stays allocated
+    /// (a few hundred bytes per import) until the process ends.
+    imported: std::sync::RwLock<BTreeMap<String, &'static Service>>,
 }
+
+impl Clone for Catalog {
+    fn clone(&self) -> Catalog {
+        Catalog {
+            services: self.services.clone(),
+            os: self.os.clone(),
+            pools: self.pools.clone(),
+            components: self.components.clone(),
+            imported: std::sync::RwLock::new(self.imported_map().clone()),
+        }
+    }
+}
+
+impl PartialEq for Catalog {
+    fn eq(&self, other: &Catalog) -> bool {
+        self.services == other.services
+            && self.os == other.os
+            && self.pools == other.pools
+            && self.components == other.components
+            && *self.imported_map() == *other.imported_map()
+    }
+}
+
+impl Eq for Catalog {}
 
 /// An operating system VMs run (`[os.NAME]`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -125,6 +157,11 @@ pub struct Service {
     /// its apps (and the service itself) declare; none declared: `None`.
     #[serde(default)]
     pub min_disk_mib: Option<u32>,
+    /// An imported machine's service (`hangar import`): its VMs boot the model disk of
+    /// the same name with the disk's own bootloader, not an image built from components,
+    /// and run no hangar-init (no settings, files, processes or guest agent).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub imported: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -210,6 +247,11 @@ fn default_consecutive() -> u32 {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum ReadyCheck {
+    /// The guest sends something through the port's endpoint: a greeting of its own, or an
+    /// answer to `HEAD / HTTP/1.0` (a user-mode port forward accepts and holds connections
+    /// whether or not the guest is up, so only the guest's bytes prove it serves). For
+    /// guests without hangar-init, such as imported machines.
+    Connect { port: String },
     /// Something listens on the port inside the guest (asked of hangar-init, since a
     /// user-mode port forward accepts connections even when nothing listens behind it).
     Tcp { port: String },
@@ -290,6 +332,7 @@ impl ReadyCheck {
     pub fn port(&self) -> Option<&str> {
         match self {
             ReadyCheck::Tcp { port }
+            | ReadyCheck::Connect { port }
             | ReadyCheck::Http { port, .. }
             | ReadyCheck::Bytes { port, .. } => Some(port),
             ReadyCheck::Exec { .. } | ReadyCheck::Log { .. } | ReadyCheck::CpuSettled { .. } => {
@@ -302,7 +345,10 @@ impl ReadyCheck {
     /// service).
     fn problem(&self, ready_timeout: Duration) -> Option<String> {
         match self {
-            ReadyCheck::Tcp { .. } | ReadyCheck::Http { .. } | ReadyCheck::Bytes { .. } => None,
+            ReadyCheck::Tcp { .. }
+            | ReadyCheck::Connect { .. }
+            | ReadyCheck::Http { .. }
+            | ReadyCheck::Bytes { .. } => None,
             ReadyCheck::Exec { argv, timeout } => {
                 if argv.first().is_none_or(String::is_empty) {
                     Some("ready check exec has an empty argv".into())
@@ -345,6 +391,7 @@ impl std::fmt::Display for ReadyCheck {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ReadyCheck::Tcp { port } => write!(f, "tcp port {port:?}"),
+            ReadyCheck::Connect { port } => write!(f, "connect to port {port:?}"),
             ReadyCheck::Http {
                 port, path, status, ..
             } => write!(f, "http GET {path} on port {port:?} (status {status})"),
@@ -700,6 +747,7 @@ impl Catalog {
             os,
             pools,
             components,
+            imported: std::sync::RwLock::default(),
         })
     }
 
@@ -716,8 +764,49 @@ impl Catalog {
         self.pools.values()
     }
 
+    /// A service by name: the catalog's own, or an imported machine's.
     pub fn get(&self, name: &str) -> Option<&Service> {
-        self.services.get(name)
+        self.services
+            .get(name)
+            .or_else(|| self.imported_map().get(name).copied())
+    }
+
+    fn imported_map(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, &'static Service>> {
+        self.imported.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds the service of an imported machine (replacing one of its name); refused when
+    /// the catalog has a service of that name or `service` is not marked imported.
+    pub fn add_imported(&self, service: Service) -> Result<(), String> {
+        if !service.imported {
+            return Err(format!("{} is not an imported machine", service.name));
+        }
+        if self.services.contains_key(&service.name) {
+            return Err(format!("the catalog has a service named {}", service.name));
+        }
+        let leaked: &'static Service = Box::leak(Box::new(service));
+        self.imported
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(leaked.name.clone(), leaked);
+        Ok(())
+    }
+
+    /// Forgets an imported machine's service; returns whether it was there.
+    pub fn remove_imported(&self, name: &str) -> bool {
+        self.imported
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name)
+            .is_some()
+    }
+
+    /// The services of imported machines, by name.
+    pub fn imported_services(&self) -> Vec<&Service> {
+        self.imported_map()
+            .values()
+            .map(|s| *s as &Service)
+            .collect()
     }
 
     pub fn services(&self) -> impl Iterator<Item = &Service> {
@@ -737,7 +826,17 @@ impl Catalog {
     /// reason it never can (no such OS, or a component that does not run there).
     pub fn viable(&self, service: &str, os: &str) -> Result<&Service, Never> {
         let Some(entry) = self.services.get(service) else {
-            return Err(Never::NoService);
+            let imported = self.imported_map().get(service).copied();
+            return match imported {
+                None => Err(Never::NoService),
+                Some(entry) if entry.environments.iter().any(|env| env == os) => Ok(entry),
+                Some(entry) => Err(Never::Combination {
+                    reason: format!(
+                        "{service} is an imported machine: it runs its own OS ({})",
+                        entry.os
+                    ),
+                }),
+            };
         };
         if entry.environments.iter().any(|env| env == os) {
             return Ok(entry);
@@ -804,6 +903,54 @@ pub enum Never {
 }
 
 impl Service {
+    /// The service of an imported machine `name`: its `ports` (name → guest port), ready
+    /// when the guest answers on every port ([`ReadyCheck::Connect`]; no hangar-init runs
+    /// in it to ask), within `ready_timeout` (a firmware boot under emulation takes tens of
+    /// seconds). Its one environment is [`IMPORTED_OS`].
+    pub fn imported_machine(
+        name: &str,
+        ports: &BTreeMap<String, u16>,
+        vcpus: u32,
+        memory_mib: u32,
+        ready_timeout: Duration,
+    ) -> Service {
+        Service {
+            name: name.to_string(),
+            pool: None,
+            policy: Policy::default(),
+            description: format!("imported machine {name}"),
+            os: IMPORTED_OS.to_string(),
+            environments: vec![IMPORTED_OS.to_string()],
+            vcpus,
+            memory_mib,
+            ports: ports
+                .iter()
+                .map(|(name, guest)| Port {
+                    name: name.clone(),
+                    guest: *guest,
+                    wake: WakeOn::default(),
+                })
+                .collect(),
+            processes: Vec::new(),
+            files: BTreeMap::new(),
+            templates: BTreeMap::new(),
+            settings: BTreeMap::new(),
+            ready: ReadySpec {
+                timeout: ready_timeout,
+                interval: Duration::from_millis(500),
+                consecutive: 1,
+                checks: ports
+                    .keys()
+                    .map(|port| ReadyCheck::Connect { port: port.clone() })
+                    .collect(),
+            },
+            components: Vec::new(),
+            min_memory_mib: None,
+            min_disk_mib: None,
+            imported: true,
+        }
+    }
+
     /// Checks a ready criterion for this service (e.g. one set at run time).
     pub fn check_ready(&self, ready: &ReadySpec) -> Result<(), String> {
         check_ready(ready, &self.ports.iter().map(|p| p.name.as_str()).collect())
@@ -1143,6 +1290,7 @@ fn validate(
         components: closure.iter().map(|c| c.name.clone()).collect(),
         min_memory_mib,
         min_disk_mib,
+        imported: false,
     })
 }
 

@@ -93,6 +93,14 @@ pub fn compose_services(
     if parts.len() < 2 {
         return Err(ComposeError::TooFew(parts.len()));
     }
+    // An imported machine runs its own disk: nothing is composed onto it.
+    if let Some(imported) = parts.iter().find(|s| s.imported) {
+        return Err(ComposeError::WrongOs {
+            app: imported.name.clone(),
+            os: os.to_owned(),
+            offered: "its own disk only (an imported machine)".into(),
+        });
+    }
     let mut port_owner: BTreeMap<u16, &str> = BTreeMap::new();
     let mut port_names: BTreeMap<&str, &str> = BTreeMap::new();
     let mut process_names: BTreeMap<&str, &str> = BTreeMap::new();
@@ -131,6 +139,7 @@ pub fn compose_services(
             .iter()
             .filter_map(|s| s.min_disk_mib)
             .reduce(|a, b| a.saturating_add(b)),
+        imported: false,
     };
     for part in parts {
         let name = part.name.as_str();

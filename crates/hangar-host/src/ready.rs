@@ -154,6 +154,7 @@ impl<'a> Probe<'a> {
                     Err(err) => Err(NotReady(format!("guest agent: {err}"))),
                 }
             }
+            ReadyCheck::Connect { port } => connect_check(endpoint(port)?).await,
             ReadyCheck::Http {
                 port,
                 path,
@@ -391,6 +392,54 @@ pub async fn http_check(
 }
 
 /// Sends `send` and reads until the answer contains `expect`.
+/// How long a server that speaks first gets to send its greeting.
+const GREETING_WAIT: Duration = Duration::from_millis(300);
+
+/// What [`connect_check`] sends a server that does not speak first: an HTTP request that
+/// changes nothing, which HTTP servers answer and most line protocols answer with an
+/// error (Redis, memcached).
+const CONNECT_PROBE: &[u8] = b"HEAD / HTTP/1.0\r\n\r\n";
+
+/// Connects to `addr` (a VM's port forward) and passes when the guest sends something:
+/// a greeting of its own (SSH, SMTP, MySQL), or an answer to [`CONNECT_PROBE`] and the end
+/// of the client's side. A user-mode forward accepts every
+/// connection on the host whether or not the guest is up, and holds it while the guest
+/// does not answer, so neither a connect nor a connection held open proves anything; only
+/// bytes from the guest do. This is the check for guests with no agent to ask what
+/// listens. A protocol that answers nothing to that line (PostgreSQL) never passes it.
+pub async fn connect_check(addr: SocketAddr) -> Result<(), NotReady> {
+    let work = async {
+        let mut stream = TcpStream::connect(addr)
+            .await
+            .map_err(|err| NotReady(format!("connect to {addr}: {err}")))?;
+        let mut buf = [0u8; 64];
+        if let Ok(read) = tokio::time::timeout(GREETING_WAIT, stream.read(&mut buf)).await {
+            return match read {
+                Ok(n) if n > 0 => Ok(()),
+                Ok(_) => Err(NotReady(format!(
+                    "{addr} closed the connection without a word (nothing listens in the guest)"
+                ))),
+                Err(err) => Err(NotReady(format!("{addr}: {err}"))),
+            };
+        }
+        stream
+            .write_all(CONNECT_PROBE)
+            .await
+            .map_err(|err| NotReady(format!("send to {addr}: {err}")))?;
+        let _ = stream.shutdown().await;
+        match stream.read(&mut buf).await {
+            Ok(n) if n > 0 => Ok(()),
+            Ok(_) => Err(NotReady(format!(
+                "{addr} closed the connection without answering"
+            ))),
+            Err(err) => Err(NotReady(format!("{addr}: {err}"))),
+        }
+    };
+    tokio::time::timeout(PROBE_TIMEOUT, work)
+        .await
+        .map_err(|_| NotReady(format!("{addr} did not answer within {PROBE_TIMEOUT:?}")))?
+}
+
 pub async fn bytes_check(addr: SocketAddr, send: &[u8], expect: &[u8]) -> Result<(), NotReady> {
     let answer = exchange(addr, send, Some(expect)).await?;
     if contains(&answer, expect) {
@@ -825,5 +874,44 @@ mod tests {
             .unwrap();
         let err = http_check(closed, "/", 200, None).await.unwrap_err();
         assert!(err.0.starts_with("connect to"), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn connect_check_passes_only_when_the_guest_sends_something() {
+        // Answers a request (an HTTP server).
+        connect_check(server(b"HTTP/1.0 400 Bad Request\r\n\r\n").await)
+            .await
+            .unwrap();
+        // Speaks first (SSH).
+        let greeting = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let greeting_addr = greeting.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = greeting.accept().await {
+                let _ = stream.write_all(b"SSH-2.0-x\r\n").await;
+            }
+        });
+        connect_check(greeting_addr).await.unwrap();
+        // Holds the connection without a word, as a user-mode forward does while the
+        // guest is not up yet.
+        let holding = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let hold_addr = holding.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut kept = Vec::new();
+            while let Ok((stream, _)) = holding.accept().await {
+                kept.push(stream);
+            }
+        });
+        let err = connect_check(hold_addr).await.unwrap_err();
+        assert!(err.0.contains("did not answer"), "{}", err.0);
+        // Closes at once, as a user-mode forward does when nothing listens in the guest.
+        let closing = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let close_addr = closing.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = closing.accept().await {
+                drop(stream);
+            }
+        });
+        let err = connect_check(close_addr).await.unwrap_err();
+        assert!(err.0.contains("without a word"), "{}", err.0);
     }
 }

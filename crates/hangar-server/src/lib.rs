@@ -376,6 +376,7 @@ pub async fn run(
             guest_cmdline: hangar_image::kernel_cmdline(hangar_image::host_tsc_khz()),
             templates_dir: config.templates.then(|| config.data_dir.join("templates")),
             vms_dir: Some(vms_dir.clone()),
+            models_dir: Some(config.data_dir.join("models")),
         },
     );
     // Listen before reconciling: the forwarder is told this address for wake requests,
@@ -438,6 +439,13 @@ pub async fn run(
             }
         };
         manager.use_stable_endpoints(endpoints::StableEndpoints::new(kind, &server_url));
+    }
+
+    // Imported machines are services from the start: reconciliation and requests see them.
+    match manager.load_imports().await {
+        Ok(0) => {}
+        Ok(count) => tracing::info!(count, "imported machines offered"),
+        Err(err) => tracing::warn!(error = %err, "cannot read the imported machines"),
     }
 
     // One replica of the control plane leads (runs the loops); a single server always

@@ -84,6 +84,7 @@ async fn main() {
         layer_slots: 0,
         background: false,
         template: None,
+        firmware: false,
     };
     let launched = backend.launch(&spec).await.expect("launch");
     let agent = launched.agent.clone();

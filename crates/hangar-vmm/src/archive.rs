@@ -326,6 +326,7 @@ mod tests {
             layer_slots: 0,
             background: false,
             template: None,
+            firmware: false,
         }
     }
 

@@ -527,6 +527,7 @@ mod tests {
             layer_slots: 0,
             background: false,
             template: None,
+            firmware: false,
         };
         let launched = backend.launch(&spec).await.unwrap();
         assert_eq!(

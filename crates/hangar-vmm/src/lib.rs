@@ -67,6 +67,12 @@ pub struct VmSpec {
     /// template's snapshot, its disk is a layer over the template's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template: Option<PathBuf>,
+    /// Boots its root disk ([`VmSpec::base_image`], a whole disk with its own bootloader)
+    /// through firmware on the `q35` machine (SeaBIOS) with PCI virtio devices, instead of
+    /// hangar's kernel on `microvm`: an imported machine. `kernel`, `initramfs` and
+    /// `cmdline` are not used; no hangar-init runs in it (its agent channel stays silent).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub firmware: bool,
 }
 
 fn is_zero(n: &usize) -> bool {

@@ -1061,11 +1061,19 @@ pub fn qemu_args(accel: Accel, spec: &VmSpec, paths: &VmPaths) -> Vec<String> {
 /// `boot`.
 fn command_line(accel: Accel, spec: &VmSpec, paths: &VmPaths, boot: bool) -> Vec<String> {
     let path = |p: &Path| p.display().to_string();
+    // A firmware-booted disk (an imported machine) runs on q35 with PCI devices; hangar's
+    // own guests on microvm with virtio-mmio.
+    let machine = if spec.firmware {
+        "q35"
+    } else {
+        "microvm,acpi=on,isa-serial=on,rtc=on"
+    };
+    let bus = if spec.firmware { "pci" } else { "device" };
     let mut args: Vec<String> = vec![
         "-name".into(),
         format!("hangar-{}", spec.id),
         "-M".into(),
-        "microvm,acpi=on,isa-serial=on,rtc=on".into(),
+        machine.into(),
     ];
     args.extend(accel.qemu_args().iter().map(|a| a.to_string()));
     args.extend([
@@ -1085,7 +1093,7 @@ fn command_line(accel: Accel, spec: &VmSpec, paths: &VmPaths, boot: bool) -> Vec
         "-serial".into(),
         format!("file:{}", path(&paths.console)),
     ]);
-    if boot {
+    if boot && !spec.firmware {
         args.extend([
             "-kernel".into(),
             path(&spec.kernel),
@@ -1113,7 +1121,7 @@ fn command_line(accel: Accel, spec: &VmSpec, paths: &VmPaths, boot: bool) -> Vec
             "-drive".into(),
             format!("id=root,file={},format=qcow2,if=none", path(&paths.disk)),
             "-device".into(),
-            format!("virtio-blk-device,drive=root,serial={}", crate::ROOT_SERIAL),
+            format!("virtio-blk-{bus},drive=root,serial={}", crate::ROOT_SERIAL),
         ]);
     }
     for (i, layer) in spec.layers.iter().enumerate() {
@@ -1156,9 +1164,9 @@ fn command_line(accel: Accel, spec: &VmSpec, paths: &VmPaths, boot: bool) -> Vec
         "-netdev".into(),
         netdev,
         "-device".into(),
-        "virtio-net-device,netdev=n0".into(),
+        format!("virtio-net-{bus},netdev=n0"),
         "-device".into(),
-        "virtio-serial-device".into(),
+        format!("virtio-serial-{bus}"),
         "-chardev".into(),
         format!(
             "socket,id=agent,path={},server=on,wait=off",
@@ -1170,9 +1178,9 @@ fn command_line(accel: Accel, spec: &VmSpec, paths: &VmPaths, boot: bool) -> Vec
             hangar_proto::AGENT_PORT_NAME
         ),
         "-device".into(),
-        "virtio-rng-device".into(),
+        format!("virtio-rng-{bus}"),
         "-device".into(),
-        "virtio-balloon-device".into(),
+        format!("virtio-balloon-{bus}"),
         "-qmp".into(),
         format!("unix:{},server=on,wait=off", path(&paths.qmp)),
     ]);
@@ -1290,6 +1298,7 @@ mod tests {
             layer_slots: 0,
             background: false,
             template: None,
+            firmware: false,
         };
         let paths = VmPaths::new(Path::new("/data/vms"), "vm-1");
         let args = qemu_args(Accel::Tcg, &spec, &paths).join(" ");
@@ -1371,5 +1380,50 @@ mod tests {
         assert!(restore.contains("-drive id=layer1,file=/cache/layers/a/layer.sqfs"));
         assert!(restore.contains("node-name=slot2"), "{restore}");
         assert!(!restore.contains("node-name=slot1,"), "{restore}");
+    }
+
+    #[test]
+    fn a_firmware_boot_runs_q35_with_pci_devices_and_no_kernel() {
+        let spec = VmSpec {
+            id: "vm-2".into(),
+            vcpus: 1,
+            memory_mib: 512,
+            kernel: "/a/vmlinux".into(),
+            initramfs: "/a/initramfs.cpio".into(),
+            cmdline: "console=ttyS0".into(),
+            base_image: Some("/data/models/legacy.qcow2".into()),
+            layers: Vec::new(),
+            forwards: vec![PortForward {
+                host: "127.0.0.1".parse().unwrap(),
+                host_port: 40003,
+                guest_port: 80,
+            }],
+            pre_os: false,
+            background: false,
+            template: None,
+            firmware: true,
+            layer_slots: 0,
+        };
+        let paths = VmPaths::new(Path::new("/data/vms"), "vm-2");
+        let args = qemu_args(Accel::Tcg, &spec, &paths).join(" ");
+        for expected in [
+            "-M q35 -accel tcg -m 512 -smp 1",
+            "-drive id=root,file=/data/vms/vm-2/disk.qcow2,format=qcow2,if=none \
+             -device virtio-blk-pci,drive=root,serial=hangar-root",
+            "user,id=n0,hostfwd=tcp:127.0.0.1:40003-:80 -device virtio-net-pci,netdev=n0",
+            "-device virtio-serial-pci",
+            "-device virtio-rng-pci",
+        ] {
+            assert!(args.contains(expected), "missing {expected:?} in {args}");
+        }
+        for absent in [
+            "microvm",
+            "-kernel",
+            "-initrd",
+            "-append",
+            "-device\x20virtio-net-device",
+        ] {
+            assert!(!args.contains(absent), "{absent} in {args}");
+        }
     }
 }

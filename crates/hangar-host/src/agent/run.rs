@@ -157,6 +157,7 @@ pub async fn run_agent(
             guest_cmdline: hangar_image::kernel_cmdline(hangar_image::host_tsc_khz()),
             templates_dir: config.templates.then(|| data_dir.join("templates")),
             vms_dir: Some(vms_dir),
+            models_dir: None,
         },
     );
     host.clean_template_debris();

@@ -54,6 +54,10 @@ pub enum ImageSourceError {
     /// This image source keeps its images.
     #[error("image {0} cannot be removed by this image source")]
     CannotRemove(String),
+    /// An imported machine's model disk is not on this host (imports are kept by the
+    /// server that took them; farm hosts do not pull them).
+    #[error("the model disk of imported machine {0} is not on this host")]
+    NoModel(String),
     /// This image source cannot write exports.
     #[error("this host cannot export images")]
     CannotExport,

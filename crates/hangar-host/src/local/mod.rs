@@ -44,6 +44,9 @@ pub struct LocalHostConfig {
     pub templates_dir: Option<PathBuf>,
     /// Where the hypervisor keeps VM directories (leftovers are removed from it).
     pub vms_dir: Option<PathBuf>,
+    /// Where imported machines' model disks lie (`NAME.qcow2`); none: imported services
+    /// cannot be made here.
+    pub models_dir: Option<PathBuf>,
 }
 
 impl Default for LocalHostConfig {
@@ -54,6 +57,7 @@ impl Default for LocalHostConfig {
             guest_cmdline: hangar_image::kernel_cmdline(None),
             templates_dir: None,
             vms_dir: None,
+            models_dir: None,
         }
     }
 }
@@ -64,6 +68,9 @@ pub struct LocalHost {
     config: LocalHostConfig,
     /// Control channels (and processes) of running VMs.
     agents: Mutex<HashMap<String, Launched>>,
+    /// Running VMs booted by firmware from an imported disk: no hangar-init answers in
+    /// them, so nothing is asked of their agent channel (identity, slicing).
+    agentless: Mutex<HashSet<String>>,
 }
 
 fn record(spec: &VmSpec) -> Result<LaunchRecord, HostError> {
@@ -112,7 +119,34 @@ impl LocalHost {
             images,
             config,
             agents: Mutex::default(),
+            agentless: Mutex::default(),
         }
+    }
+
+    /// Notes whether VM `id` (as launched from `spec`) has no guest agent.
+    fn note_agentless(&self, id: &str, spec: &VmSpec) {
+        let mut agentless = self.agentless.lock().expect("agentless lock");
+        if spec.firmware {
+            agentless.insert(id.to_owned());
+        } else {
+            agentless.remove(id);
+        }
+    }
+
+    fn is_agentless(&self, id: &str) -> bool {
+        self.agentless.lock().expect("agentless lock").contains(id)
+    }
+
+    /// The model disk of imported machine `name`.
+    fn model_disk(&self, name: &str) -> Result<PathBuf, HostError> {
+        let path = self
+            .config
+            .models_dir
+            .as_ref()
+            .map(|dir| dir.join(format!("{name}.qcow2")))
+            .filter(|path| path.is_file())
+            .ok_or_else(|| HostError::Image(ImageSourceError::NoModel(name.to_string())))?;
+        Ok(path)
     }
 
     fn agent(&self, id: &str) -> Result<Arc<Agent>, HostError> {
@@ -202,6 +236,10 @@ impl Host for LocalHost {
         progress("image", 2);
         let assets = self.images.guest_assets().await.map_err(HostError::Image)?;
         let root = match (&plan.service, &plan.os) {
+            (Some(service), _) if service.imported => RootImage {
+                base: Some(self.model_disk(&service.name)?),
+                ..RootImage::default()
+            },
             (Some(service), Some(os)) => {
                 if !self.images.is_built(service, os) {
                     tracing::info!(service = %service.name, os = %os, vm = %plan.id, "building the service's image");
@@ -237,6 +275,7 @@ impl Host for LocalHost {
             },
             background: plan.purpose != Purpose::Request,
             template: None,
+            firmware: plan.service.as_ref().is_some_and(|s| s.imported),
         };
         Ok(PreparedVm {
             direct_endpoints: endpoint_text(&endpoints),
@@ -259,7 +298,10 @@ impl Host for LocalHost {
             .service
             .as_ref()
             .filter(|_| {
-                plan.env.is_empty() && plan.purpose != Purpose::Template && spec.layers.is_empty()
+                plan.env.is_empty()
+                    && plan.purpose != Purpose::Template
+                    && spec.layers.is_empty()
+                    && !spec.firmware
             })
             .and_then(|service| self.find_template(service, &spec));
         let (launched, spec) = match &template {
@@ -274,10 +316,22 @@ impl Host for LocalHost {
             }
         };
         self.keep_agent(vm_id, launched.clone());
+        self.note_agentless(vm_id, &spec);
 
         if let Some(service) = &plan.service {
             let agent = launched.agent;
-            if template.is_some() {
+            if service.imported {
+                // Booted by its own bootloader: nothing to configure, no agent to ask.
+                // Its identity is what staging left (an empty machine-id, a placeholder
+                // hostname), made fresh by its own first boot.
+                if plan.purpose == Purpose::Template {
+                    return Err(HostError::Guest(format!(
+                        "{} is an imported machine: it has no template",
+                        service.name
+                    )));
+                }
+                progress("boot", 40);
+            } else if template.is_some() {
                 // The clone resumes where its template paused, at ready, with the
                 // template's identity: it gets its own before anything else.
                 progress("identity", 50);
@@ -354,6 +408,13 @@ impl Host for LocalHost {
         // hangar-vmm).
         self.hv.resume(id).await?;
         let identifying = stages.mark("resume", resuming);
+        if self.is_agentless(id) {
+            // An imported machine: no agent to give it an identity or slice it.
+            return Ok(HandedOut {
+                stages,
+                sliced_to: None,
+            });
+        }
         self.reidentify(id, &agent, id, Duration::from_secs(10))
             .await?;
         stages.mark("identity", identifying);
@@ -470,6 +531,7 @@ impl Host for LocalHost {
                 let spec = spec_of(launch)?;
                 let launched = self.hv.restore(&spec).await?;
                 self.keep_agent(id, launched.clone());
+                self.note_agentless(id, &spec);
                 woken.process = launched.pid;
                 woken.stages.mark("restore", started);
             }
@@ -480,10 +542,14 @@ impl Host for LocalHost {
         let agent = self
             .agent(id)
             .map_err(|err| HostError::NotReady(err.to_string()))?;
-        self.reidentify(id, &agent, id, Duration::from_secs(10))
-            .await
-            .map_err(|err| HostError::NotReady(error_chain(&err)))?;
-        let checking = woken.stages.mark("identity", checking);
+        let checking = if self.is_agentless(id) {
+            checking
+        } else {
+            self.reidentify(id, &agent, id, Duration::from_secs(10))
+                .await
+                .map_err(|err| HostError::NotReady(error_chain(&err)))?;
+            woken.stages.mark("identity", checking)
+        };
         if let WakeFrom::Archived {
             services,
             direct_endpoints,
@@ -520,6 +586,7 @@ impl Host for LocalHost {
             return Ok(None);
         };
         self.keep_agent(id, launched.clone());
+        self.note_agentless(id, &spec);
         if running && matches!(self.hv.run_state(id).await, Ok(RunState::Paused)) {
             tracing::info!(vm = %id, "resuming a running VM found paused");
             if let Err(err) = self.hv.resume(id).await {
@@ -533,11 +600,13 @@ impl Host for LocalHost {
 
     async fn stop(&self, id: &str) -> Result<(), HostError> {
         self.drop_agent(id);
+        self.agentless.lock().expect("agentless lock").remove(id);
         Ok(self.hv.stop(id).await?)
     }
 
     async fn destroy(&self, id: &str) -> Result<(), HostError> {
         self.drop_agent(id);
+        self.agentless.lock().expect("agentless lock").remove(id);
         Ok(self.hv.destroy(id).await?)
     }
 
@@ -562,7 +631,10 @@ impl Host for LocalHost {
 
     async fn templates_apply(&self, service: &Service) -> bool {
         // Layered roots (Debian services) are booted: their templates are not built yet.
-        self.config.templates_dir.is_some() && self.images.chain(service, &service.os).is_empty()
+        // Imported machines have no agent to re-identify a clone: they are booted.
+        !service.imported
+            && self.config.templates_dir.is_some()
+            && self.images.chain(service, &service.os).is_empty()
     }
 
     async fn has_template(&self, service: &Service) -> Result<bool, HostError> {

@@ -94,6 +94,7 @@ impl LocalHost {
             layer_slots: 0,
             background: false,
             template: None,
+            firmware: false,
         })
     }
 

@@ -36,10 +36,27 @@ pub(crate) async fn import_machine(
     Query(query): Query<ImportQuery>,
     body: axum::body::Body,
 ) -> Result<(StatusCode, Json<ImportView>), ApiError> {
-    let view = manager
-        .import_machine(&caller.user, &query, body.into_data_stream())
-        .await?;
-    Ok((StatusCode::CREATED, Json(view)))
+    use futures::StreamExt;
+    let mut stream = body.into_data_stream();
+    match manager
+        .import_machine(&caller.user, &query, &mut stream)
+        .await
+    {
+        Ok(view) => Ok((StatusCode::CREATED, Json(view))),
+        Err(err) => {
+            // Refused before the upload was read (a name taken, a malformed query): the
+            // rest is read and dropped, up to the limit, so the client, still sending,
+            // gets the answer rather than a broken connection.
+            let mut left = manager.config.import_limits.max_upload_bytes;
+            while left > 0 {
+                match stream.next().await {
+                    Some(Ok(chunk)) => left = left.saturating_sub(chunk.len() as u64),
+                    _ => break,
+                }
+            }
+            Err(err.into())
+        }
+    }
 }
 
 /// The imported machines.

@@ -145,6 +145,7 @@ async fn list_services(State(manager): State<Arc<Manager>>) -> Json<Vec<ServiceV
         manager
             .catalog()
             .services()
+            .chain(manager.catalog().imported_services())
             .map(|service| ServiceView {
                 name: service.name.clone(),
                 description: service.description.clone(),

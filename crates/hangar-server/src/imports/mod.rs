@@ -91,6 +91,27 @@ pub fn parse_ports(text: Option<&str>) -> Result<BTreeMap<String, u16>, ImportsE
     Ok(ports)
 }
 
+/// How long an imported machine's VM may take from launch to its ports answering: a
+/// firmware boot of a full OS under emulation (TCG) takes tens of seconds.
+const IMPORTED_READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// The service an imported machine offers, when it can be booted: a full disk (its own
+/// bootloader) with at least one port. A bare root filesystem is stored but not booted
+/// (yet): it would need hangar's kernel and initramfs with the filesystem as root.
+pub fn imported_service(record: &ImportRecord) -> Option<hangar_core::Service> {
+    let spec: ImportSpec = serde_json::from_value(record.spec.clone()).ok()?;
+    if !matches!(spec.layout, DiskLayout::FullDisk { .. }) || spec.ports.is_empty() {
+        return None;
+    }
+    Some(hangar_core::Service::imported_machine(
+        &record.name,
+        &spec.ports,
+        spec.vcpus,
+        spec.memory_mib,
+        IMPORTED_READY_TIMEOUT,
+    ))
+}
+
 /// The view of a stored import.
 pub fn import_view(record: ImportRecord) -> Result<ImportView, ImportsError> {
     let spec: ImportSpec = serde_json::from_value(record.spec)
@@ -338,7 +359,31 @@ impl Manager {
             });
         }
         tracing::info!(name, task, timings = ?spec.timings_ms, "imported a machine");
+        self.offer_import(&record);
         import_view(record)
+    }
+
+    /// Offers imported machine `record` as a service, when it can be booted.
+    fn offer_import(&self, record: &ImportRecord) {
+        match imported_service(record) {
+            Some(service) => {
+                if let Err(err) = self.catalog.add_imported(service) {
+                    tracing::warn!(name = %record.name, error = %err, "cannot offer an imported machine");
+                }
+            }
+            None => {
+                tracing::info!(name = %record.name, "imported machine kept, not offered (a bare filesystem or no ports)");
+            }
+        }
+    }
+
+    /// Offers every imported machine in the store as a service (at start-up).
+    pub async fn load_imports(&self) -> Result<usize, ImportsError> {
+        let records = self.store.imports().await?;
+        for record in &records {
+            self.offer_import(record);
+        }
+        Ok(records.len())
     }
 
     /// The imported machines, by name.
@@ -374,6 +419,7 @@ impl Manager {
         }
         let view = import_view(record)?;
         self.store.remove_import(name).await?;
+        self.catalog.remove_imported(name);
         if let Some(models) = &self.config.models_dir {
             let path = model_path(models, name);
             if let Err(err) = std::fs::remove_file(&path)

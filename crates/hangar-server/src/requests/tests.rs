@@ -373,6 +373,7 @@ async fn restart_adopts_running_vms_fails_vanished_ones_and_stops_strangers() {
         layer_slots: 0,
         background: false,
         template: None,
+        firmware: false,
     };
     backend.launch(&stranger).await.unwrap();
 

@@ -162,6 +162,7 @@ pub fn spec(id: &str, guest: &Guest, port: u16) -> VmSpec {
         layer_slots: 0,
         background: false,
         template: None,
+        firmware: false,
     }
 }
 
