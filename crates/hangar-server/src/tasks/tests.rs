@@ -160,6 +160,7 @@ async fn at_restart_a_half_task_is_undone_from_its_journal() {
         base_image: None,
         layers: Vec::new(),
         layer_slots: 0,
+        firmware: false,
         forwards: vec![],
         pre_os: false,
         background: false,
