@@ -182,9 +182,28 @@ fn an_imported_disk_is_stored_listed_kept_across_a_restart_and_removed() {
     let listed = server.json(&["imports"]);
     assert_eq!(listed[0]["name"], "legacy", "{listed}");
     assert!(server.ok(&["imports"]).contains("full-disk (root 1)"));
+    // Offered as a service again after the restart.
+    let services = server.json(&["services"]);
+    assert!(
+        services
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["name"] == "legacy"),
+        "{services}"
+    );
 
     server.ok(&["unimport", "legacy"]);
     assert_eq!(server.json(&["imports"]), serde_json::json!([]));
+    let services = server.json(&["services"]);
+    assert!(
+        !services
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["name"] == "legacy"),
+        "{services}"
+    );
     assert_eq!(models(&server), Vec::<String>::new());
 }
 
@@ -234,7 +253,7 @@ fn an_imported_debian_disk_boots_with_its_own_bootloader_and_serves_http() {
         return;
     }
     let image = bootable_debian();
-    let server = TestServer::start();
+    let server = TestServer::start_with(&["--pool-memory", "1024"]);
     let started = std::time::Instant::now();
     let view = server.json(&[
         "import",
@@ -282,6 +301,26 @@ fn an_imported_debian_disk_boots_with_its_own_bootloader_and_serves_http() {
             .any(|vm| vm["services"][0] == "legacy-web" && vm["state"] == "active"),
         "{vms}"
     );
+    // Pooled: booted to ready and paused, then handed out (no agent: not re-identified).
+    server.ok(&["pool", "set", "legacy-web", "--min", "1", "--max", "1"]);
+    let started = std::time::Instant::now();
+    common::wait_for(290, "a ready legacy-web pool VM", || {
+        let pools = server.json(&["pools"]);
+        pools
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "legacy-web" && p["ready"].as_u64() == Some(1))
+            .cloned()
+    });
+    eprintln!("pool VM ready after {:?}", started.elapsed());
+    let pooled = server.json(&["request", "legacy-web", "--dedicated"]);
+    assert_eq!(pooled["match"], "exact", "{pooled}");
+    assert_ne!(pooled["vm"], grant["vm"]);
+    let endpoint: std::net::SocketAddr = pooled["endpoint"].as_str().unwrap().parse().unwrap();
+    let (status, body) = common::http_get(&endpoint, "/index.html").unwrap();
+    assert_eq!(status, 200, "{body}");
+
     // A model with a live VM stays.
     let refused = server.hangar(&["unimport", "legacy-web"]);
     assert!(!refused.status.success());

@@ -406,3 +406,68 @@ fn a_disk_without_an_os_is_refused_and_nothing_stays_attached() {
         .expect("losetup -j");
     assert!(String::from_utf8_lossy(&loops.stdout).trim().is_empty());
 }
+
+#[test]
+fn partitions_are_read_from_an_mbr_and_from_a_gpt() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // MBR: one partition from sector 2048 to the end.
+    let mbr_disk = dir.path().join("mbr.img");
+    let total: u64 = 8 << 20;
+    std::fs::File::create(&mbr_disk)
+        .and_then(|f| f.set_len(total))
+        .expect("disk");
+    write_mbr(&mbr_disk, total);
+    assert_eq!(
+        partitions(&mbr_disk).expect("mbr"),
+        vec![Partition {
+            number: 1,
+            offset: 2048 * 512,
+            size: total - 2048 * 512
+        }]
+    );
+
+    // GPT: a protective MBR, the header at LBA 1, entries at LBA 2; partition 2 used.
+    use std::io::{Seek, SeekFrom};
+    let gpt_disk = dir.path().join("gpt.img");
+    let mut file = std::fs::File::create(&gpt_disk).expect("disk");
+    file.set_len(total).expect("size");
+    let mut mbr = [0u8; 512];
+    mbr[446 + 4] = 0xee;
+    mbr[446 + 8..446 + 12].copy_from_slice(&1u32.to_le_bytes());
+    mbr[446 + 12..446 + 16].copy_from_slice(&((total / 512 - 1) as u32).to_le_bytes());
+    mbr[510] = 0x55;
+    mbr[511] = 0xaa;
+    file.write_all(&mbr).expect("mbr");
+    let mut header = [0u8; 92];
+    header[0..8].copy_from_slice(b"EFI PART");
+    header[72..80].copy_from_slice(&2u64.to_le_bytes());
+    header[80..84].copy_from_slice(&4u32.to_le_bytes());
+    header[84..88].copy_from_slice(&128u32.to_le_bytes());
+    file.seek(SeekFrom::Start(512)).expect("seek");
+    file.write_all(&header).expect("header");
+    let mut entry = [0u8; 128];
+    entry[0] = 0xaf; // a non-zero type GUID
+    entry[32..40].copy_from_slice(&4096u64.to_le_bytes());
+    entry[40..48].copy_from_slice(&8191u64.to_le_bytes());
+    file.seek(SeekFrom::Start(1024 + 128)).expect("seek");
+    file.write_all(&entry).expect("entry");
+    // An entry past the end of the disk is left out.
+    let mut beyond = entry;
+    beyond[32..40].copy_from_slice(&(total / 512 + 10).to_le_bytes());
+    beyond[40..48].copy_from_slice(&(total / 512 + 20).to_le_bytes());
+    file.write_all(&beyond).expect("entry");
+    drop(file);
+    assert_eq!(
+        partitions(&gpt_disk).expect("gpt"),
+        vec![Partition {
+            number: 2,
+            offset: 4096 * 512,
+            size: 4096 * 512
+        }]
+    );
+
+    // No table (a bare filesystem): no partitions.
+    let bare = dir.path().join("bare.img");
+    std::fs::write(&bare, vec![0u8; 4096]).expect("bare");
+    assert!(partitions(&bare).expect("bare").is_empty());
+}
