@@ -27,6 +27,8 @@ pub struct TestServer {
     pub data_dir: tempfile::TempDir,
     pub url: String,
     pub extra_args: Vec<String>,
+    /// Environment variables the server process gets (e.g. test hooks).
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
     /// The server's PostgreSQL database, when `HANGAR_TEST_STORE=postgres` (dropped after
     /// the server is stopped).
@@ -92,8 +94,25 @@ impl TestServer {
         })
     }
 
+    /// [`TestServer::start`] with `env` in the server process's environment (test hooks
+    /// such as `HANGAR_TEST_PAUSE_AT_STEP`); clear `env` before a later `spawn` to start it
+    /// again without them.
+    pub fn start_in_env(env: &[(&str, &str)]) -> TestServer {
+        TestServer::start_in_with_env(&["--pool-memory", "0", "--no-templates"], env, |cache| {
+            std::os::unix::fs::symlink(shared_cache(), cache).unwrap()
+        })
+    }
+
     /// A server with `extra_args` whose `cache` in the data dir is made by `make_cache`.
     fn start_in(extra_args: &[&str], make_cache: impl FnOnce(&Path)) -> TestServer {
+        TestServer::start_in_with_env(extra_args, &[], make_cache)
+    }
+
+    fn start_in_with_env(
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+        make_cache: impl FnOnce(&Path),
+    ) -> TestServer {
         // Short paths: unix socket addresses hold at most 107 bytes.
         let data_dir = tempfile::Builder::new()
             .prefix("hg")
@@ -105,6 +124,10 @@ impl TestServer {
             data_dir,
             url: format!("http://127.0.0.1:{port}"),
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             child: None,
             database: store_is_postgres().then(hangar_test_postgres::TestDatabase::create),
         };
@@ -139,6 +162,7 @@ impl TestServer {
             .args(self.database.iter().flat_map(|db| ["--store", db.url()]))
             .args(&self.extra_args)
             .env("HANGAR_LOG", "info,hangar_server=debug")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -191,14 +215,24 @@ impl TestServer {
     /// wrote in its data dir (`HANGAR_DATA_DIR`), as on a machine that runs a server. No
     /// token of the person running the tests leaks in.
     pub fn hangar(&self, args: &[&str]) -> Output {
-        Command::new(HANGAR)
+        self.hangar_command(args).output().unwrap()
+    }
+
+    /// The CLI command [`TestServer::hangar`] runs, to spawn it instead.
+    pub fn hangar_command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(HANGAR);
+        command
             .args(args)
             .env("HANGAR_URL", &self.url)
             .env("HANGAR_DATA_DIR", self.data_dir.path())
             .env_remove("HANGAR_TOKEN")
-            .env("XDG_CONFIG_HOME", self.data_dir.path().join("no-config"))
-            .output()
-            .unwrap()
+            .env("XDG_CONFIG_HOME", self.data_dir.path().join("no-config"));
+        command
+    }
+
+    /// The server process's pid while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Runs the CLI and expects success; returns stdout.
