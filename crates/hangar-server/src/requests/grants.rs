@@ -133,11 +133,13 @@ impl Manager {
         machine: &MachineRequest,
         exact_size: bool,
     ) -> Result<Option<Pick>, RequestError> {
-        // A layered OS (several disks) cannot be attached to a pre-OS shell.
-        let layered = self
+        // Only a one-disk busybox OS is attached to a pre-OS shell here: a layered OS goes
+        // through the install path, and an OS the catalog does not declare (an imported
+        // machine, booted by its own firmware on another machine type) never fits one.
+        let layered = !self
             .catalog
             .os(&machine.os.name)
-            .is_some_and(|os| os.base != hangar_core::catalog::OsBase::Busybox);
+            .is_some_and(|os| os.base == hangar_core::catalog::OsBase::Busybox);
         let want = (machine.vcpus, machine.memory_mib.max);
         let paused: Vec<VmRecord> = self
             .pool_supply()

@@ -210,10 +210,13 @@ impl Scheduler {
             hosts.push(local.clone());
             facts.push(entry);
         }
+        // An imported machine's disk is in this server's model store, which agents do not
+        // pull: only the server's own host can boot it.
+        let own_host_only = plan.service.as_ref().is_some_and(|s| s.imported);
         // Read under the lock: a clone of every host's last report (its VMs included) per
         // placement costs more than the decision.
         let farm = self.farm.read().expect("farm lock");
-        for farm_host in farm.values() {
+        for farm_host in farm.values().filter(|_| !own_host_only) {
             let info = &farm_host.info;
             let mut entry = placement::HostFacts::new(
                 farm_host.record.name.clone(),
@@ -549,6 +552,49 @@ mod tests {
             ["b"],
             "read again: the store's records, and nothing placed since"
         );
+    }
+
+    /// A scheduler with no host of its own and one farm host, `agent`, with room.
+    fn farm_only() -> Scheduler {
+        let connect: Connector = Arc::new(|name: &str, _: &str| Ok(host(name)));
+        let scheduler = Scheduler::new(None, Some(connect));
+        let mut info = crate::farm::HostInfo::default();
+        info.facts.vcpus = 8;
+        info.facts.memory_mib = 16_384;
+        scheduler.update_farm(vec![HostRecord {
+            name: "agent".into(),
+            address: "127.0.0.1:1".into(),
+            state: HostState::Up,
+            facts: serde_json::to_value(&info).unwrap(),
+            last_heartbeat_ms: hangar_store::now_ms(),
+        }]);
+        scheduler
+    }
+
+    #[tokio::test]
+    async fn an_imported_machine_is_placed_only_on_the_servers_own_host() {
+        let scheduler = farm_only();
+        let mut plan = plan(Purpose::Request);
+        let (chosen, _) = scheduler
+            .place(&[], &plan, &Constraints::default())
+            .await
+            .expect("a service of the catalog goes to the farm");
+        assert_eq!(chosen.name(), "agent");
+
+        let ports = BTreeMap::from([("http".to_string(), 80)]);
+        plan.service = Some(hangar_core::catalog::Service::imported_machine(
+            "brought",
+            &ports,
+            1,
+            256,
+            std::time::Duration::from_secs(60),
+        ));
+        let err = scheduler
+            .place(&[], &plan, &Constraints::default())
+            .await
+            .err()
+            .expect("no agent holds an imported machine's disk");
+        assert!(matches!(err, PlacementError::NoHost(_)), "{err}");
     }
 
     #[tokio::test]
