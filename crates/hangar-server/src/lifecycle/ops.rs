@@ -144,7 +144,9 @@ impl Manager {
         if was_active {
             self.set_endpoints_active(id, false).await;
         }
-        let info = match self.host_of(&vm).archive(id, tier).await {
+        let host = self.host_of(&vm);
+        let archived = self.recorded("archive", &vm, host.archive(id, tier)).await;
+        let info = match archived {
             Ok(info) => info,
             Err(err) => {
                 if was_active {
@@ -209,7 +211,8 @@ impl Manager {
                 });
             }
         };
-        let woken = match self.host_of(&vm).wake(id, &from).await {
+        let host = self.host_of(&vm);
+        let woken = match self.recorded("wake", &vm, host.wake(id, &from)).await {
             Ok(woken) => woken,
             Err(HostError::NotReady(reason)) => {
                 // The VM runs but does not serve: leave it running for inspection, marked

@@ -75,6 +75,8 @@ struct Live {
     token: CancellationToken,
     /// The step started last and not ended.
     step: Option<u32>,
+    /// Whether it runs under `Manager::run_task`, which acts on a cancel.
+    cancellable: bool,
 }
 
 /// Why a task was not cancelled.
@@ -90,7 +92,8 @@ pub enum CancelError {
     RollingBack { id: String, state: &'static str },
     #[error(
         "task {0} cannot be cancelled: it is not a cancellable task of this server (image \
-         builds are not cancellable; another server's task ends when that server starts again)"
+         builds, imports, archives and wakes are not cancellable; another server's task ends \
+         when that server starts again)"
     )]
     NotHere(String),
     #[error(transparent)]
@@ -227,6 +230,7 @@ impl Tasks {
             Live {
                 token: CancellationToken::new(),
                 step: None,
+                cancellable: false,
             },
         );
         let (tx, rx) = watch::channel(None);
@@ -255,6 +259,13 @@ impl Tasks {
         sender
             .0
             .send_replace(Some(result.map_err(|(_, message)| message)));
+    }
+
+    /// Marks task `id` as acting on a cancel (from now on [`Tasks::cancel`] accepts it).
+    fn mark_cancellable(&self, id: &str) {
+        if let Some(live) = self.live.lock().expect("live lock").get_mut(id) {
+            live.cancellable = true;
+        }
     }
 
     /// Task `id`'s cancellation: cancelled when someone cancels the task. A task this
@@ -347,6 +358,7 @@ impl Tasks {
             .lock()
             .expect("live lock")
             .get(id)
+            .filter(|live| live.cancellable)
             .map(|live| live.token.clone())
             .ok_or_else(|| CancelError::NotHere(id.to_owned()))?;
         tracing::info!(task = %id, by = user, "task cancelled");
@@ -533,6 +545,7 @@ impl Manager {
         id: &str,
         work: impl std::future::Future<Output = Result<T, String>>,
     ) -> Result<T, (TaskState, String)> {
+        self.tasks.mark_cancellable(id);
         let token = self.tasks.cancellation(id);
         let stopped = tokio::select! {
             biased;
@@ -556,6 +569,46 @@ impl Manager {
         }
         tracing::info!(task = %id, state = stopped.state().as_str(), rollback_ms = started.elapsed().as_millis() as u64, "task stopped and undone");
         (stopped.state(), message)
+    }
+
+    /// Records `op`, an operation on VM `vm` that is not cancellable (an archive, a wake), as
+    /// a task of `kind` owned by the VM's owner: running while it runs, then ended with
+    /// its outcome. A store error on the record is logged; the operation runs regardless.
+    pub(crate) async fn recorded<T, E: std::error::Error>(
+        &self,
+        kind: &str,
+        vm: &VmRecord,
+        op: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T, E> {
+        let service = vm.services.first().cloned();
+        let task = match self.tasks.begin_as(kind, &vm.owner, service).await {
+            Ok((task, _)) => {
+                if let Err(err) = self.store.set_task_vm(&task, &vm.id).await {
+                    tracing::warn!(task = %task, error = %err, "cannot link task to vm");
+                }
+                Some(task)
+            }
+            Err(err) => {
+                tracing::warn!(vm = %vm.id, kind, error = %err, "cannot record task");
+                None
+            }
+        };
+        let result = op.await;
+        if let Some(task) = task {
+            let (state, error) = match &result {
+                Ok(_) => (TaskState::Succeeded, None),
+                Err(err) => (TaskState::Failed, Some(crate::api::error::error_chain(err))),
+            };
+            if let Err(err) = self
+                .tasks
+                .end(&task, state, ended_stage(state), error.as_deref())
+                .await
+            {
+                tracing::warn!(task = %task, error = %err, "cannot record task outcome");
+            }
+            self.tasks.forget(&task);
+        }
+        result
     }
 
     /// Waits for a task started by [`Manager::start_create`] to end.

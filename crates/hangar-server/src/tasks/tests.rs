@@ -275,3 +275,54 @@ fn undo_entries_round_trip_through_their_journal_text() {
     assert_eq!(Undo::decode(&undo.encode()).unwrap(), undo);
     assert!(Undo::decode(r#"{"undo":"format_disk"}"#).is_err());
 }
+
+#[tokio::test]
+async fn archives_and_wakes_are_recorded_as_their_vms_owners_tasks() {
+    let (manager, _backend, store) = setup();
+    let granted = manager
+        .request(request("web", Mode::Dedicated))
+        .await
+        .unwrap();
+    let vm = granted.vm.id.clone();
+    manager
+        .archive(&vm, hangar_vmm::ArchiveTier::Zstd)
+        .await
+        .unwrap();
+    manager.wake(&vm).await.unwrap();
+    let tasks = store.tasks(10).await.unwrap();
+    let seen: Vec<(&str, &str, TaskState, Option<&str>)> = tasks
+        .iter()
+        .map(|t| {
+            (
+                t.kind.as_str(),
+                t.owner.as_str(),
+                t.state,
+                t.vm_id.as_deref(),
+            )
+        })
+        .collect();
+    let owner = granted.vm.owner.as_str();
+    assert_eq!(
+        seen,
+        [
+            ("wake", owner, TaskState::Succeeded, Some(vm.as_str())),
+            ("archive", owner, TaskState::Succeeded, Some(vm.as_str())),
+            ("create_vm", owner, TaskState::Succeeded, Some(vm.as_str())),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_task_that_does_not_act_on_a_cancel_refuses_it() {
+    let (manager, _backend, store) = setup();
+    let (task, _outcome) = manager.tasks.begin("import", None).await.unwrap();
+    let refused = manager.tasks.cancel(&task, "root", true).await;
+    assert!(
+        matches!(refused, Err(CancelError::NotHere(_))),
+        "{refused:?}"
+    );
+    assert_eq!(
+        store.task(&task).await.unwrap().unwrap().state,
+        TaskState::Running
+    );
+}
