@@ -154,7 +154,22 @@ pub fn publish_dir(
     build: impl FnOnce(&Path) -> Result<(), AssetError>,
 ) -> Result<PathBuf, AssetError> {
     let tmp = temp_dir_in(parent)?;
-    build(tmp.path())?;
+    if let Err(err) = build(tmp.path()) {
+        // A failed or cancelled build may leave mounts in the tree (debootstrap's proc and
+        // sys): unmount them first, and remove the tree without crossing a mount point.
+        let tmp_path = tmp.keep();
+        match crate::hostfs::unmount_all_under(&tmp_path) {
+            Ok(_) => {
+                if let Err(remove) = crate::hostfs::remove_tree(&tmp_path) {
+                    tracing::warn!(dir = %tmp_path.display(), error = %remove, "cannot remove a failed build's directory");
+                }
+            }
+            Err(unmount) => {
+                tracing::warn!(dir = %tmp_path.display(), error = %unmount, "a failed build's mounts remain; its directory is kept until the next build")
+            }
+        }
+        return Err(err);
+    }
     let dest = parent.join(name);
     let tmp_path = tmp.keep();
     match std::fs::rename(&tmp_path, &dest) {

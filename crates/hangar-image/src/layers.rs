@@ -23,6 +23,13 @@
 //! Building needs root (debootstrap, chroot, loop and overlay mounts). Every mount a
 //! build makes is undone when the build ends, also when it fails.
 //!
+//! A build is cancellable ([`LayerBuild::cancel`]): the cancellation is checked between
+//! stages, and the long tools (debootstrap, apt-get in the chroot, mksquashfs) run in a
+//! process group of their own that a cancel kills whole. A cancelled build undoes its
+//! mounts, also those the tools made inside the tree (debootstrap's `proc` and `sys`),
+//! removes its temporary directory, publishes nothing, and returns
+//! [`AssetError::Cancelled`].
+//!
 //! Layout:
 //! ```text
 //! <cache>/layers/<hash>/layer.sqfs     the layer
@@ -168,6 +175,8 @@ pub type Progress<'a> = &'a (dyn Fn(&str, u8) + Sync);
 #[derive(Debug, Clone)]
 pub struct LayerBuild {
     pub cache_dir: PathBuf,
+    /// Interrupts the build when set (see the module's documentation).
+    pub cancel: tools::Cancel,
 }
 
 fn layers_dir(cache_dir: &Path) -> PathBuf {
@@ -259,8 +268,10 @@ pub fn ensure_layers(
             layers.push(layer);
             continue;
         }
+        build.cancel.check()?;
         let _guard = BUILD_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let _file_lock = lock_builds(&build.cache_dir)?;
+        build.cancel.check()?;
         recover_crashed_builds(&build.cache_dir);
         // Another build may have made it while we waited.
         if let Some(layer) = cached_layer(&build.cache_dir, hash) {
@@ -342,6 +353,7 @@ fn build_layer(
     require_root()?;
     let started = Instant::now();
     let cache_dir = &build.cache_dir;
+    let cancel = &build.cancel;
     let mut packages = Vec::new();
     cache::publish_dir(&layers_dir(cache_dir), hash, |dir| {
         match input {
@@ -352,7 +364,7 @@ fn build_layer(
                 ..
             } => {
                 packages = include.clone();
-                build_os(cache_dir, hash, dir, suite, mirror, include, report)?;
+                build_os(cache_dir, hash, dir, suite, mirror, include, report, cancel)?;
             }
             LayerInput::Packages {
                 component,
@@ -364,17 +376,22 @@ fn build_layer(
                     .last()
                     .map(|l| l.info.hash.clone())
                     .ok_or_else(|| missing_os(component))?;
-                build_over(dir, lowers, report, |root| {
-                    install_packages(cache_dir, &os_hash, root, component, wanted, report)
+                build_over(dir, lowers, report, cancel, |root| {
+                    install_packages(
+                        cache_dir, &os_hash, root, component, wanted, report, cancel,
+                    )
                 })?;
             }
             LayerInput::Files { component, files } => {
                 if lowers.is_empty() {
                     return Err(missing_os(component));
                 }
-                build_over(dir, lowers, report, |root| write_files(root, files))?;
+                build_over(dir, lowers, report, cancel, |root| {
+                    write_files(root, files)
+                })?;
             }
         }
+        cancel.check()?;
         report("compressing", 90);
         let size_bytes = std::fs::metadata(dir.join("layer.sqfs"))
             .map_err(|e| AssetError::io("stat layer.sqfs", e))?
@@ -399,6 +416,14 @@ fn build_layer(
             std::io::Error::from(std::io::ErrorKind::NotFound),
         )
     })
+}
+
+/// `err` wrapped by `wrap`, except a cancellation, which stays [`AssetError::Cancelled`].
+fn unless_cancelled(err: AssetError, wrap: impl FnOnce(AssetError) -> AssetError) -> AssetError {
+    match err {
+        AssetError::Cancelled => err,
+        err => wrap(err),
+    }
 }
 
 fn missing_os(component: &str) -> AssetError {
@@ -455,6 +480,7 @@ APT::Install-Recommends \"false\";
 APT::Install-Suggests \"false\";
 ";
 
+#[allow(clippy::too_many_arguments)]
 fn build_os(
     cache_dir: &Path,
     hash: &str,
@@ -463,6 +489,7 @@ fn build_os(
     mirror: &str,
     include: &[String],
     report: &(dyn Fn(&str, u8) + Sync),
+    cancel: &tools::Cancel,
 ) -> Result<(), AssetError> {
     let debootstrap = tools::find("debootstrap", "debootstrap")?;
     let root = dir.join("root");
@@ -474,10 +501,13 @@ fn build_os(
         command.arg(format!("--include={}", include.join(",")));
     }
     command.arg(suite).arg(&root).arg(mirror);
-    tools::run(&mut command).map_err(|err| AssetError::LayerBuild {
-        layer: format!("os {suite}"),
-        reason: format!("debootstrap against {mirror} failed: {err}"),
+    tools::run_cancellable(&mut command, cancel).map_err(|err| {
+        unless_cancelled(err, |err| AssetError::LayerBuild {
+            layer: format!("os {suite}"),
+            reason: format!("debootstrap against {mirror} failed: {err}"),
+        })
     })?;
+    cancel.check()?;
     report("stripping identity and caches", 70);
     // apt's lists move out of the layer, for the builds over it.
     let lists = root.join("var/lib/apt/lists");
@@ -518,7 +548,8 @@ fn build_os(
         cache::write(&root.join(path), contents.as_bytes())?;
         set_mode(&root.join(path), 0o644)?;
     }
-    squash(&root, &dir.join("layer.sqfs"))?;
+    cancel.check()?;
+    squash(&root, &dir.join("layer.sqfs"), cancel)?;
     hostfs::remove_tree(&root)?;
     Ok(())
 }
@@ -568,14 +599,15 @@ fn strip_identity(root: &Path) -> Result<(), AssetError> {
 
 /// `mksquashfs SRC DEST` with fast zstd, keeping owners, modes, device nodes (overlayfs
 /// whiteouts) and extended attributes (opaque directories).
-fn squash(src: &Path, dest: &Path) -> Result<(), AssetError> {
+fn squash(src: &Path, dest: &Path, cancel: &tools::Cancel) -> Result<(), AssetError> {
     let mksquashfs = tools::find("mksquashfs", "squashfs-tools")?;
-    tools::run(
+    tools::run_cancellable(
         Command::new(mksquashfs)
             .arg(src)
             .arg(dest)
             .args(["-comp", "zstd", "-Xcompression-level", "3"])
             .args(["-noappend", "-quiet", "-no-progress", "-xattrs"]),
+        cancel,
     )?;
     Ok(())
 }
@@ -629,6 +661,7 @@ fn build_over(
     dir: &Path,
     lowers: &[&Layer],
     report: &(dyn Fn(&str, u8) + Sync),
+    cancel: &tools::Cancel,
     change: impl FnOnce(&Path) -> Result<(), AssetError>,
 ) -> Result<(), AssetError> {
     let upper = dir.join("upper");
@@ -659,9 +692,10 @@ fn build_over(
     let changed = change(&merged);
     mounts.unmount_all()?;
     changed?;
+    cancel.check()?;
     strip_identity(&upper)?;
     report("compressing", 85);
-    squash(&upper, &dir.join("layer.sqfs"))?;
+    squash(&upper, &dir.join("layer.sqfs"), cancel)?;
     for tree in [&upper, &work, &merged] {
         hostfs::remove_tree(tree)?;
     }
@@ -681,6 +715,7 @@ fn install_packages(
     component: &str,
     packages: &[String],
     report: &(dyn Fn(&str, u8) + Sync),
+    cancel: &tools::Cancel,
 ) -> Result<(), AssetError> {
     let lists = cache_dir.join("apt").join(format!("lists-{os_hash}"));
     let archives = cache_dir.join("apt").join("archives");
@@ -716,13 +751,16 @@ fn install_packages(
     let result = (|| {
         if !have_lists {
             report("apt-get update", 10);
-            tools::run(&mut chroot(&["apt-get", "update", "-q"])).map_err(|err| {
-                AssetError::LayerBuild {
-                    layer: component.to_owned(),
-                    reason: format!("apt-get update failed: {err}"),
-                }
-            })?;
+            tools::run_cancellable(&mut chroot(&["apt-get", "update", "-q"]), cancel).map_err(
+                |err| {
+                    unless_cancelled(err, |err| AssetError::LayerBuild {
+                        layer: component.to_owned(),
+                        reason: format!("apt-get update failed: {err}"),
+                    })
+                },
+            )?;
         }
+        cancel.check()?;
         report("checking packages", 15);
         for package in packages {
             let name = package.split('=').next().unwrap_or(package);
@@ -750,9 +788,12 @@ fn install_packages(
             "Dpkg::Options::=--force-confold",
         ]);
         install.args(packages);
-        tools::run(&mut install).map_err(|err| AssetError::LayerBuild {
-            layer: component.to_owned(),
-            reason: format!("installing {} failed: {err}", packages.join(" ")),
+        cancel.check()?;
+        tools::run_cancellable(&mut install, cancel).map_err(|err| {
+            unless_cancelled(err, |err| AssetError::LayerBuild {
+                layer: component.to_owned(),
+                reason: format!("installing {} failed: {err}", packages.join(" ")),
+            })
         })?;
         remove_files_in(&root.join("var/cache/apt"), |name| name.ends_with(".bin"))?;
         for file in ["etc/resolv.conf", "usr/sbin/policy-rc.d"] {

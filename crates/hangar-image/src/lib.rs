@@ -37,6 +37,7 @@ pub use boot::{host_tsc_khz, kernel_cmdline};
 pub use initramfs::{CpioEntry, write_newc};
 pub use kernel::{decode_legacy_lz4, extract_vmlinux};
 pub use modules::{REQUIRED_MODULES, load_order, modinfo_depends};
+pub use tools::Cancel;
 
 /// `hangar-init`, built as a static x86_64 binary by this crate's build script.
 pub const HANGAR_INIT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hangar-init"));
@@ -143,6 +144,10 @@ pub enum AssetError {
         tool: &'static str,
         package: &'static str,
     },
+    /// The build was cancelled ([`tools::Cancel`]): its tools were killed, its mounts
+    /// undone and its temporary directory removed; nothing entered the cache.
+    #[error("the image build was cancelled")]
+    Cancelled,
     #[error("`{command}` failed ({status}): {stderr}")]
     ToolFailed {
         command: String,

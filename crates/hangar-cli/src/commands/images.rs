@@ -66,6 +66,13 @@ pub async fn build(client: &Client, args: BuildArgs) -> Result<(), CliError> {
                     task.error.unwrap_or_default()
                 )));
             }
+            "cancelled" => {
+                progress.finish();
+                return Err(CliError::Reply(format!(
+                    "build of {service} was cancelled: {}",
+                    task.error.unwrap_or_default()
+                )));
+            }
             _ => tokio::time::sleep(Duration::from_millis(300)).await,
         }
     }

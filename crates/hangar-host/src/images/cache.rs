@@ -202,6 +202,17 @@ impl ImageSource for LocalImages {
         os: &str,
         progress: ProgressFn,
     ) -> Result<RootImage, ImageSourceError> {
+        self.root_image_cancellable(service, os, progress, hangar_image::Cancel::new())
+            .await
+    }
+
+    async fn root_image_cancellable(
+        &self,
+        service: &Service,
+        os: &str,
+        progress: ProgressFn,
+        cancel: hangar_image::Cancel,
+    ) -> Result<RootImage, ImageSourceError> {
         let Some(inputs) = self.layer_inputs(service, os)? else {
             let base = self.busybox_image(&service.name, &service.files).await?;
             return Ok(RootImage {
@@ -211,6 +222,7 @@ impl ImageSource for LocalImages {
         };
         let build = LayerBuild {
             cache_dir: self.cache_dir.clone(),
+            cancel,
         };
         let cache_dir = self.cache_dir.clone();
         let (upper, built) = tokio::task::spawn_blocking(move || {

@@ -101,6 +101,22 @@ pub trait ImageSource: Send + Sync + 'static {
         progress: ProgressFn,
     ) -> Result<RootImage, ImageSourceError>;
 
+    /// [`ImageSource::root_image`], interrupted when `cancel` is set: a source that builds
+    /// (a [`cache::LocalImages`]) kills the build's tools, undoes its mounts, publishes
+    /// nothing and fails with `hangar_image::AssetError::Cancelled`. By default (a source
+    /// that builds nothing here) the cancellation is not looked at; the caller drops the
+    /// future instead.
+    async fn root_image_cancellable(
+        &self,
+        service: &Service,
+        os: &str,
+        progress: ProgressFn,
+        cancel: hangar_image::Cancel,
+    ) -> Result<RootImage, ImageSourceError> {
+        let _ = cancel;
+        self.root_image(service, os, progress).await
+    }
+
     /// The root of several applications composed on one VM (`composed`, made of
     /// `parts`: see `hangar_core::compose`) on `os`, each part's missing layers built
     /// first (reporting to `progress`, each part a share of the percent). On a layered

@@ -10,7 +10,7 @@ use std::time::Duration;
 use hangar_core::eviction::{Cached, choose_evictions};
 use hangar_core::pool::RequestRate;
 use hangar_core::{ServiceRequest, TaskId, VmState};
-use hangar_store::{TaskRecord, TaskState, now_ms};
+use hangar_store::{TaskState, now_ms};
 
 use crate::api::error::error_chain;
 use crate::images::{ImageView, LayerView};
@@ -224,26 +224,18 @@ impl Manager {
             building.insert(name.clone(), task.clone());
             task
         };
-        let now = now_ms();
-        let inserted = self
-            .store
-            .insert_task(&TaskRecord {
-                id: task.clone(),
-                kind: "build_image".into(),
-                // Shared by every request that needs the image, and not cancellable yet.
-                owner: crate::tasks::SERVER_OWNER.into(),
-                service: Some(service.name.clone()),
-                vm_id: None,
-                state: TaskState::Running,
-                stage: "queued".into(),
-                percent: 0,
-                error: None,
-                created_at_ms: now,
-                updated_at_ms: now,
-                ended_at_ms: None,
-            })
+        let begun = self
+            .tasks
+            // Shared by every request that needs the image: the server's, cancellable by
+            // an admin (a cancel fails every request that joined it).
+            .begin_with_id(
+                &task,
+                "build_image",
+                crate::tasks::SERVER_OWNER,
+                Some(service.name.clone()),
+            )
             .await;
-        if let Err(err) = inserted {
+        if let Err(err) = begun {
             self.image_runtime
                 .building
                 .lock()
@@ -256,22 +248,62 @@ impl Manager {
         tokio::spawn(async move {
             let started = std::time::Instant::now();
             let progress = manager.tasks.build_progress(&id, 0, 99);
-            let result = manager.images.root_image(&service, &os, progress).await;
-            let (state, error) = match &result {
-                Ok(_) => (TaskState::Succeeded, None),
-                Err(err) => (TaskState::Failed, Some(error_chain(err))),
+            let cancel = hangar_image::Cancel::new();
+            // The build runs on its own, so that a cancelled task still waits for it to
+            // stop (its tools killed, its mounts undone) before it ends.
+            let mut build = {
+                let images = manager.images.clone();
+                let cancel = cancel.clone();
+                tokio::spawn(async move {
+                    images
+                        .root_image_cancellable(&service, &os, progress, cancel)
+                        .await
+                })
             };
-            tracing::info!(image = %name, task = %id, ok = result.is_ok(), elapsed_ms = started.elapsed().as_millis() as u64, "image build ended");
-            let stage = if result.is_ok() { "done" } else { "failed" };
+            let relay = {
+                let token = manager.tasks.cancellation(&id);
+                let cancel = cancel.clone();
+                tokio::spawn(async move {
+                    token.cancelled().await;
+                    cancel.cancel();
+                })
+            };
+            let result = manager
+                .run_task(&id, async {
+                    match (&mut build).await {
+                        Ok(Ok(_)) => Ok(()),
+                        Ok(Err(err)) => Err(error_chain(&err)),
+                        Err(join) => Err(format!("the image build stopped: {join}")),
+                    }
+                })
+                .await;
+            relay.abort();
+            if result.is_err() && !build.is_finished() {
+                cancel.cancel();
+                if let Err(join) = build.await {
+                    tracing::warn!(task = %id, error = %join, "a cancelled image build stopped abnormally");
+                }
+            }
+            let (state, error) = match &result {
+                Ok(()) => (TaskState::Succeeded, None),
+                Err((state, message)) => (*state, Some(message.as_str())),
+            };
+            tracing::info!(image = %name, task = %id, state = state.as_str(), elapsed_ms = started.elapsed().as_millis() as u64, "image build ended");
+            let stage = match state {
+                TaskState::Succeeded => "done",
+                TaskState::Cancelled => "cancelled",
+                _ => "failed",
+            };
             manager
                 .image_runtime
                 .building
                 .lock()
                 .expect("building lock")
                 .remove(&name);
-            if let Err(err) = manager.tasks.end(&id, state, stage, error.as_deref()).await {
+            if let Err(err) = manager.tasks.end(&id, state, stage, error).await {
                 tracing::warn!(task = %id, error = %err, "cannot record build outcome");
             }
+            manager.tasks.forget(&id);
             manager.evict_images().await;
         });
         Ok(task)

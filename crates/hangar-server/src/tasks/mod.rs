@@ -24,6 +24,11 @@
 //!    next await, on a cancel or a failure the task goes `rolling_back`, its journal is
 //!    undone newest first, each entry marked as it is done, and the task ends `cancelled`
 //!    or `failed`. Then end it with [`Tasks::end`] or [`Tasks::finish`].
+//!    An image build (`build_image`, `hangar build`) runs this way too: the task's token
+//!    sets the build's `hangar_image::Cancel`, which kills the build's tools (debootstrap,
+//!    apt-get, mksquashfs: their whole process group), undoes its mounts and removes its
+//!    temporary directory; the task ends `cancelled` once the build has stopped, and every
+//!    request that joined the shared build sees it end with "cancelled".
 //! 5. At start-up, `Manager::resume_tasks` finds the tasks a stopped server left: one
 //!    whose work is complete (its VM ready) ends `succeeded`, any other is undone from its
 //!    journal and ends `failed` (`cancelled` if it was being cancelled).
@@ -208,6 +213,20 @@ impl Tasks {
         service: Option<String>,
     ) -> Result<(String, OutcomeSender), StoreError> {
         let id = TaskId::generate().to_string();
+        let sender = self.begin_with_id(&id, kind, owner, service).await?;
+        Ok((id, sender))
+    }
+
+    /// [`Tasks::begin_as`] for an id the caller generated ([`TaskId::generate`]) and
+    /// handed out before the record exists (a build that concurrent requests join).
+    pub async fn begin_with_id(
+        &self,
+        id: &str,
+        kind: &str,
+        owner: &str,
+        service: Option<String>,
+    ) -> Result<OutcomeSender, StoreError> {
+        let id = id.to_owned();
         let now = now_ms();
         self.store
             .insert_task(&TaskRecord {
@@ -237,8 +256,8 @@ impl Tasks {
         self.outcomes
             .lock()
             .expect("outcomes lock")
-            .insert(id.clone(), rx);
-        Ok((id, OutcomeSender(tx)))
+            .insert(id, rx);
+        Ok(OutcomeSender(tx))
     }
 
     /// Records how task `id` ended and tells its waiters: succeeded with the VM, or
