@@ -177,19 +177,43 @@ fn kill_group(pgid: libc::pid_t) {
     }
 }
 
-/// Waits until no process of group `pgid` is left (killing again what appears), for at
-/// most [`GROUP_GONE`].
+/// Waits until no live process of group `pgid` is left (killing again what appears), for
+/// at most [`GROUP_GONE`]. Zombies do not count: they run nothing, and the orphans among
+/// them are init's to reap.
 fn wait_group_gone(pgid: libc::pid_t) {
     let deadline = Instant::now() + GROUP_GONE;
     while Instant::now() < deadline {
-        // SAFETY: as in kill_group; signal 0 only checks that the group exists.
-        if unsafe { libc::kill(-pgid, 0) } != 0 {
+        if group_members(pgid).is_empty() {
             return;
         }
         kill_group(pgid);
         std::thread::sleep(Duration::from_millis(10));
     }
     tracing::warn!(pgid, "processes of a cancelled tool remain");
+}
+
+/// The live (not zombie) processes of process group `pgid`, from /proc.
+fn group_members(pgid: libc::pid_t) -> Vec<libc::pid_t> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<libc::pid_t>().ok())
+        .filter(|pid| {
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                return false;
+            };
+            // proc_pid_stat(5): after the command in parentheses: state, ppid, pgrp.
+            let Some((_, rest)) = stat.rsplit_once(')') else {
+                return false;
+            };
+            let mut fields = rest.split_whitespace();
+            let state = fields.next();
+            let pgrp = fields.nth(1).and_then(|p| p.parse::<libc::pid_t>().ok());
+            state != Some("Z") && pgrp == Some(pgid)
+        })
+        .collect()
 }
 
 fn render(cmd: &Command) -> String {
@@ -269,26 +293,6 @@ mod tests {
             run_cancellable(&mut Command::new("true"), &cancel),
             Err(AssetError::Cancelled)
         ));
-    }
-
-    /// The processes of a process group, from /proc.
-    fn group_members(pgid: i32) -> Vec<i32> {
-        std::fs::read_dir("/proc")
-            .unwrap()
-            .flatten()
-            .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
-            .filter(|pid| {
-                let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-                    return false;
-                };
-                // After the command (in parentheses): state, ppid, pgrp.
-                let Some(rest) = stat.rsplit_once(')').map(|(_, rest)| rest) else {
-                    return false;
-                };
-                let fields: Vec<&str> = rest.split_whitespace().collect();
-                fields.first() != Some(&"Z") && fields.get(2) == Some(&pgid.to_string().as_str())
-            })
-            .collect()
     }
 
     #[test]
