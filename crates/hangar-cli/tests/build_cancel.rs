@@ -70,10 +70,13 @@ fn build_processes(server_pid: u32, data_dir: &Path) -> Vec<String> {
                 Some(_) => {}
             }
         }
-        // The server's own helpers (the port forwarder) are `hangar` processes.
-        let helper = descendant && comm == "hangar";
+        // The server's own helpers (the port forwarder, started with the data dir) are
+        // `hangar` processes.
+        if comm == "hangar" {
+            continue;
+        }
         let under = cmdline.contains(&data_dir) || link_under("cwd") || link_under("root");
-        if (descendant && !helper) || under {
+        if descendant || under {
             found.push(format!("{pid} {comm}: {cmdline}"));
         }
     }
@@ -136,6 +139,14 @@ fn a_cancelled_debian_build_stops_within_seconds_and_leaves_nothing() {
             .then(|| task["id"].as_str().map(str::to_owned))?
     });
     std::thread::sleep(Duration::from_secs(4));
+    // Later, once debootstrap's second stage has mounted proc and sys into the tree (within
+    // a minute), so that the cancel has mounts of the tool's own to undo.
+    let waited = Instant::now();
+    while mounts_under(&data_dir).is_empty() && waited.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mounted = mounts_under(&data_dir);
+    eprintln!("cancelling with these mounts in the build tree: {mounted:?}");
     let running = build_processes(server_pid, &data_dir);
     assert!(
         running.iter().any(|p| p.contains("debootstrap")),

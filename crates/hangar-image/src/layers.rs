@@ -377,18 +377,14 @@ fn build_layer(
                     .map(|l| l.info.hash.clone())
                     .ok_or_else(|| missing_os(component))?;
                 build_over(dir, lowers, report, cancel, |root| {
-                    install_packages(
-                        cache_dir, &os_hash, root, component, wanted, report, cancel,
-                    )
+                    install_packages(cache_dir, &os_hash, root, component, wanted, report, cancel)
                 })?;
             }
             LayerInput::Files { component, files } => {
                 if lowers.is_empty() {
                     return Err(missing_os(component));
                 }
-                build_over(dir, lowers, report, cancel, |root| {
-                    write_files(root, files)
-                })?;
+                build_over(dir, lowers, report, cancel, |root| write_files(root, files))?;
             }
         }
         cancel.check()?;

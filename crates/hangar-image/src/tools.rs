@@ -279,8 +279,7 @@ mod tests {
     #[test]
     fn cancellable_runs_return_output_and_failures() {
         let cancel = Cancel::new();
-        let output = run_cancellable(Command::new("sh").args(["-c", "echo out"]), &cancel)
-            .unwrap();
+        let output = run_cancellable(Command::new("sh").args(["-c", "echo out"]), &cancel).unwrap();
         assert_eq!(output.stdout, b"out\n");
         let err = run_cancellable(
             Command::new("sh").args(["-c", "echo nope >&2; exit 3"]),

@@ -279,9 +279,18 @@ impl Manager {
                 .await;
             relay.abort();
             if result.is_err() && !build.is_finished() {
+                // A local build stops within a second or so (its tools killed, its mounts
+                // undone); a source that ignores the cancellation is dropped after a while.
                 cancel.cancel();
-                if let Err(join) = build.await {
-                    tracing::warn!(task = %id, error = %join, "a cancelled image build stopped abnormally");
+                match tokio::time::timeout(BUILD_STOP_WAIT, &mut build).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(join)) => {
+                        tracing::warn!(task = %id, error = %join, "a cancelled image build stopped abnormally")
+                    }
+                    Err(_) => {
+                        tracing::warn!(task = %id, "a cancelled image build did not stop; dropping it");
+                        build.abort();
+                    }
                 }
             }
             let (state, error) = match &result {
@@ -421,6 +430,10 @@ impl Manager {
         })
     }
 }
+
+/// How long a cancelled or failed image build task waits for its build to stop before it
+/// ends.
+const BUILD_STOP_WAIT: Duration = Duration::from_secs(30);
 
 /// An export being sent: the tar file, removed with its directory when dropped.
 pub struct ExportFile {

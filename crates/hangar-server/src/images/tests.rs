@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -58,6 +58,10 @@ checks = [{ tcp = { port = "http" } }]
 struct FakeLayers {
     layers: Mutex<BTreeMap<String, (Layer, u64)>>,
     builds: AtomicU32,
+    /// Builds run until cancelled (then take a moment to stop, as a real one does).
+    hold_builds: AtomicBool,
+    /// A held build saw its cancellation and stopped.
+    stopped: AtomicBool,
 }
 
 impl FakeLayers {
@@ -80,6 +84,28 @@ impl FakeLayers {
 impl ImageSource for FakeLayers {
     async fn guest_assets(&self) -> Result<GuestAssets, ImageSourceError> {
         NoImages.guest_assets().await
+    }
+
+    async fn root_image_cancellable(
+        &self,
+        service: &Service,
+        os: &str,
+        progress: ProgressFn,
+        cancel: hangar_image::Cancel,
+    ) -> Result<RootImage, ImageSourceError> {
+        if !self.hold_builds.load(Ordering::SeqCst) {
+            return self.root_image(service, os, progress).await;
+        }
+        while !cancel.is_cancelled() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Killing the tools and undoing the mounts.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        self.stopped.store(true, Ordering::SeqCst);
+        Err(ImageSourceError::Asset {
+            what: "image build",
+            source: hangar_image::AssetError::Cancelled,
+        })
     }
 
     async fn root_image(
@@ -169,6 +195,8 @@ fn setup(budget_mib: u64) -> (Arc<Manager>, Arc<FakeLayers>) {
     let layers = Arc::new(FakeLayers {
         layers: Mutex::default(),
         builds: AtomicU32::new(0),
+        hold_builds: AtomicBool::new(false),
+        stopped: AtomicBool::new(false),
     });
     let manager = crate::test_support::manager_with_images(
         Arc::new(hangar_store::SqliteStore::open_in_memory().unwrap()),
@@ -289,4 +317,43 @@ async fn often_requested_services_are_promoted_kept_and_rebuilt() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     panic!("the promoted image was not rebuilt");
+}
+
+#[tokio::test]
+async fn a_cancelled_build_ends_cancelled_after_its_build_stopped_for_every_waiter() {
+    let (manager, layers) = setup(1024);
+    layers.hold_builds.store(true, Ordering::SeqCst);
+    let task = manager.build_image(&request("a")).await.unwrap();
+    // A second request for the same image joins the build.
+    assert_eq!(manager.build_image(&request("a")).await.unwrap(), task);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    manager.tasks.cancel(&task, "root", true).await.unwrap();
+    let record = loop {
+        let record = manager.store().task(&task).await.unwrap().unwrap();
+        if record.state.ended() {
+            break record;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(record.state, TaskState::Cancelled, "{record:?}");
+    assert!(
+        record
+            .error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("cancel"),
+        "{record:?}"
+    );
+    assert!(
+        layers.stopped.load(Ordering::SeqCst),
+        "the task ended only once its build had stopped"
+    );
+    assert!(
+        layers.hashes().is_empty(),
+        "a cancelled build keeps no layer"
+    );
+    // The image is not building any more: a new request starts a new build.
+    layers.hold_builds.store(false, Ordering::SeqCst);
+    let again = manager.build_image(&request("a")).await.unwrap();
+    assert_ne!(again, task);
 }

@@ -96,8 +96,8 @@ pub enum CancelError {
     #[error("task {id} is {state} and no longer cancellable")]
     RollingBack { id: String, state: &'static str },
     #[error(
-        "task {0} cannot be cancelled: it is not a cancellable task of this server (image \
-         builds, imports, archives and wakes are not cancellable; another server's task ends \
+        "task {0} cannot be cancelled: it is not a cancellable task of this server (imports, \
+         archives and wakes are not cancellable; another server's task ends \
          when that server starts again)"
     )]
     NotHere(String),
@@ -253,10 +253,7 @@ impl Tasks {
             },
         );
         let (tx, rx) = watch::channel(None);
-        self.outcomes
-            .lock()
-            .expect("outcomes lock")
-            .insert(id, rx);
+        self.outcomes.lock().expect("outcomes lock").insert(id, rx);
         Ok(OutcomeSender(tx))
     }
 
