@@ -341,6 +341,17 @@ fn exported_image_boots_with_plain_qemu() {
         "--env",
         "greeting=Exported",
     ]);
+    // The export is its caller's task, ended with its outcome.
+    let tasks = server.json(&["tasks"]);
+    let export = tasks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["kind"] == "export")
+        .unwrap_or_else(|| panic!("no export task in {tasks}"));
+    assert_eq!(export["state"], "succeeded", "{export}");
+    assert_eq!(export["owner"], "admin", "{export}");
+    assert_eq!(export["service"], "nginx", "{export}");
     let unpacked = dir.path().join("image");
     std::fs::create_dir(&unpacked).unwrap();
     let status = Command::new("tar")

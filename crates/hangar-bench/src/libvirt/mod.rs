@@ -401,6 +401,7 @@ pub fn domain_xml(
       <driver name='qemu' type='qcow2'/>
       <source file='{disk}'/>
       <target dev='vda' bus='virtio'/>
+      <serial>{root_serial}</serial>
       <address type='virtio-mmio'/>
     </disk>
     <serial type='file'><source path='{console}'/><target port='0'/></serial>
@@ -429,6 +430,7 @@ pub fn domain_xml(
         console = path(&dir.join("console.log")),
         agent = path(&dir.join("agent.sock")),
         port_name = hangar_proto::AGENT_PORT_NAME,
+        root_serial = hangar_vmm::ROOT_SERIAL,
         host = endpoint.ip(),
         host_port = endpoint.port(),
     )
@@ -467,6 +469,8 @@ mod tests {
             "<kernel>/c/vmlinux</kernel>",
             "<features><acpi/></features>",
             "<source file='/tmp/hglv/1/disk.qcow2'/>",
+            // hangar-init finds its root disk by serial, as on hangar's own command line.
+            "<serial>hangar-root</serial>",
             "<source mode='bind' path='/tmp/hglv/1/agent.sock'/>",
             "name='org.hangar.agent'",
             "user,id=n0,hostfwd=tcp:127.0.0.1:4242-:80",

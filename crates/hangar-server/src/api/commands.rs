@@ -85,7 +85,11 @@ pub enum Command {
     },
     ListImages,
     BuildImage(ServiceRequest),
-    ExportImage(ServiceRequest),
+    /// An export for `owner` (recorded as their task of kind `export`).
+    ExportImage {
+        request: ServiceRequest,
+        owner: String,
+    },
     /// A farm host's agent registers (farm token checked by the handler).
     RegisterHost(hangar_api::HostRegistration),
     /// A farm host's heartbeat (farm token checked by the handler).
@@ -249,9 +253,15 @@ impl RequestHandler for Arc<Manager> {
             }
             Command::ListImages => Reply::Images(manager.images().await?),
             Command::BuildImage(request) => Reply::Building(manager.build_image(&request).await?),
-            Command::ExportImage(request) => {
+            Command::ExportImage { request, owner } => {
                 let dir: PathBuf = manager.config.export_dir.clone();
-                Reply::Export(manager.export(&request, &dir).await?)
+                let export = manager.export(&request, &dir);
+                let service = request.service.clone();
+                Reply::Export(
+                    manager
+                        .recorded_as("export", &owner, service, None, export)
+                        .await?,
+                )
             }
         })
     }

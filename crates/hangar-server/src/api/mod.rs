@@ -862,11 +862,16 @@ async fn build_image(
 )]
 async fn export_image(
     State(manager): State<Arc<Manager>>,
+    Extension(caller): Extension<Caller>,
     body: axum::body::Bytes,
 ) -> Result<axum::response::Response, ApiError> {
     let body: ImageBody = json_body(&body)?;
     let request = image_request(body)?;
-    let export = match manager.handle(Command::ExportImage(request)).await? {
+    let command = Command::ExportImage {
+        request,
+        owner: caller.user,
+    };
+    let export = match manager.handle(command).await? {
         Reply::Export(export) => export,
         other => return Err(other.unexpected()),
     };

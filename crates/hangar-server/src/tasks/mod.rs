@@ -597,15 +597,33 @@ impl Manager {
         op: impl std::future::Future<Output = Result<T, E>>,
     ) -> Result<T, E> {
         let service = vm.services.first().cloned();
-        let task = match self.tasks.begin_as(kind, &vm.owner, service).await {
+        self.recorded_as(kind, &vm.owner, service, Some(&vm.id), op)
+            .await
+    }
+
+    /// Records `op`, an operation that is not cancellable (an export, or one on VM `vm`),
+    /// as a task of `kind` owned by `owner` (for `service`): running while it runs, then
+    /// ended with its outcome and error chain. A store error on the record is logged; the
+    /// operation runs regardless.
+    pub(crate) async fn recorded_as<T, E: std::error::Error>(
+        &self,
+        kind: &str,
+        owner: &str,
+        service: Option<String>,
+        vm: Option<&str>,
+        op: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T, E> {
+        let task = match self.tasks.begin_as(kind, owner, service).await {
             Ok((task, _)) => {
-                if let Err(err) = self.store.set_task_vm(&task, &vm.id).await {
+                if let Some(vm) = vm
+                    && let Err(err) = self.store.set_task_vm(&task, vm).await
+                {
                     tracing::warn!(task = %task, error = %err, "cannot link task to vm");
                 }
                 Some(task)
             }
             Err(err) => {
-                tracing::warn!(vm = %vm.id, kind, error = %err, "cannot record task");
+                tracing::warn!(kind, error = %err, "cannot record task");
                 None
             }
         };

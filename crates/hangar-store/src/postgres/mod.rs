@@ -123,6 +123,31 @@ impl PgStore {
         rows.iter().map(decode).collect()
     }
 
+    /// Appends a numbered row to task `task_id` (a step, an undo) with `insert`, whose
+    /// `RETURNING` gives the row's number, under the task's row lock (which orders
+    /// concurrent appends to one task); not found when there is no such task.
+    async fn append_to_task(
+        &self,
+        task_id: &str,
+        insert: &str,
+        params: Params<'_>,
+    ) -> Result<u32, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg)?;
+        tx.query_opt("SELECT 1 FROM tasks WHERE id = $1 FOR UPDATE", &[&task_id])
+            .await
+            .map_err(pg)?
+            .ok_or_else(|| StoreError::not_found(Entity::Task, task_id))?;
+        let number: i64 = tx
+            .query_one(insert, params)
+            .await
+            .map_err(pg)?
+            .try_get(0)
+            .map_err(pg)?;
+        tx.commit().await.map_err(pg)?;
+        u32::try_from(number).map_err(|_| StoreError::corrupt(&number.to_string()))
+    }
+
     async fn query_opt<T>(
         &self,
         sql: &str,
@@ -581,27 +606,15 @@ impl Store for PgStore {
     }
 
     async fn push_task_undo(&self, task_id: &str, action: &str) -> Result<u32, StoreError> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(pg)?;
-        // The task's row lock orders concurrent entries of one task.
-        tx.query_opt("SELECT 1 FROM tasks WHERE id = $1 FOR UPDATE", &[&task_id])
-            .await
-            .map_err(pg)?
-            .ok_or_else(|| StoreError::not_found(Entity::Task, task_id))?;
-        let seq: i64 = tx
-            .query_one(
-                "INSERT INTO task_undo (task_id, seq, action)
-                 SELECT $1, COALESCE(MAX(seq), 0) + 1, $2
-                 FROM task_undo WHERE task_id = $1
-                 RETURNING seq",
-                &[&task_id, &action],
-            )
-            .await
-            .map_err(pg)?
-            .try_get(0)
-            .map_err(pg)?;
-        tx.commit().await.map_err(pg)?;
-        u32::try_from(seq).map_err(|_| StoreError::corrupt(&seq.to_string()))
+        self.append_to_task(
+            task_id,
+            "INSERT INTO task_undo (task_id, seq, action)
+             SELECT $1, COALESCE(MAX(seq), 0) + 1, $2
+             FROM task_undo WHERE task_id = $1
+             RETURNING seq",
+            &[&task_id, &action],
+        )
+        .await
     }
 
     async fn task_undos(&self, task_id: &str) -> Result<Vec<TaskUndo>, StoreError> {
@@ -626,32 +639,20 @@ impl Store for PgStore {
         percent: u8,
         at_ms: u64,
     ) -> Result<u32, StoreError> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(pg)?;
-        // The task's row lock orders concurrent steps of one task.
-        tx.query_opt("SELECT 1 FROM tasks WHERE id = $1 FOR UPDATE", &[&task_id])
-            .await
-            .map_err(pg)?
-            .ok_or_else(|| StoreError::not_found(Entity::Task, task_id))?;
-        let step: i64 = tx
-            .query_one(
-                "INSERT INTO task_steps (task_id, step, stage, percent, started_at_ms)
-                 SELECT $1, COALESCE(MAX(step), 0) + 1, $2, $3, $4
-                 FROM task_steps WHERE task_id = $1
-                 RETURNING step",
-                &[
-                    &task_id,
-                    &stage,
-                    &i32::from(percent.min(100)),
-                    &signed(at_ms),
-                ],
-            )
-            .await
-            .map_err(pg)?
-            .try_get(0)
-            .map_err(pg)?;
-        tx.commit().await.map_err(pg)?;
-        u32::try_from(step).map_err(|_| StoreError::corrupt(&step.to_string()))
+        self.append_to_task(
+            task_id,
+            "INSERT INTO task_steps (task_id, step, stage, percent, started_at_ms)
+             SELECT $1, COALESCE(MAX(step), 0) + 1, $2, $3, $4
+             FROM task_steps WHERE task_id = $1
+             RETURNING step",
+            &[
+                &task_id,
+                &stage,
+                &i32::from(percent.min(100)),
+                &signed(at_ms),
+            ],
+        )
+        .await
     }
 
     async fn end_task_step(

@@ -554,22 +554,11 @@ impl Store for SqliteStore {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(db)?;
-        let known: Option<i64> = tx
-            .query_row("SELECT 1 FROM tasks WHERE id = ?1", [task_id], |row| {
-                row.get(0)
-            })
-            .optional()
-            .map_err(db)?;
-        if known.is_none() {
-            return Err(StoreError::not_found(Entity::Task, task_id));
-        }
-        let seq: u32 = tx
-            .query_row(
-                "SELECT COALESCE(MAX(seq), 0) + 1 FROM task_undo WHERE task_id = ?1",
-                [task_id],
-                |row| row.get(0),
-            )
-            .map_err(db)?;
+        let seq = next_task_number(
+            &tx,
+            task_id,
+            "SELECT COALESCE(MAX(seq), 0) + 1 FROM task_undo WHERE task_id = ?1",
+        )?;
         tx.execute(
             "INSERT INTO task_undo (task_id, seq, action) VALUES (?1, ?2, ?3)",
             params![task_id, seq, action],
@@ -611,22 +600,11 @@ impl Store for SqliteStore {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(db)?;
-        let known: Option<i64> = tx
-            .query_row("SELECT 1 FROM tasks WHERE id = ?1", [task_id], |row| {
-                row.get(0)
-            })
-            .optional()
-            .map_err(db)?;
-        if known.is_none() {
-            return Err(StoreError::not_found(Entity::Task, task_id));
-        }
-        let step: u32 = tx
-            .query_row(
-                "SELECT COALESCE(MAX(step), 0) + 1 FROM task_steps WHERE task_id = ?1",
-                [task_id],
-                |row| row.get(0),
-            )
-            .map_err(db)?;
+        let step = next_task_number(
+            &tx,
+            task_id,
+            "SELECT COALESCE(MAX(step), 0) + 1 FROM task_steps WHERE task_id = ?1",
+        )?;
         tx.execute(
             "INSERT INTO task_steps (task_id, step, stage, percent, started_at_ms)
              VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -1100,4 +1078,24 @@ impl SqliteStore {
             .map_err(db)?;
         rows.collect::<Result<_, _>>().map_err(db)
     }
+}
+
+/// The next number (`next`: a query of the task's highest number plus one) of a row
+/// appended to task `task_id` (a step, an undo), inside `tx`; not found when there is no
+/// such task.
+fn next_task_number(
+    tx: &rusqlite::Transaction<'_>,
+    task_id: &str,
+    next: &str,
+) -> Result<u32, StoreError> {
+    let known: Option<i64> = tx
+        .query_row("SELECT 1 FROM tasks WHERE id = ?1", [task_id], |row| {
+            row.get(0)
+        })
+        .optional()
+        .map_err(db)?;
+    if known.is_none() {
+        return Err(StoreError::not_found(Entity::Task, task_id));
+    }
+    tx.query_row(next, [task_id], |row| row.get(0)).map_err(db)
 }
