@@ -486,8 +486,9 @@ struct RawService {
     apps: Vec<String>,
     #[serde(default = "default_vcpus")]
     vcpus: u32,
-    #[serde(default = "default_memory")]
-    memory_mib: u32,
+    /// Unset: 128 MiB, or the floor its apps and OS declare when that is more.
+    #[serde(default)]
+    memory_mib: Option<u32>,
     pool: Option<PoolBounds>,
     // The service's own application, inline (as in [`RawApp`]).
     #[serde(default)]
@@ -1049,7 +1050,7 @@ fn validate(
             os.keys().cloned().collect::<Vec<_>>().join(", ")
         )));
     }
-    check_shape(raw.vcpus, raw.memory_mib).map_err(&fail)?;
+    check_shape(raw.vcpus, raw.memory_mib.unwrap_or_else(default_memory)).map_err(&fail)?;
     if let Some(bounds) = raw.pool {
         check_bounds(bounds.min, bounds.max).map_err(&fail)?;
     }
@@ -1158,16 +1159,21 @@ fn validate(
             min_disk_mib = Some(min_disk_mib.unwrap_or(0).saturating_add(disk));
         }
     }
+    // A service that states its memory must reach the floor on every OS it runs on; one
+    // that does not gets the default, raised to the highest floor.
+    let mut memory_mib = raw.memory_mib.unwrap_or_else(default_memory);
     for env in &environments {
         let floor = os[env]
             .min_memory_mib
             .unwrap_or(0)
             .max(min_memory_mib.unwrap_or(0));
-        if raw.memory_mib < floor {
-            return Err(fail(format!(
-                "memory_mib = {} is below the {floor} MiB it needs on os {env} (min_memory_mib of its apps and OS)",
-                raw.memory_mib
-            )));
+        if memory_mib < floor {
+            if raw.memory_mib.is_some() {
+                return Err(fail(format!(
+                    "memory_mib = {memory_mib} is below the {floor} MiB it needs on os {env} (min_memory_mib of its apps and OS)"
+                )));
+            }
+            memory_mib = floor;
         }
     }
     let ready = match raw.ready {
@@ -1280,7 +1286,7 @@ fn validate(
         os: environments[0].clone(),
         environments,
         vcpus: raw.vcpus,
-        memory_mib: raw.memory_mib,
+        memory_mib,
         ports,
         processes,
         files,
@@ -1350,6 +1356,36 @@ mod tests {
         [service.web.ready]
         checks = [{ tcp = { port = "http" } }]
     "#;
+
+    #[test]
+    fn a_service_without_memory_gets_its_floor_and_one_below_it_is_refused() {
+        let needing = |extra: &str| {
+            MINIMAL.replace(
+                "os = \"busybox\"",
+                &format!("os = \"busybox\"\nmin_memory_mib = 192\n{extra}"),
+            )
+        };
+        let catalog = Catalog::from_toml(&needing("")).unwrap();
+        assert_eq!(catalog.get("web").unwrap().memory_mib, 192);
+        let catalog = Catalog::from_toml(&needing("memory_mib = 256")).unwrap();
+        assert_eq!(catalog.get("web").unwrap().memory_mib, 256);
+        let err = Catalog::from_toml(&needing("memory_mib = 128"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("memory_mib = 128 is below the 192 MiB"),
+            "{err}"
+        );
+        // Without a floor the default stays.
+        assert_eq!(
+            Catalog::from_toml(MINIMAL)
+                .unwrap()
+                .get("web")
+                .unwrap()
+                .memory_mib,
+            128
+        );
+    }
 
     #[test]
     fn demo_catalog_has_the_demo_services() {
