@@ -80,15 +80,15 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 /// Guest page size (x86: `TARGET_PAGE_SIZE`).
-const PAGE_SIZE: usize = 4096;
+pub(crate) const PAGE_SIZE: usize = 4096;
 /// The flag bits of a RAM record header.
-const FLAGS_MASK: u64 = PAGE_SIZE as u64 - 1;
+pub(crate) const FLAGS_MASK: u64 = PAGE_SIZE as u64 - 1;
 
-const FLAG_ZERO: u64 = 0x02;
+pub(crate) const FLAG_ZERO: u64 = 0x02;
 const FLAG_MEM_SIZE: u64 = 0x04;
-const FLAG_PAGE: u64 = 0x08;
+pub(crate) const FLAG_PAGE: u64 = 0x08;
 const FLAG_EOS: u64 = 0x10;
-const FLAG_CONTINUE: u64 = 0x20;
+pub(crate) const FLAG_CONTINUE: u64 = 0x20;
 
 const SECTION_START: u8 = 0x01;
 const SECTION_PART: u8 = 0x02;
@@ -179,7 +179,7 @@ impl DeltaHeader {
     }
 }
 
-fn invalid(message: impl Into<String>) -> io::Error {
+pub(crate) fn invalid(message: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, message.into())
 }
 
@@ -320,7 +320,7 @@ fn encode_from(
     let mut input = Input::new(stream);
     let mut stats = DeltaStats::default();
     parse(&mut input, &mut |event| match event {
-        Event::Literal(bytes) => {
+        Event::Literal(bytes) | Event::Tail(bytes) => {
             stats.literal_bytes += bytes.len() as u64;
             ops.literal(bytes)
         }
@@ -682,18 +682,18 @@ impl TemplateReader {
 // --- stream parsing ---------------------------------------------------------------------
 
 /// A buffered reader that checksums and counts what its user consumes.
-struct Input<R> {
+pub(crate) struct Input<R> {
     inner: R,
     buf: Vec<u8>,
     start: usize,
     end: usize,
     eof: bool,
     checksum: Xxh64,
-    consumed: u64,
+    pub(crate) consumed: u64,
 }
 
 impl<R: Read> Input<R> {
-    fn new(inner: R) -> Self {
+    pub(crate) fn new(inner: R) -> Self {
         Self {
             inner,
             buf: vec![0; BUFFER],
@@ -737,22 +737,33 @@ impl<R: Read> Input<R> {
 }
 
 /// A RAM page record of the stream.
-struct Record<'a> {
+pub(crate) struct Record<'a> {
     /// Offset of the record in the stream.
-    offset: u64,
-    block: &'a [u8],
-    addr: u64,
-    zero: bool,
+    pub(crate) offset: u64,
+    /// The record's RAM block: named in the record, or the previous record's (`CONTINUE`).
+    pub(crate) block: &'a [u8],
+    pub(crate) addr: u64,
+    pub(crate) zero: bool,
     /// Header bytes (8, or 9 + the block name's length without `CONTINUE`).
-    header_len: usize,
+    pub(crate) header_len: usize,
     /// The whole record: header and payload (4096 bytes, or the fill byte of a `ZERO`).
-    bytes: &'a [u8],
+    pub(crate) bytes: &'a [u8],
 }
 
-enum Event<'a> {
-    /// Bytes carried as they are.
+impl Record<'_> {
+    /// Whether the header has `CONTINUE` (no block name: the previous record's block).
+    pub(crate) fn continues(&self) -> bool {
+        self.header_len == 8
+    }
+}
+
+pub(crate) enum Event<'a> {
+    /// Bytes carried as they are, before or between RAM records.
     Literal(&'a [u8]),
     Record(Record<'a>),
+    /// Bytes carried as they are after the last RAM record understood (device state, end
+    /// of file, or whatever was not understood: possibly more RAM records).
+    Tail(&'a [u8]),
 }
 
 /// How a run of RAM records ended.
@@ -767,15 +778,15 @@ fn be32(bytes: &[u8]) -> u32 {
     u32::from_be_bytes(bytes[..4].try_into().expect("4 bytes"))
 }
 
-fn be64(bytes: &[u8]) -> u64 {
+pub(crate) fn be64(bytes: &[u8]) -> u64 {
     u64::from_be_bytes(bytes[..8].try_into().expect("8 bytes"))
 }
 
-type Handler<'h> = dyn FnMut(Event<'_>) -> io::Result<()> + 'h;
+pub(crate) type Handler<'h> = dyn FnMut(Event<'_>) -> io::Result<()> + 'h;
 
 /// Reads the whole stream, reporting every byte once, in order: as literal bytes or as part
 /// of a page record.
-fn parse<R: Read>(input: &mut Input<R>, on: &mut Handler<'_>) -> io::Result<()> {
+pub(crate) fn parse<R: Read>(input: &mut Input<R>, on: &mut Handler<'_>) -> io::Result<()> {
     if let Some(section_id) = find_ram_start(input, on)? {
         let mut block = Vec::new();
         loop {
@@ -803,7 +814,8 @@ fn parse<R: Read>(input: &mut Input<R>, on: &mut Handler<'_>) -> io::Result<()> 
         if n == 0 {
             return Ok(());
         }
-        literal(input, on, n)?;
+        on(Event::Tail(&input.peek()[..n]))?;
+        input.consume(n);
     }
 }
 
@@ -942,7 +954,7 @@ fn le64(bytes: &[u8]) -> u64 {
     u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"))
 }
 
-fn xxh64(bytes: &[u8]) -> u64 {
+pub(crate) fn xxh64(bytes: &[u8]) -> u64 {
     let mut hasher = Xxh64::new();
     hasher.update(bytes);
     hasher.digest()

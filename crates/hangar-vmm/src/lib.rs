@@ -23,10 +23,12 @@ pub mod fake;
 pub mod procs;
 pub mod qemu;
 pub mod qmp;
+pub mod sparse;
 pub mod template;
 
 pub use accel::Accel;
 pub use agent::{Agent, AgentError};
+pub use sparse::RAM_BLOCK;
 pub use template::TemplateInfo;
 
 /// Everything needed to start (or re-attach to) one VM. Persisted by the server so that a
@@ -125,8 +127,9 @@ pub enum ArchiveTier {
     /// The migration stream compressed with zstd (level 1) in-process.
     Zstd,
     /// Only what differs from the snapshot of the template the VM was cloned from
-    /// (content-specific, seed 000; see [`delta`]), zstd-compressed. A VM not cloned from a
-    /// template is archived with [`ArchiveTier::Zstd`] instead.
+    /// (content-specific, seed 000; see [`delta`]; for a template with mapped memory, the
+    /// stream without the pages equal to its RAM file, see [`sparse`]), zstd-compressed. A
+    /// VM not cloned from a template is archived with [`ArchiveTier::Zstd`] instead.
     Delta,
 }
 
