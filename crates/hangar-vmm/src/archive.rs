@@ -71,22 +71,40 @@ pub fn partial_path(dir: &Path, tier: ArchiveTier) -> PathBuf {
     dir.join(format!("memory.{tier}.tmp"))
 }
 
+/// What an [`ArchiveTier::Delta`] archive is made against: the template the VM was cloned
+/// from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeltaBase {
+    /// The template's snapshot as a raw migration stream: the archive is a [`crate::delta`].
+    Stream(PathBuf),
+    /// The template's RAM file (mapped memory) and its id: the archive is a
+    /// [`crate::sparse`] stream, to be fed to a QEMU that maps that file privately.
+    Ram { path: PathBuf, id: u64 },
+}
+
 /// Writes the stream read from `source` (until end of file) to `path`, compressed for
-/// [`ArchiveTier::Zstd`], as a delta against `template`'s snapshot for
-/// [`ArchiveTier::Delta`] (verified by decoding it once written), and syncs it. Returns the
-/// file's size.
+/// [`ArchiveTier::Zstd`], against `base` for [`ArchiveTier::Delta`] (verified by decoding
+/// it once written), and syncs it. Returns the file's size.
 pub fn write_memory(
     mut source: impl Read,
     path: &Path,
     tier: ArchiveTier,
-    template: Option<&Path>,
+    base: Option<&DeltaBase>,
 ) -> std::io::Result<u64> {
     if tier == ArchiveTier::Delta {
-        let template = template.ok_or_else(|| no_template(path))?;
-        let index = crate::delta::TemplateIndex::build(template)?;
-        let stats = crate::delta::encode(source, template, &index, path)?;
-        crate::delta::verify(path, template)?;
-        tracing::debug!(?stats, "delta archive written");
+        match base.ok_or_else(|| no_template(path))? {
+            DeltaBase::Stream(template) => {
+                let index = crate::delta::TemplateIndex::build(template)?;
+                let stats = crate::delta::encode(source, template, &index, path)?;
+                crate::delta::verify(path, template)?;
+                tracing::debug!(?stats, "delta archive written");
+            }
+            DeltaBase::Ram { path: ram, id } => {
+                let stats = crate::sparse::encode(source, ram, *id, path)?;
+                crate::sparse::verify(path, ram, *id)?;
+                tracing::debug!(?stats, "sparse archive written");
+            }
+        }
         return Ok(std::fs::metadata(path)?.len());
     }
     let file = File::create(path)?;
@@ -107,17 +125,20 @@ pub fn write_memory(
 }
 
 /// Writes the stream stored at `path` (decompressed for [`ArchiveTier::Zstd`], rebuilt
-/// over `template`'s snapshot for [`ArchiveTier::Delta`]) into `sink`. Returns the stream's
-/// length.
+/// against `base` for [`ArchiveTier::Delta`]: for [`DeltaBase::Ram`], the sparse stream,
+/// which only a QEMU with that RAM file mapped loads right) into `sink`. Returns the
+/// stream's length.
 pub fn read_memory(
     path: &Path,
     tier: ArchiveTier,
-    template: Option<&Path>,
+    base: Option<&DeltaBase>,
     mut sink: impl Write,
 ) -> std::io::Result<u64> {
     if tier == ArchiveTier::Delta {
-        let template = template.ok_or_else(|| no_template(path))?;
-        let copied = crate::delta::decode(path, template, &mut sink)?;
+        let copied = match base.ok_or_else(|| no_template(path))? {
+            DeltaBase::Stream(template) => crate::delta::decode(path, template, &mut sink)?,
+            DeltaBase::Ram { path: ram, id } => crate::sparse::decode(path, ram, *id, &mut sink)?,
+        };
         sink.flush()?;
         return Ok(copied);
     }
@@ -156,7 +177,7 @@ impl Prefetch {
     pub fn start(
         path: &Path,
         tier: ArchiveTier,
-        template: Option<PathBuf>,
+        base: Option<DeltaBase>,
         ahead: usize,
     ) -> std::io::Result<Prefetch> {
         let (sender, chunks) = std::sync::mpsc::sync_channel(ahead.div_ceil(PREFETCH_CHUNK));
@@ -169,7 +190,7 @@ impl Prefetch {
                         sender,
                         chunk: Vec::with_capacity(PREFETCH_CHUNK),
                     };
-                    read_memory(&path, tier, template.as_deref(), queue)
+                    read_memory(&path, tier, base.as_ref(), queue)
                 })?
         };
         Ok(Prefetch {
@@ -247,12 +268,12 @@ impl Write for QueueWriter {
 
 fn no_template(path: &Path) -> std::io::Error {
     std::io::Error::other(format!(
-        "{}: a delta archive needs the snapshot of the template the VM was cloned from",
+        "{}: a delta archive needs the snapshot or RAM file of the template the VM was cloned from",
         path.display()
     ))
 }
 
-/// The snapshot a delta archive of a VM made as `spec` refers to.
+/// The snapshot a delta archive of a VM made as `spec` refers to (a [`DeltaBase::Stream`]).
 pub fn template_memory(spec: &VmSpec) -> Option<PathBuf> {
     spec.template
         .as_ref()
@@ -428,6 +449,58 @@ mod tests {
         assert!(err.to_string().contains("template"), "{err}");
         let err = read_memory(&path, ArchiveTier::Delta, None, std::io::sink()).unwrap_err();
         assert!(err.to_string().contains("template"), "{err}");
+    }
+
+    #[test]
+    fn a_delta_against_a_ram_file_is_the_sparse_stream() {
+        use crate::sparse::tests::{Builder, SECTION_END, page};
+        const PAGE: usize = 4096;
+        let dir = tempfile::tempdir().unwrap();
+        let ram: Vec<u8> = (1..=4).flat_map(page).collect();
+        let ram_path = dir.path().join("ram");
+        std::fs::write(&ram_path, &ram).unwrap();
+        let mut builder = Builder::new(&[(crate::RAM_BLOCK, ram.len() as u64)]);
+        builder.section(SECTION_END);
+        for index in 0..4 {
+            let data = match index {
+                1 => page(99),
+                _ => ram[index * PAGE..(index + 1) * PAGE].to_vec(),
+            };
+            builder.record(crate::RAM_BLOCK, (index * PAGE) as u64, Ok(&data));
+        }
+        builder.end_of_section();
+        let stream = builder.finish();
+        let base = DeltaBase::Ram {
+            path: ram_path.clone(),
+            id: 7,
+        };
+        let path = memory_path(dir.path(), ArchiveTier::Delta);
+        let size = write_memory(&stream[..], &path, ArchiveTier::Delta, Some(&base)).unwrap();
+        assert_eq!(size, std::fs::metadata(&path).unwrap().len());
+        let mut sparse = Vec::new();
+        let len = read_memory(&path, ArchiveTier::Delta, Some(&base), &mut sparse).unwrap();
+        assert_eq!(len, sparse.len() as u64);
+        // Three pages dropped (the first one's block name moves to the kept one).
+        assert_eq!(sparse.len(), stream.len() - 3 * (8 + PAGE));
+        let prefetch = Prefetch::start(&path, ArchiveTier::Delta, Some(base), 1 << 20).unwrap();
+        let mut prefetched = Vec::new();
+        prefetch.drain_into(&mut prefetched).unwrap();
+        assert!(prefetched == sparse);
+        // Another template's RAM file, or the file read as a delta of a raw stream: refused.
+        let other = DeltaBase::Ram {
+            path: ram_path.clone(),
+            id: 8,
+        };
+        let err = read_memory(&path, ArchiveTier::Delta, Some(&other), std::io::sink());
+        assert_eq!(err.unwrap_err().kind(), std::io::ErrorKind::InvalidData);
+        let stream_base = DeltaBase::Stream(ram_path);
+        let err = read_memory(
+            &path,
+            ArchiveTier::Delta,
+            Some(&stream_base),
+            std::io::sink(),
+        );
+        assert!(err.unwrap_err().to_string().contains("magic"));
     }
 
     #[test]

@@ -592,7 +592,7 @@ impl Hypervisor for QemuBackend {
         let stream = archive::Prefetch::start(
             &record.info.path,
             record.info.tier,
-            archive::template_memory(&record.spec),
+            archive::template_memory(&record.spec).map(archive::DeltaBase::Stream),
             PREFETCH_AHEAD,
         )
         .map_err(|err| fail(format!("reading {}: {err}", record.info.path.display())))?;
@@ -837,7 +837,12 @@ async fn snapshot(
     drop(writer); // QEMU holds the only write end: end of file when it closes it
     let target = partial.clone();
     let sink = tokio::task::spawn_blocking(move || {
-        archive::write_memory(reader, &target, tier, template.as_deref())
+        archive::write_memory(
+            reader,
+            &target,
+            tier,
+            template.map(archive::DeltaBase::Stream).as_ref(),
+        )
     });
     let migrated = match qmp
         .execute(
