@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{TestServer, wait_for, whoami};
+use common::{TestServer, fetch, wait_for, whoami};
 
 #[test]
 fn clones_of_one_template_have_their_own_identity_and_entropy() {
@@ -50,6 +50,52 @@ fn clones_of_one_template_have_their_own_identity_and_entropy() {
     assert_ne!(seen[0].1["random"], first_who["random"]);
     assert_ne!(seen[0].1["hostname"], seen[1].1["hostname"]);
 
+    // A smaller exact size when the pool holds only clones of the template: a clone is
+    // never sliced (it has no balloon: giving memory back would write the template).
+    let before = template_checksums(&server);
+    server.ok(&["pool", "set", "http-static", "--min", "1", "--max", "1"]);
+    wait_for(240, "a ready http-static pool VM", || {
+        server
+            .json(&["pools"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["service"] == "http-static" && p["ready"].as_u64() >= Some(1))
+            .cloned()
+    });
+    let small = server.json(&[
+        "request",
+        "--vcpus",
+        "1",
+        "--memory",
+        "96",
+        "--os",
+        "busybox@1.35",
+        "--app",
+        "http-static",
+        "--exact-size",
+    ]);
+    let small_id = small["vm"].as_str().unwrap().to_owned();
+    let (_, small_pid) = server
+        .qemu_processes()
+        .into_iter()
+        .find(|(vm, _)| *vm == small_id)
+        .expect("the VM's QEMU");
+    let cmdline = std::fs::read_to_string(format!("/proc/{small_pid}/cmdline")).unwrap();
+    if cmdline.contains("memory-backend-file") {
+        assert!(small["sliced_to"].is_null(), "a clone was sliced: {small}");
+        assert!(!cmdline.contains("balloon"), "a clone has a balloon");
+    } else {
+        assert_ne!(small["match"], "cloned", "{small}");
+    }
+    assert!(
+        small["memory_mib"] == 96 || small["sliced_to"]["memory_mib"] == 96,
+        "the size asked: {small}"
+    );
+    assert_eq!(template_checksums(&server), before, "the template changed");
+    server.ok(&["pool", "set", "http-static", "--min", "0", "--max", "0"]);
+    server.ok(&["rm", &small_id]);
+
     // Removing clones leaves the template; their processes and files go.
     for (vm, _) in &seen {
         server.ok(&["rm", vm]);
@@ -62,4 +108,107 @@ fn clones_of_one_template_have_their_own_identity_and_entropy() {
     );
     let templates = server.json(&["templates"]);
     assert_eq!(templates.as_array().unwrap().len(), 1, "{templates}");
+}
+
+/// XXH64 of every file of every template directory under the server's data dir.
+fn template_checksums(server: &TestServer) -> std::collections::BTreeMap<String, u64> {
+    let mut sums = std::collections::BTreeMap::new();
+    let root = server.data_dir.path().join("templates");
+    for dir in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+        for file in std::fs::read_dir(dir.path()).unwrap().flatten() {
+            let path = file.path();
+            sums.insert(
+                path.display().to_string(),
+                hangar_vmm::template::file_xxh64(&path).unwrap(),
+            );
+        }
+    }
+    sums
+}
+
+/// A mapped template's files (its RAM file above all, which every clone's QEMU maps and
+/// QEMU 7.2 opens read-write) are byte for byte the same after clones are made, granted
+/// from the pool, slept, archived in every tier, woken and deleted; each clone keeps its
+/// own memory through all of it. (Slicing: see the test above.)
+#[test]
+fn a_mapped_template_is_never_written_by_its_clones() {
+    let server = TestServer::start_with_templates(&["--pool-memory", "1024"]);
+    let first = server.json(&["request", "http-counter", "--dedicated"]);
+    assert_eq!(first["match"], "created", "{first}");
+    wait_for(240, "the http-counter template", || {
+        server
+            .json(&["templates"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["service"] == "http-counter" && t["current"] == true)
+            .cloned()
+    });
+    let before = template_checksums(&server);
+    assert!(
+        before.keys().any(|path| path.ends_with("/ram")),
+        "a mapped template has a RAM file: {before:?}"
+    );
+    let unchanged = |when: &str| {
+        assert_eq!(template_checksums(&server), before, "after {when}");
+    };
+
+    // A cold request and a pool VM are clones; each counts on its own.
+    let clone = server.json(&["request", "http-counter", "--dedicated"]);
+    assert_eq!(clone["match"], "cloned", "{clone}");
+    let id = clone["vm"].as_str().unwrap().to_owned();
+    let endpoint = clone["endpoint"].as_str().unwrap().to_owned();
+    assert_eq!(fetch(&endpoint, "/").trim(), "1");
+    assert_eq!(fetch(&endpoint, "/").trim(), "2");
+    unchanged("a clone served requests");
+
+    server.ok(&["pool", "set", "http-counter", "--min", "1", "--max", "1"]);
+    wait_for(240, "a ready http-counter pool VM", || {
+        server
+            .json(&["pools"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["service"] == "http-counter" && p["ready"].as_u64() >= Some(1))
+            .cloned()
+    });
+    let pooled = server.json(&["request", "http-counter", "--dedicated"]);
+    assert_eq!(pooled["match"], "exact", "{pooled}");
+    let pooled_id = pooled["vm"].as_str().unwrap().to_owned();
+    assert_eq!(
+        fetch(pooled["endpoint"].as_str().unwrap(), "/").trim(),
+        "1",
+        "a pool clone starts from the template's memory"
+    );
+    unchanged("a pool grant");
+
+    // Sleep, every archive tier and wake: the clone's own state survives each.
+    let mut expected = 2;
+    server.ok(&["sleep", &id]);
+    server.ok(&["wake", &id]);
+    expected += 1;
+    assert_eq!(fetch(&endpoint, "/").trim(), expected.to_string());
+    unchanged("sleep and wake");
+    for tier in ["delta", "zstd", "raw"] {
+        let out = server.ok(&["archive", &id, "--tier", tier]);
+        assert!(out.contains(&format!("archived ({tier}")), "{out}");
+        unchanged(&format!("a {tier} archive"));
+        server.ok(&["wake", &id]);
+        expected += 1;
+        assert_eq!(
+            fetch(&endpoint, "/").trim(),
+            expected.to_string(),
+            "after a {tier} archive"
+        );
+        unchanged(&format!("a wake from {tier}"));
+    }
+
+    server.ok(&["pool", "set", "http-counter", "--min", "0", "--max", "0"]);
+    for vm in [id.as_str(), pooled_id.as_str()] {
+        server.ok(&["rm", vm]);
+    }
+    server.ok(&["rm", first["vm"].as_str().unwrap()]);
+    unchanged("deleting the clones");
+    let left = server.qemu_processes();
+    assert!(left.is_empty(), "QEMU left: {left:?}");
 }

@@ -224,8 +224,11 @@ pub struct TemplateBundle {
     /// Hash of the service's definition, the kernel's, initramfs's and base disk's content
     /// hashes, the kernel command line and the machine size.
     pub content_key: String,
-    /// The raw migration stream.
+    /// The raw migration stream (the device state only, for a mapped template).
     pub memory: hangar_api::Blob,
+    /// A mapped template's RAM file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ram: Option<hangar_api::Blob>,
     /// The frozen disk layer (a qcow2 over the base disk), if the VM has one.
     pub disk: Option<hangar_api::Blob>,
     /// The QEMU that wrote the stream: a clone needs the same.

@@ -398,6 +398,7 @@ pub async fn run(
     );
     let local: Option<Arc<dyn hangar_host::Host>> = if config.local_host {
         host.clean_template_debris();
+        host.verify_templates();
         Some(Arc::new(host))
     } else {
         None

@@ -85,6 +85,7 @@ async fn main() {
         background: false,
         template: None,
         firmware: false,
+        memory: Default::default(),
     };
     let launched = backend.launch(&spec).await.expect("launch");
     let agent = launched.agent.clone();

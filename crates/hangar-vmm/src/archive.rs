@@ -348,6 +348,7 @@ mod tests {
             background: false,
             template: None,
             firmware: false,
+            memory: Default::default(),
         }
     }
 

@@ -133,16 +133,18 @@ impl VmUser {
         Ok(())
     }
 
-    /// Whether the mode bits of `meta` give this user `bit` (4 read, 2 write, 1 execute).
-    fn may(&self, meta: &std::fs::Metadata, bit: u32) -> bool {
+    /// Whether the mode bits of `meta` give this user all of `bits` (4 read, 2 write,
+    /// 1 execute).
+    fn may(&self, meta: &std::fs::Metadata, bits: u32) -> bool {
         let mode = meta.mode();
-        if meta.uid() == self.uid {
-            mode & (bit << 6) != 0
+        let shift = if meta.uid() == self.uid {
+            6
         } else if meta.gid() == self.gid || self.groups.contains(&meta.gid()) {
-            mode & (bit << 3) != 0
+            3
         } else {
-            mode & bit != 0
-        }
+            0
+        };
+        mode & (bits << shift) == bits << shift
     }
 
     /// Makes `file` readable to this user: below one of [`VmUser::roots`], each directory
@@ -171,6 +173,27 @@ impl VmUser {
         };
         self.open_dirs_above(&file, root)?;
         self.open_to_group(&file, 0o040)
+    }
+
+    /// Makes `file` readable and writable to this user's group, as [`VmUser::grant_read`]
+    /// makes it readable: only for a template's RAM file, which QEMU 7.2 opens read-write
+    /// to map it privately (see [`crate::template`] for what keeps it unwritten). It must
+    /// lie below one of [`VmUser::roots`].
+    pub fn grant_read_write(&self, file: &Path) -> Result<(), ConfineError> {
+        let file = std::fs::canonicalize(file).map_err(io("resolve", file))?;
+        let Some(root) = self.roots.iter().find(|root| file.starts_with(root)) else {
+            let meta = std::fs::metadata(&file).map_err(io("stat", &file))?;
+            return Err(ConfineError::Unreachable {
+                user: self.name.clone(),
+                uid: self.uid,
+                path: file,
+                mode: meta.mode() & 0o7777,
+                owner: meta.uid(),
+                group: meta.gid(),
+            });
+        };
+        self.open_dirs_above(&file, root)?;
+        self.open_to_group(&file, 0o060)
     }
 
     /// Makes the qcow2 image `image` and every image behind it (its backing chain, which

@@ -937,7 +937,8 @@ const P5: u64 = 0x27D4_EB2F_1656_67C5;
 
 /// Streaming XXH64 with seed 0 (the checksum zstd frames carry, in their low 32 bits).
 #[derive(Debug, Clone)]
-struct Xxh64 {
+/// XXH64 (seed 0), streaming.
+pub(crate) struct Xxh64 {
     lanes: [u64; 4],
     pending: [u8; 32],
     pending_len: usize,
@@ -961,7 +962,7 @@ pub(crate) fn xxh64(bytes: &[u8]) -> u64 {
 }
 
 impl Xxh64 {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             lanes: [P1.wrapping_add(P2), P2, 0, 0u64.wrapping_sub(P1)],
             pending: [0; 32],
@@ -976,7 +977,7 @@ impl Xxh64 {
         }
     }
 
-    fn update(&mut self, mut bytes: &[u8]) {
+    pub(crate) fn update(&mut self, mut bytes: &[u8]) {
         self.total += bytes.len() as u64;
         if self.pending_len > 0 {
             let take = (32 - self.pending_len).min(bytes.len());
@@ -998,7 +999,7 @@ impl Xxh64 {
         self.pending_len = rest.len();
     }
 
-    fn digest(&self) -> u64 {
+    pub(crate) fn digest(&self) -> u64 {
         let [v1, v2, v3, v4] = self.lanes;
         let mut hash = if self.total >= 32 {
             let mut hash = v1

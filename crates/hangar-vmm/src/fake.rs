@@ -293,9 +293,20 @@ impl Hypervisor for FakeBackend {
         memory.push(".snapshot");
         let memory = std::path::PathBuf::from(memory);
         std::fs::write(&memory, format!("fake snapshot of {id}"))?;
+        // A VM booted with its RAM in a file leaves that file as the template's RAM.
+        let ram = matches!(vm.spec.memory, crate::MemoryBacking::TemplateSource).then(|| {
+            let mut ram = dir.as_os_str().to_owned();
+            ram.push(".ram");
+            std::path::PathBuf::from(ram)
+        });
+        if let Some(ram) = &ram {
+            std::fs::write(ram, format!("fake ram of {id}"))?;
+        }
         let info = TemplateInfo {
             dir: dir.to_owned(),
             memory: memory.clone(),
+            ram: None,
+            ram_xxh64: None,
             disk: None,
             size_bytes: 0,
             took_ms: 1,
@@ -306,7 +317,13 @@ impl Hypervisor for FakeBackend {
                 ..vm.spec.clone()
             },
         };
-        Ok(template::assemble(&memory, None, dir, info)?)
+        Ok(template::assemble(
+            &memory,
+            None,
+            ram.as_deref(),
+            dir,
+            info,
+        )?)
     }
 
     async fn clone_template(
@@ -322,8 +339,7 @@ impl Hypervisor for FakeBackend {
         let launched = self
             .launch(&VmSpec {
                 base_image: template.spec.base_image.clone(),
-                pre_os: false,
-                ..spec.clone()
+                ..template::clone_spec(spec, template)
             })
             .await?;
         self.pause(&spec.id).await?;
@@ -383,6 +399,12 @@ impl Hypervisor for FakeBackend {
         let vm = vms
             .get_mut(id)
             .ok_or_else(|| VmmError::NotRunning(id.to_owned()))?;
+        // As QEMU: a file-backed VM has no balloon.
+        if !vm.spec.memory.is_anonymous() {
+            return Err(VmmError::Launch(format!(
+                "VM {id}'s memory is file-backed: it has no balloon"
+            )));
+        }
         vm.memory_mib = memory_mib;
         Ok(())
     }
@@ -528,6 +550,7 @@ mod tests {
             background: false,
             template: None,
             firmware: false,
+            memory: Default::default(),
         };
         let launched = backend.launch(&spec).await.unwrap();
         assert_eq!(

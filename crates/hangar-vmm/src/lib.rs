@@ -75,7 +75,43 @@ pub struct VmSpec {
     /// `cmdline` are not used; no hangar-init runs in it (its agent channel stays silent).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub firmware: bool,
+    /// Where the guest's RAM lives: private anonymous memory, or a file (a VM that will
+    /// become a template, or a clone mapping its template's RAM copy-on-write).
+    #[serde(default, skip_serializing_if = "MemoryBacking::is_anonymous")]
+    pub memory: MemoryBacking,
 }
+
+/// Where a VM's RAM lives (the `memory-backend=mem` of its machine, see [`RAM_BLOCK`]).
+///
+/// A file-backed VM has no balloon device: QEMU 7.2 punches holes in the backing *file*
+/// when a file-backed guest gives memory back (`ram_block_discard_range`), which for a
+/// clone would zero pages of its template (PLATFORM.md). Template-backed VMs are
+/// therefore never sliced by ballooning.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum MemoryBacking {
+    /// Anonymous memory, private to the QEMU process.
+    #[default]
+    Anonymous,
+    /// RAM in the file [`template::RAM_FILE`] of the VM's own directory, mapped shared
+    /// (`share=on`): what the guest writes reaches the file. A VM booted this way becomes a
+    /// template ([`Hypervisor::make_template`]) whose RAM is that file.
+    TemplateSource,
+    /// The template's RAM file mapped privately (`share=off`): the guest starts with the
+    /// template's memory, pages load lazily from the page cache (shared by every clone),
+    /// and what the guest writes goes to pages of its own. The file is never written.
+    Mapped { file: PathBuf },
+}
+
+impl MemoryBacking {
+    pub fn is_anonymous(&self) -> bool {
+        matches!(self, MemoryBacking::Anonymous)
+    }
+}
+
+/// The id of a file-backed VM's memory backend, which is also its RAM block's name in the
+/// migration stream: a restore must use the same one.
+pub const RAM_BLOCK: &str = "mem";
 
 fn is_zero(n: &usize) -> bool {
     *n == 0

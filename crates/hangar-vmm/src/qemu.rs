@@ -33,8 +33,8 @@ use crate::archive::{self, ArchiveRecord};
 use crate::confine::VmUser;
 use crate::qmp::Qmp;
 use crate::{
-    Accel, ArchiveInfo, ArchiveTier, Hypervisor, Launched, PortForward, RunState, TemplateInfo,
-    VmSpec, VmmError, procs, template,
+    Accel, ArchiveInfo, ArchiveTier, Hypervisor, Launched, MemoryBacking, PortForward, RunState,
+    TemplateInfo, VmSpec, VmmError, procs, template,
 };
 
 /// How long a refused connection to a starting QEMU's socket is retried.
@@ -291,6 +291,10 @@ impl QemuBackend {
                 user.grant_read(file)?;
             }
         }
+        if let MemoryBacking::Mapped { file } = &spec.memory {
+            // QEMU 7.2 opens it read-write to map it privately (see `template`).
+            user.grant_read_write(file)?;
+        }
         Ok(())
     }
 
@@ -452,6 +456,18 @@ impl Hypervisor for QemuBackend {
 
     async fn set_memory(&self, id: &str, memory_mib: u32) -> Result<(), VmmError> {
         let running = self.running(id).await?;
+        if !running
+            .spec
+            .lock()
+            .expect("vm spec lock")
+            .memory
+            .is_anonymous()
+        {
+            return Err(VmmError::Launch(format!(
+                "VM {id}'s memory is file-backed (a template or a clone of one): it has no \
+                 balloon, its memory cannot be reduced"
+            )));
+        }
         let bytes = u64::from(memory_mib) * 1024 * 1024;
         running
             .qmp
@@ -605,7 +621,10 @@ impl Hypervisor for QemuBackend {
             stream,
             &record.info.path,
             record.spec.memory_mib,
-            true,
+            Incoming {
+                resume: true,
+                ignore_shared: false,
+            },
         )
         .await
         {
@@ -651,12 +670,26 @@ impl Hypervisor for QemuBackend {
             if dir.exists() {
                 return Err(fail(format!("{} exists", dir.display())));
             }
+            let running = self.running(id).await?;
+            let mapped = matches!(
+                running.spec.lock().expect("vm spec lock").memory,
+                MemoryBacking::TemplateSource
+            );
+            if mapped {
+                // The RAM is in the file already: the stream carries the device state only.
+                set_ignore_shared(&running.qmp, true)
+                    .await
+                    .map_err(|err| fail(err.to_string()))?;
+            }
+            drop(running);
             self.archive(id, ArchiveTier::Raw).await?;
             let record = archive::read_record(&paths.dir)
                 .ok_or_else(|| fail("the snapshot has no record".into()))?;
             let info = TemplateInfo {
                 dir: dir.to_owned(),
                 memory: record.info.path.clone(),
+                ram: None,
+                ram_xxh64: None,
                 disk: None,
                 size_bytes: 0,
                 took_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
@@ -665,10 +698,11 @@ impl Hypervisor for QemuBackend {
                 spec: record.spec.clone(),
             };
             let disk = record.disk.as_ref().map(|disk| paths.dir.join(disk));
+            let ram = mapped.then(|| paths.dir.join(template::RAM_FILE));
             let dir = dir.to_owned();
             let memory = record.info.path.clone();
             tokio::task::spawn_blocking(move || {
-                template::assemble(&memory, disk.as_deref(), &dir, info)
+                template::assemble(&memory, disk.as_deref(), ram.as_deref(), &dir, info)
             })
             .await
             .map_err(|join| fail(join.to_string()))?
@@ -701,15 +735,8 @@ impl Hypervisor for QemuBackend {
         }
         // The guest-visible machine is the template's; ports, sockets and files are the
         // clone's own.
-        let spec = VmSpec {
-            kernel: template.spec.kernel.clone(),
-            initramfs: template.spec.initramfs.clone(),
-            cmdline: template.spec.cmdline.clone(),
-            base_image: template.disk.clone(),
-            pre_os: false,
-            template: Some(template.dir.clone()),
-            ..spec.clone()
-        };
+        let spec = template::clone_spec(spec, template);
+        let mapped = template.ram.is_some();
         let paths = self.paths(&spec.id);
         tokio::fs::create_dir_all(&self.config.vms_dir).await?;
         tokio::fs::create_dir(&paths.dir).await?;
@@ -723,7 +750,18 @@ impl Hypervisor for QemuBackend {
                 archive::Prefetch::start(&template.memory, ArchiveTier::Raw, None, PREFETCH_AHEAD)
                     .map_err(|err| fail(format!("reading {}: {err}", template.memory.display())))?;
             let pid = self.spawn_qemu(&spec, &args, &paths).await?;
-            match incoming(&paths, stream, &template.memory, spec.memory_mib, false).await {
+            match incoming(
+                &paths,
+                stream,
+                &template.memory,
+                spec.memory_mib,
+                Incoming {
+                    resume: false,
+                    ignore_shared: mapped,
+                },
+            )
+            .await
+            {
                 Ok((qmp, agent)) => Ok(Running::new(pid, qmp, agent, &spec)),
                 Err(reason) => {
                     if procs::is_qemu_with_pidfile(pid, &paths.pidfile)
@@ -885,17 +923,46 @@ async fn snapshot(
 /// How far a restore reads its stream ahead while QEMU starts.
 const PREFETCH_AHEAD: usize = 64 << 20;
 
+/// How [`incoming`] loads a stream.
+#[derive(Debug, Clone, Copy)]
+struct Incoming {
+    /// Resume the guest once loaded.
+    resume: bool,
+    /// The stream was written with `x-ignore-shared` (a mapped template's, without its
+    /// RAM): the destination must say so too, and says it no longer once loaded, so that
+    /// the VM's own archives carry its RAM and restore without it.
+    ignore_shared: bool,
+}
+
+/// Sets the migration capability `x-ignore-shared`: RAM blocks mapped shared (a mapped
+/// template's RAM file) are left out of the stream; the destination maps the same file.
+async fn set_ignore_shared(qmp: &Qmp, on: bool) -> Result<(), crate::qmp::QmpError> {
+    qmp.execute(
+        "migrate-set-capabilities",
+        Some(serde_json::json!({
+            "capabilities": [{ "capability": "x-ignore-shared", "state": on }],
+        })),
+    )
+    .await
+    .map(|_| ())
+}
+
 /// Feeds `stream` (read from `source`) to a QEMU started with `-incoming defer`, waits for
-/// the migration to complete, and resumes the guest when `resume`. Returns the control
+/// the migration to complete, and resumes the guest when asked. Returns the control
 /// channels of the VM.
 async fn incoming(
     paths: &VmPaths,
     stream: archive::Prefetch,
     source: &Path,
     memory_mib: u32,
-    resume: bool,
+    how: Incoming,
 ) -> Result<(Qmp, Arc<Agent>), String> {
     let (qmp, agent) = connect(paths).await.map_err(|err| err.to_string())?;
+    if how.ignore_shared {
+        set_ignore_shared(&qmp, true)
+            .await
+            .map_err(|err| err.to_string())?;
+    }
     let (reader, writer) = std::io::pipe().map_err(|err| format!("pipe: {err}"))?;
     enlarge_pipe(&writer);
     qmp.getfd(RESTORE_FD, reader.as_fd())
@@ -926,7 +993,12 @@ async fn incoming(
         Ok(Err(err)) => return Err(format!("reading {}: {err}", source.display())),
         Err(join) => return Err(format!("archive reader: {join}")),
     }
-    if resume {
+    if how.ignore_shared {
+        set_ignore_shared(&qmp, false)
+            .await
+            .map_err(|err| err.to_string())?;
+    }
+    if how.resume {
         qmp.cont().await.map_err(|err| err.to_string())?;
     }
     Ok((qmp, agent))
@@ -1074,11 +1146,21 @@ fn command_line(accel: Accel, spec: &VmSpec, paths: &VmPaths, boot: bool) -> Vec
         "microvm,acpi=on,isa-serial=on,rtc=on"
     };
     let bus = if spec.firmware { "pci" } else { "device" };
+    let memory_file = match &spec.memory {
+        MemoryBacking::Anonymous => None,
+        MemoryBacking::TemplateSource => Some((paths.dir.join(template::RAM_FILE), true)),
+        MemoryBacking::Mapped { file } => Some((file.clone(), false)),
+    }
+    .filter(|_| !spec.firmware);
+    let machine = match &memory_file {
+        Some(_) => format!("{machine},memory-backend={}", crate::RAM_BLOCK),
+        None => machine.to_owned(),
+    };
     let mut args: Vec<String> = vec![
         "-name".into(),
         format!("hangar-{}", spec.id),
         "-M".into(),
-        machine.into(),
+        machine,
     ];
     args.extend(accel.qemu_args().iter().map(|a| a.to_string()));
     args.extend([
@@ -1098,6 +1180,18 @@ fn command_line(accel: Accel, spec: &VmSpec, paths: &VmPaths, boot: bool) -> Vec
         "-serial".into(),
         format!("file:{}", path(&paths.console)),
     ]);
+    if let Some((file, shared)) = &memory_file {
+        args.extend([
+            "-object".into(),
+            format!(
+                "memory-backend-file,id={},size={}M,mem-path={},share={}",
+                crate::RAM_BLOCK,
+                spec.memory_mib,
+                path(file),
+                if *shared { "on" } else { "off" }
+            ),
+        ]);
+    }
     if boot && !spec.firmware {
         args.extend([
             "-kernel".into(),
@@ -1184,8 +1278,12 @@ fn command_line(accel: Accel, spec: &VmSpec, paths: &VmPaths, boot: bool) -> Vec
         ),
         "-device".into(),
         format!("virtio-rng-{bus}"),
-        "-device".into(),
-        format!("virtio-balloon-{bus}"),
+    ]);
+    // No balloon on file-backed RAM: giving memory back would punch holes in the file.
+    if memory_file.is_none() {
+        args.extend(["-device".into(), format!("virtio-balloon-{bus}")]);
+    }
+    args.extend([
         "-qmp".into(),
         format!("unix:{},server=on,wait=off", path(&paths.qmp)),
     ]);
@@ -1304,6 +1402,7 @@ mod tests {
             background: false,
             template: None,
             firmware: false,
+            memory: Default::default(),
         };
         let paths = VmPaths::new(Path::new("/data/vms"), "vm-1");
         let args = qemu_args(Accel::Tcg, &spec, &paths).join(" ");
@@ -1324,6 +1423,49 @@ mod tests {
         ] {
             assert!(args.contains(expected), "missing {expected:?} in {args}");
         }
+        assert!(args.contains("-device virtio-balloon-device"), "{args}");
+        assert!(!args.contains("memory-backend"), "{args}");
+        // A template's VM: RAM in a file of its directory, written through; no balloon.
+        let source = qemu_args(
+            Accel::Tcg,
+            &VmSpec {
+                memory: MemoryBacking::TemplateSource,
+                ..spec.clone()
+            },
+            &paths,
+        )
+        .join(" ");
+        assert!(
+            source.contains("-M microvm,acpi=on,isa-serial=on,rtc=on,memory-backend=mem "),
+            "{source}"
+        );
+        assert!(
+            source.contains(
+                "-object memory-backend-file,id=mem,size=256M,mem-path=/data/vms/vm-1/ram,share=on"
+            ),
+            "{source}"
+        );
+        assert!(!source.contains("balloon"), "{source}");
+        // A clone: the template's file mapped privately, restored, no balloon.
+        let clone = restore_args(
+            Accel::Tcg,
+            &VmSpec {
+                memory: MemoryBacking::Mapped {
+                    file: "/data/templates/t/ram".into(),
+                },
+                ..spec.clone()
+            },
+            &paths,
+        )
+        .join(" ");
+        assert!(
+            clone.contains(
+                "-object memory-backend-file,id=mem,size=256M,mem-path=/data/templates/t/ram,share=off"
+            ),
+            "{clone}"
+        );
+        assert!(!clone.contains("balloon"), "{clone}");
+        assert!(!clone.contains("share=on"), "{clone}");
         let kvm = qemu_args(
             Accel::Kvm,
             &VmSpec {
@@ -1407,6 +1549,7 @@ mod tests {
             background: false,
             template: None,
             firmware: true,
+            memory: Default::default(),
             layer_slots: 0,
         };
         let paths = VmPaths::new(Path::new("/data/vms"), "vm-2");

@@ -161,6 +161,7 @@ pub async fn run_agent(
         },
     );
     host.clean_template_debris();
+    host.verify_templates();
     // Guest assets ready before the first VM needs them; a failure is reported here and
     // again by the first VM that needs them.
     let images = config.images.clone();

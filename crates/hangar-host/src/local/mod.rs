@@ -276,6 +276,14 @@ impl Host for LocalHost {
             background: plan.purpose != Purpose::Request,
             template: None,
             firmware: plan.service.as_ref().is_some_and(|s| s.imported),
+            // A template's VM keeps its RAM in a file its clones will map.
+            memory: if plan.purpose == Purpose::Template
+                && !plan.service.as_ref().is_some_and(|s| s.imported)
+            {
+                hangar_vmm::MemoryBacking::TemplateSource
+            } else {
+                hangar_vmm::MemoryBacking::Anonymous
+            },
         };
         Ok(PreparedVm {
             direct_endpoints: endpoint_text(&endpoints),
@@ -297,12 +305,7 @@ impl Host for LocalHost {
         let template = plan
             .service
             .as_ref()
-            .filter(|_| {
-                plan.env.is_empty()
-                    && plan.purpose != Purpose::Template
-                    && spec.layers.is_empty()
-                    && !spec.firmware
-            })
+            .filter(|_| plan.env.is_empty() && plan.purpose != Purpose::Template && !spec.firmware)
             .and_then(|service| self.find_template(service, &spec));
         let (launched, spec) = match &template {
             Some(template) => {
@@ -630,11 +633,8 @@ impl Host for LocalHost {
     }
 
     async fn templates_apply(&self, service: &Service) -> bool {
-        // Layered roots (Debian services) are booted: their templates are not built yet.
         // Imported machines have no agent to re-identify a clone: they are booted.
-        !service.imported
-            && self.config.templates_dir.is_some()
-            && self.images.chain(service, &service.os).is_empty()
+        !service.imported && self.config.templates_dir.is_some()
     }
 
     async fn has_template(&self, service: &Service) -> Result<bool, HostError> {

@@ -29,6 +29,39 @@ impl LocalHost {
         }
     }
 
+    /// Checks every mapped template's RAM file against the checksum taken when it was made
+    /// and removes a template whose file changed (clones would start from memory no
+    /// template VM ever had). Run at start-up, before any VM is cloned. Returns the ids of
+    /// the templates removed.
+    pub fn verify_templates(&self) -> Vec<String> {
+        let mut removed = Vec::new();
+        for template in self.template_infos() {
+            match hangar_vmm::template::verify_ram(&template) {
+                Ok(true) => {}
+                outcome => {
+                    let reason = match outcome {
+                        Err(err) => err.to_string(),
+                        _ => "its checksum differs from the one taken when it was made".into(),
+                    };
+                    tracing::error!(template = %template.dir.display(), %reason, "a template's RAM file changed: removing the template");
+                    match hangar_vmm::template::remove(&template.dir) {
+                        Ok(()) => removed.push(
+                            template
+                                .dir
+                                .file_name()
+                                .map(|name| name.to_string_lossy().into_owned())
+                                .unwrap_or_default(),
+                        ),
+                        Err(err) => {
+                            tracing::warn!(error = %err, "cannot remove a changed template")
+                        }
+                    }
+                }
+            }
+        }
+        removed
+    }
+
     /// The key of `service`'s template for VMs launched as `spec` describes.
     pub(super) fn template_key(service: &Service, spec: &VmSpec) -> String {
         let inputs = serde_json::json!({
@@ -37,8 +70,11 @@ impl LocalHost {
             "initramfs": spec.initramfs,
             "cmdline": key_cmdline(&spec.cmdline),
             "base_image": spec.base_image,
+            "layers": spec.layers,
             "memory_mib": spec.memory_mib,
             "vcpus": spec.vcpus,
+            // Templates keep their RAM as a file clones map (older ones: in the stream).
+            "memory": "mapped",
         });
         let digest = Sha256::digest(inputs.to_string().as_bytes());
         hex::encode(&digest[..8])
@@ -61,20 +97,17 @@ impl LocalHost {
 
     /// The spec a VM launched as `spec` runs with once cloned from `template`.
     pub(super) fn cloned_spec(spec: &VmSpec, template: &TemplateInfo) -> VmSpec {
-        VmSpec {
-            kernel: template.spec.kernel.clone(),
-            initramfs: template.spec.initramfs.clone(),
-            cmdline: template.spec.cmdline.clone(),
-            base_image: template.disk.clone(),
-            pre_os: false,
-            template: Some(template.dir.clone()),
-            ..spec.clone()
-        }
+        hangar_vmm::template::clone_spec(spec, template)
     }
 
     /// A spec with what a template's key depends on, for looking one up.
     pub(super) async fn template_probe_spec(&self, service: &Service) -> Result<VmSpec, HostError> {
         let assets = self.images.guest_assets().await.map_err(HostError::Image)?;
+        let root = self
+            .images
+            .root_image(service, &service.os, Arc::new(|_, _| {}))
+            .await
+            .map_err(HostError::Image)?;
         Ok(VmSpec {
             id: String::new(),
             vcpus: service.vcpus,
@@ -82,19 +115,15 @@ impl LocalHost {
             kernel: assets.vmlinux,
             initramfs: assets.initramfs,
             cmdline: self.config.guest_cmdline.clone(),
-            base_image: self
-                .images
-                .root_image(service, &service.os, Arc::new(|_, _| {}))
-                .await
-                .map_err(HostError::Image)?
-                .base,
-            layers: Vec::new(),
+            base_image: root.base,
+            layer_slots: root.layers.len(),
+            layers: root.layers,
             forwards: Vec::new(),
             pre_os: false,
-            layer_slots: 0,
             background: false,
             template: None,
             firmware: false,
+            memory: Default::default(),
         })
     }
 
@@ -183,14 +212,21 @@ impl LocalHost {
             Some(path) => Some(hash(path)?),
             None => None,
         };
+        let layers = spec
+            .layers
+            .iter()
+            .map(|layer| hash(layer))
+            .collect::<Option<Vec<_>>>()?;
         let inputs = serde_json::json!({
             "service": service,
             "kernel": hash(&spec.kernel)?,
             "initramfs": hash(&spec.initramfs)?,
             "cmdline": key_cmdline(&spec.cmdline),
             "base_image": base,
+            "layers": layers,
             "memory_mib": spec.memory_mib,
             "vcpus": spec.vcpus,
+            "memory": "mapped",
         });
         Some(hex::encode(Sha256::digest(inputs.to_string().as_bytes())))
     }
@@ -219,10 +255,11 @@ impl LocalHost {
             return Ok(Some(bundle));
         }
         let files = template.clone();
-        let (memory, disk) = tokio::task::spawn_blocking(move || {
+        let (memory, disk, ram) = tokio::task::spawn_blocking(move || {
             let memory = blob_of(&files.memory)?;
             let disk = files.disk.as_deref().map(blob_of).transpose()?;
-            Ok::<_, HostError>((memory, disk))
+            let ram = files.ram.as_deref().map(blob_of).transpose()?;
+            Ok::<_, HostError>((memory, disk, ram))
         })
         .await
         .map_err(|err| HostError::Template(format!("hashing the template's files: {err}")))??;
@@ -230,6 +267,7 @@ impl LocalHost {
             service: service.name.clone(),
             content_key,
             memory,
+            ram,
             disk,
             qemu_version: template.qemu_version.clone(),
         };
@@ -299,6 +337,14 @@ impl LocalHost {
             }
             _ => None,
         };
+        let ram = match &bundle.ram {
+            Some(blob) => Some(
+                self.images
+                    .pull_peer_blob(blob, from, "template ram", &progress)
+                    .await?,
+            ),
+            None => None,
+        };
         if let Some(parent) = dir.parent() {
             std::fs::create_dir_all(parent).map_err(|source| HostError::Io {
                 path: parent.display().to_string(),
@@ -308,6 +354,8 @@ impl LocalHost {
         let info = hangar_vmm::TemplateInfo {
             dir: dir.clone(),
             memory: memory.clone(),
+            ram: None,
+            ram_xxh64: None,
             disk: disk.clone(),
             size_bytes: 0,
             took_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
@@ -319,11 +367,12 @@ impl LocalHost {
                 }),
             spec: spec.clone(),
         };
-        let template = hangar_vmm::template::assemble(&memory, disk.as_deref(), &dir, info)
-            .map_err(|source| HostError::Io {
-                path: dir.display().to_string(),
-                source,
-            })?;
+        let template =
+            hangar_vmm::template::assemble(&memory, disk.as_deref(), ram.as_deref(), &dir, info)
+                .map_err(|source| HostError::Io {
+                    path: dir.display().to_string(),
+                    source,
+                })?;
         // The bundle stays true (same bytes but the disk's backing name, which
         // the next host rewrites again): this host can be a source in turn.
         let mut kept = bundle.clone();
@@ -349,6 +398,8 @@ impl LocalHost {
             let bundle: TemplateBundle = serde_json::from_slice(&bytes).ok()?;
             if bundle.memory.sha256 == sha256 {
                 Some(template.memory.clone())
+            } else if bundle.ram.as_ref().is_some_and(|ram| ram.sha256 == sha256) {
+                template.ram.clone()
             } else if bundle
                 .disk
                 .as_ref()

@@ -374,6 +374,7 @@ async fn restart_adopts_running_vms_fails_vanished_ones_and_stops_strangers() {
         background: false,
         template: None,
         firmware: false,
+        memory: Default::default(),
     };
     backend.launch(&stranger).await.unwrap();
 

@@ -161,6 +161,7 @@ async fn at_restart_a_half_task_is_undone_from_its_journal() {
         layers: Vec::new(),
         layer_slots: 0,
         firmware: false,
+        memory: Default::default(),
         forwards: vec![],
         pre_os: false,
         background: false,

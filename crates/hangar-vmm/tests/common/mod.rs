@@ -163,6 +163,7 @@ pub fn spec(id: &str, guest: &Guest, port: u16) -> VmSpec {
         background: false,
         template: None,
         firmware: false,
+        memory: Default::default(),
     }
 }
 
