@@ -273,11 +273,26 @@ fn no_template(path: &Path) -> std::io::Error {
     ))
 }
 
-/// The snapshot a delta archive of a VM made as `spec` refers to (a [`DeltaBase::Stream`]).
-pub fn template_memory(spec: &VmSpec) -> Option<PathBuf> {
-    spec.template
-        .as_ref()
-        .map(|dir| dir.join(crate::template::MEMORY_FILE))
+/// What a delta archive of a VM made as `spec` is made against: the RAM file of the mapped
+/// template it maps (with the checksum recorded when the template was made), or the raw
+/// stream of an older template it was cloned from; none for a VM that is no clone, or
+/// whose template is gone.
+pub fn delta_base(spec: &VmSpec) -> Option<DeltaBase> {
+    let dir = spec.template.as_ref()?;
+    match &spec.memory {
+        crate::MemoryBacking::Mapped { file } => {
+            let template = crate::template::read(dir)?;
+            (template.ram.as_ref() == Some(file)).then_some(())?;
+            Some(DeltaBase::Ram {
+                path: file.clone(),
+                id: template.ram_xxh64?,
+            })
+        }
+        _ => {
+            let stream = dir.join(crate::template::MEMORY_FILE);
+            stream.is_file().then_some(DeltaBase::Stream(stream))
+        }
+    }
 }
 
 /// Writes `archive.json` atomically (temporary file, fsync, rename, fsync of the directory).

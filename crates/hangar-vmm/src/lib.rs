@@ -28,7 +28,6 @@ pub mod template;
 
 pub use accel::Accel;
 pub use agent::{Agent, AgentError};
-pub use sparse::RAM_BLOCK;
 pub use template::TemplateInfo;
 
 /// Everything needed to start (or re-attach to) one VM. Persisted by the server so that a

@@ -515,7 +515,7 @@ impl Hypervisor for QemuBackend {
         let committed = async {
             let spec = running.spec.lock().expect("vm spec lock").clone();
             // A delta refers to the template the VM was cloned from; without one, zstd.
-            let template = archive::template_memory(&spec).filter(|path| path.is_file());
+            let template = archive::delta_base(&spec);
             let tier = match (tier, &template) {
                 (ArchiveTier::Delta, None) => ArchiveTier::Zstd,
                 (tier, _) => tier,
@@ -608,7 +608,7 @@ impl Hypervisor for QemuBackend {
         let stream = archive::Prefetch::start(
             &record.info.path,
             record.info.tier,
-            archive::template_memory(&record.spec).map(archive::DeltaBase::Stream),
+            archive::delta_base(&record.spec),
             PREFETCH_AHEAD,
         )
         .map_err(|err| fail(format!("reading {}: {err}", record.info.path.display())))?;
@@ -855,7 +855,7 @@ async fn snapshot(
     qmp: &Qmp,
     paths: &VmPaths,
     tier: ArchiveTier,
-    template: Option<PathBuf>,
+    template: Option<archive::DeltaBase>,
     memory_mib: u32,
 ) -> Result<(PathBuf, u64), String> {
     let partial = archive::partial_path(&paths.dir, tier);
@@ -875,12 +875,7 @@ async fn snapshot(
     drop(writer); // QEMU holds the only write end: end of file when it closes it
     let target = partial.clone();
     let sink = tokio::task::spawn_blocking(move || {
-        archive::write_memory(
-            reader,
-            &target,
-            tier,
-            template.map(archive::DeltaBase::Stream).as_ref(),
-        )
+        archive::write_memory(reader, &target, tier, template.as_ref())
     });
     let migrated = match qmp
         .execute(

@@ -72,6 +72,7 @@
 //! through a pipe is never slowed by it) to 1.13 MB (2.97 MB of sparse stream: the 723
 //! pages kept); decoding (`verify`) takes 3–4 ms.
 
+use crate::RAM_BLOCK;
 use std::fs::File;
 use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::fs::FileExt;
@@ -83,7 +84,6 @@ use crate::delta::{
 
 /// The RAM block whose pages a mapped-memory template's RAM file holds (the id of the
 /// `memory-backend-file` object, which QEMU uses as the block's name).
-pub const RAM_BLOCK: &str = "mem";
 
 const MAGIC: &[u8; 8] = b"HGSPARS1";
 /// Length of the fixed header at the start of a sparse file.
