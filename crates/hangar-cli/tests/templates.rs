@@ -50,52 +50,6 @@ fn clones_of_one_template_have_their_own_identity_and_entropy() {
     assert_ne!(seen[0].1["random"], first_who["random"]);
     assert_ne!(seen[0].1["hostname"], seen[1].1["hostname"]);
 
-    // A smaller exact size when the pool holds only clones of the template: a clone is
-    // never sliced (it has no balloon: giving memory back would write the template).
-    let before = template_checksums(&server);
-    server.ok(&["pool", "set", "http-static", "--min", "1", "--max", "1"]);
-    wait_for(240, "a ready http-static pool VM", || {
-        server
-            .json(&["pools"])
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["service"] == "http-static" && p["ready"].as_u64() >= Some(1))
-            .cloned()
-    });
-    let small = server.json(&[
-        "request",
-        "--vcpus",
-        "1",
-        "--memory",
-        "96",
-        "--os",
-        "busybox@1.35",
-        "--app",
-        "http-static",
-        "--exact-size",
-    ]);
-    let small_id = small["vm"].as_str().unwrap().to_owned();
-    let (_, small_pid) = server
-        .qemu_processes()
-        .into_iter()
-        .find(|(vm, _)| *vm == small_id)
-        .expect("the VM's QEMU");
-    let cmdline = std::fs::read_to_string(format!("/proc/{small_pid}/cmdline")).unwrap();
-    if cmdline.contains("memory-backend-file") {
-        assert!(small["sliced_to"].is_null(), "a clone was sliced: {small}");
-        assert!(!cmdline.contains("balloon"), "a clone has a balloon");
-    } else {
-        assert_ne!(small["match"], "cloned", "{small}");
-    }
-    assert!(
-        small["memory_mib"] == 96 || small["sliced_to"]["memory_mib"] == 96,
-        "the size asked: {small}"
-    );
-    assert_eq!(template_checksums(&server), before, "the template changed");
-    server.ok(&["pool", "set", "http-static", "--min", "0", "--max", "0"]);
-    server.ok(&["rm", &small_id]);
-
     // Removing clones leaves the template; their processes and files go.
     for (vm, _) in &seen {
         server.ok(&["rm", vm]);
@@ -129,7 +83,8 @@ fn template_checksums(server: &TestServer) -> std::collections::BTreeMap<String,
 /// A mapped template's files (its RAM file above all, which every clone's QEMU maps and
 /// QEMU 7.2 opens read-write) are byte for byte the same after clones are made, granted
 /// from the pool, slept, archived in every tier, woken and deleted; each clone keeps its
-/// own memory through all of it. (Slicing: see the test above.)
+/// own memory through all of it. (A clone is never sliced: file-backed VMs have no balloon,
+/// see hangar-vmm's command-line test and the heuristics' tests.)
 #[test]
 fn a_mapped_template_is_never_written_by_its_clones() {
     let server = TestServer::start_with_templates(&["--pool-memory", "1024"]);
@@ -204,11 +159,18 @@ fn a_mapped_template_is_never_written_by_its_clones() {
     }
 
     server.ok(&["pool", "set", "http-counter", "--min", "0", "--max", "0"]);
-    for vm in [id.as_str(), pooled_id.as_str()] {
-        server.ok(&["rm", vm]);
-    }
-    server.ok(&["rm", first["vm"].as_str().unwrap()]);
+    let removed = [
+        id.as_str(),
+        pooled_id.as_str(),
+        first["vm"].as_str().unwrap(),
+    ];
+    server.ok(&[&["rm"][..], &removed[..]].concat());
     unchanged("deleting the clones");
-    let left = server.qemu_processes();
+    // (The demo catalog's other pools keep their VMs.)
+    let left: Vec<_> = server
+        .qemu_processes()
+        .into_iter()
+        .filter(|(vm, _)| removed.contains(&vm.as_str()))
+        .collect();
     assert!(left.is_empty(), "QEMU left: {left:?}");
 }
