@@ -82,9 +82,6 @@ use crate::delta::{
     self, Event, FLAG_CONTINUE, FLAGS_MASK, Input, PAGE_SIZE, Record, be64, invalid, xxh64,
 };
 
-/// The RAM block whose pages a mapped-memory template's RAM file holds (the id of the
-/// `memory-backend-file` object, which QEMU uses as the block's name).
-
 const MAGIC: &[u8; 8] = b"HGSPARS1";
 /// Length of the fixed header at the start of a sparse file.
 pub const HEADER_LEN: usize = 64;
