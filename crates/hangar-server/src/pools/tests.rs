@@ -188,6 +188,38 @@ async fn shared_requests_use_the_pool_when_nothing_runs() {
     assert_eq!((second.served, second.vm.id), (Served::Shared, first.vm.id));
 }
 
+/// A pool grant answers with the claimed record without reading the store again: it must
+/// be what the store holds (active, the requester's, out of its pool), marked used by the
+/// claim itself, no earlier than the request.
+#[tokio::test]
+async fn a_pool_grant_answers_with_the_stored_row_marked_used_by_its_claim() {
+    let (manager, _, store) = setup(4096);
+    settle(&manager).await;
+    let asked_at = hangar_store::now_ms();
+    let grant = manager.request_as("ana", dedicated("web")).await.unwrap();
+    assert_eq!(grant.served, Served::Exact);
+    let stored = store.vm(&grant.vm.id).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            grant.vm.state,
+            grant.vm.owner.as_str(),
+            grant.vm.pool.as_deref()
+        ),
+        (VmState::Active, "ana", None)
+    );
+    assert_eq!(
+        (stored.state, stored.owner.as_str(), stored.pool.as_deref()),
+        (VmState::Active, "ana", None)
+    );
+    assert!(
+        grant.vm.last_used_at_ms >= asked_at,
+        "marked used by the claim"
+    );
+    assert_eq!(grant.vm.last_used_at_ms, stored.last_used_at_ms);
+    assert_eq!(grant.vm.endpoints, stored.endpoints);
+    assert!(!grant.endpoint.is_empty());
+}
+
 #[tokio::test]
 async fn an_empty_pool_falls_back_to_creating() {
     let (manager, _, _) = setup(4096);

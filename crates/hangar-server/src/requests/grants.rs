@@ -111,7 +111,13 @@ impl Manager {
                         stages.mark("boot", handing);
                     }
                     tracing::info!(vm = %vm.id, pool = %pool, kind = kind.as_str(), us = started.elapsed().as_micros() as u64, "granted from pool");
-                    let mut grant = self.grant(vm, service, kind.into(), None, sliced_to).await;
+                    let mut grant = if kind == MatchKind::Partial {
+                        // Booted since its claim: used as of now.
+                        self.grant(vm, service, kind.into(), None, sliced_to).await
+                    } else {
+                        // The claim marked the VM used: no second write before the answer.
+                        self.grant_view(vm, service, kind.into(), None, sliced_to)
+                    };
                     grant.stages = stages;
                     grant.chosen = chosen;
                     return Ok(Some(grant));
@@ -209,6 +215,8 @@ impl Manager {
     }
 
     /// Resumes a paused, booted VM and gives it its final identity (sliced to `slice_to`).
+    /// Returns `vm` as it was claimed: handing out changes nothing the store records, so
+    /// the store is not read again on the grant's way out.
     pub(crate) async fn wake_pooled(
         &self,
         vm: &VmRecord,
@@ -225,13 +233,7 @@ impl Manager {
             .await
             .map_err(|err| error_chain(&err))?;
         stages.0.extend(handed.stages.0);
-        let vm = self
-            .store
-            .vm(&vm.id)
-            .await
-            .map_err(|err| error_chain(&err))?
-            .ok_or("VM vanished")?;
-        Ok((vm, handed.sliced_to))
+        Ok((vm.clone(), handed.sliced_to))
     }
 
     /// Gives a pre-OS shell its OS image (with `service`'s layers, or those of `parts`

@@ -671,6 +671,19 @@ impl Manager {
             Ok(()) => vm.last_used_at_ms = vm.last_used_at_ms.max(now),
             Err(err) => tracing::warn!(vm = %vm.id, error = %err, "cannot record last use"),
         }
+        self.grant_view(vm, service, served, task, sliced_to)
+    }
+
+    /// The [`Grant`] of `vm` as it is, for a VM whose last use the store already
+    /// recorded (a pool VM's claim marks it used): [`Manager::grant`] without its write.
+    pub(crate) fn grant_view(
+        &self,
+        vm: VmRecord,
+        service: Option<&Service>,
+        served: Served,
+        task: Option<String>,
+        sliced_to: Option<(u32, u32)>,
+    ) -> Grant {
         let first_port = service.and_then(|service| service.ports.first());
         let endpoint = first_port
             .and_then(|port| vm.endpoints.get(&port.name))
