@@ -174,3 +174,53 @@ fn a_mapped_template_is_never_written_by_its_clones() {
         .collect();
     assert!(left.is_empty(), "QEMU left: {left:?}");
 }
+
+/// `PING` in RESP's inline form; the reply's first line.
+fn redis_ping(endpoint: &str) -> String {
+    use std::io::{BufRead, Write};
+    let mut stream = std::net::TcpStream::connect(endpoint).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    stream.write_all(b"PING\r\n").unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(stream)
+        .read_line(&mut line)
+        .unwrap();
+    line
+}
+
+/// A layered Debian service (redis on debian-12: an OS layer, the package's layer and the
+/// VM's upper disk) gets a mapped template too, and its clones answer with their own
+/// identity.
+#[test]
+fn a_debian_service_is_cloned_from_its_mapped_template() {
+    let server = TestServer::start_with_templates(&["--pool-memory", "0"]);
+    let first = server.json(&["request", "redis", "--dedicated", "--deadline", "10m"]);
+    assert_eq!(first["match"], "created", "{first}");
+    assert_eq!(redis_ping(first["endpoint"].as_str().unwrap()), "+PONG\r\n");
+    wait_for(300, "the redis template", || {
+        server
+            .json(&["templates"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["service"] == "redis" && t["current"] == true)
+            .cloned()
+    });
+    let before = template_checksums(&server);
+    assert!(
+        before.keys().any(|path| path.ends_with("/ram")),
+        "{before:?}"
+    );
+    let clone = server.json(&["request", "redis", "--dedicated"]);
+    assert_eq!(clone["match"], "cloned", "{clone}");
+    assert_eq!(redis_ping(clone["endpoint"].as_str().unwrap()), "+PONG\r\n");
+    assert_ne!(clone["vm"], first["vm"]);
+    server.ok(&[
+        "rm",
+        clone["vm"].as_str().unwrap(),
+        first["vm"].as_str().unwrap(),
+    ]);
+    assert_eq!(template_checksums(&server), before, "the template changed");
+}
