@@ -391,15 +391,7 @@ fn qemu_runs_unprivileged_under_seccomp_writing_only_its_own_directory() {
     }
     // Once the service's template exists, a new VM is its clone, confined the same, and
     // archived as a delta against the template.
-    common::wait_for(240, "the http-counter template", || {
-        server
-            .json(&["templates"])
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|t| t["service"] == "http-counter" && t["current"] == true)
-            .cloned()
-    });
+    server.wait_for_template("http-counter", 240);
     let clone = server.json(&["request", "http-counter", "--dedicated"]);
     assert_eq!(clone["match"], "cloned", "{clone}");
     let clone_id = clone["vm"].as_str().unwrap().to_owned();

@@ -12,15 +12,7 @@ fn clones_of_one_template_have_their_own_identity_and_entropy() {
     let first = server.json(&["request", "http-static", "--dedicated"]);
     assert_eq!(first["match"], "created", "{first}");
 
-    let template = wait_for(240, "the http-static template", || {
-        let templates = server.json(&["templates"]);
-        templates
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|t| t["service"] == "http-static" && t["current"] == true)
-            .cloned()
-    });
+    let template = server.wait_for_template("http-static", 240);
     assert!(
         template["size_bytes"].as_u64().unwrap() > 1 << 20,
         "{template}"
@@ -90,15 +82,7 @@ fn a_mapped_template_is_never_written_by_its_clones() {
     let server = TestServer::start_with_templates(&["--pool-memory", "1024"]);
     let first = server.json(&["request", "http-counter", "--dedicated"]);
     assert_eq!(first["match"], "created", "{first}");
-    wait_for(240, "the http-counter template", || {
-        server
-            .json(&["templates"])
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|t| t["service"] == "http-counter" && t["current"] == true)
-            .cloned()
-    });
+    server.wait_for_template("http-counter", 240);
     let before = template_checksums(&server);
     assert!(
         before.keys().any(|path| path.ends_with("/ram")),
@@ -199,15 +183,7 @@ fn a_debian_service_is_cloned_from_its_mapped_template() {
     let first = server.json(&["request", "redis", "--dedicated", "--deadline", "10m"]);
     assert_eq!(first["match"], "created", "{first}");
     assert_eq!(redis_ping(first["endpoint"].as_str().unwrap()), "+PONG\r\n");
-    wait_for(300, "the redis template", || {
-        server
-            .json(&["templates"])
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|t| t["service"] == "redis" && t["current"] == true)
-            .cloned()
-    });
+    server.wait_for_template("redis", 300);
     let before = template_checksums(&server);
     assert!(
         before.keys().any(|path| path.ends_with("/ram")),

@@ -151,32 +151,57 @@ pub struct DeltaHeader {
 impl DeltaHeader {
     /// The header as it is written at the start of a delta file (magic, fields, checksum).
     pub fn to_bytes(self) -> [u8; HEADER_LEN] {
-        let mut bytes = [0u8; HEADER_LEN];
-        bytes[..8].copy_from_slice(MAGIC);
-        bytes[8..16].copy_from_slice(&self.stream_len.to_le_bytes());
-        bytes[16..24].copy_from_slice(&self.stream_xxh64.to_le_bytes());
-        bytes[24..32].copy_from_slice(&self.template_len.to_le_bytes());
-        bytes[32..40].copy_from_slice(&self.template_xxh64.to_le_bytes());
-        let check = xxh64(&bytes[..40]);
-        bytes[40..48].copy_from_slice(&check.to_le_bytes());
-        bytes
+        header_bytes(
+            MAGIC,
+            [
+                self.stream_len,
+                self.stream_xxh64,
+                self.template_len,
+                self.template_xxh64,
+            ],
+        )
     }
 
     fn from_bytes(bytes: &[u8; HEADER_LEN]) -> io::Result<Self> {
-        let word = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
-        if &bytes[..8] != MAGIC {
-            return Err(invalid("not a delta archive (bad magic)"));
-        }
-        if word(40) != xxh64(&bytes[..40]) {
-            return Err(invalid("delta header checksum mismatch"));
-        }
+        let [stream_len, stream_xxh64, template_len, template_xxh64] =
+            header_words(bytes, MAGIC, "delta")?;
         Ok(Self {
-            stream_len: word(8),
-            stream_xxh64: word(16),
-            template_len: word(24),
-            template_xxh64: word(32),
+            stream_len,
+            stream_xxh64,
+            template_len,
+            template_xxh64,
         })
     }
+}
+
+/// A 64-byte archive header: `magic`, four little-endian words, the XXH64 of those 40
+/// bytes, zeros (the delta and sparse formats share it).
+pub(crate) fn header_bytes(magic: &[u8; 8], words: [u64; 4]) -> [u8; HEADER_LEN] {
+    let mut bytes = [0u8; HEADER_LEN];
+    bytes[..8].copy_from_slice(magic);
+    for (i, word) in words.iter().enumerate() {
+        bytes[8 + i * 8..16 + i * 8].copy_from_slice(&word.to_le_bytes());
+    }
+    let check = xxh64(&bytes[..40]);
+    bytes[40..48].copy_from_slice(&check.to_le_bytes());
+    bytes
+}
+
+/// The four words of a header written by [`header_bytes`] with `magic`; an error naming
+/// `what` archive when the magic or the checksum is wrong.
+pub(crate) fn header_words(
+    bytes: &[u8; HEADER_LEN],
+    magic: &[u8; 8],
+    what: &str,
+) -> io::Result<[u64; 4]> {
+    let word = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+    if &bytes[..8] != magic {
+        return Err(invalid(format!("not a {what} archive (bad magic)")));
+    }
+    if word(40) != xxh64(&bytes[..40]) {
+        return Err(invalid(format!("{what} header checksum mismatch")));
+    }
+    Ok([word(8), word(16), word(24), word(32)])
 }
 
 pub(crate) fn invalid(message: impl Into<String>) -> io::Error {

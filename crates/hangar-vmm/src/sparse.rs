@@ -79,7 +79,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use crate::delta::{
-    self, Event, FLAG_CONTINUE, FLAGS_MASK, Input, PAGE_SIZE, Record, be64, invalid, xxh64,
+    self, Event, FLAG_CONTINUE, FLAGS_MASK, Input, PAGE_SIZE, Record, be64, invalid,
 };
 
 const MAGIC: &[u8; 8] = b"HGSPARS1";
@@ -128,30 +128,20 @@ pub struct SparseHeader {
 impl SparseHeader {
     /// The header as it is written at the start of a sparse file.
     pub fn to_bytes(self) -> [u8; HEADER_LEN] {
-        let mut bytes = [0u8; HEADER_LEN];
-        bytes[..8].copy_from_slice(MAGIC);
-        bytes[8..16].copy_from_slice(&self.sparse_len.to_le_bytes());
-        bytes[16..24].copy_from_slice(&self.stream_len.to_le_bytes());
-        bytes[24..32].copy_from_slice(&self.ram_len.to_le_bytes());
-        bytes[32..40].copy_from_slice(&self.ram_id.to_le_bytes());
-        let check = xxh64(&bytes[..40]);
-        bytes[40..48].copy_from_slice(&check.to_le_bytes());
-        bytes
+        delta::header_bytes(
+            MAGIC,
+            [self.sparse_len, self.stream_len, self.ram_len, self.ram_id],
+        )
     }
 
     fn from_bytes(bytes: &[u8; HEADER_LEN]) -> io::Result<Self> {
-        let word = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
-        if &bytes[..8] != MAGIC {
-            return Err(invalid("not a sparse archive (bad magic)"));
-        }
-        if word(40) != xxh64(&bytes[..40]) {
-            return Err(invalid("sparse header checksum mismatch"));
-        }
+        let [sparse_len, stream_len, ram_len, ram_id] =
+            delta::header_words(bytes, MAGIC, "sparse")?;
         Ok(Self {
-            sparse_len: word(8),
-            stream_len: word(16),
-            ram_len: word(24),
-            ram_id: word(32),
+            sparse_len,
+            stream_len,
+            ram_len,
+            ram_id,
         })
     }
 }

@@ -255,17 +255,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn assembles_atomically_and_reads_back() {
-        let root = tempfile::tempdir().unwrap();
-        let vm = root.path().join("vm");
-        std::fs::create_dir(&vm).unwrap();
-        std::fs::write(vm.join("memory.raw"), b"stream").unwrap();
-        std::fs::write(vm.join("disk.qcow2"), b"disk").unwrap();
-        let dir = root.path().join("templates").join("svc-abc");
-        std::fs::create_dir_all(dir.parent().unwrap()).unwrap();
-        assert_eq!(read(&dir), None);
-        let info = TemplateInfo {
+    /// A record to assemble (`assemble` fills in the paths and sizes).
+    fn info() -> TemplateInfo {
+        TemplateInfo {
             dir: PathBuf::new(),
             memory: PathBuf::new(),
             ram: None,
@@ -276,7 +268,20 @@ mod tests {
             qemu_version: "7.2.0".into(),
             created_unix_ms: 1,
             spec: spec(),
-        };
+        }
+    }
+
+    #[test]
+    fn assembles_atomically_and_reads_back() {
+        let root = tempfile::tempdir().unwrap();
+        let vm = root.path().join("vm");
+        std::fs::create_dir(&vm).unwrap();
+        std::fs::write(vm.join("memory.raw"), b"stream").unwrap();
+        std::fs::write(vm.join("disk.qcow2"), b"disk").unwrap();
+        let dir = root.path().join("templates").join("svc-abc");
+        std::fs::create_dir_all(dir.parent().unwrap()).unwrap();
+        assert_eq!(read(&dir), None);
+        let info = info();
         let made = assemble(
             &vm.join("memory.raw"),
             Some(&vm.join("disk.qcow2")),
@@ -306,18 +311,7 @@ mod tests {
         std::fs::write(vm.join("memory.raw"), b"devices").unwrap();
         std::fs::write(vm.join(RAM_FILE), vec![7u8; 3 * 4096]).unwrap();
         let dir = root.path().join("svc-abc");
-        let info = TemplateInfo {
-            dir: PathBuf::new(),
-            memory: PathBuf::new(),
-            ram: None,
-            ram_xxh64: None,
-            disk: None,
-            size_bytes: 0,
-            took_ms: 5,
-            qemu_version: "7.2.0".into(),
-            created_unix_ms: 1,
-            spec: spec(),
-        };
+        let info = info();
         let made = assemble(
             &vm.join("memory.raw"),
             None,

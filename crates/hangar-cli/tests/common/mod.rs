@@ -263,6 +263,19 @@ impl TestServer {
     pub fn qemu_processes(&self) -> Vec<(String, u32)> {
         qemu_processes_under(&self.vms_dir())
     }
+
+    /// Waits (up to `secs`) until the server lists a current template of `service`, and
+    /// returns it.
+    pub fn wait_for_template(&self, service: &str, secs: u64) -> serde_json::Value {
+        wait_for(secs, &format!("the {service} template"), || {
+            self.json(&["templates"])
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|t| t["service"] == service && t["current"] == true)
+                .cloned()
+        })
+    }
 }
 
 impl Drop for TestServer {
