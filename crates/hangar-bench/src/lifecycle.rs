@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use hangar_api::{GrantView, Served, TemplateView, VmView};
+use hangar_api::{GrantView, Served, VmView};
 use serde::Serialize;
 use serde::de::IgnoredAny;
 
@@ -169,22 +169,7 @@ pub async fn run(args: LifecycleBench) -> Result<(), BenchError> {
     let server = BenchServer::start(&options(true)).map_err(BenchError::Reply)?;
     let client = server.api_client();
     let (_, first) = timed_grant(&client, &args.service).await?;
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        let templates: Vec<TemplateView> = client.get("/v1/templates").await?;
-        let ready = templates
-            .iter()
-            .any(|t| t.service == args.service && t.current);
-        if ready {
-            break;
-        }
-        if Instant::now() > deadline {
-            return Err(reply(
-                "the service's template was not built within 5 minutes",
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    server.wait_template(&args.service).await?;
     let _: IgnoredAny = client.delete(&format!("/v1/vms/{}", first.vm)).await?;
     let mut cloned = Vec::new();
     let mut vm = String::new();

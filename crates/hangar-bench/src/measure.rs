@@ -50,8 +50,10 @@ pub struct Sustained {
     pub pool: u32,
     pub seconds: f64,
     pub grants: usize,
-    /// Grants served from the warm pool; the others were booted for the request.
+    /// Grants served from the warm pool.
     pub from_pool: usize,
+    /// Grants cloned from the service's template for the request (the others were booted).
+    pub cloned: usize,
     pub per_s: f64,
     #[serde(skip)]
     pub latencies: Vec<Duration>,
@@ -70,13 +72,15 @@ pub async fn sustained_grants(
     server.wait_pool_full(service, pool).await?;
     let started = Instant::now();
     let mut latencies = Vec::new();
-    let mut from_pool = 0;
+    let (mut from_pool, mut cloned) = (0, 0);
     let mut deletions = tokio::task::JoinSet::new();
     while started.elapsed() < duration {
         let sample = server.timed_request(service, true).await?;
         latencies.push(sample.total);
-        if sample.served != "created" {
-            from_pool += 1;
+        match sample.served.as_str() {
+            "exact" | "superset" => from_pool += 1,
+            "cloned" => cloned += 1,
+            _ => {}
         }
         let client = server.api_client();
         deletions.spawn(async move {
@@ -96,6 +100,7 @@ pub async fn sustained_grants(
         seconds,
         grants: latencies.len(),
         from_pool,
+        cloned,
         per_s: latencies.len() as f64 / seconds,
         latencies,
     })

@@ -154,6 +154,27 @@ impl Report {
         });
     }
 
+    /// A row with one figure each where more is better (a capacity): its ratio is
+    /// hangar ÷ libvirt, as its note says, so that above 1 still favours hangar.
+    pub fn figure_more_is_better(
+        &mut self,
+        metric: &str,
+        unit: &'static str,
+        hangar: Option<f64>,
+        libvirt: Option<(&str, Option<f64>)>,
+    ) {
+        let libvirt_value = libvirt.and_then(|(_, v)| v);
+        self.rows.push(Row {
+            metric: metric.to_owned(),
+            unit,
+            hangar,
+            libvirt: libvirt_value,
+            libvirt_op: libvirt.map(|(op, _)| op.to_owned()),
+            ratio: ratio(libvirt_value, hangar),
+            note: Some("more is better: the ratio is hangar ÷ libvirt".into()),
+        });
+    }
+
     /// A figure hangar cannot give in this run, and why.
     pub fn unavailable(&mut self, metric: &str, why: &str) {
         self.rows.push(Row {

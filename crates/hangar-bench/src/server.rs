@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use hangar_api::{GrantView, PoolView, VmView};
+use hangar_api::{GrantView, PoolView, TemplateView, VmView};
 
 use crate::client::{BenchError, Client, wire_name};
 
@@ -46,7 +46,7 @@ impl ServerOptions {
 pub struct BenchServer {
     child: Child,
     data_dir: tempfile::TempDir,
-    /// Where the server's log is copied when it stops (see [`BenchServer::keep_log_in`]).
+    /// Where the server's log is copied when it stops (see [`BenchServer::keep_log_as`]).
     keep_log: Option<PathBuf>,
     pub url: String,
     pub client: Client,
@@ -56,12 +56,12 @@ impl Drop for BenchServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        if let Some(dir) = &self.keep_log {
-            let kept = std::fs::create_dir_all(dir).and_then(|()| {
-                std::fs::copy(self.data_dir().join("server.log"), dir.join("server.log"))
-            });
+        if let Some(kept_as) = &self.keep_log {
+            let dir = kept_as.parent().unwrap_or(Path::new("."));
+            let kept = std::fs::create_dir_all(dir)
+                .and_then(|()| std::fs::copy(self.data_dir().join("server.log"), kept_as));
             if let Err(err) = kept {
-                eprintln!("cannot keep the server log in {}: {err}", dir.display());
+                eprintln!("cannot keep the server log as {}: {err}", kept_as.display());
             }
         }
         // The server leaves VMs and its forwarder running by design; this benchmark's are
@@ -86,7 +86,12 @@ impl BenchServer {
     /// Keeps the server's log in `dir` when the server stops, whether the benchmark
     /// finished or failed: it explains outliers and failures, and the data dir goes.
     pub fn keep_log_in(&mut self, dir: &Path) {
-        self.keep_log = Some(dir.to_owned());
+        self.keep_log_as(&dir.join("server.log"));
+    }
+
+    /// Keeps the server's log as the file `path` when the server stops.
+    pub fn keep_log_as(&mut self, path: &Path) {
+        self.keep_log = Some(path.to_owned());
     }
 
     /// Starts `hangar server` (see [`crate::hangar::hangar_exe`]) on a free port in a temporary data dir
@@ -230,6 +235,24 @@ impl BenchServer {
                 )));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until the service has a current template (new VMs of it are cloned), at most
+    /// 5 minutes.
+    pub async fn wait_template(&self, service: &str) -> Result<(), BenchError> {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let templates: Vec<TemplateView> = self.client.get("/v1/templates").await?;
+            if templates.iter().any(|t| t.service == service && t.current) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(BenchError::Reply(format!(
+                    "the template of {service} was not built within 5 minutes"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 

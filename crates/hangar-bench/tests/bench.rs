@@ -63,14 +63,18 @@ fn bench_smoke_reports_every_figure_and_leaves_nothing_behind() {
     let positive = |v: &serde_json::Value| v.as_f64().is_some_and(|v| v > 0.0);
     for metric in [
         "cold boot → answering, p50",
-        "warm-pool grant → answering, p99",
+        "restore from template → answering, p50",
+        "warm-pool grant → answering (pool of clones), p99",
         "wake from sleeping → answering, p50",
         "archive an active VM, raw tier",
         "wake from archive, raw tier → answering, p50",
         "wake from archive, zstd tier → answering, p50",
         "archive size, zstd tier",
-        "host memory per paused pool VM, RSS",
-        "host memory per paused pool VM, PSS",
+        "wake from archive, delta tier → answering, p50",
+        "host memory per paused pool VM (a clone), RSS",
+        "host memory per paused pool VM (a clone), PSS",
+        "host memory per sleeping clone, PSS",
+        "paused pool VMs per GiB of host memory",
         "sustained dedicated grants per second",
         "shared-mode requests per second",
         "placement decisions per second, 1,000 simulated hosts",
@@ -87,7 +91,12 @@ fn bench_smoke_reports_every_figure_and_leaves_nothing_behind() {
             "wake from sleeping → answering, p50",
             "archive an active VM, raw tier",
             "wake from archive, raw tier → answering, p50",
-            "host memory per paused pool VM, RSS",
+            "restore from template → answering, p50",
+            "wake from archive, delta tier → answering, p50",
+            "warm-pool grant → answering (pool of clones), p50",
+            "host memory per paused pool VM (a clone), PSS",
+            "host memory per sleeping clone, RSS",
+            "paused pool VMs per GiB of host memory",
         ] {
             let row = row(metric);
             assert!(
@@ -99,10 +108,9 @@ fn bench_smoke_reports_every_figure_and_leaves_nothing_behind() {
 
     let png = std::fs::read(out.path().join("latency.png")).unwrap();
     assert!(png.starts_with(b"\x89PNG"), "latency.png is a PNG");
-    assert!(
-        out.path().join("server.log").exists(),
-        "the server's log is kept"
-    );
+    for log in ["server.log", "server-templates.log"] {
+        assert!(out.path().join(log).exists(), "the servers' logs are kept");
+    }
     let md = std::fs::read_to_string(out.path().join("bench.md")).unwrap();
     assert!(
         md.contains("| metric | hangar | libvirt | libvirt ÷ hangar |"),
@@ -115,9 +123,11 @@ fn bench_smoke_reports_every_figure_and_leaves_nothing_behind() {
 
     // Nothing left: the server's data dir and VMs, libvirt's domains, files and daemons.
     let details = &report["details"];
-    let data_dir = details["server_data_dir"].as_str().unwrap();
-    assert!(!Path::new(data_dir).exists(), "{data_dir} was removed");
-    assert_eq!(processes_mentioning(data_dir), Vec::<u32>::new());
+    for server in ["server_data_dir", "templates_server_data_dir"] {
+        let data_dir = details[server].as_str().unwrap();
+        assert!(!Path::new(data_dir).exists(), "{data_dir} was removed");
+        assert_eq!(processes_mentioning(data_dir), Vec::<u32>::new());
+    }
     if with_libvirt {
         let dir = details["libvirt_dir"].as_str().unwrap();
         assert!(!Path::new(dir).exists(), "{dir} was removed");

@@ -11,6 +11,7 @@
 
 mod archive;
 mod setup;
+mod templated;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -182,10 +183,10 @@ async fn measure_all(
         catalog: args.catalog.clone(),
         cache: args.cache.clone(),
         pool_memory_mib: 4096,
-        // Cold boots are boots; restores from templates are `hangar bench lifecycle`'s.
+        // Cold boots are boots here; the templated rows run on a second server.
         templates: false,
     };
-    eprintln!("starting a hangar server for the benchmark...");
+    eprintln!("starting a hangar server for the benchmark (templates off)...");
     let mut server = BenchServer::start(&options).map_err(failed)?;
     server.keep_log_in(&args.out);
     let mut lv = match &daemons {
@@ -241,38 +242,6 @@ async fn measure_all(
         }
         eprintln!("  {}/{}", i + 1, plan.cold);
     }
-    report.latency(
-        "cold boot → answering",
-        &cold,
-        lv.as_ref()
-            .map(|_| ("virsh create → answering", lv_create.as_slice())),
-        None,
-    );
-    let mut served: Vec<String> = Vec::new();
-    for (kind, _) in &other_matches {
-        if !served.contains(kind) {
-            served.push(kind.clone());
-        }
-    }
-    for kind in &served {
-        let samples: Vec<Duration> = other_matches
-            .iter()
-            .filter(|(m, _)| m == kind)
-            .map(|(_, d)| *d)
-            .collect();
-        report.latency(
-            &format!("request with an empty pool, served as `{kind}` → answering"),
-            &samples,
-            None,
-            None,
-        );
-    }
-    if !served.iter().any(|kind| kind == "cloned") {
-        report.unavailable(
-            "restore from template → answering",
-            "this run boots every VM (templates off); see `hangar bench lifecycle`",
-        );
-    }
 
     // Sleep and wake against suspend and resume; then archives against save and restore.
     eprintln!("sleep/wake, archive/wake...");
@@ -304,39 +273,97 @@ async fn measure_all(
             lv_resumes_cli.push(lv.resume(domain).await.map_err(failed)?);
         }
     }
-    let archived = archives(
+    let mut archived = archives(
         &server,
         &vm.vm,
         vm.endpoint,
-        plan,
+        &["raw", "zstd"],
+        &["raw"],
+        plan.archives,
         lv.as_ref(),
         domain.as_mut(),
     )
     .await?;
     server.delete_vm(&vm.vm).await?;
+
+    // Control plane: shared-mode requests for an active service (no pool refills meanwhile).
+    eprintln!("shared-mode requests for {:?}...", plan.shared);
+    let shared =
+        measure::shared_throughput(&server, service, plan.shared_clients, plan.shared).await?;
+    drop(server); // its log goes to args.out
+
+    // The templated rows, on a server that clones; the libvirt domain stays for its peers.
+    eprintln!("starting a hangar server with templates...");
+    let mut server = BenchServer::start(&ServerOptions {
+        templates: true,
+        ..options.clone()
+    })
+    .map_err(failed)?;
+    server.keep_log_as(&args.out.join("server-templates.log"));
+    report.details.insert(
+        "templates_server_data_dir".into(),
+        server.data_dir().display().to_string().into(),
+    );
+    let mut templated =
+        templated::measure(&server, service, plan, lv.as_ref(), domain.as_mut()).await?;
+    drop(server);
     if let (Some(lv), Some(domain)) = (lv.as_mut(), domain.take()) {
         lv.destroy(domain).await.map_err(failed)?;
     }
     drop(lv);
+    archived.extend(std::mem::take(&mut templated.archived));
 
-    // Warm-pool grants.
-    eprintln!("warm-pool grants...");
-    let grants = measure::pool_grants(&server, service, plan.pool, plan.grants).await?;
-    let grant_times: Vec<Duration> = grants.iter().map(|g| g.total).collect();
-    let libvirt_resume = daemons.as_ref().map(|_| {
-        (
-            "resume over an open connection → answering",
-            lv_resumes.as_slice(),
-        )
-    });
+    // The table.
+    let with_libvirt = daemons.is_some();
     report.latency(
-        "warm-pool grant → answering",
+        "cold boot → answering",
+        &cold,
+        with_libvirt.then_some(("virsh create → answering", lv_create.as_slice())),
+        None,
+    );
+    let mut served: Vec<String> = Vec::new();
+    for (kind, _) in &other_matches {
+        if !served.contains(kind) {
+            served.push(kind.clone());
+        }
+    }
+    for kind in &served {
+        let samples: Vec<Duration> = other_matches
+            .iter()
+            .filter(|(m, _)| m == kind)
+            .map(|(_, d)| *d)
+            .collect();
+        report.latency(
+            &format!("request with an empty pool, served as `{kind}` → answering"),
+            &samples,
+            None,
+            None,
+        );
+    }
+    let p50 = |samples: &[Duration]| stats::summary(&mut samples.to_vec()).map(|s| s.p50_ms);
+    let faster_than_cold = p50(&cold)
+        .zip(p50(&templated.clones))
+        .map(|(cold, clone)| format!("{:.1}x faster than hangar's cold boot, p50", cold / clone));
+    report.latency(
+        "restore from template → answering",
+        &templated.clones,
+        with_libvirt.then_some(("virsh restore → answering", archived.restores())),
+        faster_than_cold,
+    );
+
+    let grant_times: Vec<Duration> = templated.grants.iter().map(|g| g.total).collect();
+    let libvirt_resume = with_libvirt.then_some((
+        "resume over an open connection → answering",
+        lv_resumes.as_slice(),
+    ));
+    report.latency(
+        "warm-pool grant → answering (pool of clones)",
         &grant_times,
         libvirt_resume,
         Some("libvirt has no pool: its nearest is resuming a booted, suspended domain".into()),
     );
     let mut stages = serde_json::Map::new();
-    for (name, took) in grants.iter().flat_map(|g| g.stages.iter()) {
+    for (name, took) in templated.grants.iter().flat_map(|g| g.stages.iter()) {
         let entry = stages
             .entry(name.clone())
             .or_insert_with(|| serde_json::json!([]));
@@ -353,8 +380,8 @@ async fn measure_all(
         libvirt_resume,
         None,
     );
-    archived.report(report, daemons.is_some());
-    if daemons.is_some() {
+    archived.report(report, with_libvirt);
+    if with_libvirt {
         report.latency(
             "libvirt alone: `virsh resume` (a virsh process per call) → answering",
             &[],
@@ -365,12 +392,10 @@ async fn measure_all(
     report.latency(
         "one control call (GET /v1/vms/ID)",
         &calls,
-        daemons
-            .as_ref()
-            .map(|_| ("domstate over an open connection", lv_calls.as_slice())),
+        with_libvirt.then_some(("domstate over an open connection", lv_calls.as_slice())),
         Some("the floor of each side's control path".into()),
     );
-    if daemons.is_some() {
+    if with_libvirt {
         report.latency(
             "libvirt alone: `virsh domstate` (a virsh process per call)",
             &[],
@@ -379,69 +404,31 @@ async fn measure_all(
         );
     }
 
-    // Memory per paused VM: a full pool's VMs against booted, suspended domains.
-    server.wait_pool_full(service, plan.pool).await?;
-    let memory = measure::paused_pool_memory(&server, service).await?;
-    let mut rss: Vec<u64> = memory.iter().map(|(r, _)| *r).collect();
-    let mut pss: Vec<u64> = memory.iter().map(|(_, p)| *p).collect();
-    let mut lv_rss: Vec<u64> = lv_memory.iter().map(|(r, _)| *r).collect();
-    let mut lv_pss: Vec<u64> = lv_memory.iter().map(|(_, p)| *p).collect();
-    let op = |what: &str| format!("{what} of a booted, suspended domain (n={})", lv_rss.len());
-    let (rss_op, pss_op) = (op("RSS"), op("PSS"));
-    let libvirt_memory =
-        |op: &str, kib: Option<f64>| daemons.as_ref().map(|_| (op.to_owned(), mib(kib)));
-    let lv_rss_mib = libvirt_memory(&rss_op, median(&mut lv_rss));
-    let lv_pss_mib = libvirt_memory(&pss_op, median(&mut lv_pss));
-    report.figure(
-        &format!(
-            "host memory per paused pool VM, RSS, median (n={})",
-            rss.len()
-        ),
-        "MiB",
-        mib(median(&mut rss)),
-        lv_rss_mib.as_ref().map(|(op, v)| (op.as_str(), *v)),
-        None,
-    );
-    report.figure(
-        &format!(
-            "host memory per paused pool VM, PSS, median (n={})",
-            pss.len()
-        ),
-        "MiB",
-        mib(median(&mut pss)),
-        lv_pss_mib.as_ref().map(|(op, v)| (op.as_str(), *v)),
-        None,
-    );
+    memory_rows(report, &templated, &lv_memory, with_libvirt);
 
-    // Sustained grants with the pool refilling.
-    eprintln!("sustained grants for {:?}...", plan.sustained);
-    let sustained = measure::sustained_grants(&server, service, plan.pool, plan.sustained).await?;
+    let sustained = &templated.sustained;
     report.figure(
         &format!(
-            "sustained dedicated grants per second, pool of {} refilling, {:.0} s",
+            "sustained dedicated grants per second, pool of {} refilling by clones, {:.0} s",
             sustained.pool, sustained.seconds
         ),
         "/s",
         Some(sustained.per_s),
         None,
         Some(format!(
-            "{} grants, {} from the pool, {} booted for the request; p50 {:.0} ms",
+            "{} grants, {} from the pool, {} cloned and {} booted for the request; p50 {:.0} ms",
             sustained.grants,
             sustained.from_pool,
-            sustained.grants - sustained.from_pool,
+            sustained.cloned,
+            sustained.grants - sustained.from_pool - sustained.cloned,
             stats::summary(&mut sustained.latencies.clone()).map_or(f64::NAN, |s| s.p50_ms)
         )),
     );
     report.details.insert(
         "sustained".into(),
-        serde_json::to_value(&sustained).expect("serializable"),
+        serde_json::to_value(sustained).expect("serializable"),
     );
 
-    // Control plane: shared-mode requests for an active service (no pool refills meanwhile).
-    eprintln!("shared-mode requests for {:?}...", plan.shared);
-    server.set_pool(service, 0).await?;
-    let shared =
-        measure::shared_throughput(&server, service, plan.shared_clients, plan.shared).await?;
     let shared_latency = stats::summary(&mut shared.latencies.clone());
     report.figure(
         &format!(
@@ -457,7 +444,6 @@ async fn measure_all(
         "shared".into(),
         serde_json::to_value(&shared).expect("serializable"),
     );
-    drop(server); // its log goes to args.out
 
     // Placement, pure CPU.
     eprintln!("placement decisions...");
@@ -478,4 +464,58 @@ async fn measure_all(
     );
     drop(daemons);
     Ok(())
+}
+
+/// Memory per paused VM: a full pool's VMs (clones) and sleeping clones, against booted,
+/// suspended libvirt domains; and how many paused VMs a GiB of host memory holds (by PSS).
+fn memory_rows(
+    report: &mut Report,
+    templated: &templated::Templated,
+    lv_memory: &[(u64, u64)],
+    with_libvirt: bool,
+) {
+    let mut lv_rss: Vec<u64> = lv_memory.iter().map(|(r, _)| *r).collect();
+    let mut lv_pss: Vec<u64> = lv_memory.iter().map(|(_, p)| *p).collect();
+    let op = |what: &str| format!("{what} of a booted, suspended domain (n={})", lv_rss.len());
+    let (rss_op, pss_op) = (op("RSS"), op("PSS"));
+    let lv_rss_mib = mib(median(&mut lv_rss));
+    let lv_pss_mib = mib(median(&mut lv_pss));
+    let peer = |op: &str, v: Option<f64>| with_libvirt.then(|| (op.to_owned(), v));
+    let mut pool_pss = None;
+    for (what, memory) in [
+        ("paused pool VM (a clone)", &templated.pool_memory),
+        ("sleeping clone", &templated.clone_memory),
+    ] {
+        let mut rss: Vec<u64> = memory.iter().map(|(r, _)| *r).collect();
+        let mut pss: Vec<u64> = memory.iter().map(|(_, p)| *p).collect();
+        for (kind, values, lv) in [
+            ("RSS", &mut rss, peer(&rss_op, lv_rss_mib)),
+            ("PSS", &mut pss, peer(&pss_op, lv_pss_mib)),
+        ] {
+            let value = mib(median(values));
+            if kind == "PSS" && pool_pss.is_none() {
+                pool_pss = value;
+            }
+            report.figure(
+                &format!(
+                    "host memory per {what}, {kind}, median (n={})",
+                    values.len()
+                ),
+                "MiB",
+                value,
+                lv.as_ref().map(|(op, v)| (op.as_str(), *v)),
+                None,
+            );
+        }
+    }
+    let per_gib = |pss_mib: Option<f64>| pss_mib.filter(|m| *m > 0.0).map(|m| 1024.0 / m);
+    report.figure_more_is_better(
+        "paused pool VMs per GiB of host memory (by PSS)",
+        "/GiB",
+        per_gib(pool_pss),
+        with_libvirt.then_some((
+            "booted, suspended domains per GiB (by PSS)",
+            per_gib(lv_pss_mib),
+        )),
+    );
 }
