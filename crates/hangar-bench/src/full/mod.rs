@@ -33,7 +33,7 @@ pub struct FullBench {
     /// Print the report as JSON instead of a table.
     #[arg(long)]
     json: bool,
-    /// Directory for bench.md, bench.json, latency.png and the server's log.
+    /// Directory for bench.md, bench.json, latency.png and the servers' logs.
     #[arg(long, default_value = "hangar-bench")]
     out: PathBuf,
     /// Service to measure (must be in the demo catalog or `--catalog`).
@@ -153,7 +153,7 @@ pub async fn run(args: FullBench) -> Result<(), BenchError> {
     } else {
         println!("{}", report.markdown());
         println!(
-            "written to {}: bench.md, bench.json, latency.png, server.log",
+            "written to {}: bench.md, bench.json, latency.png, server.log, server-templates.log",
             args.out.display()
         );
     }

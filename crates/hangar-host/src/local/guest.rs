@@ -150,15 +150,36 @@ pub(super) fn diagnose(vm_id: &str, agent: &Agent, reason: &str) -> String {
     tracing::debug!(vm = %vm_id, reason = %text, "vm not ready");
     text
 }
+/// How long [`settle`] samples the VM's CPU use at a time, and waits at most.
+pub(super) struct Settle {
+    window: Duration,
+    at_most: Duration,
+}
+
+impl Settle {
+    /// A booted VM: its boot leaves deferred work that can take seconds to quiet down.
+    pub(super) const BOOTED: Settle = Settle {
+        window: Duration::from_millis(250),
+        at_most: Duration::from_secs(3),
+    };
+    /// A clone of a template: the template settled before its snapshot, so the clone
+    /// resumes with no boot tail; what is left is the work of its new identity and ready
+    /// check, which a short window sees end.
+    pub(super) const CLONED: Settle = Settle {
+        window: Duration::from_millis(50),
+        at_most: Duration::from_secs(1),
+    };
+}
+
 /// Before a pool VM is paused, lets the guest finish the work its boot left behind
 /// (deferred kernel work, journal commits, service start-up tails): otherwise that work runs
 /// right after the resume that hands it out, in the grant's critical path. Waits until the
-/// VM's process uses under [`SETTLED_PERCENT`] of a host CPU over a short window, for at
-/// most [`SETTLE_AT_MOST`]; a guest that never settles is paused anyway.
-pub(super) async fn settle(vm_id: &str, pid: u32) {
+/// VM's process uses under [`SETTLED_PERCENT`] of a host CPU over one window of `how`, for
+/// at most `how.at_most`; a guest that never settles is paused anyway.
+pub(super) async fn settle(vm_id: &str, pid: u32, how: &Settle) {
     let started = std::time::Instant::now();
-    while started.elapsed() < SETTLE_AT_MOST {
-        match ready::cpu_percent(pid, Duration::from_millis(250)).await {
+    while started.elapsed() < how.at_most {
+        match ready::cpu_percent(pid, how.window).await {
             Ok(used) if used < SETTLED_PERCENT => {
                 tracing::debug!(vm = %vm_id, ms = started.elapsed().as_millis() as u64, used, "pool vm settled");
                 return;
@@ -171,4 +192,3 @@ pub(super) async fn settle(vm_id: &str, pid: u32) {
 }
 
 const SETTLED_PERCENT: f64 = 10.0;
-const SETTLE_AT_MOST: Duration = Duration::from_secs(3);

@@ -22,7 +22,7 @@ use hangar_vmm::{Agent, Hypervisor, Launched, VmSpec};
 mod guest;
 mod templates;
 
-use guest::{diagnose, settle};
+use guest::{Settle, diagnose, settle};
 
 use crate::guest::{guest_config, new_identity};
 use crate::images::{ImageSource, ImageSourceError, ProgressFn, RootImage};
@@ -372,7 +372,7 @@ impl Host for LocalHost {
                 .await?;
             if plan.purpose == Purpose::Template {
                 if let Some(pid) = launched.pid {
-                    settle(vm_id, pid).await;
+                    settle(vm_id, pid, &Settle::BOOTED).await;
                 }
                 self.hv.pause(vm_id).await?;
                 progress("snapshot", 90);
@@ -387,7 +387,11 @@ impl Host for LocalHost {
         }
         if plan.purpose == Purpose::Pool && !spec.pre_os {
             if let Some(pid) = launched.pid {
-                settle(vm_id, pid).await;
+                let how = match template {
+                    Some(_) => &Settle::CLONED,
+                    None => &Settle::BOOTED,
+                };
+                settle(vm_id, pid, how).await;
             }
             self.hv.pause(vm_id).await?;
         }
