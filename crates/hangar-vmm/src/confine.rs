@@ -152,14 +152,26 @@ impl VmUser {
     /// readable (`g+r`) where they are not already; elsewhere it must be readable as it is.
     /// Nothing is made listable or writable.
     pub fn grant_read(&self, file: &Path) -> Result<(), ConfineError> {
+        self.grant(file, 0o4)
+    }
+
+    /// Makes `file` readable and writable to this user's group, as [`VmUser::grant_read`]
+    /// makes it readable: only for a template's RAM file, which QEMU 7.2 opens read-write
+    /// to map it privately (see [`crate::template`] for what keeps it unwritten).
+    pub fn grant_read_write(&self, file: &Path) -> Result<(), ConfineError> {
+        self.grant(file, 0o6)
+    }
+
+    /// [`VmUser::grant_read`] with the permission `bits` (4 read, 2 write).
+    fn grant(&self, file: &Path, bits: u32) -> Result<(), ConfineError> {
         let file = std::fs::canonicalize(file).map_err(io("resolve", file))?;
         let Some(root) = self.roots.iter().find(|root| file.starts_with(root)) else {
-            // Outside what the server owns (a shared cache): it must be readable already.
+            // Outside what the server owns (a shared cache): it must be open already.
             if let Some(parent) = file.parent() {
                 self.check_reachable(parent)?;
             }
             let meta = std::fs::metadata(&file).map_err(io("stat", &file))?;
-            if !self.may(&meta, 0o4) {
+            if !self.may(&meta, bits) {
                 return Err(ConfineError::Unreachable {
                     user: self.name.clone(),
                     uid: self.uid,
@@ -172,28 +184,7 @@ impl VmUser {
             return Ok(());
         };
         self.open_dirs_above(&file, root)?;
-        self.open_to_group(&file, 0o040)
-    }
-
-    /// Makes `file` readable and writable to this user's group, as [`VmUser::grant_read`]
-    /// makes it readable: only for a template's RAM file, which QEMU 7.2 opens read-write
-    /// to map it privately (see [`crate::template`] for what keeps it unwritten). It must
-    /// lie below one of [`VmUser::roots`].
-    pub fn grant_read_write(&self, file: &Path) -> Result<(), ConfineError> {
-        let file = std::fs::canonicalize(file).map_err(io("resolve", file))?;
-        let Some(root) = self.roots.iter().find(|root| file.starts_with(root)) else {
-            let meta = std::fs::metadata(&file).map_err(io("stat", &file))?;
-            return Err(ConfineError::Unreachable {
-                user: self.name.clone(),
-                uid: self.uid,
-                path: file,
-                mode: meta.mode() & 0o7777,
-                owner: meta.uid(),
-                group: meta.gid(),
-            });
-        };
-        self.open_dirs_above(&file, root)?;
-        self.open_to_group(&file, 0o060)
+        self.open_to_group(&file, bits << 3)
     }
 
     /// Makes the qcow2 image `image` and every image behind it (its backing chain, which

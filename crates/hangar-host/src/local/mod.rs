@@ -310,7 +310,7 @@ impl Host for LocalHost {
         let (launched, spec) = match &template {
             Some(template) => {
                 progress("clone", 20);
-                let cloned = Self::cloned_spec(&spec, template);
+                let cloned = hangar_vmm::template::clone_spec(&spec, template);
                 (self.hv.clone_template(&cloned, template).await?, cloned)
             }
             None => {

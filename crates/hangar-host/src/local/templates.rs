@@ -95,11 +95,6 @@ impl LocalHost {
         hangar_vmm::template::read(&self.template_dir(service, spec)?)
     }
 
-    /// The spec a VM launched as `spec` runs with once cloned from `template`.
-    pub(super) fn cloned_spec(spec: &VmSpec, template: &TemplateInfo) -> VmSpec {
-        hangar_vmm::template::clone_spec(spec, template)
-    }
-
     /// A spec with what a template's key depends on, for looking one up.
     pub(super) async fn template_probe_spec(&self, service: &Service) -> Result<VmSpec, HostError> {
         let assets = self.images.guest_assets().await.map_err(HostError::Image)?;
