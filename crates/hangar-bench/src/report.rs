@@ -163,16 +163,11 @@ impl Report {
         hangar: Option<f64>,
         libvirt: Option<(&str, Option<f64>)>,
     ) {
-        let libvirt_value = libvirt.and_then(|(_, v)| v);
-        self.rows.push(Row {
-            metric: metric.to_owned(),
-            unit,
-            hangar,
-            libvirt: libvirt_value,
-            libvirt_op: libvirt.map(|(op, _)| op.to_owned()),
-            ratio: ratio(libvirt_value, hangar),
-            note: Some("more is better: the ratio is hangar ÷ libvirt".into()),
-        });
+        let note = "more is better: the ratio is hangar ÷ libvirt";
+        self.figure(metric, unit, hangar, libvirt, Some(note.into()));
+        if let Some(row) = self.rows.last_mut() {
+            row.ratio = ratio(row.libvirt, row.hangar);
+        }
     }
 
     /// A figure hangar cannot give in this run, and why.
