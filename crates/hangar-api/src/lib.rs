@@ -21,6 +21,7 @@ pub mod services;
 pub mod tasks;
 pub mod users;
 pub mod vms;
+pub mod web;
 
 pub use accounting::{
     Limits, Prices, QuotaBody, QuotaSource, QuotaView, QuotasView, Usage, UsageBy, UsageQuery,
@@ -45,6 +46,9 @@ pub use users::{
     AuditQuery, AuditView, CreatedTokenView, TokenBody, TokenView, UserBody, UserView, WhoamiView,
 };
 pub use vms::{ArchiveBody, ArchiveView, VmQuery, VmView};
+pub use web::{
+    AcceptedView, HostEvent, PoolEvent, SessionBody, SessionView, TaskEvent, TemplateEvent, VmEvent,
+};
 
 /// Tells a field given as `null` (`Some(None)`) from one left out (`None`).
 ///

@@ -45,6 +45,7 @@ pub mod secrets;
 pub mod tasks;
 pub mod templates;
 pub mod usage;
+pub mod web;
 
 pub use api::error;
 pub use hangar_core::lifecycle::PolicyFloors;
@@ -497,7 +498,7 @@ pub async fn run(
 
     tracing::info!(%addr, data_dir = %data_dir.display(), "hangar server listening");
     let manager_for_shutdown = manager.clone();
-    let served = axum::serve(listener, api::router(manager))
+    let served = axum::serve(listener, web::app(manager))
         .with_graceful_shutdown(shutdown)
         .await;
     monitor.abort();

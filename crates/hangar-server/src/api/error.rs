@@ -48,6 +48,10 @@ pub enum ApiError {
     /// request came from a page of another origin or under another host name.
     #[error("{0}")]
     Forbidden(String),
+    /// A request authenticated by the web session cookie that changes something came
+    /// without the session's `X-Hangar-CSRF` header (or with a wrong one).
+    #[error("{0}")]
+    Csrf(String),
     /// The request body is not `application/json`.
     #[error("{0}")]
     UnsupportedMediaType(String),
@@ -74,7 +78,7 @@ impl ApiError {
             ApiError::TryAgain { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::QuotaExceeded(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::Forbidden(_) | ApiError::Csrf(_) => StatusCode::FORBIDDEN,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -91,6 +95,7 @@ impl ApiError {
             ApiError::QuotaExceeded(_) => "quota_exceeded",
             ApiError::Unauthorized(_) => "unauthorized",
             ApiError::Forbidden(_) => "forbidden",
+            ApiError::Csrf(_) => "csrf",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::Internal(_) => "internal",
         }

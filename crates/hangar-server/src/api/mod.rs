@@ -77,6 +77,11 @@ fn routes() -> OpenApiRouter<Arc<Manager>> {
         .routes(routes!(farm_images::farm_os))
         .routes(routes!(farm_images::farm_blob))
         .routes(routes!(auth::routes::whoami))
+        .routes(routes!(
+            crate::web::session::sign_in,
+            crate::web::session::current,
+            crate::web::session::sign_out
+        ))
         .routes(routes!(auth::routes::list_users, auth::routes::add_user))
         .routes(routes!(
             auth::routes::list_tokens,
@@ -918,7 +923,7 @@ fn bytes_of(buf: Vec<u8>) -> axum::body::Bytes {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 #[cfg(test)]
 mod client_tests;

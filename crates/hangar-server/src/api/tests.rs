@@ -776,6 +776,15 @@ async fn every_answer_matches_its_schema_in_the_openapi_document() {
     api.call("POST", "/v1/tokens", "/v1/tokens", r#"{"user":"nobody"}"#)
         .await;
     api.call("GET", "/v1/tokens", "/v1/tokens", "").await;
+    let body = format!(r#"{{"token":"{}"}}"#, crate::test_support::ADMIN_TOKEN);
+    let session = api.call("POST", "/v1/session", "/v1/session", &body).await;
+    assert_eq!(session.status, StatusCode::OK);
+    api.call("POST", "/v1/session", "/v1/session", r#"{"token":"x"}"#)
+        .await;
+    // With a bearer token instead of the cookie: not signed in (web::tests has the rest).
+    let not_signed_in = api.call("GET", "/v1/session", "/v1/session", "").await;
+    assert_eq!(not_signed_in.status, StatusCode::UNAUTHORIZED);
+    api.call("DELETE", "/v1/session", "/v1/session", "").await;
     let token_id = made["info"]["id"].as_str().unwrap().to_owned();
     let revoked = api
         .call(

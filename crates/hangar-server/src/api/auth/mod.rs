@@ -5,9 +5,11 @@
 //!   reach it through DNS rebinding; a request carrying an `Origin` of another site is
 //!   refused; a body must be `application/json` (a browser sends `text/plain` across
 //!   sites without asking first).
-//! - [`authenticate`] (every route): resolves `Authorization: Bearer` to a [`Caller`]
-//!   (put in the request's extensions) or the farm token, checks [`roles::RULES`], answers
-//!   401 or 403 otherwise, and records every mutating call in the audit log.
+//! - [`authenticate`] (every route): resolves `Authorization: Bearer` (or, without one, the
+//!   web session cookie, see [`crate::web::session`]) to a [`Caller`] (put in the
+//!   request's extensions) or the farm token, checks [`roles::RULES`] and, for a cookie
+//!   request that changes something, its `X-Hangar-CSRF` header; answers 401 or 403
+//!   otherwise, and records every mutating call in the audit log.
 //! - [`tokens`]: the token format, hashing, and the first start's `admin.token`.
 //! - [`routes`]: `/v1/whoami`, `/v1/users`, `/v1/tokens`, `/v1/audit`.
 //!
@@ -61,6 +63,11 @@ pub struct FarmTokenUsed;
 /// path does not say (the VM a request was granted, the token made).
 #[derive(Debug, Clone)]
 pub struct AuditTarget(pub String);
+
+/// Set by an open route's handler on its answer: the user it acted for, for the audit
+/// log (`POST /v1/session` names who signed in).
+#[derive(Debug, Clone)]
+pub struct AuditUser(pub String);
 
 /// Tokens recently checked and idempotency keys being answered.
 #[derive(Default)]
@@ -204,6 +211,16 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
         .map(str::trim)
 }
 
+/// Whether a cookie request's `X-Hangar-CSRF` header is the CSRF value of its session
+/// token `text` (compared in constant time).
+fn csrf_passes(headers: &HeaderMap, text: &str) -> bool {
+    let expected = crate::web::session::csrf_of(text);
+    headers
+        .get(crate::web::session::CSRF_HEADER)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|given| tokens::hashes_match(given.trim(), &expected))
+}
+
 /// Who a request proved to be.
 enum Who {
     Nobody,
@@ -232,18 +249,42 @@ pub async fn authenticate(
     let need = roles::need(rule_method, &route);
     // Who was refused for their role (the audit log names them).
     let mut refused_user = None;
-    let who = match (need, bearer(&parts.headers)) {
+    let mutating = !matches!(method, Method::GET | Method::HEAD | Method::OPTIONS);
+    // A bearer token, or else the web session's cookie.
+    let (given, by_cookie) = match bearer(&parts.headers) {
+        Some(token) => (Some(token.to_owned()), false),
+        None => (crate::web::session::cookie_of(&parts.headers), true),
+    };
+    let mut session = None;
+    let who = match (need, given) {
         (roles::Need::Open, _) => Ok(Who::Nobody),
         (_, None) => Err(ApiError::Unauthorized(
             "send an API token as `Authorization: Bearer <token>` (`hangar login`; the first \
-             admin's is in the data dir's admin.token)"
+             admin's is in the data dir's admin.token), or sign in (POST /v1/session)"
                 .into(),
         )),
-        (roles::Need::Farm, Some(given)) if token_matches(given, &manager.config.farm_token) => {
+        (roles::Need::Farm, Some(given))
+            if !by_cookie && token_matches(&given, &manager.config.farm_token) =>
+        {
             Ok(Who::Farm)
         }
-        (need, Some(given)) => match manager.resolve_token(given).await {
-            Ok(caller) if roles::role_passes(caller.role, need) => Ok(Who::User(caller)),
+        (need, Some(given)) => match manager.resolve_token(&given).await {
+            Ok(caller) if by_cookie && mutating && !csrf_passes(&parts.headers, &given) => {
+                refused_user = Some(caller.user);
+                Err(ApiError::Csrf(format!(
+                    "{method} {route} with the session cookie needs its {} header \
+                     (the csrf of GET /v1/session)",
+                    crate::web::session::CSRF_HEADER
+                )))
+            }
+            Ok(caller) if roles::role_passes(caller.role, need) => {
+                if by_cookie {
+                    session = Some(crate::web::session::Session {
+                        csrf: crate::web::session::csrf_of(&given),
+                    });
+                }
+                Ok(Who::User(caller))
+            }
             Ok(caller) => {
                 refused_user = Some(caller.user);
                 Err(ApiError::Forbidden(format!(
@@ -254,7 +295,6 @@ pub async fn authenticate(
             Err(err) => Err(err),
         },
     };
-    let mutating = !matches!(method, Method::GET | Method::HEAD | Method::OPTIONS);
     let audited = mutating && route != "/v1/hosts/{name}/heartbeat";
     let path_target = if audited {
         RawPathParams::from_request_parts(&mut parts, &())
@@ -281,6 +321,9 @@ pub async fn authenticate(
             match who {
                 Who::User(caller) => {
                     parts.extensions.insert(caller);
+                    if let Some(session) = session {
+                        parts.extensions.insert(session);
+                    }
                 }
                 Who::Farm => {
                     parts.extensions.insert(FarmTokenUsed);
@@ -292,6 +335,10 @@ pub async fn authenticate(
         Err(err) => err.into_response(),
     };
     if audited {
+        let user = response
+            .extensions()
+            .get::<AuditUser>()
+            .map_or(user, |named| named.0.clone());
         let target = response
             .extensions()
             .get::<AuditTarget>()

@@ -2,7 +2,7 @@
 //!
 //! | need | who passes |
 //! |---|---|
-//! | `Open` | anyone, no token (`/healthz` only) |
+//! | `Open` | anyone, no token (`/healthz`, and signing in: `POST /v1/session`) |
 //! | `Role(access)` | every user's token |
 //! | `Role(provisioner)` | provisioners and admins |
 //! | `Role(admin)` | admins |
@@ -42,6 +42,10 @@ pub const RULES: &[(&str, &str, Need)] = &[
     ("GET", "/healthz", Open),
     ("GET", "/v1/openapi.json", ACCESS),
     ("GET", "/v1/whoami", ACCESS),
+    // The web console's session: signing in takes a token in the body.
+    ("POST", "/v1/session", Open),
+    ("GET", "/v1/session", ACCESS),
+    ("DELETE", "/v1/session", ACCESS),
     // Services and VMs (VMs filtered and guarded by ownership).
     ("GET", "/v1/services", ACCESS),
     ("POST", "/v1/requests", PROVISIONER),

@@ -1,0 +1,354 @@
+//! The web console's routes through the whole app on the fake backend: the files and
+//! their headers, sessions (cookie, CSRF, revocation, roles).
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use http_body_util::BodyExt;
+use tower::ServiceExt;
+
+use crate::api::tests::Answer;
+use crate::manager::{Manager, ManagerConfig};
+use crate::test_support::{ADMIN_TOKEN, fake_manager, install_token, test_token};
+use hangar_core::Role;
+
+/// The app over a fake manager whose store has the admin, `ana` (provisioner, token 1) and
+/// `cy` (access, token 3).
+pub(crate) fn app() -> (Router, Arc<Manager>) {
+    let (manager, _, store) = fake_manager(
+        crate::test_support::WEB_AND_NEVER_READY,
+        ManagerConfig::default(),
+    );
+    futures::executor::block_on(async {
+        install_token(store.as_ref(), "ana", Role::Provisioner, &test_token(1)).await;
+        install_token(store.as_ref(), "cy", Role::Access, &test_token(3)).await;
+    });
+    (super::app(manager.clone()), manager)
+}
+
+/// Sends `method uri` with `headers` and `body` (as JSON when not empty).
+pub(crate) async fn call(
+    router: &Router,
+    method: &str,
+    uri: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Answer {
+    let mut request = Request::builder().method(method).uri(uri);
+    if !body.is_empty() {
+        request = request.header(header::CONTENT_TYPE, "application/json");
+    }
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = router
+        .clone()
+        .oneshot(request.body(Body::from(body.to_owned())).unwrap())
+        .await
+        .unwrap();
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn header_of<'a>(answer: &'a Answer, name: &str) -> &'a str {
+    answer
+        .headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+}
+
+fn assert_security_headers(answer: &Answer) {
+    assert_eq!(
+        header_of(answer, "content-security-policy"),
+        super::CONTENT_SECURITY_POLICY
+    );
+    assert!(super::CONTENT_SECURITY_POLICY.contains("frame-ancestors 'none'"));
+    assert_eq!(header_of(answer, "x-content-type-options"), "nosniff");
+    assert_eq!(header_of(answer, "referrer-policy"), "no-referrer");
+}
+
+#[tokio::test]
+async fn the_page_and_its_files_answer_with_their_type_and_security_headers() {
+    let (router, _) = app();
+    let page = call(&router, "GET", "/", &[], "").await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert_eq!(page.content_type(), "text/html; charset=utf-8");
+    assert_eq!(header_of(&page, "cache-control"), "no-cache");
+    assert_security_headers(&page);
+    let etag = header_of(&page, "etag").to_owned();
+    assert!(etag.starts_with('"') && etag.len() == 66, "{etag}");
+
+    let again = call(&router, "GET", "/", &[("if-none-match", &etag)], "").await;
+    assert_eq!(again.status, StatusCode::NOT_MODIFIED);
+    assert!(again.body.is_empty());
+
+    let file = call(&router, "GET", "/static/index.html", &[], "").await;
+    assert_eq!(file.status, StatusCode::OK);
+    assert_eq!(file.body, page.body);
+    assert_security_headers(&file);
+
+    for missing in [
+        "/static/nope.js",
+        "/static/../Cargo.toml",
+        "/static/a/../../x",
+    ] {
+        let answer = call(&router, "GET", missing, &[], "").await;
+        assert_eq!(answer.status, StatusCode::NOT_FOUND, "{missing}");
+        assert_security_headers(&answer);
+    }
+    // Outside /, /static, /v1 and /healthz: the API's JSON 404.
+    let other = call(&router, "GET", "/admin", &[], "").await;
+    assert_eq!(other.status, StatusCode::NOT_FOUND);
+    assert_eq!(other.json()["error"]["code"], "not_found");
+
+    // The guard stands before the files too: DNS rebinding and other sites are refused.
+    let rebound = call(&router, "GET", "/", &[("host", "evil.example")], "").await;
+    assert_eq!(rebound.status, StatusCode::FORBIDDEN);
+    let framed = call(
+        &router,
+        "GET",
+        "/static/index.html",
+        &[
+            ("host", "127.0.0.1:8080"),
+            ("origin", "http://evil.example"),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(framed.status, StatusCode::FORBIDDEN);
+    let same = call(
+        &router,
+        "GET",
+        "/",
+        &[
+            ("host", "127.0.0.1:8080"),
+            ("origin", "http://127.0.0.1:8080"),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(same.status, StatusCode::OK);
+}
+
+/// A signed-in session: its cookie header (`hangar_session=...`), CSRF and JSON answer.
+pub(crate) struct SignedIn {
+    pub cookie: String,
+    pub csrf: String,
+    pub answer: Answer,
+}
+
+/// Signs in with `token`; panics unless it works.
+pub(crate) async fn sign_in(router: &Router, token: &str) -> SignedIn {
+    let answer = call(
+        router,
+        "POST",
+        "/v1/session",
+        &[],
+        &format!(r#"{{"token":"{token}"}}"#),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.json());
+    let set = header_of(&answer, "set-cookie");
+    let cookie = set.split(';').next().unwrap().to_owned();
+    let csrf = answer.json()["csrf"].as_str().unwrap().to_owned();
+    SignedIn {
+        cookie,
+        csrf,
+        answer,
+    }
+}
+
+#[tokio::test]
+async fn signing_in_sets_a_strict_http_only_cookie_that_authenticates_reads() {
+    let (router, manager) = app();
+    let bad = call(
+        &router,
+        "POST",
+        "/v1/session",
+        &[],
+        &format!(r#"{{"token":"{}"}}"#, test_token(9)),
+    )
+    .await;
+    assert_eq!(bad.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(bad.json()["error"]["code"], "unauthorized");
+    assert!(!bad.headers.contains_key(header::SET_COOKIE));
+
+    let session = sign_in(&router, &test_token(1)).await;
+    let set = header_of(&session.answer, "set-cookie");
+    for flag in ["HttpOnly", "SameSite=Strict", "Path=/", "Max-Age=43200"] {
+        assert!(set.contains(flag), "{set} lacks {flag}");
+    }
+    assert!(!set.contains("Secure"), "plain http: {set}");
+    let body = session.answer.json();
+    assert_eq!(body["user"], "ana");
+    assert_eq!(body["role"], "provisioner");
+    assert_eq!(session.csrf.len(), 64);
+    // The session is a token of its own, expiring in 12 hours, listed with ana's.
+    let secret = session.cookie.strip_prefix("hangar_session=").unwrap();
+    assert_ne!(secret, test_token(1));
+    let id = crate::api::auth::tokens::token_id(secret).unwrap();
+    let record = manager.store().token(id).await.unwrap().unwrap();
+    assert_eq!(
+        (record.user.as_str(), record.role),
+        ("ana", Role::Provisioner)
+    );
+    let ttl = record.expires_at_ms.unwrap() - record.created_at_ms;
+    assert_eq!(ttl, 12 * 3600 * 1000);
+    // Signing in is audited with who signed in.
+    let audit = manager.store().audit(0, 100).await.unwrap();
+    let entry = audit
+        .iter()
+        .find(|entry| entry.route == "/v1/session" && entry.status == 200)
+        .expect("audited");
+    assert_eq!((entry.user.as_str(), entry.status), ("ana", 200));
+
+    let cookie = [("cookie", session.cookie.as_str())];
+    let current = call(&router, "GET", "/v1/session", &cookie, "").await;
+    assert_eq!(current.status, StatusCode::OK);
+    assert_eq!(current.json()["csrf"], session.csrf.as_str());
+    assert_eq!(current.json()["expires_at"], body["expires_at"]);
+    let whoami = call(&router, "GET", "/v1/whoami", &cookie, "").await;
+    assert_eq!(whoami.json()["user"], "ana");
+    assert_eq!(whoami.json()["token"], id);
+
+    // Without a cookie, or with a bearer token instead: not signed in.
+    let nobody = call(&router, "GET", "/v1/session", &[], "").await;
+    assert_eq!(nobody.status, StatusCode::UNAUTHORIZED);
+    let bearer = format!("Bearer {}", test_token(1));
+    let by_bearer = call(
+        &router,
+        "GET",
+        "/v1/session",
+        &[("authorization", &bearer)],
+        "",
+    )
+    .await;
+    assert_eq!(by_bearer.status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn a_cookie_request_that_changes_something_needs_the_csrf_header() {
+    let (router, _) = app();
+    let session = sign_in(&router, &test_token(1)).await;
+    let request = r#"{"service":"web"}"#;
+    let cookie = ("cookie", session.cookie.as_str());
+    let without = call(&router, "POST", "/v1/requests", &[cookie], request).await;
+    assert_eq!(without.status, StatusCode::FORBIDDEN);
+    assert_eq!(without.json()["error"]["code"], "csrf");
+    let wrong_csrf = "0".repeat(64);
+    let wrong = call(
+        &router,
+        "POST",
+        "/v1/requests",
+        &[cookie, ("x-hangar-csrf", &wrong_csrf)],
+        request,
+    )
+    .await;
+    assert_eq!(wrong.status, StatusCode::FORBIDDEN);
+    assert_eq!(wrong.json()["error"]["code"], "csrf");
+    let right = call(
+        &router,
+        "POST",
+        "/v1/requests",
+        &[cookie, ("x-hangar-csrf", &session.csrf)],
+        request,
+    )
+    .await;
+    assert_eq!(right.status, StatusCode::OK, "{:?}", right.json());
+    assert!(right.json()["vm"].as_str().is_some());
+    // A bearer request needs no CSRF header (a page cannot send one across sites).
+    let bearer = format!("Bearer {}", test_token(1));
+    let by_bearer = call(
+        &router,
+        "POST",
+        "/v1/requests/check",
+        &[("authorization", &bearer)],
+        request,
+    )
+    .await;
+    assert_eq!(by_bearer.status, StatusCode::OK);
+    // Another session's CSRF value does not pass.
+    let other = sign_in(&router, &test_token(1)).await;
+    let crossed = call(
+        &router,
+        "POST",
+        "/v1/requests/check",
+        &[cookie, ("x-hangar-csrf", &other.csrf)],
+        request,
+    )
+    .await;
+    assert_eq!(crossed.json()["error"]["code"], "csrf");
+}
+
+#[tokio::test]
+async fn an_access_session_stays_access_and_a_revoked_or_ended_session_is_refused() {
+    let (router, _) = app();
+    let session = sign_in(&router, &test_token(3)).await;
+    assert_eq!(session.answer.json()["role"], "access");
+    let cookie = ("cookie", session.cookie.as_str());
+    let refused = call(
+        &router,
+        "POST",
+        "/v1/requests",
+        &[cookie, ("x-hangar-csrf", &session.csrf)],
+        r#"{"service":"web"}"#,
+    )
+    .await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+    assert_eq!(refused.json()["error"]["code"], "forbidden");
+    let vms = call(&router, "GET", "/v1/vms", &[cookie], "").await;
+    assert_eq!(vms.status, StatusCode::OK);
+
+    // An admin revokes the session like any token: refused at once.
+    let id = session.answer.json();
+    let token_id = call(&router, "GET", "/v1/whoami", &[cookie], "")
+        .await
+        .json()["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(id["user"], "cy");
+    let admin = format!("Bearer {ADMIN_TOKEN}");
+    let revoked = call(
+        &router,
+        "DELETE",
+        &format!("/v1/tokens/{token_id}"),
+        &[("authorization", &admin)],
+        "",
+    )
+    .await;
+    assert_eq!(revoked.status, StatusCode::OK);
+    let after = call(&router, "GET", "/v1/vms", &[cookie], "").await;
+    assert_eq!(after.status, StatusCode::UNAUTHORIZED);
+
+    // Signing out revokes the session and clears the cookie; it needs the CSRF header.
+    let ana = sign_in(&router, &test_token(1)).await;
+    let cookie = ("cookie", ana.cookie.as_str());
+    let no_csrf = call(&router, "DELETE", "/v1/session", &[cookie], "").await;
+    assert_eq!(no_csrf.json()["error"]["code"], "csrf");
+    let out = call(
+        &router,
+        "DELETE",
+        "/v1/session",
+        &[cookie, ("x-hangar-csrf", &ana.csrf)],
+        "",
+    )
+    .await;
+    assert_eq!(out.status, StatusCode::NO_CONTENT);
+    let cleared = header_of(&out, "set-cookie");
+    assert!(
+        cleared.starts_with("hangar_session=;") && cleared.contains("Max-Age=0"),
+        "{cleared}"
+    );
+    let gone = call(&router, "GET", "/v1/session", &[cookie], "").await;
+    assert_eq!(gone.status, StatusCode::UNAUTHORIZED);
+}
