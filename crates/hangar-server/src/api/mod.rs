@@ -288,14 +288,21 @@ async fn set_pool(
 
 /// Request a service: answers once a VM offering it is ready. With an `Idempotency-Key`
 /// header, a retry under the same key by the same user answers the first call's grant
-/// (the same VM) instead of making another (see [`auth::idempotency`]).
+/// (the same VM) instead of making another (see [`auth::idempotency`]). With
+/// `Prefer: respond-async`, answers 202 with the creation task as soon as it exists (the
+/// request goes on; the task's `vm` is set when it succeeds), or as without the header
+/// when the request ends first (a shared or pool VM is granted at once).
 #[utoipa::path(
     post,
     path = "/v1/requests",
     request_body = ServiceRequest,
-    params(("Idempotency-Key" = Option<String>, Header, description = "1-255 visible ASCII characters: retries under it get the first answer")),
+    params(
+        ("Idempotency-Key" = Option<String>, Header, description = "1-255 visible ASCII characters: retries under it get the first answer"),
+        ("Prefer" = Option<String>, Header, description = "`respond-async`: answer 202 with the task once the VM is being made"),
+    ),
     responses(
         (status = 200, body = GrantView, description = "a VM offering the service answers at the endpoint"),
+        (status = 202, body = hangar_api::AcceptedView, description = "`Prefer: respond-async`: the VM is being made by this task"),
         (status = 400, body = ErrorBody, description = "malformed request"),
         (status = 404, body = ErrorBody, description = "no such service; alternatives given"),
         (status = 422, body = ErrorBody, description = "this combination will never be available, the VM is larger than every host (the limit named), or the idempotency key was used with another request"),
@@ -311,15 +318,51 @@ async fn create_request(
     body: axum::body::Bytes,
 ) -> Result<axum::response::Response, ApiError> {
     let request: ServiceRequest = json_body(&body)?;
-    match auth::idempotency::key_of(&headers)? {
-        Some(key) => {
-            auth::idempotency::answer_once(&manager, &caller.user, &key, &body, || {
-                grant_request(&manager, request, &caller.user)
-            })
-            .await
+    let key = auth::idempotency::key_of(&headers)?;
+    let work = async move {
+        match key {
+            Some(key) => {
+                auth::idempotency::answer_once(&manager, &caller.user, &key, &body, || {
+                    grant_request(&manager, request, &caller.user)
+                })
+                .await
+            }
+            None => grant_request(&manager, request, &caller.user).await,
         }
-        None => grant_request(&manager, request, &caller.user).await,
+    };
+    if !prefers_async(&headers) {
+        return work.await;
     }
+    let (announced, work) = crate::tasks::announce::with_announcement(work);
+    // The request goes on when this answer leaves early (or the caller goes away).
+    let mut running = tokio::spawn(work);
+    tokio::select! {
+        biased;
+        Ok(task) = announced => Ok((
+            axum::http::StatusCode::ACCEPTED,
+            Extension(AuditTarget(task.clone())),
+            Json(hangar_api::AcceptedView { task }),
+        )
+            .into_response()),
+        ended = &mut running => ended.map_err(ApiError::internal)?,
+    }
+}
+
+/// Whether a request's `Prefer` header asks for `respond-async` (RFC 7240).
+fn prefers_async(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|preference| {
+            preference
+                .split(';')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .eq_ignore_ascii_case("respond-async")
+        })
 }
 
 /// The heuristics engine's verdict on a request, without provisioning anything: every

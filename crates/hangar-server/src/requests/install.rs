@@ -100,6 +100,7 @@ impl Manager {
             .tasks
             .begin_as("install", owner, Some(composed.name.clone()))
             .await?;
+        crate::tasks::announce::announce(&task);
         if let Err(err) = self.store.set_task_vm(&task, &shell.id).await {
             tracing::warn!(task = %task, error = %err, "cannot record the install task's vm");
         }

@@ -33,6 +33,7 @@
 //!    whose work is complete (its VM ready) ends `succeeded`, any other is undone from its
 //!    journal and ends `failed` (`cancelled` if it was being cancelled).
 
+pub mod announce;
 pub mod undo;
 
 use std::collections::HashMap;
@@ -541,6 +542,9 @@ impl Manager {
             SERVER_OWNER
         };
         let (task_id, sender) = self.tasks.begin_as(kind, owner, service).await?;
+        if kind == "create_vm" {
+            announce::announce(&task_id);
+        }
         let manager = self.clone();
         let id = task_id.clone();
         tokio::spawn(async move {

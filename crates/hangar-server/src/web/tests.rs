@@ -352,3 +352,92 @@ async fn an_access_session_stays_access_and_a_revoked_or_ended_session_is_refuse
     let gone = call(&router, "GET", "/v1/session", &[cookie], "").await;
     assert_eq!(gone.status, StatusCode::UNAUTHORIZED);
 }
+
+/// Polls task `id` as `bearer` until it ends; its JSON.
+pub(crate) async fn task_end(router: &Router, bearer: &str, id: &str) -> serde_json::Value {
+    for _ in 0..200 {
+        let task = call(
+            router,
+            "GET",
+            &format!("/v1/tasks/{id}"),
+            &[("authorization", bearer)],
+            "",
+        )
+        .await
+        .json();
+        if task["state"] != "running" && task["state"] != "rolling_back" {
+            return task;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("task {id} did not end");
+}
+
+#[tokio::test]
+async fn a_request_that_prefers_async_answers_with_its_task_before_the_vm_is_ready() {
+    let (router, _) = app();
+    let bearer = format!("Bearer {}", test_token(1));
+    let asking = [
+        ("authorization", bearer.as_str()),
+        ("prefer", "wait=5, respond-async"),
+    ];
+    // never-ready's check gives up after 600 ms: the answer comes long before.
+    let started = std::time::Instant::now();
+    let accepted = call(
+        &router,
+        "POST",
+        "/v1/requests",
+        &asking,
+        r#"{"service":"never-ready"}"#,
+    )
+    .await;
+    let took = started.elapsed();
+    assert_eq!(
+        accepted.status,
+        StatusCode::ACCEPTED,
+        "{:?}",
+        accepted.json()
+    );
+    assert!(took < std::time::Duration::from_millis(500), "{took:?}");
+    let task = accepted.json()["task"].as_str().unwrap().to_owned();
+    assert!(task.starts_with("task-"), "{task}");
+    let ended = task_end(&router, &bearer, &task).await;
+    assert_eq!(ended["state"], "failed", "{ended}");
+    assert_eq!(ended["owner"], "ana");
+
+    // A VM made for it: the task ends with the VM.
+    let accepted = call(
+        &router,
+        "POST",
+        "/v1/requests",
+        &asking,
+        r#"{"service":"web","mode":"shared"}"#,
+    )
+    .await;
+    assert_eq!(accepted.status, StatusCode::ACCEPTED);
+    let task = accepted.json()["task"].as_str().unwrap().to_owned();
+    let ended = task_end(&router, &bearer, &task).await;
+    assert_eq!(ended["state"], "succeeded", "{ended}");
+    let vm = ended["vm"].as_str().unwrap().to_owned();
+    // One already running serves a shared request at once: the grant, as without it.
+    let granted = call(
+        &router,
+        "POST",
+        "/v1/requests",
+        &asking,
+        r#"{"service":"web","mode":"shared"}"#,
+    )
+    .await;
+    assert_eq!(granted.status, StatusCode::OK);
+    assert_eq!(granted.json()["vm"], vm.as_str());
+    // Errors answer as without it.
+    let unknown = call(
+        &router,
+        "POST",
+        "/v1/requests",
+        &asking,
+        r#"{"service":"nope"}"#,
+    )
+    .await;
+    assert_eq!(unknown.status, StatusCode::NOT_FOUND);
+}
