@@ -130,6 +130,8 @@ pub struct Manager {
     pub(crate) quotas: crate::quotas::QuotaRuntime,
     /// API tokens recently checked, and idempotency keys being answered.
     pub(crate) auth: crate::api::auth::AuthRuntime,
+    /// The live events' poller (`GET /v1/events`).
+    pub(crate) events: crate::web::events::Hub,
 }
 
 /// What start-up reconciliation found and did.
@@ -186,6 +188,7 @@ impl Manager {
             image_runtime: crate::images::policy::ImageRuntime::default(),
             quotas: crate::quotas::QuotaRuntime::default(),
             auth: crate::api::auth::AuthRuntime::default(),
+            events: crate::web::events::Hub::default(),
         })
     }
 

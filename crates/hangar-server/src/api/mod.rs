@@ -82,6 +82,7 @@ fn routes() -> OpenApiRouter<Arc<Manager>> {
             crate::web::session::current,
             crate::web::session::sign_out
         ))
+        .routes(routes!(crate::web::events::events))
         .routes(routes!(auth::routes::list_users, auth::routes::add_user))
         .routes(routes!(
             auth::routes::list_tokens,

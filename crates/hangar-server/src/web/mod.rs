@@ -24,6 +24,7 @@ use axum::routing::get;
 use crate::manager::Manager;
 
 pub mod assets;
+pub mod events;
 pub mod session;
 
 /// What pages and files may load: only this server's own scripts, styles and connections;

@@ -441,3 +441,184 @@ async fn a_request_that_prefers_async_answers_with_its_task_before_the_vm_is_rea
     .await;
     assert_eq!(unknown.status, StatusCode::NOT_FOUND);
 }
+
+/// An open event stream and what it has said so far.
+pub(crate) struct Events {
+    stream: axum::body::BodyDataStream,
+    pub text: String,
+}
+
+impl Events {
+    /// Subscribes to `/v1/events` with `headers`; panics unless it answers a stream.
+    pub(crate) async fn open(router: &Router, headers: &[(&str, &str)]) -> Events {
+        let mut request = Request::builder().uri("/v1/events");
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = router
+            .clone()
+            .oneshot(request.body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(
+            response.headers()[header::CONTENT_TYPE],
+            "text/event-stream"
+        );
+        Events {
+            stream: response.into_body().into_data_stream(),
+            text: String::new(),
+        }
+    }
+
+    /// Reads until `text` holds `wanted`, for at most `within`; whether it did.
+    pub(crate) async fn until(&mut self, wanted: &str, within: std::time::Duration) -> bool {
+        use futures::StreamExt;
+        let deadline = tokio::time::Instant::now() + within;
+        while !self.text.contains(wanted) {
+            match tokio::time::timeout_at(deadline, self.stream.next()).await {
+                Ok(Some(Ok(bytes))) => self.text.push_str(&String::from_utf8_lossy(&bytes)),
+                _ => return false,
+            }
+        }
+        true
+    }
+}
+
+/// The `data:` of the first `event: NAME` whose data contains `needle`.
+fn event_data(text: &str, name: &str, needle: &str) -> Option<serde_json::Value> {
+    text.split("\n\n").find_map(|frame| {
+        let mut lines = frame.lines();
+        let named = lines.clone().any(|line| line == format!("event: {name}"));
+        let data = lines.find_map(|line| line.strip_prefix("data: "))?;
+        (named && data.contains(needle)).then(|| serde_json::from_str(data).unwrap())
+    })
+}
+
+#[tokio::test]
+async fn subscribers_see_vm_and_task_changes_they_may_see_within_a_second() {
+    let (router, manager) = app();
+    install_token(manager.store(), "bo", Role::Provisioner, &test_token(2)).await;
+    assert!(!manager.events.polling());
+    let admin = format!("Bearer {ADMIN_TOKEN}");
+    let mut everything = Events::open(&router, &[("authorization", &admin)]).await;
+    let bo_bearer = format!("Bearer {}", test_token(2));
+    let mut bo = Events::open(&router, &[("authorization", &bo_bearer)]).await;
+    // ana listens through her session cookie.
+    let ana_session = sign_in(&router, &test_token(1)).await;
+    let mut ana = Events::open(&router, &[("cookie", &ana_session.cookie)]).await;
+    assert!(manager.events.polling());
+
+    let ana_bearer = format!("Bearer {}", test_token(1));
+    let granted = call(
+        &router,
+        "POST",
+        "/v1/requests",
+        &[("authorization", &ana_bearer)],
+        r#"{"service":"web","mode":"dedicated"}"#,
+    )
+    .await;
+    assert_eq!(granted.status, StatusCode::OK);
+    let vm = granted.json()["vm"].as_str().unwrap().to_owned();
+    let task = granted.json()["task"].as_str().unwrap().to_owned();
+    let second = std::time::Duration::from_secs(1);
+    let active = format!(r#""id":"{vm}","state":"active""#);
+    assert!(
+        everything.until(&active, second).await,
+        "{}",
+        everything.text
+    );
+    assert!(ana.until(&active, second).await, "{}", ana.text);
+    let event = event_data(&ana.text, "vm", &active).unwrap();
+    assert_eq!(event["owner"], "ana");
+    let done = format!(r#""id":"{task}","state":"succeeded""#);
+    assert!(ana.until(&done, second).await, "{}", ana.text);
+    let event = event_data(&ana.text, "task", &done).unwrap();
+    assert_eq!(event["vm"], vm.as_str());
+    assert_eq!(event["percent"], 100);
+
+    // A state change made by a call: sleeping.
+    let slept = call(
+        &router,
+        "POST",
+        &format!("/v1/vms/{vm}/sleep"),
+        &[("authorization", &ana_bearer)],
+        "",
+    )
+    .await;
+    assert_eq!(slept.status, StatusCode::OK, "{:?}", slept.json());
+    let sleeping = format!(r#""id":"{vm}","state":"sleeping""#);
+    let started = std::time::Instant::now();
+    assert!(ana.until(&sleeping, second).await, "{}", ana.text);
+    eprintln!("sleep seen by a subscriber after {:?}", started.elapsed());
+
+    // bo's own VM reaches bo; ana's dedicated VM and task never did.
+    let theirs = call(
+        &router,
+        "POST",
+        "/v1/requests",
+        &[("authorization", &bo_bearer)],
+        r#"{"service":"web","mode":"dedicated"}"#,
+    )
+    .await;
+    let bo_vm = theirs.json()["vm"].as_str().unwrap().to_owned();
+    assert!(
+        bo.until(&format!(r#""id":"{bo_vm}","state":"active""#), second)
+            .await,
+        "{}",
+        bo.text
+    );
+    assert!(!bo.text.contains(&vm), "{}", bo.text);
+    assert!(!bo.text.contains(&task), "{}", bo.text);
+    assert!(!bo.text.contains("event: pool"), "{}", bo.text);
+    assert!(everything.until(&bo_vm, second).await);
+
+    // The last subscriber gone, the poller stops.
+    drop((everything, bo, ana));
+    for _ in 0..40 {
+        if !manager.events.polling() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert!(!manager.events.polling());
+}
+
+#[tokio::test]
+async fn keepalives_come_as_comments_and_a_revoked_session_ends_its_stream() {
+    use axum::response::IntoResponse;
+    use futures::StreamExt;
+    let (router, manager) = app();
+    let session = sign_in(&router, &test_token(1)).await;
+    let whoami = call(
+        &router,
+        "GET",
+        "/v1/whoami",
+        &[("cookie", &session.cookie)],
+        "",
+    )
+    .await;
+    let caller = crate::api::auth::Caller {
+        user: "ana".into(),
+        role: Role::Provisioner,
+        token_id: whoami.json()["token"].as_str().unwrap().to_owned(),
+    };
+    let every = std::time::Duration::from_millis(50);
+    let sse = super::events::events_every(manager.clone(), caller.clone(), every);
+    let mut stream = sse.into_response().into_body().into_data_stream();
+    let first = stream.next().await.unwrap().unwrap();
+    assert_eq!(String::from_utf8_lossy(&first), ": keepalive\n\n");
+    manager
+        .store()
+        .revoke_token(&caller.token_id, hangar_store::now_ms())
+        .await
+        .unwrap();
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+        while stream.next().await.is_some() {}
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the stream goes on after its session was revoked"
+    );
+}

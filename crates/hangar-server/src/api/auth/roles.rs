@@ -46,6 +46,8 @@ pub const RULES: &[(&str, &str, Need)] = &[
     ("POST", "/v1/session", Open),
     ("GET", "/v1/session", ACCESS),
     ("DELETE", "/v1/session", ACCESS),
+    // What changed, live (filtered by what the caller may see).
+    ("GET", "/v1/events", ACCESS),
     // Services and VMs (VMs filtered and guarded by ownership).
     ("GET", "/v1/services", ACCESS),
     ("POST", "/v1/requests", PROVISIONER),
