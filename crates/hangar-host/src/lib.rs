@@ -176,6 +176,16 @@ pub struct Adopted {
     pub process: Option<u32>,
 }
 
+/// Bytes of a VM's serial console ([`Host::console`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConsoleChunk {
+    /// Where `data` starts in the console's output.
+    pub offset: u64,
+    pub data: Vec<u8>,
+    /// How much output the console holds now: ask again from here for what comes next.
+    pub size: u64,
+}
+
 /// An archived VM's memory snapshot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ArchiveFacts {
@@ -460,6 +470,17 @@ pub trait Host: Send + Sync + 'static {
         launch: &LaunchRecord,
         plan: &ShellPlan,
     ) -> Result<BootedShell, HostError>;
+
+    /// At most `max` bytes of VM `id`'s serial console output from byte `from` on (none:
+    /// the last `max` bytes). Empty (size 0) when the VM has no console output here (none
+    /// yet, gone, or a backend that keeps none); from the start when `from` is past the
+    /// end (the output began again).
+    async fn console(
+        &self,
+        id: &str,
+        from: Option<u64>,
+        max: u32,
+    ) -> Result<ConsoleChunk, HostError>;
 
     /// Pauses a running VM in memory.
     async fn sleep(&self, id: &str) -> Result<(), HostError>;

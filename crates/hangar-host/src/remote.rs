@@ -303,6 +303,54 @@ impl Host for RemoteHost {
         .await
     }
 
+    async fn console(
+        &self,
+        id: &str,
+        from: Option<u64>,
+        max: u32,
+    ) -> Result<crate::ConsoleChunk, HostError> {
+        use crate::agent::wire::{CONSOLE_OFFSET, CONSOLE_SIZE};
+        let mut url = self.url(&["vms", id, "console"]);
+        {
+            let mut query = url.query_pairs_mut();
+            if let Some(from) = from {
+                query.append_pair("from", &from.to_string());
+            }
+            query.append_pair("max", &max.to_string());
+        }
+        let response = self
+            .http
+            .get(url)
+            .bearer_auth(&self.token)
+            .timeout(FAST_TIMEOUT)
+            .send()
+            .await
+            .map_err(|err| self.unreachable(err))?;
+        if !response.status().is_success() {
+            let status = response.status();
+            let bytes = response.bytes().await.unwrap_or_default();
+            return Err(match serde_json::from_slice::<WireError>(&bytes) {
+                Ok(wire) => wire.into_host_error(&self.name),
+                Err(_) => self.protocol(format!("HTTP {status} from the console route")),
+            });
+        }
+        let number = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|value| value.to_str().ok())
+                .and_then(|text| text.parse::<u64>().ok())
+                .ok_or_else(|| self.protocol(format!("the console answer lacks {name}")))
+        };
+        let (offset, size) = (number(CONSOLE_OFFSET)?, number(CONSOLE_SIZE)?);
+        let data = response
+            .bytes()
+            .await
+            .map_err(|err| self.unreachable(err))?
+            .to_vec();
+        Ok(crate::ConsoleChunk { offset, data, size })
+    }
+
     async fn archive_facts(&self, id: &str) -> Result<Option<ArchiveFacts>, HostError> {
         self.call(Method::GET, &["vms", id, "archive"], NONE, FAST_TIMEOUT)
             .await

@@ -48,11 +48,18 @@ pub struct FakeBackend {
     fail_next_archive: Arc<AtomicBool>,
     clones: Arc<AtomicUsize>,
     archives: Arc<Mutex<HashMap<String, (VmSpec, ArchiveInfo)>>>,
+    console_dir: Arc<Mutex<Option<std::path::PathBuf>>>,
 }
 
 impl FakeBackend {
     pub fn new() -> FakeBackend {
         FakeBackend::default()
+    }
+
+    /// From now on VM `id`'s console is the file `dir/<id>.log` (which tests write: a
+    /// fake guest prints nothing).
+    pub fn keep_consoles_in(&self, dir: &std::path::Path) {
+        *self.console_dir.lock().expect("fake console dir") = Some(dir.to_owned());
     }
 
     /// How many VMs were launched so far.
@@ -111,6 +118,11 @@ impl FakeBackend {
 
 #[async_trait::async_trait]
 impl Hypervisor for FakeBackend {
+    fn console_log(&self, id: &str) -> Option<std::path::PathBuf> {
+        let dir = self.console_dir.lock().expect("fake console dir");
+        dir.as_ref().map(|dir| dir.join(format!("{id}.log")))
+    }
+
     fn kind(&self) -> &'static str {
         "fake"
     }

@@ -124,6 +124,7 @@ pub fn router(host: Arc<dyn Host>, token: &str) -> Router {
         .route(&vm("make"), post(make_vm))
         .route(&vm("hand-out"), post(hand_out))
         .route(&vm("boot-shell"), post(boot_shell))
+        .route(&vm("console"), get(console))
         .route(&vm("sleep"), post(sleep))
         .route(&vm("wake"), post(wake))
         .route(&vm("adopt"), post(adopt))
@@ -279,6 +280,39 @@ async fn archive(
 ) -> Reply<crate::ArchiveFacts> {
     let ArchiveBody { tier } = parse(&body)?;
     Ok(axum::Json(state.host.archive(&id, tier).await?))
+}
+
+/// `?from=&max=` of the console route.
+#[derive(serde::Deserialize)]
+struct ConsoleQuery {
+    from: Option<u64>,
+    max: Option<u32>,
+}
+
+/// [`Host::console`]: the bytes as the body, where they start and the console's size in
+/// the [`super::wire::CONSOLE_OFFSET`] and [`super::wire::CONSOLE_SIZE`] headers.
+async fn console(
+    State(state): State<AgentState>,
+    Path(id): Path<String>,
+    axum::extract::Query(query): axum::extract::Query<ConsoleQuery>,
+) -> Result<Response, Failure> {
+    let max = query
+        .max
+        .unwrap_or(super::wire::CONSOLE_MAX)
+        .min(super::wire::CONSOLE_MAX);
+    let chunk = state.host.console(&id, query.from, max).await?;
+    Ok((
+        [
+            (super::wire::CONSOLE_OFFSET, chunk.offset.to_string()),
+            (super::wire::CONSOLE_SIZE, chunk.size.to_string()),
+            (
+                header::CONTENT_TYPE.as_str(),
+                "application/octet-stream".to_owned(),
+            ),
+        ],
+        chunk.data,
+    )
+        .into_response())
 }
 
 async fn archive_facts(

@@ -592,3 +592,35 @@ async fn local_vm_runs(backend: &FakeBackend) -> bool {
     use hangar_vmm::Hypervisor;
     backend.run_state("vm-fenced").await.ok() != Some(RunState::Gone)
 }
+
+#[tokio::test]
+async fn a_vms_console_is_read_through_the_agent_from_an_offset_or_its_end() {
+    let agent = start_agent();
+    let dir = tempfile::tempdir().expect("tempdir");
+    agent.backend.keep_consoles_in(dir.path());
+    let remote = RemoteHost::new("far", &agent.url, TOKEN).expect("client");
+    let empty = remote.console("vm-c", None, 10).await.expect("console");
+    assert_eq!(empty, crate::ConsoleChunk::default());
+
+    std::fs::write(dir.path().join("vm-c.log"), b"booting\nready\n").expect("write");
+    let tail = remote.console("vm-c", None, 6).await.expect("console");
+    assert_eq!(
+        (tail.offset, tail.data.as_slice(), tail.size),
+        (8, &b"ready\n"[..], 14)
+    );
+    let all = remote
+        .console("vm-c", Some(0), 1 << 16)
+        .await
+        .expect("console");
+    assert_eq!((all.offset, all.data.len(), all.size), (0, 14, 14));
+    let some = remote.console("vm-c", Some(3), 4).await.expect("console");
+    assert_eq!((some.offset, some.data.as_slice()), (3, &b"ting"[..]));
+    let nothing_new = remote
+        .console("vm-c", Some(14), 100)
+        .await
+        .expect("console");
+    assert!(nothing_new.data.is_empty());
+    // Past the end: the output began again, so from its start.
+    let again = remote.console("vm-c", Some(99), 7).await.expect("console");
+    assert_eq!((again.offset, again.data.as_slice()), (0, &b"booting"[..]));
+}

@@ -157,3 +157,12 @@ pub struct PullTemplateBody {
     pub bundle: crate::TemplateBundle,
     pub from: crate::PeerSource,
 }
+
+/// The console route's header: where the body's bytes start in the console's output.
+pub const CONSOLE_OFFSET: &str = "x-console-offset";
+
+/// The console route's header: how much output the console holds.
+pub const CONSOLE_SIZE: &str = "x-console-size";
+
+/// The most console bytes one call answers.
+pub const CONSOLE_MAX: u32 = 1 << 20;

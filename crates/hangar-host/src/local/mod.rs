@@ -522,6 +522,23 @@ impl Host for LocalHost {
         Ok(archive_facts(&info))
     }
 
+    async fn console(
+        &self,
+        id: &str,
+        from: Option<u64>,
+        max: u32,
+    ) -> Result<crate::ConsoleChunk, HostError> {
+        match self.hv.console_log(id) {
+            Some(path) => read_console(&path, from, max)
+                .await
+                .map_err(|source| HostError::Io {
+                    path: path.display().to_string(),
+                    source,
+                }),
+            None => Ok(crate::ConsoleChunk::default()),
+        }
+    }
+
     async fn archive_facts(&self, id: &str) -> Result<Option<ArchiveFacts>, HostError> {
         Ok(self.hv.archive_info(id).as_ref().map(archive_facts))
     }
@@ -710,4 +727,32 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
         source = err.source();
     }
     text
+}
+
+/// [`Host::console`] of the console file `path`: a missing file is an empty console.
+pub(crate) async fn read_console(
+    path: &std::path::Path,
+    from: Option<u64>,
+    max: u32,
+) -> std::io::Result<crate::ConsoleChunk> {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let mut file = match tokio::fs::File::open(path).await {
+        Ok(file) => file,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(crate::ConsoleChunk::default());
+        }
+        Err(err) => return Err(err),
+    };
+    let size = file.metadata().await?.len();
+    let offset = match from {
+        None => size.saturating_sub(u64::from(max)),
+        Some(from) if from > size => 0,
+        Some(from) => from,
+    };
+    file.seek(std::io::SeekFrom::Start(offset)).await?;
+    let mut data = Vec::new();
+    file.take(u64::from(max).min(size - offset))
+        .read_to_end(&mut data)
+        .await?;
+    Ok(crate::ConsoleChunk { offset, data, size })
 }

@@ -83,6 +83,8 @@ fn routes() -> OpenApiRouter<Arc<Manager>> {
             crate::web::session::sign_out
         ))
         .routes(routes!(crate::web::events::events))
+        .routes(routes!(crate::web::console::console_text))
+        .routes(routes!(crate::web::console::console_ws))
         .routes(routes!(auth::routes::list_users, auth::routes::add_user))
         .routes(routes!(
             auth::routes::list_tokens,

@@ -815,6 +815,32 @@ async fn every_answer_matches_its_schema_in_the_openapi_document() {
     api.call("GET", "/v1/audit", "/v1/audit?since=yesterday", "")
         .await;
 
+    let console = api
+        .call(
+            "GET",
+            "/v1/vms/{id}/console",
+            &format!("/v1/vms/{id}/console"),
+            "",
+        )
+        .await;
+    assert_eq!(console.status, StatusCode::OK);
+    let not_upgraded = api
+        .call(
+            "GET",
+            "/v1/vms/{id}/console/ws",
+            &format!("/v1/vms/{id}/console/ws"),
+            "",
+        )
+        .await;
+    assert_eq!(not_upgraded.status, StatusCode::BAD_REQUEST);
+    api.call(
+        "GET",
+        "/v1/vms/{id}/console",
+        "/v1/vms/vm-unknown/console",
+        "",
+    )
+    .await;
+
     // Deletion, then the conflict of deleting again.
     let deleted = api.call("DELETE", vm, &format!("/v1/vms/{id}"), "").await;
     assert_eq!(deleted.json()["state"], "deleted");

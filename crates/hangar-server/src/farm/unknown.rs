@@ -80,6 +80,15 @@ impl Host for UnknownHost {
         Err(self.error())
     }
 
+    async fn console(
+        &self,
+        _: &str,
+        _: Option<u64>,
+        _: u32,
+    ) -> Result<hangar_host::ConsoleChunk, HostError> {
+        Err(self.error())
+    }
+
     async fn archive_facts(&self, _: &str) -> Result<Option<ArchiveFacts>, HostError> {
         Ok(None)
     }

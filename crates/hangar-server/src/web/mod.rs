@@ -24,6 +24,7 @@ use axum::routing::get;
 use crate::manager::Manager;
 
 pub mod assets;
+pub mod console;
 pub mod events;
 pub mod session;
 

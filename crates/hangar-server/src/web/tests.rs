@@ -622,3 +622,125 @@ async fn keepalives_come_as_comments_and_a_revoked_session_ends_its_stream() {
         "the stream goes on after its session was revoked"
     );
 }
+
+#[tokio::test]
+async fn a_vms_console_is_read_as_text_and_followed_over_a_websocket_until_it_goes() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
+
+    let (manager, backend, store) = fake_manager(
+        crate::test_support::WEB_AND_NEVER_READY,
+        ManagerConfig::default(),
+    );
+    install_token(store.as_ref(), "ana", Role::Provisioner, &test_token(1)).await;
+    install_token(store.as_ref(), "bo", Role::Provisioner, &test_token(2)).await;
+    let consoles = tempfile::tempdir().unwrap();
+    backend.keep_consoles_in(consoles.path());
+    let router = super::app(manager.clone());
+    let ana = format!("Bearer {}", test_token(1));
+    let granted = call(
+        &router,
+        "POST",
+        "/v1/requests",
+        &[("authorization", &ana)],
+        r#"{"service":"web","mode":"dedicated"}"#,
+    )
+    .await;
+    let vm = granted.json()["vm"].as_str().unwrap().to_owned();
+    let log = consoles.path().join(format!("{vm}.log"));
+    std::fs::write(&log, "hello from the guest\n").unwrap();
+
+    let text = call(
+        &router,
+        "GET",
+        &format!("/v1/vms/{vm}/console"),
+        &[("authorization", &ana)],
+        "",
+    )
+    .await;
+    assert_eq!(text.status, StatusCode::OK);
+    assert_eq!(text.content_type(), "text/plain; charset=utf-8");
+    assert_eq!(&text.body[..], b"hello from the guest\n");
+    let bo = format!("Bearer {}", test_token(2));
+    let hidden = call(
+        &router,
+        "GET",
+        &format!("/v1/vms/{vm}/console"),
+        &[("authorization", &bo)],
+        "",
+    )
+    .await;
+    assert_eq!(hidden.status, StatusCode::NOT_FOUND);
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let served = tokio::spawn(async move { axum::serve(listener, router).await });
+    let router = super::app(manager.clone());
+    let session = sign_in(&router, &test_token(1)).await;
+    let connect = |origin: String| {
+        let mut request = format!("ws://{address}/v1/vms/{vm}/console/ws")
+            .into_client_request()
+            .unwrap();
+        let headers = request.headers_mut();
+        headers.insert("cookie", session.cookie.parse().unwrap());
+        headers.insert("origin", origin.parse().unwrap());
+        tokio_tungstenite::connect_async(request)
+    };
+    // Another site's page cannot open it (the guard's Origin check).
+    assert!(connect("http://evil.example".into()).await.is_err());
+
+    let (mut socket, _) = connect(format!("http://{address}")).await.unwrap();
+    let second = std::time::Duration::from_secs(1);
+    let first = tokio::time::timeout(second, socket.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        first,
+        Message::Binary(b"hello from the guest\n".to_vec().into())
+    );
+    // Input is ignored; new output arrives within a poll or two.
+    socket.send(Message::Text("ls\n".into())).await.unwrap();
+    let started = std::time::Instant::now();
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&log)
+        .and_then(|mut file| std::io::Write::write_all(&mut file, b"more\n"))
+        .unwrap();
+    let more = tokio::time::timeout(second, socket.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(more, Message::Binary(b"more\n".to_vec().into()));
+    eprintln!(
+        "new console output reached the websocket after {:?}",
+        started.elapsed()
+    );
+
+    // The VM deleted: the socket closes.
+    let deleted = call(
+        &router,
+        "DELETE",
+        &format!("/v1/vms/{vm}"),
+        &[("authorization", &ana)],
+        "",
+    )
+    .await;
+    assert_eq!(deleted.status, StatusCode::OK);
+    let closed = tokio::time::timeout(second, async {
+        loop {
+            match socket.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the console's socket stays open after its VM was deleted"
+    );
+    served.abort();
+}

@@ -54,6 +54,8 @@ pub const RULES: &[(&str, &str, Need)] = &[
     ("POST", "/v1/requests/check", PROVISIONER),
     ("GET", "/v1/vms", ACCESS),
     ("GET", "/v1/vms/{id}", ACCESS),
+    ("GET", "/v1/vms/{id}/console", ACCESS),
+    ("GET", "/v1/vms/{id}/console/ws", ACCESS),
     ("DELETE", "/v1/vms/{id}", PROVISIONER),
     ("POST", "/v1/vms/{id}/sleep", PROVISIONER),
     ("POST", "/v1/vms/{id}/archive", PROVISIONER),
