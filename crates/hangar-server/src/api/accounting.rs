@@ -3,10 +3,11 @@
 
 use std::sync::Arc;
 
-use axum::Json;
 use axum::extract::{Path, Query, State};
+use axum::{Extension, Json};
 use hangar_api::{Limits, QuotaView, QuotasView, UsageQuery, UsageView};
 
+use crate::api::auth::Caller;
 use crate::api::commands::{Command, Reply, RequestHandler};
 use crate::api::error::{ApiError, ErrorBody};
 use crate::api::json_body;
@@ -59,6 +60,7 @@ pub(crate) async fn set_quota(
 
 /// What VMs used in a window (VM-seconds by state, vCPU- and GiB-hours, archive
 /// GB-hours), summed by user, service, host or VM, with its cost at the server's prices.
+/// An admin sees everyone's; anyone else only their own VMs' time.
 #[utoipa::path(
     get,
     path = "/v1/usage",
@@ -71,11 +73,13 @@ pub(crate) async fn set_quota(
 )]
 pub(crate) async fn get_usage(
     State(manager): State<Arc<Manager>>,
+    Extension(caller): Extension<Caller>,
     Query(query): Query<UsageQuery>,
 ) -> Result<Json<UsageView>, ApiError> {
     let command = Command::Usage {
         since: query.since,
         by: query.by.unwrap_or_default(),
+        owner: (caller.role != hangar_core::Role::Admin).then_some(caller.user),
     };
     match manager.handle(command).await? {
         Reply::Usage(usage) => Ok(Json(usage)),

@@ -107,10 +107,12 @@ pub enum Command {
         user: String,
         limits: hangar_api::Limits,
     },
-    /// Usage since `since` (a duration ago, or epoch ms; none: all), summed `by`.
+    /// Usage since `since` (a duration ago, or epoch ms; none: all), summed `by`; only
+    /// `owner`'s VMs' time when given.
     Usage {
         since: Option<String>,
         by: hangar_api::UsageBy,
+        owner: Option<String>,
     },
 }
 
@@ -182,9 +184,11 @@ impl RequestHandler for Arc<Manager> {
             Command::SetQuota { user, limits } => {
                 Reply::Quota(manager.set_quota(&user, &limits).await?)
             }
-            Command::Usage { since, by } => {
-                Reply::Usage(manager.usage(since.as_deref(), by).await?)
-            }
+            Command::Usage { since, by, owner } => Reply::Usage(
+                manager
+                    .usage(since.as_deref(), by, owner.as_deref())
+                    .await?,
+            ),
             Command::PreviewPlacement(body) => {
                 Reply::Placement(manager.preview_placement(&body).await?)
             }

@@ -47,7 +47,13 @@ pub fn window_start(since: Option<&str>, now_ms: u64) -> Result<u64, UsageError>
 
 impl Manager {
     /// What was used from `since` until now, summed `by` user, service, host or VM.
-    pub async fn usage(&self, since: Option<&str>, by: UsageBy) -> Result<UsageView, UsageError> {
+    /// With `owner`, only the time VMs spent as theirs counts (what a non-admin sees).
+    pub async fn usage(
+        &self,
+        since: Option<&str>,
+        by: UsageBy,
+        owner: Option<&str>,
+    ) -> Result<UsageView, UsageError> {
         let until_ms = now_ms();
         let since_ms = window_start(since, until_ms)?;
         if since_ms > until_ms {
@@ -55,7 +61,10 @@ impl Manager {
                 "since {since_ms} is in the future"
             )));
         }
-        let events = self.store.usage_events(since_ms).await?;
+        let mut events = self.store.usage_events(since_ms).await?;
+        if let Some(owner) = owner {
+            events.retain(|event| event.owner == owner);
+        }
         let rows = meter(&events, since_ms, until_ms, by, &self.config.prices);
         let total = total(&rows);
         Ok(UsageView {

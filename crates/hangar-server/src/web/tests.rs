@@ -744,3 +744,57 @@ async fn a_vms_console_is_read_as_text_and_followed_over_a_websocket_until_it_go
     );
     served.abort();
 }
+
+#[tokio::test]
+async fn everyone_reads_usage_and_non_admins_only_their_own() {
+    let (router, _) = app();
+    let (ana, admin) = (
+        format!("Bearer {}", test_token(1)),
+        format!("Bearer {ADMIN_TOKEN}"),
+    );
+    let mut vms = Vec::new();
+    for bearer in [&ana, &admin] {
+        let granted = call(
+            &router,
+            "POST",
+            "/v1/requests",
+            &[("authorization", bearer)],
+            r#"{"service":"web","mode":"dedicated"}"#,
+        )
+        .await;
+        vms.push(granted.json()["vm"].as_str().unwrap().to_owned());
+    }
+    let keys = |answer: &Answer| {
+        answer.json()["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|row| row["key"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    let everyone = call(
+        &router,
+        "GET",
+        "/v1/usage",
+        &[("authorization", &admin)],
+        "",
+    )
+    .await;
+    assert_eq!(keys(&everyone), ["admin", "ana"]);
+    let hers = call(&router, "GET", "/v1/usage", &[("authorization", &ana)], "").await;
+    assert_eq!(hers.status, StatusCode::OK);
+    assert_eq!(keys(&hers), ["ana"]);
+    let by_vm = call(
+        &router,
+        "GET",
+        "/v1/usage?by=vm",
+        &[("authorization", &ana)],
+        "",
+    )
+    .await;
+    assert_eq!(keys(&by_vm), [vms[0].clone()]);
+    let cy = format!("Bearer {}", test_token(3));
+    let nothing = call(&router, "GET", "/v1/usage", &[("authorization", &cy)], "").await;
+    assert_eq!(nothing.status, StatusCode::OK);
+    assert!(keys(&nothing).is_empty());
+}

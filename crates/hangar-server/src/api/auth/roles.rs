@@ -87,10 +87,10 @@ pub const RULES: &[(&str, &str, Need)] = &[
     ("POST", "/v1/tokens", ACCESS),
     ("DELETE", "/v1/tokens/{id}", ACCESS),
     ("GET", "/v1/audit", ADMIN),
-    // Quotas and usage (for billing): admins.
+    // Quotas: admins. Usage (for billing): an admin everyone's, anyone else their own.
     ("GET", "/v1/quotas", ADMIN),
     ("PUT", "/v1/quotas/{user}", ADMIN),
-    ("GET", "/v1/usage", ADMIN),
+    ("GET", "/v1/usage", ACCESS),
     // The farm: agents with the farm token.
     ("GET", "/v1/hosts", Farm),
     ("POST", "/v1/hosts", Farm),
