@@ -4,7 +4,8 @@
 # squashfs-tools for Debian image layers, curl for the demo, PostgreSQL 15 (server and psql:
 # the store's tests run on a throwaway cluster of it; `hangar server --store postgres://…`), and for
 # `hangar bench`: libvirt (the comparison; its daemons are started only by the benchmark)
-# and a font for its chart. Idempotent: installs only what is missing.
+# and a font for its chart; Debian's chromium and chromium-driver for the web console's browser
+# tests. Idempotent: installs only what is missing.
 set -euo pipefail
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -25,6 +26,8 @@ command -v dpkg-deb >/dev/null || need+=(dpkg)
 [ -x /usr/sbin/libvirtd ] || need+=(libvirt-daemon-system)
 command -v virsh >/dev/null || need+=(libvirt-clients)
 [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need+=(fonts-dejavu-core)
+command -v chromium >/dev/null || need+=(chromium)
+command -v chromedriver >/dev/null || need+=(chromium-driver)
 
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing: ${need[*]}" >&2

@@ -207,6 +207,15 @@ impl TestServer {
         std::fs::read_to_string(self.data_dir.path().join("server.log")).unwrap_or_default()
     }
 
+    /// Where the server keeps its state: its PostgreSQL URL, or its SQLite file, for a
+    /// test that opens the store beside it (`hangar_store::open`).
+    pub fn store_location(&self) -> String {
+        match &self.database {
+            Some(db) => db.url().to_owned(),
+            None => self.data_dir.path().join("hangar.db").display().to_string(),
+        }
+    }
+
     pub fn vms_dir(&self) -> PathBuf {
         self.data_dir.path().join("vms")
     }
