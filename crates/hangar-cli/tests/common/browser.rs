@@ -42,6 +42,16 @@ fn on_path(program: &str) -> Option<PathBuf> {
     })
 }
 
+/// Whether a script's value is truthy as JavaScript has it (for the values WebDriver returns).
+fn truthy(value: &Value) -> bool {
+    match value {
+        Value::Null | Value::Bool(false) => false,
+        Value::String(s) => !s.is_empty(),
+        Value::Number(n) => n.as_f64() != Some(0.0),
+        _ => true,
+    }
+}
+
 /// chromedriver and the Chromium it starts; killed with everything under it on drop.
 struct Driver {
     child: Child,
@@ -365,20 +375,23 @@ impl Browser {
     /// Waits up to `timeout` until `check` (a script body returning a truthy value when
     /// satisfied) holds, and returns its value; fails saying `what` otherwise.
     pub async fn wait_until(&self, what: &str, timeout: Duration, check: &str) -> Value {
+        match self.wait_until_or_not(timeout, check).await {
+            Some(value) => value,
+            None => self.fail(&format!("{what} (not after {timeout:?})")).await,
+        }
+    }
+
+    /// Like [`Browser::wait_until`], but `None` instead of failing when `check` does not
+    /// hold within `timeout`.
+    pub async fn wait_until_or_not(&self, timeout: Duration, check: &str) -> Option<Value> {
         let deadline = Instant::now() + timeout;
         loop {
             let value = self.js(check, vec![]).await;
-            let truthy = match &value {
-                Value::Null | Value::Bool(false) => false,
-                Value::String(s) => !s.is_empty(),
-                Value::Number(n) => n.as_f64() != Some(0.0),
-                _ => true,
-            };
-            if truthy {
-                return value;
+            if truthy(&value) {
+                return Some(value);
             }
             if Instant::now() >= deadline {
-                self.fail(&format!("{what} (not after {timeout:?})")).await;
+                return None;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
