@@ -475,7 +475,13 @@ async fn users_request_watch_and_control_a_vm_and_an_admin_fills_a_pool_in_the_b
     browser.wait_for("tr[data-host]").await;
     browser.screenshot("admin-hosts").await;
     browser.route("#/admin/images").await;
-    browser.wait_for("button[data-action=evict]").await;
+    browser
+        .wait_until(
+            "#/admin/images lists http-counter's image",
+            WAIT,
+            "return document.getElementById('page').innerText.includes('http-counter');",
+        )
+        .await;
     browser.screenshot("admin-images").await;
     browser.route("#/admin/users").await;
     browser
