@@ -328,8 +328,9 @@ async fn users_request_watch_and_control_a_vm_and_an_admin_fills_a_pool_in_the_b
     assert!(count >= 1, "{count}");
     eprintln!("http://{endpoint}/ in the browser: {count}");
 
-    // The serial console shows the guest's boot output, as the API has it.
     browser.goto(&format!("{}/#/vms/{vm}", server.url)).await;
+
+    // The serial console shows the guest's boot output, as the API has it.
     browser
         .wait_until(
             "#vm-console received the console",
