@@ -82,8 +82,9 @@ pub fn allowed(user: &str, role: Role, change: &Change) -> bool {
 /// What the poller compares, read from the store at one moment.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Snapshot {
-    /// id → (state, owner, mode).
-    pub vms: BTreeMap<String, (String, String, Mode)>,
+    /// id → (state, owner, mode, when it entered the state): a VM that left a state and
+    /// came back to it between two polls differs by the last.
+    pub vms: BTreeMap<String, (String, String, Mode, u64)>,
     /// id → (the event it would make, owner).
     pub tasks: BTreeMap<String, (TaskEvent, String)>,
     /// name → counts.
@@ -98,7 +99,12 @@ impl Snapshot {
     fn add_vm(&mut self, vm: &VmRecord) {
         self.vms.insert(
             vm.id.clone(),
-            (vm.state.to_string(), vm.owner.clone(), vm.mode),
+            (
+                vm.state.to_string(),
+                vm.owner.clone(),
+                vm.mode,
+                vm.state_since_ms,
+            ),
         );
     }
 
@@ -124,7 +130,7 @@ pub fn diff(before: &Snapshot, after: &Snapshot) -> Vec<Change> {
     let mut changes = Vec::new();
     for (id, now) in &after.vms {
         if before.vms.get(id) != Some(now) {
-            let (state, owner, mode) = now.clone();
+            let (state, owner, mode, _) = now.clone();
             changes.push(Change::Vm {
                 event: VmEvent {
                     id: id.clone(),
@@ -135,7 +141,7 @@ pub fn diff(before: &Snapshot, after: &Snapshot) -> Vec<Change> {
             });
         }
     }
-    for (id, (_, owner, mode)) in &before.vms {
+    for (id, (_, owner, mode, _)) in &before.vms {
         if !after.vms.contains_key(id) {
             changes.push(Change::Vm {
                 event: VmEvent {
@@ -410,17 +416,25 @@ mod tests {
         let mut before = Snapshot::default();
         before.vms.insert(
             "vm-a".into(),
-            ("active".into(), "ana".into(), Mode::Dedicated),
+            ("active".into(), "ana".into(), Mode::Dedicated, 1),
         );
-        before
-            .vms
-            .insert("vm-b".into(), ("active".into(), "bo".into(), Mode::Shared));
+        before.vms.insert(
+            "vm-b".into(),
+            ("active".into(), "bo".into(), Mode::Shared, 1),
+        );
         before.hosts.insert("h1".into(), "x".into());
         before
             .templates
             .insert("k1".into(), ("web".into(), "1".into()));
         let mut after = before.clone();
         assert!(diff(&before, &after).is_empty());
+        // Asleep and awake again between two polls: the same state, entered anew.
+        after.vms.get_mut("vm-b").unwrap().3 = 2;
+        assert_eq!(
+            diff(&before, &after).len(),
+            1,
+            "a state left and entered again"
+        );
         after.vms.get_mut("vm-a").unwrap().0 = "sleeping".into();
         after.vms.remove("vm-b");
         after.hosts.insert("h2".into(), "y".into());
