@@ -471,7 +471,17 @@ async fn users_request_watch_and_control_a_vm_and_an_admin_fills_a_pool_in_the_b
         ))
         .await;
     browser.click("#confirm-ok").await;
-    browser.wait_for("#vms-empty").await;
+    browser
+        .wait_until(
+            "the VM's row goes and #vms-empty shows",
+            Duration::from_secs(30),
+            &format!(
+                "const e = document.getElementById('vms-empty'); \
+                 return !document.querySelector('tr[data-vm=\"{vm}\"]') && e && !e.hidden \
+                 && e.offsetParent !== null && e.innerText.trim();"
+            ),
+        )
+        .await;
     let (status, body) = api_get(&server, &ana, &format!("/v1/vms/{vm}"));
     assert!(
         status == 404 || body.contains("\"deleted\""),
