@@ -450,17 +450,4 @@ impl Browser {
         self.click("#signout").await;
         self.wait_for("#signin-token").await;
     }
-
-    /// Waits until `#page` shows the page `name` (its `data-page`) and has finished loading.
-    pub async fn wait_page(&self, name: &str) {
-        self.wait_until(
-            &format!("#page[data-page={name}] loaded"),
-            WAIT,
-            &format!(
-                "const p = document.getElementById('page'); \
-                 return p && p.dataset.page === {name:?} && !p.hasAttribute('data-loading');"
-            ),
-        )
-        .await;
-    }
 }
