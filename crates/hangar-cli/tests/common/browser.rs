@@ -403,11 +403,19 @@ impl Browser {
         element.text().await.unwrap().trim().to_owned()
     }
 
-    /// Clicks the first element matching `selector` (waiting for it).
+    /// Clicks the first element matching `selector`, waiting for it; found again when the
+    /// page re-rendered it between finding and clicking (a live list redraws its rows).
     pub async fn click(&self, selector: &str) {
-        let element = self.wait_for(selector).await;
-        if let Err(err) = element.click().await {
-            self.fail(&format!("cannot click {selector}: {err}")).await;
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let element = self.wait_for(selector).await;
+            match element.click().await {
+                Ok(()) => return,
+                Err(err) if Instant::now() < deadline && err.to_string().contains("stale") => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(err) => self.fail(&format!("cannot click {selector}: {err}")).await,
+            }
         }
     }
 
