@@ -368,7 +368,7 @@ async fn users_request_watch_and_control_a_vm_and_an_admin_fills_a_pool_in_the_b
         .map(|line| line.trim().to_owned())
         .filter(|line| !line.is_empty() && line.len() < 70)
         .rev()
-        .take(3)
+        .take(10)
         .collect();
     let check = format!(
         "const c = document.getElementById('vm-console'); \
@@ -377,17 +377,22 @@ async fn users_request_watch_and_control_a_vm_and_an_admin_fills_a_pool_in_the_b
          return {}.every(l => text.includes(l)) && text;",
         serde_json::to_string(&last_lines).unwrap()
     );
-    let screen = browser
+    browser
         .wait_until(
-            "#vm-console shows the last lines of GET /v1/vms/{id}/console",
+            "#vm-console shows the last (up to 10) lines of GET /v1/vms/{id}/console",
             WAIT,
             &check,
         )
         .await;
+    let bytes = browser
+        .js(
+            "return Number(document.getElementById('vm-console').dataset.bytes);",
+            vec![],
+        )
+        .await;
     eprintln!(
-        "#vm-console shows {} of the console's lines, e.g. {:?}",
-        screen.as_str().unwrap().lines().count(),
-        last_lines
+        "#vm-console: {bytes} bytes received ({} from the API), its last lines shown: {last_lines:?}",
+        console.len(),
     );
     browser.screenshot("vm-page").await;
 
