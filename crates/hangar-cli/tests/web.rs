@@ -469,6 +469,20 @@ async fn users_request_watch_and_control_a_vm_and_an_admin_fills_a_pool_in_the_b
     );
     browser.set_viewport(1280, 800).await;
 
+    // A script that changes something without the session's CSRF header is refused, even
+    // from the console's own origin with its cookie.
+    let forged = browser
+        .js_async(
+            "const done = arguments[arguments.length - 1]; \
+             fetch('/v1/vms/' + arguments[0] + '/sleep', {method: 'POST'}) \
+               .then(async r => done([r.status, await r.text()]), e => done(String(e)));",
+            vec![json!(vm)],
+        )
+        .await;
+    assert_eq!(forged[0], 403, "{forged}");
+    assert!(forged[1].as_str().unwrap().contains("csrf"), "{forged}");
+    assert_eq!(server.json(&["vms"])[0]["state"], "active");
+
     // Deleting from the list asks first; then the list is empty and says what to do.
     browser
         .click(&format!(
@@ -495,7 +509,11 @@ async fn users_request_watch_and_control_a_vm_and_an_admin_fills_a_pool_in_the_b
 
     // An access-only user sees the services but may not request one.
     browser.sign_out().await;
-    let who = browser.sign_in(&carl).await;
+    // By keyboard: the token, then Enter.
+    browser
+        .type_into("#signin-token", &format!("{carl}\u{E007}"))
+        .await;
+    let who = browser.signed_in().await;
     assert!(who.contains("carl") && who.contains("access"), "{who}");
     for selector in ["a[data-nav^=admin]", "#nav-admin:not([hidden])"] {
         if browser.exists(selector).await {

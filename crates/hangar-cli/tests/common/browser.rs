@@ -441,6 +441,11 @@ impl Browser {
         self.goto(&format!("{}/", self.base)).await;
         self.type_into("#signin-token", token).await;
         self.click("#signin-submit").await;
+        self.signed_in().await
+    }
+
+    /// Waits until the sign-in form has gone and `#whoami` shows someone; returns its text.
+    pub async fn signed_in(&self) -> String {
         self.wait_until(
             "signed in: #whoami shows the user",
             WAIT,
