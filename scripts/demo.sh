@@ -53,6 +53,7 @@ echo
 "$bin" vms
 cat <<MSG
 
+Web console: $url/   (sign in with the admin token: $data_dir/admin.token)
 Try:   export PATH=$PWD/target/release:\$PATH
        hangar request http-counter && hangar vms && hangar rm VM
 Stop:  kill \$(cat $data_dir/server.pid)   (VMs and their endpoints keep running; the next start adopts them)

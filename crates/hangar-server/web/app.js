@@ -156,6 +156,13 @@ async function render() {
   } finally {
     delete main.dataset.loading;
   }
+  // Name the page for the tab and for screen readers; keyboard users who followed a nav
+  // link land on the new page's content.
+  const title = main.querySelector("h1")?.textContent;
+  document.title = title ? `${title} · hangar` : "hangar";
+  if (document.activeElement?.closest?.("nav") || document.activeElement === document.body) {
+    main.focus({ preventScroll: true });
+  }
 }
 
 async function started(sessionInfo) {
