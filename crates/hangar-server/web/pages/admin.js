@@ -143,12 +143,6 @@ export async function images(main, ctx) {
         onclick: (e) => imageAction(e.target, "POST", "/v1/images", { service: image.service }, `Build started for ${image.service}; see Tasks.`),
       }, image.built ? "Rebuild" : "Build"));
     }
-    if (image.built && image.format === "layered" && image.users.length === 0) {
-      buttons.push(h("button", {
-        type: "button", class: "small danger", "data-action": "evict",
-        onclick: (e) => imageAction(e.target, "DELETE", `/v1/images/${encodeURIComponent(image.service)}`, undefined, `Evicted ${image.service}.`),
-      }, "Evict"));
-    }
     fill(c[7], buttons);
   };
   const buildLayer = () => h("tr", {}, ...Array.from({ length: 7 }, () => h("td", {})));
