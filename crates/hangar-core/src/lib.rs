@@ -8,6 +8,7 @@
 //! - [`heuristics`]: validating a configuration request and ranking what can serve it.
 //! - [`lifecycle`]: lifecycle policies (idle timers, keep-active, budgets) as pure decisions.
 //! - [`placement`]: which host runs a new VM (capacity, isolation, priority, load, cost).
+//! - [`rebalance`]: which running VMs to move so that the farm's hosts are evenly loaded.
 //! - [`request`]: what a client asks for and what it gets back.
 //! - [`role`]: the roles of users and API tokens.
 //! - [`suggest`]: closest names, for errors that offer alternatives.
@@ -24,6 +25,7 @@ pub mod matching;
 pub mod placement;
 pub mod pool;
 pub mod quota;
+pub mod rebalance;
 pub mod request;
 pub mod role;
 pub mod state;

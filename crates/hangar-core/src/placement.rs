@@ -164,6 +164,11 @@ impl HostFacts {
             .is_some_and(|group| self.groups.contains(group))
     }
 
+    /// Whether this host may take `vm` (rule 1 of the module: up, labels, isolation, room).
+    pub fn admits(&self, vm: &VmNeeds) -> bool {
+        self.check(vm).is_ok()
+    }
+
     /// The first rule of the module's rule 1 this host breaks for `vm`, without allocating.
     fn check(&self, vm: &VmNeeds) -> Result<(), Reason> {
         if self.state != HostState::Up {
