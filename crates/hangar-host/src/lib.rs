@@ -19,6 +19,8 @@
 //!   the agent process's loop (registration and heartbeats to the control plane).
 //! - [`remote`]: [`RemoteHost`], a [`Host`] on another machine, reached through its agent.
 //! - [`facts`]: what the machine has (CPUs, memory, disk, load), read from the OS.
+//! - [`metrics`]: the process's metrics recorder (the `metrics` facade), rendered at
+//!   `/metrics`.
 //!
 //! In single-node mode the server holds one [`LocalHost`]; a farm adds remote hosts
 //! ([`RemoteHost`]) behind the same trait.
@@ -34,6 +36,7 @@ pub mod facts;
 pub mod guest;
 pub mod images;
 pub mod local;
+pub mod metrics;
 pub mod ready;
 pub mod remote;
 

@@ -14,6 +14,7 @@
 //! - [`templates`]: when a service's template is built and removed.
 //! - [`scheduler`]: placement: which host makes each VM.
 //! - [`reconcile`]: the store against what runs on the host, at start-up and while running.
+//! - [`metrics`]: the names recorded with the `metrics` facade, served at `/metrics`.
 //! - [`endpoints`]: stable endpoints, held by the forwarder process the server starts or
 //!   re-adopts (see `hangar_forward`).
 //!
@@ -36,6 +37,7 @@ pub mod images;
 pub mod imports;
 pub mod lifecycle;
 pub mod manager;
+pub mod metrics;
 pub mod pools;
 pub mod quotas;
 pub mod reconcile;
@@ -264,6 +266,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     hangar_core::exposure::check_endpoint_host(config.endpoint_host)?;
+    hangar_host::metrics::install();
+    metrics::describe();
     if hangar_core::exposure::check_listen("API", config.listen, config.insecure_listen)? {
         tracing::warn!(
             "{}",

@@ -120,6 +120,7 @@ pub async fn run_agent(
         return Err(AgentError::NoServers);
     }
     hangar_core::exposure::check_endpoint_host(config.endpoint_host)?;
+    crate::metrics::install();
     if hangar_core::exposure::check_listen("agent API", config.listen, config.insecure_listen)? {
         tracing::warn!(
             "{}",

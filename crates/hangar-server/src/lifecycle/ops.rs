@@ -211,6 +211,10 @@ impl Manager {
                 });
             }
         };
+        let from_label = match from {
+            WakeFrom::Sleeping => "sleeping",
+            WakeFrom::Archived { .. } => "archived",
+        };
         let host = self.host_of(&vm);
         let woken = match self.recorded("wake", &vm, host.wake(id, &from)).await {
             Ok(woken) => woken,
@@ -241,6 +245,7 @@ impl Manager {
         let vm = self.store.transition(id, VmState::Active, None).await?;
         self.store.touch(id).await?;
         self.set_endpoints_active(id, true).await;
+        crate::metrics::woke(from_label, started.elapsed());
         tracing::info!(vm = %id, timing = %woken.stages.header(started.elapsed()), "vm woke");
         Ok((vm, woken.stages))
     }

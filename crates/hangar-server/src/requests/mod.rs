@@ -172,6 +172,21 @@ impl Manager {
         owner: &str,
         request: ServiceRequest,
     ) -> Result<Grant, RequestError> {
+        let started = std::time::Instant::now();
+        let result = self.serve_request(owner, request).await;
+        crate::metrics::request_ended(
+            result.as_ref().ok().map(|grant| grant.served),
+            started.elapsed(),
+        );
+        result
+    }
+
+    /// [`Manager::request_as`], unmeasured.
+    async fn serve_request(
+        self: &Arc<Self>,
+        owner: &str,
+        request: ServiceRequest,
+    ) -> Result<Grant, RequestError> {
         // A configuration goes through the heuristics engine first: every problem with a
         // suggestion (422), before anything is claimed, reserved or started.
         let verdict = match &request.config {

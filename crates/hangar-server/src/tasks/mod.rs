@@ -78,6 +78,8 @@ pub struct Tasks {
 
 /// What this process holds of a running task.
 struct Live {
+    /// What the task does (its metrics label when it ends).
+    kind: String,
     token: CancellationToken,
     /// The step started last and not ended.
     step: Option<u32>,
@@ -248,6 +250,7 @@ impl Tasks {
         self.live.lock().expect("live lock").insert(
             id.clone(),
             Live {
+                kind: kind.to_owned(),
                 token: CancellationToken::new(),
                 step: None,
                 cancellable: false,
@@ -437,12 +440,11 @@ impl Tasks {
         stage: &'static str,
         error: Option<&str>,
     ) -> Result<(), StoreError> {
-        let open = self
-            .live
-            .lock()
-            .expect("live lock")
-            .remove(id)
-            .and_then(|live| live.step);
+        let live = self.live.lock().expect("live lock").remove(id);
+        if let Some(live) = &live {
+            crate::metrics::task_ended(&live.kind, state);
+        }
+        let open = live.and_then(|live| live.step);
         if let Some(step) = open {
             let outcome = match state {
                 TaskState::Succeeded => StepOutcome::Succeeded,
