@@ -40,6 +40,7 @@ pub mod manager;
 pub mod metrics;
 pub mod pools;
 pub mod quotas;
+pub mod rebalance;
 pub mod reconcile;
 pub mod requests;
 pub mod scheduler;
