@@ -55,6 +55,9 @@ enum Status {
     Asleep,
     /// The VM's endpoints were closed: its connections end.
     Closed,
+    /// The VM is moving (a live migration's switchover): new connections wait, without
+    /// waking anything, until it is active again.
+    Held,
 }
 
 /// Counters shared by a VM's connections.
@@ -208,6 +211,10 @@ impl Forwarder {
                 let (asleep, open) = self.quiesce(&vm);
                 Reply::Quiesced { asleep, open }
             }
+            Request::Hold { vm } => {
+                let (known, open) = self.hold(&vm);
+                Reply::Held { known, open }
+            }
             Request::Shutdown => {
                 let ids: Vec<String> = self.vms.lock().expect("vms lock").keys().cloned().collect();
                 for id in ids {
@@ -324,6 +331,19 @@ impl Forwarder {
         });
         tracing::debug!(vm = %id, "endpoint quiesced");
         (true, 0)
+    }
+
+    /// Holds VM `id`'s new connections until it is marked active again (see
+    /// [`Request::Hold`]): whether it has endpoints here, and how many connections are
+    /// open (forwarded before the hold; none is admitted after it).
+    pub fn hold(&self, id: &str) -> (bool, u64) {
+        let Some(vm) = self.vm(id) else {
+            return (false, 0);
+        };
+        let _gate = vm.gate.lock().expect("gate lock");
+        vm.status.send_replace(Status::Held);
+        tracing::debug!(vm = %id, "endpoint held");
+        (true, vm.activity.open.load(Ordering::SeqCst))
     }
 
     /// Closes a VM's listeners (they are closed when this returns) and ends its
@@ -491,6 +511,12 @@ async fn admit<'a>(
         let current = *status.borrow_and_update();
         match current {
             Status::Closed => return None,
+            Status::Held => {
+                if status.changed().await.is_err() {
+                    return None;
+                }
+                continue;
+            }
             Status::Asleep if !data_seen => match first_bytes(client, status, deadline).await {
                 FirstBytes::Arrived => data_seen = true,
                 FirstBytes::StateChanged => continue,
@@ -504,6 +530,10 @@ async fn admit<'a>(
         let _gate = vm.gate.lock().expect("gate lock");
         // Put to sleep meanwhile: a silent client waits for its bytes again.
         if !data_seen && *vm.status.borrow() == Status::Asleep {
+            continue;
+        }
+        // Held meanwhile: wait for the release.
+        if *vm.status.borrow() == Status::Held {
             continue;
         }
         return Some(OpenConnection::new(&vm.activity));
@@ -559,6 +589,11 @@ async fn reach(
         let current = *status.borrow_and_update();
         match current {
             Status::Closed => return None,
+            Status::Held => {
+                if status.changed().await.is_err() {
+                    return None;
+                }
+            }
             Status::Asleep => {
                 let woken = {
                     let _one_at_a_time = vm.wake.lock().await;

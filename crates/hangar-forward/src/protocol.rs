@@ -54,6 +54,11 @@ pub enum Request {
     /// open, atomically with respect to connections being accepted. Answers
     /// [`Reply::Quiesced`]; a VM without endpoints here counts as idle.
     Quiesce { vm: String },
+    /// Holds a VM's new connections (a live migration's switchover): they are accepted
+    /// and wait, without asking for a wake, until the VM is marked active again
+    /// ([`Request::Open`] with its new target, or [`Request::SetActive`]); connections
+    /// already forwarded go on. Answers [`Reply::Held`] with how many are open.
+    Hold { vm: String },
     /// Closes everything and exits. Answers [`Reply::Done`] first.
     Shutdown,
 }
@@ -102,6 +107,12 @@ pub enum Reply {
     /// connection was open), else `open` connections keep it in use.
     Quiesced {
         asleep: bool,
+        open: u64,
+    },
+    /// Answer to [`Request::Hold`]: whether the VM has endpoints here, and the
+    /// connections forwarded to it that are still open.
+    Held {
+        known: bool,
         open: u64,
     },
     Error {

@@ -443,3 +443,51 @@ async fn a_sleeping_vm_wakes_on_data_not_on_a_bare_connect_unless_its_port_says_
     }
     drop(connected);
 }
+
+/// A live migration's switchover: while a VM is held, a new connection waits (it reaches
+/// neither the old target nor a wake), connections already forwarded go on and are
+/// counted; re-pointed and active again, the held connection reaches the new target.
+#[tokio::test]
+async fn held_connections_wait_and_go_to_the_new_target() {
+    let old = echo_server().await;
+    let new = echo_server().await;
+    // The server URL answers nothing: a wake request would fail the connection.
+    let forwarder = Forwarder::new("http://127.0.0.1:1");
+    let port = forwarder.open(&spec("vm-m", old, true)).await.unwrap();
+
+    let mut forwarded = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    forwarded.write_all(b"x").await.unwrap();
+    let mut byte = [0u8; 1];
+    forwarded.read_exact(&mut byte).await.unwrap();
+    assert_eq!(
+        forwarder.handle(Request::Hold { vm: "vm-m".into() }).await,
+        Reply::Held {
+            known: true,
+            open: 1
+        }
+    );
+    assert_eq!(forwarder.hold("vm-unknown"), (false, 0));
+
+    let held = tokio::spawn(async move { round_trip(port, b"after the move").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!held.is_finished(), "a held connection must wait");
+    // The connection forwarded before the hold still works, and then closes.
+    forwarded.write_all(b"y").await.unwrap();
+    forwarded.read_exact(&mut byte).await.unwrap();
+    assert_eq!(&byte, b"y");
+    drop(forwarded);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while forwarder.activity()["vm-m"].open != 0 {
+        assert!(Instant::now() < deadline, "the closed connection is still counted");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    let mut moved = spec("vm-m", new, true);
+    moved.listen = SocketAddr::new(LOOPBACK.ip(), port);
+    assert_eq!(forwarder.open(&moved).await.unwrap(), port);
+    let back = tokio::time::timeout(Duration::from_secs(5), held)
+        .await
+        .expect("the held connection goes on once released")
+        .unwrap();
+    assert_eq!(back, b"after the move");
+}

@@ -40,6 +40,7 @@ pub mod metrics;
 pub mod ready;
 pub mod remote;
 
+pub use hangar_vmm::migrate::MigrationProgress;
 pub use hangar_vmm::{ArchiveTier, RunState};
 pub use images::ProgressFn;
 pub use local::{LocalHost, LocalHostConfig};
@@ -256,6 +257,22 @@ pub struct PeerSource {
     pub host: String,
     pub url: String,
     pub token: String,
+}
+
+/// A live migration's destination, waiting ([`Host::migrate_incoming`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IncomingVm {
+    /// The VM's record on the destination, to store once it runs there.
+    pub launch: LaunchRecord,
+    /// Its own endpoints on the destination (`host:port`) by service port name.
+    pub direct_endpoints: BTreeMap<String, String>,
+    /// Where the source sends the migration stream (`host:port`).
+    pub migration: String,
+    /// The destination's writable NBD export of the new root disk (`host:port`, export
+    /// `root`), when the VM has a root disk.
+    pub disk: Option<String>,
+    /// Its process on the destination, for operators only.
+    pub process: Option<u32>,
 }
 
 /// What a host has, for placement and listings.
@@ -564,4 +581,44 @@ pub trait Host: Send + Sync + 'static {
     async fn template_blob(&self, _sha256: &str) -> Option<std::path::PathBuf> {
         None
     }
+
+    // Live migration, step by step (each step is one call, so the control plane can stop
+    // between any two): on the destination `migrate_incoming`, on the source
+    // `migrate_start`, `migrate_status` until little RAM is left, `migrate_switchover`;
+    // then `migrate_finish` on the destination. `migrate_abort` on the source and
+    // `destroy` on the destination undo it at any point before the destination runs.
+
+    /// Destination: starts VM `id` paused, waiting for its state from another host.
+    /// `prepared` is this host's [`Host::prepare_vm`] of the VM (its images and ports
+    /// here), `source` its record on the source host (its machine: size, devices).
+    /// Refused for VMs whose memory or disk this host cannot rebuild (template clones,
+    /// shells, imported machines). On error nothing runs; [`Host::destroy`] frees the ports.
+    async fn migrate_incoming(
+        &self,
+        id: &str,
+        prepared: &PreparedVm,
+        source: &LaunchRecord,
+    ) -> Result<IncomingVm, HostError>;
+
+    /// Source: copies VM `id`'s disk layer to `to`'s export (returns once the copy is
+    /// complete and follows every write), then starts sending its RAM; the migration is
+    /// held from completing until [`Host::migrate_switchover`].
+    async fn migrate_start(&self, id: &str, to: &IncomingVm) -> Result<(), HostError>;
+
+    /// Source: how far VM `id`'s migration is.
+    async fn migrate_status(&self, id: &str) -> Result<MigrationProgress, HostError>;
+
+    /// Source: completes the migration within `downtime_ms`; VM `id` is left paused here
+    /// (abort resumes it). Returns the final progress with the measured downtime.
+    async fn migrate_switchover(
+        &self,
+        id: &str,
+        downtime_ms: u64,
+    ) -> Result<MigrationProgress, HostError>;
+
+    /// Source: cancels VM `id`'s migration at any stage; it runs on here as it was.
+    async fn migrate_abort(&self, id: &str) -> Result<(), HostError>;
+
+    /// Destination: waits for VM `id`'s state to arrive and runs it.
+    async fn migrate_finish(&self, id: &str) -> Result<Adopted, HostError>;
 }

@@ -380,6 +380,79 @@ impl Host for RemoteHost {
         .await
     }
 
+    async fn migrate_incoming(
+        &self,
+        id: &str,
+        prepared: &PreparedVm,
+        source: &LaunchRecord,
+    ) -> Result<crate::IncomingVm, HostError> {
+        let body = crate::agent::wire::MigrateIncomingBody {
+            prepared: prepared.clone(),
+            source: source.clone(),
+        };
+        self.call(
+            Method::POST,
+            &["vms", id, "migrate", "incoming"],
+            Some(&body),
+            SHORT_TIMEOUT,
+        )
+        .await
+    }
+
+    async fn migrate_start(&self, id: &str, to: &crate::IncomingVm) -> Result<(), HostError> {
+        self.call(
+            Method::POST,
+            &["vms", id, "migrate", "start"],
+            Some(to),
+            LONG_TIMEOUT,
+        )
+        .await
+    }
+
+    async fn migrate_status(&self, id: &str) -> Result<crate::MigrationProgress, HostError> {
+        self.call(
+            Method::GET,
+            &["vms", id, "migrate", "status"],
+            NONE,
+            FAST_TIMEOUT,
+        )
+        .await
+    }
+
+    async fn migrate_switchover(
+        &self,
+        id: &str,
+        downtime_ms: u64,
+    ) -> Result<crate::MigrationProgress, HostError> {
+        self.call(
+            Method::POST,
+            &["vms", id, "migrate", "switchover"],
+            Some(&crate::agent::wire::SwitchoverBody { downtime_ms }),
+            SHORT_TIMEOUT,
+        )
+        .await
+    }
+
+    async fn migrate_abort(&self, id: &str) -> Result<(), HostError> {
+        self.call(
+            Method::POST,
+            &["vms", id, "migrate", "abort"],
+            NONE,
+            SHORT_TIMEOUT,
+        )
+        .await
+    }
+
+    async fn migrate_finish(&self, id: &str) -> Result<Adopted, HostError> {
+        self.call(
+            Method::POST,
+            &["vms", id, "migrate", "finish"],
+            NONE,
+            SHORT_TIMEOUT,
+        )
+        .await
+    }
+
     async fn stop(&self, id: &str) -> Result<(), HostError> {
         self.call(Method::POST, &["vms", id, "stop"], NONE, SHORT_TIMEOUT)
             .await

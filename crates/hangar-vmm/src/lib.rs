@@ -8,7 +8,7 @@
 //! VM between a process and a memory snapshot on disk (the `archived` state). Neither keeps state that the store does not also hold: a
 //! backend can be dropped and re-created and [`Hypervisor::adopt`] finds its VMs again.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -20,6 +20,7 @@ pub mod archive;
 pub mod confine;
 pub mod delta;
 pub mod fake;
+pub mod migrate;
 pub mod procs;
 pub mod qemu;
 pub mod qmp;
@@ -225,6 +226,8 @@ pub enum VmmError {
     Archive { id: String, reason: String },
     #[error("restoring VM {id} failed (its archive is kept): {reason}")]
     Restore { id: String, reason: String },
+    #[error("live migration of VM {id} failed: {reason}")]
+    Migration { id: String, reason: String },
     /// QEMU cannot run confined as configured (its user cannot reach a file).
     #[error(transparent)]
     Confine(#[from] confine::ConfineError),
@@ -319,6 +322,61 @@ pub trait Hypervisor: Send + Sync + 'static {
     /// The file holding the guest's serial console output, if the backend keeps one.
     fn console_log(&self, _id: &str) -> Option<PathBuf> {
         None
+    }
+
+    /// Live migration, destination: starts VM `spec` paused, waiting for its state on a
+    /// port of `listen` and exporting its new root disk there (see [`migrate`]). On error
+    /// nothing is left.
+    async fn migrate_incoming(
+        &self,
+        spec: &VmSpec,
+        _listen: IpAddr,
+    ) -> Result<migrate::IncomingAddrs, VmmError> {
+        Err(no_migration(self.kind(), &spec.id))
+    }
+
+    /// Live migration, source: mirrors the root disk's top layer to the destination's
+    /// export; returns once the mirror is ready.
+    async fn migrate_disk(&self, id: &str, _disk: SocketAddr) -> Result<(), VmmError> {
+        Err(no_migration(self.kind(), id))
+    }
+
+    /// Live migration, source: starts the RAM pre-copy, held from completing until
+    /// [`Hypervisor::migrate_switchover`].
+    async fn migrate_ram(&self, id: &str, _to: SocketAddr) -> Result<(), VmmError> {
+        Err(no_migration(self.kind(), id))
+    }
+
+    /// Live migration, source: how far it is.
+    async fn migration_progress(&self, id: &str) -> Result<migrate::MigrationProgress, VmmError> {
+        Err(no_migration(self.kind(), id))
+    }
+
+    /// Live migration, source: completes it within `downtime_ms` (the disk mirror
+    /// finished consistently while the guest is paused); the source stays paused.
+    async fn migrate_switchover(
+        &self,
+        id: &str,
+        _downtime_ms: u64,
+    ) -> Result<migrate::MigrationProgress, VmmError> {
+        Err(no_migration(self.kind(), id))
+    }
+
+    /// Live migration, source: cancels it at any stage; the VM runs on here as it was.
+    async fn migrate_cancel(&self, id: &str) -> Result<(), VmmError> {
+        Err(no_migration(self.kind(), id))
+    }
+
+    /// Live migration, destination: waits for the stream to end and resumes the VM.
+    async fn migrate_incoming_finish(&self, id: &str) -> Result<Launched, VmmError> {
+        Err(no_migration(self.kind(), id))
+    }
+}
+
+fn no_migration(kind: &str, id: &str) -> VmmError {
+    VmmError::Migration {
+        id: id.to_owned(),
+        reason: format!("the {kind} backend cannot live-migrate"),
     }
 }
 

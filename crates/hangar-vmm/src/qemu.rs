@@ -107,10 +107,10 @@ impl VmPaths {
     }
 }
 
-struct Running {
-    pid: u32,
-    qmp: Qmp,
-    agent: Arc<Agent>,
+pub(crate) struct Running {
+    pub(crate) pid: u32,
+    pub(crate) qmp: Qmp,
+    pub(crate) agent: Arc<Agent>,
     /// The VM's configuration as it would be started now (kept current by `attach_root`),
     /// recorded with an archive.
     spec: Mutex<VmSpec>,
@@ -164,15 +164,62 @@ impl QemuBackend {
     }
 
     async fn start(&self, spec: &VmSpec, paths: &VmPaths) -> Result<Running, VmmError> {
+        self.start_with(spec, paths, &qemu_args(self.config.accel, spec, paths))
+            .await
+    }
+
+    /// Makes the VM's root overlay (over `spec.base_image`), runs QEMU with `args` and
+    /// connects its control channels. A QEMU that started but cannot be connected to is
+    /// killed.
+    pub(crate) async fn start_with(
+        &self,
+        spec: &VmSpec,
+        paths: &VmPaths,
+        args: &[String],
+    ) -> Result<Running, VmmError> {
         check_socket_paths(paths)?;
         if let Some(base) = &spec.base_image {
             create_overlay(&self.config.qemu_img, base, &paths.disk).await?;
         }
-        let pid = self
-            .spawn_qemu(spec, &qemu_args(self.config.accel, spec, paths), paths)
-            .await?;
-        let (qmp, agent) = connect(paths).await?;
-        Ok(Running::new(pid, qmp, agent, spec))
+        let pid = self.spawn_qemu(spec, args, paths).await?;
+        match connect(paths).await {
+            Ok((qmp, agent)) => Ok(Running::new(pid, qmp, agent, spec)),
+            Err(err) => {
+                self.kill_started(&spec.id, pid, paths).await;
+                Err(err)
+            }
+        }
+    }
+
+    /// Kills a QEMU this backend started for VM `id` (not yet recorded as running).
+    pub(crate) async fn kill_started(&self, id: &str, pid: u32, paths: &VmPaths) {
+        if procs::is_qemu_with_pidfile(pid, &paths.pidfile)
+            && !procs::kill_and_wait(pid, Duration::from_secs(5)).await
+        {
+            tracing::warn!(vm = %id, pid, "qemu did not exit after SIGKILL");
+        }
+    }
+
+    /// Records a started VM as running.
+    pub(crate) async fn insert_running(&self, id: &str, running: Running) {
+        self.vms
+            .lock()
+            .await
+            .insert(id.to_owned(), Arc::new(running));
+    }
+
+    /// A running VM's handles.
+    pub(crate) async fn running_vm(&self, id: &str) -> Result<Arc<Running>, VmmError> {
+        self.running(id).await
+    }
+
+    /// Kills the VM's process (if it is ours) and removes its directory.
+    pub(crate) async fn remove_vm_dir(
+        &self,
+        paths: &VmPaths,
+        known_pid: Option<u32>,
+    ) -> Result<(), VmmError> {
+        self.cleanup(paths, known_pid).await
     }
 
     /// Runs QEMU with `args` in its own session (it outlives this process), as
@@ -497,6 +544,45 @@ impl Hypervisor for QemuBackend {
 
     fn console_log(&self, id: &str) -> Option<PathBuf> {
         Some(self.paths(id).console)
+    }
+
+    async fn migrate_incoming(
+        &self,
+        spec: &VmSpec,
+        listen: std::net::IpAddr,
+    ) -> Result<crate::migrate::IncomingAddrs, VmmError> {
+        QemuBackend::migrate_incoming(self, spec, listen).await
+    }
+
+    async fn migrate_disk(&self, id: &str, disk: std::net::SocketAddr) -> Result<(), VmmError> {
+        QemuBackend::migrate_disk(self, id, disk).await
+    }
+
+    async fn migrate_ram(&self, id: &str, to: std::net::SocketAddr) -> Result<(), VmmError> {
+        QemuBackend::migrate_ram(self, id, to).await
+    }
+
+    async fn migration_progress(
+        &self,
+        id: &str,
+    ) -> Result<crate::migrate::MigrationProgress, VmmError> {
+        QemuBackend::migration_progress(self, id).await
+    }
+
+    async fn migrate_switchover(
+        &self,
+        id: &str,
+        downtime_ms: u64,
+    ) -> Result<crate::migrate::MigrationProgress, VmmError> {
+        QemuBackend::migrate_switchover(self, id, downtime_ms).await
+    }
+
+    async fn migrate_cancel(&self, id: &str) -> Result<(), VmmError> {
+        QemuBackend::migrate_cancel(self, id).await
+    }
+
+    async fn migrate_incoming_finish(&self, id: &str) -> Result<Launched, VmmError> {
+        QemuBackend::migrate_incoming_finish(self, id).await
     }
 
     async fn archive(&self, id: &str, tier: ArchiveTier) -> Result<ArchiveInfo, VmmError> {

@@ -99,6 +99,9 @@ async fn require_token(State(state): State<AgentState>, request: Request, next: 
 /// - `POST /agent/v1/vms/{id}/hand-out` ([`HandOut`]), `.../boot-shell`
 ///   ([`BootShellBody`]), `.../sleep`, `.../archive` ([`ArchiveBody`]), `.../wake`
 ///   ([`WakeFrom`]), `.../adopt` ([`AdoptBody`]), `.../stop`, `.../destroy`
+/// - live migration, `/agent/v1/vms/{id}/migrate/...`: `incoming`
+///   ([`super::wire::MigrateIncomingBody`]), `start` (a [`crate::IncomingVm`]), `GET status`,
+///   `switchover` ([`super::wire::SwitchoverBody`]), `abort`, `finish`
 /// - `POST /agent/v1/leftovers/remove` ([`LeftoversBody`])
 /// - `POST /agent/v1/templates/applies` and `POST /agent/v1/templates/built` (a
 ///   [`hangar_core::Service`]), `POST /agent/v1/templates/list` ([`TemplatesBody`]),
@@ -130,6 +133,12 @@ pub fn router(host: Arc<dyn Host>, token: &str) -> Router {
         .route(&vm("adopt"), post(adopt))
         .route(&vm("stop"), post(stop))
         .route(&vm("destroy"), post(destroy))
+        .route(&vm("migrate/incoming"), post(migrate_incoming))
+        .route(&vm("migrate/start"), post(migrate_start))
+        .route(&vm("migrate/status"), get(migrate_status))
+        .route(&vm("migrate/switchover"), post(migrate_switchover))
+        .route(&vm("migrate/abort"), post(migrate_abort))
+        .route(&vm("migrate/finish"), post(migrate_finish))
         .route("/agent/v1/leftovers/remove", post(remove_leftovers))
         .route("/agent/v1/templates/applies", post(templates_apply))
         .route("/agent/v1/templates/built", post(has_template))
@@ -338,6 +347,55 @@ async fn adopt(
 ) -> Reply<Option<crate::Adopted>> {
     let AdoptBody { launch, running } = parse(&body)?;
     Ok(axum::Json(state.host.adopt(&id, &launch, running).await?))
+}
+
+async fn migrate_incoming(
+    State(state): State<AgentState>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Reply<crate::IncomingVm> {
+    let super::wire::MigrateIncomingBody { prepared, source } = parse(&body)?;
+    Ok(axum::Json(
+        state.host.migrate_incoming(&id, &prepared, &source).await?,
+    ))
+}
+
+async fn migrate_start(
+    State(state): State<AgentState>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Reply<()> {
+    let to: crate::IncomingVm = parse(&body)?;
+    Ok(axum::Json(state.host.migrate_start(&id, &to).await?))
+}
+
+async fn migrate_status(
+    State(state): State<AgentState>,
+    Path(id): Path<String>,
+) -> Reply<crate::MigrationProgress> {
+    Ok(axum::Json(state.host.migrate_status(&id).await?))
+}
+
+async fn migrate_switchover(
+    State(state): State<AgentState>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Reply<crate::MigrationProgress> {
+    let super::wire::SwitchoverBody { downtime_ms } = parse(&body)?;
+    Ok(axum::Json(
+        state.host.migrate_switchover(&id, downtime_ms).await?,
+    ))
+}
+
+async fn migrate_abort(State(state): State<AgentState>, Path(id): Path<String>) -> Reply<()> {
+    Ok(axum::Json(state.host.migrate_abort(&id).await?))
+}
+
+async fn migrate_finish(
+    State(state): State<AgentState>,
+    Path(id): Path<String>,
+) -> Reply<crate::Adopted> {
+    Ok(axum::Json(state.host.migrate_finish(&id).await?))
 }
 
 async fn stop(State(state): State<AgentState>, Path(id): Path<String>) -> Reply<()> {

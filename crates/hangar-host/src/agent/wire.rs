@@ -132,6 +132,19 @@ pub struct AdoptBody {
     pub running: bool,
 }
 
+/// `POST /agent/v1/vms/{id}/migrate/incoming`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MigrateIncomingBody {
+    pub prepared: PreparedVm,
+    pub source: LaunchRecord,
+}
+
+/// `POST /agent/v1/vms/{id}/migrate/switchover`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SwitchoverBody {
+    pub downtime_ms: u64,
+}
+
 /// `POST /agent/v1/leftovers/remove`.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct LeftoversBody {

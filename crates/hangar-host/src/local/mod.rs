@@ -20,6 +20,7 @@ use hangar_core::Service;
 use hangar_vmm::{Agent, Hypervisor, Launched, VmSpec};
 
 mod guest;
+mod migrate;
 mod templates;
 
 use guest::{Settle, diagnose, settle};
@@ -31,6 +32,7 @@ use crate::{
     HostFacts, LaunchRecord, MadeVm, PreparedVm, Purpose, RunState, ShellPlan, Stages,
     TemplateFacts, VmPlan, VmRun, WakeFrom, Woken,
 };
+use crate::{IncomingVm, MigrationProgress};
 
 #[derive(Debug, Clone)]
 pub struct LocalHostConfig {
@@ -691,6 +693,39 @@ impl Host for LocalHost {
 
     async fn template_blob(&self, sha256: &str) -> Option<PathBuf> {
         self.bundle_file(sha256)
+    }
+
+    async fn migrate_incoming(
+        &self,
+        id: &str,
+        prepared: &PreparedVm,
+        source: &LaunchRecord,
+    ) -> Result<IncomingVm, HostError> {
+        self.incoming(id, prepared, source).await
+    }
+
+    async fn migrate_start(&self, id: &str, to: &IncomingVm) -> Result<(), HostError> {
+        self.start_outgoing(id, to).await
+    }
+
+    async fn migrate_status(&self, id: &str) -> Result<MigrationProgress, HostError> {
+        self.outgoing_status(id).await
+    }
+
+    async fn migrate_switchover(
+        &self,
+        id: &str,
+        downtime_ms: u64,
+    ) -> Result<MigrationProgress, HostError> {
+        self.switchover(id, downtime_ms).await
+    }
+
+    async fn migrate_abort(&self, id: &str) -> Result<(), HostError> {
+        self.abort_outgoing(id).await
+    }
+
+    async fn migrate_finish(&self, id: &str) -> Result<Adopted, HostError> {
+        self.finish_incoming(id).await
     }
 
     async fn remove_template(&self, id: &str) -> Result<(), HostError> {

@@ -114,6 +114,39 @@ impl Host for UnknownHost {
         Err(self.error())
     }
 
+    async fn migrate_incoming(
+        &self,
+        _: &str,
+        _: &PreparedVm,
+        _: &LaunchRecord,
+    ) -> Result<hangar_host::IncomingVm, HostError> {
+        Err(self.error())
+    }
+
+    async fn migrate_start(&self, _: &str, _: &hangar_host::IncomingVm) -> Result<(), HostError> {
+        Err(self.error())
+    }
+
+    async fn migrate_status(&self, _: &str) -> Result<hangar_host::MigrationProgress, HostError> {
+        Err(self.error())
+    }
+
+    async fn migrate_switchover(
+        &self,
+        _: &str,
+        _: u64,
+    ) -> Result<hangar_host::MigrationProgress, HostError> {
+        Err(self.error())
+    }
+
+    async fn migrate_abort(&self, _: &str) -> Result<(), HostError> {
+        Err(self.error())
+    }
+
+    async fn migrate_finish(&self, _: &str) -> Result<Adopted, HostError> {
+        Err(self.error())
+    }
+
     async fn remove_leftovers(&self, _: &HashSet<String>) -> Result<Vec<String>, HostError> {
         Err(self.error())
     }
