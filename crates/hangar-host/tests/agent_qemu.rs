@@ -242,3 +242,110 @@ async fn a_qemu_vm_lives_through_the_agent_and_outlives_it() {
     remote.destroy("agent-vm-1").await.unwrap();
     assert!(remote.inventory().await.unwrap().is_empty());
 }
+
+/// The counter an `http-counter` VM answers at `endpoint`.
+async fn count(endpoint: &str) -> u64 {
+    let text = page(endpoint).await;
+    text.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("not a count from {endpoint}: {text:?}"))
+}
+
+/// Live migration through the agent API between two hosts (two agents, each with its own
+/// VM directory, on loopback): a migration aborted after its disk copy and RAM pre-copy
+/// began leaves the VM running on its source and nothing on the destination; the full
+/// sequence moves it, its counter (guest memory only) going on, and its disk layer with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_vm_live_migrates_between_two_agents() {
+    let tmp = tempfile::Builder::new()
+        .prefix("hmig")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let (dir_a, dir_b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let _cleanup = (Cleanup(dir_a.clone()), Cleanup(dir_b.clone()));
+    let cache = cache_dir();
+    let (agent_a, agent_b) = (Agent::start(&dir_a, &cache), Agent::start(&dir_b, &cache));
+    let a = RemoteHost::new("qemu-a", &agent_a.url, TOKEN).unwrap();
+    let b = RemoteHost::new("qemu-b", &agent_b.url, TOKEN).unwrap();
+
+    let catalog = Catalog::demo();
+    let service = catalog
+        .services()
+        .find(|service| service.name == "http-counter")
+        .expect("http-counter")
+        .clone();
+    let id = "mig-vm-1";
+    let plan = VmPlan {
+        id: id.into(),
+        os: Some(service.os.clone()),
+        vcpus: service.vcpus,
+        memory_mib: service.memory_mib,
+        service: Some(service.clone()),
+        env: Default::default(),
+        hostname: id.into(),
+        purpose: Purpose::Request,
+        ready: None,
+    };
+    let quiet: ProgressFn = Arc::new(|_: &str, _: u8| {});
+    let prepared = a.prepare_vm(&plan, quiet.clone()).await.unwrap();
+    let made = a.make_vm(&plan, &prepared, quiet.clone()).await.unwrap();
+    let on_a = prepared.direct_endpoints["http"].clone();
+    assert_eq!(count(&on_a).await, 1);
+
+    // Aborted once the RAM copy runs: the VM goes on at the source, the destination is
+    // destroyed.
+    let there = b.prepare_vm(&plan, quiet.clone()).await.unwrap();
+    let incoming = b.migrate_incoming(id, &there, &made.launch).await.unwrap();
+    a.migrate_start(id, &incoming).await.unwrap();
+    let status = a.migrate_status(id).await.unwrap();
+    assert!(status.disk_ready, "the disk mirror is ready: {status:?}");
+    assert!(
+        matches!(status.status.as_str(), "setup" | "active"),
+        "{status:?}"
+    );
+    a.migrate_abort(id).await.unwrap();
+    b.destroy(id).await.unwrap();
+    assert!(!dir_b.join(id).exists(), "nothing of the VM on the destination");
+    assert_eq!(a.run_state(id).await.unwrap(), RunState::Running);
+    assert_eq!(count(&on_a).await, 2, "the source runs on as it was");
+
+    // The whole sequence.
+    let there = b.prepare_vm(&plan, quiet.clone()).await.unwrap();
+    let incoming = b.migrate_incoming(id, &there, &made.launch).await.unwrap();
+    let started = Instant::now();
+    a.migrate_start(id, &incoming).await.unwrap();
+    let disk_done = started.elapsed();
+    let precopy = loop {
+        let now = a.migrate_status(id).await.unwrap();
+        assert!(
+            !matches!(now.status.as_str(), "failed" | "cancelled"),
+            "{now:?}"
+        );
+        if now.status == "active" && now.ram_iterations >= 2 {
+            break now;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "{now:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let switch = Instant::now();
+    let done = a.migrate_switchover(id, 300).await.unwrap();
+    assert_eq!(done.status, "completed", "{done:?}");
+    b.migrate_finish(id).await.unwrap();
+    let paused_for = switch.elapsed();
+    eprintln!(
+        "disk mirrored in {disk_done:?}, RAM pre-copied {} bytes in {} passes, switchover {paused_for:?} (QEMU's downtime {:?} ms)",
+        precopy.ram_transferred, precopy.ram_iterations, done.downtime_ms
+    );
+    let on_b = incoming.direct_endpoints["http"].clone();
+    assert_ne!(on_a, on_b);
+    assert_eq!(
+        count(&on_b).await,
+        3,
+        "the destination goes on with the source's memory"
+    );
+    assert_eq!(b.run_state(id).await.unwrap(), RunState::Running);
+    a.destroy(id).await.unwrap();
+    assert!(!dir_a.join(id).exists());
+    assert_eq!(count(&on_b).await, 4);
+    b.destroy(id).await.unwrap();
+}
