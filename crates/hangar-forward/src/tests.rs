@@ -478,7 +478,10 @@ async fn held_connections_wait_and_go_to_the_new_target() {
     drop(forwarded);
     let deadline = Instant::now() + Duration::from_secs(5);
     while forwarder.activity()["vm-m"].open != 0 {
-        assert!(Instant::now() < deadline, "the closed connection is still counted");
+        assert!(
+            Instant::now() < deadline,
+            "the closed connection is still counted"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 

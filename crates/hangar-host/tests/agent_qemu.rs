@@ -305,7 +305,10 @@ async fn a_running_vm_live_migrates_between_two_agents() {
     );
     a.migrate_abort(id).await.unwrap();
     b.destroy(id).await.unwrap();
-    assert!(!dir_b.join(id).exists(), "nothing of the VM on the destination");
+    assert!(
+        !dir_b.join(id).exists(),
+        "nothing of the VM on the destination"
+    );
     assert_eq!(a.run_state(id).await.unwrap(), RunState::Running);
     assert_eq!(count(&on_a).await, 2, "the source runs on as it was");
 
