@@ -5,7 +5,8 @@
 # the store's tests run on a throwaway cluster of it; `hangar server --store postgres://…`), and for
 # `hangar bench`: libvirt (the comparison; its daemons are started only by the benchmark)
 # and a font for its chart; Debian's chromium and chromium-driver for the web console's browser
-# tests. Idempotent: installs only what is missing.
+# tests; Debian's prometheus, which the metrics test starts to scrape a server and an agent.
+# Idempotent: installs only what is missing.
 set -euo pipefail
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -28,6 +29,7 @@ command -v virsh >/dev/null || need+=(libvirt-clients)
 [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need+=(fonts-dejavu-core)
 command -v chromium >/dev/null || need+=(chromium)
 command -v chromedriver >/dev/null || need+=(chromium-driver)
+[ -x /usr/bin/prometheus ] || need+=(prometheus)
 
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing: ${need[*]}" >&2

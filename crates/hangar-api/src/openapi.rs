@@ -90,7 +90,8 @@ use crate::*;
 pub struct ApiDoc;
 
 /// Declares `api_token`, the bearer token of a user (every route but `/healthz` wants one),
-/// and `farm_token`, the bearer token farm hosts send (routes name it in `security`).
+/// `farm_token`, the bearer token farm hosts send, and `metrics_token`, the one a scraper of
+/// `/metrics` sends (routes name them in `security`).
 struct FarmToken;
 
 impl utoipa::Modify for FarmToken {
@@ -103,6 +104,10 @@ impl utoipa::Modify for FarmToken {
         );
         components.add_security_scheme(
             "farm_token",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+        components.add_security_scheme(
+            "metrics_token",
             SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
         );
     }

@@ -58,6 +58,10 @@ pub use hangar_core::usage::Prices;
 pub use hangar_host::guest::guest_config;
 pub use manager::{Manager, ManagerConfig};
 
+/// The metrics token's file in the data directory, unless `--metrics-token-file` names
+/// another.
+pub const METRICS_TOKEN_FILE: &str = "metrics.token";
+
 /// How often running VMs are checked for crashed processes.
 const MONITOR_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -102,6 +106,10 @@ pub struct ServerConfig {
     /// The farm token file (made on first start, mode 0600); `None`: `farm.token` in the
     /// data directory. Agents given its token may join the farm.
     pub farm_token_file: Option<PathBuf>,
+    /// The metrics token file (made on first start, mode 0600): the bearer token a
+    /// Prometheus scraper reads `GET /metrics` with; `None`: `metrics.token` in the data
+    /// directory.
+    pub metrics_token_file: Option<PathBuf>,
     /// The key secret settings are sealed with in the store (made on first start, mode
     /// 0600); `None`: `secrets.key` in the data directory. Replicas sharing a store need
     /// the same key.
@@ -294,6 +302,12 @@ pub async fn run(
             .clone()
             .unwrap_or_else(|| data_dir.join("farm.token")),
     )?;
+    let metrics_token = farm::token::load_or_create(
+        &config
+            .metrics_token_file
+            .clone()
+            .unwrap_or_else(|| data_dir.join(METRICS_TOKEN_FILE)),
+    )?;
     let secrets_key = secrets::Secrets::load_or_create_key(
         &config
             .secrets_key_file
@@ -424,6 +438,7 @@ pub async fn run(
             memory_budget_mib: config.memory_budget_mib,
             disk_budget_mib: config.disk_budget_mib,
             farm_token,
+            metrics_token,
             host_loss: config.host_loss,
             server_urls: vec![server_url.clone()],
             policy_floors: config.policy_floors,

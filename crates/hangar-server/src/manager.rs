@@ -43,6 +43,9 @@ pub struct ManagerConfig {
     /// The secret farm hosts prove themselves with (bearer token), both ways: agents to
     /// the server, the server to agents. Empty: no host is accepted.
     pub farm_token: String,
+    /// The secret a Prometheus scraper reads `GET /metrics` with (bearer token); it opens
+    /// nothing else. Empty: only admins' tokens read it.
+    pub metrics_token: String,
     /// When farm hosts without heartbeats are declared down, then lost.
     pub host_loss: crate::farm::LossTimes,
     /// The control plane's API addresses agents are told (this server's first).
@@ -76,6 +79,7 @@ impl Default for ManagerConfig {
             disk_budget_mib: None,
             lifecycle_interval: Duration::from_millis(500),
             farm_token: String::new(),
+            metrics_token: String::new(),
             host_loss: crate::farm::LossTimes::default(),
             server_urls: Vec::new(),
             policy_floors: hangar_core::lifecycle::PolicyFloors::default(),

@@ -31,6 +31,11 @@ pub struct AgentArgs {
     /// A file holding the farm token (its first line); wins over --token.
     #[arg(long, value_name = "PATH")]
     token_file: Option<PathBuf>,
+    /// A file holding a token (its first line, 16 characters or more; mode 0600) that
+    /// reads this agent's `GET /metrics` and nothing else, for Prometheus's
+    /// `credentials_file`; without it `/metrics` wants the farm token.
+    #[arg(long, value_name = "PATH", env = "HANGAR_AGENT_METRICS_TOKEN_FILE")]
+    metrics_token_file: Option<PathBuf>,
     /// Address of the agent's API, which the control plane calls: a loopback address,
     /// unless --insecure-listen.
     #[arg(long, default_value = "127.0.0.1:7071", env = "HANGAR_AGENT_LISTEN")]
@@ -92,6 +97,10 @@ pub async fn run(args: AgentArgs) -> ExitCode {
 
 async fn start(args: AgentArgs) -> Result<(), String> {
     let token = token(&args)?;
+    let metrics_token = match &args.metrics_token_file {
+        Some(path) => Some(metrics_token(path)?),
+        None => None,
+    };
     let name = match &args.name {
         Some(name) => name.clone(),
         None => hostname()?,
@@ -105,6 +114,7 @@ async fn start(args: AgentArgs) -> Result<(), String> {
         name,
         servers: args.servers,
         token,
+        metrics_token,
         listen: args.listen,
         insecure_listen: args.insecure_listen,
         advertise: args.advertise,
@@ -151,6 +161,35 @@ fn token(args: &AgentArgs) -> Result<String, String> {
     };
     if token.is_empty() {
         return Err("the farm token is empty".into());
+    }
+    Ok(token)
+}
+
+/// The metrics token in `path`: a private file (no access for group or others) whose first
+/// line has 16 characters or more.
+fn metrics_token(path: &std::path::Path) -> Result<String, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path)
+        .map_err(|err| format!("the metrics token file {}: {err}", path.display()))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "the metrics token file {} is readable by others (mode {mode:o}); `chmod 600` it",
+            path.display()
+        ));
+    }
+    let token = std::fs::read_to_string(path)
+        .map_err(|err| format!("reading the metrics token file {}: {err}", path.display()))?
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    if token.len() < 16 {
+        return Err(format!(
+            "the metrics token in {} is shorter than 16 characters",
+            path.display()
+        ));
     }
     Ok(token)
 }

@@ -70,6 +70,11 @@ pub struct ServerArgs {
     /// directory].
     #[arg(long, value_name = "PATH", env = "HANGAR_FARM_TOKEN_FILE")]
     farm_token_file: Option<PathBuf>,
+    /// The secret a Prometheus scraper reads `GET /metrics` with (its scrape config's
+    /// `authorization: credentials_file`); it opens nothing else. Made on first start
+    /// (mode 0600) when missing [default: metrics.token in the data directory].
+    #[arg(long, value_name = "PATH", env = "HANGAR_METRICS_TOKEN_FILE")]
+    metrics_token_file: Option<PathBuf>,
     /// The key secret settings (such as passwords) are sealed with in the store; made on
     /// first start (mode 0600) when missing. Replicas sharing a store need the same one
     /// [default: secrets.key in the data directory].
@@ -204,6 +209,7 @@ pub async fn run(args: ServerArgs) -> ExitCode {
         image_budget_mib: args.image_budget,
         store: args.store,
         farm_token_file: args.farm_token_file,
+        metrics_token_file: args.metrics_token_file,
         secrets_key_file: args.secrets_key_file,
         local_host: !args.no_local_host,
         host_loss: hangar_server::farm::LossTimes {

@@ -37,6 +37,9 @@ pub struct AgentConfig {
     pub servers: Vec<String>,
     /// The farm token: presented to the control plane, and asked of it.
     pub token: String,
+    /// A token that reads `GET /metrics` and nothing else (besides the farm token), so a
+    /// Prometheus need not hold the farm token.
+    pub metrics_token: Option<String>,
     /// Where the agent's API listens: a loopback address, unless `insecure_listen`.
     pub listen: SocketAddr,
     /// Allow `listen` to be reachable from other machines (plain HTTP, the farm token in
@@ -69,6 +72,8 @@ pub struct Membership {
     pub address: String,
     pub servers: Vec<String>,
     pub token: String,
+    /// What `GET /metrics` accepts besides the farm token ([`AgentConfig::metrics_token`]).
+    pub metrics_token: Option<String>,
     pub labels: BTreeMap<String, String>,
     pub cost: u32,
     pub priority: i32,
@@ -195,6 +200,7 @@ pub async fn run_agent(
         address,
         servers: config.servers,
         token: config.token,
+        metrics_token: config.metrics_token,
         labels: config.labels,
         cost: config.cost,
         priority: config.priority,
@@ -216,7 +222,11 @@ pub async fn serve(
     if membership.servers.is_empty() {
         return Err(AgentError::NoServers);
     }
-    let app = super::router(host.clone(), &membership.token);
+    let app = super::router(host.clone(), &membership.token).merge(super::metrics::router(
+        host.clone(),
+        &membership.token,
+        membership.metrics_token.as_deref(),
+    ));
     let incarnation = ulid::Ulid::new().to_string();
     tracing::info!(name = %membership.name, address = %membership.address, incarnation = %incarnation, "agent serving");
     let (stop, stopped) = watch::channel(false);

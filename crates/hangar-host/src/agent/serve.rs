@@ -59,12 +59,12 @@ fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, Failure> {
     })
 }
 
-fn digest(token: &[u8]) -> [u8; 32] {
+pub(super) fn digest(token: &[u8]) -> [u8; 32] {
     Sha256::digest(token).into()
 }
 
 /// Whether two digests are equal, looking at every byte whatever the first difference.
-fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
+pub(super) fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
     a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
 }
 

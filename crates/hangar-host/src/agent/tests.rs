@@ -21,7 +21,7 @@ use crate::{
 
 const TOKEN: &str = "farm-secret";
 
-const WEB: &str = r#"
+pub(super) const WEB: &str = r#"
 [service.web]
 os = "busybox"
 [[service.web.port]]
@@ -34,7 +34,7 @@ argv = ["httpd"]
 checks = [{ tcp = { port = "http" } }, { http = { port = "http", body_contains = "fake" } }]
 "#;
 
-fn web() -> Service {
+pub(super) fn web() -> Service {
     Catalog::from_toml(WEB)
         .expect("catalog")
         .services()
@@ -115,7 +115,7 @@ fn start_agent() -> TestAgent {
 }
 
 /// A VM of `web` at the service's size (the size its template is keyed by).
-fn plan(id: &str, purpose: Purpose) -> VmPlan {
+pub(super) fn plan(id: &str, purpose: Purpose) -> VmPlan {
     let service = web();
     VmPlan {
         id: id.into(),
@@ -538,6 +538,7 @@ async fn the_agent_registers_heartbeats_reregisters_and_fences() {
         address: address.clone(),
         servers: vec![dead_url, plane_url],
         token: TOKEN.into(),
+        metrics_token: None,
         labels: BTreeMap::from([("zone".to_owned(), "a".to_owned())]),
         cost: 3,
         priority: 5,

@@ -98,6 +98,9 @@ pub enum Command {
         heartbeat: hangar_api::Heartbeat,
     },
     ListHosts,
+    /// The metrics page (Prometheus text): what this process recorded and what the store
+    /// says now.
+    Metrics,
     /// Where a VM would be placed now (a dry run: nothing is made).
     PreviewPlacement(hangar_api::PlacementBody),
     /// The default quota and every user's, with what their VMs take.
@@ -138,6 +141,8 @@ pub enum Reply {
     /// What a registering or reporting agent is told.
     HostReply(hangar_api::HeartbeatReply),
     Hosts(Vec<hangar_api::HostView>),
+    /// A page in Prometheus's text format.
+    Metrics(String),
     Placement(hangar_api::PlacementView),
     Quotas(hangar_api::QuotasView),
     Quota(hangar_api::QuotaView),
@@ -180,6 +185,7 @@ impl RequestHandler for Arc<Manager> {
                 Reply::HostReply(manager.host_heartbeat(&name, heartbeat).await?)
             }
             Command::ListHosts => Reply::Hosts(manager.host_views().await?),
+            Command::Metrics => Reply::Metrics(manager.render_metrics().await?),
             Command::ListQuotas => Reply::Quotas(manager.quota_views().await?),
             Command::SetQuota { user, limits } => {
                 Reply::Quota(manager.set_quota(&user, &limits).await?)

@@ -111,6 +111,17 @@ impl From<hangar_store::StoreError> for ApiError {
     }
 }
 
+impl From<crate::metrics::scrape::ScrapeError> for ApiError {
+    fn from(err: crate::metrics::scrape::ScrapeError) -> ApiError {
+        use crate::metrics::scrape::ScrapeError;
+        match err {
+            ScrapeError::Hosts(err) => err.into(),
+            ScrapeError::Pools(err) => err.into(),
+            ScrapeError::Store(err) => err.into(),
+        }
+    }
+}
+
 impl From<crate::farm::FarmError> for ApiError {
     fn from(err: crate::farm::FarmError) -> ApiError {
         use crate::farm::FarmError;

@@ -27,6 +27,7 @@ pub mod farm_auth;
 pub mod farm_images;
 pub mod imports;
 pub mod json_errors;
+pub mod metrics;
 pub mod placements;
 
 use commands::{Command, Reply, RequestHandler};
@@ -69,6 +70,7 @@ fn routes() -> OpenApiRouter<Arc<Manager>> {
         .routes(routes!(farm::list_hosts, farm::register_host))
         .routes(routes!(farm::host_heartbeat))
         .routes(routes!(placements::preview_placement))
+        .routes(routes!(metrics::metrics))
         .routes(routes!(accounting::list_quotas))
         .routes(routes!(accounting::set_quota))
         .routes(routes!(accounting::get_usage))

@@ -608,6 +608,11 @@ async fn every_answer_matches_its_schema_in_the_openapi_document() {
         .collect();
     assert_eq!(names, ["local", "h1"]);
 
+    // The metrics page (as the admin), in Prometheus's text format, with both hosts.
+    let metrics = api.call("GET", "/metrics", "/metrics", "").await;
+    let page = String::from_utf8_lossy(&metrics.body);
+    assert!(page.contains("hangar_host_up{host=\"h1\"} 1"), "{page}");
+
     // Placement as a dry run: where a VM would go now, and why; nothing is made.
     let ids = |vms: Value| -> Vec<String> {
         vms.as_array()

@@ -1,5 +1,7 @@
 //! The farm token: a random secret in a file only its owner reads, made on first start.
 //! Agents are given it (`hangar agent --token-file`); the server sends it to agents too.
+//! The metrics token (`metrics.token`, what a Prometheus scraper sends) is made the same
+//! way.
 
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -7,18 +9,18 @@ use std::path::Path;
 
 use rand::RngCore;
 
-/// Why the farm token could not be read or made.
+/// Why the farm (or metrics) token could not be read or made.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
-    #[error("farm token file {path}")]
+    #[error("token file {path}")]
     Io {
         path: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("farm token file {path} is readable by others (mode {mode:o}); `chmod 600` it")]
+    #[error("token file {path} is readable by others (mode {mode:o}); `chmod 600` it")]
     Exposed { path: String, mode: u32 },
-    #[error("farm token file {path} is empty or shorter than 16 characters")]
+    #[error("token file {path} is empty or shorter than 16 characters")]
     TooShort { path: String },
 }
 

@@ -35,6 +35,10 @@
 
 use std::time::Duration;
 
+pub mod scrape;
+#[cfg(test)]
+mod tests;
+
 /// Requests granted, by how they were served.
 pub const GRANTS_TOTAL: &str = "hangar_grants_total";
 /// `POST /v1/requests` from validation to the grant (or the error).

@@ -225,6 +225,8 @@ fn csrf_passes(headers: &HeaderMap, text: &str) -> bool {
 enum Who {
     Nobody,
     Farm,
+    /// The metrics token: reads `/metrics`, nothing else.
+    Scraper,
     User(Caller),
 }
 
@@ -267,6 +269,11 @@ pub async fn authenticate(
             if !by_cookie && token_matches(&given, &manager.config.farm_token) =>
         {
             Ok(Who::Farm)
+        }
+        (roles::Need::Metrics, Some(given))
+            if !by_cookie && token_matches(&given, &manager.config.metrics_token) =>
+        {
+            Ok(Who::Scraper)
         }
         (need, Some(given)) => match manager.resolve_token(&given).await {
             Ok(caller) if by_cookie && mutating && !csrf_passes(&parts.headers, &given) => {
@@ -314,6 +321,7 @@ pub async fn authenticate(
     let user = match &who {
         Ok(Who::User(caller)) => caller.user.clone(),
         Ok(Who::Farm) => "farm".to_owned(),
+        Ok(Who::Scraper) => "metrics".to_owned(),
         Ok(Who::Nobody) | Err(_) => refused_user.unwrap_or_else(|| "-".to_owned()),
     };
     let response = match who {
@@ -328,7 +336,7 @@ pub async fn authenticate(
                 Who::Farm => {
                     parts.extensions.insert(FarmTokenUsed);
                 }
-                Who::Nobody => {}
+                Who::Scraper | Who::Nobody => {}
             }
             next.run(Request::from_parts(parts, body)).await
         }

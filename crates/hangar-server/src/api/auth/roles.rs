@@ -7,6 +7,7 @@
 //! | `Role(provisioner)` | provisioners and admins |
 //! | `Role(admin)` | admins |
 //! | `Farm` | the farm token (agents), or an admin |
+//! | `Metrics` | the metrics token (a Prometheus scraper), or an admin |
 //!
 //! Ownership, on top of the table (checked by the handlers, see [`visible`] and
 //! [`may_act`]): a VM belongs to the user whose request made or claimed it. A VM serving
@@ -30,6 +31,9 @@ pub enum Need {
     Role(Role),
     /// The farm token, or an admin's token.
     Farm,
+    /// The metrics token (`DATA_DIR/metrics.token`), or an admin's token: `/metrics`
+    /// shows the farm's shape (hosts, load, VMs by state), more than a user may list.
+    Metrics,
 }
 
 use Need::{Farm, Open};
@@ -99,6 +103,8 @@ pub const RULES: &[(&str, &str, Need)] = &[
     ("POST", "/v1/farm/roots", Farm),
     ("GET", "/v1/farm/os/{os}", Farm),
     ("GET", "/v1/farm/blobs/{sha256}", Farm),
+    // Prometheus: the metrics token.
+    ("GET", "/metrics", Need::Metrics),
 ];
 
 /// What `method route` needs; admin-only for a route the table does not list.
@@ -114,7 +120,7 @@ pub fn role_passes(role: Role, need: Need) -> bool {
     match need {
         Need::Open => true,
         Need::Role(least) => role >= least,
-        Need::Farm => role == Role::Admin,
+        Need::Farm | Need::Metrics => role == Role::Admin,
     }
 }
 

@@ -77,7 +77,7 @@ fn body_for(method: &str, path: &str) -> &'static str {
 fn least_role(method: &str, path: &str) -> Option<Role> {
     match super::roles::need(method, path) {
         super::roles::Need::Role(role) => Some(role),
-        super::roles::Need::Farm => Some(Role::Admin),
+        super::roles::Need::Farm | super::roles::Need::Metrics => Some(Role::Admin),
         super::roles::Need::Open => None,
     }
 }
