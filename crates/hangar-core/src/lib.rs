@@ -1,5 +1,6 @@
 //! hangar's domain model. Pure: no IO, no clocks, no processes.
 //!
+//! - [`alerts`]: alert rules, and when an alert fires and resolves (no flapping).
 //! - [`ids`]: identifiers of VMs and tasks.
 //! - [`exposure`]: which addresses APIs may listen on and endpoints be advertised at.
 //! - [`state`]: the VM state machine and its one `valid_transition`.
@@ -13,6 +14,7 @@
 //! - [`role`]: the roles of users and API tokens.
 //! - [`suggest`]: closest names, for errors that offer alternatives.
 
+pub mod alerts;
 pub mod catalog;
 pub mod components;
 pub mod compose;

@@ -16,10 +16,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use hangar_core::Mode;
 use hangar_core::VmState;
+pub use hangar_core::alerts::Alert;
 pub use hangar_core::quota::{Limits, Usage};
 pub use hangar_core::usage::UsageEvent;
 
 mod access;
+mod alerts;
 mod error;
 mod lease;
 mod postgres;
@@ -434,6 +436,17 @@ pub trait Store: Send + Sync {
 
     /// Forgets a claimed key that has no answer (its call failed; a retry runs again).
     async fn release_idempotency_key(&self, user: &str, key: &str) -> Result<(), StoreError>;
+
+    // ---- alerts ----
+
+    /// Every alert kept (pending, firing and resolved), by key.
+    async fn alerts(&self) -> Result<Vec<Alert>, StoreError>;
+
+    /// Writes `alert`, inserted or replacing the one of its key.
+    async fn put_alert(&self, alert: &Alert) -> Result<(), StoreError>;
+
+    /// Removes the alert of `key`; returns whether there was one.
+    async fn remove_alert(&self, key: &str) -> Result<bool, StoreError>;
 }
 
 /// The states in which a VM counts with its vCPUs and memory against its owner's quota.

@@ -12,11 +12,13 @@ use crate::*;
 
 mod access;
 mod accounting;
+mod alerts;
 mod facts;
 mod leases;
 
 use access::*;
 use accounting::*;
+use alerts::*;
 use facts::*;
 use leases::*;
 
@@ -540,4 +542,5 @@ conformance!(
     the_audit_log_keeps_order_and_reads_by_time,
     an_idempotency_key_is_claimed_once_answered_and_released,
     concurrent_claims_of_a_key_have_one_holder,
+    alerts_are_kept_replaced_and_removed,
 );

@@ -25,6 +25,7 @@ use crate::{
 };
 
 mod accounting;
+mod alerts;
 pub(crate) mod rows;
 mod schema;
 
@@ -1090,5 +1091,17 @@ impl Store for PgStore {
         )
         .await?;
         Ok(())
+    }
+
+    async fn alerts(&self) -> Result<Vec<crate::Alert>, StoreError> {
+        self.alerts_now().await
+    }
+
+    async fn put_alert(&self, alert: &crate::Alert) -> Result<(), StoreError> {
+        self.put_alert_now(alert).await
+    }
+
+    async fn remove_alert(&self, key: &str) -> Result<bool, StoreError> {
+        self.remove_alert_now(key).await
     }
 }

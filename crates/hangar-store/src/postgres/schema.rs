@@ -219,6 +219,19 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         done          BOOLEAN NOT NULL DEFAULT FALSE,
         PRIMARY KEY (task_id, seq)
     );",
+    // Alerts: each one's phase and times, so every replica answers the same and a new
+    // leader does not announce again what fired before it led.
+    "CREATE TABLE alerts (
+        key             TEXT PRIMARY KEY,
+        kind            TEXT NOT NULL,
+        labels          TEXT NOT NULL,
+        summary         TEXT NOT NULL,
+        phase           TEXT NOT NULL,
+        active_since_ms BIGINT NOT NULL,
+        firing_since_ms BIGINT,
+        clear_since_ms  BIGINT,
+        resolved_at_ms  BIGINT
+    );",
 ];
 
 /// Brings the schema up to the newest version. [`StoreError::SchemaTooNew`] when a newer

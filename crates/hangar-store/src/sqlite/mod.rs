@@ -19,6 +19,7 @@ use crate::{
 };
 
 mod accounting;
+mod alerts;
 pub(crate) mod rows;
 pub(crate) mod schema;
 
@@ -1063,6 +1064,18 @@ impl Store for SqliteStore {
             params![user, key],
         )?;
         Ok(())
+    }
+
+    async fn alerts(&self) -> Result<Vec<crate::Alert>, StoreError> {
+        self.alerts_now()
+    }
+
+    async fn put_alert(&self, alert: &crate::Alert) -> Result<(), StoreError> {
+        self.put_alert_now(alert)
+    }
+
+    async fn remove_alert(&self, key: &str) -> Result<bool, StoreError> {
+        self.remove_alert_now(key)
     }
 }
 
