@@ -428,6 +428,16 @@ impl Client {
             .await
     }
 
+    /// `GET /v1/alerts`: firing alerts; with `all`, pending and resolved ones too.
+    pub async fn alerts(&self, all: bool) -> Result<Vec<crate::AlertView>, ClientError> {
+        let mut url = self.url(&["v1", "alerts"]);
+        if all {
+            url.query_pairs_mut().append_pair("all", "true");
+        }
+        let response = self.send(Method::GET, url.clone(), None::<&()>).await?;
+        decode(Method::GET, &url, response).await.map(|(v, _)| v)
+    }
+
     /// `GET /v1/quotas`: the default quota and every user's, with what their VMs take.
     pub async fn quotas(&self) -> Result<crate::QuotasView, ClientError> {
         self.call(Method::GET, &["v1", "quotas"], None::<&()>).await

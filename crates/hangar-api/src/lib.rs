@@ -6,6 +6,7 @@
 //! OpenAPI document served at `/v1/openapi.json` is generated from the same definitions.
 
 pub mod accounting;
+pub mod alerts;
 pub mod client;
 pub mod error;
 pub mod farm;
@@ -27,6 +28,7 @@ pub use accounting::{
     Limits, Prices, QuotaBody, QuotaSource, QuotaView, QuotasView, Usage, UsageBy, UsageQuery,
     UsageRow, UsageView,
 };
+pub use alerts::{AlertNotice, AlertQuery, AlertView, NoticeAlert};
 pub use client::{BadUrl, BlobDownload, Client, ClientError, Download, Timed};
 pub use error::{ErrorBody, ErrorDetail};
 pub use farm::{Heartbeat, HeartbeatReply, HostFactsView, HostRegistration, HostView, HostVmView};

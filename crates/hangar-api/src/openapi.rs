@@ -9,6 +9,9 @@ use crate::*;
 #[openapi(
     info(title = "hangar", description = "Virtual machines as services"),
     components(schemas(
+        AlertView,
+        AlertNotice,
+        NoticeAlert,
         ImportView,
         AcceptedView,
         SessionBody,

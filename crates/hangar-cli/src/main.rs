@@ -14,8 +14,8 @@ mod error;
 mod output;
 
 use commands::{
-    accounting, agent, auth, bench as bench_cmd, check, export, hosts, images, imports, policies,
-    pools, request, server, services, tasks, templates, vms,
+    accounting, agent, alerts, auth, bench as bench_cmd, check, export, hosts, images, imports,
+    policies, pools, request, server, services, tasks, templates, vms,
 };
 use error::CliError;
 use hangar_api::client::Client;
@@ -119,6 +119,18 @@ enum Command {
     /// their cost, per user, service, host or VM.
     #[command(after_help = "Example: hangar usage --since 1h --by service --csv")]
     Usage(accounting::UsageArgs),
+    /// Alerts raised by the server's rules (host down, pool empty while requested, host
+    /// disk or memory, pool memory budget, VMs crashing, failed migrations): firing ones,
+    /// or with --all pending and resolved ones too.
+    #[command(
+        after_help = "Rules are set with `hangar server --alerts FILE` (TOML), for example:\n  \
+        [webhook]\n  url = \"http://10.0.0.5:9093/hangar\"\n  [rules.host_down]\n  hold = \"10s\"\n  \
+        [rules.host_memory]\n  above_percent = 85\n  for = \"2m\"\n\
+        Rules: host_down, pool_empty, host_disk (free_below_mib), host_memory and pool_memory\n\
+        (above_percent), vm_crashing (failures, window), migration_failed (window); each with\n\
+        enabled, for (true this long before firing) and hold (false this long before resolving)."
+    )]
+    Alerts(alerts::AlertsArgs),
     /// Benchmarks: hangar's performance table side by side with libvirt (`hangar bench
     /// --quick`), or `hangar bench pool`. They start their own server in a temporary data dir.
     #[command(disable_help_flag = true)]
@@ -234,6 +246,7 @@ async fn client_command(
         Command::Quotas(args) => accounting::list(client, args).await,
         Command::Quota { command } => accounting::run(client, command).await,
         Command::Usage(args) => accounting::usage(client, args).await,
+        Command::Alerts(args) => alerts::list(client, args).await,
         Command::Sleep(args) => vms::sleep(client, args).await,
         Command::Archive(args) => vms::archive(client, args).await,
         Command::Wake(args) => vms::wake(client, args).await,

@@ -1,6 +1,7 @@
 //! hangar's control plane: `hangar server`. One folder per concern; [`manager::Manager`]
 //! composes them.
 //!
+//! - [`alerts`]: alert rules watched by the leader; the log and webhook sinks.
 //! - [`api`]: the REST API under `/v1` (+ `/healthz`, `/v1/openapi.json`) and the one
 //!   mapping from errors to HTTP answers ([`api::error`]).
 //! - [`requests`]: the request path, top-down (shared VM, woken VM, pool grant, new VM),
@@ -30,6 +31,7 @@ use hangar_core::Catalog;
 use hangar_vmm::Accel;
 use hangar_vmm::qemu::{QemuBackend, QemuConfig};
 
+pub mod alerts;
 pub mod api;
 pub mod endpoints;
 pub mod farm;
@@ -129,6 +131,9 @@ pub struct ServerConfig {
     pub default_quota: hangar_core::quota::Limits,
     /// Prices of what usage metering counts.
     pub prices: hangar_core::usage::Prices,
+    /// An alert rules file (TOML, [`hangar_core::alerts::AlertConfig::from_toml`]);
+    /// `None`: every rule with its defaults, the log as the only sink.
+    pub alerts: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -158,6 +163,18 @@ pub enum ServerError {
         path: String,
         #[source]
         source: hangar_core::CatalogError,
+    },
+    #[error("cannot read alert rules {path}: {source}")]
+    AlertsRead {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("alert rules {path}: {source}")]
+    Alerts {
+        path: String,
+        #[source]
+        source: hangar_core::alerts::AlertConfigError,
     },
     #[error(transparent)]
     FarmToken(#[from] farm::token::TokenError),
@@ -198,6 +215,21 @@ pub fn load_catalog(path: Option<&Path>) -> Result<Catalog, ServerError> {
         source,
     })?;
     Catalog::from_toml(&text).map_err(|source| ServerError::Catalog {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Loads the alert rules named by the config, or the defaults.
+pub fn load_alerts(path: Option<&Path>) -> Result<hangar_core::alerts::AlertConfig, ServerError> {
+    let Some(path) = path else {
+        return Ok(hangar_core::alerts::AlertConfig::default());
+    };
+    let text = std::fs::read_to_string(path).map_err(|source| ServerError::AlertsRead {
+        path: path.display().to_string(),
+        source,
+    })?;
+    hangar_core::alerts::AlertConfig::from_toml(&text).map_err(|source| ServerError::Alerts {
         path: path.display().to_string(),
         source,
     })
@@ -315,6 +347,7 @@ pub async fn run(
             .unwrap_or_else(|| data_dir.join("secrets.key")),
     )?;
     let catalog = Arc::new(load_catalog(config.catalog.as_deref())?);
+    let alerts = load_alerts(config.alerts.as_deref())?;
     let store_location = match &config.store {
         Some(location) => location.clone(),
         None => data_dir.join("hangar.db").display().to_string(),
@@ -445,6 +478,7 @@ pub async fn run(
             secrets_key,
             default_quota: config.default_quota,
             prices: config.prices,
+            alerts,
             ..ManagerConfig::default()
         },
     );
@@ -515,6 +549,7 @@ pub async fn run(
     let pool_loop = manager.spawn_pool_loop();
     let lifecycle_loop = manager.spawn_lifecycle_loop();
     let image_loop = manager.spawn_image_loop();
+    let alert_loop = manager.spawn_alert_loop();
 
     tracing::info!(%addr, data_dir = %data_dir.display(), "hangar server listening");
     let manager_for_shutdown = manager.clone();
@@ -535,6 +570,7 @@ pub async fn run(
     pool_loop.abort();
     lifecycle_loop.abort();
     image_loop.abort();
+    alert_loop.abort();
     drop(lock);
     served.map_err(ServerError::Serve)
 }

@@ -64,6 +64,8 @@ pub struct ManagerConfig {
     pub models_dir: Option<std::path::PathBuf>,
     /// The most an imported image may be, uploaded and virtually.
     pub import_limits: hangar_image::import::ImportLimits,
+    /// Alert rules and sinks (default: every rule on, the log only).
+    pub alerts: hangar_core::alerts::AlertConfig,
 }
 
 impl Default for ManagerConfig {
@@ -93,6 +95,7 @@ impl Default for ManagerConfig {
             prices: hangar_core::usage::Prices::default(),
             models_dir: None,
             import_limits: hangar_image::import::ImportLimits::default(),
+            alerts: hangar_core::alerts::AlertConfig::default(),
         }
     }
 }

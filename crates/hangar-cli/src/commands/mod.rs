@@ -2,6 +2,7 @@
 
 pub mod accounting;
 pub mod agent;
+pub mod alerts;
 pub mod auth;
 pub mod bench;
 pub mod check;

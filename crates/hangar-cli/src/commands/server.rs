@@ -145,6 +145,11 @@ pub struct ServerArgs {
         env = "HANGAR_PRICE_ARCHIVE_GB_HOUR"
     )]
     price_archive_gb_hour: f64,
+    /// Alert rules (TOML): thresholds, `for` and `hold` times, and a webhook to POST
+    /// firing and resolved alerts to (see `hangar alerts --help`) [default: every rule
+    /// with its defaults; alerts go to the log and `hangar alerts`].
+    #[arg(long, value_name = "FILE", env = "HANGAR_ALERTS")]
+    alerts: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -229,6 +234,7 @@ pub async fn run(args: ServerArgs) -> ExitCode {
             sleeping_gib_hour: args.price_sleeping_gib_hour,
             archive_gb_hour: args.price_archive_gb_hour,
         },
+        alerts: args.alerts,
     };
     match hangar_server::run(config, shutdown_signal()).await {
         Ok(()) => {

@@ -117,6 +117,10 @@ pub enum Command {
         by: hangar_api::UsageBy,
         owner: Option<String>,
     },
+    /// Firing alerts; with `all`, pending and resolved ones too.
+    ListAlerts {
+        all: bool,
+    },
 }
 
 /// What a command answers.
@@ -147,6 +151,7 @@ pub enum Reply {
     Quotas(hangar_api::QuotasView),
     Quota(hangar_api::QuotaView),
     Usage(hangar_api::UsageView),
+    Alerts(Vec<hangar_api::AlertView>),
 }
 
 impl Reply {
@@ -187,6 +192,7 @@ impl RequestHandler for Arc<Manager> {
             Command::ListHosts => Reply::Hosts(manager.host_views().await?),
             Command::Metrics => Reply::Metrics(manager.render_metrics().await?),
             Command::ListQuotas => Reply::Quotas(manager.quota_views().await?),
+            Command::ListAlerts { all } => Reply::Alerts(manager.alert_views(all).await?),
             Command::SetQuota { user, limits } => {
                 Reply::Quota(manager.set_quota(&user, &limits).await?)
             }

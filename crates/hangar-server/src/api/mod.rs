@@ -19,6 +19,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 pub mod accounting;
+pub mod alerts;
 pub mod auth;
 pub mod commands;
 pub mod error;
@@ -74,6 +75,7 @@ fn routes() -> OpenApiRouter<Arc<Manager>> {
         .routes(routes!(accounting::list_quotas))
         .routes(routes!(accounting::set_quota))
         .routes(routes!(accounting::get_usage))
+        .routes(routes!(alerts::list_alerts))
         .routes(routes!(farm_images::farm_assets))
         .routes(routes!(farm_images::farm_root))
         .routes(routes!(farm_images::farm_os))

@@ -95,6 +95,8 @@ pub const RULES: &[(&str, &str, Need)] = &[
     ("GET", "/v1/quotas", ADMIN),
     ("PUT", "/v1/quotas/{user}", ADMIN),
     ("GET", "/v1/usage", ACCESS),
+    // Alerts: read by provisioners (operators) and admins.
+    ("GET", "/v1/alerts", PROVISIONER),
     // The farm: agents with the farm token.
     ("GET", "/v1/hosts", Farm),
     ("POST", "/v1/hosts", Farm),
