@@ -720,6 +720,15 @@ async fn every_answer_matches_its_schema_in_the_openapi_document() {
     assert_eq!(over.status, StatusCode::TOO_MANY_REQUESTS);
     api.call("PUT", quota, "/v1/quotas/admin", "{}").await;
     api.call("GET", "/v1/quotas", "/v1/quotas", "").await;
+    for uri in ["/v1/alerts", "/v1/alerts?all=true"] {
+        let alerts = api.call("GET", "/v1/alerts", uri, "").await;
+        assert_eq!(alerts.status, StatusCode::OK);
+        assert!(alerts.json().is_array());
+    }
+    let bad = api
+        .call("GET", "/v1/alerts", "/v1/alerts?all=maybe", "")
+        .await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
     for (uri, status) in [
         ("/v1/usage", StatusCode::OK),
         ("/v1/usage?since=1h&by=service", StatusCode::OK),
