@@ -13,22 +13,10 @@ use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use farm::{Agent, FarmServer, host_state, wait_for};
+use farm::{Agent, FarmServer, host_state, skip_without_namespaces, wait_for};
 use hangar_test_farm::FarmNet;
 use hangar_test_postgres::TestDatabase;
 use serde_json::Value;
-
-fn skip_without_namespaces() -> bool {
-    if common::store_is_postgres() {
-        eprintln!("skipping: the farm tests run on PostgreSQL in the first pass already");
-        return true;
-    }
-    if let Err(err) = FarmNet::available() {
-        eprintln!("skipping: {err}");
-        return true;
-    }
-    false
-}
 
 /// A webhook receiver on loopback: every POST's JSON body, in the order received.
 struct Receiver {

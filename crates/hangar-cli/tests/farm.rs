@@ -15,22 +15,10 @@ mod farm;
 
 use std::time::{Duration, Instant};
 
-use farm::{Agent, FarmServer, host_state, hosts, page, wait_for};
+use farm::{Agent, FarmServer, host_state, hosts, page, skip_without_namespaces, wait_for};
 use hangar_test_farm::FarmNet;
 use hangar_test_postgres::TestDatabase;
 use serde_json::Value;
-
-fn skip_without_namespaces() -> bool {
-    if common::store_is_postgres() {
-        eprintln!("skipping: the farm tests run on PostgreSQL in the first pass already");
-        return true;
-    }
-    if let Err(err) = FarmNet::available() {
-        eprintln!("skipping: {err}");
-        return true;
-    }
-    false
-}
 
 #[test]
 fn three_hosts_spread_isolate_pull_and_survive_a_lost_host() {

@@ -16,6 +16,20 @@ use hangar_test_farm::FarmNet;
 use hangar_test_postgres::TestDatabase;
 use serde_json::Value;
 
+/// Whether a farm test should skip itself (says why): in the PostgreSQL pass (farm tests
+/// always run on PostgreSQL, in the first pass), or where network namespaces cannot be made.
+pub fn skip_without_namespaces() -> bool {
+    if crate::common::store_is_postgres() {
+        eprintln!("skipping: the farm tests run on PostgreSQL in the first pass already");
+        return true;
+    }
+    if let Err(err) = FarmNet::available() {
+        eprintln!("skipping: {err}");
+        return true;
+    }
+    false
+}
+
 /// A `hangar server` without a host of its own, listening on the farm's bridge.
 pub struct FarmServer {
     pub data_dir: tempfile::TempDir,
