@@ -45,11 +45,14 @@ fn pattern(text: &str) -> Vec<bool> {
     text.chars().map(|c| c == '#').collect()
 }
 
+/// Observations (`#` true, `.` false), `for` s, `hold` s, transitions (second, which).
+type Case = (&'static str, u64, u64, &'static [(u64, Transition)]);
+
 #[test]
 fn table_of_episodes() {
     use Transition::{Fired, Resolved};
     // (observations, for s, hold s, transitions (second, which))
-    let cases: &[(&str, u64, u64, &[(u64, Transition)])] = &[
+    let cases: &[Case] = &[
         // Fires at once with no `for`, resolves after `hold` of falses.
         ("##.....", 0, 3, &[(1, Fired), (6, Resolved)]),
         // Pending for `for`; a blip shorter than `for` never fires.

@@ -59,20 +59,18 @@ pub fn host_observations(
     let mut rooms: Vec<(&str, Room)> = local.into_iter().collect();
     for host in hosts {
         match host.state {
-            HostState::Down | HostState::Lost if !host.address.is_empty() => {
-                if down.enabled {
-                    let state = host.state.as_str();
-                    let silent_s = now_ms.saturating_sub(host.last_heartbeat_ms) / 1000;
-                    seen.push(observation(
-                        AlertKind::HostDown,
-                        &host.name,
-                        &[("host", &host.name), ("state", state)],
-                        format!(
-                            "host {} is {state}: no heartbeat for {silent_s}s",
-                            host.name
-                        ),
-                    ));
-                }
+            HostState::Down | HostState::Lost if !host.address.is_empty() && down.enabled => {
+                let state = host.state.as_str();
+                let silent_s = now_ms.saturating_sub(host.last_heartbeat_ms) / 1000;
+                seen.push(observation(
+                    AlertKind::HostDown,
+                    &host.name,
+                    &[("host", &host.name), ("state", state)],
+                    format!(
+                        "host {} is {state}: no heartbeat for {silent_s}s",
+                        host.name
+                    ),
+                ));
             }
             HostState::Up | HostState::Draining => {
                 if let Ok(info) = serde_json::from_value::<HostInfo>(host.facts.clone()) {
