@@ -383,6 +383,16 @@ impl Client {
             .await
     }
 
+    /// `POST /v1/vms/{id}/migrate`: starts moving a VM to farm host `to` (admins only);
+    /// answers 202 with the `migrate` task (follow it with [`Client::task`], cancel it with
+    /// [`Client::cancel_task`]). 404 for no such VM or host, 409 when the VM cannot move
+    /// there now (its state, the host's, room, isolation, a migration under way).
+    pub async fn migrate(&self, id: &str, to: &str) -> Result<AcceptedView, ClientError> {
+        let body = MigrateBody { to: to.to_owned() };
+        self.call(Method::POST, &["v1", "vms", id, "migrate"], Some(&body))
+            .await
+    }
+
     /// `GET /v1/pools`: the warm pools and what they hold.
     pub async fn pools(&self) -> Result<Vec<PoolView>, ClientError> {
         self.call(Method::GET, &["v1", "pools"], None::<&()>).await

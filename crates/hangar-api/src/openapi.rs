@@ -22,6 +22,7 @@ use crate::*;
         HostEvent,
         TemplateEvent,
         ArchiveBody,
+        MigrateBody,
         ArchiveView,
         AuditView,
         CreatedTokenView,

@@ -1,4 +1,5 @@
-//! `GET /v1/vms`, `GET|DELETE /v1/vms/{id}` and `POST /v1/vms/{id}/{sleep,archive,wake}`.
+//! `GET /v1/vms`, `GET|DELETE /v1/vms/{id}` and
+//! `POST /v1/vms/{id}/{sleep,archive,wake,migrate}`.
 
 use std::collections::BTreeMap;
 
@@ -38,6 +39,10 @@ pub struct VmView {
     /// When it entered its current state (RFC 3339).
     pub state_since: String,
     pub boot_ms: Option<u64>,
+    /// The host it is being migrated to, while a migration runs (`host` is where it is
+    /// until the migration ends).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moving_to: Option<String>,
 }
 
 /// A VM's memory archive.
@@ -69,4 +74,12 @@ pub struct ArchiveBody {
     /// cloned from; a VM not cloned from one is archived with `zstd`).
     #[serde(default)]
     pub tier: TierChoice,
+}
+
+/// Where to move a VM (`POST /v1/vms/{id}/migrate`, admins only).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateBody {
+    /// The farm host to move it to.
+    pub to: String,
 }

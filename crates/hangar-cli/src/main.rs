@@ -15,7 +15,7 @@ mod output;
 
 use commands::{
     accounting, agent, alerts, auth, bench as bench_cmd, check, export, hosts, images, imports,
-    policies, pools, request, server, services, tasks, templates, vms,
+    migrate, policies, pools, request, server, services, tasks, templates, vms,
 };
 use error::CliError;
 use hangar_api::client::Client;
@@ -141,6 +141,10 @@ enum Command {
     Archive(vms::ArchiveArgs),
     /// Bring a sleeping or archived VM back.
     Wake(vms::VmArg),
+    /// Move a VM to another farm host (admins only), showing progress: a sleeping or
+    /// archived VM by its snapshot, an active one live. Cancel with `hangar task cancel`.
+    #[command(after_help = "Example:\n  hangar migrate vm-3f2a --to host-b")]
+    Migrate(migrate::MigrateArgs),
     /// Delete VMs: their processes, disks, sockets and logs.
     Rm(vms::RmArgs),
     /// Recent tasks (VM creation and other long operations).
@@ -250,6 +254,7 @@ async fn client_command(
         Command::Sleep(args) => vms::sleep(client, args).await,
         Command::Archive(args) => vms::archive(client, args).await,
         Command::Wake(args) => vms::wake(client, args).await,
+        Command::Migrate(args) => migrate::run(client, args).await,
         Command::Rm(args) => vms::rm(client, args).await,
         Command::Tasks(args) => tasks::list(client, args).await,
         Command::Build(args) => images::build(client, args).await,

@@ -241,6 +241,15 @@ impl HostFacts {
     }
 }
 
+/// Whether `host` may take `vm`, moved there from another host (a migration or an
+/// evacuation): the eligibility rules of the module's rule 1 (up, not draining; the labels;
+/// no VM of its isolation group; room), without ranking. The VM's own use must not be
+/// counted in `host` (it is on another host until it moves). `Err` says the first rule
+/// the host breaks.
+pub fn check_destination(host: &HostFacts, vm: &VmNeeds) -> Result<(), Exclusion> {
+    host.check(vm).map_err(|reason| host.exclusion(vm, reason))
+}
+
 /// How much a VM matters, for where it goes (rule 3 of the module).
 #[derive(
     Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,

@@ -275,6 +275,68 @@ pub struct IncomingVm {
     pub process: Option<u32>,
 }
 
+/// An archived VM as a peer pulls it to run it there instead (a cold migration): its
+/// files by content hash, and the content identity of the read-only files it runs over.
+/// The destination resolves those to its own copies (same hashes) and refuses when it
+/// holds other ones, so the VM wakes there exactly as it would have on its source.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmBundle {
+    pub id: String,
+    /// The VM's launch record on the source (its paths are the source's).
+    pub launch: LaunchRecord,
+    pub tier: ArchiveTier,
+    /// The archive's memory and device state.
+    pub memory: hangar_api::Blob,
+    /// The VM's own disk layer (a qcow2 over its base), if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<hangar_api::Blob>,
+    /// The sha256 of each read-only file the launch record names (kernel, initramfs, base
+    /// disk, layers), by its path on the source; a clone's template files are named by
+    /// [`VmBundle::template`] instead.
+    pub files: BTreeMap<String, String>,
+    /// For a VM cloned from a template: the template the destination must hold (its disk
+    /// layer and, for a mapped template, its RAM are what the VM runs over).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<TemplateRef>,
+    /// The QEMU that wrote the archive: a restore needs a compatible one.
+    pub qemu_version: String,
+}
+
+/// A template by its content identity (see [`TemplateBundle::content_key`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateRef {
+    pub service: String,
+    pub content_key: String,
+}
+
+/// What a host needs besides the bundle to take an archived VM ([`Host::pull_vm`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmArrival {
+    pub bundle: VmBundle,
+    /// The services the VM offers (their ports get host ports here; a clone's template is
+    /// looked up by its service).
+    pub services: Vec<Service>,
+    /// The OS its root runs, when not its service's own (the request's `os` setting).
+    #[serde(default)]
+    pub os: Option<String>,
+    /// The VM's direct endpoints on the source, by port name: which guest ports get a host
+    /// port here.
+    pub direct_endpoints: BTreeMap<String, String>,
+    /// The source host's agent, where the bundle's files are pulled from.
+    pub from: PeerSource,
+}
+
+/// An archived VM taken in by [`Host::pull_vm`]: what the control plane records of it on
+/// its new host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PulledVm {
+    pub launch: LaunchRecord,
+    /// Its own port forwards here, by port name.
+    pub direct_endpoints: BTreeMap<String, String>,
+    /// Bytes pulled from the source.
+    pub bytes: u64,
+}
+
 /// What a host has, for placement and listings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HostFacts {
@@ -401,6 +463,9 @@ pub enum HostError {
     /// A peer's template cannot be used here; the text says why.
     #[error("template: {0}")]
     Template(String),
+    /// A VM cannot move to or from this host (cold migration); the text says why.
+    #[error("migration: {0}")]
+    Migration(String),
     /// The control plane knows no host of this name (or, empty, has no host of its own).
     #[error("no host {0:?} is known to this server")]
     Unknown(String),
@@ -621,4 +686,29 @@ pub trait Host: Send + Sync + 'static {
 
     /// Destination: waits for VM `id`'s state to arrive and runs it.
     async fn migrate_finish(&self, id: &str) -> Result<Adopted, HostError>;
+
+    /// Archived VM `id` as a bundle a peer can pull to take it over (a cold migration):
+    /// its archive and disk layer hashed and offered through [`Host::template_blob`] until
+    /// the VM's files go ([`Host::destroy`]). Refused for a VM without a complete archive
+    /// here, or whose files cannot be named by content.
+    async fn vm_bundle(&self, id: &str) -> Result<VmBundle, HostError> {
+        Err(HostError::Migration(format!(
+            "host {} cannot offer VM {id}'s files to peers",
+            self.name()
+        )))
+    }
+
+    /// Takes in an archived VM from a peer ([`VmArrival`]): its read-only files resolved
+    /// to this host's copies by hash (a clone's template must be held here, same content
+    /// key), its archive and disk layer pulled from the peer by hash (verified), the disk
+    /// layer pointed at this host's base, host ports chosen for its services. Afterwards
+    /// the VM is archived here: [`Host::wake`] with the returned launch record restores
+    /// it. On error nothing of it is left here. The source keeps its copy.
+    async fn pull_vm(&self, arrival: &VmArrival) -> Result<PulledVm, HostError> {
+        Err(HostError::Migration(format!(
+            "host {} cannot take VM {} from a peer",
+            self.name(),
+            arrival.bundle.id
+        )))
+    }
 }

@@ -549,6 +549,17 @@ impl Host for RemoteHost {
         .await
     }
 
+    async fn vm_bundle(&self, id: &str) -> Result<crate::VmBundle, HostError> {
+        // Hashes the VM's archive and disk layer (a second or so per 100 MiB).
+        self.call(Method::POST, &["vms", id, "bundle"], NONE, LONG_TIMEOUT)
+            .await
+    }
+
+    async fn pull_vm(&self, arrival: &crate::VmArrival) -> Result<crate::PulledVm, HostError> {
+        self.call(Method::POST, &["vms", "pull"], Some(arrival), LONG_TIMEOUT)
+            .await
+    }
+
     async fn remove_template(&self, id: &str) -> Result<(), HostError> {
         self.call(
             Method::POST,

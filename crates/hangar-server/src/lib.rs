@@ -40,6 +40,7 @@ pub mod imports;
 pub mod lifecycle;
 pub mod manager;
 pub mod metrics;
+pub mod migration;
 pub mod pools;
 pub mod quotas;
 pub mod rebalance;

@@ -139,6 +139,8 @@ pub struct Manager {
     pub(crate) auth: crate::api::auth::AuthRuntime,
     /// The live events' poller (`GET /v1/events`).
     pub(crate) events: crate::web::events::Hub,
+    /// Migrations in flight (`crate::migration`).
+    pub(crate) migrations: crate::migration::MigrationRuntime,
 }
 
 /// What start-up reconciliation found and did.
@@ -196,6 +198,7 @@ impl Manager {
             quotas: crate::quotas::QuotaRuntime::default(),
             auth: crate::api::auth::AuthRuntime::default(),
             events: crate::web::events::Hub::default(),
+            migrations: crate::migration::MigrationRuntime::default(),
         })
     }
 

@@ -34,7 +34,7 @@ pub use lease::LeaseRecord;
 pub use postgres::PgStore;
 pub use records::{
     ArchiveRecord, HostRecord, HostState, HostUse, ImportRecord, StepOutcome, TaskRecord,
-    TaskState, TaskStep, TaskUndo, TemplateRecord, VmRecord,
+    TaskState, TaskStep, TaskUndo, TemplateRecord, VmMove, VmRecord,
 };
 pub use sqlite::SqliteStore;
 
@@ -157,6 +157,13 @@ pub trait Store: Send + Sync {
         pid: Option<u32>,
         spec: &serde_json::Value,
     ) -> Result<(), StoreError>;
+
+    /// Moves a VM to another host (a migration): host, process, launch record and direct
+    /// endpoints written at once, only if it is still on `m.from` in state `m.state`
+    /// (checked in the same statement). Returns whether it was moved; `false` when it was
+    /// not there in that state any more (nothing written). [`StoreError::NotFound`] is not
+    /// used: an unknown VM is `false` too.
+    async fn move_vm(&self, m: &VmMove) -> Result<bool, StoreError>;
 
     /// Records what a VM offers after an OS image was attached to a shell: services, OS,
     /// endpoints and the direct endpoints behind them.

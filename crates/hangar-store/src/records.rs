@@ -207,6 +207,24 @@ impl HostState {
     }
 }
 
+/// A VM moved to another host ([`crate::Store::move_vm`]): where it runs from now on and
+/// what that host made of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmMove {
+    pub id: String,
+    /// The host it is recorded on now; the move is refused if it is on another.
+    pub from: String,
+    /// The state it must be in now (and stays in); the move is refused otherwise.
+    pub state: VmState,
+    pub to: String,
+    /// Its process on `to`, if it has one there.
+    pub pid: Option<u32>,
+    /// Its launch record on `to`.
+    pub spec: serde_json::Value,
+    /// Its own port forwards on `to` (its stable endpoints do not change).
+    pub direct_endpoints: BTreeMap<String, String>,
+}
+
 /// What the VMs recorded on one host take of it, summed ([`crate::Store::vm_use_by_host`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostUse {

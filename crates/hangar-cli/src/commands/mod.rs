@@ -10,6 +10,7 @@ pub mod export;
 pub mod hosts;
 pub mod images;
 pub mod imports;
+pub mod migrate;
 pub mod policies;
 pub mod pools;
 pub mod request;

@@ -98,6 +98,12 @@ async fn show(client: &Client, args: TaskArgs) -> Result<(), CliError> {
 
 /// `hangar task wait ID`: progress until the task ends; an error unless it succeeded.
 async fn wait(client: &Client, id: &str) -> Result<(), CliError> {
+    ended(&follow(client, id).await?)
+}
+
+/// Shows task `id`'s progress on stderr (a bar on a terminal, a line per stage otherwise)
+/// until it ends; returns it as it ended.
+pub async fn follow(client: &Client, id: &str) -> Result<TaskView, CliError> {
     let mut progress = Progress::start();
     loop {
         let task = client.task(id).await?;
@@ -107,7 +113,7 @@ async fn wait(client: &Client, id: &str) -> Result<(), CliError> {
         );
         if task.ended() {
             progress.finish();
-            return ended(&task);
+            return Ok(task);
         }
         tokio::time::sleep(POLL).await;
     }

@@ -60,9 +60,13 @@ pub async fn list(client: &Client, args: VmsArgs) -> Result<(), CliError> {
         if let Some(error) = &vm.error {
             state = format!("{state}: {error}");
         }
+        let host = match &vm.moving_to {
+            Some(to) => format!("{} -> {to}", vm.host),
+            None => vm.host.clone(),
+        };
         vec![
             vm.id.clone(),
-            vm.host.clone(),
+            host,
             vm.services.join(","),
             endpoints,
             format!("{}/{}", vm.vcpus, vm.memory_mib),

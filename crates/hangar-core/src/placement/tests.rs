@@ -40,6 +40,54 @@ fn chosen<'a>(hosts: &'a [HostFacts], vm: &VmNeeds) -> &'a str {
 }
 
 #[test]
+fn a_draining_host_takes_nothing_new_and_no_move() {
+    let mut draining = host("a", 0, 1);
+    draining.state = HostState::Draining;
+    let hosts = [draining.clone(), host("b", 6, 5)];
+    let vm = VmNeeds::new(1, 512);
+    assert_eq!(
+        chosen(&hosts, &vm),
+        "b",
+        "the busier, dearer host that is up"
+    );
+    assert_eq!(
+        check_destination(&draining, &vm),
+        Err(Exclusion::NotUp(HostState::Draining))
+    );
+    let only = [draining];
+    let err = choose_host(&only, &vm).unwrap_err();
+    assert_eq!(err.ruled_out.not_up, 1, "{err}");
+}
+
+#[test]
+fn a_destination_is_checked_by_the_placement_rules_in_order() {
+    let vm = on(isolated("db"), &[("zone", "a")]);
+    let mut dest = host("d", 0, 1);
+    assert!(matches!(
+        check_destination(&dest, &vm),
+        Err(Exclusion::Label { .. })
+    ));
+    dest.labels.insert("zone".into(), "a".into());
+    assert_eq!(check_destination(&dest, &vm), Ok(()));
+    dest.groups.insert("db".into());
+    assert_eq!(
+        check_destination(&dest, &vm),
+        Err(Exclusion::Isolation("db".into()))
+    );
+    dest.groups.clear();
+    dest.used_memory_mib = dest.memory_mib;
+    assert!(matches!(
+        check_destination(&dest, &vm),
+        Err(Exclusion::NoRoom { .. })
+    ));
+    dest.state = HostState::Down;
+    assert_eq!(
+        check_destination(&dest, &vm),
+        Err(Exclusion::NotUp(HostState::Down))
+    );
+}
+
+#[test]
 fn high_spreads_normal_saves_low_packs() {
     // a: cheap and busy; b: dear and idle; c: cheap and half used.
     let hosts = [host("a", 6, 1), host("b", 0, 5), host("c", 4, 1)];

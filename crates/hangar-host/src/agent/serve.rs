@@ -109,6 +109,9 @@ async fn require_token(State(state): State<AgentState>, request: Request, next: 
 /// - `POST /agent/v1/templates/bundle` (a [`hangar_core::Service`]): its template as a
 ///   [`crate::TemplateBundle`] peers can pull, or `null`; `POST /agent/v1/templates/pull`
 ///   ([`PullTemplateBody`]): install a peer's template
+/// - `POST /agent/v1/vms/{id}/bundle`: archived VM `id` as a [`crate::VmBundle`] peers can
+///   pull; `POST /agent/v1/vms/pull` ([`crate::VmArrival`]): take in a peer's archived VM
+///   (cold migration), answering a [`crate::PulledVm`]
 /// - `GET /v1/farm/blobs/{sha256}`: a file of a template bundle held here, for peers
 ///   (the path a server serves image blobs on, so one client pulls from both; resumable
 ///   with `Range`; 404 for any hash not in a bundle)
@@ -146,6 +149,8 @@ pub fn router(host: Arc<dyn Host>, token: &str) -> Router {
         .route("/agent/v1/templates/{id}/remove", post(remove_template))
         .route("/agent/v1/templates/bundle", post(template_bundle))
         .route("/agent/v1/templates/pull", post(pull_template))
+        .route("/agent/v1/vms/{id}/bundle", post(vm_bundle))
+        .route("/agent/v1/vms/pull", post(pull_vm))
         .route("/v1/farm/blobs/{sha256}", get(template_blob))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
@@ -453,6 +458,18 @@ async fn pull_template(
     Ok(axum::Json(
         state.host.pull_template(&service, &bundle, &from).await?,
     ))
+}
+
+async fn vm_bundle(
+    State(state): State<AgentState>,
+    Path(id): Path<String>,
+) -> Reply<crate::VmBundle> {
+    Ok(axum::Json(state.host.vm_bundle(&id).await?))
+}
+
+async fn pull_vm(State(state): State<AgentState>, body: Bytes) -> Reply<crate::PulledVm> {
+    let arrival: crate::VmArrival = parse(&body)?;
+    Ok(axum::Json(state.host.pull_vm(&arrival).await?))
 }
 
 /// A template file by hash, for a peer pulling the template (see [`router`]).

@@ -8,7 +8,8 @@
 //!
 //! - this module: [`LocalHost`] and its [`Host`] operations;
 //! - `guest`: talking to one guest (ports, ready checks, identity, slicing);
-//! - `templates`: template keys and directories.
+//! - `templates`: template keys and directories;
+//! - `moves`: archived VMs offered to and taken from peers (cold migration).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -21,6 +22,7 @@ use hangar_vmm::{Agent, Hypervisor, Launched, VmSpec};
 
 mod guest;
 mod migrate;
+mod moves;
 mod templates;
 
 use guest::{Settle, diagnose, settle};
@@ -633,6 +635,7 @@ impl Host for LocalHost {
     async fn destroy(&self, id: &str) -> Result<(), HostError> {
         self.drop_agent(id);
         self.agentless.lock().expect("agentless lock").remove(id);
+        self.drop_incoming(id);
         Ok(self.hv.destroy(id).await?)
     }
 
@@ -693,6 +696,15 @@ impl Host for LocalHost {
 
     async fn template_blob(&self, sha256: &str) -> Option<PathBuf> {
         self.bundle_file(sha256)
+            .or_else(|| self.offered_vm_file(sha256))
+    }
+
+    async fn vm_bundle(&self, id: &str) -> Result<crate::VmBundle, HostError> {
+        self.offer_vm(id).await
+    }
+
+    async fn pull_vm(&self, arrival: &crate::VmArrival) -> Result<crate::PulledVm, HostError> {
+        self.take_vm(arrival).await
     }
 
     async fn migrate_incoming(

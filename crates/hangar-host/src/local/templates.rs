@@ -427,7 +427,7 @@ fn key_cmdline(cmdline: &str) -> String {
 }
 
 /// The blob of a file: its sha256 (hashed as pulled blobs are) and size.
-fn blob_of(path: &std::path::Path) -> Result<hangar_api::Blob, HostError> {
+pub(super) fn blob_of(path: &std::path::Path) -> Result<hangar_api::Blob, HostError> {
     let sha256 =
         crate::images::pulled::sha256_of(path).map_err(|err| HostError::Image(err.into()))?;
     let size = std::fs::metadata(path)
@@ -440,7 +440,7 @@ fn blob_of(path: &std::path::Path) -> Result<hangar_api::Blob, HostError> {
 }
 
 /// Writes `bytes` to `path` through a temporary file renamed into place.
-fn write_file(path: &std::path::Path, bytes: &[u8]) -> Result<(), HostError> {
+pub(super) fn write_file(path: &std::path::Path, bytes: &[u8]) -> Result<(), HostError> {
     let tmp = path.with_extension("json.part");
     std::fs::write(&tmp, bytes)
         .and_then(|()| std::fs::rename(&tmp, path))

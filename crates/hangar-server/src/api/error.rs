@@ -171,6 +171,25 @@ impl From<crate::tasks::CancelError> for ApiError {
     }
 }
 
+impl From<crate::migration::MigrationError> for ApiError {
+    fn from(err: crate::migration::MigrationError) -> ApiError {
+        use crate::migration::MigrationError;
+        match err {
+            MigrationError::NoVm(_) | MigrationError::NoHost(_) => ApiError::NotFound {
+                message: err.to_string(),
+                alternatives: Vec::new(),
+            },
+            MigrationError::Store(err) => err.into(),
+            MigrationError::SameHost { .. }
+            | MigrationError::WrongState { .. }
+            | MigrationError::NotOnFarm { .. }
+            | MigrationError::AlreadyMoving { .. }
+            | MigrationError::Destination { .. }
+            | MigrationError::LiveUnavailable(_) => ApiError::Conflict(err.to_string()),
+        }
+    }
+}
+
 impl From<crate::lifecycle::ops::LifecycleError> for ApiError {
     fn from(err: crate::lifecycle::ops::LifecycleError) -> ApiError {
         use crate::lifecycle::ops::LifecycleError;

@@ -9,8 +9,8 @@ use axum::extract::{Path, Query, State};
 use axum::response::IntoResponse;
 use axum::{Extension, Json, Router};
 use hangar_api::{
-    ArchiveBody, ArchiveView, BuildView, GrantView, Health, ImageBody, PolicyBody, PoolBoundsBody,
-    PortView, ServiceView, SettingView, SliceView, TaskView, VmQuery, VmView,
+    ArchiveBody, ArchiveView, BuildView, GrantView, Health, ImageBody, MigrateBody, PolicyBody,
+    PoolBoundsBody, PortView, ServiceView, SettingView, SliceView, TaskView, VmQuery, VmView,
 };
 use hangar_core::{ServiceRequest, VmState};
 use hangar_store::{TaskRecord, TaskStep, VmRecord};
@@ -56,6 +56,7 @@ fn routes() -> OpenApiRouter<Arc<Manager>> {
         .routes(routes!(sleep_vm))
         .routes(routes!(archive_vm))
         .routes(routes!(wake_vm))
+        .routes(routes!(migrate_vm))
         .routes(routes!(list_pools))
         .routes(routes!(set_pool))
         .routes(routes!(list_templates))
@@ -454,6 +455,7 @@ fn vm_view(vm: VmRecord) -> VmView {
         idle_ms: hangar_store::now_ms().saturating_sub(vm.last_used_at_ms),
         state_since: rfc3339(vm.state_since_ms),
         boot_ms: vm.boot_ms,
+        moving_to: None,
     }
 }
 
@@ -470,8 +472,10 @@ async fn view(manager: &Manager, vm: VmRecord) -> VmView {
         memory_mib: info.memory_mib,
         took_ms: info.took_ms,
     });
+    let moving_to = manager.migrations.of(&vm.id).map(|moving| moving.to);
     VmView {
         archive,
+        moving_to,
         ..vm_view(vm)
     }
 }
@@ -630,6 +634,39 @@ async fn wake_vm(
     };
     let timing = stages.header(started.elapsed());
     Ok(([("server-timing", timing)], Json(view(&manager, vm).await)))
+}
+
+/// Move a VM to another farm host (admins only): a sleeping or archived VM by its snapshot
+/// (content-addressed, verified), an active one live. Answers 202 with the `migrate` task
+/// once the checks pass (`GET /v1/tasks/{id}` for its progress; cancelling it leaves the VM
+/// whole where it was); the task's outcome is the VM on its new host.
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{id}/migrate",
+    request_body = MigrateBody,
+    params(("id" = String, Path, description = "the VM")),
+    responses(
+        (status = 202, body = hangar_api::AcceptedView, description = "the VM is being moved by this task"),
+        (status = 400, body = ErrorBody, description = "malformed body"),
+        (status = 404, body = ErrorBody, description = "no such VM or farm host"),
+        (status = 409, body = ErrorBody, description = "the VM cannot move there now: its state, the host's (draining, down), room, its isolation group, a migration under way, or live migration unavailable"),
+        (status = 500, body = ErrorBody, description = "something broke on the server's side"),
+    )
+)]
+async fn migrate_vm(
+    State(manager): State<Arc<Manager>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<axum::response::Response, ApiError> {
+    let body: MigrateBody = json_body(&body)?;
+    let task = crate::migration::migrate(&manager, &id, &body.to, &caller.user).await?;
+    Ok((
+        axum::http::StatusCode::ACCEPTED,
+        Extension(AuditTarget(id)),
+        Json(hangar_api::AcceptedView { task }),
+    )
+        .into_response())
 }
 
 #[utoipa::path(

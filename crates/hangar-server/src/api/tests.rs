@@ -488,6 +488,28 @@ async fn every_answer_matches_its_schema_in_the_openapi_document() {
         .await;
     assert_eq!(bad_tier.status, StatusCode::BAD_REQUEST);
     api.call("POST", wake, "/v1/vms/vm-unknown/wake", "").await;
+    // Migration: the server's own host's VMs stay (409), unknown VM (404), bad body (400).
+    let migrate = "/v1/vms/{id}/migrate";
+    for (uri, body, status) in [
+        (
+            format!("/v1/vms/{id}/migrate"),
+            r#"{"to":"b"}"#,
+            StatusCode::CONFLICT,
+        ),
+        (
+            "/v1/vms/vm-unknown/migrate".into(),
+            r#"{"to":"b"}"#,
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            format!("/v1/vms/{id}/migrate"),
+            r#"{"host":"b"}"#,
+            StatusCode::BAD_REQUEST,
+        ),
+    ] {
+        let answer = api.call("POST", migrate, &uri, body).await;
+        assert_eq!(answer.status, status, "{uri} {body}");
+    }
 
     // Pools, templates, policies.
     api.call("GET", "/v1/pools", "/v1/pools", "").await;

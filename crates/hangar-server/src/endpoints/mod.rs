@@ -255,6 +255,45 @@ impl Manager {
         Ok(stable)
     }
 
+    /// Points VM `vm`'s stable endpoints at its direct endpoints as recorded now (after it
+    /// moved to another host), each listening where it did, `active` or waking the VM on
+    /// a connection. Best effort, logged: a forwarder that missed it gets the store's
+    /// state at its next sync.
+    pub(crate) async fn repoint_endpoints(&self, vm: &VmRecord, active: bool) {
+        let Some(endpoints) = self.endpoints.get() else {
+            return;
+        };
+        let ports = vm
+            .services
+            .iter()
+            .filter_map(|service| self.catalog.get(service))
+            .flat_map(|service| &service.ports)
+            .collect::<Vec<_>>();
+        for (name, stable) in &vm.endpoints {
+            let Some(direct) = vm.direct_endpoints.get(name) else {
+                continue;
+            };
+            let (Ok(listen), Ok(target)) = (stable.parse(), direct.parse()) else {
+                tracing::warn!(vm = %vm.id, name, "unparsable endpoint in the store");
+                continue;
+            };
+            if listen == target {
+                continue;
+            }
+            let request = Request::Open(EndpointSpec {
+                vm: vm.id.clone(),
+                name: name.clone(),
+                listen,
+                target,
+                active,
+                wake: wake_on(ports.iter().copied(), name),
+            });
+            if let Err(err) = self.endpoints_call(endpoints, &request).await {
+                tracing::warn!(vm = %vm.id, name, error = %error_chain(&err), "cannot re-point a stable endpoint");
+            }
+        }
+    }
+
     /// Tells the forwarder whether a VM runs (connections go straight through) or not
     /// (a connection wakes it first). Best effort: a forwarder that missed it learns the
     /// state at its next sync, and a wake of an active VM is harmless.

@@ -19,14 +19,14 @@ use crate::test_support::{WEB, request};
 
 /// A control plane without a host of its own whose farm hosts are fake-backend
 /// [`LocalHost`]s, one per name, made when first connected.
-struct Farm {
-    manager: Arc<Manager>,
-    store: Arc<dyn Store>,
-    hosts: Arc<Mutex<HashMap<String, Arc<dyn Host>>>>,
+pub(crate) struct Farm {
+    pub(crate) manager: Arc<Manager>,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) hosts: Arc<Mutex<HashMap<String, Arc<dyn Host>>>>,
 }
 
 impl Farm {
-    fn new() -> Farm {
+    pub(crate) fn new() -> Farm {
         let store: Arc<dyn Store> =
             Arc::new(hangar_store::SqliteStore::open_in_memory().expect("in-memory store"));
         let hosts: Arc<Mutex<HashMap<String, Arc<dyn Host>>>> = Arc::default();
@@ -65,7 +65,7 @@ impl Farm {
         }
     }
 
-    fn registration(name: &str, incarnation: &str) -> HostRegistration {
+    pub(crate) fn registration(name: &str, incarnation: &str) -> HostRegistration {
         HostRegistration {
             name: name.into(),
             address: format!("http://10.0.0.{}:7800", name.len()),

@@ -187,4 +187,4 @@ mod tests {
 }
 
 #[cfg(test)]
-mod farm_tests;
+pub(crate) mod farm_tests;

@@ -50,6 +50,31 @@ pub struct FarmHost {
     pub info: HostInfo,
 }
 
+impl FarmHost {
+    /// What placement knows of this host before its VMs' use is added: its state, size
+    /// (vCPUs × [`VCPU_OVERCOMMIT`], memory), cost, priority, load and labels.
+    pub fn placement_facts(&self) -> placement::HostFacts {
+        let info = &self.info;
+        let mut entry = placement::HostFacts::new(
+            self.record.name.clone(),
+            info.facts.vcpus.saturating_mul(VCPU_OVERCOMMIT),
+            info.facts.memory_mib,
+        );
+        entry.state = match self.record.state {
+            HostState::Up => placement::HostState::Up,
+            HostState::Draining => placement::HostState::Draining,
+            HostState::Down => placement::HostState::Down,
+            HostState::Lost => placement::HostState::Lost,
+        };
+        entry.cost = info.cost;
+        entry.priority = info.priority;
+        entry.cpus = info.facts.vcpus;
+        entry.load = info.facts.load;
+        entry.labels = info.labels.clone();
+        entry
+    }
+}
+
 /// How many vCPUs of guests a farm host takes per CPU it has (guests mostly idle).
 pub const VCPU_OVERCOMMIT: u32 = 4;
 
@@ -218,22 +243,7 @@ impl Scheduler {
         let farm = self.farm.read().expect("farm lock");
         for farm_host in farm.values().filter(|_| !own_host_only) {
             let info = &farm_host.info;
-            let mut entry = placement::HostFacts::new(
-                farm_host.record.name.clone(),
-                info.facts.vcpus.saturating_mul(VCPU_OVERCOMMIT),
-                info.facts.memory_mib,
-            );
-            entry.state = match farm_host.record.state {
-                HostState::Up => placement::HostState::Up,
-                HostState::Draining => placement::HostState::Draining,
-                HostState::Down => placement::HostState::Down,
-                HostState::Lost => placement::HostState::Lost,
-            };
-            entry.cost = info.cost;
-            entry.priority = info.priority;
-            entry.cpus = info.facts.vcpus;
-            entry.load = info.facts.load;
-            entry.labels = info.labels.clone();
+            let mut entry = farm_host.placement_facts();
             entry.has_template = holds_template(&info.facts.templates, plan);
             entry.has_image = holds_image(&info.facts.images, plan);
             hosts.push(farm_host.host.clone());

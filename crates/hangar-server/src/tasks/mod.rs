@@ -53,7 +53,7 @@ use crate::requests::{MakeVm, Outcome};
 
 /// How long a finished task's outcome stays for waiters in memory; later ones read the
 /// store.
-const OUTCOME_KEPT: Duration = Duration::from_secs(60);
+pub(crate) const OUTCOME_KEPT: Duration = Duration::from_secs(60);
 
 /// The owner of the tasks the server starts on its own (pool fills, templates, the
 /// lifecycle loop).

@@ -24,6 +24,9 @@ pub enum Undo {
     RetireVm { vm: String },
     /// Remove the file or directory `path` on the server's machine.
     RemovePath { path: String },
+    /// A migration's copy of VM `vm` on host `host`: removed there unless the store
+    /// records the VM on `host` (the move was recorded: the copy is the VM).
+    AbandonMove { vm: String, host: String },
 }
 
 impl Undo {
@@ -171,6 +174,22 @@ impl Manager {
                     .await
                     .map(drop)
                     .map_err(|err| format!("VM {vm}: {err}"))
+            }
+            Undo::AbandonMove { vm, host } => {
+                let record = self
+                    .store
+                    .vm(vm)
+                    .await
+                    .map_err(|err| format!("VM {vm}: {err}"))?;
+                if record.is_some_and(|record| &record.host == host) {
+                    return Ok(());
+                }
+                let Some(on) = self.scheduler.host(host) else {
+                    return Err(format!("VM {vm}'s copy: host {host} is not known"));
+                };
+                on.destroy(vm)
+                    .await
+                    .map_err(|err| format!("VM {vm}'s copy on {host}: {}", error_chain(&err)))
             }
             Undo::RemovePath { path } => {
                 match hangar_image::hostfs::remove_tree(std::path::Path::new(path)) {

@@ -479,6 +479,41 @@ async fn run_time_policies_are_kept_and_cleared(store: &dyn Store) {
     assert!(store.policies().await.unwrap().is_empty());
 }
 
+/// A move is written whole, only from the host and state the mover saw.
+async fn a_vm_moves_only_from_where_and_how_it_was(store: &dyn Store) {
+    store
+        .insert_vm(&vm("vm-m", "web", Mode::Shared, VmState::Archived))
+        .await
+        .unwrap();
+    let mut m = crate::VmMove {
+        id: "vm-m".into(),
+        from: "elsewhere".into(),
+        state: VmState::Archived,
+        to: "b".into(),
+        pid: None,
+        spec: serde_json::json!({"id": "vm-m", "on": "b"}),
+        direct_endpoints: BTreeMap::from([("http".into(), "10.0.0.2:5000".into())]),
+    };
+    assert!(!store.move_vm(&m).await.unwrap(), "not on that host");
+    m.from = "local".into();
+    m.state = VmState::Active;
+    assert!(!store.move_vm(&m).await.unwrap(), "not in that state");
+    m.state = VmState::Archived;
+    assert!(store.move_vm(&m).await.unwrap());
+    let moved = store.vm("vm-m").await.unwrap().unwrap();
+    assert_eq!(moved.host, "b");
+    assert_eq!(moved.state, VmState::Archived);
+    assert_eq!(moved.spec, m.spec);
+    assert_eq!(moved.direct_endpoints, m.direct_endpoints);
+    assert_eq!(
+        moved.endpoints["http"], "127.0.0.1:4000",
+        "the stable endpoint stays"
+    );
+    assert!(!store.move_vm(&m).await.unwrap(), "moved once");
+    m.id = "vm-none".into();
+    assert!(!store.move_vm(&m).await.unwrap());
+}
+
 /// Instantiates each suite function once per backend.
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
@@ -514,6 +549,7 @@ conformance!(
     the_claim_race_has_one_winner_per_vm,
     a_pool_vm_is_either_claimed_or_retired,
     launch_offer_boot_and_owner_are_recorded,
+    a_vm_moves_only_from_where_and_how_it_was,
     state_changes_stamp_their_time_and_last_use_only_moves_forward,
     vm_use_is_summed_per_host_over_the_states_asked,
     pool_bounds_and_ready_criteria_override,

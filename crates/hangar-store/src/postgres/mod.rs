@@ -21,7 +21,7 @@ use crate::lease::lease_end;
 use crate::{
     ArchiveRecord, AuditRecord, Entity, HostRecord, HostState, HostUse, IdempotencyRecord,
     ImportRecord, LeaseRecord, StepOutcome, Store, StoreError, TaskRecord, TaskState, TaskStep,
-    TaskUndo, TemplateRecord, TokenRecord, UserRecord, VmRecord, now_ms,
+    TaskUndo, TemplateRecord, TokenRecord, UserRecord, VmMove, VmRecord, now_ms,
 };
 
 mod accounting;
@@ -355,6 +355,27 @@ impl Store for PgStore {
             id,
         )
         .await
+    }
+
+    async fn move_vm(&self, m: &VmMove) -> Result<bool, StoreError> {
+        let moved = self
+            .execute(
+                "UPDATE vms SET host = $4, pid = $5, spec = $6, direct_endpoints = $7,
+                                updated_at_ms = $8
+                 WHERE id = $1 AND host = $2 AND state = $3",
+                &[
+                    &m.id,
+                    &m.from,
+                    &m.state.as_str(),
+                    &m.to,
+                    &m.pid.map(i64::from),
+                    &m.spec.to_string(),
+                    &serde_json::to_string(&m.direct_endpoints)?,
+                    &signed(now_ms()),
+                ],
+            )
+            .await?;
+        Ok(moved == 1)
     }
 
     async fn set_offer(

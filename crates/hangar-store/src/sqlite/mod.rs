@@ -15,7 +15,7 @@ use crate::lease::{lease_end, signed_ms};
 use crate::{
     ArchiveRecord, AuditRecord, Entity, HostRecord, HostState, HostUse, IdempotencyRecord,
     ImportRecord, LeaseRecord, StepOutcome, Store, StoreError, TaskRecord, TaskState, TaskStep,
-    TaskUndo, TemplateRecord, TokenRecord, UserRecord, VmRecord, now_ms,
+    TaskUndo, TemplateRecord, TokenRecord, UserRecord, VmMove, VmRecord, now_ms,
 };
 
 mod accounting;
@@ -315,6 +315,28 @@ impl Store for SqliteStore {
             params![id, pid, spec.to_string(), now_ms()],
             id,
         )
+    }
+
+    async fn move_vm(&self, m: &VmMove) -> Result<bool, StoreError> {
+        let moved = self
+            .conn()
+            .execute(
+                "UPDATE vms SET host = ?4, pid = ?5, spec = ?6, direct_endpoints = ?7,
+                                updated_at_ms = ?8
+                 WHERE id = ?1 AND host = ?2 AND state = ?3",
+                params![
+                    m.id,
+                    m.from,
+                    m.state.as_str(),
+                    m.to,
+                    m.pid,
+                    m.spec.to_string(),
+                    serde_json::to_string(&m.direct_endpoints)?,
+                    now_ms()
+                ],
+            )
+            .map_err(db)?;
+        Ok(moved == 1)
     }
 
     async fn set_offer(

@@ -62,6 +62,8 @@ pub const RULES: &[(&str, &str, Need)] = &[
     ("GET", "/v1/vms/{id}/console/ws", ACCESS),
     ("DELETE", "/v1/vms/{id}", PROVISIONER),
     ("POST", "/v1/vms/{id}/sleep", PROVISIONER),
+    // Which host a VM runs on is the operator's business.
+    ("POST", "/v1/vms/{id}/migrate", ADMIN),
     ("POST", "/v1/vms/{id}/archive", PROVISIONER),
     ("POST", "/v1/vms/{id}/wake", PROVISIONER),
     // What the server offers and does: read by provisioners, changed by admins.
