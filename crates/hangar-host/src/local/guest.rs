@@ -20,23 +20,35 @@ impl LocalHost {
         &self,
         service: &Service,
     ) -> Result<(Vec<PortForward>, BTreeMap<String, SocketAddr>), HostError> {
-        // Hold every probe listener until all are chosen, so no port is picked twice.
-        let listeners = service
+        let ports: Vec<(String, u16)> = service
             .ports
+            .iter()
+            .map(|port| (port.name.clone(), port.guest))
+            .collect();
+        self.allocate_guest_ports(&ports)
+    }
+
+    /// One free host port per (name, guest port), on the endpoint address.
+    pub(super) fn allocate_guest_ports(
+        &self,
+        ports: &[(String, u16)],
+    ) -> Result<(Vec<PortForward>, BTreeMap<String, SocketAddr>), HostError> {
+        // Hold every probe listener until all are chosen, so no port is picked twice.
+        let listeners = ports
             .iter()
             .map(|_| std::net::TcpListener::bind((self.config.endpoint_host, 0)))
             .collect::<std::io::Result<Vec<_>>>()
             .map_err(HostError::Ports)?;
         let mut forwards = Vec::new();
         let mut endpoints = BTreeMap::new();
-        for (port, listener) in service.ports.iter().zip(&listeners) {
+        for ((name, guest_port), listener) in ports.iter().zip(&listeners) {
             let addr = listener.local_addr().map_err(HostError::Ports)?;
             forwards.push(PortForward {
                 host: addr.ip(),
                 host_port: addr.port(),
-                guest_port: port.guest,
+                guest_port: *guest_port,
             });
-            endpoints.insert(port.name.clone(), addr);
+            endpoints.insert(name.clone(), addr);
         }
         Ok((forwards, endpoints))
     }

@@ -293,23 +293,11 @@ impl LocalHost {
                 .ok_or_else(|| refuse(format!("no port forward of the VM is {name}={addr}")))?;
             guest_ports.push((name.clone(), forward.guest_port));
         }
-        // Hold every probe listener until all are chosen, so no port is picked twice.
-        let listeners = guest_ports
-            .iter()
-            .map(|_| std::net::TcpListener::bind((self.config.endpoint_host, 0)))
-            .collect::<std::io::Result<Vec<_>>>()
-            .map_err(HostError::Ports)?;
-        let mut forwards = Vec::new();
-        let mut endpoints = BTreeMap::new();
-        for ((name, guest_port), listener) in guest_ports.into_iter().zip(&listeners) {
-            let addr = listener.local_addr().map_err(HostError::Ports)?;
-            forwards.push(PortForward {
-                host: addr.ip(),
-                host_port: addr.port(),
-                guest_port,
-            });
-            endpoints.insert(name, addr.to_string());
-        }
+        let (forwards, endpoints) = self.allocate_guest_ports(&guest_ports)?;
+        let endpoints = endpoints
+            .into_iter()
+            .map(|(name, addr)| (name, addr.to_string()))
+            .collect();
         Ok((forwards, endpoints))
     }
 
