@@ -12,6 +12,9 @@
 //!   it ends, the keeper stops PostgreSQL and removes the directory.
 //!
 //! Nothing is skipped: when no PostgreSQL can be had, `create` panics saying why.
+//!
+//! [`ReplicatedPair`] is a primary and a streaming standby of its own (for tests of
+//! failover), not shared with [`TestDatabase`].
 
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
@@ -21,6 +24,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+pub mod replicated;
+pub use replicated::ReplicatedPair;
 
 /// The variable naming an existing PostgreSQL server to use instead of a throwaway one.
 pub const ENV_URL: &str = "HANGAR_TEST_POSTGRES";
@@ -98,7 +104,7 @@ fn with_database(base: &str, name: &str) -> String {
 }
 
 /// Runs one SQL statement through `psql` against `url`.
-fn psql(url: &str, sql: &str) -> Result<(), String> {
+pub(crate) fn psql(url: &str, sql: &str) -> Result<(), String> {
     let output = Command::new(tool("psql"))
         .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", url, "-c", sql])
         .stdin(Stdio::null())
@@ -112,7 +118,7 @@ fn psql(url: &str, sql: &str) -> Result<(), String> {
 }
 
 /// The directory with Debian's PostgreSQL server programs, the newest version first.
-fn bin_dir() -> Option<PathBuf> {
+pub(crate) fn bin_dir() -> Option<PathBuf> {
     if let Ok(dir) = std::env::var("HANGAR_TEST_PG_BIN") {
         return Some(PathBuf::from(dir));
     }
@@ -130,7 +136,7 @@ fn bin_dir() -> Option<PathBuf> {
 }
 
 /// A PostgreSQL program: from the server's directory when there is one, else from PATH.
-fn tool(name: &str) -> PathBuf {
+pub(crate) fn tool(name: &str) -> PathBuf {
     bin_dir()
         .map(|dir| dir.join(name))
         .filter(|path| path.exists())
@@ -149,7 +155,7 @@ fn user_ids(user: &str) -> Option<(u32, u32)> {
 }
 
 /// Who the server runs as: the `postgres` user when we are root, else ourselves.
-fn run_as() -> Result<Option<(u32, u32)>, String> {
+pub(crate) fn run_as() -> Result<Option<(u32, u32)>, String> {
     let euid = std::fs::metadata("/proc/self")
         .map_err(|err| format!("cannot read /proc/self: {err}"))?
         .uid();
@@ -161,7 +167,7 @@ fn run_as() -> Result<Option<(u32, u32)>, String> {
         .ok_or_else(|| "running as root and there is no postgres user to run PostgreSQL as (install postgresql-15)".to_owned())
 }
 
-fn command(program: impl AsRef<std::ffi::OsStr>, ids: Option<(u32, u32)>) -> Command {
+pub(crate) fn command(program: impl AsRef<std::ffi::OsStr>, ids: Option<(u32, u32)>) -> Command {
     let mut cmd = Command::new(program);
     if let Some((uid, gid)) = ids {
         cmd.uid(uid).gid(gid);
@@ -267,7 +273,7 @@ fn stop_cluster() {
     }
 }
 
-fn free_port() -> Result<u16, String> {
+pub(crate) fn free_port() -> Result<u16, String> {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
         .map(|addr| addr.port())
