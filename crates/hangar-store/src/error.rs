@@ -21,6 +21,17 @@ pub enum StoreError {
         #[source]
         source: BackendSource,
     },
+    /// No database server that takes writes answered: it is down, the database is failing
+    /// over to a standby, or the server reached is read-only. The store retried for a
+    /// short while first (PostgreSQL: `postgres::retry`). Try again shortly. A write that
+    /// fails so may or may not have happened (its commit's answer may have been lost):
+    /// read before acting on the assumption that it did not.
+    #[error("{what}")]
+    Unavailable {
+        what: &'static str,
+        #[source]
+        source: BackendSource,
+    },
     /// The database was migrated by a newer hangar; this one refuses to touch it.
     #[error(
         "database schema version {found} is newer than this hangar ({supported}); upgrade hangar"
@@ -102,6 +113,11 @@ impl StoreError {
     /// A stored value this hangar cannot decode.
     pub(crate) fn corrupt(value: &str) -> StoreError {
         StoreError::backend("stored value is not valid", format!("{value:?}"))
+    }
+
+    /// Whether no database server that takes writes answered ([`StoreError::Unavailable`]).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Unavailable { .. })
     }
 
     /// Whether this is a state-machine conflict (the VM moved on, or another request

@@ -109,7 +109,7 @@ async fn postgres_refuses_a_newer_schema() {
 }
 
 #[tokio::test]
-async fn an_unreachable_postgres_is_a_backend_error() {
+async fn an_unreachable_postgres_is_unavailable() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -117,9 +117,73 @@ async fn an_unreachable_postgres_is_a_backend_error() {
         .port();
     let url = format!("postgres://postgres@127.0.0.1:{port}/nothing");
     let err = PgStore::connect(&url).await.err().expect("nothing listens");
-    assert!(matches!(err, StoreError::Backend { .. }), "{err}");
+    assert!(err.is_unavailable(), "{err}");
     assert!(
         std::error::Error::source(&err).is_some(),
         "keeps its source"
     );
+}
+
+/// A PostgreSQL primary killed and its synchronous standby promoted: the store, on the
+/// multi-host URL, answers unavailable while no server takes writes, follows the promoted
+/// standby without being opened again, and finds every write acknowledged before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_postgres_store_follows_a_promoted_standby() {
+    let pair = tokio::task::spawn_blocking(hangar_test_postgres::ReplicatedPair::start)
+        .await
+        .unwrap();
+    let store = PgStore::connect(&pair.url()).await.unwrap();
+    store
+        .insert_vm(&vm("vm-a", "web", Mode::Shared, VmState::Creating))
+        .await
+        .unwrap();
+    store
+        .transition("vm-a", VmState::Booting, None)
+        .await
+        .unwrap();
+    pair.kill_primary().unwrap();
+
+    // No primary: the standby refuses to be taken for one (read-only), the old one is gone.
+    let started = std::time::Instant::now();
+    let err = store
+        .insert_vm(&vm("vm-b", "web", Mode::Shared, VmState::Creating))
+        .await
+        .expect_err("no server takes writes");
+    assert!(err.is_unavailable(), "{err}");
+    let waited = started.elapsed();
+    assert!(
+        waited < std::time::Duration::from_secs(5),
+        "failed fast ({waited:?})"
+    );
+
+    // A write issued now succeeds once the standby is promoted within its retries.
+    let writer = {
+        let store = std::sync::Arc::new(store);
+        let s = store.clone();
+        (
+            store,
+            tokio::spawn(async move { s.transition("vm-a", VmState::Ready, None).await }),
+        )
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let promote = tokio::task::spawn_blocking({
+        let url = pair.standby_url();
+        move || hangar_test_postgres::replicated::query(&url, "SELECT pg_promote(true, 60)")
+    });
+    assert_eq!(promote.await.unwrap().unwrap(), "t");
+    let (store, writer) = writer;
+    let moved = writer.await.unwrap().expect("retried onto the new primary");
+    assert_eq!(moved.state, VmState::Ready);
+    let stored = store
+        .vm("vm-a")
+        .await
+        .unwrap()
+        .expect("acknowledged before");
+    assert_eq!(stored.state, VmState::Ready);
+    assert!(store.vm("vm-b").await.unwrap().is_none(), "never written");
+    store
+        .insert_vm(&vm("vm-b", "web", Mode::Shared, VmState::Creating))
+        .await
+        .expect("writes go to the new primary");
+    drop(pair);
 }

@@ -4,18 +4,21 @@
 //! `SELECT … FOR UPDATE` and writes it in the same transaction, and [`Store::claim`] and
 //! [`Store::retire_ready`] are single conditional `UPDATE … WHERE state = 'ready'`
 //! statements, so of concurrent claimers exactly one changes the row.
+//!
+//! Every operation runs through [`PgStore::run`] (`retry.rs`): it follows the primary
+//! through a failover and runs the operation again when an attempt failed because of one,
+//! so each operation here is written to be safe to run again after an attempt whose
+//! commit may have happened unacknowledged (see `retry.rs`; the one exception is the audit
+//! log, which may then hold an entry twice).
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
-use deadpool_postgres::{
-    Config, ManagerConfig, Object, Pool, PoolConfig, RecyclingMethod, Runtime, Timeouts,
-};
+use deadpool_postgres::Pool;
 use hangar_core::state::{InvalidTransition, check_transition};
 use hangar_core::{Mode, VmState};
+use tokio_postgres::Row;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{NoTls, Row};
 
 use crate::lease::lease_end;
 use crate::{
@@ -26,17 +29,17 @@ use crate::{
 
 mod accounting;
 mod alerts;
+mod retry;
 pub(crate) mod rows;
 mod schema;
+
+use retry::Attempt;
 
 use rows::{ARCHIVE_COLUMNS, HOST_COLUMNS, LEASE_COLUMNS, STEP_COLUMNS, TASK_COLUMNS};
 use rows::{AUDIT_COLUMNS, IDEMPOTENCY_COLUMNS, TOKEN_COLUMNS, USER_COLUMNS};
 use rows::{IMPORT_COLUMNS, UNDO_COLUMNS, import_row, undo_row};
 use rows::{TEMPLATE_COLUMNS, VM_COLUMNS, archive_row, host_row, lease_row, signed, step_row};
 use rows::{audit_row, idempotency_row, task_row, template_row, token_row, user_row, vm_row};
-
-/// Connections the pool keeps at most.
-const POOL_SIZE: usize = 16;
 
 /// The store in a PostgreSQL database.
 pub struct PgStore {
@@ -58,44 +61,42 @@ fn insert_error(err: tokio_postgres::Error, kind: Entity, id: &str) -> StoreErro
     }
 }
 
+/// An insert's outcome on `attempt`: a key taken already after a broken attempt is that
+/// attempt's own row (ids are fresh, names are the caller's), so the insert is done.
+fn inserted(
+    result: Result<u64, tokio_postgres::Error>,
+    attempt: Attempt,
+    kind: Entity,
+    id: &str,
+) -> Result<(), StoreError> {
+    match result {
+        Ok(_) => Ok(()),
+        Err(err) if attempt.after_broken && err.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+            Ok(())
+        }
+        Err(err) => Err(insert_error(err, kind, id)),
+    }
+}
+
 impl PgStore {
-    /// Connects to the database `url` names (`postgres://user:password@host:port/db`),
-    /// checks that it answers, and migrates it.
+    /// Connects to the database `url` names (`postgres://user:password@host:port/db`, or
+    /// several servers: `postgres://h1:5432,h2:5432/db?target_session_attrs=read-write`,
+    /// to follow whichever takes writes), checks that it answers, and migrates it.
     pub async fn connect(url: &str) -> Result<PgStore, StoreError> {
-        let mut config = Config::new();
-        config.url = Some(url.to_owned());
-        config.manager = Some(ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        });
-        config.pool = Some(PoolConfig {
-            max_size: POOL_SIZE,
-            timeouts: Timeouts {
-                wait: Some(Duration::from_secs(30)),
-                create: Some(Duration::from_secs(10)),
-                recycle: Some(Duration::from_secs(10)),
-            },
-            ..PoolConfig::default()
-        });
-        let pool = config
-            .create_pool(Some(Runtime::Tokio1), NoTls)
-            .map_err(|err| StoreError::backend("postgresql URL is not valid", err))?;
-        let store = PgStore { pool };
+        let store = PgStore {
+            pool: retry::pool(url)?,
+        };
         let mut client = store.client().await?;
         schema::migrate(&mut client).await?;
         Ok(store)
     }
 
-    async fn client(&self) -> Result<Object, StoreError> {
-        self.pool
-            .get()
-            .await
-            .map_err(|err| StoreError::backend("cannot reach postgresql", err))
-    }
-
     async fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64, StoreError> {
-        let client = self.client().await?;
-        let stmt = client.prepare_cached(sql).await.map_err(pg)?;
-        client.execute(&stmt, params).await.map_err(pg)
+        self.run(|client, _| async move {
+            let stmt = client.prepare_cached(sql).await.map_err(pg)?;
+            client.execute(&stmt, params).await.map_err(pg)
+        })
+        .await
     }
 
     /// Runs an UPDATE of `kind` `id`; [`StoreError::NotFound`] when no row matched.
@@ -118,34 +119,48 @@ impl PgStore {
         params: Params<'_>,
         decode: fn(&Row) -> Result<T, StoreError>,
     ) -> Result<Vec<T>, StoreError> {
-        let client = self.client().await?;
-        let stmt = client.prepare_cached(sql).await.map_err(pg)?;
-        let rows = client.query(&stmt, params).await.map_err(pg)?;
-        rows.iter().map(decode).collect()
+        self.run(|client, _| async move {
+            let stmt = client.prepare_cached(sql).await.map_err(pg)?;
+            let rows = client.query(&stmt, params).await.map_err(pg)?;
+            rows.iter().map(decode).collect()
+        })
+        .await
     }
 
     /// Appends a numbered row to task `task_id` (a step, an undo) with `insert`, whose
     /// `RETURNING` gives the row's number, under the task's row lock (which orders
-    /// concurrent appends to one task); not found when there is no such task.
+    /// concurrent appends to one task); not found when there is no such task. After a
+    /// broken attempt, `existing` (when given) is asked first for the number of the row
+    /// that attempt may have appended.
     async fn append_to_task(
         &self,
         task_id: &str,
         insert: &str,
         params: Params<'_>,
+        existing: Option<(&str, Params<'_>)>,
     ) -> Result<u32, StoreError> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(pg)?;
-        tx.query_opt("SELECT 1 FROM tasks WHERE id = $1 FOR UPDATE", &[&task_id])
-            .await
-            .map_err(pg)?
-            .ok_or_else(|| StoreError::not_found(Entity::Task, task_id))?;
-        let number: i64 = tx
-            .query_one(insert, params)
-            .await
-            .map_err(pg)?
-            .try_get(0)
-            .map_err(pg)?;
-        tx.commit().await.map_err(pg)?;
+        let number: i64 = self
+            .run(|mut client, attempt| async move {
+                let tx = client.transaction().await.map_err(pg)?;
+                tx.query_opt("SELECT 1 FROM tasks WHERE id = $1 FOR UPDATE", &[&task_id])
+                    .await
+                    .map_err(pg)?
+                    .ok_or_else(|| StoreError::not_found(Entity::Task, task_id))?;
+                if let Some((sql, params)) = existing.filter(|_| attempt.after_broken)
+                    && let Some(row) = tx.query_opt(sql, params).await.map_err(pg)?
+                {
+                    return row.try_get(0).map_err(pg);
+                }
+                let number = tx
+                    .query_one(insert, params)
+                    .await
+                    .map_err(pg)?
+                    .try_get(0)
+                    .map_err(pg)?;
+                tx.commit().await.map_err(pg)?;
+                Ok(number)
+            })
+            .await?;
         u32::try_from(number).map_err(|_| StoreError::corrupt(&number.to_string()))
     }
 
@@ -164,53 +179,65 @@ impl PgStore {
         }
         Ok(self.query(sql, &[], pair).await?.into_iter().collect())
     }
+
+    /// Runs an INSERT of `kind` `id`; a conflict when the key is taken (see [`inserted`]).
+    async fn insert(
+        &self,
+        sql: &str,
+        params: Params<'_>,
+        kind: Entity,
+        id: &str,
+    ) -> Result<(), StoreError> {
+        self.run(|client, attempt| async move {
+            let stmt = client.prepare_cached(sql).await.map_err(pg)?;
+            inserted(client.execute(&stmt, params).await, attempt, kind, id)
+        })
+        .await
+    }
 }
 
 #[async_trait::async_trait]
 impl Store for PgStore {
     async fn insert_vm(&self, vm: &VmRecord) -> Result<(), StoreError> {
-        let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(&format!(
-                "INSERT INTO vms ({VM_COLUMNS})
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
-                         $17, $18, $19, $20, $21, $22, $23)"
-            ))
-            .await
-            .map_err(pg)?;
+        let sql = format!(
+            "INSERT INTO vms ({VM_COLUMNS})
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
+                     $17, $18, $19, $20, $21, $22, $23)"
+        );
         let (os_name, os_version) = vm.os.clone().unzip();
-        client
-            .execute(
-                &stmt,
-                &[
-                    &vm.id,
-                    &vm.host,
-                    &serde_json::to_string(&vm.services)?,
-                    &serde_json::to_string(&vm.env)?,
-                    &vm.mode.as_str(),
-                    &vm.owner,
-                    &vm.state.as_str(),
-                    &serde_json::to_string(&vm.endpoints)?,
-                    &vm.spec.to_string(),
-                    &vm.pid.map(i64::from),
-                    &vm.error,
-                    &signed(vm.created_at_ms),
-                    &signed(vm.updated_at_ms),
-                    &signed(vm.last_used_at_ms),
-                    &vm.boot_ms.map(signed),
-                    &i64::from(vm.memory_mib),
-                    &i64::from(vm.vcpus),
-                    &vm.pool,
-                    &os_name,
-                    &os_version,
-                    &signed(vm.state_since_ms),
-                    &serde_json::to_string(&vm.direct_endpoints)?,
-                    &vm.isolation,
-                ],
-            )
-            .await
-            .map_err(|err| insert_error(err, Entity::Vm, &vm.id))?;
-        Ok(())
+        let (services, env) = (
+            serde_json::to_string(&vm.services)?,
+            serde_json::to_string(&vm.env)?,
+        );
+        let endpoints = serde_json::to_string(&vm.endpoints)?;
+        let direct_endpoints = serde_json::to_string(&vm.direct_endpoints)?;
+        let spec = vm.spec.to_string();
+        let params: &[&(dyn ToSql + Sync)] = &[
+            &vm.id,
+            &vm.host,
+            &services,
+            &env,
+            &vm.mode.as_str(),
+            &vm.owner,
+            &vm.state.as_str(),
+            &endpoints,
+            &spec,
+            &vm.pid.map(i64::from),
+            &vm.error,
+            &signed(vm.created_at_ms),
+            &signed(vm.updated_at_ms),
+            &signed(vm.last_used_at_ms),
+            &vm.boot_ms.map(signed),
+            &i64::from(vm.memory_mib),
+            &i64::from(vm.vcpus),
+            &vm.pool,
+            &os_name,
+            &os_version,
+            &signed(vm.state_since_ms),
+            &direct_endpoints,
+            &vm.isolation,
+        ];
+        self.insert(&sql, params, Entity::Vm, &vm.id).await
     }
 
     async fn vm(&self, id: &str) -> Result<Option<VmRecord>, StoreError> {
@@ -265,29 +292,34 @@ impl Store for PgStore {
         to: VmState,
         error: Option<&str>,
     ) -> Result<VmRecord, StoreError> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(pg)?;
-        let row = tx
-            .query_opt("SELECT state FROM vms WHERE id = $1 FOR UPDATE", &[&id])
-            .await
-            .map_err(pg)?
-            .ok_or_else(|| StoreError::not_found(Entity::Vm, id))?;
-        let from: String = row.try_get(0).map_err(pg)?;
-        let from: VmState = from.parse().map_err(|_| StoreError::corrupt(&from))?;
-        check_transition(from, to)?;
-        let row = tx
-            .query_one(
-                &format!(
-                    "UPDATE vms SET state = $2, error = $3, updated_at_ms = $4, state_since_ms = $4
-                     WHERE id = $1 RETURNING {VM_COLUMNS}"
-                ),
-                &[&id, &to.as_str(), &error, &signed(now_ms())],
-            )
-            .await
-            .map_err(pg)?;
-        let vm = vm_row(&row)?;
-        tx.commit().await.map_err(pg)?;
-        Ok(vm)
+        let select = format!("SELECT {VM_COLUMNS} FROM vms WHERE id = $1 FOR UPDATE");
+        let update = format!(
+            "UPDATE vms SET state = $2, error = $3, updated_at_ms = $4, state_since_ms = $4
+             WHERE id = $1 RETURNING {VM_COLUMNS}"
+        );
+        let (select, update) = (select.as_str(), update.as_str());
+        let now = signed(now_ms());
+        self.run(|mut client, attempt| async move {
+            let tx = client.transaction().await.map_err(pg)?;
+            let row = tx
+                .query_opt(select, &[&id])
+                .await
+                .map_err(pg)?
+                .ok_or_else(|| StoreError::not_found(Entity::Vm, id))?;
+            let vm = vm_row(&row)?;
+            if attempt.after_broken && vm.state == to && signed(vm.state_since_ms) == now {
+                return Ok(vm); // the broken attempt made this change
+            }
+            check_transition(vm.state, to)?;
+            let row = tx
+                .query_one(update, &[&id, &to.as_str(), &error, &now])
+                .await
+                .map_err(pg)?;
+            let vm = vm_row(&row)?;
+            tx.commit().await.map_err(pg)?;
+            Ok(vm)
+        })
+        .await
     }
 
     async fn claim(
@@ -301,40 +333,67 @@ impl Store for PgStore {
                             updated_at_ms = $4, last_used_at_ms = $4, state_since_ms = $4
              WHERE id = $1 AND state = 'ready' RETURNING {VM_COLUMNS}"
         );
+        let select = format!("SELECT {VM_COLUMNS} FROM vms WHERE id = $1");
+        let (sql, select) = (sql.as_str(), select.as_str());
         let env = serde_json::to_string(env)?;
-        let claimed = self
-            .query_opt(
-                &sql,
-                &[&id, &mode.as_str(), &env, &signed(now_ms())],
-                vm_row,
-            )
-            .await?;
-        match claimed {
-            Some(vm) => Ok(vm),
-            None => {
-                let from = self
-                    .vm(id)
-                    .await?
-                    .ok_or_else(|| StoreError::not_found(Entity::Vm, id))?
-                    .state;
-                Err(InvalidTransition {
-                    from,
-                    to: VmState::Active,
-                }
-                .into())
+        let env = env.as_str();
+        let now = signed(now_ms());
+        self.run(|client, attempt| async move {
+            let claimed = client
+                .query_opt(sql, &[&id, &mode.as_str(), &env, &now])
+                .await
+                .map_err(pg)?;
+            if let Some(row) = claimed {
+                return vm_row(&row);
             }
-        }
+            let vm = client
+                .query_opt(select, &[&id])
+                .await
+                .map_err(pg)?
+                .ok_or_else(|| StoreError::not_found(Entity::Vm, id))?;
+            let vm = vm_row(&vm)?;
+            // The broken attempt claimed it when the row carries this claim's instant.
+            if attempt.after_broken
+                && vm.state == VmState::Active
+                && signed(vm.state_since_ms) == now
+                && vm.mode == mode
+            {
+                return Ok(vm);
+            }
+            Err(InvalidTransition {
+                from: vm.state,
+                to: VmState::Active,
+            }
+            .into())
+        })
+        .await
     }
 
     async fn retire_ready(&self, id: &str) -> Result<bool, StoreError> {
-        let changed = self
-            .execute(
-                "UPDATE vms SET state = 'deleted', updated_at_ms = $2, state_since_ms = $2
-                 WHERE id = $1 AND state = 'ready'",
-                &[&id, &signed(now_ms())],
-            )
-            .await?;
-        Ok(changed == 1)
+        let now = signed(now_ms());
+        self.run(|client, attempt| async move {
+            let changed = client
+                .execute(
+                    "UPDATE vms SET state = 'deleted', updated_at_ms = $2, state_since_ms = $2
+                     WHERE id = $1 AND state = 'ready'",
+                    &[&id, &now],
+                )
+                .await
+                .map_err(pg)?;
+            if changed == 1 || !attempt.after_broken {
+                return Ok(changed == 1);
+            }
+            // The broken attempt retired it when the row carries this call's instant.
+            let retired = client
+                .query_opt(
+                    "SELECT 1 FROM vms WHERE id = $1 AND state = 'deleted' AND state_since_ms = $2",
+                    &[&id, &now],
+                )
+                .await
+                .map_err(pg)?;
+            Ok(retired.is_some())
+        })
+        .await
     }
 
     async fn set_launch(
@@ -512,35 +571,25 @@ impl Store for PgStore {
     }
 
     async fn insert_task(&self, task: &TaskRecord) -> Result<(), StoreError> {
-        let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(&format!(
-                "INSERT INTO tasks ({TASK_COLUMNS})
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
-            ))
-            .await
-            .map_err(pg)?;
-        client
-            .execute(
-                &stmt,
-                &[
-                    &task.id,
-                    &task.kind,
-                    &task.service,
-                    &task.vm_id,
-                    &task.state.as_str(),
-                    &task.stage,
-                    &i32::from(task.percent),
-                    &task.error,
-                    &signed(task.created_at_ms),
-                    &signed(task.updated_at_ms),
-                    &task.owner,
-                    &task.ended_at_ms.map(signed),
-                ],
-            )
-            .await
-            .map_err(|err| insert_error(err, Entity::Task, &task.id))?;
-        Ok(())
+        let sql = format!(
+            "INSERT INTO tasks ({TASK_COLUMNS})
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+        );
+        let params: &[&(dyn ToSql + Sync)] = &[
+            &task.id,
+            &task.kind,
+            &task.service,
+            &task.vm_id,
+            &task.state.as_str(),
+            &task.stage,
+            &i32::from(task.percent),
+            &task.error,
+            &signed(task.created_at_ms),
+            &signed(task.updated_at_ms),
+            &task.owner,
+            &task.ended_at_ms.map(signed),
+        ];
+        self.insert(&sql, params, Entity::Task, &task.id).await
     }
 
     async fn update_task(
@@ -595,27 +644,31 @@ impl Store for PgStore {
     }
 
     async fn fail_running_tasks(&self, reason: &str) -> Result<usize, StoreError> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(pg)?;
         let now = signed(now_ms());
-        tx.execute(
-            "UPDATE task_steps SET ended_at_ms = $2, outcome = 'failed', error = $1
-             WHERE ended_at_ms IS NULL
-               AND task_id IN (SELECT id FROM tasks WHERE state IN ('running', 'rolling_back'))",
-            &[&reason, &now],
-        )
-        .await
-        .map_err(pg)?;
-        let failed = tx
-            .execute(
-                "UPDATE tasks SET state = 'failed', error = $1, updated_at_ms = $2,
-                     ended_at_ms = $2
-                 WHERE state IN ('running', 'rolling_back')",
-                &[&reason, &now],
-            )
-            .await
-            .map_err(pg)?;
-        tx.commit().await.map_err(pg)?;
+        let failed = self
+            .run(|mut client, _| async move {
+                let tx = client.transaction().await.map_err(pg)?;
+                tx.execute(
+                    "UPDATE task_steps SET ended_at_ms = $2, outcome = 'failed', error = $1
+                     WHERE ended_at_ms IS NULL AND task_id IN
+                         (SELECT id FROM tasks WHERE state IN ('running', 'rolling_back'))",
+                    &[&reason, &now],
+                )
+                .await
+                .map_err(pg)?;
+                let failed = tx
+                    .execute(
+                        "UPDATE tasks SET state = 'failed', error = $1, updated_at_ms = $2,
+                             ended_at_ms = $2
+                         WHERE state IN ('running', 'rolling_back')",
+                        &[&reason, &now],
+                    )
+                    .await
+                    .map_err(pg)?;
+                tx.commit().await.map_err(pg)?;
+                Ok(failed)
+            })
+            .await?;
         Ok(usize::try_from(failed).unwrap_or(usize::MAX))
     }
 
@@ -628,6 +681,7 @@ impl Store for PgStore {
     }
 
     async fn push_task_undo(&self, task_id: &str, action: &str) -> Result<u32, StoreError> {
+        // Undo entries are idempotent: one journaled twice by a retry is undone twice.
         self.append_to_task(
             task_id,
             "INSERT INTO task_undo (task_id, seq, action)
@@ -635,6 +689,7 @@ impl Store for PgStore {
              FROM task_undo WHERE task_id = $1
              RETURNING seq",
             &[&task_id, &action],
+            None,
         )
         .await
     }
@@ -673,6 +728,11 @@ impl Store for PgStore {
                 &i32::from(percent.min(100)),
                 &signed(at_ms),
             ],
+            Some((
+                "SELECT step FROM task_steps
+                 WHERE task_id = $1 AND stage = $2 AND started_at_ms = $3",
+                &[&task_id, &stage, &signed(at_ms)],
+            )),
         )
         .await
     }
@@ -803,22 +863,18 @@ impl Store for PgStore {
     }
 
     async fn insert_import(&self, import: &ImportRecord) -> Result<(), StoreError> {
-        let client = self.client().await?;
-        client
-            .execute(
-                &format!("INSERT INTO imports ({IMPORT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)"),
-                &[
-                    &import.name,
-                    &import.owner,
-                    &import.format,
-                    &import.spec.to_string(),
-                    &signed(import.disk_bytes),
-                    &signed(import.created_at_ms),
-                ],
-            )
+        let sql = format!("INSERT INTO imports ({IMPORT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)");
+        let spec = import.spec.to_string();
+        let params: &[&(dyn ToSql + Sync)] = &[
+            &import.name,
+            &import.owner,
+            &import.format,
+            &spec,
+            &signed(import.disk_bytes),
+            &signed(import.created_at_ms),
+        ];
+        self.insert(&sql, params, Entity::Import, &import.name)
             .await
-            .map_err(|err| insert_error(err, Entity::Import, &import.name))?;
-        Ok(())
     }
 
     async fn import(&self, name: &str) -> Result<Option<ImportRecord>, StoreError> {
@@ -936,15 +992,10 @@ impl Store for PgStore {
     }
 
     async fn insert_user(&self, user: &UserRecord) -> Result<(), StoreError> {
-        let client = self.client().await?;
-        client
-            .execute(
-                &format!("INSERT INTO users ({USER_COLUMNS}) VALUES ($1, $2, $3)"),
-                &[&user.name, &user.role.as_str(), &signed(user.created_at_ms)],
-            )
-            .await
-            .map_err(|err| insert_error(err, Entity::User, &user.name))?;
-        Ok(())
+        let sql = format!("INSERT INTO users ({USER_COLUMNS}) VALUES ($1, $2, $3)");
+        let params: &[&(dyn ToSql + Sync)] =
+            &[&user.name, &user.role.as_str(), &signed(user.created_at_ms)];
+        self.insert(&sql, params, Entity::User, &user.name).await
     }
 
     async fn user(&self, name: &str) -> Result<Option<UserRecord>, StoreError> {
@@ -958,31 +1009,33 @@ impl Store for PgStore {
     }
 
     async fn insert_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
-        let client = self.client().await?;
-        let result = client
-            .execute(
-                &format!(
-                    "INSERT INTO tokens ({TOKEN_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
-                ),
-                &[
-                    &t.id,
-                    &t.user,
-                    &t.role.as_str(),
-                    &t.hash,
-                    &signed(t.created_at_ms),
-                    &t.expires_at_ms.map(signed),
-                    &t.revoked_at_ms.map(signed),
-                    &t.last_used_at_ms.map(signed),
-                ],
-            )
-            .await;
-        match result {
-            Ok(_) => Ok(()),
-            Err(err) if err.code() == Some(&SqlState::FOREIGN_KEY_VIOLATION) => {
-                Err(StoreError::not_found(Entity::User, &t.user))
+        let sql =
+            format!("INSERT INTO tokens ({TOKEN_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)");
+        let sql = sql.as_str();
+        self.run(|client, attempt| async move {
+            let result = client
+                .execute(
+                    sql,
+                    &[
+                        &t.id,
+                        &t.user,
+                        &t.role.as_str(),
+                        &t.hash,
+                        &signed(t.created_at_ms),
+                        &t.expires_at_ms.map(signed),
+                        &t.revoked_at_ms.map(signed),
+                        &t.last_used_at_ms.map(signed),
+                    ],
+                )
+                .await;
+            match result {
+                Err(err) if err.code() == Some(&SqlState::FOREIGN_KEY_VIOLATION) => {
+                    Err(StoreError::not_found(Entity::User, &t.user))
+                }
+                other => inserted(other, attempt, Entity::Token, &t.id),
             }
-            Err(err) => Err(insert_error(err, Entity::Token, &t.id)),
-        }
+        })
+        .await
     }
 
     async fn token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
@@ -1063,30 +1116,45 @@ impl Store for PgStore {
     ) -> Result<Option<IdempotencyRecord>, StoreError> {
         // One conditional write decides who holds the key (see `acquire_lease`); a
         // caller that did not take it reads the row as the winner left it.
-        let changed = self
-            .execute(
-                "INSERT INTO idempotency_keys (user_name, key, fingerprint, created_at_ms)
-                 VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (user_name, key) DO UPDATE SET
-                     fingerprint = excluded.fingerprint, created_at_ms = excluded.created_at_ms
-                 WHERE idempotency_keys.status IS NULL
-                   AND idempotency_keys.created_at_ms < $5",
-                &[
-                    &user,
-                    &key,
-                    &fingerprint,
-                    &signed(now_ms),
-                    &signed(stale_before_ms),
-                ],
-            )
-            .await?;
-        if changed == 1 {
-            return Ok(None);
-        }
         let sql = format!(
             "SELECT {IDEMPOTENCY_COLUMNS} FROM idempotency_keys WHERE user_name = $1 AND key = $2"
         );
-        self.query_opt(&sql, &[&user, &key], idempotency_row).await
+        let sql = sql.as_str();
+        self.run(|client, attempt| async move {
+            let changed = client
+                .execute(
+                    "INSERT INTO idempotency_keys (user_name, key, fingerprint, created_at_ms)
+                     VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (user_name, key) DO UPDATE SET
+                         fingerprint = excluded.fingerprint,
+                         created_at_ms = excluded.created_at_ms
+                     WHERE idempotency_keys.status IS NULL
+                       AND idempotency_keys.created_at_ms < $5",
+                    &[
+                        &user,
+                        &key,
+                        &fingerprint,
+                        &signed(now_ms),
+                        &signed(stale_before_ms),
+                    ],
+                )
+                .await
+                .map_err(pg)?;
+            if changed == 1 {
+                return Ok(None);
+            }
+            let held = match client.query_opt(sql, &[&user, &key]).await.map_err(pg)? {
+                Some(row) => idempotency_row(&row)?,
+                None => return Ok(None),
+            };
+            // The broken attempt took the key when the row is unanswered and ours to the ms.
+            let ours = attempt.after_broken
+                && held.answer.is_none()
+                && held.fingerprint == fingerprint
+                && held.created_at_ms == now_ms;
+            Ok((!ours).then_some(held))
+        })
+        .await
     }
 
     async fn answer_idempotency_key(
