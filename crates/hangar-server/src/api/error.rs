@@ -38,6 +38,11 @@ pub enum ApiError {
         retry_after_s: u64,
         task: Option<String>,
     },
+    /// The store has no database server that takes writes (it is down or failing over):
+    /// 503 with `Retry-After` [`STORE_RETRY_AFTER_S`]. Nothing was done, or (for a write
+    /// whose commit's answer was lost) it was done whole; never half.
+    #[error("{0}")]
+    StoreUnavailable(String),
     /// Over a quota: nothing is made until the caller holds less (or the quota grows).
     #[error("{0}")]
     QuotaExceeded(String),
@@ -62,9 +67,32 @@ pub enum ApiError {
 
 pub use hangar_api::{ErrorBody, ErrorDetail};
 
+/// The `Retry-After` of an answer given while the store is unavailable: a failover to a
+/// standby takes seconds.
+pub const STORE_RETRY_AFTER_S: u64 = 2;
+
 impl ApiError {
     pub fn internal(err: impl std::fmt::Display) -> ApiError {
         ApiError::Internal(err.to_string())
+    }
+
+    /// Something on our side broke: 500 with `err`'s chain, unless a store error in that
+    /// chain says no database server takes writes (then 503, [`ApiError::StoreUnavailable`]).
+    pub fn broke(err: &(dyn std::error::Error + 'static)) -> ApiError {
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+        while let Some(next) = source {
+            if next
+                .downcast_ref::<hangar_store::StoreError>()
+                .is_some_and(hangar_store::StoreError::is_unavailable)
+            {
+                return ApiError::StoreUnavailable(format!(
+                    "store unavailable: {}",
+                    error_chain(err)
+                ));
+            }
+            source = next.source();
+        }
+        ApiError::Internal(error_chain(err))
     }
 
     fn status(&self) -> StatusCode {
@@ -75,7 +103,9 @@ impl ApiError {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
             ApiError::Conflict(_) => StatusCode::CONFLICT,
-            ApiError::TryAgain { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::TryAgain { .. } | ApiError::StoreUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::QuotaExceeded(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) | ApiError::Csrf(_) => StatusCode::FORBIDDEN,
@@ -92,6 +122,7 @@ impl ApiError {
             ApiError::Unservable { .. } => "invalid_configuration",
             ApiError::Conflict(_) => "conflict",
             ApiError::TryAgain { .. } => "try_again",
+            ApiError::StoreUnavailable(_) => "store_unavailable",
             ApiError::QuotaExceeded(_) => "quota_exceeded",
             ApiError::Unauthorized(_) => "unauthorized",
             ApiError::Forbidden(_) => "forbidden",
@@ -106,6 +137,9 @@ impl From<hangar_store::StoreError> for ApiError {
     fn from(err: hangar_store::StoreError) -> ApiError {
         match err {
             hangar_store::StoreError::Conflict(err) => ApiError::Conflict(err.to_string()),
+            other if other.is_unavailable() => {
+                ApiError::StoreUnavailable(format!("store unavailable: {}", error_chain(&other)))
+            }
             other => ApiError::Internal(format!("store: {}", error_chain(&other))),
         }
     }
@@ -149,7 +183,7 @@ impl From<crate::scheduler::preview::PreviewError> for ApiError {
                 retry_after_s: 2,
                 task: None,
             },
-            PreviewError::Placement(other) => ApiError::Internal(error_chain(&other)),
+            PreviewError::Placement(other) => ApiError::broke(&other),
         }
     }
 }
@@ -206,7 +240,7 @@ impl From<crate::lifecycle::ops::LifecycleError> for ApiError {
             | LifecycleError::Resume { .. }
             | LifecycleError::Destroy { .. }
             | LifecycleError::Host(_)
-            | LifecycleError::NotReady { .. } => ApiError::Internal(error_chain(&err)),
+            | LifecycleError::NotReady { .. } => ApiError::broke(&err),
         }
     }
 }
@@ -277,9 +311,7 @@ impl From<crate::requests::RequestError> for ApiError {
                 message: too_large.to_string(),
                 alternatives: Vec::new(),
             },
-            RequestError::CreationFailed(_) | RequestError::TaskLost(_) => {
-                ApiError::Internal(error_chain(&err))
-            }
+            RequestError::CreationFailed(_) | RequestError::TaskLost(_) => ApiError::broke(&err),
         }
     }
 }
@@ -297,7 +329,7 @@ impl From<crate::pools::PoolError> for ApiError {
             PoolError::Invalid(message) => ApiError::BadRequest(message),
             PoolError::Store(err) => err.into(),
             PoolError::UnknownService { .. } | PoolError::Vanished(_) | PoolError::Encode(_) => {
-                ApiError::Internal(error_chain(&err))
+                ApiError::broke(&err)
             }
         }
     }
@@ -325,7 +357,7 @@ impl From<crate::lifecycle::policy::PolicyError> for ApiError {
             PolicyError::Lifecycle(err) => err.into(),
             PolicyError::Store(err) => err.into(),
             PolicyError::Encode(_) | PolicyError::Vanished(_) | PolicyError::RemoveImage { .. } => {
-                ApiError::Internal(error_chain(&err))
+                ApiError::broke(&err)
             }
         }
     }
@@ -339,7 +371,7 @@ impl From<crate::images::policy::ImageError> for ApiError {
             ImageError::Guest(_) => ApiError::BadRequest(error_chain(&err)),
             ImageError::Store(err) => err.into(),
             ImageError::Export(_) | ImageError::Tar(_) | ImageError::Io { .. } => {
-                ApiError::Internal(error_chain(&err))
+                ApiError::broke(&err)
             }
         }
     }
@@ -371,16 +403,14 @@ impl From<crate::reconcile::ReconcileError> for ApiError {
         use crate::reconcile::ReconcileError;
         match err {
             ReconcileError::Store(err) => err.into(),
-            ReconcileError::Inventory(_) | ReconcileError::Leftovers(_) => {
-                ApiError::Internal(error_chain(&err))
-            }
+            ReconcileError::Inventory(_) | ReconcileError::Leftovers(_) => ApiError::broke(&err),
         }
     }
 }
 
 impl From<crate::endpoints::EndpointError> for ApiError {
     fn from(err: crate::endpoints::EndpointError) -> ApiError {
-        ApiError::Internal(error_chain(&err))
+        ApiError::broke(&err)
     }
 }
 
@@ -414,6 +444,7 @@ impl IntoResponse for ApiError {
                 task,
                 ..
             } => (Vec::new(), task.clone(), Some(*retry_after_s)),
+            ApiError::StoreUnavailable(_) => (Vec::new(), None, Some(STORE_RETRY_AFTER_S)),
             _ => (Vec::new(), None, None),
         };
         let body = ErrorBody {

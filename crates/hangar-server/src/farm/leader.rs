@@ -8,6 +8,12 @@
 //! A leader that cannot renew (its store is unreachable) steps down before its lease can
 //! expire, so that two replicas never both believe they lead for longer than one renewal
 //! period. A single server (SQLite) takes the lease at its first try and keeps it.
+//!
+//! A leader that stepped down because the store went away (PostgreSQL failing over to a
+//! standby) takes the lease back at its first renewal on the new primary, if no other
+//! replica took it meanwhile: the lease row is replicated, so it still names this replica.
+//! Taking back its own lease is not a take-over: its tasks are its own and still run, so
+//! they are not failed, and its host is not reconciled again.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -76,7 +82,8 @@ impl Manager {
 
     /// Keeps trying to lead (every [`RENEW_EVERY`]) for the life of the process. When this
     /// replica takes the lead from another, the tasks the old leader left running are
-    /// failed and the pools are refilled.
+    /// failed and the pools are refilled; when it takes back the lease it held itself
+    /// (after losing the store for a while), the pools are refilled only.
     pub fn spawn_leader_loop(self: &Arc<Self>, replica: String) -> tokio::task::JoinHandle<()> {
         let manager = self.clone();
         tokio::spawn(async move {
@@ -86,18 +93,39 @@ impl Manager {
             tick.tick().await;
             loop {
                 tick.tick().await;
-                let was = manager.farm.leading();
-                let tried = Instant::now();
-                if manager.try_lead(&replica, last_held).await {
-                    last_held = Some(tried);
-                    if !was {
-                        manager.take_over().await;
-                    }
-                } else {
-                    last_held = None;
-                }
+                last_held = manager.renew_lead(&replica, last_held).await;
             }
         })
+    }
+
+    /// One turn of the leader loop: tries to lead, and does what starting to lead takes
+    /// (see [`Manager::spawn_leader_loop`]). Answers when the lease was last held. A
+    /// replica that does not lead first reads who holds the lease, and tries to take it
+    /// only once it knows: taking its own lease back is not a take-over.
+    async fn renew_lead(&self, replica: &str, last_held: Option<Instant>) -> Option<Instant> {
+        let was = self.farm.leading();
+        let held_by_us = match was {
+            true => false,
+            false => match self.store.lease(LEADER_LEASE).await {
+                Ok(lease) => lease.is_some_and(|lease| lease.holder == replica),
+                Err(err) => {
+                    tracing::debug!(error = %error_chain(&err), "cannot read the leader lease");
+                    return None;
+                }
+            },
+        };
+        let tried = Instant::now();
+        if !self.try_lead(replica, last_held).await {
+            return None;
+        }
+        if held_by_us {
+            tracing::info!(replica, "took back this server's own leader lease");
+            self.refresh_farm().await;
+            self.pools.refill();
+        } else if !was {
+            self.take_over().await;
+        }
+        Some(tried)
     }
 
     /// What a replica does when it starts to lead after another: the old leader's
@@ -178,5 +206,38 @@ mod tests {
             "and refused to the other"
         );
         assert!(!first.farm.leading());
+    }
+
+    #[tokio::test]
+    async fn a_leader_that_lost_the_store_takes_its_own_lease_back_without_failing_its_tasks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shared.db");
+        let store = hangar_store::open(path.to_str().unwrap()).await.unwrap();
+        let one = manager_on(store.clone(), FakeBackend::new(), WEB, Default::default());
+        assert!(one.renew_lead("one", None).await.is_some());
+        let (task, _outcome) = one.tasks.begin("create", Some("web".into())).await.unwrap();
+        // The store went away for longer than a renewal: it stepped down.
+        one.farm.set_leading(false);
+        assert!(one.renew_lead("one", None).await.is_some(), "took it back");
+        assert!(one.farm.leading());
+        let record = store.task(&task).await.unwrap().unwrap();
+        assert_eq!(
+            record.state,
+            hangar_store::TaskState::Running,
+            "its own task still runs"
+        );
+        // Another replica that takes over an expired lease fails the old leader's tasks.
+        let two = manager_on(store.clone(), FakeBackend::new(), WEB, Default::default());
+        let later = now_ms() + millis(LEASE_TTL) + 1;
+        assert!(
+            store
+                .acquire_lease(LEADER_LEASE, "two", millis(LEASE_TTL), later)
+                .await
+                .unwrap()
+        );
+        two.farm.set_leading(false);
+        two.take_over().await;
+        let record = store.task(&task).await.unwrap().unwrap();
+        assert_eq!(record.state, hangar_store::TaskState::Failed);
     }
 }
