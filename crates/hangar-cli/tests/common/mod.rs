@@ -103,6 +103,28 @@ impl TestServer {
         })
     }
 
+    /// A server keeping its state in the store at `store` (`--store`; for instance a
+    /// multi-host PostgreSQL URL), whatever `HANGAR_TEST_STORE` says, with `extra_args`.
+    pub fn start_on_store(store: &str, extra_args: &[&str]) -> TestServer {
+        let mut args = vec!["--store", store];
+        args.extend_from_slice(extra_args);
+        let data_dir = tempfile::Builder::new()
+            .prefix("hg")
+            .tempdir_in("/tmp")
+            .unwrap();
+        std::os::unix::fs::symlink(shared_cache(), data_dir.path().join("cache")).unwrap();
+        let mut server = TestServer {
+            data_dir,
+            url: format!("http://127.0.0.1:{}", free_port()),
+            extra_args: args.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
+            child: None,
+            database: None,
+        };
+        server.spawn();
+        server
+    }
+
     /// A server with `extra_args` whose `cache` in the data dir is made by `make_cache`.
     fn start_in(extra_args: &[&str], make_cache: impl FnOnce(&Path)) -> TestServer {
         TestServer::start_in_with_env(extra_args, &[], make_cache)
