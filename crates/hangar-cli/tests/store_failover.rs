@@ -65,6 +65,13 @@ fn call(
     })
 }
 
+/// A shared request for http-static (the body the client sends too).
+const SHARED: &str = r#"{"service":"http-static"}"#;
+
+fn request_shared(addr: &SocketAddr, token: &str) -> Answer {
+    call(addr, token, "POST", "/v1/requests", Some(SHARED)).unwrap()
+}
+
 /// What the client saw of one call.
 #[derive(Debug)]
 struct Outcome {
@@ -97,12 +104,7 @@ fn client(
         let user = format!("u-{n}");
         let user_body = format!(r#"{{"name":"{user}","role":"access"}}"#);
         let calls: [(String, &str, &str, Option<&str>); 3] = [
-            (
-                "request".into(),
-                "POST",
-                "/v1/requests",
-                Some(r#"{"service":"http-static"}"#),
-            ),
+            ("request".into(), "POST", "/v1/requests", Some(SHARED)),
             ("vms".into(), "GET", "/v1/vms", None),
             (
                 format!("user {user}"),
@@ -147,14 +149,7 @@ fn the_primary_killed_mid_load_and_hangar_serves_again_from_the_promoted_standby
     let pid = server.pid().expect("the server runs");
 
     // The shared VM exists before the load starts (its boot is not what is measured).
-    let first = call(
-        &addr,
-        &token,
-        "POST",
-        "/v1/requests",
-        Some(r#"{"service":"http-static"}"#),
-    )
-    .unwrap();
+    let first = request_shared(&addr, &token);
     assert_eq!(first.status, 200, "{}", first.body);
     let grant: serde_json::Value = serde_json::from_str(&first.body).unwrap();
     let vm = grant["vm"].as_str().unwrap().to_owned();
@@ -321,14 +316,7 @@ fn the_primary_killed_mid_load_and_hangar_serves_again_from_the_promoted_standby
 
     // The lease is held again, on the new primary, by this server.
     assert_eq!(lease_holder(&pair.standby_url()), replica);
-    let new_request = call(
-        &addr,
-        &token,
-        "POST",
-        "/v1/requests",
-        Some(r#"{"service":"http-static"}"#),
-    )
-    .unwrap();
+    let new_request = request_shared(&addr, &token);
     assert_eq!(new_request.status, 200, "{}", new_request.body);
     server.kill9();
 }

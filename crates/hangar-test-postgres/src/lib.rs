@@ -253,7 +253,10 @@ fn wait_ready(url: &str, dir: &Path) -> Result<(), String> {
             .as_mut()
             .is_none_or(|child| !matches!(child.try_wait(), Ok(None)));
         let log = std::fs::read_to_string(dir.join("log")).unwrap_or_default();
-        let log_says_fatal = log.contains("FATAL");
+        // Our own probe, too early, is refused with a FATAL that is not the server's.
+        let log_says_fatal = log
+            .lines()
+            .any(|line| line.contains("FATAL") && !line.contains("is starting up"));
         if exited || log_says_fatal || Instant::now() > deadline {
             stop_cluster();
             let tail: String = log.lines().rev().take(10).collect::<Vec<_>>().join("\n");
