@@ -126,6 +126,9 @@ pub struct ServerConfig {
     /// and archive and wake VMs on connection. Off: endpoints are the VMs' own port
     /// forwards on their hosts (for replicated control planes).
     pub stable_endpoints: bool,
+    /// Rebalancing's settings when it is on (`--rebalance`); `None`: VMs stay where they
+    /// were placed.
+    pub rebalance: Option<rebalance::RebalanceConfig>,
     /// The shortest idle timers a policy set at run time may have.
     pub policy_floors: hangar_core::lifecycle::PolicyFloors,
     /// The quota of every user without one of their own.
@@ -551,6 +554,10 @@ pub async fn run(
     let lifecycle_loop = manager.spawn_lifecycle_loop();
     let image_loop = manager.spawn_image_loop();
     let alert_loop = manager.spawn_alert_loop();
+    let rebalance_loop = config.rebalance.map(|settings| {
+        let mover = Arc::new(rebalance::MigrationMover(manager.clone()));
+        manager.spawn_rebalance_loop(settings, mover)
+    });
 
     tracing::info!(%addr, data_dir = %data_dir.display(), "hangar server listening");
     let manager_for_shutdown = manager.clone();
@@ -572,6 +579,9 @@ pub async fn run(
     lifecycle_loop.abort();
     image_loop.abort();
     alert_loop.abort();
+    if let Some(rebalance_loop) = rebalance_loop {
+        rebalance_loop.abort();
+    }
     drop(lock);
     served.map_err(ServerError::Serve)
 }

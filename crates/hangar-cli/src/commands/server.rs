@@ -91,6 +91,27 @@ pub struct ServerArgs {
     /// VMs when it comes back.
     #[arg(long, default_value = "6s", value_parser = humantime::parse_duration, env = "HANGAR_HOST_LOST_AFTER")]
     host_lost_after: std::time::Duration,
+    /// Move running and sleeping VMs between farm hosts so that their loads even out (off
+    /// by default): every --rebalance-interval the leader moves up to
+    /// --rebalance-max-moves VMs, each from a host over the farm's overall use to one
+    /// that stays at or under it, and only when the spread of the hosts' loads falls by
+    /// more than --rebalance-margin; a VM that moved (or failed to) stays for
+    /// --rebalance-cooldown.
+    #[arg(long, env = "HANGAR_REBALANCE")]
+    rebalance: bool,
+    /// How long between two rebalancing rounds (a round's moves end first).
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration, env = "HANGAR_REBALANCE_INTERVAL")]
+    rebalance_interval: std::time::Duration,
+    /// Most VMs moved in one rebalancing round.
+    #[arg(long, value_name = "N", default_value_t = hangar_server::rebalance::DEFAULT_MAX_MOVES, env = "HANGAR_REBALANCE_MAX_MOVES")]
+    rebalance_max_moves: usize,
+    /// Least fall of the spread (standard deviation of the up hosts' loads) a move must
+    /// bring, in thousandths: smaller gains are not worth a migration.
+    #[arg(long, value_name = "PERMILLE", default_value_t = hangar_server::rebalance::DEFAULT_MARGIN_PERMILLE, value_parser = clap::value_parser!(u32).range(0..=1000), env = "HANGAR_REBALANCE_MARGIN")]
+    rebalance_margin: u32,
+    /// How long a VM that was moved, or failed to move, stays where it is.
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = humantime::parse_duration, env = "HANGAR_REBALANCE_COOLDOWN")]
+    rebalance_cooldown: std::time::Duration,
     /// Answer with the VMs' own port forwards on their hosts instead of stable endpoints
     /// held on this machine (needed when several servers share one store).
     #[arg(long, env = "HANGAR_DIRECT_ENDPOINTS")]
@@ -222,6 +243,14 @@ pub async fn run(args: ServerArgs) -> ExitCode {
             lost_after: args.host_lost_after.max(args.host_down_after),
         },
         stable_endpoints: !args.direct_endpoints,
+        rebalance: args
+            .rebalance
+            .then_some(hangar_server::rebalance::RebalanceConfig {
+                interval: args.rebalance_interval,
+                max_moves: args.rebalance_max_moves,
+                margin_permille: args.rebalance_margin,
+                cooldown: args.rebalance_cooldown,
+            }),
         policy_floors: hangar_server::PolicyFloors {
             sleep_after: args.policy_min_sleep_after,
             archive_after: args.policy_min_archive_after,

@@ -27,8 +27,13 @@ use hangar_store::{VmRecord, now_ms};
 use crate::api::error::error_chain;
 use crate::manager::Manager;
 
+pub use hangar_core::rebalance::{DEFAULT_MARGIN_PERMILLE, DEFAULT_MAX_MOVES};
+
+mod mover;
 #[cfg(test)]
 mod tests;
+
+pub use mover::MigrationMover;
 
 /// `hangar server --rebalance`'s settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,8 +52,8 @@ impl Default for RebalanceConfig {
     fn default() -> RebalanceConfig {
         RebalanceConfig {
             interval: Duration::from_secs(60),
-            max_moves: rebalance::DEFAULT_MAX_MOVES,
-            margin_permille: rebalance::DEFAULT_MARGIN_PERMILLE,
+            max_moves: DEFAULT_MAX_MOVES,
+            margin_permille: DEFAULT_MARGIN_PERMILLE,
             cooldown: Duration::from_millis(rebalance::DEFAULT_COOLDOWN_MS),
         }
     }
