@@ -223,7 +223,12 @@ impl Manager {
         rebalancer: &mut Rebalancer,
         mover: &dyn Mover,
     ) -> Vec<MoveOutcome> {
-        let hosts: Vec<HostFacts> = self.scheduler.farm_hosts().iter().map(facts_of).collect();
+        let hosts: Vec<HostFacts> = self
+            .scheduler
+            .farm_hosts()
+            .iter()
+            .map(|host| host.placement_facts())
+            .collect();
         let vms = match self.store.vms(false).await {
             Ok(vms) => vms,
             Err(err) => {
@@ -233,25 +238,4 @@ impl Manager {
         };
         rebalancer.round(&hosts, &vms, mover, now_ms()).await
     }
-}
-
-/// What the decision knows of a farm host before its VMs' use is added.
-fn facts_of(host: &crate::scheduler::FarmHost) -> HostFacts {
-    let info = &host.info;
-    let mut facts = HostFacts::new(
-        host.record.name.clone(),
-        info.facts
-            .vcpus
-            .saturating_mul(crate::scheduler::VCPU_OVERCOMMIT),
-        info.facts.memory_mib,
-    );
-    facts.state = match host.record.state {
-        hangar_store::HostState::Up => hangar_core::placement::HostState::Up,
-        hangar_store::HostState::Draining => hangar_core::placement::HostState::Draining,
-        hangar_store::HostState::Down => hangar_core::placement::HostState::Down,
-        hangar_store::HostState::Lost => hangar_core::placement::HostState::Lost,
-    };
-    facts.priority = info.priority;
-    facts.labels = info.labels.clone();
-    facts
 }
