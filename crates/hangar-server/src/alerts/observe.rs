@@ -14,8 +14,8 @@ use crate::api::error::error_chain;
 use crate::farm::HostInfo;
 use crate::manager::Manager;
 
-/// The task kind of a migration (`crate::migration`).
-pub const MIGRATE_TASK: &str = "migrate";
+/// The task kind of a migration, as the migration concern names its tasks.
+pub const MIGRATE_TASK: &str = crate::migration::TASK_KIND;
 
 /// How many of the newest tasks are looked at for failed migrations.
 const TASKS_LOOKED_AT: u32 = 500;
