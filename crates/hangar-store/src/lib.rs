@@ -279,15 +279,30 @@ pub trait Store: Send + Sync {
 
     // ---- hosts ----
 
-    /// Adds a host or replaces what is known of it.
+    /// Adds a host or replaces what is known of it. A `draining` host stays `draining` when
+    /// `up` is written (an agent registering again does not end a drain; only
+    /// [`Store::change_host_state`] does); any other state is written as given.
     async fn upsert_host(&self, host: &HostRecord) -> Result<(), StoreError>;
+
+    /// Sets host `name`'s state to `to` if it is `from` now, in one conditional write (an
+    /// operator's drain or resume racing a heartbeat or the loss loop). Returns whether the
+    /// host is in `to` now: true when it was `from` (or already `to`, so a retried write
+    /// answers alike), false when it is in another state. [`StoreError::NotFound`] for no
+    /// such host.
+    async fn change_host_state(
+        &self,
+        name: &str,
+        from: HostState,
+        to: HostState,
+    ) -> Result<bool, StoreError>;
 
     async fn host(&self, name: &str) -> Result<Option<HostRecord>, StoreError>;
 
     /// Hosts by name.
     async fn hosts(&self) -> Result<Vec<HostRecord>, StoreError>;
 
-    /// Records a host's heartbeat: its state and facts now.
+    /// Records a host's heartbeat: its state and facts now. As in [`Store::upsert_host`], a
+    /// `draining` host stays `draining` when `up` is written.
     async fn heartbeat(
         &self,
         name: &str,

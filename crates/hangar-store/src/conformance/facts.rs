@@ -178,6 +178,66 @@ pub(super) async fn hosts_register_and_heartbeat(store: &dyn Store) {
     ));
 }
 
+async fn host_state(store: &dyn Store, name: &str) -> HostState {
+    store.host(name).await.unwrap().unwrap().state
+}
+
+pub(super) async fn a_drain_survives_heartbeats_and_ends_by_a_change(store: &dyn Store) {
+    let mut host = HostRecord {
+        name: "h1".into(),
+        address: "10.0.0.2:7000".into(),
+        state: HostState::Up,
+        facts: serde_json::json!({}),
+        last_heartbeat_ms: 10,
+    };
+    store.upsert_host(&host).await.unwrap();
+    // A drain only from `up`; asked again, it answers alike.
+    assert!(
+        !store
+            .change_host_state("h1", HostState::Down, HostState::Draining)
+            .await
+            .unwrap()
+    );
+    assert_eq!(host_state(store, "h1").await, HostState::Up);
+    for _ in 0..2 {
+        assert!(
+            store
+                .change_host_state("h1", HostState::Up, HostState::Draining)
+                .await
+                .unwrap()
+        );
+    }
+    // Neither a heartbeat nor a registration writing `up` ends it.
+    store
+        .heartbeat("h1", HostState::Up, &serde_json::json!({}), 20)
+        .await
+        .unwrap();
+    assert_eq!(host_state(store, "h1").await, HostState::Draining);
+    store.upsert_host(&host).await.unwrap();
+    assert_eq!(host_state(store, "h1").await, HostState::Draining);
+    // The loss loop still takes it down.
+    host.state = HostState::Down;
+    store.upsert_host(&host).await.unwrap();
+    assert_eq!(host_state(store, "h1").await, HostState::Down);
+    store
+        .heartbeat("h1", HostState::Draining, &serde_json::json!({}), 30)
+        .await
+        .unwrap();
+    // A resume ends it.
+    assert!(
+        store
+            .change_host_state("h1", HostState::Draining, HostState::Up)
+            .await
+            .unwrap()
+    );
+    assert_eq!(host_state(store, "h1").await, HostState::Up);
+    assert!(is_not_found(
+        store
+            .change_host_state("nowhere", HostState::Up, HostState::Draining)
+            .await
+    ));
+}
+
 pub(super) async fn templates_are_kept_used_and_removed(store: &dyn Store) {
     let template = TemplateRecord {
         key: "redis-abc".into(),

@@ -563,6 +563,7 @@ conformance!(
     the_undo_journal_keeps_order_and_marks,
     concurrent_undo_entries_get_distinct_numbers,
     hosts_register_and_heartbeat,
+    a_drain_survives_heartbeats_and_ends_by_a_change,
     templates_are_kept_used_and_removed,
     imports_are_unique_kept_and_removed,
     archives_are_kept_and_removed,

@@ -771,7 +771,8 @@ impl Store for PgStore {
             &format!(
                 "INSERT INTO hosts ({HOST_COLUMNS}) VALUES ($1, $2, $3, $4, $5)
                  ON CONFLICT (name) DO UPDATE SET address = excluded.address,
-                     state = excluded.state, facts = excluded.facts,
+                     state = CASE WHEN hosts.state = 'draining' AND excluded.state = 'up' THEN 'draining' ELSE excluded.state END,
+                     facts = excluded.facts,
                      last_heartbeat_ms = excluded.last_heartbeat_ms"
             ),
             &[
@@ -796,6 +797,27 @@ impl Store for PgStore {
         self.query(&sql, &[], host_row).await
     }
 
+    async fn change_host_state(
+        &self,
+        name: &str,
+        from: HostState,
+        to: HostState,
+    ) -> Result<bool, StoreError> {
+        let changed = self
+            .execute(
+                "UPDATE hosts SET state = $3 WHERE name = $1 AND state IN ($2, $3)",
+                &[&name, &from.as_str(), &to.as_str()],
+            )
+            .await?;
+        if changed > 0 {
+            return Ok(true);
+        }
+        match self.host(name).await? {
+            Some(_) => Ok(false),
+            None => Err(StoreError::not_found(Entity::Host, name)),
+        }
+    }
+
     async fn heartbeat(
         &self,
         name: &str,
@@ -804,7 +826,8 @@ impl Store for PgStore {
         at_ms: u64,
     ) -> Result<(), StoreError> {
         self.update(
-            "UPDATE hosts SET state = $2, facts = $3, last_heartbeat_ms = $4 WHERE name = $1",
+            "UPDATE hosts SET state = CASE WHEN state = 'draining' AND $2::text = 'up' THEN 'draining' ELSE $2::text END,
+                 facts = $3, last_heartbeat_ms = $4 WHERE name = $1",
             &[&name, &state.as_str(), &facts.to_string(), &signed(at_ms)],
             Entity::Host,
             name,

@@ -672,7 +672,8 @@ impl Store for SqliteStore {
             &format!(
                 "INSERT INTO hosts ({HOST_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT (name) DO UPDATE SET address = excluded.address,
-                     state = excluded.state, facts = excluded.facts,
+                     state = CASE WHEN hosts.state = 'draining' AND excluded.state = 'up' THEN 'draining' ELSE excluded.state END,
+                     facts = excluded.facts,
                      last_heartbeat_ms = excluded.last_heartbeat_ms"
             ),
             params![
@@ -702,6 +703,25 @@ impl Store for SqliteStore {
         )
     }
 
+    async fn change_host_state(
+        &self,
+        name: &str,
+        from: HostState,
+        to: HostState,
+    ) -> Result<bool, StoreError> {
+        let changed = self.execute(
+            "UPDATE hosts SET state = ?3 WHERE name = ?1 AND state IN (?2, ?3)",
+            params![name, from.as_str(), to.as_str()],
+        )?;
+        if changed > 0 {
+            return Ok(true);
+        }
+        match self.host(name).await? {
+            Some(_) => Ok(false),
+            None => Err(StoreError::not_found(Entity::Host, name)),
+        }
+    }
+
     async fn heartbeat(
         &self,
         name: &str,
@@ -710,7 +730,8 @@ impl Store for SqliteStore {
         at_ms: u64,
     ) -> Result<(), StoreError> {
         match self.execute(
-            "UPDATE hosts SET state = ?2, facts = ?3, last_heartbeat_ms = ?4 WHERE name = ?1",
+            "UPDATE hosts SET state = CASE WHEN state = 'draining' AND ?2 = 'up' THEN 'draining' ELSE ?2 END,
+                 facts = ?3, last_heartbeat_ms = ?4 WHERE name = ?1",
             params![name, state.as_str(), facts.to_string(), at_ms],
         )? {
             0 => Err(StoreError::not_found(Entity::Host, name)),
