@@ -2,6 +2,8 @@
 //!
 //! - [`alerts`]: alert rules, and when an alert fires and resolves (no flapping).
 //! - [`ids`]: identifiers of VMs and tasks.
+//! - [`evacuation`]: where the VMs of a host being evacuated go (placement's rules, counting
+//!   those already sent).
 //! - [`exposure`]: which addresses APIs may listen on and endpoints be advertised at.
 //! - [`state`]: the VM state machine and its one `valid_transition`.
 //! - [`catalog`]: services, their ports, processes, files and ready criteria.
@@ -18,6 +20,7 @@ pub mod alerts;
 pub mod catalog;
 pub mod components;
 pub mod compose;
+pub mod evacuation;
 pub mod eviction;
 pub mod exposure;
 pub mod heuristics;
