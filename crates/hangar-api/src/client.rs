@@ -612,6 +612,44 @@ impl Client {
         self.call(Method::GET, &["v1", "hosts"], None::<&()>).await
     }
 
+    /// `POST /v1/hosts/{name}/drain` (admins only): no new VMs go to the host; its paused
+    /// pool VMs are removed (their pools refill elsewhere). 404 for no such farm host, 409
+    /// for a host down or lost, or the server's own.
+    pub async fn drain_host(&self, name: &str) -> Result<HostStateView, ClientError> {
+        self.call(Method::POST, &["v1", "hosts", name, "drain"], None::<&()>)
+            .await
+    }
+
+    /// `POST /v1/hosts/{name}/resume` (admins only): a draining host takes VMs again. 409
+    /// for a host down or lost, or one being evacuated.
+    pub async fn resume_host(&self, name: &str) -> Result<HostStateView, ClientError> {
+        self.call(Method::POST, &["v1", "hosts", name, "resume"], None::<&()>)
+            .await
+    }
+
+    /// `POST /v1/hosts/{name}/evacuate` (admins only): drains the host and starts moving
+    /// its VMs to other hosts; answers 202 with the `evacuate` task (follow it with
+    /// [`Client::task`], what it did with [`Client::evacuation`]).
+    pub async fn evacuate_host(&self, name: &str) -> Result<AcceptedView, ClientError> {
+        self.call(
+            Method::POST,
+            &["v1", "hosts", name, "evacuate"],
+            None::<&()>,
+        )
+        .await
+    }
+
+    /// `GET /v1/hosts/{name}/evacuation` (admins only): the host's last evacuation run by
+    /// this server, VM by VM. 404 when there is none.
+    pub async fn evacuation(&self, name: &str) -> Result<EvacuationView, ClientError> {
+        self.call(
+            Method::GET,
+            &["v1", "hosts", name, "evacuation"],
+            None::<&()>,
+        )
+        .await
+    }
+
     /// `POST /v1/placements`: the host a VM of that service or size would go to now, and
     /// why; nothing is made. Errors: 400 malformed, 404 no such service, 422 never
     /// available, 503 no host has room now.

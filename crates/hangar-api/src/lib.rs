@@ -9,6 +9,7 @@ pub mod accounting;
 pub mod alerts;
 pub mod client;
 pub mod error;
+pub mod evacuation;
 pub mod farm;
 pub mod farm_images;
 pub mod images;
@@ -31,6 +32,7 @@ pub use accounting::{
 pub use alerts::{AlertNotice, AlertQuery, AlertView, NoticeAlert};
 pub use client::{BadUrl, BlobDownload, Client, ClientError, Download, Timed};
 pub use error::{ErrorBody, ErrorDetail};
+pub use evacuation::{EvacuatedVmView, EvacuationView, HostStateView};
 pub use farm::{Heartbeat, HeartbeatReply, HostFactsView, HostRegistration, HostView, HostVmView};
 pub use farm_images::{AssetsManifest, Blob, RootBody, RootManifest};
 pub use hangar_core::heuristics;

@@ -14,8 +14,8 @@ mod error;
 mod output;
 
 use commands::{
-    accounting, agent, alerts, auth, bench as bench_cmd, check, export, hosts, images, imports,
-    migrate, policies, pools, request, server, services, tasks, templates, vms,
+    accounting, agent, alerts, auth, bench as bench_cmd, check, export, host, hosts, images,
+    imports, migrate, policies, pools, request, server, services, tasks, templates, vms,
 };
 use error::CliError;
 use hangar_api::client::Client;
@@ -91,6 +91,14 @@ enum Command {
     /// Hosts VMs run on (this server's own and the farm's agents): state, capacity and
     /// use, VMs, load, cost, labels, last heartbeat.
     Hosts(hosts::HostsArgs),
+    /// Drain, resume or evacuate a farm host (admins only).
+    #[command(
+        after_help = "Examples:\n  hangar host drain host-a\n  hangar host evacuate host-a\n  hangar host resume host-a"
+    )]
+    Host {
+        #[command(subcommand)]
+        command: host::HostCommand,
+    },
     /// Warm pools: paused VMs ready to hand out, per service or configuration.
     Pools(pools::PoolsArgs),
     /// Service templates: VMs snapshotted at their ready state; new VMs are clones of them.
@@ -244,6 +252,7 @@ async fn client_command(
         Command::Vms(args) => vms::list(client, args).await,
         Command::Pools(args) => pools::list(client, args).await,
         Command::Hosts(args) => hosts::list(client, args).await,
+        Command::Host { command } => host::run(client, command).await,
         Command::Templates(args) => templates::run(client, args).await,
         Command::Pool { command } => pools::run(client, command).await,
         Command::Policies(args) => policies::list(client, args).await,

@@ -34,6 +34,7 @@ use hangar_vmm::qemu::{QemuBackend, QemuConfig};
 pub mod alerts;
 pub mod api;
 pub mod endpoints;
+pub mod evacuation;
 pub mod farm;
 pub mod images;
 pub mod imports;

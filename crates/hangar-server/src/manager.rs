@@ -141,6 +141,8 @@ pub struct Manager {
     pub(crate) events: crate::web::events::Hub,
     /// Migrations in flight (`crate::migration`).
     pub(crate) migrations: crate::migration::MigrationRuntime,
+    /// Evacuations this server ran, by host (`crate::evacuation`).
+    pub(crate) evacuations: crate::evacuation::EvacuationRuntime,
 }
 
 /// What start-up reconciliation found and did.
@@ -199,6 +201,7 @@ impl Manager {
             auth: crate::api::auth::AuthRuntime::default(),
             events: crate::web::events::Hub::default(),
             migrations: crate::migration::MigrationRuntime::default(),
+            evacuations: crate::evacuation::EvacuationRuntime::default(),
         })
     }
 

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod bench;
 pub mod check;
 pub mod export;
+pub mod host;
 pub mod hosts;
 pub mod images;
 pub mod imports;

@@ -224,6 +224,22 @@ impl From<crate::migration::MigrationError> for ApiError {
     }
 }
 
+impl From<crate::evacuation::EvacuationError> for ApiError {
+    fn from(err: crate::evacuation::EvacuationError) -> ApiError {
+        use crate::evacuation::EvacuationError;
+        match err {
+            EvacuationError::NoHost(_) | EvacuationError::NoEvacuation(_) => ApiError::NotFound {
+                message: err.to_string(),
+                alternatives: Vec::new(),
+            },
+            EvacuationError::Store(err) => err.into(),
+            EvacuationError::NotOnFarm(_)
+            | EvacuationError::NotAnswering { .. }
+            | EvacuationError::Evacuating { .. } => ApiError::Conflict(err.to_string()),
+        }
+    }
+}
+
 impl From<crate::lifecycle::ops::LifecycleError> for ApiError {
     fn from(err: crate::lifecycle::ops::LifecycleError) -> ApiError {
         use crate::lifecycle::ops::LifecycleError;

@@ -26,6 +26,7 @@ pub mod error;
 pub mod farm;
 pub mod farm_auth;
 pub mod farm_images;
+pub mod hosts;
 pub mod imports;
 pub mod json_errors;
 pub mod metrics;
@@ -71,6 +72,10 @@ fn routes() -> OpenApiRouter<Arc<Manager>> {
         .routes(routes!(imports::delete_import))
         .routes(routes!(farm::list_hosts, farm::register_host))
         .routes(routes!(farm::host_heartbeat))
+        .routes(routes!(hosts::drain_host))
+        .routes(routes!(hosts::resume_host))
+        .routes(routes!(hosts::evacuate_host))
+        .routes(routes!(hosts::get_evacuation))
         .routes(routes!(placements::preview_placement))
         .routes(routes!(metrics::metrics))
         .routes(routes!(accounting::list_quotas))

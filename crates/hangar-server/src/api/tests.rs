@@ -635,6 +635,43 @@ async fn every_answer_matches_its_schema_in_the_openapi_document() {
     let page = String::from_utf8_lossy(&metrics.body);
     assert!(page.contains("hangar_host_up{host=\"h1\"} 1"), "{page}");
 
+    // Drain, evacuate (h1 holds no VM: done at once) and resume a farm host.
+    let (drain, resume) = ("/v1/hosts/{name}/drain", "/v1/hosts/{name}/resume");
+    let (evacuate, evacuation) = ("/v1/hosts/{name}/evacuate", "/v1/hosts/{name}/evacuation");
+    let none = api
+        .call("GET", evacuation, "/v1/hosts/h1/evacuation", "")
+        .await;
+    assert_eq!(none.status, StatusCode::NOT_FOUND);
+    let unknown = api.call("POST", drain, "/v1/hosts/nope/drain", "").await;
+    assert_eq!(unknown.status, StatusCode::NOT_FOUND);
+    let drained = api.call("POST", drain, "/v1/hosts/h1/drain", "").await;
+    assert_eq!(drained.status, StatusCode::OK);
+    assert_eq!(drained.json()["state"], "draining");
+    let started = api
+        .call("POST", evacuate, "/v1/hosts/h1/evacuate", "")
+        .await;
+    assert_eq!(started.status, StatusCode::ACCEPTED);
+    let mut report = Value::Null;
+    for _ in 0..200 {
+        report = api
+            .call("GET", evacuation, "/v1/hosts/h1/evacuation", "")
+            .await
+            .json();
+        if report["state"] != "running" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(report["state"], "succeeded", "{report}");
+    let nowhere = api
+        .call("POST", evacuate, "/v1/hosts/nope/evacuate", "")
+        .await;
+    assert_eq!(nowhere.status, StatusCode::NOT_FOUND);
+    let resumed = api.call("POST", resume, "/v1/hosts/h1/resume", "").await;
+    assert_eq!(resumed.json()["state"], "up");
+    let own = api.call("POST", resume, "/v1/hosts/local/resume", "").await;
+    assert!(own.status.is_client_error(), "{}", own.status);
+
     // Placement as a dry run: where a VM would go now, and why; nothing is made.
     let ids = |vms: Value| -> Vec<String> {
         vms.as_array()

@@ -92,7 +92,11 @@ impl Farm {
             .collect()
     }
 
-    async fn heartbeat(&self, name: &str, incarnation: &str) -> hangar_api::HeartbeatReply {
+    pub(crate) async fn heartbeat(
+        &self,
+        name: &str,
+        incarnation: &str,
+    ) -> hangar_api::HeartbeatReply {
         let vms = self.running(name).await;
         self.manager
             .host_heartbeat(
@@ -108,7 +112,7 @@ impl Farm {
     }
 
     /// Makes the host's last heartbeat `ago_ms` old.
-    async fn silence(&self, name: &str, ago_ms: u64) {
+    pub(crate) async fn silence(&self, name: &str, ago_ms: u64) {
         let record = self.store.host(name).await.unwrap().unwrap();
         self.store
             .heartbeat(name, record.state, &record.facts, now_ms() - ago_ms)

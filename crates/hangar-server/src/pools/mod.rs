@@ -292,6 +292,8 @@ impl Manager {
 
     /// One round: plan against targets and the memory budget, start fills, remove excess.
     pub async fn reconcile_pools(self: &Arc<Self>) -> Result<(), PoolError> {
+        // Paused VMs on draining hosts leave first; their pools count without them.
+        self.retire_pool_vms_of_draining_hosts().await;
         let specs = self.pool_specs().await?;
         let counts = self.counts().await?;
         let inputs: Vec<(PoolSpec, PoolCount, u32)> = specs

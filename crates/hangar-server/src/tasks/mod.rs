@@ -282,7 +282,7 @@ impl Tasks {
     }
 
     /// Marks task `id` as acting on a cancel (from now on [`Tasks::cancel`] accepts it).
-    fn mark_cancellable(&self, id: &str) {
+    pub(crate) fn mark_cancellable(&self, id: &str) {
         if let Some(live) = self.live.lock().expect("live lock").get_mut(id) {
             live.cancellable = true;
         }

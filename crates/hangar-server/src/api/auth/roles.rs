@@ -99,6 +99,11 @@ pub const RULES: &[(&str, &str, Need)] = &[
     ("GET", "/v1/usage", ACCESS),
     // Alerts: read by provisioners (operators) and admins.
     ("GET", "/v1/alerts", PROVISIONER),
+    // Draining and evacuating hosts: the operator's business.
+    ("POST", "/v1/hosts/{name}/drain", ADMIN),
+    ("POST", "/v1/hosts/{name}/resume", ADMIN),
+    ("POST", "/v1/hosts/{name}/evacuate", ADMIN),
+    ("GET", "/v1/hosts/{name}/evacuation", ADMIN),
     // The farm: agents with the farm token.
     ("GET", "/v1/hosts", Farm),
     ("POST", "/v1/hosts", Farm),
