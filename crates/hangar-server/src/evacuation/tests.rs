@@ -140,7 +140,7 @@ async fn an_evacuation_moves_two_at_a_time_goes_on_past_a_failure_and_names_it()
     assert_eq!(record.state, TaskState::Failed);
     let error = record.error.unwrap();
     assert!(
-        error.contains(&format!("1 of 5 VMs not moved")) && error.contains(&ids[2]),
+        error.contains("1 of 5 VMs not moved") && error.contains(&ids[2]),
         "{error}"
     );
     assert_eq!(mover.most.load(Ordering::SeqCst), MOVES_AT_ONCE);
