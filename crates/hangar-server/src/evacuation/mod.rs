@@ -109,19 +109,8 @@ impl Manager {
         self: &Arc<Self>,
         name: &str,
     ) -> Result<HostStateView, EvacuationError> {
-        self.farm_record(name).await?;
-        if !self
-            .store
-            .change_host_state(name, HostState::Up, HostState::Draining)
-            .await?
-        {
-            let state = self.farm_record(name).await?.state;
-            return Err(EvacuationError::NotAnswering {
-                host: name.to_owned(),
-                state: state.as_str(),
-            });
-        }
-        self.refresh_farm().await;
+        self.change_farm_host(name, HostState::Up, HostState::Draining)
+            .await?;
         tracing::info!(host = name, "farm host draining: nothing new goes there");
         let removed = self.retire_pool_vms_on(name).await;
         self.pools.refill();
@@ -142,20 +131,8 @@ impl Manager {
                 task,
             });
         }
-        let now = self.farm_record(name).await?.state;
-        if now != HostState::Up
-            && !self
-                .store
-                .change_host_state(name, HostState::Draining, HostState::Up)
-                .await?
-        {
-            let state = self.farm_record(name).await?.state;
-            return Err(EvacuationError::NotAnswering {
-                host: name.to_owned(),
-                state: state.as_str(),
-            });
-        }
-        self.refresh_farm().await;
+        self.change_farm_host(name, HostState::Draining, HostState::Up)
+            .await?;
         tracing::info!(host = name, "farm host resumed: it takes VMs again");
         self.pools.refill();
         Ok(HostStateView {
@@ -163,6 +140,26 @@ impl Manager {
             state: HostState::Up.as_str().to_owned(),
             pool_vms_removed: 0,
         })
+    }
+
+    /// Farm host `name` goes from `from` to `to` (or is there already), and the scheduler's
+    /// cache sees it at once; refused for a host in another state (down or lost).
+    async fn change_farm_host(
+        &self,
+        name: &str,
+        from: HostState,
+        to: HostState,
+    ) -> Result<(), EvacuationError> {
+        self.farm_record(name).await?;
+        if !self.store.change_host_state(name, from, to).await? {
+            let state = self.farm_record(name).await?.state;
+            return Err(EvacuationError::NotAnswering {
+                host: name.to_owned(),
+                state: state.as_str(),
+            });
+        }
+        self.refresh_farm().await;
+        Ok(())
     }
 
     /// `name`'s last evacuation run by this server.
