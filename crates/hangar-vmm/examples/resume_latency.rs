@@ -70,6 +70,7 @@ async fn main() {
         id: "probe".into(),
         vcpus: 1,
         memory_mib: 128,
+        ram_tail_kib: 0,
         kernel: assets.vmlinux,
         initramfs: assets.initramfs,
         cmdline: hangar_image::kernel_cmdline(hangar_image::host_tsc_khz()),

@@ -547,6 +547,7 @@ mod tests {
             id: "vm-a".into(),
             vcpus: 1,
             memory_mib: 64,
+            ram_tail_kib: 0,
             kernel: "k".into(),
             initramfs: "i".into(),
             cmdline: String::new(),

@@ -79,6 +79,11 @@ pub struct VmSpec {
     /// become a template, or a clone mapping its template's RAM copy-on-write).
     #[serde(default, skip_serializing_if = "MemoryBacking::is_anonymous")]
     pub memory: MemoryBacking,
+    /// Guest RAM beyond `memory_mib`, in KiB: [`Hypervisor::ram_tail_kib`] when the VM was
+    /// planned (0 for VMs planned before it existed: a VM keeps the RAM size its snapshots
+    /// and templates were made with, so it is never changed afterwards).
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub ram_tail_kib: u32,
 }
 
 /// Where a VM's RAM lives (the `memory-backend=mem` of its machine, see [`RAM_BLOCK`]).
@@ -112,6 +117,10 @@ impl MemoryBacking {
 /// The id of a file-backed VM's memory backend, which is also its RAM block's name in the
 /// migration stream: a restore must use the same one.
 pub const RAM_BLOCK: &str = "mem";
+
+fn is_zero_u32(n: &u32) -> bool {
+    *n == 0
+}
 
 fn is_zero(n: &usize) -> bool {
     *n == 0
@@ -238,6 +247,13 @@ pub enum VmmError {
 pub trait Hypervisor: Send + Sync + 'static {
     /// `qemu` or `fake`.
     fn kind(&self) -> &'static str;
+
+    /// The guest RAM this hypervisor adds beyond a VM's `memory_mib` (KiB), recorded in
+    /// [`VmSpec::ram_tail_kib`] of the VMs planned for it. QEMU under TCG needs one: see
+    /// [`qemu::TCG_RAM_TAIL_KIB`].
+    fn ram_tail_kib(&self) -> u32 {
+        0
+    }
 
     /// Starts a VM and connects its control channels. On error nothing is left behind:
     /// no process, no files.

@@ -368,6 +368,13 @@ impl Hypervisor for QemuBackend {
         "qemu"
     }
 
+    fn ram_tail_kib(&self) -> u32 {
+        match self.config.accel {
+            Accel::Tcg => TCG_RAM_TAIL_KIB,
+            Accel::Kvm | Accel::Auto => 0,
+        }
+    }
+
     async fn launch(&self, spec: &VmSpec) -> Result<Launched, VmmError> {
         let paths = self.paths(&spec.id);
         tokio::fs::create_dir_all(&self.config.vms_dir).await?;
@@ -1215,6 +1222,24 @@ pub fn qemu_args(accel: Accel, spec: &VmSpec, paths: &VmPaths) -> Vec<String> {
     command_line(accel, spec, paths, true)
 }
 
+/// Guest RAM that QEMU adds to a VM's `memory_mib` under TCG (KiB), so that the RAM block's
+/// length is not a multiple of 64 pages.
+///
+/// QEMU 7.2 (Debian 12) syncs the migration dirty bitmap of a block whose length is a
+/// multiple of 64 pages with whole-word exchanges that do not re-arm TCG's TLB dirty
+/// tracking: a page the guest wrote before a sync is written through the same TLB entry
+/// afterwards without being marked again, and live migration loses those writes (the
+/// destination's RAM differs from the source's; its kernel soon crashes). Other lengths take
+/// the per-page path, which resets the TLB entries of the pages it clears (upstream fixed
+/// the word path in QEMU 9.0 with `cpu_physical_memory_dirty_bits_cleared`). 8 KiB: `-m`
+/// is rounded to 8 KiB. KVM tracks dirty pages itself and needs no tail.
+pub const TCG_RAM_TAIL_KIB: u32 = 8;
+
+/// A VM's RAM in KiB: its `memory_mib` and its tail.
+fn ram_kib(spec: &VmSpec) -> u64 {
+    u64::from(spec.memory_mib) * 1024 + u64::from(spec.ram_tail_kib)
+}
+
 /// The machine and devices of `spec`; with its kernel, initramfs and command line when
 /// `boot`.
 fn command_line(accel: Accel, spec: &VmSpec, paths: &VmPaths, boot: bool) -> Vec<String> {
@@ -1246,7 +1271,7 @@ fn command_line(accel: Accel, spec: &VmSpec, paths: &VmPaths, boot: bool) -> Vec
     args.extend(accel.qemu_args().iter().map(|a| a.to_string()));
     args.extend([
         "-m".into(),
-        spec.memory_mib.to_string(),
+        format!("{}k", ram_kib(spec)),
         "-smp".into(),
         spec.vcpus.to_string(),
         "-nodefaults".into(),
@@ -1265,9 +1290,9 @@ fn command_line(accel: Accel, spec: &VmSpec, paths: &VmPaths, boot: bool) -> Vec
         args.extend([
             "-object".into(),
             format!(
-                "memory-backend-file,id={},size={}M,mem-path={},share={}",
+                "memory-backend-file,id={},size={}K,mem-path={},share={}",
                 crate::RAM_BLOCK,
-                spec.memory_mib,
+                ram_kib(spec),
                 path(file),
                 if *shared { "on" } else { "off" }
             ),
@@ -1458,6 +1483,7 @@ mod tests {
             id: "vm-1".into(),
             vcpus: 2,
             memory_mib: 256,
+            ram_tail_kib: 0,
             kernel: "/a/vmlinux".into(),
             initramfs: "/a/initramfs.cpio".into(),
             cmdline: "console=ttyS0 quiet".into(),
@@ -1488,7 +1514,7 @@ mod tests {
         let paths = VmPaths::new(Path::new("/data/vms"), "vm-1");
         let args = qemu_args(Accel::Tcg, &spec, &paths).join(" ");
         for expected in [
-            "-M microvm,acpi=on,isa-serial=on,rtc=on -accel tcg -m 256 -smp 2",
+            "-M microvm,acpi=on,isa-serial=on,rtc=on -accel tcg -m 262144k -smp 2",
             "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny \
              -pidfile /data/vms/vm-1/qemu.pid",
             "-append console=ttyS0 quiet",
@@ -1522,7 +1548,7 @@ mod tests {
         );
         assert!(
             source.contains(
-                "-object memory-backend-file,id=mem,size=256M,mem-path=/data/vms/vm-1/ram,share=on"
+                "-object memory-backend-file,id=mem,size=262144K,mem-path=/data/vms/vm-1/ram,share=on"
             ),
             "{source}"
         );
@@ -1541,7 +1567,7 @@ mod tests {
         .join(" ");
         assert!(
             clone.contains(
-                "-object memory-backend-file,id=mem,size=256M,mem-path=/data/templates/t/ram,share=off"
+                "-object memory-backend-file,id=mem,size=262144K,mem-path=/data/templates/t/ram,share=off"
             ),
             "{clone}"
         );
@@ -1616,6 +1642,7 @@ mod tests {
             id: "vm-2".into(),
             vcpus: 1,
             memory_mib: 512,
+            ram_tail_kib: 0,
             kernel: "/a/vmlinux".into(),
             initramfs: "/a/initramfs.cpio".into(),
             cmdline: "console=ttyS0".into(),
@@ -1636,7 +1663,7 @@ mod tests {
         let paths = VmPaths::new(Path::new("/data/vms"), "vm-2");
         let args = qemu_args(Accel::Tcg, &spec, &paths).join(" ");
         for expected in [
-            "-M q35 -accel tcg -m 512 -smp 1",
+            "-M q35 -accel tcg -m 524288k -smp 1",
             "-drive id=root,file=/data/vms/vm-2/disk.qcow2,format=qcow2,if=none \
              -device virtio-blk-pci,drive=root,serial=hangar-root",
             "user,id=n0,hostfwd=tcp:127.0.0.1:40003-:80 -device virtio-net-pci,netdev=n0",
@@ -1654,5 +1681,56 @@ mod tests {
         ] {
             assert!(!args.contains(absent), "{absent} in {args}");
         }
+    }
+
+    /// Under TCG a VM's RAM block is not a multiple of 64 pages (see [`TCG_RAM_TAIL_KIB`]):
+    /// `-m` and the file backing its RAM carry the tail; KVM adds none.
+    #[test]
+    fn tcg_guests_get_a_ram_tail_that_kvm_guests_do_not() {
+        let tcg = QemuBackend::new(QemuConfig::new("/data/vms".into(), Accel::Tcg));
+        let kvm = QemuBackend::new(QemuConfig::new("/data/vms".into(), Accel::Kvm));
+        assert_eq!(tcg.ram_tail_kib(), TCG_RAM_TAIL_KIB);
+        assert_eq!(kvm.ram_tail_kib(), 0);
+        let pages = (256 * 1024 + u64::from(TCG_RAM_TAIL_KIB)) / 4;
+        assert_ne!(pages % 64, 0, "the tail makes the block's length uneven");
+        assert_eq!(u64::from(TCG_RAM_TAIL_KIB) % 8, 0, "-m is rounded to 8 KiB");
+
+        let spec = VmSpec {
+            id: "vm-3".into(),
+            vcpus: 1,
+            memory_mib: 256,
+            ram_tail_kib: TCG_RAM_TAIL_KIB,
+            kernel: "/a/vmlinux".into(),
+            initramfs: "/a/initramfs.cpio".into(),
+            cmdline: "console=ttyS0".into(),
+            base_image: None,
+            layers: Vec::new(),
+            forwards: Vec::new(),
+            pre_os: false,
+            background: false,
+            template: None,
+            firmware: false,
+            memory: MemoryBacking::Mapped {
+                file: "/data/templates/t/ram".into(),
+            },
+            layer_slots: 0,
+        };
+        let paths = VmPaths::new(Path::new("/data/vms"), "vm-3");
+        let args = restore_args(Accel::Tcg, &spec, &paths).join(" ");
+        assert!(args.contains("-m 262152k "), "{args}");
+        assert!(
+            args.contains("memory-backend-file,id=mem,size=262152K,mem-path=/data/templates/t/ram"),
+            "{args}"
+        );
+        // A spec recorded before the tail existed deserializes without one.
+        let mut old = serde_json::to_value(&spec).unwrap();
+        old.as_object_mut().unwrap().remove("ram_tail_kib");
+        let old: VmSpec = serde_json::from_value(old).unwrap();
+        assert_eq!(old.ram_tail_kib, 0);
+        assert!(
+            restore_args(Accel::Tcg, &old, &paths)
+                .join(" ")
+                .contains("-m 262144k ")
+        );
     }
 }

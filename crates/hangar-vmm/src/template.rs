@@ -92,6 +92,7 @@ pub fn clone_spec(spec: &VmSpec, template: &TemplateInfo) -> VmSpec {
         base_image: template.disk.clone(),
         layers: template.spec.layers.clone(),
         layer_slots: template.spec.layer_slots,
+        ram_tail_kib: template.spec.ram_tail_kib,
         pre_os: false,
         template: Some(template.dir.clone()),
         memory: match &template.ram {
@@ -240,6 +241,7 @@ mod tests {
             id: "t".into(),
             vcpus: 1,
             memory_mib: 64,
+            ram_tail_kib: 0,
             kernel: "k".into(),
             initramfs: "i".into(),
             cmdline: String::new(),
@@ -325,6 +327,11 @@ mod tests {
         assert_eq!(read(&dir), Some(made.clone()));
         assert!(verify_ram(&made).unwrap());
         let clone = clone_spec(&spec(), &made);
+        // The clone maps the template's RAM: it has the template's size, tail included
+        // (`spec()` was planned without one).
+        let mut tailed = made.clone();
+        tailed.spec.ram_tail_kib = 8;
+        assert_eq!(clone_spec(&spec(), &tailed).ram_tail_kib, 8);
         assert_eq!(
             clone.memory,
             crate::MemoryBacking::Mapped {

@@ -264,6 +264,7 @@ impl Host for LocalHost {
             id: plan.id.clone(),
             vcpus: plan.vcpus,
             memory_mib: plan.memory_mib,
+            ram_tail_kib: self.hv.ram_tail_kib(),
             kernel: assets.vmlinux.clone(),
             initramfs: assets.initramfs.clone(),
             cmdline: self.config.guest_cmdline.clone(),

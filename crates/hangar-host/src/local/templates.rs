@@ -107,6 +107,7 @@ impl LocalHost {
             id: String::new(),
             vcpus: service.vcpus,
             memory_mib: service.memory_mib,
+            ram_tail_kib: self.hv.ram_tail_kib(),
             kernel: assets.vmlinux,
             initramfs: assets.initramfs,
             cmdline: self.config.guest_cmdline.clone(),

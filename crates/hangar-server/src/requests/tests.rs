@@ -363,6 +363,7 @@ async fn restart_adopts_running_vms_fails_vanished_ones_and_stops_strangers() {
         id: "vm-stranger".into(),
         vcpus: 1,
         memory_mib: 64,
+        ram_tail_kib: 0,
         kernel: "k".into(),
         initramfs: "i".into(),
         cmdline: String::new(),
