@@ -70,6 +70,9 @@ pub(super) async fn move_cold(m: &Move<'_>, vm: VmRecord) -> Result<VmRecord, St
                     vm.host, service.name
                 )
             })?;
+        // One pull per template and host, also when moves of its clones run side by side.
+        let lock = m.manager.template_pull_lock(&service.name, dest.name());
+        let _one_at_a_time = lock.lock().await;
         let held = dest
             .has_template(service)
             .await

@@ -117,6 +117,23 @@ impl Manager {
         });
     }
 
+    /// The lock that makes pulls of `service`'s template to farm host `host` one at a time,
+    /// for creations ([`Manager::bring_template`]) and migrations alike: whoever waited
+    /// finds the template there and pulls nothing (two pulls of one template into one
+    /// directory would replace it under the first).
+    pub(crate) fn template_pull_lock(
+        &self,
+        service: &str,
+        host: &str,
+    ) -> Arc<tokio::sync::Mutex<()>> {
+        self.template_pulls
+            .lock()
+            .expect("template pulls lock")
+            .entry(format!("{service}@{host}"))
+            .or_default()
+            .clone()
+    }
+
     /// Before a VM of `plan`'s service is made on the farm host `host`: when that host lacks
     /// the service's template and another up host holds one, `host` pulls it from that peer
     /// (by content hash, verified, resumable; see [`hangar_host::Host::pull_template`]), so
@@ -150,13 +167,7 @@ impl Manager {
         if sources.is_empty() {
             return;
         }
-        let lock = self
-            .template_pulls
-            .lock()
-            .expect("template pulls lock")
-            .entry(format!("{}@{}", service.name, target.record.name))
-            .or_default()
-            .clone();
+        let lock = self.template_pull_lock(&service.name, &target.record.name);
         let _one_at_a_time = lock.lock().await;
         // A creation that waited here finds the template pulled (facts lag a heartbeat).
         if matches!(host.has_template(service).await, Ok(true)) {
