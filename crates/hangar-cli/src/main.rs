@@ -149,9 +149,10 @@ enum Command {
     Archive(vms::ArchiveArgs),
     /// Bring a sleeping or archived VM back.
     Wake(vms::VmArg),
-    /// Move a sleeping or archived VM to another farm host by its snapshot (admins only),
-    /// showing progress; an active VM is refused for now (sleep or archive it first: live
-    /// migration is not wired in yet). Cancel with `hangar task cancel`.
+    /// Move a VM to another farm host (admins only), showing progress: an active VM live
+    /// (it keeps running and keeps its stable endpoint; clients see a pause of tens of
+    /// milliseconds), a sleeping or archived one by its snapshot. Cancel with `hangar task
+    /// cancel`: the VM stays where it was.
     #[command(after_help = "Example:\n  hangar migrate vm-3f2a --to host-b")]
     Migrate(migrate::MigrateArgs),
     /// Delete VMs: their processes, disks, sockets and logs.

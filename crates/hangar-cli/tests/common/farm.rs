@@ -40,6 +40,21 @@ pub struct FarmServer {
 
 impl FarmServer {
     pub fn start(net: &FarmNet, db: &TestDatabase, extra: &[&str]) -> FarmServer {
+        FarmServer::start_as(net, db, true, extra)
+    }
+
+    /// [`FarmServer::start`] holding stable endpoints (its forwarder, listening on
+    /// `--endpoint-host`) in front of the VMs' own endpoints, instead of answering with
+    /// those.
+    pub fn start_with_stable_endpoints(
+        net: &FarmNet,
+        db: &TestDatabase,
+        extra: &[&str],
+    ) -> FarmServer {
+        FarmServer::start_as(net, db, false, extra)
+    }
+
+    fn start_as(net: &FarmNet, db: &TestDatabase, direct: bool, extra: &[&str]) -> FarmServer {
         let data_dir = tempfile::Builder::new()
             .prefix("hgf")
             .tempdir_in("/tmp")
@@ -64,6 +79,7 @@ impl FarmServer {
         ]
         .iter()
         .map(|s| s.to_string())
+        .filter(|arg| direct || arg != "--direct-endpoints")
         .collect();
         args.push(format!("{}:{port}", net.bridge_ip()));
         args.extend(extra.iter().map(|s| s.to_string()));

@@ -218,8 +218,7 @@ impl From<crate::migration::MigrationError> for ApiError {
             | MigrationError::WrongState { .. }
             | MigrationError::NotOnFarm { .. }
             | MigrationError::AlreadyMoving { .. }
-            | MigrationError::Destination { .. }
-            | MigrationError::LiveUnavailable(_) => ApiError::Conflict(err.to_string()),
+            | MigrationError::Destination { .. } => ApiError::Conflict(err.to_string()),
         }
     }
 }

@@ -340,6 +340,53 @@ impl Manager {
         }
     }
 
+    /// A live migration's switchover: the forwarder holds VM `vm_id`'s new connections
+    /// (they wait until its endpoints are re-pointed or marked active); answers how many
+    /// connections forwarded before are still open. Without a forwarder, or one that
+    /// cannot be reached, [`EndpointUse::Idle`] (nothing flows through it).
+    pub(crate) async fn hold_endpoints(&self, vm_id: &str) -> EndpointUse {
+        let Some(endpoints) = self.endpoints.get() else {
+            return EndpointUse::Idle;
+        };
+        let request = Request::Hold {
+            vm: vm_id.to_owned(),
+        };
+        match self.endpoints_call(endpoints, &request).await {
+            Ok(Reply::Held { open: 0, .. }) => EndpointUse::Idle,
+            Ok(Reply::Held { open, .. }) => EndpointUse::Busy { open },
+            Ok(other) => {
+                tracing::warn!(vm = %vm_id, reply = ?other, "unexpected forwarder reply to hold");
+                EndpointUse::Idle
+            }
+            Err(err) => {
+                tracing::warn!(vm = %vm_id, error = %error_chain(&err), "cannot hold the vm's endpoints");
+                EndpointUse::Idle
+            }
+        }
+    }
+
+    /// Waits up to `wait` until no connection to VM `vm_id` is open through the forwarder;
+    /// whether none is.
+    pub(crate) async fn wait_endpoints_idle(&self, vm_id: &str, wait: std::time::Duration) -> bool {
+        let Some(endpoints) = self.endpoints.get() else {
+            return true;
+        };
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            let open = match self.endpoints_call(endpoints, &Request::Activity).await {
+                Ok(Reply::Activity { vms }) => vms.get(vm_id).map_or(0, |a| a.open),
+                _ => return false,
+            };
+            if open == 0 {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+    }
+
     /// Closes a VM's stable endpoints: no listener is left when this returns (best effort).
     pub(crate) async fn close_endpoints(&self, vm_id: &str) {
         let Some(endpoints) = self.endpoints.get() else {

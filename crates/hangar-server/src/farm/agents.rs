@@ -152,7 +152,7 @@ impl Manager {
         // One read of this host's VMs serves both checks: a heartbeat costs the same
         // however many hosts and VMs the farm has.
         let on_host = self.store.vms_on_host(name).await?;
-        let destroy = fenced(name, &info.vms, &on_host);
+        let destroy = self.not_arriving(name, fenced(name, &info.vms, &on_host));
         self.judge_missing(name, &info.vms, on_host).await?;
         Ok(self.reply(state, destroy))
     }
@@ -163,7 +163,21 @@ impl Manager {
             return Ok(Vec::new());
         }
         let on_host = self.store.vms_on_host(host).await?;
-        Ok(fenced(host, reported, &on_host))
+        Ok(self.not_arriving(host, fenced(host, reported, &on_host)))
+    }
+
+    /// `destroy` less the VMs this server is live-migrating to `host`: they run there
+    /// before the store places them there ([`crate::migration::live`]).
+    fn not_arriving(&self, host: &str, mut destroy: Vec<String>) -> Vec<String> {
+        if destroy.is_empty() {
+            return destroy;
+        }
+        let moving = self.migrations.all();
+        destroy.retain(|id| !moving.get(id).is_some_and(|m| m.to == host));
+        for id in &destroy {
+            tracing::warn!(vm = %id, host, "fencing: the host runs a VM it must not; it destroys it");
+        }
+        destroy
     }
 
     /// VMs the store has live on `host` (`on_host`: its VMs in the store) that it did not
@@ -295,9 +309,6 @@ fn fenced(host: &str, reported: &[HostVmView], on_host: &[VmRecord]) -> Vec<Stri
         })
         .map(|run| run.id.clone())
         .collect();
-    for id in &destroy {
-        tracing::warn!(vm = %id, host, "fencing: the host runs a VM it must not; it destroys it");
-    }
     destroy
 }
 

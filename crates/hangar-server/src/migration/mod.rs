@@ -27,8 +27,8 @@
 //! start to end (a wake, sleep, archive or delete of the VM waits for it; a connection to
 //! its stable endpoint waits for the wake that follows). It dispatches on the VM's state:
 //!
-//! - `active`: live migration (`live::migrate_active`, the `live` concern), not available
-//!   yet: refused with [`MigrationError::LiveUnavailable`] before a task starts;
+//! - `active`: [`live`], QEMU's live migration between the hosts, the VM's stable
+//!   endpoints re-pointed at the switchover;
 //! - `sleeping` or `archived`: [`cold`], the snapshot moved by content hash.
 //!
 //! Stages, percents and cancel are the task's ([`crate::tasks`]): a cancel or a failure
@@ -38,6 +38,7 @@
 //! copy) cannot undo it.
 
 pub mod cold;
+pub mod live;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -82,8 +83,6 @@ pub enum MigrationError {
         host: String,
         why: Exclusion,
     },
-    #[error("live migration of active VMs is not available yet; sleep or archive VM {0} first")]
-    LiveUnavailable(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -158,10 +157,6 @@ pub async fn migrate(
     who: &str,
 ) -> Result<String, MigrationError> {
     let (vm, kind, dest) = check(manager, vm_id, to_host).await?;
-    if kind == MoveKind::Live {
-        // The `live` concern plugs `live::migrate_active` in here.
-        return Err(MigrationError::LiveUnavailable(vm.id.clone()));
-    }
     let (task, sender) = manager
         .tasks
         .begin_as(TASK_KIND, who, vm.services.first().cloned())
@@ -215,6 +210,16 @@ pub async fn migrate(
         }
         drop(guard);
         manager.migrations.release(&vm.id);
+        metrics::counter!(
+            crate::metrics::MIGRATIONS_TOTAL,
+            "kind" => kind.as_str(),
+            "outcome" => match &result {
+                Ok(_) => "succeeded",
+                Err((TaskState::Cancelled, _)) => "cancelled",
+                Err(_) => "failed",
+            },
+        )
+        .increment(1);
         manager.tasks.finish(&id, sender, result).await;
         tokio::time::sleep(crate::tasks::OUTCOME_KEPT).await;
         manager.tasks.forget(&id);
@@ -319,7 +324,7 @@ impl Move<'_> {
                 vm.id, vm.state
             )),
             MoveKind::Cold => cold::move_cold(self, vm).await,
-            MoveKind::Live => Err(MigrationError::LiveUnavailable(vm.id).to_string()),
+            MoveKind::Live => live::migrate_active(self, vm).await,
         }
     }
 

@@ -27,6 +27,16 @@ pub enum Undo {
     /// A migration's copy of VM `vm` on host `host`: removed there unless the store
     /// records the VM on `host` (the move was recorded: the copy is the VM).
     AbandonMove { vm: String, host: String },
+    /// End live migration of VM `vm` from `source` to `destination` with one VM left: if
+    /// the store places it on `destination` (the switchover was recorded), the source's
+    /// copy is destroyed; otherwise the source's migration is cancelled (the VM resumed if
+    /// it was paused for the switchover), its stable endpoints released, and everything on
+    /// the destination destroyed.
+    AbortLiveMigration {
+        vm: String,
+        source: String,
+        destination: String,
+    },
 }
 
 impl Undo {
@@ -191,6 +201,11 @@ impl Manager {
                     .await
                     .map_err(|err| format!("VM {vm}'s copy on {host}: {}", error_chain(&err)))
             }
+            Undo::AbortLiveMigration {
+                vm,
+                source,
+                destination,
+            } => self.abort_live_migration(vm, source, destination).await,
             Undo::RemovePath { path } => {
                 match hangar_image::hostfs::remove_tree(std::path::Path::new(path)) {
                     Ok(()) => Ok(()),
@@ -238,10 +253,72 @@ impl Manager {
         Ok(unfinished.len())
     }
 
+    /// [`Undo::AbortLiveMigration`].
+    async fn abort_live_migration(
+        &self,
+        vm: &str,
+        source: &str,
+        destination: &str,
+    ) -> Result<(), String> {
+        let host = |name: &str| {
+            self.scheduler
+                .host(name)
+                .ok_or_else(|| format!("VM {vm}: host {name} is not known"))
+        };
+        let record = self
+            .store
+            .vm(vm)
+            .await
+            .map_err(|err| format!("VM {vm}: {err}"))?;
+        if record.as_ref().is_some_and(|r| r.host == destination) {
+            tracing::info!(
+                vm,
+                source,
+                destination,
+                "live migration had switched over; removing the source's copy"
+            );
+            return host(source)?
+                .destroy(vm)
+                .await
+                .map_err(|err| format!("VM {vm} on {source}: {}", error_chain(&err)));
+        }
+        let mut problems = Vec::new();
+        match host(source) {
+            Ok(on) => {
+                if let Err(err) = on.migrate_abort(vm).await {
+                    // A source that restarted or never began the migration has nothing to
+                    // cancel; one that cannot be reached is judged by its heartbeats.
+                    tracing::warn!(vm, source, error = %error_chain(&err), "cannot cancel the source's migration");
+                }
+            }
+            Err(err) => problems.push(err),
+        }
+        self.set_endpoints_active(vm, true).await;
+        match host(destination) {
+            Ok(on) => {
+                if let Err(err) = on.destroy(vm).await {
+                    problems.push(format!("VM {vm} on {destination}: {}", error_chain(&err)));
+                }
+            }
+            Err(err) => problems.push(err),
+        }
+        tracing::info!(
+            vm,
+            source,
+            destination,
+            "live migration undone; the vm stays on its source"
+        );
+        match problems.is_empty() {
+            true => Ok(()),
+            false => Err(problems.join("; ")),
+        }
+    }
+
     /// Whether `task`'s work was complete when its server stopped: a creation whose VM is
-    /// ready (or active, or already past that).
+    /// ready (or active, or already past that). A migration is never taken as complete:
+    /// its undo looks at where the store places the VM and leaves one copy of it.
     async fn task_complete(&self, task: &TaskRecord) -> bool {
-        if task.state != TaskState::Running {
+        if task.state != TaskState::Running || task.kind == crate::migration::TASK_KIND {
             return false;
         }
         let Some(vm) = &task.vm_id else {

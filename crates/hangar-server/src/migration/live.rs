@@ -1,0 +1,250 @@
+//! Live migration of an active VM to another farm host (issue 17): the VM keeps running
+//! while its disk layer and memory are copied, and its clients keep their stable endpoint.
+//!
+//! The steps of the `migrate` task, each a call to one host (`hangar_host::Host`'s
+//! `migrate_*`, QEMU's side in `hangar_vmm::migrate`):
+//!
+//! 1. `prepare` (5%): the destination resolves the VM's images (pulling by hash what it
+//!    lacks) and host ports, then starts QEMU paused, waiting for the stream, its new root
+//!    overlay exported over NBD.
+//! 2. `disk` (15%): the source mirrors its root's copy-on-write layer to that export and
+//!    returns once the copy follows every write; then it starts the RAM pre-copy, held from
+//!    completing on its own.
+//! 3. `memory` (30–90%): polled every [`POLL`] until what is left is under
+//!    [`SWITCH_REMAINING`] (or after [`MAX_PASSES`] passes: auto-converge throttled it).
+//! 4. `switchover`: the forwarder *holds* the VM's new connections (they wait, no wake),
+//!    connections already forwarded get up to [`DRAIN_WAIT`] to end (the source's final
+//!    pause would cut them); the source then completes within QEMU's default downtime
+//!    ([`hangar_vmm::migrate::DEFAULT_DOWNTIME_MS`]), finishing the disk mirror while
+//!    paused; the destination resumes; the store moves the VM (one conditional write) and
+//!    its stable endpoints point at the destination, which releases the held connections.
+//! 5. `clean`: the source's QEMU and files go (`Move::clean_source`).
+//!
+//! Undo (cancel, failure, or a server that stopped mid-way: the journal's one
+//! [`Undo::AbortLiveMigration`]) looks at the store: a VM not yet moved is left on the
+//! source, running (its migration cancelled, resumed if paused), and everything on the
+//! destination is destroyed; a VM the store already places on the destination keeps
+//! running there and the source's copy goes. So there is always exactly one VM.
+//!
+//! While it runs, the destination's heartbeats report the incoming VM; fencing leaves it
+//! alone because this server's `MigrationRuntime` names the destination
+//! (`crate::farm::agents`). A replica that did not start the migration would fence it:
+//! live migrations are to be started on the leader (the one agents' heartbeats reach
+//! first).
+//!
+//! Limits: template clones (their memory and disk map the template's files, which the
+//! destination does not hold as the same files) and shells with an OS attached at deploy
+//! are refused; the NBD export and the migration stream are plain TCP on the farm
+//! network, unauthenticated, like the agents' peers' blob pulls are authenticated but not
+//! encrypted.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use hangar_host::{Host, HostError, LaunchRecord, MigrationProgress, Purpose, VmPlan};
+use hangar_store::VmRecord;
+
+use super::Move;
+use crate::api::error::error_chain;
+use crate::endpoints::EndpointUse;
+use crate::tasks::undo::Undo;
+
+/// How often the pre-copy's progress is read.
+pub const POLL: Duration = Duration::from_millis(20);
+
+/// RAM still to send under which the switchover starts (a 300 ms downtime sends far more
+/// on a farm's link; under TCG the guest dirties pages slower than that).
+pub const SWITCH_REMAINING: u64 = 16 << 20;
+
+/// Dirty-page passes after which the switchover starts whatever is left (auto-converge
+/// has throttled the guest by then).
+pub const MAX_PASSES: u64 = 20;
+
+/// The longest the pre-copy may run.
+pub const PRECOPY_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// How long connections forwarded before the hold may take to end before the switchover.
+pub const DRAIN_WAIT: Duration = Duration::from_millis(200);
+
+fn chain(err: &HostError) -> String {
+    error_chain(err)
+}
+
+/// Live-migrates active VM `vm` as `mv` says (see the module's documentation). The outcome
+/// is the VM as recorded on the destination; on error the journal's undo leaves it
+/// running on its source.
+pub async fn migrate_active(mv: &Move<'_>, vm: VmRecord) -> Result<VmRecord, String> {
+    let manager = mv.manager;
+    let started = Instant::now();
+    let source = mv.source(&vm)?;
+    let to = mv.to.record.name.clone();
+    let dest = manager
+        .scheduler
+        .host(&to)
+        .ok_or_else(|| format!("host {to} is not known to this server"))?;
+    let service = vm
+        .services
+        .first()
+        .and_then(|name| manager.catalog.get(name))
+        .cloned()
+        .ok_or_else(|| format!("VM {} offers no service of the catalog", vm.id))?;
+    manager
+        .tasks
+        .record_undo(
+            mv.task,
+            &Undo::AbortLiveMigration {
+                vm: vm.id.clone(),
+                source: vm.host.clone(),
+                destination: to.clone(),
+            },
+        )
+        .await
+        .map_err(|err| error_chain(&err))?;
+
+    mv.step("prepare", 5).await;
+    let plan = VmPlan {
+        id: vm.id.clone(),
+        service: Some(service),
+        os: vm.os.as_ref().map(|(name, _)| name.clone()),
+        vcpus: vm.vcpus,
+        memory_mib: vm.memory_mib,
+        // The guest keeps its settings: the destination only resolves images and ports.
+        env: BTreeMap::new(),
+        hostname: vm.id.clone(),
+        purpose: Purpose::Request,
+        ready: None,
+    };
+    let prepared = dest
+        .prepare_vm(&plan, manager.tasks.build_progress(mv.task, 5, 14))
+        .await
+        .map_err(|err| format!("preparing on {to}: {}", chain(&err)))?;
+    let incoming = dest
+        .migrate_incoming(&vm.id, &prepared, &LaunchRecord(vm.spec.clone()))
+        .await
+        .map_err(|err| format!("starting the destination on {to}: {}", chain(&err)))?;
+
+    mv.step("disk", 15).await;
+    source
+        .migrate_start(&vm.id, &incoming)
+        .await
+        .map_err(|err| format!("copying from {}: {}", vm.host, chain(&err)))?;
+
+    mv.step("memory", 30).await;
+    let precopy = precopy(mv, source.as_ref(), &vm.id).await?;
+
+    mv.step("switchover", 90).await;
+    let held = Instant::now();
+    let open = match manager.hold_endpoints(&vm.id).await {
+        EndpointUse::Idle => 0,
+        EndpointUse::Busy { open } => open,
+    };
+    let drained = if open > 0 {
+        manager.wait_endpoints_idle(&vm.id, DRAIN_WAIT).await
+    } else {
+        true
+    };
+    let drain_ms = held.elapsed().as_millis() as u64;
+    let switching = Instant::now();
+    let done = source
+        .migrate_switchover(&vm.id, hangar_vmm::migrate::DEFAULT_DOWNTIME_MS)
+        .await
+        .map_err(|err| format!("switching over on {}: {}", vm.host, chain(&err)))?;
+    let arrived = dest
+        .migrate_finish(&vm.id)
+        .await
+        .map_err(|err| format!("resuming on {to}: {}", chain(&err)))?;
+    // At most this long the guest did not run: from the switchover's start (it pauses
+    // within it) to the destination's resume.
+    let downtime = switching.elapsed();
+    metrics::histogram!(crate::metrics::MIGRATION_DOWNTIME_SECONDS).record(downtime.as_secs_f64());
+    let committing = Instant::now();
+    let moved = mv
+        .commit(
+            &vm,
+            arrived.process,
+            incoming.launch.0.clone(),
+            incoming.direct_endpoints.clone(),
+            true,
+        )
+        .await?;
+    tracing::info!(
+        vm = %vm.id,
+        from = %vm.host,
+        to = %to,
+        took_ms = started.elapsed().as_millis() as u64,
+        passes = precopy.ram_iterations,
+        ram_sent = done.ram_transferred,
+        disk_bytes = precopy.disk_len,
+        qemu_downtime_ms = done.downtime_ms.unwrap_or(0),
+        switchover_ms = downtime.as_millis() as u64,
+        held_ms = held.elapsed().as_millis() as u64,
+        drain_ms,
+        commit_ms = committing.elapsed().as_millis() as u64,
+        open_at_hold = open,
+        drained,
+        "vm live-migrated"
+    );
+    Ok(moved)
+}
+
+/// Follows the RAM pre-copy until it is time to switch over; the task's percent follows
+/// what is sent.
+async fn precopy(mv: &Move<'_>, source: &dyn Host, id: &str) -> Result<MigrationProgress, String> {
+    let deadline = Instant::now() + PRECOPY_TIMEOUT;
+    let mut shown = 30;
+    loop {
+        let now = source
+            .migrate_status(id)
+            .await
+            .map_err(|err| format!("reading the migration's progress: {}", chain(&err)))?;
+        match now.status.as_str() {
+            "failed" | "cancelled" => {
+                return Err(format!(
+                    "the migration {}: {}",
+                    now.status,
+                    now.error.as_deref().unwrap_or("QEMU gave no reason")
+                ));
+            }
+            "active" if ready_to_switch(&now) => return Ok(now),
+            _ => {}
+        }
+        let sent = now.ram_transferred.min(now.ram_total.max(1));
+        let percent = 30 + (60 * sent / now.ram_total.max(1)).min(59) as u8;
+        if percent > shown {
+            shown = percent;
+            mv.manager.tasks.step(mv.task, "memory", percent).await;
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "the memory copy did not converge within {PRECOPY_TIMEOUT:?}"
+            ));
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Whether the pre-copy has done what it can: the first full pass is over and little is
+/// left, or it has gone round [`MAX_PASSES`] times.
+pub fn ready_to_switch(now: &MigrationProgress) -> bool {
+    now.ram_iterations >= 2 && now.ram_remaining <= SWITCH_REMAINING
+        || now.ram_iterations >= MAX_PASSES
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_switchover_waits_for_the_first_pass_and_little_left() {
+        let at = |passes, remaining| MigrationProgress {
+            status: "active".into(),
+            ram_iterations: passes,
+            ram_remaining: remaining,
+            ..MigrationProgress::default()
+        };
+        assert!(!ready_to_switch(&at(1, 0)), "the first pass is not over");
+        assert!(!ready_to_switch(&at(2, SWITCH_REMAINING + 1)));
+        assert!(ready_to_switch(&at(2, SWITCH_REMAINING)));
+        assert!(ready_to_switch(&at(MAX_PASSES, u64::MAX)));
+    }
+}
