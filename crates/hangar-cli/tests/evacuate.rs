@@ -20,7 +20,7 @@ use serde_json::Value;
 /// How each evacuated http-counter VM is left before the evacuation (more than
 /// [`hangar_server::evacuation::MOVES_AT_ONCE`], so that moves queue). Live migration adds
 /// `"active"` here (a VM left running).
-const VMS: [&str; 4] = ["sleep", "archive", "sleep", "archive"];
+const VMS: [&str; 5] = ["sleep", "archive", "sleep", "archive", "active"];
 
 /// Paused http-static VMs the pool keeps.
 const POOL: usize = 2;

@@ -173,7 +173,7 @@ impl Manager {
             return destroy;
         }
         let moving = self.migrations.all();
-        destroy.retain(|id| !moving.get(id).is_some_and(|m| m.to == host));
+        destroy.retain(|id| moving.get(id).is_none_or(|m| m.to != host));
         for id in &destroy {
             tracing::warn!(vm = %id, host, "fencing: the host runs a VM it must not; it destroys it");
         }
