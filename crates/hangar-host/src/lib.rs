@@ -656,8 +656,8 @@ pub trait Host: Send + Sync + 'static {
     /// Destination: starts VM `id` paused, waiting for its state from another host.
     /// `prepared` is this host's [`Host::prepare_vm`] of the VM (its images and ports
     /// here), `source` its record on the source host (its machine: size, devices).
-    /// Refused for VMs whose memory or disk this host cannot rebuild (template clones,
-    /// shells, imported machines). On error nothing runs; [`Host::destroy`] frees the ports.
+    /// A template clone needs this host's copy of its template (same service and content
+    /// key: pull it first). Refused for shells and imported machines. On error nothing runs; [`Host::destroy`] frees the ports.
     async fn migrate_incoming(
         &self,
         id: &str,

@@ -281,7 +281,13 @@ impl QemuBackend {
         let qmp = &running.qmp;
         set_capabilities(
             qmp,
-            &[("auto-converge", true), ("pause-before-switchover", true)],
+            // A template clone keeps `x-ignore-shared` on from its restore; its memory is
+            // private (nothing is skipped), and the destination expects it off.
+            &[
+                ("auto-converge", true),
+                ("pause-before-switchover", true),
+                ("x-ignore-shared", false),
+            ],
         )
         .await?;
         qmp.execute(

@@ -53,36 +53,8 @@ pub(super) async fn move_cold(m: &Move<'_>, vm: VmRecord) -> Result<VmRecord, St
         vm
     };
 
-    let launch = hangar_host::LaunchRecord(vm.spec.clone());
-    if source.template_of(&launch).is_some() {
-        m.step("template", 15).await;
-        let service = services
-            .first()
-            .ok_or_else(|| format!("VM {} offers no service of the catalog", vm.id))?;
-        // The source's bundle of the template is what the VM's bundle names it by.
-        let bundle = source
-            .template_bundle(service)
-            .await
-            .map_err(|err| host_error(&vm.host, &err))?
-            .ok_or_else(|| {
-                format!(
-                    "host {} offers no template of {} to its peers",
-                    vm.host, service.name
-                )
-            })?;
-        // One pull per template and host, also when moves of its clones run side by side.
-        let lock = m.manager.template_pull_lock(&service.name, dest.name());
-        let _one_at_a_time = lock.lock().await;
-        let held = dest
-            .has_template(service)
-            .await
-            .map_err(|err| host_error(dest.name(), &err))?;
-        if !held {
-            dest.pull_template(service, &bundle, &from)
-                .await
-                .map_err(|err| host_error(dest.name(), &err))?;
-        }
-    }
+    m.bring_template(&vm, source.as_ref(), dest.as_ref(), 15)
+        .await?;
 
     m.step("describe", 25).await;
     let bundle = source
@@ -120,6 +92,6 @@ pub(super) async fn move_cold(m: &Move<'_>, vm: VmRecord) -> Result<VmRecord, St
         .await
 }
 
-fn host_error(host: &str, err: &HostError) -> String {
+pub(super) fn host_error(host: &str, err: &HostError) -> String {
     format!("host {host}: {}", error_chain(err))
 }

@@ -32,9 +32,11 @@
 //! live migrations are to be started on the leader (the one agents' heartbeats reach
 //! first).
 //!
-//! Limits: template clones (their memory and disk map the template's files, which the
-//! destination does not hold as the same files) and shells with an OS attached at deploy
-//! are refused; the NBD export and the migration stream are plain TCP on the farm
+//! A template clone (its memory and disk map its template's files) moves once the
+//! destination holds the same template (pulled by content hash first, `Move::bring_template`):
+//! its disk layer is mirrored over the destination's copy of the template's disk, and its
+//! memory arrives whole (the destination's clone then shares no page with its template).
+//! Shells given an OS at deploy are refused. The NBD export and the migration stream are plain TCP on the farm
 //! network, unauthenticated, like the agents' peers' blob pulls are authenticated but not
 //! encrypted.
 
@@ -78,10 +80,7 @@ pub async fn migrate_active(mv: &Move<'_>, vm: VmRecord) -> Result<VmRecord, Str
     let started = Instant::now();
     let source = mv.source(&vm)?;
     let to = mv.to.record.name.clone();
-    let dest = manager
-        .scheduler
-        .host(&to)
-        .ok_or_else(|| format!("host {to} is not known to this server"))?;
+    let dest = mv.to.host.clone();
     let service = vm
         .services
         .first()
@@ -101,6 +100,8 @@ pub async fn migrate_active(mv: &Move<'_>, vm: VmRecord) -> Result<VmRecord, Str
         .await
         .map_err(|err| error_chain(&err))?;
 
+    mv.bring_template(&vm, source.as_ref(), dest.as_ref(), 3)
+        .await?;
     mv.step("prepare", 5).await;
     let plan = VmPlan {
         id: vm.id.clone(),

@@ -328,6 +328,81 @@ impl Move<'_> {
         }
     }
 
+    /// For a template clone (its memory and disk map its template's files): makes sure
+    /// the destination `dest` holds the same template, pulling it from `source` by content
+    /// hash (verified) when it does not, as step `template` at `percent`. One pull per
+    /// template and host, also when moves of its clones run side by side. Nothing for
+    /// other VMs.
+    pub async fn bring_template(
+        &self,
+        vm: &VmRecord,
+        source: &dyn Host,
+        dest: &dyn Host,
+        percent: u8,
+    ) -> Result<(), String> {
+        if source
+            .template_of(&hangar_host::LaunchRecord(vm.spec.clone()))
+            .is_none()
+        {
+            return Ok(());
+        }
+        self.step("template", percent).await;
+        let service = vm
+            .services
+            .iter()
+            .find_map(|name| self.manager.catalog.get(name))
+            .ok_or_else(|| format!("VM {} offers no service of the catalog", vm.id))?;
+        // The source's bundle of the template is what the VM's copy names it by.
+        let bundle = source
+            .template_bundle(service)
+            .await
+            .map_err(|err| cold::host_error(&vm.host, &err))?
+            .ok_or_else(|| {
+                format!(
+                    "host {} offers no template of {} to its peers",
+                    vm.host, service.name
+                )
+            })?;
+        let lock = self.manager.template_pull_lock(&service.name, dest.name());
+        let _one_at_a_time = lock.lock().await;
+        let held = dest
+            .has_template(service)
+            .await
+            .map_err(|err| cold::host_error(dest.name(), &err))?;
+        if !held {
+            dest.pull_template(service, &bundle, &self.peer(&vm.host)?)
+                .await
+                .map_err(|err| cold::host_error(dest.name(), &err))?;
+            return Ok(());
+        }
+        // A template the destination built itself has the same inputs but not the same
+        // frozen disk: the clone's disk layer would sit on other bytes. A pulled copy has
+        // the source's memory files byte for byte (its disk differs only in the backing
+        // path its rebase wrote), a build of its own has other ones.
+        let theirs = dest
+            .template_bundle(service)
+            .await
+            .map_err(|err| cold::host_error(dest.name(), &err))?;
+        let memory = |bundle: &hangar_host::TemplateBundle| {
+            (
+                bundle.memory.sha256.clone(),
+                bundle.ram.as_ref().map(|ram| ram.sha256.clone()),
+            )
+        };
+        match theirs {
+            Some(theirs) if memory(&theirs) == memory(&bundle) => Ok(()),
+            _ => Err(format!(
+                "host {} holds its own build of {}'s template (another frozen disk than {}'s): \
+                 VM {}, a clone of {}'s, cannot run over it",
+                dest.name(),
+                service.name,
+                vm.host,
+                vm.id,
+                vm.host
+            )),
+        }
+    }
+
     /// Starts the task's next step (stage, percent).
     pub async fn step(&self, stage: &str, percent: u8) {
         self.manager.tasks.step(self.task, stage, percent).await;
