@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::http_get;
-use farm::{Agent, FarmServer, hosts, wait_for};
+use farm::{Agent, FarmServer, hosts, skip_without_namespaces, wait_for};
 use hangar_test_farm::FarmNet;
 use hangar_test_postgres::TestDatabase;
 use serde_json::Value;
@@ -163,17 +163,6 @@ fn switchovers(server: &FarmServer) -> Vec<(Duration, Duration)> {
         .collect()
 }
 
-fn vm(server: &FarmServer, id: &str) -> Value {
-    server
-        .json(&["vms", "--all"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|vm| vm["id"] == id)
-        .cloned()
-        .unwrap()
-}
-
 fn task(server: &FarmServer, id: &str) -> Value {
     server.json(&["task", "show", id])
 }
@@ -205,21 +194,9 @@ fn holds(agent: &Agent, id: &str) -> bool {
     agent.qemus().iter().any(|(vm, _)| vm == id) || agent.data_dir.join("vms").join(id).exists()
 }
 
-fn skip() -> bool {
-    if common::store_is_postgres() {
-        eprintln!("skipping: the farm tests run on PostgreSQL in the first pass already");
-        return true;
-    }
-    if let Err(err) = FarmNet::available() {
-        eprintln!("skipping: {err}");
-        return true;
-    }
-    false
-}
-
 #[test]
 fn an_active_vm_moves_between_hosts_while_a_client_polls_its_stable_endpoint() {
-    if skip() {
+    if skip_without_namespaces() {
         return;
     }
     let net = FarmNet::create(3).unwrap();
@@ -269,7 +246,7 @@ fn an_active_vm_moves_between_hosts_while_a_client_polls_its_stable_endpoint() {
         .expect("a live migration logged");
     eprintln!("the first migration held clients {held:?}, the guest paused {paused:?}");
     assert!(held < HOLD_LIMIT, "clients were held {held:?}");
-    let moved = vm(&server, &id);
+    let moved = server.vm(&id);
     assert_eq!(moved["host"], others[0].as_str(), "{moved}");
     assert_eq!(moved["state"], "active");
     assert_eq!(
@@ -320,7 +297,7 @@ fn an_active_vm_moves_between_hosts_while_a_client_polls_its_stable_endpoint() {
     seen.report("cancelled migration");
     assert_eq!(task(&server, &task_id)["state"], "cancelled");
     seen.assert_seamless("the cancelled migration");
-    let stayed = vm(&server, &id);
+    let stayed = server.vm(&id);
     assert_eq!(stayed["host"], here.as_str(), "{stayed}");
     assert_eq!(stayed["state"], "active");
     assert!(

@@ -74,11 +74,7 @@ pub async fn run(client: &Client, command: HostCommand) -> Result<(), CliError> 
 async fn evacuate(client: &Client, args: EvacuateArgs) -> Result<(), CliError> {
     let accepted = client.evacuate_host(&args.host).await?;
     if args.no_wait {
-        if args.json {
-            return print_json(&client.task(&accepted.task).await?);
-        }
-        println!("{}", accepted.task);
-        return Ok(());
+        return super::tasks::print_started(client, &accepted.task, args.json).await;
     }
     let task = super::tasks::follow(client, &accepted.task).await?;
     let report = client.evacuation(&args.host).await?;

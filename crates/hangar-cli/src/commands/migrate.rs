@@ -25,11 +25,7 @@ pub async fn run(client: &Client, args: MigrateArgs) -> Result<(), CliError> {
     let started = std::time::Instant::now();
     let accepted = client.migrate(&args.vm, &args.to).await?;
     if args.no_wait {
-        if args.json {
-            return print_json(&client.task(&accepted.task).await?);
-        }
-        println!("{}", accepted.task);
-        return Ok(());
+        return super::tasks::print_started(client, &accepted.task, args.json).await;
     }
     let task = super::tasks::follow(client, &accepted.task).await?;
     if args.json {

@@ -101,6 +101,15 @@ async fn wait(client: &Client, id: &str) -> Result<(), CliError> {
     ended(&follow(client, id).await?)
 }
 
+/// A task started with `--no-wait`: its id, or with `json` the task as it is now.
+pub async fn print_started(client: &Client, id: &str, json: bool) -> Result<(), CliError> {
+    if json {
+        return print_json(&client.task(id).await?);
+    }
+    println!("{id}");
+    Ok(())
+}
+
 /// Shows task `id`'s progress on stderr (a bar on a terminal, a line per stage otherwise)
 /// until it ends; returns it as it ended.
 pub async fn follow(client: &Client, id: &str) -> Result<TaskView, CliError> {

@@ -157,6 +157,17 @@ impl FarmServer {
     }
 
     /// The CLI's `--json` answer, which must succeed.
+    /// VM `id` as `hangar vms --all --json` lists it.
+    pub fn vm(&self, id: &str) -> Value {
+        self.json(&["vms", "--all"])
+            .as_array()
+            .expect("a list of VMs")
+            .iter()
+            .find(|vm| vm["id"] == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("no VM {id} listed"))
+    }
+
     pub fn json(&self, args: &[&str]) -> Value {
         let mut args = args.to_vec();
         args.push("--json");
