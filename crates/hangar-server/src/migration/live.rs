@@ -207,6 +207,9 @@ async fn precopy(mv: &Move<'_>, source: &dyn Host, id: &str) -> Result<Migration
                 ));
             }
             "active" if ready_to_switch(&now) => return Ok(now),
+            // Little enough was dirty to complete even within the held downtime limit: QEMU
+            // paused the guest and waits for the switchover (an idle guest does that).
+            "pre-switchover" => return Ok(now),
             _ => {}
         }
         let sent = now.ram_transferred.min(now.ram_total.max(1));
