@@ -51,6 +51,14 @@ const MIRROR_JOB: &str = "hangar-migrate-root";
 /// Bandwidth for the migration stream: effectively none (a farm's hosts share a fast link).
 const MAX_BANDWIDTH: u64 = 1 << 40;
 
+/// The stream's rate once the first pass nears its end, until the switchover (bytes/s):
+/// with the 1 ms limit it lets QEMU complete on its own only below 4 dirty pages. See
+/// [`QemuBackend::migration_progress`].
+const SETTLE_BANDWIDTH: u64 = 16 << 20;
+
+/// What is left of the first pass when the stream settles.
+const SETTLE_REMAINING: u64 = 16 << 20;
+
 /// How long the disk mirror may take to become ready.
 const MIRROR_READY_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -142,6 +150,15 @@ async fn set_capabilities(qmp: &Qmp, caps: &[(&str, bool)]) -> Result<(), VmmErr
     qmp.execute(
         "migrate-set-capabilities",
         Some(json!({ "capabilities": capabilities })),
+    )
+    .await?;
+    Ok(())
+}
+
+async fn set_bandwidth(qmp: &Qmp, bytes_per_second: u64) -> Result<(), VmmError> {
+    qmp.execute(
+        "migrate-set-parameters",
+        Some(json!({ "max-bandwidth": bytes_per_second })),
     )
     .await?;
     Ok(())
@@ -304,8 +321,24 @@ impl QemuBackend {
     }
 
     /// How far VM `id`'s outgoing migration is.
+    ///
+    /// Near the end of the first pass it also slows the stream to [`SETTLE_BANDWIDTH`]:
+    /// QEMU completes on its own once what is dirty could go within the downtime limit *at
+    /// the bandwidth it just measured*, and the first pass's bulk rate made that ~1 MB for
+    /// 1 ms, which a lightly used guest undercuts: QEMU then paused it while a client's
+    /// request was in flight, before the forwarder could hold and drain its connections
+    /// (a request lost). At the settled rate only a guest that dirtied almost nothing
+    /// (a few pages: an idle one) completes early, and the switchover raises it again.
     pub async fn migration_progress(&self, id: &str) -> Result<MigrationProgress, VmmError> {
-        progress(&self.running_vm(id).await?.qmp).await
+        let running = self.running_vm(id).await?;
+        let now = progress(&running.qmp).await?;
+        if now.status == "active"
+            && now.ram_transferred > 0
+            && (now.ram_iterations >= 2 || now.ram_remaining <= SETTLE_REMAINING)
+        {
+            set_bandwidth(&running.qmp, SETTLE_BANDWIDTH).await?;
+        }
+        Ok(now)
     }
 
     /// On the source: lets the migration complete within `downtime_ms`: the guest pauses,
@@ -318,6 +351,7 @@ impl QemuBackend {
     ) -> Result<MigrationProgress, VmmError> {
         let running = self.running_vm(id).await?;
         let qmp = &running.qmp;
+        set_bandwidth(qmp, MAX_BANDWIDTH).await?;
         set_downtime(qmp, downtime_ms).await?;
         wait_status(id, qmp, SWITCHOVER_TIMEOUT, |status| {
             status == "pre-switchover"
