@@ -24,10 +24,10 @@
 //! destination's partial copy is removed.
 
 use hangar_core::VmState;
-use hangar_host::{ArchiveTier, HostError, VmArrival};
+use hangar_host::{ArchiveTier, VmArrival};
 use hangar_store::VmRecord;
 
-use super::Move;
+use super::{Move, host_error};
 use crate::api::error::error_chain;
 use crate::tasks::Undo;
 
@@ -90,8 +90,4 @@ pub(super) async fn move_cold(m: &Move<'_>, vm: VmRecord) -> Result<VmRecord, St
     m.step("switch", 90).await;
     m.commit(&vm, None, pulled.launch.0, pulled.direct_endpoints, false)
         .await
-}
-
-pub(super) fn host_error(host: &str, err: &HostError) -> String {
-    format!("host {host}: {}", error_chain(err))
 }

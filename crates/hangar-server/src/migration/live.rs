@@ -43,7 +43,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use hangar_host::{Host, HostError, LaunchRecord, MigrationProgress, Purpose, VmPlan};
+use hangar_host::{Host, LaunchRecord, MigrationProgress, Purpose, VmPlan};
 use hangar_store::VmRecord;
 
 use super::Move;
@@ -67,10 +67,6 @@ pub const PRECOPY_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// How long connections forwarded before the hold may take to end before the switchover.
 pub const DRAIN_WAIT: Duration = Duration::from_millis(200);
-
-fn chain(err: &HostError) -> String {
-    error_chain(err)
-}
 
 /// Live-migrates active VM `vm` as `mv` says (see the module's documentation). The outcome
 /// is the VM as recorded on the destination; on error the journal's undo leaves it
@@ -118,17 +114,17 @@ pub async fn migrate_active(mv: &Move<'_>, vm: VmRecord) -> Result<VmRecord, Str
     let prepared = dest
         .prepare_vm(&plan, manager.tasks.build_progress(mv.task, 5, 14))
         .await
-        .map_err(|err| format!("preparing on {to}: {}", chain(&err)))?;
+        .map_err(|err| format!("preparing on {to}: {}", error_chain(&err)))?;
     let incoming = dest
         .migrate_incoming(&vm.id, &prepared, &LaunchRecord(vm.spec.clone()))
         .await
-        .map_err(|err| format!("starting the destination on {to}: {}", chain(&err)))?;
+        .map_err(|err| format!("starting the destination on {to}: {}", error_chain(&err)))?;
 
     mv.step("disk", 15).await;
     source
         .migrate_start(&vm.id, &incoming)
         .await
-        .map_err(|err| format!("copying from {}: {}", vm.host, chain(&err)))?;
+        .map_err(|err| format!("copying from {}: {}", vm.host, error_chain(&err)))?;
 
     mv.step("memory", 30).await;
     let precopy = precopy(mv, source.as_ref(), &vm.id).await?;
@@ -149,11 +145,11 @@ pub async fn migrate_active(mv: &Move<'_>, vm: VmRecord) -> Result<VmRecord, Str
     let done = source
         .migrate_switchover(&vm.id, hangar_vmm::migrate::DEFAULT_DOWNTIME_MS)
         .await
-        .map_err(|err| format!("switching over on {}: {}", vm.host, chain(&err)))?;
+        .map_err(|err| format!("switching over on {}: {}", vm.host, error_chain(&err)))?;
     let arrived = dest
         .migrate_finish(&vm.id)
         .await
-        .map_err(|err| format!("resuming on {to}: {}", chain(&err)))?;
+        .map_err(|err| format!("resuming on {to}: {}", error_chain(&err)))?;
     // At most this long the guest did not run: from the switchover's start (it pauses
     // within it) to the destination's resume.
     let downtime = switching.elapsed();
@@ -197,7 +193,7 @@ async fn precopy(mv: &Move<'_>, source: &dyn Host, id: &str) -> Result<Migration
         let now = source
             .migrate_status(id)
             .await
-            .map_err(|err| format!("reading the migration's progress: {}", chain(&err)))?;
+            .map_err(|err| format!("reading the migration's progress: {}", error_chain(&err)))?;
         match now.status.as_str() {
             "failed" | "cancelled" => {
                 return Err(format!(

@@ -356,7 +356,7 @@ impl Move<'_> {
         let bundle = source
             .template_bundle(service)
             .await
-            .map_err(|err| cold::host_error(&vm.host, &err))?
+            .map_err(|err| host_error(&vm.host, &err))?
             .ok_or_else(|| {
                 format!(
                     "host {} offers no template of {} to its peers",
@@ -368,11 +368,11 @@ impl Move<'_> {
         let held = dest
             .has_template(service)
             .await
-            .map_err(|err| cold::host_error(dest.name(), &err))?;
+            .map_err(|err| host_error(dest.name(), &err))?;
         if !held {
             dest.pull_template(service, &bundle, &self.peer(&vm.host)?)
                 .await
-                .map_err(|err| cold::host_error(dest.name(), &err))?;
+                .map_err(|err| host_error(dest.name(), &err))?;
             return Ok(());
         }
         // A template the destination built itself has the same inputs but not the same
@@ -382,7 +382,7 @@ impl Move<'_> {
         let theirs = dest
             .template_bundle(service)
             .await
-            .map_err(|err| cold::host_error(dest.name(), &err))?;
+            .map_err(|err| host_error(dest.name(), &err))?;
         let memory = |bundle: &hangar_host::TemplateBundle| {
             (
                 bundle.memory.sha256.clone(),
@@ -492,6 +492,11 @@ impl Move<'_> {
             tracing::warn!(vm = %self.vm_id, host = source, error = %error_chain(&err), "cannot remove a moved VM's files from its old host");
         }
     }
+}
+
+/// A host's error for a task's message, naming the host.
+fn host_error(host: &str, err: &hangar_host::HostError) -> String {
+    format!("host {host}: {}", error_chain(err))
 }
 
 #[cfg(test)]
