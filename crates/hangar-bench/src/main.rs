@@ -24,6 +24,7 @@ mod measure;
 mod placement;
 mod pool;
 mod report;
+mod segment;
 mod server;
 mod stats;
 
@@ -56,6 +57,9 @@ enum BenchCommand {
     /// The farm's control plane on PostgreSQL: placements/s through the API, heartbeat
     /// CPU cost, pure placement over 1,000 hosts.
     Farm(farm::FarmBench),
+    /// Two VMs over their private segment against over user-mode networking: throughput
+    /// and request latency (no server: VMs on this machine's QEMU).
+    Segment(segment::SegmentBench),
 }
 
 /// Parses the command line; run by `hangar bench` (which sets `HANGAR_BIN`), usage and
@@ -80,6 +84,7 @@ async fn main() -> ExitCode {
         Some(BenchCommand::Install(args)) => install::run(args).await,
         Some(BenchCommand::Placement(args)) => placement::bench(args).await,
         Some(BenchCommand::Farm(args)) => farm::run(args).await,
+        Some(BenchCommand::Segment(args)) => segment::run(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -105,6 +110,8 @@ mod tests {
         assert!(matches!(cli.command, Some(BenchCommand::Placement(_))));
         let cli = Cli::parse_from(["hangar-bench", "farm", "--clients", "4", "--json"]);
         assert!(matches!(cli.command, Some(BenchCommand::Farm(_))));
+        let cli = Cli::parse_from(["hangar-bench", "segment", "--mib", "4", "--json"]);
+        assert!(matches!(cli.command, Some(BenchCommand::Segment(_))));
         assert!(Cli::try_parse_from(["hangar-bench", "--quick", "pool"]).is_err());
     }
 }

@@ -18,6 +18,8 @@
 //! - [`agent`]: the host agent: any [`Host`] served over HTTP (`/agent/v1/...`), and
 //!   the agent process's loop (registration and heartbeats to the control plane).
 //! - [`remote`]: [`RemoteHost`], a [`Host`] on another machine, reached through its agent.
+//! - [`segment`]: private segments (an L2 network per stack): the switches of this host's
+//!   segments, the join a VM is given ([`SegmentJoin`]).
 //! - [`facts`]: what the machine has (CPUs, memory, disk, load), read from the OS.
 //! - [`metrics`]: the process's metrics recorder (the `metrics` facade), rendered at
 //!   `/metrics`.
@@ -39,12 +41,14 @@ pub mod local;
 pub mod metrics;
 pub mod ready;
 pub mod remote;
+pub mod segment;
 
 pub use hangar_vmm::migrate::MigrationProgress;
 pub use hangar_vmm::{ArchiveTier, RunState};
 pub use images::ProgressFn;
 pub use local::{LocalHost, LocalHostConfig};
 pub use remote::RemoteHost;
+pub use segment::{SegmentError, SegmentJoin};
 
 /// What a VM is made for; decides its hostname, CPU priority and where it ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -449,6 +453,9 @@ pub enum HostError {
     /// The guest refused or failed a configuration step.
     #[error("{0}")]
     Guest(String),
+    /// A private segment cannot be joined (an invalid join, a VM without the NIC).
+    #[error(transparent)]
+    Segment(#[from] SegmentError),
     /// The plan's settings do not make a guest configuration.
     #[error(transparent)]
     Config(#[from] crate::guest::GuestConfigError),
@@ -686,6 +693,30 @@ pub trait Host: Send + Sync + 'static {
 
     /// Destination: waits for VM `id`'s state to arrive and runs it.
     async fn migrate_finish(&self, id: &str) -> Result<Adopted, HostError>;
+
+    /// Connects VM `id`'s private NIC to `join.segment` on this host (creating the
+    /// segment's switch when it is the first member) and tells its guest its private
+    /// address, MAC and peers' names; then writes `join.files` and restarts `join.restart`
+    /// processes. Idempotent: joining again replaces the guest's private settings. The VM
+    /// must run here with a segment NIC (every VM made since segments exist; not imported
+    /// machines): else [`HostError::Segment`]. The membership lasts through sleep, archive
+    /// and wake and a restart of the host process; a VM migrated to another host must join
+    /// again there.
+    async fn join_segment(&self, id: &str, _join: &SegmentJoin) -> Result<(), HostError> {
+        Err(HostError::Guest(format!(
+            "host {} cannot connect VM {id} to a private segment",
+            self.name()
+        )))
+    }
+
+    /// Disconnects VM `id` from its segment (the switch goes with its last member); the
+    /// guest keeps its settings, its frames go nowhere. Nothing to do when it is in none.
+    async fn leave_segment(&self, id: &str) -> Result<(), HostError> {
+        Err(HostError::Guest(format!(
+            "host {} cannot disconnect VM {id} from a private segment",
+            self.name()
+        )))
+    }
 
     /// Archived VM `id` as a bundle a peer can pull to take it over (a cold migration):
     /// its archive and disk layer hashed and offered through [`Host::template_blob`] until

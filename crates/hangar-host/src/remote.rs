@@ -288,6 +288,26 @@ impl Host for RemoteHost {
         .await
     }
 
+    async fn join_segment(&self, id: &str, join: &crate::SegmentJoin) -> Result<(), HostError> {
+        self.call(
+            Method::POST,
+            &["vms", id, "segment"],
+            Some(join),
+            LONG_TIMEOUT,
+        )
+        .await
+    }
+
+    async fn leave_segment(&self, id: &str) -> Result<(), HostError> {
+        self.call(
+            Method::POST,
+            &["vms", id, "segment", "leave"],
+            NONE,
+            SHORT_TIMEOUT,
+        )
+        .await
+    }
+
     async fn sleep(&self, id: &str) -> Result<(), HostError> {
         self.call(Method::POST, &["vms", id, "sleep"], NONE, SHORT_TIMEOUT)
             .await

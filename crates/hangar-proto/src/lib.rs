@@ -45,6 +45,35 @@ pub enum HostMessage {
     CheckListen { id: u64, port: u16 },
     /// Liveness check; answered with `ok: true`.
     Ping { id: u64 },
+    /// Puts the guest on its private segment (see [`PrivateNetwork`]); answered with a
+    /// [`GuestMessage::Reply`] once applied. Sent again, it replaces the previous one.
+    Network {
+        id: u64,
+        #[serde(flatten)]
+        network: PrivateNetwork,
+    },
+}
+
+/// A guest's place on its private segment (the second NIC, `eth1`): hangar-init sets the
+/// interface's MAC, brings it up with `address` alone (no route beyond the segment),
+/// writes the root's `/etc/hosts` (localhost, the hostname, then `hosts`), writes `files`
+/// and restarts the services named in `restart`, in that order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrivateNetwork {
+    /// Interface name in the guest, e.g. `eth1`.
+    pub interface: String,
+    /// `aa:bb:cc:dd:ee:ff`, a unicast address.
+    pub mac: String,
+    /// IPv4 address with prefix length, e.g. `10.213.0.11/24`.
+    pub address: String,
+    /// `(name, address)` of each peer, for `/etc/hosts`.
+    #[serde(default)]
+    pub hosts: Vec<(String, String)>,
+    #[serde(default)]
+    pub files: Vec<FileWrite>,
+    /// Names of configured services to stop and start again (they read `files`).
+    #[serde(default)]
+    pub restart: Vec<String>,
 }
 
 /// Everything a guest needs to become a particular VM.
@@ -263,6 +292,27 @@ mod tests {
                 error: None
             }
         );
+    }
+
+    #[test]
+    fn network_round_trips_flat() {
+        let msg = HostMessage::Network {
+            id: 3,
+            network: PrivateNetwork {
+                interface: "eth1".into(),
+                mac: "02:68:00:00:00:0b".into(),
+                address: "10.213.0.11/24".into(),
+                hosts: vec![("redis".into(), "10.213.0.12".into())],
+                files: Vec::new(),
+                restart: vec!["web".into()],
+            },
+        };
+        let line = encode(&msg);
+        assert!(
+            line.starts_with(r#"{"op":"network","id":3,"interface":"eth1""#),
+            "{line}"
+        );
+        assert_eq!(decode::<HostMessage>(&line).unwrap(), msg);
     }
 
     #[test]

@@ -71,6 +71,7 @@ async fn main() {
         vcpus: 1,
         memory_mib: 128,
         ram_tail_kib: 0,
+        segment_nic: false,
         kernel: assets.vmlinux,
         initramfs: assets.initramfs,
         cmdline: hangar_image::kernel_cmdline(hangar_image::host_tsc_khz()),

@@ -214,6 +214,20 @@ impl Agent {
         .await
     }
 
+    /// Puts the guest on its private segment ([`hangar_proto::PrivateNetwork`]); the
+    /// reply says whether every step applied.
+    pub async fn private_network(
+        &self,
+        network: hangar_proto::PrivateNetwork,
+        timeout: Duration,
+    ) -> Result<Reply, AgentError> {
+        self.request("network", timeout, |id| HostMessage::Network {
+            id,
+            network,
+        })
+        .await
+    }
+
     pub async fn ping(&self, timeout: Duration) -> Result<(), AgentError> {
         self.request("ping", timeout, |id| HostMessage::Ping { id })
             .await

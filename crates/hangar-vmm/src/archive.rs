@@ -353,6 +353,7 @@ mod tests {
             vcpus: 1,
             memory_mib: 64,
             ram_tail_kib: 0,
+            segment_nic: false,
             kernel: "k".into(),
             initramfs: "i".into(),
             cmdline: String::new(),

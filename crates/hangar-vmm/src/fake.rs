@@ -512,7 +512,8 @@ async fn fake_guest(stream: tokio::io::DuplexStream) {
             }
             HostMessage::Reidentify { id, .. }
             | HostMessage::Ping { id }
-            | HostMessage::CheckListen { id, .. } => {
+            | HostMessage::CheckListen { id, .. }
+            | HostMessage::Network { id, .. } => {
                 vec![reply(id, true, String::new())]
             }
             HostMessage::Exec { id, argv, .. } => vec![reply(id, true, argv.join(" "))],
@@ -548,6 +549,7 @@ mod tests {
             vcpus: 1,
             memory_mib: 64,
             ram_tail_kib: 0,
+            segment_nic: false,
             kernel: "k".into(),
             initramfs: "i".into(),
             cmdline: String::new(),

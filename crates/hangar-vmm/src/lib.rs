@@ -84,6 +84,31 @@ pub struct VmSpec {
     /// and templates were made with, so it is never changed afterwards).
     #[serde(default, skip_serializing_if = "is_zero_u32")]
     pub ram_tail_kib: u32,
+    /// A second NIC (the guest's `eth1`) for a private segment: a virtio-net device with
+    /// the MAC [`SEGMENT_NIC_MAC`] on a unix datagram netdev (one Ethernet frame per
+    /// datagram, see [`SegmentSockets`]). Until the host's segment switch binds its end,
+    /// the guest's frames on it go nowhere. False for VMs planned before it existed: a VM
+    /// keeps the device set its snapshots and templates were made with (clones and
+    /// migrations take it from their source).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub segment_nic: bool,
+}
+
+/// The MAC address the segment NIC ([`VmSpec::segment_nic`]) boots with. Every clone of a
+/// template has its template's device state, this MAC included, so the guest is given its
+/// own when it joins a segment (virtio-net lets the guest change it).
+pub const SEGMENT_NIC_MAC: &str = "52:54:00:5e:00:01";
+
+/// The unix datagram sockets of a VM's segment NIC on its host: QEMU binds `nic` and sends
+/// every frame the guest transmits to `port`; the host's segment switch binds `port` and
+/// sends the guest's incoming frames to `nic`. Both lie in the VM's own directory (private
+/// to the VM's QEMU user and the host process).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentSockets {
+    /// QEMU's end.
+    pub nic: PathBuf,
+    /// The switch's end.
+    pub port: PathBuf,
 }
 
 /// Where a VM's RAM lives (the `memory-backend=mem` of its machine, see [`RAM_BLOCK`]).
@@ -334,6 +359,18 @@ pub trait Hypervisor: Send + Sync + 'static {
         spec: &VmSpec,
         template: &TemplateInfo,
     ) -> Result<Launched, VmmError>;
+
+    /// The sockets of VM `id`'s segment NIC here, when it runs (or is archived) with one
+    /// ([`VmSpec::segment_nic`]); `None` for a VM without one or unknown here.
+    async fn segment_sockets(&self, _id: &str) -> Option<SegmentSockets> {
+        None
+    }
+
+    /// Lets VM `id`'s QEMU send to `socket`, a unix socket the host bound for it (the
+    /// switch's end of its segment NIC): owned by the user QEMU runs as, when confined.
+    fn give_socket(&self, _id: &str, _socket: &Path) -> Result<(), VmmError> {
+        Ok(())
+    }
 
     /// The file holding the guest's serial console output, if the backend keeps one.
     fn console_log(&self, _id: &str) -> Option<PathBuf> {

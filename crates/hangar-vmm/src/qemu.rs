@@ -91,6 +91,9 @@ pub struct VmPaths {
     pub agent: PathBuf,
     pub console: PathBuf,
     pub pidfile: PathBuf,
+    /// The segment NIC's sockets ([`crate::SegmentSockets`]): QEMU's end, the switch's.
+    pub nic: PathBuf,
+    pub port: PathBuf,
 }
 
 impl VmPaths {
@@ -102,6 +105,8 @@ impl VmPaths {
             agent: dir.join("agent.sock"),
             console: dir.join("console.log"),
             pidfile: dir.join("qemu.pid"),
+            nic: dir.join("nic1.sock"),
+            port: dir.join("port.sock"),
             dir,
         }
     }
@@ -235,7 +240,7 @@ impl QemuBackend {
         self.give_files(spec, paths)?;
         // What an earlier process of this VM left (it ran until archived): readiness is
         // these files appearing anew.
-        for stale in [&paths.qmp, &paths.agent, &paths.pidfile] {
+        for stale in [&paths.qmp, &paths.agent, &paths.pidfile, &paths.nic] {
             match std::fs::remove_file(stale) {
                 Err(err) if err.kind() != std::io::ErrorKind::NotFound => return Err(err.into()),
                 _ => {}
@@ -551,6 +556,23 @@ impl Hypervisor for QemuBackend {
 
     fn console_log(&self, id: &str) -> Option<PathBuf> {
         Some(self.paths(id).console)
+    }
+
+    async fn segment_sockets(&self, id: &str) -> Option<crate::SegmentSockets> {
+        let running = self.vms.lock().await.get(id).cloned()?;
+        let has_nic = running.spec.lock().map(|spec| spec.segment_nic).ok()?;
+        let paths = self.paths(id);
+        has_nic.then_some(crate::SegmentSockets {
+            nic: paths.nic,
+            port: paths.port,
+        })
+    }
+
+    fn give_socket(&self, _id: &str, socket: &Path) -> Result<(), VmmError> {
+        if let Some(user) = &self.config.user {
+            user.own(socket)?;
+        }
+        Ok(())
     }
 
     async fn migrate_incoming(
@@ -1209,7 +1231,7 @@ fn enlarge_pipe(fd: &impl std::os::fd::AsRawFd) {
 }
 
 fn check_socket_paths(paths: &VmPaths) -> Result<(), VmmError> {
-    for socket in [&paths.qmp, &paths.agent] {
+    for socket in [&paths.qmp, &paths.agent, &paths.nic, &paths.port] {
         if socket.as_os_str().len() > MAX_SOCKET_PATH {
             return Err(VmmError::SocketPath(socket.display().to_string()));
         }
@@ -1370,6 +1392,22 @@ fn command_line(accel: Accel, spec: &VmSpec, paths: &VmPaths, boot: bool) -> Vec
         netdev,
         "-device".into(),
         format!("virtio-net-{bus},netdev=n0"),
+    ]);
+    if spec.segment_nic {
+        // Connectionless: QEMU sends each frame to the switch's socket whether or not it
+        // is bound (none bound: the frame is dropped, silently).
+        args.extend([
+            "-netdev".into(),
+            format!(
+                "dgram,id=n1,local.type=unix,local.path={},remote.type=unix,remote.path={}",
+                path(&paths.nic),
+                path(&paths.port)
+            ),
+            "-device".into(),
+            format!("virtio-net-{bus},netdev=n1,mac={}", crate::SEGMENT_NIC_MAC),
+        ]);
+    }
+    args.extend([
         "-device".into(),
         format!("virtio-serial-{bus}"),
         "-chardev".into(),
@@ -1484,6 +1522,7 @@ mod tests {
             vcpus: 2,
             memory_mib: 256,
             ram_tail_kib: 0,
+            segment_nic: false,
             kernel: "/a/vmlinux".into(),
             initramfs: "/a/initramfs.cpio".into(),
             cmdline: "console=ttyS0 quiet".into(),
@@ -1643,6 +1682,7 @@ mod tests {
             vcpus: 1,
             memory_mib: 512,
             ram_tail_kib: 0,
+            segment_nic: false,
             kernel: "/a/vmlinux".into(),
             initramfs: "/a/initramfs.cpio".into(),
             cmdline: "console=ttyS0".into(),
@@ -1700,6 +1740,7 @@ mod tests {
             vcpus: 1,
             memory_mib: 256,
             ram_tail_kib: TCG_RAM_TAIL_KIB,
+            segment_nic: false,
             kernel: "/a/vmlinux".into(),
             initramfs: "/a/initramfs.cpio".into(),
             cmdline: "console=ttyS0".into(),
@@ -1731,6 +1772,57 @@ mod tests {
             restore_args(Accel::Tcg, &old, &paths)
                 .join(" ")
                 .contains("-m 262144k ")
+        );
+    }
+
+    /// A VM with a segment NIC gets a second virtio-net on a unix datagram netdev whose
+    /// sockets lie in its directory; a spec recorded before the NIC existed has none (its
+    /// snapshots and templates were made without it).
+    #[test]
+    fn the_segment_nic_is_a_datagram_netdev_only_when_the_spec_has_one() {
+        let mut spec = VmSpec {
+            id: "vm-4".into(),
+            vcpus: 1,
+            memory_mib: 256,
+            ram_tail_kib: 0,
+            segment_nic: true,
+            kernel: "/a/vmlinux".into(),
+            initramfs: "/a/initramfs.cpio".into(),
+            cmdline: "console=ttyS0".into(),
+            base_image: None,
+            layers: Vec::new(),
+            forwards: Vec::new(),
+            pre_os: false,
+            background: false,
+            template: None,
+            firmware: false,
+            memory: MemoryBacking::Anonymous,
+            layer_slots: 0,
+        };
+        let paths = VmPaths::new(Path::new("/data/vms"), "vm-4");
+        let args = qemu_args(Accel::Tcg, &spec, &paths).join(" ");
+        let nic = "-netdev dgram,id=n1,local.type=unix,local.path=/data/vms/vm-4/nic1.sock,\
+                   remote.type=unix,remote.path=/data/vms/vm-4/port.sock \
+                   -device virtio-net-device,netdev=n1,mac=52:54:00:5e:00:01";
+        assert!(args.contains(nic), "{args}");
+        assert!(
+            args.find("netdev=n0") < args.find("netdev=n1"),
+            "the user-mode NIC stays the guest's first: {args}"
+        );
+        let mut old = serde_json::to_value(&spec).unwrap();
+        old.as_object_mut().unwrap().remove("segment_nic");
+        let old: VmSpec = serde_json::from_value(old).unwrap();
+        assert!(!old.segment_nic);
+        assert!(
+            !restore_args(Accel::Tcg, &old, &paths)
+                .join(" ")
+                .contains("n1")
+        );
+        spec.segment_nic = false;
+        assert_eq!(
+            serde_json::to_value(&spec).unwrap().get("segment_nic"),
+            None,
+            "absent when off, as before it existed"
         );
     }
 }

@@ -93,6 +93,7 @@ pub fn clone_spec(spec: &VmSpec, template: &TemplateInfo) -> VmSpec {
         layers: template.spec.layers.clone(),
         layer_slots: template.spec.layer_slots,
         ram_tail_kib: template.spec.ram_tail_kib,
+        segment_nic: template.spec.segment_nic,
         pre_os: false,
         template: Some(template.dir.clone()),
         memory: match &template.ram {
@@ -242,6 +243,7 @@ mod tests {
             vcpus: 1,
             memory_mib: 64,
             ram_tail_kib: 0,
+            segment_nic: false,
             kernel: "k".into(),
             initramfs: "i".into(),
             cmdline: String::new(),

@@ -107,6 +107,7 @@ fn archive_and_restore_keep_memory_and_disk_in_both_tiers() {
         let mismatched = VmSpec {
             memory_mib: 128,
             ram_tail_kib: 0,
+            segment_nic: false,
             ..spec.clone()
         };
         backend.archive(id, ArchiveTier::Raw).await.unwrap();

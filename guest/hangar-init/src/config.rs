@@ -93,7 +93,7 @@ fn add_entropy(bytes: &[u8]) -> Result<(), String> {
 }
 
 /// Runs `busybox ip ARGS`, returning its stderr as the error.
-fn ip(args: &[&str]) -> Result<(), String> {
+pub fn ip(args: &[&str]) -> Result<(), String> {
     let output = Command::new(BUSYBOX)
         .arg("ip")
         .args(args)
@@ -297,7 +297,7 @@ pub fn path_in_root(root: &Path, path: &str) -> Result<PathBuf, String> {
 }
 
 /// Waits up to [`DEVICE_WAIT`] for a path to exist.
-fn wait_for(path: &Path) -> Result<(), ()> {
+pub fn wait_for(path: &Path) -> Result<(), ()> {
     let started = Instant::now();
     while !path.exists() {
         if started.elapsed() > DEVICE_WAIT {

@@ -38,6 +38,7 @@ mod listen;
 mod merge;
 mod modules;
 mod mounts;
+mod private_net;
 mod services;
 mod sys;
 
@@ -53,6 +54,8 @@ struct Init {
     /// Identity and root the guest was configured with (`None` until configured).
     context: services::Context,
     configured: bool,
+    /// The configured services, by name, for restarts.
+    services: Vec<hangar_proto::ServiceCommand>,
 }
 
 fn main() {
@@ -123,6 +126,7 @@ fn boot() -> Init {
         inbox,
         context: services::Context::default(),
         configured: false,
+        services: Vec::new(),
     };
     if let Some(config) = standalone {
         console!(
@@ -201,6 +205,20 @@ impl Init {
                 self.context.clone(),
                 self.outbox.clone(),
             ),
+            HostMessage::Network { id, network } => {
+                let result = self.private_network(&network);
+                if let Err(error) = &result {
+                    console!("private network: {error}");
+                }
+                self.outbox.send(&GuestMessage::Reply {
+                    id,
+                    ok: result.is_ok(),
+                    code: None,
+                    stdout: String::new(),
+                    stderr: String::new(),
+                    error: result.err(),
+                });
+            }
             HostMessage::CheckListen { id, port } => {
                 let listening = listen::is_listening(port);
                 self.outbox.send(&GuestMessage::Reply {
@@ -213,6 +231,35 @@ impl Init {
                 });
             }
         }
+    }
+
+    /// Applies a private network, then restarts the services it names (stopped, reaped,
+    /// started again with their configured command).
+    fn private_network(&mut self, network: &hangar_proto::PrivateNetwork) -> Result<(), String> {
+        let root = self
+            .context
+            .root
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/"));
+        private_net::apply(network, &root, &services::current_hostname())?;
+        for name in &network.restart {
+            let service = self
+                .services
+                .iter()
+                .find(|s| &s.name == name)
+                .cloned()
+                .ok_or_else(|| format!("no service {name} to restart"))?;
+            for exit in services::stop_service(name, Duration::from_secs(5)) {
+                self.report_exit(exit);
+            }
+            let pid = services::spawn_service(&service, &self.context)
+                .map_err(|error| format!("restarting service {name}: {error}"))?;
+            self.outbox.send(&GuestMessage::ServiceStarted {
+                name: name.clone(),
+                pid,
+            });
+        }
+        Ok(())
     }
 
     /// Step 5: applies the configuration, reporting each stage, then `Configured` or
@@ -258,6 +305,7 @@ impl Init {
             .and_then(|()| config::write_files(&root, &config.files));
         self.stage("files", files)?;
 
+        self.services = config.services.clone();
         for service in &config.services {
             match services::spawn_service(service, &self.context) {
                 Ok(pid) => self.outbox.send(&GuestMessage::ServiceStarted {
@@ -290,13 +338,17 @@ impl Init {
     /// Reaps exited children and reports the services among them.
     fn reap(&self) {
         for exit in services::reap() {
-            console!("service {} exited: {:?}", exit.name, exit.status);
-            let (code, signal) = exit.status.code_and_signal();
-            self.outbox.send(&GuestMessage::ServiceExited {
-                name: exit.name,
-                code,
-                signal,
-            });
+            self.report_exit(exit);
         }
+    }
+
+    fn report_exit(&self, exit: services::ServiceExit) {
+        console!("service {} exited: {:?}", exit.name, exit.status);
+        let (code, signal) = exit.status.code_and_signal();
+        self.outbox.send(&GuestMessage::ServiceExited {
+            name: exit.name,
+            code,
+            signal,
+        });
     }
 }

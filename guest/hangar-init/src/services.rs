@@ -194,6 +194,43 @@ pub fn reap() -> Vec<ServiceExit> {
     exits
 }
 
+/// Stops every running process of service `name`: SIGTERM to its process group (each
+/// service leads its own session), SIGKILL once `grace` has passed, then waits (at most two
+/// more seconds) until they are reaped. Returns every service exit reaped meanwhile, for
+/// the caller to report (this service's and any other's). Not running: nothing to stop.
+pub fn stop_service(name: &str, grace: std::time::Duration) -> Vec<ServiceExit> {
+    let pids = || -> Vec<i32> {
+        registry()
+            .services
+            .iter()
+            .filter(|(_, n)| n.as_str() == name)
+            .map(|(pid, _)| *pid)
+            .collect()
+    };
+    let signal = |signal: libc::c_int| {
+        for pid in pids() {
+            // SAFETY: kill(2) on a pid and on its process group; no memory involved.
+            unsafe {
+                libc::kill(-pid, signal);
+                libc::kill(pid, signal);
+            }
+        }
+    };
+    signal(libc::SIGTERM);
+    let start = std::time::Instant::now();
+    let mut killed = false;
+    let mut exits = Vec::new();
+    while !pids().is_empty() && start.elapsed() < grace + std::time::Duration::from_secs(2) {
+        if !killed && start.elapsed() >= grace {
+            signal(libc::SIGKILL);
+            killed = true;
+        }
+        exits.extend(reap());
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    exits
+}
+
 /// Signals a whole process group (exec children lead their own session).
 pub fn kill_group(pid: u32) {
     // SAFETY: kill(2) with a negative pid signals that process group; no memory involved.

@@ -99,6 +99,8 @@ async fn require_token(State(state): State<AgentState>, request: Request, next: 
 /// - `POST /agent/v1/vms/{id}/hand-out` ([`HandOut`]), `.../boot-shell`
 ///   ([`BootShellBody`]), `.../sleep`, `.../archive` ([`ArchiveBody`]), `.../wake`
 ///   ([`WakeFrom`]), `.../adopt` ([`AdoptBody`]), `.../stop`, `.../destroy`
+/// - `POST /agent/v1/vms/{id}/segment` ([`crate::SegmentJoin`]): join a private segment;
+///   `POST /agent/v1/vms/{id}/segment/leave`
 /// - live migration, `/agent/v1/vms/{id}/migrate/...`: `incoming`
 ///   ([`super::wire::MigrateIncomingBody`]), `start` (a [`crate::IncomingVm`]), `GET status`,
 ///   `switchover` ([`super::wire::SwitchoverBody`]), `abort`, `finish`
@@ -132,6 +134,8 @@ pub fn router(host: Arc<dyn Host>, token: &str) -> Router {
         .route(&vm("boot-shell"), post(boot_shell))
         .route(&vm("console"), get(console))
         .route(&vm("sleep"), post(sleep))
+        .route(&vm("segment"), post(join_segment))
+        .route(&vm("segment/leave"), post(leave_segment))
         .route(&vm("wake"), post(wake))
         .route(&vm("adopt"), post(adopt))
         .route(&vm("stop"), post(stop))
@@ -281,6 +285,19 @@ async fn boot_shell(
     Ok(axum::Json(
         state.host.boot_shell(&id, &launch, &plan).await?,
     ))
+}
+
+async fn join_segment(
+    State(state): State<AgentState>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Reply<()> {
+    let join: crate::SegmentJoin = parse(&body)?;
+    Ok(axum::Json(state.host.join_segment(&id, &join).await?))
+}
+
+async fn leave_segment(State(state): State<AgentState>, Path(id): Path<String>) -> Reply<()> {
+    Ok(axum::Json(state.host.leave_segment(&id).await?))
 }
 
 async fn sleep(State(state): State<AgentState>, Path(id): Path<String>) -> Reply<()> {

@@ -71,6 +71,7 @@ impl LocalHost {
         spec.vcpus = source.vcpus;
         spec.memory_mib = source.memory_mib;
         spec.ram_tail_kib = source.ram_tail_kib;
+        spec.segment_nic = source.segment_nic;
         spec.layer_slots = source.layer_slots;
         spec.background = false;
         let addrs = self

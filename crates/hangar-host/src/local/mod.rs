@@ -9,7 +9,8 @@
 //! - this module: [`LocalHost`] and its [`Host`] operations;
 //! - `guest`: talking to one guest (ports, ready checks, identity, slicing);
 //! - `templates`: template keys and directories;
-//! - `moves`: archived VMs offered to and taken from peers (cold migration).
+//! - `moves`: archived VMs offered to and taken from peers (cold migration);
+//! - `segments`: private segments (joining, leaving, re-binding ports).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -23,6 +24,7 @@ use hangar_vmm::{Agent, Hypervisor, Launched, VmSpec};
 mod guest;
 mod migrate;
 mod moves;
+mod segments;
 mod templates;
 
 use guest::{Settle, diagnose, settle};
@@ -75,6 +77,8 @@ pub struct LocalHost {
     /// Running VMs booted by firmware from an imported disk: no hangar-init answers in
     /// them, so nothing is asked of their agent channel (identity, slicing).
     agentless: Mutex<HashSet<String>>,
+    /// The switches of the private segments the VMs here joined.
+    segments: crate::segment::Segments,
 }
 
 fn record(spec: &VmSpec) -> Result<LaunchRecord, HostError> {
@@ -124,6 +128,7 @@ impl LocalHost {
             config,
             agents: Mutex::default(),
             agentless: Mutex::default(),
+            segments: Default::default(),
         }
     }
 
@@ -281,6 +286,8 @@ impl Host for LocalHost {
             background: plan.purpose != Purpose::Request,
             template: None,
             firmware: plan.service.as_ref().is_some_and(|s| s.imported),
+            // Every VM of hangar's own kernel can join a private segment.
+            segment_nic: !plan.service.as_ref().is_some_and(|s| s.imported),
             // A template's VM keeps its RAM in a file its clones will map.
             memory: if plan.purpose == Purpose::Template
                 && !plan.service.as_ref().is_some_and(|s| s.imported)
@@ -561,6 +568,7 @@ impl Host for LocalHost {
                 let launched = self.hv.restore(&spec).await?;
                 self.keep_agent(id, launched.clone());
                 self.note_agentless(id, &spec);
+                self.rejoin(id).await;
                 woken.process = launched.pid;
                 woken.stages.mark("restore", started);
             }
@@ -616,6 +624,7 @@ impl Host for LocalHost {
         };
         self.keep_agent(id, launched.clone());
         self.note_agentless(id, &spec);
+        self.rejoin(id).await;
         if running && matches!(self.hv.run_state(id).await, Ok(RunState::Paused)) {
             tracing::info!(vm = %id, "resuming a running VM found paused");
             if let Err(err) = self.hv.resume(id).await {
@@ -633,7 +642,17 @@ impl Host for LocalHost {
         Ok(self.hv.stop(id).await?)
     }
 
+    async fn join_segment(&self, id: &str, join: &crate::SegmentJoin) -> Result<(), HostError> {
+        self.join(id, join).await
+    }
+
+    async fn leave_segment(&self, id: &str) -> Result<(), HostError> {
+        self.leave(id);
+        Ok(())
+    }
+
     async fn destroy(&self, id: &str) -> Result<(), HostError> {
+        self.leave(id);
         self.drop_agent(id);
         self.agentless.lock().expect("agentless lock").remove(id);
         self.drop_incoming(id);

@@ -75,6 +75,8 @@ impl LocalHost {
             "vcpus": spec.vcpus,
             // Templates keep their RAM as a file clones map (older ones: in the stream).
             "memory": "mapped",
+            // Templates have a segment NIC (older ones have not: they are made again).
+            "segment_nic": spec.segment_nic,
         });
         let digest = Sha256::digest(inputs.to_string().as_bytes());
         hex::encode(&digest[..8])
@@ -120,6 +122,7 @@ impl LocalHost {
             template: None,
             firmware: false,
             memory: Default::default(),
+            segment_nic: true,
         })
     }
 
@@ -223,6 +226,7 @@ impl LocalHost {
             "memory_mib": spec.memory_mib,
             "vcpus": spec.vcpus,
             "memory": "mapped",
+            "segment_nic": spec.segment_nic,
         });
         Some(hex::encode(Sha256::digest(inputs.to_string().as_bytes())))
     }

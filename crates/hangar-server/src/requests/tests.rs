@@ -364,6 +364,7 @@ async fn restart_adopts_running_vms_fails_vanished_ones_and_stops_strangers() {
         vcpus: 1,
         memory_mib: 64,
         ram_tail_kib: 0,
+        segment_nic: false,
         kernel: "k".into(),
         initramfs: "i".into(),
         cmdline: String::new(),

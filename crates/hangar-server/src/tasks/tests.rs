@@ -155,6 +155,7 @@ async fn at_restart_a_half_task_is_undone_from_its_journal() {
         vcpus: 1,
         memory_mib: 64,
         ram_tail_kib: 0,
+        segment_nic: false,
         kernel: "k".into(),
         initramfs: "i".into(),
         cmdline: String::new(),

@@ -149,6 +149,7 @@ pub fn spec(id: &str, guest: &Guest, port: u16) -> VmSpec {
         vcpus: 1,
         memory_mib: MEMORY_MIB,
         ram_tail_kib: 0,
+        segment_nic: false,
         kernel: guest.vmlinux.clone(),
         initramfs: guest.initramfs.clone(),
         cmdline: hangar_image::kernel_cmdline(hangar_image::host_tsc_khz()),

@@ -1,0 +1,395 @@
+//! Private segments: an L2 network per stack that only its VMs share.
+//!
+//! Every VM of hangar's kernel has a second NIC ([`hangar_vmm::VmSpec::segment_nic`]): a
+//! virtio-net device on a unix datagram netdev, one Ethernet frame per datagram, whose
+//! other end is a socket in the VM's directory ([`SegmentSockets`]). Joining a segment
+//! ([`crate::Host::join_segment`]) binds that socket as a port of the segment's switch
+//! ([`switch`], a userspace MAC-learning switch made with the segment's first member and
+//! gone with its last) and tells the guest its address, MAC and peers
+//! ([`hangar_proto::PrivateNetwork`]).
+//!
+//! The sockets are connectionless, so a VM's NIC works again as soon as a switch binds its
+//! port anew: the membership is written beside the port ([`MEMBERSHIP_FILE`]) and a host
+//! process that starts again re-binds the ports of the VMs it adopts or wakes
+//! ([`Segments::rejoin`]); the guest keeps its settings in its own memory.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use hangar_vmm::SegmentSockets;
+use serde::{Deserialize, Serialize};
+
+mod switch;
+
+pub use switch::SegmentStats;
+use switch::Switch;
+
+/// The file beside a VM's port socket naming the segment it joined.
+pub const MEMBERSHIP_FILE: &str = "segment";
+
+/// The guest's interface for its segment NIC (the second virtio-net device).
+pub const GUEST_INTERFACE: &str = "eth1";
+
+/// What [`crate::Host::join_segment`] connects a VM to and tells its guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentJoin {
+    /// The segment's name (one per stack): letters, digits, `.`, `_`, `-`; 1 to 63.
+    pub segment: String,
+    /// The guest's MAC on the segment: `aa:bb:cc:dd:ee:ff`, unicast.
+    pub mac: String,
+    /// The guest's address with prefix: a private IPv4 address (RFC 1918), e.g.
+    /// `10.213.0.11/24`, neither the network's nor its broadcast address.
+    pub address: String,
+    /// `(name, address)` of each peer, written to the guest's `/etc/hosts`.
+    #[serde(default)]
+    pub hosts: Vec<(String, String)>,
+    /// Files written into the guest's root after the network is up.
+    #[serde(default)]
+    pub files: Vec<hangar_proto::FileWrite>,
+    /// Service processes (their catalog names) restarted after the files are written.
+    #[serde(default)]
+    pub restart: Vec<String>,
+}
+
+/// Why a segment operation cannot be done.
+#[derive(Debug, thiserror::Error)]
+pub enum SegmentError {
+    #[error("invalid segment join: {0}")]
+    Invalid(String),
+    #[error("VM {0} has no segment NIC (made before segments existed, or not running here)")]
+    NoNic(String),
+    #[error("binding VM {vm}'s segment port {}", path.display())]
+    Port {
+        vm: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl SegmentJoin {
+    /// Checks every field (see their docs); the guest is never sent a join that fails.
+    pub fn validate(&self) -> Result<(), SegmentError> {
+        let invalid = |what: String| Err(SegmentError::Invalid(what));
+        if self.segment.is_empty()
+            || self.segment.len() > 63
+            || !self
+                .segment
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        {
+            return invalid(format!("segment name {:?}", self.segment));
+        }
+        let mac = parse_mac(&self.mac)
+            .ok_or_else(|| SegmentError::Invalid(format!("MAC {:?}", self.mac)))?;
+        if mac[0] & 1 != 0 || mac == [0; 6] {
+            return invalid(format!("MAC {} is not a unicast address", self.mac));
+        }
+        private_address(&self.address).map_err(SegmentError::Invalid)?;
+        for (name, address) in &self.hosts {
+            if !is_hostname(name) {
+                return invalid(format!("peer name {name:?}"));
+            }
+            if address.parse::<Ipv4Addr>().is_err() {
+                return invalid(format!("peer {name}'s address {address:?}"));
+            }
+        }
+        for file in &self.files {
+            if !file.path.starts_with('/') {
+                return invalid(format!("file path {:?} is not absolute", file.path));
+            }
+        }
+        if let Some(name) = self.restart.iter().find(|name| name.is_empty()) {
+            return invalid(format!("service name {name:?}"));
+        }
+        Ok(())
+    }
+
+    /// What the guest is told.
+    pub fn guest_network(&self) -> hangar_proto::PrivateNetwork {
+        hangar_proto::PrivateNetwork {
+            interface: GUEST_INTERFACE.into(),
+            mac: self.mac.to_ascii_lowercase(),
+            address: self.address.clone(),
+            hosts: self.hosts.clone(),
+            files: self.files.clone(),
+            restart: self.restart.clone(),
+        }
+    }
+}
+
+fn parse_mac(mac: &str) -> Option<[u8; 6]> {
+    let bytes = mac
+        .split(':')
+        .map(|pair| {
+            (pair.len() == 2)
+                .then(|| u8::from_str_radix(pair, 16).ok())
+                .flatten()
+        })
+        .collect::<Option<Vec<u8>>>()?;
+    bytes.try_into().ok()
+}
+
+/// `a.b.c.d/p` in 10/8, 172.16/12 or 192.168/16 with p in 8..=30, not the network's or the
+/// broadcast address.
+fn private_address(text: &str) -> Result<(Ipv4Addr, u8), String> {
+    let bad = || {
+        format!("address {text:?} (want a private IPv4 address with prefix, e.g. 10.213.0.11/24)")
+    };
+    let (ip, prefix) = text.split_once('/').ok_or_else(bad)?;
+    let ip: Ipv4Addr = ip.parse().map_err(|_| bad())?;
+    let prefix: u8 = prefix.parse().map_err(|_| bad())?;
+    if !ip.is_private() {
+        return Err(format!(
+            "address {ip} is not private (10/8, 172.16/12, 192.168/16)"
+        ));
+    }
+    if !(8..=30).contains(&prefix) {
+        return Err(format!("prefix /{prefix} (want 8 to 30)"));
+    }
+    let host_bits = u32::from(ip) & (u32::MAX >> prefix);
+    if host_bits == 0 || host_bits == u32::MAX >> prefix {
+        return Err(format!("{text} is its network's own or broadcast address"));
+    }
+    Ok((ip, prefix))
+}
+
+fn is_hostname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
+}
+
+/// One VM's port.
+struct Member {
+    segment: String,
+    port: PathBuf,
+}
+
+/// The switches of this host's segments and their members.
+#[derive(Default)]
+pub struct Segments {
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    switches: HashMap<String, Arc<Switch>>,
+    members: HashMap<String, Member>,
+}
+
+impl Segments {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Connects VM `vm`'s NIC (`sockets`) to `segment` (made when it is the first member)
+    /// and records the membership beside the port. Already there: nothing changes. In
+    /// another segment: moved. `give` hands the bound socket to the VM's QEMU. Must be
+    /// called within a tokio runtime.
+    pub fn attach(
+        &self,
+        segment: &str,
+        vm: &str,
+        sockets: &SegmentSockets,
+        give: &dyn Fn(&Path) -> std::io::Result<()>,
+    ) -> Result<(), SegmentError> {
+        let mut state = self.state();
+        if let Some(member) = state.members.get(vm) {
+            let same = member.segment == segment
+                && member.port == sockets.port
+                && state
+                    .switches
+                    .get(segment)
+                    .is_some_and(|switch| switch.has_port(vm));
+            if same {
+                return Ok(());
+            }
+            Self::remove(&mut state, vm);
+        }
+        let switch = state
+            .switches
+            .entry(segment.to_owned())
+            .or_insert_with(|| Switch::new(segment))
+            .clone();
+        let port_error = |source| SegmentError::Port {
+            vm: vm.to_owned(),
+            path: sockets.port.clone(),
+            source,
+        };
+        let added = switch
+            .add_port(vm, sockets, give)
+            .and_then(|()| std::fs::write(membership_file(&sockets.port), segment.as_bytes()));
+        if let Err(source) = added {
+            switch.remove_port(vm, &sockets.port);
+            if switch.is_empty() {
+                state.switches.remove(segment);
+            }
+            return Err(port_error(source));
+        }
+        state.members.insert(
+            vm.to_owned(),
+            Member {
+                segment: segment.to_owned(),
+                port: sockets.port.clone(),
+            },
+        );
+        tracing::info!(segment, vm, "joined segment");
+        Ok(())
+    }
+
+    /// Disconnects VM `vm` from its segment, if any, and forgets the membership (the
+    /// switch goes with its last member). Returns the segment it left.
+    pub fn detach(&self, vm: &str) -> Option<String> {
+        let mut state = self.state();
+        let left = Self::remove(&mut state, vm)?;
+        tracing::info!(segment = %left, vm, "left segment");
+        Some(left)
+    }
+
+    fn remove(state: &mut State, vm: &str) -> Option<String> {
+        let member = state.members.remove(vm)?;
+        if let Some(switch) = state.switches.get(&member.segment) {
+            switch.remove_port(vm, &member.port);
+            if switch.is_empty() {
+                state.switches.remove(&member.segment);
+            }
+        }
+        let _ = std::fs::remove_file(membership_file(&member.port));
+        Some(member.segment)
+    }
+
+    /// Connects VM `vm` again to the segment its recorded membership names (a host
+    /// process started again, a VM restored): nothing when it joined none or is connected.
+    pub fn rejoin(
+        &self,
+        vm: &str,
+        sockets: &SegmentSockets,
+        give: &dyn Fn(&Path) -> std::io::Result<()>,
+    ) -> Result<Option<String>, SegmentError> {
+        let Ok(segment) = std::fs::read_to_string(membership_file(&sockets.port)) else {
+            return Ok(None);
+        };
+        let segment = segment.trim().to_owned();
+        self.attach(&segment, vm, sockets, give)?;
+        Ok(Some(segment))
+    }
+
+    /// The segment VM `vm` is in here.
+    pub fn segment_of(&self, vm: &str) -> Option<String> {
+        self.state().members.get(vm).map(|m| m.segment.clone())
+    }
+
+    /// The segments with a switch here and what each forwarded and dropped.
+    pub fn stats(&self) -> Vec<(String, SegmentStats)> {
+        let mut stats: Vec<_> = self
+            .state()
+            .switches
+            .iter()
+            .map(|(name, switch)| (name.clone(), switch.stats()))
+            .collect();
+        stats.sort_by(|a, b| a.0.cmp(&b.0));
+        stats
+    }
+}
+
+impl Drop for Segments {
+    /// The port readers end with the registry (as they would with the process); the
+    /// memberships stay recorded for the next one.
+    fn drop(&mut self) {
+        for switch in self.state().switches.values() {
+            switch.stop();
+        }
+    }
+}
+
+fn membership_file(port: &Path) -> PathBuf {
+    port.with_file_name(MEMBERSHIP_FILE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn join() -> SegmentJoin {
+        SegmentJoin {
+            segment: "shop".into(),
+            mac: "02:68:00:00:00:0b".into(),
+            address: "10.213.0.11/24".into(),
+            hosts: vec![("redis".into(), "10.213.0.12".into())],
+            files: Vec::new(),
+            restart: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn joins_are_validated() {
+        assert!(join().validate().is_ok());
+        let bad: Vec<fn(&mut SegmentJoin)> = vec![
+            |j| j.segment = String::new(),
+            |j| j.segment = "a/b".into(),
+            |j| j.mac = "01:00:5e:00:00:01".into(),
+            |j| j.mac = "02:68:00:00:00".into(),
+            |j| j.mac = "--:68:00:00:00:0b".into(),
+            |j| j.address = "10.213.0.11".into(),
+            |j| j.address = "8.8.8.8/24".into(),
+            |j| j.address = "10.213.0.0/24".into(),
+            |j| j.address = "10.213.0.255/24".into(),
+            |j| j.address = "10.213.0.11/31".into(),
+            |j| j.hosts = vec![("bad name".into(), "10.213.0.12".into())],
+            |j| j.hosts = vec![("redis".into(), "redis".into())],
+            |j| j.restart = vec![String::new()],
+        ];
+        for (i, change) in bad.into_iter().enumerate() {
+            let mut j = join();
+            change(&mut j);
+            assert!(j.validate().is_err(), "case {i}: {j:?}");
+        }
+    }
+
+    fn no_give(_: &Path) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn membership_survives_a_new_registry_and_goes_with_leave() {
+        let dir = tempfile::tempdir().unwrap();
+        let sockets = SegmentSockets {
+            nic: dir.path().join("nic1.sock"),
+            port: dir.path().join("port.sock"),
+        };
+        let segments = Segments::default();
+        segments.attach("shop", "vm-1", &sockets, &no_give).unwrap();
+        segments.attach("shop", "vm-1", &sockets, &no_give).unwrap();
+        assert_eq!(segments.segment_of("vm-1").as_deref(), Some("shop"));
+        assert_eq!(segments.stats().len(), 1);
+        assert!(sockets.port.exists());
+        // A new host process: the port is bound again from the recorded membership.
+        let again = Segments::default();
+        assert_eq!(
+            again.rejoin("vm-1", &sockets, &no_give).unwrap().as_deref(),
+            Some("shop")
+        );
+        assert_eq!(again.segment_of("vm-1").as_deref(), Some("shop"));
+        assert_eq!(again.detach("vm-1").as_deref(), Some("shop"));
+        assert!(
+            again.stats().is_empty(),
+            "the switch goes with its last member"
+        );
+        assert!(!sockets.port.exists());
+        assert_eq!(again.rejoin("vm-1", &sockets, &no_give).unwrap(), None);
+        // Moving to another segment leaves the first.
+        let moved = Segments::default();
+        moved.attach("a", "vm-1", &sockets, &no_give).unwrap();
+        moved.attach("b", "vm-1", &sockets, &no_give).unwrap();
+        let names: Vec<String> = moved.stats().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["b"]);
+    }
+}

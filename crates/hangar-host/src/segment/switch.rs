@@ -1,0 +1,399 @@
+//! One segment's switch: MAC learning over the unix datagram ports of its members.
+//!
+//! Each port is a datagram socket the host binds at the VM's
+//! [`SegmentSockets::port`]; its VM's QEMU sends every frame its guest transmits there, and
+//! the switch sends the VM's incoming frames from it to [`SegmentSockets::nic`]. One task
+//! per port reads frames and forwards them through the shared table: a frame to a learnt
+//! unicast MAC goes to that port only; broadcast, multicast and unknown destinations are
+//! flooded to every other port of the segment. Nothing crosses to another segment: each
+//! switch knows only its own ports.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use hangar_vmm::SegmentSockets;
+use tokio::net::UnixDatagram;
+use tokio::task::JoinHandle;
+
+/// Largest frame read (QEMU's datagram netdev carries frames without offloads: at most
+/// the MTU plus the Ethernet header; the margin costs nothing).
+const MAX_FRAME: usize = 65536;
+
+/// How often a send to a full QEMU socket is tried again (yielding in between) before
+/// the frame is dropped.
+const SEND_TRIES: usize = 64;
+
+type Mac = [u8; 6];
+
+/// Frames and bytes a segment forwarded and dropped since its switch started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SegmentStats {
+    pub frames_forwarded: u64,
+    pub bytes_forwarded: u64,
+    pub frames_dropped: u64,
+    pub bytes_dropped: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    frames_forwarded: AtomicU64,
+    bytes_forwarded: AtomicU64,
+    frames_dropped: AtomicU64,
+    bytes_dropped: AtomicU64,
+}
+
+/// The `metrics` facade's counters of one segment (label `segment`).
+struct Metrics {
+    frames_forwarded: metrics::Counter,
+    bytes_forwarded: metrics::Counter,
+    frames_dropped: metrics::Counter,
+    bytes_dropped: metrics::Counter,
+}
+
+impl Metrics {
+    fn new(segment: &str) -> Metrics {
+        let label = segment.to_owned();
+        Metrics {
+            frames_forwarded: metrics::counter!("hangar_segment_frames_forwarded_total", "segment" => label.clone()),
+            bytes_forwarded: metrics::counter!("hangar_segment_bytes_forwarded_total", "segment" => label.clone()),
+            frames_dropped: metrics::counter!("hangar_segment_frames_dropped_total", "segment" => label.clone()),
+            bytes_dropped: metrics::counter!("hangar_segment_bytes_dropped_total", "segment" => label),
+        }
+    }
+}
+
+/// A port's way out: its socket and its QEMU's.
+#[derive(Clone)]
+struct Out {
+    socket: Arc<UnixDatagram>,
+    nic: PathBuf,
+}
+
+#[derive(Default)]
+struct Table {
+    /// Ports by VM id.
+    ports: HashMap<String, (Out, Arc<JoinHandle<()>>)>,
+    /// Learnt source MACs: the VM whose port they came from.
+    macs: HashMap<Mac, String>,
+}
+
+pub(crate) struct Switch {
+    name: String,
+    table: Mutex<Table>,
+    counters: Counters,
+    metrics: Metrics,
+}
+
+impl Switch {
+    pub(crate) fn new(name: &str) -> Arc<Switch> {
+        Arc::new(Switch {
+            name: name.to_owned(),
+            table: Mutex::default(),
+            counters: Counters::default(),
+            metrics: Metrics::new(name),
+        })
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, Table> {
+        // Every critical section leaves the maps consistent (single inserts/removes).
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.table().ports.is_empty()
+    }
+
+    pub(crate) fn has_port(&self, vm: &str) -> bool {
+        self.table().ports.contains_key(vm)
+    }
+
+    pub(crate) fn stats(&self) -> SegmentStats {
+        let c = &self.counters;
+        SegmentStats {
+            frames_forwarded: c.frames_forwarded.load(Ordering::Relaxed),
+            bytes_forwarded: c.bytes_forwarded.load(Ordering::Relaxed),
+            frames_dropped: c.frames_dropped.load(Ordering::Relaxed),
+            bytes_dropped: c.bytes_dropped.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Binds VM `vm`'s port at `sockets.port` (replacing a socket file an earlier process
+    /// left there), has `give` hand it to the VM's QEMU, and starts forwarding its frames.
+    /// Must be called within a tokio runtime.
+    pub(crate) fn add_port(
+        self: &Arc<Self>,
+        vm: &str,
+        sockets: &SegmentSockets,
+        give: &dyn Fn(&Path) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        match std::fs::remove_file(&sockets.port) {
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => return Err(err),
+            _ => {}
+        }
+        let socket = std::os::unix::net::UnixDatagram::bind(&sockets.port)?;
+        socket.set_nonblocking(true)?;
+        give(&sockets.port)?;
+        let socket = Arc::new(UnixDatagram::from_std(socket)?);
+        let task = tokio::spawn(read_port(self.clone(), vm.to_owned(), socket.clone()));
+        let out = Out {
+            socket,
+            nic: sockets.nic.clone(),
+        };
+        let old = self
+            .table()
+            .ports
+            .insert(vm.to_owned(), (out, Arc::new(task)));
+        if let Some((_, task)) = old {
+            task.abort();
+        }
+        tracing::debug!(segment = %self.name, vm, "segment port added");
+        Ok(())
+    }
+
+    /// Removes VM `vm`'s port: its reader ends, its socket file goes (its QEMU's frames
+    /// then go nowhere) and the MACs learnt on it are forgotten.
+    pub(crate) fn remove_port(&self, vm: &str, port: &Path) {
+        let mut table = self.table();
+        if let Some((_, task)) = table.ports.remove(vm) {
+            task.abort();
+        }
+        table.macs.retain(|_, owner| owner != vm);
+        drop(table);
+        let _ = std::fs::remove_file(port);
+        tracing::debug!(segment = %self.name, vm, "segment port removed");
+    }
+
+    /// Stops every port's reader (the host's segments are going), leaving the socket
+    /// files for the next process to bind again.
+    pub(crate) fn stop(&self) {
+        for (_, task) in self.table().ports.values() {
+            task.abort();
+        }
+    }
+
+    fn count(&self, forwarded: bool, frames: u64, bytes: u64) {
+        let c = &self.counters;
+        if forwarded {
+            c.frames_forwarded.fetch_add(frames, Ordering::Relaxed);
+            c.bytes_forwarded.fetch_add(bytes, Ordering::Relaxed);
+            self.metrics.frames_forwarded.increment(frames);
+            self.metrics.bytes_forwarded.increment(bytes);
+        } else {
+            c.frames_dropped.fetch_add(frames, Ordering::Relaxed);
+            c.bytes_dropped.fetch_add(bytes, Ordering::Relaxed);
+            self.metrics.frames_dropped.increment(frames);
+            self.metrics.bytes_dropped.increment(bytes);
+        }
+    }
+
+    /// Where a frame from `from`'s port goes (learning its source on the way); empty:
+    /// nowhere (too short, from a port that left, or to its own port).
+    fn route(&self, from: &str, frame: &[u8]) -> Vec<Out> {
+        if frame.len() < 14 {
+            return Vec::new();
+        }
+        let dst: Mac = frame[0..6].try_into().expect("6 bytes");
+        let src: Mac = frame[6..12].try_into().expect("6 bytes");
+        let mut table = self.table();
+        if !table.ports.contains_key(from) {
+            return Vec::new();
+        }
+        if src[0] & 1 == 0 && table.macs.get(&src).is_none_or(|owner| owner != from) {
+            table.macs.insert(src, from.to_owned());
+        }
+        let known = (dst[0] & 1 == 0).then(|| table.macs.get(&dst)).flatten();
+        match known {
+            Some(owner) if owner == from => Vec::new(),
+            Some(owner) => table
+                .ports
+                .get(owner)
+                .map(|(out, _)| vec![out.clone()])
+                .unwrap_or_default(),
+            None => table
+                .ports
+                .iter()
+                .filter(|(vm, _)| vm.as_str() != from)
+                .map(|(_, (out, _))| out.clone())
+                .collect(),
+        }
+    }
+
+    async fn forward(&self, from: &str, frame: &[u8]) {
+        let outs = self.route(from, frame);
+        if outs.is_empty() {
+            self.count(false, 1, frame.len() as u64);
+            return;
+        }
+        for out in outs {
+            let sent = send(&out, frame).await;
+            self.count(sent, 1, frame.len() as u64);
+        }
+    }
+}
+
+/// Sends one frame to a port's QEMU. A full socket (QEMU reads its queue between guest
+/// instructions) is tried again a few times before the frame is dropped, as a full
+/// switch port drops; a QEMU that is not running (its socket gone) drops it at once.
+async fn send(out: &Out, frame: &[u8]) -> bool {
+    for _ in 0..SEND_TRIES {
+        match out.socket.try_send_to(frame, &out.nic) {
+            Ok(_) => return true,
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                tokio::task::yield_now().await;
+            }
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
+async fn read_port(switch: Arc<Switch>, vm: String, socket: Arc<UnixDatagram>) {
+    let mut frame = vec![0u8; MAX_FRAME];
+    loop {
+        match socket.recv(&mut frame).await {
+            Ok(len) => switch.forward(&vm, &frame[..len]).await,
+            Err(err) => {
+                tracing::warn!(segment = %switch.name, vm, error = %err, "segment port stopped reading");
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stand-in for one VM's QEMU: bound at `nic`, sending to `port`.
+    struct Nic {
+        socket: UnixDatagram,
+        sockets: SegmentSockets,
+    }
+
+    impl Nic {
+        fn new(dir: &Path, vm: &str) -> Nic {
+            let sockets = SegmentSockets {
+                nic: dir.join(format!("{vm}-nic.sock")),
+                port: dir.join(format!("{vm}-port.sock")),
+            };
+            Nic {
+                socket: UnixDatagram::bind(&sockets.nic).unwrap(),
+                sockets,
+            }
+        }
+
+        async fn send(&self, dst: Mac, src: Mac, payload: &[u8]) {
+            let mut frame = Vec::new();
+            frame.extend(dst);
+            frame.extend(src);
+            frame.extend([0x08, 0x00]);
+            frame.extend(payload);
+            self.socket
+                .send_to(&frame, &self.sockets.port)
+                .await
+                .unwrap();
+        }
+
+        /// The payloads received within a moment.
+        async fn received(&self) -> Vec<Vec<u8>> {
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; MAX_FRAME];
+            while let Ok(Ok(len)) = tokio::time::timeout(
+                std::time::Duration::from_millis(100),
+                self.socket.recv(&mut buf),
+            )
+            .await
+            {
+                got.push(buf[14..len].to_vec());
+            }
+            got
+        }
+    }
+
+    const A: Mac = [2, 0, 0, 0, 0, 0xa];
+    const B: Mac = [2, 0, 0, 0, 0, 0xb];
+    const C: Mac = [2, 0, 0, 0, 0, 0xc];
+    const BROADCAST: Mac = [0xff; 6];
+
+    fn no_give(_: &Path) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn floods_unknown_then_forwards_to_the_learnt_port_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let switch = Switch::new("s1");
+        let nics: Vec<Nic> = ["a", "b", "c"]
+            .iter()
+            .map(|vm| Nic::new(dir.path(), vm))
+            .collect();
+        for (vm, nic) in ["a", "b", "c"].iter().zip(&nics) {
+            switch.add_port(vm, &nic.sockets, &no_give).unwrap();
+        }
+        // Unknown destination: flooded to b and c, never back to a.
+        nics[0].send(B, A, b"who").await;
+        assert_eq!(nics[1].received().await, vec![b"who".to_vec()]);
+        assert_eq!(nics[2].received().await, vec![b"who".to_vec()]);
+        assert!(nics[0].received().await.is_empty());
+        // b answers a (learnt): only a gets it.
+        nics[1].send(A, B, b"me").await;
+        assert_eq!(nics[0].received().await, vec![b"me".to_vec()]);
+        assert!(nics[2].received().await.is_empty());
+        // a to b (learnt now): only b.
+        nics[0].send(B, A, b"hi b").await;
+        assert_eq!(nics[1].received().await, vec![b"hi b".to_vec()]);
+        assert!(nics[2].received().await.is_empty());
+        // Broadcast from c: a and b.
+        nics[2].send(BROADCAST, C, b"all").await;
+        assert_eq!(nics[0].received().await, vec![b"all".to_vec()]);
+        assert_eq!(nics[1].received().await, vec![b"all".to_vec()]);
+        let stats = switch.stats();
+        assert_eq!(stats.frames_forwarded, 2 + 1 + 1 + 2, "{stats:?}");
+        assert_eq!(stats.frames_dropped, 0, "{stats:?}");
+    }
+
+    #[tokio::test]
+    async fn a_port_that_left_neither_sends_nor_receives() {
+        let dir = tempfile::tempdir().unwrap();
+        let switch = Switch::new("s2");
+        let a = Nic::new(dir.path(), "a");
+        let b = Nic::new(dir.path(), "b");
+        switch.add_port("a", &a.sockets, &no_give).unwrap();
+        switch.add_port("b", &b.sockets, &no_give).unwrap();
+        a.send(BROADCAST, A, b"1").await;
+        assert_eq!(b.received().await.len(), 1);
+        switch.remove_port("b", &b.sockets.port);
+        assert!(!b.sockets.port.exists(), "its socket file goes");
+        // Frames to b's MAC are flooded to nobody (dropped); b cannot send any more.
+        a.send(B, A, b"2").await;
+        assert!(b.received().await.is_empty());
+        assert!(
+            b.socket.send_to(b"x", &b.sockets.port).await.is_err(),
+            "nothing is bound at a removed port"
+        );
+        assert_eq!(switch.stats().frames_dropped, 1);
+        assert!(!switch.is_empty());
+        switch.remove_port("a", &a.sockets.port);
+        assert!(switch.is_empty());
+    }
+
+    #[tokio::test]
+    async fn two_switches_share_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = Switch::new("one");
+        let two = Switch::new("two");
+        let a = Nic::new(dir.path(), "a");
+        let b = Nic::new(dir.path(), "b");
+        let c = Nic::new(dir.path(), "c");
+        one.add_port("a", &a.sockets, &no_give).unwrap();
+        one.add_port("b", &b.sockets, &no_give).unwrap();
+        two.add_port("c", &c.sockets, &no_give).unwrap();
+        a.send(BROADCAST, A, b"one only").await;
+        c.send(BROADCAST, C, b"two only").await;
+        assert_eq!(b.received().await, vec![b"one only".to_vec()]);
+        assert!(c.received().await.is_empty());
+        assert!(a.received().await.is_empty());
+    }
+}
