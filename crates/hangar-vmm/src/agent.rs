@@ -403,6 +403,14 @@ mod tests {
                     stderr: String::new(),
                     error: None,
                 }],
+                HostMessage::Network { id, network } => vec![G::Reply {
+                    id,
+                    ok: network.interface == "eth1",
+                    code: None,
+                    stdout: String::new(),
+                    stderr: String::new(),
+                    error: None,
+                }],
                 HostMessage::Ping { .. } | HostMessage::Reidentify { .. } => vec![],
             };
             for message in answer {

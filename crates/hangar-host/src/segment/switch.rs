@@ -21,9 +21,13 @@ use tokio::task::JoinHandle;
 /// the MTU plus the Ethernet header; the margin costs nothing).
 const MAX_FRAME: usize = 65536;
 
-/// How often a send to a full QEMU socket is tried again (yielding in between) before
-/// the frame is dropped.
-const SEND_TRIES: usize = 64;
+/// How often a send to a full QEMU socket is tried again at once (yielding in between),
+/// then after a millisecond each, before the frame is dropped. A unix datagram socket
+/// queues only `net.unix.max_dgram_qlen` (10 by default) datagrams, and QEMU reads its
+/// own between guest instructions: waiting (which holds up the sending port, as
+/// flow control) loses far less than dropping (TCP then backs off and retransmits).
+const SEND_YIELDS: usize = 16;
+const SEND_WAITS: usize = 50;
 
 type Mac = [u8; 6];
 
@@ -233,15 +237,19 @@ impl Switch {
     }
 }
 
-/// Sends one frame to a port's QEMU. A full socket (QEMU reads its queue between guest
-/// instructions) is tried again a few times before the frame is dropped, as a full
-/// switch port drops; a QEMU that is not running (its socket gone) drops it at once.
+/// Sends one frame to a port's QEMU. A full socket is tried again (see [`SEND_YIELDS`])
+/// before the frame is dropped, as a congested switch port drops; a QEMU that is not
+/// running (its socket gone) drops it at once.
 async fn send(out: &Out, frame: &[u8]) -> bool {
-    for _ in 0..SEND_TRIES {
+    for attempt in 0..SEND_YIELDS + SEND_WAITS {
         match out.socket.try_send_to(frame, &out.nic) {
             Ok(_) => return true,
             Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
-                tokio::task::yield_now().await;
+                if attempt < SEND_YIELDS {
+                    tokio::task::yield_now().await;
+                } else {
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
             }
             Err(_) => return false,
         }

@@ -36,6 +36,17 @@
 //! move in one conditional write ([`hangar_store::Store::move_vm`]): before it the VM is on
 //! the source, after it on the destination; whatever comes after (removing the source's
 //! copy) cannot undo it.
+//!
+//! # Private segments
+//!
+//! A VM's segment port is its host's (a socket in its VM directory, a port of that host's
+//! switch, see `hangar_host::segment`): the destination's copy has its own NIC socket and
+//! no port. TODO(segments): once the store keeps each member's
+//! [`hangar_host::SegmentJoin`] (the stack concern), call
+//! [`hangar_host::Host::join_segment`] on the destination after `migrate_finish` (live)
+//! and after the wake that follows a cold move; until then a migrated member is off its
+//! segment (its guest keeps its settings; frames go nowhere). Members on different hosts
+//! would also need the hosts' switches joined (a tunnel between agents, not built).
 
 pub mod cold;
 pub mod live;
