@@ -6,7 +6,9 @@
 //! Guest assets and the image are built into `HANGAR_TEST_CACHE`, or a cache under cargo's
 //! test temp dir (the first run fetches Debian's cloud kernel with `apt-get download`).
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,35 +19,11 @@ use hangar_host::{
     VmPlan, WakeFrom,
 };
 use hangar_vmm::Accel;
-use hangar_vmm::procs;
 use hangar_vmm::qemu::{QemuBackend, QemuConfig};
 
+use common::{Cleanup, cache_dir};
+
 const TOKEN: &str = "qemu-farm-token";
-
-fn cache_dir() -> PathBuf {
-    std::env::var_os("HANGAR_TEST_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_TARGET_TMPDIR")).join("hangar-cache"))
-}
-
-/// Ends every QEMU process under `vms_dir` when dropped, also when the test panics.
-struct Cleanup(PathBuf);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for (id, pid) in procs::qemu_processes_under(&self.0) {
-            if procs::is_qemu_with_pidfile(pid, &self.0.join(&id).join("qemu.pid")) {
-                let _ = std::process::Command::new("kill")
-                    .args(["-9", &pid.to_string()])
-                    .status();
-                let deadline = Instant::now() + Duration::from_secs(5);
-                while procs::alive(pid) && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-            }
-        }
-    }
-}
 
 /// An agent process stand-in: a QEMU local host served in a runtime of its own, so that
 /// ending it closes everything it had open, as the end of the process does.

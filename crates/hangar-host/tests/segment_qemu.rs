@@ -8,9 +8,11 @@
 //! Guest assets and images are built into `HANGAR_TEST_CACHE`, or a cache under cargo's
 //! test temp dir (the first run fetches Debian's cloud kernel with `apt-get download`).
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hangar_core::Catalog;
 use hangar_host::images::{DEFAULT_MIRROR, LocalImages};
@@ -19,35 +21,11 @@ use hangar_host::{
     VmPlan, WakeFrom,
 };
 use hangar_vmm::Accel;
-use hangar_vmm::procs;
 use hangar_vmm::qemu::{QemuBackend, QemuConfig};
 
+use common::{Cleanup, cache_dir};
+
 const TOKEN: &str = "segment-farm-token";
-
-fn cache_dir() -> PathBuf {
-    std::env::var_os("HANGAR_TEST_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_TARGET_TMPDIR")).join("hangar-cache"))
-}
-
-/// Ends every QEMU process under `vms_dir` when dropped, also when the test panics.
-struct Cleanup(PathBuf);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for (id, pid) in procs::qemu_processes_under(&self.0) {
-            if procs::is_qemu_with_pidfile(pid, &self.0.join(&id).join("qemu.pid")) {
-                let _ = std::process::Command::new("kill")
-                    .args(["-9", &pid.to_string()])
-                    .status();
-                let deadline = Instant::now() + Duration::from_secs(5);
-                while procs::alive(pid) && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-            }
-        }
-    }
-}
 
 fn local_host(vms_dir: &Path) -> Arc<LocalHost> {
     let images = Arc::new(LocalImages::new(
