@@ -1,12 +1,19 @@
 //! One segment's switch: MAC learning over the unix datagram ports of its members.
 //!
 //! Each port is a datagram socket the host binds at the VM's
-//! [`SegmentSockets::port`]; its VM's QEMU sends every frame its guest transmits there, and
-//! the switch sends the VM's incoming frames from it to [`SegmentSockets::nic`]. One task
-//! per port reads frames and forwards them through the shared table: a frame to a learnt
-//! unicast MAC goes to that port only; broadcast, multicast and unknown destinations are
-//! flooded to every other port of the segment. Nothing crosses to another segment: each
-//! switch knows only its own ports.
+//! [`SegmentSockets::port`]; its VM's QEMU sends every frame its guest transmits there.
+//! One task per port reads frames and routes them through the shared table: a frame to a
+//! learnt unicast MAC goes to that port only; broadcast, multicast and unknown
+//! destinations are flooded to every other port of the segment. Nothing crosses to another
+//! segment: each switch knows only its own ports.
+//!
+//! Frames for a port wait in its queue ([`PORT_QUEUE`] frames; full: dropped, as a
+//! congested switch port drops), and a second task per port writes them to its QEMU
+//! ([`SegmentSockets::nic`]) through a socket connected to it. A unix datagram socket
+//! queues only `net.unix.max_dgram_qlen` (10) datagrams and QEMU reads its own between
+//! guest instructions; a connected sender is woken when the queue drains, so a busy QEMU
+//! slows its own port down without holding up any other, and a paused one loses frames
+//! after [`SEND_TIMEOUT`] each.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -15,19 +22,19 @@ use std::sync::{Arc, Mutex};
 
 use hangar_vmm::SegmentSockets;
 use tokio::net::UnixDatagram;
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 /// Largest frame read (QEMU's datagram netdev carries frames without offloads: at most
 /// the MTU plus the Ethernet header; the margin costs nothing).
 const MAX_FRAME: usize = 65536;
 
-/// How often a send to a full QEMU socket is tried again at once (yielding in between),
-/// then after a millisecond each, before the frame is dropped. A unix datagram socket
-/// queues only `net.unix.max_dgram_qlen` (10 by default) datagrams, and QEMU reads its
-/// own between guest instructions: waiting (which holds up the sending port, as
-/// flow control) loses far less than dropping (TCP then backs off and retransmits).
-const SEND_YIELDS: usize = 16;
-const SEND_WAITS: usize = 50;
+/// Frames waiting for one port's QEMU before more are dropped.
+const PORT_QUEUE: usize = 256;
+
+/// How long a frame may wait for its QEMU to read (a paused VM does not) before it is
+/// dropped.
+const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(50);
 
 type Mac = [u8; 6];
 
@@ -68,17 +75,24 @@ impl Metrics {
     }
 }
 
-/// A port's way out: its socket and its QEMU's.
-#[derive(Clone)]
-struct Out {
-    socket: Arc<UnixDatagram>,
-    nic: PathBuf,
+/// A port: the queue of frames for its QEMU, its reader and writer tasks.
+struct Port {
+    queue: mpsc::Sender<Vec<u8>>,
+    tasks: [JoinHandle<()>; 2],
+}
+
+impl Port {
+    fn stop(&self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
 }
 
 #[derive(Default)]
 struct Table {
     /// Ports by VM id.
-    ports: HashMap<String, (Out, Arc<JoinHandle<()>>)>,
+    ports: HashMap<String, Port>,
     /// Learnt source MACs: the VM whose port they came from.
     macs: HashMap<Mac, String>,
 }
@@ -139,18 +153,18 @@ impl Switch {
         let socket = std::os::unix::net::UnixDatagram::bind(&sockets.port)?;
         socket.set_nonblocking(true)?;
         give(&sockets.port)?;
-        let socket = Arc::new(UnixDatagram::from_std(socket)?);
-        let task = tokio::spawn(read_port(self.clone(), vm.to_owned(), socket.clone()));
-        let out = Out {
-            socket,
-            nic: sockets.nic.clone(),
+        let socket = UnixDatagram::from_std(socket)?;
+        let (queue, frames) = mpsc::channel(PORT_QUEUE);
+        let port = Port {
+            queue,
+            tasks: [
+                tokio::spawn(read_port(self.clone(), vm.to_owned(), socket)),
+                tokio::spawn(write_port(self.clone(), sockets.nic.clone(), frames)),
+            ],
         };
-        let old = self
-            .table()
-            .ports
-            .insert(vm.to_owned(), (out, Arc::new(task)));
-        if let Some((_, task)) = old {
-            task.abort();
+        let old = self.table().ports.insert(vm.to_owned(), port);
+        if let Some(old) = old {
+            old.stop();
         }
         tracing::debug!(segment = %self.name, vm, "segment port added");
         Ok(())
@@ -160,8 +174,8 @@ impl Switch {
     /// then go nowhere) and the MACs learnt on it are forgotten.
     pub(crate) fn remove_port(&self, vm: &str, port: &Path) {
         let mut table = self.table();
-        if let Some((_, task)) = table.ports.remove(vm) {
-            task.abort();
+        if let Some(port) = table.ports.remove(vm) {
+            port.stop();
         }
         table.macs.retain(|_, owner| owner != vm);
         drop(table);
@@ -172,8 +186,8 @@ impl Switch {
     /// Stops every port's reader (the host's segments are going), leaving the socket
     /// files for the next process to bind again.
     pub(crate) fn stop(&self) {
-        for (_, task) in self.table().ports.values() {
-            task.abort();
+        for port in self.table().ports.values() {
+            port.stop();
         }
     }
 
@@ -192,76 +206,94 @@ impl Switch {
         }
     }
 
-    /// Where a frame from `from`'s port goes (learning its source on the way); empty:
-    /// nowhere (too short, from a port that left, or to its own port).
-    fn route(&self, from: &str, frame: &[u8]) -> Vec<Out> {
+    /// Queues a frame from `from`'s port where it goes (learning its source on the way):
+    /// to a learnt unicast destination's port, else flooded to every other port. Too
+    /// short, from a port that left, to its own port, to nobody or to a full queue:
+    /// dropped.
+    fn forward(&self, from: &str, frame: &[u8]) {
         if frame.len() < 14 {
-            return Vec::new();
+            self.count(false, 1, frame.len() as u64);
+            return;
         }
         let dst: Mac = frame[0..6].try_into().expect("6 bytes");
         let src: Mac = frame[6..12].try_into().expect("6 bytes");
         let mut table = self.table();
         if !table.ports.contains_key(from) {
-            return Vec::new();
+            drop(table);
+            self.count(false, 1, frame.len() as u64);
+            return;
         }
         if src[0] & 1 == 0 && table.macs.get(&src).is_none_or(|owner| owner != from) {
             table.macs.insert(src, from.to_owned());
         }
         let known = (dst[0] & 1 == 0).then(|| table.macs.get(&dst)).flatten();
-        match known {
+        let queues: Vec<&mpsc::Sender<Vec<u8>>> = match known {
             Some(owner) if owner == from => Vec::new(),
             Some(owner) => table
                 .ports
                 .get(owner)
-                .map(|(out, _)| vec![out.clone()])
-                .unwrap_or_default(),
+                .map(|p| &p.queue)
+                .into_iter()
+                .collect(),
             None => table
                 .ports
                 .iter()
                 .filter(|(vm, _)| vm.as_str() != from)
-                .map(|(_, (out, _))| out.clone())
+                .map(|(_, port)| &port.queue)
                 .collect(),
+        };
+        let mut dropped = u64::from(queues.is_empty());
+        for queue in queues {
+            if queue.try_send(frame.to_vec()).is_err() {
+                dropped += 1;
+            }
         }
-    }
-
-    async fn forward(&self, from: &str, frame: &[u8]) {
-        let outs = self.route(from, frame);
-        if outs.is_empty() {
-            self.count(false, 1, frame.len() as u64);
-            return;
-        }
-        for out in outs {
-            let sent = send(&out, frame).await;
-            self.count(sent, 1, frame.len() as u64);
+        drop(table);
+        if dropped > 0 {
+            self.count(false, dropped, dropped * frame.len() as u64);
         }
     }
 }
 
-/// Sends one frame to a port's QEMU. A full socket is tried again (see [`SEND_YIELDS`])
-/// before the frame is dropped, as a congested switch port drops; a QEMU that is not
-/// running (its socket gone) drops it at once.
-async fn send(out: &Out, frame: &[u8]) -> bool {
-    for attempt in 0..SEND_YIELDS + SEND_WAITS {
-        match out.socket.try_send_to(frame, &out.nic) {
-            Ok(_) => return true,
-            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
-                if attempt < SEND_YIELDS {
-                    tokio::task::yield_now().await;
-                } else {
-                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-                }
+/// Writes the frames queued for a port to its QEMU through a socket connected to
+/// QEMU's (connected again when QEMU started anew: a restore, a migration back).
+async fn write_port(switch: Arc<Switch>, nic: PathBuf, mut frames: mpsc::Receiver<Vec<u8>>) {
+    let mut sender: Option<UnixDatagram> = None;
+    while let Some(frame) = frames.recv().await {
+        let sent = deliver(&mut sender, &nic, &frame).await;
+        switch.count(sent, 1, frame.len() as u64);
+    }
+}
+
+/// Sends one frame to QEMU's socket at `nic`: false when no QEMU is bound there or it
+/// did not read within [`SEND_TIMEOUT`].
+async fn deliver(sender: &mut Option<UnixDatagram>, nic: &Path, frame: &[u8]) -> bool {
+    for _ in 0..2 {
+        if sender.is_none() {
+            let Ok(socket) = UnixDatagram::unbound() else {
+                return false;
+            };
+            if socket.connect(nic).is_err() {
+                return false;
             }
+            *sender = Some(socket);
+        }
+        let socket = sender.as_ref().expect("connected above");
+        match tokio::time::timeout(SEND_TIMEOUT, socket.send(frame)).await {
+            Ok(Ok(_)) => return true,
+            // Its QEMU is gone (its socket with it): connect to the one bound now, if any.
+            Ok(Err(_)) => *sender = None,
             Err(_) => return false,
         }
     }
     false
 }
 
-async fn read_port(switch: Arc<Switch>, vm: String, socket: Arc<UnixDatagram>) {
+async fn read_port(switch: Arc<Switch>, vm: String, socket: UnixDatagram) {
     let mut frame = vec![0u8; MAX_FRAME];
     loop {
         match socket.recv(&mut frame).await {
-            Ok(len) => switch.forward(&vm, &frame[..len]).await,
+            Ok(len) => switch.forward(&vm, &frame[..len]),
             Err(err) => {
                 tracing::warn!(segment = %switch.name, vm, error = %err, "segment port stopped reading");
                 return;
@@ -359,6 +391,14 @@ mod tests {
         assert_eq!(nics[1].received().await, vec![b"all".to_vec()]);
         let stats = switch.stats();
         assert_eq!(stats.frames_forwarded, 2 + 1 + 1 + 2, "{stats:?}");
+        // A port whose QEMU is not bound (not running) drops what is queued for it.
+        drop(nics);
+        let quiet = Nic::new(dir.path(), "d");
+        switch.add_port("d", &quiet.sockets, &no_give).unwrap();
+        std::fs::remove_file(&quiet.sockets.nic).unwrap();
+        quiet.send(BROADCAST, [2, 0, 0, 0, 0, 0xd], b"gone").await;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert_eq!(switch.stats().frames_dropped, 3, "{:?}", switch.stats());
         assert_eq!(stats.frames_dropped, 0, "{stats:?}");
     }
 
