@@ -27,7 +27,18 @@ use common::{Cleanup, cache_dir};
 
 const TOKEN: &str = "segment-farm-token";
 
+/// A QEMU host on `vms_dir`, confined as `hangar server` confines it when run as root
+/// (QEMU as `hangar-vm` or `nobody`, files private to the server: umask 0077), so that a
+/// port socket the host binds must be handed to QEMU's user to be usable.
 fn local_host(vms_dir: &Path) -> Arc<LocalHost> {
+    // SAFETY: umask(2) only sets the process's file mode mask.
+    unsafe {
+        libc::umask(0o077);
+    }
+    let root = vms_dir.parent().expect("vms dir has a parent").to_owned();
+    std::fs::create_dir_all(vms_dir).unwrap();
+    let mut qemu = QemuConfig::new(vms_dir.to_owned(), Accel::Tcg);
+    qemu.user = hangar_vmm::confine::VmUser::for_this_process(&[root, cache_dir()]).unwrap();
     let images = Arc::new(LocalImages::new(
         cache_dir(),
         hangar_image::AssetSources::default(),
@@ -35,10 +46,7 @@ fn local_host(vms_dir: &Path) -> Arc<LocalHost> {
         DEFAULT_MIRROR.into(),
     ));
     Arc::new(LocalHost::new(
-        Arc::new(QemuBackend::new(QemuConfig::new(
-            vms_dir.to_owned(),
-            Accel::Tcg,
-        ))),
+        Arc::new(QemuBackend::new(qemu)),
         images,
         LocalHostConfig {
             name: "seg-1".into(),
