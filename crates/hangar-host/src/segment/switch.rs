@@ -7,9 +7,10 @@
 //! destinations are flooded to every other port of the segment. Nothing crosses to another
 //! segment: each switch knows only its own ports.
 //!
-//! Frames for a port wait in its queue ([`PORT_QUEUE`] frames; full: dropped, as a
-//! congested switch port drops), and a second task per port writes them to its QEMU
-//! ([`SegmentSockets::nic`]) through a socket connected to it. A unix datagram socket
+//! A frame for a port goes straight to its QEMU ([`SegmentSockets::nic`], through a socket
+//! connected to it) when nothing waits for that port and QEMU's socket has room; else it
+//! waits in the port's queue ([`PORT_QUEUE`] frames; full: dropped, as a congested switch
+//! port drops) for a second task per port that writes it. A unix datagram socket
 //! queues only `net.unix.max_dgram_qlen` (10) datagrams and QEMU reads its own between
 //! guest instructions; a connected sender is woken when the queue drains, so a busy QEMU
 //! slows its own port down without holding up any other, and a paused one loses frames
@@ -75,10 +76,54 @@ impl Metrics {
     }
 }
 
-/// A port: the queue of frames for its QEMU, its reader and writer tasks.
+/// A port: the queue of frames for its QEMU, the way to it, its reader and writer tasks.
 struct Port {
     queue: mpsc::Sender<Vec<u8>>,
+    link: Arc<Link>,
     tasks: [JoinHandle<()>; 2],
+}
+
+/// The way to one port's QEMU, shared by its writer and the readers that route to it: a
+/// frame goes straight out when nothing waits in the queue and QEMU's socket has room
+/// (no task hop), else behind the frames queued (order kept per sender).
+struct Link {
+    nic: PathBuf,
+    /// Connected to QEMU's socket; none until connected, or after QEMU went.
+    sender: Mutex<Option<Arc<UnixDatagram>>>,
+    /// Frames queued and not yet written.
+    pending: AtomicU64,
+}
+
+impl Link {
+    fn sender(&self) -> Option<Arc<UnixDatagram>> {
+        self.sender
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_sender(&self, sender: Option<Arc<UnixDatagram>>) {
+        *self.sender.lock().unwrap_or_else(|e| e.into_inner()) = sender;
+    }
+
+    /// Sends at once when nothing is queued and the socket has room.
+    fn try_direct(&self, frame: &[u8]) -> bool {
+        if self.pending.load(Ordering::Acquire) != 0 {
+            return false;
+        }
+        let Some(sender) = self.sender() else {
+            return false;
+        };
+        match sender.try_send(frame) {
+            Ok(_) => true,
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => false,
+            // QEMU went: the writer connects to the one bound now, if any.
+            Err(_) => {
+                self.set_sender(None);
+                false
+            }
+        }
+    }
 }
 
 impl Port {
@@ -155,11 +200,17 @@ impl Switch {
         give(&sockets.port)?;
         let socket = UnixDatagram::from_std(socket)?;
         let (queue, frames) = mpsc::channel(PORT_QUEUE);
+        let link = Arc::new(Link {
+            nic: sockets.nic.clone(),
+            sender: Mutex::default(),
+            pending: AtomicU64::new(0),
+        });
         let port = Port {
             queue,
+            link: link.clone(),
             tasks: [
                 tokio::spawn(read_port(self.clone(), vm.to_owned(), socket)),
-                tokio::spawn(write_port(self.clone(), sockets.nic.clone(), frames)),
+                tokio::spawn(write_port(self.clone(), link, frames)),
             ],
         };
         let old = self.table().ports.insert(vm.to_owned(), port);
@@ -206,7 +257,7 @@ impl Switch {
         }
     }
 
-    /// Queues a frame from `from`'s port where it goes (learning its source on the way):
+    /// Sends (or queues) a frame from `from`'s port where it goes (learning its source):
     /// to a learnt unicast destination's port, else flooded to every other port. Too
     /// short, from a port that left, to its own port, to nobody or to a full queue:
     /// dropped.
@@ -227,62 +278,73 @@ impl Switch {
             table.macs.insert(src, from.to_owned());
         }
         let known = (dst[0] & 1 == 0).then(|| table.macs.get(&dst)).flatten();
-        let queues: Vec<&mpsc::Sender<Vec<u8>>> = match known {
+        let out = |port: &Port| (port.queue.clone(), port.link.clone());
+        let outs: Vec<_> = match known {
             Some(owner) if owner == from => Vec::new(),
-            Some(owner) => table
-                .ports
-                .get(owner)
-                .map(|p| &p.queue)
-                .into_iter()
-                .collect(),
+            Some(owner) => table.ports.get(owner).map(out).into_iter().collect(),
             None => table
                 .ports
                 .iter()
                 .filter(|(vm, _)| vm.as_str() != from)
-                .map(|(_, port)| &port.queue)
+                .map(|(_, port)| out(port))
                 .collect(),
         };
-        let mut dropped = u64::from(queues.is_empty());
-        for queue in queues {
+        drop(table);
+        let mut dropped = u64::from(outs.is_empty());
+        let mut sent = 0;
+        for (queue, link) in outs {
+            if link.try_direct(frame) {
+                sent += 1;
+                continue;
+            }
+            link.pending.fetch_add(1, Ordering::AcqRel);
             if queue.try_send(frame.to_vec()).is_err() {
+                link.pending.fetch_sub(1, Ordering::AcqRel);
                 dropped += 1;
             }
         }
-        drop(table);
+        let len = frame.len() as u64;
+        if sent > 0 {
+            self.count(true, sent, sent * len);
+        }
         if dropped > 0 {
-            self.count(false, dropped, dropped * frame.len() as u64);
+            self.count(false, dropped, dropped * len);
         }
     }
 }
 
 /// Writes the frames queued for a port to its QEMU through a socket connected to
 /// QEMU's (connected again when QEMU started anew: a restore, a migration back).
-async fn write_port(switch: Arc<Switch>, nic: PathBuf, mut frames: mpsc::Receiver<Vec<u8>>) {
-    let mut sender: Option<UnixDatagram> = None;
+async fn write_port(switch: Arc<Switch>, link: Arc<Link>, mut frames: mpsc::Receiver<Vec<u8>>) {
     while let Some(frame) = frames.recv().await {
-        let sent = deliver(&mut sender, &nic, &frame).await;
+        let sent = deliver(&link, &frame).await;
+        link.pending.fetch_sub(1, Ordering::AcqRel);
         switch.count(sent, 1, frame.len() as u64);
     }
 }
 
-/// Sends one frame to QEMU's socket at `nic`: false when no QEMU is bound there or it
-/// did not read within [`SEND_TIMEOUT`].
-async fn deliver(sender: &mut Option<UnixDatagram>, nic: &Path, frame: &[u8]) -> bool {
+/// Sends one frame to QEMU's socket at the link's `nic`: false when no QEMU is bound
+/// there or it did not read within [`SEND_TIMEOUT`].
+async fn deliver(link: &Link, frame: &[u8]) -> bool {
     for _ in 0..2 {
-        if sender.is_none() {
-            let Ok(socket) = UnixDatagram::unbound() else {
-                return false;
-            };
-            if socket.connect(nic).is_err() {
-                return false;
+        let sender = match link.sender() {
+            Some(sender) => sender,
+            None => {
+                let Ok(socket) = UnixDatagram::unbound() else {
+                    return false;
+                };
+                if socket.connect(&link.nic).is_err() {
+                    return false;
+                }
+                let socket = Arc::new(socket);
+                link.set_sender(Some(socket.clone()));
+                socket
             }
-            *sender = Some(socket);
-        }
-        let socket = sender.as_ref().expect("connected above");
-        match tokio::time::timeout(SEND_TIMEOUT, socket.send(frame)).await {
+        };
+        match tokio::time::timeout(SEND_TIMEOUT, sender.send(frame)).await {
             Ok(Ok(_)) => return true,
             // Its QEMU is gone (its socket with it): connect to the one bound now, if any.
-            Ok(Err(_)) => *sender = None,
+            Ok(Err(_)) => link.set_sender(None),
             Err(_) => return false,
         }
     }
