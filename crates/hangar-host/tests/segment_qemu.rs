@@ -3,22 +3,23 @@
 //! name; a VM on another segment (same addresses' subnet) reaches neither; the host does
 //! not reach the private addresses; a join's files and restarts apply; the segment lasts
 //! through sleep, archive and wake, and through a new host process adopting the VMs; a VM
-//! that leaves is cut off. One join goes through the agent API ([`RemoteHost`]).
+//! that leaves is cut off. One join goes through the agent API ([`RemoteHost`]). Clones
+//! of a template join the same way.
 //!
 //! Guest assets and images are built into `HANGAR_TEST_CACHE`, or a cache under cargo's
 //! test temp dir (the first run fetches Debian's cloud kernel with `apt-get download`).
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use hangar_core::Catalog;
 use hangar_host::images::{DEFAULT_MIRROR, LocalImages};
 use hangar_host::{
-    ArchiveTier, Host, LaunchRecord, LocalHost, LocalHostConfig, Purpose, RemoteHost, SegmentJoin,
-    VmPlan, WakeFrom,
+    ArchiveTier, Host, LaunchRecord, LocalHost, LocalHostConfig, MadeVm, Purpose, RemoteHost,
+    SegmentJoin, VmPlan, WakeFrom,
 };
 use hangar_vmm::Accel;
 use hangar_vmm::qemu::{QemuBackend, QemuConfig};
@@ -31,6 +32,11 @@ const TOKEN: &str = "segment-farm-token";
 /// (QEMU as `hangar-vm` or `nobody`, files private to the server: umask 0077), so that a
 /// port socket the host binds must be handed to QEMU's user to be usable.
 fn local_host(vms_dir: &Path) -> Arc<LocalHost> {
+    local_host_with(vms_dir, None)
+}
+
+/// [`local_host`], making templates in `templates` when given.
+fn local_host_with(vms_dir: &Path, templates: Option<PathBuf>) -> Arc<LocalHost> {
     // SAFETY: umask(2) only sets the process's file mode mask.
     unsafe {
         libc::umask(0o077);
@@ -50,6 +56,7 @@ fn local_host(vms_dir: &Path) -> Arc<LocalHost> {
         images,
         LocalHostConfig {
             name: "seg-1".into(),
+            templates_dir: templates,
             guest_cmdline: hangar_image::kernel_cmdline(hangar_image::host_tsc_khz()),
             vms_dir: Some(vms_dir.to_owned()),
             ..LocalHostConfig::default()
@@ -67,6 +74,11 @@ async fn served(host: Arc<LocalHost>) -> RemoteHost {
 }
 
 async fn make(host: &LocalHost, id: &str) -> (LaunchRecord, String) {
+    let (made, endpoint) = make_for(host, id, Purpose::Request).await;
+    (made.launch, endpoint)
+}
+
+async fn make_for(host: &LocalHost, id: &str, purpose: Purpose) -> (MadeVm, String) {
     let service = Catalog::demo()
         .services()
         .find(|service| service.name == "http-counter")
@@ -80,13 +92,18 @@ async fn make(host: &LocalHost, id: &str) -> (LaunchRecord, String) {
         service: Some(service),
         env: Default::default(),
         hostname: id.into(),
-        purpose: Purpose::Request,
+        purpose,
         ready: None,
     };
     let silent: hangar_host::ProgressFn = Arc::new(|_: &str, _: u8| {});
     let prepared = host.prepare_vm(&plan, silent.clone()).await.unwrap();
     let made = host.make_vm(&plan, &prepared, silent).await.unwrap();
-    (made.launch, prepared.direct_endpoints["http"].clone())
+    let endpoint = prepared
+        .direct_endpoints
+        .get("http")
+        .cloned()
+        .unwrap_or_default();
+    (made, endpoint)
 }
 
 fn join(segment: &str, mac_last: u8, address: &str, peers: &[(&str, &str)]) -> SegmentJoin {
@@ -299,6 +316,39 @@ async fn second_process(vms_dir: &Path, launches: [(&'static str, LaunchRecord);
     host.leave_segment("seg-a").await.unwrap();
     assert!(host.segment_stats().is_empty());
     for id in ["seg-a", "seg-b", "seg-c"] {
+        host.destroy(id).await.unwrap();
+    }
+}
+
+/// Clones of a template made since segments exist have the NIC too (their devices come
+/// from the template's stream, its MAC included): two join a segment, each gets its own
+/// MAC, and they reach each other by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn template_clones_join_like_booted_vms() {
+    let tmp = tempfile::Builder::new()
+        .prefix("hsegt")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let vms_dir = tmp.path().join("vms");
+    let _cleanup = Cleanup(vms_dir.clone());
+    let host = local_host_with(&vms_dir, Some(tmp.path().join("templates")));
+    let (template, _) = make_for(&host, "seg-template", Purpose::Template).await;
+    assert!(template.template.is_some(), "a template was made");
+    for (id, last, address, peer, peer_ip) in [
+        ("clone-a", 0x1a, "10.213.1.11/24", "clone-b", "10.213.1.12"),
+        ("clone-b", 0x1b, "10.213.1.12/24", "clone-a", "10.213.1.11"),
+    ] {
+        let (made, _) = make_for(&host, id, Purpose::Request).await;
+        assert!(made.cloned, "{id} is a clone");
+        host.join_segment(id, &join("clones", last, address, &[(peer, peer_ip)]))
+            .await
+            .unwrap();
+        let (_, mac) = sh(&host, id, "cat /sys/class/net/eth1/address").await;
+        assert_eq!(mac.trim(), format!("02:68:00:00:00:{last:02x}"));
+    }
+    assert!(reaches(&host, "clone-a", "clone-b").await, "a → b");
+    assert!(reaches(&host, "clone-b", "clone-a").await, "b → a");
+    for id in ["clone-a", "clone-b"] {
         host.destroy(id).await.unwrap();
     }
 }
