@@ -194,13 +194,8 @@ fn holds(agent: &Agent, id: &str) -> bool {
     agent.qemus().iter().any(|(vm, _)| vm == id) || agent.data_dir.join("vms").join(id).exists()
 }
 
-/// Quarantined: about one migration in ten loses the one request in flight. QEMU completes
-/// the pre-copy on its own (pausing the guest) when a lightly used guest dirtied almost no
-/// page since the last sync, even at the held 1 ms limit; the forwarder's drain then waits
-/// on a paused guest and the request dies with the source. Run it with `--ignored`; it
-/// prints the figures of DESIGN.md ("Live migration").
+/// Prints the figures of DESIGN.md ("Live migration").
 #[test]
-#[ignore = "loses a request in flight when QEMU completes the pre-copy on its own (see the doc comment)"]
 fn an_active_vm_moves_between_hosts_while_a_client_polls_its_stable_endpoint() {
     if skip_without_namespaces() {
         return;

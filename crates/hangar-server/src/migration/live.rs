@@ -10,8 +10,10 @@
 //! 2. `disk` (15%): the source mirrors its root's copy-on-write layer to that export and
 //!    returns once the copy follows every write; then it starts the RAM pre-copy, held from
 //!    completing on its own.
-//! 3. `memory` (30–90%): polled every [`POLL`] until what is left is under
-//!    [`SWITCH_REMAINING`] (or after [`MAX_PASSES`] passes: auto-converge throttled it).
+//! 3. `memory` (30–90%): polled every [`POLL`] until what is left of a pass is under
+//!    [`SWITCH_REMAINING`] (or after [`MAX_PASSES`] passes: auto-converge throttled it);
+//!    the source then slows the stream to a crawl, so QEMU cannot complete (and pause the
+//!    guest) on its own before the switchover.
 //! 4. `switchover`: the forwarder *holds* the VM's new connections (they wait, no wake),
 //!    connections already forwarded get up to [`DRAIN_WAIT`] to end (the source's final
 //!    pause would cut them); the source then completes within QEMU's default downtime
@@ -55,8 +57,10 @@ use crate::tasks::undo::Undo;
 pub const POLL: Duration = Duration::from_millis(20);
 
 /// RAM still to send under which the switchover starts (a 300 ms downtime sends far more
-/// on a farm's link; under TCG the guest dirties pages slower than that).
-pub const SWITCH_REMAINING: u64 = 16 << 20;
+/// on a farm's link; under TCG the guest dirties pages slower than that). The host slowed
+/// the stream to a crawl at the same point, so the migration cannot complete on its own
+/// while the forwarder drains.
+pub const SWITCH_REMAINING: u64 = hangar_vmm::migrate::SETTLE_REMAINING;
 
 /// Dirty-page passes after which the switchover starts whatever is left (auto-converge
 /// has throttled the guest by then).
@@ -223,10 +227,10 @@ async fn precopy(mv: &Move<'_>, source: &dyn Host, id: &str) -> Result<Migration
     }
 }
 
-/// Whether the pre-copy has done what it can: the first full pass is over and little is
-/// left, or it has gone round [`MAX_PASSES`] times.
+/// Whether the pre-copy has done what it can: little is left of a pass (the host settled
+/// the stream then), or it has gone round [`MAX_PASSES`] times.
 pub fn ready_to_switch(now: &MigrationProgress) -> bool {
-    now.ram_iterations >= 2 && now.ram_remaining <= SWITCH_REMAINING
+    now.ram_transferred > 0 && now.ram_remaining <= SWITCH_REMAINING
         || now.ram_iterations >= MAX_PASSES
 }
 
@@ -235,16 +239,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_switchover_waits_for_the_first_pass_and_little_left() {
+    fn the_switchover_starts_when_little_is_left_and_the_host_settled() {
         let at = |passes, remaining| MigrationProgress {
             status: "active".into(),
             ram_iterations: passes,
             ram_remaining: remaining,
+            ram_transferred: 1,
             ..MigrationProgress::default()
         };
-        assert!(!ready_to_switch(&at(1, 0)), "the first pass is not over");
+        let not_started = MigrationProgress {
+            status: "active".into(),
+            ram_iterations: 1,
+            ram_remaining: 0,
+            ..MigrationProgress::default()
+        };
+        assert!(!ready_to_switch(&not_started), "nothing sent yet");
         assert!(!ready_to_switch(&at(2, SWITCH_REMAINING + 1)));
-        assert!(ready_to_switch(&at(2, SWITCH_REMAINING)));
+        for passes in [1, 2] {
+            let now = at(passes, SWITCH_REMAINING);
+            assert!(ready_to_switch(&now));
+            assert!(
+                hangar_vmm::migrate::settles(&now),
+                "the host crawls whenever the switchover may start"
+            );
+        }
         assert!(ready_to_switch(&at(MAX_PASSES, u64::MAX)));
     }
 }
