@@ -51,14 +51,13 @@ const MIRROR_JOB: &str = "hangar-migrate-root";
 /// Bandwidth for the migration stream: effectively none (a farm's hosts share a fast link).
 const MAX_BANDWIDTH: u64 = 1 << 40;
 
-/// The stream's rate once little of a pass is left, until the switchover (bytes/s): a
-/// crawl, so that QEMU cannot complete on its own while the forwarder drains the VM's
-/// connections (see [`QemuBackend::migration_progress`]).
-const SETTLE_BANDWIDTH: u64 = 256 << 10;
+/// The stream's rate once the first pass nears its end, until the switchover (bytes/s):
+/// with the 1 ms limit it lets QEMU complete on its own only below 4 dirty pages. See
+/// [`QemuBackend::migration_progress`].
+const SETTLE_BANDWIDTH: u64 = 16 << 20;
 
-/// What is left of a pass when the stream settles; the control plane switches over from
-/// then on ([`SETTLE_REMAINING`] is its threshold too).
-pub const SETTLE_REMAINING: u64 = 16 << 20;
+/// What is left of the first pass when the stream settles.
+const SETTLE_REMAINING: u64 = 16 << 20;
 
 /// How long the disk mirror may take to become ready.
 const MIRROR_READY_TIMEOUT: Duration = Duration::from_secs(600);
@@ -119,12 +118,6 @@ async fn progress(qmp: &Qmp) -> Result<MigrationProgress, VmmError> {
         progress.disk_ready = job["ready"].as_bool().unwrap_or(false);
     }
     Ok(progress)
-}
-
-/// Whether a pre-copy is near enough its end to crawl (see
-/// [`QemuBackend::migration_progress`]).
-pub fn settles(now: &MigrationProgress) -> bool {
-    now.status == "active" && now.ram_transferred > 0 && now.ram_remaining <= SETTLE_REMAINING
 }
 
 async fn mirror_job(qmp: &Qmp) -> Result<Option<Value>, VmmError> {
@@ -329,18 +322,20 @@ impl QemuBackend {
 
     /// How far VM `id`'s outgoing migration is.
     ///
-    /// Once at most [`SETTLE_REMAINING`] of a pass is left it also slows the stream to a
-    /// crawl ([`SETTLE_BANDWIDTH`]). QEMU completes on its own (pausing the guest) once what
-    /// is dirty could go within the downtime limit *at the bandwidth it just measured*, or
-    /// when nothing is dirty at all: at full rate a lightly used guest undercut the 1 ms
-    /// limit right after its first pass, and QEMU paused it while a client's request was in
-    /// flight, before the forwarder could hold and drain the VM's connections (the request
-    /// was lost). At the crawl the pass cannot end during the drain, so nothing completes
-    /// until [`QemuBackend::migrate_switchover`] restores the full rate.
+    /// Near the end of the first pass it also slows the stream to [`SETTLE_BANDWIDTH`]:
+    /// QEMU completes on its own once what is dirty could go within the downtime limit *at
+    /// the bandwidth it just measured*, and the first pass's bulk rate made that ~1 MB for
+    /// 1 ms, which a lightly used guest undercuts: QEMU then paused it while a client's
+    /// request was in flight, before the forwarder could hold and drain its connections
+    /// (a request lost). At the settled rate only a guest that dirtied almost nothing
+    /// (a few pages: an idle one) completes early, and the switchover raises it again.
     pub async fn migration_progress(&self, id: &str) -> Result<MigrationProgress, VmmError> {
         let running = self.running_vm(id).await?;
         let now = progress(&running.qmp).await?;
-        if settles(&now) {
+        if now.status == "active"
+            && now.ram_transferred > 0
+            && (now.ram_iterations >= 2 || now.ram_remaining <= SETTLE_REMAINING)
+        {
             set_bandwidth(&running.qmp, SETTLE_BANDWIDTH).await?;
         }
         Ok(now)

@@ -52,6 +52,9 @@ pub const TASKS_TOTAL: &str = "hangar_tasks_total";
 pub const MIGRATIONS_TOTAL: &str = "hangar_migrations_total";
 /// How long a live-migrated VM did not run (source paused → destination running).
 pub const MIGRATION_DOWNTIME_SECONDS: &str = "hangar_migration_downtime_seconds";
+/// Live migrations started again because QEMU paused the guest on its own while a
+/// client's request was in flight.
+pub const MIGRATION_RESTARTS_TOTAL: &str = "hangar_migration_restarts_total";
 
 /// Describes every metric this process records and registers the histograms, so they are
 /// listed from the first scrape. Called by [`crate::run`] after installing the recorder.
@@ -78,6 +81,10 @@ pub fn describe() {
     describe_counter!(
         MIGRATIONS_TOTAL,
         "Migrations of VMs between hosts that ended, by kind (live, cold) and outcome"
+    );
+    describe_counter!(
+        MIGRATION_RESTARTS_TOTAL,
+        "Live migrations started again because QEMU paused the guest on its own while a client's request was in flight"
     );
     describe_histogram!(
         MIGRATION_DOWNTIME_SECONDS,

@@ -254,7 +254,7 @@ impl Manager {
     }
 
     /// [`Undo::AbortLiveMigration`].
-    async fn abort_live_migration(
+    pub(crate) async fn abort_live_migration(
         &self,
         vm: &str,
         source: &str,
