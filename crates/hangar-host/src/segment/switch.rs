@@ -425,6 +425,7 @@ mod tests {
 
     #[tokio::test]
     async fn floods_unknown_then_forwards_to_the_learnt_port_only() {
+        crate::metrics::install();
         let dir = tempfile::tempdir().unwrap();
         let switch = Switch::new("s1");
         let nics: Vec<Nic> = ["a", "b", "c"]
@@ -461,6 +462,14 @@ mod tests {
         quiet.send(BROADCAST, [2, 0, 0, 0, 0, 0xd], b"gone").await;
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         assert_eq!(switch.stats().frames_dropped, 3, "{:?}", switch.stats());
+        // The process's /metrics page shows the same counts.
+        let page = crate::metrics::render_recorded();
+        for line in [
+            "hangar_segment_frames_forwarded_total{segment=\"s1\"} 6",
+            "hangar_segment_frames_dropped_total{segment=\"s1\"} 3",
+        ] {
+            assert!(page.contains(line), "{line} in {page}");
+        }
         assert_eq!(stats.frames_dropped, 0, "{stats:?}");
     }
 
