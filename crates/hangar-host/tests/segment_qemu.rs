@@ -308,6 +308,14 @@ async fn second_process(vms_dir: &Path, launches: [(&'static str, LaunchRecord);
     // b leaves: a cannot reach it any more.
     host.leave_segment("seg-b").await.unwrap();
     assert!(!reaches(&host, "seg-a", "10.213.0.12").await, "b left");
+    // b's guest still sends on its NIC; with no port bound QEMU drops the frames quietly.
+    let (code, _) = sh(&host, "seg-b", "ping -c 3 -W 1 10.213.0.11").await;
+    assert_ne!(code, 0, "b's frames go nowhere");
+    let log = std::fs::read_to_string(vms_dir.join("seg-b").join("qemu.log")).unwrap();
+    assert!(
+        !log.contains("dgram") && !log.contains("sendto") && !log.contains("n1"),
+        "QEMU logged the unbound port: {log}"
+    );
     assert_eq!(
         host.segment_stats().len(),
         1,
