@@ -131,17 +131,7 @@ async fn measure(host: &LocalHost, args: &SegmentBench) -> Result<SegmentRun, Be
         .ok_or_else(|| BenchError::Failed("no http-counter in the demo catalog".into()))?;
     let mut endpoints = Vec::new();
     for id in ["bench-a", "bench-b"] {
-        let plan = VmPlan {
-            id: id.into(),
-            os: Some(service.os.clone()),
-            vcpus: service.vcpus,
-            memory_mib: service.memory_mib,
-            service: Some(service.clone()),
-            env: Default::default(),
-            hostname: id.into(),
-            purpose: Purpose::Request,
-            ready: None,
-        };
+        let plan = VmPlan::for_service(id, &service, Purpose::Request);
         let silent: hangar_host::ProgressFn = Arc::new(|_: &str, _: u8| {});
         let prepared = host
             .prepare_vm(&plan, silent.clone())

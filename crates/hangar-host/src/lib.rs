@@ -81,6 +81,24 @@ pub struct VmPlan {
     pub ready: Option<ReadySpec>,
 }
 
+impl VmPlan {
+    /// A VM of `service` as its catalog entry describes it (its OS, size and ready
+    /// criterion, no settings), named `id` (its hostname too), made for `purpose`.
+    pub fn for_service(id: &str, service: &Service, purpose: Purpose) -> VmPlan {
+        VmPlan {
+            id: id.to_owned(),
+            service: Some(service.clone()),
+            os: Some(service.os.clone()),
+            vcpus: service.vcpus,
+            memory_mib: service.memory_mib,
+            env: BTreeMap::new(),
+            hostname: id.to_owned(),
+            purpose,
+            ready: None,
+        }
+    }
+}
+
 /// What a host keeps of a VM it started, to adopt, restore or change it later. Opaque to
 /// the control plane: it is stored with the VM and handed back to the host that wrote it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

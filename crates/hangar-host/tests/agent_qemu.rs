@@ -132,17 +132,7 @@ async fn a_qemu_vm_lives_through_the_agent_and_outlives_it() {
         .find(|service| service.name == "http-static")
         .expect("http-static")
         .clone();
-    let plan = VmPlan {
-        id: "agent-vm-1".into(),
-        os: Some(service.os.clone()),
-        vcpus: service.vcpus,
-        memory_mib: service.memory_mib,
-        service: Some(service.clone()),
-        env: Default::default(),
-        hostname: "agent-vm-1".into(),
-        purpose: Purpose::Request,
-        ready: None,
-    };
+    let plan = VmPlan::for_service("agent-vm-1", &service, Purpose::Request);
     let seen = Arc::new(Mutex::new(Vec::<String>::new()));
     let sink = seen.clone();
     let progress: ProgressFn = Arc::new(move |stage: &str, _percent: u8| {
@@ -253,17 +243,7 @@ async fn a_running_vm_live_migrates_between_two_agents() {
         .expect("http-counter")
         .clone();
     let id = "mig-vm-1";
-    let plan = VmPlan {
-        id: id.into(),
-        os: Some(service.os.clone()),
-        vcpus: service.vcpus,
-        memory_mib: service.memory_mib,
-        service: Some(service.clone()),
-        env: Default::default(),
-        hostname: id.into(),
-        purpose: Purpose::Request,
-        ready: None,
-    };
+    let plan = VmPlan::for_service(id, &service, Purpose::Request);
     let quiet: ProgressFn = Arc::new(|_: &str, _: u8| {});
     let prepared = a.prepare_vm(&plan, quiet.clone()).await.unwrap();
     let made = a.make_vm(&plan, &prepared, quiet.clone()).await.unwrap();

@@ -84,17 +84,7 @@ async fn make_for(host: &LocalHost, id: &str, purpose: Purpose) -> (MadeVm, Stri
         .find(|service| service.name == "http-counter")
         .expect("http-counter")
         .clone();
-    let plan = VmPlan {
-        id: id.into(),
-        os: Some(service.os.clone()),
-        vcpus: service.vcpus,
-        memory_mib: service.memory_mib,
-        service: Some(service),
-        env: Default::default(),
-        hostname: id.into(),
-        purpose,
-        ready: None,
-    };
+    let plan = VmPlan::for_service(id, &service, purpose);
     let silent: hangar_host::ProgressFn = Arc::new(|_: &str, _: u8| {});
     let prepared = host.prepare_vm(&plan, silent.clone()).await.unwrap();
     let made = host.make_vm(&plan, &prepared, silent).await.unwrap();
