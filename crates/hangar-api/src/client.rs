@@ -393,6 +393,54 @@ impl Client {
             .await
     }
 
+    /// `POST /v1/stacks`: starts making a stack (202 with its `stack` task; follow it with
+    /// [`Client::task`]). 400 for a stack file that is not valid (every message names the
+    /// member and field), 404 for an unknown service, 409 when the name is taken.
+    pub async fn stack_up(&self, spec: &StackSpec) -> Result<StackAccepted, ClientError> {
+        self.call(Method::POST, &["v1", "stacks"], Some(spec)).await
+    }
+
+    /// `GET /v1/stacks`: the caller's stacks (an admin's: every stack).
+    pub async fn stacks(&self) -> Result<Vec<StackView>, ClientError> {
+        self.call(Method::GET, &["v1", "stacks"], None::<&()>).await
+    }
+
+    /// `GET /v1/stacks/{name}`.
+    pub async fn stack(&self, name: &str) -> Result<StackView, ClientError> {
+        self.call(Method::GET, &["v1", "stacks", name], None::<&()>)
+            .await
+    }
+
+    /// `DELETE /v1/stacks/{name}`: deletes every member and the stack; answers the stack as
+    /// it was.
+    pub async fn stack_down(&self, name: &str) -> Result<StackView, ClientError> {
+        self.call(Method::DELETE, &["v1", "stacks", name], None::<&()>)
+            .await
+    }
+
+    /// `POST /v1/stacks/{name}/sleep`: every member paused, the front first.
+    pub async fn stack_sleep(&self, name: &str) -> Result<StackView, ClientError> {
+        self.call(Method::POST, &["v1", "stacks", name, "sleep"], None::<&()>)
+            .await
+    }
+
+    /// `POST /v1/stacks/{name}/archive`: every member archived, the front first.
+    pub async fn stack_archive(&self, name: &str) -> Result<StackView, ClientError> {
+        self.call(
+            Method::POST,
+            &["v1", "stacks", name, "archive"],
+            None::<&()>,
+        )
+        .await
+    }
+
+    /// `POST /v1/stacks/{name}/wake`: every member woken, peers before the members that
+    /// refer to them.
+    pub async fn stack_wake(&self, name: &str) -> Result<StackView, ClientError> {
+        self.call(Method::POST, &["v1", "stacks", name, "wake"], None::<&()>)
+            .await
+    }
+
     /// `GET /v1/pools`: the warm pools and what they hold.
     pub async fn pools(&self) -> Result<Vec<PoolView>, ClientError> {
         self.call(Method::GET, &["v1", "pools"], None::<&()>).await

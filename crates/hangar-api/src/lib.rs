@@ -20,6 +20,7 @@ pub mod policies;
 pub mod pools;
 pub mod requests;
 pub mod services;
+pub mod stacks;
 pub mod tasks;
 pub mod users;
 pub mod vms;
@@ -45,6 +46,7 @@ pub use policies::{BudgetView, PoliciesView, PolicyBody, PolicySource, PolicyVie
 pub use pools::{PoolBoundsBody, PoolView};
 pub use requests::{ChosenView, GrantView, Served, SliceView};
 pub use services::{Health, PortView, ServiceView, SettingView};
+pub use stacks::{MemberSpec, StackAccepted, StackMemberView, StackSpec, StackState, StackView};
 pub use tasks::{TaskStepView, TaskView};
 pub use users::{
     AuditQuery, AuditView, CreatedTokenView, TokenBody, TokenView, UserBody, UserView, WhoamiView,

@@ -15,7 +15,7 @@ mod output;
 
 use commands::{
     accounting, agent, alerts, auth, bench as bench_cmd, check, export, host, hosts, images,
-    imports, migrate, policies, pools, request, server, services, tasks, templates, vms,
+    imports, migrate, policies, pools, request, server, services, stacks, tasks, templates, vms,
 };
 use error::CliError;
 use hangar_api::client::Client;
@@ -181,6 +181,15 @@ enum Command {
     Imports(imports::ImportsArgs),
     /// Remove an imported machine (its model disk and record).
     Unimport(imports::UnimportArgs),
+    /// Stacks: several services as one unit, each member its own VM on a private
+    /// segment (up, ls, show, down, sleep, archive, wake).
+    #[command(
+        after_help = "Examples:\n  hangar stack up examples/shop.toml\n  hangar stack ls\n  hangar stack down shop"
+    )]
+    Stack {
+        #[command(subcommand)]
+        command: stacks::StackCommand,
+    },
     /// One task: show it (with its steps), wait for its end, or cancel it.
     #[command(
         after_help = "Examples:\n  hangar task show 0193...\n  hangar task wait 0193... && echo done\n  hangar task cancel 0193..."
@@ -272,6 +281,7 @@ async fn client_command(
         Command::Images(args) => images::list(client, args).await,
         Command::Export(args) => export::run(client, args).await,
         Command::Task { command } => tasks::run(client, command).await,
+        Command::Stack { command } => stacks::run(client, command).await,
         Command::Import(args) => imports::import(client, args).await,
         Command::Imports(args) => imports::list(client, args).await,
         Command::Unimport(args) => imports::remove(client, args).await,

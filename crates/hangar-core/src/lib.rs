@@ -14,6 +14,8 @@
 //! - [`rebalance`]: which running VMs to move so that the farm's hosts are evenly loaded.
 //! - [`request`]: what a client asks for and what it gets back.
 //! - [`role`]: the roles of users and API tokens.
+//! - [`stack`]: stacks of several services on a private segment: the file, validation, the
+//!   address plan and the order members are made and woken in.
 //! - [`suggest`]: closest names, for errors that offer alternatives.
 
 pub mod alerts;
@@ -33,6 +35,7 @@ pub mod quota;
 pub mod rebalance;
 pub mod request;
 pub mod role;
+pub mod stack;
 pub mod state;
 pub mod suggest;
 pub mod usage;

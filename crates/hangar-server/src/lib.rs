@@ -49,6 +49,7 @@ pub mod reconcile;
 pub mod requests;
 pub mod scheduler;
 pub mod secrets;
+pub mod stacks;
 pub mod tasks;
 pub mod templates;
 pub mod usage;

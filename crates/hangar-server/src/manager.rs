@@ -143,6 +143,8 @@ pub struct Manager {
     pub(crate) migrations: crate::migration::MigrationRuntime,
     /// Evacuations this server ran, by host (`crate::evacuation`).
     pub(crate) evacuations: crate::evacuation::EvacuationRuntime,
+    /// Stacks' tasks and locks (`crate::stacks`).
+    pub(crate) stacks_runtime: crate::stacks::StacksRuntime,
 }
 
 /// What start-up reconciliation found and did.
@@ -202,6 +204,7 @@ impl Manager {
             events: crate::web::events::Hub::default(),
             migrations: crate::migration::MigrationRuntime::default(),
             evacuations: crate::evacuation::EvacuationRuntime::default(),
+            stacks_runtime: crate::stacks::StacksRuntime::default(),
         })
     }
 

@@ -68,6 +68,7 @@ pub enum Entity {
     Token,
     IdempotencyKey,
     Import,
+    Stack,
 }
 
 impl std::fmt::Display for Entity {
@@ -84,6 +85,7 @@ impl std::fmt::Display for Entity {
             Entity::Token => "token",
             Entity::IdempotencyKey => "idempotency key",
             Entity::Import => "imported machine",
+            Entity::Stack => "stack",
         })
     }
 }

@@ -27,6 +27,7 @@ mod lease;
 mod postgres;
 mod records;
 mod sqlite;
+mod stacks;
 
 pub use access::{AuditRecord, IdempotencyRecord, TokenRecord, UserRecord};
 pub use error::{BackendSource, Conflict, Entity, StoreError};
@@ -37,6 +38,7 @@ pub use records::{
     TaskState, TaskStep, TaskUndo, TemplateRecord, VmMove, VmRecord,
 };
 pub use sqlite::SqliteStore;
+pub use stacks::StackRecord;
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
@@ -458,6 +460,24 @@ pub trait Store: Send + Sync {
 
     /// Forgets a claimed key that has no answer (its call failed; a retry runs again).
     async fn release_idempotency_key(&self, user: &str, key: &str) -> Result<(), StoreError>;
+
+    // ---- stacks ----
+
+    /// Records a new stack; [`StoreError::Conflict`] when its name or its segment is
+    /// taken by another stack.
+    async fn insert_stack(&self, stack: &StackRecord) -> Result<(), StoreError>;
+
+    async fn stack(&self, name: &str) -> Result<Option<StackRecord>, StoreError>;
+
+    /// Every stack, by name.
+    async fn stacks(&self) -> Result<Vec<StackRecord>, StoreError>;
+
+    /// Writes a stack's spec, state, members and update time (its name, owner, segment and
+    /// creation time stay); [`StoreError::NotFound`] when there is no such stack.
+    async fn update_stack(&self, stack: &StackRecord) -> Result<(), StoreError>;
+
+    /// Forgets a stack; returns whether it was known.
+    async fn remove_stack(&self, name: &str) -> Result<bool, StoreError>;
 
     // ---- alerts ----
 

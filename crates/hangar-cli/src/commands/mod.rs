@@ -17,6 +17,7 @@ pub mod pools;
 pub mod request;
 pub mod server;
 pub mod services;
+pub mod stacks;
 pub mod tasks;
 pub mod templates;
 pub mod vms;

@@ -260,6 +260,35 @@ impl From<crate::lifecycle::ops::LifecycleError> for ApiError {
     }
 }
 
+impl From<crate::stacks::StacksError> for ApiError {
+    fn from(err: crate::stacks::StacksError) -> ApiError {
+        use crate::stacks::StacksError;
+        use hangar_core::stack::StackError;
+        match err {
+            StacksError::Invalid(StackError::UnknownService {
+                ref alternatives, ..
+            }) => ApiError::NotFound {
+                message: err.to_string(),
+                alternatives: alternatives.clone(),
+            },
+            StacksError::Invalid(_) => ApiError::BadRequest(err.to_string()),
+            StacksError::NotFound(_) => ApiError::NotFound {
+                message: err.to_string(),
+                alternatives: Vec::new(),
+            },
+            StacksError::NameTaken(_) | StacksError::WrongState { .. } | StacksError::NoSegment => {
+                ApiError::Conflict(err.to_string())
+            }
+            StacksError::Member {
+                source: crate::lifecycle::ops::LifecycleError::WrongState { .. },
+                ..
+            } => ApiError::Conflict(error_chain(&err)),
+            StacksError::Member { .. } => ApiError::broke(&err),
+            StacksError::Store(err) => err.into(),
+        }
+    }
+}
+
 impl From<crate::imports::ImportsError> for ApiError {
     fn from(err: crate::imports::ImportsError) -> ApiError {
         use crate::imports::ImportsError;

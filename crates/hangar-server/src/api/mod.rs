@@ -31,6 +31,7 @@ pub mod imports;
 pub mod json_errors;
 pub mod metrics;
 pub mod placements;
+pub mod stacks;
 
 use commands::{Command, Reply, RequestHandler};
 
@@ -82,6 +83,11 @@ fn routes() -> OpenApiRouter<Arc<Manager>> {
         .routes(routes!(accounting::set_quota))
         .routes(routes!(accounting::get_usage))
         .routes(routes!(alerts::list_alerts))
+        .routes(routes!(stacks::create_stack, stacks::list_stacks))
+        .routes(routes!(stacks::get_stack, stacks::delete_stack))
+        .routes(routes!(stacks::sleep_stack))
+        .routes(routes!(stacks::archive_stack))
+        .routes(routes!(stacks::wake_stack))
         .routes(routes!(farm_images::farm_assets))
         .routes(routes!(farm_images::farm_root))
         .routes(routes!(farm_images::farm_os))

@@ -914,6 +914,51 @@ async fn every_answer_matches_its_schema_in_the_openapi_document() {
     )
     .await;
 
+    // Stacks: made (202), refused (400, 404, 409), listed, shown, slept, archived, woken,
+    // deleted.
+    let shop = r#"{"name":"shop","member":{"front":{"service":"web","public":["http"]},"back":{"service":"web"}}}"#;
+    let accepted = api.call("POST", "/v1/stacks", "/v1/stacks", shop).await;
+    assert_eq!(accepted.status, StatusCode::ACCEPTED);
+    assert!(accepted.json()["task"].is_string());
+    for (body, status) in [
+        (shop, StatusCode::CONFLICT),
+        (
+            r#"{"name":"Bad Name","member":{"a":{"service":"web"}}}"#,
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            r#"{"name":"s","member":{"a":{"service":"wbe"}}}"#,
+            StatusCode::NOT_FOUND,
+        ),
+    ] {
+        let answer = api.call("POST", "/v1/stacks", "/v1/stacks", body).await;
+        assert_eq!(answer.status, status, "{body}");
+    }
+    let stack = "/v1/stacks/{name}";
+    api.call("GET", stack, "/v1/stacks/nope", "").await;
+    for _ in 0..250 {
+        let shown = api.call("GET", stack, "/v1/stacks/shop", "").await.json();
+        if shown["state"] == "up" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let listed = api.call("GET", "/v1/stacks", "/v1/stacks", "").await.json();
+    assert_eq!(listed[0]["state"], "up");
+    for (template, uri) in [
+        ("/v1/stacks/{name}/sleep", "/v1/stacks/shop/sleep"),
+        ("/v1/stacks/{name}/archive", "/v1/stacks/shop/archive"),
+        ("/v1/stacks/{name}/wake", "/v1/stacks/shop/wake"),
+    ] {
+        let answer = api.call("POST", template, uri, "").await;
+        assert_eq!(answer.status, StatusCode::OK, "{uri}");
+    }
+    api.call("POST", "/v1/stacks/{name}/wake", "/v1/stacks/nope/wake", "")
+        .await;
+    let down = api.call("DELETE", stack, "/v1/stacks/shop", "").await;
+    assert_eq!(down.json()["members"].as_array().unwrap().len(), 2);
+    api.call("DELETE", stack, "/v1/stacks/shop", "").await;
+
     // Deletion, then the conflict of deleting again.
     let deleted = api.call("DELETE", vm, &format!("/v1/vms/{id}"), "").await;
     assert_eq!(deleted.json()["state"], "deleted");

@@ -186,7 +186,18 @@ impl Manager {
 
     /// [`Manager::wake`], with where its time went (`resume` or `restore`, `identity`,
     /// `ready`).
+    /// A member of a sleeping or archived stack wakes its stack: its peers first
+    /// ([`Manager::wake_stack_of`]).
     pub async fn wake_timed(&self, id: &str) -> Result<(VmRecord, Stages), LifecycleError> {
+        self.wake_stack_of(id).await;
+        self.wake_vm_timed(id).await
+    }
+
+    /// [`Manager::wake_timed`] of this VM alone (its stack's other members as they are).
+    pub(crate) async fn wake_vm_timed(
+        &self,
+        id: &str,
+    ) -> Result<(VmRecord, Stages), LifecycleError> {
         let lock = self.vm_op_lock(id);
         let _guard = lock.lock().await;
         let vm = self.vm_or_404(id).await?;

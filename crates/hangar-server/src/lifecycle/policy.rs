@@ -354,8 +354,17 @@ impl Manager {
     pub async fn reconcile_lifecycle(&self) -> Result<Vec<Action>, PolicyError> {
         let inputs = self.lifecycle_inputs().await?;
         let actions = decide(&inputs);
+        // Stack members never sleep, are archived or deleted alone: the front's timers are
+        // the stack's (`crate::stacks`).
+        let members = self.stack_members().await?;
         let mut applied = Vec::new();
         for action in actions {
+            if let Some((stack, front)) = action.vm().and_then(|id| members.get(id)) {
+                if *front && self.stack_idle(stack, &action).await {
+                    applied.push(action);
+                }
+                continue;
+            }
             let seen = action
                 .vm()
                 .and_then(|id| inputs.vms.iter().find(|vm| vm.id == id));

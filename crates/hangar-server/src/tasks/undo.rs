@@ -37,6 +37,9 @@ pub enum Undo {
         source: String,
         destination: String,
     },
+    /// Remove stack `stack`: every member recorded deleted, then its row (a member whose
+    /// request finishes later finds the stack gone and deletes its own VM).
+    RemoveStack { stack: String },
 }
 
 impl Undo {
@@ -206,6 +209,10 @@ impl Manager {
                 source,
                 destination,
             } => self.abort_live_migration(vm, source, destination).await,
+            Undo::RemoveStack { stack } => self
+                .remove_stack(stack)
+                .await
+                .map_err(|err| format!("stack {stack}: {}", error_chain(&err))),
             Undo::RemovePath { path } => {
                 match hangar_image::hostfs::remove_tree(std::path::Path::new(path)) {
                     Ok(()) => Ok(()),

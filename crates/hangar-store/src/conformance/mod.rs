@@ -15,12 +15,14 @@ mod accounting;
 mod alerts;
 mod facts;
 mod leases;
+mod stacks;
 
 use access::*;
 use accounting::*;
 use alerts::*;
 use facts::*;
 use leases::*;
+use stacks::*;
 
 pub(crate) fn vm(id: &str, service: &str, mode: Mode, state: VmState) -> VmRecord {
     VmRecord {
@@ -580,4 +582,5 @@ conformance!(
     an_idempotency_key_is_claimed_once_answered_and_released,
     concurrent_claims_of_a_key_have_one_holder,
     alerts_are_kept_replaced_and_removed,
+    stacks_are_unique_kept_updated_and_removed,
 );

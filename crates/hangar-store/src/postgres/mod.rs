@@ -32,6 +32,7 @@ mod alerts;
 mod retry;
 pub(crate) mod rows;
 mod schema;
+mod stacks;
 
 use retry::Attempt;
 
@@ -1203,6 +1204,26 @@ impl Store for PgStore {
         )
         .await?;
         Ok(())
+    }
+
+    async fn insert_stack(&self, stack: &crate::StackRecord) -> Result<(), StoreError> {
+        self.insert_stack_now(stack).await
+    }
+
+    async fn stack(&self, name: &str) -> Result<Option<crate::StackRecord>, StoreError> {
+        self.stack_now(name).await
+    }
+
+    async fn stacks(&self) -> Result<Vec<crate::StackRecord>, StoreError> {
+        self.stacks_now().await
+    }
+
+    async fn update_stack(&self, stack: &crate::StackRecord) -> Result<(), StoreError> {
+        self.update_stack_now(stack).await
+    }
+
+    async fn remove_stack(&self, name: &str) -> Result<bool, StoreError> {
+        self.remove_stack_now(name).await
     }
 
     async fn alerts(&self) -> Result<Vec<crate::Alert>, StoreError> {

@@ -232,6 +232,17 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         clear_since_ms  BIGINT,
         resolved_at_ms  BIGINT
     );",
+    // Stacks (issue 18): several VMs as one unit, each stack on its own private /24.
+    "CREATE TABLE stacks (
+        name          TEXT PRIMARY KEY,
+        owner         TEXT NOT NULL,
+        spec          TEXT NOT NULL,
+        segment       TEXT NOT NULL UNIQUE,
+        state         TEXT NOT NULL,
+        members       TEXT NOT NULL,
+        created_at_ms BIGINT NOT NULL,
+        updated_at_ms BIGINT NOT NULL
+    );",
 ];
 
 /// Brings the schema up to the newest version. [`StoreError::SchemaTooNew`] when a newer

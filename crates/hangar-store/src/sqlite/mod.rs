@@ -22,6 +22,7 @@ mod accounting;
 mod alerts;
 pub(crate) mod rows;
 pub(crate) mod schema;
+mod stacks;
 
 use rows::{ARCHIVE_COLUMNS, HOST_COLUMNS, LEASE_COLUMNS, STEP_COLUMNS, TASK_COLUMNS};
 use rows::{AUDIT_COLUMNS, IDEMPOTENCY_COLUMNS, TOKEN_COLUMNS, USER_COLUMNS};
@@ -40,7 +41,7 @@ pub(crate) fn db(err: rusqlite::Error) -> StoreError {
 }
 
 /// An insert's error: a unique-key violation is a conflict on `kind` `id`.
-fn insert_error(err: rusqlite::Error, kind: Entity, id: &str) -> StoreError {
+pub(super) fn insert_error(err: rusqlite::Error, kind: Entity, id: &str) -> StoreError {
     match err.sqlite_error_code() {
         Some(rusqlite::ErrorCode::ConstraintViolation) => StoreError::exists(kind, id),
         _ => db(err),
@@ -1107,6 +1108,26 @@ impl Store for SqliteStore {
             params![user, key],
         )?;
         Ok(())
+    }
+
+    async fn insert_stack(&self, stack: &crate::StackRecord) -> Result<(), StoreError> {
+        self.insert_stack_now(stack)
+    }
+
+    async fn stack(&self, name: &str) -> Result<Option<crate::StackRecord>, StoreError> {
+        self.stack_now(name)
+    }
+
+    async fn stacks(&self) -> Result<Vec<crate::StackRecord>, StoreError> {
+        self.stacks_now()
+    }
+
+    async fn update_stack(&self, stack: &crate::StackRecord) -> Result<(), StoreError> {
+        self.update_stack_now(stack)
+    }
+
+    async fn remove_stack(&self, name: &str) -> Result<bool, StoreError> {
+        self.remove_stack_now(name)
     }
 
     async fn alerts(&self) -> Result<Vec<crate::Alert>, StoreError> {

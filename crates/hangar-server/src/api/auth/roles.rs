@@ -97,6 +97,14 @@ pub const RULES: &[(&str, &str, Need)] = &[
     ("GET", "/v1/quotas", ADMIN),
     ("PUT", "/v1/quotas/{user}", ADMIN),
     ("GET", "/v1/usage", ACCESS),
+    // Stacks (guarded by ownership like VMs, checked by the handlers).
+    ("POST", "/v1/stacks", PROVISIONER),
+    ("GET", "/v1/stacks", ACCESS),
+    ("GET", "/v1/stacks/{name}", ACCESS),
+    ("DELETE", "/v1/stacks/{name}", PROVISIONER),
+    ("POST", "/v1/stacks/{name}/sleep", PROVISIONER),
+    ("POST", "/v1/stacks/{name}/archive", PROVISIONER),
+    ("POST", "/v1/stacks/{name}/wake", PROVISIONER),
     // Alerts: read by provisioners (operators) and admins.
     ("GET", "/v1/alerts", PROVISIONER),
     // Draining and evacuating hosts: the operator's business.

@@ -1,0 +1,307 @@
+//! `up`: a stack made as one task (kind `stack`). Its journal's first entry removes the
+//! stack (every member recorded, then the row), so a failure, a cancel or a server stopped
+//! mid-way leaves nothing. Members are made level by level (`StackPlan::levels`: peers
+//! first), a level's members in parallel, each one:
+//!
+//! 1. requested through the request path as a dedicated VM of its service, with the
+//!    service's default settings (so a warm pool VM or a template clone serves it; a
+//!    service with a required setting, or settings that only reach its processes' environment,
+//!    gets a VM made with them);
+//! 2. recorded in the stack's row, unless the stack is being removed meanwhile (then the
+//!    VM is deleted: a cancel never leaves a member behind, even one whose request was in
+//!    flight);
+//! 3. left with stable endpoints only for its `public` ports;
+//! 4. joined to the stack's segment: its private address, MAC, its peers' names, its
+//!    templates rendered with its own (peer-resolved) settings and its processes restarted.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hangar_api::StackView;
+use hangar_core::stack::{StackPlan, StackSpec, StackState};
+use hangar_core::{Mode, Service, ServiceRequest};
+use hangar_store::{StackRecord, StoreError, TaskState, VmRecord, now_ms};
+
+use super::StacksError;
+use super::segment;
+use crate::api::error::error_chain;
+use crate::manager::Manager;
+use crate::tasks::undo::Undo;
+
+/// How long a member's request waits for its VM.
+const MEMBER_DEADLINE_MS: u64 = 10 * 60 * 1000;
+
+/// How many times `up` looks for a free segment when another stack takes the one it chose.
+const SEGMENT_TRIES: usize = 8;
+
+impl Manager {
+    /// Checks `spec`, records the stack (`creating`) on a free /24 and starts its `stack`
+    /// task; answers the task's id and the stack as recorded. The stack is `owner`'s, and
+    /// so are its members. [`StacksError::Invalid`] for a file that is not valid,
+    /// [`StacksError::NameTaken`] when a stack of its name exists.
+    pub async fn stack_up(
+        self: &Arc<Self>,
+        owner: &str,
+        spec: StackSpec,
+    ) -> Result<(String, StackView), StacksError> {
+        // Every error of the file before anything is taken (the segment changes nothing
+        // but addresses).
+        spec.plan(&self.catalog, 0)?;
+        let spec_json = serde_json::to_value(&spec).map_err(StoreError::from)?;
+        let mut record = None;
+        for _ in 0..SEGMENT_TRIES {
+            if self.store.stack(&spec.name).await?.is_some() {
+                return Err(StacksError::NameTaken(spec.name.clone()));
+            }
+            let taken: BTreeSet<u8> = self
+                .store
+                .stacks()
+                .await?
+                .iter()
+                .filter_map(|s| hangar_core::stack::segment_index(&s.segment))
+                .collect();
+            let index = hangar_core::stack::free_segment(&taken).ok_or(StacksError::NoSegment)?;
+            let now = now_ms();
+            let candidate = StackRecord {
+                name: spec.name.clone(),
+                owner: owner.to_owned(),
+                spec: spec_json.clone(),
+                segment: hangar_core::stack::segment_cidr(index),
+                state: StackState::Creating,
+                members: BTreeMap::new(),
+                created_at_ms: now,
+                updated_at_ms: now,
+            };
+            match self.store.insert_stack(&candidate).await {
+                Ok(()) => {
+                    record = Some((candidate, index));
+                    break;
+                }
+                // The name or the segment was taken meanwhile: look again.
+                Err(StoreError::Conflict(_)) => continue,
+                Err(err) => return Err(err.into()),
+            }
+        }
+        let Some((record, index)) = record else {
+            return Err(StacksError::NoSegment);
+        };
+        let plan = spec.plan(&self.catalog, index)?;
+        let task = match self.begin_stack_task(owner, &plan).await {
+            Ok(task) => task,
+            Err(err) => {
+                let _ = self.store.remove_stack(&plan.name).await;
+                return Err(err.into());
+            }
+        };
+        let view = self.stack_view(&record).await?;
+        let manager = self.clone();
+        let id = task.clone();
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let result = manager.run_task(&id, manager.make_stack(&id, &plan)).await;
+            let (state, stage, error) = match result {
+                Ok(()) => (TaskState::Succeeded, "done", None),
+                Err((state, message)) => (
+                    state,
+                    if state == TaskState::Cancelled {
+                        "cancelled"
+                    } else {
+                        "failed"
+                    },
+                    Some(message),
+                ),
+            };
+            tracing::info!(stack = %plan.name, task = %id, state = state.as_str(), up_ms = started.elapsed().as_millis() as u64, "stack up ended");
+            if let Err(err) = manager.tasks.end(&id, state, stage, error.as_deref()).await {
+                tracing::warn!(task = %id, error = %err, "cannot record stack task outcome");
+            }
+            manager.tasks.forget(&id);
+        });
+        Ok((task, view))
+    }
+
+    /// Records the `stack` task and the first entry of its journal (remove the stack).
+    async fn begin_stack_task(&self, owner: &str, plan: &StackPlan) -> Result<String, StoreError> {
+        let (task, _outcome) = self
+            .tasks
+            .begin_as("stack", owner, Some(plan.name.clone()))
+            .await?;
+        self.tasks
+            .record_undo(
+                &task,
+                &Undo::RemoveStack {
+                    stack: plan.name.clone(),
+                },
+            )
+            .await?;
+        self.stacks_runtime
+            .tasks
+            .lock()
+            .expect("stack tasks")
+            .insert(plan.name.clone(), task.clone());
+        Ok(task)
+    }
+
+    /// The task's work: every level's members, then the stack marked up.
+    async fn make_stack(self: &Arc<Self>, task: &str, plan: &StackPlan) -> Result<(), String> {
+        let owner = self
+            .store
+            .stack(&plan.name)
+            .await
+            .map_err(|err| err.to_string())?
+            .ok_or_else(|| format!("stack {} was removed", plan.name))?
+            .owner;
+        let levels = plan.levels.len();
+        for (i, level) in plan.levels.iter().enumerate() {
+            let percent = u8::try_from(100 * i / levels.max(1)).unwrap_or(99);
+            self.tasks
+                .step(task, &format!("members: {}", level.join(", ")), percent)
+                .await;
+            // Spawned: a member whose request is in flight when the task is cancelled
+            // still finds out that the stack is going and deletes its VM.
+            let handles: Vec<_> = level
+                .iter()
+                .map(|member| {
+                    let manager = self.clone();
+                    let plan = plan.clone();
+                    let member = member.clone();
+                    let owner = owner.clone();
+                    tokio::spawn(async move { manager.make_member(&plan, &member, &owner).await })
+                })
+                .collect();
+            let mut failed = Vec::new();
+            for handle in handles {
+                match handle.await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(err)) => failed.push(err),
+                    Err(err) => failed.push(format!("a member's work stopped: {err}")),
+                }
+            }
+            if !failed.is_empty() {
+                return Err(failed.join("; "));
+            }
+        }
+        self.tasks.step(task, "up", 100).await;
+        let mut record = self
+            .store
+            .stack(&plan.name)
+            .await
+            .map_err(|err| err.to_string())?
+            .ok_or_else(|| format!("stack {} was removed", plan.name))?;
+        self.set_stack_state(&mut record, StackState::Up)
+            .await
+            .map_err(|err| err.to_string())
+    }
+
+    /// One member: requested, recorded, its endpoints narrowed, joined.
+    async fn make_member(
+        self: &Arc<Self>,
+        plan: &StackPlan,
+        name: &str,
+        owner: &str,
+    ) -> Result<(), String> {
+        let member = plan.member(name).expect("levels list members");
+        let service = self
+            .catalog
+            .get(&member.service)
+            .cloned()
+            .ok_or_else(|| format!("member {name}: no service {}", member.service))?;
+        let with_settings = segment::needs_settings_at_creation(&service, member);
+        let request = ServiceRequest {
+            service: Some(service.name.clone()),
+            mode: Mode::Dedicated,
+            env: if with_settings {
+                member.settings.clone()
+            } else {
+                BTreeMap::new()
+            },
+            deadline_ms: Some(MEMBER_DEADLINE_MS),
+            ..ServiceRequest::default()
+        };
+        let grant = self
+            .request_as(owner, request)
+            .await
+            .map_err(|err| format!("member {name}: {}", error_chain(&err)))?;
+        let vm = grant.vm;
+        self.record_member(plan, name, &vm.id).await?;
+        self.keep_public_endpoints(&vm, &service, &member.public)
+            .await
+            .map_err(|err| format!("member {name}: stable endpoints: {err}"))?;
+        let join = segment::member_join(plan, member, &service, &vm.id, with_settings)
+            .map_err(|err| format!("member {name}: {}", error_chain(&err)))?;
+        segment::join(self.host_of(&vm).as_ref(), &vm.id, &join)
+            .await
+            .map_err(|err| format!("member {name}: {}", error_chain(&err)))?;
+        tracing::info!(stack = %plan.name, member = name, vm = %vm.id, served = ?grant.served, address = %member.address, "stack member up");
+        Ok(())
+    }
+
+    /// Records VM `vm` as member `name` of the stack being made; when the stack is being
+    /// removed (or gone), deletes the VM instead and answers why.
+    async fn record_member(&self, plan: &StackPlan, name: &str, vm: &str) -> Result<(), String> {
+        let lock = self.stacks_runtime.lock(&plan.name);
+        let guard = lock.lock().await;
+        let record = self
+            .store
+            .stack(&plan.name)
+            .await
+            .map_err(|err| err.to_string())?;
+        match record {
+            Some(mut record) if record.state == StackState::Creating => {
+                record.members.insert(name.to_owned(), vm.to_owned());
+                record.updated_at_ms = now_ms();
+                self.store
+                    .update_stack(&record)
+                    .await
+                    .map_err(|err| err.to_string())
+            }
+            _ => {
+                drop(guard);
+                if let Err(err) = self.delete(vm).await {
+                    tracing::warn!(stack = %plan.name, vm, error = %error_chain(&err), "cannot delete the member of a stack being removed");
+                }
+                Err(format!("stack {} is being removed", plan.name))
+            }
+        }
+    }
+
+    /// Leaves VM `vm` with stable endpoints only for `public` ports: the others' are closed
+    /// and no longer recorded (the request path opened one per port).
+    async fn keep_public_endpoints(
+        &self,
+        vm: &VmRecord,
+        service: &Service,
+        public: &[String],
+    ) -> Result<(), String> {
+        if vm.endpoints.keys().all(|port| public.contains(port)) {
+            return Ok(());
+        }
+        self.close_endpoints(&vm.id).await;
+        let mut direct = BTreeMap::new();
+        for port in public {
+            if let Some(addr) = vm.direct_endpoints.get(port) {
+                let addr: SocketAddr = addr
+                    .parse()
+                    .map_err(|_| format!("direct endpoint {addr:?} of port {port}"))?;
+                direct.insert(port.clone(), addr);
+            }
+        }
+        let stable = self
+            .open_endpoints(&vm.id, Some(service), &direct)
+            .await
+            .map_err(|err| error_chain(&err))?;
+        let endpoints: BTreeMap<String, String> = stable
+            .into_iter()
+            .map(|(port, addr)| (port, addr.to_string()))
+            .collect();
+        let os = vm
+            .os
+            .clone()
+            .unwrap_or_else(|| (service.os.clone(), String::new()));
+        self.store
+            .set_offer(&vm.id, &vm.services, &os, &endpoints, &vm.direct_endpoints)
+            .await
+            .map_err(|err| err.to_string())
+    }
+}
