@@ -279,10 +279,14 @@ impl From<crate::stacks::StacksError> for ApiError {
             StacksError::NameTaken(_) | StacksError::WrongState { .. } | StacksError::NoSegment => {
                 ApiError::Conflict(err.to_string())
             }
-            StacksError::Member {
-                source: crate::lifecycle::ops::LifecycleError::WrongState { .. },
-                ..
-            } => ApiError::Conflict(error_chain(&err)),
+            StacksError::Member { ref source, .. }
+                if matches!(
+                    **source,
+                    crate::lifecycle::ops::LifecycleError::WrongState { .. }
+                ) =>
+            {
+                ApiError::Conflict(error_chain(&err))
+            }
             StacksError::Member { .. } => ApiError::broke(&err),
             StacksError::Store(err) => err.into(),
         }

@@ -59,7 +59,7 @@ pub enum StacksError {
         member: String,
         vm: String,
         #[source]
-        source: LifecycleError,
+        source: Box<LifecycleError>,
     },
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -230,7 +230,7 @@ impl Manager {
                 failed.get_or_insert(StacksError::Member {
                     member,
                     vm,
-                    source: err,
+                    source: Box::new(err),
                 });
             }
         }
@@ -308,7 +308,7 @@ impl Manager {
             result.map_err(|source| StacksError::Member {
                 member: member.clone(),
                 vm: vm.clone(),
-                source,
+                source: Box::new(source),
             })?;
         }
         if record.state != to
@@ -381,7 +381,7 @@ impl Manager {
                     .map_err(|source| StacksError::Member {
                         member: member.clone(),
                         vm: vm.clone(),
-                        source,
+                        source: Box::new(source),
                     })?;
             }
         }

@@ -1,0 +1,201 @@
+//! Stacks with real QEMU guests, through the real binary: the example stack
+//! (`examples/shop.toml`: nginx as a reverse proxy → 2 × http-counter + redis) answers
+//! through its one public endpoint and spreads requests over both backends; the backends
+//! have no endpoint and their private addresses are not reachable from the host; the stack
+//! sleeps and wakes as a unit with its state kept (a connection to the front's endpoint
+//! wakes it, the counters go on); `down` leaves no QEMU process, live VM or endpoint.
+//! Prints how long `stack up` took cold (images cached, VMs booted) and with templates.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{TestServer, wait_for};
+
+fn shop() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../examples/shop.toml")
+        .display()
+        .to_string()
+}
+
+/// `GET path` over HTTP/1.0: status, headers (lowercase names), body.
+fn get(addr: &str, path: &str) -> std::io::Result<(u16, BTreeMap<String, String>, String)> {
+    let addr: SocketAddr = addr.parse().unwrap();
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: shop\r\n\r\n")?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|line| line.split_whitespace().nth(1))
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let headers = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    Ok((status, headers, body.to_owned()))
+}
+
+/// Sends `n` requests to the front; answers each backend's (X-Upstream) last count.
+fn spread(front: &str, n: usize) -> BTreeMap<String, u64> {
+    let mut last = BTreeMap::new();
+    for _ in 0..n {
+        let (status, headers, body) = get(front, "/").unwrap();
+        assert_eq!(status, 200, "{headers:?} {body}");
+        let upstream = headers.get("x-upstream").cloned().unwrap_or_default();
+        let count: u64 = body.trim().parse().unwrap_or_else(|_| panic!("{body:?}"));
+        last.insert(upstream, count);
+    }
+    last
+}
+
+fn member<'a>(stack: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    stack["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == name)
+        .unwrap_or_else(|| panic!("no member {name} in {stack}"))
+}
+
+/// `hangar stack up` timed: the stack and the seconds it took.
+fn up(server: &TestServer) -> (serde_json::Value, f64) {
+    let started = Instant::now();
+    let stack = server.json(&["stack", "up", &shop()]);
+    (stack, started.elapsed().as_secs_f64())
+}
+
+fn member_vms(stack: &serde_json::Value) -> Vec<String> {
+    stack["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["vm"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn the_example_stack_answers_spreads_sleeps_and_wakes_as_a_unit_and_leaves_nothing() {
+    let server = TestServer::start_with_templates(&["--pool-memory", "0"]);
+    let (stack, cold_s) = up(&server);
+    println!("stack up (cold: images cached, 4 VMs booted): {cold_s:.2} s");
+    assert_eq!(stack["state"], "up", "{stack}");
+    let order: Vec<&str> = stack["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(order.last(), Some(&"front"), "peers first: {order:?}");
+    let front = member(&stack, "front")["endpoints"]["http"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for name in ["api-1", "api-2", "cache"] {
+        let m = member(&stack, name);
+        assert_eq!(
+            m["endpoints"],
+            serde_json::json!({}),
+            "{name} is not public"
+        );
+        // Its private address is not reachable from the host.
+        let private: SocketAddr = format!("{}:80", m["address"].as_str().unwrap())
+            .parse()
+            .unwrap();
+        assert!(
+            TcpStream::connect_timeout(&private, Duration::from_secs(1)).is_err(),
+            "{private} answers the host"
+        );
+    }
+
+    // Requests spread over both backends, each counting its own.
+    let counts = spread(&front, 20);
+    let api1 = member(&stack, "api-1")["address"].as_str().unwrap();
+    let api2 = member(&stack, "api-2")["address"].as_str().unwrap();
+    assert_eq!(
+        counts.keys().cloned().collect::<Vec<_>>(),
+        [format!("{api1}:80"), format!("{api2}:80")],
+        "{counts:?}"
+    );
+    assert!(counts.values().all(|&n| n > 0), "{counts:?}");
+    assert_eq!(counts.values().sum::<u64>(), 20, "{counts:?}");
+
+    // Asleep as a unit; a connection to the front wakes it, peers first, counts kept.
+    let slept = server.json(&["stack", "sleep", "shop"]);
+    assert_eq!(slept["state"], "sleeping", "{slept}");
+    for m in slept["members"].as_array().unwrap() {
+        assert_eq!(m["state"], "sleeping", "{slept}");
+    }
+    let woken_at = Instant::now();
+    let after = spread(&front, 2);
+    println!(
+        "stack woken by a connection to its front: first answers after {:.2} s",
+        woken_at.elapsed().as_secs_f64()
+    );
+    for (upstream, n) in &after {
+        assert!(
+            *n > counts[upstream],
+            "{upstream} counts on from {}: {n}",
+            counts[upstream]
+        );
+    }
+    let shown = server.json(&["stack", "show", "shop"]);
+    assert_eq!(shown["state"], "up", "{shown}");
+    for m in shown["members"].as_array().unwrap() {
+        assert_eq!(m["state"], "active", "{shown}");
+    }
+
+    // Down leaves no QEMU process, live VM or endpoint.
+    let vms = member_vms(&stack);
+    server.ok(&["stack", "down", "shop"]);
+    let running: Vec<String> = server
+        .qemu_processes()
+        .into_iter()
+        .map(|(vm, _)| vm)
+        .filter(|vm| vms.contains(vm))
+        .collect();
+    assert!(running.is_empty(), "{running:?}");
+    let live = server.json(&["vms"]);
+    for vm in live.as_array().unwrap() {
+        assert!(
+            !vms.contains(&vm["id"].as_str().unwrap().to_owned()),
+            "{vm}"
+        );
+    }
+    assert!(
+        TcpStream::connect_timeout(&front.parse().unwrap(), Duration::from_secs(1)).is_err(),
+        "the front's endpoint is closed"
+    );
+    assert_eq!(server.json(&["stack", "ls"]), serde_json::json!([]));
+
+    // Again, from templates: every member a clone.
+    for service in ["http-counter", "web-proxy", "redis"] {
+        server.wait_for_template(service, 600);
+    }
+    let (stack, warm_s) = up(&server);
+    println!("stack up (templates warm, 4 clones): {warm_s:.2} s");
+    let front = member(&stack, "front")["endpoints"]["http"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let counts = spread(&front, 4);
+    assert_eq!(counts.len(), 2, "{counts:?}");
+    server.ok(&["stack", "down", "shop"]);
+    wait_for(30, "member processes gone", || {
+        let vms = member_vms(&stack);
+        server
+            .qemu_processes()
+            .iter()
+            .all(|(vm, _)| !vms.contains(vm))
+            .then_some(())
+    });
+}
