@@ -49,6 +49,7 @@ pub struct FakeBackend {
     clones: Arc<AtomicUsize>,
     archives: Arc<Mutex<HashMap<String, (VmSpec, ArchiveInfo)>>>,
     console_dir: Arc<Mutex<Option<std::path::PathBuf>>>,
+    segment_dir: Arc<Mutex<Option<std::path::PathBuf>>>,
 }
 
 impl FakeBackend {
@@ -60,6 +61,13 @@ impl FakeBackend {
     /// fake guest prints nothing).
     pub fn keep_consoles_in(&self, dir: &std::path::Path) {
         *self.console_dir.lock().expect("fake console dir") = Some(dir.to_owned());
+    }
+
+    /// From now on a running VM with a segment NIC has its sockets in `dir/<id>/` (`nic`,
+    /// the fake QEMU's end, is never bound: frames sent to it are dropped), so that a host
+    /// can join it to a segment.
+    pub fn keep_segment_sockets_in(&self, dir: &std::path::Path) {
+        *self.segment_dir.lock().expect("fake segment dir") = Some(dir.to_owned());
     }
 
     /// How many VMs were launched so far.
@@ -118,6 +126,17 @@ impl FakeBackend {
 
 #[async_trait::async_trait]
 impl Hypervisor for FakeBackend {
+    async fn segment_sockets(&self, id: &str) -> Option<crate::SegmentSockets> {
+        let dir = self.segment_dir.lock().expect("fake segment dir").clone()?;
+        let has_nic = self.vms.lock().expect("fake vms").get(id)?.spec.segment_nic;
+        let dir = dir.join(id);
+        std::fs::create_dir_all(&dir).ok()?;
+        has_nic.then(|| crate::SegmentSockets {
+            nic: dir.join("nic"),
+            port: dir.join("port"),
+        })
+    }
+
     fn console_log(&self, id: &str) -> Option<std::path::PathBuf> {
         let dir = self.console_dir.lock().expect("fake console dir");
         dir.as_ref().map(|dir| dir.join(format!("{id}.log")))

@@ -3,30 +3,14 @@
 //! processes to restart) and the host call that does it.
 //!
 //! The host side (the segment's switch, the VM's second NIC, hangar-init applying the
-//! settings) is `Host::join_segment` of the private-segments work; [`join`] is the one
-//! place this concern calls it.
+//! settings) is [`Host::join_segment`]; a member leaves its segment when its VM is
+//! destroyed (the switch goes with the last member).
 
 use std::collections::BTreeMap;
 
 use hangar_core::Service;
 use hangar_core::stack::{MemberPlan, StackPlan};
-use hangar_host::Host;
-
-/// What a member's VM is told when it joins its stack's segment.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MemberJoin {
-    /// The segment's name (the stack's).
-    pub segment: String,
-    pub mac: String,
-    /// With prefix: `10.213.0.10/24`.
-    pub address: String,
-    /// Every member's host name and private address, its own included.
-    pub hosts: Vec<(String, String)>,
-    /// The member service's templates rendered with its settings.
-    pub files: Vec<hangar_proto::FileWrite>,
-    /// The service's processes to restart once the files are written.
-    pub restart: Vec<String>,
-}
+use hangar_host::{Host, SegmentJoin};
 
 /// Why a member's settings cannot be applied.
 #[derive(Debug, thiserror::Error)]
@@ -49,7 +33,7 @@ pub fn member_join(
     service: &Service,
     vm: &str,
     made_with_settings: bool,
-) -> Result<MemberJoin, JoinError> {
+) -> Result<SegmentJoin, JoinError> {
     let mut files = Vec::new();
     let mut restart = Vec::new();
     if !member.settings.is_empty() && !made_with_settings && !service.templates.is_empty() {
@@ -71,7 +55,7 @@ pub fn member_join(
         }
         restart = service.processes.iter().map(|p| p.name.clone()).collect();
     }
-    Ok(MemberJoin {
+    Ok(SegmentJoin {
         segment: plan.name.clone(),
         mac: member.mac.clone(),
         address: member.address_cidr(),
@@ -90,10 +74,6 @@ pub fn needs_settings_at_creation(service: &Service, member: &MemberPlan) -> boo
 }
 
 /// Connects VM `vm` on `host` to its segment as `join` says.
-pub async fn join(host: &dyn Host, vm: &str, join: &MemberJoin) -> Result<(), JoinError> {
-    let _ = (host, vm, join);
-    // Until `Host::join_segment` lands (private segments), a member is not connected: its
-    // peers are not reachable and its settings are the ones it was made with.
-    tracing::warn!(vm, segment = %join.segment, "private segments are not available on this build; member not joined");
-    Ok(())
+pub async fn join(host: &dyn Host, vm: &str, join: &SegmentJoin) -> Result<(), JoinError> {
+    host.join_segment(vm, join).await.map_err(JoinError::Host)
 }

@@ -75,9 +75,26 @@ service = "api"
 service = "api"
 "#;
 
-fn setup() -> (Arc<Manager>, Arc<dyn Store>) {
-    let (manager, _backend, store) = fake_manager(CATALOG, ManagerConfig::default());
-    (manager, store)
+fn setup() -> (Arc<Manager>, Arc<dyn Store>, tempfile::TempDir) {
+    let (manager, backend, store) = fake_manager(CATALOG, ManagerConfig::default());
+    let segments = tempfile::Builder::new()
+        .prefix("seg")
+        .tempdir_in("/tmp")
+        .unwrap();
+    backend.keep_segment_sockets_in(segments.path());
+    (manager, store, segments)
+}
+
+/// The segment VM `vm` joined, as its host recorded it beside its port.
+fn joined(segments: &tempfile::TempDir, vm: &str) -> Option<String> {
+    std::fs::read_to_string(
+        segments
+            .path()
+            .join(vm)
+            .join(hangar_host::segment::MEMBERSHIP_FILE),
+    )
+    .ok()
+    .map(|s| s.trim().to_owned())
 }
 
 /// Waits (at most 10 s) for task `id` to end; answers its state and error.
@@ -107,7 +124,7 @@ async fn vm_state(store: &Arc<dyn Store>, id: &str) -> VmState {
 
 #[tokio::test]
 async fn up_makes_every_member_with_endpoints_only_for_public_ports_and_down_removes_it() {
-    let (manager, store) = setup();
+    let (manager, store, segments) = setup();
     let stack = up(&manager, &store, SHOP).await;
     assert_eq!(stack.state, StackState::Up);
     assert_eq!(stack.segment, "10.213.0.0/24");
@@ -118,6 +135,7 @@ async fn up_makes_every_member_with_endpoints_only_for_public_ports_and_down_rem
         let vm = member.vm.as_deref().expect("every member has a VM");
         let record = store.vm(vm).await.unwrap().unwrap();
         assert_eq!(record.state, VmState::Active);
+        assert_eq!(joined(&segments, vm).as_deref(), Some("shop"), "{vm}");
         assert_eq!(record.owner, "alice");
         assert_eq!(record.mode, hangar_core::Mode::Dedicated);
     }
@@ -165,10 +183,9 @@ async fn up_makes_every_member_with_endpoints_only_for_public_ports_and_down_rem
 
     manager.stack_down("shop", None).await.unwrap();
     for member in &stack.members {
-        assert_eq!(
-            vm_state(&store, member.vm.as_deref().unwrap()).await,
-            VmState::Deleted
-        );
+        let vm = member.vm.as_deref().unwrap();
+        assert_eq!(vm_state(&store, vm).await, VmState::Deleted);
+        assert_eq!(joined(&segments, vm), None, "{vm} left its segment");
     }
     assert!(store.stack("shop").await.unwrap().is_none());
     // Its segment is free again.
@@ -178,7 +195,7 @@ async fn up_makes_every_member_with_endpoints_only_for_public_ports_and_down_rem
 
 #[tokio::test]
 async fn a_member_that_fails_undoes_the_whole_stack() {
-    let (manager, store) = setup();
+    let (manager, store, _segments) = setup();
     let text = "name = \"bad\"\n[member.api]\nservice = \"api\"\n[member.broken]\nservice = \"never-ready\"\n";
     let (task, _) = manager
         .stack_up("alice", StackSpec::from_toml(text).unwrap())
@@ -201,7 +218,7 @@ async fn a_member_that_fails_undoes_the_whole_stack() {
 
 #[tokio::test]
 async fn invalid_stacks_are_refused_before_anything_is_made() {
-    let (manager, store) = setup();
+    let (manager, store, _segments) = setup();
     let err = manager
         .stack_up(
             "alice",
@@ -216,7 +233,7 @@ async fn invalid_stacks_are_refused_before_anything_is_made() {
 
 #[tokio::test]
 async fn the_stack_sleeps_and_wakes_as_a_unit() {
-    let (manager, store) = setup();
+    let (manager, store, _segments) = setup();
     let stack = up(&manager, &store, SHOP).await;
     let vms: Vec<String> = stack
         .members
@@ -251,7 +268,7 @@ async fn the_stack_sleeps_and_wakes_as_a_unit() {
 
 #[tokio::test]
 async fn the_lifecycle_loop_sleeps_the_stack_when_its_front_is_idle_never_a_member_alone() {
-    let (manager, store) = setup();
+    let (manager, store, _segments) = setup();
     let stack = up(&manager, &store, SHOP).await;
     let vms: Vec<String> = stack
         .members
