@@ -21,6 +21,8 @@ pub enum JoinError {
     Template { path: String, reason: String },
     #[error("joining the segment")]
     Host(#[source] hangar_host::HostError),
+    #[error("not serving again after its processes restarted: {0}")]
+    NotServing(String),
 }
 
 /// What member `member` of `plan`, VM `vm` of `service`, is told at join. Its VM was made
@@ -76,4 +78,57 @@ pub fn needs_settings_at_creation(service: &Service, member: &MemberPlan) -> boo
 /// Connects VM `vm` on `host` to its segment as `join` says.
 pub async fn join(host: &dyn Host, vm: &str, join: &SegmentJoin) -> Result<(), JoinError> {
     host.join_segment(vm, join).await.map_err(JoinError::Host)
+}
+
+/// After a join restarted a member's processes: waits (at most the service's ready
+/// timeout) until every ready check that probes through an endpoint (`http`, `bytes`,
+/// `connect`) passes again on the VM's direct endpoints, so that `up` answers once the
+/// member serves with its new settings. Checks inside the guest (`tcp`, `exec`) or of the
+/// host process passed at hand-out and are not asked again.
+pub async fn serving_again(
+    service: &Service,
+    direct: &BTreeMap<String, String>,
+) -> Result<(), JoinError> {
+    use hangar_core::ReadyCheck;
+    use hangar_host::ready;
+    let deadline = tokio::time::Instant::now() + service.ready.timeout;
+    let interval = service
+        .ready
+        .interval
+        .max(std::time::Duration::from_millis(20));
+    let addr = |port: &str| -> Result<std::net::SocketAddr, JoinError> {
+        direct
+            .get(port)
+            .and_then(|addr| addr.parse().ok())
+            .ok_or_else(|| JoinError::NotServing(format!("port {port} has no endpoint")))
+    };
+    loop {
+        let mut failure = None;
+        for check in &service.ready.checks {
+            let result = match check {
+                ReadyCheck::Http {
+                    port,
+                    path,
+                    status,
+                    body_contains,
+                } => ready::http_check(addr(port)?, path, *status, body_contains.as_deref()).await,
+                ReadyCheck::Bytes { port, send, expect } => {
+                    ready::bytes_check(addr(port)?, send.as_bytes(), expect.as_bytes()).await
+                }
+                ReadyCheck::Connect { port } => ready::connect_check(addr(port)?).await,
+                _ => Ok(()),
+            };
+            if let Err(not_ready) = result {
+                failure = Some(not_ready.0);
+                break;
+            }
+        }
+        match failure {
+            None => return Ok(()),
+            Some(why) if tokio::time::Instant::now() + interval >= deadline => {
+                return Err(JoinError::NotServing(why));
+            }
+            Some(_) => tokio::time::sleep(interval).await,
+        }
+    }
 }

@@ -233,6 +233,11 @@ impl Manager {
         segment::join(self.host_of(&vm).as_ref(), &vm.id, &join)
             .await
             .map_err(|err| format!("member {name}: {}", error_chain(&err)))?;
+        if !join.restart.is_empty() {
+            segment::serving_again(&service, &vm.direct_endpoints)
+                .await
+                .map_err(|err| format!("member {name}: {}", error_chain(&err)))?;
+        }
         tracing::info!(stack = %plan.name, member = name, vm = %vm.id, served = ?grant.served, address = %member.address, "stack member up");
         Ok(())
     }
