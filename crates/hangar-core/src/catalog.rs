@@ -1399,7 +1399,8 @@ mod tests {
                 "nginx",
                 "postgresql",
                 "redis",
-                "web-cache"
+                "web-cache",
+                "web-proxy"
             ]
         );
         let counter = catalog.get("http-counter").unwrap();

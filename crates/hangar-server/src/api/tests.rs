@@ -20,13 +20,22 @@ const CATALOG: &str = crate::test_support::WEB_AND_NEVER_READY;
 const FARM_TOKEN: &str = "farm-token-for-the-api-tests";
 
 fn api() -> Router {
-    let (manager, _, _) = fake_manager(
+    let (manager, backend, _) = fake_manager(
         CATALOG,
         ManagerConfig {
             farm_token: FARM_TOKEN.into(),
             ..ManagerConfig::default()
         },
     );
+    // Stacks join their members to a segment: the fake VMs' segment sockets live here.
+    static SEGMENTS: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    let segments = SEGMENTS.get_or_init(|| {
+        tempfile::Builder::new()
+            .prefix("seg")
+            .tempdir_in("/tmp")
+            .expect("segment dir")
+    });
+    backend.keep_segment_sockets_in(segments.path());
     crate::api::router(manager)
 }
 

@@ -255,6 +255,25 @@ impl Manager {
         }
     }
 
+    /// Stack `name` as `caller` may see it, when it is neither being made nor deleted
+    /// (up, sleeping or archived); else [`StacksError::WrongState`] with `rule`.
+    async fn settled_stack(
+        &self,
+        name: &str,
+        caller: Option<(&str, hangar_core::Role)>,
+        rule: &'static str,
+    ) -> Result<StackRecord, StacksError> {
+        let record = self.stack_record(name, caller).await?;
+        match record.state {
+            StackState::Up | StackState::Sleeping | StackState::Archived => Ok(record),
+            StackState::Creating | StackState::Deleting => Err(StacksError::WrongState {
+                name: name.to_owned(),
+                state: record.state.as_str(),
+                rule,
+            }),
+        }
+    }
+
     /// Puts every member of stack `name` to sleep, the front first (`POST
     /// /v1/stacks/{name}/sleep`). Members asleep already are left so.
     pub async fn stack_sleep(
@@ -280,17 +299,13 @@ impl Manager {
         caller: Option<(&str, hangar_core::Role)>,
         to: StackState,
     ) -> Result<StackView, StacksError> {
-        let mut record = self.stack_record(name, caller).await?;
-        if !matches!(
-            record.state,
-            StackState::Up | StackState::Sleeping | StackState::Archived
-        ) {
-            return Err(StacksError::WrongState {
-                name: name.to_owned(),
-                state: record.state.as_str(),
-                rule: "only a stack that is up sleeps or is archived",
-            });
-        }
+        let mut record = self
+            .settled_stack(
+                name,
+                caller,
+                "only a stack that is up sleeps or is archived",
+            )
+            .await?;
         let plan = self.plan_of(&record)?;
         for member in plan.wake_order().iter().rev() {
             let Some(vm) = record.members.get(member) else {
@@ -337,17 +352,12 @@ impl Manager {
         name: &str,
         caller: Option<(&str, hangar_core::Role)>,
     ) -> Result<StackView, StacksError> {
-        let record = self.stack_record(name, caller).await?;
-        if !matches!(
-            record.state,
-            StackState::Up | StackState::Sleeping | StackState::Archived
-        ) {
-            return Err(StacksError::WrongState {
-                name: name.to_owned(),
-                state: record.state.as_str(),
-                rule: "only a stack that is up, sleeping or archived wakes",
-            });
-        }
+        self.settled_stack(
+            name,
+            caller,
+            "only a stack that is up, sleeping or archived wakes",
+        )
+        .await?;
         self.wake_stack(name, None).await?;
         let record = self.stack_record(name, caller).await?;
         self.stack_view(&record).await

@@ -49,18 +49,6 @@ checks = [{ tcp = { port = "http" } }]
 [service.api.policy]
 sleep_after = "50ms"
 
-[service.never-ready]
-os = "busybox"
-[[service.never-ready.port]]
-name = "p"
-guest = 1
-[[service.never-ready.process]]
-name = "x"
-argv = ["x"]
-[service.never-ready.ready]
-timeout = "300ms"
-interval = "20ms"
-checks = [{ bytes = { port = "p", send = "hi", expect = "never said" } }]
 "#;
 
 const SHOP: &str = r#"
@@ -76,7 +64,10 @@ service = "api"
 "#;
 
 fn setup() -> (Arc<Manager>, Arc<dyn Store>, tempfile::TempDir) {
-    let (manager, backend, store) = fake_manager(CATALOG, ManagerConfig::default());
+    let (manager, backend, store) = fake_manager(
+        &format!("{CATALOG}{WEB_AND_NEVER_READY}"),
+        ManagerConfig::default(),
+    );
     let segments = tempfile::Builder::new()
         .prefix("seg")
         .tempdir_in("/tmp")
