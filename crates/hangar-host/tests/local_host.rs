@@ -237,3 +237,54 @@ async fn the_host_is_object_safe_and_reports_facts() {
     );
     assert!(facts.vcpus >= 1 && facts.memory_mib > 0);
 }
+
+/// On the fake backend a VM joins a segment (its guest answers the private network), an
+/// invalid join is refused before anything changes, and leaving or destroying removes the
+/// segment's switch with its last member.
+#[tokio::test]
+async fn a_vm_joins_and_leaves_a_private_segment() {
+    let backend = FakeBackend::new();
+    let host = host(&backend, LocalHostConfig::default());
+    let (progress, _) = recorder();
+    for id in ["vm-s1", "vm-s2"] {
+        let plan = plan(id, Purpose::Request);
+        let prepared = host.prepare_vm(&plan, progress.clone()).await.unwrap();
+        host.make_vm(&plan, &prepared, progress.clone())
+            .await
+            .unwrap();
+    }
+    let join = |address: &str| hangar_host::SegmentJoin {
+        segment: "shop".into(),
+        mac: "02:68:00:00:00:0b".into(),
+        address: address.into(),
+        hosts: vec![("peer".into(), "10.213.0.12".into())],
+        files: Vec::new(),
+        restart: vec!["httpd".into()],
+    };
+    let refused = host.join_segment("vm-s1", &join("8.8.8.8/24")).await;
+    assert!(
+        matches!(refused, Err(hangar_host::HostError::Segment(_))),
+        "{refused:?}"
+    );
+    assert!(
+        host.segment_stats().is_empty(),
+        "nothing made for a refused join"
+    );
+    host.join_segment("vm-s1", &join("10.213.0.11/24"))
+        .await
+        .unwrap();
+    host.join_segment("vm-s2", &join("10.213.0.12/24"))
+        .await
+        .unwrap();
+    assert_eq!(host.segment_stats().len(), 1, "one switch for the segment");
+    assert!(matches!(
+        host.join_segment("nobody", &join("10.213.0.13/24")).await,
+        Err(hangar_host::HostError::NoAgent)
+    ));
+    host.leave_segment("vm-s1").await.unwrap();
+    host.leave_segment("vm-s1").await.unwrap();
+    assert_eq!(host.segment_stats().len(), 1, "vm-s2 is still in it");
+    host.destroy("vm-s2").await.unwrap();
+    assert!(host.segment_stats().is_empty(), "gone with its last member");
+    host.destroy("vm-s1").await.unwrap();
+}
