@@ -244,6 +244,8 @@ async fn the_host_is_object_safe_and_reports_facts() {
 #[tokio::test]
 async fn a_vm_joins_and_leaves_a_private_segment() {
     let backend = FakeBackend::new();
+    let sockets = tempfile::tempdir().unwrap();
+    backend.keep_segment_sockets_in(sockets.path());
     let host = host(&backend, LocalHostConfig::default());
     let (progress, _) = recorder();
     for id in ["vm-s1", "vm-s2"] {

@@ -30,13 +30,6 @@ struct FakeVm {
     tasks: Vec<JoinHandle<()>>,
 }
 
-/// Where the fake keeps VM `id`'s segment sockets.
-fn fake_segment_dir(id: &str) -> std::path::PathBuf {
-    std::env::temp_dir()
-        .join(format!("hangar-fake-{}", std::process::id()))
-        .join(id)
-}
-
 impl Drop for FakeVm {
     fn drop(&mut self) {
         for task in &self.tasks {
@@ -228,28 +221,7 @@ impl Hypervisor for FakeBackend {
         Ok(())
     }
 
-    /// Sockets in a directory of this process's own under the temp dir (gone with the VM):
-    /// no QEMU binds them, so frames the switch sends there are dropped, but joins work.
-    async fn segment_sockets(&self, id: &str) -> Option<crate::SegmentSockets> {
-        let has_nic = self
-            .vms
-            .lock()
-            .expect("fake vms lock")
-            .get(id)
-            .is_some_and(|vm| vm.spec.segment_nic);
-        if !has_nic {
-            return None;
-        }
-        let dir = fake_segment_dir(id);
-        std::fs::create_dir_all(&dir).ok()?;
-        Some(crate::SegmentSockets {
-            nic: dir.join("nic1.sock"),
-            port: dir.join("port.sock"),
-        })
-    }
-
     async fn destroy(&self, id: &str) -> Result<(), VmmError> {
-        let _ = std::fs::remove_dir_all(fake_segment_dir(id));
         self.vms.lock().expect("fake vms lock").remove(id);
         self.archives.lock().expect("fake archives lock").remove(id);
         Ok(())
