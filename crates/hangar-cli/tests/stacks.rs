@@ -82,11 +82,20 @@ fn member<'a>(stack: &'a serde_json::Value, name: &str) -> &'a serde_json::Value
         .unwrap_or_else(|| panic!("no member {name} in {stack}"))
 }
 
-/// `hangar stack up` timed: the stack and the seconds it took.
-fn up(server: &TestServer) -> (serde_json::Value, f64) {
+/// `hangar stack up` timed: the stack, the seconds the command took, and the seconds its
+/// task took on the server (the last `up_ms` the server logged).
+fn up(server: &TestServer) -> (serde_json::Value, f64, f64) {
     let started = Instant::now();
     let stack = server.json(&["stack", "up", &shop()]);
-    (stack, started.elapsed().as_secs_f64())
+    let took = started.elapsed().as_secs_f64();
+    let log = server.log();
+    let up_ms: f64 = log
+        .rsplit("up_ms=")
+        .next()
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|ms| ms.parse().ok())
+        .unwrap_or(f64::NAN);
+    (stack, took, up_ms / 1000.0)
 }
 
 fn member_vms(stack: &serde_json::Value) -> Vec<String> {
@@ -101,8 +110,10 @@ fn member_vms(stack: &serde_json::Value) -> Vec<String> {
 #[test]
 fn the_example_stack_answers_spreads_sleeps_and_wakes_as_a_unit_and_leaves_nothing() {
     let server = TestServer::start_with_templates(&["--pool-memory", "0"]);
-    let (stack, cold_s) = up(&server);
-    println!("stack up (cold: images cached, 4 VMs booted): {cold_s:.2} s");
+    let (stack, cold_s, cold_task_s) = up(&server);
+    println!(
+        "stack up (cold: images cached, 4 VMs booted): {cold_s:.2} s (its task {cold_task_s:.2} s)"
+    );
     assert_eq!(stack["state"], "up", "{stack}");
     let order: Vec<&str> = stack["members"]
         .as_array()
@@ -203,8 +214,17 @@ fn the_example_stack_answers_spreads_sleeps_and_wakes_as_a_unit_and_leaves_nothi
     for service in ["http-counter", "web-proxy", "redis"] {
         server.wait_for_template(service, 600);
     }
-    let (stack, warm_s) = up(&server);
-    println!("stack up (templates warm, 4 clones): {warm_s:.2} s");
+    let (stack, warm_s, warm_task_s) = up(&server);
+    println!("stack up (templates warm, 4 clones): {warm_s:.2} s (its task {warm_task_s:.2} s)");
+    // Where the time went: each member made (served how) and joined.
+    let log = server.log();
+    let steps: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("stack member") || line.contains("stack up ended"))
+        .collect();
+    for line in &steps[steps.len().saturating_sub(9)..] {
+        println!("  {line}");
+    }
     let front = member(&stack, "front")["endpoints"]["http"]
         .as_str()
         .unwrap()

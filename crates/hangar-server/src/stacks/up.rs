@@ -1,7 +1,7 @@
 //! `up`: a stack made as one task (kind `stack`). Its journal's first entry removes the
 //! stack (every member recorded, then the row), so a failure, a cancel or a server stopped
-//! mid-way leaves nothing. Members are made level by level (`StackPlan::levels`: peers
-//! first), a level's members in parallel, each one:
+//! mid-way leaves nothing. Every member is made at once (none waits for another: what a
+//! member's settings name of its peers is fixed by the plan), each one:
 //!
 //! 1. requested through the request path as a dedicated VM of its service, with the
 //!    service's default settings (so a warm pool VM or a template clone serves it; a
@@ -10,9 +10,13 @@
 //! 2. recorded in the stack's row, unless the stack is being removed meanwhile (then the
 //!    VM is deleted: a cancel never leaves a member behind, even one whose request was in
 //!    flight);
-//! 3. left with stable endpoints only for its `public` ports;
-//! 4. joined to the stack's segment: its private address, MAC, its peers' names, its
-//!    templates rendered with its own (peer-resolved) settings and its processes restarted.
+//! 3. left with stable endpoints only for its `public` ports.
+//!
+//! Then the members join the stack's segment level by level (`StackPlan::levels`: peers
+//! before the members that refer to them, a level's members in parallel): private address,
+//! MAC, the members' names, its templates rendered with its own (peer-resolved) settings
+//! and its processes restarted, waited for until they serve again. So a member that names
+//! peers starts serving with them once they are on the segment.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -143,7 +147,8 @@ impl Manager {
         Ok(task)
     }
 
-    /// The task's work: every level's members, then the stack marked up.
+    /// The task's work: every member made at once, then joined level by level (peers
+    /// first, a level's members in parallel), then the stack marked up.
     async fn make_stack(self: &Arc<Self>, task: &str, plan: &StackPlan) -> Result<(), String> {
         let owner = self
             .store
@@ -152,35 +157,38 @@ impl Manager {
             .map_err(|err| err.to_string())?
             .ok_or_else(|| format!("stack {} was removed", plan.name))?
             .owner;
+        self.tasks.step(task, "members", 0).await;
+        // Spawned: a member whose request is in flight when the task is cancelled still
+        // finds out that the stack is going and deletes its VM.
+        let handles: Vec<_> = plan
+            .members
+            .iter()
+            .map(|member| {
+                let manager = self.clone();
+                let plan = plan.clone();
+                let name = member.name.clone();
+                let owner = owner.clone();
+                tokio::spawn(async move { manager.make_member(&plan, &name, &owner).await })
+            })
+            .collect();
+        let made = all_of(handles).await?;
+        let made: BTreeMap<String, Made> = made.into_iter().map(|m| (m.name.clone(), m)).collect();
         let levels = plan.levels.len();
         for (i, level) in plan.levels.iter().enumerate() {
-            let percent = u8::try_from(100 * i / levels.max(1)).unwrap_or(99);
+            let percent = u8::try_from(50 + 50 * i / levels.max(1)).unwrap_or(99);
             self.tasks
-                .step(task, &format!("members: {}", level.join(", ")), percent)
+                .step(task, &format!("join: {}", level.join(", ")), percent)
                 .await;
-            // Spawned: a member whose request is in flight when the task is cancelled
-            // still finds out that the stack is going and deletes its VM.
             let handles: Vec<_> = level
                 .iter()
-                .map(|member| {
+                .map(|name| {
                     let manager = self.clone();
                     let plan = plan.clone();
-                    let member = member.clone();
-                    let owner = owner.clone();
-                    tokio::spawn(async move { manager.make_member(&plan, &member, &owner).await })
+                    let made = made[name].clone();
+                    tokio::spawn(async move { manager.join_member(&plan, &made).await })
                 })
                 .collect();
-            let mut failed = Vec::new();
-            for handle in handles {
-                match handle.await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(err)) => failed.push(err),
-                    Err(err) => failed.push(format!("a member's work stopped: {err}")),
-                }
-            }
-            if !failed.is_empty() {
-                return Err(failed.join("; "));
-            }
+            all_of(handles).await?;
         }
         self.tasks.step(task, "up", 100).await;
         let mut record = self
@@ -194,14 +202,14 @@ impl Manager {
             .map_err(|err| err.to_string())
     }
 
-    /// One member: requested, recorded, its endpoints narrowed, joined.
+    /// One member made: requested, recorded, its endpoints narrowed.
     async fn make_member(
         self: &Arc<Self>,
         plan: &StackPlan,
         name: &str,
         owner: &str,
-    ) -> Result<(), String> {
-        let member = plan.member(name).expect("levels list members");
+    ) -> Result<Made, String> {
+        let member = plan.member(name).expect("plans list members");
         let service = self
             .catalog
             .get(&member.service)
@@ -228,17 +236,32 @@ impl Manager {
         self.keep_public_endpoints(&vm, &service, &member.public)
             .await
             .map_err(|err| format!("member {name}: stable endpoints: {err}"))?;
-        let join = segment::member_join(plan, member, &service, &vm.id, with_settings)
-            .map_err(|err| format!("member {name}: {}", error_chain(&err)))?;
-        segment::join(self.host_of(&vm).as_ref(), &vm.id, &join)
+        tracing::info!(stack = %plan.name, member = name, vm = %vm.id, served = ?grant.served, "stack member made");
+        Ok(Made {
+            name: name.to_owned(),
+            vm,
+            service,
+            with_settings,
+        })
+    }
+
+    /// One member joined to the segment; when its processes restarted with its settings,
+    /// once it serves again.
+    async fn join_member(&self, plan: &StackPlan, made: &Made) -> Result<(), String> {
+        let name = &made.name;
+        let member = plan.member(name).expect("plans list members");
+        let join =
+            segment::member_join(plan, member, &made.service, &made.vm.id, made.with_settings)
+                .map_err(|err| format!("member {name}: {}", error_chain(&err)))?;
+        segment::join(self.host_of(&made.vm).as_ref(), &made.vm.id, &join)
             .await
             .map_err(|err| format!("member {name}: {}", error_chain(&err)))?;
         if !join.restart.is_empty() {
-            segment::serving_again(&service, &vm.direct_endpoints)
+            segment::serving_again(&made.service, &made.vm.direct_endpoints)
                 .await
                 .map_err(|err| format!("member {name}: {}", error_chain(&err)))?;
         }
-        tracing::info!(stack = %plan.name, member = name, vm = %vm.id, served = ?grant.served, address = %member.address, "stack member up");
+        tracing::info!(stack = %plan.name, member = %name, vm = %made.vm.id, address = %member.address, "stack member joined");
         Ok(())
     }
 
@@ -308,5 +331,35 @@ impl Manager {
             .set_offer(&vm.id, &vm.services, &os, &endpoints, &vm.direct_endpoints)
             .await
             .map_err(|err| err.to_string())
+    }
+}
+
+/// A member made, not yet joined.
+#[derive(Clone)]
+struct Made {
+    name: String,
+    vm: VmRecord,
+    service: Service,
+    /// Made with its settings (they are not written again at join).
+    with_settings: bool,
+}
+
+/// Waits for every spawned piece of work; their errors joined, or every result.
+async fn all_of<T>(
+    handles: Vec<tokio::task::JoinHandle<Result<T, String>>>,
+) -> Result<Vec<T>, String> {
+    let mut done = Vec::new();
+    let mut failed = Vec::new();
+    for handle in handles {
+        match handle.await {
+            Ok(Ok(value)) => done.push(value),
+            Ok(Err(err)) => failed.push(err),
+            Err(err) => failed.push(format!("a member's work stopped: {err}")),
+        }
+    }
+    if failed.is_empty() {
+        Ok(done)
+    } else {
+        Err(failed.join("; "))
     }
 }
