@@ -51,7 +51,9 @@ pub use tasks::{TaskStepView, TaskView};
 pub use users::{
     AuditQuery, AuditView, CreatedTokenView, TokenBody, TokenView, UserBody, UserView, WhoamiView,
 };
-pub use vms::{ArchiveBody, ArchiveView, MigrateBody, VmQuery, VmView};
+pub use vms::{
+    ArchiveBody, ArchiveView, EgressForwardView, EgressView, MigrateBody, VmQuery, VmView,
+};
 pub use web::{
     AcceptedView, HostEvent, PoolEvent, SessionBody, SessionView, TaskEvent, TemplateEvent, VmEvent,
 };

@@ -84,6 +84,9 @@ pub struct GrantView {
     /// line (the heuristics engine's choice; see `POST /v1/requests/check`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chosen: Option<ChosenView>,
+    /// What the VM's guest may reach out of it (for `allow`: where it reaches each target).
+    #[serde(default)]
+    pub egress: crate::vms::EgressView,
 }
 
 /// The candidate a configuration request was served by.

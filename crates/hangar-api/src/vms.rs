@@ -43,6 +43,49 @@ pub struct VmView {
     /// until the migration ends).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub moving_to: Option<String>,
+    /// What its guest may reach out of it.
+    #[serde(default)]
+    pub egress: EgressView,
+}
+
+/// A VM's egress policy as shown: its name and, for `allow`, where its guest reaches each
+/// allowed target.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct EgressView {
+    /// `none` (no connection out), `allow`, `segment` (a stack member: `none` on its
+    /// user-mode NIC) or `open` (anywhere the host reaches).
+    pub policy: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<EgressForwardView>,
+}
+
+/// One allowed egress target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct EgressForwardView {
+    /// `HOST:PORT` as allowed: where the host connects on the guest's behalf.
+    pub target: String,
+    /// `ADDRESS:PORT` the guest connects to.
+    pub guest: String,
+    /// The name the guest's `/etc/hosts` gives `guest`'s address, when the target has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl From<&hangar_core::EgressPolicy> for EgressView {
+    fn from(policy: &hangar_core::EgressPolicy) -> EgressView {
+        EgressView {
+            policy: policy.kind().to_owned(),
+            allow: policy
+                .forwards()
+                .into_iter()
+                .map(|forward| EgressForwardView {
+                    target: forward.target.to_string(),
+                    guest: format!("{}:{}", forward.guest, forward.port),
+                    name: forward.target.name().map(str::to_owned),
+                })
+                .collect(),
+        }
+    }
 }
 
 /// A VM's memory archive.

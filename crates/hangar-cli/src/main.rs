@@ -70,6 +70,13 @@ enum Command {
     /// Hold a data dir's stable VM endpoints (started by `hangar server`, outlives it).
     #[command(hide = true)]
     Forwarder(server::ForwarderArgs),
+    /// Relay one guest connection (stdin/stdout) to an allowed egress target: run by
+    /// QEMU's user-mode network for each connection a VM with an allow list opens.
+    #[command(name = hangar_vmm::egress::RELAY_SUBCOMMAND, hide = true)]
+    EgressRelay {
+        /// HOST:PORT
+        target: String,
+    },
     /// List the services that can be requested.
     Services(services::ServicesArgs),
     /// Request a service, or a machine configuration; prints the address of a VM offering it.
@@ -224,13 +231,26 @@ enum Command {
     Audit(auth::AuditArgs),
 }
 
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Command::EgressRelay { target } = &cli.command {
+        // Its stdout and stderr are the guest's connection: nothing else is written, and
+        // no runtime is started for one connection.
+        return match hangar_vmm::egress::relay(target) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(_) => ExitCode::FAILURE,
+        };
+    }
+    run(cli)
+}
+
 #[tokio::main]
-async fn main() -> ExitCode {
+async fn run(cli: Cli) -> ExitCode {
     let Cli {
         url,
         token,
         command,
-    } = Cli::parse();
+    } = cli;
     let result = match command {
         Command::Server(args) => return server::run(*args).await,
         Command::Agent(args) => return agent::run(args).await,
@@ -253,7 +273,11 @@ async fn client_command(
     }
     let client = &client;
     match command {
-        Command::Server(_) | Command::Agent(_) | Command::Forwarder(_) | Command::Bench(_) => {
+        Command::Server(_)
+        | Command::Agent(_)
+        | Command::Forwarder(_)
+        | Command::Bench(_)
+        | Command::EgressRelay { .. } => {
             unreachable!("run without a client, in main")
         }
         Command::Services(args) => services::run(client, args).await,

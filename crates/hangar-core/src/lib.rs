@@ -8,6 +8,7 @@
 //! - [`state`]: the VM state machine and its one `valid_transition`.
 //! - [`catalog`]: services, their ports, processes, files and ready criteria.
 //! - [`compose`]: several applications on one VM, their union checked for clashes.
+//! - [`egress`]: what a VM's guest may reach out of its user-mode NIC.
 //! - [`heuristics`]: validating a configuration request and ranking what can serve it.
 //! - [`lifecycle`]: lifecycle policies (idle timers, keep-active, budgets) as pure decisions.
 //! - [`placement`]: which host runs a new VM (capacity, isolation, priority, load, cost).
@@ -22,6 +23,7 @@ pub mod alerts;
 pub mod catalog;
 pub mod components;
 pub mod compose;
+pub mod egress;
 pub mod evacuation;
 pub mod eviction;
 pub mod exposure;
@@ -41,6 +43,7 @@ pub mod suggest;
 pub mod usage;
 
 pub use catalog::{Catalog, CatalogError, ReadyCheck, ReadySpec, Service, WakeOn};
+pub use egress::EgressPolicy;
 pub use ids::{TaskId, VmId};
 pub use lifecycle::{Policy, TierChoice};
 pub use request::{Mode, ServiceRequest};

@@ -58,6 +58,10 @@ pub struct ServiceRequest {
     /// characters of letters, digits, `-`, `_` and `.` (keys also `/`).
     #[serde(default)]
     pub on: BTreeMap<String, String>,
+    /// What the VM's guest may reach out of it (`none` when absent: no connection out).
+    /// A pool VM or a shared VM is handed out only to requests with its own policy.
+    #[serde(default)]
+    pub egress: crate::EgressPolicy,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -76,6 +80,8 @@ pub enum RequestError {
     Config(String),
     #[error("isolation group {0:?} must be 1 to 63 characters of a-z, 0-9, '-', '_' and '.'")]
     BadIsolate(String),
+    #[error(transparent)]
+    Egress(#[from] crate::egress::EgressError),
     #[error("label key {0:?} must be 1 to 63 characters of letters, digits, '-', '_', '.' and '/'")]
     BadLabelKey(String),
     #[error("label value of {0:?} must be 1 to 63 characters of letters, digits, '-', '_' and '.'")]
@@ -140,6 +146,7 @@ impl ServiceRequest {
                 return Err(RequestError::BadLabelValue(key.clone()));
             }
         }
+        self.egress.validate()?;
         Ok(())
     }
 

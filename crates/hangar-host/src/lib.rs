@@ -79,6 +79,9 @@ pub struct VmPlan {
     pub purpose: Purpose,
     /// A ready criterion other than the service's (a pool's, set at run time).
     pub ready: Option<ReadySpec>,
+    /// What the guest may reach out of the VM, enforced by the host (`none` by default).
+    #[serde(default)]
+    pub egress: hangar_core::EgressPolicy,
 }
 
 impl VmPlan {
@@ -95,6 +98,7 @@ impl VmPlan {
             hostname: id.to_owned(),
             purpose,
             ready: None,
+            egress: hangar_core::EgressPolicy::default(),
         }
     }
 }
@@ -104,6 +108,17 @@ impl VmPlan {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct LaunchRecord(pub serde_json::Value);
+
+impl LaunchRecord {
+    /// The egress policy the VM was started with (and is restored with): `open` for a VM
+    /// recorded before policies existed.
+    pub fn egress(&self) -> hangar_core::EgressPolicy {
+        self.0
+            .get("egress")
+            .and_then(|policy| serde_json::from_value(policy.clone()).ok())
+            .unwrap_or_else(hangar_core::EgressPolicy::legacy)
+    }
+}
 
 /// A VM prepared by [`Host::prepare_vm`]: images resolved, host ports chosen, no process
 /// yet.

@@ -52,6 +52,7 @@ fn plan(id: &str, purpose: Purpose) -> VmPlan {
         hostname: id.into(),
         purpose,
         ready: None,
+        egress: Default::default(),
     }
 }
 

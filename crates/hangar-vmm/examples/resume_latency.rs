@@ -72,6 +72,7 @@ async fn main() {
         memory_mib: 128,
         ram_tail_kib: 0,
         segment_nic: false,
+        egress: hangar_core::EgressPolicy::Open,
         kernel: assets.vmlinux,
         initramfs: assets.initramfs,
         cmdline: hangar_image::kernel_cmdline(hangar_image::host_tsc_khz()),

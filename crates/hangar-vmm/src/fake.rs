@@ -569,6 +569,7 @@ mod tests {
             memory_mib: 64,
             ram_tail_kib: 0,
             segment_nic: false,
+            egress: hangar_core::EgressPolicy::Open,
             kernel: "k".into(),
             initramfs: "i".into(),
             cmdline: String::new(),

@@ -19,6 +19,7 @@ pub mod agent;
 pub mod archive;
 pub mod confine;
 pub mod delta;
+pub mod egress;
 pub mod fake;
 pub mod migrate;
 pub mod procs;
@@ -92,6 +93,12 @@ pub struct VmSpec {
     /// migrations take it from their source).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub segment_nic: bool,
+    /// What the guest may reach out of its user-mode NIC, enforced by QEMU's slirp
+    /// ([`crate::egress`]). A spec recorded before policies existed has none and keeps the
+    /// unrestricted behaviour it was made with (`open`); new VMs are planned with the
+    /// request's policy (`none` by default).
+    #[serde(default = "hangar_core::EgressPolicy::legacy")]
+    pub egress: hangar_core::EgressPolicy,
 }
 
 /// The MAC address the segment NIC ([`VmSpec::segment_nic`]) boots with. Every clone of a

@@ -1301,7 +1301,7 @@ fn command_line(accel: Accel, spec: &VmSpec, paths: &VmPaths, boot: bool) -> Vec
         "-display".into(),
         "none".into(),
         "-sandbox".into(),
-        crate::confine::SANDBOX.into(),
+        crate::egress::sandbox(spec).into(),
         "-pidfile".into(),
         path(&paths.pidfile),
         "-no-reboot".into(),
@@ -1380,16 +1380,9 @@ fn command_line(accel: Accel, spec: &VmSpec, paths: &VmPaths, boot: bool) -> Vec
             ),
         ]);
     }
-    let mut netdev = "user,id=n0".to_string();
-    for forward in &spec.forwards {
-        netdev.push_str(&format!(
-            ",hostfwd=tcp:{}:{}-:{}",
-            forward.host, forward.host_port, forward.guest_port
-        ));
-    }
     args.extend([
         "-netdev".into(),
-        netdev,
+        crate::egress::netdev(&spec.forwards, &spec.egress),
         "-device".into(),
         format!("virtio-net-{bus},netdev=n0"),
     ]);
@@ -1523,6 +1516,7 @@ mod tests {
             memory_mib: 256,
             ram_tail_kib: 0,
             segment_nic: false,
+            egress: hangar_core::EgressPolicy::Open,
             kernel: "/a/vmlinux".into(),
             initramfs: "/a/initramfs.cpio".into(),
             cmdline: "console=ttyS0 quiet".into(),
@@ -1683,6 +1677,7 @@ mod tests {
             memory_mib: 512,
             ram_tail_kib: 0,
             segment_nic: false,
+            egress: hangar_core::EgressPolicy::Open,
             kernel: "/a/vmlinux".into(),
             initramfs: "/a/initramfs.cpio".into(),
             cmdline: "console=ttyS0".into(),
@@ -1741,6 +1736,7 @@ mod tests {
             memory_mib: 256,
             ram_tail_kib: TCG_RAM_TAIL_KIB,
             segment_nic: false,
+            egress: hangar_core::EgressPolicy::Open,
             kernel: "/a/vmlinux".into(),
             initramfs: "/a/initramfs.cpio".into(),
             cmdline: "console=ttyS0".into(),
@@ -1786,6 +1782,7 @@ mod tests {
             memory_mib: 256,
             ram_tail_kib: 0,
             segment_nic: true,
+            egress: hangar_core::EgressPolicy::Open,
             kernel: "/a/vmlinux".into(),
             initramfs: "/a/initramfs.cpio".into(),
             cmdline: "console=ttyS0".into(),

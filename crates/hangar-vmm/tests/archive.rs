@@ -108,6 +108,7 @@ fn archive_and_restore_keep_memory_and_disk_in_both_tiers() {
             memory_mib: 128,
             ram_tail_kib: 0,
             segment_nic: false,
+            egress: hangar_core::EgressPolicy::Open,
             ..spec.clone()
         };
         backend.archive(id, ArchiveTier::Raw).await.unwrap();

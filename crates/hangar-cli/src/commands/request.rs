@@ -51,6 +51,13 @@ pub struct RequestArgs {
     /// Only on hosts labelled KEY=VALUE (repeatable; every one must match).
     #[arg(long = "on", value_name = "KEY=VALUE", value_parser = parse_env)]
     on: Vec<(String, String)>,
+    /// What the VM's guest may reach out of it: `none` (the default: no connection out;
+    /// its endpoints still answer), `open` (anywhere this host reaches), `segment` (a stack
+    /// member: `none` on its user-mode NIC), or `allow=HOST:PORT[,HOST:PORT…]` (only
+    /// those, each reached by the guest at 10.0.2.100, .101, … on the target's port; a
+    /// named target is in the guest's /etc/hosts under its name).
+    #[arg(long, value_name = "POLICY", value_parser = parse_egress)]
+    egress: Option<hangar_core::EgressPolicy>,
     /// Retries with the same key (by the same user) get the first answer, the same VM,
     /// instead of another VM.
     #[arg(long, value_name = "KEY")]
@@ -58,6 +65,11 @@ pub struct RequestArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+fn parse_egress(text: &str) -> Result<hangar_core::EgressPolicy, String> {
+    text.parse()
+        .map_err(|err: hangar_core::egress::EgressError| err.to_string())
 }
 
 /// `N` or `MIN-MAX` MiB, as `(min, max)`.
@@ -99,6 +111,7 @@ impl RequestArgs {
             "deadline_ms": self.deadline.map(|d| d.as_millis() as u64),
             "isolate": self.isolate,
             "on": self.on.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+            "egress": self.egress.clone().unwrap_or_default(),
         });
         serde_json::from_value(body)
             .map_err(|err| CliError::Usage(format!("not a valid request: {err}")))
@@ -155,6 +168,9 @@ pub async fn run(client: &Client, args: RequestArgs) -> Result<(), CliError> {
     }
     if let Some(chosen) = &grant.chosen {
         eprintln!("chosen: {}", chosen.reason);
+    }
+    for allowed in &grant.egress.allow {
+        eprintln!("egress: {} reached at {}", allowed.target, allowed.guest);
     }
     if std::io::stderr().is_terminal() {
         let how = match grant.served {

@@ -72,6 +72,10 @@ pub async fn list(client: &Client, args: VmsArgs) -> Result<(), CliError> {
             format!("{}/{}", vm.vcpus, vm.memory_mib),
             vm.mode.as_str().to_owned(),
             ago(Some(vm.idle_ms)),
+            match vm.egress.allow.len() {
+                0 => vm.egress.policy.clone(),
+                n => format!("{}({n})", vm.egress.policy),
+            },
             state,
         ]
     });
@@ -84,6 +88,7 @@ pub async fn list(client: &Client, args: VmsArgs) -> Result<(), CliError> {
             "CPU/MIB",
             "MODE",
             "LAST USED",
+            "EGRESS",
             "STATE",
         ],
         rows,

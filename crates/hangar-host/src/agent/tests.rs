@@ -127,6 +127,7 @@ pub(super) fn plan(id: &str, purpose: Purpose) -> VmPlan {
         hostname: id.into(),
         purpose,
         ready: None,
+        egress: Default::default(),
     }
 }
 

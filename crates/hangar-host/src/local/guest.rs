@@ -204,3 +204,35 @@ pub(super) async fn settle(vm_id: &str, pid: u32, how: &Settle) {
 }
 
 const SETTLED_PERCENT: f64 = 10.0;
+
+/// Gives the guest the names of its allowed egress targets that have one (`10.0.2.101
+/// db.internal` appended to its `/etc/hosts`): the guest reaches each at its own address
+/// (`hangar_core::egress::guest_address`), not where the host does. Nothing to do for a
+/// policy without named targets.
+pub(super) async fn name_egress_targets(
+    agent: &Agent,
+    policy: &hangar_core::EgressPolicy,
+) -> Result<(), String> {
+    let lines: Vec<String> = policy
+        .forwards()
+        .iter()
+        .filter_map(|forward| Some(format!("{} {}", forward.guest, forward.target.name()?)))
+        .collect();
+    if lines.is_empty() {
+        return Ok(());
+    }
+    // Names and addresses are letters, digits, '-' and '.' (checked when the policy was
+    // parsed): nothing in them needs quoting.
+    let script = format!(
+        "printf '%s\\n' {} >> /etc/hosts",
+        lines
+            .iter()
+            .map(|line| format!("'{line}'"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let argv = vec!["sh".to_owned(), "-c".to_owned(), script];
+    ready::exec_check(agent, &argv, Duration::from_secs(10))
+        .await
+        .map_err(|err| format!("writing the egress targets' names to /etc/hosts: {}", err.0))
+}

@@ -270,6 +270,7 @@ impl Host for LocalHost {
             vcpus: plan.vcpus,
             memory_mib: plan.memory_mib,
             ram_tail_kib: self.hv.ram_tail_kib(),
+            egress: plan.egress.clone(),
             kernel: assets.vmlinux.clone(),
             initramfs: assets.initramfs.clone(),
             cmdline: self.config.guest_cmdline.clone(),
@@ -382,6 +383,9 @@ impl Host for LocalHost {
             let ready = plan.ready.as_ref().unwrap_or(&service.ready);
             self.wait_ready(vm_id, launched.pid, service, ready, &endpoints, &agent)
                 .await?;
+            guest::name_egress_targets(&agent, &spec.egress)
+                .await
+                .map_err(|err| HostError::Guest(format!("{vm_id}: {err}")))?;
             if plan.purpose == Purpose::Template {
                 if let Some(pid) = launched.pid {
                     settle(vm_id, pid, &Settle::BOOTED).await;

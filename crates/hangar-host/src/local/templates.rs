@@ -123,6 +123,7 @@ impl LocalHost {
             firmware: false,
             memory: Default::default(),
             segment_nic: true,
+            egress: hangar_core::EgressPolicy::None,
         })
     }
 

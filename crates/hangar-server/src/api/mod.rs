@@ -13,6 +13,7 @@ use hangar_api::{
     PoolBoundsBody, PortView, ServiceView, SettingView, SliceView, TaskView, VmQuery, VmView,
 };
 use hangar_core::{ServiceRequest, VmState};
+use hangar_host::LaunchRecord;
 use hangar_store::{TaskRecord, TaskStep, VmRecord};
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
@@ -248,6 +249,7 @@ impl From<Grant> for GrantView {
             placement: grant.placement,
             installed_at_deploy: grant.installed_at_deploy,
             chosen: grant.chosen,
+            egress: (&LaunchRecord(grant.vm.spec).egress()).into(),
         }
     }
 }
@@ -443,6 +445,7 @@ pub(crate) fn rfc3339(ms: u64) -> String {
 
 /// `vm` as the API shows it (without its archive; see [`view`]).
 fn vm_view(vm: VmRecord) -> VmView {
+    let egress = (&LaunchRecord(vm.spec.clone()).egress()).into();
     VmView {
         id: vm.id,
         host: vm.host,
@@ -467,6 +470,7 @@ fn vm_view(vm: VmRecord) -> VmView {
         state_since: rfc3339(vm.state_since_ms),
         boot_ms: vm.boot_ms,
         moving_to: None,
+        egress,
     }
 }
 

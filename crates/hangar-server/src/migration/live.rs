@@ -119,6 +119,8 @@ pub async fn migrate_active(mv: &Move<'_>, vm: VmRecord) -> Result<VmRecord, Str
         hostname: vm.id.clone(),
         purpose: Purpose::Request,
         ready: None,
+        // Held to the policy it runs with.
+        egress: LaunchRecord(vm.spec.clone()).egress(),
     };
     let mut attempt = 1;
     let (incoming, precopy, held, open, drained) = loop {

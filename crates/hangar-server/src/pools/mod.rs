@@ -384,6 +384,7 @@ impl Manager {
             on: Default::default(),
             owner: crate::requests::SYSTEM_OWNER.into(),
             quota: crate::quotas::Reservation::none(),
+            egress: hangar_core::EgressPolicy::default(),
         };
         *self
             .pools

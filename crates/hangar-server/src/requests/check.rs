@@ -46,7 +46,7 @@ impl Manager {
                 ));
             }
         };
-        let pool = self.pool_supply().await?;
+        let pool = self.pool_supply(&request.egress).await?;
         self.verdict(&ask, pool).await
     }
 
@@ -78,13 +78,18 @@ impl Manager {
     /// The paused pool VMs (booted and pre-OS shells) as the engine sees them, with their
     /// records. A VM cloned from a template cannot be sliced (ballooning it would write
     /// the template's memory file).
-    pub(crate) async fn pool_supply(&self) -> Result<Vec<(VmRecord, PoolVm)>, RequestError> {
+    /// Only those running with `egress`: a pool VM is handed out only to a request of its
+    /// own policy (slirp's configuration cannot change under a running VM).
+    pub(crate) async fn pool_supply(
+        &self,
+        egress: &hangar_core::EgressPolicy,
+    ) -> Result<Vec<(VmRecord, PoolVm)>, RequestError> {
         Ok(self
             .store
             .vms(false)
             .await?
             .into_iter()
-            .filter(|vm| vm.state == VmState::Ready && vm.pool.is_some())
+            .filter(|vm| vm.state == VmState::Ready && vm.pool.is_some() && runs_with(vm, egress))
             .map(|vm| {
                 let seen = PoolVm {
                     id: vm.id.clone(),
@@ -147,4 +152,10 @@ impl Manager {
         }
         supply
     }
+}
+
+/// Whether `vm` was started with the egress policy `egress` (pool and shared VMs are handed
+/// out only to requests with their own policy).
+pub(crate) fn runs_with(vm: &VmRecord, egress: &hangar_core::EgressPolicy) -> bool {
+    LaunchRecord(vm.spec.clone()).egress() == *egress
 }

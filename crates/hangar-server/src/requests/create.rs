@@ -219,5 +219,6 @@ pub(crate) fn plan_for(make: &MakeVm, vm_id: &str) -> VmPlan {
             Purpose::Request
         },
         ready: make.ready.clone(),
+        egress: make.egress.clone(),
     }
 }

@@ -52,8 +52,8 @@ impl Manager {
             let mut stages = Stages::default();
             let started = Instant::now();
             let picked = match picker {
-                Picker::Best => self.best_pool_vm(machine, request.exact_size).await?,
-                Picker::Engine(ask) => self.engine_pool_vm(ask).await?,
+                Picker::Best => self.best_pool_vm(machine, request).await?,
+                Picker::Engine(ask) => self.engine_pool_vm(ask, &request.egress).await?,
             };
             let Some(Pick {
                 vm: candidate,
@@ -137,8 +137,9 @@ impl Manager {
     async fn best_pool_vm(
         &self,
         machine: &MachineRequest,
-        exact_size: bool,
+        request: &ServiceRequest,
     ) -> Result<Option<Pick>, RequestError> {
+        let exact_size = request.exact_size;
         // Only a one-disk busybox OS is attached to a pre-OS shell here: a layered OS goes
         // through the install path, and an OS the catalog does not declare (an imported
         // machine, booted by its own firmware on another machine type) never fits one.
@@ -148,7 +149,7 @@ impl Manager {
             .is_some_and(|os| os.base == hangar_core::catalog::OsBase::Busybox);
         let want = (machine.vcpus, machine.memory_mib.max);
         let paused: Vec<VmRecord> = self
-            .pool_supply()
+            .pool_supply(&request.egress)
             .await?
             .into_iter()
             .filter(|(vm, _)| !(layered && vm.os.is_none()))
@@ -183,8 +184,12 @@ impl Manager {
     /// The engine's choice for `ask`, when it is a paused pool VM (exact, superset or
     /// partial); `None` when it chooses anything else (or the request has a hard problem:
     /// checked before, so only when the pool changed meanwhile).
-    async fn engine_pool_vm(&self, ask: &Ask) -> Result<Option<Pick>, RequestError> {
-        let pool = self.pool_supply().await?;
+    async fn engine_pool_vm(
+        &self,
+        ask: &Ask,
+        egress: &hangar_core::EgressPolicy,
+    ) -> Result<Option<Pick>, RequestError> {
+        let pool = self.pool_supply(egress).await?;
         let records: BTreeMap<String, VmRecord> = pool
             .iter()
             .map(|(vm, _)| (vm.id.clone(), vm.clone()))

@@ -189,6 +189,7 @@ impl Manager {
                     && vm.os.is_none()
                     && vm.vcpus >= machine.vcpus
                     && vm.memory_mib >= machine.memory_mib.min
+                    && super::check::runs_with(vm, &request.egress)
             })
             .collect();
         shells.sort_by_key(|vm| (Some(vm.id.as_str()) != prefer, vm.memory_mib, vm.vcpus));

@@ -92,6 +92,8 @@ pub(crate) struct MakeVm {
     pub owner: String,
     /// The VM reserved against its owner's quota, released once its row is written.
     pub quota: crate::quotas::Reservation,
+    /// What its guest may reach out of it (pool VMs and templates: the default, `none`).
+    pub egress: hangar_core::EgressPolicy,
 }
 
 impl MakeVm {
@@ -196,7 +198,7 @@ impl Manager {
                     settings: request.env.clone(),
                     exact_size: request.exact_size,
                 };
-                let pool = self.pool_supply().await?;
+                let pool = self.pool_supply(&request.egress).await?;
                 let verdict = self.verdict(&ask, pool).await?;
                 if !verdict.ok {
                     return Err(RequestError::Unservable(Box::new(verdict)));
@@ -247,12 +249,18 @@ impl Manager {
                         retry_after_s: 2,
                         task: None,
                     })?;
-                if let Some(vm) = self.pick_shared(&service.name, &request.env).await? {
+                if let Some(vm) = self
+                    .pick_shared(&service.name, &request.env, &request.egress)
+                    .await?
+                {
                     return Ok(self
                         .grant(vm, Some(&service), Served::Shared, None, None)
                         .await);
                 }
-                if let Some(vm) = self.wake_shared(&service.name, &request.env).await {
+                if let Some(vm) = self
+                    .wake_shared(&service.name, &request.env, &request.egress)
+                    .await
+                {
                     return Ok(self
                         .grant(vm, Some(&service), Served::Woken, None, None)
                         .await);
@@ -305,6 +313,7 @@ impl Manager {
             on: request.on.clone(),
             owner: owner.to_owned(),
             quota,
+            egress: request.egress.clone(),
         };
         self.create_and_wait(make, guard, until, deadline, &service.name)
             .await
@@ -475,6 +484,7 @@ impl Manager {
             on: request.on.clone(),
             owner: owner.to_owned(),
             quota,
+            egress: request.egress.clone(),
         };
         let mut grant = self
             .create_and_wait(make, None, until, deadline, &name)
@@ -628,10 +638,12 @@ impl Manager {
         &self,
         service: &str,
         env: &BTreeMap<String, String>,
+        egress: &hangar_core::EgressPolicy,
     ) -> Result<Option<VmRecord>, RequestError> {
         // The store keeps secret settings sealed, deterministically: compare sealed.
         let env = &self.secrets.seal_env(env);
         let mut candidates = self.store.shared_candidates(service, env).await?;
+        candidates.retain(|vm| check::runs_with(vm, egress));
         candidates.sort_by_key(|vm| vm.last_used_at_ms);
         for vm in candidates {
             match self.host_of(&vm).run_state(&vm.id).await {
@@ -645,7 +657,12 @@ impl Manager {
 
     /// Wakes the most recently used sleeping or archived shared VM offering `service` with
     /// exactly this environment, if there is one and it wakes.
-    async fn wake_shared(&self, service: &str, env: &BTreeMap<String, String>) -> Option<VmRecord> {
+    async fn wake_shared(
+        &self,
+        service: &str,
+        env: &BTreeMap<String, String>,
+        egress: &hangar_core::EgressPolicy,
+    ) -> Option<VmRecord> {
         let env = &self.secrets.seal_env(env);
         let mut dormant: Vec<VmRecord> = self
             .store
@@ -658,6 +675,7 @@ impl Manager {
                     && vm.mode == Mode::Shared
                     && vm.services.iter().any(|s| s == service)
                     && vm.env == *env
+                    && check::runs_with(vm, egress)
             })
             .collect();
         dormant.sort_by_key(|vm| std::cmp::Reverse(vm.last_used_at_ms));

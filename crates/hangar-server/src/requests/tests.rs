@@ -365,6 +365,7 @@ async fn restart_adopts_running_vms_fails_vanished_ones_and_stops_strangers() {
         memory_mib: 64,
         ram_tail_kib: 0,
         segment_nic: false,
+        egress: hangar_core::EgressPolicy::Open,
         kernel: "k".into(),
         initramfs: "i".into(),
         cmdline: String::new(),

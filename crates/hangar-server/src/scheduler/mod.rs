@@ -487,6 +487,7 @@ mod tests {
             hostname: "vm-new".into(),
             purpose,
             ready: None,
+            egress: Default::default(),
         }
     }
 

@@ -87,6 +87,7 @@ impl Manager {
             on: body.on.clone(),
             owner: crate::requests::LOCAL_OWNER.into(),
             quota: crate::quotas::Reservation::none(),
+            egress: hangar_core::EgressPolicy::default(),
         };
         let plan = plan_for(&make, PREVIEW_ID);
         let constraints = make.constraints();

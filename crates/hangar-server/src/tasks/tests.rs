@@ -156,6 +156,7 @@ async fn at_restart_a_half_task_is_undone_from_its_journal() {
         memory_mib: 64,
         ram_tail_kib: 0,
         segment_nic: false,
+        egress: hangar_core::EgressPolicy::Open,
         kernel: "k".into(),
         initramfs: "i".into(),
         cmdline: String::new(),

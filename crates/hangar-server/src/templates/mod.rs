@@ -88,6 +88,7 @@ impl Manager {
             on: Default::default(),
             owner: crate::requests::SYSTEM_OWNER.into(),
             quota: crate::quotas::Reservation::none(),
+            egress: hangar_core::EgressPolicy::default(),
         };
         let manager = self.clone();
         let name = service.name.clone();

@@ -150,6 +150,7 @@ pub fn spec(id: &str, guest: &Guest, port: u16) -> VmSpec {
         memory_mib: MEMORY_MIB,
         ram_tail_kib: 0,
         segment_nic: false,
+        egress: hangar_core::EgressPolicy::Open,
         kernel: guest.vmlinux.clone(),
         initramfs: guest.initramfs.clone(),
         cmdline: hangar_image::kernel_cmdline(hangar_image::host_tsc_khz()),
