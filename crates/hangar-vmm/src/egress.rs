@@ -144,7 +144,7 @@ mod tests {
 
     fn forward() -> PortForward {
         PortForward {
-            host: "127.0.0.1".into(),
+            host: std::net::Ipv4Addr::LOCALHOST.into(),
             host_port: 40000,
             guest_port: 80,
         }

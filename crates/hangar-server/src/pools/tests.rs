@@ -535,3 +535,35 @@ async fn a_service_without_a_catalog_pool_gets_one_at_run_time() {
     let err = manager.set_pool_bounds("dbx", 1, None).await.unwrap_err();
     assert!(err.to_string().contains("no pool or service"), "{err}");
 }
+
+#[tokio::test]
+async fn pool_and_shared_vms_go_only_to_requests_of_their_own_egress_policy() {
+    use hangar_core::EgressPolicy;
+    let egress =
+        |grant: &crate::requests::Grant| hangar_host::LaunchRecord(grant.vm.spec.clone()).egress();
+    let (manager, _, _) = setup(4096);
+    settle(&manager).await;
+    // Pool VMs run the default policy: a request for another gets a VM made with its own.
+    let mut open = dedicated("web");
+    open.egress = EgressPolicy::Open;
+    let made = manager.request(open).await.unwrap();
+    assert_eq!(made.served, Served::Created);
+    assert_eq!(egress(&made), EgressPolicy::Open);
+    let pooled = manager.request(dedicated("web")).await.unwrap();
+    assert_eq!(pooled.served, Served::Exact);
+    assert_eq!(egress(&pooled), EgressPolicy::None);
+
+    // Shared VMs are shared only between requests of one policy.
+    let shared_none = manager.request(request("web", Mode::Shared)).await.unwrap();
+    let mut allow = request("web", Mode::Shared);
+    allow.egress = "allow=10.1.2.3:80".parse().unwrap();
+    let shared_allow = manager.request(allow.clone()).await.unwrap();
+    assert_ne!(shared_allow.vm.id, shared_none.vm.id);
+    assert_eq!(shared_allow.served, Served::Created);
+    assert_eq!(egress(&shared_allow), allow.egress);
+    let again = manager.request(allow).await.unwrap();
+    assert_eq!(
+        (again.served, again.vm.id.as_str()),
+        (Served::Shared, shared_allow.vm.id.as_str())
+    );
+}
