@@ -84,7 +84,11 @@ async fn make_for(host: &LocalHost, id: &str, purpose: Purpose) -> (MadeVm, Stri
         .find(|service| service.name == "http-counter")
         .expect("http-counter")
         .clone();
-    let plan = VmPlan::for_service(id, &service, purpose);
+    let plan = VmPlan {
+        // A stack member: nothing out of its user-mode NIC, its peers on the segment.
+        egress: hangar_core::EgressPolicy::Segment,
+        ..VmPlan::for_service(id, &service, purpose)
+    };
     let silent: hangar_host::ProgressFn = Arc::new(|_: &str, _: u8| {});
     let prepared = host.prepare_vm(&plan, silent.clone()).await.unwrap();
     let made = host.make_vm(&plan, &prepared, silent).await.unwrap();
