@@ -193,6 +193,8 @@ pub async fn migrate_active(mv: &Move<'_>, vm: VmRecord) -> Result<VmRecord, Str
         attempts = attempt,
         "vm live-migrated"
     );
+    // A stack member's port is its host's: it joins its segment again here.
+    manager.rejoin_stack_member(&moved).await;
     Ok(moved)
 }
 

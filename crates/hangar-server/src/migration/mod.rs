@@ -41,11 +41,10 @@
 //!
 //! A VM's segment port is its host's (a socket in its VM directory, a port of that host's
 //! switch, see `hangar_host::segment`): the destination's copy has its own NIC socket and
-//! no port. TODO(segments): once the store keeps each member's
-//! [`hangar_host::SegmentJoin`] (the stack concern), call
-//! [`hangar_host::Host::join_segment`] on the destination after `migrate_finish` (live)
-//! and after the wake that follows a cold move; until then a migrated member is off its
-//! segment (its guest keeps its settings; frames go nowhere). Members on different hosts
+//! no port. A stack member moved live joins its segment again on the destination once
+//! the move is recorded (`Manager::rejoin_stack_member`: the same address, MAC and names;
+//! its guest kept its settings). TODO(segments): a member moved cold (asleep or archived)
+//! is off its segment after its wake there until it joins again; members on different hosts
 //! would also need the hosts' switches joined (a tunnel between agents, not built).
 
 pub mod cold;

@@ -461,6 +461,52 @@ impl Manager {
         }
     }
 
+    /// A member that live migration moved to another host: joined to its segment there
+    /// (the destination's copy has its own NIC socket and no port on that host's switch).
+    /// Its guest kept its settings in its memory; the join binds its port and tells it the
+    /// same address, MAC and names (no files, no restart). Logged, never fatal: the VM
+    /// runs either way.
+    pub(crate) async fn rejoin_stack_member(&self, vm: &hangar_store::VmRecord) {
+        let stacks = match self.store.stacks().await {
+            Ok(stacks) => stacks,
+            Err(err) => {
+                tracing::warn!(vm = %vm.id, error = %err, "cannot read stacks to rejoin a moved member");
+                return;
+            }
+        };
+        let Some((record, member)) = stacks.into_iter().find_map(|record| {
+            let member = record
+                .members
+                .iter()
+                .find(|(_, id)| **id == vm.id)
+                .map(|(member, _)| member.clone())?;
+            Some((record, member))
+        }) else {
+            return;
+        };
+        let joined = async {
+            let plan = self.plan_of(&record).map_err(|err| err.to_string())?;
+            let planned = plan.member(&member).ok_or("not in the stack's plan")?;
+            let service = self
+                .catalog
+                .get(&planned.service)
+                .ok_or("its service is gone")?;
+            let join = segment::member_join(&plan, planned, service, &vm.id, true)
+                .map_err(|err| crate::api::error::error_chain(&err))?;
+            segment::join(self.host_of(vm).as_ref(), &vm.id, &join)
+                .await
+                .map_err(|err| crate::api::error::error_chain(&err))
+        };
+        match joined.await {
+            Ok(()) => {
+                tracing::info!(stack = %record.name, member, vm = %vm.id, host = %vm.host, "moved member joined its segment again")
+            }
+            Err(err) => {
+                tracing::warn!(stack = %record.name, member, vm = %vm.id, error = %err, "cannot join a moved member to its segment")
+            }
+        }
+    }
+
     /// The VMs that are members of a stack, and which of them are fronts (have public
     /// ports): the lifecycle loop acts on a stack as one.
     pub(crate) async fn stack_members(

@@ -282,3 +282,24 @@ async fn the_lifecycle_loop_sleeps_the_stack_when_its_front_is_idle_never_a_memb
         assert_eq!(vm_state(&store, vm).await, VmState::Sleeping);
     }
 }
+
+#[tokio::test]
+async fn a_member_off_its_segment_joins_again_as_after_a_live_move() {
+    let (manager, store, segments) = setup();
+    let stack = up(&manager, &store, SHOP).await;
+    let vm = stack.members[0].vm.clone().unwrap();
+    let record = store.vm(&vm).await.unwrap().unwrap();
+    // As on a migration's destination: the VM runs there without a port.
+    manager.host_of(&record).leave_segment(&vm).await.unwrap();
+    assert_eq!(joined(&segments, &vm), None);
+    manager.rejoin_stack_member(&record).await;
+    assert_eq!(joined(&segments, &vm).as_deref(), Some("shop"));
+    // A VM in no stack is left as it is.
+    let alone = manager
+        .request(request("api", hangar_core::Mode::Dedicated))
+        .await
+        .unwrap()
+        .vm;
+    manager.rejoin_stack_member(&alone).await;
+    assert_eq!(joined(&segments, &alone.id), None);
+}
