@@ -218,6 +218,7 @@ impl From<crate::migration::MigrationError> for ApiError {
             | MigrationError::WrongState { .. }
             | MigrationError::NotOnFarm { .. }
             | MigrationError::AlreadyMoving { .. }
+            | MigrationError::StackMember { .. }
             | MigrationError::Destination { .. } => ApiError::Conflict(err.to_string()),
         }
     }

@@ -41,11 +41,13 @@
 //!
 //! A VM's segment port is its host's (a socket in its VM directory, a port of that host's
 //! switch, see `hangar_host::segment`): the destination's copy has its own NIC socket and
-//! no port. A stack member moved live joins its segment again on the destination once
-//! the move is recorded (`Manager::rejoin_stack_member`: the same address, MAC and names;
-//! its guest kept its settings). TODO(segments): a member moved cold (asleep or archived)
-//! is off its segment after its wake there until it joins again; members on different hosts
-//! would also need the hosts' switches joined (a tunnel between agents, not built).
+//! no port, and segments do not cross hosts (a tunnel between agents' switches is designed
+//! in DESIGN.md, not built). A stack's members therefore do not move: [`migrate`] refuses
+//! them ([`MigrationError::StackMember`]), so evacuation and rebalancing leave them where
+//! they are. The live path already joins a moved member again on its destination
+//! (`Manager::rejoin_stack_member`: the same address, MAC and names; its guest kept its
+//! settings), for when segments cross hosts; a cold move would need the same after the
+//! wake that follows it.
 
 pub mod cold;
 pub mod live;
@@ -86,6 +88,12 @@ pub enum MigrationError {
     NotOnFarm { id: String, host: String },
     #[error("VM {id} is being migrated already (task {task})")]
     AlreadyMoving { id: String, task: String },
+    /// A stack's members share a segment on one host (segments do not cross hosts yet).
+    #[error(
+        "VM {id} is a member of stack {stack}, whose private segment does not cross hosts; \
+         its members stay on their host (`hangar stack down {stack}` and up elsewhere)"
+    )]
+    StackMember { id: String, stack: String },
     /// Placement's rules refuse the destination.
     #[error("host {host} cannot take VM {id}: {why}")]
     Destination {
@@ -249,6 +257,9 @@ async fn check(
         .await?
         .filter(|vm| vm.state != VmState::Deleted)
         .ok_or_else(|| MigrationError::NoVm(vm_id.to_owned()))?;
+    if let Some((stack, _)) = manager.stack_members().await?.remove(&vm.id) {
+        return Err(MigrationError::StackMember { id: vm.id, stack });
+    }
     let kind = kind_of(&vm)?;
     if vm.host == to_host {
         return Err(MigrationError::SameHost {

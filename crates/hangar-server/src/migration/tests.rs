@@ -92,3 +92,29 @@ async fn a_failed_move_leaves_the_vm_where_it_was_and_says_why() {
     );
     assert!(m.migrations.of(&vm).is_none());
 }
+
+#[tokio::test]
+async fn a_stack_member_stays_on_its_host() {
+    let (farm, vm, host) = farm_with_vm().await;
+    farm.store
+        .insert_stack(&hangar_store::StackRecord {
+            name: "shop".into(),
+            owner: "admin".into(),
+            spec: serde_json::json!({ "name": "shop", "member": { "front": { "service": "web" } } }),
+            segment: "10.213.0.0/24".into(),
+            state: hangar_core::stack::StackState::Up,
+            members: [("front".to_owned(), vm.clone())].into(),
+            created_at_ms: 0,
+            updated_at_ms: 0,
+        })
+        .await
+        .unwrap();
+    let err = migrate(&farm.manager, &vm, other(&host), "admin")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, MigrationError::StackMember { stack, .. } if stack == "shop"),
+        "{err}"
+    );
+    assert_eq!(farm.store.vm(&vm).await.unwrap().unwrap().host, host);
+}
