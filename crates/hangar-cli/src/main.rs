@@ -267,6 +267,14 @@ async fn client_command(
     token: Option<String>,
     command: Command,
 ) -> Result<(), CliError> {
+    // A client's output piped into `head` ends quietly when the pipe closes, as other
+    // command-line tools do, instead of panicking on the failed print. Only client commands:
+    // the server and agents must get EPIPE on their sockets, not the signal.
+    // SAFETY: resets one signal's disposition to the default before any thread of ours
+    // writes to stdout; no handler is installed.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let mut client = Client::new(url)?;
     if let Some(token) = &token {
         client = client.with_token(token);
