@@ -29,6 +29,7 @@ command -v virsh >/dev/null || need+=(libvirt-clients)
 [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need+=(fonts-dejavu-core)
 command -v chromium >/dev/null || need+=(chromium)
 command -v chromedriver >/dev/null || need+=(chromium-driver)
+command -v dig >/dev/null || need+=(dnsutils)
 [ -x /usr/bin/prometheus ] || need+=(prometheus)
 
 if [ ${#need[@]} -gt 0 ]; then

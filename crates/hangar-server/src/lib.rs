@@ -33,6 +33,7 @@ use hangar_vmm::qemu::{QemuBackend, QemuConfig};
 
 pub mod alerts;
 pub mod api;
+pub mod dns;
 pub mod endpoints;
 pub mod evacuation;
 pub mod farm;
@@ -90,6 +91,8 @@ pub struct ServerConfig {
     pub pool_memory_mib: u64,
     /// Answers carry `<vm>.<domain>` when set.
     pub dns_domain: Option<String>,
+    /// Answer DNS for `dns_domain` on this address (UDP and TCP; [`dns`]). Off when `None`.
+    pub dns_listen: Option<SocketAddr>,
     /// Most guest memory (MiB) active and sleeping VMs may hold; none: unlimited.
     pub memory_budget_mib: Option<u64>,
     /// Most disk (MiB) archives and evictable images may take; none: unlimited.
@@ -184,6 +187,10 @@ pub enum ServerError {
     },
     #[error(transparent)]
     FarmToken(#[from] farm::token::TokenError),
+    #[error(transparent)]
+    Dns(#[from] dns::DnsError),
+    #[error("--dns-listen needs --dns-domain: the domain to answer for")]
+    DnsWithoutDomain,
     #[error(transparent)]
     Secrets(#[from] secrets::SecretsError),
     #[error(transparent)]
@@ -551,6 +558,12 @@ pub async fn run(
         })
     };
 
+    let dns = match (config.dns_listen, &config.dns_domain) {
+        (Some(addr), Some(domain)) => Some(dns::serve(addr, domain, manager.clone()).await?.1),
+        (Some(_), None) => return Err(ServerError::DnsWithoutDomain),
+        (None, _) => None,
+    };
+
     let farm_loop = manager.spawn_farm_loop();
     let pool_loop = manager.spawn_pool_loop();
     let lifecycle_loop = manager.spawn_lifecycle_loop();
@@ -583,6 +596,9 @@ pub async fn run(
     alert_loop.abort();
     if let Some(rebalance_loop) = rebalance_loop {
         rebalance_loop.abort();
+    }
+    if let Some(dns) = dns {
+        dns.abort();
     }
     drop(lock);
     served.map_err(ServerError::Serve)

@@ -42,6 +42,12 @@ pub struct ServerArgs {
     /// DNS domain: answers carry the name `<vm>.<domain>`.
     #[arg(long, env = "HANGAR_DNS_DOMAIN")]
     dns_domain: Option<String>,
+    /// Answer DNS for --dns-domain on ADDR (UDP and TCP; off by default): `<vm>.<domain>`
+    /// and `<service>.<domain>` (shared services) resolve to their stable endpoints'
+    /// addresses, `_<port>._tcp.<name>` SRV records give the port. E.g. `dig @127.0.0.1
+    /// -p 5353 vm-….<domain>`.
+    #[arg(long, value_name = "ADDR", requires = "dns_domain", env = "HANGAR_DNS_LISTEN")]
+    dns_listen: Option<std::net::SocketAddr>,
     /// Most guest memory (MiB) active and sleeping VMs may hold; over it, the least
     /// recently used are archived [default: unlimited].
     #[arg(long, value_name = "MIB", env = "HANGAR_MEMORY_BUDGET")]
@@ -227,6 +233,7 @@ pub async fn run(args: ServerArgs) -> ExitCode {
         busybox: args.busybox,
         pool_memory_mib: args.pool_memory,
         dns_domain: args.dns_domain,
+        dns_listen: args.dns_listen,
         memory_budget_mib: args.memory_budget,
         disk_budget_mib: args.disk_budget,
         templates: !args.no_templates,
