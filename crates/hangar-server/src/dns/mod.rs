@@ -6,8 +6,9 @@
 //! ([`Zone::from_vms`]), so a name resolves as soon as its VM is granted and stops when it
 //! is deleted:
 //!
-//! - `A`/`AAAA` of `<vm>.<domain>` and `<service>.<domain>` (a shared service): the
-//!   addresses of the stable endpoints;
+//! - `A`/`AAAA` of `<vm>.<domain>`, `<service>.<domain>` (a shared service) and
+//!   `<member>.<stack>.<domain>` (a stack member with a public port): the addresses of the
+//!   stable endpoints;
 //! - `SRV` of `_<port>._tcp.<name>`: the port's number, target `<name>`;
 //! - NXDOMAIN (with the zone's SOA) for other names under the domain, REFUSED outside it;
 //!   answers are authoritative, with a TTL of [`TTL`] seconds (VMs come and go).
@@ -93,16 +94,24 @@ struct Answer {
 }
 
 impl Handler {
-    /// The zone now: built from the store's VMs (an empty zone when the store cannot be
-    /// read, logged: every name is then NXDOMAIN for [`TTL`] seconds at most).
+    /// The zone now: built from the store's VMs and stacks (an empty zone when the VMs
+    /// cannot be read, no stack names when the stacks cannot, logged: those names are then
+    /// NXDOMAIN for [`TTL`] seconds at most).
     async fn zone(&self) -> Zone {
-        match self.manager.store().vms(false).await {
-            Ok(vms) => Zone::from_vms(&self.domain, &vms),
+        let store = self.manager.store();
+        let vms = match store.vms(false).await {
+            Ok(vms) => vms,
             Err(err) => {
                 tracing::warn!(error = %err, "DNS: cannot read the VMs");
-                Zone::new(&self.domain)
+                return Zone::new(&self.domain);
             }
+        };
+        let mut zone = Zone::from_vms(&self.domain, &vms);
+        match store.stacks().await {
+            Ok(stacks) => zone.add_stacks(&stacks, &vms),
+            Err(err) => tracing::warn!(error = %err, "DNS: cannot read the stacks"),
         }
+        zone
     }
 
     fn soa(&self) -> Record {

@@ -1,12 +1,12 @@
 //! The names hangar answers for, as a value: built from the store's VMs on each question,
-//! answered without IO. [`Zone::from_vms`] is where names come from; stacks add theirs
-//! there (`<service>.<stack>.<domain>`, see [`Zone::add`]).
+//! answered without IO. [`Zone::from_vms`] is where VMs' names come from,
+//! [`Zone::add_stacks`] adds the stacks' (`<member>.<stack>.<domain>`).
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
 use hangar_core::{Mode, VmState};
-use hangar_store::VmRecord;
+use hangar_store::{StackRecord, VmRecord};
 
 /// One name's endpoints: where its service ports answer.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -70,8 +70,8 @@ impl Zone {
 
     /// The zone of `domain` over the store's VMs: `<vm>.<domain>` for every VM with
     /// stable endpoints (active, sleeping, archived), and `<service>.<domain>` for each
-    /// shared service, with the endpoints of every such VM offering it. Stacks add
-    /// `<service>.<stack>.<domain>` here.
+    /// shared service, with the endpoints of every such VM offering it. Stacks' names are
+    /// added by [`Zone::add_stacks`].
     pub fn from_vms(domain: &str, vms: &[VmRecord]) -> Zone {
         let mut zone = Zone::new(domain);
         for vm in vms.iter().filter(|vm| named(vm)) {
@@ -83,6 +83,22 @@ impl Zone {
             }
         }
         zone
+    }
+
+    /// Adds `<member>.<stack>` for every member of `stacks` whose VM (found in `vms`) has
+    /// a name (see [`Zone::from_vms`]) and a public endpoint: the member's stable endpoints.
+    /// Members without public ports (reachable only on the stack's segment) have no name.
+    pub fn add_stacks(&mut self, stacks: &[StackRecord], vms: &[VmRecord]) {
+        for stack in stacks {
+            for (member, vm_id) in &stack.members {
+                let Some(vm) = vms.iter().find(|vm| &vm.id == vm_id && named(vm)) else {
+                    continue;
+                };
+                if !vm.endpoints.is_empty() {
+                    self.add(&format!("{member}.{}", stack.name), &vm.endpoints);
+                }
+            }
+        }
     }
 
     /// Adds `name` (relative to the domain, e.g. `web.shop` for `web.shop.<domain>`) with
@@ -209,6 +225,45 @@ mod tests {
             }
         );
         assert_eq!(zone.lookup("_ssh._tcp.vm-a.vms.test"), Lookup::NoSuchName);
+    }
+
+    #[test]
+    fn stack_members_with_a_public_endpoint_have_names() {
+        let front = vm("vm-front", VmState::Sleeping, Mode::Dedicated, "127.0.0.9:4009");
+        let mut backend = vm("vm-back", VmState::Active, Mode::Dedicated, "x");
+        backend.endpoints.clear();
+        let gone = vm("vm-gone", VmState::Deleted, Mode::Dedicated, "127.0.0.8:4008");
+        let vms = [front, backend, gone];
+        let stack = StackRecord {
+            name: "shop".into(),
+            owner: "test".into(),
+            spec: serde_json::Value::Null,
+            segment: "10.213.0.0/24".into(),
+            state: hangar_core::stack::StackState::Up,
+            members: BTreeMap::from([
+                ("web".into(), "vm-front".into()),
+                ("redis".into(), "vm-back".into()),
+                ("old".into(), "vm-gone".into()),
+                ("lost".into(), "vm-missing".into()),
+            ]),
+            created_at_ms: 0,
+            updated_at_ms: 0,
+        };
+        let mut zone = Zone::from_vms("vms.test", &vms);
+        zone.add_stacks(&[stack], &vms);
+        let Lookup::Name(web) = zone.lookup("WEB.shop.vms.test.") else {
+            panic!("web.shop")
+        };
+        assert_eq!(web.addresses(), vec![IpAddr::from([127, 0, 0, 9])]);
+        assert!(matches!(
+            zone.lookup("_http._tcp.web.shop.vms.test"),
+            Lookup::Port { name: "web.shop", .. }
+        ));
+        // No public endpoint, deleted, or not in the store: no name.
+        assert_eq!(zone.lookup("redis.shop.vms.test"), Lookup::NoSuchName);
+        assert_eq!(zone.lookup("old.shop.vms.test"), Lookup::NoSuchName);
+        assert_eq!(zone.lookup("lost.shop.vms.test"), Lookup::NoSuchName);
+        assert_eq!(zone.lookup("shop.vms.test"), Lookup::NoSuchName);
     }
 
     #[test]
