@@ -72,7 +72,10 @@ fn names_in_answers_resolve_to_their_endpoints_and_others_do_not() {
     // Unknown names in the domain do not exist; names outside it are refused.
     let unknown = dig(port, &[&format!("vm-nope.{DOMAIN}"), "A"]);
     assert_eq!(status(&unknown), "NXDOMAIN", "{unknown}");
-    assert!(unknown.contains("SOA"), "negative answers carry the SOA: {unknown}");
+    assert!(
+        unknown.contains("SOA"),
+        "negative answers carry the SOA: {unknown}"
+    );
     let outside = dig(port, &["example.com", "A"]);
     assert_eq!(status(&outside), "REFUSED", "{outside}");
 

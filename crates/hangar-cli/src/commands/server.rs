@@ -46,7 +46,12 @@ pub struct ServerArgs {
     /// and `<service>.<domain>` (shared services) resolve to their stable endpoints'
     /// addresses, `_<port>._tcp.<name>` SRV records give the port. E.g. `dig @127.0.0.1
     /// -p 5353 vm-….<domain>`.
-    #[arg(long, value_name = "ADDR", requires = "dns_domain", env = "HANGAR_DNS_LISTEN")]
+    #[arg(
+        long,
+        value_name = "ADDR",
+        requires = "dns_domain",
+        env = "HANGAR_DNS_LISTEN"
+    )]
     dns_listen: Option<std::net::SocketAddr>,
     /// Most guest memory (MiB) active and sleeping VMs may hold; over it, the least
     /// recently used are archived [default: unlimited].

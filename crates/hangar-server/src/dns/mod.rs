@@ -123,7 +123,15 @@ impl Handler {
         Record::from_rdata(
             self.apex.clone(),
             TTL,
-            RData::SOA(SOA::new(name("ns"), name("hostmaster"), 1, 60, 60, 3600, TTL)),
+            RData::SOA(SOA::new(
+                name("ns"),
+                name("hostmaster"),
+                1,
+                60,
+                60,
+                3600,
+                TTL,
+            )),
         )
     }
 

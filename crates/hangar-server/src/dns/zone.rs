@@ -215,7 +215,12 @@ mod tests {
     fn ports_are_srv_names() {
         let zone = Zone::from_vms(
             "vms.test",
-            &[vm("vm-a", VmState::Active, Mode::Dedicated, "127.0.0.1:4001")],
+            &[vm(
+                "vm-a",
+                VmState::Active,
+                Mode::Dedicated,
+                "127.0.0.1:4001",
+            )],
         );
         assert_eq!(
             zone.lookup("_http._tcp.vm-a.vms.test"),
@@ -229,10 +234,20 @@ mod tests {
 
     #[test]
     fn stack_members_with_a_public_endpoint_have_names() {
-        let front = vm("vm-front", VmState::Sleeping, Mode::Dedicated, "127.0.0.9:4009");
+        let front = vm(
+            "vm-front",
+            VmState::Sleeping,
+            Mode::Dedicated,
+            "127.0.0.9:4009",
+        );
         let mut backend = vm("vm-back", VmState::Active, Mode::Dedicated, "x");
         backend.endpoints.clear();
-        let gone = vm("vm-gone", VmState::Deleted, Mode::Dedicated, "127.0.0.8:4008");
+        let gone = vm(
+            "vm-gone",
+            VmState::Deleted,
+            Mode::Dedicated,
+            "127.0.0.8:4008",
+        );
         let vms = [front, backend, gone];
         let stack = StackRecord {
             name: "shop".into(),
@@ -257,7 +272,10 @@ mod tests {
         assert_eq!(web.addresses(), vec![IpAddr::from([127, 0, 0, 9])]);
         assert!(matches!(
             zone.lookup("_http._tcp.web.shop.vms.test"),
-            Lookup::Port { name: "web.shop", .. }
+            Lookup::Port {
+                name: "web.shop",
+                ..
+            }
         ));
         // No public endpoint, deleted, or not in the store: no name.
         assert_eq!(zone.lookup("redis.shop.vms.test"), Lookup::NoSuchName);
