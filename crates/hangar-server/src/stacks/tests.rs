@@ -184,6 +184,46 @@ async fn up_makes_every_member_with_endpoints_only_for_public_ports_and_down_rem
     assert_eq!(again.segment, "10.213.0.0/24");
 }
 
+/// The DNS zone (`dns::Zone`) the store's VMs and stacks make now, for `vms.test`.
+async fn dns_zone(store: &Arc<dyn Store>) -> crate::dns::Zone {
+    let vms = store.vms(false).await.unwrap();
+    let mut zone = crate::dns::Zone::from_vms("vms.test", &vms);
+    zone.add_stacks(&store.stacks().await.unwrap(), &vms);
+    zone
+}
+
+#[tokio::test]
+async fn a_member_with_a_public_port_has_a_dns_name_until_down() {
+    use crate::dns::Lookup;
+    let (manager, store, _segments) = setup();
+    let stack = up(&manager, &store, SHOP).await;
+    let front = &stack.members[2];
+    let endpoint: std::net::SocketAddr = front.endpoints["http"].parse().unwrap();
+    let zone = dns_zone(&store).await;
+    let Lookup::Name(entry) = zone.lookup("front.shop.vms.test") else {
+        panic!("front.shop: {:?}", zone.lookup("front.shop.vms.test"))
+    };
+    assert_eq!(entry.addresses(), vec![endpoint.ip()]);
+    assert_eq!(
+        zone.lookup("_http._tcp.front.shop.vms.test"),
+        Lookup::Port {
+            name: "front.shop",
+            port: endpoint
+        }
+    );
+    assert_eq!(
+        zone.lookup("api-1.shop.vms.test"),
+        Lookup::NoSuchName,
+        "not public"
+    );
+
+    manager.stack_down("shop", None).await.unwrap();
+    assert_eq!(
+        dns_zone(&store).await.lookup("front.shop.vms.test"),
+        Lookup::NoSuchName
+    );
+}
+
 #[tokio::test]
 async fn a_member_that_fails_undoes_the_whole_stack() {
     let (manager, store, _segments) = setup();
