@@ -170,3 +170,32 @@ pub(crate) fn request(service: &str, mode: Mode) -> ServiceRequest {
         ..ServiceRequest::default()
     }
 }
+
+/// A store record of a 1-vCPU, 128 MiB dedicated VM `id` of service `web` on host `local`,
+/// owned by `test`, in `state`, with no endpoints: tests change the fields they are about.
+pub(crate) fn vm_record(id: &str, state: hangar_core::VmState) -> hangar_store::VmRecord {
+    hangar_store::VmRecord {
+        id: id.into(),
+        host: "local".into(),
+        services: vec!["web".into()],
+        env: Default::default(),
+        mode: Mode::Dedicated,
+        owner: "test".into(),
+        state,
+        endpoints: Default::default(),
+        direct_endpoints: Default::default(),
+        spec: serde_json::Value::Null,
+        pid: None,
+        error: None,
+        created_at_ms: 0,
+        updated_at_ms: 0,
+        last_used_at_ms: 0,
+        state_since_ms: 0,
+        boot_ms: None,
+        memory_mib: 128,
+        vcpus: 1,
+        pool: None,
+        os: None,
+        isolation: None,
+    }
+}

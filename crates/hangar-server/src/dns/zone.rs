@@ -159,28 +159,10 @@ mod tests {
 
     fn vm(id: &str, state: VmState, mode: Mode, endpoint: &str) -> VmRecord {
         VmRecord {
-            id: id.into(),
-            state,
             mode,
             services: vec!["http-static".into()],
             endpoints: BTreeMap::from([("http".into(), endpoint.into())]),
-            host: "local".into(),
-            env: BTreeMap::new(),
-            owner: "test".into(),
-            direct_endpoints: BTreeMap::new(),
-            spec: serde_json::Value::Null,
-            pid: None,
-            error: None,
-            created_at_ms: 0,
-            updated_at_ms: 0,
-            last_used_at_ms: 0,
-            state_since_ms: 0,
-            boot_ms: None,
-            memory_mib: 128,
-            vcpus: 1,
-            pool: None,
-            os: None,
-            isolation: None,
+            ..crate::test_support::vm_record(id, state)
         }
     }
 

@@ -60,28 +60,9 @@ fn hosts() -> Vec<HostFacts> {
 /// A 1-vCPU, 256 MiB VM `id` of service web on `host`, in `state`.
 fn vm(id: &str, host: &str, state: VmState) -> VmRecord {
     VmRecord {
-        id: id.into(),
         host: host.into(),
-        services: vec!["web".into()],
-        env: Default::default(),
-        mode: hangar_core::Mode::Dedicated,
-        owner: "test".into(),
-        state,
-        endpoints: Default::default(),
-        direct_endpoints: Default::default(),
-        spec: serde_json::Value::Null,
-        pid: None,
-        error: None,
-        created_at_ms: 0,
-        updated_at_ms: 0,
-        last_used_at_ms: 0,
-        state_since_ms: 0,
-        boot_ms: None,
         memory_mib: 256,
-        vcpus: 1,
-        pool: None,
-        os: None,
-        isolation: None,
+        ..crate::test_support::vm_record(id, state)
     }
 }
 
