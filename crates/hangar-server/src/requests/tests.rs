@@ -937,28 +937,15 @@ mod stable_endpoints {
 
     fn record(id: &str, state: VmState, stable: &str, direct: &str) -> VmRecord {
         VmRecord {
-            id: id.into(),
-            host: "local".into(),
-            services: vec!["web".into()],
-            env: BTreeMap::new(),
             mode: Mode::Shared,
             owner: "local".into(),
-            state,
             endpoints: BTreeMap::from([("http".into(), stable.into())]),
             direct_endpoints: BTreeMap::from([("http".into(), direct.into())]),
             spec: serde_json::json!({}),
-            pid: None,
-            error: None,
             created_at_ms: 1,
             updated_at_ms: 1,
             last_used_at_ms: 1,
-            state_since_ms: 0,
-            boot_ms: None,
-            memory_mib: 128,
-            vcpus: 1,
-            pool: None,
-            os: None,
-            isolation: None,
+            ..crate::test_support::vm_record(id, state)
         }
     }
 
