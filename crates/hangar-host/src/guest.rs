@@ -78,20 +78,7 @@ pub fn guest_config(
     }));
     let mut files = identity_files(vm_id, hostname);
     if let Some(service) = service {
-        let mut values = settings.clone();
-        values.insert("hostname".into(), hostname.to_owned());
-        values.insert("vm".into(), vm_id.to_owned());
-        for (path, template) in &service.templates {
-            files.push(hangar_proto::FileWrite {
-                path: path.clone(),
-                contents: hangar_core::components::render_template(&template.content, &values)
-                    .map_err(|reason| GuestConfigError::Template {
-                        path: path.clone(),
-                        reason,
-                    })?,
-                mode: template.mode,
-            });
-        }
+        files.extend(render_files(service, &settings, vm_id, hostname)?);
     }
     let root = if layers == 0 {
         // By serial, not by order: a pre-OS shell also has (empty) layer disks.
@@ -141,6 +128,34 @@ pub fn guest_config(
             })
             .unwrap_or_default(),
     })
+}
+
+/// The service's templates rendered with `settings` (as [`settings`] answers them), the
+/// VM's id as `{{vm}}` and its hostname as `{{hostname}}`: the files a guest is given.
+pub fn render_files(
+    service: &Service,
+    settings: &BTreeMap<String, String>,
+    vm_id: &str,
+    hostname: &str,
+) -> Result<Vec<hangar_proto::FileWrite>, GuestConfigError> {
+    let mut values = settings.clone();
+    values.insert("hostname".into(), hostname.to_owned());
+    values.insert("vm".into(), vm_id.to_owned());
+    service
+        .templates
+        .iter()
+        .map(|(path, template)| {
+            Ok(hangar_proto::FileWrite {
+                path: path.clone(),
+                contents: hangar_core::components::render_template(&template.content, &values)
+                    .map_err(|reason| GuestConfigError::Template {
+                        path: path.clone(),
+                        reason,
+                    })?,
+                mode: template.mode,
+            })
+        })
+        .collect()
 }
 
 /// The service's settings for this request: the request's values, else the defaults.

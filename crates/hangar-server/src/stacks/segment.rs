@@ -17,8 +17,6 @@ use hangar_host::{Host, SegmentJoin};
 pub enum JoinError {
     #[error(transparent)]
     Settings(#[from] hangar_host::guest::GuestConfigError),
-    #[error("template {path}: {reason}")]
-    Template { path: String, reason: String },
     #[error("joining the segment")]
     Host(#[source] hangar_host::HostError),
     #[error("not serving again after its processes restarted: {0}")]
@@ -39,22 +37,8 @@ pub fn member_join(
     let mut files = Vec::new();
     let mut restart = Vec::new();
     if !member.settings.is_empty() && !made_with_settings && !service.templates.is_empty() {
-        let mut values: BTreeMap<String, String> =
-            hangar_host::guest::settings(service, &member.settings)?;
-        values.insert("hostname".into(), vm.to_owned());
-        values.insert("vm".into(), vm.to_owned());
-        for (path, template) in &service.templates {
-            let contents = hangar_core::components::render_template(&template.content, &values)
-                .map_err(|reason| JoinError::Template {
-                    path: path.clone(),
-                    reason,
-                })?;
-            files.push(hangar_proto::FileWrite {
-                path: path.clone(),
-                contents,
-                mode: template.mode,
-            });
-        }
+        let settings = hangar_host::guest::settings(service, &member.settings)?;
+        files = hangar_host::guest::render_files(service, &settings, vm, vm)?;
         restart = service.processes.iter().map(|p| p.name.clone()).collect();
     }
     Ok(SegmentJoin {
