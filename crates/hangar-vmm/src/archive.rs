@@ -330,6 +330,26 @@ pub fn remove(dir: &Path, record: &ArchiveRecord) -> std::io::Result<()> {
     sync_dir(dir)
 }
 
+/// Removes every archive file in `dir`, complete or partial: `archive.json`, its temporary
+/// file and `memory.*`. For a VM whose QEMU process is alive, such files are what an archive
+/// or a restore cut short by the server's end left behind: the memory lives in the process,
+/// so they are stale. Returns the names removed.
+pub fn remove_stale(dir: &Path) -> std::io::Result<Vec<String>> {
+    let mut removed = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        if name.starts_with("memory.") || name.starts_with(RECORD_FILE) {
+            remove_if_present(&dir.join(&name))?;
+            removed.push(name);
+        }
+    }
+    if !removed.is_empty() {
+        sync_dir(dir)?;
+    }
+    removed.sort();
+    Ok(removed)
+}
+
 /// Removes `path`; a missing file is fine.
 pub fn remove_if_present(path: &Path) -> std::io::Result<()> {
     match std::fs::remove_file(path) {
@@ -458,6 +478,32 @@ mod tests {
         let prefetch = Prefetch::start(&missing, ArchiveTier::Zstd, None, PREFETCH_CHUNK).unwrap();
         let err = prefetch.drain_into(std::io::sink()).unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::NotFound, "{err}");
+    }
+
+    #[test]
+    fn stale_archive_files_go_and_the_rest_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in [
+            "memory.zstd",
+            "memory.raw.tmp",
+            "archive.json.tmp",
+            "disk.qcow2",
+            "qemu.pid",
+        ] {
+            std::fs::write(dir.path().join(name), b"x").unwrap();
+        }
+        let removed = remove_stale(dir.path()).unwrap();
+        assert_eq!(
+            removed,
+            ["archive.json.tmp", "memory.raw.tmp", "memory.zstd"]
+        );
+        let mut left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["disk.qcow2", "qemu.pid"]);
+        assert!(remove_stale(dir.path()).unwrap().is_empty());
     }
 
     #[test]

@@ -425,6 +425,15 @@ impl Hypervisor for QemuBackend {
             pid: Some(pid),
             agent: agent.clone(),
         };
+        match archive::remove_stale(&paths.dir) {
+            Ok(removed) if !removed.is_empty() => {
+                tracing::info!(vm = %spec.id, ?removed, "removed an interrupted archive's files");
+            }
+            Ok(_) => {}
+            Err(err) => {
+                tracing::warn!(vm = %spec.id, error = %err, "cannot remove an interrupted archive's files");
+            }
+        }
         tracing::info!(vm = %spec.id, pid, "qemu adopted");
         self.vms.lock().await.insert(
             spec.id.clone(),
