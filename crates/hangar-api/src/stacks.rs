@@ -39,8 +39,8 @@ pub struct StackMemberView {
     /// Private address on the segment (`10.213.0.10`); also its host name `name`.
     pub address: String,
     pub mac: String,
-    /// What it may reach (`segment` by default).
-    pub egress: String,
+    /// What it may reach besides its peers (`segment` by default: nothing else).
+    pub egress: crate::vms::EgressView,
     /// Stable endpoints of its public ports, by port name (`127.0.0.1:40001`); the
     /// member's other ports are reachable only from the segment.
     pub endpoints: BTreeMap<String, String>,

@@ -3,29 +3,9 @@
 
 mod common;
 
-use std::process::Command;
-
-use common::{TestServer, free_port};
+use common::{TestServer, dig, dns_status as status, free_port};
 
 const DOMAIN: &str = "vms.test";
-
-/// `dig` against the server's DNS port; returns its whole output.
-fn dig(port: u16, args: &[&str]) -> String {
-    let output = Command::new("dig")
-        .args(["@127.0.0.1", "-p", &port.to_string(), "+time=3", "+tries=1"])
-        .args(args)
-        .output()
-        .expect("dig (apt-get install dnsutils)");
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn status(answer: &str) -> &str {
-    answer
-        .split("status: ")
-        .nth(1)
-        .and_then(|rest| rest.split(',').next())
-        .unwrap_or_else(|| panic!("no status in {answer}"))
-}
 
 #[test]
 fn names_in_answers_resolve_to_their_endpoints_and_others_do_not() {
@@ -87,7 +67,7 @@ fn names_in_answers_resolve_to_their_endpoints_and_others_do_not() {
 
 #[test]
 fn dns_listen_without_a_domain_is_refused_at_start() {
-    let output = Command::new(common::HANGAR)
+    let output = std::process::Command::new(common::HANGAR)
         .args(["server", "--dns-listen", "127.0.0.1:0"])
         .output()
         .unwrap();

@@ -1,7 +1,9 @@
 //! Stacks with real QEMU guests, through the real binary: the example stack
 //! (`examples/shop.toml`: nginx as a reverse proxy → 2 × http-counter + redis) answers
 //! through its one public endpoint and spreads requests over both backends; the backends
-//! have no endpoint and their private addresses are not reachable from the host; the stack
+//! have no endpoint, their QEMU processes forward no host port to them and their private
+//! addresses are not reachable from the host; the front's DNS name resolves to its
+//! endpoint (`dig`); the stack
 //! sleeps and wakes as a unit with its state kept (a connection to the front's endpoint
 //! wakes it, the counters go on); `down` leaves no QEMU process, live VM or endpoint.
 //! Prints how long `stack up` took cold (images cached, VMs booted) and with templates.
@@ -14,7 +16,9 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{TestServer, wait_for};
+use common::{TestServer, dig, dns_status, free_port, hostfwds, wait_for};
+
+const DOMAIN: &str = "vms.test";
 
 fn shop() -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -107,9 +111,60 @@ fn member_vms(stack: &serde_json::Value) -> Vec<String> {
         .collect()
 }
 
+/// Every host port forward of a member's QEMU process to a port the stack does not make
+/// public is closed, and none is recorded as a direct endpoint; the front's public one
+/// answers.
+fn private_ports_are_closed(server: &TestServer, stack: &serde_json::Value) {
+    let processes = server.qemu_processes();
+    let vms = server.json(&["vms"]);
+    for m in stack["members"].as_array().unwrap() {
+        let name = m["name"].as_str().unwrap();
+        let vm = m["vm"].as_str().unwrap();
+        let public: Vec<u16> = if name == "front" { vec![80] } else { vec![] };
+        let (_, pid) = processes
+            .iter()
+            .find(|(id, _)| id == vm)
+            .unwrap_or_else(|| panic!("no QEMU process for {name} ({vm})"));
+        for (host_port, guest_port) in hostfwds(*pid) {
+            let addr = SocketAddr::from(([127, 0, 0, 1], host_port));
+            let open = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok();
+            assert_eq!(
+                open,
+                public.contains(&guest_port),
+                "{name}: host port {host_port} → guest port {guest_port}"
+            );
+        }
+        let record = vms
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["id"] == vm)
+            .unwrap_or_else(|| panic!("{vm} not listed"));
+        let direct: Vec<&String> = record["direct_endpoints"]
+            .as_object()
+            .map(|d| d.keys().collect())
+            .unwrap_or_default();
+        let want: Vec<&str> = if name == "front" {
+            vec!["http"]
+        } else {
+            vec![]
+        };
+        assert_eq!(direct, want, "{name}: {record}");
+    }
+}
+
 #[test]
 fn the_example_stack_answers_spreads_sleeps_and_wakes_as_a_unit_and_leaves_nothing() {
-    let server = TestServer::start_with_templates(&["--pool-memory", "0"]);
+    let dns_port = free_port();
+    let dns_listen = format!("127.0.0.1:{dns_port}");
+    let server = TestServer::start_with_templates(&[
+        "--pool-memory",
+        "0",
+        "--dns-domain",
+        DOMAIN,
+        "--dns-listen",
+        &dns_listen,
+    ]);
     let (stack, cold_s, cold_task_s) = up(&server);
     println!(
         "stack up (cold: images cached, 4 VMs booted): {cold_s:.2} s (its task {cold_task_s:.2} s)"
@@ -138,6 +193,21 @@ fn the_example_stack_answers_spreads_sleeps_and_wakes_as_a_unit_and_leaves_nothi
         let private = format!("{}:80", m["address"].as_str().unwrap());
         assert!(!serves_health(&private), "{private} answers the host");
     }
+    private_ports_are_closed(&server, &stack);
+
+    // The front's name resolves to its endpoint; the backends have none.
+    let front_addr: SocketAddr = front.parse().unwrap();
+    let name = format!("front.shop.{DOMAIN}");
+    assert_eq!(
+        dig(dns_port, &["+short", &name, "A"]).trim(),
+        front_addr.ip().to_string()
+    );
+    assert_eq!(
+        dig(dns_port, &["+short", &format!("_http._tcp.{name}"), "SRV"]).trim(),
+        format!("0 0 {} {name}.", front_addr.port())
+    );
+    let backend = dig(dns_port, &[&format!("api-1.shop.{DOMAIN}"), "A"]);
+    assert_eq!(dns_status(&backend), "NXDOMAIN", "{backend}");
 
     // The front answers (its nginx restarted with the peers' addresses at join).
     let waited = Instant::now();
@@ -186,6 +256,7 @@ fn the_example_stack_answers_spreads_sleeps_and_wakes_as_a_unit_and_leaves_nothi
     for m in shown["members"].as_array().unwrap() {
         assert_eq!(m["state"], "active", "{shown}");
     }
+    private_ports_are_closed(&server, &shown);
 
     // Down leaves no QEMU process, live VM or endpoint.
     let vms = member_vms(&stack);

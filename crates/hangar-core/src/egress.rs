@@ -7,7 +7,8 @@
 //! the names, parsing, validation and the guest-visible address of each allowed target.
 //!
 //! - `none` (the default for new VMs): the guest opens no connection out of the VM at all;
-//!   connections *to* its endpoints (port forwards) keep working.
+//!   connections *to* its endpoints (port forwards) keep working. Its own loopback is all
+//!   it reaches, so `loopback` is accepted as another name for it.
 //! - `allow`: only the listed `host:port` targets, each reached by the guest at
 //!   [`guest_address`]`(i)` on the target's own port ([`EgressPolicy::forwards`]).
 //! - `segment`: a stack member's default: `none` on the user-mode NIC (its peers are
@@ -76,7 +77,9 @@ impl EgressTarget {
 /// Why a policy or target cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EgressError {
-    #[error("egress policy {0:?} is not one of none, open, segment, allow=HOST:PORT[,HOST:PORT…]")]
+    #[error(
+        "egress policy {0:?} is not one of none (or loopback), open, segment, allow=HOST:PORT[,HOST:PORT…]"
+    )]
     UnknownPolicy(String),
     #[error("egress target {0:?} is not HOST:PORT (an IPv4 address or a DNS name, a port 1-65535)")]
     BadTarget(String),
@@ -160,13 +163,14 @@ impl fmt::Display for EgressPolicy {
     }
 }
 
-/// The command-line form: `none`, `open`, `segment`, `allow=HOST:PORT[,HOST:PORT…]`.
+/// The command-line form: `none` (or `loopback`), `open`, `segment`,
+/// `allow=HOST:PORT[,HOST:PORT…]`.
 impl FromStr for EgressPolicy {
     type Err = EgressError;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         let policy = match text {
-            "none" => EgressPolicy::None,
+            "none" | "loopback" => EgressPolicy::None,
             "open" => EgressPolicy::Open,
             "segment" => EgressPolicy::Segment,
             _ => match text.strip_prefix("allow=") {
@@ -254,6 +258,7 @@ mod tests {
             assert_eq!(policy.to_string(), text);
             assert_eq!(policy.kind(), text);
         }
+        assert_eq!("loopback".parse(), Ok(EgressPolicy::None));
         let allow: EgressPolicy = "allow=127.0.0.1:8080,DB.internal:5432".parse().unwrap();
         assert_eq!(
             allow.to_string(),

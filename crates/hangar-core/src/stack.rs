@@ -25,17 +25,14 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::Catalog;
+use crate::egress::EgressError;
+use crate::{Catalog, EgressPolicy};
 
 /// The most members a stack may have.
 pub const MAX_MEMBERS: usize = 16;
 
-/// The egress choices a member may name (enforced by the host; `segment` is the default:
-/// the member reaches its peers and nothing else).
-pub const EGRESS: &[&str] = &["none", "loopback", "segment", "open"];
-
-/// The default egress of a stack's members.
-pub const DEFAULT_EGRESS: &str = "segment";
+/// The default egress of a stack's members: its peers on the segment and nothing else.
+pub const DEFAULT_EGRESS: EgressPolicy = EgressPolicy::Segment;
 
 /// The first host octet members get (`.10`); member `i` in name order gets `.10 + i`.
 pub const FIRST_HOST: u8 = 10;
@@ -104,7 +101,10 @@ pub struct MemberSpec {
     /// The service's settings; values may refer to peers (`{{ peers.NAME.address }}`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
-    /// What the member may reach: one of [`EGRESS`] (default [`DEFAULT_EGRESS`]).
+    /// What the member may reach besides its peers, in the command-line form of
+    /// [`EgressPolicy`]: `segment` (the default: nothing else; `none` and `loopback` say the
+    /// same for a member), `allow=HOST:PORT,…` or `open`. The segment is the member's own
+    /// network: every policy lets it reach its peers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub egress: Option<String>,
 }
@@ -169,8 +169,12 @@ pub enum StackError {
     },
     #[error("members refer to each other in a cycle ({}): there is no order to make and wake them in", .0.join(" → "))]
     Cycle(Vec<String>),
-    #[error("member {member}: egress {egress:?} is not one of {}", EGRESS.join(", "))]
-    BadEgress { member: String, egress: String },
+    #[error("member {member}: {source}")]
+    BadEgress {
+        member: String,
+        #[source]
+        source: EgressError,
+    },
 }
 
 fn did_you_mean(alternatives: &[String]) -> String {
@@ -265,7 +269,8 @@ pub struct MemberPlan {
     /// Private IPv4 address, without prefix.
     pub address: String,
     pub mac: String,
-    pub egress: String,
+    /// What it may reach besides its peers ([`EgressPolicy::Segment`]: nothing else).
+    pub egress: EgressPolicy,
     /// The peers its settings refer to (itself excluded).
     pub peers: BTreeSet<String>,
 }
@@ -353,16 +358,18 @@ impl StackSpec {
                     });
                 }
             }
-            let egress = member
-                .egress
-                .clone()
-                .unwrap_or_else(|| DEFAULT_EGRESS.to_owned());
-            if !EGRESS.contains(&egress.as_str()) {
-                return Err(StackError::BadEgress {
-                    member: name.clone(),
-                    egress,
-                });
-            }
+            let egress = match member.egress.as_deref().map(str::parse) {
+                None => DEFAULT_EGRESS,
+                // A member reaches its peers whatever it says: nothing else is `segment`.
+                Some(Ok(EgressPolicy::None)) => EgressPolicy::Segment,
+                Some(Ok(policy)) => policy,
+                Some(Err(source)) => {
+                    return Err(StackError::BadEgress {
+                        member: name.clone(),
+                        source,
+                    });
+                }
+            };
             let mut settings = BTreeMap::new();
             let mut peers = BTreeSet::new();
             for (key, value) in &member.env {

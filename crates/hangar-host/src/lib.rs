@@ -751,6 +751,23 @@ pub trait Host: Send + Sync + 'static {
         )))
     }
 
+    /// Closes the host port forwards of running VM `id` to `guest_ports` (a stack
+    /// member's private ports: reachable from its segment only): their host ports stop
+    /// listening at once. `launch` is the VM's record; the answer is the record to store
+    /// from now on, without those forwards, so that later starts (a wake from an archive)
+    /// do not open them again. Ports the VM forwards nothing to are skipped.
+    async fn close_forwards(
+        &self,
+        id: &str,
+        _launch: &LaunchRecord,
+        _guest_ports: &[u16],
+    ) -> Result<LaunchRecord, HostError> {
+        Err(HostError::Guest(format!(
+            "host {} cannot close VM {id}'s port forwards",
+            self.name()
+        )))
+    }
+
     /// Archived VM `id` as a bundle a peer can pull to take it over (a cold migration):
     /// its archive and disk layer hashed and offered through [`Host::template_blob`] until
     /// the VM's files go ([`Host::destroy`]). Refused for a VM without a complete archive

@@ -1,7 +1,9 @@
 //! Ready criteria, evaluated from the host: a VM is ready when every check of its service
 //! passes in `consecutive` rounds in a row. `tcp` asks hangar-init whether something
 //! listens (a user-mode port forward accepts connections even when nothing listens behind
-//! it); `http` and `bytes` go through the VM's real endpoint, as a client would; `exec` runs
+//! it); `http`, `bytes` and `connect` go through the VM's real endpoint, as a client would
+//! (a port with no host endpoint, a stack member's private port, is checked as `tcp` is:
+//! from inside the guest, which is the only place it is reachable from); `exec` runs
 //! a command in the guest through hangar-init; `log` watches the guest's serial console log
 //! on the host; `cpu_settled` measures the VM's host process in `/proc`.
 
@@ -127,43 +129,26 @@ impl<'a> Probe<'a> {
     }
 
     async fn check(&mut self, index: usize, check: &ReadyCheck) -> Result<(), NotReady> {
-        let endpoint = |port_name: &str| {
-            self.target
-                .endpoints
-                .get(port_name)
-                .copied()
-                .ok_or_else(|| NotReady(format!("no endpoint for port {port_name}")))
-        };
+        let endpoint = |port_name: &str| self.target.endpoints.get(port_name).copied();
         match check {
-            ReadyCheck::Tcp { port } => {
-                let guest_port = self
-                    .service
-                    .port(port)
-                    .map(|p| p.guest)
-                    .ok_or_else(|| NotReady(format!("no port {port}")))?;
-                match self
-                    .target
-                    .agent
-                    .check_listen(guest_port, PROBE_TIMEOUT)
-                    .await
-                {
-                    Ok(true) => Ok(()),
-                    Ok(false) => Err(NotReady(format!(
-                        "nothing listens on guest port {guest_port}"
-                    ))),
-                    Err(err) => Err(NotReady(format!("guest agent: {err}"))),
-                }
-            }
-            ReadyCheck::Connect { port } => connect_check(endpoint(port)?).await,
+            ReadyCheck::Tcp { port } => self.listening(port).await,
+            ReadyCheck::Connect { port } => match endpoint(port) {
+                Some(addr) => connect_check(addr).await,
+                None => self.listening(port).await,
+            },
             ReadyCheck::Http {
                 port,
                 path,
                 status,
                 body_contains,
-            } => http_check(endpoint(port)?, path, *status, body_contains.as_deref()).await,
-            ReadyCheck::Bytes { port, send, expect } => {
-                bytes_check(endpoint(port)?, send.as_bytes(), expect.as_bytes()).await
-            }
+            } => match endpoint(port) {
+                Some(addr) => http_check(addr, path, *status, body_contains.as_deref()).await,
+                None => self.listening(port).await,
+            },
+            ReadyCheck::Bytes { port, send, expect } => match endpoint(port) {
+                Some(addr) => bytes_check(addr, send.as_bytes(), expect.as_bytes()).await,
+                None => self.listening(port).await,
+            },
             ReadyCheck::Exec { argv, timeout } => {
                 exec_check(self.target.agent, argv, *timeout).await
             }
@@ -195,6 +180,30 @@ impl<'a> Probe<'a> {
                     )))
                 }
             }
+        }
+    }
+}
+
+impl Probe<'_> {
+    /// Whether something listens on the service's port `port` inside the guest (asked of
+    /// hangar-init).
+    async fn listening(&self, port: &str) -> Result<(), NotReady> {
+        let guest_port = self
+            .service
+            .port(port)
+            .map(|p| p.guest)
+            .ok_or_else(|| NotReady(format!("no port {port}")))?;
+        match self
+            .target
+            .agent
+            .check_listen(guest_port, PROBE_TIMEOUT)
+            .await
+        {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(NotReady(format!(
+                "nothing listens on guest port {guest_port}"
+            ))),
+            Err(err) => Err(NotReady(format!("guest agent: {err}"))),
         }
     }
 }
@@ -913,5 +922,79 @@ mod tests {
         });
         let err = connect_check(close_addr).await.unwrap_err();
         assert!(err.0.contains("without a word"), "{}", err.0);
+    }
+
+    /// A guest whose hangar-init says something listens on `listening` only; returns the
+    /// ports it was asked about.
+    fn listening_guest(
+        listening: u16,
+    ) -> (
+        std::sync::Arc<Agent>,
+        std::sync::Arc<std::sync::Mutex<Vec<u16>>>,
+    ) {
+        use tokio::io::AsyncBufReadExt;
+
+        let (host_end, guest_end) = tokio::io::duplex(64 * 1024);
+        let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = asked.clone();
+        tokio::spawn(async move {
+            let (read, mut write) = tokio::io::split(guest_end);
+            let mut lines = tokio::io::BufReader::new(read).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let message = hangar_proto::decode::<hangar_proto::HostMessage>(&line).unwrap();
+                let hangar_proto::HostMessage::CheckListen { id, port } = message else {
+                    continue;
+                };
+                record.lock().unwrap().push(port);
+                let reply = hangar_proto::GuestMessage::Reply {
+                    id,
+                    ok: port == listening,
+                    code: None,
+                    stdout: String::new(),
+                    stderr: String::new(),
+                    error: None,
+                };
+                let line = hangar_proto::encode(&reply);
+                if write.write_all(line.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+        });
+        (Agent::spawn(host_end), asked)
+    }
+
+    #[tokio::test]
+    async fn a_port_without_an_endpoint_is_checked_inside_the_guest() {
+        let web = service(
+            r#"interval = "10ms"
+            timeout = "200ms"
+            checks = [{ http = { port = "http", path = "/" } }]"#,
+        );
+        let endpoints = BTreeMap::new();
+        let (agent, asked) = listening_guest(80);
+        wait_ready(&web, &web.ready, &target(&endpoints, &agent))
+            .await
+            .unwrap();
+        assert_eq!(*asked.lock().unwrap(), [80]);
+
+        // Nothing listens: not ready, and the reason says where it looked.
+        let (agent, _) = listening_guest(81);
+        let err = wait_ready(&web, &web.ready, &target(&endpoints, &agent))
+            .await
+            .unwrap_err();
+        assert!(
+            err.0.contains("nothing listens on guest port 80"),
+            "{}",
+            err.0
+        );
+
+        // With an endpoint the check goes through it, not to the guest.
+        let addr = server(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await;
+        let endpoints = BTreeMap::from([("http".to_owned(), addr)]);
+        let (agent, asked) = listening_guest(80);
+        wait_ready(&web, &web.ready, &target(&endpoints, &agent))
+            .await
+            .unwrap();
+        assert!(asked.lock().unwrap().is_empty());
     }
 }

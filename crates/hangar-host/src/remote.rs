@@ -16,8 +16,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::agent::wire::{
-    AdoptBody, ArchiveBody, BootShellBody, ErrorKind, LeftoversBody, Line, MakeBody, TemplatesBody,
-    WireError,
+    AdoptBody, ArchiveBody, BootShellBody, CloseForwardsBody, ErrorKind, LeftoversBody, Line,
+    MakeBody, TemplatesBody, WireError,
 };
 use crate::{
     Adopted, ArchiveFacts, ArchiveTier, BootedShell, HandOut, HandedOut, Host, HostError,
@@ -294,6 +294,25 @@ impl Host for RemoteHost {
             &["vms", id, "segment"],
             Some(join),
             LONG_TIMEOUT,
+        )
+        .await
+    }
+
+    async fn close_forwards(
+        &self,
+        id: &str,
+        launch: &LaunchRecord,
+        guest_ports: &[u16],
+    ) -> Result<LaunchRecord, HostError> {
+        let body = CloseForwardsBody {
+            launch: launch.clone(),
+            guest_ports: guest_ports.to_vec(),
+        };
+        self.call(
+            Method::POST,
+            &["vms", id, "forwards", "close"],
+            Some(&body),
+            SHORT_TIMEOUT,
         )
         .await
     }

@@ -28,11 +28,13 @@ struct FakeVm {
     root: Option<std::path::PathBuf>,
     agent: Arc<Agent>,
     tasks: Vec<JoinHandle<()>>,
+    /// The task serving each host port forward, by host port.
+    forwards: HashMap<u16, JoinHandle<()>>,
 }
 
 impl Drop for FakeVm {
     fn drop(&mut self) {
-        for task in &self.tasks {
+        for task in self.tasks.iter().chain(self.forwards.values()) {
             task.abort();
         }
     }
@@ -152,13 +154,13 @@ impl Hypervisor for FakeBackend {
         }
         let (paused, paused_rx) = watch::channel(spec.pre_os);
         let mut tasks = Vec::new();
+        let mut forwards = HashMap::new();
         for forward in &spec.forwards {
             let listener = bind(forward).await?;
-            tasks.push(tokio::spawn(serve_http(
-                listener,
-                spec.id.clone(),
-                paused_rx.clone(),
-            )));
+            forwards.insert(
+                forward.host_port,
+                tokio::spawn(serve_http(listener, spec.id.clone(), paused_rx.clone())),
+            );
         }
         let (host_end, guest_end) = tokio::io::duplex(64 * 1024);
         tasks.push(tokio::spawn(fake_guest(guest_end)));
@@ -173,6 +175,7 @@ impl Hypervisor for FakeBackend {
                 root: spec.base_image.clone(),
                 agent: agent.clone(),
                 tasks,
+                forwards,
             },
         );
         Ok(Launched { pid: None, agent })
@@ -415,12 +418,29 @@ impl Hypervisor for FakeBackend {
         let vm = vms
             .get_mut(id)
             .ok_or_else(|| VmmError::NotRunning(id.to_owned()))?;
-        for listener in listeners {
-            vm.tasks.push(tokio::spawn(serve_http(
-                listener,
-                id.to_owned(),
-                vm.paused.subscribe(),
-            )));
+        for (forward, listener) in forwards.iter().zip(listeners) {
+            let task = tokio::spawn(serve_http(listener, id.to_owned(), vm.paused.subscribe()));
+            vm.forwards.insert(forward.host_port, task);
+            vm.spec.forwards.push(forward.clone());
+        }
+        Ok(())
+    }
+
+    async fn remove_forwards(
+        &self,
+        id: &str,
+        forwards: &[crate::PortForward],
+    ) -> Result<(), VmmError> {
+        let mut vms = self.vms.lock().expect("fake vms lock");
+        let vm = vms
+            .get_mut(id)
+            .ok_or_else(|| VmmError::NotRunning(id.to_owned()))?;
+        for forward in forwards {
+            let task = vm.forwards.remove(&forward.host_port).ok_or_else(|| {
+                VmmError::Launch(format!("VM {id} has no forward from {}", forward.host_port))
+            })?;
+            task.abort();
+            vm.spec.forwards.retain(|f| f != forward);
         }
         Ok(())
     }

@@ -326,6 +326,11 @@ pub trait Hypervisor: Send + Sync + 'static {
     /// Adds host port forwards to a running VM.
     async fn add_forwards(&self, id: &str, forwards: &[PortForward]) -> Result<(), VmmError>;
 
+    /// Removes host port forwards from a running VM: their host ports stop listening at
+    /// once (connections already open keep going). A forward the VM does not have is an
+    /// error; those before it in `forwards` are removed.
+    async fn remove_forwards(&self, id: &str, forwards: &[PortForward]) -> Result<(), VmmError>;
+
     /// Sets the guest's memory target through the balloon (the guest sees less memory).
     async fn set_memory(&self, id: &str, memory_mib: u32) -> Result<(), VmmError>;
 

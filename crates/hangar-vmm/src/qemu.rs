@@ -522,6 +522,36 @@ impl Hypervisor for QemuBackend {
         Ok(())
     }
 
+    async fn remove_forwards(&self, id: &str, forwards: &[PortForward]) -> Result<(), VmmError> {
+        let running = self.running(id).await?;
+        for forward in forwards {
+            // QEMU 7.2 answers "host forwarding rule for tcp:ADDR:PORT removed" (or "not
+            // found"); the listening socket is closed when it was removed.
+            let command = format!(
+                "hostfwd_remove n0 tcp:{}:{}",
+                forward.host, forward.host_port
+            );
+            let output = running
+                .qmp
+                .execute(
+                    "human-monitor-command",
+                    Some(serde_json::json!({ "command-line": command })),
+                )
+                .await?;
+            let text = output.as_str().unwrap_or_default().trim();
+            if !text.ends_with(" removed") {
+                return Err(VmmError::Launch(format!("{command}: {text}")));
+            }
+            running
+                .spec
+                .lock()
+                .expect("vm spec lock")
+                .forwards
+                .retain(|f| f != forward);
+        }
+        Ok(())
+    }
+
     async fn set_memory(&self, id: &str, memory_mib: u32) -> Result<(), VmmError> {
         let running = self.running(id).await?;
         if !running

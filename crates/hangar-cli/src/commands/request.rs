@@ -51,8 +51,8 @@ pub struct RequestArgs {
     /// Only on hosts labelled KEY=VALUE (repeatable; every one must match).
     #[arg(long = "on", value_name = "KEY=VALUE", value_parser = parse_env)]
     on: Vec<(String, String)>,
-    /// What the VM's guest may reach out of it: `none` (the default: no connection out;
-    /// its endpoints still answer), `open` (anywhere this host reaches), `segment` (a stack
+    /// What the VM's guest may reach out of it: `none` (the default, also `loopback`: no
+    /// connection out; its endpoints still answer), `open` (anywhere this host reaches), `segment` (a stack
     /// member: `none` on its user-mode NIC), or `allow=HOST:PORT[,HOST:PORT…]` (only
     /// those, each reached by the guest at 10.0.2.100, .101, … on the target's port; a
     /// named target is in the guest's /etc/hosts under its name).

@@ -468,3 +468,37 @@ pub fn fetch(endpoint: &str, path: &str) -> String {
 pub fn socket_answers(path: &str) -> bool {
     std::os::unix::net::UnixStream::connect(path).is_ok()
 }
+
+/// `dig` against a server's DNS port (`--dns-listen 127.0.0.1:PORT`); its whole output.
+pub fn dig(port: u16, args: &[&str]) -> String {
+    let output = Command::new("dig")
+        .args(["@127.0.0.1", "-p", &port.to_string(), "+time=3", "+tries=1"])
+        .args(args)
+        .output()
+        .expect("dig (apt-get install dnsutils)");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The status (`NOERROR`, `NXDOMAIN`, ...) of a full `dig` answer.
+pub fn dns_status(answer: &str) -> &str {
+    answer
+        .split("status: ")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .unwrap_or_else(|| panic!("no status in {answer}"))
+}
+
+/// The host port forwards on VM process `pid`'s QEMU command line, as `(host port, guest
+/// port)`: `hostfwd=tcp:127.0.0.1:40001-:80` is `(40001, 80)`.
+pub fn hostfwds(pid: u32) -> Vec<(u16, u16)> {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    String::from_utf8_lossy(&cmdline)
+        .split(['\0', ','])
+        .filter_map(|part| part.strip_prefix("hostfwd=tcp:"))
+        .filter_map(|rule| {
+            let (host, guest) = rule.split_once("-:")?;
+            let host_port = host.rsplit(':').next()?.parse().ok()?;
+            Some((host_port, guest.parse().ok()?))
+        })
+        .collect()
+}

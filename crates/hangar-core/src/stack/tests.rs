@@ -37,7 +37,7 @@ fn the_example_plans_peers_first_with_addresses_resolved() {
         front.peers,
         BTreeSet::from(["api-1".to_owned(), "api-2".to_owned()])
     );
-    assert_eq!(front.egress, "segment");
+    assert_eq!(front.egress, EgressPolicy::Segment);
     assert_eq!(front.address_cidr(), "10.213.7.13/24");
     assert_eq!(
         plan.levels,
@@ -191,6 +191,21 @@ fn cycles_are_refused_and_self_references_allowed() {
 fn egress_must_be_known() {
     let e = err("name = \"s\"\n[member.a]\nservice = \"redis\"\negress = \"everywhere\"\n");
     assert!(matches!(e, StackError::BadEgress { .. }), "{e:?}");
+    assert!(e.to_string().starts_with("member a: egress policy"), "{e}");
+    let e = err("name = \"s\"\n[member.a]\nservice = \"redis\"\negress = \"allow=x:0\"\n");
+    assert!(matches!(e, StackError::BadEgress { .. }), "{e:?}");
+    let egress = |text: &str| {
+        let file = format!("name = \"s\"\n[member.a]\nservice = \"redis\"\negress = \"{text}\"\n");
+        spec(&file).plan(&catalog(), 0).unwrap().members[0]
+            .egress
+            .clone()
+    };
+    // Nothing beyond the segment, whichever name says it.
+    for nothing in ["segment", "none", "loopback"] {
+        assert_eq!(egress(nothing), EgressPolicy::Segment, "{nothing}");
+    }
+    assert_eq!(egress("open"), EgressPolicy::Open);
+    assert_eq!(egress("allow=127.0.0.1:5432").kind(), "allow");
 }
 
 #[test]

@@ -101,6 +101,8 @@ async fn require_token(State(state): State<AgentState>, request: Request, next: 
 ///   ([`WakeFrom`]), `.../adopt` ([`AdoptBody`]), `.../stop`, `.../destroy`
 /// - `POST /agent/v1/vms/{id}/segment` ([`crate::SegmentJoin`]): join a private segment;
 ///   `POST /agent/v1/vms/{id}/segment/leave`
+/// - `POST /agent/v1/vms/{id}/forwards/close` ([`super::wire::CloseForwardsBody`]): close
+///   host port forwards, answering the new [`crate::LaunchRecord`]
 /// - live migration, `/agent/v1/vms/{id}/migrate/...`: `incoming`
 ///   ([`super::wire::MigrateIncomingBody`]), `start` (a [`crate::IncomingVm`]), `GET status`,
 ///   `switchover` ([`super::wire::SwitchoverBody`]), `abort`, `finish`
@@ -136,6 +138,7 @@ pub fn router(host: Arc<dyn Host>, token: &str) -> Router {
         .route(&vm("sleep"), post(sleep))
         .route(&vm("segment"), post(join_segment))
         .route(&vm("segment/leave"), post(leave_segment))
+        .route(&vm("forwards/close"), post(close_forwards))
         .route(&vm("wake"), post(wake))
         .route(&vm("adopt"), post(adopt))
         .route(&vm("stop"), post(stop))
@@ -294,6 +297,23 @@ async fn join_segment(
 ) -> Reply<()> {
     let join: crate::SegmentJoin = parse(&body)?;
     Ok(axum::Json(state.host.join_segment(&id, &join).await?))
+}
+
+async fn close_forwards(
+    State(state): State<AgentState>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Reply<crate::LaunchRecord> {
+    let super::wire::CloseForwardsBody {
+        launch,
+        guest_ports,
+    } = parse(&body)?;
+    Ok(axum::Json(
+        state
+            .host
+            .close_forwards(&id, &launch, &guest_ports)
+            .await?,
+    ))
 }
 
 async fn leave_segment(State(state): State<AgentState>, Path(id): Path<String>) -> Reply<()> {

@@ -254,6 +254,63 @@ async fn a_vm_lives_its_whole_life_through_the_agent() {
 }
 
 #[tokio::test]
+async fn a_private_port_is_closed_through_the_agent_and_stays_closed_after_a_restore() {
+    let agent = start_agent();
+    let remote = RemoteHost::new("h1", &agent.url, TOKEN).unwrap();
+    let host: &dyn Host = &remote;
+    let request = plan("vm-1", Purpose::Request);
+    let (progress, _) = recorder();
+    let prepared = host.prepare_vm(&request, progress.clone()).await.unwrap();
+    let made = host.make_vm(&request, &prepared, progress).await.unwrap();
+    let http: std::net::SocketAddr = prepared.direct_endpoints["http"].parse().unwrap();
+    assert!(tokio::net::TcpStream::connect(http).await.is_ok());
+
+    let launch = host
+        .close_forwards("vm-1", &made.launch, &[80])
+        .await
+        .unwrap();
+    assert_eq!(launch.0["forwards"], serde_json::json!([]), "{}", launch.0);
+    assert_ne!(launch, made.launch);
+    wait_until_refused(http).await;
+    // A port it forwards nothing to is no error; the record is unchanged.
+    let again = host
+        .close_forwards("vm-1", &launch, &[80, 443])
+        .await
+        .unwrap();
+    assert_eq!(again, launch);
+
+    // Restored from the new record: the port stays closed, and its ready criterion is
+    // checked inside the guest (there is no endpoint to probe).
+    host.archive("vm-1", ArchiveTier::Zstd).await.unwrap();
+    let woken = host
+        .wake(
+            "vm-1",
+            &WakeFrom::Archived {
+                launch,
+                services: vec![web()],
+                direct_endpoints: BTreeMap::new(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(names(&woken.stages), ["restore", "identity", "ready"]);
+    assert!(tokio::net::TcpStream::connect(http).await.is_err());
+    host.destroy("vm-1").await.unwrap();
+}
+
+/// Waits (at most 2 s) until nothing accepts connections at `addr`.
+async fn wait_until_refused(addr: std::net::SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while tokio::net::TcpStream::connect(addr).await.is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "{addr} still accepts connections"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
 async fn templates_are_made_listed_cloned_and_removed_through_the_agent() {
     let agent = start_agent();
     let remote = RemoteHost::new("h1", &agent.url, TOKEN).unwrap();

@@ -132,6 +132,13 @@ pub struct AdoptBody {
     pub running: bool,
 }
 
+/// `POST /agent/v1/vms/{id}/forwards/close`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CloseForwardsBody {
+    pub launch: LaunchRecord,
+    pub guest_ports: Vec<u16>,
+}
+
 /// `POST /agent/v1/vms/{id}/migrate/incoming`.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct MigrateIncomingBody {

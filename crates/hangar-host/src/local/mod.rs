@@ -655,6 +655,24 @@ impl Host for LocalHost {
         Ok(())
     }
 
+    async fn close_forwards(
+        &self,
+        id: &str,
+        launch: &LaunchRecord,
+        guest_ports: &[u16],
+    ) -> Result<LaunchRecord, HostError> {
+        let mut spec = spec_of(launch)?;
+        let (closing, kept): (Vec<_>, Vec<_>) = spec
+            .forwards
+            .into_iter()
+            .partition(|f| guest_ports.contains(&f.guest_port));
+        self.hv.remove_forwards(id, &closing).await?;
+        spec.forwards = kept;
+        Ok(LaunchRecord(
+            serde_json::to_value(&spec).map_err(HostError::Record)?,
+        ))
+    }
+
     async fn destroy(&self, id: &str) -> Result<(), HostError> {
         self.leave(id);
         self.drop_agent(id);

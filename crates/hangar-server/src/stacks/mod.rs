@@ -161,7 +161,7 @@ impl Manager {
                 state: vm.as_ref().map(|vm| vm.state.as_str().to_owned()),
                 address: member.address.clone(),
                 mac: member.mac.clone(),
-                egress: member.egress.clone(),
+                egress: (&member.egress).into(),
                 endpoints: vm.map(|vm| vm.endpoints).unwrap_or_default(),
                 peers: member.peers.iter().cloned().collect(),
             });

@@ -148,6 +148,27 @@ async fn up_makes_every_member_with_endpoints_only_for_public_ports_and_down_rem
         .unwrap()
         .unwrap();
     assert_eq!(record.endpoints.len(), 1);
+    // Only public ports are forwarded from the host: the front's admin port and the
+    // backends' ports are closed, and recorded so (a wake does not open them again).
+    let forwarded = |record: &hangar_store::VmRecord| -> Vec<u64> {
+        record.spec["forwards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["guest_port"].as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(forwarded(&record), [80], "{}", record.spec);
+    assert_eq!(record.direct_endpoints.keys().collect::<Vec<_>>(), ["http"]);
+    for backend in &stack.members[..2] {
+        let record = store
+            .vm(backend.vm.as_deref().unwrap())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(forwarded(&record).is_empty(), "{}", record.spec);
+        assert!(record.direct_endpoints.is_empty(), "{record:?}");
+    }
 
     // A second stack of that name is refused; another name gets the next segment.
     let err = manager

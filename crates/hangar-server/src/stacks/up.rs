@@ -23,8 +23,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use hangar_api::StackView;
-use hangar_core::stack::{StackPlan, StackSpec, StackState};
-use hangar_core::{Mode, Service, ServiceRequest};
+use hangar_core::stack::{MemberPlan, StackPlan, StackSpec, StackState};
+use hangar_core::{EgressPolicy, Mode, Service, ServiceRequest};
+use hangar_host::LaunchRecord;
 use hangar_store::{StackRecord, StoreError, TaskState, VmRecord, now_ms};
 
 use super::StacksError;
@@ -224,6 +225,7 @@ impl Manager {
             } else {
                 BTreeMap::new()
             },
+            egress: request_egress(&member.egress),
             deadline_ms: Some(MEMBER_DEADLINE_MS),
             ..ServiceRequest::default()
         };
@@ -261,6 +263,9 @@ impl Manager {
                 .await
                 .map_err(|err| format!("member {name}: {}", error_chain(&err)))?;
         }
+        self.close_private_ports(member, made)
+            .await
+            .map_err(|err| format!("member {name}: closing its private ports: {err}"))?;
         tracing::info!(stack = %plan.name, member = %name, vm = %made.vm.id, address = %member.address, "stack member joined");
         Ok(())
     }
@@ -323,14 +328,82 @@ impl Manager {
             .into_iter()
             .map(|(port, addr)| (port, addr.to_string()))
             .collect();
-        let os = vm
-            .os
-            .clone()
-            .unwrap_or_else(|| (service.os.clone(), String::new()));
         self.store
-            .set_offer(&vm.id, &vm.services, &os, &endpoints, &vm.direct_endpoints)
+            .set_offer(
+                &vm.id,
+                &vm.services,
+                &offered_os(vm, service),
+                &endpoints,
+                &vm.direct_endpoints,
+            )
             .await
             .map_err(|err| err.to_string())
+    }
+
+    /// Closes the host port forwards of member `member`'s ports that are not public, so
+    /// that they are reachable from the stack's segment only, and records the VM without
+    /// them (its launch record, so a wake does not open them again, and its direct
+    /// endpoints). Done after the join: until then a restarted member's ready checks go
+    /// through those forwards.
+    async fn close_private_ports(&self, member: &MemberPlan, made: &Made) -> Result<(), String> {
+        let private: Vec<&hangar_core::catalog::Port> = made
+            .service
+            .ports
+            .iter()
+            .filter(|port| !member.public.contains(&port.name))
+            .collect();
+        if private.is_empty() {
+            return Ok(());
+        }
+        let guest_ports: Vec<u16> = private.iter().map(|port| port.guest).collect();
+        let lock = self.vm_op_lock(&made.vm.id);
+        let _guard = lock.lock().await;
+        let vm = self
+            .store
+            .vm(&made.vm.id)
+            .await
+            .map_err(|err| err.to_string())?
+            .ok_or_else(|| format!("VM {} is gone", made.vm.id))?;
+        let launch = self
+            .host_of(&vm)
+            .close_forwards(&vm.id, &LaunchRecord(vm.spec.clone()), &guest_ports)
+            .await
+            .map_err(|err| error_chain(&err))?;
+        self.store
+            .set_launch(&vm.id, vm.pid, &launch.0)
+            .await
+            .map_err(|err| err.to_string())?;
+        let mut direct = vm.direct_endpoints.clone();
+        for port in &private {
+            direct.remove(&port.name);
+        }
+        self.store
+            .set_offer(
+                &vm.id,
+                &vm.services,
+                &offered_os(&vm, &made.service),
+                &vm.endpoints,
+                &direct,
+            )
+            .await
+            .map_err(|err| err.to_string())
+    }
+}
+
+/// The OS VM `vm` of `service` is recorded as offering.
+fn offered_os(vm: &VmRecord, service: &Service) -> (String, String) {
+    vm.os
+        .clone()
+        .unwrap_or_else(|| (service.os.clone(), String::new()))
+}
+
+/// The egress a member's VM is requested with: what it reaches besides its peers. A
+/// member that reaches nothing else asks for `none` on its user-mode NIC (what pool VMs
+/// and template clones have, so they can serve it); its segment is its second NIC.
+fn request_egress(member: &EgressPolicy) -> EgressPolicy {
+    match member {
+        EgressPolicy::Segment => EgressPolicy::None,
+        other => other.clone(),
     }
 }
 
