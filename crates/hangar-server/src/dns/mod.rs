@@ -2,9 +2,13 @@
 //! claim 1: the name in a ready notification resolves), started by `hangar server
 //! --dns-listen ADDR` on UDP and TCP (`hickory-server`).
 //!
-//! Each question is answered from a [`Zone`] built from the store's VMs at that moment
-//! ([`Zone::from_vms`]), so a name resolves as soon as its VM is granted and stops when it
-//! is deleted:
+//! Questions are answered from a [`Zone`] built from the store's VMs and stacks
+//! ([`Zone::from_vms`]), built again when it is older than [`ZONE_MAX_AGE`], one build at a
+//! time whatever the number of questions (a flood of questions costs the store at most one
+//! read of its VMs and stacks per [`ZONE_MISS_AGE`]). A name the zone lacks is looked up
+//! again in a zone built afresh once the zone is older than [`ZONE_MISS_AGE`], so a name
+//! resolves as soon as its VM is granted; a deleted VM's name goes within
+//! [`ZONE_MAX_AGE`]:
 //!
 //! - `A`/`AAAA` of `<vm>.<domain>`, `<service>.<domain>` (a shared service) and
 //!   `<member>.<stack>.<domain>` (a stack member with a public port): the addresses of the
@@ -17,7 +21,7 @@ pub mod zone;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hickory_server::net::runtime::Time;
 use hickory_server::proto::op::{Header, HeaderCounts, Metadata, OpCode, ResponseCode};
@@ -32,6 +36,13 @@ use crate::manager::Manager;
 
 /// Seconds resolvers may keep an answer.
 pub const TTL: u32 = 5;
+
+/// How long a built zone answers questions.
+pub const ZONE_MAX_AGE: Duration = Duration::from_millis(500);
+
+/// How old a zone may be and still answer that a name does not exist (or has no record of
+/// the type asked) without being built again.
+pub const ZONE_MISS_AGE: Duration = Duration::from_millis(50);
 
 /// Why the DNS server cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +75,7 @@ pub async fn serve(
         domain: domain.to_owned(),
         apex,
         manager,
+        cache: tokio::sync::Mutex::new(None),
     });
     server.register_socket(udp);
     server.register_listener(tcp, Duration::from_secs(5), 64);
@@ -81,6 +93,9 @@ struct Handler {
     /// `domain.`, absolute.
     apex: Name,
     manager: Arc<Manager>,
+    /// The zone last built and when. Held while a zone is built, so concurrent questions
+    /// wait for that one build.
+    cache: tokio::sync::Mutex<Option<(Instant, Arc<Zone>)>>,
 }
 
 /// What to send back for one question.
@@ -94,10 +109,23 @@ struct Answer {
 }
 
 impl Handler {
+    /// The zone last built when it is at most `max_age` old, else one built now.
+    async fn zone(&self, max_age: Duration) -> Arc<Zone> {
+        let mut cache = self.cache.lock().await;
+        if let Some((built, zone)) = cache.as_ref()
+            && built.elapsed() <= max_age
+        {
+            return zone.clone();
+        }
+        let zone = Arc::new(self.build_zone().await);
+        *cache = Some((Instant::now(), zone.clone()));
+        zone
+    }
+
     /// The zone now: built from the store's VMs and stacks (an empty zone when the VMs
     /// cannot be read, no stack names when the stacks cannot, logged: those names are then
     /// NXDOMAIN for [`TTL`] seconds at most).
-    async fn zone(&self) -> Zone {
+    async fn build_zone(&self) -> Zone {
         let store = self.manager.store();
         let vms = match store.vms(false).await {
             Ok(vms) => vms,
@@ -227,8 +255,11 @@ impl RequestHandler for Handler {
         };
         let qname: Name = info.query.original().name().clone();
         let qtype = info.query.query_type();
-        let zone = self.zone().await;
-        let answer = self.answer(&zone, &qname, qtype);
+        let mut answer = self.answer(&*self.zone(ZONE_MAX_AGE).await, &qname, qtype);
+        if answer.authoritative && answer.answers.is_empty() {
+            // Perhaps a name granted since the zone was built.
+            answer = self.answer(&*self.zone(ZONE_MISS_AGE).await, &qname, qtype);
+        }
         let mut metadata = Metadata::response_from_request(&request.metadata);
         metadata.authoritative = answer.authoritative;
         metadata.response_code = answer.code;
