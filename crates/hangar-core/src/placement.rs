@@ -34,6 +34,10 @@ use serde::{Deserialize, Serialize};
 /// Loads within one step (in thousandths) compare as equal in rule 3 of the module.
 pub const LOAD_STEP_PERMILLE: u64 = 50;
 
+/// The label every host has without being given it: its name. `--on hangar.host=NAME`
+/// places a VM on that host only (a stack's members all go where its first one went).
+pub const HOST_LABEL: &str = "hangar.host";
+
 /// Ruled-out hosts named per reason in a [`RuledOut`], the first by name.
 pub const EXAMPLES_PER_REASON: usize = 3;
 
@@ -93,7 +97,7 @@ pub struct HostFacts {
     pub cost: u32,
     /// Operator preference: higher is filled first.
     pub priority: i32,
-    /// What `--on k=v` constraints match.
+    /// What `--on k=v` constraints match (and [`HOST_LABEL`], which every host has).
     pub labels: BTreeMap<String, String>,
     /// The isolation groups of the VMs on the host (anti-affinity).
     pub groups: BTreeSet<String>,
@@ -152,9 +156,19 @@ impl HostFacts {
         vm.vcpus <= self.free_vcpus() && vm.memory_mib <= self.free_memory_mib()
     }
 
+    /// The value of label `key` here: [`HOST_LABEL`] is the host's name, every other
+    /// label is the host's own.
+    fn label(&self, key: &str) -> Option<&str> {
+        if key == HOST_LABEL {
+            Some(&self.name)
+        } else {
+            self.labels.get(key).map(String::as_str)
+        }
+    }
+
     fn has_labels(&self, on: &BTreeMap<String, String>) -> bool {
         on.iter()
-            .all(|(key, value)| self.labels.get(key).is_some_and(|have| have == value))
+            .all(|(key, value)| self.label(key) == Some(value.as_str()))
     }
 
     /// Whether the host holds a VM of `vm`'s isolation group.
@@ -192,10 +206,10 @@ impl HostFacts {
                 let (key, wanted) = vm
                     .on
                     .iter()
-                    .find(|(key, value)| self.labels.get(*key) != Some(*value))
+                    .find(|(key, value)| self.label(key) != Some(value.as_str()))
                     .map(|(key, value)| (key.clone(), value.clone()))
                     .unwrap_or_default();
-                let found = self.labels.get(&key).cloned();
+                let found = self.label(&key).map(str::to_owned);
                 Exclusion::Label { key, wanted, found }
             }
             Reason::Isolation => Exclusion::Isolation(vm.isolation.clone().unwrap_or_default()),

@@ -205,6 +205,24 @@ fn label_constraints_must_all_match() {
 }
 
 #[test]
+fn every_host_is_labelled_with_its_name() {
+    let mut hosts = [host("a", 0, 1), host("b", 6, 5)];
+    // The busier, dearer host, because it is the one named; a label of that key the host
+    // was given does not stand in for its name.
+    hosts[0].labels.insert(HOST_LABEL.into(), "b".into());
+    assert_eq!(
+        chosen(&hosts, &on(VmNeeds::new(1, 512), &[(HOST_LABEL, "b")])),
+        "b"
+    );
+    let err = choose_host(&hosts, &on(VmNeeds::new(1, 512), &[(HOST_LABEL, "c")])).unwrap_err();
+    assert_eq!(err.ruled_out.labels, 2);
+    assert!(
+        err.to_string().contains("a (label hangar.host=a, not c)"),
+        "{err}"
+    );
+}
+
+#[test]
 fn hosts_not_up_are_never_chosen() {
     let mut hosts = [
         host("a", 0, 1),

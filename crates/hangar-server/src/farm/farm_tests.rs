@@ -23,6 +23,8 @@ pub(crate) struct Farm {
     pub(crate) manager: Arc<Manager>,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) hosts: Arc<Mutex<HashMap<String, Arc<dyn Host>>>>,
+    /// Where every host's fake backend keeps its VMs' segment sockets.
+    pub(crate) _segments: Arc<tempfile::TempDir>,
 }
 
 impl Farm {
@@ -31,13 +33,22 @@ impl Farm {
             Arc::new(hangar_store::SqliteStore::open_in_memory().expect("in-memory store"));
         let hosts: Arc<Mutex<HashMap<String, Arc<dyn Host>>>> = Arc::default();
         let made = hosts.clone();
+        let segments = Arc::new(
+            tempfile::Builder::new()
+                .prefix("seg")
+                .tempdir_in("/tmp")
+                .expect("tempdir"),
+        );
+        let sockets = segments.clone();
         let connect: Connector = Arc::new(move |name: &str, _address: &str| {
             let mut made = made.lock().unwrap();
             let host = made
                 .entry(name.to_owned())
                 .or_insert_with(|| {
+                    let backend = FakeBackend::new();
+                    backend.keep_segment_sockets_in(sockets.path());
                     Arc::new(LocalHost::new(
-                        Arc::new(FakeBackend::new()),
+                        Arc::new(backend),
                         Arc::new(NoImages),
                         LocalHostConfig {
                             name: name.to_owned(),
@@ -62,6 +73,7 @@ impl Farm {
             manager,
             store,
             hosts,
+            _segments: segments,
         }
     }
 

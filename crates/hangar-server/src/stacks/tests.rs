@@ -364,3 +364,31 @@ async fn a_member_off_its_segment_joins_again_as_after_a_live_move() {
     manager.rejoin_stack_member(&alone).await;
     assert_eq!(joined(&segments, &alone.id), None);
 }
+
+#[tokio::test]
+async fn on_a_farm_every_member_goes_to_the_first_ones_host() {
+    let farm = crate::farm::farm_tests::Farm::new();
+    for name in ["a", "bb", "ccc"] {
+        farm.manager
+            .register_host(crate::farm::farm_tests::Farm::registration(name, "one"))
+            .await
+            .unwrap();
+    }
+    let text = "name = \"trio\"\n[member.one]\nservice = \"web\"\npublic = [\"http\"]\n\
+                [member.two]\nservice = \"web\"\n[member.three]\nservice = \"web\"\n";
+    let stack = up(&farm.manager, &farm.store, text).await;
+    let mut hosts = Vec::new();
+    for member in &stack.members {
+        let vm = member.vm.as_deref().unwrap();
+        hosts.push(farm.store.vm(vm).await.unwrap().unwrap().host);
+    }
+    assert_eq!(hosts.len(), 3);
+    assert!(hosts.iter().all(|h| *h == hosts[0]), "{hosts:?}");
+    // Without the pin they would have spread: requests go to the least loaded host.
+    let grant = farm
+        .manager
+        .request(request("web", hangar_core::Mode::Dedicated))
+        .await
+        .unwrap();
+    assert_ne!(grant.vm.host, hosts[0], "a lone request goes elsewhere");
+}

@@ -12,6 +12,9 @@
 //!    flight);
 //! 3. left with stable endpoints only for its `public` ports.
 //!
+//! On a farm (more than one host) the first member is made first, anywhere, and the
+//! others on its host (`on = {hangar.host = …}`): a segment does not cross hosts.
+//!
 //! Then the members join the stack's segment level by level (`StackPlan::levels`: peers
 //! before the members that refer to them, a level's members in parallel): private address,
 //! MAC, the members' names, its templates rendered with its own (peer-resolved) settings
@@ -23,6 +26,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use hangar_api::StackView;
+use hangar_core::placement::HOST_LABEL;
 use hangar_core::stack::{MemberPlan, StackPlan, StackSpec, StackState};
 use hangar_core::{EgressPolicy, Mode, Service, ServiceRequest};
 use hangar_host::LaunchRecord;
@@ -161,19 +165,34 @@ impl Manager {
         self.tasks.step(task, "members", 0).await;
         // Spawned: a member whose request is in flight when the task is cancelled still
         // finds out that the stack is going and deletes its VM.
-        let handles: Vec<_> = plan
-            .members
-            .iter()
-            .map(|member| {
-                let manager = self.clone();
-                let plan = plan.clone();
-                let name = member.name.clone();
-                let owner = owner.clone();
-                tokio::spawn(async move { manager.make_member(&plan, &name, &owner).await })
-            })
-            .collect();
-        let made = all_of(handles).await?;
-        let made: BTreeMap<String, Made> = made.into_iter().map(|m| (m.name.clone(), m)).collect();
+        let spawn = |name: &str, host: Option<String>| {
+            let manager = self.clone();
+            let plan = plan.clone();
+            let name = name.to_owned();
+            let owner = owner.clone();
+            tokio::spawn(async move { manager.make_member(&plan, &name, &owner, host).await })
+        };
+        let mut names: Vec<&str> = plan.members.iter().map(|m| m.name.as_str()).collect();
+        let mut made: BTreeMap<String, Made> = BTreeMap::new();
+        // A segment is one host's: with several hosts, the first member goes where
+        // placement puts it (a pool VM or a template clone wherever there is one) and the
+        // others to its host.
+        let mut host = None;
+        if self.scheduler.farm_hosts().len() + usize::from(self.scheduler.local().is_some()) > 1
+            && !names.is_empty()
+        {
+            let first = names.remove(0);
+            let member = all_of(vec![spawn(first, None)]).await?.remove(0);
+            host = Some(member.vm.host.clone());
+            made.insert(member.name.clone(), member);
+        }
+        let handles: Vec<_> = names.iter().map(|name| spawn(name, host.clone())).collect();
+        made.extend(
+            all_of(handles)
+                .await?
+                .into_iter()
+                .map(|m| (m.name.clone(), m)),
+        );
         let levels = plan.levels.len();
         for (i, level) in plan.levels.iter().enumerate() {
             let percent = u8::try_from(50 + 50 * i / levels.max(1)).unwrap_or(99);
@@ -203,12 +222,14 @@ impl Manager {
             .map_err(|err| err.to_string())
     }
 
-    /// One member made: requested, recorded, its endpoints narrowed.
+    /// One member made: requested (on host `host` only, when given), recorded, its
+    /// endpoints narrowed.
     async fn make_member(
         self: &Arc<Self>,
         plan: &StackPlan,
         name: &str,
         owner: &str,
+        host: Option<String>,
     ) -> Result<Made, String> {
         let member = plan.member(name).expect("plans list members");
         let service = self
@@ -226,6 +247,9 @@ impl Manager {
                 BTreeMap::new()
             },
             egress: request_egress(&member.egress),
+            on: host
+                .map(|host| BTreeMap::from([(HOST_LABEL.to_owned(), host)]))
+                .unwrap_or_default(),
             deadline_ms: Some(MEMBER_DEADLINE_MS),
             ..ServiceRequest::default()
         };
