@@ -81,11 +81,13 @@ impl Poller {
 }
 
 /// What the client saw: requests, failures (with the first few errors), the gaps between
-/// consecutive answers (longest first) and whether the counter went up by one each time.
+/// consecutive answers (longest first), when the longest began and whether the counter went
+/// up by one each time.
 struct Seen {
     requests: usize,
     failures: Vec<String>,
     gaps: Vec<Duration>,
+    longest_from: Option<Instant>,
     counts: Vec<u64>,
 }
 
@@ -97,10 +99,15 @@ impl Seen {
             .collect();
         let mut gaps: Vec<Duration> = samples.windows(2).map(|w| w[1].at - w[0].at).collect();
         gaps.sort_unstable_by(|a, b| b.cmp(a));
+        let longest_from = samples
+            .windows(2)
+            .max_by_key(|w| w[1].at - w[0].at)
+            .map(|w| w[0].at);
         Seen {
             requests: samples.len(),
             failures,
             gaps,
+            longest_from,
             counts: samples
                 .iter()
                 .filter_map(|s| s.answer.as_ref().ok().copied())
@@ -120,6 +127,15 @@ impl Seen {
             &self.gaps[..self.gaps.len().min(5)],
             &self.failures[..self.failures.len().min(5)],
         );
+        if let Some(from) = self.longest_from {
+            // As wall-clock time, to find it in the logs.
+            let at = std::time::SystemTime::now() - from.elapsed();
+            let since = at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            eprintln!(
+                "{what}: the longest gap began at unix {:.3}",
+                since.as_secs_f64()
+            );
+        }
     }
 
     fn assert_seamless(&self, what: &str) {
@@ -143,8 +159,9 @@ impl Seen {
 }
 
 /// The live migrations of the server's log so far, in order: how long clients were held
-/// (`held_ms`) and how long the guest did not run (`switchover_ms`).
-fn switchovers(server: &FarmServer) -> Vec<(Duration, Duration)> {
+/// (`held_ms`), how long the guest did not run (`switchover_ms`) and whether the pre-copy
+/// was frozen before its first pass ended (`frozen`).
+fn switchovers(server: &FarmServer) -> Vec<(Duration, Duration, bool)> {
     let field = |line: &str, name: &str| -> Duration {
         let at = line
             .find(&format!(" {name}="))
@@ -159,7 +176,13 @@ fn switchovers(server: &FarmServer) -> Vec<(Duration, Duration)> {
         .log()
         .lines()
         .filter(|line| line.contains("vm live-migrated"))
-        .map(|line| (field(line, "held_ms"), field(line, "switchover_ms")))
+        .map(|line| {
+            (
+                field(line, "held_ms"),
+                field(line, "switchover_ms"),
+                line.contains(" frozen=true"),
+            )
+        })
         .collect()
 }
 
@@ -247,7 +270,7 @@ fn an_active_vm_moves_between_hosts_while_a_client_polls_its_stable_endpoint() {
     let seen = Seen::of(&poller.finish());
     seen.report(&format!("migration {source} -> {} in {took:?}", others[0]));
     seen.assert_seamless("the first migration");
-    let (held, paused) = *switchovers(&server)
+    let (held, paused, _) = *switchovers(&server)
         .last()
         .expect("a live migration logged");
     eprintln!("the first migration held clients {held:?}, the guest paused {paused:?}");
@@ -352,6 +375,22 @@ fn an_active_vm_moves_between_hosts_while_a_client_polls_its_stable_endpoint() {
             figures[figures.len() / 2],
             figures[figures.len() - 1]
         );
+    }
+    let log = server.log();
+    for line in log.lines().filter(|l| l.contains("vm live-migrated")) {
+        let figures = line.find(" took_ms=").map_or(line, |at| &line[at + 1..]);
+        eprintln!("MIGRATED: {figures}");
+    }
+    let restarts = log.lines().filter(|l| l.contains("starting again")).count();
+    let frozen = logged.iter().filter(|s| s.2).count();
+    eprintln!(
+        "MIGRATIONS: {} live migrations, {frozen} frozen before the first pass ended, {restarts} started again after an early pause",
+        logged.len()
+    );
+    for agent in &agents {
+        for line in agent.log().lines().filter(|l| l.contains("first pass")) {
+            eprintln!("{}: {line}", agent.name);
+        }
     }
     assert!(
         held.iter().all(|h| *h < HOLD_LIMIT),

@@ -14,8 +14,11 @@
 //!    then on every guest write reaches both disks before it completes).
 //! 2. [`QemuBackend::migrate_ram`]: RAM pre-copy with `auto-converge` and
 //!    `pause-before-switchover`, its downtime limit held at [`HOLD_DOWNTIME_MS`] so that the
-//!    migration keeps iterating rather than completing on its own.
-//! 3. [`QemuBackend::migrate_switchover`]: the downtime limit raised; QEMU pauses the guest
+//!    migration keeps iterating rather than completing on its own, and *frozen* before its
+//!    first pass ends (see [`FREEZE_REMAINING`]): QEMU cannot complete then, so the guest
+//!    runs on, whatever it dirties, until the switchover.
+//! 3. [`QemuBackend::migrate_switchover`]: the stream and the downtime limit raised; QEMU
+//!    sends what is left and pauses the guest
 //!    and stops at `pre-switchover`; the ready mirror is cancelled (which leaves its
 //!    target a consistent copy), `migrate-continue` sends the last pages and the devices.
 //!    The source is left paused (`postmigrate`).
@@ -41,8 +44,47 @@ use crate::{Launched, VmSpec, VmmError};
 /// is left could be sent within it, so with 1 ms and a guest that dirties pages it iterates.
 pub const HOLD_DOWNTIME_MS: u64 = 1;
 
-/// QEMU's default downtime limit (ms), used for the switchover.
+/// QEMU's default downtime limit (ms).
 pub const DEFAULT_DOWNTIME_MS: u64 = 300;
+
+/// The downtime limit for the switchover of a frozen pre-copy (ms, QEMU's maximum): QEMU
+/// completes once what is left could go within the limit at the rate it measured, and a
+/// frozen stream's rate is a few bytes per millisecond, so any smaller limit would first
+/// send the rest with the guest running (a 100 ms rate window or more, the clients held).
+/// What is left is bounded by the freeze instead: at most [`FREEZE_REMAINING`] of the first
+/// pass plus what the guest dirtied since the migration began.
+pub const SWITCHOVER_DOWNTIME_MS: u64 = 2_000_000;
+
+/// What is left of the first RAM pass when the stream is frozen (bytes).
+///
+/// QEMU 7.2 completes the pre-copy on its own (pausing the guest) as soon as its dirty
+/// pages could go within the downtime limit at the rate it just measured, and always when
+/// *none* is dirty: an idle guest that dirtied nothing since the last sync completes it at
+/// any limit and any rate, and then a client's request in flight dies with the source.
+/// During the first pass that cannot happen: every page not yet sent counts as dirty. So
+/// the stream is frozen ([`FREEZE_BANDWIDTH`]) while that pass still has this much to send,
+/// and QEMU completes only when the switchover lets it.
+pub const FREEZE_REMAINING: u64 = 8 << 20;
+
+/// What is left of the first pass when the stream slows to [`SLOW_BANDWIDTH`], so that the
+/// agent's watch sees the pass cross [`FREEZE_REMAINING`]: at the full rate it moves up to
+/// 6 MiB between two readings 1 ms apart (measured under TCG on a loaded 2-core host).
+const SLOW_REMAINING: u64 = 32 << 20;
+
+/// The stream's rate from [`SLOW_REMAINING`] to the freeze (bytes/s): QEMU sends a tenth of
+/// it (2 MiB, a quarter of [`FREEZE_REMAINING`]) at the start of each 100 ms window, at the
+/// link's speed, then waits for the next window: the watch has about 400 ms to see the
+/// pass under [`FREEZE_REMAINING`] (it missed it now and then with 4 MiB, under load).
+const SLOW_BANDWIDTH: u64 = 20 << 20;
+
+/// The stream's rate while frozen (bytes/s): QEMU's rate limit is a tenth of it per 100 ms
+/// window, so it sends about one page (or ten zero pages) a window, and the first pass's
+/// [`FREEZE_REMAINING`] would take many minutes to go. (0 would mean no limit.)
+const FREEZE_BANDWIDTH: u64 = 100;
+
+/// How often the source's agent reads the first pass's progress to freeze it in time (the
+/// zero pages of a guest's unused memory go at gigabytes a second).
+const FREEZE_POLL: Duration = Duration::from_millis(1);
 
 /// The name of the root disk's NBD export and mirror job.
 const EXPORT: &str = "root";
@@ -51,13 +93,10 @@ const MIRROR_JOB: &str = "hangar-migrate-root";
 /// Bandwidth for the migration stream: effectively none (a farm's hosts share a fast link).
 const MAX_BANDWIDTH: u64 = 1 << 40;
 
-/// The stream's rate once the first pass nears its end, until the switchover (bytes/s):
-/// with the 1 ms limit it lets QEMU complete on its own only below 4 dirty pages. See
-/// [`QemuBackend::migration_progress`].
+/// The stream's rate once the first pass ended without being frozen (a missed freeze),
+/// until the switchover (bytes/s): with the 1 ms limit it lets QEMU complete on its own
+/// only below 4 dirty pages. See [`QemuBackend::migration_progress`].
 const SETTLE_BANDWIDTH: u64 = 16 << 20;
-
-/// What is left of the first pass when the stream settles.
-const SETTLE_REMAINING: u64 = 16 << 20;
 
 /// How long the disk mirror may take to become ready.
 const MIRROR_READY_TIMEOUT: Duration = Duration::from_secs(600);
@@ -98,11 +137,22 @@ pub struct MigrationProgress {
     pub error: Option<String>,
 }
 
-/// `query-migrate` and `query-block-jobs` as one view.
-async fn progress(qmp: &Qmp) -> Result<MigrationProgress, VmmError> {
+impl MigrationProgress {
+    /// Whether the stream is to be frozen now: the first pass is under way, with at most
+    /// [`FREEZE_REMAINING`] left (see there).
+    pub fn freezes(&self) -> bool {
+        self.status == "active"
+            && self.ram_transferred > 0
+            && self.ram_iterations <= 1
+            && self.ram_remaining <= FREEZE_REMAINING
+    }
+}
+
+/// `query-migrate` as a [`MigrationProgress`] without the disk.
+async fn ram_progress(qmp: &Qmp) -> Result<MigrationProgress, VmmError> {
     let migrate = qmp.execute("query-migrate", None).await?;
     let ram = &migrate["ram"];
-    let mut progress = MigrationProgress {
+    Ok(MigrationProgress {
         status: migrate["status"].as_str().unwrap_or("none").to_owned(),
         ram_transferred: ram["transferred"].as_u64().unwrap_or(0),
         ram_remaining: ram["remaining"].as_u64().unwrap_or(0),
@@ -111,7 +161,12 @@ async fn progress(qmp: &Qmp) -> Result<MigrationProgress, VmmError> {
         downtime_ms: migrate["downtime"].as_u64(),
         error: migrate["error-desc"].as_str().map(str::to_owned),
         ..MigrationProgress::default()
-    };
+    })
+}
+
+/// `query-migrate` and `query-block-jobs` as one view.
+async fn progress(qmp: &Qmp) -> Result<MigrationProgress, VmmError> {
+    let mut progress = ram_progress(qmp).await?;
     if let Some(job) = mirror_job(qmp).await? {
         progress.disk_offset = job["offset"].as_u64().unwrap_or(0);
         progress.disk_len = job["len"].as_u64().unwrap_or(0);
@@ -317,25 +372,25 @@ impl QemuBackend {
         .await?;
         qmp.execute("migrate", Some(json!({ "uri": format!("tcp:{to}") })))
             .await?;
+        let id = id.to_owned();
+        tokio::spawn(async move { freeze_first_pass(&id, &running.qmp).await });
         Ok(())
     }
 
     /// How far VM `id`'s outgoing migration is.
     ///
-    /// Near the end of the first pass it also slows the stream to [`SETTLE_BANDWIDTH`]:
-    /// QEMU completes on its own once what is dirty could go within the downtime limit *at
-    /// the bandwidth it just measured*, and the first pass's bulk rate made that ~1 MB for
-    /// 1 ms, which a lightly used guest undercuts: QEMU then paused it while a client's
-    /// request was in flight, before the forwarder could hold and drain its connections
-    /// (a request lost). At the settled rate only a guest that dirtied almost nothing
-    /// (a few pages: an idle one) completes early, and the switchover raises it again.
+    /// The stream is frozen near the end of the first pass ([`FREEZE_REMAINING`]; the
+    /// agent's own 1 ms watch normally did it first, this read does it too so that a caller
+    /// that sees [`MigrationProgress::freezes`] knows the stream is frozen). If that pass
+    /// ended unfrozen, the stream is slowed to [`SETTLE_BANDWIDTH`] instead: at that rate
+    /// only a guest that dirtied almost nothing (a few pages: an idle one) completes early.
+    /// The switchover raises either.
     pub async fn migration_progress(&self, id: &str) -> Result<MigrationProgress, VmmError> {
         let running = self.running_vm(id).await?;
         let now = progress(&running.qmp).await?;
-        if now.status == "active"
-            && now.ram_transferred > 0
-            && (now.ram_iterations >= 2 || now.ram_remaining <= SETTLE_REMAINING)
-        {
+        if now.freezes() {
+            set_bandwidth(&running.qmp, FREEZE_BANDWIDTH).await?;
+        } else if now.status == "active" && now.ram_iterations >= 2 {
             set_bandwidth(&running.qmp, SETTLE_BANDWIDTH).await?;
         }
         Ok(now)
@@ -423,6 +478,48 @@ impl QemuBackend {
             pid: Some(running.pid),
             agent: Arc::clone(&running.agent),
         })
+    }
+}
+
+/// Watches VM `id`'s first RAM pass every [`FREEZE_POLL`], slows the stream at
+/// [`SLOW_REMAINING`] and freezes it once at most [`FREEZE_REMAINING`] of it is left (see
+/// there). Ends then, or when the migration is
+/// no longer starting or active, or QMP fails.
+async fn freeze_first_pass(id: &str, qmp: &Qmp) {
+    let deadline = Instant::now() + MIRROR_READY_TIMEOUT;
+    let mut slowed = false;
+    while Instant::now() < deadline {
+        let now = match ram_progress(qmp).await {
+            Ok(now) => now,
+            Err(_) => return,
+        };
+        if !slowed
+            && now.status == "active"
+            && now.ram_transferred > 0
+            && now.ram_iterations <= 1
+            && now.ram_remaining <= SLOW_REMAINING
+        {
+            slowed = set_bandwidth(qmp, SLOW_BANDWIDTH).await.is_ok();
+        }
+        if now.freezes() {
+            match set_bandwidth(qmp, FREEZE_BANDWIDTH).await {
+                Ok(()) => tracing::info!(
+                    vm = %id,
+                    remaining = now.ram_remaining,
+                    sent = now.ram_transferred,
+                    "live migration frozen before its first pass ends"
+                ),
+                Err(err) => tracing::warn!(vm = %id, error = %err, "freezing the live migration"),
+            }
+            return;
+        }
+        if !matches!(now.status.as_str(), "none" | "setup" | "active") || now.ram_iterations >= 2 {
+            if now.ram_iterations >= 2 {
+                tracing::warn!(vm = %id, "the first pass of the live migration ended before it could be frozen");
+            }
+            return;
+        }
+        tokio::time::sleep(FREEZE_POLL).await;
     }
 }
 

@@ -10,20 +10,24 @@
 //! 2. `disk` (15%): the source mirrors its root's copy-on-write layer to that export and
 //!    returns once the copy follows every write; then it starts the RAM pre-copy, held from
 //!    completing on its own.
-//! 3. `memory` (30–90%): polled every [`POLL`] until what is left is under
-//!    [`SWITCH_REMAINING`] (or after [`MAX_PASSES`] passes: auto-converge throttled it).
+//! 3. `memory` (30–90%): polled every [`POLL`] until the source froze the stream before
+//!    the first pass's end ([`hangar_vmm::migrate::FREEZE_REMAINING`]: QEMU cannot complete
+//!    on its own then, so the guest keeps running), or, if that pass ended unfrozen, until
+//!    what is left is under [`SWITCH_REMAINING`] (or after [`MAX_PASSES`] passes:
+//!    auto-converge throttled it).
 //! 4. `switchover`: the forwarder *holds* the VM's new connections (they wait, no wake),
 //!    connections already forwarded get up to [`DRAIN_WAIT`] to end (the source's final
-//!    pause would cut them); the source then completes within QEMU's default downtime
-//!    ([`hangar_vmm::migrate::DEFAULT_DOWNTIME_MS`]), finishing the disk mirror while
-//!    paused; the destination resumes; the store moves the VM (one conditional write) and
-//!    its stable endpoints point at the destination, which releases the held connections.
-//!    QEMU may still complete the pre-copy on its own before the drain is over (pausing the
-//!    guest: it does once what is dirty could go within the held 1 ms at the rate it just
-//!    measured, which a lightly used guest undercuts now and then). If a connection is still open
-//!    then, its request would die with the source: the migration is undone (the guest
-//!    resumes and answers) and starts again from a fresh destination, up to
-//!    [`MAX_ATTEMPTS`] times.
+//!    pause would cut them) while the guest runs; the source then completes at once
+//!    ([`hangar_vmm::migrate::SWITCHOVER_DOWNTIME_MS`]: what is left is bounded by the
+//!    freeze), finishing the disk mirror while paused; the destination resumes; the store
+//!    moves the VM (one conditional write) and its stable endpoints point at the
+//!    destination, which releases the held connections.
+//!    Only when the freeze was missed can QEMU complete the pre-copy on its own before the
+//!    drain is over (pausing the guest: it does once what is dirty could go within the
+//!    held 1 ms at the rate it just measured, and always when nothing was dirtied since
+//!    its last sync, which an idle guest does). If a connection is still open then, its
+//!    request would die with the source: the migration is undone (the guest resumes and
+//!    answers) and starts again from a fresh destination, up to [`MAX_ATTEMPTS`] times.
 //! 5. `clean`: the source's QEMU and files go (`Move::clean_source`).
 //!
 //! Undo (cancel, failure, or a server that stopped mid-way: the journal's one
@@ -154,7 +158,7 @@ pub async fn migrate_active(mv: &Move<'_>, vm: VmRecord) -> Result<VmRecord, Str
     let drain_ms = held.elapsed().as_millis() as u64;
     let switching = Instant::now();
     let done = source
-        .migrate_switchover(&vm.id, hangar_vmm::migrate::DEFAULT_DOWNTIME_MS)
+        .migrate_switchover(&vm.id, hangar_vmm::migrate::SWITCHOVER_DOWNTIME_MS)
         .await
         .map_err(|err| format!("switching over on {}: {}", vm.host, error_chain(&err)))?;
     let arrived = dest
@@ -181,6 +185,8 @@ pub async fn migrate_active(mv: &Move<'_>, vm: VmRecord) -> Result<VmRecord, Str
         to = %to,
         took_ms = started.elapsed().as_millis() as u64,
         passes = precopy.ram_iterations,
+        frozen = precopy.freezes(),
+        frozen_left = if precopy.freezes() { precopy.ram_remaining } else { 0 },
         ram_sent = done.ram_transferred,
         disk_bytes = precopy.disk_len,
         qemu_downtime_ms = done.downtime_ms.unwrap_or(0),
@@ -278,10 +284,12 @@ async fn paused_early(source: &dyn Host, id: &str) -> Result<bool, String> {
     Ok(now.status == "pre-switchover")
 }
 
-/// Whether the pre-copy has done what it can: the first full pass is over and little is
-/// left, or it has gone round [`MAX_PASSES`] times.
+/// Whether the pre-copy has done what it can: the source froze it before the first pass's
+/// end (the reading that says so is taken after the freeze), or that pass is over and
+/// little is left, or it has gone round [`MAX_PASSES`] times.
 pub fn ready_to_switch(now: &MigrationProgress) -> bool {
-    now.ram_iterations >= 2 && now.ram_remaining <= SWITCH_REMAINING
+    now.freezes()
+        || now.ram_iterations >= 2 && now.ram_remaining <= SWITCH_REMAINING
         || now.ram_iterations >= MAX_PASSES
 }
 
@@ -295,9 +303,22 @@ mod tests {
             status: "active".into(),
             ram_iterations: passes,
             ram_remaining: remaining,
+            ram_transferred: 1 << 30,
             ..MigrationProgress::default()
         };
-        assert!(!ready_to_switch(&at(1, 0)), "the first pass is not over");
+        let freeze = hangar_vmm::migrate::FREEZE_REMAINING;
+        assert!(
+            !ready_to_switch(&at(1, freeze + 1)),
+            "the first pass goes on"
+        );
+        assert!(ready_to_switch(&at(1, freeze)), "the first pass is frozen");
+        assert!(
+            !ready_to_switch(&MigrationProgress {
+                ram_transferred: 0,
+                ..at(1, 0)
+            }),
+            "nothing sent yet: the pass has not begun"
+        );
         assert!(!ready_to_switch(&at(2, SWITCH_REMAINING + 1)));
         assert!(ready_to_switch(&at(2, SWITCH_REMAINING)));
         assert!(ready_to_switch(&at(MAX_PASSES, u64::MAX)));
