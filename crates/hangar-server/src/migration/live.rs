@@ -17,7 +17,10 @@
 //!    auto-converge throttled it).
 //! 4. `switchover`: the forwarder *holds* the VM's new connections (they wait, no wake),
 //!    connections already forwarded get up to [`DRAIN_WAIT`] to end (the source's final
-//!    pause would cut them) while the guest runs; the source then completes at once
+//!    pause would cut them) while the guest runs. If one is still open (a slow request),
+//!    the clients are let through again until it ends (at most [`HOLD_AGAIN_WITHIN`]) and
+//!    held again, up to [`MAX_HOLDS`] times, so that no hold is long and no request is
+//!    cut unless one outlasts them all. The source then completes at once
 //!    ([`hangar_vmm::migrate::SWITCHOVER_DOWNTIME_MS`]: what is left is bounded by the
 //!    freeze), finishing the disk mirror while paused; the destination resumes; the store
 //!    moves the VM (one conditional write) and its stable endpoints point at the
@@ -82,6 +85,14 @@ pub const MAX_ATTEMPTS: u32 = 4;
 /// How long connections forwarded before the hold may take to end before the switchover.
 pub const DRAIN_WAIT: Duration = Duration::from_millis(200);
 
+/// How many times the forwarder holds the VM's clients, at most, waiting for a slow
+/// request to end while the guest runs (the last hold switches over anyway, cutting it).
+pub const MAX_HOLDS: u32 = 8;
+
+/// Between two holds the clients go through to the running guest until no connection is
+/// open, or this long.
+pub const HOLD_AGAIN_WITHIN: Duration = Duration::from_millis(500);
+
 /// Live-migrates active VM `vm` as `mv` says (see the module's documentation). The outcome
 /// is the VM as recorded on the destination; on error the journal's undo leaves it
 /// running on its source.
@@ -127,18 +138,35 @@ pub async fn migrate_active(mv: &Move<'_>, vm: VmRecord) -> Result<VmRecord, Str
         egress: LaunchRecord(vm.spec.clone()).egress(),
     };
     let mut attempt = 1;
-    let (incoming, precopy, held, open, drained) = loop {
+    let (incoming, precopy, held, open, drained, holds) = 'attempts: loop {
         let (incoming, precopy) = copy(mv, &vm, &plan, source.as_ref(), dest.as_ref()).await?;
         mv.step("switchover", 90).await;
-        let held = Instant::now();
-        let open = match manager.hold_endpoints(&vm.id).await {
-            EndpointUse::Idle => 0,
-            EndpointUse::Busy { open } => open,
+        let mut holds = 1;
+        let open = loop {
+            let held = Instant::now();
+            let open = match manager.hold_endpoints(&vm.id).await {
+                EndpointUse::Idle => 0,
+                EndpointUse::Busy { open } => open,
+            };
+            let drained = open == 0 || manager.wait_endpoints_idle(&vm.id, DRAIN_WAIT).await;
+            if drained {
+                break 'attempts (incoming, precopy, held, open, drained, holds);
+            }
+            if paused_early(source.as_ref(), &vm.id).await? {
+                if attempt == MAX_ATTEMPTS {
+                    break 'attempts (incoming, precopy, held, open, drained, holds);
+                }
+                break open;
+            }
+            if holds == MAX_HOLDS {
+                break 'attempts (incoming, precopy, held, open, drained, holds);
+            }
+            // The guest runs (the pre-copy is frozen) but a request is slow: let the
+            // clients through to it again while that request ends, then hold again.
+            manager.set_endpoints_active(&vm.id, true).await;
+            manager.wait_endpoints_idle(&vm.id, HOLD_AGAIN_WITHIN).await;
+            holds += 1;
         };
-        let drained = open == 0 || manager.wait_endpoints_idle(&vm.id, DRAIN_WAIT).await;
-        if drained || attempt == MAX_ATTEMPTS || !paused_early(source.as_ref(), &vm.id).await? {
-            break (incoming, precopy, held, open, drained);
-        }
         // QEMU paused the guest on its own while a client's request was in flight: that
         // request would die with the source. Undo (the guest resumes and answers, the held
         // connections go to it) and start again from a fresh destination.
@@ -196,6 +224,7 @@ pub async fn migrate_active(mv: &Move<'_>, vm: VmRecord) -> Result<VmRecord, Str
         commit_ms = committing.elapsed().as_millis() as u64,
         open_at_hold = open,
         drained,
+        holds,
         attempts = attempt,
         "vm live-migrated"
     );
