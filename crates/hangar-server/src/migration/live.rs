@@ -19,7 +19,7 @@
 //!    connections already forwarded get up to [`DRAIN_WAIT`] to end (the source's final
 //!    pause would cut them) while the guest runs. If one is still open (a slow request),
 //!    the clients are let through again until it ends (at most [`HOLD_AGAIN_WITHIN`]) and
-//!    held again, up to [`MAX_HOLDS`] times, so that no hold is long and no request is
+//!    held again, for up to [`HOLDS_WITHIN`], so that no hold is long and no request is
 //!    cut unless one outlasts them all. The source then completes at once
 //!    ([`hangar_vmm::migrate::SWITCHOVER_DOWNTIME_MS`]: what is left is bounded by the
 //!    freeze), finishing the disk mirror while paused; the destination resumes; the store
@@ -85,9 +85,10 @@ pub const MAX_ATTEMPTS: u32 = 4;
 /// How long connections forwarded before the hold may take to end before the switchover.
 pub const DRAIN_WAIT: Duration = Duration::from_millis(200);
 
-/// How many times the forwarder holds the VM's clients, at most, waiting for a slow
-/// request to end while the guest runs (the last hold switches over anyway, cutting it).
-pub const MAX_HOLDS: u32 = 8;
+/// How long the task keeps holding the VM's clients again, waiting for a slow request to
+/// end while the guest runs; the first hold begun after this switches over anyway
+/// (cutting it). Under TCG on a loaded host a request now and then takes seconds.
+pub const HOLDS_WITHIN: Duration = Duration::from_secs(10);
 
 /// Between two holds the clients go through to the running guest until no connection is
 /// open, or this long.
@@ -142,6 +143,7 @@ pub async fn migrate_active(mv: &Move<'_>, vm: VmRecord) -> Result<VmRecord, Str
         let (incoming, precopy) = copy(mv, &vm, &plan, source.as_ref(), dest.as_ref()).await?;
         mv.step("switchover", 90).await;
         let mut holds = 1;
+        let holding = Instant::now();
         let open = loop {
             let held = Instant::now();
             let open = match manager.hold_endpoints(&vm.id).await {
@@ -158,7 +160,7 @@ pub async fn migrate_active(mv: &Move<'_>, vm: VmRecord) -> Result<VmRecord, Str
                 }
                 break open;
             }
-            if holds == MAX_HOLDS {
+            if holding.elapsed() >= HOLDS_WITHIN {
                 break 'attempts (incoming, precopy, held, open, drained, holds);
             }
             // The guest runs (the pre-copy is frozen) but a request is slow: let the
