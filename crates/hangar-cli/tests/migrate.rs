@@ -217,13 +217,15 @@ fn holds(agent: &Agent, id: &str) -> bool {
     agent.qemus().iter().any(|(vm, _)| vm == id) || agent.data_dir.join("vms").join(id).exists()
 }
 
-/// Quarantined: QEMU completes the pre-copy on its own (pausing the guest) when an idle
-/// guest dirtied nothing since its last sync; the migration then starts again while a
-/// request is in flight, but after four such pauses in a row (1 migration of 10 measured)
-/// it switches over anyway and the request is lost (DESIGN.md, "Live migration"). Run it
-/// with `--ignored`; it prints the figures of DESIGN.md.
+/// Quarantined: QEMU no longer pauses the guest on its own while a request is in flight
+/// (the pre-copy is frozen before its first pass ends), but on the loaded 2-core test
+/// machine a request to the VM now and then stalls for about 5.8 s, beginning around the
+/// next migration's start, before the source does anything for it (cause not found; it
+/// ends without an error), and a hold now and then passes 300 ms (a slow store commit or
+/// drain). Of 10 runs with the freeze, 2 passed (DESIGN.md, "Live migration"). Run it with
+/// `--ignored`; it prints the figures of DESIGN.md.
 #[test]
-#[ignore = "a request in flight is lost when QEMU pauses the guest on its own four times in a row"]
+#[ignore = "a request now and then stalls ~5.8 s around a migration's start (cause not found), and holds now and then pass 300 ms under load"]
 fn an_active_vm_moves_between_hosts_while_a_client_polls_its_stable_endpoint() {
     if skip_without_namespaces() {
         return;
