@@ -507,17 +507,8 @@ impl Hypervisor for QemuBackend {
                 "hostfwd_add n0 tcp:{}:{}-:{}",
                 forward.host, forward.host_port, forward.guest_port
             );
-            let output = running
-                .qmp
-                .execute(
-                    "human-monitor-command",
-                    Some(serde_json::json!({ "command-line": command })),
-                )
-                .await?;
-            let text = output.as_str().unwrap_or_default().trim();
-            if !text.is_empty() {
-                return Err(VmmError::Launch(format!("{command}: {text}")));
-            }
+            // Silent when it added the rule.
+            hmp(&running.qmp, &command, str::is_empty).await?;
         }
         Ok(())
     }
@@ -531,17 +522,7 @@ impl Hypervisor for QemuBackend {
                 "hostfwd_remove n0 tcp:{}:{}",
                 forward.host, forward.host_port
             );
-            let output = running
-                .qmp
-                .execute(
-                    "human-monitor-command",
-                    Some(serde_json::json!({ "command-line": command })),
-                )
-                .await?;
-            let text = output.as_str().unwrap_or_default().trim();
-            if !text.ends_with(" removed") {
-                return Err(VmmError::Launch(format!("{command}: {text}")));
-            }
+            hmp(&running.qmp, &command, |text| text.ends_with(" removed")).await?;
             running
                 .spec
                 .lock()
@@ -995,6 +976,23 @@ pub fn restore_args(accel: Accel, spec: &VmSpec, paths: &VmPaths) -> Vec<String>
     let mut args = command_line(accel, spec, paths, false);
     args.extend(["-incoming".into(), "defer".into()]);
     args
+}
+
+/// Runs a human monitor `command` (slirp's forwards have no QMP command in QEMU 7.2); its
+/// output, trimmed, must be what `done` accepts, or it is the error.
+async fn hmp(qmp: &Qmp, command: &str, done: impl Fn(&str) -> bool) -> Result<(), VmmError> {
+    let output = qmp
+        .execute(
+            "human-monitor-command",
+            Some(serde_json::json!({ "command-line": command })),
+        )
+        .await?;
+    let text = output.as_str().unwrap_or_default().trim();
+    if done(text) {
+        Ok(())
+    } else {
+        Err(VmmError::Launch(format!("{command}: {text}")))
+    }
 }
 
 /// How long a migration to or from a file may take: generous, scaled by guest memory.
