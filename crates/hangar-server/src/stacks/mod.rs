@@ -4,10 +4,10 @@
 //! `hangar_core::stack`; this concern applies them:
 //!
 //! - [`Manager::stack_up`] checks the file, takes a free /24, records the stack
-//!   (`creating`) and starts its `stack` task ([`up`]): members made level by level (peers
-//!   first, a level's members in parallel), each through the request path (so pools and
-//!   templates serve it), its stable endpoints kept only for its `public` ports, then joined
-//!   to the segment. A failure or a cancel deletes every member made and the stack.
+//!   (`creating`) and starts its `stack` task ([`up`]): every member made at once, each
+//!   through the request path (so pools and templates serve it), its stable endpoints kept
+//!   only for its `public` ports, then joined to the segment without waiting for its peers.
+//!   A failure or a cancel deletes every member made and the stack.
 //! - [`Manager::stack_down`] deletes every member and the stack.
 //! - [`Manager::stack_sleep`], [`Manager::stack_archive`], [`Manager::stack_wake`]: every
 //!   member through the lifecycle's own operations; sleep and archive the front first,

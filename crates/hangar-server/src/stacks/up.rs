@@ -12,14 +12,18 @@
 //!    flight);
 //! 3. left with stable endpoints only for its `public` ports.
 //!
-//! On a farm (more than one host) the first member is made first, anywhere, and the
-//! others on its host (`on = {hangar.host = …}`): a segment does not cross hosts.
+//! 4. joined to the stack's segment as soon as it is made, without waiting for its peers:
+//!    private address, MAC, the members' names, its templates rendered with its own
+//!    (peer-resolved) settings and its processes restarted, waited for until they serve
+//!    again.
 //!
-//! Then the members join the stack's segment level by level (`StackPlan::levels`: peers
-//! before the members that refer to them, a level's members in parallel): private address,
-//! MAC, the members' names, its templates rendered with its own (peer-resolved) settings
-//! and its processes restarted, waited for until they serve again. So a member that names
-//! peers starts serving with them once they are on the segment.
+//! On a farm (more than one host) the first member is made (and joined) first, anywhere,
+//! and the others on its host (`on = {hangar.host = …}`): a segment does not cross hosts.
+//!
+//! The task ends when every member has joined. A member that names peers may start before
+//! they are on the segment (their addresses come from the plan, not from them): a proxy
+//! in front reaches its upstreams once they join, which is before `up` answers. Joining
+//! level by level (peers first) cost a whole join per level (about 1 s from templates).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -152,8 +156,8 @@ impl Manager {
         Ok(task)
     }
 
-    /// The task's work: every member made at once, then joined level by level (peers
-    /// first, a level's members in parallel), then the stack marked up.
+    /// The task's work: every member made and joined at once (each joins as soon as it is
+    /// made), then the stack marked up.
     async fn make_stack(self: &Arc<Self>, task: &str, plan: &StackPlan) -> Result<(), String> {
         let owner = self
             .store
@@ -162,7 +166,7 @@ impl Manager {
             .map_err(|err| err.to_string())?
             .ok_or_else(|| format!("stack {} was removed", plan.name))?
             .owner;
-        self.tasks.step(task, "members", 0).await;
+        self.tasks.step(task, "members: made and joined", 0).await;
         // Spawned: a member whose request is in flight when the task is cancelled still
         // finds out that the stack is going and deletes its VM.
         let spawn = |name: &str, host: Option<String>| {
@@ -170,10 +174,13 @@ impl Manager {
             let plan = plan.clone();
             let name = name.to_owned();
             let owner = owner.clone();
-            tokio::spawn(async move { manager.make_member(&plan, &name, &owner, host).await })
+            tokio::spawn(async move {
+                let made = manager.make_member(&plan, &name, &owner, host).await?;
+                manager.join_member(&plan, &made).await?;
+                Ok(made)
+            })
         };
         let mut names: Vec<&str> = plan.members.iter().map(|m| m.name.as_str()).collect();
-        let mut made: BTreeMap<String, Made> = BTreeMap::new();
         // A segment is one host's: with several hosts, the first member goes where
         // placement puts it (a pool VM or a template clone wherever there is one) and the
         // others to its host.
@@ -184,32 +191,9 @@ impl Manager {
             let first = names.remove(0);
             let member = all_of(vec![spawn(first, None)]).await?.remove(0);
             host = Some(member.vm.host.clone());
-            made.insert(member.name.clone(), member);
         }
         let handles: Vec<_> = names.iter().map(|name| spawn(name, host.clone())).collect();
-        made.extend(
-            all_of(handles)
-                .await?
-                .into_iter()
-                .map(|m| (m.name.clone(), m)),
-        );
-        let levels = plan.levels.len();
-        for (i, level) in plan.levels.iter().enumerate() {
-            let percent = u8::try_from(50 + 50 * i / levels.max(1)).unwrap_or(99);
-            self.tasks
-                .step(task, &format!("join: {}", level.join(", ")), percent)
-                .await;
-            let handles: Vec<_> = level
-                .iter()
-                .map(|name| {
-                    let manager = self.clone();
-                    let plan = plan.clone();
-                    let made = made[name].clone();
-                    tokio::spawn(async move { manager.join_member(&plan, &made).await })
-                })
-                .collect();
-            all_of(handles).await?;
-        }
+        all_of(handles).await?;
         self.tasks.step(task, "up", 100).await;
         let mut record = self
             .store
@@ -253,16 +237,18 @@ impl Manager {
             deadline_ms: Some(MEMBER_DEADLINE_MS),
             ..ServiceRequest::default()
         };
+        let started = std::time::Instant::now();
         let grant = self
             .request_as(owner, request)
             .await
             .map_err(|err| format!("member {name}: {}", error_chain(&err)))?;
+        let request_ms = started.elapsed().as_millis() as u64;
         let vm = grant.vm;
         self.record_member(plan, name, &vm.id).await?;
         self.keep_public_endpoints(&vm, &service, &member.public)
             .await
             .map_err(|err| format!("member {name}: stable endpoints: {err}"))?;
-        tracing::info!(stack = %plan.name, member = name, vm = %vm.id, served = ?grant.served, "stack member made");
+        tracing::info!(stack = %plan.name, member = name, vm = %vm.id, served = ?grant.served, request_ms, made_ms = started.elapsed().as_millis() as u64, "stack member made");
         Ok(Made {
             name: name.to_owned(),
             vm,
@@ -279,9 +265,11 @@ impl Manager {
         let join =
             segment::member_join(plan, member, &made.service, &made.vm.id, made.with_settings)
                 .map_err(|err| format!("member {name}: {}", error_chain(&err)))?;
+        let started = std::time::Instant::now();
         segment::join(self.host_of(&made.vm).as_ref(), &made.vm.id, &join)
             .await
             .map_err(|err| format!("member {name}: {}", error_chain(&err)))?;
+        let join_ms = started.elapsed().as_millis() as u64;
         if !join.restart.is_empty() {
             segment::serving_again(&made.service, &made.vm.direct_endpoints)
                 .await
@@ -290,7 +278,7 @@ impl Manager {
         self.close_private_ports(member, made)
             .await
             .map_err(|err| format!("member {name}: closing its private ports: {err}"))?;
-        tracing::info!(stack = %plan.name, member = %name, vm = %made.vm.id, address = %member.address, "stack member joined");
+        tracing::info!(stack = %plan.name, member = %name, vm = %made.vm.id, address = %member.address, join_ms, joined_ms = started.elapsed().as_millis() as u64, "stack member joined");
         Ok(())
     }
 
