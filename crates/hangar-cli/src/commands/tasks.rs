@@ -48,6 +48,11 @@ const HEADER: [&str; 9] = [
 /// How often `hangar task wait` asks.
 const POLL: Duration = Duration::from_millis(250);
 
+/// How often a task is asked about in its first [`QUICK_FOR`]: a task that ends in a few
+/// seconds (a stack from templates, a clone) is seen ending within 50 ms, not 250.
+const QUICK_POLL: Duration = Duration::from_millis(50);
+const QUICK_FOR: Duration = Duration::from_secs(10);
+
 /// `hangar tasks`: recent tasks (an admin's: everyone's; others: their own).
 pub async fn list(client: &Client, args: TasksArgs) -> Result<(), CliError> {
     let tasks = client.tasks().await?;
@@ -114,6 +119,7 @@ pub async fn print_started(client: &Client, id: &str, json: bool) -> Result<(), 
 /// until it ends; returns it as it ended.
 pub async fn follow(client: &Client, id: &str) -> Result<TaskView, CliError> {
     let mut progress = Progress::start();
+    let started = std::time::Instant::now();
     loop {
         let task = client.task(id).await?;
         progress.update(
@@ -124,7 +130,12 @@ pub async fn follow(client: &Client, id: &str) -> Result<TaskView, CliError> {
             progress.finish();
             return Ok(task);
         }
-        tokio::time::sleep(POLL).await;
+        let poll = if started.elapsed() < QUICK_FOR {
+            QUICK_POLL
+        } else {
+            POLL
+        };
+        tokio::time::sleep(poll).await;
     }
 }
 
