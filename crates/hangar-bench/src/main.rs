@@ -26,6 +26,7 @@ mod pool;
 mod report;
 mod segment;
 mod server;
+mod stack;
 mod stats;
 
 use client::BenchError;
@@ -60,6 +61,9 @@ enum BenchCommand {
     /// Two VMs over their private segment against over user-mode networking: throughput
     /// and request latency (no server: VMs on this machine's QEMU).
     Segment(segment::SegmentBench),
+    /// A stack (examples/shop.toml): up from templates (and cold with --cold N), wake
+    /// from sleep, and its private segment against user-mode networking.
+    Stack(stack::StackBench),
 }
 
 /// Parses the command line; run by `hangar bench` (which sets `HANGAR_BIN`), usage and
@@ -85,6 +89,7 @@ async fn main() -> ExitCode {
         Some(BenchCommand::Placement(args)) => placement::bench(args).await,
         Some(BenchCommand::Farm(args)) => farm::run(args).await,
         Some(BenchCommand::Segment(args)) => segment::run(args).await,
+        Some(BenchCommand::Stack(args)) => stack::run(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -112,6 +117,8 @@ mod tests {
         assert!(matches!(cli.command, Some(BenchCommand::Farm(_))));
         let cli = Cli::parse_from(["hangar-bench", "segment", "--mib", "4", "--json"]);
         assert!(matches!(cli.command, Some(BenchCommand::Segment(_))));
+        let cli = Cli::parse_from(["hangar-bench", "stack", "--runs", "3", "--cold", "1"]);
+        assert!(matches!(cli.command, Some(BenchCommand::Stack(_))));
         assert!(Cli::try_parse_from(["hangar-bench", "--quick", "pool"]).is_err());
     }
 }

@@ -26,22 +26,22 @@ use crate::client::BenchError;
 pub struct SegmentBench {
     /// Size of the file transferred for throughput, in MiB.
     #[arg(long, default_value_t = 8)]
-    mib: u32,
+    pub mib: u32,
     /// Transfers per path; the figure is their median.
     #[arg(long, default_value_t = 3)]
-    runs: usize,
+    pub runs: usize,
     /// Small requests per path for latency.
     #[arg(long, default_value_t = 100)]
-    requests: usize,
+    pub requests: usize,
     /// Image cache (kernel, initramfs, busybox image), kept between runs.
     #[arg(long)]
-    cache: Option<PathBuf>,
+    pub cache: Option<PathBuf>,
     /// Accelerator: tcg, kvm or auto.
     #[arg(long, default_value = "tcg")]
-    accel: String,
+    pub accel: String,
     /// Print JSON instead of a table.
     #[arg(long)]
-    json: bool,
+    pub json: bool,
 }
 
 /// One path's figures.
@@ -75,6 +75,21 @@ fn failed(what: &str) -> impl Fn(hangar_host::HostError) -> BenchError + '_ {
 }
 
 pub async fn run(args: SegmentBench) -> Result<(), BenchError> {
+    let run = figures(&args).await?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&run).expect("figures serialize")
+        );
+    } else {
+        print_table(&run);
+    }
+    Ok(())
+}
+
+/// Makes the two VMs (in a temporary directory, destroyed after), measures both paths as
+/// `args` say and answers the figures.
+pub async fn figures(args: &SegmentBench) -> Result<SegmentRun, BenchError> {
     if args.runs == 0 || args.requests == 0 || args.mib == 0 {
         return Err(BenchError::Usage(
             "--runs, --requests and --mib must be at least 1".into(),
@@ -108,20 +123,11 @@ pub async fn run(args: SegmentBench) -> Result<(), BenchError> {
             ..LocalHostConfig::default()
         },
     ));
-    let measured = measure(&host, &args).await;
+    let measured = measure(&host, args).await;
     for id in ["bench-a", "bench-b"] {
         let _ = host.destroy(id).await;
     }
-    let run = measured?;
-    if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&run).expect("figures serialize")
-        );
-    } else {
-        print_table(&run);
-    }
-    Ok(())
+    measured
 }
 
 async fn measure(host: &LocalHost, args: &SegmentBench) -> Result<SegmentRun, BenchError> {
@@ -131,7 +137,10 @@ async fn measure(host: &LocalHost, args: &SegmentBench) -> Result<SegmentRun, Be
         .ok_or_else(|| BenchError::Failed("no http-counter in the demo catalog".into()))?;
     let mut endpoints = Vec::new();
     for id in ["bench-a", "bench-b"] {
-        let plan = VmPlan::for_service(id, &service, Purpose::Request);
+        let mut plan = VmPlan::for_service(id, &service, Purpose::Request);
+        // User-mode networking as it is without an egress policy: A reaches the host's
+        // loopback (B's forwarded port) through slirp's gateway.
+        plan.egress = hangar_core::EgressPolicy::Open;
         let silent: hangar_host::ProgressFn = Arc::new(|_: &str, _: u8| {});
         let prepared = host
             .prepare_vm(&plan, silent.clone())
