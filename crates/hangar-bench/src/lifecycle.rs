@@ -138,13 +138,8 @@ pub async fn run(args: LifecycleBench) -> Result<(), BenchError> {
     if args.samples == 0 {
         return Err(BenchError::Usage("--samples must be at least 1".into()));
     }
-    let options = |templates| ServerOptions {
-        accel: args.accel.clone(),
-        catalog: None,
-        cache: args.cache.clone(),
-        pool_memory_mib: 0,
-        templates,
-    };
+    let options =
+        |templates| ServerOptions::without_pools(&args.accel, args.cache.clone(), templates);
 
     // Cold boots, on a server that boots every VM.
     eprintln!("cold boots (templates off)...");

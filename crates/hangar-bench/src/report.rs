@@ -10,6 +10,19 @@ use serde::Serialize;
 
 use crate::stats::{Summary, ms, summary};
 
+/// Prints a narrower benchmark's `report`: pretty JSON on stdout when `json`, else as
+/// `table` prints it.
+pub fn print_json_or<T: Serialize>(report: &T, json: bool, table: impl FnOnce(&T)) {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(report).expect("reports serialize")
+        );
+    } else {
+        table(report);
+    }
+}
+
 /// One line of the table.
 #[derive(Debug, Clone, Serialize)]
 pub struct Row {

@@ -76,14 +76,7 @@ fn failed(what: &str) -> impl Fn(hangar_host::HostError) -> BenchError + '_ {
 
 pub async fn run(args: SegmentBench) -> Result<(), BenchError> {
     let run = figures(&args).await?;
-    if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&run).expect("figures serialize")
-        );
-    } else {
-        print_table(&run);
-    }
+    crate::report::print_json_or(&run, args.json, print_table);
     Ok(())
 }
 

@@ -28,6 +28,17 @@ pub struct ServerOptions {
 }
 
 impl ServerOptions {
+    /// The demo catalog, no warm pools, templates as `templates` says.
+    pub fn without_pools(accel: &str, cache: Option<PathBuf>, templates: bool) -> ServerOptions {
+        ServerOptions {
+            accel: accel.to_owned(),
+            catalog: None,
+            cache,
+            pool_memory_mib: 0,
+            templates,
+        }
+    }
+
     /// The cache dir, created if missing, as an absolute path.
     pub fn cache_dir(&self) -> Result<PathBuf, String> {
         let cache = self

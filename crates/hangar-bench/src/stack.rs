@@ -110,13 +110,8 @@ pub async fn run(args: StackBench) -> Result<(), BenchError> {
     };
     let spec = StackSpec::from_toml(&text).map_err(|err| BenchError::Usage(err.to_string()))?;
     let load = load_average();
-    let options = |templates| ServerOptions {
-        accel: args.accel.clone(),
-        catalog: None,
-        cache: args.cache.clone(),
-        pool_memory_mib: 0,
-        templates,
-    };
+    let options =
+        |templates| ServerOptions::without_pools(&args.accel, args.cache.clone(), templates);
 
     let cold = if args.cold > 0 {
         eprintln!("cold stack ups (templates off)...");
@@ -216,14 +211,7 @@ pub async fn run(args: StackBench) -> Result<(), BenchError> {
         wake_from_sleep: summary(&mut wakes),
         segment,
     };
-    if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).expect("serializable")
-        );
-    } else {
-        print_report(&report);
-    }
+    crate::report::print_json_or(&report, args.json, print_report);
     Ok(())
 }
 

@@ -313,14 +313,7 @@ pub async fn run(args: FarmBench) -> Result<(), BenchError> {
         rows,
         seconds: started.elapsed().as_secs_f64(),
     };
-    if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).expect("serializable")
-        );
-    } else {
-        print_report(&report);
-    }
+    crate::report::print_json_or(&report, args.json, print_report);
     Ok(())
 }
 
