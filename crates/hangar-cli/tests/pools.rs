@@ -94,6 +94,8 @@ fn superset_matches_are_reported_and_exact_size_slices_them() {
     .unwrap();
     let server = TestServer::start_with(&["--catalog", catalog.to_str().unwrap()]);
     server.ok(&["pool", "set", "http-static", "--min", "0", "--max", "0"]);
+    // A VM the default pool was filling when it was emptied would be an exact match.
+    wait_ready(&server, "http-static", 0);
     wait_ready(&server, "big-static", 1);
 
     let grant = server.json(&[
