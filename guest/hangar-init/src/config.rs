@@ -7,7 +7,6 @@ use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use hangar_proto::{FileWrite, Identity, NetworkConfig, RootConfig};
@@ -16,9 +15,6 @@ use crate::sys::check;
 
 /// Where a configured root filesystem is mounted.
 pub const SYSROOT: &str = "/sysroot";
-
-/// busybox, for `ip`.
-const BUSYBOX: &str = "/bin/busybox";
 
 /// `_IOW('R', 0x03, int[2])`: add entropy to the input pool, with credit.
 const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
@@ -92,46 +88,23 @@ fn add_entropy(bytes: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
-/// Runs `busybox ip ARGS`, returning its stderr as the error.
-pub fn ip(args: &[&str]) -> Result<(), String> {
-    let output = Command::new(BUSYBOX)
-        .arg("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("{BUSYBOX} ip {}: {e}", args.join(" ")))?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip {}: {} ({})",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr).trim(),
-            output.status
-        ))
-    }
-}
-
 /// Sets an interface up.
 pub fn link_up(interface: &str) -> Result<(), String> {
-    ip(&["link", "set", interface, "up"])
+    crate::netdev::set_up(interface, true)
 }
 
 /// Address, link and default route. Waits for the interface to appear.
 pub fn configure_network(network: &NetworkConfig) -> Result<(), String> {
     let sys = Path::new("/sys/class/net").join(&network.interface);
     wait_for(&sys).map_err(|()| format!("no network interface {}", network.interface))?;
+    let (address, prefix) = crate::netdev::parse_cidr(&network.address)?;
     link_up(&network.interface)?;
-    ip(&["addr", "add", &network.address, "dev", &network.interface])?;
+    crate::netdev::set_ipv4(&network.interface, address, prefix)?;
     if let Some(gateway) = &network.gateway {
-        ip(&[
-            "route",
-            "replace",
-            "default",
-            "via",
-            gateway,
-            "dev",
-            &network.interface,
-        ])?;
+        let gateway = gateway
+            .parse()
+            .map_err(|_| format!("not an IPv4 gateway: {gateway:?}"))?;
+        crate::netdev::add_default_route(&network.interface, gateway)?;
     }
     Ok(())
 }

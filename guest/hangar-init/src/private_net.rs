@@ -10,20 +10,21 @@ use std::path::Path;
 
 use hangar_proto::{FileWrite, PrivateNetwork};
 
-use crate::config::{ip, wait_for, write_files};
+use crate::config::{wait_for, write_files};
+use crate::netdev;
 
 /// Link, address, `/etc/hosts` and files of `network`, in the root at `root`.
 pub fn apply(network: &PrivateNetwork, root: &Path, hostname: &str) -> Result<(), String> {
-    check_mac(&network.mac)?;
+    let mac = netdev::parse_mac(&network.mac)?;
+    let (address, prefix) = netdev::parse_cidr(&network.address)?;
     let dev = network.interface.as_str();
     let sys = Path::new("/sys/class/net").join(dev);
     wait_for(&sys).map_err(|()| format!("no network interface {dev}"))?;
     // virtio-net takes a new MAC while the link is down.
-    ip(&["link", "set", dev, "down"])?;
-    ip(&["link", "set", dev, "address", &network.mac])?;
-    ip(&["addr", "flush", "dev", dev])?;
-    ip(&["addr", "add", &network.address, "dev", dev])?;
-    ip(&["link", "set", dev, "up"])?;
+    netdev::set_up(dev, false)?;
+    netdev::set_mac(dev, mac)?;
+    netdev::set_ipv4(dev, address, prefix)?;
+    netdev::set_up(dev, true)?;
     let mut files = vec![FileWrite {
         path: "/etc/hosts".into(),
         contents: hosts_file(hostname, &network.hosts),
@@ -43,20 +44,6 @@ pub fn hosts_file(hostname: &str, peers: &[(String, String)]) -> String {
     text
 }
 
-/// Six hex pairs separated by colons (anything else would reach `ip` as an option).
-fn check_mac(mac: &str) -> Result<(), String> {
-    let pairs: Vec<&str> = mac.split(':').collect();
-    if pairs.len() == 6
-        && pairs
-            .iter()
-            .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
-    {
-        Ok(())
-    } else {
-        Err(format!("not a MAC address: {mac:?}"))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -68,18 +55,5 @@ mod tests {
             text,
             "127.0.0.1 localhost\n127.0.1.1 web-1\n::1 localhost ip6-localhost\n10.213.0.12 redis\n"
         );
-    }
-
-    #[test]
-    fn macs_are_checked() {
-        assert!(check_mac("02:68:00:00:00:0b").is_ok());
-        for bad in [
-            "",
-            "02:68:00:00:00",
-            "-x:68:00:00:00:0b",
-            "02:68:00:00:00:0bb",
-        ] {
-            assert!(check_mac(bad).is_err(), "{bad}");
-        }
     }
 }
