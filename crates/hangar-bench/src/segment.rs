@@ -155,6 +155,7 @@ async fn measure(host: &LocalHost, args: &SegmentBench) -> Result<SegmentRun, Be
             hosts: vec![(peer.into(), peer_ip.into())],
             files: Vec::new(),
             restart: Vec::new(),
+            reload: Vec::new(),
         };
         host.join_segment(id, &join)
             .await

@@ -198,6 +198,13 @@ pub struct Process {
     #[serde(default)]
     pub env: BTreeMap<String, String>,
     pub workdir: Option<String>,
+    /// The signal (`HUP`, `USR1` or `USR2`) on which the process reads its files again,
+    /// keeping its listening sockets: a stack member whose settings change after it was
+    /// made is reloaded rather than restarted (see `hangar_proto::ServiceReload` for what
+    /// "reloaded" waits for). Absent: restarted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub reload: Option<hangar_proto::ReloadSignal>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

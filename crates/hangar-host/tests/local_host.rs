@@ -263,6 +263,7 @@ async fn a_vm_joins_and_leaves_a_private_segment() {
         hosts: vec![("peer".into(), "10.213.0.12".into())],
         files: Vec::new(),
         restart: vec!["httpd".into()],
+        reload: Vec::new(),
     };
     let refused = host.join_segment("vm-s1", &join("8.8.8.8/24")).await;
     assert!(

@@ -111,6 +111,7 @@ fn join(segment: &str, mac_last: u8, address: &str, peers: &[(&str, &str)]) -> S
             .collect(),
         files: Vec::new(),
         restart: Vec::new(),
+        reload: Vec::new(),
     }
 }
 

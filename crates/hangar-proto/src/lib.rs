@@ -56,8 +56,8 @@ pub enum HostMessage {
 
 /// A guest's place on its private segment (the second NIC, `eth1`): hangar-init sets the
 /// interface's MAC, brings it up with `address` alone (no route beyond the segment),
-/// writes the root's `/etc/hosts` (localhost, the hostname, then `hosts`), writes `files`
-/// and restarts the services named in `restart`, in that order.
+/// writes the root's `/etc/hosts` (localhost, the hostname, then `hosts`), writes `files`,
+/// reloads the services named in `reload` and restarts those in `restart`, in that order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PrivateNetwork {
     /// Interface name in the guest, e.g. `eth1`.
@@ -74,6 +74,31 @@ pub struct PrivateNetwork {
     /// Names of configured services to stop and start again (they read `files`).
     #[serde(default)]
     pub restart: Vec<String>,
+    /// Configured services told to read `files` again with a signal instead: see
+    /// [`ServiceReload`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reload: Vec<ServiceReload>,
+}
+
+/// A running service told to read its configuration again, the way pre-forking servers
+/// (nginx, Apache, ...) reload: its main process gets `signal` and starts new workers with
+/// the new configuration, while the workers it had finish and exit. hangar-init answers
+/// once every child the process had before the signal has exited (from then on only new
+/// workers accept connections), or, when they have not within 5 s (the new configuration
+/// was refused, say), restarts the service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceReload {
+    pub name: String,
+    pub signal: ReloadSignal,
+}
+
+/// The signals a service may reload on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum ReloadSignal {
+    Hup,
+    Usr1,
+    Usr2,
 }
 
 /// Everything a guest needs to become a particular VM.
@@ -305,11 +330,19 @@ mod tests {
                 hosts: vec![("redis".into(), "10.213.0.12".into())],
                 files: Vec::new(),
                 restart: vec!["web".into()],
+                reload: vec![ServiceReload {
+                    name: "proxy".into(),
+                    signal: ReloadSignal::Hup,
+                }],
             },
         };
         let line = encode(&msg);
         assert!(
             line.starts_with(r#"{"op":"network","id":3,"interface":"eth1""#),
+            "{line}"
+        );
+        assert!(
+            line.contains(r#""reload":[{"name":"proxy","signal":"HUP"}]"#),
             "{line}"
         );
         assert_eq!(decode::<HostMessage>(&line).unwrap(), msg);

@@ -38,7 +38,9 @@ mod listen;
 mod merge;
 mod modules;
 mod mounts;
+mod netdev;
 mod private_net;
+mod reload;
 mod services;
 mod sys;
 
@@ -233,8 +235,9 @@ impl Init {
         }
     }
 
-    /// Applies a private network, then restarts the services it names (stopped, reaped,
-    /// started again with their configured command).
+    /// Applies a private network, then reloads the services it names for a reload (see
+    /// [`reload`]; one that does not reload is restarted) and restarts those it names for a
+    /// restart (stopped, reaped, started again with their configured command).
     fn private_network(&mut self, network: &hangar_proto::PrivateNetwork) -> Result<(), String> {
         let root = self
             .context
@@ -242,7 +245,24 @@ impl Init {
             .clone()
             .unwrap_or_else(|| PathBuf::from("/"));
         private_net::apply(network, &root, &services::current_hostname())?;
-        for name in &network.restart {
+        let mut restart = network.restart.clone();
+        for wanted in &network.reload {
+            let pids = services::service_pids(&wanted.name);
+            let started = std::time::Instant::now();
+            match reload::reload(&pids, wanted.signal, reload::RELOAD_WAIT) {
+                Ok(()) => console!(
+                    "reloaded service {} ({:?}, {} ms)",
+                    wanted.name,
+                    wanted.signal,
+                    started.elapsed().as_millis()
+                ),
+                Err(error) => {
+                    console!("reloading service {}: {error}; restarting it", wanted.name);
+                    restart.push(wanted.name.clone());
+                }
+            }
+        }
+        for name in &restart {
             let service = self
                 .services
                 .iter()

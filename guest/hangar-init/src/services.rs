@@ -194,19 +194,22 @@ pub fn reap() -> Vec<ServiceExit> {
     exits
 }
 
+/// The running processes of service `name` (those started for it and not yet reaped).
+pub fn service_pids(name: &str) -> Vec<i32> {
+    registry()
+        .services
+        .iter()
+        .filter(|(_, n)| n.as_str() == name)
+        .map(|(pid, _)| *pid)
+        .collect()
+}
+
 /// Stops every running process of service `name`: SIGTERM to its process group (each
 /// service leads its own session), SIGKILL once `grace` has passed, then waits (at most two
 /// more seconds) until they are reaped. Returns every service exit reaped meanwhile, for
 /// the caller to report (this service's and any other's). Not running: nothing to stop.
 pub fn stop_service(name: &str, grace: std::time::Duration) -> Vec<ServiceExit> {
-    let pids = || -> Vec<i32> {
-        registry()
-            .services
-            .iter()
-            .filter(|(_, n)| n.as_str() == name)
-            .map(|(pid, _)| *pid)
-            .collect()
-    };
+    let pids = || service_pids(name);
     let signal = |signal: libc::c_int| {
         for pid in pids() {
             // SAFETY: kill(2) on a pid and on its process group; no memory involved.

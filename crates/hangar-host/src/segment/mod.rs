@@ -51,6 +51,10 @@ pub struct SegmentJoin {
     /// Service processes (their catalog names) restarted after the files are written.
     #[serde(default)]
     pub restart: Vec<String>,
+    /// Service processes told to read the files again with a signal instead
+    /// ([`hangar_proto::ServiceReload`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reload: Vec<hangar_proto::ServiceReload>,
 }
 
 /// Why a segment operation cannot be done.
@@ -101,7 +105,12 @@ impl SegmentJoin {
                 return invalid(format!("file path {:?} is not absolute", file.path));
             }
         }
-        if let Some(name) = self.restart.iter().find(|name| name.is_empty()) {
+        if let Some(name) = self
+            .restart
+            .iter()
+            .chain(self.reload.iter().map(|r| &r.name))
+            .find(|name| name.is_empty())
+        {
             return invalid(format!("service name {name:?}"));
         }
         Ok(())
@@ -116,6 +125,7 @@ impl SegmentJoin {
             hosts: self.hosts.clone(),
             files: self.files.clone(),
             restart: self.restart.clone(),
+            reload: self.reload.clone(),
         }
     }
 }
@@ -326,6 +336,7 @@ mod tests {
             hosts: vec![("redis".into(), "10.213.0.12".into())],
             files: Vec::new(),
             restart: Vec::new(),
+            reload: Vec::new(),
         }
     }
 
@@ -346,6 +357,12 @@ mod tests {
             |j| j.hosts = vec![("bad name".into(), "10.213.0.12".into())],
             |j| j.hosts = vec![("redis".into(), "redis".into())],
             |j| j.restart = vec![String::new()],
+            |j| {
+                j.reload = vec![hangar_proto::ServiceReload {
+                    name: String::new(),
+                    signal: hangar_proto::ReloadSignal::Hup,
+                }]
+            },
         ];
         for (i, change) in bad.into_iter().enumerate() {
             let mut j = join();

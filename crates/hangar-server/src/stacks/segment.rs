@@ -26,7 +26,7 @@ pub enum JoinError {
 /// What member `member` of `plan`, VM `vm` of `service`, is told at join. Its VM was made
 /// with the service's default settings (so pools and templates serve it), unless
 /// `made_with_settings`; a member with settings of its own gets its templates rendered
-/// with them and its processes restarted.
+/// with them and its processes reloaded (those that declare a reload signal) or restarted.
 pub fn member_join(
     plan: &StackPlan,
     member: &MemberPlan,
@@ -36,10 +36,19 @@ pub fn member_join(
 ) -> Result<SegmentJoin, JoinError> {
     let mut files = Vec::new();
     let mut restart = Vec::new();
+    let mut reload = Vec::new();
     if !member.settings.is_empty() && !made_with_settings && !service.templates.is_empty() {
         let settings = hangar_host::guest::settings(service, &member.settings)?;
         files = hangar_host::guest::render_files(service, &settings, vm, vm)?;
-        restart = service.processes.iter().map(|p| p.name.clone()).collect();
+        for process in &service.processes {
+            match process.reload {
+                Some(signal) => reload.push(hangar_proto::ServiceReload {
+                    name: process.name.clone(),
+                    signal,
+                }),
+                None => restart.push(process.name.clone()),
+            }
+        }
     }
     Ok(SegmentJoin {
         segment: plan.name.clone(),
@@ -48,6 +57,7 @@ pub fn member_join(
         hosts: plan.hosts(),
         files,
         restart,
+        reload,
     })
 }
 
@@ -64,7 +74,7 @@ pub async fn join(host: &dyn Host, vm: &str, join: &SegmentJoin) -> Result<(), J
     host.join_segment(vm, join).await.map_err(JoinError::Host)
 }
 
-/// After a join restarted a member's processes: waits (at most the service's ready
+/// After a join reloaded or restarted a member's processes: waits (at most the service's ready
 /// timeout) until every ready check that probes through an endpoint (`http`, `bytes`,
 /// `connect`) passes again on the VM's direct endpoints, so that `up` answers once the
 /// member serves with its new settings. Checks inside the guest (`tcp`, `exec`) or of the

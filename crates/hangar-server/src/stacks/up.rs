@@ -270,7 +270,7 @@ impl Manager {
             .await
             .map_err(|err| format!("member {name}: {}", error_chain(&err)))?;
         let join_ms = started.elapsed().as_millis() as u64;
-        if !join.restart.is_empty() {
+        if !join.restart.is_empty() || !join.reload.is_empty() {
             segment::serving_again(&made.service, &made.vm.direct_endpoints)
                 .await
                 .map_err(|err| format!("member {name}: {}", error_chain(&err)))?;
