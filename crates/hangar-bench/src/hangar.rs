@@ -39,15 +39,8 @@ fn find(
         .find(|candidate| candidate.is_file())
 }
 
-/// The data dir `hangar server` uses when given none: `$XDG_DATA_HOME/hangar`, else
-/// `$HOME/.local/share/hangar`, else `./hangar` (the benchmarks share its `cache`).
-pub fn default_data_dir() -> PathBuf {
-    std::env::var_os("XDG_DATA_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".local/share")))
-        .unwrap_or_else(|| PathBuf::from("."))
-        .join("hangar")
-}
+/// The data dir `hangar server` uses when given none (the benchmarks share its `cache`).
+pub use hangar_image::hostfs::default_data_dir;
 
 #[cfg(test)]
 mod tests {

@@ -1,5 +1,7 @@
 //! The host's own files, kept private and safe to remove (issue 13, finding 3 and 5).
 //!
+//! - [`default_data_dir`]: where `hangar server`, `hangar agent` and `hangar bench` keep
+//!   their data when not told.
 //! - [`restrict_umask`]: `hangar server` and `hangar agent` call it first, so every file
 //!   and directory they and their children (QEMU, the forwarder, mkfs, mksquashfs) create
 //!   is `0600` / `0700`.
@@ -14,6 +16,20 @@
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+
+/// The data dir when none is given: `$XDG_DATA_HOME/hangar`; as root `/var/lib/hangar`
+/// (QEMU then runs as the unprivileged `hangar-vm`, which cannot enter `/root`); else
+/// `~/.local/share/hangar`.
+pub fn default_data_dir() -> PathBuf {
+    // SAFETY: geteuid(2) cannot fail and touches no memory.
+    let root = unsafe { libc::geteuid() } == 0;
+    std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| root.then(|| PathBuf::from("/var/lib")))
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join("hangar")
+}
 
 /// Why a host file operation failed.
 #[derive(Debug, thiserror::Error)]

@@ -201,19 +201,7 @@ fn parse_price(text: &str) -> Result<f64, String> {
     }
 }
 
-/// The data dir when none is given: `$XDG_DATA_HOME/hangar`, else for root
-/// `/var/lib/hangar` (QEMU runs as an unprivileged user that must reach it, and cannot
-/// enter `/root`), else `$HOME/.local/share/hangar`, else `./hangar`.
-pub fn default_data_dir() -> PathBuf {
-    // SAFETY: geteuid(2) cannot fail and touches no memory.
-    let root = unsafe { libc::geteuid() } == 0;
-    std::env::var_os("XDG_DATA_HOME")
-        .map(PathBuf::from)
-        .or_else(|| root.then(|| PathBuf::from("/var/lib")))
-        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".local/share")))
-        .unwrap_or_else(|| PathBuf::from("."))
-        .join("hangar")
-}
+pub use hangar_image::hostfs::default_data_dir;
 
 /// Runs the server until SIGINT or SIGTERM; fails when it cannot start.
 pub async fn run(args: ServerArgs) -> ExitCode {
