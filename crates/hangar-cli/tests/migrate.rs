@@ -219,13 +219,13 @@ fn holds(agent: &Agent, id: &str) -> bool {
 
 /// Quarantined: QEMU no longer pauses the guest on its own while a request is in flight
 /// (the pre-copy is frozen before its first pass ends), but on the loaded 2-core test
-/// machine a request to the VM now and then stalls for about 5.8 s, beginning around the
-/// next migration's start, before the source does anything for it (cause not found; it
-/// ends without an error), and a hold now and then passes 300 ms (a slow store commit or
-/// drain). Of 10 runs with the freeze, 2 passed (DESIGN.md, "Live migration"). Run it with
-/// `--ignored`; it prints the figures of DESIGN.md.
+/// machine a request to the VM now and then stalls for about 6 s (slirp's first SYN
+/// retransmission), beginning while the next migration's destination is prepared (cause
+/// not found; it ends without an error), and under load a hold now and then passes 300 ms
+/// (a slow store commit or drain). On a quiet machine 4 of 12 runs passed (DESIGN.md,
+/// "Live migration"). Run it with `--ignored`; it prints the figures of DESIGN.md.
 #[test]
-#[ignore = "a request now and then stalls ~5.8 s around a migration's start (cause not found), and holds now and then pass 300 ms under load"]
+#[ignore = "a request now and then stalls ~6 s while a migration's destination is prepared (cause not found)"]
 fn an_active_vm_moves_between_hosts_while_a_client_polls_its_stable_endpoint() {
     if skip_without_namespaces() {
         return;
