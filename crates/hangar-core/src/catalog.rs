@@ -1679,6 +1679,33 @@ mod tests {
     }
 
     #[test]
+    fn a_process_may_name_its_reload_signal_from_a_short_list() {
+        let with_reload = |signal: &str| {
+            MINIMAL.replace(
+                r#"argv = ["httpd", "-f"]"#,
+                &format!("argv = [\"httpd\", \"-f\"]\nreload = \"{signal}\""),
+            )
+        };
+        let catalog = Catalog::from_toml(&with_reload("HUP")).unwrap();
+        assert_eq!(
+            catalog.get("web").unwrap().processes[0].reload,
+            Some(hangar_proto::ReloadSignal::Hup)
+        );
+        let minimal = Catalog::from_toml(MINIMAL).unwrap();
+        assert_eq!(minimal.get("web").unwrap().processes[0].reload, None);
+        for refused in ["TERM", "KILL", "hup", ""] {
+            assert!(Catalog::from_toml(&with_reload(refused)).is_err(), "{refused}");
+        }
+        let demo = Catalog::demo();
+        let proxy = demo.get("web-proxy").unwrap();
+        assert_eq!(
+            proxy.processes[0].reload,
+            Some(hangar_proto::ReloadSignal::Hup),
+            "nginx reloads on SIGHUP"
+        );
+    }
+
+    #[test]
     fn duplicate_ports_are_refused() {
         let text = MINIMAL.replace(
             "guest = 80",
