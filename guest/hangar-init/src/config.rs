@@ -93,6 +93,24 @@ pub fn link_up(interface: &str) -> Result<(), String> {
     crate::netdev::set_up(interface, true)
 }
 
+/// The guest kernel keeps no TIME_WAIT sockets (`net.ipv4.tcp_max_tw_buckets` = 0): a
+/// connection the guest closes first is gone at once.
+///
+/// TIME_WAIT guards a new connection against delayed segments of an old one with the same
+/// addresses and ports. The guest's TCP peers are QEMU's user-mode network (an in-memory
+/// link that delays nothing) and its segment's switch, and every connection from the host
+/// reaches the guest from the one address of whoever connected (hangar's forwarder), so
+/// the host reuses port pairs the guest still remembers. That is harmless while one
+/// user-mode network instance numbers its connections upwards, but each new QEMU process
+/// (a wake from an archive, a clone, a live migration's destination) starts its sequence
+/// numbers low again: the guest then answers such a SYN with an ACK for the old connection,
+/// and the user-mode network sends its SYN again only after its initial 6 s timeout. That
+/// was the 6 s stall seen now and then after live migrations.
+pub fn forget_closed_connections() -> Result<(), String> {
+    let path = "/proc/sys/net/ipv4/tcp_max_tw_buckets";
+    std::fs::write(path, "0").map_err(|e| format!("{path}: {e}"))
+}
+
 /// Address, link and default route. Waits for the interface to appear.
 pub fn configure_network(network: &NetworkConfig) -> Result<(), String> {
     let sys = Path::new("/sys/class/net").join(&network.interface);
@@ -284,6 +302,33 @@ pub fn wait_for(path: &Path) -> Result<(), ()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// In a network namespace of its own (a thread's `unshare`; needs root, as the guest's
+    /// PID 1 has): the setting is written and read back there, the host's is untouched.
+    #[test]
+    fn closed_connections_are_forgotten_in_the_guest_namespace() {
+        // SAFETY: geteuid takes nothing and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root to make a network namespace");
+            return;
+        }
+        let path = "/proc/sys/net/ipv4/tcp_max_tw_buckets";
+        let host = std::fs::read_to_string(path).unwrap();
+        std::thread::spawn(move || {
+            // SAFETY: unshare(2) takes no pointers; it moves this thread alone into a new
+            // network namespace, which goes with the thread.
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
+            forget_closed_connections().unwrap();
+            assert_eq!(std::fs::read_to_string(path).unwrap().trim(), "0");
+        })
+        .join()
+        .unwrap();
+        assert_eq!(
+            std::fs::read_to_string(path).unwrap(),
+            host,
+            "the host's own is kept"
+        );
+    }
 
     #[test]
     fn paths_stay_inside_the_root() {

@@ -303,7 +303,11 @@ impl Init {
         self.stage("identity", config::apply_identity(&config.identity))?;
 
         if let Some(network) = &config.network {
-            self.stage("network", config::configure_network(network))?;
+            self.stage(
+                "network",
+                config::configure_network(network)
+                    .and_then(|()| config::forget_closed_connections()),
+            )?;
         }
 
         let root = match &config.root {
