@@ -1694,7 +1694,10 @@ mod tests {
         let minimal = Catalog::from_toml(MINIMAL).unwrap();
         assert_eq!(minimal.get("web").unwrap().processes[0].reload, None);
         for refused in ["TERM", "KILL", "hup", ""] {
-            assert!(Catalog::from_toml(&with_reload(refused)).is_err(), "{refused}");
+            assert!(
+                Catalog::from_toml(&with_reload(refused)).is_err(),
+                "{refused}"
+            );
         }
         let demo = Catalog::demo();
         let proxy = demo.get("web-proxy").unwrap();
