@@ -869,12 +869,20 @@ async fn error_of(
         .bytes()
         .await
         .map_err(|err| decode_error(Box::new(err)))?;
-    let body: ErrorBody =
-        serde_json::from_slice(&bytes).map_err(|err| decode_error(Box::new(err)))?;
+    let body = error_body(&bytes).map_err(decode_error)?;
     Err(ClientError::Api {
         status,
         body,
         retry_after,
+    })
+}
+
+/// An error answer's body as hangar's [`ErrorBody`]. One of another shape (a peer
+/// agent's, a proxy's page) is an error that quotes its start, so what went wrong is seen.
+fn error_body(bytes: &[u8]) -> Result<ErrorBody, Box<dyn std::error::Error + Send + Sync>> {
+    serde_json::from_slice(bytes).map_err(|err| {
+        let text = String::from_utf8_lossy(&bytes[..bytes.len().min(300)]).into_owned();
+        format!("{err}; the answer began: {}", text.trim()).into()
     })
 }
 
@@ -904,6 +912,18 @@ async fn decode<T: DeserializeOwned>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An error answer whose body is not hangar's [`ErrorBody`] (a peer agent's, a
+    /// proxy's) still says what the body said.
+    #[test]
+    fn an_error_body_of_another_shape_is_quoted() {
+        let foreign = br#"{"kind":"other","message":"no template file x is offered here"}"#;
+        let err = error_body(foreign).unwrap_err().to_string();
+        assert!(err.contains("no template file x is offered here"), "{err}");
+        assert!(err.contains("missing field"), "{err}");
+        let ours = br#"{"error":{"code":"not_found","message":"no blob"}}"#;
+        assert_eq!(error_body(ours).unwrap().error.message, "no blob");
+    }
 
     #[test]
     fn urls_keep_a_prefix_and_encode_segments() {
