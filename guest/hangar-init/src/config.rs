@@ -88,11 +88,6 @@ fn add_entropy(bytes: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
-/// Sets an interface up.
-pub fn link_up(interface: &str) -> Result<(), String> {
-    crate::netdev::set_up(interface, true)
-}
-
 /// The guest kernel keeps no TIME_WAIT sockets (`net.ipv4.tcp_max_tw_buckets` = 0): a
 /// connection the guest closes first is gone at once.
 ///
@@ -116,7 +111,7 @@ pub fn configure_network(network: &NetworkConfig) -> Result<(), String> {
     let sys = Path::new("/sys/class/net").join(&network.interface);
     wait_for(&sys).map_err(|()| format!("no network interface {}", network.interface))?;
     let (address, prefix) = crate::netdev::parse_cidr(&network.address)?;
-    link_up(&network.interface)?;
+    crate::netdev::set_up(&network.interface, true)?;
     crate::netdev::set_ipv4(&network.interface, address, prefix)?;
     if let Some(gateway) = &network.gateway {
         let gateway = gateway

@@ -112,7 +112,7 @@ fn boot() -> Init {
         Some(_) => channel::console_only(),
         None => channel::start(channel::open_agent_port()),
     };
-    if let Err(error) = config::link_up("lo") {
+    if let Err(error) = netdev::set_up("lo", true) {
         console!("lo: {error}");
     }
     stages.push(("channel", sys::uptime_ms()));
