@@ -250,7 +250,9 @@ impl BenchServer {
     }
 
     /// Waits until the service has a current template (new VMs of it are cloned), at most
-    /// 5 minutes.
+    /// 5 minutes. A build that fails ends the wait at once, with the build's error and the
+    /// end of the server's log (a build is not retried until the next request of the
+    /// service, so waiting on would only hide why).
     pub async fn wait_template(&self, service: &str) -> Result<(), BenchError> {
         let deadline = Instant::now() + Duration::from_secs(300);
         loop {
@@ -258,9 +260,32 @@ impl BenchServer {
             if templates.iter().any(|t| t.service == service && t.current) {
                 return Ok(());
             }
+            let tasks: Vec<hangar_api::TaskView> = self.client.get("/v1/tasks").await?;
+            if let Some(failed) = tasks.iter().find(|task| {
+                task.kind == "build_template"
+                    && task.service.as_deref() == Some(service)
+                    && task.state == "failed"
+            }) {
+                return Err(BenchError::Reply(format!(
+                    "the template of {service} failed to build (task {}): {}\nthe server's log ends with:\n{}",
+                    failed.id,
+                    failed.error.as_deref().unwrap_or("no error given"),
+                    self.log_tail()
+                )));
+            }
             if Instant::now() > deadline {
                 return Err(BenchError::Reply(format!(
-                    "the template of {service} was not built within 5 minutes"
+                    "the template of {service} was not built within 5 minutes; tasks: {}\nthe server's log ends with:\n{}",
+                    tasks
+                        .iter()
+                        .filter(|task| task.service.as_deref() == Some(service))
+                        .map(|task| format!(
+                            "{} {} {} ({})",
+                            task.id, task.kind, task.state, task.stage
+                        ))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    self.log_tail()
                 )));
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
