@@ -527,14 +527,21 @@ async fn template_blob(
     if !hangar_api::Blob::is_hash(&sha256) {
         return Err(not_found());
     }
-    let path = state
-        .host
-        .template_blob(&sha256)
-        .await
-        .ok_or_else(not_found)?;
-    let file = tokio::fs::File::open(&path)
-        .await
-        .map_err(|_| not_found())?;
+    // Looked up again once when the file went away between the lookup and the open (a
+    // moved VM being removed while a twin of its file is still offered).
+    let mut opened = None;
+    for _ in 0..2 {
+        let path = state
+            .host
+            .template_blob(&sha256)
+            .await
+            .ok_or_else(not_found)?;
+        if let Ok(file) = tokio::fs::File::open(&path).await {
+            opened = Some((path, file));
+            break;
+        }
+    }
+    let (path, file) = opened.ok_or_else(not_found)?;
     let size = file
         .metadata()
         .await

@@ -117,22 +117,7 @@ impl LocalHost {
 
     /// The file of an offered VM's bundle with this hash, if this host offers one.
     pub(super) fn offered_vm_file(&self, sha256: &str) -> Option<PathBuf> {
-        let vms_dir = self.config.vms_dir.as_ref()?;
-        std::fs::read_dir(vms_dir)
-            .ok()?
-            .flatten()
-            .find_map(|entry| {
-                let dir = entry.path();
-                let bytes = std::fs::read(dir.join(BUNDLE_FILE)).ok()?;
-                let bundle: VmBundle = serde_json::from_slice(&bytes).ok()?;
-                if bundle.memory.sha256 == sha256 {
-                    Some(hangar_vmm::archive::read_record(&dir)?.info.path)
-                } else if bundle.disk.as_ref().is_some_and(|d| d.sha256 == sha256) {
-                    Some(dir.join(hangar_vmm::template::DISK_FILE))
-                } else {
-                    None
-                }
-            })
+        offered_file_in(self.config.vms_dir.as_ref()?, sha256)
     }
 
     /// Takes in a peer's archived VM (see [`crate::Host::pull_vm`]).
@@ -363,6 +348,38 @@ impl LocalHost {
     }
 }
 
+/// The file with content `sha256` of a bundle offered in `vms_dir` (see
+/// [`LocalHost::offer_vm`]), if one is there now. Two VMs can offer the same content (two
+/// clones that never wrote to their disk have identical disk layers), and a VM that moved
+/// away is removed file by file while a peer may ask for its twin's: a bundle whose file is
+/// gone is passed over, not answered with.
+fn offered_file_in(vms_dir: &Path, sha256: &str) -> Option<PathBuf> {
+    std::fs::read_dir(vms_dir)
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let dir = entry.path();
+            let bytes = std::fs::read(dir.join(BUNDLE_FILE)).ok()?;
+            let bundle: OfferedFiles = serde_json::from_slice(&bytes).ok()?;
+            let file = if bundle.memory.sha256 == sha256 {
+                hangar_vmm::archive::read_record(&dir)?.info.path
+            } else if bundle.disk.is_some_and(|disk| disk.sha256 == sha256) {
+                dir.join(hangar_vmm::template::DISK_FILE)
+            } else {
+                return None;
+            };
+            file.is_file().then_some(file)
+        })
+}
+
+/// The files a `vm-bundle.json` names by hash (the rest of a [`VmBundle`] is not read).
+#[derive(serde::Deserialize)]
+struct OfferedFiles {
+    memory: hangar_api::Blob,
+    #[serde(default)]
+    disk: Option<hangar_api::Blob>,
+}
+
 /// The template a clone's spec names, by the content key its bundle was offered with
 /// (written when a peer first asked for it).
 fn template_ref(template_dir: &Path, id: &str) -> Result<TemplateRef, HostError> {
@@ -389,4 +406,43 @@ fn move_file(from: &Path, to: &Path) -> Result<(), HostError> {
     std::fs::copy(from, to).map_err(io(to))?;
     let _ = std::fs::remove_file(from);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{BUNDLE_FILE, offered_file_in};
+
+    fn offer(vms_dir: &std::path::Path, id: &str, memory: &str, disk: &str) -> std::path::PathBuf {
+        let dir = vms_dir.join(id);
+        std::fs::create_dir_all(&dir).unwrap();
+        let bundle = serde_json::json!({
+            "id": id,
+            "memory": { "sha256": memory, "size": 1 },
+            "disk": { "sha256": disk, "size": 1 },
+        });
+        std::fs::write(dir.join(BUNDLE_FILE), bundle.to_string()).unwrap();
+        let file = dir.join(hangar_vmm::template::DISK_FILE);
+        std::fs::write(&file, b"layer").unwrap();
+        file
+    }
+
+    #[test]
+    fn a_disk_two_vms_offer_is_served_from_the_one_still_there() {
+        let vms = tempfile::tempdir().unwrap();
+        let (disk, a_memory, b_memory) = ("d".repeat(64), "a".repeat(64), "b".repeat(64));
+        let a = offer(vms.path(), "vm-a", &a_memory, &disk);
+        let b = offer(vms.path(), "vm-b", &b_memory, &disk);
+        let found = offered_file_in(vms.path(), &disk).unwrap();
+        assert!(found == a || found == b, "{}", found.display());
+
+        // Whichever was found goes away first, its bundle last (as a removal may order it):
+        // the other's file is offered.
+        std::fs::remove_file(&found).unwrap();
+        let other = if found == a { &b } else { &a };
+        assert_eq!(offered_file_in(vms.path(), &disk).as_ref(), Some(other));
+
+        std::fs::remove_file(other).unwrap();
+        assert_eq!(offered_file_in(vms.path(), &disk), None);
+        assert_eq!(offered_file_in(vms.path(), &"e".repeat(64)), None);
+    }
 }
