@@ -11,6 +11,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
+mod agent;
 mod chart;
 mod client;
 mod endpoints;
@@ -21,6 +22,7 @@ mod install;
 mod libvirt;
 mod lifecycle;
 mod measure;
+mod migrate;
 mod placement;
 mod pool;
 mod report;
@@ -64,6 +66,9 @@ enum BenchCommand {
     /// A stack (examples/shop.toml): up from templates (and cold with --cold N), wake
     /// from sleep, and its private segment against user-mode networking.
     Stack(stack::StackBench),
+    /// Live migration (the longest gap a client polling every ms sees, clients held,
+    /// QEMU's downtime) and evacuation, on two agents on this machine.
+    Migrate(migrate::MigrateBench),
 }
 
 /// Parses the command line; run by `hangar bench` (which sets `HANGAR_BIN`), usage and
@@ -90,6 +95,7 @@ async fn main() -> ExitCode {
         Some(BenchCommand::Farm(args)) => farm::run(args).await,
         Some(BenchCommand::Segment(args)) => segment::run(args).await,
         Some(BenchCommand::Stack(args)) => stack::run(args).await,
+        Some(BenchCommand::Migrate(args)) => migrate::run(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -119,6 +125,8 @@ mod tests {
         assert!(matches!(cli.command, Some(BenchCommand::Segment(_))));
         let cli = Cli::parse_from(["hangar-bench", "stack", "--runs", "3", "--cold", "1"]);
         assert!(matches!(cli.command, Some(BenchCommand::Stack(_))));
+        let cli = Cli::parse_from(["hangar-bench", "migrate", "--migrations", "2"]);
+        assert!(matches!(cli.command, Some(BenchCommand::Migrate(_))));
         assert!(Cli::try_parse_from(["hangar-bench", "--quick", "pool"]).is_err());
     }
 }

@@ -16,21 +16,6 @@ fn libvirt_installed() -> bool {
             .is_ok_and(|out| out.status.success())
 }
 
-fn processes_mentioning(text: &str) -> Vec<u32> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        if let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline"))
-            && String::from_utf8_lossy(&raw).contains(text)
-        {
-            found.push(pid);
-        }
-    }
-    found
-}
-
 #[test]
 fn bench_smoke_reports_every_figure_and_leaves_nothing_behind() {
     let out = tempfile::tempdir().unwrap();
@@ -126,12 +111,12 @@ fn bench_smoke_reports_every_figure_and_leaves_nothing_behind() {
     for server in ["server_data_dir", "templates_server_data_dir"] {
         let data_dir = details[server].as_str().unwrap();
         assert!(!Path::new(data_dir).exists(), "{data_dir} was removed");
-        assert_eq!(processes_mentioning(data_dir), Vec::<u32>::new());
+        assert_eq!(common::processes_mentioning(data_dir), Vec::<u32>::new());
     }
     if with_libvirt {
         let dir = details["libvirt_dir"].as_str().unwrap();
         assert!(!Path::new(dir).exists(), "{dir} was removed");
-        assert_eq!(processes_mentioning(dir), Vec::<u32>::new());
+        assert_eq!(common::processes_mentioning(dir), Vec::<u32>::new());
         let prefix = details["libvirt_domain_prefix"].as_str().unwrap();
         let notes = report["notes"].to_string();
         if notes.contains("for this run") {

@@ -9,22 +9,6 @@ mod common;
 
 use std::process::Command;
 
-/// Processes whose command line mentions `text`.
-fn processes_mentioning(text: &str) -> Vec<u32> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        if let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline"))
-            && String::from_utf8_lossy(&raw).contains(text)
-        {
-            found.push(pid);
-        }
-    }
-    found
-}
-
 #[test]
 fn bench_farm_reports_every_figure_and_leaves_no_server_behind() {
     let output = Command::new(common::hangar())
@@ -104,7 +88,7 @@ fn bench_farm_reports_every_figure_and_leaves_no_server_behind() {
     );
     // The grant comparison's server, agent and guests ran in data dirs named so.
     for dir in ["/tmp/hgbench", "/tmp/hgagent"] {
-        let left = processes_mentioning(dir);
+        let left = common::processes_mentioning(dir);
         assert!(left.is_empty(), "processes left in {dir}*: {left:?}");
     }
 }

@@ -252,7 +252,7 @@ pub async fn run(args: FarmBench) -> Result<(), BenchError> {
 
     let (remote_grants, remote_grants_skipped) = if args.grants == 0 {
         (None, Some("--grants 0".to_owned()))
-    } else if !remote::agent_available() {
+    } else if !crate::agent::agent_available() {
         (
             None,
             Some("this `hangar` has no `agent` command".to_owned()),

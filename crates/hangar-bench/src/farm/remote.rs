@@ -4,12 +4,12 @@
 //! pool is emptied and refilled, and its VMs, now on the agent's host, are granted the
 //! same way. Real QEMU guests; each grant is timed until the endpoint answers HTTP 200.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::agent::BenchAgent;
 use crate::client::BenchError;
 use crate::server::{BenchServer, ServerOptions};
 use crate::stats::{self, Summary};
@@ -28,80 +28,6 @@ pub struct RemoteGrants {
     pub remote: Summary,
     /// remote p50 - local p50, in milliseconds.
     pub added_p50_ms: f64,
-}
-
-/// `hangar agent` started by the benchmark; stopped, with the VMs it made, when dropped.
-struct BenchAgent {
-    child: Child,
-    data_dir: tempfile::TempDir,
-}
-
-impl Drop for BenchAgent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        // Agents leave VMs running by design; the benchmark's are stopped here.
-        for (_, pid) in hangar_vmm::procs::qemu_processes_under(&self.data_dir.path().join("vms")) {
-            // SAFETY: kill(2) has no memory-safety preconditions; the pid belongs to a QEMU
-            // whose pid file lies in this agent's own data dir.
-            unsafe {
-                libc::kill(pid as libc::pid_t, libc::SIGKILL);
-            }
-        }
-    }
-}
-
-impl BenchAgent {
-    /// Starts `hangar agent` for `server` on a free port, in a temporary data dir whose
-    /// `cache` links to the benchmarks' shared cache.
-    fn start(server: &BenchServer, cache: &Path, accel: &str) -> Result<BenchAgent, String> {
-        let data_dir = tempfile::Builder::new()
-            .prefix("hgagent")
-            .tempdir_in("/tmp")
-            .map_err(|err| format!("temporary agent dir: {err}"))?;
-        std::os::unix::fs::symlink(cache, data_dir.path().join("cache"))
-            .map_err(|err| err.to_string())?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|err| err.to_string())?
-            .port();
-        let log = std::fs::File::create(data_dir.path().join("agent.log"))
-            .map_err(|err| err.to_string())?;
-        let token_file: PathBuf = server.data_dir().join("farm.token");
-        let child = Command::new(crate::hangar::hangar_exe()?)
-            .args(["agent", "--server", &server.url, "--name", AGENT_HOST])
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--priority", "10", "--no-templates", "--accel", accel])
-            .arg("--token-file")
-            .arg(&token_file)
-            .arg("--data-dir")
-            .arg(data_dir.path())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(|err| err.to_string())?)
-            .stderr(log)
-            .spawn()
-            .map_err(|err| format!("cannot start the agent: {err}"))?;
-        Ok(BenchAgent { child, data_dir })
-    }
-
-    fn log_tail(&self) -> String {
-        let log =
-            std::fs::read_to_string(self.data_dir.path().join("agent.log")).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
-    }
-}
-
-/// Whether the `hangar` executable has the `agent` command.
-pub fn agent_available() -> bool {
-    crate::hangar::hangar_exe().is_ok_and(|exe| {
-        Command::new(exe)
-            .args(["agent", "--help"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|status| status.success())
-    })
 }
 
 /// `count` warm-pool grants of `service` from a pool of `pool` VMs on the server's own
@@ -127,8 +53,9 @@ pub async fn run(
     let local = grants_on(&server, service, pool, count, crate::farm::LOCAL_HOST).await?;
 
     eprintln!("  starting an agent on 127.0.0.1...");
-    let agent = BenchAgent::start(&server, &cache, accel).map_err(BenchError::Failed)?;
-    wait_host_up(&server, &agent).await?;
+    let agent =
+        BenchAgent::start(&server, &cache, accel, AGENT_HOST, 10).map_err(BenchError::Failed)?;
+    agent.wait_up(&server).await?;
     // Empty the pool: it refills on the agent's host, which has the higher priority.
     server.set_pool(service, 0).await?;
     wait_pool_empty(&server, service).await?;
@@ -179,26 +106,6 @@ async fn grants_on(
         took.push(grant.total);
     }
     Ok(took)
-}
-
-async fn wait_host_up(server: &BenchServer, agent: &BenchAgent) -> Result<(), BenchError> {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let hosts: Vec<hangar_api::HostView> = server.client.get("/v1/hosts").await?;
-        if hosts
-            .iter()
-            .any(|host| host.name == AGENT_HOST && host.state == "up")
-        {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            return Err(BenchError::Failed(format!(
-                "the agent did not register within 2 minutes:\n{}",
-                agent.log_tail()
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 async fn wait_pool_empty(server: &BenchServer, pool: &str) -> Result<(), BenchError> {

@@ -28,3 +28,19 @@ pub fn shared_cache() -> PathBuf {
 pub fn socket_answers(path: &str) -> bool {
     std::os::unix::net::UnixStream::connect(path).is_ok()
 }
+
+/// Processes whose command line mentions `text`.
+pub fn processes_mentioning(text: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline"))
+            && String::from_utf8_lossy(&raw).contains(text)
+        {
+            found.push(pid);
+        }
+    }
+    found
+}
