@@ -250,28 +250,42 @@ impl BenchServer {
     }
 
     /// Waits until the service has a current template (new VMs of it are cloned), at most
-    /// 5 minutes. A build that fails ends the wait at once, with the build's error and the
-    /// end of the server's log (a build is not retried until the next request of the
-    /// service, so waiting on would only hide why).
+    /// 5 minutes. A build that fails (a boot that missed its ready deadline on a loaded
+    /// machine, say) is said on stderr and started once more by another request of the
+    /// service (a build is only ever started by one); a second failure ends the wait with
+    /// the build's error and the end of the server's log.
     pub async fn wait_template(&self, service: &str) -> Result<(), BenchError> {
         let deadline = Instant::now() + Duration::from_secs(300);
+        let mut failed_before: Option<String> = None;
         loop {
             let templates: Vec<TemplateView> = self.client.get("/v1/templates").await?;
             if templates.iter().any(|t| t.service == service && t.current) {
                 return Ok(());
             }
             let tasks: Vec<hangar_api::TaskView> = self.client.get("/v1/tasks").await?;
-            if let Some(failed) = tasks.iter().find(|task| {
+            let failed = tasks.iter().find(|task| {
                 task.kind == "build_template"
                     && task.service.as_deref() == Some(service)
                     && task.state == "failed"
-            }) {
-                return Err(BenchError::Reply(format!(
-                    "the template of {service} failed to build (task {}): {}\nthe server's log ends with:\n{}",
-                    failed.id,
-                    failed.error.as_deref().unwrap_or("no error given"),
-                    self.log_tail()
-                )));
+                    && failed_before.as_ref() != Some(&task.id)
+            });
+            if let Some(failed) = failed {
+                let why = failed.error.as_deref().unwrap_or("no error given");
+                if failed_before.is_some() {
+                    return Err(BenchError::Reply(format!(
+                        "the template of {service} failed to build twice (task {}): {why}\nthe server's log ends with:\n{}",
+                        failed.id,
+                        self.log_tail()
+                    )));
+                }
+                eprintln!(
+                    "  the template of {service} failed to build (task {}): {why}; building it again",
+                    failed.id
+                );
+                failed_before = Some(failed.id.clone());
+                let again = self.timed_request(service, true).await?;
+                self.delete_vm(&again.vm).await?;
+                continue;
             }
             if Instant::now() > deadline {
                 return Err(BenchError::Reply(format!(
