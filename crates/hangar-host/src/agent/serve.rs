@@ -529,19 +529,30 @@ async fn template_blob(
     }
     // Looked up again once when the file went away between the lookup and the open (a
     // moved VM being removed while a twin of its file is still offered).
-    let mut opened = None;
+    let mut opened = Err(String::new());
     for _ in 0..2 {
-        let path = state
-            .host
-            .template_blob(&sha256)
-            .await
-            .ok_or_else(not_found)?;
-        if let Ok(file) = tokio::fs::File::open(&path).await {
-            opened = Some((path, file));
-            break;
+        let Some(path) = state.host.template_blob(&sha256).await else {
+            tracing::warn!(sha256, "a peer asked for a file this host does not offer");
+            return Err(not_found());
+        };
+        match tokio::fs::File::open(&path).await {
+            Ok(file) => {
+                opened = Ok((path, file));
+                break;
+            }
+            Err(err) => opened = Err(format!("{}: {err}", path.display())),
         }
     }
-    let (path, file) = opened.ok_or_else(not_found)?;
+    let (path, file) = opened.map_err(|why| {
+        tracing::warn!(sha256, error = %why, "a file offered to peers cannot be opened");
+        Failure(
+            StatusCode::NOT_FOUND,
+            WireError::new(
+                ErrorKind::Other,
+                format!("the file offered as {sha256} cannot be opened: {why}"),
+            ),
+        )
+    })?;
     let size = file
         .metadata()
         .await
