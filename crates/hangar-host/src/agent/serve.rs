@@ -528,7 +528,7 @@ async fn template_blob(
         return Err(not_found());
     }
     // Looked up again once when the file went away between the lookup and the open (a
-    // moved VM being removed while a twin of its file is still offered).
+    // moved VM being removed while another bundle offers the same bytes).
     let mut opened = Err(String::new());
     for _ in 0..2 {
         let Some(path) = state.host.template_blob(&sha256).await else {

@@ -349,10 +349,10 @@ impl LocalHost {
 }
 
 /// The file with content `sha256` of a bundle offered in `vms_dir` (see
-/// [`LocalHost::offer_vm`]), if one is there now. Two VMs can offer the same content (two
-/// clones that never wrote to their disk have identical disk layers), and a VM that moved
-/// away is removed file by file while a peer may ask for its twin's: a bundle whose file is
-/// gone is passed over, not answered with.
+/// [`LocalHost::offer_vm`]), if one is there now. A VM that moved away is removed file by
+/// file, so its bundle record can outlive its files for a moment: a bundle whose file is
+/// gone is passed over, and another bundle offering the same content (files are named by
+/// hash; nothing stops two VMs from holding equal bytes) may answer instead.
 fn offered_file_in(vms_dir: &Path, sha256: &str) -> Option<PathBuf> {
     std::fs::read_dir(vms_dir)
         .ok()?
