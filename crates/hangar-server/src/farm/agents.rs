@@ -19,6 +19,7 @@ use hangar_store::{HostRecord, HostState, VmRecord, now_ms};
 use crate::api::error::error_chain;
 use crate::farm::{HostInfo, valid_host_name};
 use crate::manager::{LOCAL_HOST, Manager};
+use crate::tasks::Undo;
 
 /// Why a registration or heartbeat was refused.
 #[derive(Debug, thiserror::Error)]
@@ -152,7 +153,9 @@ impl Manager {
         // One read of this host's VMs serves both checks: a heartbeat costs the same
         // however many hosts and VMs the farm has.
         let on_host = self.store.vms_on_host(name).await?;
-        let destroy = self.not_arriving(name, fenced(name, &info.vms, &on_host));
+        let destroy = self
+            .not_arriving(name, fenced(name, &info.vms, &on_host))
+            .await;
         self.judge_missing(name, &info.vms, on_host).await?;
         Ok(self.reply(state, destroy))
     }
@@ -163,21 +166,70 @@ impl Manager {
             return Ok(Vec::new());
         }
         let on_host = self.store.vms_on_host(host).await?;
-        Ok(self.not_arriving(host, fenced(host, reported, &on_host)))
+        Ok(self
+            .not_arriving(host, fenced(host, reported, &on_host))
+            .await)
     }
 
-    /// `destroy` less the VMs this server is live-migrating to `host`: they run there
-    /// before the store places them there ([`crate::migration::live`]).
-    fn not_arriving(&self, host: &str, mut destroy: Vec<String>) -> Vec<String> {
+    /// `destroy` less the VMs being live-migrated to `host`: they run there before the
+    /// store places them there ([`crate::migration::live`]). This server's own migrations
+    /// are known in memory; another replica's by the store: an unfinished `migrate` task of
+    /// the VM whose journal holds an [`Undo::AbortLiveMigration`] to `host` not yet undone
+    /// (recorded before the destination's QEMU starts). The store is read only when there
+    /// is something to spare from destruction.
+    async fn not_arriving(&self, host: &str, mut destroy: Vec<String>) -> Vec<String> {
         if destroy.is_empty() {
             return destroy;
         }
         let moving = self.migrations.all();
         destroy.retain(|id| moving.get(id).is_none_or(|m| m.to != host));
+        if !destroy.is_empty() {
+            match self.arriving_by_store(host, &destroy).await {
+                Ok(arriving) => destroy.retain(|id| !arriving.contains(id)),
+                // Nothing is destroyed on a guess: the next heartbeat asks again.
+                Err(err) => {
+                    tracing::warn!(host, error = %err, "fencing: cannot read the migrations under way; nothing fenced this time");
+                    return Vec::new();
+                }
+            }
+        }
         for id in &destroy {
             tracing::warn!(vm = %id, host, "fencing: the host runs a VM it must not; it destroys it");
         }
         destroy
+    }
+
+    /// Which of `vms` some server is live-migrating to `host`, by the store's unfinished
+    /// `migrate` tasks and their journals.
+    async fn arriving_by_store(
+        &self,
+        host: &str,
+        vms: &[String],
+    ) -> Result<std::collections::HashSet<String>, hangar_store::StoreError> {
+        let mut arriving = std::collections::HashSet::new();
+        for task in self.store.unfinished_tasks().await? {
+            let Some(vm) = task.vm_id.as_ref().filter(|vm| vms.contains(vm)) else {
+                continue;
+            };
+            if task.kind != crate::migration::TASK_KIND {
+                continue;
+            }
+            let to_host = self
+                .store
+                .task_undos(&task.id)
+                .await?
+                .iter()
+                .filter(|entry| !entry.done)
+                .filter_map(|entry| Undo::decode(&entry.action).ok())
+                .any(|undo| {
+                    matches!(undo, Undo::AbortLiveMigration { vm: moving, destination, .. }
+                        if moving == *vm && destination == host)
+                });
+            if to_host {
+                arriving.insert(vm.clone());
+            }
+        }
+        Ok(arriving)
     }
 
     /// VMs the store has live on `host` (`on_host`: its VMs in the store) that it did not

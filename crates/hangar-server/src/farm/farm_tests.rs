@@ -468,3 +468,88 @@ async fn isolation_groups_never_share_a_host_and_labels_choose_one() {
         "{nowhere}"
     );
 }
+
+/// A VM live-migrating to a host runs there before the store places it there. Another
+/// replica (here: a task and journal written to the shared store, not this server's
+/// memory) runs the migration: the destination's heartbeat to this server does not fence
+/// the arriving VM; a third host reporting it, or the destination once the journal's entry
+/// is undone, does.
+#[tokio::test]
+async fn a_vm_another_replica_migrates_is_not_fenced_on_its_destination() {
+    let farm = Farm::new();
+    for name in ["a", "bb", "ccc"] {
+        farm.manager
+            .register_host(Farm::registration(name, "one"))
+            .await
+            .unwrap();
+    }
+    let grant = farm
+        .manager
+        .request(request("web", Mode::Dedicated))
+        .await
+        .unwrap();
+    let vm = grant.vm.id.clone();
+    let source = grant.vm.host.clone();
+    let destination = ["a", "bb", "ccc"]
+        .into_iter()
+        .find(|name| *name != source)
+        .unwrap();
+    let bystander = ["a", "bb", "ccc"]
+        .into_iter()
+        .find(|name| *name != source && *name != destination)
+        .unwrap();
+
+    let (task, _outcome) = farm
+        .manager
+        .tasks
+        .begin_as(crate::migration::TASK_KIND, "admin", None)
+        .await
+        .unwrap();
+    farm.store.set_task_vm(&task, &vm).await.unwrap();
+    let entry = farm
+        .manager
+        .tasks
+        .record_undo(
+            &task,
+            &crate::tasks::Undo::AbortLiveMigration {
+                vm: vm.clone(),
+                source: source.clone(),
+                destination: destination.to_owned(),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(
+        farm.manager.migrations.all().is_empty(),
+        "this server runs no migration"
+    );
+
+    let reporting = |vm: &str| Heartbeat {
+        incarnation: "one".into(),
+        facts: facts(),
+        vms: vec![HostVmView {
+            id: vm.to_owned(),
+            state: "running".into(),
+        }],
+    };
+    let reply = farm
+        .manager
+        .host_heartbeat(destination, reporting(&vm))
+        .await
+        .unwrap();
+    assert!(reply.destroy.is_empty(), "arriving: {:?}", reply.destroy);
+    let reply = farm
+        .manager
+        .host_heartbeat(bystander, reporting(&vm))
+        .await
+        .unwrap();
+    assert_eq!(reply.destroy, [vm.clone()], "not migrating there");
+
+    farm.store.mark_task_undone(&task, entry).await.unwrap();
+    let reply = farm
+        .manager
+        .host_heartbeat(destination, reporting(&vm))
+        .await
+        .unwrap();
+    assert_eq!(reply.destroy, [vm.clone()], "the migration was undone");
+}
