@@ -543,7 +543,11 @@ async fn a_vm_another_replica_migrates_is_not_fenced_on_its_destination() {
         .host_heartbeat(bystander, reporting(&vm))
         .await
         .unwrap();
-    assert_eq!(reply.destroy, [vm.clone()], "not migrating there");
+    assert_eq!(
+        reply.destroy,
+        std::slice::from_ref(&vm),
+        "not migrating there"
+    );
 
     farm.store.mark_task_undone(&task, entry).await.unwrap();
     let reply = farm
@@ -551,5 +555,9 @@ async fn a_vm_another_replica_migrates_is_not_fenced_on_its_destination() {
         .host_heartbeat(destination, reporting(&vm))
         .await
         .unwrap();
-    assert_eq!(reply.destroy, [vm.clone()], "the migration was undone");
+    assert_eq!(
+        reply.destroy,
+        std::slice::from_ref(&vm),
+        "the migration was undone"
+    );
 }
