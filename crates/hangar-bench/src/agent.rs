@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::client::BenchError;
-use crate::server::BenchServer;
+use crate::server::{BenchServer, free_port, temp_data_dir};
 
 /// `hangar agent` started by a benchmark.
 pub struct BenchAgent {
@@ -41,16 +41,8 @@ impl BenchAgent {
         name: &str,
         priority: u32,
     ) -> Result<BenchAgent, String> {
-        let data_dir = tempfile::Builder::new()
-            .prefix("hgagent")
-            .tempdir_in("/tmp")
-            .map_err(|err| format!("temporary agent dir: {err}"))?;
-        std::os::unix::fs::symlink(cache, data_dir.path().join("cache"))
-            .map_err(|err| err.to_string())?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|err| err.to_string())?
-            .port();
+        let data_dir = temp_data_dir("hgagent", cache)?;
+        let port = free_port()?;
         let log = std::fs::File::create(data_dir.path().join("agent.log"))
             .map_err(|err| err.to_string())?;
         let child = Command::new(crate::hangar::hangar_exe()?)

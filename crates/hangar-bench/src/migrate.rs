@@ -130,13 +130,7 @@ pub async fn figures(args: &MigrateBench) -> Result<MigrateRun, BenchError> {
             "this hangar has no `agent` command: no farm to migrate in".into(),
         ));
     }
-    let options = ServerOptions {
-        accel: args.accel.clone(),
-        catalog: None,
-        cache: args.cache.clone(),
-        pool_memory_mib: 0,
-        templates: false,
-    };
+    let options = ServerOptions::without_pools(&args.accel, args.cache.clone(), false);
     let cache = options.cache_dir().map_err(BenchError::Failed)?;
     eprintln!("starting a hangar server and two agents on 127.0.0.1...");
     let server =
@@ -239,15 +233,6 @@ async fn live_migrations(
                 .first_count
                 .is_none_or(|first| last_count.is_none_or(|last| first == last + 1));
         last_count = seen.last_count.or(last_count);
-        let logged = switchovers(server);
-        let (held_ms, switchover_ms, qemu_downtime_ms) =
-            logged.get(round).copied().ok_or_else(|| {
-                BenchError::Failed(format!(
-                    "migration {} is not in the server's log:\n{}",
-                    round + 1,
-                    server.log_tail()
-                ))
-            })?;
         eprintln!(
             "  {}/{}: {at} → {to} in {:.0} ms, longest gap {:.0} ms, {} failed",
             round + 1,
@@ -264,10 +249,25 @@ async fn live_migrations(
             requests: seen.requests,
             failed_requests: seen.failures.len(),
             failures: seen.failures.into_iter().take(3).collect(),
-            held_ms,
-            switchover_ms,
-            qemu_downtime_ms,
+            held_ms: 0,
+            switchover_ms: 0,
+            qemu_downtime_ms: 0,
         });
+    }
+    // The server's side of each, from its log (one line per live migration, in order).
+    let logged = switchovers(server);
+    if logged.len() < migrations.len() {
+        return Err(BenchError::Failed(format!(
+            "{} live migrations in the server's log, {} made:\n{}",
+            logged.len(),
+            migrations.len(),
+            server.log_tail()
+        )));
+    }
+    for (migration, (held, switchover, qemu_downtime)) in migrations.iter_mut().zip(logged) {
+        migration.held_ms = held;
+        migration.switchover_ms = switchover;
+        migration.qemu_downtime_ms = qemu_downtime;
     }
     server.delete_vm(&vm.vm).await?;
     Ok((

@@ -114,17 +114,8 @@ impl BenchServer {
     /// [`BenchServer::start`] with more arguments for `hangar server` (e.g. `--store URL`,
     /// `--no-local-host`).
     pub fn start_with(options: &ServerOptions, extra: &[&str]) -> Result<BenchServer, String> {
-        // Short paths: unix socket addresses hold at most 107 bytes.
-        let data_dir = tempfile::Builder::new()
-            .prefix("hgbench")
-            .tempdir_in("/tmp")
-            .map_err(|err| format!("temporary data dir: {err}"))?;
-        std::os::unix::fs::symlink(options.cache_dir()?, data_dir.path().join("cache"))
-            .map_err(|err| err.to_string())?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|err| err.to_string())?
-            .port();
+        let data_dir = temp_data_dir("hgbench", &options.cache_dir()?)?;
+        let port = free_port()?;
         let log = std::fs::File::create(data_dir.path().join("server.log"))
             .map_err(|err| err.to_string())?;
         let exe = crate::hangar::hangar_exe()?;
@@ -394,6 +385,26 @@ pub fn parse_server_timing(header: &str) -> Vec<(String, Duration)> {
             Some((name.to_owned(), Duration::from_secs_f64(ms / 1000.0)))
         })
         .collect()
+}
+
+/// A temporary data dir in `/tmp` named `prefix...` (short: unix socket addresses hold at
+/// most 107 bytes) whose `cache` links to `cache`; removed when dropped.
+pub fn temp_data_dir(prefix: &str, cache: &Path) -> Result<tempfile::TempDir, String> {
+    let data_dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in("/tmp")
+        .map_err(|err| format!("temporary data dir: {err}"))?;
+    std::os::unix::fs::symlink(cache, data_dir.path().join("cache"))
+        .map_err(|err| err.to_string())?;
+    Ok(data_dir)
+}
+
+/// A TCP port of 127.0.0.1 free now.
+pub fn free_port() -> Result<u16, String> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|addr| addr.port())
+        .map_err(|err| err.to_string())
 }
 
 /// One plain HTTP/1.0 GET; the status code.

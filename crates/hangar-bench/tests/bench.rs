@@ -32,11 +32,7 @@ fn bench_smoke_reports_every_figure_and_leaves_nothing_behind() {
         eprintln!("libvirt is not installed: measuring hangar alone");
         command.arg("--no-libvirt");
     }
-    let output = command.output().unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "hangar bench failed:\n{stderr}");
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout)
-        .unwrap_or_else(|err| panic!("{err}: {}", String::from_utf8_lossy(&output.stdout)));
+    let report = common::json_of(&mut command, "hangar bench");
     assert_eq!(report["mode"], "smoke");
 
     let rows = report["rows"].as_array().unwrap();
@@ -141,18 +137,12 @@ fn bench_smoke_reports_every_figure_and_leaves_nothing_behind() {
 #[test]
 fn bench_placement_reports_decisions_per_second() {
     let args = ["bench", "placement", "--hosts", "200", "--rounds", "3"];
-    let output = Command::new(common::hangar())
-        .args(args)
-        .args(["--round", "50ms", "--json"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "hangar bench placement failed:\n{stderr}"
+    let report = common::json_of(
+        Command::new(common::hangar())
+            .args(args)
+            .args(["--round", "50ms", "--json"]),
+        "hangar bench placement",
     );
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout)
-        .unwrap_or_else(|err| panic!("{err}: {}", String::from_utf8_lossy(&output.stdout)));
     assert_eq!(
         (report["hosts"].as_u64(), report["rounds"].as_u64()),
         (Some(200), Some(3))

@@ -11,28 +11,22 @@ use std::process::Command;
 
 #[test]
 fn bench_farm_reports_every_figure_and_leaves_no_server_behind() {
-    let output = Command::new(common::hangar())
-        .args(["bench", "farm", "--duration", "1s", "--clients", "2"])
-        .args([
-            "--vms",
-            "30",
-            "--heartbeats",
-            "200",
-            "--heartbeat-hosts",
-            "10",
-        ])
-        .args(["--pure-hosts", "100", "--grants", "1", "--pool", "1"])
-        .args(["--accel", "tcg", "--json", "--cache"])
-        .arg(common::shared_cache())
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "hangar bench farm failed:\n{stderr}"
+    let report = common::json_of(
+        Command::new(common::hangar())
+            .args(["bench", "farm", "--duration", "1s", "--clients", "2"])
+            .args([
+                "--vms",
+                "30",
+                "--heartbeats",
+                "200",
+                "--heartbeat-hosts",
+                "10",
+            ])
+            .args(["--pure-hosts", "100", "--grants", "1", "--pool", "1"])
+            .args(["--accel", "tcg", "--json", "--cache"])
+            .arg(common::shared_cache()),
+        "hangar bench farm",
     );
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout)
-        .unwrap_or_else(|err| panic!("{err}: {}", String::from_utf8_lossy(&output.stdout)));
 
     let placements = &report["placements"];
     assert_eq!(placements["errors"], 0, "{report:#}");

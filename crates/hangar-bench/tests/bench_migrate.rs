@@ -12,19 +12,13 @@ use std::process::Command;
 
 #[test]
 fn bench_migrate_reports_every_figure_and_leaves_nothing_behind() {
-    let output = Command::new(common::hangar())
-        .args(["bench", "migrate", "--migrations", "2", "--evacuate", "3"])
-        .args(["--accel", "tcg", "--json", "--cache"])
-        .arg(common::shared_cache())
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "hangar bench migrate failed:\n{stderr}"
+    let report = common::json_of(
+        Command::new(common::hangar())
+            .args(["bench", "migrate", "--migrations", "2", "--evacuate", "3"])
+            .args(["--accel", "tcg", "--json", "--cache"])
+            .arg(common::shared_cache()),
+        "hangar bench migrate",
     );
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout)
-        .unwrap_or_else(|err| panic!("{err}: {}", String::from_utf8_lossy(&output.stdout)));
 
     let migrations = report["migrations"].as_array().unwrap();
     assert_eq!(migrations.len(), 2, "{report:#}");

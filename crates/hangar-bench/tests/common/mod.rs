@@ -44,3 +44,13 @@ pub fn processes_mentioning(text: &str) -> Vec<u32> {
     }
     found
 }
+
+/// Runs `command` (a `hangar bench ...` with `--json`), which must succeed (else the test
+/// fails with its stderr, naming `what`), and parses its standard output.
+pub fn json_of(command: &mut std::process::Command, what: &str) -> serde_json::Value {
+    let output = command.output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{what} failed:\n{stderr}");
+    serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|err| panic!("{err}: {}", String::from_utf8_lossy(&output.stdout)))
+}
