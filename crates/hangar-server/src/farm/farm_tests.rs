@@ -90,6 +90,24 @@ impl Farm {
         }
     }
 
+    /// A farm of the hosts `names` (registered) with one dedicated `web` VM, active; the
+    /// farm, the VM and its host.
+    pub(crate) async fn with_vm(names: &[&str]) -> (Farm, String, String) {
+        let farm = Farm::new();
+        for name in names {
+            farm.manager
+                .register_host(Farm::registration(name, "one"))
+                .await
+                .unwrap();
+        }
+        let grant = farm
+            .manager
+            .request(request("web", Mode::Dedicated))
+            .await
+            .unwrap();
+        (farm, grant.vm.id, grant.vm.host)
+    }
+
     /// What the host `name` runs now, as its agent would report it.
     async fn running(&self, name: &str) -> Vec<HostVmView> {
         let host = self.hosts.lock().unwrap().get(name).cloned().unwrap();
@@ -476,20 +494,7 @@ async fn isolation_groups_never_share_a_host_and_labels_choose_one() {
 /// is undone, does.
 #[tokio::test]
 async fn a_vm_another_replica_migrates_is_not_fenced_on_its_destination() {
-    let farm = Farm::new();
-    for name in ["a", "bb", "ccc"] {
-        farm.manager
-            .register_host(Farm::registration(name, "one"))
-            .await
-            .unwrap();
-    }
-    let grant = farm
-        .manager
-        .request(request("web", Mode::Dedicated))
-        .await
-        .unwrap();
-    let vm = grant.vm.id.clone();
-    let source = grant.vm.host.clone();
+    let (farm, vm, source) = Farm::with_vm(&["a", "bb", "ccc"]).await;
     let destination = ["a", "bb", "ccc"]
         .into_iter()
         .find(|name| *name != source)

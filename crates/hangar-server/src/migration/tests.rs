@@ -1,28 +1,15 @@
 //! The migration's checks and its failure path on fake-backend farm hosts (which cannot
 //! offer a VM's files: the move itself is proven on real hosts, `hangar-cli/tests/migrate.rs`).
 
-use hangar_core::{Mode, VmState};
+use hangar_core::VmState;
 use hangar_store::TaskState;
 
 use super::{MigrationError, migrate};
 use crate::farm::farm_tests::Farm;
-use crate::test_support::request;
 
 /// A farm of hosts `a` and `b` with one dedicated `web` VM (active), and its host.
 async fn farm_with_vm() -> (Farm, String, String) {
-    let farm = Farm::new();
-    for name in ["a", "b"] {
-        farm.manager
-            .register_host(Farm::registration(name, "one"))
-            .await
-            .unwrap();
-    }
-    let grant = farm
-        .manager
-        .request(request("web", Mode::Dedicated))
-        .await
-        .unwrap();
-    (farm, grant.vm.id, grant.vm.host)
+    Farm::with_vm(&["a", "b"]).await
 }
 
 fn other(host: &str) -> &'static str {
