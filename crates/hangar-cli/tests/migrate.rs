@@ -217,7 +217,8 @@ fn holds(agent: &Agent, id: &str) -> bool {
     agent.qemus().iter().any(|(vm, _)| vm == id) || agent.data_dir.join("vms").join(id).exists()
 }
 
-/// Prints the figures of DESIGN.md ("Live migration"). It was quarantined while a request
+/// Asserts what a client sees and prints its gaps (the figures themselves come from
+/// `hangar bench migrate`, BENCHMARKS.md). It was quarantined while a request
 /// now and then stalled for 6 s: the guest answered a SYN on a port pair it still held in
 /// TIME_WAIT with an ACK, and QEMU's user-mode network (whose sequence numbers start low in
 /// every new QEMU process) tried again only after its initial 6 s timeout. hangar-init now

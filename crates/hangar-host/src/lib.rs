@@ -732,9 +732,9 @@ pub trait Host: Send + Sync + 'static {
     /// address, MAC and peers' names; then writes `join.files`, reloads `join.reload` and
     /// restarts `join.restart` processes. Idempotent: joining again replaces the guest's
     /// private settings. The VM must run here with a segment NIC (every VM made since
-    /// segments exist; not imported machines): else [`HostError::Segment`]. The membership lasts through sleep, archive
-    /// and wake and a restart of the host process; a VM migrated to another host must join
-    /// again there.
+    /// segments exist; not imported machines): else [`HostError::Segment`]. The membership
+    /// lasts through sleep, archive and wake and a restart of the host process; a VM
+    /// migrated to another host must join again there.
     async fn join_segment(&self, id: &str, _join: &SegmentJoin) -> Result<(), HostError> {
         Err(HostError::Guest(format!(
             "host {} cannot connect VM {id} to a private segment",
