@@ -515,6 +515,28 @@ async fn users_request_watch_and_control_a_vm_and_an_admin_fills_a_pool_in_the_b
         .await;
     let who = browser.signed_in().await;
     assert!(who.contains("carl") && who.contains("access"), "{who}");
+    // A late 401 answering a request of ana's session (a list refresh still in flight when
+    // she signed out) must neither end carl's session nor flash over his page.
+    let late = browser
+        .js_async(
+            "const done = arguments[arguments.length - 1]; \
+             import('/static/api.js').then(async (api) => { \
+               const answer = new Response(JSON.stringify({error: {code: 'unauthenticated', \
+                 message: 'late answer'}}), {status: 401}); \
+               try { await api.parse(answer, -1); done('no error'); } \
+               catch (err) { done(err.stale ? 'stale' : 'not stale: ' + err.message); } \
+             });",
+            vec![],
+        )
+        .await;
+    assert_eq!(late, "stale", "a late 401's error");
+    let after = browser.signed_in().await;
+    assert_eq!(
+        after, who,
+        "a late 401 of an earlier session signed carl out"
+    );
+    let flash = browser.flash().await;
+    assert!(!flash.contains("late answer"), "#flash {flash}");
     for selector in ["a[data-nav^=admin]", "#nav-admin:not([hidden])"] {
         if browser.exists(selector).await {
             mismatches.push(format!("an access user's page has {selector}"));

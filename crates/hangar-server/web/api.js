@@ -5,6 +5,9 @@
 // `GET /v1/session` gave. Errors become `ApiError` with the server's code and message.
 
 let csrf = null;
+// Counts session changes (sign-in, sign-out). A request remembers the generation it was sent
+// in, so that its late answer cannot end or flash over a session begun since.
+let generation = 0;
 
 /** An error answer of the API: `status`, `code`, `message`, and the whole `body`. */
 export class ApiError extends Error {
@@ -14,12 +17,15 @@ export class ApiError extends Error {
     this.status = status;
     this.code = err.code || "http_" + status;
     this.body = body;
+    /** Whether the request was sent in an earlier session than the page's current one. */
+    this.stale = false;
   }
 }
 
 /** Remembers the CSRF token of the session (from sign-in or `GET /v1/session`). */
 export function setCsrf(token) {
   csrf = token;
+  generation += 1;
 }
 
 /**
@@ -34,6 +40,7 @@ export async function api(method, path, body, { headers = {}, raw = false } = {}
     init.body = JSON.stringify(body);
   }
   if (method !== "GET" && method !== "HEAD" && csrf) init.headers["X-Hangar-CSRF"] = csrf;
+  const sentIn = generation;
   let response;
   try {
     response = await fetch(path, init);
@@ -41,11 +48,16 @@ export async function api(method, path, body, { headers = {}, raw = false } = {}
     throw new ApiError(0, { error: { code: "unreachable", message: `cannot reach the hangar server (${err.message}); is it running?` } });
   }
   if (raw) return response;
-  return parse(response);
+  return parse(response, sentIn);
 }
 
-/** The JSON of `response`, or `ApiError` when it is not a success. */
-export async function parse(response) {
+/**
+ * The JSON of `response`, or `ApiError` when it is not a success. `sentIn` is the session
+ * generation the request was sent in (the current one when not given): a 401 ends the
+ * page's session only when it answers a request of that session; an older one's error is
+ * marked `stale`.
+ */
+export async function parse(response, sentIn = generation) {
   const text = await response.text();
   let json = null;
   if (text) {
@@ -56,8 +68,10 @@ export async function parse(response) {
     }
   }
   if (!response.ok) {
-    if (response.status === 401) window.dispatchEvent(new CustomEvent("hangar:signed-out"));
-    throw new ApiError(response.status, json);
+    const err = new ApiError(response.status, json);
+    err.stale = sentIn !== generation;
+    if (response.status === 401 && !err.stale) window.dispatchEvent(new CustomEvent("hangar:signed-out"));
+    throw err;
   }
   return json;
 }

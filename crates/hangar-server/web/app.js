@@ -69,6 +69,8 @@ export function session() {
 /** Shows an error (an `ApiError`, an `Error` or text) in the alert region. */
 export function flash(err, kind = "error") {
   const el = document.getElementById("flash");
+  // A late answer to a request of an earlier session says nothing about this one.
+  if (err?.stale) return;
   if (!err) {
     el.hidden = true;
     el.replaceChildren();
