@@ -23,20 +23,67 @@ use hangar_host::{
 };
 use hangar_vmm::Accel;
 use hangar_vmm::qemu::{QemuBackend, QemuConfig};
+use hangar_vmm::tap::SegmentNetns;
 
 use common::{Cleanup, cache_dir};
 
 const TOKEN: &str = "segment-farm-token";
 
+/// How the hosts of a test switch their segments.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    /// hangar's own switch: unix datagram netdevs.
+    Switch,
+    /// Taps on kernel bridges in the data dir's namespace (root only).
+    Bridge,
+}
+
+/// Deletes a test's segment namespace, even when the test fails.
+struct NetnsCleanup(Option<SegmentNetns>);
+
+impl Drop for NetnsCleanup {
+    fn drop(&mut self) {
+        if let Some(netns) = &self.0
+            && let Err(err) = netns.remove()
+        {
+            eprintln!("cannot delete network namespace {}: {err}", netns.name());
+        }
+    }
+}
+
+/// Whether kernel bridges can be tested here: root, else the test says why it is skipped.
+fn bridges_testable() -> bool {
+    // SAFETY: geteuid(2) cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        eprintln!("skipped: segments on kernel bridges need root");
+    }
+    root
+}
+
+/// The segment namespace of the data dir above `vms_dir` for `kind` (made), and its
+/// cleanup.
+fn netns_of(vms_dir: &Path, kind: Kind) -> NetnsCleanup {
+    let root = vms_dir.parent().expect("vms dir has a parent");
+    NetnsCleanup(match kind {
+        Kind::Switch => None,
+        Kind::Bridge => {
+            let netns = SegmentNetns::for_data_dir(root);
+            netns.ensure().expect("making the segment namespace");
+            Some(netns)
+        }
+    })
+}
+
 /// A QEMU host on `vms_dir`, confined as `hangar server` confines it when run as root
 /// (QEMU as `hangar-vm` or `nobody`, files private to the server: umask 0077), so that a
 /// port socket the host binds must be handed to QEMU's user to be usable.
-fn local_host(vms_dir: &Path) -> Arc<LocalHost> {
-    local_host_with(vms_dir, None)
+fn local_host(vms_dir: &Path, kind: Kind) -> Arc<LocalHost> {
+    local_host_with(vms_dir, None, kind)
 }
 
 /// [`local_host`], making templates in `templates` when given.
-fn local_host_with(vms_dir: &Path, templates: Option<PathBuf>) -> Arc<LocalHost> {
+fn local_host_with(vms_dir: &Path, templates: Option<PathBuf>, kind: Kind) -> Arc<LocalHost> {
     // SAFETY: umask(2) only sets the process's file mode mask.
     unsafe {
         libc::umask(0o077);
@@ -44,7 +91,9 @@ fn local_host_with(vms_dir: &Path, templates: Option<PathBuf>) -> Arc<LocalHost>
     let root = vms_dir.parent().expect("vms dir has a parent").to_owned();
     std::fs::create_dir_all(vms_dir).unwrap();
     let mut qemu = QemuConfig::new(vms_dir.to_owned(), Accel::Tcg);
-    qemu.user = hangar_vmm::confine::VmUser::for_this_process(&[root, cache_dir()]).unwrap();
+    qemu.user =
+        hangar_vmm::confine::VmUser::for_this_process(&[root.clone(), cache_dir()]).unwrap();
+    qemu.segment_netns = (kind == Kind::Bridge).then(|| SegmentNetns::for_data_dir(&root));
     let images = Arc::new(LocalImages::new(
         cache_dir(),
         hangar_image::AssetSources::default(),
@@ -154,19 +203,32 @@ fn runtime() -> tokio::runtime::Runtime {
 /// socket and task its host had (QMP, agent channels, segment ports).
 #[test]
 fn vms_on_a_segment_reach_each_other_and_nothing_else_does() {
+    two_processes(Kind::Switch);
+}
+
+/// The same on kernel bridges (`--segment-net bridge`, root only).
+#[test]
+fn vms_on_a_bridged_segment_reach_each_other_and_nothing_else_does() {
+    if bridges_testable() {
+        two_processes(Kind::Bridge);
+    }
+}
+
+fn two_processes(kind: Kind) {
     let tmp = tempfile::Builder::new()
         .prefix("hseg")
         .tempdir_in("/tmp")
         .unwrap();
     let vms_dir = tmp.path().join("vms");
     let _cleanup = Cleanup(vms_dir.clone());
-    let launches = runtime().block_on(first_process(&vms_dir));
-    runtime().block_on(second_process(&vms_dir, launches));
+    let _netns = netns_of(&vms_dir, kind);
+    let launches = runtime().block_on(first_process(&vms_dir, kind));
+    runtime().block_on(second_process(&vms_dir, launches, kind));
 }
 
 /// Joins, reachability, isolation, a join's files and restarts, sleep, archive and wake.
-async fn first_process(vms_dir: &Path) -> [(&'static str, LaunchRecord); 2] {
-    let host = local_host(vms_dir);
+async fn first_process(vms_dir: &Path, kind: Kind) -> [(&'static str, LaunchRecord); 2] {
+    let host = local_host(vms_dir, kind);
     let remote = served(host.clone()).await;
 
     let (launch_a, endpoint_a) = make(&host, "seg-a").await;
@@ -218,6 +280,27 @@ async fn first_process(vms_dir: &Path) -> [(&'static str, LaunchRecord); 2] {
     let names: Vec<&str> = stats.iter().map(|(name, _)| name.as_str()).collect();
     assert_eq!(names, ["other", "shop"]);
     assert!(stats[1].1.frames_forwarded > 0, "{stats:?}");
+    if kind == Kind::Bridge {
+        // The frames went over the kernel bridge: a's and b's taps are its ports.
+        let netns = SegmentNetns::for_data_dir(vms_dir.parent().unwrap());
+        let bridge = hangar_vmm::tap::bridge_name("shop");
+        let ports = std::process::Command::new("ip")
+            .args(["-n", netns.name(), "-o", "link", "show", "master", &bridge])
+            .output()
+            .unwrap();
+        let ports = String::from_utf8_lossy(&ports.stdout);
+        for vm in ["seg-a", "seg-b"] {
+            let tap = hangar_vmm::tap::tap_name(vm);
+            assert!(
+                ports.contains(&tap),
+                "{vm}'s tap {tap} on {bridge}: {ports}"
+            );
+        }
+        assert!(
+            !ports.contains(&hangar_vmm::tap::tap_name("seg-c")),
+            "{ports}"
+        );
+    }
 
     // The host has no way onto the segment: what answers there (nothing, or whatever
     // this machine's own network puts at any address) is not the guest's web server.
@@ -290,8 +373,8 @@ async fn first_process(vms_dir: &Path) -> [(&'static str, LaunchRecord); 2] {
 
 /// A new host process on the same directory adopts the VMs and binds their ports again
 /// from the recorded membership; leaving cuts a VM off.
-async fn second_process(vms_dir: &Path, launches: [(&'static str, LaunchRecord); 2]) {
-    let host = local_host(vms_dir);
+async fn second_process(vms_dir: &Path, launches: [(&'static str, LaunchRecord); 2], kind: Kind) {
+    let host = local_host(vms_dir, kind);
     for (id, launch) in &launches {
         assert!(host.adopt(id, launch, true).await.unwrap().is_some());
     }
@@ -325,7 +408,8 @@ async fn second_process(vms_dir: &Path, launches: [(&'static str, LaunchRecord);
 
 /// Clones of a template made since segments exist have the NIC too (their devices come
 /// from the template's stream, its MAC included): two join a segment, each gets its own
-/// MAC, and they reach each other by name.
+/// MAC, and they reach each other by name. On kernel bridges when run as root (as
+/// `hangar server` would), else on the switch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn template_clones_join_like_booted_vms() {
     let tmp = tempfile::Builder::new()
@@ -334,7 +418,14 @@ async fn template_clones_join_like_booted_vms() {
         .unwrap();
     let vms_dir = tmp.path().join("vms");
     let _cleanup = Cleanup(vms_dir.clone());
-    let host = local_host_with(&vms_dir, Some(tmp.path().join("templates")));
+    // SAFETY: geteuid(2) cannot fail.
+    let kind = if unsafe { libc::geteuid() } == 0 {
+        Kind::Bridge
+    } else {
+        Kind::Switch
+    };
+    let _netns = netns_of(&vms_dir, kind);
+    let host = local_host_with(&vms_dir, Some(tmp.path().join("templates")), kind);
     let (template, _) = make_for(&host, "seg-template", Purpose::Template).await;
     assert!(template.template.is_some(), "a template was made");
     for (id, last, address, peer, peer_ip) in [

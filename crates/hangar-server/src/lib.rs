@@ -82,6 +82,8 @@ pub struct ServerConfig {
     /// A catalog file; `None` uses the built-in demo catalog.
     pub catalog: Option<PathBuf>,
     pub accel: Accel,
+    /// How the local host's VMs' segment NICs are switched ([`hangar_vmm::tap`]).
+    pub segment_net: hangar_vmm::tap::SegmentNet,
     /// Address port forwards listen on, and endpoints name: a concrete address clients
     /// connect to, never a wildcard ([`hangar_core::exposure::check_endpoint_host`]).
     pub endpoint_host: IpAddr,
@@ -153,6 +155,8 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
+    #[error("private segments: {0}")]
+    Segments(String),
     #[error("another hangar server is using data dir {0}")]
     Locked(String),
     /// QEMU cannot run as its unprivileged user.
@@ -381,6 +385,8 @@ pub async fn run(
         let cache = data_dir.join("cache");
         std::fs::create_dir_all(&cache).map_err(data_err)?;
         qemu_config.user = confined_user(&[data_dir.clone(), cache])?;
+        qemu_config.segment_netns = hangar_host::segment::netns_for(config.segment_net, &data_dir)
+            .map_err(|err| ServerError::Segments(err.to_string()))?;
     }
     let qemu_version = if config.local_host {
         let version = check_qemu(&qemu_config)?;

@@ -128,14 +128,16 @@ impl FakeBackend {
 
 #[async_trait::async_trait]
 impl Hypervisor for FakeBackend {
-    async fn segment_sockets(&self, id: &str) -> Option<crate::SegmentSockets> {
+    async fn segment_nic(&self, id: &str) -> Option<crate::SegmentNic> {
         let dir = self.segment_dir.lock().expect("fake segment dir").clone()?;
         let has_nic = self.vms.lock().expect("fake vms").get(id)?.spec.segment_nic;
         let dir = dir.join(id);
         std::fs::create_dir_all(&dir).ok()?;
-        has_nic.then(|| crate::SegmentSockets {
-            nic: dir.join("nic"),
-            port: dir.join("port"),
+        has_nic.then(|| {
+            crate::SegmentNic::Datagram(crate::SegmentSockets {
+                nic: dir.join("nic"),
+                port: dir.join("port"),
+            })
         })
     }
 

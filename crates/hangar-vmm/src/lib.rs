@@ -26,6 +26,7 @@ pub mod procs;
 pub mod qemu;
 pub mod qmp;
 pub mod sparse;
+pub mod tap;
 pub mod template;
 
 pub use accel::Accel;
@@ -86,9 +87,9 @@ pub struct VmSpec {
     #[serde(default, skip_serializing_if = "is_zero_u32")]
     pub ram_tail_kib: u32,
     /// A second NIC (the guest's `eth1`) for a private segment: a virtio-net device with
-    /// the MAC [`SEGMENT_NIC_MAC`] on a unix datagram netdev (one Ethernet frame per
-    /// datagram, see [`SegmentSockets`]). Until the host's segment switch binds its end,
-    /// the guest's frames on it go nowhere. False for VMs planned before it existed: a VM
+    /// the MAC [`SEGMENT_NIC_MAC`], on a tap in the host's segment namespace when the host
+    /// runs as root, else on a unix datagram netdev (see [`SegmentNic`]). Until the VM
+    /// joins a segment, the guest's frames on it go nowhere. False for VMs planned before it existed: a VM
     /// keeps the device set its snapshots and templates were made with (clones and
     /// migrations take it from their source).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -116,6 +117,36 @@ pub struct SegmentSockets {
     pub nic: PathBuf,
     /// The switch's end.
     pub port: PathBuf,
+}
+
+/// The host side of a VM's segment NIC (the netdev behind the guest's `eth1`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SegmentNic {
+    /// A unix datagram netdev, switched by the host process ([`SegmentSockets`]).
+    Datagram(SegmentSockets),
+    /// A tap in the host's segment namespace, switched by a kernel bridge ([`tap`]).
+    Tap(SegmentTap),
+}
+
+/// A VM's segment tap ([`tap`]): it exists while the VM's QEMU runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentTap {
+    /// The interface's name ([`tap::tap_name`]).
+    pub name: String,
+    /// The namespace it is in.
+    pub netns: tap::SegmentNetns,
+    /// The VM's directory (where its segment membership is recorded).
+    pub dir: PathBuf,
+}
+
+impl SegmentNic {
+    /// The VM's directory, where the host records which segment it joined.
+    pub fn dir(&self) -> &Path {
+        match self {
+            SegmentNic::Datagram(sockets) => sockets.port.parent().unwrap_or(Path::new("/")),
+            SegmentNic::Tap(tap) => &tap.dir,
+        }
+    }
 }
 
 /// Where a VM's RAM lives (the `memory-backend=mem` of its machine, see [`RAM_BLOCK`]).
@@ -372,9 +403,9 @@ pub trait Hypervisor: Send + Sync + 'static {
         template: &TemplateInfo,
     ) -> Result<Launched, VmmError>;
 
-    /// The sockets of VM `id`'s segment NIC here, when it runs (or is archived) with one
-    /// ([`VmSpec::segment_nic`]); `None` for a VM without one or unknown here.
-    async fn segment_sockets(&self, _id: &str) -> Option<SegmentSockets> {
+    /// The host side of VM `id`'s segment NIC here, when it runs (or is archived) with
+    /// one ([`VmSpec::segment_nic`]); `None` for a VM without one or unknown here.
+    async fn segment_nic(&self, _id: &str) -> Option<SegmentNic> {
         None
     }
 

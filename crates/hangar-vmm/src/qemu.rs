@@ -20,7 +20,7 @@
 //! ([`crate::confine`]). It runs as [`QemuConfig::user`] when one is set.
 
 use std::collections::HashMap;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -68,6 +68,9 @@ pub struct QemuConfig {
     /// The unprivileged user QEMU runs as (the server runs as root); `None`: this
     /// process's own user. QEMU always runs under [`crate::confine::SANDBOX`].
     pub user: Option<VmUser>,
+    /// Where segment NICs get their taps ([`crate::tap`]); `None`: they are unix datagram
+    /// netdevs ([`crate::SegmentSockets`]).
+    pub segment_netns: Option<crate::tap::SegmentNetns>,
 }
 
 impl QemuConfig {
@@ -78,6 +81,7 @@ impl QemuConfig {
             qemu_img: "qemu-img".into(),
             accel: accel.resolve(),
             user: None,
+            segment_netns: None,
         }
     }
 }
@@ -94,6 +98,8 @@ pub struct VmPaths {
     /// The segment NIC's sockets ([`crate::SegmentSockets`]): QEMU's end, the switch's.
     pub nic: PathBuf,
     pub port: PathBuf,
+    /// The segment NIC is a tap given to QEMU as [`crate::tap::SEGMENT_TAP_FD`] instead.
+    pub segment_tap: bool,
 }
 
 impl VmPaths {
@@ -107,6 +113,7 @@ impl VmPaths {
             pidfile: dir.join("qemu.pid"),
             nic: dir.join("nic1.sock"),
             port: dir.join("port.sock"),
+            segment_tap: false,
             dir,
         }
     }
@@ -150,7 +157,10 @@ impl QemuBackend {
     }
 
     pub fn paths(&self, id: &str) -> VmPaths {
-        VmPaths::new(&self.config.vms_dir, id)
+        VmPaths {
+            segment_tap: self.config.segment_netns.is_some(),
+            ..VmPaths::new(&self.config.vms_dir, id)
+        }
     }
 
     /// The VM's serial console output so far (last `max` bytes).
@@ -252,16 +262,46 @@ impl QemuBackend {
             .write(true)
             .truncate(true)
             .open(&log_path)?;
+        // The segment tap, made for this start: QEMU's copy is its only one once this one is
+        // closed below, so the tap goes when QEMU exits.
+        let tap = match (
+            &self.config.segment_netns,
+            spec.segment_nic && paths.segment_tap,
+        ) {
+            (Some(netns), true) => {
+                let name = crate::tap::tap_name(&spec.id);
+                Some(netns.open_tap(&name).map_err(|err| {
+                    VmmError::Launch(format!(
+                        "making segment tap {name} in network namespace {}: {err}",
+                        netns.name()
+                    ))
+                })?)
+            }
+            _ => None,
+        };
+        let tap_fd = tap.as_ref().map(|fd| fd.as_raw_fd());
         let mut command = tokio::process::Command::new(&self.config.qemu);
         let nice = spec.background.then_some(BACKGROUND_NICE);
         let credentials = self.config.user.as_ref().map(VmUser::credentials);
-        // SAFETY: runs in the forked child before exec; setsid(2), setpriority(2) and the
-        // credential calls are async-signal-safe and touch only memory prepared before the
-        // fork.
+        // SAFETY: runs in the forked child before exec; setsid(2), setpriority(2), dup2(2),
+        // fcntl(2) and the credential calls are async-signal-safe and touch only memory
+        // prepared before the fork.
         unsafe {
             command.pre_exec(move || {
                 if libc::setsid() < 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if let Some(fd) = tap_fd {
+                    // dup2 clears close-on-exec on the copy; the same number keeps the flag.
+                    let target = crate::tap::SEGMENT_TAP_FD;
+                    let kept = if fd == target {
+                        libc::fcntl(fd, libc::F_SETFD, 0)
+                    } else {
+                        libc::dup2(fd, target)
+                    };
+                    if kept < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 if let Some(nice) = nice {
                     libc::setpriority(libc::PRIO_PROCESS, 0, nice);
@@ -283,6 +323,7 @@ impl QemuBackend {
                 program: self.config.qemu.display().to_string(),
                 source,
             })?;
+        drop(tap);
         let pid = child
             .id()
             .ok_or_else(|| VmmError::Launch("QEMU exited at once".into()))?;
@@ -578,13 +619,20 @@ impl Hypervisor for QemuBackend {
         Some(self.paths(id).console)
     }
 
-    async fn segment_sockets(&self, id: &str) -> Option<crate::SegmentSockets> {
+    async fn segment_nic(&self, id: &str) -> Option<crate::SegmentNic> {
         let running = self.vms.lock().await.get(id).cloned()?;
         let has_nic = running.spec.lock().map(|spec| spec.segment_nic).ok()?;
         let paths = self.paths(id);
-        has_nic.then_some(crate::SegmentSockets {
-            nic: paths.nic,
-            port: paths.port,
+        has_nic.then(|| match &self.config.segment_netns {
+            Some(netns) => crate::SegmentNic::Tap(crate::SegmentTap {
+                name: crate::tap::tap_name(id),
+                netns: netns.clone(),
+                dir: paths.dir,
+            }),
+            None => crate::SegmentNic::Datagram(crate::SegmentSockets {
+                nic: paths.nic,
+                port: paths.port,
+            }),
         })
     }
 
@@ -1424,15 +1472,21 @@ fn command_line(accel: Accel, spec: &VmSpec, paths: &VmPaths, boot: bool) -> Vec
         format!("virtio-net-{bus},netdev=n0"),
     ]);
     if spec.segment_nic {
-        // Connectionless: QEMU sends each frame to the switch's socket whether or not it
-        // is bound (none bound: the frame is dropped, silently).
-        args.extend([
-            "-netdev".into(),
+        // A tap: the descriptor the host process made for this start. A datagram netdev:
+        // connectionless, QEMU sends each frame to the switch's socket whether or not it is
+        // bound (none bound: the frame is dropped, silently).
+        let netdev = if paths.segment_tap {
+            format!("tap,id=n1,fd={}", crate::tap::SEGMENT_TAP_FD)
+        } else {
             format!(
                 "dgram,id=n1,local.type=unix,local.path={},remote.type=unix,remote.path={}",
                 path(&paths.nic),
                 path(&paths.port)
-            ),
+            )
+        };
+        args.extend([
+            "-netdev".into(),
+            netdev,
             "-device".into(),
             format!("virtio-net-{bus},netdev=n1,mac={}", crate::SEGMENT_NIC_MAC),
         ]);

@@ -69,6 +69,11 @@ pub struct AgentArgs {
     /// Accelerator: auto picks KVM only on bare metal (nested KVM is slower than TCG).
     #[arg(long, default_value = "auto", env = "HANGAR_ACCEL")]
     accel: Accel,
+    /// Private segments' switching: bridge (a tap per VM on a kernel bridge per segment,
+    /// in a network namespace of the data dir's; needs root), switch (hangar's own switch,
+    /// any user), or auto (bridge when running as root).
+    #[arg(long, default_value = "auto", env = "HANGAR_SEGMENT_NET")]
+    segment_net: hangar_vmm::tap::SegmentNet,
     /// This machine's address as clients reach it: VM endpoints listen there (not a
     /// wildcard such as 0.0.0.0).
     #[arg(long, default_value = "127.0.0.1", env = "HANGAR_ENDPOINT_HOST")]
@@ -120,6 +125,7 @@ async fn start(args: AgentArgs) -> Result<(), String> {
         advertise: args.advertise,
         data_dir,
         accel: args.accel,
+        segment_net: args.segment_net,
         endpoint_host: args.endpoint_host,
         labels: args.labels.into_iter().collect(),
         cost: args.cost,

@@ -26,6 +26,11 @@ pub struct ServerArgs {
     /// Accelerator: auto picks KVM only on bare metal (nested KVM is slower than TCG).
     #[arg(long, default_value = "auto", env = "HANGAR_ACCEL")]
     accel: Accel,
+    /// Private segments' switching: bridge (a tap per VM on a kernel bridge per segment,
+    /// in a network namespace of the data dir's; needs root), switch (hangar's own switch,
+    /// any user), or auto (bridge when running as root).
+    #[arg(long, default_value = "auto", env = "HANGAR_SEGMENT_NET")]
+    segment_net: hangar_vmm::tap::SegmentNet,
     /// Host address that VM endpoints listen on and are advertised at: an address clients
     /// connect to, not a wildcard (0.0.0.0, ::).
     #[arg(long, default_value = "127.0.0.1", env = "HANGAR_ENDPOINT_HOST")]
@@ -221,6 +226,7 @@ pub async fn run(args: ServerArgs) -> ExitCode {
         insecure_listen: args.insecure_listen,
         catalog: args.catalog,
         accel: args.accel,
+        segment_net: args.segment_net,
         endpoint_host: args.endpoint_host,
         kernel: args.kernel,
         busybox: args.busybox,

@@ -52,6 +52,8 @@ pub struct AgentConfig {
     /// VM directories, templates and the lock file.
     pub data_dir: PathBuf,
     pub accel: Accel,
+    /// How VMs' segment NICs are switched here ([`hangar_vmm::tap`]).
+    pub segment_net: hangar_vmm::tap::SegmentNet,
     /// Where VMs' port forwards listen: the machine's own address as clients reach it,
     /// never a wildcard.
     pub endpoint_host: IpAddr,
@@ -112,6 +114,8 @@ pub enum AgentError {
     Exposure(#[from] hangar_core::exposure::ExposureError),
     #[error("serving the agent API")]
     Serve(#[source] std::io::Error),
+    #[error("private segments: {0}")]
+    Segments(String),
 }
 
 /// Runs the agent until `shutdown` completes: QEMU under `config.data_dir`, the agent API
@@ -150,6 +154,8 @@ pub async fn run_agent(
         Some(user) => tracing::info!(user = %user.name, uid = user.uid, "qemu runs confined"),
         None => tracing::info!("qemu runs as this user, sandboxed"),
     }
+    qemu_config.segment_netns = crate::segment::netns_for(config.segment_net, data_dir)
+        .map_err(|err| AgentError::Segments(err.to_string()))?;
     let qemu_version = check_qemu(&qemu_config)?;
     tracing::info!(qemu = %qemu_version, accel = %qemu_config.accel, requested = %config.accel, "hypervisor");
 

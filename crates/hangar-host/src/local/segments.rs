@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use hangar_vmm::SegmentSockets;
+use hangar_vmm::SegmentNic;
 
 use super::LocalHost;
 use crate::segment::SegmentError;
@@ -18,9 +18,9 @@ impl LocalHost {
     pub(super) async fn join(&self, id: &str, join: &SegmentJoin) -> Result<(), HostError> {
         join.validate()?;
         let agent = self.agent(id)?;
-        let sockets = self.segment_sockets(id).await?;
+        let nic = self.segment_nic(id).await?;
         self.segments
-            .attach(&join.segment, id, &sockets, &self.give_socket(id))?;
+            .attach(&join.segment, id, &nic, &self.give_socket(id))?;
         let reply = agent
             .private_network(join.guest_network(), JOIN_TIMEOUT)
             .await?;
@@ -43,10 +43,10 @@ impl LocalHost {
     /// again and adopted it, or it was restored after one did). Logged, never fatal: the
     /// VM runs either way, without its segment until it joins again.
     pub(super) async fn rejoin(&self, id: &str) {
-        let Some(sockets) = self.hv.segment_sockets(id).await else {
+        let Some(nic) = self.hv.segment_nic(id).await else {
             return;
         };
-        match self.segments.rejoin(id, &sockets, &self.give_socket(id)) {
+        match self.segments.rejoin(id, &nic, &self.give_socket(id)) {
             Ok(Some(segment)) => tracing::debug!(vm = %id, segment, "segment port bound again"),
             Ok(None) => {}
             Err(err) => {
@@ -55,9 +55,9 @@ impl LocalHost {
         }
     }
 
-    async fn segment_sockets(&self, id: &str) -> Result<SegmentSockets, SegmentError> {
+    async fn segment_nic(&self, id: &str) -> Result<SegmentNic, SegmentError> {
         self.hv
-            .segment_sockets(id)
+            .segment_nic(id)
             .await
             .ok_or_else(|| SegmentError::NoNic(id.to_owned()))
     }

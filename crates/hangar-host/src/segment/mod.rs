@@ -1,24 +1,30 @@
 //! Private segments: an L2 network per stack that only its VMs share.
 //!
-//! Every VM of hangar's kernel has a second NIC ([`hangar_vmm::VmSpec::segment_nic`]): a
-//! virtio-net device on a unix datagram netdev, one Ethernet frame per datagram, whose
-//! other end is a socket in the VM's directory ([`SegmentSockets`]). Joining a segment
-//! ([`crate::Host::join_segment`]) binds that socket as a port of the segment's switch
-//! ([`switch`], a userspace MAC-learning switch made with the segment's first member and
-//! gone with its last) and tells the guest its address, MAC and peers
-//! ([`hangar_proto::PrivateNetwork`]).
+//! Every VM of hangar's kernel has a second NIC ([`hangar_vmm::VmSpec::segment_nic`]), and
+//! each segment a switch per host, made with its first member and gone with its last. Two
+//! kinds ([`hangar_vmm::SegmentNic`]):
 //!
-//! The sockets are connectionless, so a VM's NIC works again as soon as a switch binds its
-//! port anew: the membership is written beside the port ([`MEMBERSHIP_FILE`]) and a host
-//! process that starts again re-binds the ports of the VMs it adopts or wakes
-//! ([`Segments::rejoin`]); the guest keeps its settings in its own memory.
+//! - **Kernel bridges** (the host process runs as root): the NIC is a tap in the host's
+//!   segment namespace ([`hangar_vmm::tap`]), the switch a Linux bridge there, and joining
+//!   adds the tap to it.
+//! - **hangar's own switch** (otherwise): the NIC is a unix datagram netdev, one Ethernet
+//!   frame per datagram, whose other end is a socket in the VM's directory
+//!   ([`SegmentSockets`]); joining binds that socket as a port of the segment's
+//!   [`switch`], a userspace MAC-learning switch.
+//!
+//! Joining ([`crate::Host::join_segment`]) then tells the guest its address, MAC and peers
+//! ([`hangar_proto::PrivateNetwork`]). The membership is written in the VM's directory
+//! ([`MEMBERSHIP_FILE`]) and a host process that starts again connects the VMs it adopts
+//! or wakes again ([`Segments::rejoin`]: the port bound anew, or the new QEMU's tap added);
+//! the guest keeps its settings in its own memory.
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use hangar_vmm::SegmentSockets;
+use hangar_vmm::tap::SegmentNetns;
+use hangar_vmm::{SegmentNic, SegmentSockets};
 use serde::{Deserialize, Serialize};
 
 mod switch;
@@ -26,7 +32,7 @@ mod switch;
 pub use switch::SegmentStats;
 use switch::Switch;
 
-/// The file beside a VM's port socket naming the segment it joined.
+/// The file in a VM's directory naming the segment it joined.
 pub const MEMBERSHIP_FILE: &str = "segment";
 
 /// The guest's interface for its segment NIC (the second virtio-net device).
@@ -68,6 +74,15 @@ pub enum SegmentError {
     Port {
         vm: String,
         path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("adding VM {vm}'s tap {tap} to bridge {bridge} (network namespace {netns})")]
+    Bridge {
+        vm: String,
+        tap: String,
+        bridge: String,
+        netns: String,
         #[source]
         source: std::io::Error,
     },
@@ -177,10 +192,34 @@ fn is_hostname(name: &str) -> bool {
         })
 }
 
+/// The namespace the host whose data dir is `data_dir` makes its segment taps in, or `None`
+/// for hangar's switch ([`hangar_vmm::tap::SegmentNet::resolve`]); says which in the log.
+pub fn netns_for(
+    mode: hangar_vmm::tap::SegmentNet,
+    data_dir: &Path,
+) -> std::io::Result<Option<SegmentNetns>> {
+    let netns = mode.resolve(data_dir)?;
+    match &netns {
+        Some(netns) => {
+            tracing::info!(netns = %netns.name(), "private segments: taps on kernel bridges")
+        }
+        None => tracing::info!("private segments: hangar's switch"),
+    }
+    Ok(netns)
+}
+
 /// One VM's port.
 struct Member {
     segment: String,
-    port: PathBuf,
+    nic: SegmentNic,
+}
+
+/// A segment's kernel bridge here.
+struct Bridge {
+    netns: SegmentNetns,
+    name: String,
+    /// The taps added to it.
+    taps: Vec<String>,
 }
 
 /// The switches of this host's segments and their members.
@@ -192,6 +231,7 @@ pub struct Segments {
 #[derive(Default)]
 struct State {
     switches: HashMap<String, Arc<Switch>>,
+    bridges: HashMap<String, Bridge>,
     members: HashMap<String, Member>,
 }
 
@@ -200,58 +240,140 @@ impl Segments {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Connects VM `vm`'s NIC (`sockets`) to `segment` (made when it is the first member)
-    /// and records the membership beside the port. Already there: nothing changes. In
-    /// another segment: moved. `give` hands the bound socket to the VM's QEMU. Must be
-    /// called within a tokio runtime.
+    /// Connects VM `vm`'s NIC to `segment` (its switch or bridge made when it is the
+    /// first member) and records the membership in the VM's directory. Already there:
+    /// nothing changes. In another segment: moved. `give` hands a bound port socket to the
+    /// VM's QEMU. Must be called within a tokio runtime.
     pub fn attach(
         &self,
         segment: &str,
         vm: &str,
-        sockets: &SegmentSockets,
+        nic: &SegmentNic,
         give: &dyn Fn(&Path) -> std::io::Result<()>,
     ) -> Result<(), SegmentError> {
         let mut state = self.state();
         if let Some(member) = state.members.get(vm) {
-            let same = member.segment == segment
-                && member.port == sockets.port
-                && state
-                    .switches
-                    .get(segment)
-                    .is_some_and(|switch| switch.has_port(vm));
-            if same {
-                return Ok(());
+            if member.segment == segment && member.nic == *nic {
+                match nic {
+                    SegmentNic::Datagram(_) => {
+                        if state
+                            .switches
+                            .get(segment)
+                            .is_some_and(|switch| switch.has_port(vm))
+                        {
+                            return Ok(());
+                        }
+                    }
+                    // The tap may be a new QEMU's (same name): adding it again is harmless.
+                    SegmentNic::Tap(tap) => {
+                        if let Some(bridge) = state.bridges.get(segment) {
+                            return bridge.netns.attach(&bridge.name, &tap.name).map_err(
+                                |source| SegmentError::Bridge {
+                                    vm: vm.to_owned(),
+                                    tap: tap.name.clone(),
+                                    bridge: bridge.name.clone(),
+                                    netns: tap.netns.name().to_owned(),
+                                    source,
+                                },
+                            );
+                        }
+                    }
+                }
             }
             Self::remove(&mut state, vm);
         }
-        let switch = state
-            .switches
-            .entry(segment.to_owned())
-            .or_insert_with(|| Switch::new(segment))
-            .clone();
-        let port_error = |source| SegmentError::Port {
-            vm: vm.to_owned(),
-            path: sockets.port.clone(),
-            source,
-        };
-        let added = switch
-            .add_port(vm, sockets, give)
-            .and_then(|()| std::fs::write(membership_file(&sockets.port), segment.as_bytes()));
-        if let Err(source) = added {
-            switch.remove_port(vm, &sockets.port);
-            if switch.is_empty() {
-                state.switches.remove(segment);
+        match nic {
+            SegmentNic::Datagram(sockets) => {
+                Self::add_port(&mut state, segment, vm, sockets, give)?
             }
-            return Err(port_error(source));
+            SegmentNic::Tap(tap) => Self::add_tap(&mut state, segment, vm, tap)?,
+        }
+        if let Err(source) = std::fs::write(membership_file(nic), segment.as_bytes()) {
+            state.members.insert(
+                vm.to_owned(),
+                Member {
+                    segment: segment.to_owned(),
+                    nic: nic.clone(),
+                },
+            );
+            Self::remove(&mut state, vm);
+            return Err(SegmentError::Port {
+                vm: vm.to_owned(),
+                path: membership_file(nic),
+                source,
+            });
         }
         state.members.insert(
             vm.to_owned(),
             Member {
                 segment: segment.to_owned(),
-                port: sockets.port.clone(),
+                nic: nic.clone(),
             },
         );
         tracing::info!(segment, vm, "joined segment");
+        Ok(())
+    }
+
+    fn add_port(
+        state: &mut State,
+        segment: &str,
+        vm: &str,
+        sockets: &SegmentSockets,
+        give: &dyn Fn(&Path) -> std::io::Result<()>,
+    ) -> Result<(), SegmentError> {
+        let switch = state
+            .switches
+            .entry(segment.to_owned())
+            .or_insert_with(|| Switch::new(segment))
+            .clone();
+        if let Err(source) = switch.add_port(vm, sockets, give) {
+            switch.remove_port(vm, &sockets.port);
+            if switch.is_empty() {
+                state.switches.remove(segment);
+            }
+            return Err(SegmentError::Port {
+                vm: vm.to_owned(),
+                path: sockets.port.clone(),
+                source,
+            });
+        }
+        Ok(())
+    }
+
+    fn add_tap(
+        state: &mut State,
+        segment: &str,
+        vm: &str,
+        tap: &hangar_vmm::SegmentTap,
+    ) -> Result<(), SegmentError> {
+        let name = hangar_vmm::tap::bridge_name(segment);
+        let error = |source| SegmentError::Bridge {
+            vm: vm.to_owned(),
+            tap: tap.name.clone(),
+            bridge: name.clone(),
+            netns: tap.netns.name().to_owned(),
+            source,
+        };
+        let made = !state.bridges.contains_key(segment);
+        if made {
+            tap.netns.add_bridge(&name).map_err(error)?;
+        }
+        let bridge = state
+            .bridges
+            .entry(segment.to_owned())
+            .or_insert_with(|| Bridge {
+                netns: tap.netns.clone(),
+                name: name.clone(),
+                taps: Vec::new(),
+            });
+        if let Err(source) = tap.netns.attach(&name, &tap.name) {
+            if bridge.taps.is_empty() {
+                let _ = tap.netns.delete_bridge(&name);
+                state.bridges.remove(segment);
+            }
+            return Err(error(source));
+        }
+        bridge.taps.push(tap.name.clone());
         Ok(())
     }
 
@@ -266,13 +388,32 @@ impl Segments {
 
     fn remove(state: &mut State, vm: &str) -> Option<String> {
         let member = state.members.remove(vm)?;
-        if let Some(switch) = state.switches.get(&member.segment) {
-            switch.remove_port(vm, &member.port);
-            if switch.is_empty() {
-                state.switches.remove(&member.segment);
+        match &member.nic {
+            SegmentNic::Datagram(sockets) => {
+                if let Some(switch) = state.switches.get(&member.segment) {
+                    switch.remove_port(vm, &sockets.port);
+                    if switch.is_empty() {
+                        state.switches.remove(&member.segment);
+                    }
+                }
+            }
+            SegmentNic::Tap(tap) => {
+                if let Some(bridge) = state.bridges.get_mut(&member.segment) {
+                    // A tap whose QEMU exited is gone from the bridge already.
+                    if let Err(err) = bridge.netns.detach(&bridge.name, &tap.name) {
+                        tracing::warn!(vm, tap = %tap.name, bridge = %bridge.name, error = %err, "cannot take the tap off its bridge");
+                    }
+                    bridge.taps.retain(|name| *name != tap.name);
+                    if bridge.taps.is_empty() {
+                        if let Err(err) = bridge.netns.delete_bridge(&bridge.name) {
+                            tracing::warn!(bridge = %bridge.name, error = %err, "cannot delete a segment's bridge");
+                        }
+                        state.bridges.remove(&member.segment);
+                    }
+                }
             }
         }
-        let _ = std::fs::remove_file(membership_file(&member.port));
+        let _ = std::fs::remove_file(membership_file(&member.nic));
         Some(member.segment)
     }
 
@@ -281,14 +422,14 @@ impl Segments {
     pub fn rejoin(
         &self,
         vm: &str,
-        sockets: &SegmentSockets,
+        nic: &SegmentNic,
         give: &dyn Fn(&Path) -> std::io::Result<()>,
     ) -> Result<Option<String>, SegmentError> {
-        let Ok(segment) = std::fs::read_to_string(membership_file(&sockets.port)) else {
+        let Ok(segment) = std::fs::read_to_string(membership_file(nic)) else {
             return Ok(None);
         };
         let segment = segment.trim().to_owned();
-        self.attach(&segment, vm, sockets, give)?;
+        self.attach(&segment, vm, nic, give)?;
         Ok(Some(segment))
     }
 
@@ -297,13 +438,24 @@ impl Segments {
         self.state().members.get(vm).map(|m| m.segment.clone())
     }
 
-    /// The segments with a switch here and what each forwarded and dropped.
+    /// The segments with a switch or bridge here and what each forwarded and dropped (a
+    /// bridge's: what its taps handed to their QEMUs, and dropped as they did not read).
     pub fn stats(&self) -> Vec<(String, SegmentStats)> {
-        let mut stats: Vec<_> = self
-            .state()
+        let state = self.state();
+        let mut stats: Vec<_> = state
             .switches
             .iter()
             .map(|(name, switch)| (name.clone(), switch.stats()))
+            .chain(state.bridges.iter().map(|(name, bridge)| {
+                let counters = bridge.netns.counters(&bridge.taps).unwrap_or_default();
+                let mut sum = SegmentStats::default();
+                for (_, link) in counters {
+                    sum.frames_forwarded += link.tx_packets;
+                    sum.bytes_forwarded += link.tx_bytes;
+                    sum.frames_dropped += link.tx_dropped;
+                }
+                (name.clone(), sum)
+            }))
             .collect();
         stats.sort_by(|a, b| a.0.cmp(&b.0));
         stats
@@ -320,8 +472,8 @@ impl Drop for Segments {
     }
 }
 
-fn membership_file(port: &Path) -> PathBuf {
-    port.with_file_name(MEMBERSHIP_FILE)
+fn membership_file(nic: &SegmentNic) -> PathBuf {
+    nic.dir().join(MEMBERSHIP_FILE)
 }
 
 #[cfg(test)]
@@ -382,12 +534,14 @@ mod tests {
             nic: dir.path().join("nic1.sock"),
             port: dir.path().join("port.sock"),
         };
+        let port = sockets.port.clone();
+        let sockets = SegmentNic::Datagram(sockets);
         let segments = Segments::default();
         segments.attach("shop", "vm-1", &sockets, &no_give).unwrap();
         segments.attach("shop", "vm-1", &sockets, &no_give).unwrap();
         assert_eq!(segments.segment_of("vm-1").as_deref(), Some("shop"));
         assert_eq!(segments.stats().len(), 1);
-        assert!(sockets.port.exists());
+        assert!(port.exists());
         // A new host process: the port is bound again from the recorded membership.
         let again = Segments::default();
         assert_eq!(
@@ -400,7 +554,7 @@ mod tests {
             again.stats().is_empty(),
             "the switch goes with its last member"
         );
-        assert!(!sockets.port.exists());
+        assert!(!port.exists());
         assert_eq!(again.rejoin("vm-1", &sockets, &no_give).unwrap(), None);
         // Moving to another segment leaves the first.
         let moved = Segments::default();

@@ -40,10 +40,10 @@
 //! running there and the source's copy goes. So there is always exactly one VM.
 //!
 //! While it runs, the destination's heartbeats report the incoming VM; fencing leaves it
-//! alone because this server's `MigrationRuntime` names the destination
-//! (`crate::farm::agents`). A replica that did not start the migration would fence it:
-//! live migrations are to be started on the leader (the one agents' heartbeats reach
-//! first).
+//! alone (`crate::farm::agents`): this server's `MigrationRuntime` names the destination,
+//! and a replica that did not start the migration finds the unfinished `migrate` task
+//! whose journal holds an `AbortLiveMigration` to that host in the store. So a migration
+//! may start on any replica.
 //!
 //! A template clone (its memory and disk map its template's files) moves once the
 //! destination holds the same template (pulled by content hash first, `Move::bring_template`):
