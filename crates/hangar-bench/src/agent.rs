@@ -21,7 +21,8 @@ impl Drop for BenchAgent {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        // Agents leave VMs running by design; the benchmark's are stopped here.
+        // Agents leave VMs and their segment namespace by design; the benchmark's are
+        // stopped and deleted here.
         for (_, pid) in hangar_vmm::procs::qemu_processes_under(&self.data_dir.path().join("vms")) {
             // SAFETY: kill(2) has no memory-safety preconditions; the pid belongs to a QEMU
             // whose pid file lies in this agent's own data dir.
@@ -29,6 +30,7 @@ impl Drop for BenchAgent {
                 libc::kill(pid as libc::pid_t, libc::SIGKILL);
             }
         }
+        crate::server::remove_segment_netns(self.data_dir.path());
     }
 }
 

@@ -39,6 +39,10 @@ pub struct SegmentBench {
     /// Accelerator: tcg, kvm or auto.
     #[arg(long, default_value = "tcg")]
     pub accel: String,
+    /// The segment's switching, as `hangar server --segment-net`: auto (kernel bridges as
+    /// root), bridge or switch.
+    #[arg(long, default_value = "auto")]
+    pub segment_net: hangar_vmm::tap::SegmentNet,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -59,6 +63,9 @@ pub struct PathRun {
 /// What a run measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct SegmentRun {
+    /// How the segment was switched: `bridge` (taps on a kernel bridge) or `switch`
+    /// (hangar's own).
+    pub switching: &'static str,
     pub file_bytes: u64,
     pub segment: PathRun,
     pub user_mode: PathRun,
@@ -66,7 +73,8 @@ pub struct SegmentRun {
     pub throughput_ratio: f64,
     /// segment / user-mode median latency (below 1: the segment is faster).
     pub latency_ratio: f64,
-    /// Frames and bytes the segment's switch forwarded and dropped.
+    /// Frames and bytes the segment's switch forwarded and dropped (a bridge's: what its
+    /// taps handed to the guests).
     pub switch: hangar_host::segment::SegmentStats,
 }
 
@@ -101,8 +109,18 @@ pub async fn figures(args: &SegmentBench) -> Result<SegmentRun, BenchError> {
         .tempdir_in("/tmp")
         .map_err(|err| BenchError::Failed(format!("temporary directory: {err}")))?;
     let vms_dir = tmp.path().join("vms");
+    let mut qemu = QemuConfig::new(vms_dir.clone(), accel);
+    qemu.segment_netns = args
+        .segment_net
+        .resolve(tmp.path())
+        .map_err(|err| BenchError::Usage(format!("--segment-net: {err}")))?;
+    let switching = if qemu.segment_netns.is_some() {
+        "bridge"
+    } else {
+        "switch"
+    };
     let host = Arc::new(LocalHost::new(
-        Arc::new(QemuBackend::new(QemuConfig::new(vms_dir.clone(), accel))),
+        Arc::new(QemuBackend::new(qemu)),
         Arc::new(LocalImages::new(
             cache,
             hangar_image::AssetSources::default(),
@@ -120,7 +138,8 @@ pub async fn figures(args: &SegmentBench) -> Result<SegmentRun, BenchError> {
     for id in ["bench-a", "bench-b"] {
         let _ = host.destroy(id).await;
     }
-    measured
+    crate::server::remove_segment_netns(tmp.path());
+    measured.map(|run| SegmentRun { switching, ..run })
 }
 
 async fn measure(host: &LocalHost, args: &SegmentBench) -> Result<SegmentRun, BenchError> {
@@ -192,6 +211,7 @@ async fn measure(host: &LocalHost, args: &SegmentBench) -> Result<SegmentRun, Be
         .map(|(_, stats)| stats)
         .unwrap_or_default();
     Ok(SegmentRun {
+        switching: "switch",
         file_bytes,
         throughput_ratio: segment.throughput_bytes_per_s / user_mode.throughput_bytes_per_s,
         latency_ratio: segment.latency_p50_ms / user_mode.latency_p50_ms,
@@ -279,9 +299,14 @@ async fn path_run(
 
 fn print_table(run: &SegmentRun) {
     println!(
-        "two http-counter VMs, guest A → guest B ({} MiB file, {} requests)",
+        "two http-counter VMs, guest A → guest B ({} MiB file, {} requests); segment on {}",
         run.file_bytes >> 20,
-        run.segment.requests
+        run.segment.requests,
+        if run.switching == "bridge" {
+            "a kernel bridge"
+        } else {
+            "hangar's switch"
+        }
     );
     println!(
         "{:<12} {:>16} {:>14} {:>14}",
@@ -301,8 +326,11 @@ fn print_table(run: &SegmentRun) {
         run.throughput_ratio, run.latency_ratio
     );
     println!(
-        "switch: {} frames ({} bytes) forwarded, {} dropped",
-        run.switch.frames_forwarded, run.switch.bytes_forwarded, run.switch.frames_dropped
+        "{}: {} frames ({} bytes) forwarded, {} dropped",
+        run.switching,
+        run.switch.frames_forwarded,
+        run.switch.bytes_forwarded,
+        run.switch.frames_dropped
     );
 }
 

@@ -75,8 +75,8 @@ impl Drop for BenchServer {
                 eprintln!("cannot keep the server log as {}: {err}", kept_as.display());
             }
         }
-        // The server leaves VMs and its forwarder running by design; this benchmark's are
-        // stopped here.
+        // The server leaves VMs, its forwarder and its segment namespace by design; this
+        // benchmark's are stopped and deleted here.
         let forwarder = hangar_forward::ForwarderPaths::new(self.data_dir.path()).running_pid();
         for pid in hangar_vmm::procs::qemu_processes_under(&self.vms_dir())
             .into_iter()
@@ -90,6 +90,16 @@ impl Drop for BenchServer {
                 libc::kill(pid as libc::pid_t, libc::SIGKILL);
             }
         }
+        remove_segment_netns(self.data_dir.path());
+    }
+}
+
+/// Deletes the network namespace a server or agent as root made for `data_dir`'s segments,
+/// if any (the VMs whose taps it holds are stopped first).
+pub fn remove_segment_netns(data_dir: &Path) {
+    let netns = hangar_vmm::tap::SegmentNetns::for_data_dir(data_dir);
+    if let Err(err) = netns.remove() {
+        eprintln!("cannot delete network namespace {}: {err}", netns.name());
     }
 }
 

@@ -192,6 +192,7 @@ pub async fn run(args: StackBench) -> Result<(), BenchError> {
                 requests: args.requests,
                 cache: Some(cache),
                 accel: args.accel.clone(),
+                segment_net: hangar_vmm::tap::SegmentNet::Auto,
                 json: false,
             })
             .await?,

@@ -172,6 +172,7 @@ impl Drop for LoopbackAgent {
         for (_, pid) in common::qemu_processes_under(&self.dir.path().join("data").join("vms")) {
             common::kill(pid);
         }
+        common::remove_segment_netns(&self.dir.path().join("data"));
         if std::thread::panicking() {
             eprintln!("--- agent log ---\n{}", self.log());
         }

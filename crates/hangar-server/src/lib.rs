@@ -385,7 +385,7 @@ pub async fn run(
         let cache = data_dir.join("cache");
         std::fs::create_dir_all(&cache).map_err(data_err)?;
         qemu_config.user = confined_user(&[data_dir.clone(), cache])?;
-        qemu_config.segment_netns = hangar_host::segment::netns_for(config.segment_net, &data_dir)
+        qemu_config.segment_netns = hangar_host::segment::netns_for(config.segment_net, data_dir)
             .map_err(|err| ServerError::Segments(err.to_string()))?;
     }
     let qemu_version = if config.local_host {

@@ -623,13 +623,21 @@ impl Hypervisor for QemuBackend {
         let running = self.vms.lock().await.get(id).cloned()?;
         let has_nic = running.spec.lock().map(|spec| spec.segment_nic).ok()?;
         let paths = self.paths(id);
+        // A QEMU started by an earlier process with the other kind of NIC (the host's
+        // `--segment-net` changed since) keeps it: its command line says which.
+        let datagram =
+            std::fs::read(format!("/proc/{}/cmdline", running.pid)).is_ok_and(|cmdline| {
+                cmdline
+                    .split(|b| *b == 0)
+                    .any(|arg| arg.starts_with(b"dgram,id=n1,"))
+            });
         has_nic.then(|| match &self.config.segment_netns {
-            Some(netns) => crate::SegmentNic::Tap(crate::SegmentTap {
+            Some(netns) if !datagram => crate::SegmentNic::Tap(crate::SegmentTap {
                 name: crate::tap::tap_name(id),
                 netns: netns.clone(),
                 dir: paths.dir,
             }),
-            None => crate::SegmentNic::Datagram(crate::SegmentSockets {
+            _ => crate::SegmentNic::Datagram(crate::SegmentSockets {
                 nic: paths.nic,
                 port: paths.port,
             }),

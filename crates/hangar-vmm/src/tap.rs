@@ -77,36 +77,32 @@ impl std::fmt::Display for SegmentNet {
 }
 
 impl SegmentNet {
-    /// The namespace segment taps go in for the host whose data dir is `data_dir` (made
-    /// now unless it exists), or `None` for the switch. `auto` falls back to the switch,
-    /// with a warning, when the namespace cannot be made.
+    /// The namespace segment taps go in for the host whose data dir is `data_dir`, or
+    /// `None` for the switch. The namespace is made with the first tap
+    /// ([`SegmentNetns::open_tap`]), so a host that runs no VM makes none. `bridge` is an
+    /// error, and `auto` the switch, where this process cannot make one (not root, no
+    /// `/dev/net/tun`, no `ip`).
     pub fn resolve(self, data_dir: &Path) -> io::Result<Option<SegmentNetns>> {
-        let netns = SegmentNetns::for_data_dir(data_dir);
-        match self {
-            SegmentNet::Switch => Ok(None),
-            SegmentNet::Bridge => {
-                netns.ensure().map_err(|err| {
-                    io::Error::new(
-                        err.kind(),
-                        format!("segments on kernel bridges need root and /dev/net/tun: {err}"),
-                    )
-                })?;
-                Ok(Some(netns))
-            }
-            SegmentNet::Auto => {
-                // SAFETY: geteuid(2) cannot fail and reads nothing of ours.
-                let root = unsafe { libc::geteuid() } == 0;
-                if !root || !Path::new("/dev/net/tun").exists() {
-                    return Ok(None);
-                }
-                match netns.ensure() {
-                    Ok(()) => Ok(Some(netns)),
-                    Err(err) => {
-                        tracing::warn!(netns = %netns.name(), error = %err, "cannot make the segment namespace; segments use hangar's switch");
-                        Ok(None)
-                    }
-                }
-            }
+        if self == SegmentNet::Switch {
+            return Ok(None);
+        }
+        // SAFETY: geteuid(2) cannot fail and reads nothing of ours.
+        let root = unsafe { libc::geteuid() } == 0;
+        let missing = if !root {
+            Some("it runs as root")
+        } else if !Path::new("/dev/net/tun").exists() {
+            Some("/dev/net/tun")
+        } else if Command::new("ip").arg("-V").output().is_err() {
+            Some("the ip command (iproute2)")
+        } else {
+            None
+        };
+        match (self, missing) {
+            (_, None) => Ok(Some(SegmentNetns::for_data_dir(data_dir))),
+            (SegmentNet::Bridge, Some(what)) => Err(io::Error::other(format!(
+                "segments on kernel bridges need {what}"
+            ))),
+            _ => Ok(None),
         }
     }
 }
@@ -147,11 +143,21 @@ impl SegmentNetns {
         Path::new(NETNS_DIR).join(&self.name)
     }
 
-    /// Makes the namespace unless it exists (a previous process of the data dir made it),
-    /// with IPv6 off. Needs root.
+    /// Makes the namespace, with IPv6 off, unless it exists (a previous process of the data
+    /// dir, or a concurrent call, made it). Needs root.
     pub fn ensure(&self) -> io::Result<()> {
-        if !self.path().exists() {
-            ip(&["netns", "add", &self.name])?;
+        // One maker at a time in this process: `ip netns add` makes the file before it
+        // mounts the namespace on it, so another thread could open the file too early.
+        static MAKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _making = MAKING.lock().unwrap_or_else(|e| e.into_inner());
+        if self.path().exists() {
+            return Ok(());
+        }
+        if let Err(err) = ip(&["netns", "add", &self.name]) {
+            if self.path().exists() {
+                return Ok(());
+            }
+            return Err(err);
         }
         self.run(|| {
             for key in ["all", "default"] {
@@ -170,10 +176,11 @@ impl SegmentNetns {
         ip(&["netns", "delete", &self.name])
     }
 
-    /// Makes a non-persistent tap `name` in the namespace, up, without packet information
+    /// Makes a non-persistent tap `name` in the namespace (made first if need be), up, without packet information
     /// or vnet header, and returns its file descriptor (for QEMU). A tap of that name that
     /// another open descriptor keeps is an error (`EBUSY`).
     pub fn open_tap(&self, name: &str) -> io::Result<OwnedFd> {
+        self.ensure()?;
         let name = name.to_owned();
         self.run(move || {
             let tun = std::fs::OpenOptions::new()

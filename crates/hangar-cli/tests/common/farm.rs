@@ -184,6 +184,7 @@ impl FarmServer {
 impl Drop for FarmServer {
     fn drop(&mut self) {
         self.kill9();
+        crate::common::remove_segment_netns(self.data_dir.path());
         if std::thread::panicking() {
             eprintln!(
                 "--- server log {} ---\n{}",
@@ -270,6 +271,7 @@ impl Drop for Agent {
         for (_, pid) in self.qemus() {
             kill(pid);
         }
+        crate::common::remove_segment_netns(&self.data_dir);
         if std::thread::panicking() {
             eprintln!(
                 "--- agent {} log ---\n{}",

@@ -318,9 +318,19 @@ impl Drop for TestServer {
         if let Some(pid) = self.forwarder_pid() {
             kill(pid);
         }
+        remove_segment_netns(self.data_dir.path());
         if std::thread::panicking() {
             eprintln!("--- server log ---\n{}", self.log());
         }
+    }
+}
+
+/// Deletes the network namespace a server or agent as root made for `data_dir`'s segments
+/// (it outlives them, as their VMs do), if any.
+pub fn remove_segment_netns(data_dir: &Path) {
+    let netns = hangar_vmm::tap::SegmentNetns::for_data_dir(data_dir);
+    if let Err(err) = netns.remove() {
+        eprintln!("cannot delete network namespace {}: {err}", netns.name());
     }
 }
 

@@ -77,12 +77,11 @@ pub enum SegmentError {
         #[source]
         source: std::io::Error,
     },
-    #[error("adding VM {vm}'s tap {tap} to bridge {bridge} (network namespace {netns})")]
+    /// What could not be done on a kernel bridge (the VM, its tap, the bridge and the
+    /// namespace named).
+    #[error("{what}")]
     Bridge {
-        vm: String,
-        tap: String,
-        bridge: String,
-        netns: String,
+        what: String,
         #[source]
         source: std::io::Error,
     },
@@ -267,15 +266,10 @@ impl Segments {
                     // The tap may be a new QEMU's (same name): adding it again is harmless.
                     SegmentNic::Tap(tap) => {
                         if let Some(bridge) = state.bridges.get(segment) {
-                            return bridge.netns.attach(&bridge.name, &tap.name).map_err(
-                                |source| SegmentError::Bridge {
-                                    vm: vm.to_owned(),
-                                    tap: tap.name.clone(),
-                                    bridge: bridge.name.clone(),
-                                    netns: tap.netns.name().to_owned(),
-                                    source,
-                                },
-                            );
+                            return bridge
+                                .netns
+                                .attach(&bridge.name, &tap.name)
+                                .map_err(|source| bridge_error(vm, tap, &bridge.name, source));
                         }
                     }
                 }
@@ -347,13 +341,7 @@ impl Segments {
         tap: &hangar_vmm::SegmentTap,
     ) -> Result<(), SegmentError> {
         let name = hangar_vmm::tap::bridge_name(segment);
-        let error = |source| SegmentError::Bridge {
-            vm: vm.to_owned(),
-            tap: tap.name.clone(),
-            bridge: name.clone(),
-            netns: tap.netns.name().to_owned(),
-            source,
-        };
+        let error = |source| bridge_error(vm, tap, &name, source);
         let made = !state.bridges.contains_key(segment);
         if made {
             tap.netns.add_bridge(&name).map_err(error)?;
@@ -469,6 +457,22 @@ impl Drop for Segments {
         for switch in self.state().switches.values() {
             switch.stop();
         }
+    }
+}
+
+fn bridge_error(
+    vm: &str,
+    tap: &hangar_vmm::SegmentTap,
+    bridge: &str,
+    source: std::io::Error,
+) -> SegmentError {
+    SegmentError::Bridge {
+        what: format!(
+            "adding VM {vm}'s tap {} to bridge {bridge} (network namespace {})",
+            tap.name,
+            tap.netns.name()
+        ),
+        source,
     }
 }
 
