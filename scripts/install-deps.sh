@@ -30,6 +30,8 @@ command -v virsh >/dev/null || need+=(libvirt-clients)
 command -v chromium >/dev/null || need+=(chromium)
 command -v chromedriver >/dev/null || need+=(chromium-driver)
 command -v dig >/dev/null || need+=(dnsutils)
+# `ip netns` for private segments on kernel bridges (as root) and the farm tests' namespaces.
+command -v ip >/dev/null || [ -x /usr/sbin/ip ] || need+=(iproute2)
 [ -x /usr/bin/prometheus ] || need+=(prometheus)
 
 if [ ${#need[@]} -gt 0 ]; then

@@ -98,7 +98,17 @@ mod tests {
             "sleep 600 & w=$!; trap 'sleep 600 & n=$!; (sleep {lag}; kill $w) & w=$n' HUP; \
              while :; do wait; done"
         );
-        Command::new("sh")
+        let mut command = Command::new("sh");
+        // A shell may not trap a signal ignored when it started (POSIX), and a test run
+        // under `nohup` ignores SIGHUP: the server gets the default disposition back.
+        // SAFETY: signal(2) is async-signal-safe; it runs in the child before exec.
+        unsafe {
+            command.pre_exec(|| {
+                libc::signal(libc::SIGHUP, libc::SIG_DFL);
+                Ok(())
+            });
+        }
+        command
             .args(["-c", &script])
             .stdin(Stdio::null())
             .process_group(0)
