@@ -713,6 +713,14 @@ pub trait Host: Send + Sync + 'static {
     /// Source: how far VM `id`'s migration is.
     async fn migrate_status(&self, id: &str) -> Result<MigrationProgress, HostError>;
 
+    /// Source, the pre-copy frozen: how long until a switchover asked for would start
+    /// (QEMU's migration thread sleeps out its rate window), so the control plane can hold
+    /// the VM's clients just before (`hangar_vmm::migrate::RATE_WINDOW`); `None`: not
+    /// known, switch at once. Takes up to about a window to find.
+    async fn migrate_window(&self, _id: &str) -> Result<Option<Duration>, HostError> {
+        Ok(None)
+    }
+
     /// Source: completes the migration within `downtime_ms`; VM `id` is left paused here
     /// (abort resumes it). Returns the final progress with the measured downtime.
     async fn migrate_switchover(

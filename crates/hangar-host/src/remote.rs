@@ -458,6 +458,18 @@ impl Host for RemoteHost {
         .await
     }
 
+    async fn migrate_window(&self, id: &str) -> Result<Option<Duration>, HostError> {
+        let window: crate::agent::wire::MigrationWindow = self
+            .call(
+                Method::GET,
+                &["vms", id, "migrate", "window"],
+                NONE,
+                FAST_TIMEOUT,
+            )
+            .await?;
+        Ok(window.next_us.map(Duration::from_micros))
+    }
+
     async fn migrate_switchover(
         &self,
         id: &str,

@@ -448,6 +448,12 @@ pub trait Hypervisor: Send + Sync + 'static {
         Err(no_migration(self.kind(), id))
     }
 
+    /// Live migration, source, frozen: how long until a switchover asked for takes effect
+    /// ([`crate::qemu::QemuBackend::migration_window`]); `None`: unknown, at once.
+    async fn migration_window(&self, _id: &str) -> Result<Option<std::time::Duration>, VmmError> {
+        Ok(None)
+    }
+
     /// Live migration, source: completes it within `downtime_ms` (the disk mirror
     /// finished consistently while the guest is paused); the source stays paused.
     async fn migrate_switchover(

@@ -82,6 +82,12 @@ const SLOW_BANDWIDTH: u64 = 20 << 20;
 /// [`FREEZE_REMAINING`] would take many minutes to go. (0 would mean no limit.)
 const FREEZE_BANDWIDTH: u64 = 100;
 
+/// QEMU's migration rate window (`BUFFER_DELAY` in QEMU 7.2's `migration.c`): a rate-limited
+/// stream sends its share at the start of each window and its thread sleeps out the rest,
+/// woken early only by post-copy page requests. So a limit raised at the switchover takes
+/// effect at the next window's start ([`QemuBackend::migration_window`]).
+pub const RATE_WINDOW: Duration = Duration::from_millis(100);
+
 /// How often the source's agent reads the first pass's progress to freeze it in time (the
 /// zero pages of a guest's unused memory go at gigabytes a second).
 const FREEZE_POLL: Duration = Duration::from_millis(1);
@@ -394,6 +400,37 @@ impl QemuBackend {
             set_bandwidth(&running.qmp, SETTLE_BANDWIDTH).await?;
         }
         Ok(now)
+    }
+
+    /// On the source, while the pre-copy is frozen: how long until QEMU's migration thread
+    /// next wakes, at the start of its next [`RATE_WINDOW`] (when a switchover asked for
+    /// before then starts). Found by reading the bytes the stream sent every
+    /// [`FREEZE_POLL`] for at most a window and a fifth: a frozen stream sends a few bytes
+    /// at each window's start. `None` when the stream is not frozen or no window began.
+    pub async fn migration_window(&self, id: &str) -> Result<Option<Duration>, VmmError> {
+        let running = self.running_vm(id).await?;
+        let qmp = &running.qmp;
+        let first = ram_progress(qmp).await?;
+        if !first.freezes() {
+            return Ok(None);
+        }
+        let watching = Instant::now();
+        let (mut read_at, mut sent) = (watching, first.ram_transferred);
+        while watching.elapsed() < RATE_WINDOW + RATE_WINDOW / 5 {
+            tokio::time::sleep(FREEZE_POLL).await;
+            let now = ram_progress(qmp).await?;
+            if now.status != "active" {
+                return Ok(None);
+            }
+            let at = Instant::now();
+            if now.ram_transferred != sent {
+                // A window began between the two readings: take the middle.
+                let began = read_at + (at - read_at) / 2;
+                return Ok(Some(RATE_WINDOW.saturating_sub(began.elapsed())));
+            }
+            (read_at, sent) = (at, now.ram_transferred);
+        }
+        Ok(None)
     }
 
     /// On the source: lets the migration complete within `downtime_ms`: the guest pauses,

@@ -674,6 +674,10 @@ impl Hypervisor for QemuBackend {
         QemuBackend::migration_progress(self, id).await
     }
 
+    async fn migration_window(&self, id: &str) -> Result<Option<Duration>, VmmError> {
+        QemuBackend::migration_window(self, id).await
+    }
+
     async fn migrate_switchover(
         &self,
         id: &str,

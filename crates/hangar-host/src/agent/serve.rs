@@ -146,6 +146,7 @@ pub fn router(host: Arc<dyn Host>, token: &str) -> Router {
         .route(&vm("migrate/incoming"), post(migrate_incoming))
         .route(&vm("migrate/start"), post(migrate_start))
         .route(&vm("migrate/status"), get(migrate_status))
+        .route(&vm("migrate/window"), get(migrate_window))
         .route(&vm("migrate/switchover"), post(migrate_switchover))
         .route(&vm("migrate/abort"), post(migrate_abort))
         .route(&vm("migrate/finish"), post(migrate_finish))
@@ -416,6 +417,16 @@ async fn migrate_status(
     Path(id): Path<String>,
 ) -> Reply<crate::MigrationProgress> {
     Ok(axum::Json(state.host.migrate_status(&id).await?))
+}
+
+async fn migrate_window(
+    State(state): State<AgentState>,
+    Path(id): Path<String>,
+) -> Reply<super::wire::MigrationWindow> {
+    let next = state.host.migrate_window(&id).await?;
+    Ok(axum::Json(super::wire::MigrationWindow {
+        next_us: next.map(|d| d.as_micros() as u64),
+    }))
 }
 
 async fn migrate_switchover(

@@ -186,3 +186,10 @@ pub const CONSOLE_SIZE: &str = "x-console-size";
 
 /// The most console bytes one call answers.
 pub const CONSOLE_MAX: u32 = 1 << 20;
+
+/// `GET /agent/v1/vms/{id}/migrate/window`: how long until a switchover asked for would
+/// start ([`crate::Host::migrate_window`]), in microseconds; `null`: not known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationWindow {
+    pub next_us: Option<u64>,
+}

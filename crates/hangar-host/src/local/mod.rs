@@ -766,6 +766,10 @@ impl Host for LocalHost {
         self.outgoing_status(id).await
     }
 
+    async fn migrate_window(&self, id: &str) -> Result<Option<Duration>, HostError> {
+        Ok(self.hv.migration_window(id).await?)
+    }
+
     async fn migrate_switchover(
         &self,
         id: &str,

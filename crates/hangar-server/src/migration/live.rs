@@ -15,7 +15,10 @@
 //!    on its own then, so the guest keeps running), or, if that pass ended unfrozen, until
 //!    what is left is under [`SWITCH_REMAINING`] (or after [`MAX_PASSES`] passes:
 //!    auto-converge throttled it).
-//! 4. `switchover`: the forwarder *holds* the VM's new connections (they wait, no wake),
+//! 4. `switchover`: timed by the source's rate window (`Host::migrate_window`: QEMU's
+//!    migration thread, rate-limited while frozen, sees the switchover only when its
+//!    next 100 ms window starts, so the hold begins [`HOLD_LEAD`] + [`RAISE_LEAD`] before
+//!    one), the forwarder *holds* the VM's new connections (they wait, no wake),
 //!    connections already forwarded get up to [`DRAIN_WAIT`] to end (the source's final
 //!    pause would cut them) while the guest runs. If one is still open (a slow request),
 //!    the clients are let through again until it ends (at most [`HOLD_AGAIN_WITHIN`]) and
@@ -82,6 +85,15 @@ pub const PRECOPY_TIMEOUT: Duration = Duration::from_secs(600);
 /// (pausing the guest) while connections were open; the last attempt switches over anyway.
 pub const MAX_ATTEMPTS: u32 = 4;
 
+/// How long before QEMU's next rate window the switchover is asked for: the call to the
+/// source's host and QEMU's `migrate-set-parameters` must land before the window starts,
+/// or the guest runs on for another window with its clients held.
+pub const RAISE_LEAD: Duration = Duration::from_millis(15);
+
+/// How long before the switchover is asked for the clients are held, for connections just
+/// forwarded to end (an idle VM's drain is immediate).
+pub const HOLD_LEAD: Duration = Duration::from_millis(15);
+
 /// How long connections forwarded before the hold may take to end before the switchover.
 pub const DRAIN_WAIT: Duration = Duration::from_millis(200);
 
@@ -139,12 +151,18 @@ pub async fn migrate_active(mv: &Move<'_>, vm: VmRecord) -> Result<VmRecord, Str
         egress: LaunchRecord(vm.spec.clone()).egress(),
     };
     let mut attempt = 1;
-    let (incoming, precopy, held, open, drained, holds) = 'attempts: loop {
+    let (incoming, precopy, held, open, drained, holds, raise_at) = 'attempts: loop {
         let (incoming, precopy) = copy(mv, &vm, &plan, source.as_ref(), dest.as_ref()).await?;
         mv.step("switchover", 90).await;
+        // The first hold is timed to end just before QEMU's next rate window.
+        let raise_at = switch_time(source.as_ref(), &vm.id).await;
         let mut holds = 1;
         let holding = Instant::now();
         let open = loop {
+            let aligned = raise_at.filter(|_| holds == 1);
+            if let Some(hold_at) = aligned.and_then(|at| at.checked_sub(HOLD_LEAD)) {
+                tokio::time::sleep_until(hold_at.into()).await;
+            }
             let held = Instant::now();
             let open = match manager.hold_endpoints(&vm.id).await {
                 EndpointUse::Idle => 0,
@@ -152,16 +170,19 @@ pub async fn migrate_active(mv: &Move<'_>, vm: VmRecord) -> Result<VmRecord, Str
             };
             let drained = open == 0 || manager.wait_endpoints_idle(&vm.id, DRAIN_WAIT).await;
             if drained {
-                break 'attempts (incoming, precopy, held, open, drained, holds);
+                if let Some(raise_at) = aligned {
+                    tokio::time::sleep_until(raise_at.into()).await;
+                }
+                break 'attempts (incoming, precopy, held, open, drained, holds, aligned);
             }
             if paused_early(source.as_ref(), &vm.id).await? {
                 if attempt == MAX_ATTEMPTS {
-                    break 'attempts (incoming, precopy, held, open, drained, holds);
+                    break 'attempts (incoming, precopy, held, open, drained, holds, None);
                 }
                 break open;
             }
             if holding.elapsed() >= HOLDS_WITHIN {
-                break 'attempts (incoming, precopy, held, open, drained, holds);
+                break 'attempts (incoming, precopy, held, open, drained, holds, None);
             }
             // The guest runs (the pre-copy is frozen) but a request is slow: let the
             // clients through to it again while that request ends, then hold again.
@@ -227,6 +248,7 @@ pub async fn migrate_active(mv: &Move<'_>, vm: VmRecord) -> Result<VmRecord, Str
         open_at_hold = open,
         drained,
         holds,
+        aligned = raise_at.is_some(),
         attempts = attempt,
         "vm live-migrated"
     );
@@ -305,6 +327,30 @@ async fn precopy(mv: &Move<'_>, source: &dyn Host, id: &str) -> Result<Migration
     }
 }
 
+/// When to ask the source for the switchover: [`RAISE_LEAD`] before the start of QEMU's
+/// next rate window that is at least [`HOLD_LEAD`] + [`RAISE_LEAD`] away (the pre-copy
+/// frozen: QEMU's migration thread acts on a switchover only when its window starts, so
+/// the clients are held only from just before it); `None`: not known, switch at once.
+async fn switch_time(source: &dyn Host, id: &str) -> Option<Instant> {
+    let next = match source.migrate_window(id).await {
+        Ok(next) => next?,
+        Err(err) => {
+            tracing::debug!(vm = %id, error = %error_chain(&err), "the migration's rate window is not known; switching at once");
+            return None;
+        }
+    };
+    Some(raise_time(Instant::now(), next))
+}
+
+/// [`switch_time`] for a window starting `next` after `now`.
+fn raise_time(now: Instant, next: Duration) -> Instant {
+    let mut window = now + next;
+    while window < now + HOLD_LEAD + RAISE_LEAD {
+        window += hangar_vmm::migrate::RATE_WINDOW;
+    }
+    window - RAISE_LEAD
+}
+
 /// Whether QEMU completed the pre-copy on its own: the guest paused, waiting for the
 /// switchover.
 async fn paused_early(source: &dyn Host, id: &str) -> Result<bool, String> {
@@ -327,6 +373,18 @@ pub fn ready_to_switch(now: &MigrationProgress) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_switchover_is_asked_for_just_before_a_window_far_enough_away() {
+        let now = Instant::now();
+        let ms = Duration::from_millis;
+        // Far enough: the lead before it.
+        assert_eq!(raise_time(now, ms(50)), now + ms(35));
+        assert_eq!(raise_time(now, ms(30)), now + ms(15));
+        // Too close to hold first: the window after it.
+        assert_eq!(raise_time(now, ms(29)), now + ms(114));
+        assert_eq!(raise_time(now, ms(0)), now + ms(85));
+    }
 
     #[test]
     fn the_switchover_waits_for_the_first_pass_and_little_left() {
