@@ -215,6 +215,7 @@ fn vms_on_a_bridged_segment_reach_each_other_and_nothing_else_does() {
 }
 
 fn two_processes(kind: Kind) {
+    hangar_host::metrics::install();
     let tmp = tempfile::Builder::new()
         .prefix("hseg")
         .tempdir_in("/tmp")
@@ -300,6 +301,18 @@ async fn first_process(vms_dir: &Path, kind: Kind) -> [(&'static str, LaunchReco
             !ports.contains(&hangar_vmm::tap::tap_name("seg-c")),
             "{ports}"
         );
+        // The process's /metrics counts what the bridge's taps carried, within a round
+        // of its counting task.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let page = hangar_host::metrics::render_recorded();
+        let forwarded = page
+            .lines()
+            .find_map(|line| {
+                line.strip_prefix("hangar_segment_frames_forwarded_total{segment=\"shop\"} ")
+            })
+            .and_then(|value| value.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no frames counted for shop in:\n{page}"));
+        assert!(forwarded > 0.0, "{forwarded}");
     }
 
     // The host has no way onto the segment: what answers there (nothing, or whatever

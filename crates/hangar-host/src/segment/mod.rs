@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 mod switch;
 
 pub use switch::SegmentStats;
-use switch::Switch;
+use switch::{Metrics, Switch};
 
 /// The file in a VM's directory naming the segment it joined.
 pub const MEMBERSHIP_FILE: &str = "segment";
@@ -217,8 +217,58 @@ struct Member {
 struct Bridge {
     netns: SegmentNetns,
     name: String,
-    /// The taps added to it.
-    taps: Vec<String>,
+    /// The taps added to it (shared with its counters' task).
+    taps: Arc<Mutex<Vec<String>>>,
+    /// Adds what its taps handed their QEMUs to the segment's `/metrics` counters.
+    counting: tokio::task::JoinHandle<()>,
+}
+
+/// How often a bridge's taps' counters are added to `/metrics`.
+const BRIDGE_METRICS_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl Bridge {
+    fn taps(&self) -> Vec<String> {
+        self.taps.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The task that reads the taps' counters every [`BRIDGE_METRICS_EVERY`] and adds
+    /// what they gained to the segment's counters (a tap made anew by a new QEMU starts
+    /// from zero: all it counts is new).
+    fn count(
+        segment: &str,
+        netns: SegmentNetns,
+        taps: Arc<Mutex<Vec<String>>>,
+    ) -> tokio::task::JoinHandle<()> {
+        let metrics = Metrics::new(segment);
+        tokio::spawn(async move {
+            let mut seen: HashMap<String, hangar_vmm::tap::LinkCounters> = HashMap::new();
+            loop {
+                tokio::time::sleep(BRIDGE_METRICS_EVERY).await;
+                let names = taps.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                let netns = netns.clone();
+                let Ok(Ok(now)) = tokio::task::spawn_blocking(move || netns.counters(&names)).await
+                else {
+                    continue;
+                };
+                let mut next = HashMap::new();
+                for (tap, counters) in now {
+                    let before = seen.get(&tap).copied().unwrap_or_default();
+                    let gained = |now: u64, then: u64| if now >= then { now - then } else { now };
+                    metrics
+                        .frames_forwarded
+                        .increment(gained(counters.tx_packets, before.tx_packets));
+                    metrics
+                        .bytes_forwarded
+                        .increment(gained(counters.tx_bytes, before.tx_bytes));
+                    metrics
+                        .frames_dropped
+                        .increment(gained(counters.tx_dropped, before.tx_dropped));
+                    next.insert(tap, counters);
+                }
+                seen = next;
+            }
+        })
+    }
 }
 
 /// The switches of this host's segments and their members.
@@ -346,22 +396,29 @@ impl Segments {
         if made {
             tap.netns.add_bridge(&name).map_err(error)?;
         }
-        let bridge = state
-            .bridges
-            .entry(segment.to_owned())
-            .or_insert_with(|| Bridge {
+        let bridge = state.bridges.entry(segment.to_owned()).or_insert_with(|| {
+            let taps = Arc::new(Mutex::new(Vec::new()));
+            Bridge {
                 netns: tap.netns.clone(),
                 name: name.clone(),
-                taps: Vec::new(),
-            });
+                counting: Bridge::count(segment, tap.netns.clone(), taps.clone()),
+                taps,
+            }
+        });
         if let Err(source) = tap.netns.attach(&name, &tap.name) {
-            if bridge.taps.is_empty() {
+            if bridge.taps().is_empty() {
                 let _ = tap.netns.delete_bridge(&name);
-                state.bridges.remove(segment);
+                if let Some(bridge) = state.bridges.remove(segment) {
+                    bridge.counting.abort();
+                }
             }
             return Err(error(source));
         }
-        bridge.taps.push(tap.name.clone());
+        bridge
+            .taps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(tap.name.clone());
         Ok(())
     }
 
@@ -391,11 +448,16 @@ impl Segments {
                     if let Err(err) = bridge.netns.detach(&bridge.name, &tap.name) {
                         tracing::warn!(vm, tap = %tap.name, bridge = %bridge.name, error = %err, "cannot take the tap off its bridge");
                     }
-                    bridge.taps.retain(|name| *name != tap.name);
-                    if bridge.taps.is_empty() {
+                    bridge
+                        .taps
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .retain(|name| *name != tap.name);
+                    if bridge.taps().is_empty() {
                         if let Err(err) = bridge.netns.delete_bridge(&bridge.name) {
                             tracing::warn!(bridge = %bridge.name, error = %err, "cannot delete a segment's bridge");
                         }
+                        bridge.counting.abort();
                         state.bridges.remove(&member.segment);
                     }
                 }
@@ -435,7 +497,7 @@ impl Segments {
             .iter()
             .map(|(name, switch)| (name.clone(), switch.stats()))
             .chain(state.bridges.iter().map(|(name, bridge)| {
-                let counters = bridge.netns.counters(&bridge.taps).unwrap_or_default();
+                let counters = bridge.netns.counters(&bridge.taps()).unwrap_or_default();
                 let mut sum = SegmentStats::default();
                 for (_, link) in counters {
                     sum.frames_forwarded += link.tx_packets;
@@ -451,11 +513,16 @@ impl Segments {
 }
 
 impl Drop for Segments {
-    /// The port readers end with the registry (as they would with the process); the
+    /// The port readers and the bridges' counting tasks end with the registry (as they
+    /// would with the process); the
     /// memberships stay recorded for the next one.
     fn drop(&mut self) {
-        for switch in self.state().switches.values() {
+        let state = self.state();
+        for switch in state.switches.values() {
             switch.stop();
+        }
+        for bridge in state.bridges.values() {
+            bridge.counting.abort();
         }
     }
 }

@@ -57,15 +57,16 @@ struct Counters {
 }
 
 /// The `metrics` facade's counters of one segment (label `segment`).
-struct Metrics {
-    frames_forwarded: metrics::Counter,
-    bytes_forwarded: metrics::Counter,
-    frames_dropped: metrics::Counter,
+/// A segment's `hangar_segment_*` counters on the process's `/metrics`.
+pub(crate) struct Metrics {
+    pub(crate) frames_forwarded: metrics::Counter,
+    pub(crate) bytes_forwarded: metrics::Counter,
+    pub(crate) frames_dropped: metrics::Counter,
     bytes_dropped: metrics::Counter,
 }
 
 impl Metrics {
-    fn new(segment: &str) -> Metrics {
+    pub(crate) fn new(segment: &str) -> Metrics {
         let label = segment.to_owned();
         Metrics {
             frames_forwarded: metrics::counter!("hangar_segment_frames_forwarded_total", "segment" => label.clone()),
