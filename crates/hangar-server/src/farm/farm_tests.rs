@@ -90,9 +90,8 @@ impl Farm {
         }
     }
 
-    /// A farm of the hosts `names` (registered) with one dedicated `web` VM, active; the
-    /// farm, the VM and its host.
-    pub(crate) async fn with_vm(names: &[&str]) -> (Farm, String, String) {
+    /// A farm of the hosts `names`, registered (incarnation `one`).
+    pub(crate) async fn with_hosts(names: &[&str]) -> Farm {
         let farm = Farm::new();
         for name in names {
             farm.manager
@@ -100,6 +99,13 @@ impl Farm {
                 .await
                 .unwrap();
         }
+        farm
+    }
+
+    /// A farm of the hosts `names` (registered) with one dedicated `web` VM, active; the
+    /// farm, the VM and its host.
+    pub(crate) async fn with_vm(names: &[&str]) -> (Farm, String, String) {
+        let farm = Farm::with_hosts(names).await;
         let grant = farm
             .manager
             .request(request("web", Mode::Dedicated))
@@ -247,13 +253,7 @@ async fn bad_names_unknown_hosts_and_stale_incarnations_are_refused() {
 
 #[tokio::test]
 async fn a_lost_host_s_shared_service_is_made_elsewhere_and_fenced_when_it_returns() {
-    let farm = Farm::new();
-    for name in ["a", "bb"] {
-        farm.manager
-            .register_host(Farm::registration(name, "one"))
-            .await
-            .unwrap();
-    }
+    let farm = Farm::with_hosts(&["a", "bb"]).await;
     let first = farm
         .manager
         .request(request("web", Mode::Shared))
