@@ -186,10 +186,24 @@ pub fn publish_dir(
     }
 }
 
-/// Moves `file` to `dest` atomically (both on the same filesystem).
+/// Moves `file` to `dest` atomically (both on the same filesystem). The first writer
+/// wins: if `dest` exists (another build published the same entry), it is kept and `file`
+/// removed. Builds are not bit-for-bit reproducible (mkfs.ext4 stamps UUIDs and times), and
+/// whatever was published first may already be hashed, served to peers or booted, so it
+/// must never be replaced under its name.
 pub fn publish_file(file: &Path, dest: &Path) -> Result<(), AssetError> {
-    std::fs::rename(file, dest)
-        .map_err(|e| AssetError::io(format!("rename into {}", dest.display()), e))
+    let linked = std::fs::hard_link(file, dest);
+    if let Err(err) = std::fs::remove_file(file) {
+        tracing::warn!(file = %file.display(), error = %err, "cannot remove a published build's temporary file");
+    }
+    match linked {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            tracing::debug!(entry = %dest.display(), "entry published concurrently; keeping it");
+            Ok(())
+        }
+        Err(e) => Err(AssetError::io(format!("publish {}", dest.display()), e)),
+    }
 }
 
 /// Removes `.tmp-*` entries older than [`STALE_AFTER`] (best effort).
@@ -279,5 +293,24 @@ mod tests {
         publish_dir(parent.path(), "entry", |dir| write(&dir.join("f"), b"2")).unwrap();
         assert_eq!(std::fs::read(dest.join("f")).unwrap(), b"1");
         assert_eq!(std::fs::read_dir(parent.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_published_file_is_never_replaced() {
+        let parent = tempfile::tempdir().unwrap();
+        let dest = parent.path().join("image.qcow2");
+        let first = parent.path().join("first");
+        write(&first, b"first build").unwrap();
+        publish_file(&first, &dest).unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), b"first build");
+        assert!(!first.exists(), "the temporary file is gone");
+
+        // A concurrent build of the same entry (different bytes: builds stamp UUIDs)
+        // publishes after it: the first copy stays, the second is discarded.
+        let second = parent.path().join("second");
+        write(&second, b"second build").unwrap();
+        publish_file(&second, &dest).unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), b"first build");
+        assert!(!second.exists(), "the losing build's file is removed");
     }
 }

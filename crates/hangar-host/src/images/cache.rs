@@ -26,9 +26,10 @@ pub struct LocalImages {
     /// Debian mirror for debootstrap and apt.
     mirror: String,
     assets: tokio::sync::OnceCell<GuestAssets>,
-    /// Busybox image key → path; content is rechecked by hash inside `hangar-image`,
-    /// this only saves re-hashing on every request.
-    images: Mutex<HashMap<String, PathBuf>>,
+    /// Busybox image key → its path, once built. Concurrent requests for one key wait for
+    /// one build (two builds of one image differ in bytes, and hosts pulling it must
+    /// agree on its hash); this also saves re-hashing the inputs on every request.
+    images: Mutex<HashMap<String, Arc<tokio::sync::OnceCell<PathBuf>>>>,
 }
 
 /// The default Debian mirror.
@@ -66,31 +67,36 @@ impl LocalImages {
         key: &str,
         files: &BTreeMap<String, FileSpec>,
     ) -> Result<PathBuf, ImageSourceError> {
-        if let Some(path) = self.images.lock().expect("images lock").get(key)
-            && path.exists()
-        {
-            return Ok(path.clone());
-        }
-        let files = image_files(files);
-        let cache_dir = self.cache_dir.clone();
-        let sources = self.sources.clone();
-        let image = tokio::task::spawn_blocking(move || {
-            hangar_image::ensure_busybox_image(&cache_dir, &sources, &files)
-        })
-        .await
-        .map_err(|source| ImageSourceError::Interrupted {
-            what: "base image",
-            source,
-        })?
-        .map_err(|source| ImageSourceError::Asset {
-            what: "base image",
-            source,
-        })?;
-        self.images
-            .lock()
-            .expect("images lock")
-            .insert(key.to_owned(), image.path.clone());
-        Ok(image.path)
+        let cell = {
+            let mut images = self.images.lock().expect("images lock");
+            let cell = images.entry(key.to_owned()).or_default();
+            // An image removed from the cache since is built again.
+            if cell.get().is_some_and(|path| !path.exists()) {
+                *cell = Arc::default();
+            }
+            cell.clone()
+        };
+        let path = cell
+            .get_or_try_init(|| async {
+                let files = image_files(files);
+                let cache_dir = self.cache_dir.clone();
+                let sources = self.sources.clone();
+                let image = tokio::task::spawn_blocking(move || {
+                    hangar_image::ensure_busybox_image(&cache_dir, &sources, &files)
+                })
+                .await
+                .map_err(|source| ImageSourceError::Interrupted {
+                    what: "base image",
+                    source,
+                })?
+                .map_err(|source| ImageSourceError::Asset {
+                    what: "base image",
+                    source,
+                })?;
+                Ok::<_, ImageSourceError>(image.path)
+            })
+            .await?;
+        Ok(path.clone())
     }
 }
 

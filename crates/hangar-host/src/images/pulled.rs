@@ -524,13 +524,16 @@ async fn write_json(path: &Path, value: &impl Serialize) -> Result<(), PullError
         path: path.to_owned(),
         source: std::io::Error::other(err),
     })?;
-    let tmp = path.with_extension("json.tmp");
+    // One temporary name per writer: concurrent pulls keep the same manifest.
+    let tmp = path.with_extension(format!("json.tmp-{}", ulid::Ulid::new()));
     tokio::fs::write(&tmp, text)
         .await
         .map_err(io("cannot write", &tmp))?;
-    tokio::fs::rename(&tmp, path)
-        .await
-        .map_err(io("cannot rename into place", &tmp))
+    let renamed = tokio::fs::rename(&tmp, path).await;
+    if renamed.is_err() {
+        let _ = tokio::fs::remove_file(&tmp).await;
+    }
+    renamed.map_err(io("cannot rename into place", &tmp))
 }
 
 /// The lowercase hex sha256 of the file at `path`.
