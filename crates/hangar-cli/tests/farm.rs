@@ -203,10 +203,17 @@ fn a_template_is_built_once_and_pulled_by_the_other_hosts() {
     let net = FarmNet::create(2).unwrap();
     let db = TestDatabase::create();
     let server = FarmServer::start(&net, &db, &[]);
+    // The hosts tell their guests TSC frequencies 2 kHz apart, on either side of the edge
+    // between two 10 MHz steps of the templates' keys nearest this machine's frequency:
+    // what two hosts of one CPU model measure when their rate lies near such an edge.
+    let measured = hangar_image::host_tsc_khz().unwrap_or(2_445_000);
+    let edge = measured / 10_000 * 10_000 + 5_000;
+    let tsc = [edge - 1, edge + 1].map(|khz| khz.to_string());
     let agents: Vec<Agent> = (0..2)
         .map(|i| {
             let zone = format!("zone={}", ["a", "b"][i]);
-            Agent::start(&net, i, &[&server], &["--labels", &zone])
+            let args = ["--labels", &zone, "--guest-tsc-khz", &tsc[i]];
+            Agent::start(&net, i, &[&server], &args)
         })
         .collect();
     wait_for(Duration::from_secs(60), "two hosts are up", || {

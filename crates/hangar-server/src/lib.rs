@@ -84,6 +84,9 @@ pub struct ServerConfig {
     pub accel: Accel,
     /// How the local host's VMs' segment NICs are switched ([`hangar_vmm::tap`]).
     pub segment_net: hangar_vmm::tap::SegmentNet,
+    /// The TSC frequency guests are told (kHz); `None`: this machine's, measured at start
+    /// ([`hangar_image::host_tsc_khz`]).
+    pub guest_tsc_khz: Option<u64>,
     /// Address port forwards listen on, and endpoints name: a concrete address clients
     /// connect to, never a wildcard ([`hangar_core::exposure::check_endpoint_host`]).
     pub endpoint_host: IpAddr,
@@ -445,7 +448,9 @@ pub async fn run(
             name: manager::LOCAL_HOST.into(),
             endpoint_host: config.endpoint_host,
             // Under TCG on microvm the guest cannot calibrate its TSC; it is told the rate.
-            guest_cmdline: hangar_image::kernel_cmdline(hangar_image::host_tsc_khz()),
+            guest_cmdline: hangar_image::kernel_cmdline(
+                config.guest_tsc_khz.or_else(hangar_image::host_tsc_khz),
+            ),
             templates_dir: config.templates.then(|| config.data_dir.join("templates")),
             vms_dir: Some(vms_dir.clone()),
             models_dir: Some(config.data_dir.join("models")),

@@ -74,6 +74,12 @@ pub struct AgentArgs {
     /// any user), or auto (bridge when running as root).
     #[arg(long, default_value = "auto", env = "HANGAR_SEGMENT_NET")]
     segment_net: hangar_vmm::tap::SegmentNet,
+    /// The TSC frequency guests are told, in kHz [default: this machine's, measured at
+    /// start]. Pin one value on a farm of identical hosts to keep templates' keys equal
+    /// whatever each host measures.
+    #[arg(long, value_name = "KHZ", env = "HANGAR_GUEST_TSC_KHZ",
+          value_parser = clap::value_parser!(u64).range(100_000..20_000_000))]
+    guest_tsc_khz: Option<u64>,
     /// This machine's address as clients reach it: VM endpoints listen there (not a
     /// wildcard such as 0.0.0.0).
     #[arg(long, default_value = "127.0.0.1", env = "HANGAR_ENDPOINT_HOST")]
@@ -126,6 +132,7 @@ async fn start(args: AgentArgs) -> Result<(), String> {
         data_dir,
         accel: args.accel,
         segment_net: args.segment_net,
+        guest_tsc_khz: args.guest_tsc_khz,
         endpoint_host: args.endpoint_host,
         labels: args.labels.into_iter().collect(),
         cost: args.cost,

@@ -31,6 +31,12 @@ pub struct ServerArgs {
     /// any user), or auto (bridge when running as root).
     #[arg(long, default_value = "auto", env = "HANGAR_SEGMENT_NET")]
     segment_net: hangar_vmm::tap::SegmentNet,
+    /// The TSC frequency guests are told, in kHz [default: this machine's, measured at
+    /// start]. Pin one value on a farm of identical hosts to keep templates' keys equal
+    /// whatever each host measures.
+    #[arg(long, value_name = "KHZ", env = "HANGAR_GUEST_TSC_KHZ",
+          value_parser = clap::value_parser!(u64).range(100_000..20_000_000))]
+    guest_tsc_khz: Option<u64>,
     /// Host address that VM endpoints listen on and are advertised at: an address clients
     /// connect to, not a wildcard (0.0.0.0, ::).
     #[arg(long, default_value = "127.0.0.1", env = "HANGAR_ENDPOINT_HOST")]
@@ -227,6 +233,7 @@ pub async fn run(args: ServerArgs) -> ExitCode {
         catalog: args.catalog,
         accel: args.accel,
         segment_net: args.segment_net,
+        guest_tsc_khz: args.guest_tsc_khz,
         endpoint_host: args.endpoint_host,
         kernel: args.kernel,
         busybox: args.busybox,

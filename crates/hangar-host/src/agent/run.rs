@@ -54,6 +54,9 @@ pub struct AgentConfig {
     pub accel: Accel,
     /// How VMs' segment NICs are switched here ([`hangar_vmm::tap`]).
     pub segment_net: hangar_vmm::tap::SegmentNet,
+    /// The TSC frequency guests are told (kHz); `None`: this machine's, measured at start
+    /// ([`hangar_image::host_tsc_khz`]).
+    pub guest_tsc_khz: Option<u64>,
     /// Where VMs' port forwards listen: the machine's own address as clients reach it,
     /// never a wildcard.
     pub endpoint_host: IpAddr,
@@ -166,7 +169,9 @@ pub async fn run_agent(
             name: config.name.clone(),
             endpoint_host: config.endpoint_host,
             // Under TCG on microvm the guest cannot calibrate its TSC; it is told the rate.
-            guest_cmdline: hangar_image::kernel_cmdline(hangar_image::host_tsc_khz()),
+            guest_cmdline: hangar_image::kernel_cmdline(
+                config.guest_tsc_khz.or_else(hangar_image::host_tsc_khz),
+            ),
             templates_dir: config.templates.then(|| data_dir.join("templates")),
             vms_dir: Some(vms_dir),
             models_dir: None,

@@ -222,12 +222,13 @@ impl LocalHost {
                         ))
                     })?;
                 let probe = self.template_probe_spec(service).await?;
-                let template = self.find_template(service, &probe).ok_or_else(|| {
-                    refuse(format!(
-                        "this host holds no template of {}: pull it first",
-                        service.name
-                    ))
-                })?;
+                let (template, probe) =
+                    self.find_template_as(service, &probe).ok_or_else(|| {
+                        refuse(format!(
+                            "this host holds no template of {}: pull it first",
+                            service.name
+                        ))
+                    })?;
                 let mine = self.content_key(service, &probe);
                 if mine.as_deref() != Some(wanted.content_key.as_str()) {
                     return Err(refuse(format!(

@@ -94,7 +94,22 @@ impl LocalHost {
 
     /// The current template for VMs of `service` launched as `spec`, if one is built.
     pub(super) fn find_template(&self, service: &Service, spec: &VmSpec) -> Option<TemplateInfo> {
-        hangar_vmm::template::read(&self.template_dir(service, spec)?)
+        self.find_template_as(service, spec)
+            .map(|(template, _)| template)
+    }
+
+    /// [`LocalHost::find_template`], with the spec it was found as: `spec`, or `spec` with
+    /// the TSC frequency of the neighbouring key (see [`tsc_variants`]). Content keys of a
+    /// found template are computed from that spec.
+    pub(super) fn find_template_as(
+        &self,
+        service: &Service,
+        spec: &VmSpec,
+    ) -> Option<(TemplateInfo, VmSpec)> {
+        tsc_variants(spec).into_iter().find_map(|variant| {
+            let template = hangar_vmm::template::read(&self.template_dir(service, &variant)?)?;
+            Some((template, variant))
+        })
     }
 
     /// A spec with what a template's key depends on, for looking one up.
@@ -241,7 +256,7 @@ impl LocalHost {
             return Ok(None);
         }
         let spec = self.template_probe_spec(service).await?;
-        let Some(template) = self.find_template(service, &spec) else {
+        let Some((template, spec)) = self.find_template_as(service, &spec) else {
             return Ok(None);
         };
         let Some(content_key) = self.content_key(service, &spec) else {
@@ -288,20 +303,27 @@ impl LocalHost {
         if !self.templates_apply(service).await {
             return Err(HostError::TemplatesOff);
         }
-        let spec = self.template_probe_spec(service).await?;
-        let mine = self.content_key(service, &spec).ok_or_else(|| {
-            HostError::Template(format!(
-                "this host's images of {} are not content-addressed",
-                service.name
-            ))
-        })?;
-        if mine != bundle.content_key || bundle.service != service.name {
+        let probe = self.template_probe_spec(service).await?;
+        let mut mine = Vec::new();
+        for variant in tsc_variants(&probe) {
+            let key = self.content_key(service, &variant).ok_or_else(|| {
+                HostError::Template(format!(
+                    "this host's images of {} are not content-addressed",
+                    service.name
+                ))
+            })?;
+            mine.push((key, variant));
+        }
+        let found = mine.iter().position(|(key, _)| *key == bundle.content_key);
+        let (Some(found), true) = (found, bundle.service == service.name) else {
+            let mine = mine[0].0.as_str();
             return Err(HostError::Template(format!(
                 "host {}'s template of {} was made from other images or another definition \
                  (content key {}, this host's {mine})",
                 from.host, bundle.service, bundle.content_key
             )));
-        }
+        };
+        let spec = mine.swap_remove(found).1;
         if bundle.disk.is_some() != spec.base_image.is_some() {
             return Err(HostError::Template(format!(
                 "host {}'s template of {} does not have the disk this host's VMs have",
@@ -414,22 +436,81 @@ impl LocalHost {
     }
 }
 
+/// The width of a TSC key step (see [`key_cmdline`]).
+const TSC_STEP_KHZ: u64 = 10_000;
+
+/// How close to the edge of its step a measured TSC frequency must lie for the neighbouring
+/// step's templates to be used too. A measurement over 50 ms jitters by some hundred kHz
+/// (±150 kHz on a 2.4 GHz host), and hosts of one CPU model differ by less than that.
+const TSC_EDGE_KHZ: u64 = 2_000;
+
 /// The kernel command line as a template's key sees it: `tsc_early_khz` (the host's TSC
-/// frequency, measured at each start with a jitter of some kHz) rounded to 10 MHz, so that
-/// a restart or another host of the same CPU keeps the key, while hosts whose TSC runs at
-/// another rate (a clone keeps its template's calibration) get their own template.
+/// frequency, measured at each start with a jitter) rounded to the nearest 10 MHz step, so
+/// that a restart or another host of the same CPU keeps the key, while hosts whose TSC runs
+/// at another rate (a clone keeps its template's calibration) get their own template. A
+/// frequency near the edge of a step may be measured on either side of it: see
+/// [`tsc_variants`].
 fn key_cmdline(cmdline: &str) -> String {
     cmdline
         .split_whitespace()
-        .map(|word| match word.strip_prefix("tsc_early_khz=") {
-            Some(khz) => match khz.parse::<u64>() {
-                Ok(khz) => format!("tsc_early_khz~{}", (khz + 5_000) / 10_000 * 10_000),
-                Err(_) => word.to_owned(),
-            },
+        .map(|word| match tsc_khz(word) {
+            Some(khz) => format!("tsc_early_khz~{}", tsc_step(khz)),
             None => word.to_owned(),
         })
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+fn tsc_khz(word: &str) -> Option<u64> {
+    word.strip_prefix("tsc_early_khz=")?.parse().ok()
+}
+
+fn tsc_step(khz: u64) -> u64 {
+    (khz + TSC_STEP_KHZ / 2) / TSC_STEP_KHZ * TSC_STEP_KHZ
+}
+
+/// The specs a template for `spec` may be keyed by: `spec` itself and, when its TSC
+/// frequency lies within [`TSC_EDGE_KHZ`] of the edge of its step, `spec` with a frequency
+/// just across that edge. Hosts of one CPU whose measurements straddle an edge (or one host
+/// before and after a restart) so still find and pull each other's templates.
+fn tsc_variants(spec: &VmSpec) -> Vec<VmSpec> {
+    cmdline_variants(&spec.cmdline)
+        .into_iter()
+        .map(|cmdline| VmSpec {
+            cmdline,
+            ..spec.clone()
+        })
+        .collect()
+}
+
+/// The command lines of [`tsc_variants`]: `cmdline` first.
+fn cmdline_variants(cmdline: &str) -> Vec<String> {
+    let mut variants = vec![cmdline.to_owned()];
+    let Some(khz) = cmdline.split_whitespace().find_map(tsc_khz) else {
+        return variants;
+    };
+    let step = tsc_step(khz);
+    let (lower_edge, upper_edge) = (step - TSC_STEP_KHZ / 2, step + TSC_STEP_KHZ / 2);
+    let across = if khz - lower_edge < TSC_EDGE_KHZ {
+        lower_edge.checked_sub(1)
+    } else if upper_edge - khz <= TSC_EDGE_KHZ {
+        Some(upper_edge)
+    } else {
+        None
+    };
+    if let Some(across) = across {
+        variants.push(
+            cmdline
+                .split_whitespace()
+                .map(|word| match tsc_khz(word) {
+                    Some(_) => format!("tsc_early_khz={across}"),
+                    None => word.to_owned(),
+                })
+                .collect::<Vec<_>>()
+                .join(" "),
+        );
+    }
+    variants
 }
 
 /// The blob of a file: its sha256 (hashed as pulled blobs are) and size.
@@ -458,7 +539,30 @@ pub(super) fn write_file(path: &std::path::Path, bytes: &[u8]) -> Result<(), Hos
 
 #[cfg(test)]
 mod tests {
-    use super::key_cmdline;
+    use super::{cmdline_variants, key_cmdline};
+
+    /// Two measurements of one host's TSC (2 445 1xx kHz) that straddle the edge between the
+    /// 2 440 and 2 450 MHz steps: each one's key variants hold the other's key.
+    #[test]
+    fn measurements_across_a_step_edge_share_a_key() {
+        let low = "console=ttyS0 tsc_early_khz=2444948 tsc=reliable";
+        let high = "console=ttyS0 tsc_early_khz=2445185 tsc=reliable";
+        assert_ne!(key_cmdline(low), key_cmdline(high));
+        let keys = |cmdline| {
+            cmdline_variants(cmdline)
+                .iter()
+                .map(|v| key_cmdline(v))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(keys(low), [key_cmdline(low), key_cmdline(high)]);
+        assert_eq!(keys(high), [key_cmdline(high), key_cmdline(low)]);
+        // Far from an edge, or without a TSC frequency, there is one key.
+        assert_eq!(
+            cmdline_variants("tsc_early_khz=2599955 tsc=reliable").len(),
+            1
+        );
+        assert_eq!(cmdline_variants("quiet panic=-1").len(), 1);
+    }
 
     #[test]
     fn the_key_absorbs_tsc_jitter_but_not_another_rate() {
