@@ -418,24 +418,46 @@ impl Store for PgStore {
     }
 
     async fn move_vm(&self, m: &VmMove) -> Result<bool, StoreError> {
-        let moved = self
-            .execute(
-                "UPDATE vms SET host = $4, pid = $5, spec = $6, direct_endpoints = $7,
-                                updated_at_ms = $8
-                 WHERE id = $1 AND host = $2 AND state = $3",
-                &[
-                    &m.id,
-                    &m.from,
-                    &m.state.as_str(),
-                    &m.to,
-                    &m.pid.map(i64::from),
-                    &m.spec.to_string(),
-                    &serde_json::to_string(&m.direct_endpoints)?,
-                    &signed(now_ms()),
-                ],
-            )
-            .await?;
-        Ok(moved == 1)
+        let now = signed(now_ms());
+        let spec = m.spec.to_string();
+        let direct = serde_json::to_string(&m.direct_endpoints)?;
+        let pid = m.pid.map(i64::from);
+        let (spec, direct) = (spec.as_str(), direct.as_str());
+        self.run(|client, attempt| async move {
+            let moved = client
+                .execute(
+                    "UPDATE vms SET host = $4, pid = $5, spec = $6, direct_endpoints = $7,
+                                    updated_at_ms = $8
+                     WHERE id = $1 AND host = $2 AND state = $3",
+                    &[
+                        &m.id,
+                        &m.from,
+                        &m.state.as_str(),
+                        &m.to,
+                        &pid,
+                        &spec,
+                        &direct,
+                        &now,
+                    ],
+                )
+                .await
+                .map_err(pg)?;
+            if moved == 1 || !attempt.after_broken {
+                return Ok(moved == 1);
+            }
+            // The broken attempt moved it when the row is on `to` with this call's instant
+            // and launch record.
+            let ours = client
+                .query_opt(
+                    "SELECT 1 FROM vms WHERE id = $1 AND host = $2 AND state = $3
+                                      AND updated_at_ms = $4 AND spec = $5",
+                    &[&m.id, &m.to, &m.state.as_str(), &now, &spec],
+                )
+                .await
+                .map_err(pg)?;
+            Ok(ours.is_some())
+        })
+        .await
     }
 
     async fn set_offer(
