@@ -15,10 +15,13 @@ out=$1
 mirror=$2
 debs=$3
 work=$(mktemp -d "${out}.work.XXXXXX")
-cleanup() {
-    for m in "$work/tree/proc" "$work/tree/sys" "$work/tree/dev"; do
+unmount_tree() {
+    for m in "$work/tree/proc" "$work/tree/sys" "$work/tree/dev/pts" "$work/tree/dev"; do
         mountpoint -q "$m" && umount -l "$m" || true
     done
+}
+cleanup() {
+    unmount_tree
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -31,6 +34,9 @@ debootstrap --variant=minbase --cache-dir="$debs" \
     tail -30 "$work/debootstrap.log" >&2
     exit 1
 }
+# debootstrap may leave the chroot's /proc (or /sys) mounted: the tree is measured and
+# copied into the filesystem below, and must hold only its own files.
+unmount_tree
 
 # The service: busybox httpd on port 80.
 mkdir -p "$tree/srv/www"
