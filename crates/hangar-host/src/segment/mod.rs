@@ -332,21 +332,6 @@ impl Segments {
             }
             SegmentNic::Tap(tap) => Self::add_tap(&mut state, segment, vm, tap)?,
         }
-        if let Err(source) = std::fs::write(membership_file(nic), segment.as_bytes()) {
-            state.members.insert(
-                vm.to_owned(),
-                Member {
-                    segment: segment.to_owned(),
-                    nic: nic.clone(),
-                },
-            );
-            Self::remove(&mut state, vm);
-            return Err(SegmentError::Port {
-                vm: vm.to_owned(),
-                path: membership_file(nic),
-                source,
-            });
-        }
         state.members.insert(
             vm.to_owned(),
             Member {
@@ -354,6 +339,16 @@ impl Segments {
                 nic: nic.clone(),
             },
         );
+        // Unrecorded, the membership would not survive a restart: undone (port or tap
+        // taken off again, a switch or bridge made for it removed).
+        if let Err(source) = std::fs::write(membership_file(nic), segment.as_bytes()) {
+            Self::remove(&mut state, vm);
+            return Err(SegmentError::Port {
+                vm: vm.to_owned(),
+                path: membership_file(nic),
+                source,
+            });
+        }
         tracing::info!(segment, vm, "joined segment");
         Ok(())
     }
@@ -491,22 +486,32 @@ impl Segments {
     /// The segments with a switch or bridge here and what each forwarded and dropped (a
     /// bridge's: what its taps handed to their QEMUs, and dropped as they did not read).
     pub fn stats(&self) -> Vec<(String, SegmentStats)> {
-        let state = self.state();
-        let mut stats: Vec<_> = state
-            .switches
-            .iter()
-            .map(|(name, switch)| (name.clone(), switch.stats()))
-            .chain(state.bridges.iter().map(|(name, bridge)| {
-                let counters = bridge.netns.counters(&bridge.taps()).unwrap_or_default();
-                let mut sum = SegmentStats::default();
-                for (_, link) in counters {
-                    sum.frames_forwarded += link.tx_packets;
-                    sum.bytes_forwarded += link.tx_bytes;
-                    sum.frames_dropped += link.tx_dropped;
-                }
-                (name.clone(), sum)
-            }))
-            .collect();
+        // The bridges' counters are read in their namespace (a thread each time), outside
+        // the registry's lock, so that joins are not held up by them.
+        let (mut stats, bridges): (Vec<_>, Vec<_>) = {
+            let state = self.state();
+            (
+                state
+                    .switches
+                    .iter()
+                    .map(|(name, switch)| (name.clone(), switch.stats()))
+                    .collect(),
+                state
+                    .bridges
+                    .iter()
+                    .map(|(name, bridge)| (name.clone(), bridge.netns.clone(), bridge.taps()))
+                    .collect(),
+            )
+        };
+        for (name, netns, taps) in bridges {
+            let mut sum = SegmentStats::default();
+            for (_, link) in netns.counters(&taps).unwrap_or_default() {
+                sum.frames_forwarded += link.tx_packets;
+                sum.bytes_forwarded += link.tx_bytes;
+                sum.frames_dropped += link.tx_dropped;
+            }
+            stats.push((name, sum));
+        }
         stats.sort_by(|a, b| a.0.cmp(&b.0));
         stats
     }
@@ -596,6 +601,25 @@ mod tests {
 
     fn no_give(_: &Path) -> std::io::Result<()> {
         Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_join_that_cannot_be_recorded_is_undone() {
+        let dir = tempfile::tempdir().unwrap();
+        let sockets = SegmentSockets {
+            nic: dir.path().join("nic1.sock"),
+            port: dir.path().join("port.sock"),
+        };
+        let port = sockets.port.clone();
+        let nic = SegmentNic::Datagram(sockets);
+        // A directory where the membership file goes: writing it fails.
+        std::fs::create_dir(membership_file(&nic)).unwrap();
+        let segments = Segments::default();
+        let err = segments.attach("shop", "vm-1", &nic, &no_give).unwrap_err();
+        assert!(matches!(err, SegmentError::Port { .. }), "{err}");
+        assert_eq!(segments.segment_of("vm-1"), None);
+        assert!(segments.stats().is_empty(), "no switch is left for it");
+        assert!(!port.exists(), "its port is closed");
     }
 
     #[tokio::test]
