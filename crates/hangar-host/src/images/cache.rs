@@ -81,23 +81,27 @@ impl LocalImages {
                 let files = image_files(files);
                 let cache_dir = self.cache_dir.clone();
                 let sources = self.sources.clone();
-                let image = tokio::task::spawn_blocking(move || {
+                let image = build_blocking("base image", move || {
                     hangar_image::ensure_busybox_image(&cache_dir, &sources, &files)
                 })
-                .await
-                .map_err(|source| ImageSourceError::Interrupted {
-                    what: "base image",
-                    source,
-                })?
-                .map_err(|source| ImageSourceError::Asset {
-                    what: "base image",
-                    source,
-                })?;
+                .await?;
                 Ok::<_, ImageSourceError>(image.path)
             })
             .await?;
         Ok(path.clone())
     }
+}
+
+/// Runs the `hangar-image` build `build` (blocking IO and tools) off the runtime's threads;
+/// `what` names it in errors.
+async fn build_blocking<T: Send + 'static>(
+    what: &'static str,
+    build: impl FnOnce() -> Result<T, hangar_image::AssetError> + Send + 'static,
+) -> Result<T, ImageSourceError> {
+    tokio::task::spawn_blocking(build)
+        .await
+        .map_err(|source| ImageSourceError::Interrupted { what, source })?
+        .map_err(|source| ImageSourceError::Asset { what, source })
 }
 
 /// A file of a squashfs layer (`unsquashfs -cat`), `None` when the layer lacks it or it
@@ -185,18 +189,10 @@ impl ImageSource for LocalImages {
             .get_or_try_init(|| async {
                 let cache_dir = self.cache_dir.clone();
                 let sources = self.sources.clone();
-                tokio::task::spawn_blocking(move || {
+                build_blocking("guest assets", move || {
                     hangar_image::ensure_guest_assets(&cache_dir, &sources)
                 })
                 .await
-                .map_err(|source| ImageSourceError::Interrupted {
-                    what: "guest assets",
-                    source,
-                })?
-                .map_err(|source| ImageSourceError::Asset {
-                    what: "guest assets",
-                    source,
-                })
             })
             .await
             .cloned()
@@ -231,21 +227,13 @@ impl ImageSource for LocalImages {
             cancel,
         };
         let cache_dir = self.cache_dir.clone();
-        let (upper, built) = tokio::task::spawn_blocking(move || {
+        let (upper, built) = build_blocking("image build", move || {
             let report = move |stage: &str, percent: u8| progress(stage, percent);
             let built = layers::ensure_layers(&build, &inputs, &report)?;
             let upper = layers::ensure_upper_template(&cache_dir)?;
-            Ok::<_, hangar_image::AssetError>((upper, built))
+            Ok((upper, built))
         })
-        .await
-        .map_err(|source| ImageSourceError::Interrupted {
-            what: "image build",
-            source,
-        })?
-        .map_err(|source| ImageSourceError::Asset {
-            what: "image build",
-            source,
-        })?;
+        .await?;
         Ok(RootImage {
             base: Some(upper),
             layers: built.iter().rev().map(|l| l.path.clone()).collect(),

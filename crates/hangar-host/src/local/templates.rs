@@ -441,7 +441,7 @@ const TSC_STEP_KHZ: u64 = 10_000;
 
 /// How close to the edge of its step a measured TSC frequency must lie for the neighbouring
 /// step's templates to be used too. A measurement over 50 ms jitters by some hundred kHz
-/// (±150 kHz on a 2.4 GHz host), and hosts of one CPU model differ by less than that.
+/// (±150 kHz measured on a 2.4 GHz host); 2 MHz leaves room for more.
 const TSC_EDGE_KHZ: u64 = 2_000;
 
 /// The kernel command line as a template's key sees it: `tsc_early_khz` (the host's TSC
@@ -451,12 +451,14 @@ const TSC_EDGE_KHZ: u64 = 2_000;
 /// frequency near the edge of a step may be measured on either side of it: see
 /// [`tsc_variants`].
 fn key_cmdline(cmdline: &str) -> String {
+    with_tsc(cmdline, |khz| format!("tsc_early_khz~{}", tsc_step(khz)))
+}
+
+/// `cmdline` with its `tsc_early_khz=` word replaced by what `word` makes of its value.
+fn with_tsc(cmdline: &str, word: impl Fn(u64) -> String) -> String {
     cmdline
         .split_whitespace()
-        .map(|word| match tsc_khz(word) {
-            Some(khz) => format!("tsc_early_khz~{}", tsc_step(khz)),
-            None => word.to_owned(),
-        })
+        .map(|w| tsc_khz(w).map_or_else(|| w.to_owned(), &word))
         .collect::<Vec<_>>()
         .join(" ")
 }
@@ -499,16 +501,7 @@ fn cmdline_variants(cmdline: &str) -> Vec<String> {
         None
     };
     if let Some(across) = across {
-        variants.push(
-            cmdline
-                .split_whitespace()
-                .map(|word| match tsc_khz(word) {
-                    Some(_) => format!("tsc_early_khz={across}"),
-                    None => word.to_owned(),
-                })
-                .collect::<Vec<_>>()
-                .join(" "),
-        );
+        variants.push(with_tsc(cmdline, |_| format!("tsc_early_khz={across}")));
     }
     variants
 }

@@ -603,15 +603,20 @@ mod tests {
         Ok(())
     }
 
+    /// A datagram segment NIC of a VM directory `dir`, and its port socket's path.
+    fn datagram_nic(dir: &Path) -> (SegmentNic, PathBuf) {
+        let sockets = SegmentSockets {
+            nic: dir.join("nic1.sock"),
+            port: dir.join("port.sock"),
+        };
+        let port = sockets.port.clone();
+        (SegmentNic::Datagram(sockets), port)
+    }
+
     #[tokio::test]
     async fn a_join_that_cannot_be_recorded_is_undone() {
         let dir = tempfile::tempdir().unwrap();
-        let sockets = SegmentSockets {
-            nic: dir.path().join("nic1.sock"),
-            port: dir.path().join("port.sock"),
-        };
-        let port = sockets.port.clone();
-        let nic = SegmentNic::Datagram(sockets);
+        let (nic, port) = datagram_nic(dir.path());
         // A directory where the membership file goes: writing it fails.
         std::fs::create_dir(membership_file(&nic)).unwrap();
         let segments = Segments::default();
@@ -625,12 +630,7 @@ mod tests {
     #[tokio::test]
     async fn membership_survives_a_new_registry_and_goes_with_leave() {
         let dir = tempfile::tempdir().unwrap();
-        let sockets = SegmentSockets {
-            nic: dir.path().join("nic1.sock"),
-            port: dir.path().join("port.sock"),
-        };
-        let port = sockets.port.clone();
-        let sockets = SegmentNic::Datagram(sockets);
+        let (sockets, port) = datagram_nic(dir.path());
         let segments = Segments::default();
         segments.attach("shop", "vm-1", &sockets, &no_give).unwrap();
         segments.attach("shop", "vm-1", &sockets, &no_give).unwrap();

@@ -100,6 +100,28 @@ impl PgStore {
         .await
     }
 
+    /// Runs the conditional write `sql` and answers whether it changed a row. When it
+    /// changed none on an attempt after a broken one, `trace` (a `SELECT` of the row as the
+    /// write leaves it, stamped with this call's instant) answers whether the broken attempt
+    /// did.
+    async fn changed_once(
+        &self,
+        sql: &str,
+        params: Params<'_>,
+        trace: &str,
+        trace_params: Params<'_>,
+    ) -> Result<bool, StoreError> {
+        self.run(|client, attempt| async move {
+            let changed = client.execute(sql, params).await.map_err(pg)?;
+            if changed == 1 || !attempt.after_broken {
+                return Ok(changed == 1);
+            }
+            let ours = client.query_opt(trace, trace_params).await.map_err(pg)?;
+            Ok(ours.is_some())
+        })
+        .await
+    }
+
     /// Runs an UPDATE of `kind` `id`; [`StoreError::NotFound`] when no row matched.
     async fn update(
         &self,
@@ -372,28 +394,13 @@ impl Store for PgStore {
 
     async fn retire_ready(&self, id: &str) -> Result<bool, StoreError> {
         let now = signed(now_ms());
-        self.run(|client, attempt| async move {
-            let changed = client
-                .execute(
-                    "UPDATE vms SET state = 'deleted', updated_at_ms = $2, state_since_ms = $2
-                     WHERE id = $1 AND state = 'ready'",
-                    &[&id, &now],
-                )
-                .await
-                .map_err(pg)?;
-            if changed == 1 || !attempt.after_broken {
-                return Ok(changed == 1);
-            }
-            // The broken attempt retired it when the row carries this call's instant.
-            let retired = client
-                .query_opt(
-                    "SELECT 1 FROM vms WHERE id = $1 AND state = 'deleted' AND state_since_ms = $2",
-                    &[&id, &now],
-                )
-                .await
-                .map_err(pg)?;
-            Ok(retired.is_some())
-        })
+        self.changed_once(
+            "UPDATE vms SET state = 'deleted', updated_at_ms = $2, state_since_ms = $2
+             WHERE id = $1 AND state = 'ready'",
+            &[&id, &now],
+            "SELECT 1 FROM vms WHERE id = $1 AND state = 'deleted' AND state_since_ms = $2",
+            &[&id, &now],
+        )
         .await
     }
 
@@ -422,41 +429,18 @@ impl Store for PgStore {
         let spec = m.spec.to_string();
         let direct = serde_json::to_string(&m.direct_endpoints)?;
         let pid = m.pid.map(i64::from);
-        let (spec, direct) = (spec.as_str(), direct.as_str());
-        self.run(|client, attempt| async move {
-            let moved = client
-                .execute(
-                    "UPDATE vms SET host = $4, pid = $5, spec = $6, direct_endpoints = $7,
-                                    updated_at_ms = $8
-                     WHERE id = $1 AND host = $2 AND state = $3",
-                    &[
-                        &m.id,
-                        &m.from,
-                        &m.state.as_str(),
-                        &m.to,
-                        &pid,
-                        &spec,
-                        &direct,
-                        &now,
-                    ],
-                )
-                .await
-                .map_err(pg)?;
-            if moved == 1 || !attempt.after_broken {
-                return Ok(moved == 1);
-            }
+        let state = m.state.as_str();
+        self.changed_once(
+            "UPDATE vms SET host = $4, pid = $5, spec = $6, direct_endpoints = $7,
+                            updated_at_ms = $8
+             WHERE id = $1 AND host = $2 AND state = $3",
+            &[&m.id, &m.from, &state, &m.to, &pid, &spec, &direct, &now],
             // The broken attempt moved it when the row is on `to` with this call's instant
             // and launch record.
-            let ours = client
-                .query_opt(
-                    "SELECT 1 FROM vms WHERE id = $1 AND host = $2 AND state = $3
-                                      AND updated_at_ms = $4 AND spec = $5",
-                    &[&m.id, &m.to, &m.state.as_str(), &now, &spec],
-                )
-                .await
-                .map_err(pg)?;
-            Ok(ours.is_some())
-        })
+            "SELECT 1 FROM vms WHERE id = $1 AND host = $2 AND state = $3
+                                AND updated_at_ms = $4 AND spec = $5",
+            &[&m.id, &m.to, &state, &now, &spec],
+        )
         .await
     }
 
